@@ -1,0 +1,207 @@
+"""The event envelope: CloudEvents 1.0 attributes carried in Kafka headers (binary content mode).
+
+Follows the CloudEvents Kafka protocol binding: each attribute ``X`` travels as header ``ce_X``
+(UTF-8), the data content type as ``content-type``. Extensions used here: ``correlationid``,
+``causationid`` (ids of events) and ``traceparent`` (W3C Trace Context).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from streams.errors import EnvelopeError
+
+__all__ = ["AVRO_CONTENT_TYPE", "CloudEvent", "Event", "deterministic_id", "format_time", "parse_time"]
+
+AVRO_CONTENT_TYPE = "application/avro"
+SPECVERSION = "1.0"
+_NAMESPACE = uuid.UUID("6f1c9a52-3b7e-4d0a-9a55-5b0f1d0c2e11")
+
+
+def deterministic_id(*parts: object) -> str:
+    """Return a UUIDv5 (as a string) derived from ``parts``: the same parts always give the same id.
+
+    Used for event ids of imported history, so a second import of the same source produces the same
+    ids and projections can de-duplicate by id.
+    """
+    return str(uuid.uuid5(_NAMESPACE, "/".join(str(p) for p in parts)))
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 in UTC with millisecond precision, e.g. ``2025-11-18T22:55:01.000Z``.
+
+    Raises:
+        ValueError: for a naive datetime (times inside the backbone are always aware).
+    """
+    if t.tzinfo is None:
+        raise ValueError("naive datetime: times must be timezone-aware")
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an RFC 3339 / ISO 8601 time; a value without offset is taken as UTC."""
+    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloudEvent:
+    """CloudEvents context attributes of one event.
+
+    Attributes:
+        id: unique per source; producers of imported history derive it deterministically.
+        source: URI-reference of the producer, e.g. ``/connectors/mini-swe-agent``.
+        type: reverse-DNS event type, e.g. ``sophia.agent.LlmCall``.
+        time: event time (aware datetime, UTC): when it happened, not when it was produced.
+        subject: the entity within the source, e.g. the run id.
+        correlation_id: id shared by every event of one conversation/workflow.
+        causation_id: id of the event that caused this one.
+        traceparent: W3C ``traceparent`` header value.
+        datacontenttype: ``application/avro`` (Confluent wire format).
+        dataschema: the Avro full name of the data's schema.
+    """
+
+    id: str
+    source: str
+    type: str
+    time: datetime
+    subject: str | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    traceparent: str | None = None
+    datacontenttype: str = AVRO_CONTENT_TYPE
+    dataschema: str | None = None
+
+    def to_headers(self) -> list[tuple[str, bytes]]:
+        """Kafka headers per the CloudEvents Kafka binding (binary mode)."""
+        h = [
+            ("ce_specversion", SPECVERSION.encode()),
+            ("ce_id", self.id.encode()),
+            ("ce_source", self.source.encode()),
+            ("ce_type", self.type.encode()),
+            ("ce_time", format_time(self.time).encode()),
+            ("content-type", self.datacontenttype.encode()),
+        ]
+        for name, value in (
+            ("ce_subject", self.subject),
+            ("ce_correlationid", self.correlation_id),
+            ("ce_causationid", self.causation_id),
+            ("ce_traceparent", self.traceparent),
+            ("ce_dataschema", self.dataschema),
+        ):
+            if value is not None:
+                h.append((name, value.encode()))
+        return h
+
+    @classmethod
+    def from_headers(cls, headers: Iterable[tuple[str, bytes | None]] | None) -> CloudEvent:
+        """Read the attributes back from Kafka headers.
+
+        Raises:
+            EnvelopeError: when a required attribute (id, source, type, time, specversion) is missing,
+                the spec version is not 1.0, or the time does not parse.
+        """
+        h: dict[str, str] = {}
+        for k, v in headers or ():
+            if v is not None:
+                try:
+                    h[k] = v.decode() if isinstance(v, bytes) else str(v)
+                except UnicodeDecodeError as exc:
+                    raise EnvelopeError(f"header {k!r} is not UTF-8") from exc
+        missing = [a for a in ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time") if a not in h]
+        if missing:
+            raise EnvelopeError(f"missing CloudEvents header(s): {', '.join(missing)}")
+        if h["ce_specversion"] != SPECVERSION:
+            raise EnvelopeError(f"unsupported CloudEvents specversion {h['ce_specversion']!r}")
+        try:
+            time = parse_time(h["ce_time"])
+        except ValueError as exc:
+            raise EnvelopeError(f"ce_time {h['ce_time']!r} is not RFC 3339") from exc
+        return cls(
+            id=h["ce_id"],
+            source=h["ce_source"],
+            type=h["ce_type"],
+            time=time,
+            subject=h.get("ce_subject"),
+            correlation_id=h.get("ce_correlationid"),
+            causation_id=h.get("ce_causationid"),
+            traceparent=h.get("ce_traceparent"),
+            datacontenttype=h.get("content-type", AVRO_CONTENT_TYPE),
+            dataschema=h.get("ce_dataschema"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready attributes with CloudEvents names (``time`` as RFC 3339)."""
+        d: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": format_time(self.time),
+            "datacontenttype": self.datacontenttype,
+        }
+        for name, value in (
+            ("subject", self.subject),
+            ("correlationid", self.correlation_id),
+            ("causationid", self.causation_id),
+            ("traceparent", self.traceparent),
+            ("dataschema", self.dataschema),
+        ):
+            if value is not None:
+                d[name] = value
+        return d
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """An event ready to produce: envelope, key and data.
+
+    Attributes:
+        schema: Avro full name of ``data``'s schema, e.g. ``sophia.agent.LlmCall``; it is also the
+            CloudEvents ``type``.
+        key: the entity the event is about (UTF-8 key bytes); order holds per key.
+        data: the Avro datum as a dict; ``timestamp-millis`` fields as aware datetimes.
+        attributes: the CloudEvents attributes.
+    """
+
+    schema: str
+    key: str
+    data: Mapping[str, Any]
+    attributes: CloudEvent = field()
+
+    @classmethod
+    def create(
+        cls,
+        schema: str,
+        key: str,
+        data: Mapping[str, Any],
+        *,
+        source: str,
+        time: datetime,
+        id: str | None = None,
+        subject: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> Event:
+        """Build an event; ``id`` defaults to a random UUIDv4, ``subject`` to ``key``."""
+        return cls(
+            schema=schema,
+            key=key,
+            data=data,
+            attributes=CloudEvent(
+                id=id or str(uuid.uuid4()),
+                source=source,
+                type=schema,
+                time=time,
+                subject=subject if subject is not None else key,
+                correlation_id=correlation_id,
+                causation_id=causation_id,
+                traceparent=traceparent,
+                dataschema=schema,
+            ),
+        )
