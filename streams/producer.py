@@ -1,0 +1,167 @@
+"""The typed producer: CloudEvents headers + Confluent-framed Avro, ``acks=all``, idempotence.
+
+Delivery failures are collected from librdkafka's delivery reports and raised by :meth:`flush`
+as :class:`~streams.errors.DeliveryError`; nothing is swallowed. A producer that never reaches its
+broker raises :class:`~streams.errors.BrokerUnavailableError` naming the bootstrap servers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from backbone.settings import KafkaSettings
+from streams.envelope import Event
+from streams.errors import BrokerUnavailableError, DeliveryError
+from streams.serde import AvroSerde
+
+__all__ = ["EventProducer", "epoch_ms"]
+
+
+def epoch_ms(t: datetime) -> int:
+    """Milliseconds since the Unix epoch of an aware datetime."""
+    return int(t.timestamp() * 1000)
+
+
+class EventProducer:
+    """Produce :class:`~streams.envelope.Event` objects to Kafka.
+
+    The record timestamp is the event time (``CreateTime``), so time-based reads and retention follow
+    event time. The key is the UTF-8 of ``Event.key``.
+
+    Args:
+        kafka: broker settings.
+        serde: the Avro serde (and through it the registry).
+        linger_ms: librdkafka ``linger.ms``; batching window.
+        **librdkafka: extra librdkafka keys (``extra={"compression.type": "lz4"}``).
+
+    Raises:
+        ValueError: no bootstrap servers configured.
+    """
+
+    def __init__(self, kafka: KafkaSettings, serde: AvroSerde, *, linger_ms: int = 5, **librdkafka: Any) -> None:
+        conf = kafka.librdkafka(
+            extra={
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": linger_ms,
+                "compression.type": "lz4",
+                "message.timeout.ms": 30_000,
+                **librdkafka.pop("extra", {}),
+            },
+            **librdkafka,
+        )
+        self.bootstrap_servers = kafka.bootstrap_servers
+        self.serde = serde
+        self._producer = Producer(conf, error_cb=self._on_error)
+        self._failures: list[tuple[str, bytes | None, str]] = []
+        self._fatal: KafkaError | None = None
+        self._all_brokers_down = False
+        self.delivered = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._all_brokers_down = True
+        if err.fatal():
+            self._fatal = err
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._failures.append((msg.topic(), msg.key(), str(err)))
+        else:
+            self.delivered += 1
+
+    def produce(self, topic: str, event: Event) -> None:
+        """Encode and enqueue one event; delivery is confirmed by :meth:`flush`.
+
+        Raises:
+            streams.errors.SchemaValidationError: the data does not match its schema (nothing sent).
+            DeliveryError: an earlier record failed, or the producer hit a fatal error.
+        """
+        value = self.serde.encode(event.schema, event.data)
+        self.produce_raw(
+            topic,
+            key=event.key.encode(),
+            value=value,
+            headers=event.attributes.to_headers(),
+            timestamp_ms=epoch_ms(event.attributes.time),
+        )
+
+    def produce_raw(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+        timestamp_ms: int = 0,
+        partition: int | None = None,
+    ) -> None:
+        """Enqueue pre-encoded bytes (used by the dead-letter publisher and replays).
+
+        Raises:
+            DeliveryError: the producer hit a fatal error.
+        """
+        if self._fatal is not None:
+            raise DeliveryError([(topic, key, f"fatal producer error: {self._fatal}")])
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers, "on_delivery": self._on_delivery}
+        if timestamp_ms:
+            kwargs["timestamp"] = timestamp_ms
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: serve delivery reports, then retry
+            except KafkaException as exc:
+                raise DeliveryError([(topic, key, str(exc))]) from exc
+        self._producer.poll(0)
+
+    def produce_many(self, topic: str, events: Iterable[Event]) -> int:
+        """Produce every event then :meth:`flush`; return how many were acknowledged.
+
+        Raises:
+            DeliveryError: any record was not acknowledged.
+        """
+        n = 0
+        for e in events:
+            self.produce(topic, e)
+            n += 1
+        self.flush()
+        return n
+
+    def flush(self, timeout_seconds: float = 60.0) -> None:
+        """Wait until every enqueued record is acknowledged.
+
+        Raises:
+            BrokerUnavailableError: records still queued at the timeout while no broker is reachable.
+            DeliveryError: any record failed (all failures since the last flush are carried).
+        """
+        remaining = self._producer.flush(timeout_seconds)
+        if remaining and self._all_brokers_down:
+            raise BrokerUnavailableError(
+                f"Kafka at {self.bootstrap_servers} is unreachable: {remaining} record(s) not delivered"
+            )
+        if remaining:
+            self._failures.append(("?", None, f"{remaining} record(s) still queued after {timeout_seconds}s"))
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise DeliveryError(failures)
+
+    def close(self) -> None:
+        """Flush and release the producer."""
+        self.flush()
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._producer.flush(5)
