@@ -1,0 +1,185 @@
+"""The agent-run views: one row per run, one per (run, model, provider), and per-model usage.
+
+Built from ``agent.events`` (``sophia.agent.RunLifecycle``, ``LlmCall``, ``ToolCall``). Costs are
+``numeric``: sums are exact and independent of batch boundaries, so a rebuild equals the live view
+row for row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from projections.errors import ProjectionApplyError
+from streams.consumer import ConsumedEvent
+
+__all__ = ["AgentRunsProjection"]
+
+DDL = """
+CREATE TABLE IF NOT EXISTS agent_runs (
+    run_id              text PRIMARY KEY,
+    agent               text,
+    task                text,
+    started_at          timestamptz,
+    finished_at         timestamptz,
+    last_event_at       timestamptz,
+    outcome             text,
+    exit_status         text,
+    steps               integer NOT NULL DEFAULT 0,
+    llm_calls           integer NOT NULL DEFAULT 0,
+    calls_without_cost  integer NOT NULL DEFAULT 0,
+    tool_calls          integer NOT NULL DEFAULT 0,
+    failing_tool_calls  integer NOT NULL DEFAULT 0,
+    prompt_tokens       bigint  NOT NULL DEFAULT 0,
+    completion_tokens   bigint  NOT NULL DEFAULT 0,
+    cost_usd            numeric NOT NULL DEFAULT 0,
+    reported_cost_usd   numeric
+);
+CREATE TABLE IF NOT EXISTS agent_run_models (
+    run_id            text    NOT NULL,
+    model             text    NOT NULL,
+    provider          text    NOT NULL DEFAULT '',
+    llm_calls         integer NOT NULL DEFAULT 0,
+    prompt_tokens     bigint  NOT NULL DEFAULT 0,
+    completion_tokens bigint  NOT NULL DEFAULT 0,
+    cost_usd          numeric NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, model, provider)
+);
+CREATE OR REPLACE VIEW agent_model_usage AS
+SELECT m.model,
+       array_agg(DISTINCT m.provider ORDER BY m.provider) FILTER (WHERE m.provider <> '') AS providers,
+       count(DISTINCT m.run_id)                                        AS runs,
+       count(DISTINCT m.run_id) FILTER (WHERE r.outcome = 'RESOLVED')  AS resolved_runs,
+       sum(m.llm_calls)::bigint                                        AS llm_calls,
+       sum(m.prompt_tokens)::bigint                                    AS prompt_tokens,
+       sum(m.completion_tokens)::bigint                                AS completion_tokens,
+       sum(m.cost_usd)                                                 AS cost_usd
+FROM agent_run_models m JOIN agent_runs r USING (run_id)
+GROUP BY m.model;
+"""
+
+_RUN_COLS = (
+    "run_id", "agent", "task", "started_at", "finished_at", "last_event_at", "outcome", "exit_status", "steps",
+    "llm_calls", "calls_without_cost", "tool_calls", "failing_tool_calls", "prompt_tokens", "completion_tokens",
+    "cost_usd", "reported_cost_usd",
+)  # fmt: skip
+_UPSERT_RUN = f"""
+INSERT INTO agent_runs ({", ".join(_RUN_COLS)}) VALUES ({", ".join(["%s"] * len(_RUN_COLS))})
+ON CONFLICT (run_id) DO UPDATE SET
+    agent = coalesce(excluded.agent, agent_runs.agent),
+    task = coalesce(excluded.task, agent_runs.task),
+    started_at = least(agent_runs.started_at, excluded.started_at),
+    finished_at = greatest(agent_runs.finished_at, excluded.finished_at),
+    last_event_at = greatest(agent_runs.last_event_at, excluded.last_event_at),
+    outcome = coalesce(excluded.outcome, agent_runs.outcome),
+    exit_status = coalesce(excluded.exit_status, agent_runs.exit_status),
+    steps = greatest(agent_runs.steps, excluded.steps),
+    llm_calls = agent_runs.llm_calls + excluded.llm_calls,
+    calls_without_cost = agent_runs.calls_without_cost + excluded.calls_without_cost,
+    tool_calls = agent_runs.tool_calls + excluded.tool_calls,
+    failing_tool_calls = agent_runs.failing_tool_calls + excluded.failing_tool_calls,
+    prompt_tokens = agent_runs.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = agent_runs.completion_tokens + excluded.completion_tokens,
+    cost_usd = agent_runs.cost_usd + excluded.cost_usd,
+    reported_cost_usd = coalesce(excluded.reported_cost_usd, agent_runs.reported_cost_usd)
+"""
+_UPSERT_MODEL = """
+INSERT INTO agent_run_models (run_id, model, provider, llm_calls, prompt_tokens, completion_tokens, cost_usd)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (run_id, model, provider) DO UPDATE SET
+    llm_calls = agent_run_models.llm_calls + excluded.llm_calls,
+    prompt_tokens = agent_run_models.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = agent_run_models.completion_tokens + excluded.completion_tokens,
+    cost_usd = agent_run_models.cost_usd + excluded.cost_usd
+"""
+
+
+def _usd(v: float | None) -> Decimal:
+    # the float's shortest repr, so 0.00618 is stored as 0.00618 and sums are exact
+    return Decimal(repr(v)) if v is not None else Decimal(0)
+
+
+def _max(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _min(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else min(a, b)
+
+
+class AgentRunsProjection:
+    """Per-run and per-model views of agent activity.
+
+    Refuses (dead-letters) an event whose ``run_id`` is empty or differs from the record key.
+    """
+
+    name = "agent_runs"
+    version = 1
+    topics: tuple[str, ...] = ("agent.events",)
+
+    def __init__(self, topics: Sequence[str] | None = None) -> None:
+        if topics is not None:
+            self.topics = tuple(topics)
+
+    def create(self, conn: psycopg.Connection) -> None:
+        """Create ``agent_runs``, ``agent_run_models`` and the ``agent_model_usage`` view."""
+        conn.execute(DDL)
+
+    def apply(self, cur: psycopg.Cursor, events: Sequence[ConsumedEvent]) -> None:
+        """Fold a batch into per-run and per-(run, model) deltas, then upsert them.
+
+        Raises:
+            ProjectionApplyError: an event without a run id, or whose run id is not its key.
+        """
+        runs: dict[str, dict[str, Any]] = {}
+        models: dict[tuple[str, str, str], list[Any]] = {}
+        for e in events:
+            d = e.data
+            run_id = d.get("run_id")
+            if not run_id or (e.key is not None and e.key != run_id):
+                raise ProjectionApplyError(f"event {e.attributes.id}: run_id {run_id!r} does not match key {e.key!r}")
+            r = runs.get(run_id)
+            if r is None:
+                r = runs[run_id] = dict.fromkeys(_RUN_COLS)
+                r.update(run_id=run_id, steps=0, llm_calls=0, calls_without_cost=0, tool_calls=0,
+                         failing_tool_calls=0, prompt_tokens=0, completion_tokens=0, cost_usd=Decimal(0))  # fmt: skip
+            t: datetime = d["event_time"]
+            r["last_event_at"] = _max(r["last_event_at"], t)
+            if e.schema == "sophia.agent.LlmCall":
+                cost = d.get("cost_usd")
+                r["llm_calls"] += 1
+                r["steps"] = max(r["steps"], d["step"])
+                r["prompt_tokens"] += d["prompt_tokens"]
+                r["completion_tokens"] += d["completion_tokens"]
+                r["cost_usd"] += _usd(cost)
+                r["calls_without_cost"] += cost is None
+                key = (run_id, d["model"], d.get("provider") or "")
+                m = models.setdefault(key, [0, 0, 0, Decimal(0)])
+                m[0] += 1
+                m[1] += d["prompt_tokens"]
+                m[2] += d["completion_tokens"]
+                m[3] += _usd(cost)
+            elif e.schema == "sophia.agent.ToolCall":
+                r["tool_calls"] += 1
+                r["steps"] = max(r["steps"], d["step"])
+                rc = d.get("return_code")
+                r["failing_tool_calls"] += rc is not None and rc != 0
+            elif e.schema == "sophia.agent.RunLifecycle":
+                r["agent"] = d.get("agent") or r["agent"]
+                r["task"] = d.get("task") or r["task"]
+                if d["phase"] == "STARTED":
+                    r["started_at"] = _min(r["started_at"], t)
+                else:
+                    r["finished_at"] = _max(r["finished_at"], t)
+                    r["outcome"] = d.get("outcome") or r["outcome"]
+                    r["exit_status"] = d.get("exit_status") or r["exit_status"]
+                    rc = d.get("reported_cost_usd")
+                    r["reported_cost_usd"] = _usd(rc) if rc is not None else r["reported_cost_usd"]
+            # other schemas on the topic are not this view's concern
+        cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
+        if models:
+            cur.executemany(_UPSERT_MODEL, [(*k, *v) for k, v in models.items()])

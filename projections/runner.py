@@ -1,0 +1,369 @@
+"""The projection runner: batched consume, then the view rows and the checkpoint in one transaction.
+
+Exactly-once in effect: for each batch the runner, in one PostgreSQL transaction, (1) records the
+batch's event ids in ``projection_seen`` and keeps only those it had not seen (so a re-imported
+history changes nothing), (2) lets the projection apply them, (3) upserts the
+``(projection, topic, partition) -> next_offset`` checkpoint. On start and after any failure it seeks
+to the stored checkpoint, never to Kafka's committed offsets (which it also commits, after the
+transaction, for lag tooling only). Records that cannot be decoded, or that the view refuses, go to
+the dead-letter topic (flushed before the transaction commits), and the runner goes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram
+
+from backbone.observability import REGISTRY
+from backbone.settings import Settings
+from projections.base import Projection
+from projections.errors import ProjectionApplyError
+from streams.consumer import ConsumedEvent, DeadLetterPublisher, DecodeFailure, decode_message, make_consumer
+from streams.producer import EventProducer
+from streams.serde import AvroSerde
+
+__all__ = ["BOOKKEEPING_DDL", "ProjectionRunner", "RunnerStats"]
+
+log = structlog.get_logger(__name__)
+
+BOOKKEEPING_DDL = """
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    projection  text        NOT NULL,
+    topic       text        NOT NULL,
+    partition   integer     NOT NULL,
+    next_offset bigint      NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projection, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS projection_seen (
+    projection text NOT NULL,
+    event_id   text NOT NULL,
+    PRIMARY KEY (projection, event_id)
+);
+CREATE TABLE IF NOT EXISTS projection_registry (
+    projection text PRIMARY KEY,
+    version    integer     NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+_applied = Counter(
+    "backbone_projection_events_applied", "Events applied to a view", ["projection"], registry=REGISTRY
+)
+_duplicates = Counter(
+    "backbone_projection_events_duplicate", "Events skipped as already applied", ["projection"], registry=REGISTRY
+)
+_dead = Counter(
+    "backbone_projection_events_dead_lettered", "Records sent to the dead-letter topic", ["projection"],
+    registry=REGISTRY,
+)
+_batch_seconds = Histogram(
+    "backbone_projection_batch_seconds", "Time to apply and commit one batch", ["projection"], registry=REGISTRY
+)
+_lag = Gauge(
+    "backbone_projection_lag_events", "Events behind the end of the log (last seen)", ["projection"],
+    registry=REGISTRY,
+)
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    """Counters of one runner since it started."""
+
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    db_retries: int = 0
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+class ProjectionRunner:
+    """Run one projection: consume its topics and keep its view and checkpoint in PostgreSQL.
+
+    Args:
+        settings: Kafka and PostgreSQL settings.
+        serde: the Avro serde.
+        projection: the view to maintain.
+        group_id: consumer group (default ``projection-<name>``).
+        batch_size: most records per batch.
+        batch_timeout_seconds: longest wait to fill a batch.
+        dlq_producer: the producer for dead letters (one is made from ``settings`` otherwise).
+        on_batch: called after each committed batch (tests use it to inject crashes).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        serde: AvroSerde,
+        projection: Projection,
+        *,
+        group_id: str | None = None,
+        batch_size: int = 2000,
+        batch_timeout_seconds: float = 0.2,
+        dlq_producer: EventProducer | None = None,
+        on_batch: Callable[[RunnerStats], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.serde = serde
+        self.projection = projection
+        self.group_id = group_id or f"projection-{projection.name}"
+        self.batch_size = batch_size
+        self.batch_timeout_seconds = batch_timeout_seconds
+        self.dlq = DeadLetterPublisher(dlq_producer or EventProducer(settings.kafka, serde), projection.name)
+        self.on_batch = on_batch
+        self.stats = RunnerStats()
+        self._conn: psycopg.Connection | None = None
+        self._assigned: set[tuple[str, int]] = set()
+        self._at_end: set[tuple[str, int]] = set()
+        self._consumer: Consumer | None = None
+        self._need_rewind = False
+        self.stop_event = threading.Event()
+
+    # -- PostgreSQL -------------------------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.settings.postgres.dsn(), autocommit=False)
+        return self._conn
+
+    def setup(self) -> None:
+        """Create the bookkeeping tables and the projection's tables (idempotent)."""
+        conn = self._connect()
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('backbone-projection-ddl'))")
+            conn.execute(BOOKKEEPING_DDL)
+            self.projection.create(conn)
+            conn.execute(
+                "INSERT INTO projection_registry (projection, version) VALUES (%s, %s) "
+                "ON CONFLICT (projection) DO UPDATE SET version = excluded.version",
+                (self.projection.name, self.projection.version),
+            )
+
+    def checkpoints(self) -> dict[tuple[str, int], int]:
+        """The stored ``(topic, partition) -> next offset`` of this projection."""
+        conn = self._connect()
+        with conn.transaction():
+            rows = conn.execute(
+                "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = %s",
+                (self.projection.name,),
+            ).fetchall()
+        return {(t, p): o for t, p, o in rows}
+
+    # -- Kafka ----------------------------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        cps = self._checkpoints_with_retry()
+        for tp in partitions:
+            tp.offset = cps.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            self._assigned.add((tp.topic, tp.partition))
+            self._at_end.discard((tp.topic, tp.partition))
+        consumer.assign(partitions)
+        log.info("partitions assigned", projection=self.projection.name, partitions=len(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._assigned.discard((tp.topic, tp.partition))
+            self._at_end.discard((tp.topic, tp.partition))
+        consumer.unassign()
+
+    def _checkpoints_with_retry(self) -> dict[tuple[str, int], int]:
+        while True:
+            try:
+                return self.checkpoints()
+            except psycopg.OperationalError as exc:
+                self._db_backoff(exc)
+
+    def _rewind(self) -> None:
+        """Seek every assigned partition back to its stored checkpoint (after a failed transaction)."""
+        assert self._consumer is not None
+        cps = self._checkpoints_with_retry()
+        for topic, partition in sorted(self._assigned):
+            offset = cps.get((topic, partition), OFFSET_BEGINNING)
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._need_rewind = False
+
+    def _db_backoff(self, exc: Exception) -> None:
+        self.stats.db_retries += 1
+        delay = min(5.0, 0.2 * 2 ** min(self.stats.db_retries, 5))
+        log.warning("postgres unavailable, retrying", projection=self.projection.name, error=str(exc), delay=delay)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._conn = None
+        if self.stop_event.wait(delay):
+            raise KeyboardInterrupt
+
+    # -- the batch --------------------------------------------------------------------------------------------
+
+    def _apply_batch(self, events: list[ConsumedEvent], failures: list[DecodeFailure], last: dict) -> None:
+        name = self.projection.name
+        for f in failures:
+            self.dlq.publish_failure(f)
+        conn = self._connect()
+        refused: list[tuple[ConsumedEvent, Exception]] = []
+        with conn.transaction():
+            with conn.cursor() as cur:
+                fresh = events
+                if events:
+                    ids = [e.attributes.id for e in events]
+                    cur.execute(
+                        "INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest(%s::text[]) "
+                        "ON CONFLICT DO NOTHING RETURNING event_id",
+                        (name, ids),
+                    )
+                    new_ids = {r[0] for r in cur.fetchall()}
+                    seen_in_batch: set[str] = set()
+                    fresh = []
+                    for e in events:
+                        if e.attributes.id in new_ids and e.attributes.id not in seen_in_batch:
+                            seen_in_batch.add(e.attributes.id)
+                            fresh.append(e)
+                if fresh:
+                    try:
+                        with conn.transaction():
+                            self.projection.apply(cur, fresh)
+                    except ProjectionApplyError:
+                        refused = self._apply_one_by_one(conn, cur, fresh)
+                cur.executemany(
+                    "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition) DO UPDATE "
+                    "SET next_offset = excluded.next_offset, updated_at = now()",
+                    [(name, t, p, o + 1) for (t, p), o in last.items()],
+                )
+            for e, exc in refused:
+                self.dlq.publish(
+                    source_topic=e.topic,
+                    partition=e.partition,
+                    offset=e.offset,
+                    key=e.key.encode() if e.key is not None else None,
+                    value=e.value,
+                    headers=e.headers,
+                    reason=str(exc),
+                    error_type=type(exc).__name__,
+                )
+            if failures or refused:
+                self.dlq.producer.flush()  # dead letters durable before the checkpoint moves past them
+        n_fresh = len(fresh) - len(refused)
+        self.stats.applied += n_fresh
+        self.stats.duplicates += len(events) - len(fresh)
+        self.stats.dead_lettered += len(failures) + len(refused)
+        _applied.labels(name).inc(n_fresh)
+        _duplicates.labels(name).inc(len(events) - len(fresh))
+        _dead.labels(name).inc(len(failures) + len(refused))
+
+    def _apply_one_by_one(
+        self, conn: psycopg.Connection, cur: psycopg.Cursor, events: list[ConsumedEvent]
+    ) -> list[tuple[ConsumedEvent, Exception]]:
+        refused = []
+        for e in events:
+            try:
+                with conn.transaction():
+                    self.projection.apply(cur, [e])
+            except ProjectionApplyError as exc:
+                refused.append((e, exc))
+        return refused
+
+    def step(self, consumer: Consumer) -> int:
+        """Consume and apply one batch; return the number of records read (0 when idle)."""
+        if self._need_rewind:
+            self._rewind()
+        msgs = consumer.consume(self.batch_size, self.batch_timeout_seconds)
+        events: list[ConsumedEvent] = []
+        failures: list[DecodeFailure] = []
+        last: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._at_end.add((m.topic(), m.partition()))
+                    continue
+                raise KafkaException(err)
+            tp = (m.topic(), m.partition())
+            self._at_end.discard(tp)
+            last[tp] = m.offset()
+            r = decode_message(self.serde, m)
+            (events if isinstance(r, ConsumedEvent) else failures).append(r)
+        if not last:
+            return 0
+        start = time.perf_counter()
+        try:
+            self._apply_batch(events, failures, last)
+        except psycopg.OperationalError as exc:
+            self._need_rewind = True
+            self._db_backoff(exc)
+            return len(msgs)
+        _batch_seconds.labels(self.projection.name).observe(time.perf_counter() - start)
+        self.stats.batches += 1
+        self.stats.positions.update({k: v + 1 for k, v in last.items()})
+        consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+        if self.on_batch is not None:
+            self.on_batch(self.stats)
+        return len(msgs)
+
+    def caught_up(self) -> bool:
+        """True when partitions are assigned and every one has reached the end of the log."""
+        return bool(self._assigned) and self._assigned <= self._at_end
+
+    def run(self, *, until_caught_up: bool = False, max_wait_seconds: float | None = None) -> RunnerStats:
+        """Run until stopped (``stop_event``), or until caught up when ``until_caught_up``.
+
+        Args:
+            until_caught_up: return once every assigned partition reached its end.
+            max_wait_seconds: give up (TimeoutError) if not caught up by then.
+
+        Raises:
+            TimeoutError: not caught up within ``max_wait_seconds``.
+        """
+        self.setup()
+        consumer = make_consumer(
+            self.settings.kafka, self.group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100}
+        )
+        self._consumer = consumer
+        consumer.subscribe(list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        deadline = time.monotonic() + max_wait_seconds if max_wait_seconds else None
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    self.step(consumer)
+                except KeyboardInterrupt:
+                    break
+                if until_caught_up and self.caught_up():
+                    break
+                if deadline and time.monotonic() > deadline:
+                    raise TimeoutError(f"projection {self.projection.name} not caught up in {max_wait_seconds}s")
+        finally:
+            consumer.close()
+            self._consumer = None
+            self.dlq.producer.flush()
+            if self._conn is not None:
+                self._conn.close()
+        return self.stats
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current batch."""
+        self.stop_event.set()
+
+
+def run_projections(runners: Sequence[ProjectionRunner], *, until_caught_up: bool = False) -> list[RunnerStats]:
+    """Run several runners in threads of one process; return their stats when all have returned."""
+    results: list[RunnerStats | None] = [None] * len(runners)
+
+    def target(i: int) -> None:
+        results[i] = runners[i].run(until_caught_up=until_caught_up)
+
+    threads = [threading.Thread(target=target, args=(i,), name=r.projection.name) for i, r in enumerate(runners)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for r in results if r is not None]
