@@ -18,14 +18,25 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _setup() -> None:
+    """Configure structlog once (to stderr) from the settings."""
+    from backbone.observability import configure_logging
+    from backbone.settings import get_settings
+
+    try:
+        s = get_settings()
+        configure_logging(s.log_level, s.log_format)
+    except Exception:  # noqa: BLE001 - a bad setting is reported by the command that needs it
+        configure_logging()
+
+
 def _mount() -> None:
     from backbone import cli_dev
 
     app.add_typer(cli_dev.app, name="dev", help="The embedded dev stack: Tansu, PostgreSQL, Redis.")
-    try:
-        from backbone import cli_core
-    except ImportError:  # pragma: no cover - during bootstrap
-        return
+    from backbone import cli_core
+
     cli_core.mount(app)
 
 

@@ -1,0 +1,471 @@
+"""The core ``backbone`` commands: produce, subscribe, replay, topics, schemas, import, project, query,
+demo. Mounted on :data:`backbone.cli.app` by :func:`mount`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["mount"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+out = Console()
+err = Console(stderr=True)
+
+topics_app = typer.Typer(help="The topic catalogue.", no_args_is_help=True)
+query_app = typer.Typer(help="Read the projections.", no_args_is_help=True)
+import_app = typer.Typer(help="Import history from source systems as events.", no_args_is_help=True)
+schemas_app = typer.Typer(help="The Avro contracts and their pinned ids.", no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
+
+
+def clear_errors(fn: F) -> F:
+    """Turn known failures into one red line and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import psycopg
+
+        from backbone.errors import BackboneError
+
+        try:
+            return fn(*args, **kwargs)
+        except (BackboneError, psycopg.OperationalError, ValueError, KeyError, TimeoutError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err.print(f"[red]error:[/red] {msg}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ctx() -> tuple[Any, Any]:
+    from backbone.observability import configure_logging
+    from backbone.runtime import load_settings, make_serde
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings, make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in columns])
+    out.print(table)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, datetime):
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return "" if v is None else str(v)
+
+
+# -- produce ----------------------------------------------------------------------------------------------------
+
+
+def _coerce(schema: dict[str, Any], datum: dict[str, Any]) -> dict[str, Any]:
+    """JSON to Avro datum: RFC 3339 strings (or epoch ms) for ``timestamp-millis`` fields."""
+    from streams.envelope import parse_time
+
+    outd = dict(datum)
+    for f in schema["fields"]:
+        t = f["type"]
+        branches = t if isinstance(t, list) else [t]
+        is_ts = any(isinstance(b, dict) and b.get("logicalType") == "timestamp-millis" for b in branches)
+        v = outd.get(f["name"])
+        if is_ts and isinstance(v, str):
+            try:
+                outd[f["name"]] = parse_time(v)
+            except ValueError:
+                pass  # left as is: validation names the field
+        elif is_ts and isinstance(v, int) and not isinstance(v, bool):
+            outd[f["name"]] = datetime.fromtimestamp(v / 1000, UTC)
+    return outd
+
+
+@clear_errors
+def produce(
+    topic: Annotated[str, typer.Argument(help="Topic to produce to.")],
+    type_: Annotated[str, typer.Option("--type", help="Avro full name, e.g. sophia.agent.LlmCall.")],
+    file: Annotated[str, typer.Argument(help="JSON-lines file, or - for standard input.")] = "-",
+    key_field: Annotated[
+        str | None, typer.Option(help="Field whose value is the key (default: the topic's key).", envvar="BACKBONE_KEY_FIELD")
+    ] = None,
+    source: Annotated[str, typer.Option(help="CloudEvents source.", envvar="BACKBONE_SOURCE")] = "/cli/produce",
+    id_field: Annotated[
+        str | None, typer.Option(help="Field holding a stable event id (default: a new UUID per line).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate JSON lines against the Avro schema and produce them; if any line is invalid, each bad
+    line is reported with its line number and field, and nothing is sent."""
+    from streams.catalogue import CATALOGUE
+    from streams.envelope import Event
+    from streams.errors import SchemaValidationError
+    from streams.producer import EventProducer
+
+    settings, serde = _ctx()
+    schema = serde.registry.schema_for(serde.registry.id_for(type_))
+    spec = CATALOGUE.get(topic)
+    key_field = key_field or (spec.key if spec and spec.key in {f["name"] for f in schema["fields"]} else None)
+    stream = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115
+    events, problems = [], []
+    with stream:
+        for lineno, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                if not isinstance(raw, dict):
+                    raise ValueError("a JSON object is expected")
+                datum = _coerce(schema, raw)
+                serde.check(type_, datum)
+            except (ValueError, SchemaValidationError) as exc:
+                problems.append({"line": lineno, "field": getattr(exc, "field", None), "error": str(exc)})
+                continue
+            t = datum.get("event_time") if isinstance(datum.get("event_time"), datetime) else datetime.now(UTC)
+            key = str(datum.get(key_field)) if key_field and datum.get(key_field) is not None else str(lineno)
+            eid = str(datum[id_field]) if id_field and datum.get(id_field) is not None else str(uuid.uuid4())
+            events.append(Event.create(type_, key, datum, source=source, time=t, id=eid))
+    if problems:
+        if as_json:
+            out.print_json(json.dumps({"produced": 0, "invalid": problems}))
+        for p in problems if not as_json else []:
+            err.print(f"[red]line {p['line']}[/red]: {p['error']}", highlight=False)
+        err.print(f"{len(problems)} invalid line(s); nothing was sent")
+        raise typer.Exit(1)
+    n = EventProducer(settings.kafka, serde).produce_many(topic, events)
+    if as_json:
+        out.print_json(json.dumps({"produced": n, "topic": topic, "ids": [e.attributes.id for e in events]}))
+    else:
+        out.print(f"produced {n} event(s) to {topic}")
+
+
+# -- subscribe / replay ---------------------------------------------------------------------------------------------
+
+
+def _parse_bound(v: str | None) -> int | datetime | None:
+    from streams.envelope import parse_time
+
+    if v is None:
+        return None
+    if v.isdigit():
+        return int(v)
+    try:
+        return parse_time(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is neither an offset nor an ISO-8601 time") from None
+
+
+def _print_record(r: Any, as_json: bool) -> None:
+    from streams.consumer import DecodeFailure
+
+    if isinstance(r, DecodeFailure):
+        err.print(f"[red]{r.topic}[{r.partition}]@{r.offset} undecodable:[/red] {r.reason}", highlight=False)
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(r.as_json(), default=str) + "\n")
+        return
+    a = r.attributes
+    data = json.dumps(r.as_json()["data"], default=str)
+    out.print(
+        f"[dim]{r.topic}[{r.partition}]@{r.offset}[/dim] {_fmt(a.time)} [bold]{a.type}[/bold] "
+        f"subject={a.subject} id={a.id}\n  {data[:300]}",
+        highlight=False,
+    )
+
+
+@clear_errors
+def subscribe(
+    topics: Annotated[list[str], typer.Argument(help="Topics to subscribe to.")],
+    group: Annotated[
+        str | None, typer.Option(help="Consumer group (commits offsets); default: a private group.", envvar="BACKBONE_GROUP")
+    ] = None,
+    from_: Annotated[
+        str, typer.Option("--from", help="beginning | latest | committed | ISO-8601 event time.", envvar="BACKBONE_FROM")
+    ] = "beginning",
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new events.", envvar="BACKBONE_FOLLOW")] = False,
+    limit: Annotated[int, typer.Option(help="Stop after this many events (0 = no limit).")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print decoded events with their CloudEvents attributes, partition and offset."""
+    from streams.consumer import Subscriber
+    from streams.envelope import parse_time
+
+    settings, serde = _ctx()
+    start: Any = from_ if from_ in ("beginning", "latest", "committed") else parse_time(from_)
+    sub = Subscriber(settings.kafka, serde, topics, group_id=group, start=start)
+    n = 0
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            batch = sub.poll_batch(500, 0.5)
+            for r in batch:
+                _print_record(r, as_json)
+                n += 1
+                if limit and n >= limit:
+                    sub.commit_batch(batch)
+                    return
+            sub.commit_batch(batch)
+            if not follow and sub.caught_up():
+                return
+            if not follow and not sub.assigned and time.monotonic() > deadline:
+                raise TimeoutError("no partition was assigned within 30 s (does the topic exist?)")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+
+
+@clear_errors
+def replay(
+    topic: Annotated[str, typer.Option("--topic", help="Topic to read.")],
+    from_: Annotated[str | None, typer.Option("--from", help="Offset or ISO-8601 event time (inclusive).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Offset or ISO-8601 event time (exclusive).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read a bounded range of history, in order per partition."""
+    from streams.replay import read_range
+
+    settings, serde = _ctx()
+    n = 0
+    for r in read_range(settings.kafka, serde, topic, start=_parse_bound(from_), end=_parse_bound(to)):
+        _print_record(r, as_json)
+        n += 1
+    if not as_json:
+        err.print(f"{n} record(s)")
+
+
+# -- topics / schemas --------------------------------------------------------------------------------------------
+
+
+@topics_app.command("list")
+@clear_errors
+def topics_list(as_json: JsonOpt = False) -> None:
+    """The catalogue: topic, partitions, key, schemas, retention; and whether the broker has it."""
+    from confluent_kafka.admin import AdminClient
+
+    from streams.catalogue import CATALOGUE
+
+    settings, _ = _ctx()
+    try:
+        live = AdminClient(settings.kafka.librdkafka()).list_topics(timeout=5).topics
+    except Exception:  # noqa: BLE001 - the catalogue is still worth printing
+        live = None
+    rows = [
+        {
+            "topic": t.name,
+            "partitions": t.partitions,
+            "key": t.key,
+            "schemas": list(t.schemas),
+            "retention": "forever" if t.retention_ms < 0 else f"{t.retention_ms // 86_400_000} d",
+            "on_broker": None if live is None else (t.name in live),
+            "doc": t.doc,
+        }
+        for t in CATALOGUE.values()
+    ]
+    _print_rows(rows, ["topic", "partitions", "key", "schemas", "retention", "on_broker"], "topics", as_json)
+
+
+@topics_app.command("create")
+@clear_errors
+def topics_create() -> None:
+    """Create the catalogue's topics that the broker lacks."""
+    from confluent_kafka.admin import AdminClient
+
+    from streams.catalogue import ensure_topics
+
+    settings, _ = _ctx()
+    created = ensure_topics(AdminClient(settings.kafka.librdkafka()))
+    out.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+@schemas_app.command("list")
+@clear_errors
+def schemas_list(as_json: JsonOpt = False) -> None:
+    """Every subject with its versions and ids."""
+    from streams.registry import EmbeddedRegistry
+
+    reg = EmbeddedRegistry(strict=False)
+    unpinned = set(reg.unpinned())
+    rows = [
+        {"subject": s, "versions": len(vs), "latest_id": vs[-1]["id"], "pinned": s not in unpinned}
+        for s, vs in sorted(reg.subjects().items())
+    ]
+    _print_rows(rows, ["subject", "versions", "latest_id", "pinned"], "schemas", as_json)
+
+
+@schemas_app.command("pin")
+@clear_errors
+def schemas_pin() -> None:
+    """Check every changed .avsc against its latest version (the compatibility gate) and pin it."""
+    from streams.registry import EmbeddedRegistry
+
+    new = EmbeddedRegistry(strict=False).pin()
+    out.print("\n".join(f"pinned {s} as id {i}" for s, i in new.items()) or "nothing changed")
+
+
+# -- import / project / query -----------------------------------------------------------------------------------
+
+
+def import_runs(settings: Any, serde: Any, directory: Path, topic: str, *, progress: bool = True) -> dict[str, Any]:
+    """Parse trajectories under ``directory`` and produce their events; return the import report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from connectors.agent_runs import ImportProblem, iter_runs
+    from streams.producer import EventProducer
+
+    files = sorted((directory / "trajs").glob("*.traj.json")) or sorted(directory.glob("*.traj.json"))
+    if not files and not directory.exists():
+        raise ValueError(f"{directory}: no such directory")
+    producer = EventProducer(settings.kafka, serde)
+    report: dict[str, Any] = {"runs": 0, "events": 0, "problems": [], "odd_records": 0}
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[events]} events"),
+        TimeRemainingColumn(), console=err, disable=not progress or not err.is_terminal,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("import", total=len(files), events=0)
+        for item in iter_runs(directory):
+            if isinstance(item, ImportProblem):
+                report["problems"].append({"path": str(item.path), "reason": item.reason})
+            else:
+                for e in item.events:
+                    producer.produce(topic, e)
+                report["runs"] += 1
+                report["events"] += len(item.events)
+                report["odd_records"] += len(item.problems)
+            bar.update(task, advance=1, events=report["events"])
+    producer.flush()
+    report["seconds"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+@import_app.command("agent-runs")
+@clear_errors
+def import_agent_runs(
+    directory: Annotated[Path, typer.Argument(help="Folder with mini-swe-agent *.traj.json (or trajs/) and results.csv.")],
+    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn mini-swe-agent trajectories into events on the log (deterministic ids: importing twice
+    changes no projection)."""
+    from confluent_kafka.admin import AdminClient
+
+    from streams.catalogue import CATALOGUE, ensure_topics
+
+    settings, serde = _ctx()
+    if topic in CATALOGUE:
+        ensure_topics(AdminClient(settings.kafka.librdkafka()), [topic])
+    report = import_runs(settings, serde, directory, topic)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    out.print(f"imported {report['runs']} run(s), {report['events']:,} events to {topic} in {report['seconds']} s")
+    for p in report["problems"]:
+        err.print(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}", highlight=False)
+
+
+@clear_errors
+def project(
+    until_caught_up: Annotated[bool, typer.Option(help="Exit once the views have caught up with the log.")] = False,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
+) -> None:
+    """Run the projection runner (agent-run views) until interrupted."""
+    from backbone.observability import serve_metrics
+    from projections.agent_runs import AgentRunsProjection
+    from projections.runner import ProjectionRunner
+
+    settings, serde = _ctx()
+    runner = ProjectionRunner(settings, serde, AgentRunsProjection())
+    server = serve_metrics(metrics_port, health=lambda: {"ok": True, "caught_up": runner.caught_up()})
+    err.print(f"metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
+    try:
+        stats = runner.run(until_caught_up=until_caught_up)
+    except KeyboardInterrupt:
+        runner.stop()
+        stats = runner.stats
+    out.print(f"applied {stats.applied:,} event(s), skipped {stats.duplicates:,} duplicate(s), "
+              f"dead-lettered {stats.dead_lettered}")  # fmt: skip
+
+
+@query_app.command("agent-runs")
+@clear_errors
+def query_agent_runs(
+    limit: Annotated[int, typer.Option(help="Most rows.")] = 1000,
+    outcome: Annotated[str | None, typer.Option(help="RESOLVED, UNRESOLVED or UNKNOWN.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-run view: steps, calls, tokens, cost (USD) and outcome."""
+    import psycopg
+
+    from projections import queries
+
+    settings, _ = _ctx()
+    with psycopg.connect(settings.postgres.dsn()) as conn:
+        rows = queries.agent_runs(conn, limit=limit, outcome=outcome)
+    cols = ["run_id", "outcome", "steps", "llm_calls", "tool_calls", "failing_tool_calls", "prompt_tokens", "cost_usd"]
+    _print_rows(rows, cols, "agent runs", as_json)
+
+
+@query_app.command("models")
+@clear_errors
+def query_models(as_json: JsonOpt = False) -> None:
+    """Per-model view: runs, resolved runs, calls, tokens, cost (USD)."""
+    import psycopg
+
+    from projections import queries
+
+    settings, _ = _ctx()
+    with psycopg.connect(settings.postgres.dsn()) as conn:
+        rows = queries.model_usage(conn)
+    cols = ["model", "providers", "runs", "resolved_runs", "llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"]
+    _print_rows(rows, cols, "models", as_json)
+
+
+def mount(app: typer.Typer) -> None:
+    """Add the core commands and groups to ``app``."""
+    from backbone.demo import demo
+
+    app.command()(produce)
+    app.command()(subscribe)
+    app.command()(replay)
+    app.command()(project)
+    app.command()(demo)
+    app.add_typer(topics_app, name="topics")
+    app.add_typer(query_app, name="query")
+    app.add_typer(import_app, name="import")
+    app.add_typer(schemas_app, name="schemas")
+    for module, name, help_ in (
+        ("connectors.cli", "connectors", "Kafka Connect / Debezium connectors."),
+        ("configuration.cli", "config", "Configuration as event-sourced aggregates."),
+        ("inference.cli", "inference", "Inference on Ray."),
+    ):
+        try:
+            sub = __import__(module, fromlist=["app"]).app
+        except ImportError:
+            continue
+        app.add_typer(sub, name=name, help=help_)

@@ -1,0 +1,193 @@
+"""``backbone demo``: the whole backbone end to end on real agent runs, then a report.
+
+Starts the embedded stack (or uses configured servers), imports the mini-swe-agent runs as events,
+runs the run-summary processor (Faust, in a subprocess) and the agent-run projection until both
+have caught up, imports the same runs a second time to show that nothing is counted twice, prints
+the report, and stops what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["demo"]
+
+out = Console()
+
+
+def _count_insights(settings: Any, serde: Any, topic: str) -> tuple[int, list[dict[str, Any]]]:
+    from streams.consumer import ConsumedEvent
+    from streams.replay import read_range
+
+    ids: dict[str, dict[str, Any]] = {}
+    for r in read_range(settings.kafka, serde, topic):
+        if isinstance(r, ConsumedEvent):
+            ids[r.data["insight_id"]] = r.data
+    return len(ids), list(ids.values())
+
+
+def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["BACKBONE_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
+    env.setdefault("BACKBONE_LOG_FORMAT", "json")
+    log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def demo(
+    data: Annotated[Path, typer.Option(help="Folder of mini-swe-agent runs.", envvar="BACKBONE_DEMO_DATA")] = Path(
+        "datasets/agent_runs"
+    ),
+    timeout_seconds: Annotated[float, typer.Option(help="Give up after this long.")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Run the backbone end to end on real agent runs and print a report."""
+    import psycopg
+    from confluent_kafka.admin import AdminClient
+
+    from backbone.devstack import DevStack
+    from backbone.errors import BackboneError
+    from backbone.observability import configure_logging
+    from backbone.runtime import make_serde
+    from backbone.settings import get_settings
+    from backbone.cli_core import import_runs
+    from projections import queries
+    from projections.agent_runs import AgentRunsProjection
+    from projections.runner import ProjectionRunner
+    from streams.catalogue import ensure_topics
+
+    base = get_settings()
+    configure_logging("WARNING", base.log_format)
+    state_dir = (base.state_dir / "demo").absolute()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    try:
+        stack = DevStack(base, state_dir=state_dir)
+        info = stack.start()
+    except BackboneError as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    processor = None
+    try:
+        settings = base.model_copy(
+            update={
+                "kafka": base.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap}),
+                "postgres": base.postgres.model_copy(update={"url": info.postgres_url}),
+                "redis": base.redis.model_copy(update={"url": info.redis_url}),
+            }
+        )
+        timings["stack_start_s"] = time.perf_counter() - t0
+        out.print(f"stack up in {timings['stack_start_s']:.1f} s: kafka {info.kafka_bootstrap}, "
+                  f"postgres {info.postgres_url.split('@')[-1]}, redis {info.redis_url}")  # fmt: skip
+        serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+        ensure_topics(AdminClient(settings.kafka.librdkafka()))
+        processor = _start_processor(settings, state_dir)
+
+        t = time.perf_counter()
+        report = import_runs(settings, serde, data, "agent.events")
+        timings["import_s"] = time.perf_counter() - t
+        out.print(f"imported {report['runs']} runs as {report['events']:,} events in {timings['import_s']:.1f} s"
+                  f" ({report['events'] / max(timings['import_s'], 1e-9):,.0f} events/s)")  # fmt: skip
+        for p in report["problems"]:
+            out.print(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}")
+
+        t = time.perf_counter()
+        runner = ProjectionRunner(settings, serde, AgentRunsProjection())
+        stats = runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
+        timings["projection_s"] = time.perf_counter() - t
+        out.print(f"projection caught up: {stats.applied:,} events applied in {timings['projection_s']:.1f} s")
+
+        # the same runs again: deterministic event ids, so the views must not move
+        report2 = import_runs(settings, serde, data, "agent.events", progress=False)
+        stats2 = ProjectionRunner(settings, serde, AgentRunsProjection()).run(
+            until_caught_up=True, max_wait_seconds=timeout_seconds
+        )
+        out.print(f"re-imported {report2['events']:,} events: {stats2.duplicates:,} skipped as duplicates, "
+                  f"{stats2.applied} applied")  # fmt: skip
+
+        with psycopg.connect(settings.postgres.dsn()) as conn:
+            totals = queries.totals(conn)
+            models = queries.model_usage(conn)
+            runs = queries.agent_runs(conn)
+        t = time.perf_counter()
+        n_insights, insights = 0, []
+        while time.perf_counter() - t < timeout_seconds:
+            n_insights, insights = _count_insights(settings, serde, "insights.runs")
+            if n_insights >= totals["finished"] or processor.poll() is not None:
+                break
+            time.sleep(2)
+        timings["insights_wait_s"] = time.perf_counter() - t
+        if n_insights < totals["finished"]:
+            out.print(f"[red]processor emitted {n_insights} of {totals['finished']} run summaries[/red] "
+                      f"(log: {state_dir / 'processor.log'})")  # fmt: skip
+        timings["total_s"] = time.perf_counter() - t0
+        doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
+               "import": {k: v for k, v in report.items() if k != "problems"}, "skipped_files": report["problems"]}  # fmt: skip
+        _report(doc, runs, insights, as_json)
+        ok = n_insights >= totals["finished"] and stats2.applied == 0
+    finally:
+        if processor is not None and processor.poll() is None:
+            processor.terminate()
+            try:
+                processor.wait(15)
+            except subprocess.TimeoutExpired:
+                processor.kill()
+        stack.stop()
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _report(doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(doc, default=str))
+        return
+    t = doc["totals"]
+    table = Table(title="Sophia backbone demo: agent runs as events", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    for label, value in (
+        ("runs", f"{t['runs']:,}"),
+        ("resolved", f"{t['resolved']:,} ({t['resolved'] / max(t['runs'], 1):.1%})"),
+        ("LLM calls", f"{t['llm_calls']:,} ({t['calls_without_cost']} without a cost)"),
+        ("tool calls", f"{t['tool_calls']:,} ({t['failing_tool_calls']} failing)"),
+        ("tokens (prompt / completion)", f"{t['prompt_tokens']:,} / {t['completion_tokens']:,}"),
+        ("cost by response (USD)", f"{t['cost_usd']:.3f}"),
+        ("event time", f"{t['first_event_at']:%Y-%m-%d %H:%M} .. {t['last_event_at']:%Y-%m-%d %H:%M} UTC"),
+        ("run-summary insights", f"{doc['insights']:,}"),
+        ("calls per run", f"{t['llm_calls'] / max(t['runs'], 1):.1f}"),
+    ):
+        table.add_row(label, value)
+    out.print(table)
+    m = Table(title="per model")
+    for c in ("model", "runs", "resolved", "calls", "cost USD"):
+        m.add_column(c, justify="left" if c == "model" else "right")
+    for r in doc["models"]:
+        m.add_row(r["model"], str(r["runs"]), str(r["resolved_runs"]), f"{r['llm_calls']:,}", f"{r['cost_usd']:.3f}")
+    out.print(m)
+    streaks = sorted(insights, key=lambda i: -i.get("metrics", {}).get("longest_failing_streak_count", 0))[:3]
+    if streaks:
+        s = Table(title="longest failing-command streaks (from run-summary insights)")
+        for c in ("run", "streak", "outcome", "cost USD"):
+            s.add_column(c)
+        for i in streaks:
+            s.add_row(i["entity"], f"{i['metrics'].get('longest_failing_streak_count', 0):.0f}",
+                      i["labels"].get("outcome", ""), f"{i['metrics'].get('cost_usd', 0):.3f}")  # fmt: skip
+        out.print(s)
+    tm = doc["timings_s"]
+    out.print(f"timings: stack {tm['stack_start_s']:.1f} s, import {tm['import_s']:.1f} s, "
+              f"projection {tm['projection_s']:.1f} s, total {tm['total_s']:.1f} s")  # fmt: skip

