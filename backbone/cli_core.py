@@ -392,6 +392,10 @@ def import_agent_runs(
 @clear_errors
 def project(
     until_caught_up: Annotated[bool, typer.Option(help="Exit once the views have caught up with the log.")] = False,
+    topic: Annotated[str, typer.Option(help="Topic of agent events.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
+    group: Annotated[str | None, typer.Option(help="Consumer group (default projection-agent_runs).", envvar="BACKBONE_GROUP")] = None,
+    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 2000,
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = "backbone.dlq",
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:
     """Run the projection runner (agent-run views) until interrupted."""
@@ -400,7 +404,9 @@ def project(
     from projections.runner import ProjectionRunner
 
     settings, serde = _ctx()
-    runner = ProjectionRunner(settings, serde, AgentRunsProjection())
+    runner = ProjectionRunner(
+        settings, serde, AgentRunsProjection([topic]), group_id=group, batch_size=batch_size, dlq_topic=dlq_topic
+    )
     server = serve_metrics(metrics_port, health=lambda: {"ok": True, "caught_up": runner.caught_up()})
     err.print(f"metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
     try:

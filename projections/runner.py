@@ -25,7 +25,7 @@ from backbone.observability import REGISTRY
 from backbone.settings import Settings
 from projections.base import Projection
 from projections.errors import ProjectionApplyError
-from streams.consumer import ConsumedEvent, DeadLetterPublisher, DecodeFailure, decode_message, make_consumer
+from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher, DecodeFailure, decode_message, make_consumer
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
@@ -96,6 +96,7 @@ class ProjectionRunner:
         batch_size: most records per batch.
         batch_timeout_seconds: longest wait to fill a batch.
         dlq_producer: the producer for dead letters (one is made from ``settings`` otherwise).
+        dlq_topic: the dead-letter topic.
         on_batch: called after each committed batch (tests use it to inject crashes).
     """
 
@@ -109,6 +110,7 @@ class ProjectionRunner:
         batch_size: int = 2000,
         batch_timeout_seconds: float = 0.2,
         dlq_producer: EventProducer | None = None,
+        dlq_topic: str = DLQ_TOPIC,
         on_batch: Callable[[RunnerStats], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -117,7 +119,9 @@ class ProjectionRunner:
         self.group_id = group_id or f"projection-{projection.name}"
         self.batch_size = batch_size
         self.batch_timeout_seconds = batch_timeout_seconds
-        self.dlq = DeadLetterPublisher(dlq_producer or EventProducer(settings.kafka, serde), projection.name)
+        self.dlq = DeadLetterPublisher(
+            dlq_producer or EventProducer(settings.kafka, serde), projection.name, topic=dlq_topic
+        )
         self.on_batch = on_batch
         self.stats = RunnerStats()
         self._conn: psycopg.Connection | None = None

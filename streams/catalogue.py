@@ -60,6 +60,14 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Run summaries emitted by the run-summary processor when a run finishes.",
         ),
         TopicSpec(
+            name="config.changes",
+            partitions=3,
+            key="config key",
+            schemas=("sophia.config.ConfigChange",),
+            retention_ms=-1,
+            doc="Every stored configuration change, published by the outbox relay (de-duplicate by event id).",
+        ),
+        TopicSpec(
             name="backbone.dlq",
             partitions=1,
             key="original key",

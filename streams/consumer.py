@@ -262,12 +262,26 @@ class Subscriber:
         self.commit = commit and not self.private
         self.start = start
         self.kafka = kafka
-        self.consumer = make_consumer(kafka, group_id or f"backbone-subscribe-{uuid.uuid4()}")
-        self.consumer.subscribe(self.topics, on_assign=self._on_assign)
+        self.assigned: set[tuple[str, int]] = set()
+        self.at_end: set[tuple[str, int]] = set()
+        self.consumer = make_consumer(
+            kafka, group_id or f"backbone-subscribe-{uuid.uuid4()}", **{"enable.partition.eof": True}
+        )
+        self.consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.assigned.discard((tp.topic, tp.partition))
+            self.at_end.discard((tp.topic, tp.partition))
+
+    def caught_up(self) -> bool:
+        """True once partitions are assigned and each has reached the end of the log."""
+        return bool(self.assigned) and self.assigned <= self.at_end
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         from streams.replay import offset_for_time
 
+        self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         if self.start == "committed" and not self.private:
             return
         for tp in partitions:
@@ -295,8 +309,10 @@ class Subscriber:
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
+                    self.at_end.add((m.topic(), m.partition()))
                     continue
                 raise KafkaException(err)
+            self.at_end.discard((m.topic(), m.partition()))
             out.append(decode_message(self.serde, m))
         return out
 

@@ -1,0 +1,5 @@
+"""``python -m backbone`` runs the CLI."""
+
+from backbone.cli import main
+
+main()

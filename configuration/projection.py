@@ -1,0 +1,228 @@
+"""The current-value read model of configuration in Redis, and ``Config.current(KEY)`` for services.
+
+:class:`ConfigProjection` consumes ``config.changes`` and keeps one Redis hash per key
+(``backbone:config:current:<key>``: ``version``, ``value`` (JSON text), ``change``, ``event_id``,
+``author``, ``reason``, ``changed_at_ms``). A Lua script writes a change only when its version is
+above the stored one, so re-published (duplicate) and out-of-date events are no-ops: the model is
+idempotent, and de-duplicates by (key, version), which identifies the event id one-to-one. Offsets
+are committed only after Redis has applied the batch.
+
+:class:`Config` is the fast path services use: one Redis round-trip, falling back to PostgreSQL
+(:class:`~configuration.store.ConfigStore`) when Redis has no entry for the key or cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+import structlog
+from confluent_kafka import KafkaError
+
+from backbone.settings import Settings, get_settings
+from configuration.aggregate import ChangeKind
+from configuration.errors import ConfigNotFoundError
+from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
+from configuration.schemas import check_key
+from configuration.store import ConfigStore
+from streams.consumer import ConsumedEvent, decode_message, make_consumer
+from streams.registry import make_registry
+from streams.serde import AvroSerde
+
+__all__ = ["REDIS_PREFIX", "Config", "ConfigProjection", "CurrentValue"]
+
+log = structlog.get_logger(__name__)
+
+REDIS_PREFIX = "backbone:config:"
+
+_APPLY = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if cur and tonumber(cur) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'value', ARGV[2], 'change', ARGV[3], 'event_id', ARGV[4],
+           'author', ARGV[5], 'reason', ARGV[6], 'changed_at_ms', ARGV[7])
+redis.call('SADD', KEYS[2], ARGV[8])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurrentValue:
+    """The current value of a key and where it was read.
+
+    Attributes:
+        key: the key.
+        version: its version.
+        value: its value (a JSON object).
+        source: ``redis`` (the read model) or ``postgres`` (the event store).
+    """
+
+    key: str
+    version: int
+    value: dict[str, Any]
+    source: Literal["redis", "postgres"]
+
+
+class ConfigProjection:
+    """Keep Redis current with ``config.changes``.
+
+    Args:
+        settings: Kafka, Redis and schema registry settings.
+        topic: the config topic.
+        group_id: the consumer group (its committed offsets are the projection's position).
+        prefix: Redis key prefix.
+        batch_size: records per ``consume`` call.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        topic: str = CONFIG_TOPIC,
+        group_id: str = "config-projection",
+        prefix: str = REDIS_PREFIX,
+        batch_size: int = 500,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.topic = topic
+        self.prefix = prefix
+        self.batch_size = batch_size
+        self.redis = redis.Redis.from_url(self.settings.redis.dsn())
+        self._apply = self.redis.register_script(_APPLY)
+        self.serde = AvroSerde(
+            make_registry(self.settings.schema_registry.url, compatibility=self.settings.schema_registry.compatibility)
+        )
+        self.consumer = make_consumer(self.settings.kafka, group_id)
+        self.consumer.subscribe([topic])
+        self.applied = 0
+        self.skipped = 0
+
+    def apply(self, events: list[ConsumedEvent]) -> int:
+        """Apply decoded config changes to Redis in one pipeline; return how many changed the model."""
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for e in events:
+            if e.schema != CONFIG_CHANGE_SCHEMA:
+                continue
+            d = e.data
+            self._apply(
+                keys=[f"{self.prefix}current:{d['key']}", f"{self.prefix}keys"],
+                args=[
+                    d["version"],
+                    d["value_json"] or "",
+                    d["change"],
+                    e.attributes.id,
+                    d["author"],
+                    d["reason"],
+                    int(d["changed_at"].timestamp() * 1000),
+                    d["key"],
+                ],
+                client=pipe,
+            )
+            n += 1
+        results = pipe.execute() if n else []
+        changed = sum(int(r) for r in results)
+        self.applied += changed
+        self.skipped += n - changed
+        return changed
+
+    def run_once(self, timeout_seconds: float = 1.0) -> int:
+        """Consume one batch, apply it, then commit its offsets; return the records consumed.
+
+        Undecodable records are logged and skipped (the relay is the only producer of the topic).
+        """
+        msgs = self.consumer.consume(self.batch_size, timeout_seconds)
+        good: list[ConsumedEvent] = []
+        for m in msgs:
+            if m.error() is not None:
+                if m.error().code() != KafkaError._PARTITION_EOF:
+                    log.warning("config_projection.consume_error", error=str(m.error()))
+                continue
+            decoded = decode_message(self.serde, m)
+            if isinstance(decoded, ConsumedEvent):
+                good.append(decoded)
+            else:
+                log.warning("config_projection.undecodable", reason=decoded.reason, offset=decoded.offset)
+        if good:
+            self.apply(good)
+        positioned = [m for m in msgs if m.error() is None]
+        for m in positioned:  # applied to Redis: now the offsets may move
+            self.consumer.store_offsets(message=m)
+        if positioned:
+            self.consumer.commit(asynchronous=False)
+        return len(msgs)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Project until ``stop`` is set."""
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            self.run_once()
+
+    def close(self) -> None:
+        """Leave the group and close the Redis client."""
+        self.consumer.close()
+        self.redis.close()
+
+
+class Config:
+    """Read current configuration values fast: Redis first, PostgreSQL when Redis has nothing.
+
+    Args:
+        settings: Redis and PostgreSQL settings.
+        store: a store to fall back to (opened on first fallback when ``None``).
+        prefix: Redis key prefix of the read model.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, store: ConfigStore | None = None,
+                 prefix: str = REDIS_PREFIX) -> None:
+        self.settings = settings or get_settings()
+        self.prefix = prefix
+        self.redis = redis.Redis.from_url(self.settings.redis.dsn(), socket_timeout=1.0)
+        self._store = store
+        self._owns_store = store is None
+
+    @property
+    def store(self) -> ConfigStore:
+        """The PostgreSQL fallback."""
+        if self._store is None:
+            self._store = ConfigStore(self.settings)
+        return self._store
+
+    def current_entry(self, key: str) -> CurrentValue:
+        """The current value of ``key`` with its version and where it came from.
+
+        Raises:
+            ConfigKeyError: malformed key.
+            ConfigNotFoundError: the key does not exist or is retired.
+            ConfigStoreUnavailableError: Redis has no entry and PostgreSQL cannot be reached.
+        """
+        check_key(key)
+        try:
+            version, value, change = self.redis.hmget(f"{self.prefix}current:{key}", "version", "value", "change")
+        except redis.RedisError as exc:
+            log.warning("config.redis_unavailable", key=key, error=str(exc))
+            version = None
+        if version is not None:
+            if change == ChangeKind.RETIRED.encode():
+                raise ConfigNotFoundError(key, f"configuration key {key!r} is retired")
+            return CurrentValue(key=key, version=int(version), value=json.loads(value), source="redis")
+        current = self.store.get(key)
+        if current.retired:
+            raise ConfigNotFoundError(key, f"configuration key {key!r} is retired")
+        return CurrentValue(key=key, version=current.version, value=current.value, source="postgres")
+
+    def current(self, key: str) -> dict[str, Any]:
+        """The current value of ``key`` (a JSON object).
+
+        Raises:
+            ConfigKeyError, ConfigNotFoundError, ConfigStoreUnavailableError: as for :meth:`current_entry`.
+        """
+        return self.current_entry(key).value
+
+    def close(self) -> None:
+        """Close the Redis client (and the fallback store when this object opened it)."""
+        self.redis.close()
+        if self._owns_store and self._store is not None:
+            self._store.close()

@@ -1,0 +1,207 @@
+"""Value schemas of configuration keys: pydantic models registered for a key or a key prefix.
+
+A key's schema is the one registered for the key itself or, failing that, for its longest
+registered prefix (``routing.`` matches ``routing.policy.default``). A key with no schema takes any
+JSON object. A value is stored as the model's JSON dump, so defaults are filled in and every
+reader sees the same shape.
+
+The default registry holds the schemas of the platform's own configuration: routing policies,
+provider limits, agent roles and healing thresholds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from configuration.errors import ConfigKeyError, ConfigValueError
+
+__all__ = [
+    "KEY_PATTERN",
+    "AgentRole",
+    "HealingThresholds",
+    "ProviderLimits",
+    "RoutingPolicy",
+    "ValueSchemaRegistry",
+    "check_key",
+    "default_schemas",
+]
+
+#: Keys are dotted lower-case paths: ``routing.policy.default``, ``agents.role.reviewer``.
+KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]*(\.[a-z0-9_\-]+)*$")
+_MAX_KEY_LENGTH = 200
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` when it is a valid configuration key.
+
+    Raises:
+        ConfigKeyError: empty, longer than 200 characters, or not dotted lower-case segments
+            of ``[a-z0-9_-]``.
+    """
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or not KEY_PATTERN.match(key):
+        raise ConfigKeyError(
+            f"invalid configuration key {key!r}: use dotted lower-case segments of [a-z0-9_-], "
+            f"at most {_MAX_KEY_LENGTH} characters, e.g. routing.policy.default"
+        )
+    return key
+
+
+class RoutingPolicy(BaseModel):
+    """How the router picks a model for a request.
+
+    Attributes:
+        strategy: ``cheapest``, ``fastest`` or ``weighted``.
+        models: candidate model names, in preference order.
+        weights: per-model weight for ``weighted`` (relative, unitless).
+        max_cost_usd: ceiling of the expected cost of one call in US dollars.
+        fallback_model: model used when every candidate is unhealthy.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Literal["cheapest", "fastest", "weighted"]
+    models: list[str] = Field(min_length=1)
+    weights: dict[str, float] = Field(default_factory=dict)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    fallback_model: str | None = None
+
+
+class ProviderLimits(BaseModel):
+    """Rate and spend limits of one LLM provider.
+
+    Attributes:
+        requests_per_minute: request rate ceiling.
+        tokens_per_minute: token rate ceiling (prompt + completion).
+        daily_budget_usd: spend ceiling per UTC day in US dollars.
+        timeout_seconds: request timeout.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int = Field(gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
+    daily_budget_usd: float | None = Field(default=None, ge=0)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class AgentRole(BaseModel):
+    """An agent's role: its model, prompt version and tools.
+
+    Attributes:
+        model: model name.
+        prompt_version: version tag of the system prompt.
+        tools: names of the tools it may call.
+        max_steps: step ceiling of one run.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    prompt_version: str
+    tools: list[str] = Field(default_factory=list)
+    max_steps: int = Field(default=50, gt=0)
+
+
+class HealingThresholds(BaseModel):
+    """When the healer acts.
+
+    Attributes:
+        error_rate: fraction of failed calls (0..1) over the window that triggers healing.
+        window_seconds: length of the sliding window.
+        latency_p95_seconds: p95 latency above which a provider counts as degraded.
+        cooldown_seconds: minimum time between two healing actions on one target.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    error_rate: float = Field(ge=0, le=1)
+    window_seconds: float = Field(default=300.0, gt=0)
+    latency_p95_seconds: float | None = Field(default=None, gt=0)
+    cooldown_seconds: float = Field(default=60.0, ge=0)
+
+
+class ValueSchemaRegistry:
+    """Pydantic models registered for configuration keys or key prefixes.
+
+    Args:
+        schemas: ``{key_or_prefix: model}``; a name ending in ``.`` is a prefix, any other is an exact key.
+    """
+
+    def __init__(self, schemas: Mapping[str, type[BaseModel]] | None = None) -> None:
+        self._schemas: dict[str, type[BaseModel]] = {}
+        for name, model in (schemas or {}).items():
+            self.register(name, model)
+
+    def register(self, key_or_prefix: str, model: type[BaseModel]) -> None:
+        """Register ``model`` for an exact key or a prefix ending in ``.``.
+
+        Raises:
+            ConfigKeyError: the name is not a key (or a key followed by ``.``).
+        """
+        check_key(key_or_prefix.removesuffix("."))
+        self._schemas[key_or_prefix] = model
+
+    def __iter__(self) -> Iterator[tuple[str, type[BaseModel]]]:
+        return iter(sorted(self._schemas.items()))
+
+    def schema_for(self, key: str) -> tuple[str, type[BaseModel]] | None:
+        """The ``(registered name, model)`` that applies to ``key``, or ``None``.
+
+        An exact key wins over a prefix; among prefixes the longest wins.
+        """
+        if key in self._schemas:
+            return key, self._schemas[key]
+        best: str | None = None
+        for name in self._schemas:
+            if name.endswith(".") and key.startswith(name) and (best is None or len(name) > len(best)):
+                best = name
+        return (best, self._schemas[best]) if best is not None else None
+
+    def schema_name(self, key: str) -> str | None:
+        """Name of the model that applies to ``key`` (``RoutingPolicy``), or ``None``."""
+        found = self.schema_for(key)
+        return found[1].__name__ if found else None
+
+    def validate(self, key: str, value: Any) -> tuple[dict[str, Any], str | None]:
+        """Validate ``value`` for ``key``.
+
+        Args:
+            key: the configuration key.
+            value: the decoded JSON value; it must be a JSON object (a dict).
+
+        Returns:
+            ``(value to store, schema name or None)``: with a schema, the model's JSON dump.
+
+        Raises:
+            ConfigValueError: not a JSON object, or the schema refuses it (each problem names the field).
+        """
+        if not isinstance(value, dict):
+            raise ConfigValueError(key, None, [f"a configuration value is a JSON object, not {type(value).__name__}"])
+        found = self.schema_for(key)
+        if found is None:
+            return value, None
+        _, model = found
+        try:
+            parsed = model.model_validate(value)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in exc.errors()
+            ]
+            raise ConfigValueError(key, model.__name__, problems) from exc
+        return parsed.model_dump(mode="json"), model.__name__
+
+
+def default_schemas() -> ValueSchemaRegistry:
+    """The registry of the platform's own keys: ``routing.``, ``providers.``, ``agents.``, ``healing.``."""
+    return ValueSchemaRegistry(
+        {
+            "routing.": RoutingPolicy,
+            "providers.": ProviderLimits,
+            "agents.": AgentRole,
+            "healing.": HealingThresholds,
+        }
+    )

@@ -1,0 +1,63 @@
+"""``python -m processors worker``: run the processors' Faust worker.
+
+Every option has an environment twin (shown in ``--help``); broker settings come from
+``BACKBONE_KAFKA__*`` (:class:`backbone.settings.Settings`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import typer
+
+from processors.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
+
+__all__ = ["cli"]
+
+cli = typer.Typer(add_completion=False, help="Sophia backbone processors (Faust).")
+
+
+@cli.callback()
+def _main() -> None:
+    """Sophia backbone processors (Faust)."""
+
+
+@cli.command()
+def worker(
+    app_id: str = typer.Option(
+        DEFAULT_APP_ID, envvar="BACKBONE_PROCESSORS_APP_ID", help="Faust app id / group."
+    ),
+    events_topic: str = typer.Option("agent.events", envvar="BACKBONE_PROCESSORS_EVENTS_TOPIC"),
+    insights_topic: str = typer.Option("insights.runs", envvar="BACKBONE_PROCESSORS_INSIGHTS_TOPIC"),
+    dlq_topic: str = typer.Option("backbone.dlq", envvar="BACKBONE_PROCESSORS_DLQ_TOPIC"),
+    partitions: int = typer.Option(
+        6, envvar="BACKBONE_PROCESSORS_PARTITIONS", help="Partitions of the input topic."
+    ),
+    stop_after_idle: float | None = typer.Option(
+        None,
+        envvar="BACKBONE_PROCESSORS_STOP_AFTER_IDLE_SECONDS",
+        help="Stop once started and no record arrived for this many seconds (caught up).",
+    ),
+    web_port: int | None = typer.Option(
+        None,
+        envvar="BACKBONE_PROCESSORS_WEB_PORT",
+        help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.",
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the final counters as JSON on exit."),
+) -> None:
+    """Run the run-summary processor until stopped (SIGTERM/SIGINT) or idle."""
+    stats = run_worker(
+        app_id=app_id,
+        topics=ProcessorTopics(
+            events=events_topic, insights=insights_topic, dead_letters=dlq_topic, partitions=partitions
+        ),
+        stop_after_idle_seconds=stop_after_idle,
+        web_port=web_port,
+    )
+    if json_output:
+        typer.echo(json.dumps(asdict(stats)))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,488 @@
+"""The Faust app of the processors and its first agent, the run-summary processor.
+
+The agent reads ``agent.events`` (key = run id; Confluent-framed Avro with CloudEvents headers), folds
+each run's events into a :class:`~processors.run_summary.RunTotals` kept in the table ``run_totals``,
+and when a run finishes sends its ``run.summary`` insight to ``insights.runs`` (key = entity). It is a
+thin shell around :func:`processors.run_summary.apply`; all decisions are made there.
+
+* **Decoding is ours.** The app's serializers are ``raw``: the agent decodes the Confluent-framed
+  Avro with :class:`streams.serde.AvroSerde` and the envelope with
+  :meth:`streams.envelope.CloudEvent.from_headers`. A record that does not decode, or that the
+  processor cannot take (another schema, malformed data), goes to the dead-letter topic through
+  :class:`streams.consumer.DeadLetterPublisher` with its raw bytes, headers and the reason, and
+  processing goes on.
+* **State.** ``run_totals`` uses ``store="memory://"``: the table lives in memory and is rebuilt on
+  start (and on rebalance) by reading its changelog topic ``<app id>-run_totals-changelog``, which
+  Faust writes on every update and flushes before it commits the input offsets. So after a crash
+  the table is at least as new as the committed offsets, and the events after them are re-read; the
+  de-duplication rules of :mod:`processors.run_summary` make the re-read a no-op.
+* **Order of effects per event**: the insight is sent and its delivery awaited *before* the table is
+  updated. A crash between the two makes the FINISHED event be applied again and the insight sent
+  again with the same deterministic id (subscribers de-duplicate by ``insight_id``); the opposite
+  order could record the run as finished and lose its insight.
+* **One agent instance** (``concurrency=1``, faust-streaming #606: with more, an offset can be
+  committed past a message still in flight). Scale with partitions and workers.
+* **Web server**: off unless a port is given (``web_port``, else ``settings.metrics_port``; ``0``
+  leaves it off).
+
+Run it with ``python -m processors worker`` (see :mod:`processors.__main__`) or
+``faust -A processors.app worker -l info`` (the module attribute ``app`` is built on first access
+from :func:`backbone.settings.get_settings`).
+
+Knowing that the processor has caught up: the Tansu broker of dev and tests answers ``ListOffsets``
+wrongly, so lag is not measured from offsets. Either run :func:`run_worker` with
+``stop_after_idle_seconds`` (it returns once no record has arrived for that long, after recovery,
+so every record produced before it was started has been processed), or wait for the effect with
+:func:`wait_for_run_summaries` (one insight per finished run on the insights topic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import structlog
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from backbone.observability import configure_logging
+from backbone.settings import KafkaSettings, Settings, get_settings
+from processors.errors import UnprocessableEventError
+from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
+from streams.catalogue import CATALOGUE
+from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher
+from streams.envelope import CloudEvent, Event
+from streams.errors import DeserializationError, EnvelopeError, StreamsError
+from streams.producer import EventProducer
+from streams.registry import EmbeddedRegistry
+from streams.replay import read_range
+from streams.serde import AvroSerde
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "PROCESSOR_NAME",
+    "ProcessorStats",
+    "ProcessorTopics",
+    "create_app",
+    "ensure_processor_topics",
+    "run_worker",
+    "wait_for_run_summaries",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_APP_ID = "backbone-processors"
+PROCESSOR_NAME = "run-summary"
+TABLE_NAME = "run_totals"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessorTopics:
+    """The topics the run-summary processor reads and writes (configurable for tests).
+
+    Attributes:
+        events: input, ``sophia.agent.*`` events keyed by run id.
+        insights: output, ``sophia.insight.Insight`` keyed by entity.
+        dead_letters: where undecodable or unprocessable records go.
+        partitions: partition count of ``events`` (and of the table's changelog, which must match it).
+    """
+
+    events: str = "agent.events"
+    insights: str = "insights.runs"
+    dead_letters: str = DLQ_TOPIC
+    partitions: int = CATALOGUE["agent.events"].partitions
+
+
+@dataclass(slots=True)
+class ProcessorStats:
+    """Counters of one app instance (in memory, for logs, tests and idle detection).
+
+    Attributes:
+        records_count: records handled (every outcome).
+        applied_count: events folded into a run's totals.
+        duplicates_count: events skipped as already applied.
+        late_count: events skipped because their run had finished.
+        insights_count: insights sent.
+        dead_letters_count: records dead-lettered.
+        last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
+    """
+
+    records_count: int = 0
+    applied_count: int = 0
+    duplicates_count: int = 0
+    late_count: int = 0
+    insights_count: int = 0
+    dead_letters_count: int = 0
+    last_record_monotonic: float | None = field(default=None)
+
+
+def _broker_urls(kafka: KafkaSettings) -> list[str]:
+    if not kafka.bootstrap_servers:
+        raise ValueError(
+            "no Kafka bootstrap servers: run `backbone dev up` or set BACKBONE_KAFKA__BOOTSTRAP_SERVERS"
+        )
+    return [f"kafka://{h.strip()}" for h in kafka.bootstrap_servers.split(",") if h.strip()]
+
+
+def _credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """Faust's credentials for the settings' ``security.protocol`` (system CA store for TLS)."""
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    context = ssl.create_default_context() if kafka.security_protocol.endswith("SSL") else None
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
+        ssl_context=context,
+        mechanism=kafka.sasl_mechanism or "PLAIN",
+    )
+
+
+def _headers(raw: Any) -> list[tuple[str, bytes | None]]:
+    items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, Mapping) else (raw or ())
+    return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v) for k, v in items]
+
+
+class _RunSummaryShell:
+    """The agent's body: decode, de-duplicate, apply, send, dead-letter. One per app."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: Settings,
+        topics: ProcessorTopics,
+        serde: AvroSerde,
+        table: faust.Table,
+        insights_topic: faust.TopicT,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.topics = topics
+        self.serde = serde
+        self.table = table
+        self.insights_topic = insights_topic
+        self.stats = ProcessorStats()
+        self._dlq: DeadLetterPublisher | None = None
+
+    def _dead_letters(self) -> DeadLetterPublisher:
+        if self._dlq is None:
+            producer = EventProducer(self.settings.kafka, self.serde)
+            self._dlq = DeadLetterPublisher(producer, PROCESSOR_NAME, topic=self.topics.dead_letters)
+        return self._dlq
+
+    async def handle(self, message: Any) -> None:
+        """Process one Faust message (``event.message``); never raises for a bad record."""
+        self.stats.records_count += 1
+        self.stats.last_record_monotonic = time.monotonic()
+        headers = _headers(message.headers)
+        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
+        try:
+            attributes = CloudEvent.from_headers(headers)
+            schema, data = self.serde.decode(message.value)
+            key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else message.key
+            event = Event(schema=schema, key=key or "", data=data, attributes=attributes)
+            run_id = run_id_of(event)
+            raw_state = self.table.get(run_id)
+            state = RunTotals.from_dict(raw_state) if raw_state else None
+            disposition = classify(state, event) if state is not None else "apply"
+            new_state, insight = apply(state, event)
+        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+            await self._dead_letter(message, headers, exc)
+            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            return
+        bound = bound.bind(event_id=attributes.id, correlation_id=attributes.correlation_id, run_id=run_id)
+        if new_state is state:
+            if disposition == "late":
+                self.stats.late_count += 1
+            else:
+                self.stats.duplicates_count += 1
+            return
+        if insight is not None:
+            await self._send_insight(insight)
+            bound.info("run_summary_sent", insight_id=insight.attributes.id, summary=insight.data["summary"])
+        self.table[run_id] = new_state.to_dict()
+        self.stats.applied_count += 1
+
+    async def _send_insight(self, insight: Event) -> None:
+        body = self.serde.encode(insight.schema, insight.data)
+        pending = await self.insights_topic.send(
+            key=insight.key.encode(),
+            value=body,
+            headers=insight.attributes.to_headers(),
+            timestamp=insight.attributes.time.timestamp(),
+            force=True,
+        )
+        await pending  # delivered (acks=all) before the table records the run as finished
+        self.stats.insights_count += 1
+
+    async def _dead_letter(
+        self, message: Any, headers: list[tuple[str, bytes | None]], exc: Exception
+    ) -> None:
+        dlq = self._dead_letters()
+        dlq.publish(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key
+            if isinstance(message.key, bytes) or message.key is None
+            else str(message.key).encode(),
+            value=message.value if isinstance(message.value, bytes) or message.value is None else None,
+            headers=headers,
+            reason=str(exc),
+            error_type=type(exc).__name__,
+        )
+        await asyncio.to_thread(dlq.producer.flush)  # durable before the offset can be committed
+        self.stats.dead_letters_count += 1
+
+    def close(self) -> None:
+        """Flush and release the dead-letter producer, if one was made."""
+        if self._dlq is not None:
+            self._dlq.producer.close()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: ProcessorTopics | None = None,
+    web_port: int | None = None,
+    serde: AvroSerde | None = None,
+) -> faust.App:
+    """Build the Faust app with the ``run_totals`` table and the run-summary agent.
+
+    Args:
+        settings: broker settings come from ``settings.kafka`` (``session_timeout_ms`` included), the
+            data directory from ``settings.state_dir`` (``<state_dir>/faust/<app id>``).
+        app_id: Faust app id, also the consumer group and the changelog topic prefix; default
+            ``backbone-processors``. Tests pass a unique one.
+        topics: the topic names; default the catalogue's.
+        web_port: port of Faust's web server; ``None`` takes ``settings.metrics_port``; ``0`` turns it off.
+        serde: the Avro serde; default one on the embedded registry (``schemas/registry.json``).
+
+    Returns:
+        The app; the shell's counters are at ``app.run_summary_stats`` (a :class:`ProcessorStats`), and
+        ``app.run_summary_close()`` releases its dead-letter producer once the app has stopped.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+    """
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or ProcessorTopics()
+    port = settings.metrics_port if web_port is None else web_port
+    session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
+    datadir = settings.state_dir / "faust" / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes the last level only
+    app = faust.App(
+        app_id,
+        broker=_broker_urls(settings.kafka),
+        broker_credentials=_credentials(settings.kafka),
+        broker_client_id=settings.kafka.client_id,
+        broker_session_timeout=session_timeout_seconds,
+        broker_heartbeat_interval=max(0.5, session_timeout_seconds / 6),
+        store="memory://",
+        topic_partitions=topics.partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        table_standby_replicas=0,
+        autodiscover=False,
+        datadir=str(datadir),
+        web_enabled=bool(port),
+        web_port=port or 6066,
+        web_bind="127.0.0.1",
+    )
+    serde = serde or AvroSerde(EmbeddedRegistry())
+    events_topic = app.topic(
+        topics.events, partitions=topics.partitions, key_serializer="raw", value_serializer="raw"
+    )
+    insights_topic = app.topic(topics.insights, key_serializer="raw", value_serializer="raw")
+    table = app.Table(
+        TABLE_NAME,
+        default=dict,
+        partitions=topics.partitions,
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        help="RunTotals.to_dict() per run id (processors.run_summary).",
+    )
+    shell = _RunSummaryShell(app, settings, topics, serde, table, insights_topic)
+
+    @app.agent(events_topic, name=PROCESSOR_NAME, concurrency=1)
+    async def run_summary(stream: faust.StreamT) -> None:
+        """Fold agent events into run totals; emit a run.summary insight when a run finishes."""
+        async for event in stream.events():
+            await shell.handle(event.message)
+
+    app.run_summary_stats = shell.stats  # type: ignore[attr-defined]
+    app.run_summary_close = shell.close  # type: ignore[attr-defined]
+    log.debug(
+        "processors_app_created", app_id=app_id, events_topic=topics.events, insights_topic=topics.insights
+    )
+    return app
+
+
+def ensure_processor_topics(
+    kafka: KafkaSettings, topics: ProcessorTopics, *, timeout_seconds: float = 30.0
+) -> None:
+    """Create the input, insight and dead-letter topics if they do not exist (final partition counts).
+
+    Partitions: ``topics.partitions`` for the input, the catalogue's counts for the others.
+
+    Raises:
+        StreamsError: the broker refused to create a topic for another reason than "already exists".
+    """
+    admin = AdminClient(kafka.librdkafka())
+    wanted = [
+        NewTopic(topics.events, num_partitions=topics.partitions, replication_factor=1),
+        NewTopic(topics.insights, num_partitions=CATALOGUE["insights.runs"].partitions, replication_factor=1),
+        NewTopic(
+            topics.dead_letters, num_partitions=CATALOGUE["backbone.dlq"].partitions, replication_factor=1
+        ),
+    ]
+    existing = set(admin.list_topics(timeout=timeout_seconds).topics)
+    missing = [t for t in wanted if t.topic not in existing]
+    if not missing:
+        return
+    for name, future in admin.create_topics(missing, operation_timeout=timeout_seconds).items():
+        try:
+            future.result(timeout=timeout_seconds)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise StreamsError(f"cannot create topic {name!r}: {exc.args[0].str()}") from exc
+
+
+def run_worker(
+    settings: Settings | None = None,
+    *,
+    app_id: str | None = None,
+    topics: ProcessorTopics | None = None,
+    stop_after_idle_seconds: float | None = None,
+    web_port: int | None = None,
+    loglevel: str | None = None,
+) -> ProcessorStats:
+    """Run the processors' Faust worker in this process until it is stopped (blocking).
+
+    Creates the topics first (:func:`ensure_processor_topics`). It owns the process's event loop and
+    signal handlers (SIGTERM/SIGINT stop it cleanly), so call it from a main thread, e.g. in a
+    subprocess: ``python -m processors worker --stop-after-idle 5``.
+
+    Args:
+        settings: default :func:`backbone.settings.get_settings`.
+        app_id: Faust app id (consumer group, changelog prefix); default ``backbone-processors``.
+        topics: topic names; default the catalogue's.
+        stop_after_idle_seconds: stop once the worker is started (partitions assigned, table
+            recovered) and no record has arrived for this many seconds. The demo uses it to know the
+            processor has caught up with everything produced before it started. ``None``: run until
+            signalled.
+        web_port: see :func:`create_app`.
+        loglevel: Faust's log level; default ``settings.log_level``.
+
+    Returns:
+        The app's counters when the worker has stopped.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+        StreamsError: a topic cannot be created.
+    """
+    settings = settings or get_settings()
+    topics = topics or ProcessorTopics()
+    ensure_processor_topics(settings.kafka, topics)
+    app = create_app(settings, app_id=app_id, topics=topics, web_port=web_port)
+    stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
+    if stop_after_idle_seconds is not None:
+        idle_since: list[float] = []
+
+        @app.timer(interval=min(1.0, max(0.1, stop_after_idle_seconds / 4)))
+        async def _stop_when_idle() -> None:
+            # Timers start once recovery has completed, so the idle clock starts then at the latest.
+            now = time.monotonic()
+            if not idle_since:
+                idle_since.append(now)
+            last = max(idle_since[0], stats.last_record_monotonic or 0.0)
+            if now - last >= stop_after_idle_seconds:
+                log.info(
+                    "processors_idle_stop", idle_seconds=round(now - last, 1), records=stats.records_count
+                )
+                os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
+
+    configure_logging(settings.log_level, settings.log_format)
+    worker = faust.Worker(
+        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        app.run_summary_close()  # type: ignore[attr-defined]
+    return stats
+
+
+def wait_for_run_summaries(
+    settings: Settings,
+    run_ids: Iterable[str],
+    *,
+    topic: str = "insights.runs",
+    timeout_seconds: float = 60.0,
+    poll_interval_seconds: float = 1.0,
+    serde: AvroSerde | None = None,
+) -> dict[str, ConsumedEvent]:
+    """Wait until ``topic`` holds a ``run.summary`` insight for each run in ``run_ids``.
+
+    Reads the whole topic each round (it is small: one record per finished run); a record that does
+    not decode is skipped. Duplicates (same ``insight_id``) keep the first.
+
+    Args:
+        settings: broker settings.
+        run_ids: the finished runs to wait for.
+        topic: the insights topic.
+        timeout_seconds: give up after this long.
+        poll_interval_seconds: pause between reads.
+        serde: default one on the embedded registry.
+
+    Returns:
+        ``{run_id: the insight record}`` for every run asked for.
+
+    Raises:
+        TimeoutError: some run has no summary after ``timeout_seconds`` (the message names how many).
+    """
+    wanted = set(run_ids)
+    serde = serde or AvroSerde(EmbeddedRegistry())
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        found: dict[str, ConsumedEvent] = {}
+        try:
+            for record in read_range(
+                settings.kafka, serde, topic, idle_timeout_seconds=min(10.0, timeout_seconds)
+            ):
+                if isinstance(record, ConsumedEvent) and record.schema == INSIGHT_SCHEMA:
+                    data = record.data
+                    if data.get("kind") == INSIGHT_KIND and str(data.get("entity", "")).startswith("run:"):
+                        found.setdefault(data["entity"][len("run:") :], record)
+        except KeyError:
+            pass  # the topic does not exist yet
+        if wanted <= found.keys():
+            return {r: found[r] for r in wanted}
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{len(wanted - found.keys())} of {len(wanted)} run summaries missing from {topic!r} "
+                f"after {timeout_seconds:.0f} s"
+            )
+        time.sleep(poll_interval_seconds)
+
+
+def __getattr__(name: str) -> Any:
+    """``processors.app.app``: the app built from the environment, for ``faust -A processors.app``."""
+    if name == "app":
+        global app
+        app = create_app(get_settings())
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

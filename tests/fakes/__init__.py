@@ -1,0 +1,1 @@
+"""In-process fakes of external services that cannot run on the development machine (Kafka Connect)."""

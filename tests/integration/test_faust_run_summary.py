@@ -1,0 +1,119 @@
+"""Integration test of the run-summary Faust worker on a real broker (the session's Tansu)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from backbone.settings import Settings
+from connectors.agent_runs import LLM_CALL, RUN_LIFECYCLE, TOOL_CALL, ParsedRun, iter_runs
+from processors.app import wait_for_run_summaries
+from processors.run_summary import insight_id
+from streams.consumer import ConsumedEvent
+from streams.envelope import CloudEvent, deterministic_id
+from streams.producer import EventProducer
+from streams.registry import EmbeddedRegistry
+from streams.replay import read_range
+from streams.serde import AvroSerde
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[2] / "datasets" / "agent_runs"
+BAD_VALUE = b"\x00\x00\x00\x00\x07 not an avro record"
+
+
+def _expected(run: ParsedRun) -> dict[str, float | str]:
+    """Figures of a run counted straight from its events (independently of processors.run_summary)."""
+    llm = [e.data for e in run.events if e.schema == LLM_CALL]
+    tools = [e.data for e in run.events if e.schema == TOOL_CALL]
+    finish = next(e.data for e in run.events if e.schema == RUN_LIFECYCLE and e.data["phase"] == "FINISHED")
+    return {
+        "llm_calls_count": float(len(llm)),
+        "tool_calls_count": float(len(tools)),
+        "cost_usd": sum(d["cost_usd"] or 0.0 for d in llm),
+        "failing_tool_calls_count": float(sum(d["return_code"] not in (None, 0) for d in tools)),
+        "outcome": finish["outcome"],
+    }
+
+
+def test_worker_summarises_three_runs_and_dead_letters_a_bad_record(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Three real runs produced to agent events give exactly three run summaries; an undecodable record is dead-lettered."""
+    if not DATA.is_dir():
+        pytest.skip(f"{DATA} is missing")
+    runs = [r for r in iter_runs(DATA) if isinstance(r, ParsedRun)][:3]
+    assert len(runs) == 3
+    events_topic = create_topic(unique_name("agent-events"), partitions=6)
+    insights_topic = create_topic(unique_name("insights"), partitions=6)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    serde = AvroSerde(EmbeddedRegistry())
+
+    with EventProducer(settings.kafka, serde) as producer:
+        for run in runs:
+            for event in run.events:
+                producer.produce(events_topic, event)
+        producer.produce_raw(events_topic, key=b"broken-run", value=BAD_VALUE, headers=[("ce_id", b"x")])
+        producer.flush()
+
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_STATE_DIR": str(tmp_path),
+        "BACKBONE_LOG_FORMAT": "json",
+    }
+    worker = subprocess.run(
+        [
+            sys.executable, "-m", "processors", "worker",
+            "--app-id", unique_name("processors"),
+            "--events-topic", events_topic,
+            "--insights-topic", insights_topic,
+            "--dlq-topic", dlq_topic,
+            "--web-port", "0",
+            "--stop-after-idle", "3",
+        ],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr[-3000:]
+
+    found = wait_for_run_summaries(
+        settings, [r.run_id for r in runs], topic=insights_topic, timeout_seconds=15, serde=serde
+    )
+    records = [r for r in read_range(settings.kafka, serde, insights_topic) if isinstance(r, ConsumedEvent)]
+    assert len(records) == 3  # exactly one per finished run, no duplicate
+    for run in runs:
+        record = found[run.run_id]
+        expected = _expected(run)
+        metrics, labels = record.data["metrics"], record.data["labels"]
+        assert record.key == f"run:{run.run_id}"
+        assert record.data["insight_id"] == insight_id(run.run_id) == record.attributes.id
+        assert metrics["llm_calls_count"] == expected["llm_calls_count"]
+        assert metrics["tool_calls_count"] == expected["tool_calls_count"]
+        assert metrics["failing_tool_calls_count"] == expected["failing_tool_calls_count"]
+        assert metrics["cost_usd"] == pytest.approx(expected["cost_usd"], abs=1e-9)
+        assert labels["outcome"] == expected["outcome"]
+        assert record.attributes.causation_id == deterministic_id(run.run_id, "finished")
+        assert record.attributes.correlation_id == deterministic_id(run.run_id)
+        assert record.data["event_time"] == run.events[-1].attributes.time
+        assert record.timestamp_ms == int(run.events[-1].attributes.time.timestamp() * 1000)
+
+    letters = list(read_range(settings.kafka, serde, dlq_topic))
+    assert len(letters) == 1
+    letter = letters[0]
+    assert isinstance(letter, ConsumedEvent) and letter.schema == "sophia.dlq.DeadLetter"
+    assert letter.data["value"] == BAD_VALUE
+    assert letter.data["key"] == b"broken-run"
+    assert letter.data["source_topic"] == events_topic
+    assert letter.data["processor"] == "run-summary"
+    assert letter.data["error_type"] == "EnvelopeError"
+    assert CloudEvent.from_headers(letter.headers).type == "sophia.dlq.DeadLetter"
