@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -71,7 +72,7 @@ def demo(
     from streams.catalogue import ensure_topics
 
     base = get_settings()
-    configure_logging("WARNING", base.log_format)
+    configure_logging("WARNING", base.log_format, force=True)
     state_dir = (base.state_dir / "demo").absolute()
     state_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -87,8 +88,8 @@ def demo(
         settings = base.model_copy(
             update={
                 "kafka": base.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap}),
-                "postgres": base.postgres.model_copy(update={"url": info.postgres_url}),
-                "redis": base.redis.model_copy(update={"url": info.redis_url}),
+                "postgres": base.postgres.model_copy(update={"url": SecretStr(info.postgres_url)}),
+                "redis": base.redis.model_copy(update={"url": SecretStr(info.redis_url)}),
             }
         )
         timings["stack_start_s"] = time.perf_counter() - t0

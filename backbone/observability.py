@@ -22,15 +22,16 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 _configured = False
 
 
-def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
+def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = False) -> None:
     """Configure structlog once: console renderer on a TTY, JSON (with dict tracebacks) otherwise.
 
     Args:
         level: log level name.
         fmt: ``auto``, ``console`` or ``json``.
+        force: configure again even if already configured (e.g. a quieter level for a report).
     """
     global _configured
-    if _configured:
+    if _configured and not force:
         return
     _configured = True
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -47,7 +48,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )
 
 

@@ -17,7 +17,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 def agent_runs(conn: psycopg.Connection, *, limit: int = 1000, outcome: str | None = None) -> list[dict[str, Any]]:
     """Rows of ``agent_runs`` ordered by start time (``cost_usd`` as float USD)."""
-    sql = "SELECT * FROM agent_runs"
+    sql = "SELECT * FROM proj_agent_runs.agent_runs"
     params: list[Any] = []
     if outcome:
         sql += " WHERE outcome = %s"
@@ -31,7 +31,7 @@ def agent_runs(conn: psycopg.Connection, *, limit: int = 1000, outcome: str | No
 def model_usage(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Rows of the ``agent_model_usage`` view, most expensive model first."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return [_plain(r) for r in cur.execute("SELECT * FROM agent_model_usage ORDER BY cost_usd DESC").fetchall()]
+        return [_plain(r) for r in cur.execute("SELECT * FROM proj_agent_runs.agent_model_usage ORDER BY cost_usd DESC").fetchall()]
 
 
 def totals(conn: psycopg.Connection) -> dict[str, Any]:
@@ -49,6 +49,6 @@ def totals(conn: psycopg.Connection) -> dict[str, Any]:
                       coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
                       round(coalesce(sum(cost_usd), 0), 6) AS cost_usd,
                       min(started_at) AS first_event_at, max(last_event_at) AS last_event_at
-               FROM agent_runs"""
+               FROM proj_agent_runs.agent_runs"""
         ).fetchone()
     return _plain(row or {})

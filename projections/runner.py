@@ -7,6 +7,11 @@ history changes nothing), (2) lets the projection apply them, (3) upserts the
 to the stored checkpoint, never to Kafka's committed offsets (which it also commits, after the
 transaction, for lag tooling only). Records that cannot be decoded, or that the view refuses, go to
 the dead-letter topic (flushed before the transaction commits), and the runner goes on.
+
+Everything a projection owns (its view tables, checkpoints, seen ids) lives in one PostgreSQL
+schema, ``proj_<name>`` by default, so a rebuild can fill a fresh schema and swap it in atomically.
+Each batch is fenced: it commits only if the stored checkpoint of every partition in it is where the
+batch starts, so a stale runner (after a rebalance or a swap) rewinds instead of double-applying.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher, Deco
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
-__all__ = ["BOOKKEEPING_DDL", "ProjectionRunner", "RunnerStats"]
+__all__ = ["BOOKKEEPING_DDL", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +90,22 @@ class RunnerStats:
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
+class _Fenced(Exception):
+    """The stored checkpoint moved under this runner (another runner, or a rebuild swap)."""
+
+
+def schema_name(projection_name: str, suffix: str = "") -> str:
+    """The PostgreSQL schema of a projection: ``proj_<name>[_<suffix>]``.
+
+    Raises:
+        ValueError: a name that is not a lower-case identifier.
+    """
+    name = f"proj_{projection_name}" + (f"_{suffix}" if suffix else "")
+    if not name.replace("_", "").isalnum() or not name.islower() or len(name) > 63:
+        raise ValueError(f"{name!r} is not a valid projection schema name")
+    return name
+
+
 class ProjectionRunner:
     """Run one projection: consume its topics and keep its view and checkpoint in PostgreSQL.
 
@@ -97,6 +118,7 @@ class ProjectionRunner:
         batch_timeout_seconds: longest wait to fill a batch.
         dlq_producer: the producer for dead letters (one is made from ``settings`` otherwise).
         dlq_topic: the dead-letter topic.
+        schema: PostgreSQL schema of the projection's tables (default ``proj_<name>``).
         on_batch: called after each committed batch (tests use it to inject crashes).
     """
 
@@ -111,12 +133,14 @@ class ProjectionRunner:
         batch_timeout_seconds: float = 0.2,
         dlq_producer: EventProducer | None = None,
         dlq_topic: str = DLQ_TOPIC,
+        schema: str | None = None,
         on_batch: Callable[[RunnerStats], None] | None = None,
     ) -> None:
         self.settings = settings
         self.serde = serde
         self.projection = projection
         self.group_id = group_id or f"projection-{projection.name}"
+        self.schema = schema or schema_name(projection.name)
         self.batch_size = batch_size
         self.batch_timeout_seconds = batch_timeout_seconds
         self.dlq = DeadLetterPublisher(
@@ -135,7 +159,9 @@ class ProjectionRunner:
 
     def _connect(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.settings.postgres.dsn(), autocommit=False)
+            self._conn = psycopg.connect(
+                self.settings.postgres.dsn(), autocommit=False, options=f"-c search_path={self.schema}"
+            )
         return self._conn
 
     def setup(self) -> None:
@@ -143,6 +169,7 @@ class ProjectionRunner:
         conn = self._connect()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('backbone-projection-ddl'))")
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
             conn.execute(BOOKKEEPING_DDL)
             self.projection.create(conn)
             conn.execute(
@@ -209,14 +236,27 @@ class ProjectionRunner:
 
     # -- the batch --------------------------------------------------------------------------------------------
 
-    def _apply_batch(self, events: list[ConsumedEvent], failures: list[DecodeFailure], last: dict) -> None:
+    def _apply_batch(
+        self, events: list[ConsumedEvent], failures: list[DecodeFailure], first: dict, last: dict
+    ) -> None:
         name = self.projection.name
-        for f in failures:
-            self.dlq.publish_failure(f)
         conn = self._connect()
         refused: list[tuple[ConsumedEvent, Exception]] = []
         with conn.transaction():
             with conn.cursor() as cur:
+                stored = {
+                    (t, p): o
+                    for t, p, o in cur.execute(
+                        "SELECT topic, partition, next_offset FROM projection_checkpoints "
+                        "WHERE projection = %s FOR UPDATE",
+                        (name,),
+                    ).fetchall()
+                }
+                moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
+                if moved:
+                    raise _Fenced(f"checkpoint of {moved} moved under this runner")
+                for f in failures:
+                    self.dlq.publish_failure(f)
                 fresh = events
                 if events:
                     ids = [e.attributes.id for e in events]
@@ -284,6 +324,7 @@ class ProjectionRunner:
         msgs = consumer.consume(self.batch_size, self.batch_timeout_seconds)
         events: list[ConsumedEvent] = []
         failures: list[DecodeFailure] = []
+        first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         for m in msgs:
             err = m.error()
@@ -294,6 +335,7 @@ class ProjectionRunner:
                 raise KafkaException(err)
             tp = (m.topic(), m.partition())
             self._at_end.discard(tp)
+            first.setdefault(tp, m.offset())
             last[tp] = m.offset()
             r = decode_message(self.serde, m)
             (events if isinstance(r, ConsumedEvent) else failures).append(r)
@@ -301,10 +343,15 @@ class ProjectionRunner:
             return 0
         start = time.perf_counter()
         try:
-            self._apply_batch(events, failures, last)
+            self._apply_batch(events, failures, first, last)
         except psycopg.OperationalError as exc:
             self._need_rewind = True
             self._db_backoff(exc)
+            return len(msgs)
+        except _Fenced as exc:
+            log.warning("batch fenced off, rewinding to the stored checkpoint", projection=self.projection.name,
+                        reason=str(exc))  # fmt: skip
+            self._need_rewind = True
             return len(msgs)
         _batch_seconds.labels(self.projection.name).observe(time.perf_counter() - start)
         self.stats.batches += 1

@@ -57,8 +57,8 @@ def _runner(settings: Settings, serde: AvroSerde, topic: str, dlq: str = "backbo
 
 def _dump(url: str) -> tuple[list, list]:
     with psycopg.connect(url) as c:
-        runs = c.execute("SELECT * FROM agent_runs ORDER BY run_id").fetchall()
-        models = c.execute("SELECT * FROM agent_run_models ORDER BY run_id, model, provider").fetchall()
+        runs = c.execute("SELECT * FROM proj_agent_runs.agent_runs ORDER BY run_id").fetchall()
+        models = c.execute("SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider").fetchall()
     return runs, models
 
 
@@ -124,7 +124,7 @@ def test_undecodable_record_goes_to_dead_letter_topic_and_processing_goes_on(
     assert "does not match key" in refused.data["reason"] and refused.data["error_type"] == "ProjectionApplyError"
     assert {h["key"] for h in garbage.data["headers"]} >= {"ce_id", "ce_type"}
     with psycopg.connect(pg_url) as c:
-        (steps,) = c.execute("SELECT steps FROM agent_runs WHERE run_id = %s", (run[0].key,)).fetchone()
+        (steps,) = c.execute("SELECT steps FROM proj_agent_runs.agent_runs WHERE run_id = %s", (run[0].key,)).fetchone()
     assert steps == max(e.data.get("step", 0) for e in run)
 
 
@@ -150,8 +150,8 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
     with psycopg.connect(pg_url, autocommit=True) as c:
         def applied() -> int:
             try:
-                return c.execute("SELECT coalesce(sum(next_offset), 0) FROM projection_checkpoints").fetchone()[0]
-            except psycopg.errors.UndefinedTable:
+                return c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints").fetchone()[0]
+            except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
                 return 0
 
         while kills < 20 and applied() < total:
