@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+
+from backbone.observability import emit_json
 from rich.console import Console
 from rich.table import Table
 
@@ -61,7 +63,7 @@ def _ctx() -> tuple[Any, Any]:
 
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(rows, default=str))
+        emit_json(rows)
         return
     table = Table(title=title)
     for c in columns:
@@ -152,14 +154,14 @@ def produce(
             events.append(Event.create(type_, key, datum, source=source, time=t, id=eid))
     if problems:
         if as_json:
-            out.print_json(json.dumps({"produced": 0, "invalid": problems}))
+            emit_json({"produced": 0, "invalid": problems})
         for p in problems if not as_json else []:
             err.print(f"[red]line {p['line']}[/red]: {p['error']}", highlight=False)
         err.print(f"{len(problems)} invalid line(s); nothing was sent")
         raise typer.Exit(1)
     n = EventProducer(settings.kafka, serde).produce_many(topic, events)
     if as_json:
-        out.print_json(json.dumps({"produced": n, "topic": topic, "ids": [e.attributes.id for e in events]}))
+        emit_json({"produced": n, "topic": topic, "ids": [e.attributes.id for e in events]})
     else:
         out.print(f"produced {n} event(s) to {topic}")
 
@@ -382,7 +384,7 @@ def import_agent_runs(
         ensure_topics(AdminClient(settings.kafka.librdkafka()), [topic])
     report = import_runs(settings, serde, directory, topic)
     if as_json:
-        out.print_json(json.dumps(report))
+        emit_json(report)
         return
     out.print(f"imported {report['runs']} run(s), {report['events']:,} events to {topic} in {report['seconds']} s")
     for p in report["problems"]:

@@ -8,16 +8,16 @@ the report, and stops what it started.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from backbone.observability import emit_json
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
@@ -25,6 +25,7 @@ from rich.table import Table
 __all__ = ["demo"]
 
 out = Console()
+err = Console(stderr=True)
 
 
 def _count_insights(settings: Any, serde: Any, topic: str) -> tuple[int, list[dict[str, Any]]]:
@@ -71,6 +72,7 @@ def demo(
     from projections.runner import ProjectionRunner
     from streams.catalogue import ensure_topics
 
+    say = err.print if as_json else out.print
     base = get_settings()
     configure_logging("WARNING", base.log_format, force=True)
     state_dir = (base.state_dir / "demo").absolute()
@@ -81,7 +83,7 @@ def demo(
         stack = DevStack(base, state_dir=state_dir)
         info = stack.start()
     except BackboneError as exc:
-        out.print(f"[red]error:[/red] {exc}")
+        say(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     processor = None
     try:
@@ -93,7 +95,7 @@ def demo(
             }
         )
         timings["stack_start_s"] = time.perf_counter() - t0
-        out.print(f"stack up in {timings['stack_start_s']:.1f} s: kafka {info.kafka_bootstrap}, "
+        say(f"stack up in {timings['stack_start_s']:.1f} s: kafka {info.kafka_bootstrap}, "
                   f"postgres {info.postgres_url.split('@')[-1]}, redis {info.redis_url}")  # fmt: skip
         serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
         ensure_topics(AdminClient(settings.kafka.librdkafka()))
@@ -102,23 +104,23 @@ def demo(
         t = time.perf_counter()
         report = import_runs(settings, serde, data, "agent.events")
         timings["import_s"] = time.perf_counter() - t
-        out.print(f"imported {report['runs']} runs as {report['events']:,} events in {timings['import_s']:.1f} s"
+        say(f"imported {report['runs']} runs as {report['events']:,} events in {timings['import_s']:.1f} s"
                   f" ({report['events'] / max(timings['import_s'], 1e-9):,.0f} events/s)")  # fmt: skip
         for p in report["problems"]:
-            out.print(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}")
+            say(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}")
 
         t = time.perf_counter()
         runner = ProjectionRunner(settings, serde, AgentRunsProjection())
         stats = runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
         timings["projection_s"] = time.perf_counter() - t
-        out.print(f"projection caught up: {stats.applied:,} events applied in {timings['projection_s']:.1f} s")
+        say(f"projection caught up: {stats.applied:,} events applied in {timings['projection_s']:.1f} s")
 
         # the same runs again: deterministic event ids, so the views must not move
         report2 = import_runs(settings, serde, data, "agent.events", progress=False)
         stats2 = ProjectionRunner(settings, serde, AgentRunsProjection()).run(
             until_caught_up=True, max_wait_seconds=timeout_seconds
         )
-        out.print(f"re-imported {report2['events']:,} events: {stats2.duplicates:,} skipped as duplicates, "
+        say(f"re-imported {report2['events']:,} events: {stats2.duplicates:,} skipped as duplicates, "
                   f"{stats2.applied} applied")  # fmt: skip
 
         with psycopg.connect(settings.postgres.dsn()) as conn:
@@ -134,7 +136,7 @@ def demo(
             time.sleep(2)
         timings["insights_wait_s"] = time.perf_counter() - t
         if n_insights < totals["finished"]:
-            out.print(f"[red]processor emitted {n_insights} of {totals['finished']} run summaries[/red] "
+            say(f"[red]processor emitted {n_insights} of {totals['finished']} run summaries[/red] "
                       f"(log: {state_dir / 'processor.log'})")  # fmt: skip
         timings["total_s"] = time.perf_counter() - t0
         doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
@@ -155,7 +157,7 @@ def demo(
 
 def _report(doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict[str, Any]], as_json: bool) -> None:
     if as_json:
-        out.print_json(json.dumps(doc, default=str))
+        emit_json(doc)
         return
     t = doc["totals"]
     table = Table(title="Sophia backbone demo: agent runs as events", show_header=False)

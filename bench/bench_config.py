@@ -34,12 +34,12 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:,.0f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writes", type=int, default=1000)
     parser.add_argument("--reads", type=int, default=2000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-config-"))
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir) as info:
         database = f"bench_config_{uuid.uuid4().hex[:10]}"

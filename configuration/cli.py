@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from backbone.observability import emit_json
 from rich.console import Console
 from rich.table import Table
 
@@ -84,7 +86,7 @@ def _time(text: str | None) -> datetime | None:
 
 def _print_version(v: ConfigVersion, as_json: bool) -> None:
     if as_json:
-        _out.print_json(json.dumps(v.as_json()))
+        emit_json(v.as_json())
         return
     extra = ""
     if v.restored_version is not None:
@@ -93,7 +95,7 @@ def _print_version(v: ConfigVersion, as_json: bool) -> None:
     _out.print(f"  by {v.author} at {v.changed_at.isoformat()}: {v.reason}")
     if v.schema_name:
         _out.print(f"  schema {v.schema_name}")
-    _out.print_json(json.dumps(v.value))
+    emit_json(v.value)
 
 
 @app.command("set")
@@ -128,7 +130,7 @@ def keys(as_json: JsonOpt = False) -> None:
     with _store() as store:
         infos = store.keys()
     if as_json:
-        _out.print_json(json.dumps([k.as_json() for k in infos]))
+        emit_json([k.as_json() for k in infos])
         return
     table = Table("key", "version", "schema", "changed at", "retired")
     for k in infos:
@@ -157,7 +159,7 @@ def history(key: Annotated[str, typer.Argument(help="Configuration key.")], as_j
     with _store() as store:
         versions = store.history(key)
     if as_json:
-        _out.print_json(json.dumps([v.as_json() for v in versions]))
+        emit_json([v.as_json() for v in versions])
         return
     for v in versions:
         extra = f" restores v{v.restored_version}" if v.restored_version is not None else ""

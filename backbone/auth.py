@@ -1,0 +1,462 @@
+"""API tokens with scopes, stored hashed in PostgreSQL; per-token rate limits and idempotency keys in Redis.
+
+Tokens look like ``bb_<token id>_<secret>`` (the secret is 32 random bytes, URL-safe base64). Only the
+SHA-256 of the whole token is stored: a token is high-entropy, so a fast hash is enough (a slow
+password hash such as argon2 protects low-entropy secrets, which these are not), and the lookup is
+an index probe on the hash.
+
+Scopes: ``produce:<topic>``, ``subscribe:<topic>``, ``replay``, ``admin``; ``*`` is a wildcard
+(``produce:*``, ``*``). ``admin`` grants every scope.
+
+Rate limits are token buckets kept in Redis and updated by one Lua script (atomic, clock from Redis
+``TIME`` so that API replicas agree). Idempotency keys store the first response in Redis for a TTL.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import json
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import redis
+import structlog
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+
+from backbone.errors import BackboneError
+
+__all__ = [
+    "ANONYMOUS",
+    "AuthError",
+    "IdempotencyStore",
+    "IdempotentResult",
+    "Principal",
+    "RateLimiter",
+    "TokenInfo",
+    "TokenStore",
+    "authenticate_request",
+    "enforce_rate_limit",
+    "hash_token",
+    "require_scope",
+    "scope_allows",
+    "validate_scope",
+]
+
+_log = structlog.get_logger(__name__)
+
+SCHEMA_SQL = """
+create schema if not exists backbone_api;
+create table if not exists backbone_api.tokens (
+    token_id text primary key,
+    name text not null,
+    token_sha256 bytea not null unique,
+    scopes text[] not null,
+    rate_per_second double precision,
+    burst integer,
+    created_at timestamptz not null default now(),
+    revoked_at timestamptz
+);
+"""
+
+
+class AuthError(BackboneError, LookupError):
+    """A token operation that cannot be done: an unknown token id, or a malformed scope."""
+
+
+def hash_token(token: str) -> bytes:
+    """SHA-256 of the token's UTF-8 bytes (32 bytes): what the token table stores."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+_SCOPE_VERBS = ("produce", "subscribe")
+_SCOPE_WORDS = ("replay", "admin", "*")
+
+
+def validate_scope(scope: str) -> str:
+    """Return ``scope`` when it is well-formed.
+
+    Raises:
+        AuthError: not one of ``produce:<topic>``, ``subscribe:<topic>``, ``replay``, ``admin``, ``*``.
+    """
+    verb, _, arg = scope.partition(":")
+    if (verb in _SCOPE_VERBS and arg) or (scope in _SCOPE_WORDS) or (verb == "*" and arg):
+        return scope
+    raise AuthError(f"malformed scope {scope!r}: expected produce:<topic>, subscribe:<topic>, replay, admin or *")
+
+
+def scope_allows(granted: Sequence[str], needed: str) -> bool:
+    """Whether any of the ``granted`` scopes covers ``needed`` (``*`` wildcards; ``admin`` covers all).
+
+    >>> scope_allows(["produce:agent.*"], "produce:agent.events")
+    True
+    """
+    return any(g in ("admin", "*") or fnmatch.fnmatchcase(needed, g) for g in granted)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Principal:
+    """Who made a request.
+
+    Attributes:
+        token_id: the token's public id (``"anonymous"`` when authentication is off, ``webhook:<platform>``
+            for a signed webhook).
+        name: the token's human name.
+        scopes: granted scopes.
+        rate_per_second: the token's own refill rate, or ``None`` for the server default.
+        burst: the token's own bucket size, or ``None`` for the server default.
+    """
+
+    token_id: str
+    name: str
+    scopes: tuple[str, ...]
+    rate_per_second: float | None = None
+    burst: int | None = None
+
+    def allows(self, scope: str) -> bool:
+        """Whether this principal holds ``scope``."""
+        return scope_allows(self.scopes, scope)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenInfo:
+    """A stored token without its secret (what ``backbone api token list`` prints)."""
+
+    token_id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+    rate_per_second: float | None
+    burst: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready dict (times as ISO 8601)."""
+        return {
+            "token_id": self.token_id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "rate_per_second": self.rate_per_second,
+            "burst": self.burst,
+        }
+
+
+class TokenStore:
+    """API tokens in PostgreSQL (table ``backbone_api.tokens``), hashed.
+
+    Args:
+        pool: a psycopg connection pool on the backbone's database.
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def ensure_schema(self) -> None:
+        """Create the schema and table when missing (idempotent)."""
+        with self.pool.connection() as conn:
+            conn.execute(SCHEMA_SQL)
+
+    def create(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        *,
+        rate_per_second: float | None = None,
+        burst: int | None = None,
+    ) -> tuple[str, TokenInfo]:
+        """Create a token.
+
+        Args:
+            name: a human name (who or what uses it).
+            scopes: at least one scope (see :func:`validate_scope`).
+            rate_per_second: this token's refill rate (requests/s), or ``None`` for the server default.
+            burst: this token's bucket size (requests), or ``None`` for the server default.
+
+        Returns:
+            ``(token, info)``: the token is shown once and never stored.
+
+        Raises:
+            AuthError: no scope, or a malformed one.
+        """
+        if not scopes:
+            raise AuthError("a token needs at least one scope")
+        checked = tuple(validate_scope(s) for s in scopes)
+        token_id = secrets.token_hex(6)
+        secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        token = f"bb_{token_id}_{secret}"
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "insert into backbone_api.tokens (token_id, name, token_sha256, scopes, rate_per_second, burst)"
+                " values (%s, %s, %s, %s, %s, %s) returning created_at",
+                (token_id, name, hash_token(token), list(checked), rate_per_second, burst),
+            ).fetchone()
+        assert row is not None
+        info = TokenInfo(
+            token_id=token_id, name=name, scopes=checked, created_at=row[0], revoked_at=None,
+            rate_per_second=rate_per_second, burst=burst,
+        )  # fmt: skip
+        return token, info
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal of a live (not revoked) token, or ``None`` for an unknown or revoked one."""
+        with self.pool.connection() as conn:
+            row = conn.execute(
+                "select token_id, name, scopes, rate_per_second, burst from backbone_api.tokens"
+                " where token_sha256 = %s and revoked_at is null",
+                (hash_token(token),),
+            ).fetchone()
+        if row is None:
+            return None
+        return Principal(token_id=row[0], name=row[1], scopes=tuple(row[2]), rate_per_second=row[3], burst=row[4])
+
+    def list(self, *, include_revoked: bool = False) -> list[TokenInfo]:
+        """Every token (oldest first), without secrets."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "select token_id, name, scopes, created_at, revoked_at, rate_per_second, burst"
+                " from backbone_api.tokens"
+                + ("" if include_revoked else " where revoked_at is null")
+                + " order by created_at, token_id"
+            ).fetchall()
+        return [
+            TokenInfo(token_id=r[0], name=r[1], scopes=tuple(r[2]), created_at=r[3], revoked_at=r[4],
+                      rate_per_second=r[5], burst=r[6])  # fmt: skip
+            for r in rows
+        ]
+
+    def revoke(self, token_id: str) -> None:
+        """Revoke a token (kept in the table, marked revoked; effective for the next request).
+
+        Raises:
+            AuthError: no live token has this id.
+        """
+        with self.pool.connection() as conn:
+            cur = conn.execute(
+                "update backbone_api.tokens set revoked_at = now() where token_id = %s and revoked_at is null",
+                (token_id,),
+            )
+            if cur.rowcount != 1:
+                raise AuthError(f"no live token with id {token_id!r}")
+
+
+# Token bucket: KEYS[1] = bucket hash; ARGV = rate (tokens/s), burst (tokens), cost (tokens).
+# Returns {allowed (0/1), milliseconds until `cost` tokens are available}.
+_BUCKET_LUA = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil then tokens = burst; ts = now end
+tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+local allowed = 0
+local wait_ms = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  wait_ms = math.ceil((cost - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+return {allowed, wait_ms}
+"""
+
+
+class RateLimiter:
+    """Per-key token buckets in Redis, updated atomically by a Lua script.
+
+    Args:
+        client: a Redis client.
+        prefix: key prefix of the buckets.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "backbone:api:rate:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._script = client.register_script(_BUCKET_LUA)
+
+    def take(self, key: str, *, rate_per_second: float, burst: int, cost: int = 1) -> float:
+        """Take ``cost`` tokens from ``key``'s bucket.
+
+        Args:
+            key: whose bucket (a token id).
+            rate_per_second: refill rate, tokens per second (> 0).
+            burst: bucket size, tokens (>= ``cost`` for the request ever to pass).
+            cost: tokens this request needs.
+
+        Returns:
+            0.0 when allowed, else the seconds to wait before ``cost`` tokens are available.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        allowed, wait_ms = self._script(keys=[self.prefix + key], args=[rate_per_second, burst, cost])
+        return 0.0 if int(allowed) else int(wait_ms) / 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotentResult:
+    """A stored first response: status code and JSON body."""
+
+    status_code: int
+    body: Any
+
+
+class IdempotencyStore:
+    """First responses by idempotency key, in Redis, with a TTL.
+
+    A key moves from *pending* (claimed by the request in flight) to *done* (the response stored).
+    The request's fingerprint (SHA-256 of method, path and body) is stored with it, so the same key
+    reused for a different request is detected.
+
+    Args:
+        client: a Redis client.
+        ttl_seconds: how long a stored response is kept (seconds).
+        pending_ttl_seconds: how long a claim lives if its request dies before finishing (seconds).
+        prefix: key prefix.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        ttl_seconds: int = 86_400,
+        pending_ttl_seconds: int = 120,
+        prefix: str = "backbone:api:idem:",
+    ) -> None:
+        self.client = client
+        self.ttl_seconds = ttl_seconds
+        self.pending_ttl_seconds = pending_ttl_seconds
+        self.prefix = prefix
+
+    def claim(self, key: str, fingerprint: str) -> IdempotentResult | str | None:
+        """Claim ``key`` for a new request.
+
+        Returns:
+            ``None`` when the claim is ours (go on); the stored :class:`IdempotentResult` when the key
+            was already answered for the same request; ``"pending"`` when a request with this key is in
+            flight; ``"mismatch"`` when the key was used for a different request.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        k = self.prefix + key
+        pending = json.dumps({"state": "pending", "fingerprint": fingerprint})
+        if self.client.set(k, pending, nx=True, ex=self.pending_ttl_seconds):
+            return None
+        raw = self.client.get(k)
+        if raw is None:  # expired between the two calls: try once more
+            return None if self.client.set(k, pending, nx=True, ex=self.pending_ttl_seconds) else "pending"
+        stored = json.loads(raw)
+        if stored.get("fingerprint") != fingerprint:
+            return "mismatch"
+        if stored["state"] == "pending":
+            return "pending"
+        return IdempotentResult(status_code=stored["status_code"], body=stored["body"])
+
+    def complete(self, key: str, fingerprint: str, result: IdempotentResult) -> None:
+        """Store the response of a claimed key for ``ttl_seconds``."""
+        value = {"state": "done", "fingerprint": fingerprint, "status_code": result.status_code, "body": result.body}
+        self.client.set(self.prefix + key, json.dumps(value), ex=self.ttl_seconds)
+
+    def release(self, key: str) -> None:
+        """Drop a claim whose request failed in a way worth retrying (5xx): the retry will run again."""
+        self.client.delete(self.prefix + key)
+
+
+# ------------------------------------------------------------------------------------------ FastAPI glue
+
+ANONYMOUS = Principal(token_id="anonymous", name="anonymous (authentication off)", scopes=("*",))
+"""The principal of every request when ``BACKBONE_API_AUTH_REQUIRED=false`` (development only)."""
+
+_bearer = HTTPBearer(auto_error=False, description="An API token: `backbone api token create --scope ...`.")
+
+
+def _unauthorized(message: str, error: str = "invalid_token") -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        detail={"message": message},
+        headers={"WWW-Authenticate": f'Bearer realm="backbone", error="{error}"'},
+    )
+
+
+def authenticate_request(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)  # noqa: B008
+) -> Principal:
+    """FastAPI dependency: the request's principal from its Bearer token, after its rate limit.
+
+    Runs in the thread pool (it queries PostgreSQL and Redis).
+
+    Raises:
+        HTTPException: 401 without a Bearer token or with an unknown or revoked one; 429 with
+            ``Retry-After`` (seconds) when the token's bucket is empty; 503 when PostgreSQL is down.
+    """
+    state = request.app.state
+    api = state.api_settings
+    if not api.auth_required:
+        return ANONYMOUS
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise _unauthorized("a Bearer token is required (Authorization: Bearer <token>)", "invalid_request")
+    try:
+        principal = state.tokens.authenticate(credentials.credentials)
+    except psycopg.Error as exc:
+        _log.warning("api.token_store_unavailable", error=str(exc))
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail={"message": "the token store (PostgreSQL) is unavailable"},
+            headers={"Retry-After": str(api.retry_after_seconds)},
+        ) from exc
+    if principal is None:
+        raise _unauthorized("unknown or revoked token")
+    enforce_rate_limit(
+        request,
+        principal.token_id,
+        rate_per_second=principal.rate_per_second or api.rate_per_second,
+        burst=principal.burst or api.burst,
+    )
+    return principal
+
+
+def enforce_rate_limit(request: Request, key: str, *, rate_per_second: float, burst: int) -> None:
+    """Take one token from ``key``'s bucket or answer 429; a Redis outage lets the request through.
+
+    Raises:
+        HTTPException: 429 with ``Retry-After`` (whole seconds, at least 1).
+    """
+    try:
+        wait_seconds = request.app.state.rate_limiter.take(key, rate_per_second=rate_per_second, burst=burst)
+    except redis.RedisError as exc:  # fail open: the limiter protects capacity, not correctness
+        _log.warning("api.rate_limiter_unavailable", error=str(exc))
+        return
+    if wait_seconds > 0:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail={"message": f"rate limit of {rate_per_second:g} request(s)/s (burst {burst}) exceeded"},
+            headers={"Retry-After": str(max(1, math.ceil(wait_seconds)))},
+        )
+
+
+def require_scope(principal: Principal, scope: str) -> None:
+    """Answer 403 unless ``principal`` holds ``scope``.
+
+    Raises:
+        HTTPException: 403 naming the missing scope.
+    """
+    if not principal.allows(scope):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail={"message": f"token lacks scope {scope!r}", "scope": scope}
+        )

@@ -1,0 +1,63 @@
+"""Shared helpers of the benchmarks: an embedded stack, realistic events, a result table."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from backbone.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
+from streams.envelope import Event, deterministic_id
+
+__all__ = ["ROOT", "bench_stack", "print_table", "realistic_events"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def bench_stack() -> Iterator[Settings]:
+    """An embedded stack in a temp dir, unless BACKBONE_* URLs are configured (then those are used)."""
+    from backbone.devstack import DevStack
+    from backbone.settings import get_settings
+
+    with tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp, DevStack(get_settings(), state_dir=Path(tmp)) as info:
+        yield Settings(
+            kafka=KafkaSettings(bootstrap_servers=info.kafka_bootstrap),
+            postgres=PostgresSettings(url=info.postgres_url),
+            redis=RedisSettings(url=info.redis_url),
+        )
+
+
+def realistic_events(n: int) -> list[Event]:
+    """``n`` agent events made by repeating the real runs of ``datasets/agent_runs`` under new run ids
+    (each copy keeps the real sizes, models, tokens and costs)."""
+    from connectors.agent_runs import ParsedRun, iter_runs
+
+    base = [e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events]
+    out: list[Event] = []
+    for copy in itertools.count():
+        for e in base:
+            if len(out) >= n:
+                return out
+            run = f"{e.key}#{copy}"
+            data = {**e.data, "run_id": run}
+            attrs = replace(e.attributes, id=deterministic_id(e.attributes.id, copy), subject=run)
+            out.append(Event(schema=e.schema, key=run, data=data, attributes=attrs))
+    return out
+
+
+def print_table(title: str, rows: list[tuple[str, float, str]], baseline: str) -> None:
+    """Print ``(name, rate, unit)`` rows with each rate as a ratio of the baseline's."""
+    base = next(r for n, r, _ in rows if n == baseline)
+    t = Table(title=title)
+    for c in ("path", "rate", "unit", f"ratio to {baseline}"):
+        t.add_column(c, justify="left" if c == "path" else "right")
+    for name, rate, unit in rows:
+        t.add_row(name, f"{rate:,.0f}", unit, f"{rate / base:.2f}")
+    Console().print(t)
