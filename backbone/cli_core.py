@@ -52,12 +52,16 @@ def clear_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _ctx() -> tuple[Any, Any]:
+def _ctx(*, kafka: bool = True) -> tuple[Any, Any]:
+    """Settings (completed from a running dev stack) and the serde; with ``kafka``, check the broker
+    answers first, so an unreachable one is one clear line, not a 30-second delivery timeout."""
     from backbone.observability import configure_logging
-    from backbone.runtime import load_settings, make_serde
+    from backbone.runtime import load_settings, make_serde, require_broker
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)
+    if kafka:
+        require_broker(settings, timeout_seconds=5)
     return settings, make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
 
 
@@ -272,7 +276,7 @@ def topics_list(as_json: JsonOpt = False) -> None:
 
     from streams.catalogue import CATALOGUE
 
-    settings, _ = _ctx()
+    settings, _ = _ctx(kafka=False)
     try:
         live = AdminClient(settings.kafka.librdkafka()).list_topics(timeout=5).topics
     except Exception:  # noqa: BLE001 - the catalogue is still worth printing
@@ -432,8 +436,8 @@ def query_agent_runs(
 
     from projections import queries
 
-    settings, _ = _ctx()
-    with psycopg.connect(settings.postgres.dsn()) as conn:
+    settings, _ = _ctx(kafka=False)
+    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.agent_runs(conn, limit=limit, outcome=outcome)
     cols = ["run_id", "outcome", "steps", "llm_calls", "tool_calls", "failing_tool_calls", "prompt_tokens", "cost_usd"]
     _print_rows(rows, cols, "agent runs", as_json)
@@ -447,8 +451,8 @@ def query_models(as_json: JsonOpt = False) -> None:
 
     from projections import queries
 
-    settings, _ = _ctx()
-    with psycopg.connect(settings.postgres.dsn()) as conn:
+    settings, _ = _ctx(kafka=False)
+    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.model_usage(conn)
     cols = ["model", "providers", "runs", "resolved_runs", "llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"]
     _print_rows(rows, cols, "models", as_json)

@@ -37,7 +37,7 @@ def require_broker(settings: Settings, timeout_seconds: float = 10.0) -> None:
 
     from streams.errors import BrokerUnavailableError
 
-    conf = settings.kafka.librdkafka()
+    conf = settings.kafka.librdkafka(extra={"log_level": 2})  # the failure is ours to report, once
     try:
         AdminClient(conf).list_topics(timeout=timeout_seconds)
     except KafkaException as exc:

@@ -1,0 +1,240 @@
+"""The HTTP API (``backbone api``): ingest, webhooks, Server-Sent Events, and the projections' reads.
+
+:func:`create_app` builds the FastAPI application. Its lifespan opens what the routes share, on
+``app.state``: ``pg_pool`` (psycopg ``ConnectionPool``), ``redis`` (a ``redis.Redis`` client),
+``producer`` (:class:`connectors.ingest.AckingProducer`), ``serde``, ``tokens``
+(:class:`backbone.auth.TokenStore`), ``rate_limiter``, ``idempotency``, ``topics`` (broker topic
+listing) and ``sse_streams`` (the live SSE streams). The OpenAPI document is at ``/openapi.json``,
+the docs at ``/docs``.
+
+Routes: ``POST /events/{type}``, ``POST /webhooks/{github,slack,linear}`` (:mod:`connectors.ingest`),
+``GET /subscribe/{topic}`` (:mod:`backbone.sse`), ``GET /healthz``, and the read endpoints of
+``projections.api.router`` when that module exists.
+"""
+
+from __future__ import annotations
+
+import importlib
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import redis
+import structlog
+from confluent_kafka.admin import AdminClient
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from psycopg_pool import ConnectionPool
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backbone.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
+from backbone.settings import Settings
+
+__all__ = ["ApiSettings", "ServerThread", "create_app"]
+
+_log = structlog.get_logger(__name__)
+
+
+class ApiSettings(BaseSettings):
+    """Settings of the HTTP API (env prefix ``BACKBONE_API_``).
+
+    Attributes:
+        host: interface uvicorn binds.
+        port: TCP port.
+        auth_required: require a Bearer token on ingest and subscribe routes (turn off only on a
+            developer's machine; the webhooks are always checked by signature).
+        max_body_bytes: largest request body accepted (413 above).
+        max_batch_events: most events in one ``POST /events/{type}`` batch (413 above).
+        rate_per_second: default token-bucket refill per API token (requests per second).
+        burst: default bucket size per API token (requests).
+        webhook_rate_per_second: refill of each webhook platform's bucket (requests per second).
+        webhook_burst: bucket size of each webhook platform (requests).
+        idempotency_ttl_seconds: how long a first response is kept for its idempotency key.
+        ack_timeout_seconds: how long ingest waits for the broker's acknowledgement before a 503.
+        retry_after_seconds: ``Retry-After`` sent with a 503.
+        github_secret: GitHub webhook secret; unset disables ``/webhooks/github``.
+        slack_secret: Slack signing secret; unset disables ``/webhooks/slack``.
+        linear_secret: Linear webhook signing secret; unset disables ``/webhooks/linear``.
+        external_topic: topic of the webhooks' ``sophia.external.ExternalEvent`` records (created at
+            start with 3 partitions when missing).
+        sse_buffer_events: most events buffered per SSE stream before its consumer pauses.
+        sse_heartbeat_seconds: idle time after which an SSE comment is sent as a heartbeat.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BACKBONE_API_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    auth_required: bool = True
+    max_body_bytes: int = Field(default=1_048_576, ge=1)
+    max_batch_events: int = Field(default=1000, ge=1)
+    rate_per_second: float = Field(default=200.0, gt=0)
+    burst: int = Field(default=400, ge=1)
+    webhook_rate_per_second: float = Field(default=50.0, gt=0)
+    webhook_burst: int = Field(default=200, ge=1)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+    ack_timeout_seconds: float = Field(default=10.0, gt=0)
+    retry_after_seconds: int = Field(default=5, ge=1)
+    github_secret: SecretStr | None = None
+    slack_secret: SecretStr | None = None
+    linear_secret: SecretStr | None = None
+    external_topic: str = "external.events"
+    sse_buffer_events: int = Field(default=1000, ge=1)
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+
+
+def _projection_router() -> Any | None:
+    try:
+        module = importlib.import_module("projections.api")
+    except ImportError as exc:
+        if exc.name not in ("projections.api",):
+            raise
+        return None
+    return getattr(module, "router", None)
+
+
+def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
+    """Build the API application; nothing connects until its lifespan starts.
+
+    Args:
+        settings: servers (Kafka, PostgreSQL, Redis, schema registry) with their URLs filled in
+            (``backbone.runtime.load_settings()`` completes them from a running dev stack).
+        api: the API's own settings (default: read from ``BACKBONE_API_*``).
+
+    Returns:
+        The FastAPI app; serve it with uvicorn (``backbone api``).
+    """
+    from backbone import sse
+    from backbone.runtime import make_serde
+    from connectors import ingest
+
+    api = api or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+        pool = ConnectionPool(
+            settings.postgres.dsn(),
+            min_size=settings.postgres.pool_min_size,
+            max_size=max(settings.postgres.pool_max_size, 4),
+            open=False,
+            name="backbone-api",
+        )
+        await run_in_threadpool(pool.open, True, 30.0)
+        client = redis.Redis.from_url(settings.redis.dsn(), socket_timeout=5, socket_connect_timeout=5)
+        admin = AdminClient(settings.kafka.librdkafka())
+        producer = ingest.AckingProducer(settings.kafka, serde, ack_timeout_seconds=api.ack_timeout_seconds)
+        topics = ingest.TopicDirectory(admin)
+        tokens = TokenStore(pool)
+        await run_in_threadpool(tokens.ensure_schema)
+        try:
+            specs = [replace(s, name=api.external_topic) for s in ingest.EXTERNAL_TOPICS]
+            created = await run_in_threadpool(topics.ensure, specs)
+            if created:
+                _log.info("api.topics_created", topics=created)
+        except Exception as exc:  # noqa: BLE001 - the broker may come later; ingest answers 503 until then
+            _log.warning("api.topic_creation_failed", error=str(exc))
+        app.state.settings = settings
+        app.state.kafka = settings.kafka
+        app.state.api_settings = api
+        app.state.serde = serde
+        app.state.pg_pool = pool
+        app.state.redis = client
+        app.state.producer = producer
+        app.state.topics = topics
+        app.state.tokens = tokens
+        app.state.rate_limiter = RateLimiter(client)
+        app.state.idempotency = IdempotencyStore(client, ttl_seconds=api.idempotency_ttl_seconds)
+        app.state.sse_streams = set()
+        _log.info("api.started", kafka=settings.kafka.bootstrap_servers)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(producer.close)
+            client.close()
+            await run_in_threadpool(pool.close)
+
+    app = FastAPI(
+        title="Sophia backbone API",
+        version="0.1.0",
+        summary="Ingest events, receive webhooks, subscribe to topics as Server-Sent Events, read projections.",
+        lifespan=lifespan,
+    )
+    app.include_router(ingest.router)
+    app.include_router(sse.router)
+    reads = _projection_router()
+    if reads is not None:  # any valid token may read the projections
+        app.include_router(reads, dependencies=[Depends(authenticate_request)])
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness and the reachability of PostgreSQL and Redis (200 when both answer, else 503)."""
+        state = request.app.state
+
+        def probe() -> dict[str, Any]:
+            out: dict[str, Any] = {"sse_streams": len(state.sse_streams)}
+            try:
+                with state.pg_pool.connection(timeout=2) as conn:
+                    conn.execute("select 1")
+                out["postgres"] = True
+            except (psycopg.Error, Exception):  # noqa: BLE001 - reported, not raised
+                out["postgres"] = False
+            try:
+                out["redis"] = bool(state.redis.ping())
+            except redis.RedisError:
+                out["redis"] = False
+            out["ok"] = out["postgres"] and out["redis"]
+            return out
+
+        body = await run_in_threadpool(probe)
+        return JSONResponse(body, status_code=200 if body["ok"] else 503)
+
+    return app
+
+
+class ServerThread:
+    """Serve an app with uvicorn on a background thread (tests and benchmarks).
+
+    Args:
+        app: the ASGI app.
+        host: interface to bind.
+        port: TCP port (0: a free one).
+
+    Use as a context manager; :attr:`url` is ``http://host:port``.
+
+    Raises:
+        TimeoutError: the server did not start (or its lifespan failed) within 60 s.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        )
+        self.thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise TimeoutError("the API server did not start (see its log)")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
