@@ -471,6 +471,14 @@ def mount(app: typer.Typer) -> None:
     app.add_typer(query_app, name="query")
     app.add_typer(import_app, name="import")
     app.add_typer(schemas_app, name="schemas")
+
+    from connectors.cli_cdc import import_debezium, query_cdc, run_cdc
+
+    import_app.command("debezium")(import_debezium)
+    query_app.command("cdc")(query_cdc)
+    cdc_app = typer.Typer(help="Change data capture: normalise Debezium events and project table state.")
+    cdc_app.command("run")(run_cdc)
+    app.add_typer(cdc_app, name="cdc")
     for module, name, help_ in (
         ("connectors.cli", "connectors", "Kafka Connect / Debezium connectors."),
         ("configuration.cli", "config", "Configuration as event-sourced aggregates."),

@@ -5,7 +5,8 @@ The tree::
     BackboneError                      (backbone.errors)
     └── ProjectionError
         ├── ProjectionApplyError        a view could not apply a record (the record is dead-lettered)
-        └── CheckpointError             the checkpoint table disagrees with the log
+        ├── CheckpointError             the checkpoint table disagrees with the log
+        └── projections.cdc.TableNotFoundError (LookupError)   no captured rows for that table
 """
 
 from __future__ import annotations

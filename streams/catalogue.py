@@ -68,6 +68,14 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Every stored configuration change, published by the outbox relay (de-duplicate by event id).",
         ),
         TopicSpec(
+            name="cdc.changes",
+            partitions=6,
+            key="schema.table:primary key",
+            schemas=("sophia.cdc.RowChanged",),
+            retention_ms=-1,
+            doc="Row changes captured by Debezium, normalised to sophia.cdc.RowChanged (de-duplicate by event id).",
+        ),
+        TopicSpec(
             name="backbone.dlq",
             partitions=1,
             key="original key",

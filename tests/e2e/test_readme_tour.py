@@ -47,5 +47,7 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
     assert "step" in bad.stderr and "nothing was sent" in bad.stderr
     sub = by_start("backbone subscribe").stdout
     assert sub.count("agent.events[") == 3 and "ce_" not in sub
+    cdc = by_start("backbone query cdc").stdout
+    assert "18oz carpenter hammer" in cdc and "111" not in cdc.split("inventory.products", 1)[-1].split()
     replayed = [json.loads(x) for x in by_start("backbone replay").stdout.splitlines() if x.startswith("{")]
     assert replayed and all("2025-11-18T23:00:00" <= e["time"] < "2025-11-18T23:01:00" for e in replayed)

@@ -133,6 +133,11 @@ def test_every_event_reaches_the_topic_once_after_dedup_across_sigkills(
                     break
                 assert time.monotonic() < deadline, f"relay stuck at {row} of {last}"
                 time.sleep(0.2)
+        # the last relay may still be starting (its SIGTERM handler not installed yet): wait for it
+        deadline = time.monotonic() + 60
+        while (tmp_path / "relay.log").read_text().count("config_relay.started") < kills + 1:
+            assert time.monotonic() < deadline, "the last relay never started"
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
