@@ -39,6 +39,7 @@ so every record produced before it was started has been processed), or wait for 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import ssl
@@ -52,7 +53,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.observability import configure_logging
+from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
 from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
@@ -358,6 +359,36 @@ def ensure_processor_topics(
                 raise StreamsError(f"cannot create topic {name!r}: {exc.args[0].str()}") from exc
 
 
+class _StatsCollector:
+    """Exposes a :class:`ProcessorStats` as Prometheus counters (read at scrape time)."""
+
+    def __init__(self, stats: ProcessorStats, app_id: str) -> None:
+        self.stats = stats
+        self.app_id = app_id
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, attr, doc in (
+            ("backbone_processor_records", "records_count", "Records handled (every outcome)"),
+            ("backbone_processor_events_applied", "applied_count", "Events folded into a run's totals"),
+            ("backbone_processor_events_duplicate", "duplicates_count", "Events skipped as already applied"),
+            ("backbone_processor_events_late", "late_count", "Events skipped because their run had finished"),
+            ("backbone_processor_insights", "insights_count", "Insights sent"),
+            ("backbone_processor_dead_letters", "dead_letters_count", "Records dead-lettered"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["app"])
+            c.add_metric([self.app_id], getattr(self.stats, attr))
+            yield c
+
+
+def _export_metrics(stats: ProcessorStats, app_id: str) -> None:
+    try:
+        REGISTRY.register(_StatsCollector(stats, app_id))  # type: ignore[arg-type]
+    except ValueError:  # already registered in this process (a second worker run)
+        pass
+
+
 def run_worker(
     settings: Settings | None = None,
     *,
@@ -413,6 +444,9 @@ def run_worker(
                 os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
 
     configure_logging(settings.log_level, settings.log_format)
+    _export_metrics(stats, app.conf.id)
+    server = serve_metrics(settings.metrics_port, health=lambda: {"ok": True, **dataclasses.asdict(stats)})
+    log.info("processors_metrics", url=f"http://127.0.0.1:{server.server_address[1]}/metrics")
     worker = faust.Worker(
         app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
     )
