@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import redis
@@ -226,7 +226,7 @@ class ServerThread:
         )
         self.thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
 
-    def __enter__(self) -> ServerThread:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:

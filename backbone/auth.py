@@ -229,8 +229,10 @@ class TokenStore:
                 + " order by created_at, token_id"
             ).fetchall()
         return [
-            TokenInfo(token_id=r[0], name=r[1], scopes=tuple(r[2]), created_at=r[3], revoked_at=r[4],
-                      rate_per_second=r[5], burst=r[6])  # fmt: skip
+            TokenInfo(
+                token_id=r[0], name=r[1], scopes=tuple(r[2]), created_at=r[3], revoked_at=r[4],
+                rate_per_second=r[5], burst=r[6],
+            )
             for r in rows
         ]
 
@@ -395,7 +397,8 @@ def _unauthorized(message: str, error: str = "invalid_token") -> HTTPException:
 
 
 def authenticate_request(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)  # noqa: B008
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008 - FastAPI's idiom
 ) -> Principal:
     """FastAPI dependency: the request's principal from its Bearer token, after its rate limit.
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-
-from backbone.observability import emit_json
 from rich.console import Console
 from rich.table import Table
+
+from backbone.observability import emit_json
 
 __all__ = ["mount"]
 
@@ -92,26 +92,6 @@ def _fmt(v: Any) -> str:
 # -- produce ----------------------------------------------------------------------------------------------------
 
 
-def _coerce(schema: dict[str, Any], datum: dict[str, Any]) -> dict[str, Any]:
-    """JSON to Avro datum: RFC 3339 strings (or epoch ms) for ``timestamp-millis`` fields."""
-    from streams.envelope import parse_time
-
-    outd = dict(datum)
-    for f in schema["fields"]:
-        t = f["type"]
-        branches = t if isinstance(t, list) else [t]
-        is_ts = any(isinstance(b, dict) and b.get("logicalType") == "timestamp-millis" for b in branches)
-        v = outd.get(f["name"])
-        if is_ts and isinstance(v, str):
-            try:
-                outd[f["name"]] = parse_time(v)
-            except ValueError:
-                pass  # left as is: validation names the field
-        elif is_ts and isinstance(v, int) and not isinstance(v, bool):
-            outd[f["name"]] = datetime.fromtimestamp(v / 1000, UTC)
-    return outd
-
-
 @clear_errors
 def produce(
     topic: Annotated[str, typer.Argument(help="Topic to produce to.")],
@@ -132,6 +112,7 @@ def produce(
     from streams.envelope import Event
     from streams.errors import SchemaValidationError
     from streams.producer import EventProducer
+    from streams.serde import coerce_json_datum
 
     settings, serde = _ctx()
     schema = serde.registry.schema_for(serde.registry.id_for(type_))
@@ -147,7 +128,7 @@ def produce(
                 raw = json.loads(line)
                 if not isinstance(raw, dict):
                     raise ValueError("a JSON object is expected")
-                datum = _coerce(schema, raw)
+                datum = coerce_json_datum(schema, raw)
                 serde.check(type_, datum)
             except (ValueError, SchemaValidationError) as exc:
                 problems.append({"line": lineno, "field": getattr(exc, "field", None), "error": str(exc)})
@@ -482,6 +463,7 @@ def mount(app: typer.Typer) -> None:
     for module, name, help_ in (
         ("connectors.cli", "connectors", "Kafka Connect / Debezium connectors."),
         ("configuration.cli", "config", "Configuration as event-sourced aggregates."),
+        ("backbone.cli_api", "api", "The HTTP API: serve it, manage its tokens."),
         ("inference.cli", "inference", "Inference on Ray."),
     ):
         try:

@@ -118,6 +118,7 @@ class _Pump(threading.Thread):
         self.queue = queue
         self.stop = threading.Event()
         self.starts = starts
+        self.next_offsets: dict[int, int] = {}
         self.consumer = Consumer(
             kafka.librdkafka(
                 extra={
@@ -169,7 +170,13 @@ class _Pump(threading.Thread):
                     st.space.wait(0.5)
                 continue
             if st.paused:
-                self.consumer.resume(self.consumer.assignment())
+                # Resume, then seek each partition to the record after the last one handed over: the
+                # fetched-but-unconsumed records were dropped by the pause, and nothing may be skipped.
+                assignment = self.consumer.assignment()
+                self.consumer.resume(assignment)
+                for tp in assignment:
+                    if tp.partition in self.next_offsets:
+                        self.consumer.seek(TopicPartition(self.topic, tp.partition, self.next_offsets[tp.partition]))
                 st.paused = False
             for m in self.consumer.consume(min(free, 500), 0.25):
                 err = m.error()
@@ -180,6 +187,7 @@ class _Pump(threading.Thread):
                     if not err.retriable() and err.fatal():
                         raise RuntimeError(str(err))
                     continue
+                self.next_offsets[m.partition()] = m.offset() + 1
                 self._hand_over(decode_message(self.serde, m))
 
 

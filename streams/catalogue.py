@@ -76,6 +76,14 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Row changes captured by Debezium, normalised to sophia.cdc.RowChanged (de-duplicate by event id).",
         ),
         TopicSpec(
+            name="external.events",
+            partitions=3,
+            key="entity",
+            schemas=("sophia.external.ExternalEvent",),
+            retention_ms=-1,
+            doc="Webhook deliveries from GitHub, Slack and Linear, mapped to external events.",
+        ),
+        TopicSpec(
             name="backbone.dlq",
             partitions=1,
             key="original key",

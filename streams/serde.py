@@ -9,15 +9,17 @@ from __future__ import annotations
 import io
 import struct
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import fastavro
 from fastavro.validation import validate
 
+from streams.envelope import parse_time
 from streams.errors import DeserializationError, SchemaNotFoundError, SchemaValidationError
 from streams.registry import SchemaRegistry
 
-__all__ = ["AvroSerde", "MAGIC_BYTE"]
+__all__ = ["MAGIC_BYTE", "AvroSerde", "coerce_json_datum", "timestamp_fields"]
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
@@ -146,3 +148,42 @@ def _type_text(t: Any) -> str:
     if isinstance(t, dict):
         return t.get("logicalType") or t.get("name") or str(t.get("type"))
     return str(t)
+
+
+def timestamp_fields(schema: Mapping[str, Any]) -> list[str]:
+    """Names of the top-level fields whose type (or a union branch) is ``timestamp-millis``/``-micros``."""
+    names = []
+    for f in schema["fields"]:
+        t = f["type"]
+        for b in t if isinstance(t, list) else [t]:
+            if isinstance(b, dict) and b.get("logicalType") in ("timestamp-millis", "timestamp-micros"):
+                names.append(f["name"])
+                break
+    return names
+
+
+def coerce_json_datum(schema: Mapping[str, Any], datum: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON object to Avro datum: ``timestamp-millis`` fields given as RFC 3339 strings or epoch
+    milliseconds become aware UTC datetimes; anything else is left for validation to judge.
+
+    Args:
+        schema: the record's Avro schema (parsed JSON).
+        datum: the decoded JSON object.
+
+    Returns:
+        A new dict (the input is not changed).
+    """
+    out = dict(datum)
+    for name in timestamp_fields(schema):
+        v = out.get(name)
+        if isinstance(v, str):
+            try:
+                out[name] = parse_time(v)
+            except ValueError:
+                pass  # left as is: validation names the field
+        elif isinstance(v, int) and not isinstance(v, bool):
+            try:
+                out[name] = datetime.fromtimestamp(v / 1000, UTC)
+            except (OverflowError, OSError, ValueError):
+                pass
+    return out

@@ -1,0 +1,172 @@
+"""Ingest benchmark: HTTP ``POST /events/{type}`` (one event per request, and batches of 100) against the
+SDK producer (:class:`streams.producer.EventProducer`) producing the same events, in one run.
+
+Run: ``python bench/bench_ingest.py [--single N] [--batches N] [--concurrency N]``. It starts the embedded
+dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
+uvicorn in a child process (so the client does not share the server's interpreter), authenticates with
+a real token (PostgreSQL lookup and Redis rate limit on every request), and waits for the broker's
+acknowledgement of every event (``acks=all``) as the API does. Prints a table with ratios to the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+__all__ = ["main"]
+
+TYPE = "sophia.agent.LlmCall"
+_SERVE = (
+    "import uvicorn; from backbone.api import ApiSettings, create_app; from backbone.runtime import load_settings; "
+    "from backbone.observability import configure_logging; configure_logging('WARNING'); "
+    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
+)
+
+
+def _llm_call(i: int) -> dict[str, Any]:
+    t = datetime(2025, 3, 1, tzinfo=UTC) + timedelta(milliseconds=i)
+    return {
+        "run_id": f"run-{i % 64}", "step": i, "event_time": t.isoformat(), "model": "gpt-4o-mini",
+        "prompt_tokens": 1200, "completion_tokens": 180, "latency_ms": 850, "cost_usd": 0.0003,
+    }  # fmt: skip
+
+
+def _fill(schema: dict[str, Any], datum: dict[str, Any]) -> dict[str, Any]:
+    """Keep the fields the schema has; give required fields this sample lacks a neutral value."""
+    out: dict[str, Any] = {}
+    defaults = {"string": "x", "int": 1, "long": 1, "double": 1.0, "float": 1.0, "boolean": False}
+    for f in schema["fields"]:
+        if f["name"] in datum:
+            out[f["name"]] = datum[f["name"]]
+        elif "default" not in f:
+            t = f["type"]
+            out[f["name"]] = defaults.get(t if isinstance(t, str) else "string", "x")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _http(base: str, token: str, topic: str, bodies: list[Any], concurrency: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
+                                 headers={"Authorization": f"Bearer {token}"}) as c:  # fmt: skip
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for b in bodies:
+            queue.put_nowait(b)
+
+        async def worker() -> None:
+            while not queue.empty():
+                body = queue.get_nowait()
+                r = await c.post(f"/events/{TYPE}", params={"topic": topic}, json=body)
+                if r.status_code != 202:
+                    raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table."""
+    from pydantic import SecretStr
+
+    from backbone.auth import TokenStore
+    from backbone.devstack import DevStack
+    from backbone.runtime import make_serde
+    from backbone.settings import PostgresSettings, RedisSettings, Settings
+    from streams.envelope import Event
+    from streams.producer import EventProducer
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--single", type=int, default=2000, help="requests of one event")
+    parser.add_argument("--batches", type=int, default=200, help="requests of 100 events")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    args = parser.parse_args(argv)
+    state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir) as info:
+        database = f"bench_ingest_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(info.postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
+        pg_url = urlunsplit(urlsplit(info.postgres_url)._replace(path=f"/{database}"))
+        settings = Settings(state_dir=state_dir, postgres=PostgresSettings(url=SecretStr(pg_url)),
+                            redis=RedisSettings(url=SecretStr(info.redis_url)))  # fmt: skip
+        settings = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})}
+        )
+        topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient(settings.kafka.librdkafka())
+        admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])[topic].result(30)
+        serde = make_serde()
+        schema = serde.registry.schema_for(serde.registry.id_for(TYPE))
+        port = _free_port()
+        env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap, "BACKBONE_POSTGRES__URL": pg_url,
+               "BACKBONE_REDIS__URL": info.redis_url, "BACKBONE_API_RATE_PER_SECOND": "1000000",
+               "BACKBONE_API_BURST": "1000000", "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir)}  # fmt: skip
+        server = subprocess.Popen([sys.executable, "-c", _SERVE.format(port=port)], env=env, cwd=Path(__file__).parents[1])
+        try:
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the API server did not start")
+                time.sleep(0.3)
+            pool = ConnectionPool(pg_url, min_size=1, max_size=1, open=True)
+            token = TokenStore(pool).create("bench", [f"produce:{topic}"])[0]
+            pool.close()
+            data = [_fill(schema, _llm_call(i)) for i in range(max(args.single, args.batches * 100))]
+            asyncio.run(_http(base, token, topic, data[:50], 4))  # warm-up
+            single_s = asyncio.run(_http(base, token, topic, data[: args.single], args.concurrency))
+            batches = [data[i * 100 : (i + 1) * 100] for i in range(args.batches)]
+            batch_s = asyncio.run(_http(base, token, topic, batches, max(1, args.concurrency // 4)))
+        finally:
+            server.terminate()
+            server.wait(15)
+        from connectors.ingest import coerce_json_datum
+
+        n_sdk = args.batches * 100
+        events = [Event.create(TYPE, d["run_id"], coerce_json_datum(schema, d), source="/bench", time=datetime.now(UTC))
+                  for d in data[:n_sdk]]  # fmt: skip
+        producer = EventProducer(settings.kafka, serde)
+        start = time.perf_counter()
+        producer.produce_many(topic, events)
+        sdk_s = time.perf_counter() - start
+    sdk_eps = n_sdk / sdk_s
+    rows = [
+        ("HTTP, 1 event/request", args.single, args.single, single_s),
+        ("HTTP, 100 events/request", args.batches, args.batches * 100, batch_s),
+        ("SDK EventProducer", 1, n_sdk, sdk_s),
+    ]
+    print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
+    print(f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}")
+    for name, reqs, evs, secs in rows:
+        print(f"{name:<26}{reqs:>10,}{evs:>9,}{secs:>9.2f}{reqs / secs:>12,.0f}{evs / secs:>11,.0f}{evs / secs / sdk_eps:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,761 @@
+"""HTTP ingest: ``POST /events/{type}`` and the GitHub, Slack and Linear webhooks.
+
+Every route reads the raw body under a size limit (413), validates everything before producing
+anything (400 for a body that is not JSON, 422 naming the field and, in a batch, the index), and
+answers 202 only once the broker has acknowledged every record (``acks=all``): a timeout or a
+delivery failure is a 503 with ``Retry-After``, and nothing was acknowledged that was not stored.
+
+Retries are safe: with an ``Idempotency-Key`` header (events) or the platform's delivery id (webhooks)
+the first response is stored in Redis and replayed, and the event ids are derived from the key, so a
+retry after a lost answer produces the same ids (consumers de-duplicate by id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+import redis
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from backbone.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
+from backbone.settings import KafkaSettings
+from connectors.errors import ConnectorError
+from connectors.webhooks import (
+    ExternalEvent,
+    WebhookPayloadError,
+    WebhookSignatureError,
+    extract_github_refs,
+    map_github_webhook,
+    verify_github_signature,
+    verify_linear_signature,
+    verify_slack_signature,
+)
+from streams.catalogue import CATALOGUE, TopicSpec
+from streams.envelope import Event, deterministic_id, parse_time
+from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError
+from streams.producer import epoch_ms
+from streams.serde import AvroSerde, coerce_json_datum, timestamp_fields
+
+__all__ = [
+    "EXTERNAL_EVENT_SCHEMA",
+    "EXTERNAL_TOPICS",
+    "AckingProducer",
+    "IngestUnavailableError",
+    "TopicDirectory",
+    "coerce_json_datum",
+    "external_event_to_avro",
+    "map_linear_webhook",
+    "map_slack_webhook",
+    "router",
+]
+
+_log = structlog.get_logger(__name__)
+
+EXTERNAL_EVENT_SCHEMA = "sophia.external.ExternalEvent"
+
+EXTERNAL_TOPICS = [CATALOGUE["external.events"]]
+"""Topics this module produces to (for :data:`streams.catalogue.CATALOGUE`)."""
+
+_EXCERPT_CHARS = 280
+
+
+class IngestUnavailableError(ConnectorError, ConnectionError):
+    """The broker did not acknowledge an ingest in time (the client should retry after a delay)."""
+
+
+# --------------------------------------------------------------------------------------------- producer
+
+
+class AckingProducer:
+    """A Kafka producer whose callers await the acknowledgement of their own records.
+
+    One librdkafka producer (``acks=all``, idempotence) is shared by all requests; a background thread
+    serves delivery reports, and each :meth:`produce` call awaits exactly the reports of its records,
+    so one request's failure never surfaces in another's answer (unlike a shared ``flush``).
+
+    Args:
+        kafka: broker settings.
+        serde: the serde whose registry encodes the records (data must already be checked).
+        ack_timeout_seconds: ``message.timeout.ms``: how long a record may wait for its acknowledgement
+            before it fails.
+        linger_ms: librdkafka ``linger.ms``.
+    """
+
+    def __init__(
+        self, kafka: KafkaSettings, serde: AvroSerde, *, ack_timeout_seconds: float = 10.0, linger_ms: int = 2
+    ) -> None:
+        self.ack_timeout_seconds = ack_timeout_seconds
+        self.serde = AvroSerde(serde.registry, validate_on_encode=False)
+        self.bootstrap_servers = kafka.bootstrap_servers
+        self._producer = Producer(
+            kafka.librdkafka(
+                extra={
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "linger.ms": linger_ms,
+                    "compression.type": "lz4",
+                    "message.timeout.ms": int(ack_timeout_seconds * 1000),
+                }
+            ),
+            error_cb=self._on_error,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="ingest-delivery-reports", daemon=True)
+        self._thread.start()
+        self.brokers_down = False
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.brokers_down = True
+        _log.warning("ingest.producer_error", error=str(err))
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def produce(self, topic: str, events: Sequence[Event]) -> None:
+        """Produce ``events`` to ``topic`` and wait until the broker has acknowledged every one.
+
+        Raises:
+            IngestUnavailableError: the local queue is full, or not every record was acknowledged
+                within the timeout (the broker is down or slow).
+            DeliveryError: the broker refused a record.
+        """
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[str]] = loop.create_future()
+        lock = threading.Lock()
+        pending = [len(events)]
+        errors: list[tuple[str, bytes | None, str]] = []
+
+        def on_delivery(err: KafkaError | None, msg: Any) -> None:  # delivery-report thread
+            with lock:
+                if err is not None:
+                    errors.append((msg.topic(), msg.key(), str(err)))
+                pending[0] -= 1
+                finished = pending[0] == 0
+            if finished:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result([]))
+
+        records = [
+            (e.key.encode(), self.serde.encode(e.schema, e.data), e.attributes.to_headers(),
+             epoch_ms(e.attributes.time))
+            for e in events
+        ]  # fmt: skip
+        for i, (key, value, headers, ts) in enumerate(records):
+            try:
+                self._producer.produce(
+                    topic, key=key, value=value, headers=headers, timestamp=ts, on_delivery=on_delivery
+                )
+            except (BufferError, KafkaException) as exc:
+                with lock:
+                    pending[0] -= len(records) - i
+                    errors.append((topic, key, f"not enqueued: {exc}"))
+                    finished = pending[0] == 0
+                if finished and not done.done():
+                    done.set_result([])
+                break
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self.ack_timeout_seconds + 5)
+        except TimeoutError as exc:
+            raise IngestUnavailableError(
+                f"Kafka at {self.bootstrap_servers} did not acknowledge within {self.ack_timeout_seconds:g} s"
+            ) from exc
+        if errors:
+            timed_out = any("timed out" in e[2].lower() or "not enqueued" in e[2] for e in errors)
+            if timed_out or self.brokers_down:
+                raise IngestUnavailableError(
+                    f"Kafka at {self.bootstrap_servers} did not acknowledge {len(errors)} record(s): {errors[0][2]}"
+                )
+            raise DeliveryError(errors)
+
+    def close(self, timeout_seconds: float = 5.0) -> None:
+        """Flush what is queued (up to ``timeout_seconds``) and stop the delivery-report thread."""
+        self._producer.flush(timeout_seconds)
+        self._stop.set()
+        self._thread.join(timeout_seconds)
+
+
+class TopicDirectory:
+    """Which topics exist on the broker, cached for ``ttl_seconds`` and refreshed on a miss.
+
+    Args:
+        admin: an AdminClient on the broker.
+        ttl_seconds: how long a listing is trusted.
+    """
+
+    def __init__(self, admin: AdminClient, ttl_seconds: float = 30.0) -> None:
+        self.admin = admin
+        self.ttl_seconds = ttl_seconds
+        self._topics: dict[str, int] = {}
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def partitions(self, topic: str, *, timeout_seconds: float = 5.0) -> int | None:
+        """The partition count of ``topic``, or ``None`` when the broker does not have it.
+
+        Raises:
+            BrokerUnavailableError: the broker did not answer within ``timeout_seconds``.
+        """
+        with self._lock:
+            fresh = time.monotonic() - self._at < self.ttl_seconds
+            if topic in self._topics and fresh:
+                return self._topics[topic]
+        try:
+            md = self.admin.list_topics(timeout=timeout_seconds)
+        except KafkaException as exc:
+            raise BrokerUnavailableError(f"Kafka did not answer a metadata request: {exc}") from exc
+        with self._lock:
+            self._topics = {n: len(t.partitions) for n, t in md.topics.items() if t.error is None}
+            self._at = time.monotonic()
+            return self._topics.get(topic)
+
+    def ensure(self, specs: Sequence[TopicSpec], *, timeout_seconds: float = 15.0) -> list[str]:
+        """Create the topics of ``specs`` that the broker lacks; return the names created."""
+        existing = set(self.admin.list_topics(timeout=timeout_seconds).topics)
+        new = [
+            NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config())
+            for s in specs
+            if s.name not in existing
+        ]
+        created = []
+        for name, fut in (self.admin.create_topics(new, request_timeout=timeout_seconds) if new else {}).items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise
+        self._at = 0.0
+        return created
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _problem(code: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> HTTPException:
+    return HTTPException(code, detail={"message": message, **extra}, headers=dict(headers) if headers else None)
+
+
+def _unavailable(request: Request, message: str) -> HTTPException:
+    return _problem(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        message,
+        {"Retry-After": str(request.app.state.api_settings.retry_after_seconds)},
+    )
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The raw body, refused with 413 as soon as it exceeds ``limit_bytes`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit_bytes:
+        raise _problem(
+            413, f"body of {int(declared)} bytes exceeds {limit_bytes} bytes"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit_bytes:
+                raise _problem(413, f"body exceeds {limit_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise _problem(status.HTTP_400_BAD_REQUEST, "the client went away before sending the whole body") from exc
+    return b"".join(chunks)
+
+
+
+
+def _fingerprint(request: Request, body: bytes) -> str:
+    h = hashlib.sha256()
+    h.update(f"{request.method} {request.url.path}?{request.url.query}\n".encode())
+    h.update(body)
+    return h.hexdigest()
+
+
+async def _idempotent(
+    request: Request, key: str | None, fingerprint: str, handler: Callable[[], Any]
+) -> JSONResponse:
+    """Run ``handler`` (an async function returning ``(status, body)``) at most once per ``key``."""
+    store = request.app.state.idempotency
+    if key is None:
+        code, body = await handler()
+        return JSONResponse(body, status_code=code)
+    try:
+        claim = await run_in_threadpool(store.claim, key, fingerprint)
+    except redis.RedisError as exc:
+        raise _unavailable(request, "the idempotency store (Redis) is unavailable") from exc
+    if isinstance(claim, IdempotentResult):
+        return JSONResponse(claim.body, status_code=claim.status_code, headers={"Idempotent-Replayed": "true"})
+    if claim == "pending":
+        raise _problem(status.HTTP_409_CONFLICT, "a request with this idempotency key is still in progress")
+    if claim == "mismatch":
+        raise _problem(
+            422, "this idempotency key was already used for a different request"
+        )
+    try:
+        code, body = await handler()
+    except HTTPException as exc:
+        if exc.status_code >= 500:
+            await run_in_threadpool(store.release, key)
+        else:
+            detail = {"detail": exc.detail}
+            await run_in_threadpool(store.complete, key, fingerprint, IdempotentResult(status_code=exc.status_code, body=detail))
+        raise
+    except BaseException:
+        await run_in_threadpool(store.release, key)
+        raise
+    await run_in_threadpool(store.complete, key, fingerprint, IdempotentResult(status_code=code, body=body))
+    return JSONResponse(body, status_code=code)
+
+
+async def _produce(request: Request, topic: str, events: Sequence[Event]) -> None:
+    try:
+        await request.app.state.producer.produce(topic, events)
+    except IngestUnavailableError as exc:
+        _log.warning("ingest.unavailable", topic=topic, error=str(exc))
+        raise _unavailable(request, str(exc)) from exc
+    except DeliveryError as exc:
+        _log.warning("ingest.delivery_failed", topic=topic, error=str(exc))
+        raise _unavailable(request, str(exc)) from exc
+
+
+async def _topic_partitions(request: Request, topic: str) -> int:
+    try:
+        n = await run_in_threadpool(request.app.state.topics.partitions, topic)
+    except BrokerUnavailableError as exc:
+        raise _unavailable(request, str(exc)) from exc
+    if n is None:
+        raise _problem(status.HTTP_404_NOT_FOUND, f"topic {topic!r} does not exist", topic=topic)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+router = APIRouter(tags=["ingest"])
+
+_EVENTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"type": "object", "description": "One event's data, as the Avro record in JSON."},
+                        {"type": "array", "items": {"type": "object"}, "description": "A batch."},
+                    ]
+                },
+                "example": {"run_id": "run-1", "event_time": "2025-01-01T00:00:00Z"},
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "/events/{type}",
+    status_code=status.HTTP_202_ACCEPTED,
+    openapi_extra=_EVENTS_BODY,
+    summary="Produce one event or a batch",
+    responses={
+        400: {"description": "The body is not JSON, or not an object or array of objects."},
+        401: {"description": "No token, or an unknown or revoked one."},
+        403: {"description": "The token lacks produce:<topic>."},
+        404: {"description": "Unknown event type or topic."},
+        409: {"description": "A request with the same Idempotency-Key is in progress."},
+        413: {"description": "The body or the batch is too large."},
+        422: {"description": "An event does not match its schema: names the field and the batch index."},
+        429: {"description": "Rate limit exceeded (Retry-After)."},
+        503: {"description": "The broker did not acknowledge (Retry-After); nothing was acknowledged."},
+    },
+)
+async def ingest_events(
+    request: Request,
+    type: str,
+    topic: str | None = Query(None, description="Topic to produce to (default: the catalogue's topic of the type)."),
+    key_field: str | None = Query(None, description="Field whose value is the key (default: the topic's key)."),
+    principal: Principal = Depends(authenticate_request),  # noqa: B008
+) -> JSONResponse:
+    """Validate the JSON body against the Avro schema ``type`` and produce it.
+
+    The body is one JSON object or an array of them. Timestamp fields take RFC 3339 strings or epoch
+    milliseconds. Every event is checked before any is produced: one bad item refuses the whole batch.
+    Answers 202 with the event ids once the broker acknowledged every record. With an
+    ``Idempotency-Key`` header a retry returns the first answer and produces nothing new.
+    """
+    state = request.app.state
+    api = state.api_settings
+    serde: AvroSerde = state.serde
+    try:
+        schema = serde.registry.schema_for(serde.registry.id_for(type))
+    except SchemaNotFoundError as exc:
+        raise _problem(status.HTTP_404_NOT_FOUND, f"unknown event type {type!r}", type=type) from exc
+    if topic is None:
+        carriers = [t for t in CATALOGUE.values() if type in t.schemas]
+        if not carriers:
+            raise _problem(
+                422, f"no catalogue topic carries {type}; pass ?topic=", field="topic"
+            )
+        topic = carriers[0].name
+    elif topic in CATALOGUE and type not in CATALOGUE[topic].schemas:
+        raise _problem(
+            422, f"topic {topic!r} does not carry {type}", field="topic"
+        )
+    require_scope(principal, f"produce:{topic}")
+    body = await read_body(request, api.max_body_bytes)
+    await _topic_partitions(request, topic)
+    idem_key = request.headers.get("idempotency-key")
+    if idem_key is not None and not (0 < len(idem_key) <= 255):
+        raise _problem(status.HTTP_400_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters")
+
+    async def handle() -> tuple[int, dict[str, Any]]:
+        events = _events_from_body(body, type, schema, topic, key_field, principal, idem_key, serde, api.max_batch_events)
+        await _produce(request, topic, events)
+        _log.debug("ingest.accepted", topic=topic, type=type, count=len(events), token_id=principal.token_id)
+        return status.HTTP_202_ACCEPTED, {"topic": topic, "count": len(events), "ids": [e.attributes.id for e in events]}
+
+    scoped_key = f"events:{principal.token_id}:{idem_key}" if idem_key is not None else None
+    return await _idempotent(request, scoped_key, _fingerprint(request, body), handle)
+
+
+def _events_from_body(
+    body: bytes,
+    type_: str,
+    schema: Mapping[str, Any],
+    topic: str,
+    key_field: str | None,
+    principal: Principal,
+    idem_key: str | None,
+    serde: AvroSerde,
+    max_batch_events: int,
+) -> list[Event]:
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _problem(status.HTTP_400_BAD_REQUEST, f"body is not valid JSON: {exc}") from exc
+    batch = isinstance(parsed, list)
+    items = parsed if batch else [parsed]
+    if batch and not items:
+        raise _problem(status.HTTP_400_BAD_REQUEST, "empty batch: send at least one event")
+    if len(items) > max_batch_events:
+        raise _problem(
+            413, f"batch of {len(items)} events exceeds {max_batch_events}"
+        )
+    field_names = {f["name"] for f in schema["fields"]}
+    spec = CATALOGUE.get(topic)
+    if key_field is not None and key_field not in field_names:
+        raise _problem(
+            422, f"key_field {key_field!r} is not a field of {type_}", field="key_field"
+        )
+    key_field = key_field or (spec.key if spec is not None and spec.key in field_names else None)
+    ts_fields = timestamp_fields(schema)
+    events: list[Event] = []
+    now = datetime.now(UTC)
+    for index, item in enumerate(items):
+        where = {"index": index} if batch else {}
+        if not isinstance(item, dict):
+            raise _problem(
+                status.HTTP_400_BAD_REQUEST if not batch else 422,
+                f"{'item ' + str(index) if batch else 'body'} is not a JSON object",
+                **where,
+            )
+        datum = coerce_json_datum(schema, item)
+        try:
+            serde.check(type_, datum)
+        except SchemaValidationError as exc:
+            prefix = f"item {index}: " if batch else ""
+            raise _problem(
+                422, prefix + str(exc), field=exc.field, **where
+            ) from exc
+        event_time = next((datum[f] for f in ts_fields if isinstance(datum.get(f), datetime)), now)
+        event_id = (
+            deterministic_id("api", principal.token_id, idem_key, index) if idem_key is not None else str(uuid.uuid4())
+        )
+        key = str(datum[key_field]) if key_field and datum.get(key_field) is not None else event_id
+        events.append(
+            Event.create(type_, key, datum, source=f"/api/tokens/{principal.token_id}", time=event_time, id=event_id)
+        )
+    return events
+
+
+# ---------------------------------------------------------------------------------------------- webhooks
+
+
+def _excerpt(text: str | None) -> str | None:
+    if not text or not text.split():
+        return None
+    collapsed = " ".join(text.split())
+    return collapsed if len(collapsed) <= _EXCERPT_CHARS else collapsed[: _EXCERPT_CHARS - 1].rstrip() + "…"
+
+
+def external_event_to_avro(e: ExternalEvent) -> dict[str, Any]:
+    """The ``sophia.external.ExternalEvent`` Avro datum of an :class:`ExternalEvent`."""
+    return {
+        "platform": e.platform,
+        "kind": e.kind,
+        "entity": e.entity,
+        "actor": e.actor,
+        "occurred_at": e.occurred_at,
+        "url": e.url,
+        "title": e.title,
+        "body_excerpt": e.body_excerpt,
+        "refs": list(e.refs),
+        "source_id": e.source_id,
+    }
+
+
+def _epoch_seconds(value: Any) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+
+
+def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> ExternalEvent | dict[str, Any]:
+    """Map a verified Slack request to an :class:`ExternalEvent`.
+
+    Handles the Events API (JSON: ``url_verification``, whose answer is returned as a dict, and
+    ``event_callback``) and slash commands and interactions (form-encoded, api.slack.com "Slash
+    commands" and "Handling user interaction").
+
+    Raises:
+        WebhookPayloadError: a body that is neither.
+    """
+    if "application/json" in content_type:
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise WebhookPayloadError(f"slack body is not JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise WebhookPayloadError("slack body is not a JSON object")
+        if payload.get("type") == "url_verification":
+            return {"challenge": str(payload.get("challenge", ""))}
+        if payload.get("type") != "event_callback" or not isinstance(payload.get("event"), dict):
+            raise WebhookPayloadError(f"unsupported slack payload type {payload.get('type')!r}")
+        ev = payload["event"]
+        etype = str(ev.get("type") or "unknown") + (f".{ev['subtype']}" if ev.get("subtype") else "")
+        team = str(payload.get("team_id") or "unknown")
+        channel = ev.get("channel") if isinstance(ev.get("channel"), str) else None
+        text = ev.get("text") if isinstance(ev.get("text"), str) else None
+        return ExternalEvent(
+            platform="slack",
+            kind=f"slack.{etype}",
+            entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
+            actor=str(ev["user"]) if ev.get("user") else None,
+            occurred_at=_epoch_seconds(ev.get("event_ts")) or _epoch_seconds(payload.get("event_time")) or received_at,
+            url=None,
+            title=None,
+            body_excerpt=_excerpt(text),
+            refs=(),
+            source_id=str(payload.get("event_id") or hashlib.sha256(body).hexdigest()),
+        )
+    try:
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+    except UnicodeDecodeError as exc:
+        raise WebhookPayloadError("slack form body is not UTF-8") from exc
+    if "payload" in form:
+        try:
+            inter = json.loads(form["payload"])
+        except json.JSONDecodeError as exc:
+            raise WebhookPayloadError(f"slack interaction payload is not JSON: {exc}") from exc
+        if not isinstance(inter, dict):
+            raise WebhookPayloadError("slack interaction payload is not a JSON object")
+        team = (inter.get("team") or {}).get("id", "unknown") if isinstance(inter.get("team"), dict) else "unknown"
+        user = inter.get("user") if isinstance(inter.get("user"), dict) else {}
+        return ExternalEvent(
+            platform="slack", kind=f"slack.interaction.{inter.get('type', 'unknown')}", entity=f"slack:{team}",
+            actor=user.get("username") or user.get("id"), occurred_at=received_at, url=None, title=None,
+            body_excerpt=None, refs=(), source_id=str(inter.get("trigger_id") or hashlib.sha256(body).hexdigest()),
+        )  # fmt: skip
+    if "command" not in form:
+        raise WebhookPayloadError("slack form body has neither command nor payload")
+    team = form.get("team_id") or "unknown"
+    channel = form.get("channel_id")
+    return ExternalEvent(
+        platform="slack",
+        kind=f"slack.command.{form['command'].lstrip('/')}",
+        entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
+        actor=form.get("user_name") or form.get("user_id"),
+        occurred_at=received_at,
+        url=None,
+        title=None,
+        body_excerpt=_excerpt(form.get("text")),
+        refs=(),
+        source_id=form.get("trigger_id") or hashlib.sha256(body).hexdigest(),
+    )
+
+
+def map_linear_webhook(payload: Mapping[str, Any], delivery_id: str) -> ExternalEvent:
+    """Map a verified Linear webhook (``action``, ``type``, ``data``, ``url``, ``createdAt``) to an
+    :class:`ExternalEvent` (linear.app developers, "Webhooks").
+
+    Raises:
+        WebhookPayloadError: ``action``, ``type`` or ``data`` is missing.
+    """
+    action, type_, data = payload.get("action"), payload.get("type"), payload.get("data")
+    if not isinstance(action, str) or not isinstance(type_, str) or not isinstance(data, dict):
+        raise WebhookPayloadError("linear webhook has no action, type or data object")
+    issue = data.get("issue") if isinstance(data.get("issue"), dict) else {}
+    ident = data.get("identifier") or issue.get("identifier") or data.get("id") or "unknown"
+    occurred = None
+    for v in (payload.get("createdAt"), data.get("updatedAt"), data.get("createdAt")):
+        if isinstance(v, str):
+            try:
+                occurred = parse_time(v)
+                break
+            except ValueError:
+                continue
+    if occurred is None:
+        ts = payload.get("webhookTimestamp")
+        occurred = datetime.fromtimestamp(ts / 1000, UTC) if isinstance(ts, int) else datetime.now(UTC)
+    actor = payload.get("actor") if isinstance(payload.get("actor"), dict) else {}
+    text = data.get("body") or data.get("description")
+    return ExternalEvent(
+        platform="linear",
+        kind=f"linear.{type_.lower()}.{action}",
+        entity=f"linear:{ident}",
+        actor=actor.get("name") or actor.get("id"),
+        occurred_at=occurred.astimezone(UTC),
+        url=payload.get("url") if isinstance(payload.get("url"), str) else data.get("url"),
+        title=data.get("title") if isinstance(data.get("title"), str) else None,
+        body_excerpt=_excerpt(text if isinstance(text, str) else None),
+        refs=tuple(r for r in extract_github_refs(text, "unknown/unknown") if "unknown/unknown" not in r)
+        if isinstance(text, str) else (),
+        source_id=delivery_id,
+    )  # fmt: skip
+
+
+def _secret(request: Request, platform: str) -> str:
+    api = request.app.state.api_settings
+    value = getattr(api, f"{platform}_secret")
+    if value is None or not value.get_secret_value():
+        raise _problem(
+            status.HTTP_404_NOT_FOUND,
+            f"{platform} webhooks are not configured (set BACKBONE_API_{platform.upper()}_SECRET)",
+        )
+    return str(value.get_secret_value())
+
+
+async def _webhook_preamble(request: Request, platform: str) -> tuple[str, bytes]:
+    secret = _secret(request, platform)
+    api = request.app.state.api_settings
+    await run_in_threadpool(
+        enforce_rate_limit, request, f"webhook:{platform}", rate_per_second=api.webhook_rate_per_second,
+        burst=api.webhook_burst,
+    )  # fmt: skip
+    return secret, await read_body(request, api.max_body_bytes)
+
+
+async def _deliver_external(request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent) -> JSONResponse:
+    api = request.app.state.api_settings
+
+    async def handle() -> tuple[int, dict[str, Any]]:
+        event = Event.create(
+            EXTERNAL_EVENT_SCHEMA,
+            mapped.entity,
+            external_event_to_avro(mapped),
+            source=f"/webhooks/{platform}",
+            time=mapped.occurred_at,
+            id=deterministic_id("webhook", platform, delivery_id),
+        )
+        await _produce(request, api.external_topic, [event])
+        _log.info("ingest.webhook", platform=platform, kind=mapped.kind, delivery_id=delivery_id)
+        return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": 1, "ids": [event.attributes.id], "kind": mapped.kind}
+
+    fp = hashlib.sha256(body).hexdigest()
+    return await _idempotent(request, f"webhook:{platform}:{delivery_id}", fp, handle)
+
+
+def _signature_refused(exc: WebhookSignatureError) -> HTTPException:
+    return _problem(status.HTTP_401_UNAUTHORIZED, str(exc), platform=exc.platform)
+
+
+_WEBHOOK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing, forged or stale signature: nothing produced."},
+    404: {"description": "This webhook is not configured."},
+    413: {"description": "Body too large."},
+    422: {"description": "A verified body that cannot be mapped."},
+    503: {"description": "The broker did not acknowledge (Retry-After)."},
+}
+
+
+@router.post("/webhooks/github", status_code=202, tags=["webhooks"], responses=_WEBHOOK_RESPONSES)
+async def github_webhook(request: Request) -> JSONResponse:
+    """A GitHub webhook delivery (``X-Hub-Signature-256``, ``X-GitHub-Event``, ``X-GitHub-Delivery``),
+    produced as a ``sophia.external.ExternalEvent``; redeliveries of one delivery id produce nothing new."""
+    secret, body = await _webhook_preamble(request, "github")
+    try:
+        verify_github_signature(secret=secret, body=body, signature_header=request.headers.get("x-hub-signature-256"))
+    except WebhookSignatureError as exc:
+        raise _signature_refused(exc) from exc
+    event_name = request.headers.get("x-github-event")
+    delivery = request.headers.get("x-github-delivery")
+    if not event_name or not delivery:
+        raise _problem(status.HTTP_400_BAD_REQUEST, "X-GitHub-Event and X-GitHub-Delivery headers are required")
+    if event_name == "ping":
+        return JSONResponse({"pong": True, "delivery": delivery}, status_code=200)
+    try:
+        mapped = map_github_webhook(event_name=event_name, body=body, delivery_id=delivery, received_at=datetime.now(UTC))
+    except WebhookPayloadError as exc:
+        raise _problem(422, str(exc)) from exc
+    return await _deliver_external(request, "github", delivery, body, mapped)
+
+
+@router.post("/webhooks/slack", status_code=202, tags=["webhooks"], responses=_WEBHOOK_RESPONSES)
+async def slack_webhook(request: Request) -> JSONResponse:
+    """A Slack request (v0 signing secret, ``X-Slack-Request-Timestamp`` within 5 minutes): Events API
+    callbacks, slash commands and interactions; answers ``url_verification`` challenges."""
+    secret, body = await _webhook_preamble(request, "slack")
+    now = datetime.now(UTC)
+    try:
+        verify_slack_signature(
+            secret=secret, body=body, signature_header=request.headers.get("x-slack-signature"),
+            timestamp_header=request.headers.get("x-slack-request-timestamp"), now=now,
+        )  # fmt: skip
+    except WebhookSignatureError as exc:
+        raise _signature_refused(exc) from exc
+    try:
+        mapped = map_slack_webhook(body, request.headers.get("content-type", ""), now)
+    except WebhookPayloadError as exc:
+        raise _problem(422, str(exc)) from exc
+    if isinstance(mapped, dict):
+        return JSONResponse(mapped, status_code=200)
+    return await _deliver_external(request, "slack", mapped.source_id, body, mapped)
+
+
+@router.post("/webhooks/linear", status_code=202, tags=["webhooks"], responses=_WEBHOOK_RESPONSES)
+async def linear_webhook(request: Request) -> JSONResponse:
+    """A Linear webhook (``Linear-Signature``, ``webhookTimestamp`` within a minute), de-duplicated by
+    ``Linear-Delivery``."""
+    secret, body = await _webhook_preamble(request, "linear")
+    try:
+        payload = verify_linear_signature(
+            secret=secret, body=body, signature_header=request.headers.get("linear-signature"), now=datetime.now(UTC)
+        )
+    except WebhookSignatureError as exc:
+        raise _signature_refused(exc) from exc
+    except WebhookPayloadError as exc:
+        raise _problem(422, str(exc)) from exc
+    delivery = request.headers.get("linear-delivery") or hashlib.sha256(body).hexdigest()
+    try:
+        mapped = map_linear_webhook(payload, delivery)
+    except WebhookPayloadError as exc:
+        raise _problem(422, str(exc)) from exc
+    return await _deliver_external(request, "linear", delivery, body, mapped)
