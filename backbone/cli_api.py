@@ -6,12 +6,13 @@ serves; the ``token`` group manages API tokens (stored hashed in PostgreSQL).
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from backbone.observability import emit_json
 
 __all__ = ["api", "app", "token_app"]
 
@@ -102,7 +103,7 @@ def token_create(
     finally:
         store.pool.close()
     if as_json:
-        out.print_json(json.dumps({"token": token, **info.as_json()}))
+        emit_json({"token": token, **info.as_json()})
         return
     out.print(f"token {info.token_id} ({', '.join(info.scopes)}) - shown once, keep it secret:")
     out.print(token, highlight=False, soft_wrap=True)
@@ -120,7 +121,7 @@ def token_list(
     finally:
         store.pool.close()
     if as_json:
-        out.print_json(json.dumps(rows))
+        emit_json(rows)
         return
     table = Table(title="API tokens")
     for c in ("token_id", "name", "scopes", "created_at", "revoked_at"):

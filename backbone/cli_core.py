@@ -232,12 +232,25 @@ def replay(
     topic: Annotated[str, typer.Option("--topic", help="Topic to read.")],
     from_: Annotated[str | None, typer.Option("--from", help="Offset or ISO-8601 event time (inclusive).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Offset or ISO-8601 event time (exclusive).")] = None,
+    into: Annotated[
+        str | None, typer.Option("--into", help="Apply the range to a fresh copy of this projection (proj_<NAME>_replay).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Read a bounded range of history, in order per partition."""
+    """Read a bounded range of history, in order per partition; print it, or project it with --into."""
     from streams.replay import read_range
 
     settings, serde = _ctx()
+    if into:
+        from projections.cli import replay_into
+
+        result = replay_into(settings, serde, topic, start=_parse_bound(from_), end=_parse_bound(to), name=into)
+        if as_json:
+            emit_json(result)
+        else:
+            out.print(f"replayed {result['records']:,} record(s) of {topic} into schema {result['schema']} "
+                      f"({result['applied']:,} applied)")  # fmt: skip
+        return
     n = 0
     for r in read_range(settings.kafka, serde, topic, start=_parse_bound(from_), end=_parse_bound(to)):
         _print_record(r, as_json)
@@ -460,6 +473,14 @@ def mount(app: typer.Typer) -> None:
     cdc_app = typer.Typer(help="Change data capture: normalise Debezium events and project table state.")
     cdc_app.command("run")(run_cdc)
     app.add_typer(cdc_app, name="cdc")
+
+    from processors.__main__ import cli as processors_cli
+    from projections import cli as projections_cli
+
+    app.add_typer(processors_cli, name="processors", help="The Faust processors (run summary).")
+
+    app.add_typer(projections_cli.app, name="projections")
+    app.command("audit")(projections_cli.audit)
     for module, name, help_ in (
         ("connectors.cli", "connectors", "Kafka Connect / Debezium connectors."),
         ("configuration.cli", "config", "Configuration as event-sourced aggregates."),

@@ -275,6 +275,8 @@ def relay(
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BACKBONE_CONFIG_RELAY_BATCH_SIZE")] = 100,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BACKBONE_CONFIG_METRICS_PORT",
                                                      help="Serve /metrics on this port.")] = None,
+    until_caught_up: Annotated[bool, typer.Option("--until-caught-up", envvar="BACKBONE_CONFIG_RELAY_ONCE",
+                                                  help="Publish what is stored now, then exit.")] = False,
 ) -> None:
     """Run the outbox relay: publish every stored configuration event to the config topic."""
     from prometheus_client import start_http_server
@@ -285,7 +287,13 @@ def relay(
     if metrics_port is not None:
         start_http_server(metrics_port, registry=r.metrics.registry)
     try:
-        _run_until_signal(r.run)
+        if until_caught_up:
+            total = 0
+            while n := r.run_once():
+                total += n
+            typer.echo(f"published {total} configuration event(s) to {topic}")
+        else:
+            _run_until_signal(r.run)
     finally:
         r.close()
 

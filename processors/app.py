@@ -405,7 +405,7 @@ def run_worker(
     subprocess: ``python -m processors worker --stop-after-idle 5``.
 
     Args:
-        settings: default :func:`backbone.settings.get_settings`.
+        settings: default: the environment's, completed from a running dev stack.
         app_id: Faust app id (consumer group, changelog prefix); default ``backbone-processors``.
         topics: topic names; default the catalogue's.
         stop_after_idle_seconds: stop once the worker is started (partitions assigned, table
@@ -422,7 +422,10 @@ def run_worker(
         ValueError: no Kafka bootstrap servers are configured.
         StreamsError: a topic cannot be created.
     """
-    settings = settings or get_settings()
+    if settings is None:
+        from backbone.runtime import load_settings
+
+        settings = load_settings()  # the environment, completed from a running `backbone dev up`
     topics = topics or ProcessorTopics()
     ensure_processor_topics(settings.kafka, topics)
     app = create_app(settings, app_id=app_id, topics=topics, web_port=web_port)

@@ -1,8 +1,9 @@
-"""The agent-run views: one row per run, one per (run, model, provider), and per-model usage.
+"""The agent-run views: one row per run, one per (run, model, provider), and per-model usage; and the
+insight feed (the latest insight per kind and entity).
 
-Built from ``agent.events`` (``sophia.agent.RunLifecycle``, ``LlmCall``, ``ToolCall``). Costs are
-``numeric``: sums are exact and independent of batch boundaries, so a rebuild equals the live view
-row for row.
+Built from ``agent.events`` (``sophia.agent.RunLifecycle``, ``LlmCall``, ``ToolCall``) and
+``insights.runs`` (``sophia.insight.Insight``). Costs are ``numeric``: sums are exact and independent
+of batch boundaries, so a rebuild equals the live view row for row.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import psycopg
 from projections.errors import ProjectionApplyError
 from streams.consumer import ConsumedEvent
 
-__all__ = ["AgentRunsProjection"]
+__all__ = ["AgentRunsProjection", "InsightsProjection"]
 
 DDL = """
 CREATE TABLE IF NOT EXISTS agent_runs (
@@ -183,3 +184,74 @@ class AgentRunsProjection:
         cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
         if models:
             cur.executemany(_UPSERT_MODEL, [(*k, *v) for k, v in models.items()])
+
+
+INSIGHTS_DDL = """
+CREATE TABLE IF NOT EXISTS insights_latest (
+    kind         text        NOT NULL,
+    entity       text        NOT NULL,
+    insight_id   text        NOT NULL,
+    event_time   timestamptz NOT NULL,
+    summary      text        NOT NULL,
+    metrics      jsonb       NOT NULL,
+    labels       jsonb       NOT NULL,
+    event_id     text        NOT NULL,
+    causation_id text,
+    PRIMARY KEY (kind, entity)
+);
+CREATE INDEX IF NOT EXISTS insights_latest_time ON insights_latest (event_time DESC);
+"""
+_UPSERT_INSIGHT = """
+INSERT INTO insights_latest (kind, entity, insight_id, event_time, summary, metrics, labels, event_id, causation_id)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (kind, entity) DO UPDATE SET
+    insight_id = excluded.insight_id, event_time = excluded.event_time, summary = excluded.summary,
+    metrics = excluded.metrics, labels = excluded.labels, event_id = excluded.event_id,
+    causation_id = excluded.causation_id
+WHERE (excluded.event_time, excluded.insight_id) > (insights_latest.event_time, insights_latest.insight_id)
+"""
+
+
+class InsightsProjection:
+    """The insight feed: the latest insight per ``(kind, entity)`` from ``insights.runs``.
+
+    "Latest" is by event time, ties broken by insight id, so the result does not depend on the order
+    the insights arrive in (a rebuild equals the live view).
+    """
+
+    name = "insights"
+    version = 1
+    topics: tuple[str, ...] = ("insights.runs",)
+
+    def __init__(self, topics: Sequence[str] | None = None) -> None:
+        if topics is not None:
+            self.topics = tuple(topics)
+
+    def create(self, conn: psycopg.Connection) -> None:
+        """Create ``insights_latest``."""
+        conn.execute(INSIGHTS_DDL)
+
+    def apply(self, cur: psycopg.Cursor, events: Sequence[ConsumedEvent]) -> None:
+        """Keep the latest insight per (kind, entity) of the batch, then upsert it.
+
+        Raises:
+            ProjectionApplyError: an event that is not a ``sophia.insight.Insight``.
+        """
+        import json
+
+        latest: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for e in events:
+            if e.schema != "sophia.insight.Insight":
+                raise ProjectionApplyError(f"event {e.attributes.id}: {e.schema} is not an insight")
+            d = e.data
+            row = (
+                d["kind"], d["entity"], d["insight_id"], d["event_time"], d.get("summary", ""),
+                json.dumps(d.get("metrics") or {}, sort_keys=True), json.dumps(d.get("labels") or {}, sort_keys=True),
+                e.attributes.id, e.attributes.causation_id,
+            )  # fmt: skip
+            k = (d["kind"], d["entity"])
+            old = latest.get(k)
+            if old is None or (row[3], row[2]) > (old[3], old[2]):
+                latest[k] = row
+        if latest:
+            cur.executemany(_UPSERT_INSIGHT, list(latest.values()))

@@ -12,6 +12,18 @@ Everything a projection owns (its view tables, checkpoints, seen ids) lives in o
 schema, ``proj_<name>`` by default, so a rebuild can fill a fresh schema and swap it in atomically.
 Each batch is fenced: it commits only if the stored checkpoint of every partition in it is where the
 batch starts, so a stale runner (after a rebalance or a swap) rewinds instead of double-applying.
+
+Optional projection attributes (read with ``getattr``, so a plain :class:`Projection` needs none):
+
+* ``dedupe_by_id = False``: skip the ``projection_seen`` step (the archive keys rows by log position
+  and keeps every record, duplicates included);
+* ``apply_failures(cur, failures)``: the projection takes the undecodable records itself (in the same
+  transaction) instead of the runner dead-lettering them (the archive keeps them; the other
+  projections reading the topic still dead-letter them).
+
+``after_commit(events)`` (a constructor argument) is called with the applied events after each
+commit, e.g. to refresh a Redis read model; it must not raise (an exception is logged and ignored:
+PostgreSQL is the truth).
 """
 
 from __future__ import annotations
@@ -120,6 +132,8 @@ class ProjectionRunner:
         dlq_topic: the dead-letter topic.
         schema: PostgreSQL schema of the projection's tables (default ``proj_<name>``).
         on_batch: called after each committed batch (tests use it to inject crashes).
+        after_commit: called with the events applied by each committed batch (a read-model hook);
+            its exceptions are logged, never raised.
     """
 
     def __init__(
@@ -135,6 +149,7 @@ class ProjectionRunner:
         dlq_topic: str = DLQ_TOPIC,
         schema: str | None = None,
         on_batch: Callable[[RunnerStats], None] | None = None,
+        after_commit: Callable[[Sequence[ConsumedEvent]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -147,6 +162,7 @@ class ProjectionRunner:
             dlq_producer or EventProducer(settings.kafka, serde), projection.name, topic=dlq_topic
         )
         self.on_batch = on_batch
+        self.after_commit = after_commit
         self.stats = RunnerStats()
         self._conn: psycopg.Connection | None = None
         self._assigned: set[tuple[str, int]] = set()
@@ -238,7 +254,7 @@ class ProjectionRunner:
 
     def _apply_batch(
         self, events: list[ConsumedEvent], failures: list[DecodeFailure], first: dict, last: dict
-    ) -> None:
+    ) -> list[ConsumedEvent]:
         name = self.projection.name
         conn = self._connect()
         refused: list[tuple[ConsumedEvent, Exception]] = []
@@ -255,10 +271,15 @@ class ProjectionRunner:
                 moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
                 if moved:
                     raise _Fenced(f"checkpoint of {moved} moved under this runner")
-                for f in failures:
-                    self.dlq.publish_failure(f)
+                keep_failures = getattr(self.projection, "apply_failures", None)
+                if keep_failures is not None and failures:
+                    keep_failures(cur, failures)
+                    failures = []
+                else:
+                    for f in failures:
+                        self.dlq.publish_failure(f)
                 fresh = events
-                if events:
+                if events and getattr(self.projection, "dedupe_by_id", True):
                     ids = [e.attributes.id for e in events]
                     cur.execute(
                         "INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest(%s::text[]) "
@@ -304,6 +325,58 @@ class ProjectionRunner:
         _applied.labels(name).inc(n_fresh)
         _duplicates.labels(name).inc(len(events) - len(fresh))
         _dead.labels(name).inc(len(failures) + len(refused))
+        if refused:
+            ids = {id(e) for e, _ in refused}
+            return [e for e in fresh if id(e) not in ids]
+        return fresh
+
+    def apply_records(
+        self,
+        records: Sequence[ConsumedEvent | DecodeFailure],
+        *,
+        first: dict[tuple[str, int], int] | None = None,
+    ) -> int:
+        """Apply records that did not come from this runner's consumer (a rebuild's archive backfill).
+
+        Same transaction, fencing, de-duplication and checkpoint as a consumed batch.
+
+        Args:
+            records: records in offset order per partition.
+            first: ``(topic, partition) -> the checkpoint the batch must start from``; default: each
+                partition's first record offset (a fresh schema has no checkpoint, so any start passes).
+
+        Returns:
+            the number of events applied.
+
+        Raises:
+            psycopg.OperationalError: PostgreSQL is unreachable (no retry here).
+            RuntimeError: the checkpoint moved under the caller (fenced).
+        """
+        events = [r for r in records if isinstance(r, ConsumedEvent)]
+        failures = [r for r in records if isinstance(r, DecodeFailure)]
+        starts: dict[tuple[str, int], int] = dict(first or {})
+        last: dict[tuple[str, int], int] = {}
+        for r in records:
+            starts.setdefault((r.topic, r.partition), r.offset)
+            last[(r.topic, r.partition)] = r.offset
+        if not last:
+            return 0
+        try:
+            fresh = self._apply_batch(events, failures, starts, last)
+        except _Fenced as exc:
+            raise RuntimeError(str(exc)) from exc
+        self.stats.batches += 1
+        self.stats.positions.update({k: v + 1 for k, v in last.items()})
+        self._notify(fresh)
+        return len(fresh)
+
+    def _notify(self, fresh: Sequence[ConsumedEvent]) -> None:
+        if self.after_commit is None or not fresh:
+            return
+        try:
+            self.after_commit(fresh)
+        except Exception as exc:  # noqa: BLE001 - a read model must never stop the projection
+            log.warning("after-commit hook failed", projection=self.projection.name, error=repr(exc))
 
     def _apply_one_by_one(
         self, conn: psycopg.Connection, cur: psycopg.Cursor, events: list[ConsumedEvent]
@@ -332,6 +405,9 @@ class ProjectionRunner:
                 if err.code() == KafkaError._PARTITION_EOF:
                     self._at_end.add((m.topic(), m.partition()))
                     continue
+                if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+                    log.warning("topic not on the broker (yet)", projection=self.projection.name, error=err.str())
+                    continue
                 raise KafkaException(err)
             tp = (m.topic(), m.partition())
             self._at_end.discard(tp)
@@ -343,7 +419,7 @@ class ProjectionRunner:
             return 0
         start = time.perf_counter()
         try:
-            self._apply_batch(events, failures, first, last)
+            fresh = self._apply_batch(events, failures, first, last)
         except psycopg.OperationalError as exc:
             self._need_rewind = True
             self._db_backoff(exc)
@@ -357,6 +433,7 @@ class ProjectionRunner:
         self.stats.batches += 1
         self.stats.positions.update({k: v + 1 for k, v in last.items()})
         consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+        self._notify(fresh)
         if self.on_batch is not None:
             self.on_batch(self.stats)
         return len(msgs)

@@ -19,7 +19,8 @@ def tour_lines() -> list[str]:
     text = (ROOT / "README.md").read_text()
     block = re.search(r"```sh tour\n(.*?)```", text, re.S)
     assert block, "README has no ```sh tour block"
-    return [line for line in block.group(1).splitlines() if line.strip()]
+    joined = block.group(1).replace("\\\n", "")  # shell line continuations
+    return [line for line in joined.splitlines() if line.strip()]
 
 
 def test_readme_tour_runs(tmp_path: Path) -> None:
@@ -49,5 +50,14 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
     assert sub.count("agent.events[") == 3 and "ce_" not in sub
     cdc = by_start("backbone query cdc").stdout
     assert "18oz carpenter hammer" in cdc and "111" not in cdc.split("inventory.products", 1)[-1].split()
+    history = by_start("backbone config history").stdout
+    assert "v3 ROLLED_BACK" in history and "alice" in history and "bob" in history
+    changes = [json.loads(x) for x in by_start("backbone subscribe config.changes").stdout.splitlines()]
+    assert [c["data"]["version"] for c in changes] == [1, 2, 3]
+    assert "verified" in by_start("backbone projections rebuild").stdout.lower()
+    audit = by_start("backbone audit").stdout
+    assert "sophia.agent.RunLifecycle" in audit and "sophia.insight.Insight" in audit
+    sse = by_start("TOKEN=").stdout
+    assert sse.count("data: ") >= 1 and "id: " in sse
     replayed = [json.loads(x) for x in by_start("backbone replay").stdout.splitlines() if x.startswith("{")]
     assert replayed and all("2025-11-18T23:00:00" <= e["time"] < "2025-11-18T23:01:00" for e in replayed)

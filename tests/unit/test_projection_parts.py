@@ -1,0 +1,56 @@
+"""Pure parts of the projection operations: entity forms of the audit, the archive's header encoding,
+schema names, the registry and the status documents (no network)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from projections.archive import _headers_json, headers_from_json
+from projections.audit import entity_candidates
+from projections.registry import PROJECTIONS, PartitionStatus, ProjectionStatus, get_projection
+from projections.runner import schema_name
+
+
+def test_entity_forms_name_the_key_subject_and_source_to_match() -> None:
+    """run:/config: match the entity and its bare value; agent:/service: also a source; a bare text matches itself."""
+    assert entity_candidates("run:django-1") == (["run:django-1", "django-1"], [])
+    assert entity_candidates("agent:swe") == (["agent:swe", "swe"], ["/agents/swe"])
+    assert entity_candidates("service:api")[1] == ["/services/api"]
+    assert entity_candidates("plain-key") == (["plain-key"], [])
+    with pytest.raises(ValueError, match="missing"):
+        entity_candidates("run:")
+    with pytest.raises(ValueError):
+        entity_candidates("  ")
+
+
+def test_archived_headers_round_trip_with_order_repeats_and_nulls() -> None:
+    """Headers survive the archive's JSON column byte for byte, in order, with repeats and null values."""
+    headers = (("ce_id", b"1"), ("x", None), ("x", b"\x00\xff"), ("ce_type", b"t"))
+    assert headers_from_json(_headers_json(headers)) == headers
+
+
+def test_schema_names_are_checked_identifiers() -> None:
+    """A projection's schema is proj_<name>[_suffix]; a name that is no lower-case identifier is refused."""
+    assert schema_name("agent_runs", "rebuild") == "proj_agent_runs_rebuild"
+    with pytest.raises(ValueError):
+        schema_name("Bad-Name")
+
+
+def test_registry_knows_the_views_the_insight_feed_and_the_archive() -> None:
+    """The registry builds each known projection by name and names the known ones for an unknown name."""
+    assert {"agent_runs", "insights", "archive"} <= set(PROJECTIONS)
+    assert get_projection("insights").topics == ("insights.runs",)
+    assert "backbone.dlq" in get_projection("archive").topics
+    with pytest.raises(KeyError, match="known: "):
+        get_projection("nope")
+
+
+def test_status_json_flags_a_due_rebuild_and_formats_times() -> None:
+    """A status whose stored version differs from the code's says a rebuild is due; times are RFC 3339."""
+    t = datetime(2025, 11, 18, 22, 55, 1, tzinfo=UTC)
+    p = PartitionStatus(topic="a", partition=0, checkpoint=5, log_end=8, lag_events=3, advanced_at=t)
+    doc = ProjectionStatus(name="x", version=2, stored_version=1, schema="proj_x", topics=("a",), partitions=(p,),
+                           lag_events=3, last_advanced_at=t).as_json()  # fmt: skip
+    assert doc["rebuild_due"] is True and doc["partitions"][0]["advanced_at"] == "2025-11-18T22:55:01.000Z"
