@@ -11,7 +11,9 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torch first, pinned: the CPU build of 2.13.0 is on this machine's disk (a bare `torch` would pull CUDA)
+	$(BIN)/python -m pip install -q 'torch==2.13.0'
+	$(BIN)/python -m pip install -q -e '.[dev,inference]'
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)

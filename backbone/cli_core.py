@@ -481,14 +481,12 @@ def mount(app: typer.Typer) -> None:
 
     app.add_typer(projections_cli.app, name="projections")
     app.command("audit")(projections_cli.audit)
-    for module, name, help_ in (
-        ("connectors.cli", "connectors", "Kafka Connect / Debezium connectors."),
-        ("configuration.cli", "config", "Configuration as event-sourced aggregates."),
-        ("backbone.cli_api", "api", "The HTTP API: serve it, manage its tokens."),
-        ("inference.cli", "inference", "Inference on Ray."),
-    ):
-        try:
-            sub = __import__(module, fromlist=["app"]).app
-        except ImportError:
-            continue
-        app.add_typer(sub, name=name, help=help_)
+    from backbone import cli_api
+    from configuration import cli as config_cli
+    from connectors import cli as connectors_cli
+    from inference import cli as inference_cli  # light: Ray and torch load when a command runs
+
+    app.add_typer(connectors_cli.app, name="connectors", help="Kafka Connect / Debezium connectors.")
+    app.add_typer(config_cli.app, name="config", help="Configuration as event-sourced aggregates.")
+    app.add_typer(cli_api.app, name="api", help="The HTTP API: serve it, manage its tokens.")
+    app.add_typer(inference_cli.app, name="inference", help="Inference on Ray: embedding actors.")

@@ -84,6 +84,22 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Webhook deliveries from GitHub, Slack and Linear, mapped to external events.",
         ),
         TopicSpec(
+            name="inference.requests",
+            partitions=6,
+            key="request_id",
+            schemas=("sophia.inference.EmbeddingRequest",),
+            retention_ms=7 * _DAY_MS,
+            doc="Embedding requests consumed by the inference actors.",
+        ),
+        TopicSpec(
+            name="inference.results",
+            partitions=6,
+            key="request_id",
+            schemas=("sophia.inference.EmbeddingResult",),
+            retention_ms=7 * _DAY_MS,
+            doc="Embeddings answered by the inference actors (de-duplicate on request_id).",
+        ),
+        TopicSpec(
             name="backbone.dlq",
             partitions=1,
             key="original key",
