@@ -19,6 +19,8 @@ __all__ = ["AVRO_CONTENT_TYPE", "CloudEvent", "Event", "deterministic_id", "form
 
 AVRO_CONTENT_TYPE = "application/avro"
 SPECVERSION = "1.0"
+_REQUIRED_ORDER = ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time")
+_REQUIRED = frozenset(_REQUIRED_ORDER)
 _NAMESPACE = uuid.UUID("6f1c9a52-3b7e-4d0a-9a55-5b0f1d0c2e11")
 
 
@@ -44,7 +46,7 @@ def format_time(t: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     """Parse an RFC 3339 / ISO 8601 time; a value without offset is taken as UTC."""
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    t = datetime.fromisoformat(text)  # Python 3.11+ reads the "Z" suffix
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -105,15 +107,18 @@ class CloudEvent:
             EnvelopeError: when a required attribute (id, source, type, time, specversion) is missing,
                 the spec version is not 1.0, or the time does not parse.
         """
-        h: dict[str, str] = {}
-        for k, v in headers or ():
-            if v is not None:
-                try:
-                    h[k] = v.decode() if isinstance(v, bytes) else str(v)
-                except UnicodeDecodeError as exc:
-                    raise EnvelopeError(f"header {k!r} is not UTF-8") from exc
-        missing = [a for a in ("ce_specversion", "ce_id", "ce_source", "ce_type", "ce_time") if a not in h]
-        if missing:
+        try:
+            h = {k: v.decode() for k, v in headers or () if v is not None}
+        except (UnicodeDecodeError, AttributeError):
+            h = {}
+            for k, v in headers or ():
+                if v is not None:
+                    try:
+                        h[k] = v.decode() if isinstance(v, bytes) else str(v)
+                    except UnicodeDecodeError as exc:
+                        raise EnvelopeError(f"header {k!r} is not UTF-8") from exc
+        if not _REQUIRED.issubset(h):
+            missing = [a for a in _REQUIRED_ORDER if a not in h]
             raise EnvelopeError(f"missing CloudEvents header(s): {', '.join(missing)}")
         if h["ce_specversion"] != SPECVERSION:
             raise EnvelopeError(f"unsupported CloudEvents specversion {h['ce_specversion']!r}")
