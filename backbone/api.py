@@ -29,12 +29,14 @@ import structlog
 from confluent_kafka.admin import AdminClient
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backbone.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
+from backbone.observability import REGISTRY
 from backbone.settings import Settings
 
 __all__ = ["ApiSettings", "ServerThread", "create_app"]
@@ -98,6 +100,44 @@ def _projection_router() -> Any | None:
             raise
         return None
     return getattr(module, "router", None)
+
+
+_REQUESTS = Counter(
+    "backbone_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY
+)
+_LATENCY = Histogram(
+    "backbone_api_request_seconds", "Time to the first byte of the answer to an HTTP request", ["method", "route"], registry=REGISTRY
+)
+
+
+class _MetricsMiddleware:
+    """Pure ASGI middleware (safe with streaming responses): counts requests and times them per
+    route template, so labels stay bounded (never the raw path)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status_code = [500]
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_code[0] = message["status"]
+                route = scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                _LATENCY.labels(scope["method"], template).observe(time.perf_counter() - start)
+                _REQUESTS.labels(scope["method"], template, str(status_code[0])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def _instrument(app: FastAPI) -> None:
+    app.add_middleware(_MetricsMiddleware)
 
 
 def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
@@ -172,6 +212,13 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
     reads = _projection_router()
     if reads is not None:  # any valid token may read the projections
         app.include_router(reads, dependencies=[Depends(authenticate_request)])
+
+    _instrument(app)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text format of the backbone's registry (requests, latencies, projection counters)."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(request: Request) -> JSONResponse:

@@ -323,3 +323,14 @@ def test_broker_down_is_503_with_retry_after(settings: Settings, api_db: str, tm
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_metrics_endpoint_counts_requests_by_route(server: ServerThread) -> None:
+    """/metrics serves Prometheus text with requests labelled by route template, not raw path."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        client.get("/healthz")
+        client.post("/events/sophia.agent.ToolCall", json={})  # 401: still counted, by template
+        body = client.get("/metrics").text
+    assert 'route="/events/{type}"' in body
+    assert "backbone_api_requests_total" in body
+    assert 'route="/healthz"' in body
