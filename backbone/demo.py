@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from backbone.observability import emit_json
 from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
+
+from backbone.observability import emit_json
 
 __all__ = ["demo"]
 
@@ -61,12 +61,12 @@ def demo(
     import psycopg
     from confluent_kafka.admin import AdminClient
 
+    from backbone.cli_core import import_runs
     from backbone.devstack import DevStack
     from backbone.errors import BackboneError
     from backbone.observability import configure_logging
     from backbone.runtime import make_serde
     from backbone.settings import get_settings
-    from backbone.cli_core import import_runs
     from projections import queries
     from projections.agent_runs import AgentRunsProjection
     from projections.runner import ProjectionRunner

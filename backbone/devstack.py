@@ -769,7 +769,7 @@ def _postgres_system_user(bin_dir: Path, pgdata: Path) -> str | None:
             raise StackError(
                 f"could not create the system user {_PG_SYSTEM_USER!r} to run PostgreSQL as: "
                 f"{result.stderr.strip()}"
-            )
+            ) from None
     for directory in [pgdata.parent, *pgdata.parent.parents]:
         mode = directory.stat().st_mode
         if mode & 0o001 == 0:

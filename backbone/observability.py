@@ -67,7 +67,7 @@ def serve_metrics(
     """
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
             elif self.path.startswith("/healthz"):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from confluent_kafka import Producer  # noqa: E402
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.common import bench_stack, print_table, realistic_events  # noqa: E402
-from streams.producer import EventProducer, epoch_ms  # noqa: E402
-from streams.registry import EmbeddedRegistry  # noqa: E402
-from streams.serde import AvroSerde  # noqa: E402
+from bench.common import bench_stack, print_table, realistic_events
+from streams.producer import EventProducer, epoch_ms
+from streams.registry import EmbeddedRegistry
+from streams.serde import AvroSerde
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:

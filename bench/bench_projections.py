@@ -30,16 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psycopg  # noqa: E402
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+import psycopg
+from confluent_kafka.admin import AdminClient, NewTopic
 
-from bench.common import bench_stack, print_table, realistic_events  # noqa: E402
-from projections.agent_runs import AgentRunsProjection  # noqa: E402
-from projections.rebuild import rebuild  # noqa: E402
-from projections.runner import ProjectionRunner, RunnerStats  # noqa: E402
-from streams.producer import EventProducer  # noqa: E402
-from streams.registry import EmbeddedRegistry  # noqa: E402
-from streams.serde import AvroSerde  # noqa: E402
+from bench.common import bench_stack, print_table, realistic_events
+from projections.agent_runs import AgentRunsProjection
+from projections.rebuild import rebuild
+from projections.runner import ProjectionRunner, RunnerStats
+from streams.producer import EventProducer
+from streams.registry import EmbeddedRegistry
+from streams.serde import AvroSerde
 
 __all__ = ["main"]
 

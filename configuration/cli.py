@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-from backbone.observability import emit_json
 from rich.console import Console
 from rich.table import Table
 
+from backbone.observability import emit_json
 from backbone.settings import Settings, get_settings
 from configuration.errors import ConfigurationError, StaleVersionError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC

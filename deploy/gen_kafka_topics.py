@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from streams.catalogue import CATALOGUE  # noqa: E402
+from streams.catalogue import CATALOGUE
 
 
 def render() -> str:

@@ -5,10 +5,10 @@ from projections.agent_runs import AgentRunsProjection, InsightsProjection
 from projections.archive import ArchiveProjection
 from projections.audit import AuditEntry, audit_trail
 from projections.base import Projection
+from projections.errors import CheckpointError, ProjectionApplyError, ProjectionError
 from projections.read_models import RunReadModel
 from projections.rebuild import RebuildReport, RebuildVerifyError, rebuild
 from projections.registry import PROJECTIONS
-from projections.errors import CheckpointError, ProjectionApplyError, ProjectionError
 from projections.runner import ProjectionRunner, RunnerStats, run_projections
 
 __all__ = [
@@ -16,17 +16,17 @@ __all__ = [
     "AgentRunsProjection",
     "ArchiveProjection",
     "AuditEntry",
-    "InsightsProjection",
-    "RebuildReport",
-    "RebuildVerifyError",
-    "RunReadModel",
-    "audit_trail",
-    "rebuild",
     "CheckpointError",
+    "InsightsProjection",
     "Projection",
     "ProjectionApplyError",
     "ProjectionError",
     "ProjectionRunner",
+    "RebuildReport",
+    "RebuildVerifyError",
+    "RunReadModel",
     "RunnerStats",
+    "audit_trail",
+    "rebuild",
     "run_projections",
 ]

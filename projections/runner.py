@@ -42,7 +42,14 @@ from backbone.observability import REGISTRY
 from backbone.settings import Settings
 from projections.base import Projection
 from projections.errors import ProjectionApplyError
-from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher, DecodeFailure, decode_message, make_consumer
+from streams.consumer import (
+    DLQ_TOPIC,
+    ConsumedEvent,
+    DeadLetterPublisher,
+    DecodeFailure,
+    decode_message,
+    make_consumer,
+)
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 

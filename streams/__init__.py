@@ -2,7 +2,14 @@
 registries, the typed producer, consuming with dead letters, and range reads by offset or time."""
 
 from streams.catalogue import CATALOGUE, TopicSpec, ensure_topics
-from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher, DecodeFailure, Subscriber, decode_message
+from streams.consumer import (
+    DLQ_TOPIC,
+    ConsumedEvent,
+    DeadLetterPublisher,
+    DecodeFailure,
+    Subscriber,
+    decode_message,
+)
 from streams.envelope import CloudEvent, Event, deterministic_id
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry, HttpRegistry, SchemaRegistry, make_registry

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def tour_lines() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"```sh tour\n(.*?)```", text, re.S)
+    block = re.search(r"```sh tour\n(.*?)```", text, re.DOTALL)
     assert block, "README has no ```sh tour block"
     joined = block.group(1).replace("\\\n", "")  # shell line continuations
     return [line for line in joined.splitlines() if line.strip()]
@@ -38,7 +38,7 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
             outputs[line] = r
     finally:
         subprocess.run(["bash", "-c", "backbone dev down"], cwd=ROOT, env=env, capture_output=True, timeout=60)
-    by_start = lambda prefix: next(r for line, r in outputs.items() if line.startswith(prefix))  # noqa: E731
+    by_start = lambda prefix: next(r for line, r in outputs.items() if line.startswith(prefix))
     assert "imported 25 run(s), 1,730 events" in by_start("backbone import").stdout
     assert "applied 1,730 event(s)" in by_start("backbone project").stdout
     models = json.loads(by_start("backbone query models").stdout)

@@ -143,7 +143,7 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
            "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": "2000"}  # fmt: skip
     # A new consumer group per restart: the checkpoint in PostgreSQL, not the group's committed
     # offsets, decides where a restarted runner resumes (and no restart waits for a dead member).
-    cmd = lambda: [sys.executable, "-m", "backbone", "project", "--topic", topic, "--group",  # noqa: E731
+    cmd = lambda: [sys.executable, "-m", "backbone", "project", "--topic", topic, "--group",
                    f"crash-{topic}-{kills}", "--batch-size", "5"]  # fmt: skip
     rng = random.Random(20261122)
     kills = 0

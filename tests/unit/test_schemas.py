@@ -153,7 +153,7 @@ def test_compatible_change_gets_a_new_id(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_compatibility_rules(old: object, new: object, level: str, ok: bool) -> None:
     """The gate follows Avro's schema-resolution rules for promotions, enums, unions and containers."""
-    wrap = lambda t: {"type": "record", "name": "R", "fields": [{"name": "f", "type": t}]}  # noqa: E731
+    wrap = lambda t: {"type": "record", "name": "R", "fields": [{"name": "f", "type": t}]}
     assert (check_compatibility(wrap(new), wrap(old), level) == []) is ok
 
 
