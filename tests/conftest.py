@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -54,15 +56,22 @@ def _base_settings(state_dir: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
-    """The session's Kafka, PostgreSQL and Redis: embedded, or from the environment in external mode."""
-    state_dir = tmp_path_factory.mktemp("devstack")
+def stack() -> Iterator[StackInfo]:
+    """The session's Kafka, PostgreSQL and Redis: embedded, or from the environment in external mode.
+
+    The state dir is a plain temp dir, not under pytest's basetemp: another pytest session on the
+    machine prunes old basetemps (and resets their mode to 0700), which would pull the data dir from
+    under a running PostgreSQL.
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="backbone-test-stack-"))
+    state_dir.chmod(0o711)  # the embedded PostgreSQL runs as its own system user when we are root
     devstack = DevStack(_base_settings(state_dir), state_dir=state_dir)
     info = devstack.start()
     try:
         yield info
     finally:
         devstack.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
