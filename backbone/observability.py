@@ -53,7 +53,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
 
 
 def serve_metrics(
-    port: int = 0, *, host: str = "127.0.0.1", health: Callable[[], dict[str, Any]] | None = None
+    port: int = 0,
+    *,
+    host: str = "127.0.0.1",
+    health: Callable[[], dict[str, Any]] | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> ThreadingHTTPServer:
     """Serve ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a daemon thread.
 
@@ -61,6 +65,7 @@ def serve_metrics(
         port: TCP port; 0 picks a free one (read it from ``server.server_address[1]``).
         host: bind address.
         health: returns the health document; a falsy ``"ok"`` in it answers 503.
+        registry: the registry to expose (default :data:`REGISTRY`).
 
     Returns:
         the running server (call ``shutdown()`` to stop it).
@@ -69,7 +74,7 @@ def serve_metrics(
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
-                body, ctype, status = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+                body, ctype, status = generate_latest(registry or REGISTRY), CONTENT_TYPE_LATEST, 200
             elif self.path.startswith("/healthz"):
                 doc = health() if health else {"ok": True}
                 body, ctype = json.dumps(doc, default=str).encode(), "application/json"

@@ -278,13 +278,12 @@ def relay(
                                                   help="Publish what is stored now, then exit.")] = False,
 ) -> None:
     """Run the outbox relay: publish every stored configuration event to the config topic."""
-    from prometheus_client import start_http_server
-
+    from backbone.observability import serve_metrics
     from configuration.relay import OutboxRelay
 
     r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)
     if metrics_port is not None:
-        start_http_server(metrics_port, registry=r.metrics.registry)
+        serve_metrics(metrics_port, host="0.0.0.0", registry=r.metrics.registry)
     try:
         if until_caught_up:
             total = 0

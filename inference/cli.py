@@ -103,8 +103,7 @@ def run(
     ),
 ) -> None:
     """Start Ray (or join RAY_ADDRESS) and a pool of embedding actors; run until Ctrl-C or SIGTERM."""
-    from prometheus_client import start_http_server
-
+    from backbone.observability import serve_metrics
     from inference.actors import InferencePool, init_ray
     from inference.client import ensure_inference_topics
     from inference.metrics import InferenceMetrics
@@ -130,7 +129,7 @@ def run(
         metrics = InferenceMetrics()
         port = metrics_port if metrics_port is not None else get_settings().metrics_port
         if port:
-            start_http_server(port, registry=metrics.registry)
+            serve_metrics(port, host="0.0.0.0", registry=metrics.registry)
         stop = threading.Event()
 
         def _interrupt(signum: int, frame: FrameType | None) -> None:
