@@ -39,7 +39,7 @@ from backbone.observability import REGISTRY
 from backbone.settings import Settings
 from connectors.debezium import ChangeEvent, ChangeEventError, ChangeOp, parse_change_event
 from connectors.errors import SourceDataError
-from streams.catalogue import CATALOGUE, TopicSpec
+from streams.catalogue import CATALOGUE, TopicSpec, create_missing_topics
 from streams.consumer import DLQ_TOPIC, DeadLetterPublisher, make_consumer
 from streams.envelope import Event, deterministic_id
 from streams.errors import SchemaValidationError
@@ -426,24 +426,12 @@ def _ensure_raw_topics(
 ) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from streams.errors import BrokerUnavailableError
-
     admin = AdminClient(settings.kafka.librdkafka())
-    try:
-        existing = set(admin.list_topics(timeout=timeout_seconds).topics)
-    except KafkaException as exc:
-        raise BrokerUnavailableError(f"Kafka did not answer within {timeout_seconds}s: {exc}") from exc
-    new = [
-        NewTopic(t, num_partitions=partitions, replication_factor=-1) for t in sorted(set(topics) - existing)
-    ]
-    if not new:
-        return
-    for name, future in admin.create_topics(new, request_timeout=timeout_seconds).items():
-        try:
-            future.result(timeout=timeout_seconds)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise BrokerUnavailableError(f"could not create topic {name}: {exc}") from exc
+    create_missing_topics(
+        admin,
+        [NewTopic(t, num_partitions=partitions, replication_factor=-1) for t in sorted(set(topics))],
+        timeout_seconds=timeout_seconds,
+    )
 
 
 def import_debezium_file(
@@ -513,28 +501,14 @@ def ensure_changes_topic(
         True when it was created.
 
     Raises:
-        streams.errors.BrokerUnavailableError: the broker did not answer or refused the topic.
+        streams.errors.BrokerUnavailableError: the broker did not answer.
+        streams.errors.StreamsError: the broker refused the topic.
     """
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from streams.errors import BrokerUnavailableError
-
     spec = CDC_TOPICS[0]
-    admin = AdminClient(settings.kafka.librdkafka())
-    try:
-        if name in admin.list_topics(timeout=timeout_seconds).topics:
-            return False
-        new = NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config())
-        admin.create_topics([new], request_timeout=timeout_seconds)[name].result(timeout=timeout_seconds)
-    except KafkaException as exc:
-        if (
-            exc.args
-            and isinstance(exc.args[0], KafkaError)
-            and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS
-        ):
-            return False
-        raise BrokerUnavailableError(f"could not create topic {name}: {exc}") from exc
-    return True
+    new = NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config())
+    return bool(create_missing_topics(AdminClient(settings.kafka.librdkafka()), [new], timeout_seconds=timeout_seconds))
 
 
 class _NoSerde:

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 import redis
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -45,7 +45,7 @@ from connectors.webhooks import (
     verify_linear_signature,
     verify_slack_signature,
 )
-from streams.catalogue import CATALOGUE, TopicSpec
+from streams.catalogue import CATALOGUE, TopicSpec, create_missing_topics
 from streams.envelope import Event, deterministic_id, parse_time
 from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError
 from streams.producer import epoch_ms
@@ -228,20 +228,7 @@ class TopicDirectory:
 
     def ensure(self, specs: Sequence[TopicSpec], *, timeout_seconds: float = 15.0) -> list[str]:
         """Create the topics of ``specs`` that the broker lacks; return the names created."""
-        existing = set(self.admin.list_topics(timeout=timeout_seconds).topics)
-        new = [
-            NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config())
-            for s in specs
-            if s.name not in existing
-        ]
-        created = []
-        for name, fut in (self.admin.create_topics(new, request_timeout=timeout_seconds) if new else {}).items():
-            try:
-                fut.result()
-                created.append(name)
-            except KafkaException as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise
+        created = create_missing_topics(self.admin, specs, timeout_seconds=timeout_seconds)
         self._at = 0.0
         return created
 

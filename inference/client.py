@@ -11,14 +11,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from backbone.settings import KafkaSettings
 from inference.config import InferenceSettings
 from inference.errors import EmbedTimeoutError
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
-from streams.catalogue import CATALOGUE
+from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DecodeFailure, decode_message, make_consumer
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
@@ -42,20 +42,13 @@ def ensure_inference_topics(
         timeout_seconds: how long to wait for the broker and for the metadata to show them.
 
     Raises:
-        confluent_kafka.KafkaException: the broker refused to create a topic.
+        streams.errors.StreamsError: the broker did not answer, or refused a topic.
         TimeoutError: a created topic did not appear in the metadata in time.
     """
     names = [settings.requests_topic, settings.results_topic]
-    existing = set(admin.list_topics(timeout=timeout_seconds).topics)
-    new = [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in names if n not in existing]
-    created = []
-    for name, fut in admin.create_topics(new, request_timeout=timeout_seconds).items() if new else []:
-        try:
-            fut.result()
-            created.append(name)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
+    created = create_missing_topics(
+        admin, [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in names], timeout_seconds=timeout_seconds
+    )
     deadline = time.monotonic() + timeout_seconds
     for name in created:
         while True:

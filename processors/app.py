@@ -50,17 +50,16 @@ from typing import Any
 
 import faust
 import structlog
-from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
 from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
-from streams.catalogue import CATALOGUE
+from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher
 from streams.envelope import CloudEvent, Event
-from streams.errors import DeserializationError, EnvelopeError, StreamsError
+from streams.errors import DeserializationError, EnvelopeError
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
@@ -337,7 +336,8 @@ def ensure_processor_topics(
     Partitions: ``topics.partitions`` for the input, the catalogue's counts for the others.
 
     Raises:
-        StreamsError: the broker refused to create a topic for another reason than "already exists".
+        StreamsError: the broker did not answer, or refused a topic (see
+            :func:`streams.catalogue.create_missing_topics`).
     """
     admin = AdminClient(kafka.librdkafka())
     wanted = [
@@ -347,16 +347,7 @@ def ensure_processor_topics(
             topics.dead_letters, num_partitions=CATALOGUE["backbone.dlq"].partitions, replication_factor=1
         ),
     ]
-    existing = set(admin.list_topics(timeout=timeout_seconds).topics)
-    missing = [t for t in wanted if t.topic not in existing]
-    if not missing:
-        return
-    for name, future in admin.create_topics(missing, operation_timeout=timeout_seconds).items():
-        try:
-            future.result(timeout=timeout_seconds)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise StreamsError(f"cannot create topic {name!r}: {exc.args[0].str()}") from exc
+    create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)
 
 
 class _StatsCollector:

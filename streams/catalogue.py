@@ -6,9 +6,11 @@ partitions and breaks per-key order; Tansu does not support it at all).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CATALOGUE", "TopicSpec", "ensure_topics", "topic"]
+__all__ = ["CATALOGUE", "TopicSpec", "create_missing_topics", "ensure_topics", "topic"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +41,8 @@ class TopicSpec:
 
 
 _DAY_MS = 86_400_000
+
+NewTopicLike = Any  # a confluent_kafka.admin.NewTopic or a TopicSpec
 
 CATALOGUE: dict[str, TopicSpec] = {
     t.name: t
@@ -123,6 +127,54 @@ def topic(name: str) -> TopicSpec:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(sorted(CATALOGUE))}") from None
 
 
+def create_missing_topics(
+    admin: object, topics: Iterable[NewTopicLike], *, timeout_seconds: float = 15.0
+) -> list[str]:
+    """Create those of ``topics`` the broker lacks (final partition counts); return the names created.
+
+    The one place the backbone creates topics: a topic that appears meanwhile ("already exists") is
+    not an error.
+
+    Args:
+        admin: a ``confluent_kafka.admin.AdminClient``.
+        topics: ``confluent_kafka.admin.NewTopic`` objects or :class:`TopicSpec` entries.
+        timeout_seconds: how long to wait for the broker.
+
+    Raises:
+        streams.errors.BrokerUnavailableError: the broker did not answer in time.
+        streams.errors.StreamsError: the broker refused a topic for another reason (message names it).
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    from streams.errors import BrokerUnavailableError, StreamsError
+
+    wanted = [
+        NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config())
+        if isinstance(t, TopicSpec)
+        else t
+        for t in topics
+    ]
+    try:
+        existing = set(admin.list_topics(timeout=timeout_seconds).topics)  # type: ignore[attr-defined]
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"Kafka did not answer within {timeout_seconds}s: {exc}") from exc
+    new = [t for t in wanted if t.topic not in existing]
+    if not new:
+        return []
+    created = []
+    futures = admin.create_topics(new, request_timeout=timeout_seconds)  # type: ignore[attr-defined]
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=timeout_seconds)
+            created.append(name)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise StreamsError(f"cannot create topic {name!r}: {exc}") from exc
+    return created
+
+
 def ensure_topics(admin: object, names: list[str] | None = None, *, timeout_seconds: float = 15.0) -> list[str]:
     """Create the catalogue's topics that do not exist yet; return the names created.
 
@@ -133,31 +185,8 @@ def ensure_topics(admin: object, names: list[str] | None = None, *, timeout_seco
 
     Raises:
         streams.errors.BrokerUnavailableError: the broker did not answer in time.
+        streams.errors.StreamsError: the broker refused a topic.
     """
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    from streams.errors import BrokerUnavailableError
-
-    assert isinstance(admin, AdminClient)
-    try:
-        existing = set(admin.list_topics(timeout=timeout_seconds).topics)
-    except KafkaException as exc:
-        raise BrokerUnavailableError(f"Kafka did not answer within {timeout_seconds}s: {exc}") from exc
-    wanted = [CATALOGUE[n] for n in (names or list(CATALOGUE))]
-    new = [
-        NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config())
-        for t in wanted
-        if t.name not in existing
-    ]
-    if not new:
-        return []
-    created = []
-    for name, fut in admin.create_topics(new, request_timeout=timeout_seconds).items():
-        try:
-            fut.result()
-            created.append(name)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise
-    return created
+    return create_missing_topics(
+        admin, [CATALOGUE[n] for n in (names or list(CATALOGUE))], timeout_seconds=timeout_seconds
+    )
