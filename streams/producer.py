@@ -139,7 +139,8 @@ class EventProducer:
         """Wait until every enqueued record is acknowledged.
 
         Raises:
-            BrokerUnavailableError: records still queued at the timeout while no broker is reachable.
+            BrokerUnavailableError: records failed or are still queued while no broker is reachable
+                (the message names the bootstrap servers).
             DeliveryError: any record failed (all failures since the last flush are carried).
         """
         remaining = self._producer.flush(timeout_seconds)
@@ -149,6 +150,12 @@ class EventProducer:
             )
         if remaining:
             self._failures.append(("?", None, f"{remaining} record(s) still queued after {timeout_seconds}s"))
+        if self._failures and self._all_brokers_down:
+            failures, self._failures = self._failures, []
+            raise BrokerUnavailableError(
+                f"Kafka at {self.bootstrap_servers} is unreachable: {len(failures)} record(s) not delivered "
+                f"({failures[0][2]})"
+            )
         if self._failures:
             failures, self._failures = self._failures, []
             raise DeliveryError(failures)

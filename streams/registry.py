@@ -206,6 +206,23 @@ class EmbeddedRegistry:
         return self._subjects
 
 
+class _Unreachable:
+    """Context manager: a transport failure talking to the registry becomes a SchemaError naming it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        if exc is None or isinstance(exc, (SchemaError, SchemaRegistryError)) or not isinstance(exc, Exception):
+            return False
+        raise SchemaError(f"schema registry at {self.url} is unreachable: {exc}") from exc
+
+
 class HttpRegistry:
     """A Confluent-compatible Schema Registry reached over HTTP.
 
@@ -222,6 +239,7 @@ class HttpRegistry:
         if basic_auth_user_info:
             conf["basic.auth.user.info"] = basic_auth_user_info
         self._client = SchemaRegistryClient(conf)
+        self.url = url
         self.compatibility = compatibility
         self._ids: dict[str, int] = {}
         self._schemas: dict[int, dict[str, Any]] = {}
@@ -231,7 +249,8 @@ class HttpRegistry:
 
         Raises:
             SchemaIncompatibleError: the registry says the change is incompatible.
-            SchemaError: the registry answered an error (its status and message kept).
+            SchemaError: the registry answered an error (its status and message kept), or cannot be
+                reached (the message names its URL).
         """
         from confluent_kafka.schema_registry import Schema
         from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -239,14 +258,16 @@ class HttpRegistry:
         s = Schema(json.dumps(schema), "AVRO")
         try:
             try:
-                ok = self._client.test_compatibility(subject, s)
+                with _Unreachable(self.url):
+                    ok = self._client.test_compatibility(subject, s)
             except SchemaRegistryError as exc:
                 if exc.http_status_code != 404:  # 404: first version of the subject
                     raise
                 ok = True
             if not ok:
                 raise SchemaIncompatibleError(subject, [f"registry refused the change ({self.compatibility})"])
-            sid = self._client.register_schema(subject, s)
+            with _Unreachable(self.url):
+                sid = self._client.register_schema(subject, s)
         except SchemaRegistryError as exc:
             raise SchemaError(f"schema registry error {exc.http_status_code}: {exc.error_message}") from exc
         self._ids[subject] = sid
@@ -258,12 +279,14 @@ class HttpRegistry:
 
         Raises:
             SchemaNotFoundError: the registry does not know the subject.
+            SchemaError: the registry cannot be reached (the message names its URL).
         """
         if subject not in self._ids:
             from confluent_kafka.schema_registry.error import SchemaRegistryError
 
             try:
-                self._ids[subject] = self._client.get_latest_version(subject).schema_id
+                with _Unreachable(self.url):
+                    self._ids[subject] = self._client.get_latest_version(subject).schema_id
             except SchemaRegistryError as exc:
                 raise SchemaNotFoundError(f"subject {subject!r}: {exc.error_message}") from exc
         return self._ids[subject]
@@ -273,12 +296,14 @@ class HttpRegistry:
 
         Raises:
             SchemaNotFoundError: unknown id.
+            SchemaError: the registry cannot be reached (the message names its URL).
         """
         if schema_id not in self._schemas:
             from confluent_kafka.schema_registry.error import SchemaRegistryError
 
             try:
-                self._schemas[schema_id] = json.loads(self._client.get_schema(schema_id).schema_str)
+                with _Unreachable(self.url):
+                    self._schemas[schema_id] = json.loads(self._client.get_schema(schema_id).schema_str)
             except SchemaRegistryError as exc:
                 raise SchemaNotFoundError(f"schema id {schema_id}: {exc.error_message}") from exc
         return self._schemas[schema_id]

@@ -70,7 +70,7 @@ def test_unreachable_broker_is_a_clear_error(serde: AvroSerde) -> None:
     """Producing to a broker nobody listens on fails with BrokerUnavailableError naming it, not a hang."""
     p = EventProducer(KafkaSettings(bootstrap_servers="127.0.0.1:1"), serde, extra={"message.timeout.ms": 3000})
     p.produce("t", _tool_call("r", 1, T0))
-    with pytest.raises((BrokerUnavailableError, Exception), match="127.0.0.1:1|not delivered|timed out"):
+    with pytest.raises(BrokerUnavailableError, match=r"Kafka at 127\.0\.0\.1:1 is unreachable"):
         p.flush(timeout_seconds=10)
 
 
