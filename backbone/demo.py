@@ -28,17 +28,6 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _count_insights(settings: Any, serde: Any, topic: str) -> tuple[int, list[dict[str, Any]]]:
-    from streams.consumer import ConsumedEvent
-    from streams.replay import read_range
-
-    ids: dict[str, dict[str, Any]] = {}
-    for r in read_range(settings.kafka, serde, topic):
-        if isinstance(r, ConsumedEvent):
-            ids[r.data["insight_id"]] = r.data
-    return len(ids), list(ids.values())
-
-
 def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["BACKBONE_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
@@ -67,6 +56,7 @@ def demo(
     from backbone.observability import configure_logging
     from backbone.runtime import make_serde
     from backbone.settings import get_settings
+    from processors.app import wait_for_run_summaries
     from projections import queries
     from projections.agent_runs import AgentRunsProjection
     from projections.runner import ProjectionRunner
@@ -126,14 +116,18 @@ def demo(
         with psycopg.connect(settings.postgres.dsn()) as conn:
             totals = queries.totals(conn)
             models = queries.model_usage(conn)
-            runs = queries.agent_runs(conn)
+            runs = queries.agent_runs(conn, limit=max(totals["runs"], 1))
         t = time.perf_counter()
-        n_insights, insights = 0, []
-        while time.perf_counter() - t < timeout_seconds:
-            n_insights, insights = _count_insights(settings, serde, "insights.runs")
-            if n_insights >= totals["finished"] or processor.poll() is not None:
-                break
-            time.sleep(2)
+        finished = [r["run_id"] for r in runs if r["finished_at"] is not None]
+        summaries: dict[str, Any] = {}
+        while not summaries:  # wait in slices, so a processor that died ends the wait early
+            try:
+                summaries = wait_for_run_summaries(settings, finished, timeout_seconds=10.0, serde=serde)
+            except TimeoutError:
+                if processor.poll() is not None or time.perf_counter() - t > timeout_seconds:
+                    break
+        n_insights = len(summaries)
+        insights = [r.data for r in summaries.values()]
         timings["insights_wait_s"] = time.perf_counter() - t
         if n_insights < totals["finished"]:
             say(f"[red]processor emitted {n_insights} of {totals['finished']} run summaries[/red] "
