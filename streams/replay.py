@@ -18,7 +18,7 @@ from datetime import datetime
 from confluent_kafka import Consumer, TopicPartition
 
 from backbone.settings import KafkaSettings
-from streams.consumer import ConsumedEvent, DecodeFailure, decode_message
+from streams.consumer import ConsumedEvent, DecodeFailure, decode_message, make_consumer
 from streams.producer import epoch_ms
 from streams.serde import AvroSerde
 
@@ -29,17 +29,9 @@ Bound = int | datetime | None
 
 
 def _private_consumer(kafka: KafkaSettings) -> Consumer:
-    return Consumer(
-        kafka.librdkafka(
-            extra={
-                "group.id": f"backbone-replay-{uuid.uuid4()}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 50,
-            }
-        )
+    """A throw-away group that commits nothing and reports the end of each partition."""
+    return make_consumer(
+        kafka, f"backbone-replay-{uuid.uuid4()}", **{"enable.partition.eof": True, "fetch.wait.max.ms": 50}
     )
 
 
