@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from projections.errors import ProjectionApplyError
+from streams.columnar import ColumnarBatch
 from streams.consumer import ConsumedEvent
 
 __all__ = ["AgentRunsProjection", "InsightsProjection"]
@@ -184,6 +185,116 @@ class AgentRunsProjection:
         cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
         if models:
             cur.executemany(_UPSERT_MODEL, [(*k, *v) for k, v in models.items()])
+
+    def apply_columns(self, cur: psycopg.Cursor, batch: ColumnarBatch) -> None:
+        """The same fold as :meth:`apply`, on a column-wise decoded batch (polars group-bys).
+
+        Gives the same rows as :meth:`apply` on the same events: counts and token sums are integer
+        sums, steps and times are max/min, the lifecycle's agent, task, outcome, exit status and
+        reported cost are the last non-empty value in batch order, and costs are summed as
+        ``Decimal(repr(cost_usd))`` per event, so sums stay exact.
+
+        Raises:
+            ProjectionApplyError: an event without a run id, or whose run id is not its key, or a
+                schema this fold does not know (the runner then applies the batch record by record).
+        """
+        import polars as pl
+
+        known = {"sophia.agent.LlmCall", "sophia.agent.ToolCall", "sophia.agent.RunLifecycle"}
+        for schema, df in batch.frames.items():
+            if schema not in known:
+                raise ProjectionApplyError(f"{schema} is not folded column-wise")
+            bad = df.filter(
+                pl.col("run_id").is_null()
+                | (pl.col("run_id") == "")
+                | (pl.col("_key").is_not_null() & (pl.col("_key") != pl.col("run_id")))
+            )
+            if bad.height:
+                row = bad.row(0, named=True)
+                raise ProjectionApplyError(
+                    f"event {row['_event_id']}: run_id {row['run_id']!r} does not match key {row['_key']!r}"
+                )
+        runs: dict[str, dict[str, Any]] = {}
+
+        def run(run_id: str) -> dict[str, Any]:
+            r = runs.get(run_id)
+            if r is None:
+                r = runs[run_id] = dict.fromkeys(_RUN_COLS)
+                r.update(run_id=run_id, steps=0, llm_calls=0, calls_without_cost=0, tool_calls=0,
+                         failing_tool_calls=0, prompt_tokens=0, completion_tokens=0, cost_usd=Decimal(0))  # fmt: skip
+            return r
+
+        models: list[tuple[Any, ...]] = []
+        llm = batch.frames.get("sophia.agent.LlmCall")
+        if llm is not None:
+            per_model = llm.group_by("run_id", "model", pl.col("provider").fill_null("")).agg(
+                pl.len().alias("n"),
+                pl.col("step").max().alias("steps"),
+                pl.col("prompt_tokens").sum().alias("pt"),
+                pl.col("completion_tokens").sum().alias("ct"),
+                pl.col("cost_usd").is_null().sum().alias("no_cost"),
+                pl.col("event_time").max().alias("last"),
+                pl.col("cost_usd").drop_nulls().alias("costs"),
+            )
+            for run_id, model, provider, n, steps, pt, ct, no_cost, last, costs in per_model.iter_rows():
+                cost = sum((Decimal(repr(c)) for c in costs), Decimal(0))
+                models.append((run_id, model, provider, n, pt, ct, cost))
+                r = run(run_id)
+                r["llm_calls"] += n
+                r["steps"] = max(r["steps"], steps)
+                r["prompt_tokens"] += pt
+                r["completion_tokens"] += ct
+                r["cost_usd"] += cost
+                r["calls_without_cost"] += no_cost
+                r["last_event_at"] = _max(r["last_event_at"], last)
+        tools = batch.frames.get("sophia.agent.ToolCall")
+        if tools is not None:
+            rc = pl.col("return_code")
+            per_run = tools.group_by("run_id").agg(
+                pl.len().alias("n"),
+                pl.col("step").max().alias("steps"),
+                (rc.is_not_null() & (rc != 0)).sum().alias("failing"),
+                pl.col("event_time").max().alias("last"),
+            )
+            for run_id, n, steps, failing, last in per_run.iter_rows():
+                r = run(run_id)
+                r["tool_calls"] += n
+                r["steps"] = max(r["steps"], steps)
+                r["failing_tool_calls"] += failing
+                r["last_event_at"] = _max(r["last_event_at"], last)
+        life = batch.frames.get("sophia.agent.RunLifecycle")
+        if life is not None:
+            finished = pl.col("phase").cast(pl.String) != "STARTED"
+
+            def last_set(col: str, when: pl.Expr | None = None) -> pl.Expr:
+                c = pl.col(col).cast(pl.String) if col == "outcome" else pl.col(col)
+                cond = c.is_not_null() & (c != "") if col != "reported_cost_usd" else c.is_not_null()
+                return c.filter(cond if when is None else cond & when).last().alias(col)
+
+            per_run = life.sort("_pos").group_by("run_id", maintain_order=True).agg(
+                last_set("agent"),
+                last_set("task"),
+                pl.col("event_time").filter(~finished).min().alias("started_at"),
+                pl.col("event_time").filter(finished).max().alias("finished_at"),
+                last_set("outcome", finished),
+                last_set("exit_status", finished),
+                last_set("reported_cost_usd", finished),
+                pl.col("event_time").max().alias("last"),
+            )
+            for d in per_run.iter_rows(named=True):
+                r = run(d["run_id"])
+                r["agent"] = d["agent"] or r["agent"]
+                r["task"] = d["task"] or r["task"]
+                r["started_at"] = _min(r["started_at"], d["started_at"])
+                r["finished_at"] = _max(r["finished_at"], d["finished_at"])
+                r["outcome"] = d["outcome"] or r["outcome"]
+                r["exit_status"] = d["exit_status"] or r["exit_status"]
+                if d["reported_cost_usd"] is not None:
+                    r["reported_cost_usd"] = _usd(d["reported_cost_usd"])
+                r["last_event_at"] = _max(r["last_event_at"], d["last"])
+        cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
+        if models:
+            cur.executemany(_UPSERT_MODEL, models)
 
 
 INSIGHTS_DDL = """

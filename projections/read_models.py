@@ -139,13 +139,18 @@ class RunReadModel:
     def after_commit(self, events: Sequence[ConsumedEvent]) -> None:
         """Runner hook: write the runs touched by a committed batch (or refill when stale); never raises
         for a Redis failure (it marks the model stale instead)."""
+        self.after_commit_keys([e.key or e.data.get("run_id") for e in events])
+
+    def after_commit_keys(self, keys: Sequence[str | None]) -> None:
+        """The hook of the runner's columnar path: ``keys`` are the run ids (record keys) of the
+        records a committed batch applied; same effect as :meth:`after_commit`."""
         if self.stale is None:
             self.stale = self._load_stale()
         try:
             if self.stale:
                 self.refill()
                 return
-            run_ids = sorted({e.key or e.data.get("run_id") for e in events} - {None})
+            run_ids = sorted(set(keys) - {None})
             if run_ids:
                 self._write(self._rows(run_ids))
         except redis.RedisError as exc:

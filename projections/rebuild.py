@@ -261,7 +261,7 @@ def rebuild(
                 from_archive += len(chunk)
                 batch_done(runner.stats)
             aconn.rollback()
-        runner.run(until_caught_up=True, max_wait_seconds=max_wait_seconds)
+        runner.run(until_caught_up=True, max_wait_seconds=max_wait_seconds, assign_all=True)
         checksums = _swap(settings, runner, name, live, fresh, verify=verify, deadline=started + max_wait_seconds)
     seconds = time.perf_counter() - started
     events = sum(runner.stats.positions.values())  # records covered, archive and log

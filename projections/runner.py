@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psycopg
@@ -42,6 +43,7 @@ from backbone.observability import REGISTRY
 from backbone.settings import Settings
 from projections.base import Projection
 from projections.errors import ProjectionApplyError
+from streams.columnar import ColumnarBatch, decode_columnar, polars_available
 from streams.consumer import (
     DLQ_TOPIC,
     ConsumedEvent,
@@ -99,14 +101,30 @@ _lag = Gauge(
 
 @dataclass(slots=True)
 class RunnerStats:
-    """Counters of one runner since it started."""
+    """Counters of one runner since it started (``columnar_batches``: batches applied column-wise)."""
 
     batches: int = 0
     applied: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
     db_retries: int = 0
+    columnar_batches: int = 0
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A consumed batch ready for its transaction."""
+
+    msgs: list
+    batch: ColumnarBatch | None
+    first: dict[tuple[str, int], int]
+    last: dict[tuple[str, int], int]
+    started: float
+
+
+class _SomeSeen(Exception):
+    """Some ids of a batch were already in ``projection_seen`` (redo the insert with RETURNING)."""
 
 
 class _Fenced(Exception):
@@ -140,7 +158,17 @@ class ProjectionRunner:
         schema: PostgreSQL schema of the projection's tables (default ``proj_<name>``).
         on_batch: called after each committed batch (tests use it to inject crashes).
         after_commit: called with the events applied by each committed batch (a read-model hook);
-            its exceptions are logged, never raised.
+            its exceptions are logged, never raised. On the columnar path its
+            ``after_commit_keys(keys)`` is called instead, with the keys of the applied records.
+        columnar: decode batches column-wise (:mod:`streams.columnar`) and fold them with the
+            projection's ``apply_columns``; ``None`` (default) does so when the projection has
+            ``apply_columns`` and the hook (if any) has ``after_commit_keys``. A batch that does not
+            decode column-wise, or that ``apply_columns`` refuses, is redone record by record.
+        pipeline: run each batch's transaction on a database thread while the next batch is consumed
+            and decoded (commits stay one at a time and in order; see :meth:`step`).
+
+    Raises:
+        ValueError: ``columnar=True`` for a projection (or hook) that cannot take it.
     """
 
     def __init__(
@@ -157,6 +185,8 @@ class ProjectionRunner:
         schema: str | None = None,
         on_batch: Callable[[RunnerStats], None] | None = None,
         after_commit: Callable[[Sequence[ConsumedEvent]], None] | None = None,
+        columnar: bool | None = None,
+        pipeline: bool = True,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -170,12 +200,26 @@ class ProjectionRunner:
         )
         self.on_batch = on_batch
         self.after_commit = after_commit
+        can = (
+            hasattr(projection, "apply_columns")
+            and (after_commit is None or hasattr(after_commit, "after_commit_keys"))
+            and polars_available()
+        )
+        if columnar and not can:
+            raise ValueError(
+                f"projection {projection.name!r} cannot be applied column-wise (it needs apply_columns, "
+                "and an after_commit hook needs after_commit_keys)"
+            )
+        self.columnar = can if columnar is None else columnar
         self.stats = RunnerStats()
         self._conn: psycopg.Connection | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._at_end: set[tuple[str, int]] = set()
         self._consumer: Consumer | None = None
         self._need_rewind = False
+        self.pipeline = pipeline
+        self._pool: ThreadPoolExecutor | None = None  # the database thread, while run() runs
+        self._inflight: tuple[_Prepared, Future] | None = None
         self.stop_event = threading.Event()
 
     # -- PostgreSQL -------------------------------------------------------------------------------------------
@@ -214,6 +258,7 @@ class ProjectionRunner:
     # -- Kafka ----------------------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drain()
         cps = self._checkpoints_with_retry()
         for tp in partitions:
             tp.offset = cps.get((tp.topic, tp.partition), OFFSET_BEGINNING)
@@ -223,6 +268,7 @@ class ProjectionRunner:
         log.info("partitions assigned", projection=self.projection.name, partitions=len(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drain()  # the batch in flight commits (or fails) before the partitions go
         for tp in partitions:
             self._assigned.discard((tp.topic, tp.partition))
             self._at_end.discard((tp.topic, tp.partition))
@@ -242,6 +288,7 @@ class ProjectionRunner:
         for topic, partition in sorted(self._assigned):
             offset = cps.get((topic, partition), OFFSET_BEGINNING)
             self._consumer.seek(TopicPartition(topic, partition, offset))
+            self._at_end.discard((topic, partition))
         self._need_rewind = False
 
     def _db_backoff(self, exc: Exception) -> None:
@@ -267,17 +314,7 @@ class ProjectionRunner:
         refused: list[tuple[ConsumedEvent, Exception]] = []
         with conn.transaction():
             with conn.cursor() as cur:
-                stored = {
-                    (t, p): o
-                    for t, p, o in cur.execute(
-                        "SELECT topic, partition, next_offset FROM projection_checkpoints "
-                        "WHERE projection = %s FOR UPDATE",
-                        (name,),
-                    ).fetchall()
-                }
-                moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
-                if moved:
-                    raise _Fenced(f"checkpoint of {moved} moved under this runner")
+                self._fence(cur, first)
                 keep_failures = getattr(self.projection, "apply_failures", None)
                 if keep_failures is not None and failures:
                     keep_failures(cur, failures)
@@ -287,31 +324,14 @@ class ProjectionRunner:
                         self.dlq.publish_failure(f)
                 fresh = events
                 if events and getattr(self.projection, "dedupe_by_id", True):
-                    ids = [e.attributes.id for e in events]
-                    cur.execute(
-                        "INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest(%s::text[]) "
-                        "ON CONFLICT DO NOTHING RETURNING event_id",
-                        (name, ids),
-                    )
-                    new_ids = {r[0] for r in cur.fetchall()}
-                    seen_in_batch: set[str] = set()
-                    fresh = []
-                    for e in events:
-                        if e.attributes.id in new_ids and e.attributes.id not in seen_in_batch:
-                            seen_in_batch.add(e.attributes.id)
-                            fresh.append(e)
+                    fresh = [events[i] for i in self._unseen(cur, [e.attributes.id for e in events])]
                 if fresh:
                     try:
                         with conn.transaction():
                             self.projection.apply(cur, fresh)
                     except ProjectionApplyError:
                         refused = self._apply_one_by_one(conn, cur, fresh)
-                cur.executemany(
-                    "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition) DO UPDATE "
-                    "SET next_offset = excluded.next_offset, updated_at = now()",
-                    [(name, t, p, o + 1) for (t, p), o in last.items()],
-                )
+                self._checkpoint(cur, last)
             for e, exc in refused:
                 self.dlq.publish(
                     source_topic=e.topic,
@@ -335,6 +355,76 @@ class ProjectionRunner:
         if refused:
             ids = {id(e) for e, _ in refused}
             return [e for e in fresh if id(e) not in ids]
+        return fresh
+
+    def _unseen(self, cur: psycopg.Cursor, ids: list[str]) -> list[int]:
+        """Record ``ids`` in ``projection_seen``; return the indexes of the first occurrence of each id
+        that was not there before (in order).
+
+        The common case (every id new) costs one ``INSERT`` without ``RETURNING``, inside a savepoint;
+        when the row count says some ids were there, the savepoint is rolled back and the insert
+        redone with ``RETURNING`` to learn which.
+        """
+        first_of: dict[str, int] = {}
+        for i, eid in enumerate(ids):
+            first_of.setdefault(eid, i)
+        unique = list(first_of)
+        insert = (
+            "INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING"
+        )
+        try:
+            with cur.connection.transaction():
+                cur.execute(insert, (self.projection.name, unique))
+                if cur.rowcount != len(unique):
+                    raise _SomeSeen
+        except _SomeSeen:
+            cur.execute(insert + " RETURNING event_id", (self.projection.name, unique))
+            new_ids = {r[0] for r in cur.fetchall()}
+            return sorted(first_of[eid] for eid in new_ids)
+        return list(range(len(ids))) if len(unique) == len(ids) else sorted(first_of.values())
+
+    def _fence(self, cur: psycopg.Cursor, first: dict) -> None:
+        stored = {
+            (t, p): o
+            for t, p, o in cur.execute(
+                "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = %s FOR UPDATE",
+                (self.projection.name,),
+            ).fetchall()
+        }
+        moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
+        if moved:
+            raise _Fenced(f"checkpoint of {moved} moved under this runner")
+
+    def _checkpoint(self, cur: psycopg.Cursor, last: dict) -> None:
+        cur.executemany(
+            "INSERT INTO projection_checkpoints (projection, topic, partition, next_offset) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (projection, topic, partition) DO UPDATE "
+            "SET next_offset = excluded.next_offset, updated_at = now()",
+            [(self.projection.name, t, p, o + 1) for (t, p), o in last.items()],
+        )
+
+    def _apply_columnar(self, batch: ColumnarBatch, first: dict, last: dict) -> ColumnarBatch | None:
+        """Apply a column-wise decoded batch in one transaction; ``None`` when the projection refused
+        it (the transaction is rolled back and the caller redoes the batch record by record)."""
+        name = self.projection.name
+        conn = self._connect()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                self._fence(cur, first)
+                fresh = batch
+                if len(batch) and getattr(self.projection, "dedupe_by_id", True):
+                    fresh = batch.select(self._unseen(cur, batch.event_ids))
+                if len(fresh):
+                    self.projection.apply_columns(cur, fresh)  # type: ignore[attr-defined]
+                self._checkpoint(cur, last)
+        except ProjectionApplyError as exc:
+            log.info("batch refused column-wise, redoing it record by record", projection=name, reason=str(exc))
+            return None
+        self.stats.applied += len(fresh)
+        self.stats.duplicates += len(batch) - len(fresh)
+        self.stats.columnar_batches += 1
+        _applied.labels(name).inc(len(fresh))
+        _duplicates.labels(name).inc(len(batch) - len(fresh))
         return fresh
 
     def apply_records(
@@ -377,11 +467,14 @@ class ProjectionRunner:
         self._notify(fresh)
         return len(fresh)
 
-    def _notify(self, fresh: Sequence[ConsumedEvent]) -> None:
-        if self.after_commit is None or not fresh:
+    def _notify(self, fresh: Sequence[ConsumedEvent] | ColumnarBatch) -> None:
+        if self.after_commit is None or not len(fresh):
             return
         try:
-            self.after_commit(fresh)
+            if isinstance(fresh, ColumnarBatch):
+                self.after_commit.after_commit_keys(fresh.keys)  # type: ignore[attr-defined]
+            else:
+                self.after_commit(fresh)
         except Exception as exc:  # noqa: BLE001 - a read model must never stop the projection
             log.warning("after-commit hook failed", projection=self.projection.name, error=repr(exc))
 
@@ -398,12 +491,18 @@ class ProjectionRunner:
         return refused
 
     def step(self, consumer: Consumer) -> int:
-        """Consume and apply one batch; return the number of records read (0 when idle)."""
+        """Consume one batch and apply it; return the number of records read (0 when idle).
+
+        With ``pipeline`` the batch is decoded here and its transaction runs on the runner's database
+        thread while the next call consumes and decodes the next batch; batches still commit one at
+        a time, in order, each fenced on its checkpoint. A batch that fails (database down, fenced)
+        drops the batch decoded behind it, and the runner rewinds to the stored checkpoints.
+        """
         if self._need_rewind:
+            self._drain()
             self._rewind()
         msgs = consumer.consume(self.batch_size, self.batch_timeout_seconds)
-        events: list[ConsumedEvent] = []
-        failures: list[DecodeFailure] = []
+        good = []
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
         for m in msgs:
@@ -420,41 +519,100 @@ class ProjectionRunner:
             self._at_end.discard(tp)
             first.setdefault(tp, m.offset())
             last[tp] = m.offset()
-            r = decode_message(self.serde, m)
-            (events if isinstance(r, ConsumedEvent) else failures).append(r)
+            good.append(m)
         if not last:
             return 0
-        start = time.perf_counter()
+        batch = decode_columnar(self.serde, good) if self.columnar else None
+        prepared = _Prepared(good, batch, first, last, time.perf_counter())
+        if self._pool is None:
+            try:
+                applied = self._commit_prepared(prepared)
+            except Exception as exc:  # noqa: BLE001 - sorted out by _finish
+                self._finish(consumer, prepared, None, exc)
+            else:
+                self._finish(consumer, prepared, applied, None)
+            return len(msgs)
+        self._drain()  # the previous batch commits before this one starts
+        if self._need_rewind:
+            return len(msgs)  # dropped: the rewind re-reads it
+        self._inflight = (prepared, self._pool.submit(self._commit_prepared, prepared))
+        return len(msgs)
+
+    def _commit_prepared(self, p: _Prepared) -> Sequence[ConsumedEvent] | ColumnarBatch:
+        """The batch's transaction (on the database thread when pipelined)."""
+        applied = self._apply_columnar(p.batch, p.first, p.last) if p.batch is not None else None
+        if applied is None:
+            events: list[ConsumedEvent] = []
+            failures: list[DecodeFailure] = []
+            for m in p.msgs:
+                r = decode_message(self.serde, m)
+                (events if isinstance(r, ConsumedEvent) else failures).append(r)
+            applied = self._apply_batch(events, failures, p.first, p.last)
+        return applied
+
+    def _drain(self) -> None:
+        """Wait for the batch in flight, if any, and account for it."""
+        if self._inflight is None:
+            return
+        prepared, future = self._inflight
+        self._inflight = None
         try:
-            fresh = self._apply_batch(events, failures, first, last)
-        except psycopg.OperationalError as exc:
+            applied = future.result()
+        except Exception as exc:  # noqa: BLE001 - sorted out by _finish
+            self._finish(self._consumer, prepared, None, exc)
+        else:
+            self._finish(self._consumer, prepared, applied, None)
+
+    def _finish(
+        self,
+        consumer: Consumer | None,
+        p: _Prepared,
+        applied: Sequence[ConsumedEvent] | ColumnarBatch | None,
+        exc: BaseException | None,
+    ) -> None:
+        if isinstance(exc, psycopg.OperationalError):
             self._need_rewind = True
             self._db_backoff(exc)
-            return len(msgs)
-        except _Fenced as exc:
+            return
+        if isinstance(exc, _Fenced):
             log.warning("batch fenced off, rewinding to the stored checkpoint", projection=self.projection.name,
                         reason=str(exc))  # fmt: skip
             self._need_rewind = True
-            return len(msgs)
-        _batch_seconds.labels(self.projection.name).observe(time.perf_counter() - start)
+            return
+        if exc is not None:
+            raise exc
+        assert applied is not None
+        _batch_seconds.labels(self.projection.name).observe(time.perf_counter() - p.started)
         self.stats.batches += 1
-        self.stats.positions.update({k: v + 1 for k, v in last.items()})
-        consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
-        self._notify(fresh)
+        self.stats.positions.update({k: v + 1 for k, v in p.last.items()})
+        if consumer is not None:
+            consumer.commit(offsets=[TopicPartition(t, q, o + 1) for (t, q), o in p.last.items()], asynchronous=True)
+        self._notify(applied)
         if self.on_batch is not None:
             self.on_batch(self.stats)
-        return len(msgs)
 
     def caught_up(self) -> bool:
-        """True when partitions are assigned and every one has reached the end of the log."""
-        return bool(self._assigned) and self._assigned <= self._at_end
+        """True when partitions are assigned, every one has reached the end of the log, and no batch is
+        in flight or waiting to be re-read."""
+        return (
+            bool(self._assigned)
+            and self._assigned <= self._at_end
+            and self._inflight is None
+            and not self._need_rewind
+        )
 
-    def run(self, *, until_caught_up: bool = False, max_wait_seconds: float | None = None) -> RunnerStats:
+    def run(
+        self, *, until_caught_up: bool = False, max_wait_seconds: float | None = None, assign_all: bool = False
+    ) -> RunnerStats:
         """Run until stopped (``stop_event``), or until caught up when ``until_caught_up``.
 
         Args:
             until_caught_up: return once every assigned partition reached its end.
             max_wait_seconds: give up (TimeoutError) if not caught up by then.
+            assign_all: read every partition of the projection's topics by manual assignment instead of
+                joining the consumer group (a rebuild is the only reader of its fresh schema, so it
+                needs no group and does not wait for a group join; positions still come from the
+                stored checkpoints).
 
         Raises:
             TimeoutError: not caught up within ``max_wait_seconds``.
@@ -464,12 +622,26 @@ class ProjectionRunner:
             self.settings.kafka, self.group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100}
         )
         self._consumer = consumer
-        consumer.subscribe(list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+        if self.pipeline:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"projection-{self.projection.name}")
+        if assign_all:
+            meta = consumer.list_topics(timeout=10)
+            tps = [
+                TopicPartition(t, p)
+                for t in self.projection.topics
+                if t in meta.topics
+                for p in sorted(meta.topics[t].partitions)
+            ]
+            self._on_assign(consumer, tps)
+        else:
+            consumer.subscribe(list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
         deadline = time.monotonic() + max_wait_seconds if max_wait_seconds else None
         try:
             while not self.stop_event.is_set():
                 try:
                     self.step(consumer)
+                    if until_caught_up and self._assigned and self._assigned <= self._at_end:
+                        self._drain()
                 except KeyboardInterrupt:
                     break
                 if until_caught_up and self.caught_up():
@@ -477,8 +649,16 @@ class ProjectionRunner:
                 if deadline and time.monotonic() > deadline:
                     raise TimeoutError(f"projection {self.projection.name} not caught up in {max_wait_seconds}s")
         finally:
-            consumer.close()
-            self._consumer = None
+            try:
+                self._drain()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                consumer.close()
+                self._consumer = None
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
             self.dlq.producer.flush()
             if self._conn is not None:
                 self._conn.close()
