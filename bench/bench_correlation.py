@@ -1,0 +1,161 @@
+"""Correlation on real data: the Racket Slack #general of 2018 against racket/racket's 2018 commits.
+
+Runs :class:`processors.correlation.logic.Correlator` (no Kafka) over both files in event-time order,
+first with explicit references only, then with all-MiniLM-L6-v2 embeddings of every message excerpt and
+commit subject. The embeddings are computed once with the model called directly (in batches; producing
+11,000 texts through the Ray actors takes minutes and measures inference, not correlation).
+
+Prints: messages, commits, explicit links, embedding links (at ``--min-cosine``, and at a few other
+thresholds), how many explicit-link pairs the embedding method also finds (its recall against the
+explicit links), and the logic's events/s with and without embeddings.
+
+Reads ``../shared/data/chat_and_code/racket`` (override with ``--data``); that Slack set may not be
+copied into the project. Usage::
+
+    python -m bench.bench_correlation [--min-cosine 0.6] [--window-hours 48] [--device cpu] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import ROOT
+from connectors.chat_code import parse_git_commits_tsv, parse_slack_export
+from processors.correlation.logic import (
+    DEFAULT_MIN_COSINE,
+    DEFAULT_WINDOW,
+    CorrelationConfig,
+    Correlator,
+    observe,
+)
+
+__all__ = ["main", "print_figures", "run_benchmark"]
+
+DATA = ROOT.parent / "shared" / "data" / "chat_and_code" / "racket"
+
+
+def _observations(data: Path) -> list[Any]:
+    events = list(parse_slack_export(data / "slack_racket_general_2018.xml")) + list(
+        parse_git_commits_tsv(data / "racket_commits_2018.tsv")
+    )
+    obs = [observe(e.data, e.attributes.id) for e in events]
+    return sorted((o for o in obs if o is not None), key=lambda o: (o.event_time, o.entity))
+
+
+def _run(observations: list[Any], config: CorrelationConfig, vectors: dict[str, np.ndarray] | None) -> tuple[list[Any], float]:
+    corr = Correlator(config)
+    links = []
+    start = time.perf_counter()
+    for o in observations:
+        links += corr.add(o)
+        if vectors is not None and o.entity in vectors:
+            links += corr.add_vector(o.entity, vectors[o.entity])
+    return links, time.perf_counter() - start
+
+
+def run_benchmark(
+    data: Path = DATA, *, min_cosine: float = DEFAULT_MIN_COSINE, window: timedelta = DEFAULT_WINDOW,
+    device: str = "cpu", batch_size: int = 128,
+) -> dict[str, Any]:  # fmt: skip
+    """Run both passes and return the figures (see the module docstring).
+
+    Raises:
+        FileNotFoundError: the data folder is missing.
+    """
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data} is missing")
+    from inference.model import load_model
+
+    observations = _observations(data)
+    config = CorrelationConfig(window=window, min_cosine=min_cosine)
+    explicit, explicit_seconds = _run(observations, config, None)
+
+    texts = {o.entity: o.text for o in observations if o.text.strip()}
+    model = load_model("all-MiniLM-L6-v2", device=device)
+    names = list(texts)
+    start = time.perf_counter()
+    matrix = np.concatenate([model.embed([texts[n] for n in names[i : i + batch_size]])
+                             for i in range(0, len(names), batch_size)])  # fmt: skip
+    embed_seconds = time.perf_counter() - start
+    vectors = dict(zip(names, matrix, strict=True))
+    links, with_vectors_seconds = _run(observations, config, vectors)
+    embedding = [lk for lk in links if lk.method == "embedding"]
+    explicit_pairs = {(lk.message.entity, lk.commit.entity) for lk in explicit}
+    embedding_pairs = {(lk.message.entity, lk.commit.entity) for lk in embedding}
+    by_threshold = {}
+    low = CorrelationConfig(window=window, min_cosine=min(0.4, min_cosine))
+    all_pairs = [lk for lk in _run(observations, low, vectors)[0] if lk.method == "embedding"]
+    for threshold in sorted({0.4, 0.5, 0.6, 0.7, 0.8, min_cosine}):
+        kept = {(lk.message.entity, lk.commit.entity) for lk in all_pairs if lk.cosine >= threshold}
+        by_threshold[threshold] = {"links": len(kept), "explicit_found": len(kept & explicit_pairs)}
+    return {
+        "messages": sum(o.kind == "message" for o in observations),
+        "commits": sum(o.kind == "commit" for o in observations),
+        "explicit_links": len(explicit_pairs),
+        "embedding_links": len(embedding_pairs),
+        "explicit_also_by_embedding": len(explicit_pairs & embedding_pairs),
+        "explicit_within_window": sum(
+            abs((lk.message.event_time - lk.commit.event_time).total_seconds()) <= window.total_seconds()
+            for lk in explicit
+        ),
+        "min_cosine": min_cosine,
+        "window_hours": window.total_seconds() / 3600,
+        "by_threshold": by_threshold,
+        "explicit_events_per_second": len(observations) / explicit_seconds,
+        "embedding_events_per_second": (len(observations) + len(vectors)) / with_vectors_seconds,
+        "embed_texts": len(names),
+        "embed_seconds": embed_seconds,
+        "device": device,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table (or JSON)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE)
+    parser.add_argument("--window-hours", type=float, default=DEFAULT_WINDOW.total_seconds() / 3600)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    r = run_benchmark(args.data, min_cosine=args.min_cosine, window=timedelta(hours=args.window_hours),
+                      device=args.device)  # fmt: skip
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return
+    print_figures(r)
+
+
+def print_figures(r: dict[str, Any]) -> None:
+    """Print the figures of :func:`run_benchmark` as a table."""
+    t = Table(title=f"correlation on Racket Slack 2018 x racket/racket (window ±{r['window_hours']:g} h)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for name, value in (
+        ("messages", f"{r['messages']:,}"),
+        ("commits", f"{r['commits']:,}"),
+        ("explicit links (reference)", f"{r['explicit_links']:,}"),
+        ("  of which within the window", f"{r['explicit_within_window']:,}"),
+        (f"embedding links (cosine >= {r['min_cosine']:g})", f"{r['embedding_links']:,}"),
+        ("explicit links also found by embedding", f"{r['explicit_also_by_embedding']:,} of {r['explicit_links']:,}"),
+        ("logic, references only", f"{r['explicit_events_per_second']:,.0f} events/s"),
+        ("logic, with embeddings", f"{r['embedding_events_per_second']:,.0f} events+vectors/s"),
+        (f"embedding {r['embed_texts']:,} texts ({r['device']}, direct)", f"{r['embed_seconds']:.1f} s"),
+    ):
+        t.add_row(name, value)
+    for threshold, row in r["by_threshold"].items():
+        t.add_row(f"  at cosine >= {threshold:g}", f"{row['links']:,} links, {row['explicit_found']} explicit found")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

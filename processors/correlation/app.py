@@ -1,0 +1,593 @@
+"""The correlation processor's Faust app: Slack messages ↔ commits, as ``correlation.link`` insights.
+
+A thin shell around :mod:`processors.correlation.logic`; every decision is made there. Three agents:
+
+1. ``correlation-events`` reads ``external.events`` (``sophia.external.ExternalEvent``, key = entity,
+   3 partitions): decodes the Confluent-framed Avro and the CloudEvents headers, keeps ``slack.message``
+   and ``git.commit`` events (others are counted and skipped), and forwards each as a compact JSON
+   observation to the repartition topic, keyed by its correlation scope
+   (:func:`~processors.correlation.logic.scope_of`). With ``request_embeddings`` it also produces one
+   ``sophia.inference.EmbeddingRequest`` per text to ``inference.requests``, with a ``text_ref`` to the
+   event's topic, partition, offset and field (``body_excerpt`` of a message, ``title`` of a commit) and
+   the deterministic request id ``corr:<scope>:<entity>``.
+2. ``correlation-results`` (with ``embeddings``) reads ``inference.results``: results whose request id
+   is not ``corr:...`` belong to someone else and are skipped; ours are forwarded as vectors to the
+   repartition topic, keyed by the scope named in the request id.
+3. ``correlation-links`` reads the repartition topic, keeps a
+   :class:`~processors.correlation.logic.Correlator` per scope, and sends every link it draws as a
+   ``sophia.insight.Insight`` to ``insights.correlations`` (key = the commit's entity).
+
+**Why a repartition topic.** ``external.events`` is keyed by entity, so a message and the commit it names
+sit on different partitions, and the embedding of a text arrives on a third topic keyed by request id.
+A join needs every piece of a scope in one place. The first two agents re-key everything by scope onto
+``<app id>-by-scope-repartition`` (what Faust's ``group_by`` does, written out so that a record is
+decoded and dead-lettered once, at the edge, and only what the join needs travels on), so one partition
+of that topic, and one task, sees a whole scope, in a total order, and its table partition holds the
+whole scope's state. Scopes spread over the topic's partitions; one scope is not split (a workspace and
+its organisation's repositories are small enough: a year of the Racket workspace and racket/racket is
+about 11,000 items).
+
+* **Decoding is ours** (``raw`` serializers) and bad records go to the dead-letter topic through
+  :class:`streams.consumer.DeadLetterPublisher` with raw bytes, headers and the reason; processing goes
+  on. Undecodable: not Avro, no CloudEvents headers. Unprocessable: another schema, a commit entity
+  without a SHA, a malformed embedding.
+* **State.** The table ``correlation_items`` (``store="memory://"``, changelog
+  ``<app id>-correlation_items-changelog``, partitions = the repartition topic's) holds one item per
+  entity, key ``<scope>|<entity>``: ``{"obs": Observation.to_dict(), "vector": base64 float32}``. The
+  in-memory correlators are caches of it: dropped on every rebalance and rebuilt from the table's
+  items of their scope on first use (the table is recovered from its changelog before agents run).
+* **Order of effects per record**: the insights are sent and their delivery awaited before the table
+  item is written. A crash between the two re-reads the record after restart, draws the same links
+  and sends them again with the same ids (subscribers de-duplicate by ``insight_id``). Forwarded records
+  and embedding requests go through Faust's producer, which Faust flushes before it commits offsets.
+* **Determinism**: event time only. The one wall-clock value is ``requested_at`` of an embedding request
+  (the inference topics keep a week and measure latency from it); it decides nothing.
+* ``concurrency=1`` per agent (faust-streaming #606); scale with partitions and workers.
+
+Run it with ``backbone processors correlate`` (:mod:`processors.correlation.cli`); with
+``stop_after_idle_seconds`` it returns once no record has arrived for that long after recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import structlog
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from backbone.observability import REGISTRY, configure_logging, serve_metrics
+from backbone.settings import KafkaSettings, Settings
+from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, EventTextRef, request_event
+from processors.app import _broker_urls, _credentials, _headers
+from processors.correlation.logic import (
+    EXTERNAL_SCHEMA,
+    CorrelationConfig,
+    Correlator,
+    Link,
+    Observation,
+    decode_vector_b64,
+    encode_vector_b64,
+    observe,
+    parse_request_id,
+    request_id_for,
+    scope_of,
+)
+from processors.errors import UnprocessableEventError, UnsupportedEventError
+from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.consumer import DLQ_TOPIC, DeadLetterPublisher
+from streams.envelope import CloudEvent
+from streams.errors import DeserializationError, EnvelopeError
+from streams.producer import EventProducer
+from streams.registry import EmbeddedRegistry
+from streams.serde import AvroSerde
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "PROCESSOR_NAME",
+    "CorrelationStats",
+    "CorrelationTopics",
+    "create_correlation_app",
+    "ensure_correlation_topics",
+    "run_correlation_worker",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_APP_ID = "backbone-correlation"
+PROCESSOR_NAME = "correlation"
+TABLE_NAME = "correlation_items"
+_TEXT_FIELD = {"message": "body_excerpt", "commit": "title"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CorrelationTopics:
+    """The topics of the correlation processor (configurable for tests).
+
+    Attributes:
+        events: input, ``sophia.external.ExternalEvent`` keyed by entity.
+        results: input, ``sophia.inference.EmbeddingResult`` keyed by request id.
+        requests: output, ``sophia.inference.EmbeddingRequest`` (when requesting embeddings).
+        insights: output, ``sophia.insight.Insight`` keyed by entity.
+        dead_letters: where undecodable or unprocessable records go.
+        scope_partitions: partitions of the repartition topic and of the table's changelog.
+    """
+
+    events: str = "external.events"
+    results: str = "inference.results"
+    requests: str = "inference.requests"
+    insights: str = "insights.correlations"
+    dead_letters: str = DLQ_TOPIC
+    scope_partitions: int = 3
+
+    def scope_topic(self, app_id: str) -> str:
+        """Name of the repartition topic of the app ``app_id``."""
+        return f"{app_id}-by-scope-repartition"
+
+
+@dataclass(slots=True)
+class CorrelationStats:
+    """Counters of one app instance (in memory, for logs, tests, metrics and idle detection).
+
+    Attributes:
+        records_count: records handled by any agent (every outcome).
+        events_count: messages and commits forwarded by scope.
+        vectors_count: embeddings of ours forwarded by scope.
+        skipped_count: events of other kinds and results of other requesters.
+        requests_count: embedding requests produced.
+        duplicates_count: observations or vectors already known to their scope.
+        reference_links_count: ``reference`` links sent.
+        embedding_links_count: ``embedding`` links sent.
+        dead_letters_count: records dead-lettered.
+        last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
+    """
+
+    records_count: int = 0
+    events_count: int = 0
+    vectors_count: int = 0
+    skipped_count: int = 0
+    requests_count: int = 0
+    duplicates_count: int = 0
+    reference_links_count: int = 0
+    embedding_links_count: int = 0
+    dead_letters_count: int = 0
+    last_record_monotonic: float | None = field(default=None)
+
+
+class _CorrelationShell:
+    """The agents' bodies: decode, re-key, join, send, dead-letter. One per app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: CorrelationTopics,
+        config: CorrelationConfig,
+        serde: AvroSerde,
+        table: faust.Table,
+        channels: dict[str, faust.TopicT],
+        request_embeddings: bool,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.config = config
+        self.serde = serde
+        self.table = table
+        self.channels = channels
+        self.request_embeddings = request_embeddings
+        self.stats = CorrelationStats()
+        self.correlators: dict[str, Correlator] = {}
+        self._dlq: DeadLetterPublisher | None = None
+
+    def _touch(self) -> None:
+        self.stats.records_count += 1
+        self.stats.last_record_monotonic = time.monotonic()
+
+    def forget(self, *_: Any, **__: Any) -> None:
+        """Drop the in-memory correlators (on rebalance); they are rebuilt from the table on next use."""
+        self.correlators.clear()
+
+    def _decode(self, message: Any) -> tuple[CloudEvent, str, dict[str, Any], list[tuple[str, bytes | None]]]:
+        headers = _headers(message.headers)
+        attributes = CloudEvent.from_headers(headers)
+        schema, data = self.serde.decode(message.value)
+        return attributes, schema, data, headers
+
+    async def handle_event(self, message: Any) -> None:
+        """An ``external.events`` record: forward a message or commit by scope; never raises for bad input."""
+        self._touch()
+        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
+        try:
+            attributes, schema, data, _ = self._decode(message)
+            if schema != EXTERNAL_SCHEMA:
+                raise UnsupportedEventError(f"schema {schema!r} is not {EXTERNAL_SCHEMA}", event_id=attributes.id)
+            obs = observe(data, attributes.id)
+            scope = scope_of(obs.entity, self.config.scopes) if obs is not None else ""
+        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+            await self._dead_letter(message, exc)
+            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            return
+        if obs is None:
+            self.stats.skipped_count += 1
+            return
+        body = {"type": "event", "obs": obs.to_dict(), "source": [message.topic, message.partition, message.offset]}
+        await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
+        self.stats.events_count += 1
+        if self.request_embeddings and obs.text.strip():
+            ref = EventTextRef(
+                topic=message.topic, partition=message.partition, offset=message.offset, field=_TEXT_FIELD[obs.kind]
+            )
+            request = EmbeddingRequest(
+                request_id=request_id_for(scope, obs.entity), text_ref=ref, requested_at=datetime.now(UTC)
+            )
+            event = request_event(request, source="/processors/correlation")
+            await self.channels["requests"].send(
+                key=event.key.encode(), value=self.serde.encode(event.schema, event.data),
+                headers=event.attributes.to_headers(),
+            )  # fmt: skip
+            self.stats.requests_count += 1
+
+    async def handle_result(self, message: Any) -> None:
+        """An ``inference.results`` record: forward one of our embeddings by scope; skip others'."""
+        self._touch()
+        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
+        try:
+            attributes, schema, data, _ = self._decode(message)
+            if schema != RESULT_SCHEMA:
+                raise UnsupportedEventError(f"schema {schema!r} is not {RESULT_SCHEMA}", event_id=attributes.id)
+            owner = parse_request_id(str(data.get("request_id", "")))
+            if owner is None:
+                self.stats.skipped_count += 1
+                return
+            try:
+                result = EmbeddingResult.from_avro(data)
+            except (KeyError, ValueError) as exc:
+                raise UnprocessableEventError(f"malformed embedding result: {exc}", event_id=attributes.id) from exc
+        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+            await self._dead_letter(message, exc)
+            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            return
+        scope, entity = owner
+        body = {"type": "vector", "entity": entity, "vector": encode_vector_b64(result.vector),
+                "model": f"{result.model_name}@{result.model_version}"}  # fmt: skip
+        await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
+        self.stats.vectors_count += 1
+
+    def _correlator(self, scope: str) -> Correlator:
+        corr = self.correlators.get(scope)
+        if corr is None:
+            corr = Correlator(self.config)
+            prefix = f"{scope}|".encode()
+            items = []
+            for key, value in self.table.items():
+                raw_key = key if isinstance(key, bytes) else str(key).encode()
+                if raw_key.startswith(prefix) and value:
+                    obs = Observation.from_dict(value["obs"]) if value.get("obs") else None
+                    vector = decode_vector_b64(value["vector"]) if value.get("vector") else None
+                    items.append((obs, vector, raw_key[len(prefix) :].decode()))
+            corr.restore(items)
+            self.correlators[scope] = corr
+            log.info("correlation_scope_restored", scope=scope, items=len(items))
+        return corr
+
+    async def handle_scoped(self, message: Any) -> None:
+        """A repartition record: join it with its scope's state, send the links, record it."""
+        self._touch()
+        scope = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else str(message.key)
+        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset, scope=scope)
+        try:
+            body = json.loads(message.value)
+            corr = self._correlator(scope)
+            if body.get("type") == "event":
+                obs = Observation.from_dict(body["obs"])
+                entity, known = obs.entity, obs.entity in corr.observations
+                links = corr.add(obs)
+            elif body.get("type") == "vector":
+                entity = str(body["entity"])
+                vector = decode_vector_b64(body["vector"])
+                known = entity in corr.vectors
+                links = corr.add_vector(entity, vector)
+            else:
+                raise UnprocessableEventError(f"unknown repartition record type {body.get('type')!r}")
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnprocessableEventError included
+            await self._dead_letter(message, exc)
+            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            return
+        if known:
+            self.stats.duplicates_count += 1
+            return
+        for link in links:
+            await self._send_link(link)
+            bound.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
+                       message=link.message.entity, commit=link.commit.entity, cosine=link.cosine)  # fmt: skip
+        key = f"{scope}|{entity}".encode()
+        item = dict(self.table.get(key) or {})
+        if body["type"] == "event":
+            item["obs"] = body["obs"]
+        else:
+            item["vector"] = body["vector"]
+        self.table[key] = item
+
+    async def _send_link(self, link: Link) -> None:
+        insight = link.to_insight()
+        pending = await self.channels["insights"].send(
+            key=insight.key.encode(),
+            value=self.serde.encode(insight.schema, insight.data),
+            headers=insight.attributes.to_headers(),
+            timestamp=insight.attributes.time.timestamp(),
+            force=True,
+        )
+        await pending  # delivered (acks=all) before the table records the piece that completed it
+        if link.method == "reference":
+            self.stats.reference_links_count += 1
+        else:
+            self.stats.embedding_links_count += 1
+
+    async def _dead_letter(self, message: Any, exc: Exception) -> None:
+        if self._dlq is None:
+            self._dlq = DeadLetterPublisher(
+                EventProducer(self.settings.kafka, self.serde), PROCESSOR_NAME, topic=self.topics.dead_letters
+            )
+        self._dlq.publish(
+            source_topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key if isinstance(message.key, bytes) or message.key is None else str(message.key).encode(),
+            value=message.value if isinstance(message.value, bytes) or message.value is None else None,
+            headers=_headers(message.headers),
+            reason=str(exc),
+            error_type=type(exc).__name__,
+        )
+        await asyncio.to_thread(self._dlq.producer.flush)  # durable before the offset can be committed
+        self.stats.dead_letters_count += 1
+
+    def close(self) -> None:
+        """Flush and release the dead-letter producer, if one was made."""
+        if self._dlq is not None:
+            self._dlq.producer.close()
+
+
+def create_correlation_app(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: CorrelationTopics | None = None,
+    config: CorrelationConfig | None = None,
+    embeddings: bool = True,
+    request_embeddings: bool = True,
+    web_port: int = 0,
+    serde: AvroSerde | None = None,
+) -> faust.App:
+    """Build the correlation app: its three agents and the ``correlation_items`` table.
+
+    Args:
+        settings: broker settings (``settings.kafka``), data directory (``settings.state_dir``).
+        app_id: Faust app id, also the consumer group and the prefix of the repartition and changelog
+            topics; default ``backbone-correlation``. Tests pass a unique one.
+        topics: the topic names; default the catalogue's.
+        config: window, threshold, scope overrides.
+        embeddings: read ``topics.results`` and draw embedding links; ``False``: explicit links only.
+        request_embeddings: with ``embeddings``, produce an embedding request per message and commit.
+        web_port: Faust's web server port; ``0`` leaves it off.
+        serde: the Avro serde; default one on the embedded registry.
+
+    Returns:
+        The app; its counters are at ``app.correlation_stats`` and ``app.correlation_close()`` releases
+        the dead-letter producer once the app has stopped.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+    """
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or CorrelationTopics()
+    config = config or CorrelationConfig()
+    session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
+    datadir = settings.state_dir / "faust" / app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        app_id,
+        broker=_broker_urls(settings.kafka),
+        broker_credentials=_credentials(settings.kafka),
+        broker_client_id=settings.kafka.client_id,
+        broker_session_timeout=session_timeout_seconds,
+        broker_heartbeat_interval=max(0.5, session_timeout_seconds / 6),
+        store="memory://",
+        topic_partitions=topics.scope_partitions,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        table_standby_replicas=0,
+        autodiscover=False,
+        datadir=str(datadir),
+        web_enabled=bool(web_port),
+        web_port=web_port or 6066,
+        web_bind="127.0.0.1",
+    )
+    serde = serde or AvroSerde(EmbeddedRegistry())
+    raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+    events_topic = app.topic(topics.events, **raw)
+    scope_topic = app.topic(topics.scope_topic(app_id), partitions=topics.scope_partitions, **raw)
+    channels = {
+        "scope": scope_topic,
+        "requests": app.topic(topics.requests, **raw),
+        "insights": app.topic(topics.insights, **raw),
+    }
+    table = app.Table(
+        TABLE_NAME,
+        default=dict,
+        partitions=topics.scope_partitions,
+        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        help="One item per entity of a scope: key '<scope>|<entity>', value {obs, vector}.",
+    )
+    shell = _CorrelationShell(
+        settings, topics, config, serde, table, channels, request_embeddings=embeddings and request_embeddings
+    )
+    app.on_partitions_revoked.connect(shell.forget)
+    app.on_partitions_assigned.connect(shell.forget)
+
+    @app.agent(events_topic, name=f"{PROCESSOR_NAME}-events", concurrency=1)
+    async def correlation_events(stream: faust.StreamT) -> None:
+        """Forward Slack messages and commits by scope (and request their embeddings)."""
+        async for event in stream.events():
+            await shell.handle_event(event.message)
+
+    if embeddings:
+        results_topic = app.topic(topics.results, **raw)
+
+        @app.agent(results_topic, name=f"{PROCESSOR_NAME}-results", concurrency=1)
+        async def correlation_results(stream: faust.StreamT) -> None:
+            """Forward our embeddings by scope."""
+            async for event in stream.events():
+                await shell.handle_result(event.message)
+
+    @app.agent(scope_topic, name=f"{PROCESSOR_NAME}-links", concurrency=1)
+    async def correlation_links(stream: faust.StreamT) -> None:
+        """Join each scope's messages, commits and embeddings; send the links."""
+        async for event in stream.events():
+            await shell.handle_scoped(event.message)
+
+    app.correlation_stats = shell.stats  # type: ignore[attr-defined]
+    app.correlation_close = shell.close  # type: ignore[attr-defined]
+    return app
+
+
+def ensure_correlation_topics(
+    kafka: KafkaSettings, topics: CorrelationTopics, app_id: str, *, embeddings: bool = True,
+    timeout_seconds: float = 30.0,
+) -> list[str]:  # fmt: skip
+    """Create the processor's topics that do not exist (final partition counts); return those created.
+
+    Partitions: the catalogue's for catalogue topics (3 for a non-catalogue input or output, 6 for
+    inference topics), ``topics.scope_partitions`` for the repartition topic.
+
+    Raises:
+        StreamsError: the broker did not answer, or refused a topic.
+    """
+
+    def spec(name: str, catalogue_name: str, fallback: int) -> NewTopic:
+        known = CATALOGUE.get(name) or CATALOGUE.get(catalogue_name)
+        return NewTopic(name, num_partitions=known.partitions if known else fallback, replication_factor=1)
+
+    wanted = [
+        spec(topics.events, "external.events", 3),
+        spec(topics.insights, "insights.correlations", 3),
+        spec(topics.dead_letters, "backbone.dlq", 1),
+        NewTopic(topics.scope_topic(app_id), num_partitions=topics.scope_partitions, replication_factor=1),
+    ]
+    if embeddings:
+        wanted += [spec(topics.results, "inference.results", 6), spec(topics.requests, "inference.requests", 6)]
+    return create_missing_topics(AdminClient(kafka.librdkafka()), wanted, timeout_seconds=timeout_seconds)
+
+
+class _StatsCollector:
+    """Exposes a :class:`CorrelationStats` as Prometheus counters (read at scrape time)."""
+
+    def __init__(self, stats: CorrelationStats, app_id: str) -> None:
+        self.stats = stats
+        self.app_id = app_id
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, attr, doc in (
+            ("backbone_correlation_records", "records_count", "Records handled by the correlation agents"),
+            ("backbone_correlation_events", "events_count", "Messages and commits forwarded by scope"),
+            ("backbone_correlation_vectors", "vectors_count", "Embeddings forwarded by scope"),
+            ("backbone_correlation_skipped", "skipped_count", "Events of other kinds, results of other requesters"),
+            ("backbone_correlation_embedding_requests", "requests_count", "Embedding requests produced"),
+            ("backbone_correlation_duplicates", "duplicates_count", "Pieces already known to their scope"),
+            ("backbone_correlation_reference_links", "reference_links_count", "Reference links sent"),
+            ("backbone_correlation_embedding_links", "embedding_links_count", "Embedding links sent"),
+            ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["app"])
+            c.add_metric([self.app_id], getattr(self.stats, attr))
+            yield c
+
+
+def run_correlation_worker(
+    settings: Settings | None = None,
+    *,
+    app_id: str | None = None,
+    topics: CorrelationTopics | None = None,
+    config: CorrelationConfig | None = None,
+    embeddings: bool = True,
+    request_embeddings: bool = True,
+    stop_after_idle_seconds: float | None = None,
+    web_port: int = 0,
+    loglevel: str | None = None,
+) -> CorrelationStats:
+    """Run the correlation worker in this process until stopped (blocking; owns the event loop and the
+    SIGTERM/SIGINT handlers, so call it from a main thread, e.g. ``backbone processors correlate``).
+
+    Creates the topics first (:func:`ensure_correlation_topics`).
+
+    Args:
+        settings: default: the environment's, completed from a running dev stack.
+        app_id: Faust app id; default ``backbone-correlation``.
+        topics: topic names; default the catalogue's.
+        config: window, threshold, scope overrides.
+        embeddings: see :func:`create_correlation_app`.
+        request_embeddings: see :func:`create_correlation_app`.
+        stop_after_idle_seconds: stop once started (partitions assigned, table recovered) and no record
+            has arrived for this many seconds; ``None`` runs until signalled.
+        web_port: Faust's web port; 0 leaves it off.
+        loglevel: Faust's log level; default ``settings.log_level``.
+
+    Returns:
+        The app's counters once the worker has stopped.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+        StreamsError: a topic cannot be created.
+    """
+    if settings is None:
+        from backbone.runtime import load_settings
+
+        settings = load_settings()
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or CorrelationTopics()
+    ensure_correlation_topics(settings.kafka, topics, app_id, embeddings=embeddings)
+    app = create_correlation_app(
+        settings, app_id=app_id, topics=topics, config=config, embeddings=embeddings,
+        request_embeddings=request_embeddings, web_port=web_port,
+    )  # fmt: skip
+    stats: CorrelationStats = app.correlation_stats  # type: ignore[attr-defined]
+    if stop_after_idle_seconds is not None:
+        idle_since: list[float] = []
+
+        @app.timer(interval=min(1.0, max(0.1, stop_after_idle_seconds / 4)))
+        async def _stop_when_idle() -> None:
+            now = time.monotonic()
+            if not idle_since:
+                idle_since.append(now)  # timers start after recovery
+            last = max(idle_since[0], stats.last_record_monotonic or 0.0)
+            if now - last >= stop_after_idle_seconds:
+                log.info("correlation_idle_stop", idle_seconds=round(now - last, 1), records=stats.records_count)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        REGISTRY.register(_StatsCollector(stats, app_id))  # type: ignore[arg-type]
+    except ValueError:
+        pass  # already registered in this process
+    server = serve_metrics(settings.metrics_port, health=lambda: {"ok": True, **dataclasses.asdict(stats)})
+    log.info("correlation_metrics", url=f"http://127.0.0.1:{server.server_address[1]}/metrics")
+    worker = faust.Worker(app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        app.correlation_close()  # type: ignore[attr-defined]
+    return stats

@@ -1,0 +1,89 @@
+"""``backbone processors correlate``: run the correlation processor (mounted by :mod:`processors.__main__`).
+
+Every option has an environment twin (shown in ``--help``); broker settings come from
+``BACKBONE_KAFKA__*`` (:class:`backbone.settings.Settings`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Annotated
+
+import typer
+
+from processors.correlation.app import DEFAULT_APP_ID, CorrelationTopics, run_correlation_worker
+from processors.correlation.logic import DEFAULT_MIN_COSINE, DEFAULT_WINDOW, CorrelationConfig
+
+__all__ = ["correlate"]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def correlate(
+    embeddings: Annotated[bool, typer.Option(
+        "--embeddings/--no-embeddings", envvar="BACKBONE_CORRELATION_EMBEDDINGS",
+        help="Read inference results and draw embedding links (and request embeddings, see below).")] = True,
+    request_embeddings: Annotated[bool, typer.Option(
+        "--request-embeddings/--no-request-embeddings", envvar="BACKBONE_CORRELATION_REQUEST_EMBEDDINGS",
+        help="With --embeddings: produce an embedding request per message and commit.")] = True,
+    window_hours: Annotated[float, typer.Option(
+        envvar="BACKBONE_CORRELATION_WINDOW_HOURS",
+        help="Largest event-time distance (hours) of an embedding link; keep it above the ±14 h of Slack's unknown offset.",
+    )] = DEFAULT_WINDOW.total_seconds() / 3600,
+    min_cosine: Annotated[float, typer.Option(
+        envvar="BACKBONE_CORRELATION_MIN_COSINE", help="Smallest cosine of an embedding link.")] = DEFAULT_MIN_COSINE,
+    scope: Annotated[list[str] | None, typer.Option(
+        "--scope", envvar="BACKBONE_CORRELATION_SCOPES",
+        help="ENTITY_PREFIX=SCOPE override of the correlation scope (repeat), e.g. slack:lisp/=racket.")] = None,
+    app_id: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_APP_ID", help="Faust app id / group.")] = DEFAULT_APP_ID,
+    events_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_EVENTS_TOPIC")] = "external.events",
+    results_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_RESULTS_TOPIC")] = "inference.results",
+    requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_REQUESTS_TOPIC")] = "inference.requests",
+    insights_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_INSIGHTS_TOPIC")] = "insights.correlations",
+    dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_DLQ_TOPIC")] = "backbone.dlq",
+    scope_partitions: Annotated[int, typer.Option(
+        envvar="BACKBONE_CORRELATION_SCOPE_PARTITIONS", help="Partitions of the repartition topic.")] = 3,
+    stop_after_idle: Annotated[float | None, typer.Option(
+        envvar="BACKBONE_CORRELATION_STOP_AFTER_IDLE_SECONDS",
+        help="Stop once started and no record arrived for this many seconds (caught up).")] = None,
+    web_port: Annotated[int, typer.Option(envvar="BACKBONE_CORRELATION_WEB_PORT", help="Faust web port; 0 = off.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the final counters as JSON on exit.")] = False,
+) -> None:  # fmt: skip
+    """Link Slack messages and commits (by reference, and by embedding when present) into insights.correlations."""
+    scopes: dict[str, str] = {}
+    for item in scope or []:
+        prefix, sep, name = item.partition("=")
+        if not sep or not prefix or not name:
+            _fail(f"--scope wants ENTITY_PREFIX=SCOPE, got {item!r}")
+        scopes[prefix] = name
+    if window_hours < 0:
+        _fail(f"--window-hours must not be negative, got {window_hours}")
+    if scope_partitions < 1:
+        _fail(f"--scope-partitions must be at least 1, got {scope_partitions}")
+    try:
+        config = CorrelationConfig(window=timedelta(hours=window_hours), min_cosine=min_cosine, scopes=scopes)
+    except ValueError as exc:
+        _fail(str(exc))
+    topics = CorrelationTopics(
+        events=events_topic, results=results_topic, requests=requests_topic, insights=insights_topic,
+        dead_letters=dlq_topic, scope_partitions=scope_partitions,
+    )  # fmt: skip
+    try:
+        stats = run_correlation_worker(
+            app_id=app_id, topics=topics, config=config, embeddings=embeddings,
+            request_embeddings=request_embeddings, stop_after_idle_seconds=stop_after_idle, web_port=web_port,
+        )  # fmt: skip
+    except ValueError as exc:
+        _fail(str(exc))
+    if json_output:
+        typer.echo(json.dumps(asdict(stats)))
+    else:
+        typer.echo(
+            f"links: {stats.reference_links_count} by reference, {stats.embedding_links_count} by embedding; "
+            f"{stats.events_count} events, {stats.vectors_count} embeddings, {stats.dead_letters_count} dead-lettered"
+        )

@@ -1,0 +1,466 @@
+"""Decision logic of the correlation processor: which Slack messages and commits belong together.
+
+Plain Python, no Kafka. One :class:`Correlator` holds the state of one *correlation scope* (a Slack
+workspace and the GitHub organisation it talks about, see :func:`scope_of`); the Faust shell in
+:mod:`processors.correlation.app` keeps one per scope and persists its items in a table.
+
+Two methods, each a property of a *pair* (message, commit), never of the order things arrive in:
+
+* ``reference``: the message's ``refs`` name the commit: a SHA (full, or a prefix of at least 7 hex
+  digits) of the commit's repository, or ``#N`` / an issue or pull-request URL where the commit subject
+  ends with ``(#N)`` (GitHub's squash-merge convention). No time window: an explicit reference is
+  evidence whatever the distance in time.
+* ``embedding``: both texts have an embedding (all-MiniLM-L6-v2, unit length), their event times are at
+  most ``window`` apart, and the cosine of the two vectors is at least ``min_cosine``.
+
+A pair is linked once per method, at the moment its last missing piece arrives (the message, the
+commit, or one of the two vectors), whichever it is; a piece seen again changes nothing. So the *set* of
+links after any sequence of inputs is the set of pairs that satisfy the rule, and every permutation
+or replay of the same inputs gives the same links with the same deterministic ids (:func:`link_id`),
+event times (the later of the two event times) and figures.
+
+Slack exports carry local time of an unknown offset (see :func:`connectors.chat_code.parse_slack_export`),
+so the default window (:data:`DEFAULT_WINDOW`, 48 hours) is wider than the ±14 h that offset can add,
+and ``lag_seconds`` of a link includes that unknown offset.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import numpy as np
+
+from processors.errors import UnprocessableEventError
+from streams.envelope import Event, deterministic_id
+
+__all__ = [
+    "COMMIT_KIND",
+    "DEFAULT_MIN_COSINE",
+    "DEFAULT_WINDOW",
+    "EXTERNAL_SCHEMA",
+    "INSIGHT_KIND",
+    "INSIGHT_SCHEMA",
+    "INSIGHT_SOURCE",
+    "MESSAGE_KIND",
+    "REQUEST_PREFIX",
+    "CorrelationConfig",
+    "Correlator",
+    "Link",
+    "Observation",
+    "decode_vector_b64",
+    "encode_vector_b64",
+    "link_id",
+    "observe",
+    "parse_request_id",
+    "pr_number_of",
+    "request_id_for",
+    "scope_of",
+]
+
+EXTERNAL_SCHEMA = "sophia.external.ExternalEvent"
+INSIGHT_SCHEMA = "sophia.insight.Insight"
+INSIGHT_KIND = "correlation.link"
+INSIGHT_SOURCE = "/processors/correlation"
+MESSAGE_KIND = "slack.message"
+COMMIT_KIND = "git.commit"
+REQUEST_PREFIX = "corr:"
+DEFAULT_WINDOW = timedelta(hours=48)
+"""Largest event-time distance of an embedding link: a day or two of discussion around a commit,
+plus the ±14 h an unknown Slack offset can add."""
+DEFAULT_MIN_COSINE = 0.6
+"""Smallest cosine of an embedding link (all-MiniLM-L6-v2; see ``bench/bench_correlation.py``)."""
+
+_PREFIX = 7
+_PR_SUFFIX = re.compile(r"\(#(\d+)\)\s*$")
+_COMMIT_ENTITY = re.compile(r"git:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{40})")
+_SHA_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{7,40})")
+_NUM_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)#(?P<num>\d+)")
+_SCOPE_OF = re.compile(r"(?:slack|git):(?P<scope>[^/:@]+)[/@]")
+
+Method = Literal["reference", "embedding"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CorrelationConfig:
+    """Tuning of the correlation.
+
+    Attributes:
+        window: largest event-time distance between a message and a commit for an embedding link.
+        min_cosine: smallest cosine similarity for an embedding link, in ``[-1, 1]``.
+        scopes: entity prefix → scope, overriding :func:`scope_of`'s default (the longest matching
+            prefix wins), e.g. ``{"slack:lisp/racket-": "racket"}``.
+    """
+
+    window: timedelta = DEFAULT_WINDOW
+    min_cosine: float = DEFAULT_MIN_COSINE
+    scopes: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.window < timedelta(0):
+            raise ValueError(f"window must not be negative, got {self.window}")
+        if not -1.0 <= self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}")
+        for scope in self.scopes.values():
+            if not scope or ":" in scope:
+                raise ValueError(f"a scope must be non-empty and without ':', got {scope!r}")
+
+
+def scope_of(entity: str, scopes: Mapping[str, str] | None = None) -> str:
+    """The correlation scope of an entity: where its partners can be.
+
+    Default: the Slack workspace of a message (``slack:racket/general/...`` → ``racket``) and the owner of
+    a commit's repository (``git:racket/racket@...`` → ``racket``), so a workspace meets the organisation
+    of the same name. ``scopes`` overrides it by entity prefix.
+
+    Raises:
+        UnprocessableEventError: an entity that is neither ``slack:<workspace>/...`` nor ``git:<owner>/...``.
+    """
+    if scopes:
+        best = max((p for p in scopes if entity.startswith(p)), key=len, default=None)
+        if best is not None:
+            return scopes[best]
+    m = _SCOPE_OF.match(entity)
+    if m is None:
+        raise UnprocessableEventError(f"entity {entity!r} has no correlation scope (slack:<ws>/... or git:<owner>/...)")
+    return m.group("scope")
+
+
+def request_id_for(scope: str, entity: str) -> str:
+    """Deterministic id of the embedding request of an entity's text: ``corr:<scope>:<entity>``."""
+    return f"{REQUEST_PREFIX}{scope}:{entity}"
+
+
+def parse_request_id(request_id: str) -> tuple[str, str] | None:
+    """``(scope, entity)`` of a request id made by :func:`request_id_for`; ``None`` for anyone else's."""
+    if not request_id.startswith(REQUEST_PREFIX):
+        return None
+    scope, sep, entity = request_id[len(REQUEST_PREFIX) :].partition(":")
+    return (scope, entity) if sep and scope and entity else None
+
+
+def pr_number_of(subject: str | None) -> int | None:
+    """``N`` of a commit subject that ends with ``(#N)`` (a squash-merged pull request), else ``None``."""
+    m = _PR_SUFFIX.search(subject or "")
+    return int(m.group(1)) if m else None
+
+
+def encode_vector_b64(vector: np.ndarray) -> str:
+    """Base64 of the little-endian float32 bytes of a 1-D vector (for JSON state)."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector_b64(text: str) -> np.ndarray:
+    """The float32 vector of :func:`encode_vector_b64`.
+
+    Raises:
+        ValueError: not base64 of a whole number of float32 values.
+    """
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if len(raw) % 4:
+        raise ValueError(f"vector of {len(raw)} bytes is not float32")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation:
+    """What the correlation needs of one external event.
+
+    Attributes:
+        entity: the event's entity, e.g. ``slack:racket/general/<ts>`` or ``git:racket/racket@<sha>``.
+        kind: ``message`` or ``commit``.
+        event_time: aware UTC event time (``occurred_at``).
+        event_id: CloudEvents id of the event (the causation of the links it completes).
+        text: the message excerpt or the commit subject (may be empty).
+        repo: the commit's ``owner/name`` (commits only).
+        sha: the commit's full SHA (commits only).
+        pr_number: ``N`` when the commit subject ends with ``(#N)``.
+        refs: the message's references (``github:owner/repo@sha``, ``github:owner/repo#N``), in order.
+    """
+
+    entity: str
+    kind: Literal["message", "commit"]
+    event_time: datetime
+    event_id: str
+    text: str = ""
+    repo: str | None = None
+    sha: str | None = None
+    pr_number: int | None = None
+    refs: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``event_time`` in epoch milliseconds)."""
+        return {
+            "entity": self.entity, "kind": self.kind, "event_time_ms": _ms(self.event_time),
+            "event_id": self.event_id, "text": self.text, "repo": self.repo, "sha": self.sha,
+            "pr_number": self.pr_number, "refs": list(self.refs),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Observation:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            KeyError, TypeError, ValueError: a malformed dict.
+        """
+        kind = d["kind"]
+        if kind not in ("message", "commit"):
+            raise ValueError(f"unknown observation kind {kind!r}")
+        return cls(
+            entity=str(d["entity"]), kind=kind,
+            event_time=datetime.fromtimestamp(int(d["event_time_ms"]) / 1000, UTC),
+            event_id=str(d["event_id"]), text=str(d.get("text") or ""), repo=d.get("repo"), sha=d.get("sha"),
+            pr_number=d.get("pr_number"), refs=tuple(d.get("refs") or ()),
+        )  # fmt: skip
+
+
+def observe(data: Mapping[str, Any], event_id: str) -> Observation | None:
+    """The :class:`Observation` of a decoded ``sophia.external.ExternalEvent``; ``None`` for a kind the
+    correlation does not use (anything but ``slack.message`` and ``git.commit``).
+
+    Args:
+        data: the Avro datum (``occurred_at`` an aware datetime).
+        event_id: its CloudEvents id.
+
+    Raises:
+        UnprocessableEventError: a ``git.commit`` whose entity is not ``git:<owner>/<repo>@<40-hex sha>``,
+            or an event without an aware ``occurred_at``.
+    """
+    kind = data.get("kind")
+    if kind not in (MESSAGE_KIND, COMMIT_KIND):
+        return None
+    entity = str(data.get("entity") or "")
+    occurred_at = data.get("occurred_at")
+    if not isinstance(occurred_at, datetime) or occurred_at.tzinfo is None:
+        raise UnprocessableEventError(f"{entity!r} has no aware occurred_at", event_id=event_id)
+    if kind == MESSAGE_KIND:
+        return Observation(
+            entity=entity, kind="message", event_time=occurred_at.astimezone(UTC), event_id=event_id,
+            text=str(data.get("body_excerpt") or ""), refs=tuple(data.get("refs") or ()),
+        )  # fmt: skip
+    m = _COMMIT_ENTITY.fullmatch(entity)
+    if m is None:
+        raise UnprocessableEventError(f"git.commit entity {entity!r} is not git:<owner>/<repo>@<sha>", event_id=event_id)
+    title = str(data.get("title") or "")
+    return Observation(
+        entity=entity, kind="commit", event_time=occurred_at.astimezone(UTC), event_id=event_id, text=title,
+        repo=m.group("repo"), sha=m.group("sha"), pr_number=pr_number_of(title),
+    )  # fmt: skip
+
+
+def link_id(method: str, message_entity: str, commit_entity: str) -> str:
+    """Deterministic insight id of a link: the same pair and method always give the same id."""
+    return deterministic_id(INSIGHT_KIND, method, message_entity, commit_entity)
+
+
+def _matching_ref(message: Observation, commit: Observation) -> str | None:
+    """The first of the message's refs that names the commit, or ``None``."""
+    for ref in message.refs:
+        m = _SHA_REF.fullmatch(ref)
+        if m is not None:
+            if m.group("repo") == commit.repo and commit.sha and commit.sha.startswith(m.group("sha")):
+                return ref
+            continue
+        m = _NUM_REF.fullmatch(ref)
+        if m is not None and m.group("repo") == commit.repo and commit.pr_number == int(m.group("num")):
+            return ref
+    return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link:
+    """A message and a commit that belong together.
+
+    Attributes:
+        method: ``reference`` or ``embedding``.
+        message: the Slack message.
+        commit: the commit.
+        reference: the message's ref that names the commit (``reference`` links), else ``None``.
+        cosine: the cosine of the two embeddings (``embedding`` links), else ``None``.
+    """
+
+    method: Method
+    message: Observation
+    commit: Observation
+    reference: str | None = None
+    cosine: float | None = None
+
+    @property
+    def insight_id(self) -> str:
+        """See :func:`link_id`."""
+        return link_id(self.method, self.message.entity, self.commit.entity)
+
+    @property
+    def event_time(self) -> datetime:
+        """The later of the two event times (the link cannot be known before both happened)."""
+        return max(self.message.event_time, self.commit.event_time)
+
+    @property
+    def lag_seconds(self) -> float:
+        """Message event time minus commit event time, in seconds (positive: the message came after)."""
+        return (self.message.event_time - self.commit.event_time).total_seconds()
+
+    def to_insight(self) -> Event:
+        """The ``sophia.insight.Insight`` event (key and entity: the commit; id: :attr:`insight_id`;
+        causation: the id of the later event, the message on a tie)."""
+        later = self.commit if self.commit.event_time > self.message.event_time else self.message
+        metrics = {"lag_seconds": self.lag_seconds}
+        labels = {
+            "method": self.method, "commit_sha": self.commit.sha or "", "commit_entity": self.commit.entity,
+            "repo": self.commit.repo or "", "slack_entity": self.message.entity,
+        }  # fmt: skip
+        if self.reference is not None:
+            labels["reference"] = self.reference
+            why = f"references it as {self.reference}"
+        else:
+            why = "discusses it"
+        if self.cosine is not None:
+            metrics["cosine"] = self.cosine
+            why = f"resembles it (cosine {self.cosine:.3f})"
+        data = {
+            "insight_id": self.insight_id,
+            "kind": INSIGHT_KIND,
+            "entity": self.commit.entity,
+            "event_time": self.event_time,
+            "summary": f"Slack message {self.message.entity} {why}: commit {(self.commit.sha or '')[:12]} "
+            f"{self.commit.text[:120]!r}",
+            "metrics": metrics,
+            "labels": labels,
+        }
+        return Event.create(
+            INSIGHT_SCHEMA, self.commit.entity, data, source=INSIGHT_SOURCE, time=self.event_time,
+            id=self.insight_id, causation_id=later.event_id,
+        )  # fmt: skip
+
+
+class Correlator:
+    """The state of one correlation scope: the messages and commits seen, their embeddings, and indexes.
+
+    Feed it with :meth:`add` (an event's observation) and :meth:`add_vector` (an embedding); each returns
+    the links that the new piece completes. Re-adding a known entity or vector returns nothing.
+
+    Args:
+        config: window, threshold and scope overrides.
+    """
+
+    def __init__(self, config: CorrelationConfig | None = None) -> None:
+        self.config = config or CorrelationConfig()
+        self.observations: dict[str, Observation] = {}
+        self.vectors: dict[str, np.ndarray] = {}  # float64 copies of the float32 unit vectors
+        self._commits_by_prefix: dict[tuple[str, str], list[str]] = {}
+        self._commits_by_pr: dict[tuple[str, int], list[str]] = {}
+        self._messages_by_prefix: dict[tuple[str, str], list[str]] = {}
+        self._messages_by_pr: dict[tuple[str, int], list[str]] = {}
+        self._embedded: dict[str, list[tuple[int, str]]] = {"message": [], "commit": []}
+
+    def __len__(self) -> int:
+        return len(self.observations)
+
+    def add(self, obs: Observation) -> list[Link]:
+        """Record an event; return the links it completes (explicit ones, then embedding ones).
+
+        An entity seen before (a replay, a duplicate delivery) is ignored and returns ``[]``.
+        """
+        if obs.entity in self.observations:
+            return []
+        self.observations[obs.entity] = obs
+        links: list[Link] = []
+        if obs.kind == "commit":
+            assert obs.repo is not None and obs.sha is not None
+            self._commits_by_prefix.setdefault((obs.repo, obs.sha[:_PREFIX]), []).append(obs.entity)
+            candidates = list(self._messages_by_prefix.get((obs.repo, obs.sha[:_PREFIX]), ()))
+            if obs.pr_number is not None:
+                self._commits_by_pr.setdefault((obs.repo, obs.pr_number), []).append(obs.entity)
+                candidates += self._messages_by_pr.get((obs.repo, obs.pr_number), ())
+            for entity in dict.fromkeys(candidates):
+                links += self._reference_link(self.observations[entity], obs)
+        else:
+            candidates = []
+            for ref in obs.refs:
+                if (m := _SHA_REF.fullmatch(ref)) is not None:
+                    key = (m.group("repo"), m.group("sha")[:_PREFIX])
+                    self._messages_by_prefix.setdefault(key, []).append(obs.entity)
+                    candidates += self._commits_by_prefix.get(key, ())
+                elif (m := _NUM_REF.fullmatch(ref)) is not None:
+                    key_pr = (m.group("repo"), int(m.group("num")))
+                    self._messages_by_pr.setdefault(key_pr, []).append(obs.entity)
+                    candidates += self._commits_by_pr.get(key_pr, ())
+            for entity in dict.fromkeys(candidates):
+                links += self._reference_link(obs, self.observations[entity])
+        if obs.entity in self.vectors:
+            links += self._embedding_links(obs)
+        return links
+
+    def add_vector(self, entity: str, vector: np.ndarray) -> list[Link]:
+        """Record the embedding of an entity's text; return the embedding links it completes.
+
+        The vector is L2-normalised here (all-MiniLM-L6-v2's already are). A vector may come before its
+        event: it waits, and the links are drawn when the event arrives. A second vector for the same
+        entity is ignored.
+
+        Raises:
+            ValueError: not a 1-D vector, a zero vector, or a dimension other than the scope's vectors'.
+        """
+        if entity in self.vectors:
+            return []
+        v = np.asarray(vector, dtype=np.float32)
+        if v.ndim != 1:
+            raise ValueError(f"an embedding must be 1-D, got shape {v.shape}")
+        if self.vectors:
+            dim = next(iter(self.vectors.values())).shape[0]
+            if v.shape[0] != dim:
+                raise ValueError(f"embedding of dimension {v.shape[0]}, the scope's are {dim}")
+        norm = float(np.linalg.norm(v))
+        if not norm > 0.0:
+            raise ValueError("zero embedding")
+        unit = v if abs(norm - 1.0) < 1e-6 else (v / norm).astype(np.float32)
+        self.vectors[entity] = unit.astype(np.float64)
+        obs = self.observations.get(entity)
+        return [] if obs is None else self._embedding_links(obs)
+
+    def _reference_link(self, message: Observation, commit: Observation) -> list[Link]:
+        ref = _matching_ref(message, commit)
+        return [] if ref is None else [Link(method="reference", message=message, commit=commit, reference=ref)]
+
+    def _embedding_links(self, obs: Observation) -> list[Link]:
+        """``obs`` has just got both its event and its vector: pair it with the other kind in the window."""
+        t = _ms(obs.event_time)
+        bisect.insort(self._embedded[obs.kind], (t, obs.entity))
+        others = self._embedded["commit" if obs.kind == "message" else "message"]
+        window_ms = int(self.config.window.total_seconds() * 1000)
+        lo = bisect.bisect_left(others, (t - window_ms, ""))
+        hi = bisect.bisect_right(others, (t + window_ms, "\U0010ffff"))
+        if lo >= hi:
+            return []
+        mine = self.vectors[obs.entity]
+        links = []
+        for _, name in others[lo:hi]:
+            # float32 products are exact in float64 and the sum runs in index order either way round,
+            # so the cosine of a pair does not depend on which of the two came last.
+            cosine = round(float(np.dot(mine, self.vectors[name])), 6)
+            if cosine >= self.config.min_cosine:
+                other = self.observations[name]
+                message, commit = (obs, other) if obs.kind == "message" else (other, obs)
+                links.append(Link(method="embedding", message=message, commit=commit, cosine=cosine))
+        return links
+
+    def restore(self, items: Iterable[tuple[Observation | None, np.ndarray | None, str]]) -> None:
+        """Rebuild the state from persisted items ``(observation, vector, entity)`` (links are not redrawn).
+
+        Raises:
+            ValueError: a vector that :meth:`add_vector` refuses.
+        """
+        for obs, vector, entity in items:
+            if obs is not None:
+                self.add(obs)
+            if vector is not None:
+                self.add_vector(entity, vector)

@@ -1,0 +1,195 @@
+"""Unit tests of the correlation logic (processors.correlation.logic) and the chat/commit parsers, on
+small hand-written examples (nothing copied from the Slack set)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from connectors.chat_code import (
+    commit_event,
+    parse_git_commits_tsv,
+    parse_slack_export,
+    render_slack_text,
+    slack_event,
+)
+from processors.correlation.logic import (
+    CorrelationConfig,
+    Correlator,
+    Observation,
+    link_id,
+    observe,
+    parse_request_id,
+    pr_number_of,
+    request_id_for,
+    scope_of,
+)
+from processors.errors import UnprocessableEventError
+
+T0 = datetime(2030, 5, 4, 12, 0, tzinfo=UTC)
+SHA_A = "0123456789abcdef0123456789abcdef01234567"
+SHA_B = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+def _commit(sha: str, subject: str, at: datetime, repo: str = "acme/widget") -> Observation:
+    obs = observe(commit_event(repo=repo, sha=sha, commit_time=at.isoformat(), author="Ann", subject=subject).data,
+                  f"id-{sha[:7]}")  # fmt: skip
+    assert obs is not None
+    return obs
+
+
+def _message(ts: datetime, text: str, repo: str = "acme/widget") -> Observation:
+    event = slack_event(workspace="acme", channel="dev", ts=ts.replace(tzinfo=None).isoformat(), user="Bo",
+                        text=text, repo=repo)  # fmt: skip
+    obs = observe(event.data, event.attributes.id)
+    assert obs is not None
+    return obs
+
+
+def _unit(*values: float) -> np.ndarray:
+    v = np.array(values, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_slack_markup_is_rendered_and_references_extracted() -> None:
+    """A hypothetical message with a Slack link, a mention, a short SHA and #N gets readable text and refs in order."""
+    text = ("<@Cy> see <https://github.com/acme/widget/commit/0123456789ab|this fix> and #42, "
+            "also 0123abc; a &lt;b&gt;")  # fmt: skip
+    event = slack_event(workspace="acme", channel="dev", ts="2030-05-04T12:00:00.000001", user="Bo", text=text,
+                        repo="acme/widget")  # fmt: skip
+    assert render_slack_text(text) == "@Cy see this fix and #42, also 0123abc; a <b>"
+    assert event.data["body_excerpt"] == "@Cy see this fix and #42, also 0123abc; a <b>"
+    assert event.data["refs"] == ["github:acme/widget@0123456789ab", "github:acme/widget#42", "github:acme/widget@0123abc"]
+    assert event.key == event.data["entity"] == "slack:acme/dev/2030-05-04T12:00:00.000001"
+    assert event.data["occurred_at"] == datetime(2030, 5, 4, 12, 0, 0, 1, tzinfo=UTC)  # local time taken as UTC
+    again = slack_event(workspace="acme", channel="dev", ts="2030-05-04T12:00:00.000001", user="Bo", text=text,
+                        repo="acme/widget")  # fmt: skip
+    assert again.attributes.id == event.attributes.id  # deterministic: a re-import has the same ids
+
+
+def test_commit_time_offset_is_converted_to_utc_and_pr_number_read() -> None:
+    """commit_time with its offset becomes UTC event time; a subject ending with (#N) names pull request N."""
+    event = commit_event(repo="acme/widget", sha=SHA_A.upper(), commit_time="2030-05-04T09:30:00-07:00",
+                         author="Ann", subject="fix the frobnicator (#42)")  # fmt: skip
+    assert event.data["occurred_at"] == datetime(2030, 5, 4, 16, 30, tzinfo=UTC)
+    assert event.key == f"git:acme/widget@{SHA_A}"
+    assert pr_number_of(event.data["title"]) == 42
+    assert pr_number_of("close #7 while fixing (#9) later") is None
+    with pytest.raises(ValueError, match="UTC offset"):
+        commit_event(repo="acme/widget", sha=SHA_A, commit_time="2030-05-04T09:30:00", author="A", subject="s")
+
+
+def test_parsers_read_small_files_and_refuse_bad_headers(tmp_path: Path) -> None:
+    """The XML and TSV parsers read hand-written files; a repeated ts gets a suffix; a wrong header is refused."""
+    xml = tmp_path / "chat.xml"
+    xml.write_text(
+        "<slack><team_domain>acme</team_domain><channel_name>dev</channel_name>"
+        "<message conversation_id='1'><ts>2030-01-01T10:00:00.000001</ts><user>A</user><text>&lt;@B&gt; hi</text></message>"
+        "<message conversation_id='1'><ts>2030-01-01T10:00:00.000001</ts><user>B</user><text>re (#3)</text></message>"
+        "</slack>"
+    )  # fmt: skip
+    events = list(parse_slack_export(xml, repo="acme/widget"))
+    assert [e.data["entity"] for e in events] == ["slack:acme/dev/2030-01-01T10:00:00.000001",
+                                                   "slack:acme/dev/2030-01-01T10:00:00.000001#2"]  # fmt: skip
+    assert events[0].data["body_excerpt"] == "@B hi"
+    tsv = tmp_path / "commits.tsv"
+    tsv.write_text("sha\tauthor_time\tcommit_time\tauthor\tsubject\n"
+                   f"{SHA_A}\t2030-01-01T10:00:00+02:00\t2030-01-01T11:00:00+02:00\tAnn\tdo it (#3)\n"
+                   "not-a-sha\t2030-01-01T10:00:00+02:00\t2030-01-01T11:00:00+02:00\tAnn\tskipped\n")  # fmt: skip
+    commits = list(parse_git_commits_tsv(tsv, repo="acme/widget"))
+    assert len(commits) == 1 and commits[0].data["occurred_at"] == datetime(2030, 1, 1, 9, tzinfo=UTC)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n")
+    with pytest.raises(ValueError, match="expected the header"):
+        list(parse_git_commits_tsv(bad))
+
+
+def test_scope_and_request_ids() -> None:
+    """A workspace meets the organisation of the same name; overrides win; request ids round-trip; others' are None."""
+    assert scope_of("slack:acme/dev/2030-01-01T10:00:00") == "acme" == scope_of(f"git:acme/widget@{SHA_A}")
+    assert scope_of("slack:other/dev/x", {"slack:other/": "acme"}) == "acme"
+    with pytest.raises(UnprocessableEventError):
+        scope_of("linear:ENG-1")
+    rid = request_id_for("acme", f"git:acme/widget@{SHA_A}")
+    assert parse_request_id(rid) == ("acme", f"git:acme/widget@{SHA_A}")
+    assert parse_request_id("some-uuid") is None
+
+
+def test_reference_links_by_sha_prefix_and_pull_request_number_in_either_order() -> None:
+    """A message naming a commit by 12-digit SHA prefix and another by #N link to their commits, whichever comes first."""
+    c_a = _commit(SHA_A, "teach the frobnicator to count", T0)
+    c_b = _commit(SHA_B, "speed up widget rendering (#42)", T0 + timedelta(days=40))
+    m_sha = _message(T0 + timedelta(hours=3), "this broke my build: https://github.com/acme/widget/commit/0123456789ab")
+    m_pr = _message(T0 - timedelta(days=2), "could someone review #42 please?")
+    m_other = _message(T0, "unrelated: acme/gadget#42 and deadbeef")  # another repo; a word, not a SHA
+    for order in itertools.permutations([c_a, c_b, m_sha, m_pr, m_other]):
+        corr = Correlator()
+        links = [link for obs in order for link in corr.add(obs)]
+        got = {(link.message.entity, link.commit.entity, link.reference) for link in links}
+        assert got == {
+            (m_sha.entity, c_a.entity, "github:acme/widget@0123456789ab"),
+            (m_pr.entity, c_b.entity, "github:acme/widget#42"),
+        }
+    corr = Correlator()
+    corr.add(m_pr)
+    [link] = corr.add(c_b)
+    insight = link.to_insight()
+    assert insight.data["event_time"] == c_b.event_time  # the later of the two, never wall-clock
+    assert insight.data["metrics"]["lag_seconds"] == -(42 * 86400)
+    assert insight.data["labels"]["method"] == "reference" and insight.data["labels"]["commit_sha"] == SHA_B
+    assert insight.attributes.id == insight.data["insight_id"] == link_id("reference", m_pr.entity, c_b.entity)
+    assert insight.attributes.causation_id == c_b.event_id
+    assert corr.add(c_b) == [] and corr.add(m_pr) == []  # duplicates change nothing
+
+
+def test_embedding_links_respect_window_and_threshold_in_any_order() -> None:
+    """Pairs within the window whose cosine reaches min_cosine are linked, the same set for 200 random orders of events and vectors."""
+    config = CorrelationConfig(window=timedelta(hours=20), min_cosine=0.8)
+    c1 = _commit(SHA_A, "make the parser faster", T0)
+    c2 = _commit(SHA_B, "rewrite docs for widgets", T0 + timedelta(hours=30))
+    m1 = _message(T0 + timedelta(hours=10), "the parser is much faster now")  # near c1 in time and meaning
+    m2 = _message(T0 + timedelta(hours=5), "the widget docs read well")  # like c2 but 25 h away: outside
+    m3 = _message(T0 + timedelta(hours=28), "lunch?")  # near c2 in time, unlike it
+    vectors = {c1.entity: _unit(1, 0.1, 0), m1.entity: _unit(1, 0.2, 0), c2.entity: _unit(0, 1, 0),
+               m2.entity: _unit(0, 1, 0.1), m3.entity: _unit(0, 0, 1)}  # fmt: skip
+    pieces = [("obs", o) for o in (c1, c2, m1, m2, m3)] + [("vec", e) for e in vectors]
+    rng = random.Random(7)
+    seen = set()
+    for _ in range(200):
+        rng.shuffle(pieces)
+        corr = Correlator(config)
+        links = []
+        for what, item in pieces:
+            links += corr.add(item) if what == "obs" else corr.add_vector(item, vectors[item])
+        seen.add(frozenset((lk.method, lk.message.entity, lk.commit.entity, lk.cosine, lk.event_time) for lk in links))
+    assert len(seen) == 1
+    [links] = [list(s) for s in seen]
+    assert [(m, msg, com) for m, msg, com, _, _ in links] == [("embedding", m1.entity, c1.entity)]
+    expected = round(float(np.dot(vectors[c1.entity].astype(np.float64), vectors[m1.entity].astype(np.float64))), 6)
+    assert links[0][3] == expected >= 0.8
+
+
+def test_restore_rebuilds_state_without_redrawing_links() -> None:
+    """A correlator restored from persisted items draws only the links new pieces complete."""
+    c1 = _commit(SHA_A, "fix (#5)", T0)
+    m1 = _message(T0, "is #5 in?")
+    m2 = _message(T0 + timedelta(hours=1), "#5 works for me")
+    corr = Correlator()
+    corr.restore([(c1, None, c1.entity), (m1, None, m1.entity)])
+    assert [lk.message.entity for lk in corr.add(m2)] == [m2.entity]
+    corr.add_vector(m1.entity, _unit(1, 0, 0))
+    with pytest.raises(ValueError, match="dimension"):
+        corr.add_vector(m2.entity, _unit(1, 0))
+
+
+def test_observe_skips_other_kinds_and_refuses_bad_commit_entities() -> None:
+    """Events of other kinds are not observed; a git.commit without a SHA in its entity is unprocessable."""
+    data = dict(commit_event(repo="acme/widget", sha=SHA_A, commit_time=T0.isoformat(), author="A", subject="s").data)
+    assert observe({**data, "kind": "github.push"}, "x") is None
+    with pytest.raises(UnprocessableEventError, match="git:<owner>/<repo>@<sha>"):
+        observe({**data, "entity": "git:acme/widget"}, "x")
