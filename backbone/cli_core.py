@@ -469,6 +469,10 @@ def mount(app: typer.Typer) -> None:
     from connectors.cli_cdc import import_debezium, query_cdc, run_cdc
 
     import_app.command("debezium")(import_debezium)
+    from connectors.cli_chat_code import import_commits, import_slack
+
+    import_app.command("slack")(import_slack)
+    import_app.command("commits")(import_commits)
     query_app.command("cdc")(query_cdc)
     cdc_app = typer.Typer(help="Change data capture: normalise Debezium events and project table state.")
     cdc_app.command("run")(run_cdc)
@@ -478,6 +482,9 @@ def mount(app: typer.Typer) -> None:
     from projections import cli as projections_cli
 
     app.add_typer(processors_cli, name="processors", help="The Faust processors (run summary).")
+    from processors.routing.cli import app as routing_cli
+
+    app.add_typer(routing_cli, name="routing", help="Model routing: fit, evaluate, request.")
 
     app.add_typer(projections_cli.app, name="projections")
     app.command("audit")(projections_cli.audit)

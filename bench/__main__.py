@@ -18,6 +18,8 @@ BENCHES = [
     ("bench.bench_config", [], []),
     ("bench.bench_ingest", [], []),
     ("bench.bench_inference", [], []),
+    ("bench.bench_correlation", [], []),
+    ("bench.bench_routing", [], []),
 ]
 
 

@@ -12,10 +12,13 @@ from dataclasses import asdict
 import typer
 
 from processors.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
+from processors.correlation.cli import correlate
+from processors.routing.cli import route_command
 
 __all__ = ["cli"]
 
 cli = typer.Typer(add_completion=False, help="Sophia backbone processors (Faust).")
+cli.command("correlate")(correlate)
 
 
 @cli.callback()
@@ -58,6 +61,8 @@ def worker(
     if json_output:
         typer.echo(json.dumps(asdict(stats)))
 
+
+cli.command("route")(route_command)  # the routing processor (processors.routing)
 
 if __name__ == "__main__":
     cli()

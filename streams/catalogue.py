@@ -64,6 +64,14 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Run summaries emitted by the run-summary processor when a run finishes.",
         ),
         TopicSpec(
+            name="insights.correlations",
+            partitions=3,
+            key="entity",
+            schemas=("sophia.insight.Insight",),
+            retention_ms=-1,
+            doc="Cross-platform links (Slack message <-> commit) found by the correlation processor.",
+        ),
+        TopicSpec(
             name="config.changes",
             partitions=3,
             key="config key",
@@ -102,6 +110,22 @@ CATALOGUE: dict[str, TopicSpec] = {
             schemas=("sophia.inference.EmbeddingResult",),
             retention_ms=7 * _DAY_MS,
             doc="Embeddings answered by the inference actors (de-duplicate on request_id).",
+        ),
+        TopicSpec(
+            name="routing.requests",
+            partitions=3,
+            key="request_id",
+            schemas=("sophia.routing.RouteRequest",),
+            retention_ms=7 * _DAY_MS,
+            doc="Route requests (which model serves a prompt), consumed by the routing processor.",
+        ),
+        TopicSpec(
+            name="routing.decisions",
+            partitions=3,
+            key="request_id",
+            schemas=("sophia.routing.RouteDecision",),
+            retention_ms=-1,
+            doc="Route decisions of the routing processor (de-duplicate on decision_id).",
         ),
         TopicSpec(
             name="backbone.dlq",
