@@ -21,10 +21,11 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
   at the high watermark that ``ListOffsets(latest)`` gives; Tansu answers the base offset of the
   last record batch plus one, so the rest of that batch (the newest totals of some runs) was left
   out, and a restarted worker summarised those runs with events missing (seen in
-  ``tests/integration/test_faust_run_summary.py``). :class:`_RunTotalsTable` therefore reads each
-  active changelog partition on from where Faust stopped to the end that a *fetch* reports, and
-  applies those records before the streams resume (on Apache Kafka that tail is empty). If the tail
-  cannot be read the worker crashes rather than run on stale totals.
+  ``tests/integration/test_faust_run_summary.py``). The table is therefore a
+  :class:`processors.tables.TailRecoveringTable`: it reads each active changelog partition on from
+  where Faust stopped to the end that a *fetch* reports, and applies those records before the
+  streams resume (on Apache Kafka that tail is empty). If the tail cannot be read the worker crashes
+  rather than run on stale totals.
 * **Order of effects per event**: the insight is sent and its delivery awaited *before* the table is
   updated. A crash between the two makes the FINISHED event be applied again and the insight sent
   again with the same deterministic id (subscribers de-duplicate by ``insight_id``); the opposite
@@ -53,23 +54,21 @@ import os
 import signal
 import ssl
 import time
-import uuid
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from faust.types import TP
 
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
 from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
+from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
-from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher, make_consumer
+from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher
 from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
 from streams.producer import EventProducer
@@ -161,119 +160,6 @@ def _credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
 def _headers(raw: Any) -> list[tuple[str, bytes | None]]:
     items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, Mapping) else (raw or ())
     return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v) for k, v in items]
-
-
-def _read_changelog_tail(
-    kafka: KafkaSettings, starts: Mapping[TP, int], *, idle_timeout_seconds: float = 30.0
-) -> list[Any]:
-    """The records of each changelog partition from its start offset to the end a fetch reports.
-
-    Reads with a private consumer that joins no group (``assign``) and reports the end of each
-    partition (``enable.partition.eof``), not ``ListOffsets``. A negative start means the beginning.
-
-    Returns:
-        confluent-kafka messages, in offset order per partition.
-
-    Raises:
-        TimeoutError: a partition neither delivered a record nor reported its end for
-            ``idle_timeout_seconds``.
-    """
-    if not starts:
-        return []
-    c = make_consumer(
-        kafka,
-        f"backbone-changelog-tail-{uuid.uuid4()}",
-        **{"enable.partition.eof": True, "fetch.wait.max.ms": 50},
-    )
-    try:
-        c.assign(
-            [
-                TopicPartition(tp.topic, tp.partition, o if o >= 0 else OFFSET_BEGINNING)
-                for tp, o in starts.items()
-            ]
-        )
-        open_tps = {(tp.topic, tp.partition) for tp in starts}
-        records: list[Any] = []
-        idle = 0.0
-        while open_tps:
-            msgs = c.consume(1000, 0.1)
-            if not msgs:
-                idle += 0.1
-                if idle >= idle_timeout_seconds:
-                    raise TimeoutError(
-                        f"changelog partitions {sorted(open_tps)}: no record and no end in {idle:.0f}s"
-                    )
-                continue
-            idle = 0.0
-            for m in msgs:
-                tp = (m.topic(), m.partition())
-                if tp not in open_tps:
-                    continue
-                if m.error() is not None:  # end of partition (or a broker error: the fetch will retry)
-                    if m.error().code() == KafkaError._PARTITION_EOF:
-                        open_tps.discard(tp)
-                        c.incremental_unassign([TopicPartition(*tp)])
-                    continue
-                records.append(m)
-        return records
-    finally:
-        c.close()
-
-
-class _RunTotalsTable(faust.Table):
-    """The ``run_totals`` table: a Faust table whose recovery goes on to the changelog's real end.
-
-    Faust's recovery reads a changelog partition up to ``ListOffsets(latest) - 1``, which Tansu
-    under-reports (see the module docstring). Before the streams resume, :meth:`on_recovery_completed`
-    reads what follows that point up to the end a fetch reports and applies it, as Faust would have.
-    Standby partitions are not topped up (the app runs with ``table_standby_replicas=0``).
-    """
-
-    def __init__(self, app: faust.App, *, kafka: KafkaSettings, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._kafka = kafka
-
-    async def on_recovery_completed(self, active_tps: Set[TP], standby_tps: Set[TP]) -> None:
-        try:
-            await self._apply_changelog_tail(active_tps)
-        except Exception as exc:  # stale totals would give wrong summaries: stop the worker
-            log.error("table_recovery_tail_failed", table=self.name, error=repr(exc))
-            await self.app.crash(exc)
-            raise
-        await super().on_recovery_completed(active_tps, standby_tps)
-
-    async def _apply_changelog_tail(self, active_tps: Set[TP]) -> None:
-        # Faust has applied every record at or below its highwater (-1: it read nothing).
-        highwaters = self.app.tables.recovery.active_highwaters
-        starts = {tp: (-1 if highwaters.get(tp) is None else highwaters[tp]) + 1 for tp in active_tps}
-        records = await asyncio.to_thread(_read_changelog_tail, self._kafka, starts)
-        if not records:
-            return
-        schema = self.changelog_topic.schema
-        events = []
-        for m in records:
-            message = faust.types.Message(
-                m.topic(),
-                m.partition(),
-                m.offset(),
-                m.timestamp()[1] / 1000,
-                m.timestamp()[0],
-                m.headers(),
-                m.key(),
-                m.value(),
-                None,
-                tp=TP(m.topic(), m.partition()),
-            )
-            key = schema.loads_key(self.app, message)
-            value = None if m.value() is None else schema.loads_value(self.app, message)
-            events.append(faust.Event(self.app, key, value, m.headers(), message))
-        self.apply_changelog_batch(events)
-        log.info(
-            "table_recovery_tail_applied",
-            table=self.name,
-            records=len(events),
-            partitions=sorted({(tp.partition, start) for tp, start in starts.items()}),
-        )
 
 
 class _RunSummaryShell:
@@ -434,7 +320,7 @@ def create_app(
     # key type (JSON when there is none) and that overrides the schema's, so "json" is what is used
     # either way; "raw" would hand recovered keys back as bytes, which the str lookups would miss.
     table = app.tables.add(
-        _RunTotalsTable(
+        TailRecoveringTable(
             app,
             kafka=settings.kafka,
             name=TABLE_NAME,

@@ -33,9 +33,13 @@ about 11,000 items).
   without a SHA, a malformed embedding.
 * **State.** The table ``correlation_items`` (``store="memory://"``, changelog
   ``<app id>-correlation_items-changelog``, partitions = the repartition topic's) holds one item per
-  entity, key ``<scope>|<entity>``: ``{"obs": Observation.to_dict(), "vector": base64 float32}``. The
-  in-memory correlators are caches of it: dropped on every rebalance and rebuilt from the table's
-  items of their scope on first use (the table is recovered from its changelog before agents run).
+  entity, key ``b"<scope>|<entity>"`` (``bytes``, written raw, UTF-8, on the changelog): value
+  ``{"obs": Observation.to_dict(), "vector": base64 float32}`` (JSON on the changelog). The in-memory
+  correlators are caches of it: dropped on every rebalance and rebuilt from the table's items of
+  their scope on first use (the table is recovered from its changelog before agents run). It is a
+  :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
+  partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
+  worker finds every item; if that read fails the worker stops.
 * **Order of effects per record**: the insights are sent and their delivery awaited before the table
   item is written. A crash between the two re-reads the record after restart, draws the same links
   and sends them again with the same ids (subscribers de-duplicate by ``insight_id``). Forwarded records
@@ -83,6 +87,7 @@ from processors.correlation.logic import (
     scope_of,
 )
 from processors.errors import UnprocessableEventError, UnsupportedEventError
+from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC, DeadLetterPublisher
 from streams.envelope import CloudEvent
@@ -421,12 +426,21 @@ def create_correlation_app(
         "requests": app.topic(topics.requests, **raw),
         "insights": app.topic(topics.insights, **raw),
     }
-    table = app.Table(
-        TABLE_NAME,
-        default=dict,
-        partitions=topics.scope_partitions,
-        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-        help="One item per entity of a scope: key '<scope>|<entity>', value {obs, vector}.",
+    # Keys: b"<scope>|<entity>" (bytes), raw UTF-8 on the changelog; values: JSON. Faust takes a table's
+    # key serializer from its key type (``raw`` for ``bytes``; JSON when there is none, which could not
+    # read these raw keys back on recovery) and that overrides any schema's, so the key type is what
+    # makes it raw. The changelog's format is the one earlier versions wrote.
+    table = app.tables.add(
+        TailRecoveringTable(
+            app,
+            kafka=settings.kafka,
+            name=TABLE_NAME,
+            default=dict,
+            key_type=bytes,
+            beacon=app.tables.beacon,
+            partitions=topics.scope_partitions,
+            help="One item per entity of a scope: key b'<scope>|<entity>', value {obs, vector}.",
+        )
     )
     shell = _CorrelationShell(
         settings, topics, config, serde, table, channels, request_embeddings=embeddings and request_embeddings

@@ -18,8 +18,12 @@ Three agents, each a thin shell around :func:`processors.routing.router.decide`:
   embedding scorer, its decision sent (delivery awaited) and only then the table updated. Requests
   arriving after their embedding are decided at once.
 
-Decoding, dead letters, ``concurrency=1``, the in-memory table rebuilt from its changelog, the
-``stop_after_idle_seconds`` option and ``/metrics`` follow :mod:`processors.app`. A request that does
+Decoding, dead letters, ``concurrency=1``, the in-memory table rebuilt from its changelog (a
+:class:`processors.tables.TailRecoveringTable`, which reads each changelog partition to its real end
+after Faust's recovery: Tansu's ``ListOffsets`` stops Faust one batch short, and a restarted worker
+forgot requests waiting for their embedding), the ``stop_after_idle_seconds`` option and ``/metrics``
+follow :mod:`processors.app`. Table keys are embedding request ids (``str``, JSON on the changelog),
+values JSON. ``backbone_routing_pending`` is recounted from the table after every recovery. A request that does
 not decode, has another schema, or that the router cannot take (unknown policy, candidate models
 without the router's, an embedding id without the ``routing:`` prefix) is dead-lettered with its raw
 bytes and the reason, and processing goes on.
@@ -86,6 +90,7 @@ from processors.routing.records import (
     decision_event,
 )
 from processors.routing.router import EmbeddingInput, Router, decide, needs_embedding, validate_request
+from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC, DeadLetterPublisher
 from streams.envelope import CloudEvent
@@ -311,8 +316,13 @@ class _RoutingShell:
             cause = CloudEvent(id=entry["event_id"], source="", type=REQUEST_SCHEMA, time=request.requested_at,
                                correlation_id=entry["correlation_id"])  # fmt: skip
             await self._send_decision(decision, cause)
-            self.stats.pending_count = max(0, self.stats.pending_count - 1)  # 0 after a restart
+            self.stats.pending_count = max(0, self.stats.pending_count - 1)
         self.table[key] = {"embedding": embedding, "pending": []}
+
+    async def count_pending(self) -> None:
+        """Set ``stats.pending_count`` from the table (its recovered partitions): a recover callback."""
+        self.stats.pending_count = sum(len((state or {}).get("pending") or ()) for state in self.table.values())
+        log.info("route_join_recovered", pending=self.stats.pending_count, keys=len(self.table))
 
     async def _send_decision(self, decision: RouteDecision, cause: CloudEvent) -> None:
         event = decision_event(
@@ -426,14 +436,23 @@ def create_routing_app(
     embeddings_topic = app.topic(topics.embeddings, **raw)
     join_topic = app.topic(topics.join_topic(app_id), partitions=topics.partitions, **raw)
     decisions_topic = app.topic(topics.decisions, **raw)
-    table = app.Table(
-        TABLE_NAME,
-        default=dict,
-        partitions=topics.partitions,
-        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
-        help="Per embedding request id: the embedding (once read) and the route requests waiting for it.",
+    # Keys: the embedding request id (str), JSON on the changelog ('"routing:..."'); values: JSON. Faust
+    # takes a table's key serializer from its key type (JSON when there is none) and that overrides the
+    # schema's, so the schema only says what is used either way.
+    table = app.tables.add(
+        TailRecoveringTable(
+            app,
+            kafka=settings.kafka,
+            name=TABLE_NAME,
+            default=dict,
+            beacon=app.tables.beacon,
+            partitions=topics.partitions,
+            schema=faust.Schema(key_serializer="json", value_serializer="json"),
+            help="Per embedding request id: the embedding (once read) and the route requests waiting for it.",
+        )
     )
     shell = _RoutingShell(settings, router, topics, serde, table, decisions_topic, join_topic)
+    table.on_recover(shell.count_pending)  # after every recovery (start, rebalance), tail included
 
     @app.agent(requests_topic, name="route-requests", concurrency=1)
     async def route_requests(stream: faust.StreamT) -> None:

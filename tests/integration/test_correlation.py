@@ -48,7 +48,9 @@ def _commit(sha: str, at: datetime, subject: str) -> Event:
     return commit_event(repo="acme/widget", sha=sha, commit_time=at.isoformat(), author="Ann", subject=subject)
 
 
-def _run_correlate(settings: Settings, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_correlate(
+    settings: Settings, tmp_path: Path, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -58,7 +60,7 @@ def _run_correlate(settings: Settings, tmp_path: Path, *args: str) -> subprocess
         "BACKBONE_METRICS_PORT": "0",
     }
     return subprocess.run([sys.executable, "-m", "processors", "correlate", *args, "--json"], env=env, check=False,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def _insights(settings: Settings, serde: AvroSerde, topic: str) -> list[ConsumedEvent]:
@@ -112,6 +114,57 @@ def test_reference_links_from_the_log_and_a_dead_letter(
     assert len(letters) == 1 and isinstance(letters[0], ConsumedEvent)
     assert letters[0].data["value"] == BAD_VALUE and letters[0].data["processor"] == "correlation"
     assert letters[0].data["source_topic"] == events_topic and letters[0].data["error_type"] == "EnvelopeError"
+
+
+def test_restarted_worker_recovers_the_commits_from_the_changelog(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Commits read by one worker, a message naming them read by a new worker (same app id): one link per commit.
+
+    The new worker has nothing in memory (``memory://``): it can link the message only to commits it finds
+    in ``correlation_items`` rebuilt from the changelog that the first worker wrote. Before the fix the
+    changelog's keys (raw UTF-8 ``<scope>|<entity>``) were read back with the JSON key serializer, which
+    cannot decode them, so the commits were lost (or the recovery stalled). Four commits in one scope make
+    the first worker's last changelog batch hold several records, the case where Tansu's
+    ``ListOffsets(latest)`` (the last batch's base offset + 1) stops Faust's recovery short of the end.
+    """
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    app_id = unique_name("corr")
+    serde = AvroSerde(EmbeddedRegistry())
+    shas = [SHA_A, SHA_B, "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678", "abcdef0123456789abcdef0123456789abcdef01"]
+    commits = [_commit(sha, T0 + timedelta(minutes=i), f"change number {i}") for i, sha in enumerate(shas)]
+    message = _slack(T0 + timedelta(hours=1), "did " + ", ".join(sha[:12] for sha in shas) + " land?")
+    args = ("--no-embeddings", "--app-id", app_id, "--events-topic", events_topic, "--insights-topic",
+            insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
+
+    with EventProducer(settings.kafka, serde) as producer:
+        for commit in commits:
+            producer.produce(events_topic, commit)
+        producer.flush()
+    first = _run_correlate(settings, tmp_path, *args, timeout=25)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.strip().splitlines()[-1])["events_count"] == len(commits)
+    assert _insights(settings, serde, insights_topic) == []
+
+    with EventProducer(settings.kafka, serde) as producer:
+        producer.produce(events_topic, message)
+        producer.flush()
+    second = _run_correlate(settings, tmp_path, *args, timeout=25)
+    assert second.returncode == 0, second.stderr[-3000:]
+    stats = json.loads(second.stdout.strip().splitlines()[-1])
+    assert stats["events_count"] == 1 and stats["dead_letters_count"] == 0, stats  # the commits were not re-read
+    assert stats["reference_links_count"] == len(commits), second.stderr[-3000:]
+
+    records = _insights(settings, serde, insights_topic)
+    assert sorted(r.data["insight_id"] for r in records) == sorted(
+        link_id("reference", message.key, c.key) for c in commits
+    )  # exactly once each
+    for record in records:
+        assert record.data["labels"]["method"] == "reference"
+        assert record.data["labels"]["slack_entity"] == message.key
+    assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_restarted_worker_recovers_run_totals_from_the_changelog(
     run's events, exactly.
 
     Tansu answers ``ListOffsets(latest)`` with the last record batch's base offset + 1, and Faust's
-    recovery stops there: without the tail read of ``processors.app._RunTotalsTable`` the newest totals
+    recovery stops there: without the tail read of ``processors.tables.TailRecoveringTable`` the newest totals
     of a run were lost whenever the first worker's last changelog batch on a partition held more than
     one record (timing-dependent; with 20 runs this test failed 3 runs out of 4).
     """

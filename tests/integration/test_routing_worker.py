@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +89,10 @@ def _result_event(minilm, request_id: str, vector: np.ndarray, at: datetime, *, 
     )  # fmt: skip
 
 
-def _run_worker(settings: Settings, tmp_path: Path, router: Path, app_id: str, topics: dict[str, str]) -> None:
+def _run_worker(
+    settings: Settings, tmp_path: Path, router: Path, app_id: str, topics: dict[str, str], *, timeout: float = 90
+) -> dict:
+    """``python -m processors route`` on ``topics`` until it has been idle 3 s (it stops); returns its counters."""
     env = {
         **os.environ,
         "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -100,10 +104,12 @@ def _run_worker(settings: Settings, tmp_path: Path, router: Path, app_id: str, t
         [sys.executable, "-m", "processors", "route", "--router", str(router), "--app-id", app_id,
          "--requests-topic", topics["requests"], "--embeddings-topic", topics["embeddings"],
          "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"],
-         "--web-port", "0", "--stop-after-idle", "3"],
-        env=env, check=False, capture_output=True, text=True, timeout=90,
+         "--web-port", "0", "--stop-after-idle", "3", "--json"],
+        env=env, check=False, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    counters = json.loads(proc.stdout[proc.stdout.rfind("\n{\n") + 1 :])  # --json: the last, indented object
+    return {**counters, "stderr": proc.stderr}
 
 
 def _decisions(settings: Settings, serde: AvroSerde, topic: str) -> list[ConsumedEvent]:
@@ -214,3 +220,70 @@ def test_worker_routes_with_and_without_embeddings_and_a_replay_gives_the_same_d
     for rid, record in replayed.items():
         assert record.data == by_request[rid].data  # byte-for-byte the same decision, id included
         assert record.attributes.id == by_request[rid].attributes.id
+
+
+def test_restarted_worker_decides_requests_pending_in_the_table(
+    settings: Settings,
+    unique_name: Callable[[str], str],
+    create_topic: Callable[..., str],
+    tmp_path: Path,
+    minilm,
+    router_file: Path,
+) -> None:
+    """Requests read by one worker wait for their embeddings; a new worker (same app id) reads the embeddings and
+    decides each request exactly once, with the embedding scorer.
+
+    The new worker has nothing in memory (``memory://``): the waiting requests exist only in ``route_join``
+    rebuilt from the changelog the first worker wrote. Three requests naming the same embedding update one
+    key three times, so the first worker's last changelog batch holds several records: the case where Tansu's
+    ``ListOffsets(latest)`` (the last batch's base offset + 1) stops Faust's recovery short of the end and a
+    restarted worker sees fewer waiting requests.
+    """
+    serde = AvroSerde(EmbeddedRegistry())
+    router = Router.load(router_file)
+    topics = {
+        "requests": create_topic(unique_name("route-req"), partitions=3),
+        "embeddings": create_topic(unique_name("inference-results"), partitions=6),
+        "decisions": create_topic(unique_name("route-dec"), partitions=3),
+        "dlq": create_topic(unique_name("dlq"), partitions=1),
+    }
+    app_id = unique_name("routing")
+    asked = {"r-alone": ("emb-before", "routing:one"), "r-1": ("emb-after", "routing:shared"),
+             "r-2": ("feat-1", "routing:shared"), "r-3": ("feat-2", "routing:shared")}  # fmt: skip
+    requests = {
+        rid: RouteRequest(request_id=rid, prompt=ASKED[prompt], requested_at=T0 + timedelta(seconds=i),
+                          embedding_request_id=emb)  # fmt: skip
+        for i, (rid, (prompt, emb)) in enumerate(asked.items())
+    }
+    vectors = dict(zip(("routing:one", "routing:shared"), minilm.embed([ASKED["emb-before"], ASKED["emb-after"]]), strict=True))
+    with EventProducer(settings.kafka, serde) as producer:
+        for r in requests.values():
+            producer.produce(topics["requests"], request_event(r))
+        producer.flush()
+    del producer
+    gc.collect()
+
+    first = _run_worker(settings, tmp_path, router_file, app_id, topics, timeout=25)
+    assert first["requests_count"] == 4 and first["pending_count"] == 4, first["stderr"][-3000:]
+    assert _decisions(settings, serde, topics["decisions"]) == []
+
+    with EventProducer(settings.kafka, serde) as producer:
+        for emb, vector in vectors.items():
+            producer.produce(topics["embeddings"], _result_event(minilm, emb, vector, T0))
+        producer.flush()
+    del producer
+    gc.collect()
+    second = _run_worker(settings, tmp_path, router_file, app_id, topics, timeout=25)
+    assert second["requests_count"] == 0 and second["embeddings_count"] == 2, second["stderr"][-3000:]
+    assert second["decisions_embedding_count"] == 4 and second["decisions_features_count"] == 0, second["stderr"][-3000:]
+
+    records = _decisions(settings, serde, topics["decisions"])
+    assert sorted(r.data["request_id"] for r in records) == sorted(requests)  # exactly one decision each
+    for record in records:
+        rid = record.data["request_id"]
+        emb = requests[rid].embedding_request_id
+        embedding = EmbeddingInput(model_name=minilm.name, model_version=minilm.version, vector=vectors[emb])
+        expected = decide(router, requests[rid], embedding)
+        assert RouteDecision.from_avro(record.data) == expected and expected.method == "embedding"
+        assert record.attributes.id == expected.decision_id and record.attributes.causation_id == rid
+    assert list(read_range(settings.kafka, serde, topics["dlq"])) == []
