@@ -69,8 +69,13 @@ _RUN_COLS = (
     "llm_calls", "calls_without_cost", "tool_calls", "failing_tool_calls", "prompt_tokens", "completion_tokens",
     "cost_usd", "reported_cost_usd",
 )  # fmt: skip
+_RUN_TYPES = (
+    "text", "text", "text", "timestamptz", "timestamptz", "timestamptz", "text", "text", "int", "int", "int", "int",
+    "int", "bigint", "bigint", "numeric", "numeric",
+)  # fmt: skip
 _UPSERT_RUN = f"""
-INSERT INTO agent_runs ({", ".join(_RUN_COLS)}) VALUES ({", ".join(["%s"] * len(_RUN_COLS))})
+INSERT INTO agent_runs ({", ".join(_RUN_COLS)})
+SELECT * FROM unnest({", ".join(f"%s::{t}[]" for t in _RUN_TYPES)})
 ON CONFLICT (run_id) DO UPDATE SET
     agent = coalesce(excluded.agent, agent_runs.agent),
     task = coalesce(excluded.task, agent_runs.task),
@@ -91,7 +96,7 @@ ON CONFLICT (run_id) DO UPDATE SET
 """
 _UPSERT_MODEL = """
 INSERT INTO agent_run_models (run_id, model, provider, llm_calls, prompt_tokens, completion_tokens, cost_usd)
-VALUES (%s, %s, %s, %s, %s, %s, %s)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::numeric[])
 ON CONFLICT (run_id, model, provider) DO UPDATE SET
     llm_calls = agent_run_models.llm_calls + excluded.llm_calls,
     prompt_tokens = agent_run_models.prompt_tokens + excluded.prompt_tokens,
@@ -111,6 +116,15 @@ def _max(a: Any, b: Any) -> Any:
 
 def _min(a: Any, b: Any) -> Any:
     return b if a is None else a if b is None else min(a, b)
+
+
+def _upsert(cur: psycopg.Cursor, runs: dict[str, dict[str, Any]], models: list[tuple[Any, ...]]) -> None:
+    """Upsert a batch's per-run and per-(run, model, provider) deltas, one statement each (column
+    arrays through ``unnest``; a batch has at most one row per key, as ``ON CONFLICT`` requires)."""
+    if runs:
+        cur.execute(_UPSERT_RUN, [[r[c] for r in runs.values()] for c in _RUN_COLS])
+    if models:
+        cur.execute(_UPSERT_MODEL, [list(col) for col in zip(*models, strict=True)])
 
 
 class AgentRunsProjection:
@@ -182,9 +196,7 @@ class AgentRunsProjection:
                     rc = d.get("reported_cost_usd")
                     r["reported_cost_usd"] = _usd(rc) if rc is not None else r["reported_cost_usd"]
             # other schemas on the topic are not this view's concern
-        cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
-        if models:
-            cur.executemany(_UPSERT_MODEL, [(*k, *v) for k, v in models.items()])
+        _upsert(cur, runs, [(*k, *v) for k, v in models.items()])
 
     def apply_columns(self, cur: psycopg.Cursor, batch: ColumnarBatch) -> None:
         """The same fold as :meth:`apply`, on a column-wise decoded batch (polars group-bys).
@@ -292,9 +304,7 @@ class AgentRunsProjection:
                 if d["reported_cost_usd"] is not None:
                     r["reported_cost_usd"] = _usd(d["reported_cost_usd"])
                 r["last_event_at"] = _max(r["last_event_at"], d["last"])
-        cur.executemany(_UPSERT_RUN, [tuple(r[c] for c in _RUN_COLS) for r in runs.values()])
-        if models:
-            cur.executemany(_UPSERT_MODEL, models)
+        _upsert(cur, runs, models)
 
 
 INSIGHTS_DDL = """

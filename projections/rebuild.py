@@ -237,7 +237,7 @@ def rebuild(
 
     runner = ProjectionRunner(
         settings, serde, projection, group_id=f"projection-{name}-rebuild-{uuid.uuid4().hex[:8]}", schema=fresh,
-        batch_size=batch_size, on_batch=batch_done,
+        batch_size=batch_size, on_batch=batch_done, seen_in_memory=True,
     )  # fmt: skip
     runner.setup()
     from_archive = 0
@@ -262,6 +262,7 @@ def rebuild(
                 batch_done(runner.stats)
             aconn.rollback()
         runner.run(until_caught_up=True, max_wait_seconds=max_wait_seconds, assign_all=True)
+        runner.create_seen_index()  # built once, after the replay (the replay de-duplicated in memory)
         checksums = _swap(settings, runner, name, live, fresh, verify=verify, deadline=started + max_wait_seconds)
     seconds = time.perf_counter() - started
     events = sum(runner.stats.positions.values())  # records covered, archive and log
@@ -321,6 +322,7 @@ def _swap(
                     log.info("rebuilt projection swapped in", projection=name)
                     return checksums
         if pending == "catch_up":
-            runner.run(until_caught_up=True, max_wait_seconds=max(1.0, deadline - time.perf_counter()))
+            runner.run(until_caught_up=True, max_wait_seconds=max(1.0, deadline - time.perf_counter()), assign_all=True)
+            runner.create_seen_index()
         else:
             time.sleep(0.5)

@@ -93,8 +93,9 @@ def test_status_reports_lag_per_partition_from_the_fetch_high_watermark(
 def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
     settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
 ) -> None:
-    """A rebuild with verify, run while the live runner is consuming new events, matches the live tables
-    row for row, swaps in, and the live runner then goes on from the rebuilt checkpoint without loss."""
+    """A rebuild with verify, run while the live runner is consuming new events (and a re-sent copy of
+    200 of them, which both skip), matches the live tables row for row, swaps in with the seen-id
+    index rebuilt, and the live runner then goes on from the rebuilt checkpoint without loss."""
     topic = create_topic(unique_name("rb"), 6)
     s = _db(settings, pg_url)
     half = len(demo_events) // 2
@@ -102,7 +103,7 @@ def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
     live = _live(s, serde, topic, batch_size=50)
     thread = threading.Thread(target=live.run, daemon=True)
     thread.start()
-    feeder = threading.Thread(target=_produce, args=(s, serde, topic, demo_events[half:]))
+    feeder = threading.Thread(target=_produce, args=(s, serde, topic, demo_events[half:] + demo_events[:200]))
     feeder.start()
     report = rebuild(s, serde, "agent_runs", verify=True, projection=AgentRunsProjection([topic]), progress=False,
                      batch_size=200, max_wait_seconds=120)  # fmt: skip
@@ -112,13 +113,15 @@ def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
     while time.monotonic() < deadline:
         with psycopg.connect(pg_url) as c:
             (n,) = c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints").fetchone()
-        if n == len(demo_events):
+        if n == len(demo_events) + 200:
             break
         time.sleep(0.2)
     live.stop()
     thread.join(30)
     _assert_demo_totals(pg_url)
     with psycopg.connect(pg_url) as c:
+        assert c.execute("SELECT count(*) FROM proj_agent_runs.projection_seen").fetchone()[0] == len(demo_events)
+        assert c.execute("SELECT to_regclass('proj_agent_runs.projection_seen_event_id') IS NOT NULL").fetchone()[0]
         assert not schema_exists(c, "proj_agent_runs_rebuild")
         assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'proj_agent_runs_old_%'").fetchone()[0] == 0
 
