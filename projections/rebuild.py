@@ -226,7 +226,10 @@ def rebuild(
         conn.execute(f"DROP SCHEMA IF EXISTS {fresh} CASCADE")  # leftovers of an interrupted rebuild
     tps = _partitions(settings.kafka, projection.topics)
     lows = {tp: log_start(*tp) for tp in tps} if log_start else _low_watermarks(settings, tps)
-    ends = log_end_offsets(settings.kafka, {tp: 0 for tp in tps})
+    from rich.console import Console
+
+    progress = progress and Console(stderr=True).is_terminal
+    ends = log_end_offsets(settings.kafka, {tp: 0 for tp in tps}) if progress else {}  # the bar's total only
     total = sum(ends.get(tp, 0) for tp in tps)
     bar = _Progress(name, total, progress)
 

@@ -161,12 +161,13 @@ def log_end_offsets(
         while len(ends) < len(starts) and time.monotonic() < deadline:
             for m in c.consume(1000, 0.1):
                 tp = (m.topic(), m.partition())
-                if tp in ends:
-                    continue
                 err = m.error()
-                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                if tp not in ends and err is not None and err.code() == KafkaError._PARTITION_EOF:
                     ends[tp] = m.offset()
-                elif err is None:
+            # the high watermark of the last fetch response of each partition (every partition of a
+            # broker is in the same fetch request, so one round answers them all)
+            for tp in starts:
+                if tp not in ends:
                     _, high = c.get_watermark_offsets(TopicPartition(*tp), cached=True)
                     if high >= 0:
                         ends[tp] = high

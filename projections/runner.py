@@ -127,6 +127,15 @@ class _Fenced(Exception):
     """The stored checkpoint moved under this runner (another runner, or a rebuild swap)."""
 
 
+def _ids_param(ids: list[str]) -> tuple[str, str | list[str]]:
+    """SQL for a text array of ``ids`` and its parameter: one string split on the server on U+001F
+    (cheap to send), or an array when an id holds that character or is empty."""
+    joined = "\x1f".join(ids)
+    if "" in ids or joined.count("\x1f") != len(ids) - 1:
+        return "%s::text[]", ids
+    return "string_to_array(%s, chr(31))", joined
+
+
 def schema_name(projection_name: str, suffix: str = "") -> str:
     """The PostgreSQL schema of a projection: ``proj_<name>[_<suffix>]``.
 
@@ -382,13 +391,12 @@ class ProjectionRunner:
         """Record ``ids`` in ``projection_seen``; return the indexes of the first occurrence of each id
         that was not there before (in order).
 
-        One statement: the ids already there are looked up through a hash index and returned, the
-        others inserted (about half the cost of a unique b-tree with ``ON CONFLICT``: random ids touch
-        a random leaf page each). There is no unique constraint: the statement first takes a
-        transaction-scoped advisory lock per projection, so its batches de-duplicate one at a time
-        and no two find an id new. Ids
-        travel as one string split on the server (``string_to_array`` on U+001F), or as an array when
-        an id holds that character or is empty.
+        A lookup through a hash index, then a plain insert of the new ids: about half the cost of a
+        unique b-tree with ``ON CONFLICT`` (random ids touch a random leaf page each, and the b-tree
+        grows deeper). There is no unique constraint: :meth:`_fence` takes a transaction-scoped
+        advisory lock per projection, so its batches de-duplicate one at a time and no two find an
+        id new. Ids travel as one string split on the server (``string_to_array`` on U+001F), or as
+        an array when an id holds that character or is empty.
         """
         first_of: dict[str, int] = {}
         for i, eid in enumerate(ids):
@@ -396,34 +404,33 @@ class ProjectionRunner:
         unique = list(first_of)
         if self.seen_in_memory:
             return self._unseen_in_memory(cur, ids, first_of)
-        joined = "\x1f".join(unique)
-        if "" in first_of or joined.count("\x1f") != len(unique) - 1:
-            ids_sql, ids_param = "%s::text[]", unique
-        else:
-            ids_sql, ids_param = "string_to_array(%s, chr(31))", joined
+        ids_sql, ids_param = _ids_param(unique)
         seen = cur.execute(
-            "WITH lock AS MATERIALIZED ("
-            "  SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.projection_seen'), hashtext(%s))), "
-            f"batch AS (SELECT unnest({ids_sql}) AS event_id FROM lock), "
-            "old AS (SELECT s.event_id FROM projection_seen s JOIN batch b USING (event_id) WHERE s.projection = %s), "
-            "ins AS (INSERT INTO projection_seen (projection, event_id) "
-            "        SELECT %s, b.event_id FROM batch b WHERE b.event_id NOT IN (SELECT event_id FROM old)) "
-            "SELECT event_id FROM old",
-            (self.projection.name, ids_param, self.projection.name, self.projection.name),
+            f"SELECT event_id FROM projection_seen WHERE projection = %s AND event_id = ANY({ids_sql})",
+            (self.projection.name, ids_param),
         ).fetchall()
-        if not seen:
-            return list(range(len(ids))) if len(unique) == len(ids) else sorted(first_of.values())
         old = {r[0] for r in seen}
-        return [first_of[eid] for eid in unique if eid not in old]
+        if old:
+            unique = [eid for eid in unique if eid not in old]
+            ids_sql, ids_param = _ids_param(unique)
+        if unique:
+            cur.execute(
+                f"INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest({ids_sql})",
+                (self.projection.name, ids_param),
+            )
+        if not old:
+            return list(range(len(ids))) if len(unique) == len(ids) else sorted(first_of.values())
+        return [first_of[eid] for eid in unique]
 
     def _unseen_in_memory(self, cur: psycopg.Cursor, ids: list[str], first_of: dict[str, int]) -> list[int]:
         """:meth:`_unseen` against the in-memory set; the new ids are appended to ``projection_seen``
         and join the set only once the transaction has committed (:meth:`_seen_committed`)."""
         new = [eid for eid in first_of if eid not in self._seen]
         if new:
+            ids_sql, ids_param = _ids_param(new)
             cur.execute(
-                "INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest(%s::text[])",
-                (self.projection.name, new),
+                f"INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest({ids_sql})",
+                (self.projection.name, ids_param),
             )
         self._pending_seen = new
         if len(new) == len(ids):
@@ -436,14 +443,18 @@ class ProjectionRunner:
         self._pending_seen = []
 
     def _fence(self, cur: psycopg.Cursor, first: dict) -> None:
-        """Lock the projection's checkpoints; refuse the batch if one moved."""
-        stored = {
-            (t, p): o
-            for t, p, o in cur.execute(
+        """Take the projection's advisory lock (its batches run one at a time, which the de-duplication
+        relies on) and lock its checkpoints, in one round trip; refuse the batch if one moved."""
+        with cur.connection.pipeline():
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.projection_seen'), hashtext(%s))",
+                (self.projection.name,),
+            )
+            cur.execute(
                 "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = %s FOR UPDATE",
                 (self.projection.name,),
-            ).fetchall()
-        }
+            )
+        stored = {(t, p): o for t, p, o in cur.fetchall()}
         moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
         if moved:
             raise _Fenced(f"checkpoint of {moved} moved under this runner")

@@ -54,3 +54,13 @@ def test_status_json_flags_a_due_rebuild_and_formats_times() -> None:
     doc = ProjectionStatus(name="x", version=2, stored_version=1, schema="proj_x", topics=("a",), partitions=(p,),
                            lag_events=3, last_advanced_at=t).as_json()  # fmt: skip
     assert doc["rebuild_due"] is True and doc["partitions"][0]["advanced_at"] == "2025-11-18T22:55:01.000Z"
+
+
+def test_ids_travel_as_one_string_unless_an_id_holds_the_separator_or_is_empty() -> None:
+    """The seen-id parameter: one U+001F-joined string normally, an array when splitting would be wrong."""
+    from projections.runner import _ids_param
+
+    assert _ids_param(["a", "b-1"]) == ("string_to_array(%s, chr(31))", "a\x1fb-1")
+    assert _ids_param(["a", "x\x1fy"]) == ("%s::text[]", ["a", "x\x1fy"])
+    assert _ids_param(["a", ""]) == ("%s::text[]", ["a", ""])
+    assert _ids_param([""]) == ("%s::text[]", [""])
