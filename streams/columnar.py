@@ -166,6 +166,11 @@ def decode_columnar(serde: AvroSerde, msgs: Sequence[Any]) -> ColumnarBatch | No
     offsets: list[int] = []
     required = _REQUIRED_SET
     fromisoformat = datetime.fromisoformat
+    from_bytes = int.from_bytes
+    sep = b"\x00"
+    add_id, add_key, add_topic, add_partition, add_offset = (
+        event_ids.append, keys.append, topics.append, partitions.append, offsets.append,
+    )  # fmt: skip
     try:
         for pos, m in enumerate(msgs):
             value = m.value()
@@ -174,26 +179,26 @@ def decode_columnar(serde: AvroSerde, msgs: Sequence[Any]) -> ColumnarBatch | No
                 return None
             h = dict(raw)  # the last of repeated keys wins, as in CloudEvent.from_headers
             try:
-                b"\x00".join(h.values()).decode()  # every value UTF-8 (NUL cannot end a valid prefix)
+                sep.join(h.values()).decode()  # every value UTF-8 (NUL cannot end a valid prefix)
             except TypeError:  # a header without a value: checked without it
                 h = {k: v for k, v in h.items() if v is not None}
-                b"\x00".join(h.values()).decode()
+                sep.join(h.values()).decode()
             if h.get("ce_specversion") != _SPEC or not required <= h.keys():
                 return None
             fromisoformat(h["ce_time"].decode())
-            sid = int.from_bytes(value[1:5], "big")
+            sid = from_bytes(value[1:5], "big")
             g = groups.get(sid)
             if g is None:
                 cache.get(sid)
                 g = groups[sid] = ([], [])
             g[0].append(pos)
             g[1].append(memoryview(value)[5:])
-            event_ids.append(h["ce_id"].decode())
+            add_id(h["ce_id"].decode())
             key = m.key()
-            keys.append(key.decode("utf-8", "replace") if key is not None else None)
-            topics.append(m.topic())
-            partitions.append(m.partition())
-            offsets.append(m.offset())
+            add_key(key.decode("utf-8", "replace") if key is not None else None)
+            add_topic(m.topic())
+            add_partition(m.partition())
+            add_offset(m.offset())
     except (UnicodeDecodeError, ValueError, TypeError, AttributeError, SchemaNotFoundError):
         return None
     frames: dict[str, Any] = {}
