@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,11 +169,74 @@ class EventTextResolver:
             c.unassign()
         raise RequestError(f"no record at {_where(ref)} within {self.timeout_seconds}s")
 
+    def prefetch(self, refs: Iterable[EventTextRef]) -> int:
+        """Read the texts of many references with one sequential read per partition (a batch's
+        references are mostly close together: a per-reference seek costs a fetch round trip each).
+
+        The cache then holds just these texts (it is cleared first, so it never grows past a batch).
+        A reference not found, not decodable or without the field is left out: :meth:`resolve` then
+        raises its precise error. A partition whose references are sparse (more than 1,000 records
+        between them per reference) is left to :meth:`resolve`.
+
+        Returns:
+            the number of references cached.
+        """
+        self._cache.clear()
+        wanted: dict[tuple[str, int], dict[int, list[EventTextRef]]] = {}
+        for ref in refs:
+            wanted.setdefault((ref.topic, ref.partition), {}).setdefault(ref.offset, []).append(ref)
+        if self._consumer is None and wanted:
+            self._consumer = make_consumer(self.kafka, f"inference-resolver-{uuid.uuid4()}")
+        for (topic, partition), by_offset in wanted.items():
+            lo, hi = min(by_offset), max(by_offset)
+            if hi - lo > 1000 * len(by_offset):
+                continue
+            c = self._consumer
+            assert c is not None
+            c.assign([TopicPartition(topic, partition, lo)])
+            remaining = set(by_offset)
+            deadline = time.monotonic() + self.timeout_seconds
+            try:
+                read_to = lo - 1
+                while remaining and read_to < hi and time.monotonic() < deadline:
+                    for m in c.consume(min(500, hi - lo + 1), 0.5):
+                        if m.error() is not None:
+                            continue
+                        read_to = max(read_to, m.offset())
+                        if m.offset() not in remaining:
+                            continue
+                        remaining.discard(m.offset())
+                        decoded = decode_message(self.serde, m)
+                        if isinstance(decoded, DecodeFailure):
+                            continue
+                        for ref in by_offset[m.offset()]:
+                            value = decoded.data.get(ref.field)
+                            if isinstance(value, str):
+                                self._cache[ref] = value
+            finally:
+                c.unassign()
+        return len(self._cache)
+
     def close(self) -> None:
         """Close the reader's consumer."""
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
+
+
+def _text_refs(serde: AvroSerde, batch: Sequence[Message]) -> list[EventTextRef]:
+    """The text references of the decodable embedding requests of ``batch``."""
+    refs = []
+    for m in batch:
+        decoded = decode_message(serde, m)
+        if isinstance(decoded, ConsumedEvent) and decoded.schema == REQUEST_SCHEMA:
+            ref = decoded.data.get("text_ref")
+            if ref is not None and decoded.data.get("text") is None:
+                try:
+                    refs.append(EventTextRef(**ref))
+                except TypeError:
+                    continue
+    return refs
 
 
 def _where(ref: EventTextRef) -> str:
@@ -363,6 +426,7 @@ class InferenceWorker:
         batch_id = f"{self.worker_id}-{batch_no}"
         answers: list[_Answer] = []
         dead = 0
+        self.resolver.prefetch(_text_refs(self.serde, batch))
         for m in batch:
             outcome = self._prepare(m)
             if isinstance(outcome, _Answer):
