@@ -196,11 +196,47 @@ class InferencePool:
         log.info("actors_removed", model=self.settings.model, removed=removed, size=self.size)
         return removed
 
-    def scale_to(self, n: int) -> int:
-        """Add or remove actors until the pool has ``n``; return the change."""
+    def placeable(self) -> int:
+        """How many more actors the Ray cluster has free resources for now (CPUs and GPUs per actor
+        as configured; a resource an actor does not ask for places no limit)."""
+        free = self.ray.available_resources()
+        room = []
+        if self.settings.num_cpus:
+            room.append(int(free.get("CPU", 0.0) // self.settings.num_cpus))
+        if self.settings.num_gpus:
+            room.append(int(free.get("GPU", 0.0) // self.settings.num_gpus))
+        return max(0, min(room)) if room else 1 << 30
+
+    def scale_to(self, n: int, *, timeout_seconds: float = 120.0) -> int:
+        """Add or remove actors until the pool has ``n``, or as many as the cluster can place; return
+        the change.
+
+        Never raises for lack of room: the pool grows only by what :meth:`placeable` allows (logged as
+        ``scale_capped``), and an added actor that is still not ready after ``timeout_seconds`` is
+        killed and left out (``actor_not_placed``), so a lag spike on a full cluster cannot stop the
+        actors that are serving.
+        """
         delta = n - self.size
         if delta > 0:
-            self.add(delta)
+            room = self.placeable()
+            if room < delta:
+                log.warning("scale_capped", model=self.settings.model, wanted=n, size=self.size, placeable=room)
+                delta = room
+            if delta <= 0:
+                return 0
+            before = len(self._slots)
+            refs = [h.ready.remote() for h in self.add(delta, wait=False)]
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_seconds)
+            ready_refs = set(ready)
+            keep = []
+            for slot, ref in zip(self._slots[before:], refs, strict=True):
+                if ref in ready_refs:
+                    keep.append(slot)
+                else:
+                    log.warning("actor_not_placed", worker_id=slot.worker_id, timeout_seconds=timeout_seconds)
+                    self.ray.kill(slot.handle, no_restart=True)
+            self._slots[before:] = keep
+            delta = len(keep)
         elif delta < 0:
             self.remove(-delta)
         return delta

@@ -13,6 +13,7 @@ import threading
 from types import FrameType
 from typing import Annotated
 
+import structlog
 import typer
 from rich.console import Console
 
@@ -26,6 +27,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, hel
 
 _out = Console()
 _err = Console(stderr=True)
+log = structlog.get_logger(__name__)
 
 
 def _kafka() -> KafkaSettings:
@@ -151,7 +153,10 @@ def run(
         )
         while not stop.wait(s.scale_interval_seconds):
             if autoscale:
-                scaler.step()
+                try:
+                    scaler.step()
+                except Exception as exc:  # noqa: BLE001 - a failed scaling step must not stop the serving actors
+                    log.warning("scaling_step_failed", model=s.model, error=repr(exc))
         pool.shutdown()
         ray.shutdown()
     except InferenceError as exc:

@@ -7,9 +7,9 @@ A thin shell around :mod:`processors.correlation.logic`; every decision is made 
    and ``git.commit`` events (others are counted and skipped), and forwards each as a compact JSON
    observation to the repartition topic, keyed by its correlation scope
    (:func:`~processors.correlation.logic.scope_of`). With ``request_embeddings`` it also produces one
-   ``sophia.inference.EmbeddingRequest`` per text to ``inference.requests``, with a ``text_ref`` to the
-   event's topic, partition, offset and field (``body_excerpt`` of a message, ``title`` of a commit) and
-   the deterministic request id ``corr:<scope>:<entity>``.
+   ``sophia.inference.EmbeddingRequest`` per text to ``inference.requests``, carrying the text
+   (``body_excerpt`` of a message, ``title`` of a commit; at most 280 characters) and the deterministic
+   request id ``corr:<scope>:<entity>``.
 2. ``correlation-results`` (with ``embeddings``) reads ``inference.results``: results whose request id
    is not ``corr:...`` belong to someone else and are skipped; ours are forwarded as vectors to the
    repartition topic, keyed by the scope named in the request id.
@@ -71,7 +71,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings
-from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, EventTextRef, request_event
+from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
 from processors.app import _broker_urls, _credentials, _headers
 from processors.correlation.logic import (
     EXTERNAL_SCHEMA,
@@ -111,7 +111,6 @@ log = structlog.get_logger(__name__)
 DEFAULT_APP_ID = "backbone-correlation"
 PROCESSOR_NAME = "correlation"
 TABLE_NAME = "correlation_items"
-_TEXT_FIELD = {"message": "body_excerpt", "commit": "title"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,11 +226,10 @@ class _CorrelationShell:
         await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
         self.stats.events_count += 1
         if self.request_embeddings and obs.text.strip():
-            ref = EventTextRef(
-                topic=message.topic, partition=message.partition, offset=message.offset, field=_TEXT_FIELD[obs.kind]
-            )
+            # the text itself, not a text_ref: the processor holds it already, and a reference makes every
+            # inference actor read it back from the log
             request = EmbeddingRequest(
-                request_id=request_id_for(scope, obs.entity), text_ref=ref, requested_at=datetime.now(UTC)
+                request_id=request_id_for(scope, obs.entity), text=obs.text, requested_at=datetime.now(UTC)
             )
             event = request_event(request, source="/processors/correlation")
             await self.channels["requests"].send(

@@ -119,3 +119,13 @@ def test_adding_an_actor_rebalances_without_losing_or_repeating_work(
     finally:
         reader.close()
         pool.shutdown()
+
+
+def test_scaling_past_the_clusters_free_resources_is_capped_not_fatal(
+    ray_local: object, settings: Settings, inference_settings: InferenceSettings
+) -> None:
+    """An actor asking for more CPUs than the cluster has free is never started: scale_to returns 0
+    (``scale_capped``) instead of waiting for an actor Ray cannot place and raising."""
+    pool = InferencePool(settings.kafka, inference_settings.model_copy(update={"num_cpus": 4.0}))
+    assert pool.placeable() == 0
+    assert pool.scale_to(3, timeout_seconds=5) == 0 and pool.size == 0

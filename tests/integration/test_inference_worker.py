@@ -225,3 +225,31 @@ def test_cli_embed_json_prints_vectors_from_the_topics(
     assert rows[0]["dimension"] == 384 and rows[0]["model_name"] == "all-MiniLM-L6-v2"
     expected = model.model.encode([SENTENCE], convert_to_numpy=True)[0]
     assert np.allclose(np.array(rows[0]["vector"], dtype=np.float32), expected, atol=1e-6)
+
+
+def test_a_batch_of_text_references_is_read_in_one_pass_per_partition(
+    settings: Settings, topics: InferenceSettings
+) -> None:
+    """prefetch caches every reference of a batch (resolve then answers from the cache); a reference to
+    a missing offset is left out and resolve names it."""
+    from inference.errors import RequestError
+    from inference.worker import EventTextResolver
+
+    serde = AvroSerde(EmbeddedRegistry())
+    now = datetime.now(UTC)
+    with EventProducer(settings.kafka, serde) as producer:
+        for i in range(40):
+            producer.produce(topics.dlq_topic, request_event(EmbeddingRequest(request_id=f"h{i}", text=f"text {i}",
+                                                                              requested_at=now)))  # fmt: skip
+    refs = [EventTextRef(topic=topics.dlq_topic, partition=0, offset=o, field="text") for o in (3, 0, 39, 17, 17)]
+    missing = EventTextRef(topic=topics.dlq_topic, partition=0, offset=40, field="text")
+    resolver = EventTextResolver(settings.kafka, serde, timeout_seconds=3)
+    try:
+        assert resolver.prefetch([*refs, missing]) == 4
+        resolver._consumer.close()  # noqa: SLF001 - from here on, only the cache may answer
+        resolver._consumer = None  # noqa: SLF001
+        assert [resolver.resolve(r) for r in refs] == ["text 3", "text 0", "text 39", "text 17", "text 17"]
+        with pytest.raises(RequestError, match="no record at"):
+            resolver.resolve(missing)
+    finally:
+        resolver.close()
