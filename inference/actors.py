@@ -148,6 +148,7 @@ class InferencePool:
         self.settings = settings
         self.crash_point = crash_point
         self._slots: list[_Slot] = []
+        self._capped: tuple[int, int, int] | None = None
         self._actor_class = self.ray.remote(EmbeddingActor).options(
             num_cpus=settings.num_cpus,
             num_gpus=settings.num_gpus,
@@ -220,7 +221,9 @@ class InferencePool:
         if delta > 0:
             room = self.placeable()
             if room < delta:
-                log.warning("scale_capped", model=self.settings.model, wanted=n, size=self.size, placeable=room)
+                if self._capped != (n, self.size, room):  # once per situation, not every scaling tick
+                    log.warning("scale_capped", model=self.settings.model, wanted=n, size=self.size, placeable=room)
+                self._capped = (n, self.size, room)
                 delta = room
             if delta <= 0:
                 return 0
