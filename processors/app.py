@@ -48,13 +48,9 @@ so every record produced before it was started has been processed), or wait for 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
-import signal
-import ssl
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,13 +61,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
-from streams.consumer import DLQ_TOPIC, ConsumedEvent, DeadLetterPublisher
+from streams.consumer import DLQ_TOPIC, ConsumedEvent
 from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
-from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
@@ -134,34 +130,6 @@ class ProcessorStats:
     last_record_monotonic: float | None = field(default=None)
 
 
-def _broker_urls(kafka: KafkaSettings) -> list[str]:
-    if not kafka.bootstrap_servers:
-        raise ValueError(
-            "no Kafka bootstrap servers: run `backbone dev up` or set BACKBONE_KAFKA__BOOTSTRAP_SERVERS"
-        )
-    return [f"kafka://{h.strip()}" for h in kafka.bootstrap_servers.split(",") if h.strip()]
-
-
-def _credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
-    """Faust's credentials for the settings' ``security.protocol`` (system CA store for TLS)."""
-    if kafka.security_protocol == "PLAINTEXT":
-        return None
-    context = ssl.create_default_context() if kafka.security_protocol.endswith("SSL") else None
-    if kafka.security_protocol == "SSL":
-        return faust.SSLCredentials(context)
-    return faust.SASLCredentials(
-        username=kafka.sasl_username,
-        password=kafka.sasl_password.get_secret_value() if kafka.sasl_password else None,
-        ssl_context=context,
-        mechanism=kafka.sasl_mechanism or "PLAIN",
-    )
-
-
-def _headers(raw: Any) -> list[tuple[str, bytes | None]]:
-    items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, Mapping) else (raw or ())
-    return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v) for k, v in items]
-
-
 class _RunSummaryShell:
     """The agent's body: decode, de-duplicate, apply, send, dead-letter. One per app."""
 
@@ -181,19 +149,13 @@ class _RunSummaryShell:
         self.table = table
         self.insights_topic = insights_topic
         self.stats = ProcessorStats()
-        self._dlq: DeadLetterPublisher | None = None
-
-    def _dead_letters(self) -> DeadLetterPublisher:
-        if self._dlq is None:
-            producer = EventProducer(self.settings.kafka, self.serde)
-            self._dlq = DeadLetterPublisher(producer, PROCESSOR_NAME, topic=self.topics.dead_letters)
-        return self._dlq
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     async def handle(self, message: Any) -> None:
         """Process one Faust message (``event.message``); never raises for a bad record."""
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
-        headers = _headers(message.headers)
+        headers = message_headers(message.headers)
         bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
             attributes = CloudEvent.from_headers(headers)
@@ -237,26 +199,12 @@ class _RunSummaryShell:
     async def _dead_letter(
         self, message: Any, headers: list[tuple[str, bytes | None]], exc: Exception
     ) -> None:
-        dlq = self._dead_letters()
-        dlq.publish(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key
-            if isinstance(message.key, bytes) or message.key is None
-            else str(message.key).encode(),
-            value=message.value if isinstance(message.value, bytes) or message.value is None else None,
-            headers=headers,
-            reason=str(exc),
-            error_type=type(exc).__name__,
-        )
-        await asyncio.to_thread(dlq.producer.flush)  # durable before the offset can be committed
+        await self.dead_letters.publish(message, exc, headers)
         self.stats.dead_letters_count += 1
 
     def close(self) -> None:
         """Flush and release the dead-letter producer, if one was made."""
-        if self._dlq is not None:
-            self._dlq.producer.close()
+        self.dead_letters.close()
 
 
 def create_app(
@@ -288,29 +236,7 @@ def create_app(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or ProcessorTopics()
     port = settings.metrics_port if web_port is None else web_port
-    session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
-    datadir = settings.state_dir / "faust" / app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes the last level only
-    app = faust.App(
-        app_id,
-        broker=_broker_urls(settings.kafka),
-        broker_credentials=_credentials(settings.kafka),
-        broker_client_id=settings.kafka.client_id,
-        broker_session_timeout=session_timeout_seconds,
-        broker_heartbeat_interval=max(0.5, session_timeout_seconds / 6),
-        store="memory://",
-        topic_partitions=topics.partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        table_standby_replicas=0,
-        autodiscover=False,
-        datadir=str(datadir),
-        web_enabled=bool(port),
-        web_port=port or 6066,
-        web_bind="127.0.0.1",
-    )
+    app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=port)
     serde = serde or AvroSerde(EmbeddedRegistry())
     events_topic = app.topic(
         topics.events, partitions=topics.partitions, key_serializer="raw", value_serializer="raw"
@@ -441,20 +367,10 @@ def run_worker(
     app = create_app(settings, app_id=app_id, topics=topics, web_port=web_port)
     stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
     if stop_after_idle_seconds is not None:
-        idle_since: list[float] = []
-
-        @app.timer(interval=min(1.0, max(0.1, stop_after_idle_seconds / 4)))
-        async def _stop_when_idle() -> None:
-            # Timers start once recovery has completed, so the idle clock starts then at the latest.
-            now = time.monotonic()
-            if not idle_since:
-                idle_since.append(now)
-            last = max(idle_since[0], stats.last_record_monotonic or 0.0)
-            if now - last >= stop_after_idle_seconds:
-                log.info(
-                    "processors_idle_stop", idle_seconds=round(now - last, 1), records=stats.records_count
-                )
-                os.kill(os.getpid(), signal.SIGTERM)  # the worker's own clean shutdown path
+        stop_when_idle(
+            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
+            "processors_idle_stop",
+        )  # fmt: skip
 
     configure_logging(settings.log_level, settings.log_format)
     _export_metrics(stats, app.conf.id)

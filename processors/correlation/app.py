@@ -54,11 +54,8 @@ Run it with ``backbone processors correlate`` (:mod:`processors.correlation.cli`
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import os
-import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,7 +69,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import KafkaSettings, Settings
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
-from processors.app import _broker_urls, _credentials, _headers
 from processors.correlation.logic import (
     EXTERNAL_SCHEMA,
     CorrelationConfig,
@@ -87,12 +83,12 @@ from processors.correlation.logic import (
     scope_of,
 )
 from processors.errors import UnprocessableEventError, UnsupportedEventError
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
-from streams.consumer import DLQ_TOPIC, DeadLetterPublisher
+from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
-from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
 
@@ -189,7 +185,7 @@ class _CorrelationShell:
         self.request_embeddings = request_embeddings
         self.stats = CorrelationStats()
         self.correlators: dict[str, Correlator] = {}
-        self._dlq: DeadLetterPublisher | None = None
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -200,7 +196,7 @@ class _CorrelationShell:
         self.correlators.clear()
 
     def _decode(self, message: Any) -> tuple[CloudEvent, str, dict[str, Any], list[tuple[str, bytes | None]]]:
-        headers = _headers(message.headers)
+        headers = message_headers(message.headers)
         attributes = CloudEvent.from_headers(headers)
         schema, data = self.serde.decode(message.value)
         return attributes, schema, data, headers
@@ -335,27 +331,12 @@ class _CorrelationShell:
             self.stats.embedding_links_count += 1
 
     async def _dead_letter(self, message: Any, exc: Exception) -> None:
-        if self._dlq is None:
-            self._dlq = DeadLetterPublisher(
-                EventProducer(self.settings.kafka, self.serde), PROCESSOR_NAME, topic=self.topics.dead_letters
-            )
-        self._dlq.publish(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key if isinstance(message.key, bytes) or message.key is None else str(message.key).encode(),
-            value=message.value if isinstance(message.value, bytes) or message.value is None else None,
-            headers=_headers(message.headers),
-            reason=str(exc),
-            error_type=type(exc).__name__,
-        )
-        await asyncio.to_thread(self._dlq.producer.flush)  # durable before the offset can be committed
+        await self.dead_letters.publish(message, exc)
         self.stats.dead_letters_count += 1
 
     def close(self) -> None:
         """Flush and release the dead-letter producer, if one was made."""
-        if self._dlq is not None:
-            self._dlq.producer.close()
+        self.dead_letters.close()
 
 
 def create_correlation_app(
@@ -392,29 +373,7 @@ def create_correlation_app(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or CorrelationTopics()
     config = config or CorrelationConfig()
-    session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
-    datadir = settings.state_dir / "faust" / app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        app_id,
-        broker=_broker_urls(settings.kafka),
-        broker_credentials=_credentials(settings.kafka),
-        broker_client_id=settings.kafka.client_id,
-        broker_session_timeout=session_timeout_seconds,
-        broker_heartbeat_interval=max(0.5, session_timeout_seconds / 6),
-        store="memory://",
-        topic_partitions=topics.scope_partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        table_standby_replicas=0,
-        autodiscover=False,
-        datadir=str(datadir),
-        web_enabled=bool(web_port),
-        web_port=web_port or 6066,
-        web_bind="127.0.0.1",
-    )
+    app = make_faust_app(settings, app_id, partitions=topics.scope_partitions, web_port=web_port)
     serde = serde or AvroSerde(EmbeddedRegistry())
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(topics.events, **raw)
@@ -575,17 +534,10 @@ def run_correlation_worker(
     )  # fmt: skip
     stats: CorrelationStats = app.correlation_stats  # type: ignore[attr-defined]
     if stop_after_idle_seconds is not None:
-        idle_since: list[float] = []
-
-        @app.timer(interval=min(1.0, max(0.1, stop_after_idle_seconds / 4)))
-        async def _stop_when_idle() -> None:
-            now = time.monotonic()
-            if not idle_since:
-                idle_since.append(now)  # timers start after recovery
-            last = max(idle_since[0], stats.last_record_monotonic or 0.0)
-            if now - last >= stop_after_idle_seconds:
-                log.info("correlation_idle_stop", idle_seconds=round(now - last, 1), records=stats.records_count)
-                os.kill(os.getpid(), signal.SIGTERM)
+        stop_when_idle(
+            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
+            "correlation_idle_stop",
+        )  # fmt: skip
 
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -60,11 +60,8 @@ request again only with the same model version, so a second one carries the same
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
-import os
-import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -79,8 +76,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from backbone.observability import REGISTRY, configure_logging, serve_metrics
 from backbone.settings import Settings
 from inference.records import RESULT_SCHEMA, EmbeddingResult
-from processors.app import _broker_urls, _credentials, _headers
 from processors.errors import UnprocessableEventError, UnsupportedEventError
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.routing.records import (
     DECISION_SCHEMA,
     EMBEDDING_ID_PREFIX,
@@ -92,10 +89,9 @@ from processors.routing.records import (
 from processors.routing.router import EmbeddingInput, Router, decide, needs_embedding, validate_request
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
-from streams.consumer import DLQ_TOPIC, DeadLetterPublisher
+from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
-from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
 
@@ -220,7 +216,7 @@ class _RoutingShell:
         self.decisions_topic = decisions_topic
         self.join_topic = join_topic
         self.stats = RoutingStats()
-        self._dlq: DeadLetterPublisher | None = None
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -234,7 +230,7 @@ class _RoutingShell:
     async def handle_request(self, message: Any) -> None:
         """A record of the requests topic: decide now, or forward to the join topic; never raises for a bad record."""
         self._touch()
-        headers = _headers(message.headers)
+        headers = message_headers(message.headers)
         bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
             attributes, schema, data = self._decode(message, headers)
@@ -263,7 +259,7 @@ class _RoutingShell:
         if not key.startswith(EMBEDDING_ID_PREFIX):
             self.stats.embeddings_skipped_count += 1
             return
-        headers = _headers(message.headers)
+        headers = message_headers(message.headers)
         try:
             _, schema, data = self._decode(message, headers)
             if schema != RESULT_SCHEMA:
@@ -279,7 +275,7 @@ class _RoutingShell:
     async def handle_join(self, message: Any) -> None:
         """A record of the join topic (a waiting request or an embedding): pair, decide, update the table."""
         self._touch()
-        headers = _headers(message.headers)
+        headers = message_headers(message.headers)
         key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else (message.key or "")
         try:
             attributes, schema, data = self._decode(message, headers)
@@ -351,31 +347,13 @@ class _RoutingShell:
         )
         await pending
 
-    def _dead_letters(self) -> DeadLetterPublisher:
-        if self._dlq is None:
-            producer = EventProducer(self.settings.kafka, self.serde)
-            self._dlq = DeadLetterPublisher(producer, PROCESSOR_NAME, topic=self.topics.dead_letters)
-        return self._dlq
-
     async def _dead_letter(self, message: Any, headers: list[tuple[str, bytes | None]], exc: Exception) -> None:
-        dlq = self._dead_letters()
-        dlq.publish(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            key=message.key if isinstance(message.key, bytes) or message.key is None else str(message.key).encode(),
-            value=message.value if isinstance(message.value, bytes) or message.value is None else None,
-            headers=headers,
-            reason=str(exc),
-            error_type=type(exc).__name__,
-        )
-        await asyncio.to_thread(dlq.producer.flush)  # durable before the offset can be committed
+        await self.dead_letters.publish(message, exc, headers)
         self.stats.dead_letters_count += 1
 
     def close(self) -> None:
         """Flush and release the dead-letter producer, if one was made."""
-        if self._dlq is not None:
-            self._dlq.producer.close()
+        self.dead_letters.close()
 
 
 def create_routing_app(
@@ -407,29 +385,7 @@ def create_routing_app(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or RoutingTopics()
     port = settings.metrics_port if web_port is None else web_port
-    session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
-    datadir = settings.state_dir / "faust" / app_id
-    datadir.parent.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
-        app_id,
-        broker=_broker_urls(settings.kafka),
-        broker_credentials=_credentials(settings.kafka),
-        broker_client_id=settings.kafka.client_id,
-        broker_session_timeout=session_timeout_seconds,
-        broker_heartbeat_interval=max(0.5, session_timeout_seconds / 6),
-        store="memory://",
-        topic_partitions=topics.partitions,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        table_standby_replicas=0,
-        autodiscover=False,
-        datadir=str(datadir),
-        web_enabled=bool(port),
-        web_port=port or 6066,
-        web_bind="127.0.0.1",
-    )
+    app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=port)
     serde = serde or AvroSerde(EmbeddedRegistry())
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests_topic = app.topic(topics.requests, partitions=topics.partitions, **raw)
@@ -572,17 +528,10 @@ def run_routing_worker(
     app = create_routing_app(settings, router, app_id=app_id, topics=topics, web_port=web_port)
     stats: RoutingStats = app.routing_stats  # type: ignore[attr-defined]
     if stop_after_idle_seconds is not None:
-        idle_since: list[float] = []
-
-        @app.timer(interval=min(1.0, max(0.1, stop_after_idle_seconds / 4)))
-        async def _stop_when_idle() -> None:
-            now = time.monotonic()
-            if not idle_since:
-                idle_since.append(now)
-            last = max(idle_since[0], stats.last_record_monotonic or 0.0)
-            if now - last >= stop_after_idle_seconds:
-                log.info("routing_idle_stop", idle_seconds=round(now - last, 1), records=stats.records_count)
-                os.kill(os.getpid(), signal.SIGTERM)
+        stop_when_idle(
+            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
+            "routing_idle_stop",
+        )  # fmt: skip
 
     configure_logging(settings.log_level, settings.log_format)
     try:
