@@ -28,15 +28,19 @@ PostgreSQL is the truth).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_not
 
 import psycopg
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from backbone.observability import REGISTRY
@@ -58,6 +62,14 @@ from streams.serde import AvroSerde
 __all__ = ["BOOKKEEPING_DDL", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
 
 log = structlog.get_logger(__name__)
+
+# method descriptors: map() calls them per message without a Python frame
+_msg_error, _msg_topic, _msg_partition, _msg_offset = Message.error, Message.topic, Message.partition, Message.offset
+
+_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.projection_seen'), hashtext(%s))"
+_CHECKPOINTS_FOR_UPDATE_SQL = (
+    "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = %s FOR UPDATE"
+)
 
 BOOKKEEPING_DDL = """
 CREATE TABLE IF NOT EXISTS projection_checkpoints (
@@ -136,6 +148,36 @@ def _ids_param(ids: list[str]) -> tuple[str, str | list[str]]:
     return "string_to_array(%s, chr(31))", joined
 
 
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_saved: tuple[int, int, int] | None = None
+
+
+@contextlib.contextmanager
+def _collector_threshold(threshold: int | None) -> Iterator[None]:
+    """Raise the collector's first-generation threshold to at least ``threshold`` while the block
+    runs; the saved thresholds come back when the last such block (of any thread) exits."""
+    global _gc_users, _gc_saved
+    if threshold is None:
+        yield
+        return
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_saved = gc.get_threshold()
+        _gc_users += 1
+        current = gc.get_threshold()
+        if current[0] < threshold:
+            gc.set_threshold(threshold, *current[1:])
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_saved is not None:
+                gc.set_threshold(*_gc_saved)
+                _gc_saved = None
+
+
 def schema_name(projection_name: str, suffix: str = "") -> str:
     """The PostgreSQL schema of a projection: ``proj_<name>[_<suffix>]``.
 
@@ -176,6 +218,13 @@ class ProjectionRunner:
             runner that is the only writer of its schema, i.e. a rebuild into a fresh schema, which
             creates the index before the swap (:meth:`create_seen_index`). Memory: about 120 bytes
             per id.
+        gc_threshold: the cyclic garbage collector's first-generation threshold while :meth:`run`
+            runs (``None``: leave the collector alone). A batch of 5,000 records allocates about
+            100,000 container objects (header lists and tuples, dicts) that reference counting frees;
+            with CPython's default of 700 the collector ran about 140 times a batch and took about
+            30 % of the consuming thread (``bench/bench_projections.py``). The setting is
+            process-wide; it is raised, never lowered, and restored when the last running runner
+            returns.
 
     Raises:
         ValueError: ``columnar=True`` for a projection (or hook) that cannot take it.
@@ -198,6 +247,7 @@ class ProjectionRunner:
         columnar: bool | None = None,
         pipeline: bool = True,
         seen_in_memory: bool = False,
+        gc_threshold: int | None = 10_000,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -234,6 +284,7 @@ class ProjectionRunner:
         self._pending_seen: list[str] = []
         self._pool: ThreadPoolExecutor | None = None  # the database thread, while run() runs
         self._inflight: tuple[_Prepared, Future] | None = None
+        self.gc_threshold = gc_threshold
         self.stop_event = threading.Event()
 
     # -- PostgreSQL -------------------------------------------------------------------------------------------
@@ -446,15 +497,14 @@ class ProjectionRunner:
         """Take the projection's advisory lock (its batches run one at a time, which the de-duplication
         relies on) and lock its checkpoints, in one round trip; refuse the batch if one moved."""
         with cur.connection.pipeline():
-            cur.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.projection_seen'), hashtext(%s))",
-                (self.projection.name,),
-            )
-            cur.execute(
-                "SELECT topic, partition, next_offset FROM projection_checkpoints WHERE projection = %s FOR UPDATE",
-                (self.projection.name,),
-            )
-        stored = {(t, p): o for t, p, o in cur.fetchall()}
+            cur.execute(_LOCK_SQL, (self.projection.name,))
+            cur.execute(_CHECKPOINTS_FOR_UPDATE_SQL, (self.projection.name,))
+        self._check_fence(cur.fetchall(), first)
+
+    @staticmethod
+    def _check_fence(rows: list[tuple[str, int, int]], first: dict) -> None:
+        """Raise :class:`_Fenced` when a stored checkpoint is not where the batch starts."""
+        stored = {(t, p): o for t, p, o in rows}
         moved = [tp for tp, o in first.items() if tp in stored and stored[tp] != o]
         if moved:
             raise _Fenced(f"checkpoint of {moved} moved under this runner")
@@ -469,17 +519,52 @@ class ProjectionRunner:
         )
 
     def _apply_columnar(self, batch: ColumnarBatch, first: dict, last: dict) -> ColumnarBatch | None:
-        """Apply a column-wise decoded batch in one transaction; ``None`` when the projection refused
-        it (the transaction is rolled back and the caller redoes the batch record by record)."""
+        """Apply a column-wise decoded batch in one transaction of two round trips; ``None`` when the
+        projection refused it (the transaction is rolled back and the caller redoes the batch record
+        by record).
+
+        Round trip 1 (one pipeline): ``BEGIN``, the projection's advisory lock, its checkpoints
+        ``FOR UPDATE`` and which of the batch's ids ``projection_seen`` already holds. Round trip 2:
+        the new ids, the view's statements (:meth:`apply_columns` only queues them), the checkpoint
+        and ``COMMIT``. Each round trip on the database thread also waits for the GIL when it comes
+        back (up to the 5 ms switch interval while the consuming thread runs Python), so eight round
+        trips a batch cost more than the statements themselves.
+        """
         name = self.projection.name
         conn = self._connect()
         self._pending_seen = []
+        dedupe = bool(len(batch)) and getattr(self.projection, "dedupe_by_id", True)
         try:
-            with conn.transaction(), conn.cursor() as cur:
-                self._fence(cur, first)
+            with conn.pipeline() as pipe, conn.transaction(), conn.cursor() as cur, conn.cursor() as look:
+                cur.execute(_LOCK_SQL, (name,))
+                cur.execute(_CHECKPOINTS_FOR_UPDATE_SQL, (name,))
+                ids = batch.event_ids
+                first_of: dict[str, int] = {}
+                if dedupe:
+                    first_of = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
+                    if not self.seen_in_memory:
+                        ids_sql, ids_param = _ids_param(list(first_of))
+                        look.execute(
+                            f"SELECT event_id FROM projection_seen WHERE projection = %s "
+                            f"AND event_id = ANY({ids_sql})",
+                            (name, ids_param),
+                        )
+                pipe.sync()
+                self._check_fence(cur.fetchall(), first)
                 fresh = batch
-                if len(batch) and getattr(self.projection, "dedupe_by_id", True):
-                    fresh = batch.select(self._unseen(cur, batch.event_ids))
+                if dedupe:
+                    old = {r[0] for r in look.fetchall()} if not self.seen_in_memory else self._seen
+                    new = [eid for eid in first_of if eid not in old] if old else list(first_of)
+                    if new:
+                        ids_sql, ids_param = _ids_param(new)
+                        cur.execute(
+                            f"INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest({ids_sql})",
+                            (name, ids_param),
+                        )
+                    if self.seen_in_memory:
+                        self._pending_seen = new
+                    if len(new) != len(ids):
+                        fresh = batch.select(sorted(map(first_of.__getitem__, new)))
                 if len(fresh):
                     self.projection.apply_columns(cur, fresh)  # type: ignore[attr-defined]
                 self._checkpoint(cur, last)
@@ -557,18 +642,10 @@ class ProjectionRunner:
                 refused.append((e, exc))
         return refused
 
-    def step(self, consumer: Consumer) -> int:
-        """Consume one batch and apply it; return the number of records read (0 when idle).
-
-        With ``pipeline`` the batch is decoded here and its transaction runs on the runner's database
-        thread while the next call consumes and decodes the next batch; batches still commit one at
-        a time, in order, each fenced on its checkpoint. A batch that fails (database down, fenced)
-        drops the batch decoded behind it, and the runner rewinds to the stored checkpoints.
-        """
-        if self._need_rewind:
-            self._drain()
-            self._rewind()
-        msgs = consumer.consume(self.batch_size, self.batch_timeout_seconds)
+    def _sort_out(self, msgs: list) -> tuple[list, dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """Split a consumed batch that holds error messages: an end-of-partition event marks its
+        partition caught up, a topic missing on the broker is logged, any other error raises
+        ``KafkaException``. Returns the records and each partition's first and last offset."""
         good = []
         first: dict[tuple[str, int], int] = {}
         last: dict[tuple[str, int], int] = {}
@@ -587,9 +664,41 @@ class ProjectionRunner:
             first.setdefault(tp, m.offset())
             last[tp] = m.offset()
             good.append(m)
+        return good, first, last
+
+    def step(self, consumer: Consumer) -> int:
+        """Consume one batch and apply it; return the number of records read (0 when idle).
+
+        With ``pipeline`` the batch is decoded here and its transaction runs on the runner's database
+        thread while the next call consumes and decodes the next batch; batches still commit one at
+        a time, in order, each fenced on its checkpoint. A batch that fails (database down, fenced)
+        drops the batch decoded behind it, and the runner rewinds to the stored checkpoints.
+        """
+        if self._need_rewind:
+            self._drain()
+            self._rewind()
+        msgs = consumer.consume(self.batch_size, self.batch_timeout_seconds)
+        if not msgs:
+            return 0
+        if not any(map(is_not, map(_msg_error, msgs), repeat(None))):
+            # the common case, no error event in the batch: positions by C-level passes, without a
+            # Python loop per record. (Not ``errors.count(None)``: comparing a KafkaError with None
+            # leaves a TypeError set in confluent-kafka 2.16, which a later call raises as SystemError.)
+            good = msgs
+            topics = list(map(_msg_topic, msgs))
+            partitions = list(map(_msg_partition, msgs))
+            offsets = list(map(_msg_offset, msgs))
+            tps = list(zip(topics, partitions, strict=True))
+            last = dict(zip(tps, offsets, strict=True))  # the last offset of each partition wins
+            first = dict(zip(reversed(tps), reversed(offsets), strict=True))
+            self._at_end.difference_update(last)
+            columns = {"topics": topics, "partitions": partitions, "offsets": offsets}
+        else:
+            good, first, last = self._sort_out(msgs)
+            columns = {}
         if not last:
             return 0
-        batch = decode_columnar(self.serde, good) if self.columnar else None
+        batch = decode_columnar(self.serde, good, **columns) if self.columnar else None
         prepared = _Prepared(good, batch, first, last, time.perf_counter())
         if self._pool is None:
             try:
@@ -685,6 +794,10 @@ class ProjectionRunner:
             TimeoutError: not caught up within ``max_wait_seconds``.
         """
         self.setup()
+        with _collector_threshold(self.gc_threshold):
+            return self._run(until_caught_up, max_wait_seconds, assign_all)
+
+    def _run(self, until_caught_up: bool, max_wait_seconds: float | None, assign_all: bool) -> RunnerStats:
         consumer = make_consumer(
             self.settings.kafka, self.group_id, **{"enable.partition.eof": True, "fetch.wait.max.ms": 100}
         )

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import io
 import json
+import operator
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
 from typing import Any
 
 from streams.envelope import SPECVERSION
@@ -144,12 +147,158 @@ def _headers_for(serde: AvroSerde) -> _Headers:
     return h
 
 
-def decode_columnar(serde: AvroSerde, msgs: Sequence[Any]) -> ColumnarBatch | None:
+_NUL = b"\x00"
+_value = _msg_headers = _msg_key = _msg_topic = _msg_partition = _msg_offset = None  # bound on first use
+_prefix = operator.itemgetter(slice(0, 5))
+_body = operator.itemgetter(slice(5, None))
+_get_spec = operator.itemgetter("ce_specversion")
+_get_id = operator.itemgetter("ce_id")
+_get_time = operator.itemgetter("ce_time")
+_get_source_type = operator.itemgetter("ce_source", "ce_type")
+
+
+def _bind_accessors() -> None:
+    global _value, _msg_headers, _msg_key, _msg_topic, _msg_partition, _msg_offset
+    from confluent_kafka import Message
+
+    _value, _msg_headers, _msg_key = Message.value, Message.headers, Message.key
+    _msg_topic, _msg_partition, _msg_offset = Message.topic, Message.partition, Message.offset
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A batch that passed the record checks: its columns in batch order and the positions per
+    schema id (``None``: every record has that schema id)."""
+
+    values: list[bytes]
+    groups: list[tuple[int, list[int] | None]]
+    event_ids: list[str]
+    keys: list[str | None]
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
+
+
+def _check_vectorised(
+    cache: _Headers, msgs: Sequence[Any], topics: list[str] | None, partitions: list[int] | None,
+    offsets: list[int] | None,
+) -> _Checked | None | bool:
+    """The record checks as C-level passes over the whole batch (``map`` with method descriptors
+    and item getters: about a third of the cost of a Python loop per record).
+
+    Returns the checked batch, ``None`` for a batch that fails a check, or ``False`` when a record
+    needs the per-record loop (a header without a value)."""
+    if _value is None:
+        _bind_accessors()
+    try:
+        values = list(map(_value, msgs))
+        prefixes = list(map(_prefix, values))  # TypeError: a null value
+    except TypeError:
+        return None
+    raws = list(map(_msg_headers, msgs))
+    if None in raws or [] in raws:
+        return None
+    sids: dict[bytes, int] = {}
+    for p in set(prefixes):
+        if len(p) < 5 or p[0] != MAGIC_BYTE:
+            return None
+        sid = int.from_bytes(p[1:5], "big")
+        try:
+            cache.get(sid)
+        except SchemaNotFoundError:
+            return None
+        sids[p] = sid
+    dicts = list(map(dict, raws))  # the last of repeated keys wins, as in CloudEvent.from_headers
+    try:
+        # every header value UTF-8: one decode of all values joined by NUL (a NUL cannot complete a
+        # truncated multi-byte sequence, so the join is valid exactly when every value is)
+        _NUL.join(chain.from_iterable(map(dict.values, dicts))).decode()
+    except TypeError:
+        return False
+    except UnicodeDecodeError:
+        return None
+    try:
+        if set(map(_get_spec, dicts)) != {_SPEC}:
+            return None
+        deque(map(_get_source_type, dicts), maxlen=0)
+        ids = list(map(bytes.decode, map(_get_id, dicts)))
+        deque(map(datetime.fromisoformat, map(bytes.decode, map(_get_time, dicts))), maxlen=0)
+    except (KeyError, ValueError):
+        return None
+    keys_b = list(map(_msg_key, msgs))
+    try:
+        keys: list[str | None] = list(map(bytes.decode, keys_b))
+    except (TypeError, UnicodeDecodeError):
+        keys = [k.decode("utf-8", "replace") if k is not None else None for k in keys_b]
+    if len(sids) == 1:
+        groups: list[tuple[int, list[int] | None]] = [(next(iter(sids.values())), None)]
+    else:
+        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)  # stable: batch order per group
+        counts = Counter(prefixes)
+        groups, start = [], 0
+        for p in sorted(counts):
+            groups.append((sids[p], order[start : start + counts[p]]))
+            start += counts[p]
+    return _Checked(
+        values, groups, ids, keys,
+        topics if topics is not None else list(map(_msg_topic, msgs)),
+        partitions if partitions is not None else list(map(_msg_partition, msgs)),
+        offsets if offsets is not None else list(map(_msg_offset, msgs)),
+    )  # fmt: skip
+
+
+def _check_records(cache: _Headers, msgs: Sequence[Any]) -> _Checked | None:
+    """The record checks one record at a time (a batch with a header that has no value)."""
+    event_ids: list[str] = []
+    keys: list[str | None] = []
+    values: list[bytes] = []
+    groups: dict[int, list[int]] = {}
+    topics: list[str] = []
+    partitions: list[int] = []
+    offsets: list[int] = []
+    try:
+        for pos, m in enumerate(msgs):
+            value = m.value()
+            raw = m.headers()
+            if value is None or len(value) < 5 or value[0] != MAGIC_BYTE or not raw:
+                return None
+            h = {k: v for k, v in raw if v is not None}  # the last of repeated keys wins
+            _NUL.join(h.values()).decode()
+            if h.get("ce_specversion") != _SPEC or not _REQUIRED_SET <= h.keys():
+                return None
+            datetime.fromisoformat(h["ce_time"].decode())
+            sid = int.from_bytes(value[1:5], "big")
+            if sid not in groups:
+                cache.get(sid)
+                groups[sid] = []
+            groups[sid].append(pos)
+            values.append(value)
+            event_ids.append(h["ce_id"].decode())
+            key = m.key()
+            keys.append(key.decode("utf-8", "replace") if key is not None else None)
+            topics.append(m.topic())
+            partitions.append(m.partition())
+            offsets.append(m.offset())
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, SchemaNotFoundError):
+        return None
+    return _Checked(values, list(groups.items()), event_ids, keys, topics, partitions, offsets)
+
+
+def decode_columnar(
+    serde: AvroSerde,
+    msgs: Sequence[Any],
+    *,
+    topics: list[str] | None = None,
+    partitions: list[int] | None = None,
+    offsets: list[int] | None = None,
+) -> ColumnarBatch | None:
     """Decode confluent-kafka messages (no error messages among them) column-wise.
 
     Args:
         serde: the serde whose registry resolves the schema ids.
         msgs: ``confluent_kafka.Message`` objects with ``error() is None``, in consumption order.
+        topics, partitions, offsets: each message's topic, partition and offset, in batch order,
+            when the caller already has them (read from the messages otherwise).
 
     Returns:
         the :class:`ColumnarBatch`, or ``None`` when any record fails a check or a block does not
@@ -157,71 +306,45 @@ def decode_columnar(serde: AvroSerde, msgs: Sequence[Any]) -> ColumnarBatch | No
     """
     import polars as pl
 
+    if not msgs:
+        return ColumnarBatch(frames={}, event_ids=[], keys=[])
     cache = _headers_for(serde)
-    event_ids: list[str] = []
-    keys: list[str | None] = []
-    groups: dict[int, tuple[list[int], list[Any]]] = {}
-    topics: list[str] = []
-    partitions: list[int] = []
-    offsets: list[int] = []
-    required = _REQUIRED_SET
-    fromisoformat = datetime.fromisoformat
-    from_bytes = int.from_bytes
-    sep = b"\x00"
-    add_id, add_key, add_topic, add_partition, add_offset = (
-        event_ids.append, keys.append, topics.append, partitions.append, offsets.append,
-    )  # fmt: skip
-    try:
-        for pos, m in enumerate(msgs):
-            value = m.value()
-            raw = m.headers()
-            if value is None or len(value) < 5 or value[0] != MAGIC_BYTE or not raw:
-                return None
-            h = dict(raw)  # the last of repeated keys wins, as in CloudEvent.from_headers
-            try:
-                sep.join(h.values()).decode()  # every value UTF-8 (NUL cannot end a valid prefix)
-            except TypeError:  # a header without a value: checked without it
-                h = {k: v for k, v in h.items() if v is not None}
-                sep.join(h.values()).decode()
-            if h.get("ce_specversion") != _SPEC or not required <= h.keys():
-                return None
-            fromisoformat(h["ce_time"].decode())
-            sid = from_bytes(value[1:5], "big")
-            g = groups.get(sid)
-            if g is None:
-                cache.get(sid)
-                g = groups[sid] = ([], [])
-            g[0].append(pos)
-            g[1].append(memoryview(value)[5:])
-            add_id(h["ce_id"].decode())
-            key = m.key()
-            add_key(key.decode("utf-8", "replace") if key is not None else None)
-            add_topic(m.topic())
-            add_partition(m.partition())
-            add_offset(m.offset())
-    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, SchemaNotFoundError):
+    checked = _check_vectorised(cache, msgs, topics, partitions, offsets)
+    if checked is False:
+        checked = _check_records(cache, msgs)
+    if checked is None:
         return None
+    assert isinstance(checked, _Checked)
+    n = len(checked.values)
+    columns = (
+        pl.Series("_event_id", checked.event_ids, dtype=pl.String),
+        pl.Series("_key", checked.keys, dtype=pl.String),
+        pl.Series("_topic", checked.topics, dtype=pl.String),
+        pl.Series("_partition", checked.partitions, dtype=pl.Int32),
+        pl.Series("_offset", checked.offsets, dtype=pl.Int64),
+    )
     frames: dict[str, Any] = {}
-    for sid, (positions, bodies) in groups.items():
+    for sid, positions in checked.groups:
         name, header = cache.get(sid)
-        data = b"".join(bodies)
-        block = header + _zigzag(len(bodies)) + _zigzag(len(data)) + data + _SYNC
+        if positions is None:
+            data = b"".join(map(_body, checked.values))
+            count = n
+        else:
+            data = b"".join(map(_body, map(checked.values.__getitem__, positions)))
+            count = len(positions)
+        block = header + _zigzag(count) + _zigzag(len(data)) + data + _SYNC
         try:
             df = pl.read_avro(io.BytesIO(block))
         except Exception:  # noqa: BLE001 - any refusal: the per-record path will name the record
             return None
-        if df.height != len(positions):
+        if df.height != count:
             return None
-        pos = pl.Series("_pos", positions, dtype=pl.Int64)
-        df = df.with_columns(
-            pos,
-            pl.Series("_event_id", [event_ids[i] for i in positions], dtype=pl.String),
-            pl.Series("_key", [keys[i] for i in positions], dtype=pl.String),
-            pl.Series("_topic", [topics[i] for i in positions], dtype=pl.String),
-            pl.Series("_partition", [partitions[i] for i in positions], dtype=pl.Int32),
-            pl.Series("_offset", [offsets[i] for i in positions], dtype=pl.Int64),
-        )
+        if positions is None:
+            df = df.with_columns(pl.int_range(0, n, dtype=pl.Int64, eager=True).alias("_pos"), *columns)
+        else:
+            pos = pl.Series("_pos", positions, dtype=pl.Int64)
+            df = df.with_columns(pos, *(c.gather(pos) for c in columns))
         if name in frames:  # two versions of one schema in the batch: one frame, in batch order
             df = pl.concat([frames[name], df], how="diagonal_relaxed").sort("_pos")
         frames[name] = df
-    return ColumnarBatch(frames=frames, event_ids=event_ids, keys=keys)
+    return ColumnarBatch(frames=frames, event_ids=checked.event_ids, keys=checked.keys)

@@ -15,8 +15,9 @@ from backbone.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
+from streams import columnar as columnar_module
 from streams.columnar import decode_columnar
-from streams.consumer import ConsumedEvent, make_consumer
+from streams.consumer import ConsumedEvent, decode_message, make_consumer
 from streams.envelope import Event
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
@@ -118,3 +119,62 @@ def test_decode_columnar_matches_the_per_record_decoder_and_refuses_what_it_refu
     # a body with a stray byte in the middle of a block, or a record without CloudEvents attributes
     assert decode_columnar(serde, [msgs[300], *msgs[:10]]) is None
     assert decode_columnar(serde, msgs[:10] + [msgs[301]]) is None
+
+
+def test_decode_columnar_checks_each_record_as_the_per_record_decoder_does(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable, demo_events: list[Event],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Each odd record, put behind 40 good ones: the batch decodes column-wise exactly when the
+    per-record decoder accepts that record, with the same event id and key; and the batch-wide
+    checks give the same columns as the record-by-record checks."""
+    topic = create_topic(unique_name("odd"), 1)
+    good = demo_events[:40]
+    e = demo_events[0]
+    body = serde.encode(e.schema, e.data)
+    h = e.attributes.to_headers()
+
+    def with_header(name: str, value: bytes | None, *, drop: bool = False) -> list[tuple[str, bytes | None]]:
+        kept = [(k, v) for k, v in h if k != name] if drop else list(h)
+        return kept if drop and value is None else kept + [(name, value)]
+
+    odd = {  # label -> (key, value, headers, accepted by the per-record decoder)
+        "extra header without value": (b"k", body, with_header("x-note", None), True),
+        "repeated ce_id, the last wins": (b"k", body, with_header("ce_id", b"second-id"), True),
+        "repeated ce_id, the last without value": (b"k", body, with_header("ce_id", None), True),
+        "null key": (None, body, h, True),
+        "key not UTF-8": (b"\xff\xfe", body, h, True),
+        "header value not UTF-8": (b"k", body, with_header("x-bin", b"\xff"), False),
+        "ce_time not a time": (b"k", body, with_header("ce_time", b"yesterday"), False),
+        "spec version 0.3": (b"k", body, with_header("ce_specversion", b"0.3"), False),
+        "no ce_source": (b"k", body, with_header("ce_source", None, drop=True), False),
+        "no headers": (b"k", body, [], False),
+        "unknown schema id": (b"k", b"\x00\x00\x0f\x42\x3f" + body[5:], h, False),
+        "no magic byte": (b"k", b"\x01" + body[1:], h, False),
+        "shorter than the framing": (b"k", b"\x00\x00", h, False),
+        "tombstone": (b"k", None, h, False),
+    }
+    with EventProducer(settings.kafka, serde) as p:
+        p.produce_many(topic, good)
+        for key, value, headers, _ in odd.values():
+            p.produce_raw(topic, key=key, value=value, headers=headers or None)
+    msgs = _consume_all(settings, topic, len(good) + len(odd))
+    base, extra = msgs[: len(good)], msgs[len(good) :]
+    for (label, (_, _, _, accepted)), m in zip(odd.items(), extra, strict=True):
+        one = decode_message(serde, m)
+        assert isinstance(one, ConsumedEvent) is accepted, label
+        batch = decode_columnar(serde, [*base, m])
+        assert (batch is not None) is accepted, label
+        if batch is not None:
+            assert isinstance(one, ConsumedEvent)
+            assert batch.event_ids[-1] == one.attributes.id, label
+            assert batch.keys[-1] == one.key, label
+    mixed = [extra[1], *base, extra[3], extra[4]]  # a repeated ce_id, a null key, a key not UTF-8
+    vectorised = decode_columnar(serde, mixed)
+    monkeypatch.setattr(columnar_module, "_check_vectorised", lambda *a, **k: False)
+    by_record = decode_columnar(serde, mixed)
+    assert vectorised is not None and by_record is not None
+    assert vectorised.event_ids == by_record.event_ids and vectorised.keys == by_record.keys
+    assert vectorised.frames.keys() == by_record.frames.keys() and len(vectorised.frames) == 3
+    for name, frame in vectorised.frames.items():
+        assert frame.equals(by_record.frames[name]), name

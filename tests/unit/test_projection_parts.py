@@ -64,3 +64,31 @@ def test_ids_travel_as_one_string_unless_an_id_holds_the_separator_or_is_empty()
     assert _ids_param(["a", "x\x1fy"]) == ("%s::text[]", ["a", "x\x1fy"])
     assert _ids_param(["a", ""]) == ("%s::text[]", ["a", ""])
     assert _ids_param([""]) == ("%s::text[]", [""])
+
+
+def test_runners_raise_the_collector_threshold_only_while_the_last_of_them_runs() -> None:
+    """The first-generation threshold is raised (never lowered) while any runner runs, and the saved
+    thresholds come back when the last one returns, whatever order they return in."""
+    import gc
+
+    from projections.runner import _collector_threshold
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        outer = _collector_threshold(10_000)
+        outer.__enter__()
+        assert gc.get_threshold() == (10_000, 10, 10)
+        with _collector_threshold(5_000):  # lower than the raised one: left as it is
+            assert gc.get_threshold() == (10_000, 10, 10)
+        assert gc.get_threshold() == (10_000, 10, 10)  # the outer one still runs
+        with _collector_threshold(None):
+            assert gc.get_threshold() == (10_000, 10, 10)
+        outer.__exit__(None, None, None)
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(50_000, 5, 5)
+        with _collector_threshold(10_000):
+            assert gc.get_threshold() == (50_000, 5, 5)
+        assert gc.get_threshold() == (50_000, 5, 5)
+    finally:
+        gc.set_threshold(*saved)
