@@ -224,11 +224,10 @@ class EventTextResolver:
             self._consumer = None
 
 
-def _text_refs(serde: AvroSerde, batch: Sequence[Message]) -> list[EventTextRef]:
-    """The text references of the decodable embedding requests of ``batch``."""
+def _text_refs(batch: Sequence[ConsumedEvent | DecodeFailure]) -> list[EventTextRef]:
+    """The text references of the decoded embedding requests of ``batch``."""
     refs = []
-    for m in batch:
-        decoded = decode_message(serde, m)
+    for decoded in batch:
         if isinstance(decoded, ConsumedEvent) and decoded.schema == REQUEST_SCHEMA:
             ref = decoded.data.get("text_ref")
             if ref is not None and decoded.data.get("text") is None:
@@ -426,9 +425,10 @@ class InferenceWorker:
         batch_id = f"{self.worker_id}-{batch_no}"
         answers: list[_Answer] = []
         dead = 0
-        self.resolver.prefetch(_text_refs(self.serde, batch))
-        for m in batch:
-            outcome = self._prepare(m)
+        decoded = [decode_message(self.serde, m) for m in batch]
+        self.resolver.prefetch(_text_refs(decoded))
+        for m, d in zip(batch, decoded, strict=True):
+            outcome = self._prepare(m, d)
             if isinstance(outcome, _Answer):
                 answers.append(outcome)
             else:
@@ -513,8 +513,7 @@ class InferenceWorker:
         )
         self._log.warning("request_dead_lettered", partition=m.partition(), offset=m.offset(), reason=reason)
 
-    def _prepare(self, m: Message) -> _Answer | None:
-        decoded = decode_message(self.serde, m)
+    def _prepare(self, m: Message, decoded: ConsumedEvent | DecodeFailure) -> _Answer | None:
         if isinstance(decoded, DecodeFailure):
             self.dlq.publish_failure(decoded)
             self._log.warning(

@@ -161,18 +161,23 @@ def _low_watermarks(settings: Settings, tps: list[tuple[str, int]]) -> dict[tupl
 class _Progress:
     """A rich progress bar (events, events/s, ETA) on a TTY; silent otherwise."""
 
-    def __init__(self, name: str, total: int, enabled: bool) -> None:
+    def __init__(self, name: str, enabled: bool) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         console = Console(stderr=True)
+        self.shown = enabled and console.is_terminal
         self.bar = Progress(
             TextColumn(f"rebuilding {name}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} events/s"), TimeRemainingColumn(),
-            console=console, disable=not enabled or not console.is_terminal,
+            console=console, disable=not self.shown,
         )  # fmt: skip
-        self.task = self.bar.add_task("rebuild", total=max(total, 1), rate="0")
+        self.task = self.bar.add_task("rebuild", total=1, rate="0")
         self.start = time.perf_counter()
+
+    def set_total(self, total: int) -> None:
+        """The number of records the rebuild will cover (the bar's 100 %)."""
+        self.bar.update(self.task, total=max(total, 1))
 
     def update(self, done: int) -> None:
         rate = done / max(time.perf_counter() - self.start, 1e-6)
@@ -226,12 +231,10 @@ def rebuild(
         conn.execute(f"DROP SCHEMA IF EXISTS {fresh} CASCADE")  # leftovers of an interrupted rebuild
     tps = _partitions(settings.kafka, projection.topics)
     lows = {tp: log_start(*tp) for tp in tps} if log_start else _low_watermarks(settings, tps)
-    from rich.console import Console
-
-    progress = progress and Console(stderr=True).is_terminal
-    ends = log_end_offsets(settings.kafka, {tp: 0 for tp in tps}) if progress else {}  # the bar's total only
-    total = sum(ends.get(tp, 0) for tp in tps)
-    bar = _Progress(name, total, progress)
+    bar = _Progress(name, progress)
+    if bar.shown:  # the log ends are only the bar's total: no scan of the log without a bar
+        ends = log_end_offsets(settings.kafka, {tp: 0 for tp in tps})
+        bar.set_total(sum(ends.get(tp, 0) for tp in tps))
 
     def batch_done(stats: RunnerStats) -> None:
         bar.update(sum(stats.positions.values()))

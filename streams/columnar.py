@@ -37,6 +37,8 @@ from datetime import datetime
 from itertools import chain
 from typing import Any
 
+from confluent_kafka import Message
+
 from streams.envelope import SPECVERSION
 from streams.errors import SchemaNotFoundError
 from streams.serde import MAGIC_BYTE, AvroSerde
@@ -45,7 +47,6 @@ __all__ = ["ColumnarBatch", "decode_columnar", "polars_available"]
 
 _SYNC = b"\x00" * 16  # the sync marker only has to be the same in the header and after the block
 _SPEC = SPECVERSION.encode()
-_REQUIRED_SET = frozenset(("ce_id", "ce_source", "ce_type", "ce_time"))
 
 
 def polars_available() -> bool:
@@ -148,21 +149,15 @@ def _headers_for(serde: AvroSerde) -> _Headers:
 
 
 _NUL = b"\x00"
-_value = _msg_headers = _msg_key = _msg_topic = _msg_partition = _msg_offset = None  # bound on first use
+# method descriptors: map() calls them per message without a Python frame
+_value, _msg_headers, _msg_key = Message.value, Message.headers, Message.key
+_msg_topic, _msg_partition, _msg_offset = Message.topic, Message.partition, Message.offset
 _prefix = operator.itemgetter(slice(0, 5))
 _body = operator.itemgetter(slice(5, None))
 _get_spec = operator.itemgetter("ce_specversion")
 _get_id = operator.itemgetter("ce_id")
 _get_time = operator.itemgetter("ce_time")
 _get_source_type = operator.itemgetter("ce_source", "ce_type")
-
-
-def _bind_accessors() -> None:
-    global _value, _msg_headers, _msg_key, _msg_topic, _msg_partition, _msg_offset
-    from confluent_kafka import Message
-
-    _value, _msg_headers, _msg_key = Message.value, Message.headers, Message.key
-    _msg_topic, _msg_partition, _msg_offset = Message.topic, Message.partition, Message.offset
 
 
 @dataclass(slots=True)
@@ -179,17 +174,12 @@ class _Checked:
     offsets: list[int]
 
 
-def _check_vectorised(
+def _check(
     cache: _Headers, msgs: Sequence[Any], topics: list[str] | None, partitions: list[int] | None,
     offsets: list[int] | None,
-) -> _Checked | None | bool:
+) -> _Checked | None:
     """The record checks as C-level passes over the whole batch (``map`` with method descriptors
-    and item getters: about a third of the cost of a Python loop per record).
-
-    Returns the checked batch, ``None`` for a batch that fails a check, or ``False`` when a record
-    needs the per-record loop (a header without a value)."""
-    if _value is None:
-        _bind_accessors()
+    and item getters instead of a Python loop per record); ``None`` when a record fails one."""
     try:
         values = list(map(_value, msgs))
         prefixes = list(map(_prefix, values))  # TypeError: a null value
@@ -212,9 +202,11 @@ def _check_vectorised(
     try:
         # every header value UTF-8: one decode of all values joined by NUL (a NUL cannot complete a
         # truncated multi-byte sequence, so the join is valid exactly when every value is)
-        _NUL.join(chain.from_iterable(map(dict.values, dicts))).decode()
-    except TypeError:
-        return False
+        try:
+            _NUL.join(chain.from_iterable(map(dict.values, dicts))).decode()
+        except TypeError:  # a header without a value: left out, as CloudEvent.from_headers does
+            dicts = [{k: v for k, v in raw if v is not None} for raw in raws]
+            _NUL.join(chain.from_iterable(map(dict.values, dicts))).decode()
     except UnicodeDecodeError:
         return None
     try:
@@ -247,43 +239,6 @@ def _check_vectorised(
     )  # fmt: skip
 
 
-def _check_records(cache: _Headers, msgs: Sequence[Any]) -> _Checked | None:
-    """The record checks one record at a time (a batch with a header that has no value)."""
-    event_ids: list[str] = []
-    keys: list[str | None] = []
-    values: list[bytes] = []
-    groups: dict[int, list[int]] = {}
-    topics: list[str] = []
-    partitions: list[int] = []
-    offsets: list[int] = []
-    try:
-        for pos, m in enumerate(msgs):
-            value = m.value()
-            raw = m.headers()
-            if value is None or len(value) < 5 or value[0] != MAGIC_BYTE or not raw:
-                return None
-            h = {k: v for k, v in raw if v is not None}  # the last of repeated keys wins
-            _NUL.join(h.values()).decode()
-            if h.get("ce_specversion") != _SPEC or not _REQUIRED_SET <= h.keys():
-                return None
-            datetime.fromisoformat(h["ce_time"].decode())
-            sid = int.from_bytes(value[1:5], "big")
-            if sid not in groups:
-                cache.get(sid)
-                groups[sid] = []
-            groups[sid].append(pos)
-            values.append(value)
-            event_ids.append(h["ce_id"].decode())
-            key = m.key()
-            keys.append(key.decode("utf-8", "replace") if key is not None else None)
-            topics.append(m.topic())
-            partitions.append(m.partition())
-            offsets.append(m.offset())
-    except (UnicodeDecodeError, ValueError, TypeError, AttributeError, SchemaNotFoundError):
-        return None
-    return _Checked(values, list(groups.items()), event_ids, keys, topics, partitions, offsets)
-
-
 def decode_columnar(
     serde: AvroSerde,
     msgs: Sequence[Any],
@@ -309,12 +264,9 @@ def decode_columnar(
     if not msgs:
         return ColumnarBatch(frames={}, event_ids=[], keys=[])
     cache = _headers_for(serde)
-    checked = _check_vectorised(cache, msgs, topics, partitions, offsets)
-    if checked is False:
-        checked = _check_records(cache, msgs)
+    checked = _check(cache, msgs, topics, partitions, offsets)
     if checked is None:
         return None
-    assert isinstance(checked, _Checked)
     n = len(checked.values)
     columns = (
         pl.Series("_event_id", checked.event_ids, dtype=pl.String),
