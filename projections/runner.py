@@ -238,7 +238,7 @@ class ProjectionRunner:
         projection: Projection,
         *,
         group_id: str | None = None,
-        batch_size: int = 2000,
+        batch_size: int = 5000,
         batch_timeout_seconds: float = 0.2,
         dlq_producer: EventProducer | None = None,
         dlq_topic: str = DLQ_TOPIC,
