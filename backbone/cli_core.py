@@ -394,7 +394,7 @@ def project(
     until_caught_up: Annotated[bool, typer.Option(help="Exit once the views have caught up with the log.")] = False,
     topic: Annotated[str, typer.Option(help="Topic of agent events.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
     group: Annotated[str | None, typer.Option(help="Consumer group (default projection-agent_runs).", envvar="BACKBONE_GROUP")] = None,
-    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 5000,
+    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 20_000,
     dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = "backbone.dlq",
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:

@@ -41,7 +41,7 @@ from projections.archive import ARCHIVE_TABLE, read_archive
 from projections.base import Projection
 from projections.errors import ProjectionError
 from projections.registry import _partitions, get_projection, log_end_offsets
-from projections.runner import ProjectionRunner, RunnerStats, schema_name
+from projections.runner import DEFAULT_BATCH_SIZE, ProjectionRunner, RunnerStats, schema_name
 from streams.serde import AvroSerde
 
 __all__ = ["RebuildReport", "RebuildVerifyError", "rebuild", "schema_exists", "table_checksums"]
@@ -192,7 +192,7 @@ def rebuild(
     verify: bool = False,
     projection: Projection | None = None,
     progress: bool = True,
-    batch_size: int = 5000,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_wait_seconds: float = 3600.0,
     log_start: Callable[[str, int], int] | None = None,
     archive_schema: str = "proj_archive",

@@ -59,7 +59,14 @@ from streams.consumer import (
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
-__all__ = ["BOOKKEEPING_DDL", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
+__all__ = ["BOOKKEEPING_DDL", "DEFAULT_BATCH_SIZE", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
+
+#: Most records per transaction unless told otherwise (runner, rebuild, both CLIs). 20,000 rather than
+#: 5,000: `make bench` on the 2-core machine gave 45,121 events/s at 5,000 and 60,774 at 20,000 in one
+#: run (the runner is bound to one core by the GIL; a larger batch spreads the per-batch polars calls and
+#: round trips). A batch still closes after ``batch_timeout_seconds`` (0.2 s), so a quiet topic is not
+#: delayed.
+DEFAULT_BATCH_SIZE = 20_000
 
 log = structlog.get_logger(__name__)
 
@@ -238,7 +245,7 @@ class ProjectionRunner:
         projection: Projection,
         *,
         group_id: str | None = None,
-        batch_size: int = 5000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         batch_timeout_seconds: float = 0.2,
         dlq_producer: EventProducer | None = None,
         dlq_topic: str = DLQ_TOPIC,

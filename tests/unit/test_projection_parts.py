@@ -92,3 +92,17 @@ def test_runners_raise_the_collector_threshold_only_while_the_last_of_them_runs(
         assert gc.get_threshold() == (50_000, 5, 5)
     finally:
         gc.set_threshold(*saved)
+
+
+def test_every_entry_point_uses_the_runners_default_batch_size() -> None:
+    """The runner, the rebuild, ``backbone projections run|rebuild`` and ``backbone project`` default to
+    one batch size (the one ``make bench`` reports as the default)."""
+    import inspect
+
+    from backbone.cli_core import project
+    from projections.cli import make_runners, rebuild_cmd, run_cmd
+    from projections.rebuild import rebuild
+    from projections.runner import DEFAULT_BATCH_SIZE, ProjectionRunner
+
+    for fn in (ProjectionRunner.__init__, rebuild, make_runners, rebuild_cmd, run_cmd, project):
+        assert inspect.signature(fn).parameters["batch_size"].default == DEFAULT_BATCH_SIZE, fn.__qualname__
