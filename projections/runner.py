@@ -230,7 +230,8 @@ class ProjectionRunner:
             100,000 container objects (header lists and tuples, dicts) that reference counting frees,
             so CPython's default of 700 runs the collector about 140 times a batch. In back-to-back
             runs of 500,000 events in one process (an ad-hoc script, not a bench) the threshold of
-            10,000 gave 56,411 and 58,184 events/s against 52,476 and 52,645 at 700. The setting is
+            10,000 gave 56,411 and 58,184 events/s against 52,476 and 52,645 at 700; ``make bench``
+            (``bench/bench_projections.py``) compares the two with 20,000-record batches. The setting is
             process-wide; it is raised, never lowered, and restored when the last running runner
             returns.
 
