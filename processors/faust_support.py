@@ -1,4 +1,4 @@
-"""What the processors' Faust apps share: the app's broker and store settings, its consumer (with two
+"""What the processors' Faust apps share: the app's broker and store settings, its consumer (with three
 repairs of Faust's seek around a rebalance, below), Kafka headers of a Faust message, dead letters of a Faust
 message, and the stop-when-idle timer.
 
@@ -82,7 +82,7 @@ class SeekingConsumer(faust_aiokafka.Consumer):
     partition while the tables recover) and relies on "seek to committed offsets" before the stream
     partitions resume to read them again. Three defects of faust-streaming 0.15 with aiokafka 0.14 break
     that (all seen in ``test_restarted_worker_decides_requests_pending_in_the_table``: a restarted routing
-    worker skipped one or both of the embeddings it was waiting for, about 1 run in 6):
+    worker skipped one or both of the embeddings it was waiting for, about 1 run in 6 of a loop here):
 
     1. **An empty set of active partitions fetched every partition.** Faust hands the consumer thread its
        live set of active partitions; aiokafka's ``fetched_records`` reads an empty set as "all

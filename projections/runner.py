@@ -62,9 +62,9 @@ from streams.serde import AvroSerde
 __all__ = ["BOOKKEEPING_DDL", "DEFAULT_BATCH_SIZE", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
 
 #: Most records per transaction unless told otherwise (runner, rebuild, both CLIs). 20,000 rather than
-#: 5,000: `make bench` on the 2-core machine gave 45,121 events/s at 5,000 and 60,774 at 20,000 in one
-#: run (the runner is bound to one core by the GIL; a larger batch spreads the per-batch polars calls and
-#: round trips). A batch still closes after ``batch_timeout_seconds`` (0.2 s), so a quiet topic is not
+#: 5,000: the runner is bound to one core by the GIL, and a larger batch spreads the per-batch polars
+#: calls and round trips over more events; ``bench/bench_projections.py`` (part of ``make bench``)
+#: measures both sizes side by side. A batch still closes after ``batch_timeout_seconds`` (0.2 s), so a quiet topic is not
 #: delayed.
 DEFAULT_BATCH_SIZE = 20_000
 

@@ -1,7 +1,7 @@
-"""A Faust worker that probes the two repairs of :class:`processors.faust_support.SeekingConsumer`.
+"""A Faust worker that probes the three repairs of :class:`processors.faust_support.SeekingConsumer`.
 
-Run by ``test_faust_consumer.py`` as ``python faust_seek_probe.py TOPIC APP_ID RESULT_JSON`` with
-``BACKBONE_KAFKA__BOOTSTRAP_SERVERS`` set; TOPIC (2 partitions) already holds ``FIRST`` records. The app is
+Run by ``test_faust_consumer.py`` as ``python faust_seek_probe.py TOPIC APP_ID RESULT_JSON FIRST SECOND``
+with ``BACKBONE_KAFKA__BOOTSTRAP_SERVERS`` set; TOPIC (2 partitions) already holds ``FIRST`` records. The app is
 made by :func:`processors.faust_support.make_faust_app` (the processors' own) and never commits, so no
 partition of TOPIC ever has a committed offset. Once its agent has seen the first records, the probe:
 
@@ -35,12 +35,10 @@ from confluent_kafka import Producer
 from backbone.settings import Settings
 from processors.faust_support import make_faust_app
 
-FIRST = 6
-SECOND = 4
-
 
 def main() -> None:
     topic_name, app_id, result_path = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    first, second = int(sys.argv[4]), int(sys.argv[5])
     settings = Settings()
     app = make_faust_app(settings, app_id, partitions=2, web_port=0)
     app.conf.broker_commit_interval = 3600.0  # never commit: every partition stays without a committed offset
@@ -66,13 +64,13 @@ def main() -> None:
     async def probe() -> None:
         consumer = app.consumer
         try:
-            result["first_seen"] = await until(lambda: len(seen) >= FIRST, 60)
+            result["first_seen"] = await until(lambda: len(seen) >= first, 60)
             tps = {tp for tp in consumer.assignment() if tp.topic == topic_name}
             consumer.pause_partitions(tps)
             await asyncio.sleep(0.5)  # let a getmany already under way return
             before = len(seen)
             producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
-            for i in range(SECOND):
+            for i in range(second):
                 producer.produce(topic_name, key=f"k{i}".encode(), value=b"second", partition=i % 2)
             producer.flush(10)
             await asyncio.sleep(3.0)  # the consumer thread prefetches them (aiokafka keeps fetching paused ones)
@@ -80,14 +78,14 @@ def main() -> None:
             result["empty_set_records"] = sum(len(records) for records in got.values())
             result["seen_while_paused"] = len(seen) - before
             consumer.resume_partitions(tps)
-            result["second_seen"] = await until(lambda: len(seen) >= FIRST + SECOND, 30)
+            result["second_seen"] = await until(lambda: len(seen) >= first + second, 30)
             before = len(seen)
             await consumer.perform_seek()
             await asyncio.sleep(3.0)
             result["held_after_seek"] = len(seen) - before
             app.flow_control.resume()  # what recovery does right after the seek
             consumer.resume_flow()
-            result["seen_again"] = await until(lambda: len(seen) >= 2 * (FIRST + SECOND), 30)
+            result["seen_again"] = await until(lambda: len(seen) >= 2 * (first + second), 30)
         except Exception as exc:  # noqa: BLE001 - reported to the test
             result["error"] = repr(exc)
         finally:

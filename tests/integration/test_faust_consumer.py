@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from backbone.settings import Settings
 
 PROBE = Path(__file__).with_name("faust_seek_probe.py")
-FIRST, SECOND = 6, 4  # as in the probe
+FIRST, SECOND = 6, 4  # records before the probe starts, records it produces while paused
 
 
 def test_no_record_is_skipped_when_partitions_without_a_committed_offset_are_paused_and_sought(
@@ -41,7 +41,7 @@ def test_no_record_is_skipped_when_partitions_without_a_committed_offset_are_pau
         "BACKBONE_STATE_DIR": str(tmp_path),
     }
     proc = subprocess.run(
-        [sys.executable, str(PROBE), topic, unique_name("faust-seek-app"), str(result_path)],
+        [sys.executable, str(PROBE), topic, unique_name("faust-seek-app"), str(result_path), str(FIRST), str(SECOND)],
         env=env, check=False, capture_output=True, text=True, timeout=150,
     )  # fmt: skip
     assert result_path.exists(), proc.stderr[-3000:]
