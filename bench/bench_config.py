@@ -27,11 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from backbone.devstack import DevStack
-from core.settings import PostgresSettings, RedisSettings, Settings
 from configuration.aggregate import aggregate_id_for
 from configuration.projection import Config, ConfigProjection
 from configuration.relay import OutboxRelay
 from configuration.store import ConfigStore
+from core.settings import PostgresSettings, RedisSettings, Settings
 
 __all__ = ["main"]
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                     "ORDER BY table_name LIMIT 1"
                 ).fetchone()[0]
                 aggregate = str(aggregate_id_for("bench.key"))
-                query = f"SELECT originator_version, state FROM {table} WHERE originator_id = %s "  # noqa: S608
+                query = f"SELECT originator_version, state FROM {table} WHERE originator_id = %s "
                 query += "ORDER BY originator_version DESC LIMIT 1"
                 t0 = time.perf_counter()
                 for _ in range(args.reads):

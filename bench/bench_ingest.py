@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
     from pydantic import SecretStr
 
-    from backbone.http.auth import TokenStore
     from backbone.devstack import DevStack
-    from streams.serde import serde_from_settings
+    from backbone.http.auth import TokenStore
     from core.settings import PostgresSettings, RedisSettings, Settings
     from streams.envelope import Event
     from streams.producer import EventProducer
+    from streams.serde import serde_from_settings
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--single", type=int, default=2000, help="requests of one event")

@@ -22,12 +22,12 @@ import redis
 import structlog
 from confluent_kafka import KafkaError
 
-from core.settings import Settings, get_settings
 from configuration.aggregate import ChangeKind
 from configuration.errors import ConfigNotFoundError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
 from configuration.schemas import check_key
 from configuration.store import ConfigStore
+from core.settings import Settings, get_settings
 from streams.consumer import ConsumedEvent, decode_message, make_consumer
 from streams.serde import serde_from_settings
 

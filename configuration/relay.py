@@ -34,10 +34,10 @@ import structlog
 from eventsourcing.persistence import InterfaceError, Notification, OperationalError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from core.settings import Settings, get_settings
 from configuration.aggregate import ChangeKind, ConfigurationItem
 from configuration.errors import ConfigStoreUnavailableError, RelayError
 from configuration.store import ConfigurationApplication, event_id_for, eventsourcing_env
+from core.settings import Settings, get_settings
 from streams.catalogue import CATALOGUE, TopicSpec
 from streams.envelope import Event
 from streams.errors import BrokerUnavailableError, DeliveryError

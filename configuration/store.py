@@ -31,7 +31,6 @@ from eventsourcing.persistence import IntegrityError, InterfaceError, Operationa
 from eventsourcing.utils import get_topic
 from psycopg.conninfo import conninfo_to_dict
 
-from core.settings import PostgresSettings, Settings, get_settings
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for
 from configuration.errors import (
     ConcurrentChangeError,
@@ -42,6 +41,7 @@ from configuration.errors import (
     StaleVersionError,
 )
 from configuration.schemas import ValueSchemaRegistry, check_key, default_schemas
+from core.settings import PostgresSettings, Settings, get_settings
 from streams.envelope import deterministic_id
 
 __all__ = [

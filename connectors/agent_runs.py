@@ -64,6 +64,7 @@ from typing import Any
 import structlog
 
 from connectors.errors import ResultsFileError, TrajectoryError
+from connectors.problems import ImportProblem
 from streams.envelope import Event, deterministic_id, format_time
 
 __all__ = [
@@ -116,19 +117,6 @@ class ParsedRun:
     path: Path | None
     events: tuple[Event, ...]
     problems: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImportProblem:
-    """A file that could not be imported at all; the import goes on with the next one.
-
-    Attributes:
-        path: the file.
-        reason: why, in one line.
-    """
-
-    path: Path
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

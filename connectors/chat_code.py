@@ -46,9 +46,9 @@ from typing import Any
 
 import structlog
 
-from core.settings import Settings
 from connectors.errors import ConnectorError
 from connectors.webhooks import extract_github_refs
+from core.settings import Settings
 from streams.envelope import Event, deterministic_id
 from streams.producer import EventProducer
 from streams.serde import AvroSerde

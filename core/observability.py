@@ -57,14 +57,19 @@ def serve_metrics(
     *,
     host: str = "127.0.0.1",
     health: Callable[[], dict[str, Any]] | None = None,
+    ready: Callable[[], dict[str, Any]] | None = None,
     registry: CollectorRegistry | None = None,
 ) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON) on a daemon thread.
+    """Serve ``/metrics`` (Prometheus text format), ``/healthz`` (liveness) and ``/readyz`` (readiness), JSON,
+    on a daemon thread.
 
     Args:
         port: TCP port; 0 picks a free one (read it from ``server.server_address[1]``).
-        host: bind address.
-        health: returns the health document; a falsy ``"ok"`` in it answers 503.
+        host: bind address (``Settings.metrics_host``: ``0.0.0.0`` in a container).
+        health: returns the liveness document; a falsy ``"ok"`` in it answers 503. A check that raises
+            answers 503 with the error.
+        ready: returns the readiness document (broker reachable, partitions assigned, database reachable,
+            lag known: whatever the process depends on); a falsy ``"ok"`` answers 503. Default: ``health``.
         registry: the registry to expose (default :data:`REGISTRY`).
 
     Returns:
@@ -75,8 +80,12 @@ def serve_metrics(
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, ctype, status = generate_latest(registry or REGISTRY), CONTENT_TYPE_LATEST, 200
-            elif self.path.startswith("/healthz"):
-                doc = health() if health else {"ok": True}
+            elif self.path.startswith(("/healthz", "/readyz")):
+                check = (ready or health) if self.path.startswith("/readyz") else health
+                try:
+                    doc = check() if check else {"ok": True}
+                except Exception as exc:  # noqa: BLE001 - a failing check is the answer, not a crash
+                    doc = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 body, ctype = json.dumps(doc, default=str).encode(), "application/json"
                 status = 200 if doc.get("ok", True) else 503
             else:

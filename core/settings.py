@@ -153,7 +153,9 @@ class Settings(BaseSettings):
         state_dir: where the embedded dev stack keeps its data, logs and ``stack.json``.
         log_level: structlog level name.
         log_format: ``auto`` (console on a TTY, JSON otherwise), ``console`` or ``json``.
-        metrics_port: port of ``/metrics`` and ``/healthz`` of long-running processes (0 = pick one).
+        metrics_port: port of ``/metrics``, ``/healthz`` and ``/readyz`` of long-running processes (0 = pick one).
+        metrics_host: the address that server binds: ``127.0.0.1`` on a laptop (the default), ``0.0.0.0`` in a
+            container so that probes and Prometheus reach it.
     """
 
     model_config = SettingsConfigDict(
@@ -171,6 +173,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "console", "json"] = "auto"
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 @lru_cache(maxsize=1)

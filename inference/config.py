@@ -9,6 +9,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.catalogue import DLQ_TOPIC
+
 __all__ = ["DEFAULT_MODEL", "REQUESTS_TOPIC", "RESULTS_TOPIC", "InferenceSettings"]
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -44,7 +46,7 @@ class InferenceSettings(BaseSettings):
     model: str = DEFAULT_MODEL
     requests_topic: str = REQUESTS_TOPIC
     results_topic: str = RESULTS_TOPIC
-    dlq_topic: str = "backbone.dlq"
+    dlq_topic: str = DLQ_TOPIC
     group_id: str = ""
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_wait_ms: int = Field(default=20, ge=0)

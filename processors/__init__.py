@@ -1,40 +1,16 @@
-"""Processors: the Faust app and its agents. Decision logic is plain Python (no Kafka in it); each
-Faust agent is a thin shell around it.
+"""Processors: Faust workers that turn the log into insights and decisions. Decision logic is plain Python
+(no Kafka in it); each Faust app is a thin configuration of the one worker shell.
 
-* :mod:`processors.run_summary`: fold a run's agent events into totals, draw the ``run.summary`` insight.
-* :mod:`processors.app`: the Faust app (``run_totals`` table, the run-summary agent), the worker runner.
+* :mod:`processors.shell`: the worker shell every processor configures: the Faust app and its consumer,
+  topics, dead letters, counters as Prometheus metrics, ``/metrics``, ``/healthz`` and ``/readyz``, the
+  worker's lifecycle and stop-when-idle.
+* :mod:`processors.tables`: Faust tables recovered to the real end of their changelogs.
+* :mod:`processors.run_summary`: agent events -> run totals -> ``run.summary`` insights.
+* :mod:`processors.correlation`: Slack messages <-> commits, by reference and by embeddings.
+* :mod:`processors.routing`: which model serves a request.
 * :mod:`processors.errors`: the errors of this package.
 """
 
-from processors.app import (
-    DEFAULT_APP_ID,
-    PROCESSOR_NAME,
-    ProcessorStats,
-    ProcessorTopics,
-    create_app,
-    ensure_processor_topics,
-    run_worker,
-    wait_for_run_summaries,
-)
 from processors.errors import ProcessorError, RunMismatchError, UnprocessableEventError, UnsupportedEventError
-from processors.run_summary import INSIGHT_KIND, RunTotals, apply, classify, insight_id
 
-__all__ = [
-    "DEFAULT_APP_ID",
-    "INSIGHT_KIND",
-    "PROCESSOR_NAME",
-    "ProcessorError",
-    "ProcessorStats",
-    "ProcessorTopics",
-    "RunMismatchError",
-    "RunTotals",
-    "UnprocessableEventError",
-    "UnsupportedEventError",
-    "apply",
-    "classify",
-    "create_app",
-    "ensure_processor_topics",
-    "insight_id",
-    "run_worker",
-    "wait_for_run_summaries",
-]
+__all__ = ["ProcessorError", "RunMismatchError", "UnprocessableEventError", "UnsupportedEventError"]

@@ -10,7 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CATALOGUE", "TopicSpec", "create_missing_topics", "ensure_topics", "topic"]
+__all__ = ["CATALOGUE", "DLQ_TOPIC", "TopicSpec", "create_missing_topics", "ensure_topics", "topic"]
+
+DLQ_TOPIC = "backbone.dlq"
+"""The dead-letter topic: every consumer sends what it cannot decode or take here, with raw bytes and the reason."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,7 +131,7 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Route decisions of the routing processor (de-duplicate on decision_id).",
         ),
         TopicSpec(
-            name="backbone.dlq",
+            name=DLQ_TOPIC,
             partitions=1,
             key="original key",
             schemas=("sophia.dlq.DeadLetter",),

@@ -18,8 +18,10 @@ from typing import Any, Literal
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
 from core.settings import KafkaSettings
+from streams.catalogue import DLQ_TOPIC
 from streams.envelope import CloudEvent, format_time
 from streams.errors import DeserializationError, EnvelopeError
+from streams.offsets import make_consumer, offset_for_time
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
@@ -33,7 +35,6 @@ __all__ = [
     "make_consumer",
 ]
 
-DLQ_TOPIC = "backbone.dlq"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -208,25 +209,6 @@ class DeadLetterPublisher:
         )
 
 
-def make_consumer(kafka: KafkaSettings, group_id: str, **extra: Any) -> Consumer:
-    """A confluent-kafka consumer that never commits on its own.
-
-    ``enable.auto.offset.store`` and ``enable.auto.commit`` are off: the caller stores or commits an
-    offset only after the work for that message is durable.
-    """
-    conf = kafka.librdkafka(
-        extra={
-            "group.id": group_id,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": kafka.session_timeout_ms,
-            "heartbeat.interval.ms": max(500, kafka.session_timeout_ms // 6),
-            "isolation.level": "read_committed",
-            **extra,
-        }
-    )
-    return Consumer(conf)
 
 
 StartAt = Literal["beginning", "latest", "committed"] | datetime
@@ -242,7 +224,7 @@ class Subscriber:
         group_id: consumer group; ``None`` means a private, throw-away group that commits nothing.
         start: ``beginning``, ``latest``, ``committed`` (the group's committed offsets, else the
             beginning) or an aware datetime (the first record at or after that event time, found
-            with :func:`streams.replay.offset_for_time`, which checks the broker's answer).
+            with :func:`streams.offsets.offset_for_time`, which checks the broker's answer).
         commit: commit offsets after each batch has been yielded (only with a ``group_id``).
     """
 
@@ -279,7 +261,6 @@ class Subscriber:
         return bool(self.assigned) and self.assigned <= self.at_end
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        from streams.replay import offset_for_time
 
         self.assigned.update((tp.topic, tp.partition) for tp in partitions)
         if self.start == "committed" and not self.private:

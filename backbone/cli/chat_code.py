@@ -13,8 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from backbone.cli.helpers import JsonOpt, clear_errors, err, out
-from backbone.cli.helpers import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out
 
 __all__ = ["import_commits", "import_slack"]
 

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from backbone.cli.helpers import JsonOpt, emit_json
-from core.settings import Settings, get_settings
 from configuration.errors import ConfigurationError, StaleVersionError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
 from configuration.store import ConfigStore, ConfigVersion, value_from_json
+from core.settings import Settings, get_settings
 from streams.envelope import parse_time
 
 __all__ = ["app"]
@@ -276,8 +276,8 @@ def relay(
                                                   help="Publish what is stored now, then exit.")] = False,
 ) -> None:
     """Run the outbox relay: publish every stored configuration event to the config topic."""
-    from core.observability import serve_metrics
     from configuration.relay import OutboxRelay
+    from core.observability import serve_metrics
 
     r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)
     if metrics_port is not None:

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, fmt, out, print_rows
+from projections.runner import DEFAULT_BATCH_SIZE
+from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["import_app", "import_runs", "query_app", "schemas_app", "topics_app"]
 
@@ -328,8 +330,8 @@ def project(
     until_caught_up: Annotated[bool, typer.Option(help="Exit once the views have caught up with the log.")] = False,
     topic: Annotated[str, typer.Option(help="Topic of agent events.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
     group: Annotated[str | None, typer.Option(help="Consumer group (default projection-agent_runs).", envvar="BACKBONE_GROUP")] = None,
-    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 20_000,
-    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = "backbone.dlq",
+    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = DLQ_TOPIC,
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:
     """Run the projection runner (agent-run views) until interrupted."""

@@ -15,6 +15,7 @@ import typer
 
 from processors.correlation.app import DEFAULT_APP_ID, CorrelationTopics, run_correlation_worker
 from processors.correlation.logic import DEFAULT_MIN_COSINE, DEFAULT_WINDOW, CorrelationConfig
+from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["correlate"]
 
@@ -45,7 +46,7 @@ def correlate(
     results_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_RESULTS_TOPIC")] = "inference.results",
     requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_REQUESTS_TOPIC")] = "inference.requests",
     insights_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_INSIGHTS_TOPIC")] = "insights.correlations",
-    dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_DLQ_TOPIC")] = "backbone.dlq",
+    dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_DLQ_TOPIC")] = DLQ_TOPIC,
     scope_partitions: Annotated[int, typer.Option(
         envvar="BACKBONE_CORRELATION_SCOPE_PARTITIONS", help="Partitions of the repartition topic.")] = 3,
     stop_after_idle: Annotated[float | None, typer.Option(

@@ -51,13 +51,13 @@ def demo(
     from backbone.devstack import DevStack
     from core.errors import BackboneError
     from core.observability import configure_logging
-    from streams.serde import serde_from_settings
     from core.settings import get_settings
-    from processors.app import wait_for_run_summaries
+    from processors.run_summary.app import wait_for_run_summaries
     from projections import queries
     from projections.agent_runs import AgentRunsProjection
     from projections.runner import ProjectionRunner
     from streams.catalogue import ensure_topics
+    from streams.serde import serde_from_settings
 
     say = err.print if as_json else out.print
     base = get_settings()

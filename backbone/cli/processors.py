@@ -11,9 +11,10 @@ from dataclasses import asdict
 
 import typer
 
-from processors.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
 from backbone.cli.correlation import correlate
 from backbone.cli.routing import route_command
+from processors.run_summary.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
+from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["cli"]
 
@@ -33,7 +34,7 @@ def worker(
     ),
     events_topic: str = typer.Option("agent.events", envvar="BACKBONE_PROCESSORS_EVENTS_TOPIC"),
     insights_topic: str = typer.Option("insights.runs", envvar="BACKBONE_PROCESSORS_INSIGHTS_TOPIC"),
-    dlq_topic: str = typer.Option("backbone.dlq", envvar="BACKBONE_PROCESSORS_DLQ_TOPIC"),
+    dlq_topic: str = typer.Option(DLQ_TOPIC, envvar="BACKBONE_PROCESSORS_DLQ_TOPIC"),
     partitions: int = typer.Option(
         6, envvar="BACKBONE_PROCESSORS_PARTITIONS", help="Partitions of the input topic."
     ),

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from backbone.cli.helpers import JsonOpt, clear_errors, context, err, fmt, out, print_rows
+from projections.runner import DEFAULT_BATCH_SIZE
 
 __all__ = ["app", "audit", "make_runners", "replay_into"]
 
@@ -88,7 +89,7 @@ def rebuild_cmd(
         bool, typer.Option(help="Compare rebuilt and live tables row for row; no swap on a difference.",
                            envvar="BACKBONE_REBUILD_VERIFY")
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 20_000,
+    batch_size: Annotated[int, typer.Option(help="Records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the archive and the log into fresh tables while the live projection keeps serving, then swap
@@ -118,7 +119,7 @@ def rebuild_cmd(
               f"{report.seconds:.1f} s, {report.events_per_second:,.0f} events/s{verified}; swapped in")  # fmt: skip
 
 
-def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int = 20_000, read_models: bool = True) -> list[Any]:
+def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int = DEFAULT_BATCH_SIZE, read_models: bool = True) -> list[Any]:
     """One runner per projection name (each its own consumer group and schema); the agent-run runner
     gets the Redis read model hook when Redis is configured and ``read_models``."""
     from projections.read_models import RunReadModel
@@ -139,7 +140,7 @@ def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int
 def run_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="Projections to run (default: all).")] = None,
     until_caught_up: Annotated[bool, typer.Option(help="Exit once every projection has caught up.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = 20_000,
+    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
     read_models: Annotated[bool, typer.Option(help="Keep the Redis read models.", envvar="BACKBONE_READ_MODELS")] = True,
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:

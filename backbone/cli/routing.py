@@ -13,8 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, err, out
-from backbone.cli.helpers import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, out
+from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["DEFAULT_ROUTER", "app", "eval_command", "fit_command", "request_command", "route_command"]
 
@@ -209,7 +209,7 @@ def route_command(
     requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_REQUESTS_TOPIC")] = "routing.requests",
     embeddings_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_EMBEDDINGS_TOPIC")] = "inference.results",
     decisions_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DECISIONS_TOPIC")] = "routing.decisions",
-    dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DLQ_TOPIC")] = "backbone.dlq",
+    dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DLQ_TOPIC")] = DLQ_TOPIC,
     join_topic: Annotated[
         str | None, typer.Option(help="Internal join topic (default <app id>-route-join).", envvar="BACKBONE_ROUTING_JOIN_TOPIC")
     ] = None,
@@ -218,7 +218,7 @@ def route_command(
         float | None,
         typer.Option("--stop-after-idle", help="Stop once started and no record arrived for this many seconds.",
                      envvar="BACKBONE_ROUTING_STOP_AFTER_IDLE_SECONDS"),
-    ] = None,  # fmt: skip
+    ] = None,
     web_port: Annotated[int | None, typer.Option(help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.", envvar="BACKBONE_ROUTING_WEB_PORT")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -398,7 +398,7 @@ def _unauthorized(message: str, error: str = "invalid_token") -> HTTPException:
 
 def authenticate_request(
     request: Request,
-    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008 - FastAPI's idiom
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> Principal:
     """FastAPI dependency: the request's principal from its Bearer token, after its rate limit.
 

@@ -26,8 +26,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from backbone.http.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
-from connectors.mappers import EXTERNAL_EVENT_SCHEMA, external_event_to_avro, map_linear_webhook, map_slack_webhook
+from backbone.http.auth import (
+    IdempotentResult,
+    Principal,
+    authenticate_request,
+    enforce_rate_limit,
+    require_scope,
+)
+from connectors.mappers import (
+    EXTERNAL_EVENT_SCHEMA,
+    external_event_to_avro,
+    map_linear_webhook,
+    map_slack_webhook,
+)
 from connectors.webhooks import (
     ExternalEvent,
     WebhookPayloadError,
@@ -39,7 +50,13 @@ from connectors.webhooks import (
 )
 from streams.catalogue import CATALOGUE
 from streams.envelope import Event, deterministic_id
-from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError, UnacknowledgedError
+from streams.errors import (
+    BrokerUnavailableError,
+    DeliveryError,
+    SchemaNotFoundError,
+    SchemaValidationError,
+    UnacknowledgedError,
+)
 from streams.serde import AvroSerde, coerce_json_datum, timestamp_fields
 
 __all__ = ["read_body", "router"]
@@ -191,7 +208,7 @@ async def ingest_events(
     type: str,
     topic: str | None = Query(None, description="Topic to produce to (default: the catalogue's topic of the type)."),
     key_field: str | None = Query(None, description="Field whose value is the key (default: the topic's key)."),
-    principal: Principal = Depends(authenticate_request),  # noqa: B008
+    principal: Principal = Depends(authenticate_request),
 ) -> JSONResponse:
     """Validate the JSON body against the Avro schema ``type`` and produce it.
 

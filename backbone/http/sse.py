@@ -236,7 +236,7 @@ async def subscribe(
     ),
     limit: int = Query(0, ge=0, description="Close the stream after this many events (0: never)."),
     last_event_id: str | None = Header(None, alias="Last-Event-ID", description="Resume after this cursor."),
-    principal: Principal = Depends(authenticate_request),  # noqa: B008
+    principal: Principal = Depends(authenticate_request),
 ) -> StreamingResponse:
     """Stream ``topic`` as Server-Sent Events; resumable with ``Last-Event-ID`` (see the module doc)."""
     require_scope(principal, f"subscribe:{topic}")

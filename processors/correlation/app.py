@@ -54,19 +54,15 @@ Run it with ``backbone processors correlate`` (:mod:`processors.correlation.cli`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import structlog
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import KafkaSettings, Settings
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
 from processors.correlation.logic import (
@@ -83,9 +79,15 @@ from processors.correlation.logic import (
     scope_of,
 )
 from processors.errors import UnprocessableEventError, UnsupportedEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import (
+    FaustDeadLetters,
+    catalogue_partitions,
+    ensure_processor_topics,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+)
 from processors.tables import TailRecoveringTable
-from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
@@ -443,45 +445,32 @@ def ensure_correlation_topics(
         StreamsError: the broker did not answer, or refused a topic.
     """
 
-    def spec(name: str, catalogue_name: str, fallback: int) -> NewTopic:
-        known = CATALOGUE.get(name) or CATALOGUE.get(catalogue_name)
-        return NewTopic(name, num_partitions=known.partitions if known else fallback, replication_factor=1)
+    def spec(name: str, catalogue_name: str, fallback: int) -> tuple[str, int]:
+        return name, catalogue_partitions(name, catalogue_partitions(catalogue_name, fallback))
 
     wanted = [
         spec(topics.events, "external.events", 3),
         spec(topics.insights, "insights.correlations", 3),
-        spec(topics.dead_letters, "backbone.dlq", 1),
-        NewTopic(topics.scope_topic(app_id), num_partitions=topics.scope_partitions, replication_factor=1),
+        spec(topics.dead_letters, DLQ_TOPIC, 1),
+        (topics.scope_topic(app_id), topics.scope_partitions),
     ]
     if embeddings:
         wanted += [spec(topics.results, "inference.results", 6), spec(topics.requests, "inference.requests", 6)]
-    return create_missing_topics(AdminClient(kafka.librdkafka()), wanted, timeout_seconds=timeout_seconds)
+    return ensure_processor_topics(kafka, wanted, timeout_seconds=timeout_seconds)
 
 
-class _StatsCollector:
-    """Exposes a :class:`CorrelationStats` as Prometheus counters (read at scrape time)."""
-
-    def __init__(self, stats: CorrelationStats, app_id: str) -> None:
-        self.stats = stats
-        self.app_id = app_id
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily
-
-        for name, attr, doc in (
-            ("backbone_correlation_records", "records_count", "Records handled by the correlation agents"),
-            ("backbone_correlation_events", "events_count", "Messages and commits forwarded by scope"),
-            ("backbone_correlation_vectors", "vectors_count", "Embeddings forwarded by scope"),
-            ("backbone_correlation_skipped", "skipped_count", "Events of other kinds, results of other requesters"),
-            ("backbone_correlation_embedding_requests", "requests_count", "Embedding requests produced"),
-            ("backbone_correlation_duplicates", "duplicates_count", "Pieces already known to their scope"),
-            ("backbone_correlation_reference_links", "reference_links_count", "Reference links sent"),
-            ("backbone_correlation_embedding_links", "embedding_links_count", "Embedding links sent"),
-            ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["app"])
-            c.add_metric([self.app_id], getattr(self.stats, attr))
-            yield c
+COUNTERS = (
+    ("backbone_correlation_records", "records_count", "Records handled by the correlation agents"),
+    ("backbone_correlation_events", "events_count", "Messages and commits forwarded by scope"),
+    ("backbone_correlation_vectors", "vectors_count", "Embeddings forwarded by scope"),
+    ("backbone_correlation_skipped", "skipped_count", "Events of other kinds, results of other requesters"),
+    ("backbone_correlation_embedding_requests", "requests_count", "Embedding requests produced"),
+    ("backbone_correlation_duplicates", "duplicates_count", "Pieces already known to their scope"),
+    ("backbone_correlation_reference_links", "reference_links_count", "Reference links sent"),
+    ("backbone_correlation_embedding_links", "embedding_links_count", "Embedding links sent"),
+    ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
+)
+"""The correlation processor's counters as Prometheus metrics (label ``app``)."""
 
 
 def run_correlation_worker(
@@ -532,25 +521,9 @@ def run_correlation_worker(
         request_embeddings=request_embeddings, web_port=web_port,
     )  # fmt: skip
     stats: CorrelationStats = app.correlation_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(
-            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
-            "correlation_idle_stop",
-        )  # fmt: skip
-
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        REGISTRY.register(_StatsCollector(stats, app_id))  # type: ignore[arg-type]
-    except ValueError:
-        pass  # already registered in this process
-    server = serve_metrics(settings.metrics_port, health=lambda: {"ok": True, **dataclasses.asdict(stats)})
-    log.info("correlation_metrics", url=f"http://127.0.0.1:{server.server_address[1]}/metrics")
-    worker = faust.Worker(app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False)
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.correlation_close()  # type: ignore[attr-defined]
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.correlation_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+    )  # fmt: skip
     return stats

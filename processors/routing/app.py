@@ -22,7 +22,7 @@ Decoding, dead letters, ``concurrency=1``, the in-memory table rebuilt from its 
 :class:`processors.tables.TailRecoveringTable`, which reads each changelog partition to its real end
 after Faust's recovery: Tansu's ``ListOffsets`` stops Faust one batch short, and a restarted worker
 forgot requests waiting for their embedding), the ``stop_after_idle_seconds`` option and ``/metrics``
-follow :mod:`processors.app`. Table keys are embedding request ids (``str``, JSON on the changelog),
+follow :mod:`processors.run_summary.app`. Table keys are embedding request ids (``str``, JSON on the changelog),
 values JSON. ``backbone_routing_pending`` is recounted from the table after every recovery. A request that does
 not decode, has another schema, or that the router cannot take (unknown policy, candidate models
 without the router's, an embedding id without the ``routing:`` prefix) is dead-lettered with its raw
@@ -77,7 +77,6 @@ from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import Settings
 from inference.records import RESULT_SCHEMA, EmbeddingResult
 from processors.errors import UnprocessableEventError, UnsupportedEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.routing.records import (
     DECISION_SCHEMA,
     EMBEDDING_ID_PREFIX,
@@ -87,6 +86,7 @@ from processors.routing.records import (
     decision_event,
 )
 from processors.routing.router import EmbeddingInput, Router, decide, needs_embedding, validate_request
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC

@@ -63,17 +63,17 @@ __all__ = [
     "FeatureScorer",
     "KnnScorer",
     "LabelledPrompts",
-    "RoutingCurve",
     "Router",
+    "RoutingCurve",
     "decide",
     "evaluate",
     "fit_router",
     "is_test_prompt",
+    "needs_embedding",
     "read_mmlu",
     "request_digest",
     "routing_curve",
     "split",
-    "needs_embedding",
     "threshold_for_share",
     "validate_request",
 ]
@@ -282,7 +282,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, steps: int = 30) -> n
 
     Returns the coefficients, shape ``(x.shape[1],)``. The intercept is not penalised.
     """
-    n, d = x.shape
+    _n, d = x.shape
     w = np.zeros(d)
     penalty = np.full(d, l2)
     penalty[0] = 0.0
@@ -423,7 +423,7 @@ def threshold_for_share(scores: np.ndarray, share: float) -> float:
     if len(scores) == 0 or not 0.0 <= share <= 1.0:
         raise ValueError(f"need scores and a share in [0, 1], got {len(scores)} scores and {share}")
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    m = int(round(share * len(s)))
+    m = round(share * len(s))
     if m <= 0:
         return float(s[0] + 1e-9)
     if m >= len(s):

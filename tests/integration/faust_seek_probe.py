@@ -1,8 +1,8 @@
-"""A Faust worker that probes the three repairs of :class:`processors.faust_support.SeekingConsumer`.
+"""A Faust worker that probes the three repairs of :class:`processors.shell.SeekingConsumer`.
 
 Run by ``test_faust_consumer.py`` as ``python faust_seek_probe.py TOPIC APP_ID RESULT_JSON FIRST SECOND``
 with ``BACKBONE_KAFKA__BOOTSTRAP_SERVERS`` set; TOPIC (2 partitions) already holds ``FIRST`` records. The app is
-made by :func:`processors.faust_support.make_faust_app` (the processors' own) and never commits, so no
+made by :func:`processors.shell.make_faust_app` (the processors' own) and never commits, so no
 partition of TOPIC ever has a committed offset. Once its agent has seen the first records, the probe:
 
 1. pauses TOPIC's partitions in Faust (as recovery does), produces ``SECOND`` more records, waits until
@@ -33,7 +33,7 @@ import faust
 from confluent_kafka import Producer
 
 from core.settings import Settings
-from processors.faust_support import make_faust_app
+from processors.shell import make_faust_app
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
+from backbone.devstack import StackInfo
 from backbone.http.app import ApiSettings, ServerThread, create_app
 from backbone.http.auth import TokenStore
-from backbone.devstack import StackInfo
-from streams.serde import serde_from_settings
-from core.settings import KafkaSettings, PostgresSettings, Settings
 from connectors.webhooks import github_signature, linear_signature, slack_signature
+from core.settings import KafkaSettings, PostgresSettings, Settings
 from streams.replay import read_range
+from streams.serde import serde_from_settings
 
 pytestmark = pytest.mark.integration
 

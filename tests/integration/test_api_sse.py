@@ -19,13 +19,13 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
+from backbone.devstack import StackInfo
 from backbone.http.app import ApiSettings, ServerThread, create_app
 from backbone.http.auth import TokenStore
-from backbone.devstack import StackInfo
-from streams.serde import serde_from_settings
 from core.settings import PostgresSettings, Settings
 from streams.envelope import Event
 from streams.producer import EventProducer
+from streams.serde import serde_from_settings
 
 pytestmark = pytest.mark.integration
 

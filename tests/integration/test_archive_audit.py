@@ -3,6 +3,7 @@ Tansu, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,8 +15,8 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
+from core.settings import PostgresSettings, Settings
 from processors import run_summary
 from projections.agent_runs import AgentRunsProjection, InsightsProjection
 from projections.archive import ArchiveProjection
@@ -104,9 +105,9 @@ def test_audit_of_a_real_run_shows_its_events_in_order_with_the_insight_last(
     run = runs[3]
     with psycopg.connect(pg_url) as c:
         trail = audit_trail(c, f"run:{run.run_id}", serde=serde)
-    finished = [e for e in run.events if e.schema == run_summary.RUN_LIFECYCLE and e.data["phase"] == "FINISHED"][0]
+    finished = next(e for e in run.events if e.schema == run_summary.RUN_LIFECYCLE and e.data["phase"] == "FINISHED")
     assert [e.event_id for e in trail[:-1]] and {e.event_id for e in trail[:-1]} == {e.attributes.id for e in run.events}
-    assert all(a.time <= b.time for a, b in zip(trail, trail[1:], strict=False))
+    assert all(a.time <= b.time for a, b in itertools.pairwise(trail))
     last = trail[-1]
     assert last.topic == insight_topic and last.type == "sophia.insight.Insight"
     assert last.caused_by == finished.attributes.id and last.depth >= 1
@@ -183,7 +184,7 @@ def test_http_read_endpoints(world: tuple[Settings, str, str], serde: AvroSerde,
 
 
 def _redis_server(port: int, workdir: Path) -> subprocess.Popen:
-    from backbone.devstack import _redis_server_binary
+    from backbone.processes import redis_server_binary as _redis_server_binary
 
     proc = subprocess.Popen([_redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(workdir)],
@@ -205,7 +206,7 @@ def test_redis_outage_degrades_reads_and_loses_no_write(
 ) -> None:
     """With Redis killed mid-stream the runner goes on, reads come from PostgreSQL, and once a fresh
     (empty) Redis is back the next batch refills every run so Redis equals PostgreSQL."""
-    from backbone.devstack import _free_port
+    from backbone.processes import free_port as _free_port
 
     topic = create_topic(unique_name("rm"), 3)
     s = _db(settings, pg_url)

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from core.settings import PostgresSettings, Settings
 from connectors.cdc import CdcNormaliser, import_debezium_file, raw_topic_pattern
 from connectors.debezium import TableState, parse_change_events
+from core.settings import PostgresSettings, Settings
 from projections.cdc import CdcProjection, table_rows
 from projections.runner import ProjectionRunner
 from streams.registry import EmbeddedRegistry

@@ -17,11 +17,11 @@ import pytest
 from confluent_kafka import KafkaError
 from pydantic import SecretStr
 
-from core.settings import PostgresSettings, RedisSettings, Settings
 from configuration.aggregate import aggregate_id_for
 from configuration.projection import Config, ConfigProjection
 from configuration.relay import CONFIG_CHANGE_SCHEMA, OutboxRelay
 from configuration.store import ConfigStore, event_id_for
+from core.settings import PostgresSettings, RedisSettings, Settings
 from streams.consumer import ConsumedEvent, decode_message, make_consumer
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde

@@ -18,9 +18,10 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from backbone.devstack import DevStack, _pg_ctl_stop
-from core.settings import KafkaSettings, PostgresSettings, Settings
+from backbone.devstack import DevStack
+from backbone.processes import pg_ctl_stop as _pg_ctl_stop
 from configuration.store import ConfigStore
+from core.settings import KafkaSettings, PostgresSettings, Settings
 from tests.integration.test_configuration_relay import _expected_ids, _read_topic
 from tests.support import start_postgres, start_tansu
 

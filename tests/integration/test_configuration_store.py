@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
-from core.settings import PostgresSettings, Settings
 from configuration.aggregate import ConfigurationItem, aggregate_id_for
 from configuration.errors import (
     ConfigKeyError,
@@ -22,6 +21,7 @@ from configuration.errors import (
     StaleVersionError,
 )
 from configuration.store import ConfigStore
+from core.settings import PostgresSettings, Settings
 
 pytestmark = pytest.mark.integration
 

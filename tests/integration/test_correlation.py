@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
+from core.settings import Settings
 from inference.config import InferenceSettings
 from inference.model import load_model
 from inference.worker import InferenceWorker

@@ -1,4 +1,4 @@
-"""The processors' Faust consumer (:class:`processors.faust_support.SeekingConsumer`) against real Tansu:
+"""The processors' Faust consumer (:class:`processors.shell.SeekingConsumer`) against real Tansu:
 a worker whose group has committed nothing loses no record when Faust pauses its partitions, Faust's
 "seek to committed offsets" takes such partitions back to the start of the log, and no record is handed
 to a stream between that seek and the flow's resumption (which would clear it).

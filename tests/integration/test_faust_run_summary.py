@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
 from connectors.agent_runs import LLM_CALL, RUN_LIFECYCLE, TOOL_CALL, ParsedRun, iter_runs
-from processors.app import wait_for_run_summaries
+from core.settings import Settings
 from processors.run_summary import RunTotals, apply, insight_id
+from processors.run_summary.app import wait_for_run_summaries
 from streams.consumer import ConsumedEvent
 from streams.envelope import CloudEvent, deterministic_id
 from streams.producer import EventProducer

@@ -206,8 +206,8 @@ def test_cli_embed_json_prints_vectors_from_the_topics(
 
     from typer.testing import CliRunner
 
-    from core.settings import get_settings
     from backbone.cli.inference import app
+    from core.settings import get_settings
 
     monkeypatch.setenv("BACKBONE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("BACKBONE_INFERENCE_REQUESTS_TOPIC", topics.requests_topic)
@@ -246,8 +246,8 @@ def test_a_batch_of_text_references_is_read_in_one_pass_per_partition(
     resolver = EventTextResolver(settings.kafka, serde, timeout_seconds=3)
     try:
         assert resolver.prefetch([*refs, missing]) == 4
-        resolver._consumer.close()  # noqa: SLF001 - from here on, only the cache may answer
-        resolver._consumer = None  # noqa: SLF001
+        resolver._consumer.close()
+        resolver._consumer = None
         assert [resolver.resolve(r) for r in refs] == ["text 3", "text 0", "text 39", "text 17", "text 17"]
         with pytest.raises(RequestError, match="no record at"):
             resolver.resolve(missing)

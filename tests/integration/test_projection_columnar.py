@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer
 
-from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
+from core.settings import PostgresSettings, Settings
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
 from streams.columnar import decode_columnar
@@ -117,7 +117,7 @@ def test_decode_columnar_matches_the_per_record_decoder_and_refuses_what_it_refu
     assert [t.timestamp() for t in llm["event_time"].to_list()] == [e.data["event_time"].timestamp() for e in expected]
     # a body with a stray byte in the middle of a block, or a record without CloudEvents attributes
     assert decode_columnar(serde, [msgs[300], *msgs[:10]]) is None
-    assert decode_columnar(serde, msgs[:10] + [msgs[301]]) is None
+    assert decode_columnar(serde, [*msgs[:10], msgs[301]]) is None
 
 
 def test_decode_columnar_checks_each_record_as_the_per_record_decoder_does(
@@ -134,7 +134,7 @@ def test_decode_columnar_checks_each_record_as_the_per_record_decoder_does(
 
     def with_header(name: str, value: bytes | None, *, drop: bool = False) -> list[tuple[str, bytes | None]]:
         kept = [(k, v) for k, v in h if k != name] if drop else list(h)
-        return kept if drop and value is None else kept + [(name, value)]
+        return kept if drop and value is None else [*kept, (name, value)]
 
     odd = {  # label -> (key, value, headers, accepted by the per-record decoder)
         "extra header without value": (b"k", body, with_header("x-note", None), True),

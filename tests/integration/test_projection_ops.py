@@ -4,6 +4,7 @@ archive backfill of a rebuild, and PostgreSQL stopped and started under load."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,8 +18,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from core.settings import PostgresSettings, RedisSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
+from core.settings import PostgresSettings, RedisSettings, Settings
 from projections import queries
 from projections.agent_runs import AgentRunsProjection
 from projections.archive import ArchiveProjection
@@ -174,10 +175,8 @@ def test_interrupted_rebuild_leaves_the_live_projection_untouched(
     progressed = 0
     with psycopg.connect(pg_url, autocommit=True) as c:
         while time.monotonic() < deadline and progressed < 300:
-            try:
+            with contextlib.suppress(psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
                 (progressed,) = c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs_rebuild.projection_checkpoints").fetchone()
-            except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
-                pass
             time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -223,7 +222,8 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
 ) -> None:
     """A runner applying a stream of events while its own PostgreSQL is stopped for seconds and started
     again retries with backoff and ends with exactly the dataset's totals (nothing lost, nothing twice)."""
-    from backbone.devstack import DevStack, _pg_ctl_stop
+    from backbone.devstack import DevStack
+    from backbone.processes import pg_ctl_stop as _pg_ctl_stop
     from tests.support import start_postgres as _start_pg
 
     own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=RedisSettings(url=settings.redis.url),

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
+from core.settings import PostgresSettings, Settings
 from projections import queries
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
@@ -166,7 +166,7 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
             proc.wait()
             kills += 1
     assert kills == 20
-    final = subprocess.run(cmd() + ["--until-caught-up"], env=env, capture_output=True, text=True, timeout=120)
+    final = subprocess.run([*cmd(), "--until-caught-up"], env=env, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
     live = _dump(pg_url)
     # from scratch, in one go, into a second database

@@ -252,7 +252,7 @@ def test_restarted_worker_decides_requests_pending_in_the_table(
              "r-2": ("feat-1", "routing:shared"), "r-3": ("feat-2", "routing:shared")}  # fmt: skip
     requests = {
         rid: RouteRequest(request_id=rid, prompt=ASKED[prompt], requested_at=T0 + timedelta(seconds=i),
-                          embedding_request_id=emb)  # fmt: skip
+                          embedding_request_id=emb)
         for i, (rid, (prompt, emb)) in enumerate(asked.items())
     }
     vectors = dict(zip(("routing:one", "routing:shared"), minilm.embed([ASKED["emb-before"], ASKED["emb-after"]]), strict=True))

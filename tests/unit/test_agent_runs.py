@@ -10,7 +10,6 @@ import fastavro
 import fastavro.validation
 import pytest
 
-from core.errors import BackboneError
 from connectors import agent_runs, errors
 from connectors.agent_runs import (
     LLM_CALL,
@@ -25,6 +24,7 @@ from connectors.agent_runs import (
     summarize,
 )
 from connectors.errors import ConnectorError, ResultsFileError, TrajectoryError
+from core.errors import BackboneError
 from schemas import AVRO_DIR
 from streams.envelope import deterministic_id
 

@@ -9,9 +9,9 @@ import pytest
 
 from backbone.http.app import ApiSettings, create_app
 from backbone.http.auth import AuthError, hash_token, scope_allows, validate_scope
-from core.settings import Settings
 from backbone.http.sse import format_cursor, parse_cursor
 from connectors.mappers import map_linear_webhook, map_slack_webhook
+from core.settings import Settings
 from streams.serde import coerce_json_datum
 
 SCHEMA = {"fields": [{"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}},

@@ -12,12 +12,12 @@ from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent
 from eventsourcing.utils import get_topic
 from pydantic import SecretStr
 
-from core.settings import PostgresSettings
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for
 from configuration.errors import ConfigKeyError, ConfigValueError, StaleVersionError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, change_event
 from configuration.schemas import ValueSchemaRegistry, check_key, default_schemas
 from configuration.store import ConfigurationApplication, diff_values, event_id_for, eventsourcing_env
+from core.settings import PostgresSettings
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
 

@@ -1,40 +1,57 @@
-"""What the processors' Faust apps share: the app's broker and store settings, its consumer (with three
-repairs of Faust's seek around a rebalance, below), Kafka headers of a Faust message, dead letters of a Faust
-message, and the stop-when-idle timer.
+"""The one Faust worker shell that every processor configures instead of copying.
 
-Each app (:mod:`processors.app`, :mod:`processors.correlation.app`, :mod:`processors.routing.app`)
-decodes its own records (raw serializers) and keeps its tables in memory, recovered from their
-changelogs (:mod:`processors.tables`).
+It holds the app's broker and store settings (:func:`make_faust_app`), its consumer (with three repairs of
+Faust's seek around a rebalance, :class:`SeekingConsumer`), decoding a Faust message into an
+:class:`~streams.envelope.Event` (:func:`decode_event`), sending an event and awaiting its delivery
+(:func:`send_event`), dead letters of a Faust message (:class:`FaustDeadLetters`), creating the topics a
+processor needs (:func:`ensure_processor_topics`), its counters as Prometheus metrics
+(:class:`StatsCollector`), and the worker's lifecycle (:func:`run_processor_worker`: logging, ``/metrics``,
+``/healthz`` and ``/readyz`` on ``Settings.metrics_host``, the Faust worker, stop-when-idle, clean shutdown).
+
+Each processor (:mod:`processors.run_summary.app`, :mod:`processors.correlation.app`,
+:mod:`processors.routing.app`) declares its topics, tables and agents and keeps its decisions in plain
+Python; its tables live in memory, recovered from their changelogs (:mod:`processors.tables`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import ssl
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
 import faust
 import structlog
+from confluent_kafka.admin import AdminClient, NewTopic
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import KafkaSettings, Settings
+from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DeadLetterPublisher
+from streams.envelope import CloudEvent, Event
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
 __all__ = [
     "FaustDeadLetters",
     "SeekingConsumer",
+    "StatsCollector",
     "broker_urls",
+    "catalogue_partitions",
     "credentials",
+    "decode_event",
+    "ensure_processor_topics",
     "make_faust_app",
     "message_headers",
+    "run_processor_worker",
+    "send_event",
     "stop_when_idle",
 ]
 
@@ -214,7 +231,7 @@ def make_faust_app(settings: Settings, app_id: str, *, partitions: int, web_port
         datadir=str(datadir),
         web_enabled=bool(web_port),
         web_port=web_port or 6066,
-        web_bind="127.0.0.1",
+        web_bind=settings.metrics_host,
     )
 
 
@@ -293,3 +310,165 @@ def stop_when_idle(
         if now - last >= seconds:
             log.info(event, idle_seconds=round(now - last, 1), records=records())
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+def decode_event(serde: AvroSerde, message: Any) -> tuple[Event, list[tuple[str, bytes | None]]]:
+    """Decode a Faust message (raw serializers) into an :class:`~streams.envelope.Event` and its headers.
+
+    Args:
+        serde: the serde of the configured registry.
+        message: ``event.message`` of a Faust stream.
+
+    Returns:
+        ``(event, headers)``; the event's key is the record key as text (``""`` when absent).
+
+    Raises:
+        streams.errors.EnvelopeError: the CloudEvents headers are missing or malformed.
+        streams.errors.DeserializationError: the value is not a Confluent-framed Avro record we know.
+    """
+    headers = message_headers(message.headers)
+    attributes = CloudEvent.from_headers(headers)
+    schema, data = serde.decode(message.value)
+    key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else message.key
+    return Event(schema=schema, key=key or "", data=data, attributes=attributes), headers
+
+
+async def send_event(topic: faust.TopicT, serde: AvroSerde, event: Event) -> None:
+    """Send ``event`` to ``topic`` (raw serializers) with its CloudEvents headers and event time as the
+    record timestamp, and wait until the broker acknowledged it (``acks=all``).
+
+    Raises:
+        streams.errors.SchemaValidationError: the datum does not match its schema.
+        faust/aiokafka errors: the broker refused the record.
+    """
+    body = serde.encode(event.schema, event.data)
+    pending = await topic.send(
+        key=event.key.encode(),
+        value=body,
+        headers=event.attributes.to_headers(),
+        timestamp=event.attributes.time.timestamp(),
+        force=True,
+    )
+    await pending
+
+
+def ensure_processor_topics(
+    kafka: KafkaSettings, wanted: Iterable[tuple[str, int]], *, timeout_seconds: float = 30.0
+) -> list[str]:
+    """Create the topics of ``wanted`` (``(name, partitions)``) that the broker lacks, with their final
+    partition counts; return the names created.
+
+    Raises:
+        streams.errors.StreamsError: the broker did not answer, or refused a topic.
+    """
+    admin = AdminClient(kafka.librdkafka())
+    topics = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in wanted]
+    return create_missing_topics(admin, topics, timeout_seconds=timeout_seconds)
+
+
+def catalogue_partitions(name: str, fallback: int) -> int:
+    """The catalogue's partition count of topic ``name`` (:data:`streams.catalogue.CATALOGUE`), else ``fallback``."""
+    spec = CATALOGUE.get(name)
+    return spec.partitions if spec is not None else fallback
+
+
+class StatsCollector:
+    """A processor's counters (a dataclass of ints) as Prometheus counters, read at scrape time.
+
+    Args:
+        stats: the processor's counters object.
+        app_id: the Faust app id (label ``app``).
+        counters: ``(metric name, attribute, help)`` for each counter exported.
+    """
+
+    def __init__(self, stats: Any, app_id: str, counters: Sequence[tuple[str, str, str]]) -> None:
+        self.stats = stats
+        self.app_id = app_id
+        self.counters = tuple(counters)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        for name, attr, doc in self.counters:
+            c = CounterMetricFamily(name, doc, labels=["app"])
+            c.add_metric([self.app_id], getattr(self.stats, attr))
+            yield c
+
+
+def _readiness(app: faust.App, started: list[float]) -> dict[str, Any]:
+    """Ready once the worker has started (partitions assigned, tables recovered) and is not rebalancing."""
+    try:
+        assigned = len(app.consumer.assignment())
+    except Exception:  # noqa: BLE001 - no consumer yet
+        assigned = 0
+    rebalancing = bool(getattr(app, "rebalancing", False))
+    return {"ok": bool(started) and not rebalancing, "started": bool(started), "rebalancing": rebalancing,
+            "assigned_partitions": assigned}  # fmt: skip
+
+
+def run_processor_worker(
+    settings: Settings,
+    app: faust.App,
+    *,
+    processor: str,
+    stats: Any,
+    counters: Sequence[tuple[str, str, str]],
+    close: Callable[[], None],
+    stop_after_idle_seconds: float | None = None,
+    loglevel: str | None = None,
+) -> None:
+    """Run a processor's Faust app as a worker in this process until it is stopped (blocking).
+
+    Owns the process's event loop and signal handlers (SIGTERM/SIGINT stop it cleanly), so call it from a
+    main thread. Around the worker: logging from the settings, the counters registered on
+    :data:`core.observability.REGISTRY`, ``/metrics``, ``/healthz`` (liveness, with the counters) and
+    ``/readyz`` (ready once started and not rebalancing) on ``settings.metrics_host:metrics_port``; the
+    metrics server is shut down and ``close`` called when the worker stops.
+
+    Args:
+        settings: the settings the app was built with.
+        app: the processor's app.
+        processor: the processor's name (log events ``<processor>_metrics``, ``<processor>_idle_stop``).
+        stats: its counters; needs ``last_record_monotonic`` and ``records_count`` for stop-when-idle.
+        counters: ``(metric name, attribute, help)`` exported from ``stats``.
+        close: releases what the processor opened (its dead-letter producer), after the worker stopped.
+        stop_after_idle_seconds: stop once started and no record arrived for this many seconds; ``None``
+            runs until signalled.
+        loglevel: Faust's log level; default ``settings.log_level``.
+
+    Raises:
+        SystemExit: the worker exited with a non-zero code.
+    """
+    started: list[float] = []
+
+    @app.task
+    async def _mark_started() -> None:  # tasks start once the worker is up (tables recovered)
+        started.append(time.monotonic())
+
+    if stop_after_idle_seconds is not None:
+        stop_when_idle(
+            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
+            f"{processor.replace('-', '_')}_idle_stop",
+        )  # fmt: skip
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        REGISTRY.register(StatsCollector(stats, app.conf.id, counters))  # type: ignore[arg-type]
+    except ValueError:
+        pass  # already registered in this process (a second worker run)
+    server = serve_metrics(
+        settings.metrics_port,
+        host=settings.metrics_host,
+        health=lambda: {"ok": True, "processor": processor, **dataclasses.asdict(stats)},
+        ready=lambda: _readiness(app, started),
+    )
+    log.info(f"{processor.replace('-', '_')}_metrics", url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics")
+    worker = faust.Worker(app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        server.shutdown()
+        server.server_close()
+        close()

@@ -1,5 +1,5 @@
 """The run-summary decision logic: fold the events of one agent run into totals, and on FINISHED
-draw the ``run.summary`` insight. Plain Python, no Kafka: the Faust agent in :mod:`processors.app`
+draw the ``run.summary`` insight. Plain Python, no Kafka: the Faust agent in :mod:`processors.run_summary.app`
 is a thin shell around :func:`apply`.
 
 Input: the events of topic ``agent.events`` (key = run id), i.e. ``sophia.agent.RunLifecycle``,

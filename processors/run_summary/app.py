@@ -48,7 +48,6 @@ so every record produced before it was started has been processed), or wait for 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -56,17 +55,24 @@ from typing import Any
 
 import faust
 import structlog
-from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
-from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
+from processors.run_summary.logic import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
+from processors.shell import (
+    FaustDeadLetters,
+    catalogue_partitions,
+    decode_event,
+    ensure_processor_topics,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    send_event,
+)
 from processors.tables import TailRecoveringTable
-from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.catalogue import CATALOGUE
 from streams.consumer import DLQ_TOPIC, ConsumedEvent
-from streams.envelope import CloudEvent, Event
+from streams.envelope import Event
 from streams.errors import DeserializationError, EnvelopeError
 from streams.replay import read_range
 from streams.serde import AvroSerde, serde_from_settings
@@ -77,7 +83,7 @@ __all__ = [
     "ProcessorStats",
     "ProcessorTopics",
     "create_app",
-    "ensure_processor_topics",
+    "ensure_run_summary_topics",
     "run_worker",
     "wait_for_run_summaries",
 ]
@@ -157,10 +163,8 @@ class _RunSummaryShell:
         headers = message_headers(message.headers)
         bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
-            attributes = CloudEvent.from_headers(headers)
-            schema, data = self.serde.decode(message.value)
-            key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else message.key
-            event = Event(schema=schema, key=key or "", data=data, attributes=attributes)
+            event, headers = decode_event(self.serde, message)
+            attributes = event.attributes
             run_id = run_id_of(event)
             raw_state = self.table.get(run_id)
             state = RunTotals.from_dict(raw_state) if raw_state else None
@@ -184,15 +188,7 @@ class _RunSummaryShell:
         self.stats.applied_count += 1
 
     async def _send_insight(self, insight: Event) -> None:
-        body = self.serde.encode(insight.schema, insight.data)
-        pending = await self.insights_topic.send(
-            key=insight.key.encode(),
-            value=body,
-            headers=insight.attributes.to_headers(),
-            timestamp=insight.attributes.time.timestamp(),
-            force=True,
-        )
-        await pending  # delivered (acks=all) before the table records the run as finished
+        await send_event(self.insights_topic, self.serde, insight)  # delivered before the table records the run
         self.stats.insights_count += 1
 
     async def _dead_letter(
@@ -272,9 +268,9 @@ def create_app(
     return app
 
 
-def ensure_processor_topics(
+def ensure_run_summary_topics(
     kafka: KafkaSettings, topics: ProcessorTopics, *, timeout_seconds: float = 30.0
-) -> None:
+) -> list[str]:
     """Create the input, insight and dead-letter topics if they do not exist (final partition counts).
 
     Partitions: ``topics.partitions`` for the input, the catalogue's counts for the others.
@@ -283,45 +279,26 @@ def ensure_processor_topics(
         StreamsError: the broker did not answer, or refused a topic (see
             :func:`streams.catalogue.create_missing_topics`).
     """
-    admin = AdminClient(kafka.librdkafka())
-    wanted = [
-        NewTopic(topics.events, num_partitions=topics.partitions, replication_factor=1),
-        NewTopic(topics.insights, num_partitions=CATALOGUE["insights.runs"].partitions, replication_factor=1),
-        NewTopic(
-            topics.dead_letters, num_partitions=CATALOGUE["backbone.dlq"].partitions, replication_factor=1
-        ),
-    ]
-    create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)
+    return ensure_processor_topics(
+        kafka,
+        [
+            (topics.events, topics.partitions),
+            (topics.insights, catalogue_partitions("insights.runs", 3)),
+            (topics.dead_letters, catalogue_partitions(DLQ_TOPIC, 1)),
+        ],
+        timeout_seconds=timeout_seconds,
+    )
 
 
-class _StatsCollector:
-    """Exposes a :class:`ProcessorStats` as Prometheus counters (read at scrape time)."""
-
-    def __init__(self, stats: ProcessorStats, app_id: str) -> None:
-        self.stats = stats
-        self.app_id = app_id
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        for name, attr, doc in (
-            ("backbone_processor_records", "records_count", "Records handled (every outcome)"),
-            ("backbone_processor_events_applied", "applied_count", "Events folded into a run's totals"),
-            ("backbone_processor_events_duplicate", "duplicates_count", "Events skipped as already applied"),
-            ("backbone_processor_events_late", "late_count", "Events skipped because their run had finished"),
-            ("backbone_processor_insights", "insights_count", "Insights sent"),
-            ("backbone_processor_dead_letters", "dead_letters_count", "Records dead-lettered"),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["app"])
-            c.add_metric([self.app_id], getattr(self.stats, attr))
-            yield c
-
-
-def _export_metrics(stats: ProcessorStats, app_id: str) -> None:
-    try:
-        REGISTRY.register(_StatsCollector(stats, app_id))  # type: ignore[arg-type]
-    except ValueError:  # already registered in this process (a second worker run)
-        pass
+COUNTERS = (
+    ("backbone_processor_records", "records_count", "Records handled (every outcome)"),
+    ("backbone_processor_events_applied", "applied_count", "Events folded into a run's totals"),
+    ("backbone_processor_events_duplicate", "duplicates_count", "Events skipped as already applied"),
+    ("backbone_processor_events_late", "late_count", "Events skipped because their run had finished"),
+    ("backbone_processor_insights", "insights_count", "Insights sent"),
+    ("backbone_processor_dead_letters", "dead_letters_count", "Records dead-lettered"),
+)
+"""The run-summary processor's counters as Prometheus metrics (label ``app``)."""
 
 
 def run_worker(
@@ -335,7 +312,8 @@ def run_worker(
 ) -> ProcessorStats:
     """Run the processors' Faust worker in this process until it is stopped (blocking).
 
-    Creates the topics first (:func:`ensure_processor_topics`). It owns the process's event loop and
+    Creates the topics first (:func:`ensure_run_summary_topics`) and runs the app in the worker shell
+    (:func:`processors.shell.run_processor_worker`). It owns the process's event loop and
     signal handlers (SIGTERM/SIGINT stop it cleanly), so call it from a main thread, e.g. in a
     subprocess: ``backbone processors worker --stop-after-idle 5``.
 
@@ -362,29 +340,14 @@ def run_worker(
 
         settings = load_settings()  # the environment, completed from a running `backbone dev up`
     topics = topics or ProcessorTopics()
-    ensure_processor_topics(settings.kafka, topics)
+    ensure_run_summary_topics(settings.kafka, topics)
     app = create_app(settings, app_id=app_id, topics=topics, web_port=web_port)
     stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(
-            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
-            "processors_idle_stop",
-        )  # fmt: skip
-
-    configure_logging(settings.log_level, settings.log_format)
-    _export_metrics(stats, app.conf.id)
-    server = serve_metrics(settings.metrics_port, health=lambda: {"ok": True, **dataclasses.asdict(stats)})
-    log.info("processors_metrics", url=f"http://127.0.0.1:{server.server_address[1]}/metrics")
-    worker = faust.Worker(
-        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
-    )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.run_summary_close()  # type: ignore[attr-defined]
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.run_summary_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+    )  # fmt: skip
     return stats
 
 
