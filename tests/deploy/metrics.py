@@ -55,8 +55,21 @@ def _from_families(families: Iterable) -> dict[str, frozenset[str]]:
     return out
 
 
-def _module_metrics(module: str) -> dict[str, frozenset[str]]:
-    mod = importlib.import_module(module)
+def first_module(*names: str):
+    """Import the first of ``names`` that exists (module paths before and after the restructure)."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue
+            raise
+    raise ModuleNotFoundError(f"none of {names}")
+
+
+def _module_metrics(*modules: str) -> dict[str, frozenset[str]]:
+    mod = first_module(*modules)
+    module = mod.__name__
     out: dict[str, frozenset[str]] = {}
     for value in vars(mod).values():
         if isinstance(value, MetricWrapperBase):
@@ -75,10 +88,21 @@ def _object_metrics(obj: object) -> dict[str, frozenset[str]]:
     return out
 
 
-def _collector(module: str, stats_class: str) -> dict[str, frozenset[str]]:
-    mod = importlib.import_module(module)
+def _collector(modules: tuple[str, ...], stats_class: str) -> dict[str, frozenset[str]]:
+    """The scrape-time collector of a processor, over zeroed stats.
+
+    Reads the module's own ``_StatsCollector``, or its ``COUNTERS`` with the worker shell's
+    ``processors.shell.StatsCollector`` (after the restructure); the first of ``modules`` that imports.
+    """
+    mod = first_module(*modules)
     stats = getattr(mod, stats_class)()
-    return _from_families(mod._StatsCollector(stats, "app-id").collect())  # noqa: SLF001
+    if hasattr(mod, "_StatsCollector"):
+        collector = mod._StatsCollector(stats, "app-id")  # noqa: SLF001
+    else:
+        from processors.shell import StatsCollector
+
+        collector = StatsCollector(stats, "app-id", mod.COUNTERS)
+    return _from_families(collector.collect())
 
 
 def exported_by_process() -> dict[str, dict[str, frozenset[str]]]:
@@ -87,14 +111,16 @@ def exported_by_process() -> dict[str, dict[str, frozenset[str]]]:
     from inference.metrics import InferenceMetrics
 
     return {
-        "processor-run-summary": _collector("processors.app", "ProcessorStats"),
-        "processor-correlation": _collector("processors.correlation.app", "CorrelationStats"),
-        "processor-routing": _collector("processors.routing.app", "RoutingStats"),
+        "processor-run-summary": _collector(
+            ("processors.run_summary.app", "processors.app"), "ProcessorStats"
+        ),
+        "processor-correlation": _collector(("processors.correlation.app",), "CorrelationStats"),
+        "processor-routing": _collector(("processors.routing.app",), "RoutingStats"),
         "projections": _module_metrics("projections.runner"),
         "config-relay": _object_metrics(RelayMetrics.create()),
         "cdc-normaliser": _module_metrics("connectors.cdc"),
         "inference": _object_metrics(InferenceMetrics()),
-        "api": _module_metrics("backbone.api"),
+        "api": _module_metrics("backbone.http.app", "backbone.api"),
     }
 
 

@@ -155,9 +155,12 @@ def _settings_env_names(*, leaves_only: bool = False) -> set[str]:
         from core.settings import Settings  # after the restructure
     except ImportError:
         from backbone.settings import Settings
-    from backbone.api import ApiSettings
     from inference.config import InferenceSettings
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from metrics import first_module
+
+    ApiSettings = first_module("backbone.http.app", "backbone.api").ApiSettings  # noqa: N806
     names = set()
     for model in (Settings, ApiSettings, InferenceSettings):
         prefix = model.model_config["env_prefix"]
@@ -228,7 +231,8 @@ def test_settings_load_from_each_service_environment(compose, example_env) -> No
     probe = (
         "import json, os, sys\n"
         "try:\n from core.settings import Settings\nexcept ImportError:\n from backbone.settings import Settings\n"
-        "from backbone.api import ApiSettings\nfrom inference.config import InferenceSettings\n"
+        "try:\n from backbone.http.app import ApiSettings\nexcept ImportError:\n from backbone.api import ApiSettings\n"
+        "from inference.config import InferenceSettings\n"
         "out = {}\n"
         "for name, env in json.loads(sys.stdin.read()).items():\n"
         "    for k in [k for k in os.environ if k.startswith('BACKBONE_')]: del os.environ[k]\n"
