@@ -158,7 +158,7 @@ def _settings_env_names(*, leaves_only: bool = False) -> set[str]:
     from inference.config import InferenceSettings
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from metrics import first_module
+    from exported_metrics import first_module
 
     ApiSettings = first_module("backbone.http.app", "backbone.api").ApiSettings  # noqa: N806
     names = set()

@@ -1,5 +1,5 @@
 """Every metric an alert rule or a Grafana panel uses is exported by the process that should export it,
-with the labels the expression uses (read from the code's metric objects: tests/deploy/metrics.py).
+with the labels the expression uses (read from the code's metric objects: tests/deploy/exported_metrics.py).
 
 The scrape of real processes is tests/deploy/test_prometheus_live.py.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from metrics import PENDING, exported_by_process, owner  # noqa: E402
+from exported_metrics import PENDING, exported_by_process, owner  # noqa: E402
 from promql import (  # noqa: E402
     ROOT,
     dashboard_exprs,

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from metrics import PENDING, exported_by_process, owner  # noqa: E402
+from exported_metrics import PENDING, exported_by_process, owner  # noqa: E402
 from promql import dashboard_exprs, metrics, rule_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
