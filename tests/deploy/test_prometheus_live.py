@@ -102,6 +102,7 @@ def test_prometheus_scrapes_the_processes_and_evaluates_every_rule(
     raw = Producer(settings.kafka.librdkafka())
     raw.produce(topic, key=b"not-a-run", value=b"\x00garbage, not Avro")
     assert raw.flush(10) == 0
+    del raw
 
     ports = {job: _free_port() for job in JOBS}
     prom_port = _free_port()
