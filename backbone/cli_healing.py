@@ -14,8 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from backbone.cli_core import JsonOpt, clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
 
 __all__ = ["app", "eval_app", "eval_healing", "eval_outage", "healing_ack", "healing_status"]
 
@@ -34,16 +33,15 @@ DataOpt = Annotated[
 def _read_model() -> Any:
     import redis
 
-    from backbone.runtime import load_settings
+    from backbone.cli.helpers import settings_only
     from processors.healing.read_model import HealingReadModel
 
-    settings = load_settings()
-    client = (
-        redis.Redis.from_url(settings.redis.url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        if settings.redis.url
-        else None
-    )
-    model = HealingReadModel(settings.postgres.url, client)
+    settings = settings_only()
+    try:
+        client = redis.Redis.from_url(settings.redis.dsn(), socket_timeout=0.5, socket_connect_timeout=0.5)
+    except ValueError:
+        client = None  # no Redis configured: PostgreSQL only
+    model = HealingReadModel(settings.postgres.dsn(), client)
     model.ensure_schema()
     return model
 
