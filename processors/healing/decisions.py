@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["Decision", "decision_id", "to_utc"]
+__all__ = ["DECISION_SCHEMA", "DECISION_SOURCE", "Decision", "decision_id", "to_utc"]
+
+#: Avro full name of a decision event.
+DECISION_SCHEMA = "sophia.healing.Decision"
+#: CloudEvents source of the healer's events.
+DECISION_SOURCE = "/processors/healing"
 
 
 def to_utc(value: datetime | float | int) -> datetime:
@@ -87,3 +92,46 @@ class Decision:
             "causation_id": self.causation_id,
             "details": self.details,
         }
+
+    def to_avro(self) -> dict[str, Any]:
+        """The ``sophia.healing.Decision`` datum (details as JSON text)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "subject": self.subject,
+            "event_time": self.event_time,
+            "config_version": self.config_version,
+            "causation_id": self.causation_id,
+            "details_json": json.dumps(self.details, sort_keys=True, default=str),
+        }
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Decision:
+        """A decision from its ``sophia.healing.Decision`` datum.
+
+        Raises:
+            KeyError: a field is missing. ValueError: ``details_json`` is not JSON.
+        """
+        return cls(
+            kind=data["kind"],
+            subject=data["subject"],
+            event_time=to_utc(data["event_time"]),
+            config_version=int(data["config_version"]),
+            details=json.loads(data["details_json"]),
+            causation_id=data.get("causation_id"),
+            id=data["id"],
+        )
+
+    def to_event(self) -> Any:
+        """The decision as a ``streams.envelope.Event`` (key = subject, CloudEvents id = decision id)."""
+        from streams.envelope import Event
+
+        return Event.create(
+            DECISION_SCHEMA,
+            self.subject,
+            self.to_avro(),
+            source=DECISION_SOURCE,
+            time=self.event_time,
+            id=self.id,
+            causation_id=self.causation_id,
+        )
