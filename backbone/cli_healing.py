@@ -16,10 +16,20 @@ from rich.table import Table
 
 from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
 
-__all__ = ["app", "eval_app", "eval_healing", "eval_outage", "healing_ack", "healing_status"]
+__all__ = [
+    "app",
+    "eval_app",
+    "eval_healing",
+    "eval_outage",
+    "healing_ack",
+    "healing_status",
+    "heal_app",
+    "processors_heal",
+]
 
 app = typer.Typer(help="Healing: circuits, warnings and escalations.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluations of healing on real agent runs.", no_args_is_help=True)
+heal_app = typer.Typer(help="The healer worker.", no_args_is_help=True)
 out = Console()
 
 DataOpt = Annotated[
@@ -177,3 +187,63 @@ def eval_outage(
     o = r["outage"]
     _table(f"outage of {o['provider']} {o['from']} .. {o['until']} at {o['failure_rate']:.0%}",
            [{**r[k], "policy": k} for k in ("healer", "baseline")], ["policy", *cols])  # fmt: skip
+
+
+@heal_app.command("heal")
+@clear_errors
+def processors_heal(
+    app_id: Annotated[str, typer.Option(help="Faust app id (consumer group).")] = "backbone-healing",
+    events_topic: Annotated[str, typer.Option(help="Agent events topic.")] = "agent.events",
+    config_topic: Annotated[str, typer.Option(help="Config changes topic.")] = "config.changes",
+    decisions_topic: Annotated[str, typer.Option(help="Where decisions go.")] = "healing.decisions",
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.")] = "backbone.dlq",
+    thresholds: Annotated[
+        str | None, typer.Option(help="Initial HealingThresholds as JSON (validated).")
+    ] = None,
+    rollback: Annotated[bool, typer.Option(help="Carry out rollbacks through the config store.")] = True,
+    webhook_kind: Annotated[str | None, typer.Option(help="slack or pagerduty.")] = None,
+    webhook_url: Annotated[str | None, typer.Option(help="Webhook URL (PagerDuty: the enqueue URL).")] = None,
+    routing_key: Annotated[
+        str | None, typer.Option(help="PagerDuty integration key.", envvar="BACKBONE_PAGERDUTY_ROUTING_KEY")
+    ] = None,
+    stop_after_idle: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The healer worker: agent events and config changes in, decisions out (topic, read model, webhook, rollbacks)."""
+    import json
+
+    from configuration.schemas import HealingThresholds
+    from processors.healing.app import HealingTopics, run_healing_worker
+    from processors.healing.healer import HealingConfig
+    from processors.healing.notify import PAGERDUTY_URL, Notifier, NotifierConfig
+
+    config = (
+        HealingConfig(HealingThresholds.model_validate(json.loads(thresholds)), 0) if thresholds else None
+    )
+    notifier = None
+    if webhook_kind:
+        notifier = Notifier(
+            NotifierConfig(kind=webhook_kind, url=webhook_url or PAGERDUTY_URL, routing_key=routing_key)
+        )  # type: ignore[arg-type]
+    model = _read_model()
+    from backbone.cli.helpers import settings_only
+
+    settings = settings_only()
+    store = None
+    if rollback:
+        from configuration.store import ConfigStore
+
+        store = ConfigStore(settings)
+    topics = HealingTopics(
+        events=events_topic, config=config_topic, decisions=decisions_topic, dead_letters=dlq_topic
+    )
+    stats, healer = run_healing_worker(settings, app_id=app_id, topics=topics, config=config, read_model=model,
+                                       notifier=notifier, config_store=store, stop_after_idle_seconds=stop_after_idle)  # fmt: skip
+    if store is not None:
+        store.close()
+    summary = {"records": stats.records_count, "decisions": stats.decisions_count,
+               "dead_letters": stats.dead_letters_count, "rollbacks_done": stats.rollbacks_done}  # fmt: skip
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(summary)

@@ -37,7 +37,7 @@ DDL = """
 CREATE SCHEMA IF NOT EXISTS proj_healing;
 CREATE TABLE IF NOT EXISTS proj_healing.decisions (
     id text PRIMARY KEY, kind text NOT NULL, subject text NOT NULL, event_time timestamptz NOT NULL,
-    config_version bigint NOT NULL, causation_id text, details jsonb NOT NULL
+    config_version bigint NOT NULL, causation_id text, details jsonb NOT NULL, seq bigserial NOT NULL
 );
 CREATE INDEX IF NOT EXISTS decisions_subject ON proj_healing.decisions (subject, event_time);
 CREATE TABLE IF NOT EXISTS proj_healing.circuits (
@@ -247,10 +247,10 @@ class HealingReadModel:
             ).fetchone()
 
     def audit(self, subject: str) -> list[dict[str, Any]]:
-        """Every decision about ``subject`` (``circuit:provider:Google``, ``config:KEY``), in event-time order."""
+        """Every decision about ``subject`` (``circuit:provider:Google``, ``config:KEY``), in event-time order (ties: the order they were decided in)."""
         with psycopg.connect(self.pg_url, row_factory=dict_row) as conn:
             return conn.execute(
                 "SELECT id, kind, subject, event_time, config_version, causation_id, details FROM proj_healing.decisions"
-                " WHERE subject = %s ORDER BY event_time, id",
+                " WHERE subject = %s ORDER BY event_time, seq",
                 (subject,),
             ).fetchall()
