@@ -22,6 +22,7 @@ __all__ = [
     "eval_healing",
     "eval_outage",
     "healing_ack",
+    "healing_audit",
     "healing_status",
     "heal_app",
     "processors_heal",
@@ -122,6 +123,25 @@ def healing_ack(
         emit_json(d.as_json())
     else:
         out.print(f"escalation {escalation_id} acked by {by}")
+
+
+@app.command("audit")
+@clear_errors
+def healing_audit(
+    subject: Annotated[
+        str, typer.Argument(help="circuit:provider:P, circuit:model:P/M, config:KEY, run:ID or request:ID.")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """The chain of decisions about one subject, in event-time order (failures -> opened -> half-open -> closed;
+    change -> evidence -> rollback)."""
+    rows = _read_model().audit(subject)
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        r["reason"] = r["details"].get("reason") or (r["details"].get("evidence") or {}).get("why") or ""
+    _table(f"audit {subject}", rows, ["event_time", "kind", "id", "causation_id", "config_version", "reason"])
 
 
 @eval_app.command("healing")

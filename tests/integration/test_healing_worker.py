@@ -13,10 +13,11 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+import structlog
 from pydantic import SecretStr
 
 from configuration.store import ConfigStore
-from core.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings, get_settings
 from processors.healing.read_model import HealingReadModel
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
@@ -149,3 +150,67 @@ def test_outage_opens_and_closes_the_circuit_and_a_bad_change_is_rolled_back(
     _worker(settings, pg_url, tmp_path, unique_name("heal2"), topics2, "--no-rollback")
     second = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics2["decisions"])]
     assert second == [d for d in first if d[1] != "rollback_applied"]
+
+
+def test_status_ack_and_audit_commands(pg_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """healing status / ack / audit on the read model in a real PostgreSQL and Redis."""
+    monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
+    monkeypatch.setenv("BACKBONE_REDIS__URL", redis_url)
+    get_settings.cache_clear()
+    try:
+        _cli_checks(pg_url, redis_url)
+    finally:
+        get_settings.cache_clear()
+        structlog.reset_defaults()  # the CLI pointed logging at CliRunner's stream, closed by now
+
+
+def _cli_checks(pg_url: str, redis_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from backbone.cli_healing import app
+    from processors.healing.decisions import Decision
+
+    model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+    model.ensure_schema()
+    opened = Decision(
+        kind="circuit_opened",
+        subject="circuit:provider:Google",
+        event_time=T0,
+        config_version=2,
+        details={"circuit": "provider:Google", "to_state": "open", "reason": "5 consecutive failures >= 5"},
+    )
+    esc = Decision(
+        kind="escalation",
+        subject="request:q-1",
+        event_time=T0,
+        config_version=2,
+        details={"reason": "fallback chain exhausted", "tried": ["Google"]},
+    )
+    warn = Decision(kind="agent_warning", subject="run:r1", event_time=T0, config_version=2,
+                    details={"run_id": "r1", "signal": "loop", "level": "warn", "step": 7})  # fmt: skip
+    assert (
+        model.apply([opened, esc, warn]) == 3 and model.apply([opened]) == 0
+    )  # a replayed decision is a no-op
+    assert model.circuit_state("provider:Google") == "open"  # from Redis
+    assert redis.Redis.from_url(redis_url).hget("backbone:circuit:provider:Google", "state") == b"open"
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    body = json.loads(status.output)
+    assert [c["circuit"] for c in body["circuits"]] == ["provider:Google"] and body["escalations"][0][
+        "id"
+    ] == esc.id
+    assert body["warnings"][0]["signal"] == "loop"
+    ack = runner.invoke(
+        app, ["ack", esc.id, "--by", "ana", "--note", "switching the agent to Studio", "--json"]
+    )
+    assert ack.exit_code == 0, ack.output
+    assert json.loads(ack.output)["causation_id"] == esc.id
+    again = runner.invoke(app, ["ack", esc.id, "--by", "bob", "--note", "me too"])
+    assert again.exit_code == 2 and "already acked by ana" in again.output
+    assert runner.invoke(app, ["ack", "nope", "--by", "a", "--note", "b"]).exit_code == 2
+    assert json.loads(runner.invoke(app, ["status", "--json"]).output)["escalations"] == []
+    audit = json.loads(runner.invoke(app, ["audit", "request:q-1", "--json"]).output)
+    assert [r["kind"] for r in audit] == ["escalation", "escalation_acked"]
+    redis.Redis.from_url(redis_url).delete("backbone:circuit:__ready__")
+    assert model.circuit_state("provider:Google") == "open"  # Redis not ready: PostgreSQL answers
