@@ -125,3 +125,21 @@ def test_rollback_through_the_healer_and_approval_ack() -> None:
     assert healer.status()["escalations"][0]["id"] == esc.id
     acked, rb = healer.ack(esc.id, by="ana", note="ok", at=T0 + timedelta(seconds=200))
     assert rb.kind == "rollback" and rb.details["to_version"] == 1 and healer.status()["escalations"] == []
+
+
+def test_a_malformed_threshold_config_is_refused_when_set() -> None:
+    from configuration.errors import ConfigValueError
+    from configuration.schemas import default_schemas
+
+    schemas = default_schemas()
+    stored, name = schemas.validate("healing.thresholds", {"consecutive_failures": 3})
+    assert name == "HealingThresholds" and stored["open_seconds"] == 30.0  # defaults filled in
+    for bad, field in (
+        ({"half_open_max_probes": 1, "half_open_successes": 2}, "half_open_successes"),
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"rollback_mode": "yolo"}, "rollback_mode"),
+        ({"retry_base_seconds": 60, "retry_max_seconds": 30}, "retry_base_seconds"),
+        ({"colour": "red"}, "colour"),
+    ):
+        with pytest.raises(ConfigValueError, match=field):
+            schemas.validate("healing.thresholds", bad)
