@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from configuration.errors import ConfigKeyError, ConfigValueError
 
@@ -107,21 +107,71 @@ class AgentRole(BaseModel):
 
 
 class HealingThresholds(BaseModel):
-    """When the healer acts.
+    """When the healer acts (read by ``processors.healing``; every duration is event time).
 
     Attributes:
-        error_rate: fraction of failed calls (0..1) over the window that triggers healing.
-        window_seconds: length of the sliding window.
+        error_rate: fraction of failed calls (0..1) over the window that opens a circuit.
+        window_seconds: length of the sliding event-time window of a circuit breaker.
         latency_p95_seconds: p95 latency above which a provider counts as degraded.
         cooldown_seconds: minimum time between two healing actions on one target.
+        min_calls: calls the window must hold before its failure rate can open a circuit.
+        consecutive_failures: failures in a row that open a circuit whatever the window says.
+        open_seconds: cool-down of an open circuit before it turns half-open.
+        half_open_max_probes: calls let through while half-open.
+        half_open_successes: successful probes that close a half-open circuit (at most the probes).
+        retry_max_attempts: attempts on one target before the request falls back (1 = no retry).
+        retry_base_seconds: backoff base; attempt n waits uniform(0, min(max, base * 2**(n-1))).
+        retry_max_seconds: backoff cap.
+        fallback_chains: ``{provider or provider/model: [next, ...]}``, tried in order after it.
+        failing_streak: failed commands in a row that raise an agent warning.
+        loop_repeats: occurrences of one command among the last ``loop_window`` that count as a loop.
+        loop_window: how many recent commands the loop check looks at.
+        stall_seconds: event time without progress (a new command that succeeds) that raises a warning.
+        runaway_factor: a run whose tokens or cost exceed this multiple of its peers' median warns.
+        runaway_min_peers: finished peer runs needed before the runaway check speaks.
+        rollback_mode: ``auto`` (roll back), ``dry_run`` (recommend only) or ``approval`` (escalate, wait for ack).
+        rollback_window_seconds: length of the windows before and after a config change that are compared.
+        rollback_min_calls: calls each window must hold before the test runs.
+        rollback_alpha: significance level of the one-sided tests.
+        rollback_max_per_hour: rollbacks the healer may carry out per event-time hour.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    error_rate: float = Field(ge=0, le=1)
-    window_seconds: float = Field(default=300.0, gt=0)
+    error_rate: float = Field(default=0.5, ge=0, le=1)
+    window_seconds: float = Field(default=60.0, gt=0)
     latency_p95_seconds: float | None = Field(default=None, gt=0)
     cooldown_seconds: float = Field(default=60.0, ge=0)
+    min_calls: int = Field(default=5, ge=1)
+    consecutive_failures: int = Field(default=5, ge=1)
+    open_seconds: float = Field(default=30.0, gt=0)
+    half_open_max_probes: int = Field(default=1, ge=1)
+    half_open_successes: int = Field(default=1, ge=1)
+    retry_max_attempts: int = Field(default=3, ge=1)
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_max_seconds: float = Field(default=30.0, gt=0)
+    fallback_chains: dict[str, list[str]] = Field(default_factory=dict)
+    failing_streak: int = Field(default=5, ge=1)
+    loop_repeats: int = Field(default=3, ge=2)
+    loop_window: int = Field(default=10, ge=2)
+    stall_seconds: float = Field(default=600.0, gt=0)
+    runaway_factor: float = Field(default=3.0, gt=1)
+    runaway_min_peers: int = Field(default=5, ge=1)
+    rollback_mode: Literal["auto", "dry_run", "approval"] = "auto"
+    rollback_window_seconds: float = Field(default=600.0, gt=0)
+    rollback_min_calls: int = Field(default=20, ge=2)
+    rollback_alpha: float = Field(default=0.01, gt=0, lt=1)
+    rollback_max_per_hour: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HealingThresholds:
+        if self.half_open_successes > self.half_open_max_probes:
+            raise ValueError("half_open_successes cannot exceed half_open_max_probes")
+        if self.retry_base_seconds > self.retry_max_seconds:
+            raise ValueError("retry_base_seconds cannot exceed retry_max_seconds")
+        if self.loop_repeats > self.loop_window:
+            raise ValueError("loop_repeats cannot exceed loop_window")
+        return self
 
 
 class ValueSchemaRegistry:
@@ -180,7 +230,9 @@ class ValueSchemaRegistry:
             ConfigValueError: not a JSON object, or the schema refuses it (each problem names the field).
         """
         if not isinstance(value, dict):
-            raise ConfigValueError(key, None, [f"a configuration value is a JSON object, not {type(value).__name__}"])
+            raise ConfigValueError(
+                key, None, [f"a configuration value is a JSON object, not {type(value).__name__}"]
+            )
         found = self.schema_for(key)
         if found is None:
             return value, None

@@ -31,10 +31,14 @@ SAMPLE = {
     "finish_reason": "stop",
     "latency_ms": None,
 }
-PINNED_SAMPLE_HEX = (
+#: The sample as written by LlmCall version 1 (id 1), before the client's outcome fields existed.
+PINNED_SAMPLE_V1_HEX = (
     "000000000128646a616e676f5f5f646a616e676f2d313130363606f0b3ee92d36636676f6f676c652f67656d696e692d332d70726f"
     "2d70726576696577020c476f6f676c6500ec18f40300a00302aa7d3a1e3350793f020873746f7000"
 )
+#: The sample as the latest LlmCall (id 13: outcome, error_kind, http_status, request_id, attempt, agent) writes it.
+PINNED_SAMPLE_HEX = PINNED_SAMPLE_V1_HEX.replace("0000000001", "000000000d", 1) + "046f6b0000000200"
+CLIENT_DEFAULTS = {"outcome": "ok", "error_kind": None, "http_status": None, "request_id": None, "attempt": 1, "agent": None}
 
 
 @pytest.fixture
@@ -62,11 +66,17 @@ def test_every_avsc_is_pinned() -> None:
 
 
 def test_sample_bytes_are_pinned(serde: AvroSerde) -> None:
-    """An LlmCall encodes to the same Confluent-framed bytes on every machine (magic 0, id 1, body)."""
+    """An LlmCall encodes to the same Confluent-framed bytes on every machine (magic 0, id 13, body)."""
     raw = serde.encode("sophia.agent.LlmCall", SAMPLE)
     assert raw.hex() == PINNED_SAMPLE_HEX
-    assert raw[0] == 0 and int.from_bytes(raw[1:5], "big") == 1
+    assert raw[0] == 0 and int.from_bytes(raw[1:5], "big") == 13
     name, back = serde.decode(raw)
+    assert name == "sophia.agent.LlmCall" and back == {**SAMPLE, **CLIENT_DEFAULTS}
+
+
+def test_history_written_by_llmcall_v1_still_decodes(serde: AvroSerde) -> None:
+    """Bytes written with id 1 (imported history) decode with the writer's fields; readers default the rest."""
+    name, back = serde.decode(bytes.fromhex(PINNED_SAMPLE_V1_HEX))
     assert name == "sophia.agent.LlmCall" and back == SAMPLE
 
 
@@ -133,7 +143,7 @@ def test_compatible_change_gets_a_new_id(tmp_path: Path) -> None:
     registry = EmbeddedRegistry(reg, avro)
     assert new_ids["sophia.agent.LlmCall"] == registry.id_for("sophia.agent.LlmCall") > 1
     serde = AvroSerde(registry)
-    assert serde.decode(old)[1] == SAMPLE
+    assert serde.decode(old)[1] == {**SAMPLE, **CLIENT_DEFAULTS}
     assert serde.decode(serde.encode("sophia.agent.LlmCall", {**SAMPLE, "temperature": 0.5}))[1]["temperature"] == 0.5
 
 

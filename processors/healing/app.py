@@ -1,0 +1,295 @@
+"""The healer's Faust app: a thin shell around :class:`processors.healing.healer.Healer`.
+
+One agent (``healing``, ``concurrency=1``) reads ``agent.events`` (``sophia.agent.*``) and
+``config.changes`` (``sophia.config.ConfigChange``), decodes the Confluent-framed Avro and the
+CloudEvents headers itself (``raw`` serializers), and feeds each event to the healer. For every
+decision the healer returns, in order:
+
+1. the decision is sent to ``healing.decisions`` as a ``sophia.healing.Decision`` (key = subject,
+   CloudEvents id = the decision's deterministic id) and its delivery awaited;
+2. it is written to the read model (:class:`processors.healing.read_model.HealingReadModel`:
+   PostgreSQL ``proj_healing`` + the Redis circuit hashes the client reads);
+3. an ``escalation`` is posted to the webhook when a notifier is configured
+   (:class:`processors.healing.notify.Notifier`); its outcome is itself a decision (steps 1-2);
+4. a ``rollback`` is carried out through the config store (``ConfigStore.rollback`` with author
+   ``healer``, ``expected_version`` = the version it rolls back, causation id = the decision's id)
+   when a store is given; a failure gives a ``rollback_failed`` decision (steps 1-2), never a crash.
+
+A record that does not decode, or that the healer cannot take (a required field missing), goes to
+the dead-letter topic with its raw bytes and the reason, and processing goes on.
+
+Limits of this first shell (see the report of issue 11): the healer's state lives in memory, so a
+restarted worker starts from closed circuits (decisions already written are not written twice: their
+ids are deterministic); the inputs' partitions are merged in arrival order, so the decisions are
+those of one event-time-ordered replay only when the inputs have one partition each (as in the
+tests and the demo); the ``healing.decisions`` topic is created here and is not yet in
+``streams.catalogue``; acks of escalations reach the worker only through the read model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import structlog
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from core.observability import configure_logging
+from core.settings import Settings
+from processors.errors import UnprocessableEventError
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.healing.decisions import DECISION_SCHEMA, Decision
+from processors.healing.healer import Healer, HealingConfig
+from processors.healing.notify import Notifier
+from processors.healing.read_model import HealingReadModel
+from processors.healing.rollback import HEALER_AUTHOR
+from streams.catalogue import create_missing_topics
+from streams.consumer import DLQ_TOPIC
+from streams.envelope import CloudEvent
+from streams.errors import DeserializationError, EnvelopeError
+from streams.serde import AvroSerde, serde_from_settings
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "HealingStats",
+    "HealingTopics",
+    "create_healing_app",
+    "ensure_healing_topics",
+    "run_healing_worker",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_APP_ID = "backbone-healing"
+PROCESSOR_NAME = "healing"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealingTopics:
+    """Topics of the healer (configurable for tests)."""
+
+    events: str = "agent.events"
+    config: str = "config.changes"
+    decisions: str = "healing.decisions"
+    dead_letters: str = DLQ_TOPIC
+    decisions_partitions: int = 3
+
+
+@dataclass(slots=True)
+class HealingStats:
+    """Counters of one app instance."""
+
+    records_count: int = 0
+    decisions_count: int = 0
+    dead_letters_count: int = 0
+    rollbacks_done: int = 0
+    last_record_monotonic: float | None = field(default=None)
+
+
+class _HealingShell:
+    def __init__(
+        self,
+        settings: Settings,
+        topics: HealingTopics,
+        serde: AvroSerde,
+        healer: Healer,
+        read_model: HealingReadModel | None,
+        decisions_topic: faust.TopicT,
+        notifier: Notifier | None,
+        config_store: Any,
+    ) -> None:
+        self.serde = serde
+        self.healer = healer
+        self.read_model = read_model
+        self.decisions_topic = decisions_topic
+        self.notifier = notifier
+        self.config_store = config_store
+        self.stats = HealingStats()
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+
+    async def handle(self, message: Any) -> None:
+        """Process one Faust message; never raises for a bad record."""
+        self.stats.records_count += 1
+        self.stats.last_record_monotonic = time.monotonic()
+        headers = message_headers(message.headers)
+        try:
+            attributes = CloudEvent.from_headers(headers)
+            schema, data = self.serde.decode(message.value)
+            try:
+                decisions = self.healer.feed({"schema": schema, "data": data, "id": attributes.id})
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UnprocessableEventError(
+                    f"{schema}: {type(exc).__name__}: {exc}", event_id=attributes.id
+                ) from exc
+        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+            await self.dead_letters.publish(message, exc, headers)
+            self.stats.dead_letters_count += 1
+            log.warning(
+                "healing_record_dead_lettered", reason=str(exc), topic=message.topic, offset=message.offset
+            )
+            return
+        await self.emit(decisions)
+
+    async def emit(self, decisions: list[Decision]) -> None:
+        """Publish, project and act on decisions (see the module docstring)."""
+        follow: list[Decision] = []
+        for d in decisions:
+            event = d.to_event()
+            pending = await self.decisions_topic.send(
+                key=d.subject.encode(),
+                value=self.serde.encode(DECISION_SCHEMA, event.data),
+                headers=event.attributes.to_headers(),
+                timestamp=d.event_time.timestamp(),
+                force=True,
+            )
+            await pending
+            self.stats.decisions_count += 1
+            log.info("healing_decision", kind=d.kind, subject=d.subject, id=d.id)
+            if d.kind == "escalation" and self.notifier is not None:
+                follow.append(await self.notifier.notify(d))
+            if d.kind == "rollback" and self.config_store is not None:
+                follow.append(await asyncio.to_thread(self._rollback, d))
+        if self.read_model is not None and decisions:
+            await asyncio.to_thread(self.read_model.apply, decisions)
+        if follow:
+            await self.emit(follow)
+
+    def _rollback(self, d: Decision) -> Decision:
+        det = d.details
+        try:
+            version = self.config_store.rollback(
+                det["key"],
+                author=HEALER_AUTHOR,
+                reason=f"healer: {det['evidence']['why']}",
+                to_version=int(det["to_version"]),
+                expected_version=int(det["change_version"]),
+                causation_id=d.id,
+            )
+        except Exception as exc:  # noqa: BLE001 - any refusal of the store is an event, not a crash
+            return Decision(kind="rollback_failed", subject=d.subject, event_time=d.event_time, config_version=d.config_version,
+                            causation_id=d.id, details={"key": det["key"], "reason": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+        self.stats.rollbacks_done += 1
+        return Decision(kind="rollback_applied", subject=d.subject, event_time=d.event_time, config_version=d.config_version,
+                        causation_id=d.id, details={"key": det["key"], "new_version": getattr(version, "version", None),
+                                                    "restored_version": int(det["to_version"])})  # fmt: skip
+
+    def close(self) -> None:
+        self.dead_letters.close()
+
+
+def create_healing_app(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: HealingTopics | None = None,
+    config: HealingConfig | None = None,
+    read_model: HealingReadModel | None = None,
+    notifier: Notifier | None = None,
+    config_store: Any = None,
+    serde: AvroSerde | None = None,
+    web_port: int | None = 0,
+) -> faust.App:
+    """Build the healer's Faust app (one agent over the events and config topics).
+
+    Args:
+        settings: broker settings and state directory.
+        app_id: Faust app id / consumer group; default ``backbone-healing``.
+        topics: topic names.
+        config: initial healing configuration (later ``healing.thresholds`` changes replace it).
+        read_model: where decisions are projected; ``None``: not projected.
+        notifier: where escalations are posted; ``None``: not posted.
+        config_store: a ``configuration.store.ConfigStore`` to carry out rollbacks; ``None``: recommend only.
+        serde: default :func:`streams.serde.serde_from_settings`.
+        web_port: Faust's web server port; ``0`` or ``None``: off.
+
+    Returns:
+        The app; counters at ``app.healing_stats``, the healer at ``app.healer``,
+        ``app.healing_close()`` releases the dead-letter producer.
+    """
+    topics = topics or HealingTopics()
+    app = make_faust_app(settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port)
+    serde = serde or serde_from_settings(settings)
+    source = app.topic(topics.events, topics.config, key_serializer="raw", value_serializer="raw")
+    decisions_topic = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw")
+    healer = Healer(config)
+    shell = _HealingShell(
+        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store
+    )
+
+    @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
+    async def healing(stream: faust.StreamT) -> None:
+        """Feed agent and config events to the healer; publish and project its decisions."""
+        async for event in stream.events():
+            await shell.handle(event.message)
+
+    app.healing_stats = shell.stats  # type: ignore[attr-defined]
+    app.healer = healer  # type: ignore[attr-defined]
+    app.healing_close = shell.close  # type: ignore[attr-defined]
+    return app
+
+
+def ensure_healing_topics(
+    settings: Settings, topics: HealingTopics, *, timeout_seconds: float = 30.0
+) -> None:
+    """Create the decisions topic (and the inputs and dead-letter topic) when missing.
+
+    Raises:
+        StreamsError: the broker did not answer or refused a topic.
+    """
+    admin = AdminClient(settings.kafka.librdkafka())
+    wanted = [
+        NewTopic(topics.events, num_partitions=1, replication_factor=1),
+        NewTopic(topics.config, num_partitions=1, replication_factor=1),
+        NewTopic(topics.decisions, num_partitions=topics.decisions_partitions, replication_factor=1),
+        NewTopic(topics.dead_letters, num_partitions=1, replication_factor=1),
+    ]
+    create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)
+
+
+def run_healing_worker(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: HealingTopics | None = None,
+    config: HealingConfig | None = None,
+    read_model: HealingReadModel | None = None,
+    notifier: Notifier | None = None,
+    config_store: Any = None,
+    stop_after_idle_seconds: float | None = None,
+) -> tuple[HealingStats, Healer]:
+    """Run the healer worker in this process until stopped (blocking; owns the event loop and signals).
+
+    Args:
+        stop_after_idle_seconds: stop once no record arrived for this long after start.
+
+    Returns:
+        ``(counters, the healer)`` when the worker has stopped.
+    """
+    topics = topics or HealingTopics()
+    ensure_healing_topics(settings, topics)
+    if read_model is not None:
+        read_model.ensure_schema()
+    app = create_healing_app(settings, app_id=app_id, topics=topics, config=config, read_model=read_model,
+                             notifier=notifier, config_store=config_store)  # fmt: skip
+    stats: HealingStats = app.healing_stats  # type: ignore[attr-defined]
+    if stop_after_idle_seconds is not None:
+        stop_when_idle(
+            app,
+            stop_after_idle_seconds,
+            lambda: stats.last_record_monotonic,
+            lambda: stats.records_count,
+            "healing_idle_stop",
+        )
+    configure_logging(settings.log_level, settings.log_format)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        app.healing_close()  # type: ignore[attr-defined]
+    return stats, app.healer  # type: ignore[attr-defined]

@@ -1,0 +1,319 @@
+"""Circuit breakers on event time: closed -> open -> half-open -> closed (or open again).
+
+A :class:`CircuitBreaker` watches the outcomes of calls to one target (a provider, a provider's model,
+or an agent). It is driven by event time only, so a replay of the same outcomes gives the same
+transitions:
+
+* **closed -> open** when the sliding window (the last ``window_seconds`` of event time) holds at
+  least ``min_calls`` calls and their failure rate is at least ``error_rate``, or when
+  ``consecutive_failures`` calls in a row failed;
+* **open -> half-open** once ``open_seconds`` of event time have passed since it opened (the transition
+  is stamped at ``opened_at + open_seconds``, not at the time of the event that noticed it);
+* **half-open**: at most ``half_open_max_probes`` calls are admitted (:meth:`CircuitBreaker.allow`);
+  a failed probe opens it again, ``half_open_successes`` successful probes close it.
+
+Every transition is returned as a :class:`processors.healing.decisions.Decision` (kinds
+``circuit_opened``, ``circuit_half_open``, ``circuit_closed``) whose details hold the window's counts,
+the thresholds and the reason. :class:`BreakerBoard` keeps one breaker per provider, per
+``provider/model`` and per agent, and creates a breaker for any target it has not seen.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from configuration.schemas import HealingThresholds
+from processors.healing.decisions import Decision, to_utc
+
+__all__ = ["BreakerBoard", "CircuitBreaker", "CircuitState", "circuit_keys"]
+
+
+class CircuitState(StrEnum):
+    """State of a circuit breaker."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+_KIND = {
+    CircuitState.OPEN: "circuit_opened",
+    CircuitState.HALF_OPEN: "circuit_half_open",
+    CircuitState.CLOSED: "circuit_closed",
+}
+
+
+@dataclass(slots=True)
+class _Probe:
+    admitted: int = 0
+    succeeded: int = 0
+
+
+class CircuitBreaker:
+    """One circuit breaker on event time.
+
+    Args:
+        key: the circuit, ``<scope>:<name>`` (``provider:Google``, ``model:Google/gemini-3-pro``, ``agent:coder``).
+        thresholds: the healing configuration (``error_rate``, ``window_seconds``, ``min_calls``,
+            ``consecutive_failures``, ``open_seconds``, ``half_open_max_probes``, ``half_open_successes``).
+        config_version: version of that configuration, recorded in each transition.
+    """
+
+    def __init__(self, key: str, thresholds: HealingThresholds, config_version: int = 0) -> None:
+        self.key = key
+        self.thresholds = thresholds
+        self.config_version = config_version
+        self.state = CircuitState.CLOSED
+        self.opened_at: datetime | None = None
+        self.changed_at: datetime | None = None
+        self.consecutive = 0
+        self.calls_while_open = 0
+        self._window: deque[tuple[datetime, bool]] = deque()
+        self._failures_in_window = 0
+        self._probe = _Probe()
+        self._watermark: datetime | None = None
+
+    # -- configuration --------------------------------------------------------------------------
+    def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
+        """Use new thresholds from now on (the window and the state are kept)."""
+        self.thresholds = thresholds
+        self.config_version = config_version
+
+    # -- time -----------------------------------------------------------------------------------
+    def _tick(self, now: datetime) -> datetime:
+        now = to_utc(now)
+        if self._watermark is None or now > self._watermark:
+            self._watermark = now
+        horizon = self._watermark - timedelta(seconds=self.thresholds.window_seconds)
+        while self._window and self._window[0][0] <= horizon:
+            _, ok = self._window.popleft()
+            if not ok:
+                self._failures_in_window -= 1
+        return self._watermark
+
+    def advance(self, now: datetime | float) -> list[Decision]:
+        """Move event time to ``now``: an open circuit whose cool-down has passed turns half-open.
+
+        Returns:
+            The ``circuit_half_open`` transition, or nothing.
+        """
+        watermark = self._tick(to_utc(now))
+        if self.state is CircuitState.OPEN and self.opened_at is not None:
+            due = self.opened_at + timedelta(seconds=self.thresholds.open_seconds)
+            if watermark >= due:
+                self._probe = _Probe()
+                return [self._transition(CircuitState.HALF_OPEN, due, "cool-down elapsed")]
+        return []
+
+    # -- admission ------------------------------------------------------------------------------
+    def allow(self, now: datetime | float) -> tuple[bool, list[Decision]]:
+        """Whether a call may go to this target at ``now``; admitting a half-open probe counts it.
+
+        Returns:
+            ``(allowed, transitions)``: the transitions are those :meth:`advance` produced on the way.
+        """
+        out = self.advance(now)
+        if self.state is CircuitState.CLOSED:
+            return True, out
+        if self.state is CircuitState.OPEN:
+            return False, out
+        if self._probe.admitted < self.thresholds.half_open_max_probes:
+            self._probe.admitted += 1
+            return True, out
+        return False, out
+
+    def peek(self, now: datetime | float) -> CircuitState:
+        """The state at ``now`` without changing anything (an open circuit past its cool-down reads half-open)."""
+        if self.state is CircuitState.OPEN and self.opened_at is not None:
+            if to_utc(now) >= self.opened_at + timedelta(seconds=self.thresholds.open_seconds):
+                return CircuitState.HALF_OPEN
+        return self.state
+
+    # -- outcomes -------------------------------------------------------------------------------
+    def record(self, now: datetime | float, ok: bool, *, admitted: bool = False) -> list[Decision]:
+        """Record the outcome of one call that ended at event time ``now``.
+
+        Args:
+            now: event time of the outcome.
+            ok: whether the call succeeded.
+            admitted: the call was admitted through :meth:`allow` (then a half-open probe was
+                already counted); an observed call that did not ask counts as a probe when it arrives
+                in half-open and probes are left, and is ignored otherwise.
+
+        Returns:
+            The transitions it caused (``circuit_half_open`` first when the cool-down had passed).
+        """
+        now = to_utc(now)
+        out = self.advance(now)
+        self._window.append((now, ok))
+        if not ok:
+            self._failures_in_window += 1
+        self.consecutive = 0 if ok else self.consecutive + 1
+        t = self.thresholds
+        if self.state is CircuitState.OPEN:
+            self.calls_while_open += 1
+            return out
+        if self.state is CircuitState.HALF_OPEN:
+            if not admitted:
+                if self._probe.admitted >= t.half_open_max_probes:
+                    return out
+                self._probe.admitted += 1
+            if not ok:
+                out.append(self._open(now, "half-open probe failed"))
+                return out
+            self._probe.succeeded += 1
+            if self._probe.succeeded >= t.half_open_successes:
+                out.append(self._transition(CircuitState.CLOSED, now, "half-open probes succeeded"))
+                self._window.clear()
+                self._failures_in_window = 0
+                self.consecutive = 0
+            return out
+        calls = len(self._window)
+        rate = self._failures_in_window / calls if calls else 0.0
+        if not ok and self.consecutive >= t.consecutive_failures:
+            out.append(
+                self._open(now, f"{self.consecutive} consecutive failures >= {t.consecutive_failures}")
+            )
+        elif not ok and calls >= t.min_calls and rate >= t.error_rate:
+            out.append(
+                self._open(
+                    now, f"failure rate {rate:.3f} >= {t.error_rate} over {calls} calls (min {t.min_calls})"
+                )
+            )
+        return out
+
+    def _open(self, at: datetime, reason: str) -> Decision:
+        self.opened_at = at
+        self.calls_while_open = 0
+        return self._transition(CircuitState.OPEN, at, reason)
+
+    def _transition(self, to: CircuitState, at: datetime, reason: str) -> Decision:
+        before = self.state
+        self.state = to
+        self.changed_at = at
+        return Decision(
+            kind=_KIND[to],
+            subject=f"circuit:{self.key}",
+            event_time=at,
+            config_version=self.config_version,
+            details={
+                "circuit": self.key,
+                "from_state": before.value,
+                "to_state": to.value,
+                "reason": reason,
+                **self.counts(),
+                "threshold": self.threshold_details(),
+            },
+        )
+
+    def counts(self) -> dict[str, Any]:
+        """The window's counts: ``{"window_calls", "window_failures", "failure_rate", "consecutive_failures", "probes_admitted", "probes_succeeded"}``."""
+        calls = len(self._window)
+        return {
+            "window_calls": calls,
+            "window_failures": self._failures_in_window,
+            "failure_rate": round(self._failures_in_window / calls, 6) if calls else 0.0,
+            "consecutive_failures": self.consecutive,
+            "probes_admitted": self._probe.admitted,
+            "probes_succeeded": self._probe.succeeded,
+        }
+
+    def threshold_details(self) -> dict[str, Any]:
+        """The thresholds this breaker applies, for the evidence of a transition."""
+        t = self.thresholds
+        return {
+            "error_rate": t.error_rate,
+            "window_seconds": t.window_seconds,
+            "min_calls": t.min_calls,
+            "consecutive_failures": t.consecutive_failures,
+            "open_seconds": t.open_seconds,
+            "half_open_max_probes": t.half_open_max_probes,
+            "half_open_successes": t.half_open_successes,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready state: ``{"circuit", "state", "changed_at", "opened_at", "config_version", ...counts}``."""
+        return {
+            "circuit": self.key,
+            "state": self.state.value,
+            "changed_at": self.changed_at.isoformat() if self.changed_at else None,
+            "opened_at": self.opened_at.isoformat() if self.opened_at else None,
+            "config_version": self.config_version,
+            **self.counts(),
+        }
+
+
+def circuit_keys(provider: str | None, model: str | None = None, agent: str | None = None) -> list[str]:
+    """The circuits a call belongs to: ``provider:P``, ``model:P/M`` and ``agent:A`` (those that are known).
+
+    A call without a provider is filed under provider ``unknown``.
+    """
+    p = provider or "unknown"
+    keys = [f"provider:{p}"]
+    if model:
+        keys.append(f"model:{p}/{model}")
+    if agent:
+        keys.append(f"agent:{agent}")
+    return keys
+
+
+class BreakerBoard:
+    """Every circuit breaker, created on first sight of its target.
+
+    Args:
+        thresholds: the healing configuration shared by every breaker.
+        config_version: its version.
+    """
+
+    def __init__(self, thresholds: HealingThresholds, config_version: int = 0) -> None:
+        self.thresholds = thresholds
+        self.config_version = config_version
+        self.breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, key: str) -> CircuitBreaker:
+        """The breaker of ``key``, created closed when new."""
+        breaker = self.breakers.get(key)
+        if breaker is None:
+            breaker = self.breakers[key] = CircuitBreaker(key, self.thresholds, self.config_version)
+        return breaker
+
+    def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
+        """Apply new thresholds to every breaker, present and future."""
+        self.thresholds, self.config_version = thresholds, config_version
+        for breaker in self.breakers.values():
+            breaker.reconfigure(thresholds, config_version)
+
+    def advance(self, now: datetime | float) -> list[Decision]:
+        """Advance every breaker to ``now`` (in key order, so the output order is deterministic)."""
+        out: list[Decision] = []
+        for key in sorted(self.breakers):
+            out.extend(self.breakers[key].advance(now))
+        return out
+
+    def allow(self, now: datetime | float, keys: Iterable[str]) -> tuple[bool, list[Decision]]:
+        """Whether every circuit in ``keys`` admits a call now (stops at the first that refuses)."""
+        out: list[Decision] = []
+        for key in keys:
+            ok, transitions = self.get(key).allow(now)
+            out.extend(transitions)
+            if not ok:
+                return False, out
+        return True, out
+
+    def record(
+        self, now: datetime | float, keys: Iterable[str], ok: bool, *, admitted: bool = False
+    ) -> list[Decision]:
+        """Record one outcome on every circuit in ``keys``."""
+        out: list[Decision] = []
+        for key in keys:
+            out.extend(self.get(key).record(now, ok, admitted=admitted))
+        return out
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every breaker's :meth:`CircuitBreaker.snapshot`, in key order."""
+        return [self.breakers[k].snapshot() for k in sorted(self.breakers)]

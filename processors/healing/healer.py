@@ -1,0 +1,273 @@
+"""The healer: one deterministic state machine that takes events in event-time order and returns decisions.
+
+:class:`Healer` combines the circuit breakers (:mod:`.breaker`), the retry scheduler (:mod:`.retry`),
+agent health (:mod:`.agent_health`) and the rollback monitor (:mod:`.rollback`). Feed it the decoded
+events of the agent and config topics with :meth:`Healer.feed`; it first advances event time to the
+event's time (the watermark: the largest event time seen) and returns the decisions that time alone
+caused (half-open transitions, due retries, stalls, rollback verdicts), then those of the event itself.
+No wall clock is read anywhere, so the same history gives the same decisions, ids included.
+
+Events understood (by Avro full name; anything else is ignored):
+
+* ``sophia.agent.LlmCall``: an outcome for the circuits ``provider:P``, ``model:P/M`` and (when the
+  call names one) ``agent:A``; with a ``request_id`` a failure goes to the retry scheduler; every
+  call feeds the rollback monitor and the run's health. ``outcome`` absent (imported history) = ok.
+* ``sophia.agent.ToolCall``, ``sophia.agent.RunLifecycle``: agent health.
+* ``sophia.config.ConfigChange``: a key under ``healing.`` is the healer's own configuration and is
+  applied at once (a value its schema refuses gives ``config_refused`` and the old one stays); any
+  other key is watched for rollback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from configuration.schemas import HealingThresholds
+from processors.healing.agent_health import AgentHealth
+from processors.healing.breaker import BreakerBoard, circuit_keys
+from processors.healing.decisions import Decision, to_utc
+from processors.healing.retry import RetryScheduler
+from processors.healing.rollback import RollbackMonitor
+
+__all__ = ["HEALING_CONFIG_PREFIX", "HealingConfig", "Healer", "InputEvent"]
+
+HEALING_CONFIG_PREFIX = "healing."
+
+
+@dataclass(frozen=True, slots=True)
+class HealingConfig:
+    """A healing configuration and its version in the config store (0 = built-in defaults)."""
+
+    thresholds: HealingThresholds
+    version: int = 0
+
+    @classmethod
+    def default(cls) -> HealingConfig:
+        """The defaults of :class:`HealingThresholds`, version 0."""
+        return cls(HealingThresholds(), 0)
+
+
+@dataclass(frozen=True, slots=True)
+class InputEvent:
+    """An event as the healer takes it: Avro full name, decoded data, event id."""
+
+    schema: str
+    data: Mapping[str, Any]
+    id: str | None = None
+
+
+def _as_input(event: Any) -> InputEvent:
+    if isinstance(event, InputEvent):
+        return event
+    if isinstance(event, Mapping):
+        return InputEvent(str(event["schema"]), event["data"], event.get("id"))
+    attrs = getattr(event, "attributes", None)
+    return InputEvent(event.schema, event.data, getattr(attrs, "id", None))
+
+
+def _event_time(name: str, data: Mapping[str, Any]) -> datetime:
+    if name == "ConfigChange":
+        return to_utc(data["changed_at"])
+    return to_utc(data["event_time"])
+
+
+class Healer:
+    """The healing decision logic.
+
+    Args:
+        config: thresholds and their version; default :meth:`HealingConfig.default`.
+        config_key: the key under ``healing.`` whose changes reconfigure this healer.
+    """
+
+    def __init__(
+        self, config: HealingConfig | None = None, *, config_key: str = "healing.thresholds"
+    ) -> None:
+        self.config = config or HealingConfig.default()
+        self.config_key = config_key
+        t, v = self.config.thresholds, self.config.version
+        self.breakers = BreakerBoard(t, v)
+        self.retries = RetryScheduler(t, v)
+        self.health = AgentHealth(t, v)
+        self.rollbacks = RollbackMonitor(t, v)
+        self.watermark: datetime | None = None
+        self.escalations: dict[str, Decision] = {}
+        self.decisions_made = 0
+
+    # -- configuration ----------------------------------------------------------------------------
+    def reconfigure(self, config: HealingConfig) -> None:
+        """Use ``config`` for every decision from now on."""
+        self.config = config
+        for part in (self.breakers, self.retries, self.health, self.rollbacks):
+            part.reconfigure(config.thresholds, config.version)
+
+    # -- input ------------------------------------------------------------------------------------
+    def feed(self, event: Any) -> list[Decision]:
+        """Take one event (``InputEvent``, ``{"schema", "data", "id"}`` or a ``streams.envelope.Event``).
+
+        Returns:
+            The decisions, time-driven ones first, in a deterministic order.
+
+        Raises:
+            KeyError, TypeError: the event lacks a field its schema requires (the shell sends it to
+                the dead-letter topic).
+        """
+        ev = _as_input(event)
+        name = ev.schema.rsplit(".", 1)[-1]
+        if name not in ("LlmCall", "ToolCall", "RunLifecycle", "ConfigChange"):
+            return []
+        at = _event_time(name, ev.data)
+        out = self.advance(at)
+        if name == "LlmCall":
+            out += self._llm_call(ev, at)
+        elif name in ("ToolCall", "RunLifecycle"):
+            out += self.health.on_event(ev.schema, ev.data, causation_id=ev.id)
+        else:
+            out += self._config_change(ev, at)
+        return self._note(out)
+
+    def feed_all(self, events: Iterable[Any]) -> list[Decision]:
+        """:meth:`feed` every event in order and return all decisions."""
+        out: list[Decision] = []
+        for e in events:
+            out += self.feed(e)
+        return out
+
+    def advance(self, now: datetime | float) -> list[Decision]:
+        """Move the watermark to ``now`` (never back) and return the decisions time alone causes."""
+        now = to_utc(now)
+        if self.watermark is not None and now <= self.watermark:
+            return []
+        self.watermark = now
+        out = self.breakers.advance(now)
+        out += self.retries.due(now)
+        out += self.rollbacks.advance(now)
+        out += self.health.advance(now)
+        return self._note(out)
+
+    def _llm_call(self, ev: InputEvent, at: datetime) -> list[Decision]:
+        d = ev.data
+        provider = d.get("provider") or "unknown"
+        model = d.get("model")
+        agent = d.get("agent")
+        outcome = d.get("outcome") or "ok"
+        ok = outcome == "ok"
+        out = self.breakers.record(at, circuit_keys(provider, model, agent), ok)
+        comps = [
+            f"provider:{provider}",
+            *([f"model:{model}"] if model else []),
+            *([f"agent:{agent}"] if agent else []),
+        ]
+        self.rollbacks.on_call(comps, at, ok, d.get("latency_ms"), d.get("cost_usd"))
+        request_id = d.get("request_id")
+        if request_id:
+            if ok:
+                self.retries.on_success(str(request_id))
+            else:
+                out.append(
+                    self.retries.on_failure(
+                        request_id=str(request_id),
+                        target=provider,
+                        attempt=int(d.get("attempt") or 1),
+                        error_kind=str(d.get("error_kind") or outcome),
+                        at=at,
+                        causation_id=ev.id,
+                    )
+                )
+        out += self.health.on_event(ev.schema, d, causation_id=ev.id)
+        return out
+
+    def _config_change(self, ev: InputEvent, at: datetime) -> list[Decision]:
+        d = ev.data
+        key = str(d["key"])
+        raw = d.get("value_json")
+        value = json.loads(raw) if raw else None
+        if key == self.config_key:
+            try:
+                thresholds = HealingThresholds.model_validate(value or {})
+            except ValidationError as exc:
+                return [
+                    Decision(
+                        kind="config_refused",
+                        subject=f"config:{key}",
+                        event_time=at,
+                        config_version=self.config.version,
+                        causation_id=ev.id,
+                        details={
+                            "key": key,
+                            "version": int(d["version"]),
+                            "problems": [e["msg"] for e in exc.errors()],
+                        },
+                    )
+                ]
+            self.reconfigure(HealingConfig(thresholds, int(d["version"])))
+            return [
+                Decision(
+                    kind="config_applied",
+                    subject=f"config:{key}",
+                    event_time=at,
+                    config_version=self.config.version,
+                    causation_id=ev.id,
+                    details={"key": key, "version": int(d["version"])},
+                )
+            ]
+        if key.startswith(HEALING_CONFIG_PREFIX):
+            return []
+        return self.rollbacks.on_change(
+            event_id=ev.id or f"{key}@{d['version']}",
+            key=key,
+            version=int(d["version"]),
+            at=at,
+            change=str(d.get("change") or "CHANGED"),
+            author=str(d.get("author") or ""),
+            value=value if isinstance(value, Mapping) else None,
+            restored_version=d.get("restored_version"),
+        )
+
+    # -- people ---------------------------------------------------------------------------------
+    def ack(self, escalation_id: str, *, by: str, note: str, at: datetime | float) -> list[Decision]:
+        """A person takes escalation ``escalation_id``; a pending rollback is then carried out.
+
+        Raises:
+            KeyError: no open escalation has that id.
+        """
+        at = to_utc(at)
+        if escalation_id in self.rollbacks.pending:
+            out = self.rollbacks.ack(escalation_id, by=by, note=note, at=at)
+        else:
+            esc = self.escalations[escalation_id]
+            out = [
+                Decision(
+                    kind="escalation_acked",
+                    subject=esc.subject,
+                    event_time=at,
+                    config_version=self.config.version,
+                    causation_id=escalation_id,
+                    details={"escalation_id": escalation_id, "by": by, "note": note},
+                )
+            ]
+        self.escalations.pop(escalation_id, None)
+        return self._note(out)
+
+    def _note(self, decisions: list[Decision]) -> list[Decision]:
+        for d in decisions:
+            if d.kind == "escalation":
+                self.escalations[d.id] = d
+        self.decisions_made += len(decisions)
+        return decisions
+
+    def status(self) -> dict[str, Any]:
+        """``{"watermark", "config_version", "circuits": [...], "warnings": [...], "escalations": [...], "retries": [...]}``."""
+        return {
+            "watermark": self.watermark.isoformat() if self.watermark else None,
+            "config_version": self.config.version,
+            "circuits": self.breakers.snapshot(),
+            "warnings": self.health.snapshot(),
+            "escalations": [d.as_json() for d in self.escalations.values()],
+            "retries": self.retries.pending(),
+        }

@@ -1,0 +1,216 @@
+"""The healer worker on real Tansu, PostgreSQL and Redis: breaker transitions, rollback, dead letters, replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+import structlog
+from pydantic import SecretStr
+
+from configuration.store import ConfigStore
+from core.settings import PostgresSettings, Settings, get_settings
+from processors.healing.read_model import HealingReadModel
+from streams.consumer import ConsumedEvent
+from streams.envelope import Event
+from streams.producer import EventProducer
+from streams.replay import read_range
+from streams.serde import serde_from_settings
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2025, 11, 18, 23, 45, tzinfo=UTC)
+THRESHOLDS = {"consecutive_failures": 5, "open_seconds": 20, "rollback_window_seconds": 25, "rollback_min_calls": 10,
+              "rollback_alpha": 0.05}  # fmt: skip
+
+
+def _call(s: float, ok: bool) -> Event:
+    data = {"run_id": "run-1", "step": int(s) + 1, "event_time": T0 + timedelta(seconds=s), "model": "gemini-3-pro",
+            "provider": "google", "response_id": None, "prompt_tokens": 100, "completion_tokens": 10, "cached_tokens": 0,
+            "reasoning_tokens": 0, "cost_usd": 0.001, "finish_reason": "stop" if ok else None, "latency_ms": 900,
+            "outcome": "ok" if ok else "server_error", "error_kind": None if ok else "server_error",
+            "http_status": None if ok else 503, "request_id": f"q-{s}", "attempt": 1, "agent": None}  # fmt: skip
+    return Event.create(
+        "sophia.agent.LlmCall", "run-1", data, source="/test", time=data["event_time"], id=f"call-{s}"
+    )
+
+
+def _change(v: Any, at: datetime) -> Event:
+    data = {"key": v.key, "version": v.version, "change": v.change, "value_json": json.dumps(v.value), "author": v.author,
+            "reason": v.reason, "changed_at": at, "schema_name": v.schema_name, "restored_version": None,
+            "rolled_back_from_version": None, "causation_id": None, "aggregate_id": "00000000-0000-0000-0000-000000000001",
+            "notification_id": v.version}  # fmt: skip
+    return Event.create("sophia.config.ConfigChange", v.key, data, source="/test", time=at, id=v.event_id)
+
+
+def _worker(
+    settings: Settings, pg_url: str, state_dir: Path, app_id: str, topics: dict[str, str], *extra: str
+) -> None:
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+           "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_REDIS__URL": settings.redis.dsn(),
+           "BACKBONE_STATE_DIR": str(state_dir), "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+    args = ["--app-id", app_id, "--events-topic", topics["events"], "--config-topic", topics["config"],
+            "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"], "--thresholds", json.dumps(THRESHOLDS),
+            "--stop-after-idle", "3", *extra]  # fmt: skip
+    code = "import sys; from backbone.cli_healing import heal_app; heal_app(sys.argv[1:])"
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+
+
+def _decisions(settings: Settings, topic: str) -> list[ConsumedEvent]:
+    serde = serde_from_settings(settings)
+    return [
+        r
+        for r in read_range(settings.kafka, serde, topic, idle_timeout_seconds=5)
+        if isinstance(r, ConsumedEvent)
+    ]
+
+
+def test_outage_opens_and_closes_the_circuit_and_a_bad_change_is_rolled_back(
+    settings: Settings, pg_url: str, redis_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
+) -> None:
+    settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
+    topics = {"events": create_topic(unique_name("events"), 1), "config": create_topic(unique_name("config"), 1),
+              "decisions": create_topic(unique_name("decisions"), 1), "dlq": create_topic(unique_name("dlq"), 1)}  # fmt: skip
+    store = ConfigStore(settings)
+    try:
+        v1 = store.set("providers.google", {"requests_per_minute": 600}, author="ana", reason="initial")
+        v2 = store.set(
+            "providers.google", {"requests_per_minute": 6000}, author="ana", reason="raise the limit"
+        )
+    finally:
+        store.close()
+    serde = serde_from_settings(settings)
+    with EventProducer(settings.kafka, serde) as p:
+        p.produce(topics["config"], _change(v1, T0 - timedelta(hours=1)))
+        p.produce(topics["config"], _change(v2, T0 + timedelta(seconds=29.5)))
+        p.flush()
+    # the config events first, so the single agent sees them before the calls they precede in event time
+    with EventProducer(settings.kafka, serde) as p:
+        for s in range(0, 121):
+            p.produce(topics["events"], _call(float(s), ok=not 30 <= s < 50))
+        p.produce_raw(
+            topics["events"], key=b"run-1", value=b"\x00\x00\x00\x00\x01 not avro", headers=[("ce_id", b"x")]
+        )
+        p.flush()
+
+    _worker(settings, pg_url, tmp_path, unique_name("heal"), topics)
+
+    model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+    trail = [(r["kind"], r["event_time"]) for r in model.audit("circuit:provider:google")]
+    assert [k for k, _ in trail] == ["circuit_opened", "circuit_half_open", "circuit_closed"]
+    assert [t for _, t in trail] == [
+        T0 + timedelta(seconds=34),
+        T0 + timedelta(seconds=54),
+        T0 + timedelta(seconds=54),
+    ]
+    assert model.circuit_state("provider:google") == "closed"
+    config_trail = model.audit("config:providers.google")
+    kinds = [r["kind"] for r in config_trail]
+    assert kinds == ["rollback_not_needed", "rollback", "rollback_applied"], kinds  # v1: nothing to compare
+    assert config_trail[0]["details"]["change_version"] == 1
+    rollback = config_trail[1]
+    assert rollback["causation_id"] == v2.event_id and rollback["details"]["to_version"] == 1
+    assert rollback["details"]["evidence"]["metrics"]["error_rate"]["significant"]
+    store = ConfigStore(settings)
+    try:
+        now = store.get("providers.google")
+    finally:
+        store.close()
+    assert (now.version, now.restored_version, now.author, now.causation_id) == (
+        3,
+        1,
+        "healer",
+        rollback["id"],
+    )
+    dead = [
+        r
+        for r in read_range(settings.kafka, serde, topics["dlq"], idle_timeout_seconds=5)
+        if isinstance(r, ConsumedEvent)
+    ]
+    assert len(dead) == 1
+    first = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics["decisions"])]
+    with psycopg.connect(pg_url) as conn:
+        projected = conn.execute("SELECT id, kind FROM proj_healing.decisions ORDER BY seq").fetchall()
+    assert first == [tuple(r) for r in projected]  # every published decision is projected, in order
+
+    # replay: a second worker (new group, new decisions topic, no rollbacks) decides the same things
+    topics2 = {**topics, "decisions": create_topic(unique_name("decisions2"), 1)}
+    _worker(settings, pg_url, tmp_path, unique_name("heal2"), topics2, "--no-rollback")
+    second = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics2["decisions"])]
+    assert second == [d for d in first if d[1] != "rollback_applied"]
+
+
+def test_status_ack_and_audit_commands(pg_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """healing status / ack / audit on the read model in a real PostgreSQL and Redis."""
+    monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
+    monkeypatch.setenv("BACKBONE_REDIS__URL", redis_url)
+    get_settings.cache_clear()
+    try:
+        _cli_checks(pg_url, redis_url)
+    finally:
+        get_settings.cache_clear()
+        structlog.reset_defaults()  # the CLI pointed logging at CliRunner's stream, closed by now
+
+
+def _cli_checks(pg_url: str, redis_url: str) -> None:
+    from typer.testing import CliRunner
+
+    from backbone.cli_healing import app
+    from processors.healing.decisions import Decision
+
+    model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+    model.ensure_schema()
+    opened = Decision(
+        kind="circuit_opened",
+        subject="circuit:provider:Google",
+        event_time=T0,
+        config_version=2,
+        details={"circuit": "provider:Google", "to_state": "open", "reason": "5 consecutive failures >= 5"},
+    )
+    esc = Decision(
+        kind="escalation",
+        subject="request:q-1",
+        event_time=T0,
+        config_version=2,
+        details={"reason": "fallback chain exhausted", "tried": ["Google"]},
+    )
+    warn = Decision(kind="agent_warning", subject="run:r1", event_time=T0, config_version=2,
+                    details={"run_id": "r1", "signal": "loop", "level": "warn", "step": 7})  # fmt: skip
+    assert (
+        model.apply([opened, esc, warn]) == 3 and model.apply([opened]) == 0
+    )  # a replayed decision is a no-op
+    assert model.circuit_state("provider:Google") == "open"  # from Redis
+    assert redis.Redis.from_url(redis_url).hget("backbone:circuit:provider:Google", "state") == b"open"
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    body = json.loads(status.output)
+    assert [c["circuit"] for c in body["circuits"]] == ["provider:Google"] and body["escalations"][0][
+        "id"
+    ] == esc.id
+    assert body["warnings"][0]["signal"] == "loop"
+    ack = runner.invoke(
+        app, ["ack", esc.id, "--by", "ana", "--note", "switching the agent to Studio", "--json"]
+    )
+    assert ack.exit_code == 0, ack.output
+    assert json.loads(ack.output)["causation_id"] == esc.id
+    again = runner.invoke(app, ["ack", esc.id, "--by", "bob", "--note", "me too"])
+    assert again.exit_code == 2 and "already acked by ana" in again.output
+    assert runner.invoke(app, ["ack", "nope", "--by", "a", "--note", "b"]).exit_code == 2
+    assert json.loads(runner.invoke(app, ["status", "--json"]).output)["escalations"] == []
+    audit = json.loads(runner.invoke(app, ["audit", "request:q-1", "--json"]).output)
+    assert [r["kind"] for r in audit] == ["escalation", "escalation_acked"]
+    redis.Redis.from_url(redis_url).delete("backbone:circuit:__ready__")
+    assert model.circuit_state("provider:Google") == "open"  # Redis not ready: PostgreSQL answers
