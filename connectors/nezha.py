@@ -388,7 +388,8 @@ def _span_files(paths: list[Path], report: ImportReport, seen: set[str]) -> Iter
 
 def iter_day(path: Path, report: ImportReport | None = None) -> Iterator[tuple[str, Event]]:
     """Yield ``(topic, event)`` for every metric sample, log line and span under ``path`` (a day folder
-    or a folder of day folders), file by file in name order. Bad records go to ``report.bad``.
+    or a folder of day folders), day by day, each day in event-time order (ties: topic, then event
+    id), as a live system would emit them. Bad records go to ``report.bad``.
 
     Raises:
         NezhaImportError: ``path`` holds no day folder.
@@ -399,12 +400,12 @@ def iter_day(path: Path, report: ImportReport | None = None) -> Iterator[tuple[s
         if (day / "fault_list.json").exists():
             report.faults_ground_truth += len(load_faults(day))
         seen: set[str] = set()
+        events: list[tuple[str, Event]] = []
         for f in sorted((day / "metric").glob("*.csv")):
-            for e in _metric_file(f, report):
-                yield TOPIC_METRICS, e
+            events.extend((TOPIC_METRICS, e) for e in _metric_file(f, report))
         for f in sorted((day / "log").glob("*.csv")) if (day / "log").is_dir() else []:
-            for e in _log_file(f, report, seen):
-                yield TOPIC_LOGS, e
+            events.extend((TOPIC_LOGS, e) for e in _log_file(f, report, seen))
         spans = sorted((day / "trace").glob("*.csv")) if (day / "trace").is_dir() else []
-        for e in _span_files(spans, report, seen):
-            yield TOPIC_SPANS, e
+        events.extend((TOPIC_SPANS, e) for e in _span_files(spans, report, seen))
+        events.sort(key=lambda te: (te[1].attributes.time, te[0], te[1].attributes.id))
+        yield from events
