@@ -21,7 +21,8 @@ Per window the detectors of :mod:`processors.incidents.nezha_detect` score every
   at least ``min_services`` services, or include a new WARN/ERROR log template, or one anomaly scores
   at least ``strong_threshold``. Its ``incident.opened`` insight is stamped with the end of the window
   that opened it plus the allowed lateness (the earliest moment a streaming worker can know).
-* Anomalies of later windows join the open incident; it **closes** when ``incident_gap_ms`` pass
+* Anomalies of later windows join the open incident, each window that adds some gives an
+  ``incident.updated`` insight (same stamping); it **closes** when ``incident_gap_ms`` pass
   without an anomaly, or ``max_incident_ms`` after it opened, and its ``incident.closed`` insight
   carries the ranked root-cause candidates (:func:`processors.incidents.rca.rank`) with their evidence.
 
@@ -56,7 +57,7 @@ class EngineConfig:
     """Tuning of :class:`IncidentEngine` (times in event-time milliseconds)."""
 
     window_ms: int = 60_000
-    allowed_lateness_ms: int = 30_000
+    allowed_lateness_ms: int = 15_000
     z_threshold: float = 6.0
     strong_threshold: float = 25.0
     min_services: int = 3
@@ -64,9 +65,12 @@ class EngineConfig:
     min_history: int = 10
     trace_min_history: int = 2
     log_warmup_windows: int = 1
+    log_gap_windows: int = 2
+    log_min_history: int = 2
+    log_error_floor: float = 0.5
     correlation_window_ms: int = 180_000
-    incident_gap_ms: int = 180_000
-    max_incident_ms: int = 600_000
+    incident_gap_ms: int = 120_000
+    max_incident_ms: int = 300_000
     span_memory_windows: int = 5
 
 
@@ -97,7 +101,7 @@ class IncidentEngine:
         config: tuning (defaults are the ones evaluated in ``backbone eval incidents``).
 
     Insights are dicts in the shape of ``sophia.insight.Insight`` (``insight_id``, ``kind``
-    (``incident.opened`` / ``incident.closed``), ``entity`` ``incident:<id>``, ``event_time`` (epoch
+    (``incident.opened`` / ``incident.updated`` / ``incident.closed``), ``entity`` ``incident:<id>``, ``event_time`` (epoch
     ms), ``summary``, ``metrics``, ``labels``; ``labels["candidates"]`` is the JSON of the ranked
     candidates with their evidence, ``labels["anomalies"]`` the JSON of the anomalies behind them).
     """
@@ -114,6 +118,8 @@ class IncidentEngine:
         self._detectors: dict[tuple[str, str], RobustZ] = {}
         self._templates: dict[str, set[tuple[str, str]]] = defaultdict(set)
         self._log_windows = 0
+        self._last_log_window: int | None = None
+        self._log_services: dict[str, str] = {}
         self._span_pods: dict[int, dict[tuple[str, str], str]] = {}
         self.call_graph: dict[str, Counter[str]] = defaultdict(Counter)
         self._recent: list[Anomaly] = []
@@ -210,10 +216,15 @@ class IncidentEngine:
             v = metrics[name]
             if rule is None or v is None or not math.isfinite(v):
                 continue
-            d = self._detector(r["pod"], f"metric:{name}", rule.direction, rule.abs_floor, self.config.min_history)
-            score, med = d.update(float(v))
+            d = self._detector(
+                r["pod"], f"metric:{name}", rule.direction, rule.abs_floor, self.config.min_history
+            )
+            score, med = d.update(rule.transform(float(v)))
+            med = math.exp(med) - rule.offset if rule.log_scale and math.isfinite(med) else med
             if score >= self.config.z_threshold:
-                out.append(Anomaly(r["pod"], r["service"], f"metric:{name}", w, score, float(v), round(med, 6)))
+                out.append(
+                    Anomaly(r["pod"], r["service"], f"metric:{name}", w, score, float(v), round(med, 6))
+                )
         return out
 
     def _spans(self, w: int, spans: list[dict[str, Any]]) -> list[Anomaly]:
@@ -242,25 +253,55 @@ class IncidentEngine:
             d = self._detector(pod, "trace:p90_duration_ms", 1, 5.0, c.trace_min_history)
             score, med = d.update(p90)
             if score >= c.z_threshold:
-                out.append(Anomaly(pod, services[pod], "trace:p90_duration_ms", w, score, round(p90, 3), round(med, 3)))
+                out.append(
+                    Anomaly(
+                        pod, services[pod], "trace:p90_duration_ms", w, score, round(p90, 3), round(med, 3)
+                    )
+                )
         return out
 
     def _logs(self, w: int, logs: list[dict[str, Any]]) -> list[Anomaly]:
+        c = self.config
         if not logs:
             return []
-        warm = self._log_windows >= self.config.log_warmup_windows
+        if self._last_log_window is not None and w - self._last_log_window > c.log_gap_windows * c.window_ms:
+            self._log_windows = 0  # the log stream had a gap: learn again before calling a template new
+        self._last_log_window = w
+        warm = self._log_windows >= c.log_warmup_windows
         counts: Counter[tuple[str, str, str]] = Counter()
-        services: dict[str, str] = {}
+        errors: Counter[str] = Counter()
         for r in logs:
             counts[(r["pod"], r["level"], r["logger"])] += 1
-            services[r["pod"]] = r["service"]
+            self._log_services[r["pod"]] = r["service"]
+            if r["level"] in ("ERROR", "FATAL"):
+                errors[r["pod"]] += 1
         out = []
         for (pod, level, logger), n in sorted(counts.items()):
             seen = self._templates[pod]
             if warm and level in _LOG_ALERT_LEVELS and (level, logger) not in seen:
-                score = self.config.z_threshold + n
-                out.append(Anomaly(pod, services[pod], "log:new_template", w, score, float(n), 0.0, f"{level} {logger}"))
+                detail = f"{level} {logger}"
+                out.append(
+                    Anomaly(
+                        pod,
+                        self._log_services[pod],
+                        "log:new_template",
+                        w,
+                        c.z_threshold + n,
+                        float(n),
+                        0.0,
+                        detail,
+                    )
+                )
             seen.add((level, logger))
+        for pod in sorted(self._log_services):  # every pod that ever logged: 0 errors is a value too
+            d = self._detector(pod, "log:error_count", 1, c.log_error_floor, c.log_min_history)
+            score, med = d.update(float(errors[pod]))
+            if score >= c.z_threshold:
+                out.append(
+                    Anomaly(
+                        pod, self._log_services[pod], "log:error_count", w, score, float(errors[pod]), med
+                    )
+                )
         self._log_windows += 1
         return out
 
@@ -269,10 +310,11 @@ class IncidentEngine:
     def _correlate(self, w: int, found: list[Anomaly]) -> list[dict[str, Any]]:
         c = self.config
         if self._open is not None:
-            if found:
-                self._open.anomalies.extend(found)
-                self._open.last_anomaly_window_ms = w
-            return []
+            if not found:
+                return []
+            self._open.anomalies.extend(found)
+            self._open.last_anomaly_window_ms = w
+            return [self._insight(self._open, "incident.updated", w + c.window_ms + c.allowed_lateness_ms, w)]
         self._recent = [a for a in self._recent if a.window_start_ms > w - c.correlation_window_ms] + found
         if not found:
             return []
@@ -287,24 +329,25 @@ class IncidentEngine:
         inc = Incident(opened_window_ms=w, anomalies=list(self._recent), last_anomaly_window_ms=w)
         self._recent = []
         self._open = inc
-        return [self._insight(inc, "incident.opened", w + c.window_ms + c.allowed_lateness_ms)]
+        return [self._insight(inc, "incident.opened", w + c.window_ms + c.allowed_lateness_ms, w)]
 
     def _close(self, inc: Incident, at_ms: int) -> dict[str, Any]:
-        return self._insight(inc, "incident.closed", at_ms + self.config.allowed_lateness_ms)
+        return self._insight(
+            inc, "incident.closed", at_ms + self.config.allowed_lateness_ms, inc.last_anomaly_window_ms
+        )
 
-    def _insight(self, inc: Incident, kind: str, event_ms: int) -> dict[str, Any]:
+    def _insight(self, inc: Incident, kind: str, event_ms: int, window_ms: int) -> dict[str, Any]:
         graph = {k: dict(v) for k, v in self.call_graph.items()}
         candidates = rank(inc.anomalies, graph)
         iid = inc.incident_id
         services = sorted({a.service for a in inc.anomalies})
         first = min(a.window_start_ms for a in inc.anomalies)
         top = candidates[0] if candidates else None
-        summary = (
-            f"incident over {len(services)} service(s), {len(inc.anomalies)} anomalies; "
-            + (f"most likely cause {top.pod} ({top.service})" if top else "no candidate")
+        summary = f"incident over {len(services)} service(s), {len(inc.anomalies)} anomalies; " + (
+            f"most likely cause {top.pod} ({top.service})" if top else "no candidate"
         )
         return {
-            "insight_id": deterministic_id("insight", kind, iid),
+            "insight_id": deterministic_id("insight", kind, iid, window_ms),
             "kind": kind,
             "entity": f"incident:{iid}",
             "event_time": event_ms,
@@ -314,6 +357,7 @@ class IncidentEngine:
                 "services_count": float(len(services)),
                 "first_anomaly_window_ms": float(first),
                 "opened_window_ms": float(inc.opened_window_ms),
+                "window_ms": float(window_ms),
                 "last_anomaly_window_ms": float(inc.last_anomaly_window_ms),
             },
             "labels": {
@@ -322,7 +366,10 @@ class IncidentEngine:
                 "top1_service": top.service if top else "",
                 "candidates": json.dumps([c.as_dict() for c in candidates], sort_keys=True),
                 "anomalies": json.dumps(
-                    [a.as_dict() for a in sorted(inc.anomalies, key=lambda a: (a.window_start_ms, a.pod, a.signal))][:200],
+                    [
+                        a.as_dict()
+                        for a in sorted(inc.anomalies, key=lambda a: (a.window_start_ms, a.pod, a.signal))
+                    ][:200],
                     sort_keys=True,
                 ),
             },
@@ -347,7 +394,9 @@ def _canonical(item: tuple[str, dict[str, Any]]) -> tuple[Any, ...]:
             str(r.get("message") or ""))  # fmt: skip
 
 
-def run(records: Iterable[tuple[str, Mapping[str, Any]]], config: EngineConfig | None = None) -> tuple[list[dict[str, Any]], IncidentEngine]:
+def run(
+    records: Iterable[tuple[str, Mapping[str, Any]]], config: EngineConfig | None = None
+) -> tuple[list[dict[str, Any]], IncidentEngine]:
     """Feed ``(kind, record)`` pairs through a fresh engine and flush; return the insights and the engine."""
     engine = IncidentEngine(config)
     out: list[dict[str, Any]] = []

@@ -21,7 +21,11 @@ Signals (one series per pod and signal):
   health, and node-level columns describe the node: they are not scored.
 * ``log:new_template`` -- from ``sophia.telemetry.LogLine``: a WARN/ERROR/FATAL ``(level, logger)``
   never seen before on that pod, once the pod's log history covers at least ``log_warmup_windows``
-  windows; the score grows with how many lines the new template wrote in the window.
+  windows; the score grows with how many lines the new template wrote in the window. After a gap of
+  more than ``log_gap_windows`` windows without any log line the log stream is learnt again for
+  ``log_warmup_windows`` windows (what happened in the gap is unknown).
+* ``log:error_count`` -- ERROR/FATAL lines of a pod per window (0 for a pod that logged before but
+  not in this window), scored like a metric once ``log_min_history`` windows with logs are known.
 * ``trace:p90_duration_ms`` -- from ``sophia.telemetry.Span``: the P90 of the pod's span durations in
   the window, scored like a metric (increase only).
 """
@@ -50,19 +54,30 @@ class MetricRule:
 
     Attributes:
         direction: ``1`` only increases are anomalous, ``-1`` only decreases.
-        abs_floor: smallest scale in the metric's unit (e.g. 1.0 for a percentage, 0.01 for seconds).
+        abs_floor: smallest scale in the metric's unit (e.g. 1.0 for a percentage), or in natural-log
+            units when ``log_scale`` (0.35 is a factor of about 1.4).
+        log_scale: score ``ln(value + offset)`` instead of the value: latency percentiles are
+            bucket bounds of a histogram (0.0235, 0.475, 0.95 s, ...), so a one-bucket step doubles
+            the value; on a log scale every bucket step weighs the same, at any latency.
+        offset: added before the logarithm (the smallest latency that matters, in the unit).
     """
 
     direction: int
     abs_floor: float
+    log_scale: bool = False
+    offset: float = 0.0
+
+    def transform(self, value: float) -> float:
+        """The value the detector sees."""
+        return math.log(max(value, 0.0) + self.offset) if self.log_scale else value
 
 
 METRIC_RULES: dict[str, MetricRule] = {
     "CpuUsageRate(%)": MetricRule(1, 1.0),
     "MemoryUsageRate(%)": MetricRule(1, 1.0),
-    "PodServerLatencyP90(s)": MetricRule(1, 0.05),
-    "PodServerLatencyP99(s)": MetricRule(1, 0.05),
-    "LatencyP90(s)": MetricRule(1, 0.05),
+    "PodServerLatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "PodServerLatencyP99(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "LatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
     "SuccessRate(%)": MetricRule(-1, 1.0),
 }
 """The metrics scored, by the column name of the source (unit in the suffix)."""

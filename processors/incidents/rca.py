@@ -114,7 +114,8 @@ def rank(
     out = []
     for i, pod in enumerate(order, 1):
         lines = [
-            f"{a.signal} score {a.score:.1f}: {a.value:g} vs median {a.baseline:g}" + (f" ({a.detail})" if a.detail else "")
+            f"{a.signal} score {a.score:.1f}: {a.value:g} vs median {a.baseline:g}"
+            + (f" ({a.detail})" if a.detail else "")
             for a in sorted(best[pod].values(), key=lambda a: (-a.score, a.signal))
         ]
         out.append(Candidate(i, pod, services[pod], score[pod], tuple(lines + notes[pod])))
