@@ -53,7 +53,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +185,13 @@ def day_folders(path: Path) -> list[Path]:
         NezhaImportError: no day folder found.
     """
     if not path.is_dir():
-        raise NezhaImportError(f"{path}: no such directory")
+        raise NezhaImportError(path, "no such directory")
     if (path / "metric").is_dir():
         return [path]
     days = sorted(p for p in path.iterdir() if (p / "metric").is_dir())
     if not days:
         raise NezhaImportError(
-            f"{path}: neither a Nezha day folder (metric/, log/, trace/) nor a folder of them"
+            path, "neither a Nezha day folder (metric/, log/, trace/) nor a folder of them"
         )
     return days
 
@@ -218,12 +218,16 @@ def load_faults(day: Path) -> list[Fault]:
             for f in hour
         ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise NezhaImportError(f"{p}: not a Nezha fault list: {exc}") from exc
+        raise NezhaImportError(p, f"not a Nezha fault list: {exc}") from exc
     return sorted(faults, key=lambda f: (f.inject_time, f.pod))
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _ms(ns: int) -> datetime:
-    return datetime.fromtimestamp(ns / 1e9, UTC)
+    """Nanoseconds since the epoch -> aware datetime, truncated to the millisecond (the Avro precision)."""
+    return _EPOCH + timedelta(milliseconds=ns // 1_000_000)
 
 
 def _event(schema: str, key: str, data: dict[str, Any], time: datetime, *id_parts: object) -> Event:
