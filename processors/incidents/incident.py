@@ -7,7 +7,8 @@ it returns). Input records are the decoded data of ``sophia.telemetry.MetricSamp
 Time model:
 
 * Tumbling one-minute windows in event time (``window_ms``), aligned to the epoch.
-* Watermark = the highest event time seen minus ``allowed_lateness_ms``. A window is processed once
+* Watermark = the highest event time seen minus ``allowed_lateness_ms`` (with several inputs: the
+  slowest active input's highest event time, see :meth:`IncidentEngine.feed`). A window is processed once
   the watermark reaches its end; an event for a window already processed is *late*: it is counted
   (:attr:`IncidentEngine.late`, per kind) and not used.
 * A closed window is processed in a canonical order (kind, pod, event time, identity), so the result
@@ -72,6 +73,7 @@ class EngineConfig:
     incident_gap_ms: int = 120_000
     max_incident_ms: int = 300_000
     span_memory_windows: int = 5
+    idle_source_ms: int = 600_000
 
 
 def _ms(t: Any) -> int:
@@ -112,7 +114,7 @@ class IncidentEngine:
         self.late: Counter[str] = Counter()
         self.processed_windows = 0
         self.anomaly_count = 0
-        self._max_event_ms: int | None = None
+        self._source_max: dict[str, int] = {}
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._next_window_ms: int | None = None  # windows below this are closed
         self._detectors: dict[tuple[str, str], RobustZ] = {}
@@ -127,9 +129,17 @@ class IncidentEngine:
 
     # ------------------------------------------------------------------------------------------ intake
 
-    def feed(self, kind: str, record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def feed(self, kind: str, record: Mapping[str, Any], source: str | None = None) -> list[dict[str, Any]]:
         """Take one record of ``kind`` (``metric``, ``log`` or ``span``); return the insights that the
         watermark's advance completed (often none).
+
+        Args:
+            kind: what the record is.
+            record: its decoded data.
+            source: the input it came from (e.g. ``telemetry.logs/3``). With several sources the
+                watermark follows the slowest *active* one (the minimum of the sources' highest event
+                times); a source whose highest event time is more than ``idle_source_ms`` behind the
+                fastest is idle and holds nothing back. ``None``: one implicit source.
 
         Raises:
             ValueError: an unknown kind, or a record without ``event_time``.
@@ -144,11 +154,17 @@ class IncidentEngine:
             self.late[kind] += 1
             return []
         self._buffer[w].append((kind, dict(record)))
-        if self._max_event_ms is None or t > self._max_event_ms:
-            self._max_event_ms = t
-            self.watermark_ms = t - self.config.allowed_lateness_ms
-            return self._advance(self.watermark_ms)
-        return []
+        src = source or "-"
+        if t <= self._source_max.get(src, t - 1):
+            return []
+        self._source_max[src] = t
+        top = max(self._source_max.values())
+        slowest = min(v for v in self._source_max.values() if v >= top - self.config.idle_source_ms)
+        mark = slowest - self.config.allowed_lateness_ms
+        if self.watermark_ms is not None and mark <= self.watermark_ms:
+            return []
+        self.watermark_ms = mark
+        return self._advance(mark)
 
     def flush(self) -> list[dict[str, Any]]:
         """End of input: process every buffered window and close the open incident."""

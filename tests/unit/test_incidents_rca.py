@@ -129,3 +129,18 @@ def test_slice_insights_do_not_depend_on_arrival_order() -> None:
     shuffled = sorted(records, key=lambda kr: kr[1]["event_time"] + timedelta(seconds=rng.uniform(0, 14)))
     again, engine2 = run(shuffled)
     assert again == expected and engine2.late == {}
+
+
+def test_watermark_waits_for_the_slowest_active_source() -> None:
+    engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0, idle_source_ms=600_000))
+    for m in range(0, 8):
+        engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
+    engine.feed("metric", _metric("b-1", 1, 1.0), source="metrics/1")
+    # metrics/1 is 6 minutes behind but not idle: its minute-2 record is still on time
+    engine.feed("metric", _metric("b-1", 2, 1.0), source="metrics/1")
+    assert engine.late == {}
+    for m in range(8, 20):
+        engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
+    # now metrics/1 is more than 10 minutes behind: idle, the watermark moves on without it
+    engine.feed("metric", _metric("b-1", 3, 1.0), source="metrics/1")
+    assert engine.late == {"metric": 1}
