@@ -101,6 +101,9 @@ class IncidentEngine:
 
     Args:
         config: tuning (defaults are the ones evaluated in ``backbone eval incidents``).
+        sources: the inputs known in advance (e.g. every assigned ``topic/partition``): each holds the
+            watermark back from the first event on until it delivers or turns idle. A source that is
+            not declared counts from its first record.
 
     Insights are dicts in the shape of ``sophia.insight.Insight`` (``insight_id``, ``kind``
     (``incident.opened`` / ``incident.updated`` / ``incident.closed``), ``entity`` ``incident:<id>``, ``event_time`` (epoch
@@ -108,8 +111,9 @@ class IncidentEngine:
     candidates with their evidence, ``labels["anomalies"]`` the JSON of the anomalies behind them).
     """
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, sources: Iterable[str] = ()) -> None:
         self.config = config or EngineConfig()
+        self._declared = tuple(sources)
         self.watermark_ms: int | None = None
         self.late: Counter[str] = Counter()
         self.processed_windows = 0
@@ -155,6 +159,9 @@ class IncidentEngine:
             return []
         self._buffer[w].append((kind, dict(record)))
         src = source or "-"
+        if not self._source_max:
+            # declared inputs hold the watermark back from the first event on, until they speak or idle
+            self._source_max.update(dict.fromkeys(self._declared, t - 1))
         if t <= self._source_max.get(src, t - 1):
             return []
         self._source_max[src] = t

@@ -132,7 +132,9 @@ def test_slice_insights_do_not_depend_on_arrival_order() -> None:
 
 
 def test_watermark_waits_for_the_slowest_active_source() -> None:
-    engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0, idle_source_ms=600_000))
+    engine = IncidentEngine(
+        EngineConfig(allowed_lateness_ms=0, idle_source_ms=600_000), sources=["metrics/0", "metrics/1"]
+    )
     for m in range(0, 8):
         engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
     engine.feed("metric", _metric("b-1", 1, 1.0), source="metrics/1")
