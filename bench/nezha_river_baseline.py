@@ -1,7 +1,14 @@
-import json, math, sys
-from statistics import NormalDist
+"""Baseline for the incident detector choice: river's ``anomaly.GaussianScorer`` in place of the robust
+MAD z-score, same engine and evaluation. Run: ``PYTHONPATH=. python bench/nezha_river_baseline.py``
+(needs ``river`` and ../shared/data)."""
+
+import json
+import math
 from pathlib import Path
+from statistics import NormalDist
+
 from river import anomaly
+
 import processors.incidents.incident as inc
 from processors.incidents.eval_nezha import evaluate
 
