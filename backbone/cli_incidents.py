@@ -100,7 +100,9 @@ def import_nezha(
     """Import Nezha TrainTicket telemetry (metrics, logs, spans) with deterministic ids; fault_list.json
     is ground truth and is not imported."""
     from backbone.cli_core import _ctx
+    from connectors.nezha import day_folders
 
+    day_folders(directory)  # a wrong folder is one clear line, before any broker is looked for
     settings, serde = _ctx()
     report = run_import(settings, serde, directory, progress=not as_json)
     if as_json:

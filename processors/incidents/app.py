@@ -14,7 +14,8 @@ Two agents:
    Undecodable records and other schemas go to the dead-letter topic with raw bytes and the reason.
 2. ``incidents-correlate`` reads that topic and feeds the engine; the engine's watermark follows the
    slowest active input partition (every partition of the three inputs is declared), so a partition
-   read later than another does not make its records late. Insights are sent to
+   read later than another does not make its records late: only an input partition that was
+   drained (its record reached the consumer's fetch high watermark) can turn idle. Insights are sent to
    ``insights.incidents`` (``sophia.insight.Insight``, key ``incident:<id>``, CloudEvents id = the
    deterministic ``insight_id``, record timestamp = its event time) and their delivery awaited.
 
@@ -119,6 +120,7 @@ class _IncidentShell:
                  channels: dict[str, Any]) -> None:  # fmt: skip
         self.topics, self.serde, self.engine, self.channels = topics, serde, engine, channels
         self.stats = IncidentStats()
+        self.highwater: Any = lambda tp: 0  # set by the app: the consumer's fetch high watermark
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
@@ -141,7 +143,9 @@ class _IncidentShell:
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
             return
-        body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "record": _jsonable(data)}
+        drained = message.offset + 1 >= self.highwater(message.tp)
+        body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "drained": drained,
+                "record": _jsonable(data)}  # fmt: skip
         await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
         self.stats.forwarded_count += 1
 
@@ -150,7 +154,9 @@ class _IncidentShell:
         self._touch()
         body = json.loads(message.value)
         late_before = sum(self.engine.late.values())
-        insights = self.engine.feed(body["kind"], body["record"], source=body["source"])
+        insights = self.engine.feed(
+            body["kind"], body["record"], source=body["source"], drained=body["drained"]
+        )
         self.stats.late_count += sum(self.engine.late.values()) - late_before
         self.stats.correlated_count += 1
         for insight in insights:
@@ -168,8 +174,21 @@ class _IncidentShell:
 
 
 def _partitions(settings: Settings, topics: list[str]) -> list[str]:
-    md = AdminClient(settings.kafka.librdkafka()).list_topics(timeout=15)
-    return [f"{t}/{p}" for t in topics if t in md.topics for p in sorted(md.topics[t].partitions)]
+    """The input partitions that hold records (``topic/partition``): each holds the watermark back."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": "incidents-partition-probe"}))
+    try:
+        md = consumer.list_topics(timeout=15)
+        out = []
+        for t in topics:
+            for p in sorted(md.topics[t].partitions) if t in md.topics else []:
+                low, high = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)
+                if high > low:
+                    out.append(f"{t}/{p}")
+        return out
+    finally:
+        consumer.close()
 
 
 def create_incidents_app(
@@ -204,6 +223,7 @@ def create_incidents_app(
         async for event in stream.events():
             await shell.handle_merged(event.message)
 
+    shell.highwater = lambda tp: app.consumer.highwater(tp) or 0
     app.incident_stats = shell.stats  # type: ignore[attr-defined]
     app.incident_engine = engine  # type: ignore[attr-defined]
     app.incident_close = shell.dead_letters.close  # type: ignore[attr-defined]

@@ -119,6 +119,7 @@ class IncidentEngine:
         self.processed_windows = 0
         self.anomaly_count = 0
         self._source_max: dict[str, int] = {}
+        self._drained: set[str] = set()
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._next_window_ms: int | None = None  # windows below this are closed
         self._detectors: dict[tuple[str, str], RobustZ] = {}
@@ -133,7 +134,9 @@ class IncidentEngine:
 
     # ------------------------------------------------------------------------------------------ intake
 
-    def feed(self, kind: str, record: Mapping[str, Any], source: str | None = None) -> list[dict[str, Any]]:
+    def feed(
+        self, kind: str, record: Mapping[str, Any], source: str | None = None, *, drained: bool = False
+    ) -> list[dict[str, Any]]:
         """Take one record of ``kind`` (``metric``, ``log`` or ``span``); return the insights that the
         watermark's advance completed (often none).
 
@@ -142,8 +145,13 @@ class IncidentEngine:
             record: its decoded data.
             source: the input it came from (e.g. ``telemetry.logs/3``). With several sources the
                 watermark follows the slowest *active* one (the minimum of the sources' highest event
-                times); a source whose highest event time is more than ``idle_source_ms`` behind the
-                fastest is idle and holds nothing back. ``None``: one implicit source.
+                times). ``None``: one implicit source.
+            drained: this record was the last one the source held when it was read (e.g. the
+                partition's fetch high watermark was reached). Only a drained source can turn idle:
+                once its highest event time is more than ``idle_source_ms`` behind the fastest source
+                it holds nothing back; a new record un-drains it. A source that is merely read later
+                than another (a backlog) never turns idle, so a replay's skew between topics makes
+                nothing late.
 
         Raises:
             ValueError: an unknown kind, or a record without ``event_time``.
@@ -162,11 +170,22 @@ class IncidentEngine:
         if not self._source_max:
             # declared inputs hold the watermark back from the first event on, until they speak or idle
             self._source_max.update(dict.fromkeys(self._declared, t - 1))
+        if drained:
+            self._drained.add(src)
+        else:
+            self._drained.discard(src)
         if t <= self._source_max.get(src, t - 1):
-            return []
+            return self._move_watermark() if drained else []
         self._source_max[src] = t
+        return self._move_watermark()
+
+    def _move_watermark(self) -> list[dict[str, Any]]:
         top = max(self._source_max.values())
-        slowest = min(v for v in self._source_max.values() if v >= top - self.config.idle_source_ms)
+        slowest = min(
+            v
+            for s, v in self._source_max.items()
+            if s not in self._drained or v >= top - self.config.idle_source_ms
+        )
         mark = slowest - self.config.allowed_lateness_ms
         if self.watermark_ms is not None and mark <= self.watermark_ms:
             return []

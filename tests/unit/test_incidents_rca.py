@@ -143,6 +143,10 @@ def test_watermark_waits_for_the_slowest_active_source() -> None:
     assert engine.late == {}
     for m in range(8, 20):
         engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
-    # now metrics/1 is more than 10 minutes behind: idle, the watermark moves on without it
-    engine.feed("metric", _metric("b-1", 3, 1.0), source="metrics/1")
+    # metrics/1 is 17 minutes behind but still has records to deliver (a backlog): nothing is late
+    engine.feed("metric", _metric("b-1", 3, 1.0), source="metrics/1", drained=True)
+    assert engine.late == {}
+    # drained and more than 10 minutes behind: idle, the watermark moves on without it
+    engine.feed("metric", _metric("a-1", 20, 1.0), source="metrics/0")
+    engine.feed("metric", _metric("b-1", 4, 1.0), source="metrics/1")
     assert engine.late == {"metric": 1}
