@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +51,10 @@ def test_same_insights_in_another_interleaving(
 ) -> None:
     # the whole slice: the logs and spans end at 08:44:08, the metrics go on to 09:10:09, long enough for
     # the quiet log and span partitions to turn idle (event time) and let the watermark pass 08:43
-    events = list(iter_day(SLICE))
+    # a quarter of the traces (whole traces, by id) keeps the run short; the call graph stays real
+    events = [
+        (t, e) for t, e in iter_day(SLICE) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
+    ]
     serde = AvroSerde(EmbeddedRegistry())
     rng = random.Random(5)
     # the second interleaving: every record up to 10 s (< the 15 s allowed lateness) out of order
