@@ -131,6 +131,38 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Route decisions of the routing processor (de-duplicate on decision_id).",
         ),
         TopicSpec(
+            name="telemetry.metrics",
+            partitions=6,
+            key="pod",
+            schemas=("sophia.telemetry.MetricSample", "sophia.telemetry.SeriesSample"),
+            retention_ms=30 * _DAY_MS,
+            doc="Per-pod metric samples (one per pod per minute), e.g. imported Nezha TrainTicket days.",
+        ),
+        TopicSpec(
+            name="telemetry.logs",
+            partitions=6,
+            key="pod",
+            schemas=("sophia.telemetry.LogLine",),
+            retention_ms=30 * _DAY_MS,
+            doc="Application log lines of pods (level, logger, message, trace and span ids).",
+        ),
+        TopicSpec(
+            name="telemetry.spans",
+            partitions=6,
+            key="trace_id",
+            schemas=("sophia.telemetry.Span",),
+            retention_ms=30 * _DAY_MS,
+            doc="Trace spans (a trace's spans on one partition); the call graph of the services.",
+        ),
+        TopicSpec(
+            name="insights.incidents",
+            partitions=1,
+            key="entity",
+            schemas=("sophia.insight.Insight",),
+            retention_ms=-1,
+            doc="Incidents with ranked root-cause candidates (pod, service) and their evidence.",
+        ),
+        TopicSpec(
             name=DLQ_TOPIC,
             partitions=1,
             key="original key",
@@ -202,7 +234,9 @@ def create_missing_topics(
     return created
 
 
-def ensure_topics(admin: object, names: list[str] | None = None, *, timeout_seconds: float = 15.0) -> list[str]:
+def ensure_topics(
+    admin: object, names: list[str] | None = None, *, timeout_seconds: float = 15.0
+) -> list[str]:
     """Create the catalogue's topics that do not exist yet; return the names created.
 
     Args:

@@ -1,0 +1,301 @@
+"""The incident processor's Faust app: telemetry -> ``incident.*`` insights with ranked root causes.
+
+A thin shell around :class:`processors.incidents.incident.IncidentEngine`; every decision is made
+there. Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not exist on main
+when this was written) and built with :func:`processors.faust_support.make_faust_app`.
+
+Two agents:
+
+1. ``incidents-telemetry`` reads ``telemetry.metrics``, ``telemetry.logs`` and ``telemetry.spans``
+   (``sophia.telemetry.MetricSample`` / ``LogLine`` / ``Span``): decodes the Confluent-framed Avro and
+   the CloudEvents headers and forwards each record as compact JSON (times in epoch ms, the source
+   ``topic/partition``) to the one-partition topic ``<app id>-telemetry-repartition``. Correlating
+   incidents needs every pod's telemetry in one place; that topic is the place, in one total order.
+   Undecodable records and other schemas go to the dead-letter topic with raw bytes and the reason.
+2. ``incidents-correlate`` reads that topic and feeds the engine; the engine's watermark follows the
+   slowest active input partition (every partition of the three inputs is declared), so a partition
+   read later than another does not make its records late: only an input partition that was
+   drained (its record reached the consumer's fetch high watermark) can turn idle. Insights are sent to
+   ``insights.incidents`` (``sophia.insight.Insight``, key ``incident:<id>``, CloudEvents id = the
+   deterministic ``insight_id``, record timestamp = its event time) and their delivery awaited.
+
+Determinism: event time only; the same events within the allowed lateness give the same insights in
+any interleaving (checked by ``tests/integration/test_incidents_replay.py`` on real Tansu).
+
+Not done yet: the engine's state (detector histories, call graph, open incident) lives in memory, not
+in a changelogged Faust table, so a restarted worker starts cold (it re-learns from the records after
+its committed offset); events imported twice are counted twice (no de-duplication by event id).
+``concurrency=1`` per agent.
+
+Run: ``python -m processors.incidents.app [--stop-after-idle S] ...`` (prints its counters as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import structlog
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from backbone.settings import Settings
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.incidents.incident import EngineConfig, IncidentEngine
+from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.consumer import DLQ_TOPIC
+from streams.envelope import CloudEvent, Event
+from streams.errors import DeserializationError, EnvelopeError
+from streams.registry import EmbeddedRegistry
+from streams.serde import AvroSerde
+
+__all__ = [
+    "DEFAULT_APP_ID",
+    "IncidentStats",
+    "IncidentTopics",
+    "create_incidents_app",
+    "run_incidents_worker",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_APP_ID = "backbone-incidents"
+PROCESSOR_NAME = "incidents"
+INSIGHT_SCHEMA = "sophia.insight.Insight"
+_KINDS = {
+    "sophia.telemetry.MetricSample": "metric",
+    "sophia.telemetry.LogLine": "log",
+    "sophia.telemetry.Span": "span",
+}
+
+
+class UnexpectedSchemaError(ValueError):
+    """A record on a telemetry topic whose schema is not a telemetry schema."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IncidentTopics:
+    """Topic names (configurable for tests)."""
+
+    metrics: str = "telemetry.metrics"
+    logs: str = "telemetry.logs"
+    spans: str = "telemetry.spans"
+    insights: str = "insights.incidents"
+    dead_letters: str = DLQ_TOPIC
+
+    def merged(self, app_id: str) -> str:
+        """The one-partition topic every record is forwarded to."""
+        return f"{app_id}-telemetry-repartition"
+
+    def inputs(self) -> tuple[str, str, str]:
+        """The three input topics."""
+        return (self.metrics, self.logs, self.spans)
+
+
+@dataclass(slots=True)
+class IncidentStats:
+    """Counters of one app instance."""
+
+    records_count: int = 0
+    forwarded_count: int = 0
+    correlated_count: int = 0
+    insights_count: int = 0
+    late_count: int = 0
+    dead_letters_count: int = 0
+    last_record_monotonic: float | None = field(default=None)
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: int(v.timestamp() * 1000) if isinstance(v, datetime) else v for k, v in record.items()}
+
+
+class _IncidentShell:
+    def __init__(self, settings: Settings, topics: IncidentTopics, serde: AvroSerde, engine: IncidentEngine,
+                 channels: dict[str, Any]) -> None:  # fmt: skip
+        self.topics, self.serde, self.engine, self.channels = topics, serde, engine, channels
+        self.stats = IncidentStats()
+        self.highwater: Any = lambda tp: 0  # set by the app: the consumer's fetch high watermark
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+
+    def _touch(self) -> None:
+        self.stats.records_count += 1
+        self.stats.last_record_monotonic = time.monotonic()
+
+    async def handle_input(self, message: Any) -> None:
+        """A telemetry record: forward it to the merged topic; dead-letter what cannot be read."""
+        self._touch()
+        try:
+            attributes = CloudEvent.from_headers(message_headers(message.headers))
+            schema, data = self.serde.decode(message.value)
+            kind = _KINDS.get(schema)
+            if kind is None:
+                raise UnexpectedSchemaError(
+                    f"schema {schema!r} is not a telemetry schema (event {attributes.id})"
+                )
+        except (EnvelopeError, DeserializationError, UnexpectedSchemaError) as exc:
+            await self.dead_letters.publish(message, exc)
+            self.stats.dead_letters_count += 1
+            log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
+            return
+        drained = message.offset + 1 >= self.highwater(message.tp)
+        body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "drained": drained,
+                "record": _jsonable(data)}  # fmt: skip
+        await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
+        self.stats.forwarded_count += 1
+
+    async def handle_merged(self, message: Any) -> None:
+        """A merged record: feed the engine, send the insights it completes."""
+        self._touch()
+        body = json.loads(message.value)
+        late_before = sum(self.engine.late.values())
+        insights = self.engine.feed(
+            body["kind"], body["record"], source=body["source"], drained=body["drained"]
+        )
+        self.stats.late_count += sum(self.engine.late.values()) - late_before
+        self.stats.correlated_count += 1
+        for insight in insights:
+            when = datetime.fromtimestamp(insight["event_time"] / 1000, UTC)
+            event = Event.create(INSIGHT_SCHEMA, insight["entity"], {**insight, "event_time": when},
+                                 source="/processors/incidents", time=when, id=insight["insight_id"])  # fmt: skip
+            pending = await self.channels["insights"].send(
+                key=event.key.encode(), value=self.serde.encode(event.schema, event.data),
+                headers=event.attributes.to_headers(), timestamp=when.timestamp(), force=True,
+            )  # fmt: skip
+            await pending
+            self.stats.insights_count += 1
+            log.info("incident_insight_sent", kind=insight["kind"], entity=insight["entity"],
+                     top1=insight["labels"]["top1_pod"])  # fmt: skip
+
+
+def _partitions(settings: Settings, topics: list[str]) -> list[str]:
+    """The input partitions that hold records (``topic/partition``): each holds the watermark back."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": "incidents-partition-probe"}))
+    try:
+        md = consumer.list_topics(timeout=15)
+        out = []
+        for t in topics:
+            for p in sorted(md.topics[t].partitions) if t in md.topics else []:
+                low, high = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)
+                if high > low:
+                    out.append(f"{t}/{p}")
+        return out
+    finally:
+        consumer.close()
+
+
+def create_incidents_app(
+    settings: Settings, *, app_id: str | None = None, topics: IncidentTopics | None = None,
+    config: EngineConfig | None = None, serde: AvroSerde | None = None,
+) -> faust.App:  # fmt: skip
+    """Build the app (two agents); counters at ``app.incident_stats``, ``app.incident_close()`` releases
+    the dead-letter producer.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+    """
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or IncidentTopics()
+    app = make_faust_app(settings, app_id, partitions=1, web_port=0)
+    serde = serde or AvroSerde(EmbeddedRegistry())
+    raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+    merged = app.topic(topics.merged(app_id), partitions=1, **raw)
+    channels = {"merged": merged, "insights": app.topic(topics.insights, **raw)}
+    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs())))
+    shell = _IncidentShell(settings, topics, serde, engine, channels)
+
+    @app.agent(app.topic(*topics.inputs(), **raw), name=f"{PROCESSOR_NAME}-telemetry", concurrency=1)
+    async def incidents_telemetry(stream: faust.StreamT) -> None:
+        """Forward telemetry to the merged topic."""
+        async for event in stream.events():
+            await shell.handle_input(event.message)
+
+    @app.agent(merged, name=f"{PROCESSOR_NAME}-correlate", concurrency=1)
+    async def incidents_correlate(stream: faust.StreamT) -> None:
+        """Feed the engine; send incident insights."""
+        async for event in stream.events():
+            await shell.handle_merged(event.message)
+
+    shell.highwater = lambda tp: app.consumer.highwater(tp) or 0
+    app.incident_stats = shell.stats  # type: ignore[attr-defined]
+    app.incident_engine = engine  # type: ignore[attr-defined]
+    app.incident_close = shell.dead_letters.close  # type: ignore[attr-defined]
+    return app
+
+
+def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: str) -> list[str]:
+    """Create the inputs, the output, the dead-letter and the merged topic when missing."""
+
+    def spec(name: str, catalogue_name: str) -> NewTopic:
+        known = CATALOGUE.get(name) or CATALOGUE[catalogue_name]
+        return NewTopic(name, num_partitions=known.partitions, replication_factor=1)
+
+    wanted = [
+        spec(topics.metrics, "telemetry.metrics"), spec(topics.logs, "telemetry.logs"),
+        spec(topics.spans, "telemetry.spans"), spec(topics.insights, "insights.incidents"),
+        spec(topics.dead_letters, "backbone.dlq"), NewTopic(topics.merged(app_id), num_partitions=1, replication_factor=1),
+    ]  # fmt: skip
+    return create_missing_topics(AdminClient(settings.kafka.librdkafka()), wanted, timeout_seconds=30)
+
+
+def run_incidents_worker(
+    settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
+    stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
+) -> IncidentStats:  # fmt: skip
+    """Run the worker in this process until stopped (blocking; call from a main thread).
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+        StreamsError: a topic cannot be created.
+    """
+    if settings is None:
+        from backbone.runtime import load_settings
+
+        settings = load_settings()
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or IncidentTopics()
+    ensure_incident_topics(settings, topics, app_id)
+    app = create_incidents_app(settings, app_id=app_id, topics=topics)
+    stats: IncidentStats = app.incident_stats  # type: ignore[attr-defined]
+    if stop_after_idle_seconds is not None:
+        stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
+                       "incidents_idle_stop")  # fmt: skip
+    worker = faust.Worker(
+        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        app.incident_close()  # type: ignore[attr-defined]
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m processors.incidents.app``: run the worker, print its counters as JSON at the end."""
+    p = argparse.ArgumentParser(description="The incident processor (Faust worker).")
+    p.add_argument("--app-id", default=DEFAULT_APP_ID)
+    for name in ("metrics", "logs", "spans", "insights"):
+        p.add_argument(f"--{name}-topic", default=getattr(IncidentTopics(), name))
+    p.add_argument("--dlq-topic", default=DLQ_TOPIC)
+    p.add_argument("--stop-after-idle", type=float, default=None, help="Stop after this many idle seconds.")
+    a = p.parse_args(argv)
+    topics = IncidentTopics(metrics=a.metrics_topic, logs=a.logs_topic, spans=a.spans_topic,
+                            insights=a.insights_topic, dead_letters=a.dlq_topic)  # fmt: skip
+    stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle)
+    out = dataclasses.asdict(stats)
+    out.pop("last_record_monotonic")
+    sys.stdout.write(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()

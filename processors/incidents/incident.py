@@ -1,0 +1,448 @@
+"""Incident correlation over pod telemetry: event-time windows, watermark, anomalies -> incidents.
+
+Plain Python, deterministic, no Faust (the Faust app feeds :class:`IncidentEngine` and produces what
+it returns). Input records are the decoded data of ``sophia.telemetry.MetricSample``, ``LogLine`` and
+``Span`` (dicts whose ``event_time`` is an aware datetime or epoch milliseconds).
+
+Time model:
+
+* Tumbling one-minute windows in event time (``window_ms``), aligned to the epoch.
+* Watermark = the highest event time seen minus ``allowed_lateness_ms`` (with several inputs: the
+  slowest active input's highest event time, see :meth:`IncidentEngine.feed`). A window is processed once
+  the watermark reaches its end; an event for a window already processed is *late*: it is counted
+  (:attr:`IncidentEngine.late`, per kind) and not used.
+* A closed window is processed in a canonical order (kind, pod, event time, identity), so the result
+  depends only on the set of events that arrived within the allowed lateness, never on their arrival
+  order. Insights carry event times derived from window bounds, never from arrival or wall clock.
+
+Per window the detectors of :mod:`processors.incidents.nezha_detect` score every series; anomalies
+(score >= ``z_threshold``) feed the correlator:
+
+* An incident **opens** when, within the last ``correlation_window_ms``, the unassigned anomalies cover
+  at least ``min_services`` services, or include a new WARN/ERROR log template, or one anomaly scores
+  at least ``strong_threshold``. Its ``incident.opened`` insight is stamped with the end of the window
+  that opened it plus the allowed lateness (the earliest moment a streaming worker can know).
+* Anomalies of later windows join the open incident, each window that adds some gives an
+  ``incident.updated`` insight (same stamping); it **closes** when ``incident_gap_ms`` pass
+  without an anomaly, or ``max_incident_ms`` after it opened, and its ``incident.closed`` insight
+  carries the ranked root-cause candidates (:func:`processors.incidents.rca.rank`) with their evidence.
+
+The call graph is learnt from spans (caller pod -> callee pod, by parent span id); span ids are kept
+``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. Every other piece of
+state is bounded too: detector histories (``history_window`` values), seen log templates per pod,
+and buffered windows not yet closed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from processors.incidents.nezha_detect import DETECTOR_VERSION, METRIC_RULES, Anomaly, RobustZ
+from processors.incidents.rca import rank
+from streams.envelope import deterministic_id
+
+__all__ = ["EngineConfig", "Incident", "IncidentEngine", "KINDS"]
+
+KINDS = ("metric", "log", "span")
+_LOG_ALERT_LEVELS = frozenset({"WARN", "ERROR", "FATAL"})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Tuning of :class:`IncidentEngine` (times in event-time milliseconds)."""
+
+    window_ms: int = 60_000
+    allowed_lateness_ms: int = 15_000
+    z_threshold: float = 6.0
+    strong_threshold: float = 25.0
+    min_services: int = 3
+    history_window: int = 60
+    min_history: int = 10
+    trace_min_history: int = 2
+    log_warmup_windows: int = 1
+    log_gap_windows: int = 2
+    log_min_history: int = 2
+    log_error_floor: float = 0.5
+    correlation_window_ms: int = 180_000
+    incident_gap_ms: int = 120_000
+    max_incident_ms: int = 300_000
+    span_memory_windows: int = 5
+    idle_source_ms: int = 600_000
+
+
+def _ms(t: Any) -> int:
+    if isinstance(t, datetime):
+        return int(t.astimezone(UTC).timestamp() * 1000)
+    return int(t)
+
+
+@dataclass(slots=True)
+class Incident:
+    """An incident being built."""
+
+    opened_window_ms: int
+    anomalies: list[Anomaly] = field(default_factory=list)
+    last_anomaly_window_ms: int = 0
+
+    @property
+    def incident_id(self) -> str:
+        first = sorted((a.window_start_ms, a.pod, a.signal) for a in self.anomalies)[0]
+        return deterministic_id("incident", *first)
+
+
+class IncidentEngine:
+    """Windows, detectors and the incident correlator; feed records, collect insights.
+
+    Args:
+        config: tuning (defaults are the ones evaluated in ``backbone eval incidents``).
+        sources: the inputs known in advance (e.g. every assigned ``topic/partition``): each holds the
+            watermark back from the first event on until it delivers or turns idle. A source that is
+            not declared counts from its first record.
+
+    Insights are dicts in the shape of ``sophia.insight.Insight`` (``insight_id``, ``kind``
+    (``incident.opened`` / ``incident.updated`` / ``incident.closed``), ``entity`` ``incident:<id>``, ``event_time`` (epoch
+    ms), ``summary``, ``metrics``, ``labels``; ``labels["candidates"]`` is the JSON of the ranked
+    candidates with their evidence, ``labels["anomalies"]`` the JSON of the anomalies behind them).
+    """
+
+    def __init__(self, config: EngineConfig | None = None, sources: Iterable[str] = ()) -> None:
+        self.config = config or EngineConfig()
+        self._declared = tuple(sources)
+        self.watermark_ms: int | None = None
+        self.late: Counter[str] = Counter()
+        self.processed_windows = 0
+        self.anomaly_count = 0
+        self._source_max: dict[str, int] = {}
+        self._drained: set[str] = set()
+        self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+        self._next_window_ms: int | None = None  # windows below this are closed
+        self._detectors: dict[tuple[str, str], RobustZ] = {}
+        self._templates: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        self._log_windows = 0
+        self._last_log_window: int | None = None
+        self._log_services: dict[str, str] = {}
+        self._span_pods: dict[int, dict[tuple[str, str], str]] = {}
+        self.call_graph: dict[str, Counter[str]] = defaultdict(Counter)
+        self._recent: list[Anomaly] = []
+        self._open: Incident | None = None
+
+    # ------------------------------------------------------------------------------------------ intake
+
+    def feed(
+        self, kind: str, record: Mapping[str, Any], source: str | None = None, *, drained: bool = False
+    ) -> list[dict[str, Any]]:
+        """Take one record of ``kind`` (``metric``, ``log`` or ``span``); return the insights that the
+        watermark's advance completed (often none).
+
+        Args:
+            kind: what the record is.
+            record: its decoded data.
+            source: the input it came from (e.g. ``telemetry.logs/3``). With several sources the
+                watermark follows the slowest *active* one (the minimum of the sources' highest event
+                times). ``None``: one implicit source.
+            drained: this record was the last one the source held when it was read (e.g. the
+                partition's fetch high watermark was reached). Only a drained source can turn idle:
+                once its highest event time is more than ``idle_source_ms`` behind the fastest source
+                it holds nothing back; a new record un-drains it. A source that is merely read later
+                than another (a backlog) never turns idle, so a replay's skew between topics makes
+                nothing late.
+
+        Raises:
+            ValueError: an unknown kind, or a record without ``event_time``.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+        if "event_time" not in record:
+            raise ValueError(f"{kind} record has no event_time")
+        t = _ms(record["event_time"])
+        w = t - t % self.config.window_ms
+        if self._next_window_ms is not None and w < self._next_window_ms:
+            self.late[kind] += 1
+            return []
+        self._buffer[w].append((kind, dict(record)))
+        src = source or "-"
+        if not self._source_max:
+            # declared inputs hold the watermark back from the first event on, until they speak or idle
+            self._source_max.update(dict.fromkeys(self._declared, t - 1))
+        if drained:
+            self._drained.add(src)
+        else:
+            self._drained.discard(src)
+        if t <= self._source_max.get(src, t - 1):
+            return self._move_watermark() if drained else []
+        self._source_max[src] = t
+        return self._move_watermark()
+
+    def _move_watermark(self) -> list[dict[str, Any]]:
+        top = max(self._source_max.values())
+        slowest = min(
+            v
+            for s, v in self._source_max.items()
+            if s not in self._drained or v >= top - self.config.idle_source_ms
+        )
+        mark = slowest - self.config.allowed_lateness_ms
+        if self.watermark_ms is not None and mark <= self.watermark_ms:
+            return []
+        self.watermark_ms = mark
+        return self._advance(mark)
+
+    def flush(self) -> list[dict[str, Any]]:
+        """End of input: process every buffered window and close the open incident."""
+        out = self._advance(None)
+        if self._open is not None:
+            out.append(self._close(self._open, self._open.last_anomaly_window_ms + self.config.window_ms))
+            self._open = None
+        return out
+
+    # ------------------------------------------------------------------------------------------ windows
+
+    def _advance(self, watermark: int | None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for w in sorted(self._buffer):
+            if watermark is not None and w + self.config.window_ms > watermark:
+                break
+            out.extend(self._maybe_close(w))
+            out.extend(self._process(w, self._buffer.pop(w)))
+            self._next_window_ms = w + self.config.window_ms
+        if watermark is not None:
+            out.extend(self._maybe_close(watermark))
+        return out
+
+    def _maybe_close(self, now_ms: int) -> list[dict[str, Any]]:
+        inc, c = self._open, self.config
+        if inc is None:
+            return []
+        gap_end = inc.last_anomaly_window_ms + c.window_ms + c.incident_gap_ms
+        cap_end = inc.opened_window_ms + c.max_incident_ms
+        if now_ms >= min(gap_end, cap_end):
+            self._open = None
+            return [self._close(inc, min(gap_end, cap_end))]
+        return []
+
+    def _process(self, w: int, records: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        self.processed_windows += 1
+        records.sort(key=_canonical)
+        found: list[Anomaly] = []
+        spans = [r for k, r in records if k == "span"]
+        logs = [r for k, r in records if k == "log"]
+        for k, r in records:
+            if k == "metric":
+                found.extend(self._metric(w, r))
+        found.extend(self._spans(w, spans))
+        found.extend(self._logs(w, logs))
+        self.anomaly_count += len(found)
+        return self._correlate(w, found)
+
+    # ---------------------------------------------------------------------------------------- detectors
+
+    def _detector(self, pod: str, signal: str, direction: int, abs_floor: float, min_history: int) -> RobustZ:
+        d = self._detectors.get((pod, signal))
+        if d is None:
+            c = self.config
+            d = self._detectors[(pod, signal)] = RobustZ(
+                window=c.history_window, min_history=min_history, direction=direction, abs_floor=abs_floor
+            )
+        return d
+
+    def _metric(self, w: int, r: dict[str, Any]) -> list[Anomaly]:
+        out = []
+        metrics = r.get("metrics") or {}
+        for name in sorted(metrics):
+            rule = METRIC_RULES.get(name)
+            v = metrics[name]
+            if rule is None or v is None or not math.isfinite(v):
+                continue
+            d = self._detector(
+                r["pod"], f"metric:{name}", rule.direction, rule.abs_floor, self.config.min_history
+            )
+            score, med = d.update(rule.transform(float(v)))
+            med = math.exp(med) - rule.offset if rule.log_scale and math.isfinite(med) else med
+            if score >= self.config.z_threshold:
+                out.append(
+                    Anomaly(r["pod"], r["service"], f"metric:{name}", w, score, float(v), round(med, 6))
+                )
+        return out
+
+    def _spans(self, w: int, spans: list[dict[str, Any]]) -> list[Anomaly]:
+        c = self.config
+        here = {(s["trace_id"], s["span_id"]): s["pod"] for s in spans}
+        self._span_pods[w] = here
+        for old in [k for k in self._span_pods if k < w - c.span_memory_windows * c.window_ms]:
+            del self._span_pods[old]
+        durations: dict[str, list[float]] = defaultdict(list)
+        services: dict[str, str] = {}
+        for s in spans:
+            durations[s["pod"]].append(s["duration_us"] / 1000.0)
+            services[s["pod"]] = s["service"]
+            parent = s.get("parent_id")
+            if parent:
+                for mem in self._span_pods.values():
+                    caller = mem.get((s["trace_id"], parent))
+                    if caller is not None:
+                        if caller != s["pod"]:
+                            self.call_graph[caller][s["pod"]] += 1
+                        break
+        out = []
+        for pod in sorted(durations):
+            ds = sorted(durations[pod])
+            p90 = ds[min(len(ds) - 1, int(math.ceil(0.9 * len(ds))) - 1)]
+            d = self._detector(pod, "trace:p90_duration_ms", 1, 5.0, c.trace_min_history)
+            score, med = d.update(p90)
+            if score >= c.z_threshold:
+                out.append(
+                    Anomaly(
+                        pod, services[pod], "trace:p90_duration_ms", w, score, round(p90, 3), round(med, 3)
+                    )
+                )
+        return out
+
+    def _logs(self, w: int, logs: list[dict[str, Any]]) -> list[Anomaly]:
+        c = self.config
+        if not logs:
+            return []
+        if self._last_log_window is not None and w - self._last_log_window > c.log_gap_windows * c.window_ms:
+            self._log_windows = 0  # the log stream had a gap: learn again before calling a template new
+        self._last_log_window = w
+        warm = self._log_windows >= c.log_warmup_windows
+        counts: Counter[tuple[str, str, str]] = Counter()
+        errors: Counter[str] = Counter()
+        for r in logs:
+            counts[(r["pod"], r["level"], r["logger"])] += 1
+            self._log_services[r["pod"]] = r["service"]
+            if r["level"] in ("ERROR", "FATAL"):
+                errors[r["pod"]] += 1
+        out = []
+        for (pod, level, logger), n in sorted(counts.items()):
+            seen = self._templates[pod]
+            if warm and level in _LOG_ALERT_LEVELS and (level, logger) not in seen:
+                detail = f"{level} {logger}"
+                out.append(
+                    Anomaly(
+                        pod,
+                        self._log_services[pod],
+                        "log:new_template",
+                        w,
+                        c.z_threshold + n,
+                        float(n),
+                        0.0,
+                        detail,
+                    )
+                )
+            seen.add((level, logger))
+        for pod in sorted(self._log_services):  # every pod that ever logged: 0 errors is a value too
+            d = self._detector(pod, "log:error_count", 1, c.log_error_floor, c.log_min_history)
+            score, med = d.update(float(errors[pod]))
+            if score >= c.z_threshold:
+                out.append(
+                    Anomaly(
+                        pod, self._log_services[pod], "log:error_count", w, score, float(errors[pod]), med
+                    )
+                )
+        self._log_windows += 1
+        return out
+
+    # --------------------------------------------------------------------------------------- correlator
+
+    def _correlate(self, w: int, found: list[Anomaly]) -> list[dict[str, Any]]:
+        c = self.config
+        if self._open is not None:
+            if not found:
+                return []
+            self._open.anomalies.extend(found)
+            self._open.last_anomaly_window_ms = w
+            return [self._insight(self._open, "incident.updated", w + c.window_ms + c.allowed_lateness_ms, w)]
+        self._recent = [a for a in self._recent if a.window_start_ms > w - c.correlation_window_ms] + found
+        if not found:
+            return []
+        services = {a.service for a in self._recent if a.pod != "frontend"}
+        trigger = (
+            len(services) >= c.min_services
+            or any(a.signal.startswith("log:") for a in self._recent)
+            or any(a.score >= c.strong_threshold for a in self._recent)
+        )
+        if not trigger:
+            return []
+        inc = Incident(opened_window_ms=w, anomalies=list(self._recent), last_anomaly_window_ms=w)
+        self._recent = []
+        self._open = inc
+        return [self._insight(inc, "incident.opened", w + c.window_ms + c.allowed_lateness_ms, w)]
+
+    def _close(self, inc: Incident, at_ms: int) -> dict[str, Any]:
+        return self._insight(
+            inc, "incident.closed", at_ms + self.config.allowed_lateness_ms, inc.last_anomaly_window_ms
+        )
+
+    def _insight(self, inc: Incident, kind: str, event_ms: int, window_ms: int) -> dict[str, Any]:
+        graph = {k: dict(v) for k, v in self.call_graph.items()}
+        candidates = rank(inc.anomalies, graph)
+        iid = inc.incident_id
+        services = sorted({a.service for a in inc.anomalies})
+        first = min(a.window_start_ms for a in inc.anomalies)
+        top = candidates[0] if candidates else None
+        summary = f"incident over {len(services)} service(s), {len(inc.anomalies)} anomalies; " + (
+            f"most likely cause {top.pod} ({top.service})" if top else "no candidate"
+        )
+        return {
+            "insight_id": deterministic_id("insight", kind, iid, window_ms),
+            "kind": kind,
+            "entity": f"incident:{iid}",
+            "event_time": event_ms,
+            "summary": summary,
+            "metrics": {
+                "anomalies_count": float(len(inc.anomalies)),
+                "services_count": float(len(services)),
+                "first_anomaly_window_ms": float(first),
+                "opened_window_ms": float(inc.opened_window_ms),
+                "window_ms": float(window_ms),
+                "last_anomaly_window_ms": float(inc.last_anomaly_window_ms),
+            },
+            "labels": {
+                "detector_version": DETECTOR_VERSION,
+                "top1_pod": top.pod if top else "",
+                "top1_service": top.service if top else "",
+                "candidates": json.dumps([c.as_dict() for c in candidates], sort_keys=True),
+                "anomalies": json.dumps(
+                    [
+                        a.as_dict()
+                        for a in sorted(inc.anomalies, key=lambda a: (a.window_start_ms, a.pod, a.signal))
+                    ][:200],
+                    sort_keys=True,
+                ),
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: processed windows, anomalies, late events per kind, state sizes."""
+        return {
+            "processed_windows": self.processed_windows,
+            "anomalies": self.anomaly_count,
+            "late_events": dict(sorted(self.late.items())),
+            "series": len(self._detectors),
+            "call_graph_edges": sum(len(v) for v in self.call_graph.values()),
+            "buffered_windows": len(self._buffer),
+        }
+
+
+def _canonical(item: tuple[str, dict[str, Any]]) -> tuple[Any, ...]:
+    kind, r = item
+    ident = r.get("span_id") or r.get("logger") or ""
+    return (KINDS.index(kind), r.get("pod", ""), _ms(r["event_time"]), str(r.get("trace_id") or ""), str(ident),
+            str(r.get("message") or ""))  # fmt: skip
+
+
+def run(
+    records: Iterable[tuple[str, Mapping[str, Any]]], config: EngineConfig | None = None
+) -> tuple[list[dict[str, Any]], IncidentEngine]:
+    """Feed ``(kind, record)`` pairs through a fresh engine and flush; return the insights and the engine."""
+    engine = IncidentEngine(config)
+    out: list[dict[str, Any]] = []
+    for kind, r in records:
+        out.extend(engine.feed(kind, r))
+    out.extend(engine.flush())
+    return out, engine

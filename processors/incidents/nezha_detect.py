@@ -1,0 +1,166 @@
+"""Per-series streaming anomaly detection on pod telemetry (metrics, log templates, span latency).
+
+Plain Python, no Faust, no wall clock: every score is computed from the series' own past only (the
+sample being scored is added to the history *after* it is scored, so there is no look-ahead).
+
+Why an own detector and not river's ``anomaly.GaussianScorer``: the per-pod latency series of
+TrainTicket (Nezha, 2023-01-29) are heavy-tailed -- an idle pod's P99 jumps from 0.005 s to 28.8 s on
+a single slow request -- so a mean/variance model is dragged by every spike and then misses the next
+real shift. The median and the median absolute deviation (MAD) of a trailing window ignore up to half
+the window being outliers (breakdown point 50 %), which is the textbook robust z-score (Iglewicz &
+Hoaglin, 1993: modified z = 0.6745 (x - median) / MAD). A floor on the scale (a fraction of the
+median and an absolute floor in the series' unit) keeps near-constant series from scoring noise as
+infinite. Measured on Nezha 2023-01-29 with the same engine (``bench/nezha_river_baseline.py``):
+river 0.26.1 ``GaussianScorer(window_size=60, grace_period=10)`` saturates on the spikes (score 1.0,
+so any threshold gives the same result): 183 incidents, 10.2 false incidents per hour, top-1 0 %,
+top-3 10.7 % (3.6 % at z 6), and it raised ``TypeError`` (a negative rolling variance turned into a
+complex number) 145 times; this detector: 47 incidents, 2.2 false per hour, top-1 17.9 %, top-3 21.4 %.
+
+Signals (one series per pod and signal):
+
+* ``metric:<name>`` -- from ``sophia.telemetry.MetricSample``: ``CpuUsageRate(%)``,
+  ``MemoryUsageRate(%)``, ``PodServerLatencyP90(s)``, ``PodServerLatencyP99(s)`` (one-sided: only an
+  increase is a symptom); front end ``LatencyP90(s)`` (increase) and ``SuccessRate(%)`` (decrease).
+  Client latencies, workload and network bytes follow traffic and downstream pods, not the pod's own
+  health, and node-level columns describe the node: they are not scored.
+* ``log:new_template`` -- from ``sophia.telemetry.LogLine``: a WARN/ERROR/FATAL ``(level, logger)``
+  never seen before on that pod, once the pod's log history covers at least ``log_warmup_windows``
+  windows; the score grows with how many lines the new template wrote in the window. After a gap of
+  more than ``log_gap_windows`` windows without any log line the log stream is learnt again for
+  ``log_warmup_windows`` windows (what happened in the gap is unknown).
+* ``log:error_count`` -- ERROR/FATAL lines of a pod per window (0 for a pod that logged before but
+  not in this window), scored like a metric once ``log_min_history`` windows with logs are known.
+* ``trace:p90_duration_ms`` -- from ``sophia.telemetry.Span``: the P90 of the pod's span durations in
+  the window, scored like a metric (increase only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+
+__all__ = [
+    "DETECTOR_VERSION",
+    "METRIC_RULES",
+    "Anomaly",
+    "MetricRule",
+    "RobustZ",
+]
+
+DETECTOR_VERSION = "robust-mad-1"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRule:
+    """How one metric is scored.
+
+    Attributes:
+        direction: ``1`` only increases are anomalous, ``-1`` only decreases.
+        abs_floor: smallest scale in the metric's unit (e.g. 1.0 for a percentage), or in natural-log
+            units when ``log_scale`` (0.35 is a factor of about 1.4).
+        log_scale: score ``ln(value + offset)`` instead of the value: latency percentiles are
+            bucket bounds of a histogram (0.0235, 0.475, 0.95 s, ...), so a one-bucket step doubles
+            the value; on a log scale every bucket step weighs the same, at any latency.
+        offset: added before the logarithm (the smallest latency that matters, in the unit).
+    """
+
+    direction: int
+    abs_floor: float
+    log_scale: bool = False
+    offset: float = 0.0
+
+    def transform(self, value: float) -> float:
+        """The value the detector sees."""
+        return math.log(max(value, 0.0) + self.offset) if self.log_scale else value
+
+
+METRIC_RULES: dict[str, MetricRule] = {
+    "CpuUsageRate(%)": MetricRule(1, 1.0),
+    "MemoryUsageRate(%)": MetricRule(1, 1.0),
+    "PodServerLatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "PodServerLatencyP99(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "LatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "SuccessRate(%)": MetricRule(-1, 1.0),
+}
+"""The metrics scored, by the column name of the source (unit in the suffix)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """One anomalous value of one series in one window.
+
+    Attributes:
+        pod: the pod (``frontend`` for the front end).
+        service: the pod's service.
+        signal: ``metric:<name>``, ``log:new_template`` or ``trace:p90_duration_ms``.
+        window_start_ms: start of the one-minute window (epoch ms, event time).
+        score: robust z-score (or the log score); higher is more anomalous.
+        value: the observed value (for a log template: lines written in the window).
+        baseline: the median of the history it was compared with (0 for a log template).
+        detail: e.g. the new log template ``ERROR c.s.ContactsServiceImpl#37``.
+    """
+
+    pod: str
+    service: str
+    signal: str
+    window_start_ms: int
+    score: float
+    value: float
+    baseline: float
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form (the score rounded to 3 decimals)."""
+        return {
+            "pod": self.pod,
+            "service": self.service,
+            "signal": self.signal,
+            "window_start_ms": self.window_start_ms,
+            "score": round(self.score, 3),
+            "value": self.value,
+            "baseline": self.baseline,
+            "detail": self.detail,
+        }
+
+
+@dataclass(slots=True)
+class RobustZ:
+    """Robust z-score of a value against a trailing window of the series' past values.
+
+    ``score(x)`` = direction * (x - median) / max(1.4826 * MAD, rel_floor * |median|, abs_floor), or 0
+    while fewer than ``min_history`` values are known. :meth:`update` scores then adds ``x``.
+
+    Args:
+        window: how many past values are kept (bounded state).
+        min_history: values needed before any score is given (warm-up).
+        direction: 1 scores increases, -1 decreases, 0 both.
+        abs_floor: smallest scale, in the series' unit.
+        rel_floor: smallest scale as a fraction of the median.
+    """
+
+    window: int = 60
+    min_history: int = 10
+    direction: int = 1
+    abs_floor: float = 1e-6
+    rel_floor: float = 0.1
+    history: deque[float] = field(default_factory=deque)
+
+    def score(self, x: float) -> tuple[float, float]:
+        """``(score, median)`` of ``x`` against the history (``(0.0, nan)`` during warm-up)."""
+        if len(self.history) < self.min_history:
+            return 0.0, math.nan
+        med = median(self.history)
+        mad = median(abs(h - med) for h in self.history)
+        scale = max(1.4826 * mad, self.rel_floor * abs(med), self.abs_floor)
+        z = (x - med) / scale
+        return (abs(z) if self.direction == 0 else max(0.0, self.direction * z)), med
+
+    def update(self, x: float) -> tuple[float, float]:
+        """Score ``x`` against the past, then add it to the history; returns ``(score, median)``."""
+        out = self.score(x)
+        self.history.append(x)
+        if len(self.history) > self.window:
+            self.history.popleft()
+        return out

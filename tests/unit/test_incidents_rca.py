@@ -1,0 +1,152 @@
+"""Detectors, root-cause ranking and the watermarked incident engine (plain Python, no broker)."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from connectors.nezha import iter_day
+from processors.incidents.incident import EngineConfig, IncidentEngine, run
+from processors.incidents.nezha_detect import Anomaly, RobustZ
+from processors.incidents.rca import VICTIM_FACTOR, rank
+
+SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
+T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
+KIND = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+
+
+def test_robust_z_has_no_look_ahead_and_resists_spikes() -> None:
+    d = RobustZ(window=20, min_history=5, direction=1, abs_floor=0.1)
+    base = [1.0, 1.1, 0.9, 1.0, 1.05]
+    assert [d.update(x)[0] for x in base] == [0.0] * 5  # warm-up
+    spike = d.score(50.0)[0]
+    assert spike > 100
+    # a score depends only on the past: the same prefix gives the same score whatever follows
+    e = RobustZ(window=20, min_history=5, direction=1, abs_floor=0.1)
+    for x in base:
+        e.update(x)
+    assert e.update(50.0)[0] == spike
+    e.update(60.0)  # one spike in the history barely moves the median
+    assert e.score(1.0)[0] == 0.0
+
+
+def test_robust_z_direction() -> None:
+    up = RobustZ(min_history=3, direction=1, abs_floor=1.0)
+    down = RobustZ(min_history=3, direction=-1, abs_floor=1.0)
+    for x in (10.0, 10.0, 10.0):
+        up.update(x)
+        down.update(x)
+    assert up.score(0.0)[0] == 0.0 and down.score(0.0)[0] == 10.0
+
+
+def _a(pod: str, signal: str, score: float, w: int = 0) -> Anomaly:
+    return Anomaly(pod, pod.rsplit("-", 1)[0], signal, w, score, 1.0, 0.0)
+
+
+def test_rank_prefers_the_callee_and_explains_why() -> None:
+    anomalies = [
+        _a("gateway-1", "metric:PodServerLatencyP90(s)", 10.0),
+        _a("orders-1", "metric:PodServerLatencyP90(s)", 8.0),
+        _a("orders-1", "log:new_template", 9.0),
+        _a("frontend", "metric:LatencyP90(s)", 50.0),
+    ]
+    graph = {"gateway-1": {"orders-1": 12}}
+    ranked = rank(anomalies, graph)
+    assert [c.pod for c in ranked] == ["orders-1", "gateway-1"]  # frontend is never a candidate
+    assert any("likely a victim" in line and f"x{VICTIM_FACTOR}" in line for line in ranked[1].evidence)
+    assert any("called by anomalous gateway-1" in line for line in ranked[0].evidence)
+    assert ranked[0].evidence[0].startswith("log:new_template")
+    # without the call graph the caller with the bigger latency anomaly would not be demoted
+    alone = rank(anomalies[:1] + anomalies[1:2], {})
+    assert alone[0].pod == "gateway-1"
+
+
+def _metric(pod: str, minute: int, cpu: float) -> dict:
+    return {"pod": pod, "service": pod.rsplit("-", 1)[0], "event_time": T0 + timedelta(minutes=minute),
+            "metrics": {"CpuUsageRate(%)": cpu, "PodServerLatencyP90(s)": 0.02}}  # fmt: skip
+
+
+def _scenario() -> list[tuple[str, dict]]:
+    rng = random.Random(7)
+    records = []
+    for m in range(40):
+        for pod in ("a-1", "b-1", "c-1"):
+            cpu = 2.0 + rng.random()
+            if pod == "b-1" and 30 <= m < 33:
+                cpu = 95.0  # a CPU hog on b from minute 30
+            records.append(("metric", _metric(pod, m, cpu)))
+    return records
+
+
+def test_engine_opens_and_closes_an_incident_on_event_time() -> None:
+    insights, engine = run(_scenario())
+    kinds = [i["kind"] for i in insights]
+    assert kinds[0] == "incident.opened" and kinds[-1] == "incident.closed"
+    opened = insights[0]
+    assert opened["labels"]["top1_pod"] == "b-1"
+    # opened at the end of minute 30's window plus the allowed lateness: event time, not wall clock
+    assert (
+        opened["event_time"]
+        == int((T0.replace(second=0) + timedelta(minutes=31)).timestamp() * 1000) + 15_000
+    )
+    cands = json.loads(insights[-1]["labels"]["candidates"])
+    assert cands[0]["pod"] == "b-1" and cands[0]["evidence"]
+    assert engine.stats()["late_events"] == {}
+
+
+def test_late_events_are_counted_not_used() -> None:
+    engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0))
+    engine.feed("metric", _metric("a-1", 10, 1.0))
+    engine.feed("metric", _metric("a-1", 12, 1.0))  # watermark passes minute 11
+    assert engine.feed("metric", _metric("b-1", 10, 1.0)) == []
+    assert engine.late == {"metric": 1}
+
+
+def test_same_insights_in_any_interleaving_within_lateness() -> None:
+    records = _scenario()
+    expected, _ = run(records)
+    for seed in (1, 2, 3):
+        rng = random.Random(seed)
+        # each record may arrive up to 10 s (< the 15 s allowed lateness) after its event time
+        jittered = sorted(
+            records,
+            key=lambda kr: (kr[1]["event_time"] + timedelta(seconds=rng.uniform(0, 10)), rng.random()),
+        )
+        got, engine = run(jittered)
+        assert got == expected
+        assert engine.late == {}
+
+
+def test_slice_insights_do_not_depend_on_arrival_order() -> None:
+    records = [(KIND[t], e.data) for t, e in iter_day(SLICE)]
+    expected, engine = run(records)
+    assert any(i["kind"] == "incident.opened" for i in expected)
+    first = next(i for i in expected if i["kind"] == "incident.closed")
+    assert first["labels"]["top1_pod"] == "ts-contacts-service-866bd68c97-xcqfx"  # the 08:43:04 fault
+    rng = random.Random(42)
+    shuffled = sorted(records, key=lambda kr: kr[1]["event_time"] + timedelta(seconds=rng.uniform(0, 14)))
+    again, engine2 = run(shuffled)
+    assert again == expected and engine2.late == {}
+
+
+def test_watermark_waits_for_the_slowest_active_source() -> None:
+    engine = IncidentEngine(
+        EngineConfig(allowed_lateness_ms=0, idle_source_ms=600_000), sources=["metrics/0", "metrics/1"]
+    )
+    for m in range(0, 8):
+        engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
+    engine.feed("metric", _metric("b-1", 1, 1.0), source="metrics/1")
+    # metrics/1 is 6 minutes behind but not idle: its minute-2 record is still on time
+    engine.feed("metric", _metric("b-1", 2, 1.0), source="metrics/1")
+    assert engine.late == {}
+    for m in range(8, 20):
+        engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
+    # metrics/1 is 17 minutes behind but still has records to deliver (a backlog): nothing is late
+    engine.feed("metric", _metric("b-1", 3, 1.0), source="metrics/1", drained=True)
+    assert engine.late == {}
+    # drained and more than 10 minutes behind: idle, the watermark moves on without it
+    engine.feed("metric", _metric("a-1", 20, 1.0), source="metrics/0")
+    engine.feed("metric", _metric("b-1", 4, 1.0), source="metrics/1")
+    assert engine.late == {"metric": 1}
