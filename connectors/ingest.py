@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from backbone.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
 from backbone.settings import KafkaSettings
 from connectors.errors import ConnectorError
+from connectors.github_events import commits_of_push, slack_message_refs
 from connectors.webhooks import (
     ExternalEvent,
     WebhookPayloadError,
@@ -541,16 +542,22 @@ def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> 
         team = str(payload.get("team_id") or "unknown")
         channel = ev.get("channel") if isinstance(ev.get("channel"), str) else None
         text = ev.get("text") if isinstance(ev.get("text"), str) else None
+        # A message is its own entity (slack:<team>/<channel>/<ts>), as in the export importer, so the
+        # correlator keeps every message of a channel, not only the first; its GitHub references are read.
+        ts = ev.get("ts") if isinstance(ev.get("ts"), str) else None
+        entity = f"slack:{team}/{channel}" if channel else f"slack:{team}"
+        if channel and ts and ev.get("type") == "message":
+            entity = f"{entity}/{ts}"
         return ExternalEvent(
             platform="slack",
             kind=f"slack.{etype}",
-            entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
+            entity=entity,
             actor=str(ev["user"]) if ev.get("user") else None,
             occurred_at=_epoch_seconds(ev.get("event_ts")) or _epoch_seconds(payload.get("event_time")) or received_at,
             url=None,
             title=None,
             body_excerpt=_excerpt(text),
-            refs=(),
+            refs=slack_message_refs(text, ()),
             source_id=str(payload.get("event_id") or hashlib.sha256(body).hexdigest()),
         )
     try:
@@ -650,7 +657,10 @@ async def _webhook_preamble(request: Request, platform: str) -> tuple[str, bytes
     return secret, await read_body(request, api.max_body_bytes)
 
 
-async def _deliver_external(request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent) -> JSONResponse:
+async def _deliver_external(
+    request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent, extra: Sequence[Event] = ()
+) -> JSONResponse:
+    """Produce the mapped event, then ``extra`` events derived from the same delivery (a push's commits)."""
     api = request.app.state.api_settings
 
     async def handle() -> tuple[int, dict[str, Any]]:
@@ -662,9 +672,11 @@ async def _deliver_external(request: Request, platform: str, delivery_id: str, b
             time=mapped.occurred_at,
             id=deterministic_id("webhook", platform, delivery_id),
         )
-        await _produce(request, api.external_topic, [event])
+        batch = [event, *extra]
+        await _produce(request, api.external_topic, batch)
         _log.info("ingest.webhook", platform=platform, kind=mapped.kind, delivery_id=delivery_id)
-        return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": 1, "ids": [event.attributes.id], "kind": mapped.kind}
+        return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": len(batch),
+                                          "ids": [e.attributes.id for e in batch], "kind": mapped.kind}  # fmt: skip
 
     fp = hashlib.sha256(body).hexdigest()
     return await _idempotent(request, f"webhook:{platform}:{delivery_id}", fp, handle)
@@ -702,7 +714,12 @@ async def github_webhook(request: Request) -> JSONResponse:
         mapped = map_github_webhook(event_name=event_name, body=body, delivery_id=delivery, received_at=datetime.now(UTC))
     except WebhookPayloadError as exc:
         raise _problem(422, str(exc)) from exc
-    return await _deliver_external(request, "github", delivery, body, mapped)
+    extra: list[Event] = []
+    if event_name == "push":  # the pushed commits as git.commit events, like the commit importer's
+        payload = json.loads(body)
+        extra = commits_of_push(payload, repo=payload["repository"]["full_name"], pushed_at=mapped.occurred_at,
+                                pusher=mapped.actor)  # fmt: skip
+    return await _deliver_external(request, "github", delivery, body, mapped, extra)
 
 
 @router.post("/webhooks/slack", status_code=202, tags=["webhooks"], responses=_WEBHOOK_RESPONSES)

@@ -260,8 +260,8 @@ class LikelihoodDetector:
             self.mean, self.dev, self.chg, self.last, self.n = value, 0.0, 0.0, value, 1
             return 0.0
         assert self.last is not None
-        level = abs(value - self.mean) / (self.dev or 1e-9)
-        change = abs(value - self.last) / (self.chg or 1e-9)
+        level = abs(value - self.mean) / self.dev if self.dev > 0 else 0.0
+        change = abs(value - self.last) / self.chg if self.chg > 0 else 0.0
         a = self.alpha if self.n > 1 / self.alpha else 1.0 / (self.n + 1)
         score = max(self._likelihood("level", min(level, 1e6)), self._likelihood("change", min(change, 1e6)))
         self.dev = (1 - a) * self.dev + a * abs(value - self.mean)

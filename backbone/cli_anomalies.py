@@ -1,0 +1,203 @@
+"""CLI of issue 12's anomaly and cross-source parts: ``import nab``, ``import github-events``,
+``eval anomalies`` and ``eval links``.
+
+Plain command functions (mount them in the ``import`` and ``eval`` groups) plus ``import_app`` and
+``eval_app`` typer apps that hold them, for tests and for mounting as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from backbone.cli_core import clear_errors
+from backbone.observability import emit_json
+
+__all__ = ["eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab"]
+
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
+
+import_app = typer.Typer(help="Import NAB series and GitHub Events API objects.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score anomaly detection (NAB) and masked cross-source links.", no_args_is_help=True)
+
+
+def _produce(events_iter: Any, topics: list[str], as_json: bool, what: str, run: Any) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    from backbone.cli_core import _ctx
+    from streams.catalogue import CATALOGUE, ensure_topics
+
+    settings, serde = _ctx()
+    known = [t for t in topics if t in CATALOGUE]
+    if known:
+        ensure_topics(AdminClient(settings.kafka.librdkafka()), known)
+    with Progress(TextColumn(f"importing {what}"), BarColumn(), MofNCompleteColumn(), console=err,
+                  disable=as_json or not err.is_terminal) as bar:  # fmt: skip
+        task = bar.add_task("import", total=None)
+        return run(settings, serde, events_iter, lambda _: bar.advance(task))
+
+
+@import_app.command("nab")
+@clear_errors
+def import_nab(
+    folder: Annotated[Path, typer.Argument(help="NAB folder: category folders and combined_windows.json.")],
+    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_METRICS_TOPIC")] = "telemetry.metrics",
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Import every NAB series as sophia.telemetry.MetricSample events (labels stay out of the log)."""
+    from connectors.nab import import_nab as run_import
+    from connectors.nab import read_nab
+
+    series = read_nab(folder)
+    report = _produce(series, [topic], as_json, "NAB samples",
+                      lambda st, sd, it, cb: run_import(st, sd, it, topic=topic, on_event=cb))  # fmt: skip
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    out.print(f"imported {report.events:,} samples of {report.series} series to {topic} "
+              f"({report.rejected} rows rejected, {report.windows} windows kept as ground truth) in {report.seconds} s")  # fmt: skip
+
+
+@import_app.command("github-events")
+@clear_errors
+def import_github_events(
+    file: Annotated[Path, typer.Argument(help="JSON array of GitHub Events API objects (GH Archive schema).")],
+    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_EXTERNAL_TOPIC")] = "external.events",
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Import GitHub events (pull requests, reviews, comments, issues, pushes and their commits)."""
+    from connectors.chat_code import import_events
+    from connectors.github_events import read_github_events
+
+    events, rejected = read_github_events(file)
+    report = _produce(events, [topic], as_json, "GitHub events",
+                      lambda st, sd, it, cb: import_events(st, sd, it, topic=topic, on_event=cb))  # fmt: skip
+    result = report.as_dict() | {"rejected": len(rejected), "rejected_examples": rejected[:5]}
+    if as_json:
+        emit_json(result)
+        return
+    kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(report.by_kind.items())) or "nothing"
+    out.print(f"imported {kinds} to {topic} ({len(rejected)} rejected) in {report.seconds} s")
+
+
+def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool) -> dict[str, Any]:
+    """The figures of ``eval anomalies`` (see :func:`eval_anomalies`)."""
+    from connectors.nab import read_nab
+    from processors.incidents.anomaly import DetectorConfig
+    from processors.incidents.anomaly_eval import evaluate_alerts, evaluate_raw_scores
+
+    series = read_nab(folder, categories=[category] if category else None)
+    if not series:
+        raise typer.BadParameter(f"no series under {folder} (category {category!r})")
+    result = evaluate_alerts(series, DetectorConfig(detector=detector)).as_dict()
+    if baseline:
+        wg = evaluate_raw_scores(series, "windowed-gaussian").as_dict()
+        result["baseline_windowed_gaussian_nab_optimised"] = {k: wg[k] for k in ("score_standard", "precision", "recall", "threshold")}
+        gated = evaluate_alerts(series, DetectorConfig(detector="windowed-gaussian")).as_dict()
+        result["baseline_windowed_gaussian_gated"] = {k: gated[k] for k in ("score_standard", "precision", "recall")}
+    return result
+
+
+@eval_app.command("anomalies")
+@clear_errors
+def eval_anomalies(
+    data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
+                                       envvar="BACKBONE_NAB_DATA")],
+    category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
+    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "likelihood",
+    baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
+                                           envvar="BACKBONE_NAB_BASELINE")] = False,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """NAB score (standard profile, fixed threshold, no fitting) of the streaming detector, with window
+    precision and recall: {"series", "score_standard", "precision", "recall", ...}."""
+    result = anomaly_figures(data, detector, category, baseline)
+    if as_json:
+        emit_json(result)
+        return
+    for k, v in result.items():
+        out.print(f"{k:45} {v}")
+
+
+def _slack_messages(files: list[Path], repo: str) -> list[Any]:
+    """Slack messages of the exports with their conversation ids (read in place, never copied)."""
+    from connectors.chat_code import parse_slack_export, render_slack_text
+    from processors.correlation.masked import ChatMessage
+
+    out_: list[Any] = []
+    for f in files:
+        raw: list[tuple[str | None, str]] = []
+        for _, el in ET.iterparse(f, events=("end",)):
+            if el.tag == "message":
+                raw.append((el.get("conversation_id"), el.findtext("text") or ""))
+                el.clear()
+        events = list(parse_slack_export(f, repo=repo))
+        if len(events) != len(raw):
+            raise typer.BadParameter(f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align threads")
+        for (conv, text), e in zip(raw, events, strict=True):
+            out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
+                                        f"{f.name}:{conv}" if conv else None)))  # fmt: skip
+    return out_
+
+
+def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: bool) -> dict[str, Any]:
+    """The figures of ``eval links`` (see :func:`eval_links`)."""
+    from connectors.chat_code import parse_git_commits_tsv
+    from processors.correlation.logic import Correlator, observe
+    from processors.correlation.masked import CommitText, evaluate_masked
+
+    pairs = _slack_messages(slack, repo)
+    commits = list(parse_git_commits_tsv(commits_file, repo=repo))
+    corr = Correlator()
+    truth: dict[str, str] = {}
+    for e in [*commits, *(p[0] for p in pairs)]:
+        o = observe(e.data, e.attributes.id)
+        if o is not None:
+            for link in corr.add(o):
+                truth.setdefault(link.message.entity, link.commit.entity)
+    referencing = sum(1 for e, _ in pairs if any(r.startswith(f"github:{repo}") for r in e.data["refs"]))
+    embed = None
+    if embeddings:
+        from inference.model import load_model
+
+        model = load_model("all-MiniLM-L6-v2")
+        embed = model.embed
+    result = evaluate_masked([p[1] for p in pairs], [CommitText(e.data["entity"], e.data["occurred_at"],
+                             str(e.data["title"] or "")) for e in commits], truth, embed=embed)  # fmt: skip
+    result["embeddings"] = embeddings
+    result["reference_extraction"] = {
+        "messages_with_repo_refs": referencing,
+        "links_unmasked": len(truth),
+        "recall_unmasked": 1.0 if truth else 0.0,
+        "links_masked": 0,
+        "recall_masked": 0.0,
+    }
+    return result
+
+
+@eval_app.command("links")
+@clear_errors
+def eval_links(
+    slack: Annotated[list[Path], typer.Option("--slack", help="Slack export XML (repeatable).", envvar="BACKBONE_EVAL_SLACK")],
+    commits: Annotated[Path, typer.Option("--commits", help="Commit TSV.", envvar="BACKBONE_EVAL_COMMITS")],
+    repo: Annotated[str, typer.Option(help="owner/name of the repository.", envvar="BACKBONE_IMPORT_REPO")] = "racket/racket",
+    embeddings: Annotated[bool, typer.Option(help="Add all-MiniLM-L6-v2 cosine (needs the inference extra).",
+                                             envvar="BACKBONE_EVAL_EMBEDDINGS")] = False,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Masked links: remove the references of messages that name a commit, and measure how many the
+    correlator still finds by text, (optionally) embeddings and timing: {"masked", "precision", "recall", ...}."""
+    result = link_figures(slack, commits, repo, embeddings)
+    if as_json:
+        emit_json(result)
+        return
+    out.print(json.dumps(result, indent=2))
