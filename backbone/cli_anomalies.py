@@ -24,10 +24,14 @@ __all__ = ["eval_anomalies", "eval_app", "eval_links", "import_app", "import_git
 out = Console()
 err = Console(stderr=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")
+]
 
 import_app = typer.Typer(help="Import NAB series and GitHub Events API objects.", no_args_is_help=True)
-eval_app = typer.Typer(help="Score anomaly detection (NAB) and masked cross-source links.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Score anomaly detection (NAB) and masked cross-source links.", no_args_is_help=True
+)
 
 
 def _produce(events_iter: Any, topics: list[str], as_json: bool, what: str, run: Any) -> Any:
@@ -101,9 +105,13 @@ def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool) 
     result = evaluate_alerts(series, DetectorConfig(detector=detector)).as_dict()
     if baseline:
         wg = evaluate_raw_scores(series, "windowed-gaussian").as_dict()
-        result["baseline_windowed_gaussian_nab_optimised"] = {k: wg[k] for k in ("score_standard", "precision", "recall", "threshold")}
+        result["baseline_windowed_gaussian_nab_optimised"] = {
+            k: wg[k] for k in ("score_standard", "precision", "recall", "threshold")
+        }
         gated = evaluate_alerts(series, DetectorConfig(detector="windowed-gaussian")).as_dict()
-        result["baseline_windowed_gaussian_gated"] = {k: gated[k] for k in ("score_standard", "precision", "recall")}
+        result["baseline_windowed_gaussian_gated"] = {
+            k: gated[k] for k in ("score_standard", "precision", "recall")
+        }
     return result
 
 
@@ -142,7 +150,9 @@ def _slack_messages(files: list[Path], repo: str) -> list[Any]:
                 el.clear()
         events = list(parse_slack_export(f, repo=repo))
         if len(events) != len(raw):
-            raise typer.BadParameter(f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align threads")
+            raise typer.BadParameter(
+                f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align threads"
+            )
         for (conv, text), e in zip(raw, events, strict=True):
             out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
                                         f"{f.name}:{conv}" if conv else None)))  # fmt: skip

@@ -59,10 +59,14 @@ def _to_event(mapped: ExternalEvent, *, source: str, event_id: str) -> Event:
         "occurred_at": mapped.occurred_at, "url": mapped.url, "title": mapped.title,
         "body_excerpt": mapped.body_excerpt, "refs": list(mapped.refs), "source_id": mapped.source_id,
     }  # fmt: skip
-    return Event.create(EXTERNAL_SCHEMA, mapped.entity, data, source=source, time=mapped.occurred_at, id=event_id)
+    return Event.create(
+        EXTERNAL_SCHEMA, mapped.entity, data, source=source, time=mapped.occurred_at, id=event_id
+    )
 
 
-def commits_of_push(payload: Mapping[str, Any], *, repo: str, pushed_at: datetime, pusher: str | None) -> list[Event]:
+def commits_of_push(
+    payload: Mapping[str, Any], *, repo: str, pushed_at: datetime, pusher: str | None
+) -> list[Event]:
     """One ``git.commit`` event per commit of a push (Events API or webhook payload).
 
     Args:
@@ -100,9 +104,15 @@ def events_of_github_object(obj: Mapping[str, Any]) -> list[Event]:
         WebhookPayloadError: an object :func:`connectors.webhooks.map_github_event` refuses.
     """
     mapped = map_github_event(obj)
-    events = [_to_event(mapped, source=GITHUB_EVENTS_SOURCE, event_id=deterministic_id("github-events", mapped.source_id))]
+    events = [
+        _to_event(
+            mapped, source=GITHUB_EVENTS_SOURCE, event_id=deterministic_id("github-events", mapped.source_id)
+        )
+    ]
     if obj.get("type") == "PushEvent":
-        events += commits_of_push(obj["payload"], repo=obj["repo"]["name"], pushed_at=mapped.occurred_at, pusher=mapped.actor)
+        events += commits_of_push(
+            obj["payload"], repo=obj["repo"]["name"], pushed_at=mapped.occurred_at, pusher=mapped.actor
+        )
     return events
 
 
@@ -151,7 +161,9 @@ def slack_message_refs(text: str | None, repos: Sequence[str]) -> tuple[str, ...
     import html
     import re
 
-    unwrapped = html.unescape(re.sub(r"<([^<>|]*)(?:\|([^<>]*))?>", lambda m: f" {m.group(1)} {m.group(2) or ''} ", text))
+    unwrapped = html.unescape(
+        re.sub(r"<([^<>|]*)(?:\|([^<>]*))?>", lambda m: f" {m.group(1)} {m.group(2) or ''} ", text)
+    )
     if repos:
         return extract_github_refs(unwrapped, repos[0])
     return tuple(r for r in extract_github_refs(unwrapped, "_/_") if not r.startswith("github:_/_"))

@@ -128,7 +128,9 @@ def read_nab(root: Path, *, categories: Iterable[str] | None = None) -> list[Nab
             continue
         s = NabSeries(name=f"{category}/{path.stem}")
         try:
-            s.windows = [(_parse_time(a), _parse_time(b)) for a, b in labels.get(f"{category}/{path.name}", [])]
+            s.windows = [
+                (_parse_time(a), _parse_time(b)) for a, b in labels.get(f"{category}/{path.name}", [])
+            ]
         except (ValueError, TypeError) as exc:
             raise NabImportError(labels_path, f"bad window of {category}/{path.name}: {exc}") from exc
         with path.open(encoding="utf-8", newline="") as f:
@@ -152,7 +154,9 @@ def read_nab(root: Path, *, categories: Iterable[str] | None = None) -> list[Nab
     return out
 
 
-def metric_event(*, series: str, observed_at: datetime, value: float, labels: dict[str, str], source_id: str) -> Event:
+def metric_event(
+    *, series: str, observed_at: datetime, value: float, labels: dict[str, str], source_id: str
+) -> Event:
     """The ``sophia.telemetry.MetricSample`` event of one sample (metric ``value``).
 
     Args:
@@ -185,7 +189,9 @@ def series_events(s: NabSeries) -> Iterator[Event]:
     category = s.name.split("/", 1)[0]
     labels = {"source": "nab", "category": category}
     for i, (t, v) in enumerate(zip(s.timestamps, s.values, strict=True)):
-        yield metric_event(series=s.series, observed_at=t, value=v, labels=labels, source_id=f"{s.name}.csv:{i}")
+        yield metric_event(
+            series=s.series, observed_at=t, value=v, labels=labels, source_id=f"{s.name}.csv:{i}"
+        )
 
 
 @dataclass(slots=True)
@@ -230,7 +236,9 @@ def import_nab(
         report.series += 1
         report.windows += len(s.windows)
         report.rejected += len(s.rejected)
-        report.rejected_examples += [f"{s.name}.csv:{line}: {why}" for line, why in s.rejected][: max(0, 5 - len(report.rejected_examples))]
+        report.rejected_examples += [f"{s.name}.csv:{line}: {why}" for line, why in s.rejected][
+            : max(0, 5 - len(report.rejected_examples))
+        ]
         for event in series_events(s):
             producer.produce(topic, event)
             report.events += 1

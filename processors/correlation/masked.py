@@ -4,7 +4,7 @@ Plain Python, no Kafka. The explicit method of :mod:`processors.correlation.logi
 a commit URL, ``#N`` of a squash-merged pull request). This module links without one, from three
 signals of a (message, commit) pair:
 
-* **text**: TF-IDF cosine (scikit-learn, word unigrams and bigrams, sublinear tf) between the message's
+* **text**: TF-IDF cosine (scikit-learn, word unigrams and bigrams, English stop words removed, sublinear tf) between the message's
   *conversation* (the message and the other messages of its disentangled thread, every reference masked)
   and the commit subject; the vocabulary and IDF come from the commit subjects only;
 * **embedding** (optional): cosine of all-MiniLM-L6-v2 vectors of the same two texts, when an embedding
@@ -112,13 +112,17 @@ class MaskedLinker:
         embed: texts → unit vectors (``(n, d)`` float32), e.g. all-MiniLM-L6-v2; None skips embeddings.
     """
 
-    def __init__(self, commits: Sequence[CommitText], config: MaskedConfig | None = None, embed: Embed | None = None):
+    def __init__(
+        self, commits: Sequence[CommitText], config: MaskedConfig | None = None, embed: Embed | None = None
+    ):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         self.config = config or MaskedConfig()
         self.commits = sorted(commits, key=lambda c: (c.time, c.entity))
         self.times = np.array([c.time.timestamp() for c in self.commits])
-        self.vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, token_pattern=r"(?u)\b[\w-]{2,}\b")
+        self.vectorizer = TfidfVectorizer(
+            ngram_range=(1, 2), sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[\w-]{2,}\b"
+        )
         self.commit_tfidf = self.vectorizer.fit_transform([c.subject for c in self.commits])
         self.embed = embed
         self.commit_vectors = embed([c.subject for c in self.commits]) if embed is not None else None

@@ -75,7 +75,9 @@ def test_missed_window_and_profiles() -> None:
     swept = {"a": sweep_rows(TS, scores_at(), WINDOW)}
     assert score_corpus(swept, 0.5, STD).score == 0.0
     # reward_low_FP_rate doubles the false-positive weight: row 2 costs 0.22
-    assert score_series(TS, scores_at(2), WINDOW, 0.5, PROFILES["reward_low_FP_rate"]).raw == pytest.approx(-1.22)
+    assert score_series(TS, scores_at(2), WINDOW, 0.5, PROFILES["reward_low_FP_rate"]).raw == pytest.approx(
+        -1.22
+    )
 
 
 def test_detection_in_probation_is_ignored() -> None:
