@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from backbone.cli_core import clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out
 
 __all__ = ["eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab"]
 
@@ -37,10 +35,10 @@ eval_app = typer.Typer(
 def _produce(events_iter: Any, topics: list[str], as_json: bool, what: str, run: Any) -> Any:
     from confluent_kafka.admin import AdminClient
 
-    from backbone.cli_core import _ctx
+    from backbone.cli.helpers import context
     from streams.catalogue import CATALOGUE, ensure_topics
 
-    settings, serde = _ctx()
+    settings, serde = context()
     known = [t for t in topics if t in CATALOGUE]
     if known:
         ensure_topics(AdminClient(settings.kafka.librdkafka()), known)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backbone.settings import Settings
+from core.settings import Settings
 from connectors.errors import ConnectorError
 from streams.envelope import Event, deterministic_id
 from streams.producer import EventProducer

@@ -11,17 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from backbone.cli_core import JsonOpt, clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, context, err, out
+from backbone.cli.helpers import emit_json
 
 __all__ = ["DEFAULT_ROUTER", "app", "eval_command", "fit_command", "request_command", "route_command"]
 
 DEFAULT_ROUTER = Path(".backbone") / "routing" / "router.npz"
-out = Console()
-err = Console(stderr=True)
 
 app = typer.Typer(help="Model routing: fit and evaluate routers, send route requests.", no_args_is_help=True)
 
@@ -166,15 +163,12 @@ def request_command(
     """Send route requests (with embedding requests unless --no-embed); with --wait, print the decisions."""
     from confluent_kafka.admin import AdminClient
 
-    from backbone.runtime import load_settings, make_serde, require_broker
     from processors.routing.client import DecisionReader, send_route_requests
     from streams.catalogue import CATALOGUE, ensure_topics
 
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("give one or more non-empty prompts")
-    settings = load_settings()
-    require_broker(settings, timeout_seconds=5)
-    serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+    settings, serde = context()
     names = [t for t in (requests_topic, decisions_topic, embedding_topic if embed else None) if t in CATALOGUE]
     ensure_topics(AdminClient(settings.kafka.librdkafka()), names)
     reader = DecisionReader(settings.kafka, serde, decisions_topic) if wait else None
