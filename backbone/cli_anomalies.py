@@ -19,13 +19,6 @@ from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out
 
 __all__ = ["eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab"]
 
-out = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")
-]
-
 import_app = typer.Typer(help="Import NAB series and GitHub Events API objects.", no_args_is_help=True)
 eval_app = typer.Typer(
     help="Score anomaly detection (NAB) and masked cross-source links.", no_args_is_help=True

@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings
 from connectors.errors import ConnectorError
+from core.settings import Settings
 from streams.envelope import Event, deterministic_id
 from streams.producer import EventProducer
 from streams.serde import AvroSerde

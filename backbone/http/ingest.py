@@ -26,9 +26,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from backbone.http.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
+from backbone.http.auth import (
+    IdempotentResult,
+    Principal,
+    authenticate_request,
+    enforce_rate_limit,
+    require_scope,
+)
 from connectors.github_events import commits_of_push
-from connectors.mappers import EXTERNAL_EVENT_SCHEMA, external_event_to_avro, map_linear_webhook, map_slack_webhook
+from connectors.mappers import (
+    EXTERNAL_EVENT_SCHEMA,
+    external_event_to_avro,
+    map_linear_webhook,
+    map_slack_webhook,
+)
 from connectors.webhooks import (
     ExternalEvent,
     WebhookPayloadError,
@@ -40,7 +51,13 @@ from connectors.webhooks import (
 )
 from streams.catalogue import CATALOGUE
 from streams.envelope import Event, deterministic_id
-from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError, UnacknowledgedError
+from streams.errors import (
+    BrokerUnavailableError,
+    DeliveryError,
+    SchemaNotFoundError,
+    SchemaValidationError,
+    UnacknowledgedError,
+)
 from streams.serde import AvroSerde, coerce_json_datum, timestamp_fields
 
 __all__ = ["read_body", "router"]

@@ -228,7 +228,7 @@ class LikelihoodDetector:
     name = "likelihood"
     version = "likelihood/1"
 
-    def __init__(self, alpha: float = 0.01, short: int = 5, long: int = 1000, warmup: int = 50) -> None:
+    def __init__(self, alpha: float = 0.05, short: int = 5, long: int = 1000, warmup: int = 50) -> None:
         self.alpha, self.short, self.long, self.warmup = alpha, short, long, warmup
         self.n = 0
         self.mean = self.dev = self.chg = 0.0
@@ -322,7 +322,7 @@ class DetectorConfig:
     """
 
     detector: str = DEFAULT_DETECTOR
-    threshold: float = 0.999
+    threshold: float = 0.99
     suppress: int = 150
     window: timedelta = timedelta(hours=1)
 
