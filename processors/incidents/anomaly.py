@@ -15,12 +15,29 @@ Detectors (``DETECTORS``):
   (fixed seed, so deterministic).
 * ``windowed-gaussian``: NAB's own baseline (numenta/NAB ``nab/detectors/gaussian``): mean and standard
   deviation of a 6,400-value window slid every 100 values, score ``1 - tail probability``.
-* ``likelihood`` (the default, ours): the Numenta anomaly-likelihood idea on a simple raw score. The raw
-  score is the absolute change of the value scaled by a long exponential moving deviation; the
-  likelihood compares the mean raw score of the last ``short`` samples with the mean and deviation of raw
-  scores over the last ``long`` samples (Gaussian tail), and the anomaly score is ``1 - tail``, also
-  applied to the level (value z-score) so that a shift and a spike both count. See the module's
-  evaluation table in the README of the issue report for why it is the default.
+* ``likelihood`` (the default, ours): the Numenta anomaly-likelihood idea on two simple raw scores. The
+  raw scores are the distance of the value from an exponential moving mean and the absolute change from
+  the previous value, each scaled by its exponential moving absolute deviation (``alpha`` per sample);
+  the likelihood compares the mean raw score of the last ``short`` samples with the mean and deviation of
+  the raw scores of the last ``long`` samples (Gaussian tail), and the anomaly score is the larger
+  ``1 - tail`` of the two, so that both a level shift and a spike count.
+
+Why ``likelihood`` is the default: on NAB realKnownCause (7 series, 19 windows), every detector behind
+the same alert gate (``suppress`` 150 samples), NAB standard score (``backbone eval anomalies``):
+
+=====================  ==========  ========  =========  ======
+detector               threshold   standard  precision  recall
+=====================  ==========  ========  =========  ======
+likelihood             0.99        55.5      0.23       0.84
+likelihood             0.999       51.3      0.36       0.68
+windowed-gaussian      0.999       31.0      0.18       0.68
+river-gaussian         0.99        29.0      0.15       0.74
+river-hst              0.99        -3.0      0.12       0.53
+=====================  ==========  ========  =========  ======
+
+The default threshold, suppression and ``alpha`` were chosen by looking at these same series, so the
+figure is optimistic for unseen series; neighbouring settings (alpha 0.005 to 0.2, threshold 0.99 to
+0.9999, suppression 100 to 600) scored 33 to 55 in the same run.
 
 The alert gate turns scores into anomalies: an alert when the score reaches ``threshold`` and no alert
 was raised in the last ``suppress`` samples of the series (one early alert per incident is what NAB and a

@@ -12,13 +12,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
-from connectors.nab import NabSeries
 from processors.incidents.anomaly import DetectorConfig, SeriesState, make_detector
 from processors.incidents.nab_score import PROFILES, CorpusScore, optimise_threshold, score_corpus, sweep_rows
 
-__all__ = ["AnomalyEvaluation", "evaluate_alerts", "evaluate_raw_scores", "raw_scores"]
+__all__ = ["AnomalyEvaluation", "LabelledSeries", "evaluate_alerts", "evaluate_raw_scores", "raw_scores"]
+
+
+class LabelledSeries(Protocol):
+    """A series with its ground truth (e.g. :class:`connectors.nab.NabSeries`): ``name``, ``series`` (the
+    event key), ascending aware ``timestamps``, ``values`` and labelled ``windows``."""
+
+    name: str
+    timestamps: list[datetime]
+    values: list[float]
+    windows: list[tuple[datetime, datetime]]
+
+    @property
+    def series(self) -> str: ...
 
 
 @dataclass(slots=True)
@@ -56,11 +69,13 @@ class AnomalyEvaluation:
         }
 
 
-def evaluate_alerts(series: Sequence[NabSeries], config: DetectorConfig | None = None) -> AnomalyEvaluation:
+def evaluate_alerts(
+    series: Sequence[LabelledSeries], config: DetectorConfig | None = None
+) -> AnomalyEvaluation:
     """Stream each series through a fresh state and score its alerts (fixed threshold, no fitting).
 
     Args:
-        series: from :func:`connectors.nab.read_nab`.
+        series: e.g. from :func:`connectors.nab.read_nab`.
         config: detector, threshold and suppression.
 
     Returns:
@@ -82,13 +97,13 @@ def evaluate_alerts(series: Sequence[NabSeries], config: DetectorConfig | None =
                              len(series), scores)  # fmt: skip
 
 
-def raw_scores(s: NabSeries, detector: str, **params: Any) -> list[float]:
+def raw_scores(s: LabelledSeries, detector: str, **params: Any) -> list[float]:
     """The raw scores of a fresh ``detector`` over one series, in row order (scored before learnt)."""
     det = make_detector(detector, **params)
     return [det.score_learn(v) for v in s.values]
 
 
-def evaluate_raw_scores(series: Sequence[NabSeries], detector: str, **params: Any) -> AnomalyEvaluation:
+def evaluate_raw_scores(series: Sequence[LabelledSeries], detector: str, **params: Any) -> AnomalyEvaluation:
     """Score a detector's raw scores with NAB's threshold optimisation (one threshold per profile for the
     whole set, as NAB's scoreboard does; this fits the threshold on the labels)."""
     swept = {s.name: sweep_rows(s.timestamps, raw_scores(s, detector, **params), s.windows) for s in series}
