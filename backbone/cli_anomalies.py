@@ -29,12 +29,14 @@ def _produce(events_iter: Any, topics: list[str], as_json: bool, what: str, run:
     from confluent_kafka.admin import AdminClient
 
     from backbone.cli.helpers import context
-    from streams.catalogue import CATALOGUE, ensure_topics
+    from connectors.nab import METRIC_TOPIC_SPEC
+    from streams.catalogue import CATALOGUE, create_missing_topics
 
     settings, serde = context()
-    known = [t for t in topics if t in CATALOGUE]
-    if known:
-        ensure_topics(AdminClient(settings.kafka.librdkafka()), known)
+    extra = {METRIC_TOPIC_SPEC.name: METRIC_TOPIC_SPEC}
+    specs = [CATALOGUE.get(t) or extra.get(t) for t in topics]
+    if any(specs):
+        create_missing_topics(AdminClient(settings.kafka.librdkafka()), [s for s in specs if s is not None])
     with Progress(TextColumn(f"importing {what}"), BarColumn(), MofNCompleteColumn(), console=err,
                   disable=as_json or not err.is_terminal) as bar:  # fmt: skip
         task = bar.add_task("import", total=None)

@@ -31,6 +31,7 @@ from typing import Any
 
 from connectors.errors import ConnectorError
 from core.settings import Settings
+from streams.catalogue import TopicSpec
 from streams.envelope import Event, deterministic_id
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
@@ -38,6 +39,7 @@ from streams.serde import AvroSerde
 __all__ = [
     "METRIC_SCHEMA",
     "METRIC_TOPIC",
+    "METRIC_TOPIC_SPEC",
     "NAB_SOURCE",
     "NabImportError",
     "NabImportReport",
@@ -51,6 +53,15 @@ __all__ = [
 METRIC_SCHEMA = "sophia.telemetry.MetricSample"
 METRIC_TOPIC = "telemetry.metrics"
 NAB_SOURCE = "/connectors/nab"
+METRIC_TOPIC_SPEC = TopicSpec(
+    name=METRIC_TOPIC,
+    partitions=6,
+    key="series",
+    schemas=(METRIC_SCHEMA,),
+    retention_ms=30 * 86_400_000,
+    doc="Metric samples (one series per key, in event-time order per series): NAB series, pod metrics.",
+)
+"""The metrics topic, until the catalogue (and the deploy manifests that mirror it) lists it."""
 WINDOWS_FILE = "combined_windows.json"
 
 

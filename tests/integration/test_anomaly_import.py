@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -77,3 +80,23 @@ def test_github_events_import(
         r.data["kind"] for r in read_range(settings.kafka, serde, topic) if isinstance(r, ConsumedEvent)
     )
     assert kinds == ["git.commit", "github.push"]
+
+
+def test_import_nab_command_creates_the_topic_and_reports(
+    settings: Settings, tmp_path: Path, unique_name: Callable[[str], str]
+) -> None:
+    """``import nab DIR --json`` against the stack: the topic is created, 900 samples and 1 rejected row reported."""
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
+        "BACKBONE_LOG_FORMAT": "json",
+    }
+    topic = unique_name("metrics")
+    code = "from backbone.cli_anomalies import import_app; import_app()"
+    res = subprocess.run([sys.executable, "-c", code, "nab", str(_nab(tmp_path)), "--topic", topic, "--json"],
+                         env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["events"], out["rejected"], out["series"]) == (900, 1, 1)
+    assert len(list(read_range(settings.kafka, serde_from_settings(settings), topic))) == 900
