@@ -64,6 +64,7 @@ __all__ = [
     "INSIGHT_SCHEMA",
     "INSIGHT_SOURCE",
     "Anomaly",
+    "AnomalyProcessor",
     "Detector",
     "DetectorConfig",
     "LikelihoodDetector",
@@ -469,3 +470,69 @@ class SeriesState:
         ms = d["last_time_ms"]
         st.last_time = None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
         return st
+
+
+class AnomalyProcessor:
+    """The per-record step a stream shell (Faust agent) runs: one :class:`SeriesState` per series.
+
+    Feed it decoded ``sophia.telemetry.MetricSample`` data with :meth:`process`; it returns the anomaly
+    insights the sample raises. A record it cannot use raises
+    :class:`processors.errors.UnprocessableEventError` (the shell sends it to the dead-letter topic with
+    its raw bytes and the reason) and changes no state, so processing goes on. The states are
+    JSON-ready (:meth:`state_of` / :meth:`restore`), one table entry per series.
+
+    Args:
+        config: detector and alert gate of every series.
+
+    Attributes:
+        rejected: records refused, by reason class (``not_a_number``, ``bad_record``).
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.states: dict[str, SeriesState] = {}
+        self.rejected: dict[str, int] = {}
+
+    def process(self, data: Mapping[str, Any], event_id: str | None = None) -> list[Event]:
+        """Score one sample; return the insights it raises (zero or one).
+
+        Args:
+            data: the decoded datum (``series``, ``observed_at`` aware datetime, ``value``).
+            event_id: its CloudEvents id (the insight's causation).
+
+        Raises:
+            UnprocessableEventError: no series, no aware ``observed_at``, or a value that is not a finite
+                number (counted in :attr:`rejected`).
+        """
+        from processors.errors import UnprocessableEventError
+
+        series, observed_at, value = data.get("series"), data.get("observed_at"), data.get("value")
+        if (
+            not isinstance(series, str)
+            or not series
+            or not isinstance(observed_at, datetime)
+            or observed_at.tzinfo is None
+        ):
+            self.rejected["bad_record"] = self.rejected.get("bad_record", 0) + 1
+            raise UnprocessableEventError(
+                "metric sample without series or aware observed_at", event_id=event_id
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.rejected["not_a_number"] = self.rejected.get("not_a_number", 0) + 1
+            raise UnprocessableEventError(
+                f"value {value!r} of {series} is not a finite number", event_id=event_id
+            )
+        state = self.states.get(series)
+        if state is None:
+            state = self.states[series] = SeriesState(series, self.config)
+        _, alert = state.observe(observed_at, float(value))
+        return [] if alert is None else [alert.to_insight(causation_id=event_id)]
+
+    def state_of(self, series: str) -> dict[str, Any] | None:
+        """The JSON-ready state of one series (a table value), or None when unseen."""
+        state = self.states.get(series)
+        return None if state is None else state.to_dict()
+
+    def restore(self, series: str, state: Mapping[str, Any]) -> None:
+        """Put back a series' state read from a table."""
+        self.states[series] = SeriesState.from_dict(state)

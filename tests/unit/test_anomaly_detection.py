@@ -86,3 +86,32 @@ def test_bad_values_are_refused() -> None:
         st.observe(datetime(2024, 1, 1), 1.0)
     with pytest.raises(ValueError):
         DetectorConfig(detector="nope")
+
+
+def test_processor_dead_letters_bad_values_and_goes_on() -> None:
+    """A non-number is refused with UnprocessableEventError and counted; the series' state is untouched,
+    and the next good sample is processed; a restored state continues identically."""
+    from processors.errors import UnprocessableEventError
+    from processors.incidents.anomaly import AnomalyProcessor
+
+    proc, twin = AnomalyProcessor(), AnomalyProcessor()
+    values = series()
+    for i, v in enumerate(values[:300]):
+        for p in (proc, twin):
+            p.process({"series": "s", "observed_at": T0 + timedelta(minutes=i), "value": v}, f"e{i}")
+    before = proc.state_of("s")
+    for bad in ("12", float("nan"), None, True):
+        with pytest.raises(UnprocessableEventError):
+            proc.process({"series": "s", "observed_at": T0 + timedelta(minutes=300), "value": bad})
+    with pytest.raises(UnprocessableEventError):
+        proc.process({"series": "s", "observed_at": datetime(2024, 1, 1), "value": 1.0})
+    assert proc.rejected == {"not_a_number": 4, "bad_record": 1}
+    assert proc.state_of("s") == before
+    restored = AnomalyProcessor()
+    restored.restore("s", json.loads(json.dumps(before)))
+    out_a, out_b = [], []
+    for i, v in enumerate(values[300:], start=300):
+        d = {"series": "s", "observed_at": T0 + timedelta(minutes=i), "value": v}
+        out_a += restored.process(d, f"e{i}")
+        out_b += twin.process(d, f"e{i}")
+    assert [e.attributes.id for e in out_a] == [e.attributes.id for e in out_b] and out_a
