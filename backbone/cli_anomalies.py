@@ -17,7 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out
 
-__all__ = ["eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab"]
+__all__ = [
+    "eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab",
+    "processors_app", "run_anomalies",
+]  # fmt: skip
 
 import_app = typer.Typer(help="Import NAB series and GitHub Events API objects.", no_args_is_help=True)
 eval_app = typer.Typer(
@@ -204,3 +207,39 @@ def eval_links(
         emit_json(result)
         return
     out.print(json.dumps(result, indent=2))
+
+
+processors_app = typer.Typer(help="Run the anomaly processor.", no_args_is_help=True)
+
+
+@processors_app.callback()
+def _processors() -> None:
+    """Run the anomaly processor (a group, so that ``anomalies`` stays a subcommand)."""
+
+
+@processors_app.command("anomalies")
+@clear_errors
+def run_anomalies(
+    app_id: Annotated[str, typer.Option(help="Faust app id (consumer group).", envvar="BACKBONE_ANOMALY_APP_ID")] = "backbone-anomalies",
+    metrics_topic: Annotated[str, typer.Option(help="Input topic.", envvar="BACKBONE_METRICS_TOPIC")] = "telemetry.metrics",
+    insights_topic: Annotated[str, typer.Option(help="Output topic.", envvar="BACKBONE_ANOMALY_INSIGHTS_TOPIC")] = "insights.anomalies",
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = "backbone.dlq",
+    stop_after_idle: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.",
+                                                          envvar="BACKBONE_STOP_AFTER_IDLE")] = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Run the streaming anomaly detector (Faust worker) until stopped; print its counters."""
+    import dataclasses
+
+    from backbone.cli.helpers import settings_only
+    from processors.incidents.anomaly_app import AnomalyTopics, run_anomaly_worker
+
+    topics = AnomalyTopics(metrics=metrics_topic, insights=insights_topic, dead_letters=dlq_topic)
+    stats = run_anomaly_worker(
+        settings_only(), app_id=app_id, topics=topics, stop_after_idle_seconds=stop_after_idle
+    )
+    result = {k: v for k, v in dataclasses.asdict(stats).items() if k != "last_record_monotonic"}
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(result)

@@ -100,3 +100,59 @@ def test_import_nab_command_creates_the_topic_and_reports(
     out = json.loads(res.stdout)
     assert (out["events"], out["rejected"], out["series"]) == (900, 1, 1)
     assert len(list(read_range(settings.kafka, serde_from_settings(settings), topic))) == 900
+
+
+def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_records(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """The Faust worker over 900 samples sends the same anomaly ids as the plain processor; a NaN sample
+    and a record that is not Avro go to the dead-letter topic and the worker goes on."""
+    from confluent_kafka import Producer
+
+    from connectors.nab import METRIC_SCHEMA, series_events
+    from processors.incidents.anomaly import AnomalyProcessor
+    from streams.envelope import Event
+    from streams.producer import EventProducer
+
+    metrics = create_topic(unique_name("metrics"), partitions=2)
+    insights = create_topic(unique_name("anomalies"), partitions=3)
+    dlq = create_topic(unique_name("dlq"), partitions=1)
+    serde = serde_from_settings(settings)
+    (series,) = read_nab(_nab(tmp_path))
+    events = list(series_events(series))
+    bad = Event.create(METRIC_SCHEMA, series.series, {**events[0].data, "value": float("nan"), "source_id": "x"},
+                       source="/test", time=events[0].data["observed_at"])  # fmt: skip
+    with EventProducer(settings.kafka, serde) as producer:
+        for e in events[:400]:
+            producer.produce(metrics, e)
+        producer.produce(metrics, bad)
+        for e in events[400:]:
+            producer.produce(metrics, e)
+    raw = Producer(settings.kafka.librdkafka())
+    raw.produce(metrics, key=b"nab:realX/s", value=b"not avro")
+    raw.flush(10)
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
+        "BACKBONE_LOG_FORMAT": "json",
+        "BACKBONE_METRICS_PORT": "0",
+    }
+    code = "from backbone.cli_anomalies import processors_app; processors_app()"
+    args = ["anomalies", "--app-id", unique_name("anom"), "--metrics-topic", metrics, "--insights-topic", insights,
+            "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=180,
+                         check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    stats = json.loads(
+        res.stdout[res.stdout.rindex('{\n  "records_count"') :]
+    )  # the indented JSON after the log lines
+    assert stats["records_count"] == 902 and stats["dead_letters_count"] == 2
+    got = sorted(
+        r.attributes.id for r in read_range(settings.kafka, serde, insights) if isinstance(r, ConsumedEvent)
+    )
+    plain = AnomalyProcessor()
+    want = sorted(i.attributes.id for e in events for i in plain.process(e.data, e.attributes.id))
+    assert got == want and got
+    assert len(list(read_range(settings.kafka, serde, dlq))) == 2
