@@ -173,7 +173,10 @@ def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: b
     referencing = sum(1 for e, _ in pairs if any(r.startswith(f"github:{repo}") for r in e.data["refs"]))
     embed = None
     if embeddings:
+        from core.observability import configure_logging
         from inference.model import load_model
+
+        configure_logging("INFO", "auto")  # log lines to stderr, so that --json stays one JSON document
 
         model = load_model("all-MiniLM-L6-v2")
         embed = model.embed
