@@ -164,12 +164,16 @@ def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: b
     pairs = _slack_messages(slack, repo)
     commits = list(parse_git_commits_tsv(commits_file, repo=repo))
     corr = Correlator()
+    from processors.correlation.lag import LagStats
+
     truth: dict[str, str] = {}
+    lags = LagStats()
     for e in [*commits, *(p[0] for p in pairs)]:
         o = observe(e.data, e.attributes.id)
         if o is not None:
             for link in corr.add(o):
                 truth.setdefault(link.message.entity, link.commit.entity)
+                lags.add(link.insight_id, "slack", "git", link.lag_seconds)
     referencing = sum(1 for e, _ in pairs if any(r.startswith(f"github:{repo}") for r in e.data["refs"]))
     embed = None
     if embeddings:
@@ -183,6 +187,7 @@ def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: b
     result = evaluate_masked([p[1] for p in pairs], [CommitText(e.data["entity"], e.data["occurred_at"],
                              str(e.data["title"] or "")) for e in commits], truth, embed=embed)  # fmt: skip
     result["embeddings"] = embeddings
+    result["lags_reference_links"] = [x.as_dict() for x in lags.summary()]
     result["reference_extraction"] = {
         "messages_with_repo_refs": referencing,
         "links_unmasked": len(truth),
