@@ -53,7 +53,7 @@ def import_nab(
     topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_METRICS_TOPIC")] = "telemetry.metrics",
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Import every NAB series as sophia.telemetry.MetricSample events (labels stay out of the log)."""
+    """Import every NAB series as sophia.telemetry.SeriesSample events (labels stay out of the log)."""
     from connectors.nab import import_nab as run_import
     from connectors.nab import read_nab
 

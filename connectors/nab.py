@@ -1,4 +1,4 @@
-"""Import the Numenta Anomaly Benchmark (NAB) as ``sophia.telemetry.MetricSample`` events.
+"""Import the Numenta Anomaly Benchmark (NAB) as ``sophia.telemetry.SeriesSample`` events.
 
 Source: numenta/NAB @ ea702d7 (``data/<category>/<series>.csv`` and ``labels/combined_windows.json``),
 copied as ``anomaly/nab/`` in the shared data folder. A NAB folder holds category folders of CSV files::
@@ -50,7 +50,7 @@ __all__ = [
     "series_events",
 ]
 
-METRIC_SCHEMA = "sophia.telemetry.MetricSample"
+METRIC_SCHEMA = "sophia.telemetry.SeriesSample"
 METRIC_TOPIC = "telemetry.metrics"
 NAB_SOURCE = "/connectors/nab"
 METRIC_TOPIC_SPEC = TopicSpec(
@@ -168,7 +168,7 @@ def read_nab(root: Path, *, categories: Iterable[str] | None = None) -> list[Nab
 def metric_event(
     *, series: str, observed_at: datetime, value: float, labels: dict[str, str], source_id: str
 ) -> Event:
-    """The ``sophia.telemetry.MetricSample`` event of one sample (metric ``value``).
+    """The ``sophia.telemetry.SeriesSample`` event of one sample (metric ``value``).
 
     Args:
         series: the series name (event key), e.g. ``nab:realKnownCause/nyc_taxi``.

@@ -475,8 +475,8 @@ class SeriesState:
 class AnomalyProcessor:
     """The per-record step a stream shell (Faust agent) runs: one :class:`SeriesState` per series.
 
-    Feed it decoded ``sophia.telemetry.MetricSample`` data with :meth:`process`; it returns the anomaly
-    insights the sample raises. A record it cannot use raises
+    Feed it decoded ``sophia.telemetry.SeriesSample`` or ``sophia.telemetry.MetricSample`` data with
+    :meth:`process`; it returns the anomaly insights the sample raises. A record it cannot use raises
     :class:`processors.errors.UnprocessableEventError` (the shell sends it to the dead-letter topic with
     its raw bytes and the reason) and changes no state, so processing goes on. The states are
     JSON-ready (:meth:`state_of` / :meth:`restore`), one table entry per series.
@@ -494,39 +494,67 @@ class AnomalyProcessor:
         self.rejected: dict[str, int] = {}
 
     def process(self, data: Mapping[str, Any], event_id: str | None = None) -> list[Event]:
-        """Score one sample; return the insights it raises (zero or one).
+        """Score one sample; return the insights it raises.
+
+        Two shapes are read: a ``sophia.telemetry.SeriesSample`` (``series``, ``observed_at``, ``value``:
+        one series) and a ``sophia.telemetry.MetricSample`` (``pod``, ``event_time``, ``metrics`` map: one
+        series ``pod:<pod>/<metric>`` per metric; a null metric, which the source writes for a minute
+        without requests, is skipped, not refused).
 
         Args:
-            data: the decoded datum (``series``, ``observed_at`` aware datetime, ``value``).
-            event_id: its CloudEvents id (the insight's causation).
+            data: the decoded datum (times as aware datetimes).
+            event_id: its CloudEvents id (the insights' causation).
 
         Raises:
-            UnprocessableEventError: no series, no aware ``observed_at``, or a value that is not a finite
-                number (counted in :attr:`rejected`).
+            UnprocessableEventError: no series or pod, no aware time, or a value that is not a finite
+                number (counted in :attr:`rejected`; no state changes).
         """
         from processors.errors import UnprocessableEventError
 
-        series, observed_at, value = data.get("series"), data.get("observed_at"), data.get("value")
+        if "metrics" in data and "pod" in data:
+            pod, observed_at, metrics = data.get("pod"), data.get("event_time"), data.get("metrics")
+            samples = [
+                (f"pod:{pod}/{name}", v) for name, v in sorted((metrics or {}).items()) if v is not None
+            ]
+        else:
+            observed_at = data.get("observed_at")
+            samples = [(data.get("series"), data.get("value"))]
         if (
-            not isinstance(series, str)
-            or not series
-            or not isinstance(observed_at, datetime)
+            not isinstance(observed_at, datetime)
             or observed_at.tzinfo is None
+            or not all(isinstance(s, str) and s and not s.startswith("pod:None/") for s, _ in samples)
         ):
             self.rejected["bad_record"] = self.rejected.get("bad_record", 0) + 1
             raise UnprocessableEventError(
-                "metric sample without series or aware observed_at", event_id=event_id
+                "metric sample without series (or pod) or aware time", event_id=event_id
             )
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            self.rejected["not_a_number"] = self.rejected.get("not_a_number", 0) + 1
-            raise UnprocessableEventError(
-                f"value {value!r} of {series} is not a finite number", event_id=event_id
-            )
-        state = self.states.get(series)
-        if state is None:
-            state = self.states[series] = SeriesState(series, self.config)
-        _, alert = state.observe(observed_at, float(value))
-        return [] if alert is None else [alert.to_insight(causation_id=event_id)]
+        for series, value in samples:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                self.rejected["not_a_number"] = self.rejected.get("not_a_number", 0) + 1
+                raise UnprocessableEventError(
+                    f"value {value!r} of {series} is not a finite number", event_id=event_id
+                )
+        out: list[Event] = []
+        for series, value in samples:
+            state = self.states.get(series)
+            if state is None:
+                state = self.states[series] = SeriesState(series, self.config)
+            _, alert = state.observe(observed_at, float(value))
+            if alert is not None:
+                out.append(alert.to_insight(causation_id=event_id))
+        return out
+
+    @staticmethod
+    def series_of(data: Mapping[str, Any]) -> list[str]:
+        """The series a decoded sample touches (see :meth:`process`)."""
+        if "metrics" in data and "pod" in data:
+            return [
+                f"pod:{data.get('pod')}/{name}"
+                for name, v in sorted((data.get("metrics") or {}).items())
+                if v is not None
+            ]
+        series = data.get("series")
+        return [series] if isinstance(series, str) and series else []
 
     def state_of(self, series: str) -> dict[str, Any] | None:
         """The JSON-ready state of one series (a table value), or None when unseen."""

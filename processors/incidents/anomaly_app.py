@@ -5,14 +5,15 @@ Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not e
 written) with :func:`processors.faust_support.make_faust_app`, :class:`~processors.faust_support.FaustDeadLetters`
 and :class:`processors.tables.TailRecoveringTable`.
 
-* One agent (``concurrency=1``) reads ``telemetry.metrics`` (``sophia.telemetry.MetricSample``, key =
-  series): the key already puts every sample of a series on one partition in order, so no repartition is
+* One agent (``concurrency=1``) reads ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key =
+  series; ``sophia.telemetry.MetricSample``, key = pod, one series per pod and metric): the key
+  already puts every sample of a series on one partition in order, so no repartition is
   needed and one task owns a series' state.
 * **Decoding is ours** (``raw`` serializers). Undecodable records (not Avro, no CloudEvents headers),
   another schema, and samples the logic refuses (a value that is not a finite number, no series) go to
   the dead-letter topic with raw bytes, headers and the reason; processing goes on.
 * **State**: table ``anomaly_series`` (changelog ``<app id>-anomaly_series-changelog``), key
-  ``b"<series>"`` (raw UTF-8), value the JSON state of :class:`~processors.incidents.anomaly.SeriesState`
+  ``b"<series>"`` (raw UTF-8; ``pod:<pod>/<metric>`` for a pod's metric), value the JSON state of :class:`~processors.incidents.anomaly.SeriesState`
   (detector, gate, last event time). The in-memory states are caches: dropped on rebalance and reloaded
   from the table on first use.
 * **Order of effects per record**: the insight (if any) is sent and its delivery awaited before the
@@ -51,7 +52,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_APP_ID = "backbone-anomalies"
 PROCESSOR_NAME = "anomalies"
 TABLE_NAME = "anomaly_series"
-METRIC_SCHEMA = "sophia.telemetry.MetricSample"
+METRIC_SCHEMAS = ("sophia.telemetry.SeriesSample", "sophia.telemetry.MetricSample")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,24 +96,25 @@ class _AnomalyShell:
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
             schema, data = self.serde.decode(message.value)
-            if schema != METRIC_SCHEMA:
+            if schema not in METRIC_SCHEMAS:
                 raise UnsupportedEventError(
-                    f"schema {schema!r} is not {METRIC_SCHEMA}", event_id=attributes.id
+                    f"schema {schema!r} is not one of {METRIC_SCHEMAS}", event_id=attributes.id
                 )
-            series = data.get("series")
-            if isinstance(series, str) and series not in self.processor.states:
-                stored = self.table.get(series.encode())
-                if stored:
-                    self.processor.restore(series, stored)
-            before = self.processor.states[series].out_of_order if series in self.processor.states else 0
+            touched = self.processor.series_of(data)
+            for series in touched:
+                if series not in self.processor.states:
+                    stored = self.table.get(series.encode())
+                    if stored:
+                        self.processor.restore(series, stored)
+            before = sum(self.processor.states[s].out_of_order for s in touched if s in self.processor.states)
             insights = self.processor.process(data, attributes.id)
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
             return
-        state: SeriesState = self.processor.states[series]
-        if state.out_of_order > before:
+        states: list[SeriesState] = [self.processor.states[s] for s in touched]
+        if sum(st.out_of_order for st in states) > before:
             self.stats.out_of_order_count += 1
         for insight in insights:
             pending = await self.insights.send(
@@ -121,8 +123,9 @@ class _AnomalyShell:
             )  # fmt: skip
             await pending  # delivered before the state that raised it is recorded
             self.stats.anomalies_count += 1
-            bound.info("anomaly_sent", insight_id=insight.attributes.id, series=series)
-        self.table[series.encode()] = state.to_dict()
+            bound.info("anomaly_sent", insight_id=insight.attributes.id, entity=insight.key)
+        for st in states:
+            self.table[st.series.encode()] = st.to_dict()
 
 
 def create_anomaly_app(

@@ -115,3 +115,15 @@ def test_processor_dead_letters_bad_values_and_goes_on() -> None:
         out_a += restored.process(d, f"e{i}")
         out_b += twin.process(d, f"e{i}")
     assert [e.attributes.id for e in out_a] == [e.attributes.id for e in out_b] and out_a
+
+
+def test_processor_reads_pod_metric_samples_one_series_per_metric() -> None:
+    """A MetricSample (pod, event_time, metrics map) feeds one series per metric; null metrics are skipped."""
+    from processors.incidents.anomaly import AnomalyProcessor
+
+    proc = AnomalyProcessor()
+    for i, v in enumerate(series()):
+        proc.process({"pod": "p1", "service": "s", "event_time": T0 + timedelta(minutes=i),
+                      "metrics": {"CpuUsageRate(%)": v, "PodWorkload(Ops)": None}})  # fmt: skip
+    assert sorted(proc.states) == ["pod:p1/CpuUsageRate(%)"]
+    assert proc.states["pod:p1/CpuUsageRate(%)"].count == 600
