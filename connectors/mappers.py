@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
 
+from connectors.github_events import slack_message_refs
 from connectors.webhooks import ExternalEvent, WebhookPayloadError, extract_github_refs
 from streams.catalogue import CATALOGUE
 from streams.envelope import parse_time
@@ -90,16 +91,22 @@ def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> 
         team = str(payload.get("team_id") or "unknown")
         channel = ev.get("channel") if isinstance(ev.get("channel"), str) else None
         text = ev.get("text") if isinstance(ev.get("text"), str) else None
+        # A message is its own entity (slack:<team>/<channel>/<ts>), as in the export importer, so the
+        # correlator keeps every message of a channel, not only the first; its GitHub references are read.
+        ts = ev.get("ts") if isinstance(ev.get("ts"), str) else None
+        entity = f"slack:{team}/{channel}" if channel else f"slack:{team}"
+        if channel and ts and ev.get("type") == "message":
+            entity = f"{entity}/{ts}"
         return ExternalEvent(
             platform="slack",
             kind=f"slack.{etype}",
-            entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
+            entity=entity,
             actor=str(ev["user"]) if ev.get("user") else None,
             occurred_at=_epoch_seconds(ev.get("event_ts")) or _epoch_seconds(payload.get("event_time")) or received_at,
             url=None,
             title=None,
             body_excerpt=_excerpt(text),
-            refs=(),
+            refs=slack_message_refs(text, ()),
             source_id=str(payload.get("event_id") or hashlib.sha256(body).hexdigest()),
         )
     try:

@@ -33,6 +33,7 @@ from backbone.http.auth import (
     enforce_rate_limit,
     require_scope,
 )
+from connectors.github_events import commits_of_push
 from connectors.mappers import (
     EXTERNAL_EVENT_SCHEMA,
     external_event_to_avro,
@@ -336,7 +337,10 @@ async def _webhook_preamble(request: Request, platform: str) -> tuple[str, bytes
     return secret, await read_body(request, api.max_body_bytes)
 
 
-async def _deliver_external(request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent) -> JSONResponse:
+async def _deliver_external(
+    request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent, extra: Sequence[Event] = ()
+) -> JSONResponse:
+    """Produce the mapped event, then ``extra`` events derived from the same delivery (a push's commits)."""
     api = request.app.state.api_settings
 
     async def handle() -> tuple[int, dict[str, Any]]:
@@ -348,9 +352,11 @@ async def _deliver_external(request: Request, platform: str, delivery_id: str, b
             time=mapped.occurred_at,
             id=deterministic_id("webhook", platform, delivery_id),
         )
-        await _produce(request, api.external_topic, [event])
+        batch = [event, *extra]
+        await _produce(request, api.external_topic, batch)
         _log.info("ingest.webhook", platform=platform, kind=mapped.kind, delivery_id=delivery_id)
-        return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": 1, "ids": [event.attributes.id], "kind": mapped.kind}
+        return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": len(batch),
+                                          "ids": [e.attributes.id for e in batch], "kind": mapped.kind}  # fmt: skip
 
     fp = hashlib.sha256(body).hexdigest()
     return await _idempotent(request, f"webhook:{platform}:{delivery_id}", fp, handle)
@@ -388,7 +394,12 @@ async def github_webhook(request: Request) -> JSONResponse:
         mapped = map_github_webhook(event_name=event_name, body=body, delivery_id=delivery, received_at=datetime.now(UTC))
     except WebhookPayloadError as exc:
         raise _problem(422, str(exc)) from exc
-    return await _deliver_external(request, "github", delivery, body, mapped)
+    extra: list[Event] = []
+    if event_name == "push":  # the pushed commits as git.commit events, like the commit importer's
+        payload = json.loads(body)
+        extra = commits_of_push(payload, repo=payload["repository"]["full_name"], pushed_at=mapped.occurred_at,
+                                pusher=mapped.actor)  # fmt: skip
+    return await _deliver_external(request, "github", delivery, body, mapped, extra)
 
 
 @router.post("/webhooks/slack", status_code=202, tags=["webhooks"], responses=_WEBHOOK_RESPONSES)

@@ -1,0 +1,253 @@
+"""CLI of issue 12's anomaly and cross-source parts: ``import nab``, ``import github-events``,
+``eval anomalies`` and ``eval links``.
+
+Plain command functions (mount them in the ``import`` and ``eval`` groups) plus ``import_app`` and
+``eval_app`` typer apps that hold them, for tests and for mounting as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out
+
+__all__ = [
+    "eval_anomalies", "eval_app", "eval_links", "import_app", "import_github_events", "import_nab",
+    "processors_app", "run_anomalies",
+]  # fmt: skip
+
+import_app = typer.Typer(help="Import NAB series and GitHub Events API objects.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Score anomaly detection (NAB) and masked cross-source links.", no_args_is_help=True
+)
+
+
+def _produce(events_iter: Any, topics: list[str], as_json: bool, what: str, run: Any) -> Any:
+    from confluent_kafka.admin import AdminClient
+
+    from backbone.cli.helpers import context
+    from connectors.nab import METRIC_TOPIC_SPEC
+    from streams.catalogue import CATALOGUE, create_missing_topics
+
+    settings, serde = context()
+    extra = {METRIC_TOPIC_SPEC.name: METRIC_TOPIC_SPEC}
+    specs = [CATALOGUE.get(t) or extra.get(t) for t in topics]
+    if any(specs):
+        create_missing_topics(AdminClient(settings.kafka.librdkafka()), [s for s in specs if s is not None])
+    with Progress(TextColumn(f"importing {what}"), BarColumn(), MofNCompleteColumn(), console=err,
+                  disable=as_json or not err.is_terminal) as bar:  # fmt: skip
+        task = bar.add_task("import", total=None)
+        return run(settings, serde, events_iter, lambda _: bar.advance(task))
+
+
+@import_app.command("nab")
+@clear_errors
+def import_nab(
+    folder: Annotated[Path, typer.Argument(help="NAB folder: category folders and combined_windows.json.")],
+    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_METRICS_TOPIC")] = "telemetry.metrics",
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Import every NAB series as sophia.telemetry.SeriesSample events (labels stay out of the log)."""
+    from connectors.nab import import_nab as run_import
+    from connectors.nab import read_nab
+
+    series = read_nab(folder)
+    report = _produce(series, [topic], as_json, "NAB samples",
+                      lambda st, sd, it, cb: run_import(st, sd, it, topic=topic, on_event=cb))  # fmt: skip
+    if as_json:
+        emit_json(report.as_dict())
+        return
+    out.print(f"imported {report.events:,} samples of {report.series} series to {topic} "
+              f"({report.rejected} rows rejected, {report.windows} windows kept as ground truth) in {report.seconds} s")  # fmt: skip
+
+
+@import_app.command("github-events")
+@clear_errors
+def import_github_events(
+    file: Annotated[Path, typer.Argument(help="JSON array of GitHub Events API objects (GH Archive schema).")],
+    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_EXTERNAL_TOPIC")] = "external.events",
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Import GitHub events (pull requests, reviews, comments, issues, pushes and their commits)."""
+    from connectors.chat_code import import_events
+    from connectors.github_events import read_github_events
+
+    events, rejected = read_github_events(file)
+    report = _produce(events, [topic], as_json, "GitHub events",
+                      lambda st, sd, it, cb: import_events(st, sd, it, topic=topic, on_event=cb))  # fmt: skip
+    result = report.as_dict() | {"rejected": len(rejected), "rejected_examples": rejected[:5]}
+    if as_json:
+        emit_json(result)
+        return
+    kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(report.by_kind.items())) or "nothing"
+    out.print(f"imported {kinds} to {topic} ({len(rejected)} rejected) in {report.seconds} s")
+
+
+def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool) -> dict[str, Any]:
+    """The figures of ``eval anomalies`` (see :func:`eval_anomalies`)."""
+    from connectors.nab import read_nab
+    from processors.incidents.anomaly import DetectorConfig
+    from processors.incidents.anomaly_eval import evaluate_alerts, evaluate_raw_scores
+
+    series = read_nab(folder, categories=[category] if category else None)
+    if not series:
+        raise typer.BadParameter(f"no series under {folder} (category {category!r})")
+    result = evaluate_alerts(series, DetectorConfig(detector=detector)).as_dict()
+    if baseline:
+        wg = evaluate_raw_scores(series, "windowed-gaussian").as_dict()
+        result["baseline_windowed_gaussian_nab_optimised"] = {
+            k: wg[k] for k in ("score_standard", "precision", "recall", "threshold")
+        }
+        gated = evaluate_alerts(series, DetectorConfig(detector="windowed-gaussian")).as_dict()
+        result["baseline_windowed_gaussian_gated"] = {
+            k: gated[k] for k in ("score_standard", "precision", "recall")
+        }
+    return result
+
+
+@eval_app.command("anomalies")
+@clear_errors
+def eval_anomalies(
+    data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
+                                       envvar="BACKBONE_NAB_DATA")],
+    category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
+    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "likelihood",
+    baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
+                                           envvar="BACKBONE_NAB_BASELINE")] = False,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """NAB score (standard profile, fixed threshold, no fitting) of the streaming detector, with window
+    precision and recall: {"series", "score_standard", "precision", "recall", ...}."""
+    result = anomaly_figures(data, detector, category, baseline)
+    if as_json:
+        emit_json(result)
+        return
+    for k, v in result.items():
+        out.print(f"{k:45} {v}")
+
+
+def _slack_messages(files: list[Path], repo: str) -> list[Any]:
+    """Slack messages of the exports with their conversation ids (read in place, never copied)."""
+    from connectors.chat_code import parse_slack_export, render_slack_text
+    from processors.correlation.masked import ChatMessage
+
+    out_: list[Any] = []
+    for f in files:
+        raw: list[tuple[str | None, str]] = []
+        for _, el in ET.iterparse(f, events=("end",)):
+            if el.tag == "message":
+                raw.append((el.get("conversation_id"), el.findtext("text") or ""))
+                el.clear()
+        events = list(parse_slack_export(f, repo=repo))
+        if len(events) != len(raw):
+            raise typer.BadParameter(
+                f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align threads"
+            )
+        for (conv, text), e in zip(raw, events, strict=True):
+            out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
+                                        f"{f.name}:{conv}" if conv else None)))  # fmt: skip
+    return out_
+
+
+def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: bool) -> dict[str, Any]:
+    """The figures of ``eval links`` (see :func:`eval_links`)."""
+    from connectors.chat_code import parse_git_commits_tsv
+    from processors.correlation.logic import Correlator, observe
+    from processors.correlation.masked import CommitText, evaluate_masked
+
+    pairs = _slack_messages(slack, repo)
+    commits = list(parse_git_commits_tsv(commits_file, repo=repo))
+    corr = Correlator()
+    from processors.correlation.lag import LagStats
+
+    truth: dict[str, str] = {}
+    lags = LagStats()
+    for e in [*commits, *(p[0] for p in pairs)]:
+        o = observe(e.data, e.attributes.id)
+        if o is not None:
+            for link in corr.add(o):
+                truth.setdefault(link.message.entity, link.commit.entity)
+                lags.add(link.insight_id, "slack", "git", link.lag_seconds)
+    referencing = sum(1 for e, _ in pairs if any(r.startswith(f"github:{repo}") for r in e.data["refs"]))
+    embed = None
+    if embeddings:
+        from core.observability import configure_logging
+        from inference.model import load_model
+
+        configure_logging("INFO", "auto")  # log lines to stderr, so that --json stays one JSON document
+
+        model = load_model("all-MiniLM-L6-v2")
+        embed = model.embed
+    result = evaluate_masked([p[1] for p in pairs], [CommitText(e.data["entity"], e.data["occurred_at"],
+                             str(e.data["title"] or "")) for e in commits], truth, embed=embed)  # fmt: skip
+    result["embeddings"] = embeddings
+    result["lags_reference_links"] = [x.as_dict() for x in lags.summary()]
+    result["reference_extraction"] = {
+        "messages_with_repo_refs": referencing,
+        "links_unmasked": len(truth),
+        "recall_unmasked": 1.0 if truth else 0.0,
+        "links_masked": 0,
+        "recall_masked": 0.0,
+    }
+    return result
+
+
+@eval_app.command("links")
+@clear_errors
+def eval_links(
+    slack: Annotated[list[Path], typer.Option("--slack", help="Slack export XML (repeatable).", envvar="BACKBONE_EVAL_SLACK")],
+    commits: Annotated[Path, typer.Option("--commits", help="Commit TSV.", envvar="BACKBONE_EVAL_COMMITS")],
+    repo: Annotated[str, typer.Option(help="owner/name of the repository.", envvar="BACKBONE_IMPORT_REPO")] = "racket/racket",
+    embeddings: Annotated[bool, typer.Option(help="Add all-MiniLM-L6-v2 cosine (needs the inference extra).",
+                                             envvar="BACKBONE_EVAL_EMBEDDINGS")] = False,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Masked links: remove the references of messages that name a commit, and measure how many the
+    correlator still finds by text, (optionally) embeddings and timing: {"masked", "precision", "recall", ...}."""
+    result = link_figures(slack, commits, repo, embeddings)
+    if as_json:
+        emit_json(result)
+        return
+    out.print(json.dumps(result, indent=2))
+
+
+processors_app = typer.Typer(help="Run the anomaly processor.", no_args_is_help=True)
+
+
+@processors_app.callback()
+def _processors() -> None:
+    """Run the anomaly processor (a group, so that ``anomalies`` stays a subcommand)."""
+
+
+@processors_app.command("anomalies")
+@clear_errors
+def run_anomalies(
+    app_id: Annotated[str, typer.Option(help="Faust app id (consumer group).", envvar="BACKBONE_ANOMALY_APP_ID")] = "backbone-anomalies",
+    metrics_topic: Annotated[str, typer.Option(help="Input topic.", envvar="BACKBONE_METRICS_TOPIC")] = "telemetry.metrics",
+    insights_topic: Annotated[str, typer.Option(help="Output topic.", envvar="BACKBONE_ANOMALY_INSIGHTS_TOPIC")] = "insights.anomalies",
+    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = "backbone.dlq",
+    stop_after_idle: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.",
+                                                          envvar="BACKBONE_STOP_AFTER_IDLE")] = None,
+    as_json: JsonOpt = False,
+) -> None:  # fmt: skip
+    """Run the streaming anomaly detector (Faust worker) until stopped; print its counters."""
+    import dataclasses
+
+    from backbone.cli.helpers import settings_only
+    from processors.incidents.anomaly_app import AnomalyTopics, run_anomaly_worker
+
+    topics = AnomalyTopics(metrics=metrics_topic, insights=insights_topic, dead_letters=dlq_topic)
+    stats = run_anomaly_worker(
+        settings_only(), app_id=app_id, topics=topics, stop_after_idle_seconds=stop_after_idle
+    )
+    result = {k: v for k, v in dataclasses.asdict(stats).items() if k != "last_record_monotonic"}
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(result)

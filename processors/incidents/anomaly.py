@@ -1,0 +1,566 @@
+"""Streaming anomaly detection per metric series: plain Python, no look-ahead, serialisable state.
+
+Each series has one :class:`SeriesState` (a detector and an alert gate). A sample is **scored before it is
+learnt**, so the score of a sample depends only on the samples before it and on itself (no look-ahead);
+the same samples in the same order (event time within a series) give the same scores, alerts and
+insight ids, so a replay reproduces them. :meth:`SeriesState.to_dict` / :meth:`SeriesState.from_dict` turn
+the state into JSON-ready data that a Faust table can hold (river models are pickled into base64: river's
+estimators are plain Python objects, and pickling is what river documents for persisting them).
+
+Detectors (``DETECTORS``):
+
+* ``river-gaussian``: river's :class:`river.anomaly.GaussianScorer` over a window of recent values
+  (score ``2 |CDF(y) - 0.5|``).
+* ``river-hst``: river's :class:`river.anomaly.HalfSpaceTrees` on the value scaled by a running min-max
+  (fixed seed, so deterministic).
+* ``windowed-gaussian``: NAB's own baseline (numenta/NAB ``nab/detectors/gaussian``): mean and standard
+  deviation of a 6,400-value window slid every 100 values, score ``1 - tail probability``.
+* ``likelihood`` (the default, ours): the Numenta anomaly-likelihood idea on two simple raw scores. The
+  raw scores are the distance of the value from an exponential moving mean and the absolute change from
+  the previous value, each scaled by its exponential moving absolute deviation (``alpha`` per sample);
+  the likelihood compares the mean raw score of the last ``short`` samples with the mean and deviation of
+  the raw scores of the last ``long`` samples (Gaussian tail), and the anomaly score is the larger
+  ``1 - tail`` of the two, so that both a level shift and a spike count.
+
+Why ``likelihood`` is the default: on NAB realKnownCause (7 series, 19 windows), every detector behind
+the same alert gate (``suppress`` 150 samples), NAB standard score (``backbone eval anomalies``):
+
+=====================  ==========  ========  =========  ======
+detector               threshold   standard  precision  recall
+=====================  ==========  ========  =========  ======
+likelihood             0.99        55.5      0.23       0.84
+likelihood             0.999       51.3      0.36       0.68
+windowed-gaussian      0.999       31.0      0.18       0.68
+river-gaussian         0.99        29.0      0.15       0.74
+river-hst              0.99        -3.0      0.12       0.53
+=====================  ==========  ========  =========  ======
+
+The default threshold, suppression and ``alpha`` were chosen by looking at these same series, so the
+figure is optimistic for unseen series; neighbouring settings (alpha 0.005 to 0.2, threshold 0.99 to
+0.9999, suppression 100 to 600) scored 33 to 55 in the same run.
+
+The alert gate turns scores into anomalies: an alert when the score reaches ``threshold`` and no alert
+was raised in the last ``suppress`` samples of the series (one early alert per incident is what NAB and a
+person on call both reward).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import pickle
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from streams.envelope import Event, deterministic_id
+
+__all__ = [
+    "DEFAULT_DETECTOR",
+    "DETECTORS",
+    "INSIGHT_KIND",
+    "INSIGHT_SCHEMA",
+    "INSIGHT_SOURCE",
+    "Anomaly",
+    "AnomalyProcessor",
+    "Detector",
+    "DetectorConfig",
+    "LikelihoodDetector",
+    "RiverGaussianDetector",
+    "RiverHSTDetector",
+    "SeriesState",
+    "WindowedGaussianDetector",
+    "make_detector",
+]
+
+INSIGHT_SCHEMA = "sophia.insight.Insight"
+INSIGHT_KIND = "anomaly.detected"
+INSIGHT_SOURCE = "/processors/anomaly"
+DEFAULT_DETECTOR = "likelihood"
+
+
+class Detector(Protocol):
+    """A per-series streaming scorer: ``score_learn`` scores a value from the past only, then learns it."""
+
+    name: str
+    version: str
+
+    def score_learn(self, value: float) -> float:
+        """Anomaly score of ``value`` in ``[0, 1]`` given the values learnt so far; then learn it."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state."""
+        ...
+
+
+def _tail(z: float) -> float:
+    """Upper tail probability of the standard normal distribution at ``z``."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+class WindowedGaussianDetector:
+    """NAB's windowed-Gaussian baseline (a port of ``nab/detectors/gaussian/windowedGaussian_detector.py``).
+
+    Args:
+        window_size: values in the window (NAB: 6400).
+        step_size: values added before the window slides (NAB: 100).
+    """
+
+    name = "windowed-gaussian"
+    version = "windowed-gaussian/1"
+
+    def __init__(self, window_size: int = 6400, step_size: int = 100) -> None:
+        self.window_size, self.step_size = window_size, step_size
+        self.window: list[float] = []
+        self.step: list[float] = []
+        self.mean, self.std = 0.0, 1.0
+
+    def _update(self) -> None:
+        n = len(self.window)
+        self.mean = sum(self.window) / n
+        self.std = math.sqrt(sum((x - self.mean) ** 2 for x in self.window) / n) or 0.000001
+
+    def score_learn(self, value: float) -> float:
+        """See :class:`Detector`."""
+        score = 0.0
+        if self.window:
+            x = value if value >= self.mean else 2 * self.mean - value
+            score = 1.0 - _tail((x - self.mean) / self.std)
+        if len(self.window) < self.window_size:
+            self.window.append(value)
+            self._update()
+        else:
+            self.step.append(value)
+            if len(self.step) == self.step_size:
+                self.window = self.window[self.step_size :] + self.step
+                self.step = []
+                self._update()
+        return score
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state."""
+        return {"window_size": self.window_size, "step_size": self.step_size, "window": list(self.window),
+                "step": list(self.step), "mean": self.mean, "std": self.std}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WindowedGaussianDetector:
+        """Inverse of :meth:`to_dict`."""
+        det = cls(int(d["window_size"]), int(d["step_size"]))
+        det.window, det.step = [float(x) for x in d["window"]], [float(x) for x in d["step"]]
+        det.mean, det.std = float(d["mean"]), float(d["std"])
+        return det
+
+
+class _Pickled:
+    """Base of the river wrappers: state is the pickled river model in base64."""
+
+    name = ""
+    version = ""
+    model: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state: ``{"pickle_b64": ...}`` of the river model."""
+        return {"pickle_b64": base64.b64encode(pickle.dumps(self.model, protocol=4)).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict` (only load state this backbone wrote: it is a pickle)."""
+        det = cls.__new__(cls)
+        det.model = pickle.loads(base64.b64decode(d["pickle_b64"]))  # noqa: S301 - our own table state
+        return det
+
+
+class RiverGaussianDetector(_Pickled):
+    """river's :class:`river.anomaly.GaussianScorer` over the last ``window_size`` values.
+
+    Args:
+        window_size: values the Gaussian is fitted on.
+        grace_period: values before which the score is 0.
+    """
+
+    name = "river-gaussian"
+    version = "river-gaussian/1"
+
+    def __init__(self, window_size: int = 2000, grace_period: int = 100) -> None:
+        from river import anomaly
+
+        self.model = anomaly.GaussianScorer(window_size=window_size, grace_period=grace_period)
+
+    def score_learn(self, value: float) -> float:
+        """See :class:`Detector`."""
+        s = float(self.model.score_one(None, value))
+        self.model.learn_one(None, value)
+        return min(max(s, 0.0), 1.0)
+
+
+class RiverHSTDetector(_Pickled):
+    """river's :class:`river.anomaly.HalfSpaceTrees` on the running-min-max-scaled value and its change.
+
+    Args:
+        n_trees, height, window_size: HalfSpaceTrees' own parameters.
+        seed: random seed (fixed: the trees, and so the scores, are deterministic).
+    """
+
+    name = "river-hst"
+    version = "river-hst/1"
+
+    def __init__(self, n_trees: int = 25, height: int = 10, window_size: int = 250, seed: int = 42) -> None:
+        from river import anomaly, compose, preprocessing
+
+        self.model = {
+            "pipe": compose.Pipeline(
+                preprocessing.MinMaxScaler(),
+                anomaly.HalfSpaceTrees(n_trees=n_trees, height=height, window_size=window_size, seed=seed),
+            ),
+            "last": None,
+        }
+
+    def score_learn(self, value: float) -> float:
+        """See :class:`Detector`."""
+        last = self.model["last"]
+        x = {"value": value, "change": 0.0 if last is None else value - last}
+        s = float(self.model["pipe"].score_one(x))
+        self.model["pipe"].learn_one(x)
+        self.model["last"] = value
+        return min(max(s, 0.0), 1.0)
+
+
+class LikelihoodDetector:
+    """Anomaly likelihood over two raw scores (our detector; see the module docstring).
+
+    Raw scores of a value ``x``: ``level = |x - m| / d`` and ``change = |x - x_prev| / c``, where ``m``,
+    ``d`` and ``c`` are exponential moving mean, absolute deviation and absolute change with ``alpha``.
+    For each raw score, the likelihood compares the mean of the last ``short`` raw scores with the mean
+    and standard deviation of the last ``long`` ones; the anomaly score is the larger ``1 - tail``.
+
+    Args:
+        alpha: smoothing of the moving statistics (per sample).
+        short: samples averaged for the recent raw score.
+        long: samples of the raw-score history (bounded state: ``2 * long`` floats).
+        warmup: samples before the score leaves 0.
+    """
+
+    name = "likelihood"
+    version = "likelihood/1"
+
+    def __init__(self, alpha: float = 0.05, short: int = 5, long: int = 1000, warmup: int = 50) -> None:
+        self.alpha, self.short, self.long, self.warmup = alpha, short, long, warmup
+        self.n = 0
+        self.mean = self.dev = self.chg = 0.0
+        self.last: float | None = None
+        self.hist: dict[str, deque[float]] = {"level": deque(maxlen=long), "change": deque(maxlen=long)}
+        self.sums: dict[str, list[float]] = {"level": [0.0, 0.0], "change": [0.0, 0.0]}  # sum, sum of squares
+
+    def _likelihood(self, key: str, raw: float) -> float:
+        h = self.hist[key]
+        sums = self.sums[key]
+        score = 0.0
+        if len(h) >= self.warmup:
+            recent = (sum(list(h)[len(h) - self.short + 1 :]) + raw) / self.short if self.short > 1 else raw
+            mu = sums[0] / len(h)
+            sd = math.sqrt(max(sums[1] / len(h) - mu * mu, 0.0)) or 1e-9
+            score = 1.0 - _tail((recent - mu) / sd)
+        if len(h) == h.maxlen:
+            old = h[0]
+            sums[0] -= old
+            sums[1] -= old * old
+        h.append(raw)
+        sums[0] += raw
+        sums[1] += raw * raw
+        return score
+
+    def score_learn(self, value: float) -> float:
+        """See :class:`Detector`."""
+        if self.n == 0:
+            self.mean, self.dev, self.chg, self.last, self.n = value, 0.0, 0.0, value, 1
+            return 0.0
+        assert self.last is not None
+        level = abs(value - self.mean) / self.dev if self.dev > 0 else 0.0
+        change = abs(value - self.last) / self.chg if self.chg > 0 else 0.0
+        a = self.alpha if self.n > 1 / self.alpha else 1.0 / (self.n + 1)
+        score = max(self._likelihood("level", min(level, 1e6)), self._likelihood("change", min(change, 1e6)))
+        self.dev = (1 - a) * self.dev + a * abs(value - self.mean)
+        self.mean = (1 - a) * self.mean + a * value
+        self.chg = (1 - a) * self.chg + a * abs(value - self.last)
+        self.last = value
+        self.n += 1
+        return score if self.n > self.warmup else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state."""
+        return {
+            "alpha": self.alpha, "short": self.short, "long": self.long, "warmup": self.warmup, "n": self.n,
+            "mean": self.mean, "dev": self.dev, "chg": self.chg, "last": self.last,
+            "hist": {k: list(v) for k, v in self.hist.items()}, "sums": {k: list(v) for k, v in self.sums.items()},
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LikelihoodDetector:
+        """Inverse of :meth:`to_dict`."""
+        det = cls(float(d["alpha"]), int(d["short"]), int(d["long"]), int(d["warmup"]))
+        det.n, det.mean, det.dev, det.chg = int(d["n"]), float(d["mean"]), float(d["dev"]), float(d["chg"])
+        det.last = None if d["last"] is None else float(d["last"])
+        for k, v in d["hist"].items():
+            det.hist[k].extend(float(x) for x in v)
+        det.sums = {k: [float(v[0]), float(v[1])] for k, v in d["sums"].items()}
+        return det
+
+
+DETECTORS: dict[str, type] = {
+    "likelihood": LikelihoodDetector,
+    "river-gaussian": RiverGaussianDetector,
+    "river-hst": RiverHSTDetector,
+    "windowed-gaussian": WindowedGaussianDetector,
+}
+
+
+def make_detector(name: str = DEFAULT_DETECTOR, **params: Any) -> Detector:
+    """A fresh detector by name (see ``DETECTORS``).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name](**params)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetectorConfig:
+    """How scores become anomalies.
+
+    Attributes:
+        detector: name in ``DETECTORS``.
+        threshold: smallest score of an alert, in ``[0, 1]``.
+        suppress: samples after an alert during which no new alert is raised.
+        window: the span an anomaly insight reports (the samples before the alert it summarises).
+    """
+
+    detector: str = DEFAULT_DETECTOR
+    threshold: float = 0.99
+    suppress: int = 150
+    window: timedelta = timedelta(hours=1)
+
+    def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.suppress < 0:
+            raise ValueError(f"suppress must not be negative, got {self.suppress}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Anomaly:
+    """An alert on one series.
+
+    Attributes:
+        series: the series, e.g. ``nab:realKnownCause/nyc_taxi``.
+        observed_at: event time of the sample that raised it (aware UTC).
+        value: that sample's value.
+        score: its anomaly score in ``[0, 1]``.
+        window_start: start of the window the insight reports (``observed_at - window``).
+        detector_version: e.g. ``likelihood/1``.
+        sample_index: 0-based position of the sample in its series as this state saw it.
+    """
+
+    series: str
+    observed_at: datetime
+    value: float
+    score: float
+    window_start: datetime
+    detector_version: str
+    sample_index: int
+
+    @property
+    def insight_id(self) -> str:
+        """Deterministic: series, sample time and detector version."""
+        return deterministic_id(INSIGHT_KIND, self.series, int(self.observed_at.timestamp() * 1000),
+                                self.detector_version)  # fmt: skip
+
+    def to_insight(self, *, causation_id: str | None = None) -> Event:
+        """The ``sophia.insight.Insight`` event (key and entity: ``series:<series>``)."""
+        entity = f"series:{self.series}"
+        data = {
+            "insight_id": self.insight_id, "kind": INSIGHT_KIND, "entity": entity,
+            "event_time": self.observed_at,
+            "summary": f"{self.series}: value {self.value:g} is anomalous (score {self.score:.6f})",
+            "metrics": {"score": self.score, "value": self.value, "sample_index": float(self.sample_index),
+                        "window_seconds": (self.observed_at - self.window_start).total_seconds()},
+            "labels": {"series": self.series, "detector_version": self.detector_version,
+                       "window_start": self.window_start.isoformat(), "window_end": self.observed_at.isoformat()},
+        }  # fmt: skip
+        return Event.create(INSIGHT_SCHEMA, entity, data, source=INSIGHT_SOURCE, time=self.observed_at,
+                            id=self.insight_id, causation_id=causation_id)  # fmt: skip
+
+
+class SeriesState:
+    """State of one series: detector, alert gate, last event time (for order checks).
+
+    Args:
+        series: the series name.
+        config: detector and gate.
+    """
+
+    def __init__(self, series: str, config: DetectorConfig | None = None) -> None:
+        self.series = series
+        self.config = config or DetectorConfig()
+        self.detector: Detector = make_detector(self.config.detector)
+        self.count = 0
+        self.last_alert_index: int | None = None
+        self.last_time: datetime | None = None
+        self.out_of_order = 0
+
+    def observe(self, observed_at: datetime, value: float) -> tuple[float, Anomaly | None]:
+        """Score and learn one sample; return its score and the alert it raises, if any.
+
+        A sample not later than the last one seen (a duplicate or out-of-order delivery) is not learnt:
+        it is counted in ``out_of_order`` and returns ``(0.0, None)``, so a redelivery changes nothing.
+
+        Raises:
+            ValueError: a value that is not a finite number, or a naive ``observed_at``.
+        """
+        if not math.isfinite(value):
+            raise ValueError(f"value {value!r} of {self.series} is not a finite number")
+        if observed_at.tzinfo is None:
+            raise ValueError("observed_at must be timezone-aware")
+        if self.last_time is not None and observed_at <= self.last_time:
+            self.out_of_order += 1
+            return 0.0, None
+        self.last_time = observed_at
+        score = self.detector.score_learn(float(value))
+        index = self.count
+        self.count += 1
+        gated = self.last_alert_index is not None and index - self.last_alert_index <= self.config.suppress
+        if score < self.config.threshold or gated:
+            return score, None
+        self.last_alert_index = index
+        return score, Anomaly(
+            series=self.series, observed_at=observed_at.astimezone(UTC), value=float(value), score=score,
+            window_start=observed_at.astimezone(UTC) - self.config.window,
+            detector_version=self.detector.version, sample_index=index,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state (for a Faust table)."""
+        c = self.config
+        return {
+            "series": self.series, "detector": c.detector, "threshold": c.threshold, "suppress": c.suppress,
+            "window_seconds": c.window.total_seconds(), "state": self.detector.to_dict(), "count": self.count,
+            "last_alert_index": self.last_alert_index, "out_of_order": self.out_of_order,
+            "last_time_ms": None if self.last_time is None else int(self.last_time.timestamp() * 1000),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SeriesState:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            KeyError, ValueError: malformed state.
+        """
+        config = DetectorConfig(detector=d["detector"], threshold=float(d["threshold"]),
+                                suppress=int(d["suppress"]), window=timedelta(seconds=float(d["window_seconds"])))  # fmt: skip
+        st = cls(str(d["series"]), config)
+        st.detector = DETECTORS[config.detector].from_dict(d["state"])
+        st.count, st.out_of_order = int(d["count"]), int(d["out_of_order"])
+        st.last_alert_index = None if d["last_alert_index"] is None else int(d["last_alert_index"])
+        ms = d["last_time_ms"]
+        st.last_time = None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+        return st
+
+
+class AnomalyProcessor:
+    """The per-record step a stream shell (Faust agent) runs: one :class:`SeriesState` per series.
+
+    Feed it decoded ``sophia.telemetry.SeriesSample`` or ``sophia.telemetry.MetricSample`` data with
+    :meth:`process`; it returns the anomaly insights the sample raises. A record it cannot use raises
+    :class:`processors.errors.UnprocessableEventError` (the shell sends it to the dead-letter topic with
+    its raw bytes and the reason) and changes no state, so processing goes on. The states are
+    JSON-ready (:meth:`state_of` / :meth:`restore`), one table entry per series.
+
+    Args:
+        config: detector and alert gate of every series.
+
+    Attributes:
+        rejected: records refused, by reason class (``not_a_number``, ``bad_record``).
+    """
+
+    def __init__(self, config: DetectorConfig | None = None) -> None:
+        self.config = config or DetectorConfig()
+        self.states: dict[str, SeriesState] = {}
+        self.rejected: dict[str, int] = {}
+
+    def process(self, data: Mapping[str, Any], event_id: str | None = None) -> list[Event]:
+        """Score one sample; return the insights it raises.
+
+        Two shapes are read: a ``sophia.telemetry.SeriesSample`` (``series``, ``observed_at``, ``value``:
+        one series) and a ``sophia.telemetry.MetricSample`` (``pod``, ``event_time``, ``metrics`` map: one
+        series ``pod:<pod>/<metric>`` per metric; a null metric, which the source writes for a minute
+        without requests, is skipped, not refused).
+
+        Args:
+            data: the decoded datum (times as aware datetimes).
+            event_id: its CloudEvents id (the insights' causation).
+
+        Raises:
+            UnprocessableEventError: no series or pod, no aware time, or a value that is not a finite
+                number (counted in :attr:`rejected`; no state changes).
+        """
+        from processors.errors import UnprocessableEventError
+
+        if "metrics" in data and "pod" in data:
+            pod, observed_at, metrics = data.get("pod"), data.get("event_time"), data.get("metrics")
+            samples = [
+                (f"pod:{pod}/{name}", v) for name, v in sorted((metrics or {}).items()) if v is not None
+            ]
+        else:
+            observed_at = data.get("observed_at")
+            samples = [(data.get("series"), data.get("value"))]
+        if (
+            not isinstance(observed_at, datetime)
+            or observed_at.tzinfo is None
+            or not all(isinstance(s, str) and s and not s.startswith("pod:None/") for s, _ in samples)
+        ):
+            self.rejected["bad_record"] = self.rejected.get("bad_record", 0) + 1
+            raise UnprocessableEventError(
+                "metric sample without series (or pod) or aware time", event_id=event_id
+            )
+        for series, value in samples:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                self.rejected["not_a_number"] = self.rejected.get("not_a_number", 0) + 1
+                raise UnprocessableEventError(
+                    f"value {value!r} of {series} is not a finite number", event_id=event_id
+                )
+        out: list[Event] = []
+        for series, value in samples:
+            state = self.states.get(series)
+            if state is None:
+                state = self.states[series] = SeriesState(series, self.config)
+            _, alert = state.observe(observed_at, float(value))
+            if alert is not None:
+                out.append(alert.to_insight(causation_id=event_id))
+        return out
+
+    @staticmethod
+    def series_of(data: Mapping[str, Any]) -> list[str]:
+        """The series a decoded sample touches (see :meth:`process`)."""
+        if "metrics" in data and "pod" in data:
+            return [
+                f"pod:{data.get('pod')}/{name}"
+                for name, v in sorted((data.get("metrics") or {}).items())
+                if v is not None
+            ]
+        series = data.get("series")
+        return [series] if isinstance(series, str) and series else []
+
+    def state_of(self, series: str) -> dict[str, Any] | None:
+        """The JSON-ready state of one series (a table value), or None when unseen."""
+        state = self.states.get(series)
+        return None if state is None else state.to_dict()
+
+    def restore(self, series: str, state: Mapping[str, Any]) -> None:
+        """Put back a series' state read from a table."""
+        self.states[series] = SeriesState.from_dict(state)

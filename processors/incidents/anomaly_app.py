@@ -1,0 +1,225 @@
+"""The anomaly processor's Faust app: metric samples in, ``anomaly.detected`` insights out.
+
+A thin shell around :class:`processors.incidents.anomaly.AnomalyProcessor`; every decision is made there.
+Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not exist on main when this was
+written) with :func:`processors.faust_support.make_faust_app`, :class:`~processors.faust_support.FaustDeadLetters`
+and :class:`processors.tables.TailRecoveringTable`.
+
+* One agent (``concurrency=1``) reads ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key =
+  series; ``sophia.telemetry.MetricSample``, key = pod, one series per pod and metric): the key
+  already puts every sample of a series on one partition in order, so no repartition is
+  needed and one task owns a series' state.
+* **Decoding is ours** (``raw`` serializers). Undecodable records (not Avro, no CloudEvents headers),
+  another schema, and samples the logic refuses (a value that is not a finite number, no series) go to
+  the dead-letter topic with raw bytes, headers and the reason; processing goes on.
+* **State**: table ``anomaly_series`` (changelog ``<app id>-anomaly_series-changelog``), key
+  ``b"<series>"`` (raw UTF-8; ``pod:<pod>/<metric>`` for a pod's metric), value the JSON state of :class:`~processors.incidents.anomaly.SeriesState`
+  (detector, gate, last event time). The in-memory states are caches: dropped on rebalance and reloaded
+  from the table on first use.
+* **Order of effects per record**: the insight (if any) is sent and its delivery awaited before the
+  table is updated; a crash in between replays the record after restart and sends the same insight id.
+* **Determinism**: event time only; a sample at or before the series' last event time is counted and
+  ignored (a redelivery changes nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import structlog
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from core.observability import configure_logging
+from core.settings import Settings
+from processors.errors import UnprocessableEventError, UnsupportedEventError
+from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
+from processors.tables import TailRecoveringTable
+from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.consumer import DLQ_TOPIC
+from streams.envelope import CloudEvent
+from streams.errors import DeserializationError, EnvelopeError
+from streams.serde import AvroSerde, serde_from_settings
+
+__all__ = ["DEFAULT_APP_ID", "AnomalyStats", "AnomalyTopics", "create_anomaly_app", "run_anomaly_worker"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_APP_ID = "backbone-anomalies"
+PROCESSOR_NAME = "anomalies"
+TABLE_NAME = "anomaly_series"
+METRIC_SCHEMAS = ("sophia.telemetry.SeriesSample", "sophia.telemetry.MetricSample")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnomalyTopics:
+    """Topics of the processor: ``metrics`` (input), ``insights`` (output), ``dead_letters``."""
+
+    metrics: str = "telemetry.metrics"
+    insights: str = "insights.anomalies"
+    dead_letters: str = DLQ_TOPIC
+    partitions: int = 6
+
+
+@dataclass(slots=True)
+class AnomalyStats:
+    """Counters: records, anomalies sent, out-of-order samples ignored, dead letters."""
+
+    records_count: int = 0
+    anomalies_count: int = 0
+    out_of_order_count: int = 0
+    dead_letters_count: int = 0
+    last_record_monotonic: float | None = field(default=None)
+
+
+class _AnomalyShell:
+    def __init__(self, settings: Settings, topics: AnomalyTopics, config: DetectorConfig, serde: AvroSerde,
+                 table: faust.Table, insights: faust.TopicT) -> None:  # fmt: skip
+        self.serde, self.table, self.insights = serde, table, insights
+        self.processor = AnomalyProcessor(config)
+        self.stats = AnomalyStats()
+        self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+
+    def forget(self, *_: Any, **__: Any) -> None:
+        """Drop the cached states (on rebalance); they are reloaded from the table on next use."""
+        self.processor.states.clear()
+
+    async def handle(self, message: Any) -> None:
+        """One ``telemetry.metrics`` record; never raises for bad input."""
+        self.stats.records_count += 1
+        self.stats.last_record_monotonic = time.monotonic()
+        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
+        try:
+            attributes = CloudEvent.from_headers(message_headers(message.headers))
+            schema, data = self.serde.decode(message.value)
+            if schema not in METRIC_SCHEMAS:
+                raise UnsupportedEventError(
+                    f"schema {schema!r} is not one of {METRIC_SCHEMAS}", event_id=attributes.id
+                )
+            touched = self.processor.series_of(data)
+            for series in touched:
+                if series not in self.processor.states:
+                    stored = self.table.get(series.encode())
+                    if stored:
+                        self.processor.restore(series, stored)
+            before = sum(self.processor.states[s].out_of_order for s in touched if s in self.processor.states)
+            insights = self.processor.process(data, attributes.id)
+        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+            await self.dead_letters.publish(message, exc)
+            self.stats.dead_letters_count += 1
+            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            return
+        states: list[SeriesState] = [self.processor.states[s] for s in touched]
+        if sum(st.out_of_order for st in states) > before:
+            self.stats.out_of_order_count += 1
+        for insight in insights:
+            pending = await self.insights.send(
+                key=insight.key.encode(), value=self.serde.encode(insight.schema, insight.data),
+                headers=insight.attributes.to_headers(), timestamp=insight.attributes.time.timestamp(), force=True,
+            )  # fmt: skip
+            await pending  # delivered before the state that raised it is recorded
+            self.stats.anomalies_count += 1
+            bound.info("anomaly_sent", insight_id=insight.attributes.id, entity=insight.key)
+        for st in states:
+            self.table[st.series.encode()] = st.to_dict()
+
+
+def create_anomaly_app(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: AnomalyTopics | None = None,
+    config: DetectorConfig | None = None,
+    serde: AvroSerde | None = None,
+) -> faust.App:
+    """Build the app: one agent and the ``anomaly_series`` table.
+
+    Returns:
+        The app; counters at ``app.anomaly_stats``; ``app.anomaly_close()`` releases the dead-letter producer.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+    """
+    app_id = app_id or DEFAULT_APP_ID
+    topics = topics or AnomalyTopics()
+    app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=None)
+    serde = serde or serde_from_settings(settings)
+    raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+    table = app.tables.add(
+        TailRecoveringTable(
+            app, kafka=settings.kafka, name=TABLE_NAME, default=dict, key_type=bytes, beacon=app.tables.beacon,
+            partitions=topics.partitions, help="One detector state per series: key b'<series>', value JSON.",
+        )
+    )  # fmt: skip
+    shell = _AnomalyShell(
+        settings, topics, config or DetectorConfig(), serde, table, app.topic(topics.insights, **raw)
+    )
+    app.on_partitions_revoked.connect(shell.forget)
+    app.on_partitions_assigned.connect(shell.forget)
+
+    @app.agent(app.topic(topics.metrics, **raw), name=f"{PROCESSOR_NAME}-samples", concurrency=1)
+    async def anomaly_samples(stream: faust.StreamT) -> None:
+        """Score every sample of its series; send the anomalies."""
+        async for event in stream.events():
+            await shell.handle(event.message)
+
+    app.anomaly_stats = shell.stats  # type: ignore[attr-defined]
+    app.anomaly_close = shell.dead_letters.close  # type: ignore[attr-defined]
+    return app
+
+
+def run_anomaly_worker(
+    settings: Settings,
+    *,
+    app_id: str | None = None,
+    topics: AnomalyTopics | None = None,
+    config: DetectorConfig | None = None,
+    stop_after_idle_seconds: float | None = None,
+) -> AnomalyStats:
+    """Run the worker in this process until stopped (blocking; call it from a main thread).
+
+    Creates the topics first (the metrics topic with ``topics.partitions``; insights and dead letters with
+    the catalogue's counts when listed, else 3 and 1); the table gets the metrics topic's real partition
+    count (Faust requires a changelog partitioned like its source).
+
+    Returns:
+        The counters once the worker has stopped.
+
+    Raises:
+        ValueError: no Kafka bootstrap servers are configured.
+        StreamsError: a topic cannot be created.
+    """
+    topics = topics or AnomalyTopics()
+    app_id = app_id or DEFAULT_APP_ID
+
+    def spec(name: str, fallback: int) -> NewTopic:
+        known = CATALOGUE.get(name)
+        return NewTopic(name, num_partitions=known.partitions if known else fallback, replication_factor=1)
+
+    admin = AdminClient(settings.kafka.librdkafka())
+    create_missing_topics(admin, [spec(topics.metrics, topics.partitions), spec(topics.insights, 3),
+                                  spec(topics.dead_letters, 1)])  # fmt: skip
+    # the table's changelog must have the partitions of the input topic, whatever they are
+    found = admin.list_topics(topic=topics.metrics, timeout=10).topics.get(topics.metrics)
+    if found is not None and found.partitions:
+        topics = dataclasses.replace(topics, partitions=len(found.partitions))
+    app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
+    stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
+    if stop_after_idle_seconds is not None:
+        stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
+                       lambda: stats.records_count, "anomaly_idle_stop")  # fmt: skip
+    configure_logging(settings.log_level, settings.log_format)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    finally:
+        app.anomaly_close()  # type: ignore[attr-defined]
+    log.info("anomaly_worker_stopped", **dataclasses.asdict(stats))
+    return stats

@@ -1,0 +1,96 @@
+"""The issue-12 CLI commands on small inputs (no broker needed for the evaluations)."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from backbone.cli_anomalies import eval_app, import_app
+
+runner = CliRunner()
+
+
+def nab_folder(tmp_path: Path) -> Path:
+    cat = tmp_path / "realKnownCause"
+    cat.mkdir()
+    t0 = datetime(2014, 1, 1)
+    rows = ["timestamp,value"]
+    for i in range(2000):
+        v = 10 + math.sin(i / 15) + (40 if i == 1500 else 0)
+        rows.append(f"{(t0 + timedelta(minutes=5 * i)):%Y-%m-%d %H:%M:%S},{v}")
+    (cat / "s.csv").write_text("\n".join(rows) + "\n")
+    start, end = t0 + timedelta(minutes=5 * 1450), t0 + timedelta(minutes=5 * 1550)
+    (tmp_path / "combined_windows.json").write_text(
+        json.dumps(
+            {
+                "realKnownCause/s.csv": [
+                    [f"{start:%Y-%m-%d %H:%M:%S}.000000", f"{end:%Y-%m-%d %H:%M:%S}.000000"]
+                ]
+            }
+        )
+    )
+    return tmp_path
+
+
+def test_eval_anomalies_json(tmp_path: Path) -> None:
+    """--json prints series, score_standard, precision and recall; the spike's window is detected."""
+    res = runner.invoke(eval_app, ["anomalies", "--data", str(nab_folder(tmp_path)), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert {"series", "score_standard", "precision", "recall"} <= set(out)
+    assert out["series"] == 1 and out["recall"] == 1.0 and out["threshold_mode"] == "fixed"
+
+
+def test_eval_anomalies_bad_folder_is_a_clear_error(tmp_path: Path) -> None:
+    """A folder without labels exits non-zero with a message, not a traceback."""
+    res = runner.invoke(eval_app, ["anomalies", "--data", str(tmp_path), "--json"])
+    assert res.exit_code != 0
+    assert "combined_windows.json" in res.output
+
+
+def test_import_app_lists_both_importers() -> None:
+    """import has nab and github-events."""
+    res = runner.invoke(import_app, ["--help"])
+    assert "nab" in res.stdout and "github-events" in res.stdout
+
+
+def test_eval_links_json_on_a_tiny_channel(tmp_path: Path) -> None:
+    """One message links a commit by URL inside a thread that names its subject: masked, it is still
+    found by text; the reference extraction and the lag summary are reported beside it."""
+    sha = "a" * 40
+    xml = (
+        "<slack><team_domain>acme</team_domain><channel_name>general</channel_name>"
+        '<message conversation_id="1"><ts>2018-05-01T10:00:00.000001</ts><user>A</user>'
+        "<text>the frobnicator crashes on empty widgets</text></message>"
+        '<message conversation_id="1"><ts>2018-05-01T11:00:00.000001</ts><user>B</user>'
+        f"<text>fixed in &lt;https://github.com/acme/w/commit/{sha}&gt;</text></message>"
+        '<message conversation_id="2"><ts>2018-05-02T11:00:00.000001</ts><user>C</user>'
+        "<text>lunch?</text></message></slack>"
+    )
+    (tmp_path / "s.xml").write_text(xml)
+    (tmp_path / "c.tsv").write_text(
+        "sha\tauthor_time\tcommit_time\tauthor\tsubject\n"
+        f"{sha}\t2018-05-01T10:30:00+00:00\t2018-05-01T10:30:00+00:00\tB\tfrobnicator: no crash on empty widgets\n"
+        f"{'b' * 40}\t2018-05-01T09:00:00+00:00\t2018-05-01T09:00:00+00:00\tD\tdocs: typo\n"
+    )
+    args = [
+        "links",
+        "--slack",
+        str(tmp_path / "s.xml"),
+        "--commits",
+        str(tmp_path / "c.tsv"),
+        "--repo",
+        "acme/w",
+        "--json",
+    ]
+    res = runner.invoke(eval_app, args)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["masked"], out["correct"], out["precision"], out["recall"]) == (1, 1, 1.0, 1.0)
+    assert out["reference_extraction"]["links_unmasked"] == 1
+    assert out["lags_reference_links"][0]["median_seconds"] == pytest.approx(1800.0, abs=0.01)
