@@ -204,3 +204,74 @@ def eval_command(
     out.print(
         "anchors (RouteLLM, arXiv 2406.18665, trained offline on other data): MMLU APGR 0.603, CPT(50%) 35.4 %; GSM8K APGR 0.622"
     )
+
+
+@app.command("simulate")
+@clear_errors
+def simulate_command(
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="A policy of the live routing.config, or a JSON file (a policy rule or a whole routing.config).",
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="History folder: events.jsonl, decisions.jsonl, optional router.npz."),
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Replay recorded requests and outcomes through a candidate policy next to the live rule (deterministic)."""
+    from processors.routing.simulate import read_history, simulate
+
+    report = simulate(read_history(data), policy)
+    if as_json:
+        emit_json(report)
+        return
+    table = Table(
+        title=f"routing simulate: {report['policy']} vs live on {report['live']['requests']:,} requests"
+    )
+    table.add_column("")
+    cols = (
+        "requests",
+        "served",
+        "unservable",
+        "est_cost_usd",
+        "quality",
+        "estimated_quality_share",
+        "est_latency_ms_p50",
+        "models",
+    )
+    for c in cols:
+        table.add_column(c, justify="right")
+    for name in ("live", "candidate"):
+        table.add_row(name, *(str(report[name][c]) for c in cols))
+    out.print(table)
+    out.print(f"live rule reproduces the recorded decisions: {report['identical']} ({report['mismatches']} mismatches); "
+              f"{report['changed_decisions']} requests would go to another model")  # fmt: skip
+
+
+@app.command("ab")
+@clear_errors
+def ab_command(
+    report: Annotated[
+        Path, typer.Argument(help="History folder (events.jsonl with outcomes, decisions.jsonl).")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare the outcomes of the two arms of an A/B split between policies."""
+    from processors.routing.simulate import ab_report, read_history
+
+    rows = ab_report(read_history(report))
+    if not rows:
+        raise ValueError(f"{report}: no decision with an A/B arm")
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="routing A/B")
+    for c in rows[0]:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    out.print(table)
