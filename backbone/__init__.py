@@ -1,22 +1,7 @@
-"""The composition root: settings, the ``backbone`` CLI, the embedded dev stack, observability."""
+"""The top floor, the only place that wires the packages together: the ``backbone`` CLI
+(:mod:`backbone.cli`), the HTTP app (:mod:`backbone.http`), the embedded dev-stack launcher
+(:mod:`backbone.devstack`) and the public client (:mod:`backbone.client`)."""
 
-from backbone.errors import BackboneError, StackError
-from backbone.settings import (
-    KafkaSettings,
-    PostgresSettings,
-    RedisSettings,
-    SchemaRegistrySettings,
-    Settings,
-    get_settings,
-)
+from backbone.errors import StackError
 
-__all__ = [
-    "BackboneError",
-    "KafkaSettings",
-    "PostgresSettings",
-    "RedisSettings",
-    "SchemaRegistrySettings",
-    "Settings",
-    "StackError",
-    "get_settings",
-]
+__all__ = ["StackError"]

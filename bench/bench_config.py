@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backbone.devstack import DevStack
-from backbone.settings import PostgresSettings, RedisSettings, Settings
+from core.settings import PostgresSettings, RedisSettings, Settings
 from configuration.aggregate import aggregate_id_for
 from configuration.projection import Config, ConfigProjection
 from configuration.relay import OutboxRelay

@@ -169,7 +169,7 @@ def run_benchmark(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from backbone.settings import KafkaSettings
+    from core.settings import KafkaSettings
     from inference.actors import init_ray
     from inference.model import load_model
 

@@ -34,8 +34,8 @@ __all__ = ["main"]
 
 TYPE = "sophia.agent.LlmCall"
 _SERVE = (
-    "import uvicorn; from backbone.api import ApiSettings, create_app; from backbone.runtime import load_settings; "
-    "from backbone.observability import configure_logging; configure_logging('WARNING'); "
+    "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
+    "from core.observability import configure_logging; configure_logging('WARNING'); "
     "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
 )
 
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
     from pydantic import SecretStr
 
-    from backbone.auth import TokenStore
+    from backbone.http.auth import TokenStore
     from backbone.devstack import DevStack
-    from backbone.runtime import make_serde
-    from backbone.settings import PostgresSettings, RedisSettings, Settings
+    from streams.serde import serde_from_settings
+    from core.settings import PostgresSettings, RedisSettings, Settings
     from streams.envelope import Event
     from streams.producer import EventProducer
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
         admin = AdminClient(settings.kafka.librdkafka())
         admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])[topic].result(30)
-        serde = make_serde()
+        serde = serde_from_settings(settings)
         schema = serde.registry.schema_for(serde.registry.id_for(TYPE))
         port = _free_port()
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap, "BACKBONE_POSTGRES__URL": pg_url,
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.terminate()
             server.wait(15)
-        from connectors.ingest import coerce_json_datum
+        from streams.serde import coerce_json_datum
 
         n_sdk = args.batches * 100
         events = [Event.create(TYPE, d["run_id"], coerce_json_datum(schema, d), source="/bench", time=datetime.now(UTC))

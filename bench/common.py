@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from backbone.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
+from core.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
 from streams.envelope import Event, deterministic_id
 
 __all__ = ["ROOT", "bench_stack", "print_table", "realistic_events"]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench_stack() -> Iterator[Settings]:
     """An embedded stack in a temp dir, unless BACKBONE_* URLs are configured (then those are used)."""
     from backbone.devstack import DevStack
-    from backbone.settings import get_settings
+    from core.settings import get_settings
 
     with tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp, DevStack(get_settings(), state_dir=Path(tmp)) as info:
         yield Settings(

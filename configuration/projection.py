@@ -22,15 +22,14 @@ import redis
 import structlog
 from confluent_kafka import KafkaError
 
-from backbone.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from configuration.aggregate import ChangeKind
 from configuration.errors import ConfigNotFoundError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
 from configuration.schemas import check_key
 from configuration.store import ConfigStore
 from streams.consumer import ConsumedEvent, decode_message, make_consumer
-from streams.registry import make_registry
-from streams.serde import AvroSerde
+from streams.serde import serde_from_settings
 
 __all__ = ["REDIS_PREFIX", "Config", "ConfigProjection", "CurrentValue"]
 
@@ -91,9 +90,7 @@ class ConfigProjection:
         self.batch_size = batch_size
         self.redis = redis.Redis.from_url(self.settings.redis.dsn())
         self._apply = self.redis.register_script(_APPLY)
-        self.serde = AvroSerde(
-            make_registry(self.settings.schema_registry.url, compatibility=self.settings.schema_registry.compatibility)
-        )
+        self.serde = serde_from_settings(self.settings)
         self.consumer = make_consumer(self.settings.kafka, group_id)
         self.consumer.subscribe([topic])
         self.applied = 0

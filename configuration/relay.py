@@ -34,7 +34,7 @@ import structlog
 from eventsourcing.persistence import InterfaceError, Notification, OperationalError
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from backbone.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 from configuration.aggregate import ChangeKind, ConfigurationItem
 from configuration.errors import ConfigStoreUnavailableError, RelayError
 from configuration.store import ConfigurationApplication, event_id_for, eventsourcing_env
@@ -42,8 +42,7 @@ from streams.catalogue import CATALOGUE, TopicSpec
 from streams.envelope import Event
 from streams.errors import BrokerUnavailableError, DeliveryError
 from streams.producer import EventProducer
-from streams.registry import make_registry
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
     "CONFIG_CHANGE_SCHEMA",
@@ -189,9 +188,7 @@ class OutboxRelay:
         self.name = name
         self.batch_size = batch_size
         self.metrics = metrics or RelayMetrics.create()
-        self.serde = serde or AvroSerde(
-            make_registry(self.settings.schema_registry.url, compatibility=self.settings.schema_registry.compatibility)
-        )
+        self.serde = serde or serde_from_settings(self.settings)
         self._dsn = self.settings.postgres.dsn()
         self.settings.kafka.librdkafka()  # fail early without bootstrap servers
         self.app = ConfigurationApplication(eventsourcing_env(self.settings.postgres))
@@ -358,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
     args = parser.parse_args(argv)
-    from backbone.devstack import resolve_settings
+    from core.stack import resolve_settings
 
     settings = resolve_settings(get_settings())
     relay = OutboxRelay(settings, topic=args.topic, name=args.name, batch_size=args.batch_size)

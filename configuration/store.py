@@ -1,7 +1,7 @@
 """The configuration store: versions, time travel, rollback and optimistic concurrency on PostgreSQL.
 
 :class:`ConfigurationApplication` is an ``eventsourcing`` application whose persistence is
-``eventsourcing.postgres``, configured from :class:`backbone.settings.Settings` (the libpq URI in
+``eventsourcing.postgres``, configured from :class:`core.settings.Settings` (the libpq URI in
 ``settings.postgres.url`` is parsed with psycopg's conninfo, never from hand-read environment
 variables). It snapshots each :class:`~configuration.aggregate.ConfigurationItem` every
 ``snapshot_interval`` versions, so reading the current value of a key with a long history reads one
@@ -31,7 +31,7 @@ from eventsourcing.persistence import IntegrityError, InterfaceError, Operationa
 from eventsourcing.utils import get_topic
 from psycopg.conninfo import conninfo_to_dict
 
-from backbone.settings import PostgresSettings, Settings, get_settings
+from core.settings import PostgresSettings, Settings, get_settings
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for
 from configuration.errors import (
     ConcurrentChangeError,
@@ -274,7 +274,7 @@ class ConfigStore:
     """Configuration keys as event-sourced aggregates in PostgreSQL.
 
     Args:
-        settings: the settings (PostgreSQL URL); default :func:`backbone.settings.get_settings`.
+        settings: the settings (PostgreSQL URL); default :func:`core.settings.get_settings`.
         schemas: value schemas by key or prefix; default :func:`configuration.schemas.default_schemas`.
         snapshot_interval: versions between snapshots.
 

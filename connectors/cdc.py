@@ -35,8 +35,8 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter
 
-from backbone.observability import REGISTRY
-from backbone.settings import Settings
+from core.observability import REGISTRY
+from core.settings import Settings
 from connectors.debezium import ChangeEvent, ChangeEventError, ChangeOp, parse_change_event
 from connectors.errors import SourceDataError
 from streams.catalogue import CATALOGUE, TopicSpec, create_missing_topics

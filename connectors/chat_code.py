@@ -46,7 +46,7 @@ from typing import Any
 
 import structlog
 
-from backbone.settings import Settings
+from core.settings import Settings
 from connectors.errors import ConnectorError
 from connectors.webhooks import extract_github_refs
 from streams.envelope import Event, deterministic_id

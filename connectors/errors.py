@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 
 __all__ = ["ConnectorError", "ResultsFileError", "SourceDataError", "TrajectoryError"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings, SchemaRegistrySettings
 from inference.config import InferenceSettings
 from inference.errors import InferenceDependencyError
 from inference.worker import CrashPoint, InferenceWorker, WorkerStats
@@ -83,6 +83,7 @@ class EmbeddingActor:
         settings: topics, group, batching, model.
         worker_id: stable id of this actor slot (kept across restarts).
         crash_point: fault injection for crash tests.
+        registry: the schema registry of the serde (``Settings.schema_registry``); None: embedded.
     """
 
     def __init__(
@@ -91,11 +92,14 @@ class EmbeddingActor:
         settings: InferenceSettings,
         worker_id: str,
         crash_point: CrashPoint | None = None,
+        registry: SchemaRegistrySettings | None = None,
     ) -> None:
         for k, v in OFFLINE_ENV.items():
             os.environ.setdefault(k, v)
         self._stop = threading.Event()
-        self.worker = InferenceWorker(kafka, settings, worker_id=worker_id, crash_point=crash_point)
+        self.worker = InferenceWorker(
+            kafka, settings, worker_id=worker_id, crash_point=crash_point, registry=registry
+        )
         self._thread = threading.Thread(target=self._run, name=f"inference-{worker_id}", daemon=True)
         self._thread.start()
 
@@ -135,16 +139,23 @@ class InferencePool:
         kafka: broker settings passed to each actor.
         settings: model, topics, batching, per-actor resources, ``max_restarts``.
         crash_point: fault injection given to the actors (tests only).
+        registry: the schema registry every actor's serde uses (``Settings.schema_registry``).
 
     Raises:
         InferenceDependencyError: Ray is not installed.
     """
 
     def __init__(
-        self, kafka: KafkaSettings, settings: InferenceSettings, *, crash_point: CrashPoint | None = None
+        self,
+        kafka: KafkaSettings,
+        settings: InferenceSettings,
+        *,
+        crash_point: CrashPoint | None = None,
+        registry: SchemaRegistrySettings | None = None,
     ) -> None:
         self.ray = require_ray()
         self.kafka = kafka
+        self.registry = registry
         self.settings = settings
         self.crash_point = crash_point
         self._slots: list[_Slot] = []
@@ -175,7 +186,7 @@ class InferencePool:
         new = []
         for _ in range(n):
             worker_id = f"{self.settings.model}-{uuid.uuid4().hex[:6]}"
-            handle = self._actor_class.remote(self.kafka, self.settings, worker_id, self.crash_point)
+            handle = self._actor_class.remote(self.kafka, self.settings, worker_id, self.crash_point, self.registry)
             self._slots.append(_Slot(worker_id, handle))
             new.append(handle)
         if wait and new:

@@ -14,15 +14,14 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings, SchemaRegistrySettings
 from inference.config import InferenceSettings
 from inference.errors import EmbedTimeoutError
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DecodeFailure, decode_message, make_consumer
 from streams.producer import EventProducer
-from streams.registry import EmbeddedRegistry
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = ["TOPICS", "EmbeddingClient", "ResultReader", "ensure_inference_topics"]
 
@@ -145,15 +144,21 @@ class EmbeddingClient:
     Args:
         kafka: broker settings.
         settings: topics and model.
-        serde: Avro serde; None builds one on the embedded registry.
+        serde: Avro serde; None takes :func:`streams.serde.serde_from_settings` of ``registry``.
+        registry: the schema registry settings (``Settings.schema_registry``); None: the embedded one.
     """
 
     def __init__(
-        self, kafka: KafkaSettings, settings: InferenceSettings, serde: AvroSerde | None = None
+        self,
+        kafka: KafkaSettings,
+        settings: InferenceSettings,
+        serde: AvroSerde | None = None,
+        *,
+        registry: SchemaRegistrySettings | None = None,
     ) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.serde = serde or AvroSerde(EmbeddedRegistry())
+        self.serde = serde or serde_from_settings(registry or SchemaRegistrySettings())
         self.producer = EventProducer(kafka, self.serde)
 
     def send(self, texts: Sequence[str], *, request_ids: Sequence[str] | None = None) -> list[str]:

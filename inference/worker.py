@@ -34,7 +34,7 @@ import numpy as np
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings, SchemaRegistrySettings
 from inference.batching import BatchAccumulator, offsets_to_commit
 from inference.config import InferenceSettings
 from inference.errors import RequestError
@@ -52,8 +52,7 @@ from streams.consumer import ConsumedEvent, DeadLetterPublisher, DecodeFailure, 
 from streams.envelope import Event
 from streams.errors import StreamsError
 from streams.producer import EventProducer
-from streams.registry import EmbeddedRegistry
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = ["CrashPoint", "EventTextResolver", "InferenceWorker", "WorkerStats"]
 
@@ -284,6 +283,7 @@ class InferenceWorker:
         *,
         model: EmbeddingModel | None = None,
         serde: AvroSerde | None = None,
+        registry: SchemaRegistrySettings | None = None,
         worker_id: str | None = None,
         metrics: InferenceMetrics | None = None,
         crash_point: CrashPoint | None = None,
@@ -291,7 +291,7 @@ class InferenceWorker:
     ) -> None:
         self.settings = settings
         self.model = model or load_model(settings.model, device=device, torch_threads=settings.torch_threads)
-        self.serde = serde or AvroSerde(EmbeddedRegistry())
+        self.serde = serde or serde_from_settings(registry or SchemaRegistrySettings())
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
         self.metrics = metrics or InferenceMetrics()
         self.crash_point = crash_point

@@ -35,9 +35,9 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
 * **Web server**: off unless a port is given (``web_port``, else ``settings.metrics_port``; ``0``
   leaves it off).
 
-Run it with ``python -m processors worker`` (see :mod:`processors.__main__`) or
+Run it with ``backbone processors worker`` (see :mod:`backbone.cli.processors`) or
 ``faust -A processors.app worker -l info`` (the module attribute ``app`` is built on first access
-from :func:`backbone.settings.get_settings`).
+from :func:`core.settings.get_settings`).
 
 Knowing that the processor has caught up: the Tansu broker of dev and tests answers ``ListOffsets``
 wrongly, so lag is not measured from offsets. Either run :func:`run_worker` with
@@ -58,8 +58,8 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.observability import REGISTRY, configure_logging, serve_metrics
-from backbone.settings import KafkaSettings, Settings, get_settings
+from core.observability import REGISTRY, configure_logging, serve_metrics
+from core.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
 from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.run_summary import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
@@ -68,9 +68,8 @@ from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC, ConsumedEvent
 from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
-from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
     "DEFAULT_APP_ID",
@@ -237,7 +236,7 @@ def create_app(
     topics = topics or ProcessorTopics()
     port = settings.metrics_port if web_port is None else web_port
     app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=port)
-    serde = serde or AvroSerde(EmbeddedRegistry())
+    serde = serde or serde_from_settings(settings)
     events_topic = app.topic(
         topics.events, partitions=topics.partitions, key_serializer="raw", value_serializer="raw"
     )
@@ -338,7 +337,7 @@ def run_worker(
 
     Creates the topics first (:func:`ensure_processor_topics`). It owns the process's event loop and
     signal handlers (SIGTERM/SIGINT stop it cleanly), so call it from a main thread, e.g. in a
-    subprocess: ``python -m processors worker --stop-after-idle 5``.
+    subprocess: ``backbone processors worker --stop-after-idle 5``.
 
     Args:
         settings: default: the environment's, completed from a running dev stack.
@@ -359,7 +358,7 @@ def run_worker(
         StreamsError: a topic cannot be created.
     """
     if settings is None:
-        from backbone.runtime import load_settings
+        from core.stack import load_settings
 
         settings = load_settings()  # the environment, completed from a running `backbone dev up`
     topics = topics or ProcessorTopics()
@@ -418,7 +417,7 @@ def wait_for_run_summaries(
         TimeoutError: some run has no summary after ``timeout_seconds`` (the message names how many).
     """
     wanted = set(run_ids)
-    serde = serde or AvroSerde(EmbeddedRegistry())
+    serde = serde or serde_from_settings(settings)
     deadline = time.monotonic() + timeout_seconds
     while True:
         found: dict[str, ConsumedEvent] = {}

@@ -15,7 +15,7 @@ and goes on with the next record.
 
 from __future__ import annotations
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 
 __all__ = ["ProcessorError", "RunMismatchError", "UnprocessableEventError", "UnsupportedEventError"]
 

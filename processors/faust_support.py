@@ -23,7 +23,7 @@ import structlog
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from backbone.settings import KafkaSettings, Settings
+from core.settings import KafkaSettings, Settings
 from streams.consumer import DeadLetterPublisher
 from streams.producer import EventProducer
 from streams.serde import AvroSerde

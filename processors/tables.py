@@ -37,7 +37,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from faust.types import TP
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from streams.consumer import make_consumer
 
 __all__ = ["TailRecoveringTable", "read_changelog_tail"]

@@ -11,7 +11,7 @@ The tree::
 
 from __future__ import annotations
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 
 __all__ = ["CheckpointError", "ProjectionApplyError", "ProjectionError"]
 

@@ -36,7 +36,7 @@ import psycopg
 import structlog
 from confluent_kafka import TopicPartition
 
-from backbone.settings import Settings
+from core.settings import Settings
 from projections.archive import ARCHIVE_TABLE, read_archive
 from projections.base import Projection
 from projections.errors import ProjectionError

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from projections.agent_runs import AgentRunsProjection, InsightsProjection
 from projections.archive import ArchiveProjection
 from projections.base import Projection

@@ -43,8 +43,8 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
-from backbone.observability import REGISTRY
-from backbone.settings import Settings
+from core.observability import REGISTRY
+from core.settings import Settings
 from projections.base import Projection
 from projections.errors import ProjectionApplyError
 from streams.columnar import ColumnarBatch, decode_columnar, polars_available

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from streams.envelope import CloudEvent, format_time
 from streams.errors import DeserializationError, EnvelopeError
 from streams.producer import EventProducer

@@ -16,7 +16,7 @@ The tree::
 
 from __future__ import annotations
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 
 __all__ = [
     "BrokerUnavailableError",
@@ -28,6 +28,7 @@ __all__ = [
     "SchemaNotFoundError",
     "SchemaValidationError",
     "StreamsError",
+    "UnacknowledgedError",
 ]
 
 
@@ -95,3 +96,8 @@ class DeliveryError(StreamsError):
 
 class BrokerUnavailableError(StreamsError, ConnectionError):
     """The configured Kafka bootstrap servers cannot be reached."""
+
+
+class UnacknowledgedError(StreamsError, ConnectionError):
+    """Records were not acknowledged in time, or the producer's local queue is full: nothing is known
+    to be stored, and the caller should retry after a delay (HTTP ingest answers 503 with Retry-After)."""

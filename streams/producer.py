@@ -13,7 +13,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from streams.envelope import Event
 from streams.errors import BrokerUnavailableError, DeliveryError
 from streams.serde import AvroSerde

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from confluent_kafka import Consumer, TopicPartition
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from streams.consumer import ConsumedEvent, DecodeFailure, decode_message, make_consumer
 from streams.producer import epoch_ms
 from streams.serde import AvroSerde

@@ -17,9 +17,10 @@ from fastavro.validation import validate
 
 from streams.envelope import parse_time
 from streams.errors import DeserializationError, SchemaNotFoundError, SchemaValidationError
-from streams.registry import SchemaRegistry
+from core.settings import SchemaRegistrySettings, Settings
+from streams.registry import SchemaRegistry, make_registry
 
-__all__ = ["MAGIC_BYTE", "AvroSerde", "coerce_json_datum", "timestamp_fields"]
+__all__ = ["MAGIC_BYTE", "AvroSerde", "coerce_json_datum", "serde_from_settings", "timestamp_fields"]
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
@@ -187,3 +188,34 @@ def coerce_json_datum(schema: Mapping[str, Any], datum: Mapping[str, Any]) -> di
             except (OverflowError, OSError, ValueError):
                 pass
     return out
+
+
+_SERDES: dict[SchemaRegistrySettings, AvroSerde] = {}
+
+
+def serde_from_settings(settings: Settings | SchemaRegistrySettings) -> AvroSerde:
+    """The one serde of every producer and consumer: Avro over the configured schema registry.
+
+    The HTTP registry (a Confluent-compatible Schema Registry) when ``schema_registry.url`` is set, the
+    embedded one (ids pinned in ``schemas/registry.json``) otherwise, so that every process of a
+    deployment, the processors and the inference workers included, agrees on schema ids. One serde
+    per registry setting is kept for the life of the process (its schema caches are shared).
+
+    Args:
+        settings: the backbone's settings, or only their ``schema_registry`` part.
+
+    Returns:
+        the cached :class:`AvroSerde` for that registry.
+
+    Raises:
+        streams.errors.SchemaError: the HTTP registry is unreachable or refuses a local schema
+            (raised while the local ``.avsc`` files are registered, on first use of a URL).
+    """
+    registry_settings = settings.schema_registry if isinstance(settings, Settings) else settings
+    serde = _SERDES.get(registry_settings)
+    if serde is None:
+        auth = registry_settings.basic_auth_user_info
+        extra = {"basic_auth_user_info": auth.get_secret_value()} if registry_settings.url and auth else {}
+        registry = make_registry(registry_settings.url, compatibility=registry_settings.compatibility, **extra)
+        serde = _SERDES[registry_settings] = AvroSerde(registry)
+    return serde

@@ -8,7 +8,7 @@ component whose variable is unset is still started embedded.
 
 Fixtures:
     stack (session): the :class:`~backbone.devstack.StackInfo` of the servers.
-    settings (session): :class:`~backbone.settings.Settings` pointing at them.
+    settings (session): :class:`~core.settings.Settings` pointing at them.
     pg_url: URL of a fresh, empty PostgreSQL database for this test, dropped afterwards.
     redis_url: URL of the stack's Redis database, flushed before the test.
     unique_name: ``unique_name(prefix) -> str``, unique topic / consumer-group names per test.
@@ -36,7 +36,7 @@ from psycopg import sql
 from pydantic import SecretStr
 
 from backbone.devstack import DevStack, StackInfo
-from backbone.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
+from core.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
 
 EXTERNAL_ENV = "BACKBONE_TEST_EXTERNAL"
 _TOPIC_TIMEOUT_SECONDS = 30.0

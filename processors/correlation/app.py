@@ -66,8 +66,8 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.observability import REGISTRY, configure_logging, serve_metrics
-from backbone.settings import KafkaSettings, Settings
+from core.observability import REGISTRY, configure_logging, serve_metrics
+from core.settings import KafkaSettings, Settings
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
 from processors.correlation.logic import (
     EXTERNAL_SCHEMA,
@@ -89,8 +89,7 @@ from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
-from streams.registry import EmbeddedRegistry
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
     "DEFAULT_APP_ID",
@@ -374,7 +373,7 @@ def create_correlation_app(
     topics = topics or CorrelationTopics()
     config = config or CorrelationConfig()
     app = make_faust_app(settings, app_id, partitions=topics.scope_partitions, web_port=web_port)
-    serde = serde or AvroSerde(EmbeddedRegistry())
+    serde = serde or serde_from_settings(settings)
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     events_topic = app.topic(topics.events, **raw)
     scope_topic = app.topic(topics.scope_topic(app_id), partitions=topics.scope_partitions, **raw)
@@ -522,7 +521,7 @@ def run_correlation_worker(
         StreamsError: a topic cannot be created.
     """
     if settings is None:
-        from backbone.runtime import load_settings
+        from core.stack import load_settings
 
         settings = load_settings()
     app_id = app_id or DEFAULT_APP_ID

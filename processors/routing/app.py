@@ -73,8 +73,8 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.observability import REGISTRY, configure_logging, serve_metrics
-from backbone.settings import Settings
+from core.observability import REGISTRY, configure_logging, serve_metrics
+from core.settings import Settings
 from inference.records import RESULT_SCHEMA, EmbeddingResult
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
@@ -92,8 +92,7 @@ from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
-from streams.registry import EmbeddedRegistry
-from streams.serde import AvroSerde
+from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
     "DEFAULT_APP_ID",
@@ -410,7 +409,7 @@ def create_routing_app(
     topics = topics or RoutingTopics()
     port = settings.metrics_port if web_port is None else web_port
     app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=port)
-    serde = serde or AvroSerde(EmbeddedRegistry())
+    serde = serde or serde_from_settings(settings)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests_topic = app.topic(topics.requests, partitions=topics.partitions, **raw)
     embeddings_topic = app.topic(topics.embeddings, **raw)
@@ -567,7 +566,7 @@ def run_routing_worker(
     if not isinstance(router, Router):
         router = Router.load(router)
     if settings is None:
-        from backbone.runtime import load_settings
+        from core.stack import load_settings
 
         settings = load_settings()
     topics = topics or RoutingTopics()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import TopicPartition
 
-from backbone.settings import KafkaSettings
+from core.settings import KafkaSettings
 from inference.records import EmbeddingRequest
 from inference.records import request_event as embedding_request_event
 from processors.routing.records import (

@@ -32,7 +32,7 @@ from pathlib import Path
 import faust
 from confluent_kafka import Producer
 
-from backbone.settings import Settings
+from core.settings import Settings
 from processors.faust_support import make_faust_app
 
 

@@ -17,10 +17,10 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
-from backbone.api import ApiSettings, ServerThread, create_app
-from backbone.auth import TokenStore
+from backbone.http.app import ApiSettings, ServerThread, create_app
+from backbone.http.auth import TokenStore
 from backbone.devstack import StackInfo
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

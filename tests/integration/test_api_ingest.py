@@ -20,11 +20,11 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
-from backbone.api import ApiSettings, ServerThread, create_app
-from backbone.auth import TokenStore
+from backbone.http.app import ApiSettings, ServerThread, create_app
+from backbone.http.auth import TokenStore
 from backbone.devstack import StackInfo
-from backbone.runtime import make_serde
-from backbone.settings import KafkaSettings, PostgresSettings, Settings
+from streams.serde import serde_from_settings
+from core.settings import KafkaSettings, PostgresSettings, Settings
 from connectors.webhooks import github_signature, linear_signature, slack_signature
 from streams.replay import read_range
 
@@ -94,7 +94,7 @@ def _auth(token: str) -> dict[str, str]:
 
 
 def _records(settings: Settings, topic: str) -> list[Any]:
-    return list(read_range(settings.kafka, make_serde(), topic))
+    return list(read_range(settings.kafka, serde_from_settings(settings), topic))
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
-from backbone.api import ApiSettings, ServerThread, create_app
-from backbone.auth import TokenStore
+from backbone.http.app import ApiSettings, ServerThread, create_app
+from backbone.http.auth import TokenStore
 from backbone.devstack import StackInfo
-from backbone.runtime import make_serde
-from backbone.settings import PostgresSettings, Settings
+from streams.serde import serde_from_settings
+from core.settings import PostgresSettings, Settings
 from streams.envelope import Event
 from streams.producer import EventProducer
 
@@ -70,7 +70,7 @@ def _produce(settings: Settings, topic: str, n: int, summary: str = "") -> list[
                      "event_time": t0 + timedelta(seconds=i), "summary": summary}, source="/tests", time=t0 + timedelta(seconds=i))
         for i in range(n)
     ]  # fmt: skip
-    EventProducer(settings.kafka, make_serde()).produce_many(topic, events)
+    EventProducer(settings.kafka, serde_from_settings(settings)).produce_many(topic, events)
     return [e.attributes.id for e in events]
 
 

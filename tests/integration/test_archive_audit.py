@@ -14,7 +14,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
 from processors import run_summary
 from projections.agent_runs import AgentRunsProjection, InsightsProjection
@@ -149,7 +149,7 @@ def test_http_read_endpoints(world: tuple[Settings, str, str], serde: AvroSerde,
     from fastapi.testclient import TestClient
     from psycopg_pool import ConnectionPool
 
-    from projections.api import router
+    from backbone.http.read import router
 
     app = FastAPI()
     app.include_router(router)

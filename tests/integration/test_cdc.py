@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 from connectors.cdc import CdcNormaliser, import_debezium_file, raw_topic_pattern
 from connectors.debezium import TableState, parse_change_events
 from projections.cdc import CdcProjection, table_rows
@@ -261,7 +261,7 @@ def test_truncate_clears_the_table_whatever_the_partition_order(
 
 _CLI = """
 import sys, typer
-from connectors.cli_cdc import import_debezium, query_cdc, run_cdc
+from backbone.cli.cdc import import_debezium, query_cdc, run_cdc
 app = typer.Typer()
 app.command("import-debezium")(import_debezium)
 app.command("query-cdc")(query_cdc)

@@ -17,7 +17,7 @@ import pytest
 from confluent_kafka import KafkaError
 from pydantic import SecretStr
 
-from backbone.settings import PostgresSettings, RedisSettings, Settings
+from core.settings import PostgresSettings, RedisSettings, Settings
 from configuration.aggregate import aggregate_id_for
 from configuration.projection import Config, ConfigProjection
 from configuration.relay import CONFIG_CHANGE_SCHEMA, OutboxRelay

@@ -19,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from backbone.devstack import DevStack, _pg_ctl_stop
-from backbone.settings import KafkaSettings, PostgresSettings, Settings
+from core.settings import KafkaSettings, PostgresSettings, Settings
 from configuration.store import ConfigStore
 from tests.integration.test_configuration_relay import _expected_ids, _read_topic
 from tests.support import start_postgres, start_tansu

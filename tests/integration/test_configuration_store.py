@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 from configuration.aggregate import ConfigurationItem, aggregate_id_for
 from configuration.errors import (
     ConfigKeyError,

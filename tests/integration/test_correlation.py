@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from backbone.settings import Settings
+from core.settings import Settings
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
 from inference.config import InferenceSettings
 from inference.model import load_model
@@ -59,7 +59,7 @@ def _run_correlate(
         "BACKBONE_LOG_FORMAT": "json",
         "BACKBONE_METRICS_PORT": "0",
     }
-    return subprocess.run([sys.executable, "-m", "processors", "correlate", *args, "--json"], env=env, check=False,
+    return subprocess.run([sys.executable, "-m", "backbone", "processors", "correlate", *args, "--json"], env=env, check=False,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from backbone.devstack import DevStack, StackInfo, read_stack, resolve_settings, stack_file
 from backbone.errors import StackError
-from backbone.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
+from core.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from backbone.settings import Settings
+from core.settings import Settings
 
 PROBE = Path(__file__).with_name("faust_seek_probe.py")
 FIRST, SECOND = 6, 4  # records before the probe starts, records it produces while paused

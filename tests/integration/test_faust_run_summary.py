@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backbone.settings import Settings
+from core.settings import Settings
 from connectors.agent_runs import LLM_CALL, RUN_LIFECYCLE, TOOL_CALL, ParsedRun, iter_runs
 from processors.app import wait_for_run_summaries
 from processors.run_summary import RunTotals, apply, insight_id
@@ -45,7 +45,7 @@ def _expected(run: ParsedRun) -> dict[str, float | str]:
 def _run_worker(
     settings: Settings, state_dir: Path, app_id: str, events: str, insights: str, dlq: str
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m processors worker`` on the given topics until it has been idle 3 s (it stops)."""
+    """``backbone processors worker`` on the given topics until it has been idle 3 s (it stops)."""
     env = {
         **os.environ,
         "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -55,7 +55,7 @@ def _run_worker(
     }
     worker = subprocess.run(
         [
-            sys.executable, "-m", "processors", "worker",
+            sys.executable, "-m", "backbone", "processors", "worker",
             "--app-id", app_id,
             "--events-topic", events,
             "--insights-topic", insights,

@@ -16,7 +16,7 @@ pytest.importorskip(
 
 import numpy as np
 
-from backbone.settings import Settings
+from core.settings import Settings
 from inference.actors import InferencePool, init_ray
 from inference.client import EmbeddingClient, ResultReader
 from inference.config import InferenceSettings

@@ -20,7 +20,7 @@ pytest.importorskip(
 import numpy as np
 from confluent_kafka import TopicPartition
 
-from backbone.settings import Settings
+from core.settings import Settings
 from inference.client import EmbeddingClient, ResultReader
 from inference.config import InferenceSettings
 from inference.model import load_model
@@ -206,8 +206,8 @@ def test_cli_embed_json_prints_vectors_from_the_topics(
 
     from typer.testing import CliRunner
 
-    from backbone.settings import get_settings
-    from inference.cli import app
+    from core.settings import get_settings
+    from backbone.cli.inference import app
 
     monkeypatch.setenv("BACKBONE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("BACKBONE_INFERENCE_REQUESTS_TOPIC", topics.requests_topic)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from connectors.cli import EXIT_CONNECT_ERROR, EXIT_FINDINGS, EXIT_UNREACHABLE, app
+from backbone.cli.connectors import EXIT_CONNECT_ERROR, EXIT_FINDINGS, EXIT_UNREACHABLE, app
 from connectors.kafka_connect import (
     ConnectorConfigInvalidError,
     ConnectorNotFoundError,

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer
 
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from backbone.settings import PostgresSettings, RedisSettings, Settings
+from core.settings import PostgresSettings, RedisSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
 from projections import queries
 from projections.agent_runs import AgentRunsProjection
@@ -160,7 +160,7 @@ def test_interrupted_rebuild_leaves_the_live_projection_untouched(
     code = (
         "import time\n"
         "from pydantic import SecretStr\n"
-        "from backbone.settings import *\n"
+        "from core.settings import *\n"
         "from projections.agent_runs import AgentRunsProjection\n"
         "from projections.rebuild import rebuild\n"
         "from streams.registry import EmbeddedRegistry\nfrom streams.serde import AvroSerde\n"

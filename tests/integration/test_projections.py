@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backbone.settings import PostgresSettings, Settings
+from core.settings import PostgresSettings, Settings
 from connectors.agent_runs import ParsedRun, iter_runs
 from projections import queries
 from projections.agent_runs import AgentRunsProjection

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backbone.settings import Settings
+from core.settings import Settings
 from inference.records import RESULT_SCHEMA, EmbeddingResult, result_event_id
 from processors.routing.client import DecisionReader, send_route_requests
 from processors.routing.records import (
@@ -92,7 +92,7 @@ def _result_event(minilm, request_id: str, vector: np.ndarray, at: datetime, *, 
 def _run_worker(
     settings: Settings, tmp_path: Path, router: Path, app_id: str, topics: dict[str, str], *, timeout: float = 90
 ) -> dict:
-    """``python -m processors route`` on ``topics`` until it has been idle 3 s (it stops); returns its counters."""
+    """``backbone processors route`` on ``topics`` until it has been idle 3 s (it stops); returns its counters."""
     env = {
         **os.environ,
         "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
@@ -101,7 +101,7 @@ def _run_worker(
         "BACKBONE_LOG_FORMAT": "json",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "processors", "route", "--router", str(router), "--app-id", app_id,
+        [sys.executable, "-m", "backbone", "processors", "route", "--router", str(router), "--app-id", app_id,
          "--requests-topic", topics["requests"], "--embeddings-topic", topics["embeddings"],
          "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"],
          "--web-port", "0", "--stop-after-idle", "3", "--json"],

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from confluent_kafka import Producer
 
-from backbone.settings import KafkaSettings, Settings
+from core.settings import KafkaSettings, Settings
 from streams.consumer import ConsumedEvent, DecodeFailure, Subscriber
 from streams.envelope import Event
 from streams.errors import BrokerUnavailableError, SchemaValidationError

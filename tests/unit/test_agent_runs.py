@@ -10,7 +10,7 @@ import fastavro
 import fastavro.validation
 import pytest
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 from connectors import agent_runs, errors
 from connectors.agent_runs import (
     LLM_CALL,

@@ -7,11 +7,12 @@ from urllib.parse import urlencode
 
 import pytest
 
-from backbone.api import ApiSettings, create_app
-from backbone.auth import AuthError, hash_token, scope_allows, validate_scope
-from backbone.settings import Settings
-from backbone.sse import format_cursor, parse_cursor
-from connectors.ingest import coerce_json_datum, map_linear_webhook, map_slack_webhook
+from backbone.http.app import ApiSettings, create_app
+from backbone.http.auth import AuthError, hash_token, scope_allows, validate_scope
+from core.settings import Settings
+from backbone.http.sse import format_cursor, parse_cursor
+from connectors.mappers import map_linear_webhook, map_slack_webhook
+from streams.serde import coerce_json_datum
 
 SCHEMA = {"fields": [{"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}},
                      {"name": "u", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},

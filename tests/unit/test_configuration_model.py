@@ -12,7 +12,7 @@ from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent
 from eventsourcing.utils import get_topic
 from pydantic import SecretStr
 
-from backbone.settings import PostgresSettings
+from core.settings import PostgresSettings
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for
 from configuration.errors import ConfigKeyError, ConfigValueError, StaleVersionError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, change_event
@@ -170,7 +170,7 @@ def test_change_event_maps_to_avro_with_cloudevents_and_pinned_bytes() -> None:
 
 @pytest.mark.parametrize(
     "module", ["configuration", "configuration.aggregate", "configuration.errors", "configuration.schemas",
-               "configuration.store", "configuration.relay", "configuration.projection", "configuration.cli"]
+               "configuration.store", "configuration.relay", "configuration.projection", "backbone.cli.config"]
 )
 def test_all_names_exist(module: str) -> None:
     """Every name in each configuration module's __all__ exists."""

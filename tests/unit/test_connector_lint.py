@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from connectors.cli import EXIT_FINDINGS, EXIT_USAGE, app
+from backbone.cli.connectors import EXIT_FINDINGS, EXIT_USAGE, app
 from connectors.kafka_connect import PlanAction, RetryPolicy, plan
 from connectors.lint import (
     DEFAULT_SPECS_DIR,

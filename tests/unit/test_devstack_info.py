@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from backbone.devstack import StackInfo, read_stack, resolve_settings, stack_file
-from backbone.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
+from core.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
 
 
 def _info(state_dir: Path, pid: int, **changes: object) -> StackInfo:

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PACKAGES = ["backbone", "streams", "projections", "connectors", "processors", "configuration", "inference", "schemas"]
+PACKAGES = ["core", "backbone", "streams", "projections", "connectors", "processors", "configuration", "inference", "schemas"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

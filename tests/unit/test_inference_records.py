@@ -134,7 +134,7 @@ def test_errors_share_the_package_root() -> None:
         "inference.worker",
         "inference.model",
         "inference.actors",
-        "inference.cli",
+        "backbone.cli.inference",
     ],
 )
 def test_all_is_exact(module: str) -> None:

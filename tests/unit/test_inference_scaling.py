@@ -100,7 +100,7 @@ def test_cli_run_help_shows_flags_and_environment_twins() -> None:
     """`backbone inference run --help` lists each flag of the issue with its BACKBONE_INFERENCE_* twin."""
     from typer.testing import CliRunner
 
-    from inference.cli import app
+    from backbone.cli.inference import app
 
     result = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output

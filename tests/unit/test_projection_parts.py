@@ -99,8 +99,8 @@ def test_every_entry_point_uses_the_runners_default_batch_size() -> None:
     one batch size (the one ``make bench`` reports as the default)."""
     import inspect
 
-    from backbone.cli_core import project
-    from projections.cli import make_runners, rebuild_cmd, run_cmd
+    from backbone.cli.core import project
+    from backbone.cli.projections import make_runners, rebuild_cmd, run_cmd
     from projections.rebuild import rebuild
     from projections.runner import DEFAULT_BATCH_SIZE, ProjectionRunner
 

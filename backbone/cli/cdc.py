@@ -15,20 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from backbone.cli_core import clear_errors
+from backbone.cli.helpers import JsonOpt, clear_errors, context, err, out
 from connectors.cdc import CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX
 
 __all__ = ["import_debezium", "query_cdc", "run_cdc"]
 
-out = Console()
-err = Console(stderr=True)
 
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")
-]
 PrefixOpt = Annotated[
     str,
     typer.Option(
@@ -41,15 +35,6 @@ KeyColumnsOpt = Annotated[
     typer.Option("--key-column", help="Primary-key column, in key order; repeat for a composite key (default: id).",
                  envvar="BACKBONE_CDC_KEY_COLUMNS"),
 ]  # fmt: skip
-
-
-def _ctx() -> tuple[Any, Any]:
-    from backbone.observability import configure_logging
-    from backbone.runtime import load_settings, make_serde
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
-    return settings, make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
 
 
 @clear_errors
@@ -78,7 +63,7 @@ def import_debezium(
     would: the value unchanged, the primary-key struct as the key, a tombstone after each delete."""
     from connectors.cdc import import_debezium_file
 
-    settings, _ = _ctx()
+    settings, _ = context(kafka=False)
     report = import_debezium_file(
         settings, file, topic_prefix=topic_prefix, topic=topic, key_columns=tuple(key_columns or ("id",)),
         partitions=partitions,
@@ -94,7 +79,7 @@ def import_debezium(
         err.print(f"[yellow]line {p.line} {what}:[/yellow] {p.reason}", highlight=False)
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, dict | list):
@@ -115,7 +100,7 @@ def query_cdc(
 
     from projections.cdc import table_rows, tables
 
-    settings, _ = _ctx()
+    settings, _ = context(kafka=False)
     try:
         with psycopg.connect(settings.postgres.dsn()) as conn:
             if table is None:
@@ -143,7 +128,7 @@ def query_cdc(
         numeric = bool(rows) and all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)
         view.add_column(c, justify="right" if numeric else "left")
     for r in rows:
-        view.add_row(*[_fmt(r.get(c)) for c in columns])
+        view.add_row(*[fmt(r.get(c)) for c in columns])
     out.print(view)
 
 
@@ -191,7 +176,7 @@ def run_cdc(
     from projections.cdc import CdcProjection
     from projections.runner import ProjectionRunner
 
-    settings, serde = _ctx()
+    settings, serde = context(kafka=False)
     ensure_changes_topic(settings, changes_topic)
     normaliser = CdcNormaliser(
         settings, serde, topics=topics or None, pattern=raw_topic_pattern(topic_prefix), output_topic=changes_topic,

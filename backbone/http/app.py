@@ -2,19 +2,18 @@
 
 :func:`create_app` builds the FastAPI application. Its lifespan opens what the routes share, on
 ``app.state``: ``pg_pool`` (psycopg ``ConnectionPool``), ``redis`` (a ``redis.Redis`` client),
-``producer`` (:class:`connectors.ingest.AckingProducer`), ``serde``, ``tokens``
-(:class:`backbone.auth.TokenStore`), ``rate_limiter``, ``idempotency``, ``topics`` (broker topic
+``producer`` (:class:`streams.acking.AckingProducer`), ``serde``, ``tokens``
+(:class:`backbone.http.auth.TokenStore`), ``rate_limiter``, ``idempotency``, ``topics`` (broker topic
 listing) and ``sse_streams`` (the live SSE streams). The OpenAPI document is at ``/openapi.json``,
 the docs at ``/docs``.
 
-Routes: ``POST /events/{type}``, ``POST /webhooks/{github,slack,linear}`` (:mod:`connectors.ingest`),
-``GET /subscribe/{topic}`` (:mod:`backbone.sse`), ``GET /healthz``, and the read endpoints of
-``projections.api.router`` when that module exists.
+Routes: ``POST /events/{type}``, ``POST /webhooks/{github,slack,linear}`` (:mod:`backbone.http.ingest`),
+``GET /subscribe/{topic}`` (:mod:`backbone.http.sse`), ``GET /healthz``, and the read endpoints of the
+projections (:mod:`backbone.http.read`).
 """
 
 from __future__ import annotations
 
-import importlib
 import socket
 import threading
 import time
@@ -35,9 +34,9 @@ from psycopg_pool import ConnectionPool
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from backbone.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
-from backbone.observability import REGISTRY
-from backbone.settings import Settings
+from backbone.http.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
+from core.observability import REGISTRY
+from core.settings import Settings
 
 __all__ = ["ApiSettings", "ServerThread", "create_app"]
 
@@ -92,16 +91,6 @@ class ApiSettings(BaseSettings):
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
 
 
-def _projection_router() -> Any | None:
-    try:
-        module = importlib.import_module("projections.api")
-    except ImportError as exc:
-        if exc.name not in ("projections.api",):
-            raise
-        return None
-    return getattr(module, "router", None)
-
-
 _REQUESTS = Counter(
     "backbone_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY
 )
@@ -145,21 +134,22 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
 
     Args:
         settings: servers (Kafka, PostgreSQL, Redis, schema registry) with their URLs filled in
-            (``backbone.runtime.load_settings()`` completes them from a running dev stack).
+            (``core.stack.load_settings()`` completes them from a running dev stack).
         api: the API's own settings (default: read from ``BACKBONE_API_*``).
 
     Returns:
         The FastAPI app; serve it with uvicorn (``backbone api``).
     """
-    from backbone import sse
-    from backbone.runtime import make_serde
-    from connectors import ingest
+    from backbone.http import ingest, read, sse
+    from connectors.mappers import EXTERNAL_TOPICS
+    from streams.acking import AckingProducer, TopicDirectory
+    from streams.serde import serde_from_settings
 
     api = api or ApiSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+        serde = serde_from_settings(settings)
         pool = ConnectionPool(
             settings.postgres.dsn(),
             min_size=settings.postgres.pool_min_size,
@@ -170,12 +160,12 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         await run_in_threadpool(pool.open, True, 30.0)
         client = redis.Redis.from_url(settings.redis.dsn(), socket_timeout=5, socket_connect_timeout=5)
         admin = AdminClient(settings.kafka.librdkafka())
-        producer = ingest.AckingProducer(settings.kafka, serde, ack_timeout_seconds=api.ack_timeout_seconds)
-        topics = ingest.TopicDirectory(admin)
+        producer = AckingProducer(settings.kafka, serde, ack_timeout_seconds=api.ack_timeout_seconds)
+        topics = TopicDirectory(admin)
         tokens = TokenStore(pool)
         await run_in_threadpool(tokens.ensure_schema)
         try:
-            specs = [replace(s, name=api.external_topic) for s in ingest.EXTERNAL_TOPICS]
+            specs = [replace(s, name=api.external_topic) for s in EXTERNAL_TOPICS]
             created = await run_in_threadpool(topics.ensure, specs)
             if created:
                 _log.info("api.topics_created", topics=created)
@@ -209,9 +199,7 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
     )
     app.include_router(ingest.router)
     app.include_router(sse.router)
-    reads = _projection_router()
-    if reads is not None:  # any valid token may read the projections
-        app.include_router(reads, dependencies=[Depends(authenticate_request)])
+    app.include_router(read.router, dependencies=[Depends(authenticate_request)])  # any valid token may read
 
     _instrument(app)
 

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["REGISTRY", "configure_logging", "emit_json", "serve_metrics"]
+__all__ = ["REGISTRY", "configure_logging", "serve_metrics"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 """The backbone's metrics registry (never the global default one)."""
@@ -94,8 +94,3 @@ def serve_metrics(
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
-
-def emit_json(value: Any) -> None:
-    """Write ``value`` as indented JSON to standard output, unwrapped (safe to pipe into ``jq``)."""
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
-    sys.stdout.flush()

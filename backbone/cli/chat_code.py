@@ -11,18 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from backbone.cli_core import clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, err, out
+from backbone.cli.helpers import emit_json
 
 __all__ = ["import_commits", "import_slack"]
 
-out = Console()
-err = Console(stderr=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a line.", envvar="BACKBONE_JSON")]
 TopicOpt = Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_EXTERNAL_TOPIC")]
 RepoOpt = Annotated[str, typer.Option(help="owner/name of the repository.", envvar="BACKBONE_IMPORT_REPO")]
 
@@ -30,11 +26,11 @@ RepoOpt = Annotated[str, typer.Option(help="owner/name of the repository.", envv
 def _run(events: Iterator[Any], topic: str, as_json: bool, what: str) -> None:
     from confluent_kafka.admin import AdminClient
 
-    from backbone.cli_core import _ctx
+    from backbone.cli.helpers import context
     from connectors.chat_code import import_events
     from streams.catalogue import CATALOGUE, ensure_topics
 
-    settings, serde = _ctx()
+    settings, serde = context()
     if topic in CATALOGUE:
         ensure_topics(AdminClient(settings.kafka.librdkafka()), [topic])
     with Progress(TextColumn(f"importing {what}"), BarColumn(), MofNCompleteColumn(), console=err,

@@ -12,228 +12,41 @@ retry after a lost answer produces the same ids (consumers de-duplicate by id).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
 
 import redis
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from backbone.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
-from backbone.settings import KafkaSettings
-from connectors.errors import ConnectorError
+from backbone.http.auth import IdempotentResult, Principal, authenticate_request, enforce_rate_limit, require_scope
+from connectors.mappers import EXTERNAL_EVENT_SCHEMA, external_event_to_avro, map_linear_webhook, map_slack_webhook
 from connectors.webhooks import (
     ExternalEvent,
     WebhookPayloadError,
     WebhookSignatureError,
-    extract_github_refs,
     map_github_webhook,
     verify_github_signature,
     verify_linear_signature,
     verify_slack_signature,
 )
-from streams.catalogue import CATALOGUE, TopicSpec, create_missing_topics
-from streams.envelope import Event, deterministic_id, parse_time
-from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError
-from streams.producer import epoch_ms
+from streams.catalogue import CATALOGUE
+from streams.envelope import Event, deterministic_id
+from streams.errors import BrokerUnavailableError, DeliveryError, SchemaNotFoundError, SchemaValidationError, UnacknowledgedError
 from streams.serde import AvroSerde, coerce_json_datum, timestamp_fields
 
-__all__ = [
-    "EXTERNAL_EVENT_SCHEMA",
-    "EXTERNAL_TOPICS",
-    "AckingProducer",
-    "IngestUnavailableError",
-    "TopicDirectory",
-    "coerce_json_datum",
-    "external_event_to_avro",
-    "map_linear_webhook",
-    "map_slack_webhook",
-    "router",
-]
+__all__ = ["read_body", "router"]
 
 _log = structlog.get_logger(__name__)
 
-EXTERNAL_EVENT_SCHEMA = "sophia.external.ExternalEvent"
 
-EXTERNAL_TOPICS = [CATALOGUE["external.events"]]
-"""Topics this module produces to (for :data:`streams.catalogue.CATALOGUE`)."""
-
-_EXCERPT_CHARS = 280
-
-
-class IngestUnavailableError(ConnectorError, ConnectionError):
-    """The broker did not acknowledge an ingest in time (the client should retry after a delay)."""
-
-
-# --------------------------------------------------------------------------------------------- producer
-
-
-class AckingProducer:
-    """A Kafka producer whose callers await the acknowledgement of their own records.
-
-    One librdkafka producer (``acks=all``, idempotence) is shared by all requests; a background thread
-    serves delivery reports, and each :meth:`produce` call awaits exactly the reports of its records,
-    so one request's failure never surfaces in another's answer (unlike a shared ``flush``).
-
-    Args:
-        kafka: broker settings.
-        serde: the serde whose registry encodes the records (data must already be checked).
-        ack_timeout_seconds: ``message.timeout.ms``: how long a record may wait for its acknowledgement
-            before it fails.
-        linger_ms: librdkafka ``linger.ms``.
-    """
-
-    def __init__(
-        self, kafka: KafkaSettings, serde: AvroSerde, *, ack_timeout_seconds: float = 10.0, linger_ms: int = 2
-    ) -> None:
-        self.ack_timeout_seconds = ack_timeout_seconds
-        self.serde = AvroSerde(serde.registry, validate_on_encode=False)
-        self.bootstrap_servers = kafka.bootstrap_servers
-        self._producer = Producer(
-            kafka.librdkafka(
-                extra={
-                    "acks": "all",
-                    "enable.idempotence": True,
-                    "linger.ms": linger_ms,
-                    "compression.type": "lz4",
-                    "message.timeout.ms": int(ack_timeout_seconds * 1000),
-                }
-            ),
-            error_cb=self._on_error,
-        )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="ingest-delivery-reports", daemon=True)
-        self._thread.start()
-        self.brokers_down = False
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self.brokers_down = True
-        _log.warning("ingest.producer_error", error=str(err))
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)
-
-    async def produce(self, topic: str, events: Sequence[Event]) -> None:
-        """Produce ``events`` to ``topic`` and wait until the broker has acknowledged every one.
-
-        Raises:
-            IngestUnavailableError: the local queue is full, or not every record was acknowledged
-                within the timeout (the broker is down or slow).
-            DeliveryError: the broker refused a record.
-        """
-        if not events:
-            return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[str]] = loop.create_future()
-        lock = threading.Lock()
-        pending = [len(events)]
-        errors: list[tuple[str, bytes | None, str]] = []
-
-        def on_delivery(err: KafkaError | None, msg: Any) -> None:  # delivery-report thread
-            with lock:
-                if err is not None:
-                    errors.append((msg.topic(), msg.key(), str(err)))
-                pending[0] -= 1
-                finished = pending[0] == 0
-            if finished:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result([]))
-
-        records = [
-            (e.key.encode(), self.serde.encode(e.schema, e.data), e.attributes.to_headers(),
-             epoch_ms(e.attributes.time))
-            for e in events
-        ]  # fmt: skip
-        for i, (key, value, headers, ts) in enumerate(records):
-            try:
-                self._producer.produce(
-                    topic, key=key, value=value, headers=headers, timestamp=ts, on_delivery=on_delivery
-                )
-            except (BufferError, KafkaException) as exc:
-                with lock:
-                    pending[0] -= len(records) - i
-                    errors.append((topic, key, f"not enqueued: {exc}"))
-                    finished = pending[0] == 0
-                if finished and not done.done():
-                    done.set_result([])
-                break
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.ack_timeout_seconds + 5)
-        except TimeoutError as exc:
-            raise IngestUnavailableError(
-                f"Kafka at {self.bootstrap_servers} did not acknowledge within {self.ack_timeout_seconds:g} s"
-            ) from exc
-        if errors:
-            timed_out = any("timed out" in e[2].lower() or "not enqueued" in e[2] for e in errors)
-            if timed_out or self.brokers_down:
-                raise IngestUnavailableError(
-                    f"Kafka at {self.bootstrap_servers} did not acknowledge {len(errors)} record(s): {errors[0][2]}"
-                )
-            raise DeliveryError(errors)
-
-    def close(self, timeout_seconds: float = 5.0) -> None:
-        """Flush what is queued (up to ``timeout_seconds``) and stop the delivery-report thread."""
-        self._producer.flush(timeout_seconds)
-        self._stop.set()
-        self._thread.join(timeout_seconds)
-
-
-class TopicDirectory:
-    """Which topics exist on the broker, cached for ``ttl_seconds`` and refreshed on a miss.
-
-    Args:
-        admin: an AdminClient on the broker.
-        ttl_seconds: how long a listing is trusted.
-    """
-
-    def __init__(self, admin: AdminClient, ttl_seconds: float = 30.0) -> None:
-        self.admin = admin
-        self.ttl_seconds = ttl_seconds
-        self._topics: dict[str, int] = {}
-        self._at = 0.0
-        self._lock = threading.Lock()
-
-    def partitions(self, topic: str, *, timeout_seconds: float = 5.0) -> int | None:
-        """The partition count of ``topic``, or ``None`` when the broker does not have it.
-
-        Raises:
-            BrokerUnavailableError: the broker did not answer within ``timeout_seconds``.
-        """
-        with self._lock:
-            fresh = time.monotonic() - self._at < self.ttl_seconds
-            if topic in self._topics and fresh:
-                return self._topics[topic]
-        try:
-            md = self.admin.list_topics(timeout=timeout_seconds)
-        except KafkaException as exc:
-            raise BrokerUnavailableError(f"Kafka did not answer a metadata request: {exc}") from exc
-        with self._lock:
-            self._topics = {n: len(t.partitions) for n, t in md.topics.items() if t.error is None}
-            self._at = time.monotonic()
-            return self._topics.get(topic)
-
-    def ensure(self, specs: Sequence[TopicSpec], *, timeout_seconds: float = 15.0) -> list[str]:
-        """Create the topics of ``specs`` that the broker lacks; return the names created."""
-        created = create_missing_topics(self.admin, specs, timeout_seconds=timeout_seconds)
-        self._at = 0.0
-        return created
-
-
-# ----------------------------------------------------------------------------------------------- helpers
 
 
 def _problem(code: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> HTTPException:
@@ -316,7 +129,7 @@ async def _idempotent(
 async def _produce(request: Request, topic: str, events: Sequence[Event]) -> None:
     try:
         await request.app.state.producer.produce(topic, events)
-    except IngestUnavailableError as exc:
+    except UnacknowledgedError as exc:
         _log.warning("ingest.unavailable", topic=topic, error=str(exc))
         raise _unavailable(request, str(exc)) from exc
     except DeliveryError as exc:
@@ -483,150 +296,6 @@ def _events_from_body(
 
 
 # ---------------------------------------------------------------------------------------------- webhooks
-
-
-def _excerpt(text: str | None) -> str | None:
-    if not text or not text.split():
-        return None
-    collapsed = " ".join(text.split())
-    return collapsed if len(collapsed) <= _EXCERPT_CHARS else collapsed[: _EXCERPT_CHARS - 1].rstrip() + "…"
-
-
-def external_event_to_avro(e: ExternalEvent) -> dict[str, Any]:
-    """The ``sophia.external.ExternalEvent`` Avro datum of an :class:`ExternalEvent`."""
-    return {
-        "platform": e.platform,
-        "kind": e.kind,
-        "entity": e.entity,
-        "actor": e.actor,
-        "occurred_at": e.occurred_at,
-        "url": e.url,
-        "title": e.title,
-        "body_excerpt": e.body_excerpt,
-        "refs": list(e.refs),
-        "source_id": e.source_id,
-    }
-
-
-def _epoch_seconds(value: Any) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(float(value), UTC)
-    except (TypeError, ValueError, OverflowError, OSError):
-        return None
-
-
-def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> ExternalEvent | dict[str, Any]:
-    """Map a verified Slack request to an :class:`ExternalEvent`.
-
-    Handles the Events API (JSON: ``url_verification``, whose answer is returned as a dict, and
-    ``event_callback``) and slash commands and interactions (form-encoded, api.slack.com "Slash
-    commands" and "Handling user interaction").
-
-    Raises:
-        WebhookPayloadError: a body that is neither.
-    """
-    if "application/json" in content_type:
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise WebhookPayloadError(f"slack body is not JSON: {exc}") from exc
-        if not isinstance(payload, dict):
-            raise WebhookPayloadError("slack body is not a JSON object")
-        if payload.get("type") == "url_verification":
-            return {"challenge": str(payload.get("challenge", ""))}
-        if payload.get("type") != "event_callback" or not isinstance(payload.get("event"), dict):
-            raise WebhookPayloadError(f"unsupported slack payload type {payload.get('type')!r}")
-        ev = payload["event"]
-        etype = str(ev.get("type") or "unknown") + (f".{ev['subtype']}" if ev.get("subtype") else "")
-        team = str(payload.get("team_id") or "unknown")
-        channel = ev.get("channel") if isinstance(ev.get("channel"), str) else None
-        text = ev.get("text") if isinstance(ev.get("text"), str) else None
-        return ExternalEvent(
-            platform="slack",
-            kind=f"slack.{etype}",
-            entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
-            actor=str(ev["user"]) if ev.get("user") else None,
-            occurred_at=_epoch_seconds(ev.get("event_ts")) or _epoch_seconds(payload.get("event_time")) or received_at,
-            url=None,
-            title=None,
-            body_excerpt=_excerpt(text),
-            refs=(),
-            source_id=str(payload.get("event_id") or hashlib.sha256(body).hexdigest()),
-        )
-    try:
-        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
-    except UnicodeDecodeError as exc:
-        raise WebhookPayloadError("slack form body is not UTF-8") from exc
-    if "payload" in form:
-        try:
-            inter = json.loads(form["payload"])
-        except json.JSONDecodeError as exc:
-            raise WebhookPayloadError(f"slack interaction payload is not JSON: {exc}") from exc
-        if not isinstance(inter, dict):
-            raise WebhookPayloadError("slack interaction payload is not a JSON object")
-        team = (inter.get("team") or {}).get("id", "unknown") if isinstance(inter.get("team"), dict) else "unknown"
-        user = inter.get("user") if isinstance(inter.get("user"), dict) else {}
-        return ExternalEvent(
-            platform="slack", kind=f"slack.interaction.{inter.get('type', 'unknown')}", entity=f"slack:{team}",
-            actor=user.get("username") or user.get("id"), occurred_at=received_at, url=None, title=None,
-            body_excerpt=None, refs=(), source_id=str(inter.get("trigger_id") or hashlib.sha256(body).hexdigest()),
-        )  # fmt: skip
-    if "command" not in form:
-        raise WebhookPayloadError("slack form body has neither command nor payload")
-    team = form.get("team_id") or "unknown"
-    channel = form.get("channel_id")
-    return ExternalEvent(
-        platform="slack",
-        kind=f"slack.command.{form['command'].lstrip('/')}",
-        entity=f"slack:{team}/{channel}" if channel else f"slack:{team}",
-        actor=form.get("user_name") or form.get("user_id"),
-        occurred_at=received_at,
-        url=None,
-        title=None,
-        body_excerpt=_excerpt(form.get("text")),
-        refs=(),
-        source_id=form.get("trigger_id") or hashlib.sha256(body).hexdigest(),
-    )
-
-
-def map_linear_webhook(payload: Mapping[str, Any], delivery_id: str) -> ExternalEvent:
-    """Map a verified Linear webhook (``action``, ``type``, ``data``, ``url``, ``createdAt``) to an
-    :class:`ExternalEvent` (linear.app developers, "Webhooks").
-
-    Raises:
-        WebhookPayloadError: ``action``, ``type`` or ``data`` is missing.
-    """
-    action, type_, data = payload.get("action"), payload.get("type"), payload.get("data")
-    if not isinstance(action, str) or not isinstance(type_, str) or not isinstance(data, dict):
-        raise WebhookPayloadError("linear webhook has no action, type or data object")
-    issue = data.get("issue") if isinstance(data.get("issue"), dict) else {}
-    ident = data.get("identifier") or issue.get("identifier") or data.get("id") or "unknown"
-    occurred = None
-    for v in (payload.get("createdAt"), data.get("updatedAt"), data.get("createdAt")):
-        if isinstance(v, str):
-            try:
-                occurred = parse_time(v)
-                break
-            except ValueError:
-                continue
-    if occurred is None:
-        ts = payload.get("webhookTimestamp")
-        occurred = datetime.fromtimestamp(ts / 1000, UTC) if isinstance(ts, int) else datetime.now(UTC)
-    actor = payload.get("actor") if isinstance(payload.get("actor"), dict) else {}
-    text = data.get("body") or data.get("description")
-    return ExternalEvent(
-        platform="linear",
-        kind=f"linear.{type_.lower()}.{action}",
-        entity=f"linear:{ident}",
-        actor=actor.get("name") or actor.get("id"),
-        occurred_at=occurred.astimezone(UTC),
-        url=payload.get("url") if isinstance(payload.get("url"), str) else data.get("url"),
-        title=data.get("title") if isinstance(data.get("title"), str) else None,
-        body_excerpt=_excerpt(text if isinstance(text, str) else None),
-        refs=tuple(r for r in extract_github_refs(text, "unknown/unknown") if "unknown/unknown" not in r)
-        if isinstance(text, str) else (),
-        source_id=delivery_id,
-    )  # fmt: skip
 
 
 def _secret(request: Request, platform: str) -> str:

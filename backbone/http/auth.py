@@ -32,7 +32,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
-from backbone.errors import BackboneError
+from core.errors import BackboneError
 
 __all__ = [
     "ANONYMOUS",

@@ -36,8 +36,8 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, s
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from backbone.auth import Principal, authenticate_request, require_scope
-from backbone.settings import KafkaSettings
+from backbone.http.auth import Principal, authenticate_request, require_scope
+from core.settings import KafkaSettings
 from streams.consumer import ConsumedEvent, DecodeFailure, decode_message
 from streams.envelope import parse_time
 from streams.errors import BrokerUnavailableError

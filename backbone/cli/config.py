@@ -20,8 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from backbone.observability import emit_json
-from backbone.settings import Settings, get_settings
+from backbone.cli.helpers import JsonOpt, emit_json
+from core.settings import Settings, get_settings
 from configuration.errors import ConfigurationError, StaleVersionError
 from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
 from configuration.store import ConfigStore, ConfigVersion, value_from_json
@@ -34,7 +34,6 @@ app = typer.Typer(help="Configuration as event-sourced aggregates: versions, tim
 _out = Console()
 _err = Console(stderr=True)
 
-JsonOpt = Annotated[bool, typer.Option("--json", envvar="BACKBONE_CONFIG_JSON", help="Print JSON.")]
 Author = Annotated[str, typer.Option("--author", envvar="BACKBONE_CONFIG_AUTHOR", help="Who makes the change.")]
 Reason = Annotated[str, typer.Option("--reason", envvar="BACKBONE_CONFIG_REASON", help="Why.")]
 Causation = Annotated[
@@ -50,7 +49,7 @@ Expected = Annotated[
 
 
 def _settings() -> Settings:
-    from backbone.devstack import resolve_settings
+    from core.stack import resolve_settings
 
     return resolve_settings(get_settings())
 
@@ -219,11 +218,10 @@ def watch(
     from confluent_kafka import KafkaError
 
     from streams.consumer import ConsumedEvent, decode_message, make_consumer
-    from streams.registry import make_registry
-    from streams.serde import AvroSerde
+    from streams.serde import serde_from_settings
 
     settings = _settings()
-    serde = AvroSerde(make_registry(settings.schema_registry.url))
+    serde = serde_from_settings(settings)
     consumer = make_consumer(settings.kafka, f"config-watch-{uuid.uuid4().hex[:8]}",
                              **{"auto.offset.reset": "earliest" if from_beginning else "latest"})
     consumer.subscribe([topic])
@@ -278,7 +276,7 @@ def relay(
                                                   help="Publish what is stored now, then exit.")] = False,
 ) -> None:
     """Run the outbox relay: publish every stored configuration event to the config topic."""
-    from backbone.observability import serve_metrics
+    from core.observability import serve_metrics
     from configuration.relay import OutboxRelay
 
     r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)

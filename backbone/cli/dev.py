@@ -17,7 +17,7 @@ from rich.table import Table
 
 from backbone.devstack import COMPONENTS, DevStack, StackInfo, read_stack, stack_file, stop_stack
 from backbone.errors import StackError
-from backbone.settings import get_settings
+from core.settings import get_settings
 
 __all__ = ["app"]
 

@@ -1,92 +1,26 @@
-"""The core ``backbone`` commands: produce, subscribe, replay, topics, schemas, import, project, query,
-demo. Mounted on :data:`backbone.cli.app` by :func:`mount`."""
+"""The core ``backbone`` commands: produce, subscribe, replay, topics, schemas, import agent-runs, project,
+query. Mounted on :data:`backbone.cli.app` by :func:`backbone.cli.mount`."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, fmt, out, print_rows
 
-__all__ = ["mount"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-out = Console()
-err = Console(stderr=True)
+__all__ = ["import_app", "import_runs", "query_app", "schemas_app", "topics_app"]
 
 topics_app = typer.Typer(help="The topic catalogue.", no_args_is_help=True)
 query_app = typer.Typer(help="Read the projections.", no_args_is_help=True)
 import_app = typer.Typer(help="Import history from source systems as events.", no_args_is_help=True)
 schemas_app = typer.Typer(help="The Avro contracts and their pinned ids.", no_args_is_help=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
-
-
-def clear_errors(fn: F) -> F:
-    """Turn known failures into one red line and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import psycopg
-
-        from backbone.errors import BackboneError
-
-        try:
-            return fn(*args, **kwargs)
-        except (BackboneError, psycopg.OperationalError, ValueError, KeyError, TimeoutError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err.print(f"[red]error:[/red] {msg}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _ctx(*, kafka: bool = True) -> tuple[Any, Any]:
-    """Settings (completed from a running dev stack) and the serde; with ``kafka``, check the broker
-    answers first, so an unreachable one is one clear line, not a 30-second delivery timeout."""
-    from backbone.observability import configure_logging
-    from backbone.runtime import load_settings, make_serde, require_broker
-
-    settings = load_settings()
-    configure_logging(settings.log_level, settings.log_format)
-    if kafka:
-        require_broker(settings, timeout_seconds=5)
-    return settings, make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
-
-
-def _print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
-    if as_json:
-        emit_json(rows)
-        return
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in columns])
-    out.print(table)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.4f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, datetime):
-        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(v, list):
-        return ", ".join(map(str, v))
-    return "" if v is None else str(v)
 
 
 # -- produce ----------------------------------------------------------------------------------------------------
@@ -114,7 +48,7 @@ def produce(
     from streams.producer import EventProducer
     from streams.serde import coerce_json_datum
 
-    settings, serde = _ctx()
+    settings, serde = context()
     schema = serde.registry.schema_for(serde.registry.id_for(type_))
     spec = CATALOGUE.get(topic)
     key_field = key_field or (spec.key if spec and spec.key in {f["name"] for f in schema["fields"]} else None)
@@ -179,7 +113,7 @@ def _print_record(r: Any, as_json: bool) -> None:
     a = r.attributes
     data = json.dumps(r.as_json()["data"], default=str)
     out.print(
-        f"[dim]{r.topic}[{r.partition}]@{r.offset}[/dim] {_fmt(a.time)} [bold]{a.type}[/bold] "
+        f"[dim]{r.topic}[{r.partition}]@{r.offset}[/dim] {fmt(a.time)} [bold]{a.type}[/bold] "
         f"subject={a.subject} id={a.id}\n  {data[:300]}",
         highlight=False,
     )
@@ -202,7 +136,7 @@ def subscribe(
     from streams.consumer import Subscriber
     from streams.envelope import parse_time
 
-    settings, serde = _ctx()
+    settings, serde = context()
     start: Any = from_ if from_ in ("beginning", "latest", "committed") else parse_time(from_)
     sub = Subscriber(settings.kafka, serde, topics, group_id=group, start=start)
     n = 0
@@ -240,7 +174,7 @@ def replay(
     """Read a bounded range of history, in order per partition; print it, or project it with --into."""
     from streams.replay import read_range
 
-    settings, serde = _ctx()
+    settings, serde = context()
     if into:
         from projections.cli import replay_into
 
@@ -270,7 +204,7 @@ def topics_list(as_json: JsonOpt = False) -> None:
 
     from streams.catalogue import CATALOGUE
 
-    settings, _ = _ctx(kafka=False)
+    settings, _ = context(kafka=False)
     try:
         live = AdminClient(settings.kafka.librdkafka()).list_topics(timeout=5).topics
     except Exception:  # noqa: BLE001 - the catalogue is still worth printing
@@ -287,7 +221,7 @@ def topics_list(as_json: JsonOpt = False) -> None:
         }
         for t in CATALOGUE.values()
     ]
-    _print_rows(rows, ["topic", "partitions", "key", "schemas", "retention", "on_broker"], "topics", as_json)
+    print_rows(rows, ["topic", "partitions", "key", "schemas", "retention", "on_broker"], "topics", as_json)
 
 
 @topics_app.command("create")
@@ -298,7 +232,7 @@ def topics_create() -> None:
 
     from streams.catalogue import ensure_topics
 
-    settings, _ = _ctx()
+    settings, _ = context()
     created = ensure_topics(AdminClient(settings.kafka.librdkafka()))
     out.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
 
@@ -315,7 +249,7 @@ def schemas_list(as_json: JsonOpt = False) -> None:
         {"subject": s, "versions": len(vs), "latest_id": vs[-1]["id"], "pinned": s not in unpinned}
         for s, vs in sorted(reg.subjects().items())
     ]
-    _print_rows(rows, ["subject", "versions", "latest_id", "pinned"], "schemas", as_json)
+    print_rows(rows, ["subject", "versions", "latest_id", "pinned"], "schemas", as_json)
 
 
 @schemas_app.command("pin")
@@ -377,7 +311,7 @@ def import_agent_runs(
 
     from streams.catalogue import CATALOGUE, ensure_topics
 
-    settings, serde = _ctx()
+    settings, serde = context()
     if topic in CATALOGUE:
         ensure_topics(AdminClient(settings.kafka.librdkafka()), [topic])
     report = import_runs(settings, serde, directory, topic)
@@ -399,11 +333,11 @@ def project(
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:
     """Run the projection runner (agent-run views) until interrupted."""
-    from backbone.observability import serve_metrics
+    from core.observability import serve_metrics
     from projections.agent_runs import AgentRunsProjection
     from projections.runner import ProjectionRunner
 
-    settings, serde = _ctx()
+    settings, serde = context()
     runner = ProjectionRunner(
         settings, serde, AgentRunsProjection([topic]), group_id=group, batch_size=batch_size, dlq_topic=dlq_topic
     )
@@ -430,11 +364,11 @@ def query_agent_runs(
 
     from projections import queries
 
-    settings, _ = _ctx(kafka=False)
+    settings, _ = context(kafka=False)
     with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.agent_runs(conn, limit=limit, outcome=outcome)
     cols = ["run_id", "outcome", "steps", "llm_calls", "tool_calls", "failing_tool_calls", "prompt_tokens", "cost_usd"]
-    _print_rows(rows, cols, "agent runs", as_json)
+    print_rows(rows, cols, "agent runs", as_json)
 
 
 @query_app.command("models")
@@ -445,55 +379,8 @@ def query_models(as_json: JsonOpt = False) -> None:
 
     from projections import queries
 
-    settings, _ = _ctx(kafka=False)
+    settings, _ = context(kafka=False)
     with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.model_usage(conn)
     cols = ["model", "providers", "runs", "resolved_runs", "llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"]
-    _print_rows(rows, cols, "models", as_json)
-
-
-def mount(app: typer.Typer) -> None:
-    """Add the core commands and groups to ``app``."""
-    from backbone.demo import demo
-
-    app.command()(produce)
-    app.command()(subscribe)
-    app.command()(replay)
-    app.command()(project)
-    app.command()(demo)
-    app.add_typer(topics_app, name="topics")
-    app.add_typer(query_app, name="query")
-    app.add_typer(import_app, name="import")
-    app.add_typer(schemas_app, name="schemas")
-
-    from connectors.cli_cdc import import_debezium, query_cdc, run_cdc
-
-    import_app.command("debezium")(import_debezium)
-    from connectors.cli_chat_code import import_commits, import_slack
-
-    import_app.command("slack")(import_slack)
-    import_app.command("commits")(import_commits)
-    query_app.command("cdc")(query_cdc)
-    cdc_app = typer.Typer(help="Change data capture: normalise Debezium events and project table state.")
-    cdc_app.command("run")(run_cdc)
-    app.add_typer(cdc_app, name="cdc")
-
-    from processors.__main__ import cli as processors_cli
-    from projections import cli as projections_cli
-
-    app.add_typer(processors_cli, name="processors", help="The Faust processors (run summary).")
-    from processors.routing.cli import app as routing_cli
-
-    app.add_typer(routing_cli, name="routing", help="Model routing: fit, evaluate, request.")
-
-    app.add_typer(projections_cli.app, name="projections")
-    app.command("audit")(projections_cli.audit)
-    from backbone import cli_api
-    from configuration import cli as config_cli
-    from connectors import cli as connectors_cli
-    from inference import cli as inference_cli  # light: Ray and torch load when a command runs
-
-    app.add_typer(connectors_cli.app, name="connectors", help="Kafka Connect / Debezium connectors.")
-    app.add_typer(config_cli.app, name="config", help="Configuration as event-sourced aggregates.")
-    app.add_typer(cli_api.app, name="api", help="The HTTP API: serve it, manage its tokens.")
-    app.add_typer(inference_cli.app, name="inference", help="Inference on Ray: embedding actors.")
+    print_rows(rows, cols, "models", as_json)

@@ -17,15 +17,12 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import SecretStr
-from rich.console import Console
 from rich.table import Table
 
-from backbone.observability import emit_json
+from backbone.cli.helpers import emit_json, err, out
 
 __all__ = ["demo"]
 
-out = Console()
-err = Console(stderr=True)
 
 
 def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
@@ -34,7 +31,7 @@ def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
     env.setdefault("BACKBONE_LOG_FORMAT", "json")
     log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "backbone", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
 
@@ -50,12 +47,12 @@ def demo(
     import psycopg
     from confluent_kafka.admin import AdminClient
 
-    from backbone.cli_core import import_runs
+    from backbone.cli.core import import_runs
     from backbone.devstack import DevStack
-    from backbone.errors import BackboneError
-    from backbone.observability import configure_logging
-    from backbone.runtime import make_serde
-    from backbone.settings import get_settings
+    from core.errors import BackboneError
+    from core.observability import configure_logging
+    from streams.serde import serde_from_settings
+    from core.settings import get_settings
     from processors.app import wait_for_run_summaries
     from projections import queries
     from projections.agent_runs import AgentRunsProjection
@@ -87,7 +84,7 @@ def demo(
         timings["stack_start_s"] = time.perf_counter() - t0
         say(f"stack up in {timings['stack_start_s']:.1f} s: kafka {info.kafka_bootstrap}, "
                   f"postgres {info.postgres_url.split('@')[-1]}, redis {info.redis_url}")  # fmt: skip
-        serde = make_serde(settings.schema_registry.url, settings.schema_registry.compatibility)
+        serde = serde_from_settings(settings)
         ensure_topics(AdminClient(settings.kafka.librdkafka()))
         processor = _start_processor(settings, state_dir)
 

@@ -1,7 +1,7 @@
-"""``backbone processors correlate``: run the correlation processor (mounted by :mod:`processors.__main__`).
+"""``backbone processors correlate``: run the correlation processor (mounted by :mod:`backbone.cli.processors`).
 
 Every option has an environment twin (shown in ``--help``); broker settings come from
-``BACKBONE_KAFKA__*`` (:class:`backbone.settings.Settings`).
+``BACKBONE_KAFKA__*`` (:class:`core.settings.Settings`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import structlog
 import typer
 from rich.console import Console
 
-from backbone.settings import KafkaSettings, get_settings
+from core.settings import KafkaSettings, get_settings
 from inference.config import InferenceSettings
 from inference.errors import InferenceError
 
@@ -33,7 +33,7 @@ log = structlog.get_logger(__name__)
 def _kafka() -> KafkaSettings:
     settings = get_settings()
     try:
-        from backbone.devstack import resolve_settings
+        from core.stack import resolve_settings
 
         settings = resolve_settings(settings)
     except ImportError:  # pragma: no cover - devstack is part of the package
@@ -105,7 +105,7 @@ def run(
     ),
 ) -> None:
     """Start Ray (or join RAY_ADDRESS) and a pool of embedding actors; run until Ctrl-C or SIGTERM."""
-    from backbone.observability import serve_metrics
+    from core.observability import serve_metrics
     from inference.actors import InferencePool, init_ray
     from inference.client import ensure_inference_topics
     from inference.metrics import InferenceMetrics

@@ -14,17 +14,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from backbone.cli_core import JsonOpt, _ctx, _fmt, _print_rows, clear_errors
+from backbone.cli.helpers import JsonOpt, clear_errors, context, err, fmt, out, print_rows
 
 __all__ = ["app", "audit", "make_runners", "replay_into"]
 
 app = typer.Typer(help="Projections: status, rebuild, run.", no_args_is_help=True)
-out = Console()
-err = Console(stderr=True)
 
 
 def _redis_client(settings: Any) -> Any:
@@ -49,7 +46,7 @@ def list_(as_json: JsonOpt = False) -> None:
     for name, factory in PROJECTIONS.items():
         p = factory()
         rows.append({"name": name, "version": p.version, "topics": list(p.topics), "schema": schema_name(name)})
-    _print_rows(rows, ["name", "version", "topics", "schema"], "projections", as_json)
+    print_rows(rows, ["name", "version", "topics", "schema"], "projections", as_json)
 
 
 @app.command()
@@ -63,7 +60,7 @@ def status(
 
     from projections.registry import PROJECTIONS, projection_status
 
-    settings, _ = _ctx()
+    settings, _ = context()
     with psycopg.connect(settings.postgres.dsn()) as conn:
         statuses = [projection_status(conn, n, kafka=settings.kafka) for n in (names or list(PROJECTIONS))]
     if as_json:
@@ -73,13 +70,13 @@ def status(
         due = " [yellow](rebuild due)[/yellow]" if s.stored_version not in (None, s.version) else ""
         table = Table(
             title=f"{s.name} v{s.version} (tables v{s.stored_version if s.stored_version is not None else '-'}){due}, "
-            f"lag {_fmt(s.lag_events) or '?'}, last advanced {_fmt(s.last_advanced_at) or 'never'}"
+            f"lag {fmt(s.lag_events) or '?'}, last advanced {fmt(s.last_advanced_at) or 'never'}"
         )
         for c in ("topic", "partition", "checkpoint", "log_end", "lag_events", "advanced_at"):
             table.add_column(c, justify="left" if c in ("topic", "advanced_at") else "right")
         for p in s.partitions:
-            table.add_row(p.topic, str(p.partition), _fmt(p.checkpoint), _fmt(p.log_end), _fmt(p.lag_events),
-                          _fmt(p.advanced_at))  # fmt: skip
+            table.add_row(p.topic, str(p.partition), fmt(p.checkpoint), fmt(p.log_end), fmt(p.lag_events),
+                          fmt(p.advanced_at))  # fmt: skip
         out.print(table)
 
 
@@ -99,7 +96,7 @@ def rebuild_cmd(
     from projections.read_models import RunReadModel
     from projections.rebuild import RebuildVerifyError, rebuild
 
-    settings, serde = _ctx()
+    settings, serde = context()
     try:
         report = rebuild(settings, serde, name, verify=verify, batch_size=batch_size, progress=not as_json)
     except RebuildVerifyError as exc:
@@ -147,10 +144,10 @@ def run_cmd(
     metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
 ) -> None:
     """Run several projections in one process (a thread each), with /metrics and /healthz."""
-    from backbone.observability import serve_metrics
+    from core.observability import serve_metrics
     from projections.registry import PROJECTIONS
 
-    settings, serde = _ctx()
+    settings, serde = context()
     selected = names or list(PROJECTIONS)
     runners = make_runners(settings, serde, selected, batch_size=batch_size, read_models=read_models)
     results: dict[str, Any] = {}
@@ -209,7 +206,7 @@ def audit(
     from projections.audit import audit_trail
     from streams.envelope import parse_time
 
-    settings, serde = _ctx()
+    settings, serde = context()
     start: datetime | None = parse_time(from_) if from_ else None
     end: datetime | None = parse_time(to) if to else None
     with psycopg.connect(settings.postgres.dsn()) as conn:
@@ -224,7 +221,7 @@ def audit(
     nodes: dict[str, Any] = {}
     for e in entries:
         parent = nodes.get(e.caused_by) if e.caused_by else None
-        label = (f"{_fmt(e.time)} [bold]{e.type or 'undecodable'}[/bold] [dim]{e.topic}[{e.partition}]@{e.offset} "
+        label = (f"{fmt(e.time)} [bold]{e.type or 'undecodable'}[/bold] [dim]{e.topic}[{e.partition}]@{e.offset} "
                  f"id={e.event_id}[/dim]")  # fmt: skip
         node = (parent or tree).add(label)
         if e.event_id:

@@ -9,15 +9,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, emit_json, err, out
 
 __all__ = ["api", "app", "token_app"]
 
-out = Console()
-err = Console(stderr=True)
 
 app = typer.Typer(
     help="The HTTP API: ingest, webhooks, Server-Sent Events, projection reads. Without a sub-command: serve it.",
@@ -26,7 +23,6 @@ app = typer.Typer(
 token_app = typer.Typer(help="API tokens with scopes (stored hashed).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -46,9 +42,9 @@ def api(
         return
     import uvicorn
 
-    from backbone.api import ApiSettings, create_app
-    from backbone.observability import configure_logging
-    from backbone.runtime import load_settings
+    from backbone.http.app import ApiSettings, create_app
+    from core.observability import configure_logging
+    from core.stack import load_settings
 
     try:
         settings = load_settings()
@@ -68,8 +64,8 @@ def api(
 def _store() -> Any:
     from psycopg_pool import ConnectionPool
 
-    from backbone.auth import TokenStore
-    from backbone.runtime import load_settings
+    from backbone.http.auth import TokenStore
+    from core.stack import load_settings
 
     try:
         dsn = load_settings().postgres.dsn()
@@ -93,7 +89,7 @@ def token_create(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a token; it is printed once and only its SHA-256 is stored."""
-    from backbone.auth import AuthError
+    from backbone.http.auth import AuthError
 
     store = _store()
     try:
@@ -134,7 +130,7 @@ def token_list(
 @token_app.command("revoke")
 def token_revoke(token_id: Annotated[str, typer.Argument(help="The token id (from `token list`).")]) -> None:
     """Revoke a token; requests with it are refused (401) from now on."""
-    from backbone.auth import AuthError
+    from backbone.http.auth import AuthError
 
     store = _store()
     try:

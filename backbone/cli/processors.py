@@ -1,7 +1,7 @@
-"""``python -m processors worker``: run the processors' Faust worker.
+"""``backbone processors worker|correlate|route``: run the processors' Faust workers.
 
 Every option has an environment twin (shown in ``--help``); broker settings come from
-``BACKBONE_KAFKA__*`` (:class:`backbone.settings.Settings`).
+``BACKBONE_KAFKA__*`` (:class:`core.settings.Settings`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import asdict
 import typer
 
 from processors.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
-from processors.correlation.cli import correlate
-from processors.routing.cli import route_command
+from backbone.cli.correlation import correlate
+from backbone.cli.routing import route_command
 
 __all__ = ["cli"]
 
@@ -63,6 +63,3 @@ def worker(
 
 
 cli.command("route")(route_command)  # the routing processor (processors.routing)
-
-if __name__ == "__main__":
-    cli()

@@ -1,0 +1,81 @@
+"""The ``backbone`` command line (typer).
+
+Every option has an environment twin (shown in ``--help``); every command that prints data has
+``--json``. Each group lives in its own module of this package and is mounted by :func:`mount`;
+:mod:`backbone.cli.helpers` holds what they share.
+"""
+
+from __future__ import annotations
+
+import typer
+
+__all__ = ["app", "main", "mount"]
+
+app = typer.Typer(
+    name="backbone",
+    help="Sophia backbone: event-sourced streaming backbone for an AI-agent platform.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _setup() -> None:
+    """Configure structlog once (to stderr) from the settings."""
+    from core.observability import configure_logging
+    from core.settings import get_settings
+
+    try:
+        s = get_settings()
+        configure_logging(s.log_level, s.log_format)
+    except Exception:  # noqa: BLE001 - a bad setting is reported by the command that needs it
+        configure_logging()
+
+
+def mount(root: typer.Typer) -> None:
+    """Add every command and group of the CLI package to ``root`` (each module holds one group)."""
+    from backbone.cli import api, cdc, chat_code, config, connectors, core, demo, dev, inference, processors, projections, routing
+
+    root.add_typer(dev.app, name="dev", help="The embedded dev stack: Tansu, PostgreSQL, Redis.")
+    root.command()(core.produce)
+    root.command()(core.subscribe)
+    root.command()(core.replay)
+    root.command()(core.project)
+    root.command()(demo.demo)
+    root.add_typer(core.topics_app, name="topics")
+    root.add_typer(core.query_app, name="query")
+    root.add_typer(core.import_app, name="import")
+    root.add_typer(core.schemas_app, name="schemas")
+
+    core.import_app.command("debezium")(cdc.import_debezium)
+    core.import_app.command("slack")(chat_code.import_slack)
+    core.import_app.command("commits")(chat_code.import_commits)
+    core.query_app.command("cdc")(cdc.query_cdc)
+    cdc_app = typer.Typer(help="Change data capture: normalise Debezium events and project table state.")
+    cdc_app.command("run")(cdc.run_cdc)
+    root.add_typer(cdc_app, name="cdc")
+
+    root.add_typer(processors.cli, name="processors", help="The Faust processors: run summary, correlation, routing.")
+    root.add_typer(routing.app, name="routing", help="Model routing: fit, evaluate, request.")
+    root.add_typer(projections.app, name="projections")
+    root.command("audit")(projections.audit)
+    root.add_typer(connectors.app, name="connectors", help="Kafka Connect / Debezium connectors.")
+    root.add_typer(config.app, name="config", help="Configuration as event-sourced aggregates.")
+    root.add_typer(api.app, name="api", help="The HTTP API: serve it, manage its tokens.")
+    root.add_typer(inference.app, name="inference", help="Inference on Ray: embedding actors.")
+
+
+_mounted = False
+
+
+def main() -> None:
+    """Entry point of the ``backbone`` console script."""
+    global _mounted
+    if not _mounted:
+        mount(app)
+        _mounted = True
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""What every ``backbone`` command shares: one ``--json`` option, one translation of known failures into
+one red line and exit code 2, one table style, and the settings + serde of a command.
+
+Exit codes: 0 success, 1 a finding or a failed check the command reports itself, 2 a usage or
+configuration problem (bad input, unreachable server, refused value) printed as one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.settings import Settings
+from streams.serde import AvroSerde
+
+__all__ = [
+    "JsonOpt",
+    "clear_errors",
+    "context",
+    "emit_json",
+    "err",
+    "fmt",
+    "out",
+    "print_rows",
+    "settings_only",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console()
+"""Standard output (tables, reports)."""
+err = Console(stderr=True)
+"""Standard error (progress, warnings, errors)."""
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
+"""The one ``--json`` option of every command that prints data."""
+
+
+def clear_errors(fn: F) -> F:
+    """Turn known failures into one red line on standard error and exit code 2 (no traceback).
+
+    Known failures: every :class:`core.errors.BackboneError`, PostgreSQL connection failures,
+    ``ValueError``, ``KeyError``, ``TimeoutError``, ``FileNotFoundError``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import psycopg
+
+        from core.errors import BackboneError
+
+        try:
+            return fn(*args, **kwargs)
+        except (BackboneError, psycopg.OperationalError, ValueError, KeyError, TimeoutError, FileNotFoundError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err.print(f"[red]error:[/red] {msg}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_only() -> Settings:
+    """Settings from the environment, completed from a running dev stack, with logging configured."""
+    from core.observability import configure_logging
+    from core.stack import load_settings
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def context(*, kafka: bool = True) -> tuple[Settings, AvroSerde]:
+    """Settings (completed from a running dev stack) and the serde of the configured registry.
+
+    Args:
+        kafka: check first that the broker answers, so that an unreachable one is one clear line,
+            not a 30-second delivery timeout.
+
+    Raises:
+        streams.errors.BrokerUnavailableError: ``kafka`` and the broker did not answer within 5 s.
+        ValueError: ``kafka`` and no bootstrap servers are configured or running.
+    """
+    from streams.broker import require_broker
+    from streams.serde import serde_from_settings
+
+    settings = settings_only()
+    if kafka:
+        require_broker(settings.kafka, timeout_seconds=5)
+    return settings, serde_from_settings(settings)
+
+
+def fmt(v: Any) -> str:
+    """One table cell: thousands separators, 4 decimals, UTC datetimes, comma-joined lists."""
+    if isinstance(v, float):
+        return f"{v:,.4f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    if isinstance(v, datetime):
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, list):
+        return ", ".join(map(str, v))
+    return "" if v is None else str(v)
+
+
+def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
+    """Print ``rows`` as a rich table of ``columns`` (numbers right-aligned), or as JSON with ``as_json``."""
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+    for r in rows:
+        table.add_row(*[fmt(r.get(c)) for c in columns])
+    out.print(table)
+
+
+def emit_json(value: Any) -> None:
+    """Write ``value`` as indented JSON to standard output, unwrapped (safe to pipe into ``jq``)."""
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    sys.stdout.flush()
