@@ -17,8 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from backbone.cli_core import JsonOpt, clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
 
 __all__ = ["ab_command", "app", "eval_command", "fit_command", "simulate_command"]
 
