@@ -404,13 +404,13 @@ def _features(request: PolicyRequest) -> np.ndarray | None:
     return np.fromiter(prompt_features(request.prompt).values(), dtype=np.float64, count=len(FEATURE_NAMES))
 
 
-def _quality(learner: OnlineQuality | None, features: np.ndarray | None, model: str) -> float:
-    """Learned P(right): the learner's for the prompt; for a reference without text, at the mean prompt
-    (standardised features 0: the intercept); 0.5 for a model the learner does not know."""
-    if learner is None or model not in learner.models:
-        return 0.5
+def _qualities(learner: OnlineQuality | None, features: np.ndarray | None) -> dict[str, float]:
+    """Learned P(right) per model the learner knows: for the prompt; for a reference without text, at the
+    mean prompt (standardised features 0: the intercept). A model not in the map gets 0.5."""
+    if learner is None:
+        return {}
     x = learner.mean if features is None else features
-    return float(learner.predict(x)[learner.models.index(model)])
+    return dict(zip(learner.models, learner.predict(x).tolist(), strict=True))
 
 
 def route(
@@ -459,6 +459,7 @@ def route(
         request.latency_target_ms if request.latency_target_ms is not None else policy.latency_target_ms
     )
     rows = []
+    qualities = _qualities(learner, features)
     for name in policy.models:
         info = setup.models[name]
         h = health.get(name) or ModelHealth()
@@ -468,7 +469,7 @@ def route(
             if h.latency_ms
             else info.latency_prior_ms
         )
-        q = _quality(learner, features, name)
+        q = qualities.get(name, 0.5)
         blocked = []
         missing = [c for c in request.required_capabilities if c not in info.capabilities]
         if missing:
