@@ -19,7 +19,7 @@ from rich.table import Table
 
 from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
 
-__all__ = ["ab_command", "app", "eval_command", "fit_command", "simulate_command"]
+__all__ = ["ab_command", "app", "eval_command", "fit_command", "policy_worker_command", "simulate_command"]
 
 out = Console()
 err = Console(stderr=True)
@@ -274,3 +274,50 @@ def ab_command(
     for r in rows:
         table.add_row(*(str(v) for v in r.values()))
     out.print(table)
+
+
+@app.command("policy-worker")
+@clear_errors
+def policy_worker_command(
+    router_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--router",
+            help="Router artifact whose online learner to start from (default: none, quality 0.5).",
+        ),
+    ] = None,
+    app_id: Annotated[str, typer.Option(help="Faust app id (consumer group).")] = "backbone-routing-policy",
+    requests_topic: Annotated[str, typer.Option(help="Route requests (JSON).")] = "routing.policy-requests",
+    outcomes_topic: Annotated[str, typer.Option(help="Outcomes (JSON).")] = "routing.outcomes",
+    config_topic: Annotated[
+        str, typer.Option(help="Configuration changes (Avro ConfigChange).")
+    ] = "config.changes",
+    decisions_topic: Annotated[str, typer.Option(help="Decisions (JSON).")] = "routing.policy-decisions",
+    dlq_topic: Annotated[str, typer.Option(help="Dead letters.")] = "backbone.dlq",
+    history_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the history log (events.jsonl, decisions.jsonl).")
+    ] = None,
+    stop_after_idle: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the N-model policy router (requests + outcomes + config changes -> decisions) until stopped or idle."""
+    from dataclasses import asdict
+
+    from processors.routing.artifact import Router
+    from processors.routing.policy_app import PolicyTopics, run_policy_worker
+
+    learner = Router.load(router_file).quality() if router_file else None
+    if history_dir is not None and router_file is not None:
+        history_dir.mkdir(parents=True, exist_ok=True)
+        Router.load(router_file).save(history_dir / "router.npz")  # the learner's start, for simulate
+    stats = run_policy_worker(
+        learner=learner, app_id=app_id, history_dir=history_dir, stop_after_idle_seconds=stop_after_idle,
+        topics=PolicyTopics(requests=requests_topic, outcomes=outcomes_topic, config=config_topic,
+                            decisions=decisions_topic, dead_letters=dlq_topic),
+    )  # fmt: skip
+    if as_json:
+        emit_json(asdict(stats))
+    else:
+        out.print(
+            f"policy worker stopped: {stats.decisions_count} decisions, {stats.dead_letters_count} dead letters"
+        )
