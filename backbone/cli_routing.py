@@ -310,8 +310,23 @@ def policy_worker_command(
     if history_dir is not None and router_file is not None:
         history_dir.mkdir(parents=True, exist_ok=True)
         Router.load(router_file).save(history_dir / "router.npz")  # the learner's start, for simulate
+    from configuration.errors import ConfigurationError
+    from configuration.store import ConfigStore
+    from core.stack import load_settings
+
+    settings = load_settings()
+    initial = None
+    if settings.postgres.url:
+        try:
+            with ConfigStore(settings) as store:
+                current = store.get("routing.config")
+            initial = (dict(current.value), int(current.version))
+        except ConfigurationError as exc:
+            err.print(
+                f"[yellow]no routing.config in the store yet ({exc}); waiting for config.changes[/yellow]"
+            )
     stats = run_policy_worker(
-        learner=learner, app_id=app_id, history_dir=history_dir, stop_after_idle_seconds=stop_after_idle,
+        settings, learner=learner, initial_config=initial, app_id=app_id, history_dir=history_dir, stop_after_idle_seconds=stop_after_idle,
         topics=PolicyTopics(requests=requests_topic, outcomes=outcomes_topic, config=config_topic,
                             decisions=decisions_topic, dead_letters=dlq_topic),
     )  # fmt: skip

@@ -195,15 +195,24 @@ class _PolicyShell:
         if data.get("key") != CONFIG_KEY or data.get("value_json") is None:
             return
         try:
-            value = json.loads(data["value_json"])
-            self.state.on_config(value, int(data["version"]))
+            self.apply_config(json.loads(data["value_json"]), int(data["version"]))
         except (ValueError, RoutingConfigError) as exc:
             log.error("routing_config_refused", version=data.get("version"), reason=str(exc))
+
+    def apply_config(self, value: dict[str, Any], version: int) -> None:
+        """Apply ``routing.config`` ``version`` (an older or equal version than the one in force is skipped:
+        the worker may have read it from the store at start).
+
+        Raises:
+            RoutingConfigError: it does not parse (the previous one stays).
+        """
+        if self.state.setup is not None and version <= self.state.setup.config_version:
             return
+        self.state.on_config(value, version)
         self.stats.config_changes_count += 1
-        self.stats.config_version = int(data["version"])
-        self._history("events.jsonl", {"type": "config", "version": int(data["version"]), "value": value})
-        log.info("routing_config_applied", version=data["version"])
+        self.stats.config_version = version
+        self._history("events.jsonl", {"type": "config", "version": version, "value": value})
+        log.info("routing_config_applied", version=version)
 
     async def handle_outcome(self, message: Any) -> None:
         self._touch()
@@ -273,6 +282,7 @@ def create_policy_app(
     topics: PolicyTopics | None = None,
     history_dir: Path | None = None,
     web_port: int = 0,
+    initial_config: tuple[dict[str, Any], int] | None = None,
 ) -> faust.App:
     """Build the policy router app (three agents, the ``routing_model_stats`` table).
 
@@ -353,8 +363,12 @@ def run_policy_worker(
     topics: PolicyTopics | None = None,
     history_dir: Path | None = None,
     stop_after_idle_seconds: float | None = None,
+    initial_config: tuple[dict[str, Any], int] | None = None,
 ) -> PolicyWorkerStats:
     """Run the policy router in this process until stopped (blocking; from a main thread).
+
+    ``initial_config`` (``(value, version)`` of ``routing.config``, read from the config store by the
+    caller) is the configuration until a newer version arrives on ``config.changes``.
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -369,7 +383,8 @@ def run_policy_worker(
     configure_logging(settings.log_level, settings.log_format)
     topics = topics or PolicyTopics()
     ensure_policy_topics(settings, topics)
-    app = create_policy_app(settings, learner=learner, app_id=app_id, topics=topics, history_dir=history_dir)
+    app = create_policy_app(settings, learner=learner, app_id=app_id, topics=topics, history_dir=history_dir,
+                            initial_config=initial_config)  # fmt: skip
     stats: PolicyWorkerStats = app.policy_stats  # type: ignore[attr-defined]
     if stop_after_idle_seconds is not None:
         stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
