@@ -263,7 +263,7 @@ def fit_router(
         test_percent: the split rule the training prompts came from (recorded; ``eval`` uses it).
         outcomes: N-model outcomes of the same training prompts for the online learner's warm start;
             default the strong/weak pair of ``train``.
-        quality_epochs: ``partial_fit`` passes of the online learner's warm start.
+        quality_epochs: unused with the default logistic warm start (kept for callers).
 
     Raises:
         RoutingDataError: fewer than 2 prompts, or vectors whose row count differs from the prompts'.
@@ -282,7 +282,9 @@ def fit_router(
     outcomes = outcomes if outcomes is not None else ModelOutcomes.from_pair(train, strong_model, weak_model)
     if len(outcomes) != len(train):
         raise RoutingDataError(f"{len(outcomes)} N-model outcomes for {len(train)} training prompts")
-    quality = OnlineQuality.fit(train_features, outcomes.correct, outcomes.models, epochs=quality_epochs)
+    quality = OnlineQuality.fit(
+        train_features, outcomes.correct, outcomes.models, epochs=quality_epochs, l2=l2
+    )
     providers = dict(providers or PROVIDERS)
     summary = train.summary()
     thresholds: dict[str, dict[str, float]] = {}
@@ -314,7 +316,7 @@ def fit_router(
         "quality_models": list(outcomes.models),
         "quality_alpha": quality.alpha,
         "quality_eta0": quality.eta0,
-        "quality_epochs": quality_epochs,
+        "quality_warm_start": "sklearn.linear_model.LogisticRegression per model",
         "offline_fit": "sklearn.linear_model.LogisticRegression(lbfgs, C=1/l2)",
         "online_fit": "sklearn.linear_model.SGDClassifier(log_loss, constant eta0).partial_fit",
     }

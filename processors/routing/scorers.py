@@ -150,9 +150,14 @@ class OnlineQuality:
         epochs: int = 5,
         alpha: float = 1e-4,
         eta0: float = 0.02,
+        warm_start: str = "logistic",
+        l2: float = 1.0,
     ) -> OnlineQuality:
-        """Warm start on features ``(n, f)`` and outcomes ``correct`` ``(n, m)`` (column j = ``models[j]``):
-        ``epochs`` calls of ``partial_fit`` over all rows in order, per model.
+        """Warm start on features ``(n, f)`` and outcomes ``correct`` ``(n, m)`` (column j = ``models[j]``).
+
+        ``warm_start="logistic"`` (default): per model an sklearn ``LogisticRegression`` (lbfgs,
+        ``C = 1 / l2``) whose coefficients seed the ``SGDClassifier``; ``"sgd"``: ``epochs`` calls of
+        ``partial_fit`` over all rows in order. Online updates are ``partial_fit`` steps either way.
 
         Raises:
             RoutingDataError: fewer than 2 rows, or a column count other than ``len(models)``.
@@ -162,6 +167,11 @@ class OnlineQuality:
         mean, std = _standardiser(features)
         out = cls(tuple(models), mean, std, {}, alpha=alpha, eta0=eta0)
         z = out._z(features)
+        if warm_start == "logistic":
+            coef = np.stack([_logistic(z, correct[:, j].astype(np.int8), l2) for j in range(len(models))])
+            return cls.from_arrays(models, mean, std, coef, alpha=alpha, eta0=eta0)
+        if warm_start != "sgd":
+            raise ValueError(f"warm_start is logistic or sgd, not {warm_start!r}")
         for j, model in enumerate(models):
             clf = cls._new(alpha, eta0)
             y = correct[:, j].astype(np.int8)
