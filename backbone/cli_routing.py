@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -69,6 +70,9 @@ def fit_command(
     test_percent: Annotated[
         int, typer.Option(help="Percent of prompts held out (by prompt hash).", min=1, max=90)
     ] = 20,
+    split_by: Annotated[
+        str, typer.Option("--split-by", help="prompt: hash of each prompt; subject: whole subjects held out.")
+    ] = "prompt",
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a features router (sklearn) and its N-model online learner on the train split; save it."""
@@ -77,12 +81,12 @@ def fit_command(
 
     started = time.perf_counter()
     outcomes = read_outcomes(data)
-    train_all, test_all = split(outcomes, test_percent)
+    train_all, test_all = split(outcomes, test_percent, by=split_by)
     pair = train_all.pair(strong, weak)
     strong_name = strong or _pair_names(outcomes, strong, weak)[0]
     weak_name = weak or _pair_names(outcomes, strong, weak)[1]
     router = fit_router(
-        pair, strong_model=strong_name, weak_model=weak_name, outcomes=train_all, test_percent=test_percent,
+        pair, strong_model=strong_name, weak_model=weak_name, outcomes=train_all, test_percent=test_percent, split_by=split_by,
         source=f"{data} ({len(outcomes)} prompts, {outcomes.excluded_count} excluded)",
     )  # fmt: skip
     path = router.save(out_file)
@@ -156,15 +160,11 @@ def eval_command(
     strong = strong or (router.strong_model if router.strong_model in outcomes.models else None)
     weak = weak or (router.weak_model if router.weak_model in outcomes.models else None)
     strong, weak = _pair_names(outcomes, strong, weak)
-    train, test = (
-        (outcomes.subset(outcomes.correct[:, 0] == outcomes.correct[:, 0]), outcomes)
-        if all_prompts
-        else split(outcomes, int(router.metadata.get("test_percent", 20)))
-    )
-    if all_prompts:
-        train = outcomes.subset(
-            outcomes.correct[:, 0] != outcomes.correct[:, 0]
-        )  # none: the router saw none of these
+    if all_prompts:  # a set the router was not fitted on: every prompt is scored, none calibrates
+        train, test = outcomes.subset(np.zeros(len(outcomes), dtype=bool)), outcomes
+    else:
+        by = str(router.metadata.get("split_by", "prompt"))
+        train, test = split(outcomes, int(router.metadata.get("test_percent", 20)), by=by)
     if len(test) == 0:
         raise ValueError(f"{data}: no prompt to evaluate on")
     price_table = _prices(prices)
@@ -181,7 +181,8 @@ def eval_command(
         report = eval_offline(router, pair, strong_price=price_table[strong], weak_price=price_table[weak],
                               output_tokens=output_tokens)  # fmt: skip
     report |= {"router_version": router.version, "data": str(data), "strong_model": strong, "weak_model": weak,
-               "split": "all prompts" if all_prompts else f"hash test split ({router.metadata.get('test_percent', 20)} %)",
+               "split": "all prompts" if all_prompts else
+               f"{router.metadata.get('split_by', 'prompt')} hash test split ({router.metadata.get('test_percent', 20)} %)",
                "prices_usd_per_million": {strong: price_table[strong], weak: price_table[weak]},
                "output_tokens_per_call": output_tokens}  # fmt: skip
     if as_json:

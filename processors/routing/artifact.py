@@ -246,6 +246,7 @@ def fit_router(
     test_percent: int = DEFAULT_TEST_PERCENT,
     outcomes: ModelOutcomes | None = None,
     quality_epochs: int = 5,
+    split_by: str = "prompt",
 ) -> Router:
     """Fit a router on labelled outcomes (deterministic: the same inputs give the same version).
 
@@ -313,6 +314,7 @@ def fit_router(
         "train": {k_: round(v, 6) for k_, v in summary.items()},
         "source": source,
         "test_percent": test_percent,
+        "split_by": split_by,
         "quality_models": list(outcomes.models),
         "quality_alpha": quality.alpha,
         "quality_eta0": quality.eta0,

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -218,11 +219,22 @@ def is_test_prompt(prompt: str, test_percent: int = DEFAULT_TEST_PERCENT) -> boo
     return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") % 100 < test_percent
 
 
-def split(
-    data: LabelledPrompts, test_percent: int = DEFAULT_TEST_PERCENT
-) -> tuple[LabelledPrompts, LabelledPrompts]:
-    """The fixed (train, test) split of ``data`` by :func:`is_test_prompt`."""
-    test = np.array([is_test_prompt(p, test_percent) for p in data.prompts], dtype=bool)
+def split(data: Any, test_percent: int = DEFAULT_TEST_PERCENT, *, by: str = "prompt") -> tuple[Any, Any]:
+    """The fixed (train, test) split of ``data`` (:class:`LabelledPrompts` or :class:`ModelOutcomes`).
+
+    ``by="prompt"``: each prompt by :func:`is_test_prompt`. ``by="subject"``: whole subjects (MMLU
+    subject, file stem) by the same hash rule applied to the subject name, so no test subject is seen
+    in training (a harder, transfer-like protocol).
+
+    Raises:
+        ValueError: ``by`` is neither ``prompt`` nor ``subject``.
+    """
+    if by == "prompt":
+        test = np.array([is_test_prompt(p, test_percent) for p in data.prompts], dtype=bool)
+    elif by == "subject":
+        test = np.array([is_test_prompt("subject:" + s, test_percent) for s in data.subjects], dtype=bool)
+    else:
+        raise ValueError(f"split by prompt or subject, not {by!r}")
     return data.subset(~test), data.subset(test)
 
 

@@ -134,3 +134,28 @@ def test_ab_report_and_cli(hist_dir: Path) -> None:
     assert json.loads(res.output)["policy"] == "best"
     res = runner.invoke(app, ["simulate", "--policy", "nope", "--data", str(hist)])
     assert res.exit_code == 2 and "neither a file nor a policy" in res.output
+
+
+def test_eval_cli_on_a_responses_csv_offline_online_and_all(tmp_path: Path) -> None:
+    """fit + eval on a RouteLLM-layout responses CSV (hand-written rows): the JSON has the issue's keys."""
+    rows = ["prompt,gpt-4-1106-preview,gpt-4-1106-preview_response,mistralai/Mixtral-8x7B-Instruct-v0.1,"
+            "mistralai/Mixtral-8x7B-Instruct-v0.1_response"]  # fmt: skip
+    for i in range(300):
+        hard = i % 3 == 0
+        prompt = f"Calculate {i} * {i + 7} + {i % 11}." if hard else f"Which of the following is item {i}?"
+        rows.append(f'"{prompt}",{"True" if i % 5 else "False"},"a",{"False" if hard else "True"},"b"')
+    data = tmp_path / "gsm8k_responses.csv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    runner = CliRunner()
+    res = runner.invoke(app, ["fit", "--data", str(data), "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    keys = {"prompts", "apgr", "cpt50", "strong_share_at_95pct", "usd_saved_at_95pct"}
+    for extra in ([], ["--online"], ["--all"]):
+        res = runner.invoke(
+            app, ["eval", "--router", str(tmp_path / "r.npz"), "--data", str(data), "--json", *extra]
+        )
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.output)
+        assert keys <= set(report)
+        assert report["apgr"] > 0.8  # the features see "Calculate": strong wins exactly there
+        assert report["prompts"] == (300 if extra == ["--all"] else report["prompts"])
