@@ -628,9 +628,11 @@ class ModelStats:
     labelled_count: int = 0
     cost_usd: float = 0.0
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    _percentiles: dict[str, float] | None = field(default=None, repr=False, compare=False)
 
     def add(self, outcome: Outcome) -> None:
         """Count one outcome."""
+        self._percentiles = None
         self.outcomes_count += 1
         self.successes_count += bool(outcome.success)
         if outcome.correct is not None:
@@ -645,9 +647,11 @@ class ModelStats:
         """``{"p50", "p95", "p99"}`` latency in ms (linear interpolation, numpy's default); empty without data."""
         if not self.latencies_ms:
             return {}
-        a = np.fromiter(self.latencies_ms, dtype=np.float64)
-        p50, p95, p99 = np.percentile(a, [50, 95, 99])
-        return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+        if self._percentiles is None:  # computed once per change, not once per decision
+            a = np.fromiter(self.latencies_ms, dtype=np.float64)
+            p50, p95, p99 = np.percentile(a, [50, 95, 99])
+            self._percentiles = {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+        return dict(self._percentiles)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (success rate, cost, percentiles)."""

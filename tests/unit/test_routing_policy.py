@@ -216,3 +216,19 @@ def test_responses_csv_reader_and_curve_figures(tmp_path: Path) -> None:
         (tmp_path / "bad.csv").write_text("a,b\n1,2\n", encoding="utf-8")
         read_responses_csv(tmp_path / "bad.csv")
     assert ModelOutcomes.from_pair(pair).models[0] == "gpt-4-1106-preview"
+
+
+def test_model_stats_percentiles_follow_outcomes_and_round_trip_the_table_format() -> None:
+    from processors.routing.policy import ModelStats
+    from processors.routing.policy_app import _stats_from_json, _stats_to_json
+
+    s = ModelStats()
+    assert s.percentiles() == {}
+    for i in range(1, 101):
+        s.add(Outcome(request_id=f"r{i}", model="m", success=i % 10 != 0, correct=i % 2 == 0, latency_ms=float(i),
+                      cost_usd=0.01, occurred_at=T0))  # fmt: skip
+    assert s.percentiles()["p50"] == pytest.approx(50.5) and s.percentiles()["p99"] == pytest.approx(99.01)
+    s.add(Outcome(request_id="x", model="m", success=True, latency_ms=10_000.0, occurred_at=T0))
+    assert s.percentiles()["p99"] > 99.01  # the cache was dropped on the new outcome
+    back = _stats_from_json(_stats_to_json(s))
+    assert back.to_json() == s.to_json() and back.to_json()["success_rate"] == pytest.approx(91 / 101)
