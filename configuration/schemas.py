@@ -24,7 +24,11 @@ __all__ = [
     "AgentRole",
     "HealingThresholds",
     "ProviderLimits",
+    "RoutingABSplit",
+    "RoutingConfig",
+    "RoutingModel",
     "RoutingPolicy",
+    "RoutingPolicyRule",
     "ValueSchemaRegistry",
     "check_key",
     "default_schemas",
@@ -174,6 +178,113 @@ class HealingThresholds(BaseModel):
         return self
 
 
+class RoutingModel(BaseModel):
+    """One model the router may choose (``routing.config`` → ``models.<name>``).
+
+    Attributes:
+        provider: a provider named under ``providers``.
+        capabilities: what it can do (``chat``, ``code``, ``vision``, ``json``...).
+        context_window_tokens: longest prompt + answer in tokens.
+        usd_per_million_input_tokens, usd_per_million_output_tokens: prices in US dollars.
+        expected_output_tokens: answer tokens assumed per call for cost estimates.
+        latency_prior_ms: latency assumed until outcomes are observed.
+        requests_per_minute: the model's rate limit (None: the provider's).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: str
+    capabilities: list[str] = Field(default_factory=lambda: ["chat"])
+    context_window_tokens: int = Field(gt=0)
+    usd_per_million_input_tokens: float = Field(ge=0)
+    usd_per_million_output_tokens: float = Field(ge=0)
+    expected_output_tokens: int = Field(default=256, ge=0)
+    latency_prior_ms: float = Field(default=1000.0, gt=0)
+    requests_per_minute: int | None = Field(default=None, gt=0)
+
+
+class RoutingPolicyRule(BaseModel):
+    """A routing policy (``routing.config`` → ``policies.<name>``); ``models`` are its candidates and the
+    fallback chain is their ranking under ``kind``.
+
+    Attributes:
+        kind: ``cheapest`` (meeting ``quality_target``), ``best_quality`` (within ``budget_usd``),
+            ``lowest_latency`` (under ``latency_target_ms``) or ``learned`` (``cost_weight`` knob).
+        models: candidate model names, each one of ``models``.
+        quality_target: learned P(right) in [0, 1] a ``cheapest`` choice must reach.
+        budget_usd: ceiling of the estimated cost per request in US dollars.
+        latency_target_ms: ceiling of the estimated latency in milliseconds.
+        latency_percentile: observed percentile that estimates latency.
+        cost_weight: 0 = quality only ... 1 = cost only (``learned``).
+        max_fallbacks: models kept after the chosen one in the fallback chain.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["cheapest", "best_quality", "lowest_latency", "learned"]
+    models: list[str] = Field(min_length=1)
+    quality_target: float = Field(default=0.7, ge=0, le=1)
+    budget_usd: float | None = Field(default=None, gt=0)
+    latency_target_ms: float | None = Field(default=None, gt=0)
+    latency_percentile: Literal["p50", "p95", "p99"] = "p95"
+    cost_weight: float = Field(default=0.5, ge=0, le=1)
+    max_fallbacks: int = Field(default=2, ge=0)
+
+
+class RoutingABSplit(BaseModel):
+    """A weighted A/B split between two policies, by a hash of the request id.
+
+    Attributes:
+        policy_a, policy_b: policy names.
+        weight_a: share of requests (0..1) that get ``policy_a``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    policy_a: str
+    policy_b: str
+    weight_a: float = Field(default=0.5, ge=0, le=1)
+
+
+class RoutingConfig(BaseModel):
+    """The router's configuration (the key ``routing.config``): providers, models, policies, A/B split.
+
+    A policy naming a model not in ``models``, a model naming a provider not in ``providers``, or a
+    default policy or A/B arm naming an unknown policy is refused, the message naming the field
+    (``policies.cheap.models.1: unknown model 'gpt-5'``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    providers: dict[str, ProviderLimits] = Field(default_factory=dict)
+    models: dict[str, RoutingModel] = Field(min_length=1)
+    policies: dict[str, RoutingPolicyRule] = Field(min_length=1)
+    default_policy: str
+    ab: RoutingABSplit | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> RoutingConfig:
+        problems = []
+        for name, m in self.models.items():
+            if self.providers and m.provider not in self.providers:
+                problems.append(f"models.{name}.provider: unknown provider {m.provider!r}")
+        for name, p in self.policies.items():
+            for i, m in enumerate(p.models):
+                if m not in self.models:
+                    problems.append(
+                        f"policies.{name}.models.{i}: unknown model {m!r}; known: {', '.join(sorted(self.models))}"
+                    )
+        if self.default_policy not in self.policies:
+            problems.append(f"default_policy: unknown policy {self.default_policy!r}")
+        if self.ab is not None:
+            for f in ("policy_a", "policy_b"):
+                if getattr(self.ab, f) not in self.policies:
+                    problems.append(f"ab.{f}: unknown policy {getattr(self.ab, f)!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class ValueSchemaRegistry:
     """Pydantic models registered for configuration keys or key prefixes.
 
@@ -252,6 +363,7 @@ def default_schemas() -> ValueSchemaRegistry:
     return ValueSchemaRegistry(
         {
             "routing.": RoutingPolicy,
+            "routing.config": RoutingConfig,
             "providers.": ProviderLimits,
             "agents.": AgentRole,
             "healing.": HealingThresholds,
