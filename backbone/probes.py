@@ -9,7 +9,15 @@ from backbone.errors import StackError
 from backbone.processes import redact
 from core.settings import Settings
 
-__all__ = ["check_kafka", "check_postgres", "check_redis", "create_database", "kafka_answers", "postgres_answers", "redis_answers"]
+__all__ = [
+    "check_kafka",
+    "check_postgres",
+    "check_redis",
+    "create_database",
+    "kafka_answers",
+    "postgres_answers",
+    "redis_answers",
+]
 
 
 def kafka_answers(bootstrap: str, timeout_seconds: float = 2.0, **conf: Any) -> bool:

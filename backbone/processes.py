@@ -23,7 +23,20 @@ from core.stack import (
     pid_alive,
 )
 
-__all__ = ["free_port", "log_tail", "package_dir", "pg_ctl_stop", "postgres_bin_dir", "postgres_system_user", "redact", "redis_server_binary", "send_signal", "stop_process", "tcp_open", "wait_gone"]
+__all__ = [
+    "free_port",
+    "log_tail",
+    "package_dir",
+    "pg_ctl_stop",
+    "postgres_bin_dir",
+    "postgres_system_user",
+    "redact",
+    "redis_server_binary",
+    "send_signal",
+    "stop_process",
+    "tcp_open",
+    "wait_gone",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -66,8 +79,6 @@ def log_tail(path: Path) -> str:
             return fh.read().decode(errors="replace")
     except OSError:
         return "(no log)"
-
-
 
 
 def wait_gone(pid: int, proc: subprocess.Popen[bytes] | None, timeout_seconds: float) -> bool:

@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             store.close()
             with psycopg.connect(info.postgres_url, autocommit=True) as conn:
-                conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(database)))
+                conn.execute(
+                    sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(database))
+                )
 
     table = Table(title=f"configuration store ({args.writes:,} writes, {args.reads:,} reads)")
     for c in ("path", "ops/s", "baseline (same run)", "baseline ops/s", "ratio"):
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(name, f"{rate:,.0f}", base_name, f"{base:,.0f}" if base else "",
                       f"{rate / base:.2f}" if base else "")  # fmt: skip
     Console().print(table)
+
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,9 @@ def _observations(data: Path) -> list[Any]:
     return sorted((o for o in obs if o is not None), key=lambda o: (o.event_time, o.entity))
 
 
-def _run(observations: list[Any], config: CorrelationConfig, vectors: dict[str, np.ndarray] | None) -> tuple[list[Any], float]:
+def _run(
+    observations: list[Any], config: CorrelationConfig, vectors: dict[str, np.ndarray] | None
+) -> tuple[list[Any], float]:
     corr = Correlator(config)
     links = []
     start = time.perf_counter()
@@ -146,14 +148,19 @@ def print_figures(r: dict[str, Any]) -> None:
         ("explicit links (reference)", f"{r['explicit_links']:,}"),
         ("  of which within the window", f"{r['explicit_within_window']:,}"),
         (f"embedding links (cosine >= {r['min_cosine']:g})", f"{r['embedding_links']:,}"),
-        ("explicit links also found by embedding", f"{r['explicit_also_by_embedding']:,} of {r['explicit_links']:,}"),
+        (
+            "explicit links also found by embedding",
+            f"{r['explicit_also_by_embedding']:,} of {r['explicit_links']:,}",
+        ),
         ("logic, references only", f"{r['explicit_events_per_second']:,.0f} events/s"),
         ("logic, with embeddings", f"{r['embedding_events_per_second']:,.0f} events+vectors/s"),
         (f"embedding {r['embed_texts']:,} texts ({r['device']}, direct)", f"{r['embed_seconds']:.1f} s"),
     ):
         t.add_row(name, value)
     for threshold, row in r["by_threshold"].items():
-        t.add_row(f"  at cosine >= {threshold:g}", f"{row['links']:,} links, {row['explicit_found']} explicit found")
+        t.add_row(
+            f"  at cosine >= {threshold:g}", f"{row['links']:,} links, {row['explicit_found']} explicit found"
+        )
     Console().print(t)
 
 

@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap, "BACKBONE_POSTGRES__URL": pg_url,
                "BACKBONE_REDIS__URL": info.redis_url, "BACKBONE_API_RATE_PER_SECOND": "1000000",
                "BACKBONE_API_BURST": "1000000", "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir)}  # fmt: skip
-        server = subprocess.Popen([sys.executable, "-c", _SERVE.format(port=port)], env=env, cwd=Path(__file__).parents[1])
+        server = subprocess.Popen(
+            [sys.executable, "-c", _SERVE.format(port=port)], env=env, cwd=Path(__file__).parents[1]
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
@@ -163,9 +165,13 @@ def main(argv: list[str] | None = None) -> None:
         ("SDK EventProducer", 1, n_sdk, sdk_s),
     ]
     print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
-    print(f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}")
+    print(
+        f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}"
+    )
     for name, reqs, evs, secs in rows:
-        print(f"{name:<26}{reqs:>10,}{evs:>9,}{secs:>9.2f}{reqs / secs:>12,.0f}{evs / secs:>11,.0f}{evs / secs / sdk_eps:>8.2f}")
+        print(
+            f"{name:<26}{reqs:>10,}{evs:>9,}{secs:>9.2f}{reqs / secs:>12,.0f}{evs / secs:>11,.0f}{evs / secs / sdk_eps:>8.2f}"
+        )
 
 
 if __name__ == "__main__":

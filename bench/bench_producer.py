@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
         t = time.perf_counter()
         strict.produce_many(topics[2], events)
         rows.append(("EventProducer, full validation", len(events) / (time.perf_counter() - t), "events/s"))
-    print_table(f"producer throughput, {len(events):,} real-shaped agent events", rows, "raw confluent-kafka, pre-encoded")
+    print_table(
+        f"producer throughput, {len(events):,} real-shaped agent events",
+        rows,
+        "raw confluent-kafka, pre-encoded",
+    )
     return rows
 
 

@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the bench and print the table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=1_000_000, help="events to produce (default 1,000,000)")
-    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                    help=f"records per runner transaction (default {DEFAULT_BATCH_SIZE:,}, the runner's)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"records per runner transaction (default {DEFAULT_BATCH_SIZE:,}, the runner's)",
+    )
     ap.add_argument("--small-batch-size", type=int, default=5000,
                     help="records per transaction of the second columnar run (default 5,000)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -125,18 +129,31 @@ def main(argv: list[str] | None = None) -> int:
         f"projections, {n:,} agent events (produce {n / produce_s:,.0f} events/s)",
         [
             ("raw COPY (baseline)", n / copy_s, "rows/s"),
-            (f"runner apply, per-record decode (fastavro), {args.batch_size:,}-record batches", rates["per-record"],
-             "events/s"),
-            (f"runner apply, columnar decode (polars), {args.batch_size:,}-record batches", rates["columnar"],
-             "events/s"),
-            (f"runner apply, columnar decode (polars), {args.small_batch_size:,}-record batches",
-             rates["columnar-small"], "events/s"),
-            (f"runner apply, columnar, {args.batch_size:,}-record batches, collector at {default_gc} (CPython's default)",
-             rates["columnar-default-gc"], "events/s"),
+            (
+                f"runner apply, per-record decode (fastavro), {args.batch_size:,}-record batches",
+                rates["per-record"],
+                "events/s",
+            ),
+            (
+                f"runner apply, columnar decode (polars), {args.batch_size:,}-record batches",
+                rates["columnar"],
+                "events/s",
+            ),
+            (
+                f"runner apply, columnar decode (polars), {args.small_batch_size:,}-record batches",
+                rates["columnar-small"],
+                "events/s",
+            ),
+            (
+                f"runner apply, columnar, {args.batch_size:,}-record batches, collector at {default_gc} (CPython's default)",
+                rates["columnar-default-gc"],
+                "events/s",
+            ),
             ("rebuild (start to swap)", report.events_per_second, "events/s"),
         ],
         baseline="raw COPY (baseline)",
     )
+
     def verdict(rate: float) -> str:
         return f"{'met' if rate >= 50_000 else 'NOT met'} ({rate:,.0f} events/s)"
 

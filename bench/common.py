@@ -26,7 +26,10 @@ def bench_stack() -> Iterator[Settings]:
     from backbone.devstack import DevStack
     from core.settings import get_settings
 
-    with tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp, DevStack(get_settings(), state_dir=Path(tmp)) as info:
+    with (
+        tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp,
+        DevStack(get_settings(), state_dir=Path(tmp)) as info,
+    ):
         yield Settings(
             kafka=KafkaSettings(bootstrap_servers=info.kafka_bootstrap),
             postgres=PostgresSettings(url=info.postgres_url),
@@ -39,7 +42,9 @@ def realistic_events(n: int) -> list[Event]:
     (each copy keeps the real sizes, models, tokens and costs)."""
     from connectors.agent_runs import ParsedRun, iter_runs
 
-    base = [e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events]
+    base = [
+        e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events
+    ]
     out: list[Event] = []
     for copy in itertools.count():
         for e in base:

@@ -172,8 +172,13 @@ class Config:
         prefix: Redis key prefix of the read model.
     """
 
-    def __init__(self, settings: Settings | None = None, *, store: ConfigStore | None = None,
-                 prefix: str = REDIS_PREFIX) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: ConfigStore | None = None,
+        prefix: str = REDIS_PREFIX,
+    ) -> None:
         self.settings = settings or get_settings()
         self.prefix = prefix
         self.redis = redis.Redis.from_url(self.settings.redis.dsn(), socket_timeout=1.0)
@@ -197,7 +202,9 @@ class Config:
         """
         check_key(key)
         try:
-            version, value, change = self.redis.hmget(f"{self.prefix}current:{key}", "version", "value", "change")
+            version, value, change = self.redis.hmget(
+                f"{self.prefix}current:{key}", "version", "value", "change"
+            )
         except redis.RedisError as exc:
             log.warning("config.redis_unavailable", key=key, error=str(exc))
             version = None

@@ -281,7 +281,9 @@ class OutboxRelay:
             )
         except (psycopg.OperationalError, OperationalError, InterfaceError) as exc:
             self._drop_connection()
-            raise ConfigStoreUnavailableError(f"PostgreSQL unavailable while reading the outbox: {exc}") from exc
+            raise ConfigStoreUnavailableError(
+                f"PostgreSQL unavailable while reading the outbox: {exc}"
+            ) from exc
         if not batch:
             self.metrics.lag_events.set(0)
             return 0
@@ -294,7 +296,9 @@ class OutboxRelay:
             self._record_position(last)
         except psycopg.OperationalError as exc:
             self._drop_connection()
-            raise ConfigStoreUnavailableError(f"PostgreSQL unavailable while recording position {last}: {exc}") from exc
+            raise ConfigStoreUnavailableError(
+                f"PostgreSQL unavailable while recording position {last}: {exc}"
+            ) from exc
         self.metrics.published_events.inc(len(batch))
         self._log.info("config_relay.published", count=len(batch), first=batch[0].id, last=last)
         return len(batch)

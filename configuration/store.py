@@ -121,7 +121,9 @@ class ConfigurationApplication(Application[UUID]):
     name = "Configuration"
     snapshotting_intervals: ClassVar[dict[type[Any], int]] = {ConfigurationItem: DEFAULT_SNAPSHOT_INTERVAL}
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL):
+    def __init__(
+        self, env: Mapping[str, str] | None = None, *, snapshot_interval: int = DEFAULT_SNAPSHOT_INTERVAL
+    ):
         if snapshot_interval <= 0:
             raise ValueError(f"snapshot_interval must be > 0, got {snapshot_interval}")
         self.snapshotting_intervals = {ConfigurationItem: snapshot_interval}  # type: ignore[misc]
@@ -470,8 +472,14 @@ class ConfigStore:
                 time.sleep(random.uniform(0, _RETRY_PAUSE_SECONDS * (attempt + 1)))
                 continue
             version = ConfigVersion.of(item)
-            log.info("config.written", key=key, version=version.version, change=version.change,
-                     event_id=version.event_id, causation_id=version.causation_id)
+            log.info(
+                "config.written",
+                key=key,
+                version=version.version,
+                change=version.change,
+                event_id=version.event_id,
+                causation_id=version.causation_id,
+            )
             return version
         raise ConcurrentChangeError(key, current_version, self._current_version(key))
 
@@ -558,7 +566,9 @@ class ConfigStore:
         target = self.get(key, version=to_version, at=to_time)
         if target.change == ChangeKind.RETIRED:
             raise ConfigVersionNotFoundError(
-                key, target.version, f"version {target.version} of {key!r} is a retirement; pick a version with a value"
+                key,
+                target.version,
+                f"version {target.version} of {key!r} is a retirement; pick a version with a value",
             )
         stored, schema_name = self.schemas.validate(key, target.value)
         return self._write(
@@ -591,7 +601,9 @@ class ConfigStore:
         """
         _require_who_and_why(author, reason)
         return self._write(
-            key, expected_version, lambda item: item.retire(author=author, reason=reason, causation_id=causation_id)
+            key,
+            expected_version,
+            lambda item: item.retire(author=author, reason=reason, causation_id=causation_id),
         )
 
 

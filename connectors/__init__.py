@@ -10,5 +10,12 @@ from connectors.lint import *  # noqa: F403
 from connectors.webhooks import *  # noqa: F403
 
 __all__ = sorted(
-    {*agent_runs.__all__, *debezium.__all__, *errors.__all__, *kafka_connect.__all__, *lint.__all__, *webhooks.__all__}
+    {
+        *agent_runs.__all__,
+        *debezium.__all__,
+        *errors.__all__,
+        *kafka_connect.__all__,
+        *lint.__all__,
+        *webhooks.__all__,
+    }
 )

@@ -145,7 +145,7 @@ def slack_event(
         ValueError: ``ts`` is not an ISO 8601 time.
     """
     local = datetime.fromisoformat(ts)
-    occurred_at = (local.replace(tzinfo=UTC) if local.tzinfo is None else local.astimezone(UTC))
+    occurred_at = local.replace(tzinfo=UTC) if local.tzinfo is None else local.astimezone(UTC)
     suffix = "" if duplicate == 1 else f"#{duplicate}"
     entity = f"slack:{workspace}/{channel}/{ts}{suffix}"
     refs = tuple(r for r in extract_github_refs(_unlinked(text), repo) if r != entity)
@@ -266,7 +266,12 @@ def commit_event(*, repo: str, sha: str, commit_time: str, author: str | None, s
         "source_id": sha,
     }
     return Event.create(
-        EXTERNAL_SCHEMA, entity, data, source=GIT_SOURCE, time=occurred_at, id=deterministic_id("git-log", entity)
+        EXTERNAL_SCHEMA,
+        entity,
+        data,
+        source=GIT_SOURCE,
+        time=occurred_at,
+        id=deterministic_id("git-log", entity),
     )
 
 
@@ -299,7 +304,9 @@ def parse_git_commits_tsv(path: Path, repo: str = "racket/racket") -> Iterator[E
         for line, row in enumerate(rows, start=2):
             try:
                 sha, _, commit_time, author, subject = row[:5]
-                yield commit_event(repo=repo, sha=sha, commit_time=commit_time, author=author, subject=subject)
+                yield commit_event(
+                    repo=repo, sha=sha, commit_time=commit_time, author=author, subject=subject
+                )
             except ValueError as exc:  # short rows raise ValueError on unpacking too
                 log.warning("commit_row_skipped", path=str(path), line=line, reason=str(exc))
 

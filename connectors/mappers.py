@@ -65,7 +65,9 @@ def _epoch_seconds(value: Any) -> datetime | None:
         return None
 
 
-def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> ExternalEvent | dict[str, Any]:
+def map_slack_webhook(
+    body: bytes, content_type: str, received_at: datetime
+) -> ExternalEvent | dict[str, Any]:
     """Map a verified Slack request to an :class:`ExternalEvent`.
 
     Handles the Events API (JSON: ``url_verification``, whose answer is returned as a dict, and
@@ -102,7 +104,9 @@ def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> 
             kind=f"slack.{etype}",
             entity=entity,
             actor=str(ev["user"]) if ev.get("user") else None,
-            occurred_at=_epoch_seconds(ev.get("event_ts")) or _epoch_seconds(payload.get("event_time")) or received_at,
+            occurred_at=_epoch_seconds(ev.get("event_ts"))
+            or _epoch_seconds(payload.get("event_time"))
+            or received_at,
             url=None,
             title=None,
             body_excerpt=_excerpt(text),
@@ -120,7 +124,11 @@ def map_slack_webhook(body: bytes, content_type: str, received_at: datetime) -> 
             raise WebhookPayloadError(f"slack interaction payload is not JSON: {exc}") from exc
         if not isinstance(inter, dict):
             raise WebhookPayloadError("slack interaction payload is not a JSON object")
-        team = (inter.get("team") or {}).get("id", "unknown") if isinstance(inter.get("team"), dict) else "unknown"
+        team = (
+            (inter.get("team") or {}).get("id", "unknown")
+            if isinstance(inter.get("team"), dict)
+            else "unknown"
+        )
         user = inter.get("user") if isinstance(inter.get("user"), dict) else {}
         return ExternalEvent(
             platform="slack", kind=f"slack.interaction.{inter.get('type', 'unknown')}", entity=f"slack:{team}",

@@ -186,7 +186,9 @@ class InferencePool:
         new = []
         for _ in range(n):
             worker_id = f"{self.settings.model}-{uuid.uuid4().hex[:6]}"
-            handle = self._actor_class.remote(self.kafka, self.settings, worker_id, self.crash_point, self.registry)
+            handle = self._actor_class.remote(
+                self.kafka, self.settings, worker_id, self.crash_point, self.registry
+            )
             self._slots.append(_Slot(worker_id, handle))
             new.append(handle)
         if wait and new:
@@ -233,7 +235,9 @@ class InferencePool:
             room = self.placeable()
             if room < delta:
                 if self._capped != (n, self.size, room):  # once per situation, not every scaling tick
-                    log.warning("scale_capped", model=self.settings.model, wanted=n, size=self.size, placeable=room)
+                    log.warning(
+                        "scale_capped", model=self.settings.model, wanted=n, size=self.size, placeable=room
+                    )
                 self._capped = (n, self.size, room)
                 delta = room
             if delta <= 0:

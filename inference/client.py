@@ -46,7 +46,9 @@ def ensure_inference_topics(
     """
     names = [settings.requests_topic, settings.results_topic]
     created = create_missing_topics(
-        admin, [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in names], timeout_seconds=timeout_seconds
+        admin,
+        [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in names],
+        timeout_seconds=timeout_seconds,
     )
     deadline = time.monotonic() + timeout_seconds
     for name in created:

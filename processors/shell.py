@@ -152,7 +152,10 @@ class SeekingConsumer(faust_aiokafka.Consumer):
                       and not self._is_changelog_tp(tp)]  # fmt: skip
             if rewind:
                 await self._thread.seek_to_beginning(*rewind)
-                log.debug("faust_seek_uncommitted_to_start", partitions=sorted((tp.topic, tp.partition) for tp in rewind))
+                log.debug(
+                    "faust_seek_uncommitted_to_start",
+                    partitions=sorted((tp.topic, tp.partition) for tp in rewind),
+                )
         return committed
 
 
@@ -287,7 +290,11 @@ class FaustDeadLetters:
 
 
 def stop_when_idle(
-    app: faust.App, seconds: float, last_record: Callable[[], float | None], records: Callable[[], int], event: str
+    app: faust.App,
+    seconds: float,
+    last_record: Callable[[], float | None],
+    records: Callable[[], int],
+    event: str,
 ) -> None:
     """Stop the worker (SIGTERM to this process: its clean shutdown path) once no record arrived for
     ``seconds``, counted from when timers start (after table recovery) at the earliest.
@@ -461,8 +468,13 @@ def run_processor_worker(
         health=lambda: {"ok": True, "processor": processor, **dataclasses.asdict(stats)},
         ready=lambda: _readiness(app, started),
     )
-    log.info(f"{processor.replace('-', '_')}_metrics", url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics")
-    worker = faust.Worker(app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False)
+    log.info(
+        f"{processor.replace('-', '_')}_metrics",
+        url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics",
+    )
+    worker = faust.Worker(
+        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -157,7 +157,9 @@ class AgentRunsProjection:
             d = e.data
             run_id = d.get("run_id")
             if not run_id or (e.key is not None and e.key != run_id):
-                raise ProjectionApplyError(f"event {e.attributes.id}: run_id {run_id!r} does not match key {e.key!r}")
+                raise ProjectionApplyError(
+                    f"event {e.attributes.id}: run_id {run_id!r} does not match key {e.key!r}"
+                )
             r = runs.get(run_id)
             if r is None:
                 r = runs[run_id] = dict.fromkeys(_RUN_COLS)
@@ -283,15 +285,19 @@ class AgentRunsProjection:
                 cond = c.is_not_null() & (c != "") if col != "reported_cost_usd" else c.is_not_null()
                 return c.filter(cond if when is None else cond & when).last().alias(col)
 
-            per_run = life.sort("_pos").group_by("run_id", maintain_order=True).agg(
-                last_set("agent"),
-                last_set("task"),
-                pl.col("event_time").filter(~finished).min().alias("started_at"),
-                pl.col("event_time").filter(finished).max().alias("finished_at"),
-                last_set("outcome", finished),
-                last_set("exit_status", finished),
-                last_set("reported_cost_usd", finished),
-                pl.col("event_time").max().alias("last"),
+            per_run = (
+                life.sort("_pos")
+                .group_by("run_id", maintain_order=True)
+                .agg(
+                    last_set("agent"),
+                    last_set("task"),
+                    pl.col("event_time").filter(~finished).min().alias("started_at"),
+                    pl.col("event_time").filter(finished).max().alias("finished_at"),
+                    last_set("outcome", finished),
+                    last_set("exit_status", finished),
+                    last_set("reported_cost_usd", finished),
+                    pl.col("event_time").max().alias("last"),
+                )
             )
             for d in per_run.iter_rows(named=True):
                 r = run(d["run_id"])

@@ -106,7 +106,9 @@ def entity_candidates(entity: str) -> tuple[list[str], list[str]]:
     if sep and kind in _KINDS:
         if not value:
             raise ValueError(f"{entity!r}: the {kind} is missing after the colon")
-        sources = [f"/agents/{value}"] if kind == "agent" else [f"/services/{value}"] if kind == "service" else []
+        sources = (
+            [f"/agents/{value}"] if kind == "agent" else [f"/services/{value}"] if kind == "service" else []
+        )
         return [entity, value], sources
     return [entity], []
 
@@ -157,7 +159,9 @@ def audit_trail(
     rows: dict[tuple[str, int, int], tuple[Any, ...]] = {}
 
     def fetch(where: str, params: list[Any]) -> list[tuple[Any, ...]]:
-        got = conn.execute(base + "(" + where + ")" + bounds + " LIMIT %s", [*params, *bparams, limit]).fetchall()
+        got = conn.execute(
+            base + "(" + where + ")" + bounds + " LIMIT %s", [*params, *bparams, limit]
+        ).fetchall()
         new = [r for r in got if (r[7], r[8], r[9]) not in rows]
         for r in new:
             rows[(r[7], r[8], r[9])] = r

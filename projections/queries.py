@@ -15,7 +15,9 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: float(v) if isinstance(v, Decimal) else v for k, v in row.items()}
 
 
-def agent_runs(conn: psycopg.Connection, *, limit: int = 1000, outcome: str | None = None) -> list[dict[str, Any]]:
+def agent_runs(
+    conn: psycopg.Connection, *, limit: int = 1000, outcome: str | None = None
+) -> list[dict[str, Any]]:
     """Rows of ``agent_runs`` ordered by start time (``cost_usd`` as float USD)."""
     sql = "SELECT * FROM proj_agent_runs.agent_runs"
     params: list[Any] = []
@@ -31,7 +33,12 @@ def agent_runs(conn: psycopg.Connection, *, limit: int = 1000, outcome: str | No
 def model_usage(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Rows of the ``agent_model_usage`` view, most expensive model first."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return [_plain(r) for r in cur.execute("SELECT * FROM proj_agent_runs.agent_model_usage ORDER BY cost_usd DESC").fetchall()]
+        return [
+            _plain(r)
+            for r in cur.execute(
+                "SELECT * FROM proj_agent_runs.agent_model_usage ORDER BY cost_usd DESC"
+            ).fetchall()
+        ]
 
 
 def totals(conn: psycopg.Connection) -> dict[str, Any]:

@@ -100,9 +100,11 @@ class RunReadModel:
         self.stale = stale
 
     def _load_stale(self) -> bool:
-        row = self._pg().execute(
-            f"SELECT stale FROM {self.schema}.read_model_state WHERE read_model = %s", (self.name,)
-        ).fetchone()
+        row = (
+            self._pg()
+            .execute(f"SELECT stale FROM {self.schema}.read_model_state WHERE read_model = %s", (self.name,))
+            .fetchone()
+        )
         # never written: Redis may hold nothing yet, so fill it once
         return True if row is None else bool(row[0])
 

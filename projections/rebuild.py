@@ -248,9 +248,9 @@ def rebuild(
     runner.setup()
     from_archive = 0
     with bar.bar, psycopg.connect(dsn) as aconn:
-        has_archive = (
-            aconn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{archive_schema}.{ARCHIVE_TABLE}",)).fetchone()[0]
-        )
+        has_archive = aconn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f"{archive_schema}.{ARCHIVE_TABLE}",)
+        ).fetchone()[0]
         for tp in tps:
             if not has_archive or lows.get(tp, 0) <= 0:
                 continue
@@ -269,7 +269,9 @@ def rebuild(
             aconn.rollback()
         runner.run(until_caught_up=True, max_wait_seconds=max_wait_seconds, assign_all=True)
         runner.create_seen_index()  # built once, after the replay (the replay de-duplicated in memory)
-        checksums = _swap(settings, runner, name, live, fresh, verify=verify, deadline=started + max_wait_seconds)
+        checksums = _swap(
+            settings, runner, name, live, fresh, verify=verify, deadline=started + max_wait_seconds
+        )
     seconds = time.perf_counter() - started
     events = sum(runner.stats.positions.values())  # records covered, archive and log
     report = RebuildReport(
@@ -281,7 +283,14 @@ def rebuild(
 
 
 def _swap(
-    settings: Settings, runner: ProjectionRunner, name: str, live: str, fresh: str, *, verify: bool, deadline: float
+    settings: Settings,
+    runner: ProjectionRunner,
+    name: str,
+    live: str,
+    fresh: str,
+    *,
+    verify: bool,
+    deadline: float,
 ) -> dict[str, tuple[int, str]]:
     """Swap the rebuilt schema in (after verifying it, if asked); return the checksums compared."""
     while True:
@@ -297,8 +306,12 @@ def _swap(
                         behind = any(new_cp.get(tp, 0) < o for tp, o in live_cp.items())
                         state = "behind" if behind else "ahead"
                         if time.perf_counter() > deadline:
-                            raise TimeoutError(f"rebuild of {name} and the live projection never met ({state})")
-                        log.info("rebuild and live projection at different offsets", projection=name, rebuild=state)
+                            raise TimeoutError(
+                                f"rebuild of {name} and the live projection never met ({state})"
+                            )
+                        log.info(
+                            "rebuild and live projection at different offsets", projection=name, rebuild=state
+                        )
                         pending = "catch_up" if behind else "wait_live"
                     else:
                         pending = None
@@ -328,7 +341,11 @@ def _swap(
                     log.info("rebuilt projection swapped in", projection=name)
                     return checksums
         if pending == "catch_up":
-            runner.run(until_caught_up=True, max_wait_seconds=max(1.0, deadline - time.perf_counter()), assign_all=True)
+            runner.run(
+                until_caught_up=True,
+                max_wait_seconds=max(1.0, deadline - time.perf_counter()),
+                assign_all=True,
+            )
             runner.create_seen_index()
         else:
             time.sleep(0.5)

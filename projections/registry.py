@@ -208,7 +208,9 @@ def projection_status(
     """
     projection = projection or get_projection(name)
     schema = schema_name(name)
-    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.projection_checkpoints",)).fetchone()[0]
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.projection_checkpoints",)
+    ).fetchone()[0]
     cps: dict[tuple[str, int], tuple[int, datetime]] = {}
     stored_version = None
     if exists:

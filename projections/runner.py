@@ -59,7 +59,14 @@ from streams.consumer import (
 from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
-__all__ = ["BOOKKEEPING_DDL", "DEFAULT_BATCH_SIZE", "ProjectionRunner", "RunnerStats", "run_projections", "schema_name"]
+__all__ = [
+    "BOOKKEEPING_DDL",
+    "DEFAULT_BATCH_SIZE",
+    "ProjectionRunner",
+    "RunnerStats",
+    "run_projections",
+    "schema_name",
+]
 
 #: Most records per transaction unless told otherwise (runner, rebuild, both CLIs). 20,000 rather than
 #: 5,000: the runner is bound to one core by the GIL, and a larger batch spreads the per-batch polars
@@ -71,7 +78,12 @@ DEFAULT_BATCH_SIZE = 20_000
 log = structlog.get_logger(__name__)
 
 # method descriptors: map() calls them per message without a Python frame
-_msg_error, _msg_topic, _msg_partition, _msg_offset = Message.error, Message.topic, Message.partition, Message.offset
+_msg_error, _msg_topic, _msg_partition, _msg_offset = (
+    Message.error,
+    Message.topic,
+    Message.partition,
+    Message.offset,
+)
 
 _LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.projection_seen'), hashtext(%s))"
 _CHECKPOINTS_FOR_UPDATE_SQL = (
@@ -103,17 +115,27 @@ _applied = Counter(
     "backbone_projection_events_applied", "Events applied to a view", ["projection"], registry=REGISTRY
 )
 _duplicates = Counter(
-    "backbone_projection_events_duplicate", "Events skipped as already applied", ["projection"], registry=REGISTRY
+    "backbone_projection_events_duplicate",
+    "Events skipped as already applied",
+    ["projection"],
+    registry=REGISTRY,
 )
 _dead = Counter(
-    "backbone_projection_events_dead_lettered", "Records sent to the dead-letter topic", ["projection"],
+    "backbone_projection_events_dead_lettered",
+    "Records sent to the dead-letter topic",
+    ["projection"],
     registry=REGISTRY,
 )
 _batch_seconds = Histogram(
-    "backbone_projection_batch_seconds", "Time to apply and commit one batch", ["projection"], registry=REGISTRY
+    "backbone_projection_batch_seconds",
+    "Time to apply and commit one batch",
+    ["projection"],
+    registry=REGISTRY,
 )
 _lag = Gauge(
-    "backbone_projection_lag_events", "Events behind the end of the log (last seen)", ["projection"],
+    "backbone_projection_lag_events",
+    "Events behind the end of the log (last seen)",
+    ["projection"],
     registry=REGISTRY,
 )
 
@@ -331,7 +353,9 @@ class ProjectionRunner:
         """Create the hash index of ``projection_seen`` (after a run with ``seen_in_memory``)."""
         conn = self._connect()
         with conn.transaction():
-            conn.execute("CREATE INDEX IF NOT EXISTS projection_seen_event_id ON projection_seen USING hash (event_id)")
+            conn.execute(
+                "CREATE INDEX IF NOT EXISTS projection_seen_event_id ON projection_seen USING hash (event_id)"
+            )
 
     def checkpoints(self) -> dict[tuple[str, int], int]:
         """The stored ``(topic, partition) -> next offset`` of this projection."""
@@ -382,7 +406,9 @@ class ProjectionRunner:
     def _db_backoff(self, exc: Exception) -> None:
         self.stats.db_retries += 1
         delay = min(5.0, 0.2 * 2 ** min(self.stats.db_retries, 5))
-        log.warning("postgres unavailable, retrying", projection=self.projection.name, error=str(exc), delay=delay)
+        log.warning(
+            "postgres unavailable, retrying", projection=self.projection.name, error=str(exc), delay=delay
+        )
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -404,7 +430,9 @@ class ProjectionRunner:
         dedupe = bool(events) and getattr(self.projection, "dedupe_by_id", True)
         with conn.transaction():
             with conn.cursor() as cur, conn.cursor() as look:
-                positions = self._open_batch(cur, look, [e.attributes.id for e in events] if dedupe else [], first)
+                positions = self._open_batch(
+                    cur, look, [e.attributes.id for e in events] if dedupe else [], first
+                )
                 keep_failures = getattr(self.projection, "apply_failures", None)
                 if keep_failures is not None and failures:
                     keep_failures(cur, failures)
@@ -412,7 +440,9 @@ class ProjectionRunner:
                 else:
                     for f in failures:
                         self.dlq.publish_failure(f)
-                fresh = events if not dedupe or len(positions) == len(events) else [events[i] for i in positions]
+                fresh = (
+                    events if not dedupe or len(positions) == len(events) else [events[i] for i in positions]
+                )
                 if fresh:
                     try:
                         with conn.transaction():
@@ -446,7 +476,9 @@ class ProjectionRunner:
             return [e for e in fresh if id(e) not in ids]
         return fresh
 
-    def _open_batch(self, cur: psycopg.Cursor, look: psycopg.Cursor, ids: list[str], first: dict) -> list[int]:
+    def _open_batch(
+        self, cur: psycopg.Cursor, look: psycopg.Cursor, ids: list[str], first: dict
+    ) -> list[int]:
         """The start of every batch's transaction, in one round trip: take the projection's advisory
         lock, lock its checkpoints (:class:`_Fenced` if one is not where the batch starts), and look
         up which of ``ids`` ``projection_seen`` already holds; then record the new ones.
@@ -481,7 +513,8 @@ class ProjectionRunner:
         if new:
             ids_sql, ids_param = _ids_param(new)
             cur.execute(
-                f"INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest({ids_sql})", (name, ids_param)
+                f"INSERT INTO projection_seen (projection, event_id) SELECT %s, unnest({ids_sql})",
+                (name, ids_param),
             )
         if self.seen_in_memory:
             self._pending_seen = new
@@ -506,7 +539,12 @@ class ProjectionRunner:
             "SELECT %s, * FROM unnest(%s::text[], %s::int[], %s::bigint[]) "
             "ON CONFLICT (projection, topic, partition) DO UPDATE "
             "SET next_offset = excluded.next_offset, updated_at = now()",
-            (self.projection.name, [t for t, _ in last], [p for _, p in last], [o + 1 for o in last.values()]),
+            (
+                self.projection.name,
+                [t for t, _ in last],
+                [p for _, p in last],
+                [o + 1 for o in last.values()],
+            ),
         )
 
     def _apply_columnar(self, batch: ColumnarBatch, first: dict, last: dict) -> ColumnarBatch | None:
@@ -533,7 +571,9 @@ class ProjectionRunner:
                     self.projection.apply_columns(cur, fresh)  # type: ignore[attr-defined]
                 self._checkpoint(cur, last)
         except ProjectionApplyError as exc:
-            log.info("batch refused column-wise, redoing it record by record", projection=name, reason=str(exc))
+            log.info(
+                "batch refused column-wise, redoing it record by record", projection=name, reason=str(exc)
+            )
             return None
         self._seen_committed()
         self.stats.applied += len(fresh)
@@ -620,7 +660,9 @@ class ProjectionRunner:
                     self._at_end.add((m.topic(), m.partition()))
                     continue
                 if err.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
-                    log.warning("topic not on the broker (yet)", projection=self.projection.name, error=err.str())
+                    log.warning(
+                        "topic not on the broker (yet)", projection=self.projection.name, error=err.str()
+                    )
                     continue
                 raise KafkaException(err)
             tp = (m.topic(), m.partition())
@@ -726,7 +768,9 @@ class ProjectionRunner:
         self.stats.batches += 1
         self.stats.positions.update({k: v + 1 for k, v in p.last.items()})
         if consumer is not None:
-            consumer.commit(offsets=[TopicPartition(t, q, o + 1) for (t, q), o in p.last.items()], asynchronous=True)
+            consumer.commit(
+                offsets=[TopicPartition(t, q, o + 1) for (t, q), o in p.last.items()], asynchronous=True
+            )
         self._notify(applied)
         if self.on_batch is not None:
             self.on_batch(self.stats)
@@ -742,7 +786,11 @@ class ProjectionRunner:
         )
 
     def run(
-        self, *, until_caught_up: bool = False, max_wait_seconds: float | None = None, assign_all: bool = False
+        self,
+        *,
+        until_caught_up: bool = False,
+        max_wait_seconds: float | None = None,
+        assign_all: bool = False,
     ) -> RunnerStats:
         """Run until stopped (``stop_event``), or until caught up when ``until_caught_up``.
 
@@ -778,7 +826,9 @@ class ProjectionRunner:
             ]
             self._on_assign(consumer, tps)
         else:
-            consumer.subscribe(list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+            consumer.subscribe(
+                list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
         deadline = time.monotonic() + max_wait_seconds if max_wait_seconds else None
         try:
             while not self.stop_event.is_set():
@@ -791,7 +841,9 @@ class ProjectionRunner:
                 if until_caught_up and self.caught_up():
                     break
                 if deadline and time.monotonic() > deadline:
-                    raise TimeoutError(f"projection {self.projection.name} not caught up in {max_wait_seconds}s")
+                    raise TimeoutError(
+                        f"projection {self.projection.name} not caught up in {max_wait_seconds}s"
+                    )
         finally:
             try:
                 self._drain()
@@ -813,14 +865,18 @@ class ProjectionRunner:
         self.stop_event.set()
 
 
-def run_projections(runners: Sequence[ProjectionRunner], *, until_caught_up: bool = False) -> list[RunnerStats]:
+def run_projections(
+    runners: Sequence[ProjectionRunner], *, until_caught_up: bool = False
+) -> list[RunnerStats]:
     """Run several runners in threads of one process; return their stats when all have returned."""
     results: list[RunnerStats | None] = [None] * len(runners)
 
     def target(i: int) -> None:
         results[i] = runners[i].run(until_caught_up=until_caught_up)
 
-    threads = [threading.Thread(target=target, args=(i,), name=r.projection.name) for i, r in enumerate(runners)]
+    threads = [
+        threading.Thread(target=target, args=(i,), name=r.projection.name) for i, r in enumerate(runners)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -25,7 +25,6 @@ __all__ = ["AckingProducer", "TopicDirectory"]
 _log = structlog.get_logger(__name__)
 
 
-
 class AckingProducer:
     """A Kafka producer whose callers await the acknowledgement of their own records.
 

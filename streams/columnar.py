@@ -175,7 +175,10 @@ class _Checked:
 
 
 def _check(
-    cache: _Headers, msgs: Sequence[Any], topics: list[str] | None, partitions: list[int] | None,
+    cache: _Headers,
+    msgs: Sequence[Any],
+    topics: list[str] | None,
+    partitions: list[int] | None,
     offsets: list[int] | None,
 ) -> _Checked | None:
     """The record checks as C-level passes over the whole batch (``map`` with method descriptors

@@ -108,10 +108,16 @@ def _check(r: Any, w: Any, rn: dict, wn: dict, path: str, out: list[str], seen: 
             sub_results.append(trial)
         out.append(f"{path}: writer type {wk} matches no branch of the reader's union")
         return
-    if rk in _PROMOTIONS or wk in _PROMOTIONS or rk in ("null", "boolean", "double") or wk in (
-        "null",
-        "boolean",
-        "double",
+    if (
+        rk in _PROMOTIONS
+        or wk in _PROMOTIONS
+        or rk in ("null", "boolean", "double")
+        or wk
+        in (
+            "null",
+            "boolean",
+            "double",
+        )
     ):
         if rk != wk and rk not in _PROMOTIONS.get(wk, set()):
             out.append(f"{path}: writer type {wk} cannot be read as {rk}")

@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConsumedEvent:
     """A decoded record with where it was read.
@@ -185,7 +184,9 @@ class DeadLetterPublisher:
         }
         body = self.producer.serde.encode("sophia.dlq.DeadLetter", record)
         attrs = CloudEvent(
-            id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"dlq/{self.processor}/{source_topic}/{partition}/{offset}")),
+            id=str(
+                uuid.uuid5(uuid.NAMESPACE_URL, f"dlq/{self.processor}/{source_topic}/{partition}/{offset}")
+            ),
             source=f"/processors/{self.processor}",
             type="sophia.dlq.DeadLetter",
             time=now,
@@ -207,8 +208,6 @@ class DeadLetterPublisher:
             reason=failure.reason,
             error_type=failure.error_type,
         )
-
-
 
 
 StartAt = Literal["beginning", "latest", "committed"] | datetime

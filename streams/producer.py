@@ -86,7 +86,9 @@ class EventProducer:
             TypeError: the producer was made without a serde (raw bytes only).
         """
         if self.serde is None:
-            raise TypeError("this producer sends pre-encoded bytes only (made without a serde): use produce_raw")
+            raise TypeError(
+                "this producer sends pre-encoded bytes only (made without a serde): use produce_raw"
+            )
         value = self.serde.encode(event.schema, event.data)
         self.produce_raw(
             topic,
@@ -113,7 +115,12 @@ class EventProducer:
         """
         if self._fatal is not None:
             raise DeliveryError([(topic, key, f"fatal producer error: {self._fatal}")])
-        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers, "on_delivery": self._on_delivery}
+        kwargs: dict[str, Any] = {
+            "key": key,
+            "value": value,
+            "headers": headers,
+            "on_delivery": self._on_delivery,
+        }
         if timestamp_ms:
             kwargs["timestamp"] = timestamp_ms
         if partition is not None:

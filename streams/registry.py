@@ -218,7 +218,11 @@ class _Unreachable:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-        if exc is None or isinstance(exc, (SchemaError, SchemaRegistryError)) or not isinstance(exc, Exception):
+        if (
+            exc is None
+            or isinstance(exc, (SchemaError, SchemaRegistryError))
+            or not isinstance(exc, Exception)
+        ):
             return False
         raise SchemaError(f"schema registry at {self.url} is unreachable: {exc}") from exc
 
@@ -265,7 +269,9 @@ class HttpRegistry:
                     raise
                 ok = True
             if not ok:
-                raise SchemaIncompatibleError(subject, [f"registry refused the change ({self.compatibility})"])
+                raise SchemaIncompatibleError(
+                    subject, [f"registry refused the change ({self.compatibility})"]
+                )
             with _Unreachable(self.url):
                 sid = self._client.register_schema(subject, s)
         except SchemaRegistryError as exc:

@@ -87,7 +87,9 @@ def read_range(
             if not msgs:
                 idle += 0.1
                 if idle >= idle_timeout_seconds:
-                    raise TimeoutError(f"{topic}{sorted(open_partitions)}: no record and no end in {idle:.0f}s")
+                    raise TimeoutError(
+                        f"{topic}{sorted(open_partitions)}: no record and no end in {idle:.0f}s"
+                    )
                 continue
             idle = 0.0
             for m in msgs:

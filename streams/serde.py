@@ -215,6 +215,8 @@ def serde_from_settings(settings: Settings | SchemaRegistrySettings) -> AvroSerd
     if serde is None:
         auth = registry_settings.basic_auth_user_info
         extra = {"basic_auth_user_info": auth.get_secret_value()} if registry_settings.url and auth else {}
-        registry = make_registry(registry_settings.url, compatibility=registry_settings.compatibility, **extra)
+        registry = make_registry(
+            registry_settings.url, compatibility=registry_settings.compatibility, **extra
+        )
         serde = _SERDES[registry_settings] = AvroSerde(registry)
     return serde

@@ -33,7 +33,6 @@ def start_postgres(pgdata: Path, port: int) -> subprocess.Popen:
         time.sleep(0.1)
 
 
-
 def start_tansu(port: int) -> subprocess.Popen:
     """Start a Tansu broker (memory storage) on 127.0.0.1:``port``; wait until it accepts connections."""
     import socket

@@ -35,6 +35,7 @@ def _setup() -> None:
 def mount(root: typer.Typer) -> None:
     """Add every command and group of the CLI package to ``root`` (each module holds one group)."""
     from backbone.cli import (
+        anomalies,
         api,
         cdc,
         chat_code,
@@ -43,10 +44,13 @@ def mount(root: typer.Typer) -> None:
         core,
         demo,
         dev,
+        healing,
+        incidents,
         inference,
         processors,
         projections,
         routing,
+        routing_policy,
     )
 
     root.add_typer(dev.app, name="dev", help="The embedded dev stack: Tansu, PostgreSQL, Redis.")
@@ -68,7 +72,9 @@ def mount(root: typer.Typer) -> None:
     cdc_app.command("run")(cdc.run_cdc)
     root.add_typer(cdc_app, name="cdc")
 
-    root.add_typer(processors.cli, name="processors", help="The Faust processors: run summary, correlation, routing.")
+    root.add_typer(
+        processors.cli, name="processors", help="The Faust processors: run summary, correlation, routing."
+    )
     root.add_typer(routing.app, name="routing", help="Model routing: fit, evaluate, request.")
     root.add_typer(projections.app, name="projections")
     root.command("audit")(projections.audit)
@@ -76,6 +82,30 @@ def mount(root: typer.Typer) -> None:
     root.add_typer(config.app, name="config", help="Configuration as event-sourced aggregates.")
     root.add_typer(api.app, name="api", help="The HTTP API: serve it, manage its tokens.")
     root.add_typer(inference.app, name="inference", help="Inference on Ray: embedding actors.")
+
+    # healing, incidents and anomalies, routing policies
+    root.add_typer(healing.app, name="healing", help="Healing: circuits, warnings, escalations.")
+    processors.cli.command("heal")(healing.processors_heal)
+    processors.cli.command("incidents")(incidents.run_incidents)
+    processors.cli.command("anomalies")(anomalies.run_anomalies)
+    core.import_app.command("nezha")(incidents.import_nezha)
+    core.import_app.command("nab")(anomalies.import_nab)
+    core.import_app.command("github-events")(anomalies.import_github_events)
+    core.query_app.command("incidents")(incidents.query_incidents)
+    eval_app = typer.Typer(
+        help="Scores on real labelled data, one table per capability (--json).", no_args_is_help=True
+    )
+    eval_app.command("healing")(healing.eval_healing)
+    eval_app.command("outage")(healing.eval_outage)
+    eval_app.command("incidents")(incidents.eval_incidents)
+    eval_app.command("anomalies")(anomalies.eval_anomalies)
+    eval_app.command("links")(anomalies.eval_links)
+    root.add_typer(eval_app, name="eval")
+    routing.app.command("fit-learner")(routing_policy.fit_command)
+    routing.app.command("eval-learner")(routing_policy.eval_command)
+    routing.app.command("simulate")(routing_policy.simulate_command)
+    routing.app.command("ab")(routing_policy.ab_command)
+    routing.app.command("policy-worker")(routing_policy.policy_worker_command)
 
 
 _mounted = False

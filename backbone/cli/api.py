@@ -24,7 +24,6 @@ token_app = typer.Typer(help="API tokens with scopes (stored hashed).", no_args_
 app.add_typer(token_app, name="token")
 
 
-
 def _fail(message: str) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     return typer.Exit(2)
@@ -35,7 +34,9 @@ def api(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Interface to bind.", envvar="BACKBONE_API_HOST")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port.", envvar="BACKBONE_API_PORT")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.", envvar="BACKBONE_API_LOG_LEVEL")] = "info",
+    log_level: Annotated[
+        str, typer.Option(help="uvicorn log level.", envvar="BACKBONE_API_LOG_LEVEL")
+    ] = "info",
 ) -> None:
     """Serve the API with uvicorn (OpenAPI at /openapi.json, docs at /docs) until interrupted."""
     if ctx.invoked_subcommand is not None:
@@ -82,9 +83,13 @@ def token_create(
     name: Annotated[str, typer.Option(help="Who or what uses the token.")] = "default",
     scope: Annotated[
         list[str],
-        typer.Option("--scope", help="produce:<topic>, subscribe:<topic>, replay, admin; * wildcards. Repeatable."),
+        typer.Option(
+            "--scope", help="produce:<topic>, subscribe:<topic>, replay, admin; * wildcards. Repeatable."
+        ),
     ] = [],  # noqa: B006 - typer reads the default
-    rate_per_second: Annotated[float | None, typer.Option(help="This token's rate limit (requests/s).")] = None,
+    rate_per_second: Annotated[
+        float | None, typer.Option(help="This token's rate limit (requests/s).")
+    ] = None,
     burst: Annotated[int | None, typer.Option(help="This token's burst (requests).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -123,7 +128,9 @@ def token_list(
     for c in ("token_id", "name", "scopes", "created_at", "revoked_at"):
         table.add_column(c)
     for r in rows:
-        table.add_row(r["token_id"], r["name"], ", ".join(r["scopes"]), r["created_at"], r["revoked_at"] or "")
+        table.add_row(
+            r["token_id"], r["name"], ", ".join(r["scopes"]), r["created_at"], r["revoked_at"] or ""
+        )
     out.print(table)
 
 

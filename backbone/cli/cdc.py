@@ -1,4 +1,4 @@
-"""The CDC commands, mounted by :mod:`backbone.cli_core`: ``backbone import debezium FILE``,
+"""The CDC commands, mounted by :mod:`backbone.cli`: ``backbone import debezium FILE``,
 ``backbone query cdc [SCHEMA.TABLE]`` and the process that keeps the CDC view current,
 ``run_cdc`` (suggested: ``backbone cdc run``).
 

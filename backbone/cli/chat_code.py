@@ -1,4 +1,4 @@
-"""``backbone import slack FILE`` and ``backbone import commits FILE`` (mounted by :mod:`backbone.cli_core`).
+"""``backbone import slack FILE`` and ``backbone import commits FILE`` (mounted by :mod:`backbone.cli`).
 
 Both parse with :mod:`connectors.chat_code` and produce ``sophia.external.ExternalEvent`` records with
 deterministic ids to ``external.events`` (importing twice adds duplicates that consumers skip).

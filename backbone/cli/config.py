@@ -29,22 +29,31 @@ from streams.envelope import parse_time
 
 __all__ = ["app"]
 
-app = typer.Typer(help="Configuration as event-sourced aggregates: versions, time travel, rollback.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Configuration as event-sourced aggregates: versions, time travel, rollback.", no_args_is_help=True
+)
 _out = Console()
 _err = Console(stderr=True)
 
-Author = Annotated[str, typer.Option("--author", envvar="BACKBONE_CONFIG_AUTHOR", help="Who makes the change.")]
+Author = Annotated[
+    str, typer.Option("--author", envvar="BACKBONE_CONFIG_AUTHOR", help="Who makes the change.")
+]
 Reason = Annotated[str, typer.Option("--reason", envvar="BACKBONE_CONFIG_REASON", help="Why.")]
 Causation = Annotated[
     str | None,
-    typer.Option("--causation-id", envvar="BACKBONE_CONFIG_CAUSATION_ID",
-                 help="Id of the command or decision event that asked for the change."),
+    typer.Option(
+        "--causation-id",
+        envvar="BACKBONE_CONFIG_CAUSATION_ID",
+        help="Id of the command or decision event that asked for the change.",
+    ),
 ]
 Expected = Annotated[
     int | None,
-    typer.Option("--expected-version", envvar="BACKBONE_CONFIG_EXPECTED_VERSION",
-                 help="Refuse the change unless the key is at this version (0: must not exist)."),
+    typer.Option(
+        "--expected-version",
+        envvar="BACKBONE_CONFIG_EXPECTED_VERSION",
+        help="Refuse the change unless the key is at this version (0: must not exist).",
+    ),
 ]
 
 
@@ -100,8 +109,12 @@ def _print_version(v: ConfigVersion, as_json: bool) -> None:
 def set_(
     key: Annotated[str, typer.Argument(help="Configuration key, e.g. routing.policy.default.")],
     value: Annotated[str | None, typer.Argument(help="The value, a JSON object.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", envvar="BACKBONE_CONFIG_FILE",
-                                              help="Read the JSON value from this file.")] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", "-f", envvar="BACKBONE_CONFIG_FILE", help="Read the JSON value from this file."
+        ),
+    ] = None,
     author: Author = ...,  # type: ignore[assignment]
     reason: Reason = ...,  # type: ignore[assignment]
     expected_version: Expected = None,
@@ -117,8 +130,14 @@ def set_(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     with _store() as store:
-        v = store.set(key, parsed, author=author, reason=reason, expected_version=expected_version,
-                      causation_id=causation_id)
+        v = store.set(
+            key,
+            parsed,
+            author=author,
+            reason=reason,
+            expected_version=expected_version,
+            causation_id=causation_id,
+        )
     _print_version(v, as_json)
 
 
@@ -132,17 +151,24 @@ def keys(as_json: JsonOpt = False) -> None:
         return
     table = Table("key", "version", "schema", "changed at", "retired")
     for k in infos:
-        table.add_row(k.key, str(k.version), k.schema_name or "-", k.changed_at.isoformat(), "yes" if k.retired else "")
+        table.add_row(
+            k.key, str(k.version), k.schema_name or "-", k.changed_at.isoformat(), "yes" if k.retired else ""
+        )
     _out.print(table)
 
 
 @app.command("show")
 def show(
     key: Annotated[str, typer.Argument(help="Configuration key.")],
-    version: Annotated[int | None, typer.Option("--version", envvar="BACKBONE_CONFIG_VERSION",
-                                                help="Show this version.")] = None,
-    at: Annotated[str | None, typer.Option("--at", envvar="BACKBONE_CONFIG_AT",
-                                           help="Show the value as it was at this ISO 8601 instant.")] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", envvar="BACKBONE_CONFIG_VERSION", help="Show this version.")
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at", envvar="BACKBONE_CONFIG_AT", help="Show the value as it was at this ISO 8601 instant."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show KEY's value now, at a version, or as it was at an instant, with who and why."""
@@ -161,7 +187,9 @@ def history(key: Annotated[str, typer.Argument(help="Configuration key.")], as_j
         return
     for v in versions:
         extra = f" restores v{v.restored_version}" if v.restored_version is not None else ""
-        _out.print(f"[bold]v{v.version}[/bold] {v.change}{extra} {v.changed_at.isoformat()} {v.author}: {v.reason}")
+        _out.print(
+            f"[bold]v{v.version}[/bold] {v.change}{extra} {v.changed_at.isoformat()} {v.author}: {v.reason}"
+        )
         for d in v.diff:
             _out.print(f"    {d['op']:8} {d['path']}: {json.dumps(d['old'])} -> {json.dumps(d['new'])}")
 
@@ -169,10 +197,20 @@ def history(key: Annotated[str, typer.Argument(help="Configuration key.")], as_j
 @app.command("rollback")
 def rollback(
     key: Annotated[str, typer.Argument(help="Configuration key.")],
-    to_version: Annotated[int | None, typer.Option("--to-version", envvar="BACKBONE_CONFIG_TO_VERSION",
-                                                   help="Restore this version's value.")] = None,
-    to_time: Annotated[str | None, typer.Option("--to-time", envvar="BACKBONE_CONFIG_TO_TIME",
-                                                help="Restore the value current at this ISO 8601 instant.")] = None,
+    to_version: Annotated[
+        int | None,
+        typer.Option(
+            "--to-version", envvar="BACKBONE_CONFIG_TO_VERSION", help="Restore this version's value."
+        ),
+    ] = None,
+    to_time: Annotated[
+        str | None,
+        typer.Option(
+            "--to-time",
+            envvar="BACKBONE_CONFIG_TO_TIME",
+            help="Restore the value current at this ISO 8601 instant.",
+        ),
+    ] = None,
     author: Author = "cli",
     reason: Reason = ...,  # type: ignore[assignment]
     expected_version: Expected = None,
@@ -183,8 +221,15 @@ def rollback(
     if (to_version is None) == (to_time is None):
         raise typer.BadParameter("give exactly one of --to-version and --to-time")
     with _store() as store:
-        v = store.rollback(key, to_version=to_version, to_time=_time(to_time), author=author, reason=reason,
-                           expected_version=expected_version, causation_id=causation_id)
+        v = store.rollback(
+            key,
+            to_version=to_version,
+            to_time=_time(to_time),
+            author=author,
+            reason=reason,
+            expected_version=expected_version,
+            causation_id=causation_id,
+        )
     _print_version(v, as_json)
 
 
@@ -206,10 +251,20 @@ def retire(
 def watch(
     keys_: Annotated[list[str] | None, typer.Argument(metavar="[KEY]...", help="Only these keys.")] = None,
     topic: Annotated[str, typer.Option("--topic", envvar="BACKBONE_CONFIG_TOPIC")] = CONFIG_TOPIC,
-    from_beginning: Annotated[bool, typer.Option("--from-beginning", envvar="BACKBONE_CONFIG_FROM_BEGINNING",
-                                                 help="Replay the topic first.")] = False,
-    max_events: Annotated[int, typer.Option("--max-events", envvar="BACKBONE_CONFIG_MAX_EVENTS",
-                                            help="Stop after this many changes (0: never).")] = 0,
+    from_beginning: Annotated[
+        bool,
+        typer.Option(
+            "--from-beginning", envvar="BACKBONE_CONFIG_FROM_BEGINNING", help="Replay the topic first."
+        ),
+    ] = False,
+    max_events: Annotated[
+        int,
+        typer.Option(
+            "--max-events",
+            envvar="BACKBONE_CONFIG_MAX_EVENTS",
+            help="Stop after this many changes (0: never).",
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Follow configuration changes as they reach the config topic (de-duplicated by event id)."""
@@ -222,8 +277,11 @@ def watch(
 
     settings = _settings()
     serde = serde_from_settings(settings)
-    consumer = make_consumer(settings.kafka, f"config-watch-{uuid.uuid4().hex[:8]}",
-                             **{"auto.offset.reset": "earliest" if from_beginning else "latest"})
+    consumer = make_consumer(
+        settings.kafka,
+        f"config-watch-{uuid.uuid4().hex[:8]}",
+        **{"auto.offset.reset": "earliest" if from_beginning else "latest"},
+    )
     consumer.subscribe([topic])
     wanted = set(keys_ or [])
     seen: set[str] = set()
@@ -246,8 +304,10 @@ def watch(
                 if as_json:
                     print(json.dumps(e.as_json()), flush=True)
                 else:
-                    _out.print(f"{d['changed_at'].isoformat()} [bold]{d['key']}[/bold] v{d['version']} "
-                               f"{d['change']} by {d['author']}: {d['reason']} {d['value_json'] or ''}")
+                    _out.print(
+                        f"{d['changed_at'].isoformat()} [bold]{d['key']}[/bold] v{d['version']} "
+                        f"{d['change']} by {d['author']}: {d['reason']} {d['value_json'] or ''}"
+                    )
                 if max_events and shown >= max_events:
                     break
     except KeyboardInterrupt:
@@ -270,10 +330,20 @@ def relay(
     topic: Annotated[str, typer.Option("--topic", envvar="BACKBONE_CONFIG_TOPIC")] = CONFIG_TOPIC,
     name: Annotated[str, typer.Option("--name", envvar="BACKBONE_CONFIG_RELAY_NAME")] = "config-relay",
     batch_size: Annotated[int, typer.Option("--batch-size", envvar="BACKBONE_CONFIG_RELAY_BATCH_SIZE")] = 100,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", envvar="BACKBONE_CONFIG_METRICS_PORT",
-                                                     help="Serve /metrics on this port.")] = None,
-    until_caught_up: Annotated[bool, typer.Option("--until-caught-up", envvar="BACKBONE_CONFIG_RELAY_ONCE",
-                                                  help="Publish what is stored now, then exit.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", envvar="BACKBONE_CONFIG_METRICS_PORT", help="Serve /metrics on this port."
+        ),
+    ] = None,
+    until_caught_up: Annotated[
+        bool,
+        typer.Option(
+            "--until-caught-up",
+            envvar="BACKBONE_CONFIG_RELAY_ONCE",
+            help="Publish what is stored now, then exit.",
+        ),
+    ] = False,
 ) -> None:
     """Run the outbox relay: publish every stored configuration event to the config topic."""
     from configuration.relay import OutboxRelay
@@ -297,7 +367,9 @@ def relay(
 @app.command("project")
 def project(
     topic: Annotated[str, typer.Option("--topic", envvar="BACKBONE_CONFIG_TOPIC")] = CONFIG_TOPIC,
-    group: Annotated[str, typer.Option("--group", envvar="BACKBONE_CONFIG_PROJECTION_GROUP")] = "config-projection",
+    group: Annotated[
+        str, typer.Option("--group", envvar="BACKBONE_CONFIG_PROJECTION_GROUP")
+    ] = "config-projection",
 ) -> None:
     """Run the Redis current-value read model of the config topic."""
     from configuration.projection import ConfigProjection

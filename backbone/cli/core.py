@@ -34,9 +34,14 @@ def produce(
     type_: Annotated[str, typer.Option("--type", help="Avro full name, e.g. sophia.agent.LlmCall.")],
     file: Annotated[str, typer.Argument(help="JSON-lines file, or - for standard input.")] = "-",
     key_field: Annotated[
-        str | None, typer.Option(help="Field whose value is the key (default: the topic's key).", envvar="BACKBONE_KEY_FIELD")
+        str | None,
+        typer.Option(
+            help="Field whose value is the key (default: the topic's key).", envvar="BACKBONE_KEY_FIELD"
+        ),
     ] = None,
-    source: Annotated[str, typer.Option(help="CloudEvents source.", envvar="BACKBONE_SOURCE")] = "/cli/produce",
+    source: Annotated[
+        str, typer.Option(help="CloudEvents source.", envvar="BACKBONE_SOURCE")
+    ] = "/cli/produce",
     id_field: Annotated[
         str | None, typer.Option(help="Field holding a stable event id (default: a new UUID per line).")
     ] = None,
@@ -53,7 +58,9 @@ def produce(
     settings, serde = context()
     schema = serde.registry.schema_for(serde.registry.id_for(type_))
     spec = CATALOGUE.get(topic)
-    key_field = key_field or (spec.key if spec and spec.key in {f["name"] for f in schema["fields"]} else None)
+    key_field = key_field or (
+        spec.key if spec and spec.key in {f["name"] for f in schema["fields"]} else None
+    )
     stream = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115
     events, problems = [], []
     with stream:
@@ -69,7 +76,11 @@ def produce(
             except (ValueError, SchemaValidationError) as exc:
                 problems.append({"line": lineno, "field": getattr(exc, "field", None), "error": str(exc)})
                 continue
-            t = datum.get("event_time") if isinstance(datum.get("event_time"), datetime) else datetime.now(UTC)
+            t = (
+                datum.get("event_time")
+                if isinstance(datum.get("event_time"), datetime)
+                else datetime.now(UTC)
+            )
             key = str(datum.get(key_field)) if key_field and datum.get(key_field) is not None else str(lineno)
             eid = str(datum[id_field]) if id_field and datum.get(id_field) is not None else str(uuid.uuid4())
             events.append(Event.create(type_, key, datum, source=source, time=t, id=eid))
@@ -125,12 +136,20 @@ def _print_record(r: Any, as_json: bool) -> None:
 def subscribe(
     topics: Annotated[list[str], typer.Argument(help="Topics to subscribe to.")],
     group: Annotated[
-        str | None, typer.Option(help="Consumer group (commits offsets); default: a private group.", envvar="BACKBONE_GROUP")
+        str | None,
+        typer.Option(
+            help="Consumer group (commits offsets); default: a private group.", envvar="BACKBONE_GROUP"
+        ),
     ] = None,
     from_: Annotated[
-        str, typer.Option("--from", help="beginning | latest | committed | ISO-8601 event time.", envvar="BACKBONE_FROM")
+        str,
+        typer.Option(
+            "--from", help="beginning | latest | committed | ISO-8601 event time.", envvar="BACKBONE_FROM"
+        ),
     ] = "beginning",
-    follow: Annotated[bool, typer.Option(help="Keep waiting for new events.", envvar="BACKBONE_FOLLOW")] = False,
+    follow: Annotated[
+        bool, typer.Option(help="Keep waiting for new events.", envvar="BACKBONE_FOLLOW")
+    ] = False,
     limit: Annotated[int, typer.Option(help="Stop after this many events (0 = no limit).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -166,10 +185,15 @@ def subscribe(
 @clear_errors
 def replay(
     topic: Annotated[str, typer.Option("--topic", help="Topic to read.")],
-    from_: Annotated[str | None, typer.Option("--from", help="Offset or ISO-8601 event time (inclusive).")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Offset or ISO-8601 event time (inclusive).")
+    ] = None,
     to: Annotated[str | None, typer.Option("--to", help="Offset or ISO-8601 event time (exclusive).")] = None,
     into: Annotated[
-        str | None, typer.Option("--into", help="Apply the range to a fresh copy of this projection (proj_<NAME>_replay).")
+        str | None,
+        typer.Option(
+            "--into", help="Apply the range to a fresh copy of this projection (proj_<NAME>_replay)."
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -180,7 +204,9 @@ def replay(
     if into:
         from projections.cli import replay_into
 
-        result = replay_into(settings, serde, topic, start=_parse_bound(from_), end=_parse_bound(to), name=into)
+        result = replay_into(
+            settings, serde, topic, start=_parse_bound(from_), end=_parse_bound(to), name=into
+        )
         if as_json:
             emit_json(result)
         else:
@@ -267,7 +293,9 @@ def schemas_pin() -> None:
 # -- import / project / query -----------------------------------------------------------------------------------
 
 
-def import_runs(settings: Any, serde: Any, directory: Path, topic: str, *, progress: bool = True) -> dict[str, Any]:
+def import_runs(
+    settings: Any, serde: Any, directory: Path, topic: str, *, progress: bool = True
+) -> dict[str, Any]:
     """Parse trajectories under ``directory`` and produce their events; return the import report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -303,8 +331,12 @@ def import_runs(settings: Any, serde: Any, directory: Path, topic: str, *, progr
 @import_app.command("agent-runs")
 @clear_errors
 def import_agent_runs(
-    directory: Annotated[Path, typer.Argument(help="Folder with mini-swe-agent *.traj.json (or trajs/) and results.csv.")],
-    topic: Annotated[str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
+    directory: Annotated[
+        Path, typer.Argument(help="Folder with mini-swe-agent *.traj.json (or trajs/) and results.csv.")
+    ],
+    topic: Annotated[
+        str, typer.Option(help="Topic to produce to.", envvar="BACKBONE_AGENT_TOPIC")
+    ] = "agent.events",
     as_json: JsonOpt = False,
 ) -> None:
     """Turn mini-swe-agent trajectories into events on the log (deterministic ids: importing twice
@@ -320,19 +352,34 @@ def import_agent_runs(
     if as_json:
         emit_json(report)
         return
-    out.print(f"imported {report['runs']} run(s), {report['events']:,} events to {topic} in {report['seconds']} s")
+    out.print(
+        f"imported {report['runs']} run(s), {report['events']:,} events to {topic} in {report['seconds']} s"
+    )
     for p in report["problems"]:
         err.print(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}", highlight=False)
 
 
 @clear_errors
 def project(
-    until_caught_up: Annotated[bool, typer.Option(help="Exit once the views have caught up with the log.")] = False,
-    topic: Annotated[str, typer.Option(help="Topic of agent events.", envvar="BACKBONE_AGENT_TOPIC")] = "agent.events",
-    group: Annotated[str | None, typer.Option(help="Consumer group (default projection-agent_runs).", envvar="BACKBONE_GROUP")] = None,
-    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
-    dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")] = DLQ_TOPIC,
-    metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
+    until_caught_up: Annotated[
+        bool, typer.Option(help="Exit once the views have caught up with the log.")
+    ] = False,
+    topic: Annotated[
+        str, typer.Option(help="Topic of agent events.", envvar="BACKBONE_AGENT_TOPIC")
+    ] = "agent.events",
+    group: Annotated[
+        str | None,
+        typer.Option(help="Consumer group (default projection-agent_runs).", envvar="BACKBONE_GROUP"),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")
+    ] = DEFAULT_BATCH_SIZE,
+    dlq_topic: Annotated[
+        str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")
+    ] = DLQ_TOPIC,
+    metrics_port: Annotated[
+        int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")
+    ] = 0,
 ) -> None:
     """Run the projection runner (agent-run views) until interrupted."""
     from core.observability import serve_metrics
@@ -341,7 +388,12 @@ def project(
 
     settings, serde = context()
     runner = ProjectionRunner(
-        settings, serde, AgentRunsProjection([topic]), group_id=group, batch_size=batch_size, dlq_topic=dlq_topic
+        settings,
+        serde,
+        AgentRunsProjection([topic]),
+        group_id=group,
+        batch_size=batch_size,
+        dlq_topic=dlq_topic,
     )
     server = serve_metrics(metrics_port, health=lambda: {"ok": True, "caught_up": runner.caught_up()})
     err.print(f"metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
@@ -369,7 +421,16 @@ def query_agent_runs(
     settings, _ = context(kafka=False)
     with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.agent_runs(conn, limit=limit, outcome=outcome)
-    cols = ["run_id", "outcome", "steps", "llm_calls", "tool_calls", "failing_tool_calls", "prompt_tokens", "cost_usd"]
+    cols = [
+        "run_id",
+        "outcome",
+        "steps",
+        "llm_calls",
+        "tool_calls",
+        "failing_tool_calls",
+        "prompt_tokens",
+        "cost_usd",
+    ]
     print_rows(rows, cols, "agent runs", as_json)
 
 
@@ -384,5 +445,14 @@ def query_models(as_json: JsonOpt = False) -> None:
     settings, _ = context(kafka=False)
     with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
         rows = queries.model_usage(conn)
-    cols = ["model", "providers", "runs", "resolved_runs", "llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"]
+    cols = [
+        "model",
+        "providers",
+        "runs",
+        "resolved_runs",
+        "llm_calls",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+    ]
     print_rows(rows, cols, "models", as_json)

@@ -24,7 +24,6 @@ from backbone.cli.helpers import emit_json, err, out
 __all__ = ["demo"]
 
 
-
 def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["BACKBONE_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
@@ -37,9 +36,9 @@ def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
 
 
 def demo(
-    data: Annotated[Path, typer.Option(help="Folder of mini-swe-agent runs.", envvar="BACKBONE_DEMO_DATA")] = Path(
-        "datasets/agent_runs"
-    ),
+    data: Annotated[
+        Path, typer.Option(help="Folder of mini-swe-agent runs.", envvar="BACKBONE_DEMO_DATA")
+    ] = Path("datasets/agent_runs"),
     timeout_seconds: Annotated[float, typer.Option(help="Give up after this long.")] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -146,7 +145,9 @@ def demo(
         raise typer.Exit(1)
 
 
-def _report(doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict[str, Any]], as_json: bool) -> None:
+def _report(
+    doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict[str, Any]], as_json: bool
+) -> None:
     if as_json:
         emit_json(doc)
         return
@@ -171,7 +172,9 @@ def _report(doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict
     for c in ("model", "runs", "resolved", "calls", "cost USD"):
         m.add_column(c, justify="left" if c == "model" else "right")
     for r in doc["models"]:
-        m.add_row(r["model"], str(r["runs"]), str(r["resolved_runs"]), f"{r['llm_calls']:,}", f"{r['cost_usd']:.3f}")
+        m.add_row(
+            r["model"], str(r["runs"]), str(r["resolved_runs"]), f"{r['llm_calls']:,}", f"{r['cost_usd']:.3f}"
+        )
     out.print(m)
     streaks = sorted(insights, key=lambda i: -i.get("metrics", {}).get("longest_failing_streak_count", 0))[:3]
     if streaks:

@@ -40,7 +40,9 @@ out = Console()
 err = Console(stderr=True)
 """Standard error (progress, warnings, errors)."""
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON instead of a table.", envvar="BACKBONE_JSON")
+]
 """The one ``--json`` option of every command that prints data."""
 
 
@@ -59,7 +61,14 @@ def clear_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except (BackboneError, psycopg.OperationalError, ValueError, KeyError, TimeoutError, FileNotFoundError) as exc:
+        except (
+            BackboneError,
+            psycopg.OperationalError,
+            ValueError,
+            KeyError,
+            TimeoutError,
+            FileNotFoundError,
+        ) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             err.print(f"[red]error:[/red] {msg}", highlight=False)
             raise typer.Exit(2) from None

@@ -1,7 +1,7 @@
 """``backbone projections`` (list, status, rebuild, run), ``backbone audit`` and the ``--into`` of
 ``backbone replay``.
 
-The lead mounts them in :mod:`backbone.cli_core`: ``app.add_typer(projections.cli.app, name="projections")``,
+The lead mounts them in :mod:`backbone.cli`: ``app.add_typer(projections.cli.app, name="projections")``,
 ``app.command()(projections.cli.audit)``, and ``replay --into NAME`` calls :func:`replay_into`.
 """
 
@@ -46,7 +46,9 @@ def list_(as_json: JsonOpt = False) -> None:
     rows = []
     for name, factory in PROJECTIONS.items():
         p = factory()
-        rows.append({"name": name, "version": p.version, "topics": list(p.topics), "schema": schema_name(name)})
+        rows.append(
+            {"name": name, "version": p.version, "topics": list(p.topics), "schema": schema_name(name)}
+        )
     print_rows(rows, ["name", "version", "topics", "schema"], "projections", as_json)
 
 
@@ -86,10 +88,15 @@ def status(
 def rebuild_cmd(
     name: Annotated[str, typer.Argument(help="The projection to rebuild.")],
     verify: Annotated[
-        bool, typer.Option(help="Compare rebuilt and live tables row for row; no swap on a difference.",
-                           envvar="BACKBONE_REBUILD_VERIFY")
+        bool,
+        typer.Option(
+            help="Compare rebuilt and live tables row for row; no swap on a difference.",
+            envvar="BACKBONE_REBUILD_VERIFY",
+        ),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
+    batch_size: Annotated[
+        int, typer.Option(help="Records per transaction.", envvar="BACKBONE_BATCH_SIZE")
+    ] = DEFAULT_BATCH_SIZE,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the archive and the log into fresh tables while the live projection keeps serving, then swap
@@ -108,7 +115,9 @@ def rebuild_cmd(
         try:
             model.refill()
         except Exception as exc:  # noqa: BLE001 - Redis is optional; readers fall back to PostgreSQL
-            err.print(f"[yellow]Redis read model not refilled ({exc}); it refills when the runner next writes[/yellow]")
+            err.print(
+                f"[yellow]Redis read model not refilled ({exc}); it refills when the runner next writes[/yellow]"
+            )
         finally:
             model.close()
     if as_json:
@@ -119,7 +128,14 @@ def rebuild_cmd(
               f"{report.seconds:.1f} s, {report.events_per_second:,.0f} events/s{verified}; swapped in")  # fmt: skip
 
 
-def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int = DEFAULT_BATCH_SIZE, read_models: bool = True) -> list[Any]:
+def make_runners(
+    settings: Any,
+    serde: Any,
+    names: list[str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    read_models: bool = True,
+) -> list[Any]:
     """One runner per projection name (each its own consumer group and schema); the agent-run runner
     gets the Redis read model hook when Redis is configured and ``read_models``."""
     from projections.read_models import RunReadModel
@@ -131,7 +147,9 @@ def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int
         hook = None
         if n == "agent_runs" and read_models and (client := _redis_client(settings)) is not None:
             hook = RunReadModel(client, settings.postgres.dsn())
-        runners.append(ProjectionRunner(settings, serde, get_projection(n), batch_size=batch_size, after_commit=hook))
+        runners.append(
+            ProjectionRunner(settings, serde, get_projection(n), batch_size=batch_size, after_commit=hook)
+        )
     return runners
 
 
@@ -140,9 +158,15 @@ def make_runners(settings: Any, serde: Any, names: list[str], *, batch_size: int
 def run_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="Projections to run (default: all).")] = None,
     until_caught_up: Annotated[bool, typer.Option(help="Exit once every projection has caught up.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")] = DEFAULT_BATCH_SIZE,
-    read_models: Annotated[bool, typer.Option(help="Keep the Redis read models.", envvar="BACKBONE_READ_MODELS")] = True,
-    metrics_port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")] = 0,
+    batch_size: Annotated[
+        int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")
+    ] = DEFAULT_BATCH_SIZE,
+    read_models: Annotated[
+        bool, typer.Option(help="Keep the Redis read models.", envvar="BACKBONE_READ_MODELS")
+    ] = True,
+    metrics_port: Annotated[
+        int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")
+    ] = 0,
 ) -> None:
     """Run several projections in one process (a thread each), with /metrics and /healthz."""
     from core.observability import serve_metrics
@@ -169,9 +193,13 @@ def run_cmd(
             },
         }  # fmt: skip
 
-    threads = [threading.Thread(target=target, args=(r,), name=r.projection.name, daemon=True) for r in runners]
+    threads = [
+        threading.Thread(target=target, args=(r,), name=r.projection.name, daemon=True) for r in runners
+    ]
     server = serve_metrics(metrics_port, health=health)
-    err.print(f"running {', '.join(selected)}; metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
+    err.print(
+        f"running {', '.join(selected)}; metrics on http://127.0.0.1:{server.server_address[1]}/metrics"
+    )
     for t in threads:
         t.start()
     try:
@@ -196,9 +224,16 @@ def run_cmd(
 
 @clear_errors
 def audit(
-    entity: Annotated[str, typer.Argument(help="run:<run_id>, config:<key>, agent:<name>, service:<name>, or a key.")],
-    from_: Annotated[str | None, typer.Option("--from", help="First event time (ISO 8601, inclusive).", envvar="BACKBONE_FROM")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="Last event time (ISO 8601, exclusive).", envvar="BACKBONE_TO")] = None,
+    entity: Annotated[
+        str, typer.Argument(help="run:<run_id>, config:<key>, agent:<name>, service:<name>, or a key.")
+    ],
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="First event time (ISO 8601, inclusive).", envvar="BACKBONE_FROM"),
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Last event time (ISO 8601, exclusive).", envvar="BACKBONE_TO")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every archived event about one entity, in event-time order, with its causation chain."""
@@ -288,4 +323,10 @@ def replay_into(
     if chunk:
         flush()
     runner.dlq.producer.flush()
-    return {"projection": name, "schema": schema, "topic": topic, "records": records, "applied": runner.stats.applied}
+    return {
+        "projection": name,
+        "schema": schema,
+        "topic": topic,
+        "records": records,
+        "applied": runner.stats.applied,
+    }

@@ -23,11 +23,16 @@ DEFAULT_ROUTER = Path(".backbone") / "routing" / "router.npz"
 app = typer.Typer(help="Model routing: fit and evaluate routers, send route requests.", no_args_is_help=True)
 
 RouterOpt = Annotated[
-    Path, typer.Option("--router", help="Router artifact (.npz with its .json).", envvar="BACKBONE_ROUTING_ROUTER")
+    Path,
+    typer.Option("--router", help="Router artifact (.npz with its .json).", envvar="BACKBONE_ROUTING_ROUTER"),
 ]
 SubjectsOpt = Annotated[
     str | None,
-    typer.Option("--subjects", help="Comma-separated MMLU subjects to read (default all).", envvar="BACKBONE_ROUTING_SUBJECTS"),
+    typer.Option(
+        "--subjects",
+        help="Comma-separated MMLU subjects to read (default all).",
+        envvar="BACKBONE_ROUTING_SUBJECTS",
+    ),
 ]
 
 
@@ -38,13 +43,21 @@ def _subjects(value: str | None) -> list[str] | None:
 @app.command("fit")
 @clear_errors
 def fit_command(
-    data: Annotated[Path, typer.Option("--data", help="Folder of mmlu_<subject>.csv outcomes.", envvar="BACKBONE_ROUTING_DATA")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Folder of mmlu_<subject>.csv outcomes.", envvar="BACKBONE_ROUTING_DATA"),
+    ],
     out_file: Annotated[Path, typer.Option("--out", help="Where to write the router (.npz and .json).")],
     embeddings: Annotated[
-        bool, typer.Option("--embeddings/--no-embeddings", help="Also fit the embedding (k-NN) scorer with MiniLM.")
+        bool,
+        typer.Option(
+            "--embeddings/--no-embeddings", help="Also fit the embedding (k-NN) scorer with MiniLM."
+        ),
     ] = True,
     subjects: SubjectsOpt = None,
-    test_percent: Annotated[int, typer.Option(help="Percent of prompts held out (by prompt hash).", min=1, max=90)] = 20,
+    test_percent: Annotated[
+        int, typer.Option(help="Percent of prompts held out (by prompt hash).", min=1, max=90)
+    ] = 20,
     k: Annotated[int, typer.Option(help="Neighbours of the embedding scorer.", min=1)] = 25,
     as_json: JsonOpt = False,
 ) -> None:
@@ -58,7 +71,9 @@ def fit_command(
     if embeddings:
         from processors.routing.embedding import embed_prompts
 
-        vectors, model_name, model_version = embed_prompts(train.prompts, description="embedding training prompts")
+        vectors, model_name, model_version = embed_prompts(
+            train.prompts, description="embedding training prompts"
+        )
     router = fit_router(
         train, vectors=vectors, embedding_model=model_name, embedding_model_version=model_version, k=k,
         source=f"{data} ({len(labelled)} prompts, {labelled.excluded_count} excluded)", test_percent=test_percent,
@@ -87,7 +102,10 @@ def fit_command(
 @clear_errors
 def eval_command(
     router_file: RouterOpt,
-    data: Annotated[Path, typer.Option("--data", help="Folder of mmlu_<subject>.csv outcomes.", envvar="BACKBONE_ROUTING_DATA")],
+    data: Annotated[
+        Path,
+        typer.Option("--data", help="Folder of mmlu_<subject>.csv outcomes.", envvar="BACKBONE_ROUTING_DATA"),
+    ],
     subjects: SubjectsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -104,10 +122,14 @@ def eval_command(
         from processors.routing.embedding import embed_prompts
 
         vectors, _, version = embed_prompts(
-            test.prompts, model_name=str(router.metadata["embedding_model"]), description="embedding test prompts"
+            test.prompts,
+            model_name=str(router.metadata["embedding_model"]),
+            description="embedding test prompts",
         )
         if version != router.metadata.get("embedding_model_version"):
-            err.print(f"[yellow]warning:[/yellow] embeddings by {version}, router fitted on {router.metadata.get('embedding_model_version')}")
+            err.print(
+                f"[yellow]warning:[/yellow] embeddings by {version}, router fitted on {router.metadata.get('embedding_model_version')}"
+            )
     report = evaluate(router, test, vectors=vectors)
     if as_json:
         emit_json(report)
@@ -121,7 +143,9 @@ def _pct(v: Any) -> str:
 
 def _print_eval(report: dict[str, Any]) -> None:
     scorers = [s for s in ("features", "embedding") if s in report["scorers"]]
-    t = Table(title=f"router {report['router_version']} on {int(report['test']['prompts_count']):,} held-out prompts")
+    t = Table(
+        title=f"router {report['router_version']} on {int(report['test']['prompts_count']):,} held-out prompts"
+    )
     t.add_column("train share", justify="right")
     for s in scorers:
         t.add_column(f"{s} threshold", justify="right")
@@ -141,7 +165,9 @@ def _print_eval(report: dict[str, Any]) -> None:
     for c in ("scorer", "APGR", "CPT(50%)", "accuracy at 50 % strong", "accuracy"):
         s.add_column(c, justify="left" if c == "scorer" else "right")
     for name, m in report["scorers"].items():
-        s.add_row(name, f"{m['apgr']:.3f}", _pct(m["cpt50"]), _pct(m["accuracy_at_50"]), _pct(m.get("accuracy")))
+        s.add_row(
+            name, f"{m['apgr']:.3f}", _pct(m["cpt50"]), _pct(m["accuracy_at_50"]), _pct(m.get("accuracy"))
+        )
     out.print(s)
 
 
@@ -153,10 +179,18 @@ def request_command(
     embed: Annotated[
         bool, typer.Option("--embed/--no-embed", help="Send an embedding request with each route request.")
     ] = True,
-    policy: Annotated[str | None, typer.Option(help="cost, balanced or quality.", envvar="BACKBONE_ROUTING_POLICY")] = None,
-    requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_REQUESTS_TOPIC")] = "routing.requests",
-    decisions_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DECISIONS_TOPIC")] = "routing.decisions",
-    embedding_topic: Annotated[str, typer.Option(envvar="BACKBONE_INFERENCE_REQUESTS_TOPIC")] = "inference.requests",
+    policy: Annotated[
+        str | None, typer.Option(help="cost, balanced or quality.", envvar="BACKBONE_ROUTING_POLICY")
+    ] = None,
+    requests_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_ROUTING_REQUESTS_TOPIC")
+    ] = "routing.requests",
+    decisions_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_ROUTING_DECISIONS_TOPIC")
+    ] = "routing.decisions",
+    embedding_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_INFERENCE_REQUESTS_TOPIC")
+    ] = "inference.requests",
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait.")] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -169,7 +203,9 @@ def request_command(
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("give one or more non-empty prompts")
     settings, serde = context()
-    names = [t for t in (requests_topic, decisions_topic, embedding_topic if embed else None) if t in CATALOGUE]
+    names = [
+        t for t in (requests_topic, decisions_topic, embedding_topic if embed else None) if t in CATALOGUE
+    ]
     ensure_topics(AdminClient(settings.kafka.librdkafka()), names)
     reader = DecisionReader(settings.kafka, serde, decisions_topic) if wait else None
     try:
@@ -178,7 +214,9 @@ def request_command(
             embedding_topic=embedding_topic if embed else None, policy=policy,
         )  # fmt: skip
         if reader is None:
-            rows: list[dict[str, Any]] = [{"request_id": r.request_id, "embedding_request_id": r.embedding_request_id} for r in sent]
+            rows: list[dict[str, Any]] = [
+                {"request_id": r.request_id, "embedding_request_id": r.embedding_request_id} for r in sent
+            ]
         else:
             got = reader.collect([r.request_id for r in sent], timeout_seconds=timeout)
             rows = [
@@ -205,21 +243,45 @@ def request_command(
 @clear_errors
 def route_command(
     router_file: RouterOpt = DEFAULT_ROUTER,
-    app_id: Annotated[str, typer.Option(help="Faust app id / consumer group.", envvar="BACKBONE_ROUTING_APP_ID")] = "backbone-routing",
-    requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_REQUESTS_TOPIC")] = "routing.requests",
-    embeddings_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_EMBEDDINGS_TOPIC")] = "inference.results",
-    decisions_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DECISIONS_TOPIC")] = "routing.decisions",
+    app_id: Annotated[
+        str, typer.Option(help="Faust app id / consumer group.", envvar="BACKBONE_ROUTING_APP_ID")
+    ] = "backbone-routing",
+    requests_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_ROUTING_REQUESTS_TOPIC")
+    ] = "routing.requests",
+    embeddings_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_ROUTING_EMBEDDINGS_TOPIC")
+    ] = "inference.results",
+    decisions_topic: Annotated[
+        str, typer.Option(envvar="BACKBONE_ROUTING_DECISIONS_TOPIC")
+    ] = "routing.decisions",
     dlq_topic: Annotated[str, typer.Option(envvar="BACKBONE_ROUTING_DLQ_TOPIC")] = DLQ_TOPIC,
     join_topic: Annotated[
-        str | None, typer.Option(help="Internal join topic (default <app id>-route-join).", envvar="BACKBONE_ROUTING_JOIN_TOPIC")
+        str | None,
+        typer.Option(
+            help="Internal join topic (default <app id>-route-join).", envvar="BACKBONE_ROUTING_JOIN_TOPIC"
+        ),
     ] = None,
-    partitions: Annotated[int, typer.Option(help="Partitions of the requests and join topics.", envvar="BACKBONE_ROUTING_PARTITIONS")] = 3,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            help="Partitions of the requests and join topics.", envvar="BACKBONE_ROUTING_PARTITIONS"
+        ),
+    ] = 3,
     stop_after_idle: Annotated[
         float | None,
-        typer.Option("--stop-after-idle", help="Stop once started and no record arrived for this many seconds.",
-                     envvar="BACKBONE_ROUTING_STOP_AFTER_IDLE_SECONDS"),
+        typer.Option(
+            "--stop-after-idle",
+            help="Stop once started and no record arrived for this many seconds.",
+            envvar="BACKBONE_ROUTING_STOP_AFTER_IDLE_SECONDS",
+        ),
     ] = None,
-    web_port: Annotated[int | None, typer.Option(help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.", envvar="BACKBONE_ROUTING_WEB_PORT")] = None,
+    web_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.", envvar="BACKBONE_ROUTING_WEB_PORT"
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the routing processor (route requests + embeddings -> route decisions) until stopped or idle."""

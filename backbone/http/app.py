@@ -95,7 +95,10 @@ _REQUESTS = Counter(
     "backbone_api_requests", "HTTP requests answered", ["method", "route", "status"], registry=REGISTRY
 )
 _LATENCY = Histogram(
-    "backbone_api_request_seconds", "Time to the first byte of the answer to an HTTP request", ["method", "route"], registry=REGISTRY
+    "backbone_api_request_seconds",
+    "Time to the first byte of the answer to an HTTP request",
+    ["method", "route"],
+    registry=REGISTRY,
 )
 
 
@@ -257,7 +260,9 @@ class ServerThread:
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+            uvicorn.Config(
+                app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
 

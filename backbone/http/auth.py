@@ -90,7 +90,9 @@ def validate_scope(scope: str) -> str:
     verb, _, arg = scope.partition(":")
     if (verb in _SCOPE_VERBS and arg) or (scope in _SCOPE_WORDS) or (verb == "*" and arg):
         return scope
-    raise AuthError(f"malformed scope {scope!r}: expected produce:<topic>, subscribe:<topic>, replay, admin or *")
+    raise AuthError(
+        f"malformed scope {scope!r}: expected produce:<topic>, subscribe:<topic>, replay, admin or *"
+    )
 
 
 def scope_allows(granted: Sequence[str], needed: str) -> bool:
@@ -217,7 +219,9 @@ class TokenStore:
             ).fetchone()
         if row is None:
             return None
-        return Principal(token_id=row[0], name=row[1], scopes=tuple(row[2]), rate_per_second=row[3], burst=row[4])
+        return Principal(
+            token_id=row[0], name=row[1], scopes=tuple(row[2]), rate_per_second=row[3], burst=row[4]
+        )
 
     def list(self, *, include_revoked: bool = False) -> list[TokenInfo]:
         """Every token (oldest first), without secrets."""
@@ -230,8 +234,13 @@ class TokenStore:
             ).fetchall()
         return [
             TokenInfo(
-                token_id=r[0], name=r[1], scopes=tuple(r[2]), created_at=r[3], revoked_at=r[4],
-                rate_per_second=r[5], burst=r[6],
+                token_id=r[0],
+                name=r[1],
+                scopes=tuple(r[2]),
+                created_at=r[3],
+                revoked_at=r[4],
+                rate_per_second=r[5],
+                burst=r[6],
             )
             for r in rows
         ]
@@ -372,7 +381,12 @@ class IdempotencyStore:
 
     def complete(self, key: str, fingerprint: str, result: IdempotentResult) -> None:
         """Store the response of a claimed key for ``ttl_seconds``."""
-        value = {"state": "done", "fingerprint": fingerprint, "status_code": result.status_code, "body": result.body}
+        value = {
+            "state": "done",
+            "fingerprint": fingerprint,
+            "status_code": result.status_code,
+            "body": result.body,
+        }
         self.client.set(self.prefix + key, json.dumps(value), ex=self.ttl_seconds)
 
     def release(self, key: str) -> None:

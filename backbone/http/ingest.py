@@ -65,10 +65,12 @@ __all__ = ["read_body", "router"]
 _log = structlog.get_logger(__name__)
 
 
-
-
-def _problem(code: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> HTTPException:
-    return HTTPException(code, detail={"message": message, **extra}, headers=dict(headers) if headers else None)
+def _problem(
+    code: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any
+) -> HTTPException:
+    return HTTPException(
+        code, detail={"message": message, **extra}, headers=dict(headers) if headers else None
+    )
 
 
 def _unavailable(request: Request, message: str) -> HTTPException:
@@ -83,9 +85,7 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     """The raw body, refused with 413 as soon as it exceeds ``limit_bytes`` (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit_bytes:
-        raise _problem(
-            413, f"body of {int(declared)} bytes exceeds {limit_bytes} bytes"
-        )
+        raise _problem(413, f"body of {int(declared)} bytes exceeds {limit_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -95,10 +95,10 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
                 raise _problem(413, f"body exceeds {limit_bytes} bytes")
             chunks.append(chunk)
     except ClientDisconnect as exc:
-        raise _problem(status.HTTP_400_BAD_REQUEST, "the client went away before sending the whole body") from exc
+        raise _problem(
+            status.HTTP_400_BAD_REQUEST, "the client went away before sending the whole body"
+        ) from exc
     return b"".join(chunks)
-
-
 
 
 def _fingerprint(request: Request, body: bytes) -> str:
@@ -121,13 +121,13 @@ async def _idempotent(
     except redis.RedisError as exc:
         raise _unavailable(request, "the idempotency store (Redis) is unavailable") from exc
     if isinstance(claim, IdempotentResult):
-        return JSONResponse(claim.body, status_code=claim.status_code, headers={"Idempotent-Replayed": "true"})
+        return JSONResponse(
+            claim.body, status_code=claim.status_code, headers={"Idempotent-Replayed": "true"}
+        )
     if claim == "pending":
         raise _problem(status.HTTP_409_CONFLICT, "a request with this idempotency key is still in progress")
     if claim == "mismatch":
-        raise _problem(
-            422, "this idempotency key was already used for a different request"
-        )
+        raise _problem(422, "this idempotency key was already used for a different request")
     try:
         code, body = await handler()
     except HTTPException as exc:
@@ -135,7 +135,9 @@ async def _idempotent(
             await run_in_threadpool(store.release, key)
         else:
             detail = {"detail": exc.detail}
-            await run_in_threadpool(store.complete, key, fingerprint, IdempotentResult(status_code=exc.status_code, body=detail))
+            await run_in_threadpool(
+                store.complete, key, fingerprint, IdempotentResult(status_code=exc.status_code, body=detail)
+            )
         raise
     except BaseException:
         await run_in_threadpool(store.release, key)
@@ -207,8 +209,12 @@ _EVENTS_BODY = {
 async def ingest_events(
     request: Request,
     type: str,
-    topic: str | None = Query(None, description="Topic to produce to (default: the catalogue's topic of the type)."),
-    key_field: str | None = Query(None, description="Field whose value is the key (default: the topic's key)."),
+    topic: str | None = Query(
+        None, description="Topic to produce to (default: the catalogue's topic of the type)."
+    ),
+    key_field: str | None = Query(
+        None, description="Field whose value is the key (default: the topic's key)."
+    ),
     principal: Principal = Depends(authenticate_request),
 ) -> JSONResponse:
     """Validate the JSON body against the Avro schema ``type`` and produce it.
@@ -228,14 +234,10 @@ async def ingest_events(
     if topic is None:
         carriers = [t for t in CATALOGUE.values() if type in t.schemas]
         if not carriers:
-            raise _problem(
-                422, f"no catalogue topic carries {type}; pass ?topic=", field="topic"
-            )
+            raise _problem(422, f"no catalogue topic carries {type}; pass ?topic=", field="topic")
         topic = carriers[0].name
     elif topic in CATALOGUE and type not in CATALOGUE[topic].schemas:
-        raise _problem(
-            422, f"topic {topic!r} does not carry {type}", field="topic"
-        )
+        raise _problem(422, f"topic {topic!r} does not carry {type}", field="topic")
     require_scope(principal, f"produce:{topic}")
     body = await read_body(request, api.max_body_bytes)
     await _topic_partitions(request, topic)
@@ -244,10 +246,16 @@ async def ingest_events(
         raise _problem(status.HTTP_400_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters")
 
     async def handle() -> tuple[int, dict[str, Any]]:
-        events = _events_from_body(body, type, schema, topic, key_field, principal, idem_key, serde, api.max_batch_events)
+        events = _events_from_body(
+            body, type, schema, topic, key_field, principal, idem_key, serde, api.max_batch_events
+        )
         await _produce(request, topic, events)
         _log.debug("ingest.accepted", topic=topic, type=type, count=len(events), token_id=principal.token_id)
-        return status.HTTP_202_ACCEPTED, {"topic": topic, "count": len(events), "ids": [e.attributes.id for e in events]}
+        return status.HTTP_202_ACCEPTED, {
+            "topic": topic,
+            "count": len(events),
+            "ids": [e.attributes.id for e in events],
+        }
 
     scoped_key = f"events:{principal.token_id}:{idem_key}" if idem_key is not None else None
     return await _idempotent(request, scoped_key, _fingerprint(request, body), handle)
@@ -273,15 +281,11 @@ def _events_from_body(
     if batch and not items:
         raise _problem(status.HTTP_400_BAD_REQUEST, "empty batch: send at least one event")
     if len(items) > max_batch_events:
-        raise _problem(
-            413, f"batch of {len(items)} events exceeds {max_batch_events}"
-        )
+        raise _problem(413, f"batch of {len(items)} events exceeds {max_batch_events}")
     field_names = {f["name"] for f in schema["fields"]}
     spec = CATALOGUE.get(topic)
     if key_field is not None and key_field not in field_names:
-        raise _problem(
-            422, f"key_field {key_field!r} is not a field of {type_}", field="key_field"
-        )
+        raise _problem(422, f"key_field {key_field!r} is not a field of {type_}", field="key_field")
     key_field = key_field or (spec.key if spec is not None and spec.key in field_names else None)
     ts_fields = timestamp_fields(schema)
     events: list[Event] = []
@@ -299,16 +303,18 @@ def _events_from_body(
             serde.check(type_, datum)
         except SchemaValidationError as exc:
             prefix = f"item {index}: " if batch else ""
-            raise _problem(
-                422, prefix + str(exc), field=exc.field, **where
-            ) from exc
+            raise _problem(422, prefix + str(exc), field=exc.field, **where) from exc
         event_time = next((datum[f] for f in ts_fields if isinstance(datum.get(f), datetime)), now)
         event_id = (
-            deterministic_id("api", principal.token_id, idem_key, index) if idem_key is not None else str(uuid.uuid4())
+            deterministic_id("api", principal.token_id, idem_key, index)
+            if idem_key is not None
+            else str(uuid.uuid4())
         )
         key = str(datum[key_field]) if key_field and datum.get(key_field) is not None else event_id
         events.append(
-            Event.create(type_, key, datum, source=f"/api/tokens/{principal.token_id}", time=event_time, id=event_id)
+            Event.create(
+                type_, key, datum, source=f"/api/tokens/{principal.token_id}", time=event_time, id=event_id
+            )
         )
     return events
 
@@ -338,7 +344,12 @@ async def _webhook_preamble(request: Request, platform: str) -> tuple[str, bytes
 
 
 async def _deliver_external(
-    request: Request, platform: str, delivery_id: str, body: bytes, mapped: ExternalEvent, extra: Sequence[Event] = ()
+    request: Request,
+    platform: str,
+    delivery_id: str,
+    body: bytes,
+    mapped: ExternalEvent,
+    extra: Sequence[Event] = (),
 ) -> JSONResponse:
     """Produce the mapped event, then ``extra`` events derived from the same delivery (a push's commits)."""
     api = request.app.state.api_settings
@@ -381,17 +392,23 @@ async def github_webhook(request: Request) -> JSONResponse:
     produced as a ``sophia.external.ExternalEvent``; redeliveries of one delivery id produce nothing new."""
     secret, body = await _webhook_preamble(request, "github")
     try:
-        verify_github_signature(secret=secret, body=body, signature_header=request.headers.get("x-hub-signature-256"))
+        verify_github_signature(
+            secret=secret, body=body, signature_header=request.headers.get("x-hub-signature-256")
+        )
     except WebhookSignatureError as exc:
         raise _signature_refused(exc) from exc
     event_name = request.headers.get("x-github-event")
     delivery = request.headers.get("x-github-delivery")
     if not event_name or not delivery:
-        raise _problem(status.HTTP_400_BAD_REQUEST, "X-GitHub-Event and X-GitHub-Delivery headers are required")
+        raise _problem(
+            status.HTTP_400_BAD_REQUEST, "X-GitHub-Event and X-GitHub-Delivery headers are required"
+        )
     if event_name == "ping":
         return JSONResponse({"pong": True, "delivery": delivery}, status_code=200)
     try:
-        mapped = map_github_webhook(event_name=event_name, body=body, delivery_id=delivery, received_at=datetime.now(UTC))
+        mapped = map_github_webhook(
+            event_name=event_name, body=body, delivery_id=delivery, received_at=datetime.now(UTC)
+        )
     except WebhookPayloadError as exc:
         raise _problem(422, str(exc)) from exc
     extra: list[Event] = []
@@ -431,7 +448,10 @@ async def linear_webhook(request: Request) -> JSONResponse:
     secret, body = await _webhook_preamble(request, "linear")
     try:
         payload = verify_linear_signature(
-            secret=secret, body=body, signature_header=request.headers.get("linear-signature"), now=datetime.now(UTC)
+            secret=secret,
+            body=body,
+            signature_header=request.headers.get("linear-signature"),
+            now=datetime.now(UTC),
         )
     except WebhookSignatureError as exc:
         raise _signature_refused(exc) from exc

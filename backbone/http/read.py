@@ -64,7 +64,9 @@ def list_runs(
     model: Annotated[str | None, Query(description="only runs that called this model")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page (instead of offset)")] = None,
+    cursor: Annotated[
+        str | None, Query(description="next_cursor of the previous page (instead of offset)")
+    ] = None,
 ) -> dict[str, Any]:
     """Runs ordered by run id: ``{"items": [...], "next_cursor": str | null}``."""
     where, params = [], []
@@ -74,7 +76,9 @@ def list_runs(
         where.append("r.outcome = %s")
         params.append(outcome.upper())
     if model is not None:
-        where.append("EXISTS (SELECT 1 FROM proj_agent_runs.agent_run_models m WHERE m.run_id = r.run_id AND m.model = %s)")
+        where.append(
+            "EXISTS (SELECT 1 FROM proj_agent_runs.agent_run_models m WHERE m.run_id = r.run_id AND m.model = %s)"
+        )
         params.append(model)
     if cursor is not None:
         if offset:
@@ -113,7 +117,9 @@ def get_run(request: Request, run_id: str) -> dict[str, Any]:
 def list_models(request: Request) -> list[dict[str, Any]]:
     """Rows of ``agent_model_usage``, most expensive model first."""
     with _conn(request) as conn, conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute("SELECT * FROM proj_agent_runs.agent_model_usage ORDER BY cost_usd DESC, model").fetchall()
+        rows = cur.execute(
+            "SELECT * FROM proj_agent_runs.agent_model_usage ORDER BY cost_usd DESC, model"
+        ).fetchall()
     return [plain_run(r) for r in rows]
 
 
@@ -163,7 +169,9 @@ def get_audit(
             raise HTTPException(422, f"{name} must carry a time zone (e.g. 2025-11-18T22:55:01Z)")
     try:
         with _conn(request) as conn:
-            entries = audit_trail(conn, entity, start=from_, end=to, serde=getattr(request.app.state, "serde", None))
+            entries = audit_trail(
+                conn, entity, start=from_, end=to, serde=getattr(request.app.state, "serde", None)
+            )
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
     if not entries:

@@ -176,7 +176,9 @@ class _Pump(threading.Thread):
                 self.consumer.resume(assignment)
                 for tp in assignment:
                     if tp.partition in self.next_offsets:
-                        self.consumer.seek(TopicPartition(self.topic, tp.partition, self.next_offsets[tp.partition]))
+                        self.consumer.seek(
+                            TopicPartition(self.topic, tp.partition, self.next_offsets[tp.partition])
+                        )
                 st.paused = False
             for m in self.consumer.consume(min(free, 500), 0.25):
                 err = m.error()
@@ -232,7 +234,9 @@ async def subscribe(
     request: Request,
     topic: str,
     from_: str = Query(
-        "beginning", alias="from", description="beginning | latest | an ISO 8601 event time (ignored when resuming)."
+        "beginning",
+        alias="from",
+        description="beginning | latest | an ISO 8601 event time (ignored when resuming).",
     ),
     limit: int = Query(0, ge=0, description="Close the stream after this many events (0: never)."),
     last_event_id: str | None = Header(None, alias="Last-Event-ID", description="Resume after this cursor."),
@@ -268,7 +272,9 @@ async def subscribe(
     if n is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"message": f"topic {topic!r} does not exist"})
     if cursor is not None and any(p >= n for p in cursor):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, detail={"message": f"cursor names a partition {topic!r} lacks"})
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST, detail={"message": f"cursor names a partition {topic!r} lacks"}
+        )
     starts = await run_in_threadpool(_resolve_starts, state.settings.kafka, topic, n, from_, cursor)
     return StreamingResponse(
         _stream(request, topic, starts, limit),

@@ -25,10 +25,16 @@ from core.settings import Settings
 from streams.catalogue import create_missing_topics
 from streams.producer import EventProducer
 
-__all__ = ["ConnectRecord", "ImportProblem", "ImportReport", "connect_records", "ensure_changes_topic", "import_debezium_file"]
+__all__ = [
+    "ConnectRecord",
+    "ImportProblem",
+    "ImportReport",
+    "connect_records",
+    "ensure_changes_topic",
+    "import_debezium_file",
+]
 
 log = structlog.get_logger(__name__)
-
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,6 +266,8 @@ def ensure_changes_topic(
 
     spec = CDC_TOPICS[0]
     new = NewTopic(name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config())
-    return bool(create_missing_topics(AdminClient(settings.kafka.librdkafka()), [new], timeout_seconds=timeout_seconds))
-
-
+    return bool(
+        create_missing_topics(
+            AdminClient(settings.kafka.librdkafka()), [new], timeout_seconds=timeout_seconds
+        )
+    )

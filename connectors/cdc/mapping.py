@@ -44,6 +44,7 @@ def raw_topic_pattern(topic_prefix: str = DEFAULT_TOPIC_PREFIX) -> str:
 
 CDC_TOPICS: tuple[TopicSpec, ...] = (CATALOGUE[CHANGES_TOPIC],)
 
+
 def _compact(value: Any) -> str:
     """JSON as Kafka Connect's JsonConverter writes it: compact, key order kept, UTF-8 unescaped."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -206,5 +207,3 @@ def normalise_record(
         id=change_event_id(change),
         subject=subject,
     )
-
-

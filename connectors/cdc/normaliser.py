@@ -34,7 +34,6 @@ _dead = Counter(
 )
 
 
-
 @dataclass(slots=True)
 class NormaliserStats:
     """Counters of one normaliser since it started."""
@@ -229,4 +228,3 @@ class CdcNormaliser:
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current batch."""
         self.stop_event.set()
-

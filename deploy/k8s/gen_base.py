@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from streams.catalogue import CATALOGUE  # noqa: E402
+from streams.catalogue import CATALOGUE
 
 OUT = ROOT / "deploy" / "k8s" / "base" / "generated"
 CLUSTER = "backbone"  # the Strimzi Kafka cluster

@@ -209,7 +209,9 @@ class _CorrelationShell:
         try:
             attributes, schema, data, _ = self._decode(message)
             if schema != EXTERNAL_SCHEMA:
-                raise UnsupportedEventError(f"schema {schema!r} is not {EXTERNAL_SCHEMA}", event_id=attributes.id)
+                raise UnsupportedEventError(
+                    f"schema {schema!r} is not {EXTERNAL_SCHEMA}", event_id=attributes.id
+                )
             obs = observe(data, attributes.id)
             scope = scope_of(obs.entity, self.config.scopes) if obs is not None else ""
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
@@ -219,7 +221,11 @@ class _CorrelationShell:
         if obs is None:
             self.stats.skipped_count += 1
             return
-        body = {"type": "event", "obs": obs.to_dict(), "source": [message.topic, message.partition, message.offset]}
+        body = {
+            "type": "event",
+            "obs": obs.to_dict(),
+            "source": [message.topic, message.partition, message.offset],
+        }
         await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
         self.stats.events_count += 1
         if self.request_embeddings and obs.text.strip():
@@ -242,7 +248,9 @@ class _CorrelationShell:
         try:
             attributes, schema, data, _ = self._decode(message)
             if schema != RESULT_SCHEMA:
-                raise UnsupportedEventError(f"schema {schema!r} is not {RESULT_SCHEMA}", event_id=attributes.id)
+                raise UnsupportedEventError(
+                    f"schema {schema!r} is not {RESULT_SCHEMA}", event_id=attributes.id
+                )
             owner = parse_request_id(str(data.get("request_id", "")))
             if owner is None:
                 self.stats.skipped_count += 1
@@ -250,7 +258,9 @@ class _CorrelationShell:
             try:
                 result = EmbeddingResult.from_avro(data)
             except (KeyError, ValueError) as exc:
-                raise UnprocessableEventError(f"malformed embedding result: {exc}", event_id=attributes.id) from exc
+                raise UnprocessableEventError(
+                    f"malformed embedding result: {exc}", event_id=attributes.id
+                ) from exc
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
             await self._dead_letter(message, exc)
             bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
@@ -297,7 +307,11 @@ class _CorrelationShell:
                 links = corr.add_vector(entity, vector)
             else:
                 raise UnprocessableEventError(f"unknown repartition record type {body.get('type')!r}")
-        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnprocessableEventError included
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:  # JSONDecodeError and UnprocessableEventError included
             await self._dead_letter(message, exc)
             bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
             return
@@ -455,7 +469,10 @@ def ensure_correlation_topics(
         (topics.scope_topic(app_id), topics.scope_partitions),
     ]
     if embeddings:
-        wanted += [spec(topics.results, "inference.results", 6), spec(topics.requests, "inference.requests", 6)]
+        wanted += [
+            spec(topics.results, "inference.results", 6),
+            spec(topics.requests, "inference.requests", 6),
+        ]
     return ensure_processor_topics(kafka, wanted, timeout_seconds=timeout_seconds)
 
 

@@ -127,7 +127,9 @@ def scope_of(entity: str, scopes: Mapping[str, str] | None = None) -> str:
             return scopes[best]
     m = _SCOPE_OF.match(entity)
     if m is None:
-        raise UnprocessableEventError(f"entity {entity!r} has no correlation scope (slack:<ws>/... or git:<owner>/...)")
+        raise UnprocessableEventError(
+            f"entity {entity!r} has no correlation scope (slack:<ws>/... or git:<owner>/...)"
+        )
     return m.group("scope")
 
 
@@ -249,7 +251,9 @@ def observe(data: Mapping[str, Any], event_id: str) -> Observation | None:
         )  # fmt: skip
     m = _COMMIT_ENTITY.fullmatch(entity)
     if m is None:
-        raise UnprocessableEventError(f"git.commit entity {entity!r} is not git:<owner>/<repo>@<sha>", event_id=event_id)
+        raise UnprocessableEventError(
+            f"git.commit entity {entity!r} is not git:<owner>/<repo>@<sha>", event_id=event_id
+        )
     title = str(data.get("title") or "")
     return Observation(
         entity=entity, kind="commit", event_time=occurred_at.astimezone(UTC), event_id=event_id, text=title,
@@ -429,7 +433,9 @@ class Correlator:
 
     def _reference_link(self, message: Observation, commit: Observation) -> list[Link]:
         ref = _matching_ref(message, commit)
-        return [] if ref is None else [Link(method="reference", message=message, commit=commit, reference=ref)]
+        return (
+            [] if ref is None else [Link(method="reference", message=message, commit=commit, reference=ref)]
+        )
 
     def _embedding_links(self, obs: Observation) -> list[Link]:
         """``obs`` has just got both its event and its vector: pair it with the other kind in the window."""

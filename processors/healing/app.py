@@ -40,12 +40,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from core.observability import configure_logging
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.healing.decisions import DECISION_SCHEMA, Decision
 from processors.healing.healer import Healer, HealingConfig
 from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent

@@ -129,9 +129,12 @@ class CircuitBreaker:
 
     def peek(self, now: datetime | float) -> CircuitState:
         """The state at ``now`` without changing anything (an open circuit past its cool-down reads half-open)."""
-        if self.state is CircuitState.OPEN and self.opened_at is not None:
-            if to_utc(now) >= self.opened_at + timedelta(seconds=self.thresholds.open_seconds):
-                return CircuitState.HALF_OPEN
+        if (
+            self.state is CircuitState.OPEN
+            and self.opened_at is not None
+            and to_utc(now) >= self.opened_at + timedelta(seconds=self.thresholds.open_seconds)
+        ):
+            return CircuitState.HALF_OPEN
         return self.state
 
     # -- outcomes -------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from tenacity import AsyncRetrying, RetryError, retry_if_exception, stop_after_a
 from processors.healing.breaker import circuit_keys
 from processors.healing.retry import RETRYABLE, backoff_seconds
 
-__all__ = ["CallFailed", "Call", "HealingClient", "ProviderError", "Target", "classify"]
+__all__ = ["Call", "CallFailed", "HealingClient", "ProviderError", "Target", "classify"]
 
 log = structlog.get_logger(__name__)
 
@@ -202,7 +202,7 @@ class Call:
         self, target: Target, attempt: int, started: float, outcome: str, status: int | None, response: Any
     ) -> None:
         c = self.client
-        latency_ms = int(round((time.monotonic() - started) * 1000))
+        latency_ms = round((time.monotonic() - started) * 1000)
         data: dict[str, Any] = {
             "run_id": self.run_id,
             "step": self.step,

@@ -205,7 +205,7 @@ def evaluate_early_warnings(
                 "runaway_factor",
                 "runaway_min_peers",
             },
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -326,7 +326,7 @@ def simulate(
                 down = target == failing and down_from <= now < down_until
                 if down:
                     tally.calls_to_failing_while_down += 1
-                failed, kind, _status = (
+                failed, _kind, _status = (
                     _fails(seed, request_id, attempt_no, failure_rate) if down else (False, "ok", 200)
                 )
                 policies[target].record(now, not failed)

@@ -35,7 +35,7 @@ from processors.healing.decisions import Decision, to_utc
 from processors.healing.retry import RetryScheduler
 from processors.healing.rollback import RollbackMonitor
 
-__all__ = ["HEALING_CONFIG_PREFIX", "HealingConfig", "Healer", "InputEvent"]
+__all__ = ["HEALING_CONFIG_PREFIX", "Healer", "HealingConfig", "InputEvent"]
 
 HEALING_CONFIG_PREFIX = "healing."
 

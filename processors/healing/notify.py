@@ -36,7 +36,7 @@ from tenacity import (
 
 from processors.healing.decisions import Decision
 
-__all__ = ["NotifierConfig", "NotifyError", "Notifier", "pagerduty_body", "slack_body"]
+__all__ = ["Notifier", "NotifierConfig", "NotifyError", "pagerduty_body", "slack_body"]
 
 PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 _SUMMARY_MAX = 1024

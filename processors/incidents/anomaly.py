@@ -169,7 +169,7 @@ class _Pickled:
     def from_dict(cls, d: Mapping[str, Any]) -> Any:
         """Inverse of :meth:`to_dict` (only load state this backbone wrote: it is a pickle)."""
         det = cls.__new__(cls)
-        det.model = pickle.loads(base64.b64decode(d["pickle_b64"]))  # noqa: S301 - our own table state
+        det.model = pickle.loads(base64.b64decode(d["pickle_b64"]))
         return det
 
 

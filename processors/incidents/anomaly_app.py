@@ -2,7 +2,7 @@
 
 A thin shell around :class:`processors.incidents.anomaly.AnomalyProcessor`; every decision is made there.
 Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not exist on main when this was
-written) with :func:`processors.faust_support.make_faust_app`, :class:`~processors.faust_support.FaustDeadLetters`
+written) with :func:`processors.shell.make_faust_app`, :class:`~processors.shell.FaustDeadLetters`
 and :class:`processors.tables.TailRecoveringTable`.
 
 * One agent (``concurrency=1``) reads ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key =
@@ -36,8 +36,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from core.observability import configure_logging
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC

@@ -2,7 +2,7 @@
 
 A thin shell around :class:`processors.incidents.incident.IncidentEngine`; every decision is made
 there. Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not exist on main
-when this was written) and built with :func:`processors.faust_support.make_faust_app`.
+when this was written) and built with :func:`processors.shell.make_faust_app`.
 
 Two agents:
 
@@ -45,9 +45,9 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from backbone.settings import Settings
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from core.settings import Settings
 from processors.incidents.incident import EngineConfig, IncidentEngine
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent, Event
@@ -256,7 +256,7 @@ def run_incidents_worker(
         StreamsError: a topic cannot be created.
     """
     if settings is None:
-        from backbone.runtime import load_settings
+        from core.stack import load_settings
 
         settings = load_settings()
     app_id = app_id or DEFAULT_APP_ID

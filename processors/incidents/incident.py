@@ -47,7 +47,7 @@ from processors.incidents.nezha_detect import DETECTOR_VERSION, METRIC_RULES, An
 from processors.incidents.rca import rank
 from streams.envelope import deterministic_id
 
-__all__ = ["EngineConfig", "Incident", "IncidentEngine", "KINDS"]
+__all__ = ["KINDS", "EngineConfig", "Incident", "IncidentEngine"]
 
 KINDS = ("metric", "log", "span")
 _LOG_ALERT_LEVELS = frozenset({"WARN", "ERROR", "FATAL"})
@@ -291,7 +291,7 @@ class IncidentEngine:
         out = []
         for pod in sorted(durations):
             ds = sorted(durations[pod])
-            p90 = ds[min(len(ds) - 1, int(math.ceil(0.9 * len(ds))) - 1)]
+            p90 = ds[min(len(ds) - 1, math.ceil(0.9 * len(ds)) - 1)]
             d = self._detector(pod, "trace:p90_duration_ms", 1, 5.0, c.trace_min_history)
             score, med = d.update(p90)
             if score >= c.z_threshold:

@@ -303,7 +303,7 @@ def optimise_threshold(
         values = sorted({r.anomaly_score for rows in swept.values() for r in rows if not r.probation})
         if len(values) > 200:
             values = [values[int(k * (len(values) - 1) / 199)] for k in range(200)]
-        candidates = values + [math.inf]
+        candidates = [*values, math.inf]
     best: CorpusScore | None = None
     for t in sorted(candidates, reverse=True):
         s = score_corpus(swept, t, profile)

@@ -221,7 +221,9 @@ class _RoutingShell:
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
 
-    def _decode(self, message: Any, headers: list[tuple[str, bytes | None]]) -> tuple[CloudEvent, str, dict[str, Any]]:
+    def _decode(
+        self, message: Any, headers: list[tuple[str, bytes | None]]
+    ) -> tuple[CloudEvent, str, dict[str, Any]]:
         attributes = CloudEvent.from_headers(headers)
         schema, data = self.serde.decode(message.value)
         return attributes, schema, data
@@ -234,7 +236,9 @@ class _RoutingShell:
         try:
             attributes, schema, data = self._decode(message, headers)
             if schema != REQUEST_SCHEMA:
-                raise UnsupportedEventError(f"schema {schema} is not {REQUEST_SCHEMA}", event_id=attributes.id)
+                raise UnsupportedEventError(
+                    f"schema {schema} is not {REQUEST_SCHEMA}", event_id=attributes.id
+                )
             request = RouteRequest.from_avro(data)
             validate_request(self.router, request)
             decision = None if needs_embedding(self.router, request) else decide(self.router, request, None)
@@ -243,10 +247,14 @@ class _RoutingShell:
             bound.warning("route_request_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
             return
         self.stats.requests_count += 1
-        bound = bound.bind(event_id=attributes.id, correlation_id=attributes.correlation_id, request_id=request.request_id)
+        bound = bound.bind(
+            event_id=attributes.id, correlation_id=attributes.correlation_id, request_id=request.request_id
+        )
         if decision is not None:
             await self._send_decision(decision, attributes)
-            bound.info("route_decided", model=decision.model, method=decision.method, score=round(decision.score, 4))
+            bound.info(
+                "route_decided", model=decision.model, method=decision.method, score=round(decision.score, 4)
+            )
             return
         await self._forward(message, headers, str(request.embedding_request_id))
         bound.debug("route_request_waits_for_embedding", embedding_request_id=request.embedding_request_id)
@@ -254,7 +262,9 @@ class _RoutingShell:
     async def handle_embedding(self, message: Any) -> None:
         """A record of the embeddings topic: forward routing ones to the join topic, skip the others."""
         self._touch()
-        key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else (message.key or "")
+        key = (
+            message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else (message.key or "")
+        )
         if not key.startswith(EMBEDDING_ID_PREFIX):
             self.stats.embeddings_skipped_count += 1
             return
@@ -266,7 +276,9 @@ class _RoutingShell:
             EmbeddingResult.from_avro(data)  # the vector's length matches its dimension
         except (EnvelopeError, DeserializationError, UnprocessableEventError, ValueError, KeyError) as exc:
             await self._dead_letter(message, headers, exc)
-            log.warning("routing_embedding_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
+            log.warning(
+                "routing_embedding_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc)
+            )
             return
         await self._forward(message, headers, key)
         self.stats.embeddings_count += 1
@@ -275,7 +287,9 @@ class _RoutingShell:
         """A record of the join topic (a waiting request or an embedding): pair, decide, update the table."""
         self._touch()
         headers = message_headers(message.headers)
-        key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else (message.key or "")
+        key = (
+            message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else (message.key or "")
+        )
         try:
             attributes, schema, data = self._decode(message, headers)
             if schema == REQUEST_SCHEMA:
@@ -284,7 +298,9 @@ class _RoutingShell:
             elif schema == RESULT_SCHEMA:
                 result = EmbeddingResult.from_avro(data)
             else:
-                raise UnsupportedEventError(f"schema {schema} is neither {REQUEST_SCHEMA} nor {RESULT_SCHEMA}")
+                raise UnsupportedEventError(
+                    f"schema {schema} is neither {REQUEST_SCHEMA} nor {RESULT_SCHEMA}"
+                )
         except (EnvelopeError, DeserializationError, UnprocessableEventError, ValueError, KeyError) as exc:
             await self._dead_letter(message, headers, exc)
             log.warning("route_join_dead_lettered", offset=message.offset, reason=str(exc))
@@ -295,7 +311,11 @@ class _RoutingShell:
                 decision = decide(self.router, request, _embedding_from_json(state["embedding"]))
                 await self._send_decision(decision, attributes)
                 return
-            entry = {"request": _request_to_json(request), "event_id": attributes.id, "correlation_id": attributes.correlation_id}
+            entry = {
+                "request": _request_to_json(request),
+                "event_id": attributes.id,
+                "correlation_id": attributes.correlation_id,
+            }
             if entry not in state["pending"]:
                 state["pending"] = [*state["pending"], entry]
                 self.stats.pending_count += 1
@@ -316,7 +336,9 @@ class _RoutingShell:
 
     async def count_pending(self) -> None:
         """Set ``stats.pending_count`` from the table (its recovered partitions): a recover callback."""
-        self.stats.pending_count = sum(len((state or {}).get("pending") or ()) for state in self.table.values())
+        self.stats.pending_count = sum(
+            len((state or {}).get("pending") or ()) for state in self.table.values()
+        )
         log.info("route_join_recovered", pending=self.stats.pending_count, keys=len(self.table))
 
     async def _send_decision(self, decision: RouteDecision, cause: CloudEvent) -> None:
@@ -346,7 +368,9 @@ class _RoutingShell:
         )
         await pending
 
-    async def _dead_letter(self, message: Any, headers: list[tuple[str, bytes | None]], exc: Exception) -> None:
+    async def _dead_letter(
+        self, message: Any, headers: list[tuple[str, bytes | None]], exc: Exception
+    ) -> None:
         await self.dead_letters.publish(message, exc, headers)
         self.stats.dead_letters_count += 1
 
@@ -429,7 +453,9 @@ def create_routing_app(
 
     app.routing_stats = shell.stats  # type: ignore[attr-defined]
     app.routing_close = shell.close  # type: ignore[attr-defined]
-    log.debug("routing_app_created", app_id=app_id, router_version=router.version, requests_topic=topics.requests)
+    log.debug(
+        "routing_app_created", app_id=app_id, router_version=router.version, requests_topic=topics.requests
+    )
     return app
 
 
@@ -448,9 +474,15 @@ def ensure_routing_topics(
     wanted = [
         NewTopic(topics.requests, num_partitions=topics.partitions, replication_factor=1),
         NewTopic(topics.join_topic(app_id), num_partitions=topics.partitions, replication_factor=1),
-        NewTopic(topics.embeddings, num_partitions=CATALOGUE["inference.results"].partitions, replication_factor=1),
-        NewTopic(topics.decisions, num_partitions=CATALOGUE["routing.decisions"].partitions, replication_factor=1),
-        NewTopic(topics.dead_letters, num_partitions=CATALOGUE["backbone.dlq"].partitions, replication_factor=1),
+        NewTopic(
+            topics.embeddings, num_partitions=CATALOGUE["inference.results"].partitions, replication_factor=1
+        ),
+        NewTopic(
+            topics.decisions, num_partitions=CATALOGUE["routing.decisions"].partitions, replication_factor=1
+        ),
+        NewTopic(
+            topics.dead_letters, num_partitions=CATALOGUE["backbone.dlq"].partitions, replication_factor=1
+        ),
     ]
     return create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)
 
@@ -466,19 +498,35 @@ class _StatsCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         for name, attr, doc in (
-            ("backbone_routing_records", "records_count", "Records handled by the routing agents (every outcome)"),
+            (
+                "backbone_routing_records",
+                "records_count",
+                "Records handled by the routing agents (every outcome)",
+            ),
             ("backbone_routing_requests", "requests_count", "Valid route requests read"),
-            ("backbone_routing_embeddings", "embeddings_count", "Routing embeddings forwarded to the join topic"),
-            ("backbone_routing_dead_letters", "dead_letters_count", "Records dead-lettered by the routing agents"),
+            (
+                "backbone_routing_embeddings",
+                "embeddings_count",
+                "Routing embeddings forwarded to the join topic",
+            ),
+            (
+                "backbone_routing_dead_letters",
+                "dead_letters_count",
+                "Records dead-lettered by the routing agents",
+            ),
         ):
             c = CounterMetricFamily(name, doc, labels=["app"])
             c.add_metric([self.app_id], getattr(self.stats, attr))
             yield c
-        d = CounterMetricFamily("backbone_routing_decisions", "Route decisions sent", labels=["app", "method"])
+        d = CounterMetricFamily(
+            "backbone_routing_decisions", "Route decisions sent", labels=["app", "method"]
+        )
         d.add_metric([self.app_id, "features"], self.stats.decisions_features_count)
         d.add_metric([self.app_id, "embedding"], self.stats.decisions_embedding_count)
         yield d
-        g = GaugeMetricFamily("backbone_routing_pending", "Route requests waiting for their embedding", labels=["app"])
+        g = GaugeMetricFamily(
+            "backbone_routing_pending", "Route requests waiting for their embedding", labels=["app"]
+        )
         g.add_metric([self.app_id], self.stats.pending_count)
         yield g
 
@@ -544,7 +592,9 @@ def run_routing_worker(
         embedding_scorer=router.knn is not None,
         metrics_url=f"http://127.0.0.1:{server.server_address[1]}/metrics",
     )
-    worker = faust.Worker(app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

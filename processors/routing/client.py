@@ -66,10 +66,16 @@ def send_route_requests(
         for rid, prompt in zip(ids, prompts, strict=True):
             embedding_id = embedding_request_id_for(rid) if embedding_topic else None
             if embedding_topic and embedding_id:
-                req = EmbeddingRequest(request_id=embedding_id, requested_at=at, text=prompt, model=embedding_model)
+                req = EmbeddingRequest(
+                    request_id=embedding_id, requested_at=at, text=prompt, model=embedding_model
+                )
                 producer.produce(embedding_topic, embedding_request_event(req, source="/routing/client"))
             route = RouteRequest(
-                request_id=rid, prompt=prompt, requested_at=at, policy=policy, embedding_request_id=embedding_id
+                request_id=rid,
+                prompt=prompt,
+                requested_at=at,
+                policy=policy,
+                embedding_request_id=embedding_id,
             )
             producer.produce(requests_topic, request_event(route))
             sent.append(route)
@@ -93,7 +99,14 @@ class DecisionReader:
         KeyError: the topic does not exist.
     """
 
-    def __init__(self, kafka: KafkaSettings, serde: AvroSerde, topic: str = "routing.decisions", *, from_beginning: bool = False) -> None:
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        serde: AvroSerde,
+        topic: str = "routing.decisions",
+        *,
+        from_beginning: bool = False,
+    ) -> None:
         self.serde = serde
         self.consumer = make_consumer(kafka, f"routing-reader-{uuid.uuid4()}")
         meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
@@ -104,7 +117,9 @@ class DecisionReader:
         for p in sorted(meta.partitions):
             start = 0
             if not from_beginning:
-                _, start = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+                _, start = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=10, cached=False
+                )
             tps.append(TopicPartition(topic, p, max(0, start)))
         self.consumer.assign(tps)
         self.all: list[RouteDecision] = []

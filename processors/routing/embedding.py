@@ -48,7 +48,9 @@ def _write_cache(path: Path, cached: dict[bytes, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(cached)
     tmp = path.with_name(path.name + ".tmp.npz")
-    digests = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)  # not "S32": it drops trailing NULs
+    digests = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(
+        len(keys), 32
+    )  # not "S32": it drops trailing NULs
     np.savez(tmp, keys=digests, vectors=np.stack([cached[k] for k in keys]))
     tmp.replace(path)
 

@@ -65,7 +65,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 _MATH_CHARS = re.compile(r"[=+*/^<>%|()\[\]√∫∑π≤≥×$]")
 _DIGIT = re.compile(r"[0-9]")
 _LATEX = re.compile(r"\\[a-zA-Z]+")
-_CODE = re.compile(r"\bdef\b|\breturn\b|;|\{|\}|==|!=|\bprint\s*\(|\bint\s+\w+\s*=|#include|\bfor\s*\(|->|\+\+")
+_CODE = re.compile(
+    r"\bdef\b|\breturn\b|;|\{|\}|==|!=|\bprint\s*\(|\bint\s+\w+\s*=|#include|\bfor\s*\(|->|\+\+"
+)
 _NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:[.,]\d+)*(?:\s*\^\s*-?\d+)?")
 _OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s*(.*)$")
 _NUMERIC_OPTION = re.compile(r"^[\s$\-+−]*[\d.,/^*×√πe\s()\-+−%]+[a-zA-Zµ°%/\s]{0,12}$")
@@ -75,7 +77,9 @@ _COMPUTE = re.compile(
 )
 _STATEMENT = re.compile(r"statement\s*1\s*\|", re.IGNORECASE)
 _NEGATION = re.compile(r"\b(NOT|EXCEPT|LEAST)\b")
-_PASSAGE = re.compile(r"refers to the following|this question refers|read the following|following passage", re.IGNORECASE)
+_PASSAGE = re.compile(
+    r"refers to the following|this question refers|read the following|following passage", re.IGNORECASE
+)
 _WHICH = re.compile(r"which of the following", re.IGNORECASE)
 _DEFINITION = re.compile(r"\b(is called|is known as|is defined as|term for|refers to)\b", re.IGNORECASE)
 

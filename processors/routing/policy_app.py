@@ -41,7 +41,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
-from processors.faust_support import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.routing.policy import (
     ModelStats,
     Outcome,
@@ -52,6 +51,7 @@ from processors.routing.policy import (
     next_fallback,
 )
 from processors.routing.scorers import OnlineQuality
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC

@@ -387,7 +387,7 @@ def threshold_for_share(scores: np.ndarray, share: float) -> float:
     if len(scores) == 0 or not 0.0 <= share <= 1.0:
         raise ValueError(f"need scores and a share in [0, 1], got {len(scores)} scores and {share}")
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
-    m = int(round(share * len(s)))
+    m = round(share * len(s))
     if m <= 0:
         return float(s[0] + 1e-9)
     if m >= len(s):

@@ -36,7 +36,7 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
   leaves it off).
 
 Run it with ``backbone processors worker`` (see :mod:`backbone.cli.processors`) or
-``faust -A processors.app worker -l info`` (the module attribute ``app`` is built on first access
+``faust -A processors.run_summary.app worker -l info`` (the module attribute ``app`` is built on first access
 from :func:`core.settings.get_settings`).
 
 Knowing that the processor has caught up: the Tansu broker of dev and tests answers ``ListOffsets``
@@ -188,7 +188,9 @@ class _RunSummaryShell:
         self.stats.applied_count += 1
 
     async def _send_insight(self, insight: Event) -> None:
-        await send_event(self.insights_topic, self.serde, insight)  # delivered before the table records the run
+        await send_event(
+            self.insights_topic, self.serde, insight
+        )  # delivered before the table records the run
         self.stats.insights_count += 1
 
     async def _dead_letter(
@@ -405,7 +407,7 @@ def wait_for_run_summaries(
 
 
 def __getattr__(name: str) -> Any:
-    """``processors.app.app``: the app built from the environment, for ``faust -A processors.app``."""
+    """``processors.run_summary.app.app``: the app built from the environment, for ``faust -A processors.run_summary.app``."""
     if name == "app":
         global app
         app = create_app(get_settings())

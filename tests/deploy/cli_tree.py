@@ -13,8 +13,8 @@ def mount_cli():
         if hasattr(cli, "mount"):  # backbone/cli/ package (after the restructure)
             cli.mount(cli.app)
         else:  # backbone/cli.py module
-            cli._mount()  # noqa: SLF001
-        cli.app._deploy_tests_mounted = True  # noqa: SLF001
+            cli._mount()
+        cli.app._deploy_tests_mounted = True
     return cli.app
 
 

@@ -40,10 +40,10 @@ SUFFIXES = {
 
 
 def _from_wrapper(m: MetricWrapperBase) -> dict[str, frozenset[str]]:
-    labels = frozenset(m._labelnames)  # noqa: SLF001 - the label names a metric was declared with
+    labels = frozenset(m._labelnames)
     out = {}
-    for suffix in SUFFIXES[m._type]:  # noqa: SLF001
-        out[m._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())  # noqa: SLF001
+    for suffix in SUFFIXES[m._type]:
+        out[m._name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     return out
 
 
@@ -97,7 +97,7 @@ def _collector(modules: tuple[str, ...], stats_class: str) -> dict[str, frozense
     mod = first_module(*modules)
     stats = getattr(mod, stats_class)()
     if hasattr(mod, "_StatsCollector"):
-        collector = mod._StatsCollector(stats, "app-id")  # noqa: SLF001
+        collector = mod._StatsCollector(stats, "app-id")
     else:
         from processors.shell import StatsCollector
 

@@ -155,13 +155,13 @@ def _settings_env_names(*, leaves_only: bool = False) -> set[str]:
     try:
         from core.settings import Settings  # after the restructure
     except ImportError:
-        from backbone.settings import Settings
+        from core.settings import Settings
     from inference.config import InferenceSettings
 
     sys.path.insert(0, str(Path(__file__).parent))
     from exported_metrics import first_module
 
-    ApiSettings = first_module("backbone.http.app", "backbone.api").ApiSettings  # noqa: N806
+    ApiSettings = first_module("backbone.http.app", "backbone.api").ApiSettings
     names = set()
     for model in (Settings, ApiSettings, InferenceSettings):
         prefix = model.model_config["env_prefix"]
@@ -231,7 +231,7 @@ def test_settings_load_from_each_service_environment(compose, example_env) -> No
     settings model (``extra="forbid"``: a misspelt nested variable fails here)."""
     probe = (
         "import json, os, sys\n"
-        "try:\n from core.settings import Settings\nexcept ImportError:\n from backbone.settings import Settings\n"
+        "try:\n from core.settings import Settings\nexcept ImportError:\n from core.settings import Settings\n"
         "try:\n from backbone.http.app import ApiSettings\nexcept ImportError:\n from backbone.api import ApiSettings\n"
         "from inference.config import InferenceSettings\n"
         "out = {}\n"

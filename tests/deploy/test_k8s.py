@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 sys.path.insert(0, str(K8S))
 sys.path.insert(0, str(Path(__file__).parent))
-from render import render  # noqa: E402
+from render import render
 
 KUBERNETES_VERSION = "1.33"
 CRDS = ROOT / "deploy" / "schemas" / "crds"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from exported_metrics import PENDING, exported_by_process, owner  # noqa: E402
-from promql import (  # noqa: E402
+from exported_metrics import PENDING, exported_by_process, owner
+from promql import (
     ROOT,
     dashboard_exprs,
     grouping_labels,

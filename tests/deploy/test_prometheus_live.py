@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from exported_metrics import PENDING, exported_by_process, owner  # noqa: E402
-from promql import dashboard_exprs, metrics, rule_groups  # noqa: E402
+from exported_metrics import PENDING, exported_by_process, owner
+from promql import dashboard_exprs, metrics, rule_groups
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
@@ -57,7 +57,7 @@ def _free_port() -> int:
 
 
 def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - a local Prometheus
+    with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -66,12 +66,8 @@ def _query(base: str, expr: str) -> dict:
 
 
 def _serde(settings):
-    try:
-        from streams.serde import serde_from_settings  # after the restructure
-    except ImportError:
-        from backbone.runtime import make_serde
+    from streams.serde import serde_from_settings
 
-        return make_serde(settings.schema_registry.url)
     return serde_from_settings(settings)
 
 

@@ -39,4 +39,6 @@ def test_demo_on_all_runs_reproduces_the_data_facts(tmp_path: Path) -> None:
     t = doc["totals"]
     assert (t["runs"], t["resolved"], t["llm_calls"]) == (120, 89, 4623)
     assert round(t["cost_usd"], 3) == 51.433 and doc["insights"] == 120
-    assert t["first_event_at"].startswith("2025-11-18 22:55") and t["last_event_at"].startswith("2025-11-19 00:45")
+    assert t["first_event_at"].startswith("2025-11-18 22:55") and t["last_event_at"].startswith(
+        "2025-11-19 00:45"
+    )

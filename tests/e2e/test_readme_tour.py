@@ -33,11 +33,15 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
     assert lines[0] == "backbone dev up --detach" and lines[-1] == "backbone dev down"
     try:
         for line in lines:
-            r = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+            r = subprocess.run(
+                ["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+            )
             assert r.returncode == 0, f"{line}\n{r.stdout}\n{r.stderr}"
             outputs[line] = r
     finally:
-        subprocess.run(["bash", "-c", "backbone dev down"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+        subprocess.run(
+            ["bash", "-c", "backbone dev down"], cwd=ROOT, env=env, capture_output=True, timeout=60
+        )
     by_start = lambda prefix: next(r for line, r in outputs.items() if line.startswith(prefix))
     assert "imported 25 run(s), 1,730 events" in by_start("backbone import").stdout
     assert "applied 1,730 event(s)" in by_start("backbone project").stdout

@@ -60,7 +60,9 @@ class FakeSchemaRegistry:
             Route("/subjects", self._list_subjects, methods=["GET"]),
             Route("/subjects/{subject}/versions", self._register, methods=["POST"]),
             Route("/subjects/{subject}/versions/{version}", self._get_version, methods=["GET"]),
-            Route("/compatibility/subjects/{subject}/versions/{version}", self._compatibility, methods=["POST"]),
+            Route(
+                "/compatibility/subjects/{subject}/versions/{version}", self._compatibility, methods=["POST"]
+            ),
             Route("/schemas/ids/{id:int}", self._get_schema, methods=["GET"]),
             Route("/config", self._config, methods=["GET"]),
         ]
@@ -97,9 +99,17 @@ class FakeSchemaRegistry:
             if json.dumps(json.loads(self.schemas[sid]), sort_keys=True) == text:
                 return _json({"id": sid})
         versions = self.subjects.get(subject)
-        if versions and check_compatibility(schema, json.loads(self.schemas[versions[-1]]), self.compatibility):
-            return _error(409, 409, f"Schema being registered is incompatible with an earlier schema for subject \"{subject}\"")
-        sid = next((i for i, s in self.schemas.items() if json.dumps(json.loads(s), sort_keys=True) == text), None)
+        if versions and check_compatibility(
+            schema, json.loads(self.schemas[versions[-1]]), self.compatibility
+        ):
+            return _error(
+                409,
+                409,
+                f'Schema being registered is incompatible with an earlier schema for subject "{subject}"',
+            )
+        sid = next(
+            (i for i, s in self.schemas.items() if json.dumps(json.loads(s), sort_keys=True) == text), None
+        )
         if sid is None:
             sid = len(self.schemas) + 1
             self.schemas[sid] = json.dumps(schema)
@@ -141,7 +151,9 @@ class FakeSchemaRegistry:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning")
+        )
         threading.Thread(target=self._server.run, daemon=True).start()
         deadline = time.monotonic() + 10
         while not self._server.started:

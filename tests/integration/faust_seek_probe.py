@@ -73,7 +73,9 @@ def main() -> None:
             for i in range(second):
                 producer.produce(topic_name, key=f"k{i}".encode(), value=b"second", partition=i % 2)
             producer.flush(10)
-            await asyncio.sleep(3.0)  # the consumer thread prefetches them (aiokafka keeps fetching paused ones)
+            await asyncio.sleep(
+                3.0
+            )  # the consumer thread prefetches them (aiokafka keeps fetching paused ones)
             got = await consumer._getmany(set(), 1.0)
             result["empty_set_records"] = sum(len(records) for records in got.values())
             result["seen_while_paused"] = len(seen) - before

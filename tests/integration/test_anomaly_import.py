@@ -93,7 +93,7 @@ def test_import_nab_command_creates_the_topic_and_reports(
         "BACKBONE_LOG_FORMAT": "json",
     }
     topic = unique_name("metrics")
-    code = "from backbone.cli_anomalies import import_app; import_app()"
+    code = "from backbone.cli.anomalies import import_app; import_app()"
     res = subprocess.run([sys.executable, "-c", code, "nab", str(_nab(tmp_path)), "--topic", topic, "--json"],
                          env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert res.returncode == 0, res.stderr
@@ -139,7 +139,7 @@ def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_re
         "BACKBONE_LOG_FORMAT": "json",
         "BACKBONE_METRICS_PORT": "0",
     }
-    code = "from backbone.cli_anomalies import processors_app; processors_app()"
+    code = "from backbone.cli.anomalies import processors_app; processors_app()"
     args = ["anomalies", "--app-id", unique_name("anom"), "--metrics-topic", metrics, "--insights-topic", insights,
             "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
     res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=180,

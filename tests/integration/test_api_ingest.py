@@ -35,7 +35,9 @@ GITHUB_BODY = b"Hello, World!"
 GITHUB_EXPECTED = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
 SLACK_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 LINEAR_SECRET = "lin_wh_test_secret"
-EVENTS_FILE = Path(__file__).resolve().parents[3] / "shared" / "data" / "github_events" / "duckdb_events_2023-04.json"
+EVENTS_FILE = (
+    Path(__file__).resolve().parents[3] / "shared" / "data" / "github_events" / "duckdb_events_2023-04.json"
+)
 RUN = "sophia.agent.RunLifecycle"
 
 
@@ -107,7 +109,9 @@ def admin_token(tokens: TokenStore) -> str:
     return tokens.create("tests", ["admin"])[0]
 
 
-def test_single_event_is_acknowledged_and_stored(client: httpx.Client, settings: Settings, topic: str, admin_token: str) -> None:
+def test_single_event_is_acknowledged_and_stored(
+    client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
     """One JSON object becomes one record with CloudEvents headers, keyed by the run id, and its id is answered."""
     r = client.post(f"/events/{RUN}", params={"topic": topic, "key_field": "run_id"}, json=_run_event("run-a"),
                     headers=_auth(admin_token))  # fmt: skip
@@ -120,11 +124,18 @@ def test_single_event_is_acknowledged_and_stored(client: httpx.Client, settings:
     assert recs[0].data["event_time"] == datetime(2025, 3, 1, 12, tzinfo=UTC)
 
 
-def test_batch_accepts_rfc3339_and_epoch_ms(client: httpx.Client, settings: Settings, topic: str, admin_token: str) -> None:
+def test_batch_accepts_rfc3339_and_epoch_ms(
+    client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
     """A batch mixing RFC 3339 and epoch-millisecond times is produced whole, in order per key."""
     batch = [_run_event("r", event_time="2025-03-01T12:00:00+01:00"), _run_event("r", event_time=1_740_830_400_000),
              _run_event("r", phase="FINISHED", outcome="RESOLVED")]  # fmt: skip
-    r = client.post(f"/events/{RUN}", params={"topic": topic, "key_field": "run_id"}, json=batch, headers=_auth(admin_token))
+    r = client.post(
+        f"/events/{RUN}",
+        params={"topic": topic, "key_field": "run_id"},
+        json=batch,
+        headers=_auth(admin_token),
+    )
     assert r.status_code == 202, r.text
     recs = _records(settings, topic)
     assert [x.attributes.id for x in recs] == r.json()["ids"]
@@ -132,29 +143,44 @@ def test_batch_accepts_rfc3339_and_epoch_ms(client: httpx.Client, settings: Sett
     assert recs[1].data["event_time"] == datetime.fromtimestamp(1_740_830_400, UTC)
 
 
-def test_batch_with_one_bad_item_produces_nothing(client: httpx.Client, settings: Settings, topic: str, admin_token: str) -> None:
+def test_batch_with_one_bad_item_produces_nothing(
+    client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
     """A batch whose third item has a bad enum is refused with 422 naming field and index, and nothing is produced."""
     batch = [_run_event(), _run_event(), _run_event(phase="SOMETIMES")]
     r = client.post(f"/events/{RUN}", params={"topic": topic}, json=batch, headers=_auth(admin_token))
     assert r.status_code == 422
     detail = r.json()["detail"]
     assert detail["field"] == "phase" and detail["index"] == 2 and "phase" in detail["message"]
-    missing = client.post(f"/events/{RUN}", params={"topic": topic}, json={"phase": "STARTED"}, headers=_auth(admin_token))
+    missing = client.post(
+        f"/events/{RUN}", params={"topic": topic}, json={"phase": "STARTED"}, headers=_auth(admin_token)
+    )
     assert missing.status_code == 422 and missing.json()["detail"]["field"] == "run_id"
     assert _records(settings, topic) == []
 
 
-def test_bad_bodies_are_refused(client: httpx.Client, settings: Settings, topic: str, admin_token: str) -> None:
+def test_bad_bodies_are_refused(
+    client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
     """Invalid JSON is 400, an oversized body 413, an oversized batch 413, unknown type or topic 404."""
     h = {**_auth(admin_token), "Content-Type": "application/json"}
     bad = client.post(f"/events/{RUN}", params={"topic": topic}, content=b'{"run_id": ', headers=h)
     assert bad.status_code == 400 and "JSON" in bad.json()["detail"]["message"]
-    big = client.post(f"/events/{RUN}", params={"topic": topic}, content=b"[" + b" " * 70_000 + b"]", headers=h)
+    big = client.post(
+        f"/events/{RUN}", params={"topic": topic}, content=b"[" + b" " * 70_000 + b"]", headers=h
+    )
     assert big.status_code == 413
     many = client.post(f"/events/{RUN}", params={"topic": topic}, json=[_run_event()] * 51, headers=h)
     assert many.status_code == 413
-    assert client.post("/events/sophia.no.Such", params={"topic": topic}, json={}, headers=h).status_code == 404
-    assert client.post(f"/events/{RUN}", params={"topic": "no-such-topic-x"}, json=_run_event(), headers=h).status_code == 404
+    assert (
+        client.post("/events/sophia.no.Such", params={"topic": topic}, json={}, headers=h).status_code == 404
+    )
+    assert (
+        client.post(
+            f"/events/{RUN}", params={"topic": "no-such-topic-x"}, json=_run_event(), headers=h
+        ).status_code
+        == 404
+    )
     assert _records(settings, topic) == []
 
 
@@ -172,11 +198,17 @@ def test_tokens_and_scopes(client: httpx.Client, tokens: TokenStore, topic: str)
     assert client.post(url, json=_run_event(), headers=_auth(wild)).status_code == 401
 
 
-def test_idempotency_key_replays_first_answer(client: httpx.Client, settings: Settings, topic: str, admin_token: str) -> None:
+def test_idempotency_key_replays_first_answer(
+    client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
     """A retry with the same Idempotency-Key returns the first answer and produces nothing new; reuse for another body is 422."""
     h = {**_auth(admin_token), "Idempotency-Key": f"k-{uuid.uuid4()}"}
-    first = client.post(f"/events/{RUN}", params={"topic": topic}, json=[_run_event(), _run_event()], headers=h)
-    second = client.post(f"/events/{RUN}", params={"topic": topic}, json=[_run_event(), _run_event()], headers=h)
+    first = client.post(
+        f"/events/{RUN}", params={"topic": topic}, json=[_run_event(), _run_event()], headers=h
+    )
+    second = client.post(
+        f"/events/{RUN}", params={"topic": topic}, json=[_run_event(), _run_event()], headers=h
+    )
     assert first.status_code == second.status_code == 202
     assert second.json() == first.json() and second.headers["Idempotent-Replayed"] == "true"
     other = client.post(f"/events/{RUN}", params={"topic": topic}, json=[_run_event("z")], headers=h)
@@ -187,7 +219,10 @@ def test_idempotency_key_replays_first_answer(client: httpx.Client, settings: Se
 def test_rate_limit_answers_429(client: httpx.Client, tokens: TokenStore, topic: str) -> None:
     """A token with a bucket of 2 and 0.5 request/s gets 429 with Retry-After on its third quick request."""
     token, _ = tokens.create("slow", [f"produce:{topic}"], rate_per_second=0.5, burst=2)
-    codes = [client.post(f"/events/{RUN}", params={"topic": topic}, json=_run_event(), headers=_auth(token)) for _ in range(3)]
+    codes = [
+        client.post(f"/events/{RUN}", params={"topic": topic}, json=_run_event(), headers=_auth(token))
+        for _ in range(3)
+    ]
     assert [c.status_code for c in codes] == [202, 202, 429]
     assert 1 <= int(codes[2].headers["Retry-After"]) <= 2
 
@@ -195,7 +230,9 @@ def test_rate_limit_answers_429(client: httpx.Client, tokens: TokenStore, topic:
 # ----------------------------------------------------------------------------------------------- webhooks
 
 
-def _github_delivery(body: bytes, delivery: str, event: str = "pull_request", secret: str = GITHUB_SECRET) -> dict[str, str]:
+def _github_delivery(
+    body: bytes, delivery: str, event: str = "pull_request", secret: str = GITHUB_SECRET
+) -> dict[str, str]:
     return {"X-Hub-Signature-256": github_signature(secret, body), "X-GitHub-Event": event,
             "X-GitHub-Delivery": delivery, "Content-Type": "application/json"}  # fmt: skip
 
@@ -203,10 +240,14 @@ def _github_delivery(body: bytes, delivery: str, event: str = "pull_request", se
 def _pull_request_body() -> bytes:
     events = json.loads(EVENTS_FILE.read_text())
     ev = next(e for e in events if e["type"] == "PullRequestEvent")
-    return json.dumps({**ev["payload"], "repository": {"full_name": ev["repo"]["name"]}, "sender": ev["actor"]}).encode()
+    return json.dumps(
+        {**ev["payload"], "repository": {"full_name": ev["repo"]["name"]}, "sender": ev["actor"]}
+    ).encode()
 
 
-def test_github_documented_vector_passes_signature_check(client: httpx.Client, settings: Settings, api_settings: ApiSettings) -> None:
+def test_github_documented_vector_passes_signature_check(
+    client: httpx.Client, settings: Settings, api_settings: ApiSettings
+) -> None:
     """GitHub's documented secret/body/signature passes the check (422: the body is no event), a forged one is 401."""
     h = {"X-Hub-Signature-256": GITHUB_EXPECTED, "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-vector"}
     assert client.post("/webhooks/github", content=GITHUB_BODY, headers=h).status_code == 422
@@ -218,7 +259,9 @@ def test_github_documented_vector_passes_signature_check(client: httpx.Client, s
     )
 
 
-def test_github_delivery_is_produced_once(client: httpx.Client, settings: Settings, api_settings: ApiSettings) -> None:
+def test_github_delivery_is_produced_once(
+    client: httpx.Client, settings: Settings, api_settings: ApiSettings
+) -> None:
     """A real pull-request delivery becomes one ExternalEvent; a redelivery of the same id produces nothing new; a tampered body is 401."""
     body = _pull_request_body()
     delivery = str(uuid.uuid4())
@@ -226,15 +269,21 @@ def test_github_delivery_is_produced_once(client: httpx.Client, settings: Settin
     again = client.post("/webhooks/github", content=body, headers=_github_delivery(body, delivery))
     assert first.status_code == 202, first.text
     assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
-    tampered = client.post("/webhooks/github", content=body.replace(b"duckdb", b"duckdc", 1), headers=_github_delivery(body, "x"))
+    tampered = client.post(
+        "/webhooks/github", content=body.replace(b"duckdb", b"duckdc", 1), headers=_github_delivery(body, "x")
+    )
     assert tampered.status_code == 401
     mine = [x for x in _records(settings, api_settings.external_topic) if x.data["source_id"] == delivery]
     assert len(mine) == 1
     assert mine[0].attributes.id == first.json()["ids"][0]
-    assert mine[0].data["kind"].startswith("github.pull_request.") and mine[0].key.startswith("github:duckdb/duckdb#")
+    assert mine[0].data["kind"].startswith("github.pull_request.") and mine[0].key.startswith(
+        "github:duckdb/duckdb#"
+    )
 
 
-def test_slack_signature_and_window(client: httpx.Client, settings: Settings, api_settings: ApiSettings) -> None:
+def test_slack_signature_and_window(
+    client: httpx.Client, settings: Settings, api_settings: ApiSettings
+) -> None:
     """A fresh signed slash command is produced, a stale but correctly signed one is 401, a url_verification is answered."""
     trigger = f"trig-{uuid.uuid4().hex}"
     body = urlencode({"command": "/deploy", "team_id": "T1", "channel_id": "C9", "user_name": "ann",
@@ -244,7 +293,11 @@ def test_slack_signature_and_window(client: httpx.Client, settings: Settings, ap
          "Content-Type": "application/x-www-form-urlencoded"}  # fmt: skip
     assert client.post("/webhooks/slack", content=body, headers=h).status_code == 202
     old = str(int(time.time()) - 600)
-    stale = {**h, "X-Slack-Signature": slack_signature(SLACK_SECRET, old, body), "X-Slack-Request-Timestamp": old}
+    stale = {
+        **h,
+        "X-Slack-Signature": slack_signature(SLACK_SECRET, old, body),
+        "X-Slack-Request-Timestamp": old,
+    }
     assert client.post("/webhooks/slack", content=body, headers=stale).status_code == 401
     challenge = json.dumps({"type": "url_verification", "challenge": "abc"}).encode()
     hc = {"X-Slack-Signature": slack_signature(SLACK_SECRET, ts, challenge), "X-Slack-Request-Timestamp": ts,
@@ -255,7 +308,9 @@ def test_slack_signature_and_window(client: httpx.Client, settings: Settings, ap
     assert len(mine) == 1 and mine[0].data["kind"] == "slack.command.deploy" and mine[0].key == "slack:T1/C9"
 
 
-def test_linear_signature_and_window(client: httpx.Client, settings: Settings, api_settings: ApiSettings) -> None:
+def test_linear_signature_and_window(
+    client: httpx.Client, settings: Settings, api_settings: ApiSettings
+) -> None:
     """A fresh signed Linear issue update is produced; a forged signature or a stale webhookTimestamp is 401."""
     delivery = str(uuid.uuid4())
     now_ms = int(time.time() * 1000)
@@ -265,7 +320,10 @@ def test_linear_signature_and_window(client: httpx.Client, settings: Settings, a
     h = {"Linear-Signature": linear_signature(LINEAR_SECRET, body), "Linear-Delivery": delivery,
          "Content-Type": "application/json"}  # fmt: skip
     assert client.post("/webhooks/linear", content=body, headers=h).status_code == 202
-    assert client.post("/webhooks/linear", content=body, headers={**h, "Linear-Signature": "0" * 64}).status_code == 401
+    assert (
+        client.post("/webhooks/linear", content=body, headers={**h, "Linear-Signature": "0" * 64}).status_code
+        == 401
+    )
     stale_body = json.dumps({**payload, "webhookTimestamp": now_ms - 300_000}).encode()
     stale = {**h, "Linear-Signature": linear_signature(LINEAR_SECRET, stale_body), "Linear-Delivery": "other"}
     assert client.post("/webhooks/linear", content=stale_body, headers=stale).status_code == 401
@@ -299,20 +357,29 @@ def test_broker_down_is_503_with_retry_after(settings: Settings, api_db: str, tm
         while True:
             try:
                 admin = AdminClient(kafka.librdkafka())
-                admin.create_topics([NewTopic("down-test", num_partitions=1, replication_factor=1)])["down-test"].result(5)
+                admin.create_topics([NewTopic("down-test", num_partitions=1, replication_factor=1)])[
+                    "down-test"
+                ].result(5)
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
-        app_settings = settings.model_copy(update={"kafka": kafka, "postgres": PostgresSettings(url=SecretStr(api_db))})
+        app_settings = settings.model_copy(
+            update={"kafka": kafka, "postgres": PostgresSettings(url=SecretStr(api_db))}
+        )
         api = ApiSettings(ack_timeout_seconds=2, retry_after_seconds=7, external_topic="down-external")
-        with ServerThread(create_app(app_settings, api)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        with (
+            ServerThread(create_app(app_settings, api)) as srv,
+            httpx.Client(base_url=srv.url, timeout=30) as c,
+        ):
             pool = ConnectionPool(api_db, min_size=1, max_size=1, open=True)
             token, _ = TokenStore(pool).create("down", ["admin"])
             pool.close()
             h = {**_auth(token), "Idempotency-Key": "retry-me"}
-            ok = c.post(f"/events/{RUN}", params={"topic": "down-test"}, json=_run_event(), headers=_auth(token))
+            ok = c.post(
+                f"/events/{RUN}", params={"topic": "down-test"}, json=_run_event(), headers=_auth(token)
+            )
             assert ok.status_code == 202, ok.text
             proc.kill()
             proc.wait(10)

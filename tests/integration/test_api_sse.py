@@ -44,7 +44,9 @@ def sse_db(stack: StackInfo) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def app(settings: Settings, sse_db: str) -> Any:
-    api = ApiSettings(sse_buffer_events=BUFFER, sse_heartbeat_seconds=1, external_topic=f"sse-ext-{uuid.uuid4().hex[:6]}")
+    api = ApiSettings(
+        sse_buffer_events=BUFFER, sse_heartbeat_seconds=1, external_topic=f"sse-ext-{uuid.uuid4().hex[:6]}"
+    )
     return create_app(settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(sse_db))}), api)
 
 
@@ -92,7 +94,11 @@ def _read_sse(resp: httpx.Response, n: int) -> list[dict[str, str]]:
 
 
 def test_resume_with_last_event_id_has_no_gap_or_duplicate(
-    server: ServerThread, token: str, settings: Settings, create_topic: Callable[..., str], unique_name: Callable[[str], str]
+    server: ServerThread,
+    token: str,
+    settings: Settings,
+    create_topic: Callable[..., str],
+    unique_name: Callable[[str], str],
 ) -> None:
     """Read 10 of 30 events, disconnect, reconnect with Last-Event-ID: the other 20 arrive, none twice, none missing."""
     import json
@@ -114,7 +120,9 @@ def test_resume_with_last_event_id_has_no_gap_or_duplicate(
     assert all(m["event"] == "sophia.insight.Insight" for m in first + rest)
 
 
-def test_errors_before_streaming(server: ServerThread, token: str, create_topic: Callable[..., str], unique_name: Callable[[str], str]) -> None:
+def test_errors_before_streaming(
+    server: ServerThread, token: str, create_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> None:
     """No token is 401, an unknown topic 404, a malformed Last-Event-ID or from 400."""
     topic = create_topic(unique_name("sse"), 1)
     h = {"Authorization": f"Bearer {token}"}
@@ -137,7 +145,9 @@ def test_slow_client_pauses_consumer_and_buffer_stays_bounded(
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((host, port))
-    sock.sendall(f"GET /subscribe/{topic}?limit={n} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    sock.sendall(
+        f"GET /subscribe/{topic}?limit={n} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
     try:
         head = sock.recv(1024)
         assert b"200" in head.split(b"\r\n")[0]

@@ -105,8 +105,12 @@ def test_audit_of_a_real_run_shows_its_events_in_order_with_the_insight_last(
     run = runs[3]
     with psycopg.connect(pg_url) as c:
         trail = audit_trail(c, f"run:{run.run_id}", serde=serde)
-    finished = next(e for e in run.events if e.schema == run_summary.RUN_LIFECYCLE and e.data["phase"] == "FINISHED")
-    assert [e.event_id for e in trail[:-1]] and {e.event_id for e in trail[:-1]} == {e.attributes.id for e in run.events}
+    finished = next(
+        e for e in run.events if e.schema == run_summary.RUN_LIFECYCLE and e.data["phase"] == "FINISHED"
+    )
+    assert [e.event_id for e in trail[:-1]] and {e.event_id for e in trail[:-1]} == {
+        e.attributes.id for e in run.events
+    }
     assert all(a.time <= b.time for a, b in itertools.pairwise(trail))
     last = trail[-1]
     assert last.topic == insight_topic and last.type == "sophia.insight.Insight"
@@ -116,14 +120,24 @@ def test_audit_of_a_real_run_shows_its_events_in_order_with_the_insight_last(
     tool = next(e for e in trail if e.type == "sophia.agent.ToolCall")
     assert tool.caused_by is not None and tool.as_json()["causationid"] == tool.caused_by
     with psycopg.connect(pg_url) as c:
-        window = audit_trail(c, f"run:{run.run_id}", start=finished.attributes.time, end=finished.attributes.time + timedelta(seconds=1))
+        window = audit_trail(
+            c,
+            f"run:{run.run_id}",
+            start=finished.attributes.time,
+            end=finished.attributes.time + timedelta(seconds=1),
+        )
     t = finished.attributes.time
     assert [e.event_id for e in window][-2:] == [finished.attributes.id, last.event_id]
     assert all(t <= e.time < t + timedelta(seconds=1) for e in window) and len(window) < len(trail)
 
 
 def test_archive_keeps_undecodable_records_and_repeated_event_ids(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, runs: list[ParsedRun]
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    runs: list[ParsedRun],
 ) -> None:
     """Garbage bytes are archived with their raw value and the decode error, and an event produced twice
     is archived at both offsets; re-running the archive changes nothing."""
@@ -135,15 +149,21 @@ def test_archive_keeps_undecodable_records_and_repeated_event_ids(
         p.produce_raw(topic, key=b"k", value=b"\x00garbage", headers=[("x", b"1")])
         p.produce(topic, e)
     for _ in range(2):
-        ProjectionRunner(s, serde, ArchiveProjection([topic]), group_id=f"x-{topic}-{_}").run(until_caught_up=True, max_wait_seconds=60)
+        ProjectionRunner(s, serde, ArchiveProjection([topic]), group_id=f"x-{topic}-{_}").run(
+            until_caught_up=True, max_wait_seconds=60
+        )
     with psycopg.connect(pg_url) as c:
-        rows = c.execute('SELECT "offset", event_id, value, decode_error, headers FROM proj_archive.archived_events ORDER BY 1').fetchall()
+        rows = c.execute(
+            'SELECT "offset", event_id, value, decode_error, headers FROM proj_archive.archived_events ORDER BY 1'
+        ).fetchall()
     assert [r[0] for r in rows] == [0, 1, 2]
     assert rows[0][1] == rows[2][1] == e.attributes.id
     assert bytes(rows[1][2]) == b"\x00garbage" and rows[1][3] and rows[1][4] == [["x", "MQ=="]]
 
 
-def test_http_read_endpoints(world: tuple[Settings, str, str], serde: AvroSerde, pg_url: str, redis_url: str, runs: list) -> None:
+def test_http_read_endpoints(
+    world: tuple[Settings, str, str], serde: AvroSerde, pg_url: str, redis_url: str, runs: list
+) -> None:
     """The router answers runs (filter, cursor paging), one run, models, insights, projections and audit
     from PostgreSQL, with 404 for an unknown run and 422 for a bad filter."""
     from fastapi import FastAPI
@@ -171,7 +191,10 @@ def test_http_read_endpoints(world: tuple[Settings, str, str], serde: AvroSerde,
         assert missing.status_code == 404 and "no-such-run" in missing.json()["detail"]
         assert sum(m["llm_calls"] for m in client.get("/models").json()) == 856
         insights = client.get("/insights", params={"kind": "run.summary"}).json()
-        assert len(insights) == 25 and client.get("/insights", params={"entity": f"run:{runs[0].run_id}"}).json()[0]["summary"]
+        assert (
+            len(insights) == 25
+            and client.get("/insights", params={"entity": f"run:{runs[0].run_id}"}).json()[0]["summary"]
+        )
         status = {p["name"]: p for p in client.get("/projections").json()}
         assert status["archive"]["stored_version"] == 1
         trail = client.get(f"/audit/run:{runs[0].run_id}").json()
@@ -201,8 +224,13 @@ def _redis_server(port: int, workdir: Path) -> subprocess.Popen:
 
 
 def test_redis_outage_degrades_reads_and_loses_no_write(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable,
-    runs: list[ParsedRun], tmp_path: Path,
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    runs: list[ParsedRun],
+    tmp_path: Path,
 ) -> None:
     """With Redis killed mid-stream the runner goes on, reads come from PostgreSQL, and once a fresh
     (empty) Redis is back the next batch refills every run so Redis equals PostgreSQL."""
@@ -220,9 +248,9 @@ def test_redis_outage_degrades_reads_and_loses_no_write(
     def project(part: list) -> None:
         with EventProducer(s.kafka, serde) as p:
             p.produce_many(topic, part)
-        ProjectionRunner(s, serde, AgentRunsProjection([topic]), group_id=f"rm-{topic}", after_commit=model).run(
-            until_caught_up=True, max_wait_seconds=60
-        )
+        ProjectionRunner(
+            s, serde, AgentRunsProjection([topic]), group_id=f"rm-{topic}", after_commit=model
+        ).run(until_caught_up=True, max_wait_seconds=60)
 
     try:
         project(parts[0])
@@ -250,4 +278,3 @@ def test_redis_outage_degrades_reads_and_loses_no_write(
         model.close()
         server.kill()
         server.wait()
-

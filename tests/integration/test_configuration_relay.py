@@ -38,8 +38,9 @@ def _with(settings: Settings, pg_url: str, redis_url: str | None = None) -> Sett
     return settings.model_copy(update=update)
 
 
-def _read_topic(settings: Settings, topic: str, group: str, want_ids: set[str], timeout_seconds: float = 60.0
-                ) -> list[ConsumedEvent]:
+def _read_topic(
+    settings: Settings, topic: str, group: str, want_ids: set[str], timeout_seconds: float = 60.0
+) -> list[ConsumedEvent]:
     """Every record of ``topic`` until all ``want_ids`` were seen (partition EOF reached) or the timeout."""
     serde = AvroSerde(EmbeddedRegistry())
     consumer = make_consumer(settings.kafka, group, **{"enable.partition.eof": True})
@@ -72,7 +73,10 @@ def _expected_ids(store: ConfigStore, keys: list[str]) -> set[str]:
 
 @pytest.mark.slow
 def test_every_event_reaches_the_topic_once_after_dedup_across_sigkills(
-    settings: Settings, pg_url: str, create_topic: Callable[..., str], unique_name: Callable[[str], str],
+    settings: Settings,
+    pg_url: str,
+    create_topic: Callable[..., str],
+    unique_name: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
     """A relay subprocess killed with SIGKILL at random points while writers write still publishes every stored event, in order per key."""
@@ -87,7 +91,17 @@ def test_every_event_reaches_the_topic_once_after_dedup_across_sigkills(
         "BACKBONE_STATE_DIR": str(tmp_path),
         "BACKBONE_LOG_FORMAT": "json",
     }
-    argv = [sys.executable, "-m", "configuration.relay", "--topic", topic, "--name", "kill-test", "--batch-size", "15"]
+    argv = [
+        sys.executable,
+        "-m",
+        "configuration.relay",
+        "--topic",
+        topic,
+        "--name",
+        "kill-test",
+        "--batch-size",
+        "15",
+    ]
     log_file = (tmp_path / "relay.log").open("ab")
 
     def start() -> subprocess.Popen[bytes]:
@@ -162,12 +176,17 @@ def test_every_event_reaches_the_topic_once_after_dedup_across_sigkills(
     for key in keys:
         assert by_key[key] == sorted(by_key[key]) and len(by_key[key]) == 40
     assert all(r.schema == CONFIG_CHANGE_SCHEMA and r.key == r.data["key"] for r in records)
-    print(f"\n{kills} SIGKILLs, {len(records)} records for {len(want)} events ({len(records) - len(want)} duplicates)")
+    print(
+        f"\n{kills} SIGKILLs, {len(records)} records for {len(want)} events ({len(records) - len(want)} duplicates)"
+    )
     store.close()
 
 
 def test_projection_keeps_redis_current_and_config_reads_it(
-    settings: Settings, pg_url: str, redis_url: str, create_topic: Callable[..., str],
+    settings: Settings,
+    pg_url: str,
+    redis_url: str,
+    create_topic: Callable[..., str],
     unique_name: Callable[[str], str],
 ) -> None:
     """After relay and projection run, Config.current reads Redis; a duplicate is a no-op; an unprojected key falls back to PostgreSQL."""

@@ -38,7 +38,9 @@ def _free_port() -> int:
 def _position(pg_url: str) -> int | None:
     try:
         with psycopg.connect(pg_url, connect_timeout=2) as conn:
-            row = conn.execute("select notification_id from config_relay_position where relay_name = 'outage'").fetchone()
+            row = conn.execute(
+                "select notification_id from config_relay_position where relay_name = 'outage'"
+            ).fetchone()
         return row[0] if row else None
     except psycopg.Error:
         return None

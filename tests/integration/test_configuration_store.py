@@ -48,7 +48,9 @@ def test_concurrent_writers_with_expected_version_only_one_wins(pg_url: str) -> 
     """Six writers in separate stores all expecting version 1: exactly one stores version 2, the others are refused."""
     stores = [ConfigStore(_settings(pg_url)) for _ in range(6)]
     try:
-        stores[0].set("routing.policy.default", {"strategy": "cheapest", "models": ["a"]}, author="t", reason="init")
+        stores[0].set(
+            "routing.policy.default", {"strategy": "cheapest", "models": ["a"]}, author="t", reason="init"
+        )
         barrier = threading.Barrier(len(stores))
         results: list[object] = [None] * len(stores)
 
@@ -56,8 +58,11 @@ def test_concurrent_writers_with_expected_version_only_one_wins(pg_url: str) -> 
             barrier.wait()
             try:
                 results[i] = stores[i].set(
-                    "routing.policy.default", {"strategy": "fastest", "models": [f"m{i}"]},
-                    author=f"w{i}", reason="race", expected_version=1,
+                    "routing.policy.default",
+                    {"strategy": "fastest", "models": [f"m{i}"]},
+                    author=f"w{i}",
+                    reason="race",
+                    expected_version=1,
                 )
             except StaleVersionError as exc:
                 results[i] = exc
@@ -133,7 +138,9 @@ def test_rollback_restores_the_old_value_as_a_new_version(store: ConfigStore) ->
     mid = datetime.now(UTC)
     time.sleep(0.005)
     store.set("providers.openai", {"requests_per_minute": 1}, author="bob", reason="throttle more")
-    rb = store.rollback("providers.openai", to_version=1, author="ann", reason="too slow", causation_id="cmd-1")
+    rb = store.rollback(
+        "providers.openai", to_version=1, author="ann", reason="too slow", causation_id="cmd-1"
+    )
     assert (rb.version, rb.value["requests_per_minute"], rb.change) == (4, 60, "ROLLED_BACK")
     assert (rb.restored_version, rb.rolled_back_from_version, rb.causation_id) == (1, 3, "cmd-1")
     by_time = store.rollback("providers.openai", to_time=mid, author="ann", reason="back to throttle")
@@ -159,8 +166,13 @@ def test_bad_input_is_refused_and_nothing_is_written(store: ConfigStore) -> None
     with pytest.raises(ConfigVersionNotFoundError, match="1..1"):
         store.rollback("routing.policy.a", to_version=9, author="t", reason="x")
     with pytest.raises(StaleVersionError, match="at version 1"):
-        store.set("routing.policy.a", {"strategy": "fastest", "models": ["m"]}, author="t", reason="x",
-                  expected_version=0)
+        store.set(
+            "routing.policy.a",
+            {"strategy": "fastest", "models": ["m"]},
+            author="t",
+            reason="x",
+            expected_version=0,
+        )
     with pytest.raises(ConfigKeyError):
         store.set("Bad Key", {}, author="t", reason="x")
     with pytest.raises(ValueError):
@@ -194,6 +206,8 @@ def test_reading_a_key_with_10000_versions_is_under_50_ms(store: ConfigStore) ->
     mid_seconds = time.perf_counter() - t0
     assert mid.value["i"] == 5_555
     median = statistics.median(timings)
-    print(f"\nread of a 10,000-version key: median {median * 1000:.2f} ms, max {max(timings) * 1000:.2f} ms, "
-          f"version 5555 {mid_seconds * 1000:.2f} ms")
+    print(
+        f"\nread of a 10,000-version key: median {median * 1000:.2f} ms, max {max(timings) * 1000:.2f} ms, "
+        f"version 5555 {mid_seconds * 1000:.2f} ms"
+    )
     assert median < 0.050 and mid_seconds < 0.050

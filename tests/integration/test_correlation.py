@@ -45,7 +45,9 @@ def _slack(at: datetime, text: str) -> Event:
 
 
 def _commit(sha: str, at: datetime, subject: str) -> Event:
-    return commit_event(repo="acme/widget", sha=sha, commit_time=at.isoformat(), author="Ann", subject=subject)
+    return commit_event(
+        repo="acme/widget", sha=sha, commit_time=at.isoformat(), author="Ann", subject=subject
+    )
 
 
 def _run_correlate(
@@ -75,7 +77,9 @@ def test_reference_links_from_the_log_and_a_dead_letter(
     insights_topic = create_topic(unique_name("insights"), partitions=3)
     dlq_topic = create_topic(unique_name("dlq"), partitions=1)
     serde = AvroSerde(EmbeddedRegistry())
-    m_sha = _slack(T0 - timedelta(hours=2), "did <https://github.com/acme/widget/commit/0123456789ab|this> land?")
+    m_sha = _slack(
+        T0 - timedelta(hours=2), "did <https://github.com/acme/widget/commit/0123456789ab|this> land?"
+    )
     m_pr = _slack(T0 + timedelta(days=3), "thanks for merging #42!")
     m_none = _slack(T0, "anyone for lunch?")
     c_a = _commit(SHA_A, T0, "teach the frobnicator to count")
@@ -92,7 +96,11 @@ def test_reference_links_from_the_log_and_a_dead_letter(
                             "--dlq-topic", dlq_topic, "--stop-after-idle", "4")  # fmt: skip
     assert worker.returncode == 0, worker.stderr[-3000:]
     stats = json.loads(worker.stdout.strip().splitlines()[-1])
-    assert stats["events_count"] == 6 and stats["dead_letters_count"] == 1 and stats["reference_links_count"] == 2
+    assert (
+        stats["events_count"] == 6
+        and stats["dead_letters_count"] == 1
+        and stats["reference_links_count"] == 2
+    )
 
     records = _insights(settings, serde, insights_topic)
     got = {r.data["insight_id"]: r for r in records}
@@ -107,13 +115,18 @@ def test_reference_links_from_the_log_and_a_dead_letter(
         assert r.key == commit.key and r.data["kind"] == "correlation.link"
         assert r.data["event_time"] == later and r.timestamp_ms == int(later.timestamp() * 1000)
         assert r.data["labels"]["reference"] == reference and r.data["labels"]["slack_entity"] == message.key
-        assert r.data["metrics"]["lag_seconds"] == (message.attributes.time - commit.attributes.time).total_seconds()
+        assert (
+            r.data["metrics"]["lag_seconds"]
+            == (message.attributes.time - commit.attributes.time).total_seconds()
+        )
         assert r.attributes.id == iid
 
     letters = list(read_range(settings.kafka, serde, dlq_topic))
     assert len(letters) == 1 and isinstance(letters[0], ConsumedEvent)
     assert letters[0].data["value"] == BAD_VALUE and letters[0].data["processor"] == "correlation"
-    assert letters[0].data["source_topic"] == events_topic and letters[0].data["error_type"] == "EnvelopeError"
+    assert (
+        letters[0].data["source_topic"] == events_topic and letters[0].data["error_type"] == "EnvelopeError"
+    )
 
 
 def test_restarted_worker_recovers_the_commits_from_the_changelog(
@@ -133,7 +146,12 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     dlq_topic = create_topic(unique_name("dlq"), partitions=1)
     app_id = unique_name("corr")
     serde = AvroSerde(EmbeddedRegistry())
-    shas = [SHA_A, SHA_B, "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678", "abcdef0123456789abcdef0123456789abcdef01"]
+    shas = [
+        SHA_A,
+        SHA_B,
+        "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678",
+        "abcdef0123456789abcdef0123456789abcdef01",
+    ]
     commits = [_commit(sha, T0 + timedelta(minutes=i), f"change number {i}") for i, sha in enumerate(shas)]
     message = _slack(T0 + timedelta(hours=1), "did " + ", ".join(sha[:12] for sha in shas) + " land?")
     args = ("--no-embeddings", "--app-id", app_id, "--events-topic", events_topic, "--insights-topic",
@@ -154,7 +172,9 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     second = _run_correlate(settings, tmp_path, *args, timeout=25)
     assert second.returncode == 0, second.stderr[-3000:]
     stats = json.loads(second.stdout.strip().splitlines()[-1])
-    assert stats["events_count"] == 1 and stats["dead_letters_count"] == 0, stats  # the commits were not re-read
+    assert stats["events_count"] == 1 and stats["dead_letters_count"] == 0, (
+        stats
+    )  # the commits were not re-read
     assert stats["reference_links_count"] == len(commits), second.stderr[-3000:]
 
     records = _insights(settings, serde, insights_topic)
@@ -174,7 +194,9 @@ def minilm():
 
 
 @pytest.fixture
-def inference_topics(unique_name: Callable[[str], str], create_topic: Callable[..., str]) -> InferenceSettings:
+def inference_topics(
+    unique_name: Callable[[str], str], create_topic: Callable[..., str]
+) -> InferenceSettings:
     """Unique requests, results and dead-letter topics for one test."""
     return InferenceSettings(
         requests_topic=create_topic(unique_name("inf-req"), partitions=3),
@@ -185,7 +207,9 @@ def inference_topics(unique_name: Callable[[str], str], create_topic: Callable[.
 
 
 @pytest.fixture
-def inference_worker(settings: Settings, inference_topics: InferenceSettings, minilm) -> Iterator[InferenceWorker]:
+def inference_worker(
+    settings: Settings, inference_topics: InferenceSettings, minilm
+) -> Iterator[InferenceWorker]:
     """A real InferenceWorker (the loop a Ray actor runs) answering requests in a thread."""
     worker = InferenceWorker(settings.kafka, inference_topics, model=minilm, worker_id="corr-test")
     stop = threading.Event()
@@ -214,7 +238,9 @@ def test_embedding_links_with_vectors_from_the_inference_worker(
     texts = ["make the regular expression matcher faster", "the regular expression matcher is much faster now",
              "who is coming to the conference dinner?"]  # fmt: skip
     v = minilm.embed(texts)
-    assert float(v[0] @ v[1]) >= 0.7 > float(v[0] @ v[2])  # the premise of the test, checked with the model itself
+    assert (
+        float(v[0] @ v[1]) >= 0.7 > float(v[0] @ v[2])
+    )  # the premise of the test, checked with the model itself
     with EventProducer(settings.kafka, serde) as producer:
         for event in (m_far, m_fast, m_other, c_fast):
             producer.produce(events_topic, event)
@@ -275,7 +301,9 @@ def test_real_racket_data_counts_and_explicit_links() -> None:
     messages = list(parse_slack_export(xml_path))
     commits = list(parse_git_commits_tsv(tsv_path))
     assert len(messages) == 9709
-    rows = [line.split("\t") for line in tsv_path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    rows = [
+        line.split("\t") for line in tsv_path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()
+    ]
     assert len(commits) == len(rows)
     assert len({m.key for m in messages}) == len(messages)
     assert all(e.data["occurred_at"].tzinfo is not None for e in messages + commits)

@@ -61,7 +61,7 @@ def _worker(
     args = ["--app-id", app_id, "--events-topic", topics["events"], "--config-topic", topics["config"],
             "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"], "--thresholds", json.dumps(THRESHOLDS),
             "--stop-after-idle", "3", *extra]  # fmt: skip
-    code = "import sys; from backbone.cli_healing import heal_app; heal_app(sys.argv[1:])"
+    code = "import sys; from backbone.cli.healing import heal_app; heal_app(sys.argv[1:])"
     run = subprocess.run(
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=90, check=False
     )
@@ -167,7 +167,7 @@ def test_status_ack_and_audit_commands(pg_url: str, redis_url: str, monkeypatch:
 def _cli_checks(pg_url: str, redis_url: str) -> None:
     from typer.testing import CliRunner
 
-    from backbone.cli_healing import app
+    from backbone.cli.healing import app
     from processors.healing.decisions import Decision
 
     model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))

@@ -43,7 +43,10 @@ def test_incompatible_change_is_refused_by_the_registry() -> None:
         with pytest.raises(SchemaIncompatibleError):
             reg.register("sophia.agent.ToolCall", changed)
         assert len(sr.subjects["sophia.agent.ToolCall"]) == 1
-        optional = {**schema, "fields": [*schema["fields"], {"name": "cwd", "type": ["null", "string"], "default": None}]}
+        optional = {
+            **schema,
+            "fields": [*schema["fields"], {"name": "cwd", "type": ["null", "string"], "default": None}],
+        }
         assert reg.register("sophia.agent.ToolCall", optional) != sr.subjects["sophia.agent.ToolCall"][0]
 
 

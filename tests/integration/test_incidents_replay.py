@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from backbone.settings import Settings
 from connectors.nezha import iter_day
+from core.settings import Settings
 from streams.consumer import ConsumedEvent
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry

@@ -241,7 +241,9 @@ def test_a_batch_of_text_references_is_read_in_one_pass_per_partition(
         for i in range(40):
             producer.produce(topics.dlq_topic, request_event(EmbeddingRequest(request_id=f"h{i}", text=f"text {i}",
                                                                               requested_at=now)))  # fmt: skip
-    refs = [EventTextRef(topic=topics.dlq_topic, partition=0, offset=o, field="text") for o in (3, 0, 39, 17, 17)]
+    refs = [
+        EventTextRef(topic=topics.dlq_topic, partition=0, offset=o, field="text") for o in (3, 0, 39, 17, 17)
+    ]
     missing = EventTextRef(topic=topics.dlq_topic, partition=0, offset=40, field="text")
     resolver = EventTextResolver(settings.kafka, serde, timeout_seconds=3)
     try:

@@ -40,7 +40,9 @@ def demo_events() -> list[Event]:
 def _dump(url: str, schema: str) -> tuple[list, list]:
     with psycopg.connect(url) as c:
         runs = c.execute(f"SELECT * FROM {schema}.agent_runs ORDER BY run_id").fetchall()
-        models = c.execute(f"SELECT * FROM {schema}.agent_run_models ORDER BY run_id, model, provider").fetchall()
+        models = c.execute(
+            f"SELECT * FROM {schema}.agent_run_models ORDER BY run_id, model, provider"
+        ).fetchall()
     return runs, models
 
 
@@ -94,7 +96,11 @@ def test_columnar_and_per_record_paths_build_the_same_view(
 
 
 def test_decode_columnar_matches_the_per_record_decoder_and_refuses_what_it_refuses(
-    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable, demo_events: list[Event]
+    settings: Settings,
+    serde: AvroSerde,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list[Event],
 ) -> None:
     """Column values equal fastavro's per record; a batch with a bad record decodes to None."""
     topic = create_topic(unique_name("dec"), 1)
@@ -114,14 +120,20 @@ def test_decode_columnar_matches_the_per_record_decoder_and_refuses_what_it_refu
     assert llm["run_id"].to_list() == [e.data["run_id"] for e in expected]
     assert llm["prompt_tokens"].to_list() == [e.data["prompt_tokens"] for e in expected]
     assert llm["cost_usd"].to_list() == [e.data.get("cost_usd") for e in expected]
-    assert [t.timestamp() for t in llm["event_time"].to_list()] == [e.data["event_time"].timestamp() for e in expected]
+    assert [t.timestamp() for t in llm["event_time"].to_list()] == [
+        e.data["event_time"].timestamp() for e in expected
+    ]
     # a body with a stray byte in the middle of a block, or a record without CloudEvents attributes
     assert decode_columnar(serde, [msgs[300], *msgs[:10]]) is None
     assert decode_columnar(serde, [*msgs[:10], msgs[301]]) is None
 
 
 def test_decode_columnar_checks_each_record_as_the_per_record_decoder_does(
-    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable, demo_events: list[Event]
+    settings: Settings,
+    serde: AvroSerde,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list[Event],
 ) -> None:
     """Each odd record, put behind 40 good ones: the batch decodes column-wise exactly when the
     per-record decoder accepts that record, with the same event id and key; and a batch of the ones it

@@ -61,7 +61,9 @@ def _live(settings: Settings, serde: AvroSerde, topic: str, **kw) -> ProjectionR
 def _dump(url: str, schema: str = "proj_agent_runs") -> tuple[list, list]:
     with psycopg.connect(url) as c:
         runs = c.execute(f"SELECT * FROM {schema}.agent_runs ORDER BY run_id").fetchall()
-        models = c.execute(f"SELECT * FROM {schema}.agent_run_models ORDER BY run_id, model, provider").fetchall()
+        models = c.execute(
+            f"SELECT * FROM {schema}.agent_run_models ORDER BY run_id, model, provider"
+        ).fetchall()
     return runs, models
 
 
@@ -73,7 +75,12 @@ def _assert_demo_totals(url: str) -> None:
 
 
 def test_status_reports_lag_per_partition_from_the_fetch_high_watermark(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """After the runner caught up with the first half, producing the second half shows exactly that many
     events of lag, per partition and in total, and the checkpoints with when they advanced."""
@@ -92,7 +99,12 @@ def test_status_reports_lag_per_partition_from_the_fetch_high_watermark(
 
 
 def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """A rebuild with verify, run while the live runner is consuming new events (and a re-sent copy of
     200 of them, which both skip), matches the live tables row for row, swaps in with the seen-id
@@ -113,7 +125,9 @@ def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with psycopg.connect(pg_url) as c:
-            (n,) = c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints").fetchone()
+            (n,) = c.execute(
+                "SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints"
+            ).fetchone()
         if n == len(demo_events) + 200:
             break
         time.sleep(0.2)
@@ -121,14 +135,28 @@ def test_rebuild_with_verify_matches_live_while_the_live_runner_keeps_running(
     thread.join(30)
     _assert_demo_totals(pg_url)
     with psycopg.connect(pg_url) as c:
-        assert c.execute("SELECT count(*) FROM proj_agent_runs.projection_seen").fetchone()[0] == len(demo_events)
-        assert c.execute("SELECT to_regclass('proj_agent_runs.projection_seen_event_id') IS NOT NULL").fetchone()[0]
+        assert c.execute("SELECT count(*) FROM proj_agent_runs.projection_seen").fetchone()[0] == len(
+            demo_events
+        )
+        assert c.execute(
+            "SELECT to_regclass('proj_agent_runs.projection_seen_event_id') IS NOT NULL"
+        ).fetchone()[0]
         assert not schema_exists(c, "proj_agent_runs_rebuild")
-        assert c.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'proj_agent_runs_old_%'").fetchone()[0] == 0
+        assert (
+            c.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'proj_agent_runs_old_%'"
+            ).fetchone()[0]
+            == 0
+        )
 
 
 def test_verify_fails_loudly_and_swaps_nothing_when_tables_differ(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """A live table changed behind the projection's back makes verify fail naming the table, and the live
     tables stay as they were."""
@@ -137,7 +165,9 @@ def test_verify_fails_loudly_and_swaps_nothing_when_tables_differ(
     _produce(s, serde, topic, demo_events)
     _live(s, serde, topic).run(until_caught_up=True, max_wait_seconds=60)
     with psycopg.connect(pg_url) as c:
-        c.execute("UPDATE proj_agent_runs.agent_runs SET steps = steps + 1 WHERE run_id = (SELECT min(run_id) FROM proj_agent_runs.agent_runs)")
+        c.execute(
+            "UPDATE proj_agent_runs.agent_runs SET steps = steps + 1 WHERE run_id = (SELECT min(run_id) FROM proj_agent_runs.agent_runs)"
+        )
     before = _dump(pg_url)
     with pytest.raises(RebuildVerifyError, match="agent_runs") as info:
         rebuild(s, serde, "agent_runs", verify=True, projection=AgentRunsProjection([topic]), progress=False)
@@ -146,7 +176,12 @@ def test_verify_fails_loudly_and_swaps_nothing_when_tables_differ(
 
 
 def test_interrupted_rebuild_leaves_the_live_projection_untouched(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list,
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
     stack,
 ) -> None:
     """A rebuild process killed with SIGKILL midway leaves the live tables and checkpoints as they were,
@@ -157,7 +192,9 @@ def test_interrupted_rebuild_leaves_the_live_projection_untouched(
     _live(s, serde, topic).run(until_caught_up=True, max_wait_seconds=60)
     before = _dump(pg_url)
     with psycopg.connect(pg_url) as c:
-        cps = c.execute("SELECT topic, partition, next_offset FROM proj_agent_runs.projection_checkpoints ORDER BY 1, 2").fetchall()
+        cps = c.execute(
+            "SELECT topic, partition, next_offset FROM proj_agent_runs.projection_checkpoints ORDER BY 1, 2"
+        ).fetchall()
     code = (
         "import time\n"
         "from pydantic import SecretStr\n"
@@ -170,26 +207,42 @@ def test_interrupted_rebuild_leaves_the_live_projection_untouched(
         f"rebuild(s, AvroSerde(EmbeddedRegistry()), 'agent_runs', projection=AgentRunsProjection([{topic!r}]), "
         "progress=False, batch_size=10, on_batch=lambda st: time.sleep(0.05))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "BACKBONE_LOG_LEVEL": "WARNING"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "BACKBONE_LOG_LEVEL": "WARNING"}
+    )
     deadline = time.monotonic() + 60
     progressed = 0
     with psycopg.connect(pg_url, autocommit=True) as c:
         while time.monotonic() < deadline and progressed < 300:
             with contextlib.suppress(psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
-                (progressed,) = c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs_rebuild.projection_checkpoints").fetchone()
+                (progressed,) = c.execute(
+                    "SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs_rebuild.projection_checkpoints"
+                ).fetchone()
             time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 300 <= progressed < len(demo_events), "the rebuild was not killed midway"
     assert _dump(pg_url) == before
     with psycopg.connect(pg_url) as c:
-        assert c.execute("SELECT topic, partition, next_offset FROM proj_agent_runs.projection_checkpoints ORDER BY 1, 2").fetchall() == cps
-    report = rebuild(s, serde, "agent_runs", verify=True, projection=AgentRunsProjection([topic]), progress=False)
+        assert (
+            c.execute(
+                "SELECT topic, partition, next_offset FROM proj_agent_runs.projection_checkpoints ORDER BY 1, 2"
+            ).fetchall()
+            == cps
+        )
+    report = rebuild(
+        s, serde, "agent_runs", verify=True, projection=AgentRunsProjection([topic]), progress=False
+    )
     assert report.verified and _dump(pg_url) == before
 
 
 def test_rebuild_reads_the_archive_for_offsets_below_the_log_start(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """With the log said to start halfway (as after retention), a rebuild takes the first half from the
     archive and the rest from the log, and verifies equal to the live view; the archive and the views run
@@ -197,7 +250,10 @@ def test_rebuild_reads_the_archive_for_offsets_below_the_log_start(
     topic = create_topic(unique_name("arch"), 3)
     s = _db(settings, pg_url)
     _produce(s, serde, topic, demo_events)
-    runners = [_live(s, serde, topic), ProjectionRunner(s, serde, ArchiveProjection([topic]), group_id=f"arch-{topic}")]
+    runners = [
+        _live(s, serde, topic),
+        ProjectionRunner(s, serde, ArchiveProjection([topic]), group_id=f"arch-{topic}"),
+    ]
     stats = run_projections(runners, until_caught_up=True)
     assert [st.applied for st in stats] == [len(demo_events)] * 2
     with psycopg.connect(pg_url) as c:
@@ -217,7 +273,11 @@ def test_rebuild_reads_the_archive_for_offsets_below_the_log_start(
 
 @pytest.mark.slow
 def test_postgres_stopped_and_started_under_load_loses_nothing(
-    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable, demo_events: list,
+    settings: Settings,
+    serde: AvroSerde,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
     tmp_path: Path,
 ) -> None:
     """A runner applying a stream of events while its own PostgreSQL is stopped for seconds and started
@@ -256,7 +316,9 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
         while time.monotonic() < deadline and n < len(demo_events):
             try:
                 with psycopg.connect(info.postgres_url) as c:
-                    (n,) = c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints").fetchone()
+                    (n,) = c.execute(
+                        "SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints"
+                    ).fetchone()
             except psycopg.OperationalError:
                 pass
             time.sleep(0.2)

@@ -51,19 +51,30 @@ def _db(settings: Settings, url: str) -> Settings:
     return settings.model_copy(update={"postgres": PostgresSettings(url=url)})
 
 
-def _runner(settings: Settings, serde: AvroSerde, topic: str, dlq: str = "backbone.dlq", **kw) -> ProjectionRunner:
-    return ProjectionRunner(settings, serde, AgentRunsProjection([topic]), group_id=f"g-{topic}", dlq_topic=dlq, **kw)
+def _runner(
+    settings: Settings, serde: AvroSerde, topic: str, dlq: str = "backbone.dlq", **kw
+) -> ProjectionRunner:
+    return ProjectionRunner(
+        settings, serde, AgentRunsProjection([topic]), group_id=f"g-{topic}", dlq_topic=dlq, **kw
+    )
 
 
 def _dump(url: str) -> tuple[list, list]:
     with psycopg.connect(url) as c:
         runs = c.execute("SELECT * FROM proj_agent_runs.agent_runs ORDER BY run_id").fetchall()
-        models = c.execute("SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider").fetchall()
+        models = c.execute(
+            "SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider"
+        ).fetchall()
     return runs, models
 
 
 def test_produce_to_projection_and_reimport_changes_nothing(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """The demo runs projected give the dataset's totals; importing them again applies nothing new."""
     topic = create_topic(unique_name("ae"), 6)
@@ -82,8 +93,12 @@ def test_produce_to_projection_and_reimport_changes_nothing(
     assert _dump(pg_url) == before
 
 
-@pytest.mark.skipif(not FULL.exists(), reason="../shared/data/agent_runs is absent; the full-data facts need it")
-def test_full_data_facts(settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable) -> None:
+@pytest.mark.skipif(
+    not FULL.exists(), reason="../shared/data/agent_runs is absent; the full-data facts need it"
+)
+def test_full_data_facts(
+    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable
+) -> None:
     """All 120 real runs projected reproduce the data README's facts: 120 runs, 89 resolved, 4,623 calls, 51.433 USD."""
     topic = create_topic(unique_name("full"), 6)
     s = _db(settings, pg_url)
@@ -98,7 +113,12 @@ def test_full_data_facts(settings: Settings, serde: AvroSerde, pg_url: str, crea
 
 
 def test_undecodable_record_goes_to_dead_letter_topic_and_processing_goes_on(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
 ) -> None:
     """Garbage bytes and an event whose run id is not its key land in the dead-letter topic with raw
     bytes and reason, and every following record is applied."""
@@ -108,8 +128,12 @@ def test_undecodable_record_goes_to_dead_letter_topic_and_processing_goes_on(
     run = [e for e in demo_events if e.key == demo_events[0].key]
     p = EventProducer(s.kafka, serde)
     p.produce(topic, run[0])
-    p.produce_raw(topic, key=run[0].key.encode(), value=b"not avro at all", headers=run[1].attributes.to_headers())
-    mismatched = run[2].__class__(schema=run[2].schema, key="someone-else", data=run[2].data, attributes=run[2].attributes)
+    p.produce_raw(
+        topic, key=run[0].key.encode(), value=b"not avro at all", headers=run[1].attributes.to_headers()
+    )
+    mismatched = run[2].__class__(
+        schema=run[2].schema, key="someone-else", data=run[2].data, attributes=run[2].attributes
+    )
     p.produce(topic, mismatched)
     for e in run[3:]:
         p.produce(topic, e)
@@ -121,15 +145,26 @@ def test_undecodable_record_goes_to_dead_letter_topic_and_processing_goes_on(
     garbage, refused = sorted(letters, key=lambda r: r.data["source_offset"])
     assert garbage.data["value"] == b"not avro at all" and garbage.data["source_offset"] == 1
     assert "magic byte" in garbage.data["reason"] and garbage.data["processor"] == "agent_runs"
-    assert "does not match key" in refused.data["reason"] and refused.data["error_type"] == "ProjectionApplyError"
+    assert (
+        "does not match key" in refused.data["reason"]
+        and refused.data["error_type"] == "ProjectionApplyError"
+    )
     assert {h["key"] for h in garbage.data["headers"]} >= {"ce_id", "ce_type"}
     with psycopg.connect(pg_url) as c:
-        (steps,) = c.execute("SELECT steps FROM proj_agent_runs.agent_runs WHERE run_id = %s", (run[0].key,)).fetchone()
+        (steps,) = c.execute(
+            "SELECT steps FROM proj_agent_runs.agent_runs WHERE run_id = %s", (run[0].key,)
+        ).fetchone()
     assert steps == max(e.data.get("step", 0) for e in run)
 
 
 def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
-    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable, demo_events: list, stack
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
+    stack,
 ) -> None:
     """A runner process killed with SIGKILL at random points, then restarted, ends with views equal
     row for row to a from-scratch build, across 20 restarts."""
@@ -148,9 +183,12 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
     rng = random.Random(20261122)
     kills = 0
     with psycopg.connect(pg_url, autocommit=True) as c:
+
         def applied() -> int:
             try:
-                return c.execute("SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints").fetchone()[0]
+                return c.execute(
+                    "SELECT coalesce(sum(next_offset), 0) FROM proj_agent_runs.projection_checkpoints"
+                ).fetchone()[0]
             except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
                 return 0
 
@@ -166,7 +204,9 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
             proc.wait()
             kills += 1
     assert kills == 20
-    final = subprocess.run([*cmd(), "--until-caught-up"], env=env, capture_output=True, text=True, timeout=120)
+    final = subprocess.run(
+        [*cmd(), "--until-caught-up"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert final.returncode == 0, final.stderr
     live = _dump(pg_url)
     # from scratch, in one go, into a second database

@@ -138,7 +138,7 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
             "BACKBONE_STATE_DIR": str(tmp_path),
             "BACKBONE_LOG_FORMAT": "json",
         }
-        code = "import sys; from backbone.cli_routing import app; app(sys.argv[1:])"
+        code = "import sys; from backbone.cli.routing_policy import app; app(sys.argv[1:])"
         proc = subprocess.Popen(
             [sys.executable, "-c", code, "policy-worker", "--app-id", unique_name("policy"),
              "--requests-topic", t["req"], "--outcomes-topic", t["out"], "--config-topic", t["cfg"],

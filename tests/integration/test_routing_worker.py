@@ -46,7 +46,11 @@ TRAIN = [
     ("Who wrote the play Hamlet?\nA. Shakespeare\nB. Dickens\nC. Austen\nD. Joyce", True, True),
     ("Which city is the capital of France?\nA. Paris\nB. Rome\nC. Madrid\nD. Berlin", True, True),
     ("Which organ pumps blood through the body?\nA. heart\nB. liver\nC. lung\nD. kidney", True, True),
-    ("Which colour do you get by mixing blue and yellow?\nA. green\nB. purple\nC. orange\nD. red", False, True),
+    (
+        "Which colour do you get by mixing blue and yellow?\nA. green\nB. purple\nC. orange\nD. red",
+        False,
+        True,
+    ),
 ]
 ASKED = {
     "feat-1": "Compute 12 * 12 - 7.\nA. 137\nB. 144\nC. 151\nD. 131",
@@ -71,11 +75,15 @@ def router_file(minilm, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A router with both scorers, fitted on hand-written outcomes and their real MiniLM vectors."""
     data = LabelledPrompts.from_rows(TRAIN, subject="hand")
     vectors = minilm.embed(list(data.prompts))
-    router = fit_router(data, vectors=vectors, embedding_model=minilm.name, embedding_model_version=minilm.version, k=3)
+    router = fit_router(
+        data, vectors=vectors, embedding_model=minilm.name, embedding_model_version=minilm.version, k=3
+    )
     return router.save(tmp_path_factory.mktemp("router") / "router.npz")
 
 
-def _result_event(minilm, request_id: str, vector: np.ndarray, at: datetime, *, model_name: str | None = None) -> Event:
+def _result_event(
+    minilm, request_id: str, vector: np.ndarray, at: datetime, *, model_name: str | None = None
+) -> Event:
     """An EmbeddingResult record as the inference actors produce it (inference.worker)."""
     name = model_name or minilm.name
     result = EmbeddingResult(
@@ -90,7 +98,13 @@ def _result_event(minilm, request_id: str, vector: np.ndarray, at: datetime, *, 
 
 
 def _run_worker(
-    settings: Settings, tmp_path: Path, router: Path, app_id: str, topics: dict[str, str], *, timeout: float = 90
+    settings: Settings,
+    tmp_path: Path,
+    router: Path,
+    app_id: str,
+    topics: dict[str, str],
+    *,
+    timeout: float = 90,
 ) -> dict:
     """``backbone processors route`` on ``topics`` until it has been idle 3 s (it stops); returns its counters."""
     env = {
@@ -143,7 +157,9 @@ def test_worker_routes_with_and_without_embeddings_and_a_replay_gives_the_same_d
     emb_ids = [rid for rid in ASKED if rid.startswith("emb")]
     vectors = dict(zip(ASKED, minilm.embed(list(ASKED.values())), strict=True))
     with EventProducer(settings.kafka, serde) as producer:
-        producer.produce(topics["embeddings"], _result_event(minilm, "routing:emb-before", vectors["emb-before"], T0))
+        producer.produce(
+            topics["embeddings"], _result_event(minilm, "routing:emb-before", vectors["emb-before"], T0)
+        )
         producer.produce(topics["embeddings"], _result_event(minilm, "not-routing-42", vectors["feat-1"], T0))
         producer.flush()
         for r in requests.values():
@@ -156,21 +172,31 @@ def test_worker_routes_with_and_without_embeddings_and_a_replay_gives_the_same_d
     )  # fmt: skip
     requests.update({r.request_id: r for r in sent})
     assert all(requests[rid].embedding_request_id == f"routing:{rid}" for rid in emb_ids)
-    embedding_requests = [r for r in read_range(settings.kafka, serde, topics["inference_requests"]) if isinstance(r, ConsumedEvent)]
+    embedding_requests = [
+        r
+        for r in read_range(settings.kafka, serde, topics["inference_requests"])
+        if isinstance(r, ConsumedEvent)
+    ]
     assert sorted((r.data["request_id"], r.data["text"]) for r in embedding_requests) == sorted(
         (f"routing:{rid}", ASKED[rid]) for rid in emb_ids
     )
     with EventProducer(settings.kafka, serde) as producer:
         producer.produce(
             topics["requests"],
-            request_event(RouteRequest(request_id="bad-policy", prompt="hi", requested_at=T0, policy="cheapest")),
+            request_event(
+                RouteRequest(request_id="bad-policy", prompt="hi", requested_at=T0, policy="cheapest")
+            ),
         )
         producer.produce_raw(topics["requests"], key=b"broken", value=BAD_VALUE, headers=[("ce_id", b"x")])
         producer.flush()
-        producer.produce(topics["embeddings"], _result_event(minilm, "routing:emb-after", vectors["emb-after"], T0))
+        producer.produce(
+            topics["embeddings"], _result_event(minilm, "routing:emb-after", vectors["emb-after"], T0)
+        )
         producer.produce(
             topics["embeddings"],
-            _result_event(minilm, "routing:emb-other-model", vectors["emb-other-model"], T0, model_name="another-model"),
+            _result_event(
+                minilm, "routing:emb-other-model", vectors["emb-other-model"], T0, model_name="another-model"
+            ),
         )
         producer.flush()
     del producer
@@ -180,11 +206,21 @@ def test_worker_routes_with_and_without_embeddings_and_a_replay_gives_the_same_d
 
     records = _decisions(settings, serde, topics["decisions"])
     by_request = {r.data["request_id"]: r for r in records}
-    assert len(records) == 5 and set(by_request) == {"feat-1", "feat-2", "emb-before", "emb-after", "emb-other-model"}
+    assert len(records) == 5 and set(by_request) == {
+        "feat-1",
+        "feat-2",
+        "emb-before",
+        "emb-after",
+        "emb-other-model",
+    }
     for rid, record in by_request.items():
         assert record.schema == DECISION_SCHEMA and record.key == rid
         name = "another-model" if rid == "emb-other-model" else minilm.name
-        embedding = None if rid.startswith("feat") else EmbeddingInput(model_name=name, model_version=minilm.version, vector=vectors[rid])
+        embedding = (
+            None
+            if rid.startswith("feat")
+            else EmbeddingInput(model_name=name, model_version=minilm.version, vector=vectors[rid])
+        )
         expected = decide(router, requests[rid], embedding)  # the pure function, computed here
         got = RouteDecision.from_avro(record.data)
         assert got == expected
@@ -205,11 +241,20 @@ def test_worker_routes_with_and_without_embeddings_and_a_replay_gives_the_same_d
         reader.close()
 
     letters = [r for r in read_range(settings.kafka, serde, topics["dlq"]) if isinstance(r, ConsumedEvent)]
-    assert sorted(letter.data["error_type"] for letter in letters) == ["EnvelopeError", "UnprocessableEventError"]
-    assert all(letter.data["processor"] == "routing" and letter.data["source_topic"] == topics["requests"] for letter in letters)
+    assert sorted(letter.data["error_type"] for letter in letters) == [
+        "EnvelopeError",
+        "UnprocessableEventError",
+    ]
+    assert all(
+        letter.data["processor"] == "routing" and letter.data["source_topic"] == topics["requests"]
+        for letter in letters
+    )
     bad = next(letter for letter in letters if letter.data["error_type"] == "UnprocessableEventError")
     assert "unknown policy 'cheapest'" in bad.data["reason"]
-    assert next(letter for letter in letters if letter.data["error_type"] == "EnvelopeError").data["value"] == BAD_VALUE
+    assert (
+        next(letter for letter in letters if letter.data["error_type"] == "EnvelopeError").data["value"]
+        == BAD_VALUE
+    )
 
     # replay: a new app (consumer group, join topic, table) over the same input topics
     replay_topics = {**topics, "decisions": create_topic(unique_name("route-dec-replay"), partitions=3),
@@ -251,11 +296,21 @@ def test_restarted_worker_decides_requests_pending_in_the_table(
     asked = {"r-alone": ("emb-before", "routing:one"), "r-1": ("emb-after", "routing:shared"),
              "r-2": ("feat-1", "routing:shared"), "r-3": ("feat-2", "routing:shared")}  # fmt: skip
     requests = {
-        rid: RouteRequest(request_id=rid, prompt=ASKED[prompt], requested_at=T0 + timedelta(seconds=i),
-                          embedding_request_id=emb)
+        rid: RouteRequest(
+            request_id=rid,
+            prompt=ASKED[prompt],
+            requested_at=T0 + timedelta(seconds=i),
+            embedding_request_id=emb,
+        )
         for i, (rid, (prompt, emb)) in enumerate(asked.items())
     }
-    vectors = dict(zip(("routing:one", "routing:shared"), minilm.embed([ASKED["emb-before"], ASKED["emb-after"]]), strict=True))
+    vectors = dict(
+        zip(
+            ("routing:one", "routing:shared"),
+            minilm.embed([ASKED["emb-before"], ASKED["emb-after"]]),
+            strict=True,
+        )
+    )
     with EventProducer(settings.kafka, serde) as producer:
         for r in requests.values():
             producer.produce(topics["requests"], request_event(r))
@@ -275,7 +330,9 @@ def test_restarted_worker_decides_requests_pending_in_the_table(
     gc.collect()
     second = _run_worker(settings, tmp_path, router_file, app_id, topics, timeout=25)
     assert second["requests_count"] == 0 and second["embeddings_count"] == 2, second["stderr"][-3000:]
-    assert second["decisions_embedding_count"] == 4 and second["decisions_features_count"] == 0, second["stderr"][-3000:]
+    assert second["decisions_embedding_count"] == 4 and second["decisions_features_count"] == 0, second[
+        "stderr"
+    ][-3000:]
 
     records = _decisions(settings, serde, topics["decisions"])
     assert sorted(r.data["request_id"] for r in records) == sorted(requests)  # exactly one decision each

@@ -29,10 +29,14 @@ def serde() -> AvroSerde:
 
 def _tool_call(run: str, step: int, t: datetime) -> Event:
     data = {"run_id": run, "step": step, "event_time": t, "command": f"ls {step}", "return_code": step % 3}
-    return Event.create("sophia.agent.ToolCall", run, data, source="/tests", time=t, correlation_id=f"c-{run}")
+    return Event.create(
+        "sophia.agent.ToolCall", run, data, source="/tests", time=t, correlation_id=f"c-{run}"
+    )
 
 
-def test_produce_and_subscribe_round_trip(settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable) -> None:
+def test_produce_and_subscribe_round_trip(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
     """Typed events come back decoded with their CloudEvents attributes, key, partition and offset."""
     topic = create_topic(unique_name("rt"), 3)
     events = [_tool_call(f"run-{i % 4}", i, T0 + timedelta(seconds=i)) for i in range(40)]
@@ -68,33 +72,53 @@ def test_invalid_event_is_not_sent(settings: Settings, serde: AvroSerde) -> None
 
 def test_unreachable_broker_is_a_clear_error(serde: AvroSerde) -> None:
     """Producing to a broker nobody listens on fails with BrokerUnavailableError naming it, not a hang."""
-    p = EventProducer(KafkaSettings(bootstrap_servers="127.0.0.1:1"), serde, extra={"message.timeout.ms": 3000})
+    p = EventProducer(
+        KafkaSettings(bootstrap_servers="127.0.0.1:1"), serde, extra={"message.timeout.ms": 3000}
+    )
     p.produce("t", _tool_call("r", 1, T0))
     with pytest.raises(BrokerUnavailableError, match=r"Kafka at 127\.0\.0\.1:1 is unreachable"):
         p.flush(timeout_seconds=10)
 
 
-def test_undecodable_record_is_a_failure_not_a_crash(settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable) -> None:
+def test_undecodable_record_is_a_failure_not_a_crash(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
     """Garbage bytes and a record without CloudEvents headers are yielded as failures; the rest decodes."""
     topic = create_topic(unique_name("bad"), 1)
     p = EventProducer(settings.kafka, serde)
     p.produce(topic, _tool_call("r", 1, T0))
-    p.produce_raw(topic, key=b"r", value=b"\x00\x00\x00\x03\xe7garbage", headers=_tool_call("r", 2, T0).attributes.to_headers())
-    p.produce_raw(topic, key=b"r", value=serde.encode("sophia.agent.ToolCall", dict(_tool_call("r", 3, T0).data)))
+    p.produce_raw(
+        topic,
+        key=b"r",
+        value=b"\x00\x00\x00\x03\xe7garbage",
+        headers=_tool_call("r", 2, T0).attributes.to_headers(),
+    )
+    p.produce_raw(
+        topic, key=b"r", value=serde.encode("sophia.agent.ToolCall", dict(_tool_call("r", 3, T0).data))
+    )
     p.produce(topic, _tool_call("r", 4, T0))
     p.flush()
     records = list(read_range(settings.kafka, serde, topic))
-    assert [type(r).__name__ for r in records] == ["ConsumedEvent", "DecodeFailure", "DecodeFailure", "ConsumedEvent"]
+    assert [type(r).__name__ for r in records] == [
+        "ConsumedEvent",
+        "DecodeFailure",
+        "DecodeFailure",
+        "ConsumedEvent",
+    ]
     assert isinstance(records[1], DecodeFailure) and records[1].value == b"\x00\x00\x00\x03\xe7garbage"
     assert "unknown schema id 999" in records[1].reason and "ce_id" in records[2].reason
 
 
-def test_read_range_by_event_time_is_exact_on_tansu(settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable) -> None:
+def test_read_range_by_event_time_is_exact_on_tansu(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
     """A time range returns exactly the events whose event time is in it, although Tansu's
     offsets_for_times answers 0 and timestamps interleave within partitions."""
     topic = create_topic(unique_name("time"), 3)
     rng = random.Random(7)
-    events = [_tool_call(f"run-{i % 5}", i, T0 + timedelta(minutes=rng.randrange(0, 120))) for i in range(300)]
+    events = [
+        _tool_call(f"run-{i % 5}", i, T0 + timedelta(minutes=rng.randrange(0, 120))) for i in range(300)
+    ]
     with EventProducer(settings.kafka, serde) as p:
         p.produce_many(topic, events)
     a, b = T0 + timedelta(minutes=30), T0 + timedelta(minutes=75)
@@ -106,7 +130,9 @@ def test_read_range_by_event_time_is_exact_on_tansu(settings: Settings, serde: A
     assert offset_for_time(settings.kafka, topic, 0, T0 - timedelta(days=1)) == 0
 
 
-def test_read_range_by_offsets(settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable) -> None:
+def test_read_range_by_offsets(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
     """An offset range [10, 20) of a one-partition topic yields exactly those ten records in order."""
     topic = create_topic(unique_name("off"), 1)
     with EventProducer(settings.kafka, serde) as p:
@@ -116,12 +142,16 @@ def test_read_range_by_offsets(settings: Settings, serde: AvroSerde, create_topi
     assert [r.data["step"] for r in got] == list(range(10, 20))
 
 
-def test_raw_confluent_producer_interoperates(settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable) -> None:
+def test_raw_confluent_producer_interoperates(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
     """Bytes produced by plain confluent-kafka with the same framing and headers decode like ours."""
     topic = create_topic(unique_name("raw"), 1)
     e = _tool_call("r", 1, T0)
     raw = Producer(settings.kafka.librdkafka())
-    raw.produce(topic, key=b"r", value=serde.encode(e.schema, dict(e.data)), headers=e.attributes.to_headers())
+    raw.produce(
+        topic, key=b"r", value=serde.encode(e.schema, dict(e.data)), headers=e.attributes.to_headers()
+    )
     raw.flush()
     (r,) = list(read_range(settings.kafka, serde, topic))
     assert isinstance(r, ConsumedEvent) and r.attributes == e.attributes

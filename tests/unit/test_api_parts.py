@@ -53,7 +53,9 @@ def test_cursor_round_trip_and_errors() -> None:
 
 def test_coerce_takes_rfc3339_and_epoch_ms() -> None:
     """Timestamp fields accept RFC 3339 strings and epoch ms; bools, bad strings and other fields are left alone."""
-    out = coerce_json_datum(SCHEMA, {"t": "2025-03-01T12:00:00+01:00", "u": 1_740_830_400_000, "s": "2025-03-01"})
+    out = coerce_json_datum(
+        SCHEMA, {"t": "2025-03-01T12:00:00+01:00", "u": 1_740_830_400_000, "s": "2025-03-01"}
+    )
     assert out["t"] == datetime(2025, 3, 1, 11, tzinfo=UTC)
     assert out["u"] == datetime.fromtimestamp(1_740_830_400, UTC)
     assert out["s"] == "2025-03-01"
@@ -64,16 +66,26 @@ def test_coerce_takes_rfc3339_and_epoch_ms() -> None:
 def test_slack_mapping() -> None:
     """Slash commands, event callbacks and url_verification map to the expected kinds, entities and ids."""
     now = datetime(2025, 1, 1, tzinfo=UTC)
-    form = urlencode({"command": "/deploy", "team_id": "T1", "channel_id": "C2", "user_name": "ann", "trigger_id": "tr"}).encode()
+    form = urlencode(
+        {"command": "/deploy", "team_id": "T1", "channel_id": "C2", "user_name": "ann", "trigger_id": "tr"}
+    ).encode()
     e = map_slack_webhook(form, "application/x-www-form-urlencoded", now)
     assert not isinstance(e, dict)
-    assert (e.kind, e.entity, e.actor, e.source_id, e.occurred_at) == ("slack.command.deploy", "slack:T1/C2", "ann", "tr", now)
+    assert (e.kind, e.entity, e.actor, e.source_id, e.occurred_at) == (
+        "slack.command.deploy",
+        "slack:T1/C2",
+        "ann",
+        "tr",
+        now,
+    )
     cb = b'{"type":"event_callback","team_id":"T1","event_id":"Ev1","event":{"type":"message","channel":"C2","user":"U1","text":"hi","event_ts":"1700000000.000100"}}'
     e = map_slack_webhook(cb, "application/json", now)
     assert not isinstance(e, dict)
     assert (e.kind, e.source_id, e.body_excerpt) == ("slack.message", "Ev1", "hi")
     assert e.occurred_at == datetime.fromtimestamp(1_700_000_000.0001, UTC)
-    assert map_slack_webhook(b'{"type":"url_verification","challenge":"c"}', "application/json", now) == {"challenge": "c"}
+    assert map_slack_webhook(b'{"type":"url_verification","challenge":"c"}', "application/json", now) == {
+        "challenge": "c"
+    }
 
 
 def test_linear_mapping() -> None:
@@ -89,7 +101,13 @@ def test_linear_mapping() -> None:
 def test_openapi_document_lists_the_routes() -> None:
     """The app builds without servers and its OpenAPI document has the ingest, webhook and SSE routes."""
     paths = create_app(Settings(), ApiSettings()).openapi()["paths"]
-    for p in ("/events/{type}", "/webhooks/github", "/webhooks/slack", "/webhooks/linear", "/subscribe/{topic}"):
+    for p in (
+        "/events/{type}",
+        "/webhooks/github",
+        "/webhooks/slack",
+        "/webhooks/linear",
+        "/subscribe/{topic}",
+    ):
         assert p in paths
 
 
@@ -98,4 +116,6 @@ def test_api_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BACKBONE_API_MAX_BODY_BYTES", "123")
     monkeypatch.setenv("BACKBONE_API_GITHUB_SECRET", "s3")
     s = ApiSettings()
-    assert s.max_body_bytes == 123 and s.github_secret is not None and s.github_secret.get_secret_value() == "s3"
+    assert (
+        s.max_body_bytes == 123 and s.github_secret is not None and s.github_secret.get_secret_value() == "s3"
+    )

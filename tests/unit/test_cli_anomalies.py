@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from backbone.cli_anomalies import eval_app, import_app
+from backbone.cli.anomalies import eval_app, import_app
 
 runner = CliRunner()
 

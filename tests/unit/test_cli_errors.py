@@ -22,12 +22,22 @@ def _backbone(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedPro
 @pytest.mark.parametrize(
     ("args", "env", "named"),
     [
-        (("import", "agent-runs", "datasets/agent_runs"), {"BACKBONE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"}, "127.0.0.1:1"),
-        (("query", "models"), {"BACKBONE_POSTGRES__URL": "postgresql://postgres@127.0.0.1:1/nowhere"}, "127.0.0.1"),
+        (
+            ("import", "agent-runs", "datasets/agent_runs"),
+            {"BACKBONE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+            "127.0.0.1:1",
+        ),
+        (
+            ("query", "models"),
+            {"BACKBONE_POSTGRES__URL": "postgresql://postgres@127.0.0.1:1/nowhere"},
+            "127.0.0.1",
+        ),
         (("subscribe", "agent.events"), {}, "backbone dev up"),
     ],
 )
-def test_unreachable_or_missing_server_is_a_clear_error(args: tuple, env: dict, named: str, tmp_path: Path) -> None:
+def test_unreachable_or_missing_server_is_a_clear_error(
+    args: tuple, env: dict, named: str, tmp_path: Path
+) -> None:
     """Exit code 2 and an error line naming the server (or how to get one); no traceback."""
     r = _backbone(*args, tmp_path=tmp_path, **env)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -68,7 +68,9 @@ def test_value_must_be_a_json_object_even_without_schema() -> None:
 
 def test_diff_values_reports_added_removed_and_nested_changes() -> None:
     """The diff lists added, removed and changed fields with dotted paths for nested objects."""
-    d = diff_values({"a": 1, "n": {"x": 1, "y": 2}, "gone": True}, {"a": 2, "n": {"x": 1, "y": 3}, "new": "v"})
+    d = diff_values(
+        {"a": 1, "n": {"x": 1, "y": 2}, "gone": True}, {"a": 2, "n": {"x": 1, "y": 3}, "new": "v"}
+    )
     assert d == [
         {"path": "a", "op": "changed", "old": 1, "new": 2},
         {"path": "gone", "op": "removed", "old": True, "new": None},
@@ -87,7 +89,12 @@ def test_aggregate_versions_rollback_and_retirement() -> None:
     assert (item.restored_version, item.rolled_back_from_version) == (1, 2)
     item.retire(author="ann", reason="gone")
     assert item.retired and item.version == 4
-    assert [type(e).__name__ for e in item.collect_events()] == ["Created", "Changed", "RolledBack", "Retired"]
+    assert [type(e).__name__ for e in item.collect_events()] == [
+        "Created",
+        "Changed",
+        "RolledBack",
+        "Retired",
+    ]
 
 
 def test_changed_v1_events_are_upcast_with_a_null_causation_id() -> None:
@@ -118,8 +125,12 @@ def test_snapshot_v1_state_is_upcast() -> None:
     state = json.loads(stored.state)
     state["state"].pop("class_version")
     state["state"].pop("causation_id")
-    old = StoredEvent(originator_id=stored.originator_id, originator_version=1, topic=stored.topic,
-                      state=json.dumps(state).encode())
+    old = StoredEvent(
+        originator_id=stored.originator_id,
+        originator_version=1,
+        topic=stored.topic,
+        state=json.dumps(state).encode(),
+    )
     restored = mapper.to_domain_event(old).mutate(None)
     assert restored.causation_id is None and restored.value == {"v": 1}
 
@@ -128,7 +139,11 @@ def test_eventsourcing_env_comes_from_the_postgres_url() -> None:
     """The eventsourcing environment is parsed from settings.postgres.url, password and port included."""
     env = eventsourcing_env(PostgresSettings(url=SecretStr("postgresql://u:p%40ss@db.example:6543/cfg")))
     assert env["PERSISTENCE_MODULE"] == "eventsourcing.postgres"
-    assert (env["POSTGRES_DBNAME"], env["POSTGRES_HOST"], env["POSTGRES_PORT"]) == ("cfg", "db.example", "6543")
+    assert (env["POSTGRES_DBNAME"], env["POSTGRES_HOST"], env["POSTGRES_PORT"]) == (
+        "cfg",
+        "db.example",
+        "6543",
+    )
     assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]) == ("u", "p@ss")
     with pytest.raises(ValueError):
         eventsourcing_env(PostgresSettings(url=SecretStr("postgresql://u@host:5432")))
@@ -167,10 +182,18 @@ def test_change_event_maps_to_avro_with_cloudevents_and_pinned_bytes() -> None:
     )
 
 
-
 @pytest.mark.parametrize(
-    "module", ["configuration", "configuration.aggregate", "configuration.errors", "configuration.schemas",
-               "configuration.store", "configuration.relay", "configuration.projection", "backbone.cli.config"]
+    "module",
+    [
+        "configuration",
+        "configuration.aggregate",
+        "configuration.errors",
+        "configuration.schemas",
+        "configuration.store",
+        "configuration.relay",
+        "configuration.projection",
+        "backbone.cli.config",
+    ],
 )
 def test_all_names_exist(module: str) -> None:
     """Every name in each configuration module's __all__ exists."""

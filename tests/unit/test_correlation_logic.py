@@ -64,9 +64,15 @@ def test_slack_markup_is_rendered_and_references_extracted() -> None:
                         repo="acme/widget")  # fmt: skip
     assert render_slack_text(text) == "@Cy see this fix and #42, also 0123abc; a <b>"
     assert event.data["body_excerpt"] == "@Cy see this fix and #42, also 0123abc; a <b>"
-    assert event.data["refs"] == ["github:acme/widget@0123456789ab", "github:acme/widget#42", "github:acme/widget@0123abc"]
+    assert event.data["refs"] == [
+        "github:acme/widget@0123456789ab",
+        "github:acme/widget#42",
+        "github:acme/widget@0123abc",
+    ]
     assert event.key == event.data["entity"] == "slack:acme/dev/2030-05-04T12:00:00.000001"
-    assert event.data["occurred_at"] == datetime(2030, 5, 4, 12, 0, 0, 1, tzinfo=UTC)  # local time taken as UTC
+    assert event.data["occurred_at"] == datetime(
+        2030, 5, 4, 12, 0, 0, 1, tzinfo=UTC
+    )  # local time taken as UTC
     again = slack_event(workspace="acme", channel="dev", ts="2030-05-04T12:00:00.000001", user="Bo", text=text,
                         repo="acme/widget")  # fmt: skip
     assert again.attributes.id == event.attributes.id  # deterministic: a re-import has the same ids
@@ -81,7 +87,9 @@ def test_commit_time_offset_is_converted_to_utc_and_pr_number_read() -> None:
     assert pr_number_of(event.data["title"]) == 42
     assert pr_number_of("close #7 while fixing (#9) later") is None
     with pytest.raises(ValueError, match="UTC offset"):
-        commit_event(repo="acme/widget", sha=SHA_A, commit_time="2030-05-04T09:30:00", author="A", subject="s")
+        commit_event(
+            repo="acme/widget", sha=SHA_A, commit_time="2030-05-04T09:30:00", author="A", subject="s"
+        )
 
 
 def test_parsers_read_small_files_and_refuse_bad_headers(tmp_path: Path) -> None:
@@ -124,7 +132,9 @@ def test_reference_links_by_sha_prefix_and_pull_request_number_in_either_order()
     """A message naming a commit by 12-digit SHA prefix and another by #N link to their commits, whichever comes first."""
     c_a = _commit(SHA_A, "teach the frobnicator to count", T0)
     c_b = _commit(SHA_B, "speed up widget rendering (#42)", T0 + timedelta(days=40))
-    m_sha = _message(T0 + timedelta(hours=3), "this broke my build: https://github.com/acme/widget/commit/0123456789ab")
+    m_sha = _message(
+        T0 + timedelta(hours=3), "this broke my build: https://github.com/acme/widget/commit/0123456789ab"
+    )
     m_pr = _message(T0 - timedelta(days=2), "could someone review #42 please?")
     m_other = _message(T0, "unrelated: acme/gadget#42 and deadbeef")  # another repo; a word, not a SHA
     for order in itertools.permutations([c_a, c_b, m_sha, m_pr, m_other]):
@@ -142,7 +152,9 @@ def test_reference_links_by_sha_prefix_and_pull_request_number_in_either_order()
     assert insight.data["event_time"] == c_b.event_time  # the later of the two, never wall-clock
     assert insight.data["metrics"]["lag_seconds"] == -(42 * 86400)
     assert insight.data["labels"]["method"] == "reference" and insight.data["labels"]["commit_sha"] == SHA_B
-    assert insight.attributes.id == insight.data["insight_id"] == link_id("reference", m_pr.entity, c_b.entity)
+    assert (
+        insight.attributes.id == insight.data["insight_id"] == link_id("reference", m_pr.entity, c_b.entity)
+    )
     assert insight.attributes.causation_id == c_b.event_id
     assert corr.add(c_b) == [] and corr.add(m_pr) == []  # duplicates change nothing
 
@@ -166,11 +178,17 @@ def test_embedding_links_respect_window_and_threshold_in_any_order() -> None:
         links = []
         for what, item in pieces:
             links += corr.add(item) if what == "obs" else corr.add_vector(item, vectors[item])
-        seen.add(frozenset((lk.method, lk.message.entity, lk.commit.entity, lk.cosine, lk.event_time) for lk in links))
+        seen.add(
+            frozenset(
+                (lk.method, lk.message.entity, lk.commit.entity, lk.cosine, lk.event_time) for lk in links
+            )
+        )
     assert len(seen) == 1
     [links] = [list(s) for s in seen]
     assert [(m, msg, com) for m, msg, com, _, _ in links] == [("embedding", m1.entity, c1.entity)]
-    expected = round(float(np.dot(vectors[c1.entity].astype(np.float64), vectors[m1.entity].astype(np.float64))), 6)
+    expected = round(
+        float(np.dot(vectors[c1.entity].astype(np.float64), vectors[m1.entity].astype(np.float64))), 6
+    )
     assert links[0][3] == expected >= 0.8
 
 
@@ -189,7 +207,9 @@ def test_restore_rebuilds_state_without_redrawing_links() -> None:
 
 def test_observe_skips_other_kinds_and_refuses_bad_commit_entities() -> None:
     """Events of other kinds are not observed; a git.commit without a SHA in its entity is unprocessable."""
-    data = dict(commit_event(repo="acme/widget", sha=SHA_A, commit_time=T0.isoformat(), author="A", subject="s").data)
+    data = dict(
+        commit_event(repo="acme/widget", sha=SHA_A, commit_time=T0.isoformat(), author="A", subject="s").data
+    )
     assert observe({**data, "kind": "github.push"}, "x") is None
     with pytest.raises(UnprocessableEventError, match="git:<owner>/<repo>@<sha>"):
         observe({**data, "entity": "git:acme/widget"}, "x")

@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_strimzi_topics_match_the_catalogue() -> None:
     """Every catalogue topic has a KafkaTopic with the same partitions, retention and cleanup policy."""
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "base" / "generated" / "kafka-topics.yaml").read_text()) if d]
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            (ROOT / "deploy" / "k8s" / "base" / "generated" / "kafka-topics.yaml").read_text()
+        )
+        if d
+    ]
     topics = {d["spec"]["topicName"]: d["spec"] for d in docs}
     assert set(topics) == set(CATALOGUE)
     for name, spec in CATALOGUE.items():

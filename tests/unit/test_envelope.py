@@ -51,6 +51,10 @@ def test_times_are_utc_and_aware() -> None:
 
 def test_deterministic_ids_and_event_defaults() -> None:
     """The same parts give the same id; Event.create sets type and subject from schema and key."""
-    assert deterministic_id("run", 1, "llm") == deterministic_id("run", 1, "llm") != deterministic_id("run", 2, "llm")
+    assert (
+        deterministic_id("run", 1, "llm")
+        == deterministic_id("run", 1, "llm")
+        != deterministic_id("run", 2, "llm")
+    )
     e = Event.create("sophia.agent.ToolCall", "run-1", {}, source="/s", time=T)
     assert e.attributes.type == "sophia.agent.ToolCall" and e.attributes.subject == "run-1"

@@ -6,7 +6,17 @@ import importlib
 
 import pytest
 
-PACKAGES = ["core", "backbone", "streams", "projections", "connectors", "processors", "configuration", "inference", "schemas"]
+PACKAGES = [
+    "core",
+    "backbone",
+    "streams",
+    "projections",
+    "connectors",
+    "processors",
+    "configuration",
+    "inference",
+    "schemas",
+]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from backbone.cli_healing import eval_app
+from backbone.cli.healing import eval_app
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "agent_runs"
 needs_data = pytest.mark.skipif(

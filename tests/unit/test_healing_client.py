@@ -120,7 +120,7 @@ def test_classify() -> None:
     req = httpx.Request("POST", "http://x")
     resp = lambda s, body="": httpx.HTTPStatusError(
         "e", request=req, response=httpx.Response(s, text=body, request=req)
-    )  # noqa: E731
+    )
     assert classify(resp(429)).kind == "rate_limited"
     assert classify(resp(504)).kind == "timeout" and classify(resp(401)).kind == "auth"
     assert classify(resp(502)).kind == "server_error"

@@ -90,7 +90,7 @@ def test_healing_config_change_is_applied_and_a_bad_one_refused() -> None:
     [refused] = healer.feed(config_change(1, "healing.thresholds", 3, {"consecutive_failures": 0}))
     assert refused.kind == "config_refused" and healer.config.version == 2 and refused.details["problems"]
     healer.feed(llm(2, "X", "timeout"))
-    [opened, model_opened] = healer.feed(llm(3, "X", "timeout"))
+    [opened, _model_opened] = healer.feed(llm(3, "X", "timeout"))
     assert opened.kind == "circuit_opened" and opened.config_version == 2
 
 
@@ -123,7 +123,7 @@ def test_rollback_through_the_healer_and_approval_ack() -> None:
     [esc] = [d for d in out if d.kind == "escalation"]
     assert esc.subject == "config:providers.p" and esc.causation_id == "cfg-providers.p-2"
     assert healer.status()["escalations"][0]["id"] == esc.id
-    acked, rb = healer.ack(esc.id, by="ana", note="ok", at=T0 + timedelta(seconds=200))
+    _acked, rb = healer.ack(esc.id, by="ana", note="ok", at=T0 + timedelta(seconds=200))
     assert rb.kind == "rollback" and rb.details["to_version"] == 1 and healer.status()["escalations"] == []
 
 

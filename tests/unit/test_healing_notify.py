@@ -72,7 +72,7 @@ class Server:
             def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 assert self.headers["Content-Type"].startswith("application/json")
                 body = json.loads(raw)
@@ -135,7 +135,7 @@ async def test_slack_message_is_accepted(server: Server) -> None:
     n = Notifier(NotifierConfig(kind="slack", url=server.url + "/services/T000/B000/XXXX"))
     out = await n.notify(ESC)
     assert out.kind == "escalation_notified" and out.details["status"] == 200 and out.causation_id == ESC.id
-    [(path, body)] = server.received
+    [(_path, body)] = server.received
     assert "q-17" in body["text"] and ESC.id in json.dumps(body["blocks"])
 
 

@@ -121,7 +121,7 @@ def test_same_insights_in_any_interleaving_within_lateness() -> None:
 
 def test_slice_insights_do_not_depend_on_arrival_order() -> None:
     records = [(KIND[t], e.data) for t, e in iter_day(SLICE)]
-    expected, engine = run(records)
+    expected, _engine = run(records)
     assert any(i["kind"] == "incident.opened" for i in expected)
     first = next(i for i in expected if i["kind"] == "incident.closed")
     assert first["labels"]["top1_pod"] == "ts-contacts-service-866bd68c97-xcqfx"  # the 08:43:04 fault

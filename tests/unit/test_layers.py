@@ -10,7 +10,17 @@ from pathlib import Path
 import grimp
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "schemas", "streams", "projections", "processors", "connectors", "configuration", "inference", "backbone")
+PACKAGES = (
+    "core",
+    "schemas",
+    "streams",
+    "projections",
+    "processors",
+    "connectors",
+    "configuration",
+    "inference",
+    "backbone",
+)
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -84,7 +94,14 @@ def test_no_import_cycle() -> None:
 
 def test_layer_contract_holds() -> None:
     """import-linter's layers contract (pyproject.toml): each package imports only the floors below it."""
-    r = subprocess.run([sys.executable, "-m", "importlinter.cli", "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "importlinter.cli", "--no-cache"], cwd=ROOT, capture_output=True, text=True
+    )
     if r.returncode != 0 and "No module named" in r.stderr:
-        r = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "lint-imports"), "--no-cache"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

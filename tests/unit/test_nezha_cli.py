@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from backbone.cli_incidents import app
+from backbone.cli.incidents import app
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 

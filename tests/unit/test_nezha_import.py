@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from backbone.runtime import make_serde
 from connectors.nezha import (
     LOG_LINE,
     METRIC_SAMPLE,
@@ -20,6 +19,8 @@ from connectors.nezha import (
     load_faults,
     service_of,
 )
+from core.settings import SchemaRegistrySettings
+from streams.serde import serde_from_settings
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 DAY = SLICE / "2023-01-29"
@@ -75,7 +76,7 @@ def test_slice_counts_and_schemas() -> None:
     assert report.faults_ground_truth == 4
     schemas = {e.schema for _, e in events}
     assert schemas == {METRIC_SAMPLE, LOG_LINE, SPAN}  # nothing from fault_list.json
-    serde = make_serde("")
+    serde = serde_from_settings(SchemaRegistrySettings())
     for _, e in events[::97]:
         assert serde.decode(serde.encode(e.schema, e.data))[1]["event_time"] == e.data["event_time"]
     times = [e.attributes.time for _, e in events]

@@ -59,7 +59,9 @@ PLAIN = [
 
 def _hand_data() -> LabelledPrompts:
     """Math prompts: only the strong model right; plain ones: both right (and one where only the weak is)."""
-    rows = [(p, True, False) for p in MATH] + [(p, True, True) for p in PLAIN[:-1]] + [(PLAIN[-1], False, True)]
+    rows = (
+        [(p, True, False) for p in MATH] + [(p, True, True) for p in PLAIN[:-1]] + [(PLAIN[-1], False, True)]
+    )
     return LabelledPrompts.from_rows(rows, subject="hand")
 
 
@@ -77,7 +79,9 @@ def _hand_vectors(n_math: int, n_plain: int) -> np.ndarray:
 def hand_router() -> Router:
     """A router with both scorers, fitted on the hand-written outcomes and vectors."""
     data = _hand_data()
-    return fit_router(data, vectors=_hand_vectors(6, 6), embedding_model="test-model", embedding_model_version="1", k=3)
+    return fit_router(
+        data, vectors=_hand_vectors(6, 6), embedding_model="test-model", embedding_model_version="1", k=3
+    )
 
 
 def _request(prompt: str, request_id: str = "r1", **kw: object) -> RouteRequest:
@@ -97,7 +101,9 @@ def test_features_of_a_multiple_choice_math_prompt() -> None:
     assert f["cue_compute"] == 1.0 and f["cue_which_following"] == 0.0
     assert f["digit_share"] == pytest.approx(sum(c.isdigit() for c in MATH[0]) / len(MATH[0]))
     assert f["math_symbol_share"] > 0
-    g = prompt_features("Statement 1 | Every group is abelian. Statement 2 | Which of the following is NOT true?")
+    g = prompt_features(
+        "Statement 1 | Every group is abelian. Statement 2 | Which of the following is NOT true?"
+    )
     assert g["cue_statement_pair"] == 1.0 and g["cue_negation"] == 1.0 and g["cue_which_following"] == 1.0
     assert g["options_count"] == 0 and g["numeric_options_share"] == 0.0
     assert feature_vector("").shape == (len(FEATURE_NAMES),)
@@ -119,7 +125,9 @@ def test_knn_scorer_follows_the_neighbours() -> None:
     """A query in the cluster of strong wins scores above one in the cluster of ties; self is left out in training."""
     knn = KnnScorer(_hand_vectors(4, 4) / np.linalg.norm(_hand_vectors(4, 4), axis=1, keepdims=True),
                     np.array([1, 1, 1, 1, 0, 0, 0, -1], dtype=np.int8), k=3)  # fmt: skip
-    near_math, near_plain = knn.score(np.array([[1, 0.1, 0, 0, 0, 0, 0, 0], [0.1, 1, 0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    near_math, near_plain = knn.score(
+        np.array([[1, 0.1, 0, 0, 0, 0, 0, 0], [0.1, 1, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    )
     assert near_math > 0.7 and near_plain < 0.1
     loo = knn.score_training()
     assert loo.shape == (8,) and loo[:4].min() > loo[4:].max()
@@ -160,7 +168,9 @@ def test_artifact_round_trip_keeps_version_and_decisions(hand_router: Router, tm
     assert loaded.version == hand_router.version
     assert json.loads(path.with_suffix(".json").read_text())["version"] == hand_router.version
     req = _request(MATH[1], embedding_request_id=embedding_request_id_for("r1"))
-    emb = EmbeddingInput(model_name="test-model", model_version="1", vector=np.array([1, 0, 0, 0, 0, 0, 0, 0], np.float32))
+    emb = EmbeddingInput(
+        model_name="test-model", model_version="1", vector=np.array([1, 0, 0, 0, 0, 0, 0, 0], np.float32)
+    )
     assert decide(loaded, req, emb) == decide(hand_router, req, emb)
     assert fit_router(_hand_data(), vectors=_hand_vectors(6, 6), embedding_model="test-model",
                       embedding_model_version="1", k=3).version == hand_router.version  # fmt: skip
@@ -184,11 +194,19 @@ def test_a_changed_artifact_is_refused(hand_router: Router, tmp_path: Path) -> N
 
 def test_decision_uses_the_embedding_when_present_and_features_otherwise(hand_router: Router) -> None:
     """With the embedding the k-NN scorer decides; without, or with another model's, the features scorer."""
-    math_vec = EmbeddingInput(model_name="test-model", model_version="1", vector=np.array([1, 0, 0.1, 0, 0, 0, 0, 0], np.float32))
-    plain_vec = EmbeddingInput(model_name="test-model", model_version="1", vector=np.array([0, 1, 0, 0.1, 0, 0, 0, 0], np.float32))
+    math_vec = EmbeddingInput(
+        model_name="test-model", model_version="1", vector=np.array([1, 0, 0.1, 0, 0, 0, 0, 0], np.float32)
+    )
+    plain_vec = EmbeddingInput(
+        model_name="test-model", model_version="1", vector=np.array([0, 1, 0, 0.1, 0, 0, 0, 0], np.float32)
+    )
     named = _request("Tell me something.", embedding_request_id=embedding_request_id_for("r1"))
     d_math, d_plain = decide(hand_router, named, math_vec), decide(hand_router, named, plain_vec)
-    assert (d_math.method, d_math.embedding_status, d_math.embedding_model_version) == ("embedding", "used", "1")
+    assert (d_math.method, d_math.embedding_status, d_math.embedding_model_version) == (
+        "embedding",
+        "used",
+        "1",
+    )
     assert d_math.model == STRONG_MODEL and d_math.provider == "openai"
     assert d_plain.model == WEAK_MODEL and d_plain.provider == "mistralai"
     assert d_math.score > d_math.threshold >= d_plain.score
@@ -200,19 +218,28 @@ def test_decision_uses_the_embedding_when_present_and_features_otherwise(hand_ro
     assert (bare.method, bare.embedding_status, bare.policy) == ("features", "none", "balanced")
     assert bare.model == STRONG_MODEL and bare.threshold == hand_router.threshold("features", 0.5)
     assert bare.decided_at == T0 and bare.features == prompt_features(MATH[2])
-    assert decide(hand_router, _request(MATH[2], policy="quality")).threshold == hand_router.threshold("features", 0.8)
+    assert decide(hand_router, _request(MATH[2], policy="quality")).threshold == hand_router.threshold(
+        "features", 0.8
+    )
 
 
 def test_decision_is_a_pure_function_with_a_deterministic_id(hand_router: Router) -> None:
     """The same request and embedding give an equal decision and id; the id changes with the request or router."""
-    vec = EmbeddingInput(model_name="test-model", model_version="1", vector=np.array([1, 0, 0, 0, 0, 0, 0, 0], np.float32))
+    vec = EmbeddingInput(
+        model_name="test-model", model_version="1", vector=np.array([1, 0, 0, 0, 0, 0, 0, 0], np.float32)
+    )
     req = _request(MATH[0], embedding_request_id=embedding_request_id_for("r1"))
     first = decide(hand_router, req, vec)
     assert decide(hand_router, req, vec) == first
     assert RouteDecision.from_avro(first.to_avro()) == first
     replayed = _request_from_json(json.loads(json.dumps(_request_to_json(req))))  # through the join table
     assert replayed == req and decide(hand_router, replayed, vec) == first
-    assert decide(hand_router, _request(MATH[0] + " ", embedding_request_id=req.embedding_request_id), vec).decision_id != first.decision_id
+    assert (
+        decide(
+            hand_router, _request(MATH[0] + " ", embedding_request_id=req.embedding_request_id), vec
+        ).decision_id
+        != first.decision_id
+    )
     features_only = fit_router(_hand_data())
     assert decide(features_only, req, vec).decision_id != first.decision_id
     assert decide(features_only, req, vec).embedding_status == "unused-no-embedding-scorer"
@@ -253,7 +280,9 @@ def test_evaluate_reports_scorers_and_baselines(hand_router: Router) -> None:
     """evaluate() gives APGR, CPT(50%) and accuracy at the router's thresholds for each scorer and the baselines."""
     data = _hand_data()
     report = evaluate(hand_router, data, vectors=_hand_vectors(6, 6))
-    assert {"features", "embedding", "oracle", "random", "always_strong", "always_weak"} <= set(report["scorers"])
+    assert {"features", "embedding", "oracle", "random", "always_strong", "always_weak"} <= set(
+        report["scorers"]
+    )
     assert report["scorers"]["random"]["apgr"] == 0.5
     assert report["rows"][0]["train_share"] == 0.1 and len(report["rows"]) == 9
     assert report["scorers"]["features"]["apgr"] > 0.5  # in-sample, on separable data
@@ -275,11 +304,16 @@ def test_read_mmlu_with_and_without_the_contaminated_list(tmp_path: Path) -> Non
     """Multi-line prompts parse; the contaminated list is applied when present and optional when absent."""
     d = tmp_path / "mmlu"
     d.mkdir()
-    _write_csv(d / "mmlu_algebra.csv", [("What is 1+1?\nA. 2\nB. 3", "True", "True"), ("Hard one\nA. x", "False", "True")])
+    _write_csv(
+        d / "mmlu_algebra.csv",
+        [("What is 1+1?\nA. 2\nB. 3", "True", "True"), ("Hard one\nA. x", "False", "True")],
+    )
     data = read_mmlu(d)
     assert data.prompts[0] == "What is 1+1?\nA. 2\nB. 3" and data.subjects == ("algebra", "algebra")
     assert list(data.weak_correct) == [True, False] and list(data.strong_correct) == [True, True]
-    (tmp_path / "mmlu_contaminated_prompts.jsonl").write_text(json.dumps({"eval_prompt": "Hard one\nA. x"}) + "\n")
+    (tmp_path / "mmlu_contaminated_prompts.jsonl").write_text(
+        json.dumps({"eval_prompt": "Hard one\nA. x"}) + "\n"
+    )
     cleaned = read_mmlu(d)
     assert len(cleaned) == 1 and cleaned.excluded_count == 1
     assert len(read_mmlu(d, exclude_contaminated=False)) == 2
@@ -299,10 +333,14 @@ def _backbone(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_cli_reports_a_missing_router_in_one_line(tmp_path: Path) -> None:
     """`backbone routing eval` with a missing router file exits 2 with one error line, no traceback."""
-    r = _backbone("routing", "eval", "--router", str(tmp_path / "no.npz"), "--data", str(tmp_path), tmp_path=tmp_path)
+    r = _backbone(
+        "routing", "eval", "--router", str(tmp_path / "no.npz"), "--data", str(tmp_path), tmp_path=tmp_path
+    )
     text = " ".join(r.stderr.split())  # rich wraps long lines
     assert r.returncode == 2, r.stdout + r.stderr
-    assert text.startswith("error:") and "no such router file" in text and "Traceback" not in r.stdout + r.stderr
+    assert (
+        text.startswith("error:") and "no such router file" in text and "Traceback" not in r.stdout + r.stderr
+    )
 
 
 needs_mmlu = pytest.mark.skipif(not MMLU.is_dir(), reason=f"{MMLU} is absent (the shared real data set)")
@@ -345,7 +383,9 @@ def test_cli_fits_and_evaluates_a_features_router(tmp_path: Path) -> None:
     assert fit.returncode == 0, fit.stderr
     fitted = json.loads(fit.stdout)
     assert fitted["version"] == Router.load(out).version and fitted["scorers"] == ["features"]
-    assert fitted["train_prompts"] + fitted["test_prompts"] == len(read_mmlu(MMLU, subjects=subjects.split(",")))
+    assert fitted["train_prompts"] + fitted["test_prompts"] == len(
+        read_mmlu(MMLU, subjects=subjects.split(","))
+    )
     ev = _backbone("routing", "eval", "--router", str(out), "--data", str(MMLU), "--subjects", subjects, "--json",
                    tmp_path=tmp_path)  # fmt: skip
     assert ev.returncode == 0, ev.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from backbone.cli_routing import app
+from backbone.cli.routing_policy import app
 from processors.routing.policy import Outcome, PolicyRequest, RoutingState, next_fallback
 from processors.routing.simulate import ab_report, read_history, record, simulate, write_history
 from tests.unit.test_routing_policy import CONFIG, QUALITY, T0, _learner

@@ -38,7 +38,14 @@ PINNED_SAMPLE_V1_HEX = (
 )
 #: The sample as the latest LlmCall (id 13: outcome, error_kind, http_status, request_id, attempt, agent) writes it.
 PINNED_SAMPLE_HEX = PINNED_SAMPLE_V1_HEX.replace("0000000001", "000000000d", 1) + "046f6b0000000200"
-CLIENT_DEFAULTS = {"outcome": "ok", "error_kind": None, "http_status": None, "request_id": None, "attempt": 1, "agent": None}
+CLIENT_DEFAULTS = {
+    "outcome": "ok",
+    "error_kind": None,
+    "http_status": None,
+    "request_id": None,
+    "attempt": 1,
+    "agent": None,
+}
 
 
 @pytest.fixture
@@ -56,7 +63,9 @@ def test_every_avsc_parses_and_follows_the_house_rules(path: Path) -> None:
     for f in schema["fields"]:
         if isinstance(f["type"], list) and "default" in f:
             first = f["type"][0]
-            assert (f["default"] is None) == (first == "null"), f"{path.name}:{f['name']} default vs first branch"
+            assert (f["default"] is None) == (first == "null"), (
+                f"{path.name}:{f['name']} default vs first branch"
+            )
 
 
 def test_every_avsc_is_pinned() -> None:
@@ -144,7 +153,10 @@ def test_compatible_change_gets_a_new_id(tmp_path: Path) -> None:
     assert new_ids["sophia.agent.LlmCall"] == registry.id_for("sophia.agent.LlmCall") > 1
     serde = AvroSerde(registry)
     assert serde.decode(old)[1] == {**SAMPLE, **CLIENT_DEFAULTS}
-    assert serde.decode(serde.encode("sophia.agent.LlmCall", {**SAMPLE, "temperature": 0.5}))[1]["temperature"] == 0.5
+    assert (
+        serde.decode(serde.encode("sophia.agent.LlmCall", {**SAMPLE, "temperature": 0.5}))[1]["temperature"]
+        == 0.5
+    )
 
 
 @pytest.mark.parametrize(
@@ -169,7 +181,13 @@ def test_compatibility_rules(old: object, new: object, level: str, ok: bool) -> 
 
 def test_removing_a_field_is_backward_compatible_but_not_forward() -> None:
     """Readers on the new schema ignore a removed field; readers on the old one miss it (no default)."""
-    old = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}, {"name": "b", "type": "int"}]}
+    old = {
+        "type": "record",
+        "name": "R",
+        "fields": [{"name": "a", "type": "int"}, {"name": "b", "type": "int"}],
+    }
     new = {"type": "record", "name": "R", "fields": [{"name": "a", "type": "int"}]}
     assert check_compatibility(new, old, "BACKWARD") == []
-    assert check_compatibility(new, old, "FORWARD") == ["$.b: new field has no default, so history cannot be read"]
+    assert check_compatibility(new, old, "FORWARD") == [
+        "$.b: new field has no default, so history cannot be read"
+    ]

@@ -21,10 +21,10 @@ __all__ = [
     "eval_app",
     "eval_healing",
     "eval_outage",
+    "heal_app",
     "healing_ack",
     "healing_audit",
     "healing_status",
-    "heal_app",
     "processors_heal",
 ]
 
@@ -257,7 +257,7 @@ def processors_heal(
     topics = HealingTopics(
         events=events_topic, config=config_topic, decisions=decisions_topic, dead_letters=dlq_topic
     )
-    stats, healer = run_healing_worker(settings, app_id=app_id, topics=topics, config=config, read_model=model,
+    stats, _healer = run_healing_worker(settings, app_id=app_id, topics=topics, config=config, read_model=model,
                                        notifier=notifier, config_store=store, stop_after_idle_seconds=stop_after_idle)  # fmt: skip
     if store is not None:
         store.close()

@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from backbone.cli_core import clear_errors
-from backbone.observability import emit_json
+from backbone.cli.helpers import clear_errors, emit_json
 
 __all__ = ["app", "eval_incidents", "import_nezha", "query_incidents", "run_import"]
 
@@ -34,6 +33,7 @@ app = typer.Typer(help="Incidents on telemetry: import Nezha days, evaluate, que
 import_app = typer.Typer(help="Import history as events.", no_args_is_help=True)
 eval_app = typer.Typer(help="Scores on labelled data.", no_args_is_help=True)
 query_app = typer.Typer(help="Read insights.", no_args_is_help=True)
+processors_incidents_app = typer.Typer(help="Run the incident processor.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
 app.add_typer(eval_app, name="eval")
 app.add_typer(query_app, name="query")
@@ -99,7 +99,7 @@ def import_nezha(
 ) -> None:
     """Import Nezha TrainTicket telemetry (metrics, logs, spans) with deterministic ids; fault_list.json
     is ground truth and is not imported."""
-    from backbone.cli_core import _ctx
+    from backbone.cli.helpers import context as _ctx
     from connectors.nezha import day_folders
 
     day_folders(directory)  # a wrong folder is one clear line, before any broker is looked for
@@ -178,7 +178,7 @@ def query_incidents(
 ) -> None:
     """The closed incidents on the insight topic with their ranked causes (read from the log; there is no
     incident projection yet)."""
-    from backbone.cli_core import _ctx
+    from backbone.cli.helpers import context as _ctx
     from streams.replay import read_range
 
     settings, serde = _ctx()
@@ -200,3 +200,25 @@ def query_incidents(
     for row in rows:
         table.add_row(row["incident"], str(row["event_time"]), "\n".join(row["candidates"]))
     out.print(table)
+
+
+@processors_incidents_app.command("incidents")
+@clear_errors
+def run_incidents(
+    stop_after_idle: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop once started and idle this many seconds.",
+            envvar="BACKBONE_INCIDENTS_STOP_AFTER_IDLE_SECONDS",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the incident processor (telemetry topics -> ``insights.incidents``) until stopped or idle."""
+    import dataclasses
+
+    from processors.incidents.app import run_incidents_worker
+
+    stats = run_incidents_worker(stop_after_idle_seconds=stop_after_idle)
+    if as_json:
+        emit_json(dataclasses.asdict(stats))
