@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DATA   ?= datasets/agent_runs
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-unit test-integration bench lint clean
+.PHONY: install demo test test-unit test-integration bench lint eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/backbone demo --data $(DATA)
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(BIN)/python -m pytest tests
 
 test-unit: $(STAMP)
@@ -33,8 +33,62 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# ruff (lint + format), mypy (strict for core/ and streams/, overrides listed in pyproject.toml), the layer contract
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+# Quality on real labelled data (../shared/data), one table per capability; each row also has --json.
+SHARED ?= ../shared/data
+eval: $(STAMP)
+	$(BIN)/backbone eval healing --data $(SHARED)/agent_runs
+	$(BIN)/backbone eval outage --data $(SHARED)/agent_runs
+	$(BIN)/backbone eval incidents --data $(SHARED)/incidents/nezha
+	$(BIN)/backbone eval anomalies --data $(SHARED)/anomaly/nab
+	$(BIN)/backbone eval links --slack $(SHARED)/chat_and_code/racket/slack_racket_general_2018.xml --commits $(SHARED)/chat_and_code/racket/racket_commits_2018.tsv
+	$(BIN)/backbone routing fit-learner --data $(SHARED)/routing/mmlu --out .backbone/routing/learner
+	$(BIN)/backbone routing eval-learner --router .backbone/routing/learner.npz --data $(SHARED)/routing/mmlu
+	$(BIN)/backbone routing eval-learner --router .backbone/routing/learner.npz --data $(SHARED)/routing/mmlu --online
 
 clean:
 	rm -rf $(VENV) .backbone .pytest_cache
+
+# ---- production deployment (paste into the Makefile; see docs/PRODUCTION.md) ----------------------
+# `make up` / `make down` need Docker Compose v2 and, for the gpu profile, the NVIDIA container toolkit.
+COMPOSE ?= docker compose
+
+.PHONY: up down images lock promtool test-deploy k8s-render
+
+.env:
+	cp example.env .env
+	@echo "created .env from example.env: set the three passwords in it, then run make up again"; exit 1
+
+up: .env
+	$(COMPOSE) up -d --build --wait
+
+down:
+	$(COMPOSE) down
+
+images:
+	docker build -t sophia/backbone:0.1.0 .
+	docker build -f deploy/docker/inference.Dockerfile -t sophia/backbone-inference:0.1.0 .
+
+# Regenerate deploy/requirements*.lock (uv pip compile, pinned to the test venv's versions).
+lock: $(STAMP)
+	VENV=$(VENV) deploy/lock.sh
+
+# promtool for tests/deploy/test_prometheus*.py (Debian's `prometheus` package; CI runs on a fresh machine).
+promtool:
+	command -v promtool >/dev/null || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+
+test-deploy: $(STAMP) promtool
+	$(BIN)/python -m pytest tests/deploy
+
+# Print the rendered Kubernetes manifests of an overlay (default: production).
+OVERLAY ?= production
+k8s-render: $(STAMP)
+	$(BIN)/python deploy/k8s/render.py deploy/k8s/overlays/$(OVERLAY)

@@ -140,7 +140,7 @@ def _opt_int(source: Mapping[str, Any], name: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ChangeEventError(f"source.{name} must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _opt_str(source: Mapping[str, Any], name: str) -> str | None:
