@@ -37,6 +37,8 @@ class KafkaSettings(BaseModel):
         session_timeout_ms: consumer group session timeout in milliseconds. Tansu assigns a new group's
             partitions after about half of it, so 6-10 s suits development and tests.
         client_id: ``client.id`` reported to the broker.
+        ssl_ca_location: path of the CA certificate file of a TLS listener (librdkafka
+            ``ssl.ca.location``, e.g. Strimzi's cluster CA mounted in the pod); ``None``: the system store.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,6 +50,7 @@ class KafkaSettings(BaseModel):
     sasl_password: SecretStr | None = None
     session_timeout_ms: int = Field(default=6000, ge=1000)
     client_id: str = "sophia-backbone"
+    ssl_ca_location: str | None = None
 
     def librdkafka(self, **overrides: Any) -> dict[str, Any]:
         """Return the librdkafka configuration dict for these settings.
@@ -76,6 +79,8 @@ class KafkaSettings(BaseModel):
             conf["sasl.username"] = self.sasl_username
         if self.sasl_password is not None:
             conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
         extra = overrides.pop("extra", None) or {}
         conf.update({k.replace("_", "."): v for k, v in overrides.items()})
         conf.update(extra)

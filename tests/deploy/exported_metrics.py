@@ -118,7 +118,7 @@ def exported_by_process() -> dict[str, dict[str, frozenset[str]]]:
         "processor-routing": _collector(("processors.routing.app",), "RoutingStats"),
         "projections": _module_metrics("projections.runner"),
         "config-relay": _object_metrics(RelayMetrics.create()),
-        "cdc-normaliser": _module_metrics("connectors.cdc"),
+        "cdc-normaliser": _module_metrics("connectors.cdc.normaliser"),
         "inference": _object_metrics(InferenceMetrics()),
         "api": _module_metrics("backbone.http.app", "backbone.api"),
     }

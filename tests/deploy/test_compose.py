@@ -34,14 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
 # Deploy files use these; the code does not have them yet (issue 14's health and TLS work).
-PENDING_SETTINGS = {
-    "BACKBONE_KAFKA__SSL_CA_LOCATION": "librdkafka ssl.ca.location: the CA file of a TLS listener",
-    "BACKBONE_METRICS_HOST": "bind address of /metrics, /healthz, /readyz (0.0.0.0 in containers)",
-}
-PENDING_COMMANDS = {
-    ("processors", "heal"): "self-healing processor",
-    ("processors", "incidents"): "incidents processor",
-}
+PENDING_SETTINGS: dict[str, str] = {}
+PENDING_COMMANDS: dict[tuple[str, str], str] = {}
 
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
