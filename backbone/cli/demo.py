@@ -131,6 +131,7 @@ def demo(
         timings["total_s"] = time.perf_counter() - t0
         doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
                "import": {k: v for k, v in report.items() if k != "problems"}, "skipped_files": report["problems"]}  # fmt: skip
+        doc.update(_healing_and_incidents(data, say))
         _report(doc, runs, insights, as_json)
         ok = n_insights >= totals["finished"] and stats2.applied == 0
     finally:
@@ -143,6 +144,76 @@ def demo(
         stack.stop()
     if not ok:
         raise typer.Exit(1)
+
+
+NEZHA_SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
+"""The Nezha TrainTicket slice copied into the project (MIT, see its README) for the demo."""
+
+
+def _healing_and_incidents(data: Path, say: Any) -> dict[str, Any]:
+    """The healer's decisions replayed on the same runs (early warnings; an outage injected on their
+    provider, healer against LiteLLM's cooldown) and the incident engine on the Nezha slice."""
+    from processors.healing.evaluation import evaluate_early_warnings, evaluate_outage
+    from processors.incidents.eval_nezha import evaluate as evaluate_incidents
+
+    t = time.perf_counter()
+    warnings = evaluate_early_warnings(data)
+    outage = evaluate_outage(data)
+    incidents = evaluate_incidents(NEZHA_SLICE) if NEZHA_SLICE.is_dir() else None
+    say(f"healing and incidents replayed in {time.perf_counter() - t:.1f} s")
+    return {"healing": {"early_warnings": warnings, "outage": outage}, "incidents": incidents}
+
+
+def _n(v: Any) -> str:
+    return "" if v is None else f"{v:,.0f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
+    w = doc["healing"]["early_warnings"]
+    table = Table(title="Healing on these runs: warnings before a run's last step (unresolved runs)")
+    for c in ("policy", "flagged", "precision", "recall", "median lead (steps)", "median lead (s)"):
+        table.add_column(c, justify="left" if c == "policy" else "right")
+    for name, r in (("healer", w), ("baseline (median steps)", w["baseline"])):
+        table.add_row(name, str(r["flagged"]), f"{r['precision']:.2f}", f"{r['recall']:.2f}",
+                      _n(r["median_lead_steps"]), _n(r["median_lead_seconds"]))  # fmt: skip
+    out.print(table)
+    o = doc["healing"]["outage"]
+    table = Table(
+        title=f"An outage injected on {o['outage']['provider']}: circuit breaker with fallback vs LiteLLM cooldown"
+    )
+    for c in (
+        "policy",
+        "calls to the failing provider",
+        "open after (s)",
+        "closed after recovery (s)",
+        "served by fallback",
+        "failed to caller",
+    ):
+        table.add_column(c, justify="left" if c == "policy" else "right")
+    for name in ("healer", "baseline"):
+        r = o[name]
+        table.add_row(name, str(r["calls_to_failing_provider_while_down"]), _n(r["time_to_open_seconds"]),
+                      _n(r["time_to_close_after_recovery_seconds"]), str(r["served_by_fallback"]),
+                      str(r["requests_failed_to_caller"]))  # fmt: skip
+    out.print(table)
+    inc = doc.get("incidents")
+    if inc:
+        table = Table(
+            title=f"Incidents on the Nezha TrainTicket slice: {inc['faults']} injected faults, {inc['incidents']} incidents"
+        )
+        for c in (
+            "injected",
+            "faulty pod",
+            "kind",
+            "detected after (s)",
+            "rank of the pod",
+            "top-1 candidate",
+        ):
+            table.add_column(c)
+        for f in inc["per_fault"]:
+            table.add_row(str(f["inject_time"]), f["pod"], f["kind"], _n(f.get("detection_seconds")),
+                          _n(f.get("rank_pod")), str(f.get("top1_pod") or ""))  # fmt: skip
+        out.print(table)
 
 
 def _report(
@@ -186,5 +257,7 @@ def _report(
                       i["labels"].get("outcome", ""), f"{i['metrics'].get('cost_usd', 0):.3f}")  # fmt: skip
         out.print(s)
     tm = doc["timings_s"]
+    if doc.get("healing"):
+        _report_healing_and_incidents(doc)
     out.print(f"timings: stack {tm['stack_start_s']:.1f} s, import {tm['import_s']:.1f} s, "
               f"projection {tm['projection_s']:.1f} s, total {tm['total_s']:.1f} s")  # fmt: skip
