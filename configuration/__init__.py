@@ -2,7 +2,7 @@
 
 ``ConfigStore`` (PostgreSQL, eventsourcing) writes and reads versions; ``OutboxRelay`` publishes every
 stored event to ``config.changes``; ``ConfigProjection`` keeps the Redis current-value model;
-``Config.current(KEY)`` reads it. The CLI is :data:`configuration.cli.app` (``backbone config ...``).
+``Config.current(KEY)`` reads it. The CLI is :data:`backbone.cli.config.app` (``backbone config ...``).
 """
 
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for

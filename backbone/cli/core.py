@@ -7,7 +7,7 @@ import json
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,20 +49,15 @@ def produce(
 ) -> None:
     """Validate JSON lines against the Avro schema and produce them; if any line is invalid, each bad
     line is reported with its line number and field, and nothing is sent."""
-    from streams.catalogue import CATALOGUE
-    from streams.envelope import Event
+    from backbone.client import Client
     from streams.errors import SchemaValidationError
-    from streams.producer import EventProducer
-    from streams.serde import coerce_json_datum
 
     settings, serde = context()
-    schema = serde.registry.schema_for(serde.registry.id_for(type_))
-    spec = CATALOGUE.get(topic)
-    key_field = key_field or (
-        spec.key if spec and spec.key in {f["name"] for f in schema["fields"]} else None
-    )
+    client = Client(settings, serde)
     stream = sys.stdin if file == "-" else open(file, encoding="utf-8")  # noqa: SIM115
-    events, problems = [], []
+    data: list[dict[str, Any]] = []
+    lines: list[int] = []
+    problems: list[dict[str, Any]] = []
     with stream:
         for lineno, line in enumerate(stream, 1):
             if not line.strip():
@@ -71,19 +66,13 @@ def produce(
                 raw = json.loads(line)
                 if not isinstance(raw, dict):
                     raise ValueError("a JSON object is expected")
-                datum = coerce_json_datum(schema, raw)
-                serde.check(type_, datum)
+                data.append(client.validate(type_, raw))
+                lines.append(lineno)
             except (ValueError, SchemaValidationError) as exc:
                 problems.append({"line": lineno, "field": getattr(exc, "field", None), "error": str(exc)})
-                continue
-            t = (
-                datum.get("event_time")
-                if isinstance(datum.get("event_time"), datetime)
-                else datetime.now(UTC)
-            )
-            key = str(datum.get(key_field)) if key_field and datum.get(key_field) is not None else str(lineno)
-            eid = str(datum[id_field]) if id_field and datum.get(id_field) is not None else str(uuid.uuid4())
-            events.append(Event.create(type_, key, datum, source=source, time=t, id=eid))
+    ids = [str(d[id_field]) if id_field and d.get(id_field) is not None else str(uuid.uuid4()) for d in data]
+    events = client.events(type_, data, topic=topic, key_field=key_field, source=source, ids=ids,
+                           keys=[str(n) for n in lines])  # fmt: skip
     if problems:
         if as_json:
             emit_json({"produced": 0, "invalid": problems})
@@ -91,7 +80,8 @@ def produce(
             err.print(f"[red]line {p['line']}[/red]: {p['error']}", highlight=False)
         err.print(f"{len(problems)} invalid line(s); nothing was sent")
         raise typer.Exit(1)
-    n = EventProducer(settings.kafka, serde).produce_many(topic, events)
+    n = client.send(topic, events)
+    client.close()
     if as_json:
         emit_json({"produced": n, "topic": topic, "ids": [e.attributes.id for e in events]})
     else:
@@ -202,7 +192,7 @@ def replay(
 
     settings, serde = context()
     if into:
-        from projections.cli import replay_into
+        from backbone.cli.projections import replay_into
 
         result = replay_into(
             settings, serde, topic, start=_parse_bound(from_), end=_parse_bound(to), name=into

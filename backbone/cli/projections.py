@@ -1,8 +1,8 @@
 """``backbone projections`` (list, status, rebuild, run), ``backbone audit`` and the ``--into`` of
 ``backbone replay``.
 
-The lead mounts them in :mod:`backbone.cli`: ``app.add_typer(projections.cli.app, name="projections")``,
-``app.command()(projections.cli.audit)``, and ``replay --into NAME`` calls :func:`replay_into`.
+The lead mounts them in :mod:`backbone.cli`: ``root.add_typer(projections.app, name="projections")``,
+``root.command()(projections.audit)``, and ``replay --into NAME`` calls :func:`replay_into`.
 """
 
 from __future__ import annotations

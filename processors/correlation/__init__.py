@@ -2,7 +2,7 @@
 
 * :mod:`processors.correlation.logic`: the decision logic (plain Python, unit-tested).
 * :mod:`processors.correlation.app`: the Faust app (repartition by scope, table with changelog, worker).
-* :mod:`processors.correlation.cli`: ``backbone processors correlate``.
+* :mod:`backbone.cli.correlation`: ``backbone processors correlate``.
 """
 
 from processors.correlation.app import (

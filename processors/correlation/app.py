@@ -48,7 +48,7 @@ about 11,000 items).
   (the inference topics keep a week and measure latency from it); it decides nothing.
 * ``concurrency=1`` per agent (faust-streaming #606); scale with partitions and workers.
 
-Run it with ``backbone processors correlate`` (:mod:`processors.correlation.cli`); with
+Run it with ``backbone processors correlate`` (:mod:`backbone.cli.correlation`); with
 ``stop_after_idle_seconds`` it returns once no record has arrived for that long after recovery.
 """
 

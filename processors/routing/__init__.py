@@ -12,7 +12,7 @@
 * :mod:`processors.routing.records`: ``sophia.routing.RouteRequest`` / ``RouteDecision`` value objects.
 * :mod:`processors.routing.embedding`: MiniLM embeddings of many prompts for fitting (cached).
 * :mod:`processors.routing.app`: the Faust app (route requests + embeddings -> route decisions).
-* :mod:`processors.routing.cli`: ``backbone routing fit|eval|request`` and ``backbone processors route``.
+* :mod:`backbone.cli.routing`: ``backbone routing fit|eval|request`` and ``backbone processors route``.
 
 Only the Kafka-free parts are imported here; import :mod:`processors.routing.app` for the worker.
 """
