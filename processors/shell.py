@@ -75,7 +75,11 @@ def credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
     """Faust's credentials for the settings' ``security.protocol`` (system CA store for TLS)."""
     if kafka.security_protocol == "PLAINTEXT":
         return None
-    context = ssl.create_default_context(cafile=kafka.ssl_ca_location) if kafka.security_protocol.endswith("SSL") else None
+    context = (
+        ssl.create_default_context(cafile=kafka.ssl_ca_location)
+        if kafka.security_protocol.endswith("SSL")
+        else None
+    )
     if kafka.security_protocol == "SSL":
         return faust.SSLCredentials(context)
     return faust.SASLCredentials(

@@ -161,7 +161,10 @@ def test_image_file_list_imports_every_cli_command(dockerfile: str, tmp_path: Pa
     pins = locked(ROOT / lock)
     # Distributions of the interpreter itself or of the test tooling are not the image's concern.
     missing = sorted(
-        d for d in result["dists"] if canonical(d) not in pins and canonical(d) not in {"pip", "setuptools", "charset-normalizer"}  # imported only when present
+        d
+        for d in result["dists"]
+        if canonical(d) not in pins
+        and canonical(d) not in {"pip", "setuptools", "charset-normalizer"}  # imported only when present
     )
     assert not missing, f"imported but not pinned in {lock}: {missing}"
 
