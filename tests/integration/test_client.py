@@ -65,15 +65,15 @@ def test_config_current_history_and_rollback(settings: Settings, pg_url: str) ->
 
     store = ConfigStore(s)
     try:
-        store.set("agents.role.reviewer", {"model": "a"}, author="alice", reason="first")
-        store.set("agents.role.reviewer", {"model": "b"}, author="bob", reason="second")
+        store.set("demo.client.setting", {"model": "a"}, author="alice", reason="first")
+        store.set("demo.client.setting", {"model": "b"}, author="bob", reason="second")
     finally:
         store.close()
-    assert bb.config("agents.role.reviewer")["value"] == {"model": "b"}
-    assert [v["version"] for v in bb.config_history("agents.role.reviewer")] == [1, 2]
-    back = bb.rollback("agents.role.reviewer", to_version=1, author="carol", reason="b broke things")
+    assert bb.config("demo.client.setting")["value"] == {"model": "b"}
+    assert [v["version"] for v in bb.config_history("demo.client.setting")] == [1, 2]
+    back = bb.rollback("demo.client.setting", to_version=1, author="carol", reason="b broke things")
     assert back["version"] == 3 and back["value"] == {"model": "a"}
-    assert bb.config("agents.role.reviewer", version=2)["value"] == {"model": "b"}
+    assert bb.config("demo.client.setting", version=2)["value"] == {"model": "b"}
     with pytest.raises(ValueError, match="unknown projection"):
         bb.query("nope")
 
