@@ -142,7 +142,9 @@ _lag = Gauge(
 
 @dataclass(slots=True)
 class RunnerStats:
-    """Counters of one runner since it started (``columnar_batches``: batches applied column-wise)."""
+    """Counters of one runner since it started (``columnar_batches``: batches applied column-wise;
+    ``absent_topics``: the projection's topics that were not on the broker when a run until caught up
+    started, so there was nothing to catch up on them)."""
 
     batches: int = 0
     applied: int = 0
@@ -151,6 +153,7 @@ class RunnerStats:
     db_retries: int = 0
     columnar_batches: int = 0
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    absent_topics: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -816,19 +819,32 @@ class ProjectionRunner:
         self._consumer = consumer
         if self.pipeline:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"projection-{self.projection.name}")
-        if assign_all:
+        topics = list(self.projection.topics)
+        if until_caught_up or assign_all:
+            # an absent topic has nothing to catch up on and no partition will ever be assigned for it:
+            # say so instead of waiting forever (a topic is created by its first producer)
             meta = consumer.list_topics(timeout=10)
-            tps = [
-                TopicPartition(t, p)
-                for t in self.projection.topics
-                if t in meta.topics
-                for p in sorted(meta.topics[t].partitions)
-            ]
+            present = {t for t, m in meta.topics.items() if m.error is None and m.partitions}
+            self.stats.absent_topics = [t for t in topics if t not in present]
+            if self.stats.absent_topics:
+                log.warning(
+                    "topics not on the broker, nothing to catch up on them",
+                    projection=self.projection.name,
+                    topics=self.stats.absent_topics,
+                )
+            topics = [t for t in topics if t in present]
+        if until_caught_up and not topics:
+            consumer.close()
+            self._consumer = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            return self.stats
+        if assign_all:
+            tps = [TopicPartition(t, p) for t in topics for p in sorted(meta.topics[t].partitions)]
             self._on_assign(consumer, tps)
         else:
-            consumer.subscribe(
-                list(self.projection.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
-            )
+            consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         deadline = time.monotonic() + max_wait_seconds if max_wait_seconds else None
         try:
             while not self.stop_event.is_set():

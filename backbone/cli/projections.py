@@ -215,7 +215,8 @@ def run_cmd(
     for r in runners:
         s = r.stats
         out.print(f"{r.projection.name}: applied {s.applied:,}, skipped {s.duplicates:,} duplicate(s), "
-                  f"dead-lettered {s.dead_lettered}")  # fmt: skip
+                  f"dead-lettered {s.dead_lettered}"
+                  + (f"; topic(s) not on the broker: {', '.join(s.absent_topics)}" if s.absent_topics else ""))  # fmt: skip
     if errors:
         for n, e in errors.items():
             err.print(f"[red]{n} failed:[/red] {e}", highlight=False)

@@ -299,14 +299,21 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
         thread.start()
         chunks = [demo_events[i : i + 100] for i in range(0, len(demo_events), 100)]
 
+        # the first chunk, and wait until it is applied (the group join takes seconds on a loaded machine),
+        # so that PostgreSQL goes down while the rest is still arriving
+        _produce(s, serde, topic, chunks[0])
+        seen = time.monotonic() + 60
+        while runner.stats.applied == 0 and time.monotonic() < seen:
+            time.sleep(0.1)
+
         def feed() -> None:
-            for ch in chunks:
+            for ch in chunks[1:]:
                 _produce(s, serde, topic, ch)
-                time.sleep(0.1)
+                time.sleep(0.3)
 
         feeder = threading.Thread(target=feed)
         feeder.start()
-        time.sleep(1.5)
+        time.sleep(0.5)
         _pg_ctl_stop(tmp_path / "postgres", 10)
         time.sleep(3)
         proc = _start_pg(tmp_path / "postgres", port)

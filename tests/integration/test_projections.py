@@ -222,3 +222,24 @@ def test_sigkill_at_random_points_loses_nothing_and_counts_nothing_twice(
     finally:
         with psycopg.connect(admin_url, autocommit=True) as c:
             c.execute(f"DROP DATABASE {ref_db} WITH (FORCE)")
+
+
+def test_until_caught_up_returns_on_an_empty_topic_and_names_an_absent_one(
+    settings: Settings, serde: AvroSerde, pg_url: str, create_topic: Callable, unique_name: Callable
+) -> None:
+    """An empty partition is caught up; a topic that is not on the broker is reported, not waited on.
+
+    (Found as a new user: ``projections run --until-caught-up`` never returned after ``dev up`` and an
+    import, because the ``insights`` projection's topic was empty or absent.)"""
+    s = _db(settings, pg_url)
+    empty = create_topic(unique_name("empty"), 3)
+    started = time.monotonic()
+    stats = _runner(s, serde, empty).run(until_caught_up=True, max_wait_seconds=30)
+    assert stats.applied == 0 and stats.absent_topics == []
+    assert time.monotonic() - started < 20
+    absent = unique_name("absent")
+    runner = ProjectionRunner(
+        s, serde, AgentRunsProjection([empty, absent]), group_id=f"g-{absent}", dlq_topic="backbone.dlq"
+    )
+    stats = runner.run(until_caught_up=True, max_wait_seconds=30)
+    assert stats.absent_topics == [absent] and stats.applied == 0
