@@ -40,6 +40,11 @@ def _short(name: str | None) -> str | None:
     return name.rsplit(".", 1)[-1] if name else None
 
 
+def _same_name(r: dict[str, Any], w: dict[str, Any]) -> bool:
+    """Named types resolve when their unqualified names agree or a reader alias names the writer."""
+    return _short(_name(r)) == _short(_name(w)) or _name(w) in r.get("aliases", [])
+
+
 def _resolve(s: Any, named: dict[str, Any]) -> Any:
     if isinstance(s, str) and s in named:
         return named[s]
@@ -129,6 +134,8 @@ def _check(r: Any, w: Any, rn: dict, wn: dict, path: str, out: list[str], seen: 
         _check(r["items"], w["items"], rn, wn, f"{path}[]", out, seen)
     elif rk == "map":
         _check(r["values"], w["values"], rn, wn, f"{path}{{}}", out, seen)
+    elif rk in ("fixed", "enum", "record", "error") and not _same_name(r, w):
+        out.append(f"{path}: {wk} {_name(w)} cannot be read as {_name(r)}")
     elif rk == "fixed":
         if r.get("size") != w.get("size"):
             out.append(f"{path}: fixed size {w.get('size')} changed to {r.get('size')}")
@@ -137,9 +144,6 @@ def _check(r: Any, w: Any, rn: dict, wn: dict, path: str, out: list[str], seen: 
         if missing and "default" not in r:
             out.append(f"{path}: enum symbols {missing} removed with no enum default")
     elif rk in ("record", "error"):
-        if _short(_name(r)) != _short(_name(w)) and _name(w) not in r.get("aliases", []):
-            out.append(f"{path}: record {_name(w)} cannot be read as {_name(r)}")
-            return
         key = (id(r), id(w))
         if key in seen:
             return

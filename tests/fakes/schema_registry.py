@@ -5,17 +5,26 @@ tested against this. It follows Confluent's "Schema Registry API Reference":
 
 * ``POST /subjects/{subject}/versions`` ``{"schema", "schemaType"?, "references"?}`` → ``{"id"}``;
   the same schema again returns the existing id; 409 ``{"error_code": 409}`` when incompatible with the
-  latest version under the subject's compatibility level; 422 ``{"error_code": 42201}`` for an
-  invalid schema
+  latest version (every version for a ``_TRANSITIVE`` level) under the compatibility level; 422
+  ``{"error_code": 42201}`` for an invalid schema
 * ``POST /compatibility/subjects/{subject}/versions/{version}`` → ``{"is_compatible": bool}``;
-  404 ``{"error_code": 40401}`` for an unknown subject
+  404 ``{"error_code": 40401}`` for an unknown subject, ``{"error_code": 40402}`` for an unknown version
 * ``GET /subjects/{subject}/versions/latest`` and ``/versions/{n}`` → ``{"subject", "id", "version", "schema"}``
 * ``GET /schemas/ids/{id}`` → ``{"schema"}``; 404 ``{"error_code": 40403, "message": "Schema not found"}``
 * ``GET /subjects`` → ``[subject, ...]``; ``GET /config`` → ``{"compatibilityLevel"}``
 
-Media type ``application/vnd.schemaregistry.v1+json``. Compatibility is decided with this project's
-own checker (``streams.compat``), which the real registry's Java implementation is not: these tests
-are about the client's conversation with the API, not about who checks.
+Media type ``application/vnd.schemaregistry.v1+json``.
+
+Compatibility is not computed here (least of all with this project's own ``streams.compat``, which is
+what it should be checked against): a new version that differs from the one it is checked against is
+looked up in :data:`tests.fakes.compat_verdicts.DOCUMENTED_PAIRS`, schema pairs with the verdict
+Confluent's documentation and the Avro specification give for them. A pair not in that table is answered
+422 ``{"error_code": 422}`` saying the fake has no documented verdict, rather than guessed. Without a
+lookup: the first version of a subject, a schema identical to the version it is checked against, and
+any change under ``NONE`` ("all changes are accepted"). A registration is checked against every
+earlier version at a ``_TRANSITIVE`` level and against the latest otherwise, a compatibility test against
+the version in its path; ``?verbose=true`` adds ``"messages"`` (the documented rules broken) to the
+compatibility answer.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from streams.compat import check_compatibility
+from tests.fakes.compat_verdicts import canonical, documented_verdict
 
 __all__ = ["FakeSchemaRegistry"]
 
@@ -49,7 +58,7 @@ def _error(status: int, code: int, message: str) -> JSONResponse:
 
 
 class FakeSchemaRegistry:
-    """Start with ``with FakeSchemaRegistry() as url: ...``; ``compatibility`` is the global level."""
+    """Start with ``with FakeSchemaRegistry() as sr: ...`` (``sr.url``); ``compatibility`` is the global level."""
 
     def __init__(self, compatibility: str = "BACKWARD") -> None:
         self.compatibility = compatibility
@@ -88,28 +97,56 @@ class FakeSchemaRegistry:
             return None, _error(422, 42201, f"Invalid schema: {exc}")
         return schema, None
 
+    def _verdict(self, old_id: int, schema: dict[str, Any]) -> tuple[bool, str] | None:
+        """(compatible, why) for ``schema`` after the schema ``old_id``; None when nothing documents it."""
+        old = json.loads(self.schemas[old_id])
+        if self.compatibility.upper() == "NONE":
+            return True, "NONE accepts all changes"
+        if canonical(old) == canonical(schema):
+            return True, "identical schemas"
+        pair = documented_verdict(old, schema, self.compatibility)
+        return None if pair is None else (pair.compatible, f"{pair.rule} ({pair.source})")
+
+    def _check(self, subject: str, against: list[int], schema: dict[str, Any]) -> JSONResponse | list[str]:
+        """The documented rules that make ``schema`` incompatible with the versions ``against``, or a 422."""
+        problems: list[str] = []
+        for old_id in against:
+            verdict = self._verdict(old_id, schema)
+            if verdict is None:
+                return _error(
+                    422,
+                    422,
+                    f"the fake schema registry has no documented verdict for this change of subject "
+                    f'"{subject}" at {self.compatibility} (old schema id {old_id}); add the pair to '
+                    f"tests/fakes/compat_verdicts.py with the verdict its source documents",
+                )
+            if not verdict[0]:
+                problems.append(verdict[1])
+        return problems
+
     async def _register(self, request: Request) -> JSONResponse:
         subject = request.path_params["subject"]
         self.requests.append(("POST", request.url.path))
         schema, err = await self._parse(request)
         if err is not None:
             return err
-        text = json.dumps(schema, sort_keys=True)
+        text = canonical(schema)
         for sid in self.subjects.get(subject, []):
-            if json.dumps(json.loads(self.schemas[sid]), sort_keys=True) == text:
+            if canonical(json.loads(self.schemas[sid])) == text:
                 return _json({"id": sid})
-        versions = self.subjects.get(subject)
-        if versions and check_compatibility(
-            schema, json.loads(self.schemas[versions[-1]]), self.compatibility
-        ):
+        versions = self.subjects.get(subject, [])
+        transitive = self.compatibility.upper().endswith("_TRANSITIVE")
+        checked = self._check(subject, versions if transitive else versions[-1:], schema)
+        if isinstance(checked, JSONResponse):
+            return checked
+        if checked:
             return _error(
                 409,
                 409,
-                f'Schema being registered is incompatible with an earlier schema for subject "{subject}"',
+                f'Schema being registered is incompatible with an earlier schema for subject "{subject}", '
+                f"details: {checked}",
             )
-        sid = next(
-            (i for i, s in self.schemas.items() if json.dumps(json.loads(s), sort_keys=True) == text), None
-        )
+        sid = next((i for i, s in self.schemas.items() if canonical(json.loads(s)) == text), None)
         if sid is None:
             sid = len(self.schemas) + 1
             self.schemas[sid] = json.dumps(schema)
@@ -129,7 +166,7 @@ class FakeSchemaRegistry:
         return _json({"subject": subject, "id": sid, "version": idx, "schema": self.schemas[sid]})
 
     async def _compatibility(self, request: Request) -> JSONResponse:
-        subject = request.path_params["subject"]
+        subject, version = request.path_params["subject"], request.path_params["version"]
         self.requests.append(("POST", request.url.path))
         schema, err = await self._parse(request)
         if err is not None:
@@ -137,8 +174,16 @@ class FakeSchemaRegistry:
         versions = self.subjects.get(subject)
         if not versions:
             return _error(404, 40401, f"Subject '{subject}' not found.")
-        problems = check_compatibility(schema, json.loads(self.schemas[versions[-1]]), self.compatibility)
-        return _json({"is_compatible": not problems, "messages": problems})
+        idx = len(versions) if version == "latest" else int(version)
+        if not 1 <= idx <= len(versions):
+            return _error(404, 40402, f"Version {version} not found.")
+        checked = self._check(subject, [versions[idx - 1]], schema)
+        if isinstance(checked, JSONResponse):
+            return checked
+        body: dict[str, Any] = {"is_compatible": not checked}
+        if request.query_params.get("verbose", "").lower() == "true":
+            body["messages"] = checked
+        return _json(body)
 
     async def _get_schema(self, request: Request) -> JSONResponse:
         sid = request.path_params["id"]

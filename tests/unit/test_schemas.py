@@ -167,6 +167,9 @@ def test_compatible_change_gets_a_new_id(tmp_path: Path) -> None:
         ({"type": "enum", "name": "E", "symbols": ["A", "B"]}, {"type": "enum", "name": "E", "symbols": ["A"]}, "BACKWARD", False),
         ({"type": "enum", "name": "E", "symbols": ["A"]}, {"type": "enum", "name": "E", "symbols": ["A", "B"]}, "BACKWARD", True),
         ({"type": "enum", "name": "E", "symbols": ["A"]}, {"type": "enum", "name": "E", "symbols": ["A", "B"]}, "FORWARD", False),
+        ({"type": "enum", "name": "E", "symbols": ["A"]}, {"type": "enum", "name": "F", "symbols": ["A"]}, "BACKWARD", False),
+        ({"type": "fixed", "name": "X", "size": 4}, {"type": "fixed", "name": "Y", "size": 4}, "BACKWARD", False),
+        ({"type": "fixed", "name": "X", "size": 4}, {"type": "fixed", "name": "Y", "size": 4, "aliases": ["X"]}, "BACKWARD", True),
         ("string", ["null", "string"], "BACKWARD", True),
         (["null", "string"], "string", "BACKWARD", False),
         ({"type": "array", "items": "int"}, {"type": "array", "items": "long"}, "FULL", False),
@@ -174,7 +177,7 @@ def test_compatible_change_gets_a_new_id(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_compatibility_rules(old: object, new: object, level: str, ok: bool) -> None:
-    """The gate follows Avro's schema-resolution rules for promotions, enums, unions and containers."""
+    """The gate follows Avro's schema-resolution rules for promotions, names, enums, unions and containers."""
     wrap = lambda t: {"type": "record", "name": "R", "fields": [{"name": "f", "type": t}]}
     assert (check_compatibility(wrap(new), wrap(old), level) == []) is ok
 
