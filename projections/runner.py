@@ -290,6 +290,7 @@ class ProjectionRunner:
         self.schema = schema or schema_name(projection.name)
         self.batch_size = batch_size
         self.batch_timeout_seconds = batch_timeout_seconds
+        self._owns_dlq_producer = dlq_producer is None
         self.dlq = DeadLetterPublisher(
             dlq_producer or EventProducer(settings.kafka, serde), projection.name, topic=dlq_topic
         )
@@ -879,6 +880,22 @@ class ProjectionRunner:
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current batch."""
         self.stop_event.set()
+
+    def close(self) -> None:
+        """Release the runner's own dead-letter producer (one passed in stays the caller's) once
+        :meth:`run` has returned for good.
+
+        Raises:
+            DeliveryError: dead letters were not delivered.
+        """
+        if self._owns_dlq_producer:
+            self.dlq.producer.close()
+
+    def __enter__(self) -> ProjectionRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_projections(

@@ -60,6 +60,7 @@ class EventProducer:
         self.bootstrap_servers = kafka.bootstrap_servers
         self.serde = serde
         self._producer = Producer(conf, error_cb=self._on_error)
+        self._closed = False
         self._failures: list[tuple[str, bytes | None, str]] = []
         self._fatal: KafkaError | None = None
         self._all_brokers_down = False
@@ -174,8 +175,18 @@ class EventProducer:
             raise DeliveryError(failures)
 
     def close(self) -> None:
-        """Flush and release the producer."""
+        """Flush and release the producer: its librdkafka instance and broker connections go now, not
+        when the object is collected (a producer that outlives its broker logs connection errors).
+        Closing twice is harmless; producing after ``close`` is an error of the caller.
+
+        Raises:
+            DeliveryError: records were not delivered.
+        """
+        if self._closed:
+            return
         self.flush()
+        self._closed = True
+        self._producer.close()
 
     def __enter__(self) -> EventProducer:
         return self

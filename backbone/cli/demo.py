@@ -96,16 +96,15 @@ def demo(
             say(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}")
 
         t = time.perf_counter()
-        runner = ProjectionRunner(settings, serde, AgentRunsProjection())
-        stats = runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
+        with ProjectionRunner(settings, serde, AgentRunsProjection()) as runner:
+            stats = runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
         timings["projection_s"] = time.perf_counter() - t
         say(f"projection caught up: {stats.applied:,} events applied in {timings['projection_s']:.1f} s")
 
         # the same runs again: deterministic event ids, so the views must not move
         report2 = import_runs(settings, serde, data, "agent.events", progress=False)
-        stats2 = ProjectionRunner(settings, serde, AgentRunsProjection()).run(
-            until_caught_up=True, max_wait_seconds=timeout_seconds
-        )
+        with ProjectionRunner(settings, serde, AgentRunsProjection()) as runner:
+            stats2 = runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
         say(f"re-imported {report2['events']:,} events: {stats2.duplicates:,} skipped as duplicates, "
                   f"{stats2.applied} applied")  # fmt: skip
 
