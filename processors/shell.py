@@ -20,6 +20,7 @@ import dataclasses
 import os
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -477,7 +478,11 @@ def run_processor_worker(
         url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics",
     )
     worker = faust.Worker(
-        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+        app,
+        loglevel=(loglevel or settings.log_level).lower(),
+        quiet=True,
+        redirect_stdouts=False,
+        stdout=sys.stderr,
     )
     try:
         worker.execute_from_commandline()

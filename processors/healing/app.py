@@ -29,6 +29,7 @@ tests and the demo); the ``healing.decisions`` topic is created here and is not 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -284,7 +285,9 @@ def run_healing_worker(
             "healing_idle_stop",
         )
     configure_logging(settings.log_level, settings.log_format)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

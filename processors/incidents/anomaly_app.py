@@ -25,6 +25,7 @@ and :class:`processors.tables.TailRecoveringTable`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +214,9 @@ def run_anomaly_worker(
         stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
                        lambda: stats.records_count, "anomaly_idle_stop")  # fmt: skip
     configure_logging(settings.log_level, settings.log_format)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -268,7 +268,11 @@ def run_incidents_worker(
         stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
                        "incidents_idle_stop")  # fmt: skip
     worker = faust.Worker(
-        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+        app,
+        loglevel=(loglevel or settings.log_level).lower(),
+        quiet=True,
+        redirect_stdouts=False,
+        stdout=sys.stderr,
     )
     try:
         worker.execute_from_commandline()

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -593,7 +594,11 @@ def run_routing_worker(
         metrics_url=f"http://127.0.0.1:{server.server_address[1]}/metrics",
     )
     worker = faust.Worker(
-        app, loglevel=(loglevel or settings.log_level).lower(), quiet=True, redirect_stdouts=False
+        app,
+        loglevel=(loglevel or settings.log_level).lower(),
+        quiet=True,
+        redirect_stdouts=False,
+        stdout=sys.stderr,
     )
     try:
         worker.execute_from_commandline()

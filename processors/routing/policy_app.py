@@ -29,6 +29,7 @@ Agents run with ``concurrency=1``; values are JSON bytes (``value_serializer="ra
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -389,7 +390,9 @@ def run_policy_worker(
     if stop_after_idle_seconds is not None:
         stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
                        lambda: stats.records_count, "routing_policy_idle_stop")  # fmt: skip
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit:

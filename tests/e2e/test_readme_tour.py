@@ -7,12 +7,22 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
+HOUR = (datetime(2025, 11, 18, 23, tzinfo=UTC), datetime(2025, 11, 19, tzinfo=UTC))
+
+
+def _events() -> list:
+    from connectors.agent_runs import ParsedRun, iter_runs
+
+    return [
+        e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events
+    ]
 
 
 def tour_lines() -> list[str]:
@@ -65,3 +75,20 @@ def test_readme_tour_runs(tmp_path: Path) -> None:
     assert sse.count("data: ") >= 1 and "id: " in sse
     replayed = [json.loads(x) for x in by_start("backbone replay").stdout.splitlines() if x.startswith("{")]
     assert replayed and all("2025-11-18T23:00:00" <= e["time"] < "2025-11-18T23:01:00" for e in replayed)
+    # the run-summary worker read every event on the log (the 1,730 imported and demo-1's one) and summed
+    # up the 25 finished runs; nothing was dead-lettered
+    w = by_start("backbone processors worker")
+    assert w.stdout.strip(), w.stderr[-2000:]
+    worker = json.loads(w.stdout.strip().splitlines()[-1])
+    assert worker["records_count"] == 1_731 and worker["insights_count"] == 25
+    assert worker["dead_letters_count"] == 0
+    # replay --into projected exactly the events of that hour, every one of them applied
+    within = sum(1 for e in _events() if HOUR[0] <= e.attributes.time < HOUR[1])
+    assert within == 1_090
+    into = by_start(
+        "backbone replay --topic agent.events --from 2025-11-18T23:00:00Z --to 2025-11-19T00:00:00Z --into"
+    )
+    assert (
+        f"replayed {within:,} record(s) of agent.events into schema proj_agent_runs_replay ({within:,} applied)"
+        in into.stdout
+    )
