@@ -134,7 +134,8 @@ _batch_seconds = Histogram(
 )
 _lag = Gauge(
     "backbone_projection_lag_events",
-    "Events behind the end of the log (last seen)",
+    "Events behind the end of the log: over the runner's assigned partitions, high watermark minus the next "
+    "offset to apply (set at most once a second, and when a run catches up)",
     ["projection"],
     registry=REGISTRY,
 )
@@ -259,6 +260,8 @@ class ProjectionRunner:
             (``bench/bench_projections.py``) compares the two with 20,000-record batches. The setting is
             process-wide; it is raised, never lowered, and restored when the last running runner
             returns.
+        lag_interval_seconds: how often :meth:`run` sets ``backbone_projection_lag_events`` (see
+            :meth:`lag`), and once more when it returns caught up. ``0``: after every consume call.
 
     Raises:
         ValueError: ``columnar=True`` for a projection (or hook) that cannot take it.
@@ -282,6 +285,7 @@ class ProjectionRunner:
         pipeline: bool = True,
         seen_in_memory: bool = False,
         gc_threshold: int | None = 10_000,
+        lag_interval_seconds: float = 1.0,
     ) -> None:
         self.settings = settings
         self.serde = serde
@@ -311,6 +315,11 @@ class ProjectionRunner:
         self._conn: psycopg.Connection | None = None
         self._assigned: set[tuple[str, int]] = set()
         self._at_end: set[tuple[str, int]] = set()
+        # the next offset to apply of each assigned partition: its stored checkpoint when assigned
+        # (None: none stored, the log's start), then each committed batch's end (for the lag gauge)
+        self._next: dict[tuple[str, int], int | None] = {}
+        self.lag_interval_seconds = lag_interval_seconds
+        self._lag_at = float("-inf")
         self._consumer: Consumer | None = None
         self._need_rewind = False
         self.pipeline = pipeline
@@ -380,6 +389,7 @@ class ProjectionRunner:
             tp.offset = cps.get((tp.topic, tp.partition), OFFSET_BEGINNING)
             self._assigned.add((tp.topic, tp.partition))
             self._at_end.discard((tp.topic, tp.partition))
+            self._next[(tp.topic, tp.partition)] = cps.get((tp.topic, tp.partition))
         consumer.assign(partitions)
         log.info("partitions assigned", projection=self.projection.name, partitions=len(partitions))
 
@@ -388,6 +398,7 @@ class ProjectionRunner:
         for tp in partitions:
             self._assigned.discard((tp.topic, tp.partition))
             self._at_end.discard((tp.topic, tp.partition))
+            self._next.pop((tp.topic, tp.partition), None)
         consumer.unassign()
 
     def _checkpoints_with_retry(self) -> dict[tuple[str, int], int]:
@@ -405,6 +416,7 @@ class ProjectionRunner:
             offset = cps.get((topic, partition), OFFSET_BEGINNING)
             self._consumer.seek(TopicPartition(topic, partition, offset))
             self._at_end.discard((topic, partition))
+            self._next[(topic, partition)] = cps.get((topic, partition))
         self._need_rewind = False
 
     def _db_backoff(self, exc: Exception) -> None:
@@ -624,6 +636,7 @@ class ProjectionRunner:
             raise RuntimeError(str(exc)) from exc
         self.stats.batches += 1
         self.stats.positions.update({k: v + 1 for k, v in last.items()})
+        self._next.update({k: v + 1 for k, v in last.items()})
         self._notify(fresh)
         return len(fresh)
 
@@ -771,6 +784,7 @@ class ProjectionRunner:
         _batch_seconds.labels(self.projection.name).observe(time.perf_counter() - p.started)
         self.stats.batches += 1
         self.stats.positions.update({k: v + 1 for k, v in p.last.items()})
+        self._next.update({k: v + 1 for k, v in p.last.items()})
         if consumer is not None:
             consumer.commit(
                 offsets=[TopicPartition(t, q, o + 1) for (t, q), o in p.last.items()], asynchronous=True
@@ -778,6 +792,41 @@ class ProjectionRunner:
         self._notify(applied)
         if self.on_batch is not None:
             self.on_batch(self.stats)
+
+    def lag(self, consumer: Consumer) -> int:
+        """Events behind the end of the log: over the assigned partitions, the high watermark minus the
+        next offset to apply (the stored checkpoint or the end of the last committed batch; the log's
+        start when there is neither). 0 when nothing is assigned.
+
+        The high watermark is the consumer's cached one (updated by every fetch response, no request);
+        a partition whose watermark is not cached yet, or whose next offset is the log's start, costs
+        one request to the broker.
+        """
+        total = 0
+        for key in sorted(self._assigned):
+            tp = TopicPartition(*key)
+            nxt = self._next.get(key)
+            _, high = consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
+            if high < 0 or nxt is None:
+                watermarks = consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                if watermarks is None:  # no answer in time: this partition counts next time
+                    continue
+                low, high = watermarks
+                if nxt is None:
+                    nxt = self._next[key] = max(low, 0)  # asked once, until a batch commits here
+            total += max(0, high - nxt)
+        return total
+
+    def _set_lag(self, consumer: Consumer, *, force: bool = False) -> None:
+        """Set ``backbone_projection_lag_events`` at most once per ``lag_interval_seconds`` (or now)."""
+        now = time.monotonic()
+        if not force and now - self._lag_at < self.lag_interval_seconds:
+            return
+        self._lag_at = now
+        try:
+            _lag.labels(self.projection.name).set(self.lag(consumer))
+        except KafkaException as exc:  # the broker did not answer: keep the last value
+            log.warning("projection lag not read", projection=self.projection.name, error=str(exc))
 
     def caught_up(self) -> bool:
         """True when partitions are assigned, every one has reached the end of the log, and no batch is
@@ -856,7 +905,9 @@ class ProjectionRunner:
                 except KeyboardInterrupt:
                     break
                 if until_caught_up and self.caught_up():
+                    self._set_lag(consumer, force=True)  # 0 unless records arrived meanwhile
                     break
+                self._set_lag(consumer)
                 if deadline and time.monotonic() > deadline:
                     raise TimeoutError(
                         f"projection {self.projection.name} not caught up in {max_wait_seconds}s"

@@ -18,6 +18,12 @@ decision the healer returns, in order:
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
 
+Metrics (on ``/metrics`` of :func:`run_healing_worker`, :func:`processors.shell.run_processor_worker`):
+``backbone_circuit_open{circuit}``, 1 while a circuit is open or half-open (probing), 0 once closed, set at
+each transition the healer decides (label = the breaker's key, ``provider:P``, ``model:P/M`` or
+``agent:A``; a circuit that never transitioned has no series), and the counters of :data:`COUNTERS`
+(label ``app``).
+
 Limits of this first shell (see the report of issue 11): the healer's state lives in memory, so a
 restarted worker starts from closed circuits (decisions already written are not written twice: their
 ids are deterministic); the inputs' partitions are merged in arrival order, so the decisions are
@@ -29,7 +35,6 @@ tests and the demo); the ``healing.decisions`` topic is created here and is not 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +42,9 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import Gauge
 
-from core.observability import configure_logging
+from core.observability import REGISTRY
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
 from processors.healing.decisions import DECISION_SCHEMA, Decision
@@ -46,7 +52,7 @@ from processors.healing.healer import Healer, HealingConfig
 from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
 from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
@@ -54,11 +60,13 @@ from streams.errors import DeserializationError, EnvelopeError
 from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
+    "COUNTERS",
     "DEFAULT_APP_ID",
     "HealingStats",
     "HealingTopics",
     "create_healing_app",
     "ensure_healing_topics",
+    "record_circuit_transitions",
     "run_healing_worker",
 ]
 
@@ -66,6 +74,21 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-healing"
 PROCESSOR_NAME = "healing"
+
+_circuit_open = Gauge(
+    "backbone_circuit_open",
+    "1 while the circuit breaker is open or half-open (probing), 0 once it closed",
+    ["circuit"],
+    registry=REGISTRY,
+)
+_CIRCUIT_KINDS = frozenset({"circuit_opened", "circuit_half_open", "circuit_closed"})
+
+
+def record_circuit_transitions(decisions: list[Decision]) -> None:
+    """Set ``backbone_circuit_open`` from the circuit transitions among ``decisions`` (in their order)."""
+    for d in decisions:
+        if d.kind in _CIRCUIT_KINDS:
+            _circuit_open.labels(d.details["circuit"]).set(0 if d.kind == "circuit_closed" else 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +111,15 @@ class HealingStats:
     dead_letters_count: int = 0
     rollbacks_done: int = 0
     last_record_monotonic: float | None = field(default=None)
+
+
+COUNTERS = (
+    ("backbone_healing_records", "records_count", "Records handled (every outcome)"),
+    ("backbone_healing_decisions", "decisions_count", "Decisions sent to the decisions topic"),
+    ("backbone_healing_dead_letters", "dead_letters_count", "Records dead-lettered"),
+    ("backbone_healing_rollbacks", "rollbacks_done", "Configuration rollbacks carried out"),
+)
+"""The healer's counters as Prometheus metrics (label ``app``)."""
 
 
 class _HealingShell:
@@ -132,6 +164,7 @@ class _HealingShell:
                 "healing_record_dead_lettered", reason=str(exc), topic=message.topic, offset=message.offset
             )
             return
+        record_circuit_transitions(decisions)
         await self.emit(decisions)
 
     async def emit(self, decisions: list[Decision]) -> None:
@@ -261,7 +294,9 @@ def run_healing_worker(
     config_store: Any = None,
     stop_after_idle_seconds: float | None = None,
 ) -> tuple[HealingStats, Healer]:
-    """Run the healer worker in this process until stopped (blocking; owns the event loop and signals).
+    """Run the healer worker in this process until stopped (blocking; owns the event loop and signals),
+    with ``/metrics``, ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
+    (:func:`processors.shell.run_processor_worker`).
 
     Args:
         stop_after_idle_seconds: stop once no record arrived for this long after start.
@@ -276,23 +311,9 @@ def run_healing_worker(
     app = create_healing_app(settings, app_id=app_id, topics=topics, config=config, read_model=read_model,
                              notifier=notifier, config_store=config_store)  # fmt: skip
     stats: HealingStats = app.healing_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(
-            app,
-            stop_after_idle_seconds,
-            lambda: stats.last_record_monotonic,
-            lambda: stats.records_count,
-            "healing_idle_stop",
-        )
-    configure_logging(settings.log_level, settings.log_format)
-    worker = faust.Worker(
-        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
-    )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.healing_close()  # type: ignore[attr-defined]
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.healing_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds,
+    )  # fmt: skip
     return stats, app.healer  # type: ignore[attr-defined]

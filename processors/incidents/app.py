@@ -19,6 +19,11 @@ Two agents:
    ``insights.incidents`` (``sophia.insight.Insight``, key ``incident:<id>``, CloudEvents id = the
    deterministic ``insight_id``, record timestamp = its event time) and their delivery awaited.
 
+Metrics (on ``/metrics`` of :func:`run_incidents_worker`, :func:`processors.shell.run_processor_worker`):
+``backbone_incidents_opened_total{priority}``, one per ``incident.opened`` insight sent, by the priority
+the engine derives (``p1``/``p2``/``p3``, :func:`processors.incidents.incident.priority`: the telemetry has
+no severity), and the counters of :data:`COUNTERS` (label ``app``).
+
 Determinism: event time only; the same events within the allowed lateness give the same insights in
 any interleaving (checked by ``tests/integration/test_incidents_replay.py`` on real Tansu).
 
@@ -44,10 +49,12 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from prometheus_client import Counter
 
+from core.observability import REGISTRY
 from core.settings import Settings
 from processors.incidents.incident import EngineConfig, IncidentEngine
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent, Event
@@ -56,6 +63,7 @@ from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
 
 __all__ = [
+    "COUNTERS",
     "DEFAULT_APP_ID",
     "IncidentStats",
     "IncidentTopics",
@@ -73,6 +81,14 @@ _KINDS = {
     "sophia.telemetry.LogLine": "log",
     "sophia.telemetry.Span": "span",
 }
+
+
+_opened = Counter(
+    "backbone_incidents_opened",
+    "Incidents opened (incident.opened insights sent), by the priority the engine derives (p1, p2, p3)",
+    ["priority"],
+    registry=REGISTRY,
+)
 
 
 class UnexpectedSchemaError(ValueError):
@@ -109,6 +125,17 @@ class IncidentStats:
     late_count: int = 0
     dead_letters_count: int = 0
     last_record_monotonic: float | None = field(default=None)
+
+
+COUNTERS = (
+    ("backbone_incidents_records", "records_count", "Records handled by either agent (every outcome)"),
+    ("backbone_incidents_forwarded", "forwarded_count", "Telemetry records forwarded to the merged topic"),
+    ("backbone_incidents_correlated", "correlated_count", "Merged records fed to the engine"),
+    ("backbone_incidents_insights", "insights_count", "Incident insights sent (opened, updated, closed)"),
+    ("backbone_incidents_late", "late_count", "Records too late for their window (counted, not used)"),
+    ("backbone_incidents_dead_letters", "dead_letters_count", "Records dead-lettered"),
+)
+"""The incident processor's counters as Prometheus metrics (label ``app``)."""
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +196,8 @@ class _IncidentShell:
             )  # fmt: skip
             await pending
             self.stats.insights_count += 1
+            if insight["kind"] == "incident.opened":
+                _opened.labels(insight["labels"]["priority"]).inc()
             log.info("incident_insight_sent", kind=insight["kind"], entity=insight["entity"],
                      top1=insight["labels"]["top1_pod"])  # fmt: skip
 
@@ -249,7 +278,9 @@ def run_incidents_worker(
     settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
     stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
 ) -> IncidentStats:  # fmt: skip
-    """Run the worker in this process until stopped (blocking; call from a main thread).
+    """Run the worker in this process until stopped (blocking; call from a main thread), with ``/metrics``,
+    ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
+    (:func:`processors.shell.run_processor_worker`).
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -264,23 +295,11 @@ def run_incidents_worker(
     ensure_incident_topics(settings, topics, app_id)
     app = create_incidents_app(settings, app_id=app_id, topics=topics)
     stats: IncidentStats = app.incident_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
-                       "incidents_idle_stop")  # fmt: skip
-    worker = faust.Worker(
-        app,
-        loglevel=(loglevel or settings.log_level).lower(),
-        quiet=True,
-        redirect_stdouts=False,
-        stdout=sys.stderr,
-    )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.incident_close()  # type: ignore[attr-defined]
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.incident_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+    )  # fmt: skip
     return stats
 
 

@@ -22,6 +22,11 @@ Per window the detectors of :mod:`processors.incidents.nezha_detect` score every
   at least ``min_services`` services, or include a new WARN/ERROR log template, or one anomaly scores
   at least ``strong_threshold``. Its ``incident.opened`` insight is stamped with the end of the window
   that opened it plus the allowed lateness (the earliest moment a streaming worker can know).
+* Its **priority** (label ``priority`` of every insight, read by the ``backbone_incidents_opened_total``
+  counter of :mod:`processors.incidents.app`) is derived from its anomalies, since the telemetry carries
+  no severity of its own: ``p1`` when they cover at least ``min_services`` services (the frontend not
+  counted, as in the trigger), else ``p2`` when one scores at least ``strong_threshold``, else ``p3``
+  (e.g. opened by a new WARN/ERROR log template alone). It can rise while the incident grows.
 * Anomalies of later windows join the open incident, each window that adds some gives an
   ``incident.updated`` insight (same stamping); it **closes** when ``incident_gap_ms`` pass
   without an anomaly, or ``max_incident_ms`` after it opened, and its ``incident.closed`` insight
@@ -47,7 +52,7 @@ from processors.incidents.nezha_detect import DETECTOR_VERSION, METRIC_RULES, An
 from processors.incidents.rca import rank
 from streams.envelope import deterministic_id
 
-__all__ = ["KINDS", "EngineConfig", "Incident", "IncidentEngine"]
+__all__ = ["KINDS", "PRIORITIES", "EngineConfig", "Incident", "IncidentEngine", "priority"]
 
 KINDS = ("metric", "log", "span")
 _LOG_ALERT_LEVELS = frozenset({"WARN", "ERROR", "FATAL"})
@@ -74,6 +79,20 @@ class EngineConfig:
     max_incident_ms: int = 300_000
     span_memory_windows: int = 5
     idle_source_ms: int = 600_000
+
+
+PRIORITIES = ("p1", "p2", "p3")
+
+
+def priority(anomalies: Iterable[Anomaly], config: EngineConfig) -> str:
+    """The priority of an incident made of ``anomalies`` (see the module docstring): ``p1`` (at least
+    ``min_services`` services, the frontend not counted), ``p2`` (a score >= ``strong_threshold``), else ``p3``."""
+    found = list(anomalies)
+    if len({a.service for a in found if a.pod != "frontend"}) >= config.min_services:
+        return "p1"
+    if any(a.score >= config.strong_threshold for a in found):
+        return "p2"
+    return "p3"
 
 
 def _ms(t: Any) -> int:
@@ -404,6 +423,7 @@ class IncidentEngine:
             },
             "labels": {
                 "detector_version": DETECTOR_VERSION,
+                "priority": priority(inc.anomalies, self.config),
                 "top1_pod": top.pod if top else "",
                 "top1_service": top.service if top else "",
                 "candidates": json.dumps([c.as_dict() for c in candidates], sort_keys=True),

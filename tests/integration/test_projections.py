@@ -243,3 +243,45 @@ def test_until_caught_up_returns_on_an_empty_topic_and_names_an_absent_one(
     )
     stats = runner.run(until_caught_up=True, max_wait_seconds=30)
     assert stats.absent_topics == [absent] and stats.applied == 0
+
+
+def test_lag_gauge_counts_events_behind_and_reads_zero_when_caught_up(
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
+) -> None:
+    """``backbone_projection_lag_events`` is the events between the next offset to apply and the high
+    watermark over the runner's partitions: above 0 while it works through a backlog, 0 once caught up,
+    and exactly the new records when more arrive after its checkpoint."""
+    from core.observability import REGISTRY
+
+    def gauge() -> float | None:
+        return REGISTRY.get_sample_value("backbone_projection_lag_events", {"projection": "agent_runs"})
+
+    topic = create_topic(unique_name("lag"), 3)
+    s = _db(settings, pg_url)
+    _produce(s, serde, topic, demo_events)
+    seen: list[float | None] = []
+    # the gauge set before each batch committed (lag_interval_seconds=0: after every consume call)
+    runner = _runner(
+        s, serde, topic, batch_size=100, lag_interval_seconds=0, on_batch=lambda _: seen.append(gauge())
+    )
+    runner.run(until_caught_up=True, max_wait_seconds=120)
+    assert len(seen) > 3 and max(v or 0 for v in seen) > 0 and max(v or 0 for v in seen) <= len(demo_events)
+    assert gauge() == 0
+
+    more = demo_events[:40]  # duplicates by id, but 40 more records of the log to read past
+    _produce(s, serde, topic, more)
+    # batches of at most 10 committed one at a time: before each, the gauge holds what the earlier left
+    steps: list[tuple[float | None, int]] = []  # (gauge when the batch committed, records applied after it)
+    again = _runner(s, serde, topic, batch_size=10, pipeline=False, lag_interval_seconds=0,
+                    on_batch=lambda st: steps.append((gauge(), sum(st.positions.values()))))  # fmt: skip
+    stats = again.run(until_caught_up=True, max_wait_seconds=120)
+    assert stats.duplicates == len(more) and stats.batches >= 4
+    end = steps[-1][1]
+    behind = [end - done for _, done in steps[:-1]]  # records not yet applied after each batch
+    assert [g for g, _ in steps[1:]] == behind and behind[0] >= 30  # exactly the records left to apply
+    assert gauge() == 0
