@@ -32,6 +32,7 @@ app = typer.Typer(help="Healing: circuits, warnings and escalations.", no_args_i
 eval_app = typer.Typer(help="Evaluations of healing on real agent runs.", no_args_is_help=True)
 heal_app = typer.Typer(help="The healer worker.", no_args_is_help=True)
 out = Console()
+err = Console(stderr=True)
 
 DataOpt = Annotated[
     Path,
@@ -92,13 +93,20 @@ def healing_ack(
     escalation_id: Annotated[str, typer.Argument(help="The escalation's id (healing status).")],
     by: Annotated[str, typer.Option("--by", help="Who takes it.")],
     note: Annotated[str, typer.Option("--note", help="What they will do.")],
+    acks_topic: Annotated[str, typer.Option(help="Topic the healer reads acks from.")] = "healing.acks",
     as_json: JsonOpt = False,
 ) -> None:
-    """A person takes an escalation: records ``escalation_acked`` in the read model's audit trail.
+    """A person takes an escalation: records ``escalation_acked`` in the read model's audit trail and
+    publishes it on the acks topic, where the healer worker reads it and releases what waited for it
+    (the rollback of an approval-mode escalation, carried out and audited like an automatic one).
 
-    Raises (exit 2): unknown id, an escalation already acked, or empty --by / --note.
+    Raises (exit 2): unknown id, an escalation already acked, or empty --by / --note; exit 1 when the
+    ack was recorded but could not be published (the message says so).
     """
+    from backbone.cli.helpers import settings_only
     from processors.healing.decisions import Decision
+    from streams.producer import EventProducer
+    from streams.serde import serde_from_settings
 
     if not by.strip() or not note.strip():
         raise ValueError("--by and --note must not be empty")
@@ -110,19 +118,33 @@ def healing_ack(
         raise ValueError(
             f"escalation {escalation_id} was already acked by {row['acked_by']} at {row['acked_at']}"
         )
+    now = datetime.now(UTC)  # a person's act: its event time is when they did it
     d = Decision(
         kind="escalation_acked",
         subject=row["subject"],
-        event_time=datetime.now(UTC),
+        event_time=now.replace(microsecond=now.microsecond // 1000 * 1000),  # Avro timestamp-millis
         config_version=0,
         causation_id=escalation_id,
         details={"escalation_id": escalation_id, "by": by, "note": note},
     )
+    # recorded first, so the audit lists the ack before what the healer does on reading it
     model.apply([d])
+    settings = settings_only()
+    try:
+        with EventProducer(settings.kafka, serde_from_settings(settings)) as producer:
+            producer.produce(acks_topic, d.to_event())
+            producer.flush()
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the person must know the healer did not get it
+        err.print(
+            f"[red]error:[/red] escalation {escalation_id} is recorded as acked but the ack did not reach "
+            f"{acks_topic} ({exc}); the healer will not act on it",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
     if as_json:
         emit_json(d.as_json())
     else:
-        out.print(f"escalation {escalation_id} acked by {by}")
+        out.print(f"escalation {escalation_id} acked by {by}; sent to the healer on {acks_topic}")
 
 
 @app.command("audit")
@@ -216,6 +238,9 @@ def processors_heal(
     events_topic: Annotated[str, typer.Option(help="Agent events topic.")] = "agent.events",
     config_topic: Annotated[str, typer.Option(help="Config changes topic.")] = "config.changes",
     decisions_topic: Annotated[str, typer.Option(help="Where decisions go.")] = "healing.decisions",
+    acks_topic: Annotated[
+        str, typer.Option(help="People's acks of escalations (healing ack).")
+    ] = "healing.acks",
     dlq_topic: Annotated[str, typer.Option(help="Dead-letter topic.")] = "backbone.dlq",
     thresholds: Annotated[
         str | None, typer.Option(help="Initial HealingThresholds as JSON (validated).")
@@ -255,7 +280,11 @@ def processors_heal(
 
         store = ConfigStore(settings)
     topics = HealingTopics(
-        events=events_topic, config=config_topic, decisions=decisions_topic, dead_letters=dlq_topic
+        events=events_topic,
+        config=config_topic,
+        decisions=decisions_topic,
+        acks=acks_topic,
+        dead_letters=dlq_topic,
     )
     stats, _healer = run_healing_worker(settings, app_id=app_id, topics=topics, config=config, read_model=model,
                                        notifier=notifier, config_store=store, stop_after_idle_seconds=stop_after_idle)  # fmt: skip

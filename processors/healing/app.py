@@ -1,7 +1,8 @@
 """The healer's Faust app: a thin shell around :class:`processors.healing.healer.Healer`.
 
-One agent (``healing``, ``concurrency=1``) reads ``agent.events`` (``sophia.agent.*``) and
-``config.changes`` (``sophia.config.ConfigChange``), decodes the Confluent-framed Avro and the
+One agent (``healing``, ``concurrency=1``) reads ``agent.events`` (``sophia.agent.*``),
+``config.changes`` (``sophia.config.ConfigChange``) and ``healing.acks`` (people's acks of escalations,
+``sophia.healing.Decision`` of kind ``escalation_acked``, published by ``backbone healing ack``), decodes the Confluent-framed Avro and the
 CloudEvents headers itself (``raw`` serializers), and feeds each event to the healer. For every
 decision the healer returns, in order:
 
@@ -28,8 +29,8 @@ Limits of this first shell (see the report of issue 11): the healer's state live
 restarted worker starts from closed circuits (decisions already written are not written twice: their
 ids are deterministic); the inputs' partitions are merged in arrival order, so the decisions are
 those of one event-time-ordered replay only when the inputs have one partition each (as in the
-tests and the demo); the ``healing.decisions`` topic is created here and is not yet in
-``streams.catalogue``; acks of escalations reach the worker only through the read model.
+tests and the demo); the ``healing.decisions`` and ``healing.acks`` topics are created here and are not
+yet in ``streams.catalogue``; an ack of an escalation raised before a restart gives ``ack_unmatched``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class HealingTopics:
     events: str = "agent.events"
     config: str = "config.changes"
     decisions: str = "healing.decisions"
+    acks: str = "healing.acks"
     dead_letters: str = DLQ_TOPIC
     decisions_partitions: int = 3
 
@@ -246,7 +248,9 @@ def create_healing_app(
     topics = topics or HealingTopics()
     app = make_faust_app(settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port)
     serde = serde or serde_from_settings(settings)
-    source = app.topic(topics.events, topics.config, key_serializer="raw", value_serializer="raw")
+    source = app.topic(
+        topics.events, topics.config, topics.acks, key_serializer="raw", value_serializer="raw"
+    )
     decisions_topic = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw")
     healer = Healer(config)
     shell = _HealingShell(
@@ -278,6 +282,7 @@ def ensure_healing_topics(
         NewTopic(topics.events, num_partitions=1, replication_factor=1),
         NewTopic(topics.config, num_partitions=1, replication_factor=1),
         NewTopic(topics.decisions, num_partitions=topics.decisions_partitions, replication_factor=1),
+        NewTopic(topics.acks, num_partitions=1, replication_factor=1),
         NewTopic(topics.dead_letters, num_partitions=1, replication_factor=1),
     ]
     create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)

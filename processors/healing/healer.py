@@ -16,6 +16,8 @@ Events understood (by Avro full name; anything else is ignored):
 * ``sophia.config.ConfigChange``: a key under ``healing.`` is the healer's own configuration and is
   applied at once (a value its schema refuses gives ``config_refused`` and the old one stays); any
   other key is watched for rollback.
+* ``sophia.healing.Decision`` of kind ``escalation_acked`` (a person's ack, published on the acks topic
+  by ``backbone healing ack``): see :meth:`Healer.acknowledge`. Other decision kinds are ignored.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class Healer:
         """
         ev = _as_input(event)
         name = ev.schema.rsplit(".", 1)[-1]
+        if name == "Decision" and ev.data.get("kind") == "escalation_acked":
+            return self.acknowledge(Decision.from_avro(dict(ev.data)))
         if name not in ("LlmCall", "ToolCall", "RunLifecycle", "ConfigChange"):
             return []
         at = _event_time(name, ev.data)
@@ -252,6 +256,45 @@ class Healer:
                 )
             ]
         self.escalations.pop(escalation_id, None)
+        return self._note(out)
+
+    def acknowledge(self, ack: Decision) -> list[Decision]:
+        """A person's ack as an event (``escalation_acked``, details ``escalation_id``, ``by``,
+        ``note``; its event time is when they acked): the time it caused, then the ack itself
+        (unchanged, so its id is the one the person's command recorded), then what the ack releases
+        (the ``rollback`` an approval-mode escalation waited for).
+
+        An ack the healer cannot match (no open escalation with that id: acked already, or raised
+        before this healer's state began, since that state lives in memory) gives ``ack_unmatched``
+        with the reason instead of the release; nothing raises, nothing is retried.
+
+        Raises:
+            KeyError: ``details`` lacks ``escalation_id``, ``by`` or ``note`` (the shell dead-letters it).
+        """
+        det = ack.details
+        escalation_id, by, note = str(det["escalation_id"]), str(det["by"]), str(det["note"])
+        out = self.advance(ack.event_time)
+        try:
+            released = self.ack(escalation_id, by=by, note=note, at=ack.event_time)
+        except KeyError:
+            out.append(ack)
+            out.append(
+                Decision(
+                    kind="ack_unmatched",
+                    subject=ack.subject,
+                    event_time=ack.event_time,
+                    config_version=self.config.version,
+                    causation_id=ack.id,
+                    details={
+                        "escalation_id": escalation_id,
+                        "reason": "no open escalation with this id in the healer's state (acked already,"
+                        " or raised before this healer's state began)",
+                    },
+                )
+            )
+            return self._note(out)
+        out.append(ack)
+        out.extend(d for d in released if d.kind != "escalation_acked")
         return self._note(out)
 
     def _note(self, decisions: list[Decision]) -> list[Decision]:

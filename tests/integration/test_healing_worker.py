@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -152,19 +153,119 @@ def test_outage_opens_and_closes_the_circuit_and_a_bad_change_is_rolled_back(
     assert second == [d for d in first if d[1] != "rollback_applied"]
 
 
-def test_status_ack_and_audit_commands(pg_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """healing status / ack / audit on the read model in a real PostgreSQL and Redis."""
+def test_approval_mode_waits_for_a_persons_ack_then_rolls_back(
+    settings: Settings, pg_url: str, redis_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
+) -> None:
+    """rollback_mode=approval: the bad change is escalated, not rolled back; ``backbone healing ack`` (a
+    separate process, as a person would run it) publishes the ack on the acks topic, the running worker
+    reads it and carries out the rollback, and the config key's audit shows change -> escalation -> ack
+    -> rollback -> rollback applied, each caused by the one before."""
+    settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
+    topics = {
+        name: create_topic(unique_name(name), 1) for name in ("events", "config", "decisions", "acks", "dlq")
+    }
+    key = f"providers.{unique_name('p')}"  # fresh key: the read model and the store are shared by tests
+    store = ConfigStore(settings)
+    try:
+        v1 = store.set(key, {"requests_per_minute": 600}, author="ana", reason="initial")
+        v2 = store.set(key, {"requests_per_minute": 6000}, author="ana", reason="raise the limit")
+    finally:
+        store.close()
+    serde = serde_from_settings(settings)
+    provider = key.removeprefix("providers.")
+    with EventProducer(settings.kafka, serde) as p:
+        p.produce(topics["config"], _change(v1, T0 - timedelta(hours=1)))
+        p.produce(topics["config"], _change(v2, T0 + timedelta(seconds=29.5)))
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+           "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_REDIS__URL": redis_url,
+           "BACKBONE_STATE_DIR": str(tmp_path), "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+    approval = json.dumps({**THRESHOLDS, "rollback_mode": "approval"})
+    code = "import sys; from backbone.cli.healing import heal_app; heal_app(sys.argv[1:])"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code, "--app-id", unique_name("heal"), "--events-topic", topics["events"],
+         "--config-topic", topics["config"], "--decisions-topic", topics["decisions"], "--acks-topic", topics["acks"],
+         "--dlq-topic", topics["dlq"], "--thresholds", approval, "--stop-after-idle", "20", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        with EventProducer(settings.kafka, serde) as p:
+            for sec in range(0, 121):
+                call = _call(float(sec), ok=not 30 <= sec < 50)
+                call.data["provider"] = provider
+                p.produce(topics["events"], call)
+        model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+        model.ensure_schema()  # the worker makes it too, at its start
+        deadline = time.monotonic() + 90
+        while not (esc := [r for r in model.audit(f"config:{key}") if r["kind"] == "escalation"]):
+            assert worker.poll() is None, worker.stderr.read()[-3000:] if worker.stderr else ""
+            assert time.monotonic() < deadline, "no escalation"
+            time.sleep(0.5)
+        [escalation] = esc
+        assert escalation["causation_id"] == v2.event_id
+        cli = "import sys; from backbone.cli.healing import app; app(sys.argv[1:])"
+        ack = subprocess.run(
+            [sys.executable, "-c", cli, "ack", escalation["id"], "--by", "ana", "--note", "roll it back",
+             "--acks-topic", topics["acks"], "--json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert ack.returncode == 0, ack.stderr[-3000:]
+        ack_id = json.loads(ack.stdout)["id"]
+        stdout, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0, stderr[-3000:]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    kinds = [(r["kind"], r["causation_id"]) for r in model.audit(f"config:{key}")]
+    rollback = next(r for r in model.audit(f"config:{key}") if r["kind"] == "rollback")
+    assert kinds == [
+        ("rollback_not_needed", v1.event_id),
+        ("escalation", v2.event_id),
+        ("escalation_acked", escalation["id"]),
+        ("rollback", escalation["id"]),
+        ("rollback_applied", rollback["id"]),
+    ], kinds
+    assert json.loads(stdout)["rollbacks_done"] == 1
+    on_topic = [r.data["id"] for r in _decisions(settings, topics["decisions"])]
+    assert ack_id in on_topic  # the person's ack is on the decisions topic too: the audit replays
+    store = ConfigStore(settings)
+    try:
+        now = store.get(key)
+    finally:
+        store.close()
+    assert (now.version, now.restored_version, now.author, now.causation_id) == (
+        3,
+        1,
+        "healer",
+        rollback["id"],
+    )
+
+
+def test_status_ack_and_audit_commands(
+    settings: Settings,
+    pg_url: str,
+    redis_url: str,
+    create_topic: Any,
+    unique_name: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """healing status / ack / audit on the read model in a real PostgreSQL and Redis; the ack is also
+    published on the acks topic for the healer."""
     monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
     monkeypatch.setenv("BACKBONE_REDIS__URL", redis_url)
+    monkeypatch.setenv("BACKBONE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
+    acks = create_topic(unique_name("acks"), 1)
     get_settings.cache_clear()
     try:
-        _cli_checks(pg_url, redis_url)
+        ack_id = _cli_checks(pg_url, redis_url, acks)
+        [published] = _decisions(settings, acks)
+        assert published.data["id"] == ack_id and published.data["kind"] == "escalation_acked"
     finally:
         get_settings.cache_clear()
         structlog.reset_defaults()  # the CLI pointed logging at CliRunner's stream, closed by now
 
 
-def _cli_checks(pg_url: str, redis_url: str) -> None:
+def _cli_checks(pg_url: str, redis_url: str, acks_topic: str) -> str:
     from typer.testing import CliRunner
 
     from backbone.cli.healing import app
@@ -202,7 +303,18 @@ def _cli_checks(pg_url: str, redis_url: str) -> None:
     ] == esc.id
     assert body["warnings"][0]["signal"] == "loop"
     ack = runner.invoke(
-        app, ["ack", esc.id, "--by", "ana", "--note", "switching the agent to Studio", "--json"]
+        app,
+        [
+            "ack",
+            esc.id,
+            "--by",
+            "ana",
+            "--note",
+            "switching the agent to Studio",
+            "--acks-topic",
+            acks_topic,
+            "--json",
+        ],
     )
     assert ack.exit_code == 0, ack.output
     assert json.loads(ack.output)["causation_id"] == esc.id
@@ -214,3 +326,4 @@ def _cli_checks(pg_url: str, redis_url: str) -> None:
     assert [r["kind"] for r in audit] == ["escalation", "escalation_acked"]
     redis.Redis.from_url(redis_url).delete("backbone:circuit:__ready__")
     assert model.circuit_state("provider:Google") == "open"  # Redis not ready: PostgreSQL answers
+    return str(json.loads(ack.output)["id"])

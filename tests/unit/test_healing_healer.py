@@ -127,6 +127,38 @@ def test_rollback_through_the_healer_and_approval_ack() -> None:
     assert rb.kind == "rollback" and rb.details["to_version"] == 1 and healer.status()["escalations"] == []
 
 
+def test_an_ack_event_releases_the_pending_rollback_and_an_unknown_one_is_unmatched() -> None:
+    """The person's ack arrives as a ``sophia.healing.Decision`` on the acks topic: fed to the healer it
+    comes back unchanged (same id) followed by the rollback it released; fed again, or for an escalation
+    this healer never raised, it gives ``ack_unmatched``. A replay of the same stream agrees."""
+    from processors.healing.decisions import Decision
+
+    t = HealingThresholds(rollback_window_seconds=60, rollback_min_calls=10, rollback_mode="approval",
+                          consecutive_failures=1000, error_rate=1.0, min_calls=1000)  # fmt: skip
+    events = [llm(i, "p") for i in range(60)]
+    events.append(config_change(60, "providers.p", 2, {"requests_per_minute": 10}))
+    events += [llm(60 + i, "p", "server_error" if i % 2 else "ok") for i in range(61)]
+    healer = Healer(HealingConfig(t, 1))
+    [esc] = [d for d in healer.feed_all(events) if d.kind == "escalation"]
+    ack = Decision(kind="escalation_acked", subject=esc.subject, event_time=T0 + timedelta(seconds=200),
+                   config_version=0, causation_id=esc.id, details={"escalation_id": esc.id, "by": "ana", "note": "go"})  # fmt: skip
+    as_event = {"schema": "sophia.healing.Decision", "id": ack.id, "data": ack.to_avro()}
+    out = healer.feed(as_event)
+    kinds = [d.kind for d in out]
+    assert kinds[-2:] == ["escalation_acked", "rollback"] and out[-2].id == ack.id
+    assert out[-1].details["to_version"] == 1 and out[-1].causation_id == esc.id
+    assert healer.status()["escalations"] == []
+    again = healer.feed(as_event)
+    assert [d.kind for d in again] == ["escalation_acked", "ack_unmatched"]
+    assert again[-1].causation_id == ack.id and "no open escalation" in again[-1].details["reason"]
+    replayed = Healer(HealingConfig(t, 1))
+    assert [d.id for d in replayed.feed_all([*events, as_event])] == [
+        d.id for d in Healer(HealingConfig(t, 1)).feed_all(events) + out
+    ]
+    other = {"schema": "sophia.healing.Decision", "data": {**ack.to_avro(), "kind": "circuit_opened"}}
+    assert healer.feed(other) == []  # only acks are inputs
+
+
 def test_a_malformed_threshold_config_is_refused_when_set() -> None:
     from configuration.errors import ConfigValueError
     from configuration.schemas import default_schemas
