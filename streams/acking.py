@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -88,6 +88,10 @@ class AckingProducer:
         pending = [len(events)]
         errors: list[tuple[str, bytes | None, str]] = []
 
+        def _resolve() -> None:  # on the loop
+            if not done.done():
+                done.set_result([])
+
         def on_delivery(err: KafkaError | None, msg: Any) -> None:  # delivery-report thread
             with lock:
                 if err is not None:
@@ -95,7 +99,7 @@ class AckingProducer:
                 pending[0] -= 1
                 finished = pending[0] == 0
             if finished:
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_result([]))
+                loop.call_soon_threadsafe(_resolve)
 
         records = [
             (e.key.encode(), self.serde.encode(e.schema, e.data), e.attributes.to_headers(),
@@ -105,7 +109,12 @@ class AckingProducer:
         for i, (key, value, headers, ts) in enumerate(records):
             try:
                 self._producer.produce(
-                    topic, key=key, value=value, headers=headers, timestamp=ts, on_delivery=on_delivery
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=cast("list[tuple[str, str | bytes | None]]", headers),
+                    timestamp=ts,
+                    on_delivery=on_delivery,
                 )
             except (BufferError, KafkaException) as exc:
                 with lock:

@@ -204,7 +204,7 @@ def create_missing_topics(
         streams.errors.StreamsError: the broker refused a topic for another reason (message names it).
     """
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import NewTopic
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # re-exported from cimpl, not in __all__
 
     from streams.errors import BrokerUnavailableError, StreamsError
 

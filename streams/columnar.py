@@ -31,7 +31,7 @@ import io
 import json
 import operator
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import chain
@@ -150,8 +150,13 @@ def _headers_for(serde: AvroSerde) -> _Headers:
 
 _NUL = b"\x00"
 # method descriptors: map() calls them per message without a Python frame
-_value, _msg_headers, _msg_key = Message.value, Message.headers, Message.key
-_msg_topic, _msg_partition, _msg_offset = Message.topic, Message.partition, Message.offset
+# (typed loosely: the stubs say ``X | None`` for what is always set on a record, not an error event)
+_value: Callable[[Any], Any] = Message.value
+_msg_headers: Callable[[Any], Any] = Message.headers
+_msg_key: Callable[[Any], Any] = Message.key
+_msg_topic: Callable[[Any], Any] = Message.topic
+_msg_partition: Callable[[Any], Any] = Message.partition
+_msg_offset: Callable[[Any], Any] = Message.offset
 _prefix = operator.itemgetter(slice(0, 5))
 _body = operator.itemgetter(slice(5, None))
 _get_spec = operator.itemgetter("ce_specversion")

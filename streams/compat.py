@@ -96,7 +96,9 @@ def reader_can_read(reader: Any, writer: Any) -> list[str]:
     return problems
 
 
-def _check(r: Any, w: Any, rn: dict, wn: dict, path: str, out: list[str], seen: set) -> None:
+def _check(
+    r: Any, w: Any, rn: dict[str, Any], wn: dict[str, Any], path: str, out: list[str], seen: set[Any]
+) -> None:
     r, w = _resolve(r, rn), _resolve(w, wn)
     rk, wk = _kind(r), _kind(w)
     if wk == "union":

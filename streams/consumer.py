@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, Message, TopicPartition
 
@@ -108,7 +108,9 @@ def decode_message(serde: AvroSerde, msg: Message) -> ConsumedEvent | DecodeFail
         a :class:`ConsumedEvent`, or a :class:`DecodeFailure` for missing/malformed CloudEvents
         headers or bytes that are not a Confluent-framed Avro record of a known schema.
     """
-    headers = tuple(msg.headers() or ())
+    # a record, not an error event: librdkafka sets its topic, partition and offset
+    headers = cast("tuple[tuple[str, bytes | None], ...]", tuple(msg.headers() or ()))
+    topic, partition, offset = cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
     key = msg.key()
     value = msg.value()
     ts = msg.timestamp()[1]
@@ -117,9 +119,9 @@ def decode_message(serde: AvroSerde, msg: Message) -> ConsumedEvent | DecodeFail
         schema, data = serde.decode(value)
     except (EnvelopeError, DeserializationError) as exc:
         return DecodeFailure(
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
+            topic=topic,
+            partition=partition,
+            offset=offset,
             timestamp_ms=ts,
             key=key,
             value=value,
@@ -128,15 +130,15 @@ def decode_message(serde: AvroSerde, msg: Message) -> ConsumedEvent | DecodeFail
             error_type=type(exc).__name__,
         )
     return ConsumedEvent(
-        topic=msg.topic(),
-        partition=msg.partition(),
-        offset=msg.offset(),
+        topic=topic,
+        partition=partition,
+        offset=offset,
         timestamp_ms=ts,
         key=key.decode("utf-8", "replace") if key is not None else None,
         attributes=attributes,
         schema=schema,
         data=data,
-        value=value,
+        value=cast(bytes, value),  # decoded, so not a tombstone
         headers=headers,
     )
 
@@ -182,6 +184,8 @@ class DeadLetterPublisher:
             "processor": self.processor,
             "failed_at": now,
         }
+        if self.producer.serde is None:
+            raise TypeError("the dead-letter producer needs a serde (it encodes sophia.dlq.DeadLetter)")
         body = self.producer.serde.encode("sophia.dlq.DeadLetter", record)
         attrs = CloudEvent(
             id=str(
@@ -289,7 +293,7 @@ class Subscriber:
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
-                    self.at_end.add((m.topic(), m.partition()))
+                    self.at_end.add((cast(str, m.topic()), cast(int, m.partition())))
                     continue
                 raise KafkaException(err)
             self.at_end.discard((m.topic(), m.partition()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -66,9 +66,9 @@ def _scan_for_time(c: Consumer, topic: str, partition: int, low: int, t_ms: int)
         idle = 0 if msgs else idle + 1
         for m in msgs:
             if m.error() is not None:  # partition EOF: nothing at or after t
-                return m.offset()
+                return cast(int, m.offset())  # the end offset
             if m.timestamp()[1] >= t_ms:
-                return m.offset()
+                return cast(int, m.offset())
     raise TimeoutError(f"{topic}[{partition}]: no end of partition seen within 10 s")
 
 

@@ -17,7 +17,7 @@ import json
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import fastavro
 
@@ -113,7 +113,9 @@ class EmbeddedRegistry:
         self._subjects: dict[str, list[dict[str, Any]]] = {}
         if path.exists():
             self._subjects = json.loads(path.read_text()).get("subjects", {})
-        self._by_id = {v["id"]: v["schema"] for vs in self._subjects.values() for v in vs}
+        self._by_id: dict[int, dict[str, Any]] = {
+            v["id"]: v["schema"] for vs in self._subjects.values() for v in vs
+        }
         if strict:
             stale = self.unpinned()
             if stale:
@@ -215,7 +217,9 @@ class _Unreachable:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> Literal[False]:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
         if (
@@ -292,7 +296,10 @@ class HttpRegistry:
 
             try:
                 with _Unreachable(self.url):
-                    self._ids[subject] = self._client.get_latest_version(subject).schema_id
+                    schema_id = self._client.get_latest_version(subject).schema_id
+                if schema_id is None:
+                    raise SchemaNotFoundError(f"subject {subject!r}: the registry returned no id")
+                self._ids[subject] = schema_id
             except SchemaRegistryError as exc:
                 raise SchemaNotFoundError(f"subject {subject!r}: {exc.error_message}") from exc
         return self._ids[subject]
@@ -309,7 +316,10 @@ class HttpRegistry:
 
             try:
                 with _Unreachable(self.url):
-                    self._schemas[schema_id] = json.loads(self._client.get_schema(schema_id).schema_str)
+                    text = self._client.get_schema(schema_id).schema_str
+                if text is None:
+                    raise SchemaNotFoundError(f"schema id {schema_id}: the registry returned no schema")
+                self._schemas[schema_id] = json.loads(text)
             except SchemaRegistryError as exc:
                 raise SchemaNotFoundError(f"schema id {schema_id}: {exc.error_message}") from exc
         return self._schemas[schema_id]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime
+from typing import cast
 
 from confluent_kafka import TopicPartition
 
@@ -93,17 +94,18 @@ def read_range(
                 continue
             idle = 0.0
             for m in msgs:
-                p = m.partition()
+                p = cast(int, m.partition())
                 if p not in open_partitions:
                     continue
-                if m.error() is not None or (e is not None and m.offset() >= e):
+                o = cast(int, m.offset())  # set on records and end-of-partition events alike
+                if m.error() is not None or (e is not None and o >= e):
                     open_partitions.discard(p)  # end of partition, or past the end bound
                     c.incremental_unassign([TopicPartition(topic, p)])
                     continue
                 ts = m.timestamp()[1]
                 if (t_from is None or ts >= t_from) and (t_to is None or ts < t_to):
                     yield decode_message(serde, m)
-                if e is not None and m.offset() >= e - 1:
+                if e is not None and o >= e - 1:
                     open_partitions.discard(p)
                     c.incremental_unassign([TopicPartition(topic, p)])
     finally:
