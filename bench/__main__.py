@@ -20,6 +20,11 @@ BENCHES = [
     ("bench.bench_inference", [], []),
     ("bench.bench_correlation", [], []),
     ("bench.bench_routing", [], []),
+    (
+        "bench.bench_latency",
+        ["--seconds", "15", "--rates", "100,1000,5000"],
+        ["--seconds", "4", "--rates", "100,1000"],
+    ),
 ]
 
 

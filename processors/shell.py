@@ -41,6 +41,7 @@ from streams.producer import EventProducer
 from streams.serde import AvroSerde
 
 __all__ = [
+    "FETCH_MAX_WAIT_MS",
     "FaustDeadLetters",
     "SeekingConsumer",
     "StatsCollector",
@@ -57,6 +58,14 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+FETCH_MAX_WAIT_MS = 100
+"""aiokafka ``fetch_max_wait_ms`` of every processor's stream consumer (faust-streaming 0.15 hard-codes
+1,500 ms). The Tansu broker of dev and tests does not answer a fetch early when records arrive, so a
+record waits for the fetch in flight to time out: with 1,500 ms an event reached the run-summary agent
+about 0.4 s (p50) to 0.75 s (p95) after its acknowledgement (``bench/bench_latency.py``, issue 16). On
+Apache Kafka the wait only bounds an idle fetch; 100 ms, as the projection runner and the SSE pump use.
+"""
 
 
 def broker_urls(kafka: KafkaSettings) -> list[str]:
@@ -118,15 +127,18 @@ class SeekingConsumer(faust_aiokafka.Consumer):
        start of the log, as ``auto.offset.reset=earliest`` (the apps' setting) means. Changelog partitions
        are left alone: recovery positions them itself.
     3. **Records fetched during the seek were cleared.** Recovery resumes the stream partitions, awaits the
-       seek (up to a fetch's max wait, 1.5 s, while aiokafka finishes the fetch in flight), then resumes
-       Faust's flow control, which empties every stream's queue. Records the fetcher handed over in
-       between were thrown away with their offsets already passed. From :meth:`perform_seek` until
+       seek (up to a fetch's max wait, :data:`FETCH_MAX_WAIT_MS`, while aiokafka finishes the fetch in
+       flight), then resumes Faust's flow control, which empties every stream's queue. Records the fetcher
+       handed over in between were thrown away with their offsets already passed. From :meth:`perform_seek` until
        :meth:`resume_flow` (which recovery calls right after flow control resumes) :meth:`_getmany` leaves
        stream partitions in aiokafka's buffer.
 
     Re-reading from the committed position (or the start, when there is none) is Faust's at-least-once
     contract; the processors are deterministic and their outputs carry stable event ids.
     """
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     #: Set by :meth:`perform_seek`, cleared by :meth:`resume_flow`: the changelog topics (the only ones
     #: whose records may be taken meanwhile), or ``None`` when nothing is held back.
@@ -190,6 +202,15 @@ class _FetchablePartitions(AbstractSet[TP]):
 
     def __bool__(self) -> bool:
         return True
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread whose aiokafka consumer waits at most :data:`FETCH_MAX_WAIT_MS` per fetch."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        return consumer
 
 
 class _Transport(faust_aiokafka.Transport):
