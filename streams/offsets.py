@@ -10,12 +10,35 @@ import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from core.settings import KafkaSettings
 from streams.producer import epoch_ms
 
-__all__ = ["make_consumer", "offset_for_time", "private_consumer"]
+__all__ = ["consume_ready", "make_consumer", "offset_for_time", "private_consumer"]
+
+
+def consume_ready(consumer: Consumer, max_messages: int, timeout_seconds: float) -> list[Message]:
+    """Up to ``max_messages`` records (or events) as soon as at least one is there, else ``[]`` after
+    ``timeout_seconds``.
+
+    librdkafka's ``consume(n, timeout)`` returns when ``n`` messages arrived *or* the timeout passed, so
+    at low rates every record waits out the timeout. This returns what the client has already fetched,
+    or waits (``poll``) for the first message and then takes what came with it, so a record's wait is the
+    fetch's, not the batch's. Under a backlog the client's prefetch still fills large batches.
+
+    Raises:
+        ValueError: ``max_messages`` < 1.
+    """
+    if max_messages < 1:
+        raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+    msgs = consumer.consume(max_messages, 0)
+    if msgs:
+        return msgs
+    first = consumer.poll(timeout_seconds)
+    if first is None:
+        return []
+    return [first, *consumer.consume(max_messages - 1, 0)] if max_messages > 1 else [first]
 
 
 def make_consumer(kafka: KafkaSettings, group_id: str, **extra: Any) -> Consumer:

@@ -41,6 +41,7 @@ from core.settings import KafkaSettings
 from streams.consumer import ConsumedEvent, DecodeFailure, decode_message
 from streams.envelope import parse_time
 from streams.errors import BrokerUnavailableError
+from streams.offsets import consume_ready
 from streams.replay import offset_for_time
 from streams.serde import AvroSerde
 
@@ -180,7 +181,7 @@ class _Pump(threading.Thread):
                             TopicPartition(self.topic, tp.partition, self.next_offsets[tp.partition])
                         )
                 st.paused = False
-            for m in self.consumer.consume(min(free, 500), 0.25):
+            for m in consume_ready(self.consumer, min(free, 500), 0.25):  # a record waits for its fetch only
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:

@@ -155,3 +155,44 @@ def test_raw_confluent_producer_interoperates(
     raw.flush()
     (r,) = list(read_range(settings.kafka, serde, topic))
     assert isinstance(r, ConsumedEvent) and r.attributes == e.attributes
+
+
+def test_consume_ready_hands_over_a_record_when_it_arrives_not_after_the_batch_timeout(
+    settings: Settings, create_topic: Callable, unique_name: Callable
+) -> None:
+    """``consume_ready`` waits for the first record only; librdkafka's ``consume(n, timeout)`` waits out
+    the timeout whenever fewer than ``n`` records come (the latency the SSE pump and the projection
+    runner had). An idle topic gives [] after the timeout; a backlog comes back in one call."""
+    import threading
+    import time
+
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    from streams.offsets import consume_ready, make_consumer
+
+    topic = create_topic(unique_name("ready"), 1)
+    c = make_consumer(settings.kafka, unique_name("g"), **{"fetch.wait.max.ms": 10})
+    c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    try:
+        started = time.monotonic()
+        assert consume_ready(c, 100, 1.0) == []
+        assert time.monotonic() - started >= 0.9
+        p = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+        threading.Timer(1.0, lambda: (p.produce(topic, b"one"), p.flush(10))).start()
+        started = time.monotonic()
+        got = consume_ready(c, 100, 20.0)
+        waited = time.monotonic() - started
+        assert [m.value() for m in got] == [b"one"]
+        assert waited < 5.0, waited  # the record's arrival (~1 s), not the 20 s timeout
+        for i in range(50):
+            p.produce(topic, b"%d" % i)
+        p.flush(10)
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 50 and time.monotonic() < deadline:
+            got += consume_ready(c, 1000, 1.0)
+        assert [m.value() for m in got] == [b"%d" % i for i in range(50)]
+        with pytest.raises(ValueError, match="at least 1"):
+            consume_ready(c, 0, 1.0)
+    finally:
+        c.close()
