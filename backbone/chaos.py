@@ -466,8 +466,9 @@ def run_chaos(
         profile: a key of :data:`PROFILES`.
         seed: every random choice (interleaving, redeliveries, fault times, kinds, durations) derives from it.
         data: a folder of mini-swe-agent runs.
-        keep_work_dir: keep the logs and data dirs even when nothing went wrong (they are always kept
-            when something did; :attr:`ChaosReport.work_dir` names them).
+        keep_work_dir: keep the logs and data dirs even when nothing went wrong (the logs are always
+            kept when something did, or a process exited on its own; :attr:`ChaosReport.work_dir`
+            names them).
 
     Returns:
         The report: faults injected, violations per guarantee with details, durations.
@@ -694,6 +695,9 @@ def run_chaos(
                     proc.wait(10)
             if report_dir is None:
                 shutil.rmtree(work, ignore_errors=True)
+            elif not keep_work_dir:  # keep the logs, not the servers' data
+                for data_dir in ("postgres", "redis", "state"):
+                    shutil.rmtree(work / data_dir, ignore_errors=True)
 
 
 GUARANTEE_TITLES: Final[dict[str, str]] = {

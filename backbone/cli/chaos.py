@@ -17,7 +17,7 @@ def chaos(
     profile: Annotated[
         str,
         typer.Option(
-            help="short (about 2 min, 6 faults) or full (about 4 min, 18 faults).",
+            help="short (about 1 min, 6 faults) or full (about 3 min, 18 faults).",
             envvar="BACKBONE_CHAOS_PROFILE",
         ),
     ] = "short",
@@ -50,7 +50,7 @@ def chaos(
         for c in ("guarantee", "faults survived", "violations"):
             table.add_column(c, justify="left" if c == "guarantee" else "right")
         for g in GUARANTEES:
-            table.add_row(GUARANTEE_TITLES[g], str(n_faults if counts[g] == 0 else 0),
+            table.add_row(GUARANTEE_TITLES[g], str(n_faults) if counts[g] == 0 else "-",
                           f"[red]{counts[g]}[/red]" if counts[g] else "0")  # fmt: skip
         out.print(table)
         for v in report.violations[:50]:
