@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DATA   ?= datasets/agent_runs
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-unit test-integration bench lint eval clean
+.PHONY: install demo test test-unit test-integration bench chaos lint eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Faults (SIGKILL, SIGSTOP, PostgreSQL restarts) under a seeded workload, then the history checker; SEED=N to vary.
+SEED ?= 1
+chaos: $(STAMP)
+	$(BIN)/backbone chaos --profile full --seed $(SEED)
 
 # ruff (lint + format), mypy (strict for core/ and streams/, overrides listed in pyproject.toml), the layer contract
 lint: $(STAMP)

@@ -38,6 +38,7 @@ def mount(root: typer.Typer) -> None:
         anomalies,
         api,
         cdc,
+        chaos,
         chat_code,
         config,
         connectors,
@@ -59,6 +60,7 @@ def mount(root: typer.Typer) -> None:
     root.command()(core.replay)
     root.command()(core.project)
     root.command()(demo.demo)
+    root.command("chaos")(chaos.chaos)
     root.add_typer(core.topics_app, name="topics")
     root.add_typer(core.query_app, name="query")
     root.add_typer(core.import_app, name="import")

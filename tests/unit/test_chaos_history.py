@@ -1,0 +1,172 @@
+"""The chaos history checker (``backbone.chaos_history.check_history``): a clean history passes, and each
+deliberately broken one is reported under the guarantee it breaks, with its evidence."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backbone.chaos import expected_insights, run_figures
+from backbone.chaos_history import (
+    GUARANTEES,
+    ChaosHistory,
+    InsightRecord,
+    ProducedEvent,
+    RunFigures,
+    TopicRecord,
+    check_history,
+    violation_counts,
+)
+from connectors.agent_runs import ParsedRun, iter_runs
+from streams.envelope import CloudEvent
+
+DATA = Path(__file__).resolve().parents[2] / "datasets" / "agent_runs"
+
+
+def _clean() -> ChaosHistory:
+    """Two keys, one redelivered event, everything consistent."""
+    produced = [ProducedEvent(f"a{i}", "run-a", True) for i in range(3)] + [
+        ProducedEvent("b0", "run-b", True),
+        ProducedEvent("a1", "run-a", True),  # a redelivery
+        ProducedEvent("b1", "run-b", True),
+    ]
+    topic = [
+        TopicRecord(0, 0, "run-a", "a0"), TopicRecord(0, 1, "run-a", "a1"), TopicRecord(1, 0, "run-b", "b0"),
+        TopicRecord(0, 2, "run-a", "a2"), TopicRecord(0, 3, "run-a", "a1"), TopicRecord(1, 1, "run-b", "b1"),
+    ]  # fmt: skip
+    figures = {"run-a": RunFigures(2, 1, 0.25), "run-b": RunFigures(1, 1, 0.5)}
+    rows = {
+        "agent_runs": [["run-a", "2", "0.25"], ["run-b", "1", "0.5"]],
+        "agent_run_models": [["run-a", "m", "2"]],
+    }
+    insight = {"run-a": {"metrics": {"llm_calls_count": 2.0}}, "run-b": {"metrics": {"llm_calls_count": 1.0}}}
+    return ChaosHistory(
+        produced=produced,
+        topic=topic,
+        expected_runs=figures,
+        projected_runs=dict(figures),
+        live_rows=copy.deepcopy(rows),
+        rebuilt_rows=copy.deepcopy(rows),
+        insights=[
+            InsightRecord("run-a", "ia", copy.deepcopy(insight["run-a"])),
+            InsightRecord("run-b", "ib", copy.deepcopy(insight["run-b"])),
+            InsightRecord("run-a", "ia", copy.deepcopy(insight["run-a"])),  # a redelivered insight
+        ],
+        expected_insights=insight,
+        lag_recovered_seconds=4.0,
+        lag_bound_seconds=60.0,
+    )
+
+
+def _only(h: ChaosHistory, guarantee: str, n: int = 1) -> list:
+    violations = check_history(h)
+    counts = violation_counts(violations)
+    assert counts == {g: (n if g == guarantee else 0) for g in GUARANTEES}, violations
+    return violations
+
+
+def test_a_clean_history_with_redeliveries_has_no_violation() -> None:
+    assert check_history(_clean()) == []
+    assert violation_counts([]) == dict.fromkeys(GUARANTEES, 0)
+
+
+def test_an_acknowledged_event_missing_from_the_topic_is_lost() -> None:
+    h = _clean()
+    h.topic = [r for r in h.topic if r.event_id != "a2"]
+    h.produced.append(ProducedEvent("never", "run-b", False))  # not acknowledged and absent: no violation
+    (v,) = _only(h, "acknowledged_lost")
+    assert v.evidence == {"event_id": "a2", "key": "run-a"}
+
+
+def test_a_record_counted_twice_by_the_projection() -> None:
+    h = _clean()
+    h.projected_runs["run-a"] = RunFigures(3, 1, 0.25)
+    (v,) = _only(h, "counted_once")
+    assert v.evidence["run_id"] == "run-a" and v.evidence["projected"]["llm_calls"] == 3
+
+
+def test_a_cost_counted_twice_and_a_run_missing_from_the_projection() -> None:
+    h = _clean()
+    h.projected_runs = {"run-a": RunFigures(2, 1, 0.5)}
+    _only(h, "counted_once", 2)
+
+
+def test_an_out_of_order_key_on_the_topic() -> None:
+    h = _clean()
+    h.topic[0], h.topic[1] = replace(h.topic[0], event_id="a1"), replace(h.topic[1], event_id="a0")
+    (v,) = _only(h, "order_per_key")
+    assert v.evidence == {"key": "run-a", "position": 0, "on_topic": "a1", "produced": "a0"}
+
+
+def test_a_key_spread_over_two_partitions() -> None:
+    h = _clean()
+    h.topic[3] = replace(h.topic[3], partition=2, offset=0)
+    (v,) = _only(h, "order_per_key")
+    assert v.evidence["partitions"] == [0, 2]
+
+
+def test_a_projection_row_that_differs_from_the_rebuild() -> None:
+    h = _clean()
+    h.live_rows["agent_runs"][1] = ["run-b", "2", "0.5"]
+    violations = _only(h, "rebuild_equal", 2)  # the live row, and the rebuilt row it should have been
+    assert {v.evidence["side"] for v in violations} == {"live only", "rebuild only"}
+    assert all(v.evidence["table"] == "agent_runs" for v in violations)
+
+
+def test_a_row_twice_in_the_live_view() -> None:
+    h = _clean()
+    h.live_rows["agent_run_models"].append(["run-a", "m", "2"])
+    _only(h, "rebuild_equal")
+
+
+def test_an_insight_that_differs_is_missing_or_extra() -> None:
+    h = _clean()
+    h.insights[2] = InsightRecord("run-a", "ia", {"metrics": {"llm_calls_count": 3.0}})  # one copy differs
+    (v,) = _only(h, "insights_equal")
+    assert v.evidence["fields"] == ["metrics"]
+    h = _clean()
+    h.insights = [i for i in h.insights if i.run_id != "run-b"] + [InsightRecord("run-z", "iz", {})]
+    assert {v.evidence["run_id"] for v in _only(h, "insights_equal", 2)} == {"run-b", "run-z"}
+
+
+def test_lag_not_back_to_zero_within_the_bound() -> None:
+    h = _clean()
+    h.lag_recovered_seconds = None
+    _only(h, "lag_recovered")
+    h.lag_recovered_seconds = 61.0
+    _only(h, "lag_recovered")
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What ``expected_insights`` reads of a consumed record."""
+
+    partition: int
+    offset: int
+    schema: str
+    data: dict[str, Any]
+    attributes: CloudEvent
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="datasets/agent_runs is missing")
+def test_expected_figures_and_insights_of_the_dataset_count_each_event_once() -> None:
+    """On the project's 25 runs: the dataset's totals (1,730 events, 856 LLM calls, 824 tool calls,
+    7.799117 USD), also with every event twice; one insight per run, the same with redeliveries."""
+    events = [e for r in iter_runs(DATA) if isinstance(r, ParsedRun) for e in r.events]
+    assert len(events) == 1730
+    once = run_figures(events)
+    assert run_figures(events + events) == once
+    assert len(once) == 25
+    assert sum(f.llm_calls for f in once.values()) == 856
+    assert sum(f.tool_calls for f in once.values()) == 824
+    assert round(sum(f.cost_usd for f in once.values()), 6) == 7.799117
+    records = [_Record(0, i, e.schema, e.data, e.attributes) for i, e in enumerate(events)]
+    again = records + [replace(r, offset=r.offset + len(records)) for r in records]
+    insights = expected_insights(records)  # type: ignore[arg-type]
+    assert len(insights) == 25
+    assert expected_insights(again) == insights  # type: ignore[arg-type]
+    assert sum(i["metrics"]["llm_calls_count"] for i in insights.values()) == 856
