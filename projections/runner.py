@@ -298,6 +298,8 @@ class ProjectionRunner:
         self.batch_size = batch_size
         self.batch_timeout_seconds = batch_timeout_seconds
         self._last_batch_full = False
+        self.startup_retry_seconds = 60.0
+        """How long :meth:`run` retries its setup while PostgreSQL is unreachable before raising."""
         self._owns_dlq_producer = dlq_producer is None
         self.dlq = DeadLetterPublisher(
             dlq_producer or EventProducer(settings.kafka, serde), projection.name, topic=dlq_topic
@@ -865,10 +867,31 @@ class ProjectionRunner:
 
         Raises:
             TimeoutError: not caught up within ``max_wait_seconds``.
+            psycopg.OperationalError: PostgreSQL still unreachable ``startup_retry_seconds`` after the start.
         """
-        self.setup()
+        try:
+            self._setup_with_retry()
+        except KeyboardInterrupt:
+            if self.stop_event.is_set():  # stopped while waiting for PostgreSQL
+                return self.stats
+            raise
         with _collector_threshold(self.gc_threshold):
             return self._run(until_caught_up, max_wait_seconds, assign_all)
+
+    def _setup_with_retry(self) -> None:
+        """:meth:`setup`, retried with backoff while PostgreSQL is unreachable (a restart during the
+        runner's start), for at most ``startup_retry_seconds``; then the connection error is raised, so a
+        wrong URL is still a clear error. Found by the chaos harness: a runner started during a PostgreSQL
+        restart exited instead of waiting for it."""
+        deadline = time.monotonic() + self.startup_retry_seconds
+        while True:
+            try:
+                self.setup()
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                self._db_backoff(exc)  # KeyboardInterrupt when stopped meanwhile
 
     def _run(self, until_caught_up: bool, max_wait_seconds: float | None, assign_all: bool) -> RunnerStats:
         consumer = make_consumer(

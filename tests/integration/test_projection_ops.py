@@ -337,3 +337,51 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
         assert proc.poll() is None
     finally:
         devstack.stop()
+
+
+def test_a_runner_started_while_postgres_is_down_waits_for_it(
+    settings: Settings,
+    serde: AvroSerde,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
+    tmp_path: Path,
+) -> None:
+    """Found by the chaos harness: a runner that started during a PostgreSQL restart exited. It now
+    retries its setup with backoff and then applies everything; an address where no PostgreSQL ever
+    answers is still an error once ``startup_retry_seconds`` have passed."""
+    from backbone.devstack import DevStack
+    from backbone.processes import pg_ctl_stop as _pg_ctl_stop
+    from tests.support import start_postgres as _start_pg
+
+    own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=RedisSettings(url=settings.redis.url),
+                   state_dir=tmp_path)  # fmt: skip
+    devstack = DevStack(own, state_dir=tmp_path)
+    info = devstack.start()
+    try:
+        s = _db(settings, info.postgres_url)
+        port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
+        topic = create_topic(unique_name("pgstart"), 3)
+        _produce(s, serde, topic, demo_events)
+        _pg_ctl_stop(tmp_path / "postgres", 10)
+        runner = _live(s, serde, topic)
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.update(stats=runner.run(until_caught_up=True, max_wait_seconds=120)),
+            daemon=True,
+        )
+        thread.start()
+        time.sleep(3)
+        assert thread.is_alive(), "the runner gave up while PostgreSQL was down"
+        proc = _start_pg(tmp_path / "postgres", port)
+        thread.join(120)
+        assert result["stats"].applied == len(demo_events) and result["stats"].db_retries > 0
+        _assert_demo_totals(info.postgres_url)
+        assert proc.poll() is None
+    finally:
+        devstack.stop()
+    nowhere = _db(settings, "postgresql://postgres@127.0.0.1:1/nowhere")
+    runner = _live(nowhere, serde, topic)
+    runner.startup_retry_seconds = 1.0
+    with pytest.raises(psycopg.OperationalError):
+        runner.run(until_caught_up=True)
