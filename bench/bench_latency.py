@@ -307,7 +307,7 @@ def configured_values() -> list[tuple[str, str, str]]:
     runner = inspect.signature(ProjectionRunner.__init__).parameters
     run_src = inspect.getsource(ProjectionRunner._run)
     pump_src = inspect.getsource(sse._Pump)
-    sse_consume = re.search(r"self\.consumer\.consume\((.*?)\):", pump_src)
+    sse_consume = re.search(r"consume_ready\(self\.consumer, (.*?)\):", pump_src)
     return [
         ("produce ack", "EventProducer linger.ms", str(inspect.signature(EventProducer.__init__).parameters["linger_ms"].default)),
         ("processor", "aiokafka fetch_max_wait_ms (faust's own)", fetch_wait.group(1) if fetch_wait else "?"),
@@ -315,10 +315,10 @@ def configured_values() -> list[tuple[str, str, str]]:
         ("processor", "faust producer_linger (s)", str(conf.producer_linger)),
         ("processor", "faust broker_commit_interval (s)", str(conf.broker_commit_interval)),
         ("processor", "faust producer_acks", str(conf.producer_acks)),
-        ("projection", "runner batch_timeout_seconds", str(runner["batch_timeout_seconds"].default)),
+        ("projection", "runner batch_timeout_seconds (behind only)", str(runner["batch_timeout_seconds"].default)),
         ("projection", "runner batch size (CLI default)", f"{DEFAULT_BATCH_SIZE:,}"),
         ("projection", "runner fetch.wait.max.ms", _grab(run_src, r'"fetch\.wait\.max\.ms": (\d+)')),
-        ("SSE", "pump consume(n, timeout s)", sse_consume.group(1).removesuffix(")") if sse_consume else "?"),
+        ("SSE", "pump consume_ready(n, first-record wait s)", sse_consume.group(1).removesuffix(")") if sse_consume else "?"),
         ("SSE", "pump fetch.wait.max.ms", _grab(pump_src, r'"fetch\.wait\.max\.ms": (\d+)')),
     ]  # fmt: skip
 
