@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from core import tracing
 from core.settings import Settings
 from streams.catalogue import CATALOGUE
 from streams.consumer import ConsumedEvent, DecodeFailure, Subscriber
@@ -100,8 +101,13 @@ class Client:
         source: str = "/client",
         ids: Sequence[str] | None = None,
         keys: Sequence[str] | None = None,
+        traceparent: str | None = None,
+        correlation_id: str | None = None,
     ) -> list[Event]:
         """Validate every datum and wrap each in an :class:`~streams.envelope.Event` (CloudEvents attributes).
+
+        The events' ``traceparent`` is ``traceparent`` when it is a valid W3C value, else the current
+        span's (a program's own tracing, or ours), else none; ``correlation_id`` goes on every event.
 
         The key is ``data[key_field]`` (default: the catalogue key of ``topic`` when the schema has it), else
         ``keys[i]``, else the datum's index; the event time is the datum's ``event_time`` when it has one, else now (UTC); the id is ``ids[i]`` or a
@@ -116,6 +122,7 @@ class Client:
         names = {f["name"] for f in schema["fields"]}
         key_field = key_field or (spec.key if spec and spec.key in names else None)
         out: list[Event] = []
+        traceparent = tracing.normalise_traceparent(traceparent) or tracing.current_traceparent()
         for i, raw in enumerate(data):
             try:
                 datum = self.validate(type_, raw)
@@ -126,18 +133,33 @@ class Client:
             fallback = keys[i] if keys is not None else str(i)
             key = str(datum[key_field]) if key_field and datum.get(key_field) is not None else fallback
             eid = ids[i] if ids is not None else str(uuid.uuid4())
-            out.append(Event.create(type_, key, datum, source=source, time=t, id=eid))
+            out.append(
+                Event.create(
+                    type_, key, datum, source=source, time=t, id=eid, traceparent=traceparent,
+                    correlation_id=correlation_id,
+                )
+            )  # fmt: skip
         return out
 
-    def send(self, topic: str, events: Sequence[Event]) -> int:
+    def send(self, topic: str, events: Sequence[Event], *, traceparent: str | None = None) -> int:
         """Produce ``events`` to ``topic`` and return once the broker acknowledged all of them (``acks=all``).
+
+        Trace context: an event without a ``traceparent`` gets ``traceparent`` (when valid), else the
+        current span's. With tracing on (:func:`core.tracing.configure_tracing`) each record's ``send``
+        span is a child of ``traceparent`` when given, else of the current span, else of the event's
+        own ``traceparent``, and the record carries that span's context.
 
         Raises:
             streams.errors.DeliveryError: the broker refused a record or did not acknowledge in time.
         """
         if self._producer is None:
             self._producer = EventProducer(self.settings.kafka, self.serde)
-        return self._producer.produce_many(topic, events)
+        traceparent = tracing.normalise_traceparent(traceparent)
+        fallback = traceparent or tracing.current_traceparent()
+        if fallback is not None:
+            events = [e if e.attributes.traceparent else e.with_traceparent(fallback) for e in events]
+        with tracing.continued(traceparent):
+            return self._producer.produce_many(topic, events)
 
     def produce(
         self,
@@ -148,17 +170,23 @@ class Client:
         key_field: str | None = None,
         source: str = "/client",
         ids: Sequence[str] | None = None,
+        traceparent: str | None = None,
+        correlation_id: str | None = None,
     ) -> list[str]:
         """Validate, produce and wait for the acknowledgement of typed events; return their event ids.
 
-        Nothing is sent when any datum is invalid.
+        Nothing is sent when any datum is invalid. ``traceparent`` (W3C; default: the current span's)
+        and ``correlation_id`` go on every event (see :meth:`send` for the spans).
 
         Raises:
             streams.errors.SchemaValidationError: a datum is invalid (index and field named).
             streams.errors.DeliveryError: the broker refused a record.
         """
-        events = self.events(type_, data, topic=topic, key_field=key_field, source=source, ids=ids)
-        self.send(topic, events)
+        events = self.events(
+            type_, data, topic=topic, key_field=key_field, source=source, ids=ids, traceparent=traceparent,
+            correlation_id=correlation_id,
+        )  # fmt: skip
+        self.send(topic, events, traceparent=traceparent)
         return [e.attributes.id for e in events]
 
     # -- read the log -------------------------------------------------------------------------------

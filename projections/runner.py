@@ -43,6 +43,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from core import tracing
 from core.observability import REGISTRY
 from core.settings import Settings
 from projections.base import Projection
@@ -748,7 +749,21 @@ class ProjectionRunner:
         return len(msgs)
 
     def _commit_prepared(self, p: _Prepared) -> Sequence[ConsumedEvent] | ColumnarBatch:
-        """The batch's transaction (on the database thread when pipelined)."""
+        """The batch's transaction (on the database thread when pipelined).
+
+        With tracing on it is a ``process <topic>`` span linked to the records' ``ce_traceparent``
+        contexts (:func:`core.tracing.batch_process_span`).
+        """
+        if not tracing.is_enabled():
+            return self._commit_prepared_untraced(p)
+        topics = sorted({t for t, _ in p.last})
+        with tracing.batch_process_span(
+            topics, (tracing.traceparent_of(m.headers()) for m in p.msgs), count=len(p.msgs),
+            group=self.group_id, attributes={"backbone.projection": self.projection.name},
+        ):  # fmt: skip
+            return self._commit_prepared_untraced(p)
+
+    def _commit_prepared_untraced(self, p: _Prepared) -> Sequence[ConsumedEvent] | ColumnarBatch:
         applied = self._apply_columnar(p.batch, p.first, p.last) if p.batch is not None else None
         if applied is None:
             events: list[ConsumedEvent] = []

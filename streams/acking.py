@@ -13,6 +13,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
+from core import tracing
 from core.settings import KafkaSettings
 from streams.catalogue import TopicSpec, create_missing_topics
 from streams.envelope import Event
@@ -75,6 +76,10 @@ class AckingProducer:
     async def produce(self, topic: str, events: Sequence[Event]) -> None:
         """Produce ``events`` to ``topic`` and wait until the broker has acknowledged every one.
 
+        With tracing on each record gets a ``send <topic>`` span (child of the current span, the HTTP
+        request's, else of the event's ``traceparent``) that ends when the batch is acknowledged, failed
+        if it is not; the record's ``ce_traceparent`` is that span's context.
+
         Raises:
             UnacknowledgedError: the local queue is full, or not every record was acknowledged
                 within the timeout (the broker is down or slow).
@@ -82,6 +87,27 @@ class AckingProducer:
         """
         if not events:
             return
+        if not tracing.is_enabled():
+            await self._produce(topic, events)
+            return
+        spans = []
+        traced = []
+        for e in events:
+            span, traceparent = tracing.start_send(
+                topic, message_id=e.attributes.id, key=e.key, traceparent=e.attributes.traceparent
+            )
+            spans.append(span)
+            traced.append(e.with_traceparent(traceparent))
+        try:
+            await self._produce(topic, traced)
+        except BaseException as exc:
+            for span in spans:
+                tracing.end_send(span, exc)
+            raise
+        for span in spans:
+            tracing.end_send(span)
+
+    async def _produce(self, topic: str, events: Sequence[Event]) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[str]] = loop.create_future()
         lock = threading.Lock()

@@ -7,6 +7,7 @@ Follows the CloudEvents Kafka protocol binding: each attribute ``X`` travels as 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -177,6 +178,14 @@ class Event:
     key: str
     data: Mapping[str, Any]
     attributes: CloudEvent = field()
+
+    def with_traceparent(self, traceparent: str | None) -> Event:
+        """This event with its ``traceparent`` attribute replaced (itself when it is already that)."""
+        if traceparent == self.attributes.traceparent:
+            return self
+        return dataclasses.replace(
+            self, attributes=dataclasses.replace(self.attributes, traceparent=traceparent)
+        )
 
     @classmethod
     def create(

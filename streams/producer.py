@@ -13,6 +13,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from core import tracing
 from core.settings import KafkaSettings
 from streams.envelope import Event
 from streams.errors import BrokerUnavailableError, DeliveryError
@@ -81,6 +82,11 @@ class EventProducer:
     def produce(self, topic: str, event: Event) -> None:
         """Encode and enqueue one event; delivery is confirmed by :meth:`flush`.
 
+        With tracing on (:func:`core.tracing.configure_tracing`) each record gets a ``send <topic>``
+        span, child of the current span (else of the event's ``traceparent``), and the record's
+        ``ce_traceparent`` is that span's context; with tracing off the event's attributes go out as
+        they are.
+
         Raises:
             streams.errors.SchemaValidationError: the data does not match its schema (nothing sent).
             DeliveryError: an earlier record failed, or the producer hit a fatal error.
@@ -90,6 +96,16 @@ class EventProducer:
             raise TypeError(
                 "this producer sends pre-encoded bytes only (made without a serde): use produce_raw"
             )
+        if tracing.is_enabled():
+            with tracing.send_span(
+                topic, message_id=event.attributes.id, key=event.key, traceparent=event.attributes.traceparent
+            ) as traceparent:
+                self._produce_event(topic, event.with_traceparent(traceparent))
+            return
+        self._produce_event(topic, event)
+
+    def _produce_event(self, topic: str, event: Event) -> None:
+        assert self.serde is not None
         value = self.serde.encode(event.schema, event.data)
         self.produce_raw(
             topic,

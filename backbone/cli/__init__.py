@@ -20,16 +20,24 @@ app = typer.Typer(
 
 
 @app.callback()
-def _setup() -> None:
-    """Configure structlog once (to stderr) from the settings."""
+def _setup(ctx: typer.Context) -> None:
+    """Configure structlog once (to stderr) from the settings, and tracing when the ``OTEL_*`` variables
+    ask for it (service ``backbone-<command>``, e.g. ``backbone-processors``; see docs/PRODUCTION.md)."""
+    import structlog
+
     from core.observability import configure_logging
     from core.settings import get_settings
+    from core.tracing import configure_tracing
 
     try:
         s = get_settings()
         configure_logging(s.log_level, s.log_format)
     except Exception:  # noqa: BLE001 - a bad setting is reported by the command that needs it
         configure_logging()
+    try:
+        configure_tracing(f"backbone-{ctx.invoked_subcommand or 'cli'}")
+    except ValueError as exc:  # a bad OTEL_* value turns tracing off, not the command
+        structlog.get_logger(__name__).warning("tracing_not_configured", error=str(exc))
 
 
 def mount(root: typer.Typer) -> None:

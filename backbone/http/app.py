@@ -14,9 +14,11 @@ projections (:mod:`backbone.http.read`).
 
 from __future__ import annotations
 
+import inspect
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -29,12 +31,14 @@ from confluent_kafka.admin import AdminClient
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from psycopg_pool import ConnectionPool
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backbone.http.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
+from core import tracing
 from core.observability import REGISTRY
 from core.settings import Settings
 
@@ -128,8 +132,80 @@ class _MetricsMiddleware:
         await self.app(scope, receive, send_wrapper)
 
 
+def _header_id(value: str | None) -> str | None:
+    """An id from a request header when it is 1 to 128 printable ASCII characters, else ``None``."""
+    if value and len(value) <= 128 and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+class _RequestContextMiddleware:
+    """Pure ASGI middleware: the request's ids and its trace.
+
+    * ``X-Request-Id`` (taken from the request when it is 1 to 128 printable ASCII characters, else a new
+      UUID4 hex) and ``X-Correlation-Id`` (when sent) are bound in structlog's context variables for
+      every log line of the request (``request_id``, ``correlation_id``, and ``trace_id`` when the
+      request carries or starts a trace); the answer carries ``X-Request-Id``.
+    * The W3C ``traceparent`` header (ignored when invalid) is continued: with tracing on, a SERVER
+      span ``<method> <route>`` is current while the request runs, so the ``send`` spans of ingest are
+      its children.
+    * For the routes: ``request.state.request_id``, ``correlation_id`` (or ``None``) and ``traceparent``
+      (the server span's, else the request's valid header, else ``None``).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+        request_id = _header_id(headers.get("x-request-id")) or uuid.uuid4().hex
+        correlation_id = _header_id(headers.get("x-correlation-id"))
+        traceparent = tracing.normalise_traceparent(headers.get("traceparent"))
+        method = scope.get("method", "GET")
+        status_code = [500]
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_code[0] = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())],
+                }
+            await send(message)
+
+        attributes = {"http.request.method": method, "url.path": scope.get("path", ""),
+                      "url.scheme": scope.get("scheme", "http")}  # fmt: skip
+        with tracing.server_span(method, traceparent, attributes) as span:
+            if span is not None:
+                traceparent = tracing.current_traceparent()
+            state = scope.setdefault("state", {})
+            state.update(request_id=request_id, correlation_id=correlation_id, traceparent=traceparent)
+            binds = {"request_id": request_id}
+            if correlation_id is not None:
+                binds["correlation_id"] = correlation_id
+            trace_id = tracing.trace_id_of(traceparent)
+            if trace_id is not None:
+                binds["trace_id"] = trace_id
+            with structlog.contextvars.bound_contextvars(**binds):
+                try:
+                    await self.app(scope, receive, send_wrapper)
+                finally:
+                    if span is not None:
+                        template = getattr(scope.get("route"), "path", None)
+                        if template is not None:
+                            span.update_name(f"{method} {template}")
+                            span.set_attribute("http.route", template)
+                        span.set_attribute("http.response.status_code", status_code[0])
+                        if status_code[0] >= 500:
+                            span.set_status(Status(StatusCode.ERROR))
+
+
 def _instrument(app: FastAPI) -> None:
     app.add_middleware(_MetricsMiddleware)
+    app.add_middleware(_RequestContextMiddleware)  # added last: outermost, so the metrics are timed inside it
 
 
 def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
@@ -194,11 +270,16 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
             client.close()
             await run_in_threadpool(pool.close)
 
+    # FastAPI >= 0.16x traces requests itself once a global tracer provider exists; the request middleware
+    # below makes the server span (whichever FastAPI is installed, and only when core.tracing is on), so
+    # FastAPI's own spans are turned off rather than doubled.
+    native = {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
     app = FastAPI(
         title="Sophia backbone API",
         version="0.1.0",
         summary="Ingest events, receive webhooks, subscribe to topics as Server-Sent Events, read projections.",
         lifespan=lifespan,
+        **native,  # type: ignore[arg-type]
     )
     app.include_router(ingest.router)
     app.include_router(sse.router)

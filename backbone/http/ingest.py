@@ -8,6 +8,11 @@ delivery failure is a 503 with ``Retry-After``, and nothing was acknowledged tha
 Retries are safe: with an ``Idempotency-Key`` header (events) or the platform's delivery id (webhooks)
 the first response is stored in Redis and replayed, and the event ids are derived from the key, so a
 retry after a lost answer produces the same ids (consumers de-duplicate by id).
+
+Tracing: a request's W3C ``traceparent`` header and ``X-Correlation-Id`` (read by the app's request
+middleware, :mod:`backbone.http.app`) go on every event it produces, as the CloudEvents
+``traceparent`` and ``correlationid`` attributes; with tracing on, each record's ``send`` span is a
+child of the request's server span and its ``ce_traceparent`` is that span's context.
 """
 
 from __future__ import annotations
@@ -146,6 +151,12 @@ async def _idempotent(
     return JSONResponse(body, status_code=code)
 
 
+def _request_context(request: Request) -> tuple[str | None, str | None]:
+    """``(traceparent, correlation_id)`` of the request, as the request middleware found them."""
+    state = request.state
+    return getattr(state, "traceparent", None), getattr(state, "correlation_id", None)
+
+
 async def _produce(request: Request, topic: str, events: Sequence[Event]) -> None:
     try:
         await request.app.state.producer.produce(topic, events)
@@ -246,9 +257,11 @@ async def ingest_events(
         raise _problem(status.HTTP_400_BAD_REQUEST, "Idempotency-Key must be 1 to 255 characters")
 
     async def handle() -> tuple[int, dict[str, Any]]:
+        traceparent, correlation_id = _request_context(request)
         events = _events_from_body(
-            body, type, schema, topic, key_field, principal, idem_key, serde, api.max_batch_events
-        )
+            body, type, schema, topic, key_field, principal, idem_key, serde, api.max_batch_events,
+            traceparent=traceparent, correlation_id=correlation_id,
+        )  # fmt: skip
         await _produce(request, topic, events)
         _log.debug("ingest.accepted", topic=topic, type=type, count=len(events), token_id=principal.token_id)
         return status.HTTP_202_ACCEPTED, {
@@ -271,6 +284,9 @@ def _events_from_body(
     idem_key: str | None,
     serde: AvroSerde,
     max_batch_events: int,
+    *,
+    traceparent: str | None = None,
+    correlation_id: str | None = None,
 ) -> list[Event]:
     try:
         parsed = json.loads(body)
@@ -313,7 +329,14 @@ def _events_from_body(
         key = str(datum[key_field]) if key_field and datum.get(key_field) is not None else event_id
         events.append(
             Event.create(
-                type_, key, datum, source=f"/api/tokens/{principal.token_id}", time=event_time, id=event_id
+                type_,
+                key,
+                datum,
+                source=f"/api/tokens/{principal.token_id}",
+                time=event_time,
+                id=event_id,
+                correlation_id=correlation_id,
+                traceparent=traceparent,
             )
         )
     return events
@@ -355,6 +378,7 @@ async def _deliver_external(
     api = request.app.state.api_settings
 
     async def handle() -> tuple[int, dict[str, Any]]:
+        traceparent, correlation_id = _request_context(request)
         event = Event.create(
             EXTERNAL_EVENT_SCHEMA,
             mapped.entity,
@@ -362,8 +386,10 @@ async def _deliver_external(
             source=f"/webhooks/{platform}",
             time=mapped.occurred_at,
             id=deterministic_id("webhook", platform, delivery_id),
+            correlation_id=correlation_id,
+            traceparent=traceparent,
         )
-        batch = [event, *extra]
+        batch = [event, *(e.with_traceparent(traceparent) if traceparent else e for e in extra)]
         await _produce(request, api.external_topic, batch)
         _log.info("ingest.webhook", platform=platform, kind=mapped.kind, delivery_id=delivery_id)
         return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": len(batch),

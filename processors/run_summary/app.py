@@ -56,6 +56,7 @@ from typing import Any
 import faust
 import structlog
 
+from core import tracing
 from core.settings import KafkaSettings, Settings, get_settings
 from processors.errors import UnprocessableEventError
 from processors.run_summary.logic import INSIGHT_KIND, INSIGHT_SCHEMA, RunTotals, apply, classify, run_id_of
@@ -157,7 +158,21 @@ class _RunSummaryShell:
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     async def handle(self, message: Any) -> None:
-        """Process one Faust message (``event.message``); never raises for a bad record."""
+        """Process one Faust message (``event.message``); never raises for a bad record.
+
+        With tracing on the handling is a ``process <topic>`` span continuing the record's
+        ``ce_traceparent``, and the insight's ``send`` span is its child.
+        """
+        if not tracing.is_enabled():
+            await self._handle(message)
+            return
+        with tracing.process_span(
+            message.topic, message_headers(message.headers), key=message.key, partition=message.partition,
+            offset=message.offset, group=self.app.conf.id,
+        ):  # fmt: skip
+            await self._handle(message)
+
+    async def _handle(self, message: Any) -> None:
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
         headers = message_headers(message.headers)
@@ -188,9 +203,15 @@ class _RunSummaryShell:
         self.stats.applied_count += 1
 
     async def _send_insight(self, insight: Event) -> None:
-        await send_event(
-            self.insights_topic, self.serde, insight
-        )  # delivered before the table records the run
+        # delivered before the table records the run
+        if tracing.is_enabled():
+            with tracing.send_span(
+                self.topics.insights, message_id=insight.attributes.id, key=insight.key,
+                traceparent=insight.attributes.traceparent,
+            ) as traceparent:  # fmt: skip
+                await send_event(self.insights_topic, self.serde, insight.with_traceparent(traceparent))
+        else:
+            await send_event(self.insights_topic, self.serde, insight)
         self.stats.insights_count += 1
 
     async def _dead_letter(

@@ -310,7 +310,8 @@ def apply(state: RunTotals | None, event: RunEvent) -> tuple[RunTotals, Event | 
         ``(new_state, insight)``. ``insight`` is ``None`` except for the run's FINISHED event, for which
         it is the ``sophia.insight.Insight`` event ready to produce: key and ``entity``
         ``run:<run_id>``, id ``deterministic_id(run_id, "run.summary")``, time = the FINISHED event's
-        time, correlation id carried over, causation id = the FINISHED event's id, and the datum in
+        time, correlation id and ``traceparent`` carried over (the processor replaces the latter with
+        its ``send`` span's when tracing is on), causation id = the FINISHED event's id, and the datum in
         ``insight.data``. For a duplicate or late event ``new_state`` is ``state`` itself (the same
         object), so a caller can tell that nothing changed.
 
@@ -456,4 +457,5 @@ def _insight(state: RunTotals, finished: RunEvent) -> Event:
         subject=entity,
         correlation_id=finished.attributes.correlation_id,
         causation_id=finished.attributes.id,
+        traceparent=finished.attributes.traceparent,
     )
