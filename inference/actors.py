@@ -278,8 +278,23 @@ class InferencePool:
         self.ray.kill(self._slots[index].handle, no_restart=not restart)
 
     def shutdown(self, *, timeout_seconds: float = 30.0) -> None:
-        """Stop every actor gracefully."""
-        self.remove(self.size, timeout_seconds=timeout_seconds)
+        """Stop every actor gracefully (answer what is pending, commit, leave the group), all at once, and
+        kill those still stopping after ``timeout_seconds`` (a worker waiting on a broker that has gone):
+        it returns within about ``timeout_seconds`` whatever the number of actors."""
+        slots, self._slots = list(self._slots), []
+        refs = [slot.handle.stop.remote(timeout_seconds) for slot in slots]
+        if refs:
+            done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_seconds + 2)
+            late = len(refs) - len(done)
+            if late:
+                log.warning("actors_stop_timed_out", model=self.settings.model, actors=late,
+                            timeout_seconds=timeout_seconds)  # fmt: skip
+        for slot in slots:
+            try:
+                self.ray.kill(slot.handle, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - a dead actor is removed all the same
+                log.warning("actor_kill_failed", worker_id=slot.worker_id, error=repr(exc))
+        log.info("actors_removed", model=self.settings.model, removed=len(slots), size=self.size)
 
     def wait_answered(self, n: int, *, timeout_seconds: float = 120.0, poll_seconds: float = 0.5) -> int:
         """Wait until the actors together answered or dead-lettered at least ``n`` (since they started).

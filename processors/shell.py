@@ -9,7 +9,8 @@ processor needs (:func:`ensure_processor_topics`), its counters as Prometheus me
 ``/healthz`` and ``/readyz`` on ``Settings.metrics_host``, the Faust worker, stop-when-idle, clean shutdown).
 
 Each processor (:mod:`processors.run_summary.app`, :mod:`processors.correlation.app`,
-:mod:`processors.routing.app`) declares its topics, tables and agents and keeps its decisions in plain
+:mod:`processors.routing.app`, :mod:`processors.routing.policy_app`, :mod:`processors.healing.app`,
+:mod:`processors.incidents.app`, :mod:`processors.incidents.anomaly_app`) declares its topics, tables and agents and keeps its decisions in plain
 Python; its tables live in memory, recovered from their changelogs (:mod:`processors.tables`).
 """
 
@@ -21,6 +22,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -66,6 +68,11 @@ record waits for the fetch in flight to time out: with 1,500 ms an event reached
 about 0.4 s (p50) to 0.75 s (p95) after its acknowledgement (``bench/bench_latency.py``, issue 16). On
 Apache Kafka the wait only bounds an idle fetch; 100 ms, as the projection runner and the SSE pump use.
 """
+CONSUMER_STOP_TIMEOUT_SECONDS = 5.0
+"""Longest wait for the Kafka consumer to stop (leave its group, close its connections) at shutdown."""
+SHUTDOWN_TIMEOUT_SECONDS = 15.0
+"""Longest time from SIGTERM/SIGINT to the exit of a worker (:func:`run_processor_worker`); past it the
+process exits with code 70 (``EX_SOFTWARE``) without finishing its shutdown."""
 
 
 def broker_urls(kafka: KafkaSettings) -> list[str]:
@@ -137,12 +144,12 @@ class SeekingConsumer(faust_aiokafka.Consumer):
     contract; the processors are deterministic and their outputs carry stable event ids.
     """
 
-    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
     #: Set by :meth:`perform_seek`, cleared by :meth:`resume_flow`: the changelog topics (the only ones
     #: whose records may be taken meanwhile), or ``None`` when nothing is held back.
     _held_to_changelogs: frozenset[str] | None = None
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Mapping[TP, list[Any]]:
         if active_partitions is None:  # a client-only app: every partition
@@ -176,6 +183,29 @@ class SeekingConsumer(faust_aiokafka.Consumer):
         return committed
 
 
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, whose consumer waits at most :data:`FETCH_MAX_WAIT_MS` per fetch
+    and whose stop always completes.
+
+    When the broker has gone, aiokafka's ``Fetcher.close`` re-raises the ``CancelledError`` of the fetch
+    task it cancels; mode's thread then skips telling the worker it has shut down (it only does so for an
+    ``Exception``), and the worker waits for it forever: the process ignored SIGTERM until SIGKILL
+    (issue 16). Here the consumer's stop is bounded (:data:`CONSUMER_STOP_TIMEOUT_SECONDS`) and its
+    failure logged, so the shutdown goes on.
+    """
+
+    async def on_thread_stop(self) -> None:
+        try:
+            await asyncio.wait_for(super().on_thread_stop(), CONSUMER_STOP_TIMEOUT_SECONDS)
+        except (asyncio.CancelledError, TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping anyway
+            log.warning("faust_consumer_stop_failed", error=repr(exc))
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        return consumer
+
+
 class _FetchablePartitions(AbstractSet[TP]):
     """The partitions whose buffered records a fetch may take, decided when it takes them: those active in
     Faust's live set, and only changelog partitions while :class:`SeekingConsumer` holds records back.
@@ -202,15 +232,6 @@ class _FetchablePartitions(AbstractSet[TP]):
 
     def __bool__(self) -> bool:
         return True
-
-
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread whose aiokafka consumer waits at most :data:`FETCH_MAX_WAIT_MS` per fetch."""
-
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
-        return consumer
 
 
 class _Transport(faust_aiokafka.Transport):
@@ -429,14 +450,60 @@ class StatsCollector:
 
 
 def _readiness(app: faust.App, started: list[float]) -> dict[str, Any]:
-    """Ready once the worker has started (partitions assigned, tables recovered) and is not rebalancing."""
+    """Ready once the worker has started (partitions assigned, tables recovered) and is not rebalancing.
+
+    Runs on the metrics server's thread: it reads the consumer only once the worker made it (``app.consumer``
+    would make one here, bound to this thread's event loop, and the worker would then fail to start).
+    """
+    consumer = getattr(app, "_consumer", None)
     try:
-        assigned = len(app.consumer.assignment())
-    except Exception:  # noqa: BLE001 - no consumer yet
+        assigned = len(consumer.assignment()) if consumer is not None else 0
+    except Exception:  # noqa: BLE001 - not started yet
         assigned = 0
     rebalancing = bool(getattr(app, "rebalancing", False))
     return {"ok": bool(started) and not rebalancing, "started": bool(started), "rebalancing": rebalancing,
             "assigned_partitions": assigned}  # fmt: skip
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, which exits within ``shutdown_timeout_seconds`` of SIGTERM or SIGINT whatever hangs.
+
+    A clean stop (agents stopped, offsets committed, producer flushed) takes well under a second with a
+    broker; a stop that hangs past the timeout (a client waiting on a broker that has gone) is logged
+    and the process exits with code 70 (``os._exit``: nothing else runs).
+    """
+
+    def __init__(self, *args: Any, shutdown_timeout_seconds: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shutdown_timeout_seconds = shutdown_timeout_seconds
+        self._watchdog: threading.Timer | None = None
+
+    def _arm_watchdog(self, sig: signal.Signals) -> None:
+        if self._watchdog is not None:
+            return
+        timeout = self._shutdown_timeout_seconds
+
+        def expire() -> None:
+            log.error("worker_shutdown_timed_out", signal=sig.name, timeout_seconds=timeout)
+            sys.stderr.flush()
+            os._exit(70)
+
+        self._watchdog = threading.Timer(timeout, expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _on_sigint(self) -> None:
+        self._arm_watchdog(signal.SIGINT)
+        super()._on_sigint()
+
+    def _on_sigterm(self) -> None:
+        self._arm_watchdog(signal.SIGTERM)
+        super()._on_sigterm()
+
+    def disarm(self) -> None:
+        """Cancel the watchdog (the worker has stopped)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 def run_processor_worker(
@@ -449,25 +516,41 @@ def run_processor_worker(
     close: Callable[[], None],
     stop_after_idle_seconds: float | None = None,
     loglevel: str | None = None,
+    metrics_port: int | None = None,
+    collectors: Sequence[Any] = (),
+    health_fields: Callable[[], Mapping[str, Any]] | None = None,
+    shutdown_timeout_seconds: float = SHUTDOWN_TIMEOUT_SECONDS,
 ) -> None:
     """Run a processor's Faust app as a worker in this process until it is stopped (blocking).
 
-    Owns the process's event loop and signal handlers (SIGTERM/SIGINT stop it cleanly), so call it from a
-    main thread. Around the worker: logging from the settings, the counters registered on
+    Owns the process's event loop and signal handlers (SIGTERM/SIGINT stop it cleanly: the agents stop,
+    the offsets of what they finished are committed, ``close`` runs, the call returns, all within
+    ``shutdown_timeout_seconds``, also when the broker has gone), so call it from a main thread. Around the worker: logging from the settings, the counters registered on
     :data:`core.observability.REGISTRY`, ``/metrics``, ``/healthz`` (liveness, with the counters) and
     ``/readyz`` (ready once started and not rebalancing) on ``settings.metrics_host:metrics_port``; the
-    metrics server is shut down and ``close`` called when the worker stops.
+    metrics server is shut down and ``close`` called when the worker stops. Faust's own web server is
+    not needed for any of this (build the app with ``web_port=0``).
 
     Args:
         settings: the settings the app was built with.
         app: the processor's app.
-        processor: the processor's name (log events ``<processor>_metrics``, ``<processor>_idle_stop``).
-        stats: its counters; needs ``last_record_monotonic`` and ``records_count`` for stop-when-idle.
-        counters: ``(metric name, attribute, help)`` exported from ``stats``.
+        processor: the processor's name (log events ``<processor>_metrics``, ``<processor>_idle_stop``;
+            ``processor`` in ``/healthz``).
+        stats: its counters (a dataclass); needs ``last_record_monotonic`` and ``records_count`` for
+            stop-when-idle; every field is in ``/healthz``.
+        counters: ``(metric name, attribute, help)`` exported from ``stats`` as counters labelled ``app``.
         close: releases what the processor opened (its dead-letter producer), after the worker stopped.
         stop_after_idle_seconds: stop once started and no record arrived for this many seconds; ``None``
             runs until signalled.
         loglevel: Faust's log level; default ``settings.log_level``.
+        metrics_port: port of ``/metrics``, ``/healthz`` and ``/readyz``; default
+            ``settings.metrics_port`` (``0``: any free port, logged in ``<processor>_metrics``).
+        collectors: further Prometheus collectors (metrics with other labels, gauges) registered on
+            :data:`~core.observability.REGISTRY` for this process (one already registered is skipped).
+        health_fields: more fields of ``/healthz`` (e.g. the version of a model the worker serves),
+            read at each request.
+        shutdown_timeout_seconds: longest time from SIGTERM/SIGINT to the exit; a shutdown still
+            running then is abandoned and the process exits with code 70.
 
     Raises:
         SystemExit: the worker exited with a non-zero code.
@@ -484,26 +567,33 @@ def run_processor_worker(
             f"{processor.replace('-', '_')}_idle_stop",
         )  # fmt: skip
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        REGISTRY.register(StatsCollector(stats, app.conf.id, counters))  # type: ignore[arg-type]
-    except ValueError:
-        pass  # already registered in this process (a second worker run)
+    for collector in (StatsCollector(stats, app.conf.id, counters), *collectors):
+        try:
+            REGISTRY.register(collector)
+        except ValueError:
+            pass  # already registered in this process (a second worker run)
+
+    def health() -> dict[str, Any]:
+        return {"ok": True, "processor": processor, **dataclasses.asdict(stats),
+                **(health_fields() if health_fields else {})}  # fmt: skip
+
     server = serve_metrics(
-        settings.metrics_port,
+        settings.metrics_port if metrics_port is None else metrics_port,
         host=settings.metrics_host,
-        health=lambda: {"ok": True, "processor": processor, **dataclasses.asdict(stats)},
+        health=health,
         ready=lambda: _readiness(app, started),
     )
     log.info(
         f"{processor.replace('-', '_')}_metrics",
         url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics",
     )
-    worker = faust.Worker(
+    worker = _Worker(
         app,
         loglevel=(loglevel or settings.log_level).lower(),
         quiet=True,
         redirect_stdouts=False,
         stdout=sys.stderr,
+        shutdown_timeout_seconds=shutdown_timeout_seconds,
     )
     try:
         worker.execute_from_commandline()
@@ -513,4 +603,7 @@ def run_processor_worker(
     finally:
         server.shutdown()
         server.server_close()
-        close()
+        try:
+            close()
+        finally:
+            worker.disarm()

@@ -17,7 +17,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, err, out
+from backbone.cli.helpers import (
+    SHUTDOWN_TIMEOUT_SECONDS,
+    JsonOpt,
+    clear_errors,
+    context,
+    err,
+    out,
+    stop_on_signals,
+)
 from connectors.cdc import CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX
 from streams.catalogue import DLQ_TOPIC
 
@@ -192,15 +200,13 @@ def run_cdc(
         p = runner.run(until_caught_up=True, max_wait_seconds=wait)
     else:
         thread = threading.Thread(target=normaliser.run, name="cdc-normaliser", daemon=True)
+        stop_on_signals(runner.stop, normaliser.stop)  # SIGTERM/SIGINT: both commit their batch and return
         thread.start()
         try:
             p = runner.run()
-        except KeyboardInterrupt:
-            runner.stop()
-            p = runner.stats
         finally:
             normaliser.stop()
-            thread.join(timeout=30)
+            thread.join(timeout=SHUTDOWN_TIMEOUT_SECONDS)
         n = normaliser.stats
     out.print(f"normalised {n.produced} change(s) ({n.tombstones} tombstone(s), {n.dead_lettered} dead-lettered); "
               f"view applied {p.applied}, skipped {p.duplicates} duplicate(s), dead-lettered {p.dead_lettered}")  # fmt: skip

@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, fmt, out, print_rows
+from backbone.cli.helpers import (
+    JsonOpt,
+    clear_errors,
+    context,
+    emit_json,
+    err,
+    fmt,
+    out,
+    print_rows,
+    stop_on_signals,
+)
 from projections.runner import DEFAULT_BATCH_SIZE
 from streams.catalogue import DLQ_TOPIC
 
@@ -387,11 +397,11 @@ def project(
     )
     server = serve_metrics(metrics_port, health=lambda: {"ok": True, "caught_up": runner.caught_up()})
     err.print(f"metrics on http://127.0.0.1:{server.server_address[1]}/metrics")
+    stop_on_signals(runner.stop)  # SIGTERM/SIGINT: the runner commits its batch and returns
     try:
         stats = runner.run(until_caught_up=until_caught_up)
-    except KeyboardInterrupt:
-        runner.stop()
-        stats = runner.stats
+    finally:
+        server.shutdown()
     out.print(f"applied {stats.applied:,} event(s), skipped {stats.duplicates:,} duplicate(s), "
               f"dead-lettered {stats.dead_lettered}")  # fmt: skip
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -31,6 +34,7 @@ __all__ = [
     "out",
     "print_rows",
     "settings_only",
+    "stop_on_signals",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -136,3 +140,48 @@ def emit_json(value: Any) -> None:
     """Write ``value`` as indented JSON to standard output, unwrapped (safe to pipe into ``jq``)."""
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+SHUTDOWN_TIMEOUT_SECONDS = 15.0
+"""How long a long-running command waits for its loops to finish after SIGTERM/SIGINT before it gives up."""
+
+
+def stop_on_signals(*stops: Callable[[], Any], exit_after_seconds: float | None = None) -> threading.Event:
+    """Make SIGTERM and SIGINT ask a long-running command to stop instead of killing it (called from another
+    thread than the main one, it installs nothing): the first signal sets the returned event and calls each of ``stops`` (e.g. ``runner.stop``);
+    a later one is logged and otherwise ignored, so the command can finish the batch it is on, commit it
+    and exit 0.
+
+    Args:
+        stops: called (in the signal handler, so they must not block) at the first signal.
+        exit_after_seconds: when set, the process exits with code 70 (``os._exit``: nothing else runs) if it
+            is still running this long after the first signal; the bound on a shutdown that may hang
+            (clients waiting on a broker that has gone).
+
+    Returns:
+        The event, set once a signal has arrived.
+    """
+    stopping = threading.Event()
+
+    def expire() -> None:
+        err.print(f"[red]still stopping after {exit_after_seconds} s: exiting now[/red]")
+        sys.stderr.flush()
+        os._exit(70)
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stopping.is_set():
+            err.print(f"{signal.Signals(signum).name} again: still stopping")
+            return
+        stopping.set()
+        err.print(f"{signal.Signals(signum).name}: stopping")
+        if exit_after_seconds is not None:
+            timer = threading.Timer(exit_after_seconds, expire)
+            timer.daemon = True
+            timer.start()
+        for stop in stops:
+            stop()
+
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handle)
+    return stopping

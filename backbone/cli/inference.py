@@ -8,15 +8,13 @@ dev stack.
 from __future__ import annotations
 
 import json
-import signal
-import threading
-from types import FrameType
 from typing import Annotated
 
 import structlog
 import typer
 from rich.console import Console
 
+from backbone.cli.helpers import SHUTDOWN_TIMEOUT_SECONDS, stop_on_signals
 from core.settings import KafkaSettings, get_settings
 from inference.config import InferenceSettings
 from inference.errors import InferenceError
@@ -28,6 +26,9 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, hel
 _out = Console()
 _err = Console(stderr=True)
 log = structlog.get_logger(__name__)
+
+ACTOR_STOP_TIMEOUT_SECONDS = 8.0
+"""How long the actors get to answer, commit and leave their group at shutdown before they are killed."""
 
 
 def _kafka() -> KafkaSettings:
@@ -132,13 +133,10 @@ def run(
         port = metrics_port if metrics_port is not None else get_settings().metrics_port
         if port:
             serve_metrics(port, host="0.0.0.0", registry=metrics.registry)
-        stop = threading.Event()
-
-        def _interrupt(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, _interrupt)
+        # SIGTERM/SIGINT: leave the loop, stop the actors (each answers, commits, leaves its group) within
+        # ACTOR_STOP_TIMEOUT_SECONDS, shut Ray down; past SHUTDOWN_TIMEOUT_SECONDS (a scaling step or a
+        # client stuck on a broker that has gone) the process exits with code 70
+        stop = stop_on_signals(exit_after_seconds=SHUTDOWN_TIMEOUT_SECONDS)
         pool.add(s.actors)
         _err.print(f"{pool.size} actor(s) serving {s.model} on {s.requests_topic} -> {s.results_topic}")
         scaler = LagScaler(
@@ -157,7 +155,7 @@ def run(
                     scaler.step()
                 except Exception as exc:  # noqa: BLE001 - a failed scaling step must not stop the serving actors
                     log.warning("scaling_step_failed", model=s.model, error=repr(exc))
-        pool.shutdown()
+        pool.shutdown(timeout_seconds=ACTOR_STOP_TIMEOUT_SECONDS)
         ray.shutdown()
     except InferenceError as exc:
         _err.print(f"[red]{exc}[/red]")

@@ -46,7 +46,7 @@ def worker(
     web_port: int | None = typer.Option(
         None,
         envvar="BACKBONE_PROCESSORS_WEB_PORT",
-        help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.",
+        help="Deprecated: port of /metrics, /healthz and /readyz (0: any free one); use BACKBONE_METRICS_PORT.",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the final counters as JSON on exit."),
 ) -> None:

@@ -17,7 +17,17 @@ import typer
 from rich.table import Table
 from rich.tree import Tree
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, err, fmt, out, print_rows
+from backbone.cli.helpers import (
+    SHUTDOWN_TIMEOUT_SECONDS,
+    JsonOpt,
+    clear_errors,
+    context,
+    err,
+    fmt,
+    out,
+    print_rows,
+    stop_on_signals,
+)
 from projections.runner import DEFAULT_BATCH_SIZE
 
 __all__ = ["app", "audit", "make_runners", "replay_into"]
@@ -200,18 +210,20 @@ def run_cmd(
     err.print(
         f"running {', '.join(selected)}; metrics on http://127.0.0.1:{server.server_address[1]}/metrics"
     )
+    stopping = stop_on_signals(*(r.stop for r in runners))  # each runner commits its batch, then returns
     for t in threads:
         t.start()
     try:
-        while any(t.is_alive() for t in threads):
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        for r in runners:
-            r.stop()
+        while any(t.is_alive() for t in threads) and not stopping.wait(0.2):
+            pass
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_SECONDS
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
     finally:
         server.shutdown()
+    hung = [t.name for t in threads if t.is_alive()]
+    if hung:
+        errors.update({n: f"still stopping after {SHUTDOWN_TIMEOUT_SECONDS} s" for n in hung})
     for r in runners:
         s = r.stats
         out.print(f"{r.projection.name}: applied {s.applied:,}, skipped {s.duplicates:,} duplicate(s), "

@@ -279,7 +279,8 @@ def route_command(
     web_port: Annotated[
         int | None,
         typer.Option(
-            help="Faust web port; default BACKBONE_METRICS_PORT; 0 = off.", envvar="BACKBONE_ROUTING_WEB_PORT"
+            help="Deprecated: port of /metrics, /healthz and /readyz (0: any free one); use BACKBONE_METRICS_PORT.",
+            envvar="BACKBONE_ROUTING_WEB_PORT",
         ),
     ] = None,
     as_json: JsonOpt = False,

@@ -169,6 +169,11 @@ class CdcNormaliser:
                 if err.code() == KafkaError._PARTITION_EOF:
                     self._at_end.add((m.topic(), m.partition()))
                     continue
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    # no raw topic matches the pattern yet (Debezium creates them with its first change):
+                    # keep waiting for one, as a pattern subscription does
+                    log.debug("cdc raw topics not there yet", reason=err.str())
+                    continue
                 raise KafkaException(err)
             tp = (m.topic(), m.partition())
             self._at_end.discard(tp)

@@ -20,12 +20,14 @@ and :class:`processors.tables.TailRecoveringTable`.
   table is updated; a crash in between replays the record after restart and sends the same insight id.
 * **Determinism**: event time only; a sample at or before the series' last event time is counted and
   ignored (a redelivery changes nothing).
+* **Worker**: :func:`run_anomaly_worker` runs it in the shared worker shell
+  (:func:`processors.shell.run_processor_worker`): the counters of :data:`COUNTERS` on ``/metrics``,
+  ``/healthz`` and ``/readyz``, stop-when-idle, clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +36,10 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.observability import configure_logging
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -46,7 +47,14 @@ from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
 from streams.serde import AvroSerde, serde_from_settings
 
-__all__ = ["DEFAULT_APP_ID", "AnomalyStats", "AnomalyTopics", "create_anomaly_app", "run_anomaly_worker"]
+__all__ = [
+    "COUNTERS",
+    "DEFAULT_APP_ID",
+    "AnomalyStats",
+    "AnomalyTopics",
+    "create_anomaly_app",
+    "run_anomaly_worker",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +83,19 @@ class AnomalyStats:
     out_of_order_count: int = 0
     dead_letters_count: int = 0
     last_record_monotonic: float | None = field(default=None)
+
+
+COUNTERS = (
+    ("backbone_anomaly_records", "records_count", "Metric samples handled (every outcome)"),
+    ("backbone_anomaly_anomalies", "anomalies_count", "anomaly.detected insights sent"),
+    (
+        "backbone_anomaly_out_of_order",
+        "out_of_order_count",
+        "Samples at or before their series' last event time (ignored)",
+    ),
+    ("backbone_anomaly_dead_letters", "dead_letters_count", "Records dead-lettered"),
+)
+"""The anomaly processor's counters as Prometheus metrics (label ``app``)."""
 
 
 class _AnomalyShell:
@@ -180,8 +201,11 @@ def run_anomaly_worker(
     topics: AnomalyTopics | None = None,
     config: DetectorConfig | None = None,
     stop_after_idle_seconds: float | None = None,
+    loglevel: str | None = None,
 ) -> AnomalyStats:
-    """Run the worker in this process until stopped (blocking; call it from a main thread).
+    """Run the worker in this process until stopped (blocking; call it from a main thread), in the worker
+    shell (:func:`processors.shell.run_processor_worker`: ``/metrics``, ``/healthz`` and ``/readyz`` on
+    ``settings.metrics_host:metrics_port``, stop-when-idle, clean stop on SIGTERM/SIGINT).
 
     Creates the topics first (the metrics topic with ``topics.partitions``; insights and dead letters with
     the catalogue's counts when listed, else 3 and 1); the table gets the metrics topic's real partition
@@ -210,19 +234,13 @@ def run_anomaly_worker(
         topics = dataclasses.replace(topics, partitions=len(found.partitions))
     app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
     stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
-                       lambda: stats.records_count, "anomaly_idle_stop")  # fmt: skip
-    configure_logging(settings.log_level, settings.log_format)
-    worker = faust.Worker(
-        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.anomaly_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+    )  # fmt: skip
+    log.info(
+        "anomaly_worker_stopped",
+        **{k: v for k, v in dataclasses.asdict(stats).items() if k != "last_record_monotonic"},
     )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.anomaly_close()  # type: ignore[attr-defined]
-    log.info("anomaly_worker_stopped", **dataclasses.asdict(stats))
     return stats

@@ -22,7 +22,7 @@ Decoding, dead letters, ``concurrency=1``, the in-memory table rebuilt from its 
 :class:`processors.tables.TailRecoveringTable`, which reads each changelog partition to its real end
 after Faust's recovery: Tansu's ``ListOffsets`` stops Faust one batch short, and a restarted worker
 forgot requests waiting for their embedding), the ``stop_after_idle_seconds`` option and ``/metrics``
-follow :mod:`processors.run_summary.app`. Table keys are embedding request ids (``str``, JSON on the changelog),
+follow :mod:`processors.run_summary.app` (the shared worker shell, :func:`processors.shell.run_processor_worker`). Table keys are embedding request ids (``str``, JSON on the changelog),
 values JSON. ``backbone_routing_pending`` is recounted from the table after every recovery. A request that does
 not decode, has another schema, or that the router cannot take (unknown policy, candidate models
 without the router's, an embedding id without the ``routing:`` prefix) is dead-lettered with its raw
@@ -61,8 +61,6 @@ request again only with the same model version, so a second one carries the same
 from __future__ import annotations
 
 import base64
-import dataclasses
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,7 +72,6 @@ import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import Settings
 from inference.records import RESULT_SCHEMA, EmbeddingResult
 from processors.errors import UnprocessableEventError, UnsupportedEventError
@@ -87,7 +84,7 @@ from processors.routing.records import (
     decision_event,
 )
 from processors.routing.router import EmbeddingInput, Router, decide, needs_embedding, validate_request
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -96,6 +93,7 @@ from streams.errors import DeserializationError, EnvelopeError
 from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
+    "COUNTERS",
     "DEFAULT_APP_ID",
     "PROCESSOR_NAME",
     "RoutingStats",
@@ -386,7 +384,7 @@ def create_routing_app(
     *,
     app_id: str | None = None,
     topics: RoutingTopics | None = None,
-    web_port: int | None = None,
+    web_port: int | None = 0,
     serde: AvroSerde | None = None,
 ) -> faust.App:
     """Build the routing Faust app: the three agents and the ``route_join`` table.
@@ -396,7 +394,8 @@ def create_routing_app(
         router: the fitted router (see :meth:`Router.load`).
         app_id: Faust app id (consumer group, changelog and join topic prefix); default ``backbone-routing``.
         topics: topic names; default the catalogue's.
-        web_port: Faust's web server port; None takes ``settings.metrics_port``; 0 turns it off.
+        web_port: Faust's own web server port; ``0`` or ``None`` (the default) leaves it off: the worker
+            shell serves ``/metrics``, ``/healthz`` and ``/readyz`` (:func:`run_routing_worker`).
         serde: the Avro serde; default one on the embedded registry.
 
     Returns:
@@ -408,8 +407,7 @@ def create_routing_app(
     """
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or RoutingTopics()
-    port = settings.metrics_port if web_port is None else web_port
-    app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=port)
+    app = make_faust_app(settings, app_id, partitions=topics.partitions, web_port=web_port)
     serde = serde or serde_from_settings(settings)
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     requests_topic = app.topic(topics.requests, partitions=topics.partitions, **raw)
@@ -488,8 +486,19 @@ def ensure_routing_topics(
     return create_missing_topics(admin, wanted, timeout_seconds=timeout_seconds)
 
 
-class _StatsCollector:
-    """Exposes a :class:`RoutingStats` as Prometheus metrics (read at scrape time)."""
+COUNTERS = (
+    ("backbone_routing_records", "records_count", "Records handled by the routing agents (every outcome)"),
+    ("backbone_routing_requests", "requests_count", "Valid route requests read"),
+    ("backbone_routing_embeddings", "embeddings_count", "Routing embeddings forwarded to the join topic"),
+    ("backbone_routing_dead_letters", "dead_letters_count", "Records dead-lettered by the routing agents"),
+)
+"""The routing processor's plain counters as Prometheus metrics (label ``app``); decisions by method and
+the pending gauge come from :class:`_DecisionsCollector`."""
+
+
+class _DecisionsCollector:
+    """``backbone_routing_decisions{app,method}`` and the gauge ``backbone_routing_pending{app}`` of a
+    :class:`RoutingStats` (read at scrape time)."""
 
     def __init__(self, stats: RoutingStats, app_id: str) -> None:
         self.stats = stats
@@ -498,27 +507,6 @@ class _StatsCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        for name, attr, doc in (
-            (
-                "backbone_routing_records",
-                "records_count",
-                "Records handled by the routing agents (every outcome)",
-            ),
-            ("backbone_routing_requests", "requests_count", "Valid route requests read"),
-            (
-                "backbone_routing_embeddings",
-                "embeddings_count",
-                "Routing embeddings forwarded to the join topic",
-            ),
-            (
-                "backbone_routing_dead_letters",
-                "dead_letters_count",
-                "Records dead-lettered by the routing agents",
-            ),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["app"])
-            c.add_metric([self.app_id], getattr(self.stats, attr))
-            yield c
         d = CounterMetricFamily(
             "backbone_routing_decisions", "Route decisions sent", labels=["app", "method"]
         )
@@ -544,7 +532,10 @@ def run_routing_worker(
 ) -> RoutingStats:
     """Run the routing worker in this process until it is stopped (blocking; call from a main thread).
 
-    Creates the topics first (:func:`ensure_routing_topics`).
+    Creates the topics first (:func:`ensure_routing_topics`), then runs the app in the worker shell
+    (:func:`processors.shell.run_processor_worker`): the counters of :data:`COUNTERS`, the decisions by
+    method and the pending gauge on ``/metrics``; ``/healthz`` (with the router's version) and ``/readyz``
+    on ``settings.metrics_host:metrics_port``; clean stop on SIGTERM/SIGINT.
 
     Args:
         router: a :class:`Router` or the path of its artifact.
@@ -553,7 +544,8 @@ def run_routing_worker(
         topics: topic names; default the catalogue's.
         stop_after_idle_seconds: stop once started (partitions assigned, table recovered) and no
             record has arrived for this many seconds; None runs until SIGTERM/SIGINT.
-        web_port: see :func:`create_routing_app`.
+        web_port: deprecated (Faust's web server is no longer started): the port of ``/metrics``,
+            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port`` (``0``: any free port).
         loglevel: Faust's log level; default ``settings.log_level``.
 
     Returns:
@@ -563,6 +555,7 @@ def run_routing_worker(
         RouterArtifactError: the router file is missing or does not match its version.
         ValueError: no Kafka bootstrap servers are configured.
         StreamsError: a topic cannot be created.
+        SystemExit: the worker exited with a non-zero code.
     """
     if not isinstance(router, Router):
         router = Router.load(router)
@@ -573,39 +566,20 @@ def run_routing_worker(
     topics = topics or RoutingTopics()
     app_id = app_id or DEFAULT_APP_ID
     ensure_routing_topics(settings, topics, app_id=app_id)
-    app = create_routing_app(settings, router, app_id=app_id, topics=topics, web_port=web_port)
+    app = create_routing_app(settings, router, app_id=app_id, topics=topics)
     stats: RoutingStats = app.routing_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(
-            app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
-            "routing_idle_stop",
-        )  # fmt: skip
-
-    configure_logging(settings.log_level, settings.log_format)
-    try:
-        REGISTRY.register(_StatsCollector(stats, app.conf.id))  # type: ignore[arg-type]
-    except ValueError:  # already registered in this process
-        pass
-    server = serve_metrics(settings.metrics_port, health=lambda: {"ok": True, **dataclasses.asdict(stats)})
+    if web_port is not None:
+        log.warning("routing_web_port_deprecated", metrics_port=web_port,
+                    hint="use BACKBONE_METRICS_PORT; /metrics, /healthz and /readyz are served there")  # fmt: skip
     log.info(
-        "routing_worker_started",
-        router_version=router.version,
-        embedding_scorer=router.knn is not None,
-        metrics_url=f"http://127.0.0.1:{server.server_address[1]}/metrics",
+        "routing_worker_starting", router_version=router.version, embedding_scorer=router.knn is not None
     )
-    worker = faust.Worker(
-        app,
-        loglevel=(loglevel or settings.log_level).lower(),
-        quiet=True,
-        redirect_stdouts=False,
-        stdout=sys.stderr,
-    )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
-    finally:
-        app.routing_close()  # type: ignore[attr-defined]
-        server.shutdown()
+    version, knn = router.version, router.knn is not None
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.routing_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port,
+        collectors=[_DecisionsCollector(stats, app.conf.id)],
+        health_fields=lambda: {"router_version": version, "embedding_scorer": knn},
+    )  # fmt: skip
     return stats

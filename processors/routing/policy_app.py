@@ -29,7 +29,6 @@ Agents run with ``concurrency=1``; values are JSON bytes (``value_serializer="ra
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from processors.routing.policy import (
     next_fallback,
 )
 from processors.routing.scorers import OnlineQuality
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, stop_when_idle
+from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -61,6 +60,7 @@ from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
     "CONFIG_KEY",
+    "COUNTERS",
     "PolicyTopics",
     "PolicyWorkerStats",
     "create_policy_app",
@@ -104,6 +104,36 @@ class PolicyWorkerStats:
     last_record_monotonic: float | None = None
     config_version: int | None = None
     learner_version: str | None = None
+
+
+COUNTERS = (
+    (
+        "backbone_routing_policy_records",
+        "records_count",
+        "Records handled by the policy agents (every outcome)",
+    ),
+    ("backbone_routing_policy_requests", "requests_count", "Policy requests decided"),
+    ("backbone_routing_policy_decisions", "decisions_count", "Policy decisions sent (fallbacks included)"),
+    (
+        "backbone_routing_policy_unservable",
+        "unservable_count",
+        "Decisions that found no model to serve the request",
+    ),
+    (
+        "backbone_routing_policy_fallbacks",
+        "fallbacks_count",
+        "Fallback decisions sent after a failed outcome",
+    ),
+    ("backbone_routing_policy_outcomes", "outcomes_count", "Outcomes learned"),
+    ("backbone_routing_policy_config_changes", "config_changes_count", "routing.config versions applied"),
+    ("backbone_routing_policy_dead_letters", "dead_letters_count", "Records dead-lettered"),
+    (
+        "backbone_routing_policy_circuit_read_errors",
+        "circuit_read_errors_count",
+        "Failed reads of the circuit states from Redis",
+    ),
+)
+"""The policy router's counters as Prometheus metrics (label ``app``)."""
 
 
 def _stats_to_json(s: ModelStats) -> dict[str, Any]:
@@ -287,6 +317,8 @@ def create_policy_app(
 ) -> faust.App:
     """Build the policy router app (three agents, the ``routing_model_stats`` table).
 
+    ``initial_config`` (``(value, version)`` of ``routing.config``) is applied before any record is read.
+
     Returns:
         The app; counters at ``app.policy_stats``, the state at ``app.policy_state``.
 
@@ -308,6 +340,8 @@ def create_policy_app(
         settings, serde, topics, table, app.topic(topics.decisions, **raw), learner, history_dir
     )
     table.on_recover(shell.recovered)
+    if initial_config is not None:
+        shell.apply_config(*initial_config)
 
     @app.agent(app.topic(topics.config, **raw), name="policy-config", concurrency=1)
     async def policy_config(stream: faust.StreamT) -> None:
@@ -365,8 +399,12 @@ def run_policy_worker(
     history_dir: Path | None = None,
     stop_after_idle_seconds: float | None = None,
     initial_config: tuple[dict[str, Any], int] | None = None,
+    loglevel: str | None = None,
 ) -> PolicyWorkerStats:
-    """Run the policy router in this process until stopped (blocking; from a main thread).
+    """Run the policy router in this process until stopped (blocking; from a main thread), in the worker
+    shell (:func:`processors.shell.run_processor_worker`: the counters of :data:`COUNTERS` on
+    ``/metrics``, ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``, stop-when-idle,
+    clean stop on SIGTERM/SIGINT).
 
     ``initial_config`` (``(value, version)`` of ``routing.config``, read from the config store by the
     caller) is the configuration until a newer version arrives on ``config.changes``.
@@ -374,29 +412,20 @@ def run_policy_worker(
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
         StreamsError: a topic cannot be created.
+        SystemExit: the worker exited with a non-zero code.
     """
     if settings is None:
         from core.stack import load_settings
 
         settings = load_settings()
-    from core.observability import configure_logging
-
-    configure_logging(settings.log_level, settings.log_format)
     topics = topics or PolicyTopics()
     ensure_policy_topics(settings, topics)
     app = create_policy_app(settings, learner=learner, app_id=app_id, topics=topics, history_dir=history_dir,
                             initial_config=initial_config)  # fmt: skip
     stats: PolicyWorkerStats = app.policy_stats  # type: ignore[attr-defined]
-    if stop_after_idle_seconds is not None:
-        stop_when_idle(app, stop_after_idle_seconds, lambda: stats.last_record_monotonic,
-                       lambda: stats.records_count, "routing_policy_idle_stop")  # fmt: skip
-    worker = faust.Worker(
-        app, loglevel=settings.log_level.lower(), quiet=True, redirect_stdouts=False, stdout=sys.stderr
-    )
-    try:
-        worker.execute_from_commandline()
-    except SystemExit:
-        pass
-    finally:
-        app.policy_close()  # type: ignore[attr-defined]
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.policy_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+    )  # fmt: skip
     return stats

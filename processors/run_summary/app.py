@@ -32,8 +32,9 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
   order could record the run as finished and lose its insight.
 * **One agent instance** (``concurrency=1``, faust-streaming #606: with more, an offset can be
   committed past a message still in flight). Scale with partitions and workers.
-* **Web server**: off unless a port is given (``web_port``, else ``settings.metrics_port``; ``0``
-  leaves it off).
+* **Web server**: :func:`create_app` starts Faust's own web server on ``web_port`` (else
+  ``settings.metrics_port``; ``0`` leaves it off), for ``faust -A ... worker``; :func:`run_worker` leaves it
+  off and serves ``/metrics``, ``/healthz`` and ``/readyz`` from the worker shell.
 
 Run it with ``backbone processors worker`` (see :mod:`backbone.cli.processors`) or
 ``faust -A processors.run_summary.app worker -l info`` (the module attribute ``app`` is built on first access
@@ -348,7 +349,8 @@ def run_worker(
             recovered) and no record has arrived for this many seconds. The demo uses it to know the
             processor has caught up with everything produced before it started. ``None``: run until
             signalled.
-        web_port: see :func:`create_app`.
+        web_port: deprecated (the worker runs without Faust's web server): the port of ``/metrics``,
+            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port`` (``0``: any free port).
         loglevel: Faust's log level; default ``settings.log_level``.
 
     Returns:
@@ -364,12 +366,15 @@ def run_worker(
         settings = load_settings()  # the environment, completed from a running `backbone dev up`
     topics = topics or ProcessorTopics()
     ensure_run_summary_topics(settings.kafka, topics)
-    app = create_app(settings, app_id=app_id, topics=topics, web_port=web_port)
+    app = create_app(settings, app_id=app_id, topics=topics, web_port=0)  # the shell serves /metrics
     stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
+    if web_port is not None:
+        log.warning("processors_web_port_deprecated", metrics_port=web_port,
+                    hint="use BACKBONE_METRICS_PORT; /metrics, /healthz and /readyz are served there")  # fmt: skip
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
         close=app.run_summary_close,  # type: ignore[attr-defined]
-        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port,
     )  # fmt: skip
     return stats
 
