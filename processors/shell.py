@@ -17,6 +17,7 @@ Python; its tables live in memory, recovered from their changelogs (:mod:`proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import signal
@@ -34,6 +35,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from core import tracing
 from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import KafkaSettings, Settings
 from streams.catalogue import CATALOGUE, create_missing_topics
@@ -57,6 +59,8 @@ __all__ = [
     "run_processor_worker",
     "send_event",
     "stop_when_idle",
+    "traced_headers",
+    "tracing_process",
 ]
 
 log = structlog.get_logger(__name__)
@@ -385,6 +389,36 @@ def decode_event(serde: AvroSerde, message: Any) -> tuple[Event, list[tuple[str,
     schema, data = serde.decode(message.value)
     key = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else message.key
     return Event(schema=schema, key=key or "", data=data, attributes=attributes), headers
+
+
+def tracing_process(message: Any, group: str) -> contextlib.AbstractContextManager[Any]:
+    """Around the handling of one Faust message (``event.message``): a ``process <topic>`` span
+    (OpenTelemetry messaging conventions, consumer kind) continuing the record's ``ce_traceparent`` when
+    tracing is on (:func:`core.tracing.configure_tracing`); nothing, at no cost, when it is off. What the
+    handling emits inside it carries the span with :func:`traced_headers`.
+
+    Args:
+        message: the Faust message (``topic``, ``partition``, ``offset``, ``key``, ``headers``).
+        group: the consumer group (the app id).
+    """
+    if not tracing.is_enabled():
+        return contextlib.nullcontext()
+    return tracing.process_span(
+        message.topic, message_headers(message.headers), key=message.key, partition=message.partition,
+        offset=message.offset, group=group,
+    )  # fmt: skip
+
+
+def traced_headers(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """``headers`` (CloudEvents Kafka headers) with ``ce_traceparent`` set to the current span when tracing
+    is on and a span is current, so an insight or decision joins the trace of the event that caused it;
+    ``headers`` unchanged otherwise."""
+    if not tracing.is_enabled():
+        return headers
+    traceparent = tracing.current_traceparent()
+    if traceparent is None:
+        return headers
+    return [*((k, v) for k, v in headers if k != "ce_traceparent"), ("ce_traceparent", traceparent.encode())]
 
 
 async def send_event(topic: faust.TopicT, serde: AvroSerde, event: Event) -> None:

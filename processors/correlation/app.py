@@ -86,6 +86,8 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     run_processor_worker,
+    traced_headers,
+    tracing_process,
 )
 from processors.tables import TailRecoveringTable
 from streams.consumer import DLQ_TOPIC
@@ -237,7 +239,7 @@ class _CorrelationShell:
             event = request_event(request, source="/processors/correlation")
             await self.channels["requests"].send(
                 key=event.key.encode(), value=self.serde.encode(event.schema, event.data),
-                headers=event.attributes.to_headers(),
+                headers=traced_headers(event.attributes.to_headers()),
             )  # fmt: skip
             self.stats.requests_count += 1
 
@@ -335,7 +337,7 @@ class _CorrelationShell:
         pending = await self.channels["insights"].send(
             key=insight.key.encode(),
             value=self.serde.encode(insight.schema, insight.data),
-            headers=insight.attributes.to_headers(),
+            headers=traced_headers(insight.attributes.to_headers()),
             timestamp=insight.attributes.time.timestamp(),
             force=True,
         )
@@ -424,7 +426,8 @@ def create_correlation_app(
     async def correlation_events(stream: faust.StreamT) -> None:
         """Forward Slack messages and commits by scope (and request their embeddings)."""
         async for event in stream.events():
-            await shell.handle_event(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_event(event.message)
 
     if embeddings:
         results_topic = app.topic(topics.results, **raw)
@@ -433,13 +436,15 @@ def create_correlation_app(
         async def correlation_results(stream: faust.StreamT) -> None:
             """Forward our embeddings by scope."""
             async for event in stream.events():
-                await shell.handle_result(event.message)
+                with tracing_process(event.message, app.conf.id):
+                    await shell.handle_result(event.message)
 
     @app.agent(scope_topic, name=f"{PROCESSOR_NAME}-links", concurrency=1)
     async def correlation_links(stream: faust.StreamT) -> None:
         """Join each scope's messages, commits and embeddings; send the links."""
         async for event in stream.events():
-            await shell.handle_scoped(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_scoped(event.message)
 
     app.correlation_stats = shell.stats  # type: ignore[attr-defined]
     app.correlation_close = shell.close  # type: ignore[attr-defined]

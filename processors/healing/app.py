@@ -53,7 +53,14 @@ from processors.healing.healer import Healer, HealingConfig
 from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
+from processors.shell import (
+    FaustDeadLetters,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    traced_headers,
+    tracing_process,
+)
 from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
@@ -177,7 +184,7 @@ class _HealingShell:
             pending = await self.decisions_topic.send(
                 key=d.subject.encode(),
                 value=self.serde.encode(DECISION_SCHEMA, event.data),
-                headers=event.attributes.to_headers(),
+                headers=traced_headers(event.attributes.to_headers()),
                 timestamp=d.event_time.timestamp(),
                 force=True,
             )
@@ -261,7 +268,8 @@ def create_healing_app(
     async def healing(stream: faust.StreamT) -> None:
         """Feed agent and config events to the healer; publish and project its decisions."""
         async for event in stream.events():
-            await shell.handle(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle(event.message)
 
     app.healing_stats = shell.stats  # type: ignore[attr-defined]
     app.healer = healer  # type: ignore[attr-defined]

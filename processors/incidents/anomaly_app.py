@@ -39,7 +39,14 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
+from processors.shell import (
+    FaustDeadLetters,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    traced_headers,
+    tracing_process,
+)
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -141,7 +148,7 @@ class _AnomalyShell:
         for insight in insights:
             pending = await self.insights.send(
                 key=insight.key.encode(), value=self.serde.encode(insight.schema, insight.data),
-                headers=insight.attributes.to_headers(), timestamp=insight.attributes.time.timestamp(), force=True,
+                headers=traced_headers(insight.attributes.to_headers()), timestamp=insight.attributes.time.timestamp(), force=True,
             )  # fmt: skip
             await pending  # delivered before the state that raised it is recorded
             self.stats.anomalies_count += 1
@@ -187,7 +194,8 @@ def create_anomaly_app(
     async def anomaly_samples(stream: faust.StreamT) -> None:
         """Score every sample of its series; send the anomalies."""
         async for event in stream.events():
-            await shell.handle(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle(event.message)
 
     app.anomaly_stats = shell.stats  # type: ignore[attr-defined]
     app.anomaly_close = shell.dead_letters.close  # type: ignore[attr-defined]

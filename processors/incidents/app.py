@@ -54,7 +54,14 @@ from prometheus_client import Counter
 from core.observability import REGISTRY
 from core.settings import Settings
 from processors.incidents.incident import EngineConfig, IncidentEngine
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
+from processors.shell import (
+    FaustDeadLetters,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    traced_headers,
+    tracing_process,
+)
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent, Event
@@ -192,7 +199,7 @@ class _IncidentShell:
                                  source="/processors/incidents", time=when, id=insight["insight_id"])  # fmt: skip
             pending = await self.channels["insights"].send(
                 key=event.key.encode(), value=self.serde.encode(event.schema, event.data),
-                headers=event.attributes.to_headers(), timestamp=when.timestamp(), force=True,
+                headers=traced_headers(event.attributes.to_headers()), timestamp=when.timestamp(), force=True,
             )  # fmt: skip
             await pending
             self.stats.insights_count += 1
@@ -244,13 +251,15 @@ def create_incidents_app(
     async def incidents_telemetry(stream: faust.StreamT) -> None:
         """Forward telemetry to the merged topic."""
         async for event in stream.events():
-            await shell.handle_input(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_input(event.message)
 
     @app.agent(merged, name=f"{PROCESSOR_NAME}-correlate", concurrency=1)
     async def incidents_correlate(stream: faust.StreamT) -> None:
         """Feed the engine; send incident insights."""
         async for event in stream.events():
-            await shell.handle_merged(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_merged(event.message)
 
     shell.highwater = lambda tp: app.consumer.highwater(tp) or 0
     app.incident_stats = shell.stats  # type: ignore[attr-defined]

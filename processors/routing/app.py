@@ -84,7 +84,14 @@ from processors.routing.records import (
     decision_event,
 )
 from processors.routing.router import EmbeddingInput, Router, decide, needs_embedding, validate_request
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
+from processors.shell import (
+    FaustDeadLetters,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    traced_headers,
+    tracing_process,
+)
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -347,7 +354,7 @@ class _RoutingShell:
         pending = await self.decisions_topic.send(
             key=event.key.encode(),
             value=self.serde.encode(DECISION_SCHEMA, event.data),
-            headers=event.attributes.to_headers(),
+            headers=traced_headers(event.attributes.to_headers()),
             timestamp=decision.decided_at.timestamp(),
             force=True,
         )
@@ -436,19 +443,22 @@ def create_routing_app(
     async def route_requests(stream: faust.StreamT) -> None:
         """Decide requests that need no embedding; forward the others to the join topic."""
         async for event in stream.events():
-            await shell.handle_request(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_request(event.message)
 
     @app.agent(embeddings_topic, name="route-embeddings", concurrency=1)
     async def route_embeddings(stream: faust.StreamT) -> None:
         """Forward the embeddings of route requests to the join topic."""
         async for event in stream.events():
-            await shell.handle_embedding(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_embedding(event.message)
 
     @app.agent(join_topic, name="route-join", concurrency=1)
     async def route_join(stream: faust.StreamT) -> None:
         """Pair waiting requests with their embeddings and decide them."""
         async for event in stream.events():
-            await shell.handle_join(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_join(event.message)
 
     app.routing_stats = shell.stats  # type: ignore[attr-defined]
     app.routing_close = shell.close  # type: ignore[attr-defined]

@@ -51,7 +51,13 @@ from processors.routing.policy import (
     next_fallback,
 )
 from processors.routing.scorers import OnlineQuality
-from processors.shell import FaustDeadLetters, make_faust_app, message_headers, run_processor_worker
+from processors.shell import (
+    FaustDeadLetters,
+    make_faust_app,
+    message_headers,
+    run_processor_worker,
+    tracing_process,
+)
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
@@ -346,21 +352,24 @@ def create_policy_app(
     @app.agent(app.topic(topics.config, **raw), name="policy-config", concurrency=1)
     async def policy_config(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await shell.handle_config(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_config(event.message)
 
     @app.agent(
         app.topic(topics.outcomes, partitions=topics.partitions, **raw), name="policy-outcomes", concurrency=1
     )
     async def policy_outcomes(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await shell.handle_outcome(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_outcome(event.message)
 
     @app.agent(
         app.topic(topics.requests, partitions=topics.partitions, **raw), name="policy-requests", concurrency=1
     )
     async def policy_requests(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            await shell.handle_request(event.message)
+            with tracing_process(event.message, app.conf.id):
+                await shell.handle_request(event.message)
 
     app.policy_stats = shell.stats  # type: ignore[attr-defined]
     app.policy_state = shell.state  # type: ignore[attr-defined]

@@ -135,3 +135,32 @@ def test_the_run_summary_insight_carries_the_finished_events_traceparent() -> No
     assert insight is not None and insight.attributes.traceparent == TP
     assert insight.with_traceparent(None).attributes.traceparent is None
     assert insight.with_traceparent(TP) is insight
+
+
+def test_the_worker_shell_continues_a_records_trace_and_stamps_what_it_emits() -> None:
+    """``processors.shell.tracing_process`` (every processor's agent loop) continues the record's
+    ``ce_traceparent``; ``traced_headers`` gives what the handling emits (a healing decision, an incident,
+    a correlation link) the processing span's context. Off: nothing changes, no span."""
+    from types import SimpleNamespace
+
+    from processors.shell import traced_headers, tracing_process
+
+    message = SimpleNamespace(topic="agent.events", partition=0, offset=3, key=b"run-1",
+                              headers=[("ce_id", b"e-9"), ("ce_traceparent", TP.encode())])  # fmt: skip
+    out = [("ce_id", b"d-1"), ("ce_traceparent", b"00-11111111111111111111111111111111-2222222222222222-01")]
+    with tracing_process(message, "g"):
+        assert traced_headers(out) is out  # off: untouched
+    memory = InMemorySpanExporter()
+    tracing.configure_tracing("backbone-test", exporter=memory)
+    with tracing_process(message, "backbone-healing"):
+        stamped = dict(traced_headers(out))
+    [span] = memory.get_finished_spans()
+    assert span.name == "process agent.events" and tracing.trace_id_of(TP) == format(
+        span.context.trace_id, "032x"
+    )
+    assert stamped["ce_id"] == b"d-1"
+    assert (
+        stamped["ce_traceparent"].decode()
+        == f"00-{tracing.trace_id_of(TP)}-{format(span.context.span_id, '016x')}-01"
+    )
+    assert traced_headers(out) is out  # no span current: untouched
