@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,21 +59,28 @@ def _produce(settings: Settings, topic: str, items: list[tuple[str, bytes]]) -> 
 
 
 def _read(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
-    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": "unused",
-                  "enable.auto.commit": False, "enable.partition.eof": True})  # fmt: skip
-    meta = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta])
-    out, eof, deadline = [], set(), time.monotonic() + 15
-    while len(eof) < len(meta) and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is None:
-            continue
-        if m.error():
-            eof.add(m.partition())
-            continue
-        out.append(((m.key() or b"").decode(), m.value()))
-    c.close()
-    return out
+    """Every record of ``topic`` up to its high watermarks as read now (by watermark, not by end-of-partition
+    events, and with a fresh group id each time, so a slow machine gives late records, never a short read
+    taken for the whole)."""
+    c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": f"read-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False})  # fmt: skip
+    try:
+        meta = c.list_topics(topic, timeout=10).topics[topic].partitions
+        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta}
+        todo = {p for p, high in highs.items() if high > 0}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
+        out, deadline = [], time.monotonic() + 30
+        while todo and time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None or m.error():
+                continue
+            out.append(((m.key() or b"").decode(), m.value()))
+            if m.offset() >= highs[m.partition()] - 1:
+                todo.discard(m.partition())
+        assert not todo, f"{topic}: partitions {sorted(todo)} not read to their high watermarks in 30 s"
+        return out
+    finally:
+        c.close()
 
 
 def _decisions(settings: Settings, topic: str) -> list[dict]:
