@@ -46,7 +46,7 @@ def worker(
     web_port: int | None = typer.Option(
         None,
         envvar="BACKBONE_PROCESSORS_WEB_PORT",
-        help="Deprecated: port of /metrics, /healthz and /readyz (0: any free one); use BACKBONE_METRICS_PORT.",
+        help="Deprecated: a port other than 0 serves /metrics, /healthz and /readyz there; use BACKBONE_METRICS_PORT (0, as deployments set it, changes nothing).",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the final counters as JSON on exit."),
 ) -> None:

@@ -279,7 +279,7 @@ def route_command(
     web_port: Annotated[
         int | None,
         typer.Option(
-            help="Deprecated: port of /metrics, /healthz and /readyz (0: any free one); use BACKBONE_METRICS_PORT.",
+            help="Deprecated: a port other than 0 serves /metrics, /healthz and /readyz there; use BACKBONE_METRICS_PORT (0, as deployments set it, changes nothing).",
             envvar="BACKBONE_ROUTING_WEB_PORT",
         ),
     ] = None,

@@ -555,7 +555,8 @@ def run_routing_worker(
         stop_after_idle_seconds: stop once started (partitions assigned, table recovered) and no
             record has arrived for this many seconds; None runs until SIGTERM/SIGINT.
         web_port: deprecated (Faust's web server is no longer started): the port of ``/metrics``,
-            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port`` (``0``: any free port).
+            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port``; ``0`` or ``None`` keeps
+            ``settings.metrics_port`` (``0`` used to turn Faust's web server off, as deployments still set).
         loglevel: Faust's log level; default ``settings.log_level``.
 
     Returns:
@@ -578,7 +579,7 @@ def run_routing_worker(
     ensure_routing_topics(settings, topics, app_id=app_id)
     app = create_routing_app(settings, router, app_id=app_id, topics=topics)
     stats: RoutingStats = app.routing_stats  # type: ignore[attr-defined]
-    if web_port is not None:
+    if web_port:  # 0 meant "Faust's web server off", which it now always is: nothing to move
         log.warning("routing_web_port_deprecated", metrics_port=web_port,
                     hint="use BACKBONE_METRICS_PORT; /metrics, /healthz and /readyz are served there")  # fmt: skip
     log.info(
@@ -588,7 +589,7 @@ def run_routing_worker(
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
         close=app.routing_close,  # type: ignore[attr-defined]
-        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port,
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port or None,
         collectors=[_DecisionsCollector(stats, app.conf.id)],
         health_fields=lambda: {"router_version": version, "embedding_scorer": knn},
     )  # fmt: skip

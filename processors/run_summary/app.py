@@ -350,7 +350,8 @@ def run_worker(
             processor has caught up with everything produced before it started. ``None``: run until
             signalled.
         web_port: deprecated (the worker runs without Faust's web server): the port of ``/metrics``,
-            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port`` (``0``: any free port).
+            ``/healthz`` and ``/readyz`` instead of ``settings.metrics_port``; ``0`` or ``None`` keeps
+            ``settings.metrics_port`` (``0`` used to turn Faust's web server off, as deployments still set).
         loglevel: Faust's log level; default ``settings.log_level``.
 
     Returns:
@@ -368,13 +369,13 @@ def run_worker(
     ensure_run_summary_topics(settings.kafka, topics)
     app = create_app(settings, app_id=app_id, topics=topics, web_port=0)  # the shell serves /metrics
     stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
-    if web_port is not None:
+    if web_port:  # 0 meant "Faust's web server off", which it now always is: nothing to move
         log.warning("processors_web_port_deprecated", metrics_port=web_port,
                     hint="use BACKBONE_METRICS_PORT; /metrics, /healthz and /readyz are served there")  # fmt: skip
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
         close=app.run_summary_close,  # type: ignore[attr-defined]
-        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port,
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel, metrics_port=web_port or None,
     )  # fmt: skip
     return stats
 
