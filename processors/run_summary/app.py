@@ -49,6 +49,7 @@ so every record produced before it was started has been processed), or wait for 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -292,6 +293,22 @@ def create_app(
     return app
 
 
+def _with_actual_partitions(kafka: KafkaSettings, topics: ProcessorTopics) -> ProcessorTopics:
+    """``topics`` with ``partitions`` = the input topic's partition count on the broker when it already
+    existed with another one: the run-totals table's changelog must match it, or every agent crashes
+    with Faust's ``PartitionsMismatch`` (seen when the input was made with 3 partitions and the worker
+    assumed the default 6)."""
+    from confluent_kafka.admin import AdminClient
+
+    meta = AdminClient(kafka.librdkafka()).list_topics(topics.events, timeout=10).topics.get(topics.events)
+    actual = len(meta.partitions) if meta is not None and meta.error is None else 0
+    if actual and actual != topics.partitions:
+        log.warning("run_summary_partitions_from_topic", topic=topics.events, configured=topics.partitions,
+                    actual=actual)  # fmt: skip
+        return dataclasses.replace(topics, partitions=actual)
+    return topics
+
+
 def ensure_run_summary_topics(
     kafka: KafkaSettings, topics: ProcessorTopics, *, timeout_seconds: float = 30.0
 ) -> list[str]:
@@ -367,6 +384,7 @@ def run_worker(
         settings = load_settings()  # the environment, completed from a running `backbone dev up`
     topics = topics or ProcessorTopics()
     ensure_run_summary_topics(settings.kafka, topics)
+    topics = _with_actual_partitions(settings.kafka, topics)
     app = create_app(settings, app_id=app_id, topics=topics, web_port=0)  # the shell serves /metrics
     stats: ProcessorStats = app.run_summary_stats  # type: ignore[attr-defined]
     if web_port:  # 0 meant "Faust's web server off", which it now always is: nothing to move

@@ -95,7 +95,8 @@ def _collector(modules: tuple[str, ...], stats_class: str) -> dict[str, frozense
     """The scrape-time collector of a processor, over zeroed stats.
 
     Reads the module's own ``_StatsCollector``, or its ``COUNTERS`` with the worker shell's
-    ``processors.shell.StatsCollector`` (after the restructure); the first of ``modules`` that imports.
+    ``processors.shell.StatsCollector`` (after the restructure), plus the extra collector it hands the
+    shell (routing's ``_DecisionsCollector``); the first of ``modules`` that imports.
     """
     mod = first_module(*modules)
     stats = getattr(mod, stats_class)()
@@ -105,7 +106,10 @@ def _collector(modules: tuple[str, ...], stats_class: str) -> dict[str, frozense
         from processors.shell import StatsCollector
 
         collector = StatsCollector(stats, "app-id", mod.COUNTERS)
-    return _from_families(collector.collect())
+    out = _from_families(collector.collect())
+    if hasattr(mod, "_DecisionsCollector"):  # routing's decisions by method and its pending gauge
+        out.update(_from_families(mod._DecisionsCollector(stats, "app-id").collect()))
+    return out
 
 
 def exported_by_process() -> dict[str, dict[str, frozenset[str]]]:

@@ -210,6 +210,10 @@ def test_prometheus_scrapes_the_processes_and_evaluates_every_rule(
             assert labels == set(exported[job][name]), (name, labels, exported[job][name])
             checked += 1
         assert checked >= 5
+        # and neither process crashed along the way (an agent that crashes and restarts still counts)
+        for job in JOBS:
+            log_text = (tmp_path / f"{job}.log").read_text()
+            assert "Traceback" not in log_text, log_text[-3000:]
     finally:
         for p in procs:
             p.terminate()
