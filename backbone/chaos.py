@@ -485,7 +485,7 @@ def run_chaos(
     (work / "logs").mkdir()
     own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=settings.redis,
                    state_dir=work)  # fmt: skip
-    devstack = DevStack(own, state_dir=work)
+    devstack = DevStack(own, state_dir=work, durable=False)  # faults are process faults, not OS crashes
     info = devstack.start()
     durations: dict[str, float | None] = {"stack_start": round(time.monotonic() - t_begin, 2)}
     kafka = settings.kafka.model_copy(

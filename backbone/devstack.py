@@ -141,6 +141,10 @@ class DevStack:
         startup_timeout_seconds: how long each embedded server may take to answer.
         connect_timeout_seconds: how long a configured server may take to answer the check.
         stop_timeout_seconds: how long each server may take to exit before it is killed.
+        durable: the embedded PostgreSQL commits durably (``fsync``, ``synchronous_commit``,
+            ``full_page_writes`` on, as PostgreSQL's defaults), which ``backbone dev up`` keeps; the test
+            session, the demo, the chaos harness and the benchmarks pass ``False`` (faster commits, and a
+            crash of the machine may lose the last commits) and say so.
     """
 
     def __init__(
@@ -151,12 +155,14 @@ class DevStack:
         startup_timeout_seconds: float = 60.0,
         connect_timeout_seconds: float = 5.0,
         stop_timeout_seconds: float = 10.0,
+        durable: bool = True,
     ) -> None:
         self._settings = settings if settings is not None else Settings()
         self._state_dir = Path(state_dir if state_dir is not None else self._settings.state_dir).absolute()
         self._startup_timeout_seconds = startup_timeout_seconds
         self._connect_timeout_seconds = connect_timeout_seconds
         self._stop_timeout_seconds = stop_timeout_seconds
+        self._durable = durable
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._info: StackInfo | None = None
 
@@ -435,10 +441,8 @@ class DevStack:
                 "-h", "127.0.0.1",
                 "-p", str(port),
                 "-k", "",  # no Unix socket: clients connect by TCP URL
-                # Dev and test settings: durability against an OS crash is not needed here.
-                "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
-                "-c", "full_page_writes=off",
+                *(() if self._durable else (  # tests, demo, chaos, benches: no durability against an OS crash
+                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")),
                 "-c", "wal_level=logical",
                 "-c", "max_connections=200",
             ]  # fmt: skip

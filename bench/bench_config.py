@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reads", type=int, default=2000)
     args = parser.parse_args(argv)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-config-"))
-    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir) as info:
+    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         database = f"bench_config_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(info.postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     args = parser.parse_args(argv)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
-    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir) as info:
+    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         database = f"bench_ingest_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(info.postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))

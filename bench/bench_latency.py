@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     state_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     procs: list[subprocess.Popen[bytes]] = []
     phases: list[Phase] = []
-    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir) as info:
+    with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         database = f"bench_latency_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(info.postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))

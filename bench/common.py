@@ -28,7 +28,7 @@ def bench_stack() -> Iterator[Settings]:
 
     with (
         tempfile.TemporaryDirectory(prefix="backbone-bench-") as tmp,
-        DevStack(get_settings(), state_dir=Path(tmp)) as info,
+        DevStack(get_settings(), state_dir=Path(tmp), durable=False) as info,
     ):
         yield Settings(
             kafka=KafkaSettings(bootstrap_servers=info.kafka_bootstrap),

@@ -65,7 +65,9 @@ def stack() -> Iterator[StackInfo]:
     """
     state_dir = Path(tempfile.mkdtemp(prefix="backbone-test-stack-"))
     state_dir.chmod(0o711)  # the embedded PostgreSQL runs as its own system user when we are root
-    devstack = DevStack(_base_settings(state_dir), state_dir=state_dir)
+    devstack = DevStack(
+        _base_settings(state_dir), state_dir=state_dir, durable=False
+    )  # tests: speed over crash safety
     info = devstack.start()
     try:
         yield info

@@ -66,7 +66,7 @@ def demo(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     try:
-        stack = DevStack(base, state_dir=state_dir)
+        stack = DevStack(base, state_dir=state_dir, durable=False)  # a demo: commits need not survive a crash
         info = stack.start()
     except BackboneError as exc:
         say(f"[red]error:[/red] {exc}")

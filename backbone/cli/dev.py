@@ -71,10 +71,17 @@ def up(
         envvar="BACKBONE_DEV_STARTUP_TIMEOUT_SECONDS",
         help="How long each server may take to answer.",
     ),
+    durable: bool = typer.Option(
+        True,
+        "--durable/--no-durable",
+        envvar="BACKBONE_DEV_DURABLE",
+        help="Embedded PostgreSQL with fsync and synchronous commits (PostgreSQL's defaults); --no-durable is "
+        "faster and may lose the last commits if the machine crashes.",
+    ),
 ) -> None:
     """Start the dev stack; in the foreground until Ctrl-C or SIGTERM, or detached with --detach."""
     settings = get_settings()
-    stack = DevStack(settings, startup_timeout_seconds=startup_timeout_seconds)
+    stack = DevStack(settings, startup_timeout_seconds=startup_timeout_seconds, durable=durable)
     # SIGTERM behaves like Ctrl-C: during start() it stops what was started, afterwards it stops the
     # stack. (Blocking the signals instead would be inherited by the servers' signal masks.)
     previous = signal.signal(signal.SIGTERM, _interrupt)

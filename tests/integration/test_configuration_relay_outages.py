@@ -57,7 +57,7 @@ def test_relay_resumes_without_gaps_after_broker_and_postgres_outages(tmp_path: 
     """Changes stored while the broker is down are published once it is up; a PostgreSQL stop and
     start under the relay loses nothing and publishes nothing twice."""
     kafka_port = _free_port()
-    stack = DevStack(Settings(state_dir=tmp_path), state_dir=tmp_path)
+    stack = DevStack(Settings(state_dir=tmp_path), state_dir=tmp_path, durable=False)
     info = stack.start()
     tansu = None
     relay = None

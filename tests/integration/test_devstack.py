@@ -276,3 +276,19 @@ def test_create_topic_waits_until_metadata_shows_it(
     assert unique_name("topic") != unique_name("topic")
     metadata = kafka_admin.list_topics(topic=name, timeout=5)  # type: ignore[attr-defined]
     assert len(metadata.topics[name].partitions) == 4
+
+
+def test_dev_up_postgres_is_durable_and_the_test_sessions_is_not(
+    own_stack: tuple[DevStack, StackInfo], pg_url: str
+) -> None:
+    """``backbone dev up``'s embedded PostgreSQL keeps PostgreSQL's durable defaults; only the test session (as the
+    demo, the chaos harness and the benchmarks) turns durability off, by ``DevStack(durable=False)``."""
+    import psycopg
+
+    _, info = own_stack
+    show = "SELECT current_setting('fsync'), current_setting('synchronous_commit'), current_setting('full_page_writes')"
+    with psycopg.connect(info.postgres_url) as conn:
+        assert conn.execute(show).fetchone() == ("on", "on", "on")
+    if os.environ.get("BACKBONE_TEST_EXTERNAL") != "1":
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute(show).fetchone() == ("off", "off", "off")

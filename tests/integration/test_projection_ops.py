@@ -288,7 +288,7 @@ def test_postgres_stopped_and_started_under_load_loses_nothing(
 
     own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=RedisSettings(url=settings.redis.url),
                    state_dir=tmp_path)  # fmt: skip
-    devstack = DevStack(own, state_dir=tmp_path)
+    devstack = DevStack(own, state_dir=tmp_path, durable=False)
     info = devstack.start()
     try:
         s = _db(settings, info.postgres_url)
@@ -356,7 +356,7 @@ def test_a_runner_started_while_postgres_is_down_waits_for_it(
 
     own = Settings(kafka=settings.kafka, postgres=PostgresSettings(), redis=RedisSettings(url=settings.redis.url),
                    state_dir=tmp_path)  # fmt: skip
-    devstack = DevStack(own, state_dir=tmp_path)
+    devstack = DevStack(own, state_dir=tmp_path, durable=False)
     info = devstack.start()
     try:
         s = _db(settings, info.postgres_url)
