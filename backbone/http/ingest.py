@@ -65,7 +65,7 @@ from streams.errors import (
 )
 from streams.serde import AvroSerde, coerce_json_datum, timestamp_fields
 
-__all__ = ["read_body", "router"]
+__all__ = ["default_key_field", "read_body", "router"]
 
 _log = structlog.get_logger(__name__)
 
@@ -168,6 +168,23 @@ async def _produce(request: Request, topic: str, events: Sequence[Event]) -> Non
         raise _unavailable(request, str(exc)) from exc
 
 
+def default_key_field(topic: str, type_: str, field_names: set[str] | frozenset[str]) -> str | None:
+    """The field whose value keys an event of ``type_`` on ``topic`` when the caller names none.
+
+    The catalogue topic's key when ``topic`` is in :data:`streams.catalogue.CATALOGUE` and the key is a
+    field of the type; for a topic outside the catalogue, the key of the first catalogue topic that
+    carries ``type_`` (``run_id`` for ``sophia.agent.*``), so that a run's events stay on one partition
+    and in order on any topic; None (each event keyed by its id) when neither applies.
+    """
+    spec = CATALOGUE.get(topic)
+    if spec is not None:
+        return spec.key if spec.key in field_names else None
+    for s in CATALOGUE.values():
+        if type_ in s.schemas and s.key in field_names:
+            return s.key
+    return None
+
+
 async def _topic_partitions(request: Request, topic: str) -> int:
     try:
         n = await run_in_threadpool(request.app.state.topics.partitions, topic)
@@ -224,7 +241,11 @@ async def ingest_events(
         None, description="Topic to produce to (default: the catalogue's topic of the type)."
     ),
     key_field: str | None = Query(
-        None, description="Field whose value is the key (default: the topic's key)."
+        None,
+        description=(
+            "Field whose value is the key (default: the topic's key; on a topic outside the catalogue, the key "
+            "of the catalogue topic that carries this type, e.g. run_id for sophia.agent.*; else the event id)."
+        ),
     ),
     principal: Principal = Depends(authenticate_request),
 ) -> JSONResponse:
@@ -299,10 +320,9 @@ def _events_from_body(
     if len(items) > max_batch_events:
         raise _problem(413, f"batch of {len(items)} events exceeds {max_batch_events}")
     field_names = {f["name"] for f in schema["fields"]}
-    spec = CATALOGUE.get(topic)
     if key_field is not None and key_field not in field_names:
         raise _problem(422, f"key_field {key_field!r} is not a field of {type_}", field="key_field")
-    key_field = key_field or (spec.key if spec is not None and spec.key in field_names else None)
+    key_field = key_field or default_key_field(topic, type_, field_names)
     ts_fields = timestamp_fields(schema)
     events: list[Event] = []
     now = datetime.now(UTC)

@@ -124,6 +124,30 @@ def test_single_event_is_acknowledged_and_stored(
     assert recs[0].data["event_time"] == datetime(2025, 3, 1, 12, tzinfo=UTC)
 
 
+def test_agent_events_on_a_topic_outside_the_catalogue_stay_on_one_partition(
+    client: httpx.Client, settings: Settings, create_topic: Callable[..., str], unique_name: Callable[[str], str],
+    admin_token: str,
+) -> None:
+    """Without key_field, a run's events posted one by one to a topic that is not in the catalogue are keyed by
+    the run id (the key of agent.events, which carries these types), so they land on one partition in order.
+    Before, each was keyed by its random event id: a run's FINISHED could land on another partition than its
+    tool call, and the run-summary processor then summarised the run without it (seen in 3 of 9 runs)."""
+    many = create_topic(unique_name("ingest-custom"), 6)
+    tool = {"run_id": "run-k", "step": 1, "event_time": "2025-03-01T12:00:05Z", "tool": "bash", "command": "ls",
+            "return_code": 0, "output_bytes": 3, "timed_out": False}  # fmt: skip
+    bodies = [(RUN, _run_event("run-k")), ("sophia.agent.ToolCall", tool)] * 3 + [
+        (RUN, _run_event("run-k", phase="FINISHED", event_time="2025-03-01T12:01:00Z", outcome="RESOLVED"))
+    ]
+    for type_, body in bodies:
+        r = client.post(f"/events/{type_}", params={"topic": many}, json=body, headers=_auth(admin_token))
+        assert r.status_code == 202, r.text
+    recs = _records(settings, many)
+    assert len(recs) == len(bodies)
+    assert {x.key for x in recs} == {"run-k"}
+    assert len({x.partition for x in recs}) == 1
+    assert [x.attributes.type for x in sorted(recs, key=lambda x: x.offset)] == [t for t, _ in bodies]
+
+
 def test_batch_accepts_rfc3339_and_epoch_ms(
     client: httpx.Client, settings: Settings, topic: str, admin_token: str
 ) -> None:

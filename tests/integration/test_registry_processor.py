@@ -33,11 +33,9 @@ FINISHED = {"run_id": RUN, "phase": "FINISHED", "event_time": "2025-11-19T01:01:
 def test_processor_reads_what_the_api_wrote_through_the_http_registry(
     settings: Settings, pg_url: str, create_topic, unique_name, tmp_path: Path
 ) -> None:
-    # one partition: in 3 of 9 local runs on Tansu the run's three events, posted one after another with the same
-    # key, did not all land on one partition of a 6-partition topic created just before (FINISHED was the first
-    # record of its partition), so the summary missed the tool call. Not yet explained; this test is about the
-    # registry ids, not partitioning.
-    events = create_topic(unique_name("registry-events"), 1)
+    # six partitions: the API keys agent events by run id on any topic (before, on a topic outside the catalogue,
+    # each by its random event id, and a run's events spread over partitions: 3 of 9 runs failed)
+    events = create_topic(unique_name("registry-events"), 6)
     insights = create_topic(unique_name("registry-insights"), 3)
     dlq = create_topic(unique_name("registry-dlq"), 1)
     with FakeSchemaRegistry() as sr:

@@ -119,3 +119,14 @@ def test_api_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (
         s.max_body_bytes == 123 and s.github_secret is not None and s.github_secret.get_secret_value() == "s3"
     )
+
+
+def test_default_key_field_follows_the_catalogue_then_the_type() -> None:
+    """The topic's key in the catalogue; outside it, the key of the catalogue topic that carries the type; else none."""
+    from backbone.http.ingest import default_key_field
+
+    agent = {"run_id", "phase", "event_time"}
+    assert default_key_field("agent.events", "sophia.agent.RunLifecycle", agent) == "run_id"
+    assert default_key_field("my-team.events", "sophia.agent.RunLifecycle", agent) == "run_id"
+    assert default_key_field("my-team.events", "sophia.agent.RunLifecycle", {"phase"}) is None
+    assert default_key_field("my-team.events", "no.such.Type", agent) is None
