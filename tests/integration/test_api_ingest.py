@@ -125,7 +125,10 @@ def test_single_event_is_acknowledged_and_stored(
 
 
 def test_agent_events_on_a_topic_outside_the_catalogue_stay_on_one_partition(
-    client: httpx.Client, settings: Settings, create_topic: Callable[..., str], unique_name: Callable[[str], str],
+    client: httpx.Client,
+    settings: Settings,
+    create_topic: Callable[..., str],
+    unique_name: Callable[[str], str],
     admin_token: str,
 ) -> None:
     """Without key_field, a run's events posted one by one to a topic that is not in the catalogue are keyed by
