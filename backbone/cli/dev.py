@@ -18,6 +18,7 @@ from rich.table import Table
 from backbone.devstack import COMPONENTS, DevStack, StackInfo, read_stack, stack_file, stop_stack
 from backbone.errors import StackError
 from core.settings import get_settings
+from projections.reseed import PartitionRestored, ReseedReport
 
 __all__ = ["app"]
 
@@ -75,13 +76,19 @@ def up(
         True,
         "--durable/--no-durable",
         envvar="BACKBONE_DEV_DURABLE",
-        help="Embedded PostgreSQL with fsync and synchronous commits (PostgreSQL's defaults); --no-durable is "
-        "faster and may lose the last commits if the machine crashes.",
+        help="Embedded PostgreSQL with fsync and synchronous commits (PostgreSQL's defaults), kept across "
+        "restarts, and the embedded broker re-seeded from the event archive; --no-durable is faster, may lose the "
+        "last commits if the machine crashes, and starts empty each time.",
+    ),
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        help="Start a durable stack empty: re-initialise the embedded PostgreSQL (projections, config, archive).",
     ),
 ) -> None:
     """Start the dev stack; in the foreground until Ctrl-C or SIGTERM, or detached with --detach."""
     settings = get_settings()
-    stack = DevStack(settings, startup_timeout_seconds=startup_timeout_seconds, durable=durable)
+    stack = DevStack(settings, startup_timeout_seconds=startup_timeout_seconds, durable=durable, fresh=fresh)
     # SIGTERM behaves like Ctrl-C: during start() it stops what was started, afterwards it stops the
     # stack. (Blocking the signals instead would be inherited by the servers' signal masks.)
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -92,6 +99,8 @@ def up(
             _err.print(f"[red]error:[/red] {exc}", highlight=False)
             raise typer.Exit(1) from exc
         _console.print(_table(info))
+        if stack.reseed_report is not None and stack.reseed_report.archive_found:
+            _print_reseed(stack.reseed_report)
         _print_env(info)
         if detach:
             _console.print(f"detached; logs in {info.state_dir / 'logs'}; stop with `backbone dev down`")
@@ -107,6 +116,44 @@ def up(
         raise typer.Exit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _print_reseed(report: ReseedReport) -> None:
+    """What the re-seed of the embedded broker from the archive restored, and the window of loss."""
+    if not report.partitions:
+        _console.print(
+            "event archive: nothing to restore"
+            + (
+                f" (present on the broker: {', '.join(report.present_topics)})"
+                if report.present_topics
+                else ""
+            )
+        )
+        return
+    table = Table(title=f"log re-seeded from the event archive in {report.seconds:.1f} s")
+    for col in ("topic", "partitions", "records", "end offset", "gaps"):
+        table.add_column(col, justify="left" if col == "topic" else "right")
+    by_topic: dict[str, list[PartitionRestored]] = {}
+    for p in report.partitions:
+        by_topic.setdefault(p.topic, []).append(p)
+    for topic, parts in sorted(by_topic.items()):
+        table.add_row(topic, str(len(parts)), str(sum(p.records for p in parts)),
+                      str(max(p.restored_end for p in parts)), str(sum(p.gaps for p in parts)))  # fmt: skip
+    _console.print(table)
+    lost = [c for c in report.checkpoints_moved if c.lost_events]
+    if lost:
+        names = sorted({c.projection for c in lost})
+        _err.print(
+            f"[yellow]window of loss:[/yellow] {report.lost_events} event(s) were applied by projections but not "
+            f"archived before the broker stopped; they are gone from the log. Checkpoints moved back for "
+            f"{', '.join(names)}; run `backbone projections rebuild NAME` to drop them from those views.",
+            highlight=False,
+        )
+    else:
+        _console.print(
+            "window of loss: no projection had applied a record the archive lacks (records acknowledged after the "
+            "archive's last batch and read by no projection are not counted)"
+        )
 
 
 def _interrupt(signum: int, frame: object) -> None:
