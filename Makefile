@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 DATA   ?= datasets/agent_runs
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-unit test-integration bench chaos lint eval clean
+.PHONY: install demo test test-unit test-integration bench chaos soak lint eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ bench: $(STAMP)
 
 # Faults (SIGKILL, SIGSTOP, PostgreSQL restarts) under a seeded workload, then the history checker; SEED=N to vary.
 SEED ?= 1
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),10)
+
 chaos: $(STAMP)
 	$(BIN)/backbone chaos --profile full --seed $(SEED)
 
