@@ -6,6 +6,7 @@ reported). Run: ``python bench/bench_producer.py [--events N] [--rounds R]``."""
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -16,16 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.schema_registry import SchemaRegistryClient, record_subject_name_strategy
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
 
 from bench.common import bench_stack, print_table, realistic_events
 from streams.producer import EventProducer, epoch_ms
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
+from tests.fakes.schema_registry import FakeSchemaRegistry
 
 PATHS = (
     "raw confluent-kafka, pre-encoded",
     "EventProducer (encode + headers)",
     "EventProducer, full validation",
+    "confluent-kafka AvroSerializer + headers",
 )
 
 
@@ -38,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
     serde = AvroSerde(EmbeddedRegistry())
     with bench_stack() as settings:
         admin = AdminClient(settings.kafka.librdkafka())
-        topics = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(3 * args.rounds)]
+        topics = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(4 * args.rounds + 1)]
         for f in admin.create_topics([NewTopic(t, 6, 1) for t in topics]).values():
             f.result()
         pre = [(e.key.encode(), serde.encode(e.schema, e.data), e.attributes.to_headers(), epoch_ms(e.attributes.time))
@@ -54,9 +60,33 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
         raw.flush()
         typed.produce_many(topics[1], events[:100])
         strict.produce_many(topics[2], events[:100])
+        # the library path users would otherwise take: confluent-kafka's own AvroSerializer (fastavro
+        # underneath) against a Confluent-API registry, one serializer per record type, and the same headers
+        sr = FakeSchemaRegistry().__enter__()
+        sr_client = SchemaRegistryClient({"url": sr.url})
+        serializers = {
+            name: AvroSerializer(sr_client, json.dumps(serde.registry.schema_for(serde.registry.id_for(name))),
+                                 conf={"subject.name.strategy": record_subject_name_strategy})
+            for name in {e.schema for e in events}
+        }  # fmt: skip
+
+        def library(topic: str, batch: list) -> None:
+            for e in batch:
+                value = serializers[e.schema](e.data, SerializationContext(topic, MessageField.VALUE))
+                while True:
+                    try:
+                        raw.produce(topic, key=e.key.encode(), value=value, headers=e.attributes.to_headers(),
+                                    timestamp=epoch_ms(e.attributes.time))  # fmt: skip
+                        break
+                    except BufferError:
+                        raw.poll(0.05)
+                raw.poll(0)
+            raw.flush()
+
+        library(topics[-1], events[:100])
         rates: dict[str, list[float]] = {k: [] for k in PATHS}
         for r in range(args.rounds):  # the paths alternate, so drift on a shared machine hits each alike
-            topic = topics[3 * r : 3 * r + 3]
+            topic = topics[4 * r : 4 * r + 4]
             t = time.perf_counter()
             for key, value, headers, ts in pre:
                 while True:
@@ -74,6 +104,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
             t = time.perf_counter()
             strict.produce_many(topic[2], events)
             rates[PATHS[2]].append(len(events) / (time.perf_counter() - t))
+            t = time.perf_counter()
+            library(topic[3], events)
+            rates[PATHS[3]].append(len(events) / (time.perf_counter() - t))
+        sr.__exit__(None, None, None)
         typed.close()
         strict.close()
         rows = [(k, statistics.median(v), "events/s") for k, v in rates.items()]
