@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -58,6 +58,7 @@ from backbone.chaos_history import (
     TopicRecord,
     Violation,
     check_history,
+    lost_in_window,
     violation_counts,
 )
 from backbone.devstack import DevStack
@@ -94,7 +95,12 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 FaultKind = Literal[
-    "sigkill_processor", "sigkill_projection", "sigstop_processor", "sigstop_projection", "postgres_restart"
+    "sigkill_processor",
+    "sigkill_projection",
+    "sigstop_processor",
+    "sigstop_projection",
+    "postgres_restart",
+    "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "sigkill_processor",
@@ -102,6 +108,7 @@ FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
     "sigstop_processor",
     "sigstop_projection",
     "postgres_restart",
+    "broker_restart",
 )
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
 _PARTITIONS: Final = 6
@@ -123,6 +130,8 @@ class Profile:
         kill_down_seconds: (min, max) time a killed process stays down before its restart.
         stop_hold_seconds: (min, max) time a process stays stopped (SIGSTOP) before SIGCONT.
         postgres_down_seconds: (min, max) time PostgreSQL stays down.
+        broker_down_seconds: (min, max) time the broker stays down (SIGKILL: its in-memory log is lost and
+            re-seeded from the event archive when it comes back).
         redelivery_fraction: share of events sent a second time.
         lag_bound_seconds: how long the processes may take to catch up after the last fault.
     """
@@ -133,6 +142,7 @@ class Profile:
     kill_down_seconds: tuple[float, float] = (0.5, 2.0)
     stop_hold_seconds: tuple[float, float] = (1.0, 4.0)
     postgres_down_seconds: tuple[float, float] = (2.0, 5.0)
+    broker_down_seconds: tuple[float, float] = (1.0, 3.0)
     redelivery_fraction: float = 0.03
     lag_bound_seconds: float = 90.0
 
@@ -147,6 +157,7 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigstop_processor": 1,
             "sigstop_projection": 1,
             "postgres_restart": 1,
+            "broker_restart": 1,
         },
     ),
     "full": Profile(
@@ -158,6 +169,7 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigstop_processor": 3,
             "sigstop_projection": 4,
             "postgres_restart": 3,
+            "broker_restart": 2,
         },
         stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
         postgres_down_seconds=(2.0, 8.0),
@@ -189,6 +201,8 @@ class ChaosReport:
     events: dict[str, int]
     durations_seconds: dict[str, float | None]
     work_dir: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    reseeds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -201,7 +215,8 @@ class ChaosReport:
     def as_json(self) -> dict[str, Any]:
         """``seed``, ``profile``, ``faults`` (count per kind), ``violations`` (count per guarantee),
         ``details`` (each violation), ``fault_log``, ``unexpected_exits``, ``events``,
-        ``durations_seconds`` and ``work_dir`` (the logs, kept when something went wrong)."""
+        ``durations_seconds``, ``work_dir`` (the logs, kept when something went wrong), ``skipped``
+        (fault kinds not injected, with why) and ``reseeds`` (each broker restart's re-seed report)."""
         return {
             "seed": self.seed,
             "profile": self.profile,
@@ -213,6 +228,8 @@ class ChaosReport:
             "events": self.events,
             "durations_seconds": self.durations_seconds,
             "work_dir": self.work_dir,
+            "skipped": self.skipped,
+            "reseeds": self.reseeds,
         }
 
 
@@ -324,7 +341,12 @@ def _interleave(runs: list[ParsedRun], rng: random.Random) -> list[Event]:
 
 
 class _Workload(threading.Thread):
-    """Send the events at a steady rate in chunks, each chunk flushed (acknowledged) before the next."""
+    """Send the events at a steady rate in chunks, each chunk flushed (acknowledged) before the next.
+
+    :meth:`pause` holds it between chunks (nothing in flight) while the harness restarts the broker, as
+    ``backbone dev up`` holds clients off until the log is re-seeded; :meth:`resume` lets it go on with a
+    new producer (the restarted broker knows nothing of the old one's idempotent producer id).
+    """
 
     def __init__(
         self, kafka_settings: Any, serde: AvroSerde, topic: str, events: list[Event], seconds: float,
@@ -337,6 +359,23 @@ class _Workload(threading.Thread):
         self.produced: list[ProducedEvent] = []
         self.redelivered = 0
         self.errors: list[str] = []
+        self._gate = threading.Event()
+        self._gate.set()
+        self._idle = threading.Event()
+        self._renew = False
+        self._paused_seconds = 0.0
+
+    def pause(self, timeout_seconds: float = 60.0) -> None:
+        """Hold the workload before its next chunk; return once no chunk is in flight."""
+        self._idle.clear()
+        self._gate.clear()
+        if self.is_alive():
+            self._idle.wait(timeout_seconds)
+
+    def resume(self, *, new_producer: bool = False) -> None:
+        """Let the workload go on (with a new producer when ``new_producer``)."""
+        self._renew = self._renew or new_producer
+        self._gate.set()
 
     def run(self) -> None:
         rate = len(self._events) / self._seconds
@@ -344,8 +383,18 @@ class _Workload(threading.Thread):
         sent: list[Event] = []
         t0 = time.monotonic()
         done = 0
-        with EventProducer(self._kafka, self._serde) as producer:
+        producer = EventProducer(self._kafka, self._serde)
+        try:
             while pending:
+                if not self._gate.is_set():
+                    held = time.monotonic()
+                    self._idle.set()
+                    self._gate.wait()
+                    t0 += time.monotonic() - held  # the rate does not catch up on the pause in a burst
+                if self._renew:
+                    with contextlib.suppress(StreamsError):
+                        producer.close()
+                    producer, self._renew = EventProducer(self._kafka, self._serde), False
                 due = min(len(pending), max(1, int(rate * (time.monotonic() - t0)) - done))
                 chunk, pending = pending[:due], pending[due:]
                 extra = [
@@ -367,6 +416,10 @@ class _Workload(threading.Thread):
                     sent.extend(chunk)
                     self.redelivered += len(extra)
                 time.sleep(0.1)
+        finally:
+            self._idle.set()
+            with contextlib.suppress(StreamsError):
+                producer.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -444,6 +497,24 @@ def _checkpoints(url: str) -> dict[int, int]:
     except (psycopg.OperationalError, psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
         return {}
     return {int(p): int(o) for p, o in rows}
+
+
+def _archived_ids(url: str, topic: str) -> set[str]:
+    """Event ids of ``topic`` in the event archive now."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as c:
+            rows = c.execute(
+                "SELECT event_id FROM proj_archive.archived_events WHERE topic = %s AND event_id IS NOT NULL",
+                [topic],
+            ).fetchall()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        return set()
+    return {r[0] for r in rows}
+
+
+def _drop_schema(url: str, schema: str) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def _with_db(url: str, database: str) -> str:
@@ -549,7 +620,14 @@ def run_chaos(
              "--batch-size", "50", "--dlq-topic", topics["dlq"], "--metrics-port", "0"],
             env, work / "logs" / "projection.log", work,
         )  # fmt: skip
-        processes = [processor, projection]
+        # the event archive of the events and dead-letter topics: what a broker restart re-seeds from
+        archive = _Managed(
+            "archive",
+            [*py, "projections", "run", "archive", "--topic", topics["events"], "--topic", topics["dlq"],
+             "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
+            env, work / "logs" / "archive.log", work,
+        )  # fmt: skip
+        processes = [processor, projection, archive]
         for p in processes:
             p.start()
 
@@ -557,7 +635,12 @@ def run_chaos(
         events = _interleave(runs, rng)
         workload = _Workload(kafka, serde, topics["events"], events, prof.produce_seconds,
                              prof.redelivery_fraction, rng)  # fmt: skip
-        plan = [k for k in FAULT_KINDS for _ in range(prof.faults.get(k, 0))]
+        skipped: dict[str, str] = {}
+        if not info.embedded.get("kafka") and prof.faults.get("broker_restart"):
+            skipped["broker_restart"] = (
+                f"the broker is configured ({info.kafka_bootstrap}), not embedded: the harness restarts only its own"
+            )
+        plan = [k for k in FAULT_KINDS for _ in range(prof.faults.get(k, 0)) if k not in skipped]
         rng.shuffle(plan)
         # one fault in each of len(plan) equal slots of the workload (after 3 s), at a random point of it
         slot = (prof.produce_seconds - 3.0) / max(1, len(plan))
@@ -565,6 +648,9 @@ def run_chaos(
         t0 = time.monotonic()
         workload.start()
         fault_log: list[FaultRecord] = []
+        archived_at_restart: set[str] = set()
+        reseeds: list[dict[str, Any]] = []
+        rebuilt_after_restart: list[float] = []
         targets = {"processor": processor, "projection": projection}
         for kind, at in zip(plan, times, strict=True):
             while time.monotonic() - t0 < at:
@@ -584,6 +670,28 @@ def run_chaos(
                 target.signal(signal.SIGSTOP)
                 time.sleep(down)
                 target.signal(signal.SIGCONT)
+            elif kind == "broker_restart":
+                down = rng.uniform(*prof.broker_down_seconds)
+                workload.pause()  # between two chunks: nothing in flight, as dev up holds clients off
+
+                def while_down() -> None:
+                    for p in processes:  # the whole stack goes down, as in a crash of the machine
+                        p.kill()
+                    archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
+
+                report = devstack.restart_broker(
+                    down_seconds=down, while_down=while_down,
+                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1},
+                )  # fmt: skip
+                assert report is not None
+                reseeds.append(report.as_json())
+                if any(c.projection == "agent_runs" and c.lost_events for c in report.checkpoints_moved):
+                    # the documented remedy: the projection applied events the log lost; rebuild it
+                    _drop_schema(info.postgres_url, "proj_agent_runs")
+                    rebuilt_after_restart.append(round(time.monotonic() - t0, 2))
+                for p in processes:
+                    p.start()
+                workload.resume(new_producer=True)
             else:
                 down = rng.uniform(*prof.postgres_down_seconds)
                 pg_ctl_stop(work / "postgres", 15)
@@ -641,10 +749,14 @@ def run_chaos(
         with ProjectionRunner(rebuild_settings, serde, AgentRunsProjection([topics["events"]]),
                               group_id=f"chaos-rebuild-{token}", dlq_topic=topics["dlq"]) as runner:  # fmt: skip
             runner.run(until_caught_up=True, max_wait_seconds=120)
+        topic_records = [TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id) for r in records]
+        broker_restarts = sum(1 for f in fault_log if f.kind == "broker_restart")
+        window = lost_in_window(workload.produced, topic_records, archived_at_restart, broker_restarts)
         history = ChaosHistory(
             produced=workload.produced,
-            topic=[TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id) for r in records],
-            expected_runs=run_figures([e for r in runs for e in r.events]),
+            topic=topic_records,
+            # the dataset, less the acknowledged events a broker restart lost in the documented window
+            expected_runs=run_figures([e for r in runs for e in r.events if e.attributes.id not in window]),
             projected_runs=_projected_runs(info.postgres_url),
             live_rows=_dump(info.postgres_url),
             rebuilt_rows=_dump(rebuild_url),
@@ -652,6 +764,8 @@ def run_chaos(
             expected_insights=expected_insights(records),
             lag_recovered_seconds=recovered,
             lag_bound_seconds=prof.lag_bound_seconds,
+            archived_before_restart=frozenset(archived_at_restart),
+            broker_restarts=broker_restarts,
         )
         violations = check_history(history)
         durations["collect_and_check"] = round(time.monotonic() - t_collect, 2)
@@ -674,9 +788,15 @@ def run_chaos(
                 "on_topic": len(records),
                 "insight_records": len(insights),
                 "send_errors": len(workload.errors),
+                "lost_in_window": len(window),
+                "broker_restarts": broker_restarts,
+                "restored_from_archive": sum(r["records"] for r in reseeds),
+                "projection_rebuilt_after_restart": len(rebuilt_after_restart),
             },
             durations_seconds={**durations, "total": round(time.monotonic() - t_begin, 2)},
             work_dir=report_dir,
+            skipped=skipped,
+            reseeds=reseeds,
         )
     except BaseException:
         report_dir = str(work)

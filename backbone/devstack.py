@@ -27,10 +27,12 @@ stops. Other processes find the stack through :func:`read_stack` and :func:`reso
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -60,6 +62,7 @@ from backbone.processes import (
     postgres_system_user,
     redact,
     redis_server_binary,
+    send_signal,
     stop_process,
     tcp_open,
 )
@@ -175,6 +178,7 @@ class DevStack:
         self._durable = durable
         self._fresh = fresh
         self._pg_kept = False
+        self._tansu_binary: str | None = None
         self.reseed_report: ReseedReport | None = None
         """What the re-seed of the embedded broker from the archive did; None when none ran."""
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -368,24 +372,73 @@ class DevStack:
             raise StackError(f"no Tansu binary for the embedded Kafka broker: {exc}") from exc
 
         def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
-            url = f"tcp://127.0.0.1:{port}"
-            argv = [
-                binary,
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ]
-            proc = self._spawn("kafka", argv, cwd=self._state_dir)
-            return proc, lambda: tcp_open(port) and kafka_answers(f"127.0.0.1:{port}")
+            return self._launch_tansu(binary, port)
 
         port = self._start_with_port("kafka", launch)
         return f"127.0.0.1:{port}"
 
-    def _reseed(self, kafka_bootstrap: str, postgres_url: str) -> ReseedReport:
+    def _launch_tansu(self, binary: str, port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
+        url = f"tcp://127.0.0.1:{port}"
+        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]  # fmt: skip
+        proc = self._spawn("kafka", argv, cwd=self._state_dir)
+        self._tansu_binary = binary
+        return proc, lambda: tcp_open(port) and kafka_answers(f"127.0.0.1:{port}")
+
+    def restart_broker(
+        self,
+        *,
+        down_seconds: float = 0.0,
+        partitions: dict[str, int] | None = None,
+        reseed: bool = True,
+        while_down: Callable[[], None] | None = None,
+    ) -> ReseedReport | None:
+        """Kill the embedded broker (SIGKILL: its in-memory log is gone), start it again on the same port
+        after ``down_seconds``, and re-seed it from the event archive before returning (the chaos
+        harness's broker fault; clients are held off by the caller until this returns).
+
+        Args:
+            down_seconds: how long the broker stays down.
+            partitions: partition counts of archived topics outside the catalogue
+                (:func:`projections.reseed.reseed_log`).
+            reseed: write the archive back (False: the broker comes back empty).
+            while_down: called once the broker is dead, before the wait and the start (the chaos harness
+                kills the other processes there and notes what the archive holds).
+
+        Returns:
+            The re-seed report (None without ``reseed``); also kept in :attr:`reseed_report`.
+
+        Raises:
+            StackError: no embedded broker runs, it did not come back, or the re-seed failed.
+        """
+        proc, info = self._procs.get("kafka"), self._info
+        if proc is None or info is None or self._tansu_binary is None:
+            raise StackError("restart_broker needs a started stack with an embedded broker")
+        send_signal(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if while_down is not None:
+            while_down()
+        time.sleep(down_seconds)
+        port = int(info.kafka_bootstrap.rsplit(":", 1)[1])
+        new, probe = self._launch_tansu(self._tansu_binary, port)
+        if not self._wait_ready("kafka", new, probe):
+            raise StackError(
+                f"the embedded broker did not come back on port {port}: {log_tail(self._log_path('kafka'))}"
+            )
+        self._info = info = dataclasses.replace(info, pids={**info.pids, "kafka": new.pid})
+        tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
+        tmp.write_text(dataclasses.replace(info, postgres_url=redact(info.postgres_url),
+                                           redis_url=redact(info.redis_url)).to_json())  # fmt: skip
+        os.replace(tmp, stack_file(self._state_dir))
+        if not reseed:
+            return None
+        self.reseed_report = self._reseed(info.kafka_bootstrap, info.postgres_url, partitions)
+        return self.reseed_report
+
+    def _reseed(
+        self, kafka_bootstrap: str, postgres_url: str, partitions: dict[str, int] | None = None
+    ) -> ReseedReport:
         """Write the archive back to the fresh embedded broker (see the module docstring)."""
         settings = self._settings.model_copy(
             update={"kafka": self._settings.kafka.model_copy(update={"bootstrap_servers": kafka_bootstrap})}
@@ -394,7 +447,9 @@ class DevStack:
             with psycopg.connect(
                 postgres_url, connect_timeout=int(self._connect_timeout_seconds) or 5
             ) as conn:
-                report = reseed_log(conn, settings.kafka, timeout_seconds=self._startup_timeout_seconds)
+                report = reseed_log(
+                    conn, settings.kafka, timeout_seconds=self._startup_timeout_seconds, partitions=partitions
+                )
         except (psycopg.Error, ReseedError) as exc:
             raise StackError(f"re-seeding the embedded broker from the event archive failed: {exc}") from exc
         if report.records:

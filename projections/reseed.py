@@ -28,7 +28,7 @@ left as it is and reported as present, so running this against a live broker cha
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +170,7 @@ def reseed_log(
     schema: str = ARCHIVE_SCHEMA,
     timeout_seconds: float = 60.0,
     progress: Callable[[str, int, int], None] | None = None,
+    partitions: Mapping[str, int] | None = None,
 ) -> ReseedReport:
     """Write the archive back to the topics the broker lacks; translate checkpoints; report.
 
@@ -179,6 +180,9 @@ def reseed_log(
         schema: the archive projection's schema.
         timeout_seconds: how long the broker may take to create topics and acknowledge a partition.
         progress: called as ``progress(topic, records_done, records_total)`` after each partition.
+        partitions: partition counts of topics outside the catalogue (the archive does not keep a topic's
+            partition count; without one a topic gets its highest archived partition + 1, and a partition
+            that held nothing archived at the end would be missing, moving keys to other partitions).
 
     Returns:
         The report (``archive_found`` False when there is no archive: nothing was done).
@@ -207,9 +211,12 @@ def reseed_log(
     for t in todo:
         needed = max(p for tt, p in archived if tt == t) + 1
         spec = CATALOGUE.get(t)
-        new.append(
-            spec if spec is not None and spec.partitions >= needed else NewTopic(t, num_partitions=needed)
-        )
+        if spec is not None and spec.partitions >= needed:
+            new.append(spec)
+        else:
+            new.append(
+                NewTopic(t, num_partitions=max(needed, (partitions or {}).get(t, 0)), replication_factor=1)
+            )
     create_missing_topics(admin, new, timeout_seconds=timeout_seconds)
     total = sum(archived[k][0] for k in archived if k[0] in todo)
     done = 0

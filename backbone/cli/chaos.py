@@ -56,6 +56,16 @@ def chaos(
         for v in report.violations[:50]:
             out.print(f"[red]{v.guarantee}[/red]: {v.detail}", highlight=False)
         out.print(f"events: {report.events}")
+        if report.events.get("broker_restarts"):
+            out.print(
+                f"broker restarts: {report.events['broker_restarts']}, "
+                f"{report.events.get('restored_from_archive', 0):,} records re-seeded from the event archive; "
+                f"acknowledged events lost in the documented window (not yet archived when the broker went down): "
+                f"{report.events.get('lost_in_window', 0)}",
+                highlight=False,
+            )
+        for kind, why in report.skipped.items():
+            out.print(f"[yellow]not injected: {kind}[/yellow] ({why})", highlight=False)
         out.print(f"durations (s): {report.durations_seconds}")
         if any(report.unexpected_exits.values()):
             out.print(

@@ -145,20 +145,25 @@ def make_runners(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     read_models: bool = True,
+    topics: list[str] | None = None,
 ) -> list[Any]:
     """One runner per projection name (each its own consumer group and schema); the agent-run runner
-    gets the Redis read model hook when Redis is configured and ``read_models``."""
+    gets the Redis read model hook when Redis is configured and ``read_models``; ``topics`` replaces
+    the topics every named projection reads."""
     from projections.read_models import RunReadModel
     from projections.registry import get_projection
     from projections.runner import ProjectionRunner
 
     runners = []
     for n in names:
+        projection = get_projection(n)
+        if topics:
+            projection.topics = tuple(topics)
         hook = None
         if n == "agent_runs" and read_models and (client := _redis_client(settings)) is not None:
             hook = RunReadModel(client, settings.postgres.dsn())
         runners.append(
-            ProjectionRunner(settings, serde, get_projection(n), batch_size=batch_size, after_commit=hook)
+            ProjectionRunner(settings, serde, projection, batch_size=batch_size, after_commit=hook)
         )
     return runners
 
@@ -177,6 +182,14 @@ def run_cmd(
     metrics_port: Annotated[
         int, typer.Option(help="Port of /metrics and /healthz (0: any).", envvar="BACKBONE_METRICS_PORT")
     ] = 0,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--topic",
+            help="Read this topic instead of the projections' own (repeatable; e.g. the archive of topics "
+            "outside the catalogue).",
+        ),
+    ] = None,
 ) -> None:
     """Run several projections in one process (a thread each), with /metrics and /healthz."""
     from core.observability import serve_metrics
@@ -184,7 +197,9 @@ def run_cmd(
 
     settings, serde = context()
     selected = names or list(PROJECTIONS)
-    runners = make_runners(settings, serde, selected, batch_size=batch_size, read_models=read_models)
+    runners = make_runners(
+        settings, serde, selected, batch_size=batch_size, read_models=read_models, topics=topic
+    )
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
 

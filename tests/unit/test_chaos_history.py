@@ -19,6 +19,7 @@ from backbone.chaos_history import (
     RunFigures,
     TopicRecord,
     check_history,
+    lost_in_window,
     violation_counts,
 )
 from connectors.agent_runs import ParsedRun, iter_runs
@@ -80,6 +81,22 @@ def test_an_acknowledged_event_missing_from_the_topic_is_lost() -> None:
     h.produced.append(ProducedEvent("never", "run-b", False))  # not acknowledged and absent: no violation
     (v,) = _only(h, "acknowledged_lost")
     assert v.evidence == {"event_id": "a2", "key": "run-a"}
+
+
+def test_after_a_broker_restart_only_an_archived_loss_is_a_violation() -> None:
+    """a2 was acknowledged but the archive had not taken it when the broker went down: the documented window,
+    counted, no violation; b1 was archived and is still missing: the re-seed lost it, a violation."""
+    h = _clean()
+    h.topic = [r for r in h.topic if r.event_id not in ("a2", "b1")]
+    h.broker_restarts = 1
+    h.archived_before_restart = frozenset({"a0", "a1", "b0", "b1"})
+    assert lost_in_window(h.produced, h.topic, h.archived_before_restart, h.broker_restarts) == {"a2"}
+    (v,) = _only(h, "acknowledged_lost")
+    assert v.evidence == {"event_id": "b1", "key": "run-b"} and "archive held it" in v.detail
+    # without a restart there is no window: both losses are violations
+    h.broker_restarts = 0
+    assert lost_in_window(h.produced, h.topic, h.archived_before_restart, 0) == set()
+    assert len(_only(h, "acknowledged_lost", 2)) == 2
 
 
 def test_a_record_counted_twice_by_the_projection() -> None:
