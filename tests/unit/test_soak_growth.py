@@ -20,8 +20,11 @@ def test_a_leak_is_caught() -> None:
     assert not g.ok
 
 
-def test_no_sample_after_warmup_is_not_ok_and_tansu_rss_is_not_judged() -> None:
+def test_no_sample_after_warmup_is_not_ok_and_data_store_memory_is_not_judged() -> None:
     assert not growth([(1.0, 5.0)], warmup_seconds=10, window_seconds=5, process="api", measure="open_fds").ok
     tansu = growth([(float(t), 10.0 + t) for t in range(0, 60, 5)], warmup_seconds=5, window_seconds=10,
                    process="tansu", measure="rss_mib")  # fmt: skip
     assert tansu.growth is not None and tansu.growth > 0.1 and tansu.ok and not tansu.judged
+    fds = growth([(float(t), 10.0 + t) for t in range(0, 60, 5)], warmup_seconds=5, window_seconds=10,
+                 process="postgres", measure="open_fds")  # fmt: skip
+    assert fds.judged and not fds.ok
