@@ -8,10 +8,15 @@ the HTTP read endpoints answer from the view."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -337,3 +342,120 @@ def test_projection_does_not_depend_on_the_order_records_arrive_in(
     assert len(first["routing_decisions"]) == len(decisions) and first == second
     with psycopg.connect(pg_url) as c:
         assert routing.model_stats(c, schema=schemas[0]) == routing.model_stats(c, schema=schemas[1])
+
+
+def _project_until(s: Settings, serde: AvroSerde, projection: RoutingProjection, group: str, dlq: str,
+                   check: Callable[[psycopg.Connection], bool], proc: subprocess.Popen, timeout: float = 90) -> None:  # fmt: skip
+    """Run the projection until caught up, again and again, until ``check`` holds on the database."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with ProjectionRunner(s, serde, projection, group_id=group, dlq_topic=dlq) as runner:
+            runner.run(until_caught_up=True, max_wait_seconds=60)
+        with psycopg.connect(s.postgres.dsn()) as c:
+            if check(c):
+                return
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"not projected in time; worker log: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_the_policy_workers_own_decisions_projected_and_audited(
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy worker (``backbone routing policy-worker``, a subprocess) decides three requests, takes a
+    fallback after a failed outcome; the projection of its topics holds its decisions, and
+    ``backbone audit request:q1 --json`` shows the first decision, the fallback (the failed model refused
+    as already tried) and both outcomes."""
+    from configuration.store import ConfigStore
+
+    t = {
+        n: create_topic(unique_name(n), p)
+        for n, p in (("req", 3), ("out", 3), ("cfg", 1), ("dec", 3), ("dlq", 1))
+    }
+    s = _db(settings, pg_url)
+    with ConfigStore(s) as store:
+        version = store.set("routing.config", CONFIG, author="test", reason="routing projection").version
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_REDIS__URL": "", "BACKBONE_STATE_DIR": str(tmp_path),
+           "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+    code = "import sys; from backbone.cli.routing_policy import app; app(sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "policy-worker", "--app-id", unique_name("policy"), "--requests-topic", t["req"],
+         "--outcomes-topic", t["out"], "--config-topic", t["cfg"], "--decisions-topic", t["dec"],
+         "--dlq-topic", t["dlq"], "--stop-after-idle", "15", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    projection = RoutingProjection(decisions_topic=t["dec"], outcomes_topic=t["out"])
+    group, dlq = unique_name("g"), create_topic(unique_name("pdlq"), 1)
+
+    def count(sql: str) -> Callable[[psycopg.Connection], bool]:
+        return lambda c: (
+            c.execute("SELECT to_regclass('proj_routing.routing_decisions') IS NOT NULL").fetchone()[0]
+            and bool(c.execute(sql).fetchone()[0])
+        )
+
+    try:
+        reqs = [PolicyRequest(request_id=f"q{i}", requested_at=T0 + timedelta(seconds=i), prompt=f"Say hello {i}.")
+                for i in range(1, 4)]  # fmt: skip
+        _produce(s, t["req"], [(r.request_id.encode(), json.dumps(r.to_json()).encode()) for r in reqs])
+        _project_until(s, serde, projection, group, dlq,
+                       count("SELECT count(*) = 3 FROM proj_routing.routing_decisions"), proc)  # fmt: skip
+        with psycopg.connect(pg_url) as c:
+            first = routing.decisions(c, request_id="q1")[0]
+        assert first["config_version"] == version and first["model"] and not first["fallback_from"]
+        failed = Outcome(request_id="q1", model=first["model"], success=False, latency_ms=900.0, cost_usd=0.0,
+                         occurred_at=T0 + timedelta(seconds=5))  # fmt: skip
+        _produce(s, t["out"], [(b"q1", json.dumps(failed.to_json()).encode())])
+        _project_until(s, serde, projection, group, dlq, count(
+            "SELECT count(*) = 1 FROM proj_routing.routing_decisions WHERE cardinality(fallback_from) > 0"), proc)  # fmt: skip
+        with psycopg.connect(pg_url) as c:
+            fallback = next(d for d in routing.decisions(c, request_id="q1") if d["fallback_from"])
+        ok = Outcome(request_id="q1", model=fallback["model"], success=True, latency_ms=120.0, cost_usd=0.001,
+                     occurred_at=T0 + timedelta(seconds=6))  # fmt: skip
+        _produce(s, t["out"], [(b"q1", json.dumps(ok.to_json()).encode())])
+        _project_until(s, serde, projection, group, dlq,
+                       count("SELECT count(*) = 2 FROM proj_routing.routing_outcomes"), proc)  # fmt: skip
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr[-3000:]
+        worker = json.loads(stdout[stdout.find("{") :])
+        assert (worker["decisions_count"], worker["fallbacks_count"]) == (4, 1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    import typer
+    from typer.testing import CliRunner
+
+    from backbone.cli import mount
+    from core.settings import get_settings
+
+    app = typer.Typer()
+    mount(app)
+    monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["audit", "request:q1", "--json"])
+    finally:
+        get_settings.cache_clear()
+        import structlog
+
+        structlog.reset_defaults()
+    assert res.exit_code == 0, res.output
+    audit = json.loads(res.output)
+    assert [d["decision_id"] for d in audit["decisions"]] == [first["decision_id"], fallback["decision_id"]]
+    assert audit["decisions"][1]["fallback_from"] == [first["model"]] and audit["decisions"][1]["fallback"]
+    tried = next(c for c in audit["decisions"][1]["candidates"] if c["model"] == first["model"])
+    assert not tried["eligible"] and "already tried and failed" in tried["reasons"]
+    assert all(d["config_version"] == version and d["learner_version"] == "none" for d in audit["decisions"])
+    assert [(o["model"], o["success"], o["decision_id"]) for o in audit["outcomes"]] == [
+        (first["model"], False, first["decision_id"]), (fallback["model"], True, fallback["decision_id"])
+    ]  # fmt: skip
