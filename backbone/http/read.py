@@ -184,6 +184,13 @@ def get_audit(
     return [e.as_json() for e in entries]
 
 
+def _no_nul(**values: str | None) -> None:
+    """422 for a text that PostgreSQL cannot hold (a NUL character)."""
+    for name, v in values.items():
+        if v is not None and "\x00" in v:
+            raise HTTPException(422, f"{name} must not contain a NUL character")
+
+
 @router.get("/routing/decisions", summary="The policy router's decisions, latest first")
 def list_routing_decisions(
     request: Request,
@@ -194,6 +201,7 @@ def list_routing_decisions(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict[str, Any]]:
     """Rows of ``routing_decisions`` (candidates with their scores and reasons, ``decided_at`` RFC 3339)."""
+    _no_nul(policy=policy, model=model, request_id=request_id)
     with _conn(request) as conn:
         return routing.decisions(
             conn, limit=limit, offset=offset, policy=policy, model=model, request_id=request_id
@@ -211,6 +219,7 @@ def list_routing_models(request: Request) -> list[dict[str, Any]]:
 @router.get("/routing/requests/{request_id}", summary="The routing audit of one request")
 def get_routing_request(request: Request, request_id: str) -> dict[str, Any]:
     """``{"request_id", "decisions", "outcomes"}``; 404 when the routing view knows nothing of it."""
+    _no_nul(request_id=request_id)
     with _conn(request) as conn:
         audit = routing.request_audit(conn, request_id)
     if not audit.decisions and not audit.outcomes:

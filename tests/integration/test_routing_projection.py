@@ -309,6 +309,8 @@ def test_decisions_and_outcomes_projected_rebuilt_audited_and_queried(
         assert {m["model"] for m in client.get("/routing/models").json()} == set(want)
         assert client.get("/routing/requests/q1").json()["decisions"] == audit.decisions
         assert client.get("/routing/requests/nope").status_code == 404
+        assert client.get("/routing/requests/q%00x").status_code == 422  # PostgreSQL text cannot hold NUL
+        assert client.get("/routing/decisions", params={"model": "a\x00"}).status_code == 422
 
 
 def test_projection_does_not_depend_on_the_order_records_arrive_in(
