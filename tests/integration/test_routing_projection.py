@@ -291,6 +291,14 @@ def test_decisions_and_outcomes_projected_rebuilt_audited_and_queried(
 
         structlog.reset_defaults()  # the CLI pointed logging at CliRunner's stream, closed by now
 
+    # the Python client
+    from backbone.client import Client
+
+    with Client(s, serde) as bb:
+        assert [d["decision_id"] for d in bb.query("routing", limit=3)] == [d.decision_id for d in latest]
+        assert {m["model"] for m in bb.query("routing_models")} == set(want)
+        assert bb.query("routing_request", request_id="q1") == json.loads(json.dumps(audit.as_json()))
+
     # the HTTP read endpoints
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
