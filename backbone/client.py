@@ -44,7 +44,7 @@ __all__ = ["Client", "StartAt"]
 StartAt = Literal["beginning", "latest", "committed"] | datetime
 """Where a subscription starts: the first offset, the end, the group's committed offsets, or an event time."""
 
-_QUERIES = ("agent_runs", "models", "totals")
+_QUERIES = ("agent_runs", "models", "totals", "routing", "routing_models", "routing_request")
 
 
 class Client:
@@ -306,7 +306,10 @@ class Client:
     # -- projections --------------------------------------------------------------------------------
 
     def query(self, projection: str, **filters: Any) -> Any:
-        """Rows of a projection: ``agent_runs`` (filters ``limit``, ``outcome``), ``models`` or ``totals``.
+        """Rows of a projection: ``agent_runs`` (filters ``limit``, ``outcome``), ``models`` or ``totals``; the
+        policy router's ``routing`` decisions (filters ``limit``, ``offset``, ``policy``, ``model``,
+        ``request_id``; latest first), ``routing_models`` (per-model statistics) or ``routing_request``
+        (filter ``request_id``: the request's audit, ``{"request_id", "decisions", "outcomes"}``).
 
         Raises:
             ValueError: an unknown projection name.
@@ -314,7 +317,7 @@ class Client:
         """
         import psycopg
 
-        from projections import queries
+        from projections import queries, routing
 
         if projection not in _QUERIES:
             raise ValueError(f"unknown projection {projection!r}: one of {', '.join(_QUERIES)}")
@@ -323,6 +326,12 @@ class Client:
                 return queries.agent_runs(conn, **filters)
             if projection == "models":
                 return queries.model_usage(conn)
+            if projection == "routing":
+                return routing.decisions(conn, **filters)
+            if projection == "routing_models":
+                return routing.model_stats(conn)
+            if projection == "routing_request":
+                return routing.request_audit(conn, **filters).as_json()
             return queries.totals(conn)
 
     def audit(self, entity: str) -> list[dict[str, Any]]:

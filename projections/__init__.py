@@ -9,6 +9,7 @@ from projections.errors import CheckpointError, ProjectionApplyError, Projection
 from projections.read_models import RunReadModel
 from projections.rebuild import RebuildReport, RebuildVerifyError, rebuild
 from projections.registry import PROJECTIONS
+from projections.routing import RequestAudit, RoutingProjection
 from projections.runner import ProjectionRunner, RunnerStats, run_projections
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "ProjectionRunner",
     "RebuildReport",
     "RebuildVerifyError",
+    "RequestAudit",
+    "RoutingProjection",
     "RunReadModel",
     "RunnerStats",
     "audit_trail",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 
 from streams.catalogue import CATALOGUE
-from streams.consumer import ConsumedEvent, DecodeFailure
+from streams.consumer import ConsumedEvent, DecodeFailure, RawRecord
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
 from streams.serde import AvroSerde
@@ -183,8 +183,21 @@ class ArchivedRecord:
     headers: tuple[tuple[str, bytes | None], ...]
     decode_error: str | None = None
 
-    def decode(self, serde: AvroSerde) -> ConsumedEvent | DecodeFailure:
-        """Decode it as the consumer would have (the same :class:`ConsumedEvent` or failure)."""
+    def raw(self) -> RawRecord:
+        """The record as read from the log (for a reader with its own decoder)."""
+        return RawRecord(
+            topic=self.topic, partition=self.partition, offset=self.offset,
+            timestamp_ms=int(self.record_timestamp.timestamp() * 1000), key=self.key, value=self.value,
+            headers=self.headers,
+        )  # fmt: skip
+
+    def decode(
+        self, serde: AvroSerde, decoder: Callable[[RawRecord], ConsumedEvent | DecodeFailure] | None = None
+    ) -> ConsumedEvent | DecodeFailure:
+        """Decode it as the consumer would have (the same :class:`ConsumedEvent` or failure); with
+        ``decoder`` (a projection's own ``decode``), as that reader would have."""
+        if decoder is not None:
+            return decoder(self.raw())
         ts_ms = int(self.record_timestamp.timestamp() * 1000)
         try:
             attributes = CloudEvent.from_headers(self.headers)

@@ -20,6 +20,13 @@ class Projection(Protocol):
         name: unique name, also the prefix of its tables and its consumer group.
         version: bumped when the view's shape or logic changes (a rebuild is then due).
         topics: the topics it reads.
+
+    Optional (read with ``getattr`` by the runner, see :mod:`projections.runner`): ``dedupe_by_id``,
+    ``apply_failures(cur, failures)``, ``apply_columns(cur, batch)`` and
+    ``decode(raw: streams.consumer.RawRecord) -> ConsumedEvent | DecodeFailure``, the projection's own
+    decoder for topics that are not Confluent-framed Avro with CloudEvents headers (plain JSON); it must
+    give each event a deterministic id (the runner de-duplicates by it) and return a
+    :class:`~streams.consumer.DecodeFailure` (dead-lettered) for a record of the wrong shape.
     """
 
     name: str

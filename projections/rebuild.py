@@ -246,6 +246,7 @@ def rebuild(
         batch_size=batch_size, on_batch=batch_done, seen_in_memory=True,
     )  # fmt: skip
     runner.setup()
+    decoder = getattr(projection, "decode", None)  # a reader of JSON topics decodes them itself
     from_archive = 0
     with bar.bar, psycopg.connect(dsn) as aconn:
         has_archive = aconn.execute(
@@ -256,7 +257,7 @@ def rebuild(
                 continue
             chunk = []
             for rec in read_archive(aconn, tp[0], tp[1], end_offset=lows[tp], schema=archive_schema):
-                chunk.append(rec.decode(serde))
+                chunk.append(rec.decode(serde, decoder))
                 if len(chunk) >= batch_size:
                     runner.apply_records(chunk)
                     from_archive += len(chunk)

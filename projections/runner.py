@@ -20,6 +20,11 @@ Optional projection attributes (read with ``getattr``, so a plain :class:`Projec
 * ``apply_failures(cur, failures)``: the projection takes the undecodable records itself (in the same
   transaction) instead of the runner dead-lettering them (the archive keeps them; the other
   projections reading the topic still dead-letter them).
+* ``decode(raw) -> ConsumedEvent | DecodeFailure``: the projection decodes its records itself from a
+  :class:`streams.consumer.RawRecord` instead of :func:`streams.consumer.decode_message` (Confluent-framed
+  Avro with CloudEvents headers); for topics of plain JSON (the routing projection). A
+  :class:`~streams.consumer.DecodeFailure` it returns is dead-lettered like any other; such a projection
+  is never applied column-wise.
 
 ``after_commit(events)`` (a constructor argument) is called with the applied events after each
 commit, e.g. to refresh a Redis read model; it must not raise (an exception is logged and ignored:
@@ -54,6 +59,7 @@ from streams.consumer import (
     ConsumedEvent,
     DeadLetterPublisher,
     DecodeFailure,
+    RawRecord,
     decode_message,
     make_consumer,
 )
@@ -307,15 +313,19 @@ class ProjectionRunner:
         )
         self.on_batch = on_batch
         self.after_commit = after_commit
+        self._decode: Callable[[RawRecord], ConsumedEvent | DecodeFailure] | None = getattr(
+            projection, "decode", None
+        )
         can = (
-            hasattr(projection, "apply_columns")
+            self._decode is None
+            and hasattr(projection, "apply_columns")
             and (after_commit is None or hasattr(after_commit, "after_commit_keys"))
             and polars_available()
         )
         if columnar and not can:
             raise ValueError(
-                f"projection {projection.name!r} cannot be applied column-wise (it needs apply_columns, "
-                "and an after_commit hook needs after_commit_keys)"
+                f"projection {projection.name!r} cannot be applied column-wise (it needs apply_columns and "
+                "no decode hook, and an after_commit hook needs after_commit_keys)"
             )
         self.columnar = can if columnar is None else columnar
         self.stats = RunnerStats()
@@ -768,8 +778,9 @@ class ProjectionRunner:
         if applied is None:
             events: list[ConsumedEvent] = []
             failures: list[DecodeFailure] = []
+            decode = self._decode
             for m in p.msgs:
-                r = decode_message(self.serde, m)
+                r = decode_message(self.serde, m) if decode is None else decode(RawRecord.from_message(m))
                 (events if isinstance(r, ConsumedEvent) else failures).append(r)
             applied = self._apply_batch(events, failures, p.first, p.last)
         return applied

@@ -4,6 +4,12 @@ typed subscriber for the CLI, the API and tests.
 Poison messages are data, not crashes: :func:`decode_message` returns either a
 :class:`ConsumedEvent` or a :class:`DecodeFailure`, and :class:`DeadLetterPublisher` sends the
 failure, raw bytes and headers unchanged, to ``backbone.dlq``.
+
+Topics that carry plain JSON without CloudEvents headers (the policy router's decisions and outcomes)
+are decoded by their reader from a :class:`RawRecord` (the record as read: position, key, value,
+headers); :func:`json_event` then builds the :class:`ConsumedEvent` with the attributes the reader
+derives from the datum (a deterministic id, the event time), and :meth:`RawRecord.failure` the
+:class:`DecodeFailure` of a record of the wrong shape.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ __all__ = [
     "ConsumedEvent",
     "DeadLetterPublisher",
     "DecodeFailure",
+    "RawRecord",
     "Subscriber",
     "decode_message",
+    "json_event",
     "make_consumer",
 ]
 
@@ -87,6 +95,92 @@ class DecodeFailure:
     headers: tuple[tuple[str, bytes | None], ...]
     reason: str
     error_type: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawRecord:
+    """A record as read from the log, not decoded: the input of a reader's own decoder.
+
+    Attributes:
+        topic, partition, offset: its position in the log.
+        timestamp_ms: the record timestamp (ms since the epoch).
+        key, value: the raw bytes (None for a null key or a tombstone).
+        headers: the raw headers.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...]
+
+    @classmethod
+    def from_message(cls, msg: Message) -> RawRecord:
+        """The record of a confluent-kafka message (a record, not an error event)."""
+        return cls(
+            topic=cast(str, msg.topic()), partition=cast(int, msg.partition()), offset=cast(int, msg.offset()),
+            timestamp_ms=msg.timestamp()[1], key=msg.key(), value=msg.value(),
+            headers=cast("tuple[tuple[str, bytes | None], ...]", tuple(msg.headers() or ())),
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, record: ConsumedEvent | DecodeFailure) -> RawRecord:
+        """The raw record behind an already decoded (or failed) one, to decode it another way."""
+        key = record.key.encode() if isinstance(record.key, str) else record.key
+        return cls(
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            timestamp_ms=record.timestamp_ms, key=key, value=record.value, headers=record.headers,
+        )  # fmt: skip
+
+    def failure(self, reason: str, error_type: str = "DeserializationError") -> DecodeFailure:
+        """The :class:`DecodeFailure` of this record (raw bytes and headers kept for the dead letter)."""
+        return DecodeFailure(
+            topic=self.topic, partition=self.partition, offset=self.offset, timestamp_ms=self.timestamp_ms,
+            key=self.key, value=self.value, headers=self.headers, reason=reason, error_type=error_type,
+        )  # fmt: skip
+
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def json_event(
+    raw: RawRecord,
+    data: dict[str, Any],
+    *,
+    event_id: str,
+    event_type: str,
+    source: str,
+    time: datetime,
+    subject: str | None = None,
+) -> ConsumedEvent:
+    """A :class:`ConsumedEvent` for a JSON record without CloudEvents headers.
+
+    The attributes are the reader's: ``event_id`` (deterministic, so a re-read record de-duplicates),
+    ``event_type`` (also the event's ``schema``), ``source``, ``time`` (aware event time) and
+    ``subject``; ``datacontenttype`` is ``application/json``.
+    """
+    return ConsumedEvent(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        timestamp_ms=raw.timestamp_ms,
+        key=raw.key.decode("utf-8", "replace") if raw.key is not None else None,
+        attributes=CloudEvent(
+            id=event_id,
+            source=source,
+            type=event_type,
+            time=time,
+            subject=subject,
+            datacontenttype=JSON_CONTENT_TYPE,
+            dataschema=event_type,
+        ),
+        schema=event_type,
+        data=data,
+        value=raw.value or b"",
+        headers=raw.headers,
+    )
 
 
 def _jsonable(v: Any) -> Any:

@@ -60,6 +60,7 @@ def mount(root: typer.Typer) -> None:
         projections,
         routing,
         routing_policy,
+        routing_views,
     )
 
     root.add_typer(dev.app, name="dev", help="The embedded dev stack: Tansu, PostgreSQL, Redis.")
@@ -116,6 +117,7 @@ def mount(root: typer.Typer) -> None:
     routing.app.command("simulate")(routing_policy.simulate_command)
     routing.app.command("ab")(routing_policy.ab_command)
     routing.app.command("policy-worker")(routing_policy.policy_worker_command)
+    core.query_app.command("routing")(routing_views.query_routing)
 
 
 _mounted = False

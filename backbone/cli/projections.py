@@ -253,7 +253,11 @@ def run_cmd(
 @clear_errors
 def audit(
     entity: Annotated[
-        str, typer.Argument(help="run:<run_id>, config:<key>, agent:<name>, service:<name>, or a key.")
+        str,
+        typer.Argument(
+            help="run:<run_id>, config:<key>, agent:<name>, service:<name>, request:<id> (a routed request, "
+            "from the routing view), or a key."
+        ),
     ],
     from_: Annotated[
         str | None,
@@ -264,12 +268,24 @@ def audit(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Every archived event about one entity, in event-time order, with its causation chain."""
+    """Every archived event about one entity, in event-time order, with its causation chain.
+
+    ``request:<id>`` is the routing audit of a request instead (from the ``routing`` projection): its
+    decisions with every candidate's score and reasons, config and learner versions, fallbacks and outcomes.
+    """
     import psycopg
 
     from projections.audit import audit_trail
     from streams.envelope import parse_time
 
+    kind, sep, request_id = entity.strip().partition(":")
+    if sep and kind == "request":
+        from backbone.cli.routing_views import print_request_audit
+
+        if not request_id:
+            raise ValueError(f"{entity!r}: the request id is missing after the colon")
+        print_request_audit(request_id, as_json=as_json)
+        return
     settings, serde = context()
     start: datetime | None = parse_time(from_) if from_ else None
     end: datetime | None = parse_time(to) if to else None
@@ -323,6 +339,7 @@ def replay_into(
 
     from projections.registry import PROJECTIONS
     from projections.runner import ProjectionRunner, schema_name
+    from streams.consumer import RawRecord
     from streams.replay import read_range
 
     if name not in PROJECTIONS:
@@ -343,8 +360,9 @@ def replay_into(
             nxt[(r.topic, r.partition)] = r.offset + 1
         chunk.clear()
 
+    decode = getattr(projection, "decode", None)  # a reader of JSON topics decodes them itself
     for r in read_range(settings.kafka, serde, topic, start=start, end=end):
-        chunk.append(r)
+        chunk.append(r if decode is None else decode(RawRecord.of(r)))
         records += 1
         if len(chunk) >= 2000:
             flush()

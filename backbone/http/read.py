@@ -6,7 +6,11 @@ The app provides ``app.state.pg_pool`` (a ``psycopg_pool.ConnectionPool``) and `
 
 Endpoints: ``GET /runs`` (filter ``outcome``, ``model``; paging ``limit`` + ``offset`` or ``cursor``),
 ``GET /runs/{run_id}`` (Redis read model when ready, else PostgreSQL), ``GET /models``,
-``GET /insights`` (the latest insight per kind and entity), ``GET /projections``, ``GET /audit/{entity}``.
+``GET /insights`` (the latest insight per kind and entity), ``GET /projections``, ``GET /audit/{entity}``,
+and the routing view (:mod:`projections.routing`): ``GET /routing/decisions`` (latest first; filter
+``policy``, ``model``, ``request_id``; paging ``limit`` + ``offset``), ``GET /routing/models`` (per-model
+statistics) and ``GET /routing/requests/{request_id}`` (the request's audit: decisions with every
+candidate, outcomes).
 Errors answer ``{"detail": "<message>"}`` with 404 (unknown run, no such view yet) or 422 (bad input).
 """
 
@@ -23,6 +27,7 @@ import psycopg
 from fastapi import APIRouter, HTTPException, Query, Request
 from psycopg.rows import dict_row
 
+from projections import routing
 from projections.audit import audit_trail
 from projections.read_models import plain_run, read_run
 from projections.registry import PROJECTIONS, projection_status
@@ -177,3 +182,46 @@ def get_audit(
     if not entries:
         raise HTTPException(404, f"no archived event about {entity!r}")
     return [e.as_json() for e in entries]
+
+
+def _no_nul(**values: str | None) -> None:
+    """422 for a text that PostgreSQL cannot hold (a NUL character)."""
+    for name, v in values.items():
+        if v is not None and "\x00" in v:
+            raise HTTPException(422, f"{name} must not contain a NUL character")
+
+
+@router.get("/routing/decisions", summary="The policy router's decisions, latest first")
+def list_routing_decisions(
+    request: Request,
+    policy: str | None = None,
+    model: Annotated[str | None, Query(description="the chosen model")] = None,
+    request_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """Rows of ``routing_decisions`` (candidates with their scores and reasons, ``decided_at`` RFC 3339)."""
+    _no_nul(policy=policy, model=model, request_id=request_id)
+    with _conn(request) as conn:
+        return routing.decisions(
+            conn, limit=limit, offset=offset, policy=policy, model=model, request_id=request_id
+        )
+
+
+@router.get("/routing/models", summary="Per-model routing statistics")
+def list_routing_models(request: Request) -> list[dict[str, Any]]:
+    """Rows of ``routing_model_stats``: decisions, fallbacks, outcomes, success rate, latency p50/p95 (ms),
+    cost (USD)."""
+    with _conn(request) as conn:
+        return routing.model_stats(conn)
+
+
+@router.get("/routing/requests/{request_id}", summary="The routing audit of one request")
+def get_routing_request(request: Request, request_id: str) -> dict[str, Any]:
+    """``{"request_id", "decisions", "outcomes"}``; 404 when the routing view knows nothing of it."""
+    _no_nul(request_id=request_id)
+    with _conn(request) as conn:
+        audit = routing.request_audit(conn, request_id)
+    if not audit.decisions and not audit.outcomes:
+        raise HTTPException(404, f"no routing decision or outcome for request {request_id!r}")
+    return audit.as_json()
