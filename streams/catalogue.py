@@ -24,7 +24,7 @@ class TopicSpec:
         name: topic name.
         partitions: partition count (final).
         key: what the key is (the entity order holds for).
-        schemas: Avro full names of the records it carries.
+        schemas: Avro full names of the records it carries (empty: JSON records, named in ``doc``).
         retention_ms: ``retention.ms`` in production; -1 keeps forever.
         cleanup_policy: ``delete`` or ``compact``.
         doc: one line for ``backbone topics list``.
@@ -129,6 +129,30 @@ CATALOGUE: dict[str, TopicSpec] = {
             schemas=("sophia.routing.RouteDecision",),
             retention_ms=-1,
             doc="Route decisions of the routing processor (de-duplicate on decision_id).",
+        ),
+        TopicSpec(
+            name="routing.policy-requests",
+            partitions=3,
+            key="request_id",
+            schemas=(),
+            retention_ms=7 * _DAY_MS,
+            doc="Route requests of the N-model policy router (JSON, processors.routing.policy.PolicyRequest).",
+        ),
+        TopicSpec(
+            name="routing.policy-decisions",
+            partitions=3,
+            key="request_id",
+            schemas=(),
+            retention_ms=-1,
+            doc="Decisions of the policy router (JSON PolicyDecision; projected by `routing`).",
+        ),
+        TopicSpec(
+            name="routing.outcomes",
+            partitions=3,
+            key="request_id",
+            schemas=(),
+            retention_ms=-1,
+            doc="What happened after each routing decision (JSON Outcome; the router learns from it).",
         ),
         TopicSpec(
             name="telemetry.metrics",
