@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -223,7 +224,7 @@ def query_incidents(
     table = Table("incident", "status", "first anomaly", "closed at", "priority", "anomalies", "ranked causes",
                   title="incidents")  # fmt: skip
     for r in rows:
-        causes = [f"{c['rank']}. {c['pod']} ({c['score']})" for c in r["candidates"][:3]]
+        causes = [escape(f"{c['rank']}. {c['pod']} ({c['score']})") for c in r["candidates"][:3]]
         table.add_row(r["incident_id"], r["status"], r["first_anomaly_at"], r["closed_at"] or "-", r["priority"],
                       str(r["anomalies_count"]), "\n".join(causes))  # fmt: skip
     out.print(table)
@@ -246,7 +247,7 @@ def query_anomalies(
         return
     table = Table("series", "event time", "score", "value", "window start", "detector", title="anomalies")
     for r in rows:
-        table.add_row(r["series"], r["event_time"], f"{r['score']:.6f}", f"{r['value']:g}", r["window_start"] or "-",
+        table.add_row(escape(r["series"]), r["event_time"], f"{r['score']:.6f}", f"{r['value']:g}", r["window_start"] or "-",
                       r["detector_version"])  # fmt: skip
     out.print(table)
 
@@ -268,7 +269,7 @@ def query_correlations(
         return
     table = Table("commit", "message", "method", "sources", "lag s", "event time", title="correlations")
     for r in rows:
-        table.add_row(r["entity"], r["message_entity"], r["method"], f"{r['source_a']} -> {r['source_b']}",
+        table.add_row(escape(r["entity"]), escape(r["message_entity"]), r["method"], f"{r['source_a']} -> {r['source_b']}",
                       f"{r['lag_seconds']:g}", r["event_time"])  # fmt: skip
     out.print(table)
 
@@ -281,20 +282,21 @@ def audit_incident(entity: str, *, as_json: bool = False) -> None:
         ValueError: the projection has not run yet.
         typer.Exit: (code 1) no such incident.
     """
+    from rich.tree import Tree
+
     from projections.incidents import incident_audit
 
+    e = escape  # rich markup in data (e.g. a logger named "[dispatcherServlet]") is text, not style
     found = _view(lambda conn: incident_audit(conn, entity))
     if found is None:
-        err.print(f"no incident {entity!r} in the incidents projection")
+        err.print(f"no incident {entity!r} in the incidents projection", markup=False)
         raise typer.Exit(1)
     if as_json:
         emit_json(found)
         return
-    from rich.tree import Tree
-
     inc = found["incident"]
     tree = Tree(
-        f"[bold]{inc['entity']}[/bold] ({inc['status']}, {inc['priority']}): {inc['summary']}\n"
+        f"[bold]{e(inc['entity'])}[/bold] ({inc['status']}, {e(inc['priority'])}): {e(inc['summary'])}\n"
         f"first anomaly {inc['first_anomaly_at']}, opened {inc['opened_at'] or '-'}, closed {inc['closed_at'] or '-'}"
     )
     steps = found["chain"]
@@ -307,16 +309,19 @@ def audit_incident(entity: str, *, as_json: bool = False) -> None:
     for s in steps:
         if s["step"] == "anomaly":
             detail = f" ({s['detail']})" if s["detail"] else ""
-            anomalies.add(f"{s['window_start']} {s['pod']} {s['signal']} score {s['score']:.1f}: "
-                          f"{s['value']:g} vs median {s['baseline']:g}{detail} [dim]joined {s['joined_at']}[/dim]")  # fmt: skip
+            anomalies.add(e(f"{s['window_start']} {s['pod']} {s['signal']} score {s['score']:.1f}: "
+                            f"{s['value']:g} vs median {s['baseline']:g}{detail}")
+                          + f" [dim]joined {s['joined_at']}[/dim]")  # fmt: skip
         elif s["step"] == "alert":
-            alerts.add(f"{s['event_time']} {s['series']} score {s['score']:.6f} value {s['value']:g}")
+            alerts.add(e(f"{s['event_time']} {s['series']} score {s['score']:.6f} value {s['value']:g}"))
         elif s["step"] == "candidate":
-            node = causes.add(f"{s['rank']}. [bold]{s['pod']}[/bold] ({s['service']}) score {s['score']}")
+            node = causes.add(
+                f"{s['rank']}. [bold]{e(s['pod'])}[/bold] ({e(s['service'])}) score {s['score']}"
+            )
             for line in s["evidence"]:
-                node.add(line)
+                node.add(e(line))
         else:
-            changes.add(json.dumps({k: v for k, v in s.items() if k != "step"}, sort_keys=True))
+            changes.add(e(json.dumps({k: v for k, v in s.items() if k != "step"}, sort_keys=True)))
     for node, empty in (
         (alerts, "none"),
         (causes, "none"),

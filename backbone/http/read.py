@@ -232,6 +232,13 @@ def get_routing_request(request: Request, request_id: str) -> dict[str, Any]:
 # -- the incidents projection (projections.incidents) ---------------------------------------------------------------
 
 
+def _text(name: str, value: str | None) -> str | None:
+    """``value``, or 422 when it holds a NUL character (PostgreSQL text cannot)."""
+    if value is not None and "\x00" in value:
+        raise HTTPException(422, f"{name} must not contain a NUL character")
+    return value
+
+
 @router.get("/incidents", summary="Incidents with their ranked root-cause candidates")
 def get_incidents(
     request: Request,
@@ -249,7 +256,7 @@ def get_incidents(
 def get_incident_chain(request: Request, incident_id: str) -> dict[str, Any]:
     """``{"incident", "insights", "chain"}`` (see :func:`projections.incidents.incident_audit`); 404 if unknown."""
     with _conn(request) as conn:
-        found = incident_audit(conn, incident_id)
+        found = incident_audit(conn, _text("incident_id", incident_id) or "")
     if found is None:
         raise HTTPException(404, f"no incident {incident_id!r}")
     return found
@@ -264,7 +271,7 @@ def get_anomalies(
 ) -> list[dict[str, Any]]:
     """Newest first; filter by ``series`` (e.g. ``pod:<pod>/<metric>``)."""
     with _conn(request) as conn:
-        return list_anomalies(conn, series=series, limit=limit, offset=offset)
+        return list_anomalies(conn, series=_text("series", series), limit=limit, offset=offset)
 
 
 @router.get("/correlations", summary="Correlation links (correlation.link)")
@@ -276,4 +283,4 @@ def get_correlations(
 ) -> list[dict[str, Any]]:
     """Newest first; ``entity`` matches the commit or the message."""
     with _conn(request) as conn:
-        return list_correlations(conn, entity=entity, limit=limit, offset=offset)
+        return list_correlations(conn, entity=_text("entity", entity), limit=limit, offset=offset)

@@ -116,7 +116,7 @@ def _dump(url: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
 
 def _cli(settings: Settings, pg_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_STATE_DIR": str(tmp_path),
-           "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers, "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+           "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers, "BACKBONE_LOG_FORMAT": "json", "COLUMNS": "200"}  # fmt: skip
     return subprocess.run([sys.executable, "-m", "backbone", *args], env=env, check=False, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
 
@@ -233,6 +233,9 @@ def test_incidents_projection_end_to_end(
     assert [i["kind"] for i in chain["insights"]] == ["incident.opened", "incident.closed"]
     text = _cli(s, pg_url, tmp_path, "audit", f"incident:{iid}")
     assert text.returncode == 0 and "ranked root-cause candidates" in text.stdout and top1 in text.stdout
+    assert (
+        "o.a.c.c.C.[.[.[.[dispatcherServlet]#175" in text.stdout
+    )  # data printed as text, not as rich markup
     assert _cli(s, pg_url, tmp_path, "audit", "incident:no-such").returncode == 1
 
     # the CLI's queries read the projection
