@@ -10,8 +10,9 @@ Endpoints: ``GET /runs`` (filter ``outcome``, ``model``; paging ``limit`` + ``of
 and the routing view (:mod:`projections.routing`): ``GET /routing/decisions`` (latest first; filter
 ``policy``, ``model``, ``request_id``; paging ``limit`` + ``offset``), ``GET /routing/models`` (per-model
 statistics) and ``GET /routing/requests/{request_id}`` (the request's audit: decisions with every
-candidate, outcomes); and the incidents view (:mod:`projections.incidents`): ``GET /incidents`` (filter ``status``), ``GET /incidents/{incident_id}``
-(its audit chain), ``GET /anomalies`` (filter ``series``), ``GET /correlations`` (filter ``entity``).
+candidate, outcomes); and the incidents view (:mod:`projections.incidents`): ``GET /incidents`` (filter
+``status``), ``GET /incidents/{incident_id}`` (its audit chain), ``GET /anomalies`` (filter ``series``),
+``GET /correlations`` (filter ``entity``).
 Errors answer ``{"detail": "<message>"}`` with 404 (unknown run, no such view yet) or 422 (bad input).
 """
 
@@ -232,13 +233,6 @@ def get_routing_request(request: Request, request_id: str) -> dict[str, Any]:
 # -- the incidents projection (projections.incidents) ---------------------------------------------------------------
 
 
-def _text(name: str, value: str | None) -> str | None:
-    """``value``, or 422 when it holds a NUL character (PostgreSQL text cannot)."""
-    if value is not None and "\x00" in value:
-        raise HTTPException(422, f"{name} must not contain a NUL character")
-    return value
-
-
 @router.get("/incidents", summary="Incidents with their ranked root-cause candidates")
 def get_incidents(
     request: Request,
@@ -255,8 +249,9 @@ def get_incidents(
 @router.get("/incidents/{incident_id}", summary="One incident and its chain from first anomaly to causes")
 def get_incident_chain(request: Request, incident_id: str) -> dict[str, Any]:
     """``{"incident", "insights", "chain"}`` (see :func:`projections.incidents.incident_audit`); 404 if unknown."""
+    _no_nul(incident_id=incident_id)
     with _conn(request) as conn:
-        found = incident_audit(conn, _text("incident_id", incident_id) or "")
+        found = incident_audit(conn, incident_id)
     if found is None:
         raise HTTPException(404, f"no incident {incident_id!r}")
     return found
@@ -270,8 +265,9 @@ def get_anomalies(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict[str, Any]]:
     """Newest first; filter by ``series`` (e.g. ``pod:<pod>/<metric>``)."""
+    _no_nul(series=series)
     with _conn(request) as conn:
-        return list_anomalies(conn, series=_text("series", series), limit=limit, offset=offset)
+        return list_anomalies(conn, series=series, limit=limit, offset=offset)
 
 
 @router.get("/correlations", summary="Correlation links (correlation.link)")
@@ -282,5 +278,6 @@ def get_correlations(
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[dict[str, Any]]:
     """Newest first; ``entity`` matches the commit or the message."""
+    _no_nul(entity=entity)
     with _conn(request) as conn:
-        return list_correlations(conn, entity=_text("entity", entity), limit=limit, offset=offset)
+        return list_correlations(conn, entity=entity, limit=limit, offset=offset)
