@@ -23,6 +23,7 @@ from core.settings import KafkaSettings
 from projections.agent_runs import AgentRunsProjection, InsightsProjection
 from projections.archive import ArchiveProjection
 from projections.base import Projection
+from projections.incidents import IncidentsProjection
 from projections.routing import RoutingProjection
 from projections.runner import schema_name
 from streams.envelope import format_time
@@ -41,6 +42,7 @@ PROJECTIONS: dict[str, Callable[[], Projection]] = {
     "insights": InsightsProjection,
     "archive": ArchiveProjection,
     "routing": RoutingProjection,
+    "incidents": IncidentsProjection,
 }
 """Name -> factory of each projection the backbone runs (``backbone projections list``)."""
 

@@ -103,6 +103,8 @@ def mount(root: typer.Typer) -> None:
     core.import_app.command("nab")(anomalies.import_nab)
     core.import_app.command("github-events")(anomalies.import_github_events)
     core.query_app.command("incidents")(incidents.query_incidents)
+    core.query_app.command("anomalies")(incidents.query_anomalies)
+    core.query_app.command("correlations")(incidents.query_correlations)
     eval_app = typer.Typer(
         help="Scores on real labelled data, one table per capability (--json).", no_args_is_help=True
     )

@@ -1,8 +1,14 @@
-"""``backbone import nezha DIR``, ``backbone eval incidents --data DIR`` and ``backbone query incidents``.
+"""``backbone import nezha DIR``, ``backbone eval incidents --data DIR``, ``backbone query
+incidents|anomalies|correlations`` and ``backbone audit incident:<id>``.
+
+The queries and the audit read the ``incidents`` projection (:mod:`projections.incidents`, PostgreSQL
+schema ``proj_incidents``; ``backbone projections run incidents`` fills it), not the log.
 
 Mounting (done by the integrator in the CLI package): register :func:`import_nezha` as
-``import nezha``, :func:`eval_incidents` as ``eval incidents`` and :func:`query_incidents` as
-``query incidents``. :data:`app` groups the three under ``import`` / ``eval`` / ``query`` for tests.
+``import nezha``, :func:`eval_incidents` as ``eval incidents``, :func:`query_incidents`,
+:func:`query_anomalies` and :func:`query_correlations` under ``query``; ``backbone audit`` hands an
+``incident:<id>`` entity to :func:`audit_incident`. :data:`app` groups them under ``import`` / ``eval`` /
+``query`` for tests.
 """
 
 from __future__ import annotations
@@ -15,12 +21,22 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from backbone.cli.helpers import clear_errors, emit_json
 
-__all__ = ["app", "eval_incidents", "import_nezha", "query_incidents", "run_import"]
+__all__ = [
+    "app",
+    "audit_incident",
+    "eval_incidents",
+    "import_nezha",
+    "query_anomalies",
+    "query_correlations",
+    "query_incidents",
+    "run_import",
+]
 
 out = Console()
 err = Console(stderr=True)
@@ -169,37 +185,151 @@ def eval_incidents(
         out.print(rows)
 
 
+def _view(read: Any) -> Any:
+    """Run ``read(conn)`` on the incident projection's tables (PostgreSQL only, no broker).
+
+    Raises:
+        ValueError: the ``incidents`` projection has not run yet (no tables).
+    """
+    import psycopg
+
+    from backbone.cli.helpers import context as _ctx
+
+    settings, _ = _ctx(kafka=False)
+    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
+        try:
+            return read(conn)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            raise ValueError(
+                "the incidents projection has not run yet: `backbone projections run incidents`"
+            ) from None
+
+
 @query_app.command("incidents")
 @clear_errors
 def query_incidents(
-    topic: Annotated[str, typer.Option(help="Insight topic to read.")] = "insights.incidents",
+    status: Annotated[str | None, typer.Option(help="open or closed (default: both).")] = None,
     limit: Annotated[int, typer.Option(help="Most incidents shown.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """The closed incidents on the insight topic with their ranked causes (read from the log; there is no
-    incident projection yet)."""
-    from backbone.cli.helpers import context as _ctx
-    from streams.replay import read_range
+    """Incidents from the ``incidents`` projection, newest first: when opened and closed (event time),
+    priority, services, and the ranked root-cause candidates with their score and evidence (JSON: the
+    whole row, see :func:`projections.incidents.list_incidents`)."""
+    from projections.incidents import list_incidents
 
-    settings, serde = _ctx()
-    rows = []
-    for r in read_range(settings.kafka, serde, topic):
-        data = getattr(r, "data", None)
-        if not isinstance(data, dict) or data.get("kind") != "incident.closed":
-            continue
-        cands = json.loads(data["labels"].get("candidates", "[]"))
-        rows.append({
-            "incident": data["entity"], "event_time": data["event_time"], "summary": data["summary"],
-            "candidates": [f"{c['rank']}. {c['pod']} ({c['score']})" for c in cands[:3]],
-        })  # fmt: skip
-    rows = rows[-limit:]
+    rows = _view(lambda conn: list_incidents(conn, status=status, limit=limit))
     if as_json:
         emit_json(rows)
         return
-    table = Table("incident", "closed at", "ranked causes", title=f"incidents on {topic}")
-    for row in rows:
-        table.add_row(row["incident"], str(row["event_time"]), "\n".join(row["candidates"]))
+    table = Table("incident", "status", "first anomaly", "closed at", "priority", "anomalies", "ranked causes",
+                  title="incidents")  # fmt: skip
+    for r in rows:
+        causes = [escape(f"{c['rank']}. {c['pod']} ({c['score']})") for c in r["candidates"][:3]]
+        table.add_row(r["incident_id"], r["status"], r["first_anomaly_at"], r["closed_at"] or "-", r["priority"],
+                      str(r["anomalies_count"]), "\n".join(causes))  # fmt: skip
     out.print(table)
+
+
+@query_app.command("anomalies")
+@clear_errors
+def query_anomalies(
+    series: Annotated[str | None, typer.Option(help="Only this series, e.g. pod:<pod>/<metric>.")] = None,
+    limit: Annotated[int, typer.Option(help="Most alerts shown.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Anomaly alerts (``anomaly.detected``) from the ``incidents`` projection, newest first: series, event
+    time, score (0..1), value, the window it summarises and the detector version."""
+    from projections.incidents import list_anomalies
+
+    rows = _view(lambda conn: list_anomalies(conn, series=series, limit=limit))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("series", "event time", "score", "value", "window start", "detector", title="anomalies")
+    for r in rows:
+        table.add_row(escape(r["series"]), r["event_time"], f"{r['score']:.6f}", f"{r['value']:g}", r["window_start"] or "-",
+                      r["detector_version"])  # fmt: skip
+    out.print(table)
+
+
+@query_app.command("correlations")
+@clear_errors
+def query_correlations(
+    entity: Annotated[str | None, typer.Option(help="Only links of this commit or message entity.")] = None,
+    limit: Annotated[int, typer.Option(help="Most links shown.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """Correlation links (``correlation.link``) from the ``incidents`` projection, newest first: the commit
+    (entity), the message, the method, the sources and the lag in seconds (message minus commit)."""
+    from projections.incidents import list_correlations
+
+    rows = _view(lambda conn: list_correlations(conn, entity=entity, limit=limit))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("commit", "message", "method", "sources", "lag s", "event time", title="correlations")
+    for r in rows:
+        table.add_row(escape(r["entity"]), escape(r["message_entity"]), r["method"], f"{r['source_a']} -> {r['source_b']}",
+                      f"{r['lag_seconds']:g}", r["event_time"])  # fmt: skip
+    out.print(table)
+
+
+def audit_incident(entity: str, *, as_json: bool = False) -> None:
+    """``backbone audit incident:<id>``: the chain from the incident's first anomaly to its ranked causes
+    (:func:`projections.incidents.incident_audit`), as a tree or JSON.
+
+    Raises:
+        ValueError: the projection has not run yet.
+        typer.Exit: (code 1) no such incident.
+    """
+    from rich.tree import Tree
+
+    from projections.incidents import incident_audit
+
+    e = escape  # rich markup in data (e.g. a logger named "[dispatcherServlet]") is text, not style
+    found = _view(lambda conn: incident_audit(conn, entity))
+    if found is None:
+        err.print(f"no incident {entity!r} in the incidents projection", markup=False)
+        raise typer.Exit(1)
+    if as_json:
+        emit_json(found)
+        return
+    inc = found["incident"]
+    tree = Tree(
+        f"[bold]{e(inc['entity'])}[/bold] ({inc['status']}, {e(inc['priority'])}): {e(inc['summary'])}\n"
+        f"first anomaly {inc['first_anomaly_at']}, opened {inc['opened_at'] or '-'}, closed {inc['closed_at'] or '-'}"
+    )
+    steps = found["chain"]
+    anomalies = tree.add(
+        f"anomalies that joined it ({sum(s['step'] == 'anomaly' for s in steps)}, in event time)"
+    )
+    alerts = tree.add("anomaly-processor alerts on its pods")
+    causes = tree.add("ranked root-cause candidates")
+    changes = tree.add("suspect changes")
+    for s in steps:
+        if s["step"] == "anomaly":
+            detail = f" ({s['detail']})" if s["detail"] else ""
+            anomalies.add(e(f"{s['window_start']} {s['pod']} {s['signal']} score {s['score']:.1f}: "
+                            f"{s['value']:g} vs median {s['baseline']:g}{detail}")
+                          + f" [dim]joined {s['joined_at']}[/dim]")  # fmt: skip
+        elif s["step"] == "alert":
+            alerts.add(e(f"{s['event_time']} {s['series']} score {s['score']:.6f} value {s['value']:g}"))
+        elif s["step"] == "candidate":
+            node = causes.add(
+                f"{s['rank']}. [bold]{e(s['pod'])}[/bold] ({e(s['service'])}) score {s['score']}"
+            )
+            for line in s["evidence"]:
+                node.add(e(line))
+        else:
+            changes.add(e(json.dumps({k: v for k, v in s.items() if k != "step"}, sort_keys=True)))
+    for node, empty in (
+        (alerts, "none"),
+        (causes, "none"),
+        (changes, "none carried by the incident insights"),
+    ):
+        if not node.children:
+            node.add(f"[dim]{empty}[/dim]")
+    out.print(tree)
 
 
 @processors_incidents_app.command("incidents")

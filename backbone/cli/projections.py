@@ -256,7 +256,7 @@ def audit(
         str,
         typer.Argument(
             help="run:<run_id>, config:<key>, agent:<name>, service:<name>, request:<id> (a routed request, "
-            "from the routing view), or a key."
+            "from the routing view), incident:<id> (from the incidents view), or a key."
         ),
     ],
     from_: Annotated[
@@ -272,8 +272,18 @@ def audit(
 
     ``request:<id>`` is the routing audit of a request instead (from the ``routing`` projection): its
     decisions with every candidate's score and reasons, config and learner versions, fallbacks and outcomes.
+    ``incident:<id>`` is the incident's chain from its first anomaly to its ranked causes (from the
+    ``incidents`` projection, :func:`backbone.cli.incidents.audit_incident`; no --from/--to).
     """
     import psycopg
+
+    if entity.strip().startswith("incident:"):
+        from backbone.cli.incidents import audit_incident
+
+        if from_ or to:
+            raise ValueError("--from/--to do not apply to incident:<id> (the chain is the whole incident)")
+        audit_incident(entity, as_json=as_json)
+        return
 
     from projections.audit import audit_trail
     from streams.envelope import parse_time

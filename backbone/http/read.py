@@ -10,7 +10,9 @@ Endpoints: ``GET /runs`` (filter ``outcome``, ``model``; paging ``limit`` + ``of
 and the routing view (:mod:`projections.routing`): ``GET /routing/decisions`` (latest first; filter
 ``policy``, ``model``, ``request_id``; paging ``limit`` + ``offset``), ``GET /routing/models`` (per-model
 statistics) and ``GET /routing/requests/{request_id}`` (the request's audit: decisions with every
-candidate, outcomes).
+candidate, outcomes); and the incidents view (:mod:`projections.incidents`): ``GET /incidents`` (filter
+``status``), ``GET /incidents/{incident_id}`` (its audit chain), ``GET /anomalies`` (filter ``series``),
+``GET /correlations`` (filter ``entity``).
 Errors answer ``{"detail": "<message>"}`` with 404 (unknown run, no such view yet) or 422 (bad input).
 """
 
@@ -29,6 +31,7 @@ from psycopg.rows import dict_row
 
 from projections import routing
 from projections.audit import audit_trail
+from projections.incidents import incident_audit, list_anomalies, list_correlations, list_incidents
 from projections.read_models import plain_run, read_run
 from projections.registry import PROJECTIONS, projection_status
 
@@ -225,3 +228,56 @@ def get_routing_request(request: Request, request_id: str) -> dict[str, Any]:
     if not audit.decisions and not audit.outcomes:
         raise HTTPException(404, f"no routing decision or outcome for request {request_id!r}")
     return audit.as_json()
+
+
+# -- the incidents projection (projections.incidents) ---------------------------------------------------------------
+
+
+@router.get("/incidents", summary="Incidents with their ranked root-cause candidates")
+def get_incidents(
+    request: Request,
+    status: Annotated[str | None, Query(pattern="^(open|closed)$", description="open or closed")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """Newest first (by their first anomaly); times RFC 3339, ``candidates`` a list of ``{rank, pod,
+    service, score, evidence}``."""
+    with _conn(request) as conn:
+        return list_incidents(conn, status=status, limit=limit, offset=offset)
+
+
+@router.get("/incidents/{incident_id}", summary="One incident and its chain from first anomaly to causes")
+def get_incident_chain(request: Request, incident_id: str) -> dict[str, Any]:
+    """``{"incident", "insights", "chain"}`` (see :func:`projections.incidents.incident_audit`); 404 if unknown."""
+    _no_nul(incident_id=incident_id)
+    with _conn(request) as conn:
+        found = incident_audit(conn, incident_id)
+    if found is None:
+        raise HTTPException(404, f"no incident {incident_id!r}")
+    return found
+
+
+@router.get("/anomalies", summary="Anomaly alerts (anomaly.detected)")
+def get_anomalies(
+    request: Request,
+    series: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """Newest first; filter by ``series`` (e.g. ``pod:<pod>/<metric>``)."""
+    _no_nul(series=series)
+    with _conn(request) as conn:
+        return list_anomalies(conn, series=series, limit=limit, offset=offset)
+
+
+@router.get("/correlations", summary="Correlation links (correlation.link)")
+def get_correlations(
+    request: Request,
+    entity: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict[str, Any]]:
+    """Newest first; ``entity`` matches the commit or the message."""
+    _no_nul(entity=entity)
+    with _conn(request) as conn:
+        return list_correlations(conn, entity=entity, limit=limit, offset=offset)
