@@ -25,17 +25,45 @@ each transition the healer decides (label = the breaker's key, ``provider:P``, `
 ``agent:A``; a circuit that never transitioned has no series), and the counters of :data:`COUNTERS`
 (label ``app``).
 
-Limits of this first shell (see the report of issue 11): the healer's state lives in memory, so a
-restarted worker starts from closed circuits (decisions already written are not written twice: their
-ids are deterministic); the inputs' partitions are merged in arrival order, so the decisions are
-those of one event-time-ordered replay only when the inputs have one partition each (as in the
-tests and the demo); the ``healing.decisions`` and ``healing.acks`` topics are created here and are not
-yet in ``streams.catalogue``; an ack of an escalation raised before a restart gives ``ack_unmatched``.
+State (the healer's circuits, windows, pending retries, open escalations, rollback guardrails) survives a
+restart: after each record it is written as one value to the Faust table ``healer_state`` (a
+:class:`processors.tables.TailRecoveringTable`, in-memory store, changelog topic
+``<app id>-healer_state-changelog``, one partition, key ``"healer"``), and on start (and after a
+rebalance) it is read back from the changelog and the healer restored from it before the agent takes
+its first record (:meth:`Healer.restore`; a worker with no state yet starts from the initial
+configuration). The value is JSON (UTF-8 bytes): ``{"format": 1, "offsets": {"<topic>:<partition>":
+offset}, "healer": Healer.snapshot()}``, with the offset of the last input record each input partition
+contributed to that state.
+
+Order per record, and what a crash between two steps does: (1) the healer decides, (2) the decisions are
+sent and their delivery awaited, projected and acted on (above), (3) the state is written to the table,
+(4) Faust commits the input offset later, after flushing the changelog. A crash before (3) re-reads the
+record after the restart and the restored state (from before the record) makes the same decisions with
+the same deterministic ids: the read model keeps the first (``ON CONFLICT (id) DO NOTHING``), readers
+of ``healing.decisions`` de-duplicate by id, a rollback carried out already is refused by the store's
+``expected_version`` (a ``rollback_failed`` decision, no second rollback). A crash between (3) and (4)
+re-reads records that the restored state already holds: their offsets are not above the ones recorded
+in the state, so they are skipped (``backbone_healing_replayed``) and are not applied twice. A state
+whose ``format`` this code does not read stops the worker (``healer_state_unreadable``) rather than run
+on empty state; start from empty state with a new app id.
+
+The state's configuration wins over the worker's initial ``config`` when it came from the config store
+(version above 0); a state still on version 0 takes the worker's initial configuration (so changed
+``--thresholds`` apply after a restart).
+
+Limits: the inputs' partitions are merged in arrival order, so the decisions are those of one
+event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo);
+one worker holds the whole state (do not run two workers of one app id: the second would get no
+partitions or half of them, and one state per app is written); the whole state is written per record,
+so its size (bounded by the windows, see :mod:`processors.healing.healer`) is the changelog's bytes per
+input record; the ``healing.decisions`` and ``healing.acks`` topics are created here and are not yet in
+``streams.catalogue``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +77,7 @@ from core.observability import REGISTRY
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
 from processors.healing.decisions import DECISION_SCHEMA, Decision
-from processors.healing.healer import Healer, HealingConfig
+from processors.healing.healer import Healer, HealingConfig, SnapshotError
 from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
@@ -61,6 +89,7 @@ from processors.shell import (
     traced_headers,
     tracing_process,
 )
+from processors.tables import TailRecoveringTable
 from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
@@ -70,6 +99,9 @@ from streams.serde import AvroSerde, serde_from_settings
 __all__ = [
     "COUNTERS",
     "DEFAULT_APP_ID",
+    "STATE_FORMAT",
+    "STATE_KEY",
+    "STATE_TABLE",
     "HealingStats",
     "HealingTopics",
     "create_healing_app",
@@ -82,6 +114,12 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-healing"
 PROCESSOR_NAME = "healing"
+#: The Faust table of the healer's state (changelog ``<app id>-healer_state-changelog``).
+STATE_TABLE = "healer_state"
+#: Its one key.
+STATE_KEY = "healer"
+#: Layout version of the table's value (``{"format", "offsets", "healer"}``).
+STATE_FORMAT = 1
 
 _circuit_open = Gauge(
     "backbone_circuit_open",
@@ -119,6 +157,11 @@ class HealingStats:
     decisions_count: int = 0
     dead_letters_count: int = 0
     rollbacks_done: int = 0
+    replayed_count: int = 0
+    state_writes_count: int = 0
+    state_bytes: int = 0
+    state_bytes_max: int = 0
+    restored: bool = False
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -127,6 +170,9 @@ COUNTERS = (
     ("backbone_healing_decisions", "decisions_count", "Decisions sent to the decisions topic"),
     ("backbone_healing_dead_letters", "dead_letters_count", "Records dead-lettered"),
     ("backbone_healing_rollbacks", "rollbacks_done", "Configuration rollbacks carried out"),
+    ("backbone_healing_replayed", "replayed_count", "Records skipped: already in the recovered state"),
+    ("backbone_healing_state_writes", "state_writes_count", "Healer states written to the state table"),
+    ("backbone_healing_state_bytes", "state_bytes", "Bytes of healer state written to the state table"),
 )
 """The healer's counters as Prometheus metrics (label ``app``)."""
 
@@ -142,9 +188,15 @@ class _HealingShell:
         decisions_topic: faust.TopicT,
         notifier: Notifier | None,
         config_store: Any,
+        table: Any,
+        app: faust.App,
     ) -> None:
         self.serde = serde
         self.healer = healer
+        self.initial_config = healer.config
+        self.table = table
+        self.app = app
+        self.offsets: dict[str, int] = {}
         self.read_model = read_model
         self.decisions_topic = decisions_topic
         self.notifier = notifier
@@ -152,10 +204,63 @@ class _HealingShell:
         self.stats = HealingStats()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
+    async def recovered(self) -> None:
+        """Restore the healer from the state table (Faust calls it once the table is recovered, before
+        the agent resumes).
+
+        Raises:
+            SnapshotError: the stored state has another format or is not a healer's (the app is crashed).
+        """
+        raw = self.table.get(STATE_KEY)
+        if raw is None:
+            log.info("healer_state_empty", config_version=self.healer.config.version)
+            return
+        try:
+            state = json.loads(raw)
+            if state.get("format") != STATE_FORMAT:
+                raise SnapshotError(
+                    f"healer state table format {state.get('format')!r}, this worker reads {STATE_FORMAT}"
+                )
+            healer = Healer.restore(state["healer"])
+            offsets = {str(k): int(v) for k, v in state["offsets"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            err = exc if isinstance(exc, SnapshotError) else SnapshotError(f"{type(exc).__name__}: {exc}")
+            log.error("healer_state_unreadable", error=str(err))
+            await self.app.crash(err)
+            raise err from exc
+        if healer.config.version == 0 and healer.config != self.initial_config:
+            healer.reconfigure(self.initial_config)
+        self.healer, self.offsets = healer, offsets
+        self.app.healer = healer  # type: ignore[attr-defined]
+        self.stats.restored = True
+        for b in healer.breakers.breakers.values():
+            if b.changed_at is not None:
+                _circuit_open.labels(b.key).set(0 if b.state.value == "closed" else 1)
+        log.info("healer_state_restored", bytes=len(raw), offsets=offsets, watermark=healer.status()["watermark"],
+                 circuits_open=[b.key for b in healer.breakers.breakers.values() if b.state.value != "closed"],
+                 escalations_open=len(healer.escalations), config_version=healer.config.version)  # fmt: skip
+
+    def save(self, message: Any) -> None:
+        """Write the healer's state and this record's offset to the state table (after its decisions)."""
+        self.offsets[f"{message.topic}:{message.partition}"] = int(message.offset)
+        body = {
+            "format": STATE_FORMAT,
+            "offsets": dict(sorted(self.offsets.items())),
+            "healer": self.healer.snapshot(),
+        }
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        self.table[STATE_KEY] = raw
+        self.stats.state_writes_count += 1
+        self.stats.state_bytes += len(raw)
+        self.stats.state_bytes_max = max(self.stats.state_bytes_max, len(raw))
+
     async def handle(self, message: Any) -> None:
         """Process one Faust message; never raises for a bad record."""
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
+        if int(message.offset) <= self.offsets.get(f"{message.topic}:{message.partition}", -1):
+            self.stats.replayed_count += 1
+            return
         headers = message_headers(message.headers)
         try:
             attributes = CloudEvent.from_headers(headers)
@@ -172,9 +277,11 @@ class _HealingShell:
             log.warning(
                 "healing_record_dead_lettered", reason=str(exc), topic=message.topic, offset=message.offset
             )
+            self.save(message)
             return
         record_circuit_transitions(decisions)
         await self.emit(decisions)
+        self.save(message)
 
     async def emit(self, decisions: list[Decision]) -> None:
         """Publish, project and act on decisions (see the module docstring)."""
@@ -249,7 +356,8 @@ def create_healing_app(
         web_port: Faust's web server port; ``0`` or ``None``: off.
 
     Returns:
-        The app; counters at ``app.healing_stats``, the healer at ``app.healer``,
+        The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
+        one once the state table is recovered),
         ``app.healing_close()`` releases the dead-letter producer.
     """
     topics = topics or HealingTopics()
@@ -260,9 +368,19 @@ def create_healing_app(
     )
     decisions_topic = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw")
     healer = Healer(config)
+    # One partition, one key: the healer is one state machine over every input partition. use_partitioner:
+    # the write goes to the key's partition (0), not to the input record's, so inputs of any partition
+    # count can feed it (Faust's co-partitioning check does not apply).
+    table = app.tables.add(
+        TailRecoveringTable(
+            app, kafka=settings.kafka, name=STATE_TABLE, default=None, beacon=app.tables.beacon, partitions=1,
+            use_partitioner=True, value_type=bytes, help="The healer's state: {format, offsets, healer: Healer.snapshot()} (JSON).",
+        )
+    )  # fmt: skip
     shell = _HealingShell(
-        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store
+        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store, table, app
     )
+    table.on_recover(shell.recovered)
 
     @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
     async def healing(stream: faust.StreamT) -> None:
