@@ -11,9 +11,10 @@ State: :meth:`Healer.snapshot` gives the healer's whole state as a JSON-ready di
 same history gives the same snapshot, byte for byte once dumped with ``sort_keys``), versioned by
 :data:`SNAPSHOT_FORMAT`, and :meth:`Healer.restore` builds a healer from it that decides exactly what
 the one it was taken from would have decided on the same further input. Every part keeps only what its
-windows still need (see the docstrings of the parts), and an escalation nobody acked is forgotten
-:data:`ESCALATION_RETENTION_SECONDS` of event time after it was raised, so the snapshot stays bounded
-by the event rate within the windows, not by the length of the history.
+windows still need (see the docstrings of the parts), and at most :data:`MAX_OPEN_ESCALATIONS`
+escalations wait for an ack (beyond that the oldest is forgotten; a count, not an age, because acks
+carry the wall-clock time of the person's act, not the agents' event time), so the snapshot stays
+bounded by the event rate within the windows, not by the length of the history.
 
 Events understood (by Avro full name; anything else is ignored):
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,8 +47,8 @@ from processors.healing.retry import RetryScheduler
 from processors.healing.rollback import RollbackMonitor
 
 __all__ = [
-    "ESCALATION_RETENTION_SECONDS",
     "HEALING_CONFIG_PREFIX",
+    "MAX_OPEN_ESCALATIONS",
     "SNAPSHOT_FORMAT",
     "Healer",
     "HealingConfig",
@@ -58,8 +59,8 @@ __all__ = [
 HEALING_CONFIG_PREFIX = "healing."
 #: Version of the layout of :meth:`Healer.snapshot`; :meth:`Healer.restore` refuses any other.
 SNAPSHOT_FORMAT = 1
-#: Event time after which an escalation nobody acked is forgotten (an ack after that is unmatched): 7 days.
-ESCALATION_RETENTION_SECONDS = 7 * 86_400.0
+#: Escalations kept waiting for an ack; when one more is raised the oldest is forgotten (its ack is then unmatched).
+MAX_OPEN_ESCALATIONS = 10_000
 
 
 class SnapshotError(ValueError):
@@ -176,18 +177,7 @@ class Healer:
         out += self.retries.due(now)
         out += self.rollbacks.advance(now)
         out += self.health.advance(now)
-        self._expire_escalations(now)
         return self._note(out)
-
-    def _expire_escalations(self, now: datetime) -> None:
-        # oldest raised first (insertion order); stops at the first one still kept
-        horizon = now - timedelta(seconds=ESCALATION_RETENTION_SECONDS)
-        while self.escalations:
-            eid, esc = next(iter(self.escalations.items()))
-            if esc.event_time >= horizon:
-                break
-            del self.escalations[eid]
-            self.rollbacks.forget_pending(eid)
 
     def _llm_call(self, ev: InputEvent, at: datetime) -> list[Decision]:
         d = ev.data
@@ -300,7 +290,7 @@ class Healer:
         (the ``rollback`` an approval-mode escalation waited for).
 
         An ack the healer cannot match (no open escalation with that id: acked already, unknown, or
-        raised more than :data:`ESCALATION_RETENTION_SECONDS` before the ack) gives ``ack_unmatched``
+        dropped as the oldest of more than :data:`MAX_OPEN_ESCALATIONS`) gives ``ack_unmatched``
         with the reason instead of the release; nothing raises, nothing is retried.
 
         Raises:
@@ -323,7 +313,7 @@ class Healer:
                     details={
                         "escalation_id": escalation_id,
                         "reason": "no open escalation with this id in the healer's state (acked already,"
-                        " unknown, or raised more than 7 days of event time before the ack)",
+                        " unknown, or dropped as the oldest of too many open escalations)",
                     },
                 )
             )
@@ -336,6 +326,10 @@ class Healer:
         for d in decisions:
             if d.kind == "escalation":
                 self.escalations[d.id] = d
+        while len(self.escalations) > MAX_OPEN_ESCALATIONS:  # the oldest raised first
+            eid = next(iter(self.escalations))
+            del self.escalations[eid]
+            self.rollbacks.forget_pending(eid)
         self.decisions_made += len(decisions)
         return decisions
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from configuration.schemas import HealingThresholds
+from processors.healing import healer as healer_module
 from processors.healing.healer import (
-    ESCALATION_RETENTION_SECONDS,
     SNAPSHOT_FORMAT,
     Healer,
     HealingConfig,
@@ -159,19 +159,36 @@ def test_rollback_guardrails_hold_across_a_restore() -> None:
     assert verdict.kind == "rollback_suppressed" and "per hour" in verdict.details["reason"]
 
 
-def test_state_is_pruned_as_event_time_moves_on() -> None:
+def test_state_is_pruned_as_event_time_moves_on(monkeypatch: pytest.MonkeyPatch) -> None:
     healer = Healer(HealingConfig(THRESHOLDS, 1))
     out = healer.feed_all(history())
-    assert any(d.kind == "escalation" for d in out)
+    escalations = [d.id for d in out if d.kind == "escalation"]
+    assert len(escalations) > 3 and list(healer.escalations) == escalations
     size = len(json.dumps(healer.snapshot()))
-    far = ESCALATION_RETENTION_SECONDS + REQUEST_RETENTION_SECONDS + 10
+    far = REQUEST_RETENTION_SECONDS + 10
     healer.feed(_llm(300 + far, "S", "ok", "late", 1, "r-late"))
     snap = healer.snapshot()
-    assert snap["escalations"] == [] and snap["retries"] == {"heap": [], "requests": []}
+    # escalations wait for a person whatever the time; everything else has left its window
+    assert [d["id"] for d in snap["escalations"]] == escalations
+    assert snap["retries"] == {"heap": [], "requests": []}
     assert list(snap["health"]["runs"]) == ["r-late"] and snap["rollbacks"]["changes"] == []
     assert set(snap["rollbacks"]["calls"]) == {"provider:S", "model:m"}  # only the last call's components
     assert all(len(b["window"]) <= 1 for b in snap["breakers"].values())
     assert len(json.dumps(snap)) < size
+    # at most MAX_OPEN_ESCALATIONS wait: one more drops the oldest (and its pending rollback)
+    monkeypatch.setattr(healer_module, "MAX_OPEN_ESCALATIONS", 3)
+    healer.feed(_llm(400 + far, "S", "auth", "one-more", 1, "r-late"))
+    assert len(healer.escalations) == 3 and escalations[0] not in healer.escalations
+    assert not set(healer.rollbacks.pending) - set(healer.escalations)
+    *_, ack, unmatched = healer.acknowledge(_ack(escalations[0], 500 + far))
+    assert (ack.kind, unmatched.kind) == ("escalation_acked", "ack_unmatched")
+
+
+def _ack(escalation_id: str, s: float) -> Any:
+    from processors.healing.decisions import Decision
+
+    return Decision(kind="escalation_acked", subject="x", event_time=T0 + timedelta(seconds=s), config_version=0,
+                    causation_id=escalation_id, details={"escalation_id": escalation_id, "by": "ana", "note": "n"})  # fmt: skip
 
 
 def test_restore_refuses_another_format_and_garbage() -> None:
