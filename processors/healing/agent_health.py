@@ -26,6 +26,7 @@ taken over the final totals of the last :data:`PEER_HISTORY` finished runs.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections import deque
 from collections.abc import Mapping
@@ -53,8 +54,8 @@ class RunHealth:
     last_time: datetime | None = None
     last_progress: datetime | None = None
     streak: int = 0
-    recent: deque[str] = field(default_factory=deque)
-    seen_ok: set[str] = field(default_factory=set)
+    recent: deque[str] = field(default_factory=deque)  # digests of the last commands
+    seen_ok: set[str] = field(default_factory=set)  # digests of the commands that succeeded
     tokens: int = 0
     cost_usd: float = 0.0
     finished: bool = False
@@ -63,6 +64,11 @@ class RunHealth:
 
 def _normalise(command: str) -> str:
     return " ".join(command.split())
+
+
+def _digest(command: str) -> str:
+    # what the run remembers of a (normalised) command: 64 bits of its SHA-256, enough to tell commands apart
+    return hashlib.sha256(command.encode()).hexdigest()[:16]
 
 
 class AgentHealth:
@@ -148,17 +154,18 @@ class AgentHealth:
         out: list[Decision] = []
         if rc is not None or data.get("timed_out"):
             run.streak = run.streak + 1 if failed else 0
-        if not failed and rc == 0 and command not in run.seen_ok:
-            run.seen_ok.add(command)
+        digest = _digest(command)
+        if not failed and rc == 0 and digest not in run.seen_ok:
+            run.seen_ok.add(digest)
             run.last_progress = at
         if run.recent.maxlen != t.loop_window:
             run.recent = deque(run.recent, maxlen=t.loop_window)
-        run.recent.append(command)
+        run.recent.append(digest)
         n = t.failing_streak
         out += self._level(
             run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
         )
-        repeats = sum(1 for c in run.recent if c == command) if command else 0
+        repeats = sum(1 for c in run.recent if c == digest) if command else 0
         r = t.loop_repeats
         out += self._level(
             run,

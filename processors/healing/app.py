@@ -25,27 +25,31 @@ each transition the healer decides (label = the breaker's key, ``provider:P``, `
 ``agent:A``; a circuit that never transitioned has no series), and the counters of :data:`COUNTERS`
 (label ``app``).
 
-State (the healer's circuits, windows, pending retries, open escalations, rollback guardrails) survives a
-restart: after each record it is written as one value to the Faust table ``healer_state`` (a
-:class:`processors.tables.TailRecoveringTable`, in-memory store, changelog topic
-``<app id>-healer_state-changelog``, one partition, key ``"healer"``), and on start (and after a
-rebalance) it is read back from the changelog and the healer restored from it before the agent takes
-its first record (:meth:`Healer.restore`; a worker with no state yet starts from the initial
-configuration). The value is JSON (UTF-8 bytes): ``{"format": 1, "offsets": {"<topic>:<partition>":
-offset}, "healer": Healer.snapshot()}``, with the offset of the last input record each input partition
-contributed to that state.
+State (the healer's circuits and their windows, pending retries, agent health, open escalations, the
+rollback monitor's windows and guardrails) survives a restart, as Faust/Kafka Streams state does: it is
+kept as one value in the Faust table ``healer_state`` (a :class:`processors.tables.TailRecoveringTable`,
+in-memory store, changelog topic ``<app id>-healer_state-changelog``, one partition, key ``"healer"``),
+and on start (and after a rebalance) it is read back from the changelog and the healer restored from it
+(:meth:`Healer.restore`) before the agent takes its first record; a worker with no state yet starts from
+its initial configuration. The value is zlib-compressed JSON: ``{"format": 1, "offsets":
+{"<topic>:<partition>": offset}, "healer": Healer.snapshot()}``, the offsets being those of the last
+input record of each input partition that the state holds.
 
-Order per record, and what a crash between two steps does: (1) the healer decides, (2) the decisions are
-sent and their delivery awaited, projected and acted on (above), (3) the state is written to the table,
-(4) Faust commits the input offset later, after flushing the changelog. A crash before (3) re-reads the
-record after the restart and the restored state (from before the record) makes the same decisions with
-the same deterministic ids: the read model keeps the first (``ON CONFLICT (id) DO NOTHING``), readers
-of ``healing.decisions`` de-duplicate by id, a rollback carried out already is refused by the store's
-``expected_version`` (a ``rollback_failed`` decision, no second rollback). A crash between (3) and (4)
-re-reads records that the restored state already holds: their offsets are not above the ones recorded
-in the state, so they are skipped (``backbone_healing_replayed``) and are not applied twice. A state
-whose ``format`` this code does not read stops the worker (``healer_state_unreadable``) rather than run
-on empty state; start from empty state with a new app id.
+Checkpoints, and what a crash does. The agent reads with manual acks. Per record: (1) the healer
+decides, (2) the decisions are sent (delivery awaited), projected and acted on (above). Every
+``checkpoint_records`` records, or ``checkpoint_seconds`` after the first record not yet checkpointed
+(a timer does it when no record comes), (3) the state and its offsets are written to the table, then
+(4) those records are acked, and Faust commits acked offsets only, after flushing the changelog. So the
+committed offset never passes the stored state. A crash before (3) re-reads the records since the last
+checkpoint from the committed offset, and the restored state (from that checkpoint) makes the same
+decisions with the same deterministic ids: the read model keeps the first (``ON CONFLICT (id) DO
+NOTHING``), readers of ``healing.decisions`` de-duplicate by id, and a rollback carried out already is
+refused by the store's ``expected_version`` (a ``rollback_failed`` decision, not a second rollback). A
+crash between (3) and Faust's commit re-reads records that the state already holds: their offsets are
+not above the ones stored with it, so they are skipped (``backbone_healing_replayed``), not applied
+twice. Both cases are exercised by ``tests/integration/test_healing_restart.py`` (SIGKILL mid-stream).
+A state whose ``format`` this code does not read stops the worker (``healer_state_unreadable``) rather
+than run on empty state; to start from empty state, use a new app id.
 
 The state's configuration wins over the worker's initial ``config`` when it came from the config store
 (version above 0); a state still on version 0 takes the worker's initial configuration (so changed
@@ -53,11 +57,11 @@ The state's configuration wins over the worker's initial ``config`` when it came
 
 Limits: the inputs' partitions are merged in arrival order, so the decisions are those of one
 event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo);
-one worker holds the whole state (do not run two workers of one app id: the second would get no
-partitions or half of them, and one state per app is written); the whole state is written per record,
-so its size (bounded by the windows, see :mod:`processors.healing.healer`) is the changelog's bytes per
-input record; the ``healing.decisions`` and ``healing.acks`` topics are created here and are not yet in
-``streams.catalogue``.
+one worker holds the whole state (run one worker per app id: a second would split the input partitions
+and the two would overwrite one state); each checkpoint writes the whole state (about 50 KB compressed,
+210 KB of JSON at most on the shared agent runs), and where the broker does not compact the changelog
+(not checked for Tansu) recovery reads every checkpoint ever written; the ``healing.decisions`` and
+``healing.acks`` topics are created here and are not yet in ``streams.catalogue``.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +202,13 @@ class _HealingShell:
         self.table = table
         self.app = app
         self.offsets: dict[str, int] = {}
+        self.lock = asyncio.Lock()
+        self.unacked: list[Any] = []
+        self.unacked_since = 0.0
+        self.dirty = False
+        self.checkpoint_records = 1000
+        self.checkpoint_seconds = 1.0
+        self.ack: Any = None
         self.read_model = read_model
         self.decisions_topic = decisions_topic
         self.notifier = notifier
@@ -213,17 +225,18 @@ class _HealingShell:
         """
         raw = self.table.get(STATE_KEY)
         if raw is None:
+            self.unacked = []
             log.info("healer_state_empty", config_version=self.healer.config.version)
             return
         try:
-            state = json.loads(raw)
+            state = json.loads(zlib.decompress(raw))
             if state.get("format") != STATE_FORMAT:
                 raise SnapshotError(
                     f"healer state table format {state.get('format')!r}, this worker reads {STATE_FORMAT}"
                 )
             healer = Healer.restore(state["healer"])
             offsets = {str(k): int(v) for k, v in state["offsets"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
             err = exc if isinstance(exc, SnapshotError) else SnapshotError(f"{type(exc).__name__}: {exc}")
             log.error("healer_state_unreadable", error=str(err))
             await self.app.crash(err)
@@ -231,6 +244,10 @@ class _HealingShell:
         if healer.config.version == 0 and healer.config != self.initial_config:
             healer.reconfigure(self.initial_config)
         self.healer, self.offsets = healer, offsets
+        self.unacked, self.dirty = (
+            [],
+            False,
+        )  # records after the state are read again from the committed offsets
         self.app.healer = healer  # type: ignore[attr-defined]
         self.stats.restored = True
         for b in healer.breakers.breakers.values():
@@ -240,15 +257,39 @@ class _HealingShell:
                  circuits_open=[b.key for b in healer.breakers.breakers.values() if b.state.value != "closed"],
                  escalations_open=len(healer.escalations), config_version=healer.config.version)  # fmt: skip
 
-    def save(self, message: Any) -> None:
-        """Write the healer's state and this record's offset to the state table (after its decisions)."""
+    def handled(self, message: Any) -> None:
+        """Note that ``message`` is in the healer's state now (its decisions are out)."""
         self.offsets[f"{message.topic}:{message.partition}"] = int(message.offset)
+        self.dirty = True
+
+    async def after(self, event: Any) -> None:
+        """Hold ``event``'s ack until the next checkpoint; checkpoint when one is due."""
+        if not self.unacked:
+            self.unacked_since = time.monotonic()
+        self.unacked.append(event)
+        if (
+            len(self.unacked) >= self.checkpoint_records
+            or time.monotonic() - self.unacked_since >= self.checkpoint_seconds
+        ):
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Write the state (when it changed), then ack the records it holds (Faust commits acked offsets only)."""
+        if self.dirty:
+            self.save()
+        events, self.unacked = self.unacked, []
+        for event in events:
+            await self.ack(event)
+
+    def save(self) -> None:
+        """Write the healer's state and the offsets it holds to the state table."""
+        self.dirty = False
         body = {
             "format": STATE_FORMAT,
             "offsets": dict(sorted(self.offsets.items())),
             "healer": self.healer.snapshot(),
         }
-        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        raw = zlib.compress(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), 1)
         self.table[STATE_KEY] = raw
         self.stats.state_writes_count += 1
         self.stats.state_bytes += len(raw)
@@ -277,11 +318,11 @@ class _HealingShell:
             log.warning(
                 "healing_record_dead_lettered", reason=str(exc), topic=message.topic, offset=message.offset
             )
-            self.save(message)
+            self.handled(message)
             return
         record_circuit_transitions(decisions)
         await self.emit(decisions)
-        self.save(message)
+        self.handled(message)
 
     async def emit(self, decisions: list[Decision]) -> None:
         """Publish, project and act on decisions (see the module docstring)."""
@@ -341,6 +382,8 @@ def create_healing_app(
     config_store: Any = None,
     serde: AvroSerde | None = None,
     web_port: int | None = 0,
+    checkpoint_records: int = 1000,
+    checkpoint_seconds: float = 1.0,
 ) -> faust.App:
     """Build the healer's Faust app (one agent over the events and config topics).
 
@@ -354,6 +397,8 @@ def create_healing_app(
         config_store: a ``configuration.store.ConfigStore`` to carry out rollbacks; ``None``: recommend only.
         serde: default :func:`streams.serde.serde_from_settings`.
         web_port: Faust's web server port; ``0`` or ``None``: off.
+        checkpoint_records: records after which the state is written and their offsets acked.
+        checkpoint_seconds: the longest a handled record waits for that (a timer checkpoints when idle).
 
     Returns:
         The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
@@ -382,12 +427,25 @@ def create_healing_app(
     )
     table.on_recover(shell.recovered)
 
+    shell.checkpoint_records, shell.checkpoint_seconds = checkpoint_records, checkpoint_seconds
+
     @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
     async def healing(stream: faust.StreamT) -> None:
-        """Feed agent and config events to the healer; publish and project its decisions."""
-        async for event in stream.events():
-            with tracing_process(event.message, app.conf.id):
-                await shell.handle(event.message)
+        """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
+        manual = stream.noack()
+        shell.ack = manual.ack
+        async for event in manual.events():
+            async with shell.lock:
+                with tracing_process(event.message, app.conf.id):
+                    await shell.handle(event.message)
+                await shell.after(event)
+
+    @app.timer(interval=checkpoint_seconds)
+    async def healer_checkpoint() -> None:
+        """Checkpoint what arrived since the last one when no record came to do it."""
+        async with shell.lock:
+            if shell.unacked and shell.ack is not None:
+                await shell.checkpoint()
 
     app.healing_stats = shell.stats  # type: ignore[attr-defined]
     app.healer = healer  # type: ignore[attr-defined]

@@ -263,3 +263,26 @@ def test_rollback_guardrails_hold_across_a_restart(
         assert (store.get("providers.google").version, store.get("providers.studio").version) == (3, 2)
     finally:
         store.close()
+
+
+def test_inputs_with_several_partitions_share_the_one_state(
+    settings: Settings, pg_url: str, redis_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
+) -> None:
+    """As in deployment (agent.events has 6 partitions, config.changes 3): the one-partition state table
+    takes writes whatever the input's partition (no co-partitioning error) and a restart restores it."""
+    settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
+    topics = {**_topics(create_topic, unique_name), "events": create_topic(unique_name("events6"), 6),
+              "config": create_topic(unique_name("config3"), 3)}  # fmt: skip
+    app_id = unique_name("heal")
+    _produce(settings, topics["events"], [_call(float(s), ok=not 30 <= s < 41) for s in range(0, 41)])
+    first = _worker(settings, pg_url, tmp_path, app_id, topics)
+    assert first["records"] == 41 and first["state_writes"] >= 1
+    _produce(settings, topics["events"], [_call(float(s), ok=True) for s in range(41, 81)])
+    second = _worker(settings, pg_url, tmp_path, app_id, topics)
+    assert second["state_restored"] is True and second["records"] == 40
+    model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+    assert [r["kind"] for r in model.audit("circuit:provider:google")] == [
+        "circuit_opened",
+        "circuit_half_open",
+        "circuit_closed",
+    ]
