@@ -218,14 +218,21 @@ class _HealingShell:
 
     async def recovered(self) -> None:
         """Restore the healer from the state table (Faust calls it once the table is recovered, before
-        the agent resumes).
+        the agent resumes; also after a rebalance, when the records since the last checkpoint, never
+        acked, are read again from the committed offsets).
 
         Raises:
             SnapshotError: the stored state has another format or is not a healer's (the app is crashed).
         """
+        async with self.lock:  # not in the middle of a record or a checkpoint
+            await self._recovered()
+
+    async def _recovered(self) -> None:
         raw = self.table.get(STATE_KEY)
-        if raw is None:
-            self.unacked = []
+        self.unacked, self.dirty = [], False
+        if raw is None:  # nothing checkpointed, nothing acked: every record is read again
+            self.healer, self.offsets = Healer(self.initial_config), {}
+            self.app.healer = self.healer  # type: ignore[attr-defined]
             log.info("healer_state_empty", config_version=self.healer.config.version)
             return
         try:
@@ -244,10 +251,6 @@ class _HealingShell:
         if healer.config.version == 0 and healer.config != self.initial_config:
             healer.reconfigure(self.initial_config)
         self.healer, self.offsets = healer, offsets
-        self.unacked, self.dirty = (
-            [],
-            False,
-        )  # records after the state are read again from the committed offsets
         self.app.healer = healer  # type: ignore[attr-defined]
         self.stats.restored = True
         for b in healer.breakers.breakers.values():
