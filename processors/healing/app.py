@@ -193,8 +193,8 @@ class _HealingShell:
         decisions_topic: faust.TopicT,
         notifier: Notifier | None,
         config_store: Any,
-        table: Any,
-        app: faust.App,
+        table: Any = None,
+        app: Any = None,
     ) -> None:
         self.serde = serde
         self.healer = healer
