@@ -291,7 +291,9 @@ def processors_heal(
     if store is not None:
         store.close()
     summary = {"records": stats.records_count, "decisions": stats.decisions_count,
-               "dead_letters": stats.dead_letters_count, "rollbacks_done": stats.rollbacks_done}  # fmt: skip
+               "dead_letters": stats.dead_letters_count, "rollbacks_done": stats.rollbacks_done,
+               "replayed": stats.replayed_count, "state_restored": stats.restored,
+               "state_writes": stats.state_writes_count, "state_bytes_max": stats.state_bytes_max}  # fmt: skip
     if as_json:
         emit_json(summary)
     else:

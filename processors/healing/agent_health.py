@@ -17,10 +17,16 @@ first time the level is reached. Signals (thresholds from :class:`configuration.
   ``runaway_min_peers`` have finished); levels at 1x, 1.5x, 2x that factor.
 
 Levels and the action each recommends: ``warn``, ``recommend_restart``, ``escalate``.
+
+Bounded state: a run (finished or not) with no event for ``3 * stall_seconds`` of event time is
+forgotten when the watermark passes that point (:meth:`AgentHealth.advance`; by then every stall level
+it could raise has been raised); a later event of it starts its health afresh. The runaway median is
+taken over the final totals of the last :data:`PEER_HISTORY` finished runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections import deque
 from collections.abc import Mapping
@@ -29,11 +35,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from configuration.schemas import HealingThresholds
-from processors.healing.decisions import Decision, to_utc
+from processors.healing.decisions import Decision, from_us, to_us, to_utc
 
-__all__ = ["LEVELS", "AgentHealth", "RunHealth"]
+__all__ = ["LEVELS", "PEER_HISTORY", "AgentHealth", "RunHealth"]
 
 LEVELS = ("warn", "recommend_restart", "escalate")
+#: Finished runs whose final totals make the peer median of the runaway signals (the most recent ones).
+PEER_HISTORY = 1000
 
 
 @dataclass(slots=True)
@@ -46,8 +54,8 @@ class RunHealth:
     last_time: datetime | None = None
     last_progress: datetime | None = None
     streak: int = 0
-    recent: deque[str] = field(default_factory=deque)
-    seen_ok: set[str] = field(default_factory=set)
+    recent: deque[str] = field(default_factory=deque)  # digests of the last commands
+    seen_ok: set[str] = field(default_factory=set)  # digests of the commands that succeeded
     tokens: int = 0
     cost_usd: float = 0.0
     finished: bool = False
@@ -56,6 +64,11 @@ class RunHealth:
 
 def _normalise(command: str) -> str:
     return " ".join(command.split())
+
+
+def _digest(command: str) -> str:
+    # what the run remembers of a (normalised) command: 64 bits of its SHA-256, enough to tell commands apart
+    return hashlib.sha256(command.encode()).hexdigest()[:16]
 
 
 class AgentHealth:
@@ -70,8 +83,8 @@ class AgentHealth:
         self.thresholds = thresholds
         self.config_version = config_version
         self.runs: dict[str, RunHealth] = {}
-        self._final_tokens: list[int] = []
-        self._final_cost: list[float] = []
+        self._final_tokens: deque[int] = deque(maxlen=PEER_HISTORY)
+        self._final_cost: deque[float] = deque(maxlen=PEER_HISTORY)
 
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Use new thresholds from now on."""
@@ -117,13 +130,17 @@ class AgentHealth:
         return out
 
     def advance(self, now: datetime | float) -> list[Decision]:
-        """Check every unfinished run for a stall at watermark ``now`` (in run-id order)."""
+        """Check every unfinished run for a stall at watermark ``now`` (in run-id order), then forget the
+        runs with no event in the last ``3 * stall_seconds`` before ``now``."""
         now = to_utc(now)
         out: list[Decision] = []
+        horizon = now - timedelta(seconds=3 * self.thresholds.stall_seconds)
         for run_id in sorted(self.runs):
             run = self.runs[run_id]
             if not run.finished:
                 out += self._stall(run, now, None)
+            if run.last_time is not None and run.last_time <= horizon:
+                del self.runs[run_id]
         return out
 
     # -- signals --------------------------------------------------------------------------------
@@ -137,17 +154,18 @@ class AgentHealth:
         out: list[Decision] = []
         if rc is not None or data.get("timed_out"):
             run.streak = run.streak + 1 if failed else 0
-        if not failed and rc == 0 and command not in run.seen_ok:
-            run.seen_ok.add(command)
+        digest = _digest(command)
+        if not failed and rc == 0 and digest not in run.seen_ok:
+            run.seen_ok.add(digest)
             run.last_progress = at
         if run.recent.maxlen != t.loop_window:
             run.recent = deque(run.recent, maxlen=t.loop_window)
-        run.recent.append(command)
+        run.recent.append(digest)
         n = t.failing_streak
         out += self._level(
             run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
         )
-        repeats = sum(1 for c in run.recent if c == command) if command else 0
+        repeats = sum(1 for c in run.recent if c == digest) if command else 0
         r = t.loop_repeats
         out += self._level(
             run,
@@ -240,6 +258,59 @@ class AgentHealth:
                 },
             )
         ]
+
+    def dump_state(self) -> dict[str, Any]:
+        """The monitor's whole state, JSON-ready and deterministic (times in epoch microseconds).
+
+        ``{"runs": {run_id: {"step", "started_at_us", "last_time_us", "last_progress_us", "streak",
+        "recent", "seen_ok" (sorted), "tokens", "cost_usd", "finished", "levels"}}, "final_tokens",
+        "final_cost"}``.
+        """
+        return {
+            "runs": {
+                rid: {
+                    "step": r.step,
+                    "started_at_us": to_us(r.started_at),
+                    "last_time_us": to_us(r.last_time),
+                    "last_progress_us": to_us(r.last_progress),
+                    "streak": r.streak,
+                    "recent": list(r.recent),
+                    "seen_ok": sorted(r.seen_ok),
+                    "tokens": r.tokens,
+                    "cost_usd": r.cost_usd,
+                    "finished": r.finished,
+                    "levels": dict(sorted(r.levels.items())),
+                }
+                for rid, r in sorted(self.runs.items())
+            },
+            "final_tokens": list(self._final_tokens),
+            "final_cost": list(self._final_cost),
+        }
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        """Replace the state by :meth:`dump_state`'s.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a state.
+        """
+        self.runs = {}
+        for rid, r in data["runs"].items():
+            self.runs[rid] = RunHealth(
+                run_id=rid,
+                step=int(r["step"]),
+                started_at=from_us(r["started_at_us"]),
+                last_time=from_us(r["last_time_us"]),
+                last_progress=from_us(r["last_progress_us"]),
+                streak=int(r["streak"]),
+                recent=deque(r["recent"], maxlen=self.thresholds.loop_window),
+                seen_ok=set(r["seen_ok"]),
+                tokens=int(r["tokens"]),
+                cost_usd=float(r["cost_usd"]),
+                finished=bool(r["finished"]),
+                levels={k: int(v) for k, v in r["levels"].items()},
+            )
+        self._final_tokens = deque((int(x) for x in data["final_tokens"]), maxlen=PEER_HISTORY)
+        self._final_cost = deque((float(x) for x in data["final_cost"]), maxlen=PEER_HISTORY)
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Open warnings: ``[{"run_id", "signal", "level", "step"}]`` of unfinished runs, in run-id order."""

@@ -25,18 +25,51 @@ each transition the healer decides (label = the breaker's key, ``provider:P``, `
 ``agent:A``; a circuit that never transitioned has no series), and the counters of :data:`COUNTERS`
 (label ``app``).
 
-Limits of this first shell (see the report of issue 11): the healer's state lives in memory, so a
-restarted worker starts from closed circuits (decisions already written are not written twice: their
-ids are deterministic); the inputs' partitions are merged in arrival order, so the decisions are
-those of one event-time-ordered replay only when the inputs have one partition each (as in the
-tests and the demo); the ``healing.decisions`` and ``healing.acks`` topics are created here and are not
-yet in ``streams.catalogue``; an ack of an escalation raised before a restart gives ``ack_unmatched``.
+State (the healer's circuits and their windows, pending retries, agent health, open escalations, the
+rollback monitor's windows and guardrails) survives a restart, as Faust/Kafka Streams state does: it is
+kept as one value in the Faust table ``healer_state`` (a :class:`processors.tables.TailRecoveringTable`,
+in-memory store, changelog topic ``<app id>-healer_state-changelog``, one partition, key ``"healer"``),
+and on start (and after a rebalance) it is read back from the changelog and the healer restored from it
+(:meth:`Healer.restore`) before the agent takes its first record; a worker with no state yet starts from
+its initial configuration. The value is zlib-compressed JSON: ``{"format": 1, "offsets":
+{"<topic>:<partition>": offset}, "healer": Healer.snapshot()}``, the offsets being those of the last
+input record of each input partition that the state holds.
+
+Checkpoints, and what a crash does. The agent reads with manual acks. Per record: (1) the healer
+decides, (2) the decisions are sent (delivery awaited), projected and acted on (above). Every
+``checkpoint_records`` records, or ``checkpoint_seconds`` after the first record not yet checkpointed
+(a timer does it when no record comes), (3) the state and its offsets are written to the table, then
+(4) those records are acked, and Faust commits acked offsets only, after flushing the changelog. So the
+committed offset never passes the stored state. A crash before (3) re-reads the records since the last
+checkpoint from the committed offset, and the restored state (from that checkpoint) makes the same
+decisions with the same deterministic ids: the read model keeps the first (``ON CONFLICT (id) DO
+NOTHING``), readers of ``healing.decisions`` de-duplicate by id, and a rollback carried out already is
+refused by the store's ``expected_version`` (a ``rollback_failed`` decision, not a second rollback). A
+crash between (3) and Faust's commit re-reads records that the state already holds: their offsets are
+not above the ones stored with it, so they are skipped (``backbone_healing_replayed``), not applied
+twice. Both cases are exercised by ``tests/integration/test_healing_restart.py`` (SIGKILL mid-stream).
+A state whose ``format`` this code does not read stops the worker (``healer_state_unreadable``) rather
+than run on empty state; to start from empty state, use a new app id.
+
+The state's configuration wins over the worker's initial ``config`` when it came from the config store
+(version above 0); a state still on version 0 takes the worker's initial configuration (so changed
+``--thresholds`` apply after a restart).
+
+Limits: the inputs' partitions are merged in arrival order, so the decisions are those of one
+event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo);
+one worker holds the whole state (run one worker per app id: a second would split the input partitions
+and the two would overwrite one state); each checkpoint writes the whole state (about 50 KB compressed,
+210 KB of JSON at most on the shared agent runs), and where the broker does not compact the changelog
+(not checked for Tansu) recovery reads every checkpoint ever written; the ``healing.decisions`` and
+``healing.acks`` topics are created here and are not yet in ``streams.catalogue``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +82,7 @@ from core.observability import REGISTRY
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
 from processors.healing.decisions import DECISION_SCHEMA, Decision
-from processors.healing.healer import Healer, HealingConfig
+from processors.healing.healer import Healer, HealingConfig, SnapshotError
 from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
@@ -61,6 +94,7 @@ from processors.shell import (
     traced_headers,
     tracing_process,
 )
+from processors.tables import TailRecoveringTable
 from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
@@ -70,6 +104,9 @@ from streams.serde import AvroSerde, serde_from_settings
 __all__ = [
     "COUNTERS",
     "DEFAULT_APP_ID",
+    "STATE_FORMAT",
+    "STATE_KEY",
+    "STATE_TABLE",
     "HealingStats",
     "HealingTopics",
     "create_healing_app",
@@ -82,6 +119,12 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-healing"
 PROCESSOR_NAME = "healing"
+#: The Faust table of the healer's state (changelog ``<app id>-healer_state-changelog``).
+STATE_TABLE = "healer_state"
+#: Its one key.
+STATE_KEY = "healer"
+#: Layout version of the table's value (``{"format", "offsets", "healer"}``).
+STATE_FORMAT = 1
 
 _circuit_open = Gauge(
     "backbone_circuit_open",
@@ -119,6 +162,11 @@ class HealingStats:
     decisions_count: int = 0
     dead_letters_count: int = 0
     rollbacks_done: int = 0
+    replayed_count: int = 0
+    state_writes_count: int = 0
+    state_bytes: int = 0
+    state_bytes_max: int = 0
+    restored: bool = False
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -127,6 +175,9 @@ COUNTERS = (
     ("backbone_healing_decisions", "decisions_count", "Decisions sent to the decisions topic"),
     ("backbone_healing_dead_letters", "dead_letters_count", "Records dead-lettered"),
     ("backbone_healing_rollbacks", "rollbacks_done", "Configuration rollbacks carried out"),
+    ("backbone_healing_replayed", "replayed_count", "Records skipped: already in the recovered state"),
+    ("backbone_healing_state_writes", "state_writes_count", "Healer states written to the state table"),
+    ("backbone_healing_state_bytes", "state_bytes", "Bytes of healer state written to the state table"),
 )
 """The healer's counters as Prometheus metrics (label ``app``)."""
 
@@ -142,9 +193,22 @@ class _HealingShell:
         decisions_topic: faust.TopicT,
         notifier: Notifier | None,
         config_store: Any,
+        table: Any = None,
+        app: Any = None,
     ) -> None:
         self.serde = serde
         self.healer = healer
+        self.initial_config = healer.config
+        self.table = table
+        self.app = app
+        self.offsets: dict[str, int] = {}
+        self.lock = asyncio.Lock()
+        self.unacked: list[Any] = []
+        self.unacked_since = 0.0
+        self.dirty = False
+        self.checkpoint_records = 1000
+        self.checkpoint_seconds = 1.0
+        self.ack: Any = None
         self.read_model = read_model
         self.decisions_topic = decisions_topic
         self.notifier = notifier
@@ -152,10 +216,95 @@ class _HealingShell:
         self.stats = HealingStats()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
+    async def recovered(self) -> None:
+        """Restore the healer from the state table (Faust calls it once the table is recovered, before
+        the agent resumes; also after a rebalance, when the records since the last checkpoint, never
+        acked, are read again from the committed offsets).
+
+        Raises:
+            SnapshotError: the stored state has another format or is not a healer's (the app is crashed).
+        """
+        async with self.lock:  # not in the middle of a record or a checkpoint
+            await self._recovered()
+
+    async def _recovered(self) -> None:
+        raw = self.table.get(STATE_KEY)
+        self.unacked, self.dirty = [], False
+        if raw is None:  # nothing checkpointed, nothing acked: every record is read again
+            self.healer, self.offsets = Healer(self.initial_config), {}
+            self.app.healer = self.healer  # type: ignore[attr-defined]
+            log.info("healer_state_empty", config_version=self.healer.config.version)
+            return
+        try:
+            state = json.loads(zlib.decompress(raw))
+            if state.get("format") != STATE_FORMAT:
+                raise SnapshotError(
+                    f"healer state table format {state.get('format')!r}, this worker reads {STATE_FORMAT}"
+                )
+            healer = Healer.restore(state["healer"])
+            offsets = {str(k): int(v) for k, v in state["offsets"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError, zlib.error) as exc:
+            err = exc if isinstance(exc, SnapshotError) else SnapshotError(f"{type(exc).__name__}: {exc}")
+            log.error("healer_state_unreadable", error=str(err))
+            await self.app.crash(err)
+            raise err from exc
+        if healer.config.version == 0 and healer.config != self.initial_config:
+            healer.reconfigure(self.initial_config)
+        self.healer, self.offsets = healer, offsets
+        self.app.healer = healer  # type: ignore[attr-defined]
+        self.stats.restored = True
+        for b in healer.breakers.breakers.values():
+            if b.changed_at is not None:
+                _circuit_open.labels(b.key).set(0 if b.state.value == "closed" else 1)
+        log.info("healer_state_restored", bytes=len(raw), offsets=offsets, watermark=healer.status()["watermark"],
+                 circuits_open=[b.key for b in healer.breakers.breakers.values() if b.state.value != "closed"],
+                 escalations_open=len(healer.escalations), config_version=healer.config.version)  # fmt: skip
+
+    def handled(self, message: Any) -> None:
+        """Note that ``message`` is in the healer's state now (its decisions are out)."""
+        self.offsets[f"{message.topic}:{message.partition}"] = int(message.offset)
+        self.dirty = True
+
+    async def after(self, event: Any) -> None:
+        """Hold ``event``'s ack until the next checkpoint; checkpoint when one is due."""
+        if not self.unacked:
+            self.unacked_since = time.monotonic()
+        self.unacked.append(event)
+        if (
+            len(self.unacked) >= self.checkpoint_records
+            or time.monotonic() - self.unacked_since >= self.checkpoint_seconds
+        ):
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Write the state (when it changed), then ack the records it holds (Faust commits acked offsets only)."""
+        if self.dirty:
+            self.save()
+        events, self.unacked = self.unacked, []
+        for event in events:
+            await self.ack(event)
+
+    def save(self) -> None:
+        """Write the healer's state and the offsets it holds to the state table."""
+        self.dirty = False
+        body = {
+            "format": STATE_FORMAT,
+            "offsets": dict(sorted(self.offsets.items())),
+            "healer": self.healer.snapshot(),
+        }
+        raw = zlib.compress(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), 1)
+        self.table[STATE_KEY] = raw
+        self.stats.state_writes_count += 1
+        self.stats.state_bytes += len(raw)
+        self.stats.state_bytes_max = max(self.stats.state_bytes_max, len(raw))
+
     async def handle(self, message: Any) -> None:
         """Process one Faust message; never raises for a bad record."""
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
+        if int(message.offset) <= self.offsets.get(f"{message.topic}:{message.partition}", -1):
+            self.stats.replayed_count += 1
+            return
         headers = message_headers(message.headers)
         try:
             attributes = CloudEvent.from_headers(headers)
@@ -172,9 +321,11 @@ class _HealingShell:
             log.warning(
                 "healing_record_dead_lettered", reason=str(exc), topic=message.topic, offset=message.offset
             )
+            self.handled(message)
             return
         record_circuit_transitions(decisions)
         await self.emit(decisions)
+        self.handled(message)
 
     async def emit(self, decisions: list[Decision]) -> None:
         """Publish, project and act on decisions (see the module docstring)."""
@@ -234,6 +385,8 @@ def create_healing_app(
     config_store: Any = None,
     serde: AvroSerde | None = None,
     web_port: int | None = 0,
+    checkpoint_records: int = 1000,
+    checkpoint_seconds: float = 1.0,
 ) -> faust.App:
     """Build the healer's Faust app (one agent over the events and config topics).
 
@@ -247,9 +400,12 @@ def create_healing_app(
         config_store: a ``configuration.store.ConfigStore`` to carry out rollbacks; ``None``: recommend only.
         serde: default :func:`streams.serde.serde_from_settings`.
         web_port: Faust's web server port; ``0`` or ``None``: off.
+        checkpoint_records: records after which the state is written and their offsets acked.
+        checkpoint_seconds: the longest a handled record waits for that (a timer checkpoints when idle).
 
     Returns:
-        The app; counters at ``app.healing_stats``, the healer at ``app.healer``,
+        The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
+        one once the state table is recovered),
         ``app.healing_close()`` releases the dead-letter producer.
     """
     topics = topics or HealingTopics()
@@ -260,16 +416,39 @@ def create_healing_app(
     )
     decisions_topic = app.topic(topics.decisions, key_serializer="raw", value_serializer="raw")
     healer = Healer(config)
+    # One partition, one key: the healer is one state machine over every input partition. use_partitioner:
+    # the write goes to the key's partition (0), not to the input record's, so inputs of any partition
+    # count can feed it (Faust's co-partitioning check does not apply).
+    table = app.tables.add(
+        TailRecoveringTable(
+            app, kafka=settings.kafka, name=STATE_TABLE, default=None, beacon=app.tables.beacon, partitions=1,
+            use_partitioner=True, value_type=bytes, help="The healer's state: {format, offsets, healer: Healer.snapshot()} (JSON).",
+        )
+    )  # fmt: skip
     shell = _HealingShell(
-        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store
+        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store, table, app
     )
+    table.on_recover(shell.recovered)
+
+    shell.checkpoint_records, shell.checkpoint_seconds = checkpoint_records, checkpoint_seconds
 
     @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
     async def healing(stream: faust.StreamT) -> None:
-        """Feed agent and config events to the healer; publish and project its decisions."""
-        async for event in stream.events():
-            with tracing_process(event.message, app.conf.id):
-                await shell.handle(event.message)
+        """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
+        manual = stream.noack()
+        shell.ack = manual.ack
+        async for event in manual.events():
+            async with shell.lock:
+                with tracing_process(event.message, app.conf.id):
+                    await shell.handle(event.message)
+                await shell.after(event)
+
+    @app.timer(interval=checkpoint_seconds)
+    async def healer_checkpoint() -> None:
+        """Checkpoint what arrived since the last one when no record came to do it."""
+        async with shell.lock:
+            if shell.unacked and shell.ack is not None:
+                await shell.checkpoint()
 
     app.healing_stats = shell.stats  # type: ignore[attr-defined]
     app.healer = healer  # type: ignore[attr-defined]

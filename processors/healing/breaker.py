@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from configuration.schemas import HealingThresholds
-from processors.healing.decisions import Decision, to_utc
+from processors.healing.decisions import Decision, from_us, to_us, to_utc
 
 __all__ = ["BreakerBoard", "CircuitBreaker", "CircuitState", "circuit_keys"]
 
@@ -250,6 +250,46 @@ class CircuitBreaker:
             **self.counts(),
         }
 
+    def dump_state(self) -> dict[str, Any]:
+        """The breaker's whole state, JSON-ready and deterministic (times in epoch microseconds).
+
+        ``{"state", "opened_at_us", "changed_at_us", "watermark_us", "consecutive", "calls_while_open",
+        "probe": [admitted, succeeded], "window": [[time_us, ok], ...]}``; the window holds the calls of
+        the last ``window_seconds`` of event time only (older ones are dropped as time advances).
+        """
+        return {
+            "state": self.state.value,
+            "opened_at_us": to_us(self.opened_at),
+            "changed_at_us": to_us(self.changed_at),
+            "watermark_us": to_us(self._watermark),
+            "consecutive": self.consecutive,
+            "calls_while_open": self.calls_while_open,
+            "probe": [self._probe.admitted, self._probe.succeeded],
+            "window": [[to_us(at), ok] for at, ok in self._window],
+        }
+
+    @classmethod
+    def load_state(
+        cls, key: str, data: dict[str, Any], thresholds: HealingThresholds, config_version: int
+    ) -> CircuitBreaker:
+        """The breaker :meth:`dump_state` described.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a state.
+        """
+        b = cls(key, thresholds, config_version)
+        b.state = CircuitState(data["state"])
+        b.opened_at = from_us(data["opened_at_us"])
+        b.changed_at = from_us(data["changed_at_us"])
+        b._watermark = from_us(data["watermark_us"])
+        b.consecutive = int(data["consecutive"])
+        b.calls_while_open = int(data["calls_while_open"])
+        b._probe = _Probe(int(data["probe"][0]), int(data["probe"][1]))
+        for t, ok in data["window"]:
+            b._window.append((from_us(int(t)), bool(ok)))  # type: ignore[arg-type]
+        b._failures_in_window = sum(1 for _, ok in b._window if not ok)
+        return b
+
 
 def circuit_keys(provider: str | None, model: str | None = None, agent: str | None = None) -> list[str]:
     """The circuits a call belongs to: ``provider:P``, ``model:P/M`` and ``agent:A`` (those that are known).
@@ -320,3 +360,17 @@ class BreakerBoard:
     def snapshot(self) -> list[dict[str, Any]]:
         """Every breaker's :meth:`CircuitBreaker.snapshot`, in key order."""
         return [self.breakers[k].snapshot() for k in sorted(self.breakers)]
+
+    def dump_state(self) -> dict[str, Any]:
+        """``{circuit key: CircuitBreaker.dump_state()}`` in key order."""
+        return {k: self.breakers[k].dump_state() for k in sorted(self.breakers)}
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        """Replace every breaker by those of :meth:`dump_state` (with this board's thresholds).
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a state.
+        """
+        self.breakers = {
+            k: CircuitBreaker.load_state(k, v, self.thresholds, self.config_version) for k, v in data.items()
+        }

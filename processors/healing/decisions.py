@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["DECISION_SCHEMA", "DECISION_SOURCE", "Decision", "decision_id", "to_utc"]
+__all__ = ["DECISION_SCHEMA", "DECISION_SOURCE", "Decision", "decision_id", "from_us", "to_us", "to_utc"]
 
 #: Avro full name of a decision event.
 DECISION_SCHEMA = "sophia.healing.Decision"
@@ -35,6 +35,22 @@ def to_utc(value: datetime | float | int) -> datetime:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return datetime.fromtimestamp(float(value), UTC)
     raise TypeError(f"an event time is a datetime or unix seconds, not {type(value).__name__}")
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(value: datetime | None) -> int | None:
+    """Epoch microseconds of an aware datetime (exact: datetimes have microsecond resolution); ``None`` stays."""
+    if value is None:
+        return None
+    delta = to_utc(value) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int | None) -> datetime | None:
+    """The UTC datetime of :func:`to_us`'s epoch microseconds; ``None`` stays."""
+    return None if value is None else _EPOCH + timedelta(microseconds=int(value))
 
 
 def decision_id(kind: str, subject: str, event_time: datetime, *parts: Any) -> str:
@@ -121,6 +137,22 @@ class Decision:
             causation_id=data.get("causation_id"),
             id=data["id"],
         )
+
+    def to_state(self) -> dict[str, Any]:
+        """The decision for a state snapshot: :meth:`to_avro` with ``event_time_us`` (epoch microseconds)
+        in place of ``event_time``, JSON-ready; :meth:`from_state` gives it back equal, id included."""
+        out = self.to_avro()
+        out["event_time_us"] = to_us(out.pop("event_time"))
+        return out
+
+    @classmethod
+    def from_state(cls, data: dict[str, Any]) -> Decision:
+        """The decision :meth:`to_state` wrote.
+
+        Raises:
+            KeyError: a field is missing. ValueError: ``details_json`` is not JSON.
+        """
+        return cls.from_avro({**data, "event_time": from_us(int(data["event_time_us"]))})
 
     def to_event(self) -> Any:
         """The decision as a ``streams.envelope.Event`` (key = subject, CloudEvents id = decision id)."""

@@ -7,6 +7,15 @@ event's time (the watermark: the largest event time seen) and returns the decisi
 caused (half-open transitions, due retries, stalls, rollback verdicts), then those of the event itself.
 No wall clock is read anywhere, so the same history gives the same decisions, ids included.
 
+State: :meth:`Healer.snapshot` gives the healer's whole state as a JSON-ready dict (deterministic: the
+same history gives the same snapshot, byte for byte once dumped with ``sort_keys``), versioned by
+:data:`SNAPSHOT_FORMAT`, and :meth:`Healer.restore` builds a healer from it that decides exactly what
+the one it was taken from would have decided on the same further input. Every part keeps only what its
+windows still need (see the docstrings of the parts), and at most :data:`MAX_OPEN_ESCALATIONS`
+escalations wait for an ack (beyond that the oldest is forgotten; a count, not an age, because acks
+carry the wall-clock time of the person's act, not the agents' event time), so the snapshot stays
+bounded by the event rate within the windows, not by the length of the history.
+
 Events understood (by Avro full name; anything else is ignored):
 
 * ``sophia.agent.LlmCall``: an outcome for the circuits ``provider:P``, ``model:P/M`` and (when the
@@ -33,13 +42,29 @@ from pydantic import ValidationError
 from configuration.schemas import HealingThresholds
 from processors.healing.agent_health import AgentHealth
 from processors.healing.breaker import BreakerBoard, circuit_keys
-from processors.healing.decisions import Decision, to_utc
+from processors.healing.decisions import Decision, from_us, to_us, to_utc
 from processors.healing.retry import RetryScheduler
 from processors.healing.rollback import RollbackMonitor
 
-__all__ = ["HEALING_CONFIG_PREFIX", "Healer", "HealingConfig", "InputEvent"]
+__all__ = [
+    "HEALING_CONFIG_PREFIX",
+    "MAX_OPEN_ESCALATIONS",
+    "SNAPSHOT_FORMAT",
+    "Healer",
+    "HealingConfig",
+    "InputEvent",
+    "SnapshotError",
+]
 
 HEALING_CONFIG_PREFIX = "healing."
+#: Version of the layout of :meth:`Healer.snapshot`; :meth:`Healer.restore` refuses any other.
+SNAPSHOT_FORMAT = 1
+#: Escalations kept waiting for an ack; when one more is raised the oldest is forgotten (its ack is then unmatched).
+MAX_OPEN_ESCALATIONS = 10_000
+
+
+class SnapshotError(ValueError):
+    """A snapshot that :meth:`Healer.restore` cannot take (another format, or not a healer's state)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +289,8 @@ class Healer:
         (unchanged, so its id is the one the person's command recorded), then what the ack releases
         (the ``rollback`` an approval-mode escalation waited for).
 
-        An ack the healer cannot match (no open escalation with that id: acked already, or raised
-        before this healer's state began, since that state lives in memory) gives ``ack_unmatched``
+        An ack the healer cannot match (no open escalation with that id: acked already, unknown, or
+        dropped as the oldest of more than :data:`MAX_OPEN_ESCALATIONS`) gives ``ack_unmatched``
         with the reason instead of the release; nothing raises, nothing is retried.
 
         Raises:
@@ -288,7 +313,7 @@ class Healer:
                     details={
                         "escalation_id": escalation_id,
                         "reason": "no open escalation with this id in the healer's state (acked already,"
-                        " or raised before this healer's state began)",
+                        " unknown, or dropped as the oldest of too many open escalations)",
                     },
                 )
             )
@@ -301,8 +326,67 @@ class Healer:
         for d in decisions:
             if d.kind == "escalation":
                 self.escalations[d.id] = d
+        while len(self.escalations) > MAX_OPEN_ESCALATIONS:  # the oldest raised first
+            eid = next(iter(self.escalations))
+            del self.escalations[eid]
+            self.rollbacks.forget_pending(eid)
         self.decisions_made += len(decisions)
         return decisions
+
+    # -- state ----------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The healer's whole state, JSON-ready (``json.dumps`` takes it as is) and deterministic.
+
+        Returns:
+            ``{"format": SNAPSHOT_FORMAT, "config": {"thresholds": {...}, "version": int}, "config_key",
+            "watermark_us" (epoch microseconds or null), "decisions_made", "escalations": [decision, ...]
+            (open, oldest first; :meth:`Decision.to_state`), "breakers": {...}, "retries": {...},
+            "health": {...}, "rollbacks": {...}}`` (the parts' ``dump_state()``).
+        """
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "config": {
+                "thresholds": self.config.thresholds.model_dump(mode="json"),
+                "version": self.config.version,
+            },
+            "config_key": self.config_key,
+            "watermark_us": to_us(self.watermark),
+            "decisions_made": self.decisions_made,
+            "escalations": [d.to_state() for d in self.escalations.values()],
+            "breakers": self.breakers.dump_state(),
+            "retries": self.retries.dump_state(),
+            "health": self.health.dump_state(),
+            "rollbacks": self.rollbacks.dump_state(),
+        }
+
+    @classmethod
+    def restore(cls, snapshot: Mapping[str, Any]) -> Healer:
+        """A healer in the state :meth:`snapshot` described (its configuration included).
+
+        Raises:
+            SnapshotError: ``snapshot`` has another ``format`` or is not a healer's state (the cause
+                is chained).
+        """
+        if snapshot.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(
+                f"healer snapshot format {snapshot.get('format')!r}, this healer reads {SNAPSHOT_FORMAT}"
+            )
+        try:
+            cfg = snapshot["config"]
+            config = HealingConfig(HealingThresholds.model_validate(cfg["thresholds"]), int(cfg["version"]))
+            healer = cls(config, config_key=str(snapshot["config_key"]))
+            healer.watermark = from_us(snapshot["watermark_us"])
+            healer.decisions_made = int(snapshot["decisions_made"])
+            for state in snapshot["escalations"]:
+                d = Decision.from_state(state)
+                healer.escalations[d.id] = d
+            healer.breakers.load_state(snapshot["breakers"])
+            healer.retries.load_state(snapshot["retries"])
+            healer.health.load_state(snapshot["health"])
+            healer.rollbacks.load_state(snapshot["rollbacks"])
+        except (KeyError, TypeError, ValueError, IndexError, ValidationError) as exc:
+            raise SnapshotError(f"not a healer snapshot: {type(exc).__name__}: {exc}") from exc
+        return healer
 
     def status(self) -> dict[str, Any]:
         """``{"watermark", "config_version", "circuits": [...], "warnings": [...], "escalations": [...], "retries": [...]}``."""

@@ -14,6 +14,11 @@ After ``retry_max_attempts`` attempts on one target the request falls back to th
 chain (``fallback`` decision, attempt counting restarts at 1); when the chain is exhausted, or the
 error is not retryable (``context_length``, ``content_filter``, ``auth`` go straight to the next
 target), the request is escalated (``escalation`` decision) once the chain is exhausted.
+
+What the scheduler remembers of a request (the targets tried, its chain) is forgotten when it succeeds,
+is escalated, or once :data:`REQUEST_RETENTION_SECONDS` of event time have passed since its last
+failure with no retry of it still pending (:meth:`RetryScheduler.due` prunes): a failure of it after
+that starts a new chain. So the scheduler's state (:meth:`RetryScheduler.dump_state`) stays bounded.
 """
 
 from __future__ import annotations
@@ -27,14 +32,23 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from configuration.schemas import HealingThresholds
-from processors.healing.decisions import Decision, to_utc
+from processors.healing.decisions import Decision, from_us, to_us, to_utc
 
-__all__ = ["ERROR_KINDS", "RETRYABLE", "RetryScheduler", "backoff_seconds", "fallback_chain"]
+__all__ = [
+    "ERROR_KINDS",
+    "REQUEST_RETENTION_SECONDS",
+    "RETRYABLE",
+    "RetryScheduler",
+    "backoff_seconds",
+    "fallback_chain",
+]
 
 #: Error kinds of a failed LLM call.
 ERROR_KINDS = ("rate_limited", "timeout", "server_error", "context_length", "content_filter", "auth")
 #: Those worth retrying on the same target.
 RETRYABLE = frozenset({"rate_limited", "timeout", "server_error"})
+#: Event time after a request's last failure (no retry pending) after which the scheduler forgets it.
+REQUEST_RETENTION_SECONDS = 3600.0
 
 
 def backoff_seconds(request_id: str, attempt: int, base_seconds: float, max_seconds: float) -> float:
@@ -84,6 +98,8 @@ class RetryScheduler:
         self._heap: list[_Pending] = []
         self._tried: dict[str, list[str]] = {}
         self._chains: dict[str, list[str]] = {}
+        # request id -> event time of its last failure, oldest first (re-inserted at each failure)
+        self._last_failure: dict[str, datetime] = {}
 
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Use new thresholds for the decisions made from now on."""
@@ -123,6 +139,8 @@ class RetryScheduler:
             raise ValueError(f"attempt is 1-based, got {attempt}")
         at = to_utc(at)
         t = self.thresholds
+        self._last_failure.pop(request_id, None)
+        self._last_failure[request_id] = at
         tried = self._tried.setdefault(request_id, [])
         if target not in tried:
             tried.append(target)
@@ -168,8 +186,7 @@ class RetryScheduler:
                 causation_id=causation_id,
                 details={**base, "to_target": nxt, "attempt": 1, "reason": _why(error_kind, attempt, t)},
             )
-        self._tried.pop(request_id, None)
-        self._chains.pop(request_id, None)
+        self._forget(request_id)
         return Decision(
             kind="escalation",
             subject=subject,
@@ -185,11 +202,19 @@ class RetryScheduler:
 
     def on_success(self, request_id: str) -> None:
         """Forget a request that succeeded."""
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
         self._tried.pop(request_id, None)
         self._chains.pop(request_id, None)
+        self._last_failure.pop(request_id, None)
 
     def due(self, now: datetime | float) -> list[Decision]:
-        """``retry_due`` decisions for every scheduled retry whose due time is at or before ``now``, in due order."""
+        """``retry_due`` decisions for every scheduled retry whose due time is at or before ``now``, in due order.
+
+        Also forgets the requests whose last failure is more than :data:`REQUEST_RETENTION_SECONDS`
+        before ``now`` and that have no retry pending (oldest failures first; stops at the first kept).
+        """
         now = to_utc(now)
         out: list[Decision] = []
         while self._heap and self._heap[0].due <= now:
@@ -204,6 +229,14 @@ class RetryScheduler:
                     details={"request_id": p.request_id, "target": p.target, "attempt": p.attempt},
                 )
             )
+        horizon = now - timedelta(seconds=REQUEST_RETENTION_SECONDS)
+        if self._last_failure and next(iter(self._last_failure.values())) < horizon:
+            waiting = {p.request_id for p in self._heap}
+            while self._last_failure:
+                request_id, at = next(iter(self._last_failure.items()))
+                if at >= horizon or request_id in waiting:
+                    break
+                self._forget(request_id)
         return out
 
     def pending(self) -> list[dict[str, Any]]:
@@ -217,6 +250,40 @@ class RetryScheduler:
             }
             for p in sorted(self._heap)
         ]
+
+    def dump_state(self) -> dict[str, Any]:
+        """The scheduler's whole state, JSON-ready and deterministic (times in epoch microseconds).
+
+        ``{"heap": [[due_us, request_id, attempt, target, decision_id], ...] (due order),
+        "requests": [[request_id, last_failure_us, tried, chain], ...] (oldest last failure first)}``.
+        """
+        return {
+            "heap": [
+                [to_us(p.due), p.request_id, p.attempt, p.target, p.decision_id] for p in sorted(self._heap)
+            ],
+            "requests": [
+                [r, to_us(at), list(self._tried.get(r, [])), self._chains.get(r)]
+                for r, at in self._last_failure.items()
+            ],
+        }
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        """Replace the state by :meth:`dump_state`'s.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a state.
+        """
+        self._heap = [
+            _Pending(from_us(int(d)), str(r), int(a), str(t), str(i))  # type: ignore[arg-type]
+            for d, r, a, t, i in data["heap"]
+        ]
+        heapq.heapify(self._heap)
+        self._tried, self._chains, self._last_failure = {}, {}, {}
+        for r, at, tried, chain in data["requests"]:
+            self._last_failure[r] = from_us(int(at))  # type: ignore[assignment]
+            self._tried[r] = list(tried)
+            if chain is not None:
+                self._chains[r] = list(chain)
 
     def restore(self, decisions: Iterable[Decision | dict[str, Any]]) -> None:
         """Rebuild the heap from the decision log: every ``retry_scheduled`` without a later ``retry_due``."""

@@ -15,7 +15,8 @@ A metric is significant when its p-value is below ``rollback_alpha / 3`` (Bonfer
 metrics) and each window holds at least ``rollback_min_calls`` calls with that metric. When one is,
 the decision depends on the guardrails, checked in this order:
 
-1. at most one evaluation and one rollback per change (its event id);
+1. at most one evaluation and one rollback per change (its event id); a change whose version is not
+   above the last one seen for its key (a re-delivery by the outbox relay) is ignored;
 2. never a rollback of a rollback the healer itself made (``rollback_suppressed``);
 3. no earlier version to go back to (``rollback_impossible``);
 4. at most ``rollback_max_per_hour`` rollbacks per event-time hour (``rollback_suppressed``);
@@ -26,6 +27,12 @@ the decision depends on the guardrails, checked in this order:
 A ``rollback`` decision's details say which key to restore to which version (the version current
 before the change), the evidence, and its causation id is the change's event id. Carrying it out
 is the shell's job (``configuration.store.ConfigStore.rollback`` with author ``healer``).
+
+Bounded state (:meth:`RollbackMonitor.dump_state`): the calls of a component are kept for
+``2 * rollback_window_seconds + 1`` seconds of event time before the earlier of the watermark and the
+oldest change still to evaluate (a change that arrives later than that is compared with the calls still
+kept); evaluated changes are dropped unless a rollback escalation waits for them; one version number
+per configuration key is kept for the re-delivery check.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from typing import Any
 from scipy import stats
 
 from configuration.schemas import HealingThresholds
-from processors.healing.decisions import Decision, to_utc
+from processors.healing.decisions import Decision, from_us, to_us, to_utc
 
 __all__ = ["HEALER_AUTHOR", "RollbackMonitor", "compare_windows", "components_of"]
 
@@ -161,6 +168,36 @@ class _Pending:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+def _change_state(c: _Change) -> dict[str, Any]:
+    return {
+        "event_id": c.event_id,
+        "key": c.key,
+        "version": c.version,
+        "at_us": to_us(c.at),
+        "components": list(c.components),
+        "previous_version": c.previous_version,
+        "healer_rollback": c.healer_rollback,
+        "evaluated": c.evaluated,
+        "rolled_back": c.rolled_back,
+        "superseded_at_us": to_us(c.superseded_at),
+    }
+
+
+def _change_from(d: dict[str, Any]) -> _Change:
+    return _Change(
+        event_id=str(d["event_id"]),
+        key=str(d["key"]),
+        version=int(d["version"]),
+        at=from_us(int(d["at_us"])),  # type: ignore[arg-type]
+        components=[str(c) for c in d["components"]],
+        previous_version=None if d["previous_version"] is None else int(d["previous_version"]),
+        healer_rollback=bool(d["healer_rollback"]),
+        evaluated=bool(d["evaluated"]),
+        rolled_back=bool(d["rolled_back"]),
+        superseded_at=from_us(d["superseded_at_us"]),
+    )
+
+
 class RollbackMonitor:
     """Watches configuration changes and the calls of the components they touch.
 
@@ -178,6 +215,7 @@ class RollbackMonitor:
         self._done: list[datetime] = []
         self.pending: dict[str, _Pending] = {}
         self._watermark: datetime | None = None
+        self._versions: dict[str, int] = {}
 
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Use new thresholds from now on."""
@@ -215,6 +253,9 @@ class RollbackMonitor:
     ) -> list[Decision]:
         """Note a configuration change (fields of ``sophia.config.ConfigChange``); nothing is decided yet."""
         at = to_utc(at)
+        if int(version) <= self._versions.get(key, 0):
+            return []  # seen already: a re-delivery is not a new change
+        self._versions[key] = int(version)
         prev = self._latest_by_key.get(key)
         if prev is not None and not prev.evaluated:
             prev.superseded_at = at
@@ -245,7 +286,21 @@ class RollbackMonitor:
                 ch.evaluated = True
                 out += self._evaluate(ch, ch.at + w)
         self._changes = [c for c in self._changes if not c.evaluated]
+        self._latest_by_key = {k: c for k, c in self._latest_by_key.items() if not c.evaluated}
+        self._prune_calls()
         return out
+
+    def _prune_calls(self) -> None:
+        if self._watermark is None:
+            return
+        oldest = min([self._watermark, *(c.at for c in self._changes)])
+        horizon = oldest - timedelta(seconds=2 * self.thresholds.rollback_window_seconds + 1)
+        for c in list(self._calls):
+            q = self._calls[c]
+            while q and q[0][0] < horizon:
+                q.popleft()
+            if not q:
+                del self._calls[c]
 
     def _window(
         self, ch: _Change, start: datetime, end: datetime
@@ -322,6 +377,56 @@ class RollbackMonitor:
         ch.rolled_back = True
         self._done.append(at)
         return self._decision("rollback", ch, at, {**target, "author": HEALER_AUTHOR}, cause)
+
+    def dump_state(self) -> dict[str, Any]:
+        """The monitor's whole state, JSON-ready and deterministic (times in epoch microseconds).
+
+        ``{"watermark_us", "calls": {component: [[time_us, ok, latency_ms, cost_usd], ...]},
+        "changes": [change, ...] (to evaluate, in arrival order), "pending": [[escalation, change,
+        evidence], ...], "done_us": [...], "versions": {key: version}}``; a change is ``{"event_id",
+        "key", "version", "at_us", "components", "previous_version", "healer_rollback", "evaluated",
+        "rolled_back", "superseded_at_us"}``, an escalation :meth:`Decision.to_state`.
+        """
+        return {
+            "watermark_us": to_us(self._watermark),
+            "calls": {
+                c: [[to_us(at), ok, lat, cost] for at, ok, lat, cost in q]
+                for c, q in sorted(self._calls.items())
+            },
+            "changes": [_change_state(c) for c in self._changes],
+            "latest": {k: c.event_id for k, c in sorted(self._latest_by_key.items()) if not c.evaluated},
+            "pending": [
+                [eid, _change_state(p.change), p.decision.to_state(), p.evidence]
+                for eid, p in self.pending.items()
+            ],
+            "done_us": [to_us(d) for d in self._done],
+            "versions": dict(sorted(self._versions.items())),
+        }
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        """Replace the state by :meth:`dump_state`'s.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a state.
+        """
+        self._watermark = from_us(data["watermark_us"])
+        self._calls = {
+            c: deque((from_us(int(t)), bool(ok), lat, cost) for t, ok, lat, cost in q)  # type: ignore[misc]
+            for c, q in data["calls"].items()
+        }
+        self._changes = [_change_from(c) for c in data["changes"]]
+        by_id = {c.event_id: c for c in self._changes}
+        self._latest_by_key = {k: by_id[eid] for k, eid in data["latest"].items()}
+        self.pending = {
+            eid: _Pending(_change_from(ch), Decision.from_state(d), dict(ev))
+            for eid, ch, d, ev in data["pending"]
+        }
+        self._done = [from_us(int(d)) for d in data["done_us"]]  # type: ignore[misc]
+        self._versions = {k: int(v) for k, v in data["versions"].items()}
+
+    def forget_pending(self, escalation_id: str) -> None:
+        """Drop a rollback escalation that will no longer be acked (expired); nothing if unknown."""
+        self.pending.pop(escalation_id, None)
 
     def ack(self, escalation_id: str, *, by: str, note: str, at: datetime | float) -> list[Decision]:
         """A person approves a pending rollback: returns ``escalation_acked`` then ``rollback``.

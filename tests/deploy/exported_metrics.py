@@ -22,7 +22,7 @@ Metrics exported today (job: family, labels):
   backbone_inference_batch_duration_seconds (histograms) {model}, backbone_inference_consumer_lag_messages {model},
   backbone_inference_actors {model}
 * api: backbone_api_requests_total {method, route, status}, backbone_api_request_seconds (histogram) {method, route}
-* processor-healing: backbone_circuit_open {circuit}; backbone_healing_{records,decisions,dead_letters,rollbacks}_total {app}
+* processor-healing: backbone_circuit_open {circuit}; backbone_healing_{records,decisions,dead_letters,rollbacks,replayed,state_writes,state_bytes}_total {app}
 * processor-incidents: backbone_incidents_opened_total {priority};
   backbone_incidents_{records,forwarded,correlated,insights,late,dead_letters}_total {app}
 """

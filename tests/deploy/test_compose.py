@@ -112,7 +112,8 @@ def test_every_service_and_the_stack_we_promise(compose) -> None:
     assert services["ray-worker-gpu"]["profiles"] == ["gpu"] and services["ray-worker-cpu"]["profiles"] == [
         "cpu"
     ]
-    assert set(services["processor-healing"]["profiles"]) == {"experimental"}
+    assert "profiles" not in services["processor-healing"]  # its state is durable (table healer_state)
+    assert set(services["processor-incidents"]["profiles"]) == {"experimental"}
 
 
 def test_image_tags_are_pinned(compose) -> None:
