@@ -155,6 +155,22 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="What happened after each routing decision (JSON Outcome; the router learns from it).",
         ),
         TopicSpec(
+            name="healing.decisions",
+            partitions=3,
+            key="subject",
+            schemas=("sophia.healing.Decision",),
+            retention_ms=-1,
+            doc="The healer's decisions: circuit transitions, retries, fallbacks, warnings, escalations, rollbacks.",
+        ),
+        TopicSpec(
+            name="healing.acks",
+            partitions=1,
+            key="subject",
+            schemas=("sophia.healing.Decision",),
+            retention_ms=-1,
+            doc="People's acks of escalations (`backbone healing ack`), read by the healer.",
+        ),
+        TopicSpec(
             name="telemetry.metrics",
             partitions=6,
             key="pod",

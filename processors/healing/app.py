@@ -60,8 +60,9 @@ event-time-ordered replay only when the inputs have one partition each (as in th
 one worker holds the whole state (run one worker per app id: a second would split the input partitions
 and the two would overwrite one state); each checkpoint writes the whole state (about 50 KB compressed,
 210 KB of JSON at most on the shared agent runs), and where the broker does not compact the changelog
-(not checked for Tansu) recovery reads every checkpoint ever written; the ``healing.decisions`` and
-``healing.acks`` topics are created here and are not yet in ``streams.catalogue``.
+(not checked for Tansu) recovery reads every checkpoint ever written. The ``healing.decisions`` and
+``healing.acks`` topics are in ``streams.catalogue`` (so the event archive keeps them) and are also
+created here when missing.
 """
 
 from __future__ import annotations
