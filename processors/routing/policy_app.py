@@ -14,10 +14,9 @@ A thin shell around :class:`processors.routing.policy.RoutingState` (all decisio
   decision (the next model, every tried one excluded).
 * ``policy-requests`` reads ``routing.policy-requests`` (JSON :class:`~processors.routing.policy.PolicyRequest`,
   key request id) and sends the decision (JSON :meth:`PolicyDecision.to_json`, key request id) to
-  ``routing.policy-decisions``. Before each decision the circuit state of every model is read from Redis:
-  the hash ``circuits:{provider}/{model}``, field ``state`` (``closed``, ``half_open``, ``open``; absent
-  means closed). That is a stand-in read of the healer's circuit-state projection (its writer is built
-  elsewhere); a Redis error leaves the last states read. A request that is not JSON, lacks a prompt and a
+  ``routing.policy-decisions``. Before each decision the circuit state of every model is read from the
+  healer's Redis read model (:class:`CircuitReader`: the model's circuit and its provider's, the more
+  severe wins); a Redis error leaves the last states read. A request that is not JSON, lacks a prompt and a
   reference, or arrives before any configuration is dead-lettered with its raw bytes and the reason.
 
 Every event the state applies (config, a changed circuit state, outcome, request) is appended, in the
@@ -41,6 +40,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
+from processors.healing.read_model import DEFAULT_PREFIX as CIRCUIT_PREFIX
 from processors.routing.policy import (
     ModelStats,
     Outcome,
@@ -154,19 +154,32 @@ def _stats_from_json(d: dict[str, Any]) -> ModelStats:
     return s
 
 
+_SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
+
+
 class CircuitReader:
-    """Reads circuit states from Redis hashes ``circuits:{provider}/{model}`` (field ``state``).
+    """Reads the healer's circuit states from its Redis read model (:class:`processors.healing.read_model.
+    HealingReadModel`): the hashes ``<prefix>model:{provider}/{model}`` and ``<prefix>provider:{provider}``
+    (prefix ``backbone:circuit:``), field ``state``; the more severe of the two wins (``open`` >
+    ``half_open`` > ``closed``), so a provider-wide outage blocks each of its models. An absent hash is
+    ``closed`` (no transition yet).
 
     Args:
         url: the Redis URL; None reads nothing (every circuit closed).
+        prefix: the read model's key prefix.
     """
 
-    def __init__(self, url: str | None) -> None:
+    def __init__(self, url: str | None, prefix: str = CIRCUIT_PREFIX) -> None:
         self._client = None
+        self.prefix = prefix
         if url:
             import redis
 
             self._client = redis.Redis.from_url(url, socket_timeout=0.5)
+
+    def keys(self, model: str, provider: str) -> tuple[str, str]:
+        """The model's and its provider's hash names."""
+        return f"{self.prefix}model:{provider}/{model}", f"{self.prefix}provider:{provider}"
 
     def read(self, models: dict[str, str]) -> dict[str, str] | None:
         """``{model: state}`` for ``{model: provider}`` (absent hash: ``closed``); None on a Redis error."""
@@ -175,15 +188,19 @@ class CircuitReader:
         try:
             pipe = self._client.pipeline(transaction=False)
             for m, p in models.items():
-                pipe.hget(f"circuits:{p}/{m}", "state")
+                for key in self.keys(m, p):
+                    pipe.hget(key, "state")
             values = pipe.execute()
         except Exception as exc:  # noqa: BLE001 - any Redis failure keeps the last states
             log.warning("circuit_read_failed", error=str(exc))
             return None
-        return {
-            m: (v.decode() if isinstance(v, bytes) else (v or "closed"))
-            for m, v in zip(models, values, strict=True)
-        }
+        out: dict[str, str] = {}
+        for i, m in enumerate(models):
+            states = [
+                v.decode() if isinstance(v, bytes) else (v or "closed") for v in values[2 * i : 2 * i + 2]
+            ]
+            out[m] = max(states, key=lambda st: _SEVERITY.get(st, 0))
+        return out
 
 
 class _PolicyShell:

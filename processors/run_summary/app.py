@@ -126,6 +126,8 @@ class ProcessorStats:
         late_count: events skipped because their run had finished.
         insights_count: insights sent.
         dead_letters_count: records dead-lettered.
+        first_record_monotonic: ``time.monotonic()`` when the first record was handled, ``None`` before
+            (with ``last_record_monotonic``, the processing rate without the startup).
         last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
     """
 
@@ -135,6 +137,7 @@ class ProcessorStats:
     late_count: int = 0
     insights_count: int = 0
     dead_letters_count: int = 0
+    first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -176,7 +179,9 @@ class _RunSummaryShell:
 
     async def _handle(self, message: Any) -> None:
         self.stats.records_count += 1
-        self.stats.last_record_monotonic = time.monotonic()
+        self.stats.last_record_monotonic = now = time.monotonic()
+        if self.stats.first_record_monotonic is None:
+            self.stats.first_record_monotonic = now
         headers = message_headers(message.headers)
         bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:

@@ -294,6 +294,11 @@ def _cli_checks(pg_url: str, redis_url: str, acks_topic: str) -> str:
     )  # a replayed decision is a no-op
     assert model.circuit_state("provider:Google") == "open"  # from Redis
     assert redis.Redis.from_url(redis_url).hget("backbone:circuit:provider:Google", "state") == b"open"
+    # the policy router reads this read model: the provider's open circuit blocks each of its models
+    from processors.routing.policy_app import CircuitReader
+
+    states = CircuitReader(redis_url).read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"})
+    assert states == {"gemini-2.5-pro": "open", "gpt-4o": "closed"}
     runner = CliRunner()
     status = runner.invoke(app, ["status", "--json"])
     assert status.exit_code == 0, status.output

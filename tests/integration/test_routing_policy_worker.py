@@ -184,8 +184,8 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
             and fb["fallback_from"] == [failed["model"]]
             and fb["model"] != failed["model"]
         )
-        # 3. the healer opens small's circuit; the policy changes to an A/B split (v2)
-        r.hset(f"circuits:mistral/{first_model}", "state", "open")
+        # 3. the healer opens small's circuit (its read model's hash); the policy changes to an A/B split (v2)
+        r.hset(f"backbone:circuit:model:mistral/{first_model}", "state", "open")
         v2 = store.set("routing.config", V2, author="test", reason="ab").version
         while relay.run_once():
             pass
@@ -199,9 +199,10 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
             assert d["model"] != first_model
             c = next(c for c in d["candidates"] if c["model"] == first_model)
             assert c["circuit_state"] == "open" and "circuit open" in c["reasons"]
-        # 4. every circuit open and a capability nobody has: decisions say why
-        for m, p in (("big", "openai"), ("small", "mistral"), ("tiny", "mistral")):
-            r.hset(f"circuits:{p}/{m}", "state", "open")
+        # 4. both providers' circuits open (each blocks all its models) and a capability nobody has: the
+        # decision says why
+        for p in ("openai", "mistral"):
+            r.hset(f"backbone:circuit:provider:{p}", "state", "open")
         _produce(settings, t["req"], [_request(20, required_capabilities=("vision",))])
         ds = _wait_for(settings, t["dec"], lambda ds: any(d["request_id"] == "q20" for d in ds), proc)
         q20 = next(d for d in ds if d["request_id"] == "q20")
@@ -224,7 +225,10 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
         report = simulate(read_history(history), "cheap")
         assert report["identical"] and report["mismatches"] == 0 and report["live"]["requests"] == 13
     finally:
-        for key in r.scan_iter("circuits:*"):
+        for key in [
+            *r.scan_iter("backbone:circuit:model:mistral/*"),
+            *r.scan_iter("backbone:circuit:provider:*"),
+        ]:
             r.delete(key)
         relay.close()
         store.close()
