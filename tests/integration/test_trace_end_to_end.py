@@ -16,6 +16,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -208,6 +209,13 @@ def test_one_trace_from_ingest_to_the_projected_insight(
     assert r.status_code == 202, r.text
     assert r.headers["x-request-id"] == "req-1"
     event_ids = r.json()["ids"]
+    # the server span ends once the response is sent, which can be just after the client has read it
+    deadline = time.monotonic() + 10
+    while (
+        not any(s.kind == SpanKind.SERVER for s in exporter.get_finished_spans())
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     spans = exporter.get_finished_spans()
     (server,) = [s for s in spans if s.kind == SpanKind.SERVER]
     assert server.name == "POST /events/{type}"
