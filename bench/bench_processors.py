@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ async def count(stream):
             print(json.dumps({"records": n, "first": first[0], "last": time.monotonic()}), flush=True)
             os._exit(0)
 
-sys.argv = [sys.argv[0], "worker", "-l", "warning"]
+sys.argv = [sys.argv[0], "worker", "-l", "warn"]
 app.main()
 """
 
@@ -104,10 +105,11 @@ def _faust(boot: str, topic: str, n: int, with_table: bool, env: dict[str, str])
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
     done = subprocess.run([sys.executable, "-c", _FAUST, boot, topic, str(n), app_id, "1" if with_table else "0"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
-    line = next((x for x in done.stdout.splitlines() if x.startswith("{")), None)
-    if line is None:
+    # Faust's worker redirects stdout into its log (stderr): find the line wherever it went
+    found = re.search(r'\{"records": .*?\}', done.stdout + done.stderr)
+    if found is None:
         raise RuntimeError(f"the Faust agent did not finish: {done.stderr[-2000:]}")
-    r = json.loads(line)
+    r = json.loads(found.group(0))
     return float((n - 1) / (r["last"] - r["first"]))
 
 
