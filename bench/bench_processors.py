@@ -13,7 +13,10 @@ from the beginning, one process each:
 * ``Faust agent + table``: the same agent counting per key in a changelogged table (a table update is
   what every stateful processor pays per record);
 * ``run-summary worker``: ``backbone processors worker`` (the shared worker shell: Avro decode, CloudEvents,
-  de-duplication, the run-totals table, a run-summary insight sent and acknowledged per finished run).
+  de-duplication, the run-totals table, a run-summary insight sent and acknowledged per finished run);
+* ``healer worker``: ``backbone processors heal`` (breakers, retries, agent health and rollback guardrails
+  on every event, its state checkpointed to a changelogged table, decisions sent and written to the
+  PostgreSQL + Redis read model; no rollbacks, no webhook). Issue 11's target: 0.8 of the plain Faust agent.
 
 Rates are counted from the first record handled to the last (startup and group join excluded), and shown as
 ratios to the raw consumer. Quix Streams is not in the table: it requires confluent-kafka < 2.13 and the
@@ -130,6 +133,24 @@ def _worker(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
     return float((s["records_count"] - 1) / (s["last_record_monotonic"] - s["first_record_monotonic"]))
 
 
+def _healer(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
+    tag = uuid.uuid4().hex[:8]
+    done = subprocess.run(
+        [sys.executable, "-m", "backbone", "processors", "heal", "--app-id", f"bench-healer-{tag}",
+         "--events-topic", topic, "--config-topic", f"bench-config-{tag}", "--decisions-topic",
+         f"bench-decisions-{tag}", "--acks-topic", f"bench-acks-{tag}", "--dlq-topic", f"bench-dlq-{tag}",
+         "--no-rollback", "--stop-after-idle", "5", "--json"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    found = re.search(r'\{\s*"records".*\}', done.stdout, re.S)
+    if found is None:
+        raise RuntimeError(f"the healer did not finish: {done.stderr[-2000:]}")
+    s = json.loads(found.group(0))
+    if s["records"] < n:
+        raise RuntimeError(f"the healer handled {s['records']} of {n} records")
+    return float((s["records"] - 1) / (s["last_record_monotonic"] - s["first_record_monotonic"]))
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
     """Run the comparison and print the table; return its rows."""
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -145,6 +166,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
         with EventProducer(settings.kafka, AvroSerde(EmbeddedRegistry())) as producer:
             producer.produce_many(topic, events)
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": boot, "BACKBONE_LOG_LEVEL": "WARNING",
+               "BACKBONE_POSTGRES__URL": settings.postgres.dsn(), "BACKBONE_REDIS__URL": settings.redis.dsn(),
                "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": "6000",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
         n = len(events)
@@ -159,6 +181,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
             (
                 "run-summary worker (worker shell, Avro, table, insights)",
                 _worker(boot, topic, n, env),
+                "records/s",
+            ),
+            (
+                "healer worker (breakers, health, guardrails, checkpoints)",
+                _healer(boot, topic, n, env),
                 "records/s",
             ),
         ]

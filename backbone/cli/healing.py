@@ -293,7 +293,9 @@ def processors_heal(
     summary = {"records": stats.records_count, "decisions": stats.decisions_count,
                "dead_letters": stats.dead_letters_count, "rollbacks_done": stats.rollbacks_done,
                "replayed": stats.replayed_count, "state_restored": stats.restored,
-               "state_writes": stats.state_writes_count, "state_bytes_max": stats.state_bytes_max}  # fmt: skip
+               "state_writes": stats.state_writes_count, "state_bytes_max": stats.state_bytes_max,
+               "first_record_monotonic": stats.first_record_monotonic,
+               "last_record_monotonic": stats.last_record_monotonic}  # fmt: skip
     if as_json:
         emit_json(summary)
     else:

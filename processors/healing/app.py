@@ -168,6 +168,7 @@ class HealingStats:
     state_bytes: int = 0
     state_bytes_max: int = 0
     restored: bool = False
+    first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -302,7 +303,9 @@ class _HealingShell:
     async def handle(self, message: Any) -> None:
         """Process one Faust message; never raises for a bad record."""
         self.stats.records_count += 1
-        self.stats.last_record_monotonic = time.monotonic()
+        self.stats.last_record_monotonic = now = time.monotonic()
+        if self.stats.first_record_monotonic is None:
+            self.stats.first_record_monotonic = now
         if int(message.offset) <= self.offsets.get(f"{message.topic}:{message.partition}", -1):
             self.stats.replayed_count += 1
             return
