@@ -26,12 +26,15 @@ from psycopg.rows import dict_row
 
 from processors.healing.decisions import Decision
 
-__all__ = ["DDL", "DEFAULT_PREFIX", "HealingReadModel"]
+__all__ = ["DDL", "DEFAULT_PREFIX", "READY_KEY", "HealingReadModel"]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_PREFIX = "backbone:circuit:"
-_READY = "__ready__"
+READY_KEY = "__ready__"
+"""Key (under the prefix) the read model sets once Redis holds every circuit it wrote; removed when a
+Redis write fails, so readers fall back to PostgreSQL."""
+_READY = READY_KEY
 
 DDL = """
 CREATE SCHEMA IF NOT EXISTS proj_healing;

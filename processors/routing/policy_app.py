@@ -15,8 +15,8 @@ A thin shell around :class:`processors.routing.policy.RoutingState` (all decisio
 * ``policy-requests`` reads ``routing.policy-requests`` (JSON :class:`~processors.routing.policy.PolicyRequest`,
   key request id) and sends the decision (JSON :meth:`PolicyDecision.to_json`, key request id) to
   ``routing.policy-decisions``. Before each decision the circuit state of every model is read from the
-  healer's Redis read model (:class:`CircuitReader`: the model's circuit and its provider's, the more
-  severe wins); a Redis error leaves the last states read. A request that is not JSON, lacks a prompt and a
+  healer's read model (:class:`CircuitReader`: Redis, or PostgreSQL when Redis is down or not ready; the
+  model's circuit and its provider's, the more severe wins); when neither answers the last states stay. A request that is not JSON, lacks a prompt and a
   reference, or arrives before any configuration is dead-lettered with its raw bytes and the reason.
 
 Every event the state applies (config, a changed circuit state, outcome, request) is appended, in the
@@ -41,6 +41,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from core.settings import Settings
 from processors.errors import UnprocessableEventError
 from processors.healing.read_model import DEFAULT_PREFIX as CIRCUIT_PREFIX
+from processors.healing.read_model import READY_KEY
 from processors.routing.policy import (
     ModelStats,
     Outcome,
@@ -158,49 +159,88 @@ _SEVERITY = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class CircuitReader:
-    """Reads the healer's circuit states from its Redis read model (:class:`processors.healing.read_model.
-    HealingReadModel`): the hashes ``<prefix>model:{provider}/{model}`` and ``<prefix>provider:{provider}``
-    (prefix ``backbone:circuit:``), field ``state``; the more severe of the two wins (``open`` >
-    ``half_open`` > ``closed``), so a provider-wide outage blocks each of its models. An absent hash is
+    """Reads the healer's circuit states from its read model (:class:`processors.healing.read_model.
+    HealingReadModel`): in Redis, the hashes ``<prefix>model:{provider}/{model}`` and
+    ``<prefix>provider:{provider}`` (prefix ``backbone:circuit:``), field ``state``, while the read model has
+    marked Redis ready (``<prefix>__ready__``); otherwise (Redis unreachable, or not marked ready: flushed,
+    restarted, or a write failed) the table ``proj_healing.circuits`` in PostgreSQL, at most once per
+    ``fallback_ttl_seconds``. Of a model's circuit and its provider's, the more severe wins (``open`` >
+    ``half_open`` > ``closed``), so a provider-wide outage blocks each of its models. An absent circuit is
     ``closed`` (no transition yet).
 
     Args:
-        url: the Redis URL; None reads nothing (every circuit closed).
+        url: the Redis URL; None reads PostgreSQL only (or nothing without ``pg_url``: every circuit closed).
+        pg_url: the PostgreSQL URL of the read model; None: no fallback.
         prefix: the read model's key prefix.
+        fallback_ttl_seconds: how long a PostgreSQL read is reused.
     """
 
-    def __init__(self, url: str | None, prefix: str = CIRCUIT_PREFIX) -> None:
+    def __init__(
+        self, url: str | None, *, pg_url: str | None = None, prefix: str = CIRCUIT_PREFIX,
+        fallback_ttl_seconds: float = 1.0,
+    ) -> None:  # fmt: skip
         self._client = None
         self.prefix = prefix
+        self.pg_url = pg_url
+        self.fallback_ttl_seconds = fallback_ttl_seconds
+        self._fallback: tuple[float, dict[str, str]] | None = None
+        self.fallback_reads = 0
         if url:
             import redis
 
             self._client = redis.Redis.from_url(url, socket_timeout=0.5)
 
     def keys(self, model: str, provider: str) -> tuple[str, str]:
-        """The model's and its provider's hash names."""
-        return f"{self.prefix}model:{provider}/{model}", f"{self.prefix}provider:{provider}"
+        """The model's and its provider's circuit names (the Redis hash names without the prefix)."""
+        return f"model:{provider}/{model}", f"provider:{provider}"
 
     def read(self, models: dict[str, str]) -> dict[str, str] | None:
-        """``{model: state}`` for ``{model: provider}`` (absent hash: ``closed``); None on a Redis error."""
-        if self._client is None:
-            return {m: "closed" for m in models}
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for m, p in models.items():
-                for key in self.keys(m, p):
-                    pipe.hget(key, "state")
-            values = pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - any Redis failure keeps the last states
-            log.warning("circuit_read_failed", error=str(exc))
-            return None
+        """``{model: state}`` for ``{model: provider}`` (absent circuit: ``closed``); None when neither Redis
+        nor PostgreSQL answered (the caller keeps the last states)."""
+        values: list[Any] | None = None
+        if self._client is not None:
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.exists(self.prefix + READY_KEY)
+                for m, p in models.items():
+                    for key in self.keys(m, p):
+                        pipe.hget(self.prefix + key, "state")
+                got = pipe.execute()
+                if got[0]:
+                    values = [v.decode() if isinstance(v, bytes) else v for v in got[1:]]
+            except Exception as exc:  # noqa: BLE001 - any Redis failure: PostgreSQL, or the last states
+                log.warning("circuit_read_failed", error=str(exc))
+        if values is None:
+            if self.pg_url is None:
+                return {m: "closed" for m in models} if self._client is None else None
+            table = self._postgres()
+            if table is None:
+                return None
+            values = [table.get(key) for m, p in models.items() for key in self.keys(m, p)]
         out: dict[str, str] = {}
         for i, m in enumerate(models):
-            states = [
-                v.decode() if isinstance(v, bytes) else (v or "closed") for v in values[2 * i : 2 * i + 2]
-            ]
+            states = [v or "closed" for v in values[2 * i : 2 * i + 2]]
             out[m] = max(states, key=lambda st: _SEVERITY.get(st, 0))
         return out
+
+    def _postgres(self) -> dict[str, str] | None:
+        now = time.monotonic()
+        if self._fallback is not None and now - self._fallback[0] < self.fallback_ttl_seconds:
+            return self._fallback[1]
+        import psycopg
+
+        assert self.pg_url is not None
+        try:
+            with psycopg.connect(self.pg_url, connect_timeout=2) as conn:
+                rows = conn.execute("SELECT circuit, state FROM proj_healing.circuits").fetchall()
+        except psycopg.errors.UndefinedTable:
+            rows = []  # no healer has written yet: every circuit closed
+        except psycopg.Error as exc:
+            log.warning("circuit_read_postgres_failed", error=str(exc))
+            return None
+        self.fallback_reads += 1
+        self._fallback = (now, {str(c): str(st) for c, st in rows})
+        return self._fallback[1]
 
 
 class _PolicyShell:
@@ -212,7 +252,10 @@ class _PolicyShell:
         self.state = RoutingState(learner=learner)
         self.stats = PolicyWorkerStats(learner_version=learner.version if learner else None)
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
-        self.circuits = CircuitReader(settings.redis.dsn() if settings.redis.url else None)
+        self.circuits = CircuitReader(
+            settings.redis.dsn() if settings.redis.url else None,
+            pg_url=settings.postgres.dsn() if settings.postgres.url else None,
+        )
         self.last: OrderedDict[str, tuple[PolicyDecision, PolicyRequest]] = OrderedDict()
         self.history_dir = history_dir
         if history_dir is not None:

@@ -299,6 +299,11 @@ def _cli_checks(pg_url: str, redis_url: str, acks_topic: str) -> str:
 
     states = CircuitReader(redis_url).read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"})
     assert states == {"gemini-2.5-pro": "open", "gpt-4o": "closed"}
+    # Redis gone: the router falls back to the read model's PostgreSQL table
+    gone = CircuitReader("redis://127.0.0.1:1/0", pg_url=pg_url)
+    assert gone.read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"}) == states
+    assert gone.fallback_reads == 1
+    assert CircuitReader("redis://127.0.0.1:1/0").read({"gemini-2.5-pro": "Google"}) is None  # keep the last
     runner = CliRunner()
     status = runner.invoke(app, ["status", "--json"])
     assert status.exit_code == 0, status.output

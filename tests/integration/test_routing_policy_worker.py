@@ -186,6 +186,7 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
         )
         # 3. the healer opens small's circuit (its read model's hash); the policy changes to an A/B split (v2)
         r.hset(f"backbone:circuit:model:mistral/{first_model}", "state", "open")
+        r.set("backbone:circuit:__ready__", "1")  # as the read model marks Redis once it holds its circuits
         v2 = store.set("routing.config", V2, author="test", reason="ab").version
         while relay.run_once():
             pass
