@@ -1,5 +1,9 @@
 """Ingest benchmark: HTTP ``POST /events/{type}`` (one event per request, and batches of 100) against the
-SDK producer (:class:`streams.producer.EventProducer`) producing the same events, in one run.
+SDK producer (:class:`streams.producer.EventProducer`) producing the same events, and against a bare
+FastAPI endpoint that only parses the same body (``json.loads``) and answers 202, served the same way
+(uvicorn, one process, same client, same concurrency), in one run. Latency per request (p50/p95/p99) is
+recorded for both HTTP paths at one event per request. Issue 16's target: the ingest at 0.5 or more of the
+bare endpoint's rate, with p95 under 100 ms, at 50 concurrent clients.
 
 Run: ``python bench/bench_ingest.py [--single N] [--batches N] [--concurrency N]``. It starts the embedded
 dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
@@ -31,6 +35,16 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 __all__ = ["main"]
+
+_BARE = (
+    "import json, uvicorn; from fastapi import FastAPI, Request; from fastapi.responses import JSONResponse; "
+    "app = FastAPI()\n"
+    "@app.post('/events/{{type}}')\n"
+    "async def ingest(type: str, request: Request):\n"
+    "    json.loads(await request.body())\n"
+    "    return JSONResponse({{'count': 1}}, status_code=202)\n"
+    "uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')"
+)
 
 TYPE = "sophia.agent.LlmCall"
 _SERVE = (
@@ -67,7 +81,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _http(base: str, token: str, topic: str, bodies: list[Any], concurrency: int) -> float:
+async def _http(
+    base: str,
+    token: str,
+    topic: str,
+    bodies: list[Any],
+    concurrency: int,
+    latencies: list[float] | None = None,
+) -> float:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits,
                                  headers={"Authorization": f"Bearer {token}"}) as c:  # fmt: skip
@@ -78,13 +99,34 @@ async def _http(base: str, token: str, topic: str, bodies: list[Any], concurrenc
         async def worker() -> None:
             while not queue.empty():
                 body = queue.get_nowait()
+                t = time.perf_counter()
                 r = await c.post(f"/events/{TYPE}", params={"topic": topic}, json=body)
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - t)
                 if r.status_code != 202:
                     raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - start
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code in (200, 404, 405):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.3)
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--single", type=int, default=2000, help="requests of one event")
     parser.add_argument("--batches", type=int, default=200, help="requests of 100 events")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
     args = parser.parse_args(argv)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
@@ -143,12 +185,28 @@ def main(argv: list[str] | None = None) -> None:
             pool.close()
             data = [_fill(schema, _llm_call(i)) for i in range(max(args.single, args.batches * 100))]
             asyncio.run(_http(base, token, topic, data[:50], 4))  # warm-up
-            single_s = asyncio.run(_http(base, token, topic, data[: args.single], args.concurrency))
+            single_lat: list[float] = []
+            single_s = asyncio.run(
+                _http(base, token, topic, data[: args.single], args.concurrency, single_lat)
+            )
             batches = [data[i * 100 : (i + 1) * 100] for i in range(args.batches)]
             batch_s = asyncio.run(_http(base, token, topic, batches, max(1, args.concurrency // 4)))
         finally:
             server.terminate()
             server.wait(15)
+        bare_port = _free_port()
+        bare = subprocess.Popen([sys.executable, "-c", _BARE.format(port=bare_port)], env=env)
+        try:
+            bare_base = f"http://127.0.0.1:{bare_port}"
+            _wait_healthy(f"{bare_base}/docs", bare, "the bare FastAPI endpoint")
+            asyncio.run(_http(bare_base, "none", topic, data[:50], 4))  # warm-up
+            bare_lat: list[float] = []
+            bare_s = asyncio.run(
+                _http(bare_base, "none", topic, data[: args.single], args.concurrency, bare_lat)
+            )
+        finally:
+            bare.terminate()
+            bare.wait(15)
         from streams.serde import coerce_json_datum
 
         n_sdk = args.batches * 100
@@ -164,6 +222,13 @@ def main(argv: list[str] | None = None) -> None:
         ("HTTP, 100 events/request", args.batches, args.batches * 100, batch_s),
         ("SDK EventProducer", 1, n_sdk, sdk_s),
     ]
+    bare_rps = args.single / bare_s
+    print(f"\none event per request, {args.concurrency} concurrent clients, uvicorn, one process each")
+    print(f"{'path':<34}{'requests/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs bare':>9}")
+    for name, secs, lat in (("bare FastAPI (json.loads, 202)", bare_s, bare_lat),
+                            ("backbone ingest (validate, acks=all)", single_s, single_lat)):  # fmt: skip
+        print(f"{name:<34}{args.single / secs:>12,.0f}{_pct(lat, 0.5):>9.1f}{_pct(lat, 0.95):>9.1f}"
+              f"{_pct(lat, 0.99):>9.1f}{args.single / secs / bare_rps:>9.2f}")  # fmt: skip
     print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
     print(
         f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}"
