@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import psycopg
 import structlog
@@ -102,14 +102,7 @@ FaultKind = Literal[
     "postgres_restart",
     "broker_restart",
 ]
-FAULT_KINDS: Final[tuple[FaultKind, ...]] = (
-    "sigkill_processor",
-    "sigkill_projection",
-    "sigstop_processor",
-    "sigstop_projection",
-    "postgres_restart",
-    "broker_restart",
-)
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
 _PARTITIONS: Final = 6
 _SESSION_TIMEOUT_MS: Final = 6000

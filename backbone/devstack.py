@@ -239,10 +239,7 @@ class DevStack:
             embedded={name: name in self._procs for name in COMPONENTS},
             state_dir=self._state_dir,
         )
-        recorded = dataclasses.replace(info, postgres_url=redact(postgres_url), redis_url=redact(redis_url))
-        tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
-        tmp.write_text(recorded.to_json())
-        os.replace(tmp, stack_file(self._state_dir))
+        self._record(info)
         self._info = info
         log.info(
             "devstack.started",
@@ -254,6 +251,15 @@ class DevStack:
             startup_seconds=round(time.monotonic() - t0, 3),
         )
         return info
+
+    def _record(self, info: StackInfo) -> None:
+        """Write ``stack.json`` atomically (passwords redacted)."""
+        recorded = dataclasses.replace(
+            info, postgres_url=redact(info.postgres_url), redis_url=redact(info.redis_url)
+        )
+        tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
+        tmp.write_text(recorded.to_json())
+        os.replace(tmp, stack_file(self._state_dir))
 
     def stop(self) -> None:
         """Stop the servers this stack started and remove ``stack.json``; idempotent.
@@ -427,10 +433,7 @@ class DevStack:
                 f"the embedded broker did not come back on port {port}: {log_tail(self._log_path('kafka'))}"
             )
         self._info = info = dataclasses.replace(info, pids={**info.pids, "kafka": new.pid})
-        tmp = stack_file(self._state_dir).with_suffix(".json.tmp")
-        tmp.write_text(dataclasses.replace(info, postgres_url=redact(info.postgres_url),
-                                           redis_url=redact(info.redis_url)).to_json())  # fmt: skip
-        os.replace(tmp, stack_file(self._state_dir))
+        self._record(info)
         if not reseed:
             return None
         self.reseed_report = self._reseed(info.kafka_bootstrap, info.postgres_url, partitions)
