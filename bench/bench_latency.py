@@ -40,7 +40,6 @@ import json
 import math
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,11 +70,6 @@ INSIGHTS_TOPIC = "insights.runs"
 TICK_SECONDS = 0.005
 PG_POLL_SECONDS = 0.005
 RUN_EVENTS = 6
-_SERVE = (
-    "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
-    "from core.observability import configure_logging; configure_logging('WARNING'); "
-    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
-)
 # The baseline's relay: a plain consumer that republishes each FINISHED record (header bench-finished).
 _RELAY = """
 import sys
@@ -208,12 +202,6 @@ class Observers:
                 now = time.perf_counter()
                 for (entity,) in rows:
                     self._stamp(entity, "pg", now)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run_data(run_id: str, t0: datetime) -> list[tuple[str, dict[str, Any]]]:
@@ -390,6 +378,7 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     from backbone.client import Client
     from backbone.devstack import DevStack
     from backbone.http.auth import TokenStore
+    from bench.common import API_SERVE, free_port
     from core.settings import PostgresSettings, RedisSettings, Settings
     from streams.catalogue import CATALOGUE
 
@@ -432,12 +421,12 @@ def main(argv: list[str] | None = None) -> list[Phase]:
                "BACKBONE_REDIS__URL": info.redis_url, "BACKBONE_API_RATE_PER_SECOND": "1000000",
                "BACKBONE_API_BURST": "1000000", "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-        port = _free_port()
+        port = free_port()
         logs = open(state_dir / "children.log", "wb")  # noqa: SIM115 - closed in finally
         spawn = [
             [sys.executable, "-m", "backbone", "processors", "worker", "--web-port", "0"],
             [sys.executable, "-m", "backbone", "projections", "run", "insights", "--no-read-models", "--metrics-port", "0"],
-            [sys.executable, "-c", _SERVE.format(port=port)],
+            [sys.executable, "-c", API_SERVE.format(port=port)],
             [sys.executable, "-c", _RELAY, boot, base_in, base_out, f"bench-relay-{tag}"],
         ]  # fmt: skip
         observers: Observers | None = None

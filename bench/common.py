@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,9 +16,23 @@ from rich.table import Table
 from core.settings import KafkaSettings, PostgresSettings, RedisSettings, Settings
 from streams.envelope import Event, deterministic_id
 
-__all__ = ["ROOT", "bench_stack", "print_table", "realistic_events"]
+__all__ = ["API_SERVE", "ROOT", "bench_stack", "free_port", "print_table", "realistic_events"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+API_SERVE = (
+    "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
+    "from core.observability import configure_logging; configure_logging('WARNING'); "
+    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
+)
+"""``python -c`` source serving the backbone's API with uvicorn on ``{port}`` (settings from the environment)."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

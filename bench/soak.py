@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,11 +58,6 @@ EVENTS_TOPIC = "agent.events"
 INSIGHTS_TOPIC = "insights.runs"
 TARGET_GROWTH = 0.10
 DATA_STORES = frozenset({"tansu", "postgres", "redis"})
-_SERVE = (
-    "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
-    "from core.observability import configure_logging; configure_logging('WARNING'); "
-    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from backbone.devstack import DevStack
     from backbone.http.auth import TokenStore
-    from bench.common import realistic_events
+    from bench.common import API_SERVE, free_port, realistic_events
     from core.settings import KafkaSettings, Settings
     from streams.catalogue import CATALOGUE, create_missing_topics
     from streams.producer import EventProducer
@@ -244,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                "BACKBONE_API_RATE_PER_SECOND": "1000000", "BACKBONE_API_BURST": "1000000",
                "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-        port = _free_port()
+        port = free_port()
         logs = open(state_dir / "children.log", "wb")  # noqa: SIM115 - closed in finally
         spawn = {
             "worker": [sys.executable, "-m", "backbone", "processors", "worker", "--web-port", "0"],
             "projections": [sys.executable, "-m", "backbone", "projections", "run", "agent_runs", "insights",
                             "archive", "--metrics-port", "0"],
-            "api": [sys.executable, "-c", _SERVE.format(port=port)],
+            "api": [sys.executable, "-c", API_SERVE.format(port=port)],
         }  # fmt: skip
         stop = threading.Event()
         churn: list[_SseChurn] = []
@@ -352,12 +346,6 @@ def _copy(e: Any, copy: int) -> Any:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:,.1f}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 if __name__ == "__main__":
