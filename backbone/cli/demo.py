@@ -8,7 +8,6 @@ the report, and stops what it started.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,15 +18,21 @@ import typer
 from pydantic import SecretStr
 from rich.table import Table
 
+from backbone.cli.demo_live import (
+    demo_start_time,
+    run_live,
+    set_routing_config,
+    short,
+    start_workers,
+    worker_env,
+)
 from backbone.cli.helpers import emit_json, err, out
 
 __all__ = ["demo"]
 
 
 def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["BACKBONE_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
-    env.setdefault("BACKBONE_LOG_FORMAT", "json")
+    env = worker_env(settings)
     log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
         [sys.executable, "-m", "backbone", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -72,6 +77,7 @@ def demo(
         say(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     processor = None
+    workers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         settings = base.model_copy(
             update={
@@ -85,7 +91,9 @@ def demo(
                   f"postgres {info.postgres_url.split('@')[-1]}, redis {info.redis_url}")  # fmt: skip
         serde = serde_from_settings(settings)
         ensure_topics(AdminClient(settings.kafka.librdkafka()))
+        routing_version = set_routing_config(settings)
         processor = _start_processor(settings, state_dir)
+        workers = start_workers(worker_env(settings), state_dir)
 
         t = time.perf_counter()
         report = import_runs(settings, serde, data, "agent.events")
@@ -131,15 +139,33 @@ def demo(
         doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
                "import": {k: v for k, v in report.items() if k != "problems"}, "skipped_files": report["problems"]}  # fmt: skip
         doc.update(_healing_and_incidents(data, say))
+        try:
+            doc["live"] = run_live(
+                settings, serde, data, workers, say, start=demo_start_time(totals["last_event_at"])
+            )
+            doc["live"]["routing_config_version"] = routing_version
+        except TimeoutError as exc:
+            say(f"[red]live routing and healing: {exc}[/red] (logs: {state_dir})")
+            doc["live"] = None
         _report(doc, runs, insights, as_json)
-        ok = n_insights >= totals["finished"] and stats2.applied == 0
+        live = doc["live"]
+        live_ok = (
+            bool(live)
+            and any(c["kind"] == "circuit_opened" for c in live["circuit_chain"])
+            and live["final_circuit"] == "closed"
+        )
+        if live and not live_ok:
+            say(f"[red]the injected outage did not open and close the circuit[/red] (logs: {state_dir})")
+        ok = n_insights >= totals["finished"] and stats2.applied == 0 and live_ok
     finally:
-        if processor is not None and processor.poll() is None:
-            processor.terminate()
+        for proc in [p for p in (processor, *workers.values()) if p is not None]:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in [p for p in (processor, *workers.values()) if p is not None]:
             try:
-                processor.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                processor.kill()
+                proc.kill()
         stack.stop()
     if not ok:
         raise typer.Exit(1)
@@ -215,6 +241,48 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
         out.print(table)
 
 
+def _report_live(live: dict[str, Any]) -> None:
+    o = live["outage"]
+    table = Table(
+        title=f"Live: {live['prompts']} real task prompts routed (routing.config v{live['routing_config_version']}), "
+        f"{o['provider']} down; the healer's circuits honoured by the router and the client"
+    )
+    for c in ("phase", "requests", "router chose", "served by", "client fallbacks", "cost USD"):
+        table.add_column(c, justify="right" if c in ("requests", "client fallbacks", "cost USD") else "left")
+    for name, p in live["phases"].items():
+        table.add_row(name, str(p["requests"]),
+                      "\n".join(f"{short(m)} {n}" for m, n in sorted(p["router_chose"].items())),
+                      "\n".join(f"{short(m)} {n}" for m, n in sorted(p["served_by"].items())),
+                      str(p["client_fallbacks"]), f"{p['cost_usd']:.4f}")  # fmt: skip
+    out.print(table)
+    chain = Table(title=f"The circuits' chain (proj_healing.decisions); open in the read model "
+                        f"{_n(live['opened_after_first_failure_ms'])} ms after the first failing call's ack")  # fmt: skip
+    for c in ("event time", "circuit", "decision", "evidence"):
+        chain.add_column(c)
+    for r in live["circuit_chain"]:
+        d = r["details"] or {}
+        evidence = f"{d.get('reason', '')}; {d.get('window_failures', 0)}/{d.get('window_calls', 0)} failed in the window"
+        chain.add_row(
+            r["event_time"][11:19],
+            r["subject"].removeprefix("circuit:"),
+            r["kind"].removeprefix("circuit_"),
+            evidence,
+        )
+    out.print(chain)
+    if live["warnings_live"]:
+        w = Table(title="Warnings the live healer raised on the imported runs (proj_healing.warnings)")
+        for c in ("signal", "warnings", "runs"):
+            w.add_column(c, justify="left" if c == "signal" else "right")
+        for r in live["warnings_live"]:
+            w.add_row(r["signal"], str(r["n"]), str(r["runs"]))
+        out.print(w)
+    spent = sum(p["cost_usd"] for p in live["phases"].values())
+    strong = sum(p["always_strong_usd"] for p in live["phases"].values())
+    out.print(f"routed cost {spent:.4f} USD; the same requests on gemini-3-pro-preview: {strong:.4f} USD. "
+              f"Router fallback decisions after a failed outcome: {live['router_fallback_decisions']}; "
+              f"{o['provider']} circuit at the end: {live['final_circuit']}; live part {live['seconds']:.1f} s")  # fmt: skip
+
+
 def _report(
     doc: dict[str, Any], runs: list[dict[str, Any]], insights: list[dict[str, Any]], as_json: bool
 ) -> None:
@@ -258,5 +326,7 @@ def _report(
     tm = doc["timings_s"]
     if doc.get("healing"):
         _report_healing_and_incidents(doc)
+    if doc.get("live"):
+        _report_live(doc["live"])
     out.print(f"timings: stack {tm['stack_start_s']:.1f} s, import {tm['import_s']:.1f} s, "
               f"projection {tm['projection_s']:.1f} s, total {tm['total_s']:.1f} s")  # fmt: skip

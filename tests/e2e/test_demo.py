@@ -32,6 +32,34 @@ def test_demo_on_the_copied_runs(tmp_path: Path) -> None:
     t = doc["totals"]
     assert (t["runs"], t["resolved"], t["llm_calls"], t["tool_calls"]) == (25, 13, 856, 824)
     assert round(t["cost_usd"], 6) == 7.799117 and doc["insights"] == 25
+    _check_live(doc["live"])
+
+
+def _check_live(live: dict) -> None:
+    """Routing and healing live: the outage opens the provider's circuit, the router and the client route
+    around it, a probe closes it after the cool-down, and the router goes back to the cheapest model."""
+    assert live["prompts"] == 25
+    chain = [
+        (c["subject"], c["kind"]) for c in live["circuit_chain"] if c["subject"] == "circuit:provider:Google"
+    ]
+    kinds = [k for _, k in chain]
+    assert kinds[0] == "circuit_opened" and kinds[-1] == "circuit_closed" and "circuit_half_open" in kinds, (
+        chain
+    )
+    opened = next(c for c in live["circuit_chain"] if c["kind"] == "circuit_opened")
+    assert opened["details"]["consecutive_failures"] >= 5, opened
+    before, outage, after = live["phases"]["before"], live["phases"]["outage"], live["phases"]["after"]
+    assert before["router_chose"] == {"google/gemini-2.5-flash-lite": 6} and before["client_fallbacks"] == 0
+    # nothing reached the caller as a failure: every request in the outage was served by OpenAI
+    assert outage["served_by"] == {"openai/gpt-5-mini": 6}, outage
+    # the first outage request was routed before the circuit opened: the client fell back along its chain
+    assert outage["client_fallbacks"] >= 1 and outage["router_chose"].get("openai/gpt-5-mini", 0) >= 4, outage
+    assert after["router_chose"].get("google/gemini-2.5-flash-lite", 0) >= 8, after
+    assert live["final_circuit"] == "closed" and live["router_fallback_decisions"] >= 1
+    cost = sum(p["cost_usd"] for p in live["phases"].values())
+    strong = sum(p["always_strong_usd"] for p in live["phases"].values())
+    assert 0 < cost < strong / 5, (cost, strong)
+    assert sum(w["n"] for w in live["warnings_live"]) > 0
 
 
 @pytest.mark.skipif(not FULL.exists(), reason="../shared/data/agent_runs is absent")
