@@ -18,8 +18,13 @@ over it measures how long the processor and the projection take to catch up, rea
 views, builds the views a second time from scratch into another database, and hands the collected
 :class:`backbone.chaos_history.ChaosHistory` to :func:`backbone.chaos_history.check_history`.
 
-Not injected yet: broker restart (Tansu keeps its log in memory only), Redis faults, rebalance storms,
-a slow sink, a connection killed during COMMIT.
+PostgreSQL also gets its client connections terminated (``pg_terminate_backend``, aimed at a backend
+caught in ``COMMIT``: :func:`kill_backends`) and a stall, the slow sink (every PostgreSQL process
+SIGSTOPped for a few seconds: :func:`stall_postgres`). The broker is restarted and re-seeded from the
+event archive (see ``broker_restart``).
+
+Not injected yet: Redis faults (no process of this pipeline reads or writes Redis yet), rebalance
+storms (workers added and removed).
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ FaultKind = Literal[
     "sigstop_processor",
     "sigstop_projection",
     "postgres_restart",
+    "postgres_backend_kill",
+    "postgres_stall",
     "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
@@ -125,6 +132,8 @@ class Profile:
         postgres_down_seconds: (min, max) time PostgreSQL stays down.
         broker_down_seconds: (min, max) time the broker stays down (SIGKILL: its in-memory log is lost and
             re-seeded from the event archive when it comes back).
+        stall_seconds: (min, max) time every PostgreSQL process stays stopped (SIGSTOP; the slow sink:
+            connections stay open, statements and commits hang, nothing fails).
         redelivery_fraction: share of events sent a second time.
         lag_bound_seconds: how long the processes may take to catch up after the last fault.
     """
@@ -136,6 +145,7 @@ class Profile:
     stop_hold_seconds: tuple[float, float] = (1.0, 4.0)
     postgres_down_seconds: tuple[float, float] = (2.0, 5.0)
     broker_down_seconds: tuple[float, float] = (1.0, 3.0)
+    stall_seconds: tuple[float, float] = (2.0, 6.0)
     redelivery_fraction: float = 0.03
     lag_bound_seconds: float = 90.0
 
@@ -150,6 +160,8 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigstop_processor": 1,
             "sigstop_projection": 1,
             "postgres_restart": 1,
+            "postgres_backend_kill": 1,
+            "postgres_stall": 1,
             "broker_restart": 1,
         },
     ),
@@ -162,6 +174,8 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigstop_processor": 3,
             "sigstop_projection": 4,
             "postgres_restart": 3,
+            "postgres_backend_kill": 3,
+            "postgres_stall": 2,
             "broker_restart": 2,
         },
         stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
@@ -174,11 +188,13 @@ PROFILES: Final[dict[str, Profile]] = {
 @dataclass(frozen=True, slots=True)
 class FaultRecord:
     """One injected fault: its kind, when it began (seconds since the workload started), how long the
-    process or server stayed down or stopped."""
+    process or server stayed down or stopped, and what it hit (``postgres_backend_kill``: whether a
+    backend was caught in ``COMMIT``, and how many were terminated)."""
 
     kind: FaultKind
     at_seconds: float
     duration_seconds: float
+    detail: str = ""
 
 
 @dataclass(slots=True)
@@ -311,6 +327,60 @@ def _start_postgres(pgdata: Path, port: int, log_path: Path) -> subprocess.Popen
         if proc.poll() is not None or time.monotonic() > deadline:
             raise StackError(f"the embedded PostgreSQL did not come back on port {port} (see {log_path})")
         time.sleep(0.1)
+
+
+def _terminate(conn: psycopg.Connection[Any], pids: list[int]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest(%s::int[]) AS pid", (pids,)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def kill_backends(url: str, *, hunt_seconds: float = 3.0) -> str:
+    """Terminate the client connections of ``url``'s database (``pg_terminate_backend``), aiming at a
+    ``COMMIT``: for up to ``hunt_seconds`` it watches ``pg_stat_activity`` for a backend running
+    ``COMMIT`` and terminates that one; when none was caught, every client backend in a transaction
+    (``active`` or ``idle in transaction``), else every client backend. Returns what it hit, e.g.
+    ``"COMMIT: 1 backend"`` or ``"in transaction: 2 backends"``.
+
+    Raises:
+        psycopg.Error: PostgreSQL did not answer.
+    """
+    others = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+              " AND backend_type = 'client backend'")  # fmt: skip
+    with psycopg.connect(url, autocommit=True) as conn:
+        deadline = time.monotonic() + hunt_seconds
+        while time.monotonic() < deadline:
+            pids = [r[0] for r in conn.execute(others + " AND state = 'active' AND query ILIKE 'COMMIT%%'")]
+            n = _terminate(conn, pids) if pids else 0
+            if n:
+                return f"COMMIT: {n} backend{'s' * (n != 1)}"
+        for what, where in (
+            ("in transaction", " AND state IN ('active', 'idle in transaction')"),
+            ("idle", ""),
+        ):
+            pids = [r[0] for r in conn.execute(others + where)]
+            if pids:
+                n = _terminate(conn, pids)
+                return f"{what}: {n} backend{'s' * (n != 1)}"
+    return "no client backend"
+
+
+def stall_postgres(pgdata: Path, seconds: float) -> None:
+    """The slow sink: stop every process of the PostgreSQL on ``pgdata`` (SIGSTOP to its process group,
+    the postmaster's, read from ``postmaster.pid``) for ``seconds``, then continue them (SIGCONT).
+    Connections stay open; statements and commits hang until then.
+
+    Raises:
+        OSError: the postmaster's process group could not be signalled.
+    """
+    pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    pgid = os.getpgid(pid)
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -641,6 +711,7 @@ def run_chaos(
         t0 = time.monotonic()
         workload.start()
         fault_log: list[FaultRecord] = []
+        detail = ""
         archived_at_restart: set[str] = set()
         reseeds: list[dict[str, Any]] = []
         rebuilt_after_restart: list[float] = []
@@ -685,12 +756,20 @@ def run_chaos(
                 for p in processes:
                     p.start()
                 workload.resume(new_producer=True)
+            elif kind == "postgres_backend_kill":
+                t_kill = time.monotonic()
+                detail = kill_backends(info.postgres_url)
+                down = time.monotonic() - t_kill
+            elif kind == "postgres_stall":
+                down = rng.uniform(*prof.stall_seconds)
+                stall_postgres(work / "postgres", down)
             else:
                 down = rng.uniform(*prof.postgres_down_seconds)
                 pg_ctl_stop(work / "postgres", 15)
                 time.sleep(down)
                 pg_procs.append(_start_postgres(work / "postgres", pg_port, work / "logs" / "postgres.log"))
-            fault_log.append(FaultRecord(kind, round(began, 2), round(down, 2)))
+            fault_log.append(FaultRecord(kind, round(began, 2), round(down, 2), detail))
+            detail = ""
             log.info("chaos.fault", kind=kind, at_seconds=round(began, 2), duration_seconds=round(down, 2))
         while workload.is_alive():
             for p in processes:

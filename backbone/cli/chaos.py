@@ -17,7 +17,7 @@ def chaos(
     profile: Annotated[
         str,
         typer.Option(
-            help="short (about 1 min, 6 faults) or full (about 3 min, 18 faults).",
+            help="short (about 1 min, 9 faults) or full (about 3 min, 25 faults).",
             envvar="BACKBONE_CHAOS_PROFILE",
         ),
     ] = "short",
@@ -64,6 +64,9 @@ def chaos(
                 f"{report.events.get('lost_in_window', 0)}",
                 highlight=False,
             )
+        hits = [f"{f.kind} at {f.at_seconds:.1f} s: {f.detail}" for f in report.fault_log if f.detail]
+        if hits:
+            out.print("what the faults hit: " + "; ".join(hits), highlight=False)
         for kind, why in report.skipped.items():
             out.print(f"[yellow]not injected: {kind}[/yellow] ({why})", highlight=False)
         out.print(f"durations (s): {report.durations_seconds}")

@@ -116,7 +116,16 @@ def test_an_out_of_order_key_on_the_topic() -> None:
     h = _clean()
     h.topic[0], h.topic[1] = replace(h.topic[0], event_id="a1"), replace(h.topic[1], event_id="a0")
     (v,) = _only(h, "order_per_key")
-    assert v.evidence == {"key": "run-a", "position": 0, "on_topic": "a1", "produced": "a0"}
+    assert v.evidence == {"key": "run-a", "position": 1, "on_topic": "a0", "produced": "a2"}
+
+
+def test_an_event_lost_in_the_window_and_redelivered_later_is_in_order() -> None:
+    """a1's first copy was lost with the broker's log; its redelivery (sent after a2) put it back after a2."""
+    h = _clean()
+    h.topic = [r for r in h.topic if (r.partition, r.offset) != (0, 1)]
+    assert not check_history(h)
+    h.topic = [r for r in h.topic if (r.partition, r.offset) != (0, 3)]  # and without the redelivery: lost
+    assert {v.guarantee for v in check_history(h)} == {"acknowledged_lost"}
 
 
 def test_a_key_spread_over_two_partitions() -> None:
