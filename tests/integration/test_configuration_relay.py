@@ -238,3 +238,69 @@ def test_projection_keeps_redis_current_and_config_reads_it(
         relay.close()
         config.close()
         store.close()
+
+
+def test_projection_rebuilds_redis_after_a_flush_or_an_older_snapshot(
+    settings: Settings,
+    pg_url: str,
+    redis_url: str,
+    create_topic: Callable[..., str],
+    unique_name: Callable[[str], str],
+) -> None:
+    """The read model's position lives in Redis with its values: when Redis loses both (a flush) or goes back
+    to an older state (a snapshot restored), the running projection seeks back and rebuilds from the log, and
+    Config.current never keeps serving the stale value."""
+    import redis
+
+    topic = create_topic(unique_name("config.changes"), partitions=2)
+    cfg = _with(settings, pg_url, redis_url)
+    prefix = f"{unique_name('cfg')}:"
+    store = ConfigStore(cfg)
+    relay = OutboxRelay(cfg, topic=topic, name=unique_name("relay"), batch_size=50)
+    projection = ConfigProjection(cfg, topic=topic, group_id=unique_name("proj"), prefix=prefix)
+    config = Config(cfg, store=store, prefix=prefix)
+    r = redis.Redis.from_url(redis_url)
+    key = f"misc.flush-{unique_name('k').replace('_', '-')}"
+
+    def project_until(pred: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not pred():
+            assert time.monotonic() < deadline, what
+            projection.run_once(0.2)
+
+    try:
+        for i in range(1, 4):
+            store.set(key, {"i": i}, author="t", reason=f"v{i}")
+        store.set("misc.other", {"x": 1}, author="t", reason="init")
+        while relay.run_once():
+            pass
+        in_redis = lambda v: (
+            (config.current_entry(key).source, config.current_entry(key).version) == ("redis", v)
+        )
+        project_until(lambda: in_redis(3), "projected")
+        stored = {int(p): int(o) for p, o in r.hgetall(f"{prefix}__position__:{topic}").items()}
+        assert sum(stored.values()) >= 4  # the positions were written with the values
+
+        # a flush of the read model (the session's Redis is shared: only this prefix is deleted)
+        r.delete(*r.keys(f"{prefix}*"))
+        assert config.current_entry(key).source == "postgres"  # correct meanwhile, from the store
+        time.sleep(1.0)
+        project_until(lambda: in_redis(3), "rebuilt after the flush")
+        assert projection.resyncs >= 1
+
+        # an older snapshot: the entry and the position go back to version 1
+        first = projection.resyncs
+        (p,) = [p for p, o in stored.items() if o >= 3] or [max(stored, key=lambda q: stored[q])]
+        r.hset(f"{prefix}current:{key}", mapping={"version": 1, "value": '{"i": 1}'})
+        r.hset(f"{prefix}__position__:{topic}", str(p), 1)
+        time.sleep(1.0)
+        project_until(
+            lambda: projection.resyncs > first and config.current_entry(key).version == 3, "caught up"
+        )
+        assert config.current(key) == {"i": 3}
+    finally:
+        projection.close()
+        relay.close()
+        config.close()
+        store.close()
+        r.close()
