@@ -129,10 +129,22 @@ class HealingThresholds(BaseModel):
         fallback_chains: ``{provider or provider/model: [next, ...]}``, tried in order after it.
         failing_streak: failed commands in a row that raise an agent warning.
         loop_repeats: occurrences of one command among the last ``loop_window`` that count as a loop.
-        loop_window: how many recent commands the loop check looks at.
+        loop_window: how many recent commands the loop check looks at. Default 15 (was 10): with the
+            trouble gate, 15 gave the best F1 both at the end and at the midpoint of the 120 shared
+            runs among 10, 15 and 20 (a choice made on those runs; README, Quality on real data).
         stall_seconds: event time without progress (a new command that succeeds) that raises a warning.
-        runaway_factor: a run whose tokens or cost exceed this multiple of its peers' median warns.
-        runaway_min_peers: finished peer runs needed before the runaway check speaks.
+        runaway_factor: a run whose tokens, cost or steps exceed this multiple of its peers' median warns.
+            Default 2.0 (was 3.0): on the shared runs 2x the peers' median tokens already flags mostly
+            runs that do not resolve (README, Quality on real data).
+        runaway_min_peers: finished peer runs needed before the runaway check (and the trouble gate) speaks.
+        trouble_min_step_ratio: the trouble gate: ``loop`` and ``failing_streak`` at level ``warn``
+            are held until the run's step count exceeds this multiple of the median final step count of
+            the finished peer runs (then the highest level reached is raised); higher levels are raised
+            at once. 0 raises every level at once, as does a healer with fewer than
+            ``runaway_min_peers`` finished peers. Default 1.0 (no tuning: "longer than the typical
+            run"): on the 120 shared runs a command run 3 times is as common in runs that resolve (the
+            agent reruns its reproduce script after each edit) as in those that do not, except in a
+            run already longer than its peers (``backbone eval healing --split time``).
         rollback_mode: ``auto`` (roll back), ``dry_run`` (recommend only) or ``approval`` (escalate, wait for ack).
         rollback_window_seconds: length of the windows before and after a config change that are compared.
         rollback_min_calls: calls each window must hold before the test runs.
@@ -157,10 +169,11 @@ class HealingThresholds(BaseModel):
     fallback_chains: dict[str, list[str]] = Field(default_factory=dict)
     failing_streak: int = Field(default=5, ge=1)
     loop_repeats: int = Field(default=3, ge=2)
-    loop_window: int = Field(default=10, ge=2)
+    loop_window: int = Field(default=15, ge=2)
     stall_seconds: float = Field(default=600.0, gt=0)
-    runaway_factor: float = Field(default=3.0, gt=1)
+    runaway_factor: float = Field(default=2.0, gt=1)
     runaway_min_peers: int = Field(default=5, ge=1)
+    trouble_min_step_ratio: float = Field(default=1.0, ge=0)
     rollback_mode: Literal["auto", "dry_run", "approval"] = "auto"
     rollback_window_seconds: float = Field(default=600.0, gt=0)
     rollback_min_calls: int = Field(default=20, ge=2)

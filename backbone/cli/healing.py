@@ -171,33 +171,36 @@ def healing_audit(
 def eval_healing(
     data: DataOpt,
     min_level: Annotated[str, typer.Option(help="Lowest warning level that flags a run.")] = "warn",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Also score two folds, each replayed alone: 'time' (by start time) or 'id' (run-id hash)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Early warnings on real agent runs (replayed in event-time order) versus a step-count baseline."""
     from processors.healing.evaluation import evaluate_early_warnings
 
     _require_dir(data)
-    r = evaluate_early_warnings(data, min_level=min_level)
+    r = evaluate_early_warnings(data, min_level=min_level, split=split)
     if as_json:
         emit_json(r)
         return
     rows = []
-    for name, part in (("healer", r), ("baseline", r["baseline"])):
-        rows.append({"policy": name, "point": "before last step", "flagged": part["flagged"], "precision": part["precision"],
-                     "recall": part["recall"], "median_lead_steps": part["median_lead_steps"],
-                     "median_lead_seconds": part["median_lead_seconds"]})  # fmt: skip
-        m = part["midpoint"]
-        rows.append(
-            {
-                "policy": name,
-                "point": "by midpoint",
-                "flagged": m["flagged"],
-                "precision": m["precision"],
-                "recall": m["recall"],
-            }
-        )
+    parts = [("all", r), *((f"{split} {i + 1}", f) for i, f in enumerate(r.get("folds", [])))]
+    for runs, table in parts:
+        for name, part in (("healer", table), ("baseline", table["baseline"])):
+            rows.append({"runs": runs, "policy": name, "point": "before last step", "flagged": part["flagged"],
+                         "precision": part["precision"], "recall": part["recall"], "f1": part["f1"],
+                         "median_lead_steps": part["median_lead_steps"],
+                         "median_lead_seconds": part["median_lead_seconds"]})  # fmt: skip
+            m = part["midpoint"]
+            rows.append({"runs": runs, "policy": name, "point": "by midpoint", "flagged": m["flagged"],
+                         "precision": m["precision"], "recall": m["recall"], "f1": m["f1"]})  # fmt: skip
     _table(f"early warnings: {r['runs']} runs, {r['unresolved']} unresolved", rows,
-           ["policy", "point", "flagged", "precision", "recall", "median_lead_steps", "median_lead_seconds"])  # fmt: skip
+           ["runs", "policy", "point", "flagged", "precision", "recall", "f1", "median_lead_steps",
+            "median_lead_seconds"])  # fmt: skip
 
 
 @eval_app.command("outage")

@@ -11,6 +11,9 @@ and replay every run's events merged in event-time order (ties: run id, then the
     is below the run's last step); the same is scored with only the warnings raised by each run's
     midpoint step. The baseline flags a run, in the same replay, as soon as its step count exceeds the
     median final step count of the runs that have finished so far (once ``min_peers`` have finished).
+    With ``split``, the same is done again on each half of the runs on its own (a replay of that half
+    only, so its peers are that half's runs): ``time`` splits them by start time (first half, second
+    half), ``id`` by the parity of the SHA-256 of the run id (a fixed 2-fold split).
 
 :func:`evaluate_outage`
     Replays the real LLM-call stream (one request per recorded call, at its recorded time, to its
@@ -45,12 +48,14 @@ from processors.healing.healer import Healer, HealingConfig, InputEvent
 from processors.healing.retry import backoff_seconds
 
 __all__ = [
+    "SPLITS",
     "LiteLLMCooldown",
     "evaluate_early_warnings",
     "evaluate_outage",
     "load_runs",
     "merged_events",
     "simulate",
+    "split_runs",
 ]
 
 
@@ -80,16 +85,41 @@ def merged_events(runs: Iterable[ParsedRun]) -> Iterator[InputEvent]:
 
 def _pr(flagged: set[str], positives: set[str]) -> dict[str, float | int | None]:
     tp = len(flagged & positives)
+    p = tp / len(flagged) if flagged else None
+    r = tp / len(positives) if positives else None
     return {
         "flagged": len(flagged),
         "true_positives": tp,
-        "precision": round(tp / len(flagged), 4) if flagged else None,
-        "recall": round(tp / len(positives), 4) if positives else None,
+        "precision": round(p, 4) if p is not None else None,
+        "recall": round(r, 4) if r is not None else None,
+        "f1": round(2 * p * r / (p + r), 4) if p is not None and r is not None and p + r > 0 else None,
     }
 
 
 def _median(xs: list[float]) -> float | None:
     return round(float(statistics.median(xs)), 3) if xs else None
+
+
+#: How ``evaluate_early_warnings`` may split the runs into two folds.
+SPLITS = ("time", "id")
+
+
+def split_runs(runs: list[ParsedRun], split: str) -> tuple[list[ParsedRun], list[ParsedRun]]:
+    """Two folds of ``runs``: ``time``, the first and second half by start time (ties: run id);
+    ``id``, runs whose run id's SHA-256 (as an integer) is even, then odd (see :func:`evaluate_early_warnings`).
+
+    Raises:
+        ValueError: unknown ``split``.
+    """
+    if split == "time":
+        ordered = sorted(runs, key=lambda r: (r.events[0].data["event_time"], r.run_id))
+        half = (len(ordered) + 1) // 2
+        return ordered[:half], ordered[half:]
+    if split == "id":
+        even = [r for r in runs if int(hashlib.sha256(r.run_id.encode()).hexdigest(), 16) % 2 == 0]
+        odd = [r for r in runs if int(hashlib.sha256(r.run_id.encode()).hexdigest(), 16) % 2 == 1]
+        return even, odd
+    raise ValueError(f"split is one of {SPLITS}, not {split!r}")
 
 
 def evaluate_early_warnings(
@@ -98,6 +128,7 @@ def evaluate_early_warnings(
     thresholds: HealingThresholds | None = None,
     min_level: str = "warn",
     min_peers: int = 5,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """Early warnings on real runs versus the "more steps than the median so far" baseline.
 
@@ -106,22 +137,50 @@ def evaluate_early_warnings(
         thresholds: healing thresholds (default: the defaults of :class:`HealingThresholds`).
         min_level: lowest warning level that flags a run (``warn``, ``recommend_restart``, ``escalate``).
         min_peers: finished runs the baseline needs before it speaks.
+        split: ``None``, or ``time`` / ``id``: add the same table for each of two folds (``"folds"``).
 
     Returns:
-        ``{"runs", "unresolved", "precision", "recall", "median_lead_steps", "median_lead_seconds",
-        "flagged", "true_positives", "midpoint": {"precision", "recall", "flagged", ...},
-        "signals": {signal: runs flagged by it}, "baseline": {"precision", "recall",
-        "median_lead_steps", "median_lead_seconds", "midpoint": {...}}, "min_level", "config"}``.
+        ``{"runs", "unresolved", "precision", "recall", "f1", "median_lead_steps",
+        "median_lead_seconds", "flagged", "true_positives", "midpoint": {"precision", "recall", "f1",
+        "flagged", ...}, "signals": {signal: runs flagged by it}, "signal_precision": {signal:
+        {"flagged", "true_positives", "precision"}}, "baseline": {"precision", "recall", "f1",
+        "median_lead_steps", "median_lead_seconds", "midpoint": {...}}, "min_level", "config"}``, and
+        with ``split`` ``"split"`` and ``"folds": [table, table]`` (each without ``config``).
         Precision is ``None`` when nothing was flagged. Leads are counted on the flagged unresolved
         runs: steps (and seconds) from the first flagging warning to the run's last step (end).
 
     Raises:
-        ValueError: unknown ``min_level``, or no run in ``directory``.
+        ValueError: unknown ``min_level`` or ``split``, or no run in ``directory``.
     """
     if min_level not in LEVELS:
         raise ValueError(f"min_level is one of {LEVELS}, not {min_level!r}")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split is one of {SPLITS}, not {split!r}")
     runs = load_runs(directory)
     t = thresholds or HealingThresholds()
+    result = _early_warnings(runs, t, min_level, min_peers)
+    result["config"] = t.model_dump(
+        mode="json",
+        include={
+            "failing_streak",
+            "loop_repeats",
+            "loop_window",
+            "stall_seconds",
+            "runaway_factor",
+            "runaway_min_peers",
+            "trouble_min_step_ratio",
+        },
+    )
+    if split is not None:
+        result["split"] = split
+        result["folds"] = [_early_warnings(fold, t, min_level, min_peers) for fold in split_runs(runs, split)]
+    return result
+
+
+def _early_warnings(
+    runs: list[ParsedRun], t: HealingThresholds, min_level: str, min_peers: int
+) -> dict[str, Any]:
+    """The table of :func:`evaluate_early_warnings` (without ``config``) for one replay of ``runs``."""
     last_step = {
         r.run_id: max((int(e.data["step"]) for e in r.events if "step" in e.data), default=0) for r in runs
     }
@@ -178,16 +237,23 @@ def evaluate_early_warnings(
         "unresolved": len(positives),
         "precision": main["precision"],
         "recall": main["recall"],
+        "f1": main["f1"],
         "median_lead_steps": lead_steps,
         "median_lead_seconds": lead_secs,
         "flagged": main["flagged"],
         "true_positives": main["true_positives"],
         "midpoint": _pr(mid_flagged & scored, positives),
         "signals": {k: len(v & scored) for k, v in sorted(by_signal.items())},
+        "signal_precision": {
+            k: {key: pr[key] for key in ("flagged", "true_positives", "precision")}
+            for k, v in sorted(by_signal.items())
+            for pr in (_pr(v & scored, positives),)
+        },
         "baseline": {
             "name": f"more steps than the median final step count of the runs finished so far (after {min_peers})",
             "precision": base["precision"],
             "recall": base["recall"],
+            "f1": base["f1"],
             "median_lead_steps": b_steps,
             "median_lead_seconds": b_secs,
             "flagged": base["flagged"],
@@ -195,17 +261,6 @@ def evaluate_early_warnings(
             "midpoint": _pr(base_mid & scored, positives),
         },
         "min_level": min_level,
-        "config": t.model_dump(
-            mode="json",
-            include={
-                "failing_streak",
-                "loop_repeats",
-                "loop_window",
-                "stall_seconds",
-                "runaway_factor",
-                "runaway_min_peers",
-            },
-        ),
     }
 
 

@@ -25,6 +25,26 @@ def test_early_warnings_table_shape_and_facts() -> None:
     assert evaluate_early_warnings(DATA) == r  # a replay gives the same table
     with pytest.raises(ValueError, match="min_level"):
         evaluate_early_warnings(DATA, min_level="panic")
+    p, rec = r["precision"], r["recall"]
+    assert r["f1"] == pytest.approx(2 * p * rec / (p + rec), abs=1e-3)
+    for signal, n in r["signals"].items():
+        assert r["signal_precision"][signal]["flagged"] == n
+    assert sum(s["true_positives"] for s in r["signal_precision"].values()) >= r["true_positives"]
+    # the point of the warnings: earlier than the step-count baseline, at least as precise
+    assert r["midpoint"]["f1"] > r["baseline"]["midpoint"]["f1"]
+
+
+@needs_data
+def test_early_warnings_on_two_folds_each_replayed_alone() -> None:
+    for split in ("time", "id"):
+        r = evaluate_early_warnings(DATA, split=split)
+        a, b = r["folds"]
+        assert (
+            r["split"] == split and a["runs"] + b["runs"] == 120 and a["unresolved"] + b["unresolved"] == 31
+        )
+        assert abs(a["runs"] - b["runs"]) <= 20 and "config" not in a
+    with pytest.raises(ValueError, match="split"):
+        evaluate_early_warnings(DATA, split="random")
 
 
 @needs_data
