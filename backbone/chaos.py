@@ -23,8 +23,14 @@ caught in ``COMMIT``: :func:`kill_backends`) and a stall, the slow sink (every P
 SIGSTOPped for a few seconds: :func:`stall_postgres`). The broker is restarted and re-seeded from the
 event archive (see ``broker_restart``).
 
-Not injected yet: Redis faults (no process of this pipeline reads or writes Redis yet), rebalance
-storms (workers added and removed).
+Configuration changes are part of the workload: a thread changes five keys through the real
+:class:`configuration.store.ConfigStore` (PostgreSQL, the outbox) a few times a second; the outbox relay
+(``backbone config relay``) and the Redis current-value read model (``backbone config project``) run as
+two more processes; Redis is flushed (``FLUSHALL``) and restarted empty (SIGKILL, same port). The checker
+asks that every acknowledged change reached the config topic and that the read model holds each key's
+current version afterwards.
+
+Not injected yet: rebalance storms (workers added and removed).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 import psycopg
+import redis
 import structlog
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -57,12 +64,14 @@ from pydantic import SecretStr
 from backbone.chaos_history import (
     GUARANTEES,
     ChaosHistory,
+    ConfigWrite,
     InsightRecord,
     ProducedEvent,
     RunFigures,
     TopicRecord,
     Violation,
     check_history,
+    config_lost_in_window,
     lost_in_window,
     violation_counts,
 )
@@ -70,6 +79,9 @@ from backbone.devstack import DevStack
 from backbone.errors import StackError
 from backbone.probes import postgres_answers
 from backbone.processes import pg_ctl_stop, postgres_bin_dir, send_signal
+from configuration.aggregate import aggregate_id_for
+from configuration.projection import REDIS_PREFIX as CONFIG_REDIS_PREFIX
+from configuration.store import ConfigStore, event_id_for
 from connectors.agent_runs import ParsedRun, iter_runs
 from core.settings import PostgresSettings, Settings
 from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
@@ -107,12 +119,16 @@ FaultKind = Literal[
     "postgres_restart",
     "postgres_backend_kill",
     "postgres_stall",
+    "redis_flush",
+    "redis_restart",
     "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
 _PARTITIONS: Final = 6
 _SESSION_TIMEOUT_MS: Final = 6000
+_CONFIG_PARTITIONS: Final = 3
+_CONFIG_KEYS: Final = tuple(f"chaos.k{i}" for i in range(5))
 _PROJECTION_TABLES: Final = {
     "agent_runs": "SELECT * FROM proj_agent_runs.agent_runs ORDER BY run_id",
     "agent_run_models": "SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider",
@@ -134,6 +150,8 @@ class Profile:
             re-seeded from the event archive when it comes back).
         stall_seconds: (min, max) time every PostgreSQL process stays stopped (SIGSTOP; the slow sink:
             connections stay open, statements and commits hang, nothing fails).
+        redis_down_seconds: (min, max) time the embedded Redis stays down (SIGKILL; it comes back empty).
+        config_interval_seconds: time between two configuration changes of the config workload.
         redelivery_fraction: share of events sent a second time.
         lag_bound_seconds: how long the processes may take to catch up after the last fault.
     """
@@ -146,6 +164,8 @@ class Profile:
     postgres_down_seconds: tuple[float, float] = (2.0, 5.0)
     broker_down_seconds: tuple[float, float] = (1.0, 3.0)
     stall_seconds: tuple[float, float] = (2.0, 6.0)
+    redis_down_seconds: tuple[float, float] = (1.0, 3.0)
+    config_interval_seconds: float = 0.25
     redelivery_fraction: float = 0.03
     lag_bound_seconds: float = 90.0
 
@@ -162,6 +182,8 @@ PROFILES: Final[dict[str, Profile]] = {
             "postgres_restart": 1,
             "postgres_backend_kill": 1,
             "postgres_stall": 1,
+            "redis_flush": 1,
+            "redis_restart": 1,
             "broker_restart": 1,
         },
     ),
@@ -176,6 +198,8 @@ PROFILES: Final[dict[str, Profile]] = {
             "postgres_restart": 3,
             "postgres_backend_kill": 3,
             "postgres_stall": 2,
+            "redis_flush": 2,
+            "redis_restart": 2,
             "broker_restart": 2,
         },
         stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
@@ -401,6 +425,104 @@ def _interleave(runs: list[ParsedRun], rng: random.Random) -> list[Event]:
         if cursors[run_id] == len(by_id[run_id]):
             live.remove(run_id)
     return out
+
+
+class _ConfigWorkload(threading.Thread):
+    """Configuration changes through the real store (PostgreSQL, the outbox) every ``interval_seconds``
+    while the event workload runs, on :data:`_CONFIG_KEYS` (a key drawn by ``rng``). A change whose
+    ``set`` returned is recorded with its version; one that failed (PostgreSQL down, stalled past the
+    statement, its connection terminated) is counted in ``errors`` and the store opened again."""
+
+    def __init__(self, settings: Settings, interval_seconds: float, rng: random.Random) -> None:
+        super().__init__(name="chaos-config-workload", daemon=True)
+        self._settings, self._interval, self._rng = settings, interval_seconds, rng
+        self._halt = threading.Event()
+        self.writes: list[ConfigWrite] = []
+        self.errors = 0
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(60)
+
+    def run(self) -> None:
+        store: ConfigStore | None = None
+        i = 0
+        while not self._halt.is_set():
+            key = self._rng.choice(_CONFIG_KEYS)
+            i += 1
+            try:
+                if store is None:
+                    store = ConfigStore(self._settings)
+                v = store.set(key, {"seq": i}, author="chaos", reason=f"change {i}")
+                self.writes.append(
+                    ConfigWrite(key, v.version, event_id_for(aggregate_id_for(key), v.version))
+                )
+            except Exception as exc:  # noqa: BLE001 - every failure of a faulted store is counted, then retried
+                self.errors += 1
+                log.info("chaos.config_write_failed", key=key, error=str(exc)[:200])
+                if store is not None:
+                    with contextlib.suppress(Exception):
+                        store.close()
+                store = None
+            self._halt.wait(self._interval)
+        if store is not None:
+            store.close()
+
+
+def _config_state(
+    settings: Settings, redis_url: str
+) -> tuple[dict[str, list[tuple[int, str]]], dict[str, int | None]]:
+    """``(key -> [(version, event id)] in the store, key -> version in the Redis read model)`` of :data:`_CONFIG_KEYS`.
+
+    Raises:
+        psycopg.Error, redis.RedisError: a server did not answer.
+    """
+    store_versions: dict[str, list[tuple[int, str]]] = {}
+    read_model: dict[str, int | None] = {}
+    with (
+        ConfigStore(settings) as store,
+        contextlib.closing(redis.Redis.from_url(redis_url, socket_timeout=5)) as r,
+    ):
+        for key in _CONFIG_KEYS:
+            try:
+                latest = store.get(key).version
+            except LookupError:
+                continue
+            store_versions[key] = [(v, event_id_for(aggregate_id_for(key), v)) for v in range(1, latest + 1)]
+            got = r.hget(f"{CONFIG_REDIS_PREFIX}current:{key}", "version")
+            read_model[key] = int(got) if got is not None else None
+    return store_versions, read_model
+
+
+def _config_caught_up(settings: Settings, redis_url: str, topic: str, kafka: Any) -> bool:
+    """The relay has published every stored change and the read model has applied the whole config topic
+    (its positions in Redis at the topic's high watermarks)."""
+    try:
+        with (
+            ConfigStore(settings) as store,
+            contextlib.closing(redis.Redis.from_url(redis_url, socket_timeout=2)) as r,
+        ):
+            relay_row = store.app.recorder.max_notification_id() or 0
+            with psycopg.connect(settings.postgres.dsn()) as conn:
+                row = conn.execute(
+                    "SELECT max(notification_id) FROM config_relay_position WHERE relay_name LIKE 'chaos-relay-%%'"
+                ).fetchone()
+            if (row[0] if row else None) != relay_row:
+                return False
+            positions = {
+                int(p): int(o) for p, o in r.hgetall(f"{CONFIG_REDIS_PREFIX}__position__:{topic}").items()
+            }
+    except Exception:  # noqa: BLE001 - not caught up while a server does not answer
+        return False
+    c = make_consumer(kafka, f"chaos-config-lag-{uuid.uuid4().hex[:6]}")
+    try:
+        for p in range(_CONFIG_PARTITIONS):
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
+            if high > 0 and positions.get(p, 0) < high:
+                return False
+    finally:
+        c.close()
+    return True
 
 
 class _Workload(threading.Thread):
@@ -638,6 +760,7 @@ def run_chaos(
         "events": f"chaos-events-{token}",
         "insights": f"chaos-insights-{token}",
         "dlq": f"chaos-dlq-{token}",
+        "config": f"chaos-config-{token}",
     }
     pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
     pg_procs: list[subprocess.Popen[bytes]] = []
@@ -650,6 +773,7 @@ def run_chaos(
                 NewTopic(topics["events"], _PARTITIONS, 1),
                 NewTopic(topics["insights"], _PARTITIONS, 1),
                 NewTopic(topics["dlq"], 1, 1),
+                NewTopic(topics["config"], _CONFIG_PARTITIONS, 1),
             ]
         )
         for f in futures.values():
@@ -687,10 +811,22 @@ def run_chaos(
         archive = _Managed(
             "archive",
             [*py, "projections", "run", "archive", "--topic", topics["events"], "--topic", topics["dlq"],
-             "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
+             "--topic", topics["config"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
             env, work / "logs" / "archive.log", work,
         )  # fmt: skip
-        processes = [processor, projection, archive]
+        # configuration: the outbox relay (store -> config topic) and the Redis current-value read model
+        ConfigStore(run_settings).close()  # its tables exist before the relay and the workload start
+        relay = _Managed(
+            "config-relay",
+            [*py, "config", "relay", "--topic", topics["config"], "--name", f"chaos-relay-{token}", "--batch-size", "20"],
+            env, work / "logs" / "config-relay.log", work,
+        )  # fmt: skip
+        config_projection = _Managed(
+            "config-projection",
+            [*py, "config", "project", "--topic", topics["config"], "--group", f"chaos-config-{token}"],
+            env, work / "logs" / "config-projection.log", work,
+        )  # fmt: skip
+        processes = [processor, projection, archive, relay, config_projection]
         for p in processes:
             p.start()
 
@@ -698,7 +834,14 @@ def run_chaos(
         events = _interleave(runs, rng)
         workload = _Workload(kafka, serde, topics["events"], events, prof.produce_seconds,
                              prof.redelivery_fraction, rng)  # fmt: skip
+        config_workload = _ConfigWorkload(run_settings, prof.config_interval_seconds, random.Random(seed + 1))
         skipped: dict[str, str] = {}
+        if not info.embedded.get("redis"):
+            for kind in ("redis_flush", "redis_restart"):
+                if prof.faults.get(kind):
+                    skipped[kind] = (
+                        f"Redis is configured ({info.redis_url}), not embedded: the harness flushes and restarts only its own"
+                    )
         if not info.embedded.get("kafka") and prof.faults.get("broker_restart"):
             skipped["broker_restart"] = (
                 f"the broker is configured ({info.kafka_bootstrap}), not embedded: the harness restarts only its own"
@@ -710,6 +853,7 @@ def run_chaos(
         times = [3.0 + (i + rng.uniform(0.0, 0.8)) * slot for i in range(len(plan))]
         t0 = time.monotonic()
         workload.start()
+        config_workload.start()
         fault_log: list[FaultRecord] = []
         detail = ""
         archived_at_restart: set[str] = set()
@@ -742,10 +886,11 @@ def run_chaos(
                     for p in processes:  # the whole stack goes down, as in a crash of the machine
                         p.kill()
                     archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
+                    archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
 
                 report = devstack.restart_broker(
                     down_seconds=down, while_down=while_down,
-                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1},
+                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS},
                 )  # fmt: skip
                 assert report is not None
                 reseeds.append(report.as_json())
@@ -763,6 +908,13 @@ def run_chaos(
             elif kind == "postgres_stall":
                 down = rng.uniform(*prof.stall_seconds)
                 stall_postgres(work / "postgres", down)
+            elif kind == "redis_flush":
+                down = 0.0
+                with contextlib.closing(redis.Redis.from_url(info.redis_url, socket_timeout=5)) as rc:
+                    rc.flushall()
+            elif kind == "redis_restart":
+                down = rng.uniform(*prof.redis_down_seconds)
+                devstack.restart_redis(down_seconds=down)
             else:
                 down = rng.uniform(*prof.postgres_down_seconds)
                 pg_ctl_stop(work / "postgres", 15)
@@ -775,6 +927,7 @@ def run_chaos(
             for p in processes:
                 p.restart_if_exited()
             workload.join(0.2)
+        config_workload.stop()
         faults_over = time.monotonic()
         durations["workload_and_faults"] = round(faults_over - t0, 2)
 
@@ -795,7 +948,9 @@ def run_chaos(
                     tp.partition: tp.offset
                     for tp in group.committed([TopicPartition(topics["events"], p) for p in range(_PARTITIONS)], timeout=5)
                 }  # fmt: skip
-                if all(cps.get(p, 0) >= end and committed.get(p, -1) >= end for p, end in log_end.items()):
+                if all(
+                    cps.get(p, 0) >= end and committed.get(p, -1) >= end for p, end in log_end.items()
+                ) and _config_caught_up(run_settings, info.redis_url, topics["config"], kafka):
                     recovered = round(time.monotonic() - faults_over, 2)
                     break
                 time.sleep(0.5)
@@ -824,6 +979,12 @@ def run_chaos(
         topic_records = [TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id) for r in records]
         broker_restarts = sum(1 for f in fault_log if f.kind == "broker_restart")
         window = lost_in_window(workload.produced, topic_records, archived_at_restart, broker_restarts)
+        config_store, config_read_model = _config_state(run_settings, info.redis_url)
+        config_topic_ids = frozenset(
+            r.attributes.id
+            for r in read_range(kafka, serde, topics["config"])
+            if isinstance(r, ConsumedEvent)
+        )
         history = ChaosHistory(
             produced=workload.produced,
             topic=topic_records,
@@ -838,6 +999,10 @@ def run_chaos(
             lag_bound_seconds=prof.lag_bound_seconds,
             archived_before_restart=frozenset(archived_at_restart),
             broker_restarts=broker_restarts,
+            config_writes=list(config_workload.writes),
+            config_store=config_store,
+            config_topic_ids=config_topic_ids,
+            config_read_model=config_read_model,
         )
         violations = check_history(history)
         durations["collect_and_check"] = round(time.monotonic() - t_collect, 2)
@@ -864,6 +1029,9 @@ def run_chaos(
                 "broker_restarts": broker_restarts,
                 "restored_from_archive": sum(r["records"] for r in reseeds),
                 "projection_rebuilt_after_restart": len(rebuilt_after_restart),
+                "config_changes": len(config_workload.writes),
+                "config_write_errors": config_workload.errors,
+                "config_lost_in_window": len(config_lost_in_window(history)),
             },
             durations_seconds={**durations, "total": round(time.monotonic() - t_begin, 2)},
             work_dir=report_dir,
@@ -899,5 +1067,6 @@ GUARANTEE_TITLES: Final[dict[str, str]] = {
     "rebuild_equal": "projection == from-scratch rebuild",
     "insights_equal": "insights == pure logic over the log",
     "lag_recovered": "lag back to zero within the bound",
+    "config_current": "config changes published, Redis read model current",
 }
 """A title per guarantee of :data:`backbone.chaos_history.GUARANTEES`, for the report's table."""

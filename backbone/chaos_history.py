@@ -13,14 +13,18 @@ Guarantees checked (the names are the keys of the report's ``violations``):
   the archive held is a violation (the re-seed lost it).
 * ``counted_once``: the projection's per-run figures (LLM calls, tool calls, cost) equal those of the
   dataset, each event counted once, whatever duplicates the log holds.
-* ``order_per_key``: per key, the topic holds the acknowledged events in the order they were produced
-  (first occurrences; redelivered copies may follow), all on one partition.
+* ``order_per_key``: per key, all on one partition, the topic's records (first occurrences) are a
+  subsequence of the key's sends, redeliveries included.
 * ``rebuild_equal``: the live projection equals, row for row, a from-scratch build of the same log.
 * ``insights_equal``: after de-duplication by run id, the run-summary insights equal those of the pure
   logic (:mod:`processors.run_summary.logic`) folded over the same events; every copy of an insight is
   identical, and none is missing or extra.
 * ``lag_recovered``: after the last fault, the processor and the projection caught up with the log
   within the bound.
+* ``config_current``: every configuration change the store acknowledged reached the config topic
+  (through the outbox relay), and the Redis read model holds, for every key, the store's current
+  version (the newest version on the topic when the newest ones were lost in a broker restart's window,
+  which is counted, not a violation).
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from typing import Any, Final
 __all__ = [
     "GUARANTEES",
     "ChaosHistory",
+    "ConfigWrite",
     "InsightRecord",
     "ProducedEvent",
     "RunFigures",
     "TopicRecord",
     "Violation",
     "check_history",
+    "config_lost_in_window",
     "lost_in_window",
     "violation_counts",
 ]
@@ -50,6 +56,7 @@ GUARANTEES: Final[tuple[str, ...]] = (
     "rebuild_equal",
     "insights_equal",
     "lag_recovered",
+    "config_current",
 )
 _COST_TOLERANCE_USD: Final = 1e-6
 
@@ -98,6 +105,15 @@ class InsightRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ConfigWrite:
+    """One configuration change the workload made: ``store.set`` returned (acknowledged) with this version."""
+
+    key: str
+    version: int
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Violation:
     """One broken guarantee: which, a one-line description, and the evidence (JSON-able)."""
 
@@ -142,6 +158,10 @@ class ChaosHistory:
     lag_bound_seconds: float
     archived_before_restart: frozenset[str] = frozenset()
     broker_restarts: int = 0
+    config_writes: list[ConfigWrite] = field(default_factory=list)
+    config_store: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    config_topic_ids: frozenset[str] = frozenset()
+    config_read_model: dict[str, int | None] = field(default_factory=dict)
 
 
 def check_history(h: ChaosHistory) -> list[Violation]:
@@ -153,6 +173,7 @@ def check_history(h: ChaosHistory) -> list[Violation]:
         *_rebuild_equal(h),
         *_insights_equal(h),
         *_lag_recovered(h),
+        *_config_current(h),
     ]
 
 
@@ -314,3 +335,34 @@ def _lag_recovered(h: ChaosHistory) -> list[Violation]:
             {"recovered_seconds": h.lag_recovered_seconds, "bound_seconds": h.lag_bound_seconds},
         )
     ]
+
+
+def config_lost_in_window(h: ChaosHistory) -> set[str]:
+    """Config event ids the store holds that are neither on the config topic nor were archived when the
+    broker went down: the documented window of loss (empty without a broker restart)."""
+    if not h.broker_restarts:
+        return set()
+    return {
+        eid
+        for versions in h.config_store.values()
+        for _, eid in versions
+        if eid not in h.config_topic_ids and eid not in h.archived_before_restart
+    }
+
+
+def _config_current(h: ChaosHistory) -> list[Violation]:
+    out = []
+    window = config_lost_in_window(h)
+    for w in h.config_writes:
+        if w.event_id not in h.config_topic_ids and w.event_id not in window:
+            out.append(Violation("config_current", f"config change {w.key} v{w.version} was acknowledged by the "
+                                 "store but is not on the config topic", {"key": w.key, "version": w.version}))  # fmt: skip
+    for key, versions in sorted(h.config_store.items()):
+        on_topic = [v for v, eid in versions if eid in h.config_topic_ids]
+        want = max(on_topic, default=None)
+        got = h.config_read_model.get(key)
+        if got != want:
+            out.append(Violation("config_current", f"config key {key}: the Redis read model holds version {got}, "
+                                 f"the topic's newest is {want} (the store's: {max(v for v, _ in versions)})",
+                                 {"key": key, "read_model": got, "topic": want}))  # fmt: skip
+    return out

@@ -471,27 +471,49 @@ class DevStack:
             assert configured is not None
             check_redis(configured.get_secret_value(), self._connect_timeout_seconds)
             return configured.get_secret_value()
-        binary = redis_server_binary()
         data_dir = self._state_dir / "redis"
         shutil.rmtree(data_dir, ignore_errors=True)
         data_dir.mkdir(parents=True)
-
-        def launch(port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
-            argv = [
-                binary,
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--save", "",
-                "--appendonly", "no",
-                "--daemonize", "no",
-                "--dir", str(data_dir),
-                "--logfile", "",
-            ]  # fmt: skip
-            proc = self._spawn("redis", argv, cwd=data_dir)
-            return proc, lambda: redis_answers(f"redis://127.0.0.1:{port}/0")
-
-        port = self._start_with_port("redis", launch)
+        port = self._start_with_port("redis", self._launch_redis)
         return f"redis://127.0.0.1:{port}/0"
+
+    def _launch_redis(self, port: int) -> tuple[subprocess.Popen[bytes], Callable[[], bool]]:
+        data_dir = self._state_dir / "redis"
+        argv = [
+            redis_server_binary(),
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+            "--dir", str(data_dir),
+            "--logfile", "",
+        ]  # fmt: skip
+        proc = self._spawn("redis", argv, cwd=data_dir)
+        return proc, lambda: redis_answers(f"redis://127.0.0.1:{port}/0")
+
+    def restart_redis(self, *, down_seconds: float = 0.0) -> None:
+        """Kill the embedded Redis (SIGKILL; it keeps nothing on disk, so it comes back empty) and start it
+        again on the same port after ``down_seconds`` (the chaos harness's Redis fault).
+
+        Raises:
+            StackError: no embedded Redis runs, or it did not come back.
+        """
+        proc, info = self._procs.get("redis"), self._info
+        if proc is None or info is None:
+            raise StackError("restart_redis needs a started stack with an embedded Redis")
+        send_signal(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        time.sleep(down_seconds)
+        port = int(info.redis_url.rsplit(":", 1)[1].split("/")[0])
+        new, probe = self._launch_redis(port)
+        if not self._wait_ready("redis", new, probe):
+            raise StackError(
+                f"the embedded Redis did not come back on port {port}: {log_tail(self._log_path('redis'))}"
+            )
+        self._info = info = dataclasses.replace(info, pids={**info.pids, "redis": new.pid})
+        self._record(info)
 
     def _postgres(self) -> str:
         configured = self._settings.postgres.url

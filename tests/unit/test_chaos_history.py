@@ -14,6 +14,7 @@ from backbone.chaos import expected_insights, run_figures
 from backbone.chaos_history import (
     GUARANTEES,
     ChaosHistory,
+    ConfigWrite,
     InsightRecord,
     ProducedEvent,
     RunFigures,
@@ -196,3 +197,41 @@ def test_expected_figures_and_insights_of_the_dataset_count_each_event_once() ->
     assert len(insights) == 25
     assert expected_insights(again) == insights  # type: ignore[arg-type]
     assert sum(i["metrics"]["llm_calls_count"] for i in insights.values()) == 856
+
+
+def _with_config(h: ChaosHistory) -> ChaosHistory:
+    h.config_writes = [
+        ConfigWrite("chaos.k0", 1, "c01"),
+        ConfigWrite("chaos.k0", 2, "c02"),
+        ConfigWrite("chaos.k1", 1, "c11"),
+    ]
+    h.config_store = {"chaos.k0": [(1, "c01"), (2, "c02")], "chaos.k1": [(1, "c11")]}
+    h.config_topic_ids = frozenset({"c01", "c02", "c11"})
+    h.config_read_model = {"chaos.k0": 2, "chaos.k1": 1}
+    return h
+
+
+def test_config_changes_published_and_read_model_current() -> None:
+    assert not check_history(_with_config(_clean()))
+
+
+def test_an_acknowledged_config_change_missing_from_the_topic_and_a_stale_read_model() -> None:
+    h = _with_config(_clean())
+    h.config_topic_ids = frozenset({"c01", "c11"})
+    vs = _only(h, "config_current", 2)
+    assert {v.evidence.get("version") for v in vs} >= {2}
+    h = _with_config(_clean())
+    h.config_read_model["chaos.k1"] = None  # Redis flushed and never rebuilt
+    (v,) = _only(h, "config_current")
+    assert v.evidence == {"key": "chaos.k1", "read_model": None, "topic": 1}
+
+
+def test_a_config_change_lost_in_the_broker_restart_window_is_not_a_violation() -> None:
+    h = _with_config(_clean())
+    h.broker_restarts = 1
+    h.archived_before_restart = frozenset({"a0", "a1", "a2", "b0", "b1", "c01"})
+    h.config_topic_ids = frozenset({"c01", "c11"})  # c02 was published, not yet archived, then lost
+    h.config_read_model["chaos.k0"] = 1
+    assert not check_history(h)
+    h.archived_before_restart = h.archived_before_restart | {"c02"}  # the archive had it: the re-seed lost it
+    assert {v.guarantee for v in check_history(h)} == {"config_current"}
