@@ -30,7 +30,8 @@ two more processes; Redis is flushed (``FLUSHALL``) and restarted empty (SIGKILL
 asks that every acknowledged change reached the config topic and that the read model holds each key's
 current version afterwards.
 
-Not injected yet: rebalance storms (workers added and removed).
+A rebalance storm adds a second run-summary worker (same consumer group, its own state dir) and removes
+it again (SIGTERM), twice: the group rebalances four times while the workload runs.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ FaultKind = Literal[
     "postgres_stall",
     "redis_flush",
     "redis_restart",
+    "rebalance_storm",
     "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
@@ -151,6 +153,9 @@ class Profile:
         stall_seconds: (min, max) time every PostgreSQL process stays stopped (SIGSTOP; the slow sink:
             connections stay open, statements and commits hang, nothing fails).
         redis_down_seconds: (min, max) time the embedded Redis stays down (SIGKILL; it comes back empty).
+        storm_rounds: how many times a rebalance storm adds a second run-summary worker to the consumer
+            group and removes it again (SIGTERM: it leaves the group).
+        storm_member_seconds: (min, max) time the added worker stays in the group each round.
         config_interval_seconds: time between two configuration changes of the config workload.
         redelivery_fraction: share of events sent a second time.
         lag_bound_seconds: how long the processes may take to catch up after the last fault.
@@ -165,6 +170,8 @@ class Profile:
     broker_down_seconds: tuple[float, float] = (1.0, 3.0)
     stall_seconds: tuple[float, float] = (2.0, 6.0)
     redis_down_seconds: tuple[float, float] = (1.0, 3.0)
+    storm_rounds: int = 2
+    storm_member_seconds: tuple[float, float] = (3.0, 6.0)
     config_interval_seconds: float = 0.25
     redelivery_fraction: float = 0.03
     lag_bound_seconds: float = 90.0
@@ -184,6 +191,7 @@ PROFILES: Final[dict[str, Profile]] = {
             "postgres_stall": 1,
             "redis_flush": 1,
             "redis_restart": 1,
+            "rebalance_storm": 1,
             "broker_restart": 1,
         },
     ),
@@ -200,6 +208,7 @@ PROFILES: Final[dict[str, Profile]] = {
             "postgres_stall": 2,
             "redis_flush": 2,
             "redis_restart": 2,
+            "rebalance_storm": 2,
             "broker_restart": 2,
         },
         stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
@@ -283,6 +292,12 @@ class _Managed:
 
     def argv(self) -> list[str]:
         return [a.replace("{start}", str(self.starts)) for a in self._argv]
+
+    def twin(self, name: str, cwd: Path) -> _Managed:
+        """Another process with the same command line (the same consumer group), in ``cwd``."""
+        cwd.mkdir(parents=True, exist_ok=True)
+        env = {**self._env, "BACKBONE_STATE_DIR": str(cwd / "state")}
+        return _Managed(name, self._argv, env, self._log_path.with_name(f"{name}.log"), cwd)
 
     def start(self) -> None:
         with self._lock:
@@ -908,6 +923,16 @@ def run_chaos(
             elif kind == "postgres_stall":
                 down = rng.uniform(*prof.stall_seconds)
                 stall_postgres(work / "postgres", down)
+            elif kind == "rebalance_storm":
+                t_storm = time.monotonic()
+                extra = processor.twin("processor-extra", work / "processor-extra")
+                for _ in range(prof.storm_rounds):  # the group rebalances when it joins and when it leaves
+                    extra.start()
+                    time.sleep(rng.uniform(*prof.storm_member_seconds))
+                    extra.stop()
+                    time.sleep(1.0)
+                down = time.monotonic() - t_storm
+                detail = f"{prof.storm_rounds} rounds of a second run-summary worker joining and leaving"
             elif kind == "redis_flush":
                 down = 0.0
                 with contextlib.closing(redis.Redis.from_url(info.redis_url, socket_timeout=5)) as rc:

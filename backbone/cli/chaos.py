@@ -17,7 +17,7 @@ def chaos(
     profile: Annotated[
         str,
         typer.Option(
-            help="short (about 1 min, 9 faults) or full (about 3 min, 25 faults).",
+            help="short (about 1.5 min, 12 faults) or full (about 4 min, 31 faults).",
             envvar="BACKBONE_CHAOS_PROFILE",
         ),
     ] = "short",
