@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -223,7 +224,8 @@ class Stack:
 @contextlib.contextmanager
 def stack(prefix: str) -> Iterator[Stack]:
     """The embedded dev stack in a new temporary directory with a database of its own; its children are
-    stopped (SIGTERM, then SIGKILL after 20 s) when the block ends."""
+    stopped (SIGTERM, then SIGKILL after 20 s) when the block ends, and the directory is removed unless
+    the block raised (then it holds the children's logs)."""
     import psycopg
     from psycopg import sql
     from pydantic import SecretStr
@@ -232,6 +234,7 @@ def stack(prefix: str) -> Iterator[Stack]:
     from core.settings import PostgresSettings, RedisSettings, Settings
 
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    keep = False
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         database = f"{prefix.strip('-').replace('-', '_')}_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(info.postgres_url, autocommit=True) as conn:
@@ -248,6 +251,9 @@ def stack(prefix: str) -> Iterator[Stack]:
         s = Stack(info.kafka_bootstrap, pg_url, info.redis_url, settings, env, state_dir)
         try:
             yield s
+        except BaseException:
+            keep = True
+            raise
         finally:
             for p in s.procs:
                 if p.poll() is None:
@@ -259,6 +265,8 @@ def stack(prefix: str) -> Iterator[Stack]:
                     p.kill()
             for f in s.logs:
                 f.close()
+    if not keep:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def relay_command(boot: str, src: str, dst: str, tag: str) -> list[str]:
