@@ -28,6 +28,12 @@ BENCHES = [
         ["--seconds", "15", "--rates", "100,1000,5000"],
         ["--seconds", "4", "--rates", "100,1000"],
     ),
+    (
+        "bench.bench_route_latency",
+        ["--seconds", "15", "--rates", "100,500"],
+        ["--seconds", "4", "--rates", "100,500"],
+    ),
+    ("bench.bench_heal_latency", ["--seconds", "15"], ["--seconds", "6"]),
 ]
 
 
