@@ -27,6 +27,7 @@ Agents run with ``concurrency=1``; values are JSON bytes (``value_serializer="ra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict, deque
@@ -243,6 +244,10 @@ class CircuitReader:
         return self._fallback[1]
 
 
+MAX_INFLIGHT_DECISIONS = 1000
+"""Decisions sent and awaiting delivery before the request agent waits for the oldest."""
+
+
 class _PolicyShell:
     def __init__(self, settings: Settings, serde: AvroSerde, topics: PolicyTopics, table: Any, decisions: Any,
                  learner: OnlineQuality | None, history_dir: Path | None) -> None:  # fmt: skip
@@ -257,6 +262,9 @@ class _PolicyShell:
             pg_url=settings.postgres.dsn() if settings.postgres.url else None,
         )
         self.last: OrderedDict[str, tuple[PolicyDecision, PolicyRequest]] = OrderedDict()
+        self.inflight: deque[tuple[Any, Any, PolicyDecision | None]] = deque()
+        """(delivery future, request event, decision) of decisions sent and not yet acknowledged, in order."""
+        self.ack: Any = None
         self.history_dir = history_dir
         if history_dir is not None:
             history_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +338,9 @@ class _PolicyShell:
             self.stats.fallbacks_count += 1
             await self._send(fb)
 
-    async def handle_request(self, message: Any) -> None:
+    async def handle_request(self, message: Any) -> tuple[Any, PolicyDecision | None] | None:
+        """Decide ``message``'s request and send the decision without waiting for its delivery; return
+        ``(delivery future, decision)``, or None when the record was dead-lettered."""
         self._touch()
         try:
             request = PolicyRequest.from_json(json.loads(message.value))
@@ -342,7 +352,7 @@ class _PolicyShell:
                 message,
                 exc if isinstance(exc, UnprocessableEventError) else UnprocessableEventError(str(exc)),
             )
-            return
+            return None
         read = self.circuits.read({m: i.provider for m, i in self.state.setup.models.items()})
         if read is None:
             self.stats.circuit_read_errors_count += 1
@@ -357,18 +367,40 @@ class _PolicyShell:
         self.last[request.request_id] = (decision, request)
         while len(self.last) > 100_000:
             self.last.popitem(last=False)
-        await self._send(decision)
+        return await self._enqueue(decision), decision
 
-    async def _send(self, decision: PolicyDecision) -> None:
+    async def _enqueue(self, decision: PolicyDecision) -> Any:
         body = decision.to_json()
         self._history("decisions.jsonl", body)
-        pending = await self.decisions.send(key=decision.request_id.encode(), value=json.dumps(body).encode(),
-                                            timestamp=decision.decided_at.timestamp(), force=True)  # fmt: skip
-        await pending
+        return await self.decisions.send(key=decision.request_id.encode(), value=json.dumps(body).encode(),
+                                         timestamp=decision.decided_at.timestamp(), force=True)  # fmt: skip
+
+    def _delivered(self, decision: PolicyDecision) -> None:
         self.stats.decisions_count += 1
         self.stats.unservable_count += decision.model is None
         log.info("policy_decided", request_id=decision.request_id, model=decision.model, policy=decision.policy,
                  config_version=decision.config_version, reason=decision.reason)  # fmt: skip
+
+    async def _send(self, decision: PolicyDecision) -> None:
+        """Send ``decision`` and wait for its delivery (fallback decisions: rare)."""
+        await (await self._enqueue(decision))
+        self._delivered(decision)
+
+    async def settle(self, *, max_inflight: int) -> None:
+        """Ack, in order, the request events whose decisions were delivered; wait for the oldest while more
+        than ``max_inflight`` are in flight. Faust commits acked offsets only, so the committed offset never
+        passes a request whose decision was not delivered.
+
+        Raises:
+            Exception: a decision's delivery failed (the worker stops; its request is read again on restart).
+        """
+        while self.inflight and (self.inflight[0][0].done() or len(self.inflight) > max_inflight):
+            pending, event, decision = self.inflight[0]
+            await pending  # raises when the delivery failed
+            self.inflight.popleft()
+            if decision is not None:
+                self._delivered(decision)
+            await self.ack(event)
 
 
 def create_policy_app(
@@ -427,9 +459,25 @@ def create_policy_app(
         app.topic(topics.requests, partitions=topics.partitions, **raw), name="policy-requests", concurrency=1
     )
     async def policy_requests(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        """Decide each request; decisions are sent back to back (up to :data:`MAX_INFLIGHT_DECISIONS` awaiting
+        delivery) and each request acked once its decision was delivered."""
+        manual = stream.noack()
+        shell.ack = manual.ack
+        async for event in manual.events():
             with tracing_process(event.message, app.conf.id):
-                await shell.handle_request(event.message)
+                sent = await shell.handle_request(event.message)
+            if sent is None:  # dead-lettered (the dead letter was delivered): acked in its turn
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                sent = (done, None)
+            shell.inflight.append((sent[0], event, sent[1]))
+            await shell.settle(max_inflight=MAX_INFLIGHT_DECISIONS)
+
+    @app.timer(interval=0.2)
+    async def policy_settle() -> None:
+        """Ack what was delivered since the last request (when no request came to do it)."""
+        if shell.ack is not None:
+            await shell.settle(max_inflight=MAX_INFLIGHT_DECISIONS)
 
     app.policy_stats = shell.stats  # type: ignore[attr-defined]
     app.policy_state = shell.state  # type: ignore[attr-defined]
