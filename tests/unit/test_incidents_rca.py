@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from connectors.nezha import iter_day
 from processors.incidents.incident import EngineConfig, IncidentEngine, run
 from processors.incidents.nezha_detect import Anomaly, RobustZ
-from processors.incidents.rca import VICTIM_FACTOR, rank
+from processors.incidents.rca import VICTIM_FACTOR, evidence_kind, rank
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
@@ -61,6 +64,45 @@ def test_rank_prefers_the_callee_and_explains_why() -> None:
     # without the call graph the caller with the bigger latency anomaly would not be demoted
     alone = rank(anomalies[:1] + anomalies[1:2], {})
     assert alone[0].pod == "gateway-1"
+
+
+def test_rank_counts_one_latency_histogram_once() -> None:
+    # P90 and P99 of one pod are one piece of latency evidence, not two: a CPU anomaly of about the same
+    # strength on another pod is not outweighed by the pair
+    anomalies = [
+        _a("checkout-1", "metric:PodServerLatencyP90(s)", 6.3),
+        _a("checkout-1", "metric:PodServerLatencyP99(s)", 6.3),
+        _a("cart-1", "metric:CpuUsageRate(%)", 7.0),
+    ]
+    ranked = rank(anomalies, {})
+    assert [c.pod for c in ranked] == ["cart-1", "checkout-1"]
+    assert ranked[1].score == pytest.approx(math.log1p(6.3))
+    assert evidence_kind("metric:PodServerLatencyP99(s)") == "latency"
+    assert evidence_kind("metric:CpuUsageRate(%)") == "resource"
+    assert evidence_kind("log:new_template") == "errors"
+    # distinct kinds on one pod add up
+    both = rank([*anomalies, _a("checkout-1", "log:new_template", 7.0)], {})
+    assert both[0].pod == "checkout-1"
+
+
+def test_a_cpu_saturated_caller_is_the_cause_not_a_victim_and_blames_nobody() -> None:
+    # the caller's own CPU is saturated; its callee only shows latency: the callee inherits nothing from
+    # a caller's CPU, and the caller's CPU is not discounted because its callee is slow
+    anomalies = [
+        _a("preserve-1", "metric:CpuUsageRate(%)", 99.0),
+        _a("security-1", "metric:PodServerLatencyP90(s)", 6.3),
+        _a("security-1", "metric:PodServerLatencyP99(s)", 6.3),
+    ]
+    graph = {"preserve-1": {"security-1": 40}}
+    ranked = rank(anomalies, graph)
+    assert [c.pod for c in ranked] == ["preserve-1", "security-1"]
+    assert ranked[0].score == pytest.approx(math.log1p(99.0))
+    assert not any("called by" in line for line in ranked[1].evidence)
+    # a caller with latency of its own does pass blame to the callee, and is discounted as a victim
+    slow = rank([*anomalies, _a("preserve-1", "metric:PodServerLatencyP90(s)", 3.0)], graph)
+    assert any("called by anomalous preserve-1" in line for line in slow[1].evidence)
+    assert any("likely a victim" in line for line in slow[0].evidence)
+    assert slow[0].score == pytest.approx(math.log1p(99.0) + VICTIM_FACTOR * math.log1p(3.0))
 
 
 def _metric(pod: str, minute: int, cpu: float) -> dict:
