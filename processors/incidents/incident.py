@@ -142,7 +142,7 @@ class IncidentEngine:
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._next_window_ms: int | None = None  # windows below this are closed
         self._detectors: dict[tuple[str, str], RobustZ] = {}
-        self._templates: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        self._templates: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
         self._log_windows = 0
         self._last_log_window: int | None = None
         self._log_services: dict[str, str] = {}
@@ -339,7 +339,9 @@ class IncidentEngine:
         out = []
         for (pod, level, logger), n in sorted(counts.items()):
             seen = self._templates[pod]
-            if warm and level in _LOG_ALERT_LEVELS and (level, logger) not in seen:
+            last = seen.get((level, logger))
+            fresh = last is None or w - last > c.max_incident_ms
+            if warm and level in _LOG_ALERT_LEVELS and fresh:
                 detail = f"{level} {logger}"
                 out.append(
                     Anomaly(
@@ -353,7 +355,7 @@ class IncidentEngine:
                         detail,
                     )
                 )
-            seen.add((level, logger))
+            seen[(level, logger)] = w
         for pod in sorted(self._log_services):  # every pod that ever logged: 0 errors is a value too
             d = self._detector(pod, "log:error_count", 1, c.log_error_floor, c.log_min_history)
             score, med = d.update(float(errors[pod]))

@@ -24,8 +24,9 @@ Signals (one series per pod and signal):
   Client latencies, workload and network bytes follow traffic and downstream pods, not the pod's own
   health, and node-level columns describe the node: they are not scored.
 * ``log:new_template`` -- from ``sophia.telemetry.LogLine``: a WARN/ERROR/FATAL ``(level, logger)``
-  never seen before on that pod, once the pod's log history covers at least ``log_warmup_windows``
-  windows; the score grows with how many lines the new template wrote in the window. After a gap of
+  never seen before on that pod, or not seen on it for more than ``max_incident_ms`` of event time
+  (quiet for longer than the longest incident, it cannot belong to the incident it last showed in: a
+  new occurrence), once the pod's log history covers at least ``log_warmup_windows`` windows; the score grows with how many lines the new template wrote in the window. After a gap of
   more than ``log_gap_windows`` windows without any log line the log stream is learnt again for
   ``log_warmup_windows`` windows (what happened in the gap is unknown).
 * ``log:error_count`` -- ERROR/FATAL lines of a pod per window (0 for a pod that logged before but

@@ -138,6 +138,30 @@ def test_engine_opens_and_closes_an_incident_on_event_time() -> None:
     assert engine.stats()["late_events"] == {}
 
 
+def _log(pod: str, minute: int, level: str, logger: str) -> dict:
+    return {"pod": pod, "service": pod.rsplit("-", 1)[0], "event_time": T0 + timedelta(minutes=minute),
+            "level": level, "logger": logger, "message": "m"}  # fmt: skip
+
+
+def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
+    # one ERROR template on a-1 at minute 1, then only INFO lines; it comes back at minute 4 (quiet 3
+    # minutes: still the same occurrence) and at minute 12 (quiet 8 minutes > max_incident_ms 5 minutes)
+    records = []
+    for m in range(16):
+        records.append(("log", _log("a-1", m, "INFO", "a.Main#1")))
+        if m in (1, 4, 12):
+            records.append(("log", _log("a-1", m, "ERROR", "a.Repo#9")))
+    insights, _ = run(records)
+    found = {
+        (a["window_start_ms"], a["detail"])
+        for i in insights
+        for a in json.loads(i["labels"]["anomalies"])
+        if a["signal"] == "log:new_template"
+    }
+    start = int(T0.replace(second=0).timestamp() * 1000)
+    assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
+
+
 def test_late_events_are_counted_not_used() -> None:
     engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0))
     engine.feed("metric", _metric("a-1", 10, 1.0))
