@@ -79,6 +79,8 @@ class EngineConfig:
     max_incident_ms: int = 300_000
     span_memory_windows: int = 5
     idle_source_ms: int = 600_000
+    workload_metric: str = "PodWorkload(Ops)"
+    min_tail_requests: float = 1.0
 
 
 PRIORITIES = ("p1", "p2", "p3")
@@ -271,12 +273,21 @@ class IncidentEngine:
 
     def _metric(self, w: int, r: dict[str, Any]) -> list[Anomaly]:
         out = []
+        c = self.config
         metrics = r.get("metrics") or {}
+        load = metrics.get(c.workload_metric)
+        requests = load * c.window_ms / 1000 if load is not None and math.isfinite(load) else None
         for name in sorted(metrics):
             rule = METRIC_RULES.get(name)
             v = metrics[name]
             if rule is None or v is None or not math.isfinite(v):
                 continue
+            if (
+                rule.quantile is not None
+                and requests is not None
+                and requests * (1 - rule.quantile) < c.min_tail_requests
+            ):
+                continue  # too few requests: the percentile is one request, neither scored nor learnt
             d = self._detector(
                 r["pod"], f"metric:{name}", rule.direction, rule.abs_floor, self.config.min_history
             )

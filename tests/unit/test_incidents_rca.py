@@ -162,6 +162,29 @@ def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
     assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
 
 
+def test_a_latency_percentile_of_too_few_requests_is_not_scored() -> None:
+    # a pod's P99 jumps 40x in minute 30; at 0.5 requests/s (30 in the minute) the P99 is the one slowest
+    # request and is not scored; at 2 requests/s (120, more than one above the 99th percentile) it is
+    def records(load: float) -> list[tuple[str, dict]]:
+        out = []
+        for m in range(40):
+            p99 = 1.0 if m == 30 else 0.025
+            out.append(("metric", {"pod": "a-1", "service": "a", "event_time": T0 + timedelta(minutes=m),
+                                   "metrics": {"PodServerLatencyP99(s)": p99, "PodWorkload(Ops)": load}}))  # fmt: skip
+        return out
+
+    def latency_anomalies(load: float) -> int:
+        _, engine = run(records(load))
+        return engine.anomaly_count
+
+    assert latency_anomalies(0.5) == 0
+    assert latency_anomalies(2.0) == 1
+    # without a workload column the percentile is scored as before
+    plain = [(k, {**r, "metrics": {"PodServerLatencyP99(s)": r["metrics"]["PodServerLatencyP99(s)"]}})
+             for k, r in records(0.5)]  # fmt: skip
+    assert run(plain)[1].anomaly_count == 1
+
+
 def test_late_events_are_counted_not_used() -> None:
     engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0))
     engine.feed("metric", _metric("a-1", 10, 1.0))
