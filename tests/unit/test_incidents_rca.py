@@ -160,6 +160,13 @@ def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
     }
     start = int(T0.replace(second=0).timestamp() * 1000)
     assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
+    # a gap in the log stream is not quiet: no log line at all in minutes 3-9, the template is back at
+    # minute 11 after 3 observed windows (0-2 and 10 logged): the same occurrence, not new
+    gap = [("log", _log("a-1", m, "INFO", "a.Main#1")) for m in (0, 1, 2, 10, 11, 12)]
+    gap += [("log", _log("a-1", m, "ERROR", "a.Repo#9")) for m in (1, 11)]
+    insights, _ = run(sorted(gap, key=lambda kr: kr[1]["event_time"]))
+    assert {a["window_start_ms"] for i in insights for a in json.loads(i["labels"]["anomalies"])
+            if a["signal"] == "log:new_template"} == {start + 60_000}  # fmt: skip
 
 
 def test_a_latency_percentile_of_too_few_requests_is_not_scored() -> None:
@@ -183,6 +190,27 @@ def test_a_latency_percentile_of_too_few_requests_is_not_scored() -> None:
     plain = [(k, {**r, "metrics": {"PodServerLatencyP99(s)": r["metrics"]["PodServerLatencyP99(s)"]}})
              for k, r in records(0.5)]  # fmt: skip
     assert run(plain)[1].anomaly_count == 1
+
+
+def test_span_latency_is_scored_on_self_time_so_the_caller_does_not_inherit_it() -> None:
+    # a-1 calls b-1 five times a minute; in minutes 30-32 b-1's spans take 2 s instead of 80 ms, and a-1's
+    # spans (which wait for b-1) 2.02 s: only b-1 spends the time
+    records = []
+    for m in range(40):
+        for k in range(5):
+            t = T0 + timedelta(minutes=m, seconds=k * 10)
+            slow = 30 <= m < 33
+            trace = f"t{m}-{k}"
+            records.append(("span", {"trace_id": trace, "span_id": "a", "parent_id": None, "pod": "a-1",
+                                     "service": "a", "event_time": t, "duration_us": 2_020_000 if slow else 100_000 + k}))  # fmt: skip
+            records.append(("span", {"trace_id": trace, "span_id": "b", "parent_id": "a", "pod": "b-1",
+                                     "service": "b", "event_time": t, "duration_us": 2_000_000 if slow else 80_000 + k}))  # fmt: skip
+    insights, engine = run(records)
+    anomalies = {(a["pod"], a["signal"]) for i in insights for a in json.loads(i["labels"]["anomalies"])}
+    assert anomalies == {("b-1", "trace:p90_self_ms")}
+    assert engine.call_graph == {"a-1": {"b-1": 200}}
+    closed = next(i for i in insights if i["kind"] == "incident.closed")
+    assert closed["labels"]["top1_pod"] == "b-1"
 
 
 def test_late_events_are_counted_not_used() -> None:
