@@ -176,6 +176,12 @@ def eval_incidents(
         f"({result['false_incidents_per_hour']} per hour over {result['telemetry_hours']} h); "
         "anchor (Nezha paper, TrainTicket): top-1 86.67 %, top-3 97.78 %"
     )
+    ch = result["chance"]
+    out.print(
+        f"chance (fault times moved by {', '.join(f'{s:+d}' for s in ch['shifts_minutes'])} min): "
+        f"detected {ch['detected']:.1%}, within 180 s {ch['detected_within_180s']:.1%}, "
+        f"top1 {ch['top1']:.1%}, top3 {ch['top3']:.1%}"
+    )
     if per_fault:
         rows = Table("injected", "pod", "type", "logs/traces", "detected s", "rank pod", "top-1 pod")
         for r in result["per_fault"]:

@@ -79,6 +79,8 @@ class EngineConfig:
     max_incident_ms: int = 300_000
     span_memory_windows: int = 5
     idle_source_ms: int = 600_000
+    workload_metric: str = "PodWorkload(Ops)"
+    min_tail_requests: float = 1.0
 
 
 PRIORITIES = ("p1", "p2", "p3")
@@ -142,8 +144,9 @@ class IncidentEngine:
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._next_window_ms: int | None = None  # windows below this are closed
         self._detectors: dict[tuple[str, str], RobustZ] = {}
-        self._templates: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        self._templates: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
         self._log_windows = 0
+        self._log_observed = 0  # windows with log lines so far (the time the log stream was seen)
         self._last_log_window: int | None = None
         self._log_services: dict[str, str] = {}
         self._span_pods: dict[int, dict[tuple[str, str], str]] = {}
@@ -271,12 +274,21 @@ class IncidentEngine:
 
     def _metric(self, w: int, r: dict[str, Any]) -> list[Anomaly]:
         out = []
+        c = self.config
         metrics = r.get("metrics") or {}
+        load = metrics.get(c.workload_metric)
+        requests = load * c.window_ms / 1000 if load is not None and math.isfinite(load) else None
         for name in sorted(metrics):
             rule = METRIC_RULES.get(name)
             v = metrics[name]
             if rule is None or v is None or not math.isfinite(v):
                 continue
+            if (
+                rule.quantile is not None
+                and requests is not None
+                and requests * (1 - rule.quantile) < c.min_tail_requests
+            ):
+                continue  # too few requests: the percentile is one request, neither scored nor learnt
             d = self._detector(
                 r["pod"], f"metric:{name}", rule.direction, rule.abs_floor, self.config.min_history
             )
@@ -294,10 +306,16 @@ class IncidentEngine:
         self._span_pods[w] = here
         for old in [k for k in self._span_pods if k < w - c.span_memory_windows * c.window_ms]:
             del self._span_pods[old]
+        children_us: Counter[tuple[str, str]] = Counter()
+        for s in spans:
+            if s.get("parent_id"):
+                children_us[(s["trace_id"], s["parent_id"])] += s["duration_us"]
         durations: dict[str, list[float]] = defaultdict(list)
         services: dict[str, str] = {}
         for s in spans:
-            durations[s["pod"]].append(s["duration_us"] / 1000.0)
+            # self time: the span's duration less its children's (clamped at 0 for parallel children)
+            own_us = max(0, s["duration_us"] - children_us[(s["trace_id"], s["span_id"])])
+            durations[s["pod"]].append(own_us / 1000.0)
             services[s["pod"]] = s["service"]
             parent = s.get("parent_id")
             if parent:
@@ -311,13 +329,11 @@ class IncidentEngine:
         for pod in sorted(durations):
             ds = sorted(durations[pod])
             p90 = ds[min(len(ds) - 1, math.ceil(0.9 * len(ds)) - 1)]
-            d = self._detector(pod, "trace:p90_duration_ms", 1, 5.0, c.trace_min_history)
+            d = self._detector(pod, "trace:p90_self_ms", 1, 5.0, c.trace_min_history)
             score, med = d.update(p90)
             if score >= c.z_threshold:
                 out.append(
-                    Anomaly(
-                        pod, services[pod], "trace:p90_duration_ms", w, score, round(p90, 3), round(med, 3)
-                    )
+                    Anomaly(pod, services[pod], "trace:p90_self_ms", w, score, round(p90, 3), round(med, 3))
                 )
         return out
 
@@ -339,7 +355,10 @@ class IncidentEngine:
         out = []
         for (pod, level, logger), n in sorted(counts.items()):
             seen = self._templates[pod]
-            if warm and level in _LOG_ALERT_LEVELS and (level, logger) not in seen:
+            last = seen.get((level, logger))
+            # quiet for longer than an incident in *observed* log time: a gap in the log stream is not quiet
+            fresh = last is None or (self._log_observed - last) * c.window_ms > c.max_incident_ms
+            if warm and level in _LOG_ALERT_LEVELS and fresh:
                 detail = f"{level} {logger}"
                 out.append(
                     Anomaly(
@@ -353,7 +372,7 @@ class IncidentEngine:
                         detail,
                     )
                 )
-            seen.add((level, logger))
+            seen[(level, logger)] = self._log_observed
         for pod in sorted(self._log_services):  # every pod that ever logged: 0 errors is a value too
             d = self._detector(pod, "log:error_count", 1, c.log_error_floor, c.log_min_history)
             score, med = d.update(float(errors[pod]))
@@ -364,6 +383,7 @@ class IncidentEngine:
                     )
                 )
         self._log_windows += 1
+        self._log_observed += 1
         return out
 
     # --------------------------------------------------------------------------------------- correlator

@@ -14,24 +14,38 @@ infinite. Measured on Nezha 2023-01-29 with the same engine (``bench/nezha_river
 river 0.26.1 ``GaussianScorer(window_size=60, grace_period=10)`` saturates on the spikes (score 1.0,
 so any threshold gives the same result): 183 incidents, 10.2 false incidents per hour, top-1 0 %,
 top-3 10.7 % (3.6 % at z 6), and it raised ``TypeError`` (a negative rolling variance turned into a
-complex number) 145 times; this detector: 47 incidents, 2.2 false per hour, top-1 17.9 %, top-3 21.4 %.
+complex number) 145 times; this detector (``robust-mad-1``, before the workload gate below): 47
+incidents, 2.2 false per hour, top-1 17.9 %, top-3 21.4 %; ``robust-mad-2`` (workload gate, template
+quiet spell, span self time, evidence kinds in :mod:`processors.incidents.rca`): 23 incidents, 0.78
+false per hour, top-1 21.4 %, top-3 21.4 %.
 
 Signals (one series per pod and signal):
 
 * ``metric:<name>`` -- from ``sophia.telemetry.MetricSample``: ``CpuUsageRate(%)``,
   ``MemoryUsageRate(%)``, ``PodServerLatencyP90(s)``, ``PodServerLatencyP99(s)`` (one-sided: only an
-  increase is a symptom); front end ``LatencyP90(s)`` (increase) and ``SuccessRate(%)`` (decrease).
-  Client latencies, workload and network bytes follow traffic and downstream pods, not the pod's own
-  health, and node-level columns describe the node: they are not scored.
+  increase is a symptom; a pod latency percentile only when the pod's ``PodWorkload(Ops)`` (requests
+  per second: the server spans of the traced minutes count 50 to 60 a minute per 1.0) times the window
+  holds at least ``min_tail_requests`` requests above the percentile, i.e. 10 requests a minute for
+  P90, 100 for P99: on fewer, the P99 is the one slowest request and a single slow call would look
+  like a pod-wide shift; without a workload value it is scored); front end ``LatencyP90(s)``
+  (increase) and ``SuccessRate(%)`` (decrease). Client latencies, workload and network bytes follow
+  traffic and downstream pods, not the pod's own health, and node-level columns describe the node:
+  they are not scored.
 * ``log:new_template`` -- from ``sophia.telemetry.LogLine``: a WARN/ERROR/FATAL ``(level, logger)``
-  never seen before on that pod, once the pod's log history covers at least ``log_warmup_windows``
-  windows; the score grows with how many lines the new template wrote in the window. After a gap of
-  more than ``log_gap_windows`` windows without any log line the log stream is learnt again for
-  ``log_warmup_windows`` windows (what happened in the gap is unknown).
+  never seen before on that pod, or not seen on it for more than ``max_incident_ms`` of observed log
+  time (windows that had log lines; a gap in the log stream is not quiet): quiet for longer than the
+  longest incident, it cannot belong to the incident it last showed in, a new occurrence; once the
+  pod's log history covers at least ``log_warmup_windows`` windows; the score grows with how many
+  lines the new template wrote in the window. After a gap of more than ``log_gap_windows`` windows
+  without any log line the log stream is learnt again for ``log_warmup_windows`` windows (what
+  happened in the gap is unknown).
 * ``log:error_count`` -- ERROR/FATAL lines of a pod per window (0 for a pod that logged before but
   not in this window), scored like a metric once ``log_min_history`` windows with logs are known.
-* ``trace:p90_duration_ms`` -- from ``sophia.telemetry.Span``: the P90 of the pod's span durations in
-  the window, scored like a metric (increase only).
+* ``trace:p90_self_ms`` -- from ``sophia.telemetry.Span``: the P90 of the self times of the pod's
+  spans in the window (a span's duration less the durations of its child spans of the same window,
+  at least 0), scored like a metric (increase only). Self time, not duration: a caller's span lasts
+  as long as its slow callee's, so durations would make every caller on the path look slow; the self
+  time grows on the pod that spends the time.
 """
 
 from __future__ import annotations
@@ -49,7 +63,7 @@ __all__ = [
     "RobustZ",
 ]
 
-DETECTOR_VERSION = "robust-mad-1"
+DETECTOR_VERSION = "robust-mad-2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +78,17 @@ class MetricRule:
             bucket bounds of a histogram (0.0235, 0.475, 0.95 s, ...), so a one-bucket step doubles
             the value; on a log scale every bucket step weighs the same, at any latency.
         offset: added before the logarithm (the smallest latency that matters, in the unit).
+        quantile: for a per-pod latency percentile, its level (0.9 for P90): the value is scored only
+            when the pod served enough requests in the window that at least one lies above that level
+            (see :attr:`processors.incidents.incident.EngineConfig.min_tail_requests`); below that the
+            "percentile" is the single slowest request, not a property of the pod.
     """
 
     direction: int
     abs_floor: float
     log_scale: bool = False
     offset: float = 0.0
+    quantile: float | None = None
 
     def transform(self, value: float) -> float:
         """The value the detector sees."""
@@ -79,8 +98,8 @@ class MetricRule:
 METRIC_RULES: dict[str, MetricRule] = {
     "CpuUsageRate(%)": MetricRule(1, 1.0),
     "MemoryUsageRate(%)": MetricRule(1, 1.0),
-    "PodServerLatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
-    "PodServerLatencyP99(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
+    "PodServerLatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01, quantile=0.9),
+    "PodServerLatencyP99(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01, quantile=0.99),
     "LatencyP90(s)": MetricRule(1, 0.35, log_scale=True, offset=0.01),
     "SuccessRate(%)": MetricRule(-1, 1.0),
 }
@@ -94,7 +113,7 @@ class Anomaly:
     Attributes:
         pod: the pod (``frontend`` for the front end).
         service: the pod's service.
-        signal: ``metric:<name>``, ``log:new_template`` or ``trace:p90_duration_ms``.
+        signal: ``metric:<name>``, ``log:new_template``, ``log:error_count`` or ``trace:p90_self_ms``.
         window_start_ms: start of the one-minute window (epoch ms, event time).
         score: robust z-score (or the log score); higher is more anomalous.
         value: the observed value (for a log template: lines written in the window).

@@ -3,17 +3,24 @@
 Plain Python, deterministic (ties broken by name). The idea, as in trace-based RCA (MicroRCA,
 Nezha): a fault shows on its own pod first and spreads *upstream*, to the callers that wait for it or
 receive its errors. So among anomalous pods, the one whose own callees are healthy is the likelier
-origin; a caller whose callee is at least as anomalous is more likely a victim.
+origin; a caller whose callee is at least as anomalous is more likely a victim. What spreads upstream
+is a *symptom* (latency, errors); a pod's own resource saturation (CPU, memory) does not spread to its
+callers and is not inherited from its callees.
 
 Score of a pod (its evidence is every anomaly of the incident on that pod):
 
-* evidence = sum over its signals of ``weight(signal) * log1p(score)``, the strongest anomaly per
-  signal only (a signal that fires in three windows is one piece of evidence, not three);
-  new WARN/ERROR log templates weigh :data:`LOG_WEIGHT`, span latency :data:`TRACE_WEIGHT`, metrics 1;
+* each anomaly weighs ``weight(signal) * log1p(score)``; new WARN/ERROR log templates and error
+  counts weigh :data:`LOG_WEIGHT`, span latency :data:`TRACE_WEIGHT`, metrics 1;
+* signals are grouped by evidence kind (:func:`evidence_kind`): ``resource`` (CPU, memory),
+  ``latency`` (server latency percentiles, span durations) and ``errors`` (log templates, error
+  counts). A kind counts once, by its strongest anomaly: P90 and P99 of one latency histogram, or the
+  same signal in three windows, are one piece of evidence, not several. The pod's evidence is the sum
+  over kinds, so independent kinds of evidence reinforce each other;
 * call graph: when a callee (an edge ``pod -> callee`` in the traces) has evidence at least
-  ``victim_ratio`` times the pod's, the pod's rank score is multiplied by :data:`VICTIM_FACTOR`
-  (it is probably a victim); a pod that anomalous callers point to gains :data:`BLAME_BONUS` of each
-  such caller's evidence;
+  ``victim_ratio`` times the pod's *symptom* evidence (latency + errors), that symptom evidence is
+  multiplied by :data:`VICTIM_FACTOR` (it is probably inherited); its resource evidence is kept. A
+  callee gains :data:`BLAME_BONUS` of each anomalous caller's symptom evidence (a caller whose only
+  anomaly is its own CPU points at nobody);
 * the front end is a symptom, never a candidate (it is the entry of every call chain).
 
 Services are ranked by the best of their pods.
@@ -28,7 +35,15 @@ from dataclasses import dataclass
 
 from processors.incidents.nezha_detect import Anomaly
 
-__all__ = ["BLAME_BONUS", "LOG_WEIGHT", "TRACE_WEIGHT", "VICTIM_FACTOR", "Candidate", "rank"]
+__all__ = [
+    "BLAME_BONUS",
+    "LOG_WEIGHT",
+    "TRACE_WEIGHT",
+    "VICTIM_FACTOR",
+    "Candidate",
+    "evidence_kind",
+    "rank",
+]
 
 LOG_WEIGHT = 3.0
 TRACE_WEIGHT = 1.5
@@ -59,6 +74,20 @@ class Candidate:
         """JSON-ready form."""
         return {"rank": self.rank, "pod": self.pod, "service": self.service, "score": round(self.score, 3),
                 "evidence": list(self.evidence)}  # fmt: skip
+
+
+_RESOURCE = ("metric:CpuUsageRate", "metric:MemoryUsageRate")
+_SYMPTOMS = ("latency", "errors")
+
+
+def evidence_kind(signal: str) -> str:
+    """The evidence kind of a signal: ``resource`` (CPU, memory of the pod), ``errors`` (``log:*``),
+    ``latency`` (``trace:*`` and the latency / success-rate metrics)."""
+    if signal.startswith(_RESOURCE):
+        return "resource"
+    if signal.startswith("log:"):
+        return "errors"
+    return "latency"
 
 
 def _weight(signal: str) -> float:
@@ -96,20 +125,30 @@ def rank(
         cur = best[a.pod].get(a.signal)
         if cur is None or (a.score, -a.window_start_ms) > (cur.score, -cur.window_start_ms):
             best[a.pod][a.signal] = a
-    evidence = {
-        pod: sum(_weight(s) * math.log1p(a.score) for s, a in sigs.items()) for pod, sigs in best.items()
-    }
+    kinds: dict[str, dict[str, float]] = {}
+    for pod, sigs in best.items():
+        per: dict[str, float] = defaultdict(float)
+        for s, a in sigs.items():
+            k = evidence_kind(s)
+            per[k] = max(per[k], _weight(s) * math.log1p(a.score))
+        kinds[pod] = per
+    evidence = {pod: sum(per.values()) for pod, per in kinds.items()}
+    symptom = {pod: sum(per[k] for k in _SYMPTOMS if k in per) for pod, per in kinds.items()}
     notes: dict[str, list[str]] = defaultdict(list)
     score = dict(evidence)
-    for pod, ev in evidence.items():
+    for pod in sorted(evidence):
         callees = sorted(c for c in call_graph.get(pod, {}) if c in evidence and c != pod)
-        worse = [c for c in callees if evidence[c] >= victim_ratio * ev]
+        sym = symptom[pod]
+        worse = [c for c in callees if sym > 0 and evidence[c] >= victim_ratio * sym]
         if worse:
-            score[pod] *= VICTIM_FACTOR
-            notes[pod].append(f"calls anomalous {', '.join(worse)}: likely a victim (x{VICTIM_FACTOR})")
-        for c in callees:
-            score[c] += BLAME_BONUS * ev
-            notes[c].append(f"called by anomalous {pod} (+{BLAME_BONUS * ev:.2f})")
+            score[pod] -= (1 - VICTIM_FACTOR) * sym
+            notes[pod].append(
+                f"calls anomalous {', '.join(worse)}: likely a victim, latency/errors inherited (x{VICTIM_FACTOR})"
+            )
+        if sym > 0:
+            for c in callees:
+                score[c] += BLAME_BONUS * sym
+                notes[c].append(f"called by anomalous {pod} (+{BLAME_BONUS * sym:.2f})")
     order = sorted(score, key=lambda p: (-score[p], p))[:limit]
     out = []
     for i, pod in enumerate(order, 1):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from connectors.nezha import iter_day
 from processors.incidents.incident import EngineConfig, IncidentEngine, run
 from processors.incidents.nezha_detect import Anomaly, RobustZ
-from processors.incidents.rca import VICTIM_FACTOR, rank
+from processors.incidents.rca import VICTIM_FACTOR, evidence_kind, rank
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
@@ -63,6 +66,45 @@ def test_rank_prefers_the_callee_and_explains_why() -> None:
     assert alone[0].pod == "gateway-1"
 
 
+def test_rank_counts_one_latency_histogram_once() -> None:
+    # P90 and P99 of one pod are one piece of latency evidence, not two: a CPU anomaly of about the same
+    # strength on another pod is not outweighed by the pair
+    anomalies = [
+        _a("checkout-1", "metric:PodServerLatencyP90(s)", 6.3),
+        _a("checkout-1", "metric:PodServerLatencyP99(s)", 6.3),
+        _a("cart-1", "metric:CpuUsageRate(%)", 7.0),
+    ]
+    ranked = rank(anomalies, {})
+    assert [c.pod for c in ranked] == ["cart-1", "checkout-1"]
+    assert ranked[1].score == pytest.approx(math.log1p(6.3))
+    assert evidence_kind("metric:PodServerLatencyP99(s)") == "latency"
+    assert evidence_kind("metric:CpuUsageRate(%)") == "resource"
+    assert evidence_kind("log:new_template") == "errors"
+    # distinct kinds on one pod add up
+    both = rank([*anomalies, _a("checkout-1", "log:new_template", 7.0)], {})
+    assert both[0].pod == "checkout-1"
+
+
+def test_a_cpu_saturated_caller_is_the_cause_not_a_victim_and_blames_nobody() -> None:
+    # the caller's own CPU is saturated; its callee only shows latency: the callee inherits nothing from
+    # a caller's CPU, and the caller's CPU is not discounted because its callee is slow
+    anomalies = [
+        _a("preserve-1", "metric:CpuUsageRate(%)", 99.0),
+        _a("security-1", "metric:PodServerLatencyP90(s)", 6.3),
+        _a("security-1", "metric:PodServerLatencyP99(s)", 6.3),
+    ]
+    graph = {"preserve-1": {"security-1": 40}}
+    ranked = rank(anomalies, graph)
+    assert [c.pod for c in ranked] == ["preserve-1", "security-1"]
+    assert ranked[0].score == pytest.approx(math.log1p(99.0))
+    assert not any("called by" in line for line in ranked[1].evidence)
+    # a caller with latency of its own does pass blame to the callee, and is discounted as a victim
+    slow = rank([*anomalies, _a("preserve-1", "metric:PodServerLatencyP90(s)", 3.0)], graph)
+    assert any("called by anomalous preserve-1" in line for line in slow[1].evidence)
+    assert any("likely a victim" in line for line in slow[0].evidence)
+    assert slow[0].score == pytest.approx(math.log1p(99.0) + VICTIM_FACTOR * math.log1p(3.0))
+
+
 def _metric(pod: str, minute: int, cpu: float) -> dict:
     return {"pod": pod, "service": pod.rsplit("-", 1)[0], "event_time": T0 + timedelta(minutes=minute),
             "metrics": {"CpuUsageRate(%)": cpu, "PodServerLatencyP90(s)": 0.02}}  # fmt: skip
@@ -94,6 +136,81 @@ def test_engine_opens_and_closes_an_incident_on_event_time() -> None:
     cands = json.loads(insights[-1]["labels"]["candidates"])
     assert cands[0]["pod"] == "b-1" and cands[0]["evidence"]
     assert engine.stats()["late_events"] == {}
+
+
+def _log(pod: str, minute: int, level: str, logger: str) -> dict:
+    return {"pod": pod, "service": pod.rsplit("-", 1)[0], "event_time": T0 + timedelta(minutes=minute),
+            "level": level, "logger": logger, "message": "m"}  # fmt: skip
+
+
+def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
+    # one ERROR template on a-1 at minute 1, then only INFO lines; it comes back at minute 4 (quiet 3
+    # minutes: still the same occurrence) and at minute 12 (quiet 8 minutes > max_incident_ms 5 minutes)
+    records = []
+    for m in range(16):
+        records.append(("log", _log("a-1", m, "INFO", "a.Main#1")))
+        if m in (1, 4, 12):
+            records.append(("log", _log("a-1", m, "ERROR", "a.Repo#9")))
+    insights, _ = run(records)
+    found = {
+        (a["window_start_ms"], a["detail"])
+        for i in insights
+        for a in json.loads(i["labels"]["anomalies"])
+        if a["signal"] == "log:new_template"
+    }
+    start = int(T0.replace(second=0).timestamp() * 1000)
+    assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
+    # a gap in the log stream is not quiet: no log line at all in minutes 3-9, the template is back at
+    # minute 11 after 3 observed windows (0-2 and 10 logged): the same occurrence, not new
+    gap = [("log", _log("a-1", m, "INFO", "a.Main#1")) for m in (0, 1, 2, 10, 11, 12)]
+    gap += [("log", _log("a-1", m, "ERROR", "a.Repo#9")) for m in (1, 11)]
+    insights, _ = run(sorted(gap, key=lambda kr: kr[1]["event_time"]))
+    assert {a["window_start_ms"] for i in insights for a in json.loads(i["labels"]["anomalies"])
+            if a["signal"] == "log:new_template"} == {start + 60_000}  # fmt: skip
+
+
+def test_a_latency_percentile_of_too_few_requests_is_not_scored() -> None:
+    # a pod's P99 jumps 40x in minute 30; at 0.5 requests/s (30 in the minute) the P99 is the one slowest
+    # request and is not scored; at 2 requests/s (120, more than one above the 99th percentile) it is
+    def records(load: float) -> list[tuple[str, dict]]:
+        out = []
+        for m in range(40):
+            p99 = 1.0 if m == 30 else 0.025
+            out.append(("metric", {"pod": "a-1", "service": "a", "event_time": T0 + timedelta(minutes=m),
+                                   "metrics": {"PodServerLatencyP99(s)": p99, "PodWorkload(Ops)": load}}))  # fmt: skip
+        return out
+
+    def latency_anomalies(load: float) -> int:
+        _, engine = run(records(load))
+        return engine.anomaly_count
+
+    assert latency_anomalies(0.5) == 0
+    assert latency_anomalies(2.0) == 1
+    # without a workload column the percentile is scored as before
+    plain = [(k, {**r, "metrics": {"PodServerLatencyP99(s)": r["metrics"]["PodServerLatencyP99(s)"]}})
+             for k, r in records(0.5)]  # fmt: skip
+    assert run(plain)[1].anomaly_count == 1
+
+
+def test_span_latency_is_scored_on_self_time_so_the_caller_does_not_inherit_it() -> None:
+    # a-1 calls b-1 five times a minute; in minutes 30-32 b-1's spans take 2 s instead of 80 ms, and a-1's
+    # spans (which wait for b-1) 2.02 s: only b-1 spends the time
+    records = []
+    for m in range(40):
+        for k in range(5):
+            t = T0 + timedelta(minutes=m, seconds=k * 10)
+            slow = 30 <= m < 33
+            trace = f"t{m}-{k}"
+            records.append(("span", {"trace_id": trace, "span_id": "a", "parent_id": None, "pod": "a-1",
+                                     "service": "a", "event_time": t, "duration_us": 2_020_000 if slow else 100_000 + k}))  # fmt: skip
+            records.append(("span", {"trace_id": trace, "span_id": "b", "parent_id": "a", "pod": "b-1",
+                                     "service": "b", "event_time": t, "duration_us": 2_000_000 if slow else 80_000 + k}))  # fmt: skip
+    insights, engine = run(records)
+    anomalies = {(a["pod"], a["signal"]) for i in insights for a in json.loads(i["labels"]["anomalies"])}
+    assert anomalies == {("b-1", "trace:p90_self_ms")}
+    assert engine.call_graph == {"a-1": {"b-1": 200}}
+    closed = next(i for i in insights if i["kind"] == "incident.closed")
+    assert closed["labels"]["top1_pod"] == "b-1"
 
 
 def test_late_events_are_counted_not_used() -> None:

@@ -31,11 +31,17 @@ def test_eval_incidents_json_on_the_slice() -> None:
     assert first["inject_time"] == "2023-01-29 08:43:04" and first["logs_or_traces"]
     assert first["detected"] and first["rank_pod"] == 1 and first["detection_seconds"] <= 180
     assert out["import"]["faults_ground_truth_not_imported"] == 4
+    # the chance baseline: the same insights against fault times moved by a few minutes
+    chance = out["chance"]
+    assert chance["shifts_minutes"] == [-8, -4, 4, 8] and set(chance["per_shift"]) == {"-8", "-4", "4", "8"}
+    assert all(0.0 <= chance[k] <= 1.0 for k in ("detected", "detected_within_180s", "top1", "top3"))
+    # on the slice the real fault times are matched more often than the moved ones
+    assert chance["detected"] < out["detected"]
 
 
 def test_eval_incidents_table() -> None:
     result = CliRunner().invoke(app, ["eval", "incidents", "--data", str(SLICE)])
-    assert result.exit_code == 0 and "86.67" in result.stdout
+    assert result.exit_code == 0 and "86.67" in result.stdout and "chance (fault times moved" in result.stdout
 
 
 def test_import_of_a_wrong_folder_is_one_clear_line(tmp_path: Path) -> None:
