@@ -297,8 +297,18 @@ def _cli_checks(pg_url: str, redis_url: str, acks_topic: str) -> str:
     # the policy router reads this read model: the provider's open circuit blocks each of its models
     from processors.routing.policy_app import CircuitReader
 
-    states = CircuitReader(redis_url).read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"})
+    reader = CircuitReader(redis_url, max_age_seconds=0.5)
+    states = reader.read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"})
     assert states == {"gemini-2.5-pro": "open", "gpt-4o": "closed"}
+    # a read is reused for max_age_seconds, then the read model is read again
+    r = redis.Redis.from_url(redis_url)
+    r.hset("backbone:circuit:provider:OpenAI-test-absent", "state", "open")
+    try:
+        assert reader.read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"}) == states
+        time.sleep(0.6)
+        assert reader.read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"})["gpt-4o"] == "open"
+    finally:
+        r.delete("backbone:circuit:provider:OpenAI-test-absent")
     # Redis gone: the router falls back to the read model's PostgreSQL table
     gone = CircuitReader("redis://127.0.0.1:1/0", pg_url=pg_url)
     assert gone.read({"gemini-2.5-pro": "Google", "gpt-4o": "OpenAI-test-absent"}) == states
