@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import ssl
@@ -517,6 +518,11 @@ class _Worker(faust.Worker):
         super().__init__(*args, **kwargs)
         self._shutdown_timeout_seconds = shutdown_timeout_seconds
         self._watchdog: threading.Timer | None = None
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        """No terminal spinner: Faust's would set the root logger to DEBUG and spin for every record, so
+        every debug call of aiokafka and Faust built a log record (about 7 % of a busy worker's time)."""
+        self.spinner = None
 
     def _arm_watchdog(self, sig: signal.Signals) -> None:
         if self._watchdog is not None:
