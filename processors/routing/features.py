@@ -62,26 +62,43 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 """The feature names, in the order of :func:`feature_vector`."""
 
+# The patterns are written for the speed of Python's regex engine (``sre``), matching exactly what their
+# plain forms match (tests/unit/test_routing_policy_golden.py checks both on MMLU-like and fuzzed text):
+#
+# * a pattern whose every branch starts with a literal character lets ``search``/``findall`` jump from one
+#   occurrence of those characters to the next instead of trying every branch at every position. So
+#   ``\bdef`` is written ``d(?<!\w.)ef``: after the ``d``, the character before it is not a word character,
+#   which is what ``\b`` means in front of a word character (none at all: the string starts there);
+#   ``(?<![A-Za-z])\d+`` is written ``\d(?<![A-Za-z]\d)\d*`` the same way.
+# * a case-insensitive pattern cannot start with a literal; a lookahead on the first characters of its
+#   branches, ``(?=[cf...])`` (same flags, so the same case folding), rejects most positions in one test.
 _MATH_CHARS = re.compile(r"[=+*/^<>%|()\[\]√∫∑π≤≥×$]")
 _DIGIT = re.compile(r"[0-9]")
 _LATEX = re.compile(r"\\[a-zA-Z]+")
-_CODE = re.compile(
-    r"\bdef\b|\breturn\b|;|\{|\}|==|!=|\bprint\s*\(|\bint\s+\w+\s*=|#include|\bfor\s*\(|->|\+\+"
+_CODE = re.compile(  # plain: \bdef\b|\breturn\b|;|\{|\}|==|!=|\bprint\s*\(|\bint\s+\w+\s*=|#include|\bfor\s*\(|->|\+\+
+    r"d(?<!\w.)ef\b|r(?<!\w.)eturn\b|;|\{|\}|==|!=|p(?<!\w.)rint\s*\(|i(?<!\w.)nt\s+\w+\s*=|#include"
+    r"|f(?<!\w.)or\s*\(|->|\+\+"
 )
-_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:[.,]\d+)*(?:\s*\^\s*-?\d+)?")
+_NUMBER = re.compile(  # plain: (?<![A-Za-z])\d+(?:[.,]\d+)*(?:\s*\^\s*-?\d+)?
+    r"\d(?<![A-Za-z]\d)\d*(?:[.,]\d+)*(?:\s*\^\s*-?\d+)?"
+)
 _OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s*(.*)$")
 _NUMERIC_OPTION = re.compile(r"^[\s$\-+−]*[\d.,/^*×√πe\s()\-+−%]+[a-zA-Zµ°%/\s]{0,12}$")
 _COMPUTE = re.compile(
-    r"\b(calculate|compute|find|solve|evaluate|simplify|how many|how much|what is the value|determine the)\b",
+    r"(?=[cfsehwd])\b(?:calculate|compute|find|solve|evaluate|simplify|how many|how much|what is the value"
+    r"|determine the)\b",
     re.IGNORECASE,
 )
 _STATEMENT = re.compile(r"statement\s*1\s*\|", re.IGNORECASE)
-_NEGATION = re.compile(r"\b(NOT|EXCEPT|LEAST)\b")
+_NEGATION = re.compile(r"N(?<!\w.)OT\b|E(?<!\w.)XCEPT\b|L(?<!\w.)EAST\b")  # plain: \b(NOT|EXCEPT|LEAST)\b
 _PASSAGE = re.compile(
-    r"refers to the following|this question refers|read the following|following passage", re.IGNORECASE
+    r"(?=[rtf])(?:refers to the following|this question refers|read the following|following passage)",
+    re.IGNORECASE,
 )
 _WHICH = re.compile(r"which of the following", re.IGNORECASE)
-_DEFINITION = re.compile(r"\b(is called|is known as|is defined as|term for|refers to)\b", re.IGNORECASE)
+_DEFINITION = re.compile(
+    r"(?=[itr])\b(?:is called|is known as|is defined as|term for|refers to)\b", re.IGNORECASE
+)
 
 
 def prompt_features(prompt: str) -> dict[str, float]:

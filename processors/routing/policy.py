@@ -413,6 +413,28 @@ def _qualities(learner: OnlineQuality | None, features: np.ndarray | None) -> di
     return dict(zip(learner.models, learner.predict(x).tolist(), strict=True))
 
 
+_NO_HEALTH = ModelHealth()
+"""The health of a model nothing is known of (closed, no observed latency); shared, read only."""
+
+
+def _rank(
+    policy: Policy, half_open: bool, index: int, cost: float, latency: float, quality: float, max_cost: float
+) -> tuple[tuple[Any, ...], float]:
+    """A candidate's sort key (smallest first: half-open circuits last, then the policy's order, then its
+    place ``index`` in the policy's list) and its score (cost in USD, quality, latency in ms, or utility).
+    ``max_cost``: the highest estimated cost among the eligible candidates (1 when none costs anything)."""
+    kind = policy.kind
+    if kind == "cheapest":
+        target = policy.quality_target
+        return (half_open, quality < target, cost if quality >= target else -quality, index), cost
+    if kind == "best_quality":
+        return (half_open, -quality, cost, index), quality
+    if kind == "lowest_latency":
+        return (half_open, latency, cost, index), latency
+    utility = (1 - policy.cost_weight) * quality - policy.cost_weight * cost / max_cost
+    return (half_open, -utility, index), utility
+
+
 def route(
     setup: RoutingSetup,
     request: PolicyRequest,
@@ -458,22 +480,25 @@ def route(
     latency_target = (
         request.latency_target_ms if request.latency_target_ms is not None else policy.latency_target_ms
     )
-    rows = []
     qualities = _qualities(learner, features)
-    for name in policy.models:
+    kind, percentile = policy.kind, policy.latency_percentile
+    # one row per model of the policy: (index, name, info, health, cost, latency, quality, blocked)
+    rows: list[tuple[int, str, ModelInfo, ModelHealth, float, float, float, list[str]]] = []
+    first_index: dict[str, int] = {}  # a model named twice ranks by its first place (as list.index)
+    for i, name in enumerate(policy.models):
         info = setup.models[name]
-        h = health.get(name) or ModelHealth()
+        h = health.get(name) or _NO_HEALTH
         cost = info.cost_usd(tokens)
         latency = (
-            float(h.latency_ms.get(policy.latency_percentile, info.latency_prior_ms))
+            float(h.latency_ms.get(percentile, info.latency_prior_ms))
             if h.latency_ms
             else info.latency_prior_ms
         )
-        q = qualities.get(name, 0.5)
         blocked = []
-        missing = [c for c in request.required_capabilities if c not in info.capabilities]
-        if missing:
-            blocked.append(f"missing capability {', '.join(missing)}")
+        if request.required_capabilities:
+            missing = [c for c in request.required_capabilities if c not in info.capabilities]
+            if missing:
+                blocked.append(f"missing capability {', '.join(missing)}")
         if tokens + info.expected_output_tokens > info.context_window_tokens:
             blocked.append(
                 f"context window {info.context_window_tokens} < {tokens} prompt + {info.expected_output_tokens} answer tokens"
@@ -485,60 +510,37 @@ def route(
         if budget is not None and cost > budget:
             blocked.append(f"over budget: est ${cost:.6f} > ${budget:.6f}")
         if latency_target is not None and latency > latency_target:
-            blocked.append(
-                f"too slow: est {policy.latency_percentile} {latency:.0f} ms > {latency_target:.0f} ms"
-            )
-        rows.append((name, info, h, cost, latency, q, blocked))
-    eligible = [r for r in rows if not r[6]]
-    max_cost = max((r[3] for r in eligible), default=0.0) or 1.0
-
-    def key(r: tuple[Any, ...]) -> tuple[Any, ...]:
-        name, _, h, cost, latency, q, _ = r
-        half = h.circuit_state == "half_open"
-        index = policy.models.index(name)
-        if policy.kind == "cheapest":
-            return (half, q < policy.quality_target, cost if q >= policy.quality_target else -q, index)
-        if policy.kind == "best_quality":
-            return (half, -q, cost, index)
-        if policy.kind == "lowest_latency":
-            return (half, latency, cost, index)
-        utility = (1 - policy.cost_weight) * q - policy.cost_weight * cost / max_cost
-        return (half, -utility, index)
-
-    def score(r: tuple[Any, ...]) -> float:
-        _, _, _, cost, latency, q, _ = r
-        if policy.kind == "cheapest":
-            return cost
-        if policy.kind == "best_quality":
-            return q
-        if policy.kind == "lowest_latency":
-            return latency
-        return (1 - policy.cost_weight) * q - policy.cost_weight * cost / max_cost
-
-    ranked = sorted(eligible, key=key)
-    order = {r[0]: i for i, r in enumerate(ranked)}
-    chosen = ranked[0][0] if ranked else None
+            blocked.append(f"too slow: est {percentile} {latency:.0f} ms > {latency_target:.0f} ms")
+        rows.append(
+            (first_index.setdefault(name, i), name, info, h, cost, latency, qualities.get(name, 0.5), blocked)
+        )
+    max_cost = max((r[4] for r in rows if not r[7]), default=0.0) or 1.0
+    ranking = [
+        _rank(policy, r[3].circuit_state == "half_open", r[0], r[4], r[5], r[6], max_cost) for r in rows
+    ]
+    ranked = sorted((j for j, r in enumerate(rows) if not r[7]), key=lambda j: ranking[j][0])
+    order = {rows[j][1]: n for n, j in enumerate(ranked)}
+    chosen = rows[ranked[0]][1] if ranked else None
     candidates = []
-    for r in rows:
-        name, info, h, cost, latency, q, blocked = r
-        est = f"est ${cost:.6f}, {latency:.0f} ms {policy.latency_percentile}, quality {q:.3f}, circuit {h.circuit_state}"
+    for (_, name, info, h, cost, latency, q, blocked), (_, score) in zip(rows, ranking, strict=True):
+        est = f"est ${cost:.6f}, {latency:.0f} ms {percentile}, quality {q:.3f}, circuit {h.circuit_state}"
         if blocked:
             reasons = (*blocked, est)
         elif name == chosen:
-            reasons = (f"chosen by {policy.kind}", est)
+            reasons = (f"chosen by {kind}", est)
         else:
-            reasons = (f"ranked {order[name] + 1} of {len(ranked)} by {policy.kind}", est)
-        if policy.kind == "cheapest" and not blocked and q < policy.quality_target:
+            reasons = (f"ranked {order[name] + 1} of {len(ranked)} by {kind}", est)
+        if kind == "cheapest" and not blocked and q < policy.quality_target:
             reasons = (f"below quality target {policy.quality_target:.2f}", *reasons)
         if h.circuit_state == "half_open" and not blocked:
             reasons = ("circuit half-open: ranked after closed circuits", *reasons)
         candidates.append(Candidate(
             model=name, provider=info.provider, eligible=not blocked, chosen=name == chosen,
-            rank=order.get(name, -1), score=float(score(r)), est_cost_usd=cost, est_latency_ms=latency,
+            rank=order.get(name, -1), score=float(score), est_cost_usd=cost, est_latency_ms=latency,
             learned_quality=q, circuit_state=h.circuit_state, reasons=reasons,
         ))  # fmt: skip
     if chosen is None:
-        why = "; ".join(f"{r[0]}: {', '.join(r[6])}" for r in rows) or "the policy names no model"
+        why = "; ".join(f"{r[1]}: {', '.join(r[7])}" for r in rows) or "the policy names no model"
         reason = f"no model can serve: {why}"
     else:
         reason = next(c for c in candidates if c.chosen).reasons[0]
@@ -547,7 +549,7 @@ def route(
     return PolicyDecision(
         decision_id=did, request_id=request.request_id, policy=policy_name, ab_arm=arm, model=chosen,
         provider=setup.models[chosen].provider if chosen else None,
-        fallbacks=tuple(r[0] for r in ranked[1 : 1 + policy.max_fallbacks]), candidates=tuple(candidates),
+        fallbacks=tuple(rows[j][1] for j in ranked[1 : 1 + policy.max_fallbacks]), candidates=tuple(candidates),
         reason=reason, config_version=setup.config_version, learner_version=learner_version,
         decided_at=request.requested_at, fallback_from=tuple(exclude),
     )  # fmt: skip
