@@ -238,48 +238,106 @@ def test_the_history_is_varied_enough_to_mean_something() -> None:
     assert any(c.learned_quality == 0.5 for d in decisions for c in d.candidates)  # a model it does not know
 
 
-PLAIN_PATTERNS = {  # the regular expressions of the features as first written (before the speed-ups)
+PLAIN = {  # the regular expressions of processors.routing.features as first written (before the speed-ups)
+    "_MATH_CHARS": re.compile(r"[=+*/^<>%|()\[\]√∫∑π≤≥×$]"),
+    "_DIGIT": re.compile(r"[0-9]"),
+    "_LATEX": re.compile(r"\\[a-zA-Z]+"),
     "_CODE": re.compile(
         r"\bdef\b|\breturn\b|;|\{|\}|==|!=|\bprint\s*\(|\bint\s+\w+\s*=|#include|\bfor\s*\(|->|\+\+"
     ),
     "_NUMBER": re.compile(r"(?<![A-Za-z])\d+(?:[.,]\d+)*(?:\s*\^\s*-?\d+)?"),
+    "_OPTION": re.compile(r"^\s*\(?([A-J])[.)]\s*(.*)$"),
+    "_NUMERIC_OPTION": re.compile(r"^[\s$\-+−]*[\d.,/^*×√πe\s()\-+−%]+[a-zA-Zµ°%/\s]{0,12}$"),
     "_COMPUTE": re.compile(
         r"\b(calculate|compute|find|solve|evaluate|simplify|how many|how much|what is the value|determine the)\b",
         re.IGNORECASE,
     ),
+    "_STATEMENT": re.compile(r"statement\s*1\s*\|", re.IGNORECASE),
     "_NEGATION": re.compile(r"\b(NOT|EXCEPT|LEAST)\b"),
     "_PASSAGE": re.compile(
         r"refers to the following|this question refers|read the following|following passage", re.IGNORECASE
     ),
+    "_WHICH": re.compile(r"which of the following", re.IGNORECASE),
     "_DEFINITION": re.compile(r"\b(is called|is known as|is defined as|term for|refers to)\b", re.IGNORECASE),
 }
-_FUZZ = (
-    *_WORDS, "def", "_def", "def_", "édef", "1def", "DEF", "Def", "return", "xreturn", "print (", "print(", "int x =",
-    "int\t_y=", "for(", "for  (", "fork(", "NOT", "NOTE", "xNOT", "_NOT", "ÉNOT", "NOT_", "EXCEPT", "LEAST",
-    "CALCULATE", "Solve", "\u017folve", "\u017fimplify", "HOW MANY", "how\nmany", "f\u0130nd", "find", "Find",
-    "\u0130S CALLED", "TERM FOR", "REFERS TO", "r\u0435fers to", "a1", "a 1", "x12", "_12", "é12", "12a", "3.5",
-    "3,5", "3.", "2 ^ -3", "2^x", "10^6", "Ⅻ", "٣", "١٢", "²", "\n", "\r\n", "\t", " ", "", "(", ")", "-", "+", "=",
-    "!", "#", "{", "}", ";", ".", ",", "^", "a", "Z", "_", "\u212a", "\u0131", "\u00df", "\U0001f600",
+
+
+def _plain_features(prompt: str) -> tuple[float, ...]:
+    """The reference: prompt_features as first written (plain patterns, no ASCII path)."""
+    chars = len(prompt)
+    denominator = max(chars, 1)
+    lines = prompt.split("\n")
+    options = [m.group(2).strip() for m in (PLAIN["_OPTION"].match(line) for line in lines) if m is not None]
+    numeric_options = sum(1 for o in options if o and PLAIN["_NUMERIC_OPTION"].match(o))
+    return (
+        math.log1p(chars), math.log1p(len(prompt.split())), float(min(len(lines), 50)),
+        len(PLAIN["_DIGIT"].findall(prompt)) / denominator, sum(map(str.isupper, prompt)) / denominator,
+        len(PLAIN["_MATH_CHARS"].findall(prompt)) / denominator, float(min(len(PLAIN["_LATEX"].findall(prompt)), 20)),
+        float(min(len(PLAIN["_CODE"].findall(prompt)), 20)), float(min(len(PLAIN["_NUMBER"].findall(prompt)), 50)),
+        float(len(options)), numeric_options / len(options) if options else 0.0,
+        sum(len(o.split()) for o in options) / len(options) if options else 0.0, float(min(prompt.count("?"), 10)),
+        *(float(bool(PLAIN[k].search(prompt))) for k in ("_COMPUTE", "_STATEMENT", "_NEGATION", "_PASSAGE", "_WHICH",
+                                                         "_DEFINITION")),
+    )  # fmt: skip
+
+
+_FUZZ_ASCII = (
+    "def", "_def", "def_", "1def", "DEF", "Def", "return", "xreturn", "print (", "print(", "int x =", "int\t_y=",
+    "for(", "for  (", "fork(", "NOT", "NOTE", "xNOT", "_NOT", "NOT_", "EXCEPT", "LEAST", "CALCULATE", "Solve",
+    "HOW MANY", "how\nmany", "find", "Find", "is called", "TERM FOR", "REFERS TO", "refers to the following",
+    "This Question Refers", "READ the following", "following passage", "Which Of The Following", "Statement 1 |",
+    "STATEMENT1|", "statement 2 |", "a1", "a 1", "x12", "_12", "12a", "3.5", "3,5", "3.", "2 ^ -3", "2^x", "10^6",
+    "\n", "\r\n", "\n A. 12", "\n(B) x^2 + 1", "\nC) a cat", "\t", " ", "", "(", ")", "-", "+", "=", "!", "#", "{",
+    "}", ";", ".", ",", "^", "?", "a", "Z", "_", "\\frac{1}{2}", "$5",
+)  # fmt: skip
+_FUZZ_OTHER = (
+    "édef", "ÉNOT", "\u017folve", "\u017fimplify", "f\u0130nd", "\u0130S CALLED", "r\u0435fers to", "é12", "Ⅻ", "٣",
+    "١٢", "²", "\u212a", "\u0131", "\u00df", "\U0001f600", "√2", "π ≤ ×", "Σσς", "\u2028", "\x85",
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(PLAIN_PATTERNS))
+def _fuzz_texts(seed: str, n: int) -> list[str]:
+    """The golden prompts and ``n`` texts of random fragments (half pure ASCII), glued with or without spaces,
+    each fragment in a random case."""
+    rnd = random.Random(seed)
+    texts = [e["request"].prompt or "" for e in _events()[0] if e["type"] == "request"]
+    case = (str, str.lower, str.upper, str.title, str.swapcase)
+    for i in range(n):
+        pool = _FUZZ_ASCII if i % 2 else _FUZZ_ASCII + _FUZZ_OTHER + _WORDS
+        sep = rnd.choice(("", " ", ""))
+        texts.append(sep.join(rnd.choice(case)(rnd.choice(pool)) for _ in range(rnd.randint(1, 14))))
+    return texts
+
+
+@pytest.mark.parametrize(
+    "name", ["_CODE", "_NUMBER", "_NEGATION", "_COMPUTE", "_STATEMENT", "_DEFINITION", "_PASSAGE"]
+)
 def test_fast_feature_patterns_match_exactly_what_the_plain_patterns_match(name: str) -> None:
     """The rewritten patterns of :mod:`processors.routing.features` (a literal first, a first-character
-    lookahead) against their plain forms: the same match spans on the golden prompts and on 3,000 texts of
-    random fragments glued with and without spaces (word boundaries, digits after letters, case folding)."""
-    fast, plain = getattr(features, name), PLAIN_PATTERNS[name]
-    rnd = random.Random(name)
-    texts = [e["request"].prompt or "" for e in _events()[0] if e["type"] == "request"]
-    for _ in range(3_000):
-        sep = rnd.choice(("", " ", ""))
-        texts.append(sep.join(rnd.choice(_FUZZ) for _ in range(rnd.randint(1, 12))))
+    lookahead; the case-sensitive twin of a case-insensitive cue on lower-cased ASCII text) give the plain
+    patterns' match spans on the golden prompts and 3,000 fuzzed texts (word boundaries, digits after
+    letters, case folding)."""
+    fast, plain = getattr(features, name), PLAIN[name]
+    lower = getattr(features, f"{name}_LOWER", None)
     matched = 0
-    for t in texts:
+    for t in _fuzz_texts(name, 3_000):
         want = [m.span() for m in plain.finditer(t)]
         assert [m.span() for m in fast.finditer(t)] == want, t
+        if lower is not None and t.isascii():
+            assert [m.span() for m in lower.finditer(t.lower())] == want, t
         matched += bool(want)
-    assert 100 < matched < len(texts)  # the texts exercise both outcomes
+    assert 100 < matched < 3_000  # the texts exercise both outcomes
+
+
+def test_prompt_features_equal_the_plain_implementation_bit_for_bit() -> None:
+    """Every feature of :func:`prompt_features` (ASCII path and the other) against the plain reference."""
+    texts = _fuzz_texts("features", 4_000)
+    for t in texts:
+        got = np.array(list(prompt_features(t).values()), dtype=np.float64)
+        assert got.tobytes() == np.array(_plain_features(t), dtype=np.float64).tobytes(), t
+    assert sum(t.isascii() for t in texts) > 1_500 and sum(not t.isascii() for t in texts) > 1_500
+    cues = np.array([_plain_features(t)[13:] for t in texts])
+    assert (cues.sum(axis=0) > 50).all()  # every cue is found in some texts
 
 
 if __name__ == "__main__":
