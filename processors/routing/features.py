@@ -25,8 +25,9 @@ Every feature is a float, computed by :func:`prompt_features` in the fixed order
 ``cue_definition``         1 for "is called" / "refers to" / "is defined as" / "term for" questions
 =========================  ===============================================================================
 
-The features are deliberately cheap (a few regular expressions; about 0.1 ms for a 470-character MMLU prompt on one CPU core)
-and language-agnostic enough for MMLU-style prompts (lm-sys/RouteLLM ``routellm/evals/mmlu``: a
+The features are deliberately cheap (a few regular expressions, written for the regex engine's speed: see
+the comment above them; about 0.035 ms for a 470-character MMLU prompt on one CPU core, 0.09 ms before) and
+language-agnostic enough for MMLU-style prompts (lm-sys/RouteLLM ``routellm/evals/mmlu``: a
 question, then options ``A.`` to ``D.`` on their own lines). They are a pure function of the text.
 """
 
