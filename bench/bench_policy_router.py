@@ -3,6 +3,10 @@ through :meth:`processors.routing.policy.RoutingState.on_request` (validation, p
 every model, the policy's scores and reasons, the fallback chain, the decision record), with N = 2 and
 N = 10 models, for each policy kind, next to a bare baseline in the same run: numpy scoring alone (the
 same prompt features standardised, a dot product with the learned coefficients of the N models, argmax).
+Two more rows per N follow the worker further: the ``learned`` policy with an outcome after each decision
+(:meth:`~processors.routing.policy.RoutingState.on_outcome`: per-model stats and latency percentiles, read
+back by the next decision), with the learner frozen and learning (one ``partial_fit`` per outcome); their
+rate counts request + outcome pairs.
 
 Prompts: the real MMLU prompts of ``../shared/data/routing/mmlu`` (the first ``--requests``; RouteLLM's
 evaluation files); the learned policy's quality model has random coefficients (its cost is what is measured,
@@ -27,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from processors.routing.features import FEATURE_NAMES, prompt_features
-from processors.routing.policy import POLICY_KINDS, PolicyRequest, RoutingState
+from processors.routing.policy import POLICY_KINDS, Outcome, PolicyRequest, RoutingState
 from processors.routing.scorers import OnlineQuality
 
 __all__ = ["main"]
@@ -109,6 +113,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 lat.append(time.perf_counter() - s)
             rate = len(prompts) / (time.perf_counter() - t0)
             rows.append(_row(n_models, f"policy {kind}", rate, lat, base_rate))
+        for learn in (False, True):
+            state = RoutingState(learner=OnlineQuality.from_arrays(names, mean, std, coef), learn=learn)
+            state.on_config(_config(n_models), 1)
+            latency_rng = np.random.default_rng(11)
+            lat = []
+            t0 = time.perf_counter()
+            for i, p in enumerate(prompts):
+                req = PolicyRequest(request_id=f"r{i}", requested_at=at, prompt=p, policy="learned")
+                ms = float(latency_rng.lognormal(6.0, 0.5))
+                s = time.perf_counter()
+                d = state.on_request(req)
+                state.on_outcome(Outcome(request_id=req.request_id, model=d.model or "m0", success=True,
+                                         correct=i % 3 != 0, latency_ms=ms, occurred_at=at))  # fmt: skip
+                lat.append(time.perf_counter() - s)
+            rate = len(prompts) / (time.perf_counter() - t0)
+            path = f"learned + outcome, learner {'learning' if learn else 'frozen'}"
+            rows.append(_row(n_models, path, rate, lat, base_rate))
     table = Table(title=f"policy router decisions in process, {len(prompts):,} MMLU prompts, one thread")
     for c in ("models", "path", "decisions/s", "p50 ms", "p99 ms", "ratio to baseline"):
         table.add_column(c, justify="left" if c == "path" else "right")
