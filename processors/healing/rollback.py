@@ -32,7 +32,14 @@ Bounded state (:meth:`RollbackMonitor.dump_state`): the calls of a component are
 ``2 * rollback_window_seconds + 1`` seconds of event time before the earlier of the watermark and the
 oldest change still to evaluate (a change that arrives later than that is compared with the calls still
 kept); evaluated changes are dropped unless a rollback escalation waits for them; one version number
-per configuration key is kept for the re-delivery check.
+per configuration key is kept for the re-delivery check. Whatever the call rate, at most
+:data:`CALLS_KEPT_PER_SECOND` calls of a component are kept whole per second of event time (the first
+that arrive); the others of that second are only counted (calls, failures). The error-rate test counts
+every call; the latency and cost tests see the kept calls (a sample of up to
+``CALLS_KEPT_PER_SECOND * rollback_window_seconds`` per window). Below that rate nothing changes; at
+1,000 calls/s the state of a component stays about 50 times smaller than the calls themselves. The
+counted calls of a second fall in a window when the second begins in it (a window edge is exact to the
+second for them).
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ __all__ = ["HEALER_AUTHOR", "RollbackMonitor", "compare_windows", "components_of
 
 #: The author name under which the healer writes its rollbacks to the config store.
 HEALER_AUTHOR = "healer"
+
+CALLS_KEPT_PER_SECOND = 20
+"""Calls of a component kept whole per second of event time; the rest of that second are counted only."""
 
 
 def components_of(key: str, value: Mapping[str, Any] | None) -> list[str]:
@@ -91,8 +101,13 @@ def compare_windows(
     *,
     alpha: float,
     min_calls: int,
+    counted_before: tuple[int, int] = (0, 0),
+    counted_after: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """Compare two windows of calls ``(ok, latency_ms, cost_usd)`` with one-sided tests.
+
+    ``counted_before`` and ``counted_after`` are ``(calls, failures)`` counted beyond the calls listed
+    (they enter the error-rate test only).
 
     Returns:
         ``{"significant": bool, "why": str, "alpha_per_metric": float, "metrics": {"error_rate":
@@ -102,9 +117,9 @@ def compare_windows(
     """
     per = alpha / 3
     metrics: dict[str, Any] = {}
-    nb, na = len(before), len(after)
-    fb = sum(1 for ok, _, _ in before if not ok)
-    fa = sum(1 for ok, _, _ in after if not ok)
+    nb, na = len(before) + counted_before[0], len(after) + counted_after[0]
+    fb = sum(1 for ok, _, _ in before if not ok) + counted_before[1]
+    fa = sum(1 for ok, _, _ in after if not ok) + counted_after[1]
     m: dict[str, Any] = {"before": round(fb / nb, 6) if nb else None, "after": round(fa / na, 6) if na else None,
                          "n_before": nb, "n_after": na, "test": "fisher_exact one-sided", "p_value": None,
                          "significant": False}  # fmt: skip
@@ -210,6 +225,8 @@ class RollbackMonitor:
         self.thresholds = thresholds
         self.config_version = config_version
         self._calls: dict[str, deque[tuple[datetime, bool, float | None, float | None]]] = {}
+        self._kept: dict[str, dict[int, int]] = {}  # component -> {epoch second: calls kept whole}
+        self._counted: dict[str, dict[int, list[int]]] = {}  # component -> {epoch second: [calls, failures]}
         self._changes: list[_Change] = []
         self._latest_by_key: dict[str, _Change] = {}
         self._done: list[datetime] = []
@@ -232,7 +249,15 @@ class RollbackMonitor:
         """Record one call of ``components`` (``provider:P``, ``model:M``, ``agent:A``, ``key:K``)."""
         at = to_utc(at)
         keep = timedelta(seconds=2 * self.thresholds.rollback_window_seconds + 1)
+        second = math.floor(at.timestamp())
         for c in components:
+            kept = self._kept.setdefault(c, {})
+            if kept.get(second, 0) >= CALLS_KEPT_PER_SECOND:
+                n = self._counted.setdefault(c, {}).setdefault(second, [0, 0])
+                n[0] += 1
+                n[1] += not ok
+                continue
+            kept[second] = kept.get(second, 0) + 1
             q = self._calls.setdefault(c, deque())
             q.append((at, ok, latency_ms, cost_usd))
             while q and q[0][0] < at - keep:
@@ -301,6 +326,14 @@ class RollbackMonitor:
                 q.popleft()
             if not q:
                 del self._calls[c]
+        edge = math.floor(horizon.timestamp())
+        for per in (self._kept, self._counted):
+            for c in list(per):
+                seconds = per[c]
+                for sec in [sec for sec in seconds if sec < edge]:
+                    del seconds[sec]
+                if not seconds:
+                    del per[c]
 
     def _window(
         self, ch: _Change, start: datetime, end: datetime
@@ -311,6 +344,16 @@ class RollbackMonitor:
                 if start <= at < end:
                     seen.append((ok, lat, cost))
         return seen
+
+    def _counted_in(self, ch: _Change, start: datetime, end: datetime) -> tuple[int, int]:
+        """``(calls, failures)`` only counted (beyond the kept ones) in seconds that begin in ``[start, end)``."""
+        lo, hi = start.timestamp(), end.timestamp()
+        calls = failures = 0
+        for c in ch.components:
+            for sec, (n, f) in self._counted.get(c, {}).items():
+                if lo <= sec < hi:
+                    calls, failures = calls + n, failures + f
+        return calls, failures
 
     def _decision(
         self, kind: str, ch: _Change, at: datetime, details: dict[str, Any], cause: str | None = None
@@ -333,6 +376,8 @@ class RollbackMonitor:
             self._window(ch, ch.at, end),
             alpha=t.rollback_alpha,
             min_calls=t.rollback_min_calls,
+            counted_before=self._counted_in(ch, ch.at - w, ch.at),
+            counted_after=self._counted_in(ch, ch.at, end),
         )
         if not evidence["significant"]:
             return [self._decision("rollback_not_needed", ch, at, {"evidence": evidence})]
@@ -382,7 +427,7 @@ class RollbackMonitor:
         """The monitor's whole state, JSON-ready and deterministic (times in epoch microseconds).
 
         ``{"watermark_us", "calls": {component: [[time_us, ok, latency_ms, cost_usd], ...]},
-        "changes": [change, ...] (to evaluate, in arrival order), "pending": [[escalation, change,
+        "counted": {component: [[epoch_second, calls, failures], ...]}, "changes": [change, ...] (to evaluate, in arrival order), "pending": [[escalation, change,
         evidence], ...], "done_us": [...], "versions": {key: version}}``; a change is ``{"event_id",
         "key", "version", "at_us", "components", "previous_version", "healer_rollback", "evaluated",
         "rolled_back", "superseded_at_us"}``, an escalation :meth:`Decision.to_state`.
@@ -392,6 +437,10 @@ class RollbackMonitor:
             "calls": {
                 c: [[to_us(at), ok, lat, cost] for at, ok, lat, cost in q]
                 for c, q in sorted(self._calls.items())
+            },
+            "counted": {
+                c: [[sec, n, f] for sec, (n, f) in sorted(per.items())]
+                for c, per in sorted(self._counted.items())
             },
             "changes": [_change_state(c) for c in self._changes],
             "latest": {k: c.event_id for k, c in sorted(self._latest_by_key.items()) if not c.evaluated},
@@ -413,6 +462,16 @@ class RollbackMonitor:
         self._calls = {
             c: deque((from_us(int(t)), bool(ok), lat, cost) for t, ok, lat, cost in q)  # type: ignore[misc]
             for c, q in data["calls"].items()
+        }
+        self._kept = {}
+        for c, q in self._calls.items():
+            kept = self._kept.setdefault(c, {})
+            for at, *_ in q:
+                sec = math.floor(at.timestamp())
+                kept[sec] = kept.get(sec, 0) + 1
+        self._counted = {
+            c: {int(sec): [int(n), int(f)] for sec, n, f in rows}
+            for c, rows in data.get("counted", {}).items()
         }
         self._changes = [_change_from(c) for c in data["changes"]]
         by_id = {c.event_id: c for c in self._changes}

@@ -115,3 +115,38 @@ def test_limit_per_hour() -> None:
     assert d1.kind == "rollback" and d2.kind == "rollback_suppressed" and "per hour" in d2.details["reason"]
     [d3] = bad_change_scenario(m, at=4000, key="routing.policy.c")
     assert d3.kind == "rollback"
+
+
+def test_at_a_high_call_rate_the_state_stays_bounded_and_every_call_is_counted() -> None:
+    """200 calls/s (ten times the calls kept whole per second): the error-rate test still counts every call,
+    the kept calls stay within CALLS_KEPT_PER_SECOND per second, and the state survives a dump and a load."""
+    from processors.healing.rollback import CALLS_KEPT_PER_SECOND
+
+    m = monitor()
+    rate, window = 200, 100
+    for s in range(window):  # the window before the change: 1 % failures
+        for i in range(rate):
+            m.on_call(["model:m1"], T0 + timedelta(seconds=s, microseconds=i * 4000), ok=i % 100 != 0,
+                      latency_ms=100.0 + i % 7, cost_usd=0.01)  # fmt: skip
+    change(m, window)
+    for s in range(window, 2 * window):  # after: 5 % failures
+        for i in range(rate):
+            m.on_call(["model:m1"], T0 + timedelta(seconds=s, microseconds=i * 4000), ok=i % 20 != 0,
+                      latency_ms=100.0 + i % 7, cost_usd=0.01)  # fmt: skip
+    state = m.dump_state()
+    assert len(state["calls"]["model:m1"]) <= CALLS_KEPT_PER_SECOND * (2 * window + 1)
+    assert (
+        sum(n for _, n, _ in state["counted"]["model:m1"]) + len(state["calls"]["model:m1"])
+        == 2 * window * rate
+    )
+    again = monitor()
+    again.load_state(state)
+    assert again.dump_state() == state
+    (d,) = m.advance(T0 + timedelta(seconds=2 * window))
+    er = d.details["evidence"]["metrics"]["error_rate"]
+    assert (er["n_before"], er["n_after"]) == (window * rate, window * rate)
+    assert (er["before"], er["after"]) == (0.01, 0.05) and d.kind == "rollback"
+    lat = d.details["evidence"]["metrics"]["latency_ms"]
+    assert lat["n_before"] == lat["n_after"] == window * CALLS_KEPT_PER_SECOND
+    (d2,) = again.advance(T0 + timedelta(seconds=2 * window))
+    assert d2.to_state() == d.to_state()  # the loaded state decides the same
