@@ -66,12 +66,14 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-FETCH_MAX_WAIT_MS = 100
+FETCH_MAX_WAIT_MS = 20
 """aiokafka ``fetch_max_wait_ms`` of every processor's stream consumer (faust-streaming 0.15 hard-codes
 1,500 ms). The Tansu broker of dev and tests does not answer a fetch early when records arrive, so a
 record waits for the fetch in flight to time out: with 1,500 ms an event reached the run-summary agent
 about 0.4 s (p50) to 0.75 s (p95) after its acknowledgement (``bench/bench_latency.py``, issue 16). On
-Apache Kafka the wait only bounds an idle fetch; 100 ms, as the projection runner and the SSE pump use.
+Apache Kafka the wait only bounds an idle fetch. 20 ms: with 100 ms a run's FINISHED event reached the
+SSE subscriber 54 / 100 ms (p50 / p95) after its acknowledgement at 100 events/s, with 20 ms 31 / 47 ms
+(same ``--quick`` bench, one run each); an idle worker then sends about 50 fetch requests a second.
 """
 PRODUCER_LINGER_SECONDS = 0.005
 """aiokafka ``linger_ms`` of every processor's producer (Faust's default is 0). With no linger, each
