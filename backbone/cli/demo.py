@@ -135,7 +135,6 @@ def demo(
         if n_insights < totals["finished"]:
             say(f"[red]processor emitted {n_insights} of {totals['finished']} run summaries[/red] "
                       f"(log: {state_dir / 'processor.log'})")  # fmt: skip
-        timings["total_s"] = time.perf_counter() - t0
         doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
                "import": {k: v for k, v in report.items() if k != "problems"}, "skipped_files": report["problems"]}  # fmt: skip
         doc.update(_healing_and_incidents(data, say))
@@ -147,6 +146,9 @@ def demo(
         except TimeoutError as exc:
             say(f"[red]live routing and healing: {exc}[/red] (logs: {state_dir})")
             doc["live"] = None
+        if doc["live"]:
+            timings["live_s"] = doc["live"]["seconds"]
+        timings["total_s"] = time.perf_counter() - t0
         _report(doc, runs, insights, as_json)
         live = doc["live"]
         live_ok = (
@@ -328,5 +330,6 @@ def _report(
         _report_healing_and_incidents(doc)
     if doc.get("live"):
         _report_live(doc["live"])
+    live_s = f", live routing and healing {tm['live_s']:.1f} s" if tm.get("live_s") is not None else ""
     out.print(f"timings: stack {tm['stack_start_s']:.1f} s, import {tm['import_s']:.1f} s, "
-              f"projection {tm['projection_s']:.1f} s, total {tm['total_s']:.1f} s")  # fmt: skip
+              f"projection {tm['projection_s']:.1f} s{live_s}, total {tm['total_s']:.1f} s")  # fmt: skip
