@@ -6,7 +6,11 @@ transitions:
 
 * **closed -> open** when the sliding window (the last ``window_seconds`` of event time) holds at
   least ``min_calls`` calls and their failure rate is at least ``error_rate``, or when
-  ``consecutive_failures`` calls in a row failed;
+  ``consecutive_failures`` calls in a row failed. The window is kept as buckets of
+  :data:`BUCKET_US` (100 ms) of event time, each with its calls and failures, as Resilience4j's
+  time-based sliding window aggregates calls per bucket: a call leaves the window with its bucket
+  (when the bucket's start is ``window_seconds`` behind the watermark), and the state stays within
+  ``10 * window_seconds`` buckets whatever the call rate;
 * **open -> half-open** once ``open_seconds`` of event time have passed since it opened (the transition
   is stamped at ``opened_at + open_seconds``, not at the time of the event that noticed it);
 * **half-open**: at most ``half_open_max_probes`` calls are admitted (:meth:`CircuitBreaker.allow`);
@@ -31,6 +35,9 @@ from configuration.schemas import HealingThresholds
 from processors.healing.decisions import Decision, from_us, to_us, to_utc
 
 __all__ = ["BreakerBoard", "CircuitBreaker", "CircuitState", "circuit_keys"]
+
+BUCKET_US = 100_000
+"""Width of a window bucket in microseconds of event time."""
 
 
 class CircuitState(StrEnum):
@@ -73,7 +80,8 @@ class CircuitBreaker:
         self.changed_at: datetime | None = None
         self.consecutive = 0
         self.calls_while_open = 0
-        self._window: deque[tuple[datetime, bool]] = deque()
+        self._window: deque[list[int]] = deque()  # [bucket start (epoch us), calls, failures], oldest first
+        self._calls_in_window = 0
         self._failures_in_window = 0
         self._probe = _Probe()
         self._watermark: datetime | None = None
@@ -90,10 +98,11 @@ class CircuitBreaker:
         if self._watermark is None or now > self._watermark:
             self._watermark = now
         horizon = self._watermark - timedelta(seconds=self.thresholds.window_seconds)
-        while self._window and self._window[0][0] <= horizon:
-            _, ok = self._window.popleft()
-            if not ok:
-                self._failures_in_window -= 1
+        edge = to_us(horizon)
+        while self._window and self._window[0][0] <= edge:  # type: ignore[operator]
+            _, calls, failures = self._window.popleft()
+            self._calls_in_window -= calls
+            self._failures_in_window -= failures
         return self._watermark
 
     def advance(self, now: datetime | float) -> list[Decision]:
@@ -153,7 +162,13 @@ class CircuitBreaker:
         """
         now = to_utc(now)
         out = self.advance(now)
-        self._window.append((now, ok))
+        bucket = to_us(now) // BUCKET_US * BUCKET_US  # type: ignore[operator]
+        if self._window and self._window[-1][0] == bucket:
+            self._window[-1][1] += 1
+            self._window[-1][2] += not ok
+        else:
+            self._window.append([bucket, 1, int(not ok)])
+        self._calls_in_window += 1
         if not ok:
             self._failures_in_window += 1
         self.consecutive = 0 if ok else self.consecutive + 1
@@ -173,10 +188,11 @@ class CircuitBreaker:
             if self._probe.succeeded >= t.half_open_successes:
                 out.append(self._transition(CircuitState.CLOSED, now, "half-open probes succeeded"))
                 self._window.clear()
+                self._calls_in_window = 0
                 self._failures_in_window = 0
                 self.consecutive = 0
             return out
-        calls = len(self._window)
+        calls = self._calls_in_window
         rate = self._failures_in_window / calls if calls else 0.0
         if not ok and self.consecutive >= t.consecutive_failures:
             out.append(
@@ -216,7 +232,7 @@ class CircuitBreaker:
 
     def counts(self) -> dict[str, Any]:
         """The window's counts: ``{"window_calls", "window_failures", "failure_rate", "consecutive_failures", "probes_admitted", "probes_succeeded"}``."""
-        calls = len(self._window)
+        calls = self._calls_in_window
         return {
             "window_calls": calls,
             "window_failures": self._failures_in_window,
@@ -254,8 +270,9 @@ class CircuitBreaker:
         """The breaker's whole state, JSON-ready and deterministic (times in epoch microseconds).
 
         ``{"state", "opened_at_us", "changed_at_us", "watermark_us", "consecutive", "calls_while_open",
-        "probe": [admitted, succeeded], "window": [[time_us, ok], ...]}``; the window holds the calls of
-        the last ``window_seconds`` of event time only (older ones are dropped as time advances).
+        "probe": [admitted, succeeded], "window": [[bucket_start_us, calls, failures], ...]}``; the window
+        holds the buckets of the last ``window_seconds`` of event time only (older ones are dropped as time
+        advances).
         """
         return {
             "state": self.state.value,
@@ -265,7 +282,7 @@ class CircuitBreaker:
             "consecutive": self.consecutive,
             "calls_while_open": self.calls_while_open,
             "probe": [self._probe.admitted, self._probe.succeeded],
-            "window": [[to_us(at), ok] for at, ok in self._window],
+            "window": [list(b) for b in self._window],
         }
 
     @classmethod
@@ -285,9 +302,19 @@ class CircuitBreaker:
         b.consecutive = int(data["consecutive"])
         b.calls_while_open = int(data["calls_while_open"])
         b._probe = _Probe(int(data["probe"][0]), int(data["probe"][1]))
-        for t, ok in data["window"]:
-            b._window.append((from_us(int(t)), bool(ok)))  # type: ignore[arg-type]
-        b._failures_in_window = sum(1 for _, ok in b._window if not ok)
+        for entry in data["window"]:
+            if len(entry) == 2:  # a state saved before the buckets: one [time_us, ok] per call
+                t, ok = int(entry[0]), bool(entry[1])
+                bucket = t // BUCKET_US * BUCKET_US
+                if b._window and b._window[-1][0] == bucket:
+                    b._window[-1][1] += 1
+                    b._window[-1][2] += not ok
+                else:
+                    b._window.append([bucket, 1, int(not ok)])
+            else:
+                b._window.append([int(entry[0]), int(entry[1]), int(entry[2])])
+        b._calls_in_window = sum(c for _, c, _ in b._window)
+        b._failures_in_window = sum(f for _, _, f in b._window)
         return b
 
 

@@ -109,3 +109,28 @@ def test_reconfigure_records_the_new_version() -> None:
     board.reconfigure(thresholds(consecutive_failures=2), 2)
     [t] = board.record(at(1), ["p"], False)
     assert t.config_version == 2 and t.details["threshold"]["consecutive_failures"] == 2
+
+
+def test_the_window_is_bucketed_and_bounded_at_a_high_call_rate() -> None:
+    """1,000 calls/s for 90 s: the window holds at most window_seconds / 0.1 s buckets, counts every call of
+    the last window_seconds, and a saved state (old per-call form included) loads to the same counts."""
+    from datetime import UTC, datetime, timedelta
+
+    from configuration.schemas import HealingThresholds
+    from processors.healing.breaker import BUCKET_US, CircuitBreaker
+
+    t0 = datetime(2025, 11, 19, 1, 0, tzinfo=UTC)
+    b = CircuitBreaker("provider:P", HealingThresholds(window_seconds=60, error_rate=0.9, min_calls=5))
+    for i in range(90_000):
+        b.record(t0 + timedelta(milliseconds=i), ok=i % 50 != 0)
+    state = b.dump_state()
+    assert len(state["window"]) <= 60 * 1_000_000 // BUCKET_US
+    counts = b.counts()
+    assert (
+        59_000 <= counts["window_calls"] <= 60_000
+        and counts["window_failures"] == counts["window_calls"] // 50
+    )
+    again = CircuitBreaker.load_state("provider:P", state, b.thresholds, 0)
+    assert again.counts() == counts and again.dump_state() == state
+    old = {**state, "window": [[state["window"][0][0] + k, k % 2 == 0] for k in range(4)]}
+    assert CircuitBreaker.load_state("provider:P", old, b.thresholds, 0).counts()["window_calls"] == 4
