@@ -26,12 +26,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 from confluent_kafka.admin import AdminClient, NewTopic
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 __all__ = ["main"]
@@ -131,11 +128,11 @@ def _pct(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and print the table."""
-    from pydantic import SecretStr
 
     from backbone.devstack import DevStack
     from backbone.http.auth import TokenStore
-    from core.settings import PostgresSettings, RedisSettings, Settings
+    from bench.common import stack_settings
+    from core.settings import Settings
     from streams.envelope import Event
     from streams.producer import EventProducer
     from streams.serde import serde_from_settings
@@ -147,15 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
-        database = f"bench_ingest_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(info.postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
-        pg_url = urlunsplit(urlsplit(info.postgres_url)._replace(path=f"/{database}"))
-        settings = Settings(state_dir=state_dir, postgres=PostgresSettings(url=SecretStr(pg_url)),
-                            redis=RedisSettings(url=SecretStr(info.redis_url)))  # fmt: skip
-        settings = settings.model_copy(
-            update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})}
-        )
+        settings, pg_url = stack_settings(info, state_dir, "bench_ingest")
         topic = f"bench-ingest-{uuid.uuid4().hex[:8]}"
         admin = AdminClient(settings.kafka.librdkafka())
         admin.create_topics([NewTopic(topic, num_partitions=6, replication_factor=1)])[topic].result(30)

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,7 +59,6 @@ import httpx
 import psycopg
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
-from psycopg import sql
 
 __all__ = ["main"]
 
@@ -373,13 +371,12 @@ def _report(phases: list[Phase], config: list[tuple[str, str, str]], errors: lis
 
 def main(argv: list[str] | None = None) -> list[Phase]:
     """Run the benchmark and print the tables; return the phases measured."""
-    from pydantic import SecretStr
 
     from backbone.client import Client
     from backbone.devstack import DevStack
     from backbone.http.auth import TokenStore
-    from bench.common import API_SERVE, free_port
-    from core.settings import PostgresSettings, RedisSettings, Settings
+    from bench.common import API_SERVE, free_port, stack_settings
+    from core.settings import Settings
     from streams.catalogue import CATALOGUE
 
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -399,15 +396,7 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     procs: list[subprocess.Popen[bytes]] = []
     phases: list[Phase] = []
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
-        database = f"bench_latency_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(info.postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
-        pg_url = urlunsplit(urlsplit(info.postgres_url)._replace(path=f"/{database}"))
-        settings = Settings(state_dir=state_dir, postgres=PostgresSettings(url=SecretStr(pg_url)),
-                            redis=RedisSettings(url=SecretStr(info.redis_url)))  # fmt: skip
-        settings = settings.model_copy(
-            update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})}
-        )
+        settings, pg_url = stack_settings(info, state_dir, "bench_latency")
         boot = info.kafka_bootstrap
         tag = uuid.uuid4().hex[:8]
         base_in, base_out = f"bench-relay-in-{tag}", f"bench-relay-out-{tag}"

@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -50,6 +51,32 @@ def bench_stack() -> Iterator[Settings]:
             postgres=PostgresSettings(url=info.postgres_url),
             redis=RedisSettings(url=info.redis_url),
         )
+
+
+def stack_settings(info: Any, state_dir: Path, database_prefix: str) -> tuple[Settings, str]:
+    """Settings for a started dev stack (``backbone.devstack.StackInfo``) with a database of its own, created
+    here (``<database_prefix>_<random>``); returns ``(settings, postgres url)``.
+
+    Raises:
+        psycopg.Error: the stack's PostgreSQL refused the database.
+    """
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+    from psycopg import sql
+    from pydantic import SecretStr
+
+    database = f"{database_prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(info.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
+    pg_url = urlunsplit(urlsplit(info.postgres_url)._replace(path=f"/{database}"))
+    settings = Settings(state_dir=state_dir, postgres=PostgresSettings(url=SecretStr(pg_url)),
+                        redis=RedisSettings(url=SecretStr(info.redis_url)))  # fmt: skip
+    settings = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})}
+    )
+    return settings, pg_url
 
 
 def realistic_events(n: int) -> list[Event]:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -36,6 +35,7 @@ from rich.table import Table
 
 from bench.bench_latency import _RELAY as RELAY_SOURCE
 from bench.bench_latency import Phase, Sample, _generate, _wait_done
+from bench.common import stack_settings
 
 __all__ = [
     "RELAY_SOURCE",
@@ -226,25 +226,14 @@ def stack(prefix: str) -> Iterator[Stack]:
     """The embedded dev stack in a new temporary directory with a database of its own; its children are
     stopped (SIGTERM, then SIGKILL after 20 s) when the block ends, and the directory is removed unless
     the block raised (then it holds the children's logs)."""
-    import psycopg
-    from psycopg import sql
-    from pydantic import SecretStr
 
     from backbone.devstack import DevStack
-    from core.settings import PostgresSettings, RedisSettings, Settings
+    from core.settings import Settings
 
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))
     keep = False
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
-        database = f"{prefix.strip('-').replace('-', '_')}_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(info.postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
-        pg_url = urlunsplit(urlsplit(info.postgres_url)._replace(path=f"/{database}"))
-        settings = Settings(state_dir=state_dir, postgres=PostgresSettings(url=SecretStr(pg_url)),
-                            redis=RedisSettings(url=SecretStr(info.redis_url)))  # fmt: skip
-        settings = settings.model_copy(
-            update={"kafka": settings.kafka.model_copy(update={"bootstrap_servers": info.kafka_bootstrap})}
-        )
+        settings, pg_url = stack_settings(info, state_dir, prefix.strip("-").replace("-", "_"))
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap, "BACKBONE_POSTGRES__URL": pg_url,
                "BACKBONE_REDIS__URL": info.redis_url, "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
