@@ -57,7 +57,7 @@ from typing import Any, Final, Literal, get_args
 import psycopg
 import redis
 import structlog
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from psycopg import sql
 from pydantic import SecretStr
@@ -91,7 +91,7 @@ from projections.runner import ProjectionRunner
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
 from streams.errors import StreamsError
-from streams.offsets import make_consumer
+from streams.offsets import end_offsets, make_consumer
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
@@ -529,15 +529,11 @@ def _config_caught_up(settings: Settings, redis_url: str, topic: str, kafka: Any
             }
     except Exception:  # noqa: BLE001 - not caught up while a server does not answer
         return False
-    c = make_consumer(kafka, f"chaos-config-lag-{uuid.uuid4().hex[:6]}")
     try:
-        for p in range(_CONFIG_PARTITIONS):
-            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=5)
-            if high > 0 and positions.get(p, 0) < high:
-                return False
-    finally:
-        c.close()
-    return True
+        ends = end_offsets(kafka, topic, list(range(_CONFIG_PARTITIONS)), timeout_seconds=5)
+    except (KafkaException, TimeoutError):
+        return False
+    return all(positions.get(p, 0) >= end for p, end in ends.items() if end > 0)
 
 
 class _Workload(threading.Thread):

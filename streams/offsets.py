@@ -6,16 +6,17 @@ build on it.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime
 from typing import Any, cast
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from core.settings import KafkaSettings
 from streams.producer import epoch_ms
 
-__all__ = ["consume_ready", "make_consumer", "offset_for_time", "private_consumer"]
+__all__ = ["consume_ready", "end_offsets", "make_consumer", "offset_for_time", "private_consumer"]
 
 
 def consume_ready(consumer: Consumer, max_messages: int, timeout_seconds: float) -> list[Message]:
@@ -67,6 +68,56 @@ def private_consumer(kafka: KafkaSettings) -> Consumer:
     return make_consumer(
         kafka, f"backbone-replay-{uuid.uuid4()}", **{"enable.partition.eof": True, "fetch.wait.max.ms": 50}
     )
+
+
+def end_offsets(
+    kafka: KafkaSettings, topic: str, partitions: list[int] | None = None, *, timeout_seconds: float = 30.0
+) -> dict[int, int]:
+    """The end offset (high watermark: the next offset to be written) of each partition of ``topic``, as
+    the end-of-partition event reports it.
+
+    ``ListOffsets(latest)`` (``get_watermark_offsets(cached=False)``) is only a lower bound here: Tansu
+    answers the base offset of the last record batch plus one, so a batch of 8 records at offsets 4..11
+    reads as 5. The answer is taken as a starting point and the partition read from there (at most one
+    batch) to its end-of-partition event, which is exact on Tansu and on Apache Kafka.
+
+    Args:
+        kafka: broker settings.
+        topic: topic name.
+        partitions: the partitions; None: all of the topic's.
+
+    Returns:
+        ``{partition: end offset}`` (0 for an empty partition).
+
+    Raises:
+        KeyError: the topic does not exist.
+        TimeoutError: a partition's end was not reached within ``timeout_seconds``.
+    """
+    c = private_consumer(kafka)
+    try:
+        if partitions is None:
+            meta = c.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise KeyError(f"topic {topic!r} does not exist")
+            partitions = sorted(meta.partitions)
+        starts = {}
+        for p in partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            starts[p] = max(low, high - 1, 0)
+        c.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
+        out: dict[int, int] = {}
+        deadline = time.monotonic() + timeout_seconds
+        while len(out) < len(starts):
+            if time.monotonic() > deadline:
+                missing = sorted(set(starts) - set(out))
+                raise TimeoutError(f"{topic}: no end of partition {missing} within {timeout_seconds} s")
+            for m in c.consume(1000, 0.1):
+                err = m.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    out[cast(int, m.partition())] = cast(int, m.offset())
+        return out
+    finally:
+        c.close()
 
 
 def _timestamp_at(c: Consumer, topic: str, partition: int, offset: int) -> int | None:

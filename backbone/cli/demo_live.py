@@ -208,14 +208,12 @@ class _Decisions:
     def __init__(self, settings: Any, topic: str = "routing.policy-decisions") -> None:
         from confluent_kafka import Consumer, TopicPartition
 
+        from streams.offsets import end_offsets
+
         self.c = Consumer({**settings.kafka.librdkafka(), "group.id": f"demo-{uuid.uuid4().hex}",
                            "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
-        parts = self.c.list_topics(topic, timeout=10).topics[topic].partitions
-        tps = []
-        for p in parts:
-            _, high = self.c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            tps.append(TopicPartition(topic, p, high))
-        self.c.assign(tps)
+        ends = end_offsets(settings.kafka, topic)
+        self.c.assign([TopicPartition(topic, p, end) for p, end in ends.items()])
         self.seen: dict[str, list[dict[str, Any]]] = {}
 
     def wait(self, request_id: str, timeout_seconds: float) -> dict[str, Any] | None:

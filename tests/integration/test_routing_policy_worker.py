@@ -29,6 +29,7 @@ from core.settings import Settings
 from processors.routing.policy import PolicyRequest, ab_arm, route, setup_from_config
 from processors.routing.simulate import read_history, simulate
 from streams.consumer import DLQ_TOPIC  # noqa: F401 - the production name the test topic stands for
+from streams.offsets import end_offsets
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,15 +60,15 @@ def _produce(settings: Settings, topic: str, items: list[tuple[str, bytes]]) -> 
 
 
 def _read(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
-    """Every record of ``topic`` up to its high watermarks as read now (by watermark, not by end-of-partition
-    events, and with a fresh group id each time, so a slow machine gives late records, never a short read
-    taken for the whole)."""
+    """Every record of ``topic`` up to its end offsets as read now (from the end-of-partition events: the
+    broker's ``ListOffsets`` answer is a batch's base offset + 1 on Tansu, so a batch of several decisions
+    read short; and with a fresh group id each time, so a slow machine gives late records, never a short
+    read taken for the whole)."""
+    ends = end_offsets(settings.kafka, topic)
+    todo = {p for p, end in ends.items() if end > 0}
     c = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": f"read-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})  # fmt: skip
     try:
-        meta = c.list_topics(topic, timeout=10).topics[topic].partitions
-        highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in meta}
-        todo = {p for p, high in highs.items() if high > 0}
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
         out, deadline = [], time.monotonic() + 30
         while todo and time.monotonic() < deadline:
@@ -75,9 +76,9 @@ def _read(settings: Settings, topic: str) -> list[tuple[str, bytes]]:
             if m is None or m.error():
                 continue
             out.append(((m.key() or b"").decode(), m.value()))
-            if m.offset() >= highs[m.partition()] - 1:
+            if m.offset() >= ends[m.partition()] - 1:
                 todo.discard(m.partition())
-        assert not todo, f"{topic}: partitions {sorted(todo)} not read to their high watermarks in 30 s"
+        assert not todo, f"{topic}: partitions {sorted(todo)} not read to their ends in 30 s"
         return out
     finally:
         c.close()

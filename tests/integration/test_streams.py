@@ -196,3 +196,30 @@ def test_consume_ready_hands_over_a_record_when_it_arrives_not_after_the_batch_t
             consume_ready(c, 0, 1.0)
     finally:
         c.close()
+
+
+def test_end_offsets_are_exact_where_list_offsets_answers_a_batch_base(
+    settings: Settings, create_topic: Callable, unique_name: Callable
+) -> None:
+    """Eight records in one batch (a producer that lingers): ``end_offsets`` gives 8 for their partition
+    whatever ``ListOffsets(latest)`` says (Tansu: the batch's base + 1), 0 for an empty partition, and a
+    clear error for a topic that does not exist."""
+    from confluent_kafka import TopicPartition
+
+    from streams.offsets import end_offsets, private_consumer
+
+    topic = create_topic(unique_name("ends"), 2)
+    p = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers, "linger.ms": 200})
+    for i in range(8):
+        p.produce(topic, b"%d" % i, partition=0)
+    assert p.flush(10) == 0
+    c = private_consumer(settings.kafka)
+    try:
+        listed = c.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
+    finally:
+        c.close()
+    assert 1 <= listed <= 8  # a lower bound (1 on Tansu for one batch of 8, 8 on Apache Kafka)
+    assert end_offsets(settings.kafka, topic) == {0: 8, 1: 0}
+    assert end_offsets(settings.kafka, topic, [0]) == {0: 8}
+    with pytest.raises(KeyError, match="does not exist"):
+        end_offsets(settings.kafka, unique_name("nope"), timeout_seconds=5)
