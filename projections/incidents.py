@@ -11,8 +11,10 @@ the topic (so a test or a replay may read them from any topic):
   service, score, evidence}``) and ``anomalies`` (JSON list, at most 200, sorted by window, of
   ``{window_start_ms, pod, service, signal, score, value, baseline, detail}``); its metrics
   ``anomalies_count``, ``services_count``, ``first_anomaly_window_ms``, ``opened_window_ms``,
-  ``window_ms``, ``last_anomaly_window_ms`` (epoch ms, as doubles). A label ``suspect_changes`` (a JSON
-  list of objects) is projected when present; the incident processor does not write one today.
+  ``window_ms``, ``last_anomaly_window_ms`` (epoch ms, as doubles). Its label ``suspect_changes`` (a JSON
+  list of ``{change_id, origin, change_kind, summary, changed_at, lead_seconds, services,
+  candidate_rank}``, :mod:`processors.incidents.incident`) is projected (``[]`` when an older insight
+  lacks it).
 * ``insights.anomalies``: ``anomaly.detected`` from :mod:`processors.incidents.anomaly_app` (entity and key
   ``series:<series>``): metrics ``score`` (0..1), ``value``, ``sample_index``, ``window_seconds``; labels
   ``series``, ``detector_version``, ``window_start``, ``window_end`` (ISO 8601).

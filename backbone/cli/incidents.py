@@ -13,7 +13,6 @@ Mounting (done by the integrator in the CLI package): register :func:`import_nez
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -327,7 +326,14 @@ def audit_incident(entity: str, *, as_json: bool = False) -> None:
             for line in s["evidence"]:
                 node.add(e(line))
         else:
-            changes.add(e(json.dumps({k: v for k, v in s.items() if k != "step"}, sort_keys=True)))
+            rank = s.get("candidate_rank")
+            changes.add(
+                e(f"{s.get('changed_at', '?')} {s.get('change_kind', '?')}: {s.get('summary', '')}")
+                + f" [dim]{s.get('lead_seconds', '?')} s before the first anomaly; services "
+                + e(", ".join(s.get("services") or []))
+                + (f"; candidate rank {rank}" if rank is not None else "")
+                + f"; event {e(str(s.get('change_id', '?')))}[/dim]"
+            )
     for node, empty in (
         (alerts, "none"),
         (causes, "none"),

@@ -7,11 +7,14 @@ when this was written) and built with :func:`processors.shell.make_faust_app`.
 Two agents:
 
 1. ``incidents-telemetry`` reads ``telemetry.metrics``, ``telemetry.logs`` and ``telemetry.spans``
-   (``sophia.telemetry.MetricSample`` / ``LogLine`` / ``Span``): decodes the Confluent-framed Avro and
-   the CloudEvents headers and forwards each record as compact JSON (times in epoch ms, the source
-   ``topic/partition``) to the one-partition topic ``<app id>-telemetry-repartition``. Correlating
-   incidents needs every pod's telemetry in one place; that topic is the place, in one total order.
-   Undecodable records and other schemas go to the dead-letter topic with raw bytes and the reason.
+   (``sophia.telemetry.MetricSample`` / ``LogLine`` / ``Span``), and the changes: ``config.changes``
+   (``sophia.config.ConfigChange``) and ``external.events`` (``sophia.external.ExternalEvent``: commits,
+   pushes, deploys and releases; other kinds are skipped and counted), as change records
+   (:mod:`processors.incidents.changes`) that become the insights' suspect changes. It decodes the
+   Confluent-framed Avro and the CloudEvents headers and forwards each record as compact JSON (times in
+   epoch ms, the source ``topic/partition``) to the one-partition topic ``<app id>-telemetry-repartition``.
+   Correlating incidents needs every pod's telemetry in one place; that topic is the place, in one total
+   order. Undecodable records and other schemas go to the dead-letter topic with raw bytes and the reason.
 2. ``incidents-correlate`` reads that topic and feeds the engine; the engine's watermark follows the
    slowest active input partition (every partition of the three inputs is declared), so a partition
    read later than another does not make its records late: only an input partition that was
@@ -53,6 +56,7 @@ from prometheus_client import Counter
 
 from core.observability import REGISTRY
 from core.settings import Settings
+from processors.incidents.changes import change_from_config, change_from_external
 from processors.incidents.incident import EngineConfig, IncidentEngine
 from processors.shell import (
     FaustDeadLetters,
@@ -98,8 +102,11 @@ _opened = Counter(
 )
 
 
+_CHANGE_SCHEMAS = ("sophia.config.ConfigChange", "sophia.external.ExternalEvent")
+
+
 class UnexpectedSchemaError(ValueError):
-    """A record on a telemetry topic whose schema is not a telemetry schema."""
+    """A record on an input topic whose schema is neither a telemetry nor a change schema."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +116,8 @@ class IncidentTopics:
     metrics: str = "telemetry.metrics"
     logs: str = "telemetry.logs"
     spans: str = "telemetry.spans"
+    config: str = "config.changes"
+    external: str = "external.events"
     insights: str = "insights.incidents"
     dead_letters: str = DLQ_TOPIC
 
@@ -117,8 +126,12 @@ class IncidentTopics:
         return f"{app_id}-telemetry-repartition"
 
     def inputs(self) -> tuple[str, str, str]:
-        """The three input topics."""
+        """The three telemetry topics."""
         return (self.metrics, self.logs, self.spans)
+
+    def changes(self) -> tuple[str, str]:
+        """The two change topics (sparse: they never hold the watermark back once read to their end)."""
+        return (self.config, self.external)
 
 
 @dataclass(slots=True)
@@ -127,6 +140,8 @@ class IncidentStats:
 
     records_count: int = 0
     forwarded_count: int = 0
+    changes_count: int = 0
+    changes_skipped_count: int = 0
     correlated_count: int = 0
     insights_count: int = 0
     late_count: int = 0
@@ -136,7 +151,21 @@ class IncidentStats:
 
 COUNTERS = (
     ("backbone_incidents_records", "records_count", "Records handled by either agent (every outcome)"),
-    ("backbone_incidents_forwarded", "forwarded_count", "Telemetry records forwarded to the merged topic"),
+    (
+        "backbone_incidents_forwarded",
+        "forwarded_count",
+        "Records (telemetry and changes) forwarded to the merged topic",
+    ),
+    (
+        "backbone_incidents_changes",
+        "changes_count",
+        "Changes (config, commits, deploys) forwarded to the merged topic",
+    ),
+    (
+        "backbone_incidents_changes_skipped",
+        "changes_skipped_count",
+        "External events that change nothing (comments, stars), skipped",
+    ),
     ("backbone_incidents_correlated", "correlated_count", "Merged records fed to the engine"),
     ("backbone_incidents_insights", "insights_count", "Incident insights sent (opened, updated, closed)"),
     ("backbone_incidents_late", "late_count", "Records too late for their window (counted, not used)"),
@@ -162,17 +191,26 @@ class _IncidentShell:
         self.stats.last_record_monotonic = time.monotonic()
 
     async def handle_input(self, message: Any) -> None:
-        """A telemetry record: forward it to the merged topic; dead-letter what cannot be read."""
+        """A telemetry record or a change: forward it to the merged topic; dead-letter what cannot be read."""
         self._touch()
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
             schema, data = self.serde.decode(message.value)
             kind = _KINDS.get(schema)
+            if schema == "sophia.config.ConfigChange":
+                kind, data = "change", change_from_config(data, attributes.id)
+            elif schema == "sophia.external.ExternalEvent":
+                change = change_from_external(data, attributes.id)
+                if change is None:
+                    self.stats.changes_skipped_count += 1
+                    return
+                kind, data = "change", change
             if kind is None:
                 raise UnexpectedSchemaError(
-                    f"schema {schema!r} is not a telemetry schema (event {attributes.id})"
+                    f"schema {schema!r} is neither a telemetry schema nor a change schema "
+                    f"({', '.join(_CHANGE_SCHEMAS)}) (event {attributes.id})"
                 )
-        except (EnvelopeError, DeserializationError, UnexpectedSchemaError) as exc:
+        except (EnvelopeError, DeserializationError, UnexpectedSchemaError, KeyError) as exc:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
@@ -182,6 +220,7 @@ class _IncidentShell:
                 "record": _jsonable(data)}  # fmt: skip
         await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
         self.stats.forwarded_count += 1
+        self.stats.changes_count += kind == "change"
 
     async def handle_merged(self, message: Any) -> None:
         """A merged record: feed the engine, send the insights it completes."""
@@ -247,9 +286,13 @@ def create_incidents_app(
     engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs())))
     shell = _IncidentShell(settings, topics, serde, engine, channels)
 
-    @app.agent(app.topic(*topics.inputs(), **raw), name=f"{PROCESSOR_NAME}-telemetry", concurrency=1)
+    @app.agent(
+        app.topic(*topics.inputs(), *topics.changes(), **raw),
+        name=f"{PROCESSOR_NAME}-telemetry",
+        concurrency=1,
+    )
     async def incidents_telemetry(stream: faust.StreamT) -> None:
-        """Forward telemetry to the merged topic."""
+        """Forward telemetry and changes to the merged topic."""
         async for event in stream.events():
             with tracing_process(event.message, app.conf.id):
                 await shell.handle_input(event.message)
@@ -278,6 +321,7 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
     wanted = [
         spec(topics.metrics, "telemetry.metrics"), spec(topics.logs, "telemetry.logs"),
         spec(topics.spans, "telemetry.spans"), spec(topics.insights, "insights.incidents"),
+        spec(topics.config, "config.changes"), spec(topics.external, "external.events"),
         spec(topics.dead_letters, "backbone.dlq"), NewTopic(topics.merged(app_id), num_partitions=1, replication_factor=1),
     ]  # fmt: skip
     return create_missing_topics(AdminClient(settings.kafka.librdkafka()), wanted, timeout_seconds=30)
@@ -316,13 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m processors.incidents.app``: run the worker, print its counters as JSON at the end."""
     p = argparse.ArgumentParser(description="The incident processor (Faust worker).")
     p.add_argument("--app-id", default=DEFAULT_APP_ID)
-    for name in ("metrics", "logs", "spans", "insights"):
+    for name in ("metrics", "logs", "spans", "config", "external", "insights"):
         p.add_argument(f"--{name}-topic", default=getattr(IncidentTopics(), name))
     p.add_argument("--dlq-topic", default=DLQ_TOPIC)
     p.add_argument("--stop-after-idle", type=float, default=None, help="Stop after this many idle seconds.")
     a = p.parse_args(argv)
     topics = IncidentTopics(metrics=a.metrics_topic, logs=a.logs_topic, spans=a.spans_topic,
-                            insights=a.insights_topic, dead_letters=a.dlq_topic)  # fmt: skip
+                            config=a.config_topic, external=a.external_topic, insights=a.insights_topic,
+                            dead_letters=a.dlq_topic)  # fmt: skip
     stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle)
     out = dataclasses.asdict(stats)
     out.pop("last_record_monotonic")

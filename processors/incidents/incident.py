@@ -32,6 +32,15 @@ Per window the detectors of :mod:`processors.incidents.nezha_detect` score every
   without an anomaly, or ``max_incident_ms`` after it opened, and its ``incident.closed`` insight
   carries the ranked root-cause candidates (:func:`processors.incidents.rca.rank`) with their evidence.
 
+**Suspect changes**: change records (kind ``change``, :mod:`processors.incidents.changes`: config
+changes, commits, pushes, deploys, releases) go through the same windows and watermark, so they are
+kept in event-time order whatever their arrival. Every insight's label ``suspect_changes`` lists the
+changes that touched one of the incident's services or pods (by name, see
+:mod:`processors.incidents.changes`) from ``suspect_window_ms`` before the window of its first anomaly
+to that window's end, ranked by the best root-cause rank of the services they touched, then by how
+shortly they came before the first anomaly (at most ``max_suspects``). Change sources are *sparse*
+(:data:`SPARSE_KINDS`). Kept changes are bounded by age and by ``max_changes_kept``.
+
 The call graph is learnt from spans (caller pod -> callee pod, by parent span id); span ids are kept
 ``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. Every other piece of
 state is bounded too: detector histories (``history_window`` values), seen log templates per pod,
@@ -52,9 +61,13 @@ from processors.incidents.nezha_detect import DETECTOR_VERSION, METRIC_RULES, An
 from processors.incidents.rca import rank
 from streams.envelope import deterministic_id
 
-__all__ = ["KINDS", "PRIORITIES", "EngineConfig", "Incident", "IncidentEngine", "priority"]
+__all__ = ["KINDS", "PRIORITIES", "SPARSE_KINDS", "EngineConfig", "Incident", "IncidentEngine", "priority"]
 
-KINDS = ("metric", "log", "span")
+KINDS = ("metric", "log", "span", "change")
+SPARSE_KINDS = frozenset({"change"})
+"""Kinds whose sources are sparse (config changes, commits, deploys: minutes or days apart): once
+drained such a source holds the watermark back no longer, and its event times do not count as the
+fastest source's (a live config change does not make replayed telemetry idle)."""
 _LOG_ALERT_LEVELS = frozenset({"WARN", "ERROR", "FATAL"})
 
 
@@ -81,6 +94,9 @@ class EngineConfig:
     idle_source_ms: int = 600_000
     workload_metric: str = "PodWorkload(Ops)"
     min_tail_requests: float = 1.0
+    suspect_window_ms: int = 3_600_000
+    max_suspects: int = 10
+    max_changes_kept: int = 10_000
 
 
 PRIORITIES = ("p1", "p2", "p3")
@@ -153,14 +169,16 @@ class IncidentEngine:
         self.call_graph: dict[str, Counter[str]] = defaultdict(Counter)
         self._recent: list[Anomaly] = []
         self._open: Incident | None = None
+        self._sparse: set[str] = set()
+        self._changes: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ intake
 
     def feed(
         self, kind: str, record: Mapping[str, Any], source: str | None = None, *, drained: bool = False
     ) -> list[dict[str, Any]]:
-        """Take one record of ``kind`` (``metric``, ``log`` or ``span``); return the insights that the
-        watermark's advance completed (often none).
+        """Take one record of ``kind`` (``metric``, ``log``, ``span`` or ``change``); return the insights
+        that the watermark's advance completed (often none).
 
         Args:
             kind: what the record is.
@@ -189,9 +207,13 @@ class IncidentEngine:
             return []
         self._buffer[w].append((kind, dict(record)))
         src = source or "-"
-        if not self._source_max:
-            # declared inputs hold the watermark back from the first event on, until they speak or idle
-            self._source_max.update(dict.fromkeys(self._declared, t - 1))
+        if kind in SPARSE_KINDS:
+            self._sparse.add(src)
+        if kind not in SPARSE_KINDS and not any(s not in self._sparse for s in self._source_max):
+            # declared inputs hold the watermark back from the first telemetry event on, until they speak
+            # or idle (a change, sparse, says nothing about where the telemetry is)
+            for declared in self._declared:
+                self._source_max.setdefault(declared, t - 1)
         if drained:
             self._drained.add(src)
         else:
@@ -202,13 +224,18 @@ class IncidentEngine:
         return self._move_watermark()
 
     def _move_watermark(self) -> list[dict[str, Any]]:
-        top = max(self._source_max.values())
-        slowest = min(
+        dense = [v for s, v in self._source_max.items() if s not in self._sparse]
+        if not dense:
+            return []  # changes alone never move the watermark
+        top = max(dense)
+        holding = [
             v
             for s, v in self._source_max.items()
-            if s not in self._drained or v >= top - self.config.idle_source_ms
-        )
-        mark = slowest - self.config.allowed_lateness_ms
+            if s not in self._drained or (s not in self._sparse and v >= top - self.config.idle_source_ms)
+        ]
+        if not holding:
+            return []
+        mark = min(holding) - self.config.allowed_lateness_ms
         if self.watermark_ms is not None and mark <= self.watermark_ms:
             return []
         self.watermark_ms = mark
@@ -251,6 +278,7 @@ class IncidentEngine:
         self.processed_windows += 1
         records.sort(key=_canonical)
         found: list[Anomaly] = []
+        self._keep_changes(w, [r for k, r in records if k == "change"])
         spans = [r for k, r in records if k == "span"]
         logs = [r for k, r in records if k == "log"]
         for k, r in records:
@@ -260,6 +288,49 @@ class IncidentEngine:
         found.extend(self._logs(w, logs))
         self.anomaly_count += len(found)
         return self._correlate(w, found)
+
+    def _keep_changes(self, w: int, changes: list[dict[str, Any]]) -> None:
+        c = self.config
+        self._changes.extend(
+            {**r, "event_time": _ms(r["event_time"]), "targets": frozenset(r.get("targets") or ())}
+            for r in changes
+        )
+        # an incident open now began at most max_incident_ms ago, its first anomaly at most a correlation
+        # window before that: older changes can never be suspects again
+        oldest = w - c.suspect_window_ms - c.max_incident_ms - c.correlation_window_ms
+        self._changes = [r for r in self._changes if r["event_time"] >= oldest][-c.max_changes_kept :]
+
+    def _suspects(self, inc: Incident, first_ms: int, candidates: list[Any]) -> list[dict[str, Any]]:
+        c = self.config
+        service_of = {a.pod: a.service for a in inc.anomalies}
+        service_of.update({a.service: a.service for a in inc.anomalies})
+        best_rank: dict[str, int] = {}
+        for cand in candidates:
+            best_rank.setdefault(cand.service, cand.rank)
+        lo, hi = first_ms - c.suspect_window_ms, first_ms + c.window_ms
+        found = []
+        for r in self._changes:
+            if not lo <= r["event_time"] < hi:
+                continue
+            services = sorted({service_of[n] for n in r["targets"] if n in service_of})
+            if not services:
+                continue
+            ranks = [best_rank[s] for s in services if s in best_rank]
+            found.append(
+                {
+                    "change_id": r["change_id"],
+                    "origin": r["origin"],
+                    "change_kind": r["change_kind"],
+                    "summary": r["summary"],
+                    "changed_at": datetime.fromtimestamp(r["event_time"] / 1000, UTC).isoformat(),
+                    "lead_seconds": (first_ms - r["event_time"]) / 1000,
+                    "services": services,
+                    "candidate_rank": min(ranks) if ranks else None,
+                }
+            )
+        found.sort(key=lambda s: (s["candidate_rank"] is None, s["candidate_rank"] or 0, s["lead_seconds"],
+                                  s["change_id"]))  # fmt: skip
+        return found[: c.max_suspects]
 
     # ---------------------------------------------------------------------------------------- detectors
 
@@ -447,6 +518,7 @@ class IncidentEngine:
                 "top1_pod": top.pod if top else "",
                 "top1_service": top.service if top else "",
                 "candidates": json.dumps([c.as_dict() for c in candidates], sort_keys=True),
+                "suspect_changes": json.dumps(self._suspects(inc, first, candidates), sort_keys=True),
                 "anomalies": json.dumps(
                     [
                         a.as_dict()
@@ -466,12 +538,13 @@ class IncidentEngine:
             "series": len(self._detectors),
             "call_graph_edges": sum(len(v) for v in self.call_graph.values()),
             "buffered_windows": len(self._buffer),
+            "changes_kept": len(self._changes),
         }
 
 
 def _canonical(item: tuple[str, dict[str, Any]]) -> tuple[Any, ...]:
     kind, r = item
-    ident = r.get("span_id") or r.get("logger") or ""
+    ident = r.get("span_id") or r.get("logger") or r.get("change_id") or ""
     return (KINDS.index(kind), r.get("pod", ""), _ms(r["event_time"]), str(r.get("trace_id") or ""), str(ident),
             str(r.get("message") or ""))  # fmt: skip
 

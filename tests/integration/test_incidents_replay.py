@@ -1,5 +1,7 @@
 """The incident processor on the session's real Tansu: the same Nezha events replayed in two
-interleavings give the same insights; a record that is not Avro is dead-lettered and changes nothing."""
+interleavings give the same insights, suspect changes included (a config change and a commit on the
+faulty service before the fault, on ``config.changes`` and ``external.events`` topics); a record that is
+not Avro is dead-lettered and changes nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import pytest
 from connectors.nezha import iter_day
 from core.settings import Settings
 from streams.consumer import ConsumedEvent
+from streams.envelope import Event
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
@@ -27,6 +30,35 @@ pytestmark = pytest.mark.integration
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 BAD_VALUE = b"\x00\x00\x00\x00\x07 not an avro record"
+FAULTY = "ts-contacts-service"  # the slice's fault: ts-contacts-service-866bd68c97-xcqfx at 08:43:04
+
+
+def _changes() -> list[tuple[str, Event]]:
+    """A config change and a commit on the faulty service before the fault, a config change on another
+    key, and a comment (changes nothing): the changes a user's platform would have sent."""
+    day = datetime(2023, 1, 29, tzinfo=UTC)
+
+    def config(at: datetime, key: str, version: int, eid: str) -> tuple[str, Event]:
+        data = {"key": key, "version": version, "change": "CHANGED", "value_json": "3", "author": "alice",
+                "reason": "test", "changed_at": at, "schema_name": None, "restored_version": None,
+                "rolled_back_from_version": None, "causation_id": None, "aggregate_id": eid, "notification_id": version}  # fmt: skip
+        return "config.changes", Event.create(
+            "sophia.config.ConfigChange", key, data, source="/test", time=at, id=eid
+        )
+
+    def external(at: datetime, kind: str, entity: str, title: str, eid: str) -> tuple[str, Event]:
+        data = {"platform": kind.split(".")[0], "kind": kind, "entity": entity, "actor": "bob", "occurred_at": at,
+                "url": None, "title": title, "body_excerpt": None, "refs": [], "source_id": eid}  # fmt: skip
+        return "external.events", Event.create(
+            "sophia.external.ExternalEvent", entity, data, source="/test", time=at, id=eid
+        )
+
+    return [
+        config(day.replace(hour=8, minute=30), f"services.{FAULTY}.pool_size", 1, "cfg-contacts"),
+        config(day.replace(hour=8, minute=31), "routing.config", 2, "cfg-routing"),
+        external(day.replace(hour=8, minute=41), "git.commit", "git:acme/train-ticket@abc", f"{FAULTY}: cache lookups", "commit-1"),
+        external(day.replace(hour=8, minute=42), "github.issue_comment.created", "github:acme/train-ticket#7", f"{FAULTY} slow?", "comment-1"),
+    ]  # fmt: skip
 
 
 def _run(settings: Settings, tmp_path: Path, app_id: str, topics: dict[str, str]) -> dict:
@@ -54,7 +86,7 @@ def test_same_insights_in_another_interleaving(
     # a quarter of the traces (whole traces, by id) keeps the run short; the call graph stays real
     events = [
         (t, e) for t, e in iter_day(SLICE) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
-    ]
+    ] + _changes()
     serde = AvroSerde(EmbeddedRegistry())
     rng = random.Random(5)
     # the second interleaving: every record up to 10 s (< the 15 s allowed lateness) out of order
@@ -65,25 +97,41 @@ def test_same_insights_in_another_interleaving(
             "metrics": create_topic(unique_name("metrics"), partitions=6),
             "logs": create_topic(unique_name("logs"), partitions=6),
             "spans": create_topic(unique_name("spans"), partitions=6),
+            "config": create_topic(unique_name("config"), partitions=1),
+            "external": create_topic(unique_name("external"), partitions=3),
             "insights": create_topic(unique_name("incidents"), partitions=1),
             "dlq": create_topic(unique_name("dlq"), partitions=1),
         }
         with EventProducer(settings.kafka, serde) as producer:
             for topic, e in order:
-                producer.produce(topics[topic.split(".")[1]], e)
+                producer.produce(
+                    topics[
+                        {"config.changes": "config", "external.events": "external"}.get(
+                            topic, topic.split(".")[1]
+                        )
+                    ],
+                    e,
+                )
             producer.produce_raw(topics["metrics"], key=b"broken", value=BAD_VALUE, headers=[("ce_id", b"x")])
             producer.flush()
         stats = _run(settings, tmp_path, unique_name("incidents"), topics)
-        assert stats["forwarded_count"] == len(events) and stats["dead_letters_count"] == 1
+        assert stats["forwarded_count"] == len(events) - 1 and stats["dead_letters_count"] == 1
+        assert stats["changes_count"] == 3 and stats["changes_skipped_count"] == 1
         assert stats["late_count"] == 0
         insights = [
             r for r in read_range(settings.kafka, serde, topics["insights"]) if isinstance(r, ConsumedEvent)
         ]
         letters = list(read_range(settings.kafka, serde, topics["dlq"]))
         assert len(letters) == 1 and letters[0].data["value"] == BAD_VALUE
-        results.append(sorted((r.data["insight_id"], r.data["kind"], r.data["event_time"], r.data["labels"]["candidates"])
-                              for r in insights))  # fmt: skip
+        results.append(sorted((r.data["insight_id"], r.data["kind"], r.data["event_time"], r.data["labels"]["candidates"],
+                               r.data["labels"]["suspect_changes"]) for r in insights))  # fmt: skip
         opened = [r for r in insights if r.data["kind"] == "incident.opened"]
         assert opened and opened[0].data["labels"]["top1_pod"] == "ts-contacts-service-866bd68c97-xcqfx"
+        suspects = json.loads(opened[0].data["labels"]["suspect_changes"])
+        # the commit two minutes before, then the config change; the routing key touches no service
+        assert [(s["change_id"], s["services"], s["candidate_rank"]) for s in suspects] == [
+            ("commit-1", [FAULTY], 1),
+            ("cfg-contacts", [FAULTY], 1),
+        ]
         assert all(r.attributes.id == r.data["insight_id"] for r in insights)
     assert results[0] == results[1]

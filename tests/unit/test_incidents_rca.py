@@ -267,3 +267,95 @@ def test_watermark_waits_for_the_slowest_active_source() -> None:
     engine.feed("metric", _metric("a-1", 20, 1.0), source="metrics/0")
     engine.feed("metric", _metric("b-1", 4, 1.0), source="metrics/1")
     assert engine.late == {"metric": 1}
+
+
+def _event_ms(kr: tuple[str, dict]) -> float:
+    t = kr[1]["event_time"]
+    return t.timestamp() * 1000 if isinstance(t, datetime) else t
+
+
+def _changes() -> list[tuple[str, dict]]:
+    from processors.incidents.changes import change_from_config, change_from_external
+
+    def config(minute: float, key: str, reason: str, cid: str) -> tuple[str, dict]:
+        data = {"key": key, "version": 3, "change": "CHANGED", "author": "alice", "reason": reason,
+                "changed_at": T0 + timedelta(minutes=minute)}  # fmt: skip
+        return "change", change_from_config(data, cid)
+
+    commit = change_from_external(
+        {"platform": "git", "kind": "git.commit", "entity": "git:acme/shop@abc123", "actor": "bob",
+         "occurred_at": T0 + timedelta(minutes=29, seconds=30), "title": "B-1: hotfix the pool",
+         "body_excerpt": None, "refs": [], "source_id": "abc123"}, "commit-1")  # fmt: skip
+    comment = change_from_external(
+        {"platform": "github", "kind": "github.issue_comment.created", "entity": "github:acme/shop#4",
+         "actor": "bob", "occurred_at": T0 + timedelta(minutes=29), "title": "b is slow", "refs": [],
+         "source_id": "c1"}, "comment-1")  # fmt: skip
+    assert comment is None  # a comment changes nothing
+    assert commit is not None
+    return [
+        config(25, "services.b.pool_size", "smaller pool", "cfg-b"),  # before, on b: a suspect
+        ("change", commit),  # 30 s before the first anomaly, names pod b-1: the first suspect
+        config(12, "services.c.timeout_ms", "shorter", "cfg-c"),  # c has no anomaly: not a suspect
+        config(34, "services.b.pool_size", "revert", "cfg-b-after"),  # after the first anomaly's window
+        config(20, "routing.config", "a/b split", "cfg-routing"),  # touches no service
+    ]
+
+
+def test_a_change_before_the_incident_on_its_service_is_a_suspect() -> None:
+    records = sorted(_scenario() + _changes(), key=_event_ms)
+    insights, engine = run(records)
+    for i in insights:
+        suspects = json.loads(i["labels"]["suspect_changes"])
+        assert [s["change_id"] for s in suspects] == ["commit-1", "cfg-b"]
+        assert suspects[0] == {
+            "change_id": "commit-1", "origin": "git", "change_kind": "git.commit",
+            "summary": "git:acme/shop@abc123: B-1: hotfix the pool", "changed_at": "2023-01-29T08:29:39+00:00",
+            "lead_seconds": 21.0, "services": ["b"], "candidate_rank": 1,
+        }  # fmt: skip
+        # the first anomaly's window starts at 08:30:00 (windows are aligned to the minute; T0 is 08:00:09)
+        assert suspects[1]["lead_seconds"] == 291.0 and suspects[1]["summary"].startswith(
+            "services.b.pool_size v3"
+        )
+    assert engine.late == {} and engine.stats()["changes_kept"] == 5
+    # without the changes: the same incidents, no suspects
+    plain, _ = run(_scenario())
+    assert [i["insight_id"] for i in plain] == [i["insight_id"] for i in insights]
+    assert all(i["labels"]["suspect_changes"] == "[]" for i in plain)
+
+
+def test_suspects_do_not_depend_on_arrival_order() -> None:
+    records = _scenario() + _changes()
+    expected, _ = run(sorted(records, key=_event_ms))
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        jittered = sorted(records, key=lambda kr: _event_ms(kr) + rng.uniform(0, 10_000))
+        got, engine = run(jittered)
+        assert got == expected and engine.late == {}
+
+
+def test_a_drained_change_source_holds_nothing_back_and_a_late_change_is_counted() -> None:
+    engine = IncidentEngine(EngineConfig(allowed_lateness_ms=0), sources=["metrics/0"])
+    (_, change), *_ = _changes()
+    # a change source read to its end, far behind (or ahead of) the telemetry: the watermark goes on
+    engine.feed("change", {**change, "event_time": T0 + timedelta(days=1)}, source="config/0", drained=True)
+    out = []
+    for m in range(40):
+        out += engine.feed("metric", _metric("a-1", m, 2.0), source="metrics/0")
+    assert engine.watermark_ms == int((T0 + timedelta(minutes=39)).timestamp() * 1000)
+    assert engine.late == {}
+    # a change for a window already processed is late: counted, not used
+    engine.feed("change", change, source="config/0", drained=True)
+    assert engine.late == {"change": 1}
+
+
+def test_change_targets_are_the_names_it_mentions() -> None:
+    from processors.incidents.changes import change_from_external, targets_of
+
+    assert targets_of("services.ts-order-service.pool_size", "Raise the pool: ts-order-service-5dc8d4f9fd-46997") == [
+        "services", "ts-order-service", "pool_size", "raise", "the", "pool", "ts-order-service-5dc8d4f9fd-46997",
+    ]  # fmt: skip
+    deploy = change_from_external(
+        {"platform": "github", "kind": "github.deployment.created", "entity": "github:acme/ts-order-service",
+         "occurred_at": 1_700_000_000_000, "title": None, "refs": [], "source_id": "d1"}, "deploy-1")  # fmt: skip
+    assert deploy is not None and "ts-order-service" in deploy["targets"]
+    assert deploy["summary"] == "github:acme/ts-order-service" and deploy["event_time"] == 1_700_000_000_000
