@@ -17,6 +17,7 @@ Python; its tables live in memory, recovered from their changelogs (:mod:`proces
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -26,7 +27,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -48,6 +49,7 @@ from streams.serde import AvroSerde
 __all__ = [
     "FETCH_MAX_WAIT_MS",
     "FaustDeadLetters",
+    "InOrderAcks",
     "SeekingConsumer",
     "StatsCollector",
     "broker_urls",
@@ -430,9 +432,66 @@ def traced_headers(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     return [*((k, v) for k, v in headers if k != "ce_traceparent"), ("ce_traceparent", traceparent.encode())]
 
 
-async def send_event(topic: faust.TopicT, serde: AvroSerde, event: Event) -> None:
+class InOrderAcks:
+    """Ack a stream's events in their order, each once the outputs it waits for were delivered, so that
+    an agent can send without awaiting each delivery (a broker round trip plus the producer's linger per
+    output) while Faust, which commits acked offsets only, never commits past an event whose output is
+    not on the broker.
+
+    The agent reads ``stream.noack()``, calls :meth:`add` with each event (and the delivery future of its
+    output, or None), then :meth:`settle`; a timer calls :meth:`settle` too, so the last events are acked
+    when no new one comes. Used by the run-summary and policy-router agents.
+
+    Args:
+        ack: the stream's ``ack`` (``stream.noack().ack``); set later with :attr:`ack` when the stream is
+            made inside the agent.
+        max_inflight: events awaiting delivery before :meth:`settle` waits for the oldest.
+        on_delivered: called with each event's ``item`` (what :meth:`add` was given) once acked.
+    """
+
+    def __init__(
+        self, ack: Callable[[Any], Awaitable[Any]] | None = None, *, max_inflight: int = 1000,
+        on_delivered: Callable[[Any], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.ack = ack
+        self.max_inflight = max_inflight
+        self.on_delivered = on_delivered
+        self.inflight: collections.deque[tuple[Any, Any, Any]] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    def add(self, pending: asyncio.Future[Any] | None, event: Any, item: Any = None) -> None:
+        """Queue ``event`` behind the ones before it; ``pending``: its output's delivery (None: nothing to
+        wait for, e.g. a dead letter already delivered or a duplicate)."""
+        self.inflight.append((pending, event, item))
+
+    async def settle(self) -> None:
+        """Ack, in order, the events whose outputs were delivered; wait for the oldest while more than
+        ``max_inflight`` are queued.
+
+        Raises:
+            Exception: an output's delivery failed (the agent stops; its event is read again on restart).
+        """
+        async with self._lock:  # the agent and the timer: one pops at a time
+            while self.inflight:
+                pending, event, item = self.inflight[0]
+                done = pending is None or pending.done()
+                if not done and len(self.inflight) <= self.max_inflight:
+                    return
+                if pending is not None:
+                    await pending  # raises when the delivery failed
+                self.inflight.popleft()
+                if self.on_delivered is not None:
+                    self.on_delivered(item)
+                assert self.ack is not None, "InOrderAcks.ack is not set"
+                await self.ack(event)
+
+
+async def send_event(
+    topic: faust.TopicT, serde: AvroSerde, event: Event, *, wait: bool = True
+) -> asyncio.Future[Any]:
     """Send ``event`` to ``topic`` (raw serializers) with its CloudEvents headers and event time as the
-    record timestamp, and wait until the broker acknowledged it (``acks=all``).
+    record timestamp; with ``wait`` wait until the broker acknowledged it (``acks=all``). Returns the
+    delivery future (done when ``wait``).
 
     Raises:
         streams.errors.SchemaValidationError: the datum does not match its schema.
@@ -446,7 +505,9 @@ async def send_event(topic: faust.TopicT, serde: AvroSerde, event: Event) -> Non
         timestamp=event.attributes.time.timestamp(),
         force=True,
     )
-    await pending
+    if wait:
+        await pending
+    return pending  # type: ignore[no-any-return]
 
 
 def ensure_processor_topics(

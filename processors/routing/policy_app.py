@@ -27,7 +27,6 @@ Agents run with ``concurrency=1``; values are JSON bytes (``value_serializer="ra
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections import OrderedDict, deque
@@ -55,6 +54,7 @@ from processors.routing.policy import (
 from processors.routing.scorers import OnlineQuality
 from processors.shell import (
     FaustDeadLetters,
+    InOrderAcks,
     make_faust_app,
     message_headers,
     run_processor_worker,
@@ -278,9 +278,8 @@ class _PolicyShell:
             pg_url=settings.postgres.dsn() if settings.postgres.url else None,
         )
         self.last: OrderedDict[str, tuple[PolicyDecision, PolicyRequest]] = OrderedDict()
-        self.inflight: deque[tuple[Any, Any, PolicyDecision | None]] = deque()
-        """(delivery future, request event, decision) of decisions sent and not yet acknowledged, in order."""
-        self.ack: Any = None
+        self.acks = InOrderAcks(max_inflight=MAX_INFLIGHT_DECISIONS, on_delivered=self._acked)
+        """Request events whose decisions were sent and not yet acknowledged, in order."""
         self.history_dir = history_dir
         if history_dir is not None:
             history_dir.mkdir(parents=True, exist_ok=True)
@@ -402,21 +401,9 @@ class _PolicyShell:
         await (await self._enqueue(decision))
         self._delivered(decision)
 
-    async def settle(self, *, max_inflight: int) -> None:
-        """Ack, in order, the request events whose decisions were delivered; wait for the oldest while more
-        than ``max_inflight`` are in flight. Faust commits acked offsets only, so the committed offset never
-        passes a request whose decision was not delivered.
-
-        Raises:
-            Exception: a decision's delivery failed (the worker stops; its request is read again on restart).
-        """
-        while self.inflight and (self.inflight[0][0].done() or len(self.inflight) > max_inflight):
-            pending, event, decision = self.inflight[0]
-            await pending  # raises when the delivery failed
-            self.inflight.popleft()
-            if decision is not None:
-                self._delivered(decision)
-            await self.ack(event)
+    def _acked(self, decision: PolicyDecision | None) -> None:
+        if decision is not None:
+            self._delivered(decision)
 
 
 def create_policy_app(
@@ -478,22 +465,20 @@ def create_policy_app(
         """Decide each request; decisions are sent back to back (up to :data:`MAX_INFLIGHT_DECISIONS` awaiting
         delivery) and each request acked once its decision was delivered."""
         manual = stream.noack()
-        shell.ack = manual.ack
+        shell.acks.ack = manual.ack
         async for event in manual.events():
             with tracing_process(event.message, app.conf.id):
                 sent = await shell.handle_request(event.message)
-            if sent is None:  # dead-lettered (the dead letter was delivered): acked in its turn
-                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                done.set_result(None)
-                sent = (done, None)
-            shell.inflight.append((sent[0], event, sent[1]))
-            await shell.settle(max_inflight=MAX_INFLIGHT_DECISIONS)
+            # dead-lettered (None: the dead letter was delivered): acked in its turn
+            pending, decision = sent if sent is not None else (None, None)
+            shell.acks.add(pending, event, decision)
+            await shell.acks.settle()
 
     @app.timer(interval=0.2)
     async def policy_settle() -> None:
         """Ack what was delivered since the last request (when no request came to do it)."""
-        if shell.ack is not None:
-            await shell.settle(max_inflight=MAX_INFLIGHT_DECISIONS)
+        if shell.acks.ack is not None:
+            await shell.acks.settle()
 
     app.policy_stats = shell.stats  # type: ignore[attr-defined]
     app.policy_state = shell.state  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from processors.run_summary.logic import (
     apply,
     classify,
     insight_id,
+    reissue,
     run_id_of,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "create_app",
     "ensure_run_summary_topics",
     "insight_id",
+    "reissue",
     "run_id_of",
     "run_worker",
     "wait_for_run_summaries",

@@ -55,6 +55,7 @@ __all__ = [
     "apply",
     "classify",
     "insight_id",
+    "reissue",
     "run_id_of",
 ]
 
@@ -119,6 +120,8 @@ class RunTotals:
         last_event_time: the latest event time applied (aware, UTC).
         last_llm_step: the step of the last LlmCall applied (0: none), for de-duplication.
         last_tool_step: the step of the last ToolCall applied (0: none), for de-duplication.
+        finished_event_id: the CloudEvents id of the FINISHED event that closed the run (``None``
+            before, and in states written before 2026-12-04), so :func:`reissue` knows it again.
     """
 
     run_id: str
@@ -145,6 +148,7 @@ class RunTotals:
     last_event_time: datetime | None = None
     last_llm_step: int = 0
     last_tool_step: int = 0
+    finished_event_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (times as epoch milliseconds, models as an object); see :meth:`from_dict`."""
@@ -174,6 +178,7 @@ class RunTotals:
             "last_event_time_ms": _to_ms(self.last_event_time),
             "last_llm_step": self.last_llm_step,
             "last_tool_step": self.last_tool_step,
+            "finished_event_id": self.finished_event_id,
         }
 
     @classmethod
@@ -211,6 +216,7 @@ class RunTotals:
                 last_event_time=_from_ms(d["last_event_time_ms"]),
                 last_llm_step=int(d["last_llm_step"]),
                 last_tool_step=int(d["last_tool_step"]),
+                finished_event_id=d.get("finished_event_id"),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed run totals state: {exc!r}") from exc
@@ -343,6 +349,27 @@ def apply(state: RunTotals | None, event: RunEvent) -> tuple[RunTotals, Event | 
     return new, None
 
 
+def reissue(state: RunTotals, event: RunEvent) -> Event | None:
+    """The run's summary insight again when ``event`` is the very FINISHED event (same id) that closed
+    ``state``'s run, else None.
+
+    The processor records a run as finished before the broker has acknowledged its insight (and acks
+    the FINISHED record only after): after a crash between the two, the FINISHED record is read again,
+    finds the run finished, and its insight is sent again, identical (same id, time, causation), for
+    subscribers to de-duplicate. Another FINISHED event of a finished run is a duplicate and gives
+    nothing.
+    """
+    if (
+        state.finished
+        and state.finished_event_id is not None
+        and event.schema == RUN_LIFECYCLE
+        and event.data.get("phase") == "FINISHED"
+        and event.attributes.id == state.finished_event_id
+    ):
+        return _insight(state, event)
+    return None
+
+
 def _fold(state: RunTotals, event: RunEvent) -> RunTotals:
     d = event.data
     t = _event_time(event)
@@ -358,6 +385,7 @@ def _fold(state: RunTotals, event: RunEvent) -> RunTotals:
                 **times,
                 agent=agent,
                 finished=True,
+                finished_event_id=event.attributes.id,
                 outcome=str(d.get("outcome") or "UNKNOWN"),
                 exit_status=d.get("exit_status"),
             )

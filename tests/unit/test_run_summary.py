@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from processors.run_summary.logic import (
     apply,
     classify,
     insight_id,
+    reissue,
 )
 from streams.envelope import Event, deterministic_id
 from streams.registry import EmbeddedRegistry
@@ -227,6 +229,23 @@ def test_late_event_after_finish_is_ignored() -> None:
     assert classify(state, llm(2)) == "late"
     after, insight = apply(state, llm(2))
     assert after is state and insight is None
+
+
+def test_the_finishing_event_read_again_reissues_the_same_insight() -> None:
+    """After a crash between the table write and the insight's acknowledgement the FINISHED record is read
+    again: the very event that closed the run gives the same insight again; another FINISHED, or a state
+    written before the run recorded its finishing event, gives nothing."""
+    end = finished(3)
+    state, [insight] = fold([started(), llm(1), end])
+    assert state is not None and state.finished_event_id == end.attributes.id
+    again = reissue(state, end)
+    assert again is not None and again.data == insight.data and again.attributes == insight.attributes
+    other = dataclasses.replace(end, attributes=dataclasses.replace(end.attributes, id="another-id"))
+    assert reissue(state, other) is None  # another FINISHED event (another id)
+    assert reissue(state, llm(1)) is None
+    old = RunTotals.from_dict({k: v for k, v in state.to_dict().items() if k != "finished_event_id"})
+    assert old.finished and old.finished_event_id is None and reissue(old, end) is None
+    assert RunTotals.from_dict(state.to_dict()) == state
 
 
 def test_determinism_byte_identical(serde: AvroSerde) -> None:
