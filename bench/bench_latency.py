@@ -305,7 +305,7 @@ def configured_values() -> list[tuple[str, str, str]]:
         ("projection", "runner batch size (CLI default)", f"{DEFAULT_BATCH_SIZE:,}"),
         ("projection", "runner fetch.wait.max.ms", _grab(run_src, r'"fetch\.wait\.max\.ms": (\d+)')),
         ("SSE", "pump consume_ready(n, first-record wait s)", sse_consume.group(1).removesuffix(")") if sse_consume else "?"),
-        ("SSE", "pump fetch.wait.max.ms", _grab(pump_src, r'"fetch\.wait\.max\.ms": (\d+)')),
+        ("SSE", "pump fetch.wait.max.ms", str(sse.FETCH_MAX_WAIT_MS)),
     ]  # fmt: skip
 
 

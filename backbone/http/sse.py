@@ -97,6 +97,14 @@ class StreamState:
 
 _EOF = object()
 
+FETCH_MAX_WAIT_MS = 100
+"""librdkafka ``fetch.wait.max.ms`` of each SSE subscription's consumer. The Tansu broker of dev and tests
+answers a fetch only when its wait ends, so this is latency for every record delivered (a run summary's
+kafka -> SSE stage at 1,000 events/s: 26 / 54 ms p50 / p95 at 100 ms, 4 / 16 ms at 20 ms). But 20 ms cost
+the machine more than it saved: in three runs of ``bench/bench_latency.py --rates 1000`` (2026-12-04) the
+run-summary worker, on the same 2 cores as Tansu and the API, then lagged 1.3-4.6 s (p50), against
+48-117 ms in the runs at 100 ms around them. On Apache Kafka the wait only bounds an idle fetch."""
+
 
 class _Pump(threading.Thread):
     """Consumer thread: read records into the loop's queue while the buffer has room."""
@@ -129,7 +137,7 @@ class _Pump(threading.Thread):
                     "auto.offset.reset": "earliest",
                     "isolation.level": "read_committed",
                     "enable.partition.eof": True,
-                    "fetch.wait.max.ms": 100,
+                    "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,
                     "queued.max.messages.kbytes": 1024,
                     "fetch.max.bytes": 1_048_576,
                     "max.partition.fetch.bytes": 262_144,

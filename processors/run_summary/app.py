@@ -200,10 +200,8 @@ class _RunSummaryShell:
         self.stats.last_record_monotonic = now = time.monotonic()
         if self.stats.first_record_monotonic is None:
             self.stats.first_record_monotonic = now
-        headers = message_headers(message.headers)
-        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
-            event, headers = decode_event(self.serde, message)
+            event, _ = decode_event(self.serde, message)
             attributes = event.attributes
             run_id = run_id_of(event)
             raw_state = self.table.get(run_id)
@@ -211,8 +209,9 @@ class _RunSummaryShell:
             disposition = classify(state, event) if state is not None else "apply"
             new_state, insight = apply(state, event)
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
-            await self._dead_letter(message, headers, exc)
-            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
+            await self._dead_letter(message, message_headers(message.headers), exc)
+            log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
+                        offset=message.offset, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
             return None, None
         if new_state is state:
             if disposition == "late":
