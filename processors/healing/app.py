@@ -334,16 +334,20 @@ class _HealingShell:
     async def emit(self, decisions: list[Decision]) -> None:
         """Publish, project and act on decisions (see the module docstring)."""
         follow: list[Decision] = []
-        for d in decisions:
+        pending = []
+        for d in decisions:  # sent back to back, their deliveries awaited together
             event = d.to_event()
-            pending = await self.decisions_topic.send(
-                key=d.subject.encode(),
-                value=self.serde.encode(DECISION_SCHEMA, event.data),
-                headers=traced_headers(event.attributes.to_headers()),
-                timestamp=d.event_time.timestamp(),
-                force=True,
+            pending.append(
+                await self.decisions_topic.send(
+                    key=d.subject.encode(),
+                    value=self.serde.encode(DECISION_SCHEMA, event.data),
+                    headers=traced_headers(event.attributes.to_headers()),
+                    timestamp=d.event_time.timestamp(),
+                    force=True,
+                )
             )
-            await pending
+        await asyncio.gather(*pending)
+        for d in decisions:
             self.stats.decisions_count += 1
             log.info("healing_decision", kind=d.kind, subject=d.subject, id=d.id)
             if d.kind == "escalation" and self.notifier is not None:
@@ -376,6 +380,8 @@ class _HealingShell:
 
     def close(self) -> None:
         self.dead_letters.close()
+        if self.read_model is not None:
+            self.read_model.close()
 
 
 def create_healing_app(

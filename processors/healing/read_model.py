@@ -85,6 +85,20 @@ class HealingReadModel:
         self.pg_url = pg_url
         self.redis = redis_client
         self.prefix = prefix
+        self._writer: psycopg.Connection[Any] | None = None
+
+    def _writer_connection(self) -> psycopg.Connection[Any]:
+        """The connection :meth:`apply` writes through, kept open between calls (a connection per call
+        cost the healer's agent a PostgreSQL connect, several ms, for each record that gave decisions)."""
+        if self._writer is None or self._writer.closed or self._writer.broken:
+            self._writer = psycopg.connect(self.pg_url, autocommit=True)
+        return self._writer
+
+    def close(self) -> None:
+        """Close the writer connection, if one is open."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def ensure_schema(self) -> None:
         """Create the schema, tables and view when missing.
@@ -98,6 +112,9 @@ class HealingReadModel:
     def apply(self, decisions: Iterable[Decision]) -> int:
         """Write decisions (one transaction), then refresh the Redis hashes of the circuits they touched.
 
+        The writer connection is reused; a broken one (PostgreSQL restarted, the backend killed) is
+        replaced and the transaction tried once more (nothing of the failed one was written).
+
         Returns:
             How many decisions were new (a replayed decision, same id, changes nothing).
 
@@ -105,9 +122,34 @@ class HealingReadModel:
             psycopg.Error: PostgreSQL failed (nothing was written). A Redis failure is logged and
                 leaves Redis not ready, so readers use PostgreSQL.
         """
+        decisions = list(decisions)
+        try:
+            new, touched = self._write(decisions)
+        except psycopg.OperationalError:
+            if self._writer is not None and not self._writer.broken and not self._writer.closed:
+                raise  # the statement failed, not the connection
+            self.close()
+            new, touched = self._write(decisions)
+        if touched and self.redis is not None:
+            try:
+                pipe = self.redis.pipeline()
+                for circuit, (state, changed_at, version) in touched.items():
+                    pipe.hset(
+                        self.prefix + circuit,
+                        mapping={"state": state, "changed_at": changed_at, "config_version": version},
+                    )
+                pipe.set(self.prefix + _READY, "1")
+                pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("healing_read_model_redis_failed", error=str(exc))
+                self._unready()
+        return new
+
+    def _write(self, decisions: list[Decision]) -> tuple[int, dict[str, tuple[str, str, int]]]:
         new = 0
         touched: dict[str, tuple[str, str, int]] = {}
-        with psycopg.connect(self.pg_url) as conn, conn.transaction():
+        conn = self._writer_connection()
+        with conn.transaction():
             for d in decisions:
                 cur = conn.execute(
                     "INSERT INTO proj_healing.decisions (id, kind, subject, event_time, config_version, causation_id, details)"
@@ -126,20 +168,7 @@ class HealingReadModel:
                     continue
                 new += 1
                 self._apply_one(conn, d, touched)
-        if touched and self.redis is not None:
-            try:
-                pipe = self.redis.pipeline()
-                for circuit, (state, changed_at, version) in touched.items():
-                    pipe.hset(
-                        self.prefix + circuit,
-                        mapping={"state": state, "changed_at": changed_at, "config_version": version},
-                    )
-                pipe.set(self.prefix + _READY, "1")
-                pipe.execute()
-            except redis.RedisError as exc:
-                log.warning("healing_read_model_redis_failed", error=str(exc))
-                self._unready()
-        return new
+        return new, touched
 
     def _unready(self) -> None:
         try:

@@ -347,3 +347,38 @@ def _cli_checks(pg_url: str, redis_url: str, acks_topic: str) -> str:
     redis.Redis.from_url(redis_url).delete("backbone:circuit:__ready__")
     assert model.circuit_state("provider:Google") == "open"  # Redis not ready: PostgreSQL answers
     return str(json.loads(ack.output)["id"])
+
+
+def test_read_model_writer_connection_survives_its_backend_being_killed(pg_url: str, redis_url: str) -> None:
+    """The read model keeps one writer connection; when PostgreSQL drops it (a backend killed, a restart)
+    the next ``apply`` connects again and writes, nothing lost."""
+    from processors.healing.decisions import Decision
+
+    model = HealingReadModel(pg_url, redis.Redis.from_url(redis_url))
+    model.ensure_schema()
+    t = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+    def opened(i: int) -> Decision:
+        return Decision(
+            kind="circuit_opened", subject=f"circuit:model:p/m{i}", event_time=t + timedelta(seconds=i),
+            config_version=0, details={"circuit": f"model:p/m{i}", "from_state": "closed", "to_state": "open"},
+        )  # fmt: skip
+
+    try:
+        assert model.apply([opened(1)]) == 1
+        writer = model._writer
+        assert writer is not None
+        pid = writer.info.backend_pid
+        assert model.apply([opened(2)]) == 1 and model._writer is writer  # the same connection
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        assert model.apply([opened(3), opened(1)]) == 1  # reconnected; decision 1 again changes nothing
+        assert model._writer is not None and model._writer.info.backend_pid != pid
+        with psycopg.connect(pg_url) as conn:
+            rows = conn.execute(
+                "SELECT circuit, state FROM proj_healing.circuits ORDER BY circuit"
+            ).fetchall()
+        assert rows == [("model:p/m1", "open"), ("model:p/m2", "open"), ("model:p/m3", "open")]
+        assert redis.Redis.from_url(redis_url).hget("backbone:circuit:model:p/m3", "state") == b"open"
+    finally:
+        model.close()
