@@ -158,6 +158,8 @@ class IncidentEngine:
         self._source_max: dict[str, int] = {}
         self._drained: set[str] = set()
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+        self._ids: dict[int, set[str]] = defaultdict(set)
+        self.duplicates: Counter[str] = Counter()
         self._next_window_ms: int | None = None  # windows below this are closed
         self._detectors: dict[tuple[str, str], RobustZ] = {}
         self._templates: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
@@ -178,7 +180,10 @@ class IncidentEngine:
         self, kind: str, record: Mapping[str, Any], source: str | None = None, *, drained: bool = False
     ) -> list[dict[str, Any]]:
         """Take one record of ``kind`` (``metric``, ``log``, ``span`` or ``change``); return the insights
-        that the watermark's advance completed (often none).
+        that the watermark's advance completed (often none). A record whose ``event_id`` (a change: its
+        ``change_id``) was already taken for the same window is a duplicate (an at-least-once
+        redelivery, the same file imported twice): counted in :attr:`duplicates`, not used; a duplicate
+        arriving after its window closed is counted as late.
 
         Args:
             kind: what the record is.
@@ -205,6 +210,12 @@ class IncidentEngine:
         if self._next_window_ms is not None and w < self._next_window_ms:
             self.late[kind] += 1
             return []
+        ident = record.get("event_id") or (record.get("change_id") if kind == "change" else None)
+        if ident is not None:
+            if ident in self._ids[w]:
+                self.duplicates[kind] += 1  # the same event again (a redelivery, a second import)
+                return []
+            self._ids[w].add(ident)
         self._buffer[w].append((kind, dict(record)))
         src = source or "-"
         if kind in SPARSE_KINDS:
@@ -258,6 +269,7 @@ class IncidentEngine:
                 break
             out.extend(self._maybe_close(w))
             out.extend(self._process(w, self._buffer.pop(w)))
+            self._ids.pop(w, None)
             self._next_window_ms = w + self.config.window_ms
         if watermark is not None:
             out.extend(self._maybe_close(watermark))
@@ -535,6 +547,7 @@ class IncidentEngine:
             "processed_windows": self.processed_windows,
             "anomalies": self.anomaly_count,
             "late_events": dict(sorted(self.late.items())),
+            "duplicate_events": dict(sorted(self.duplicates.items())),
             "series": len(self._detectors),
             "call_graph_edges": sum(len(v) for v in self.call_graph.values()),
             "buffered_windows": len(self._buffer),

@@ -359,3 +359,13 @@ def test_change_targets_are_the_names_it_mentions() -> None:
          "occurred_at": 1_700_000_000_000, "title": None, "refs": [], "source_id": "d1"}, "deploy-1")  # fmt: skip
     assert deploy is not None and "ts-order-service" in deploy["targets"]
     assert deploy["summary"] == "github:acme/ts-order-service" and deploy["event_time"] == 1_700_000_000_000
+
+
+def test_a_record_seen_twice_in_its_window_is_counted_not_used() -> None:
+    records = [(k, {**r, "event_id": f"e{i}"}) for i, (k, r) in enumerate(_scenario())]
+    expected, _ = run(records)
+    again = [x for i, kr in enumerate(records) for x in ([kr, kr] if i % 7 == 0 else [kr])]
+    got, engine = run(again)
+    assert got == expected
+    assert engine.duplicates == {"metric": len(again) - len(records)} and engine.late == {}
+    assert engine.stats()["duplicate_events"] == {"metric": len(again) - len(records)}
