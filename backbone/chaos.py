@@ -32,15 +32,28 @@ current version afterwards.
 
 A rebalance storm adds a second run-summary worker (same consumer group, its own state dir) and removes
 it again (SIGTERM), twice: the group rebalances four times while the workload runs.
+
+HTTP ingest is part of the workload: the API (``python -m backbone api``) runs as one more process,
+with a token of the harness's own, and a seeded share of the workload's chunks (``Profile.http_fraction``)
+goes through ``POST /events/{type}?topic=<events topic>`` instead of the producer (see :class:`_HttpIngest`):
+a chunk is split into runs of consecutive events of one type, one request each, in order, each with an
+``Idempotency-Key`` of its own; 2xx is acknowledged; a failed request (refused, timed out, 4xx/5xx) is not,
+and is sent again, with the same key, before anything else. Its events are recorded with the ids the API
+derives from that key (:func:`streams.envelope.deterministic_id`), so the checker holds them to the same
+guarantees. Some acknowledged requests are sent again later with their key (a client that lost the
+answer): the API replays its stored answer, or, after Redis lost its idempotency keys, produces the same
+ids again. The API is SIGKILLed and SIGSTOPped like the other processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,12 +67,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
+import httpx
 import psycopg
 import redis
 import structlog
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from psycopg import sql
+from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
 from backbone.chaos_history import (
@@ -71,6 +86,7 @@ from backbone.chaos_history import (
     RunFigures,
     TopicRecord,
     Violation,
+    acknowledged_by_path,
     check_history,
     config_lost_in_window,
     lost_in_window,
@@ -78,6 +94,7 @@ from backbone.chaos_history import (
 )
 from backbone.devstack import DevStack
 from backbone.errors import StackError
+from backbone.http.auth import TokenStore
 from backbone.probes import postgres_answers
 from backbone.processes import pg_ctl_stop, postgres_bin_dir, send_signal
 from configuration.aggregate import aggregate_id_for
@@ -89,7 +106,7 @@ from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
 from streams.consumer import ConsumedEvent
-from streams.envelope import Event
+from streams.envelope import Event, deterministic_id
 from streams.errors import StreamsError
 from streams.offsets import end_offsets, make_consumer
 from streams.producer import EventProducer
@@ -115,8 +132,10 @@ log = structlog.get_logger(__name__)
 FaultKind = Literal[
     "sigkill_processor",
     "sigkill_projection",
+    "sigkill_api",
     "sigstop_processor",
     "sigstop_projection",
+    "sigstop_api",
     "postgres_restart",
     "postgres_backend_kill",
     "postgres_stall",
@@ -131,6 +150,8 @@ _PARTITIONS: Final = 6
 _SESSION_TIMEOUT_MS: Final = 6000
 _CONFIG_PARTITIONS: Final = 3
 _CONFIG_KEYS: Final = tuple(f"chaos.k{i}" for i in range(5))
+_HTTP_COUNTS: Final = ("events", "requests", "failed_requests", "retried_events", "replayed_requests",
+                       "redelivered_events", "abandoned_events", "id_mismatches")  # fmt: skip
 _PROJECTION_TABLES: Final = {
     "agent_runs": "SELECT * FROM proj_agent_runs.agent_runs ORDER BY run_id",
     "agent_run_models": "SELECT * FROM proj_agent_runs.agent_run_models ORDER BY run_id, model, provider",
@@ -157,8 +178,18 @@ class Profile:
             group and removes it again (SIGTERM: it leaves the group).
         storm_member_seconds: (min, max) time the added worker stays in the group each round.
         config_interval_seconds: time between two configuration changes of the config workload.
-        redelivery_fraction: share of events sent a second time.
+        redelivery_fraction: share of events sent a second time (over HTTP: share of a chunk's events for
+            each of which an earlier acknowledged request is sent again with its key).
         lag_bound_seconds: how long the processes may take to catch up after the last fault.
+        http_fraction: share of the workload's chunks sent over HTTP ingest instead of the producer
+            (each chunk drawn by the seed).
+        http_timeout_seconds: the HTTP client's timeout per request (connect, read); a request that
+            takes longer is not acknowledged and is sent again.
+        api_kill_between_requests: a ``sigkill_api`` waits until no request of the workload is in
+            flight. A request the API dies in leaves its Idempotency-Key claimed ("pending", 409 to the
+            retries) for the API's pending TTL, 120 s, which the short profile cannot wait out.
+        http_give_up_seconds: a request that has failed for this long is abandoned (its events stay
+            unacknowledged, and the checker's counts show them missing) so that the run ends.
     """
 
     name: str
@@ -175,6 +206,10 @@ class Profile:
     config_interval_seconds: float = 0.25
     redelivery_fraction: float = 0.03
     lag_bound_seconds: float = 90.0
+    http_fraction: float = 1 / 3
+    http_timeout_seconds: float = 10.0
+    api_kill_between_requests: bool = True
+    http_give_up_seconds: float = 150.0
 
 
 PROFILES: Final[dict[str, Profile]] = {
@@ -184,8 +219,10 @@ PROFILES: Final[dict[str, Profile]] = {
         faults={
             "sigkill_processor": 1,
             "sigkill_projection": 2,
+            "sigkill_api": 1,
             "sigstop_processor": 1,
             "sigstop_projection": 1,
+            "sigstop_api": 1,
             "postgres_restart": 1,
             "postgres_backend_kill": 1,
             "postgres_stall": 1,
@@ -201,8 +238,10 @@ PROFILES: Final[dict[str, Profile]] = {
         faults={
             "sigkill_processor": 3,
             "sigkill_projection": 5,
+            "sigkill_api": 2,
             "sigstop_processor": 3,
             "sigstop_projection": 4,
+            "sigstop_api": 2,
             "postgres_restart": 3,
             "postgres_backend_kill": 3,
             "postgres_stall": 2,
@@ -214,6 +253,12 @@ PROFILES: Final[dict[str, Profile]] = {
         stop_hold_seconds=(1.0, 10.0),  # beyond the 6 s session timeout: the member is evicted
         postgres_down_seconds=(2.0, 8.0),
         lag_bound_seconds=120.0,
+        # shorter than the longest stops and stalls: requests time out and are retried while the API
+        # still holds them; and the API may be killed in the middle of a request (its key then stays
+        # pending for 120 s, and the retries wait that out)
+        http_timeout_seconds=5.0,
+        api_kill_between_requests=False,
+        http_give_up_seconds=200.0,
     ),
 }
 
@@ -245,6 +290,7 @@ class ChaosReport:
     work_dir: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     reseeds: list[dict[str, Any]] = field(default_factory=list)
+    http_errors: dict[str, int] = field(default_factory=dict)
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -258,7 +304,17 @@ class ChaosReport:
         """``seed``, ``profile``, ``faults`` (count per kind), ``violations`` (count per guarantee),
         ``details`` (each violation), ``fault_log``, ``unexpected_exits``, ``events``,
         ``durations_seconds``, ``work_dir`` (the logs, kept when something went wrong), ``skipped``
-        (fault kinds not injected, with why) and ``reseeds`` (each broker restart's re-seed report)."""
+        (fault kinds not injected, with why), ``reseeds`` (each broker restart's re-seed report) and
+        ``http_errors`` (why HTTP requests of the workload failed: status code or client exception, and
+        how often).
+
+        ``events`` holds, besides the dataset's size and the sends: ``acknowledged_ids_producer`` and
+        ``acknowledged_ids_http`` (distinct event ids acknowledged by each path: what the checker looks
+        for on the topic), and ``http_events`` (dataset events acknowledged over HTTP), ``http_requests``,
+        ``http_failed_requests``, ``http_retried_events`` (events of requests sent again after a
+        failure), ``http_replayed_requests`` (2xx answers replayed from the API's idempotency store),
+        ``http_redelivered_events`` (events of acknowledged requests sent again, answered 2xx),
+        ``http_abandoned_events`` and ``http_id_mismatches`` (both 0 in a sound run)."""
         return {
             "seed": self.seed,
             "profile": self.profile,
@@ -272,6 +328,7 @@ class ChaosReport:
             "work_dir": self.work_dir,
             "skipped": self.skipped,
             "reseeds": self.reseeds,
+            "http_errors": self.http_errors,
         }
 
 
@@ -536,8 +593,95 @@ def _config_caught_up(settings: Settings, redis_url: str, topic: str, kafka: Any
     return all(positions.get(p, 0) >= end for p, end in ends.items() if end > 0)
 
 
+@dataclass(slots=True)
+class _HttpGroup:
+    """One ``POST /events/{schema}`` of the workload: consecutive events of one type, the request's
+    Idempotency-Key, the ids the API gives them (derived from the key), the JSON body, and how often it was
+    sent and since when it has been failing (monotonic seconds; ``None`` while it has not failed)."""
+
+    key: str
+    schema: str
+    events: tuple[Event, ...]
+    ids: tuple[str, ...]
+    body: bytes
+    attempts: int = 0
+    failing_since: float | None = None
+
+
+class _HttpIngest:
+    """The workload's client of the API's HTTP ingest (one connection, one request at a time).
+
+    Args:
+        base_url: ``http://127.0.0.1:<port>`` of the API.
+        token: the Bearer token; ``token_id`` its public id (the API derives event ids from it).
+        topic: the events topic (``?topic=``).
+        key_prefix: prefix of every Idempotency-Key (unique to the run: the API's idempotency store is
+            the harness's Redis).
+        timeout_seconds: connect and read timeout of a request.
+    """
+
+    def __init__(
+        self, base_url: str, token: str, token_id: str, topic: str, key_prefix: str, timeout_seconds: float
+    ) -> None:
+        self.base_url, self.token_id, self.topic, self._prefix = base_url, token_id, topic, key_prefix
+        self._client = httpx.Client(
+            base_url=base_url, timeout=timeout_seconds, headers={"Authorization": f"Bearer {token}"}
+        )
+        self.lock = threading.Lock()
+        """Held while a request is in flight (a ``sigkill_api`` between requests takes it)."""
+
+    def groups(self, chunk_no: int, chunk: list[Event]) -> list[_HttpGroup]:
+        """``chunk`` as requests: each run of consecutive events of one type is one request, in order, its
+        Idempotency-Key ``<prefix>-c<chunk_no>-g<i>`` and its ids those the API derives from it
+        (``deterministic_id("api", token id, key, index)``, as :mod:`backbone.http.ingest` does)."""
+        out: list[_HttpGroup] = []
+        i = 0
+        while i < len(chunk):
+            j = i
+            while j < len(chunk) and chunk[j].schema == chunk[i].schema:
+                j += 1
+            key = f"{self._prefix}-c{chunk_no}-g{len(out)}"
+            events = tuple(chunk[i:j])
+            ids = tuple(deterministic_id("api", self.token_id, key, n) for n in range(len(events)))
+            body = json.dumps([_json_safe(dict(e.data)) for e in events]).encode()
+            out.append(_HttpGroup(key, chunk[i].schema, events, ids, body))
+            i = j
+        return out
+
+    def post(self, group: _HttpGroup) -> tuple[int | None, bool, str]:
+        """Send ``group`` once: ``(status code or None when no answer came, whether the API replayed a
+        stored answer, an error text when it was not 2xx)``. A 2xx whose ids differ from ``group.ids``
+        is returned with the difference as its error text."""
+        headers = {"Idempotency-Key": group.key, "Content-Type": "application/json"}
+        with self.lock:
+            try:
+                r = self._client.post(f"/events/{group.schema}", params={"topic": self.topic},
+                                      content=group.body, headers=headers)  # fmt: skip
+            except httpx.HTTPError as exc:
+                return None, False, f"{type(exc).__name__}: {exc}"[:300]
+        if not 200 <= r.status_code < 300:
+            return r.status_code, False, f"{r.status_code}: {r.text[:200]}"
+        replayed = r.headers.get("idempotent-replayed") == "true"
+        try:
+            ids = r.json().get("ids")
+        except ValueError:
+            ids = None
+        if ids != list(group.ids):
+            return r.status_code, replayed, f"ids {ids} != {list(group.ids)}"[:300]
+        return r.status_code, replayed, ""
+
+    def close(self) -> None:
+        self._client.close()
+
+
 class _Workload(threading.Thread):
     """Send the events at a steady rate in chunks, each chunk flushed (acknowledged) before the next.
+
+    With ``http``, a share ``http_fraction`` of the chunks (drawn by ``rng``) goes over HTTP ingest
+    instead (:meth:`_post`): a request that failed, and the ones after it in its chunk, are sent again,
+    same keys, before any new chunk, so a run's events keep their order. Redeliveries of an HTTP chunk are
+    earlier acknowledged requests sent again with their key; those of a producer chunk are earlier events
+    the producer sent.
 
     :meth:`pause` holds it between chunks (nothing in flight) while the harness restarts the broker, as
     ``backbone dev up`` holds clients off until the log is re-seeded; :meth:`resume` lets it go on with a
@@ -546,15 +690,27 @@ class _Workload(threading.Thread):
 
     def __init__(
         self, kafka_settings: Any, serde: AvroSerde, topic: str, events: list[Event], seconds: float,
-        redelivery_fraction: float, rng: random.Random,
+        redelivery_fraction: float, rng: random.Random, http: _HttpIngest | None = None,
+        http_fraction: float = 0.0, http_give_up_seconds: float = 150.0,
     ) -> None:  # fmt: skip
         super().__init__(name="chaos-workload", daemon=True)
         self._kafka, self._serde, self._topic = kafka_settings, serde, topic
         self._events, self._seconds = events, seconds
         self._redelivery, self._rng = redelivery_fraction, rng
+        self._http, self._http_fraction, self._give_up = http, http_fraction, http_give_up_seconds
         self.produced: list[ProducedEvent] = []
         self.redelivered = 0
         self.errors: list[str] = []
+        self.delivered_as: dict[str, str] = {}
+        """Dataset event id -> the id it was acknowledged under (its own, or the one the API gave it)."""
+        self.http: Counter[str] = Counter()
+        """Over HTTP: ``events`` acknowledged (each dataset event once), ``requests``, ``failed_requests``,
+        ``retried_events`` (events of requests sent again after a failure), ``replayed_requests`` (2xx
+        answers the API replayed from its idempotency store), ``redelivered_events`` (events of
+        acknowledged requests sent again and answered 2xx), ``abandoned_events``, ``id_mismatches``."""
+        self.http_errors: Counter[str] = Counter()
+        """Why HTTP requests failed: status code, or the client's exception name, and how often."""
+        self._http_acked: list[_HttpGroup] = []
         self._gate = threading.Event()
         self._gate.set()
         self._idle = threading.Event()
@@ -573,15 +729,84 @@ class _Workload(threading.Thread):
         self._renew = self._renew or new_producer
         self._gate.set()
 
+    def _post(self, groups: list[_HttpGroup]) -> int:
+        """Send ``groups`` in order until one fails; remove the acknowledged ones from the front of
+        ``groups`` and return how many events they held. A group failing for ``http_give_up_seconds`` is
+        abandoned (removed, its events never acknowledged)."""
+        assert self._http is not None
+        done = 0
+        while groups:
+            g = groups[0]
+            if g.attempts:
+                self.http["retried_events"] += len(g.events)
+            g.attempts += 1
+            code, replayed, error = self._http.post(g)
+            ok = code is not None and 200 <= code < 300
+            self.http["requests"] += 1
+            self.produced.extend(
+                ProducedEvent(i, e.key, ok, "http") for i, e in zip(g.ids, g.events, strict=True)
+            )
+            if not ok:
+                now = time.monotonic()
+                g.failing_since = g.failing_since or now
+                self.http["failed_requests"] += 1
+                self.http_errors[str(code) if code is not None else error.split(":", 1)[0]] += 1
+                if now - g.failing_since > self._give_up:
+                    self.http["abandoned_events"] += len(g.events)
+                    self.errors.append(f"HTTP request {g.key} abandoned after {g.attempts} attempts: {error}")
+                    groups.pop(0)
+                    continue
+                return done
+            if error:  # acknowledged, but under other ids than derived here: the checker will miss them
+                self.http["id_mismatches"] += 1
+                self.errors.append(f"HTTP request {g.key}: {error}")
+            self.http["replayed_requests"] += replayed
+            self.http["events"] += len(g.events)
+            self.delivered_as.update((e.attributes.id, i) for e, i in zip(g.events, g.ids, strict=True))
+            self._http_acked.append(g)
+            groups.pop(0)
+            done += len(g.events)
+        return done
+
+    def _redeliver_http(self, n_events: int) -> None:
+        """For each of ``n_events`` with probability ``redelivery_fraction``, send an earlier acknowledged
+        request again with its key (each at most once here): a client that lost the answer."""
+        assert self._http is not None
+        picks = {
+            g.key: g
+            for g in (
+                self._rng.choice(self._http_acked)
+                for _ in range(n_events)
+                if self._http_acked and self._rng.random() < self._redelivery
+            )
+        }
+        for g in picks.values():
+            code, replayed, _ = self._http.post(g)
+            ok = code is not None and 200 <= code < 300
+            self.http["requests"] += 1
+            self.produced.extend(
+                ProducedEvent(i, e.key, ok, "http") for i, e in zip(g.ids, g.events, strict=True)
+            )
+            if ok:
+                self.http["redelivered_events"] += len(g.events)
+                self.http["replayed_requests"] += replayed
+            else:
+                self.http["failed_requests"] += 1
+
     def run(self) -> None:
         rate = len(self._events) / self._seconds
         pending = list(self._events)
         sent: list[Event] = []
+        retry: list[_HttpGroup] = []  # HTTP requests not acknowledged yet, in order: sent before the rest
         t0 = time.monotonic()
         done = 0
+        chunk_no = 0
+        # events at the head of ``pending`` whose producer send failed: sent by the producer again (same
+        # ids), never over HTTP, which would give them other ids while the failed records may still land
+        producer_owed = 0
         producer = EventProducer(self._kafka, self._serde)
         try:
-            while pending:
+            while pending or retry:
                 if not self._gate.is_set():
                     held = time.monotonic()
                     self._idle.set()
@@ -591,8 +816,20 @@ class _Workload(threading.Thread):
                     with contextlib.suppress(StreamsError):
                         producer.close()
                     producer, self._renew = EventProducer(self._kafka, self._serde), False
+                if retry:
+                    done += self._post(retry)
+                    time.sleep(0.25 if retry else 0.1)
+                    continue
                 due = min(len(pending), max(1, int(rate * (time.monotonic() - t0)) - done))
                 chunk, pending = pending[:due], pending[due:]
+                chunk_no += 1
+                if self._http is not None and not producer_owed and self._rng.random() < self._http_fraction:
+                    retry = self._http.groups(chunk_no, chunk)
+                    done += self._post(retry)
+                    if not retry:
+                        self._redeliver_http(len(chunk))
+                    time.sleep(0.25 if retry else 0.1)
+                    continue
                 extra = [
                     self._rng.choice(sent) for _ in chunk if sent and self._rng.random() < self._redelivery
                 ]
@@ -606,8 +843,10 @@ class _Workload(threading.Thread):
                     acked = False
                     self.errors.append(repr(exc))
                     pending = chunk + pending  # send again; this attempt's records are not acknowledged
+                    producer_owed = max(producer_owed, len(chunk))
                 self.produced.extend(ProducedEvent(e.attributes.id, e.key, acked) for e in batch)
                 if acked:
+                    producer_owed = max(0, producer_owed - len(chunk))
                     done += len(chunk)
                     sent.extend(chunk)
                     self.redelivered += len(extra)
@@ -616,6 +855,8 @@ class _Workload(threading.Thread):
             self._idle.set()
             with contextlib.suppress(StreamsError):
                 producer.close()
+            if self._http is not None:
+                self._http.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,6 +956,46 @@ def _drop_schema(url: str, schema: str) -> None:
 
 def _with_db(url: str, database: str) -> str:
     return url.rsplit("/", 1)[0] + f"/{database}"
+
+
+def _delivered(workload: _Workload, e: Event) -> str:
+    """The id dataset event ``e`` was acknowledged under (the API's id when it went over HTTP)."""
+    return workload.delivered_as.get(e.attributes.id, e.attributes.id)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api_token(url: str, topic: str) -> tuple[str, str]:
+    """A new API token allowed to produce to ``topic`` (no rate limit to speak of): ``(token, token id)``.
+
+    Raises:
+        psycopg.Error: PostgreSQL did not answer.
+    """
+    with ConnectionPool(url, min_size=1, max_size=1, open=True) as pool:
+        store = TokenStore(pool)
+        store.ensure_schema()
+        token, info = store.create("chaos", [f"produce:{topic}"], rate_per_second=100_000.0, burst=100_000)
+    return token, info.token_id
+
+
+def _wait_api(base_url: str, api: _Managed, log_path: Path, seconds: float = 90.0) -> None:
+    """Wait until the API answers ``GET /healthz`` with 200.
+
+    Raises:
+        StackError: it exited, or did not answer within ``seconds``.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
+                return
+        if (api.proc is not None and api.proc.poll() is not None) or time.monotonic() > deadline:
+            raise StackError(f"the API did not answer on {base_url} (see {log_path})")
+        time.sleep(0.2)
 
 
 def run_chaos(
@@ -837,14 +1118,27 @@ def run_chaos(
             [*py, "config", "project", "--topic", topics["config"], "--group", f"chaos-config-{token}"],
             env, work / "logs" / "config-projection.log", work,
         )  # fmt: skip
-        processes = [processor, projection, archive, relay, config_projection]
+        # HTTP ingest: the API, on a port of its own (kept across restarts), with a token of the harness's
+        api_token, api_token_id = _api_token(info.postgres_url, topics["events"])
+        api_port = _free_port()
+        api = _Managed(
+            "api",
+            [*py, "api", "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
+            env, work / "logs" / "api.log", work,
+        )  # fmt: skip
+        processes = [processor, projection, archive, relay, config_projection, api]
         for p in processes:
             p.start()
+        http = _HttpIngest(f"http://127.0.0.1:{api_port}", api_token, api_token_id, topics["events"],
+                           f"chaos-{token}", prof.http_timeout_seconds)  # fmt: skip
+        _wait_api(http.base_url, api, work / "logs" / "api.log")
+        durations["api_ready"] = round(time.monotonic() - t_begin, 2)
 
         runs = [r for r in iter_runs(data) if isinstance(r, ParsedRun)]
         events = _interleave(runs, rng)
         workload = _Workload(kafka, serde, topics["events"], events, prof.produce_seconds,
-                             prof.redelivery_fraction, rng)  # fmt: skip
+                             prof.redelivery_fraction, rng, http, prof.http_fraction,
+                             prof.http_give_up_seconds)  # fmt: skip
         config_workload = _ConfigWorkload(run_settings, prof.config_interval_seconds, random.Random(seed + 1))
         skipped: dict[str, str] = {}
         if not info.embedded.get("redis"):
@@ -870,7 +1164,7 @@ def run_chaos(
         archived_at_restart: set[str] = set()
         reseeds: list[dict[str, Any]] = []
         rebuilt_after_restart: list[float] = []
-        targets = {"processor": processor, "projection": projection}
+        targets = {"processor": processor, "projection": projection, "api": api}
         for kind, at in zip(plan, times, strict=True):
             while time.monotonic() - t0 < at:
                 for p in processes:
@@ -880,7 +1174,12 @@ def run_chaos(
             if kind.startswith("sigkill_"):
                 target = targets[kind.removeprefix("sigkill_")]
                 down = rng.uniform(*prof.kill_down_seconds)
-                target.kill()
+                if target is api and prof.api_kill_between_requests:
+                    with http.lock:  # no request of the workload in flight
+                        target.kill()
+                    detail = "between two requests"
+                else:
+                    target.kill()
                 time.sleep(down)
                 target.start()
             elif kind.startswith("sigstop_"):
@@ -1010,7 +1309,9 @@ def run_chaos(
             produced=workload.produced,
             topic=topic_records,
             # the dataset, less the acknowledged events a broker restart lost in the documented window
-            expected_runs=run_figures([e for r in runs for e in r.events if e.attributes.id not in window]),
+            expected_runs=run_figures(
+                [e for r in runs for e in r.events if _delivered(workload, e) not in window]
+            ),
             projected_runs=_projected_runs(info.postgres_url),
             live_rows=_dump(info.postgres_url),
             rebuilt_rows=_dump(rebuild_url),
@@ -1026,6 +1327,7 @@ def run_chaos(
             config_read_model=config_read_model,
         )
         violations = check_history(history)
+        by_path = acknowledged_by_path(workload.produced)
         durations["collect_and_check"] = round(time.monotonic() - t_collect, 2)
         unexpected = {p.name: p.unexpected_exits for p in processes}
         faults: dict[str, int] = {k: sum(1 for f in fault_log if f.kind == k) for k in FAULT_KINDS}
@@ -1043,6 +1345,9 @@ def run_chaos(
                 "sent": len(workload.produced),
                 "acknowledged": sum(p.acknowledged for p in workload.produced),
                 "redelivered": workload.redelivered,
+                "acknowledged_ids_producer": by_path["producer"],
+                "acknowledged_ids_http": by_path["http"],
+                **{f"http_{k}": workload.http[k] for k in _HTTP_COUNTS},
                 "on_topic": len(records),
                 "insight_records": len(insights),
                 "send_errors": len(workload.errors),
@@ -1058,6 +1363,7 @@ def run_chaos(
             work_dir=report_dir,
             skipped=skipped,
             reseeds=reseeds,
+            http_errors=dict(workload.http_errors),
         )
     except BaseException:
         report_dir = str(work)

@@ -6,7 +6,10 @@ violated. Keeping the checker pure lets the tests feed it deliberately broken hi
 
 Guarantees checked (the names are the keys of the report's ``violations``):
 
-* ``acknowledged_lost``: every event whose delivery was acknowledged is on the topic. After a broker
+* ``acknowledged_lost``: every event whose delivery was acknowledged is on the topic, whichever way it
+  was sent: by the workload's producer (the flush that covered it returned) or over HTTP ingest (the API
+  answered 2xx; the event's id is the one the API derives from the request's ``Idempotency-Key``, so
+  a retried request produces the same ids and its duplicates are removed by id). After a broker
   restart (the embedded broker's log is in memory and is re-seeded from the event archive), an
   acknowledged event missing from the topic that the archive did not hold when the broker went down is
   in the documented window of loss (:func:`lost_in_window`): counted and reported, not a violation; one
@@ -36,6 +39,7 @@ from typing import Any, Final
 
 __all__ = [
     "GUARANTEES",
+    "SEND_PATHS",
     "ChaosHistory",
     "ConfigWrite",
     "InsightRecord",
@@ -43,6 +47,7 @@ __all__ = [
     "RunFigures",
     "TopicRecord",
     "Violation",
+    "acknowledged_by_path",
     "check_history",
     "config_lost_in_window",
     "lost_in_window",
@@ -58,22 +63,29 @@ GUARANTEES: Final[tuple[str, ...]] = (
     "lag_recovered",
     "config_current",
 )
+SEND_PATHS: Final[tuple[str, ...]] = ("producer", "http")
+"""How the workload sends an event: the typed Kafka producer, or ``POST /events/{type}`` of the API."""
 _COST_TOLERANCE_USD: Final = 1e-6
 
 
 @dataclass(frozen=True, slots=True)
 class ProducedEvent:
-    """One send of an event by the workload's producer, in send order.
+    """One send of an event by the workload, in send order.
 
     Attributes:
-        event_id: the CloudEvents id (deterministic: run, step, kind).
+        event_id: the CloudEvents id (deterministic: run, step, kind for the producer; over HTTP the id
+            the API derives from the request's ``Idempotency-Key`` and the event's index in it).
         key: the record key (the run).
-        acknowledged: the broker acknowledged it (the flush that covered it returned without error).
+        acknowledged: the broker acknowledged it (``producer``: the flush that covered it returned
+            without error; ``http``: the API answered 2xx, which it does only once the broker has
+            acknowledged every record of the request).
+        via: one of :data:`SEND_PATHS`.
     """
 
     event_id: str
     key: str
     acknowledged: bool
+    via: str = "producer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +142,8 @@ class ChaosHistory:
     """Everything a chaos run observed, as plain data.
 
     Attributes:
-        produced: every send, in send order (redeliveries of an event appear again).
+        produced: every send, in send order (redeliveries of an event appear again, and so do the
+            events of a failed HTTP request each time it is retried).
         topic: every record on the events topic.
         expected_runs: per run id, the dataset's figures (each event once).
         projected_runs: per run id, the live projection's figures.
@@ -185,6 +198,16 @@ def violation_counts(violations: list[Violation]) -> dict[str, int]:
     return counts
 
 
+def acknowledged_by_path(produced: list[ProducedEvent]) -> dict[str, int]:
+    """Distinct event ids acknowledged per send path (every path of :data:`SEND_PATHS` present): the
+    events :func:`check_history` asks to find on the topic."""
+    ids: dict[str, set[str]] = {path: set() for path in SEND_PATHS}
+    for p in produced:
+        if p.acknowledged:
+            ids.setdefault(p.via, set()).add(p.event_id)
+    return {path: len(v) for path, v in ids.items()}
+
+
 def lost_in_window(
     produced: list[ProducedEvent],
     topic: list[TopicRecord],
@@ -206,18 +229,18 @@ def lost_in_window(
 def _acknowledged_lost(h: ChaosHistory) -> list[Violation]:
     on_topic = {r.event_id for r in h.topic}
     window = lost_in_window(h.produced, h.topic, h.archived_before_restart, h.broker_restarts)
-    missing: dict[str, str] = {}
+    missing: dict[str, ProducedEvent] = {}
     for p in h.produced:
         if p.acknowledged and p.event_id not in on_topic and p.event_id not in window:
-            missing.setdefault(p.event_id, p.key)
+            missing.setdefault(p.event_id, p)
     return [
         Violation(
             "acknowledged_lost",
-            f"acknowledged event {eid} (key {key}) is not on the topic"
+            f"acknowledged event {eid} (key {p.key}, sent by {p.via}) is not on the topic"
             + (" (the archive held it when the broker went down)" if h.broker_restarts else ""),
-            {"event_id": eid, "key": key},
+            {"event_id": eid, "key": p.key, "via": p.via},
         )
-        for eid, key in missing.items()
+        for eid, p in missing.items()
     ]
 
 

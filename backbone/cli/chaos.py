@@ -17,7 +17,7 @@ def chaos(
     profile: Annotated[
         str,
         typer.Option(
-            help="short (about 1.5 min, 12 faults) or full (about 4 min, 31 faults).",
+            help="short (about 1.5 min, 14 faults) or full (about 4 min, 35 faults).",
             envvar="BACKBONE_CHAOS_PROFILE",
         ),
     ] = "short",
@@ -29,7 +29,8 @@ def chaos(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Produce the agent runs under SIGKILL, SIGSTOP and PostgreSQL restarts, then check the history.
+    """Produce the agent runs (through the producer and HTTP ingest) under SIGKILL, SIGSTOP and PostgreSQL
+    restarts, then check the history.
 
     Exit code 1 when a guarantee was violated.
     """
@@ -56,6 +57,15 @@ def chaos(
         for v in report.violations[:50]:
             out.print(f"[red]{v.guarantee}[/red]: {v.detail}", highlight=False)
         out.print(f"events: {report.events}")
+        ev = report.events
+        out.print(
+            f"over HTTP ingest: {ev.get('http_events', 0):,} of {ev.get('dataset', 0):,} events acknowledged "
+            f"({ev.get('acknowledged_ids_http', 0):,} ids checked on the topic), {ev.get('http_requests', 0):,} "
+            f"requests, {ev.get('http_failed_requests', 0):,} failed ({report.http_errors or 'none'}), "
+            f"{ev.get('http_retried_events', 0):,} events sent again after a failure, "
+            f"{ev.get('http_replayed_requests', 0):,} answers replayed from the idempotency store",
+            highlight=False,
+        )
         if report.events.get("broker_restarts"):
             out.print(
                 f"broker restarts: {report.events['broker_restarts']}, "

@@ -19,6 +19,7 @@ from backbone.chaos_history import (
     ProducedEvent,
     RunFigures,
     TopicRecord,
+    acknowledged_by_path,
     check_history,
     lost_in_window,
     violation_counts,
@@ -81,7 +82,45 @@ def test_an_acknowledged_event_missing_from_the_topic_is_lost() -> None:
     h.topic = [r for r in h.topic if r.event_id != "a2"]
     h.produced.append(ProducedEvent("never", "run-b", False))  # not acknowledged and absent: no violation
     (v,) = _only(h, "acknowledged_lost")
-    assert v.evidence == {"event_id": "a2", "key": "run-a"}
+    assert v.evidence == {"event_id": "a2", "key": "run-a", "via": "producer"}
+
+
+def _with_http(h: ChaosHistory) -> ChaosHistory:
+    """``h`` plus a run sent over HTTP ingest: its first request failed (503: not acknowledged), the retry
+    with the same Idempotency-Key (so the same ids) was acknowledged; the failed attempt had in fact put
+    h0 on the topic, so h0 is there twice."""
+    h.produced += [
+        ProducedEvent("h0", "run-h", False, "http"),
+        ProducedEvent("h1", "run-h", False, "http"),
+        ProducedEvent("h0", "run-h", True, "http"),
+        ProducedEvent("h1", "run-h", True, "http"),
+    ]
+    h.topic += [
+        TopicRecord(2, 0, "run-h", "h0"),
+        TopicRecord(2, 1, "run-h", "h0"),
+        TopicRecord(2, 2, "run-h", "h1"),
+    ]
+    return h
+
+
+def test_http_acknowledged_events_are_checked_like_the_producers() -> None:
+    """A failed HTTP request retried with the same key is clean (the duplicate is removed by id); an event
+    the API acknowledged (2xx) that is missing from the topic is lost, and the violation says it came over HTTP."""
+    h = _with_http(_clean())
+    assert check_history(h) == []
+    assert acknowledged_by_path(h.produced) == {"producer": 5, "http": 2}
+    h.topic = [r for r in h.topic if r.event_id != "h1"]
+    (v,) = _only(h, "acknowledged_lost")
+    assert v.evidence == {"event_id": "h1", "key": "run-h", "via": "http"} and "sent by http" in v.detail
+
+
+def test_an_http_event_out_of_order() -> None:
+    """Two HTTP requests acknowledged at the first attempt, h0's then h1's; the topic holds h1 before h0."""
+    h = _clean()
+    h.produced += [ProducedEvent("h0", "run-h", True, "http"), ProducedEvent("h1", "run-h", True, "http")]
+    h.topic += [TopicRecord(2, 0, "run-h", "h1"), TopicRecord(2, 1, "run-h", "h0")]
+    (v,) = _only(h, "order_per_key")
+    assert v.evidence == {"key": "run-h", "position": 1, "on_topic": "h0", "produced": None}
 
 
 def test_after_a_broker_restart_only_an_archived_loss_is_a_violation() -> None:
@@ -93,7 +132,9 @@ def test_after_a_broker_restart_only_an_archived_loss_is_a_violation() -> None:
     h.archived_before_restart = frozenset({"a0", "a1", "b0", "b1"})
     assert lost_in_window(h.produced, h.topic, h.archived_before_restart, h.broker_restarts) == {"a2"}
     (v,) = _only(h, "acknowledged_lost")
-    assert v.evidence == {"event_id": "b1", "key": "run-b"} and "archive held it" in v.detail
+    assert (
+        v.evidence == {"event_id": "b1", "key": "run-b", "via": "producer"} and "archive held it" in v.detail
+    )
     # without a restart there is no window: both losses are violations
     h.broker_restarts = 0
     assert lost_in_window(h.produced, h.topic, h.archived_before_restart, 0) == set()
@@ -235,3 +276,43 @@ def test_a_config_change_lost_in_the_broker_restart_window_is_not_a_violation() 
     assert not check_history(h)
     h.archived_before_restart = h.archived_before_restart | {"c02"}  # the archive had it: the re-seed lost it
     assert {v.guarantee for v in check_history(h)} == {"config_current"}
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="datasets/agent_runs is missing")
+def test_http_requests_of_a_chunk_keep_its_order_and_its_data() -> None:
+    """The workload's HTTP requests of a chunk of the interleaved dataset: runs of consecutive events of one
+    type, in order, each key unique; the JSON bodies read back as ingest reads them (timestamps coerced)
+    pass the schema and equal the events' data; the ids are those ingest derives (api, token id, key,
+    index), distinct."""
+    import itertools
+    import json
+    import random
+
+    from backbone.chaos import _HttpIngest, _interleave
+    from streams.envelope import deterministic_id
+    from streams.registry import EmbeddedRegistry
+    from streams.serde import AvroSerde, coerce_json_datum
+
+    serde = AvroSerde(EmbeddedRegistry())
+    events = _interleave([r for r in iter_runs(DATA) if isinstance(r, ParsedRun)], random.Random(3))
+    chunk = events[100:160]
+    http = _HttpIngest("http://127.0.0.1:9", "bb_x_y", "tok1", "t", "chaos-9", 1.0)
+    try:
+        groups = http.groups(7, chunk)
+    finally:
+        http.close()
+    assert [e for g in groups for e in g.events] == chunk
+    assert all({e.schema for e in g.events} == {g.schema} for g in groups)
+    assert all(a.schema != b.schema for a, b in itertools.pairwise(groups))
+    assert len(groups) > 5 and len({g.key for g in groups}) == len(groups)
+    assert groups[2].key == "chaos-9-c7-g2"
+    assert groups[2].ids == tuple(
+        deterministic_id("api", "tok1", "chaos-9-c7-g2", i) for i in range(len(groups[2].events))
+    )
+    assert len({i for g in groups for i in g.ids}) == len(chunk)
+    for g in groups:
+        schema = serde.registry.schema_for(serde.registry.id_for(g.schema))
+        for e, item in zip(g.events, json.loads(g.body), strict=True):
+            datum = coerce_json_datum(schema, item)
+            serde.check(g.schema, datum)
+            assert datum == dict(e.data)
