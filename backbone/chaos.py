@@ -53,7 +53,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -96,7 +95,7 @@ from backbone.devstack import DevStack
 from backbone.errors import StackError
 from backbone.http.auth import TokenStore
 from backbone.probes import postgres_answers
-from backbone.processes import pg_ctl_stop, postgres_bin_dir, send_signal
+from backbone.processes import free_port, pg_ctl_stop, postgres_bin_dir, send_signal
 from configuration.aggregate import aggregate_id_for
 from configuration.projection import REDIS_PREFIX as CONFIG_REDIS_PREFIX
 from configuration.store import ConfigStore, event_id_for
@@ -963,12 +962,6 @@ def _delivered(workload: _Workload, e: Event) -> str:
     return workload.delivered_as.get(e.attributes.id, e.attributes.id)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _api_token(url: str, topic: str) -> tuple[str, str]:
     """A new API token allowed to produce to ``topic`` (no rate limit to speak of): ``(token, token id)``.
 
@@ -1120,7 +1113,7 @@ def run_chaos(
         )  # fmt: skip
         # HTTP ingest: the API, on a port of its own (kept across restarts), with a token of the harness's
         api_token, api_token_id = _api_token(info.postgres_url, topics["events"])
-        api_port = _free_port()
+        api_port = free_port()
         api = _Managed(
             "api",
             [*py, "api", "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],

@@ -438,9 +438,10 @@ class InOrderAcks:
     output) while Faust, which commits acked offsets only, never commits past an event whose output is
     not on the broker.
 
-    The agent reads ``stream.noack()``, calls :meth:`add` with each event (and the delivery future of its
-    output, or None), then :meth:`settle`; a timer calls :meth:`settle` too, so the last events are acked
-    when no new one comes. Used by the run-summary and policy-router agents.
+    The agent's loop is :meth:`consume` (``stream.noack()``; each event handled, queued with the delivery
+    future of its output, or None, then :meth:`settle`); :meth:`settle_every` adds a timer that settles
+    too, so the last events are acked when no new one comes. Used by the run-summary and policy-router
+    agents.
 
     Args:
         ack: the stream's ``ack`` (``stream.noack().ack``); set later with :attr:`ack` when the stream is
@@ -463,6 +464,30 @@ class InOrderAcks:
         """Queue ``event`` behind the ones before it; ``pending``: its output's delivery (None: nothing to
         wait for, e.g. a dead letter already delivered or a duplicate)."""
         self.inflight.append((pending, event, item))
+
+    async def consume(
+        self,
+        stream: faust.StreamT,
+        handle: Callable[[Any], Awaitable[tuple[asyncio.Future[Any] | None, Any]]],
+    ) -> None:
+        """The agent's loop over ``stream`` (acked by this object only): ``handle(event)`` returns the
+        delivery future of the event's output (None: nothing to wait for) and the item given to
+        ``on_delivered``; the event is queued and what was delivered is acked."""
+        manual = stream.noack()
+        self.ack = manual.ack
+        async for event in manual.events():
+            pending, item = await handle(event)
+            self.add(pending, event, item)
+            await self.settle()
+
+    def settle_every(self, app: faust.App, interval_seconds: float) -> None:
+        """Add a timer to ``app`` that settles every ``interval_seconds`` (acks what was delivered since
+        the last event, when no new event came to do it)."""
+
+        @app.timer(interval=interval_seconds)
+        async def settle_in_order() -> None:
+            if self.ack is not None:
+                await self.settle()
 
     async def settle(self) -> None:
         """Ack, in order, the events whose outputs were delivered; wait for the oldest while more than

@@ -6,8 +6,9 @@ Plain Python. :func:`change_from_config` reads the data of a ``sophia.config.Con
 ``git log`` importers). Each returns a *change record* for :meth:`processors.incidents.incident.
 IncidentEngine.feed` (kind ``change``), or None for an event that changes nothing (a comment, a star):
 
-* ``event_time``: when the change took effect (epoch ms): the config change's ``changed_at``, the
-  external event's ``occurred_at`` (a pushed commit's is its push's);
+* ``event_time``: when the change took effect, as the event gives it (aware datetime, or epoch ms):
+  the config change's ``changed_at``, the external event's ``occurred_at`` (a pushed commit's is its
+  push's);
 * ``change_id``: the event's CloudEvents id (given by the caller), so a suspect points at the change event;
 * ``origin``: ``config`` or the platform (``github``, ``git``);
 * ``change_kind``: ``config.CHANGED`` (``config.<ConfigChangeKind>``), ``git.commit``, ``github.push``,
@@ -26,7 +27,6 @@ event naming the workload would be the precise source; none is imported today).
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Any
 
 __all__ = ["CHANGE_KINDS_PREFIXES", "change_from_config", "change_from_external", "targets_of"]
@@ -49,12 +49,6 @@ def targets_of(*texts: str | None) -> list[str]:
     return list(seen)
 
 
-def _ms(t: Any) -> int:
-    if isinstance(t, datetime):
-        return int(t.timestamp() * 1000)
-    return int(t)
-
-
 def change_from_config(data: dict[str, Any], event_id: str) -> dict[str, Any]:
     """The change record of a ``sophia.config.ConfigChange`` event's ``data`` (every kind is a change,
     a rollback too: it changes what runs).
@@ -65,7 +59,7 @@ def change_from_config(data: dict[str, Any], event_id: str) -> dict[str, Any]:
     kind = str(data["change"])
     summary = f"{data['key']} v{data['version']} ({kind.lower()}) by {data['author']}: {data['reason']}"
     return {
-        "event_time": _ms(data["changed_at"]),
+        "event_time": data["changed_at"],
         "change_id": event_id,
         "origin": "config",
         "change_kind": f"config.{kind}",
@@ -86,7 +80,7 @@ def change_from_external(data: dict[str, Any], event_id: str) -> dict[str, Any] 
         return None
     title = data.get("title") or ""
     return {
-        "event_time": _ms(data["occurred_at"]),
+        "event_time": data["occurred_at"],
         "change_id": event_id,
         "origin": str(data["platform"]),
         "change_kind": kind,

@@ -464,21 +464,17 @@ def create_policy_app(
     async def policy_requests(stream: faust.StreamT) -> None:
         """Decide each request; decisions are sent back to back (up to :data:`MAX_INFLIGHT_DECISIONS` awaiting
         delivery) and each request acked once its decision was delivered."""
-        manual = stream.noack()
-        shell.acks.ack = manual.ack
-        async for event in manual.events():
+
+        async def decide(event: Any) -> tuple[Any, PolicyDecision | None]:
             with tracing_process(event.message, app.conf.id):
                 sent = await shell.handle_request(event.message)
-            # dead-lettered (None: the dead letter was delivered): acked in its turn
-            pending, decision = sent if sent is not None else (None, None)
-            shell.acks.add(pending, event, decision)
-            await shell.acks.settle()
+            return (
+                sent if sent is not None else (None, None)
+            )  # None: dead-lettered (delivered), acked in turn
 
-    @app.timer(interval=0.2)
-    async def policy_settle() -> None:
-        """Ack what was delivered since the last request (when no request came to do it)."""
-        if shell.acks.ack is not None:
-            await shell.acks.settle()
+        await shell.acks.consume(stream, decide)
+
+    shell.acks.settle_every(app, 0.2)
 
     app.policy_stats = shell.stats  # type: ignore[attr-defined]
     app.policy_state = shell.state  # type: ignore[attr-defined]

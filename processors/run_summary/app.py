@@ -315,18 +315,9 @@ def create_app(
     async def run_summary(stream: faust.StreamT) -> None:
         """Fold agent events into run totals; emit a run.summary insight when a run finishes; ack each
         event once its insight (if any) was delivered, in order."""
-        manual = stream.noack()
-        shell.acks.ack = manual.ack
-        async for event in manual.events():
-            pending, insight = await shell.handle(event.message)
-            shell.acks.add(pending, event, insight)
-            await shell.acks.settle()
+        await shell.acks.consume(stream, lambda event: shell.handle(event.message))
 
-    @app.timer(interval=0.05)
-    async def run_summary_settle() -> None:
-        """Ack what was delivered since the last event (when no new event came to do it)."""
-        if shell.acks.ack is not None:
-            await shell.acks.settle()
+    shell.acks.settle_every(app, 0.05)
 
     app.run_summary_stats = shell.stats  # type: ignore[attr-defined]
     app.run_summary_close = shell.close  # type: ignore[attr-defined]
