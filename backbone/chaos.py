@@ -185,8 +185,11 @@ class Profile:
         http_timeout_seconds: the HTTP client's timeout per request (connect, read); a request that
             takes longer is not acknowledged and is sent again.
         api_kill_between_requests: a ``sigkill_api`` waits until no request of the workload is in
-            flight. A request the API dies in leaves its Idempotency-Key claimed ("pending", 409 to the
-            retries) for the API's pending TTL, 120 s, which the short profile cannot wait out.
+            flight. Otherwise a request the API dies in leaves its Idempotency-Key claimed ("pending",
+            409 to the retries) for ``api_pending_ttl_seconds``, and its retries wait that out.
+        api_pending_ttl_seconds: the API's ``idempotency_pending_ttl_seconds`` in the run (its default,
+            120 s, is longer than a short run); above its ``ack_timeout_seconds`` (10 s), as the API
+            requires.
         http_give_up_seconds: a request that has failed for this long is abandoned (its events stay
             unacknowledged, and the checker's counts show them missing) so that the run ends.
     """
@@ -207,7 +210,8 @@ class Profile:
     lag_bound_seconds: float = 90.0
     http_fraction: float = 1 / 3
     http_timeout_seconds: float = 10.0
-    api_kill_between_requests: bool = True
+    api_kill_between_requests: bool = False
+    api_pending_ttl_seconds: int = 15
     http_give_up_seconds: float = 150.0
 
 
@@ -253,10 +257,8 @@ PROFILES: Final[dict[str, Profile]] = {
         postgres_down_seconds=(2.0, 8.0),
         lag_bound_seconds=120.0,
         # shorter than the longest stops and stalls: requests time out and are retried while the API
-        # still holds them; and the API may be killed in the middle of a request (its key then stays
-        # pending for 120 s, and the retries wait that out)
+        # still holds them
         http_timeout_seconds=5.0,
-        api_kill_between_requests=False,
         http_give_up_seconds=200.0,
     ),
 }
@@ -1117,7 +1119,8 @@ def run_chaos(
         api = _Managed(
             "api",
             [*py, "api", "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning"],
-            env, work / "logs" / "api.log", work,
+            {**env, "BACKBONE_API_IDEMPOTENCY_PENDING_TTL_SECONDS": str(prof.api_pending_ttl_seconds)},
+            work / "logs" / "api.log", work,
         )  # fmt: skip
         processes = [processor, projection, archive, relay, config_projection, api]
         for p in processes:

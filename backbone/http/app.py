@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from psycopg_pool import ConnectionPool
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backbone.http.auth import IdempotencyStore, RateLimiter, TokenStore, authenticate_request
@@ -62,6 +62,10 @@ class ApiSettings(BaseSettings):
         webhook_rate_per_second: refill of each webhook platform's bucket (requests per second).
         webhook_burst: bucket size of each webhook platform (requests).
         idempotency_ttl_seconds: how long a first response is kept for its idempotency key.
+        idempotency_pending_ttl_seconds: how long a key stays claimed by a request that never finished
+            (the API died in it): retries with that key get a 409 until then. Must exceed
+            ``ack_timeout_seconds``, or a retry could claim the key while the first request still waits
+            for the broker.
         ack_timeout_seconds: how long ingest waits for the broker's acknowledgement before a 503.
         retry_after_seconds: ``Retry-After`` sent with a 503.
         github_secret: GitHub webhook secret; unset disables ``/webhooks/github``.
@@ -85,6 +89,7 @@ class ApiSettings(BaseSettings):
     webhook_rate_per_second: float = Field(default=50.0, gt=0)
     webhook_burst: int = Field(default=200, ge=1)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
+    idempotency_pending_ttl_seconds: int = Field(default=120, ge=1)
     ack_timeout_seconds: float = Field(default=10.0, gt=0)
     retry_after_seconds: int = Field(default=5, ge=1)
     github_secret: SecretStr | None = None
@@ -93,6 +98,16 @@ class ApiSettings(BaseSettings):
     external_topic: str = "external.events"
     sse_buffer_events: int = Field(default=1000, ge=1)
     sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pending_outlives_the_ack_wait(self) -> ApiSettings:
+        if self.idempotency_pending_ttl_seconds <= self.ack_timeout_seconds:
+            raise ValueError(
+                f"idempotency_pending_ttl_seconds ({self.idempotency_pending_ttl_seconds}) must exceed "
+                f"ack_timeout_seconds ({self.ack_timeout_seconds}): a retry could otherwise claim a key "
+                "whose first request still waits for the broker"
+            )
+        return self
 
 
 _REQUESTS = Counter(
@@ -235,6 +250,9 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
             max_size=max(settings.postgres.pool_max_size, 4),
             open=False,
             name="backbone-api",
+            # a connection PostgreSQL dropped (a restart, pg_terminate_backend, an idle timeout) is
+            # replaced when it is handed out, not found broken by the request that gets it (a 503)
+            check=ConnectionPool.check_connection,
         )
         await run_in_threadpool(pool.open, True, 30.0)
         client = redis.Redis.from_url(settings.redis.dsn(), socket_timeout=5, socket_connect_timeout=5)
@@ -260,7 +278,11 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         app.state.topics = topics
         app.state.tokens = tokens
         app.state.rate_limiter = RateLimiter(client)
-        app.state.idempotency = IdempotencyStore(client, ttl_seconds=api.idempotency_ttl_seconds)
+        app.state.idempotency = IdempotencyStore(
+            client,
+            ttl_seconds=api.idempotency_ttl_seconds,
+            pending_ttl_seconds=api.idempotency_pending_ttl_seconds,
+        )
         app.state.sse_streams = set()
         _log.info("api.started", kafka=settings.kafka.bootstrap_servers)
         try:

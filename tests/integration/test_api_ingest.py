@@ -65,6 +65,7 @@ def api_settings() -> ApiSettings:
         max_body_bytes=64 * 1024,
         max_batch_events=50,
         ack_timeout_seconds=3,
+        idempotency_pending_ttl_seconds=4,
         rate_per_second=1000,
         burst=1000,
         external_topic=f"external-test-{uuid.uuid4().hex[:8]}",
@@ -241,6 +242,40 @@ def test_idempotency_key_replays_first_answer(
     other = client.post(f"/events/{RUN}", params={"topic": topic}, json=[_run_event("z")], headers=h)
     assert other.status_code == 422
     assert sorted(x.attributes.id for x in _records(settings, topic)) == sorted(first.json()["ids"])
+
+
+def test_a_key_left_pending_by_a_dead_request_is_free_after_the_pending_ttl(
+    server: ServerThread, client: httpx.Client, settings: Settings, topic: str, admin_token: str
+) -> None:
+    """A key claimed by a request the API died in answers 409 to its retries until
+    ``idempotency_pending_ttl_seconds`` (4 s here) have passed, then the retry is served once."""
+    import hashlib
+
+    import redis
+
+    from backbone.http.auth import IdempotencyStore
+
+    assert server.server.config.app.state.idempotency.pending_ttl_seconds == 4  # the API's own claims
+    token_id = admin_token.split("_")[1]  # bb_<token id>_<secret>
+    key = f"k-{uuid.uuid4()}"
+    body = json.dumps(_run_event()).encode()
+    # the dead request's claim, with the fingerprint the API gives this request (method, path, query, body)
+    fingerprint = hashlib.sha256(f"POST /events/{RUN}?topic={topic}\n".encode() + body).hexdigest()
+    store = IdempotencyStore(redis.Redis.from_url(settings.redis.dsn()), pending_ttl_seconds=4)
+    assert store.claim(f"events:{token_id}:{key}", fingerprint) is None
+    h = {**_auth(admin_token), "Idempotency-Key": key, "Content-Type": "application/json"}
+
+    def post() -> httpx.Response:
+        return client.post(f"/events/{RUN}", params={"topic": topic}, content=body, headers=h)
+
+    pending = post()
+    assert pending.status_code == 409, pending.text
+    deadline = time.monotonic() + 10
+    while (r := post()).status_code == 409:
+        assert time.monotonic() < deadline, "the pending claim outlived its TTL"
+        time.sleep(0.5)
+    assert r.status_code == 202, r.text
+    assert [x.attributes.id for x in _records(settings, topic)] == r.json()["ids"]
 
 
 def test_rate_limit_answers_429(client: httpx.Client, tokens: TokenStore, topic: str) -> None:

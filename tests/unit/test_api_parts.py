@@ -121,6 +121,19 @@ def test_api_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_a_pending_idempotency_claim_must_outlive_the_ack_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``idempotency_pending_ttl_seconds`` at or below ``ack_timeout_seconds`` is refused, naming both."""
+    from pydantic import ValidationError
+
+    assert ApiSettings().idempotency_pending_ttl_seconds == 120
+    with pytest.raises(
+        ValidationError, match="idempotency_pending_ttl_seconds .10. must exceed ack_timeout_seconds"
+    ):
+        ApiSettings(idempotency_pending_ttl_seconds=10, ack_timeout_seconds=10)
+    monkeypatch.setenv("BACKBONE_API_IDEMPOTENCY_PENDING_TTL_SECONDS", "15")
+    assert ApiSettings().idempotency_pending_ttl_seconds == 15
+
+
 def test_default_key_field_follows_the_catalogue_then_the_type() -> None:
     """The topic's key in the catalogue; outside it, the key of the catalogue topic that carries the type; else none."""
     from backbone.http.ingest import default_key_field
