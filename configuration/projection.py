@@ -39,6 +39,7 @@ from configuration.schemas import check_key
 from configuration.store import ConfigStore
 from core.settings import Settings, get_settings
 from streams.consumer import ConsumedEvent, decode_message, make_consumer
+from streams.producer import epoch_ms
 from streams.serde import serde_from_settings
 
 __all__ = ["REDIS_PREFIX", "Config", "ConfigProjection", "CurrentValue"]
@@ -180,7 +181,7 @@ class ConfigProjection:
                     e.attributes.id,
                     d["author"],
                     d["reason"],
-                    int(d["changed_at"].timestamp() * 1000),
+                    epoch_ms(d["changed_at"]),
                     d["key"],
                 ],
                 client=pipe,

@@ -34,6 +34,7 @@ from streams.catalogue import CATALOGUE
 from streams.consumer import ConsumedEvent, DecodeFailure, RawRecord
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
+from streams.producer import epoch_ms
 from streams.serde import AvroSerde
 
 __all__ = ["ARCHIVE_TABLE", "ArchiveProjection", "ArchivedRecord", "headers_from_json", "read_archive"]
@@ -187,7 +188,7 @@ class ArchivedRecord:
         """The record as read from the log (for a reader with its own decoder)."""
         return RawRecord(
             topic=self.topic, partition=self.partition, offset=self.offset,
-            timestamp_ms=int(self.record_timestamp.timestamp() * 1000), key=self.key, value=self.value,
+            timestamp_ms=epoch_ms(self.record_timestamp), key=self.key, value=self.value,
             headers=self.headers,
         )  # fmt: skip
 
@@ -198,7 +199,7 @@ class ArchivedRecord:
         ``decoder`` (a projection's own ``decode``), as that reader would have."""
         if decoder is not None:
             return decoder(self.raw())
-        ts_ms = int(self.record_timestamp.timestamp() * 1000)
+        ts_ms = epoch_ms(self.record_timestamp)
         try:
             attributes = CloudEvent.from_headers(self.headers)
             schema, data = serde.decode(self.value or b"")

@@ -40,6 +40,7 @@ from core.settings import KafkaSettings
 from projections.archive import ARCHIVE_TABLE, read_archive
 from projections.errors import ProjectionError
 from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.producer import epoch_ms
 
 __all__ = ["CheckpointMoved", "PartitionRestored", "ReseedError", "ReseedReport", "reseed_log"]
 
@@ -276,7 +277,7 @@ def _write_partition(
         old_offsets.append(rec.offset)
         kwargs: dict[str, Any] = {
             "key": rec.key, "value": rec.value, "headers": list(rec.headers), "partition": partition,
-            "timestamp": int(rec.record_timestamp.timestamp() * 1000), "on_delivery": on_delivery(i),
+            "timestamp": epoch_ms(rec.record_timestamp), "on_delivery": on_delivery(i),
         }  # fmt: skip
         while True:
             try:

@@ -74,6 +74,7 @@ from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
+from streams.producer import epoch_ms
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
 
@@ -185,7 +186,7 @@ COUNTERS = (
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(v.timestamp() * 1000) if isinstance(v, datetime) else v for k, v in record.items()}
+    return {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in record.items()}
 
 
 class _IncidentShell:
