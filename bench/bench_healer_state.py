@@ -5,12 +5,21 @@ healer with the default thresholds; after every event the state is dumped as the
 table value: sorted compact JSON, zlib level 1). Reported: events, decisions, the JSON and stored sizes
 (final, median, p99, max, in bytes), the bytes of each part in the final state, and the time of one
 dump (snapshot + JSON + zlib, in ms). For scale, the JSON size of all the decisions made is given too
-(the state cannot be rebuilt from them: it holds the windows of calls, not only their outcomes).
+(the state cannot be rebuilt from them: it holds the windows' buckets of calls, not only their outcomes).
+
+``--steady SECONDS`` measures instead the rollback monitor's part alone under a steady synthetic load
+(the part whose windows are longest): ``--rate`` calls/s of event time for SECONDS over ``--pairs``
+provider/model pairs (8 providers, 5 agents, so each call touches a provider, a model and an agent, as
+the background of ``bench_heal_latency`` does), 1 % failures, lognormal latencies (median 1,100 ms) and
+costs (median 0.0009 USD), default thresholds, the watermark advanced every second. Reported every
+``--every-seconds`` of event time: the part's JSON bytes (sorted compact), zlib level 1 bytes, and the
+time to dump and serialise it (ms).
 
 Usage::
 
     python -m bench.bench_healer_state          # the table
     python -m bench.bench_healer_state --json
+    python -m bench.bench_healer_state --steady 1500 --rate 1000
 """
 
 from __future__ import annotations
@@ -83,11 +92,76 @@ def run_benchmark(every: int = 1) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def run_steady(
+    seconds: int, rate: int = 1000, pairs: int = 40, every_seconds: int = 100
+) -> list[dict[str, Any]]:
+    """The rollback monitor's state under a steady load (see the module docstring).
+
+    Returns:
+        ``[{"t_s", "calls", "json_bytes", "zlib_bytes", "dump_ms"}, ...]``, one row every ``every_seconds``
+        of event time and one at the end.
+    """
+    import random
+    from datetime import UTC, datetime
+
+    from configuration.schemas import HealingThresholds
+    from processors.healing.rollback import RollbackMonitor
+
+    rng = random.Random(7)
+    providers = [f"prov-{i}" for i in range(8)]
+    comps = [
+        [f"provider:{providers[p % 8]}", f"model:model-{p}", f"agent:agent-{p % 5}"] for p in range(pairs)
+    ]
+    lat = [rng.lognormvariate(7.0, 0.6) for _ in range(4099)]
+    cost = [rng.lognormvariate(-7.0, 0.8) for _ in range(4091)]
+    pick = [rng.randrange(pairs) for _ in range(4093)]
+    m = RollbackMonitor(HealingThresholds())
+    t0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    rows: list[dict[str, Any]] = []
+    n = 0
+    for sec in range(seconds):
+        m.advance(t0 + sec)
+        for i in range(rate):
+            m.on_call(comps[pick[n % 4093]], t0 + sec + i / rate, n % 100 != 0, lat[n % 4099], cost[n % 4091])
+            n += 1
+        if (sec + 1) % every_seconds == 0 or sec == seconds - 1:
+            t = time.perf_counter()
+            raw = json.dumps(m.dump_state(), sort_keys=True, separators=(",", ":")).encode()
+            ms = (time.perf_counter() - t) * 1000
+            rows.append({"t_s": sec + 1, "calls": n, "json_bytes": len(raw), "zlib_bytes": len(zlib.compress(raw, 1)),
+                         "dump_ms": round(ms, 1)})  # fmt: skip
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_healer_state", description=__doc__)
     ap.add_argument("--every", type=int, default=1, help="measure after every N-th event")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--steady",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="the rollback monitor under a steady load instead",
+    )
+    ap.add_argument("--rate", type=int, default=1000, help="--steady: calls per second of event time")
+    ap.add_argument("--pairs", type=int, default=40, help="--steady: provider/model pairs")
+    ap.add_argument(
+        "--every-seconds", type=int, default=100, help="--steady: a row every N seconds of event time"
+    )
     args = ap.parse_args(argv)
+    if args.steady:
+        rows = run_steady(args.steady, args.rate, args.pairs, args.every_seconds)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(
+                f"rollback monitor, {args.rate} calls/s over {args.pairs} provider/model pairs (default thresholds)"
+            )
+            for r in rows:
+                print(f"  t {r['t_s']:>6} s  calls {r['calls']:>9}  JSON {r['json_bytes']:>10} B  zlib {r['zlib_bytes']:>9} B"
+                      f"  dump {r['dump_ms']:>8} ms")  # fmt: skip
+        return 0
     if not (DATA / "results.csv").is_file():
         print(f"skipped: no agent runs at {DATA}")
         return 0

@@ -49,6 +49,7 @@ from processors.healing.rollback import RollbackMonitor
 __all__ = [
     "HEALING_CONFIG_PREFIX",
     "MAX_OPEN_ESCALATIONS",
+    "READABLE_SNAPSHOT_FORMATS",
     "SNAPSHOT_FORMAT",
     "Healer",
     "HealingConfig",
@@ -57,8 +58,12 @@ __all__ = [
 ]
 
 HEALING_CONFIG_PREFIX = "healing."
-#: Version of the layout of :meth:`Healer.snapshot`; :meth:`Healer.restore` refuses any other.
-SNAPSHOT_FORMAT = 1
+#: Version of the layout of :meth:`Healer.snapshot`. 2: the rollback monitor keeps buckets of calls
+#: (counts and histograms) instead of calls; :meth:`Healer.restore` converts a format 1 snapshot (its
+#: kept calls go into their buckets) and refuses any other.
+SNAPSHOT_FORMAT = 2
+#: Snapshot formats :meth:`Healer.restore` reads.
+READABLE_SNAPSHOT_FORMATS = (1, 2)
 #: Escalations kept waiting for an ack; when one more is raised the oldest is forgotten (its ack is then unmatched).
 MAX_OPEN_ESCALATIONS = 10_000
 
@@ -364,12 +369,13 @@ class Healer:
         """A healer in the state :meth:`snapshot` described (its configuration included).
 
         Raises:
-            SnapshotError: ``snapshot`` has another ``format`` or is not a healer's state (the cause
-                is chained).
+            SnapshotError: ``snapshot``'s ``format`` is not one of :data:`READABLE_SNAPSHOT_FORMATS` or
+                it is not a healer's state (the cause is chained). A format 1 snapshot is converted
+                (:meth:`RollbackMonitor.load_state`); the healer then snapshots in :data:`SNAPSHOT_FORMAT`.
         """
-        if snapshot.get("format") != SNAPSHOT_FORMAT:
+        if snapshot.get("format") not in READABLE_SNAPSHOT_FORMATS:
             raise SnapshotError(
-                f"healer snapshot format {snapshot.get('format')!r}, this healer reads {SNAPSHOT_FORMAT}"
+                f"healer snapshot format {snapshot.get('format')!r}, this healer reads {READABLE_SNAPSHOT_FORMATS}"
             )
         try:
             cfg = snapshot["config"]

@@ -172,7 +172,7 @@ def test_state_is_pruned_as_event_time_moves_on(monkeypatch: pytest.MonkeyPatch)
     assert [d["id"] for d in snap["escalations"]] == escalations
     assert snap["retries"] == {"heap": [], "requests": []}
     assert list(snap["health"]["runs"]) == ["r-late"] and snap["rollbacks"]["changes"] == []
-    assert set(snap["rollbacks"]["calls"]) == {"provider:S", "model:m"}  # only the last call's components
+    assert set(snap["rollbacks"]["buckets"]) == {"provider:S", "model:m"}  # only the last call's components
     assert all(len(b["window"]) <= 1 for b in snap["breakers"].values())
     assert len(json.dumps(snap)) < size
     # at most MAX_OPEN_ESCALATIONS wait: one more drops the oldest (and its pending rollback)
@@ -198,3 +198,17 @@ def test_restore_refuses_another_format_and_garbage() -> None:
     with pytest.raises(SnapshotError, match="not a healer snapshot"):
         Healer.restore({**snap, "breakers": {"provider:X": {"state": "sideways"}}})
     assert Healer.restore(snap).snapshot() == snap
+
+
+def test_a_format_1_snapshot_is_converted_and_snapshots_again_in_the_current_format() -> None:
+    """Format 1 kept the rollback monitor's calls whole; restore puts them into buckets."""
+    snap = json.loads(json.dumps(Healer(HealingConfig(THRESHOLDS, 1)).snapshot()))
+    rb = {k: v for k, v in snap["rollbacks"].items() if k not in ("buckets", "bucket_seconds", "kept_from")}
+    t_us = int(T0.timestamp() * 1_000_000)
+    rb["calls"] = {"provider:G": [[t_us, False, 900.0, 0.001], [t_us + 1_000_000, True, 800.0, 0.002]]}
+    rb["counted"] = {"provider:G": [[int(T0.timestamp()) + 1, 5, 1]]}
+    restored = Healer.restore({**snap, "format": 1, "rollbacks": rb})
+    again = restored.snapshot()
+    assert again["format"] == SNAPSHOT_FORMAT == 2
+    [[_, calls, failures, latency, cost]] = again["rollbacks"]["buckets"]["provider:G"]  # one 3 s bucket
+    assert (calls, failures, latency[0], sum(latency[2:]), sum(cost[2:])) == (7, 2, 0, 2, 2)
