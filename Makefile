@@ -6,7 +6,13 @@ BIN    := $(VENV)/bin
 DATA   ?= datasets/agent_runs
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-unit test-integration bench chaos soak lint eval clean
+# Quix Streams for bench/bench_processors.py, in a virtualenv of its own: it pins confluent-kafka < 2.13, the
+# backbone runs 2.16. Not a dependency of the project; only bench/quix_count.py runs in it.
+QUIX_VENV   ?= .venv-quix
+QUIXSTREAMS ?= 3.28.1
+QUIX_STAMP  := $(QUIX_VENV)/.installed-quixstreams-$(QUIXSTREAMS)
+
+.PHONY: install demo test test-unit test-integration bench bench-quix-venv chaos soak lint eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +36,16 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration tests/e2e
 
-bench: $(STAMP)
+bench: $(STAMP) $(QUIX_STAMP)
 	$(BIN)/python -m bench
+
+# Quix Streams' own virtualenv (`make bench` makes it; bench/bench_processors.py skips its rows without it)
+$(QUIX_STAMP):
+	test -x $(QUIX_VENV)/bin/python || $(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/python -m pip install -q --disable-pip-version-check 'quixstreams==$(QUIXSTREAMS)'
+	rm -f $(QUIX_VENV)/.installed-*; touch $@
+
+bench-quix-venv: $(QUIX_STAMP)
 
 # Faults (SIGKILL, SIGSTOP, PostgreSQL restarts) under a seeded workload, then the history checker; SEED=N to vary.
 SEED ?= 1
@@ -61,7 +75,7 @@ eval: $(STAMP)
 	$(BIN)/backbone routing eval-learner --router .backbone/routing/learner.npz --data $(SHARED)/routing/mmlu --online
 
 clean:
-	rm -rf $(VENV) .backbone .pytest_cache
+	rm -rf $(VENV) $(QUIX_VENV) .backbone .pytest_cache
 
 # ---- production deployment (paste into the Makefile; see docs/PRODUCTION.md) ----------------------
 # `make up` / `make down` need Docker Compose v2 and, for the gpu profile, the NVIDIA container toolkit.
