@@ -12,7 +12,7 @@ QUIX_VENV   ?= .venv-quix
 QUIXSTREAMS ?= 3.28.1
 QUIX_STAMP  := $(QUIX_VENV)/.installed-quixstreams-$(QUIXSTREAMS)
 
-.PHONY: install demo test test-unit test-integration bench bench-quix-venv chaos soak lint eval clean
+.PHONY: install demo test test-unit test-integration bench bench-tools bench-quix-venv chaos soak lint eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,14 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration tests/e2e
 
-bench: $(STAMP) $(QUIX_STAMP)
+bench: $(STAMP) $(QUIX_STAMP) bench-tools
 	$(BIN)/python -m bench
+
+# ApacheBench (Debian's apache2-utils): the C load generator of bench/bench_ingest.py --ab
+bench-tools:
+	command -v ab >/dev/null || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends apache2-utils; }
 
 # Quix Streams' own virtualenv (`make bench` makes it; bench/bench_processors.py skips its rows without it)
 $(QUIX_STAMP):

@@ -16,7 +16,7 @@ BENCHES = [
     ("bench.bench_producer", ["--events", "100000"], ["--events", "20000"]),
     ("bench.bench_projections", [], ["--events", "100000"]),
     ("bench.bench_config", [], []),
-    ("bench.bench_ingest", [], []),
+    ("bench.bench_ingest", ["--ab"], ["--ab"]),
     ("bench.bench_inference", [], []),
     ("bench.bench_correlation", [], []),
     ("bench.bench_routing", [], []),

@@ -5,7 +5,14 @@ FastAPI endpoint that only parses the same body (``json.loads``) and answers 202
 recorded for both HTTP paths at one event per request. Issue 16's target: the ingest at 0.5 or more of the
 bare endpoint's rate, with p95 under 100 ms, at 50 concurrent clients.
 
-Run: ``python bench/bench_ingest.py [--single N] [--batches N] [--concurrency N]``. It starts the embedded
+Run: ``python bench/bench_ingest.py [--single N] [--batches N] [--concurrency N] [--ab]``.
+
+The client of the single-event rows is an ``httpx`` asyncio client in this process, which on a 2-core machine
+competes with the server for the cores and limits both paths alike. ``--ab`` adds the same single-event load
+driven by ApacheBench (``ab -k -c N -n M -p body``, Debian's ``apache2-utils``, installed by ``make
+bench-tools``; one C process, keep-alive, the same body every request), the usual HTTP load generator, so
+the servers get the cores; its rows are named ``(ab)`` and its percentiles come from ab's own table
+(whole ms). It starts the embedded
 dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
 uvicorn in a child process (so the client does not share the server's interpreter), authenticates with
 a real token (PostgreSQL lookup and Redis rate limit on every request), and waits for the broker's
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -30,6 +38,8 @@ from typing import Any
 import httpx
 from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg_pool import ConnectionPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: bench.common importable
 
 __all__ = ["main"]
 
@@ -121,6 +131,57 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.3)
 
 
+def _ab(url: str, token: str | None, body: bytes, requests: int, concurrency: int) -> dict[str, float]:
+    """Drive ``url`` with ApacheBench: ``requests`` POSTs of ``body``, ``concurrency`` in flight, keep-alive.
+
+    Returns:
+        ``{"rps", "p50_ms", "p95_ms", "p99_ms", "failed"}`` from ab's report (percentiles in whole ms).
+
+    Raises:
+        FileNotFoundError: ``ab`` is not on PATH (``make bench-tools``).
+        RuntimeError: ab failed, or a request was not answered 202 (ab counts other answers as non-2xx).
+    """
+    import re
+    import shutil
+
+    if shutil.which("ab") is None:
+        raise FileNotFoundError("ab (ApacheBench) is not installed: make bench-tools")
+    with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as f:
+        f.write(body)
+    cmd = [
+        "ab",
+        "-q",
+        "-k",
+        "-c",
+        str(concurrency),
+        "-n",
+        str(requests),
+        "-p",
+        f.name,
+        "-T",
+        "application/json",
+    ]
+    if token:
+        cmd += ["-H", f"Authorization: Bearer {token}"]
+    try:
+        done = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        os.unlink(f.name)
+    out = done.stdout
+    if done.returncode != 0:
+        raise RuntimeError(f"ab failed ({done.returncode}): {done.stderr[-500:]}")
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"{non2xx.group(1)} of {requests} requests were not answered 2xx by {url}")
+    pct = {int(a): float(b) for a, b in re.findall(r"^\s+(\d+)%\s+(\d+)", out, re.M)}
+    rps = re.search(r"Requests per second:\s+([\d.]+)", out)
+    failed = re.search(r"Failed requests:\s+(\d+)", out)
+    if rps is None or not {50, 95, 99} <= set(pct):
+        raise RuntimeError(f"unexpected ab report: {out[-800:]}")
+    return {"rps": float(rps.group(1)), "p50_ms": pct[50], "p95_ms": pct[95], "p99_ms": pct[99],
+            "failed": float(failed.group(1)) if failed else 0.0}  # fmt: skip
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
@@ -141,7 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", type=int, default=2000, help="requests of one event")
     parser.add_argument("--batches", type=int, default=200, help="requests of 100 events")
     parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
+    parser.add_argument("--ab", action="store_true", help="also drive the single-event load with ApacheBench")
     args = parser.parse_args(argv)
+    ab: dict[str, dict[str, float]] = {}
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         settings, pg_url = stack_settings(info, state_dir, "bench_ingest")
@@ -178,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
             single_s = asyncio.run(
                 _http(base, token, topic, data[: args.single], args.concurrency, single_lat)
             )
+            if args.ab:
+                ab["ingest"] = _ab(f"{base}/events/{TYPE}?topic={topic}", token, json.dumps(data[0]).encode(),
+                                   args.single, args.concurrency)  # fmt: skip
             batches = [data[i * 100 : (i + 1) * 100] for i in range(args.batches)]
             batch_s = asyncio.run(_http(base, token, topic, batches, max(1, args.concurrency // 4)))
         finally:
@@ -193,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
             bare_s = asyncio.run(
                 _http(bare_base, "none", topic, data[: args.single], args.concurrency, bare_lat)
             )
+            if args.ab:
+                ab["bare"] = _ab(f"{bare_base}/events/{TYPE}?topic={topic}", None, json.dumps(data[0]).encode(),
+                                 args.single, args.concurrency)  # fmt: skip
         finally:
             bare.terminate()
             bare.wait(15)
@@ -218,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
                             ("backbone ingest (validate, acks=all)", single_s, single_lat)):  # fmt: skip
         print(f"{name:<34}{args.single / secs:>12,.0f}{_pct(lat, 0.5):>9.1f}{_pct(lat, 0.95):>9.1f}"
               f"{_pct(lat, 0.99):>9.1f}{args.single / secs / bare_rps:>9.2f}")  # fmt: skip
+    for name, key in (("bare FastAPI (ab)", "bare"), ("backbone ingest (ab)", "ingest")):
+        if key in ab:
+            r = ab[key]
+            print(f"{name:<34}{r['rps']:>12,.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+                  f"{r['rps'] / ab['bare']['rps'] if 'bare' in ab else float('nan'):>9.2f}")  # fmt: skip
     print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
     print(
         f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}"

@@ -66,6 +66,9 @@ class ApiSettings(BaseSettings):
             (the API died in it): retries with that key get a 409 until then. Must exceed
             ``ack_timeout_seconds``, or a retry could claim the key while the first request still waits
             for the broker.
+        token_cache_seconds: how long an API process keeps a live token in memory instead of querying
+            PostgreSQL per request (0 turns the cache off). Revocations reach it at once by ``NOTIFY``;
+            while its listener is disconnected the cache is off (:class:`backbone.http.auth.TokenStore`).
         ack_timeout_seconds: how long ingest waits for the broker's acknowledgement before a 503.
         retry_after_seconds: ``Retry-After`` sent with a 503.
         github_secret: GitHub webhook secret; unset disables ``/webhooks/github``.
@@ -90,6 +93,7 @@ class ApiSettings(BaseSettings):
     webhook_burst: int = Field(default=200, ge=1)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
     idempotency_pending_ttl_seconds: int = Field(default=120, ge=1)
+    token_cache_seconds: float = Field(default=30.0, ge=0)
     ack_timeout_seconds: float = Field(default=10.0, gt=0)
     retry_after_seconds: int = Field(default=5, ge=1)
     github_secret: SecretStr | None = None
@@ -259,8 +263,9 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         admin = AdminClient(settings.kafka.librdkafka())
         producer = AckingProducer(settings.kafka, serde, ack_timeout_seconds=api.ack_timeout_seconds)
         topics = TopicDirectory(admin)
-        tokens = TokenStore(pool)
+        tokens = TokenStore(pool, cache_seconds=api.token_cache_seconds)
         await run_in_threadpool(tokens.ensure_schema)
+        tokens.start_listener()
         try:
             specs = [replace(s, name=api.external_topic) for s in EXTERNAL_TOPICS]
             created = await run_in_threadpool(topics.ensure, specs)
@@ -288,6 +293,7 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await run_in_threadpool(tokens.stop_listener)
             await run_in_threadpool(producer.close)
             client.close()
             await run_in_threadpool(pool.close)

@@ -8,6 +8,13 @@ an index probe on the hash.
 Scopes: ``produce:<topic>``, ``subscribe:<topic>``, ``replay``, ``admin``; ``*`` is a wildcard
 (``produce:*``, ``*``). ``admin`` grants every scope.
 
+A running API keeps the principals of tokens it has seen in memory (:class:`TokenStore` with
+``cache_seconds``), so a request costs no PostgreSQL query: a revocation is sent with ``NOTIFY
+backbone_api_tokens`` in the revoking transaction, and every API process listens on a connection of its
+own and drops the revoked token at once. While that listener is not connected the cache is not used
+(every request queries PostgreSQL), and on each (re)connection the cache is emptied, since notifications
+may have been missed; ``cache_seconds`` bounds how long an entry lives regardless.
+
 Rate limits are token buckets kept in Redis and updated by one Lua script (atomic, clock from Redis
 ``TIME`` so that API replicas agree). Idempotency keys store the first response in Redis for a TTL.
 """
@@ -20,6 +27,8 @@ import hashlib
 import json
 import math
 import secrets
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -153,15 +162,83 @@ class TokenInfo:
         }
 
 
+REVOCATION_CHANNEL = "backbone_api_tokens"
+"""The PostgreSQL ``NOTIFY`` channel of revocations; the payload is the token id."""
+
+
 class TokenStore:
     """API tokens in PostgreSQL (table ``backbone_api.tokens``), hashed.
 
     Args:
         pool: a psycopg connection pool on the backbone's database.
+        cache_seconds: how long :meth:`authenticate` keeps a live token's principal in memory (seconds);
+            0 (the default) keeps none. The cache is used only while :meth:`start_listener` runs and is
+            connected (see the module docstring).
+        cache_max_entries: tokens kept at most; the cache is emptied when it is full.
     """
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(
+        self, pool: ConnectionPool, *, cache_seconds: float = 0.0, cache_max_entries: int = 10_000
+    ) -> None:
         self.pool = pool
+        self.cache_seconds = cache_seconds
+        self.cache_max_entries = cache_max_entries
+        self._cache: dict[str, tuple[Principal, float]] = {}  # token hash -> (principal, expiry, monotonic s)
+        self._lock = threading.Lock()
+        self._listening = False
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    def start_listener(self) -> None:
+        """Listen for revocations on a connection of its own (a daemon thread), which turns the cache on.
+
+        Reconnects after one second when PostgreSQL drops the connection; meanwhile the cache is off.
+        """
+        if self.cache_seconds <= 0 or self._listener is not None:
+            return
+        self._stop.clear()
+        self._listener = threading.Thread(target=self._listen, name="token-revocations", daemon=True)
+        self._listener.start()
+
+    def stop_listener(self) -> None:
+        """Stop listening (within about a second) and empty the cache."""
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(5)
+            self._listener = None
+        self._set_listening(False)
+
+    @property
+    def listening(self) -> bool:
+        """Whether revocations are being received (the cache is in use)."""
+        return self._listening
+
+    def _set_listening(self, on: bool) -> None:
+        with self._lock:
+            self._cache.clear()  # notifications may have been missed while not listening
+            self._listening = on
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.pool.conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"listen {REVOCATION_CHANNEL}")
+                    self._set_listening(True)
+                    _log.info("api.token_listener_connected")
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=1.0):
+                            self._evict(notify.payload)
+            except psycopg.Error as exc:
+                if self._listening:
+                    _log.warning("api.token_listener_lost", error=str(exc))
+                self._set_listening(False)
+                self._stop.wait(1.0)
+        self._set_listening(False)
+
+    def _evict(self, token_id: str) -> None:
+        with self._lock:
+            for h in [h for h, (p, _) in self._cache.items() if p.token_id == token_id]:
+                del self._cache[h]
 
     def ensure_schema(self) -> None:
         """Create the schema and table when missing (idempotent)."""
@@ -210,18 +287,33 @@ class TokenStore:
         return token, info
 
     def authenticate(self, token: str) -> Principal | None:
-        """The principal of a live (not revoked) token, or ``None`` for an unknown or revoked one."""
+        """The principal of a live (not revoked) token, or ``None`` for an unknown or revoked one.
+
+        Raises:
+            psycopg.Error: PostgreSQL cannot be reached (and the token is not cached).
+        """
+        digest = hash_token(token)
+        if self._listening:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[1] > time.monotonic():
+                return hit[0]
         with self.pool.connection() as conn:
             row = conn.execute(
                 "select token_id, name, scopes, rate_per_second, burst from backbone_api.tokens"
                 " where token_sha256 = %s and revoked_at is null",
-                (hash_token(token),),
+                (digest,),
             ).fetchone()
         if row is None:
             return None
-        return Principal(
+        principal = Principal(
             token_id=row[0], name=row[1], scopes=tuple(row[2]), rate_per_second=row[3], burst=row[4]
         )
+        if self._listening:
+            with self._lock:
+                if len(self._cache) >= self.cache_max_entries:
+                    self._cache.clear()
+                self._cache[digest] = (principal, time.monotonic() + self.cache_seconds)
+        return principal
 
     def list(self, *, include_revoked: bool = False) -> list[TokenInfo]:
         """Every token (oldest first), without secrets."""
@@ -246,7 +338,8 @@ class TokenStore:
         ]
 
     def revoke(self, token_id: str) -> None:
-        """Revoke a token (kept in the table, marked revoked; effective for the next request).
+        """Revoke a token (kept in the table, marked revoked; effective for the next request: the API
+        processes that cached it are told by ``NOTIFY`` in the same transaction).
 
         Raises:
             AuthError: no live token has this id.
@@ -258,6 +351,8 @@ class TokenStore:
             )
             if cur.rowcount != 1:
                 raise AuthError(f"no live token with id {token_id!r}")
+            conn.execute("select pg_notify(%s, %s)", (REVOCATION_CHANNEL, token_id))
+        self._evict(token_id)
 
 
 # Token bucket: KEYS[1] = bucket hash; ARGV = rate (tokens/s), burst (tokens), cost (tokens).
