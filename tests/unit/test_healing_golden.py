@@ -51,7 +51,14 @@ CHECK_EVERY = 1_000
 
 PROVIDERS = [f"prov-{i}" for i in range(8)]
 AGENTS = [f"agent-{i}" for i in range(5)]
-COMMANDS = ["ls -la", "python reproduce.py", "pytest tests/  -x", "cat setup.py", "git diff", "grep -rn foo ."]
+COMMANDS = [
+    "ls -la",
+    "python reproduce.py",
+    "pytest tests/  -x",
+    "cat setup.py",
+    "git diff",
+    "grep -rn foo .",
+]
 
 
 def _healing(version: int, **values: Any) -> dict[str, Any]:
@@ -60,24 +67,26 @@ def _healing(version: int, **values: Any) -> dict[str, Any]:
                      "value_json": json.dumps(values), "author": "ana", "reason": "tune", "changed_at": None}}  # fmt: skip
 
 
+# fmt: off
 HEALING_CHANGES = {  # event index -> change (event time filled in by the generator)
     0: _healing(1, consecutive_failures=4, open_seconds=2, window_seconds=5, min_calls=8, error_rate=0.4,
                 retry_max_attempts=2, retry_base_seconds=0.2, retry_max_seconds=2,
                 fallback_chains={"prov-0": ["prov-1", "prov-2"], "prov-3/model-3": ["prov-4"]},
                 stall_seconds=3, runaway_min_peers=3, loop_repeats=3, loop_window=8, failing_streak=3,
-                rollback_window_seconds=3, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=3),  # fmt: skip
+                rollback_window_seconds=3, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=3),
     7_000: _healing(2, consecutive_failures=4, open_seconds=1.5, window_seconds=5, min_calls=8,
                     retry_max_attempts=3, retry_base_seconds=0.1, retry_max_seconds=1, stall_seconds=4,
                     runaway_min_peers=3, rollback_window_seconds=4, rollback_min_calls=15, rollback_mode="approval",
-                    half_open_max_probes=2, half_open_successes=2),  # fmt: skip
+                    half_open_max_probes=2, half_open_successes=2),
     11_000: _healing(3, error_rate=2.0),  # refused
     15_000: _healing(4, consecutive_failures=3, open_seconds=1, stall_seconds=4, runaway_min_peers=3,
-                     rollback_window_seconds=5, rollback_min_calls=15, rollback_mode="dry_run", rollback_max_per_hour=50),  # fmt: skip
+                     rollback_window_seconds=5, rollback_min_calls=15, rollback_mode="dry_run", rollback_max_per_hour=50),
     19_000: _healing(5, consecutive_failures=3, open_seconds=1, stall_seconds=4, runaway_min_peers=3,
-                     rollback_window_seconds=40, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=1),  # fmt: skip
+                     rollback_window_seconds=40, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=1),
     22_000: _healing(6, consecutive_failures=3, open_seconds=1, stall_seconds=4, runaway_min_peers=3,
-                     rollback_window_seconds=3, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=1),  # fmt: skip
+                     rollback_window_seconds=3, rollback_min_calls=15, rollback_mode="auto", rollback_max_per_hour=1),
 }
+# fmt: on
 
 
 def synthetic_events(n: int = EVENTS, seed: int = SEED) -> Iterator[dict[str, Any]]:
@@ -146,17 +155,23 @@ def synthetic_events(n: int = EVENTS, seed: int = SEED) -> Iterator[dict[str, An
                             "outcome": "Submitted"}}  # fmt: skip
             continue
         if r < 0.35:
-            command = COMMANDS[rng.randrange(len(COMMANDS))] if rng.random() < 0.7 else f"echo {rng.randrange(10**6)}"
+            command = (
+                COMMANDS[rng.randrange(len(COMMANDS))]
+                if rng.random() < 0.7
+                else f"echo {rng.randrange(10**6)}"
+            )
             rc = None if rng.random() < 0.02 else (0 if rng.random() < 0.7 else 1)
             yield {"schema": "sophia.agent.ToolCall", "id": f"{run}:{step}:tool",
                    "data": {"run_id": run, "step": step, "event_time": at, "command": command, "return_code": rc,
                             "timed_out": rng.random() < 0.01}}  # fmt: skip
             continue
         p = rng.randrange(40)
-        provider, model, agent = PROVIDERS[p % 8], f"model-{p}", AGENTS[p % 5] if rng.random() < 0.9 else None
+        provider: str | None = PROVIDERS[p % 8]
+        model, agent = f"model-{p}", AGENTS[p % 5] if rng.random() < 0.9 else None
         if rng.random() < 0.02:
             provider = None
-        request_id, attempt = None, 1
+        request_id: str | None = None
+        attempt = 1
         if retrying and rng.random() < 0.3:
             request_id, provider, attempt = retrying.pop(0)
             attempt += 1
@@ -229,22 +244,31 @@ def run_synthetic(recorder: _Recorder | None = None) -> dict[str, Any]:
     acks: dict[int, list[Decision]] = {}
     for i, ev in enumerate(synthetic_events()):
         for ack in acks.pop(i, []):
-            rec.note(i, healer.feed({"schema": "sophia.healing.Decision", "id": ack.id, "data": ack.to_avro()}))
+            rec.note(
+                i, healer.feed({"schema": "sophia.healing.Decision", "id": ack.id, "data": ack.to_avro()})
+            )
         out = healer.feed(ev)
         rec.note(i, out)
         for d in out:
             if d.kind == "escalation":
                 t = d.event_time + timedelta(milliseconds=1)
                 by = "bob" if len(acks) % 2 else "ana"
-                acks.setdefault(i + 200, []).append(
-                    Decision(kind="escalation_acked", subject=d.subject, event_time=t, config_version=0,
-                             details={"escalation_id": d.id, "by": by, "note": "ok"})  # fmt: skip
+                details = {"escalation_id": d.id, "by": by, "note": "ok"}
+                ack = Decision(
+                    kind="escalation_acked",
+                    subject=d.subject,
+                    event_time=t,
+                    config_version=0,
+                    details=details,
                 )
+                acks.setdefault(i + 200, []).append(ack)
         if i == 9_000:
-            acks.setdefault(i + 1, []).append(
-                Decision(kind="escalation_acked", subject="config:x", event_time=T0 + timedelta(seconds=18),
-                         config_version=0, details={"escalation_id": "no-such-escalation", "by": "ana", "note": "?"})  # fmt: skip
+            details = {"escalation_id": "no-such-escalation", "by": "ana", "note": "?"}
+            t = T0 + timedelta(seconds=18)
+            ack = Decision(
+                kind="escalation_acked", subject="config:x", event_time=t, config_version=0, details=details
             )
+            acks.setdefault(i + 1, []).append(ack)
         if i == EVENTS // 2:
             healer = Healer.restore(json.loads(json.dumps(healer.snapshot())))
     return rec.result(healer)
@@ -262,7 +286,8 @@ def run_agent_runs(recorder: _Recorder | None = None) -> dict[str, Any]:
 
 
 def _golden() -> dict[str, Any]:
-    return json.loads(GOLDEN.read_text())
+    golden: dict[str, Any] = json.loads(GOLDEN.read_text())
+    return golden
 
 
 def test_synthetic_decisions_match_golden() -> None:
