@@ -103,10 +103,16 @@ class AgentHealth:
         self._final_cost: deque[float] = deque(maxlen=PEER_HISTORY)
         self._final_steps: deque[int] = deque(maxlen=PEER_HISTORY)
         self._median_steps: float | None = None  # median of _final_steps, kept with it
+        self._medians: tuple[float, float, float] | None = (
+            None  # of the three finals deques, until one changes
+        )
+        # no run can stall or be forgotten before this event time (a lower bound; None: check at the next advance)
+        self._quiet_until: datetime | None = None
 
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Use new thresholds from now on."""
         self.thresholds, self.config_version = thresholds, config_version
+        self._quiet_until = None
 
     def _run(self, run_id: str) -> RunHealth:
         run = self.runs.get(run_id)
@@ -130,6 +136,8 @@ class AgentHealth:
         if run.started_at is None:
             run.started_at = at
             run.last_progress = at
+            if self._quiet_until is not None and at < self._quiet_until:
+                self._quiet_until = None  # a new run (of a late event) may stall before the bound
         run.last_time = at if run.last_time is None or at > run.last_time else run.last_time
         if "step" in data and data["step"] is not None:
             run.step = max(run.step, int(data["step"]))
@@ -147,6 +155,7 @@ class AgentHealth:
             self._final_cost.append(run.cost_usd)
             self._final_steps.append(run.step)
             self._median_steps = float(statistics.median(self._final_steps))
+            self._medians = None
             return out
         if not run.finished:
             out += self._stall(run, at, causation_id)
@@ -154,17 +163,40 @@ class AgentHealth:
 
     def advance(self, now: datetime | float) -> list[Decision]:
         """Check every unfinished run for a stall at watermark ``now`` (in run-id order), then forget the
-        runs with no event in the last ``3 * stall_seconds`` before ``now``."""
+        runs with no event in the last ``3 * stall_seconds`` before ``now``.
+
+        The runs are only looked at once ``now`` reaches the earliest time at which one of them could
+        stall or be forgotten (kept as a lower bound; a look that finds nothing changes nothing)."""
         now = to_utc(now)
+        if self._quiet_until is not None and now < self._quiet_until:
+            return []
         out: list[Decision] = []
-        horizon = now - timedelta(seconds=3 * self.thresholds.stall_seconds)
+        s = self.thresholds.stall_seconds
+        horizon = now - timedelta(seconds=3 * s)
         for run_id in sorted(self.runs):
             run = self.runs[run_id]
             if not run.finished:
                 out += self._stall(run, now, None)
             if run.last_time is not None and run.last_time <= horizon:
                 del self.runs[run_id]
+        self._quiet_until = self._next_check()
         return out
+
+    def _next_check(self) -> datetime | None:
+        """A time before which no run can stall or be forgotten (1 ms early, so float rounding cannot
+        make it late); None when a run has no times."""
+        s = self.thresholds.stall_seconds
+        soonest: datetime | None = None
+        for run in self.runs.values():
+            if run.last_time is None or run.last_progress is None:
+                return None
+            t = run.last_time + timedelta(seconds=3 * s)
+            level = run.levels.get("stall", -1)
+            if not run.finished and level < 2:
+                t = min(t, run.last_progress + timedelta(seconds=s * (level + 2)))
+            if soonest is None or t < soonest:
+                soonest = t
+        return None if soonest is None else soonest - timedelta(milliseconds=1)
 
     # -- signals --------------------------------------------------------------------------------
     def _tool(
@@ -180,6 +212,8 @@ class AgentHealth:
         digest = _digest(command)
         if not failed and rc == 0 and digest not in run.seen_ok:
             run.seen_ok.add(digest)
+            if run.last_progress is not None and at < run.last_progress:
+                self._quiet_until = None  # progress moved back (a late event): the run may stall sooner
             run.last_progress = at
         if run.recent.maxlen != t.loop_window:
             run.recent = deque(run.recent, maxlen=t.loop_window)
@@ -211,15 +245,20 @@ class AgentHealth:
         if len(self._final_tokens) < t.runaway_min_peers:
             return out
         f = t.runaway_factor
-        finals_of: tuple[tuple[str, float, deque[Any]], ...] = (
-            ("runaway_tokens", float(run.tokens), self._final_tokens),
-            ("runaway_cost", run.cost_usd, self._final_cost),
-            ("runaway_steps", float(run.step), self._final_steps),
+        medians = self._medians
+        if medians is None:
+            medians = self._medians = tuple(  # type: ignore[assignment]
+                float(statistics.median(d)) if d else 0.0
+                for d in (self._final_tokens, self._final_cost, self._final_steps)
+            )
+        finals_of: tuple[tuple[str, float, deque[Any], float], ...] = (
+            ("runaway_tokens", float(run.tokens), self._final_tokens, medians[0]),  # type: ignore[index]
+            ("runaway_cost", run.cost_usd, self._final_cost, medians[1]),  # type: ignore[index]
+            ("runaway_steps", float(run.step), self._final_steps, medians[2]),  # type: ignore[index]
         )
-        for signal, value, finals in finals_of:
+        for signal, value, finals, median in finals_of:
             if len(finals) < t.runaway_min_peers:
                 continue  # steps of peers finished before a restore from an older snapshot are unknown
-            median = float(statistics.median(finals))
             if median <= 0:
                 continue
             ratio = value / median
@@ -386,6 +425,8 @@ class AgentHealth:
         self._final_cost = deque((float(x) for x in data["final_cost"]), maxlen=PEER_HISTORY)
         self._final_steps = deque((int(x) for x in data.get("final_steps", ())), maxlen=PEER_HISTORY)
         self._median_steps = float(statistics.median(self._final_steps)) if self._final_steps else None
+        self._medians = None
+        self._quiet_until = None
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Open warnings: ``[{"run_id", "signal", "level", "step"}]`` of unfinished runs, in run-id order."""

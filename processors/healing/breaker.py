@@ -85,25 +85,32 @@ class CircuitBreaker:
         self._failures_in_window = 0
         self._probe = _Probe()
         self._watermark: datetime | None = None
+        self._watermark_us = 0  # to_us(self._watermark) once it is set
+        self._window_us = _window_us(thresholds)
+        self._board: BreakerBoard | None = None  # the board that keeps this breaker, told when it opens
+        self._epoch = 0  # the board's advance this breaker's window was last pruned at (see BreakerBoard)
 
     # -- configuration --------------------------------------------------------------------------
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Use new thresholds from now on (the window and the state are kept)."""
         self.thresholds = thresholds
         self.config_version = config_version
+        self._window_us = _window_us(thresholds)
 
     # -- time -----------------------------------------------------------------------------------
     def _tick(self, now: datetime) -> datetime:
         now = to_utc(now)
-        if self._watermark is None or now > self._watermark:
-            self._watermark = now
-        horizon = self._watermark - timedelta(seconds=self.thresholds.window_seconds)
-        edge = to_us(horizon)
-        while self._window and self._window[0][0] <= edge:  # type: ignore[operator]
-            _, calls, failures = self._window.popleft()
+        watermark = self._watermark
+        if watermark is None or now > watermark:
+            self._watermark = watermark = now
+            self._watermark_us = to_us(now)  # type: ignore[assignment]
+        edge = self._watermark_us - self._window_us  # to_us(watermark - window_seconds)
+        window = self._window
+        while window and window[0][0] <= edge:
+            _, calls, failures = window.popleft()
             self._calls_in_window -= calls
             self._failures_in_window -= failures
-        return self._watermark
+        return watermark
 
     def advance(self, now: datetime | float) -> list[Decision]:
         """Move event time to ``now``: an open circuit whose cool-down has passed turns half-open.
@@ -113,11 +120,17 @@ class CircuitBreaker:
         """
         watermark = self._tick(to_utc(now))
         if self.state is CircuitState.OPEN and self.opened_at is not None:
-            due = self.opened_at + timedelta(seconds=self.thresholds.open_seconds)
-            if watermark >= due:
+            due = self._due()
+            if due is not None and watermark >= due:
                 self._probe = _Probe()
                 return [self._transition(CircuitState.HALF_OPEN, due, "cool-down elapsed")]
         return []
+
+    def _due(self) -> datetime | None:
+        """When an open breaker's cool-down ends (None: not opened)."""
+        if self.opened_at is None:
+            return None
+        return self.opened_at + timedelta(seconds=self.thresholds.open_seconds)
 
     # -- admission ------------------------------------------------------------------------------
     def allow(self, now: datetime | float) -> tuple[bool, list[Decision]]:
@@ -209,6 +222,8 @@ class CircuitBreaker:
     def _open(self, at: datetime, reason: str) -> Decision:
         self.opened_at = at
         self.calls_while_open = 0
+        if self._board is not None:
+            self._board._opened(self)
         return self._transition(CircuitState.OPEN, at, reason)
 
     def _transition(self, to: CircuitState, at: datetime, reason: str) -> Decision:
@@ -299,6 +314,7 @@ class CircuitBreaker:
         b.opened_at = from_us(data["opened_at_us"])
         b.changed_at = from_us(data["changed_at_us"])
         b._watermark = from_us(data["watermark_us"])
+        b._watermark_us = 0 if data["watermark_us"] is None else int(data["watermark_us"])
         b.consecutive = int(data["consecutive"])
         b.calls_while_open = int(data["calls_while_open"])
         b._probe = _Probe(int(data["probe"][0]), int(data["probe"][1]))
@@ -318,6 +334,14 @@ class CircuitBreaker:
         return b
 
 
+def _window_us(thresholds: HealingThresholds) -> int:
+    """``window_seconds`` in whole microseconds, rounded as ``timedelta(seconds=window_seconds)`` rounds."""
+    return timedelta(seconds=thresholds.window_seconds) // _ONE_US
+
+
+_ONE_US = timedelta(microseconds=1)
+
+
 def circuit_keys(provider: str | None, model: str | None = None, agent: str | None = None) -> list[str]:
     """The circuits a call belongs to: ``provider:P``, ``model:P/M`` and ``agent:A`` (those that are known).
 
@@ -335,6 +359,13 @@ def circuit_keys(provider: str | None, model: str | None = None, agent: str | No
 class BreakerBoard:
     """Every circuit breaker, created on first sight of its target.
 
+    Advancing event time only matters to an open breaker (its cool-down may end); for the others it
+    only drops window buckets that have aged out. So :meth:`advance` advances the open breakers at once
+    and a closed or half-open one lazily, when it is next used (:meth:`get`, :meth:`snapshot`,
+    :meth:`dump_state`, :meth:`reconfigure`): its window is then pruned to the board's watermark, which
+    leaves it in the state advancing it every time would have (pruning is monotone), at a cost per
+    event that does not grow with the number of circuits.
+
     Args:
         thresholds: the healing configuration shared by every breaker.
         config_version: its version.
@@ -344,25 +375,69 @@ class BreakerBoard:
         self.thresholds = thresholds
         self.config_version = config_version
         self.breakers: dict[str, CircuitBreaker] = {}
+        self._watermark: datetime | None = None  # the largest time advance() was given
+        self._epoch = 0  # advances that raised the watermark
+        self._open: set[str] = set()  # keys of the breakers that may be open (a superset)
+        self._next_due: datetime | None = None  # no open breaker's cool-down ends before (None: unknown)
+
+    def _opened(self, breaker: CircuitBreaker) -> None:
+        self._open.add(breaker.key)
+        if self._next_due is not None:
+            self._next_due = min(self._next_due, breaker._due())  # type: ignore[type-var]
+
+    def _sync(self, breaker: CircuitBreaker) -> CircuitBreaker:
+        if breaker._epoch != self._epoch:
+            breaker._tick(self._watermark)  # type: ignore[arg-type]
+            breaker._epoch = self._epoch
+        return breaker
+
+    def _adopt(self, breaker: CircuitBreaker) -> CircuitBreaker:
+        breaker._board = self
+        breaker._epoch = self._epoch
+        if breaker.state is CircuitState.OPEN:
+            self._open.add(breaker.key)
+            self._next_due = None
+        return breaker
 
     def get(self, key: str) -> CircuitBreaker:
-        """The breaker of ``key``, created closed when new."""
+        """The breaker of ``key`` (advanced to the board's watermark), created closed when new."""
         breaker = self.breakers.get(key)
         if breaker is None:
-            breaker = self.breakers[key] = CircuitBreaker(key, self.thresholds, self.config_version)
+            breaker = self.breakers[key] = self._adopt(
+                CircuitBreaker(key, self.thresholds, self.config_version)
+            )
+            return breaker
+        if breaker._epoch != self._epoch:
+            self._sync(breaker)
         return breaker
 
     def reconfigure(self, thresholds: HealingThresholds, config_version: int) -> None:
         """Apply new thresholds to every breaker, present and future."""
+        for breaker in self.breakers.values():
+            self._sync(breaker)  # prune with the window the time passed under
         self.thresholds, self.config_version = thresholds, config_version
         for breaker in self.breakers.values():
             breaker.reconfigure(thresholds, config_version)
+        self._next_due = None
 
     def advance(self, now: datetime | float) -> list[Decision]:
         """Advance every breaker to ``now`` (in key order, so the output order is deterministic)."""
+        now = to_utc(now)
         out: list[Decision] = []
-        for key in sorted(self.breakers):
-            out.extend(self.breakers[key].advance(now))
+        if self._watermark is not None and now <= self._watermark:  # not a new watermark: every breaker now
+            for key in sorted(self.breakers):
+                out.extend(self.get(key).advance(now))
+            return out
+        self._watermark = now
+        self._epoch += 1
+        if self._open and (self._next_due is None or now >= self._next_due):
+            for key in sorted(self._open):
+                breaker = self.breakers[key]
+                breaker._epoch = self._epoch  # advance() prunes it
+                out.extend(breaker.advance(now))
+            self._open = {k for k in self._open if self.breakers[k].state is CircuitState.OPEN}
+            dues = [d for k in self._open if (d := self.breakers[k]._due()) is not None]
+            self._next_due = min(dues) if dues else None
         return out
 
     def allow(self, now: datetime | float, keys: Iterable[str]) -> tuple[bool, list[Decision]]:
@@ -386,11 +461,11 @@ class BreakerBoard:
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Every breaker's :meth:`CircuitBreaker.snapshot`, in key order."""
-        return [self.breakers[k].snapshot() for k in sorted(self.breakers)]
+        return [self.get(k).snapshot() for k in sorted(self.breakers)]
 
     def dump_state(self) -> dict[str, Any]:
         """``{circuit key: CircuitBreaker.dump_state()}`` in key order."""
-        return {k: self.breakers[k].dump_state() for k in sorted(self.breakers)}
+        return {k: self.get(k).dump_state() for k in sorted(self.breakers)}
 
     def load_state(self, data: dict[str, Any]) -> None:
         """Replace every breaker by those of :meth:`dump_state` (with this board's thresholds).
@@ -398,6 +473,8 @@ class BreakerBoard:
         Raises:
             KeyError, TypeError, ValueError: ``data`` is not such a state.
         """
+        self._open = set()
         self.breakers = {
-            k: CircuitBreaker.load_state(k, v, self.thresholds, self.config_version) for k, v in data.items()
+            k: self._adopt(CircuitBreaker.load_state(k, v, self.thresholds, self.config_version))
+            for k, v in data.items()
         }

@@ -31,6 +31,8 @@ def to_utc(value: datetime | float | int) -> datetime:
         TypeError: neither a datetime nor a number.
     """
     if isinstance(value, datetime):
+        if value.tzinfo is UTC:  # the common case: nothing to convert
+            return value
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return datetime.fromtimestamp(float(value), UTC)
@@ -44,7 +46,7 @@ def to_us(value: datetime | None) -> int | None:
     """Epoch microseconds of an aware datetime (exact: datetimes have microsecond resolution); ``None`` stays."""
     if value is None:
         return None
-    delta = to_utc(value) - _EPOCH
+    delta = (value if value.tzinfo is UTC else to_utc(value)) - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
