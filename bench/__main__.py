@@ -22,6 +22,7 @@ BENCHES = [
     ("bench.bench_routing", [], []),
     ("bench.bench_healer_state", [], ["--every", "50"]),
     ("bench.bench_processors", ["--events", "60000"], ["--events", "20000"]),
+    ("bench.bench_incidents", [], []),  # the whole Nezha day either way (skipped without the data)
     ("bench.bench_policy_router", ["--requests", "5000"], ["--requests", "1000"]),
     (
         "bench.bench_latency",

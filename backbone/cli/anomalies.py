@@ -236,7 +236,9 @@ def run_anomalies(
                                                           envvar="BACKBONE_STOP_AFTER_IDLE")] = None,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Run the streaming anomaly detector (Faust worker) until stopped; print its counters."""
+    """Run the streaming anomaly detector (Faust worker) until stopped; print its counters (with ``--json``
+    also ``first_record_monotonic`` / ``last_record_monotonic``, ``time.monotonic()`` of the first and last
+    record handled, for a rate without the startup)."""
     import dataclasses
 
     from backbone.cli.helpers import settings_only
@@ -246,8 +248,8 @@ def run_anomalies(
     stats = run_anomaly_worker(
         settings_only(), app_id=app_id, topics=topics, stop_after_idle_seconds=stop_after_idle
     )
-    result = {k: v for k, v in dataclasses.asdict(stats).items() if k != "last_record_monotonic"}
+    result = dataclasses.asdict(stats)
     if as_json:
         emit_json(result)
     else:
-        out.print(result)
+        out.print({k: v for k, v in result.items() if not k.endswith("_record_monotonic")})

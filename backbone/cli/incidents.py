@@ -356,11 +356,16 @@ def run_incidents(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the incident processor (telemetry topics -> ``insights.incidents``) until stopped or idle."""
+    """Run the incident processor (telemetry topics -> ``insights.incidents``) until stopped or idle; print
+    its counters (with ``--json`` also ``first_record_monotonic`` / ``last_record_monotonic``,
+    ``time.monotonic()`` of the first and last record handled by either agent)."""
     import dataclasses
 
     from processors.incidents.app import run_incidents_worker
 
     stats = run_incidents_worker(stop_after_idle_seconds=stop_after_idle)
+    result = dataclasses.asdict(stats)
     if as_json:
-        emit_json(dataclasses.asdict(stats))
+        emit_json(result)
+    else:
+        out.print({k: v for k, v in result.items() if not k.endswith("_record_monotonic")})

@@ -83,12 +83,19 @@ class AnomalyTopics:
 
 @dataclass(slots=True)
 class AnomalyStats:
-    """Counters: records, anomalies sent, out-of-order samples ignored, dead letters."""
+    """Counters: records, anomalies sent, out-of-order samples ignored, dead letters.
+
+    Attributes:
+        first_record_monotonic: ``time.monotonic()`` when the first record was handled, ``None`` before
+            (with ``last_record_monotonic``, the processing rate without the startup).
+        last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
+    """
 
     records_count: int = 0
     anomalies_count: int = 0
     out_of_order_count: int = 0
     dead_letters_count: int = 0
+    first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -120,7 +127,9 @@ class _AnomalyShell:
     async def handle(self, message: Any) -> None:
         """One ``telemetry.metrics`` record; never raises for bad input."""
         self.stats.records_count += 1
-        self.stats.last_record_monotonic = time.monotonic()
+        self.stats.last_record_monotonic = now = time.monotonic()
+        if self.stats.first_record_monotonic is None:
+            self.stats.first_record_monotonic = now
         bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
@@ -249,6 +258,6 @@ def run_anomaly_worker(
     )  # fmt: skip
     log.info(
         "anomaly_worker_stopped",
-        **{k: v for k, v in dataclasses.asdict(stats).items() if k != "last_record_monotonic"},
+        **{k: v for k, v in dataclasses.asdict(stats).items() if not k.endswith("_record_monotonic")},
     )
     return stats

@@ -141,7 +141,13 @@ class IncidentTopics:
 
 @dataclass(slots=True)
 class IncidentStats:
-    """Counters of one app instance."""
+    """Counters of one app instance.
+
+    Attributes:
+        first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either agent),
+            ``None`` before (with ``last_record_monotonic``, the processing rate without the startup).
+        last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
+    """
 
     records_count: int = 0
     forwarded_count: int = 0
@@ -152,6 +158,7 @@ class IncidentStats:
     late_count: int = 0
     duplicates_count: int = 0
     dead_letters_count: int = 0
+    first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -199,7 +206,9 @@ class _IncidentShell:
 
     def _touch(self) -> None:
         self.stats.records_count += 1
-        self.stats.last_record_monotonic = time.monotonic()
+        self.stats.last_record_monotonic = now = time.monotonic()
+        if self.stats.first_record_monotonic is None:
+            self.stats.first_record_monotonic = now
 
     async def handle_input(self, message: Any) -> None:
         """A telemetry record or a change: forward it to the merged topic; dead-letter what cannot be read."""
@@ -373,7 +382,8 @@ def run_incidents_worker(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m processors.incidents.app``: run the worker, print its counters as JSON at the end."""
+    """``python -m processors.incidents.app``: run the worker, print its counters as JSON at the end
+    (:class:`IncidentStats`, ``first_record_monotonic`` and ``last_record_monotonic`` included)."""
     p = argparse.ArgumentParser(description="The incident processor (Faust worker).")
     p.add_argument("--app-id", default=DEFAULT_APP_ID)
     for name in ("metrics", "logs", "spans", "config", "external", "insights"):
@@ -385,9 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                             config=a.config_topic, external=a.external_topic, insights=a.insights_topic,
                             dead_letters=a.dlq_topic)  # fmt: skip
     stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle)
-    out = dataclasses.asdict(stats)
-    out.pop("last_record_monotonic")
-    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.write(json.dumps(dataclasses.asdict(stats)) + "\n")
 
 
 if __name__ == "__main__":

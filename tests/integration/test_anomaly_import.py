@@ -149,6 +149,8 @@ def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_re
         res.stdout[res.stdout.rindex('{\n  "records_count"') :]
     )  # the indented JSON after the log lines
     assert stats["records_count"] == 902 and stats["dead_letters_count"] == 2
+    # the rate of a run is taken from the first record handled to the last (bench/bench_incidents.py)
+    assert 0 < stats["first_record_monotonic"] < stats["last_record_monotonic"]
     got = sorted(
         r.attributes.id for r in read_range(settings.kafka, serde, insights) if isinstance(r, ConsumedEvent)
     )
