@@ -16,8 +16,15 @@ and :class:`processors.tables.TailRecoveringTable`.
   ``b"<series>"`` (raw UTF-8; ``pod:<pod>/<metric>`` for a pod's metric), value the JSON state of :class:`~processors.incidents.anomaly.SeriesState`
   (detector, gate, last event time). The in-memory states are caches: dropped on rebalance and reloaded
   from the table on first use.
+* **State checkpoints**: a sample changes its series' states in memory; the changed states are written
+  to the table together every :data:`CHECKPOINT_RECORDS` records or :data:`CHECKPOINT_SECONDS`, and a
+  record is acked (:class:`processors.shell.InOrderAcks`, in order) only once the checkpoint after it was
+  written, so Faust never commits an offset whose effect is not in the changelog. Writing every touched
+  state per sample (a Nezha pod sample touches about 19 series, 13 KB of JSON each) made the changelog
+  about 11 GB for one Nezha day and the worker 0.006 of a plain Faust agent.
 * **Order of effects per record**: the insight (if any) is sent and its delivery awaited before the
-  table is updated; a crash in between replays the record after restart and sends the same insight id.
+  record's state is checkpointed; a crash in between replays the record after restart and sends the
+  same insight id (a replayed sample at or before its series' checkpointed last event time is ignored).
 * **Determinism**: event time only; a sample at or before the series' last event time is counted and
   ignored (a redelivery changes nothing).
 * **Worker**: :func:`run_anomaly_worker` runs it in the shared worker shell
@@ -27,20 +34,24 @@ and :class:`processors.tables.TailRecoveringTable`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.streams import _current_event  # Faust has no public way to write a table outside the stream
 
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
 from processors.shell import (
     FaustDeadLetters,
+    InOrderAcks,
     make_faust_app,
     message_headers,
     run_processor_worker,
@@ -112,6 +123,12 @@ COUNTERS = (
 """The anomaly processor's counters as Prometheus metrics (label ``app``)."""
 
 
+CHECKPOINT_RECORDS = 1000
+"""Records after which the changed series states are written to the table (and the records acked)."""
+CHECKPOINT_SECONDS = 1.0
+"""The longest a handled record waits for the checkpoint that acks it (a timer writes it when idle)."""
+
+
 class _AnomalyShell:
     def __init__(self, settings: Settings, topics: AnomalyTopics, config: DetectorConfig, serde: AvroSerde,
                  table: faust.Table, insights: faust.TopicT) -> None:  # fmt: skip
@@ -119,13 +136,59 @@ class _AnomalyShell:
         self.processor = AnomalyProcessor(config)
         self.stats = AnomalyStats()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+        self.dirty: dict[str, tuple[SeriesState, Any]] = {}  # series -> (state, event of its last record)
+        self.batch: asyncio.Future[None] | None = None
+        self.batch_records = 0
+        self.batch_started = 0.0
+        self.acks = InOrderAcks(max_inflight=2 * CHECKPOINT_RECORDS + 10)
+
+    def checkpoint(self) -> None:
+        """Write the changed series states to the table and release the records handled since the last
+        checkpoint for acking. Synchronous: the agent and the timer cannot interleave inside it."""
+        for series, (st, event) in self.dirty.items():
+            # the write goes to the changelog partition of the record's input partition, as a write inside
+            # the stream would: Faust finds it from the current event, which it sets only while iterating
+            token = _current_event.set(weakref.ref(event))
+            try:
+                self.table[series.encode()] = st.to_dict()
+            finally:
+                _current_event.reset(token)
+        self.dirty.clear()
+        if self.batch is not None and not self.batch.done():
+            self.batch.set_result(None)
+        self.batch, self.batch_records = None, 0
+
+    def checkpoint_if_due(self) -> None:
+        """Checkpoint when the oldest record not yet checkpointed waited ``CHECKPOINT_SECONDS``."""
+        if self.batch is not None and time.monotonic() - self.batch_started >= CHECKPOINT_SECONDS:
+            self.checkpoint()
 
     def forget(self, *_: Any, **__: Any) -> None:
-        """Drop the cached states (on rebalance); they are reloaded from the table on next use."""
+        """On rebalance: checkpoint what was handled (a state is only ever ahead of the table by records
+        already handled, which a new owner would ignore as replays), then drop the cached states; they
+        are reloaded from the table on next use."""
+        self.checkpoint()
         self.processor.states.clear()
 
-    async def handle(self, message: Any) -> None:
-        """One ``telemetry.metrics`` record; never raises for bad input."""
+    async def handle_and_checkpoint(self, event: Any) -> tuple[asyncio.Future[None] | None, None]:
+        """:meth:`handle` ``event``'s record; the future its ack waits for (its checkpoint), or None."""
+        if not await self.handle(event.message, event):
+            return None, None  # dead-lettered (delivered) or ignored: nothing of its own to checkpoint
+        if self.batch is None:
+            self.batch = asyncio.get_running_loop().create_future()
+            self.batch_started = time.monotonic()
+        batch = self.batch
+        self.batch_records += 1
+        if self.batch_records >= CHECKPOINT_RECORDS:
+            self.checkpoint()
+        return batch, None
+
+    async def handle(self, message: Any, event: Any = None) -> bool:
+        """One ``telemetry.metrics`` record; never raises for bad input.
+
+        Returns:
+            True when series states changed (they wait in :attr:`dirty` for the next checkpoint).
+        """
         self.stats.records_count += 1
         self.stats.last_record_monotonic = now = time.monotonic()
         if self.stats.first_record_monotonic is None:
@@ -150,7 +213,7 @@ class _AnomalyShell:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
-            return
+            return False
         states: list[SeriesState] = [self.processor.states[s] for s in touched]
         if sum(st.out_of_order for st in states) > before:
             self.stats.out_of_order_count += 1
@@ -163,7 +226,8 @@ class _AnomalyShell:
             self.stats.anomalies_count += 1
             bound.info("anomaly_sent", insight_id=insight.attributes.id, entity=insight.key)
         for st in states:
-            self.table[st.series.encode()] = st.to_dict()
+            self.dirty[st.series] = (st, event)
+        return bool(states)
 
 
 def create_anomaly_app(
@@ -201,10 +265,20 @@ def create_anomaly_app(
 
     @app.agent(app.topic(topics.metrics, **raw), name=f"{PROCESSOR_NAME}-samples", concurrency=1)
     async def anomaly_samples(stream: faust.StreamT) -> None:
-        """Score every sample of its series; send the anomalies."""
-        async for event in stream.events():
+        """Score every sample of its series; send the anomalies; ack each record once its state is
+        checkpointed."""
+
+        async def one(event: Any) -> tuple[asyncio.Future[None] | None, None]:
             with tracing_process(event.message, app.conf.id):
-                await shell.handle(event.message)
+                return await shell.handle_and_checkpoint(event)
+
+        await shell.acks.consume(stream, one)
+
+    @app.timer(interval=CHECKPOINT_SECONDS / 4)
+    async def anomaly_checkpoint() -> None:
+        shell.checkpoint_if_due()
+        if shell.acks.ack is not None:
+            await shell.acks.settle()
 
     app.anomaly_stats = shell.stats  # type: ignore[attr-defined]
     app.anomaly_close = shell.dead_letters.close  # type: ignore[attr-defined]

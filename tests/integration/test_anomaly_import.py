@@ -158,3 +158,57 @@ def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_re
     want = sorted(i.attributes.id for e in events for i in plain.process(e.data, e.attributes.id))
     assert got == want and got
     assert len(list(read_range(settings.kafka, serde, dlq))) == 2
+
+
+def test_anomaly_worker_resumes_from_its_checkpoint(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """States are written to the table at checkpoints and records acked only after them: a second run of
+    the same app id reads only the records the first did not handle, resumes each series from the table,
+    and the two runs together send exactly the plain processor's anomaly ids."""
+    from connectors.nab import series_events
+    from processors.incidents.anomaly import AnomalyProcessor
+    from streams.producer import EventProducer
+
+    metrics = create_topic(unique_name("metrics"), partitions=2)
+    insights = create_topic(unique_name("anomalies"), partitions=3)
+    dlq = create_topic(unique_name("dlq"), partitions=1)
+    serde = serde_from_settings(settings)
+    (series,) = read_nab(_nab(tmp_path))
+    events = list(series_events(series))
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
+        "BACKBONE_LOG_FORMAT": "json",
+        "BACKBONE_METRICS_PORT": "0",
+    }
+    code = "from backbone.cli.anomalies import processors_app; processors_app()"
+    app_id = unique_name("anom")
+    args = ["anomalies", "--app-id", app_id, "--metrics-topic", metrics, "--insights-topic", insights,
+            "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
+
+    def run() -> dict[str, int]:
+        res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                             timeout=180, check=False)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        return dict(json.loads(res.stdout[res.stdout.rindex('{\n  "records_count"') :]))
+
+    half = 450
+    with EventProducer(settings.kafka, serde) as producer:
+        for e in events[:half]:
+            producer.produce(metrics, e)
+    assert run()["records_count"] == half
+    with EventProducer(settings.kafka, serde) as producer:
+        for e in events[half:]:
+            producer.produce(metrics, e)
+    assert run()["records_count"] == len(events) - half  # the first run's records were acked, not read again
+    got = sorted(
+        r.attributes.id for r in read_range(settings.kafka, serde, insights) if isinstance(r, ConsumedEvent)
+    )
+    plain = AnomalyProcessor()
+    first = [i.attributes.id for e in events[:half] for i in plain.process(e.data, e.attributes.id)]
+    second = [i.attributes.id for e in events[half:] for i in plain.process(e.data, e.attributes.id)]
+    assert second, "the second half must raise anomalies that depend on the first half's state"
+    assert got == sorted(first + second)
