@@ -259,7 +259,18 @@ class LikelihoodDetector:
         sums = self.sums[key]
         score = 0.0
         if len(h) >= self.warmup:
-            recent = (sum(list(h)[len(h) - self.short + 1 :]) + raw) / self.short if self.short > 1 else raw
+            if self.short > 1:
+                start = len(h) - self.short + 1
+                # the last short - 1 raw scores, oldest first (the order of the sum, so the same float);
+                # indexing a deque near its right end is O(1), copying it to a list was O(long) per sample
+                tail = 0.0
+                for i in range(start, len(h)) if start >= 0 else ():
+                    tail += h[i]
+                if start < 0:
+                    tail = sum(list(h)[start:])
+                recent = (tail + raw) / self.short
+            else:
+                recent = raw
             mu = sums[0] / len(h)
             sd = math.sqrt(max(sums[1] / len(h) - mu * mu, 0.0)) or 1e-9
             score = 1.0 - _tail((recent - mu) / sd)
