@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from connectors.chat_code import import_events
 from connectors.github_events import read_github_events
@@ -102,6 +103,28 @@ def test_import_nab_command_creates_the_topic_and_reports(
     assert len(list(read_range(settings.kafka, serde_from_settings(settings), topic))) == 900
 
 
+def _run_anomaly_worker(
+    settings: Settings, tmp_path: Path, app_id: str, metrics: str, insights: str, dlq: str
+) -> dict[str, Any]:
+    """``backbone processors anomalies`` as a process until idle for 4 s; its ``--json`` counters."""
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
+        "BACKBONE_LOG_FORMAT": "json",
+        "BACKBONE_METRICS_PORT": "0",
+    }
+    code = "from backbone.cli.anomalies import processors_app; processors_app()"
+    args = ["anomalies", "--app-id", app_id, "--metrics-topic", metrics, "--insights-topic", insights,
+            "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=180,
+                         check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the indented JSON after the log lines
+    return dict(json.loads(res.stdout[res.stdout.rindex('{\n  "records_count"') :]))
+
+
 def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_records(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -131,23 +154,7 @@ def test_anomaly_worker_on_tansu_matches_the_plain_logic_and_dead_letters_bad_re
     raw = Producer(settings.kafka.librdkafka())
     raw.produce(metrics, key=b"nab:realX/s", value=b"not avro")
     raw.flush(10)
-    env = {
-        **os.environ,
-        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
-        "BACKBONE_LOG_FORMAT": "json",
-        "BACKBONE_METRICS_PORT": "0",
-    }
-    code = "from backbone.cli.anomalies import processors_app; processors_app()"
-    args = ["anomalies", "--app-id", unique_name("anom"), "--metrics-topic", metrics, "--insights-topic", insights,
-            "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
-    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=180,
-                         check=False)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    stats = json.loads(
-        res.stdout[res.stdout.rindex('{\n  "records_count"') :]
-    )  # the indented JSON after the log lines
+    stats = _run_anomaly_worker(settings, tmp_path, unique_name("anom"), metrics, insights, dlq)
     assert stats["records_count"] == 902 and stats["dead_letters_count"] == 2
     # the rate of a run is taken from the first record handled to the last (bench/bench_incidents.py)
     assert 0 < stats["first_record_monotonic"] < stats["last_record_monotonic"]
@@ -176,24 +183,10 @@ def test_anomaly_worker_resumes_from_its_checkpoint(
     serde = serde_from_settings(settings)
     (series,) = read_nab(_nab(tmp_path))
     events = list(series_events(series))
-    env = {
-        **os.environ,
-        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_STATE_DIR": str(tmp_path / "state"),
-        "BACKBONE_LOG_FORMAT": "json",
-        "BACKBONE_METRICS_PORT": "0",
-    }
-    code = "from backbone.cli.anomalies import processors_app; processors_app()"
     app_id = unique_name("anom")
-    args = ["anomalies", "--app-id", app_id, "--metrics-topic", metrics, "--insights-topic", insights,
-            "--dlq-topic", dlq, "--stop-after-idle", "4", "--json"]  # fmt: skip
 
-    def run() -> dict[str, int]:
-        res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
-                             timeout=180, check=False)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-3000:]
-        return dict(json.loads(res.stdout[res.stdout.rindex('{\n  "records_count"') :]))
+    def run() -> dict[str, Any]:
+        return _run_anomaly_worker(settings, tmp_path, app_id, metrics, insights, dlq)
 
     half = 450
     with EventProducer(settings.kafka, serde) as producer:

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 from pydantic import SecretStr
 
@@ -20,18 +18,6 @@ from backbone.http.auth import TokenStore
 from core.settings import PostgresSettings, Settings
 
 pytestmark = [pytest.mark.integration]
-
-
-@pytest.fixture
-def api_db(stack: StackInfo) -> Iterator[str]:
-    name = f"test_reconnect_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(stack.postgres_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    try:
-        yield urlunsplit(urlsplit(stack.postgres_url)._replace(path=f"/{name}"))
-    finally:
-        with psycopg.connect(stack.postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
 def _terminate_backends(admin_url: str, database: str) -> int:
@@ -44,21 +30,21 @@ def _terminate_backends(admin_url: str, database: str) -> int:
 
 
 def test_requests_after_postgres_dropped_every_connection_are_answered(
-    stack: StackInfo, settings: Settings, api_db: str
+    stack: StackInfo, settings: Settings, pg_url: str
 ) -> None:
     api = ApiSettings(
         external_topic=f"reconnect-ext-{uuid.uuid4().hex[:6]}", rate_per_second=1_000, burst=1_000
     )
-    app = create_app(settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(api_db))}), api)
+    app = create_app(settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))}), api)
     with ServerThread(app) as srv:
-        pool = ConnectionPool(api_db, min_size=1, max_size=1, open=True)
+        pool = ConnectionPool(pg_url, min_size=1, max_size=1, open=True)
         token = TokenStore(pool).create("reconnect", ["admin"])[0]
         pool.close()
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=srv.url, headers=headers, timeout=30) as http:
             for _ in range(4):  # every connection of the pool is opened and used
                 assert http.get("/projections").status_code == 200
-            database = urlsplit(api_db).path.lstrip("/")
+            database = urlsplit(pg_url).path.lstrip("/")
             assert _terminate_backends(stack.postgres_url, database) >= 1
             statuses = [http.get("/projections").status_code for _ in range(8)]
             assert statuses == [200] * 8, f"after the backends were terminated: {statuses}"
