@@ -74,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
+from bench.bench_processors import FAUST_COUNT
 from bench.common import ROOT, bench_stack
 
 __all__ = ["DATA", "Row", "main"]
@@ -83,34 +84,6 @@ DATA = ROOT.parent / "shared" / "data" / "incidents" / "nezha"
 TARGET = 0.8
 """Issue 12: each worker at 0.8 of a plain Faust agent counting the same records."""
 TELEMETRY = ("telemetry.metrics", "telemetry.logs", "telemetry.spans")
-
-_FAUST = """
-import json, os, sys, time, faust
-boot, topics, n, app_id = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
-app = faust.App(app_id, broker=f"kafka://{boot}", store="memory://", key_serializer="raw", value_serializer="raw",
-                consumer_auto_offset_reset="earliest", web_enabled=False, topic_partitions=6,
-                broker_session_timeout=6.0, broker_heartbeat_interval=1.0, table_standby_replicas=0)
-src = app.topic(*topics, key_serializer="raw", value_serializer="raw")
-counts, seen, first = {}, [0], [None]
-
-@app.agent(src, concurrency=1)
-async def count(stream):
-    async for event in stream.events():
-        if first[0] is None:
-            first[0] = time.monotonic()
-        key = event.key
-        counts[key] = counts.get(key, 0) + 1
-        seen[0] += 1
-        if seen[0] == n:
-            print(json.dumps({"records": n, "first": first[0], "last": time.monotonic()}), flush=True)
-            time.sleep(0.5)  # let the parent take a last RSS sample
-            os._exit(0)
-
-sys.argv = [sys.argv[0], "worker", "-l", "warn"]
-app.main()
-"""
-"""``python -c`` source of the plain Faust agent: argv ``boot topics(comma-separated) n app_id``; prints
-``{"records", "first", "last"}`` (``time.monotonic()``) once it has counted ``n`` records, then exits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +199,10 @@ def _faust(name: str, boot: str, topics: tuple[str, ...], n: int, env: dict[str,
         RuntimeError: it exited without counting them.
     """
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
-    c = _run_child([sys.executable, "-c", _FAUST, boot, ",".join(topics), str(n), app_id], env, 900)
+    # exits 0.5 s after counting, so that the last memory sample is taken while it runs
+    c = _run_child(
+        [sys.executable, "-c", FAUST_COUNT, boot, ",".join(topics), str(n), app_id, "0", "0.5"], env, 900
+    )
     # Faust's worker redirects stdout into its log (stderr): find the line wherever it went
     found = re.search(r'\{"records": .*?\}', c.stdout + c.stderr)
     if found is None:

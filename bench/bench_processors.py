@@ -76,13 +76,14 @@ QUIX_PLAIN = "Quix Streams, count per key in a dict"
 QUIX_STATE = "Quix Streams, count per key in state (RocksDB + changelog)"
 KAFKA_DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 
-_FAUST = """
+FAUST_COUNT = """
 import json, os, sys, time, faust
-boot, topic, n, app_id, with_table = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+boot, topics, n, app_id = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), sys.argv[4]
+with_table, exit_delay = sys.argv[5] == "1", float(sys.argv[6])
 app = faust.App(app_id, broker=f"kafka://{boot}", store="memory://", key_serializer="raw", value_serializer="raw",
                 consumer_auto_offset_reset="earliest", web_enabled=False, topic_partitions=6,
                 broker_session_timeout=6.0, broker_heartbeat_interval=1.0, table_standby_replicas=0)
-src = app.topic(topic, partitions=6, key_serializer="raw", value_serializer="raw")
+src = app.topic(*topics, partitions=6 if len(topics) == 1 else None, key_serializer="raw", value_serializer="raw")
 table = app.Table("counts", default=int, partitions=6) if with_table else None
 counts, seen, first = {}, [0], [None]
 
@@ -99,11 +100,16 @@ async def count(stream):
         seen[0] += 1
         if seen[0] == n:
             print(json.dumps({"records": n, "first": first[0], "last": time.monotonic()}), flush=True)
+            time.sleep(exit_delay)  # a parent sampling our memory takes its last sample
             os._exit(0)
 
 sys.argv = [sys.argv[0], "worker", "-l", "warn"]
 app.main()
 """
+"""``python -c`` source of the plain Faust agent: argv ``boot topics(comma-separated) n app_id with_table(0/1)
+exit_delay_seconds``; counts records per key (in a changelogged table when ``with_table``) and prints
+``{"records", "first", "last"}`` (``time.monotonic()``) once it has counted ``n``, then exits after the delay.
+Also run by ``bench/bench_incidents.py``."""
 
 
 def _raw(boot: str, topic: str, n: int) -> float:
@@ -133,7 +139,7 @@ def _raw(boot: str, topic: str, n: int) -> float:
 
 def _faust(boot: str, topic: str, n: int, with_table: bool, env: dict[str, str]) -> float:
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run([sys.executable, "-c", _FAUST, boot, topic, str(n), app_id, "1" if with_table else "0"],
+    done = subprocess.run([sys.executable, "-c", FAUST_COUNT, boot, topic, str(n), app_id, "1" if with_table else "0", "0"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     # Faust's worker redirects stdout into its log (stderr): find the line wherever it went
     found = re.search(r'\{"records": .*?\}', done.stdout + done.stderr)
