@@ -103,7 +103,7 @@ async def count(stream):
             time.sleep(exit_delay)  # a parent sampling our memory takes its last sample
             os._exit(0)
 
-sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]  # the worker CLI would bind port 6066
 app.main()
 """
 """``python -c`` source of the plain Faust agent: argv ``boot topics(comma-separated) n app_id with_table(0/1)

@@ -49,8 +49,9 @@ from __future__ import annotations
 import base64
 import math
 import pickle
+import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -228,6 +229,21 @@ class RiverHSTDetector(_Pickled):
         return min(max(s, 0.0), 1.0)
 
 
+def _pack_floats(values: Collection[float]) -> str:
+    """Floats as base64 of their IEEE 754 doubles, little-endian (exact; inverse :func:`_unpack_floats`)."""
+    return base64.b64encode(struct.pack(f"<{len(values)}d", *values)).decode("ascii")
+
+
+def _unpack_floats(text: str) -> tuple[float, ...]:
+    """Inverse of :func:`_pack_floats`.
+
+    Raises:
+        binascii.Error: not base64; struct.error: not whole doubles.
+    """
+    raw = base64.b64decode(text, validate=True)
+    return struct.unpack(f"<{len(raw) // 8}d", raw)
+
+
 class LikelihoodDetector:
     """Anomaly likelihood over two raw scores (our detector; see the module docstring).
 
@@ -301,20 +317,26 @@ class LikelihoodDetector:
         return score if self.n > self.warmup else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready state."""
+        """JSON-ready state; the raw-score histories as ``hist_b64`` (:func:`_pack_floats`: the exact
+        doubles, about 25x cheaper to write as JSON than a list of up to 1,000 floats)."""
         return {
             "alpha": self.alpha, "short": self.short, "long": self.long, "warmup": self.warmup, "n": self.n,
             "mean": self.mean, "dev": self.dev, "chg": self.chg, "last": self.last,
-            "hist": {k: list(v) for k, v in self.hist.items()}, "sums": {k: list(v) for k, v in self.sums.items()},
+            "hist_b64": {k: _pack_floats(v) for k, v in self.hist.items()},
+            "sums": {k: list(v) for k, v in self.sums.items()},
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LikelihoodDetector:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; also reads the histories as JSON lists (``hist``, states written
+        before ``hist_b64``)."""
         det = cls(float(d["alpha"]), int(d["short"]), int(d["long"]), int(d["warmup"]))
         det.n, det.mean, det.dev, det.chg = int(d["n"]), float(d["mean"]), float(d["dev"]), float(d["chg"])
         det.last = None if d["last"] is None else float(d["last"])
-        for k, v in d["hist"].items():
+        if "hist_b64" in d:
+            for k, packed in d["hist_b64"].items():
+                det.hist[k].extend(_unpack_floats(packed))
+        for k, v in d.get("hist", {}).items():
             det.hist[k].extend(float(x) for x in v)
         det.sums = {k: [float(v[0]), float(v[1])] for k, v in d["sums"].items()}
         return det

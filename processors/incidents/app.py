@@ -84,6 +84,7 @@ __all__ = [
     "IncidentStats",
     "IncidentTopics",
     "create_incidents_app",
+    "pack_bodies",
     "run_incidents_worker",
 ]
 
@@ -105,6 +106,30 @@ _opened = Counter(
     ["priority"],
     registry=REGISTRY,
 )
+
+
+BATCH_RECORDS = 500
+"""Input records the first agent takes at most per batch (``stream.take_events``): their usable records are
+forwarded together as one merged message (or a few, :data:`MERGED_MAX_BYTES`)."""
+BATCH_SECONDS = 0.02
+"""The longest the first agent waits for a batch to fill before it forwards what it holds (the latency a
+batch adds when records trickle in; with a backlog the batch fills first)."""
+MERGED_MAX_BYTES = 256 * 1024
+"""Largest merged message (JSON bytes) the first agent sends, well under the producer's 1 MB request
+limit; a larger batch is split, in order (a single body above it is sent alone)."""
+
+
+def pack_bodies(bodies: list[dict[str, Any]], max_bytes: int) -> list[tuple[bytes, int]]:
+    """Merged bodies as compact JSON lists of at most ``max_bytes`` each (a list that is larger is halved,
+    down to one body, which is sent whatever its size), in order: ``[(b"[{...},...]", count), ...]``;
+    none for no bodies. One ``json.dumps`` per list, not per body."""
+    if not bodies:
+        return []
+    packed = json.dumps(bodies, separators=(",", ":")).encode()
+    if len(packed) <= max_bytes or len(bodies) == 1:
+        return [(packed, len(bodies))]
+    half = len(bodies) // 2
+    return pack_bodies(bodies[:half], max_bytes) + pack_bodies(bodies[half:], max_bytes)
 
 
 _CHANGE_SCHEMAS = ("sophia.config.ConfigChange", "sophia.external.ExternalEvent")
@@ -203,6 +228,7 @@ class _IncidentShell:
         self.stats = IncidentStats()
         self.highwater: Any = lambda tp: 0  # set by the app: the consumer's fetch high watermark
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+        self._drained: dict[int, bool] = {}  # id(message) -> drained when read (mark_drained)
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -210,8 +236,42 @@ class _IncidentShell:
         if self.stats.first_record_monotonic is None:
             self.stats.first_record_monotonic = now
 
-    async def handle_input(self, message: Any) -> None:
-        """A telemetry record or a change: forward it to the merged topic; dead-letter what cannot be read."""
+    def mark_drained(self, event: Any) -> None:
+        """Note whether ``event``'s record is its partition's last one so far (``offset + 1 >=`` the
+        consumer's fetch high watermark of its partition, read now, as the stream takes the record: the
+        moment the unbatched agent read it too); :meth:`handle_batch` reads the note."""
+        if event is not None:
+            message = event.message
+            self._drained[id(message)] = message.offset + 1 >= self.highwater(message.tp)
+
+    async def handle_batch(self, events: list[Any], group: str) -> None:
+        """Input records in their stream order: decode each; forward the usable ones, in that order, as
+        JSON lists of bodies (:func:`pack_bodies`, at most :data:`MERGED_MAX_BYTES` each) to the merged
+        topic; dead-letter what cannot be read (each before the next is handled). Returns once every
+        forward was handed to the producer (Faust flushes the producer before it commits an offset)."""
+        bodies: list[dict[str, Any]] = []
+        for event in events:
+            message = event.message
+            drained = self._drained.pop(id(message), None)
+            with tracing_process(message, group):
+                body = await self.decode_input(message, drained)
+            if body is not None:
+                bodies.append(body)
+        forwarded = 0
+        for packed, n in pack_bodies(bodies, MERGED_MAX_BYTES):
+            await self.channels["merged"].send(key=b"telemetry", value=packed)
+            forwarded += n
+        self.stats.forwarded_count += forwarded
+
+    async def decode_input(self, message: Any, drained: bool | None) -> dict[str, Any] | None:
+        """A telemetry record or a change: its merged body (JSON-ready), or None when it is skipped (an
+        external event that changes nothing) or dead-lettered (what cannot be read: delivered before this
+        returns).
+
+        Args:
+            drained: whether it was its partition's last record when read (:meth:`mark_drained`); None:
+                read the high watermark now.
+        """
         self._touch()
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
@@ -223,7 +283,7 @@ class _IncidentShell:
                 change = change_from_external(data, attributes.id)
                 if change is None:
                     self.stats.changes_skipped_count += 1
-                    return
+                    return None
                 kind, data = "change", change
             if kind is None:
                 raise UnexpectedSchemaError(
@@ -234,28 +294,32 @@ class _IncidentShell:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
-            return
-        drained = message.offset + 1 >= self.highwater(message.tp)
+            return None
+        if drained is None:
+            drained = message.offset + 1 >= self.highwater(message.tp)
         record = _jsonable(data)
         if kind != "change":
             record["event_id"] = attributes.id  # the engine drops a record seen twice in its window
         body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "drained": drained,
                 "record": record}  # fmt: skip
-        await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
-        self.stats.forwarded_count += 1
         self.stats.changes_count += kind == "change"
+        return body
 
     async def handle_merged(self, message: Any) -> None:
-        """A merged record: feed the engine, send the insights it completes."""
+        """A merged message (a JSON list of bodies, or one body as written before batching): feed the
+        engine each body in order, send the insights each completes (delivery awaited) before the next."""
+        value = json.loads(message.value)
+        for body in value if isinstance(value, list) else (value,):
+            await self.correlate(body)
+
+    async def correlate(self, body: dict[str, Any]) -> None:
+        """One merged body: feed the engine, send the insights it completes."""
         self._touch()
-        body = json.loads(message.value)
-        late_before = sum(self.engine.late.values())
-        duplicates_before = sum(self.engine.duplicates.values())
-        insights = self.engine.feed(
-            body["kind"], body["record"], source=body["source"], drained=body["drained"]
-        )
-        self.stats.late_count += sum(self.engine.late.values()) - late_before
-        self.stats.duplicates_count += sum(self.engine.duplicates.values()) - duplicates_before
+        engine = self.engine
+        late_before, duplicates_before = engine.late.total(), engine.duplicates.total()
+        insights = engine.feed(body["kind"], body["record"], source=body["source"], drained=body["drained"])
+        self.stats.late_count += engine.late.total() - late_before
+        self.stats.duplicates_count += engine.duplicates.total() - duplicates_before
         self.stats.correlated_count += 1
         for insight in insights:
             when = datetime.fromtimestamp(insight["event_time"] / 1000, UTC)
@@ -317,10 +381,19 @@ def create_incidents_app(
         concurrency=1,
     )
     async def incidents_telemetry(stream: faust.StreamT) -> None:
-        """Forward telemetry and changes to the merged topic."""
-        async for event in stream.events():
-            with tracing_process(event.message, app.conf.id):
-                await shell.handle_input(event.message)
+        """Forward telemetry and changes to the merged topic, a batch at a time."""
+
+        def mark_drained(value: Any) -> Any:  # a processor: runs as each record is read, before take's buffer
+            shell.mark_drained(stream.current_event)
+            return value
+
+        stream.add_processor(mark_drained)
+        # noack_take yields the events unacked: they are acked here once their forwards were handed to the
+        # producer (take_events would ack a batch whose handling raised, when its generator is closed)
+        async for events in stream.noack_take(BATCH_RECORDS, within=BATCH_SECONDS):
+            await shell.handle_batch(list(events), app.conf.id)
+            for event in events:
+                await stream.ack(event)
 
     @app.agent(merged, name=f"{PROCESSOR_NAME}-correlate", concurrency=1)
     async def incidents_correlate(stream: faust.StreamT) -> None:

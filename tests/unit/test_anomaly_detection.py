@@ -48,6 +48,22 @@ def test_state_round_trip_through_json_continues_identically(name: str) -> None:
         assert restored.observe(t, v) == ref.observe(t, v)
 
 
+def test_likelihood_state_written_with_json_lists_still_restores() -> None:
+    """A state written before the histories were packed (``hist``: JSON lists, as a changelog may still
+    hold it) restores to the same detector as the packed one (``hist_b64``: the exact doubles)."""
+    values = series()
+    st = SeriesState("s")
+    for i, v in enumerate(values[:1200]):
+        st.observe(T0 + timedelta(minutes=i), v)
+    packed = json.loads(json.dumps(st.to_dict()))
+    assert "hist" not in packed["state"] and set(packed["state"]["hist_b64"]) == {"level", "change"}
+    legacy = json.loads(json.dumps(packed))
+    det = legacy["state"]
+    det["hist"] = {k: list(v) for k, v in st.detector.hist.items()}  # type: ignore[attr-defined]
+    del det["hist_b64"]
+    assert SeriesState.from_dict(legacy).to_dict() == SeriesState.from_dict(packed).to_dict() == st.to_dict()
+
+
 def test_default_detector_alerts_on_the_spike_once_and_is_deterministic() -> None:
     """A 25-sigma spike raises an anomaly with score, series, window and version; a replay gives the same ids."""
     runs = []
