@@ -11,11 +11,24 @@ Two agents:
    (``sophia.config.ConfigChange``) and ``external.events`` (``sophia.external.ExternalEvent``: commits,
    pushes, deploys and releases; other kinds are skipped and counted), as change records
    (:mod:`processors.incidents.changes`) that become the insights' suspect changes. It decodes the
-   Confluent-framed Avro and the CloudEvents headers and forwards each record as compact JSON (times in
-   epoch ms, the source ``topic/partition``) to the one-partition topic ``<app id>-telemetry-repartition``.
-   Correlating incidents needs every pod's telemetry in one place; that topic is the place, in one total
-   order. Undecodable records and other schemas go to the dead-letter topic with raw bytes and the reason.
-2. ``incidents-correlate`` reads that topic and feeds the engine; the engine's watermark follows the
+   Confluent-framed Avro and the CloudEvents headers and forwards the records as compact JSON bodies (times
+   in epoch ms, the source ``topic/partition``, ``drained``) to the one-partition topic
+   ``<app id>-telemetry-repartition``, a batch at a time: ``stream.noack_take`` (:data:`BATCH_RECORDS`
+   records or what came within :data:`BATCH_SECONDS`), the batch's bodies in the order read as one JSON
+   list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). Correlating
+   incidents needs every pod's telemetry in one place; that topic is the place, in one total order (each
+   partition's records keep their order). Undecodable records and other schemas go to the dead-letter
+   topic with raw bytes and the reason (delivered before the next record is handled); the batch goes on.
+   ``drained`` is noted by a stream processor as each record is read (``offset + 1 >=`` the consumer's
+   fetch high watermark of its partition at that moment, as before batching), not when its batch is
+   handled. Acks: the batch's records are acked once its merged messages were handed to the producer;
+   Faust flushes the producer before it commits offsets, so a committed record's forward is on the broker
+   (at least once: a crash before the commit forwards the batch again; the engine drops a record it already
+   took in the same window, by its event id). ``noack_take``, not ``take``: ``take`` acks a batch whose handling raised.
+   One merged message per input record (before 2026-12-04) cost a Faust send and receive per record: the
+   worker ran at 0.13-0.29 of a plain Faust agent (``bench/bench_incidents.py``).
+2. ``incidents-correlate`` reads that topic (a JSON list of bodies per message; one body alone, as written
+   before batching, is read too) and feeds the engine body by body; the engine's watermark follows the
    slowest active input partition (every partition of the three inputs is declared), so a partition
    read later than another does not make its records late: only an input partition that was
    drained (its record reached the consumer's fetch high watermark) can turn idle. Insights are sent to
