@@ -18,7 +18,12 @@ Two agents:
 2. ``incidents-correlate`` reads that topic and feeds the engine; the engine's watermark follows the
    slowest active input partition (every partition of the three inputs is declared), so a partition
    read later than another does not make its records late: only an input partition that was
-   drained (its record reached the consumer's fetch high watermark) can turn idle. Insights are sent to
+   drained (its record reached the consumer's fetch high watermark) can turn idle. A record read while
+   that high watermark is not known (right after an assignment) is not drained; a timer checks such
+   partitions every :data:`DRAIN_CHECK_SECONDS` and, once one is read to its end, sends a ``drained``
+   marker after its records on the merged topic (an unknown end once counted as drained could let the
+   watermark pass records not read yet). Late records are counted per source with the first one's
+   times (:class:`IncidentStats`). Insights are sent to
    ``insights.incidents`` (``sophia.insight.Insight``, key ``incident:<id>``, CloudEvents id = the
    deterministic ``insight_id``, record timestamp = its event time) and their delivery awaited.
 
@@ -90,6 +95,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-incidents"
+DRAIN_CHECK_SECONDS = 1.0
+"""How often the worker looks for inputs read to their end after their last record (``drained`` markers)."""
 PROCESSOR_NAME = "incidents"
 INSIGHT_SCHEMA = "sophia.insight.Insight"
 _KINDS = {
@@ -144,6 +151,13 @@ class IncidentStats:
     """Counters of one app instance.
 
     Attributes:
+        late_sources: late records per input (``topic/partition``), the engine's
+            :attr:`~processors.incidents.incident.IncidentEngine.late_sources`.
+        first_late: the first late record (kind, source, event time, the watermark and the closed-window
+            bound then, epoch ms), ``None`` while none was late.
+        drain_markers_count: inputs found read to their end after their last record was forwarded (the
+            consumer did not know the partition's high watermark when it read that record, e.g. right after
+            an assignment); each was told to the engine by a ``drained`` marker on the merged topic.
         first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either agent),
             ``None`` before (with ``last_record_monotonic``, the processing rate without the startup).
         last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
@@ -156,6 +170,9 @@ class IncidentStats:
     correlated_count: int = 0
     insights_count: int = 0
     late_count: int = 0
+    late_sources: dict[str, int] = field(default_factory=dict)
+    first_late: dict[str, Any] | None = None
+    drain_markers_count: int = 0
     duplicates_count: int = 0
     dead_letters_count: int = 0
     first_record_monotonic: float | None = field(default=None)
@@ -201,7 +218,9 @@ class _IncidentShell:
                  channels: dict[str, Any]) -> None:  # fmt: skip
         self.topics, self.serde, self.engine, self.channels = topics, serde, engine, channels
         self.stats = IncidentStats()
-        self.highwater: Any = lambda tp: 0  # set by the app: the consumer's fetch high watermark
+        self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
+        # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
+        self._undrained: dict[Any, tuple[str, int]] = {}
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
@@ -235,26 +254,52 @@ class _IncidentShell:
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
             return
-        drained = message.offset + 1 >= self.highwater(message.tp)
+        highwater = self.highwater(message.tp)  # None: not known (no fetch answered since the assignment)
+        drained = highwater is not None and message.offset + 1 >= highwater
+        source = f"{message.topic}/{message.partition}"
+        if drained:
+            self._undrained.pop(message.tp, None)
+        else:
+            self._undrained[message.tp] = (source, message.offset)
         record = _jsonable(data)
         if kind != "change":
             record["event_id"] = attributes.id  # the engine drops a record seen twice in its window
-        body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "drained": drained,
-                "record": record}  # fmt: skip
+        body = {"kind": kind, "source": source, "drained": drained, "record": record}
         await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
         self.stats.forwarded_count += 1
         self.stats.changes_count += kind == "change"
 
+    async def send_drain_markers(self) -> None:
+        """Tell the engine, through the merged topic (after the records already forwarded), of each input
+        partition now read to its end whose last record was not known to be its last when it was read."""
+        for tp, (source, offset) in list(self._undrained.items()):
+            highwater = self.highwater(tp)
+            if (
+                highwater is not None
+                and offset + 1 >= highwater
+                and self._undrained.get(tp) == (source, offset)
+            ):
+                del self._undrained[tp]
+                body = {"kind": "drained", "source": source}
+                await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
+                self.stats.drain_markers_count += 1
+
     async def handle_merged(self, message: Any) -> None:
-        """A merged record: feed the engine, send the insights it completes."""
+        """A merged record (or a ``drained`` marker): feed the engine, send the insights it completes."""
         self._touch()
         body = json.loads(message.value)
         late_before = sum(self.engine.late.values())
         duplicates_before = sum(self.engine.duplicates.values())
-        insights = self.engine.feed(
-            body["kind"], body["record"], source=body["source"], drained=body["drained"]
-        )
+        if body["kind"] == "drained":
+            insights = self.engine.mark_drained(body["source"])
+        else:
+            insights = self.engine.feed(
+                body["kind"], body["record"], source=body["source"], drained=body["drained"]
+            )
         self.stats.late_count += sum(self.engine.late.values()) - late_before
+        if self.stats.late_count:
+            self.stats.late_sources = dict(self.engine.late_sources)
+            self.stats.first_late = self.engine.first_late
         self.stats.duplicates_count += sum(self.engine.duplicates.values()) - duplicates_before
         self.stats.correlated_count += 1
         for insight in insights:
@@ -329,7 +374,19 @@ def create_incidents_app(
             with tracing_process(event.message, app.conf.id):
                 await shell.handle_merged(event.message)
 
-    shell.highwater = lambda tp: app.consumer.highwater(tp) or 0
+    def highwater(tp: Any) -> int | None:
+        try:
+            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except AssertionError:  # aiokafka: the partition is no longer assigned
+            return None
+
+    shell.highwater = highwater
+
+    @app.timer(interval=DRAIN_CHECK_SECONDS)
+    async def incidents_drain_check() -> None:
+        """Drained markers for inputs read to their end since their last record (see the shell)."""
+        await shell.send_drain_markers()
+
     app.incident_stats = shell.stats  # type: ignore[attr-defined]
     app.incident_engine = engine  # type: ignore[attr-defined]
     app.incident_close = shell.dead_letters.close  # type: ignore[attr-defined]

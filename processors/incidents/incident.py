@@ -10,7 +10,8 @@ Time model:
 * Watermark = the highest event time seen minus ``allowed_lateness_ms`` (with several inputs: the
   slowest active input's highest event time, see :meth:`IncidentEngine.feed`). A window is processed once
   the watermark reaches its end; an event for a window already processed is *late*: it is counted
-  (:attr:`IncidentEngine.late`, per kind) and not used.
+  (:attr:`IncidentEngine.late`, per kind; :attr:`IncidentEngine.late_sources`, per source; the first one's
+  event time and the watermark then in :attr:`IncidentEngine.first_late`) and not used.
 * A closed window is processed in a canonical order (kind, pod, event time, identity), so the result
   depends only on the set of events that arrived within the allowed lateness, never on their arrival
   order. Insights carry event times derived from window bounds, never from arrival or wall clock.
@@ -153,6 +154,8 @@ class IncidentEngine:
         self._declared = tuple(sources)
         self.watermark_ms: int | None = None
         self.late: Counter[str] = Counter()
+        self.late_sources: Counter[str] = Counter()
+        self.first_late: dict[str, Any] | None = None
         self.processed_windows = 0
         self.anomaly_count = 0
         self._source_max: dict[str, int] = {}
@@ -207,8 +210,13 @@ class IncidentEngine:
             raise ValueError(f"{kind} record has no event_time")
         t = _ms(record["event_time"])
         w = t - t % self.config.window_ms
+        src = source or "-"
         if self._next_window_ms is not None and w < self._next_window_ms:
             self.late[kind] += 1
+            self.late_sources[src] += 1
+            if self.first_late is None:
+                self.first_late = {"kind": kind, "source": src, "event_time_ms": t,
+                                   "watermark_ms": self.watermark_ms, "closed_below_ms": self._next_window_ms}  # fmt: skip
             return []
         ident = record.get("event_id") or (record.get("change_id") if kind == "change" else None)
         if ident is not None:
@@ -217,7 +225,6 @@ class IncidentEngine:
                 return []
             self._ids[w].add(ident)
         self._buffer[w].append((kind, dict(record)))
-        src = source or "-"
         if kind in SPARSE_KINDS:
             self._sparse.add(src)
         if kind not in SPARSE_KINDS and not any(s not in self._sparse for s in self._source_max):
@@ -232,6 +239,16 @@ class IncidentEngine:
         if t <= self._source_max.get(src, t - 1):
             return self._move_watermark() if drained else []
         self._source_max[src] = t
+        return self._move_watermark()
+
+    def mark_drained(self, source: str) -> list[dict[str, Any]]:
+        """``source`` has been read to its end since its last record (whose ``drained`` was ``False``
+        because the end was not known then): it may now turn idle, as if that record had been fed with
+        ``drained=True``. Returns the insights the watermark's advance completed (often none); a source
+        not seen yet is ignored (it holds nothing back until it speaks)."""
+        if source not in self._source_max or source in self._drained:
+            return []
+        self._drained.add(source)
         return self._move_watermark()
 
     def _move_watermark(self) -> list[dict[str, Any]]:
