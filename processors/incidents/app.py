@@ -318,19 +318,32 @@ class _IncidentShell:
                      top1=insight["labels"]["top1_pod"])  # fmt: skip
 
 
-def _partitions(settings: Settings, topics: list[str]) -> list[str]:
-    """The input partitions that hold records (``topic/partition``): each holds the watermark back."""
+def _partitions(settings: Settings, topics: list[str], group_id: str) -> list[str]:
+    """The input partitions (``topic/partition``) holding records after ``group_id``'s committed offset
+    (the records this worker will read): the engine's watermark waits for each.
+
+    The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
+    partition whose commit lies inside its last batch is not declared (it then counts from its first
+    record, as an undeclared source does). Asking for the committed offsets does not join the group."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": "incidents-partition-probe"}))
+    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": group_id}))
     try:
         md = consumer.list_topics(timeout=15)
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in (sorted(md.topics[t].partitions) if t in md.topics else [])
+        ]
+        committed = (
+            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=15)} if tps else {}
+        )
         out = []
-        for t in topics:
-            for p in sorted(md.topics[t].partitions) if t in md.topics else []:
-                low, high = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)
-                if high > low:
-                    out.append(f"{t}/{p}")
+        for tp in tps:
+            low, high = consumer.get_watermark_offsets(tp, timeout=15)
+            start = max(low, committed.get((tp.topic, tp.partition), -1))
+            if high > start:
+                out.append(f"{tp.topic}/{tp.partition}")
         return out
     finally:
         consumer.close()
@@ -353,7 +366,7 @@ def create_incidents_app(
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     merged = app.topic(topics.merged(app_id), partitions=1, **raw)
     channels = {"merged": merged, "insights": app.topic(topics.insights, **raw)}
-    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs())))
+    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs()), app_id))
     shell = _IncidentShell(settings, topics, serde, engine, channels)
 
     @app.agent(

@@ -269,6 +269,20 @@ def test_watermark_waits_for_the_slowest_active_source() -> None:
     assert engine.late == {"metric": 1}
 
 
+def test_a_declared_source_whose_backlog_starts_earlier_makes_nothing_late() -> None:
+    """The first record delivered may be minutes younger than another declared input's first record (its
+    backlog starts earlier, or its partition is read later): the watermark waits for every declared input
+    to speak. (It once took the first record's time as every declared input's start, so records of the
+    minute before were late when the first record came more than the allowed lateness after them.)"""
+    engine = IncidentEngine(EngineConfig(), sources=["logs/0", "metrics/0"])
+    for m in range(3, 12):
+        engine.feed("log", _log("a-1", m, "INFO", "a.Main#1"), source="logs/0")
+    assert engine.watermark_ms is None
+    for m in range(0, 12):
+        engine.feed("metric", _metric("b-1", m, 1.0), source="metrics/0")
+    assert engine.late == {} and engine.watermark_ms is not None
+
+
 def test_a_source_found_drained_later_turns_idle_and_late_records_are_reported_by_source() -> None:
     """A partition's last record read while the consumer did not know its end (``drained=False``) keeps
     it holding the watermark; the worker's ``drained`` marker (:meth:`IncidentEngine.mark_drained`) lets
