@@ -58,7 +58,7 @@ def test_default_detector_alerts_on_the_spike_once_and_is_deterministic() -> Non
         assert any(a.sample_index == 500 for a in alerts)
         hit = next(a for a in alerts if a.sample_index == 500)
         insight = hit.to_insight()
-        assert insight.data["labels"]["detector_version"] == "likelihood/1"
+        assert insight.data["labels"]["detector_version"] == "ema-likelihood/1"
         assert insight.data["metrics"]["score"] >= 0.999
         assert insight.data["metrics"]["window_seconds"] == 3600.0
         assert insight.key == "series:nab:x/y"
@@ -127,3 +127,19 @@ def test_processor_reads_pod_metric_samples_one_series_per_metric() -> None:
                       "metrics": {"CpuUsageRate(%)": v, "PodWorkload(Ops)": None}})  # fmt: skip
     assert sorted(proc.states) == ["pod:p1/CpuUsageRate(%)"]
     assert proc.states["pod:p1/CpuUsageRate(%)"].count == 600
+
+
+def test_default_detector_state_stays_small_and_thresholds_follow_the_detector() -> None:
+    """ema-likelihood's JSON state does not grow with the series (constant size, under 1 KB after 5,000
+    samples); an unset threshold is the detector's own (0.995 for ema-likelihood, 0.99 for the others)."""
+    det = make_detector("ema-likelihood")
+    sizes = []
+    for i, v in enumerate(series(5000, spike_at=4000)):
+        det.score_learn(v)
+        if i in (100, 4999):
+            sizes.append(len(json.dumps(det.to_dict())))
+    assert sizes[1] < 1024 and sizes[1] - sizes[0] < 64
+    assert DetectorConfig().threshold == 0.995 and DetectorConfig().detector == "ema-likelihood"
+    assert DetectorConfig(detector="likelihood").threshold == 0.99
+    assert DetectorConfig(detector="likelihood", threshold=0.5).threshold == 0.5
+    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.995
