@@ -155,9 +155,10 @@ class IncidentStats:
             :attr:`~processors.incidents.incident.IncidentEngine.late_sources`.
         first_late: the first late record (kind, source, event time, the watermark and the closed-window
             bound then, epoch ms), ``None`` while none was late.
-        drain_markers_count: inputs found read to their end after their last record was forwarded (the
-            consumer did not know the partition's high watermark when it read that record, e.g. right after
-            an assignment); each was told to the engine by a ``drained`` marker on the merged topic.
+        drain_markers_count: ``drained`` markers sent on the merged topic: an input read to its end whose
+            last record was not forwarded (dead-lettered, or a change kind that is skipped), or was not known
+            to be its last when it was read (no high watermark known yet, e.g. right after an assignment).
+            Without them such a partition would hold the engine's watermark back for good.
         first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either agent),
             ``None`` before (with ``last_record_monotonic``, the processing rate without the startup).
         last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
@@ -232,6 +233,15 @@ class _IncidentShell:
     async def handle_input(self, message: Any) -> None:
         """A telemetry record or a change: forward it to the merged topic; dead-letter what cannot be read."""
         self._touch()
+        # where the partition stands, for every record (forwarded, skipped or dead-lettered alike): a partition
+        # whose last records are not forwarded must still be able to turn idle (a drained marker)
+        highwater = self.highwater(message.tp)  # None: not known (no fetch answered since the assignment)
+        drained = highwater is not None and message.offset + 1 >= highwater
+        source = f"{message.topic}/{message.partition}"
+        if drained:
+            self._undrained.pop(message.tp, None)
+        else:
+            self._undrained[message.tp] = (source, message.offset)
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
             schema, data = self.serde.decode(message.value)
@@ -242,6 +252,8 @@ class _IncidentShell:
                 change = change_from_external(data, attributes.id)
                 if change is None:
                     self.stats.changes_skipped_count += 1
+                    if drained:
+                        await self._send_drain_marker(source)
                     return
                 kind, data = "change", change
             if kind is None:
@@ -253,14 +265,9 @@ class _IncidentShell:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
+            if drained:
+                await self._send_drain_marker(source)
             return
-        highwater = self.highwater(message.tp)  # None: not known (no fetch answered since the assignment)
-        drained = highwater is not None and message.offset + 1 >= highwater
-        source = f"{message.topic}/{message.partition}"
-        if drained:
-            self._undrained.pop(message.tp, None)
-        else:
-            self._undrained[message.tp] = (source, message.offset)
         record = _jsonable(data)
         if kind != "change":
             record["event_id"] = attributes.id  # the engine drops a record seen twice in its window
@@ -271,7 +278,9 @@ class _IncidentShell:
 
     async def send_drain_markers(self) -> None:
         """Tell the engine, through the merged topic (after the records already forwarded), of each input
-        partition now read to its end whose last record was not known to be its last when it was read."""
+        partition now read to its end whose last record was not known to be its last when it was read.
+        (A partition whose last record was dead-lettered or skipped, and known to be its last, is told at
+        once by :meth:`handle_input`.)"""
         for tp, (source, offset) in list(self._undrained.items()):
             highwater = self.highwater(tp)
             if (
@@ -280,9 +289,12 @@ class _IncidentShell:
                 and self._undrained.get(tp) == (source, offset)
             ):
                 del self._undrained[tp]
-                body = {"kind": "drained", "source": source}
-                await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
-                self.stats.drain_markers_count += 1
+                await self._send_drain_marker(source)
+
+    async def _send_drain_marker(self, source: str) -> None:
+        body = {"kind": "drained", "source": source}
+        await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
+        self.stats.drain_markers_count += 1
 
     async def handle_merged(self, message: Any) -> None:
         """A merged record (or a ``drained`` marker): feed the engine, send the insights it completes."""

@@ -80,3 +80,42 @@ def test_an_unknown_high_watermark_is_not_the_end_and_a_marker_follows_once_it_i
     assert bodies[-1]["source"] == "telemetry.metrics/0"
     assert shell.stats.drain_markers_count == 1
     assert "telemetry.metrics/0" in engine._drained
+
+
+def test_a_partition_ending_in_a_skipped_change_is_told_drained() -> None:
+    """A commit (a change, forwarded) then an issue comment (skipped) on one partition: the comment is
+    the partition's last record, so a marker follows; otherwise the commit's partition would hold the
+    watermark at the commit's time for good."""
+    from datetime import UTC, datetime
+
+    from streams.envelope import Event
+
+    serde = AvroSerde(EmbeddedRegistry())
+    merged = _Topic()
+    engine = IncidentEngine(EngineConfig())
+    shell = _IncidentShell(
+        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": _Topic()}
+    )
+    tp = ("external.events", 0)
+    shell.highwater = {tp: 2}.get
+
+    def external(offset: int, kind: str) -> SimpleNamespace:
+        at = datetime(2023, 1, 29, 8, 41 + offset, tzinfo=UTC)
+        data = {"platform": kind.split(".")[0], "kind": kind, "entity": "git:acme/shop@abc", "actor": "bob",
+                "occurred_at": at, "url": None, "title": "shop: pool", "body_excerpt": None, "refs": [],
+                "source_id": f"e{offset}"}  # fmt: skip
+        e = Event.create(
+            "sophia.external.ExternalEvent", data["entity"], data, source="/test", time=at, id=f"e{offset}"
+        )
+        return SimpleNamespace(topic=tp[0], partition=tp[1], offset=offset, tp=tp, key=b"k",
+                               headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data))  # fmt: skip
+
+    async def run() -> None:
+        await shell.handle_input(external(0, "git.commit"))
+        await shell.handle_input(external(1, "github.issue_comment.created"))
+        await shell.send_drain_markers()  # nothing more: the marker was sent at once
+
+    asyncio.run(run())
+    bodies = [json.loads(s["value"]) for s in merged.sent]
+    assert [(b["kind"], b.get("drained")) for b in bodies] == [("change", False), ("drained", None)]
+    assert shell.stats.changes_skipped_count == 1 and shell.stats.drain_markers_count == 1
