@@ -151,7 +151,7 @@ def _slack_messages(files: list[Path], repo: str) -> list[Any]:
             )
         for (conv, text), e in zip(raw, events, strict=True):
             out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
-                                        f"{f.name}:{conv}" if conv else None)))  # fmt: skip
+                                        f"{f.name}:{conv}" if conv else None, e.data.get("actor"))))  # fmt: skip
     return out_
 
 
