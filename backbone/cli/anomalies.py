@@ -117,7 +117,7 @@ def eval_anomalies(
     data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
                                        envvar="BACKBONE_NAB_DATA")],
     category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
-    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "likelihood",
+    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "seasonal-likelihood",
     baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
                                            envvar="BACKBONE_NAB_BASELINE")] = False,
     as_json: JsonOpt = False,
@@ -151,7 +151,7 @@ def _slack_messages(files: list[Path], repo: str) -> list[Any]:
             )
         for (conv, text), e in zip(raw, events, strict=True):
             out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
-                                        f"{f.name}:{conv}" if conv else None)))  # fmt: skip
+                                        f"{f.name}:{conv}" if conv else None, e.data.get("actor"))))  # fmt: skip
     return out_
 
 

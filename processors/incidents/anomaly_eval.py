@@ -100,7 +100,7 @@ def evaluate_alerts(
 def raw_scores(s: LabelledSeries, detector: str, **params: Any) -> list[float]:
     """The raw scores of a fresh ``detector`` over one series, in row order (scored before learnt)."""
     det = make_detector(detector, **params)
-    return [det.score_learn(v) for v in s.values]
+    return [det.score_learn(v, t.timestamp()) for t, v in zip(s.timestamps, s.values, strict=True)]
 
 
 def evaluate_raw_scores(series: Sequence[LabelledSeries], detector: str, **params: Any) -> AnomalyEvaluation:

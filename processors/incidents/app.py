@@ -19,19 +19,28 @@ Two agents:
    incidents needs every pod's telemetry in one place; that topic is the place, in one total order (each
    partition's records keep their order). Undecodable records and other schemas go to the dead-letter
    topic with raw bytes and the reason (delivered before the next record is handled); the batch goes on.
-   ``drained`` is noted by a stream processor as each record is read (``offset + 1 >=`` the consumer's
-   fetch high watermark of its partition at that moment, as before batching), not when its batch is
-   handled. Acks: the batch's records are acked once its merged messages were handed to the producer;
-   Faust flushes the producer before it commits offsets, so a committed record's forward is on the broker
-   (at least once: a crash before the commit forwards the batch again; the engine drops a record it already
-   took in the same window, by its event id). ``noack_take``, not ``take``: ``take`` acks a batch whose handling raised.
-   One merged message per input record (before 2026-12-04) cost a Faust send and receive per record: the
-   worker ran at 0.13-0.29 of a plain Faust agent (``bench/bench_incidents.py``).
+   ``drained`` is noted by a stream processor as each record is read (the consumer's fetch high watermark
+   of its partition at that moment, as before batching), not when its batch is handled; a partition's
+   known-last record that is not forwarded (dead-lettered, skipped) puts a ``drained`` marker in the
+   batch in its place. Acks: the batch's records are acked once its merged messages were handed to the
+   producer; Faust flushes the producer before it commits offsets, so a committed record's forward is on
+   the broker (at least once: a crash before the commit forwards the batch again; the engine drops a
+   record it already took in the same window, by its event id). ``noack_take``, not ``take``: ``take``
+   acks a batch whose handling raised. One merged message per input record (before 2026-12-04) cost a
+   Faust send and receive per record: the worker ran at 0.11-0.29 of a plain Faust agent
+   (``bench/bench_incidents.py``).
 2. ``incidents-correlate`` reads that topic (a JSON list of bodies per message; one body alone, as written
-   before batching, is read too) and feeds the engine body by body; the engine's watermark follows the
+   before batching and by the drain timer, is read too) and feeds the engine body by body; the engine's
+   watermark follows the
    slowest active input partition (every partition of the three inputs is declared), so a partition
    read later than another does not make its records late: only an input partition that was
-   drained (its record reached the consumer's fetch high watermark) can turn idle. Insights are sent to
+   drained (its record reached the consumer's fetch high watermark) can turn idle. A record read while
+   that high watermark is not known (right after an assignment) is not drained; a timer checks such
+   partitions every :data:`DRAIN_CHECK_SECONDS` and, once one is read to its end, sends a ``drained``
+   marker after its records on the merged topic (only partitions whose records were already handed to
+   the producer are checked, so a marker never overtakes them; an unknown end once counted as drained could let the
+   watermark pass records not read yet). Late records are counted per source with the first one's
+   times (:class:`IncidentStats`). Insights are sent to
    ``insights.incidents`` (``sophia.insight.Insight``, key ``incident:<id>``, CloudEvents id = the
    deterministic ``insight_id``, record timestamp = its event time) and their delivery awaited.
 
@@ -104,6 +113,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-incidents"
+DRAIN_CHECK_SECONDS = 1.0
+"""How often the worker looks for inputs read to their end after their last record (``drained`` markers)."""
 PROCESSOR_NAME = "incidents"
 INSIGHT_SCHEMA = "sophia.insight.Insight"
 _KINDS = {
@@ -182,6 +193,14 @@ class IncidentStats:
     """Counters of one app instance.
 
     Attributes:
+        late_sources: late records per input (``topic/partition``), the engine's
+            :attr:`~processors.incidents.incident.IncidentEngine.late_sources`.
+        first_late: the first late record (kind, source, event time, the watermark and the closed-window
+            bound then, epoch ms), ``None`` while none was late.
+        drain_markers_count: ``drained`` markers sent on the merged topic: an input read to its end whose
+            last record was not forwarded (dead-lettered, or a change kind that is skipped), or was not known
+            to be its last when it was read (no high watermark known yet, e.g. right after an assignment).
+            Without them such a partition would hold the engine's watermark back for good.
         first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either agent),
             ``None`` before (with ``last_record_monotonic``, the processing rate without the startup).
         last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
@@ -194,6 +213,9 @@ class IncidentStats:
     correlated_count: int = 0
     insights_count: int = 0
     late_count: int = 0
+    late_sources: dict[str, int] = field(default_factory=dict)
+    first_late: dict[str, Any] | None = None
+    drain_markers_count: int = 0
     duplicates_count: int = 0
     dead_letters_count: int = 0
     first_record_monotonic: float | None = field(default=None)
@@ -239,9 +261,11 @@ class _IncidentShell:
                  channels: dict[str, Any]) -> None:  # fmt: skip
         self.topics, self.serde, self.engine, self.channels = topics, serde, engine, channels
         self.stats = IncidentStats()
-        self.highwater: Any = lambda tp: 0  # set by the app: the consumer's fetch high watermark
+        self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
+        # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
+        self._undrained: dict[Any, tuple[str, int]] = {}
+        self._read_drained: dict[int, bool] = {}  # id(message) -> drained when read (note_read)
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
-        self._drained: dict[int, bool] = {}  # id(message) -> drained when read (mark_drained)
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -249,43 +273,76 @@ class _IncidentShell:
         if self.stats.first_record_monotonic is None:
             self.stats.first_record_monotonic = now
 
-    def mark_drained(self, event: Any) -> None:
-        """Note whether ``event``'s record is its partition's last one so far (``offset + 1 >=`` the
-        consumer's fetch high watermark of its partition, read now, as the stream takes the record: the
-        moment the unbatched agent read it too); :meth:`handle_batch` reads the note."""
+    def _drained_now(self, message: Any) -> bool:
+        """The record is its partition's last one as far as the consumer knows now (``offset + 1 >=`` its
+        fetch high watermark; not when that is unknown: no fetch answered since the assignment)."""
+        highwater = self.highwater(message.tp)
+        return highwater is not None and message.offset + 1 >= highwater
+
+    def note_read(self, event: Any) -> None:
+        """Note whether ``event``'s record is its partition's last so far (:meth:`_drained_now`), as the
+        stream reads it (a stream processor, before ``noack_take`` buffers it: the moment the unbatched
+        agent read it too); :meth:`handle_batch` takes the note."""
         if event is not None:
-            message = event.message
-            self._drained[id(message)] = message.offset + 1 >= self.highwater(message.tp)
+            self._read_drained[id(event.message)] = self._drained_now(event.message)
 
     async def handle_batch(self, events: list[Any], group: str) -> None:
-        """Input records in their stream order: decode each; forward the usable ones, in that order, as
-        JSON lists of bodies (:func:`pack_bodies`, at most :data:`MERGED_MAX_BYTES` each) to the merged
-        topic; dead-letter what cannot be read (each before the next is handled). Returns once every
-        forward was handed to the producer (Faust flushes the producer before it commits an offset)."""
+        """Input records in the order read: decode each (dead-lettering what cannot be read, delivered
+        before the next is handled); forward their bodies, and the ``drained`` markers of partitions whose
+        known last record is not forwarded, in that order, as JSON lists (:func:`pack_bodies`, at most
+        :data:`MERGED_MAX_BYTES` each) to the merged topic. Returns once they were handed to the producer
+        (Faust flushes it before it commits offsets); only then are the partitions whose last forwarded
+        record was not known as their last recorded for :meth:`send_drain_markers`, so that a marker never
+        overtakes its partition's records."""
         bodies: list[dict[str, Any]] = []
+        notes: list[tuple[Any, str, int, bool]] = []
         for event in events:
             message = event.message
-            drained = self._drained.pop(id(message), None)
+            drained = self._read_drained.pop(id(message), None)
+            if drained is None:  # not seen by the processor (not expected): where it stands now
+                drained = self._drained_now(message)
             with tracing_process(message, group):
                 body = await self.decode_input(message, drained)
             if body is not None:
                 bodies.append(body)
-        forwarded = 0
-        for packed, n in pack_bodies(bodies, MERGED_MAX_BYTES):
+            notes.append((message.tp, f"{message.topic}/{message.partition}", message.offset, drained))
+        for packed, _ in pack_bodies(bodies, MERGED_MAX_BYTES):
             await self.channels["merged"].send(key=b"telemetry", value=packed)
-            forwarded += n
-        self.stats.forwarded_count += forwarded
+        markers = sum(1 for b in bodies if b["kind"] == "drained")
+        self.stats.forwarded_count += len(bodies) - markers
+        self.stats.drain_markers_count += markers
+        for tp, source, offset, drained in notes:
+            self._note_forwarded(tp, source, offset, drained)
 
-    async def decode_input(self, message: Any, drained: bool | None) -> dict[str, Any] | None:
-        """A telemetry record or a change: its merged body (JSON-ready), or None when it is skipped (an
-        external event that changes nothing) or dead-lettered (what cannot be read: delivered before this
-        returns).
+    def _note_forwarded(self, tp: Any, source: str, offset: int, drained: bool) -> None:
+        # where the partition stands, for every record (forwarded, skipped or dead-lettered alike): a partition
+        # whose last records are not forwarded must still be able to turn idle (a drained marker)
+        if drained:
+            self._undrained.pop(tp, None)
+        else:
+            self._undrained[tp] = (source, offset)
 
-        Args:
-            drained: whether it was its partition's last record when read (:meth:`mark_drained`); None:
-                read the high watermark now.
-        """
+    async def handle_input(self, message: Any) -> None:
+        """One input record alone (its body, or its ``drained`` marker, as one merged message): as
+        :meth:`handle_batch` of one record, with ``drained`` read now."""
+        drained = self._drained_now(message)
+        body = await self.decode_input(message, drained)
+        if body is not None:
+            await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
+            if body["kind"] == "drained":
+                self.stats.drain_markers_count += 1
+            else:
+                self.stats.forwarded_count += 1
+        self._note_forwarded(message.tp, f"{message.topic}/{message.partition}", message.offset, drained)
+
+    async def decode_input(self, message: Any, drained: bool) -> dict[str, Any] | None:
+        """A telemetry record or a change: its merged body (JSON-ready); for a record not forwarded (an
+        external event that changes nothing, or a dead letter: delivered before this returns) a
+        ``drained`` marker of its partition when it is known as the partition's last (``drained``), else
+        None."""
         self._touch()
+        source = f"{message.topic}/{message.partition}"
+        marker = {"kind": "drained", "source": source} if drained else None
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
             schema, data = self.serde.decode(message.value)
@@ -296,7 +353,7 @@ class _IncidentShell:
                 change = change_from_external(data, attributes.id)
                 if change is None:
                     self.stats.changes_skipped_count += 1
-                    return None
+                    return marker
                 kind, data = "change", change
             if kind is None:
                 raise UnexpectedSchemaError(
@@ -307,31 +364,57 @@ class _IncidentShell:
             await self.dead_letters.publish(message, exc)
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
-            return None
-        if drained is None:
-            drained = message.offset + 1 >= self.highwater(message.tp)
+            return marker
         record = _jsonable(data)
         if kind != "change":
             record["event_id"] = attributes.id  # the engine drops a record seen twice in its window
-        body = {"kind": kind, "source": f"{message.topic}/{message.partition}", "drained": drained,
-                "record": record}  # fmt: skip
         self.stats.changes_count += kind == "change"
-        return body
+        return {"kind": kind, "source": source, "drained": drained, "record": record}
+
+    async def send_drain_markers(self) -> None:
+        """Tell the engine, through the merged topic (after the records already forwarded), of each input
+        partition now read to its end whose last record was not known to be its last when it was read.
+        (A partition whose last record was dead-lettered or skipped, and known to be its last, is told
+        with its batch by :meth:`handle_batch`.)"""
+        for tp, (source, offset) in list(self._undrained.items()):
+            highwater = self.highwater(tp)
+            if (
+                highwater is not None
+                and offset + 1 >= highwater
+                and self._undrained.get(tp) == (source, offset)
+            ):
+                del self._undrained[tp]
+                await self._send_drain_marker(source)
+
+    async def _send_drain_marker(self, source: str) -> None:
+        body = {"kind": "drained", "source": source}
+        await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
+        self.stats.drain_markers_count += 1
 
     async def handle_merged(self, message: Any) -> None:
-        """A merged message (a JSON list of bodies, or one body as written before batching): feed the
-        engine each body in order, send the insights each completes (delivery awaited) before the next."""
+        """A merged message (a JSON list of bodies, or one body, as written before batching and for a
+        timer's ``drained`` marker): feed the engine each body in order, send the insights each completes
+        (delivery awaited) before the next."""
         value = json.loads(message.value)
         for body in value if isinstance(value, list) else (value,):
             await self.correlate(body)
 
     async def correlate(self, body: dict[str, Any]) -> None:
-        """One merged body: feed the engine, send the insights it completes."""
+        """One merged body (a record or a ``drained`` marker): feed the engine, send the insights it
+        completes."""
         self._touch()
         engine = self.engine
         late_before, duplicates_before = engine.late.total(), engine.duplicates.total()
-        insights = engine.feed(body["kind"], body["record"], source=body["source"], drained=body["drained"])
+        if body["kind"] == "drained":
+            insights = engine.mark_drained(body["source"])
+        else:
+            insights = engine.feed(
+                body["kind"], body["record"], source=body["source"], drained=body["drained"]
+            )
         self.stats.late_count += engine.late.total() - late_before
+        if self.stats.late_count:
+            self.stats.late_sources = dict(engine.late_sources)
+            self.stats.first_late = engine.first_late
         self.stats.duplicates_count += engine.duplicates.total() - duplicates_before
         self.stats.correlated_count += 1
         for insight in insights:
@@ -350,19 +433,32 @@ class _IncidentShell:
                      top1=insight["labels"]["top1_pod"])  # fmt: skip
 
 
-def _partitions(settings: Settings, topics: list[str]) -> list[str]:
-    """The input partitions that hold records (``topic/partition``): each holds the watermark back."""
+def _partitions(settings: Settings, topics: list[str], group_id: str) -> list[str]:
+    """The input partitions (``topic/partition``) holding records after ``group_id``'s committed offset
+    (the records this worker will read): the engine's watermark waits for each.
+
+    The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
+    partition whose commit lies inside its last batch is not declared (it then counts from its first
+    record, as an undeclared source does). Asking for the committed offsets does not join the group."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": "incidents-partition-probe"}))
+    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": group_id}))
     try:
         md = consumer.list_topics(timeout=15)
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in (sorted(md.topics[t].partitions) if t in md.topics else [])
+        ]
+        committed = (
+            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=15)} if tps else {}
+        )
         out = []
-        for t in topics:
-            for p in sorted(md.topics[t].partitions) if t in md.topics else []:
-                low, high = consumer.get_watermark_offsets(TopicPartition(t, p), timeout=15)
-                if high > low:
-                    out.append(f"{t}/{p}")
+        for tp in tps:
+            low, high = consumer.get_watermark_offsets(tp, timeout=15)
+            start = max(low, committed.get((tp.topic, tp.partition), -1))
+            if high > start:
+                out.append(f"{tp.topic}/{tp.partition}")
         return out
     finally:
         consumer.close()
@@ -385,7 +481,7 @@ def create_incidents_app(
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     merged = app.topic(topics.merged(app_id), partitions=1, **raw)
     channels = {"merged": merged, "insights": app.topic(topics.insights, **raw)}
-    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs())))
+    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs()), app_id))
     shell = _IncidentShell(settings, topics, serde, engine, channels)
 
     @app.agent(
@@ -396,11 +492,11 @@ def create_incidents_app(
     async def incidents_telemetry(stream: faust.StreamT) -> None:
         """Forward telemetry and changes to the merged topic, a batch at a time."""
 
-        def mark_drained(value: Any) -> Any:  # a processor: runs as each record is read, before take's buffer
-            shell.mark_drained(stream.current_event)
+        def note_read(value: Any) -> Any:  # a processor: runs as each record is read, before take's buffer
+            shell.note_read(stream.current_event)
             return value
 
-        stream.add_processor(mark_drained)
+        stream.add_processor(note_read)
         # noack_take yields the events unacked: they are acked here once their forwards were handed to the
         # producer (take_events would ack a batch whose handling raised, when its generator is closed)
         async for events in stream.noack_take(BATCH_RECORDS, within=BATCH_SECONDS):
@@ -415,7 +511,19 @@ def create_incidents_app(
             with tracing_process(event.message, app.conf.id):
                 await shell.handle_merged(event.message)
 
-    shell.highwater = lambda tp: app.consumer.highwater(tp) or 0
+    def highwater(tp: Any) -> int | None:
+        try:
+            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except AssertionError:  # aiokafka: the partition is no longer assigned
+            return None
+
+    shell.highwater = highwater
+
+    @app.timer(interval=DRAIN_CHECK_SECONDS)
+    async def incidents_drain_check() -> None:
+        """Drained markers for inputs read to their end since their last record (see the shell)."""
+        await shell.send_drain_markers()
+
     app.incident_stats = shell.stats  # type: ignore[attr-defined]
     app.incident_engine = engine  # type: ignore[attr-defined]
     app.incident_close = shell.dead_letters.close  # type: ignore[attr-defined]

@@ -10,7 +10,8 @@ Time model:
 * Watermark = the highest event time seen minus ``allowed_lateness_ms`` (with several inputs: the
   slowest active input's highest event time, see :meth:`IncidentEngine.feed`). A window is processed once
   the watermark reaches its end; an event for a window already processed is *late*: it is counted
-  (:attr:`IncidentEngine.late`, per kind) and not used.
+  (:attr:`IncidentEngine.late`, per kind; :attr:`IncidentEngine.late_sources`, per source; the first one's
+  event time and the watermark then in :attr:`IncidentEngine.first_late`) and not used.
 * A closed window is processed in a canonical order (kind, pod, event time, identity), so the result
   depends only on the set of events that arrived within the allowed lateness, never on their arrival
   order. Insights carry event times derived from window bounds, never from arrival or wall clock.
@@ -138,9 +139,12 @@ class IncidentEngine:
 
     Args:
         config: tuning (defaults are the ones evaluated in ``backbone eval incidents``).
-        sources: the inputs known in advance (e.g. every assigned ``topic/partition``): each holds the
-            watermark back from the first event on until it delivers or turns idle. A source that is
-            not declared counts from its first record.
+        sources: the inputs known in advance to hold records to read (e.g. every input
+            ``topic/partition`` with records after the group's committed offset): the watermark does
+            not move until each has delivered a record (its first record may be older than any other
+            source's: a backlog that starts earlier) or been marked drained (:meth:`mark_drained`);
+            then each holds it back until it turns idle. A source that is not declared counts from its
+            first record.
 
     Insights are dicts in the shape of ``sophia.insight.Insight`` (``insight_id``, ``kind``
     (``incident.opened`` / ``incident.updated`` / ``incident.closed``), ``entity`` ``incident:<id>``, ``event_time`` (epoch
@@ -150,9 +154,11 @@ class IncidentEngine:
 
     def __init__(self, config: EngineConfig | None = None, sources: Iterable[str] = ()) -> None:
         self.config = config or EngineConfig()
-        self._declared = tuple(sources)
+        self._waiting: set[str] = set(sources)  # declared, not heard from yet: the watermark waits
         self.watermark_ms: int | None = None
         self.late: Counter[str] = Counter()
+        self.late_sources: Counter[str] = Counter()
+        self.first_late: dict[str, Any] | None = None
         self.processed_windows = 0
         self.anomaly_count = 0
         self._source_max: dict[str, int] = {}
@@ -207,8 +213,13 @@ class IncidentEngine:
             raise ValueError(f"{kind} record has no event_time")
         t = _ms(record["event_time"])
         w = t - t % self.config.window_ms
+        src = source or "-"
         if self._next_window_ms is not None and w < self._next_window_ms:
             self.late[kind] += 1
+            self.late_sources[src] += 1
+            if self.first_late is None:
+                self.first_late = {"kind": kind, "source": src, "event_time_ms": t,
+                                   "watermark_ms": self.watermark_ms, "closed_below_ms": self._next_window_ms}  # fmt: skip
             return []
         ident = record.get("event_id") or (record.get("change_id") if kind == "change" else None)
         if ident is not None:
@@ -217,14 +228,9 @@ class IncidentEngine:
                 return []
             self._ids[w].add(ident)
         self._buffer[w].append((kind, dict(record)))
-        src = source or "-"
+        self._waiting.discard(src)
         if kind in SPARSE_KINDS:
             self._sparse.add(src)
-        if kind not in SPARSE_KINDS and not any(s not in self._sparse for s in self._source_max):
-            # declared inputs hold the watermark back from the first telemetry event on, until they speak
-            # or idle (a change, sparse, says nothing about where the telemetry is)
-            for declared in self._declared:
-                self._source_max.setdefault(declared, t - 1)
         if drained:
             self._drained.add(src)
         else:
@@ -234,7 +240,20 @@ class IncidentEngine:
         self._source_max[src] = t
         return self._move_watermark()
 
+    def mark_drained(self, source: str) -> list[dict[str, Any]]:
+        """``source`` has been read to its end since its last record (whose ``drained`` was ``False``
+        because the end was not known then): it may now turn idle, as if that record had been fed with
+        ``drained=True``. A declared source not heard from yet (:class:`IncidentEngine` ``sources``) stops
+        holding the watermark back. Returns the insights the watermark's advance completed (often none); an
+        unknown source is ignored."""
+        if (source not in self._source_max and source not in self._waiting) or source in self._drained:
+            return []
+        self._drained.add(source)
+        return self._move_watermark()
+
     def _move_watermark(self) -> list[dict[str, Any]]:
+        if self._waiting - self._drained:
+            return []  # a declared input has not spoken: its first record may be older than any seen
         dense = [v for s, v in self._source_max.items() if s not in self._sparse]
         if not dense:
             return []  # changes alone never move the watermark

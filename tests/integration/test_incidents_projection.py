@@ -189,7 +189,7 @@ def test_incidents_projection_end_to_end(
         assert count == int(e.data["metrics"]["anomalies_count"]) == listed[key]
         assert cands == json.loads(e.data["labels"]["candidates"]) and cands[0]["pod"] in pods
     assert [(r[0].split("/")[0], r[1], r[3], r[4]) for r in an] == [
-        ("nab:test", 1.0, 3600.0, "likelihood/1"), (f"pod:{top1}", 1.0, 3600.0, "likelihood/1")
+        ("nab:test", 1.0, 3600.0, "seasonal-likelihood/1"), (f"pod:{top1}", 1.0, 3600.0, "seasonal-likelihood/1")
     ]  # fmt: skip
     assert an[1][5] == first_at + timedelta(seconds=25)
     by_commit = {lk.key: lk for lk in links}

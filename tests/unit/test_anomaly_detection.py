@@ -52,7 +52,7 @@ def test_likelihood_state_written_with_json_lists_still_restores() -> None:
     """A state written before the histories were packed (``hist``: JSON lists, as a changelog may still
     hold it) restores to the same detector as the packed one (``hist_b64``: the exact doubles)."""
     values = series()
-    st = SeriesState("s")
+    st = SeriesState("s", DetectorConfig(detector="likelihood"))
     for i, v in enumerate(values[:1200]):
         st.observe(T0 + timedelta(minutes=i), v)
     packed = json.loads(json.dumps(st.to_dict()))
@@ -74,7 +74,7 @@ def test_default_detector_alerts_on_the_spike_once_and_is_deterministic() -> Non
         assert any(a.sample_index == 500 for a in alerts)
         hit = next(a for a in alerts if a.sample_index == 500)
         insight = hit.to_insight()
-        assert insight.data["labels"]["detector_version"] == "likelihood/1"
+        assert insight.data["labels"]["detector_version"] == "seasonal-likelihood/1"
         assert insight.data["metrics"]["score"] >= 0.999
         assert insight.data["metrics"]["window_seconds"] == 3600.0
         assert insight.key == "series:nab:x/y"
@@ -143,3 +143,83 @@ def test_processor_reads_pod_metric_samples_one_series_per_metric() -> None:
                       "metrics": {"CpuUsageRate(%)": v, "PodWorkload(Ops)": None}})  # fmt: skip
     assert sorted(proc.states) == ["pod:p1/CpuUsageRate(%)"]
     assert proc.states["pod:p1/CpuUsageRate(%)"].count == 600
+
+
+def test_ema_likelihood_state_stays_small_and_thresholds_follow_the_detector() -> None:
+    """ema-likelihood's JSON state does not grow with the series (constant size, under 1 KB after 5,000
+    samples); an unset threshold is the detector's own (0.995 for the ema and seasonal likelihoods, 0.99
+    for the others)."""
+    det = make_detector("ema-likelihood")
+    sizes = []
+    for i, v in enumerate(series(5000, spike_at=4000)):
+        det.score_learn(v)
+        if i in (100, 4999):
+            sizes.append(len(json.dumps(det.to_dict())))
+    assert sizes[1] < 1024 and sizes[1] - sizes[0] < 64
+    assert DetectorConfig().threshold == 0.995 and DetectorConfig().detector == "seasonal-likelihood"
+    assert DetectorConfig(detector="ema-likelihood").threshold == 0.995
+    assert DetectorConfig(detector="likelihood").threshold == 0.99
+    assert DetectorConfig(detector="likelihood", threshold=0.5).threshold == 0.5
+    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.995
+
+
+def weekly(weeks: int = 4, per_day: int = 24, seed: int = 3) -> list[float]:
+    """Hourly samples with a weekday/weekend pattern (busy weekday afternoons, quiet weekends)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(weeks * 7 * per_day):
+        day, hour = divmod(i, per_day)
+        busy = day % 7 < 5 and 9 <= hour < 18
+        out.append((50.0 if busy else 10.0) + rng.gauss(0, 1.0))
+    return out
+
+
+def test_seasonal_likelihood_flags_a_value_wrong_for_its_time_of_week() -> None:
+    """A weekday rush level on a weekend afternoon (normal as a value, wrong for the time of week) raises
+    a seasonal-likelihood alert; ema-likelihood, which has no weekly model, sees nothing odd in it."""
+    values = weekly()
+    at = 3 * 7 * 24 + 5 * 24 + 12  # week 4, Saturday 12:00
+    for h in range(at, at + 6):
+        values[h] = 50.0 + (h - at) * 0.1
+    alerts = {}
+    for name in ("seasonal-likelihood", "ema-likelihood"):
+        st = SeriesState("s", DetectorConfig(detector=name))
+        alerts[name] = [i for i, v in enumerate(values) if st.observe(T0 + timedelta(hours=i), v)[1]]
+    assert any(at <= i < at + 6 for i in alerts["seasonal-likelihood"]), alerts
+    assert not any(at <= i < at + 6 for i in alerts["ema-likelihood"]), alerts
+    st = SeriesState("s")
+    for i, v in enumerate(values[:400]):
+        st.observe(T0 + timedelta(hours=i), v)
+    state = st.to_dict()["state"]
+    assert state["period"] == 168 and len(state["past"]) == 168
+
+
+def test_seasonal_likelihood_without_times_or_with_a_long_week_is_ema_likelihood() -> None:
+    """Without event times, or when a week spans more than max_period samples (1-minute samples), it scores
+    exactly as ema-likelihood and keeps no past values."""
+    values = series(3000, spike_at=2500)
+    ema = make_detector("ema-likelihood")
+    ref = [ema.score_learn(v) for v in values]
+    no_time = make_detector("seasonal-likelihood")
+    assert [no_time.score_learn(v) for v in values] == ref
+    minutely = make_detector("seasonal-likelihood")
+    assert [minutely.score_learn(v, 60.0 * i) for i, v in enumerate(values)] == ref
+    for det in (no_time, minutely):
+        state = det.to_dict()
+        assert state["period"] == 0 and state["past"] == []
+
+
+@pytest.mark.parametrize("cut", [5, 400])
+def test_seasonal_state_round_trip_continues_identically(cut: int) -> None:
+    """Saved while the period is still unknown (5 samples) or with a full week kept (400), restored from
+    JSON, it scores the rest of a weekly series exactly as the uninterrupted state."""
+    values = weekly()
+    st, ref = SeriesState("s"), SeriesState("s")
+    for i, v in enumerate(values[:cut]):
+        st.observe(T0 + timedelta(hours=i), v)
+        ref.observe(T0 + timedelta(hours=i), v)
+    restored = SeriesState.from_dict(json.loads(json.dumps(st.to_dict())))
+    for i, v in enumerate(values[cut:], start=cut):
+        t = T0 + timedelta(hours=i)
+        assert restored.observe(t, v) == ref.observe(t, v)
+    assert restored.to_dict() == ref.to_dict()

@@ -79,7 +79,7 @@ def test_a_batch_forwards_its_records_in_order_with_their_read_time_drained_note
     events = [_event(serde, _sample("a-1", m, 1.0 + m), 0, m) for m in range(3)]
     events += [_event(serde, _sample("b-1", m, 2.0 + m), 1, m) for m in range(2)]
     for e in events:
-        shell.mark_drained(e)  # as the stream reads them
+        shell.note_read(e)  # as the stream reads them
     highwater[("telemetry.metrics", 0)] = 10  # records arrived after the read: the notes stand
     asyncio.run(shell.handle_batch(events, "test"))
     assert len(merged.sent) == 1 and merged.sent[0]["key"] == b"telemetry"
@@ -90,7 +90,7 @@ def test_a_batch_forwards_its_records_in_order_with_their_read_time_drained_note
         ("telemetry.metrics/1", "b-1-1", True),
     ]  # fmt: skip
     assert bodies[0]["record"]["event_time"] == int(T0.timestamp() * 1000)
-    assert shell.stats.forwarded_count == 5 and shell._drained == {}
+    assert shell.stats.forwarded_count == 5 and shell._read_drained == {}
 
 
 def test_the_correlate_side_feeds_a_list_as_it_fed_one_message_per_record() -> None:

@@ -269,6 +269,43 @@ def test_watermark_waits_for_the_slowest_active_source() -> None:
     assert engine.late == {"metric": 1}
 
 
+def test_a_declared_source_whose_backlog_starts_earlier_makes_nothing_late() -> None:
+    """The first record delivered may be minutes younger than another declared input's first record (its
+    backlog starts earlier, or its partition is read later): the watermark waits for every declared input
+    to speak. (It once took the first record's time as every declared input's start, so records of the
+    minute before were late when the first record came more than the allowed lateness after them.)"""
+    engine = IncidentEngine(EngineConfig(), sources=["logs/0", "metrics/0"])
+    for m in range(3, 12):
+        engine.feed("log", _log("a-1", m, "INFO", "a.Main#1"), source="logs/0")
+    assert engine.watermark_ms is None
+    for m in range(0, 12):
+        engine.feed("metric", _metric("b-1", m, 1.0), source="metrics/0")
+    assert engine.late == {} and engine.watermark_ms is not None
+
+
+def test_a_source_found_drained_later_turns_idle_and_late_records_are_reported_by_source() -> None:
+    """A partition's last record read while the consumer did not know its end (``drained=False``) keeps
+    it holding the watermark; the worker's ``drained`` marker (:meth:`IncidentEngine.mark_drained`) lets
+    it turn idle; a record after that is late, counted per source with the first one's times."""
+    engine = IncidentEngine(
+        EngineConfig(allowed_lateness_ms=0, idle_source_ms=600_000), sources=["metrics/0", "metrics/1"]
+    )
+    assert engine.mark_drained("metrics/9") == []  # never seen: ignored
+    engine.feed("metric", _metric("b-1", 1, 1.0), source="metrics/1")  # its end unknown: not drained
+    for m in range(0, 20):
+        engine.feed("metric", _metric("a-1", m, 1.0), source="metrics/0")
+    before = engine.watermark_ms
+    assert before is not None and before < _metric("b-1", 2, 1.0)["event_time"].timestamp() * 1000
+    engine.mark_drained("metrics/1")
+    assert engine.watermark_ms is not None and engine.watermark_ms > before
+    assert engine.mark_drained("metrics/1") == [] and engine.late == {}
+    engine.feed("metric", _metric("b-1", 2, 1.0), source="metrics/1")
+    assert engine.late == {"metric": 1} and engine.late_sources == {"metrics/1": 1}
+    first = engine.first_late
+    assert first is not None and first["source"] == "metrics/1" and first["kind"] == "metric"
+    assert first["event_time_ms"] < first["closed_below_ms"]
+
+
 def _event_ms(kr: tuple[str, dict]) -> float:
     t = kr[1]["event_time"]
     return t.timestamp() * 1000 if isinstance(t, datetime) else t
