@@ -23,11 +23,13 @@ and :class:`processors.tables.TailRecoveringTable`.
   state per sample (a Nezha pod sample touches about 19 series, 13 KB of JSON each) made the changelog
   about 11 GB for one Nezha day and the worker 0.006 of a plain Faust agent. A checkpoint still writes
   each changed state whole (on the Nezha day nearly all 879 series change between two checkpoints), so
-  its cost is cut twice: the detector's two 1,000-value histories are written as base64 of their doubles
-  (``hist_b64``, :meth:`processors.incidents.anomaly.LikelihoodDetector.to_dict`; exact, about 22 KB
-  a state, several times cheaper to encode than JSON lists of floats), and checkpoints come every 5,000
-  records or 2 s instead of 1,000 or 1 s (py-spy put the checkpoints, with their produce requests, at
-  about a quarter of the worker's time before).
+  its cost was cut twice (2026-12-04, with the ``likelihood`` detector then the default): that detector's
+  two 1,000-value histories are written as base64 of their doubles (``hist_b64``,
+  :meth:`processors.incidents.anomaly.LikelihoodDetector.to_dict`; exact, about 22 KB a state, several
+  times cheaper to encode than JSON lists of floats), and checkpoints come every 5,000 records or 2 s
+  instead of 1,000 or 1 s (py-spy put the checkpoints, with their produce requests, at about a quarter of
+  the worker's time before; with the smaller states of ``seasonal-likelihood``, the default since, the
+  gain of the longer interval was within the benchmark's noise: README).
 * **Order of effects per record**: the insight (if any) is sent and its delivery awaited before the
   record's state is checkpointed; a crash in between replays the record after restart and sends the
   same insight id (a replayed sample at or before its series' checkpointed last event time is ignored).
@@ -131,9 +133,10 @@ COUNTERS = (
 
 CHECKPOINT_RECORDS = 5000
 """Records after which the changed series states are written to the table (and the records acked). A
-checkpoint writes every series touched since the last one, whole (a Nezha day: nearly all 879 series,
-about 22 KB each, every checkpoint), so its cost per record falls with the records between checkpoints:
-1,000 (and 1 s) made the checkpoints about half of the worker's time on the Nezha day (py-spy)."""
+checkpoint writes every series touched since the last one, whole (a Nezha day: nearly all 879 series
+every checkpoint), so its cost per record falls with the records between checkpoints: with the
+``likelihood`` detector (about 22 KB a state) 1,000 (and 1 s) made the checkpoints and their produce
+requests about a quarter of the worker's time on the Nezha day (py-spy)."""
 CHECKPOINT_SECONDS = 2.0
 """The longest a handled record waits for the checkpoint that acks it (a timer writes it when idle); also
 the most event handling a crash can make the worker redo (its records are read again, their insights
