@@ -15,7 +15,8 @@ the servers get the cores; its rows are named ``(ab)`` and its percentiles come 
 (whole ms). It starts the embedded
 dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
 uvicorn in a child process (so the client does not share the server's interpreter), authenticates with
-a real token (PostgreSQL lookup and Redis rate limit on every request), and waits for the broker's
+a real token (looked up in PostgreSQL, then cached as the API does; its Redis rate limit leased at the API's
+``BACKBONE_API_RATE_LEASE_SECONDS``, which the environment may set to 0), and waits for the broker's
 acknowledgement of every event (``acks=all``) as the API does. Prints a table with ratios to the SDK.
 """
 

@@ -62,6 +62,7 @@ __all__ = [
     "run_processor_worker",
     "send_event",
     "stop_when_idle",
+    "stream_has_more",
     "traced_headers",
     "tracing_process",
 ]
@@ -509,6 +510,18 @@ class InOrderAcks:
                     self.on_delivered(item)
                 assert self.ack is not None, "InOrderAcks.ack is not set"
                 await self.ack(event)
+
+
+def stream_has_more(stream: faust.StreamT) -> bool:
+    """Whether the next event of ``stream`` (an agent's stream, or a clone such as ``stream.noack()``) is
+    already received, so the agent's next iteration takes it without waiting: its channel's queue (fed by
+    Faust's conductor from each fetch) is not empty. An agent that batches work (sends whose deliveries it
+    awaits together) completes its batch when this is False, i.e. before it would wait. False when the
+    stream does not iterate a channel's queue (the caller then completes a batch per event)."""
+    channel = getattr(stream, "channel", None)
+    if channel is None or not getattr(channel, "is_iterator", False):
+        return False
+    return not channel.empty()
 
 
 async def send_event(

@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -127,18 +127,19 @@ class AckingProducer:
             if finished:
                 loop.call_soon_threadsafe(_resolve)
 
-        records = [
-            (e.key.encode(), self.serde.encode(e.schema, e.data), e.attributes.to_headers(),
-             epoch_ms(e.attributes.time))
+        encode = self.serde.encode
+        # headers are list[tuple[str, bytes]]; Any because the stub types them wider (invariant list)
+        records: list[tuple[bytes, bytes, Any, int]] = [
+            (e.key.encode(), encode(e.schema, e.data), e.attributes.to_headers(), epoch_ms(e.attributes.time))
             for e in events
-        ]  # fmt: skip
+        ]
         for i, (key, value, headers, ts) in enumerate(records):
             try:
                 self._producer.produce(
                     topic,
                     key=key,
                     value=value,
-                    headers=cast("list[tuple[str, str | bytes | None]]", headers),
+                    headers=headers,
                     timestamp=ts,
                     on_delivery=on_delivery,
                 )
@@ -150,12 +151,18 @@ class AckingProducer:
                 if finished and not done.done():
                     done.set_result([])
                 break
-        try:
-            await asyncio.wait_for(asyncio.shield(done), self.ack_timeout_seconds + 5)
-        except TimeoutError as exc:
+        if not done.done():
+            # the timeout is a timer that fails the future: cheaper per request than wait_for(shield(...)),
+            # which wraps the wait in a task; the delivery reports normally come well before it
+            timer = loop.call_later(self.ack_timeout_seconds + 5, _expire, done)
+            try:
+                await done
+            finally:
+                timer.cancel()
+        if done.exception() is not None:
             raise UnacknowledgedError(
                 f"Kafka at {self.bootstrap_servers} did not acknowledge within {self.ack_timeout_seconds:g} s"
-            ) from exc
+            ) from done.exception()
         if errors:
             timed_out = any("timed out" in e[2].lower() or "not enqueued" in e[2] for e in errors)
             if timed_out or self.brokers_down:
@@ -169,6 +176,11 @@ class AckingProducer:
         self._producer.flush(timeout_seconds)
         self._stop.set()
         self._thread.join(timeout_seconds)
+
+
+def _expire(done: asyncio.Future[list[str]]) -> None:
+    if not done.done():
+        done.set_exception(TimeoutError())
 
 
 class TopicDirectory:
@@ -185,6 +197,13 @@ class TopicDirectory:
         self._topics: dict[str, int] = {}
         self._at = 0.0
         self._lock = threading.Lock()
+
+    def cached_partitions(self, topic: str) -> int | None:
+        """The partition count of ``topic`` from a fresh listing, else ``None`` (not listed, or the listing
+        is stale): no I/O, for callers on an event loop; :meth:`partitions` asks the broker."""
+        if time.monotonic() - self._at < self.ttl_seconds:
+            return self._topics.get(topic)
+        return None
 
     def partitions(self, topic: str, *, timeout_seconds: float = 5.0) -> int | None:
         """The partition count of ``topic``, or ``None`` when the broker does not have it.

@@ -77,11 +77,18 @@ class AvroSerde:
                     raise SchemaValidationError(schema_name, name, "required field is missing")
                 continue
             try:
+                # without raise_errors a union's unmatched branches cost no exception (fastavro builds each
+                # ValidationError's JSON text); the raising call runs only to chain fastavro's reason
+                if validate(datum[name], field["type"], raise_errors=False):
+                    continue
                 validate(datum[name], field["type"], raise_errors=True)
             except Exception as exc:  # fastavro ValidationError or TypeError on odd values
                 raise SchemaValidationError(
                     schema_name, name, f"value {datum[name]!r:.80} does not match {_type_text(field['type'])}"
                 ) from exc
+            raise SchemaValidationError(  # not reached: the raising call refuses what the first refused
+                schema_name, name, f"value {datum[name]!r:.80} does not match {_type_text(field['type'])}"
+            )
         extra = set(datum) - {f["name"] for f in parsed["fields"]}
         if extra:
             raise SchemaValidationError(schema_name, sorted(extra)[0], "field is not in the schema")
@@ -152,8 +159,26 @@ def _type_text(t: Any) -> str:
     return str(t)
 
 
+_TS_FIELDS: dict[int, tuple[Mapping[str, Any], tuple[str, ...]]] = {}  # id(schema) -> (schema, names)
+_TS_FIELDS_MAX = 1024
+
+
 def timestamp_fields(schema: Mapping[str, Any]) -> list[str]:
-    """Names of the top-level fields whose type (or a union branch) is ``timestamp-millis``/``-micros``."""
+    """Names of the top-level fields whose type (or a union branch) is ``timestamp-millis``/``-micros``.
+
+    Remembered per schema object (the registry hands out one object per schema, never changed), so the
+    HTTP ingest's per-request calls do not walk the fields again."""
+    hit = _TS_FIELDS.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return list(hit[1])
+    names = _timestamp_fields(schema)
+    if len(_TS_FIELDS) >= _TS_FIELDS_MAX:
+        _TS_FIELDS.clear()
+    _TS_FIELDS[id(schema)] = (schema, tuple(names))  # the schema is kept, so its id is not reused
+    return names
+
+
+def _timestamp_fields(schema: Mapping[str, Any]) -> list[str]:
     names = []
     for f in schema["fields"]:
         t = f["type"]

@@ -297,6 +297,7 @@ def processors_heal(
                "dead_letters": stats.dead_letters_count, "rollbacks_done": stats.rollbacks_done,
                "replayed": stats.replayed_count, "state_restored": stats.restored,
                "state_writes": stats.state_writes_count, "state_bytes_max": stats.state_bytes_max,
+               "batches": stats.batches_count,
                "first_record_monotonic": stats.first_record_monotonic,
                "last_record_monotonic": stats.last_record_monotonic}  # fmt: skip
     if as_json:

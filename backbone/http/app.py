@@ -26,6 +26,7 @@ from typing import Any, Self
 
 import psycopg
 import redis
+import redis.asyncio
 import structlog
 from confluent_kafka.admin import AdminClient
 from fastapi import Depends, FastAPI, Request
@@ -59,6 +60,11 @@ class ApiSettings(BaseSettings):
         max_batch_events: most events in one ``POST /events/{type}`` batch (413 above).
         rate_per_second: default token-bucket refill per API token (requests per second).
         burst: default bucket size per API token (requests).
+        rate_lease_seconds: how long an API process may keep tokens it took from a bucket in Redis in
+            advance, to spend without a Redis call per request (a lease of up to ``rate * lease``
+            tokens, at most a tenth of the burst; buckets slower than 2 tokens per lease are never
+            leased); 0 asks Redis on every request. The limit holds across replicas either way; a
+            lease's leftover tokens are lost when it expires (:class:`backbone.http.auth.RateLimiter`).
         webhook_rate_per_second: refill of each webhook platform's bucket (requests per second).
         webhook_burst: bucket size of each webhook platform (requests).
         idempotency_ttl_seconds: how long a first response is kept for its idempotency key.
@@ -89,6 +95,7 @@ class ApiSettings(BaseSettings):
     max_batch_events: int = Field(default=1000, ge=1)
     rate_per_second: float = Field(default=200.0, gt=0)
     burst: int = Field(default=400, ge=1)
+    rate_lease_seconds: float = Field(default=0.05, ge=0)
     webhook_rate_per_second: float = Field(default=50.0, gt=0)
     webhook_burst: int = Field(default=200, ge=1)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=1)
@@ -125,32 +132,6 @@ _LATENCY = Histogram(
 )
 
 
-class _MetricsMiddleware:
-    """Pure ASGI middleware (safe with streaming responses): counts requests and times them per
-    route template, so labels stay bounded (never the raw path)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status_code = [500]
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status_code[0] = message["status"]
-                route = scope.get("route")
-                template = getattr(route, "path", "unmatched")
-                _LATENCY.labels(scope["method"], template).observe(time.perf_counter() - start)
-                _REQUESTS.labels(scope["method"], template, str(status_code[0])).inc()
-            await send(message)
-
-        await self.app(scope, receive, send_wrapper)
-
-
 def _header_id(value: str | None) -> str | None:
     """An id from a request header when it is 1 to 128 printable ASCII characters, else ``None``."""
     if value and len(value) <= 128 and value.isascii() and value.isprintable():
@@ -158,9 +139,11 @@ def _header_id(value: str | None) -> str | None:
     return None
 
 
-class _RequestContextMiddleware:
-    """Pure ASGI middleware: the request's ids and its trace.
+class _RequestMiddleware:
+    """Pure ASGI middleware, one layer for what every request needs: its metrics, its ids, its trace.
 
+    * Metrics: counts requests and times them to the first byte of the answer per route template, so
+      labels stay bounded (never the raw path).
     * ``X-Request-Id`` (taken from the request when it is 1 to 128 printable ASCII characters, else a new
       UUID4 hex) and ``X-Correlation-Id`` (when sent) are bound in structlog's context variables for
       every log line of the request (``request_id``, ``correlation_id``, and ``trace_id`` when the
@@ -179,52 +162,77 @@ class _RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
-        request_id = _header_id(headers.get("x-request-id")) or uuid.uuid4().hex
-        correlation_id = _header_id(headers.get("x-correlation-id"))
-        traceparent = tracing.normalise_traceparent(headers.get("traceparent"))
+        start = time.perf_counter()
+        raw_request_id = raw_correlation_id = raw_traceparent = None
+        for name, value in scope.get("headers") or ():  # ASGI header names are lower-case bytes
+            if name == b"x-request-id":
+                raw_request_id = value.decode("latin-1")
+            elif name == b"x-correlation-id":
+                raw_correlation_id = value.decode("latin-1")
+            elif name == b"traceparent":
+                raw_traceparent = value.decode("latin-1")
+        request_id = _header_id(raw_request_id) or uuid.uuid4().hex
+        correlation_id = _header_id(raw_correlation_id)
+        traceparent = tracing.normalise_traceparent(raw_traceparent) if raw_traceparent else None
         method = scope.get("method", "GET")
         status_code = [500]
+        request_id_header = (b"x-request-id", request_id.encode())
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status_code[0] = message["status"]
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())],
-                }
+                message = {**message, "headers": [*message.get("headers", ()), request_id_header]}
+                template = getattr(scope.get("route"), "path", "unmatched")
+                _LATENCY.labels(method, template).observe(time.perf_counter() - start)
+                _REQUESTS.labels(method, template, str(status_code[0])).inc()
             await send(message)
 
+        if not tracing.is_enabled():
+            await self._run(scope, receive, send_wrapper, request_id, correlation_id, traceparent)
+            return
         attributes = {"http.request.method": method, "url.path": scope.get("path", ""),
                       "url.scheme": scope.get("scheme", "http")}  # fmt: skip
         with tracing.server_span(method, traceparent, attributes) as span:
             if span is not None:
                 traceparent = tracing.current_traceparent()
-            state = scope.setdefault("state", {})
-            state.update(request_id=request_id, correlation_id=correlation_id, traceparent=traceparent)
-            binds = {"request_id": request_id}
-            if correlation_id is not None:
-                binds["correlation_id"] = correlation_id
-            trace_id = tracing.trace_id_of(traceparent)
-            if trace_id is not None:
-                binds["trace_id"] = trace_id
-            with structlog.contextvars.bound_contextvars(**binds):
-                try:
-                    await self.app(scope, receive, send_wrapper)
-                finally:
-                    if span is not None:
-                        template = getattr(scope.get("route"), "path", None)
-                        if template is not None:
-                            span.update_name(f"{method} {template}")
-                            span.set_attribute("http.route", template)
-                        span.set_attribute("http.response.status_code", status_code[0])
-                        if status_code[0] >= 500:
-                            span.set_status(Status(StatusCode.ERROR))
+            try:
+                await self._run(scope, receive, send_wrapper, request_id, correlation_id, traceparent)
+            finally:
+                if span is not None:
+                    template = getattr(scope.get("route"), "path", None)
+                    if template is not None:
+                        span.update_name(f"{method} {template}")
+                        span.set_attribute("http.route", template)
+                    span.set_attribute("http.response.status_code", status_code[0])
+                    if status_code[0] >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+
+    async def _run(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        request_id: str,
+        correlation_id: str | None,
+        traceparent: str | None,
+    ) -> None:
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, correlation_id=correlation_id, traceparent=traceparent)
+        binds = {"request_id": request_id}
+        if correlation_id is not None:
+            binds["correlation_id"] = correlation_id
+        trace_id = tracing.trace_id_of(traceparent) if traceparent is not None else None
+        if trace_id is not None:
+            binds["trace_id"] = trace_id
+        tokens = structlog.contextvars.bind_contextvars(**binds)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _instrument(app: FastAPI) -> None:
-    app.add_middleware(_MetricsMiddleware)
-    app.add_middleware(_RequestContextMiddleware)  # added last: outermost, so the metrics are timed inside it
+    app.add_middleware(_RequestMiddleware)
 
 
 def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
@@ -260,6 +268,10 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         )
         await run_in_threadpool(pool.open, True, 30.0)
         client = redis.Redis.from_url(settings.redis.dsn(), socket_timeout=5, socket_connect_timeout=5)
+        # the routes' per-request Redis calls (rate limit, idempotency) on the event loop, without a thread hop
+        aclient = redis.asyncio.Redis.from_url(
+            settings.redis.dsn(), socket_timeout=5, socket_connect_timeout=5
+        )
         admin = AdminClient(settings.kafka.librdkafka())
         producer = AckingProducer(settings.kafka, serde, ack_timeout_seconds=api.ack_timeout_seconds)
         topics = TopicDirectory(admin)
@@ -282,11 +294,12 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
         app.state.producer = producer
         app.state.topics = topics
         app.state.tokens = tokens
-        app.state.rate_limiter = RateLimiter(client)
+        app.state.rate_limiter = RateLimiter(client, aclient=aclient, lease_seconds=api.rate_lease_seconds)
         app.state.idempotency = IdempotencyStore(
             client,
             ttl_seconds=api.idempotency_ttl_seconds,
             pending_ttl_seconds=api.idempotency_pending_ttl_seconds,
+            aclient=aclient,
         )
         app.state.sse_streams = set()
         _log.info("api.started", kafka=settings.kafka.bootstrap_servers)
@@ -296,6 +309,7 @@ def create_app(settings: Settings, api: ApiSettings | None = None) -> FastAPI:
             await run_in_threadpool(tokens.stop_listener)
             await run_in_threadpool(producer.close)
             client.close()
+            await aclient.aclose()
             await run_in_threadpool(pool.close)
 
     # FastAPI >= 0.16x traces requests itself once a global tracer provider exists; the request middleware

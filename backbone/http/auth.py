@@ -17,10 +17,14 @@ may have been missed; ``cache_seconds`` bounds how long an entry lives regardles
 
 Rate limits are token buckets kept in Redis and updated by one Lua script (atomic, clock from Redis
 ``TIME`` so that API replicas agree). Idempotency keys store the first response in Redis for a TTL.
+Both have an asyncio path (``redis.asyncio``, given as ``aclient``) that the API's routes await on the
+event loop, with no thread-pool hop per request; without ``aclient`` that path runs the blocking call in
+the thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fnmatch
 import hashlib
@@ -36,8 +40,10 @@ from typing import Any
 
 import psycopg
 import redis
+import redis.asyncio
 import structlog
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import ConnectionPool
 
@@ -286,6 +292,16 @@ class TokenStore:
         )  # fmt: skip
         return token, info
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of ``token`` when the cache holds it (fresh, listener connected), else ``None``:
+        no I/O, so the event loop may call it; :meth:`authenticate` is the lookup that may query."""
+        if not self._listening:
+            return None
+        hit = self._cache.get(hash_token(token))
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
+
     def authenticate(self, token: str) -> Principal | None:
         """The principal of a live (not revoked) token, or ``None`` for an unknown or revoked one.
 
@@ -355,48 +371,80 @@ class TokenStore:
         self._evict(token_id)
 
 
-# Token bucket: KEYS[1] = bucket hash; ARGV = rate (tokens/s), burst (tokens), cost (tokens).
-# Returns {allowed (0/1), milliseconds until `cost` tokens are available}.
+# Token bucket: KEYS[1] = bucket hash; ARGV = rate (tokens/s), burst (tokens), cost (tokens), and optionally
+# want (tokens, >= cost): take as many as are there up to `want`, at least `cost` (a lease; default `cost`),
+# and give back (tokens, default 0): an expired lease's unspent tokens, returned to the bucket first.
+# Returns {tokens taken (0: refused), milliseconds until `cost` tokens are available (when refused)}.
 _BUCKET_LUA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local want = tonumber(ARGV[4] or ARGV[3])
+local give_back = tonumber(ARGV[5] or 0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
 local tokens = tonumber(state[1])
 local ts = tonumber(state[2])
 if tokens == nil then tokens = burst; ts = now end
-tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
-local allowed = 0
+tokens = math.min(burst, tokens + give_back + (now - ts) * rate / 1000)
+local taken = 0
 local wait_ms = 0
 if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
+  taken = math.max(cost, math.min(want, math.floor(tokens)))
+  tokens = tokens - taken
 else
   wait_ms = math.ceil((cost - tokens) * 1000 / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-return {allowed, wait_ms}
+return {taken, wait_ms}
 """
 
 
 class RateLimiter:
     """Per-key token buckets in Redis, updated atomically by a Lua script.
 
+    :meth:`take_async` (the API's path) may *lease* tokens: when a bucket refills fast enough, one Redis
+    call takes up to ``rate_per_second * lease_seconds`` tokens at once (at most a tenth of the burst,
+    never more than the bucket holds), the request spends one and the process keeps the rest for
+    ``lease_seconds``, spending them without asking Redis; concurrent requests of one key wait for one
+    such call rather than each making one. An expired lease's unspent tokens go back to the bucket with
+    the key's next Redis call. The limit still holds across API replicas (no token is spent that was
+    not taken from the shared bucket); what a lease costs is precision: tokens held in one replica's
+    lease are not available to the others until they are spent or given back, so a key close to its
+    limit may be refused up to one lease early per replica. A slow bucket (``rate_per_second *
+    lease_seconds`` under 2) is never leased: each request is one Redis call, as :meth:`take`.
+
     Args:
         client: a Redis client.
         prefix: key prefix of the buckets.
+        aclient: an asyncio Redis client on the same server for :meth:`take_async` (else that method
+            runs :meth:`take` in the thread pool, without leases).
+        lease_seconds: how long a lease lives (seconds); 0 turns leases off.
+        max_leases: keys with a lease kept at most; the leases are dropped when it is full.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = "backbone:api:rate:") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str = "backbone:api:rate:",
+        *,
+        aclient: redis.asyncio.Redis | None = None,
+        lease_seconds: float = 0.0,
+        max_leases: int = 10_000,
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        self.lease_seconds = lease_seconds
+        self.max_leases = max_leases
         self._script = client.register_script(_BUCKET_LUA)
+        self._ascript = aclient.register_script(_BUCKET_LUA) if aclient is not None else None
+        self._leases: dict[str, list[float]] = {}  # key -> [tokens left, expiry (monotonic seconds)]
+        self._refills: dict[str, asyncio.Future[None]] = {}  # key -> the lease call in flight
 
     def take(self, key: str, *, rate_per_second: float, burst: int, cost: int = 1) -> float:
-        """Take ``cost`` tokens from ``key``'s bucket.
+        """Take ``cost`` tokens from ``key``'s bucket (one Redis call, no lease).
 
         Args:
             key: whose bucket (a token id).
@@ -410,8 +458,66 @@ class RateLimiter:
         Raises:
             redis.RedisError: Redis cannot be reached.
         """
-        allowed, wait_ms = self._script(keys=[self.prefix + key], args=[rate_per_second, burst, cost])
-        return 0.0 if int(allowed) else int(wait_ms) / 1000
+        taken, wait_ms = self._script(keys=[self.prefix + key], args=[rate_per_second, burst, cost])
+        return 0.0 if int(taken) else int(wait_ms) / 1000
+
+    def lease_size(self, rate_per_second: float, burst: int, cost: int = 1) -> int:
+        """Tokens one Redis call takes for a request of ``cost`` (``cost`` when leases are off or the
+        bucket is slow)."""
+        want = min(int(rate_per_second * self.lease_seconds), burst // 10)
+        return want if want >= 2 * cost else cost
+
+    async def take_async(self, key: str, *, rate_per_second: float, burst: int, cost: int = 1) -> float:
+        """:meth:`take` on the event loop: from this process's lease of ``key`` when it holds one, else
+        one ``EVALSHA`` round trip (no thread) that may take a new lease (see the class docstring).
+
+        Returns:
+            0.0 when allowed, else the seconds to wait before ``cost`` tokens are available.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        if self._ascript is None:
+            return await run_in_threadpool(
+                self.take, key, rate_per_second=rate_per_second, burst=burst, cost=cost
+            )
+        want = self.lease_size(rate_per_second, burst, cost)
+        if want <= cost:
+            return await self._call(key, rate_per_second, burst, cost, cost, 0.0)
+        while True:
+            lease = self._leases.get(key)
+            if lease is not None and lease[0] >= cost and lease[1] > time.monotonic():
+                lease[0] -= cost
+                return 0.0
+            refill = self._refills.get(key)
+            if refill is None:
+                break
+            await asyncio.shield(refill)  # another request of this key is taking a lease: use it
+        done = asyncio.get_running_loop().create_future()
+        self._refills[key] = done
+        try:
+            lease = self._leases.pop(key, None)
+            give_back = lease[0] if lease is not None else 0.0  # expired or short of `cost`: returned
+            return await self._call(key, rate_per_second, burst, cost, want, give_back)
+        finally:
+            del self._refills[key]
+            done.set_result(None)
+
+    async def _call(
+        self, key: str, rate_per_second: float, burst: int, cost: int, want: int, give_back: float
+    ) -> float:
+        assert self._ascript is not None
+        taken, wait_ms = await self._ascript(
+            keys=[self.prefix + key], args=[rate_per_second, burst, cost, want, give_back]
+        )
+        taken = int(taken)
+        if not taken:
+            return int(wait_ms) / 1000
+        if taken > cost:
+            if len(self._leases) >= self.max_leases:
+                self._leases.clear()
+            self._leases[key] = [float(taken - cost), time.monotonic() + self.lease_seconds]
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -434,6 +540,8 @@ class IdempotencyStore:
         ttl_seconds: how long a stored response is kept (seconds).
         pending_ttl_seconds: how long a claim lives if its request dies before finishing (seconds).
         prefix: key prefix.
+        aclient: an asyncio Redis client on the same server for the ``*_async`` methods (else they run
+            the blocking ones in the thread pool).
     """
 
     def __init__(
@@ -443,8 +551,10 @@ class IdempotencyStore:
         ttl_seconds: int = 86_400,
         pending_ttl_seconds: int = 120,
         prefix: str = "backbone:api:idem:",
+        aclient: redis.asyncio.Redis | None = None,
     ) -> None:
         self.client = client
+        self.aclient = aclient
         self.ttl_seconds = ttl_seconds
         self.pending_ttl_seconds = pending_ttl_seconds
         self.prefix = prefix
@@ -467,26 +577,68 @@ class IdempotencyStore:
         raw = self.client.get(k)
         if raw is None:  # expired between the two calls: try once more
             return None if self.client.set(k, pending, nx=True, ex=self.pending_ttl_seconds) else "pending"
-        stored = json.loads(raw)
-        if stored.get("fingerprint") != fingerprint:
-            return "mismatch"
-        if stored["state"] == "pending":
-            return "pending"
-        return IdempotentResult(status_code=stored["status_code"], body=stored["body"])
+        return _claim_answer(raw, fingerprint)
+
+    async def claim_async(self, key: str, fingerprint: str) -> IdempotentResult | str | None:
+        """:meth:`claim` on the event loop.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        c = self.aclient
+        if c is None:
+            return await run_in_threadpool(self.claim, key, fingerprint)
+        k = self.prefix + key
+        pending = json.dumps({"state": "pending", "fingerprint": fingerprint})
+        if await c.set(k, pending, nx=True, ex=self.pending_ttl_seconds):
+            return None
+        raw = await c.get(k)
+        if raw is None:  # expired between the two calls: try once more
+            return None if await c.set(k, pending, nx=True, ex=self.pending_ttl_seconds) else "pending"
+        return _claim_answer(raw, fingerprint)
+
+    def _done(self, fingerprint: str, result: IdempotentResult) -> str:
+        return json.dumps({"state": "done", "fingerprint": fingerprint, "status_code": result.status_code,
+                           "body": result.body})  # fmt: skip
 
     def complete(self, key: str, fingerprint: str, result: IdempotentResult) -> None:
         """Store the response of a claimed key for ``ttl_seconds``."""
-        value = {
-            "state": "done",
-            "fingerprint": fingerprint,
-            "status_code": result.status_code,
-            "body": result.body,
-        }
-        self.client.set(self.prefix + key, json.dumps(value), ex=self.ttl_seconds)
+        self.client.set(self.prefix + key, self._done(fingerprint, result), ex=self.ttl_seconds)
+
+    async def complete_async(self, key: str, fingerprint: str, result: IdempotentResult) -> None:
+        """:meth:`complete` on the event loop.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        if self.aclient is None:
+            await run_in_threadpool(self.complete, key, fingerprint, result)
+        else:
+            await self.aclient.set(self.prefix + key, self._done(fingerprint, result), ex=self.ttl_seconds)
 
     def release(self, key: str) -> None:
         """Drop a claim whose request failed in a way worth retrying (5xx): the retry will run again."""
         self.client.delete(self.prefix + key)
+
+    async def release_async(self, key: str) -> None:
+        """:meth:`release` on the event loop.
+
+        Raises:
+            redis.RedisError: Redis cannot be reached.
+        """
+        if self.aclient is None:
+            await run_in_threadpool(self.release, key)
+        else:
+            await self.aclient.delete(self.prefix + key)
+
+
+def _claim_answer(raw: bytes | str, fingerprint: str) -> IdempotentResult | str:
+    stored = json.loads(raw)
+    if stored.get("fingerprint") != fingerprint:
+        return "mismatch"
+    if stored["state"] == "pending":
+        return "pending"
+    return IdempotentResult(status_code=stored["status_code"], body=stored["body"])
 
 
 # ------------------------------------------------------------------------------------------ FastAPI glue
@@ -505,13 +657,15 @@ def _unauthorized(message: str, error: str = "invalid_token") -> HTTPException:
     )
 
 
-def authenticate_request(
+async def authenticate_request(
     request: Request,
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> Principal:
     """FastAPI dependency: the request's principal from its Bearer token, after its rate limit.
 
-    Runs in the thread pool (it queries PostgreSQL and Redis).
+    Runs on the event loop: a token in the :class:`TokenStore` cache costs no query, one that is not is
+    looked up in PostgreSQL in the thread pool; the rate limit is one Redis round trip
+    (:meth:`RateLimiter.take_async`).
 
     Raises:
         HTTPException: 401 without a Bearer token or with an unknown or revoked one; 429 with
@@ -523,8 +677,11 @@ def authenticate_request(
         return ANONYMOUS
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise _unauthorized("a Bearer token is required (Authorization: Bearer <token>)", "invalid_request")
+    tokens: TokenStore = state.tokens
     try:
-        principal = state.tokens.authenticate(credentials.credentials)
+        principal = tokens.cached(credentials.credentials) or await run_in_threadpool(
+            tokens.authenticate, credentials.credentials
+        )
     except psycopg.Error as exc:
         _log.warning("api.token_store_unavailable", error=str(exc))
         raise HTTPException(
@@ -534,7 +691,7 @@ def authenticate_request(
         ) from exc
     if principal is None:
         raise _unauthorized("unknown or revoked token")
-    enforce_rate_limit(
+    await enforce_rate_limit(
         request,
         principal.token_id,
         rate_per_second=principal.rate_per_second or api.rate_per_second,
@@ -543,14 +700,15 @@ def authenticate_request(
     return principal
 
 
-def enforce_rate_limit(request: Request, key: str, *, rate_per_second: float, burst: int) -> None:
+async def enforce_rate_limit(request: Request, key: str, *, rate_per_second: float, burst: int) -> None:
     """Take one token from ``key``'s bucket or answer 429; a Redis outage lets the request through.
 
     Raises:
         HTTPException: 429 with ``Retry-After`` (whole seconds, at least 1).
     """
+    limiter: RateLimiter = request.app.state.rate_limiter
     try:
-        wait_seconds = request.app.state.rate_limiter.take(key, rate_per_second=rate_per_second, burst=burst)
+        wait_seconds = await limiter.take_async(key, rate_per_second=rate_per_second, burst=burst)
     except redis.RedisError as exc:  # fail open: the limiter protects capacity, not correctness
         _log.warning("api.rate_limiter_unavailable", error=str(exc))
         return

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from backbone.http.auth import (
+    IdempotencyStore,
     IdempotentResult,
     Principal,
     authenticate_request,
@@ -54,6 +55,7 @@ from connectors.webhooks import (
     verify_linear_signature,
     verify_slack_signature,
 )
+from streams.acking import TopicDirectory
 from streams.catalogue import CATALOGUE
 from streams.envelope import Event, deterministic_id
 from streams.errors import (
@@ -114,15 +116,17 @@ def _fingerprint(request: Request, body: bytes) -> str:
 
 
 async def _idempotent(
-    request: Request, key: str | None, fingerprint: str, handler: Callable[[], Any]
+    request: Request, key: str | None, fingerprint: Callable[[], str], handler: Callable[[], Any]
 ) -> JSONResponse:
-    """Run ``handler`` (an async function returning ``(status, body)``) at most once per ``key``."""
-    store = request.app.state.idempotency
+    """Run ``handler`` (an async function returning ``(status, body)``) at most once per ``key``;
+    ``fingerprint`` (called only with a key) identifies the request."""
     if key is None:
         code, body = await handler()
         return JSONResponse(body, status_code=code)
+    store: IdempotencyStore = request.app.state.idempotency
+    fp = fingerprint()
     try:
-        claim = await run_in_threadpool(store.claim, key, fingerprint)
+        claim = await store.claim_async(key, fp)
     except redis.RedisError as exc:
         raise _unavailable(request, "the idempotency store (Redis) is unavailable") from exc
     if isinstance(claim, IdempotentResult):
@@ -137,17 +141,15 @@ async def _idempotent(
         code, body = await handler()
     except HTTPException as exc:
         if exc.status_code >= 500:
-            await run_in_threadpool(store.release, key)
+            await store.release_async(key)
         else:
             detail = {"detail": exc.detail}
-            await run_in_threadpool(
-                store.complete, key, fingerprint, IdempotentResult(status_code=exc.status_code, body=detail)
-            )
+            await store.complete_async(key, fp, IdempotentResult(status_code=exc.status_code, body=detail))
         raise
     except BaseException:
-        await run_in_threadpool(store.release, key)
+        await store.release_async(key)
         raise
-    await run_in_threadpool(store.complete, key, fingerprint, IdempotentResult(status_code=code, body=body))
+    await store.complete_async(key, fp, IdempotentResult(status_code=code, body=body))
     return JSONResponse(body, status_code=code)
 
 
@@ -186,8 +188,12 @@ def default_key_field(topic: str, type_: str, field_names: set[str] | frozenset[
 
 
 async def _topic_partitions(request: Request, topic: str) -> int:
+    topics: TopicDirectory = request.app.state.topics
+    n = topics.cached_partitions(topic)  # no thread hop while the listing is fresh
+    if n is not None:
+        return n
     try:
-        n = await run_in_threadpool(request.app.state.topics.partitions, topic)
+        n = await run_in_threadpool(topics.partitions, topic)
     except BrokerUnavailableError as exc:
         raise _unavailable(request, str(exc)) from exc
     if n is None:
@@ -292,7 +298,7 @@ async def ingest_events(
         }
 
     scoped_key = f"events:{principal.token_id}:{idem_key}" if idem_key is not None else None
-    return await _idempotent(request, scoped_key, _fingerprint(request, body), handle)
+    return await _idempotent(request, scoped_key, lambda: _fingerprint(request, body), handle)
 
 
 def _events_from_body(
@@ -379,10 +385,9 @@ def _secret(request: Request, platform: str) -> str:
 async def _webhook_preamble(request: Request, platform: str) -> tuple[str, bytes]:
     secret = _secret(request, platform)
     api = request.app.state.api_settings
-    await run_in_threadpool(
-        enforce_rate_limit, request, f"webhook:{platform}", rate_per_second=api.webhook_rate_per_second,
-        burst=api.webhook_burst,
-    )  # fmt: skip
+    await enforce_rate_limit(
+        request, f"webhook:{platform}", rate_per_second=api.webhook_rate_per_second, burst=api.webhook_burst
+    )
     return secret, await read_body(request, api.max_body_bytes)
 
 
@@ -415,8 +420,9 @@ async def _deliver_external(
         return status.HTTP_202_ACCEPTED, {"topic": api.external_topic, "count": len(batch),
                                           "ids": [e.attributes.id for e in batch], "kind": mapped.kind}  # fmt: skip
 
-    fp = hashlib.sha256(body).hexdigest()
-    return await _idempotent(request, f"webhook:{platform}:{delivery_id}", fp, handle)
+    return await _idempotent(
+        request, f"webhook:{platform}:{delivery_id}", lambda: hashlib.sha256(body).hexdigest(), handle
+    )
 
 
 def _signature_refused(exc: WebhookSignatureError) -> HTTPException:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from processors.shell import InOrderAcks
+from processors.shell import InOrderAcks, stream_has_more
 
 
 def test_events_are_acked_in_order_once_delivered() -> None:
@@ -60,3 +60,21 @@ def test_settle_waits_for_the_oldest_beyond_max_inflight_and_raises_a_failed_del
         assert acked == ["e1", "e2"]  # e3 and what follows stay unacked (read again after a restart)
 
     asyncio.run(scenario())
+
+
+def test_stream_has_more_reads_the_iterated_channels_queue() -> None:
+    """True only while the stream's channel is the iterated one (``is_iterator``) and its queue holds a
+    received event; a stream over anything else reads as having none (its batches end at each event)."""
+    from types import SimpleNamespace
+
+    class _Channel:
+        def __init__(self, is_iterator: bool, queued: int) -> None:
+            self.is_iterator, self.queued = is_iterator, queued
+
+        def empty(self) -> bool:
+            return self.queued == 0
+
+    assert stream_has_more(SimpleNamespace(channel=_Channel(True, 2))) is True  # type: ignore[arg-type]
+    assert stream_has_more(SimpleNamespace(channel=_Channel(True, 0))) is False  # type: ignore[arg-type]
+    assert stream_has_more(SimpleNamespace(channel=_Channel(False, 2))) is False  # type: ignore[arg-type]
+    assert stream_has_more(SimpleNamespace(channel=None)) is False  # type: ignore[arg-type]

@@ -147,3 +147,50 @@ def test_an_opened_incident_increments_backbone_incidents_opened_total() -> None
     assert any(k.startswith(b"incident:") for k in sent)
     # one incident opened (a CPU hog on one pod of one service, far above the strong threshold): p2
     assert {p: opened(p) - before[p] for p in before} == {"p1": 0.0, "p2": 1.0, "p3": 0.0}
+
+
+def test_a_healer_batch_sends_at_once_and_holds_offsets_until_its_deliveries() -> None:
+    """``_HealingShell.take`` decides a record and sends its decisions at once, without awaiting their
+    delivery; only ``flush`` (the batch's end) awaits the deliveries, projects them and notes the records'
+    offsets in the state, so a checkpoint can never hold (and ack) a record whose decisions are not on the
+    broker. The decisions are those of one record at a time (same ids, same order)."""
+    serde = AvroSerde(EmbeddedRegistry())
+    thresholds = HealingThresholds(consecutive_failures=2, open_seconds=20, half_open_successes=1)
+
+    class _SlowTopic(_Topic):
+        """Deliveries acknowledged only when the test says so."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.futures: list[asyncio.Future[None]] = []
+
+        async def send(self, **kw: Any) -> asyncio.Future[None]:
+            self.sent.append(kw)
+            self.futures.append(asyncio.get_running_loop().create_future())
+            return self.futures[-1]
+
+    topic = _SlowTopic()
+    batched = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
+                            None, topic, None, None)  # type: ignore[arg-type]  # fmt: skip
+    alone_topic = _Topic()
+    alone = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
+                          None, alone_topic, None, None)  # type: ignore[arg-type]  # fmt: skip
+    messages = [_message(serde, _call(float(s), ok=s % 4 != 1 and s % 4 != 2), s) for s in range(12)]
+
+    async def run() -> None:
+        for m in messages:
+            await batched.take(m)
+            await alone.handle(m)
+        assert topic.sent and batched.offsets == {} and batched.stats.decisions_count == 0
+        flushing = asyncio.ensure_future(batched.flush())
+        await asyncio.sleep(0)
+        assert not flushing.done() and batched.offsets == {}  # waits for the deliveries
+        for f in topic.futures:
+            f.set_result(None)
+        await flushing
+
+    asyncio.run(run())
+    assert batched.offsets == {"agent.events:0": 11} == alone.offsets
+    assert batched.stats.decisions_count == alone.stats.decisions_count == len(topic.sent)
+    assert [kw["headers"] for kw in topic.sent] == [kw["headers"] for kw in alone_topic.sent]
+    assert batched.stats.batches_count == 1 and alone.stats.batches_count == 12
