@@ -12,7 +12,8 @@ competes with the server for the cores and limits both paths alike. ``--ab`` add
 driven by ApacheBench (``ab -k -c N -n M -p body``, Debian's ``apache2-utils``, installed by ``make
 bench-tools``; one C process, keep-alive, the same body every request), the usual HTTP load generator, so
 the servers get the cores; its rows are named ``(ab)`` and its percentiles come from ab's own table
-(whole ms). It starts the embedded
+(whole ms); each server's CPU milliseconds per request over ab's run (user + system, all threads, from
+``/proc``) are printed below them, with the bare endpoint's over the ingest's. It starts the embedded
 dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
 uvicorn in a child process (so the client does not share the server's interpreter), authenticates with
 a real token (looked up in PostgreSQL, then cached as the API does; its Redis rate limit leased at the API's
@@ -132,6 +133,22 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
         time.sleep(0.3)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (``/proc/<pid>/stat``; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _ab_cpu(
+    pid: int, url: str, token: str | None, body: bytes, requests: int, concurrency: int
+) -> dict[str, float]:
+    """:func:`_ab` plus ``cpu_ms``: the server's (``pid``) CPU milliseconds per request over ab's run, a
+    figure that other load on the machine changes less than the rate does."""
+    start = _cpu_seconds(pid)
+    result = _ab(url, token, body, requests, concurrency)
+    return {**result, "cpu_ms": (_cpu_seconds(pid) - start) / requests * 1000}
+
+
 def _ab(url: str, token: str | None, body: bytes, requests: int, concurrency: int) -> dict[str, float]:
     """Drive ``url`` with ApacheBench: ``requests`` POSTs of ``body``, ``concurrency`` in flight, keep-alive.
 
@@ -243,8 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                 _http(base, token, topic, data[: args.single], args.concurrency, single_lat)
             )
             if args.ab:
-                ab["ingest"] = _ab(f"{base}/events/{TYPE}?topic={topic}", token, json.dumps(data[0]).encode(),
-                                   args.single, args.concurrency)  # fmt: skip
+                ab["ingest"] = _ab_cpu(server.pid, f"{base}/events/{TYPE}?topic={topic}", token,
+                                       json.dumps(data[0]).encode(), args.single, args.concurrency)  # fmt: skip
             batches = [data[i * 100 : (i + 1) * 100] for i in range(args.batches)]
             batch_s = asyncio.run(_http(base, token, topic, batches, max(1, args.concurrency // 4)))
         finally:
@@ -261,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                 _http(bare_base, "none", topic, data[: args.single], args.concurrency, bare_lat)
             )
             if args.ab:
-                ab["bare"] = _ab(f"{bare_base}/events/{TYPE}?topic={topic}", None, json.dumps(data[0]).encode(),
-                                 args.single, args.concurrency)  # fmt: skip
+                ab["bare"] = _ab_cpu(bare.pid, f"{bare_base}/events/{TYPE}?topic={topic}", None,
+                                     json.dumps(data[0]).encode(), args.single, args.concurrency)  # fmt: skip
         finally:
             bare.terminate()
             bare.wait(15)
@@ -293,6 +310,13 @@ def main(argv: list[str] | None = None) -> None:
             r = ab[key]
             print(f"{name:<34}{r['rps']:>12,.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                   f"{r['rps'] / ab['bare']['rps'] if 'bare' in ab else float('nan'):>9.2f}")  # fmt: skip
+    if ab:
+        # the server's CPU per request (all its threads) under ab, and the bare endpoint's over the ingest's: the
+        # rate ratio the ingest would reach if the server's CPU were the only limit, less moved by other load
+        cpu = {k: r["cpu_ms"] for k, r in ab.items()}
+        ratio = cpu["bare"] / cpu["ingest"] if {"bare", "ingest"} <= set(cpu) else float("nan")
+        print("server CPU ms per request (ab): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+              + f"; bare/ingest {ratio:.2f}")  # fmt: skip
     print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
     print(
         f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}"

@@ -51,6 +51,7 @@ from core.errors import BackboneError
 
 __all__ = [
     "ANONYMOUS",
+    "BEARER_SECURITY",
     "AuthError",
     "IdempotencyStore",
     "IdempotentResult",
@@ -58,6 +59,7 @@ __all__ = [
     "RateLimiter",
     "TokenInfo",
     "TokenStore",
+    "authenticate",
     "authenticate_request",
     "enforce_rate_limit",
     "hash_token",
@@ -671,6 +673,30 @@ async def authenticate_request(
         HTTPException: 401 without a Bearer token or with an unknown or revoked one; 429 with
             ``Retry-After`` (seconds) when the token's bucket is empty; 503 when PostgreSQL is down.
     """
+    return await _principal_of(request, credentials)
+
+
+async def authenticate(request: Request) -> Principal:
+    """:func:`authenticate_request` called from a route's body rather than solved as a dependency.
+
+    The same Bearer parsing (:data:`_bearer`, FastAPI's ``HTTPBearer``), token lookup and rate limit, with
+    the same answers; a route that calls it declares the ``HTTPBearer`` security requirement in its
+    ``openapi_extra`` (:data:`BEARER_SECURITY`) so that the OpenAPI document is unchanged. It spares the
+    hot ingest route FastAPI's two nested dependency levels per request.
+
+    Raises:
+        HTTPException: as :func:`authenticate_request`.
+    """
+    return await _principal_of(request, await _bearer(request))
+
+
+BEARER_SECURITY: list[dict[str, list[str]]] = [{"HTTPBearer": []}]
+"""The OpenAPI security requirement of a route that authenticates with :func:`authenticate`: the scheme that
+:data:`_bearer` puts in ``components.securitySchemes`` (there because the read and SSE routes depend on
+:func:`authenticate_request`; ``tests/unit/test_api_parts.py`` checks the ingest operation against it)."""
+
+
+async def _principal_of(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     state = request.app.state
     api = state.api_settings
     if not api.auth_required:

@@ -26,16 +26,17 @@ from typing import Any
 
 import redis
 import structlog
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from backbone.http.auth import (
+    BEARER_SECURITY,
     IdempotencyStore,
     IdempotentResult,
     Principal,
-    authenticate_request,
+    authenticate,
     enforce_rate_limit,
     require_scope,
 )
@@ -205,7 +206,35 @@ async def _topic_partitions(request: Request, topic: str) -> int:
 
 router = APIRouter(tags=["ingest"])
 
-_EVENTS_BODY = {
+_TOPIC_DOC = "Topic to produce to (default: the catalogue's topic of the type)."
+_KEY_FIELD_DOC = (
+    "Field whose value is the key (default: the topic's key; on a topic outside the catalogue, the key "
+    "of the catalogue topic that carries this type, e.g. run_id for sophia.agent.*; else the event id)."
+)
+_OPTIONAL_STRING = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+
+# The route reads its path and query parameters and authenticates in its body (see ingest_events), so its
+# OpenAPI operation declares them here, as FastAPI would have derived them from a signature with
+# ``type: str``, ``topic``/``key_field: str | None = Query(None)`` and ``Depends(authenticate_request)``.
+_EVENTS_OPENAPI: dict[str, Any] = {
+    "security": BEARER_SECURITY,
+    "parameters": [
+        {"name": "type", "in": "path", "required": True, "schema": {"type": "string", "title": "Type"}},
+        {
+            "name": "topic",
+            "in": "query",
+            "required": False,
+            "description": _TOPIC_DOC,
+            "schema": {**_OPTIONAL_STRING, "description": _TOPIC_DOC, "title": "Topic"},
+        },
+        {
+            "name": "key_field",
+            "in": "query",
+            "required": False,
+            "description": _KEY_FIELD_DOC,
+            "schema": {**_OPTIONAL_STRING, "description": _KEY_FIELD_DOC, "title": "Key Field"},
+        },
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -219,14 +248,14 @@ _EVENTS_BODY = {
                 "example": {"run_id": "run-1", "event_time": "2025-01-01T00:00:00Z"},
             }
         },
-    }
+    },
 }
 
 
 @router.post(
     "/events/{type}",
     status_code=status.HTTP_202_ACCEPTED,
-    openapi_extra=_EVENTS_BODY,
+    openapi_extra=_EVENTS_OPENAPI,
     summary="Produce one event or a batch",
     responses={
         400: {"description": "The body is not JSON, or not an object or array of objects."},
@@ -240,21 +269,7 @@ _EVENTS_BODY = {
         503: {"description": "The broker did not acknowledge (Retry-After); nothing was acknowledged."},
     },
 )
-async def ingest_events(
-    request: Request,
-    type: str,
-    topic: str | None = Query(
-        None, description="Topic to produce to (default: the catalogue's topic of the type)."
-    ),
-    key_field: str | None = Query(
-        None,
-        description=(
-            "Field whose value is the key (default: the topic's key; on a topic outside the catalogue, the key "
-            "of the catalogue topic that carries this type, e.g. run_id for sophia.agent.*; else the event id)."
-        ),
-    ),
-    principal: Principal = Depends(authenticate_request),
-) -> JSONResponse:
+async def ingest_events(request: Request) -> JSONResponse:
     """Validate the JSON body against the Avro schema ``type`` and produce it.
 
     The body is one JSON object or an array of them. Timestamp fields take RFC 3339 strings or epoch
@@ -262,6 +277,14 @@ async def ingest_events(
     Answers 202 with the event ids once the broker acknowledged every record. With an
     ``Idempotency-Key`` header a retry returns the first answer and produces nothing new.
     """
+    # (not in the docstring: that is the OpenAPI description) the token is checked first and the path and
+    # query parameters read here (``topic`` and ``key_field``: the last value when repeated), as FastAPI's
+    # dependency solving did, without its per-request cost; the OpenAPI operation is ``_EVENTS_OPENAPI``.
+    principal = await authenticate(request)
+    type = request.path_params["type"]
+    query = request.query_params
+    topic: str | None = query.get("topic")
+    key_field: str | None = query.get("key_field")
     state = request.app.state
     api = state.api_settings
     serde: AvroSerde = state.serde

@@ -111,6 +111,39 @@ def test_openapi_document_lists_the_routes() -> None:
         assert p in paths
 
 
+def test_ingest_route_documents_bearer_and_parameters_as_fastapi_would_derive_them() -> None:
+    """``POST /events/{type}`` authenticates and reads its parameters in its body (no dependency solving per
+    request), yet its OpenAPI operation keeps the ``HTTPBearer`` requirement and the ``type``, ``topic`` and
+    ``key_field`` parameters exactly as FastAPI derives them from the dependency signature, and the scheme
+    is in the document's components."""
+    from fastapi import Depends, FastAPI, Query
+
+    from backbone.http.auth import authenticate_request
+    from backbone.http.ingest import _KEY_FIELD_DOC, _TOPIC_DOC
+
+    doc = create_app(Settings(), ApiSettings()).openapi()
+    op = doc["paths"]["/events/{type}"]["post"]
+    reference = FastAPI()
+
+    @reference.post("/events/{type}")
+    async def ingest_events(
+        type: str,
+        topic: str | None = Query(None, description=_TOPIC_DOC),
+        key_field: str | None = Query(None, description=_KEY_FIELD_DOC),
+        principal: object = Depends(authenticate_request),
+    ) -> None:
+        return None
+
+    ref = reference.openapi()
+    ref_op = ref["paths"]["/events/{type}"]["post"]
+    assert op["security"] == ref_op["security"] == [{"HTTPBearer": []}]
+    assert op["parameters"] == ref_op["parameters"]
+    scheme = doc["components"]["securitySchemes"]["HTTPBearer"]
+    assert scheme == ref["components"]["securitySchemes"]["HTTPBearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert "requestBody" in op and set(op["responses"]) >= {"202", "401", "403", "422", "429", "503"}
+
+
 def test_api_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """BACKBONE_API_* variables set the API settings."""
     monkeypatch.setenv("BACKBONE_API_MAX_BODY_BYTES", "123")
