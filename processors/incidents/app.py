@@ -322,19 +322,6 @@ class _IncidentShell:
         else:
             self._undrained[tp] = (source, offset)
 
-    async def handle_input(self, message: Any) -> None:
-        """One input record alone (its body, or its ``drained`` marker, as one merged message): as
-        :meth:`handle_batch` of one record, with ``drained`` read now."""
-        drained = self._drained_now(message)
-        body = await self.decode_input(message, drained)
-        if body is not None:
-            await self.channels["merged"].send(key=b"telemetry", value=json.dumps(body).encode())
-            if body["kind"] == "drained":
-                self.stats.drain_markers_count += 1
-            else:
-                self.stats.forwarded_count += 1
-        self._note_forwarded(message.tp, f"{message.topic}/{message.partition}", message.offset, drained)
-
     async def decode_input(self, message: Any, drained: bool) -> dict[str, Any] | None:
         """A telemetry record or a change: its merged body (JSON-ready); for a record not forwarded (an
         external event that changes nothing, or a dead letter: delivered before this returns) a

@@ -17,21 +17,9 @@ from processors.incidents.incident import EngineConfig, IncidentEngine
 from streams.envelope import Event
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
+from tests.fakes.faust_topic import AckedTopic
 
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
-
-
-class _Topic:
-    """A Faust topic whose ``send`` is acknowledged at once."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, **kw: Any) -> asyncio.Future[None]:
-        self.sent.append(kw)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
 
 
 def _sample(pod: str, minute: int, cpu: float) -> Event:
@@ -49,7 +37,7 @@ def _event(serde: AvroSerde, e: Event, partition: int, offset: int) -> SimpleNam
     return SimpleNamespace(message=message)
 
 
-def _shell(merged: _Topic, insights: _Topic) -> _IncidentShell:
+def _shell(merged: AckedTopic, insights: AckedTopic) -> _IncidentShell:
     serde = AvroSerde(EmbeddedRegistry())
     engine = IncidentEngine(EngineConfig(), sources=["telemetry.metrics/0", "telemetry.metrics/1"])
     return _IncidentShell(
@@ -71,7 +59,7 @@ def test_pack_bodies_keeps_the_order_and_splits_by_size() -> None:
 
 
 def test_a_batch_forwards_its_records_in_order_with_their_read_time_drained_note() -> None:
-    merged, insights = _Topic(), _Topic()
+    merged, insights = AckedTopic(), AckedTopic()
     shell = _shell(merged, insights)
     serde = shell.serde
     highwater = {("telemetry.metrics", 0): 3, ("telemetry.metrics", 1): 2}
@@ -105,8 +93,8 @@ def test_the_correlate_side_feeds_a_list_as_it_fed_one_message_per_record() -> N
             )
 
     def run(messages: list[bytes]) -> tuple[list[Any], Any]:
-        insights = _Topic()
-        shell = _shell(_Topic(), insights)
+        insights = AckedTopic()
+        shell = _shell(AckedTopic(), insights)
         shell.engine = IncidentEngine(EngineConfig())
 
         async def feed() -> None:

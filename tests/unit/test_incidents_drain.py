@@ -19,30 +19,29 @@ from processors.incidents.app import IncidentTopics, _IncidentShell
 from processors.incidents.incident import EngineConfig, IncidentEngine
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
+from tests.fakes.faust_topic import AckedTopic
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 
 
-class _Topic:
-    """A Faust topic whose ``send`` is acknowledged at once."""
+async def _one(shell: _IncidentShell, message: SimpleNamespace) -> None:
+    """``message`` read and forwarded alone: a batch of one, as the worker's first agent hands it over."""
+    await shell.handle_batch([SimpleNamespace(message=message)], "test")
 
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
 
-    async def send(self, **kw: Any) -> asyncio.Future:
-        self.sent.append(kw)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+def _bodies(merged: AckedTopic) -> list[dict[str, Any]]:
+    """The merged bodies sent, in order (a batch's message is a JSON list of them, a timer's marker one body)."""
+    values = [json.loads(sent["value"]) for sent in merged.sent]
+    return [b for v in values for b in (v if isinstance(v, list) else [v])]
 
 
 def test_an_unknown_high_watermark_is_not_the_end_and_a_marker_follows_once_it_is() -> None:
     serde = AvroSerde(EmbeddedRegistry())
     metrics = [e for t, e in itertools.islice(iter_day(SLICE), 400) if t == "telemetry.metrics"][:3]
-    merged = _Topic()
+    merged = AckedTopic()
     engine = IncidentEngine(EngineConfig())
     shell = _IncidentShell(
-        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": _Topic()}
+        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": AckedTopic()}
     )
     tp = ("telemetry.metrics", 0)
     highwater: dict[Any, int | None] = {tp: None}  # no fetch answered since the assignment
@@ -54,15 +53,15 @@ def test_an_unknown_high_watermark_is_not_the_end_and_a_marker_follows_once_it_i
                                headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data))  # fmt: skip
 
     async def run() -> None:
-        await shell.handle_input(message(0))
+        await _one(shell, message(0))
         await shell.send_drain_markers()  # the end is still unknown: no marker
         highwater[tp] = 3  # a fetch answered: two records to come
         await shell.send_drain_markers()
-        await shell.handle_input(message(1))
-        await shell.handle_input(message(2))  # the last one, known as such: drained, no marker needed
+        await _one(shell, message(1))
+        await _one(shell, message(2))  # the last one, known as such: drained, no marker needed
         await shell.send_drain_markers()
         highwater[tp] = None  # a new assignment: offset 3 (produced since) is read while the end is unknown
-        await shell.handle_input(_at(message(0), 3))
+        await _one(shell, _at(message(0), 3))
         highwater[tp] = 4  # now known: offset 3 was the last
         await shell.send_drain_markers()
         await shell.send_drain_markers()  # only once
@@ -73,7 +72,7 @@ def test_an_unknown_high_watermark_is_not_the_end_and_a_marker_follows_once_it_i
         return SimpleNamespace(**{**vars(m), "offset": offset})
 
     asyncio.run(run())
-    bodies = [json.loads(s["value"]) for s in merged.sent]
+    bodies = _bodies(merged)
     assert [(b["kind"], b.get("drained")) for b in bodies] == [
         ("metric", False), ("metric", False), ("metric", True), ("metric", False), ("drained", None),
     ]  # fmt: skip
@@ -91,10 +90,10 @@ def test_a_partition_ending_in_a_skipped_change_is_told_drained() -> None:
     from streams.envelope import Event
 
     serde = AvroSerde(EmbeddedRegistry())
-    merged = _Topic()
+    merged = AckedTopic()
     engine = IncidentEngine(EngineConfig())
     shell = _IncidentShell(
-        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": _Topic()}
+        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": AckedTopic()}
     )
     tp = ("external.events", 0)
     shell.highwater = {tp: 2}.get
@@ -111,11 +110,11 @@ def test_a_partition_ending_in_a_skipped_change_is_told_drained() -> None:
                                headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data))  # fmt: skip
 
     async def run() -> None:
-        await shell.handle_input(external(0, "git.commit"))
-        await shell.handle_input(external(1, "github.issue_comment.created"))
+        await _one(shell, external(0, "git.commit"))
+        await _one(shell, external(1, "github.issue_comment.created"))
         await shell.send_drain_markers()  # nothing more: the marker was sent at once
 
     asyncio.run(run())
-    bodies = [json.loads(s["value"]) for s in merged.sent]
+    bodies = _bodies(merged)
     assert [(b["kind"], b.get("drained")) for b in bodies] == [("change", False), ("drained", None)]
     assert shell.stats.changes_skipped_count == 1 and shell.stats.drain_markers_count == 1

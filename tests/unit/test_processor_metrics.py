@@ -21,21 +21,9 @@ from processors.incidents.nezha_detect import Anomaly
 from streams.envelope import Event
 from streams.registry import EmbeddedRegistry
 from streams.serde import AvroSerde
+from tests.fakes.faust_topic import AckedTopic
 
 T0 = datetime(2025, 11, 18, 23, 45, tzinfo=UTC)
-
-
-class _Topic:
-    """A Faust topic whose ``send`` is acknowledged at once."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, **kw: Any) -> asyncio.Future:
-        self.sent.append(kw)
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
 
 
 def _message(serde: AvroSerde, event: Event, offset: int) -> SimpleNamespace:
@@ -61,7 +49,7 @@ def _circuit(key: str) -> float | None:
 def test_breaker_transitions_set_backbone_circuit_open() -> None:
     serde = AvroSerde(EmbeddedRegistry())
     thresholds = HealingThresholds(consecutive_failures=5, open_seconds=20, half_open_successes=1)
-    topic = _Topic()
+    topic = AckedTopic()
     shell = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
                           None, topic, None, None)  # type: ignore[arg-type]  # fmt: skip
     provider, model = "provider:metrics-test", "model:metrics-test/gemini-3-pro"
@@ -90,7 +78,7 @@ def test_a_half_open_circuit_reads_open() -> None:
         consecutive_failures=2, open_seconds=20, half_open_max_probes=2, half_open_successes=2
     )
     healer = Healer(HealingConfig(thresholds, 1))
-    shell = _HealingShell(Settings(), HealingTopics(), serde, healer, None, _Topic(), None, None)  # type: ignore[arg-type]
+    shell = _HealingShell(Settings(), HealingTopics(), serde, healer, None, AckedTopic(), None, None)  # type: ignore[arg-type]
     key = "provider:metrics-test"
 
     async def feed(s: int, ok: bool) -> None:
@@ -125,9 +113,9 @@ def _metric(pod: str, minute: int, cpu: float) -> dict[str, Any]:
 
 def test_an_opened_incident_increments_backbone_incidents_opened_total() -> None:
     engine = IncidentEngine(EngineConfig())
-    insights = _Topic()
+    insights = AckedTopic()
     shell = _IncidentShell(Settings(), IncidentTopics(), AvroSerde(EmbeddedRegistry()), engine,
-                           {"merged": _Topic(), "insights": insights})  # fmt: skip
+                           {"merged": AckedTopic(), "insights": insights})  # fmt: skip
 
     def opened(p: str) -> float:
         return REGISTRY.get_sample_value("backbone_incidents_opened_total", {"priority": p}) or 0.0
@@ -157,7 +145,7 @@ def test_a_healer_batch_sends_at_once_and_holds_offsets_until_its_deliveries() -
     serde = AvroSerde(EmbeddedRegistry())
     thresholds = HealingThresholds(consecutive_failures=2, open_seconds=20, half_open_successes=1)
 
-    class _SlowTopic(_Topic):
+    class _SlowTopic(AckedTopic):
         """Deliveries acknowledged only when the test says so."""
 
         def __init__(self) -> None:
@@ -172,7 +160,7 @@ def test_a_healer_batch_sends_at_once_and_holds_offsets_until_its_deliveries() -
     topic = _SlowTopic()
     batched = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
                             None, topic, None, None)  # type: ignore[arg-type]  # fmt: skip
-    alone_topic = _Topic()
+    alone_topic = AckedTopic()
     alone = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
                           None, alone_topic, None, None)  # type: ignore[arg-type]  # fmt: skip
     messages = [_message(serde, _call(float(s), ok=s % 4 != 1 and s % 4 != 2), s) for s in range(12)]
