@@ -21,6 +21,13 @@ Score of a pod (its evidence is every anomaly of the incident on that pod):
   multiplied by :data:`VICTIM_FACTOR` (it is probably inherited); its resource evidence is kept. A
   callee gains :data:`BLAME_BONUS` of each anomalous caller's symptom evidence (a caller whose only
   anomaly is its own CPU points at nobody);
+* error propagation (``error_graph``, from traces: a caller's ERROR line in a span below which a
+  callee's span logged an ERROR in the same trace): the caller's ``errors`` evidence is inherited --
+  it keeps :data:`VICTIM_FACTOR` of it and the callee gains the rest, split by the traces that link
+  them (so the evidence is moved, not created). Unlike the call graph, which says only who *can*
+  call whom, such a trace shows the error travelling from the callee up to the caller. A callee
+  gains this even without an anomaly of its own (its error template may be old, e.g. a fault that
+  repeats on the same pod), but only from an anomalous caller;
 * the front end is a symptom, never a candidate (it is the entry of every call chain).
 
 Services are ranked by the best of their pods.
@@ -102,6 +109,8 @@ def rank(
     anomalies: Iterable[Anomaly],
     call_graph: Mapping[str, Mapping[str, int]],
     *,
+    error_graph: Mapping[str, Mapping[str, int]] | None = None,
+    services: Mapping[str, str] | None = None,
     victim_ratio: float = 1.0,
     limit: int = 5,
 ) -> list[Candidate]:
@@ -110,14 +119,19 @@ def rank(
     Args:
         anomalies: the incident's anomalies.
         call_graph: ``caller pod -> {callee pod: calls seen}`` from trace spans.
+        error_graph: ``caller pod -> {callee pod: traces}`` where the callee's ERROR explains the
+            caller's (see the module docstring); None or empty: no trace-linked errors.
+        services: ``pod -> service`` for pods that appear only in ``error_graph``; a pod without
+            one is named as its own service.
         victim_ratio: a callee with evidence >= this times the pod's makes the pod a likely victim.
         limit: most candidates returned.
 
     Returns:
         Candidates, best first (ties by pod name).
     """
+    services_of = services
     best: dict[str, dict[str, Anomaly]] = defaultdict(dict)
-    services: dict[str, str] = {}
+    services = {}
     for a in anomalies:
         if a.pod in _NOT_CANDIDATES:
             continue
@@ -149,6 +163,23 @@ def rank(
             for c in callees:
                 score[c] += BLAME_BONUS * sym
                 notes[c].append(f"called by anomalous {pod} (+{BLAME_BONUS * sym:.2f})")
+    for pod in sorted((error_graph or {}).keys() & kinds.keys()):
+        errs = kinds[pod].get("errors", 0.0)
+        links = {c: n for c, n in (error_graph or {})[pod].items() if c != pod and c not in _NOT_CANDIDATES and n > 0}
+        if errs <= 0 or not links:
+            continue
+        moved = (1 - VICTIM_FACTOR) * errs
+        score[pod] -= moved
+        total = sum(links.values())
+        notes[pod].append(
+            f"its errors follow errors of {', '.join(sorted(links))} in the same traces: inherited (x{VICTIM_FACTOR})"
+        )
+        for c, n in sorted(links.items()):
+            share = moved * n / total
+            score[c] = score.get(c, 0.0) + share
+            services.setdefault(c, (services_of or {}).get(c, c))
+            best.setdefault(c, {})
+            notes[c].append(f"errors propagate from it to {pod} in {n} trace(s) (+{share:.2f})")
     order = sorted(score, key=lambda p: (-score[p], p))[:limit]
     out = []
     for i, pod in enumerate(order, 1):
