@@ -43,7 +43,11 @@ shortly they came before the first anomaly (at most ``max_suspects``). Change so
 (:data:`SPARSE_KINDS`). Kept changes are bounded by age and by ``max_changes_kept``.
 
 The call graph is learnt from spans (caller pod -> callee pod, by parent span id); span ids are kept
-``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. Every other piece of
+``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. **Error
+propagation**: an ERROR/FATAL log line carries its trace and span id; placed in the call tree of the
+span memory, a caller's error line whose span lies above a callee's error line of the same trace is
+explained by it (edge caller -> callee, counted once per trace). The edges of an incident's windows
+(and of the correlation window before it opened) go to :func:`processors.incidents.rca.rank`. Every other piece of
 state is bounded too: detector histories (``history_window`` values), seen log templates per pod,
 and buffered windows not yet closed.
 """
@@ -447,11 +451,12 @@ class IncidentEngine:
         return None
 
     def _error_edges(self, logs: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
-        """Error propagation seen in traces: ``(caller pod, callee pod) -> traces`` where the caller
-        logged an ERROR/FATAL line in a span whose nearest ERROR-logging ancestor-or-descendant in
-        another pod is the callee's span below it (the callee's error explains the caller's). Log lines
-        are placed in the call tree by their ``trace_id``/``span_id`` and the spans of the span memory;
-        a line whose span is unknown is left out. Counted once per trace and pod pair."""
+        """Error propagation seen in traces: ``(caller pod, callee pod) -> traces``. For each ERROR/FATAL
+        line of the window, the span it was logged in is walked up (parent by parent, through the span
+        memory) to the nearest span of *another* pod that also logged an ERROR/FATAL line: that pod's
+        error is explained by this one's (edge that pod -> this pod). A line without trace/span id, or
+        whose span is not in the span memory, adds nothing. Counted once per trace and pod pair; the
+        walk is bounded by :data:`_MAX_TRACE_DEPTH`."""
         failing: dict[tuple[str, str], str] = {}
         for r in logs:
             if r["level"] in ("ERROR", "FATAL") and r.get("trace_id") and r.get("span_id"):
@@ -521,7 +526,9 @@ class IncidentEngine:
 
     # --------------------------------------------------------------------------------------- correlator
 
-    def _correlate(self, w: int, found: list[Anomaly], errors: Counter[tuple[str, str]]) -> list[dict[str, Any]]:
+    def _correlate(
+        self, w: int, found: list[Anomaly], errors: Counter[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
         c = self.config
         if self._open is not None:
             self._open.error_edges.update(errors)

@@ -129,13 +129,12 @@ def rank(
     Returns:
         Candidates, best first (ties by pod name).
     """
-    services_of = services
     best: dict[str, dict[str, Anomaly]] = defaultdict(dict)
-    services = {}
+    pod_service: dict[str, str] = {}
     for a in anomalies:
         if a.pod in _NOT_CANDIDATES:
             continue
-        services[a.pod] = a.service
+        pod_service[a.pod] = a.service
         cur = best[a.pod].get(a.signal)
         if cur is None or (a.score, -a.window_start_ms) > (cur.score, -cur.window_start_ms):
             best[a.pod][a.signal] = a
@@ -165,7 +164,11 @@ def rank(
                 notes[c].append(f"called by anomalous {pod} (+{BLAME_BONUS * sym:.2f})")
     for pod in sorted((error_graph or {}).keys() & kinds.keys()):
         errs = kinds[pod].get("errors", 0.0)
-        links = {c: n for c, n in (error_graph or {})[pod].items() if c != pod and c not in _NOT_CANDIDATES and n > 0}
+        links = {
+            c: n
+            for c, n in (error_graph or {})[pod].items()
+            if c != pod and c not in _NOT_CANDIDATES and n > 0
+        }
         if errs <= 0 or not links:
             continue
         moved = (1 - VICTIM_FACTOR) * errs
@@ -177,7 +180,7 @@ def rank(
         for c, n in sorted(links.items()):
             share = moved * n / total
             score[c] = score.get(c, 0.0) + share
-            services.setdefault(c, (services_of or {}).get(c, c))
+            pod_service.setdefault(c, (services or {}).get(c, c))
             best.setdefault(c, {})
             notes[c].append(f"errors propagate from it to {pod} in {n} trace(s) (+{share:.2f})")
     order = sorted(score, key=lambda p: (-score[p], p))[:limit]
@@ -188,5 +191,5 @@ def rank(
             + (f" ({a.detail})" if a.detail else "")
             for a in sorted(best[pod].values(), key=lambda a: (-a.score, a.signal))
         ]
-        out.append(Candidate(i, pod, services[pod], score[pod], tuple(lines + notes[pod])))
+        out.append(Candidate(i, pod, pod_service[pod], score[pod], tuple(lines + notes[pod])))
     return out

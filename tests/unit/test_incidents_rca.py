@@ -160,6 +160,7 @@ def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
     }
     start = int(T0.replace(second=0).timestamp() * 1000)
     assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
+
     # after a gap in the log stream (no line in minutes 3-9) the first window (10) is the baseline:
     # a template already in it goes on (not new at 11); one absent from it and quiet for longer than
     # an incident comes back new (minute 11), as a fault repeated on the same pod does
@@ -417,7 +418,9 @@ def test_errors_linked_by_a_trace_move_to_the_callee_that_raised_them() -> None:
     # the caller's new ERROR template is explained by its callee's error in the same traces: the
     # caller keeps VICTIM_FACTOR of that evidence, the callee (old template, no anomaly) gains the rest
     anomalies = [_a("preserve-1", "log:new_template", 12.0), _a("orders-1", "log:new_template", 10.0)]
-    ranked = rank(anomalies, {}, error_graph={"preserve-1": {"contacts-1": 3}}, services={"contacts-1": "contacts"})
+    ranked = rank(
+        anomalies, {}, error_graph={"preserve-1": {"contacts-1": 3}}, services={"contacts-1": "contacts"}
+    )
     assert [c.pod for c in ranked][:2] == ["orders-1", "contacts-1"]
     moved = (1 - VICTIM_FACTOR) * 3.0 * math.log1p(12.0)
     by_pod = {c.pod: c for c in ranked}
@@ -425,7 +428,9 @@ def test_errors_linked_by_a_trace_move_to_the_callee_that_raised_them() -> None:
     assert math.isclose(by_pod["contacts-1"].score, moved) and math.isclose(by_pod["preserve-1"].score, moved)
     assert any("propagate" in e for e in by_pod["contacts-1"].evidence)
     # no anomalous caller, no blame: an edge alone makes no candidate
-    assert [c.pod for c in rank(anomalies[1:], {}, error_graph={"preserve-1": {"contacts-1": 3}})] == ["orders-1"]
+    assert [c.pod for c in rank(anomalies[1:], {}, error_graph={"preserve-1": {"contacts-1": 3}})] == [
+        "orders-1"
+    ]
 
 
 def test_engine_links_error_logs_through_the_spans_of_their_trace() -> None:
@@ -442,7 +447,7 @@ def test_engine_links_error_logs_through_the_spans_of_their_trace() -> None:
         if m >= 12:
             for pod, span, logger in (("a-1", "s1", "a.Web#175"), ("b-1", "s2", "b.Repo#9")):
                 recs.append(("log", {**_log(pod, m, "ERROR", logger), "trace_id": f"t{m}", "span_id": span}))
-    insights, engine = run(recs)
+    insights, _ = run(recs)
     closed = [i for i in insights if i["kind"] == "incident.closed"]
     assert closed and closed[-1]["labels"]["top1_pod"] == "b-1"
     cands = json.loads(closed[-1]["labels"]["candidates"])
