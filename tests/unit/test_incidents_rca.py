@@ -13,7 +13,7 @@ import pytest
 from connectors.nezha import iter_day
 from processors.incidents.incident import EngineConfig, IncidentEngine, run
 from processors.incidents.nezha_detect import Anomaly, RobustZ
-from processors.incidents.rca import VICTIM_FACTOR, evidence_kind, rank
+from processors.incidents.rca import VICTIM_FACTOR, WARN_FACTOR, evidence_kind, rank
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
@@ -455,3 +455,10 @@ def test_engine_links_error_logs_through_the_spans_of_their_trace() -> None:
     # the same records in another order give the same insights
     again, _ = run(sorted(recs, key=lambda kr: (kr[1]["event_time"], kr[0] == "span")))
     assert again == insights
+
+
+def test_a_new_warn_template_weighs_half_an_error_template() -> None:
+    warn = Anomaly("a-1", "a", "log:new_template", 0, 12.0, 6.0, 0.0, "WARN a.Svc#72")
+    error = Anomaly("b-1", "b", "log:new_template", 0, 12.0, 6.0, 0.0, "ERROR b.Svc#37")
+    by_pod = {c.pod: c.score for c in rank([warn, error], {})}
+    assert math.isclose(by_pod["a-1"], WARN_FACTOR * by_pod["b-1"])
