@@ -117,7 +117,7 @@ def eval_anomalies(
     data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
                                        envvar="BACKBONE_NAB_DATA")],
     category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
-    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "seasonal-likelihood",
+    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "confirmed-likelihood",
     baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
                                            envvar="BACKBONE_NAB_BASELINE")] = False,
     as_json: JsonOpt = False,

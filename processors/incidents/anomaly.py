@@ -129,6 +129,7 @@ __all__ = [
     "INSIGHT_SOURCE",
     "Anomaly",
     "AnomalyProcessor",
+    "ConfirmedLikelihoodDetector",
     "Detector",
     "DetectorConfig",
     "EmaLikelihoodDetector",
@@ -144,8 +145,10 @@ __all__ = [
 INSIGHT_SCHEMA = "sophia.insight.Insight"
 INSIGHT_KIND = "anomaly.detected"
 INSIGHT_SOURCE = "/processors/anomaly"
-DEFAULT_DETECTOR = "seasonal-likelihood"
-DEFAULT_THRESHOLDS: dict[str, float] = {"ema-likelihood": 0.995, "seasonal-likelihood": 0.995}
+DEFAULT_DETECTOR = "confirmed-likelihood"
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "ema-likelihood": 0.995, "seasonal-likelihood": 0.995, "confirmed-likelihood": 0.995
+}
 """A detector's alert threshold when :class:`DetectorConfig` is given none (others: 0.99)."""
 
 
@@ -639,7 +642,67 @@ class SeasonalLikelihoodDetector(EmaLikelihoodDetector):
         return det
 
 
+class ConfirmedLikelihoodDetector(SeasonalLikelihoodDetector):
+    """:class:`SeasonalLikelihoodDetector` whose score must hold for ``confirm`` consecutive samples (the
+    default; see the module docstring).
+
+    The score of a sample is the **smallest** of the last ``confirm`` seasonal-likelihood scores (its own
+    included), so a score reaches a threshold only when ``confirm`` consecutive samples reached it: a
+    likelihood that crosses the threshold for one sample and falls back (often because that sample's raw
+    score inflated the moments the next one is judged by) raises nothing, and a lasting one is reported
+    ``confirm - 1`` samples later. No look-ahead: the score uses the current sample and the ones before.
+
+    State: that of :class:`SeasonalLikelihoodDetector` plus ``confirm - 1`` floats.
+
+    Args:
+        alpha, dev_alpha, short, long, warmup, max_period, interval_samples: as for
+            :class:`SeasonalLikelihoodDetector`.
+        confirm: consecutive samples a score must hold (1: exactly :class:`SeasonalLikelihoodDetector`).
+
+    Raises:
+        ValueError: ``confirm`` below 1.
+    """
+
+    name = "confirmed-likelihood"
+    version = "confirmed-likelihood/1"
+
+    def __init__(self, alpha: float = 0.05, dev_alpha: float = 0.002, short: int = 5, long: int = 1000,
+                 warmup: int = 50, max_period: int = 2016, interval_samples: int = 10, confirm: int = 2) -> None:  # fmt: skip
+        if confirm < 1:
+            raise ValueError(f"confirm must be at least 1, got {confirm}")
+        super().__init__(alpha, dev_alpha, short, long, warmup, max_period, interval_samples)
+        self.confirm = confirm
+        self.prev: deque[float] = deque(maxlen=confirm - 1)
+
+    def score_learn(self, value: float, at_s: float | None = None) -> float:
+        """See :class:`Detector` (``at_s``: the sample's event time, epoch seconds)."""
+        score = super().score_learn(value, at_s)
+        out = score
+        for s in self.prev:
+            if s < out:
+                out = s
+        if self.confirm > 1:
+            self.prev.append(score)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state."""
+        d = super().to_dict()
+        d.update({"confirm": self.confirm, "prev": list(self.prev)})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConfirmedLikelihoodDetector:
+        """Inverse of :meth:`to_dict`."""
+        det = super().from_dict(d)
+        assert isinstance(det, ConfirmedLikelihoodDetector)
+        det.confirm = int(d["confirm"])
+        det.prev = deque((float(x) for x in d["prev"]), maxlen=det.confirm - 1)
+        return det
+
+
 DETECTORS: dict[str, type] = {
+    "confirmed-likelihood": ConfirmedLikelihoodDetector,
     "seasonal-likelihood": SeasonalLikelihoodDetector,
     "ema-likelihood": EmaLikelihoodDetector,
     "likelihood": LikelihoodDetector,
