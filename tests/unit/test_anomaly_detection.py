@@ -147,8 +147,8 @@ def test_processor_reads_pod_metric_samples_one_series_per_metric() -> None:
 
 def test_ema_likelihood_state_stays_small_and_thresholds_follow_the_detector() -> None:
     """ema-likelihood's JSON state does not grow with the series (constant size, under 1 KB after 5,000
-    samples); an unset threshold is the detector's own (0.995 for the ema and seasonal likelihoods, 0.99
-    for the others)."""
+    samples); an unset threshold is the detector's own (0.999 for confirmed-likelihood, 0.995 for the ema
+    and seasonal likelihoods, 0.99 for the others), and so is an unset suppression (200, else 150)."""
     det = make_detector("ema-likelihood")
     sizes = []
     for i, v in enumerate(series(5000, spike_at=4000)):
@@ -156,11 +156,12 @@ def test_ema_likelihood_state_stays_small_and_thresholds_follow_the_detector() -
         if i in (100, 4999):
             sizes.append(len(json.dumps(det.to_dict())))
     assert sizes[1] < 1024 and sizes[1] - sizes[0] < 64
-    assert DetectorConfig().threshold == 0.995 and DetectorConfig().detector == "confirmed-likelihood"
+    assert DetectorConfig().threshold == 0.999 and DetectorConfig().detector == "confirmed-likelihood"
+    assert DetectorConfig().suppress == 200 and DetectorConfig(detector="seasonal-likelihood").suppress == 150
     assert DetectorConfig(detector="ema-likelihood").threshold == 0.995
     assert DetectorConfig(detector="likelihood").threshold == 0.99
     assert DetectorConfig(detector="likelihood", threshold=0.5).threshold == 0.5
-    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.995
+    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.999
 
 
 def weekly(weeks: int = 4, per_day: int = 24, seed: int = 3) -> list[float]:
@@ -226,17 +227,23 @@ def test_seasonal_state_round_trip_continues_identically(cut: int) -> None:
 
 
 def test_confirmed_likelihood_is_the_smallest_of_the_last_two_seasonal_scores() -> None:
-    """confirmed-likelihood scores min(this, previous) seasonal-likelihood score: the same scores shifted
-    through a two-sample minimum; confirm=1 is seasonal-likelihood itself; a bad confirm is refused."""
-    values = weekly()
+    """confirmed-likelihood scores min(this, previous) seasonal-likelihood score (with the same long
+    horizon, 8,640): the same scores through a two-sample minimum; confirm=1 is seasonal-likelihood itself;
+    confirm=3 the minimum of three; a bad confirm is refused."""
+    values = weekly(weeks=8)
+    values[1000] += 30.0  # one spike, so that scores near 1 occur
     times = [3600.0 * i for i in range(len(values))]
-    seasonal = make_detector("seasonal-likelihood")
+    seasonal = make_detector("seasonal-likelihood", long=8640)
     ref = [seasonal.score_learn(v, t) for v, t in zip(values, times, strict=True)]
     confirmed = make_detector("confirmed-likelihood")
     got = [confirmed.score_learn(v, t) for v, t in zip(values, times, strict=True)]
     assert got == [min(ref[max(0, i - 1) : i + 1]) for i in range(len(ref))]
     one = make_detector("confirmed-likelihood", confirm=1)
     assert [one.score_learn(v, t) for v, t in zip(values, times, strict=True)] == ref
+    three = make_detector("confirmed-likelihood", confirm=3)
+    got = [three.score_learn(v, t) for v, t in zip(values, times, strict=True)]
+    assert got == [min(ref[max(0, i - 2) : i + 1]) for i in range(len(ref))]
+    assert got != ref and max(ref) > 0.99  # the minimum does change scores, near the threshold too
     with pytest.raises(ValueError, match="confirm"):
         make_detector("confirmed-likelihood", confirm=0)
 
