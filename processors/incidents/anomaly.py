@@ -54,10 +54,11 @@ anomalies --data ../shared/data/anomaly/nab --json`` (2026-12-05): standard **71
 against ``seasonal-likelihood`` 65.69 (45.36, 75.37), 0.23, 0.95, 92 detections. The threshold and
 suppression were chosen on these series, so the fair figure is **leave one series out**: threshold (0.99,
 0.995, 0.999, 0.9995) x suppression (100, 150, 200, 300) chosen on 6 series, the 7th scored with it, the
-7 held-out raw scores normalised together: **67.3** (0.999 / 200 chosen in 6 of 7 folds), against 55.2 for
-``seasonal-likelihood`` by the same procedure; choosing ``long`` (1,000, 4,000, 8,640) and the number of
-confirming samples (1, 2, 3) that way too gives 62.7. The two changes separately (standard at 0.995 / 150
-and at 0.999 / 200; leave-one-out):
+7 held-out raw scores normalised together (``backbone eval anomalies ... --leave-one-out``, from
+:func:`processors.incidents.anomaly_eval.leave_one_out`): **67.35** (0.999 / 200 chosen in 6 of 7 folds),
+against 55.24 for ``seasonal-likelihood`` by the same procedure; choosing ``long`` (1,000, 4,000, 8,640)
+and the number of confirming samples (1, 2, 3) that way too gives 62.7. The two changes separately
+(standard at 0.995 / 150 and at 0.999 / 200; leave-one-out):
 
 =========================  ============  ============  =============
 ``long``, confirming        0.995 / 150   0.999 / 200   leave-one-out

@@ -263,3 +263,18 @@ def test_confirmed_state_round_trip_continues_identically(cut: int) -> None:
     rest = [restored.score_learn(v, t) for v, t in zip(values[cut:], times[cut:], strict=True)]
     assert rest == ref[cut:]
     assert restored.to_dict() == whole.to_dict()
+
+
+def test_gate_scores_is_the_series_state_gate() -> None:
+    """gate_scores on a detector's scores flags exactly the samples SeriesState alerts on."""
+    from processors.incidents.anomaly_eval import gate_scores
+
+    values = series(3000, spike_at=2500)
+    for i in range(1000, 1400, 37):
+        values[i] += 6.0
+    det = make_detector("confirmed-likelihood")
+    scores = [det.score_learn(v, 60.0 * i) for i, v in enumerate(values)]
+    for threshold, suppress in ((0.99, 20), (0.999, 200)):
+        st = SeriesState("s", DetectorConfig(threshold=threshold, suppress=suppress))
+        alerts = [i for i, v in enumerate(values) if st.observe(T0 + timedelta(minutes=i), v)[1]]
+        assert alerts and alerts == [i for i, f in enumerate(gate_scores(scores, threshold, suppress)) if f]
