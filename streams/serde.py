@@ -82,7 +82,11 @@ class AvroSerde:
         _, parsed, names, required = self._encoder(schema_name)
         # one call into fastavro's compiled validator for the whole record; field by field (a call each)
         # only to name what does not match
-        if names.issuperset(datum) and required.issubset(datum) and validate(datum, parsed, raise_errors=False):
+        if (
+            names.issuperset(datum)
+            and required.issubset(datum)
+            and validate(datum, parsed, raise_errors=False)
+        ):
             return
         for field in parsed["fields"]:
             name = field["name"]
