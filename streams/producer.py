@@ -2,9 +2,10 @@
 
 Delivery failures are collected from librdkafka's delivery reports and raised by :meth:`flush`
 as :class:`~streams.errors.DeliveryError`; nothing is swallowed. librdkafka reports failed records only
-(``delivery.report.only.error``): a record it does not report as failed by the end of a flush that left
-nothing queued was acknowledged, so no Python callback runs for each record that succeeds. A producer that never reaches its
-broker raises :class:`~streams.errors.BrokerUnavailableError` naming the bootstrap servers.
+(``delivery.report.only.error``, set last so that no ``extra`` overrides it): a record it does not report
+as failed by the end of a flush that left nothing queued was acknowledged, so no Python callback runs for
+each record that succeeds. A producer that never reaches its broker raises
+:class:`~streams.errors.BrokerUnavailableError` naming the bootstrap servers.
 """
 
 from __future__ import annotations
