@@ -15,7 +15,9 @@ from the beginning, one process each:
   topic, the peer of a changelogged Faust table). Keys and values are read as bytes. Without the virtualenv
   the two rows say so and are skipped;
 * ``plain Faust agent``: ``faust.App`` with its defaults (raw serializers), one agent counting records per
-  key in a dict, no table and no output;
+  key in a dict, no table and no output, on the workers' event loop (``BACKBONE_EVENT_LOOP``, uvloop by
+  default: :mod:`core.eventloop`) and on the other; the column "to plain Faust (same loop)" divides by the
+  first;
 * ``Faust agent + table``: the same agent counting per key in a changelogged table (a table update is
   what every stateful processor pays per record);
 * ``run-summary worker``: ``backbone processors worker`` (the shared worker shell: Avro decode, CloudEvents,

@@ -2,10 +2,11 @@
 parser (the default, ``BACKBONE_EVENT_LOOP=uvloop``), or the standard library's asyncio loop with h11
 (``BACKBONE_EVENT_LOOP=asyncio``).
 
-Measured on 2 shared cores (docs/ARCHITECTURE.md, "Event loop"): the API's server CPU per ingest request
-about 10-20 % lower, a bare FastAPI endpoint's about 28 % lower, a plain Faust agent's CPU per record
-about 15 % lower; the healer worker's unchanged. Where uvloop or httptools cannot be imported (uvloop has
-no Windows build), ``uvloop`` falls back to asyncio and h11 with a warning.
+Measured on 2 shared cores (docs/ARCHITECTURE.md, "Event loop"; medians of alternating pairs): the API's
+CPU per ingest request about 12 % lower (its event-loop thread's about 20 %), a bare FastAPI endpoint's
+about 30 % lower (the HTTP gain is httptools', not uvloop's); CPU per record of a plain Faust agent about
+15 % lower, of the run-summary worker about 10 %, of the healer about 8 %. Where uvloop or httptools cannot
+be imported (uvloop has no Windows build), ``uvloop`` falls back to asyncio and h11 with a warning.
 """
 
 from __future__ import annotations
