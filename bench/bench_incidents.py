@@ -87,7 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console
 from rich.table import Table
 
-from bench.bench_processors import FAUST_COUNT
+from bench.bench_processors import faust_count_source
 from bench.common import ROOT, bench_stack
 
 __all__ = ["DATA", "Row", "main"]
@@ -211,8 +211,9 @@ def _json_after(text: str, marker: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _faust(name: str, boot: str, topics: tuple[str, ...], n: int, env: dict[str, str]) -> Row:
-    """The plain Faust agent over ``topics`` until it has counted ``n`` records.
+def _faust(name: str, boot: str, topics: tuple[str, ...], n: int, env: dict[str, str], loop: str) -> Row:
+    """The plain Faust agent over ``topics`` on event loop ``loop`` (``uvloop``, ``asyncio``) until it has counted
+    ``n`` records.
 
     Raises:
         RuntimeError: it exited without counting them.
@@ -220,7 +221,9 @@ def _faust(name: str, boot: str, topics: tuple[str, ...], n: int, env: dict[str,
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
     # exits 0.5 s after counting, so that the last memory sample is taken while it runs
     c = _run_child(
-        [sys.executable, "-c", FAUST_COUNT, boot, ",".join(topics), str(n), app_id, "0", "0.5"], env, 900
+        [sys.executable, "-c", faust_count_source(loop), boot, ",".join(topics), str(n), app_id, "0", "0.5"],
+        env,
+        900,
     )
     # Faust's worker redirects stdout into its log (stderr): find the line wherever it went
     found = re.search(r'\{"records": .*?\}', c.stdout + c.stderr)
@@ -348,15 +351,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
         n_metrics, n_all = by_topic.get(TELEMETRY[0], 0), sum(by_topic.get(t, 0) for t in TELEMETRY)
         env = _env(settings, Path(state))
         boot = settings.kafka.bootstrap_servers
-        faust_metrics = "plain Faust agent, telemetry.metrics, count per key"
-        faust_all = "plain Faust agent, 3 telemetry topics, count per key"
+        from core.eventloop import resolve
+
+        loop = resolve(
+            settings.event_loop
+        )  # the workers' loop (BACKBONE_EVENT_LOOP): the baselines run on it too
+        faust_metrics = f"plain Faust agent, telemetry.metrics, count per key ({loop})"
+        faust_all = f"plain Faust agent, 3 telemetry topics, count per key ({loop})"
         rows = [
-            _faust(f"{faust_metrics} (first reader)", boot, TELEMETRY[:1], n_metrics, env),
-            _faust(faust_all, boot, TELEMETRY, n_all, env),
+            _faust(f"{faust_metrics} (first reader)", boot, TELEMETRY[:1], n_metrics, env, loop),
+            _faust(faust_all, boot, TELEMETRY, n_all, env, loop),
         ]
         row, counters = _incidents("incident worker (backbone processors incidents)", n_all, env, args.idle,
                                    faust_all)  # fmt: skip
-        rows += [row, _faust(faust_metrics, boot, TELEMETRY[:1], n_metrics, env)]
+        rows += [row, _faust(faust_metrics, boot, TELEMETRY[:1], n_metrics, env, loop)]
         anomalies = _anomalies(
             "anomaly worker (backbone processors anomalies)", n_metrics, env, args.idle, faust_metrics
         )

@@ -13,7 +13,12 @@ driven by ApacheBench (``ab -k -c N -n M -p body``, Debian's ``apache2-utils``, 
 bench-tools``; one C process, keep-alive, the same body every request), the usual HTTP load generator, so
 the servers get the cores; its rows are named ``(ab)`` and its percentiles come from ab's own table
 (whole ms); each server's CPU milliseconds per request over ab's run (user + system, all threads, from
-``/proc``) are printed below them, with the bare endpoint's over the ingest's. It starts the embedded
+``/proc``) are printed below them, with the bare endpoint's over the ingest's. The ab rows are run once per
+event loop of ``--loops`` (default ``uvloop,asyncio``: uvloop with httptools, the API's default, and
+asyncio with h11, ``BACKBONE_EVENT_LOOP=asyncio``), both servers fresh on that loop and HTTP parser, in
+alternating order over ``--ab-rounds`` rounds; each row's ratio is to the bare endpoint on the same loop
+(served the same way), and ``vs bare asyncio`` to the bare endpoint on asyncio + h11. The other rows
+serve the API on the loop of ``BACKBONE_EVENT_LOOP``. It starts the embedded
 dev stack in a temporary directory (servers named by ``BACKBONE_*`` are used instead), serves the API with
 uvicorn in a child process (so the client does not share the server's interpreter), authenticates with
 a real token (looked up in PostgreSQL, then cached as the API does; its Redis rate limit leased at the API's
@@ -52,15 +57,18 @@ _BARE = (
     "async def ingest(type: str, request: Request):\n"
     "    json.loads(await request.body())\n"
     "    return JSONResponse({{'count': 1}}, status_code=202)\n"
-    "uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning')"
+    "uvicorn.run(app, host='127.0.0.1', port={port}, log_level='warning', loop='{loop}', http='{http}')"
 )
 
 TYPE = "sophia.agent.LlmCall"
 _SERVE = (
     "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
     "from core.observability import configure_logging; configure_logging('WARNING'); "
-    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
+    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning', "
+    "loop='{loop}', http='{http}')"
 )
+LOOPS = {"uvloop": {"loop": "uvloop", "http": "httptools"}, "asyncio": {"loop": "asyncio", "http": "h11"}}
+"""``--loops`` choices: uvicorn's ``loop`` and ``http`` (:func:`core.eventloop.uvicorn_options`)."""
 
 
 def _llm_call(i: int) -> dict[str, Any]:
@@ -200,6 +208,37 @@ def _ab(url: str, token: str | None, body: bytes, requests: int, concurrency: in
             "failed": float(failed.group(1)) if failed else 0.0}  # fmt: skip
 
 
+def _ab_server(
+    kind: str,
+    loop: dict[str, str],
+    env: dict[str, str],
+    token: str,
+    topic: str,
+    body: bytes,
+    requests: int,
+    concurrency: int,
+) -> dict[str, float]:
+    """Serve ``kind`` (``"ingest"``: the backbone's API; ``"bare"``: the bare endpoint) in a fresh uvicorn
+    process on ``loop`` (uvicorn's ``loop`` and ``http``), warm it up (300 requests, 10 in flight), drive it
+    with :func:`_ab_cpu`, stop it; return that result.
+
+    Raises:
+        RuntimeError: the server did not start, or ab failed (see :func:`_ab`).
+    """
+    port = _free_port()
+    src = (_SERVE if kind == "ingest" else _BARE).format(port=port, **loop)
+    proc = subprocess.Popen([sys.executable, "-c", src], env=env, cwd=Path(__file__).parents[1])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(f"{base}/healthz" if kind == "ingest" else f"{base}/docs", proc, f"{kind} ({loop})")
+        url, auth = f"{base}/events/{TYPE}?topic={topic}", token if kind == "ingest" else None
+        _ab(url, auth, body, min(300, requests), 10)  # warm-up
+        return _ab_cpu(proc.pid, url, auth, body, requests, concurrency)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
@@ -221,8 +260,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=200, help="requests of 100 events")
     parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
     parser.add_argument("--ab", action="store_true", help="also drive the single-event load with ApacheBench")
+    parser.add_argument(
+        "--loops",
+        default="uvloop,asyncio",
+        help="event loops of the ab rows, comma-separated: uvloop (+ httptools), asyncio (+ h11)",
+    )
+    parser.add_argument(
+        "--ab-rounds", type=int, default=1, help="rounds of the ab rows (loop order alternates)"
+    )
     args = parser.parse_args(argv)
-    ab: dict[str, dict[str, float]] = {}
+    loops = [x for x in args.loops.split(",") if x]
+    if unknown := set(loops) - set(LOOPS):
+        parser.error(f"unknown --loops {sorted(unknown)}; choose from {sorted(LOOPS)}")
+    # (round, loop, server) -> ab's result
+    ab: dict[tuple[int, str, str], dict[str, float]] = {}
     state_dir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     with DevStack(Settings(state_dir=state_dir), state_dir=state_dir, durable=False) as info:
         settings, pg_url = stack_settings(info, state_dir, "bench_ingest")
@@ -232,11 +283,16 @@ def main(argv: list[str] | None = None) -> None:
         serde = serde_from_settings(settings)
         schema = serde.registry.schema_for(serde.registry.id_for(TYPE))
         port = _free_port()
+        from core.eventloop import uvicorn_options
+
+        serve_on = uvicorn_options(settings.event_loop)  # as `backbone api` serves it
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": info.kafka_bootstrap, "BACKBONE_POSTGRES__URL": pg_url,
                "BACKBONE_REDIS__URL": info.redis_url, "BACKBONE_API_RATE_PER_SECOND": "1000000",
                "BACKBONE_API_BURST": "1000000", "BACKBONE_LOG_LEVEL": "WARNING", "BACKBONE_STATE_DIR": str(state_dir)}  # fmt: skip
         server = subprocess.Popen(
-            [sys.executable, "-c", _SERVE.format(port=port)], env=env, cwd=Path(__file__).parents[1]
+            [sys.executable, "-c", _SERVE.format(port=port, **serve_on)],
+            env=env,
+            cwd=Path(__file__).parents[1],
         )
         try:
             base = f"http://127.0.0.1:{port}"
@@ -259,16 +315,13 @@ def main(argv: list[str] | None = None) -> None:
             single_s = asyncio.run(
                 _http(base, token, topic, data[: args.single], args.concurrency, single_lat)
             )
-            if args.ab:
-                ab["ingest"] = _ab_cpu(server.pid, f"{base}/events/{TYPE}?topic={topic}", token,
-                                       json.dumps(data[0]).encode(), args.single, args.concurrency)  # fmt: skip
             batches = [data[i * 100 : (i + 1) * 100] for i in range(args.batches)]
             batch_s = asyncio.run(_http(base, token, topic, batches, max(1, args.concurrency // 4)))
         finally:
             server.terminate()
             server.wait(15)
         bare_port = _free_port()
-        bare = subprocess.Popen([sys.executable, "-c", _BARE.format(port=bare_port)], env=env)
+        bare = subprocess.Popen([sys.executable, "-c", _BARE.format(port=bare_port, **serve_on)], env=env)
         try:
             bare_base = f"http://127.0.0.1:{bare_port}"
             _wait_healthy(f"{bare_base}/docs", bare, "the bare FastAPI endpoint")
@@ -277,12 +330,16 @@ def main(argv: list[str] | None = None) -> None:
             bare_s = asyncio.run(
                 _http(bare_base, "none", topic, data[: args.single], args.concurrency, bare_lat)
             )
-            if args.ab:
-                ab["bare"] = _ab_cpu(bare.pid, f"{bare_base}/events/{TYPE}?topic={topic}", None,
-                                     json.dumps(data[0]).encode(), args.single, args.concurrency)  # fmt: skip
         finally:
             bare.terminate()
             bare.wait(15)
+        if args.ab:  # each server fresh on each loop; loop and server order alternate by round
+            body = json.dumps(data[0]).encode()
+            for r in range(args.ab_rounds):
+                for name in loops if r % 2 == 0 else loops[::-1]:
+                    for kind in ("ingest", "bare") if r % 2 == 0 else ("bare", "ingest"):
+                        ab[r, name, kind] = _ab_server(kind, LOOPS[name], env, token, topic, body, args.single,
+                                                       args.concurrency)  # fmt: skip
         from streams.serde import coerce_json_datum
 
         n_sdk = args.batches * 100
@@ -299,24 +356,29 @@ def main(argv: list[str] | None = None) -> None:
         ("SDK EventProducer", 1, n_sdk, sdk_s),
     ]
     bare_rps = args.single / bare_s
-    print(f"\none event per request, {args.concurrency} concurrent clients, uvicorn, one process each")
+    print(f"\none event per request, {args.concurrency} concurrent clients, uvicorn ({serve_on['loop']} + "
+          f"{serve_on['http']}), one process each")  # fmt: skip
     print(f"{'path':<34}{'requests/s':>12}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'vs bare':>9}")
     for name, secs, lat in (("bare FastAPI (json.loads, 202)", bare_s, bare_lat),
                             ("backbone ingest (validate, acks=all)", single_s, single_lat)):  # fmt: skip
         print(f"{name:<34}{args.single / secs:>12,.0f}{_pct(lat, 0.5):>9.1f}{_pct(lat, 0.95):>9.1f}"
               f"{_pct(lat, 0.99):>9.1f}{args.single / secs / bare_rps:>9.2f}")  # fmt: skip
-    for name, key in (("bare FastAPI (ab)", "bare"), ("backbone ingest (ab)", "ingest")):
-        if key in ab:
-            r = ab[key]
-            print(f"{name:<34}{r['rps']:>12,.0f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-                  f"{r['rps'] / ab['bare']['rps'] if 'bare' in ab else float('nan'):>9.2f}")  # fmt: skip
     if ab:
-        # the server's CPU per request (all its threads) under ab, and the bare endpoint's over the ingest's: the
-        # rate ratio the ingest would reach if the server's CPU were the only limit, less moved by other load
-        cpu = {k: r["cpu_ms"] for k, r in ab.items()}
-        ratio = cpu["bare"] / cpu["ingest"] if {"bare", "ingest"} <= set(cpu) else float("nan")
-        print("server CPU ms per request (ab): " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items())
-              + f"; bare/ingest {ratio:.2f}")  # fmt: skip
+        # per round and loop: rate ratios to the bare endpoint on the same loop and on asyncio + h11; the server's
+        # CPU per request (all its threads) under ab, and the bare endpoint's over the ingest's: the rate ratio the
+        # ingest would reach if the server's CPU were the only limit, less moved by other load
+        print(
+            f"\nApacheBench (ab -k -c {args.concurrency}, {args.single:,} requests), each server fresh on the loop named"
+        )
+        print(f"{'round':<6}{'loop':<20}{'server':<8}{'requests/s':>11}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
+              f"{'vs bare':>9}{'vs bare asyncio':>16}{'CPU ms/req':>11}{'bare/ingest CPU':>16}")  # fmt: skip
+        for (r, name, kind), res in ab.items():
+            bare, base = ab.get((r, name, "bare")), ab.get((r, "asyncio", "bare"))
+            cpu_ratio = bare["cpu_ms"] / res["cpu_ms"] if bare and kind == "ingest" else float("nan")
+            print(f"{r:<6}{name + ' + ' + LOOPS[name]['http']:<20}{kind:<8}{res['rps']:>11,.0f}{res['p50_ms']:>8.0f}"
+                  f"{res['p95_ms']:>8.0f}{res['p99_ms']:>8.0f}{res['rps'] / bare['rps'] if bare else float('nan'):>9.2f}"
+                  f"{res['rps'] / base['rps'] if base else float('nan'):>16.2f}{res['cpu_ms']:>11.3f}"
+                  f"{cpu_ratio:>16.2f}")  # fmt: skip
     print(f"\ningest benchmark ({os.cpu_count()} cores, concurrency {args.concurrency}, acks=all, Tansu)")
     print(
         f"{'path':<26}{'requests':>10}{'events':>9}{'seconds':>9}{'requests/s':>12}{'events/s':>11}{'vs SDK':>8}"

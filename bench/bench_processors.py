@@ -15,7 +15,9 @@ from the beginning, one process each:
   topic, the peer of a changelogged Faust table). Keys and values are read as bytes. Without the virtualenv
   the two rows say so and are skipped;
 * ``plain Faust agent``: ``faust.App`` with its defaults (raw serializers), one agent counting records per
-  key in a dict, no table and no output;
+  key in a dict, no table and no output, on the workers' event loop (``BACKBONE_EVENT_LOOP``, uvloop by
+  default: :mod:`core.eventloop`) and on the other; the column "to plain Faust (same loop)" divides by the
+  first;
 * ``Faust agent + table``: the same agent counting per key in a changelogged table (a table update is
   what every stateful processor pays per record);
 * ``run-summary worker``: ``backbone processors worker`` (the shared worker shell: Avro decode, CloudEvents,
@@ -109,7 +111,15 @@ app.main()
 """``python -c`` source of the plain Faust agent: argv ``boot topics(comma-separated) n app_id with_table(0/1)
 exit_delay_seconds``; counts records per key (in a changelogged table when ``with_table``) and prints
 ``{"records", "first", "last"}`` (``time.monotonic()``) once it has counted ``n``, then exits after the delay.
-Also run by ``bench/bench_incidents.py``."""
+Also run by ``bench/bench_incidents.py``; :func:`faust_count_source` runs it on a chosen event loop."""
+
+_UVLOOP_POLICY = "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+
+
+def faust_count_source(loop: str) -> str:
+    """:data:`FAUST_COUNT` on ``loop``: ``"uvloop"`` sets uvloop's event loop policy first (as the workers'
+    shell does under ``BACKBONE_EVENT_LOOP=uvloop``, :mod:`core.eventloop`), ``"asyncio"`` leaves asyncio's."""
+    return (_UVLOOP_POLICY if loop == "uvloop" else "") + FAUST_COUNT
 
 
 def _raw(boot: str, topic: str, n: int) -> float:
@@ -137,9 +147,11 @@ def _raw(boot: str, topic: str, n: int) -> float:
     return (n - 1) / (last - first)
 
 
-def _faust(boot: str, topic: str, n: int, with_table: bool, env: dict[str, str]) -> float:
+def _faust(
+    boot: str, topic: str, n: int, with_table: bool, env: dict[str, str], loop: str = "asyncio"
+) -> float:
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
-    done = subprocess.run([sys.executable, "-c", FAUST_COUNT, boot, topic, str(n), app_id, "1" if with_table else "0", "0"],
+    done = subprocess.run([sys.executable, "-c", faust_count_source(loop), boot, topic, str(n), app_id, "1" if with_table else "0", "0"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     # Faust's worker redirects stdout into its log (stderr): find the line wherever it went
     found = re.search(r'\{"records": .*?\}', done.stdout + done.stderr)
@@ -215,11 +227,14 @@ def _ratio(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
-def _print(title: str, rows: list[tuple[str, float, str]]) -> None:
-    """The rows with their ratios to the raw consumer and to both Quix Streams rows ("-" where not run)."""
+def _print(title: str, rows: list[tuple[str, float, str]], faust: str | None = None) -> None:
+    """The rows with their ratios to the raw consumer, to both Quix Streams rows ("-" where not run) and to
+    row ``faust`` (the plain Faust agent on the workers' event loop) when given."""
     rate = {name: r for name, r, _ in rows}
     bases = [("ratio to raw", rate[RAW]), ("to Quix (state)", rate.get(QUIX_STATE, math.nan)),
              ("to Quix (dict)", rate.get(QUIX_PLAIN, math.nan))]  # fmt: skip
+    if faust is not None:
+        bases.append(("to plain Faust (same loop)", rate.get(faust, math.nan)))
     t = Table(title=title)
     for c in ("path", "rate", "unit", *(b for b, _ in bases)):
         t.add_column(c, justify="left" if c in ("path", "unit") else "right")
@@ -267,25 +282,43 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
                     else "failed (stderr)"
                 )
                 rows.append((name, math.nan, reason))
+        # the workers run on BACKBONE_EVENT_LOOP's loop (uvloop by default): the Faust rows run on that loop too,
+        # and the plain agent also on the other one
+        from core.eventloop import resolve
+
+        loop = resolve(settings.event_loop)
+        other = "asyncio" if loop == "uvloop" else "uvloop"
+        faust = f"plain Faust agent, count per key in a dict ({loop})"
         rows += [
-            ("plain Faust agent, count per key in a dict", _faust(boot, topic, n, False, env), "records/s"),
             (
-                "Faust agent, count per key in a changelogged table",
-                _faust(boot, topic, n, True, env),
+                faust,
+                _faust(boot, topic, n, False, env, loop),
                 "records/s",
             ),
             (
-                "run-summary worker (worker shell, Avro, table, insights)",
+                f"plain Faust agent, count per key in a dict ({other})",
+                _faust(boot, topic, n, False, env, other),
+                "records/s",
+            ),
+            (
+                f"Faust agent, count per key in a changelogged table ({loop})",
+                _faust(boot, topic, n, True, env, loop),
+                "records/s",
+            ),
+            (
+                f"run-summary worker (worker shell, Avro, table, insights; {loop})",
                 _worker(boot, topic, n, env),
                 "records/s",
             ),
             (
-                "healer worker (breakers, health, guardrails, checkpoints)",
+                f"healer worker (breakers, health, guardrails, checkpoints; {loop})",
                 _healer(boot, topic, n, env),
                 "records/s",
             ),
         ]
-    _print(f"processor throughput, {n:,} real-shaped agent events, 6 partitions, one process each", rows)
+    _print(
+        f"processor throughput, {n:,} real-shaped agent events, 6 partitions, one process each", rows, faust
+    )
     return rows
 
 

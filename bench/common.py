@@ -23,10 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 API_SERVE = (
     "import uvicorn; from backbone.http.app import ApiSettings, create_app; from core.stack import load_settings; "
-    "from core.observability import configure_logging; configure_logging('WARNING'); "
-    "uvicorn.run(create_app(load_settings(), ApiSettings()), host='127.0.0.1', port={port}, log_level='warning')"
+    "from core.eventloop import uvicorn_options; "
+    "from core.observability import configure_logging; configure_logging('WARNING'); s = load_settings(); "
+    "uvicorn.run(create_app(s, ApiSettings()), host='127.0.0.1', port={port}, log_level='warning', "
+    "**uvicorn_options(s.event_loop))"
 )
-"""``python -c`` source serving the backbone's API with uvicorn on ``{port}`` (settings from the environment)."""
+"""``python -c`` source serving the backbone's API with uvicorn on ``{port}`` (settings from the environment; the
+event loop and HTTP parser of ``BACKBONE_EVENT_LOOP``, as ``backbone api`` serves it)."""
 
 
 def free_port() -> int:

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
         metrics_port: port of ``/metrics``, ``/healthz`` and ``/readyz`` of long-running processes (0 = pick one).
         metrics_host: the address that server binds: ``127.0.0.1`` on a laptop (the default), ``0.0.0.0`` in a
             container so that probes and Prometheus reach it.
+        event_loop: the event loop of the API server and the Faust workers: ``uvloop`` (with httptools as
+            uvicorn's HTTP parser; the default) or ``asyncio`` (the standard library's loop, h11);
+            :mod:`core.eventloop`.
     """
 
     model_config = SettingsConfigDict(
@@ -179,6 +182,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "console", "json"] = "auto"
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 @lru_cache(maxsize=1)

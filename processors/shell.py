@@ -38,6 +38,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from core import tracing
+from core.eventloop import event_loop_policy
 from core.observability import REGISTRY, configure_logging, serve_metrics
 from core.settings import KafkaSettings, Settings
 from streams.catalogue import CATALOGUE, create_missing_topics
@@ -734,6 +735,10 @@ def run_processor_worker(
         f"{processor.replace('-', '_')}_metrics",
         url=f"http://{settings.metrics_host}:{server.server_address[1]}/metrics",
     )
+    # the worker's loops (its consumer thread's too) are made from here on: uvloop's unless
+    # BACKBONE_EVENT_LOOP=asyncio (core.eventloop; the previous policy is restored when the worker stops)
+    loop_policy = contextlib.ExitStack()
+    loop_policy.enter_context(event_loop_policy(settings.event_loop))
     worker = _Worker(
         app,
         loglevel=(loglevel or settings.log_level).lower(),
@@ -748,6 +753,7 @@ def run_processor_worker(
         if exc.code not in (0, None):
             raise
     finally:
+        loop_policy.close()
         server.shutdown()
         server.server_close()
         try:

@@ -44,6 +44,7 @@ def api(
     import uvicorn
 
     from backbone.http.app import ApiSettings, create_app
+    from core.eventloop import uvicorn_options
     from core.observability import configure_logging
     from core.stack import load_settings
 
@@ -65,6 +66,7 @@ def api(
     uvicorn.run(
         create_app(settings, api_settings), host=bind_host, port=bind_port, log_level=log_level,
         timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_SECONDS),
+        **uvicorn_options(settings.event_loop),  # uvloop + httptools unless BACKBONE_EVENT_LOOP=asyncio
     )  # fmt: skip
 
 
