@@ -188,6 +188,9 @@ class HealingStats:
     restored: bool = False
     first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
+    #: ``time.process_time()`` (CPU seconds of the whole process, every thread) at the first and last record
+    first_record_cpu: float | None = field(default=None)
+    last_record_cpu: float | None = field(default=None)
 
 
 COUNTERS = (
@@ -343,8 +346,9 @@ class _HealingShell:
         is sent and flushed here, durable before the message can be acked)."""
         self.stats.records_count += 1
         self.stats.last_record_monotonic = now = time.monotonic()
+        self.stats.last_record_cpu = cpu = time.process_time()
         if self.stats.first_record_monotonic is None:
-            self.stats.first_record_monotonic = now
+            self.stats.first_record_monotonic, self.stats.first_record_cpu = now, cpu
         if int(message.offset) <= self.offsets.get(f"{message.topic}:{message.partition}", -1):
             self.stats.replayed_count += 1
             return
