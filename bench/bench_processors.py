@@ -262,7 +262,15 @@ def _healer_rounds(
     for r in range(rounds):
         f_rate, f_cpu = _faust_run(boot, topic, n, False, env)
         rows.append((f"round {r}: plain Faust agent", f_rate, "records/s"))
-        t.add_row(str(r), "plain Faust agent", f"{f_rate:,.0f}", f"{f_cpu:.0f}", "1", "1", f"{os.getloadavg()[0]:.1f}")
+        t.add_row(
+            str(r),
+            "plain Faust agent",
+            f"{f_rate:,.0f}",
+            f"{f_cpu:.0f}",
+            "1",
+            "1",
+            f"{os.getloadavg()[0]:.1f}",
+        )
         for root in checkouts:
             h_rate, h_cpu = _healer_run(boot, topic, n, env, root)
             rows.append((f"round {r}: healer {root}", h_rate, "records/s"))
@@ -284,8 +292,12 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
     ap.add_argument("--healer-rounds", type=int, default=0,
                     help="only issue 11's comparison: N rounds of the plain Faust agent then the healer of each "
                          "--healer-checkout, on the one topic (see _healer_rounds)")  # fmt: skip
-    ap.add_argument("--healer-checkout", type=Path, action="append",
-                    help="a checkout whose healer to run in --healer-rounds (repeat; default: this one)")
+    ap.add_argument(
+        "--healer-checkout",
+        type=Path,
+        action="append",
+        help="a checkout whose healer to run in --healer-rounds (repeat; default: this one)",
+    )
     args = ap.parse_args(argv)
     events = realistic_events(args.events)
     with bench_stack() as settings:
