@@ -31,7 +31,9 @@ shell at 0.5 of Quix Streams on the same job).
 The topic is created with an explicit ``retention.ms`` (Kafka's default, 7 days): Tansu's DescribeConfigs
 answers only the configs a topic was created with, and Quix Streams' ``derive_topic_config`` needs
 ``retention.ms`` of the input topic to make a changelog topic (``KeyError: 'retention.ms'`` otherwise).
-Run: ``python bench/bench_processors.py [--events N] [--quix-python PATH]``.
+Run: ``python bench/bench_processors.py [--events N] [--quix-python PATH]``; issue 11's comparison alone, the
+healer of each checkout against the plain Faust agent, round by round, with CPU µs per record:
+``python bench/bench_processors.py --events 30000 --healer-rounds 3 [--healer-checkout PATH ...]``.
 
 Last measured (``--events 60000``, three runs on 2026-12-04, 2 shared cores at load average 1.8–3.3, rows move
 by up to 3x between runs), records/s per run: raw 147,474 / 251,419 / 187,892; Quix Streams in a dict 51,478 /
