@@ -144,16 +144,11 @@ def _log_stamps(path: Path, offset: float) -> dict[str, float]:
     return out
 
 
-def _healer_prelude(
-    checkpoint_seconds: float | None, batch_records: int | None = None, prompt_flush: bool = True
-) -> str | None:
-    """The prelude of ``--checkpoint-seconds``, ``--batch-records`` (``create_healing_app``'s defaults
-    replaced in the healer process) and ``--no-prompt-flush`` (``processors.healing.app.PROMPT_KINDS``
-    emptied); None when none is given."""
+def _healer_prelude(checkpoint_seconds: float | None, batch_records: int | None = None) -> str | None:
+    """The prelude of ``--checkpoint-seconds`` and ``--batch-records`` (``create_healing_app``'s defaults
+    replaced in the healer process); None when neither is given."""
     kwargs = []
     lines = ["import functools", "import processors.healing.app as healing_app"]
-    if not prompt_flush:
-        lines.append("healing_app.PROMPT_KINDS = frozenset()")
     if checkpoint_seconds is not None:
         kwargs.append(f"checkpoint_seconds={checkpoint_seconds!r}, checkpoint_records=10**9")
     if batch_records is not None:
@@ -215,11 +210,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="diagnostic: the healer's batch_records (shipped 1,000; 1 awaits each record's decisions "
         "before the next record, as before the batching)",
     )
-    ap.add_argument(
-        "--no-prompt-flush",
-        action="store_true",
-        help="diagnostic: a circuit transition does not end the healer's batch (PROMPT_KINDS emptied)",
-    )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
     th = HealingThresholds()
@@ -241,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p
             for p in (
                 worker_prelude(args.worker_linger_ms, args.worker_fetch_wait_ms),
-                _healer_prelude(args.checkpoint_seconds, args.batch_records, not args.no_prompt_flush),
+                _healer_prelude(args.checkpoint_seconds, args.batch_records),
             )
             if p
         ]

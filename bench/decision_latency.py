@@ -306,8 +306,6 @@ def diagnostic_note(args: Any) -> str:
         parts.append(f"healer checkpoint every {args.checkpoint_seconds:g} s")
     if getattr(args, "batch_records", None) is not None:
         parts.append(f"healer batch_records {args.batch_records}")
-    if getattr(args, "no_prompt_flush", False):
-        parts.append("no prompt flush of circuit transitions")
     return f"; diagnostic: {', '.join(parts)}" if parts else ""
 
 

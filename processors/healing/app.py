@@ -8,8 +8,7 @@ taken in batches: each record is decided at once and its decisions are sent at o
 subject, CloudEvents id = the decision's deterministic id, as ``sophia.healing.Decision`` to
 ``healing.decisions``), without awaiting their delivery; a batch ends when no further record is already
 waiting in the agent's queue (:func:`processors.shell.stream_has_more`), after ``batch_records`` records,
-after a record whose decisions include a circuit transition (:data:`PROMPT_KINDS`), or at a checkpoint.
-Then, for the batch's decisions, in order:
+or at a checkpoint. Then, for the batch's decisions, in order:
 
 1. their deliveries are awaited (together);
 2. each is written to the read model (:class:`processors.healing.read_model.HealingReadModel`:
@@ -26,8 +25,8 @@ delivery wait and the read-model write from once per record with decisions to on
 (``backbone_healing_batches`` counts them). Batches are as long as the backlog: at 1,000 events/s the
 queue is nearly always empty and a batch is about one record (13,204 batches for 15,100 records in
 ``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches. A circuit's
-event is sent as soon as its record is decided, and its record ends the batch: its delivery is awaited
-and its read-model write made before the records already queued behind it are taken. Follow-up decisions
+event is sent as soon as its record is decided, so the batch does not delay it on the topic, while its
+read-model write waits for the batch's end (the records already queued behind it). Follow-up decisions
 (3, 4) are sent after the batch's other decisions, not right after their own record's, and outside its
 tracing span.
 
@@ -123,7 +122,6 @@ from streams.serde import AvroSerde, serde_from_settings
 __all__ = [
     "COUNTERS",
     "DEFAULT_APP_ID",
-    "PROMPT_KINDS",
     "STATE_FORMAT",
     "STATE_KEY",
     "STATE_TABLE",
@@ -153,11 +151,6 @@ _circuit_open = Gauge(
     registry=REGISTRY,
 )
 _CIRCUIT_KINDS = frozenset({"circuit_opened", "circuit_half_open", "circuit_closed"})
-#: Decision kinds that end the batch after their record: the batch is flushed at once (delivery awaited,
-#: read model written, so the Redis circuit hash the client reads is current) instead of after the records
-#: already queued behind it. Circuit transitions are rare (none in 30,000 records of the agent runs), so
-#: this costs throughput nothing measurable.
-PROMPT_KINDS = _CIRCUIT_KINDS
 
 
 def record_circuit_transitions(decisions: list[Decision]) -> None:
@@ -250,7 +243,6 @@ class _HealingShell:
         self.batch_decisions: list[Decision] = []
         self.batch_pending: list[Any] = []
         self.batch_messages: list[Any] = []
-        self.batch_prompt = False  # the batch holds a decision of PROMPT_KINDS: flush after its record
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     async def recovered(self) -> None:
@@ -270,7 +262,6 @@ class _HealingShell:
         # a batch not flushed is dropped: its records were never acked and are read again (their decisions
         # were sent, possibly delivered; the same ones, same ids, are sent again)
         self.batch_decisions, self.batch_pending, self.batch_messages = [], [], []
-        self.batch_prompt = False
         if raw is None:  # nothing checkpointed, nothing acked: every record is read again
             self.healer, self.offsets = Healer(self.initial_config), {}
             self.app.healer = self.healer  # type: ignore[attr-defined]
@@ -308,8 +299,7 @@ class _HealingShell:
 
     async def after(self, event: Any, *, more: bool = False) -> None:
         """Hold ``event``'s ack until the next checkpoint; checkpoint when one is due, else flush the batch
-        unless ``more`` (another record is already waiting), the batch is under ``batch_records`` and holds
-        no decision of :data:`PROMPT_KINDS` (a circuit transition)."""
+        unless ``more`` (another record is already waiting) and the batch is under ``batch_records``."""
         if not self.unacked:
             self.unacked_since = time.monotonic()
         self.unacked.append(event)
@@ -318,7 +308,7 @@ class _HealingShell:
             or time.monotonic() - self.unacked_since >= self.checkpoint_seconds
         ):
             await self.checkpoint()
-        elif not more or self.batch_prompt or len(self.batch_messages) >= self.batch_records:
+        elif not more or len(self.batch_messages) >= self.batch_records:
             await self.flush()
 
     async def checkpoint(self) -> None:
@@ -384,8 +374,6 @@ class _HealingShell:
             record_circuit_transitions(decisions)
             await self._send(decisions, self.batch_pending)
             self.batch_decisions.extend(decisions)
-            if not self.batch_prompt:
-                self.batch_prompt = any(d.kind in PROMPT_KINDS for d in decisions)
         self.batch_messages.append(message)
 
     async def flush(self) -> None:
@@ -402,16 +390,14 @@ class _HealingShell:
         self.stats.batches_count += 1
         decisions, pending, messages = self.batch_decisions, self.batch_pending, self.batch_messages
         self.batch_decisions, self.batch_pending, self.batch_messages = [], [], []
-        self.batch_prompt = False
         if pending:
             await asyncio.gather(*pending)
         if decisions:
             await self._act(decisions)
         for message in messages:
             self.handled(message)
-        self.stats.last_record_cpu = (
-            time.process_time()
-        )  # per batch: a system call (about 2 µs, more under load)
+        # once per batch, not per record: a system call (about 2 µs, more under load)
+        self.stats.last_record_cpu = time.process_time()
 
     async def _send(self, decisions: list[Decision], pending: list[Any]) -> None:
         """Send ``decisions`` back to back (one partition's records stay in their order), adding each

@@ -182,38 +182,3 @@ def test_a_healer_batch_sends_at_once_and_holds_offsets_until_its_deliveries() -
     assert batched.stats.decisions_count == alone.stats.decisions_count == len(topic.sent)
     assert [kw["headers"] for kw in topic.sent] == [kw["headers"] for kw in alone_topic.sent]
     assert batched.stats.batches_count == 1 and alone.stats.batches_count == 12
-
-
-def test_a_circuit_transition_ends_the_healer_batch_at_its_record() -> None:
-    """With more records waiting (``after(more=True)``) the batch goes on, except after a record whose
-    decisions include a circuit transition (``PROMPT_KINDS``): that batch is flushed at once (delivered,
-    projected, offsets noted) before the next record is taken. The decisions do not change."""
-    serde = AvroSerde(EmbeddedRegistry())
-    thresholds = HealingThresholds(consecutive_failures=2, open_seconds=20, half_open_successes=1)
-    topic = AckedTopic()
-    shell = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
-                          None, topic, None, None)  # type: ignore[arg-type]  # fmt: skip
-    shell.checkpoint_records, shell.checkpoint_seconds = 10**6, 10**6
-    alone_topic = AckedTopic()
-    alone = _HealingShell(Settings(), HealingTopics(), serde, Healer(HealingConfig(thresholds, 1)),
-                          None, alone_topic, None, None)  # type: ignore[arg-type]  # fmt: skip
-    messages = [_message(serde, _call(float(s), ok=s not in (3, 4)), s) for s in range(8)]
-    flushed_after: list[int] = []
-
-    async def run() -> None:
-        for m in messages:
-            await alone.handle(m)
-            before = shell.stats.batches_count
-            await shell.take(m)
-            await shell.after(SimpleNamespace(message=m), more=True)
-            if shell.stats.batches_count > before:
-                flushed_after.append(m.offset)
-        await shell.flush()
-
-    asyncio.run(run())
-    assert topic.sent and len(topic.sent) == len(alone_topic.sent)
-    assert [kw["headers"] for kw in topic.sent] == [kw["headers"] for kw in alone_topic.sent]
-    # the 2nd failure (offset 4) opens the circuits; nothing else in 8 records transitions
-    assert flushed_after == [4]
-    assert shell.offsets == {"agent.events:0": 7} == alone.offsets
-    assert shell.stats.batches_count == 2
