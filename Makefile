@@ -74,7 +74,7 @@ eval: $(STAMP)
 	$(BIN)/backbone eval healing --data $(SHARED)/agent_runs
 	$(BIN)/backbone eval outage --data $(SHARED)/agent_runs
 	$(BIN)/backbone eval incidents --data $(SHARED)/incidents/nezha
-	$(BIN)/backbone eval anomalies --data $(SHARED)/anomaly/nab
+	$(BIN)/backbone eval anomalies --data $(SHARED)/anomaly/nab --leave-one-out
 	$(BIN)/backbone eval links --slack $(SHARED)/chat_and_code/racket/slack_racket_general_2018.xml --commits $(SHARED)/chat_and_code/racket/racket_commits_2018.tsv
 	$(BIN)/backbone routing fit-learner --data $(SHARED)/routing/mmlu --out .backbone/routing/learner
 	$(BIN)/backbone routing eval-learner --router .backbone/routing/learner.npz --data $(SHARED)/routing/mmlu

@@ -31,7 +31,9 @@ output, the Faust agents print theirs), the ratio of each worker to its Faust ba
 sampled every 0.2 s: ``peak RSS`` is the last ``VmHWM`` read (the high-water mark of the process's
 resident set, up to 0.2 s before its exit), ``RSS after`` the last ``VmRSS`` read, i.e. while the worker
 idles after the day, before it stops. (Not ``ru_maxrss``: Linux carries the pre-``exec`` high-water mark
-into it, so every child would report at least the RSS of this process at the fork.) As a sanity check the insights each worker
+into it, so every child would report at least the RSS of this process at the fork.) ``CPU, s`` is the
+process's user + system CPU seconds over its whole life (start-up, group join and the idle tail included),
+from ``wait4``; ``CPU µs/record`` divides it by the records. As a sanity check the insights each worker
 sent are counted: ``anomaly.detected`` against :class:`processors.incidents.anomaly.AnomalyProcessor` run
 in this process on the same samples; ``incident.opened`` (read back from ``insights.incidents``) against
 ``backbone eval incidents`` (:func:`processors.incidents.eval_nezha.evaluate`, the same engine in this
@@ -108,6 +110,7 @@ class Child:
     exited: float
     peak_rss_kib: int | None
     last_rss_kib: int | None
+    cpu_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ class Row:
         to_exit_seconds: wall seconds from the process's start to its exit.
         peak_rss_kib: its last sampled ``VmHWM`` (KiB), None if none was sampled.
         last_rss_kib: its last sampled ``VmRSS`` (KiB), None if none was sampled.
+        cpu_seconds: user + system CPU seconds of the whole process (start-up and shutdown included),
+            from ``wait4``'s resource usage.
         insights: insights sent (None for the Faust agents).
         baseline: the name of the Faust row it is compared with (None for a baseline).
     """
@@ -133,6 +138,7 @@ class Row:
     to_exit_seconds: float
     peak_rss_kib: int | None
     last_rss_kib: int | None
+    cpu_seconds: float
     insights: int | None = None
     baseline: str | None = None
 
@@ -149,7 +155,8 @@ def _memory_kib(pid: int) -> tuple[int, int] | None:
 
 
 def _run_child(cmd: list[str], env: dict[str, str], timeout_seconds: float) -> Child:
-    """Run ``cmd`` to its exit, its output to temp files, sampling its ``VmHWM`` and ``VmRSS`` every 0.2 s.
+    """Run ``cmd`` to its exit, its output to temp files, sampling its ``VmHWM`` and ``VmRSS`` every 0.2 s
+    and taking its CPU seconds from ``wait4``.
 
     Raises:
         subprocess.TimeoutExpired: it ran ``timeout_seconds`` (it is killed).
@@ -171,7 +178,7 @@ def _run_child(cmd: list[str], env: dict[str, str], timeout_seconds: float) -> C
         timer = threading.Timer(timeout_seconds, proc.kill)
         timer.start()
         try:
-            _, status = os.waitpid(proc.pid, 0)
+            _, status, usage = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
             done.set()
@@ -183,7 +190,8 @@ def _run_child(cmd: list[str], env: dict[str, str], timeout_seconds: float) -> C
         out.seek(0)
         err.seek(0)
         hwm, rss = last[0] or (None, None)
-        return Child(proc.returncode, out.read(), err.read(), started, exited, hwm, rss)
+        cpu = usage.ru_utime + usage.ru_stime
+        return Child(proc.returncode, out.read(), err.read(), started, exited, hwm, rss, cpu)
 
 
 def _env(settings: Any, state_dir: Path) -> dict[str, str]:
@@ -220,7 +228,7 @@ def _faust(name: str, boot: str, topics: tuple[str, ...], n: int, env: dict[str,
         raise RuntimeError(f"the Faust agent did not finish: {c.stderr[-2000:]}")
     r = json.loads(found.group(0))
     return Row(name, n, (n - 1) / (r["last"] - r["first"]), r["last"] - c.started, c.exited - c.started,
-               c.peak_rss_kib, c.last_rss_kib)  # fmt: skip
+               c.peak_rss_kib, c.last_rss_kib, c.cpu_seconds)  # fmt: skip
 
 
 def _anomalies(name: str, n: int, env: dict[str, str], idle: float, baseline: str) -> Row:
@@ -242,7 +250,7 @@ def _anomalies(name: str, n: int, env: dict[str, str], idle: float, baseline: st
                            f"{s['dead_letters_count']} dead-lettered")  # fmt: skip
     first, last = s["first_record_monotonic"], s["last_record_monotonic"]
     return Row(name, n, (n - 1) / (last - first), last - c.started, c.exited - c.started, c.peak_rss_kib,
-               c.last_rss_kib, s["anomalies_count"], baseline)  # fmt: skip
+               c.last_rss_kib, c.cpu_seconds, s["anomalies_count"], baseline)  # fmt: skip
 
 
 def _incidents(
@@ -265,7 +273,7 @@ def _incidents(
                            f"{s['correlated_count']} of {n} records")  # fmt: skip
     first, last = s["first_record_monotonic"], s["last_record_monotonic"]
     row = Row(name, n, (n - 1) / (last - first), last - c.started, c.exited - c.started, c.peak_rss_kib,
-              c.last_rss_kib, s["insights_count"], baseline)  # fmt: skip
+              c.last_rss_kib, c.cpu_seconds, s["insights_count"], baseline)  # fmt: skip
     return row, s
 
 
@@ -281,15 +289,17 @@ def _print(title: str, rows: list[Row]) -> None:
     rate = {r.name: r.rate for r in rows}
     t = Table(title=title)
     for col in ("process", "records", "records/s", f"to Faust (target {TARGET})", "start to last record, s",
-                "start to exit, s", "peak RSS, MiB", "RSS after, MiB", "insights"):  # fmt: skip
+                "start to exit, s", "CPU, s", "CPU µs/record", "peak RSS, MiB", "RSS after, MiB",
+                "insights"):  # fmt: skip
         t.add_column(col, justify="left" if col == "process" else "right")
     for r in rows:
         ratio = _ratio(r.rate / rate[r.baseline]) if r.baseline else "-"
         t.add_row(r.name, f"{r.records:,}", f"{r.rate:,.0f}", ratio, f"{r.to_last_seconds:,.1f}",
-                  f"{r.to_exit_seconds:,.1f}", _mib(r.peak_rss_kib), _mib(r.last_rss_kib),
+                  f"{r.to_exit_seconds:,.1f}", f"{r.cpu_seconds:,.1f}",
+                  f"{r.cpu_seconds / r.records * 1e6:,.0f}", _mib(r.peak_rss_kib), _mib(r.last_rss_kib),
                   "-" if r.insights is None else f"{r.insights:,}")  # fmt: skip
     console = Console()
-    console.width = max(console.width, 170)
+    console.width = max(console.width, 200)
     console.print(t)
 
 

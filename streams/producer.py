@@ -1,8 +1,11 @@
 """The typed producer: CloudEvents headers + Confluent-framed Avro, ``acks=all``, idempotence.
 
 Delivery failures are collected from librdkafka's delivery reports and raised by :meth:`flush`
-as :class:`~streams.errors.DeliveryError`; nothing is swallowed. A producer that never reaches its
-broker raises :class:`~streams.errors.BrokerUnavailableError` naming the bootstrap servers.
+as :class:`~streams.errors.DeliveryError`; nothing is swallowed. librdkafka reports failed records only
+(``delivery.report.only.error``, set last so that no ``extra`` overrides it): a record it does not report
+as failed by the end of a flush that left nothing queued was acknowledged, so no Python callback runs for
+each record that succeeds. A producer that never reaches its broker raises
+:class:`~streams.errors.BrokerUnavailableError` naming the bootstrap servers.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ class EventProducer:
     The record timestamp is the event time (``CreateTime``), so time-based reads and retention follow
     event time. The key is the UTF-8 of ``Event.key``.
 
+    Attributes:
+        delivered: records acknowledged by the broker, counted at each :meth:`flush` (records enqueued
+            since, less those it reported failed or left queued).
+
     Args:
         kafka: broker settings.
         serde: the Avro serde (and through it the registry); ``None`` for a producer that only sends
@@ -65,14 +72,18 @@ class EventProducer:
                 "compression.type": "lz4",
                 "message.timeout.ms": 30_000,
                 **librdkafka.pop("extra", {}),
+                # reports of failures only; ours is the default callback, so produce() passes none
+                "delivery.report.only.error": True,
             },
             **librdkafka,
         )
         self.bootstrap_servers = kafka.bootstrap_servers
         self.serde = serde
-        self._producer = Producer(conf, error_cb=self._on_error)
+        self._producer = Producer(conf, error_cb=self._on_error, on_delivery=self._on_delivery)
         self._closed = False
         self._failures: list[tuple[str, bytes | None, str]] = []
+        self._failed = 0  # failure reports since the last flush
+        self._enqueued = 0  # records enqueued since the last flush (plus those it left queued)
         self._fatal: KafkaError | None = None
         self._all_brokers_down = False
         self.delivered = 0
@@ -84,10 +95,9 @@ class EventProducer:
             self._fatal = err
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
+        if err is not None:  # always set: librdkafka reports failures only
             self._failures.append((msg.topic(), msg.key(), str(err)))
-        else:
-            self.delivered += 1
+            self._failed += 1
 
     def produce(self, topic: str, event: Event) -> None:
         """Encode and enqueue one event; delivery is confirmed by :meth:`flush`.
@@ -142,46 +152,80 @@ class EventProducer:
         """
         if self._fatal is not None:
             raise DeliveryError([(topic, key, f"fatal producer error: {self._fatal}")])
+        self._enqueue(topic, key, value, headers, timestamp_ms, partition)
+        self._enqueued += 1
+        self._producer.poll(0)
+
+    def _enqueue(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None,
+        timestamp_ms: int,
+        partition: int | None,
+    ) -> None:
+        """Hand one record to librdkafka, serving reports while its local queue is full."""
         producer = self._producer
         hdrs: Any = headers  # a list is invariant: ours holds bytes only, the stub's str | bytes | None
         while True:
             try:
                 if partition is None:  # the common path, without building keyword arguments
-                    producer.produce(
-                        topic,
-                        value,
-                        key,
-                        headers=hdrs,
-                        timestamp=timestamp_ms,
-                        on_delivery=self._on_delivery,
-                    )
+                    producer.produce(topic, value, key, headers=hdrs, timestamp=timestamp_ms)
                 else:
-                    producer.produce(
-                        topic,
-                        value,
-                        key,
-                        partition,
-                        headers=hdrs,
-                        timestamp=timestamp_ms,
-                        on_delivery=self._on_delivery,
-                    )
-                break
+                    producer.produce(topic, value, key, partition, headers=hdrs, timestamp=timestamp_ms)
+                return
             except BufferError:
                 producer.poll(0.05)  # local queue full: serve delivery reports, then retry
             except KafkaException as exc:
                 raise DeliveryError([(topic, key, str(exc))]) from exc
-        producer.poll(0)
 
     def produce_many(self, topic: str, events: Iterable[Event]) -> int:
         """Produce every event then :meth:`flush`; return how many were acknowledged.
 
+        The same records, headers, timestamps and checks as :meth:`produce` once per event, in one loop
+        without a method call per record; librdkafka's reports (failures, errors) are served every
+        256 records and by the flush, and a fatal producer error stops the loop there.
+
         Raises:
-            DeliveryError: any record was not acknowledged.
+            streams.errors.SchemaValidationError: an event does not match its schema (those before it
+                are enqueued, not flushed; nothing of it is sent).
+            DeliveryError: any record was not acknowledged, or the producer hit a fatal error.
+            TypeError: the producer was made without a serde (raw bytes only).
         """
+        if self.serde is None or tracing.is_enabled():  # errors, and a span per record, as produce() does
+            n = 0
+            for e in events:
+                self.produce(topic, e)
+                n += 1
+            self.flush()
+            return n
+        if self._fatal is not None:
+            raise DeliveryError([(topic, None, f"fatal producer error: {self._fatal}")])
+        encode = self.serde.encode
+        producer = self._producer
+        produce = producer.produce
         n = 0
-        for e in events:
-            self.produce(topic, e)
-            n += 1
+        try:
+            for e in events:
+                value = encode(e.schema, e.data)
+                a = e.attributes
+                key = e.key.encode()
+                headers: Any = a.to_headers()
+                timestamp_ms = epoch_ms(a.time)
+                try:
+                    produce(topic, value, key, headers=headers, timestamp=timestamp_ms)
+                except BufferError:  # local queue full: serve reports until there is room
+                    self._enqueue(topic, key, value, headers, timestamp_ms, None)
+                except KafkaException as exc:
+                    raise DeliveryError([(topic, key, str(exc))]) from exc
+                n += 1
+                if not n & 255:
+                    producer.poll(0)
+                    if self._fatal is not None:
+                        raise DeliveryError([(topic, key, f"fatal producer error: {self._fatal}")])
+        finally:
+            self._enqueued += n
         self.flush()
         return n
 
@@ -194,6 +238,8 @@ class EventProducer:
             DeliveryError: any record failed (all failures since the last flush are carried).
         """
         remaining = self._producer.flush(timeout_seconds)
+        self.delivered += max(0, self._enqueued - remaining - self._failed)
+        self._enqueued, self._failed = remaining, 0
         if remaining and self._all_brokers_down:
             raise BrokerUnavailableError(
                 f"Kafka at {self.bootstrap_servers} is unreachable: {remaining} record(s) not delivered"

@@ -42,7 +42,7 @@ class AvroSerde:
         self.registry = registry
         self.validate_on_encode = validate_on_encode
         self._writers: dict[str, tuple[int, Any]] = {}
-        self._field_names: dict[str, frozenset[str]] = {}
+        self._encoders: dict[str, tuple[bytes, Any, frozenset[str], frozenset[str]]] = {}
         self._readers: dict[int, tuple[str, Any]] = {}
 
     def _writer(self, schema_name: str) -> tuple[int, Any]:
@@ -52,6 +52,16 @@ class AvroSerde:
             parsed = fastavro.parse_schema(self.registry.schema_for(sid))
             w = self._writers[schema_name] = (sid, parsed)
         return w
+
+    def _encoder(self, schema_name: str) -> tuple[bytes, Any, frozenset[str], frozenset[str]]:
+        """``(Confluent header, parsed schema, field names, names of fields without default)``."""
+        e = self._encoders.get(schema_name)
+        if e is None:
+            sid, parsed = self._writer(schema_name)
+            names = frozenset(f["name"] for f in parsed["fields"])
+            required = frozenset(f["name"] for f in parsed["fields"] if "default" not in f)
+            e = self._encoders[schema_name] = (_HEADER.pack(MAGIC_BYTE, sid), parsed, names, required)
+        return e
 
     def _reader(self, schema_id: int) -> tuple[str, Any]:
         r = self._readers.get(schema_id)
@@ -69,7 +79,15 @@ class AvroSerde:
             SchemaValidationError: naming the first field that does not match.
             SchemaNotFoundError: unknown schema.
         """
-        _, parsed = self._writer(schema_name)
+        _, parsed, names, required = self._encoder(schema_name)
+        # one call into fastavro's compiled validator for the whole record; field by field (a call each)
+        # only to name what does not match
+        if (
+            names.issuperset(datum)
+            and required.issubset(datum)
+            and validate(datum, parsed, raise_errors=False)
+        ):
+            return
         for field in parsed["fields"]:
             name = field["name"]
             if name not in datum:
@@ -89,7 +107,7 @@ class AvroSerde:
             raise SchemaValidationError(  # not reached: the raising call refuses what the first refused
                 schema_name, name, f"value {datum[name]!r:.80} does not match {_type_text(field['type'])}"
             )
-        extra = set(datum) - {f["name"] for f in parsed["fields"]}
+        extra = set(datum) - names
         if extra:
             raise SchemaValidationError(schema_name, sorted(extra)[0], "field is not in the schema")
 
@@ -103,16 +121,12 @@ class AvroSerde:
             SchemaValidationError: the datum does not match (field named).
             SchemaNotFoundError: unknown schema.
         """
-        sid, parsed = self._writer(schema_name)
-        if self.validate_on_encode:
-            self.check(schema_name, datum)
-        names = self._field_names.get(schema_name)
-        if names is None:
-            names = self._field_names[schema_name] = frozenset(f["name"] for f in parsed["fields"])
-        if not names.issuperset(datum):
-            self.check(schema_name, datum)  # raises, naming the unknown field
+        encoder = self._encoders.get(schema_name)
+        header, parsed, names, _ = encoder if encoder is not None else self._encoder(schema_name)
+        if self.validate_on_encode or not names.issuperset(datum):
+            self.check(schema_name, datum)  # raises, naming the field, when the datum does not match
         buf = io.BytesIO()
-        buf.write(_HEADER.pack(MAGIC_BYTE, sid))
+        buf.write(header)
         try:
             fastavro.schemaless_writer(buf, parsed, datum)
         except Exception as exc:

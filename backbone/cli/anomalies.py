@@ -89,16 +89,21 @@ def import_github_events(
     out.print(f"imported {kinds} to {topic} ({len(rejected)} rejected) in {report.seconds} s")
 
 
-def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool) -> dict[str, Any]:
+def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool,
+                    loo: bool = False) -> dict[str, Any]:  # fmt: skip
     """The figures of ``eval anomalies`` (see :func:`eval_anomalies`)."""
     from connectors.nab import read_nab
     from processors.incidents.anomaly import DetectorConfig
-    from processors.incidents.anomaly_eval import evaluate_alerts, evaluate_raw_scores
+    from processors.incidents.anomaly_eval import evaluate_alerts, evaluate_raw_scores, leave_one_out
 
     series = read_nab(folder, categories=[category] if category else None)
     if not series:
         raise typer.BadParameter(f"no series under {folder} (category {category!r})")
     result = evaluate_alerts(series, DetectorConfig(detector=detector)).as_dict()
+    if loo:
+        if len(series) < 2:
+            raise typer.BadParameter("--leave-one-out needs at least two series")
+        result["leave_one_out"] = leave_one_out(series, detector).as_dict()
     if baseline:
         wg = evaluate_raw_scores(series, "windowed-gaussian").as_dict()
         result["baseline_windowed_gaussian_nab_optimised"] = {
@@ -117,14 +122,17 @@ def eval_anomalies(
     data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
                                        envvar="BACKBONE_NAB_DATA")],
     category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
-    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "seasonal-likelihood",
+    detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "confirmed-likelihood",
     baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
                                            envvar="BACKBONE_NAB_BASELINE")] = False,
+    loo: Annotated[bool, typer.Option("--leave-one-out", help="Also the leave-one-series-out score: threshold "
+                                      "and suppression chosen on the other series (a few seconds more).")] = False,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """NAB score (standard profile, fixed threshold, no fitting) of the streaming detector, with window
-    precision and recall: {"series", "score_standard", "precision", "recall", ...}."""
-    result = anomaly_figures(data, detector, category, baseline)
+    precision and recall: {"series", "score_standard", "precision", "recall", ...}; with --leave-one-out,
+    "leave_one_out": {"score_standard", "chosen"} (threshold and suppression chosen on the other series)."""
+    result = anomaly_figures(data, detector, category, baseline, loo)
     if as_json:
         emit_json(result)
         return

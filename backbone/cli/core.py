@@ -323,7 +323,7 @@ def import_runs(
                 report["events"] += len(item.events)
                 report["odd_records"] += len(item.problems)
             bar.update(task, advance=1, events=report["events"])
-    producer.flush()
+    producer.close()  # not left to the collector: a producer outliving its broker logs "Connection refused"
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
 

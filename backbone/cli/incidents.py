@@ -96,7 +96,7 @@ def run_import(settings: Any, serde: Any, directory: Path, *, progress: bool = T
             source_topic=f"file:{b.path}", partition=-1, offset=b.line, key=None, value=b.raw, headers=[],
             reason=b.reason, error_type=f"Nezha{b.kind.capitalize()}RecordError",
         )  # fmt: skip
-    producer.flush()
+    producer.close()  # not left to the collector: a producer outliving its broker logs "Connection refused"
     result = report.as_dict()
     result["by_topic"] = dict(sorted(by_topic.items()))
     result["dead_letter_topic"] = DLQ_TOPIC

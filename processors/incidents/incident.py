@@ -43,7 +43,11 @@ shortly they came before the first anomaly (at most ``max_suspects``). Change so
 (:data:`SPARSE_KINDS`). Kept changes are bounded by age and by ``max_changes_kept``.
 
 The call graph is learnt from spans (caller pod -> callee pod, by parent span id); span ids are kept
-``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. Every other piece of
+``span_memory_windows`` windows, the graph is bounded by the number of pod pairs. **Error
+propagation**: an ERROR/FATAL log line carries its trace and span id; placed in the call tree of the
+span memory, a caller's error line whose span lies above a callee's error line of the same trace is
+explained by it (edge caller -> callee, counted once per trace). The edges of an incident's windows
+(and of the correlation window before it opened) go to :func:`processors.incidents.rca.rank`. Every other piece of
 state is bounded too: detector histories (``history_window`` values), seen log templates per pod,
 and buffered windows not yet closed.
 """
@@ -70,6 +74,7 @@ SPARSE_KINDS = frozenset({"change"})
 drained such a source holds the watermark back no longer, and its event times do not count as the
 fastest source's (a live config change does not make replayed telemetry idle)."""
 _LOG_ALERT_LEVELS = frozenset({"WARN", "ERROR", "FATAL"})
+_MAX_TRACE_DEPTH = 64  # a call chain deeper than this is cut (bounded walk; TrainTicket's are < 10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,7 @@ class Incident:
     opened_window_ms: int
     anomalies: list[Anomaly] = field(default_factory=list)
     last_anomaly_window_ms: int = 0
+    error_edges: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def incident_id(self) -> str:
@@ -170,10 +176,11 @@ class IncidentEngine:
         self._detectors: dict[tuple[str, str], RobustZ] = {}
         self._templates: dict[str, dict[tuple[str, str], int]] = defaultdict(dict)
         self._log_windows = 0
-        self._log_observed = 0  # windows with log lines so far (the time the log stream was seen)
         self._last_log_window: int | None = None
         self._log_services: dict[str, str] = {}
-        self._span_pods: dict[int, dict[tuple[str, str], str]] = {}
+        self._span_pods: dict[int, dict[tuple[str, str], tuple[str, str | None]]] = {}
+        self._pod_services: dict[str, str] = {}
+        self._recent_errors: list[tuple[int, Counter[tuple[str, str]]]] = []
         self.call_graph: dict[str, Counter[str]] = defaultdict(Counter)
         self._recent: list[Anomaly] = []
         self._open: Incident | None = None
@@ -316,7 +323,7 @@ class IncidentEngine:
         found.extend(self._spans(w, spans))
         found.extend(self._logs(w, logs))
         self.anomaly_count += len(found)
-        return self._correlate(w, found)
+        return self._correlate(w, found, self._error_edges(logs))
 
     def _keep_changes(self, w: int, changes: list[dict[str, Any]]) -> None:
         c = self.config
@@ -402,7 +409,7 @@ class IncidentEngine:
 
     def _spans(self, w: int, spans: list[dict[str, Any]]) -> list[Anomaly]:
         c = self.config
-        here = {(s["trace_id"], s["span_id"]): s["pod"] for s in spans}
+        here = {(s["trace_id"], s["span_id"]): (s["pod"], s.get("parent_id")) for s in spans}
         self._span_pods[w] = here
         for old in [k for k in self._span_pods if k < w - c.span_memory_windows * c.window_ms]:
             del self._span_pods[old]
@@ -417,14 +424,12 @@ class IncidentEngine:
             own_us = max(0, s["duration_us"] - children_us[(s["trace_id"], s["span_id"])])
             durations[s["pod"]].append(own_us / 1000.0)
             services[s["pod"]] = s["service"]
+            self._pod_services[s["pod"]] = s["service"]
             parent = s.get("parent_id")
             if parent:
-                for mem in self._span_pods.values():
-                    caller = mem.get((s["trace_id"], parent))
-                    if caller is not None:
-                        if caller != s["pod"]:
-                            self.call_graph[caller][s["pod"]] += 1
-                        break
+                found = self._span((s["trace_id"], parent))
+                if found is not None and found[0] != s["pod"]:
+                    self.call_graph[found[0]][s["pod"]] += 1
         out = []
         for pod in sorted(durations):
             ds = sorted(durations[pod])
@@ -436,6 +441,39 @@ class IncidentEngine:
                     Anomaly(pod, services[pod], "trace:p90_self_ms", w, score, round(p90, 3), round(med, 3))
                 )
         return out
+
+    def _span(self, key: tuple[str, str]) -> tuple[str, str | None] | None:
+        """``(pod, parent span id)`` of a span kept in the span memory, or None."""
+        for mem in self._span_pods.values():
+            found = mem.get(key)
+            if found is not None:
+                return found
+        return None
+
+    def _error_edges(self, logs: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+        """Error propagation seen in traces: ``(caller pod, callee pod) -> traces``. For each ERROR/FATAL
+        line of the window, the span it was logged in is walked up (parent by parent, through the span
+        memory) to the nearest span of *another* pod that also logged an ERROR/FATAL line: that pod's
+        error is explained by this one's (edge that pod -> this pod). A line without trace/span id, or
+        whose span is not in the span memory, adds nothing. Counted once per trace and pod pair; the
+        walk is bounded by :data:`_MAX_TRACE_DEPTH`."""
+        failing: dict[tuple[str, str], str] = {}
+        for r in logs:
+            if r["level"] in ("ERROR", "FATAL") and r.get("trace_id") and r.get("span_id"):
+                failing[(str(r["trace_id"]), str(r["span_id"]))] = r["pod"]
+        edges: set[tuple[str, str, str]] = set()
+        for (trace, span), pod in sorted(failing.items()):
+            cur = self._span((trace, span))
+            for _ in range(_MAX_TRACE_DEPTH):  # walk up to the nearest failing span of another pod
+                if cur is None or cur[1] is None:
+                    break
+                caller_key = (trace, cur[1])
+                caller_pod = failing.get(caller_key)
+                if caller_pod is not None and caller_pod != pod:
+                    edges.add((trace, caller_pod, pod))
+                    break
+                cur = self._span(caller_key)
+        return Counter((caller, callee) for _, caller, callee in edges)
 
     def _logs(self, w: int, logs: list[dict[str, Any]]) -> list[Anomaly]:
         c = self.config
@@ -456,8 +494,9 @@ class IncidentEngine:
         for (pod, level, logger), n in sorted(counts.items()):
             seen = self._templates[pod]
             last = seen.get((level, logger))
-            # quiet for longer than an incident in *observed* log time: a gap in the log stream is not quiet
-            fresh = last is None or (self._log_observed - last) * c.window_ms > c.max_incident_ms
+            # absent from the baseline (the warm-up windows after the last gap) and from the last
+            # max_incident_ms of event time: it cannot belong to the incident it last showed in
+            fresh = last is None or w - last > c.max_incident_ms
             if warm and level in _LOG_ALERT_LEVELS and fresh:
                 detail = f"{level} {logger}"
                 out.append(
@@ -472,31 +511,36 @@ class IncidentEngine:
                         detail,
                     )
                 )
-            seen[(level, logger)] = self._log_observed
+            seen[(level, logger)] = w
         for pod in sorted(self._log_services):  # every pod that ever logged: 0 errors is a value too
             d = self._detector(pod, "log:error_count", 1, c.log_error_floor, c.log_min_history)
             score, med = d.update(float(errors[pod]))
-            if score >= c.z_threshold:
+            if warm and score >= c.z_threshold:  # a warm-up window is the baseline, not a symptom
                 out.append(
                     Anomaly(
                         pod, self._log_services[pod], "log:error_count", w, score, float(errors[pod]), med
                     )
                 )
         self._log_windows += 1
-        self._log_observed += 1
         return out
 
     # --------------------------------------------------------------------------------------- correlator
 
-    def _correlate(self, w: int, found: list[Anomaly]) -> list[dict[str, Any]]:
+    def _correlate(
+        self, w: int, found: list[Anomaly], errors: Counter[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
         c = self.config
         if self._open is not None:
+            self._open.error_edges.update(errors)
             if not found:
                 return []
             self._open.anomalies.extend(found)
             self._open.last_anomaly_window_ms = w
             return [self._insight(self._open, "incident.updated", w + c.window_ms + c.allowed_lateness_ms, w)]
         self._recent = [a for a in self._recent if a.window_start_ms > w - c.correlation_window_ms] + found
+        self._recent_errors = [e for e in self._recent_errors if e[0] > w - c.correlation_window_ms]
+        if errors:
+            self._recent_errors.append((w, errors))
         if not found:
             return []
         services = {a.service for a in self._recent if a.pod != "frontend"}
@@ -508,7 +552,10 @@ class IncidentEngine:
         if not trigger:
             return []
         inc = Incident(opened_window_ms=w, anomalies=list(self._recent), last_anomaly_window_ms=w)
+        for _, e in self._recent_errors:
+            inc.error_edges.update(e)
         self._recent = []
+        self._recent_errors = []
         self._open = inc
         return [self._insight(inc, "incident.opened", w + c.window_ms + c.allowed_lateness_ms, w)]
 
@@ -519,7 +566,10 @@ class IncidentEngine:
 
     def _insight(self, inc: Incident, kind: str, event_ms: int, window_ms: int) -> dict[str, Any]:
         graph = {k: dict(v) for k, v in self.call_graph.items()}
-        candidates = rank(inc.anomalies, graph)
+        errors: dict[str, dict[str, int]] = defaultdict(dict)
+        for (caller, callee), n in sorted(inc.error_edges.items()):
+            errors[caller][callee] = n
+        candidates = rank(inc.anomalies, graph, error_graph=errors, services=self._pod_services)
         iid = inc.incident_id
         services = sorted({a.service for a in inc.anomalies})
         first = min(a.window_start_ms for a in inc.anomalies)

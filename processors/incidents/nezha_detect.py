@@ -17,7 +17,10 @@ top-3 10.7 % (3.6 % at z 6), and it raised ``TypeError`` (a negative rolling var
 complex number) 145 times; this detector (``robust-mad-1``, before the workload gate below): 47
 incidents, 2.2 false per hour, top-1 17.9 %, top-3 21.4 %; ``robust-mad-2`` (workload gate, template
 quiet spell, span self time, evidence kinds in :mod:`processors.incidents.rca`): 23 incidents, 0.78
-false per hour, top-1 21.4 %, top-3 21.4 %.
+false per hour, top-1 21.4 %, top-3 21.4 %; ``robust-mad-3`` (log baseline after a gap, template
+freshness in event time, trace-linked error propagation in :mod:`processors.incidents.rca`): 23
+incidents, 0.78 false per hour, top-1 25.0 %, top-3 25.0 % (the three faults with logs and traces all
+top-1).
 
 Signals (one series per pod and signal):
 
@@ -32,15 +35,18 @@ Signals (one series per pod and signal):
   traffic and downstream pods, not the pod's own health, and node-level columns describe the node:
   they are not scored.
 * ``log:new_template`` -- from ``sophia.telemetry.LogLine``: a WARN/ERROR/FATAL ``(level, logger)``
-  never seen before on that pod, or not seen on it for more than ``max_incident_ms`` of observed log
-  time (windows that had log lines; a gap in the log stream is not quiet): quiet for longer than the
-  longest incident, it cannot belong to the incident it last showed in, a new occurrence; once the
-  pod's log history covers at least ``log_warmup_windows`` windows; the score grows with how many
-  lines the new template wrote in the window. After a gap of more than ``log_gap_windows`` windows
-  without any log line the log stream is learnt again for ``log_warmup_windows`` windows (what
-  happened in the gap is unknown).
+  never seen before on that pod, or not seen on it for more than ``max_incident_ms`` of event time
+  (quiet for longer than the longest incident, it cannot belong to the incident it last showed in: a
+  new occurrence, e.g. a fault repeated on the same pod); the score grows with how many lines the new
+  template wrote in the window. The log stream's first ``log_warmup_windows`` windows, and again the
+  first ones after a gap of more than ``log_gap_windows`` windows without any log line, are the
+  baseline: what happened in the gap is unknown, so no log anomaly is raised in them, and a template
+  present in them is going on, not new. Trade-off: a bursty template absent from the baseline window
+  and quiet for longer than an incident before the gap is called new (on 2023-01-29 the order-other
+  ``WARN #72`` at 08:51); the ranking's trace-linked error propagation outweighs it there.
 * ``log:error_count`` -- ERROR/FATAL lines of a pod per window (0 for a pod that logged before but
-  not in this window), scored like a metric once ``log_min_history`` windows with logs are known.
+  not in this window), scored like a metric once ``log_min_history`` windows with logs are known (not
+  in a baseline window: there the count is learnt only).
 * ``trace:p90_self_ms`` -- from ``sophia.telemetry.Span``: the P90 of the self times of the pod's
   spans in the window (a span's duration less the durations of its child spans of the same window,
   at least 0), scored like a metric (increase only). Self time, not duration: a caller's span lasts
@@ -63,7 +69,7 @@ __all__ = [
     "RobustZ",
 ]
 
-DETECTOR_VERSION = "robust-mad-2"
+DETECTOR_VERSION = "robust-mad-3"
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,15 @@ def _folded_summary(run: ParsedRun, split: int) -> dict:
     return dict(insight.data)
 
 
+def _folded_state(run: ParsedRun) -> RunTotals:
+    """:func:`processors.run_summary.apply` folded over all of ``run``'s events."""
+    state: RunTotals | None = None
+    for event in run.events:
+        state, _ = apply(state, event)
+    assert state is not None
+    return state
+
+
 def _produce(settings: Settings, serde: AvroSerde, topic: str, events: Sequence) -> None:
     with EventProducer(settings.kafka, serde) as producer:
         for event in events:
@@ -117,13 +126,22 @@ def test_worker_summarises_three_runs_and_dead_letters_a_bad_record(
         producer.produce_raw(events_topic, key=b"broken-run", value=BAD_VALUE, headers=[("ce_id", b"x")])
         producer.flush()
 
-    _run_worker(settings, tmp_path, unique_name("processors"), events_topic, insights_topic, dlq_topic)
+    app_id = unique_name("processors")
+    _run_worker(settings, tmp_path, app_id, events_topic, insights_topic, dlq_topic)
 
     found = wait_for_run_summaries(
         settings, [r.run_id for r in runs], topic=insights_topic, timeout_seconds=15, serde=serde
     )
     records = [r for r in read_range(settings.kafka, serde, insights_topic) if isinstance(r, ConsumedEvent)]
     assert len(records) == 3  # exactly one per finished run, no duplicate
+
+    # the run totals are checkpointed: one changelog record per changed run per checkpoint, not one per
+    # event, and the newest record of each run is its final totals
+    changelog = list(read_range(settings.kafka, serde, f"{app_id}-run_totals-changelog"))
+    events_count = sum(len(r.events) for r in runs)
+    assert 3 <= len(changelog) < events_count / 2, (len(changelog), events_count)
+    newest = {json.loads(c.key or b""): json.loads(c.value or b"") for c in changelog}
+    assert newest == {r.run_id: _folded_state(r).to_dict() for r in runs}
     for run in runs:
         record = found[run.run_id]
         expected = _expected(run)

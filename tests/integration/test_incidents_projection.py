@@ -23,7 +23,7 @@ from connectors.chat_code import commit_event, slack_event
 from connectors.nezha import iter_day
 from core.settings import PostgresSettings, Settings
 from processors.correlation.logic import Correlator, observe
-from processors.incidents.anomaly import AnomalyProcessor
+from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig
 from processors.incidents.incident import EngineConfig, run
 from projections.incidents import IncidentsProjection
 from projections.rebuild import rebuild
@@ -65,7 +65,7 @@ def _incident_insights() -> list[Event]:
 def _anomaly_insights(pod: str, first: datetime) -> list[Event]:
     """The anomaly processor's alerts on two series with one spike 25 s after ``first``: one series of
     ``pod`` (in the incident's chain), one NAB-like series (not)."""
-    proc, out = AnomalyProcessor(), []
+    proc, out = AnomalyProcessor(DetectorConfig(detector="seasonal-likelihood")), []
     for series in (f"pod:{pod}/CpuUsageRate(%)", "nab:test/spiky"):
         for i in range(150):
             t = first - timedelta(minutes=10) + timedelta(seconds=5 * i)

@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from core.settings import KafkaSettings, Settings
 from streams.consumer import ConsumedEvent, DecodeFailure, Subscriber
 from streams.envelope import Event
-from streams.errors import BrokerUnavailableError, SchemaValidationError
+from streams.errors import BrokerUnavailableError, DeliveryError, SchemaValidationError
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import offset_for_time, read_range
@@ -78,6 +78,23 @@ def test_unreachable_broker_is_a_clear_error(serde: AvroSerde) -> None:
     p.produce("t", _tool_call("r", 1, T0))
     with pytest.raises(BrokerUnavailableError, match=r"Kafka at 127\.0\.0\.1:1 is unreachable"):
         p.flush(timeout_seconds=10)
+
+
+def test_failed_delivery_is_raised_by_flush_and_the_rest_are_counted(
+    settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
+) -> None:
+    """librdkafka reports failed records only (``delivery.report.only.error``): a record its broker
+    cannot take still fails the flush, naming its topic and key, and only the others count as delivered."""
+    topic = create_topic(unique_name("dr"), 1)
+    p = EventProducer(settings.kafka, serde)  # no metadata yet: the bad record fails in a delivery report
+    p.produce_raw(topic, key=b"lost", value=b"x", partition=7)
+    with pytest.raises(DeliveryError) as info:
+        p.produce_many(topic, [_tool_call("r", i, T0) for i in range(299)])  # 299: past one poll of 256
+    assert [(t, k) for t, k, _ in info.value.failures] == [(topic, b"lost")]
+    assert p.delivered == 299
+    p.produce(topic, _tool_call("r", 299, T0))
+    p.close()  # the next flush carries no old failure
+    assert p.delivered == 300
 
 
 def test_undecodable_record_is_a_failure_not_a_crash(

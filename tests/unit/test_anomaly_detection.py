@@ -71,10 +71,10 @@ def test_default_detector_alerts_on_the_spike_once_and_is_deterministic() -> Non
         st = SeriesState("nab:x/y")
         alerts = [a for i, v in enumerate(series()) if (a := st.observe(T0 + timedelta(minutes=i), v)[1])]
         runs.append([a.insight_id for a in alerts])
-        assert any(a.sample_index == 500 for a in alerts)
-        hit = next(a for a in alerts if a.sample_index == 500)
+        assert any(a.sample_index == 501 for a in alerts)  # confirmed by the sample after the spike
+        hit = next(a for a in alerts if a.sample_index == 501)
         insight = hit.to_insight()
-        assert insight.data["labels"]["detector_version"] == "seasonal-likelihood/1"
+        assert insight.data["labels"]["detector_version"] == "confirmed-likelihood/1"
         assert insight.data["metrics"]["score"] >= 0.999
         assert insight.data["metrics"]["window_seconds"] == 3600.0
         assert insight.key == "series:nab:x/y"
@@ -147,8 +147,8 @@ def test_processor_reads_pod_metric_samples_one_series_per_metric() -> None:
 
 def test_ema_likelihood_state_stays_small_and_thresholds_follow_the_detector() -> None:
     """ema-likelihood's JSON state does not grow with the series (constant size, under 1 KB after 5,000
-    samples); an unset threshold is the detector's own (0.995 for the ema and seasonal likelihoods, 0.99
-    for the others)."""
+    samples); an unset threshold is the detector's own (0.999 for confirmed-likelihood, 0.995 for the ema
+    and seasonal likelihoods, 0.99 for the others), and so is an unset suppression (200, else 150)."""
     det = make_detector("ema-likelihood")
     sizes = []
     for i, v in enumerate(series(5000, spike_at=4000)):
@@ -156,11 +156,12 @@ def test_ema_likelihood_state_stays_small_and_thresholds_follow_the_detector() -
         if i in (100, 4999):
             sizes.append(len(json.dumps(det.to_dict())))
     assert sizes[1] < 1024 and sizes[1] - sizes[0] < 64
-    assert DetectorConfig().threshold == 0.995 and DetectorConfig().detector == "seasonal-likelihood"
+    assert DetectorConfig().threshold == 0.999 and DetectorConfig().detector == "confirmed-likelihood"
+    assert DetectorConfig().suppress == 200 and DetectorConfig(detector="seasonal-likelihood").suppress == 150
     assert DetectorConfig(detector="ema-likelihood").threshold == 0.995
     assert DetectorConfig(detector="likelihood").threshold == 0.99
     assert DetectorConfig(detector="likelihood", threshold=0.5).threshold == 0.5
-    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.995
+    assert SeriesState.from_dict(SeriesState("s").to_dict()).config.threshold == 0.999
 
 
 def weekly(weeks: int = 4, per_day: int = 24, seed: int = 3) -> list[float]:
@@ -223,3 +224,57 @@ def test_seasonal_state_round_trip_continues_identically(cut: int) -> None:
         t = T0 + timedelta(hours=i)
         assert restored.observe(t, v) == ref.observe(t, v)
     assert restored.to_dict() == ref.to_dict()
+
+
+def test_confirmed_likelihood_is_the_smallest_of_the_last_two_seasonal_scores() -> None:
+    """confirmed-likelihood scores min(this, previous) seasonal-likelihood score (with the same long
+    horizon, 8,640): the same scores through a two-sample minimum; confirm=1 is seasonal-likelihood itself;
+    confirm=3 the minimum of three; a bad confirm is refused."""
+    values = weekly(weeks=8)
+    values[1000] += 30.0  # one spike, so that scores near 1 occur
+    times = [3600.0 * i for i in range(len(values))]
+    seasonal = make_detector("seasonal-likelihood", long=8640)
+    ref = [seasonal.score_learn(v, t) for v, t in zip(values, times, strict=True)]
+    confirmed = make_detector("confirmed-likelihood")
+    got = [confirmed.score_learn(v, t) for v, t in zip(values, times, strict=True)]
+    assert got == [min(ref[max(0, i - 1) : i + 1]) for i in range(len(ref))]
+    one = make_detector("confirmed-likelihood", confirm=1)
+    assert [one.score_learn(v, t) for v, t in zip(values, times, strict=True)] == ref
+    three = make_detector("confirmed-likelihood", confirm=3)
+    got = [three.score_learn(v, t) for v, t in zip(values, times, strict=True)]
+    assert got == [min(ref[max(0, i - 2) : i + 1]) for i in range(len(ref))]
+    assert got != ref and max(ref) > 0.99  # the minimum does change scores, near the threshold too
+    with pytest.raises(ValueError, match="confirm"):
+        make_detector("confirmed-likelihood", confirm=0)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 400])
+def test_confirmed_state_round_trip_continues_identically(cut: int) -> None:
+    """Saved after ``cut`` samples and restored from JSON, it scores the rest exactly as the uninterrupted
+    state (the previous score is part of the state)."""
+    values = weekly()
+    times = [3600.0 * i for i in range(len(values))]
+    whole = make_detector("confirmed-likelihood")
+    ref = [whole.score_learn(v, t) for v, t in zip(values, times, strict=True)]
+    det = make_detector("confirmed-likelihood")
+    for v, t in zip(values[:cut], times[:cut], strict=True):
+        det.score_learn(v, t)
+    restored = DETECTORS["confirmed-likelihood"].from_dict(json.loads(json.dumps(det.to_dict())))
+    rest = [restored.score_learn(v, t) for v, t in zip(values[cut:], times[cut:], strict=True)]
+    assert rest == ref[cut:]
+    assert restored.to_dict() == whole.to_dict()
+
+
+def test_gate_scores_is_the_series_state_gate() -> None:
+    """gate_scores on a detector's scores flags exactly the samples SeriesState alerts on."""
+    from processors.incidents.anomaly_eval import gate_scores
+
+    values = series(3000, spike_at=2500)
+    for i in range(1000, 1400, 37):
+        values[i] += 6.0
+    det = make_detector("confirmed-likelihood")
+    scores = [det.score_learn(v, 60.0 * i) for i, v in enumerate(values)]
+    for threshold, suppress in ((0.99, 20), (0.999, 200)):
+        st = SeriesState("s", DetectorConfig(threshold=threshold, suppress=suppress))
+        alerts = [i for i, v in enumerate(values) if st.observe(T0 + timedelta(minutes=i), v)[1]]
+        assert alerts and alerts == [i for i, f in enumerate(gate_scores(scores, threshold, suppress)) if f]

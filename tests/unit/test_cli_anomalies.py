@@ -46,6 +46,25 @@ def test_eval_anomalies_json(tmp_path: Path) -> None:
     assert out["series"] == 1 and out["recall"] == 1.0 and out["threshold_mode"] == "fixed"
 
 
+def test_eval_anomalies_leave_one_out(tmp_path: Path) -> None:
+    """--leave-one-out adds the held-out score and the (threshold, suppression) chosen for each series;
+    one series is refused with a message."""
+    folder = nab_folder(tmp_path)
+    one = runner.invoke(eval_app, ["anomalies", "--data", str(folder), "--leave-one-out", "--json"])
+    assert one.exit_code != 0 and "two series" in one.output
+    csv = (folder / "realKnownCause" / "s.csv").read_text()
+    (folder / "realKnownCause" / "t.csv").write_text(csv)
+    labels = json.loads((folder / "combined_windows.json").read_text())
+    labels["realKnownCause/t.csv"] = labels["realKnownCause/s.csv"]
+    (folder / "combined_windows.json").write_text(json.dumps(labels))
+    res = runner.invoke(eval_app, ["anomalies", "--data", str(folder), "--leave-one-out", "--json"])
+    assert res.exit_code == 0, res.output
+    loo = json.loads(res.stdout)["leave_one_out"]
+    assert set(loo["chosen"]) == {"realKnownCause/s", "realKnownCause/t"}
+    # twin series: the choice is the grid's best on the same data, so no worse than the default setting
+    assert loo["score_standard"] >= json.loads(res.stdout)["score_standard"] > 0
+
+
 def test_eval_anomalies_bad_folder_is_a_clear_error(tmp_path: Path) -> None:
     """A folder without labels exits non-zero with a message, not a traceback."""
     res = runner.invoke(eval_app, ["anomalies", "--data", str(tmp_path), "--json"])

@@ -13,7 +13,7 @@ import pytest
 from connectors.nezha import iter_day
 from processors.incidents.incident import EngineConfig, IncidentEngine, run
 from processors.incidents.nezha_detect import Anomaly, RobustZ
-from processors.incidents.rca import VICTIM_FACTOR, evidence_kind, rank
+from processors.incidents.rca import VICTIM_FACTOR, WARN_FACTOR, evidence_kind, rank
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
@@ -160,13 +160,19 @@ def test_an_error_template_back_after_a_quiet_spell_is_new_again() -> None:
     }
     start = int(T0.replace(second=0).timestamp() * 1000)
     assert found == {(start + 60_000, "ERROR a.Repo#9"), (start + 12 * 60_000, "ERROR a.Repo#9")}
-    # a gap in the log stream is not quiet: no log line at all in minutes 3-9, the template is back at
-    # minute 11 after 3 observed windows (0-2 and 10 logged): the same occurrence, not new
-    gap = [("log", _log("a-1", m, "INFO", "a.Main#1")) for m in (0, 1, 2, 10, 11, 12)]
-    gap += [("log", _log("a-1", m, "ERROR", "a.Repo#9")) for m in (1, 11)]
-    insights, _ = run(sorted(gap, key=lambda kr: kr[1]["event_time"]))
-    assert {a["window_start_ms"] for i in insights for a in json.loads(i["labels"]["anomalies"])
-            if a["signal"] == "log:new_template"} == {start + 60_000}  # fmt: skip
+
+    # after a gap in the log stream (no line in minutes 3-9) the first window (10) is the baseline:
+    # a template already in it goes on (not new at 11); one absent from it and quiet for longer than
+    # an incident comes back new (minute 11), as a fault repeated on the same pod does
+    def gap(error_minutes: tuple[int, ...]) -> set[int]:
+        rs = [("log", _log("a-1", m, "INFO", "a.Main#1")) for m in (0, 1, 2, 10, 11, 12)]
+        rs += [("log", _log("a-1", m, "ERROR", "a.Repo#9")) for m in error_minutes]
+        insights, _ = run(sorted(rs, key=lambda kr: kr[1]["event_time"]))
+        return {a["window_start_ms"] for i in insights for a in json.loads(i["labels"]["anomalies"])
+                if a["signal"] == "log:new_template"}  # fmt: skip
+
+    assert gap((1, 10, 11)) == {start + 60_000}
+    assert gap((1, 11)) == {start + 60_000, start + 11 * 60_000}
 
 
 def test_a_latency_percentile_of_too_few_requests_is_not_scored() -> None:
@@ -406,3 +412,53 @@ def test_a_record_seen_twice_in_its_window_is_counted_not_used() -> None:
     assert got == expected
     assert engine.duplicates == {"metric": len(again) - len(records)} and engine.late == {}
     assert engine.stats()["duplicate_events"] == {"metric": len(again) - len(records)}
+
+
+def test_errors_linked_by_a_trace_move_to_the_callee_that_raised_them() -> None:
+    # the caller's new ERROR template is explained by its callee's error in the same traces: the
+    # caller keeps VICTIM_FACTOR of that evidence, the callee (old template, no anomaly) gains the rest
+    anomalies = [_a("preserve-1", "log:new_template", 12.0), _a("orders-1", "log:new_template", 10.0)]
+    ranked = rank(
+        anomalies, {}, error_graph={"preserve-1": {"contacts-1": 3}}, services={"contacts-1": "contacts"}
+    )
+    assert [c.pod for c in ranked][:2] == ["orders-1", "contacts-1"]
+    moved = (1 - VICTIM_FACTOR) * 3.0 * math.log1p(12.0)
+    by_pod = {c.pod: c for c in ranked}
+    assert by_pod["contacts-1"].service == "contacts"
+    assert math.isclose(by_pod["contacts-1"].score, moved) and math.isclose(by_pod["preserve-1"].score, moved)
+    assert any("propagate" in e for e in by_pod["contacts-1"].evidence)
+    # no anomalous caller, no blame: an edge alone makes no candidate
+    assert [c.pod for c in rank(anomalies[1:], {}, error_graph={"preserve-1": {"contacts-1": 3}})] == [
+        "orders-1"
+    ]
+
+
+def test_engine_links_error_logs_through_the_spans_of_their_trace() -> None:
+    # every minute a-1 calls b-1 (trace t<m>); from minute 12 both log an ERROR in those spans: the
+    # incident's top candidate is b-1, whose error the trace shows travelling up to a-1
+    recs: list[tuple[str, dict]] = []
+    for m in range(16):
+        t = T0 + timedelta(minutes=m)
+        recs.append(("span", {"trace_id": f"t{m}", "span_id": "s1", "parent_id": None, "pod": "a-1",
+                              "service": "a", "event_time": t, "duration_us": 2000}))  # fmt: skip
+        recs.append(("span", {"trace_id": f"t{m}", "span_id": "s2", "parent_id": "s1", "pod": "b-1",
+                              "service": "b", "event_time": t, "duration_us": 1000}))  # fmt: skip
+        recs.append(("log", _log("a-1", m, "INFO", "a.Main#1")))
+        if m >= 12:
+            for pod, span, logger in (("a-1", "s1", "a.Web#175"), ("b-1", "s2", "b.Repo#9")):
+                recs.append(("log", {**_log(pod, m, "ERROR", logger), "trace_id": f"t{m}", "span_id": span}))
+    insights, _ = run(recs)
+    closed = [i for i in insights if i["kind"] == "incident.closed"]
+    assert closed and closed[-1]["labels"]["top1_pod"] == "b-1"
+    cands = json.loads(closed[-1]["labels"]["candidates"])
+    assert any("propagate" in e for e in cands[0]["evidence"])
+    # the same records in another order give the same insights
+    again, _ = run(sorted(recs, key=lambda kr: (kr[1]["event_time"], kr[0] == "span")))
+    assert again == insights
+
+
+def test_a_new_warn_template_weighs_half_an_error_template() -> None:
+    warn = Anomaly("a-1", "a", "log:new_template", 0, 12.0, 6.0, 0.0, "WARN a.Svc#72")
+    error = Anomaly("b-1", "b", "log:new_template", 0, 12.0, 6.0, 0.0, "ERROR b.Svc#37")
+    by_pod = {c.pod: c.score for c in rank([warn, error], {})}
+    assert math.isclose(by_pod["a-1"], WARN_FACTOR * by_pod["b-1"])

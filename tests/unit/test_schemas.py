@@ -102,6 +102,19 @@ def test_validation_names_the_field(serde: AvroSerde) -> None:
     assert exc.value.field == "colour"
 
 
+def test_full_validation_refuses_what_the_writer_would_coerce(serde: AvroSerde) -> None:
+    """With ``validate_on_encode`` (the whole record checked in one call, field by field only to name the
+    culprit) a valid datum encodes to the same bytes, and an ``int`` past 32 bits is refused by name."""
+    strict = AvroSerde(serde.registry, validate_on_encode=True)
+    assert strict.encode("sophia.agent.LlmCall", SAMPLE) == serde.encode("sophia.agent.LlmCall", SAMPLE)
+    with pytest.raises(SchemaValidationError) as exc:
+        strict.encode("sophia.agent.LlmCall", {**SAMPLE, "step": 2**31})
+    assert exc.value.field == "step"
+    with pytest.raises(SchemaValidationError) as exc:
+        strict.check("sophia.agent.LlmCall", {**SAMPLE, "cost_usd": "free"})
+    assert exc.value.field == "cost_usd"
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
