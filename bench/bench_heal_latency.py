@@ -144,12 +144,19 @@ def _log_stamps(path: Path, offset: float) -> dict[str, float]:
     return out
 
 
-def _checkpoint_prelude(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return ("import functools\nimport processors.healing.app as healing_app\n"
-            "healing_app.create_healing_app = functools.partial(healing_app.create_healing_app, "
-            f"checkpoint_seconds={seconds!r}, checkpoint_records=10**9)")  # fmt: skip
+def _healer_prelude(checkpoint_seconds: float | None, batch_records: int | None = None) -> str | None:
+    """The prelude of ``--checkpoint-seconds`` and ``--batch-records`` (``create_healing_app``'s defaults
+    replaced in the healer process); None when neither is given."""
+    kwargs = []
+    lines = ["import functools", "import processors.healing.app as healing_app"]
+    if checkpoint_seconds is not None:
+        kwargs.append(f"checkpoint_seconds={checkpoint_seconds!r}, checkpoint_records=10**9")
+    if batch_records is not None:
+        kwargs.append(f"batch_records={int(batch_records)!r}")
+    if kwargs:
+        lines.append("healing_app.create_healing_app = functools.partial(healing_app.create_healing_app, "
+                     f"{', '.join(kwargs)})")  # fmt: skip
+    return "\n".join(lines) if len(lines) > 2 else None
 
 
 def _checkpoint_cost(serde: Any, values: list[bytes]) -> dict[str, Any]:
@@ -196,6 +203,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="diagnostic: run the healer with this checkpoint interval and no record-count checkpoint "
         "(shipped: every 1 s or 1,000 records, create_healing_app's defaults)",
     )
+    ap.add_argument(
+        "--batch-records",
+        type=int,
+        default=None,
+        help="diagnostic: the healer's batch_records (shipped 1,000; 1 awaits each record's decisions "
+        "before the next record, as before the batching)",
+    )
     ap.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = ap.parse_args(argv)
     th = HealingThresholds()
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p
             for p in (
                 worker_prelude(args.worker_linger_ms, args.worker_fetch_wait_ms),
-                _checkpoint_prelude(args.checkpoint_seconds),
+                _healer_prelude(args.checkpoint_seconds, args.batch_records),
             )
             if p
         ]

@@ -33,7 +33,9 @@ shell at 0.5 of Quix Streams on the same job).
 The topic is created with an explicit ``retention.ms`` (Kafka's default, 7 days): Tansu's DescribeConfigs
 answers only the configs a topic was created with, and Quix Streams' ``derive_topic_config`` needs
 ``retention.ms`` of the input topic to make a changelog topic (``KeyError: 'retention.ms'`` otherwise).
-Run: ``python bench/bench_processors.py [--events N] [--quix-python PATH]``.
+Run: ``python bench/bench_processors.py [--events N] [--quix-python PATH]``; issue 11's comparison alone, the
+healer of each checkout against the plain Faust agent, round by round, with CPU µs per record:
+``python bench/bench_processors.py --events 30000 --healer-rounds 3 [--healer-checkout PATH ...]``.
 
 Last measured (``--events 60000``, three runs on 2026-12-04, 2 shared cores at load average 1.8–3.3, rows move
 by up to 3x between runs), records/s per run: raw 147,474 / 251,419 / 187,892; Quix Streams in a dict 51,478 /
@@ -87,13 +89,13 @@ app = faust.App(app_id, broker=f"kafka://{boot}", store="memory://", key_seriali
                 broker_session_timeout=6.0, broker_heartbeat_interval=1.0, table_standby_replicas=0)
 src = app.topic(*topics, partitions=6 if len(topics) == 1 else None, key_serializer="raw", value_serializer="raw")
 table = app.Table("counts", default=int, partitions=6) if with_table else None
-counts, seen, first = {}, [0], [None]
+counts, seen, first, first_cpu = {}, [0], [None], [None]
 
 @app.agent(src, concurrency=1)
 async def count(stream):
     async for event in stream.events():
         if first[0] is None:
-            first[0] = time.monotonic()
+            first[0], first_cpu[0] = time.monotonic(), time.process_time()
         key = event.key
         if table is not None:
             table[key.decode()] += 1
@@ -101,7 +103,8 @@ async def count(stream):
             counts[key] = counts.get(key, 0) + 1
         seen[0] += 1
         if seen[0] == n:
-            print(json.dumps({"records": n, "first": first[0], "last": time.monotonic()}), flush=True)
+            print(json.dumps({"records": n, "first": first[0], "last": time.monotonic(), "first_cpu": first_cpu[0],
+                              "last_cpu": time.process_time()}), flush=True)
             time.sleep(exit_delay)  # a parent sampling our memory takes its last sample
             os._exit(0)
 
@@ -110,7 +113,8 @@ app.main()
 """
 """``python -c`` source of the plain Faust agent: argv ``boot topics(comma-separated) n app_id with_table(0/1)
 exit_delay_seconds``; counts records per key (in a changelogged table when ``with_table``) and prints
-``{"records", "first", "last"}`` (``time.monotonic()``) once it has counted ``n``, then exits after the delay.
+``{"records", "first", "last", "first_cpu", "last_cpu"}`` (``time.monotonic()``, ``time.process_time()``) once it
+has counted ``n``, then exits after the delay.
 Also run by ``bench/bench_incidents.py``; :func:`faust_count_source` runs it on a chosen event loop."""
 
 _UVLOOP_POLICY = "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
@@ -150,6 +154,13 @@ def _raw(boot: str, topic: str, n: int) -> float:
 def _faust(
     boot: str, topic: str, n: int, with_table: bool, env: dict[str, str], loop: str = "asyncio"
 ) -> float:
+    return _faust_run(boot, topic, n, with_table, env, loop)[0]
+
+
+def _faust_run(
+    boot: str, topic: str, n: int, with_table: bool, env: dict[str, str], loop: str = "asyncio"
+) -> tuple[float, float]:
+    """``(records/s, CPU microseconds per record)`` of the plain Faust agent on ``loop``, first to last record."""
     app_id = f"bench-faust-{uuid.uuid4().hex[:8]}"
     done = subprocess.run([sys.executable, "-c", faust_count_source(loop), boot, topic, str(n), app_id, "1" if with_table else "0", "0"],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
@@ -158,7 +169,7 @@ def _faust(
     if found is None:
         raise RuntimeError(f"the Faust agent did not finish: {done.stderr[-2000:]}")
     r = json.loads(found.group(0))
-    return float((n - 1) / (r["last"] - r["first"]))
+    return float((n - 1) / (r["last"] - r["first"])), 1e6 * (r["last_cpu"] - r["first_cpu"]) / (n - 1)
 
 
 def _quix(boot: str, topic: str, n: int, mode: str, python: Path) -> float:
@@ -206,13 +217,20 @@ def _worker(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
 
 
 def _healer(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
+    return _healer_run(boot, topic, n, env)[0]
+
+
+def _healer_run(boot: str, topic: str, n: int, env: dict[str, str], root: Path = ROOT) -> tuple[float, float]:
+    """``(records/s, CPU microseconds per record)`` of ``backbone processors heal`` run from checkout ``root``
+    (its own code on ``PYTHONPATH``), first to last record."""
     tag = uuid.uuid4().hex[:8]
+    env = {**env, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
         [sys.executable, "-m", "backbone", "processors", "heal", "--app-id", f"bench-healer-{tag}",
          "--events-topic", topic, "--config-topic", f"bench-config-{tag}", "--decisions-topic",
          f"bench-decisions-{tag}", "--acks-topic", f"bench-acks-{tag}", "--dlq-topic", f"bench-dlq-{tag}",
          "--no-rollback", "--stop-after-idle", "5", "--json"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
+        env=env, cwd=root, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     found = re.search(r'\{\s*"records".*\}', done.stdout, re.S)
     if found is None:
@@ -220,7 +238,9 @@ def _healer(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
     s = json.loads(found.group(0))
     if s["records"] < n:
         raise RuntimeError(f"the healer handled {s['records']} of {n} records")
-    return float((s["records"] - 1) / (s["last_record_monotonic"] - s["first_record_monotonic"]))
+    rate = float((s["records"] - 1) / (s["last_record_monotonic"] - s["first_record_monotonic"]))
+    cpu = s.get("last_record_cpu"), s.get("first_record_cpu")  # None: a checkout from before these fields
+    return rate, math.nan if None in cpu else 1e6 * (cpu[0] - cpu[1]) / (s["records"] - 1)
 
 
 def _ratio(x: float) -> str:
@@ -245,6 +265,47 @@ def _print(title: str, rows: list[tuple[str, float, str]], faust: str | None = N
     console.print(t)
 
 
+def _healer_rounds(
+    boot: str, topic: str, n: int, env: dict[str, str], rounds: int, checkouts: list[Path]
+) -> list[tuple[str, float, str]]:
+    """Issue 11's throughput target alone: ``rounds`` rounds, each the plain Faust agent (counting per key in
+    a dict) then ``backbone processors heal`` of each checkout in ``checkouts`` (its own code: compare a
+    change with the code before it, alternating, on the same topic), one process at a time. Printed per
+    run: records/s and CPU microseconds per record (``time.process_time()`` of the whole process, first to
+    last record), and both as ratios to the plain Faust agent of the same round: records/s over Faust's,
+    and Faust's CPU per record over the healer's (the rate ratio at equal CPU, steadier than wall rates
+    when other work shares the cores). Returns ``(path, records/s, unit)`` rows."""
+    rows: list[tuple[str, float, str]] = []
+    t = Table(title=f"healer vs plain Faust, {n:,} real-shaped agent events, 6 partitions, {rounds} rounds")
+    for c in ("round", "path", "records/s", "CPU µs/record", "rate / Faust", "Faust CPU / CPU", "load"):
+        t.add_column(c, justify="left" if c == "path" else "right")
+    from core.eventloop import resolve
+    from core.settings import Settings
+
+    loop = resolve(Settings().event_loop)  # the healer's loop (BACKBONE_EVENT_LOOP): Faust runs on it too
+    for r in range(rounds):
+        f_rate, f_cpu = _faust_run(boot, topic, n, False, env, loop)
+        rows.append((f"round {r}: plain Faust agent", f_rate, "records/s"))
+        t.add_row(
+            str(r),
+            "plain Faust agent",
+            f"{f_rate:,.0f}",
+            f"{f_cpu:.0f}",
+            "1",
+            "1",
+            f"{os.getloadavg()[0]:.1f}",
+        )
+        for root in checkouts:
+            h_rate, h_cpu = _healer_run(boot, topic, n, env, root)
+            rows.append((f"round {r}: healer {root}", h_rate, "records/s"))
+            t.add_row(str(r), f"healer ({root})", f"{h_rate:,.0f}", f"{h_cpu:.0f}", _ratio(h_rate / f_rate),
+                      _ratio(f_cpu / h_cpu), f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+    console = Console()
+    console.width = max(console.width, 170)
+    console.print(t)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
     """Run the comparison and print the table; return its rows ``(path, records/s, unit)``, a rate of NaN
     for a Quix Streams row that could not run (the unit says why)."""
@@ -252,6 +313,15 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
     ap.add_argument("--events", type=int, default=60_000)
     ap.add_argument("--quix-python", type=Path, default=QUIX_PYTHON,
                     help="the Quix Streams virtualenv's python (default: .venv-quix/bin/python)")  # fmt: skip
+    ap.add_argument("--healer-rounds", type=int, default=0,
+                    help="only issue 11's comparison: N rounds of the plain Faust agent then the healer of each "
+                         "--healer-checkout, on the one topic (see _healer_rounds)")  # fmt: skip
+    ap.add_argument(
+        "--healer-checkout",
+        type=Path,
+        action="append",
+        help="a checkout whose healer to run in --healer-rounds (repeat; default: this one)",
+    )
     args = ap.parse_args(argv)
     events = realistic_events(args.events)
     with bench_stack() as settings:
@@ -270,6 +340,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
                "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": "6000",
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
         n = len(events)
+        if args.healer_rounds:
+            return _healer_rounds(boot, topic, n, env, args.healer_rounds, args.healer_checkout or [ROOT])
         rows: list[tuple[str, float, str]] = [(RAW, _raw(boot, topic, n), "records/s")]
         for name, mode in ((QUIX_PLAIN, "plain"), (QUIX_STATE, "state")):
             try:

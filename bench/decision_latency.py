@@ -304,6 +304,8 @@ def diagnostic_note(args: Any) -> str:
                                                  ("worker fetch wait", args.worker_fetch_wait_ms)) if v is not None]  # fmt: skip
     if getattr(args, "checkpoint_seconds", None) is not None:
         parts.append(f"healer checkpoint every {args.checkpoint_seconds:g} s")
+    if getattr(args, "batch_records", None) is not None:
+        parts.append(f"healer batch_records {args.batch_records}")
     return f"; diagnostic: {', '.join(parts)}" if parts else ""
 
 

@@ -299,7 +299,8 @@ def processors_heal(
                "state_writes": stats.state_writes_count, "state_bytes_max": stats.state_bytes_max,
                "batches": stats.batches_count,
                "first_record_monotonic": stats.first_record_monotonic,
-               "last_record_monotonic": stats.last_record_monotonic}  # fmt: skip
+               "last_record_monotonic": stats.last_record_monotonic,
+               "first_record_cpu": stats.first_record_cpu, "last_record_cpu": stats.last_record_cpu}  # fmt: skip
     if as_json:
         emit_json(summary)
     else:

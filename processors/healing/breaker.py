@@ -281,13 +281,14 @@ class CircuitBreaker:
             **self.counts(),
         }
 
-    def dump_state(self) -> dict[str, Any]:
+    def dump_state(self, *, shared: bool = False) -> dict[str, Any]:
         """The breaker's whole state, JSON-ready and deterministic (times in epoch microseconds).
 
         ``{"state", "opened_at_us", "changed_at_us", "watermark_us", "consecutive", "calls_while_open",
         "probe": [admitted, succeeded], "window": [[bucket_start_us, calls, failures], ...]}``; the window
         holds the buckets of the last ``window_seconds`` of event time only (older ones are dropped as time
-        advances).
+        advances). With ``shared`` the window's buckets are the breaker's own lists, not copies (no
+        allocation per bucket): serialise the result before the breaker records another call.
         """
         return {
             "state": self.state.value,
@@ -297,7 +298,7 @@ class CircuitBreaker:
             "consecutive": self.consecutive,
             "calls_while_open": self.calls_while_open,
             "probe": [self._probe.admitted, self._probe.succeeded],
-            "window": [list(b) for b in self._window],
+            "window": list(self._window) if shared else [list(b) for b in self._window],
         }
 
     @classmethod
@@ -463,9 +464,9 @@ class BreakerBoard:
         """Every breaker's :meth:`CircuitBreaker.snapshot`, in key order."""
         return [self.get(k).snapshot() for k in sorted(self.breakers)]
 
-    def dump_state(self) -> dict[str, Any]:
-        """``{circuit key: CircuitBreaker.dump_state()}`` in key order."""
-        return {k: self.get(k).dump_state() for k in sorted(self.breakers)}
+    def dump_state(self, *, shared: bool = False) -> dict[str, Any]:
+        """``{circuit key: CircuitBreaker.dump_state(shared=shared)}`` in key order."""
+        return {k: self.get(k).dump_state(shared=shared) for k in sorted(self.breakers)}
 
     def load_state(self, data: dict[str, Any]) -> None:
         """Replace every breaker by those of :meth:`dump_state` (with this board's thresholds).

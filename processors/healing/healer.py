@@ -339,8 +339,14 @@ class Healer:
         return decisions
 
     # -- state ----------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, *, shared: bool = False) -> dict[str, Any]:
         """The healer's whole state, JSON-ready (``json.dumps`` takes it as is) and deterministic.
+
+        Args:
+            shared: the result may share mutable lists with the live state instead of copying them (the
+                breakers' window buckets, most of the state's objects): cheaper, and it makes no garbage for
+                the collector, but it must be serialised before the healer is fed again (as the worker's
+                checkpoint does).
 
         Returns:
             ``{"format": SNAPSHOT_FORMAT, "config": {"thresholds": {...}, "version": int}, "config_key",
@@ -358,7 +364,7 @@ class Healer:
             "watermark_us": to_us(self.watermark),
             "decisions_made": self.decisions_made,
             "escalations": [d.to_state() for d in self.escalations.values()],
-            "breakers": self.breakers.dump_state(),
+            "breakers": self.breakers.dump_state(shared=shared),
             "retries": self.retries.dump_state(),
             "health": self.health.dump_state(),
             "rollbacks": self.rollbacks.dump_state(),

@@ -91,6 +91,24 @@ def test_restoring_at_any_point_decides_what_an_uninterrupted_healer_decides() -
         assert json.dumps(restored.snapshot(), sort_keys=True) == json.dumps(end.snapshot(), sort_keys=True)
 
 
+def test_a_shared_snapshot_serialises_as_a_copied_one_and_a_copy_does_not_change_when_fed_on() -> None:
+    """``snapshot(shared=True)`` (the worker's checkpoint: no copy of the breakers' buckets) gives the same
+    JSON as ``snapshot()`` at every point; a copied snapshot keeps its JSON while the healer is fed on."""
+    events = history()
+    healer = Healer(HealingConfig(THRESHOLDS, 1))
+    held: list[tuple[dict[str, Any], str]] = []
+    for i, e in enumerate(events):
+        healer.feed(e)
+        if i % 5 == 0:
+            copied = healer.snapshot()
+            text = json.dumps(copied, sort_keys=True)
+            assert json.dumps(healer.snapshot(shared=True), sort_keys=True) == text, f"after event {i}"
+            held.append((copied, text))
+    assert any(b["window"] for b in healer.snapshot()["breakers"].values())
+    for copied, text in held:
+        assert json.dumps(copied, sort_keys=True) == text
+
+
 def test_a_snapshot_taken_mid_window_holds_the_open_circuit_the_pending_retry_and_the_change() -> None:
     events = history()
     healer = Healer(HealingConfig(THRESHOLDS, 1))
