@@ -45,14 +45,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
-from faust.streams import _current_event  # Faust has no public way to write a table outside the stream
 
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
@@ -161,12 +159,11 @@ class _AnomalyShell:
         checkpoint for acking. Synchronous: the agent and the timer cannot interleave inside it."""
         for series, (st, event) in self.dirty.items():
             # the write goes to the changelog partition of the record's input partition, as a write inside
-            # the stream would: Faust finds it from the current event, which it sets only while iterating
-            token = _current_event.set(weakref.ref(event))
-            try:
-                self.table[series.encode()] = st.to_dict()
-            finally:
-                _current_event.reset(token)
+            # the stream would (``table[key] = value`` there does the same two steps, with the partition of
+            # the current event, which Faust sets only while the stream iterates)
+            key, value = series.encode(), st.to_dict()
+            self.table.send_changelog(event.message.partition, key, value)
+            self.table.data[key] = value
         self.dirty.clear()
         if self.batch is not None and not self.batch.done():
             self.batch.set_result(None)
