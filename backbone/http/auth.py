@@ -249,8 +249,11 @@ class TokenStore:
                 del self._cache[h]
 
     def ensure_schema(self) -> None:
-        """Create the schema and table when missing (idempotent)."""
-        with self.pool.connection() as conn:
+        """Create the schema and table when missing (idempotent; safe when several API processes start
+        together: ``create schema if not exists`` run concurrently can fail with a unique violation on
+        ``pg_namespace``, so they take turns on a transaction-level advisory lock)."""
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('backbone-api-ddl'))")
             conn.execute(SCHEMA_SQL)
 
     def create(

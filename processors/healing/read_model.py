@@ -106,7 +106,9 @@ class HealingReadModel:
         Raises:
             psycopg.Error: PostgreSQL refused or is unreachable.
         """
-        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+        with psycopg.connect(self.pg_url, autocommit=True) as conn, conn.transaction():
+            # concurrent `CREATE SCHEMA IF NOT EXISTS` can fail with a unique violation: take turns
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('backbone-healing-ddl'))")
             conn.execute(DDL)
 
     def apply(self, decisions: Iterable[Decision]) -> int:
