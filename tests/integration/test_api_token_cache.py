@@ -76,3 +76,28 @@ def test_without_a_listener_every_call_queries(pool: ConnectionPool, pg_url: str
             "update backbone_api.tokens set revoked_at = now() where token_id = %s", (info.token_id,)
         )
     assert store.authenticate(token) is None
+
+
+def test_api_processes_starting_together_create_the_schema_once(pg_url: str) -> None:
+    # eight API processes starting at once on a fresh database: `create schema if not exists` run
+    # concurrently raises a unique violation on pg_namespace (seen in a fresh-clone check: the API exited
+    # at startup); ensure_schema takes turns on an advisory lock, so every one of them starts
+    import threading
+
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        with ConnectionPool(pg_url, min_size=1, max_size=1, open=True) as p:
+            barrier.wait()
+            try:
+                TokenStore(p).ensure_schema()
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
