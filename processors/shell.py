@@ -53,6 +53,7 @@ __all__ = [
     "InOrderAcks",
     "SeekingConsumer",
     "StatsCollector",
+    "TableCheckpoints",
     "broker_urls",
     "catalogue_partitions",
     "credentials",
@@ -511,6 +512,70 @@ class InOrderAcks:
                     self.on_delivered(item)
                 assert self.ack is not None, "InOrderAcks.ack is not set"
                 await self.ack(event)
+
+
+class TableCheckpoints:
+    """Changed states of a Faust table written together at checkpoints instead of one changelog record per
+    update, with the future that a record's ack waits for (:class:`InOrderAcks`), so that Faust never commits
+    an offset whose effect is not in the changelog. Used by the run-summary and anomaly workers.
+
+    A record marks the keys it changed (:meth:`mark`: the state object, kept by reference, and the input
+    partition of the record; the newest mark of a key wins) and then counts itself (:meth:`record`, which
+    returns the checkpoint's future). A checkpoint writes each marked key once: the state's ``to_dict()``
+    through the table's ``send_changelog`` to the changelog partition of the key's last input partition
+    (where ``table[key] = value`` inside the stream would write; that needs the current event, which Faust
+    sets only while the stream iterates, so a timer could not) and into the table's ``data``. It comes
+    after ``every_records`` records (in :meth:`record`), or from a timer once the oldest record not yet
+    checkpointed waited ``every_seconds`` (:meth:`checkpoint_if_due`). Synchronous: the agent and the timer
+    cannot interleave inside a checkpoint.
+
+    Args:
+        table: the Faust table.
+        every_records: records after which :meth:`record` checkpoints.
+        every_seconds: the longest a record waits for its checkpoint when :meth:`checkpoint_if_due` is
+            called by a timer.
+    """
+
+    def __init__(self, table: Any, *, every_records: int, every_seconds: float) -> None:
+        self.table = table
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.dirty: dict[Any, tuple[int, Any]] = {}  # table key -> (input partition, state with to_dict())
+        self.batch: asyncio.Future[None] | None = None  # done when the records counted since are written
+        self.records = 0
+        self.started = 0.0
+
+    def mark(self, key: Any, partition: int, state: Any) -> None:
+        """``key``'s state changed (to ``state``) by a record of input ``partition``."""
+        self.dirty[key] = (partition, state)
+
+    def record(self) -> asyncio.Future[None]:
+        """Count a handled record whose effects are marked; the future of the checkpoint that writes them
+        (checkpointing now when ``every_records`` records are counted)."""
+        if self.batch is None:
+            self.batch = asyncio.get_running_loop().create_future()
+            self.started = time.monotonic()
+        batch = self.batch
+        self.records += 1
+        if self.records >= self.every_records:
+            self.checkpoint()
+        return batch
+
+    def checkpoint(self) -> None:
+        """Write the marked states and complete the future of the records counted since the last one."""
+        for key, (partition, state) in self.dirty.items():
+            value = state.to_dict()
+            self.table.send_changelog(partition, key, value)
+            self.table.data[key] = value
+        self.dirty.clear()
+        if self.batch is not None and not self.batch.done():
+            self.batch.set_result(None)
+        self.batch, self.records = None, 0
+
+    def checkpoint_if_due(self) -> None:
+        """Checkpoint when the oldest record not yet checkpointed waited ``every_seconds``."""
+        if self.batch is not None and time.monotonic() - self.started >= self.every_seconds:
+            self.checkpoint()
 
 
 def stream_has_more(stream: faust.StreamT) -> bool:

@@ -58,6 +58,7 @@ from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, Serie
 from processors.shell import (
     FaustDeadLetters,
     InOrderAcks,
+    TableCheckpoints,
     make_faust_app,
     message_headers,
     run_processor_worker,
@@ -148,57 +149,29 @@ class _AnomalyShell:
         self.processor = AnomalyProcessor(config)
         self.stats = AnomalyStats()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
-        self.dirty: dict[str, tuple[SeriesState, Any]] = {}  # series -> (state, event of its last record)
-        self.batch: asyncio.Future[None] | None = None
-        self.batch_records = 0
-        self.batch_started = 0.0
+        self.checkpoints = TableCheckpoints(
+            table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
+        )
         self.acks = InOrderAcks(max_inflight=2 * CHECKPOINT_RECORDS + 10)
-
-    def checkpoint(self) -> None:
-        """Write the changed series states to the table and release the records handled since the last
-        checkpoint for acking. Synchronous: the agent and the timer cannot interleave inside it."""
-        for series, (st, event) in self.dirty.items():
-            # the write goes to the changelog partition of the record's input partition, as a write inside
-            # the stream would (``table[key] = value`` there does the same two steps, with the partition of
-            # the current event, which Faust sets only while the stream iterates)
-            key, value = series.encode(), st.to_dict()
-            self.table.send_changelog(event.message.partition, key, value)
-            self.table.data[key] = value
-        self.dirty.clear()
-        if self.batch is not None and not self.batch.done():
-            self.batch.set_result(None)
-        self.batch, self.batch_records = None, 0
-
-    def checkpoint_if_due(self) -> None:
-        """Checkpoint when the oldest record not yet checkpointed waited ``CHECKPOINT_SECONDS``."""
-        if self.batch is not None and time.monotonic() - self.batch_started >= CHECKPOINT_SECONDS:
-            self.checkpoint()
 
     def forget(self, *_: Any, **__: Any) -> None:
         """On rebalance: checkpoint what was handled (a state is only ever ahead of the table by records
         already handled, which a new owner would ignore as replays), then drop the cached states; they
         are reloaded from the table on next use."""
-        self.checkpoint()
+        self.checkpoints.checkpoint()
         self.processor.states.clear()
 
     async def handle_and_checkpoint(self, event: Any) -> tuple[asyncio.Future[None] | None, None]:
         """:meth:`handle` ``event``'s record; the future its ack waits for (its checkpoint), or None."""
-        if not await self.handle(event.message, event):
+        if not await self.handle(event.message):
             return None, None  # dead-lettered (delivered) or ignored: nothing of its own to checkpoint
-        if self.batch is None:
-            self.batch = asyncio.get_running_loop().create_future()
-            self.batch_started = time.monotonic()
-        batch = self.batch
-        self.batch_records += 1
-        if self.batch_records >= CHECKPOINT_RECORDS:
-            self.checkpoint()
-        return batch, None
+        return self.checkpoints.record(), None
 
-    async def handle(self, message: Any, event: Any = None) -> bool:
+    async def handle(self, message: Any) -> bool:
         """One ``telemetry.metrics`` record; never raises for bad input.
 
         Returns:
-            True when series states changed (they wait in :attr:`dirty` for the next checkpoint).
+            True when series states changed (marked in :attr:`checkpoints` for the next checkpoint).
         """
         self.stats.records_count += 1
         self.stats.last_record_monotonic = now = time.monotonic()
@@ -238,7 +211,7 @@ class _AnomalyShell:
             log.info("anomaly_sent", topic=message.topic, partition=message.partition, offset=message.offset,
                      insight_id=insight.attributes.id, entity=insight.key)  # fmt: skip
         for st in states:
-            self.dirty[st.series] = (st, event)
+            self.checkpoints.mark(st.series.encode(), message.partition, st)
         return bool(states)
 
 
@@ -288,7 +261,7 @@ def create_anomaly_app(
 
     @app.timer(interval=CHECKPOINT_SECONDS / 4)
     async def anomaly_checkpoint() -> None:
-        shell.checkpoint_if_due()
+        shell.checkpoints.checkpoint_if_due()
         if shell.acks.ack is not None:
             await shell.acks.settle()
 

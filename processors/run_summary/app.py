@@ -87,6 +87,7 @@ from processors.run_summary.logic import (
 from processors.shell import (
     FaustDeadLetters,
     InOrderAcks,
+    TableCheckpoints,
     catalogue_partitions,
     decode_event,
     ensure_processor_topics,
@@ -196,49 +197,16 @@ class _RunSummaryShell:
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
         self.acks = InOrderAcks(max_inflight=MAX_INFLIGHT_INSIGHTS, on_delivered=self._delivered)
         self.states: dict[str, RunTotals] = {}  # cache of the table: run id -> its totals
-        self.dirty: dict[str, int] = {}  # run id -> partition of its last event, totals not yet written
-        self.batch: asyncio.Future[None] | None = None  # done when the records handled since are checkpointed
-        self.batch_records = 0
-        self.batch_started = 0.0
-
-    def checkpoint(self) -> None:
-        """Write the changed run totals to the table (one changelog record each, to the changelog partition
-        of the run's input partition, as a write inside the stream would go) and release the records
-        handled since the last checkpoint for acking. Synchronous: the agent and the timer cannot
-        interleave inside it."""
-        for run_id, partition in self.dirty.items():
-            value = self.states[run_id].to_dict()
-            self.table.send_changelog(partition, run_id, value)
-            self.table.data[run_id] = value
-        self.dirty.clear()
-        if self.batch is not None and not self.batch.done():
-            self.batch.set_result(None)
-        self.batch, self.batch_records = None, 0
-
-    def checkpoint_if_due(self) -> None:
-        """Checkpoint when the oldest record not yet checkpointed waited ``CHECKPOINT_SECONDS``."""
-        if self.batch is not None and time.monotonic() - self.batch_started >= CHECKPOINT_SECONDS:
-            self.checkpoint()
+        self.checkpoints = TableCheckpoints(
+            table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
+        )
 
     def forget(self, *_: Any, **__: Any) -> None:
         """On rebalance: checkpoint what was handled (the cache is only ever ahead of the table by records
         already handled, which a new owner would skip as duplicates), then drop the cache; totals are
         reloaded from the table on next use."""
-        self.checkpoint()
+        self.checkpoints.checkpoint()
         self.states.clear()
-
-    def _changed(self, run_id: str, state: RunTotals, partition: int) -> asyncio.Future[None]:
-        """Record ``run_id``'s new totals in the cache; the future of the checkpoint that writes them."""
-        self.states[run_id] = state
-        self.dirty[run_id] = partition
-        if self.batch is None:
-            self.batch = asyncio.get_running_loop().create_future()
-            self.batch_started = time.monotonic()
-        batch = self.batch
-        self.batch_records += 1
-        if self.batch_records >= CHECKPOINT_RECORDS:
-            self.checkpoint()
-        return batch
 
     async def handle(self, message: Any) -> tuple[asyncio.Future[Any] | None, Event | None]:
         """Process one Faust message (``event.message``); never raises for a bad record. Returns the
@@ -288,7 +256,9 @@ class _RunSummaryShell:
             )
             return await self._send_insight(again), again
         pending = await self._send_insight(insight) if insight is not None else None
-        written = self._changed(run_id, new_state, message.partition)
+        self.states[run_id] = new_state
+        self.checkpoints.mark(run_id, message.partition, new_state)
+        written = self.checkpoints.record()
         self.stats.applied_count += 1
         if pending is None:
             return written, insight
@@ -388,7 +358,7 @@ def create_app(
     @app.timer(interval=0.05)
     async def run_summary_settle() -> None:
         """Checkpoint when due, and ack what was delivered and checkpointed since the last event."""
-        shell.checkpoint_if_due()
+        shell.checkpoints.checkpoint_if_due()
         if shell.acks.ack is not None:
             await shell.acks.settle()
 
