@@ -27,6 +27,7 @@ from core.settings import PostgresSettings, Settings
 from processors.healing.read_model import HealingReadModel
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
+from streams.offsets import end_offsets
 from streams.producer import EventProducer
 from streams.replay import read_range
 from streams.serde import serde_from_settings
@@ -97,6 +98,15 @@ def _decisions(settings: Settings, topic: str) -> list[dict[str, Any]]:
         for r in read_range(settings.kafka, serde, topic, idle_timeout_seconds=5)
         if isinstance(r, ConsumedEvent)
     ]
+
+
+def _checkpointed(settings: Settings, app_id: str) -> bool:
+    """Whether the worker ``app_id`` wrote a checkpoint (a record in its ``healer_state`` changelog)."""
+    try:
+        ends = end_offsets(settings.kafka, f"{app_id}-healer_state-changelog", timeout_seconds=5.0)
+    except KeyError:  # not created yet
+        return False
+    return sum(ends.values()) > 0
 
 
 def _first_seen(decisions: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -191,9 +201,15 @@ def test_a_worker_killed_mid_stream_is_replaced_without_lost_or_changed_decision
     model.ensure_schema()  # the worker makes it too, at its start
     try:
         deadline = time.monotonic() + 90
-        while not any(r["kind"] == "circuit_closed" for r in model.audit("circuit:provider:google")):
+        # mid-stream, after the first outage was decided and after the first checkpoint (every 1,000
+        # records), so that the replacement has a state to restore: a batch's decisions are projected
+        # before its checkpoint, so the outage alone can be seen while nothing is checkpointed yet
+        while not (
+            any(r["kind"] == "circuit_closed" for r in model.audit("circuit:provider:google"))
+            and _checkpointed(settings, app_id)
+        ):
             assert worker.poll() is None, worker.stderr.read()[-3000:] if worker.stderr else ""
-            assert time.monotonic() < deadline, "the first outage was not handled"
+            assert time.monotonic() < deadline, "the first outage was not handled and checkpointed"
             time.sleep(0.2)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
