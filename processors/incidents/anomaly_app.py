@@ -46,6 +46,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import faust
@@ -54,7 +55,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
-from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig, SeriesState
+from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig
 from processors.shell import (
     FaustDeadLetters,
     InOrderAcks,
@@ -68,7 +69,7 @@ from processors.shell import (
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE, create_missing_topics
 from streams.consumer import DLQ_TOPIC
-from streams.envelope import CloudEvent
+from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
 from streams.serde import AvroSerde, serde_from_settings
 
@@ -136,6 +137,12 @@ checkpoint writes every series touched since the last one, whole (a Nezha day: n
 every checkpoint), so its cost per record falls with the records between checkpoints: with the
 ``likelihood`` detector (about 22 KB a state) 1,000 (and 1 s) made the checkpoints and their produce
 requests about a quarter of the worker's time on the Nezha day (py-spy)."""
+
+BATCH_RECORDS = 1000
+"""The most records scored together (:meth:`_AnomalyShell.handle_batch`); a batch is what the agent has
+already received, so it is smaller when records come slowly."""
+BATCH_WAIT_SECONDS = 0.002
+"""How long a batch waits for the next record before it is handled (:meth:`processors.shell.InOrderAcks.consume_batches`)."""
 CHECKPOINT_SECONDS = 2.0
 """The longest a handled record waits for the checkpoint that acks it (a timer writes it when idle); also
 the most event handling a crash can make the worker redo (its records are read again, their insights
@@ -152,7 +159,10 @@ class _AnomalyShell:
         self.checkpoints = TableCheckpoints(
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
         )
-        self.acks = InOrderAcks(max_inflight=2 * CHECKPOINT_RECORDS + 10)
+        self.acks = InOrderAcks(max_inflight=2 * CHECKPOINT_RECORDS + BATCH_RECORDS)
+        self.app_id = settings.kafka.client_id  # replaced by the app's id in create_anomaly_app
+        self.handling = False  # True while handle_batch runs (no timer checkpoint then)
+        self._keys: dict[str, bytes] = {}  # series -> table key
 
     def forget(self, *_: Any, **__: Any) -> None:
         """On rebalance: checkpoint what was handled (a state is only ever ahead of the table by records
@@ -161,58 +171,87 @@ class _AnomalyShell:
         self.checkpoints.checkpoint()
         self.processor.states.clear()
 
-    async def handle_and_checkpoint(self, event: Any) -> tuple[asyncio.Future[None] | None, None]:
-        """:meth:`handle` ``event``'s record; the future its ack waits for (its checkpoint), or None."""
-        if not await self.handle(event.message):
-            return None, None  # dead-lettered (delivered) or ignored: nothing of its own to checkpoint
-        return self.checkpoints.record(), None
+    async def handle_batch(self, events: list[Any]) -> list[tuple[asyncio.Future[None] | None, None]]:
+        """Several ``telemetry.metrics`` records, in order (the events of a Faust stream); never raises for
+        bad input. Returns, per event, the future its ack waits for (the checkpoint of its states), or None
+        (dead-lettered, delivered, or nothing of its own to checkpoint).
 
-    async def handle(self, message: Any) -> bool:
-        """One ``telemetry.metrics`` record; never raises for bad input.
-
-        Returns:
-            True when series states changed (marked in :attr:`checkpoints` for the next checkpoint).
+        Each record is decoded and checked (:meth:`~processors.incidents.anomaly.AnomalyProcessor.prepare`;
+        a bad one is dead-lettered at once); the good ones are scored together
+        (:meth:`~processors.incidents.anomaly.AnomalyProcessor.process_many`: the same states and
+        insights as one at a time); their insights are sent in record order and all their deliveries awaited;
+        only then are the changed states marked for the next checkpoint and the records counted
+        (:class:`processors.shell.TableCheckpoints`). No timer checkpoint is written meanwhile
+        (:attr:`handling`): it could write states whose insights are not delivered yet.
         """
-        self.stats.records_count += 1
-        self.stats.last_record_monotonic = now = time.monotonic()
-        if self.stats.first_record_monotonic is None:
-            self.stats.first_record_monotonic = now
+        stats, processor, states = self.stats, self.processor, self.processor.states
+        now = time.monotonic()
+        if stats.first_record_monotonic is None:
+            stats.first_record_monotonic = now
+        stats.records_count += len(events)
+        results: list[tuple[asyncio.Future[None] | None, None]] = [(None, None)] * len(events)
+        self.handling = True
         try:
-            attributes = CloudEvent.from_headers(message_headers(message.headers))
-            schema, data = self.serde.decode(message.value)
-            if schema not in METRIC_SCHEMAS:
-                raise UnsupportedEventError(
-                    f"schema {schema!r} is not one of {METRIC_SCHEMAS}", event_id=attributes.id
-                )
-            touched = self.processor.series_of(data)
-            for series in touched:
-                if series not in self.processor.states:
-                    stored = self.table.get(series.encode())
-                    if stored:
-                        self.processor.restore(series, stored)
-            before = sum(self.processor.states[s].out_of_order for s in touched if s in self.processor.states)
-            insights = self.processor.process(data, attributes.id)
-        except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
-            await self.dead_letters.publish(message, exc)
-            self.stats.dead_letters_count += 1
-            log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
-                        offset=message.offset, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
-            return False
-        states: list[SeriesState] = [self.processor.states[s] for s in touched]
-        if sum(st.out_of_order for st in states) > before:
-            self.stats.out_of_order_count += 1
-        for insight in insights:
-            pending = await self.insights.send(
-                key=insight.key.encode(), value=self.serde.encode(insight.schema, insight.data),
-                headers=traced_headers(insight.attributes.to_headers()), timestamp=insight.attributes.time.timestamp(), force=True,
-            )  # fmt: skip
-            await pending  # delivered before the state that raised it is recorded
-            self.stats.anomalies_count += 1
-            log.info("anomaly_sent", topic=message.topic, partition=message.partition, offset=message.offset,
-                     insight_id=insight.attributes.id, entity=insight.key)  # fmt: skip
-        for st in states:
-            self.checkpoints.mark(st.series.encode(), message.partition, st)
-        return bool(states)
+            prepared: list[tuple[int, Any, datetime, list[tuple[str, float]], str]] = []
+            for i, event in enumerate(events):
+                message = event.message
+                try:
+                    attributes = CloudEvent.from_headers(message_headers(message.headers))
+                    schema, data = self.serde.decode(message.value)
+                    if schema not in METRIC_SCHEMAS:
+                        raise UnsupportedEventError(
+                            f"schema {schema!r} is not one of {METRIC_SCHEMAS}", event_id=attributes.id
+                        )
+                    observed_at, samples = processor.prepare(data, attributes.id)
+                except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
+                    await self.dead_letters.publish(message, exc)
+                    stats.dead_letters_count += 1
+                    log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
+                                offset=message.offset, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
+                    continue
+                for series, _ in samples:
+                    if series not in states:
+                        stored = self.table.get(series.encode())
+                        if stored:
+                            processor.restore(series, stored)
+                prepared.append((i, message, observed_at, samples, attributes.id))
+            outcomes = processor.process_many([(at, samples, eid) for _, _, at, samples, eid in prepared])
+            sent: list[tuple[asyncio.Future[Any], Any, Event]] = []
+            for (_, message, _, _, _), (insights, out_of_order) in zip(prepared, outcomes, strict=True):
+                if out_of_order:
+                    stats.out_of_order_count += 1
+                for insight in insights:
+                    with tracing_process(message, self.app_id):
+                        pending = await self.insights.send(
+                            key=insight.key.encode(), value=self.serde.encode(insight.schema, insight.data),
+                            headers=traced_headers(insight.attributes.to_headers()),
+                            timestamp=insight.attributes.time.timestamp(), force=True,
+                        )  # fmt: skip
+                    sent.append((pending, message, insight))
+            for pending, message, insight in sent:
+                await pending  # delivered before the state that raised it is recorded
+                stats.anomalies_count += 1
+                log.info("anomaly_sent", topic=message.topic, partition=message.partition, offset=message.offset,
+                         insight_id=insight.attributes.id, entity=insight.key)  # fmt: skip
+            # a series' newest record decides its changelog partition (as one mark per record would)
+            marks: dict[str, int] = {}
+            for _, message, _, samples, _ in prepared:
+                partition = message.partition
+                for series, _ in samples:
+                    marks[series] = partition
+            keys = self._keys
+            for series, partition in marks.items():
+                key = keys.get(series)
+                if key is None:
+                    key = keys[series] = series.encode()
+                self.checkpoints.mark(key, partition, states[series])
+            for i, _, _, samples, _ in prepared:
+                if samples:
+                    results[i] = (self.checkpoints.record(), None)
+        finally:
+            self.handling = False
+            stats.last_record_monotonic = time.monotonic()
+        return results
 
 
 def create_anomaly_app(
@@ -245,6 +284,7 @@ def create_anomaly_app(
     shell = _AnomalyShell(
         settings, topics, config or DetectorConfig(), serde, table, app.topic(topics.insights, **raw)
     )
+    shell.app_id = app.conf.id
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
@@ -253,15 +293,14 @@ def create_anomaly_app(
         """Score every sample of its series; send the anomalies; ack each record once its state is
         checkpointed."""
 
-        async def one(event: Any) -> tuple[asyncio.Future[None] | None, None]:
-            with tracing_process(event.message, app.conf.id):
-                return await shell.handle_and_checkpoint(event)
-
-        await shell.acks.consume(stream, one)
+        await shell.acks.consume_batches(
+            stream, shell.handle_batch, max_batch=BATCH_RECORDS, wait_seconds=BATCH_WAIT_SECONDS
+        )
 
     @app.timer(interval=CHECKPOINT_SECONDS / 4)
     async def anomaly_checkpoint() -> None:
-        shell.checkpoints.checkpoint_if_due()
+        if not shell.handling:
+            shell.checkpoints.checkpoint_if_due()
         if shell.acks.ack is not None:
             await shell.acks.settle()
 
