@@ -126,8 +126,14 @@ def credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
 
 def message_headers(raw: Any) -> list[tuple[str, bytes | None]]:
     """A Faust message's headers (a mapping or pairs) as ``[(name, value bytes or None), ...]``."""
-    items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, Mapping) else (raw or ())
-    return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v) for k, v in items]
+    # a list of pairs is what aiokafka gives: checked first (the Mapping check is an ABC isinstance)
+    items: Iterable[tuple[Any, Any]] = (
+        raw if type(raw) is list else raw.items() if isinstance(raw, Mapping) else (raw or ())
+    )
+    return [
+        (k if type(k) is str or isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v)
+        for k, v in items
+    ]
 
 
 class SeekingConsumer(faust_aiokafka.Consumer):

@@ -159,6 +159,7 @@ person on call both reward).
 from __future__ import annotations
 
 import base64
+import itertools
 import math
 import pickle
 import struct
@@ -1143,30 +1144,27 @@ def _steady(det: Any, params: tuple[Any, ...]) -> bool:
 
 def _step_steady(dets: list[Any], values: list[list[float]]) -> np.ndarray:
     """Step every detector of ``dets`` (all ``_steady`` with the same parameters) through its values in
-    order, as ``score_learn`` would; return the scores (row i: detector i's, padded with -1.0)."""
+    order, as ``score_learn`` would; return the scores (row i: detector i's, padded with -1.0).
+
+    The moving statistics and moments do not depend on the scores, so the loop over sample positions
+    computes them and the tail arguments ``z``; the ``erfc`` of every ``z`` and the confirmation (the
+    smaller of a score and the one before it) are computed after it, for all samples at once."""
     count = len(dets)
     lengths = np.array([len(v) for v in values])
     order = np.argsort(-lengths, kind="stable")  # longest first: the series still stepping are a prefix
     dets = [dets[i] for i in order]
-    values = [values[i] for i in order]
     lengths = lengths[order]
     width = int(lengths[0])
+    valid = np.arange(width) < lengths[:, None]  # (count, width): the real samples, in row-major order
     vals = np.zeros((count, width))
-    for i, v in enumerate(values):
-        vals[i, : len(v)] = v
-    d0 = dets[0]
-    alpha, dev_alpha, short, long, _ = _params(d0)
+    vals[valid] = list(itertools.chain.from_iterable(values[i] for i in order))
+    alpha, dev_alpha, short, long, _ = _params(dets[0])
     inv_alpha, inv_dev_alpha, inv_long = 1 / alpha, 1 / dev_alpha, 1.0 / long
     n = np.array([d.n for d in dets], dtype=np.int64)
-    mean = np.array([d.mean for d in dets])
-    dev = np.array([d.dev for d in dets])
-    chg = np.array([d.chg for d in dets])
-    last = np.array([d.last for d in dets])
-    prev = np.array([d.prev[0] for d in dets])
-    rec = {k: np.array([list(d.recent[k]) for d in dets]) for k in ("level", "change")}
-    mom = {k: (np.array([d.moments[k][0] for d in dets]), np.array([d.moments[k][1] for d in dets]))
-           for k in ("level", "change")}  # fmt: skip
-    out = np.full((count, width), -1.0)
+    mean, dev, chg, last = np.array([(d.mean, d.dev, d.chg, d.last) for d in dets]).T.copy()
+    rec = {k: np.array([tuple(d.recent[k]) for d in dets]) for k in ("level", "change")}
+    mom = {k: np.array([d.moments[k] for d in dets]).T.copy() for k in ("level", "change")}
+    z = {k: np.zeros((count, width)) for k in ("level", "change")}
     active = count
     for step in range(width):
         while active and lengths[active - 1] <= step:
@@ -1178,20 +1176,17 @@ def _step_steady(dets: list[Any], values: list[list[float]]) -> np.ndarray:
             level = np.where(dv > 0, np.minimum(np.abs(v - mu) / dv, 1e6), 0.0)
             change = np.where(ch > 0, np.minimum(np.abs(v - ls) / ch, 1e6), 0.0)
         a_long = np.where(nn + 1 < long, 1.0 / (nn + 1), inv_long)
-        scores = []
         for key, raw in (("level", level), ("change", change)):
             r = rec[key]
             r[m, :-1] = r[m, 1:]
             r[m, -1] = raw
             recent = _py_sum(r[m]) / short
-            m0, m1 = mom[key][0], mom[key][1]
-            sd = np.sqrt(m1[m])
-            sd = np.where(sd != 0, sd, 1e-9)
-            scores.append(_erfc_scores((recent - m0[m]) / sd / _SQRT2))
-            d = raw - m0[m]
-            m0[m] = m0[m] + a_long * d
-            m1[m] = (1.0 - a_long) * (m1[m] + a_long * d * d)
-        score = np.where(scores[1] > scores[0], scores[1], scores[0])
+            m0, m1 = mom[key][0, m], mom[key][1, m]
+            sd = np.sqrt(m1)
+            z[key][m, step] = (recent - m0) / np.where(sd != 0, sd, 1e-9) / _SQRT2
+            d = raw - m0
+            mom[key][0, m] = m0 + a_long * d
+            mom[key][1, m] = (1.0 - a_long) * (m1 + a_long * d * d)
         a = np.where(nn > inv_alpha, alpha, 1.0 / (nn + 1))
         ad = np.where(nn > inv_dev_alpha, dev_alpha, 1.0 / (nn + 1))
         dev[m] = (1 - ad) * dv + ad * np.abs(v - mu)
@@ -1199,21 +1194,23 @@ def _step_steady(dets: list[Any], values: list[list[float]]) -> np.ndarray:
         chg[m] = (1 - a) * ch + a * np.abs(v - ls)
         last[m] = v
         n[m] = nn + 1
-        pv = prev[m]
-        out[m, step] = np.where(pv < score, pv, score)  # confirm 2: min(previous score, this one)
-        prev[m] = score
-    for i, d in enumerate(dets):
-        d.n, d.mean, d.dev, d.chg, d.last = (
-            int(n[i]),
-            float(mean[i]),
-            float(dev[i]),
-            float(chg[i]),
-            float(last[i]),
-        )
-        for key in ("level", "change"):
-            d.recent[key].extend(rec[key][i].tolist())  # maxlen short: replaces the whole window
-            d.moments[key][0], d.moments[key][1] = float(mom[key][0][i]), float(mom[key][1][i])
-        d.prev.append(float(prev[i]))
+    level_score, change_score = _erfc_scores(z["level"][valid]), _erfc_scores(z["change"][valid])
+    scores = np.full((count, width + 1), -1.0)
+    scores[:, 0] = [d.prev[0] for d in dets]
+    scores[:, 1:][valid] = np.where(change_score > level_score, change_score, level_score)
+    before, now = scores[:, :-1], scores[:, 1:]
+    out = np.where(before < now, before, now)  # confirm 2: min(previous score, this one)
+    out[~valid] = -1.0
+    prev = scores[np.arange(count), lengths].tolist()
+    columns = zip(dets, n.tolist(), mean.tolist(), dev.tolist(), chg.tolist(), last.tolist(), prev,
+                  rec["level"].tolist(), rec["change"].tolist(), mom["level"].T.tolist(), mom["change"].T.tolist(),
+                  strict=True)  # fmt: skip
+    for d, d.n, d.mean, d.dev, d.chg, d.last, p, rec_level, rec_change, mom_level, mom_change in columns:
+        d.prev.append(p)
+        d.recent["level"].extend(rec_level)  # maxlen short: replaces the whole window
+        d.recent["change"].extend(rec_change)
+        d.moments["level"][:] = mom_level
+        d.moments["change"][:] = mom_change
     unsorted = np.empty_like(out)
     unsorted[order] = out
     return unsorted
