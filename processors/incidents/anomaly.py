@@ -151,6 +151,17 @@ and its 46 false positives (65 detections, 19 inside windows; 15 on machine temp
 cpu_utilization, 7 each on nyc_taxi and ambient temperature, 5 and 3 on the rogue_agent series) cost
 about 13 points of the standard score (``seasonal-likelihood``: 71, about 20 points).
 
+Many samples at once (:meth:`AnomalyProcessor.process_many`, what the anomaly worker calls on each batch of
+records, 2026-12-05): the same states, scores, alerts and insights, bit for bit, as :meth:`AnomalyProcessor.process`
+one record at a time; the detector steps of the series in the default detector's steady state (past its
+warm-up, no weekly score: every 1-minute Nezha series after its first 51 samples) run as numpy array
+operations over all those series, one step per sample position, with the reference's IEEE operations in
+its order (``math.erfc`` per element, the builtin ``sum``'s order); any other state is stepped by its own
+``score_learn``. ``tests/unit/test_anomaly_detection.py`` compares the two on pod-shaped samples, 5-minute
+series, the Nezha day and NAB. In process on the Nezha day's 43,193 metric samples (:meth:`~AnomalyProcessor.prepare`
+included; CPU time, best of 3, 2 shared cores): 25.6 µs a record in batches of 1,000 against 53.0 µs one at
+a time.
+
 The alert gate turns scores into anomalies: an alert when the score reaches ``threshold`` and no alert
 was raised in the last ``suppress`` samples of the series (one early alert per incident is what NAB and a
 person on call both reward).
