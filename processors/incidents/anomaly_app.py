@@ -37,9 +37,9 @@ and :class:`processors.tables.TailRecoveringTable`.
   (:meth:`processors.incidents.anomaly.AnomalyProcessor.process_many`: the default detector's steady state
   as numpy steps over all series, the same states and insights bit for bit as one record at a time), their
   insights sent together and their deliveries awaited together, and each changed state marked once per
-  batch. Before, one record at a time: 0.30 / 0.30 of plain Faust (``bench/bench_incidents.py``, main,
-  2026-12-05); after, with :data:`GC_YOUNG_THRESHOLD` too, 0.46 / 0.51 in the runs alternating with those
-  (README).
+  batch. Before, one record at a time: 0.30 / 0.30 / 0.23 of plain Faust (``bench/bench_incidents.py``,
+  main, 2026-12-05); after, with :data:`GC_YOUNG_THRESHOLD` too, 0.46 / 0.51 / 0.60 in the runs
+  alternating with those (README).
 * **Order of effects per batch**: the insights (if any) are sent and their deliveries awaited before the
   batch's states are marked for the checkpoint (and no timer checkpoint is written while a batch is
   handled, :attr:`_AnomalyShell.handling`); a crash in between replays the records after restart and sends
