@@ -126,8 +126,14 @@ def credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
 
 def message_headers(raw: Any) -> list[tuple[str, bytes | None]]:
     """A Faust message's headers (a mapping or pairs) as ``[(name, value bytes or None), ...]``."""
-    items: Iterable[tuple[Any, Any]] = raw.items() if isinstance(raw, Mapping) else (raw or ())
-    return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v) for k, v in items]
+    # a list of pairs is what aiokafka gives: checked first (the Mapping check is an ABC isinstance)
+    items: Iterable[tuple[Any, Any]] = (
+        raw if type(raw) is list else raw.items() if isinstance(raw, Mapping) else (raw or ())
+    )
+    return [
+        (k if type(k) is str or isinstance(k, str) else bytes(k).decode("utf-8", "replace"), v)
+        for k, v in items
+    ]
 
 
 class SeekingConsumer(faust_aiokafka.Consumer):
@@ -481,6 +487,42 @@ class InOrderAcks:
         async for event in manual.events():
             pending, item = await handle(event)
             self.add(pending, event, item)
+            await self.settle()
+
+    async def consume_batches(
+        self,
+        stream: faust.StreamT,
+        handle: Callable[[list[Any]], Awaitable[Sequence[tuple[asyncio.Future[Any] | None, Any]]]],
+        *,
+        max_batch: int,
+        wait_seconds: float,
+    ) -> None:
+        """:meth:`consume` in batches: events are gathered while the next one is already received
+        (:func:`stream_has_more`) or arrives within ``wait_seconds`` of the last, up to ``max_batch``, and
+        handed to ``handle(events)`` together, which returns one ``(delivery future or None, item)`` per
+        event in their order; they are queued in that order and what was delivered is acked.
+
+        Faust's conductor puts the records of a fetch into the stream's queue one at a time, yielding to the
+        event loop after each, so a busy agent that took only what was queued would mostly see one event;
+        the short wait (the loop runs meanwhile, the conductor adds records) makes the batches. A record
+        that comes alone waits at most ``wait_seconds`` before it is handled."""
+        manual = stream.noack()
+        self.ack = manual.ack
+        loop = asyncio.get_running_loop()
+        batch: list[Any] = []
+        async for event in manual.events():
+            batch.append(event)
+            if len(batch) < max_batch:
+                if not stream_has_more(manual):
+                    deadline = loop.time() + wait_seconds
+                    while not stream_has_more(manual) and loop.time() < deadline:
+                        await asyncio.sleep(0)
+                if stream_has_more(manual):
+                    continue
+            results = await handle(batch)
+            for one, (pending, item) in zip(batch, results, strict=True):
+                self.add(pending, one, item)
+            batch = []
             await self.settle()
 
     def settle_every(self, app: faust.App, interval_seconds: float) -> None:

@@ -151,6 +151,17 @@ and its 46 false positives (65 detections, 19 inside windows; 15 on machine temp
 cpu_utilization, 7 each on nyc_taxi and ambient temperature, 5 and 3 on the rogue_agent series) cost
 about 13 points of the standard score (``seasonal-likelihood``: 71, about 20 points).
 
+Many samples at once (:meth:`AnomalyProcessor.process_many`, what the anomaly worker calls on each batch of
+records, 2026-12-05): the same states, scores, alerts and insights, bit for bit, as :meth:`AnomalyProcessor.process`
+one record at a time; the detector steps of the series in the default detector's steady state (past its
+warm-up, no weekly score: every 1-minute Nezha series after its first 51 samples) run as numpy array
+operations over all those series, one step per sample position, with the reference's IEEE operations in
+its order (``math.erfc`` per element, the builtin ``sum``'s order); any other state is stepped by its own
+``score_learn``. ``tests/unit/test_anomaly_detection.py`` compares the two on pod-shaped samples, 5-minute
+series, the Nezha day and NAB. In process on the Nezha day's 43,193 metric samples (:meth:`~AnomalyProcessor.prepare`
+included; CPU time, best of 3, 2 shared cores): 25.6 µs a record in batches of 1,000 against 53.0 µs one at
+a time.
+
 The alert gate turns scores into anomalies: an alert when the score reaches ``threshold`` and no alert
 was raised in the last ``suppress`` samples of the series (one early alert per incident is what NAB and a
 person on call both reward).
@@ -159,14 +170,18 @@ person on call both reward).
 from __future__ import annotations
 
 import base64
+import itertools
 import math
 import pickle
 import struct
+import sys
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
+
+import numpy as np
 
 from streams.envelope import Event, deterministic_id
 
@@ -962,57 +977,96 @@ class AnomalyProcessor:
         self.config = config or DetectorConfig()
         self.states: dict[str, SeriesState] = {}
         self.rejected: dict[str, int] = {}
+        self._names: dict[
+            tuple[Any, ...], list[tuple[str, str]]
+        ] = {}  # (pod, *metric names) -> sorted series
 
-    def process(self, data: Mapping[str, Any], event_id: str | None = None) -> list[Event]:
-        """Score one sample; return the insights it raises.
+    def prepare(
+        self, data: Mapping[str, Any], event_id: str | None = None
+    ) -> tuple[datetime, list[tuple[str, float]]]:
+        """Check one sample and list its series: ``(event time, [(series, value), ...])`` in the order
+        :meth:`process` observes them (a ``MetricSample``'s metrics sorted by name, null metrics skipped).
 
         Two shapes are read: a ``sophia.telemetry.SeriesSample`` (``series``, ``observed_at``, ``value``:
         one series) and a ``sophia.telemetry.MetricSample`` (``pod``, ``event_time``, ``metrics`` map: one
         series ``pod:<pod>/<metric>`` per metric; a null metric, which the source writes for a minute
-        without requests, is skipped, not refused).
-
-        Args:
-            data: the decoded datum (times as aware datetimes).
-            event_id: its CloudEvents id (the insights' causation).
+        without requests, is skipped, not refused). Changes no state but :attr:`rejected`.
 
         Raises:
             UnprocessableEventError: no series or pod, no aware time, or a value that is not a finite
-                number (counted in :attr:`rejected`; no state changes).
+                number (counted in :attr:`rejected`).
         """
         from processors.errors import UnprocessableEventError
 
         if "metrics" in data and "pod" in data:
             pod, observed_at, metrics = data.get("pod"), data.get("event_time"), data.get("metrics")
-            samples = [
-                (f"pod:{pod}/{name}", v) for name, v in sorted((metrics or {}).items()) if v is not None
-            ]
+            metrics = metrics or {}
+            # the series names of a pod's metrics, in sorted order, made once per pod and set of names
+            names = self._names.get((pod, *metrics))
+            if names is None:
+                if len(self._names) >= _NAMES_CACHED:
+                    self._names.clear()
+                names = self._names[(pod, *metrics)] = [
+                    (name, f"pod:{pod}/{name}") for name in sorted(metrics)
+                ]
+            samples = [(series, v) for name, series in names if (v := metrics[name]) is not None]
+            # every series of a pod is "pod:<pod>/<name>": non-empty text, refused only for pod None
+            named = not samples or not samples[0][0].startswith("pod:None/")
         else:
             observed_at = data.get("observed_at")
             samples = [(data.get("series"), data.get("value"))]
-        if (
-            not isinstance(observed_at, datetime)
-            or observed_at.tzinfo is None
-            or not all(isinstance(s, str) and s and not s.startswith("pod:None/") for s, _ in samples)
-        ):
+            named = all(isinstance(s, str) and s and not s.startswith("pod:None/") for s, _ in samples)
+        if not isinstance(observed_at, datetime) or observed_at.tzinfo is None or not named:
             self.rejected["bad_record"] = self.rejected.get("bad_record", 0) + 1
             raise UnprocessableEventError(
                 "metric sample without series (or pod) or aware time", event_id=event_id
             )
+        if all(type(v) is float and v - v == 0.0 for _, v in samples):  # all finite floats (the usual case)
+            return observed_at, samples  # type: ignore[return-value]
         for series, value in samples:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 self.rejected["not_a_number"] = self.rejected.get("not_a_number", 0) + 1
                 raise UnprocessableEventError(
                     f"value {value!r} of {series} is not a finite number", event_id=event_id
                 )
+        return observed_at, [(series, float(value)) for series, value in samples]
+
+    def process(self, data: Mapping[str, Any], event_id: str | None = None) -> list[Event]:
+        """Score one sample; return the insights it raises (shapes: :meth:`prepare`).
+
+        Args:
+            data: the decoded datum (times as aware datetimes).
+            event_id: its CloudEvents id (the insights' causation).
+
+        Raises:
+            UnprocessableEventError: see :meth:`prepare` (no state changes).
+        """
+        observed_at, samples = self.prepare(data, event_id)
         out: list[Event] = []
         for series, value in samples:
             state = self.states.get(series)
             if state is None:
                 state = self.states[series] = SeriesState(series, self.config)
-            _, alert = state.observe(observed_at, float(value))
+            _, alert = state.observe(observed_at, value)
             if alert is not None:
                 out.append(alert.to_insight(causation_id=event_id))
         return out
+
+    def process_many(
+        self, records: Sequence[tuple[datetime, Sequence[tuple[str, float]], str | None]]
+    ) -> list[tuple[list[Event], bool]]:
+        """:meth:`process` of several prepared samples in their order, with the same effect and the same
+        insights, in the same order, as calling it on each in turn; faster on many samples.
+
+        Args:
+            records: ``(event time, [(series, value), ...], event id)`` of each sample, as
+                :meth:`prepare` returns them (already checked).
+
+        Returns:
+            Per record: its insights and whether one of its series ignored it (at or before that series'
+            last event time, counted in the state's ``out_of_order``).
+        """
+        return _observe_many(self, records)
 
     @staticmethod
     def series_of(data: Mapping[str, Any]) -> list[str]:
@@ -1034,3 +1088,221 @@ class AnomalyProcessor:
     def restore(self, series: str, state: Mapping[str, Any]) -> None:
         """Put back a series' state read from a table."""
         self.states[series] = SeriesState.from_dict(state)
+
+
+# --- many samples at once (AnomalyProcessor.process_many) -------------------------------------------------
+#
+# The per-series detectors above are the reference. ``_observe_many`` gives the same states, scores and
+# alerts for a batch of samples: the time checks and the alert gate run per sample in Python as in
+# SeriesState.observe, and the detector steps of the series in the "steady" state of the default detector
+# (``_steady``: confirmed-likelihood with confirm 2, no seasonal score, past its warm-up) run as numpy
+# array operations over all those series at once, one step per sample position. Every operation is the
+# reference's IEEE double operation in the reference's order (``+ - * /``, ``abs``, ``sqrt`` and
+# ``min`` are exact in numpy as in Python; ``math.erfc`` is called per element; the 5-value sums follow
+# the builtin ``sum``, see ``_py_sum``), so the results are equal bit for bit
+# (tests/unit/test_anomaly_detection.py compares them on the Nezha-shaped and NAB-shaped series). Any other
+# state (warm-up, a period being learnt, a weekly seasonal score, other parameters or detectors) is
+# stepped by its own ``score_learn``.
+
+_NAMES_CACHED = 10_000
+"""Most (pod, metric names) entries :meth:`AnomalyProcessor.prepare` keeps (cleared when full)."""
+_NEUMAIER_SUM = sys.version_info >= (3, 12)
+"""Whether the builtin ``sum`` of floats is compensated (Neumaier) on this interpreter (CPython 3.12+)."""
+
+
+def _py_sum(cols: np.ndarray) -> np.ndarray:
+    """Row sums of ``cols`` (rows x k) equal to the builtin ``sum`` of each row's floats in order."""
+    total = cols[:, 0].copy()  # sum() starts from int 0: 0 + x is x for the non-negative raw scores here
+    if not _NEUMAIER_SUM:
+        for j in range(1, cols.shape[1]):
+            total += cols[:, j]
+        return total
+    comp = np.zeros_like(total)
+    for j in range(1, cols.shape[1]):
+        x = cols[:, j]
+        t = total + x
+        comp += np.where(np.abs(total) >= np.abs(x), (total - t) + x, (x - t) + total)
+        total = t
+    return np.where((comp != 0) & np.isfinite(comp), total + comp, total)
+
+
+def _erfc_scores(z: np.ndarray) -> np.ndarray:
+    """``1.0 - 0.5 * math.erfc(z)`` per element (the libm ``erfc`` that the reference calls)."""
+    erfc = math.erfc
+    return 1.0 - 0.5 * np.array([erfc(x) for x in z.tolist()], dtype=np.float64)
+
+
+def _params(det: Any) -> tuple[Any, ...]:
+    return (det.alpha, det.dev_alpha, det.short, det.long, det.warmup)
+
+
+def _steady(det: Any, params: tuple[Any, ...]) -> bool:
+    """Whether ``det`` steps as the vectorised kernel computes: a confirmed-likelihood detector with
+    ``params``, confirm 2 and a previous score, no seasonal score (period 0), past its warm-up with full
+    recent windows."""
+    return (
+        type(det) is ConfirmedLikelihoodDetector
+        and det.period == 0
+        and det.confirm == 2
+        and len(det.prev) == 1
+        and det.n > det.warmup
+        and det.last is not None
+        and _params(det) == params
+        and len(det.recent["level"]) == det.short
+        and len(det.recent["change"]) == det.short
+    )
+
+
+def _step_steady(dets: list[Any], values: list[list[float]]) -> np.ndarray:
+    """Step every detector of ``dets`` (all ``_steady`` with the same parameters) through its values in
+    order, as ``score_learn`` would; return the scores (row i: detector i's, padded with -1.0).
+
+    The moving statistics and moments do not depend on the scores, so the loop over sample positions
+    computes them and the tail arguments ``z``; the ``erfc`` of every ``z`` and the confirmation (the
+    smaller of a score and the one before it) are computed after it, for all samples at once."""
+    count = len(dets)
+    lengths = np.array([len(v) for v in values])
+    order = np.argsort(-lengths, kind="stable")  # longest first: the series still stepping are a prefix
+    dets = [dets[i] for i in order]
+    lengths = lengths[order]
+    width = int(lengths[0])
+    valid = np.arange(width) < lengths[:, None]  # (count, width): the real samples, in row-major order
+    vals = np.zeros((count, width))
+    vals[valid] = list(itertools.chain.from_iterable(values[i] for i in order))
+    alpha, dev_alpha, short, long, _ = _params(dets[0])
+    inv_alpha, inv_dev_alpha, inv_long = 1 / alpha, 1 / dev_alpha, 1.0 / long
+    n = np.array([d.n for d in dets], dtype=np.int64)
+    mean, dev, chg, last = np.array([(d.mean, d.dev, d.chg, d.last) for d in dets]).T.copy()
+    rec = {k: np.array([tuple(d.recent[k]) for d in dets]) for k in ("level", "change")}
+    mom = {k: np.array([d.moments[k] for d in dets]).T.copy() for k in ("level", "change")}
+    z = {k: np.zeros((count, width)) for k in ("level", "change")}
+    active = count
+    for step in range(width):
+        while active and lengths[active - 1] <= step:
+            active -= 1
+        m = slice(0, active)
+        v, nn = vals[m, step], n[m]
+        mu, dv, ch, ls = mean[m], dev[m], chg[m], last[m]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            level = np.where(dv > 0, np.minimum(np.abs(v - mu) / dv, 1e6), 0.0)
+            change = np.where(ch > 0, np.minimum(np.abs(v - ls) / ch, 1e6), 0.0)
+        a_long = np.where(nn + 1 < long, 1.0 / (nn + 1), inv_long)
+        for key, raw in (("level", level), ("change", change)):
+            r = rec[key]
+            r[m, :-1] = r[m, 1:]
+            r[m, -1] = raw
+            recent = _py_sum(r[m]) / short
+            m0, m1 = mom[key][0, m], mom[key][1, m]
+            sd = np.sqrt(m1)
+            z[key][m, step] = (recent - m0) / np.where(sd != 0, sd, 1e-9) / _SQRT2
+            d = raw - m0
+            mom[key][0, m] = m0 + a_long * d
+            mom[key][1, m] = (1.0 - a_long) * (m1 + a_long * d * d)
+        a = np.where(nn > inv_alpha, alpha, 1.0 / (nn + 1))
+        ad = np.where(nn > inv_dev_alpha, dev_alpha, 1.0 / (nn + 1))
+        dev[m] = (1 - ad) * dv + ad * np.abs(v - mu)
+        mean[m] = (1 - a) * mu + a * v
+        chg[m] = (1 - a) * ch + a * np.abs(v - ls)
+        last[m] = v
+        n[m] = nn + 1
+    level_score, change_score = _erfc_scores(z["level"][valid]), _erfc_scores(z["change"][valid])
+    scores = np.full((count, width + 1), -1.0)
+    scores[:, 0] = [d.prev[0] for d in dets]
+    scores[:, 1:][valid] = np.where(change_score > level_score, change_score, level_score)
+    before, now = scores[:, :-1], scores[:, 1:]
+    out = np.where(before < now, before, now)  # confirm 2: min(previous score, this one)
+    out[~valid] = -1.0
+    prev = scores[np.arange(count), lengths].tolist()
+    columns = zip(dets, n.tolist(), mean.tolist(), dev.tolist(), chg.tolist(), last.tolist(), prev,
+                  rec["level"].tolist(), rec["change"].tolist(), mom["level"].T.tolist(), mom["change"].T.tolist(),
+                  strict=True)  # fmt: skip
+    for d, d.n, d.mean, d.dev, d.chg, d.last, p, rec_level, rec_change, mom_level, mom_change in columns:
+        d.prev.append(p)
+        d.recent["level"].extend(rec_level)  # maxlen short: replaces the whole window
+        d.recent["change"].extend(rec_change)
+        d.moments["level"][:] = mom_level
+        d.moments["change"][:] = mom_change
+    unsorted = np.empty_like(out)
+    unsorted[order] = out
+    return unsorted
+
+
+def _observe_many(
+    processor: AnomalyProcessor, records: Sequence[tuple[datetime, Sequence[tuple[str, float]], str | None]]
+) -> list[tuple[list[Event], bool]]:
+    """See :meth:`AnomalyProcessor.process_many`."""
+    states, config = processor.states, processor.config
+    out_of_order = [False] * len(records)
+    # per series: [state, last event time, record numbers, values] of the samples it takes, in record order
+    taken: dict[str, list[Any]] = {}
+    for r, (observed_at, samples, _) in enumerate(records):
+        for series, value in samples:
+            entry = taken.get(series)
+            if entry is None:
+                state = states.get(series)
+                if state is None:
+                    state = states[series] = SeriesState(series, config)
+                entry = taken[series] = [state, state.last_time, [], []]
+            last_time = entry[1]
+            if last_time is not None and observed_at <= last_time:
+                entry[0].out_of_order += 1
+                out_of_order[r] = True
+                continue
+            entry[1] = observed_at
+            entry[2].append(r)
+            entry[3].append(value)
+    params = _params(make_detector(config.detector)) if config.detector == "confirmed-likelihood" else None
+    # per series with samples: state, record numbers, values, index of its first sample, scores
+    scored: list[tuple[SeriesState, list[int], list[float], int, list[float]]] = []
+    vector: list[tuple[int, int]] = []  # (index in scored, samples stepped by score_learn first)
+    for state, last_time, rs, values in taken.values():
+        if not rs:
+            continue
+        first_index = state.count
+        state.last_time = last_time
+        state.count += len(rs)
+        det = state.detector
+        scores: list[float] = []
+        if params is None or not _steady(det, params):
+            for r, value in zip(rs, values, strict=True):
+                if params is not None and _steady(det, params):
+                    break
+                scores.append(det.score_learn(value, records[r][0].timestamp()))
+        if len(scores) < len(rs):
+            vector.append((len(scored), len(scores)))
+        scored.append((state, rs, values, first_index, scores))
+    # candidates for an alert: (position in scored, sample number in the series, score) in series order
+    candidates: list[tuple[int, int, float]] = []
+    for k, (state, _, _, _, scores) in enumerate(scored):
+        threshold = state.config.threshold
+        candidates.extend((k, j, score) for j, score in enumerate(scores) if score >= threshold)
+    if vector:
+        rows = _step_steady(
+            [scored[k][0].detector for k, _ in vector], [scored[k][2][done:] for k, done in vector]
+        )
+        for (k, done), row in zip(vector, rows, strict=True):
+            state, rs = scored[k][0], scored[k][1]
+            row = row[: len(rs) - done]
+            hits = np.flatnonzero(row >= state.config.threshold)
+            if len(hits):
+                candidates.extend((k, done + int(j), float(row[j])) for j in hits)
+    candidates.sort(key=lambda c: (c[0], c[1]))  # each series' samples in order: the gate is sequential
+    alerts: list[tuple[int, int, Anomaly]] = []
+    for k, j, score in candidates:
+        state, rs, values, first_index, _ = scored[k]
+        index = first_index + j
+        if state.last_alert_index is not None and index - state.last_alert_index <= state.config.suppress:
+            continue
+        state.last_alert_index = index
+        r = rs[j]
+        at = records[r][0]
+        pos = next(p for p, (series, _) in enumerate(records[r][1]) if series == state.series)
+        alerts.append((r, pos, Anomaly(
+            series=state.series, observed_at=at.astimezone(UTC), value=values[j], score=score,
+            window_start=at.astimezone(UTC) - state.config.window,
+            detector_version=state.detector.version, sample_index=index,
+        )))  # fmt: skip
+    result: list[tuple[list[Event], bool]] = [([], ooo) for ooo in out_of_order]
+    for r, _, alert in sorted(alerts, key=lambda x: (x[0], x[1])):
+        result[r][0].append(alert.to_insight(causation_id=records[r][2]))
+    return result
