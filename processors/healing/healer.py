@@ -95,6 +95,8 @@ class InputEvent:
 
 
 def _as_input(event: Any) -> InputEvent:
+    if type(event) is dict:  # what the worker passes: no ABC check
+        return InputEvent(str(event["schema"]), event["data"], event.get("id"))
     if isinstance(event, InputEvent):
         return event
     if isinstance(event, Mapping):
