@@ -24,7 +24,8 @@ Batching changes no decision (the healer is fed the same records in the same ord
 delivery wait and the read-model write from once per record with decisions to once per batch
 (``backbone_healing_batches`` counts them). Batches are as long as the backlog: at 1,000 events/s the
 queue is nearly always empty and a batch is about one record (13,204 batches for 15,100 records in
-``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches. A circuit's
+``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches with Faust's
+consumer, 31-33 with :class:`processors.shell.EagerSeekingConsumer` (below). A circuit's
 event is sent as soon as its record is decided, so the batch does not delay it on the topic, while its
 read-model write waits for the batch's end (the records already queued behind it). Follow-up decisions
 (3, 4) are sent after the batch's other decisions, not right after their own record's, and outside its
@@ -32,6 +33,20 @@ tracing span.
 
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
+
+Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consumer is
+:class:`processors.shell.EagerSeekingConsumer` (each fetched record handed to the stream without the four
+tasks and ``asyncio.wait`` Faust makes per record), its monitor :class:`processors.shell.QuietMonitor` (no
+per-record statistics for Faust's web pages, off here), the agent freezes what exists when it starts
+(``gc.freeze()``: modules, Faust's services, the restored state) so that the collector's full collections no
+longer traverse it, and only the CloudEvents id is read from the checked headers
+(:meth:`streams.envelope.CloudEvent.id_from_headers`). Last measured (2026-12-05, ``python
+bench/bench_processors.py --events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout
+<this>``, load average 1.2-1.4): 8,205-8,236 records/s, 0.62-0.69 of the plain Faust agent in the same
+round (CPU 113-115 µs per record, the agent's 76-82), against 5,392-6,315 records/s, 0.45-0.48, 153-181 µs
+before these changes. Of the worker's GIL-holding samples (py-spy, start-up imports left out),
+``Healer.feed`` is about 15 %, Avro decode 9 %, checkpoints 9 % (state, acks); Faust's fetcher, conductor
+and stream, which the plain agent pays too, about 34 %.
 
 Metrics (on ``/metrics`` of :func:`run_healing_worker`, :func:`processors.shell.run_processor_worker`):
 ``backbone_circuit_open{circuit}``, 1 while a circuit is open or half-open (probing), 0 once closed, set at
