@@ -227,21 +227,24 @@ class AgentHealth:
         if run.recent.maxlen != t.loop_window:
             run.recent = deque(run.recent, maxlen=t.loop_window)
         run.recent.append(digest)
+        # below its first bound a signal raises and holds nothing (_trouble returns []): not called then
         n = t.failing_streak
-        out += self._trouble(
-            run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
-        )
+        if run.streak >= n:
+            out += self._trouble(
+                run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
+            )
         repeats = run.recent.count(digest) if command else 0
         r = t.loop_repeats
-        out += self._trouble(
-            run,
-            "loop",
-            repeats,
-            (r, r + LOOP_STEP, r + 2 * LOOP_STEP),
-            at,
-            cause,
-            {"repeats": repeats, "window": t.loop_window, "command": command[:200]},
-        )
+        if repeats >= r:
+            out += self._trouble(
+                run,
+                "loop",
+                repeats,
+                (r, r + LOOP_STEP, r + 2 * LOOP_STEP),
+                at,
+                cause,
+                {"repeats": repeats, "window": t.loop_window, "command": command[:200]},
+            )
         return out
 
     def _llm(
@@ -271,6 +274,8 @@ class AgentHealth:
             if median <= 0:
                 continue
             ratio = value / median
+            if ratio < f:
+                continue  # below the first bound (runaway_factor > 1: the bounds rise): no level
             bounds = (f, 1.5 * f, 2 * f)
             if _reached(ratio, bounds) <= run.levels.get(signal, -1):
                 continue  # no new level (what _level would find): its details are not built
