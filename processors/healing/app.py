@@ -42,8 +42,8 @@ per-record statistics for Faust's web pages, off here), the agent freezes what e
 longer traverse it, and only the CloudEvents id is read from the checked headers
 (:meth:`streams.envelope.CloudEvent.id_from_headers`). Last measured (2026-12-05, ``python
 bench/bench_processors.py --events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout
-<this>``, load average 1.2-1.4): 8,205-8,236 records/s, 0.62-0.69 of the plain Faust agent in the same
-round (CPU 113-115 µs per record, the agent's 76-82), against 5,392-6,315 records/s, 0.45-0.48, 153-181 µs
+<this>``, two runs, load average 0.8-2.1): 8,217-10,693 records/s, 0.66-0.80 of the plain Faust agent in the
+same round (CPU 91-118 µs per record, the agent's 67-96), against 5,077-7,388 records/s, 0.43-0.51, 137-183 µs
 before these changes. Of the worker's GIL-holding samples (py-spy, start-up imports left out),
 ``Healer.feed`` is about 15 %, Avro decode 9 %, checkpoints 9 % (state, acks); Faust's fetcher, conductor
 and stream, which the plain agent pays too, about 34 %.
