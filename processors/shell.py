@@ -37,6 +37,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from faust.sensors import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from mode.services import WaitResults
 
 from core import tracing
 from core.eventloop import event_loop_policy
@@ -231,94 +232,46 @@ class _Resumed:
                     return stop.value
 
 
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
-
-
 class EagerSeekingConsumer(SeekingConsumer):
     """:class:`SeekingConsumer` that hands each fetched record to Faust's conductor at once instead of
-    through ``Service.wait_first``: faust-streaming 0.15's ``Consumer._drain_messages`` wraps the conductor's
-    callback of every record, the wait for suspended flow and the service's stopped and crashed events in
-    four tasks and an ``asyncio.wait`` (about 15 % of the healer worker's main-thread samples under py-spy
-    on a 30,000-record backlog), although the callback almost always completes without waiting (the
-    conductor puts the event in the stream's queue and returns).
+    through a task: for every record, faust-streaming 0.15's fetch loop (``Consumer._drain_messages``)
+    awaits ``self.wait_first(callback(message), self.suspend_flow.wait())``, and mode's ``wait_first``
+    wraps the conductor's callback, the wait for a suspended flow and the service's stopped and crashed
+    events in four tasks and an ``asyncio.wait`` (about 15 % of the healer worker's main-thread samples
+    under py-spy on a 30,000-record backlog), although the callback almost always completes without
+    waiting (the conductor puts the event in the stream's queue and returns).
 
-    Here the callback's coroutine is stepped once in place; only when it waits (a full producer buffer,
-    a lock) does it go on as a task under the same ``wait_first`` as Faust's, so a suspension of the flow
-    or a stop still ends the wait. Faust's callback task would also have run to completion in its
-    first step, so a record is delivered, dropped or waited on as before; what changes is that the fetcher
-    yields to the event loop every 100 records (Faust's own ``yield_every``) and at each fetch rather than
-    after every record, so the agent finds records already queued (longer batches). :meth:`_drain_messages`
-    is Faust's, copied, with that one change.
+    Here :meth:`wait_first` recognises that call (two coroutines, no timeout, the second the flow's wait)
+    and steps the callback's coroutine once in place: when it completes, the record is delivered and the
+    flow's wait is closed unawaited; only when it waits (a full stream queue, a lock) does it go on, from
+    where it stopped, under mode's ``wait_first`` with the flow's wait, so a suspension of the flow or a
+    stop still ends the wait. Faust's callback task would also have run to completion in its first step,
+    so a record is delivered, dropped or waited on as before; what changes is that the fetch loop yields to
+    the event loop every 100 records (Faust's own ``yield_every``) and at each fetch rather than after every
+    record, so the agent finds records already queued (longer batches). Every other ``wait_first`` call
+    (and this one once the consumer is stopping or has crashed) is mode's. Checked against faust-streaming
+    0.15.3 and mode-streaming's ``Service.wait_first``; re-check on an upgrade.
     """
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - Faust's loop, see the class
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        flag_consumer_fetching = "FETCHING"  # faust.transport.consumer.CONSUMER_FETCHING
-        set_flag = self.diag.set_flag
-        unset_flag = self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-
-        yield_every = 100
-        num_since_yield = 0
-        sleep = asyncio.sleep
-
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(flag_consumer_fetching)
-                ait = getmany(timeout=1.0)
-                await self.sleep(0)
-                if not self.should_stop:
-                    async for tp, message in ait:
-                        num_since_yield += 1
-                        if num_since_yield > yield_every:
-                            await sleep(0)
-                            num_since_yield = 0
-                        offset = message.offset
-                        r_offset = get_read_offset(tp)
-                        if r_offset is None or offset >= r_offset:
-                            gap = offset - (r_offset or 0)
-                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                                await self._add_gap(tp, r_offset + 1, offset)
-                            if commit_every is not None and self._n_acked >= commit_every:
-                                self._n_acked = 0
-                                await self.commit()
-                            delivery = callback(message)
-                            try:
-                                first = delivery.send(None)
-                            except StopIteration:
-                                pass  # delivered without waiting: the common case
-                            else:
-                                task = asyncio.ensure_future(_await(_Resumed(delivery, first)))
-                                await self.wait_first(task, self.suspend_flow.wait())
-                            set_read_offset(tp, offset)
-                        else:
-                            self.log.dev(
-                                "DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value
-                            )
-                    unset_flag(flag_consumer_fetching)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                self.log.info("Broker stopped consumer, shutting down...")
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                self.log.info("Consumer shutting down for user cancel.")
-                return
-            raise
-        except Exception as exc:
-            self.log.exception("Drain messages raised: %r", exc)
-            raise
-        finally:
-            unset_flag(flag_consumer_fetching)
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
+        """mode's ``Service.wait_first``, with the fetch loop's per-record call stepped in place (see the
+        class); returns mode's ``WaitResults``."""
+        if (
+            len(coros) == 2
+            and timeout is None
+            and asyncio.iscoroutine(coros[0])
+            and asyncio.iscoroutine(coros[1])
+            and not self._stopped.is_set()
+            and not self._crashed.is_set()
+        ):
+            delivery, flow_wait = coros
+            try:
+                first = delivery.send(None)
+            except StopIteration as stop:  # delivered without waiting: the common case
+                flow_wait.close()
+                return WaitResults([delivery], [stop.value], False)
+            return await super().wait_first(_Resumed(delivery, first), flow_wait)
+        return await super().wait_first(*coros, timeout=timeout)
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
