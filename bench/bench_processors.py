@@ -42,6 +42,12 @@ by up to 3x between runs), records/s per run: raw 147,474 / 251,419 / 187,892; Q
 88,077 / 88,181, with state 26,347 / 26,100 / 47,733; plain Faust 6,483 / 2,422 / 7,252, with a table 1,823 /
 1,701 / 1,127; run-summary worker 1,190 / 2,541 / 1,543 (0.045 / 0.097 / 0.032 of Quix with state: issue 16's
 0.5 is not met, 5–16x short); healer 1,404 / 1,613 / 1,574 (0.053 / 0.062 / 0.033 of Quix with state).
+Issue 11's comparison alone (``--events 30000 --healer-rounds 3``, the healer of main at d5f31c2 and of the
+healer-speed2 branch, 2026-12-05, two runs, load average 0.8–2.1), per round: plain Faust 12,008 / 11,660 /
+14,207 and 10,312 / 14,139 / 15,433 records/s (CPU 83 / 88 / 67 and 96 / 69 / 67 µs per record); healer
+before 0.46 / 0.45 / 0.51 and 0.49 / 0.43 / 0.48 of Faust (175 / 183 / 139 and 180 / 159 / 137 µs), after
+0.68 / 0.75 / 0.66 and 0.80 / 0.71 / 0.69 (118 / 111 / 104 and 112 / 94 / 91 µs). 0.8 is reached in one
+round of six.
 """
 
 from __future__ import annotations

@@ -76,6 +76,36 @@ def parse_time(text: str) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
+def _checked_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> tuple[dict[str, str], datetime]:
+    """Kafka headers as ``{name: text}`` (values of None left out) and the parsed ``ce_time``, checked as
+    :meth:`CloudEvent.from_headers` documents.
+
+    Raises:
+        EnvelopeError: a value is not UTF-8, a required attribute is missing, the spec version is not 1.0,
+            or the time does not parse.
+    """
+    try:
+        h = {k: v.decode() for k, v in headers or () if v is not None}
+    except (UnicodeDecodeError, AttributeError):
+        h = {}
+        for k, v in headers or ():
+            if v is not None:
+                try:
+                    h[k] = v.decode() if isinstance(v, bytes) else str(v)
+                except UnicodeDecodeError as exc:
+                    raise EnvelopeError(f"header {k!r} is not UTF-8") from exc
+    if not _REQUIRED.issubset(h):
+        missing = [a for a in _REQUIRED_ORDER if a not in h]
+        raise EnvelopeError(f"missing CloudEvents header(s): {', '.join(missing)}")
+    if h["ce_specversion"] != SPECVERSION:
+        raise EnvelopeError(f"unsupported CloudEvents specversion {h['ce_specversion']!r}")
+    try:
+        time = parse_time(h["ce_time"])
+    except ValueError as exc:
+        raise EnvelopeError(f"ce_time {h['ce_time']!r} is not RFC 3339") from exc
+    return h, time
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloudEvent:
     """CloudEvents context attributes of one event.
@@ -148,25 +178,7 @@ class CloudEvent:
             EnvelopeError: when a required attribute (id, source, type, time, specversion) is missing,
                 the spec version is not 1.0, or the time does not parse.
         """
-        try:
-            h = {k: v.decode() for k, v in headers or () if v is not None}
-        except (UnicodeDecodeError, AttributeError):
-            h = {}
-            for k, v in headers or ():
-                if v is not None:
-                    try:
-                        h[k] = v.decode() if isinstance(v, bytes) else str(v)
-                    except UnicodeDecodeError as exc:
-                        raise EnvelopeError(f"header {k!r} is not UTF-8") from exc
-        if not _REQUIRED.issubset(h):
-            missing = [a for a in _REQUIRED_ORDER if a not in h]
-            raise EnvelopeError(f"missing CloudEvents header(s): {', '.join(missing)}")
-        if h["ce_specversion"] != SPECVERSION:
-            raise EnvelopeError(f"unsupported CloudEvents specversion {h['ce_specversion']!r}")
-        try:
-            time = parse_time(h["ce_time"])
-        except ValueError as exc:
-            raise EnvelopeError(f"ce_time {h['ce_time']!r} is not RFC 3339") from exc
+        h, time = _checked_headers(headers)
         return cls(
             id=h["ce_id"],
             source=h["ce_source"],
@@ -179,6 +191,16 @@ class CloudEvent:
             datacontenttype=h.get("content-type", AVRO_CONTENT_TYPE),
             dataschema=h.get("ce_dataschema"),
         )
+
+    @staticmethod
+    def id_from_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> str:
+        """The ``ce_id`` of Kafka headers that :meth:`from_headers` accepts, checked as it checks them,
+        without building the attributes (about a third of its cost, for a reader that needs the id alone).
+
+        Raises:
+            EnvelopeError: where :meth:`from_headers` raises it.
+        """
+        return _checked_headers(headers)[0]["ce_id"]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready attributes with CloudEvents names (``time`` as RFC 3339)."""

@@ -82,6 +82,15 @@ def _normalise(command: str) -> str:
     return " ".join(command.split())
 
 
+def _reached(value: float, bounds: tuple[float, float, float], cap: int = 2) -> int:
+    """The highest level index (0-2, at most ``cap``) whose bound ``value`` reaches; -1 for none."""
+    level = -1
+    for i, bound in enumerate(bounds):
+        if value >= bound and i <= cap:
+            level = i
+    return level
+
+
 def _digest(command: str) -> str:
     # what the run remembers of a (normalised) command: 64 bits of its SHA-256, enough to tell commands apart
     return hashlib.sha256(command.encode()).hexdigest()[:16]
@@ -218,21 +227,24 @@ class AgentHealth:
         if run.recent.maxlen != t.loop_window:
             run.recent = deque(run.recent, maxlen=t.loop_window)
         run.recent.append(digest)
+        # below its first bound a signal raises and holds nothing (_trouble returns []): not called then
         n = t.failing_streak
-        out += self._trouble(
-            run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
-        )
-        repeats = sum(1 for c in run.recent if c == digest) if command else 0
+        if run.streak >= n:
+            out += self._trouble(
+                run, "failing_streak", run.streak, (n, 2 * n, 3 * n), at, cause, {"streak": run.streak}
+            )
+        repeats = run.recent.count(digest) if command else 0
         r = t.loop_repeats
-        out += self._trouble(
-            run,
-            "loop",
-            repeats,
-            (r, r + LOOP_STEP, r + 2 * LOOP_STEP),
-            at,
-            cause,
-            {"repeats": repeats, "window": t.loop_window, "command": command[:200]},
-        )
+        if repeats >= r:
+            out += self._trouble(
+                run,
+                "loop",
+                repeats,
+                (r, r + LOOP_STEP, r + 2 * LOOP_STEP),
+                at,
+                cause,
+                {"repeats": repeats, "window": t.loop_window, "command": command[:200]},
+            )
         return out
 
     def _llm(
@@ -262,8 +274,13 @@ class AgentHealth:
             if median <= 0:
                 continue
             ratio = value / median
+            if ratio < f:
+                continue  # below the first bound (runaway_factor > 1: the bounds rise): no level
+            bounds = (f, 1.5 * f, 2 * f)
+            if _reached(ratio, bounds) <= run.levels.get(signal, -1):
+                continue  # no new level (what _level would find): its details are not built
             out += self._level(
-                run, signal, ratio, (f, 1.5 * f, 2 * f), at, cause,
+                run, signal, ratio, bounds, at, cause,
                 {"value": round(value, 6), "peer_median": round(median, 6), "ratio": round(ratio, 3), "peers": len(finals)},
             )  # fmt: skip
         return out
@@ -339,10 +356,7 @@ class AgentHealth:
         details: dict[str, Any],
         cap: int = 2,
     ) -> list[Decision]:
-        level = -1
-        for i, bound in enumerate(bounds):
-            if value >= bound and i <= cap:
-                level = i
+        level = _reached(value, bounds, cap)
         if level <= run.levels.get(signal, -1):
             return []
         run.levels[signal] = level

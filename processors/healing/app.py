@@ -24,7 +24,8 @@ Batching changes no decision (the healer is fed the same records in the same ord
 delivery wait and the read-model write from once per record with decisions to once per batch
 (``backbone_healing_batches`` counts them). Batches are as long as the backlog: at 1,000 events/s the
 queue is nearly always empty and a batch is about one record (13,204 batches for 15,100 records in
-``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches. A circuit's
+``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches with Faust's
+consumer, 31-33 with :class:`processors.shell.EagerSeekingConsumer` (below). A circuit's
 event is sent as soon as its record is decided, so the batch does not delay it on the topic, while its
 read-model write waits for the batch's end (the records already queued behind it). Follow-up decisions
 (3, 4) are sent after the batch's other decisions, not right after their own record's, and outside its
@@ -32,6 +33,20 @@ tracing span.
 
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
+
+Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consumer is
+:class:`processors.shell.EagerSeekingConsumer` (each fetched record handed to the stream without the four
+tasks and ``asyncio.wait`` Faust makes per record), its monitor :class:`processors.shell.QuietMonitor` (no
+per-record statistics for Faust's web pages, off here), the agent freezes what exists when it starts
+(``gc.freeze()``: modules, Faust's services, the restored state) so that the collector's full collections no
+longer traverse it, and only the CloudEvents id is read from the checked headers
+(:meth:`streams.envelope.CloudEvent.id_from_headers`). Last measured (2026-12-05, ``python
+bench/bench_processors.py --events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout
+<this>``, two runs, load average 0.8-2.1): 8,217-10,693 records/s, 0.66-0.80 of the plain Faust agent in the
+same round (CPU 91-118 µs per record, the agent's 67-96), against 5,077-7,388 records/s, 0.43-0.51, 137-183 µs
+before these changes. Of the worker's GIL-holding samples (py-spy, start-up imports left out),
+``Healer.feed`` is about 15 %, Avro decode 9 %, checkpoints 9 % (state, acks); Faust's fetcher, conductor
+and stream, which the plain agent pays too, about 34 %.
 
 Metrics (on ``/metrics`` of :func:`run_healing_worker`, :func:`processors.shell.run_processor_worker`):
 ``backbone_circuit_open{circuit}``, 1 while a circuit is open or half-open (probing), 0 once closed, set at
@@ -84,6 +99,7 @@ created here when missing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 import zlib
@@ -107,6 +123,7 @@ from processors.shell import (
     FaustDeadLetters,
     make_faust_app,
     message_headers,
+    quiet_faust_monitor,
     run_processor_worker,
     stream_has_more,
     traced_headers,
@@ -151,6 +168,9 @@ _circuit_open = Gauge(
     registry=REGISTRY,
 )
 _CIRCUIT_KINDS = frozenset({"circuit_opened", "circuit_half_open", "circuit_closed"})
+#: The state table's JSON (``json.dumps(..., sort_keys=True, separators=(",", ":"))``'s bytes) without the check
+#: for reference cycles, which the snapshot has none of: about a sixth of the encoding's time (1.1 MB of state).
+_STATE_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False)
 
 
 def record_circuit_transitions(decisions: list[Decision]) -> None:
@@ -329,7 +349,7 @@ class _HealingShell:
             "offsets": dict(sorted(self.offsets.items())),
             "healer": self.healer.snapshot(shared=True),  # serialised at once, before the healer is fed again
         }
-        raw = zlib.compress(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), 1)
+        raw = zlib.compress(_STATE_JSON.encode(body).encode(), 1)
         self.table[STATE_KEY] = raw
         self.stats.state_writes_count += 1
         self.stats.state_bytes += len(raw)
@@ -354,13 +374,15 @@ class _HealingShell:
             return
         headers = message_headers(message.headers)
         try:
-            attributes = CloudEvent.from_headers(headers)
+            event_id = CloudEvent.id_from_headers(
+                headers
+            )  # checked as from_headers checks; the id is all we use
             schema, data = self.serde.decode(message.value)
             try:
-                decisions = self.healer.feed({"schema": schema, "data": data, "id": attributes.id})
+                decisions = self.healer.feed({"schema": schema, "data": data, "id": event_id})
             except (KeyError, TypeError, ValueError) as exc:
                 raise UnprocessableEventError(
-                    f"{schema}: {type(exc).__name__}: {exc}", event_id=attributes.id
+                    f"{schema}: {type(exc).__name__}: {exc}", event_id=event_id
                 ) from exc
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
             await self.dead_letters.publish(message, exc, headers)
@@ -500,7 +522,11 @@ def create_healing_app(
         ``app.healing_close()`` releases the dead-letter producer.
     """
     topics = topics or HealingTopics()
-    app = make_faust_app(settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port)
+    app = make_faust_app(
+        settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port, eager_delivery=True
+    )
+    if not web_port:
+        quiet_faust_monitor(app)  # its per-record stats are for Faust's web pages, off here
     serde = serde or serde_from_settings(settings)
     source = app.topic(
         topics.events, topics.config, topics.acks, key_serializer="raw", value_serializer="raw"
@@ -529,9 +555,14 @@ def create_healing_app(
         """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
         manual = stream.noack()
         shell.ack = manual.ack
+        # what exists now (modules, Faust's and aiokafka's services, the restored state) lives as long as the
+        # worker: moved out of the collector's generations, so that its full collections, which the healer's
+        # state growth sets off, no longer traverse it (each took about 100 ms here, twice per 30,000 records)
+        gc.freeze()
+        group = app.conf.id
         async for event in manual.events():
             async with shell.lock:
-                with tracing_process(event.message, app.conf.id):
+                with tracing_process(event.message, group):
                     await shell.take(event.message)
                 await shell.after(event, more=stream_has_more(manual))
 

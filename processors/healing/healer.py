@@ -149,20 +149,24 @@ class Healer:
             KeyError, TypeError: the event lacks a field its schema requires (the shell sends it to
                 the dead-letter topic).
         """
-        ev = _as_input(event)
-        name = ev.schema.rsplit(".", 1)[-1]
-        if name == "Decision" and ev.data.get("kind") == "escalation_acked":
-            return self.acknowledge(Decision.from_avro(dict(ev.data)))
+        if type(event) is dict:  # what the worker passes: read as _as_input reads it, without the object
+            schema, data, event_id = str(event["schema"]), event["data"], event.get("id")
+        else:
+            ev = _as_input(event)
+            schema, data, event_id = ev.schema, ev.data, ev.id
+        name = schema.rsplit(".", 1)[-1]
+        if name == "Decision" and data.get("kind") == "escalation_acked":
+            return self.acknowledge(Decision.from_avro(dict(data)))
         if name not in ("LlmCall", "ToolCall", "RunLifecycle", "ConfigChange"):
             return []
-        at = _event_time(name, ev.data)
+        at = _event_time(name, data)
         out = self.advance(at)
         if name == "LlmCall":
-            out += self._llm_call(ev, at)
+            out += self._llm_call(schema, data, event_id, at)
         elif name in ("ToolCall", "RunLifecycle"):
-            out += self.health.on_event(ev.schema, ev.data, causation_id=ev.id)
+            out += self.health.on_event(schema, data, causation_id=event_id)
         else:
-            out += self._config_change(ev, at)
+            out += self._config_change(data, event_id, at)
         return self._note(out)
 
     def feed_all(self, events: Iterable[Any]) -> list[Decision]:
@@ -184,8 +188,9 @@ class Healer:
         out += self.health.advance(now)
         return self._note(out)
 
-    def _llm_call(self, ev: InputEvent, at: datetime) -> list[Decision]:
-        d = ev.data
+    def _llm_call(
+        self, schema: str, d: Mapping[str, Any], event_id: str | None, at: datetime
+    ) -> list[Decision]:
         provider = d.get("provider") or "unknown"
         model = d.get("model")
         agent = d.get("agent")
@@ -210,14 +215,13 @@ class Healer:
                         attempt=int(d.get("attempt") or 1),
                         error_kind=str(d.get("error_kind") or outcome),
                         at=at,
-                        causation_id=ev.id,
+                        causation_id=event_id,
                     )
                 )
-        out += self.health.on_event(ev.schema, d, causation_id=ev.id)
+        out += self.health.on_event(schema, d, causation_id=event_id)
         return out
 
-    def _config_change(self, ev: InputEvent, at: datetime) -> list[Decision]:
-        d = ev.data
+    def _config_change(self, d: Mapping[str, Any], event_id: str | None, at: datetime) -> list[Decision]:
         key = str(d["key"])
         raw = d.get("value_json")
         value = json.loads(raw) if raw else None
@@ -231,7 +235,7 @@ class Healer:
                         subject=f"config:{key}",
                         event_time=at,
                         config_version=self.config.version,
-                        causation_id=ev.id,
+                        causation_id=event_id,
                         details={
                             "key": key,
                             "version": int(d["version"]),
@@ -246,14 +250,14 @@ class Healer:
                     subject=f"config:{key}",
                     event_time=at,
                     config_version=self.config.version,
-                    causation_id=ev.id,
+                    causation_id=event_id,
                     details={"key": key, "version": int(d["version"])},
                 )
             ]
         if key.startswith(HEALING_CONFIG_PREFIX):
             return []
         return self.rollbacks.on_change(
-            event_id=ev.id or f"{key}@{d['version']}",
+            event_id=event_id or f"{key}@{d['version']}",
             key=key,
             version=int(d["version"]),
             at=at,
