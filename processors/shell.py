@@ -1,12 +1,15 @@
 """The one Faust worker shell that every processor configures instead of copying.
 
 It holds the app's broker and store settings (:func:`make_faust_app`), its consumer (with three repairs of
-Faust's seek around a rebalance, :class:`SeekingConsumer`), decoding a Faust message into an
+Faust's seek around a rebalance, :class:`SeekingConsumer`, and by default each fetched record handed to the
+streams without a task, :class:`EagerSeekingConsumer`), its monitor (by default without per-record
+statistics when Faust's web server is off, :class:`QuietMonitor`), decoding a Faust message into an
 :class:`~streams.envelope.Event` (:func:`decode_event`), sending an event and awaiting its delivery
 (:func:`send_event`), dead letters of a Faust message (:class:`FaustDeadLetters`), creating the topics a
 processor needs (:func:`ensure_processor_topics`), its counters as Prometheus metrics
 (:class:`StatsCollector`), and the worker's lifecycle (:func:`run_processor_worker`: logging, ``/metrics``,
-``/healthz`` and ``/readyz`` on ``Settings.metrics_host``, the Faust worker, stop-when-idle, clean shutdown).
+``/healthz`` and ``/readyz`` on ``Settings.metrics_host``, the Faust worker, stop-when-idle, clean shutdown,
+``gc.freeze()`` of what exists once it is up).
 
 Each processor (:mod:`processors.run_summary.app`, :mod:`processors.correlation.app`,
 :mod:`processors.routing.app`, :mod:`processors.routing.policy_app`, :mod:`processors.healing.app`,
@@ -20,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -354,11 +358,18 @@ class _EagerApp(faust.App):
 
 
 def make_faust_app(
-    settings: Settings, app_id: str, *, partitions: int, web_port: int | None, eager_delivery: bool = False
+    settings: Settings,
+    app_id: str,
+    *,
+    partitions: int,
+    web_port: int | None,
+    eager_delivery: bool = True,
+    quiet_monitor: bool = True,
 ) -> faust.App:
     """A Faust app as every processor runs it: raw key and value serializers (decoding is ours),
     in-memory tables recovered from their changelogs, ``acks=all``, reading from the earliest offset
-    of a new group, no autodiscovery, no standby replicas, and :class:`SeekingConsumer` as its consumer.
+    of a new group, no autodiscovery, no standby replicas, :class:`EagerSeekingConsumer` as its consumer
+    and, with Faust's web server off, :class:`QuietMonitor` as its monitor.
 
     Args:
         settings: broker settings (``session_timeout_ms`` included) from ``settings.kafka``; the data
@@ -367,7 +378,10 @@ def make_faust_app(
         partitions: default partition count of its internal topics (changelogs, repartition topics).
         web_port: port of Faust's web server; ``None`` or ``0`` leaves it off.
         eager_delivery: :class:`EagerSeekingConsumer` as the consumer (records handed to the streams
-            without a task each).
+            without a task each); ``False``: :class:`SeekingConsumer` (Faust's delivery, a task per record).
+        quiet_monitor: :class:`QuietMonitor` as the monitor when the web server is off (no per-record
+            stats; they are only read by Faust's web ``/stats`` page); ``False``: Faust's ``Monitor``.
+            With the web server on, Faust's ``Monitor`` either way.
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -375,7 +389,7 @@ def make_faust_app(
     session_timeout_seconds = settings.kafka.session_timeout_ms / 1000
     datadir = settings.state_dir / "faust" / app_id
     datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes the last level only
-    return (_EagerApp if eager_delivery else _App)(
+    app = (_EagerApp if eager_delivery else _App)(
         app_id,
         broker=broker_urls(settings.kafka),
         broker_credentials=credentials(settings.kafka),
@@ -396,6 +410,9 @@ def make_faust_app(
         web_port=web_port or 6066,
         web_bind=settings.metrics_host,
     )
+    if quiet_monitor and not web_port:
+        quiet_faust_monitor(app)
+    return app
 
 
 class FaustDeadLetters:
@@ -893,6 +910,7 @@ def run_processor_worker(
     collectors: Sequence[Any] = (),
     health_fields: Callable[[], Mapping[str, Any]] | None = None,
     shutdown_timeout_seconds: float = SHUTDOWN_TIMEOUT_SECONDS,
+    freeze_gc: bool = True,
 ) -> None:
     """Run a processor's Faust app as a worker in this process until it is stopped (blocking).
 
@@ -924,6 +942,10 @@ def run_processor_worker(
             read at each request.
         shutdown_timeout_seconds: longest time from SIGTERM/SIGINT to the exit; a shutdown still
             running then is abandoned and the process exits with code 70.
+        freeze_gc: once the worker is up (tables recovered), collect and then ``gc.freeze()`` what exists
+            (modules, Faust's and aiokafka's services, the recovered tables): it lives as long as the
+            worker, and the collector's full collections no longer traverse it; unfrozen when the worker
+            stops. ``False``: the collector as it is.
 
     Raises:
         SystemExit: the worker exited with a non-zero code.
@@ -932,6 +954,9 @@ def run_processor_worker(
 
     @app.task
     async def _mark_started() -> None:  # tasks start once the worker is up (tables recovered)
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         started.append(time.monotonic())
 
     if stop_after_idle_seconds is not None:
@@ -978,6 +1003,8 @@ def run_processor_worker(
         if exc.code not in (0, None):
             raise
     finally:
+        if freeze_gc:
+            gc.unfreeze()
         loop_policy.close()
         server.shutdown()
         server.server_close()

@@ -37,7 +37,8 @@ the dead-letter topic with its raw bytes and the reason, and processing goes on.
 Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consumer is
 :class:`processors.shell.EagerSeekingConsumer` (each fetched record handed to the stream without the four
 tasks and ``asyncio.wait`` Faust makes per record), its monitor :class:`processors.shell.QuietMonitor` (no
-per-record statistics for Faust's web pages, off here), the agent freezes what exists when it starts
+per-record statistics for Faust's web pages, off here; both :func:`processors.shell.make_faust_app`'s
+defaults), the agent freezes what exists when it starts
 (``gc.freeze()``: modules, Faust's services, the restored state) so that the collector's full collections no
 longer traverse it, and only the CloudEvents id is read from the checked headers
 (:meth:`streams.envelope.CloudEvent.id_from_headers`). Last measured (2026-12-05, ``python
@@ -123,7 +124,6 @@ from processors.shell import (
     FaustDeadLetters,
     make_faust_app,
     message_headers,
-    quiet_faust_monitor,
     run_processor_worker,
     stream_has_more,
     traced_headers,
@@ -522,11 +522,8 @@ def create_healing_app(
         ``app.healing_close()`` releases the dead-letter producer.
     """
     topics = topics or HealingTopics()
-    app = make_faust_app(
-        settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port, eager_delivery=True
-    )
-    if not web_port:
-        quiet_faust_monitor(app)  # its per-record stats are for Faust's web pages, off here
+    # make_faust_app's defaults: EagerSeekingConsumer, and QuietMonitor when Faust's web server is off
+    app = make_faust_app(settings, app_id or DEFAULT_APP_ID, partitions=1, web_port=web_port)
     serde = serde or serde_from_settings(settings)
     source = app.topic(
         topics.events, topics.config, topics.acks, key_serializer="raw", value_serializer="raw"
