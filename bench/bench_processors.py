@@ -47,7 +47,13 @@ healer-speed2 branch, 2026-12-05, two runs, load average 0.8–2.1), per round: 
 14,207 and 10,312 / 14,139 / 15,433 records/s (CPU 83 / 88 / 67 and 96 / 69 / 67 µs per record); healer
 before 0.46 / 0.45 / 0.51 and 0.49 / 0.43 / 0.48 of Faust (175 / 183 / 139 and 180 / 159 / 137 µs), after
 0.68 / 0.75 / 0.66 and 0.80 / 0.71 / 0.69 (118 / 111 / 104 and 112 / 94 / 91 µs). 0.8 is reached in one
-round of six.
+round of six. Then (2026-12-05) ``make_faust_app`` gave every processor app the healer's
+``EagerSeekingConsumer`` and ``QuietMonitor`` by default, and ``run_processor_worker`` ``gc.freeze()`` once the worker is up: the same
+``--events 30000`` command from main's checkout (76f9a60) and from the branch's, alternating (main, branch,
+four times, 22:28-22:49 UTC, load average 0.8-4.2, the branch's first run beside integration tests), run-summary
+worker before 7,281 / 7,771 / 6,951 / 6,202 records/s against plain Faust at 8,624 / 14,216 / 12,845 / 12,444
+(**0.84 / 0.55 / 0.54 / 0.50**), after 4,835 / 9,518 / 8,125 / 9,092 against 8,309 / 11,721 / 11,711 / 12,552
+(**0.58 / 0.81 / 0.69 / 0.72**; 0.58 beside the tests, where Faust with a table also fell to 0.20).
 """
 
 from __future__ import annotations
