@@ -374,9 +374,8 @@ class _HealingShell:
             return
         headers = message_headers(message.headers)
         try:
-            event_id = CloudEvent.id_from_headers(
-                headers
-            )  # checked as from_headers checks; the id is all we use
+            # checked as from_headers checks; the id is all the healer reads
+            event_id = CloudEvent.id_from_headers(headers)
             schema, data = self.serde.decode(message.value)
             try:
                 decisions = self.healer.feed({"schema": schema, "data": data, "id": event_id})

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -161,8 +160,8 @@ already received, so it is smaller when records come slowly."""
 BATCH_WAIT_SECONDS = 0.002
 """How long a batch waits for the next record before it is handled (:meth:`processors.shell.InOrderAcks.consume_batches`)."""
 GC_YOUNG_THRESHOLD = 10_000
-"""The worker's ``gc`` threshold of the youngest generation (Python's default: 700), set with ``gc.freeze()``
-of what start-up made (:func:`run_anomaly_worker`). Each record makes many short-lived containers (Faust's
+"""The worker's ``gc`` threshold of the youngest generation (Python's default: 700), given to
+:func:`processors.shell.run_processor_worker`, which also ``gc.freeze()``s what start-up made. Each record makes many short-lived containers (Faust's
 event and message, the decoded sample, its datetimes), so the default collected every few records: on the
 Nezha day 2,366 young, 215 middle and 14 full collections took 1.07 s of the worker's CPU (``gc.callbacks``),
 with these settings 120, 10 and 1 took 0.29 s. Cycles are still collected, only less often."""
@@ -374,19 +373,12 @@ def run_anomaly_worker(
         topics = dataclasses.replace(topics, partitions=len(found.partitions))
     app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
     stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
-    thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()  # what start-up made (modules, the app) is never garbage: out of every collection
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
-    try:
-        run_processor_worker(
-            settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
-            close=app.anomaly_close,  # type: ignore[attr-defined]
-            stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
-        )  # fmt: skip
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+    run_processor_worker(
+        settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
+        close=app.anomaly_close,  # type: ignore[attr-defined]
+        stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+        gc_young_threshold=GC_YOUNG_THRESHOLD,  # and the shell's gc.freeze() once the worker is up
+    )  # fmt: skip
     log.info(
         "anomaly_worker_stopped",
         **{k: v for k, v in dataclasses.asdict(stats).items() if not k.endswith("_record_monotonic")},
