@@ -211,6 +211,19 @@ def _quix(boot: str, topic: str, n: int, mode: str, python: Path) -> float:
     return float((n - 1) / (r["done"] - r["first"]))
 
 
+def _shell_count(boot: str, topic: str, n: int, env: dict[str, str], mode: str) -> float:
+    """Records/s of ``bench/shell_count.py`` (the counting job on the worker shell) in MODE ``events`` (Faust's
+    per-record path, acked in order) or ``batches`` (:class:`processors.shell.BatchDelivery`)."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "shell_count.py"), boot, topic, str(n),
+                           f"bench-shell-{uuid.uuid4().hex[:8]}", mode],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    found = re.search(r'\{"records": .*?\}', done.stdout + done.stderr)
+    if found is None:
+        raise RuntimeError(f"the shell's counting job ({mode}) did not finish: {done.stderr[-2000:]}")
+    r = json.loads(found.group(0))
+    return float((n - 1) / (r["last"] - r["first"]))
+
+
 def _worker(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
     tag = uuid.uuid4().hex[:8]
     done = subprocess.run(
@@ -387,6 +400,16 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, str]]:
             (
                 f"Faust agent, count per key in a changelogged table ({loop})",
                 _faust(boot, topic, n, True, env, loop),
+                "records/s",
+            ),
+            (
+                f"worker shell, count per key in a changelogged table, per event, acked in order ({loop})",
+                _shell_count(boot, topic, n, env, "events"),
+                "records/s",
+            ),
+            (
+                f"worker shell, count per key in a changelogged table, BatchDelivery ({loop})",
+                _shell_count(boot, topic, n, env, "batches"),
                 "records/s",
             ),
             (

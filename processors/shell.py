@@ -55,6 +55,7 @@ from streams.serde import AvroSerde
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
+    "BatchDelivery",
     "EagerSeekingConsumer",
     "FaustDeadLetters",
     "InOrderAcks",
@@ -180,16 +181,85 @@ class SeekingConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def _batch_deliveries(self) -> Mapping[str, BatchDelivery]:
+        return getattr(self.app, "batch_deliveries", _NO_DELIVERIES)  # type: ignore[no-any-return]
+
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Mapping[TP, list[Any]]:
+        deliveries = self._batch_deliveries()
+        if deliveries:
+            for delivery in deliveries.values():
+                await delivery.wait_for_space(self)
+        generation = self.app.consumer_generation_id
         if active_partitions is None:  # a client-only app: every partition
-            return await super()._getmany(None, timeout)
-        return await super()._getmany(_FetchablePartitions(self, active_partitions), timeout)  # type: ignore[arg-type]
+            records = await super()._getmany(None, timeout)
+        else:
+            records = await super()._getmany(_FetchablePartitions(self, active_partitions), timeout)  # type: ignore[arg-type]
+        if not deliveries or not records:
+            return records
+        # the records of batch-consumed topics go to their BatchDelivery, in one list per partition, and never
+        # reach Faust's per-record path; taken only where Faust would hand them to a stream: the consumer's flow
+        # active in the same generation (otherwise its getmany drops them too, and the seek that follows reads
+        # them again), the app's flow control resumed (Faust's streams' queues would hold them, and be cleared
+        # when it resumes) and the tables' active partitions recovered (``actives_ready``: False from a
+        # rebalance's start until recovery has completed, its ``on_recovery_completed`` callbacks run and the
+        # streams were sought; without a table needing recovery Faust resumes the flow before those callbacks,
+        # and records taken then were handled before a TailRecoveringTable read its tail over them)
+        tables = self.app.tables
+        take = (self.flow_active and self.app.flow_control.is_active() and not self.should_stop
+                and generation == self.app.consumer_generation_id
+                and (tables.actives_ready or not tables.data))  # fmt: skip
+        rest: dict[TP, list[Any]] = {}
+        for tp, batch in records.items():
+            delivery = deliveries.get(tp.topic)
+            if delivery is None:
+                rest[tp] = batch
+            elif take and batch:
+                delivery.put(tp, batch)
+        return rest
+
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+        yield from super()._filter_tps_with_pending_acks(topics)
+        for delivery in self._batch_deliveries().values():
+            for tp in list(delivery.done):
+                if topics is None or tp in topics or tp.topic in topics:
+                    yield tp
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for ``tp``: Faust's (acked messages) or, for a batch-consumed topic, the
+        offset after the last record whose effects were delivered (:attr:`BatchDelivery.done`)."""
+        delivery = self._batch_deliveries().get(tp.topic)
+        if delivery is not None:
+            return delivery.done.get(tp)
+        return super()._new_offset(tp)  # type: ignore[no-any-return]
+
+    async def wait_empty(self) -> None:
+        """Faust's wait for the records in flight (at a revocation and at stop), after each
+        :class:`BatchDelivery` is drained (its batch in hand finished, its effects written and delivered,
+        the records not yet handed over dropped), so Faust's commit that follows covers what was handled."""
+        for delivery in self._batch_deliveries().values():
+            await delivery.drain()
+        await super().wait_empty()
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        """Faust's revocation, then each :class:`BatchDelivery` forgets the revoked partitions."""
+        await super().on_partitions_revoked(revoked)
+        for delivery in self._batch_deliveries().values():
+            delivery.forget(revoked)
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        """Faust's seek; a batch-consumed partition takes the records from ``offset`` again."""
+        await super().seek(partition, offset)
+        delivery = self._batch_deliveries().get(partition.topic)
+        if delivery is not None:
+            delivery.reposition([partition])
 
     async def perform_seek(self) -> None:
         """Faust's seek of every assigned partition to its committed offset, after which stream records are
-        held back until :meth:`resume_flow`."""
+        held back until :meth:`resume_flow`; batch-consumed partitions take records from there again."""
         self._held_to_changelogs = frozenset(self.app.tables.changelog_topics)
         await super().perform_seek()
+        for delivery in self._batch_deliveries().values():
+            delivery.reposition(None)
 
     def resume_flow(self) -> None:
         """Let records through again (Faust calls it once its flow control has resumed)."""
@@ -341,9 +411,14 @@ class _EagerTransport(_Transport):
 
 
 class _App(faust.App):
-    """``faust.App`` whose consumer is :class:`SeekingConsumer` (the ``kafka://`` transport otherwise)."""
+    """``faust.App`` whose consumer is :class:`SeekingConsumer` (the ``kafka://`` transport otherwise), with the
+    :class:`BatchDelivery` of each topic consumed in batches (``batch_deliveries``, by topic name)."""
 
     transport_class: type[faust_aiokafka.Transport] = _Transport
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_deliveries: dict[str, BatchDelivery] = {}
 
     def _new_transport(self) -> faust.types.TransportT:
         return self.transport_class(self.conf.broker_consumer, self)
@@ -699,14 +774,14 @@ class TableCheckpoints:
         """``key``'s state changed (to ``state``) by a record of input ``partition``."""
         self.dirty[key] = (partition, state)
 
-    def record(self) -> asyncio.Future[None]:
-        """Count a handled record whose effects are marked; the future of the checkpoint that writes them
-        (checkpointing now when ``every_records`` records are counted)."""
+    def record(self, count: int = 1) -> asyncio.Future[None]:
+        """Count ``count`` handled records whose effects are marked; the future of the checkpoint that writes
+        them (checkpointing now when ``every_records`` records are counted)."""
         if self.batch is None:
             self.batch = asyncio.get_running_loop().create_future()
             self.started = time.monotonic()
         batch = self.batch
-        self.records += 1
+        self.records += count
         if self.records >= self.every_records:
             self.checkpoint()
         return batch
@@ -726,6 +801,215 @@ class TableCheckpoints:
         """Checkpoint when the oldest record not yet checkpointed waited ``every_seconds``."""
         if self.batch is not None and time.monotonic() - self.started >= self.every_seconds:
             self.checkpoint()
+
+
+class BatchDelivery:
+    """A topic consumed in batches: its records go from each fetch straight to ``handle`` in lists, without
+    Faust's per-record path (a ``Message``, the conductor, a channel's queue, a stream event and an ack each),
+    and its offsets are committed from this object's own "effects delivered up to" per partition.
+
+    :class:`SeekingConsumer` hands each fetch's records of the topic's partitions to :meth:`put` (only where
+    Faust would have delivered them: flow active, same consumer generation; otherwise Faust drops them too
+    and reads them again after its seek), in one list per partition, and keeps them from Faust's fetch
+    loop. A task of the app takes up to ``max_batch`` buffered records at a time, in the order they came
+    (each partition's records in offset order), and awaits ``handle(records)``, which applies them and
+    returns the future of their effects (e.g. :meth:`TableCheckpoints.record`'s checkpoint, or a gather of
+    output deliveries), or None when they have none to wait for. Once that future is done, and every
+    earlier batch's, the partitions' offsets after the batch's last records are in :attr:`done`, which the
+    consumer commits (its ``_new_offset``) in Faust's commits (its commit timer, at a revocation and at
+    stop, each after flushing the producer), so Faust never commits past a record whose effects are not
+    written. A failed future or a ``handle`` that raises crashes the app (nothing after it is committed:
+    the records are read again on restart).
+
+    Revocation and stop: Faust's wait for the records in flight (``wait_empty``) first calls :meth:`drain`: the
+    batch in hand finishes, ``flush`` runs (e.g. :meth:`TableCheckpoints.checkpoint`), every pending future
+    is awaited, and the records not yet taken are dropped, so Faust's commit that follows is exactly what
+    was handled; after the revocation the partitions are forgotten. A seek (Faust's ``perform_seek`` after
+    every assignment and when a fetch returns while the flow is stopped, or a partition's ``seek``) drops
+    the buffered records of the partitions sought, which are then read again from their new position.
+    Records below a partition's next expected offset (read again without a seek) are dropped. While the
+    table recovers, stream partitions are paused (:class:`SeekingConsumer`), so nothing arrives.
+
+    Records are aiokafka's ``ConsumerRecord`` objects (``topic``, ``partition``, ``offset``, ``key``, ``value``
+    bytes, ``headers`` as ``(name, bytes)`` pairs, ``timestamp`` in ms): :func:`message_headers` and
+    :meth:`FaustDeadLetters.publish` take them as they take a Faust ``Message``.
+
+    Args:
+        app: an app of :func:`make_faust_app` (its consumer is a :class:`SeekingConsumer`).
+        topic: the Faust topic (one or more names); it is subscribed here, and no agent may iterate it.
+        handle: ``await handle(records)`` -> the future of their effects, or None.
+        flush: called by :meth:`drain` before the pending futures are awaited (write what is held back).
+        max_batch: most records per ``handle`` call.
+        max_buffered: records taken from fetches and not yet handled at which the fetch loop waits.
+        max_pending: batches whose futures are not done at which the task waits for the oldest.
+    """
+
+    def __init__(
+        self,
+        app: faust.App,
+        topic: faust.TopicT,
+        handle: Callable[[list[Any]], Awaitable[asyncio.Future[Any] | None]],
+        *,
+        flush: Callable[[], None] | None = None,
+        max_batch: int = 1000,
+        max_buffered: int = 20_000,
+        max_pending: int = 64,
+    ) -> None:
+        registry = getattr(app, "batch_deliveries", None)
+        if registry is None:
+            raise TypeError("BatchDelivery needs an app of make_faust_app")
+        self.app = app
+        self.handle = handle
+        self.flush = flush
+        self.max_batch = max_batch
+        self.max_buffered = max_buffered
+        self.max_pending = max_pending
+        self.chunks: collections.deque[tuple[TP, list[Any]]] = collections.deque()
+        self.buffered = 0
+        self.position: dict[TP, int] = {}  # next offset expected from a fetch, per partition
+        self.pending: collections.deque[tuple[asyncio.Future[Any] | None, dict[TP, int]]] = (
+            collections.deque()
+        )
+        self.done: dict[TP, int] = {}  # offset after the last record whose effects were delivered
+        self.failure: BaseException | None = None
+        self.records_handled = 0
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._lock = asyncio.Lock()
+        for name in topic.topics:
+            registry[name] = self
+        app.topics.add(topic)
+        app.task(self._run)
+
+    def put(self, tp: TP, records: list[Any]) -> None:
+        """Buffer the records of ``tp`` from a fetch (offset order); those below its next expected offset are dropped."""
+        expected = self.position.get(tp)
+        if expected is not None and records[0].offset < expected:
+            records = [r for r in records if r.offset >= expected]
+            if not records:
+                return
+        self.position[tp] = records[-1].offset + 1
+        self.chunks.append((tp, records))
+        self.buffered += len(records)
+        self._arrived.set()
+
+    async def wait_for_space(self, consumer: Any) -> None:
+        """Wait while ``max_buffered`` records are buffered (the fetch loop calls it before each fetch),
+        unless ``consumer``'s flow stops or it stops."""
+        while (self.buffered >= self.max_buffered and consumer.flow_active and not consumer.should_stop
+               and self.failure is None):  # fmt: skip
+            self._space.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._space.wait(), 0.1)
+
+    def reposition(self, tps: Iterable[TP] | None) -> None:
+        """Drop the buffered records of ``tps`` (None: all) and their next expected offsets (after a seek)."""
+        if tps is None:
+            self.chunks.clear()
+            self.position.clear()
+        else:
+            sought = set(tps)
+            self.chunks = collections.deque((tp, r) for tp, r in self.chunks if tp not in sought)
+            for tp in sought:
+                self.position.pop(tp, None)
+        self.buffered = sum(len(r) for _, r in self.chunks)
+        self._space.set()
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        """Forget revoked partitions (buffered records, positions, delivered offsets)."""
+        tps = set(tps)
+        self.reposition(tps)
+        for tp in tps:
+            self.done.pop(tp, None)
+
+    async def drain(self) -> None:
+        """Finish the batch in hand, drop the records not yet taken, run ``flush`` and wait for every pending
+        batch's future, so :attr:`done` covers everything handled.
+
+        Raises:
+            BaseException: a batch's future failed (nothing after it is in :attr:`done`).
+        """
+        async with self._lock:
+            self.reposition(None)
+            if self.flush is not None:
+                self.flush()
+            while self.pending:
+                head = self.pending[0][0]
+                if head is not None and not head.done():
+                    await asyncio.wait({head})
+                self._settle()
+                if self.failure is not None:
+                    raise self.failure
+
+    def _take(self) -> tuple[list[Any], dict[TP, int]]:
+        records: list[Any] = []
+        upto: dict[TP, int] = {}
+        chunks = self.chunks
+        while chunks and len(records) < self.max_batch:
+            tp, chunk = chunks[0]
+            room = self.max_batch - len(records)
+            if len(chunk) <= room:
+                chunks.popleft()
+                part = chunk
+            else:
+                part, chunks[0] = chunk[:room], (tp, chunk[room:])
+            records += part
+            upto[tp] = part[-1].offset + 1
+        self.buffered -= len(records)
+        if self.buffered < self.max_buffered:
+            self._space.set()
+        return records, upto
+
+    def _settle(self, *_: Any) -> None:
+        """Move the offsets of the leading batches whose futures are done into :attr:`done`, in order; a failed
+        one stays at the head (nothing after it is committed) and is kept in :attr:`failure`."""
+        pending = self.pending
+        while pending:
+            future, upto = pending[0]
+            if future is not None:
+                if not future.done():
+                    return
+                exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+                if exc is not None:
+                    if self.failure is None:
+                        self.failure = exc
+                        self._arrived.set()
+                    return
+            pending.popleft()
+            self.done.update(upto)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self.failure is not None:
+                    raise self.failure
+                if not self.chunks:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                async with self._lock:
+                    records, upto = self._take()
+                    if not records:
+                        continue
+                    future = await self.handle(records)
+                    self.records_handled += len(records)
+                    self.pending.append((future, upto))
+                    if future is not None and not future.done():
+                        future.add_done_callback(self._settle)
+                    self._settle()
+                if len(self.pending) > self.max_pending:
+                    head = self.pending[0][0]
+                    if head is not None:
+                        await asyncio.wait({head})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("batch_delivery_failed", error=repr(exc))
+            await self.app.crash(exc)
+            raise
+
+
+_NO_DELIVERIES: Mapping[str, BatchDelivery] = {}
 
 
 def stream_has_more(stream: faust.StreamT) -> bool:
