@@ -85,6 +85,7 @@ from processors.run_summary.logic import (
     run_id_of,
 )
 from processors.shell import (
+    BatchDelivery,
     FaustDeadLetters,
     InOrderAcks,
     TableCheckpoints,
@@ -123,6 +124,10 @@ CHECKPOINT_SECONDS = 0.2
 """The longest a handled record waits for the checkpoint that lets it be acked (a timer writes it when no
 record comes); also the most work a crash makes the worker redo (those records are read again: the
 de-duplication rules make that a no-op, and an insight is sent again with the same id)."""
+BATCH_RECORDS = 500
+"""Most events handed to :meth:`_RunSummaryShell.handle_batch` at once (the batch path)."""
+MAX_BUFFERED_RECORDS = 20_000
+"""Events taken from fetches and not yet handled at which the fetch loop waits (the batch path)."""
 MAX_INFLIGHT_INSIGHTS = 2 * CHECKPOINT_RECORDS + 10
 """Events read and not yet acked (awaiting their insight's delivery or their checkpoint) before the agent
 waits for the oldest."""
@@ -277,6 +282,34 @@ class _RunSummaryShell:
                 )
         return await send_event(self.insights_topic, self.serde, insight, wait=False)
 
+    async def handle_batch(self, records: list[Any]) -> asyncio.Future[Any] | None:
+        """Process records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, handled as
+        :meth:`handle` handles a Faust message, in their order); return the future of all their effects
+        (insights delivered, checkpoints written), done when every one is, or None when they have none.
+        The insights are counted and logged once it is done."""
+        pending: dict[int, asyncio.Future[Any]] = {}  # by identity: records share a checkpoint's future
+        insights: list[Event] = []
+        for record in records:
+            future, insight = await self.handle(record)
+            if future is not None:
+                pending[id(future)] = future
+            if insight is not None:
+                insights.append(insight)
+        if not pending:
+            for insight in insights:
+                self._delivered(insight)
+            return None
+        together: asyncio.Future[Any] = asyncio.gather(*pending.values())
+        if insights:
+
+            def delivered(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    for insight in insights:
+                        self._delivered(insight)
+
+            together.add_done_callback(delivered)
+        return together
+
     def _delivered(self, insight: Event | None) -> None:
         if insight is not None:
             self.stats.insights_count += 1
@@ -301,6 +334,7 @@ def create_app(
     topics: ProcessorTopics | None = None,
     web_port: int | None = None,
     serde: AvroSerde | None = None,
+    batches: bool = True,
 ) -> faust.App:
     """Build the Faust app with the ``run_totals`` table and the run-summary agent.
 
@@ -312,6 +346,10 @@ def create_app(
         topics: the topic names; default the catalogue's.
         web_port: port of Faust's web server; ``None`` takes ``settings.metrics_port``; ``0`` turns it off.
         serde: the Avro serde; default one on the embedded registry (``schemas/registry.json``).
+        batches: consume the events in batches (:class:`processors.shell.BatchDelivery`: each fetch's
+            records handled in lists, offsets committed up to the records whose insights were delivered and
+            checkpoint written); ``False``: Faust's per-record agent, events acked in order by
+            :class:`processors.shell.InOrderAcks`. The same handling and effects either way.
 
     Returns:
         The app; the shell's counters are at ``app.run_summary_stats`` (a :class:`ProcessorStats`), and
@@ -346,11 +384,18 @@ def create_app(
     )
     shell = _RunSummaryShell(app, settings, topics, serde, table, insights_topic)
 
-    @app.agent(events_topic, name=PROCESSOR_NAME, concurrency=1)
-    async def run_summary(stream: faust.StreamT) -> None:
-        """Fold agent events into run totals; emit a run.summary insight when a run finishes; ack each
-        event once its insight (if any) was delivered, in order."""
-        await shell.acks.consume(stream, lambda event: shell.handle(event.message))
+    if batches:
+        BatchDelivery(
+            app, events_topic, shell.handle_batch, flush=shell.checkpoints.checkpoint,
+            max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
+        )  # fmt: skip
+    else:
+
+        @app.agent(events_topic, name=PROCESSOR_NAME, concurrency=1)
+        async def run_summary(stream: faust.StreamT) -> None:
+            """Fold agent events into run totals; emit a run.summary insight when a run finishes; ack each
+            event once its insight (if any) was delivered, in order."""
+            await shell.acks.consume(stream, lambda event: shell.handle(event.message))
 
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
