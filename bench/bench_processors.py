@@ -20,8 +20,20 @@ from the beginning, one process each:
   first;
 * ``Faust agent + table``: the same agent counting per key in a changelogged table (a table update is
   what every stateful processor pays per record);
+* ``worker shell, count per key``, twice (``bench/shell_count.py``): the same job as ``Faust agent + table`` and
+  Quix with state on the shared worker shell (:func:`processors.shell.make_faust_app` and its defaults, under
+  :func:`processors.shell.run_processor_worker`), the counts written to a changelogged table by
+  :class:`processors.shell.TableCheckpoints` (every 1,000 records or 0.2 s), a record done once the checkpoint
+  holding its count is written, in order: ``per event`` through Faust's agent with
+  :class:`processors.shell.InOrderAcks`, and ``BatchDelivery`` (:class:`processors.shell.BatchDelivery`: each
+  fetch's records handed over in lists, offsets committed up to the written checkpoints). The second is issue
+  16's "worker shell" figure. Its rate counts from the first record taken from a fetch; at 30,000 records
+  aiokafka has prefetched most of the topic by then and the whole job takes some 50 ms, so the figure says
+  how fast the records are handled, not how fast the broker delivers them: run ``--events 150000`` for a rate
+  bound by the fetch;
 * ``run-summary worker``: ``backbone processors worker`` (the shared worker shell: Avro decode, CloudEvents,
-  de-duplication, the run-totals table, a run-summary insight sent and acknowledged per finished run);
+  de-duplication, the run-totals table, a run-summary insight sent and acknowledged per finished run; on
+  :class:`processors.shell.BatchDelivery` since 2026-12-06);
 * ``healer worker``: ``backbone processors heal`` (breakers, retries, agent health and rollback guardrails
   on every event, its state checkpointed to a changelogged table, decisions sent and written to the
   PostgreSQL + Redis read model; no rollbacks, no webhook). Issue 11's target: 0.8 of the plain Faust agent.
@@ -54,6 +66,12 @@ four times, 22:28-22:49 UTC, load average 0.8-4.2, the branch's first run beside
 worker before 7,281 / 7,771 / 6,951 / 6,202 records/s against plain Faust at 8,624 / 14,216 / 12,845 / 12,444
 (**0.84 / 0.55 / 0.54 / 0.50**), after 4,835 / 9,518 / 8,125 / 9,092 against 8,309 / 11,721 / 11,711 / 12,552
 (**0.58 / 0.81 / 0.69 / 0.72**; 0.58 beside the tests, where Faust with a table also fell to 0.20).
+2026-12-06, the shell's ``BatchDelivery`` (``--events 30000``, two runs, load average 1.1-2.2), records/s: Quix with
+state 30,538 / 32,205; the shell's counting job per event 6,976 / 11,998, on ``BatchDelivery`` 587,763 / 909,138
+(handling of prefetched records, see its row above); run-summary worker (on ``BatchDelivery``) 9,215 / 17,141
+(**0.30 / 0.53 of Quix with state**); plain Faust 4,492 / 7,587. At 150,000 records (same commands, one topic):
+Quix with state 31,895, the counting job on ``BatchDelivery`` 83,162 (**2.6x Quix with state**), run-summary
+worker of main 5,371 / 5,475 and of the branch 15,449 / 15,299 (0.48 / 0.48 of Quix with state).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 It holds the app's broker and store settings (:func:`make_faust_app`), its consumer (with three repairs of
 Faust's seek around a rebalance, :class:`SeekingConsumer`, and by default each fetched record handed to the
 streams without a task, :class:`EagerSeekingConsumer`), its monitor (by default without per-record
-statistics when Faust's web server is off, :class:`QuietMonitor`), decoding a Faust message into an
+statistics when Faust's web server is off, :class:`QuietMonitor`), a topic's records handed to the processor
+in lists straight from each fetch, with offsets committed from its own bookkeeping (:class:`BatchDelivery`,
+which bypasses Faust's per-record conductor, queue, stream and ack), decoding a Faust message into an
 :class:`~streams.envelope.Event` (:func:`decode_event`), sending an event and awaiting its delivery
 (:func:`send_event`), dead letters of a Faust message (:class:`FaustDeadLetters`), creating the topics a
 processor needs (:func:`ensure_processor_topics`), its counters as Prometheus metrics
@@ -172,6 +174,13 @@ class SeekingConsumer(faust_aiokafka.Consumer):
 
     Re-reading from the committed position (or the start, when there is none) is Faust's at-least-once
     contract; the processors are deterministic and their outputs carry stable event ids.
+
+    It also carries :class:`BatchDelivery`: :meth:`_getmany` hands the records of a batch-consumed topic to it
+    (and keeps them from Faust's fetch loop), :meth:`_new_offset` and :meth:`_filter_tps_with_pending_acks`
+    commit such a partition up to its delivered effects, :meth:`wait_empty` drains it before Faust's commit at
+    a revocation and at stop, and :meth:`seek` / :meth:`perform_seek` drop what it buffered. These override
+    faust-streaming 0.15.3's ``Consumer`` methods of those names (private ones included); re-check them on an
+    upgrade.
     """
 
     #: Set by :meth:`perform_seek`, cleared by :meth:`resume_flow`: the changelog topics (the only ones

@@ -43,8 +43,15 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
   before its insight was acknowledged leaves the FINISHED record uncommitted: it is read again, finds
   the run finished by that very event (``finished_event_id``), and :func:`processors.run_summary.reissue`
   sends the same insight again (same deterministic id; subscribers de-duplicate by ``insight_id``).
+* **Batches** (the default): the events are not iterated by a Faust agent but handed in lists, straight
+  from each fetch, by :class:`processors.shell.BatchDelivery` (at most :data:`BATCH_RECORDS` at a time) to
+  :meth:`_RunSummaryShell.handle_batch`, which handles each as above; offsets are committed up to the
+  events whose insights were delivered and checkpoint written (the same order of effects, kept per batch
+  instead of per acked event). Faust's per-record path (message, conductor, stream queue, event, ack) cost
+  more than the processor itself; ``create_app(batches=False)`` keeps it (the agent and
+  :class:`~processors.shell.InOrderAcks`).
 * **One agent instance** (``concurrency=1``, faust-streaming #606: with more, an offset can be
-  committed past a message still in flight). Scale with partitions and workers.
+  committed past a message still in flight), or one batch in hand at a time. Scale with partitions and workers.
 * **Web server**: :func:`create_app` starts Faust's own web server on ``web_port`` (else
   ``settings.metrics_port``; ``0`` leaves it off), for ``faust -A ... worker``; :func:`run_worker` leaves it
   off and serves ``/metrics``, ``/healthz`` and ``/readyz`` from the worker shell.
