@@ -1,7 +1,8 @@
 """A worker of the shell whose topic is consumed by :class:`processors.shell.BatchDelivery`, for
 ``test_batch_delivery.py``.
 
-Run as ``python batch_delivery_probe.py TOPIC APP_ID RESULT_JSON DLQ_TOPIC`` with ``BACKBONE_KAFKA__BOOTSTRAP_SERVERS``
+Run as ``python batch_delivery_probe.py TOPIC APP_ID RESULT_JSON DLQ_TOPIC [PAUSE_SECONDS [PARTITIONS]]`` (a pause
+after each batch's handling, default none; TOPIC's partition count, default 2) with ``BACKBONE_KAFKA__BOOTSTRAP_SERVERS``
 and ``BACKBONE_STATE_DIR`` set. The app (:func:`processors.shell.make_faust_app`, committing every 0.1 s) counts
 the records per key in the changelogged table ``counts`` (a :class:`processors.tables.TailRecoveringTable`) through :class:`processors.shell.TableCheckpoints`
 (every 50 records or 0.2 s), in batches of at most 7 records (so a fetch's list is split), and sends a record
@@ -15,6 +16,7 @@ for 3 s (a clean stop: SIGTERM) and writes ``{"seen": [[partition, offset], ...]
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -55,14 +57,16 @@ class _Stats:
 
 def main() -> None:
     topic_name, app_id, result_path, dlq_topic = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    pause_seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    partitions = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     settings = Settings()
-    app = make_faust_app(settings, app_id, partitions=2, web_port=0)
+    app = make_faust_app(settings, app_id, partitions=partitions, web_port=0)
     app.conf.broker_commit_interval = 0.1
-    topic = app.topic(topic_name, partitions=2)
+    topic = app.topic(topic_name, partitions=partitions)
     # recovered to the changelog's real end (Tansu's ListOffsets would leave out the tail: processors.tables)
     table = app.tables.add(
         TailRecoveringTable(app, kafka=settings.kafka, name="counts", default=int, beacon=app.tables.beacon,
-                            partitions=2, schema=faust.Schema(key_serializer="json", value_serializer="json"))
+                            partitions=partitions, schema=faust.Schema(key_serializer="json", value_serializer="json"))
     )  # fmt: skip
     checkpoints = TableCheckpoints(table, every_records=50, every_seconds=0.2)
     dead_letters = FaustDeadLetters(settings, AvroSerde(EmbeddedRegistry()), "batch-probe", dlq_topic)
@@ -91,6 +95,8 @@ def main() -> None:
                 state = cache[key] = _Count(table.data.get(key, 0))
             state.n += 1
             checkpoints.mark(key, record.partition, state)
+        if pause_seconds:  # a slow job, so that a second worker joins while records are still in flight
+            await asyncio.sleep(pause_seconds)
         stats.records_count += len(records)
         stats.last_record_monotonic = time.monotonic()
         future = checkpoints.record(len(records))

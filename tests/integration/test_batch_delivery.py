@@ -1,7 +1,9 @@
 """The worker shell's batch path (:class:`processors.shell.BatchDelivery`) against real Tansu: every record is
 handled exactly once and in per-partition order, no committed offset is ever beyond a record whose effects
 (its table checkpoint) were written, a restarted worker resumes from the committed offsets without loss or
-repetition (its table recovered from the changelog), and a poison record goes to the dead-letter topic.
+repetition (its table recovered from the changelog), a poison record goes to the dead-letter topic, and a second
+worker joining mid-stream takes partitions over (revocation drains the first worker's batches before its commit)
+with nothing lost and no commit past a written checkpoint in either worker.
 
 The worker is ``batch_delivery_probe.py`` (a subprocess: a Faust worker owns its process's event loop and
 signals); see its docstring.
@@ -9,10 +11,12 @@ signals); see its docstring.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -49,10 +53,10 @@ def _produce(settings: Settings, topic: str, records: list[tuple[int, str, bytes
     assert producer.flush(10) == 0
 
 
-def _committed(settings: Settings, group: str, topic: str) -> dict[int, int]:
+def _committed(settings: Settings, group: str, topic: str, partitions: int = 2) -> dict[int, int]:
     consumer = Consumer({**settings.kafka.librdkafka(), "group.id": group, "enable.auto.commit": False})
     try:
-        parts = consumer.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+        parts = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in parts}
@@ -122,3 +126,55 @@ def test_batches_are_handled_once_in_order_committed_after_their_effects_and_res
     # the table recovered from its changelog, then counted the new records
     assert _changelog(settings, f"{app_id}-counts-changelog") == dict(expected)
     assert _committed(settings, app_id, topic) == new_ends
+
+
+def test_a_second_worker_joining_mid_stream_takes_over_partitions_without_loss_or_early_commits(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = create_topic(unique_name("batch-rebalance"), partitions=4)
+    dlq = create_topic(unique_name("batch-rebalance-dlq"), partitions=1)
+    app_id = unique_name("batch-rebalance-app")
+    records = [(i % 17 % 4, f"k{i % 17}", b"v") for i in range(2400)]
+    _produce(settings, topic, records)
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_LOG_LEVEL": "WARNING",
+    }
+    results = [tmp_path / "a.json", tmp_path / "b.json"]
+    procs = []
+    for name, result in zip("ab", results, strict=True):
+        state = tmp_path / name
+        state.mkdir()
+        # 20 ms after each batch of 7: 2,400 records take the first worker about 7 s, the second joins after 3 s
+        procs.append(subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(result), dlq, "0.02", "4"],
+                                      env={**env, "BACKBONE_STATE_DIR": str(state)}, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        if name == "a":
+            time.sleep(
+                3 + settings.kafka.session_timeout_ms / 2000
+            )  # Tansu's first assignment: half a session
+    outs = [p.communicate(timeout=150)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all(r.exists() for r in results), [
+        o[-2000:] for o in outs
+    ]
+    a, b = (json.loads(r.read_text()) for r in results)
+
+    assert a["violations"] == [] and b["violations"] == [], (a["violations"], b["violations"])
+    assert a["seen"] and b["seen"], "the second worker took no partition"
+    ends = end_offsets(settings.kafka, topic)
+    every = {(p, o) for p, end in ends.items() for o in range(end)}
+    assert {(p, o) for p, o in a["seen"] + b["seen"]} == every  # nothing lost
+    for seen in (a["seen"], b["seen"]):  # each partition's records in order within each worker's run of it
+        for partition in range(4):
+            offsets = [o for p, o in seen if p == partition]
+            assert all(y == x + 1 or y <= x for x, y in itertools.pairwise(offsets)), offsets[:50]
+    assert _committed(settings, app_id, topic, partitions=4) == ends
+    counts = _changelog(settings, f"{app_id}-counts-changelog")
+    expected = Counter(k for _, k, _ in records)
+    # at least once: a record handled by the first worker after its last commit is handled again by the second
+    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
+        counts,
+        expected,
+    )
