@@ -3,7 +3,8 @@ handled exactly once and in per-partition order, no committed offset is ever bey
 (its table checkpoint) were written, a restarted worker resumes from the committed offsets without loss or
 repetition (its table recovered from the changelog), a poison record goes to the dead-letter topic, and a second
 worker joining mid-stream takes partitions over (revocation drains the first worker's batches before its commit)
-with nothing lost and no commit past a written checkpoint in either worker.
+with nothing lost and no commit past a written checkpoint in either worker; a worker killed (SIGKILL) mid-stream
+is resumed from its committed offsets without loss.
 
 The worker is ``batch_delivery_probe.py`` (a subprocess: a Faust worker owns its process's event loop and
 signals); see its docstring.
@@ -178,3 +179,43 @@ def test_a_second_worker_joining_mid_stream_takes_over_partitions_without_loss_o
         counts,
         expected,
     )
+
+
+def test_a_worker_killed_mid_stream_is_resumed_from_its_committed_offsets_without_loss(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = create_topic(unique_name("batch-kill"), partitions=2)
+    dlq = create_topic(unique_name("batch-kill-dlq"), partitions=1)
+    app_id = unique_name("batch-kill-app")
+    records = [(i % 11 % 2, f"k{i % 11}", b"v") for i in range(1500)]
+    _produce(settings, topic, records)
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_LOG_LEVEL": "WARNING",
+        "BACKBONE_STATE_DIR": str(tmp_path),
+    }
+    # 20 ms after each batch of 7: about 4.3 s for the 1,500 records, killed (SIGKILL) about 2 s in
+    killed = subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "killed.json"), dlq, "0.02"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(2 + settings.kafka.session_timeout_ms / 2000 + 2)
+    killed.kill()
+    killed.wait(10)
+    committed = _committed(settings, app_id, topic)
+    ends = end_offsets(settings.kafka, topic)
+    assert 0 < sum(max(o, 0) for o in committed.values()) < sum(ends.values()), (committed, ends)
+
+    again = _run(settings, topic, app_id, dlq, tmp_path, tmp_path / "again.json")
+
+    start = {p: max(o, 0) for p, o in committed.items()}
+    _in_order(again["seen"], start, ends)  # from the committed offsets: the rest, once, in order
+    assert again["violations"] == [], again["violations"]
+    counts = _changelog(settings, f"{app_id}-counts-changelog")
+    expected = Counter(k for _, k, _ in records)
+    # at least once: what the killed worker checkpointed after its last commit is counted again
+    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
+        counts,
+        expected,
+    )
+    assert _committed(settings, app_id, topic) == ends
