@@ -637,8 +637,8 @@ class InOrderAcks:
 
     The agent's loop is :meth:`consume` (``stream.noack()``; each event handled, queued with the delivery
     future of its output, or None, then :meth:`settle`); :meth:`settle_every` adds a timer that settles
-    too, so the last events are acked when no new one comes. Used by the run-summary and policy-router
-    agents.
+    too, so the last events are acked when no new one comes. Used by the policy-router agent and the
+    run-summary agent when it is not on :class:`BatchDelivery` (``create_app(batches=False)``).
 
     Args:
         ack: the stream's ``ack`` (``stream.noack().ack``); set later with :attr:`ack` when the stream is
@@ -750,8 +750,9 @@ class InOrderAcks:
 
 class TableCheckpoints:
     """Changed states of a Faust table written together at checkpoints instead of one changelog record per
-    update, with the future that a record's ack waits for (:class:`InOrderAcks`), so that Faust never commits
-    an offset whose effect is not in the changelog. Used by the run-summary and anomaly workers.
+    update, with the future that a record's ack waits for (:class:`InOrderAcks`) or a batch's commit
+    (:class:`BatchDelivery`; ``record(count)`` counts a batch), so that Faust never commits an offset whose
+    effect is not in the changelog. Used by the run-summary and anomaly workers.
 
     A record marks the keys it changed (:meth:`mark`: the state object, kept by reference, and the input
     partition of the record; the newest mark of a key wins) and then counts itself (:meth:`record`, which
