@@ -218,12 +218,18 @@ class SeekingConsumer(faust_aiokafka.Consumer):
                 and generation == self.app.consumer_generation_id
                 and (tables.actives_ready or not tables.data))  # fmt: skip
         rest: dict[TP, list[Any]] = {}
+        fetched: dict[BatchDelivery, dict[TP, list[Any]]] = {}
         for tp, batch in records.items():
             delivery = deliveries.get(tp.topic)
             if delivery is None:
                 rest[tp] = batch
             elif take and batch:
-                delivery.put(tp, batch)
+                if delivery.interleave:  # handed in the order of Faust's scheduler, below
+                    fetched.setdefault(delivery, {})[tp] = batch
+                else:
+                    delivery.put(tp, batch)
+        for delivery, batches in fetched.items():
+            delivery.put_interleaved(batches, self.scheduler)
         return rest
 
     def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
@@ -852,6 +858,10 @@ class BatchDelivery:
         max_batch: most records per ``handle`` call.
         max_buffered: records taken from fetches and not yet handled at which the fetch loop waits.
         max_pending: batches whose futures are not done at which the task waits for the oldest.
+        interleave: hand each fetch's records in the order Faust's agent would get them (the consumer's
+            ``scheduler``: round robin over the topics, and over each topic's partitions, one record at a
+            time) rather than partition by partition; for a job whose outcome depends on how the topics'
+            records are merged (the healer).
     """
 
     def __init__(
@@ -864,6 +874,7 @@ class BatchDelivery:
         max_batch: int = 1000,
         max_buffered: int = 20_000,
         max_pending: int = 64,
+        interleave: bool = False,
     ) -> None:
         registry = getattr(app, "batch_deliveries", None)
         if registry is None:
@@ -874,6 +885,7 @@ class BatchDelivery:
         self.max_batch = max_batch
         self.max_buffered = max_buffered
         self.max_pending = max_pending
+        self.interleave = interleave
         self.chunks: collections.deque[tuple[TP, list[Any]]] = collections.deque()
         self.buffered = 0
         self.position: dict[TP, int] = {}  # next offset expected from a fetch, per partition
@@ -902,6 +914,35 @@ class BatchDelivery:
         self.chunks.append((tp, records))
         self.buffered += len(records)
         self._arrived.set()
+
+    def put_interleaved(self, records: Mapping[TP, list[Any]], scheduler: Any) -> None:
+        """Buffer one fetch's records of several partitions (offset order each) in ``scheduler``'s order
+        (``iterate(records)`` -> ``(tp, record)`` pairs), as runs of consecutive records of one partition;
+        those below a partition's next expected offset are dropped."""
+        fresh: dict[TP, list[Any]] = {}
+        for tp, batch in records.items():
+            expected = self.position.get(tp)
+            if expected is not None and batch[0].offset < expected:
+                batch = [r for r in batch if r.offset >= expected]
+            if batch:
+                fresh[tp] = batch
+                self.position[tp] = batch[-1].offset + 1
+        if len(fresh) < 2:
+            for tp, batch in fresh.items():
+                self.chunks.append((tp, batch))
+        else:
+            run_tp: TP | None = None
+            run: list[Any] = []
+            for tp, record in scheduler.iterate(fresh):
+                if tp != run_tp:
+                    if run:
+                        self.chunks.append((run_tp, run))  # type: ignore[arg-type]
+                    run_tp, run = tp, []
+                run.append(record)
+            self.chunks.append((run_tp, run))  # type: ignore[arg-type]
+        if fresh:
+            self.buffered += sum(len(b) for b in fresh.values())
+            self._arrived.set()
 
     async def wait_for_space(self, consumer: Any) -> None:
         """Wait while ``max_buffered`` records are buffered (the fetch loop calls it before each fetch),

@@ -100,7 +100,6 @@ created here when missing.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 import zlib
@@ -121,6 +120,7 @@ from processors.healing.notify import Notifier
 from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
 from processors.shell import (
+    BatchDelivery,
     FaustDeadLetters,
     make_faust_app,
     message_headers,
@@ -264,6 +264,12 @@ class _HealingShell:
         self.batch_pending: list[Any] = []
         self.batch_messages: list[Any] = []
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+        # the batch path (handle_batch): the future of the records handled since the last checkpoint, done
+        # once a checkpoint holds them (their offsets may then be committed); how many, since when
+        self.held: asyncio.Future[None] | None = None
+        self.held_records = 0
+        self.held_since = 0.0
+        self.group = app.conf.id if app is not None else PROCESSOR_NAME
 
     async def recovered(self) -> None:
         """Restore the healer from the state table (Faust calls it once the table is recovered, before
@@ -282,6 +288,11 @@ class _HealingShell:
         # a batch not flushed is dropped: its records were never acked and are read again (their decisions
         # were sent, possibly delivered; the same ones, same ids, are sent again)
         self.batch_decisions, self.batch_pending, self.batch_messages = [], [], []
+        if self.held is not None and not self.held.done():
+            # the batch path drains (checkpoints) before every revocation, so nothing is held here; if it
+            # were, its records' state is dropped: fail their commit (the app crashes, they are read again)
+            self.held.set_exception(RuntimeError("healer state recovered over records not checkpointed"))
+        self.held, self.held_records = None, 0
         if raw is None:  # nothing checkpointed, nothing acked: every record is read again
             self.healer, self.offsets = Healer(self.initial_config), {}
             self.app.healer = self.healer  # type: ignore[attr-defined]
@@ -340,6 +351,55 @@ class _HealingShell:
         events, self.unacked = self.unacked, []
         for event in events:
             await self.ack(event)
+
+    async def handle_batch(self, records: list[Any]) -> asyncio.Future[None] | None:
+        """Process records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in their order):
+        each is decided and its decisions sent (:meth:`take`, in its tracing span), then the batch is
+        completed (:meth:`flush`: deliveries awaited, projected, acted on, offsets noted in the state), and
+        a checkpoint is written when due (:meth:`hold`). Returns the future that the records' commit waits
+        for: done once a checkpoint holds them (at once when this one did), or None when every record was
+        one the state already held (replayed).
+
+        Raises:
+            Exception: as :meth:`flush` (BatchDelivery crashes the app; nothing after the last checkpoint is
+                committed, and those records are read again on restart).
+        """
+        async with self.lock:  # not while the timer checkpoints or the table recovers
+            group = self.group
+            for record in records:
+                with tracing_process(record, group):
+                    await self.take(record)
+            handled = len(self.batch_messages)
+            await self.flush()
+            return self.hold(handled)
+
+    def hold(self, count: int) -> asyncio.Future[None] | None:
+        """Count ``count`` records whose decisions are out and offsets noted (:meth:`flush`); checkpoint
+        (:meth:`checkpoint_held`) once ``checkpoint_records`` are held or the oldest waited
+        ``checkpoint_seconds``. Returns the future of the checkpoint that holds them (None: nothing held)."""
+        if count:
+            if self.held is None:
+                self.held = asyncio.get_running_loop().create_future()
+                self.held_since = time.monotonic()
+            self.held_records += count
+        held = self.held
+        if held is not None and (
+            self.held_records >= self.checkpoint_records
+            or time.monotonic() - self.held_since >= self.checkpoint_seconds
+        ):
+            self.checkpoint_held()
+        return held
+
+    def checkpoint_held(self) -> None:
+        """The batch path's checkpoint (synchronous, between batches: the timer's, :meth:`hold`'s and
+        BatchDelivery's ``flush`` before a revocation or stop): write the state when it changed, then
+        complete the future of the records it holds (BatchDelivery then moves their offsets into what Faust
+        commits, after flushing the producer, changelog included)."""
+        if self.dirty:
+            self.save()
+        held, self.held, self.held_records = self.held, None, 0
+        if held is not None and not held.done():
+            held.set_result(None)
 
     def save(self) -> None:
         """Write the healer's state and the offsets it holds to the state table."""
@@ -497,6 +557,7 @@ def create_healing_app(
     checkpoint_records: int = 1000,
     checkpoint_seconds: float = 1.0,
     batch_records: int = 1000,
+    batches: bool = True,
 ) -> faust.App:
     """Build the healer's Faust app (one agent over the events and config topics).
 
@@ -514,6 +575,10 @@ def create_healing_app(
         checkpoint_seconds: the longest a handled record waits for that (a timer checkpoints when idle).
         batch_records: most records decided before their decisions' deliveries are awaited together (a
             batch also ends when no further record is waiting, and at each checkpoint).
+        batches: consume the inputs in batches (:class:`processors.shell.BatchDelivery`: each fetch's records
+            handed in lists of at most ``batch_records`` to ``_HealingShell.handle_batch``, offsets committed up
+            to the records a written checkpoint holds); ``False``: Faust's agent ``healing`` with manual acks
+            at checkpoints. The same decisions, in the same order, either way.
 
     Returns:
         The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
@@ -546,28 +611,41 @@ def create_healing_app(
     shell.checkpoint_records, shell.checkpoint_seconds = checkpoint_records, checkpoint_seconds
     shell.batch_records = batch_records
 
-    @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
-    async def healing(stream: faust.StreamT) -> None:
-        """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
-        manual = stream.noack()
-        shell.ack = manual.ack
-        # what exists now (modules, Faust's and aiokafka's services, the restored state) lives as long as the
-        # worker: moved out of the collector's generations, so that its full collections, which the healer's
-        # state growth sets off, no longer traverse it (each took about 100 ms here, twice per 30,000 records)
-        gc.freeze()
-        group = app.conf.id
-        async for event in manual.events():
-            async with shell.lock:
-                with tracing_process(event.message, group):
-                    await shell.take(event.message)
-                await shell.after(event, more=stream_has_more(manual))
+    if batches:
+        BatchDelivery(
+            app, source, shell.handle_batch, flush=shell.checkpoint_held, max_batch=batch_records,
+            # records wait for a checkpoint (checkpoint_records or checkpoint_seconds), not for a batch count
+            max_pending=checkpoint_records + 1,
+            interleave=True,  # the topics merged as Faust's agent merged them: the same decisions
+        )  # fmt: skip
 
-    @app.timer(interval=checkpoint_seconds)
-    async def healer_checkpoint() -> None:
-        """Checkpoint what arrived since the last one when no record came to do it."""
-        async with shell.lock:
-            if shell.unacked and shell.ack is not None:
-                await shell.checkpoint()
+        @app.timer(interval=checkpoint_seconds)
+        async def healer_checkpoint() -> None:
+            """Checkpoint what arrived since the last one when no record came to do it."""
+            async with shell.lock:
+                if shell.held is not None:
+                    shell.checkpoint_held()
+
+    else:
+
+        @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
+        async def healing(stream: faust.StreamT) -> None:
+            """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
+            manual = stream.noack()
+            shell.ack = manual.ack
+            group = app.conf.id
+            async for event in manual.events():
+                async with shell.lock:
+                    with tracing_process(event.message, group):
+                        await shell.take(event.message)
+                    await shell.after(event, more=stream_has_more(manual))
+
+        @app.timer(interval=checkpoint_seconds)
+        async def healer_checkpoint() -> None:
+            """Checkpoint what arrived since the last one when no record came to do it."""
+            async with shell.lock:
+                if shell.unacked and shell.ack is not None:
+                    await shell.checkpoint()
 
     app.healing_stats = shell.stats  # type: ignore[attr-defined]
     app.healer = healer  # type: ignore[attr-defined]
