@@ -1,14 +1,19 @@
 """The healer's Faust app: a thin shell around :class:`processors.healing.healer.Healer`.
 
-One agent (``healing``, ``concurrency=1``) reads ``agent.events`` (``sophia.agent.*``),
-``config.changes`` (``sophia.config.ConfigChange``) and ``healing.acks`` (people's acks of escalations,
-``sophia.healing.Decision`` of kind ``escalation_acked``, published by ``backbone healing ack``), decodes the Confluent-framed Avro and the
-CloudEvents headers itself (``raw`` serializers), and feeds each event to the healer. The records are
-taken in batches: each record is decided at once and its decisions are sent at once (in order, key =
+The app reads ``agent.events`` (``sophia.agent.*``), ``config.changes`` (``sophia.config.ConfigChange``) and
+``healing.acks`` (people's acks of escalations, ``sophia.healing.Decision`` of kind ``escalation_acked``,
+published by ``backbone healing ack``), decodes the Confluent-framed Avro and the CloudEvents headers itself
+(``raw`` serializers), and feeds each record to the healer, one at a time, in the order Faust's agent got
+them (each fetch's records round robin over the topics and their partitions). By default
+(``create_healing_app(batches=True)``) the records are not iterated by a Faust agent: a
+:class:`processors.shell.BatchDelivery` (``interleave=True``: the fetch's order above) hands them in lists of
+at most ``batch_records``, straight from each fetch, to ``_HealingShell.handle_batch``; ``batches=False`` keeps
+the agent ``healing`` (``concurrency=1``, manual acks), whose batch ends when no further record is already
+waiting in its queue (:func:`processors.shell.stream_has_more`), after ``batch_records`` records, or at a
+checkpoint. Either way, each record is decided at once and its decisions are sent at once (in order, key =
 subject, CloudEvents id = the decision's deterministic id, as ``sophia.healing.Decision`` to
-``healing.decisions``), without awaiting their delivery; a batch ends when no further record is already
-waiting in the agent's queue (:func:`processors.shell.stream_has_more`), after ``batch_records`` records,
-or at a checkpoint. Then, for the batch's decisions, in order:
+``healing.decisions``), without awaiting their delivery, inside the record's tracing span
+(:func:`processors.shell.tracing_process`). Then, at the batch's end, for its decisions, in order:
 
 1. their deliveries are awaited (together);
 2. each is written to the read model (:class:`processors.healing.read_model.HealingReadModel`:
@@ -23,31 +28,31 @@ or at a checkpoint. Then, for the batch's decisions, in order:
 Batching changes no decision (the healer is fed the same records in the same order); it moves the
 delivery wait and the read-model write from once per record with decisions to once per batch
 (``backbone_healing_batches`` counts them). Batches are as long as the backlog: at 1,000 events/s the
-queue is nearly always empty and a batch is about one record (13,204 batches for 15,100 records in
-``bench/bench_heal_latency.py``); reading a backlog, 30,000 records took 1,761-6,987 batches with Faust's
-consumer, 31-33 with :class:`processors.shell.EagerSeekingConsumer` (below). A circuit's
+agent's queue was nearly always empty and a batch about one record (13,204 batches for 15,100 records in
+``bench/bench_heal_latency.py``, agent path); reading a backlog, 30,000 records took 1,761-6,987 batches with
+Faust's consumer, 31-33 with :class:`processors.shell.EagerSeekingConsumer` (agent path). A circuit's
 event is sent as soon as its record is decided, so the batch does not delay it on the topic, while its
-read-model write waits for the batch's end (the records already queued behind it). Follow-up decisions
-(3, 4) are sent after the batch's other decisions, not right after their own record's, and outside its
-tracing span.
+read-model write waits for the batch's end. Follow-up decisions (3, 4) are sent after the batch's other
+decisions, not right after their own record's, and outside its tracing span.
 
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
 
 Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consumer is
-:class:`processors.shell.EagerSeekingConsumer` (each fetched record handed to the stream without the four
-tasks and ``asyncio.wait`` Faust makes per record), its monitor :class:`processors.shell.QuietMonitor` (no
-per-record statistics for Faust's web pages, off here; both :func:`processors.shell.make_faust_app`'s
-defaults), the agent freezes what exists when it starts
-(``gc.freeze()``: modules, Faust's services, the restored state) so that the collector's full collections no
-longer traverse it, and only the CloudEvents id is read from the checked headers
-(:meth:`streams.envelope.CloudEvent.id_from_headers`). Last measured (2026-12-05, ``python
-bench/bench_processors.py --events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout
-<this>``, two runs, load average 0.8-2.1): 8,217-10,693 records/s, 0.66-0.80 of the plain Faust agent in the
-same round (CPU 91-118 µs per record, the agent's 67-96), against 5,077-7,388 records/s, 0.43-0.51, 137-183 µs
-before these changes. Of the worker's GIL-holding samples (py-spy, start-up imports left out),
-``Healer.feed`` is about 15 %, Avro decode 9 %, checkpoints 9 % (state, acks); Faust's fetcher, conductor
-and stream, which the plain agent pays too, about 34 %.
+:class:`processors.shell.EagerSeekingConsumer` and its monitor :class:`processors.shell.QuietMonitor`
+(:func:`processors.shell.make_faust_app`'s defaults); :func:`processors.shell.run_processor_worker`
+freezes (``gc.freeze()``) what exists once the worker is up, the restored state included (the agent's own
+freeze at its start was removed: the shell's, after the tables recovered, covers what it froze); only the CloudEvents id is read from
+the checked headers (:meth:`streams.envelope.CloudEvent.id_from_headers`); and by default the records skip
+Faust's per-record path (message, conductor, stream queue, event, ack) through
+:class:`processors.shell.BatchDelivery`. Last measured (2026-12-06, ``python bench/bench_processors.py
+--events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout <this>``, main at 95edd64 with the
+agent path; see README for every round): on BatchDelivery 9,152 / 7,496 / 5,756 and 12,947 / 12,966 / 13,406 records/s, **1.54 / 1.32 / 1.10 and
+1.74 / 1.68 / 1.72 of the plain Faust agent** in the same round (CPU 77 / 77 / 78 and 72 / 70 / 71 µs per
+record, the agent's 125-138); main's agent path in the same rounds 0.52 / 0.58 / 0.69 and 0.68 / 0.71 / 0.70
+(CPU 178-204 µs). Like the plain agent's, these rates count from the first record handled to the last, with
+the records prefetched meanwhile. At 1,000 events/s (``bench/bench_heal_latency.py --seconds 15``, one run):
+1,834 batches for 15,100 records, ack -> circuit opened seen 24.9 / 42.9 / 49.8 ms (p50 / p95 / p99).
 
 Metrics (on ``/metrics`` of :func:`run_healing_worker`, :func:`processors.shell.run_processor_worker`):
 ``backbone_circuit_open{circuit}``, 1 while a circuit is open or half-open (probing), 0 once closed, set at
@@ -65,13 +70,17 @@ its initial configuration. The value is zlib-compressed JSON: ``{"format": 1, "o
 {"<topic>:<partition>": offset}, "healer": Healer.snapshot()}``, the offsets being those of the last
 input record of each input partition that the state holds.
 
-Checkpoints, and what a crash does (at-least-once). The agent reads with manual acks. Per batch: (1) the
-healer decides each record and its decisions are sent, (2) at the batch's end their deliveries are
-awaited, then they are projected and acted on (above), and only then are the batch's records noted as held
-by the state (their offsets). Every ``checkpoint_records`` records, or ``checkpoint_seconds`` after the
-first record not yet checkpointed (a timer does it when no record comes), (3) the batch in progress is
-ended as in (2), the state and its offsets are written to the table, then (4) those records are acked,
-and Faust commits acked offsets only, after flushing the changelog. So the committed offset never passes
+Checkpoints, and what a crash does (at-least-once). Per batch: (1) the healer decides each record and its
+decisions are sent, (2) at the batch's end their deliveries are awaited, then they are projected and acted
+on (above), and only then are the batch's records noted as held by the state (their offsets). Every
+``checkpoint_records`` records, or ``checkpoint_seconds`` after the first record not yet checkpointed (a
+timer does it when no record comes), (3) the state and its offsets are written to the table (the agent path
+first ends the batch in progress as in (2); the batch path checkpoints between batches only), then (4) those
+records become committable: on the batch path the future that ``handle_batch`` returned for them is done and
+:class:`~processors.shell.BatchDelivery` moves their offsets into what Faust commits; on the agent path they
+are acked. Faust commits those offsets only, after flushing the producer (the changelog included); before a
+revocation and at stop, BatchDelivery finishes the batch in hand and checkpoints (``checkpoint_held``)
+before Faust's commit. So the committed offset never passes
 the stored state, nor a decision whose delivery was not acknowledged. A crash before (3) re-reads the records since the last
 checkpoint from the committed offset, and the restored state (from that checkpoint) makes the same
 decisions with the same deterministic ids: the read model keeps the first (``ON CONFLICT (id) DO

@@ -35,7 +35,9 @@ def _record(serde: AvroSerde, s: int, ok: bool) -> SimpleNamespace:
             "cached_tokens": 0, "reasoning_tokens": 0, "cost_usd": 0.001, "finish_reason": "stop" if ok else None,
             "latency_ms": 900, "outcome": "ok" if ok else "server_error", "error_kind": None if ok else "server_error",
             "http_status": None if ok else 503, "request_id": f"q-{s}", "attempt": 1, "agent": None}  # fmt: skip
-    event = Event.create("sophia.agent.LlmCall", "run-1", data, source="/test", time=data["event_time"], id=f"c-{s}")
+    event = Event.create(
+        "sophia.agent.LlmCall", "run-1", data, source="/test", time=data["event_time"], id=f"c-{s}"
+    )
     return SimpleNamespace(headers=event.attributes.to_headers(), value=serde.encode(event.schema, event.data),
                            key=b"run-1", topic="agent.events", partition=0, offset=s)  # fmt: skip
 
@@ -87,7 +89,9 @@ def test_a_batch_is_committable_only_once_a_written_checkpoint_holds_it() -> Non
 
 def test_interleaved_delivery_hands_a_fetch_in_the_order_of_fausts_scheduler() -> None:
     subscribed: list[Any] = []
-    app = SimpleNamespace(batch_deliveries={}, topics=SimpleNamespace(add=subscribed.append), task=lambda _: None)
+    app = SimpleNamespace(
+        batch_deliveries={}, topics=SimpleNamespace(add=subscribed.append), task=lambda _: None
+    )
     delivery = BatchDelivery(app, SimpleNamespace(topics=("ev", "cfg")), None, interleave=True)  # type: ignore[arg-type]
     ev0, ev1, cfg = TP("ev", 0), TP("ev", 1), TP("cfg", 0)
     fetch = {ev0: [SimpleNamespace(topic="ev", partition=0, offset=o) for o in range(4)],
@@ -96,7 +100,9 @@ def test_interleaved_delivery_hands_a_fetch_in_the_order_of_fausts_scheduler() -
     scheduler = DefaultSchedulingStrategy()
     expected = [(tp.topic, tp.partition, r.offset) for tp, r in scheduler.iterate(fetch)]
     delivery.put_interleaved(fetch, scheduler)
-    delivery.put_interleaved({ev0: fetch[ev0][2:] + [SimpleNamespace(topic="ev", partition=0, offset=4)]}, scheduler)
+    delivery.put_interleaved(
+        {ev0: [*fetch[ev0][2:], SimpleNamespace(topic="ev", partition=0, offset=4)]}, scheduler
+    )
     records, upto = delivery._take()
     got = [(r.topic, r.partition, r.offset) for r in records]
     assert got == [*expected, ("ev", 0, 4)]  # the second fetch's records below the expected offset dropped
