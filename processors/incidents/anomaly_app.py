@@ -73,6 +73,7 @@ from core.settings import Settings
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig
 from processors.shell import (
+    BatchDelivery,
     FaustDeadLetters,
     InOrderAcks,
     TableCheckpoints,
@@ -157,6 +158,8 @@ requests about a quarter of the worker's time on the Nezha day (py-spy)."""
 BATCH_RECORDS = 1000
 """The most records scored together (:meth:`_AnomalyShell.handle_batch`); a batch is what the agent has
 already received, so it is smaller when records come slowly."""
+MAX_BUFFERED_RECORDS = 20_000
+"""Records taken from fetches and not yet handled at which the fetch loop waits (the batch path)."""
 BATCH_WAIT_SECONDS = 0.002
 """How long a batch waits for the next record before it is handled (:meth:`processors.shell.InOrderAcks.consume_batches`)."""
 GC_YOUNG_THRESHOLD = 10_000
@@ -194,9 +197,30 @@ class _AnomalyShell:
         self.processor.states.clear()
 
     async def handle_batch(self, events: list[Any]) -> list[tuple[asyncio.Future[None] | None, None]]:
-        """Several ``telemetry.metrics`` records, in order (the events of a Faust stream); never raises for
-        bad input. Returns, per event, the future its ack waits for (the checkpoint of its states), or None
-        (dead-lettered, delivered, or nothing of its own to checkpoint).
+        """Several ``telemetry.metrics`` records, in order (the events of a Faust stream, the
+        ``create_anomaly_app(batches=False)`` path); never raises for bad input. Returns, per event, the future
+        its ack waits for (the checkpoint of its states), or None (dead-lettered, or nothing of its own to
+        checkpoint). The handling is :meth:`_handle`'s."""
+        with_samples = await self._handle([event.message for event in events])
+        results: list[tuple[asyncio.Future[None] | None, None]] = [(None, None)] * len(events)
+        for i in with_samples:
+            results[i] = (self.checkpoints.record(), None)
+        return results
+
+    async def handle_records(self, records: list[Any]) -> asyncio.Future[None] | None:
+        """Records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in order), handled as
+        :meth:`_handle` does; returns the future of the checkpoint that writes their states (their offsets
+        are committed once it is done), or None when none of them has a state to write (all dead-lettered:
+        delivered already)."""
+        with_samples = await self._handle(records)
+        if not with_samples:
+            return None
+        return self.checkpoints.record(len(with_samples))
+
+    async def _handle(self, messages: list[Any]) -> list[int]:
+        """Several ``telemetry.metrics`` records (Faust messages or aiokafka records), in order; never raises
+        for bad input. Returns the indexes of the records that changed series states (their future is the
+        next checkpoint's, :meth:`processors.shell.TableCheckpoints.record`, which the caller takes).
 
         Each record is decoded and checked (:meth:`~processors.incidents.anomaly.AnomalyProcessor.prepare`;
         a bad one is dead-lettered at once); the good ones are scored together
@@ -210,13 +234,11 @@ class _AnomalyShell:
         now = time.monotonic()
         if stats.first_record_monotonic is None:
             stats.first_record_monotonic = now
-        stats.records_count += len(events)
-        results: list[tuple[asyncio.Future[None] | None, None]] = [(None, None)] * len(events)
+        stats.records_count += len(messages)
         self.handling = True
         try:
             prepared: list[tuple[int, Any, datetime, list[tuple[str, float]], str]] = []
-            for i, event in enumerate(events):
-                message = event.message
+            for i, message in enumerate(messages):
                 try:
                     attributes = CloudEvent.from_headers(message_headers(message.headers))
                     schema, data = self.serde.decode(message.value)
@@ -269,13 +291,10 @@ class _AnomalyShell:
                 if key is None:
                     key = keys[series] = series.encode()
                 self.checkpoints.mark(key, partition, state)
-            for i, _, _, samples, _ in prepared:
-                if samples:
-                    results[i] = (self.checkpoints.record(), None)
+            return [i for i, _, _, samples, _ in prepared if samples]
         finally:
             self.handling = False
             stats.last_record_monotonic = time.monotonic()
-        return results
 
 
 def create_anomaly_app(
@@ -285,8 +304,16 @@ def create_anomaly_app(
     topics: AnomalyTopics | None = None,
     config: DetectorConfig | None = None,
     serde: AvroSerde | None = None,
+    batches: bool = True,
 ) -> faust.App:
-    """Build the app: one agent and the ``anomaly_series`` table.
+    """Build the app: the ``anomaly_series`` table and the metrics topic consumed in batches (or one agent).
+
+    Args:
+        batches: consume ``telemetry.metrics`` through :class:`processors.shell.BatchDelivery` (each fetch's
+            records handed in lists to :meth:`_AnomalyShell.handle_records`, offsets committed up to the
+            records whose checkpoint was written); ``False``: Faust's agent, records acked in order by
+            :class:`processors.shell.InOrderAcks` once their checkpoint was written. The same handling and
+            effects either way.
 
     Returns:
         The app; counters at ``app.anomaly_stats``; ``app.anomaly_close()`` releases the dead-letter producer.
@@ -312,14 +339,22 @@ def create_anomaly_app(
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
-    @app.agent(app.topic(topics.metrics, **raw), name=f"{PROCESSOR_NAME}-samples", concurrency=1)
-    async def anomaly_samples(stream: faust.StreamT) -> None:
-        """Score every sample of its series; send the anomalies; ack each record once its state is
-        checkpointed."""
+    metrics = app.topic(topics.metrics, **raw)
+    if batches:
+        BatchDelivery(
+            app, metrics, shell.handle_records, flush=shell.checkpoints.checkpoint, max_batch=BATCH_RECORDS,
+            max_buffered=MAX_BUFFERED_RECORDS,
+        )  # fmt: skip
+    else:
 
-        await shell.acks.consume_batches(
-            stream, shell.handle_batch, max_batch=BATCH_RECORDS, wait_seconds=BATCH_WAIT_SECONDS
-        )
+        @app.agent(metrics, name=f"{PROCESSOR_NAME}-samples", concurrency=1)
+        async def anomaly_samples(stream: faust.StreamT) -> None:
+            """Score every sample of its series; send the anomalies; ack each record once its state is
+            checkpointed."""
+
+            await shell.acks.consume_batches(
+                stream, shell.handle_batch, max_batch=BATCH_RECORDS, wait_seconds=BATCH_WAIT_SECONDS
+            )
 
     @app.timer(interval=CHECKPOINT_SECONDS / 4)
     async def anomaly_checkpoint() -> None:
@@ -341,6 +376,7 @@ def run_anomaly_worker(
     config: DetectorConfig | None = None,
     stop_after_idle_seconds: float | None = None,
     loglevel: str | None = None,
+    batches: bool = True,
 ) -> AnomalyStats:
     """Run the worker in this process until stopped (blocking; call it from a main thread), in the worker
     shell (:func:`processors.shell.run_processor_worker`: ``/metrics``, ``/healthz`` and ``/readyz`` on
@@ -348,7 +384,7 @@ def run_anomaly_worker(
 
     Creates the topics first (the metrics topic with ``topics.partitions``; insights and dead letters with
     the catalogue's counts when listed, else 3 and 1); the table gets the metrics topic's real partition
-    count (Faust requires a changelog partitioned like its source).
+    count (Faust requires a changelog partitioned like its source). ``batches``: :func:`create_anomaly_app`'s.
 
     Returns:
         The counters once the worker has stopped.
@@ -371,7 +407,7 @@ def run_anomaly_worker(
     found = admin.list_topics(topic=topics.metrics, timeout=10).topics.get(topics.metrics)
     if found is not None and found.partitions:
         topics = dataclasses.replace(topics, partitions=len(found.partitions))
-    app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
+    app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config, batches=batches)
     stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
