@@ -78,6 +78,7 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.types import TP
 from prometheus_client import Counter
 
 from core.observability import REGISTRY
@@ -85,6 +86,7 @@ from core.settings import Settings
 from processors.incidents.changes import change_from_config, change_from_external
 from processors.incidents.incident import EngineConfig, IncidentEngine
 from processors.shell import (
+    BatchDelivery,
     FaustDeadLetters,
     make_faust_app,
     message_headers,
@@ -138,6 +140,8 @@ forwarded together as one merged message (or a few, :data:`MERGED_MAX_BYTES`).""
 BATCH_SECONDS = 0.02
 """The longest the first agent waits for a batch to fill before it forwards what it holds (the latency a
 batch adds when records trickle in; with a backlog the batch fills first)."""
+MAX_BUFFERED_RECORDS = 20_000
+"""Input records taken from fetches and not yet forwarded at which the fetch loop waits (the batch path)."""
 MERGED_MAX_BYTES = 256 * 1024
 """Largest merged message (JSON bytes) the first agent sends, well under the producer's 1 MB request
 limit; a larger batch is split, in order (a single body above it is sent alone)."""
@@ -262,6 +266,7 @@ class _IncidentShell:
         self.topics, self.serde, self.engine, self.channels = topics, serde, engine, channels
         self.stats = IncidentStats()
         self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
+        self.group = DEFAULT_APP_ID  # the consumer group (the app's id; set by the app), for tracing spans
         # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
         self._undrained: dict[Any, tuple[str, int]] = {}
         self._read_drained: dict[int, bool] = {}  # id(message) -> drained when read (note_read)
@@ -287,31 +292,63 @@ class _IncidentShell:
             self._read_drained[id(event.message)] = self._drained_now(event.message)
 
     async def handle_batch(self, events: list[Any], group: str) -> None:
-        """Input records in the order read: decode each (dead-lettering what cannot be read, delivered
-        before the next is handled); forward their bodies, and the ``drained`` markers of partitions whose
-        known last record is not forwarded, in that order, as JSON lists (:func:`pack_bodies`, at most
-        :data:`MERGED_MAX_BYTES` each) to the merged topic. Returns once they were handed to the producer
-        (Faust flushes it before it commits offsets); only then are the partitions whose last forwarded
-        record was not known as their last recorded for :meth:`send_drain_markers`, so that a marker never
-        overtakes its partition's records."""
-        bodies: list[dict[str, Any]] = []
-        notes: list[tuple[Any, str, int, bool]] = []
+        """Input records in the order read (the events of the ``create_incidents_app(batches=False)`` agent),
+        each with ``drained`` as noted when it was read (:meth:`note_read`): forwarded by :meth:`_forward`."""
+        items: list[tuple[Any, bool, Any]] = []
         for event in events:
             message = event.message
             drained = self._read_drained.pop(id(message), None)
             if drained is None:  # not seen by the processor (not expected): where it stands now
                 drained = self._drained_now(message)
+            items.append((message, drained, message.tp))
+        await self._forward(items, group)
+
+    async def handle_records(self, records: list[Any]) -> None:
+        """Input records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in the order fetched:
+        each partition's in offset order), forwarded by :meth:`_forward`. Returns None (nothing to wait for:
+        the forwards were handed to the producer, which Faust flushes before it commits the offsets).
+        ``drained`` is taken as the records are handled, for each partition's last record among them
+        (:meth:`_drained_now`; an earlier one is not its partition's last): the consumer's fetch high
+        watermark then is at least the one when the record was fetched, so a record is taken as drained only
+        when it was its partition's last as far as the consumer knew at a moment after it was read."""
+        last: dict[tuple[str, int], int] = {}
+        for i, record in enumerate(records):
+            last[(record.topic, record.partition)] = i
+        ends = {i: TP(topic, partition) for (topic, partition), i in last.items()}
+        items: list[tuple[Any, bool, Any]] = []
+        for i, record in enumerate(records):
+            tp = ends.get(i)
+            if tp is None:
+                items.append((record, False, None))
+            else:
+                highwater = self.highwater(tp)
+                items.append((record, highwater is not None and record.offset + 1 >= highwater, tp))
+        await self._forward(items, self.group)
+
+    async def _forward(self, items: list[tuple[Any, bool, Any]], group: str) -> None:
+        """Input records in the order read, as ``(message, drained, tp)``: decode each (dead-lettering what
+        cannot be read, delivered before the next is handled); forward their bodies, and the ``drained``
+        markers of partitions whose known last record is not forwarded, in that order, as JSON lists
+        (:func:`pack_bodies`, at most :data:`MERGED_MAX_BYTES` each) to the merged topic. Returns once they
+        were handed to the producer (Faust flushes it before it commits offsets); only then is each
+        partition's last record in ``items`` noted (its ``tp``; None for an earlier record of its partition
+        in ``items``): one not known as its partition's last is recorded for :meth:`send_drain_markers`, so
+        that a marker never overtakes its partition's records."""
+        bodies: list[dict[str, Any]] = []
+        notes: dict[Any, tuple[str, int, bool]] = {}
+        for message, drained, tp in items:
             with tracing_process(message, group):
                 body = await self.decode_input(message, drained)
             if body is not None:
                 bodies.append(body)
-            notes.append((message.tp, f"{message.topic}/{message.partition}", message.offset, drained))
+            if tp is not None:
+                notes[tp] = (f"{message.topic}/{message.partition}", message.offset, drained)
         for packed, _ in pack_bodies(bodies, MERGED_MAX_BYTES):
             await self.channels["merged"].send(key=b"telemetry", value=packed)
         markers = sum(1 for b in bodies if b["kind"] == "drained")
         self.stats.forwarded_count += len(bodies) - markers
         self.stats.drain_markers_count += markers
-        for tp, source, offset, drained in notes:
+        for tp, (source, offset, drained) in notes.items():
             self._note_forwarded(tp, source, offset, drained)
 
     def _note_forwarded(self, tp: Any, source: str, offset: int, drained: bool) -> None:
@@ -453,10 +490,16 @@ def _partitions(settings: Settings, topics: list[str], group_id: str) -> list[st
 
 def create_incidents_app(
     settings: Settings, *, app_id: str | None = None, topics: IncidentTopics | None = None,
-    config: EngineConfig | None = None, serde: AvroSerde | None = None,
+    config: EngineConfig | None = None, serde: AvroSerde | None = None, batches: bool = True,
 ) -> faust.App:  # fmt: skip
-    """Build the app (two agents); counters at ``app.incident_stats``, ``app.incident_close()`` releases
-    the dead-letter producer.
+    """Build the app (the input topics consumed in batches, or the first agent; the second agent);
+    counters at ``app.incident_stats``, ``app.incident_close()`` releases the dead-letter producer.
+
+    Args:
+        batches: consume the five input topics through :class:`processors.shell.BatchDelivery` (each
+            fetch's records handed in lists to :meth:`_IncidentShell.handle_records`); ``False``: Faust's
+            first agent (``noack_take``, ``drained`` noted as each record is read). The same forwards
+            either way.
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -468,28 +511,38 @@ def create_incidents_app(
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
     merged = app.topic(topics.merged(app_id), partitions=1, **raw)
     channels = {"merged": merged, "insights": app.topic(topics.insights, **raw)}
-    engine = IncidentEngine(config, sources=_partitions(settings, list(topics.inputs()), app_id))
+    # the change topics' partitions too: a change read after telemetry that moved the watermark past it would be
+    # late (its source is sparse, so once drained it holds nothing back)
+    engine = IncidentEngine(
+        config, sources=_partitions(settings, [*topics.inputs(), *topics.changes()], app_id)
+    )
     shell = _IncidentShell(settings, topics, serde, engine, channels)
 
-    @app.agent(
-        app.topic(*topics.inputs(), *topics.changes(), **raw),
-        name=f"{PROCESSOR_NAME}-telemetry",
-        concurrency=1,
-    )
-    async def incidents_telemetry(stream: faust.StreamT) -> None:
-        """Forward telemetry and changes to the merged topic, a batch at a time."""
+    shell.group = app.conf.id
+    inputs = app.topic(*topics.inputs(), *topics.changes(), **raw)
+    if batches:
+        BatchDelivery(
+            app, inputs, shell.handle_records, max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS
+        )
+    else:
 
-        def note_read(value: Any) -> Any:  # a processor: runs as each record is read, before take's buffer
-            shell.note_read(stream.current_event)
-            return value
+        @app.agent(inputs, name=f"{PROCESSOR_NAME}-telemetry", concurrency=1)
+        async def incidents_telemetry(stream: faust.StreamT) -> None:
+            """Forward telemetry and changes to the merged topic, a batch at a time."""
 
-        stream.add_processor(note_read)
-        # noack_take yields the events unacked: they are acked here once their forwards were handed to the
-        # producer (take_events would ack a batch whose handling raised, when its generator is closed)
-        async for events in stream.noack_take(BATCH_RECORDS, within=BATCH_SECONDS):
-            await shell.handle_batch(list(events), app.conf.id)
-            for event in events:
-                await stream.ack(event)
+            def note_read(
+                value: Any,
+            ) -> Any:  # a processor: runs as each record is read, before take's buffer
+                shell.note_read(stream.current_event)
+                return value
+
+            stream.add_processor(note_read)
+            # noack_take yields the events unacked: they are acked here once their forwards were handed to the
+            # producer (take_events would ack a batch whose handling raised, when its generator is closed)
+            async for events in stream.noack_take(BATCH_RECORDS, within=BATCH_SECONDS):
+                await shell.handle_batch(list(events), app.conf.id)
+                for event in events:
+                    await stream.ack(event)
 
     @app.agent(merged, name=f"{PROCESSOR_NAME}-correlate", concurrency=1)
     async def incidents_correlate(stream: faust.StreamT) -> None:
@@ -535,11 +588,11 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
 
 def run_incidents_worker(
     settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
-    stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
+    stop_after_idle_seconds: float | None = None, loglevel: str | None = None, batches: bool = True,
 ) -> IncidentStats:  # fmt: skip
     """Run the worker in this process until stopped (blocking; call from a main thread), with ``/metrics``,
     ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
-    (:func:`processors.shell.run_processor_worker`).
+    (:func:`processors.shell.run_processor_worker`). ``batches``: :func:`create_incidents_app`'s.
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -552,7 +605,7 @@ def run_incidents_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or IncidentTopics()
     ensure_incident_topics(settings, topics, app_id)
-    app = create_incidents_app(settings, app_id=app_id, topics=topics)
+    app = create_incidents_app(settings, app_id=app_id, topics=topics, batches=batches)
     stats: IncidentStats = app.incident_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
