@@ -5,10 +5,11 @@ Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not e
 written) with :func:`processors.shell.make_faust_app`, :class:`~processors.shell.FaustDeadLetters`
 and :class:`processors.tables.TailRecoveringTable`.
 
-* One agent (``concurrency=1``) reads ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key =
-  series; ``sophia.telemetry.MetricSample``, key = pod, one series per pod and metric): the key
-  already puts every sample of a series on one partition in order, so no repartition is
-  needed and one task owns a series' state.
+* One consumer of ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key = series;
+  ``sophia.telemetry.MetricSample``, key = pod, one series per pod and metric), one batch in hand at a time
+  (:class:`processors.shell.BatchDelivery`'s task, or one agent with ``concurrency=1``): the key already
+  puts every sample of a series on one partition in order, so no repartition is needed and one task owns a
+  series' state.
 * **Decoding is ours** (``raw`` serializers). Undecodable records (not Avro, no CloudEvents headers),
   another schema, and samples the logic refuses (a value that is not a finite number, no series) go to
   the dead-letter topic with raw bytes, headers and the reason; processing goes on.
@@ -18,8 +19,10 @@ and :class:`processors.tables.TailRecoveringTable`.
   from the table on first use.
 * **State checkpoints**: a sample changes its series' states in memory; the changed states are written
   to the table together every :data:`CHECKPOINT_RECORDS` records or :data:`CHECKPOINT_SECONDS`, and a
-  record is acked (:class:`processors.shell.InOrderAcks`, in order) only once the checkpoint after it was
-  written, so Faust never commits an offset whose effect is not in the changelog. Writing every touched
+  record's offset is committed only once the checkpoint after it was written (:class:`processors.shell.BatchDelivery`
+  commits up to the records whose checkpoint future is done, in order; without it each record is acked
+  by :class:`processors.shell.InOrderAcks`, in order, once its checkpoint is written), so Faust never
+  commits an offset whose effect is not in the changelog. Writing every touched
   state per sample (a Nezha pod sample touches about 19 series, 13 KB of JSON each) made the changelog
   about 11 GB for one Nezha day and the worker 0.006 of a plain Faust agent. A checkpoint still writes
   each changed state whole (on the Nezha day nearly all 879 series change between two checkpoints), so
@@ -43,12 +46,18 @@ and :class:`processors.tables.TailRecoveringTable`.
   :class:`processors.shell.QuietMonitor` (:func:`processors.shell.make_faust_app`'s defaults since): 0.50 /
   0.65 / 0.68 against 0.52 / 0.37 / 0.48 on main in alternating runs (the first pair beside tests), CPU 137-196
   µs a record against 188-274.
+* **BatchDelivery** (the default since 2026-12-06; ``create_anomaly_app(batches=False)`` keeps the agent
+  above): the records no longer go through Faust's per-record path (message, conductor, stream queue,
+  event, ack) but from each fetch, in lists of up to :data:`BATCH_RECORDS`, to
+  :meth:`_AnomalyShell.handle_records` (the same handling, :meth:`_AnomalyShell._handle`), which returns
+  the future of the checkpoint that writes their states; their offsets are committed once it is done.
+  FIGURES_ANOMALY
 * **Order of effects per batch**: the insights (if any) are sent and their deliveries awaited before the
   batch's states are marked for the checkpoint (and no timer checkpoint is written while a batch is
   handled, :attr:`_AnomalyShell.handling`); a crash in between replays the records after restart and sends
   the same insight ids (a replayed sample at or before its series' checkpointed last event time is
   ignored). Dead letters of a batch are sent before the insights of the records ahead of them in it (other
-  topics; the acks stay in record order).
+  topics; the commits, or acks, stay in record order).
 * **Determinism**: event time only; a sample at or before the series' last event time is counted and
   ignored (a redelivery changes nothing).
 * **Worker**: :func:`run_anomaly_worker` runs it in the shared worker shell

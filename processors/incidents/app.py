@@ -4,36 +4,45 @@ A thin shell around :class:`processors.incidents.incident.IncidentEngine`; every
 there. Modelled on :mod:`processors.correlation.app` (``processors/shell.py`` did not exist on main
 when this was written) and built with :func:`processors.shell.make_faust_app`.
 
-Two agents:
+Two stages (each one batch or record in hand at a time):
 
-1. ``incidents-telemetry`` reads ``telemetry.metrics``, ``telemetry.logs`` and ``telemetry.spans``
+1. The input stage reads ``telemetry.metrics``, ``telemetry.logs`` and ``telemetry.spans``
    (``sophia.telemetry.MetricSample`` / ``LogLine`` / ``Span``), and the changes: ``config.changes``
    (``sophia.config.ConfigChange``) and ``external.events`` (``sophia.external.ExternalEvent``: commits,
    pushes, deploys and releases; other kinds are skipped and counted), as change records
    (:mod:`processors.incidents.changes`) that become the insights' suspect changes. It decodes the
    Confluent-framed Avro and the CloudEvents headers and forwards the records as compact JSON bodies (times
    in epoch ms, the source ``topic/partition``, ``drained``) to the one-partition topic
-   ``<app id>-telemetry-repartition``, a batch at a time: ``stream.noack_take`` (:data:`BATCH_RECORDS`
-   records or what came within :data:`BATCH_SECONDS`), the batch's bodies in the order read as one JSON
-   list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). Correlating
+   ``<app id>-telemetry-repartition``, a batch at a time, the batch's bodies in the order read as one JSON
+   list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). By default
+   (2026-12-06) the batches come straight from each fetch (:class:`processors.shell.BatchDelivery`, up to
+   :data:`BATCH_RECORDS` records, :meth:`_IncidentShell.handle_records`), past Faust's per-record path;
+   ``create_incidents_app(batches=False)`` keeps the agent ``incidents-telemetry`` (``stream.noack_take``:
+   :data:`BATCH_RECORDS` records or what came within :data:`BATCH_SECONDS`). Correlating
    incidents needs every pod's telemetry in one place; that topic is the place, in one total order (each
    partition's records keep their order). Undecodable records and other schemas go to the dead-letter
    topic with raw bytes and the reason (delivered before the next record is handled); the batch goes on.
-   ``drained`` is noted by a stream processor as each record is read (the consumer's fetch high watermark
-   of its partition at that moment, as before batching), not when its batch is handled; a partition's
-   known-last record that is not forwarded (dead-lettered, skipped) puts a ``drained`` marker in the
-   batch in its place. Acks: the batch's records are acked once its merged messages were handed to the
-   producer; Faust flushes the producer before it commits offsets, so a committed record's forward is on
-   the broker (at least once: a crash before the commit forwards the batch again; the engine drops a
-   record it already took in the same window, by its event id). ``noack_take``, not ``take``: ``take``
+   ``drained`` (the record is its partition's last as far as the consumer knows: its fetch high watermark)
+   is taken, with BatchDelivery, as the batch is handled, for each partition's last record in it (the high
+   watermark then is at least the one at the fetch, so a record is never drained unless it was its
+   partition's last at some moment after it was read); with the agent, by a stream processor as each
+   record is read. A partition's known-last record that is not forwarded (dead-lettered, skipped) puts a
+   ``drained`` marker in the batch in its place. Commits: a batch's offsets are committed (BatchDelivery:
+   its future is None, done at once; the agent: its records acked) once its merged messages were handed
+   to the producer; Faust flushes the producer before it commits offsets, so a committed record's forward
+   is on the broker (at least once: a crash before the commit forwards the batch again; the engine drops
+   a record it already took in the same window, by its event id). ``noack_take``, not ``take``: ``take``
    acks a batch whose handling raised. One merged message per input record (before 2026-12-04) cost a
    Faust send and receive per record: the worker ran at 0.11-0.29 of a plain Faust agent
    (``bench/bench_incidents.py``).
 2. ``incidents-correlate`` reads that topic (a JSON list of bodies per message; one body alone, as written
    before batching and by the drain timer, is read too) and feeds the engine body by body; the engine's
    watermark follows the
-   slowest active input partition (every partition of the three inputs is declared), so a partition
-   read later than another does not make its records late: only an input partition that was
+   slowest active input partition (every partition of the three inputs and of the two change topics that
+   holds records after the group's commit is declared), so a partition read later than another does not
+   make its records late (a change partition read after a fetch of telemetry did, once BatchDelivery handed
+   over each fetch one partition after another: declared since, a change source holds the watermark until
+   it is heard from, and, being sparse, nothing once drained): only an input partition that was
    drained (its record reached the consumer's fetch high watermark) can turn idle. A record read while
    that high watermark is not known (right after an assignment) is not drained; a timer checks such
    partitions every :data:`DRAIN_CHECK_SECONDS` and, once one is read to its end, sends a ``drained``
@@ -135,10 +144,11 @@ _opened = Counter(
 
 
 BATCH_RECORDS = 500
-"""Input records the first agent takes at most per batch (``stream.take_events``): their usable records are
-forwarded together as one merged message (or a few, :data:`MERGED_MAX_BYTES`)."""
+"""Input records forwarded at most per batch (:class:`processors.shell.BatchDelivery`'s ``max_batch``, or the
+agent's ``stream.noack_take``): their usable records are forwarded together as one merged message (or a few,
+:data:`MERGED_MAX_BYTES`)."""
 BATCH_SECONDS = 0.02
-"""The longest the first agent waits for a batch to fill before it forwards what it holds (the latency a
+"""The longest the first agent (``batches=False``) waits for a batch to fill before it forwards what it holds (the latency a
 batch adds when records trickle in; with a backlog the batch fills first)."""
 MAX_BUFFERED_RECORDS = 20_000
 """Input records taken from fetches and not yet forwarded at which the fetch loop waits (the batch path)."""
