@@ -118,3 +118,42 @@ def test_a_partition_ending_in_a_skipped_change_is_told_drained() -> None:
     bodies = _bodies(merged)
     assert [(b["kind"], b.get("drained")) for b in bodies] == [("change", False), ("drained", None)]
     assert shell.stats.changes_skipped_count == 1 and shell.stats.drain_markers_count == 1
+
+
+def test_a_batch_from_the_fetch_is_drained_at_each_partitions_last_record() -> None:
+    """Records as BatchDelivery hands them (aiokafka records: no Faust ``tp``), two partitions in one batch:
+    only a partition's last record in the batch can be drained, and only when the consumer knows its end;
+    a partition whose end is unknown gets its marker from the timer once the end is known."""
+    serde = AvroSerde(EmbeddedRegistry())
+    metrics = [e for t, e in itertools.islice(iter_day(SLICE), 400) if t == "telemetry.metrics"][:5]
+    merged = AckedTopic()
+    engine = IncidentEngine(EngineConfig())
+    shell = _IncidentShell(
+        Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": AckedTopic()}
+    )
+    highwater: dict[Any, int | None] = {("telemetry.metrics", 0): 3, ("telemetry.metrics", 1): None}
+    shell.highwater = highwater.get
+
+    def record(partition: int, offset: int, e: Any) -> SimpleNamespace:
+        return SimpleNamespace(topic="telemetry.metrics", partition=partition, offset=offset, key=e.key.encode(),
+                               headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data))  # fmt: skip
+
+    batch = [record(0, 0, metrics[0]), record(0, 1, metrics[1]), record(0, 2, metrics[2]),
+             record(1, 0, metrics[3]), record(1, 1, metrics[4])]  # fmt: skip
+
+    async def run() -> None:
+        assert await shell.handle_records(batch) is None  # nothing to wait for: handed to the producer
+        await shell.send_drain_markers()  # partition 1's end is still unknown: no marker
+        highwater[("telemetry.metrics", 1)] = 2
+        await shell.send_drain_markers()
+        await shell.send_drain_markers()  # only once
+
+    asyncio.run(run())
+    bodies = _bodies(merged)
+    assert [(b["kind"], b["source"], b.get("drained")) for b in bodies] == [
+        ("metric", "telemetry.metrics/0", False), ("metric", "telemetry.metrics/0", False),
+        ("metric", "telemetry.metrics/0", True), ("metric", "telemetry.metrics/1", False),
+        ("metric", "telemetry.metrics/1", False), ("drained", "telemetry.metrics/1", None),
+    ]  # fmt: skip
+    assert len(merged.sent) == 2  # the batch as one merged message, then the timer's marker
+    assert shell.stats.forwarded_count == 5 and shell.stats.drain_markers_count == 1
