@@ -91,6 +91,22 @@ incident worker's RSS after the day 236 / 243 / 262 MiB after, 170 / 230 / 237 b
 239-256), a guess not checked: the collection just before the freeze sets the heap size that the next full
 collection waits to grow by a quarter, so full collections come later. One run of the branch with the freeze off (eager
 consumer and quiet monitor kept): incident worker 0.60 (154 µs, RSS after 171 MiB), anomaly worker 0.71.
+
+Then (2026-12-06) both workers took their input through ``processors.shell.BatchDelivery`` (each fetch's
+records handed in lists to the worker, offsets committed from its own bookkeeping, past Faust's per-record
+message, conductor, stream queue, event and ack; the incident worker's input stage only, its correlate agent
+unchanged). The same command, main's checkout (95edd64) and the branch's alternating three times (main
+first), 01:39-01:54 UTC, load average 0.7-7.6 at the starts; the plain Faust agents ran at 6,943-7,487
+records/s in every run (11,000-13,000 in the 2026-12-05 runs above; not investigated). Incident worker before
+5,178 / 5,170 / 5,106 records/s against plain Faust over the three topics at 7,170 / 6,943 / 7,324 (**0.72 /
+0.74 / 0.70**, CPU 218 / 213 / 216 µs a record), after 8,479 / 8,580 / 8,532 against 7,349 / 7,251 / 7,422
+(**1.15 / 1.18 / 1.15**, 134 / 135 / 136 µs); anomaly worker before 5,030 / 3,894 / 5,287 against 7,222 /
+7,194 / 7,379 (**0.70 / 0.54 / 0.72**, 249 / 250 / 236 µs), after 9,212 / 9,405 / 9,494 against 7,487 /
+7,299 / 7,368 (**1.23 / 1.29 / 1.29**, 164 / 160 / 160 µs). RSS after the day: incident worker 232 / 149 /
+161 MiB before, 193 / 187 / 165 after (peak 240 / 226 / 235 before, 304 / 261 / 280 after: up to 20,000
+fetched records are buffered); anomaly worker 203 / 205 / 203 before, 208 / 209 / 200 after (peak 209 / 205
+/ 211, 233 / 244 / 228). 368 anomalies (368 in process) and 23 incidents opened, 44 updated, 23 closed, late
+0, in every run. Issue 12's 0.8 is met by both in these runs.
 """
 
 from __future__ import annotations
