@@ -16,7 +16,8 @@ Two stages (each one batch or record in hand at a time):
    ``<app id>-telemetry-repartition``, a batch at a time, the batch's bodies in the order read as one JSON
    list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). By default
    (2026-12-06) the batches come straight from each fetch (:class:`processors.shell.BatchDelivery`, up to
-   :data:`BATCH_RECORDS` records, :meth:`_IncidentShell.handle_records`), past Faust's per-record path;
+   :data:`BATCH_RECORDS` records, :meth:`_IncidentShell.handle_records`; ``interleave=True``: in the order
+   Faust's agent got a fetch, round robin over topics and partitions), past Faust's per-record path;
    ``create_incidents_app(batches=False)`` keeps the agent ``incidents-telemetry`` (``stream.noack_take``:
    :data:`BATCH_RECORDS` records or what came within :data:`BATCH_SECONDS`). Correlating
    incidents needs every pod's telemetry in one place; that topic is the place, in one total order (each
@@ -43,9 +44,10 @@ Two stages (each one batch or record in hand at a time):
    watermark follows the
    slowest active input partition (every partition of the three inputs and of the two change topics that
    holds records after the group's commit is declared), so a partition read later than another does not
-   make its records late (a change partition read after a fetch of telemetry did, once BatchDelivery handed
-   over each fetch one partition after another: declared since, a change source holds the watermark until
-   it is heard from, and, being sparse, nothing once drained): only an input partition that was
+   make its records late (a change partition read after a fetch of telemetry did, when BatchDelivery handed
+   over each fetch one partition after another; Faust's round robin only makes that unlikely: declared
+   since, a change source holds the watermark until it is heard from, and, being sparse, nothing once
+   drained): only an input partition that was
    drained (its record reached the consumer's fetch high watermark) can turn idle. A record read while
    that high watermark is not known (right after an assignment) is not drained; a timer checks such
    partitions every :data:`DRAIN_CHECK_SECONDS` and, once one is read to its end, sends a ``drained``
@@ -317,8 +319,9 @@ class _IncidentShell:
         await self._forward(items, group)
 
     async def handle_records(self, records: list[Any]) -> None:
-        """Input records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in the order fetched:
-        each partition's in offset order), forwarded by :meth:`_forward`. Returns None (nothing to wait for:
+        """Input records of a :class:`~processors.shell.BatchDelivery` (aiokafka records in the order Faust's
+        agent would get them, ``interleave=True``: each partition's in offset order), forwarded by
+        :meth:`_forward`. Returns None (nothing to wait for:
         the forwards were handed to the producer, which Faust flushes before it commits the offsets).
         ``drained`` is taken as the records are handled, for each partition's last record among them
         (:meth:`_drained_now`; an earlier one is not its partition's last): the consumer's fetch high
@@ -534,9 +537,12 @@ def create_incidents_app(
     shell.group = app.conf.id
     inputs = app.topic(*topics.inputs(), *topics.changes(), **raw)
     if batches:
+        # interleave: a fetch in the order Faust's agent got it (round robin over topics and partitions), so the
+        # merged topic's order is the agent's
         BatchDelivery(
-            app, inputs, shell.handle_records, max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS
-        )
+            app, inputs, shell.handle_records, max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
+            interleave=True,
+        )  # fmt: skip
     else:
 
         @app.agent(inputs, name=f"{PROCESSOR_NAME}-telemetry", concurrency=1)
