@@ -53,7 +53,8 @@ and :class:`processors.tables.TailRecoveringTable`.
   the future of the checkpoint that writes their states; their offsets are committed once it is done.
   ``bench/bench_incidents.py``, main's checkout and the branch's alternating three times (2026-12-06):
   1.23 / 1.29 / 1.29 of plain Faust (9,212 / 9,405 / 9,494 records/s, CPU 160-164 µs a record) against
-  0.70 / 0.54 / 0.72 on main (5,030 / 3,894 / 5,287, 236-250 µs); the same 368 anomalies (README).
+  0.70 / 0.54 / 0.72 on main (5,030 / 3,894 / 5,287, 236-250 µs), and 1.13 / 1.09 / 1.31 against 0.70 /
+  0.64 / 0.69 in three more pairs (163-173 µs against 243-245); the same 368 anomalies (README).
 * **Order of effects per batch**: the insights (if any) are sent and their deliveries awaited before the
   batch's states are marked for the checkpoint (and no timer checkpoint is written while a batch is
   handled, :attr:`_AnomalyShell.handling`); a crash in between replays the records after restart and sends

@@ -38,7 +38,8 @@ Two stages (each one batch or record in hand at a time):
    (``bench/bench_incidents.py``). With BatchDelivery (2026-12-06, main's checkout and the branch's
    alternating three times): 1.15 / 1.18 / 1.15 of plain Faust over the three topics (8,479 / 8,580 / 8,532
    records/s, CPU 134-136 µs a record) against 0.72 / 0.74 / 0.70 on main (5,178 / 5,170 / 5,106, 213-218
-   µs); the same 23 incidents opened, 44 updated, 23 closed, late 0 (README).
+   µs); with ``interleave=True`` 1.35 / 0.71 / 2.06 against 0.74 / 1.25 / 0.71 on main (loaded runs, README:
+   CPU 143-151 µs a record against 214-219); the same 23 incidents opened, 44 updated, 23 closed, late 0.
 2. ``incidents-correlate`` reads that topic (a JSON list of bodies per message; one body alone, as written
    before batching and by the drain timer, is read too) and feeds the engine body by body; the engine's
    watermark follows the
