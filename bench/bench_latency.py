@@ -2,7 +2,8 @@
 insight as a Kafka subscriber, an SSE client and PostgreSQL see it; against a bare relay in the same run.
 
 Run: ``python -m bench --only bench_latency [--quick]`` or ``python bench/bench_latency.py [--seconds S]
-[--rates 100,1000]``. It starts the embedded dev stack in a temporary directory (servers named by
+[--rates 100,1000] [--json]``; the highest rate held: ``python bench/bench_latency.py --max-rate
+[--ladder 500,1000,2000,...] [--hold-seconds 60] [--json]`` (below). It starts the embedded dev stack in a temporary directory (servers named by
 ``BACKBONE_*`` are used instead) and, as child processes, the run-summary worker (``backbone processors
 worker``), the ``insights`` projection (``backbone projections run insights``) and the API (uvicorn). Then,
 for each offered rate and each path, it produces synthetic agent runs (RunLifecycle STARTED, LlmCall,
@@ -16,8 +17,8 @@ bench) at that rate, in ticks of 5 ms, and times each run's FINISHED event:
   received its insight;
 * ``sse``: when ``GET /subscribe/insights.runs?from=latest`` delivered it (the client reads lines as
   they come);
-* ``pg``: when its row in ``insights_latest`` was visible (a poll of the runs still missing every 5 ms,
-  so this stage is late by up to 5 ms plus a query).
+* ``pg``: when its row in ``insights_latest`` was visible (a poll, every 5 ms, of the runs acked and not
+  yet seen, so this stage is late by up to 5 ms plus a query).
 
 Paths: ``client``: :meth:`backbone.client.Client.send` of the tick's events (built and validated by
 :meth:`Client.events` before the clock starts); ``http``: ``POST /events/{type}`` with the tick's
@@ -26,6 +27,30 @@ the baseline, raw confluent-kafka producer (linger.ms 0, acks=all) -> a bare rel
 consumer that republishes each FINISHED record, fetch.wait.max.ms 10, linger.ms 0) -> a raw consumer.
 The end-to-end figure is ``ack -> sse`` for the backbone and ``ack -> relayed record seen`` for the
 baseline; the ratio column divides each percentile by the baseline's at the same rate.
+
+``--max-rate``: the highest rate held for ``--hold-seconds`` (60) with lag bounded, on the ``client``
+path and on the bare relay (the baseline; ``http`` is not stepped). For each rate of ``--ladder``, in
+order, alternating the two paths, each path stops at its first step not held; every step runs on a fresh
+stack and children (``--same-stack``: one for all, so each step starts on the earlier steps' log). During
+the hold the consumer group's lag (the run-summary worker's group ``backbone-processors`` on
+``agent.events``; the relay's group, auto commit every 1 s, on its input) is sampled every
+``--lag-sample-seconds`` (3): the log end from :func:`streams.offsets.end_offsets` minus the committed
+offsets. :func:`judge_hold` decides from what was measured; a step is held when (1) the achieved produce
+rate is at least 97 % of the offered one, (2) no lag sample in the hold's second half exceeds 5 s of input
+(``lag events / offered rate``; Faust commits every 2.8 s, so a worker that keeps up reads up to that),
+(3) the p95 of the end-to-end latency (``ack -> sse``; the bare relay's ``ack -> relayed seen``) of the
+runs acked in the hold's last third exceeds that of its first third by at most 100 ms (a growing queue
+shows as a latency that trends up), and (4) every run was seen end to end within ``--drain-seconds``
+after the hold (``--rate-tolerance``, ``--max-lag-seconds``, ``--latency-growth-ms`` change the bounds).
+It prints each step (with the load average, and the CPU of each process over the hold as % of a core:
+Tansu, PostgreSQL with its backends, Redis, the worker, the projection, the API, the relay and this
+process), the highest rate held per path and their ratio.
+
+With ``--json`` stdout is one JSON object: ``phases`` (per path and rate: achieved rate, runs, seen, load
+average, each stage's p50/p95/p99 in ms, ratios to the bare relay), ``shares``, ``config``, ``errors`` and,
+with ``--max-rate``, ``max_rate`` (the criteria, each step's verdict and figures with its lag samples,
+``highest_held`` per path and ``ratio``); the progress lines go to stderr. The garbage collector is frozen
+over each phase (its pre-built events are not walked).
 
 All observers run in this process (one clock, ``time.perf_counter``), on a 2-core shared machine with
 everything else; figures are of that machine. The configured values that the stages wait on are read
@@ -603,6 +628,13 @@ def _report_max_rate(result: dict[str, Any]) -> None:
         print(f"{st['path']:<8}{st['rate']:>9,}{st['achieved']:>10,.0f}{'yes' if st['held'] else 'no':>6}{lm:>10}{le:>10}"
               f"{st['p95_first_ms']:>11.1f}{st['p95_last_ms']:>11.1f}{st['seen']:>7}/{st['runs']:<6}{st['drain_seconds']:>9.1f}  "
               f"{pcts:<26}{' '.join(f'{x:.2f}' for x in st['load'])}")  # fmt: skip
+        if st.get("cpu_percent"):
+            print(
+                f"{'':<8}  CPU % of a core over the hold: "
+                + ", ".join(
+                    f"{k} {v:.0f}" for k, v in sorted(st["cpu_percent"].items(), key=lambda kv: -kv[1])
+                )
+            )
         for reason in st["reasons"]:
             print(f"{'':<8}  not held: {reason}")
     for path, h in result["highest_held"].items():
@@ -664,7 +696,12 @@ def main(argv: list[str] | None = None) -> list[Phase]:
         "(alternating), hold each step --hold-seconds, stop a path at its first step not held",
     )
     ap.add_argument(
-        "--ladder", default="1000,2000,3000,5000,7500,10000", help="--max-rate's offered rates, events/s"
+        "--ladder", default="500,1000,2000,3000,5000,7500,10000", help="--max-rate's offered rates, events/s"
+    )
+    ap.add_argument(
+        "--same-stack",
+        action="store_true",
+        help="--max-rate: every step on one stack (the log grows from step to step) instead of a fresh stack per step",
     )
     ap.add_argument("--hold-seconds", type=float, default=60.0, help="--max-rate: seconds of load per step")
     ap.add_argument(
@@ -735,8 +772,58 @@ def _max_rate_result(args: argparse.Namespace, steps: list[dict[str, Any]]) -> d
 
 
 def _run(args: argparse.Namespace) -> tuple[list[Phase], list[dict[str, Any]], list[str]]:
-    """Start the stack and the children, measure, stop them; return the phases (``--rates``), the
-    ``--max-rate`` steps and the errors seen."""
+    """Measure what ``args`` asks for; return the phases (``--rates``), the ``--max-rate`` steps and the
+    errors seen. ``--max-rate`` starts a fresh stack for each step unless ``--same-stack``."""
+    paths = args.paths.split(",")
+    if not args.max_rate:
+        return _session(args, paths, [int(r) for r in args.rates.split(",")], [])
+    skipped = [p for p in paths if p not in ("bare", "client")]
+    paths = [p for p in ("bare", "client") if p in paths]
+    if skipped:
+        print(f"--max-rate measures the bare and client paths only; not {', '.join(skipped)}")
+    ladder = [int(r) for r in args.ladder.split(",")]
+    if args.same_stack:
+        return _session(args, paths, [], ladder)
+    steps: list[dict[str, Any]] = []
+    errors: list[str] = []
+    active = list(paths)
+    for rate in ladder:
+        for path in list(active):
+            _, got, errs = _session(args, [path], [], [rate])
+            steps += got
+            errors += errs
+            if not got or not got[-1]["held"]:
+                active.remove(path)
+        if not active:
+            break
+    return [], steps, errors
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds of each named process (PostgreSQL's with its backends); 0.0 for one
+    that is gone."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        total = 0.0
+        try:
+            root = psutil.Process(pid)
+            for proc in (root, *(root.children(recursive=True) if name == "postgres" else ())):
+                with contextlib.suppress(psutil.Error):
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+        except psutil.Error:
+            pass
+        out[name] = total
+    return out
+
+
+def _session(
+    args: argparse.Namespace, paths: list[str], rates: list[int], ladder: list[int]
+) -> tuple[list[Phase], list[dict[str, Any]], list[str]]:
+    """One stack and its children: the ``rates`` phases on ``paths``, then the ``ladder`` steps (each path
+    stops at its first step not held); return the phases, the steps and the errors seen."""
     from backbone.client import Client
     from backbone.devstack import DevStack
     from backbone.http.auth import TokenStore
@@ -745,13 +832,6 @@ def _run(args: argparse.Namespace) -> tuple[list[Phase], list[dict[str, Any]], l
     from processors.run_summary.app import DEFAULT_APP_ID
     from streams.catalogue import CATALOGUE
 
-    rates = [] if args.max_rate else [int(r) for r in args.rates.split(",")]
-    paths = args.paths.split(",")
-    if args.max_rate:
-        skipped = [p for p in paths if p not in ("bare", "client")]
-        paths = [p for p in ("bare", "client") if p in paths]
-        if skipped:
-            print(f"--max-rate measures the bare and client paths only; not {', '.join(skipped)}")
     steps: list[dict[str, Any]] = []
     errors: list[str] = []
     state_dir = Path(tempfile.mkdtemp(prefix="bench-latency-"))
@@ -888,10 +968,14 @@ def _run(args: argparse.Namespace) -> tuple[list[Phase], list[dict[str, Any]], l
                         _wait_done(phase, stages, 30)
                     phases.append(phase)
                     print(f"  measured {path} at {rate:,} events/s", flush=True)
-            if args.max_rate:
+            if ladder:
                 groups = {"client": (DEFAULT_APP_ID, EVENTS_TOPIC), "bare": (f"bench-relay-{tag}", base_in)}
+                pids = {**dict(zip(("worker", "projection", "api", "relay"), (p.pid for p in procs), strict=True)),
+                        "tansu": info.pids.get("kafka", 0), "postgres": info.pids.get("postgres", 0),
+                        "redis": info.pids.get("redis", 0), "bench": os.getpid()}  # fmt: skip
+                pids = {k: v for k, v in pids.items() if v}
                 active = list(paths)
-                for rate in [int(r) for r in args.ladder.split(",")]:
+                for rate in ladder:
                     for path in list(active):
                         make, send, stages = makers[path]
                         phase = Phase(path, rate)
@@ -905,7 +989,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Phase], list[dict[str, Any]], l
                         with _frozen():
                             sampler = LagSampler(settings.kafka, *groups[path], args.lag_sample_seconds)
                             sampler.start()
+                            cpu0 = _cpu_seconds(pids)
                             _generate(phase, items, send, observers)
+                            cpu1 = _cpu_seconds(pids)
                             lag = sampler.stop()
                             t_drain = time.monotonic()
                             _wait_done(phase, stages, args.drain_seconds)
@@ -914,7 +1000,9 @@ def _run(args: argparse.Namespace) -> tuple[list[Phase], list[dict[str, Any]], l
                         errors += sampler.errors
                         step = _step(phase, lag, _criteria(args))
                         step.update(build_seconds=round(build_seconds, 1), drain_seconds=round(drain, 1),
-                                    load_before=[round(x, 2) for x in load_before])  # fmt: skip
+                                    load_before=[round(x, 2) for x in load_before],
+                                    cpu_percent={k: round(100 * (cpu1[k] - cpu0.get(k, 0.0)) / phase.send_seconds, 1)
+                                                 for k in cpu1})  # fmt: skip
                         steps.append(step)
                         print(f"  {path} at {rate:,} events/s for {phase.send_seconds:.0f} s: "
                               f"{'held' if step['held'] else 'not held: ' + '; '.join(step['reasons'])} "
