@@ -40,7 +40,7 @@ rate is at least 97 % of the offered one, (2) no lag sample in the hold's second
 (``lag events / offered rate``; Faust commits every 2.8 s, so a worker that keeps up reads up to that),
 (3) the p95 of the end-to-end latency (``ack -> sse``; the bare relay's ``ack -> relayed seen``) of the
 runs acked in the hold's last third exceeds that of its first third by at most 100 ms (a growing queue
-shows as a latency that trends up), and (4) every run was seen end to end within ``--drain-seconds``
+shows as a latency that trends up), and (4) every run was seen end to end within ``--drain-seconds`` (60)
 after the hold (``--rate-tolerance``, ``--max-lag-seconds``, ``--latency-growth-ms`` change the bounds).
 It prints each step (with the load average, and the CPU of each process over the hold as % of a core:
 Tansu, PostgreSQL with its backends, Redis, the worker, the projection, the API, the relay and this
@@ -710,8 +710,8 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     ap.add_argument(
         "--drain-seconds",
         type=float,
-        default=90.0,
-        help="--max-rate: longest wait after a step for its last runs to be seen",
+        default=60.0,
+        help="longest wait after a phase or step for its last runs to be seen",
     )
     held = HoldCriteria()
     ap.add_argument(
@@ -965,7 +965,7 @@ def _session(
                     phase.samples = {k: Sample() for _, k in items if k}
                     with _frozen():
                         _generate(phase, items, send, observers)
-                        _wait_done(phase, stages, 30)
+                        _wait_done(phase, stages, args.drain_seconds)
                     phases.append(phase)
                     print(f"  measured {path} at {rate:,} events/s", flush=True)
             if ladder:
