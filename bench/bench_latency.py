@@ -325,7 +325,7 @@ def _generate(
         observers.current = phase.samples
     start = time.perf_counter() + 0.01
     phase.start = start
-    acked = observers.acked
+    acked = observers.acked if phase.path != "bare" else None  # the relay writes no PostgreSQL row
     i = 0
     while i < len(items):
         now = time.perf_counter()
@@ -340,7 +340,8 @@ def _generate(
             if key is not None:
                 s = phase.samples[key]
                 s.sched, s.ack = start + j * interval, acks[j - i] if acks else t_acked
-                acked.append(key)
+                if acked is not None:
+                    acked.append(key)
         i = due
         spare = start + i * interval - time.perf_counter()
         if spare > 0:
