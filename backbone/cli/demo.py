@@ -8,6 +8,7 @@ the report, and stops what it started.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -226,21 +227,26 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
     inc = doc.get("incidents")
     if inc:
         table = Table(
-            title=f"Incidents on the Nezha TrainTicket slice: {inc['faults']} injected faults, {inc['incidents']} incidents"
+            title=f"Incidents on the Nezha TrainTicket slice: {inc['faults']} injected faults, {inc['incidents']} incidents",
+            caption="at: injection time, UTC; pods by deployment (the name less its ReplicaSet hash and pod suffix);"
+            " found: seconds from the injection to the incident; rank: the faulty pod's rank among the candidates",
+            pad_edge=False,
         )
-        for c in (
-            "injected",
-            "faulty pod",
-            "kind",
-            "detected after (s)",
-            "rank of the pod",
-            "top-1 candidate",
-        ):
-            table.add_column(c)
+        for c in ("at", "faulty pod", "kind", "found", "rank", "top-1 candidate"):
+            table.add_column(c, overflow="fold", min_width=19 if "pod" in c or "top-1" in c else None)
         for f in inc["per_fault"]:
-            table.add_row(str(f["inject_time"]), f["pod"], f["kind"], _n(f.get("detection_seconds")),
-                          _n(f.get("rank_pod")), str(f.get("top1_pod") or ""))  # fmt: skip
+            table.add_row(str(f["inject_time"]).replace(" ", "\n"), _deployment(f["pod"]), f["kind"], _n(f.get("detection_seconds")),
+                          _n(f.get("rank_pod")), _deployment(str(f.get("top1_pod") or "")))  # fmt: skip
         out.print(table)
+
+
+_POD_SUFFIX = re.compile(r"-[a-z0-9]{6,10}-[a-z0-9]{5}$")
+
+
+def _deployment(pod: str) -> str:
+    """A Kubernetes pod name without its ReplicaSet hash and pod suffix (``ts-contacts-service-866bd68c97-xcqfx``
+    -> ``ts-contacts-service``); other names as they are."""
+    return _POD_SUFFIX.sub("", pod)
 
 
 def _report_live(live: dict[str, Any]) -> None:
