@@ -905,28 +905,28 @@ class BatchDelivery:
 
     def put(self, tp: TP, records: list[Any]) -> None:
         """Buffer the records of ``tp`` from a fetch (offset order); those below its next expected offset are dropped."""
-        expected = self.position.get(tp)
-        if expected is not None and records[0].offset < expected:
-            records = [r for r in records if r.offset >= expected]
-            if not records:
-                return
-        self.position[tp] = records[-1].offset + 1
+        records = self._unseen(tp, records)
+        if not records:
+            return
         self.chunks.append((tp, records))
         self.buffered += len(records)
         self._arrived.set()
+
+    def _unseen(self, tp: TP, records: list[Any]) -> list[Any]:
+        """``records`` of ``tp`` (offset order) less those below its next expected offset, which then moves
+        past the last of them."""
+        expected = self.position.get(tp)
+        if expected is not None and records and records[0].offset < expected:
+            records = [r for r in records if r.offset >= expected]
+        if records:
+            self.position[tp] = records[-1].offset + 1
+        return records
 
     def put_interleaved(self, records: Mapping[TP, list[Any]], scheduler: Any) -> None:
         """Buffer one fetch's records of several partitions (offset order each) in ``scheduler``'s order
         (``iterate(records)`` -> ``(tp, record)`` pairs), as runs of consecutive records of one partition;
         those below a partition's next expected offset are dropped."""
-        fresh: dict[TP, list[Any]] = {}
-        for tp, batch in records.items():
-            expected = self.position.get(tp)
-            if expected is not None and batch[0].offset < expected:
-                batch = [r for r in batch if r.offset >= expected]
-            if batch:
-                fresh[tp] = batch
-                self.position[tp] = batch[-1].offset + 1
+        fresh = {tp: unseen for tp, batch in records.items() if (unseen := self._unseen(tp, batch))}
         if len(fresh) < 2:
             for tp, batch in fresh.items():
                 self.chunks.append((tp, batch))
