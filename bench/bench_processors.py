@@ -69,9 +69,12 @@ worker before 7,281 / 7,771 / 6,951 / 6,202 records/s against plain Faust at 8,6
 2026-12-06, the shell's ``BatchDelivery`` (``--events 30000``, two runs, load average 1.1-2.2), records/s: Quix with
 state 30,538 / 32,205; the shell's counting job per event 6,976 / 11,998, on ``BatchDelivery`` 587,763 / 909,138
 (handling of prefetched records, see its row above); run-summary worker (on ``BatchDelivery``) 9,215 / 17,141
-(**0.30 / 0.53 of Quix with state**); plain Faust 4,492 / 7,587. At 150,000 records (same commands, one topic):
-Quix with state 31,895, the counting job on ``BatchDelivery`` 83,162 (**2.6x Quix with state**), run-summary
+(**0.30 / 0.53 of Quix with state**); plain Faust 4,492 / 7,587. At 150,000 records (the same commands from a driver
+script that is not committed, one topic): Quix with state 31,895, the counting job on ``BatchDelivery`` 83,162 (**2.6x Quix with state**), run-summary
 worker of main 5,371 / 5,475 and of the branch 15,449 / 15,299 (0.48 / 0.48 of Quix with state).
+``python bench/bench_processors.py --events 150000`` on main after the merge (2026-12-06 01:34 UTC, load average
+1.8-2.3, other work running): Quix with state 31,523, the counting job on ``BatchDelivery`` 52,009 (**1.65x**), per
+event 8,846 (0.28), run-summary worker 10,433 (0.33), plain Faust 7,113 (0.23).
 2026-12-06, the healer on ``BatchDelivery`` (``--events 30000 --healer-rounds 3 --healer-checkout <main 95edd64>
 --healer-checkout <healer-batch>``, two runs, 01:36 and 01:40 UTC, load average 1.7-8.7 and 1.7-2.8), per round:
 plain Faust 5,927 / 5,689 / 5,230 and 7,451 / 7,712 / 7,801 records/s (CPU 133 / 138 / 134 and 138 / 128 / 125 µs
