@@ -9,6 +9,10 @@ the records per key in the changelogged table ``counts`` (a :class:`processors.t
 whose value is ``b"poison"`` to DLQ_TOPIC (:class:`processors.shell.FaustDeadLetters`, flushed before the
 batch returns). Every record's effects are delivered when its checkpoint is written.
 
+Two optional environment variables let a test order events instead of timing them: while the file named by
+``BATCH_PROBE_HOLD`` exists, the pause applies (without it, it always applies) and the worker does not count as idle (a rebalance
+can take longer than the idle stop), so a worker neither finishes nor stops while the test holds it; ``BATCH_PROBE_STARTED`` names a file created once the first batch has been handled.
+
 Each commit the consumer makes is checked against what the probe knows was delivered: an offset committed for a
 partition beyond the offset after its last record whose checkpoint was written is a violation. It stops once idle
 for 3 s (a clean stop: SIGTERM) and writes ``{"seen": [[partition, offset], ...] in the order handled, "commits": number of commits checked, "violations": [...]}``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +64,8 @@ def main() -> None:
     topic_name, app_id, result_path, dlq_topic = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
     pause_seconds = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
     partitions = int(sys.argv[6]) if len(sys.argv) > 6 else 2
+    hold = Path(os.environ["BATCH_PROBE_HOLD"]) if os.environ.get("BATCH_PROBE_HOLD") else None
+    started = Path(os.environ["BATCH_PROBE_STARTED"]) if os.environ.get("BATCH_PROBE_STARTED") else None
     settings = Settings()
     app = make_faust_app(settings, app_id, partitions=partitions, web_port=0)
     app.conf.broker_commit_interval = 0.1
@@ -95,7 +102,10 @@ def main() -> None:
                 state = cache[key] = _Count(table.data.get(key, 0))
             state.n += 1
             checkpoints.mark(key, record.partition, state)
-        if pause_seconds:  # a slow job, so that a second worker joins while records are still in flight
+        if started is not None and not started.exists():
+            started.touch()
+        # a slow job: records still in flight when the test acts
+        if pause_seconds and (hold is None or hold.exists()):
             await asyncio.sleep(pause_seconds)
         stats.records_count += len(records)
         stats.last_record_monotonic = time.monotonic()
@@ -113,6 +123,13 @@ def main() -> None:
     @app.timer(interval=0.05)
     async def checkpoint_when_due() -> None:
         checkpoints.checkpoint_if_due()
+
+    if hold is not None:
+
+        @app.timer(interval=0.5)
+        async def not_idle_while_held() -> None:
+            if hold.exists():
+                stats.last_record_monotonic = time.monotonic()
 
     @app.task
     async def watch_commits() -> None:

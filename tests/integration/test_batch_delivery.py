@@ -31,6 +31,20 @@ from streams.offsets import end_offsets
 PROBE = Path(__file__).with_name("batch_delivery_probe.py")
 
 
+def _wait_for(condition: Callable[[], bool], timeout_seconds: float, what: str, procs: list[Any]) -> None:
+    """Poll ``condition`` every 0.2 s until it holds; fail with ``what`` after ``timeout_seconds`` or when a
+    worker of ``procs`` has exited first."""
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        exited = [p for p in procs if p.poll() is not None]
+        assert not exited, (
+            f"{what}: a worker exited early (exit code {exited[0].returncode}): "
+            + (exited[0].communicate()[1] or "")[-3000:]
+        )
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
 def _run(
     settings: Settings, topic: str, app_id: str, dlq: str, state_dir: Path, result: Path
 ) -> dict[str, Any]:
@@ -144,18 +158,21 @@ def test_a_second_worker_joining_mid_stream_takes_over_partitions_without_loss_o
         "BACKBONE_LOG_LEVEL": "WARNING",
     }
     results = [tmp_path / "a.json", tmp_path / "b.json"]
+    hold = tmp_path / "hold"
+    hold.touch()  # 0.2 s after each batch of 7 while it exists: the first worker cannot finish 2,400 records in 60 s
     procs = []
     for name, result in zip("ab", results, strict=True):
         state = tmp_path / name
         state.mkdir()
-        # 20 ms after each batch of 7: 2,400 records take the first worker about 7 s, the second joins after 3 s
-        procs.append(subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(result), dlq, "0.02", "4"],
-                                      env={**env, "BACKBONE_STATE_DIR": str(state)}, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
-        if name == "a":
-            time.sleep(
-                3 + settings.kafka.session_timeout_ms / 2000
-            )  # Tansu's first assignment: half a session
+        started = tmp_path / f"{name}.started"
+        procs.append(subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(result), dlq, "0.2", "4"],
+                                      env={**env, "BACKBONE_STATE_DIR": str(state), "BATCH_PROBE_HOLD": str(hold),
+                                           "BATCH_PROBE_STARTED": str(started)},
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+        # the first worker handles records before the second starts; the second has taken partitions over
+        # (the rebalance done, records handled) before the hold is lifted and both finish
+        _wait_for(started.exists, 90, f"worker {name} handled no record", procs)
+    hold.unlink()
     outs = [p.communicate(timeout=150)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs) and all(r.exists() for r in results), [
         o[-2000:] for o in outs
@@ -196,11 +213,16 @@ def test_a_worker_killed_mid_stream_is_resumed_from_its_committed_offsets_withou
         "BACKBONE_LOG_LEVEL": "WARNING",
         "BACKBONE_STATE_DIR": str(tmp_path),
     }
-    # 20 ms after each batch of 7: about 4.3 s for the 1,500 records, killed (SIGKILL) about 2 s in
-    killed = subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "killed.json"), dlq, "0.02"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(2 + settings.kafka.session_timeout_ms / 2000 + 2)
+    hold = tmp_path / "hold"
+    hold.touch()  # 0.2 s after each batch of 7 while it exists: over 40 s for the 1,500 records
+    killed = subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "killed.json"), dlq, "0.2"],
+                              env={**env, "BATCH_PROBE_HOLD": str(hold)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    # killed (SIGKILL) once it has committed something, mid-stream
+    _wait_for(lambda: sum(max(o, 0) for o in _committed(settings, app_id, topic).values()) > 0, 90,
+              "the worker committed nothing", [killed])  # fmt: skip
     killed.kill()
+    hold.unlink()
     killed.wait(10)
     committed = _committed(settings, app_id, topic)
     ends = end_offsets(settings.kafka, topic)
