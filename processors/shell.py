@@ -58,6 +58,7 @@ from streams.serde import AvroSerde
 __all__ = [
     "FETCH_MAX_WAIT_MS",
     "BatchDelivery",
+    "Checkpoints",
     "EagerSeekingConsumer",
     "FaustDeadLetters",
     "InOrderAcks",
@@ -754,7 +755,74 @@ class InOrderAcks:
                 await self.ack(event)
 
 
-class TableCheckpoints:
+class Checkpoints:
+    """Handled records counted towards a checkpoint, with the future that their commit (or ack) waits for: the
+    shape every checkpointing worker shares. What a checkpoint writes is the caller's ``write`` (the marked keys
+    of a table, :class:`TableCheckpoints`; the healer's whole state); this class decides when, and completes
+    the future of the records counted since the previous checkpoint once ``write`` returned.
+
+    A checkpoint comes after ``every_records`` records (in :meth:`record`), when a timer finds the oldest
+    record not yet checkpointed has waited ``every_seconds`` (:meth:`checkpoint_if_due`), or when asked
+    (:meth:`checkpoint`: before a revocation or stop). Synchronous: a batch and a timer cannot interleave
+    inside a checkpoint.
+
+    Args:
+        write: writes what the records counted so far changed; called by every checkpoint (also one with
+            nothing counted: it may skip an unchanged state). An exception propagates to the caller and the
+            future stays pending.
+        every_records: records after which :meth:`record` checkpoints.
+        every_seconds: the longest a record waits for its checkpoint when :meth:`checkpoint_if_due` is
+            called by a timer.
+    """
+
+    def __init__(self, write: Callable[[], None], *, every_records: int, every_seconds: float) -> None:
+        self.write = write
+        self.every_records = every_records
+        self.every_seconds = every_seconds
+        self.batch: asyncio.Future[None] | None = None  # done when the records counted since are written
+        self.records = 0
+        self.started = 0.0  # time.monotonic() of the first record counted since the last checkpoint
+
+    @property
+    def pending(self) -> bool:
+        """Whether records are counted that no checkpoint holds yet."""
+        return self.batch is not None
+
+    def record(self, count: int = 1) -> asyncio.Future[None] | None:
+        """Count ``count`` handled records whose effects are ready to write; the future of the checkpoint that
+        writes them (checkpointing now when ``every_records`` records are counted), or None when ``count`` is 0
+        and nothing is pending."""
+        if count:
+            if self.batch is None:
+                self.batch = asyncio.get_running_loop().create_future()
+                self.started = time.monotonic()
+            self.records += count
+        batch = self.batch
+        if self.records >= self.every_records:
+            self.checkpoint()
+        return batch
+
+    def checkpoint(self) -> None:
+        """Write (``write``) and complete the future of the records counted since the last checkpoint."""
+        self.write()
+        batch, self.batch, self.records = self.batch, None, 0
+        if batch is not None and not batch.done():
+            batch.set_result(None)
+
+    def checkpoint_if_due(self) -> None:
+        """Checkpoint when the oldest record not yet checkpointed waited ``every_seconds``."""
+        if self.batch is not None and time.monotonic() - self.started >= self.every_seconds:
+            self.checkpoint()
+
+    def abandon(self, reason: BaseException) -> None:
+        """Fail the future of the records counted and forget them (their effects will not be written: e.g.
+        the state was recovered over them); a commit waiting on it fails instead of going past them."""
+        batch, self.batch, self.records = self.batch, None, 0
+        if batch is not None and not batch.done():
+            batch.set_exception(reason)
+
+
+class TableCheckpoints(Checkpoints):
     """Changed states of a Faust table written together at checkpoints instead of one changelog record per
     update, with the future that a record's ack waits for (:class:`InOrderAcks`) or a batch's commit
     (:class:`BatchDelivery`; ``record(count)`` counts a batch), so that Faust never commits an offset whose
@@ -762,13 +830,11 @@ class TableCheckpoints:
 
     A record marks the keys it changed (:meth:`mark`: the state object, kept by reference, and the input
     partition of the record; the newest mark of a key wins) and then counts itself (:meth:`record`, which
-    returns the checkpoint's future). A checkpoint writes each marked key once: the state's ``to_dict()``
-    through the table's ``send_changelog`` to the changelog partition of the key's last input partition
-    (where ``table[key] = value`` inside the stream would write; that needs the current event, which Faust
-    sets only while the stream iterates, so a timer could not) and into the table's ``data``. It comes
-    after ``every_records`` records (in :meth:`record`), or from a timer once the oldest record not yet
-    checkpointed waited ``every_seconds`` (:meth:`checkpoint_if_due`). Synchronous: the agent and the timer
-    cannot interleave inside a checkpoint.
+    returns the checkpoint's future). A checkpoint (when, as :class:`Checkpoints`) writes each marked key once:
+    the state's ``to_dict()`` through the table's ``send_changelog`` to the changelog partition of the key's
+    last input partition (where ``table[key] = value`` inside the stream would write; that needs the current
+    event, which Faust sets only while the stream iterates, so a timer could not) and into the table's
+    ``data``.
 
     Args:
         table: the Faust table.
@@ -778,45 +844,33 @@ class TableCheckpoints:
     """
 
     def __init__(self, table: Any, *, every_records: int, every_seconds: float) -> None:
+        super().__init__(self._write_marked, every_records=every_records, every_seconds=every_seconds)
         self.table = table
-        self.every_records = every_records
-        self.every_seconds = every_seconds
         self.dirty: dict[Any, tuple[int, Any]] = {}  # table key -> (input partition, state with to_dict())
-        self.batch: asyncio.Future[None] | None = None  # done when the records counted since are written
-        self.records = 0
-        self.started = 0.0
 
     def mark(self, key: Any, partition: int, state: Any) -> None:
         """``key``'s state changed (to ``state``) by a record of input ``partition``."""
         self.dirty[key] = (partition, state)
 
     def record(self, count: int = 1) -> asyncio.Future[None]:
-        """Count ``count`` handled records whose effects are marked; the future of the checkpoint that writes
-        them (checkpointing now when ``every_records`` records are counted)."""
-        if self.batch is None:
-            self.batch = asyncio.get_running_loop().create_future()
-            self.started = time.monotonic()
-        batch = self.batch
-        self.records += count
-        if self.records >= self.every_records:
-            self.checkpoint()
+        """Count ``count`` handled records whose effects are marked; the future of the checkpoint that writes them
+        (checkpointing now when ``every_records`` records are counted).
+
+        Raises:
+            ValueError: ``count`` is below 1.
+        """
+        if count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
+        batch = super().record(count)
+        assert batch is not None  # a record was counted
         return batch
 
-    def checkpoint(self) -> None:
-        """Write the marked states and complete the future of the records counted since the last one."""
+    def _write_marked(self) -> None:
         for key, (partition, state) in self.dirty.items():
             value = state.to_dict()
             self.table.send_changelog(partition, key, value)
             self.table.data[key] = value
         self.dirty.clear()
-        if self.batch is not None and not self.batch.done():
-            self.batch.set_result(None)
-        self.batch, self.records = None, 0
-
-    def checkpoint_if_due(self) -> None:
-        """Checkpoint when the oldest record not yet checkpointed waited ``every_seconds``."""
-        if self.batch is not None and time.monotonic() - self.started >= self.every_seconds:
-            self.checkpoint()
 
 
 class BatchDelivery:

@@ -79,7 +79,7 @@ first ends the batch in progress as in (2); the batch path checkpoints between b
 records become committable: on the batch path the future that ``handle_batch`` returned for them is done and
 :class:`~processors.shell.BatchDelivery` moves their offsets into what Faust commits; on the agent path they
 are acked. Faust commits those offsets only, after flushing the producer (the changelog included); before a
-revocation and at stop, BatchDelivery finishes the batch in hand and checkpoints (``checkpoint_held``)
+revocation and at stop, BatchDelivery finishes the batch in hand and checkpoints (``checkpoints``)
 before Faust's commit. So the committed offset never passes
 the stored state, nor a decision whose delivery was not acknowledged. A crash before (3) re-reads the records since the last
 checkpoint from the committed offset, and the restored state (from that checkpoint) makes the same
@@ -130,6 +130,7 @@ from processors.healing.read_model import HealingReadModel
 from processors.healing.rollback import HEALER_AUTHOR
 from processors.shell import (
     BatchDelivery,
+    Checkpoints,
     FaustDeadLetters,
     make_faust_app,
     message_headers,
@@ -260,8 +261,9 @@ class _HealingShell:
         self.unacked: list[Any] = []
         self.unacked_since = 0.0
         self.dirty = False
-        self.checkpoint_records = 1000
-        self.checkpoint_seconds = 1.0
+        # the batch path (handle_batch): the records handled since the last checkpoint, and the future their
+        # commit waits for, done once a written checkpoint holds them
+        self.checkpoints = Checkpoints(self._write_state, every_records=1000, every_seconds=1.0)
         self.ack: Any = None
         self.read_model = read_model
         self.decisions_topic = decisions_topic
@@ -273,11 +275,6 @@ class _HealingShell:
         self.batch_pending: list[Any] = []
         self.batch_messages: list[Any] = []
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
-        # the batch path (handle_batch): the future of the records handled since the last checkpoint, done
-        # once a checkpoint holds them (their offsets may then be committed); how many, since when
-        self.held: asyncio.Future[None] | None = None
-        self.held_records = 0
-        self.held_since = 0.0
         self.group = app.conf.id if app is not None else PROCESSOR_NAME
 
     async def recovered(self) -> None:
@@ -297,11 +294,9 @@ class _HealingShell:
         # a batch not flushed is dropped: its records were never acked and are read again (their decisions
         # were sent, possibly delivered; the same ones, same ids, are sent again)
         self.batch_decisions, self.batch_pending, self.batch_messages = [], [], []
-        if self.held is not None and not self.held.done():
-            # the batch path drains (checkpoints) before every revocation, so nothing is held here; if it
-            # were, its records' state is dropped: fail their commit (the app crashes, they are read again)
-            self.held.set_exception(RuntimeError("healer state recovered over records not checkpointed"))
-        self.held, self.held_records = None, 0
+        # the batch path drains (checkpoints) before every revocation, so nothing is pending here; if it
+        # were, its records' state is dropped: fail their commit (the app crashes, they are read again)
+        self.checkpoints.abandon(RuntimeError("healer state recovered over records not checkpointed"))
         if raw is None:  # nothing checkpointed, nothing acked: every record is read again
             self.healer, self.offsets = Healer(self.initial_config), {}
             self.app.healer = self.healer  # type: ignore[attr-defined]
@@ -380,35 +375,37 @@ class _HealingShell:
                     await self.take(record)
             handled = len(self.batch_messages)
             await self.flush()
-            return self.hold(handled)
+            # the records' decisions are out and their offsets noted (flush): counted towards a checkpoint,
+            # written once checkpoint_records are counted or the oldest waited checkpoint_seconds
+            future = self.checkpoints.record(handled)
+            self.checkpoints.checkpoint_if_due()
+            return future
 
-    def hold(self, count: int) -> asyncio.Future[None] | None:
-        """Count ``count`` records whose decisions are out and offsets noted (:meth:`flush`); checkpoint
-        (:meth:`checkpoint_held`) once ``checkpoint_records`` are held or the oldest waited
-        ``checkpoint_seconds``. Returns the future of the checkpoint that holds them (None: nothing held)."""
-        if count:
-            if self.held is None:
-                self.held = asyncio.get_running_loop().create_future()
-                self.held_since = time.monotonic()
-            self.held_records += count
-        held = self.held
-        if held is not None and (
-            self.held_records >= self.checkpoint_records
-            or time.monotonic() - self.held_since >= self.checkpoint_seconds
-        ):
-            self.checkpoint_held()
-        return held
+    @property
+    def checkpoint_records(self) -> int:
+        """Records after which a checkpoint is written (both paths)."""
+        return self.checkpoints.every_records
 
-    def checkpoint_held(self) -> None:
-        """The batch path's checkpoint (synchronous, between batches: the timer's, :meth:`hold`'s and
-        BatchDelivery's ``flush`` before a revocation or stop): write the state when it changed, then
-        complete the future of the records it holds (BatchDelivery then moves their offsets into what Faust
-        commits, after flushing the producer, changelog included)."""
+    @checkpoint_records.setter
+    def checkpoint_records(self, value: int) -> None:
+        self.checkpoints.every_records = value
+
+    @property
+    def checkpoint_seconds(self) -> float:
+        """The longest a record waits for its checkpoint, in seconds (both paths)."""
+        return self.checkpoints.every_seconds
+
+    @checkpoint_seconds.setter
+    def checkpoint_seconds(self, value: float) -> None:
+        self.checkpoints.every_seconds = value
+
+    def _write_state(self) -> None:
+        """The batch path's checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,
+        a full count's and BatchDelivery's ``flush`` before a revocation or stop): the state, when it changed.
+        BatchDelivery then moves the records' offsets into what Faust commits, after flushing the producer,
+        changelog included."""
         if self.dirty:
             self.save()
-        held, self.held, self.held_records = self.held, None, 0
-        if held is not None and not held.done():
-            held.set_result(None)
 
     def save(self) -> None:
         """Write the healer's state and the offsets it holds to the state table."""
@@ -622,7 +619,7 @@ def create_healing_app(
 
     if batches:
         BatchDelivery(
-            app, source, shell.handle_batch, flush=shell.checkpoint_held, max_batch=batch_records,
+            app, source, shell.handle_batch, flush=shell.checkpoints.checkpoint, max_batch=batch_records,
             # records wait for a checkpoint (checkpoint_records or checkpoint_seconds), not for a batch count
             max_pending=checkpoint_records + 1,
             interleave=True,  # the topics merged as Faust's agent merged them: the same decisions
@@ -632,8 +629,8 @@ def create_healing_app(
         async def healer_checkpoint() -> None:
             """Checkpoint what arrived since the last one when no record came to do it."""
             async with shell.lock:
-                if shell.held is not None:
-                    shell.checkpoint_held()
+                if shell.checkpoints.pending:
+                    shell.checkpoints.checkpoint()
 
     else:
 

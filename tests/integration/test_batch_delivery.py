@@ -32,17 +32,29 @@ PROBE = Path(__file__).with_name("batch_delivery_probe.py")
 
 
 def _wait_for(condition: Callable[[], bool], timeout_seconds: float, what: str, procs: list[Any]) -> None:
-    """Poll ``condition`` every 0.2 s until it holds; fail with ``what`` after ``timeout_seconds`` or when a
-    worker of ``procs`` has exited first."""
+    """Poll ``condition`` every 0.2 s until it holds; when ``timeout_seconds`` pass first, or a worker of
+    ``procs`` exits first, kill the workers still running and fail with ``what``."""
     deadline = time.monotonic() + timeout_seconds
     while not condition():
         exited = [p for p in procs if p.poll() is not None]
-        assert not exited, (
-            f"{what}: a worker exited early (exit code {exited[0].returncode}): "
-            + (exited[0].communicate()[1] or "")[-3000:]
-        )
-        assert time.monotonic() < deadline, what
+        if exited or time.monotonic() >= deadline:
+            _kill(procs)
+            detail = (
+                f"a worker exited early (exit code {exited[0].returncode}): "
+                + ((exited[0].stderr.read() if exited[0].stderr else "") or "")[-3000:]
+                if exited
+                else f"not within {timeout_seconds} s"
+            )
+            raise AssertionError(f"{what}: {detail}")
         time.sleep(0.2)
+
+
+def _kill(procs: list[Any]) -> None:
+    """SIGKILL the workers of ``procs`` still running (a failed test leaves none behind)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def _run(
@@ -173,7 +185,10 @@ def test_a_second_worker_joining_mid_stream_takes_over_partitions_without_loss_o
         # (the rebalance done, records handled) before the hold is lifted and both finish
         _wait_for(started.exists, 90, f"worker {name} handled no record", procs)
     hold.unlink()
-    outs = [p.communicate(timeout=150)[1] for p in procs]
+    try:
+        outs = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        _kill(procs)
     assert all(p.returncode == 0 for p in procs) and all(r.exists() for r in results), [
         o[-2000:] for o in outs
     ]

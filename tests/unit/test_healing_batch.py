@@ -69,12 +69,12 @@ def test_a_batch_is_committable_only_once_a_written_checkpoint_holds_it() -> Non
         third = await batched.handle_batch(records[6:8])
         assert third is not None and not third.done() and _stored_offsets(table) == {"agent.events:0": 5}
         async with batched.lock:  # the timer's checkpoint
-            batched.checkpoint_held()
+            batched.checkpoints.checkpoint()
         assert third.done() and _stored_offsets(table) == {"agent.events:0": 7}
         assert await batched.handle_batch(records[4:8]) is None  # held by the state already: skipped
         fourth = await batched.handle_batch(records[8:12])
         assert fourth is not None and not fourth.done()
-        batched.checkpoint_held()  # BatchDelivery's flush before a revocation or stop
+        batched.checkpoints.checkpoint()  # BatchDelivery's flush before a revocation or stop
         assert fourth.done() and _stored_offsets(table) == {"agent.events:0": 11}
         for r in records:
             await alone.handle(r)
