@@ -54,7 +54,9 @@ over each phase (its pre-built events are not walked).
 
 Measured 2026-12-06 (2 shared cores, the embedded stack, load average 3–5; README, "End-to-end latency"):
 the highest rate held for 60 s was 1,000 events/s on the client path in two runs (2,000 not held) and 500
-on the bare relay (1,000 not held), with Tansu's CPU, which grows with the log, the largest share.
+on the bare relay (1,000 not held), with Tansu's CPU, which grows with the log, the largest share; with the
+run-summary worker on ``BatchDelivery`` (04:13–04:30, nothing else running) the client path again held 1,000
+(not 2,000) for a minute, and a 15-s step at 5,000 events/s kept up (ack -> SSE p95 155 ms, 1.1x the relay).
 
 All observers run in this process (one clock, ``time.perf_counter``), on a 2-core shared machine with
 everything else; figures are of that machine. The configured values that the stages wait on are read
