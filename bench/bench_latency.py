@@ -21,8 +21,11 @@ bench) at that rate, in ticks of 5 ms, and times each run's FINISHED event:
   yet seen, so this stage is late by up to 5 ms plus a query).
 
 Paths: ``client``: :meth:`backbone.client.Client.send` of the tick's events (built and validated by
-:meth:`Client.events` before the clock starts); ``http``: ``POST /events/{type}`` with the tick's
-events (one request per run of same-type events, in order), each answered once acknowledged; ``bare``:
+:meth:`Client.events` before the clock starts); ``http``: ``POST /events/{type}``, one event per request,
+each answered once acknowledged, from ``--http-clients`` (16) concurrent clients (threads, one HTTP
+connection each; run ``r`` on client ``r % 16``, which sends its events in order, each when due or as soon as
+its previous request was answered; until 2026-12-06 one sequential client, which held about 140 events/s,
+so the path was measured at 100 events/s only); ``bare``:
 the baseline, raw confluent-kafka producer (linger.ms 0, acks=all) -> a bare relay process (a plain
 consumer that republishes each FINISHED record, fetch.wait.max.ms 10, linger.ms 0) -> a raw consumer.
 The end-to-end figure is ``ack -> sse`` for the backbone and ``ack -> relayed record seen`` for the
@@ -352,6 +355,63 @@ def _generate(
         spare = start + i * interval - time.perf_counter()
         if spare > 0:
             time.sleep(min(spare, TICK_SECONDS))
+    phase.sent_events = len(items)
+    phase.send_seconds = time.perf_counter() - start
+    phase.load = os.getloadavg()
+
+
+def _generate_lanes(
+    phase: Phase,
+    items: list[tuple[Any, str | None]],
+    post: Callable[[Any, Any], float],
+    observers: Observers,
+    lanes: list[Any],
+    run_events: int,
+) -> None:
+    """Send ``items`` (the events of consecutive runs, ``run_events`` each) at ``phase.rate`` events/s over
+    ``len(lanes)`` concurrent lanes (threads, one HTTP client each, ``post(lane, payload)`` -> the time its
+    answer came): run ``r`` goes to lane ``r % len(lanes)``, which sends its events one request each, in order,
+    each when due (``start + j / rate`` for item ``j``) or as soon as the lane's previous request was answered
+    (a lane that falls behind shows as produce latency). Stamps ``sched`` and ``ack`` of each FINISHED event.
+
+    Raises:
+        RuntimeError: a request failed (the first failure, after every lane stopped).
+    """
+    interval = 1.0 / phase.rate
+    with observers.lock:
+        observers.current = phase.samples
+    start = time.perf_counter() + 0.01
+    phase.start = start
+    acked = observers.acked
+    failures: list[BaseException] = []
+
+    def lane_loop(k: int) -> None:
+        try:
+            for j in range(len(items)):
+                if (j // run_events) % len(lanes) != k:
+                    continue
+                due = start + j * interval
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                payload, key = items[j]
+                t_ack = post(lanes[k], payload)
+                if key is not None:
+                    sample = phase.samples[key]
+                    sample.sched, sample.ack = due, t_ack
+                    acked.append(key)
+                if failures:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - reported once every lane stopped
+            failures.append(exc)
+
+    threads = [threading.Thread(target=lane_loop, args=(k,), daemon=True) for k in range(len(lanes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise RuntimeError(f"an HTTP lane failed: {failures[0]}") from failures[0]
     phase.sent_events = len(items)
     phase.send_seconds = time.perf_counter() - start
     phase.load = os.getloadavg()
@@ -690,11 +750,12 @@ def main(argv: list[str] | None = None) -> list[Phase]:
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds of load per path and rate")
     ap.add_argument("--rates", default="100,1000,5000", help="offered rates, events/s, comma-separated")
     ap.add_argument("--paths", default="bare,client,http", help="paths to measure, comma-separated")
+    ap.add_argument("--http-max-rate", type=int, default=5000, help="highest rate of the http path")
     ap.add_argument(
-        "--http-max-rate",
+        "--http-clients",
         type=int,
-        default=100,
-        help="highest rate of the http path (one sequential client holds about 140 events/s)",
+        default=16,
+        help="concurrent HTTP clients of the http path (runs spread over them, each run's events in order)",
     )
     ap.add_argument(
         "--max-rate",
@@ -893,7 +954,8 @@ def _session(
             observers.start()
             observers.sse_ready.wait(30)
             client = Client(settings)
-            http = httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {token}"})
+            http_lanes = [httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {token}"})
+                          for _ in range(args.http_clients)]  # fmt: skip
             raw = Producer({"bootstrap.servers": boot, "linger.ms": 0, "acks": "all"})
             t0 = datetime(2025, 3, 1, tzinfo=UTC)
 
@@ -928,22 +990,18 @@ def _session(
             def send_client(batch: list[Any]) -> None:
                 client.send(EVENTS_TOPIC, batch)
 
-            def send_http(batch: list[Any]) -> list[float]:
-                acks: list[float] = []
-                k = 0
-                while k < len(batch):
-                    schema = batch[k][0]
-                    j = k
-                    while j < len(batch) and batch[j][0] == schema:
-                        j += 1
-                    r = http.post(
-                        f"/events/{schema}", params={"topic": EVENTS_TOPIC}, json=[d for _, d in batch[k:j]]
-                    )
-                    if r.status_code != 202:
-                        raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
-                    acks += [time.perf_counter()] * (j - k)
-                    k = j
-                return acks
+            def post_http(lane: httpx.Client, payload: tuple[str, dict[str, Any]]) -> float:
+                schema, datum = payload
+                r = lane.post(f"/events/{schema}", params={"topic": EVENTS_TOPIC}, json=[datum])
+                if r.status_code != 202:
+                    raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
+                return time.perf_counter()
+
+            def send(path: str, phase: Phase, items: list[tuple[Any, str | None]]) -> None:
+                if path == "http":
+                    _generate_lanes(phase, items, post_http, observers, http_lanes, RUN_EVENTS)
+                else:
+                    _generate(phase, items, makers[path][1], observers)
 
             def send_bare(batch: list[Any]) -> None:
                 for key, value, hdrs in batch:
@@ -951,27 +1009,27 @@ def _session(
                 raw.flush()
 
             makers = {"client": (client_items, send_client, ("sse", "pg")),
-                      "http": (http_items, send_http, ("sse", "pg")),
+                      "http": (http_items, None, ("sse", "pg")),
                       "bare": (bare_items, send_bare, ("kafka",))}  # fmt: skip
             # warm-up: every path end to end once (the worker joins its group, the relay subscribes)
             for path in paths:
-                make, send, stages = makers[path]
+                make, _, stages = makers[path]
                 warm = Phase(path, 50)
                 items = make(f"warm-{path}-{tag}", 3)
                 warm.samples = {k: Sample() for _, k in items if k}
-                _generate(warm, items, send, observers)
+                send(path, warm, items)
                 _wait_done(warm, stages, 90)
             for rate in rates:
                 runs = max(1, int(rate * args.seconds) // RUN_EVENTS)
                 for path in paths:
                     if path == "http" and rate > args.http_max_rate:
                         continue
-                    make, send, stages = makers[path]
+                    make, _, stages = makers[path]
                     phase = Phase(path, rate)
                     items = make(f"{path}-{rate}-{tag}", runs)
                     phase.samples = {k: Sample() for _, k in items if k}
                     with _frozen():
-                        _generate(phase, items, send, observers)
+                        send(path, phase, items)
                         _wait_done(phase, stages, args.drain_seconds)
                     phases.append(phase)
                     print(f"  measured {path} at {rate:,} events/s", flush=True)
@@ -984,7 +1042,7 @@ def _session(
                 active = list(paths)
                 for rate in ladder:
                     for path in list(active):
-                        make, send, stages = makers[path]
+                        make, _, stages = makers[path]
                         phase = Phase(path, rate)
                         t_build = time.perf_counter()
                         items = make(
@@ -997,7 +1055,7 @@ def _session(
                             sampler = LagSampler(settings.kafka, *groups[path], args.lag_sample_seconds)
                             sampler.start()
                             cpu0 = _cpu_seconds(pids)
-                            _generate(phase, items, send, observers)
+                            send(path, phase, items)
                             cpu1 = _cpu_seconds(pids)
                             lag = sampler.stop()
                             t_drain = time.monotonic()
@@ -1020,7 +1078,8 @@ def _session(
                         break
             observers.close()
             client.close()
-            http.close()
+            for lane in http_lanes:
+                lane.close()
         finally:
             if observers is not None:
                 observers.stop.set()
