@@ -279,7 +279,6 @@ class _IncidentShell:
         self.group = DEFAULT_APP_ID  # the consumer group (the app's id; set by the app), for tracing spans
         # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
         self._undrained: dict[Any, tuple[str, int]] = {}
-        self._read_drained: dict[int, bool] = {}  # id(message) -> drained when read (note_read)
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
@@ -288,42 +287,16 @@ class _IncidentShell:
         if self.stats.first_record_monotonic is None:
             self.stats.first_record_monotonic = now
 
-    def _drained_now(self, message: Any) -> bool:
-        """The record is its partition's last one as far as the consumer knows now (``offset + 1 >=`` its
-        fetch high watermark; not when that is unknown: no fetch answered since the assignment)."""
-        highwater = self.highwater(message.tp)
-        return highwater is not None and message.offset + 1 >= highwater
-
-    def note_read(self, event: Any) -> None:
-        """Note whether ``event``'s record is its partition's last so far (:meth:`_drained_now`), as it is
-        read; :meth:`handle_batch` takes the note. Not used by the app since its agent path (a stream
-        processor called this before ``noack_take`` buffered the record) was removed on 2026-12-06; the
-        unit tests still call it."""
-        if event is not None:
-            self._read_drained[id(event.message)] = self._drained_now(event.message)
-
-    async def handle_batch(self, events: list[Any], group: str) -> None:
-        """Input records in the order read (Faust stream events), each with ``drained`` as noted when it was
-        read (:meth:`note_read`): forwarded by :meth:`_forward`. Not used by the app since its agent path was
-        removed on 2026-12-06 (:meth:`handle_records` is); the unit tests still call it."""
-        items: list[tuple[Any, bool, Any]] = []
-        for event in events:
-            message = event.message
-            drained = self._read_drained.pop(id(message), None)
-            if drained is None:  # not seen by the processor (not expected): where it stands now
-                drained = self._drained_now(message)
-            items.append((message, drained, message.tp))
-        await self._forward(items, group)
-
     async def handle_records(self, records: list[Any]) -> None:
         """Input records of a :class:`~processors.shell.BatchDelivery` (aiokafka records in the order Faust's
         agent would get them, ``interleave=True``: each partition's in offset order), forwarded by
-        :meth:`_forward`. Returns None (nothing to wait for:
-        the forwards were handed to the producer, which Faust flushes before it commits the offsets).
-        ``drained`` is taken as the records are handled, for each partition's last record among them
-        (:meth:`_drained_now`; an earlier one is not its partition's last): the consumer's fetch high
-        watermark then is at least the one when the record was fetched, so a record is taken as drained only
-        when it was its partition's last as far as the consumer knew at a moment after it was read."""
+        :meth:`_forward`. Returns None (nothing to wait for: the forwards were handed to the producer, which
+        Faust flushes before it commits the offsets). ``drained`` is taken as the records are handled, for
+        each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark,
+        :attr:`highwater`; never when that is unknown: no fetch answered since the assignment; an earlier
+        record is not its partition's last): the high watermark then is at least the one when the record was
+        fetched, so a record is taken as drained only when it was its partition's last as far as the
+        consumer knew at a moment after it was read."""
         last: dict[tuple[str, int], int] = {}
         for i, record in enumerate(records):
             last[(record.topic, record.partition)] = i
