@@ -644,8 +644,9 @@ class InOrderAcks:
 
     The agent's loop is :meth:`consume` (``stream.noack()``; each event handled, queued with the delivery
     future of its output, or None, then :meth:`settle`); :meth:`settle_every` adds a timer that settles
-    too, so the last events are acked when no new one comes. Used by the policy-router agent and the
-    run-summary agent when it is not on :class:`BatchDelivery` (``create_app(batches=False)``).
+    too, so the last events are acked when no new one comes. Used by the policy-router agent
+    (:mod:`processors.routing.policy_app`) and ``bench/shell_count.py``; the run-summary and anomaly workers
+    used it before they moved to :class:`BatchDelivery` (their agent paths were removed on 2026-12-06).
 
     Args:
         ack: the stream's ``ack`` (``stream.noack().ack``); set later with :attr:`ack` when the stream is

@@ -3,14 +3,12 @@
 The app reads ``agent.events`` (``sophia.agent.*``), ``config.changes`` (``sophia.config.ConfigChange``) and
 ``healing.acks`` (people's acks of escalations, ``sophia.healing.Decision`` of kind ``escalation_acked``,
 published by ``backbone healing ack``), decodes the Confluent-framed Avro and the CloudEvents headers itself
-(``raw`` serializers), and feeds each record to the healer, one at a time, in the order Faust's agent got
-them (each fetch's records round robin over the topics and their partitions). By default
-(``create_healing_app(batches=True)``) the records are not iterated by a Faust agent: a
-:class:`processors.shell.BatchDelivery` (``interleave=True``: the fetch's order above) hands them in lists of
-at most ``batch_records``, straight from each fetch, to ``_HealingShell.handle_batch``; ``batches=False`` keeps
-the agent ``healing`` (``concurrency=1``, manual acks), whose batch ends when no further record is already
-waiting in its queue (:func:`processors.shell.stream_has_more`), after ``batch_records`` records, or at a
-checkpoint. Either way, each record is decided at once and its decisions are sent at once (in order, key =
+(``raw`` serializers), and feeds each record to the healer, one at a time, in the order a Faust agent would
+get them (each fetch's records round robin over the topics and their partitions). The records are not
+iterated by a Faust agent: a :class:`processors.shell.BatchDelivery` (``interleave=True``: the fetch's order
+above) hands them in lists of at most ``batch_records``, straight from each fetch, to
+``_HealingShell.handle_batch`` (the agent ``healing``, with manual acks at checkpoints, was removed on
+2026-12-06). Each record is decided at once and its decisions are sent at once (in order, key =
 subject, CloudEvents id = the decision's deterministic id, as ``sophia.healing.Decision`` to
 ``healing.decisions``), without awaiting their delivery, inside the record's tracing span
 (:func:`processors.shell.tracing_process`). Then, at the batch's end, for its decisions, in order:
@@ -27,10 +25,11 @@ subject, CloudEvents id = the decision's deterministic id, as ``sophia.healing.D
 
 Batching changes no decision (the healer is fed the same records in the same order); it moves the
 delivery wait and the read-model write from once per record with decisions to once per batch
-(``backbone_healing_batches`` counts them). Batches are as long as the backlog: at 1,000 events/s the
-agent's queue was nearly always empty and a batch about one record (13,204 batches for 15,100 records in
-``bench/bench_heal_latency.py``, agent path); reading a backlog, 30,000 records took 1,761-6,987 batches with
-Faust's consumer, 31-33 with :class:`processors.shell.EagerSeekingConsumer` (agent path). A circuit's
+(``backbone_healing_batches`` counts them). Batches are as long as the backlog: with the agent path
+(removed 2026-12-06) at 1,000 events/s the agent's queue was nearly always empty and a batch about one
+record (13,204 batches for 15,100 records in ``bench/bench_heal_latency.py``); reading a backlog, 30,000
+records took 1,761-6,987 batches with Faust's consumer, 31-33 with
+:class:`processors.shell.EagerSeekingConsumer` (agent path). A circuit's
 event is sent as soon as its record is decided, so the batch does not delay it on the topic, while its
 read-model write waits for the batch's end. Follow-up decisions (3, 4) are sent after the batch's other
 decisions, not right after their own record's, and outside its tracing span.
@@ -43,11 +42,11 @@ Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consume
 (:func:`processors.shell.make_faust_app`'s defaults); :func:`processors.shell.run_processor_worker`
 freezes (``gc.freeze()``) what exists once the worker is up, the restored state included (the agent's own
 freeze at its start was removed: the shell's, after the tables recovered, covers what it froze); only the CloudEvents id is read from
-the checked headers (:meth:`streams.envelope.CloudEvent.id_from_headers`); and by default the records skip
+the checked headers (:meth:`streams.envelope.CloudEvent.id_from_headers`); and the records skip
 Faust's per-record path (message, conductor, stream queue, event, ack) through
 :class:`processors.shell.BatchDelivery`. Last measured (2026-12-06, ``python bench/bench_processors.py
 --events 30000 --healer-rounds 3 --healer-checkout <main> --healer-checkout <this>``, main at 95edd64 with the
-agent path; see README for every round): on BatchDelivery 9,152 / 7,496 / 5,756 and 12,947 / 12,966 / 13,406 records/s, **1.54 / 1.32 / 1.10 and
+agent path, removed since; see README for every round): on BatchDelivery 9,152 / 7,496 / 5,756 and 12,947 / 12,966 / 13,406 records/s, **1.54 / 1.32 / 1.10 and
 1.74 / 1.68 / 1.72 of the plain Faust agent** in the same round (CPU 77 / 77 / 78 and 72 / 70 / 71 µs per
 record, the agent's 125-138); main's agent path in the same rounds 0.52 / 0.58 / 0.69 and 0.68 / 0.71 / 0.70
 (CPU 178-204 µs). Like the plain agent's, these rates count from the first record handled to the last, with
@@ -65,7 +64,7 @@ rollback monitor's windows and guardrails) survives a restart, as Faust/Kafka St
 kept as one value in the Faust table ``healer_state`` (a :class:`processors.tables.TailRecoveringTable`,
 in-memory store, changelog topic ``<app id>-healer_state-changelog``, one partition, key ``"healer"``),
 and on start (and after a rebalance) it is read back from the changelog and the healer restored from it
-(:meth:`Healer.restore`) before the agent takes its first record; a worker with no state yet starts from
+(:meth:`Healer.restore`) before the first record is handled; a worker with no state yet starts from
 its initial configuration. The value is zlib-compressed JSON: ``{"format": 1, "offsets":
 {"<topic>:<partition>": offset}, "healer": Healer.snapshot()}``, the offsets being those of the last
 input record of each input partition that the state holds.
@@ -74,11 +73,10 @@ Checkpoints, and what a crash does (at-least-once). Per batch: (1) the healer de
 decisions are sent, (2) at the batch's end their deliveries are awaited, then they are projected and acted
 on (above), and only then are the batch's records noted as held by the state (their offsets). Every
 ``checkpoint_records`` records, or ``checkpoint_seconds`` after the first record not yet checkpointed (a
-timer does it when no record comes), (3) the state and its offsets are written to the table (the agent path
-first ends the batch in progress as in (2); the batch path checkpoints between batches only), then (4) those
-records become committable: on the batch path the future that ``handle_batch`` returned for them is done and
-:class:`~processors.shell.BatchDelivery` moves their offsets into what Faust commits; on the agent path they
-are acked. Faust commits those offsets only, after flushing the producer (the changelog included); before a
+timer does it when no record comes), (3) the state and its offsets are written to the table (between
+batches only), then (4) those records become committable: the future that ``handle_batch`` returned for them
+is done and :class:`~processors.shell.BatchDelivery` moves their offsets into what Faust commits. Faust
+commits those offsets only, after flushing the producer (the changelog included); before a
 revocation and at stop, BatchDelivery finishes the batch in hand and checkpoints (``checkpoints``)
 before Faust's commit. So the committed offset never passes
 the stored state, nor a decision whose delivery was not acknowledged. A crash before (3) re-reads the records since the last
@@ -135,7 +133,6 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     run_processor_worker,
-    stream_has_more,
     traced_headers,
     tracing_process,
 )
@@ -258,19 +255,15 @@ class _HealingShell:
         self.app = app
         self.offsets: dict[str, int] = {}
         self.lock = asyncio.Lock()
-        self.unacked: list[Any] = []
-        self.unacked_since = 0.0
         self.dirty = False
-        # the batch path (handle_batch): the records handled since the last checkpoint, and the future their
-        # commit waits for, done once a written checkpoint holds them
+        # the records handled (handle_batch) since the last checkpoint, and the future their commit waits
+        # for, done once a written checkpoint holds them
         self.checkpoints = Checkpoints(self._write_state, every_records=1000, every_seconds=1.0)
-        self.ack: Any = None
         self.read_model = read_model
         self.decisions_topic = decisions_topic
         self.notifier = notifier
         self.config_store = config_store
         self.stats = HealingStats()
-        self.batch_records = 1000
         self.batch_decisions: list[Decision] = []
         self.batch_pending: list[Any] = []
         self.batch_messages: list[Any] = []
@@ -279,8 +272,8 @@ class _HealingShell:
 
     async def recovered(self) -> None:
         """Restore the healer from the state table (Faust calls it once the table is recovered, before
-        the agent resumes; also after a rebalance, when the records since the last checkpoint, never
-        acked, are read again from the committed offsets).
+        the streams resume; also after a rebalance, when the records since the last checkpoint, never
+        committed, are read again from the committed offsets).
 
         Raises:
             SnapshotError: the stored state has another format or is not a healer's (the app is crashed).
@@ -290,14 +283,14 @@ class _HealingShell:
 
     async def _recovered(self) -> None:
         raw = self.table.get(STATE_KEY)
-        self.unacked, self.dirty = [], False
-        # a batch not flushed is dropped: its records were never acked and are read again (their decisions
-        # were sent, possibly delivered; the same ones, same ids, are sent again)
+        self.dirty = False
+        # a batch not flushed is dropped: its records were never committed and are read again (their
+        # decisions were sent, possibly delivered; the same ones, same ids, are sent again)
         self.batch_decisions, self.batch_pending, self.batch_messages = [], [], []
-        # the batch path drains (checkpoints) before every revocation, so nothing is pending here; if it
+        # BatchDelivery drains (checkpoints) before every revocation, so nothing is pending here; if it
         # were, its records' state is dropped: fail their commit (the app crashes, they are read again)
         self.checkpoints.abandon(RuntimeError("healer state recovered over records not checkpointed"))
-        if raw is None:  # nothing checkpointed, nothing acked: every record is read again
+        if raw is None:  # nothing checkpointed, nothing committed: every record is read again
             self.healer, self.offsets = Healer(self.initial_config), {}
             self.app.healer = self.healer  # type: ignore[attr-defined]
             log.info("healer_state_empty", config_version=self.healer.config.version)
@@ -332,37 +325,13 @@ class _HealingShell:
         self.offsets[f"{message.topic}:{message.partition}"] = int(message.offset)
         self.dirty = True
 
-    async def after(self, event: Any, *, more: bool = False) -> None:
-        """Hold ``event``'s ack until the next checkpoint; checkpoint when one is due, else flush the batch
-        unless ``more`` (another record is already waiting) and the batch is under ``batch_records``."""
-        if not self.unacked:
-            self.unacked_since = time.monotonic()
-        self.unacked.append(event)
-        if (
-            len(self.unacked) >= self.checkpoint_records
-            or time.monotonic() - self.unacked_since >= self.checkpoint_seconds
-        ):
-            await self.checkpoint()
-        elif not more or len(self.batch_messages) >= self.batch_records:
-            await self.flush()
-
-    async def checkpoint(self) -> None:
-        """Complete the batch (:meth:`flush`), write the state (when it changed), then ack the records it
-        holds (Faust commits acked offsets only)."""
-        await self.flush()
-        if self.dirty:
-            self.save()
-        events, self.unacked = self.unacked, []
-        for event in events:
-            await self.ack(event)
-
     async def handle_batch(self, records: list[Any]) -> asyncio.Future[None] | None:
         """Process records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in their order):
         each is decided and its decisions sent (:meth:`take`, in its tracing span), then the batch is
         completed (:meth:`flush`: deliveries awaited, projected, acted on, offsets noted in the state), and
-        a checkpoint is written when due (:meth:`hold`). Returns the future that the records' commit waits
-        for: done once a checkpoint holds them (at once when this one did), or None when every record was
-        one the state already held (replayed).
+        a checkpoint is written when due (:attr:`checkpoints`). Returns the future that the records' commit
+        waits for: done once a checkpoint holds them (at once when this one did), or None when every record
+        was one the state already held (replayed).
 
         Raises:
             Exception: as :meth:`flush` (BatchDelivery crashes the app; nothing after the last checkpoint is
@@ -383,7 +352,7 @@ class _HealingShell:
 
     @property
     def checkpoint_records(self) -> int:
-        """Records after which a checkpoint is written (both paths)."""
+        """Records after which a checkpoint is written."""
         return self.checkpoints.every_records
 
     @checkpoint_records.setter
@@ -392,7 +361,7 @@ class _HealingShell:
 
     @property
     def checkpoint_seconds(self) -> float:
-        """The longest a record waits for its checkpoint, in seconds (both paths)."""
+        """The longest a record waits for its checkpoint, in seconds."""
         return self.checkpoints.every_seconds
 
     @checkpoint_seconds.setter
@@ -400,7 +369,7 @@ class _HealingShell:
         self.checkpoints.every_seconds = value
 
     def _write_state(self) -> None:
-        """The batch path's checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,
+        """The checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,
         a full count's and BatchDelivery's ``flush`` before a revocation or stop): the state, when it changed.
         BatchDelivery then moves the records' offsets into what Faust commits, after flushing the producer,
         changelog included."""
@@ -422,15 +391,17 @@ class _HealingShell:
         self.stats.state_bytes_max = max(self.stats.state_bytes_max, len(raw))
 
     async def handle(self, message: Any) -> None:
-        """Process one Faust message as a batch of its own (:meth:`take`, then :meth:`flush`); never raises
-        for a bad record."""
+        """Process one record as a batch of its own (:meth:`take`, then :meth:`flush`), with no checkpoint;
+        never raises for a bad record. Not used by the app (:meth:`handle_batch` is): the per-record
+        reference that tests compare the batches with."""
         await self.take(message)
         await self.flush()
 
     async def take(self, message: Any) -> None:
-        """Decide one Faust message and start sending its decisions, without awaiting their delivery; the
-        message joins the batch that :meth:`flush` completes. Never raises for a bad record (a dead letter
-        is sent and flushed here, durable before the message can be acked)."""
+        """Decide one record (an aiokafka record, or a Faust message) and start sending its decisions,
+        without awaiting their delivery; the record joins the batch that :meth:`flush` completes. Never
+        raises for a bad record (a dead letter is sent and flushed here, durable before the record can be
+        committed)."""
         self.stats.records_count += 1
         self.stats.last_record_monotonic = now = time.monotonic()
         if self.stats.first_record_monotonic is None:
@@ -469,8 +440,8 @@ class _HealingShell:
         messages as held by the state (:meth:`handled`).
 
         Raises:
-            Exception: a decision's delivery failed, or the read model (``psycopg.Error``); the agent stops
-                and the records since the last checkpoint, never acked, are read again on restart.
+            Exception: a decision's delivery failed, or the read model (``psycopg.Error``); the app crashes
+                and the records since the last checkpoint, never committed, are read again on restart.
         """
         if not self.batch_messages:
             return
@@ -563,9 +534,11 @@ def create_healing_app(
     checkpoint_records: int = 1000,
     checkpoint_seconds: float = 1.0,
     batch_records: int = 1000,
-    batches: bool = True,
 ) -> faust.App:
-    """Build the healer's Faust app (one agent over the events and config topics).
+    """Build the healer's Faust app: the events, config and acks topics consumed through
+    :class:`processors.shell.BatchDelivery` (each fetch's records handed in lists of at most
+    ``batch_records`` to ``_HealingShell.handle_batch``, in the order a Faust agent would get them; offsets
+    committed up to the records a written checkpoint holds).
 
     Args:
         settings: broker settings and state directory.
@@ -577,14 +550,10 @@ def create_healing_app(
         config_store: a ``configuration.store.ConfigStore`` to carry out rollbacks; ``None``: recommend only.
         serde: default :func:`streams.serde.serde_from_settings`.
         web_port: Faust's web server port; ``0`` or ``None``: off.
-        checkpoint_records: records after which the state is written and their offsets acked.
+        checkpoint_records: records after which the state is written and their offsets can be committed.
         checkpoint_seconds: the longest a handled record waits for that (a timer checkpoints when idle).
         batch_records: most records decided before their decisions' deliveries are awaited together (a
-            batch also ends when no further record is waiting, and at each checkpoint).
-        batches: consume the inputs in batches (:class:`processors.shell.BatchDelivery`: each fetch's records
-            handed in lists of at most ``batch_records`` to ``_HealingShell.handle_batch``, offsets committed up
-            to the records a written checkpoint holds); ``False``: Faust's agent ``healing`` with manual acks
-            at checkpoints. The same decisions, in the same order, either way.
+            batch is at most what BatchDelivery has buffered, so it is smaller when records come slowly).
 
     Returns:
         The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
@@ -615,43 +584,20 @@ def create_healing_app(
     table.on_recover(shell.recovered)
 
     shell.checkpoint_records, shell.checkpoint_seconds = checkpoint_records, checkpoint_seconds
-    shell.batch_records = batch_records
 
-    if batches:
-        BatchDelivery(
-            app, source, shell.handle_batch, flush=shell.checkpoints.checkpoint, max_batch=batch_records,
-            # records wait for a checkpoint (checkpoint_records or checkpoint_seconds), not for a batch count
-            max_pending=checkpoint_records + 1,
-            interleave=True,  # the topics merged as Faust's agent merged them: the same decisions
-        )  # fmt: skip
+    BatchDelivery(
+        app, source, shell.handle_batch, flush=shell.checkpoints.checkpoint, max_batch=batch_records,
+        # records wait for a checkpoint (checkpoint_records or checkpoint_seconds), not for a batch count
+        max_pending=checkpoint_records + 1,
+        interleave=True,  # the topics merged as Faust's agent merged them: the same decisions
+    )  # fmt: skip
 
-        @app.timer(interval=checkpoint_seconds)
-        async def healer_checkpoint() -> None:
-            """Checkpoint what arrived since the last one when no record came to do it."""
-            async with shell.lock:
-                if shell.checkpoints.pending:
-                    shell.checkpoints.checkpoint()
-
-    else:
-
-        @app.agent(source, name=PROCESSOR_NAME, concurrency=1)
-        async def healing(stream: faust.StreamT) -> None:
-            """Feed agent and config events to the healer; publish and project its decisions; ack at checkpoints."""
-            manual = stream.noack()
-            shell.ack = manual.ack
-            group = app.conf.id
-            async for event in manual.events():
-                async with shell.lock:
-                    with tracing_process(event.message, group):
-                        await shell.take(event.message)
-                    await shell.after(event, more=stream_has_more(manual))
-
-        @app.timer(interval=checkpoint_seconds)
-        async def healer_checkpoint() -> None:
-            """Checkpoint what arrived since the last one when no record came to do it."""
-            async with shell.lock:
-                if shell.unacked and shell.ack is not None:
-                    await shell.checkpoint()
+    @app.timer(interval=checkpoint_seconds)
+    async def healer_checkpoint() -> None:
+        """Checkpoint what arrived since the last one when no record came to do it."""
+        async with shell.lock:
+            if shell.checkpoints.pending:
+                shell.checkpoints.checkpoint()
 
     app.healing_stats = shell.stats  # type: ignore[attr-defined]
     app.healer = healer  # type: ignore[attr-defined]

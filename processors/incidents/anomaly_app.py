@@ -7,7 +7,7 @@ and :class:`processors.tables.TailRecoveringTable`.
 
 * One consumer of ``telemetry.metrics`` (``sophia.telemetry.SeriesSample``, key = series;
   ``sophia.telemetry.MetricSample``, key = pod, one series per pod and metric), one batch in hand at a time
-  (:class:`processors.shell.BatchDelivery`'s task, or one agent with ``concurrency=1``): the key already
+  (:class:`processors.shell.BatchDelivery`'s task): the key already
   puts every sample of a series on one partition in order, so no repartition is needed and one task owns a
   series' state.
 * **Decoding is ours** (``raw`` serializers). Undecodable records (not Avro, no CloudEvents headers),
@@ -20,8 +20,7 @@ and :class:`processors.tables.TailRecoveringTable`.
 * **State checkpoints**: a sample changes its series' states in memory; the changed states are written
   to the table together every :data:`CHECKPOINT_RECORDS` records or :data:`CHECKPOINT_SECONDS`, and a
   record's offset is committed only once the checkpoint after it was written (:class:`processors.shell.BatchDelivery`
-  commits up to the records whose checkpoint future is done, in order; without it each record is acked
-  by :class:`processors.shell.InOrderAcks`, in order, once its checkpoint is written), so Faust never
+  commits up to the records whose checkpoint future is done, in order), so Faust never
   commits an offset whose effect is not in the changelog. Writing every touched
   state per sample (a Nezha pod sample touches about 19 series, 13 KB of JSON each) made the changelog
   about 11 GB for one Nezha day and the worker 0.006 of a plain Faust agent. A checkpoint still writes
@@ -33,9 +32,9 @@ and :class:`processors.tables.TailRecoveringTable`.
   instead of 1,000 or 1 s (py-spy put the checkpoints, with their produce requests, at about a quarter of
   the worker's time before; with the smaller states of ``seasonal-likelihood``, the default since, the
   gain of the longer interval was within the benchmark's noise: README).
-* **Batches** (2026-12-05): the agent hands the records it has received (up to :data:`BATCH_RECORDS`,
-  waiting at most :data:`BATCH_WAIT_SECONDS` for the next; :meth:`processors.shell.InOrderAcks.consume_batches`)
-  to :meth:`_AnomalyShell.handle_batch` together: each is decoded and checked (a bad one dead-lettered at
+* **Batches** (2026-12-05): the records are handled in batches (up to :data:`BATCH_RECORDS`; first the
+  agent's, which waited at most 2 ms for the next record with ``InOrderAcks.consume_batches``, then
+  BatchDelivery's, below) by :meth:`_AnomalyShell._handle`: each is decoded and checked (a bad one dead-lettered at
   once), the good ones are scored together
   (:meth:`processors.incidents.anomaly.AnomalyProcessor.process_many`: the default detector's steady state
   as numpy steps over all series, the same states and insights bit for bit as one record at a time), their
@@ -46,9 +45,9 @@ and :class:`processors.tables.TailRecoveringTable`.
   :class:`processors.shell.QuietMonitor` (:func:`processors.shell.make_faust_app`'s defaults since): 0.50 /
   0.65 / 0.68 against 0.52 / 0.37 / 0.48 on main in alternating runs (the first pair beside tests), CPU 137-196
   µs a record against 188-274.
-* **BatchDelivery** (the default since 2026-12-06; ``create_anomaly_app(batches=False)`` keeps the agent
-  above): the records no longer go through Faust's per-record path (message, conductor, stream queue,
-  event, ack) but from each fetch, in lists of up to :data:`BATCH_RECORDS`, to
+* **BatchDelivery** (since 2026-12-06; the agent above was removed the same day): the records no longer go
+  through Faust's per-record path (message, conductor, stream queue, event, ack) but from each fetch, in
+  lists of up to :data:`BATCH_RECORDS`, to
   :meth:`_AnomalyShell.handle_records` (the same handling, :meth:`_AnomalyShell._handle`), which returns
   the future of the checkpoint that writes their states; their offsets are committed once it is done.
   ``bench/bench_incidents.py``, main's checkout and the branch's alternating three times (2026-12-06):
@@ -60,7 +59,7 @@ and :class:`processors.tables.TailRecoveringTable`.
   handled, :attr:`_AnomalyShell.handling`); a crash in between replays the records after restart and sends
   the same insight ids (a replayed sample at or before its series' checkpointed last event time is
   ignored). Dead letters of a batch are sent before the insights of the records ahead of them in it (other
-  topics; the commits, or acks, stay in record order).
+  topics; the commits stay in record order).
 * **Determinism**: event time only; a sample at or before the series' last event time is counted and
   ignored (a redelivery changes nothing).
 * **Worker**: :func:`run_anomaly_worker` runs it in the shared worker shell
@@ -87,7 +86,6 @@ from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig
 from processors.shell import (
     BatchDelivery,
     FaustDeadLetters,
-    InOrderAcks,
     TableCheckpoints,
     make_faust_app,
     message_headers,
@@ -161,19 +159,17 @@ COUNTERS = (
 
 
 CHECKPOINT_RECORDS = 5000
-"""Records after which the changed series states are written to the table (and the records acked). A
+"""Records after which the changed series states are written to the table (and the records can be committed). A
 checkpoint writes every series touched since the last one, whole (a Nezha day: nearly all 879 series
 every checkpoint), so its cost per record falls with the records between checkpoints: with the
 ``likelihood`` detector (about 22 KB a state) 1,000 (and 1 s) made the checkpoints and their produce
 requests about a quarter of the worker's time on the Nezha day (py-spy)."""
 
 BATCH_RECORDS = 1000
-"""The most records scored together (:meth:`_AnomalyShell.handle_batch`); a batch is what the agent has
-already received, so it is smaller when records come slowly."""
+"""The most records scored together (:meth:`_AnomalyShell.handle_records`); a batch is what
+:class:`processors.shell.BatchDelivery` has buffered, so it is smaller when records come slowly."""
 MAX_BUFFERED_RECORDS = 20_000
-"""Records taken from fetches and not yet handled at which the fetch loop waits (the batch path)."""
-BATCH_WAIT_SECONDS = 0.002
-"""How long a batch waits for the next record before it is handled (:meth:`processors.shell.InOrderAcks.consume_batches`)."""
+"""Records taken from fetches and not yet handled at which the fetch loop waits."""
 GC_YOUNG_THRESHOLD = 10_000
 """The worker's ``gc`` threshold of the youngest generation (Python's default: 700), given to
 :func:`processors.shell.run_processor_worker`, which also ``gc.freeze()``s what start-up made. Each record makes many short-lived containers (Faust's
@@ -181,7 +177,7 @@ event and message, the decoded sample, its datetimes), so the default collected 
 Nezha day 2,366 young, 215 middle and 14 full collections took 1.07 s of the worker's CPU (``gc.callbacks``),
 with these settings 120, 10 and 1 took 0.29 s. Cycles are still collected, only less often."""
 CHECKPOINT_SECONDS = 2.0
-"""The longest a handled record waits for the checkpoint that acks it (a timer writes it when idle); also
+"""The longest a handled record waits for the checkpoint that lets it be committed (a timer writes it when idle); also
 the most event handling a crash can make the worker redo (its records are read again, their insights
 sent again with the same ids)."""
 
@@ -196,9 +192,8 @@ class _AnomalyShell:
         self.checkpoints = TableCheckpoints(
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
         )
-        self.acks = InOrderAcks(max_inflight=2 * CHECKPOINT_RECORDS + BATCH_RECORDS)
         self.app_id = settings.kafka.client_id  # replaced by the app's id in create_anomaly_app
-        self.handling = False  # True while handle_batch runs (no timer checkpoint then)
+        self.handling = False  # True while _handle runs (no timer checkpoint then)
         self._keys: dict[str, bytes] = {}  # series -> table key
 
     def forget(self, *_: Any, **__: Any) -> None:
@@ -207,17 +202,6 @@ class _AnomalyShell:
         are reloaded from the table on next use."""
         self.checkpoints.checkpoint()
         self.processor.states.clear()
-
-    async def handle_batch(self, events: list[Any]) -> list[tuple[asyncio.Future[None] | None, None]]:
-        """Several ``telemetry.metrics`` records, in order (the events of a Faust stream, the
-        ``create_anomaly_app(batches=False)`` path); never raises for bad input. Returns, per event, the future
-        its ack waits for (the checkpoint of its states), or None (dead-lettered, or nothing of its own to
-        checkpoint). The handling is :meth:`_handle`'s."""
-        with_samples = await self._handle([event.message for event in events])
-        results: list[tuple[asyncio.Future[None] | None, None]] = [(None, None)] * len(events)
-        for i in with_samples:
-            results[i] = (self.checkpoints.record(), None)
-        return results
 
     async def handle_records(self, records: list[Any]) -> asyncio.Future[None] | None:
         """Records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in order), handled as
@@ -230,7 +214,7 @@ class _AnomalyShell:
         return self.checkpoints.record(len(with_samples))
 
     async def _handle(self, messages: list[Any]) -> list[int]:
-        """Several ``telemetry.metrics`` records (Faust messages or aiokafka records), in order; never raises
+        """Several ``telemetry.metrics`` records (aiokafka records), in order; never raises
         for bad input. Returns the indexes of the records that changed series states (their future is the
         next checkpoint's, :meth:`processors.shell.TableCheckpoints.record`, which the caller takes).
 
@@ -316,16 +300,10 @@ def create_anomaly_app(
     topics: AnomalyTopics | None = None,
     config: DetectorConfig | None = None,
     serde: AvroSerde | None = None,
-    batches: bool = True,
 ) -> faust.App:
-    """Build the app: the ``anomaly_series`` table and the metrics topic consumed in batches (or one agent).
-
-    Args:
-        batches: consume ``telemetry.metrics`` through :class:`processors.shell.BatchDelivery` (each fetch's
-            records handed in lists to :meth:`_AnomalyShell.handle_records`, offsets committed up to the
-            records whose checkpoint was written); ``False``: Faust's agent, records acked in order by
-            :class:`processors.shell.InOrderAcks` once their checkpoint was written. The same handling and
-            effects either way.
+    """Build the app: the ``anomaly_series`` table and the metrics topic consumed in batches through
+    :class:`processors.shell.BatchDelivery` (each fetch's records handed in lists to
+    :meth:`_AnomalyShell.handle_records`, offsets committed up to the records whose checkpoint was written).
 
     Returns:
         The app; counters at ``app.anomaly_stats``; ``app.anomaly_close()`` releases the dead-letter producer.
@@ -352,28 +330,15 @@ def create_anomaly_app(
     app.on_partitions_assigned.connect(shell.forget)
 
     metrics = app.topic(topics.metrics, **raw)
-    if batches:
-        BatchDelivery(
-            app, metrics, shell.handle_records, flush=shell.checkpoints.checkpoint, max_batch=BATCH_RECORDS,
-            max_buffered=MAX_BUFFERED_RECORDS,
-        )  # fmt: skip
-    else:
-
-        @app.agent(metrics, name=f"{PROCESSOR_NAME}-samples", concurrency=1)
-        async def anomaly_samples(stream: faust.StreamT) -> None:
-            """Score every sample of its series; send the anomalies; ack each record once its state is
-            checkpointed."""
-
-            await shell.acks.consume_batches(
-                stream, shell.handle_batch, max_batch=BATCH_RECORDS, wait_seconds=BATCH_WAIT_SECONDS
-            )
+    BatchDelivery(
+        app, metrics, shell.handle_records, flush=shell.checkpoints.checkpoint, max_batch=BATCH_RECORDS,
+        max_buffered=MAX_BUFFERED_RECORDS,
+    )  # fmt: skip
 
     @app.timer(interval=CHECKPOINT_SECONDS / 4)
     async def anomaly_checkpoint() -> None:
         if not shell.handling:
             shell.checkpoints.checkpoint_if_due()
-        if shell.acks.ack is not None:
-            await shell.acks.settle()
 
     app.anomaly_stats = shell.stats  # type: ignore[attr-defined]
     app.anomaly_close = shell.dead_letters.close  # type: ignore[attr-defined]
@@ -388,7 +353,6 @@ def run_anomaly_worker(
     config: DetectorConfig | None = None,
     stop_after_idle_seconds: float | None = None,
     loglevel: str | None = None,
-    batches: bool = True,
 ) -> AnomalyStats:
     """Run the worker in this process until stopped (blocking; call it from a main thread), in the worker
     shell (:func:`processors.shell.run_processor_worker`: ``/metrics``, ``/healthz`` and ``/readyz`` on
@@ -396,7 +360,7 @@ def run_anomaly_worker(
 
     Creates the topics first (the metrics topic with ``topics.partitions``; insights and dead letters with
     the catalogue's counts when listed, else 3 and 1); the table gets the metrics topic's real partition
-    count (Faust requires a changelog partitioned like its source). ``batches``: :func:`create_anomaly_app`'s.
+    count (Faust requires a changelog partitioned like its source).
 
     Returns:
         The counters once the worker has stopped.
@@ -419,7 +383,7 @@ def run_anomaly_worker(
     found = admin.list_topics(topic=topics.metrics, timeout=10).topics.get(topics.metrics)
     if found is not None and found.partitions:
         topics = dataclasses.replace(topics, partitions=len(found.partitions))
-    app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config, batches=batches)
+    app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
     stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,

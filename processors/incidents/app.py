@@ -14,27 +14,24 @@ Two stages (each one batch or record in hand at a time):
    Confluent-framed Avro and the CloudEvents headers and forwards the records as compact JSON bodies (times
    in epoch ms, the source ``topic/partition``, ``drained``) to the one-partition topic
    ``<app id>-telemetry-repartition``, a batch at a time, the batch's bodies in the order read as one JSON
-   list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). By default
-   (2026-12-06) the batches come straight from each fetch (:class:`processors.shell.BatchDelivery`, up to
-   :data:`BATCH_RECORDS` records, :meth:`_IncidentShell.handle_records`; ``interleave=True``: in the order
-   Faust's agent got a fetch, round robin over topics and partitions), past Faust's per-record path;
-   ``create_incidents_app(batches=False)`` keeps the agent ``incidents-telemetry`` (``stream.noack_take``:
-   :data:`BATCH_RECORDS` records or what came within :data:`BATCH_SECONDS`). Correlating
+   list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). The batches come
+   straight from each fetch (:class:`processors.shell.BatchDelivery`, up to :data:`BATCH_RECORDS` records,
+   :meth:`_IncidentShell.handle_records`; ``interleave=True``: in the order Faust's agent got a fetch, round
+   robin over topics and partitions), past Faust's per-record path (the agent ``incidents-telemetry``,
+   ``stream.noack_take``, was removed on 2026-12-06). Correlating
    incidents needs every pod's telemetry in one place; that topic is the place, in one total order (each
    partition's records keep their order). Undecodable records and other schemas go to the dead-letter
    topic with raw bytes and the reason (delivered before the next record is handled); the batch goes on.
    ``drained`` (the record is its partition's last as far as the consumer knows: its fetch high watermark)
-   is taken, with BatchDelivery, as the batch is handled, for each partition's last record in it (the high
-   watermark then is at least the one at the fetch, so a record is never drained unless it was its
-   partition's last at some moment after it was read); with the agent, by a stream processor as each
-   record is read. A partition's known-last record that is not forwarded (dead-lettered, skipped) puts a
-   ``drained`` marker in the batch in its place. Commits: a batch's offsets are committed (BatchDelivery:
-   its future is None, done at once; the agent: its records acked) once its merged messages were handed
-   to the producer; Faust flushes the producer before it commits offsets, so a committed record's forward
-   is on the broker (at least once: a crash before the commit forwards the batch again; the engine drops
-   a record it already took in the same window, by its event id). ``noack_take``, not ``take``: ``take``
-   acks a batch whose handling raised. One merged message per input record (before 2026-12-04) cost a
-   Faust send and receive per record: the worker ran at 0.11-0.29 of a plain Faust agent
+   is taken as the batch is handled, for each partition's last record in it (the high watermark then is
+   at least the one at the fetch, so a record is never drained unless it was its partition's last at some
+   moment after it was read). A partition's known-last record that is not forwarded (dead-lettered,
+   skipped) puts a ``drained`` marker in the batch in its place. Commits: a batch's offsets are committed
+   (its future is None, done at once) once its merged messages were handed to the producer; Faust
+   flushes the producer before it commits offsets, so a committed record's forward is on the broker (at
+   least once: a crash before the commit forwards the batch again; the engine drops a record it already
+   took in the same window, by its event id). One merged message per input record (before 2026-12-04)
+   cost a Faust send and receive per record: the worker ran at 0.11-0.29 of a plain Faust agent
    (``bench/bench_incidents.py``). With BatchDelivery (2026-12-06, main's checkout and the branch's
    alternating three times): 1.15 / 1.18 / 1.15 of plain Faust over the three topics (8,479 / 8,580 / 8,532
    records/s, CPU 134-136 µs a record) against 0.72 / 0.74 / 0.70 on main (5,178 / 5,170 / 5,106, 213-218
@@ -74,7 +71,8 @@ not used.
 Not done yet: the engine's state (detector histories, call graph, open incident) lives in memory, not
 in a changelogged Faust table, so a restarted worker starts cold (it re-learns from the records after
 its committed offset).
-``concurrency=1`` per agent.
+One batch in hand at a time (BatchDelivery's one task); ``concurrency=1`` for the agent
+``incidents-correlate``.
 
 Run: ``python -m processors.incidents.app [--stop-after-idle S] ...`` (prints its counters as JSON).
 """
@@ -150,16 +148,12 @@ _opened = Counter(
 
 
 BATCH_RECORDS = 500
-"""Input records forwarded at most per batch (:class:`processors.shell.BatchDelivery`'s ``max_batch``, or the
-agent's ``stream.noack_take``): their usable records are forwarded together as one merged message (or a few,
-:data:`MERGED_MAX_BYTES`)."""
-BATCH_SECONDS = 0.02
-"""The longest the first agent (``batches=False``) waits for a batch to fill before it forwards what it holds (the latency a
-batch adds when records trickle in; with a backlog the batch fills first)."""
+"""Input records forwarded at most per batch (:class:`processors.shell.BatchDelivery`'s ``max_batch``): their
+usable records are forwarded together as one merged message (or a few, :data:`MERGED_MAX_BYTES`)."""
 MAX_BUFFERED_RECORDS = 20_000
-"""Input records taken from fetches and not yet forwarded at which the fetch loop waits (the batch path)."""
+"""Input records taken from fetches and not yet forwarded at which the fetch loop waits."""
 MERGED_MAX_BYTES = 256 * 1024
-"""Largest merged message (JSON bytes) the first agent sends, well under the producer's 1 MB request
+"""Largest merged message (JSON bytes) the input stage sends, well under the producer's 1 MB request
 limit; a larger batch is split, in order (a single body above it is sent alone)."""
 
 
@@ -221,7 +215,7 @@ class IncidentStats:
             last record was not forwarded (dead-lettered, or a change kind that is skipped), or was not known
             to be its last when it was read (no high watermark known yet, e.g. right after an assignment).
             Without them such a partition would hold the engine's watermark back for good.
-        first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either agent),
+        first_record_monotonic: ``time.monotonic()`` when the first record was handled (by either stage),
             ``None`` before (with ``last_record_monotonic``, the processing rate without the startup).
         last_record_monotonic: ``time.monotonic()`` when the last record was handled, ``None`` before.
     """
@@ -243,7 +237,7 @@ class IncidentStats:
 
 
 COUNTERS = (
-    ("backbone_incidents_records", "records_count", "Records handled by either agent (every outcome)"),
+    ("backbone_incidents_records", "records_count", "Records handled by either stage (every outcome)"),
     (
         "backbone_incidents_forwarded",
         "forwarded_count",
@@ -285,7 +279,6 @@ class _IncidentShell:
         self.group = DEFAULT_APP_ID  # the consumer group (the app's id; set by the app), for tracing spans
         # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
         self._undrained: dict[Any, tuple[str, int]] = {}
-        self._read_drained: dict[int, bool] = {}  # id(message) -> drained when read (note_read)
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
@@ -294,40 +287,16 @@ class _IncidentShell:
         if self.stats.first_record_monotonic is None:
             self.stats.first_record_monotonic = now
 
-    def _drained_now(self, message: Any) -> bool:
-        """The record is its partition's last one as far as the consumer knows now (``offset + 1 >=`` its
-        fetch high watermark; not when that is unknown: no fetch answered since the assignment)."""
-        highwater = self.highwater(message.tp)
-        return highwater is not None and message.offset + 1 >= highwater
-
-    def note_read(self, event: Any) -> None:
-        """Note whether ``event``'s record is its partition's last so far (:meth:`_drained_now`), as the
-        stream reads it (a stream processor, before ``noack_take`` buffers it: the moment the unbatched
-        agent read it too); :meth:`handle_batch` takes the note."""
-        if event is not None:
-            self._read_drained[id(event.message)] = self._drained_now(event.message)
-
-    async def handle_batch(self, events: list[Any], group: str) -> None:
-        """Input records in the order read (the events of the ``create_incidents_app(batches=False)`` agent),
-        each with ``drained`` as noted when it was read (:meth:`note_read`): forwarded by :meth:`_forward`."""
-        items: list[tuple[Any, bool, Any]] = []
-        for event in events:
-            message = event.message
-            drained = self._read_drained.pop(id(message), None)
-            if drained is None:  # not seen by the processor (not expected): where it stands now
-                drained = self._drained_now(message)
-            items.append((message, drained, message.tp))
-        await self._forward(items, group)
-
     async def handle_records(self, records: list[Any]) -> None:
         """Input records of a :class:`~processors.shell.BatchDelivery` (aiokafka records in the order Faust's
         agent would get them, ``interleave=True``: each partition's in offset order), forwarded by
-        :meth:`_forward`. Returns None (nothing to wait for:
-        the forwards were handed to the producer, which Faust flushes before it commits the offsets).
-        ``drained`` is taken as the records are handled, for each partition's last record among them
-        (:meth:`_drained_now`; an earlier one is not its partition's last): the consumer's fetch high
-        watermark then is at least the one when the record was fetched, so a record is taken as drained only
-        when it was its partition's last as far as the consumer knew at a moment after it was read."""
+        :meth:`_forward`. Returns None (nothing to wait for: the forwards were handed to the producer, which
+        Faust flushes before it commits the offsets). ``drained`` is taken as the records are handled, for
+        each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark,
+        :attr:`highwater`; never when that is unknown: no fetch answered since the assignment; an earlier
+        record is not its partition's last): the high watermark then is at least the one when the record was
+        fetched, so a record is taken as drained only when it was its partition's last as far as the
+        consumer knew at a moment after it was read."""
         last: dict[tuple[str, int], int] = {}
         for i, record in enumerate(records):
             last[(record.topic, record.partition)] = i
@@ -416,7 +385,7 @@ class _IncidentShell:
         """Tell the engine, through the merged topic (after the records already forwarded), of each input
         partition now read to its end whose last record was not known to be its last when it was read.
         (A partition whose last record was dead-lettered or skipped, and known to be its last, is told
-        with its batch by :meth:`handle_batch`.)"""
+        with its batch by :meth:`handle_records`.)"""
         for tp, (source, offset) in list(self._undrained.items()):
             highwater = self.highwater(tp)
             if (
@@ -507,16 +476,12 @@ def _partitions(settings: Settings, topics: list[str], group_id: str) -> list[st
 
 def create_incidents_app(
     settings: Settings, *, app_id: str | None = None, topics: IncidentTopics | None = None,
-    config: EngineConfig | None = None, serde: AvroSerde | None = None, batches: bool = True,
+    config: EngineConfig | None = None, serde: AvroSerde | None = None,
 ) -> faust.App:  # fmt: skip
-    """Build the app (the input topics consumed in batches, or the first agent; the second agent);
-    counters at ``app.incident_stats``, ``app.incident_close()`` releases the dead-letter producer.
-
-    Args:
-        batches: consume the five input topics through :class:`processors.shell.BatchDelivery` (each
-            fetch's records handed in lists to :meth:`_IncidentShell.handle_records`); ``False``: Faust's
-            first agent (``noack_take``, ``drained`` noted as each record is read). The same forwards
-            either way.
+    """Build the app (the five input topics consumed in batches through
+    :class:`processors.shell.BatchDelivery`, each fetch's records handed in lists to
+    :meth:`_IncidentShell.handle_records`; the agent ``incidents-correlate``); counters at
+    ``app.incident_stats``, ``app.incident_close()`` releases the dead-letter producer.
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -537,32 +502,12 @@ def create_incidents_app(
 
     shell.group = app.conf.id
     inputs = app.topic(*topics.inputs(), *topics.changes(), **raw)
-    if batches:
-        # interleave: a fetch in the order Faust's agent got it (round robin over topics and partitions), so the
-        # merged topic's order is the agent's
-        BatchDelivery(
-            app, inputs, shell.handle_records, max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
-            interleave=True,
-        )  # fmt: skip
-    else:
-
-        @app.agent(inputs, name=f"{PROCESSOR_NAME}-telemetry", concurrency=1)
-        async def incidents_telemetry(stream: faust.StreamT) -> None:
-            """Forward telemetry and changes to the merged topic, a batch at a time."""
-
-            def note_read(
-                value: Any,
-            ) -> Any:  # a processor: runs as each record is read, before take's buffer
-                shell.note_read(stream.current_event)
-                return value
-
-            stream.add_processor(note_read)
-            # noack_take yields the events unacked: they are acked here once their forwards were handed to the
-            # producer (take_events would ack a batch whose handling raised, when its generator is closed)
-            async for events in stream.noack_take(BATCH_RECORDS, within=BATCH_SECONDS):
-                await shell.handle_batch(list(events), app.conf.id)
-                for event in events:
-                    await stream.ack(event)
+    # interleave: a fetch in the order Faust's agent got it (round robin over topics and partitions), so the
+    # merged topic's order is the agent's
+    BatchDelivery(
+        app, inputs, shell.handle_records, max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
+        interleave=True,
+    )  # fmt: skip
 
     @app.agent(merged, name=f"{PROCESSOR_NAME}-correlate", concurrency=1)
     async def incidents_correlate(stream: faust.StreamT) -> None:
@@ -608,11 +553,11 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
 
 def run_incidents_worker(
     settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
-    stop_after_idle_seconds: float | None = None, loglevel: str | None = None, batches: bool = True,
+    stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
 ) -> IncidentStats:  # fmt: skip
     """Run the worker in this process until stopped (blocking; call from a main thread), with ``/metrics``,
     ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
-    (:func:`processors.shell.run_processor_worker`). ``batches``: :func:`create_incidents_app`'s.
+    (:func:`processors.shell.run_processor_worker`).
 
     Raises:
         ValueError: no Kafka bootstrap servers are configured.
@@ -625,7 +570,7 @@ def run_incidents_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or IncidentTopics()
     ensure_incident_topics(settings, topics, app_id)
-    app = create_incidents_app(settings, app_id=app_id, topics=topics, batches=batches)
+    app = create_incidents_app(settings, app_id=app_id, topics=topics)
     stats: IncidentStats = app.incident_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,

@@ -1,11 +1,11 @@
-"""The Faust app of the processors and its first agent, the run-summary processor.
+"""The Faust app of the processors and its first processor, the run-summary processor.
 
-The agent reads ``agent.events`` (key = run id; Confluent-framed Avro with CloudEvents headers), folds
+The worker reads ``agent.events`` (key = run id; Confluent-framed Avro with CloudEvents headers), folds
 each run's events into a :class:`~processors.run_summary.RunTotals` kept in the table ``run_totals``,
 and when a run finishes sends its ``run.summary`` insight to ``insights.runs`` (key = entity). It is a
 thin shell around :func:`processors.run_summary.apply`; all decisions are made there.
 
-* **Decoding is ours.** The app's serializers are ``raw``: the agent decodes the Confluent-framed
+* **Decoding is ours.** The app's serializers are ``raw``: the shell decodes the Confluent-framed
   Avro with :class:`streams.serde.AvroSerde` and the envelope with
   :meth:`streams.envelope.CloudEvent.from_headers`. A record that does not decode, or that the
   processor cannot take (another schema, malformed data), goes to the dead-letter topic through
@@ -33,25 +33,25 @@ thin shell around :func:`processors.run_summary.apply`; all decisions are made t
   when no record comes), one write per changed run. Writing the table on every event (a JSON changelog
   record produced per event, about 40 per run) cost about a third of the worker's time (py-spy,
   30,000 real-shaped events).
-* **Order of effects per event**: the insight is sent and the totals changed, and the event is acked once
-  the insight's delivery is confirmed *and* the checkpoint after it was written
-  (:class:`processors.shell.InOrderAcks`: events are acked in their order, and Faust commits acked
-  offsets only, after flushing the changelog), so an offset is never committed before the totals it
-  produced are in the changelog. The agent does not wait for each delivery: at 1,000
-  events/s (about 170 finished runs a second) waiting for each insight (linger plus a broker round
-  trip) held the agent most of each second. A crash after the table recorded the run as finished but
-  before its insight was acknowledged leaves the FINISHED record uncommitted: it is read again, finds
-  the run finished by that very event (``finished_event_id``), and :func:`processors.run_summary.reissue`
-  sends the same insight again (same deterministic id; subscribers de-duplicate by ``insight_id``).
-* **Batches** (the default): the events are not iterated by a Faust agent but handed in lists, straight
-  from each fetch, by :class:`processors.shell.BatchDelivery` (at most :data:`BATCH_RECORDS` at a time) to
-  :meth:`_RunSummaryShell.handle_batch`, which handles each as above; offsets are committed up to the
-  events whose insights were delivered and checkpoint written (the same order of effects, kept per batch
-  instead of per acked event). Faust's per-record path (message, conductor, stream queue, event, ack) cost
-  more than the processor itself; ``create_app(batches=False)`` keeps it (the agent and
-  :class:`~processors.shell.InOrderAcks`).
-* **One agent instance** (``concurrency=1``, faust-streaming #606: with more, an offset can be
-  committed past a message still in flight), or one batch in hand at a time. Scale with partitions and workers.
+* **Batches**: the events are not iterated by a Faust agent but handed in lists, straight from each fetch,
+  by :class:`processors.shell.BatchDelivery` (at most :data:`BATCH_RECORDS` at a time) to
+  :meth:`_RunSummaryShell.handle_batch`, which handles each in order (:meth:`_RunSummaryShell.handle`).
+  Faust's per-record path (message, conductor, stream queue, event, ack) cost more than the processor
+  itself. The per-record Faust agent that acked each event in order
+  (:class:`processors.shell.InOrderAcks`) was removed on 2026-12-06.
+* **Order of effects per batch**: each event's insight is sent and its run's totals changed; a batch's
+  offsets are committed only once every insight it sent was delivered *and* the checkpoint holding its
+  totals was written, and every earlier batch's too (:class:`~processors.shell.BatchDelivery`; Faust
+  flushes the changelog before it commits), so an offset is never committed before the totals it
+  produced are in the changelog. The worker does not wait for each delivery: at 1,000 events/s (about
+  170 finished runs a second) waiting for each insight (linger plus a broker round trip) held the
+  worker most of each second. A crash after the table recorded the run as finished but before its
+  insight was acknowledged leaves the FINISHED record uncommitted: it is read again, finds the run
+  finished by that very event (``finished_event_id``), and :func:`processors.run_summary.reissue` sends
+  the same insight again (same deterministic id; subscribers de-duplicate by ``insight_id``).
+* **One batch in hand at a time** (BatchDelivery's one task), as the agent had ``concurrency=1``
+  (faust-streaming #606: with more, an offset can be committed past a message still in flight). Scale
+  with partitions and workers.
 * **Web server**: :func:`create_app` starts Faust's own web server on ``web_port`` (else
   ``settings.metrics_port``; ``0`` leaves it off), for ``faust -A ... worker``; :func:`run_worker` leaves it
   off and serves ``/metrics``, ``/healthz`` and ``/readyz`` from the worker shell.
@@ -94,7 +94,6 @@ from processors.run_summary.logic import (
 from processors.shell import (
     BatchDelivery,
     FaustDeadLetters,
-    InOrderAcks,
     TableCheckpoints,
     catalogue_partitions,
     decode_event,
@@ -126,18 +125,15 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CHECKPOINT_RECORDS = 1000
-"""Records after which the changed run totals are written to the table (and those records can be acked)."""
+"""Records after which the changed run totals are written to the table (and those records can be committed)."""
 CHECKPOINT_SECONDS = 0.2
-"""The longest a handled record waits for the checkpoint that lets it be acked (a timer writes it when no
+"""The longest a handled record waits for the checkpoint that lets it be committed (a timer writes it when no
 record comes); also the most work a crash makes the worker redo (those records are read again: the
 de-duplication rules make that a no-op, and an insight is sent again with the same id)."""
 BATCH_RECORDS = 500
-"""Most events handed to :meth:`_RunSummaryShell.handle_batch` at once (the batch path)."""
+"""Most events handed to :meth:`_RunSummaryShell.handle_batch` at once."""
 MAX_BUFFERED_RECORDS = 20_000
-"""Events taken from fetches and not yet handled at which the fetch loop waits (the batch path)."""
-MAX_INFLIGHT_INSIGHTS = 2 * CHECKPOINT_RECORDS + 10
-"""Events read and not yet acked (awaiting their insight's delivery or their checkpoint) before the agent
-waits for the oldest."""
+"""Events taken from fetches and not yet handled at which the fetch loop waits."""
 
 DEFAULT_APP_ID = "backbone-processors"
 PROCESSOR_NAME = "run-summary"
@@ -188,7 +184,7 @@ class ProcessorStats:
 
 
 class _RunSummaryShell:
-    """The agent's body: decode, de-duplicate, apply, send, dead-letter. One per app."""
+    """The processor's body: decode, de-duplicate, apply, send, dead-letter. One per app."""
 
     def __init__(
         self,
@@ -207,7 +203,6 @@ class _RunSummaryShell:
         self.insights_topic = insights_topic
         self.stats = ProcessorStats()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
-        self.acks = InOrderAcks(max_inflight=MAX_INFLIGHT_INSIGHTS, on_delivered=self._delivered)
         self.states: dict[str, RunTotals] = {}  # cache of the table: run id -> its totals
         self.checkpoints = TableCheckpoints(
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
@@ -221,8 +216,10 @@ class _RunSummaryShell:
         self.states.clear()
 
     async def handle(self, message: Any) -> tuple[asyncio.Future[Any] | None, Event | None]:
-        """Process one Faust message (``event.message``); never raises for a bad record. Returns the
-        delivery of the insight it sent (not awaited) and the insight, or ``(None, None)``.
+        """Process one record (an aiokafka record of a batch: ``topic``, ``partition``, ``offset``, ``key``,
+        ``value``, ``headers``); never raises for a bad record. Returns the future of its effects (the
+        insight's delivery, not awaited, and the checkpoint that holds its totals) and the insight, or
+        ``(None, None)``.
 
         With tracing on the handling is a ``process <topic>`` span continuing the record's
         ``ce_traceparent``, and the insight's ``send`` span is its child.
@@ -290,8 +287,8 @@ class _RunSummaryShell:
         return await send_event(self.insights_topic, self.serde, insight, wait=False)
 
     async def handle_batch(self, records: list[Any]) -> asyncio.Future[Any] | None:
-        """Process records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, handled as
-        :meth:`handle` handles a Faust message, in their order); return the future of all their effects
+        """Process records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, each handled by
+        :meth:`handle`, in their order); return the future of all their effects
         (insights delivered, checkpoints written), done when every one is, or None when they have none.
         The insights are counted and logged once it is done."""
         pending: dict[int, asyncio.Future[Any]] = {}  # by identity: records share a checkpoint's future
@@ -341,9 +338,10 @@ def create_app(
     topics: ProcessorTopics | None = None,
     web_port: int | None = None,
     serde: AvroSerde | None = None,
-    batches: bool = True,
 ) -> faust.App:
-    """Build the Faust app with the ``run_totals`` table and the run-summary agent.
+    """Build the Faust app with the ``run_totals`` table and the run-summary processor, whose input is
+    consumed through :class:`processors.shell.BatchDelivery` (each fetch's records handled in lists, offsets
+    committed up to the records whose insights were delivered and checkpoint written).
 
     Args:
         settings: broker settings come from ``settings.kafka`` (``session_timeout_ms`` included), the
@@ -353,10 +351,6 @@ def create_app(
         topics: the topic names; default the catalogue's.
         web_port: port of Faust's web server; ``None`` takes ``settings.metrics_port``; ``0`` turns it off.
         serde: the Avro serde; default one on the embedded registry (``schemas/registry.json``).
-        batches: consume the events in batches (:class:`processors.shell.BatchDelivery`: each fetch's
-            records handled in lists, offsets committed up to the records whose insights were delivered and
-            checkpoint written); ``False``: Faust's per-record agent, events acked in order by
-            :class:`processors.shell.InOrderAcks`. The same handling and effects either way.
 
     Returns:
         The app; the shell's counters are at ``app.run_summary_stats`` (a :class:`ProcessorStats`), and
@@ -391,28 +385,18 @@ def create_app(
     )
     shell = _RunSummaryShell(app, settings, topics, serde, table, insights_topic)
 
-    if batches:
-        BatchDelivery(
-            app, events_topic, shell.handle_batch, flush=shell.checkpoints.checkpoint,
-            max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
-        )  # fmt: skip
-    else:
-
-        @app.agent(events_topic, name=PROCESSOR_NAME, concurrency=1)
-        async def run_summary(stream: faust.StreamT) -> None:
-            """Fold agent events into run totals; emit a run.summary insight when a run finishes; ack each
-            event once its insight (if any) was delivered, in order."""
-            await shell.acks.consume(stream, lambda event: shell.handle(event.message))
+    BatchDelivery(
+        app, events_topic, shell.handle_batch, flush=shell.checkpoints.checkpoint,
+        max_batch=BATCH_RECORDS, max_buffered=MAX_BUFFERED_RECORDS,
+    )  # fmt: skip
 
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
     @app.timer(interval=0.05)
     async def run_summary_settle() -> None:
-        """Checkpoint when due, and ack what was delivered and checkpointed since the last event."""
+        """Checkpoint when due (the records waiting for it are committed once it is written)."""
         shell.checkpoints.checkpoint_if_due()
-        if shell.acks.ack is not None:
-            await shell.acks.settle()
 
     app.run_summary_stats = shell.stats  # type: ignore[attr-defined]
     app.run_summary_close = shell.close  # type: ignore[attr-defined]

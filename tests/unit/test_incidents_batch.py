@@ -1,7 +1,8 @@
 """The incident worker's batched hop (fake topics, no broker): a batch of input records becomes merged
-messages that are JSON lists of bodies in the input order, split by size; each body keeps the ``drained``
-note taken when its record was read; the correlate side unpacks lists (and single bodies, as written
-before batching) and feeds the engine the same records as one message per record would."""
+messages that are JSON lists of bodies in the input order, split by size; each partition's last record in
+the batch is ``drained`` when the consumer's high watermark says so as the batch is handled; the correlate
+side unpacks lists (and single bodies, as written before batching) and feeds the engine the same records as
+one message per record would."""
 
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ def _sample(pod: str, minute: int, cpu: float) -> Event:
                         id=f"{pod}-{minute}")  # fmt: skip
 
 
-def _event(serde: AvroSerde, e: Event, partition: int, offset: int) -> SimpleNamespace:
-    message = SimpleNamespace(headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data),
-                              key=e.key.encode(), topic="telemetry.metrics", partition=partition,
-                              offset=offset, tp=("telemetry.metrics", partition))  # fmt: skip
-    return SimpleNamespace(message=message)
+def _record(serde: AvroSerde, e: Event, partition: int, offset: int) -> SimpleNamespace:
+    """An input record as BatchDelivery hands it over (an aiokafka record's fields)."""
+    return SimpleNamespace(headers=e.attributes.to_headers(), value=serde.encode(e.schema, e.data),
+                           key=e.key.encode(), topic="telemetry.metrics", partition=partition,
+                           offset=offset)  # fmt: skip
 
 
 def _shell(merged: AckedTopic, insights: AckedTopic) -> _IncidentShell:
@@ -58,18 +59,15 @@ def test_pack_bodies_keeps_the_order_and_splits_by_size() -> None:
     assert pack_bodies([], 700) == []
 
 
-def test_a_batch_forwards_its_records_in_order_with_their_read_time_drained_note() -> None:
+def test_a_batch_forwards_its_records_in_order_as_one_merged_message() -> None:
     merged, insights = AckedTopic(), AckedTopic()
     shell = _shell(merged, insights)
     serde = shell.serde
     highwater = {("telemetry.metrics", 0): 3, ("telemetry.metrics", 1): 2}
     shell.highwater = lambda tp: highwater[tp]
-    events = [_event(serde, _sample("a-1", m, 1.0 + m), 0, m) for m in range(3)]
-    events += [_event(serde, _sample("b-1", m, 2.0 + m), 1, m) for m in range(2)]
-    for e in events:
-        shell.note_read(e)  # as the stream reads them
-    highwater[("telemetry.metrics", 0)] = 10  # records arrived after the read: the notes stand
-    asyncio.run(shell.handle_batch(events, "test"))
+    records = [_record(serde, _sample("a-1", m, 1.0 + m), 0, m) for m in range(3)]
+    records += [_record(serde, _sample("b-1", m, 2.0 + m), 1, m) for m in range(2)]
+    assert asyncio.run(shell.handle_records(records)) is None  # handed to the producer: nothing to wait for
     assert len(merged.sent) == 1 and merged.sent[0]["key"] == b"telemetry"
     bodies = json.loads(merged.sent[0]["value"])
     assert [(b["source"], b["record"]["event_id"], b["drained"]) for b in bodies] == [
@@ -78,7 +76,7 @@ def test_a_batch_forwards_its_records_in_order_with_their_read_time_drained_note
         ("telemetry.metrics/1", "b-1-1", True),
     ]  # fmt: skip
     assert bodies[0]["record"]["event_time"] == int(T0.timestamp() * 1000)
-    assert shell.stats.forwarded_count == 5 and shell._read_drained == {}
+    assert shell.stats.forwarded_count == 5 and shell._undrained == {}  # both partitions' ends known
 
 
 def test_the_correlate_side_feeds_a_list_as_it_fed_one_message_per_record() -> None:

@@ -25,8 +25,8 @@ SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 
 
 async def _one(shell: _IncidentShell, message: SimpleNamespace) -> None:
-    """``message`` read and forwarded alone: a batch of one, as the worker's first agent hands it over."""
-    await shell.handle_batch([SimpleNamespace(message=message)], "test")
+    """``message`` forwarded alone: a batch of one, as BatchDelivery hands over a fetch that holds one record."""
+    assert await shell.handle_records([message]) is None
 
 
 def _bodies(merged: AckedTopic) -> list[dict[str, Any]]:
