@@ -11,7 +11,11 @@ batch returns). Every record's effects are delivered when its checkpoint is writ
 
 Two optional environment variables let a test order events instead of timing them: while the file named by
 ``BATCH_PROBE_HOLD`` exists, the pause applies (without it, it always applies) and the worker does not count as idle (a rebalance
-can take longer than the idle stop), so a worker neither finishes nor stops while the test holds it; ``BATCH_PROBE_STARTED`` names a file created once the first batch has been handled.
+can take longer than the idle stop), so a worker neither finishes nor stops while the test holds it; ``BATCH_PROBE_STARTED`` names a file created once the first batch has been handled. ``BATCH_PROBE_FAIL_AT``
+(a record count) makes the first batch taken once that many records were handled fail, as
+``BATCH_PROBE_FAIL_HOW`` says: ``raise`` (the default: ``handle`` raises before touching the records) or
+``effect`` (the records are applied, and the future of their effects fails: a checkpoint that could not be
+written); either crashes the app.
 
 Each commit the consumer makes is checked against what the probe knows was delivered: an offset committed for a
 partition beyond the offset after its last record whose checkpoint was written is a violation. It stops once idle
@@ -66,6 +70,8 @@ def main() -> None:
     partitions = int(sys.argv[6]) if len(sys.argv) > 6 else 2
     hold = Path(os.environ["BATCH_PROBE_HOLD"]) if os.environ.get("BATCH_PROBE_HOLD") else None
     started = Path(os.environ["BATCH_PROBE_STARTED"]) if os.environ.get("BATCH_PROBE_STARTED") else None
+    fail_at = int(os.environ.get("BATCH_PROBE_FAIL_AT", "0"))
+    fail_how = os.environ.get("BATCH_PROBE_FAIL_HOW", "raise")
     settings = Settings()
     app = make_faust_app(settings, app_id, partitions=partitions, web_port=0)
     app.conf.broker_commit_interval = 0.1
@@ -89,6 +95,9 @@ def main() -> None:
             written[partition] = max(written.get(partition, 0), offset)
 
     async def handle(records: list[Any]) -> Any:
+        failing = fail_at > 0 and stats.records_count >= fail_at
+        if failing and fail_how == "raise":
+            raise RuntimeError("injected: the handler failed")
         upto: dict[int, int] = {}
         for record in records:
             seen.append((record.partition, record.offset))
@@ -109,6 +118,10 @@ def main() -> None:
             await asyncio.sleep(pause_seconds)
         stats.records_count += len(records)
         stats.last_record_monotonic = time.monotonic()
+        if failing:  # effect: applied, but their effects were not written
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(OSError("injected: the effects could not be written"))
+            return failed
         future = checkpoints.record(len(records))
         if (
             future.done()

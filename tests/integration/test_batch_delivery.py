@@ -4,7 +4,8 @@ handled exactly once and in per-partition order, no committed offset is ever bey
 repetition (its table recovered from the changelog), a poison record goes to the dead-letter topic, and a second
 worker joining mid-stream takes partitions over (revocation drains the first worker's batches before its commit)
 with nothing lost and no commit past a written checkpoint in either worker; a worker killed (SIGKILL) mid-stream
-is resumed from its committed offsets without loss.
+is resumed from its committed offsets without loss; a batch that fails (its handler raises, or its effects'
+future fails) crashes the worker without committing it, and a restart redoes it.
 
 The worker is ``batch_delivery_probe.py`` (a subprocess: a Faust worker owns its process's event loop and
 signals); see its docstring.
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from core.settings import Settings
@@ -251,6 +253,58 @@ def test_a_worker_killed_mid_stream_is_resumed_from_its_committed_offsets_withou
     counts = _changelog(settings, f"{app_id}-counts-changelog")
     expected = Counter(k for _, k, _ in records)
     # at least once: what the killed worker checkpointed after its last commit is counted again
+    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
+        counts,
+        expected,
+    )
+    assert _committed(settings, app_id, topic) == ends
+
+
+@pytest.mark.parametrize("how", ["raise", "effect"])
+def test_a_failed_batch_crashes_the_worker_without_committing_it_and_a_restart_redoes_it(
+    settings: Settings,
+    unique_name: Callable[[str], str],
+    create_topic: Callable[..., str],
+    tmp_path: Path,
+    how: str,
+) -> None:
+    """A ``handle`` that raises, or a batch whose effects' future fails: the worker stops on its own with a
+    non-zero exit (it does not hang), nothing from the failed batch on is committed (no commit past a written
+    checkpoint), and a restarted worker handles the rest once each, from the committed offsets."""
+    topic = create_topic(unique_name(f"batch-fail-{how}"), partitions=2)
+    dlq = create_topic(unique_name(f"batch-fail-{how}-dlq"), partitions=1)
+    app_id = unique_name(f"batch-fail-{how}-app")
+    records = [(i % 11 % 2, f"k{i % 11}", b"v") for i in range(700)]
+    _produce(settings, topic, records)
+    env = {
+        **os.environ,
+        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+        "BACKBONE_LOG_LEVEL": "WARNING",
+        "BACKBONE_STATE_DIR": str(tmp_path),
+        "BATCH_PROBE_FAIL_AT": "300",
+        "BATCH_PROBE_FAIL_HOW": how,
+    }
+    # 0.01 s after each batch of 7: the checkpoints (every 50 records or 0.2 s) are written before the failure
+    failing = subprocess.run([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "failed.json"), dlq, "0.01"],
+                             env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert failing.returncode != 0, failing.stderr[-3000:]
+    assert "injected" in failing.stderr, failing.stderr[-3000:]
+    if (tmp_path / "failed.json").exists():  # written by the clean part of the stop
+        failed = json.loads((tmp_path / "failed.json").read_text())
+        assert failed["violations"] == [], failed["violations"]
+    committed = _committed(settings, app_id, topic)
+    ends = end_offsets(settings.kafka, topic)
+    # at most the records handled before the failing batch (300 to 306: batches of up to 7)
+    assert sum(max(o, 0) for o in committed.values()) <= 306 < sum(ends.values()), (committed, ends)
+
+    again = _run(settings, topic, app_id, dlq, tmp_path, tmp_path / "again.json")
+
+    start = {p: max(o, 0) for p, o in committed.items()}
+    _in_order(again["seen"], start, ends)  # from the committed offsets: the rest, once, in order
+    assert again["violations"] == [], again["violations"]
+    counts = _changelog(settings, f"{app_id}-counts-changelog")
+    expected = Counter(k for _, k, _ in records)
     assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
         counts,
         expected,
