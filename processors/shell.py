@@ -77,7 +77,6 @@ __all__ = [
     "run_processor_worker",
     "send_event",
     "stop_when_idle",
-    "stream_has_more",
     "traced_headers",
     "tracing_process",
 ]
@@ -685,46 +684,6 @@ class InOrderAcks:
             self.add(pending, event, item)
             await self.settle()
 
-    async def consume_batches(
-        self,
-        stream: faust.StreamT,
-        handle: Callable[[list[Any]], Awaitable[Sequence[tuple[asyncio.Future[Any] | None, Any]]]],
-        *,
-        max_batch: int,
-        wait_seconds: float,
-    ) -> None:
-        """:meth:`consume` in batches: events are gathered while the next one is already received
-        (:func:`stream_has_more`) or arrives within about ``wait_seconds`` of the last (checked every eighth of
-        it, at least every 1 ms, sleeping in between), up to ``max_batch``, and
-        handed to ``handle(events)`` together, which returns one ``(delivery future or None, item)`` per
-        event in their order; they are queued in that order and what was delivered is acked.
-
-        Faust's conductor puts the records of a fetch into the stream's queue one at a time, yielding to the
-        event loop after each, so a busy agent that took only what was queued would mostly see one event;
-        the short wait (the loop runs meanwhile, the conductor adds records) makes the batches. A record
-        that comes alone waits ``wait_seconds`` (up to one step more) before it is handled."""
-        manual = stream.noack()
-        self.ack = manual.ack
-        loop = asyncio.get_running_loop()
-        step = max(wait_seconds / 8, 0.001)
-        batch: list[Any] = []
-        async for event in manual.events():
-            batch.append(event)
-            if len(batch) < max_batch:
-                if not stream_has_more(manual):
-                    # the loop runs meanwhile (the conductor adds records); sleeping in steps of an eighth of
-                    # the wait (at least 1 ms, the event loop's timer resolution), not spinning on sleep(0)
-                    deadline = loop.time() + wait_seconds
-                    while not stream_has_more(manual) and loop.time() < deadline:
-                        await asyncio.sleep(step)
-                if stream_has_more(manual):
-                    continue
-            results = await handle(batch)
-            for one, (pending, item) in zip(batch, results, strict=True):
-                self.add(pending, one, item)
-            batch = []
-            await self.settle()
-
     def settle_every(self, app: faust.App, interval_seconds: float) -> None:
         """Add a timer to ``app`` that settles every ``interval_seconds`` (acks what was delivered since
         the last event, when no new event came to do it)."""
@@ -1116,18 +1075,6 @@ class BatchDelivery:
 
 
 _NO_DELIVERIES: Mapping[str, BatchDelivery] = {}
-
-
-def stream_has_more(stream: faust.StreamT) -> bool:
-    """Whether the next event of ``stream`` (an agent's stream, or a clone such as ``stream.noack()``) is
-    already received, so the agent's next iteration takes it without waiting: its channel's queue (fed by
-    Faust's conductor from each fetch) is not empty. An agent that batches work (sends whose deliveries it
-    awaits together) completes its batch when this is False, i.e. before it would wait. False when the
-    stream does not iterate a channel's queue (the caller then completes a batch per event)."""
-    channel = getattr(stream, "channel", None)
-    if channel is None or not getattr(channel, "is_iterator", False):
-        return False
-    return not channel.empty()
 
 
 class QuietMonitor(Monitor):

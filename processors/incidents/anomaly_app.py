@@ -33,7 +33,7 @@ and :class:`processors.tables.TailRecoveringTable`.
   the worker's time before; with the smaller states of ``seasonal-likelihood``, the default since, the
   gain of the longer interval was within the benchmark's noise: README).
 * **Batches** (2026-12-05): the records are handled in batches (up to :data:`BATCH_RECORDS`; first the
-  agent's, which waited at most 2 ms for the next record with ``InOrderAcks.consume_batches``, then
+  agent's, which waited at most 2 ms for the next record with ``InOrderAcks.consume_batches`` (removed 2026-12-06), then
   BatchDelivery's, below) by :meth:`_AnomalyShell._handle`: each is decoded and checked (a bad one dead-lettered at
   once), the good ones are scored together
   (:meth:`processors.incidents.anomaly.AnomalyProcessor.process_many`: the default detector's steady state
