@@ -25,11 +25,12 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
+import psycopg
 import structlog
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 from eventsourcing.utils import get_topic
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from configuration.aggregate import ChangeKind, ConfigurationItem, aggregate_id_for
 from configuration.errors import (
@@ -109,9 +110,44 @@ def eventsourcing_env(
     return env
 
 
+#: Key of the PostgreSQL advisory lock held while the tables are created (an arbitrary signed 64-bit
+#: constant of this project).
+CREATE_TABLES_LOCK_KEY = 5_349_180_417_202_612_061
+
+
+@contextmanager
+def _creating_tables(env: Mapping[str, str]) -> Iterator[None]:
+    """Hold :data:`CREATE_TABLES_LOCK_KEY` (``pg_advisory_lock``, on a connection of its own, released when
+    it closes) while the eventsourcing recorder creates its tables, when ``env`` asks it to
+    (``CREATE_TABLE``) on PostgreSQL. Two processes opening the store at once on a database without the
+    tables (the demo's healer and policy router) ran ``CREATE TABLE IF NOT EXISTS`` together, and one failed
+    with PostgreSQL's "tuple concurrently updated"; serialised, the second finds the tables.
+
+    Raises:
+        OperationalError: (eventsourcing's) PostgreSQL cannot be reached.
+    """
+    if env.get("PERSISTENCE_MODULE") != "eventsourcing.postgres" or env.get("CREATE_TABLE", "").lower() not in (
+        "y", "yes", "t", "true", "on", "1"
+    ):  # fmt: skip
+        yield
+        return
+    conninfo = make_conninfo(
+        dbname=env["POSTGRES_DBNAME"], host=env.get("POSTGRES_HOST"), port=env.get("POSTGRES_PORT"),
+        user=env.get("POSTGRES_USER"), password=env.get("POSTGRES_PASSWORD") or None,
+        connect_timeout=env.get("POSTGRES_CONNECT_TIMEOUT", "10"),
+    )  # fmt: skip
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise OperationalError(str(exc)) from exc
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (CREATE_TABLES_LOCK_KEY,))
+        yield
+
+
 class ConfigurationApplication(Application[UUID]):
     """The eventsourcing application of configuration items (tables ``configuration_events``,
-    ``configuration_snapshots``).
+    ``configuration_snapshots``), created when missing by one process at a time (:func:`_creating_tables`).
 
     Args:
         env: the eventsourcing environment (see :func:`eventsourcing_env`).
@@ -127,7 +163,9 @@ class ConfigurationApplication(Application[UUID]):
         if snapshot_interval <= 0:
             raise ValueError(f"snapshot_interval must be > 0, got {snapshot_interval}")
         self.snapshotting_intervals = {ConfigurationItem: snapshot_interval}  # type: ignore[misc]
-        super().__init__(dict(env or {}))
+        env = dict(env or {})
+        with _creating_tables(env):
+            super().__init__(env)
 
 
 #: Topics (eventsourcing class paths) of the item's events, used to filter the notification log.

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -211,3 +212,50 @@ def test_reading_a_key_with_10000_versions_is_under_50_ms(store: ConfigStore) ->
         f"version 5555 {mid_seconds * 1000:.2f} ms"
     )
     assert median < 0.050 and mid_seconds < 0.050
+
+
+def _open_at_once(env: dict[str, str], openers: int) -> tuple[list[Any], list[BaseException]]:
+    """``openers`` threads constructing the configuration application with ``env`` at the same moment."""
+    from configuration.store import ConfigurationApplication
+
+    barrier = threading.Barrier(openers)
+    opened: list[Any] = []
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            opened.append(ConfigurationApplication(env))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(openers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return opened, errors
+
+
+def test_processes_opening_the_store_at_once_on_a_new_database_all_open_it(pg_url: str) -> None:
+    """Eight openers at once, where the tables do not exist yet (the demo's healer and policy router start
+    together): every one opens the store (without the lock PostgreSQL failed all but one or two of them, with
+    "tuple concurrently updated" or a duplicate ``pg_type`` row of the table), and the tables work. Five
+    rounds, each in a new schema."""
+    import psycopg
+    from psycopg import sql
+
+    from configuration.store import eventsourcing_env
+
+    settings = _settings(pg_url)
+    for round_ in range(5):
+        schema = f"opening_{round_}"
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("create schema {}").format(sql.Identifier(schema)))
+        opened, errors = _open_at_once(eventsourcing_env(settings.postgres, schema=schema), 8)
+        try:
+            assert errors == [] and len(opened) == 8, [repr(e) for e in errors]
+            assert opened[0].recorder.max_notification_id() in (None, 0)
+        finally:
+            for app in opened:
+                app.close()
