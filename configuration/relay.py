@@ -202,7 +202,9 @@ class OutboxRelay:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
-            self._conn.execute(_POSITION_DDL)
+            with self._conn.transaction():  # two relays starting together take turns (as the store's tables)
+                self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('backbone-config-relay-ddl'))")
+                self._conn.execute(_POSITION_DDL)
         return self._conn
 
     def _drop_connection(self) -> None:
