@@ -8,6 +8,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +85,30 @@ def stack_settings(info: Any, state_dir: Path, database_prefix: str) -> tuple[Se
 
 def realistic_events(n: int) -> list[Event]:
     """``n`` agent events made by repeating the real runs of ``datasets/agent_runs`` under new run ids
-    (each copy keeps the real sizes, models, tokens and costs)."""
+    (each copy keeps the real sizes, models, tokens and costs). Copy ``k`` is moved ``k`` times the real
+    runs' event-time span (plus an hour) later, in its ``datetime`` fields and its CloudEvents ``time``, so
+    event time goes on as in a live stream: a processor's event-time windows close on earlier copies as they
+    would on earlier runs. (Until 2026-12-06 every copy had the real runs' times, so windows never closed
+    and the healer's agent-health state grew with the number of copies: 0.73 / 0.87 of plain Faust at
+    150,000 events against 1.34-1.42 at 30,000.)"""
     from connectors.agent_runs import ParsedRun, iter_runs
 
     base = [
         e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events
     ]
+    times = [e.attributes.time for e in base]
+    step = max(times) - min(times) + timedelta(hours=1)
     out: list[Event] = []
     for copy in itertools.count():
+        offset = step * copy
         for e in base:
             if len(out) >= n:
                 return out
             run = f"{e.key}#{copy}"
-            data = {**e.data, "run_id": run}
-            attrs = replace(e.attributes, id=deterministic_id(e.attributes.id, copy), subject=run)
+            data = {k: v + offset if isinstance(v, datetime) else v for k, v in e.data.items()}
+            data["run_id"] = run
+            attrs = replace(e.attributes, id=deterministic_id(e.attributes.id, copy), subject=run,
+                            time=e.attributes.time + offset)  # fmt: skip
             out.append(Event(schema=e.schema, key=run, data=data, attributes=attrs))
     return out
 

@@ -37,7 +37,11 @@ decisions, not right after their own record's, and outside its tracing span.
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
 
-Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). The app's consumer is
+Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). **Not met on input whose event time advances** (2026-12-06: 0.30-0.51, 18,901
+decisions for 30,000 events, mostly stall warnings; the figures below are on copies of the real runs that all
+repeat the runs' times): the watermark is the largest event time of any input partition, so records
+interleaved from partitions at different event times make decisions depend on the interleaving (README, "The
+healer under partition skew"). The app's consumer is
 :class:`processors.shell.EagerSeekingConsumer` and its monitor :class:`processors.shell.QuietMonitor`
 (:func:`processors.shell.make_faust_app`'s defaults); :func:`processors.shell.run_processor_worker`
 freezes (``gc.freeze()``) what exists once the worker is up, the restored state included (the agent's own
