@@ -354,24 +354,6 @@ class _HealingShell:
             self.checkpoints.checkpoint_if_due()
             return future
 
-    @property
-    def checkpoint_records(self) -> int:
-        """Records after which a checkpoint is written."""
-        return self.checkpoints.every_records
-
-    @checkpoint_records.setter
-    def checkpoint_records(self, value: int) -> None:
-        self.checkpoints.every_records = value
-
-    @property
-    def checkpoint_seconds(self) -> float:
-        """The longest a record waits for its checkpoint, in seconds."""
-        return self.checkpoints.every_seconds
-
-    @checkpoint_seconds.setter
-    def checkpoint_seconds(self, value: float) -> None:
-        self.checkpoints.every_seconds = value
-
     def _write_state(self) -> None:
         """The checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,
         a full count's and BatchDelivery's ``flush`` before a revocation or stop): the state, when it changed.
@@ -587,13 +569,13 @@ def create_healing_app(
     )
     table.on_recover(shell.recovered)
 
-    shell.checkpoint_records, shell.checkpoint_seconds = checkpoint_records, checkpoint_seconds
+    shell.checkpoints.every_records, shell.checkpoints.every_seconds = checkpoint_records, checkpoint_seconds
 
     BatchDelivery(
         app, source, shell.handle_batch, flush=shell.checkpoints.checkpoint, max_batch=batch_records,
         # records wait for a checkpoint (checkpoint_records or checkpoint_seconds), not for a batch count
         max_pending=checkpoint_records + 1,
-        interleave=True,  # the topics merged as Faust's agent merged them: the same decisions
+        interleave=True,  # the topics merged as Faust's agent would merge them (README: partition skew)
     )  # fmt: skip
 
     @app.timer(interval=checkpoint_seconds)

@@ -59,16 +59,44 @@ def _kill(procs: list[Any]) -> None:
             proc.wait(10)
 
 
-def _run(
-    settings: Settings, topic: str, app_id: str, dlq: str, state_dir: Path, result: Path
-) -> dict[str, Any]:
-    env = {
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The probe's environment: this one, the broker and its session timeout, quiet logs, and ``extra``."""
+    return {
         **os.environ,
         "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_STATE_DIR": str(state_dir),
         "BACKBONE_LOG_LEVEL": "WARNING",
+        **extra,
     }
+
+
+def _resumes_without_loss(
+    settings: Settings, topic: str, app_id: str, dlq: str, tmp_path: Path,
+    records: list[tuple[int, str, bytes]], committed: dict[int, int],
+) -> None:  # fmt: skip
+    """A worker started after an earlier one stopped at ``committed`` handles the rest of ``topic`` from
+    those offsets, once each and in order, with no commit past a written checkpoint; the changelog counts
+    every record of ``records`` at least once (what the earlier worker checkpointed after its last commit is
+    counted again); everything ends committed."""
+    ends = end_offsets(settings.kafka, topic)
+    again = _run(settings, topic, app_id, dlq, tmp_path, tmp_path / "again.json")
+
+    start = {p: max(o, 0) for p, o in committed.items()}
+    _in_order(again["seen"], start, ends)  # from the committed offsets: the rest, once, in order
+    assert again["violations"] == [], again["violations"]
+    counts = _changelog(settings, f"{app_id}-counts-changelog")
+    expected = Counter(k for _, k, _ in records)
+    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
+        counts,
+        expected,
+    )
+    assert _committed(settings, app_id, topic) == ends
+
+
+def _run(
+    settings: Settings, topic: str, app_id: str, dlq: str, state_dir: Path, result: Path
+) -> dict[str, Any]:
+    env = _env(settings, BACKBONE_STATE_DIR=str(state_dir))
     proc = subprocess.run([sys.executable, str(PROBE), topic, app_id, str(result), dlq], env=env, check=False,
                           capture_output=True, text=True, timeout=150)  # fmt: skip
     assert proc.returncode == 0 and result.exists(), proc.stderr[-3000:]
@@ -165,12 +193,7 @@ def test_a_second_worker_joining_mid_stream_takes_over_partitions_without_loss_o
     app_id = unique_name("batch-rebalance-app")
     records = [(i % 17 % 4, f"k{i % 17}", b"v") for i in range(2400)]
     _produce(settings, topic, records)
-    env = {
-        **os.environ,
-        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_LOG_LEVEL": "WARNING",
-    }
+    env = _env(settings)
     results = [tmp_path / "a.json", tmp_path / "b.json"]
     hold = tmp_path / "hold"
     hold.touch()  # 0.2 s after each batch of 7 while it exists: the first worker cannot finish 2,400 records in 60 s
@@ -223,13 +246,7 @@ def test_a_worker_killed_mid_stream_is_resumed_from_its_committed_offsets_withou
     app_id = unique_name("batch-kill-app")
     records = [(i % 11 % 2, f"k{i % 11}", b"v") for i in range(1500)]
     _produce(settings, topic, records)
-    env = {
-        **os.environ,
-        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_LOG_LEVEL": "WARNING",
-        "BACKBONE_STATE_DIR": str(tmp_path),
-    }
+    env = _env(settings, BACKBONE_STATE_DIR=str(tmp_path))
     hold = tmp_path / "hold"
     hold.touch()  # 0.2 s after each batch of 7 while it exists: over 40 s for the 1,500 records
     killed = subprocess.Popen([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "killed.json"), dlq, "0.2"],
@@ -245,19 +262,7 @@ def test_a_worker_killed_mid_stream_is_resumed_from_its_committed_offsets_withou
     ends = end_offsets(settings.kafka, topic)
     assert 0 < sum(max(o, 0) for o in committed.values()) < sum(ends.values()), (committed, ends)
 
-    again = _run(settings, topic, app_id, dlq, tmp_path, tmp_path / "again.json")
-
-    start = {p: max(o, 0) for p, o in committed.items()}
-    _in_order(again["seen"], start, ends)  # from the committed offsets: the rest, once, in order
-    assert again["violations"] == [], again["violations"]
-    counts = _changelog(settings, f"{app_id}-counts-changelog")
-    expected = Counter(k for _, k, _ in records)
-    # at least once: what the killed worker checkpointed after its last commit is counted again
-    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
-        counts,
-        expected,
-    )
-    assert _committed(settings, app_id, topic) == ends
+    _resumes_without_loss(settings, topic, app_id, dlq, tmp_path, records, committed)
 
 
 @pytest.mark.parametrize("how", ["raise", "effect"])
@@ -276,37 +281,20 @@ def test_a_failed_batch_crashes_the_worker_without_committing_it_and_a_restart_r
     app_id = unique_name(f"batch-fail-{how}-app")
     records = [(i % 11 % 2, f"k{i % 11}", b"v") for i in range(700)]
     _produce(settings, topic, records)
-    env = {
-        **os.environ,
-        "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
-        "BACKBONE_LOG_LEVEL": "WARNING",
-        "BACKBONE_STATE_DIR": str(tmp_path),
-        "BATCH_PROBE_FAIL_AT": "300",
-        "BATCH_PROBE_FAIL_HOW": how,
-    }
+    env = _env(
+        settings, BACKBONE_STATE_DIR=str(tmp_path), BATCH_PROBE_FAIL_AT="300", BATCH_PROBE_FAIL_HOW=how
+    )
     # 0.01 s after each batch of 7: the checkpoints (every 50 records or 0.2 s) are written before the failure
     failing = subprocess.run([sys.executable, str(PROBE), topic, app_id, str(tmp_path / "failed.json"), dlq, "0.01"],
                              env=env, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert failing.returncode != 0, failing.stderr[-3000:]
     assert "injected" in failing.stderr, failing.stderr[-3000:]
-    if (tmp_path / "failed.json").exists():  # written by the clean part of the stop
-        failed = json.loads((tmp_path / "failed.json").read_text())
-        assert failed["violations"] == [], failed["violations"]
+    # written at every stop, a crash's included (run_processor_worker's close)
+    failed = json.loads((tmp_path / "failed.json").read_text())
+    assert failed["violations"] == [], failed["violations"]
     committed = _committed(settings, app_id, topic)
     ends = end_offsets(settings.kafka, topic)
     # at most the records handled before the failing batch (300 to 306: batches of up to 7)
     assert sum(max(o, 0) for o in committed.values()) <= 306 < sum(ends.values()), (committed, ends)
 
-    again = _run(settings, topic, app_id, dlq, tmp_path, tmp_path / "again.json")
-
-    start = {p: max(o, 0) for p, o in committed.items()}
-    _in_order(again["seen"], start, ends)  # from the committed offsets: the rest, once, in order
-    assert again["violations"] == [], again["violations"]
-    counts = _changelog(settings, f"{app_id}-counts-changelog")
-    expected = Counter(k for _, k, _ in records)
-    assert set(counts) == set(expected) and all(counts[k] >= n for k, n in expected.items()), (
-        counts,
-        expected,
-    )
-    assert _committed(settings, app_id, topic) == ends
+    _resumes_without_loss(settings, topic, app_id, dlq, tmp_path, records, committed)

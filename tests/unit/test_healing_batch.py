@@ -58,7 +58,7 @@ def test_a_batch_is_committable_only_once_a_written_checkpoint_holds_it() -> Non
     table: dict[str, Any] = {}
     batched_topic, alone_topic = AckedTopic(), AckedTopic()
     batched, alone = _shell(serde, batched_topic, table), _shell(serde, alone_topic, None)
-    batched.checkpoint_records, batched.checkpoint_seconds = 5, 3600.0
+    batched.checkpoints.every_records, batched.checkpoints.every_seconds = 5, 3600.0
 
     async def run() -> None:
         first = await batched.handle_batch(records[0:3])
