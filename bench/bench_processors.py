@@ -273,9 +273,11 @@ def _healer(boot: str, topic: str, n: int, env: dict[str, str]) -> float:
     return _healer_run(boot, topic, n, env)[0]
 
 
-def _healer_run(boot: str, topic: str, n: int, env: dict[str, str], root: Path = ROOT) -> tuple[float, float]:
-    """``(records/s, CPU microseconds per record)`` of ``backbone processors heal`` run from checkout ``root``
-    (its own code on ``PYTHONPATH``), first to last record."""
+def _healer_run(
+    boot: str, topic: str, n: int, env: dict[str, str], root: Path = ROOT
+) -> tuple[float, float, int]:
+    """``(records/s, CPU microseconds per record, decisions made)`` of ``backbone processors heal`` run from
+    checkout ``root`` (its own code on ``PYTHONPATH``), first to last record."""
     tag = uuid.uuid4().hex[:8]
     env = {**env, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
@@ -293,7 +295,8 @@ def _healer_run(boot: str, topic: str, n: int, env: dict[str, str], root: Path =
         raise RuntimeError(f"the healer handled {s['records']} of {n} records")
     rate = float((s["records"] - 1) / (s["last_record_monotonic"] - s["first_record_monotonic"]))
     cpu = s.get("last_record_cpu"), s.get("first_record_cpu")  # None: a checkout from before these fields
-    return rate, math.nan if None in cpu else 1e6 * (cpu[0] - cpu[1]) / (s["records"] - 1)
+    per_record = math.nan if None in cpu else 1e6 * (cpu[0] - cpu[1]) / (s["records"] - 1)
+    return rate, per_record, int(s["decisions"])
 
 
 def _ratio(x: float) -> str:
@@ -324,13 +327,22 @@ def _healer_rounds(
     """Issue 11's throughput target alone: ``rounds`` rounds, each the plain Faust agent (counting per key in
     a dict) then ``backbone processors heal`` of each checkout in ``checkouts`` (its own code: compare a
     change with the code before it, alternating, on the same topic), one process at a time. Printed per
-    run: records/s and CPU microseconds per record (``time.process_time()`` of the whole process, first to
-    last record), and both as ratios to the plain Faust agent of the same round: records/s over Faust's,
+    run: records/s, decisions made and CPU microseconds per record (``time.process_time()`` of the whole
+    process, first to last record), and both as ratios to the plain Faust agent of the same round: records/s over Faust's,
     and Faust's CPU per record over the healer's (the rate ratio at equal CPU, steadier than wall rates
     when other work shares the cores). Returns ``(path, records/s, unit)`` rows."""
     rows: list[tuple[str, float, str]] = []
     t = Table(title=f"healer vs plain Faust, {n:,} real-shaped agent events, 6 partitions, {rounds} rounds")
-    for c in ("round", "path", "records/s", "CPU µs/record", "rate / Faust", "Faust CPU / CPU", "load"):
+    for c in (
+        "round",
+        "path",
+        "records/s",
+        "CPU µs/record",
+        "rate / Faust",
+        "Faust CPU / CPU",
+        "decisions",
+        "load",
+    ):
         t.add_column(c, justify="left" if c == "path" else "right")
     from core.eventloop import resolve
     from core.settings import Settings
@@ -346,13 +358,14 @@ def _healer_rounds(
             f"{f_cpu:.0f}",
             "1",
             "1",
+            "-",
             f"{os.getloadavg()[0]:.1f}",
         )
         for root in checkouts:
-            h_rate, h_cpu = _healer_run(boot, topic, n, env, root)
+            h_rate, h_cpu, made = _healer_run(boot, topic, n, env, root)
             rows.append((f"round {r}: healer {root}", h_rate, "records/s"))
             t.add_row(str(r), f"healer ({root})", f"{h_rate:,.0f}", f"{h_cpu:.0f}", _ratio(h_rate / f_rate),
-                      _ratio(f_cpu / h_cpu), f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+                      _ratio(f_cpu / h_cpu), f"{made:,}", f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     console = Console()
     console.width = max(console.width, 170)
     console.print(t)

@@ -123,6 +123,25 @@ class AgentHealth:
         self.thresholds, self.config_version = thresholds, config_version
         self._quiet_until = None
 
+    def adopt_peers(self, other: AgentHealth) -> None:
+        """Start from ``other``'s finished peers (their final totals), replacing this monitor's."""
+        self._final_tokens = deque(other._final_tokens, maxlen=PEER_HISTORY)
+        self._final_cost = deque(other._final_cost, maxlen=PEER_HISTORY)
+        self._final_steps = deque(other._final_steps, maxlen=PEER_HISTORY)
+        self._median_steps = other._median_steps
+        self._medians = None
+
+    def adopt_run(self, other: AgentHealth, run_id: str) -> None:
+        """Move run ``run_id`` from ``other`` to this monitor (replacing one of that id here).
+
+        Raises:
+            KeyError: ``other`` has no run ``run_id``.
+        """
+        run = other.runs.pop(run_id)
+        run.recent = deque(run.recent, maxlen=self.thresholds.loop_window)
+        self.runs[run_id] = run
+        self._quiet_until = None
+
     def _run(self, run_id: str) -> RunHealth:
         run = self.runs.get(run_id)
         if run is None:

@@ -37,11 +37,13 @@ decisions, not right after their own record's, and outside its tracing span.
 A record that does not decode, or that the healer cannot take (a required field missing), goes to
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
 
-Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). **Not met on input whose event time advances** (2026-12-06: 0.30-0.51, 18,901
-decisions for 30,000 events, mostly stall warnings; the figures below are on copies of the real runs that all
-repeat the runs' times): the watermark is the largest event time of any input partition, so records
-interleaved from partitions at different event times make decisions depend on the interleaving (README, "The
-healer under partition skew"). The app's consumer is
+Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). Met on input whose event time advances since
+each input partition has its own agent-health monitor (2026-12-06 07:27, ``python bench/bench_processors.py
+--events 30000 --healer-rounds 2 --healer-checkout <fe0666d> --healer-checkout <this>``: 2.10 / 2.10 of the
+plain Faust agent, 401 decisions in both rounds, against 0.25 / 0.40 and 18,855 / 18,869 decisions before;
+each record is fed with its ``"topic:partition"``, see :meth:`processors.healing.healer.Healer.feed`; the
+README's "The healer under partition skew"). The figures below are older, on copies of the real runs that
+all repeat the runs' times. The app's consumer is
 :class:`processors.shell.EagerSeekingConsumer` and its monitor :class:`processors.shell.QuietMonitor`
 (:func:`processors.shell.make_faust_app`'s defaults); :func:`processors.shell.run_processor_worker`
 freezes (``gc.freeze()``) what exists once the worker is up, the restored state included (the agent's own
@@ -98,8 +100,11 @@ The state's configuration wins over the worker's initial ``config`` when it came
 (version above 0); a state still on version 0 takes the worker's initial configuration (so changed
 ``--thresholds`` apply after a restart).
 
-Limits: the inputs' partitions are merged in arrival order, so the decisions are those of one
-event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo);
+Limits: the inputs' partitions are merged in arrival order. Agent health is decided per input partition
+(each record is fed with its partition), so its decisions are the same for any interleaving; circuits,
+retries and rollbacks take the calls of every partition on one watermark, so theirs are those of one
+event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo) or
+the partitions stay close in event time;
 one worker holds the whole state (run one worker per app id: a second would split the input partitions
 and the two would overwrite one state); each checkpoint writes the whole state (about 50 KB compressed,
 210 KB of JSON at most on the shared agent runs), and where the broker does not compact the changelog
@@ -401,7 +406,10 @@ class _HealingShell:
             event_id = CloudEvent.id_from_headers(headers)
             schema, data = self.serde.decode(message.value)
             try:
-                decisions = self.healer.feed({"schema": schema, "data": data, "id": event_id})
+                partition = f"{message.topic}:{message.partition}"
+                decisions = self.healer.feed(
+                    {"schema": schema, "data": data, "id": event_id, "partition": partition}
+                )
             except (KeyError, TypeError, ValueError) as exc:
                 raise UnprocessableEventError(
                     f"{schema}: {type(exc).__name__}: {exc}", event_id=event_id

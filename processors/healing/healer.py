@@ -7,6 +7,21 @@ event's time (the watermark: the largest event time seen) and returns the decisi
 caused (half-open transitions, due retries, stalls, rollback verdicts), then those of the event itself.
 No wall clock is read anywhere, so the same history gives the same decisions, ids included.
 
+Partitioned input: a worker reads several input partitions, interleaved as its fetches bring them, and that
+interleaving is not part of the history (the next replay interleaves differently). An event fed with its
+``partition`` goes to the agent-health monitor of that partition, which judges stalls against that
+partition's own watermark and takes its runaway and trouble-gate peers from the runs finished on it, so its
+decisions are those of the partition's records in their order whatever the interleaving
+(``tests/unit/test_healing_partitions.py``). One watermark over all partitions made round-robin input raise
+stall warnings that no partition's own records justified: 18,831 decisions for 30,000 events of
+``bench.common.realistic_events`` on 6 partitions fed one record per partition in turn, against 434
+partition by partition; with a monitor per partition every interleaving tried gives the same 401. A
+partition that receives nothing does not advance, so a run on it is not found stalled until a record of
+its partition comes (Kafka Streams' stream time per task behaves the same). Circuits, retries and
+rollbacks aggregate calls of every partition and stay on the healer's watermark (the largest event time
+of all input): their decisions can still depend on the interleaving where partitions are far apart in
+event time.
+
 State: :meth:`Healer.snapshot` gives the healer's whole state as a JSON-ready dict (deterministic: the
 same history gives the same snapshot, byte for byte once dumped with ``sort_keys``), versioned by
 :data:`SNAPSHOT_FORMAT`, and :meth:`Healer.restore` builds a healer from it that decides exactly what
@@ -60,10 +75,12 @@ __all__ = [
 HEALING_CONFIG_PREFIX = "healing."
 #: Version of the layout of :meth:`Healer.snapshot`. 2: the rollback monitor keeps buckets of calls
 #: (counts and histograms) instead of calls; :meth:`Healer.restore` converts a format 1 snapshot (its
-#: kept calls go into their buckets) and refuses any other.
-SNAPSHOT_FORMAT = 2
+#: kept calls go into their buckets). 3: ``partition_watermarks_us`` and ``partition_health`` (one
+#: agent-health monitor per input partition); a format 1 or 2 snapshot reads as none yet (its runs stay in
+#: ``health`` until their next event, see :meth:`Healer.feed`). Any other format is refused.
+SNAPSHOT_FORMAT = 3
 #: Snapshot formats :meth:`Healer.restore` reads.
-READABLE_SNAPSHOT_FORMATS = (1, 2)
+READABLE_SNAPSHOT_FORMATS = (1, 2, 3)
 #: Escalations kept waiting for an ack; when one more is raised the oldest is forgotten (its ack is then unmatched).
 MAX_OPEN_ESCALATIONS = 10_000
 
@@ -87,18 +104,20 @@ class HealingConfig:
 
 @dataclass(frozen=True, slots=True)
 class InputEvent:
-    """An event as the healer takes it: Avro full name, decoded data, event id."""
+    """An event as the healer takes it: Avro full name, decoded data, event id, and the input partition it
+    was read from (``"topic:partition"``; None: not read from a partitioned input, see :meth:`Healer.feed`)."""
 
     schema: str
     data: Mapping[str, Any]
     id: str | None = None
+    partition: str | None = None
 
 
 def _as_input(event: Any) -> InputEvent:
     if isinstance(event, InputEvent):
         return event
     if isinstance(event, Mapping):
-        return InputEvent(str(event["schema"]), event["data"], event.get("id"))
+        return InputEvent(str(event["schema"]), event["data"], event.get("id"), event.get("partition"))
     attrs = getattr(event, "attributes", None)
     return InputEvent(event.schema, event.data, getattr(attrs, "id", None))
 
@@ -125,9 +144,14 @@ class Healer:
         t, v = self.config.thresholds, self.config.version
         self.breakers = BreakerBoard(t, v)
         self.retries = RetryScheduler(t, v)
-        self.health = AgentHealth(t, v)
+        self.health = AgentHealth(t, v)  # runs of the events fed without a partition
         self.rollbacks = RollbackMonitor(t, v)
         self.watermark: datetime | None = None
+        # one agent-health monitor per input partition ("topic:partition"), judged on that partition's
+        # own watermark (the largest event time of its records), so its decisions do not depend on how
+        # the partitions interleave
+        self.partition_health: dict[str, AgentHealth] = {}
+        self.partition_watermarks: dict[str, datetime] = {}
         self.escalations: dict[str, Decision] = {}
         self.decisions_made = 0
 
@@ -137,10 +161,22 @@ class Healer:
         self.config = config
         for part in (self.breakers, self.retries, self.health, self.rollbacks):
             part.reconfigure(config.thresholds, config.version)
+        for health in self.partition_health.values():
+            health.reconfigure(config.thresholds, config.version)
 
     # -- input ------------------------------------------------------------------------------------
     def feed(self, event: Any) -> list[Decision]:
-        """Take one event (``InputEvent``, ``{"schema", "data", "id"}`` or a ``streams.envelope.Event``).
+        """Take one event (``InputEvent``, ``{"schema", "data", "id", "partition"}`` or a
+        ``streams.envelope.Event``).
+
+        ``partition`` (optional; ``"topic:partition"`` of the record, as the worker passes it) puts the
+        event's run under the agent-health monitor of that partition, whose stalls are judged against that
+        partition's watermark and whose peer medians are those of the runs finished on it: its decisions
+        are then those of the partition's records in their order, whatever the interleaving of the other
+        partitions (Kafka Streams keeps a task's stream time per partition group for the same reason).
+        Without it the run is judged against the healer's watermark, the largest event time of all input
+        (right for one input in event-time order, as ``backbone eval healing`` feeds it). Circuits, retries
+        and rollbacks are judged against the healer's watermark in either case.
 
         Returns:
             The decisions, time-driven ones first, in a deterministic order.
@@ -151,9 +187,10 @@ class Healer:
         """
         if type(event) is dict:  # what the worker passes: read as _as_input reads it, without the object
             schema, data, event_id = str(event["schema"]), event["data"], event.get("id")
+            partition = event.get("partition")
         else:
             ev = _as_input(event)
-            schema, data, event_id = ev.schema, ev.data, ev.id
+            schema, data, event_id, partition = ev.schema, ev.data, ev.id, ev.partition
         name = schema.rsplit(".", 1)[-1]
         if name == "Decision" and data.get("kind") == "escalation_acked":
             return self.acknowledge(Decision.from_avro(dict(data)))
@@ -161,10 +198,12 @@ class Healer:
             return []
         at = _event_time(name, data)
         out = self.advance(at)
+        if partition is not None:
+            out += self._advance_partition(str(partition), at)
         if name == "LlmCall":
-            out += self._llm_call(schema, data, event_id, at)
+            out += self._llm_call(schema, data, event_id, at, self._health_for(partition, data))
         elif name in ("ToolCall", "RunLifecycle"):
-            out += self.health.on_event(schema, data, causation_id=event_id)
+            out += self._health_for(partition, data).on_event(schema, data, causation_id=event_id)
         else:
             out += self._config_change(data, event_id, at)
         return self._note(out)
@@ -188,8 +227,36 @@ class Healer:
         out += self.health.advance(now)
         return self._note(out)
 
+    def _advance_partition(self, partition: str, now: datetime) -> list[Decision]:
+        """Move ``partition``'s watermark to ``now`` (never back); its runs' stalls and forgetting."""
+        mark = self.partition_watermarks.get(partition)
+        if mark is not None and now <= mark:
+            return []
+        self.partition_watermarks[partition] = now
+        health = self.partition_health.get(partition)
+        return self._note(health.advance(now)) if health is not None else []
+
+    def _health_for(self, partition: Any, data: Mapping[str, Any]) -> AgentHealth:
+        """The agent-health monitor of ``partition`` (None: :attr:`health`), made on its first run.
+
+        A run still in :attr:`health` (restored from a snapshot of format 2 or older, which had one
+        monitor) moves to its partition's monitor at its first event with a partition, and a new
+        partition monitor starts with that monitor's finished peers."""
+        if partition is None:
+            return self.health
+        key = str(partition)
+        health = self.partition_health.get(key)
+        if health is None:
+            health = self.partition_health[key] = AgentHealth(self.config.thresholds, self.config.version)
+            health.adopt_peers(self.health)
+        if self.health.runs:
+            run_id = str(data["run_id"])
+            if run_id in self.health.runs:
+                health.adopt_run(self.health, run_id)
+        return health
+
     def _llm_call(
-        self, schema: str, d: Mapping[str, Any], event_id: str | None, at: datetime
+        self, schema: str, d: Mapping[str, Any], event_id: str | None, at: datetime, health: AgentHealth
     ) -> list[Decision]:
         provider = d.get("provider") or "unknown"
         model = d.get("model")
@@ -218,7 +285,7 @@ class Healer:
                         causation_id=event_id,
                     )
                 )
-        out += self.health.on_event(schema, d, causation_id=event_id)
+        out += health.on_event(schema, d, causation_id=event_id)
         return out
 
     def _config_change(self, d: Mapping[str, Any], event_id: str | None, at: datetime) -> list[Decision]:
@@ -356,7 +423,9 @@ class Healer:
             ``{"format": SNAPSHOT_FORMAT, "config": {"thresholds": {...}, "version": int}, "config_key",
             "watermark_us" (epoch microseconds or null), "decisions_made", "escalations": [decision, ...]
             (open, oldest first; :meth:`Decision.to_state`), "breakers": {...}, "retries": {...},
-            "health": {...}, "rollbacks": {...}}`` (the parts' ``dump_state()``).
+            "health": {...}, "rollbacks": {...}, "partition_watermarks_us": {"topic:partition": int},
+            "partition_health": {"topic:partition": {...}}}`` (the parts' ``dump_state()``; partitions in
+            sorted order).
         """
         return {
             "format": SNAPSHOT_FORMAT,
@@ -372,6 +441,8 @@ class Healer:
             "retries": self.retries.dump_state(),
             "health": self.health.dump_state(),
             "rollbacks": self.rollbacks.dump_state(),
+            "partition_watermarks_us": {p: to_us(t) for p, t in sorted(self.partition_watermarks.items())},
+            "partition_health": {p: h.dump_state() for p, h in sorted(self.partition_health.items())},
         }
 
     @classmethod
@@ -400,6 +471,13 @@ class Healer:
             healer.retries.load_state(snapshot["retries"])
             healer.health.load_state(snapshot["health"])
             healer.rollbacks.load_state(snapshot["rollbacks"])
+            for p, us in snapshot.get("partition_watermarks_us", {}).items():
+                mark = from_us(us)
+                if mark is not None:
+                    healer.partition_watermarks[str(p)] = mark
+            for p, state in snapshot.get("partition_health", {}).items():
+                health = healer.partition_health[str(p)] = AgentHealth(config.thresholds, config.version)
+                health.load_state(state)
         except (KeyError, TypeError, ValueError, IndexError, ValidationError) as exc:
             raise SnapshotError(f"not a healer snapshot: {type(exc).__name__}: {exc}") from exc
         return healer
@@ -410,7 +488,10 @@ class Healer:
             "watermark": self.watermark.isoformat() if self.watermark else None,
             "config_version": self.config.version,
             "circuits": self.breakers.snapshot(),
-            "warnings": self.health.snapshot(),
+            "warnings": sorted(
+                [w for h in (self.health, *self.partition_health.values()) for w in h.snapshot()],
+                key=lambda w: (w["run_id"], w["signal"]),
+            ),
             "escalations": [d.as_json() for d in self.escalations.values()],
             "retries": self.retries.pending(),
         }

@@ -382,3 +382,69 @@ def test_read_model_writer_connection_survives_its_backend_being_killed(pg_url: 
         assert redis.Redis.from_url(redis_url).hget("backbone:circuit:model:p/m3", "state") == b"open"
     finally:
         model.close()
+
+
+def _real_runs_twice() -> list[Event]:
+    """The repo's real agent runs, twice: the second copy under new run ids and a span plus an hour later in
+    event time (as bench.common.realistic_events makes them), so event time advances across the copies."""
+    from dataclasses import replace
+
+    from connectors.agent_runs import ParsedRun, iter_runs
+
+    runs = [r for r in iter_runs(Path(__file__).resolve().parents[2] / "datasets" / "agent_runs")
+            if isinstance(r, ParsedRun)]  # fmt: skip
+    times = [e.attributes.time for r in runs for e in r.events]
+    step = max(times) - min(times) + timedelta(hours=1)
+    out = []
+    for copy in range(2):
+        for r in runs:
+            run_id = f"{r.run_id}#{copy}"
+            for e in r.events:
+                data = {k: v + step * copy if isinstance(v, datetime) else v for k, v in e.data.items()}
+                data["run_id"] = run_id
+                attrs = replace(e.attributes, id=f"{e.attributes.id}#{copy}", subject=run_id,
+                                time=e.attributes.time + step * copy)  # fmt: skip
+                out.append(Event(schema=e.schema, key=run_id, data=data, attributes=attrs))
+    return out
+
+
+def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_decide_in_order(
+    settings: Settings, pg_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
+) -> None:
+    """The worker interleaves its input partitions as its fetches bring them; its decisions are those of a
+    healer fed each partition whole, in turn (agent health per partition), and a second worker on the same
+    input decides the same. With one watermark over all partitions the interleaving raised stall warnings
+    that no partition's own records justified."""
+    from configuration.schemas import HealingThresholds
+    from processors.healing.healer import Healer, HealingConfig
+
+    settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
+    topics = {"events": create_topic(unique_name("events"), 3), "config": create_topic(unique_name("config"), 1),
+              "decisions": create_topic(unique_name("decisions"), 1), "dlq": create_topic(unique_name("dlq"), 1)}  # fmt: skip
+    serde = serde_from_settings(settings)
+    with EventProducer(settings.kafka, serde) as p:
+        for e in _real_runs_twice():
+            p.produce(topics["events"], e)
+        p.flush()
+    records = [r for r in read_range(settings.kafka, serde, topics["events"], idle_timeout_seconds=5)
+               if isinstance(r, ConsumedEvent)]  # fmt: skip
+    assert len({r.partition for r in records}) == 3
+    healer = Healer(HealingConfig(HealingThresholds.model_validate(THRESHOLDS), 0))
+    want = []
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        event = {
+            "schema": r.schema,
+            "data": r.data,
+            "id": r.attributes.id,
+            "partition": f"{r.topic}:{r.partition}",
+        }
+        want += [(d.id, d.kind) for d in healer.feed(event)]
+    assert len(want) > 40 and {k for _, k in want} == {"agent_warning"}
+
+    _worker(settings, pg_url, tmp_path, unique_name("heal"), topics, "--no-rollback")
+    first = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics["decisions"])]
+    assert sorted(first) == sorted(want)
+    topics2 = {**topics, "decisions": create_topic(unique_name("decisions2"), 1)}
+    _worker(settings, pg_url, tmp_path, unique_name("heal2"), topics2, "--no-rollback")
+    second = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics2["decisions"])]
+    assert sorted(second) == sorted(want)

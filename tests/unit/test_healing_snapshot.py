@@ -227,6 +227,6 @@ def test_a_format_1_snapshot_is_converted_and_snapshots_again_in_the_current_for
     rb["counted"] = {"provider:G": [[int(T0.timestamp()) + 1, 5, 1]]}
     restored = Healer.restore({**snap, "format": 1, "rollbacks": rb})
     again = restored.snapshot()
-    assert again["format"] == SNAPSHOT_FORMAT == 2
+    assert again["format"] == SNAPSHOT_FORMAT == 3
     [[_, calls, failures, latency, cost]] = again["rollbacks"]["buckets"]["provider:G"]  # one 3 s bucket
     assert (calls, failures, latency[0], sum(latency[2:]), sum(cost[2:])) == (7, 2, 0, 2, 2)

@@ -1,0 +1,132 @@
+"""The healer on partitioned input: agent health per input partition, independent of how partitions interleave.
+
+A worker reads its input partitions interleaved in whatever order the fetches bring them. Records of one run
+are on one partition (keyed by run id) and in order there; the interleaving of partitions is not part of the
+history and changes from one replay to the next. These tests feed the same partitions in several
+interleavings and check that the agent-health decisions are the same (they were not while agent health was
+judged against one watermark over all partitions: round-robin input raised stall warnings that no
+partition's own records justified).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from configuration.schemas import HealingThresholds
+from connectors.agent_runs import ParsedRun, iter_runs
+from processors.healing.healer import Healer, HealingConfig
+
+AGENT_RUNS = Path(__file__).resolve().parents[2] / "datasets" / "agent_runs"
+PARTITIONS = 3
+
+
+def _partitions(copies: int = 2) -> dict[str, list[dict[str, Any]]]:
+    """The real runs, ``copies`` times (copy k moved k times their span plus an hour later in event time, under
+    new run ids), each run's events on partition crc32(run id) % 3 in the order the runs were produced."""
+    runs = [r for r in iter_runs(AGENT_RUNS) if isinstance(r, ParsedRun)]
+    times = [e.data["event_time"] for r in runs for e in r.events]
+    step = max(times) - min(times) + timedelta(hours=1)
+    parts: dict[str, list[dict[str, Any]]] = {f"agent.events:{p}": [] for p in range(PARTITIONS)}
+    for copy in range(copies):
+        for r in runs:
+            run_id = f"{r.run_id}#{copy}"
+            p = f"agent.events:{zlib.crc32(run_id.encode()) % PARTITIONS}"
+            for e in r.events:
+                data = {k: v + step * copy if isinstance(v, datetime) else v for k, v in e.data.items()}
+                data["run_id"] = run_id
+                parts[p].append({"schema": e.schema, "id": f"{e.attributes.id}#{copy}", "data": data})
+    return parts
+
+
+def _round_robin(parts: dict[str, list[dict[str, Any]]], rng: random.Random | None) -> list[tuple[str, Any]]:
+    """Interleave the partitions, each kept in its order: one record each in turn, or (``rng``) runs of
+    1-200 records from a partition picked at random."""
+    pos = dict.fromkeys(parts, 0)
+    out: list[tuple[str, Any]] = []
+    while True:
+        live = [p for p in sorted(parts) if pos[p] < len(parts[p])]
+        if not live:
+            return out
+        for p in [rng.choice(live)] if rng else live:
+            n = rng.randint(1, 200) if rng else 1
+            out += [(p, e) for e in parts[p][pos[p] : pos[p] + n]]
+            pos[p] += n
+
+
+def _decide(order: list[tuple[str, Any]], *, partitioned: bool) -> tuple[Counter[str], Healer]:
+    healer = Healer()
+    seen: Counter[str] = Counter()
+    for p, e in order:
+        for d in healer.feed({**e, "partition": p} if partitioned else e):
+            seen[json.dumps(d.as_json(), sort_keys=True, default=str)] += 1
+    return seen, healer
+
+
+def test_agent_health_decisions_do_not_depend_on_how_the_partitions_interleave() -> None:
+    parts = _partitions()
+    one_by_one = [(p, e) for p in sorted(parts) for e in parts[p]]
+    orders = {
+        "round robin": _round_robin(parts, None),
+        **{f"random runs, seed {s}": _round_robin(parts, random.Random(s)) for s in (1, 2, 3)},
+    }
+    want, healer = _decide(one_by_one, partitioned=True)
+    signals = Counter(json.loads(d)["details"]["signal"] for d in want)
+    assert sum(want.values()) > 40 and {"loop", "runaway_tokens", "runaway_cost"} <= set(signals), signals
+    for name, order in orders.items():
+        got, other = _decide(order, partitioned=True)
+        assert got == want, name
+        assert other.status()["warnings"] == healer.status()["warnings"], name
+        a, b = other.snapshot(), healer.snapshot()
+        for key in ("partition_health", "partition_watermarks_us"):
+            assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), (name, key)
+    # the same records without their partitions: one watermark over all, and the decisions change
+    plain, _ = _decide(one_by_one, partitioned=False)
+    skewed, _ = _decide(orders["round robin"], partitioned=False)
+    assert sum(skewed.values()) > 5 * sum(plain.values())
+
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+def _tool(run: str, s: float, step: int, command: str, partition: str | None) -> dict[str, Any]:
+    e = {"schema": "sophia.agent.ToolCall", "id": f"{run}-{step}",
+         "data": {"run_id": run, "step": step, "event_time": T0 + timedelta(seconds=s), "command": command,
+                  "return_code": 0, "timed_out": False}}  # fmt: skip
+    return e if partition is None else {**e, "partition": partition}
+
+
+def test_a_run_stalls_on_its_own_partition_s_time_not_on_another_partition_s() -> None:
+    t = HealingThresholds(stall_seconds=60)
+    healer = Healer(HealingConfig(t, 1))
+    assert healer.feed(_tool("a", 0, 1, "ls", "p:0")) == []
+    # partition 1 runs far ahead: run a's partition has not moved, so a has not stalled
+    for i in range(10):
+        assert healer.feed(_tool("b", 100 + 30 * i, i + 1, f"step {i}", "p:1")) == []
+    # partition 0's own records pass 60 s after a's last progress: a's stall, at that event time
+    [warning] = healer.feed(_tool("c", 90, 1, "ls", "p:0"))
+    assert warning.details["run_id"] == "a" and warning.details["signal"] == "stall"
+    assert warning.event_time == T0 + timedelta(seconds=60)
+    assert healer.status()["warnings"] == [{"run_id": "a", "signal": "stall", "level": "warn", "step": 1}]
+
+
+def test_a_format_2_snapshot_s_runs_move_to_their_partition_at_their_next_event() -> None:
+    t = HealingThresholds(stall_seconds=60, loop_repeats=3, loop_window=10, trouble_min_step_ratio=0)
+    healer = Healer(HealingConfig(t, 1))
+    healer.feed_all([_tool("a", s, s + 1, "pytest", None) for s in range(2)])  # "pytest" twice: no loop yet
+    snap = json.loads(json.dumps(healer.snapshot()))
+    old = {k: v for k, v in snap.items() if not k.startswith("partition_")} | {"format": 2}
+    restored = Healer.restore(old)
+    assert list(restored.health.runs) == ["a"] and restored.partition_health == {}
+    # a's third "pytest", now read from a partition: the run's history came with it, so it is a loop
+    [loop] = restored.feed(_tool("a", 2, 3, "pytest", "p:0"))
+    assert (loop.details["signal"], loop.details["step"]) == ("loop", 3)
+    assert restored.health.runs == {} and list(restored.partition_health["p:0"].runs) == ["a"]
+    again = json.loads(json.dumps(restored.snapshot()))
+    assert again["format"] == 3 and list(again["partition_health"]["p:0"]["runs"]) == ["a"]
+    assert Healer.restore(again).snapshot() == restored.snapshot()
