@@ -38,9 +38,9 @@ A record that does not decode, or that the healer cannot take (a required field 
 the dead-letter topic with its raw bytes and the reason, and processing goes on.
 
 Per-record cost (issue 11: 0.8 of a plain Faust agent's rate). Met on input whose event time advances since
-each input partition has its own agent-health monitor (2026-12-06 07:27, ``python bench/bench_processors.py
---events 30000 --healer-rounds 2 --healer-checkout <fe0666d> --healer-checkout <this>``: 2.10 / 2.10 of the
-plain Faust agent, 401 decisions in both rounds, against 0.25 / 0.40 and 18,855 / 18,869 decisions before;
+each input partition has its own agent-health monitor (2026-12-06 07:48, ``python bench/bench_processors.py
+--events 30000 --healer-rounds 2 --healer-checkout <fe0666d> --healer-checkout <this>``: 2.42 / 2.33 of the
+plain Faust agent, 404 decisions in both rounds, against 0.34 / 0.37 and 18,820 / 18,766 decisions before;
 each record is fed with its ``"topic:partition"``, see :meth:`processors.healing.healer.Healer.feed`; the
 README's "The healer under partition skew"). The figures below are older, on copies of the real runs that
 all repeat the runs' times. The app's consumer is
@@ -101,7 +101,8 @@ The state's configuration wins over the worker's initial ``config`` when it came
 ``--thresholds`` apply after a restart).
 
 Limits: the inputs' partitions are merged in arrival order. Agent health is decided per input partition
-(each record is fed with its partition), so its decisions are the same for any interleaving; circuits,
+(each record is fed with its partition, and after each batch the partitions read to their end are named
+to :meth:`Healer.caught_up`), so its decisions are the same for any interleaving; circuits,
 retries and rollbacks take the calls of every partition on one watermark, so theirs are those of one
 event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo) or
 the partitions stay close in event time;
@@ -125,6 +126,8 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.exceptions import ConsumerNotStarted
+from faust.types import TP
 from prometheus_client import Gauge
 
 from core.observability import REGISTRY
@@ -351,6 +354,8 @@ class _HealingShell:
             for record in records:
                 with tracing_process(record, group):
                     await self.take(record)
+            if self.batch_messages:
+                await self._note_read_to_end(records)
             handled = len(self.batch_messages)
             await self.flush()
             # the records' decisions are out and their offsets noted (flush): counted towards a checkpoint,
@@ -358,6 +363,38 @@ class _HealingShell:
             future = self.checkpoints.record(handled)
             self.checkpoints.checkpoint_if_due()
             return future
+
+    async def _note_read_to_end(self, records: list[Any]) -> None:
+        """Tell the healer which of its input partitions are read to their end (:meth:`Healer.caught_up`):
+        those whose last record handled (this batch's included) is the one before the consumer's high
+        watermark of the partition, as its last fetch answered it. What that decides (stalls of runs on a
+        partition with no traffic) joins the batch. A partition no longer assigned, or not fetched yet, is
+        not read to its end."""
+        last = dict(self.offsets)
+        for record in records:
+            last[f"{record.topic}:{record.partition}"] = int(record.offset)
+        done = []
+        for key in self.healer.partition_health:
+            topic, _, partition = key.rpartition(":")
+            highwater = self._highwater(TP(topic, int(partition)))
+            if highwater is not None and key in last and last[key] + 1 >= highwater:
+                done.append(key)
+        decisions = self.healer.caught_up(done)
+        if decisions:
+            record_circuit_transitions(decisions)
+            await self._send(decisions, self.batch_pending)
+            self.batch_decisions.extend(decisions)
+
+    def _highwater(self, tp: TP) -> int | None:
+        """The consumer's high watermark of ``tp`` as its last fetch answered it; None when unknown: not
+        fetched yet, not assigned (any more), the consumer not started, or no app (a shell driven
+        directly, as unit tests do)."""
+        if self.app is None:
+            return None
+        try:
+            return self.app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except (AssertionError, ConsumerNotStarted):  # aiokafka asserts the partition is assigned
+            return None
 
     def _write_state(self) -> None:
         """The checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,

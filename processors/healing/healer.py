@@ -14,10 +14,13 @@ partition's own watermark and takes its runaway and trouble-gate peers from the 
 decisions are those of the partition's records in their order whatever the interleaving
 (``tests/unit/test_healing_partitions.py``). One watermark over all partitions made round-robin input raise
 stall warnings that no partition's own records justified: 18,831 decisions for 30,000 events of
-``bench.common.realistic_events`` on 6 partitions fed one record per partition in turn, against 434
+``bench.common.realistic_events`` on 6 partitions fed one record per partition in turn, against 425
 partition by partition; with a monitor per partition every interleaving tried gives the same 401. A
-partition that receives nothing does not advance, so a run on it is not found stalled until a record of
-its partition comes (Kafka Streams' stream time per task behaves the same). Circuits, retries and
+partition's time moves with its records only, so on a live stream a partition with no traffic would hold
+its runs' stalls; the worker tells the healer which partitions it has read to their end
+(:meth:`Healer.caught_up`), and those are judged against the healer's watermark until their next record
+(an idle partition, in Flink's terms, decided by the log's end rather than by a wall-clock timeout, so a
+replay of a closed history is not affected). Circuits, retries and
 rollbacks aggregate calls of every partition and stay on the healer's watermark (the largest event time
 of all input): their decisions can still depend on the interleaving where partitions are far apart in
 event time.
@@ -152,6 +155,8 @@ class Healer:
         # the partitions interleave
         self.partition_health: dict[str, AgentHealth] = {}
         self.partition_watermarks: dict[str, datetime] = {}
+        # partitions read to their end (see caught_up): judged against the healer's watermark meanwhile
+        self.caught_up_partitions: set[str] = set()
         self.escalations: dict[str, Decision] = {}
         self.decisions_made = 0
 
@@ -197,6 +202,8 @@ class Healer:
         if name not in ("LlmCall", "ToolCall", "RunLifecycle", "ConfigChange"):
             return []
         at = _event_time(name, data)
+        if partition is not None:
+            self.caught_up_partitions.discard(str(partition))
         out = self.advance(at)
         if partition is not None:
             out += self._advance_partition(str(partition), at)
@@ -225,6 +232,30 @@ class Healer:
         out += self.retries.due(now)
         out += self.rollbacks.advance(now)
         out += self.health.advance(now)
+        for partition in sorted(self.caught_up_partitions):
+            health = self.partition_health.get(partition)
+            if health is not None:
+                out += health.advance(now)
+        return self._note(out)
+
+    def caught_up(self, partitions: Iterable[str]) -> list[Decision]:
+        """Say which input partitions (``"topic:partition"``) are read to their end (the consumer holds
+        their high watermark, nothing of them waits): until a record of one is fed again, its runs are
+        judged against the healer's watermark, as they would be if that partition's time moved with the
+        others', and this returns what that decides now (its runs' stalls). A live partition with no
+        traffic would otherwise hold its runs' stalls until its next record.
+
+        Replaces the previous set. In a replay of a closed history a partition is read to its end only
+        after its last record, so this changes nothing that its records decide; on a live stream a record
+        that comes later with an older event time finds its run judged already (a late record)."""
+        self.caught_up_partitions = {str(p) for p in partitions}
+        out: list[Decision] = []
+        if self.watermark is None:
+            return out
+        for partition in sorted(self.caught_up_partitions):
+            health = self.partition_health.get(partition)
+            if health is not None:
+                out += health.advance(self.watermark)
         return self._note(out)
 
     def _advance_partition(self, partition: str, now: datetime) -> list[Decision]:

@@ -430,15 +430,15 @@ def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_de
                if isinstance(r, ConsumedEvent)]  # fmt: skip
     assert len({r.partition for r in records}) == 3
     healer = Healer(HealingConfig(HealingThresholds.model_validate(THRESHOLDS), 0))
-    want = []
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        event = {
-            "schema": r.schema,
-            "data": r.data,
-            "id": r.attributes.id,
-            "partition": f"{r.topic}:{r.partition}",
-        }
-        want += [(d.id, d.kind) for d in healer.feed(event)]
+    want: list[tuple[str, str]] = []
+    read: list[str] = []
+    for p in range(3):  # each partition whole, then read to its end (as the worker tells its healer)
+        key = f"{topics['events']}:{p}"
+        for r in sorted((r for r in records if r.partition == p), key=lambda r: r.offset):
+            event = {"schema": r.schema, "data": r.data, "id": r.attributes.id, "partition": key}
+            want += [(d.id, d.kind) for d in healer.feed(event)]
+        read.append(key)
+        want += [(d.id, d.kind) for d in healer.caught_up(read)]
     assert len(want) > 40 and {k for _, k in want} == {"agent_warning"}
 
     _worker(settings, pg_url, tmp_path, unique_name("heal"), topics, "--no-rollback")
@@ -448,3 +448,37 @@ def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_de
     _worker(settings, pg_url, tmp_path, unique_name("heal2"), topics2, "--no-rollback")
     second = [(r.data["id"], r.data["kind"]) for r in _decisions(settings, topics2["decisions"])]
     assert sorted(second) == sorted(want)
+
+
+def test_a_run_gone_quiet_on_a_partition_with_no_traffic_is_found_stalled_as_the_other_partition_moves(
+    settings: Settings, pg_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
+) -> None:
+    """Two partitions: run-quiet (partition 0) makes progress once and says nothing more; run-busy
+    (partition 1) goes on for 25 minutes of event time. Partition 0 is read to its end, so its run is judged
+    on the time partition 1 brings: stalled at 10 and 20 minutes (stall_seconds 600)."""
+    settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
+    topics = {"events": create_topic(unique_name("events"), 2), "config": create_topic(unique_name("config"), 1),
+              "decisions": create_topic(unique_name("decisions"), 1), "dlq": create_topic(unique_name("dlq"), 1)}  # fmt: skip
+
+    def tool(run: str, s: float, step: int) -> Event:
+        at = T0 + timedelta(seconds=s)
+        data = {"run_id": run, "step": step, "event_time": at, "tool": "bash", "command": f"echo {step}",
+                "return_code": 0, "output_bytes": 2, "timed_out": False}  # fmt: skip
+        return Event.create("sophia.agent.ToolCall", run, data, source="/test", time=at, id=f"{run}-{step}")
+
+    serde = serde_from_settings(settings)
+    with EventProducer(settings.kafka, serde) as p:
+        p.produce(topics["events"], tool("run-quiet", 0, 1))
+        for i in range(51):
+            p.produce(topics["events"], tool("run-busy", 30 * i, i + 1))
+        p.flush()
+    parts = {r.key: r.partition for r in read_range(settings.kafka, serde, topics["events"], idle_timeout_seconds=5)
+             if isinstance(r, ConsumedEvent)}  # fmt: skip
+    assert parts == {"run-quiet": 0, "run-busy": 1}
+    _worker(settings, pg_url, tmp_path, unique_name("heal"), topics, "--no-rollback")
+    stalls = [(r.data["subject"], r.data["event_time"], json.loads(r.data["details_json"])["level"])
+              for r in _decisions(settings, topics["decisions"])]  # fmt: skip
+    assert stalls == [
+        ("run:run-quiet", T0 + timedelta(seconds=600), "warn"),
+        ("run:run-quiet", T0 + timedelta(seconds=1200), "recommend_restart"),
+    ]

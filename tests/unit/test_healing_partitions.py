@@ -130,3 +130,27 @@ def test_a_format_2_snapshot_s_runs_move_to_their_partition_at_their_next_event(
     again = json.loads(json.dumps(restored.snapshot()))
     assert again["format"] == 3 and list(again["partition_health"]["p:0"]["runs"]) == ["a"]
     assert Healer.restore(again).snapshot() == restored.snapshot()
+
+
+def test_a_partition_read_to_its_end_follows_the_healer_s_watermark_until_its_next_record() -> None:
+    t = HealingThresholds(stall_seconds=60)
+    healer = Healer(HealingConfig(t, 1))
+    healer.feed(_tool("a", 0, 1, "ls", "p:0"))
+    healer.feed(_tool("b", 10, 1, "ls", "p:1"))
+    assert healer.caught_up(["p:0"]) == []  # the healer's watermark (10 s) is not 60 s past a's progress
+    # p:0 has nothing more to read: a live partition with no traffic moves with the others
+    assert healer.feed(_tool("b", 40, 2, "pwd", "p:1")) == []
+    [warning] = healer.feed(_tool("b", 70, 3, "id", "p:1"))
+    assert (warning.details["run_id"], warning.details["signal"], warning.details["level"]) == (
+        "a",
+        "stall",
+        "warn",
+    )
+    assert warning.event_time == T0 + timedelta(seconds=60)
+    # a record of p:0 again: its time is its own until the worker says it is read to its end again
+    assert healer.feed(_tool("c", 75, 1, "ls", "p:0")) == []
+    assert healer.feed(_tool("b", 100, 4, "who", "p:1")) == []
+    assert healer.feed(_tool("b", 130, 5, "df", "p:1")) == []  # a's next level (at 120 s) waits for p:0
+    [again] = healer.caught_up(["p:0", "p:1"])
+    assert (again.details["run_id"], again.details["level"]) == ("a", "recommend_restart")
+    assert again.event_time == T0 + timedelta(seconds=120)
