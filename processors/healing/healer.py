@@ -204,7 +204,7 @@ class Healer:
         at = _event_time(name, data)
         if partition is not None:
             self.caught_up_partitions.discard(str(partition))
-        out = self.advance(at)
+        out = self._advance(at)
         if partition is not None:
             out += self._advance_partition(str(partition), at)
         if name == "LlmCall":
@@ -224,6 +224,10 @@ class Healer:
 
     def advance(self, now: datetime | float) -> list[Decision]:
         """Move the watermark to ``now`` (never back) and return the decisions time alone causes."""
+        return self._note(self._advance(now))
+
+    def _advance(self, now: datetime | float) -> list[Decision]:
+        """:meth:`advance` without noting the decisions (the caller notes them once, with its own)."""
         now = to_utc(now)
         if self.watermark is not None and now <= self.watermark:
             return []
@@ -236,7 +240,7 @@ class Healer:
             health = self.partition_health.get(partition)
             if health is not None:
                 out += health.advance(now)
-        return self._note(out)
+        return out
 
     def caught_up(self, partitions: Iterable[str]) -> list[Decision]:
         """Say which input partitions (``"topic:partition"``) are read to their end (the consumer holds
@@ -265,7 +269,7 @@ class Healer:
             return []
         self.partition_watermarks[partition] = now
         health = self.partition_health.get(partition)
-        return self._note(health.advance(now)) if health is not None else []
+        return health.advance(now) if health is not None else []
 
     def _health_for(self, partition: Any, data: Mapping[str, Any]) -> AgentHealth:
         """The agent-health monitor of ``partition`` (None: :attr:`health`), made on its first run.
@@ -372,6 +376,10 @@ class Healer:
         Raises:
             KeyError: no open escalation has that id.
         """
+        return self._note(self._ack(escalation_id, by=by, note=note, at=at))
+
+    def _ack(self, escalation_id: str, *, by: str, note: str, at: datetime | float) -> list[Decision]:
+        """:meth:`ack` without noting the decisions."""
         at = to_utc(at)
         if escalation_id in self.rollbacks.pending:
             out = self.rollbacks.ack(escalation_id, by=by, note=note, at=at)
@@ -388,7 +396,7 @@ class Healer:
                 )
             ]
         self.escalations.pop(escalation_id, None)
-        return self._note(out)
+        return out
 
     def acknowledge(self, ack: Decision) -> list[Decision]:
         """A person's ack as an event (``escalation_acked``, details ``escalation_id``, ``by``,
@@ -405,12 +413,12 @@ class Healer:
         """
         det = ack.details
         escalation_id, by, note = str(det["escalation_id"]), str(det["by"]), str(det["note"])
-        out = self.advance(ack.event_time)
+        out = self.advance(ack.event_time)  # noted now: an escalation it raises is open for the ack
         try:
-            released = self.ack(escalation_id, by=by, note=note, at=ack.event_time)
+            released = self._ack(escalation_id, by=by, note=note, at=ack.event_time)
         except KeyError:
-            out.append(ack)
-            out.append(
+            unmatched = [
+                ack,
                 Decision(
                     kind="ack_unmatched",
                     subject=ack.subject,
@@ -422,14 +430,14 @@ class Healer:
                         "reason": "no open escalation with this id in the healer's state (acked already,"
                         " unknown, or dropped as the oldest of too many open escalations)",
                     },
-                )
-            )
-            return self._note(out)
-        out.append(ack)
-        out.extend(d for d in released if d.kind != "escalation_acked")
-        return self._note(out)
+                ),
+            ]
+            return out + self._note(unmatched)
+        return out + self._note([ack, *(d for d in released if d.kind != "escalation_acked")])
 
     def _note(self, decisions: list[Decision]) -> list[Decision]:
+        """Open the escalations among ``decisions`` and count them; once per decision returned (the
+        public entry points call it, the internal steps they are made of do not)."""
         for d in decisions:
             if d.kind == "escalation":
                 self.escalations[d.id] = d

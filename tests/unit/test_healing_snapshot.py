@@ -230,3 +230,20 @@ def test_a_format_1_snapshot_is_converted_and_snapshots_again_in_the_current_for
     assert again["format"] == SNAPSHOT_FORMAT == 3
     [[_, calls, failures, latency, cost]] = again["rollbacks"]["buckets"]["provider:G"]  # one 3 s bucket
     assert (calls, failures, latency[0], sum(latency[2:]), sum(cost[2:])) == (7, 2, 0, 2, 2)
+
+
+def test_decisions_made_counts_each_decision_returned_once() -> None:
+    """Time-driven decisions (returned by feed after its advance) and acks (matched, releasing a rollback,
+    and unmatched) each count once; they were counted twice (108 for 85 returned on this history)."""
+    healer = Healer(HealingConfig(THRESHOLDS, 1))
+    returned = 0
+    escalations = []
+    for e in history():
+        out = healer.feed(e)
+        returned += len(out)
+        escalations += [d.id for d in out if d.kind == "escalation"]
+    assert returned > 50 and len(escalations) > 3
+    for i, eid in enumerate([*escalations, "no-such-escalation"]):
+        returned += len(healer.acknowledge(_ack(eid, 400 + i)))
+    assert healer.decisions_made == returned
+    assert _roundtrip(healer).decisions_made == returned
