@@ -249,6 +249,7 @@ class Healer:
         others', and this returns what that decides now (its runs' stalls). A live partition with no
         traffic would otherwise hold its runs' stalls until its next record.
 
+        The incident worker calls the same condition ``drained`` (:mod:`processors.incidents.app`).
         Replaces the previous set. In a replay of a closed history a partition is read to its end only
         after its last record, so this changes nothing that its records decide; on a live stream a record
         that comes later with an older event time finds its run judged already (a late record)."""
