@@ -90,9 +90,20 @@ def main() -> None:
     commits: list[int] = [0]
     violations: list[Any] = []
 
-    def mark_written(upto: dict[int, int]) -> None:
-        for partition, offset in upto.items():
+    unwritten: dict[int, int] = {}  # partition -> offset after its last record counted, not yet written
+    write = checkpoints.write
+
+    def write_and_mark() -> None:
+        """The checkpoint's write, then its records noted as written, synchronously: BatchDelivery settles a
+        batch (and a revocation commits it) right after the write, before a future's callbacks run, so
+        noting them in a done callback left ``written`` one batch behind such a commit (a violation
+        reported where there was none: [3, 105, 98], a batch of 7, in a fresh-clone check)."""
+        write()
+        for partition, offset in unwritten.items():
             written[partition] = max(written.get(partition, 0), offset)
+        unwritten.clear()
+
+    checkpoints.write = write_and_mark  # type: ignore[method-assign]
 
     async def handle(records: list[Any]) -> Any:
         failing = fail_at > 0 and stats.records_count >= fail_at
@@ -122,14 +133,9 @@ def main() -> None:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(OSError("injected: the effects could not be written"))
             return failed
-        future = checkpoints.record(len(records))
-        if (
-            future.done()
-        ):  # checkpointed in record(): the delivery settles this batch before a callback would run
-            mark_written(upto)
-        else:
-            future.add_done_callback(lambda _: mark_written(upto))
-        return future
+        for partition, offset in upto.items():  # counted now: the next checkpoint's write holds them
+            unwritten[partition] = max(unwritten.get(partition, 0), offset)
+        return checkpoints.record(len(records))
 
     BatchDelivery(app, topic, handle, flush=checkpoints.checkpoint, max_batch=7)
 
