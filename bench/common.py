@@ -83,9 +83,10 @@ def stack_settings(info: Any, state_dir: Path, database_prefix: str) -> tuple[Se
     return settings, pg_url
 
 
-def realistic_events(n: int) -> list[Event]:
-    """``n`` agent events made by repeating the real runs of ``datasets/agent_runs`` under new run ids
-    (each copy keeps the real sizes, models, tokens and costs). Copy ``k`` is moved ``k`` times the real
+def realistic_events(n: int | None = None, *, copies: int | None = None) -> list[Event]:
+    """``n`` agent events (or, with ``copies``, that many whole copies of the runs) made by repeating the real
+    runs of ``datasets/agent_runs`` under new run ids (each copy keeps the real sizes, models, tokens and
+    costs). Copy ``k`` is moved ``k`` times the real
     runs' event-time span (plus an hour) later, in its ``datetime`` fields and its CloudEvents ``time``, so
     event time goes on as in a live stream: a processor's event-time windows close on earlier copies as they
     would on earlier runs. (Until 2026-12-06 every copy had the real runs' times, so windows never closed
@@ -96,6 +97,10 @@ def realistic_events(n: int) -> list[Event]:
     base = [
         e for r in iter_runs(ROOT / "datasets" / "agent_runs") if isinstance(r, ParsedRun) for e in r.events
     ]
+    if copies is not None:
+        n = copies * len(base)
+    if n is None:
+        raise TypeError("realistic_events needs n or copies")
     times = [e.attributes.time for e in base]
     step = max(times) - min(times) + timedelta(hours=1)
     out: list[Event] = []

@@ -12,10 +12,10 @@ interleaving is not part of the history (the next replay interleaves differently
 ``partition`` goes to the agent-health monitor of that partition, which judges stalls against that
 partition's own watermark and takes its runaway and trouble-gate peers from the runs finished on it, so its
 decisions are those of the partition's records in their order whatever the interleaving
-(``tests/unit/test_healing_partitions.py``). One watermark over all partitions made round-robin input raise
-stall warnings that no partition's own records justified: 18,831 decisions for 30,000 events of
-``bench.common.realistic_events`` on 6 partitions fed one record per partition in turn, against 425
-partition by partition; with a monitor per partition every interleaving tried gives the same 401. A
+(``tests/unit/test_healing_partitions.py``). One watermark over all partitions made interleaved input raise
+stall warnings that no partition's own records justified: the worker made 18,820 and 18,766 decisions in
+two runs over the same 30,000 events on 6 partitions, and 404 in both runs with a monitor per partition
+(``python bench/bench_processors.py --events 30000 --healer-rounds 2``, its decisions column, 2026-12-06). A
 partition's time moves with its records only, so on a live stream a partition with no traffic would hold
 its runs' stalls; the worker tells the healer which partitions it has read to their end
 (:meth:`Healer.caught_up`), and those are judged against the healer's watermark until their next record

@@ -17,6 +17,7 @@ import redis
 import structlog
 from pydantic import SecretStr
 
+from bench.common import realistic_events
 from configuration.store import ConfigStore
 from core.settings import PostgresSettings, Settings, get_settings
 from processors.healing.read_model import HealingReadModel
@@ -384,30 +385,6 @@ def test_read_model_writer_connection_survives_its_backend_being_killed(pg_url: 
         model.close()
 
 
-def _real_runs_twice() -> list[Event]:
-    """The repo's real agent runs, twice: the second copy under new run ids and a span plus an hour later in
-    event time (as bench.common.realistic_events makes them), so event time advances across the copies."""
-    from dataclasses import replace
-
-    from connectors.agent_runs import ParsedRun, iter_runs
-
-    runs = [r for r in iter_runs(Path(__file__).resolve().parents[2] / "datasets" / "agent_runs")
-            if isinstance(r, ParsedRun)]  # fmt: skip
-    times = [e.attributes.time for r in runs for e in r.events]
-    step = max(times) - min(times) + timedelta(hours=1)
-    out = []
-    for copy in range(2):
-        for r in runs:
-            run_id = f"{r.run_id}#{copy}"
-            for e in r.events:
-                data = {k: v + step * copy if isinstance(v, datetime) else v for k, v in e.data.items()}
-                data["run_id"] = run_id
-                attrs = replace(e.attributes, id=f"{e.attributes.id}#{copy}", subject=run_id,
-                                time=e.attributes.time + step * copy)  # fmt: skip
-                out.append(Event(schema=e.schema, key=run_id, data=data, attributes=attrs))
-    return out
-
-
 def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_decide_in_order(
     settings: Settings, pg_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
 ) -> None:
@@ -423,7 +400,7 @@ def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_de
               "decisions": create_topic(unique_name("decisions"), 1), "dlq": create_topic(unique_name("dlq"), 1)}  # fmt: skip
     serde = serde_from_settings(settings)
     with EventProducer(settings.kafka, serde) as p:
-        for e in _real_runs_twice():
+        for e in realistic_events(copies=2):  # the real runs twice, the second copy later in event time
             p.produce(topics["events"], e)
         p.flush()
     records = [r for r in read_range(settings.kafka, serde, topics["events"], idle_timeout_seconds=5)

@@ -15,32 +15,23 @@ import random
 import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
+from bench.common import realistic_events
 from configuration.schemas import HealingThresholds
-from connectors.agent_runs import ParsedRun, iter_runs
 from processors.healing.healer import Healer, HealingConfig
 
-AGENT_RUNS = Path(__file__).resolve().parents[2] / "datasets" / "agent_runs"
 PARTITIONS = 3
 
 
 def _partitions(copies: int = 2) -> dict[str, list[dict[str, Any]]]:
-    """The real runs, ``copies`` times (copy k moved k times their span plus an hour later in event time, under
-    new run ids), each run's events on partition crc32(run id) % 3 in the order the runs were produced."""
-    runs = [r for r in iter_runs(AGENT_RUNS) if isinstance(r, ParsedRun)]
-    times = [e.data["event_time"] for r in runs for e in r.events]
-    step = max(times) - min(times) + timedelta(hours=1)
+    """The real runs, ``copies`` times, as the benches make them (:func:`bench.common.realistic_events`: copy k
+    under new run ids, k times their span plus an hour later), each run's events on partition
+    crc32(run id) % 3 in the order the runs were produced."""
     parts: dict[str, list[dict[str, Any]]] = {f"agent.events:{p}": [] for p in range(PARTITIONS)}
-    for copy in range(copies):
-        for r in runs:
-            run_id = f"{r.run_id}#{copy}"
-            p = f"agent.events:{zlib.crc32(run_id.encode()) % PARTITIONS}"
-            for e in r.events:
-                data = {k: v + step * copy if isinstance(v, datetime) else v for k, v in e.data.items()}
-                data["run_id"] = run_id
-                parts[p].append({"schema": e.schema, "id": f"{e.attributes.id}#{copy}", "data": data})
+    for e in realistic_events(copies=copies):
+        p = f"agent.events:{zlib.crc32(e.key.encode()) % PARTITIONS}"
+        parts[p].append({"schema": e.schema, "id": e.attributes.id, "data": e.data})
     return parts
 
 
