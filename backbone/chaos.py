@@ -2,11 +2,15 @@
 
 :func:`run_chaos` starts its own PostgreSQL (embedded, so that it may stop and start it; Kafka and
 Redis come from the settings when configured, else embedded too), creates fresh topics, and starts
-two real processes as the CLI would:
+three real processes as the CLI would:
 
 * the run-summary Faust worker (``python -m backbone processors worker``),
 * a projection runner (``python -m backbone project``, agent-run views; a new consumer group on each
-  start, since the checkpoint in PostgreSQL, not the group's offsets, decides where it resumes).
+  start, since the checkpoint in PostgreSQL, not the group's offsets, decides where it resumes),
+* the healer worker (``python -m backbone processors heal``, on the same events; its config and acks
+  topics its own and empty, rollbacks off; its read model in the harness's PostgreSQL and Redis), whose
+  decisions must equal those of the pure :class:`processors.healing.healer.Healer` fed the final log
+  (``decisions_equal``); it is SIGKILLed and SIGSTOPped too, and goes down with the broker.
 
 A producer thread sends the agent runs of ``datasets/agent_runs`` (their events interleaved across
 runs by the seed, each run in step order) at a steady rate through :class:`streams.producer.EventProducer`
@@ -80,6 +84,7 @@ from backbone.chaos_history import (
     GUARANTEES,
     ChaosHistory,
     ConfigWrite,
+    DecisionRecord,
     InsightRecord,
     ProducedEvent,
     RunFigures,
@@ -101,6 +106,7 @@ from configuration.projection import REDIS_PREFIX as CONFIG_REDIS_PREFIX
 from configuration.store import ConfigStore, event_id_for
 from connectors.agent_runs import ParsedRun, iter_runs
 from core.settings import PostgresSettings, Settings
+from processors.healing.healer import Healer
 from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
@@ -121,6 +127,7 @@ __all__ = [
     "ChaosReport",
     "FaultRecord",
     "Profile",
+    "expected_decisions",
     "expected_insights",
     "run_chaos",
     "run_figures",
@@ -132,9 +139,11 @@ FaultKind = Literal[
     "sigkill_processor",
     "sigkill_projection",
     "sigkill_api",
+    "sigkill_healer",
     "sigstop_processor",
     "sigstop_projection",
     "sigstop_api",
+    "sigstop_healer",
     "postgres_restart",
     "postgres_backend_kill",
     "postgres_stall",
@@ -223,9 +232,11 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigkill_processor": 1,
             "sigkill_projection": 2,
             "sigkill_api": 1,
+            "sigkill_healer": 1,
             "sigstop_processor": 1,
             "sigstop_projection": 1,
             "sigstop_api": 1,
+            "sigstop_healer": 1,
             "postgres_restart": 1,
             "postgres_backend_kill": 1,
             "postgres_stall": 1,
@@ -242,9 +253,11 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigkill_processor": 3,
             "sigkill_projection": 5,
             "sigkill_api": 2,
+            "sigkill_healer": 3,
             "sigstop_processor": 3,
             "sigstop_projection": 4,
             "sigstop_api": 2,
+            "sigstop_healer": 2,
             "postgres_restart": 3,
             "postgres_backend_kill": 3,
             "postgres_stall": 2,
@@ -910,6 +923,25 @@ def expected_insights(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]]
     return found
 
 
+def expected_decisions(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]]:
+    """Per decision id, the decision datum (JSON-safe ``sophia.healing.Decision``) of the pure healer with its
+    default configuration fed ``records`` as the worker feeds them (each with its ``"topic:partition"``),
+    each partition whole in offset order: what a worker that lost and skipped nothing decides, whatever the
+    interleaving of its partitions (agent health is judged per partition)."""
+    healer = Healer()
+    found: dict[str, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        event = {
+            "schema": r.schema,
+            "data": r.data,
+            "id": r.attributes.id,
+            "partition": f"{r.topic}:{r.partition}",
+        }
+        for d in healer.feed(event):
+            found.setdefault(d.id, _json_safe(dict(d.to_event().data)))
+    return found
+
+
 def _dump(url: str) -> dict[str, list[list[str]]]:
     with psycopg.connect(url) as c:
         return {
@@ -1048,6 +1080,11 @@ def run_chaos(
         "insights": f"chaos-insights-{token}",
         "dlq": f"chaos-dlq-{token}",
         "config": f"chaos-config-{token}",
+        "decisions": f"chaos-decisions-{token}",
+        # the healer's config and acks topics: its own, empty (the workload's config keys are not healing's,
+        # and the healer would otherwise watch them for rollbacks)
+        "healing_config": f"chaos-healing-config-{token}",
+        "acks": f"chaos-acks-{token}",
     }
     pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
     pg_procs: list[subprocess.Popen[bytes]] = []
@@ -1061,6 +1098,9 @@ def run_chaos(
                 NewTopic(topics["insights"], _PARTITIONS, 1),
                 NewTopic(topics["dlq"], 1, 1),
                 NewTopic(topics["config"], _CONFIG_PARTITIONS, 1),
+                NewTopic(topics["decisions"], 1, 1),
+                NewTopic(topics["healing_config"], 1, 1),
+                NewTopic(topics["acks"], 1, 1),
             ]
         )
         for f in futures.values():
@@ -1094,6 +1134,15 @@ def run_chaos(
              "--batch-size", "50", "--dlq-topic", topics["dlq"], "--metrics-port", "0"],
             env, work / "logs" / "projection.log", work,
         )  # fmt: skip
+        # the healer worker on the same agent events (its decisions checked against the pure healer's)
+        healer_id = f"chaos-healing-{token}"
+        healer = _Managed(
+            "healer",
+            [*py, "processors", "heal", "--app-id", healer_id, "--events-topic", topics["events"],
+             "--config-topic", topics["healing_config"], "--acks-topic", topics["acks"],
+             "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"], "--no-rollback"],
+            env, work / "logs" / "healer.log", work,
+        )  # fmt: skip
         # the event archive of the events and dead-letter topics: what a broker restart re-seeds from
         archive = _Managed(
             "archive",
@@ -1122,7 +1171,7 @@ def run_chaos(
             {**env, "BACKBONE_API_IDEMPOTENCY_PENDING_TTL_SECONDS": str(prof.api_pending_ttl_seconds)},
             work / "logs" / "api.log", work,
         )  # fmt: skip
-        processes = [processor, projection, archive, relay, config_projection, api]
+        processes = [processor, projection, archive, relay, config_projection, api, healer]
         for p in processes:
             p.start()
         http = _HttpIngest(f"http://127.0.0.1:{api_port}", api_token, api_token_id, topics["events"],
@@ -1160,7 +1209,7 @@ def run_chaos(
         archived_at_restart: set[str] = set()
         reseeds: list[dict[str, Any]] = []
         rebuilt_after_restart: list[float] = []
-        targets = {"processor": processor, "projection": projection, "api": api}
+        targets = {"processor": processor, "projection": projection, "api": api, "healer": healer}
         for kind, at in zip(plan, times, strict=True):
             while time.monotonic() - t0 < at:
                 for p in processes:
@@ -1254,24 +1303,28 @@ def run_chaos(
         for r in records:
             log_end[r.partition] = max(log_end[r.partition], r.offset + 1)
         group = make_consumer(kafka, app_id)
+        healer_group = make_consumer(kafka, healer_id)
         recovered: float | None = None
         try:
             while time.monotonic() - faults_over <= prof.lag_bound_seconds:
                 for p in processes:
                     p.restart_if_exited()
                 cps = _checkpoints(info.postgres_url)
-                committed = {
-                    tp.partition: tp.offset
-                    for tp in group.committed([TopicPartition(topics["events"], p) for p in range(_PARTITIONS)], timeout=5)
-                }  # fmt: skip
+                tps = [TopicPartition(topics["events"], p) for p in range(_PARTITIONS)]
+                committed = {tp.partition: tp.offset for tp in group.committed(tps, timeout=5)}
+                healer_committed = {tp.partition: tp.offset for tp in healer_group.committed(tps, timeout=5)}
                 if all(
-                    cps.get(p, 0) >= end and committed.get(p, -1) >= end for p, end in log_end.items()
+                    cps.get(p, 0) >= end
+                    and committed.get(p, -1) >= end
+                    and healer_committed.get(p, -1) >= end
+                    for p, end in log_end.items()
                 ) and _config_caught_up(run_settings, info.redis_url, topics["config"], kafka):
                     recovered = round(time.monotonic() - faults_over, 2)
                     break
                 time.sleep(0.5)
         finally:
             group.close()
+            healer_group.close()
         durations["lag_recovered"] = recovered
         for p in processes:
             p.stop()
@@ -1280,6 +1333,11 @@ def run_chaos(
         insights = [
             InsightRecord((r.key or "").removeprefix("run:"), r.attributes.id, _json_safe(r.data))
             for r in read_range(kafka, serde, topics["insights"])
+            if isinstance(r, ConsumedEvent)
+        ]
+        decisions = [
+            DecisionRecord(r.attributes.id, _json_safe(dict(r.data)))
+            for r in read_range(kafka, serde, topics["decisions"])
             if isinstance(r, ConsumedEvent)
         ]
         rebuild_db = f"chaos_rebuild_{uuid.uuid4().hex[:8]}"
@@ -1321,6 +1379,8 @@ def run_chaos(
             config_store=config_store,
             config_topic_ids=config_topic_ids,
             config_read_model=config_read_model,
+            decisions=decisions,
+            expected_decisions=expected_decisions(records),
         )
         violations = check_history(history)
         by_path = acknowledged_by_path(workload.produced)
@@ -1346,6 +1406,8 @@ def run_chaos(
                 **{f"http_{k}": workload.http[k] for k in _HTTP_COUNTS},
                 "on_topic": len(records),
                 "insight_records": len(insights),
+                "decision_records": len(decisions),
+                "decisions": len({d.decision_id for d in decisions}),
                 "send_errors": len(workload.errors),
                 "lost_in_window": len(window),
                 "broker_restarts": broker_restarts,
@@ -1389,6 +1451,7 @@ GUARANTEE_TITLES: Final[dict[str, str]] = {
     "order_per_key": "order per key on the topic",
     "rebuild_equal": "projection == from-scratch rebuild",
     "insights_equal": "insights == pure logic over the log",
+    "decisions_equal": "healer decisions == pure healer over the log",
     "lag_recovered": "lag back to zero within the bound",
     "config_current": "config changes published, Redis read model current",
 }

@@ -22,8 +22,14 @@ Guarantees checked (the names are the keys of the report's ``violations``):
 * ``insights_equal``: after de-duplication by run id, the run-summary insights equal those of the pure
   logic (:mod:`processors.run_summary.logic`) folded over the same events; every copy of an insight is
   identical, and none is missing or extra.
-* ``lag_recovered``: after the last fault, the processor and the projection caught up with the log
-  within the bound.
+* ``decisions_equal``: after de-duplication by decision id, the healer worker's decisions on its topic
+  equal those of the pure healer (:class:`processors.healing.healer.Healer`) fed the same log, each
+  partition in offset order: every copy of a decision identical, none missing, none extra. The worker
+  was killed, stopped, restarted with the broker and cut off from PostgreSQL meanwhile, so this holds only
+  if its checkpoints (state + offsets) never let a record be skipped or decided twice into a different
+  state.
+* ``lag_recovered``: after the last fault, the processor, the healer and the projection caught up with
+  the log within the bound.
 * ``config_current``: every configuration change the store acknowledged reached the config topic
   (through the outbox relay), and the Redis read model holds, for every key, the store's current
   version (the newest version on the topic when the newest ones were lost in a broker restart's window,
@@ -42,6 +48,7 @@ __all__ = [
     "SEND_PATHS",
     "ChaosHistory",
     "ConfigWrite",
+    "DecisionRecord",
     "InsightRecord",
     "ProducedEvent",
     "RunFigures",
@@ -60,6 +67,7 @@ GUARANTEES: Final[tuple[str, ...]] = (
     "order_per_key",
     "rebuild_equal",
     "insights_equal",
+    "decisions_equal",
     "lag_recovered",
     "config_current",
 )
@@ -117,6 +125,15 @@ class InsightRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One healer decision found on the decisions topic: its id (the CloudEvents id, deterministic) and its
+    JSON-able ``data`` (``sophia.healing.Decision``: kind, subject, event time, details, causation id...)."""
+
+    decision_id: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigWrite:
     """One configuration change the workload made: ``store.set`` returned (acknowledged) with this version."""
 
@@ -151,8 +168,12 @@ class ChaosHistory:
         rebuilt_rows: the same tables built from scratch from the same log.
         insights: every run-summary insight on the insights topic.
         expected_insights: per run id, the insight data of the pure logic over the topic's events.
+        decisions: every decision record on the healer's decisions topic (copies included).
+        expected_decisions: per decision id, the data of the pure healer's decision over the topic's
+            events (each partition in offset order).
         lag_recovered_seconds: seconds from the end of the faults and of the workload until the
-            processor and the projection had caught up; ``None`` when they had not within the bound.
+            processor, the healer and the projection had caught up; ``None`` when they had not within the
+            bound.
         lag_bound_seconds: the bound.
         archived_before_restart: event ids the archive held when the broker went down (union over the
             restarts); empty without a restart.
@@ -175,6 +196,8 @@ class ChaosHistory:
     config_store: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     config_topic_ids: frozenset[str] = frozenset()
     config_read_model: dict[str, int | None] = field(default_factory=dict)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    expected_decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_history(h: ChaosHistory) -> list[Violation]:
@@ -185,6 +208,7 @@ def check_history(h: ChaosHistory) -> list[Violation]:
         *_order_per_key(h),
         *_rebuild_equal(h),
         *_insights_equal(h),
+        *_decisions_equal(h),
         *_lag_recovered(h),
         *_config_current(h),
     ]
@@ -344,6 +368,34 @@ def _insights_equal(h: ChaosHistory) -> list[Violation]:
                                  f"run {run_id}: {len(differing)} of {len(copies)} insight copies differ from the "
                                  f"pure logic (fields {', '.join(diff)})",
                                  {"run_id": run_id, "fields": diff, "got": {k: differing[0].data.get(k) for k in diff},
+                                  "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
+    return out
+
+
+def _decisions_equal(h: ChaosHistory) -> list[Violation]:
+    copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in h.decisions:
+        copies[rec.decision_id].append(rec.data)
+    out = []
+    missing = sorted(set(h.expected_decisions) - set(copies))
+    extra = sorted(set(copies) - set(h.expected_decisions))
+    if missing:
+        out.append(Violation("decisions_equal",
+                             f"{len(missing)} of the pure healer's {len(h.expected_decisions)} decisions are not on the topic",
+                             {"missing": missing[:10], "first": h.expected_decisions[missing[0]]}))  # fmt: skip
+    if extra:
+        out.append(Violation("decisions_equal",
+                             f"{len(extra)} decisions on the topic that the pure healer does not make over the log",
+                             {"extra": extra[:10], "first": copies[extra[0]][0]}))  # fmt: skip
+    for decision_id in sorted(set(copies) & set(h.expected_decisions)):
+        want = h.expected_decisions[decision_id]
+        differing = [c for c in copies[decision_id] if c != want]
+        if differing:
+            diff = sorted(k for k in set(want) | set(differing[0]) if want.get(k) != differing[0].get(k))
+            out.append(Violation("decisions_equal",
+                                 f"decision {decision_id}: {len(differing)} of {len(copies[decision_id])} copies differ "
+                                 f"from the pure healer's (fields {', '.join(diff)})",
+                                 {"decision_id": decision_id, "got": {k: differing[0].get(k) for k in diff},
                                   "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
     return out
 

@@ -255,16 +255,26 @@ def processors_heal(
         str | None, typer.Option(help="PagerDuty integration key.", envvar="BACKBONE_PAGERDUTY_ROUTING_KEY")
     ] = None,
     stop_after_idle: Annotated[float | None, typer.Option(help="Stop after this many idle seconds.")] = None,
+    idle_partitions: Annotated[
+        str,
+        typer.Option(
+            help="hold: a partition's runs are judged on its own time only (decisions replay the same); "
+            "follow: a partition read to its end is judged on the other partitions' time (quiet runs found "
+            "sooner; a replay may decide otherwise)."
+        ),
+    ] = "hold",
     as_json: JsonOpt = False,
 ) -> None:
     """The healer worker: agent events and config changes in, decisions out (topic, read model, webhook, rollbacks)."""
     import json
 
     from configuration.schemas import HealingThresholds
-    from processors.healing.app import HealingTopics, run_healing_worker
+    from processors.healing.app import IDLE_PARTITIONS, HealingTopics, run_healing_worker
     from processors.healing.healer import HealingConfig
     from processors.healing.notify import PAGERDUTY_URL, Notifier, NotifierConfig
 
+    if idle_partitions not in IDLE_PARTITIONS:
+        raise ValueError(f"--idle-partitions is one of {', '.join(IDLE_PARTITIONS)}, not {idle_partitions!r}")
     config = (
         HealingConfig(HealingThresholds.model_validate(json.loads(thresholds)), 0) if thresholds else None
     )
@@ -290,7 +300,8 @@ def processors_heal(
         dead_letters=dlq_topic,
     )
     stats, _healer = run_healing_worker(settings, app_id=app_id, topics=topics, config=config, read_model=model,
-                                       notifier=notifier, config_store=store, stop_after_idle_seconds=stop_after_idle)  # fmt: skip
+                                       notifier=notifier, config_store=store, stop_after_idle_seconds=stop_after_idle,
+                                       idle_partitions=idle_partitions)  # type: ignore[arg-type]  # fmt: skip
     if store is not None:
         store.close()
     summary = {"records": stats.records_count, "decisions": stats.decisions_count,

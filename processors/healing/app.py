@@ -101,8 +101,17 @@ The state's configuration wins over the worker's initial ``config`` when it came
 ``--thresholds`` apply after a restart).
 
 Limits: the inputs' partitions are merged in arrival order. Agent health is decided per input partition
-(each record is fed with its partition, and after each batch the partitions read to their end are named
-to :meth:`Healer.caught_up`), so its decisions are the same for any interleaving; circuits,
+(each record is fed with its partition), so its decisions are the same for any interleaving. A run on a
+partition that gets no more records is judged at that partition's next record; with
+``idle_partitions="follow"`` (``--idle-partitions follow``) the partitions read to their end after a batch
+are named to :meth:`Healer.caught_up` and judged on the other partitions' time meanwhile, which finds
+such stalls sooner but makes the decisions depend on when the worker found a partition at its end: with a
+60-s stall threshold, a run that progressed at 0 s and 50 s is judged stalled at 60 s by a worker that
+found its partition at its end before the 50-s record was fetched, and at 110 s by a replay that read
+that record first: a decision of another id
+(``tests/unit/test_healing_partitions.py``). ``hold`` has been the default since 2026-12-06, so that the
+chaos harness can hold the worker's decisions to those of the pure healer over the log
+(``decisions_equal`` in ``backbone/chaos_history.py``); circuits,
 retries and rollbacks take the calls of every partition on one watermark, so theirs are those of one
 event-time-ordered replay only when the inputs have one partition each (as in the tests and the demo) or
 the partitions stay close in event time;
@@ -121,7 +130,7 @@ import json
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 import faust
 import structlog
@@ -158,11 +167,13 @@ from streams.serde import AvroSerde, serde_from_settings
 __all__ = [
     "COUNTERS",
     "DEFAULT_APP_ID",
+    "IDLE_PARTITIONS",
     "STATE_FORMAT",
     "STATE_KEY",
     "STATE_TABLE",
     "HealingStats",
     "HealingTopics",
+    "IdlePartitions",
     "create_healing_app",
     "ensure_healing_topics",
     "record_circuit_transitions",
@@ -179,6 +190,9 @@ STATE_TABLE = "healer_state"
 STATE_KEY = "healer"
 #: Layout version of the table's value (``{"format", "offsets", "healer"}``).
 STATE_FORMAT = 1
+#: What the worker does with an input partition read to its end (:func:`create_healing_app`'s ``idle_partitions``).
+IdlePartitions = Literal["hold", "follow"]
+IDLE_PARTITIONS: Final[tuple[IdlePartitions, ...]] = ("hold", "follow")
 
 _circuit_open = Gauge(
     "backbone_circuit_open",
@@ -259,8 +273,10 @@ class _HealingShell:
         config_store: Any,
         table: Any = None,
         app: Any = None,
+        idle_partitions: IdlePartitions = "hold",
     ) -> None:
         self.serde = serde
+        self.idle_partitions = idle_partitions
         self.healer = healer
         self.initial_config = healer.config
         self.table = table
@@ -354,7 +370,7 @@ class _HealingShell:
             for record in records:
                 with tracing_process(record, group):
                     await self.take(record)
-            if self.batch_messages:
+            if self.batch_messages and self.idle_partitions == "follow":
                 await self._note_read_to_end(records)
             handled = len(self.batch_messages)
             await self.flush()
@@ -565,6 +581,7 @@ def create_healing_app(
     checkpoint_records: int = 1000,
     checkpoint_seconds: float = 1.0,
     batch_records: int = 1000,
+    idle_partitions: IdlePartitions = "hold",
 ) -> faust.App:
     """Build the healer's Faust app: the events, config and acks topics consumed through
     :class:`processors.shell.BatchDelivery` (each fetch's records handed in lists of at most
@@ -585,6 +602,15 @@ def create_healing_app(
         checkpoint_seconds: the longest a handled record waits for that (a timer checkpoints when idle).
         batch_records: most records decided before their decisions' deliveries are awaited together (a
             batch is at most what BatchDelivery has buffered, so it is smaller when records come slowly).
+        idle_partitions: ``"hold"`` (default): an input partition's runs are judged on that partition's
+            own time only, so the decisions are a function of the log (a replay, a restart or another
+            worker decides the same ids); a run on a partition that gets no more records is judged at
+            that partition's next record. ``"follow"``: after each batch the partitions read to their end
+            are named to :meth:`Healer.caught_up` and judged on the healer's watermark (the time of the
+            others) until their next record, as Flink's ``withIdleness`` does: stalls on a quiet
+            partition are found as the other partitions move, but which ones depends on when the worker
+            found the partition at its end, so a live run and a replay of its log can decide
+            differently (a run judged stalled while its next record was on its way).
 
     Returns:
         The app; counters at ``app.healing_stats``, the healer at ``app.healer`` (replaced by the restored
@@ -610,7 +636,17 @@ def create_healing_app(
         )
     )  # fmt: skip
     shell = _HealingShell(
-        settings, topics, serde, healer, read_model, decisions_topic, notifier, config_store, table, app
+        settings,
+        topics,
+        serde,
+        healer,
+        read_model,
+        decisions_topic,
+        notifier,
+        config_store,
+        table,
+        app,
+        idle_partitions,
     )
     table.on_recover(shell.recovered)
 
@@ -665,6 +701,7 @@ def run_healing_worker(
     notifier: Notifier | None = None,
     config_store: Any = None,
     stop_after_idle_seconds: float | None = None,
+    idle_partitions: IdlePartitions = "hold",
 ) -> tuple[HealingStats, Healer]:
     """Run the healer worker in this process until stopped (blocking; owns the event loop and signals),
     with ``/metrics``, ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
@@ -672,6 +709,7 @@ def run_healing_worker(
 
     Args:
         stop_after_idle_seconds: stop once no record arrived for this long after start.
+        idle_partitions: as :func:`create_healing_app`'s.
 
     Returns:
         ``(counters, the healer)`` when the worker has stopped.
@@ -681,7 +719,7 @@ def run_healing_worker(
     if read_model is not None:
         read_model.ensure_schema()
     app = create_healing_app(settings, app_id=app_id, topics=topics, config=config, read_model=read_model,
-                             notifier=notifier, config_store=config_store)  # fmt: skip
+                             notifier=notifier, config_store=config_store, idle_partitions=idle_partitions)  # fmt: skip
     stats: HealingStats = app.healing_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,

@@ -252,7 +252,9 @@ class Healer:
         The incident worker calls the same condition ``drained`` (:mod:`processors.incidents.app`).
         Replaces the previous set. In a replay of a closed history a partition is read to its end only
         after its last record, so this changes nothing that its records decide; on a live stream a record
-        that comes later with an older event time finds its run judged already (a late record)."""
+        that comes later with an older event time finds its run judged already (a late record), so what
+        this decides depends on when it was called: the worker calls it only when started with
+        ``idle_partitions="follow"`` (:func:`processors.healing.app.create_healing_app`)."""
         self.caught_up_partitions = {str(p) for p in partitions}
         out: list[Decision] = []
         if self.watermark is None:

@@ -408,14 +408,11 @@ def test_on_three_partitions_the_worker_decides_what_each_partition_s_records_de
     assert len({r.partition for r in records}) == 3
     healer = Healer(HealingConfig(HealingThresholds.model_validate(THRESHOLDS), 0))
     want: list[tuple[str, str]] = []
-    read: list[str] = []
-    for p in range(3):  # each partition whole, then read to its end (as the worker tells its healer)
+    for p in range(3):  # each partition whole, in turn
         key = f"{topics['events']}:{p}"
         for r in sorted((r for r in records if r.partition == p), key=lambda r: r.offset):
             event = {"schema": r.schema, "data": r.data, "id": r.attributes.id, "partition": key}
             want += [(d.id, d.kind) for d in healer.feed(event)]
-        read.append(key)
-        want += [(d.id, d.kind) for d in healer.caught_up(read)]
     assert len(want) > 40 and {k for _, k in want} == {"agent_warning"}
 
     _worker(settings, pg_url, tmp_path, unique_name("heal"), topics, "--no-rollback")
@@ -431,8 +428,9 @@ def test_a_run_gone_quiet_on_a_partition_with_no_traffic_is_found_stalled_as_the
     settings: Settings, pg_url: str, create_topic: Any, unique_name: Any, tmp_path: Path
 ) -> None:
     """Two partitions: run-quiet (partition 0) makes progress once and says nothing more; run-busy
-    (partition 1) goes on for 25 minutes of event time. Partition 0 is read to its end, so its run is judged
-    on the time partition 1 brings: stalled at 10 and 20 minutes (stall_seconds 600)."""
+    (partition 1) goes on for 25 minutes of event time. With ``--idle-partitions follow``, partition 0 is
+    read to its end, so its run is judged on the time partition 1 brings: stalled at 10 and 20 minutes
+    (stall_seconds 600). By default (``hold``) partition 0's time stays at its one record: no decision."""
     settings = settings.model_copy(update={"postgres": PostgresSettings(url=SecretStr(pg_url))})
     topics = {"events": create_topic(unique_name("events"), 2), "config": create_topic(unique_name("config"), 1),
               "decisions": create_topic(unique_name("decisions"), 1), "dlq": create_topic(unique_name("dlq"), 1)}  # fmt: skip
@@ -452,7 +450,18 @@ def test_a_run_gone_quiet_on_a_partition_with_no_traffic_is_found_stalled_as_the
     parts = {r.key: r.partition for r in read_range(settings.kafka, serde, topics["events"], idle_timeout_seconds=5)
              if isinstance(r, ConsumedEvent)}  # fmt: skip
     assert parts == {"run-quiet": 0, "run-busy": 1}
-    _worker(settings, pg_url, tmp_path, unique_name("heal"), topics, "--no-rollback")
+    _worker(settings, pg_url, tmp_path, unique_name("held"), topics, "--no-rollback")
+    assert _decisions(settings, topics["decisions"]) == []
+    _worker(
+        settings,
+        pg_url,
+        tmp_path,
+        unique_name("heal"),
+        topics,
+        "--no-rollback",
+        "--idle-partitions",
+        "follow",
+    )
     stalls = [(r.data["subject"], r.data["event_time"], json.loads(r.data["details_json"])["level"])
               for r in _decisions(settings, topics["decisions"])]  # fmt: skip
     assert stalls == [

@@ -145,3 +145,32 @@ def test_a_partition_read_to_its_end_follows_the_healer_s_watermark_until_its_ne
     [again] = healer.caught_up(["p:0", "p:1"])
     assert (again.details["run_id"], again.details["level"]) == ("a", "recommend_restart")
     assert again.event_time == T0 + timedelta(seconds=120)
+
+
+def test_what_caught_up_decides_depends_on_when_it_was_called_which_is_why_the_worker_holds_by_default() -> (
+    None
+):
+    """Run a (partition 0) progresses at 0 s and 50 s; run b (partition 1) goes on to 210 s (stall_seconds
+    60). Without :meth:`Healer.caught_up` (the worker's default, ``hold``) every interleaving decides the same:
+    nothing, partition 0's time staying at 50 s. A live worker that found partition 0 at its end before a's
+    record at 50 s was fetched (``follow``) judges a stalled at 60 s (then restart-level at 170 s); one that
+    fetched it first, as a replay of the same log may, judges a stalled at 110 s (and 170 s): a different
+    decision for one log."""
+    t = HealingThresholds(stall_seconds=60)
+    p0 = [_tool("a", 0, 1, "ls", "p:0"), _tool("a", 50, 2, "pwd", "p:0")]
+    p1 = [_tool("b", 30 * i, i + 1, f"step {i}", "p:1") for i in range(8)]  # 0 .. 210 s
+
+    def run(order: list[Any]) -> list[tuple[str, datetime]]:
+        healer = Healer(HealingConfig(t, 1))
+        out = []
+        for item in order:
+            ds = healer.caught_up([item]) if isinstance(item, str) else healer.feed(item)
+            out += [(d.details["run_id"], d.event_time) for d in ds]
+        return out
+
+    assert run([*p0, *p1]) == run([*p1, *p0]) == run([p0[0], *p1[:4], p0[1], *p1[4:]]) == []
+    # follow: partition 0 at its end after a's first record, its second not fetched before b reached 90 s
+    live = run([p0[0], "p:0", *p1[:4], p0[1], "p:0", *p1[4:]])
+    replay = run([*p0, "p:0", *p1])  # the same log, partition 0 fetched whole first
+    at = [T0 + timedelta(seconds=s) for s in (60, 110, 170)]
+    assert live == [("a", at[0]), ("a", at[2])] and replay == [("a", at[1]), ("a", at[2])]
