@@ -10,7 +10,14 @@ three real processes as the CLI would:
 * the healer worker (``python -m backbone processors heal``, on the same events; its config and acks
   topics its own and empty, rollbacks off; its read model in the harness's PostgreSQL and Redis), whose
   decisions must equal those of the pure :class:`processors.healing.healer.Healer` fed the final log
-  (``decisions_equal``); it is SIGKILLed and SIGSTOPped too, and goes down with the broker.
+  (``decisions_equal``); it is SIGKILLed and SIGSTOPped too, and goes down with the broker,
+* the incident processor (``python -m processors.incidents.app``) on the Nezha TrainTicket slice of
+  ``datasets/nezha`` (metrics, logs and a quarter of the traces, :func:`telemetry_events`), which a second
+  producer thread replays over the same seconds as the agent runs, in event-time order with 3 % of its
+  records sent again later (redeliveries); the telemetry topics are archived (re-seeded by a broker
+  restart) and the worker's insights must equal those of the pure
+  :class:`processors.incidents.incident.IncidentEngine` over the final telemetry (``incidents_equal``,
+  :func:`expected_incidents`); SIGKILLed and SIGSTOPped too.
 
 A producer thread sends the agent runs of ``datasets/agent_runs`` (their events interleaved across
 runs by the seed, each run in step order) at a steady rate through :class:`streams.producer.EventProducer`
@@ -63,9 +70,11 @@ import tempfile
 import threading
 import time
 import uuid
+import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -105,8 +114,10 @@ from configuration.aggregate import aggregate_id_for
 from configuration.projection import REDIS_PREFIX as CONFIG_REDIS_PREFIX
 from configuration.store import ConfigStore, event_id_for
 from connectors.agent_runs import ParsedRun, iter_runs
+from connectors.nezha import iter_day
 from core.settings import PostgresSettings, Settings
 from processors.healing.healer import Healer
+from processors.incidents.incident import IncidentEngine
 from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
 from projections.agent_runs import AgentRunsProjection
 from projections.runner import ProjectionRunner
@@ -114,7 +125,7 @@ from streams.consumer import ConsumedEvent
 from streams.envelope import Event, deterministic_id
 from streams.errors import StreamsError
 from streams.offsets import end_offsets, make_consumer
-from streams.producer import EventProducer
+from streams.producer import EventProducer, epoch_ms
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
@@ -128,6 +139,7 @@ __all__ = [
     "FaultRecord",
     "Profile",
     "expected_decisions",
+    "expected_incidents",
     "expected_insights",
     "run_chaos",
     "run_figures",
@@ -140,10 +152,12 @@ FaultKind = Literal[
     "sigkill_projection",
     "sigkill_api",
     "sigkill_healer",
+    "sigkill_incidents",
     "sigstop_processor",
     "sigstop_projection",
     "sigstop_api",
     "sigstop_healer",
+    "sigstop_incidents",
     "postgres_restart",
     "postgres_backend_kill",
     "postgres_stall",
@@ -154,6 +168,12 @@ FaultKind = Literal[
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
+#: The Nezha TrainTicket slice the incident processor's workload replays (metrics, logs, traces).
+DEFAULT_TELEMETRY: Final = Path(__file__).resolve().parents[1] / "datasets" / "nezha"
+_TELEMETRY_PARTITIONS: Final = 3
+#: Telemetry schema -> the incident engine's record kind (as the incident worker decodes them).
+_TELEMETRY_KINDS: Final = {"sophia.telemetry.MetricSample": "metric", "sophia.telemetry.LogLine": "log",
+                           "sophia.telemetry.Span": "span"}  # fmt: skip
 _PARTITIONS: Final = 6
 _SESSION_TIMEOUT_MS: Final = 6000
 _CONFIG_PARTITIONS: Final = 3
@@ -233,10 +253,12 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigkill_projection": 2,
             "sigkill_api": 1,
             "sigkill_healer": 1,
+            "sigkill_incidents": 1,
             "sigstop_processor": 1,
             "sigstop_projection": 1,
             "sigstop_api": 1,
             "sigstop_healer": 1,
+            "sigstop_incidents": 1,
             "postgres_restart": 1,
             "postgres_backend_kill": 1,
             "postgres_stall": 1,
@@ -254,10 +276,12 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigkill_projection": 5,
             "sigkill_api": 2,
             "sigkill_healer": 3,
+            "sigkill_incidents": 2,
             "sigstop_processor": 3,
             "sigstop_projection": 4,
             "sigstop_api": 2,
             "sigstop_healer": 2,
+            "sigstop_incidents": 2,
             "postgres_restart": 3,
             "postgres_backend_kill": 3,
             "postgres_stall": 2,
@@ -703,12 +727,13 @@ class _Workload(threading.Thread):
     """
 
     def __init__(
-        self, kafka_settings: Any, serde: AvroSerde, topic: str, events: list[Event], seconds: float,
+        self, kafka_settings: Any, serde: AvroSerde, topic: str | Callable[[Event], str], events: list[Event], seconds: float,
         redelivery_fraction: float, rng: random.Random, http: _HttpIngest | None = None,
         http_fraction: float = 0.0, http_give_up_seconds: float = 150.0,
     ) -> None:  # fmt: skip
         super().__init__(name="chaos-workload", daemon=True)
-        self._kafka, self._serde, self._topic = kafka_settings, serde, topic
+        self._kafka, self._serde = kafka_settings, serde
+        self._topic_of: Callable[[Event], str] = topic if callable(topic) else (lambda _e: topic)
         self._events, self._seconds = events, seconds
         self._redelivery, self._rng = redelivery_fraction, rng
         self._http, self._http_fraction, self._give_up = http, http_fraction, http_give_up_seconds
@@ -850,7 +875,7 @@ class _Workload(threading.Thread):
                 batch = chunk + extra
                 try:
                     for e in batch:
-                        producer.produce(self._topic, e)
+                        producer.produce(self._topic_of(e), e)
                     producer.flush(30)
                     acked = True
                 except StreamsError as exc:
@@ -940,6 +965,51 @@ def expected_decisions(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]
         for d in healer.feed(event):
             found.setdefault(d.id, _json_safe(dict(d.to_event().data)))
     return found
+
+
+def telemetry_events(path: Path) -> list[tuple[str, Event]]:
+    """The workload's telemetry: ``(topic, event)`` of the Nezha slice at ``path`` in event-time order
+    (:func:`connectors.nezha.iter_day`), the traces cut to a quarter (whole traces, chosen by a hash of the
+    trace id, as ``tests/integration/test_incidents_replay.py`` does) to keep the run light."""
+    return [
+        (t, e) for t, e in iter_day(path) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
+    ]
+
+
+def expected_incidents(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]]:
+    """Per insight id, the insight (JSON-safe ``sophia.insight.Insight`` data, as the worker publishes it) of
+    the pure :class:`processors.incidents.incident.IncidentEngine` fed ``records`` as the incident worker
+    decodes them (kind, record with times in epoch ms and its CloudEvents id), in event-time order, each
+    from its source ``topic/partition``, and then every source marked read to its end (no flush: a live
+    worker never ends its input). The engine's insights are the same for any interleaving within its
+    allowed lateness, so this is what a worker that lost, skipped and re-learnt nothing publishes."""
+    sources = sorted({f"{r.topic}/{r.partition}" for r in records})
+    engine = IncidentEngine(sources=sources)
+    out: list[dict[str, Any]] = []
+    for r in sorted(records, key=lambda r: (r.attributes.time, r.topic, r.partition, r.offset)):
+        record = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in r.data.items()}
+        record["event_id"] = r.attributes.id
+        out += engine.feed(_TELEMETRY_KINDS[r.schema], record, source=f"{r.topic}/{r.partition}")
+    for source in sources:
+        out += engine.mark_drained(source)
+    found: dict[str, dict[str, Any]] = {}
+    for insight in out:
+        when = datetime.fromtimestamp(insight["event_time"] / 1000, UTC)
+        found.setdefault(insight["insight_id"], _json_safe({**insight, "event_time": when}))
+    return found
+
+
+def _incidents_caught_up(kafka: Any, group: Any, telemetry_ends: list[TopicPartition], merged: str) -> bool:
+    """The incident worker's group has committed every telemetry record and every record of its merged
+    topic (which it forwards them to)."""
+    committed = group.committed([TopicPartition(tp.topic, tp.partition) for tp in telemetry_ends], timeout=5)
+    if any(c.offset < tp.offset for c, tp in zip(committed, telemetry_ends, strict=True)):
+        return False
+    with contextlib.suppress(StreamsError, KafkaException):
+        end = end_offsets(kafka, merged, [0], timeout_seconds=5).get(0, 0)
+        [done] = group.committed([TopicPartition(merged, 0)], timeout=5)
+        return bool(done.offset >= end)
+    return False
 
 
 def _dump(url: str) -> dict[str, list[list[str]]]:
@@ -1085,6 +1155,14 @@ def run_chaos(
         # and the healer would otherwise watch them for rollbacks)
         "healing_config": f"chaos-healing-config-{token}",
         "acks": f"chaos-acks-{token}",
+        # the incident processor: the Nezha slice's telemetry in, incident insights out; its change
+        # topics its own and empty
+        "metrics": f"chaos-metrics-{token}",
+        "logs": f"chaos-logs-{token}",
+        "spans": f"chaos-spans-{token}",
+        "incident_config": f"chaos-incident-config-{token}",
+        "external": f"chaos-external-{token}",
+        "incidents": f"chaos-incidents-{token}",
     }
     pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
     pg_procs: list[subprocess.Popen[bytes]] = []
@@ -1101,6 +1179,10 @@ def run_chaos(
                 NewTopic(topics["decisions"], 1, 1),
                 NewTopic(topics["healing_config"], 1, 1),
                 NewTopic(topics["acks"], 1, 1),
+                *(NewTopic(topics[t], _TELEMETRY_PARTITIONS, 1) for t in ("metrics", "logs", "spans")),
+                NewTopic(topics["incident_config"], 1, 1),
+                NewTopic(topics["external"], 1, 1),
+                NewTopic(topics["incidents"], 1, 1),
             ]
         )
         for f in futures.values():
@@ -1143,11 +1225,22 @@ def run_chaos(
              "--decisions-topic", topics["decisions"], "--dlq-topic", topics["dlq"], "--no-rollback"],
             env, work / "logs" / "healer.log", work,
         )  # fmt: skip
+        # the incident processor on the telemetry (its insights checked against the pure engine's)
+        incidents_id = f"chaos-incidents-{token}"
+        incidents = _Managed(
+            "incidents",
+            [sys.executable, "-m", "processors.incidents.app", "--app-id", incidents_id,
+             "--metrics-topic", topics["metrics"], "--logs-topic", topics["logs"], "--spans-topic", topics["spans"],
+             "--config-topic", topics["incident_config"], "--external-topic", topics["external"],
+             "--insights-topic", topics["incidents"], "--dlq-topic", topics["dlq"]],
+            env, work / "logs" / "incidents.log", work,
+        )  # fmt: skip
         # the event archive of the events and dead-letter topics: what a broker restart re-seeds from
         archive = _Managed(
             "archive",
             [*py, "projections", "run", "archive", "--topic", topics["events"], "--topic", topics["dlq"],
-             "--topic", topics["config"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
+             "--topic", topics["config"], "--topic", topics["metrics"], "--topic", topics["logs"],
+             "--topic", topics["spans"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
             env, work / "logs" / "archive.log", work,
         )  # fmt: skip
         # configuration: the outbox relay (store -> config topic) and the Redis current-value read model
@@ -1171,7 +1264,7 @@ def run_chaos(
             {**env, "BACKBONE_API_IDEMPOTENCY_PENDING_TTL_SECONDS": str(prof.api_pending_ttl_seconds)},
             work / "logs" / "api.log", work,
         )  # fmt: skip
-        processes = [processor, projection, archive, relay, config_projection, api, healer]
+        processes = [processor, projection, archive, relay, config_projection, api, healer, incidents]
         for p in processes:
             p.start()
         http = _HttpIngest(f"http://127.0.0.1:{api_port}", api_token, api_token_id, topics["events"],
@@ -1184,6 +1277,13 @@ def run_chaos(
         workload = _Workload(kafka, serde, topics["events"], events, prof.produce_seconds,
                              prof.redelivery_fraction, rng, http, prof.http_fraction,
                              prof.http_give_up_seconds)  # fmt: skip
+        telemetry_topics = {"telemetry.metrics": topics["metrics"], "telemetry.logs": topics["logs"],
+                            "telemetry.spans": topics["spans"]}  # fmt: skip
+        telemetry = telemetry_events(DEFAULT_TELEMETRY)
+        telemetry_topic = {e.attributes.id: telemetry_topics[t] for t, e in telemetry}
+        telemetry_workload = _Workload(kafka, serde, lambda e: telemetry_topic[e.attributes.id],
+                                       [e for _, e in telemetry], prof.produce_seconds, prof.redelivery_fraction,
+                                       random.Random(seed + 2))  # fmt: skip
         config_workload = _ConfigWorkload(run_settings, prof.config_interval_seconds, random.Random(seed + 1))
         skipped: dict[str, str] = {}
         if not info.embedded.get("redis"):
@@ -1203,13 +1303,15 @@ def run_chaos(
         times = [3.0 + (i + rng.uniform(0.0, 0.8)) * slot for i in range(len(plan))]
         t0 = time.monotonic()
         workload.start()
+        telemetry_workload.start()
         config_workload.start()
         fault_log: list[FaultRecord] = []
         detail = ""
         archived_at_restart: set[str] = set()
         reseeds: list[dict[str, Any]] = []
         rebuilt_after_restart: list[float] = []
-        targets = {"processor": processor, "projection": projection, "api": api, "healer": healer}
+        targets = {"processor": processor, "projection": projection, "api": api, "healer": healer,
+                   "incidents": incidents}  # fmt: skip
         for kind, at in zip(plan, times, strict=True):
             while time.monotonic() - t0 < at:
                 for p in processes:
@@ -1236,6 +1338,7 @@ def run_chaos(
             elif kind == "broker_restart":
                 down = rng.uniform(*prof.broker_down_seconds)
                 workload.pause()  # between two chunks: nothing in flight, as dev up holds clients off
+                telemetry_workload.pause()
 
                 def while_down() -> None:
                     for p in processes:  # the whole stack goes down, as in a crash of the machine
@@ -1245,7 +1348,8 @@ def run_chaos(
 
                 report = devstack.restart_broker(
                     down_seconds=down, while_down=while_down,
-                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS},
+                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
+                                **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")}},
                 )  # fmt: skip
                 assert report is not None
                 reseeds.append(report.as_json())
@@ -1256,6 +1360,7 @@ def run_chaos(
                 for p in processes:
                     p.start()
                 workload.resume(new_producer=True)
+                telemetry_workload.resume(new_producer=True)
             elif kind == "postgres_backend_kill":
                 t_kill = time.monotonic()
                 detail = kill_backends(info.postgres_url)
@@ -1288,10 +1393,11 @@ def run_chaos(
             fault_log.append(FaultRecord(kind, round(began, 2), round(down, 2), detail))
             detail = ""
             log.info("chaos.fault", kind=kind, at_seconds=round(began, 2), duration_seconds=round(down, 2))
-        while workload.is_alive():
+        while workload.is_alive() or telemetry_workload.is_alive():
             for p in processes:
                 p.restart_if_exited()
             workload.join(0.2)
+            telemetry_workload.join(0.01)
         config_workload.stop()
         faults_over = time.monotonic()
         durations["workload_and_faults"] = round(faults_over - t0, 2)
@@ -1304,6 +1410,13 @@ def run_chaos(
             log_end[r.partition] = max(log_end[r.partition], r.offset + 1)
         group = make_consumer(kafka, app_id)
         healer_group = make_consumer(kafka, healer_id)
+        incidents_group = make_consumer(kafka, incidents_id)
+        merged = f"{incidents_id}-telemetry-repartition"  # processors.incidents.app.IncidentTopics.merged
+        telemetry_ends = [
+            TopicPartition(topics[t], p, end)
+            for t in ("metrics", "logs", "spans")
+            for p, end in end_offsets(kafka, topics[t]).items()
+        ]
         recovered: float | None = None
         try:
             while time.monotonic() - faults_over <= prof.lag_bound_seconds:
@@ -1313,18 +1426,23 @@ def run_chaos(
                 tps = [TopicPartition(topics["events"], p) for p in range(_PARTITIONS)]
                 committed = {tp.partition: tp.offset for tp in group.committed(tps, timeout=5)}
                 healer_committed = {tp.partition: tp.offset for tp in healer_group.committed(tps, timeout=5)}
-                if all(
-                    cps.get(p, 0) >= end
-                    and committed.get(p, -1) >= end
-                    and healer_committed.get(p, -1) >= end
-                    for p, end in log_end.items()
-                ) and _config_caught_up(run_settings, info.redis_url, topics["config"], kafka):
+                if (
+                    all(
+                        cps.get(p, 0) >= end
+                        and committed.get(p, -1) >= end
+                        and healer_committed.get(p, -1) >= end
+                        for p, end in log_end.items()
+                    )
+                    and _incidents_caught_up(kafka, incidents_group, telemetry_ends, merged)
+                    and _config_caught_up(run_settings, info.redis_url, topics["config"], kafka)
+                ):
                     recovered = round(time.monotonic() - faults_over, 2)
                     break
                 time.sleep(0.5)
         finally:
             group.close()
             healer_group.close()
+            incidents_group.close()
         durations["lag_recovered"] = recovered
         for p in processes:
             p.stop()
@@ -1338,6 +1456,17 @@ def run_chaos(
         decisions = [
             DecisionRecord(r.attributes.id, _json_safe(dict(r.data)))
             for r in read_range(kafka, serde, topics["decisions"])
+            if isinstance(r, ConsumedEvent)
+        ]
+        incident_insights = [
+            DecisionRecord(r.attributes.id, _json_safe(dict(r.data)))
+            for r in read_range(kafka, serde, topics["incidents"])
+            if isinstance(r, ConsumedEvent)
+        ]
+        telemetry_records = [
+            r
+            for t in ("metrics", "logs", "spans")
+            for r in read_range(kafka, serde, topics[t])
             if isinstance(r, ConsumedEvent)
         ]
         rebuild_db = f"chaos_rebuild_{uuid.uuid4().hex[:8]}"
@@ -1381,6 +1510,8 @@ def run_chaos(
             config_read_model=config_read_model,
             decisions=decisions,
             expected_decisions=expected_decisions(records),
+            incidents=incident_insights,
+            expected_incidents=expected_incidents(telemetry_records),
         )
         violations = check_history(history)
         by_path = acknowledged_by_path(workload.produced)
@@ -1408,6 +1539,10 @@ def run_chaos(
                 "insight_records": len(insights),
                 "decision_records": len(decisions),
                 "decisions": len({d.decision_id for d in decisions}),
+                "telemetry_dataset": len(telemetry),
+                "telemetry_on_topics": len(telemetry_records),
+                "incident_insight_records": len(incident_insights),
+                "incident_insights": len({d.decision_id for d in incident_insights}),
                 "send_errors": len(workload.errors),
                 "lost_in_window": len(window),
                 "broker_restarts": broker_restarts,
@@ -1452,6 +1587,7 @@ GUARANTEE_TITLES: Final[dict[str, str]] = {
     "rebuild_equal": "projection == from-scratch rebuild",
     "insights_equal": "insights == pure logic over the log",
     "decisions_equal": "healer decisions == pure healer over the log",
+    "incidents_equal": "incident insights == pure engine over the telemetry",
     "lag_recovered": "lag back to zero within the bound",
     "config_current": "config changes published, Redis read model current",
 }

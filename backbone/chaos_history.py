@@ -28,8 +28,14 @@ Guarantees checked (the names are the keys of the report's ``violations``):
   was killed, stopped, restarted with the broker and cut off from PostgreSQL meanwhile, so this holds only
   if its checkpoints (state + offsets) never let a record be skipped or decided twice into a different
   state.
-* ``lag_recovered``: after the last fault, the processor, the healer and the projection caught up with
-  the log within the bound.
+* ``incidents_equal``: after de-duplication by insight id, the incident worker's insights equal those of
+  the pure :class:`processors.incidents.incident.IncidentEngine` fed the same telemetry in event-time
+  order (the engine decides the same for any interleaving within its allowed lateness): every copy
+  identical, none missing, none extra. The worker was killed, stopped and restarted with the broker
+  meanwhile, so this holds only if a restarted worker resumes the state it had, rather than re-learning
+  from the records after its committed offset.
+* ``lag_recovered``: after the last fault, the processor, the healer, the incident worker and the
+  projection caught up with the log within the bound.
 * ``config_current``: every configuration change the store acknowledged reached the config topic
   (through the outbox relay), and the Redis read model holds, for every key, the store's current
   version (the newest version on the topic when the newest ones were lost in a broker restart's window,
@@ -68,6 +74,7 @@ GUARANTEES: Final[tuple[str, ...]] = (
     "rebuild_equal",
     "insights_equal",
     "decisions_equal",
+    "incidents_equal",
     "lag_recovered",
     "config_current",
 )
@@ -126,8 +133,10 @@ class InsightRecord:
 
 @dataclass(frozen=True, slots=True)
 class DecisionRecord:
-    """One healer decision found on the decisions topic: its id (the CloudEvents id, deterministic) and its
-    JSON-able ``data`` (``sophia.healing.Decision``: kind, subject, event time, details, causation id...)."""
+    """One record of a processor's output found on its topic: its id (the CloudEvents id, deterministic)
+    and its JSON-able ``data``: a healer decision (``sophia.healing.Decision``: kind, subject, event time,
+    details, causation id...) or an incident insight (``sophia.insight.Insight``: ``incident.opened`` /
+    ``updated`` / ``closed`` with the ranked candidates and their evidence)."""
 
     decision_id: str
     data: dict[str, Any]
@@ -171,6 +180,9 @@ class ChaosHistory:
         decisions: every decision record on the healer's decisions topic (copies included).
         expected_decisions: per decision id, the data of the pure healer's decision over the topic's
             events (each partition in offset order).
+        incidents: every insight record on the incident worker's insights topic (copies included).
+        expected_incidents: per insight id, the insight of the pure incident engine over the telemetry
+            topics' records.
         lag_recovered_seconds: seconds from the end of the faults and of the workload until the
             processor, the healer and the projection had caught up; ``None`` when they had not within the
             bound.
@@ -198,6 +210,8 @@ class ChaosHistory:
     config_read_model: dict[str, int | None] = field(default_factory=dict)
     decisions: list[DecisionRecord] = field(default_factory=list)
     expected_decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    incidents: list[DecisionRecord] = field(default_factory=list)
+    expected_incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def check_history(h: ChaosHistory) -> list[Violation]:
@@ -208,7 +222,8 @@ def check_history(h: ChaosHistory) -> list[Violation]:
         *_order_per_key(h),
         *_rebuild_equal(h),
         *_insights_equal(h),
-        *_decisions_equal(h),
+        *_outputs_equal("decisions_equal", "the pure healer", h.decisions, h.expected_decisions),
+        *_outputs_equal("incidents_equal", "the pure incident engine", h.incidents, h.expected_incidents),
         *_lag_recovered(h),
         *_config_current(h),
     ]
@@ -372,30 +387,30 @@ def _insights_equal(h: ChaosHistory) -> list[Violation]:
     return out
 
 
-def _decisions_equal(h: ChaosHistory) -> list[Violation]:
+def _outputs_equal(
+    guarantee: str, pure: str, records: list[DecisionRecord], expected: dict[str, dict[str, Any]]
+) -> list[Violation]:
     copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for rec in h.decisions:
+    for rec in records:
         copies[rec.decision_id].append(rec.data)
     out = []
-    missing = sorted(set(h.expected_decisions) - set(copies))
-    extra = sorted(set(copies) - set(h.expected_decisions))
+    missing = sorted(set(expected) - set(copies))
+    extra = sorted(set(copies) - set(expected))
     if missing:
-        out.append(Violation("decisions_equal",
-                             f"{len(missing)} of the pure healer's {len(h.expected_decisions)} decisions are not on the topic",
-                             {"missing": missing[:10], "first": h.expected_decisions[missing[0]]}))  # fmt: skip
+        out.append(Violation(guarantee, f"{len(missing)} of {pure}'s {len(expected)} outputs are not on the topic",
+                             {"missing": missing[:10], "first": expected[missing[0]]}))  # fmt: skip
     if extra:
-        out.append(Violation("decisions_equal",
-                             f"{len(extra)} decisions on the topic that the pure healer does not make over the log",
+        out.append(Violation(guarantee, f"{len(extra)} outputs on the topic that {pure} does not make over the log",
                              {"extra": extra[:10], "first": copies[extra[0]][0]}))  # fmt: skip
-    for decision_id in sorted(set(copies) & set(h.expected_decisions)):
-        want = h.expected_decisions[decision_id]
-        differing = [c for c in copies[decision_id] if c != want]
+    for output_id in sorted(set(copies) & set(expected)):
+        want = expected[output_id]
+        differing = [c for c in copies[output_id] if c != want]
         if differing:
             diff = sorted(k for k in set(want) | set(differing[0]) if want.get(k) != differing[0].get(k))
-            out.append(Violation("decisions_equal",
-                                 f"decision {decision_id}: {len(differing)} of {len(copies[decision_id])} copies differ "
-                                 f"from the pure healer's (fields {', '.join(diff)})",
-                                 {"decision_id": decision_id, "got": {k: differing[0].get(k) for k in diff},
+            out.append(Violation(guarantee,
+                                 f"{output_id}: {len(differing)} of {len(copies[output_id])} copies differ from "
+                                 f"{pure}'s (fields {', '.join(diff)})",
+                                 {"decision_id": output_id, "got": {k: differing[0].get(k) for k in diff},
                                   "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
     return out
 

@@ -374,3 +374,15 @@ def test_expected_decisions_are_the_pure_healer_s_per_partition_whatever_the_rec
     # one record dropped (a worker that skipped it): for about a fifth of them the decisions change
     changed = sum(expected_decisions(records[:i] + records[i + 1 :]) != want for i in range(100))  # type: ignore[arg-type]
     assert changed >= 10
+
+
+def test_incident_insights_are_held_to_the_pure_engine_s_like_the_healer_s_decisions() -> None:
+    opened = {"insight_id": "i1", "kind": "incident.opened", "labels": {"top1_pod": "ts-contacts-1"}}
+    closed = {"insight_id": "i2", "kind": "incident.closed", "labels": {"top1_pod": "ts-contacts-1"}}
+    h = _clean()
+    h.expected_incidents = {"i1": opened, "i2": closed}
+    h.incidents = [DecisionRecord("i1", dict(opened)), DecisionRecord("i2", dict(closed))]
+    assert check_history(h) == []
+    h.incidents = [DecisionRecord("i1", {**opened, "labels": {"top1_pod": "ts-route-1"}})]  # re-learnt, wrong
+    violations = _only(h, "incidents_equal", 2)
+    assert violations[0].evidence["missing"] == ["i2"] and violations[1].evidence["decision_id"] == "i1"
