@@ -1345,6 +1345,8 @@ def run_chaos(
                         p.kill()
                     archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
                     archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
+                    for t in ("metrics", "logs", "spans"):
+                        archived_at_restart.update(_archived_ids(info.postgres_url, topics[t]))
 
                 report = devstack.restart_broker(
                     down_seconds=down, while_down=while_down,
@@ -1482,6 +1484,18 @@ def run_chaos(
         topic_records = [TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id) for r in records]
         broker_restarts = sum(1 for f in fault_log if f.kind == "broker_restart")
         window = lost_in_window(workload.produced, topic_records, archived_at_restart, broker_restarts)
+        # the telemetry is held to the same guarantees (no acknowledged record lost, order per key); its
+        # keys are prefixed with their topic, a pod's metrics and its log lines being two keys
+        telemetry_produced = [
+            ProducedEvent(p.event_id, f"{telemetry_topic[p.event_id]}|{p.key}", p.acknowledged, p.via)
+            for p in telemetry_workload.produced
+        ]
+        telemetry_topic_records = [
+            TopicRecord(r.partition, r.offset, f"{r.topic}|{r.key or ''}", r.attributes.id)
+            for r in telemetry_records
+        ]
+        telemetry_window = lost_in_window(telemetry_produced, telemetry_topic_records, archived_at_restart,
+                                          broker_restarts)  # fmt: skip
         config_store, config_read_model = _config_state(run_settings, info.redis_url)
         config_topic_ids = frozenset(
             r.attributes.id
@@ -1489,8 +1503,8 @@ def run_chaos(
             if isinstance(r, ConsumedEvent)
         )
         history = ChaosHistory(
-            produced=workload.produced,
-            topic=topic_records,
+            produced=[*workload.produced, *telemetry_produced],
+            topic=[*topic_records, *telemetry_topic_records],
             # the dataset, less the acknowledged events a broker restart lost in the documented window
             expected_runs=run_figures(
                 [e for r in runs for e in r.events if _delivered(workload, e) not in window]
@@ -1541,6 +1555,8 @@ def run_chaos(
                 "decisions": len({d.decision_id for d in decisions}),
                 "telemetry_dataset": len(telemetry),
                 "telemetry_on_topics": len(telemetry_records),
+                "telemetry_acknowledged": sum(p.acknowledged for p in telemetry_workload.produced),
+                "telemetry_lost_in_window": len(telemetry_window),
                 "incident_insight_records": len(incident_insights),
                 "incident_insights": len({d.decision_id for d in incident_insights}),
                 "send_errors": len(workload.errors),

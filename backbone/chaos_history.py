@@ -6,8 +6,9 @@ violated. Keeping the checker pure lets the tests feed it deliberately broken hi
 
 Guarantees checked (the names are the keys of the report's ``violations``):
 
-* ``acknowledged_lost``: every event whose delivery was acknowledged is on the topic, whichever way it
-  was sent: by the workload's producer (the flush that covered it returned) or over HTTP ingest (the API
+* ``acknowledged_lost``: every event whose delivery was acknowledged is on the topic (the agent events
+  and, in :mod:`backbone.chaos`, the telemetry records too, their keys prefixed with their topic), whichever
+  way it was sent: by the workload's producer (the flush that covered it returned) or over HTTP ingest (the API
   answered 2xx; the event's id is the one the API derives from the request's ``Idempotency-Key``, so
   a retried request produces the same ids and its duplicates are removed by id). After a broker
   restart (the embedded broker's log is in memory and is re-seeded from the event archive), an
