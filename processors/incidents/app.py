@@ -105,9 +105,9 @@ messages the state already holds: their offsets are not above the stored one, so
 (``replayed_count``, ``backbone_incidents_replayed``), not fed twice. The input stage is at least once too
 (above): inputs forwarded again after a crash are dropped by the engine as duplicates (same window) or
 counted late (a closed window), never used twice. Checked by ``tests/integration/test_incidents_restart.py``
-(SIGKILL after the slice's first incident and the opening of a second, real Tansu: the restarted worker's
-de-duplicated insights equal an uninterrupted worker's; a cold restart, the code before, lost the open
-incident) and ``tests/unit/test_incidents_checkpoints.py`` (skipped replays, parts). A state whose
+(real Tansu, SIGKILL after the slice's first incident and the opening of a second, and while the fault's
+windows are buffered in a state written in two parts: the restarted worker's de-duplicated insights equal an
+uninterrupted worker's; a cold restart, the code before, lost the open incident and the buffered fault) and ``tests/unit/test_incidents_checkpoints.py`` (skipped replays, parts). A state whose
 ``format`` this code does not read stops the worker (``incident_state_unreadable``, the app crashed) rather
 than run on empty state; to start from empty state, use a new app id. The restored engine keeps its stored
 configuration and declared sources (the worker's ``config`` applies to a fresh state only). Limits: one

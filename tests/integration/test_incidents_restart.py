@@ -1,13 +1,19 @@
 """The incident worker's state survives a SIGKILL (real Tansu; the workers are separate processes).
 
-The Nezha slice (a quarter of the traces, and the replay test's changes) is produced up to 09:02:30 event time:
-enough for the slice's first incident (opened, updated, closed) and the opening of a second one. A worker runs
-until those four insights are out and its group has committed the merged topic up to its end, and is then
-SIGKILLed (no clean shutdown). The rest of the slice is produced and a worker with the same app id runs until
-idle: it must go on from the state the first one checkpointed (table ``incident_state``), so that the
-de-duplicated insights (by ``insight_id``: kind, event time, candidates, suspect changes) equal those of one
-uninterrupted worker (another app id) over the whole input. A worker that starts cold from the committed offset
-(the code before the state table) loses the open incident and the detectors' histories.
+The Nezha slice (a quarter of the traces, and the replay test's changes) is produced up to a cut in event time; a
+worker runs until its group has committed the merged topic to its end (and, for the first cut, the insights
+expected by then are out), and is then SIGKILLed (no clean shutdown). The rest of the slice is produced and a
+worker with the same app id runs until idle: it must go on from the state the first one checkpointed (table
+``incident_state``), so that the de-duplicated insights (by ``insight_id``: kind, event time, candidates, suspect
+changes) equal those of one uninterrupted worker (another app id) over the whole input. Two cuts:
+
+* ``open-incident`` (09:02:30): after the first incident's three insights and the opening of a second one, which
+  only the restored state can close;
+* ``buffered`` (08:50): while the logs and spans hold the watermark before the fault's window, so minutes of
+  windows are buffered: a state above 512 KiB compressed, written to the table in two parts.
+
+A worker that starts cold from the committed offset (the code before the state table) fails both: it never
+closes the open incident, and it never sees the buffered fault.
 """
 
 from __future__ import annotations
@@ -40,8 +46,11 @@ from tests.integration.test_incidents_replay import SLICE, _changes
 
 pytestmark = pytest.mark.integration
 
-CUT = datetime(2023, 1, 29, 9, 2, 30, tzinfo=UTC)
-"""Events before it are produced before the kill, the rest after."""
+OPEN_INCIDENT = datetime(2023, 1, 29, 9, 2, 30, tzinfo=UTC)
+"""A cut after the first incident's three insights and the second's opening."""
+BUFFERED = datetime(2023, 1, 29, 8, 50, tzinfo=UTC)
+"""A cut while the logs and spans (which end at 08:44:08) hold the watermark before the fault's window: minutes of
+windows are buffered, a state above 512 KiB compressed, written in parts."""
 
 
 def _env(settings: Settings, tmp_path: Path, app_id: str) -> dict[str, str]:
@@ -65,10 +74,16 @@ def _command(app_id: str, topics: dict[str, str]) -> list[str]:
 
 
 def _run(settings: Settings, tmp_path: Path, app_id: str, topics: dict[str, str]) -> dict[str, Any]:
+    """Run a worker until idle; its counters, with ``restored_parts``: the parts of the state it restored
+    (from its ``incident_state_restored`` log line; None when it restored none)."""
     done = subprocess.run(_command(app_id, topics), env=_env(settings, tmp_path, app_id), check=False,
                           capture_output=True, text=True, timeout=240)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     stats: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    restored = [
+        line for line in (done.stdout + done.stderr).splitlines() if "incident_state_restored" in line
+    ]
+    stats["restored_parts"] = json.loads(restored[0][restored[0].index("{") :])["parts"] if restored else None
     return stats
 
 
@@ -111,14 +126,20 @@ def _by_id(insights: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
     return out
 
 
+@pytest.mark.parametrize(
+    ("cut", "insights_at_kill", "parts"),
+    [(OPEN_INCIDENT, 4, 0), (BUFFERED, 0, 2)],
+    ids=["open-incident", "buffered"],
+)
 def test_a_worker_killed_mid_stream_goes_on_from_its_checkpointed_state(
-    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
-) -> None:
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path,
+    cut: datetime, insights_at_kill: int, parts: int,
+) -> None:  # fmt: skip
     events = [
         (t, e) for t, e in iter_day(SLICE) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
     ] + _changes()
-    before = [(t, e) for t, e in events if e.attributes.time < CUT]
-    after = [(t, e) for t, e in events if e.attributes.time >= CUT]
+    before = [(t, e) for t, e in events if e.attributes.time < cut]
+    after = [(t, e) for t, e in events if e.attributes.time >= cut]
     assert before and after
     topics = {
         "metrics": create_topic(unique_name("metrics"), partitions=6),
@@ -142,7 +163,7 @@ def test_a_worker_killed_mid_stream_goes_on_from_its_checkpointed_state(
             assert time.monotonic() < deadline, "the worker did not emit four insights and commit them"
             sent = end_offsets(settings.kafka, topics["insights"], timeout_seconds=5.0).get(0, 0)
             committed, end = _merged_committed(settings, app_id)
-            if sent >= 4 and committed >= end > 0:
+            if sent >= insights_at_kill and committed >= end > 0:
                 break
             time.sleep(0.3)
         worker.send_signal(signal.SIGKILL)
@@ -151,7 +172,10 @@ def test_a_worker_killed_mid_stream_goes_on_from_its_checkpointed_state(
         if worker.poll() is None:
             worker.kill()
     killed = _insights(settings, topics["insights"])
-    assert [i["kind"] for i in killed][-1] == "incident.opened"  # the second incident is open at the kill
+    if insights_at_kill:
+        assert [i["kind"] for i in killed][-1] == "incident.opened"  # the second incident is open at the kill
+    else:
+        assert killed == []  # the fault's window is buffered, not processed
 
     _produce(settings, topics, after)
     restarted = _run(settings, tmp_path, app_id, topics)
@@ -164,6 +188,7 @@ def test_a_worker_killed_mid_stream_goes_on_from_its_checkpointed_state(
     assert _by_id(got) == _by_id(expected)
     assert len(got) > len(killed)
     assert restarted["restored"] is True and uninterrupted["restored"] is False
+    assert restarted["restored_parts"] == parts
     assert restarted["late_count"] == 0 and uninterrupted["late_count"] == 0
     print(
         f"killed after {len(killed)} insights; {len(got)} in all ({len(expected)} uninterrupted); restarted: "
