@@ -88,6 +88,12 @@ partition, so a recovered head's parts were recovered before it, and the previou
 after the new head. On the Nezha slice (a quarter of the traces, ``tests/unit/test_incidents_state.py``) the
 state is 1 KB to 886 KB compressed (4.4 MB of JSON at its largest, while the slowest source holds the
 watermark and windows stay buffered): about 86 ms to snapshot, encode and compress, 40 ms to restore.
+Cost on a whole Nezha day (``bench/bench_incidents.py``, 85,562 records, 2026-12-06, two shared cores, noisy):
+8 checkpoints, 10.3 MB compressed written in all, the largest 4.1 MB (8 parts), 1.23 s writing; the worker at
+5,519 and 8,356 records/s (0.53 and 0.57 of plain Faust, CPU 134 and 129 µs a record) against main's 11,190
+(0.70, 99 µs) in between; the same 23 incidents opened, 44 updated, 23 closed, late 0. A 5-s interval was
+not better (5 checkpoints, 19.3 MB, the largest 8.2 MB, 2.64 s: the state's size when it is written
+dominates), so the healer's 1 s is kept.
 
 Checkpoints, and what a crash does (at-least-once). The correlate stage feeds each merged message's bodies and
 sends the insights they complete, each delivery awaited, then notes the message's offset as held by the
