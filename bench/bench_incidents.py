@@ -450,6 +450,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"{n_all / eval_seconds:,.0f} events/s for parsing and engine, {eval_seconds:.1f} s); "
         f"late {counters['late_count']}, duplicates {counters['duplicates_count']}"
     )
+    if "state_writes_count" in counters:  # the engine's state table (processors.incidents.app, 2026-12-06)
+        print(
+            f"incident worker state table: {counters['state_writes_count']:,} checkpoints, "
+            f"{counters['state_bytes'] / 1e6:,.1f} MB compressed in all, largest {counters['state_bytes_max'] / 1e3:,.0f} KB, "
+            f"{counters['state_write_seconds']:.2f} s writing (snapshot, JSON, zlib, table write)"
+        )
     for r in rows:
         if r.baseline:
             ratio = r.rate / next(b.rate for b in rows if b.name == r.baseline)

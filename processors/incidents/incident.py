@@ -58,7 +58,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +66,25 @@ from processors.incidents.nezha_detect import DETECTOR_VERSION, METRIC_RULES, An
 from processors.incidents.rca import rank
 from streams.envelope import deterministic_id
 
-__all__ = ["KINDS", "PRIORITIES", "SPARSE_KINDS", "EngineConfig", "Incident", "IncidentEngine", "priority"]
+__all__ = [
+    "KINDS",
+    "PRIORITIES",
+    "SNAPSHOT_FORMAT",
+    "SPARSE_KINDS",
+    "EngineConfig",
+    "Incident",
+    "IncidentEngine",
+    "SnapshotError",
+    "priority",
+]
+
+SNAPSHOT_FORMAT = 1
+"""Layout version of :meth:`IncidentEngine.snapshot` (the one :meth:`IncidentEngine.restore` reads)."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot that :meth:`IncidentEngine.restore` cannot take (another format, or not an engine's state)."""
+
 
 KINDS = ("metric", "log", "span", "change")
 SPARSE_KINDS = frozenset({"change"})
@@ -621,6 +639,128 @@ class IncidentEngine:
             },
         }
 
+    # ------------------------------------------------------------------------------------------- state
+
+    def snapshot(self) -> dict[str, Any]:
+        """The engine's whole state, JSON-ready (``json.dumps`` takes it as is) and
+        deterministic for a given history (every collection in the engine's own order); nothing is shared
+        with the live engine. Datetimes in buffered records (an engine fed decoded Avro rather than the
+        worker's JSON bodies) are written as epoch ms, which the engine reads alike.
+
+        Returns:
+            ``{"format": SNAPSHOT_FORMAT, "config": {EngineConfig fields}, "watermark_ms", "next_window_ms"
+            (epoch ms or null), "waiting", "drained", "sparse" (source names), "source_max": {source: ms},
+            "buffer": [[window_ms, [[kind, record], ...]], ...], "ids": [[window_ms, [event id, ...]], ...],
+            "detectors": [[pod, signal, RobustZ.to_dict()], ...], "templates": {pod: [[level, logger,
+            window_ms], ...]}, "log_windows", "last_log_window", "log_services": {pod: service},
+            "span_pods": [[window_ms, [[trace, span, pod, parent or null], ...]], ...], "pod_services",
+            "call_graph": {caller: {callee: calls}}, "recent": [anomaly, ...], "recent_errors": [[window_ms,
+            [[caller, callee, traces], ...]], ...], "open": null or {"opened_window_ms",
+            "last_anomaly_window_ms", "anomalies", "error_edges"}, "changes": [change, ...] (targets as
+            sorted lists), "late", "late_sources", "duplicates" (counters as dicts), "first_late",
+            "processed_windows", "anomaly_count"}``; an anomaly is its fields as a dict (score unrounded).
+        """
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "config": asdict(self.config),
+            "watermark_ms": self.watermark_ms,
+            "next_window_ms": self._next_window_ms,
+            "waiting": sorted(self._waiting),
+            "drained": sorted(self._drained),
+            "sparse": sorted(self._sparse),
+            "source_max": dict(self._source_max),
+            "buffer": [[w, [[k, _plain(r)] for k, r in items]] for w, items in self._buffer.items()],
+            "ids": [[w, sorted(ids)] for w, ids in self._ids.items()],
+            "detectors": [[pod, signal, d.to_dict()] for (pod, signal), d in self._detectors.items()],
+            "templates": {
+                pod: [[level, logger, w] for (level, logger), w in seen.items()]
+                for pod, seen in self._templates.items()
+            },
+            "log_windows": self._log_windows,
+            "last_log_window": self._last_log_window,
+            "log_services": dict(self._log_services),
+            "span_pods": [
+                [w, [[trace, span, pod, parent] for (trace, span), (pod, parent) in mem.items()]]
+                for w, mem in self._span_pods.items()
+            ],
+            "pod_services": dict(self._pod_services),
+            "call_graph": {caller: dict(callees) for caller, callees in self.call_graph.items()},
+            "recent": [_anomaly_state(a) for a in self._recent],
+            "recent_errors": [[w, _edges_state(e)] for w, e in self._recent_errors],
+            "open": None if self._open is None else {
+                "opened_window_ms": self._open.opened_window_ms,
+                "last_anomaly_window_ms": self._open.last_anomaly_window_ms,
+                "anomalies": [_anomaly_state(a) for a in self._open.anomalies],
+                "error_edges": _edges_state(self._open.error_edges),
+            },
+            "changes": [{**_plain(r), "targets": sorted(r["targets"])} for r in self._changes],
+            "late": dict(self.late),
+            "late_sources": dict(self.late_sources),
+            "duplicates": dict(self.duplicates),
+            "first_late": None if self.first_late is None else dict(self.first_late),
+            "processed_windows": self.processed_windows,
+            "anomaly_count": self.anomaly_count,
+        }  # fmt: skip
+
+    @classmethod
+    def restore(cls, snapshot: Mapping[str, Any]) -> IncidentEngine:
+        """An engine in the state :meth:`snapshot` described (its configuration included), which goes on
+        exactly as the snapshotted engine would (same insights for the same records that follow).
+
+        Raises:
+            SnapshotError: ``snapshot``'s ``format`` is not :data:`SNAPSHOT_FORMAT`, or it is not an engine's
+                state (a field missing or of the wrong type; the cause is chained).
+        """
+        if not isinstance(snapshot, Mapping) or snapshot.get("format") != SNAPSHOT_FORMAT:
+            found = snapshot.get("format") if isinstance(snapshot, Mapping) else type(snapshot).__name__
+            raise SnapshotError(
+                f"incident engine snapshot format {found!r}, this engine reads {SNAPSHOT_FORMAT}"
+            )
+        try:
+            s = snapshot
+            e = cls(EngineConfig(**s["config"]), sources=s["waiting"])
+            e.watermark_ms = _opt_int(s["watermark_ms"])
+            e._next_window_ms = _opt_int(s["next_window_ms"])
+            e._drained = set(s["drained"])
+            e._sparse = set(s["sparse"])
+            e._source_max = {str(k): int(v) for k, v in s["source_max"].items()}
+            for w, items in s["buffer"]:
+                e._buffer[int(w)] = [(str(k), dict(r)) for k, r in items]
+            for w, ids in s["ids"]:
+                e._ids[int(w)] = set(ids)
+            for pod, signal, d in s["detectors"]:
+                e._detectors[(pod, signal)] = RobustZ.from_dict(d)
+            for pod, seen in s["templates"].items():
+                e._templates[pod] = {(level, logger): int(w) for level, logger, w in seen}
+            e._log_windows = int(s["log_windows"])
+            e._last_log_window = _opt_int(s["last_log_window"])
+            e._log_services = dict(s["log_services"])
+            for w, mem in s["span_pods"]:
+                e._span_pods[int(w)] = {(trace, span): (pod, parent) for trace, span, pod, parent in mem}
+            e._pod_services = dict(s["pod_services"])
+            for caller, callees in s["call_graph"].items():
+                e.call_graph[caller] = Counter({callee: int(n) for callee, n in callees.items()})
+            e._recent = [_anomaly(a) for a in s["recent"]]
+            e._recent_errors = [(int(w), _edges(edges)) for w, edges in s["recent_errors"]]
+            if s["open"] is not None:
+                o = s["open"]
+                e._open = Incident(
+                    opened_window_ms=int(o["opened_window_ms"]),
+                    anomalies=[_anomaly(a) for a in o["anomalies"]],
+                    last_anomaly_window_ms=int(o["last_anomaly_window_ms"]),
+                    error_edges=_edges(o["error_edges"]),
+                )
+            e._changes = [{**r, "targets": frozenset(r["targets"])} for r in s["changes"]]
+            e.late = Counter(s["late"])
+            e.late_sources = Counter(s["late_sources"])
+            e.duplicates = Counter(s["duplicates"])
+            e.first_late = None if s["first_late"] is None else dict(s["first_late"])
+            e.processed_windows = int(s["processed_windows"])
+            e.anomaly_count = int(s["anomaly_count"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SnapshotError(f"not an incident engine snapshot: {type(exc).__name__}: {exc}") from exc
+        return e
+
     def stats(self) -> dict[str, Any]:
         """Counters: processed windows, anomalies, late events per kind, state sizes."""
         return {
@@ -633,6 +773,32 @@ class IncidentEngine:
             "buffered_windows": len(self._buffer),
             "changes_kept": len(self._changes),
         }
+
+
+def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record with its datetimes as epoch ms (JSON-ready; the engine reads both alike)."""
+    return {k: _ms(v) if isinstance(v, datetime) else v for k, v in record.items()}
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _anomaly_state(a: Anomaly) -> dict[str, Any]:
+    return {f.name: getattr(a, f.name) for f in fields(Anomaly)}
+
+
+def _anomaly(state: Mapping[str, Any]) -> Anomaly:
+    return Anomaly(str(state["pod"]), str(state["service"]), str(state["signal"]), int(state["window_start_ms"]),
+                   float(state["score"]), float(state["value"]), float(state["baseline"]), str(state["detail"]))  # fmt: skip
+
+
+def _edges_state(edges: Counter[tuple[str, str]]) -> list[list[Any]]:
+    return [[caller, callee, n] for (caller, callee), n in edges.items()]
+
+
+def _edges(state: Iterable[list[Any]]) -> Counter[tuple[str, str]]:
+    return Counter({(str(caller), str(callee)): int(n) for caller, callee, n in state})
 
 
 def _canonical(item: tuple[str, dict[str, Any]]) -> tuple[Any, ...]:

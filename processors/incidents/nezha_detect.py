@@ -60,6 +60,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Any
 
 __all__ = [
     "DETECTOR_VERSION",
@@ -189,3 +190,20 @@ class RobustZ:
         if len(self.history) > self.window:
             self.history.popleft()
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state: the parameters and the history (oldest first), floats as they are (``json``
+        writes them exactly)."""
+        return {"window": self.window, "min_history": self.min_history, "direction": self.direction,
+                "abs_floor": self.abs_floor, "rel_floor": self.rel_floor, "history": list(self.history)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RobustZ:
+        """The detector :meth:`to_dict` described.
+
+        Raises:
+            KeyError: a field is missing; ``TypeError``/``ValueError``: a field of the wrong type.
+        """
+        return cls(window=int(state["window"]), min_history=int(state["min_history"]),
+                   direction=int(state["direction"]), abs_floor=float(state["abs_floor"]),
+                   rel_floor=float(state["rel_floor"]), history=deque(float(v) for v in state["history"]))  # fmt: skip
