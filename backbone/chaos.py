@@ -117,6 +117,7 @@ from connectors.agent_runs import ParsedRun, iter_runs
 from connectors.nezha import iter_day
 from core.settings import PostgresSettings, Settings
 from processors.healing.healer import Healer
+from processors.incidents.app import TELEMETRY_KINDS, engine_record
 from processors.incidents.incident import IncidentEngine
 from processors.run_summary import LLM_CALL, TOOL_CALL, RunTotals, apply
 from projections.agent_runs import AgentRunsProjection
@@ -125,7 +126,7 @@ from streams.consumer import ConsumedEvent
 from streams.envelope import Event, deterministic_id
 from streams.errors import StreamsError
 from streams.offsets import end_offsets, make_consumer
-from streams.producer import EventProducer, epoch_ms
+from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
@@ -171,9 +172,6 @@ DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_
 #: The Nezha TrainTicket slice the incident processor's workload replays (metrics, logs, traces).
 DEFAULT_TELEMETRY: Final = Path(__file__).resolve().parents[1] / "datasets" / "nezha"
 _TELEMETRY_PARTITIONS: Final = 3
-#: Telemetry schema -> the incident engine's record kind (as the incident worker decodes them).
-_TELEMETRY_KINDS: Final = {"sophia.telemetry.MetricSample": "metric", "sophia.telemetry.LogLine": "log",
-                           "sophia.telemetry.Span": "span"}  # fmt: skip
 _PARTITIONS: Final = 6
 _SESSION_TIMEOUT_MS: Final = 6000
 _CONFIG_PARTITIONS: Final = 3
@@ -987,9 +985,10 @@ def expected_incidents(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]
     engine = IncidentEngine(sources=sources)
     out: list[dict[str, Any]] = []
     for r in sorted(records, key=lambda r: (r.attributes.time, r.topic, r.partition, r.offset)):
-        record = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in r.data.items()}
-        record["event_id"] = r.attributes.id
-        out += engine.feed(_TELEMETRY_KINDS[r.schema], record, source=f"{r.topic}/{r.partition}")
+        kind = TELEMETRY_KINDS[r.schema]
+        out += engine.feed(
+            kind, engine_record(kind, r.data, r.attributes.id), source=f"{r.topic}/{r.partition}"
+        )
     for source in sources:
         out += engine.mark_drained(source)
     found: dict[str, dict[str, Any]] = {}

@@ -138,9 +138,10 @@ import json
 import sys
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import faust
 import structlog
@@ -177,9 +178,11 @@ __all__ = [
     "STATE_FORMAT",
     "STATE_KEY",
     "STATE_TABLE",
+    "TELEMETRY_KINDS",
     "IncidentStats",
     "IncidentTopics",
     "create_incidents_app",
+    "engine_record",
     "pack_bodies",
     "run_incidents_worker",
 ]
@@ -214,11 +217,12 @@ DRAIN_CHECK_SECONDS = 1.0
 """How often the worker looks for inputs read to their end after their last record (``drained`` markers)."""
 PROCESSOR_NAME = "incidents"
 INSIGHT_SCHEMA = "sophia.insight.Insight"
-_KINDS = {
+TELEMETRY_KINDS: Final = {
     "sophia.telemetry.MetricSample": "metric",
     "sophia.telemetry.LogLine": "log",
     "sophia.telemetry.Span": "span",
 }
+"""Telemetry schema (Avro full name) -> the engine's record kind."""
 
 
 _opened = Counter(
@@ -367,8 +371,14 @@ COUNTERS = (
 """The incident processor's counters as Prometheus metrics (label ``app``)."""
 
 
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in record.items()}
+def engine_record(kind: str, data: Mapping[str, Any], event_id: str | None) -> dict[str, Any]:
+    """A decoded datum of ``kind`` as the engine takes it and the merged topic carries it: times as epoch ms,
+    and, for telemetry (not a change, which has its own ``change_id``), its CloudEvents id as ``event_id``
+    (the engine drops a record seen twice in its window)."""
+    record = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in data.items()}
+    if kind != "change":
+        record["event_id"] = event_id
+    return record
 
 
 class _IncidentShell:
@@ -471,7 +481,7 @@ class _IncidentShell:
         try:
             attributes = CloudEvent.from_headers(message_headers(message.headers))
             schema, data = self.serde.decode(message.value)
-            kind = _KINDS.get(schema)
+            kind = TELEMETRY_KINDS.get(schema)
             if schema == "sophia.config.ConfigChange":
                 kind, data = "change", change_from_config(data, attributes.id)
             elif schema == "sophia.external.ExternalEvent":
@@ -490,9 +500,7 @@ class _IncidentShell:
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
             return marker
-        record = _jsonable(data)
-        if kind != "change":
-            record["event_id"] = attributes.id  # the engine drops a record seen twice in its window
+        record = engine_record(kind, data, attributes.id)
         self.stats.changes_count += kind == "change"
         return {"kind": kind, "source": source, "drained": drained, "record": record}
 

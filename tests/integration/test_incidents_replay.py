@@ -10,14 +10,13 @@ import os
 import random
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from connectors.nezha import iter_day
+from backbone.chaos import telemetry_events
 from core.settings import Settings
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
@@ -61,6 +60,20 @@ def _changes() -> list[tuple[str, Event]]:
     ]  # fmt: skip
 
 
+def incident_topics(create_topic: Callable[..., str], unique_name: Callable[[str], str]) -> dict[str, str]:
+    """Fresh topics for one incident worker, by its option names: the three telemetry inputs (6 partitions
+    each), the two change topics, its insights and dead-letter topics."""
+    return {
+        "metrics": create_topic(unique_name("metrics"), partitions=6),
+        "logs": create_topic(unique_name("logs"), partitions=6),
+        "spans": create_topic(unique_name("spans"), partitions=6),
+        "config": create_topic(unique_name("config"), partitions=1),
+        "external": create_topic(unique_name("external"), partitions=3),
+        "insights": create_topic(unique_name("incidents"), partitions=1),
+        "dlq": create_topic(unique_name("dlq"), partitions=1),
+    }
+
+
 def _run(settings: Settings, tmp_path: Path, app_id: str, topics: dict[str, str]) -> dict:
     env = {
         **os.environ,
@@ -84,9 +97,7 @@ def test_same_insights_in_another_interleaving(
     # the whole slice: the logs and spans end at 08:44:08, the metrics go on to 09:10:09, long enough for
     # the quiet log and span partitions to turn idle (event time) and let the watermark pass 08:43
     # a quarter of the traces (whole traces, by id) keeps the run short; the call graph stays real
-    events = [
-        (t, e) for t, e in iter_day(SLICE) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
-    ] + _changes()
+    events = telemetry_events(SLICE) + _changes()
     serde = AvroSerde(EmbeddedRegistry())
     rng = random.Random(5)
     # the second interleaving: every record up to 10 s (< the 15 s allowed lateness) out of order
@@ -98,15 +109,7 @@ def test_same_insights_in_another_interleaving(
     shuffled = [x for te in shuffled for x in ([te, te] if te[1].attributes.id in twice_ids else [te])]
     results = []
     for order in (events, shuffled):
-        topics = {
-            "metrics": create_topic(unique_name("metrics"), partitions=6),
-            "logs": create_topic(unique_name("logs"), partitions=6),
-            "spans": create_topic(unique_name("spans"), partitions=6),
-            "config": create_topic(unique_name("config"), partitions=1),
-            "external": create_topic(unique_name("external"), partitions=3),
-            "insights": create_topic(unique_name("incidents"), partitions=1),
-            "dlq": create_topic(unique_name("dlq"), partitions=1),
-        }
+        topics = incident_topics(create_topic, unique_name)
         with EventProducer(settings.kafka, serde) as producer:
             for topic, e in order:
                 producer.produce(

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from connectors.nezha import iter_day
+from backbone.chaos import telemetry_events
 from core.settings import Settings
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
@@ -42,7 +41,7 @@ from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
-from tests.integration.test_incidents_replay import SLICE, _changes
+from tests.integration.test_incidents_replay import SLICE, _changes, incident_topics
 
 pytestmark = pytest.mark.integration
 
@@ -135,21 +134,11 @@ def test_a_worker_killed_mid_stream_goes_on_from_its_checkpointed_state(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path,
     cut: datetime, insights_at_kill: int, parts: int,
 ) -> None:  # fmt: skip
-    events = [
-        (t, e) for t, e in iter_day(SLICE) if t != "telemetry.spans" or zlib.crc32(e.key.encode()) % 4 == 0
-    ] + _changes()
+    events = telemetry_events(SLICE) + _changes()
     before = [(t, e) for t, e in events if e.attributes.time < cut]
     after = [(t, e) for t, e in events if e.attributes.time >= cut]
     assert before and after
-    topics = {
-        "metrics": create_topic(unique_name("metrics"), partitions=6),
-        "logs": create_topic(unique_name("logs"), partitions=6),
-        "spans": create_topic(unique_name("spans"), partitions=6),
-        "config": create_topic(unique_name("config"), partitions=1),
-        "external": create_topic(unique_name("external"), partitions=3),
-        "insights": create_topic(unique_name("incidents"), partitions=1),
-        "dlq": create_topic(unique_name("dlq"), partitions=1),
-    }
+    topics = incident_topics(create_topic, unique_name)
     _produce(settings, topics, before)
     app_id = unique_name("incidents")
     worker = subprocess.Popen(_command(app_id, topics), env=_env(settings, tmp_path, app_id),
