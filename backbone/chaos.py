@@ -42,7 +42,10 @@ asks that every acknowledged change reached the config topic and that the read m
 current version afterwards.
 
 A rebalance storm adds a second run-summary worker (same consumer group, its own state dir) and removes
-it again (SIGTERM), twice: the group rebalances four times while the workload runs.
+it again (SIGTERM), twice: the group rebalances four times while the workload runs. In the same rounds a
+second incident worker (same app id) joins, the first one leaves while it is up and comes back, and then
+the second leaves: the incident worker's one-partition correlate stage, and its engine state, move to the
+new member and back (the incident check holds its insights to the pure engine's all the same).
 
 HTTP ingest is part of the workload: the API (``python -m backbone api``) runs as one more process,
 with a token of the harness's own, and a seeded share of the workload's chunks (``Profile.http_fraction``)
@@ -201,8 +204,10 @@ class Profile:
             connections stay open, statements and commits hang, nothing fails).
         redis_down_seconds: (min, max) time the embedded Redis stays down (SIGKILL; it comes back empty).
         storm_rounds: how many times a rebalance storm adds a second run-summary worker to the consumer
-            group and removes it again (SIGTERM: it leaves the group).
-        storm_member_seconds: (min, max) time the added worker stays in the group each round.
+            group and removes it again (SIGTERM: it leaves the group), and adds a second incident worker,
+            stops and restarts the first while it is up, then stops the second.
+        storm_member_seconds: (min, max) time the added worker stays in the group each round (and the first
+            incident worker stays out).
         config_interval_seconds: time between two configuration changes of the config workload.
         redelivery_fraction: share of events sent a second time (over HTTP: share of a chunk's events for
             each of which an earlier acknowledged request is sent again with its key).
@@ -1371,14 +1376,26 @@ def run_chaos(
                 stall_postgres(work / "postgres", down)
             elif kind == "rebalance_storm":
                 t_storm = time.monotonic()
+                # a second member of each group: the run-summary worker's joins and leaves; the incident worker's
+                # joins, the first one leaves while it is up (so the one-partition correlate stage, and its state,
+                # move to it) and comes back, and then the second leaves (so they move back)
                 extra = processor.twin("processor-extra", work / "processor-extra")
-                for _ in range(prof.storm_rounds):  # the group rebalances when it joins and when it leaves
+                extra_incidents = incidents.twin("incidents-extra", work / "incidents-extra")
+                # the groups rebalance when a member joins and when it leaves
+                for _ in range(prof.storm_rounds):
                     extra.start()
+                    extra_incidents.start()
                     time.sleep(rng.uniform(*prof.storm_member_seconds))
+                    incidents.stop()
+                    time.sleep(rng.uniform(*prof.storm_member_seconds))
+                    incidents.start()
                     extra.stop()
                     time.sleep(1.0)
+                    extra_incidents.stop()
+                    time.sleep(1.0)
                 down = time.monotonic() - t_storm
-                detail = f"{prof.storm_rounds} rounds of a second run-summary worker joining and leaving"
+                detail = (f"{prof.storm_rounds} rounds of a second run-summary worker joining and leaving, and of a"
+                          " second incident worker joining, the first leaving and coming back, the second leaving")  # fmt: skip
             elif kind == "redis_flush":
                 down = 0.0
                 with contextlib.closing(redis.Redis.from_url(info.redis_url, socket_timeout=5)) as rc:
