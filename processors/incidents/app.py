@@ -11,8 +11,9 @@ Two stages (each one batch or record in hand at a time):
    (``sophia.config.ConfigChange``) and ``external.events`` (``sophia.external.ExternalEvent``: commits,
    pushes, deploys and releases; other kinds are skipped and counted), as change records
    (:mod:`processors.incidents.changes`) that become the insights' suspect changes. It decodes the
-   Confluent-framed Avro and the CloudEvents headers and forwards the records as compact JSON bodies (times
-   in epoch ms, the source ``topic/partition``, ``drained``) to the one-partition topic
+   Confluent-framed Avro and the CloudEvents headers and forwards the records as compact JSON bodies (only
+   the fields the engine reads, :func:`processors.incidents.incident.engine_fields`; times in epoch ms, the
+   source ``topic/partition``, ``drained``) to the one-partition topic
    ``<app id>-telemetry-repartition``, a batch at a time, the batch's bodies in the order read as one JSON
    list per merged message (:func:`pack_bodies`, split under :data:`MERGED_MAX_BYTES`). The batches come
    straight from each fetch (:class:`processors.shell.BatchDelivery`, up to :data:`BATCH_RECORDS` records,
@@ -87,13 +88,21 @@ head under ``"engine"`` naming them (``b"parts:"`` + JSON ``{"format", "parts"}`
 partition, so a recovered head's parts were recovered before it, and the previous write's parts are deleted
 after the new head. On the Nezha slice (a quarter of the traces, ``tests/unit/test_incidents_state.py``) the
 state is 1 KB to 886 KB compressed (4.4 MB of JSON at its largest, while the slowest source holds the
-watermark and windows stay buffered): about 86 ms to snapshot, encode and compress, 40 ms to restore.
+watermark and windows stay buffered): about 86 ms to snapshot, encode and compress, 40 ms to restore. Since the
+engine keeps only the fields it reads, sampled every 500 records of the same input: at most 518 KB compressed
+(2.8 MB of JSON) against 735 KB (4.5 MB) before, 2026-12-06.
 Cost on a whole Nezha day (``bench/bench_incidents.py``, 85,562 records, 2026-12-06, two shared cores, noisy):
 8 checkpoints, 10.3 MB compressed written in all, the largest 4.1 MB (8 parts), 1.23 s writing; the worker at
 5,519 and 8,356 records/s (0.53 and 0.57 of plain Faust, CPU 134 and 129 µs a record) against main's 11,190
 (0.70, 99 µs) in between; the same 23 incidents opened, 44 updated, 23 closed, late 0. A 5-s interval was
 not better (5 checkpoints, 19.3 MB, the largest 8.2 MB, 2.64 s: the state's size when it is written
-dominates), so the healer's 1 s is kept.
+dominates), so the healer's 1 s is kept. Since the engine keeps only the fields it reads (its buffered
+windows are most of a large state; a Nezha metric record's JSON from 794 to about 330 bytes, a log line without
+its message), the same bench, alternating with the code before (2026-12-06 14:13-14:30, three pairs, noisy): the
+worker at 0.82 / 0.78 / 0.74 of plain Faust (9,355 / 12,080 / 11,357 records/s, CPU 132 / 106 / 104 µs a record;
+6 / 5 / 5 checkpoints, 12.4 / 6.0 / 6.0 MB, 1.58 / 0.63 / 0.75 s writing) against 0.58 / 0.58 / 0.53 before
+(8,572 / 7,299 / 8,376, CPU 140 / 158 / 130 µs; 8 / 6 / 8 checkpoints, 12.7 / 17.3 / 12.5 MB, 1.42 / 2.27 / 1.46
+s); the same 90 insights in every run.
 
 Checkpoints, and what a crash does (at-least-once). The correlate stage feeds each merged message's bodies and
 sends the insights they complete, each delivery awaited, then notes the message's offset as held by the
@@ -120,11 +129,15 @@ configuration and declared sources (the worker's ``config`` applies to a fresh s
 worker per app id (the merged topic has one partition and the state one key); each checkpoint writes the
 whole state, and where the broker does not compact the changelog (not checked for Tansu) recovery reads
 every checkpoint ever written.
-One batch in hand at a time in each stage (each BatchDelivery's one task). Run one worker per app id: in a
-chaos-harness experiment (2026-12-06, the short profile's workload with two rebalance storms of a second
-worker of the same app id joining and leaving, twice each, and no other fault) the insights were 3 of the 5
-that the pure engine makes over the same telemetry (not investigated; a SIGKILL alone, twice mid-stream, kept
-all 5).
+One batch in hand at a time in each stage (each BatchDelivery's one task). A second worker of the same app id
+shares the input stage's partitions, but the correlate stage (one merged partition, one state key) runs on one
+worker at a time: a second member adds no correlating throughput; it takes the correlate stage over, with the
+engine's state, when the first one leaves. Checked by the chaos harness's rebalance storm (``backbone.chaos``:
+a second worker joins, the first leaves while it is up and comes back, the second leaves; 2026-12-06, short
+profile's workload with two storms and no other fault, seed 1: the correlate stage moved to the new member and
+back twice, 0 violations, the 5 insights of the pure engine; short profile, seeds 1-3, with every fault: 0). An
+earlier experiment of the same kind, on code before the state table and the engine's fix for a source whose
+last record is a redelivery, had given 3 of the 5 insights.
 
 Run: ``python -m processors.incidents.app [--stop-after-idle S] ...`` (prints its counters as JSON).
 """
@@ -152,7 +165,7 @@ from prometheus_client import Counter
 from core.observability import REGISTRY
 from core.settings import Settings
 from processors.incidents.changes import change_from_config, change_from_external
-from processors.incidents.incident import EngineConfig, IncidentEngine, SnapshotError
+from processors.incidents.incident import EngineConfig, IncidentEngine, SnapshotError, engine_fields
 from processors.shell import (
     BatchDelivery,
     Checkpoints,
@@ -371,14 +384,18 @@ COUNTERS = (
 """The incident processor's counters as Prometheus metrics (label ``app``)."""
 
 
-def engine_record(kind: str, data: Mapping[str, Any], event_id: str | None) -> dict[str, Any]:
-    """A decoded datum of ``kind`` as the engine takes it and the merged topic carries it: times as epoch ms,
-    and, for telemetry (not a change, which has its own ``change_id``), its CloudEvents id as ``event_id``
-    (the engine drops a record seen twice in its window)."""
+def engine_record(
+    kind: str, data: Mapping[str, Any], event_id: str | None, config: EngineConfig | None = None
+) -> dict[str, Any]:
+    """A decoded datum of ``kind`` as the engine takes it and the merged topic carries it: only the fields the
+    engine reads (:func:`processors.incidents.incident.engine_fields`, for ``config``'s workload metric; default
+    :class:`~processors.incidents.incident.EngineConfig`), times as epoch ms, and, for telemetry (not a change,
+    which has its own ``change_id``), its CloudEvents id as ``event_id`` (the engine drops a record seen twice in
+    its window)."""
     record = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in data.items()}
     if kind != "change":
         record["event_id"] = event_id
-    return record
+    return engine_fields(kind, record, config)
 
 
 class _IncidentShell:
@@ -394,6 +411,7 @@ class _IncidentShell:
         self.initial_sources = list(sources or ())
         self.offset = -1
         self.dirty = False
+        self.part_bytes = STATE_PART_BYTES
         # the table keys of the parts of the state written last (none: it was written whole)
         self._parts: list[str] = []
         self.lock = asyncio.Lock()
@@ -500,7 +518,7 @@ class _IncidentShell:
             self.stats.dead_letters_count += 1
             log.warning("record_dead_lettered", topic=message.topic, offset=message.offset, reason=str(exc))
             return marker
-        record = engine_record(kind, data, attributes.id)
+        record = engine_record(kind, data, attributes.id, self.engine.config)
         self.stats.changes_count += kind == "change"
         return {"kind": kind, "source": source, "drained": drained, "record": record}
 
@@ -648,14 +666,14 @@ class _IncidentShell:
         }
         raw = zlib.compress(_STATE_JSON.encode(body).encode(), 1)
         old = self._parts
-        if len(raw) <= STATE_PART_BYTES:
+        if len(raw) <= self.part_bytes:
             self._parts = []
             self.table[STATE_KEY] = raw
         else:
-            starts = range(0, len(raw), STATE_PART_BYTES)
+            starts = range(0, len(raw), self.part_bytes)
             self._parts = [f"{_PART_PREFIX}{self.offset}/{i}" for i in starts]
             for key, i in zip(self._parts, starts, strict=True):
-                self.table[key] = raw[i : i + STATE_PART_BYTES]
+                self.table[key] = raw[i : i + self.part_bytes]
             head = {"format": STATE_FORMAT, "parts": self._parts}
             self.table[STATE_KEY] = _PARTS_MAGIC + json.dumps(head).encode()
         for key in old:  # the previous write's parts, once the head no longer names them
@@ -743,6 +761,7 @@ def create_incidents_app(
     settings: Settings, *, app_id: str | None = None, topics: IncidentTopics | None = None,
     config: EngineConfig | None = None, serde: AvroSerde | None = None,
     checkpoint_records: int = CHECKPOINT_RECORDS, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    state_part_bytes: int = STATE_PART_BYTES,
 ) -> faust.App:  # fmt: skip
     """Build the app (the five input topics consumed in batches through
     :class:`processors.shell.BatchDelivery`, each fetch's records handed in lists to
@@ -755,10 +774,15 @@ def create_incidents_app(
     Args:
         checkpoint_records: merged bodies correlated after which the engine's state is written.
         checkpoint_seconds: the longest a correlated body waits for that (a timer checkpoints when idle).
+        state_part_bytes: the largest table value the compressed state is written as; above it, in parts of
+            this size (:data:`STATE_PART_BYTES`).
 
     Raises:
-        ValueError: no Kafka bootstrap servers are configured.
+        ValueError: no Kafka bootstrap servers are configured, or ``state_part_bytes`` is not in
+            [1 KiB, :data:`STATE_PART_BYTES`].
     """
+    if not 1024 <= state_part_bytes <= STATE_PART_BYTES:
+        raise ValueError(f"state_part_bytes must lie in [1024, {STATE_PART_BYTES}], got {state_part_bytes}")
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or IncidentTopics()
     app = make_faust_app(settings, app_id, partitions=1, web_port=0)
@@ -783,6 +807,7 @@ def create_incidents_app(
                            merged_key=f"{topics.merged(app_id)}:0", sources=sources)  # fmt: skip
     table.on_recover(shell.recovered)
     shell.checkpoints.every_records, shell.checkpoints.every_seconds = checkpoint_records, checkpoint_seconds
+    shell.part_bytes = state_part_bytes
 
     shell.group = app.conf.id
     inputs = app.topic(*topics.inputs(), *topics.changes(), **raw)
@@ -845,13 +870,14 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
 def run_incidents_worker(
     settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
     stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
+    state_part_bytes: int = STATE_PART_BYTES,
 ) -> IncidentStats:  # fmt: skip
     """Run the worker in this process until stopped (blocking; call from a main thread), with ``/metrics``,
     ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
-    (:func:`processors.shell.run_processor_worker`).
+    (:func:`processors.shell.run_processor_worker`); ``state_part_bytes`` as in :func:`create_incidents_app`.
 
     Raises:
-        ValueError: no Kafka bootstrap servers are configured.
+        ValueError: no Kafka bootstrap servers are configured, or ``state_part_bytes`` is out of range.
         StreamsError: a topic cannot be created.
     """
     if settings is None:
@@ -861,7 +887,7 @@ def run_incidents_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or IncidentTopics()
     ensure_incident_topics(settings, topics, app_id)
-    app = create_incidents_app(settings, app_id=app_id, topics=topics)
+    app = create_incidents_app(settings, app_id=app_id, topics=topics, state_part_bytes=state_part_bytes)
     stats: IncidentStats = app.incident_stats  # type: ignore[attr-defined]
     run_processor_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
@@ -880,11 +906,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{name}-topic", default=getattr(IncidentTopics(), name))
     p.add_argument("--dlq-topic", default=DLQ_TOPIC)
     p.add_argument("--stop-after-idle", type=float, default=None, help="Stop after this many idle seconds.")
+    p.add_argument("--state-part-bytes", type=int, default=STATE_PART_BYTES,
+                   help=f"Largest state table value, bytes; a larger state is written in parts (default {STATE_PART_BYTES}).")  # fmt: skip
     a = p.parse_args(argv)
     topics = IncidentTopics(metrics=a.metrics_topic, logs=a.logs_topic, spans=a.spans_topic,
                             config=a.config_topic, external=a.external_topic, insights=a.insights_topic,
                             dead_letters=a.dlq_topic)  # fmt: skip
-    stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle)
+    stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle,
+                                 state_part_bytes=a.state_part_bytes)  # fmt: skip
     sys.stdout.write(json.dumps(dataclasses.asdict(stats)) + "\n")
 
 
