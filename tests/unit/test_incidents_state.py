@@ -130,3 +130,24 @@ def test_a_snapshot_of_another_format_is_refused() -> None:
         IncidentEngine.restore({"engine": state})
     with pytest.raises(SnapshotError, match="not an incident engine snapshot"):
         IncidentEngine.restore({k: v for k, v in state.items() if k != "detectors"})
+
+
+def test_the_json_snapshot_is_the_snapshot_with_each_buffered_record_encoded_once() -> None:
+    """``snapshot_json`` (the worker's checkpoint) reads back as ``snapshot()`` at every point of the slice, while
+    windows are buffered, grow and close; a buffered record's text is made once and reused by later checkpoints."""
+    rows, sources = _inputs()
+    engine = IncidentEngine(sources=sources)
+    compared = reused = 0
+    for n, (kind, record, source, drained) in enumerate(rows):
+        engine.feed(kind, record, source, drained=drained)
+        if n % 250 == 0:
+            before = {w: len(texts) for w, (_, texts) in engine._encoded.items()}
+            assert json.loads(engine.snapshot_json()) == engine.snapshot()
+            reused += sum(
+                min(k, len(engine._encoded[w][1])) for w, k in before.items() if w in engine._encoded
+            )
+            compared += 1
+    engine.flush()
+    assert json.loads(engine.snapshot_json()) == engine.snapshot()
+    assert engine._encoded == {}  # every window closed: nothing cached
+    assert compared > 30 and reused > 1000
