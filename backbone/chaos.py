@@ -96,8 +96,8 @@ from backbone.chaos_history import (
     GUARANTEES,
     ChaosHistory,
     ConfigWrite,
-    DecisionRecord,
     InsightRecord,
+    OutputRecord,
     ProducedEvent,
     RunFigures,
     TopicRecord,
@@ -1472,12 +1472,12 @@ def run_chaos(
             if isinstance(r, ConsumedEvent)
         ]
         decisions = [
-            DecisionRecord(r.attributes.id, _json_safe(dict(r.data)))
+            OutputRecord(r.attributes.id, _json_safe(dict(r.data)))
             for r in read_range(kafka, serde, topics["decisions"])
             if isinstance(r, ConsumedEvent)
         ]
         incident_insights = [
-            DecisionRecord(r.attributes.id, _json_safe(dict(r.data)))
+            OutputRecord(r.attributes.id, _json_safe(dict(r.data)))
             for r in read_range(kafka, serde, topics["incidents"])
             if isinstance(r, ConsumedEvent)
         ]
@@ -1568,13 +1568,13 @@ def run_chaos(
                 "on_topic": len(records),
                 "insight_records": len(insights),
                 "decision_records": len(decisions),
-                "decisions": len({d.decision_id for d in decisions}),
+                "decisions": len({d.output_id for d in decisions}),
                 "telemetry_dataset": len(telemetry),
                 "telemetry_on_topics": len(telemetry_records),
                 "telemetry_acknowledged": sum(p.acknowledged for p in telemetry_workload.produced),
                 "telemetry_lost_in_window": len(telemetry_window),
                 "incident_insight_records": len(incident_insights),
-                "incident_insights": len({d.decision_id for d in incident_insights}),
+                "incident_insights": len({d.output_id for d in incident_insights}),
                 "send_errors": len(workload.errors),
                 "lost_in_window": len(window),
                 "broker_restarts": broker_restarts,

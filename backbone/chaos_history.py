@@ -55,8 +55,8 @@ __all__ = [
     "SEND_PATHS",
     "ChaosHistory",
     "ConfigWrite",
-    "DecisionRecord",
     "InsightRecord",
+    "OutputRecord",
     "ProducedEvent",
     "RunFigures",
     "TopicRecord",
@@ -133,13 +133,13 @@ class InsightRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class DecisionRecord:
-    """One record of a processor's output found on its topic: its id (the CloudEvents id, deterministic)
-    and its JSON-able ``data``: a healer decision (``sophia.healing.Decision``: kind, subject, event time,
+class OutputRecord:
+    """One record of a processor's output found on its topic: its id (``output_id``: the CloudEvents id,
+    deterministic) and its JSON-able ``data``: a healer decision (``sophia.healing.Decision``: kind, subject, event time,
     details, causation id...) or an incident insight (``sophia.insight.Insight``: ``incident.opened`` /
     ``updated`` / ``closed`` with the ranked candidates and their evidence)."""
 
-    decision_id: str
+    output_id: str
     data: dict[str, Any]
 
 
@@ -209,9 +209,9 @@ class ChaosHistory:
     config_store: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     config_topic_ids: frozenset[str] = frozenset()
     config_read_model: dict[str, int | None] = field(default_factory=dict)
-    decisions: list[DecisionRecord] = field(default_factory=list)
+    decisions: list[OutputRecord] = field(default_factory=list)
     expected_decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    incidents: list[DecisionRecord] = field(default_factory=list)
+    incidents: list[OutputRecord] = field(default_factory=list)
     expected_incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -389,11 +389,11 @@ def _insights_equal(h: ChaosHistory) -> list[Violation]:
 
 
 def _outputs_equal(
-    guarantee: str, pure: str, records: list[DecisionRecord], expected: dict[str, dict[str, Any]]
+    guarantee: str, pure: str, records: list[OutputRecord], expected: dict[str, dict[str, Any]]
 ) -> list[Violation]:
     copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
-        copies[rec.decision_id].append(rec.data)
+        copies[rec.output_id].append(rec.data)
     out = []
     missing = sorted(set(expected) - set(copies))
     extra = sorted(set(copies) - set(expected))
@@ -411,7 +411,7 @@ def _outputs_equal(
             out.append(Violation(guarantee,
                                  f"{output_id}: {len(differing)} of {len(copies[output_id])} copies differ from "
                                  f"{pure}'s (fields {', '.join(diff)})",
-                                 {"decision_id": output_id, "got": {k: differing[0].get(k) for k in diff},
+                                 {"output_id": output_id, "got": {k: differing[0].get(k) for k in diff},
                                   "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
     return out
 

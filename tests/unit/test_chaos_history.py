@@ -15,8 +15,8 @@ from backbone.chaos_history import (
     GUARANTEES,
     ChaosHistory,
     ConfigWrite,
-    DecisionRecord,
     InsightRecord,
+    OutputRecord,
     ProducedEvent,
     RunFigures,
     TopicRecord,
@@ -326,9 +326,9 @@ def _with_decisions(h: ChaosHistory) -> ChaosHistory:
     h.expected_decisions = {"d1": d1, "d2": d2}
     # d1 twice: decided again after a restart from a checkpoint before it, the same decision
     h.decisions = [
-        DecisionRecord("d1", dict(d1)),
-        DecisionRecord("d2", dict(d2)),
-        DecisionRecord("d1", dict(d1)),
+        OutputRecord("d1", dict(d1)),
+        OutputRecord("d2", dict(d2)),
+        OutputRecord("d1", dict(d1)),
     ]
     return h
 
@@ -336,17 +336,17 @@ def _with_decisions(h: ChaosHistory) -> ChaosHistory:
 def test_healer_decisions_equal_the_pure_healer_s_and_a_missing_extra_or_changed_one_is_caught() -> None:
     assert check_history(_with_decisions(_clean())) == []
     h = _with_decisions(_clean())
-    h.decisions = [d for d in h.decisions if d.decision_id != "d2"]  # dropped: a record skipped, say
+    h.decisions = [d for d in h.decisions if d.output_id != "d2"]  # dropped: a record skipped, say
     (v,) = _only(h, "decisions_equal")
     assert v.evidence["missing"] == ["d2"]
     h = _with_decisions(_clean())
-    h.decisions.append(DecisionRecord("d9", {"id": "d9", "kind": "agent_warning"}))
+    h.decisions.append(OutputRecord("d9", {"id": "d9", "kind": "agent_warning"}))
     (v,) = _only(h, "decisions_equal")
     assert v.evidence["extra"] == ["d9"]
     h = _with_decisions(_clean())
-    h.decisions[2] = DecisionRecord("d1", {**h.expected_decisions["d1"], "details_json": '{"level": "warn"}'})
+    h.decisions[2] = OutputRecord("d1", {**h.expected_decisions["d1"], "details_json": '{"level": "warn"}'})
     (v,) = _only(h, "decisions_equal")
-    assert v.evidence["decision_id"] == "d1" and list(v.evidence["got"]) == ["details_json"]
+    assert v.evidence["output_id"] == "d1" and list(v.evidence["got"]) == ["details_json"]
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="datasets/agent_runs is missing")
@@ -381,8 +381,8 @@ def test_incident_insights_are_held_to_the_pure_engine_s_like_the_healer_s_decis
     closed = {"insight_id": "i2", "kind": "incident.closed", "labels": {"top1_pod": "ts-contacts-1"}}
     h = _clean()
     h.expected_incidents = {"i1": opened, "i2": closed}
-    h.incidents = [DecisionRecord("i1", dict(opened)), DecisionRecord("i2", dict(closed))]
+    h.incidents = [OutputRecord("i1", dict(opened)), OutputRecord("i2", dict(closed))]
     assert check_history(h) == []
-    h.incidents = [DecisionRecord("i1", {**opened, "labels": {"top1_pod": "ts-route-1"}})]  # re-learnt, wrong
+    h.incidents = [OutputRecord("i1", {**opened, "labels": {"top1_pod": "ts-route-1"}})]  # re-learnt, wrong
     violations = _only(h, "incidents_equal", 2)
-    assert violations[0].evidence["missing"] == ["i2"] and violations[1].evidence["decision_id"] == "i1"
+    assert violations[0].evidence["missing"] == ["i2"] and violations[1].evidence["output_id"] == "i1"
