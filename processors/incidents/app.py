@@ -97,8 +97,8 @@ Cost on a whole Nezha day (``bench/bench_incidents.py``, 85,562 records, 2026-12
 (0.70, 99 µs) in between; the same 23 incidents opened, 44 updated, 23 closed, late 0. In one helper run
 with the interval edited to 5 s it was not better (5 checkpoints, 19.3 MB, the largest 8.2 MB, 2.64 s: the
 state's size when it is written dominates; one run on a noisy machine), so the healer's 1 s is kept. Since the engine keeps only the fields it reads (its buffered
-windows are most of a large state; a Nezha metric record's JSON from 794 to about 330 bytes, a log line without
-its message), the same bench, alternating with the code before (2026-12-06 14:13-14:30, three pairs, noisy): the
+windows are most of a large state; a Nezha metric record's JSON from 794 to 325 bytes on average, a log line's
+from 583 to 277), the same bench, alternating with the code before (2026-12-06 14:13-14:30, three pairs, noisy): the
 worker at 0.82 / 0.78 / 0.74 of plain Faust (9,355 / 12,080 / 11,357 records/s, CPU 132 / 106 / 104 µs a record;
 6 / 5 / 5 checkpoints, 12.4 / 6.0 / 6.0 MB, 1.58 / 0.63 / 0.75 s writing) against 0.58 / 0.58 / 0.53 before
 (8,572 / 7,299 / 8,376, CPU 140 / 158 / 130 µs; 8 / 6 / 8 checkpoints, 12.7 / 17.3 / 12.5 MB, 1.42 / 2.27 / 1.46
