@@ -362,6 +362,28 @@ def _print(title: str, rows: list[Row]) -> None:
     console.print(t)
 
 
+def _record_sizes(records: Any) -> dict[str, tuple[float, float]]:
+    """Per engine kind, the average compact-JSON bytes of a record with every field the importer gives (times in
+    epoch ms, the CloudEvents id) and as :func:`processors.incidents.app.engine_record` forwards it."""
+    from datetime import datetime
+
+    from processors.incidents.app import engine_record
+    from streams.producer import epoch_ms
+
+    kinds = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+    total: dict[str, list[int]] = {}
+    for topic, e in records:
+        kind = kinds[topic]
+        whole = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in e.data.items()}
+        whole["event_id"] = e.attributes.id
+        lean = engine_record(kind, e.data, e.attributes.id)
+        t = total.setdefault(kind, [0, 0, 0])
+        t[0] += 1
+        t[1] += len(json.dumps(whole, separators=(",", ":")))
+        t[2] += len(json.dumps(lean, separators=(",", ":")))
+    return {k: (w / n, lv / n) for k, (n, w, lv) in sorted(total.items())}
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     """Import the day, run the four processes, print the tables; return the rows (empty when skipped).
 
@@ -394,6 +416,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     expected_anomalies = sum(
         len(plain.process(e.data, e.attributes.id)) for t, e in iter_day(args.data) if t == TELEMETRY[0]
     )
+    sizes = _record_sizes(iter_day(args.data))
     t0 = time.perf_counter()
     evaluated = evaluate(args.data)
     eval_seconds = time.perf_counter() - t0
@@ -449,6 +472,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         f"(backbone eval incidents, same engine in process: {evaluated['incidents']} incidents, "
         f"{n_all / eval_seconds:,.0f} events/s for parsing and engine, {eval_seconds:.1f} s); "
         f"late {counters['late_count']}, duplicates {counters['duplicates_count']}"
+    )
+    print(
+        "engine records, average JSON bytes whole -> as the incident worker forwards them (engine_record): "
+        + ", ".join(f"{k} {whole:,.0f} -> {lean:,.0f}" for k, (whole, lean) in sizes.items())
     )
     if "state_writes_count" in counters:  # the engine's state table (processors.incidents.app, 2026-12-06)
         print(

@@ -90,7 +90,8 @@ after the new head. On the Nezha slice (a quarter of the traces, ``tests/unit/te
 state is 1 KB to 886 KB compressed (4.4 MB of JSON at its largest, while the slowest source holds the
 watermark and windows stay buffered): about 86 ms to snapshot, encode and compress, 40 ms to restore. Since the
 engine keeps only the fields it reads, sampled every 500 records of the same input: at most 518 KB compressed
-(2.8 MB of JSON) against 735 KB (4.5 MB) before, 2026-12-06.
+(2.8 MB of JSON) against 735 KB (4.5 MB) before (2026-12-06, a one-off measurement with a script, not kept; the
+bench below prints the worker's own largest state).
 Cost on a whole Nezha day (``bench/bench_incidents.py``, 85,562 records, 2026-12-06, two shared cores, noisy):
 8 checkpoints, 10.3 MB compressed written in all, the largest 4.1 MB (8 parts), 1.23 s writing; the worker at
 5,519 and 8,356 records/s (0.53 and 0.57 of plain Faust, CPU 134 and 129 µs a record) against main's 11,190
@@ -396,10 +397,13 @@ def engine_record(
     :class:`~processors.incidents.incident.EngineConfig`), times as epoch ms, and, for telemetry (not a change,
     which has its own ``change_id``), its CloudEvents id as ``event_id`` (the engine drops a record seen twice in
     its window)."""
-    record = {k: epoch_ms(v) if isinstance(v, datetime) else v for k, v in data.items()}
+    record = engine_fields(kind, data, config)  # first: only the kept fields are converted
+    for k, v in record.items():
+        if isinstance(v, datetime):
+            record[k] = epoch_ms(v)
     if kind != "change":
         record["event_id"] = event_id
-    return engine_fields(kind, record, config)
+    return record
 
 
 class _IncidentShell:

@@ -54,6 +54,7 @@ and buffered windows not yet closed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter, defaultdict
@@ -159,9 +160,9 @@ def engine_fields(kind: str, record: Mapping[str, Any], config: EngineConfig | N
 
     * ``metric``: ``pod``, ``service``, ``event_time``, ``event_id`` and, of ``metrics``, the scored ones
       (:data:`processors.incidents.nezha_detect.METRIC_RULES`) and ``config.workload_metric``: on Nezha's
-      pod metrics 5 of the 19 columns, the front end's 2 of 5 (on 2023-01-29 a metric record's JSON, as the
-      worker forwards it, from 794 to 325 bytes on average, a span's from 340 to 276, a log line's from 583
-      to 277);
+      pod metrics 5 of the 19 columns, the front end's 2 of 5 (``bench/bench_incidents.py`` prints each
+      kind's average JSON whole and as the worker forwards it: on 2023-01-29 a metric record's from 794 to
+      325 bytes, a span's from 340 to 276, a log line's from 583 to 277);
     * ``log``: ``pod``, ``service``, ``level``, ``logger``, ``trace_id``, ``span_id``, ``event_time``,
       ``event_id`` (not the message: a log line counts by its level and logger);
     * ``span``: ``pod``, ``service``, ``trace_id``, ``span_id``, ``parent_id``, ``duration_us``,
@@ -172,7 +173,7 @@ def engine_fields(kind: str, record: Mapping[str, Any], config: EngineConfig | N
     kind is returned whole (:meth:`IncidentEngine.feed` rejects it).
     """
     if kind == "metric":
-        keep = _scored_metrics(config or _DEFAULT_CONFIG)
+        keep = _scored_metrics((config or _DEFAULT_CONFIG).workload_metric)
         out = {k: record[k] for k in _METRIC_FIELDS if k in record}
         metrics = record.get("metrics")
         if metrics is not None:
@@ -185,8 +186,10 @@ def engine_fields(kind: str, record: Mapping[str, Any], config: EngineConfig | N
     return dict(record)
 
 
-def _scored_metrics(config: EngineConfig) -> frozenset[str]:
-    return frozenset(METRIC_RULES) | {config.workload_metric}
+@functools.cache
+def _scored_metrics(workload_metric: str) -> frozenset[str]:
+    """The metric names :func:`engine_fields` keeps (one set per workload metric, made once)."""
+    return frozenset(METRIC_RULES) | {workload_metric}
 
 
 def _ms(t: Any) -> int:
@@ -720,8 +723,8 @@ class IncidentEngine:
     def snapshot_json(self) -> bytes:
         """:meth:`snapshot` as compact JSON (UTF-8), ``json.loads`` of which equals ``snapshot()`` (the
         ``"buffer"`` key comes last). A buffered window's records are encoded once each and their texts kept
-        until the window closes, so a checkpoint encodes only what was buffered since the last one (the buffer
-        is most of a large state: 88 % of the JSON at the Nezha slice's largest)."""
+        until the window closes, so a checkpoint encodes only what was buffered since the last one (a large state
+        is mostly buffered windows: the slowest input holds the watermark while the others' records wait)."""
         fragments = []
         for w, items in self._buffer.items():
             done, texts = self._encoded.get(w, (0, []))
