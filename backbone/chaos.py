@@ -139,6 +139,7 @@ __all__ = [
     "GUARANTEES",
     "GUARANTEE_TITLES",
     "PROFILES",
+    "SABOTAGE_KINDS",
     "ChaosReport",
     "FaultRecord",
     "Profile",
@@ -147,6 +148,7 @@ __all__ = [
     "expected_insights",
     "run_chaos",
     "run_figures",
+    "sabotage_projection",
 ]
 
 log = structlog.get_logger(__name__)
@@ -171,6 +173,13 @@ FaultKind = Literal[
     "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
+SabotageKind = Literal["dropped-record", "skipped-commit"]
+SABOTAGE_KINDS: Final[tuple[SabotageKind, ...]] = get_args(SabotageKind)
+"""Deliberate breakages of the agent-run projection that the checker must catch (see :func:`sabotage_projection`):
+``dropped-record``, its checkpoint moved past records it never applied; ``skipped-commit``, rows applied in a
+commit that did not record its checkpoint and de-duplication ids, so that they are applied again."""
+_DROPPED_RECORDS: Final = 5
+_SKIPPED_COMMIT_RECORDS: Final = 40
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
 #: The Nezha TrainTicket slice the incident processor's workload replays (metrics, logs, traces).
 DEFAULT_TELEMETRY: Final = Path(__file__).resolve().parents[1] / "datasets" / "nezha"
@@ -192,7 +201,7 @@ class Profile:
     """How long and how hard a chaos run is.
 
     Attributes:
-        name: ``short`` or ``full``.
+        name: ``quiet`` (no fault), ``short`` or ``full``.
         produce_seconds: the workload's length; the dataset is spread evenly over it.
         faults: how many faults of each kind.
         kill_down_seconds: (min, max) time a killed process stays down before its restart.
@@ -248,6 +257,8 @@ class Profile:
 
 
 PROFILES: Final[dict[str, Profile]] = {
+    # no fault: the workload, the processes and the checker alone (with ``sabotage``, the checker's own test)
+    "quiet": Profile(name="quiet", produce_seconds=12.0, faults={}, storm_rounds=0, lag_bound_seconds=60.0),
     "short": Profile(
         name="short",
         produce_seconds=35.0,
@@ -332,6 +343,7 @@ class ChaosReport:
     skipped: dict[str, str] = field(default_factory=dict)
     reseeds: list[dict[str, Any]] = field(default_factory=list)
     http_errors: dict[str, int] = field(default_factory=dict)
+    sabotage: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def violation_counts(self) -> dict[str, int]:
@@ -355,7 +367,12 @@ class ChaosReport:
         ``http_failed_requests``, ``http_retried_events`` (events of requests sent again after a
         failure), ``http_replayed_requests`` (2xx answers replayed from the API's idempotency store),
         ``http_redelivered_events`` (events of acknowledged requests sent again, answered 2xx),
-        ``http_abandoned_events`` and ``http_id_mismatches`` (both 0 in a sound run)."""
+        ``http_abandoned_events`` and ``http_id_mismatches`` (both 0 in a sound run).
+
+        ``sabotage`` (empty unless the run was deliberately broken): each breakage of
+        :func:`sabotage_projection`, with ``at_seconds`` (since the workload started), ``partition``,
+        ``from_offset`` and ``to_offset`` (the records it concerns, end exclusive) and ``keys`` (their
+        runs: where the checker should report ``counted_once`` and ``rebuild_equal``)."""
         return {
             "seed": self.seed,
             "profile": self.profile,
@@ -370,6 +387,7 @@ class ChaosReport:
             "skipped": self.skipped,
             "reseeds": self.reseeds,
             "http_errors": self.http_errors,
+            "sabotage": self.sabotage,
         }
 
 
@@ -1070,6 +1088,84 @@ def _delivered(workload: _Workload, e: Event) -> str:
     return workload.delivered_as.get(e.attributes.id, e.attributes.id)
 
 
+def sabotage_projection(
+    url: str,
+    kafka: Any,
+    serde: AvroSerde,
+    topic: str,
+    kinds: list[str],
+    rng: random.Random,
+    *,
+    wait_seconds: float = 15.0,
+) -> list[dict[str, Any]]:
+    """Break the agent-run projection's committed state, one partition per kind, while its process is down.
+
+    It is how the checker is tested on a real run: each kind is a defect that exactly-once projections must
+    not have, made by editing ``proj_agent_runs.projection_checkpoints`` and ``projection_seen`` in
+    PostgreSQL (the product's code is not changed), and :func:`run_chaos` must then report the runs it
+    touched under ``counted_once`` and ``rebuild_equal``.
+
+    * ``dropped-record``: the checkpoint of a partition moved :data:`_DROPPED_RECORDS` (5) records ahead
+      (a consumer that committed its position before it applied the records, and crashed): those records are
+      never applied. It waits up to ``wait_seconds`` for them to be on the log, so that the runner's seek
+      lands inside the partition.
+    * ``skipped-commit``: the checkpoint of another partition moved :data:`_SKIPPED_COMMIT_RECORDS` (40)
+      records back and their event ids removed from the de-duplication table (rows committed without the
+      checkpoint and the ids that belong in the same transaction): those records are applied a second time.
+
+    Args:
+        url: the harness's PostgreSQL (the projection's database).
+        kafka: broker settings (:class:`core.settings.KafkaSettings`).
+        serde: decodes the records whose ids ``skipped-commit`` removes.
+        topic: the events topic the projection reads.
+        kinds: which breakages (:data:`SABOTAGE_KINDS`), each on its own partition.
+        rng: draws the partitions (among those with a checkpoint above 0).
+
+    Returns:
+        One dict per kind: ``kind``, ``partition``, ``from_offset``, ``to_offset`` (end exclusive).
+
+    Raises:
+        ValueError: an unknown kind.
+        RuntimeError: fewer partitions have a checkpoint above 0 than ``kinds`` needs.
+    """
+    if not set(kinds) <= set(SABOTAGE_KINDS):
+        raise ValueError(f"sabotage {kinds}: choose among {', '.join(SABOTAGE_KINDS)}")
+    table = "proj_agent_runs.projection_checkpoints"
+    move = f"UPDATE {table} SET next_offset = %s WHERE projection = %s AND topic = %s AND partition = %s"
+    name = AgentRunsProjection.name
+    with psycopg.connect(url) as c:
+        rows = c.execute(f"SELECT partition, next_offset FROM {table} WHERE projection = %s AND topic = %s",
+                         (name, topic)).fetchall()  # fmt: skip
+    checkpoints = {int(p): int(o) for p, o in rows if int(o) > 0}
+    if len(checkpoints) < len(kinds):
+        raise RuntimeError(f"sabotage: {len(checkpoints)} partitions checkpointed, {len(kinds)} needed")
+    done = []
+    for kind, partition in zip(kinds, rng.sample(sorted(checkpoints), len(kinds)), strict=True):
+        at = checkpoints[partition]
+        if kind == "dropped-record":
+            deadline = time.monotonic() + wait_seconds
+            while end_offsets(kafka, topic, [partition])[partition] < at + _DROPPED_RECORDS:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            with psycopg.connect(url) as c:
+                c.execute(move, (at + _DROPPED_RECORDS, name, topic, partition))
+            span = (at, at + _DROPPED_RECORDS)
+        else:
+            start = max(0, at - _SKIPPED_COMMIT_RECORDS)
+            ids = [r.attributes.id
+                   for r in read_range(kafka, serde, topic, start=start, end=at, partitions=[partition])
+                   if isinstance(r, ConsumedEvent)]  # fmt: skip
+            with psycopg.connect(url) as c:
+                c.execute("DELETE FROM proj_agent_runs.projection_seen WHERE projection = %s AND event_id = ANY(%s)",
+                          (name, ids))  # fmt: skip
+                c.execute(move, (start, name, topic, partition))
+            span = (start, at)
+        done.append({"kind": kind, "partition": partition, "from_offset": span[0], "to_offset": span[1]})
+        log.warning("chaos.sabotage", kind=kind, partition=partition, from_offset=span[0], to_offset=span[1])
+    return done
+
+
 def _api_token(url: str, topic: str) -> tuple[str, str]:
     """A new API token allowed to produce to ``topic`` (no rate limit to speak of): ``(token, token id)``.
 
@@ -1106,6 +1202,7 @@ def run_chaos(
     seed: int = 1,
     data: Path = DEFAULT_DATA,
     keep_work_dir: bool = False,
+    sabotage: tuple[str, ...] = (),
 ) -> ChaosReport:
     """Run the chaos harness once and check the history it collected.
 
@@ -1118,15 +1215,20 @@ def run_chaos(
         keep_work_dir: keep the logs and data dirs even when nothing went wrong (the logs are always
             kept when something did, or a process exited on its own; :attr:`ChaosReport.work_dir`
             names them).
+        sabotage: break the run on purpose (:func:`sabotage_projection`, halfway through the workload, the
+            projection SIGKILLed first and started again after): the checker must report it.
 
     Returns:
         The report: faults injected, violations per guarantee with details, durations.
 
     Raises:
         KeyError: an unknown profile.
+        ValueError: an unknown or repeated sabotage kind.
         StackError: the embedded servers could not be started.
     """
     prof = PROFILES[profile]
+    if len(set(sabotage)) != len(sabotage) or not set(sabotage) <= set(SABOTAGE_KINDS):
+        raise ValueError(f"sabotage {list(sabotage)}: each of {', '.join(SABOTAGE_KINDS)} at most once")
     rng = random.Random(seed)
     t_begin = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f"backbone-chaos-{seed}-"))
@@ -1305,6 +1407,10 @@ def run_chaos(
         # one fault in each of len(plan) equal slots of the workload (after 3 s), at a random point of it
         slot = (prof.produce_seconds - 3.0) / max(1, len(plan))
         times = [3.0 + (i + rng.uniform(0.0, 0.8)) * slot for i in range(len(plan))]
+        schedule: list[tuple[FaultKind | Literal["sabotage"], float]] = [*zip(plan, times, strict=True)]
+        if sabotage:  # its own draws, so that a seed's faults are the same with and without it
+            schedule = sorted([*schedule, ("sabotage", prof.produce_seconds / 2)], key=lambda kt: kt[1])
+        sabotaged: list[dict[str, Any]] = []
         t0 = time.monotonic()
         workload.start()
         telemetry_workload.start()
@@ -1316,12 +1422,19 @@ def run_chaos(
         rebuilt_after_restart: list[float] = []
         targets = {"processor": processor, "projection": projection, "api": api, "healer": healer,
                    "incidents": incidents}  # fmt: skip
-        for kind, at in zip(plan, times, strict=True):
+        for kind, at in schedule:
             while time.monotonic() - t0 < at:
                 for p in processes:
                     p.restart_if_exited()
                 time.sleep(0.1)
             began = time.monotonic() - t0
+            if kind == "sabotage":
+                projection.kill()
+                for done in sabotage_projection(info.postgres_url, kafka, serde, topics["events"],
+                                                list(sabotage), random.Random(seed + 3)):  # fmt: skip
+                    sabotaged.append({"at_seconds": round(began, 2), **done})
+                projection.start()
+                continue
             if kind.startswith("sigkill_"):
                 target = targets[kind.removeprefix("sigkill_")]
                 down = rng.uniform(*prof.kill_down_seconds)
@@ -1544,6 +1657,9 @@ def run_chaos(
             expected_incidents=expected_incidents(telemetry_records),
         )
         violations = check_history(history)
+        for entry in sabotaged:
+            entry["keys"] = sorted({r.key for r in topic_records if r.partition == entry["partition"]
+                                    and entry["from_offset"] <= r.offset < entry["to_offset"]})  # fmt: skip
         by_path = acknowledged_by_path(workload.produced)
         durations["collect_and_check"] = round(time.monotonic() - t_collect, 2)
         unexpected = {p.name: p.unexpected_exits for p in processes}
@@ -1589,6 +1705,7 @@ def run_chaos(
             skipped=skipped,
             reseeds=reseeds,
             http_errors=dict(workload.http_errors),
+            sabotage=sabotaged,
         )
     except BaseException:
         report_dir = str(work)

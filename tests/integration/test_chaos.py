@@ -65,3 +65,49 @@ def test_short_profile_survives_each_kind_of_fault_with_no_violation() -> None:
     # configuration changes through the store, the relay and the Redis read model, across the Redis faults
     assert events["config_changes"] > 50
     assert seconds < 180, report["durations_seconds"]
+
+
+def test_checker_catches_a_sabotaged_run() -> None:
+    """The checker's own test on a real run (``--profile quiet``: no fault, 12 s of workload): the agent-run
+    projection is broken on purpose halfway through (:func:`backbone.chaos.sabotage_projection`, one partition
+    each): its checkpoint moved past 5 records it never applied (a dropped record), and 40 records' checkpoint and
+    de-duplication ids rolled back (a skipped commit: they are applied twice). The run must fail, report both
+    under ``counted_once`` (the dropped records' runs short, the replayed ones' runs over) and ``rebuild_equal``,
+    name only the runs the sabotage touched, and report nothing else."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "BACKBONE_STATE_DIR": "/nonexistent",
+        "BACKBONE_LOG_LEVEL": "WARNING",
+    }
+    for name in ("BACKBONE_POSTGRES__URL", "BACKBONE_REDIS__URL", "BACKBONE_KAFKA__BOOTSTRAP_SERVERS"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "backbone", "chaos", "--profile", "quiet", "--seed", "1",
+         "--sabotage", "dropped-record", "--sabotage", "skipped-commit", "--json"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.stdout.strip(), done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert sum(report["faults"].values()) == 0
+    caught = {g: n for g, n in report["violations"].items() if n}
+    assert set(caught) == {"counted_once", "rebuild_equal"}, report["details"][:10]
+    by_kind = {s["kind"]: s for s in report["sabotage"]}
+    assert set(by_kind) == {"dropped-record", "skipped-commit"}
+    assert by_kind["dropped-record"]["partition"] != by_kind["skipped-commit"]["partition"]
+    touched = {k for s in report["sabotage"] for k in s["keys"]}
+
+    def calls(figures: dict[str, float]) -> float:
+        return figures["llm_calls"] + figures["tool_calls"]
+
+    short, over = set(), set()
+    for d in report["details"]:
+        if d["guarantee"] == "counted_once":
+            ev = d["evidence"]
+            assert ev["run_id"] in touched, d
+            (short if calls(ev["projected"]) < calls(ev["expected"]) else over).add(ev["run_id"])
+        else:
+            assert d["evidence"]["row"][0] in touched, d
+    assert short and short <= set(by_kind["dropped-record"]["keys"]), (short, by_kind)
+    assert over and over <= set(by_kind["skipped-commit"]["keys"]), (over, by_kind)
