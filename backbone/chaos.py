@@ -76,7 +76,7 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -258,7 +258,7 @@ class Profile:
 
 PROFILES: Final[dict[str, Profile]] = {
     # no fault: the workload, the processes and the checker alone (with ``sabotage``, the checker's own test)
-    "quiet": Profile(name="quiet", produce_seconds=12.0, faults={}, storm_rounds=0, lag_bound_seconds=60.0),
+    "quiet": Profile(name="quiet", produce_seconds=12.0, faults={}, lag_bound_seconds=60.0),
     "short": Profile(
         name="short",
         produce_seconds=35.0,
@@ -1203,6 +1203,7 @@ def run_chaos(
     data: Path = DEFAULT_DATA,
     keep_work_dir: bool = False,
     sabotage: tuple[str, ...] = (),
+    fault_counts: dict[str, int] | None = None,
 ) -> ChaosReport:
     """Run the chaos harness once and check the history it collected.
 
@@ -1217,16 +1218,23 @@ def run_chaos(
             names them).
         sabotage: break the run on purpose (:func:`sabotage_projection`, halfway through the workload, the
             projection SIGKILLed first and started again after): the checker must report it.
+        fault_counts: how many faults of each kind (:data:`FAULT_KINDS`) instead of the profile's; the profile still
+            sets the workload's length, fault durations and bounds (``quiet`` with ``{"rebalance_storm": 2}``:
+            storms and nothing else).
 
     Returns:
         The report: faults injected, violations per guarantee with details, durations.
 
     Raises:
         KeyError: an unknown profile.
-        ValueError: an unknown or repeated sabotage kind.
+        ValueError: an unknown or repeated sabotage kind, an unknown fault kind or a negative count.
         StackError: the embedded servers could not be started.
     """
     prof = PROFILES[profile]
+    if fault_counts is not None:
+        if not set(fault_counts) <= set(FAULT_KINDS) or any(n < 0 for n in fault_counts.values()):
+            raise ValueError(f"faults {fault_counts}: counts of {', '.join(FAULT_KINDS)}, each 0 or more")
+        prof = replace(prof, faults={k: fault_counts[k] for k in FAULT_KINDS if fault_counts.get(k)})
     if len(set(sabotage)) != len(sabotage) or not set(sabotage) <= set(SABOTAGE_KINDS):
         raise ValueError(f"sabotage {list(sabotage)}: each of {', '.join(SABOTAGE_KINDS)} at most once")
     rng = random.Random(seed)

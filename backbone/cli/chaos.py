@@ -36,6 +36,13 @@ def chaos(
             "checkpoint and de-duplication ids rolled back, so they are applied twice). Exit code 1 expected.",
         ),
     ] = None,
+    fault: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KIND=N (repeatable): inject exactly these faults instead of the profile's, e.g. "
+            "--profile quiet --fault rebalance_storm=2 for storms alone; the profile still sets the length.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Produce the agent runs (through the producer and HTTP ingest) under SIGKILL, SIGSTOP and PostgreSQL
@@ -43,7 +50,7 @@ def chaos(
 
     Exit code 1 when a guarantee was violated.
     """
-    from backbone.chaos import GUARANTEE_TITLES, GUARANTEES, PROFILES, SABOTAGE_KINDS, run_chaos
+    from backbone.chaos import FAULT_KINDS, GUARANTEE_TITLES, GUARANTEES, PROFILES, SABOTAGE_KINDS, run_chaos
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -51,9 +58,18 @@ def chaos(
     for kind in kinds:
         if kind not in SABOTAGE_KINDS:
             raise ValueError(f"unknown sabotage {kind!r}; choose among {', '.join(SABOTAGE_KINDS)}")
+    fault_counts: dict[str, int] | None = None
+    if fault:
+        fault_counts = {}
+        for spec in fault:
+            kind, _, n = spec.partition("=")
+            if kind not in FAULT_KINDS or not n.isdigit():
+                raise ValueError(f"--fault {spec!r}: write KIND=N with KIND one of {', '.join(FAULT_KINDS)}")
+            fault_counts[kind] = int(n)
     settings = settings_only()
     err.print(f"chaos: profile {profile}, seed {seed}" + (f", sabotage {', '.join(kinds)}" if kinds else ""))
-    report = run_chaos(settings, profile=profile, seed=seed, keep_work_dir=keep_work_dir, sabotage=kinds)
+    report = run_chaos(settings, profile=profile, seed=seed, keep_work_dir=keep_work_dir, sabotage=kinds,
+                       fault_counts=fault_counts)  # fmt: skip
     if as_json:
         emit_json(report.as_json())
     else:
