@@ -57,6 +57,12 @@ derives from that key (:func:`streams.envelope.deterministic_id`), so the checke
 guarantees. Some acknowledged requests are sent again later with their key (a client that lost the
 answer): the API replays its stored answer, or, after Redis lost its idempotency keys, produces the same
 ids again. The API is SIGKILLed and SIGSTOPped like the other processes.
+
+The checker is itself tested on real runs broken on purpose (``sabotage`` of :func:`run_chaos`, ``--sabotage``
+of ``backbone chaos``, :data:`SABOTAGE_KINDS`): an acknowledged event deleted from the archive before a broker
+restart's re-seed (:func:`lose_archived_record`), and the projection's committed checkpoint and de-duplication
+rows edited while it is down (:func:`sabotage_projection`). ``fault_counts`` replaces the profile's fault
+counts (``--fault KIND=N``), e.g. for storms alone.
 """
 
 from __future__ import annotations
@@ -173,11 +179,14 @@ FaultKind = Literal[
     "broker_restart",
 ]
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
-SabotageKind = Literal["dropped-record", "skipped-commit"]
+SabotageKind = Literal["dropped-record", "skipped-commit", "lost-record"]
 SABOTAGE_KINDS: Final[tuple[SabotageKind, ...]] = get_args(SabotageKind)
-"""Deliberate breakages of the agent-run projection that the checker must catch (see :func:`sabotage_projection`):
+"""Deliberate breakages that the checker must catch. Of the agent-run projection (:func:`sabotage_projection`):
 ``dropped-record``, its checkpoint moved past records it never applied; ``skipped-commit``, rows applied in a
-commit that did not record its checkpoint and de-duplication ids, so that they are applied again."""
+commit that did not record its checkpoint and de-duplication ids, so that they are applied again. Of the log
+(:func:`lose_archived_record`): ``lost-record``, an acknowledged event gone from the archive when a broker
+restart re-seeds the log from it."""
+_PROJECTION_SABOTAGE: Final = ("dropped-record", "skipped-commit")
 _DROPPED_RECORDS: Final = 5
 _SKIPPED_COMMIT_RECORDS: Final = 40
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
@@ -771,6 +780,8 @@ class _Workload(threading.Thread):
         self.http_errors: Counter[str] = Counter()
         """Why HTTP requests failed: status code, or the client's exception name, and how often."""
         self._http_acked: list[_HttpGroup] = []
+        self.withheld: set[str] = set()
+        """Event ids never sent again (the ``lost-record`` sabotage's: a redelivery would bring it back)."""
         self._gate = threading.Event()
         self._gate.set()
         self._idle = threading.Event()
@@ -893,6 +904,7 @@ class _Workload(threading.Thread):
                 extra = [
                     self._rng.choice(sent) for _ in chunk if sent and self._rng.random() < self._redelivery
                 ]
+                extra = [e for e in extra if e.attributes.id not in self.withheld]
                 batch = chunk + extra
                 try:
                     for e in batch:
@@ -1118,7 +1130,7 @@ def sabotage_projection(
         kafka: broker settings (:class:`core.settings.KafkaSettings`).
         serde: decodes the records whose ids ``skipped-commit`` removes.
         topic: the events topic the projection reads.
-        kinds: which breakages (:data:`SABOTAGE_KINDS`), each on its own partition.
+        kinds: which breakages (``dropped-record``, ``skipped-commit``), each on its own partition.
         rng: draws the partitions (among those with a checkpoint above 0).
 
     Returns:
@@ -1128,8 +1140,8 @@ def sabotage_projection(
         ValueError: an unknown kind.
         RuntimeError: fewer partitions have a checkpoint above 0 than ``kinds`` needs.
     """
-    if not set(kinds) <= set(SABOTAGE_KINDS):
-        raise ValueError(f"sabotage {kinds}: choose among {', '.join(SABOTAGE_KINDS)}")
+    if not set(kinds) <= set(_PROJECTION_SABOTAGE):
+        raise ValueError(f"sabotage {kinds}: choose among {', '.join(_PROJECTION_SABOTAGE)}")
     table = "proj_agent_runs.projection_checkpoints"
     move = f"UPDATE {table} SET next_offset = %s WHERE projection = %s AND topic = %s AND partition = %s"
     name = AgentRunsProjection.name
@@ -1164,6 +1176,43 @@ def sabotage_projection(
         done.append({"kind": kind, "partition": partition, "from_offset": span[0], "to_offset": span[1]})
         log.warning("chaos.sabotage", kind=kind, partition=partition, from_offset=span[0], to_offset=span[1])
     return done
+
+
+def lose_archived_record(url: str, topic: str, candidates: set[str], rng: random.Random) -> dict[str, Any]:
+    """Delete every archived copy of one event of ``topic`` from the event archive (while the broker is down,
+    after the harness noted what the archive held): the re-seed then leaves it out, as an archive that lost a
+    row would, and renumbers its partition past the gap (:mod:`projections.reseed`).
+
+    Args:
+        url: the harness's PostgreSQL (``proj_archive.archived_events``).
+        topic: the events topic.
+        candidates: event ids it may choose among (the harness passes those the producer had acknowledged, and
+            keeps them from being sent again, so that a redelivery cannot bring the event back).
+        rng: draws the event.
+
+    Returns:
+        ``kind`` (``lost-record``), ``event_id``, ``partition``, ``from_offset``, ``to_offset`` (its first
+        copy's offset, end exclusive) and ``keys`` (its run).
+
+    Raises:
+        RuntimeError: the archive holds no candidate of ``topic``.
+    """
+    with psycopg.connect(url) as c:
+        rows = c.execute(
+            "SELECT event_id, partition, \"offset\", convert_from(key, 'UTF8') FROM proj_archive.archived_events "
+            'WHERE topic = %s AND event_id IS NOT NULL ORDER BY partition, "offset"',
+            [topic],
+        ).fetchall()
+        archived = [r for r in rows if r[0] in candidates]
+        if not archived:
+            raise RuntimeError(f"sabotage lost-record: no acknowledged event of {topic} archived yet")
+        event_id, partition, offset, key = rng.choice(archived)
+        c.execute(
+            "DELETE FROM proj_archive.archived_events WHERE topic = %s AND event_id = %s", (topic, event_id)
+        )
+    log.warning("chaos.sabotage", kind="lost-record", event_id=event_id, partition=partition, offset=offset)
+    return {"kind": "lost-record", "event_id": event_id, "partition": int(partition), "from_offset": int(offset),
+            "to_offset": int(offset) + 1, "keys": [key]}  # fmt: skip
 
 
 def _api_token(url: str, topic: str) -> tuple[str, str]:
@@ -1415,9 +1464,17 @@ def run_chaos(
         # one fault in each of len(plan) equal slots of the workload (after 3 s), at a random point of it
         slot = (prof.produce_seconds - 3.0) / max(1, len(plan))
         times = [3.0 + (i + rng.uniform(0.0, 0.8)) * slot for i in range(len(plan))]
-        schedule: list[tuple[FaultKind | Literal["sabotage"], float]] = [*zip(plan, times, strict=True)]
-        if sabotage:  # its own draws, so that a seed's faults are the same with and without it
-            schedule = sorted([*schedule, ("sabotage", prof.produce_seconds / 2)], key=lambda kt: kt[1])
+        schedule: list[tuple[FaultKind | Literal["sabotage", "sabotage_log"], float]] = [
+            *zip(plan, times, strict=True)
+        ]
+        # the sabotage at its own times, with its own draws, so that a seed's faults are the same without it
+        projection_sabotage = [k for k in sabotage if k in _PROJECTION_SABOTAGE]
+        if "lost-record" in sabotage:
+            schedule.append(("sabotage_log", prof.produce_seconds / 3))
+        if projection_sabotage:
+            schedule.append(("sabotage", prof.produce_seconds * 2 / 3))
+        schedule.sort(key=lambda kt: kt[1])
+        sabotage_rng = random.Random(seed + 3)
         sabotaged: list[dict[str, Any]] = []
         t0 = time.monotonic()
         workload.start()
@@ -1430,6 +1487,39 @@ def run_chaos(
         rebuilt_after_restart: list[float] = []
         targets = {"processor": processor, "projection": projection, "api": api, "healer": healer,
                    "incidents": incidents}  # fmt: skip
+
+        def restart_broker(down: float, tamper: Callable[[], None] | None = None) -> None:
+            """SIGKILL the broker and every process, re-seed the log from the archive, start them again (with
+            ``tamper``, the sabotage, called once the harness has noted what the archive holds)."""
+            workload.pause()  # between two chunks: nothing in flight, as dev up holds clients off
+            telemetry_workload.pause()
+
+            def while_down() -> None:
+                for p in processes:  # the whole stack goes down, as in a crash of the machine
+                    p.kill()
+                archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
+                archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
+                for t in ("metrics", "logs", "spans"):
+                    archived_at_restart.update(_archived_ids(info.postgres_url, topics[t]))
+                if tamper is not None:
+                    tamper()
+
+            report = devstack.restart_broker(
+                down_seconds=down, while_down=while_down,
+                partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
+                            **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")}},
+            )  # fmt: skip
+            assert report is not None
+            reseeds.append(report.as_json())
+            if any(c.projection == "agent_runs" and c.lost_events for c in report.checkpoints_moved):
+                # the documented remedy: the projection applied events the log lost; rebuild it
+                _drop_schema(info.postgres_url, "proj_agent_runs")
+                rebuilt_after_restart.append(round(time.monotonic() - t0, 2))
+            for p in processes:
+                p.start()
+            workload.resume(new_producer=True)
+            telemetry_workload.resume(new_producer=True)
+
         for kind, at in schedule:
             while time.monotonic() - t0 < at:
                 for p in processes:
@@ -1437,11 +1527,31 @@ def run_chaos(
                 time.sleep(0.1)
             began = time.monotonic() - t0
             if kind == "sabotage":
+                deadline = time.monotonic() + 30  # after a broker restart the projection may be starting over
+                while sum(1 for o in _checkpoints(info.postgres_url).values() if o > 0) < len(
+                    projection_sabotage
+                ):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
                 projection.kill()
                 for done in sabotage_projection(info.postgres_url, kafka, serde, topics["events"],
-                                                list(sabotage), random.Random(seed + 3)):  # fmt: skip
+                                                projection_sabotage, sabotage_rng):  # fmt: skip
                     sabotaged.append({"at_seconds": round(began, 2), **done})
                 projection.start()
+                continue
+            if kind == "sabotage_log":  # a broker restart whose archive lost an acknowledged event
+                down = sabotage_rng.uniform(*prof.broker_down_seconds)
+
+                def lose(at_seconds: float = round(began, 2)) -> None:
+                    acked = {p.event_id for p in workload.produced if p.acknowledged and p.via == "producer"}
+                    done = lose_archived_record(info.postgres_url, topics["events"], acked, sabotage_rng)
+                    workload.withheld.add(done["event_id"])
+                    sabotaged.append({"at_seconds": at_seconds, **done})
+
+                restart_broker(down, lose)
+                fault_log.append(FaultRecord("broker_restart", round(began, 2), round(down, 2),
+                                             "sabotage lost-record: an archived event deleted before the re-seed"))  # fmt: skip
                 continue
             if kind.startswith("sigkill_"):
                 target = targets[kind.removeprefix("sigkill_")]
@@ -1462,32 +1572,7 @@ def run_chaos(
                 target.signal(signal.SIGCONT)
             elif kind == "broker_restart":
                 down = rng.uniform(*prof.broker_down_seconds)
-                workload.pause()  # between two chunks: nothing in flight, as dev up holds clients off
-                telemetry_workload.pause()
-
-                def while_down() -> None:
-                    for p in processes:  # the whole stack goes down, as in a crash of the machine
-                        p.kill()
-                    archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
-                    archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
-                    for t in ("metrics", "logs", "spans"):
-                        archived_at_restart.update(_archived_ids(info.postgres_url, topics[t]))
-
-                report = devstack.restart_broker(
-                    down_seconds=down, while_down=while_down,
-                    partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
-                                **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")}},
-                )  # fmt: skip
-                assert report is not None
-                reseeds.append(report.as_json())
-                if any(c.projection == "agent_runs" and c.lost_events for c in report.checkpoints_moved):
-                    # the documented remedy: the projection applied events the log lost; rebuild it
-                    _drop_schema(info.postgres_url, "proj_agent_runs")
-                    rebuilt_after_restart.append(round(time.monotonic() - t0, 2))
-                for p in processes:
-                    p.start()
-                workload.resume(new_producer=True)
-                telemetry_workload.resume(new_producer=True)
+                restart_broker(down)
             elif kind == "postgres_backend_kill":
                 t_kill = time.monotonic()
                 detail = kill_backends(info.postgres_url)
@@ -1666,6 +1751,8 @@ def run_chaos(
         )
         violations = check_history(history)
         for entry in sabotaged:
+            if entry["kind"] == "lost-record":  # not on the topic any more: its key came from the archive
+                continue
             entry["keys"] = sorted({r.key for r in topic_records if r.partition == entry["partition"]
                                     and entry["from_offset"] <= r.offset < entry["to_offset"]})  # fmt: skip
         by_path = acknowledged_by_path(workload.produced)

@@ -33,7 +33,8 @@ def chaos(
         typer.Option(
             help="Break the run on purpose, to see the checker catch it (repeatable): dropped-record (the "
             "projection's checkpoint moved past 5 records it never applied) or skipped-commit (40 records' "
-            "checkpoint and de-duplication ids rolled back, so they are applied twice). Exit code 1 expected.",
+            "checkpoint and de-duplication ids rolled back, so they are applied twice) or lost-record (a broker "
+            "restart whose archive lost an acknowledged event). Exit code 1 expected.",
         ),
     ] = None,
     fault: Annotated[

@@ -68,12 +68,15 @@ def test_short_profile_survives_each_kind_of_fault_with_no_violation() -> None:
 
 
 def test_checker_catches_a_sabotaged_run() -> None:
-    """The checker's own test on a real run (``--profile quiet``: no fault, 12 s of workload): the agent-run
-    projection is broken on purpose halfway through (:func:`backbone.chaos.sabotage_projection`, one partition
-    each): its checkpoint moved past 5 records it never applied (a dropped record), and 40 records' checkpoint and
-    de-duplication ids rolled back (a skipped commit: they are applied twice). The run must fail, report both
-    under ``counted_once`` (the dropped records' runs short, the replayed ones' runs over) and ``rebuild_equal``,
-    name only the runs the sabotage touched, and report nothing else."""
+    """The checker's own test on a real run (``--profile quiet``: no fault, 12 s of workload) broken on purpose
+    three ways. At a third of the workload the broker is restarted and one acknowledged event is deleted from the
+    event archive before the re-seed (:func:`backbone.chaos.lose_archived_record`: a lost record). At two thirds
+    the agent-run projection is broken, one partition each (:func:`backbone.chaos.sabotage_projection`): its
+    checkpoint moved past 5 records it never applied (a dropped record), and 40 records' checkpoint and
+    de-duplication ids rolled back (a skipped commit: they are applied twice). The run must fail and report the
+    lost event, and only it, under ``acknowledged_lost``; the dropped records' runs short and the replayed ones
+    over under ``counted_once``; ``rebuild_equal`` on the touched runs only; the run-summary insights can differ
+    only for the lost event's run; order, incidents, lag and configuration stay clean."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -83,31 +86,48 @@ def test_checker_catches_a_sabotaged_run() -> None:
     for name in ("BACKBONE_POSTGRES__URL", "BACKBONE_REDIS__URL", "BACKBONE_KAFKA__BOOTSTRAP_SERVERS"):
         env.pop(name, None)
     done = subprocess.run(
-        [sys.executable, "-m", "backbone", "chaos", "--profile", "quiet", "--seed", "1",
+        [sys.executable, "-m", "backbone", "chaos", "--profile", "quiet", "--seed", "1", "--sabotage", "lost-record",
          "--sabotage", "dropped-record", "--sabotage", "skipped-commit", "--json"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert done.stdout.strip(), done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert done.returncode == 1, done.stderr[-3000:]
-    assert sum(report["faults"].values()) == 0
-    caught = {g: n for g, n in report["violations"].items() if n}
-    assert set(caught) == {"counted_once", "rebuild_equal"}, report["details"][:10]
+    assert (
+        report["faults"]["broker_restart"] == 1 and sum(report["faults"].values()) == 1
+    )  # the sabotage's own
+    caught = {g for g, n in report["violations"].items() if n}
+    assert {"acknowledged_lost", "counted_once", "rebuild_equal"} <= caught, report["violations"]
+    # the healer's decisions may differ too where the lost event had decided one (their evidence names no run)
+    assert caught <= {
+        "acknowledged_lost",
+        "counted_once",
+        "rebuild_equal",
+        "insights_equal",
+        "decisions_equal",
+    }, report["details"][:10]
     by_kind = {s["kind"]: s for s in report["sabotage"]}
-    assert set(by_kind) == {"dropped-record", "skipped-commit"}
+    assert set(by_kind) == {"lost-record", "dropped-record", "skipped-commit"}
     assert by_kind["dropped-record"]["partition"] != by_kind["skipped-commit"]["partition"]
+    lost = by_kind["lost-record"]
     touched = {k for s in report["sabotage"] for k in s["keys"]}
 
     def calls(figures: dict[str, float]) -> float:
         return figures["llm_calls"] + figures["tool_calls"]
 
-    short, over = set(), set()
+    short: set[str] = set()
+    over: set[str] = set()
     for d in report["details"]:
-        if d["guarantee"] == "counted_once":
-            ev = d["evidence"]
+        ev = d["evidence"]
+        if d["guarantee"] == "acknowledged_lost":
+            assert ev["event_id"] == lost["event_id"], d
+        elif d["guarantee"] == "counted_once":
             assert ev["run_id"] in touched, d
             (short if calls(ev["projected"]) < calls(ev["expected"]) else over).add(ev["run_id"])
-        else:
-            assert d["evidence"]["row"][0] in touched, d
-    assert short and short <= set(by_kind["dropped-record"]["keys"]), (short, by_kind)
+        elif d["guarantee"] == "rebuild_equal":
+            assert ev["row"][0] in touched, d
+        elif d["guarantee"] == "insights_equal":
+            assert ev["run_id"] in lost["keys"], d
+    assert report["violations"]["acknowledged_lost"] == 1
+    assert short and short <= set(by_kind["dropped-record"]["keys"]) | set(lost["keys"]), (short, by_kind)
     assert over and over <= set(by_kind["skipped-commit"]["keys"]), (over, by_kind)
