@@ -379,9 +379,11 @@ class ChaosReport:
         ``http_abandoned_events`` and ``http_id_mismatches`` (both 0 in a sound run).
 
         ``sabotage`` (empty unless the run was deliberately broken): each breakage of
-        :func:`sabotage_projection`, with ``at_seconds`` (since the workload started), ``partition``,
-        ``from_offset`` and ``to_offset`` (the records it concerns, end exclusive) and ``keys`` (their
-        runs: where the checker should report ``counted_once`` and ``rebuild_equal``)."""
+        :func:`sabotage_projection` and :func:`lose_archived_record`, with ``kind``, ``at_seconds`` (since
+        the workload started), ``partition``, ``from_offset`` and ``to_offset`` (the records it concerns,
+        end exclusive; ``lost-record``: the offset before the re-seed renumbered the partition),
+        ``event_id`` (``lost-record`` only) and ``keys`` (their runs: where the checker should report
+        ``counted_once`` and ``rebuild_equal``)."""
         return {
             "seed": self.seed,
             "profile": self.profile,
@@ -1265,8 +1267,10 @@ def run_chaos(
         keep_work_dir: keep the logs and data dirs even when nothing went wrong (the logs are always
             kept when something did, or a process exited on its own; :attr:`ChaosReport.work_dir`
             names them).
-        sabotage: break the run on purpose (:func:`sabotage_projection`, halfway through the workload, the
-            projection SIGKILLed first and started again after): the checker must report it.
+        sabotage: break the run on purpose (:data:`SABOTAGE_KINDS`): ``lost-record`` at a third of the workload
+            (a broker restart, counted as a ``broker_restart`` fault, with :func:`lose_archived_record` before
+            the re-seed), ``dropped-record`` and ``skipped-commit`` at two thirds (:func:`sabotage_projection`,
+            the projection SIGKILLed first and started again after): the checker must report each.
         fault_counts: how many faults of each kind (:data:`FAULT_KINDS`) instead of the profile's; the profile still
             sets the workload's length, fault durations and bounds (``quiet`` with ``{"rebalance_storm": 2}``:
             storms and nothing else).
