@@ -17,7 +17,14 @@ three real processes as the CLI would:
   records sent again later (redeliveries); the telemetry topics are archived (re-seeded by a broker
   restart) and the worker's insights must equal those of the pure
   :class:`processors.incidents.incident.IncidentEngine` over the final telemetry (``incidents_equal``,
-  :func:`expected_incidents`); SIGKILLed and SIGSTOPped too.
+  :func:`expected_incidents`); SIGKILLed and SIGSTOPped too,
+* with :attr:`Profile.inference` (the full profile; ``--inference``), the inference worker (``python -m
+  backbone inference run``: a local Ray, one all-MiniLM-L6-v2 actor on the CPU) on embedding requests made of
+  the agent runs' tool-call commands (:func:`inference_requests`), which a third producer thread sends over
+  the same seconds; its requests topic is archived and re-seeded like the others, and every acknowledged
+  request must be answered with the model's own embedding of its text (``inference_equal``, within
+  :data:`backbone.chaos_history.INFERENCE_TOLERANCE`); SIGKILLed (its process group: the driver and its Ray)
+  and SIGSTOPped too.
 
 A producer thread sends the agent runs of ``datasets/agent_runs`` (their events interleaved across
 runs by the seed, each run in step order) at a steady rate through :class:`streams.producer.EventProducer`
@@ -170,6 +177,8 @@ FaultKind = Literal[
     "sigstop_api",
     "sigstop_healer",
     "sigstop_incidents",
+    "sigkill_inference",
+    "sigstop_inference",
     "postgres_restart",
     "postgres_backend_kill",
     "postgres_stall",
@@ -187,6 +196,8 @@ commit that did not record its checkpoint and de-duplication ids, so that they a
 (:func:`lose_archived_record`): ``lost-record``, an acknowledged event gone from the archive when a broker
 restart re-seeds the log from it."""
 _PROJECTION_SABOTAGE: Final = ("dropped-record", "skipped-commit")
+_INFERENCE_FAULTS: Final[tuple[FaultKind, ...]] = ("sigkill_inference", "sigstop_inference")
+_INFERENCE_PARTITIONS: Final = 3
 _DROPPED_RECORDS: Final = 5
 _SKIPPED_COMMIT_RECORDS: Final = 40
 DEFAULT_DATA: Final = Path(__file__).resolve().parents[1] / "datasets" / "agent_runs"
@@ -242,6 +253,9 @@ class Profile:
             requires.
         http_give_up_seconds: a request that has failed for this long is abandoned (its events stay
             unacknowledged, and the checker's counts show them missing) so that the run ends.
+        inference: run the inference worker (``backbone inference run``: Ray, one all-MiniLM-L6-v2 actor on
+            the CPU) on embedding requests made of the agent runs' tool-call commands, and inject the
+            ``*_inference`` faults; off in ``short`` and ``quiet`` (Ray's start costs the test run about 20 s).
     """
 
     name: str
@@ -263,6 +277,7 @@ class Profile:
     api_kill_between_requests: bool = False
     api_pending_ttl_seconds: int = 15
     http_give_up_seconds: float = 150.0
+    inference: bool = False
 
 
 PROFILES: Final[dict[str, Profile]] = {
@@ -305,6 +320,8 @@ PROFILES: Final[dict[str, Profile]] = {
             "sigstop_api": 2,
             "sigstop_healer": 2,
             "sigstop_incidents": 2,
+            "sigkill_inference": 2,
+            "sigstop_inference": 2,
             "postgres_restart": 3,
             "postgres_backend_kill": 3,
             "postgres_stall": 2,
@@ -320,6 +337,7 @@ PROFILES: Final[dict[str, Profile]] = {
         # still holds them
         http_timeout_seconds=5.0,
         http_give_up_seconds=200.0,
+        inference=True,
     ),
 }
 
@@ -1048,6 +1066,49 @@ def _incidents_caught_up(kafka: Any, group: Any, telemetry_ends: list[TopicParti
     return False
 
 
+def _group_caught_up(group: Any, ends: list[TopicPartition]) -> bool:
+    """``group`` has committed every partition of ``ends`` up to its end offset (``ends`` empty: True)."""
+    if not ends:
+        return True
+    committed = group.committed([TopicPartition(tp.topic, tp.partition) for tp in ends], timeout=5)
+    return all(c.offset >= tp.offset for c, tp in zip(committed, ends, strict=True))
+
+
+def inference_requests(runs: list[ParsedRun], *, every: int = 3, max_chars: int = 160) -> dict[str, Event]:
+    """The inference workload: one ``sophia.inference.EmbeddingRequest`` per ``every``-th tool call of ``runs``
+    (the shell command the agent ran, its first ``max_chars`` characters), request id derived from the tool
+    call's event id, event time the tool call's, in the runs' order. Keyed by request id; empty commands are
+    skipped. The defaults keep the model's work within the run on this 2-core machine: all-MiniLM-L6-v2 on
+    the CPU embedded the whole commands (up to 1,000 characters, 824 of them) at about 18 a second, and the
+    worker had not answered them all 60 s after the workload."""
+    from inference.records import EmbeddingRequest, request_event
+
+    out: dict[str, Event] = {}
+    calls = [e for run in runs for e in run.events if e.schema == TOOL_CALL]
+    for e in calls[::every]:
+        command = str(e.data.get("command") or "").strip()
+        if command:
+            rid = deterministic_id("chaos-inference", e.attributes.id)
+            out[rid] = request_event(
+                EmbeddingRequest(request_id=rid, requested_at=e.attributes.time, text=command[:max_chars])
+            )
+    return out
+
+
+def _embeddings(requests: dict[str, Event], ids: set[str]) -> dict[str, list[float]]:
+    """The model's own embedding of each request of ``ids`` (one batch per 64 texts, in this process)."""
+    from inference.config import DEFAULT_MODEL
+    from inference.model import load_model
+
+    wanted = sorted(ids & set(requests))
+    if not wanted:
+        return {}
+    model = load_model(DEFAULT_MODEL)
+    texts = [str(requests[rid].data["text"]) for rid in wanted]
+    vectors = [v for i in range(0, len(texts), 64) for v in model.embed(texts[i : i + 64]).tolist()]
+    return dict(zip(wanted, vectors, strict=True))
+
+
 def _dump(url: str) -> dict[str, list[list[str]]]:
     with psycopg.connect(url) as c:
         return {
@@ -1255,6 +1316,7 @@ def run_chaos(
     keep_work_dir: bool = False,
     sabotage: tuple[str, ...] = (),
     fault_counts: dict[str, int] | None = None,
+    inference: bool | None = None,
 ) -> ChaosReport:
     """Run the chaos harness once and check the history it collected.
 
@@ -1274,6 +1336,9 @@ def run_chaos(
         fault_counts: how many faults of each kind (:data:`FAULT_KINDS`) instead of the profile's; the profile still
             sets the workload's length, fault durations and bounds (``quiet`` with ``{"rebalance_storm": 2}``:
             storms and nothing else).
+        inference: run the inference worker and its workload (:attr:`Profile.inference`); ``None``: as the
+            profile says. With it, and without ``fault_counts``, at least one ``sigkill_inference`` and one
+            ``sigstop_inference``; without it, none.
 
     Returns:
         The report: faults injected, violations per guarantee with details, durations.
@@ -1288,6 +1353,13 @@ def run_chaos(
         if not set(fault_counts) <= set(FAULT_KINDS) or any(n < 0 for n in fault_counts.values()):
             raise ValueError(f"faults {fault_counts}: counts of {', '.join(FAULT_KINDS)}, each 0 or more")
         prof = replace(prof, faults={k: fault_counts[k] for k in FAULT_KINDS if fault_counts.get(k)})
+    use_inference = prof.inference if inference is None else inference
+    if use_inference and fault_counts is None:
+        prof = replace(
+            prof, faults={**prof.faults, **{k: prof.faults.get(k) or 1 for k in _INFERENCE_FAULTS}}
+        )
+    elif not use_inference:
+        prof = replace(prof, faults={k: n for k, n in prof.faults.items() if k not in _INFERENCE_FAULTS})
     if len(set(sabotage)) != len(sabotage) or not set(sabotage) <= set(SABOTAGE_KINDS):
         raise ValueError(f"sabotage {list(sabotage)}: each of {', '.join(SABOTAGE_KINDS)} at most once")
     rng = random.Random(seed)
@@ -1330,6 +1402,9 @@ def run_chaos(
         "incident_config": f"chaos-incident-config-{token}",
         "external": f"chaos-external-{token}",
         "incidents": f"chaos-incidents-{token}",
+        # the inference worker: embedding requests in (archived and re-seeded), results out
+        "inference_requests": f"chaos-inference-requests-{token}",
+        "inference_results": f"chaos-inference-results-{token}",
     }
     pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
     pg_procs: list[subprocess.Popen[bytes]] = []
@@ -1350,6 +1425,8 @@ def run_chaos(
                 NewTopic(topics["incident_config"], 1, 1),
                 NewTopic(topics["external"], 1, 1),
                 NewTopic(topics["incidents"], 1, 1),
+                NewTopic(topics["inference_requests"], _INFERENCE_PARTITIONS, 1),
+                NewTopic(topics["inference_results"], _INFERENCE_PARTITIONS, 1),
             ]
         )
         for f in futures.values():
@@ -1407,7 +1484,7 @@ def run_chaos(
             "archive",
             [*py, "projections", "run", "archive", "--topic", topics["events"], "--topic", topics["dlq"],
              "--topic", topics["config"], "--topic", topics["metrics"], "--topic", topics["logs"],
-             "--topic", topics["spans"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
+             "--topic", topics["spans"], "--topic", topics["inference_requests"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
             env, work / "logs" / "archive.log", work,
         )  # fmt: skip
         # configuration: the outbox relay (store -> config topic) and the Redis current-value read model
@@ -1432,6 +1509,18 @@ def run_chaos(
             work / "logs" / "api.log", work,
         )  # fmt: skip
         processes = [processor, projection, archive, relay, config_projection, api, healer, incidents]
+        inference_id = f"chaos-inference-{token}"
+        inference_worker = _Managed(
+            "inference",
+            [*py, "inference", "run", "--actors", "1", "--no-autoscale", "--ray-num-cpus", "1", "--max-wait-ms", "20",
+             "--metrics-port", "0"],
+            {**env, "BACKBONE_INFERENCE_REQUESTS_TOPIC": topics["inference_requests"],
+             "BACKBONE_INFERENCE_RESULTS_TOPIC": topics["inference_results"],
+             "BACKBONE_INFERENCE_DLQ_TOPIC": topics["dlq"], "BACKBONE_INFERENCE_GROUP_ID": inference_id},
+            work / "logs" / "inference.log", work,
+        )  # fmt: skip
+        if use_inference:
+            processes.append(inference_worker)
         for p in processes:
             p.start()
         http = _HttpIngest(f"http://127.0.0.1:{api_port}", api_token, api_token_id, topics["events"],
@@ -1452,6 +1541,10 @@ def run_chaos(
                                        [e for _, e in telemetry], prof.produce_seconds, prof.redelivery_fraction,
                                        random.Random(seed + 2))  # fmt: skip
         config_workload = _ConfigWorkload(run_settings, prof.config_interval_seconds, random.Random(seed + 1))
+        requests = inference_requests(runs) if use_inference else {}
+        inference_workload = _Workload(kafka, serde, topics["inference_requests"], list(requests.values()),
+                                       prof.produce_seconds, prof.redelivery_fraction, random.Random(seed + 4))  # fmt: skip
+        workloads = [workload, telemetry_workload, *([inference_workload] if use_inference else [])]
         skipped: dict[str, str] = {}
         if not info.embedded.get("redis"):
             for kind in ("redis_flush", "redis_restart"):
@@ -1481,8 +1574,8 @@ def run_chaos(
         sabotage_rng = random.Random(seed + 3)
         sabotaged: list[dict[str, Any]] = []
         t0 = time.monotonic()
-        workload.start()
-        telemetry_workload.start()
+        for w in workloads:
+            w.start()
         config_workload.start()
         fault_log: list[FaultRecord] = []
         detail = ""
@@ -1490,20 +1583,20 @@ def run_chaos(
         reseeds: list[dict[str, Any]] = []
         rebuilt_after_restart: list[float] = []
         targets = {"processor": processor, "projection": projection, "api": api, "healer": healer,
-                   "incidents": incidents}  # fmt: skip
+                   "incidents": incidents, "inference": inference_worker}  # fmt: skip
 
         def restart_broker(down: float, tamper: Callable[[], None] | None = None) -> None:
             """SIGKILL the broker and every process, re-seed the log from the archive, start them again (with
             ``tamper``, the sabotage, called once the harness has noted what the archive holds)."""
-            workload.pause()  # between two chunks: nothing in flight, as dev up holds clients off
-            telemetry_workload.pause()
+            for w in workloads:  # between two chunks: nothing in flight, as dev up holds clients off
+                w.pause()
 
             def while_down() -> None:
                 for p in processes:  # the whole stack goes down, as in a crash of the machine
                     p.kill()
                 archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
                 archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
-                for t in ("metrics", "logs", "spans"):
+                for t in ("metrics", "logs", "spans", "inference_requests"):
                     archived_at_restart.update(_archived_ids(info.postgres_url, topics[t]))
                 if tamper is not None:
                     tamper()
@@ -1511,7 +1604,8 @@ def run_chaos(
             report = devstack.restart_broker(
                 down_seconds=down, while_down=while_down,
                 partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
-                            **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")}},
+                            **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")},
+                            topics["inference_requests"]: _INFERENCE_PARTITIONS},
             )  # fmt: skip
             assert report is not None
             reseeds.append(report.as_json())
@@ -1521,8 +1615,8 @@ def run_chaos(
                 rebuilt_after_restart.append(round(time.monotonic() - t0, 2))
             for p in processes:
                 p.start()
-            workload.resume(new_producer=True)
-            telemetry_workload.resume(new_producer=True)
+            for w in workloads:
+                w.resume(new_producer=True)
 
         for kind, at in schedule:
             while time.monotonic() - t0 < at:
@@ -1621,11 +1715,11 @@ def run_chaos(
             fault_log.append(FaultRecord(kind, round(began, 2), round(down, 2), detail))
             detail = ""
             log.info("chaos.fault", kind=kind, at_seconds=round(began, 2), duration_seconds=round(down, 2))
-        while workload.is_alive() or telemetry_workload.is_alive():
+        while any(w.is_alive() for w in workloads):
             for p in processes:
                 p.restart_if_exited()
-            workload.join(0.2)
-            telemetry_workload.join(0.01)
+            for w in workloads:
+                w.join(0.2 if w is workload else 0.01)
         config_workload.stop()
         faults_over = time.monotonic()
         durations["workload_and_faults"] = round(faults_over - t0, 2)
@@ -1639,6 +1733,12 @@ def run_chaos(
         group = make_consumer(kafka, app_id)
         healer_group = make_consumer(kafka, healer_id)
         incidents_group = make_consumer(kafka, incidents_id)
+        inference_group = make_consumer(kafka, inference_id)
+        request_ends = (
+            [TopicPartition(topics["inference_requests"], p, end)
+             for p, end in end_offsets(kafka, topics["inference_requests"]).items()]
+            if use_inference else []
+        )  # fmt: skip
         merged = f"{incidents_id}-telemetry-repartition"  # processors.incidents.app.IncidentTopics.merged
         telemetry_ends = [
             TopicPartition(topics[t], p, end)
@@ -1663,6 +1763,7 @@ def run_chaos(
                     )
                     and _incidents_caught_up(kafka, incidents_group, telemetry_ends, merged)
                     and _config_caught_up(run_settings, info.redis_url, topics["config"], kafka)
+                    and _group_caught_up(inference_group, request_ends)
                 ):
                     recovered = round(time.monotonic() - faults_over, 2)
                     break
@@ -1671,6 +1772,7 @@ def run_chaos(
             group.close()
             healer_group.close()
             incidents_group.close()
+            inference_group.close()
         durations["lag_recovered"] = recovered
         for p in processes:
             p.stop()
@@ -1722,6 +1824,23 @@ def run_chaos(
         ]
         telemetry_window = lost_in_window(telemetry_produced, telemetry_topic_records, archived_at_restart,
                                           broker_restarts)  # fmt: skip
+        inference_results: dict[str, list[list[float]]] = defaultdict(list)
+        expected_embeddings: dict[str, list[float]] = {}
+        inference_window: set[str] = set()
+        if use_inference:
+            from inference.records import EmbeddingResult
+
+            request_records = [TopicRecord(r.partition, r.offset, r.key or "", r.attributes.id)
+                               for r in read_range(kafka, serde, topics["inference_requests"])
+                               if isinstance(r, ConsumedEvent)]  # fmt: skip
+            inference_window = lost_in_window(inference_workload.produced, request_records, archived_at_restart,
+                                              broker_restarts)  # fmt: skip
+            for rec in read_range(kafka, serde, topics["inference_results"]):
+                if isinstance(rec, ConsumedEvent):
+                    answer = EmbeddingResult.from_avro(dict(rec.data))
+                    inference_results[answer.request_id].append([float(x) for x in answer.vector])
+            acked = {p.event_id for p in inference_workload.produced if p.acknowledged} - inference_window
+            expected_embeddings = _embeddings(requests, acked)
         config_store, config_read_model = _config_state(run_settings, info.redis_url)
         config_topic_ids = frozenset(
             r.attributes.id
@@ -1752,6 +1871,8 @@ def run_chaos(
             expected_decisions=expected_decisions(records),
             incidents=incident_insights,
             expected_incidents=expected_incidents(telemetry_records),
+            inference_results=dict(inference_results),
+            expected_embeddings=expected_embeddings,
         )
         violations = check_history(history)
         for entry in sabotaged:
@@ -1790,6 +1911,13 @@ def run_chaos(
                 "telemetry_lost_in_window": len(telemetry_window),
                 "incident_insight_records": len(incident_insights),
                 "incident_insights": len({d.output_id for d in incident_insights}),
+                "inference_requests": len(requests),
+                "inference_acknowledged": len(
+                    {p.event_id for p in inference_workload.produced if p.acknowledged}
+                ),
+                "inference_result_records": sum(len(v) for v in inference_results.values()),
+                "inference_answered": len(inference_results),
+                "inference_lost_in_window": len(inference_window),
                 "send_errors": len(workload.errors),
                 "lost_in_window": len(window),
                 "broker_restarts": broker_restarts,
@@ -1836,6 +1964,7 @@ GUARANTEE_TITLES: Final[dict[str, str]] = {
     "insights_equal": "insights == pure logic over the log",
     "decisions_equal": "healer decisions == pure healer over the log",
     "incidents_equal": "incident insights == pure engine over the telemetry",
+    "inference_equal": "embeddings served == the model over the requests",
     "lag_recovered": "lag back to zero within the bound",
     "config_current": "config changes published, Redis read model current",
 }

@@ -76,6 +76,7 @@ GUARANTEES: Final[tuple[str, ...]] = (
     "insights_equal",
     "decisions_equal",
     "incidents_equal",
+    "inference_equal",
     "lag_recovered",
     "config_current",
 )
@@ -184,6 +185,10 @@ class ChaosHistory:
         incidents: every insight record on the incident worker's insights topic (copies included).
         expected_incidents: per insight id, the insight of the pure incident engine over the telemetry
             topics' records.
+        inference_results: per embedding request id, the vector of every answer on the results topic
+            (copies included; empty when the run had no inference worker).
+        expected_embeddings: per acknowledged request id, the model's embedding of its text, computed by
+            the harness in one batch after the run.
         lag_recovered_seconds: seconds from the end of the faults and of the workload until the
             processor, the healer and the projection had caught up; ``None`` when they had not within the
             bound.
@@ -213,6 +218,8 @@ class ChaosHistory:
     expected_decisions: dict[str, dict[str, Any]] = field(default_factory=dict)
     incidents: list[OutputRecord] = field(default_factory=list)
     expected_incidents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inference_results: dict[str, list[list[float]]] = field(default_factory=dict)
+    expected_embeddings: dict[str, list[float]] = field(default_factory=dict)
 
 
 def check_history(h: ChaosHistory) -> list[Violation]:
@@ -225,6 +232,7 @@ def check_history(h: ChaosHistory) -> list[Violation]:
         *_insights_equal(h),
         *_outputs_equal("decisions_equal", "the pure healer", h.decisions, h.expected_decisions),
         *_outputs_equal("incidents_equal", "the pure incident engine", h.incidents, h.expected_incidents),
+        *_inference_equal(h),
         *_lag_recovered(h),
         *_config_current(h),
     ]
@@ -385,6 +393,37 @@ def _insights_equal(h: ChaosHistory) -> list[Violation]:
                                  f"pure logic (fields {', '.join(diff)})",
                                  {"run_id": run_id, "fields": diff, "got": {k: differing[0].data.get(k) for k in diff},
                                   "expected": {k: want.get(k) for k in diff}}))  # fmt: skip
+    return out
+
+
+INFERENCE_TOLERANCE: Final = 1e-4
+"""Largest absolute difference per component between a served embedding and the model's own embedding of the
+same text (unit-norm float32 vectors; a request batched with longer texts is padded, which moves components
+by about 1e-6)."""
+
+
+def _inference_equal(h: ChaosHistory) -> list[Violation]:
+    """Every acknowledged embedding request answered, each answer (copies included) the model's embedding of
+    its text, and no answer for a request that was not sent."""
+    out = []
+    for rid in sorted(set(h.expected_embeddings) | set(h.inference_results)):
+        want, got = h.expected_embeddings.get(rid), h.inference_results.get(rid)
+        if want is None:
+            out.append(Violation("inference_equal", f"request {rid}: answered, never requested",
+                                 {"request_id": rid}))  # fmt: skip
+            continue
+        if not got:
+            out.append(Violation("inference_equal", f"request {rid}: acknowledged, never answered",
+                                 {"request_id": rid}))  # fmt: skip
+            continue
+        for vector in got:
+            diff = (max(abs(a - b) for a, b in zip(vector, want, strict=True))
+                    if len(vector) == len(want) else math.inf)  # fmt: skip
+            if diff > INFERENCE_TOLERANCE:
+                out.append(Violation("inference_equal",
+                                     f"request {rid}: an answer differs from the model's embedding by {diff:.2e}",
+                                     {"request_id": rid, "max_abs_diff": diff}))  # fmt: skip
+                break
     return out
 
 

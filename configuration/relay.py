@@ -342,6 +342,41 @@ class OutboxRelay:
                 backoff = min(max_backoff_seconds, backoff * 2)
         self._log.info("config_relay.stopped", position=self.position())
 
+    @classmethod
+    def when_reachable(
+        cls,
+        stop: threading.Event,
+        settings: Settings | None = None,
+        *,
+        max_backoff_seconds: float = 5.0,
+        **kwargs: Any,
+    ) -> OutboxRelay | None:
+        """Build the relay once PostgreSQL answers: a relay started while PostgreSQL is down (a restart, a
+        machine booting) waits for it, as :meth:`run` does once running, instead of exiting.
+
+        Args:
+            stop: set (by SIGTERM or SIGINT) to give up waiting.
+            settings: as for the constructor.
+            max_backoff_seconds: longest wait between two attempts (the first after 0.2 s, doubling), each
+                failed one logged as ``config_relay.postgres_error`` with ``at="start"``.
+            **kwargs: the constructor's other arguments (``topic``, ``name``, ``batch_size``, ...).
+
+        Returns:
+            The relay, or ``None`` when ``stop`` was set before PostgreSQL answered.
+        """
+        backoff = 0.2
+        while True:
+            try:
+                return cls(settings, **kwargs)
+            except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                log.warning("config_relay.postgres_error", relay=kwargs.get("name", "config-relay"),
+                            topic=kwargs.get("topic", CONFIG_TOPIC), error=first, retry_in_seconds=backoff,
+                            at="start")  # fmt: skip
+                if stop.wait(backoff):
+                    return None
+                backoff = min(max_backoff_seconds, backoff * 2)
+
     def close(self) -> None:
         """Flush nothing further; release the producer, the connection and the application's pool."""
         self._producer = None
@@ -353,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m configuration.relay [--topic T] [--name N] [--batch-size N] [--metrics-port P]``.
 
     Settings come from the environment (``BACKBONE_KAFKA__BOOTSTRAP_SERVERS``, ``BACKBONE_POSTGRES__URL``).
-    Stops cleanly on SIGTERM or SIGINT.
+    Waits for PostgreSQL when it is down at start (:meth:`OutboxRelay.when_reachable`). Stops cleanly on
+    SIGTERM or SIGINT.
     """
     parser = argparse.ArgumentParser(prog="python -m configuration.relay", description=main.__doc__)
     parser.add_argument("--topic", default=CONFIG_TOPIC)
@@ -364,12 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     from core.stack import resolve_settings
 
     settings = resolve_settings(get_settings())
-    relay = OutboxRelay(settings, topic=args.topic, name=args.name, batch_size=args.batch_size)
-    if args.metrics_port is not None:
-        start_http_server(args.metrics_port, registry=relay.metrics.registry)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    relay = OutboxRelay.when_reachable(
+        stop, settings, topic=args.topic, name=args.name, batch_size=args.batch_size
+    )
+    if relay is None:
+        return 0
+    if args.metrics_port is not None:
+        start_http_server(args.metrics_port, registry=relay.metrics.registry)
     try:
         relay.run(stop)
     finally:

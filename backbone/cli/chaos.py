@@ -44,6 +44,15 @@ def chaos(
             "--profile quiet --fault rebalance_storm=2 for storms alone; the profile still sets the length.",
         ),
     ] = None,
+    inference: Annotated[
+        bool | None,
+        typer.Option(
+            "--inference/--no-inference",
+            help="Run the inference worker (Ray, all-MiniLM-L6-v2 on the CPU) on embedding requests, with its "
+            "SIGKILL and SIGSTOP faults; default: the full profile does, short and quiet do not.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Produce the agent runs (through the producer and HTTP ingest) under SIGKILL, SIGSTOP and PostgreSQL
@@ -70,7 +79,7 @@ def chaos(
     settings = settings_only()
     err.print(f"chaos: profile {profile}, seed {seed}" + (f", sabotage {', '.join(kinds)}" if kinds else ""))
     report = run_chaos(settings, profile=profile, seed=seed, keep_work_dir=keep_work_dir, sabotage=kinds,
-                       fault_counts=fault_counts)  # fmt: skip
+                       fault_counts=fault_counts, inference=inference)  # fmt: skip
     if as_json:
         emit_json(report.as_json())
     else:

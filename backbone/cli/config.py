@@ -345,11 +345,35 @@ def relay(
         ),
     ] = False,
 ) -> None:
-    """Run the outbox relay: publish every stored configuration event to the config topic."""
+    """Run the outbox relay: publish every stored configuration event to the config topic.
+
+    When PostgreSQL cannot be reached at start, the relay waits for it (retrying with backoff from 0.2 s to
+    5 s, a ``config_relay.postgres_error`` log line each time, SIGTERM or SIGINT end the wait with exit code
+    0), as it does once running; with ``--until-caught-up`` it says so in one line and exits 1."""
+    import signal
+
+    import psycopg
+    from eventsourcing.persistence import InterfaceError, OperationalError
+
     from configuration.relay import OutboxRelay
     from core.observability import serve_metrics
 
-    r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if until_caught_up:
+        try:
+            r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)
+        except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
+            typer.echo(
+                f"error: PostgreSQL unavailable: {(str(exc).strip().splitlines() or [''])[0]}", err=True
+            )
+            raise typer.Exit(1) from None
+    else:
+        waited = OutboxRelay.when_reachable(stop, _settings(), topic=topic, name=name, batch_size=batch_size)
+        if waited is None:
+            return
+        r = waited
     if metrics_port is not None:
         serve_metrics(metrics_port, host="0.0.0.0", registry=r.metrics.registry)
     try:
@@ -359,7 +383,7 @@ def relay(
                 total += n
             typer.echo(f"published {total} configuration event(s) to {topic}")
         else:
-            _run_until_signal(r.run)
+            r.run(stop)
     finally:
         r.close()
 

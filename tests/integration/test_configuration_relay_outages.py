@@ -54,8 +54,9 @@ def _wait_position(pg_url: str, target: int, seconds: float = 60) -> None:
 
 
 def test_relay_resumes_without_gaps_after_broker_and_postgres_outages(tmp_path: Path) -> None:
-    """Changes stored while the broker is down are published once it is up; a PostgreSQL stop and
-    start under the relay loses nothing and publishes nothing twice."""
+    """A relay started while PostgreSQL is down waits for it (it exited with a traceback before); changes
+    stored while the broker is down are published once it is up; a PostgreSQL stop and start under the
+    relay loses nothing and publishes nothing twice."""
     kafka_port = _free_port()
     stack = DevStack(Settings(state_dir=tmp_path), state_dir=tmp_path, durable=False)
     info = stack.start()
@@ -65,7 +66,9 @@ def test_relay_resumes_without_gaps_after_broker_and_postgres_outages(tmp_path: 
         pg_url = info.postgres_url
         settings = Settings(postgres=PostgresSettings(url=SecretStr(pg_url)),
                             kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"))  # fmt: skip
-        store = ConfigStore(settings)
+        ConfigStore(settings).close()  # the store's tables exist
+        pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+        _pg_ctl_stop(tmp_path / "postgres", 10)  # 0. PostgreSQL is down when the relay starts
         keys = [f"misc.outage{i}" for i in range(3)]
         env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
                "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_STATE_DIR": str(tmp_path / "relay"),
@@ -73,6 +76,12 @@ def test_relay_resumes_without_gaps_after_broker_and_postgres_outages(tmp_path: 
         log = (tmp_path / "relay.log").open("ab")
         relay = subprocess.Popen([sys.executable, "-m", "configuration.relay", "--topic", "config.outage", "--name",
                                   "outage", "--batch-size", "7"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+        time.sleep(3)
+        assert relay.poll() is None, "the relay gave up while PostgreSQL was down at its start"
+        assert b"config_relay.postgres_error" in (tmp_path / "relay.log").read_bytes()
+        pg0 = start_postgres(tmp_path / "postgres", pg_port)
+        store = ConfigStore(settings)
 
         # 1. the broker is down: changes are stored, nothing can be published
         for i in range(30):
@@ -84,8 +93,9 @@ def test_relay_resumes_without_gaps_after_broker_and_postgres_outages(tmp_path: 
         _wait_position(pg_url, store.app.recorder.max_notification_id())
 
         # 2. PostgreSQL stops under the relay, then comes back; more changes follow
-        pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+        store.close()
         _pg_ctl_stop(tmp_path / "postgres", 10)
+        pg0.wait(30)
         time.sleep(3)
         assert relay.poll() is None, "the relay gave up while PostgreSQL was down"
         pg = start_postgres(tmp_path / "postgres", pg_port)

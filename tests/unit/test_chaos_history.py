@@ -386,3 +386,18 @@ def test_incident_insights_are_held_to_the_pure_engine_s_like_the_healer_s_decis
     h.incidents = [OutputRecord("i1", {**opened, "labels": {"top1_pod": "ts-route-1"}})]  # re-learnt, wrong
     violations = _only(h, "incidents_equal", 2)
     assert violations[0].evidence["missing"] == ["i2"] and violations[1].evidence["output_id"] == "i1"
+
+
+def test_embeddings_answered_once_or_more_within_tolerance_and_each_fault_reported() -> None:
+    want = {"r1": [0.6, 0.8], "r2": [1.0, 0.0]}
+    ok = replace(_clean(), expected_embeddings=want,
+                 inference_results={"r1": [[0.6, 0.8], [0.60002, 0.79999]], "r2": [[1.0, 0.0]]})  # fmt: skip
+    assert check_history(ok) == []
+    broken = replace(ok, inference_results={"r1": [[0.6, 0.8], [0.6, 0.7]], "r3": [[0.0, 1.0]]})
+    found = {(v.evidence["request_id"], v.detail.split(": ", 1)[1][:17]) for v in check_history(broken)}
+    assert found == {
+        ("r1", "an answer differs"),  # the second copy is off by 0.1
+        ("r2", "acknowledged, nev"),
+        ("r3", "answered, never r"),
+    }
+    assert violation_counts(check_history(broken))["inference_equal"] == 3
