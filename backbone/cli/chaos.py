@@ -17,7 +17,7 @@ def chaos(
     profile: Annotated[
         str,
         typer.Option(
-            help="short (about 1.5 min, 17 faults), full (about 4.5 min, 44 faults) or quiet (no fault, "
+            help="short (about 1.5 min, 17 faults), full (about 5 min, 48 faults, the inference worker too) or quiet (no fault, "
             "about 1 min).",
             envvar="BACKBONE_CHAOS_PROFILE",
         ),
