@@ -255,7 +255,8 @@ class Profile:
             unacknowledged, and the checker's counts show them missing) so that the run ends.
         inference: run the inference worker (``backbone inference run``: Ray, one all-MiniLM-L6-v2 actor on
             the CPU) on embedding requests made of the agent runs' tool-call commands, and inject the
-            ``*_inference`` faults; off in ``short`` and ``quiet`` (Ray's start costs the test run about 20 s).
+            ``*_inference`` faults; off in ``short`` and ``quiet`` (from the worker's start to its actor's model
+            loaded took 16 s in one run's log, 2026-12-06).
     """
 
     name: str
@@ -1056,8 +1057,7 @@ def expected_incidents(records: list[ConsumedEvent]) -> dict[str, dict[str, Any]
 def _incidents_caught_up(kafka: Any, group: Any, telemetry_ends: list[TopicPartition], merged: str) -> bool:
     """The incident worker's group has committed every telemetry record and every record of its merged
     topic (which it forwards them to)."""
-    committed = group.committed([TopicPartition(tp.topic, tp.partition) for tp in telemetry_ends], timeout=5)
-    if any(c.offset < tp.offset for c, tp in zip(committed, telemetry_ends, strict=True)):
+    if not _group_caught_up(group, telemetry_ends):
         return False
     with contextlib.suppress(StreamsError, KafkaException):
         end = end_offsets(kafka, merged, [0], timeout_seconds=5).get(0, 0)
@@ -1406,6 +1406,11 @@ def run_chaos(
         "inference_requests": f"chaos-inference-requests-{token}",
         "inference_results": f"chaos-inference-results-{token}",
     }
+    # what the event archive keeps, with partitions: what a broker restart re-seeds (the archive process reads
+    # them; the dead-letter topic is re-seeded but its ids are not events the workload sent)
+    archived_topics = {topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
+                       **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")},
+                       topics["inference_requests"]: _INFERENCE_PARTITIONS}  # fmt: skip
     pg_port = int(info.postgres_url.rsplit(":", 1)[1].split("/")[0])
     pg_procs: list[subprocess.Popen[bytes]] = []
     processes: list[_Managed] = []
@@ -1482,9 +1487,8 @@ def run_chaos(
         # the event archive of the events and dead-letter topics: what a broker restart re-seeds from
         archive = _Managed(
             "archive",
-            [*py, "projections", "run", "archive", "--topic", topics["events"], "--topic", topics["dlq"],
-             "--topic", topics["config"], "--topic", topics["metrics"], "--topic", topics["logs"],
-             "--topic", topics["spans"], "--topic", topics["inference_requests"], "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
+            [*py, "projections", "run", "archive", *(a for t in archived_topics for a in ("--topic", t)),
+             "--no-read-models", "--batch-size", "50", "--metrics-port", "0"],
             env, work / "logs" / "archive.log", work,
         )  # fmt: skip
         # configuration: the outbox relay (store -> config topic) and the Redis current-value read model
@@ -1594,19 +1598,15 @@ def run_chaos(
             def while_down() -> None:
                 for p in processes:  # the whole stack goes down, as in a crash of the machine
                     p.kill()
-                archived_at_restart.update(_archived_ids(info.postgres_url, topics["events"]))
-                archived_at_restart.update(_archived_ids(info.postgres_url, topics["config"]))
-                for t in ("metrics", "logs", "spans", "inference_requests"):
-                    archived_at_restart.update(_archived_ids(info.postgres_url, topics[t]))
+                for t in archived_topics:
+                    if t != topics["dlq"]:
+                        archived_at_restart.update(_archived_ids(info.postgres_url, t))
                 if tamper is not None:
                     tamper()
 
             report = devstack.restart_broker(
-                down_seconds=down, while_down=while_down,
-                partitions={topics["events"]: _PARTITIONS, topics["dlq"]: 1, topics["config"]: _CONFIG_PARTITIONS,
-                            **{topics[t]: _TELEMETRY_PARTITIONS for t in ("metrics", "logs", "spans")},
-                            topics["inference_requests"]: _INFERENCE_PARTITIONS},
-            )  # fmt: skip
+                down_seconds=down, while_down=while_down, partitions=archived_topics
+            )
             assert report is not None
             reseeds.append(report.as_json())
             if any(c.projection == "agent_runs" and c.lost_events for c in report.checkpoints_moved):

@@ -169,6 +169,8 @@ class OutboxRelay:
 
     Raises:
         ValueError: missing Kafka or PostgreSQL settings, or ``batch_size`` < 1.
+        ConfigStoreUnavailableError: PostgreSQL cannot be reached (the store's tables are made at start;
+            :meth:`when_reachable` waits for it instead).
     """
 
     def __init__(
@@ -191,7 +193,11 @@ class OutboxRelay:
         self.serde = serde or serde_from_settings(self.settings)
         self._dsn = self.settings.postgres.dsn()
         self.settings.kafka.librdkafka()  # fail early without bootstrap servers
-        self.app = ConfigurationApplication(eventsourcing_env(self.settings.postgres))
+        try:
+            self.app = ConfigurationApplication(eventsourcing_env(self.settings.postgres))
+        except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigStoreUnavailableError(f"PostgreSQL unavailable: {first}") from exc
         self._producer: EventProducer | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._keys: dict[UUID, str] = {}
@@ -368,10 +374,9 @@ class OutboxRelay:
         while True:
             try:
                 return cls(settings, **kwargs)
-            except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            except ConfigStoreUnavailableError as exc:
                 log.warning("config_relay.postgres_error", relay=kwargs.get("name", "config-relay"),
-                            topic=kwargs.get("topic", CONFIG_TOPIC), error=first, retry_in_seconds=backoff,
+                            topic=kwargs.get("topic", CONFIG_TOPIC), error=str(exc), retry_in_seconds=backoff,
                             at="start")  # fmt: skip
                 if stop.wait(backoff):
                     return None

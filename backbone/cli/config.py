@@ -352,9 +352,7 @@ def relay(
     0), as it does once running; with ``--until-caught-up`` it says so in one line and exits 1."""
     import signal
 
-    import psycopg
-    from eventsourcing.persistence import InterfaceError, OperationalError
-
+    from configuration.errors import ConfigStoreUnavailableError
     from configuration.relay import OutboxRelay
     from core.observability import serve_metrics
 
@@ -364,10 +362,8 @@ def relay(
     if until_caught_up:
         try:
             r = OutboxRelay(_settings(), topic=topic, name=name, batch_size=batch_size)
-        except (OperationalError, InterfaceError, psycopg.OperationalError) as exc:
-            typer.echo(
-                f"error: PostgreSQL unavailable: {(str(exc).strip().splitlines() or [''])[0]}", err=True
-            )
+        except ConfigStoreUnavailableError as exc:
+            typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
     else:
         waited = OutboxRelay.when_reachable(stop, _settings(), topic=topic, name=name, batch_size=batch_size)

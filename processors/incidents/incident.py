@@ -243,8 +243,9 @@ class IncidentEngine:
         self._source_max: dict[str, int] = {}
         self._drained: set[str] = set()
         self._buffer: dict[int, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-        # snapshot_json's cache: window -> (records encoded, their JSON texts), each buffered record encoded once
-        self._encoded: dict[int, tuple[int, list[str]]] = {}
+        # snapshot_json's cache: window -> the JSON texts of its buffered records so far (windows only grow by
+        # appends until they close, so the first len(texts) records are the ones encoded)
+        self._encoded: dict[int, list[str]] = {}
         self._ids: dict[int, set[str]] = defaultdict(set)
         self.duplicates: Counter[str] = Counter()
         self._next_window_ms: int | None = None  # windows below this are closed
@@ -727,11 +728,8 @@ class IncidentEngine:
         is mostly buffered windows: the slowest input holds the watermark while the others' records wait)."""
         fragments = []
         for w, items in self._buffer.items():
-            done, texts = self._encoded.get(w, (0, []))
-            if done > len(items):  # not a window grown by appends since (cannot happen; start over)
-                done, texts = 0, []
-            texts.extend(_JSON.encode([k, _plain(r)]) for k, r in items[done:])
-            self._encoded[w] = (len(items), texts)
+            texts = self._encoded.setdefault(w, [])
+            texts.extend(_JSON.encode([k, _plain(r)]) for k, r in items[len(texts) :])
             fragments.append(f"[{w},[{','.join(texts)}]]")
         for w in [w for w in self._encoded if w not in self._buffer]:
             del self._encoded[w]
