@@ -163,7 +163,9 @@ def _slack_messages(files: list[Path], repo: str) -> list[Any]:
     return out_
 
 
-def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: bool) -> dict[str, Any]:
+def link_figures(
+    slack: list[Path], commits_file: Path, repo: str, embeddings: bool, affinity: bool = True
+) -> dict[str, Any]:
     """The figures of ``eval links`` (see :func:`eval_links`)."""
     from connectors.chat_code import parse_git_commits_tsv
     from processors.correlation.logic import Correlator, observe
@@ -193,8 +195,10 @@ def link_figures(slack: list[Path], commits_file: Path, repo: str, embeddings: b
         model = load_model("all-MiniLM-L6-v2")
         embed = model.embed
     result = evaluate_masked([p[1] for p in pairs], [CommitText(e.data["entity"], e.data["occurred_at"],
-                             str(e.data["title"] or "")) for e in commits], truth, embed=embed)  # fmt: skip
+                             str(e.data["title"] or ""), e.data.get("actor")) for e in commits], truth,
+                             embed=embed, learn_affinity=affinity)  # fmt: skip
     result["embeddings"] = embeddings
+    result["author_affinity"] = affinity
     result["lags_reference_links"] = [x.as_dict() for x in lags.summary()]
     result["reference_extraction"] = {
         "messages_with_repo_refs": referencing,
@@ -214,11 +218,13 @@ def eval_links(
     repo: Annotated[str, typer.Option(help="owner/name of the repository.", envvar="BACKBONE_IMPORT_REPO")] = "racket/racket",
     embeddings: Annotated[bool, typer.Option(help="Add all-MiniLM-L6-v2 cosine (needs the inference extra).",
                                              envvar="BACKBONE_EVAL_EMBEDDINGS")] = False,
+    affinity: Annotated[bool, typer.Option(help="Learn who talks about whose commits from the links already "
+                                           "revealed (test, then train, in time order).")] = True,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Masked links: remove the references of messages that name a commit, and measure how many the
     correlator still finds by text, (optionally) embeddings and timing: {"masked", "precision", "recall", ...}."""
-    result = link_figures(slack, commits, repo, embeddings)
+    result = link_figures(slack, commits, repo, embeddings, affinity)
     if as_json:
         emit_json(result)
         return

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pytest
 
 from processors.correlation.masked import (
+    AuthorAffinity,
     ChatMessage,
     CommitText,
     MaskedConfig,
@@ -15,6 +17,7 @@ from processors.correlation.masked import (
     evaluate_masked,
     mask_references,
     pending_merge_prior,
+    people_of,
 )
 
 T0 = datetime(2018, 5, 1, tzinfo=UTC)
@@ -104,3 +107,59 @@ def test_evaluate_masked_reads_the_same_users_earlier_messages() -> None:
     assert (out["linked"], out["correct"]) == (1, 1)
     off = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig(user_context=timedelta(0)))
     assert off["linked"] == 0
+
+
+def test_author_affinity_counts_people_and_authors_of_links() -> None:
+    """Each person of a linked message counts one link to the commit's author; the affinity is the best
+    person's share with one pseudo-count; an unseen person or author has none; bad smoothing is refused."""
+    aff = AuthorAffinity(smoothing=1.0)
+    aff.observe(["odis", "lynna", "odis"], "Leif")  # a repeated person counts once
+    aff.observe(["odis"], "Leif")
+    aff.observe(["lynna"], "Matthew")
+    assert aff.affinity(["odis"], "Leif") == 2 / 3
+    assert aff.affinity(["carlyn", "lynna"], "Matthew") == 1 / 3
+    assert aff.affinity(["carlyn"], "Leif") == 0.0
+    assert aff.affinity(["odis"], None) == 0.0
+    with pytest.raises(ValueError, match="smoothing"):
+        AuthorAffinity(smoothing=-1.0)
+
+
+def test_people_of_reads_the_author_and_mentions() -> None:
+    """The author first, then @-mentions in order, no repeats; an e-mail address is not a mention."""
+    m = ChatMessage("m", T0, "@Lynna and @Odis: see ann@example.org, thanks @Lynna.", None, "Carlyn")
+    assert people_of(m) == ("Carlyn", "Lynna", "Odis")
+    assert people_of(ChatMessage("m", T0, "no one", None, None)) == ()
+
+
+def test_affinity_links_a_message_without_words_to_its_people_s_author_test_then_train() -> None:
+    """Two commits at the same distance in time and without shared words tie, so the bare message is not
+    linked; once an earlier link (revealed after its own guess) taught that ann talks about Leif's
+    commits (1/2 - Leif's share 2/7), her next bare message links Leif's commit; each author's share of the
+    commits is discounted, so the same lesson about Matthew (6 of 7 commits) changes nothing."""
+    leif = CommitText("git:o/r@" + "1" * 40, T0 + timedelta(hours=30), "relative paths readable (#9)", "Leif")
+    other = CommitText("git:o/r@" + "2" * 40, T0 + timedelta(hours=30), "repair gui metadata", "Matthew")
+    first = CommitText(
+        "git:o/r@" + "3" * 40, T0 - timedelta(days=2), "add relative paths to serialize", "Leif"
+    )
+    older = [
+        CommitText(f"git:o/r@{i}" + "4" * 39, T0 - timedelta(days=15), f"gc tweak {i}", "Matthew")
+        for i in range(4)
+    ]
+    commits = [leif, other, first, *older]  # Leif wrote 2 of the 7
+    msgs = [
+        ChatMessage("m0", T0 - timedelta(days=2), "relative paths for serialize? https://github.com/o/r/pull/4", None, "ann"),
+        ChatMessage("m1", T0 + timedelta(hours=29), "https://github.com/o/r/pull/9", None, "ann"),
+    ]  # fmt: skip
+    truth = {"m0": first.entity, "m1": leif.entity}
+    cfg = MaskedConfig(merge_boost=0.0, affinity_weight=0.5, min_score=0.15)
+    plain = evaluate_masked(msgs, commits, truth, config=cfg, learn_affinity=False)
+    assert (plain["linked"], plain["correct"]) == (1, 1)  # m0 by its words only
+    learned = evaluate_masked(msgs, commits, truth, config=cfg)
+    assert (learned["linked"], learned["correct"]) == (2, 2)
+    linker = MaskedLinker(
+        [leif, other, CommitText(first.entity, first.time, first.subject, "Matthew"), *older], cfg
+    )
+    aff = AuthorAffinity()
+    aff.observe(["ann"], "Matthew")
+    ranked = linker.scores(MessageText("m1", T0 + timedelta(hours=29), "", ("ann",)), aff)
+    assert ranked[0][0] == ranked[1][0]  # 1/2 - 6/7 < 0: no lift for the author of most commits
