@@ -164,14 +164,20 @@ def _slack_messages(files: list[Path], repo: str) -> list[Any]:
 
 
 def link_figures(
-    slack: list[Path], commits_file: Path, repo: str, embeddings: bool, affinity: bool = True
+    slack: list[Path],
+    commits_file: Path,
+    repo: str,
+    embeddings: bool,
+    affinity: bool = True,
+    min_history: int | None = None,
 ) -> dict[str, Any]:
     """The figures of ``eval links`` (see :func:`eval_links`)."""
     from connectors.chat_code import parse_git_commits_tsv
     from processors.correlation.logic import Correlator, observe
-    from processors.correlation.masked import CommitText, evaluate_masked
+    from processors.correlation.masked import CommitText, MaskedConfig, evaluate_masked
 
     pairs = _slack_messages(slack, repo)
+    config = MaskedConfig() if min_history is None else MaskedConfig(min_history=min_history)
     commits = list(parse_git_commits_tsv(commits_file, repo=repo))
     corr = Correlator()
     from processors.correlation.lag import LagStats
@@ -196,9 +202,11 @@ def link_figures(
         embed = model.embed
     result = evaluate_masked([p[1] for p in pairs], [CommitText(e.data["entity"], e.data["occurred_at"],
                              str(e.data["title"] or ""), e.data.get("actor")) for e in commits], truth,
-                             embed=embed, learn_affinity=affinity)  # fmt: skip
+                             config=config, embed=embed, learn_affinity=affinity)  # fmt: skip
     result["embeddings"] = embeddings
     result["author_affinity"] = affinity
+    result["min_history"] = config.min_history
+    result["processor"] = _processor_figures(commits, [p[0] for p in pairs], truth, config)
     result["lags_reference_links"] = [x.as_dict() for x in lags.summary()]
     result["reference_extraction"] = {
         "messages_with_repo_refs": referencing,
@@ -208,6 +216,37 @@ def link_figures(
         "recall_masked": 0.0,
     }
     return result
+
+
+def _processor_figures(
+    commits: list[Any], messages: list[Any], truth: dict[str, str], config: Any
+) -> dict[str, Any]:
+    """The live correlator (``discussion`` links on, default settings) on the same events, every masked
+    message's references removed from its refs and text, in event-time order, pending windows closed at
+    the end: its links of the masked messages, and how many discussion links it draws over all messages.
+    It has no threads (live Slack events carry none) and reveals nothing, so no affinity is learned."""
+    from processors.correlation.logic import CorrelationConfig, Correlator, observe
+    from processors.correlation.masked import mask_references
+
+    corr = Correlator(CorrelationConfig(discussion=config))
+    links = []
+    for e in sorted([*commits, *messages], key=lambda e: (e.data["occurred_at"], e.data["entity"])):
+        data = e.data
+        if data["entity"] in truth:
+            data = {**data, "refs": [], "body_excerpt": mask_references(str(data.get("body_excerpt") or ""))}
+        obs = observe(data, e.attributes.id)
+        if obs is not None:
+            links += corr.add(obs)
+    links += corr.close()
+    found = {link.message.entity: link.commit.entity for link in links if link.method == "discussion"}
+    made = [m for m in truth if m in found]
+    right = sum(1 for m in made if found[m] == truth[m])
+    return {
+        "linked": len(made), "correct": right,
+        "precision": round(right / len(made), 4) if made else 0.0,
+        "recall": round(right / len(truth), 4) if truth else 0.0,
+        "discussion_links_all_messages": len(found), "messages": len(messages),
+    }  # fmt: skip
 
 
 @eval_app.command("links")
@@ -220,11 +259,15 @@ def eval_links(
                                              envvar="BACKBONE_EVAL_EMBEDDINGS")] = False,
     affinity: Annotated[bool, typer.Option(help="Learn who talks about whose commits from the links already "
                                            "revealed (test, then train, in time order).")] = True,
+    min_history: Annotated[int | None, typer.Option(help="Commits needed up to a message's window end before it "
+                                                    "can be linked (default: the processor's, 200).")] = None,
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
     """Masked links: remove the references of messages that name a commit, and measure how many the
     correlator still finds by text, (optionally) embeddings and timing: {"masked", "precision", "recall", ...}."""
-    result = link_figures(slack, commits, repo, embeddings, affinity)
+    if min_history is not None and min_history < 0:
+        raise typer.BadParameter(f"must not be negative, got {min_history}", param_hint="--min-history")
+    result = link_figures(slack, commits, repo, embeddings, affinity, min_history)
     if as_json:
         emit_json(result)
         return

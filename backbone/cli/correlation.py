@@ -15,6 +15,7 @@ import typer
 
 from processors.correlation.app import DEFAULT_APP_ID, CorrelationTopics, run_correlation_worker
 from processors.correlation.logic import DEFAULT_MIN_COSINE, DEFAULT_WINDOW, CorrelationConfig
+from processors.correlation.masked import MaskedConfig
 from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["correlate"]
@@ -52,10 +53,20 @@ def correlate(
     stop_after_idle: Annotated[float | None, typer.Option(
         envvar="BACKBONE_CORRELATION_STOP_AFTER_IDLE_SECONDS",
         help="Stop once started and no record arrived for this many seconds (caught up).")] = None,
+    discussion: Annotated[bool, typer.Option(
+        "--discussion/--no-discussion", envvar="BACKBONE_CORRELATION_DISCUSSION",
+        help="Draw discussion links: the masked linker (text, timing, pending merges, author affinity) for "
+             "messages without a reference, decided once the scope's event time passes their window "
+             "(8 days by default).")] = True,
+    discussion_min_history: Annotated[int, typer.Option(
+        envvar="BACKBONE_CORRELATION_DISCUSSION_MIN_HISTORY",
+        help="Commits a scope must have (up to a message's window end) before a discussion link is drawn: "
+             "the TF-IDF's document frequencies come from them.")] = MaskedConfig().min_history,
     web_port: Annotated[int, typer.Option(envvar="BACKBONE_CORRELATION_WEB_PORT", help="Faust web port; 0 = off.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the final counters as JSON on exit.")] = False,
 ) -> None:  # fmt: skip
-    """Link Slack messages and commits (by reference, and by embedding when present) into insights.correlations."""
+    """Link Slack messages and commits (by reference, by embedding when present, and by discussion: the
+    masked linker for messages without a reference) into insights.correlations."""
     scopes: dict[str, str] = {}
     for item in scope or []:
         prefix, sep, name = item.partition("=")
@@ -64,10 +75,13 @@ def correlate(
         scopes[prefix] = name
     if window_hours < 0:
         _fail(f"--window-hours must not be negative, got {window_hours}")
+    if discussion_min_history < 0:
+        _fail(f"--discussion-min-history must not be negative, got {discussion_min_history}")
     if scope_partitions < 1:
         _fail(f"--scope-partitions must be at least 1, got {scope_partitions}")
     try:
-        config = CorrelationConfig(window=timedelta(hours=window_hours), min_cosine=min_cosine, scopes=scopes)
+        config = CorrelationConfig(window=timedelta(hours=window_hours), min_cosine=min_cosine, scopes=scopes,
+                                   discussion=MaskedConfig(min_history=discussion_min_history) if discussion else None)  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     topics = CorrelationTopics(
@@ -85,6 +99,7 @@ def correlate(
         typer.echo(json.dumps(asdict(stats)))
     else:
         typer.echo(
-            f"links: {stats.reference_links_count} by reference, {stats.embedding_links_count} by embedding; "
+            f"links: {stats.reference_links_count} by reference, {stats.embedding_links_count} by embedding, "
+            f"{stats.discussion_links_count} by discussion; "
             f"{stats.events_count} events, {stats.vectors_count} embeddings, {stats.dead_letters_count} dead-lettered"
         )

@@ -122,6 +122,7 @@ DASHBOARDS: dict[str, tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] 
                     ("sum(rate(backbone_correlation_records_total[5m]))", "records"),
                     ("sum(rate(backbone_correlation_reference_links_total[5m]))", "reference links"),
                     ("sum(rate(backbone_correlation_embedding_links_total[5m]))", "embedding links"),
+                    ("sum(rate(backbone_correlation_discussion_links_total[5m]))", "discussion links"),
                     ("sum(rate(backbone_correlation_embedding_requests_total[5m]))", "embedding requests"),
                 ],
             ),

@@ -15,7 +15,9 @@ A thin shell around :mod:`processors.correlation.logic`; every decision is made 
    repartition topic, keyed by the scope named in the request id.
 3. ``correlation-links`` reads the repartition topic, keeps a
    :class:`~processors.correlation.logic.Correlator` per scope, and sends every link it draws as a
-   ``sophia.insight.Insight`` to ``insights.correlations`` (key = the commit's entity).
+   ``sophia.insight.Insight`` to ``insights.correlations`` (key = the commit's entity): by reference,
+   by embedding, and (``CorrelationConfig.discussion``) by discussion, decided when the scope's
+   event-time watermark passes a message's window.
 
 **Why a repartition topic.** ``external.events`` is keyed by entity, so a message and the commit it names
 sit on different partitions, and the embedding of a text arrives on a third topic keyed by request id.
@@ -36,7 +38,10 @@ about 11,000 items).
   entity, key ``b"<scope>|<entity>"`` (``bytes``, written raw, UTF-8, on the changelog): value
   ``{"obs": Observation.to_dict(), "vector": base64 float32}`` (JSON on the changelog). The in-memory
   correlators are caches of it: dropped on every rebalance and rebuilt from the table's items of
-  their scope on first use (the table is recovered from its changelog before agents run). It is a
+  their scope on first use (the table is recovered from its changelog before agents run). The
+  discussion linker's pending messages are rebuilt the same way: the restored watermark is the largest
+  event time among the items, and every message whose deadline lies behind it counts as decided (its
+  link was sent before the item that moved the watermark was written, see the order of effects below). It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
@@ -150,6 +155,7 @@ class CorrelationStats:
         duplicates_count: observations or vectors already known to their scope.
         reference_links_count: ``reference`` links sent.
         embedding_links_count: ``embedding`` links sent.
+        discussion_links_count: ``discussion`` links sent (masked linker, see ``CorrelationConfig.discussion``).
         dead_letters_count: records dead-lettered.
         last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
     """
@@ -162,6 +168,7 @@ class CorrelationStats:
     duplicates_count: int = 0
     reference_links_count: int = 0
     embedding_links_count: int = 0
+    discussion_links_count: int = 0
     dead_letters_count: int = 0
     last_record_monotonic: float | None = field(default=None)
 
@@ -323,7 +330,8 @@ class _CorrelationShell:
         for link in links:
             await self._send_link(link)
             bound.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
-                       message=link.message.entity, commit=link.commit.entity, cosine=link.cosine)  # fmt: skip
+                       message=link.message.entity, commit=link.commit.entity, cosine=link.cosine,
+                       score=link.score)  # fmt: skip
         key = f"{scope}|{entity}".encode()
         item = dict(self.table.get(key) or {})
         if body["type"] == "event":
@@ -344,6 +352,8 @@ class _CorrelationShell:
         await pending  # delivered (acks=all) before the table records the piece that completed it
         if link.method == "reference":
             self.stats.reference_links_count += 1
+        elif link.method == "discussion":
+            self.stats.discussion_links_count += 1
         else:
             self.stats.embedding_links_count += 1
 
@@ -490,6 +500,11 @@ COUNTERS = (
     ("backbone_correlation_duplicates", "duplicates_count", "Pieces already known to their scope"),
     ("backbone_correlation_reference_links", "reference_links_count", "Reference links sent"),
     ("backbone_correlation_embedding_links", "embedding_links_count", "Embedding links sent"),
+    (
+        "backbone_correlation_discussion_links",
+        "discussion_links_count",
+        "Discussion (masked-linker) links sent",
+    ),
     ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
 )
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""

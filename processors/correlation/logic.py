@@ -4,7 +4,7 @@ Plain Python, no Kafka. One :class:`Correlator` holds the state of one *correlat
 workspace and the GitHub organisation it talks about, see :func:`scope_of`); the Faust shell in
 :mod:`processors.correlation.app` keeps one per scope and persists its items in a table.
 
-Two methods, each a property of a *pair* (message, commit), never of the order things arrive in:
+Two methods are each a property of a *pair* (message, commit), never of the order things arrive in:
 
 * ``reference``: the message's ``refs`` name the commit: a SHA (full, or a prefix of at least 7 hex
   digits) of the commit's repository, or ``#N`` / an issue or pull-request URL where the commit subject
@@ -18,6 +18,16 @@ commit, or one of the two vectors), whichever it is; a piece seen again changes 
 links after any sequence of inputs is the set of pairs that satisfy the rule, and every permutation
 or replay of the same inputs gives the same links with the same deterministic ids (:func:`link_id`),
 event times (the later of the two event times) and figures.
+
+A third method, ``discussion`` (with ``CorrelationConfig.discussion``), is a property of a message and
+all the commits around it, not of one pair: a message without a reference link is linked to the commit
+that :class:`processors.correlation.masked.DiscussionLinker` ranks first (text, timing, pending merge,
+author affinity learned from the reference links of earlier messages), when it clears a score and a
+margin. It is decided once the scope's watermark (the largest event time it has seen) passes the
+message's time + ``window_after`` + ``allowed_lateness`` (8 days by default), so every permutation whose
+events arrive within the allowed lateness gives the same discussion links; later events are counted
+(``DiscussionLinker.late_events``). :meth:`Correlator.close` decides what is still pending at the end of
+a finite input; the live worker never calls it.
 
 Slack exports carry local time of an unknown offset (see :func:`connectors.chat_code.parse_slack_export`),
 so the default window (:data:`DEFAULT_WINDOW`, 48 hours) is wider than the ±14 h that offset can add,
@@ -36,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from processors.correlation.masked import DiscussionLinker, MaskedConfig, Prediction, pr_number_of
 from processors.errors import UnprocessableEventError
 from streams.envelope import Event, deterministic_id
 
@@ -77,13 +88,12 @@ DEFAULT_MIN_COSINE = 0.6
 """Smallest cosine of an embedding link (all-MiniLM-L6-v2; see ``bench/bench_correlation.py``)."""
 
 _PREFIX = 7
-_PR_SUFFIX = re.compile(r"\(#(\d+)\)\s*$")
 _COMMIT_ENTITY = re.compile(r"git:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{40})")
 _SHA_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{7,40})")
 _NUM_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)#(?P<num>\d+)")
 _SCOPE_OF = re.compile(r"(?:slack|git):(?P<scope>[^/:@]+)[/@]")
 
-Method = Literal["reference", "embedding"]
+Method = Literal["reference", "embedding", "discussion"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,11 +105,14 @@ class CorrelationConfig:
         min_cosine: smallest cosine similarity for an embedding link, in ``[-1, 1]``.
         scopes: entity prefix → scope, overriding :func:`scope_of`'s default (the longest matching
             prefix wins), e.g. ``{"slack:lisp/racket-": "racket"}``.
+        discussion: the masked linker's settings for ``discussion`` links
+            (:class:`~processors.correlation.masked.DiscussionLinker`); None draws none.
     """
 
     window: timedelta = DEFAULT_WINDOW
     min_cosine: float = DEFAULT_MIN_COSINE
     scopes: Mapping[str, str] = field(default_factory=dict)
+    discussion: MaskedConfig | None = None
 
     def __post_init__(self) -> None:
         if self.window < timedelta(0):
@@ -146,12 +159,6 @@ def parse_request_id(request_id: str) -> tuple[str, str] | None:
     return (scope, entity) if sep and scope and entity else None
 
 
-def pr_number_of(subject: str | None) -> int | None:
-    """``N`` of a commit subject that ends with ``(#N)`` (a squash-merged pull request), else ``None``."""
-    m = _PR_SUFFIX.search(subject or "")
-    return int(m.group(1)) if m else None
-
-
 def encode_vector_b64(vector: np.ndarray) -> str:
     """Base64 of the little-endian float32 bytes of a 1-D vector (for JSON state)."""
     return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
@@ -187,6 +194,7 @@ class Observation:
         sha: the commit's full SHA (commits only).
         pr_number: ``N`` when the commit subject ends with ``(#N)``.
         refs: the message's references (``github:owner/repo@sha``, ``github:owner/repo#N``), in order.
+        actor: the message's user or the commit's git author (None: unknown); ``discussion`` links read it.
     """
 
     entity: str
@@ -198,13 +206,14 @@ class Observation:
     sha: str | None = None
     pr_number: int | None = None
     refs: tuple[str, ...] = ()
+    actor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``event_time`` in epoch milliseconds)."""
         return {
             "entity": self.entity, "kind": self.kind, "event_time_ms": _ms(self.event_time),
             "event_id": self.event_id, "text": self.text, "repo": self.repo, "sha": self.sha,
-            "pr_number": self.pr_number, "refs": list(self.refs),
+            "pr_number": self.pr_number, "refs": list(self.refs), "actor": self.actor,
         }  # fmt: skip
 
     @classmethod
@@ -221,7 +230,7 @@ class Observation:
             entity=str(d["entity"]), kind=kind,
             event_time=datetime.fromtimestamp(int(d["event_time_ms"]) / 1000, UTC),
             event_id=str(d["event_id"]), text=str(d.get("text") or ""), repo=d.get("repo"), sha=d.get("sha"),
-            pr_number=d.get("pr_number"), refs=tuple(d.get("refs") or ()),
+            pr_number=d.get("pr_number"), refs=tuple(d.get("refs") or ()), actor=d.get("actor"),
         )  # fmt: skip
 
 
@@ -247,7 +256,7 @@ def observe(data: Mapping[str, Any], event_id: str) -> Observation | None:
     if kind == MESSAGE_KIND:
         return Observation(
             entity=entity, kind="message", event_time=occurred_at.astimezone(UTC), event_id=event_id,
-            text=str(data.get("body_excerpt") or ""), refs=tuple(data.get("refs") or ()),
+            text=str(data.get("body_excerpt") or ""), refs=tuple(data.get("refs") or ()), actor=data.get("actor"),
         )  # fmt: skip
     m = _COMMIT_ENTITY.fullmatch(entity)
     if m is None:
@@ -257,7 +266,7 @@ def observe(data: Mapping[str, Any], event_id: str) -> Observation | None:
     title = str(data.get("title") or "")
     return Observation(
         entity=entity, kind="commit", event_time=occurred_at.astimezone(UTC), event_id=event_id, text=title,
-        repo=m.group("repo"), sha=m.group("sha"), pr_number=pr_number_of(title),
+        repo=m.group("repo"), sha=m.group("sha"), pr_number=pr_number_of(title), actor=data.get("actor"),
     )  # fmt: skip
 
 
@@ -285,11 +294,13 @@ class Link:
     """A message and a commit that belong together.
 
     Attributes:
-        method: ``reference`` or ``embedding``.
+        method: ``reference``, ``embedding`` or ``discussion``.
         message: the Slack message.
         commit: the commit.
         reference: the message's ref that names the commit (``reference`` links), else ``None``.
         cosine: the cosine of the two embeddings (``embedding`` links), else ``None``.
+        score: the masked linker's score of the commit (``discussion`` links), else ``None``.
+        margin: how far that score beats the runner-up's (``discussion`` links), else ``None``.
     """
 
     method: Method
@@ -297,6 +308,8 @@ class Link:
     commit: Observation
     reference: str | None = None
     cosine: float | None = None
+    score: float | None = None
+    margin: float | None = None
 
     @property
     def insight_id(self) -> str:
@@ -330,6 +343,9 @@ class Link:
         if self.cosine is not None:
             metrics["cosine"] = self.cosine
             why = f"resembles it (cosine {self.cosine:.3f})"
+        if self.score is not None and self.margin is not None:
+            metrics["score"], metrics["margin"] = self.score, self.margin
+            why = f"discusses it (score {self.score:.3f}, {self.margin:.3f} above the runner-up)"
         data = {
             "insight_id": self.insight_id,
             "kind": INSIGHT_KIND,
@@ -365,6 +381,10 @@ class Correlator:
         self._messages_by_prefix: dict[tuple[str, str], list[str]] = {}
         self._messages_by_pr: dict[tuple[str, int], list[str]] = {}
         self._embedded: dict[str, list[tuple[int, str]]] = {"message": [], "commit": []}
+        self.discussion = (
+            DiscussionLinker(self.config.discussion) if self.config.discussion is not None else None
+        )
+        self._restoring = False
 
     def __len__(self) -> int:
         return len(self.observations)
@@ -402,7 +422,36 @@ class Correlator:
                 links += self._reference_link(obs, self.observations[entity])
         if obs.entity in self.vectors:
             links += self._embedding_links(obs)
+        if self.discussion is not None:
+            links += self._discussion_links(obs, links)
         return links
+
+    def _discussion_links(self, obs: Observation, links: list[Link]) -> list[Link]:
+        """Record ``obs`` and its reference links in the masked linker, move its watermark, and return the
+        ``discussion`` links of the messages whose deadline it passed (none while restoring)."""
+        assert self.discussion is not None
+        if obs.kind == "commit":
+            self.discussion.add_commit(obs.entity, obs.event_time, obs.text, obs.actor)
+        else:
+            self.discussion.add_message(obs.entity, obs.event_time, obs.text, obs.actor)
+        for link in links:
+            if link.method == "reference":
+                self.discussion.add_reference(link.message.entity, link.commit.entity)
+        if self._restoring:
+            return []
+        return [self._discussion_link(p) for p in self.discussion.advance(obs.event_time)]
+
+    def _discussion_link(self, p: Prediction) -> Link:
+        assert p.commit is not None
+        message, commit = self.observations[p.message], self.observations[p.commit]
+        return Link(method="discussion", message=message, commit=commit, score=p.score, margin=p.margin)
+
+    def close(self) -> list[Link]:
+        """Decide every message still waiting for its ``discussion`` deadline (the end of a finite input,
+        e.g. an evaluation); returns their links. The live worker never calls it."""
+        if self.discussion is None:
+            return []
+        return [self._discussion_link(p) for p in self.discussion.close()]
 
     def add_vector(self, entity: str, vector: np.ndarray) -> list[Link]:
         """Record the embedding of an entity's text; return the embedding links it completes.
@@ -460,13 +509,23 @@ class Correlator:
         return links
 
     def restore(self, items: Iterable[tuple[Observation | None, np.ndarray | None, str]]) -> None:
-        """Rebuild the state from persisted items ``(observation, vector, entity)`` (links are not redrawn).
+        """Rebuild the state from persisted items ``(observation, vector, entity)`` (links are not redrawn:
+        the ``discussion`` decisions the restored watermark has passed count as made, since the worker sent
+        them before it wrote the item that moved the watermark).
 
         Raises:
             ValueError: a vector that :meth:`add_vector` refuses.
         """
-        for obs, vector, entity in items:
-            if obs is not None:
-                self.add(obs)
-            if vector is not None:
-                self.add_vector(entity, vector)
+        self._restoring = True
+        latest: datetime | None = None
+        try:
+            for obs, vector, entity in items:
+                if obs is not None:
+                    self.add(obs)
+                    latest = obs.event_time if latest is None else max(latest, obs.event_time)
+                if vector is not None:
+                    self.add_vector(entity, vector)
+        finally:
+            self._restoring = False
+        if self.discussion is not None and latest is not None:
+            self.discussion.restore_watermark(latest)

@@ -4,50 +4,61 @@ Plain Python, no Kafka. The explicit method of :mod:`processors.correlation.logi
 a commit URL, ``#N`` of a squash-merged pull request). This module links without one, from these
 signals of a (message, commit) pair:
 
-* **text**: TF-IDF cosine (scikit-learn, word unigrams and bigrams, English stop words removed, sublinear tf) between the message's
-  *conversation* (the message, the other messages of its disentangled thread, and the same user's
-  messages of the ``user_context`` before it, every reference masked) and the commit subject; the vocabulary and IDF come from the commit subjects only;
+* **text**: TF-IDF cosine (scikit-learn's analyzer: word unigrams and bigrams, English stop words removed;
+  sublinear tf, smoothed idf, l2 norm) between the message's *conversation* (the message, the other
+  messages of its thread when the source has threads, and the same user's messages of the
+  ``user_context`` before it, every reference masked) and the commit subject; the vocabulary and the
+  document frequencies come from the commit subjects up to the end of the message's window (no later
+  ones), and nothing is linked before there are ``min_history`` of them;
 * **embedding** (optional): cosine of all-MiniLM-L6-v2 vectors of the same two texts, when an embedding
-  function is given;
+  function is given (the evaluation's ``--embeddings``; the live correlator gives none);
 * **timing**: the commit must lie within ``window_before`` before / ``window_after`` after the message, and
   closer commits score higher (``exp(-|lag| / time_scale)``);
-* **pending merge**: a commit whose subject ends with ``(#N)`` (a squash-merged pull request, the same
-  convention :func:`processors.correlation.logic.pr_number_of` reads) and that lands *after* the message
-  has prior ``pending = 1 / (1 + k)``, where ``k`` is the number of such merge commits between the message
-  and it; other commits have 0. People talk about a pull request before it is merged, so the next merge
-  after a message is the likeliest one it talks about. The prior multiplies the text score only, so a merge
-  commit that shares no word with the conversation gains nothing; direct pushes (most Racket commits) are
-  unaffected, and the prior fades where merges are frequent;
-* **author affinity** (:class:`AuthorAffinity`): who talks about whose commits, learned from the links
-  already made. A message's people are its author and the users it @-mentions; a candidate commit gains
-  ``max(0, affinity(people, commit author) - author's share of all commits)``. On Racket 2018 one user
-  posts the pull requests of one contributor (5 of the 17 links), and "this commit of yours" names its
-  author; Slack names are pseudonyms, so only co-occurrence in links can pair them with git authors.
-  The share is subtracted because one author wrote 60 % of the commits: without it, a mention of him
-  lifted most candidates and pushed a right link from first to 15th.
+* **pending merge**: a commit whose subject ends with ``(#N)`` (a squash-merged pull request, read by
+  :func:`pr_number_of`) and that lands *after* the message has prior ``pending = 1 / (1 + k)``, where
+  ``k`` is the number of such merge commits between the message and it; other commits have 0. People talk
+  about a pull request before it is merged, so the next merge after a message is the likeliest one it
+  talks about. The prior multiplies the text score only, so a merge commit that shares no word with the
+  conversation gains nothing; direct pushes (most Racket commits) are unaffected;
+* **author affinity** (:class:`AuthorAffinity`): who talks about whose commits, learned from the explicit
+  links of earlier messages. A message's people are its author and the users it @-mentions; a candidate
+  commit gains ``max(0, affinity(people, commit author) - author's share of the commits)``. On Racket
+  2018 one user posts the pull requests of one contributor (5 of the 17 links), and "this commit of
+  yours" names its author; Slack names are pseudonyms, so only co-occurrence in links can pair them with
+  git authors. The share is subtracted because one author wrote 60 % of the commits: without it, a
+  mention of him lifted most candidates and pushed a right link from first to 15th.
 
 ``score = text_weight * tfidf * (1 + merge_boost * pending) + embedding_weight * embedding
-+ time_weight * proximity + affinity_weight * affinity``; a message is linked to its best commit when that score is at least ``min_score`` and beats the runner-up by
-``min_margin`` (an ambiguous message gets no link, which keeps precision).
++ time_weight * proximity + affinity_weight * affinity``; a message is linked to its best commit when that
+score is at least ``min_score`` and beats the runner-up by ``min_margin`` (an ambiguous message gets no
+link, which keeps precision).
+
+:class:`DiscussionLinker` runs this on a stream, in event time: it decides a message once the watermark
+has passed ``time + window_after + allowed_lateness``, so the decision is a function of the events, not
+of their arrival order (within the allowed lateness). The live correlator
+(:class:`processors.correlation.logic.Correlator`) draws its ``discussion`` links with it, and
+:func:`evaluate_masked` scores the same code. :class:`MaskedLinker` scores single messages against a fixed
+set of commits with it.
 
 Measured (``backbone eval links`` on Racket Slack 2018 × racket/racket commits, 17 masked links,
-2026-12-06; the affinity learned test-then-train, see :func:`evaluate_masked`): text + timing + priors +
-affinity 8 linked, 7 right (precision 0.88, recall 0.41, true commit ranked first for 10); with
-embeddings 10 linked, 8 right (0.80 / 0.47, ranked first 9). ``--no-affinity``: 6 of 6 (1.00 / 0.35,
-ranked first 8) and 7 of 9 (0.78 / 0.41, ranked first 9). ``affinity_weight`` 0.2 and 0.3 gave the same
-7 of 8, 0.4 and 0.5 fewer right links; the affinity without the share subtracted gave 7 of 7 (ranked
-first 9). Over all 9,709 messages the affinity adds 46 links (1,306 against 1,260). The live correlator
-(:mod:`processors.correlation.logic`) does not run this linker: it draws reference and embedding links
-only, so these figures are the offline linker's. Before the two priors (2026-12-04):
-4 of 4 (1.00 / 0.24, ranked first 6) and 6 of 9 (0.67 / 0.35, ranked first 7). Tried and worse or equal:
-BM25 over subjects, a score for shared code identifiers or rare terms, Snowball stemming, weighting the
-thread below the message, z-scoring scores per window, and (2026-12-06) TF-IDF fitted on the window's
-commits only (8 right of 12: rare words of a small window score high). Three right links sit at
-``min_score`` (0.200, 0.201, 0.201), so the figures are fragile. The misses mostly keep no signal once masked (nightly version
-banners such as ``version 7.0.0.6--2018-07-08``, "just in case you missed it: <PR>", a commit named days
-later in an unrelated thread). The goal (recall 0.6 at precision 0.8) is not met. Over all 9,709
-messages (no labels) the linker links 1,260 against 1,038 before the priors; how many are right there is
-unmeasured. ``embedding_weight`` 0.25 gave 7 of 8 with embeddings, not adopted (fitted to 17 messages).
+2026-12-06, the streaming linker, affinity learned test-then-train): 8 linked, 6 right (precision 0.75,
+recall 0.35, true commit ranked first for 10); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
+first 8). With ``--embeddings`` (weight 0.5): 11 linked, 8 right (0.73 / 0.47); without affinity 11
+linked, 7 right (0.64 / 0.41). The live correlator on the masked events (no threads, nothing revealed): 8
+linked, 6 right, and 1,740 discussion links over all 9,709 messages (precision there unmeasured).
+Earlier versions, kept for comparison: the batch linker with TF-IDF fitted on the whole year's commits
+(a look-ahead) had 6 of 6 (1.00 / 0.35) and, with affinity, 7 of 8 (0.88 / 0.41); without the look-ahead
+two right links that sat at the thresholds (score 0.200, margin 0.041) fell just below them. Thresholds
+were not re-tuned for the streaming linker: ``min_score`` 0.19 and ``min_margin`` 0.03 would give 9 of 11
+on these 17, a fit to 17 messages. ``affinity_weight`` 0.2 and 0.3 gave the same result on the batch
+linker, 0.4 and 0.5 fewer right links. ``min_history`` 200: without it the first two months of 2018 (72
+and 79 commits) linked 39 % and 51 % of their messages, against 8-25 % later. Before the two priors
+(2026-12-04, batch): 4 of 4 (1.00 / 0.24). Tried and worse or equal: BM25 over subjects, a score for
+shared code identifiers or rare terms, Snowball stemming, weighting the thread below the message,
+z-scoring scores per window, TF-IDF fitted on the window's commits only (8 right of 12: rare words of a
+small window score high). The misses mostly keep no signal once masked (nightly version banners such as
+``version 7.0.0.6--2018-07-08``, "just in case you missed it: <PR>", a commit named days later in an
+unrelated thread). The goal (recall 0.6 at precision 0.8) is not met.
 
 :func:`mask_references` removes what the reference extractor reads (GitHub URLs, ``owner/repo#N``,
 ``#N``, 7-40 hex-digit SHAs) so the evaluation measures the other signals only.
@@ -55,6 +66,9 @@ unmeasured. ``embedding_weight`` 0.25 gave 7 of 8 with embeddings, not adopted (
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -64,12 +78,11 @@ from typing import Any
 
 import numpy as np
 
-from processors.correlation.logic import pr_number_of
-
 __all__ = [
     "AuthorAffinity",
     "ChatMessage",
     "CommitText",
+    "DiscussionLinker",
     "MaskedConfig",
     "MaskedLinker",
     "MessageText",
@@ -78,8 +91,12 @@ __all__ = [
     "mask_references",
     "pending_merge_prior",
     "people_of",
+    "pr_number_of",
     "precision_recall",
 ]
+
+_PR_SUFFIX = re.compile(r"\(#(\d+)\)\s*$")
+_MENTION = re.compile(r"(?<![\w@])@([A-Za-z][\w-]*(?:\.[\w-]+)*)")
 
 _MASKS = (
     re.compile(r"<?https?://(?:www\.)?github\.com/[^\s>|]+(?:\|[^>]*)?>?", re.IGNORECASE),
@@ -89,6 +106,12 @@ _MASKS = (
 )
 
 Embed = Callable[[Sequence[str]], np.ndarray]
+
+
+def pr_number_of(subject: str | None) -> int | None:
+    """``N`` when a commit subject ends with ``(#N)`` (GitHub's squash-merge convention), else ``None``."""
+    m = _PR_SUFFIX.search(subject or "")
+    return int(m.group(1)) if m else None
 
 
 def mask_references(text: str) -> str:
@@ -134,6 +157,8 @@ class MaskedConfig:
     user_context: timedelta = timedelta(hours=6)
     min_score: float = 0.2
     min_margin: float = 0.04
+    allowed_lateness: timedelta = timedelta(days=1)
+    min_history: int = 200
     affinity_weight: float = 0.2
     affinity_smoothing: float = 1.0
     """Defaults chosen by looking at the 17 masked Racket 2018 links (see the issue-12 report), so the
@@ -143,9 +168,12 @@ class MaskedConfig:
     chat that is about no commit), the multiplicative one 16 % more (1,202), 2026-12-04. ``user_context``
     (the same user's earlier messages; a short "Okay to merge?" refers to what its author said before):
     2 h changed nothing on the 17, 6 h and 12 h gave one more right link (6 of 6) and 5 % more links on all
-    messages (1,260), 24 h one wrong link more; 0 turns it off. ``affinity_weight`` (0 turns the author
-    affinity off) and ``affinity_smoothing`` (pseudo-count of :class:`AuthorAffinity`): see the module
-    docstring, 2026-12-06."""
+    messages (1,260), 24 h one wrong link more; 0 turns it off (these figures are the batch linker's).
+    ``affinity_weight`` (0 turns the author affinity off) and ``affinity_smoothing`` (pseudo-count of
+    :class:`AuthorAffinity`): see the module docstring, 2026-12-06. ``allowed_lateness``: how much later
+    than the watermark an event may arrive and still count (a message is decided at ``window_after +
+    allowed_lateness`` past its time). ``min_history``: commits up to the end of a message's window
+    before it can be linked (the document frequencies need them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +227,321 @@ class AuthorAffinity:
         return best
 
 
-class MaskedLinker:
-    """Score messages against commits by text, embedding and timing.
+@dataclass(slots=True)
+class _Commit:
+    time_ms: int
+    subject: str
+    author: str | None
+    is_merge: bool
+    terms: Counter[str]
+    vector: np.ndarray | None
+
+
+@dataclass(slots=True)
+class _Message:
+    time_ms: int
+    text: str
+    user: str | None
+    people: tuple[str, ...]
+    conversation: str | None
+
+
+_LAST = "\U0010ffff"
+
+
+def _ms(t: datetime) -> int:
+    return round(t.timestamp() * 1000)
+
+
+class DiscussionLinker:
+    """The masked linker on a stream: one correlation scope's messages and commits, in any order.
+
+    Feed commits (:meth:`add_commit`), messages (:meth:`add_message`) and the explicit links found
+    elsewhere (:meth:`add_reference`), then :meth:`advance` the event-time watermark. A message is decided
+    once the watermark (the largest event time seen) has passed ``time + window_after + allowed_lateness``:
+    by then every commit of its window, the commits that give the TF-IDF its document frequencies (all
+    commits up to ``time + window_after``), the same user's earlier messages and the links that teach the
+    author affinity (those of messages before it) have arrived, unless later than ``allowed_lateness``.
+    So the decision is a function of the events, not of their arrival order; an event that arrives
+    after the watermark passed it by more than ``allowed_lateness`` is counted in :attr:`late_events`
+    (what it would have changed is not redone). A message that has an explicit link by its decision gets
+    no discussion link. Messages still pending at the end of a finite input are decided by :meth:`close`.
+
+    The score of a candidate is the module docstring's; TF-IDF is computed here with scikit-learn's
+    analyzer and its formulas (``smooth_idf``, sublinear tf, l2 norm) over the commits up to
+    ``time + window_after`` rather than fitted on a whole history.
 
     Args:
-        commits: the commits (the TF-IDF vocabulary is fitted on their subjects).
+        config: weights, windows and limits (``allowed_lateness`` included).
+        on_decided: called with each :class:`Prediction` as it is made (linked or not), before the next
+            decision; the evaluation uses it to reveal a message's true link after its guess.
+        embed: texts → unit vectors; with it a decision embeds the message's context and adds the
+            embedding term against the commits' ``vector`` (the live correlator passes None).
+    """
+
+    def __init__(
+        self,
+        config: MaskedConfig | None = None,
+        on_decided: Callable[[Prediction], None] | None = None,
+        embed: Embed | None = None,
+    ) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.config = config or MaskedConfig()
+        self.on_decided = on_decided
+        self.embed = embed
+        self._analyze = TfidfVectorizer(
+            ngram_range=(1, 2), stop_words="english", token_pattern=r"(?u)\b[\w-]{2,}\b"
+        ).build_analyzer()
+        self.commits: dict[str, _Commit] = {}
+        self.messages: dict[str, _Message] = {}
+        self._order: list[tuple[int, str]] = []  # commits by (time, entity)
+        self._by_user: dict[str, list[tuple[int, str]]] = {}
+        self._by_conversation: dict[str, list[tuple[int, str]]] = {}
+        self._pending: list[tuple[int, int, str]] = []  # heap of (deadline, time, entity)
+        self._references: list[tuple[int, str, str]] = []  # (message time, message, commit), sorted
+        self._referenced: set[str] = set()
+        self.decided: set[str] = set()
+        self.watermark_ms: int | None = None
+        self.late_events = 0
+        # document frequencies of the commits up to _df_upto, moved as decisions need
+        self._df: Counter[str] = Counter()
+        self._df_authors: Counter[str] = Counter()
+        self._df_docs = 0
+        self._df_upto: tuple[int, str] = (-(2**62), "")
+
+    # ---- input -------------------------------------------------------------------------------------
+    def _is_late(self, time_ms: int) -> bool:
+        lateness = int(self.config.allowed_lateness.total_seconds() * 1000)
+        late = self.watermark_ms is not None and time_ms < self.watermark_ms - lateness
+        self.late_events += late
+        return late
+
+    def add_commit(
+        self, entity: str, time: datetime, subject: str, author: str | None, vector: np.ndarray | None = None
+    ) -> None:
+        """Record a commit (a repeated entity is ignored): its commit time, subject and git author."""
+        if entity in self.commits:
+            return
+        t = _ms(time)
+        self._is_late(t)
+        terms = Counter(self._analyze(subject))
+        self.commits[entity] = _Commit(t, subject, author, pr_number_of(subject) is not None, terms, vector)
+        bisect.insort(self._order, (t, entity))
+        if (t, entity) <= self._df_upto:
+            self._count(entity, +1)
+
+    def add_message(
+        self,
+        entity: str,
+        time: datetime,
+        text: str,
+        user: str | None,
+        *,
+        conversation: str | None = None,
+        decide: bool = True,
+    ) -> None:
+        """Record a message (a repeated entity is ignored) and queue its decision.
+
+        Args:
+            entity: the message's entity.
+            time: its aware event time.
+            text: its readable text, references included (they are masked here; @-mentions are read).
+            user: its author (None: no user context, no affinity through the author).
+            conversation: its thread's id, when the source has threads (None: none).
+            decide: False records it as context of others only (an evaluation decides the labelled ones).
+        """
+        if entity in self.messages:
+            return
+        t = _ms(time)
+        self._is_late(t)
+        mentioned = _MENTION.findall(text)
+        people = tuple(dict.fromkeys([*([user] if user else []), *mentioned]))
+        self.messages[entity] = _Message(t, mask_references(text), user, people, conversation)
+        if user is not None:
+            bisect.insort(self._by_user.setdefault(user, []), (t, entity))
+        if conversation is not None:
+            bisect.insort(self._by_conversation.setdefault(conversation, []), (t, entity))
+        deadline = t + int((self.config.window_after + self.config.allowed_lateness).total_seconds() * 1000)
+        if decide:
+            heapq.heappush(self._pending, (deadline, t, entity))
+
+    def add_reference(self, message: str, commit: str) -> None:
+        """Record an explicit link (both entities already added): the message gets no discussion link, and
+        the pair teaches the author affinity of later messages. A repeated pair is ignored."""
+        m = self.messages[message]
+        item = (m.time_ms, message, commit)
+        i = bisect.bisect_left(self._references, item)
+        if i < len(self._references) and self._references[i] == item:
+            return
+        self._references.insert(i, item)
+        self._referenced.add(message)
+
+    def advance(self, time: datetime) -> list[Prediction]:
+        """Move the watermark to ``time`` (if later) and decide every message whose deadline it passed, in
+        (deadline, time, entity) order; returns the decisions that link a commit."""
+        t = _ms(time)
+        if self.watermark_ms is None or t > self.watermark_ms:
+            self.watermark_ms = t
+        return self._decide_until(self.watermark_ms)
+
+    def close(self) -> list[Prediction]:
+        """Decide every pending message (the end of a finite input); returns the decisions that link."""
+        return self._decide_until(None)
+
+    def restore_watermark(self, time: datetime) -> None:
+        """Move the watermark to ``time`` (if later) and mark every message whose deadline it passed as
+        decided, without deciding it (a restart: those decisions were sent before the state that moved the
+        watermark was written)."""
+        t = _ms(time)
+        if self.watermark_ms is None or t > self.watermark_ms:
+            self.watermark_ms = t
+        while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
+            self.decided.add(heapq.heappop(self._pending)[2])
+
+    def _decide_until(self, watermark: int | None) -> list[Prediction]:
+        out = []
+        while self._pending and (watermark is None or self._pending[0][0] <= watermark):
+            _, _, entity = heapq.heappop(self._pending)
+            if entity in self.decided:
+                continue
+            self.decided.add(entity)
+            if entity in self._referenced:
+                continue
+            prediction = self.decide(entity)
+            if self.on_decided is not None:
+                self.on_decided(prediction)
+            if prediction.commit is not None:
+                out.append(prediction)
+        return out
+
+    # ---- scoring -----------------------------------------------------------------------------------
+    def _count(self, entity: str, sign: int) -> None:
+        c = self.commits[entity]
+        self._df.update({term: sign for term in c.terms})
+        self._df_docs += sign
+        if c.author is not None:
+            self._df_authors[c.author] += sign
+
+    def _move_prefix(self, upto: tuple[int, str]) -> None:
+        if upto > self._df_upto:
+            lo = bisect.bisect_right(self._order, self._df_upto)
+            hi = bisect.bisect_right(self._order, upto)
+            for _, entity in self._order[lo:hi]:
+                self._count(entity, +1)
+        elif upto < self._df_upto:
+            lo = bisect.bisect_right(self._order, upto)
+            hi = bisect.bisect_right(self._order, self._df_upto)
+            for _, entity in self._order[lo:hi]:
+                self._count(entity, -1)
+        self._df_upto = upto
+
+    def _weights(self, terms: Counter[str]) -> tuple[dict[str, float], float]:
+        n = self._df_docs
+        w = {
+            term: (1.0 + math.log(count)) * (math.log((1 + n) / (1 + self._df[term])) + 1.0)
+            for term, count in terms.items()
+            if self._df.get(term, 0) > 0
+        }
+        return w, math.sqrt(sum(x * x for x in w.values()))
+
+    def affinity_before(self, time_ms: int) -> AuthorAffinity:
+        """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``."""
+        aff = AuthorAffinity(self.config.affinity_smoothing)
+        hi = bisect.bisect_left(self._references, (time_ms, "", ""))
+        for _, message, commit in self._references[:hi]:
+            author = self.commits[commit].author
+            if author is not None:
+                aff.observe(self.messages[message].people, author)
+        return aff
+
+    def context_of(self, entity: str) -> str:
+        """The masked text the message is scored with: itself, its thread's messages, and its author's
+        messages of the ``user_context`` before it."""
+        m = self.messages[entity]
+        thread = [e for _, e in self._by_conversation.get(m.conversation, [])] if m.conversation else []
+        own: list[str] = []
+        span = int(self.config.user_context.total_seconds() * 1000)
+        if m.user is not None and span > 0:
+            mine = self._by_user[m.user]
+            lo = bisect.bisect_left(mine, (m.time_ms - span, ""))
+            hi = bisect.bisect_right(mine, (m.time_ms, _LAST))
+            own = [e for _, e in mine[lo:hi]]
+        return " ".join(self.messages[e].text for e in dict.fromkeys([entity, *thread, *own]))
+
+    def rank(
+        self,
+        time_ms: int,
+        context: str,
+        people: Sequence[str] = (),
+        affinity: AuthorAffinity | None = None,
+        vector: np.ndarray | None = None,
+    ) -> list[tuple[float, str]]:
+        """``(score, commit entity)`` of every commit in the window around ``time_ms``, best first (ties by
+        entity); the TF-IDF's document frequencies come from the commits up to ``time_ms + window_after``."""
+        c = self.config
+        before = int(c.window_before.total_seconds() * 1000)
+        after = int(c.window_after.total_seconds() * 1000)
+        lo = bisect.bisect_left(self._order, (time_ms - before, ""))
+        hi = bisect.bisect_right(self._order, (time_ms + after, _LAST))
+        if lo >= hi:
+            return []
+        self._move_prefix((time_ms + after, _LAST))
+        if self._df_docs < c.min_history:
+            return []
+        q, qn = self._weights(Counter(self._analyze(context)))
+        candidates = [self.commits[e] for _, e in self._order[lo:hi]]
+        text = np.zeros(len(candidates))
+        if qn > 0:
+            for i, commit in enumerate(candidates):
+                w, n = self._weights(commit.terms)
+                if n > 0:
+                    text[i] = sum(q[t] * x for t, x in w.items() if t in q) / (qn * n)
+        times = np.array([cm.time_ms / 1000 for cm in candidates])
+        if c.merge_boost:
+            merges = np.array([cm.is_merge for cm in candidates], dtype=bool)
+            text = text * (1.0 + c.merge_boost * pending_merge_prior(times, merges, time_ms / 1000))
+        prox = np.exp(-np.abs(times - time_ms / 1000) / c.time_scale.total_seconds())
+        total = c.text_weight * text + c.time_weight * prox
+        if vector is not None and c.embedding_weight:
+            emb = [float(cm.vector @ vector) if cm.vector is not None else 0.0 for cm in candidates]
+            total = total + c.embedding_weight * np.array(emb)
+        if affinity is not None and people and c.affinity_weight:
+            authored = sum(self._df_authors.values())
+            lift = {
+                a: max(0.0, affinity.affinity(people, a) - n / authored)
+                for a, n in self._df_authors.items()
+                if n > 0
+            }
+            total = total + c.affinity_weight * np.array(
+                [lift.get(cm.author or "", 0.0) for cm in candidates]
+            )
+        out = [(round(float(s), 6), self._order[lo + i][1]) for i, s in enumerate(total)]
+        return sorted(out, key=lambda p: (-p[0], p[1]))
+
+    def choose(self, entity: str, ranked: list[tuple[float, str]]) -> Prediction:
+        """The best of ``ranked`` when it clears ``min_score`` and ``min_margin``; else ``commit=None``."""
+        if not ranked:
+            return Prediction(entity, None, 0.0, 0.0)
+        best, commit = ranked[0]
+        margin = best - ranked[1][0] if len(ranked) > 1 else best
+        ok = best >= self.config.min_score and margin >= self.config.min_margin
+        return Prediction(entity, commit if ok else None, best, round(margin, 6), commit)
+
+    def decide(self, entity: str) -> Prediction:
+        """Score a recorded message now (what :meth:`advance` does at its deadline)."""
+        m = self.messages[entity]
+        affinity = self.affinity_before(m.time_ms)
+        context = self.context_of(entity)
+        vector = self.embed([context])[0] if self.embed is not None else None
+        return self.choose(entity, self.rank(m.time_ms, context, m.people, affinity, vector))
+
+
+class MaskedLinker:
+    """A :class:`DiscussionLinker` over a fixed set of commits, for scoring single messages.
+
+    Args:
+        commits: the commits.
         config: weights and limits.
         embed: texts → unit vectors (``(n, d)`` float32), e.g. all-MiniLM-L6-v2; None skips embeddings.
     """
@@ -211,62 +549,23 @@ class MaskedLinker:
     def __init__(
         self, commits: Sequence[CommitText], config: MaskedConfig | None = None, embed: Embed | None = None
     ):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
         self.config = config or MaskedConfig()
-        self.commits = sorted(commits, key=lambda c: (c.time, c.entity))
-        self.times = np.array([c.time.timestamp() for c in self.commits])
-        authors = [c.author for c in self.commits if c.author is not None]
-        self.author_share = {a: n / len(authors) for a, n in Counter(authors).items()}
-        self.is_merge = np.array([pr_number_of(c.subject) is not None for c in self.commits], dtype=bool)
-        self.vectorizer = TfidfVectorizer(
-            ngram_range=(1, 2), sublinear_tf=True, stop_words="english", token_pattern=r"(?u)\b[\w-]{2,}\b"
-        )
-        self.commit_tfidf = self.vectorizer.fit_transform([c.subject for c in self.commits])
         self.embed = embed
-        self.commit_vectors = embed([c.subject for c in self.commits]) if embed is not None else None
+        self.linker = DiscussionLinker(self.config)
+        vectors = embed([c.subject for c in commits]) if embed is not None else [None] * len(commits)
+        for commit, vector in zip(commits, vectors, strict=True):
+            self.linker.add_commit(commit.entity, commit.time, commit.subject, commit.author, vector)
 
     def scores(self, message: MessageText, affinity: AuthorAffinity | None = None) -> list[tuple[float, str]]:
         """``(score, commit entity)`` of every commit in the time window, best first (ties by entity).
 
         ``affinity``: links learned so far; None (or a message without ``people``) leaves that term out."""
-        t = message.time.timestamp()
-        lo = np.searchsorted(self.times, t - self.config.window_before.total_seconds(), side="left")
-        hi = np.searchsorted(self.times, t + self.config.window_after.total_seconds(), side="right")
-        if lo >= hi:
-            return []
-        q = self.vectorizer.transform([message.context])
-        text = (self.commit_tfidf[lo:hi] @ q.T).toarray().ravel()
-        emb = np.zeros(hi - lo)
-        if self.embed is not None and self.commit_vectors is not None:
-            v = self.embed([message.context])[0]
-            emb = self.commit_vectors[lo:hi] @ v
-        lag = np.abs(self.times[lo:hi] - t)
-        prox = np.exp(-lag / self.config.time_scale.total_seconds())
-        c = self.config
-        if c.merge_boost:
-            pending = pending_merge_prior(self.times[lo:hi], self.is_merge[lo:hi], t)
-            text = text * (1.0 + c.merge_boost * pending)
-        total = c.text_weight * text + c.embedding_weight * emb + c.time_weight * prox
-        if affinity is not None and message.people and c.affinity_weight:
-            lift = {
-                a: max(0.0, affinity.affinity(message.people, a) - share)
-                for a, share in self.author_share.items()
-            }
-            aff = np.array([lift.get(self.commits[i].author or "", 0.0) for i in range(lo, hi)])
-            total = total + c.affinity_weight * aff
-        out = [(round(float(s), 6), self.commits[lo + i].entity) for i, s in enumerate(total)]
-        return sorted(out, key=lambda p: (-p[0], p[1]))
+        vector = self.embed([message.context])[0] if self.embed is not None else None
+        return self.linker.rank(_ms(message.time), message.context, message.people, affinity, vector)
 
     def predict(self, message: MessageText, affinity: AuthorAffinity | None = None) -> Prediction:
         """The best commit when it clears ``min_score`` and ``min_margin``; else ``commit=None``."""
-        ranked = self.scores(message, affinity)
-        if not ranked:
-            return Prediction(message.entity, None, 0.0, 0.0)
-        best, entity = ranked[0]
-        margin = best - ranked[1][0] if len(ranked) > 1 else best
-        ok = best >= self.config.min_score and margin >= self.config.min_margin
-        return Prediction(message.entity, entity if ok else None, best, round(margin, 6), entity)
+        return self.linker.choose(message.entity, self.scores(message, affinity))
 
 
 def pending_merge_prior(times: np.ndarray, is_merge: np.ndarray, t: float) -> np.ndarray:
@@ -317,9 +616,6 @@ class ChatMessage:
     user: str | None = None
 
 
-_MENTION = re.compile(r"(?<![\w@])@([A-Za-z][\w-]*(?:\.[\w-]+)*)")
-
-
 def people_of(message: ChatMessage) -> tuple[str, ...]:
     """The message's author (when known) and the users it @-mentions, in order, without repeats."""
     mentioned = _MENTION.findall(message.text)
@@ -335,59 +631,50 @@ def evaluate_masked(
     embed: Embed | None = None,
     learn_affinity: bool = True,
 ) -> dict[str, Any]:
-    """Mask the references of every message, then link each message of ``truth`` by text, embedding and time.
+    """Mask the references of every message, then link each message of ``truth`` with the streaming
+    :class:`DiscussionLinker`, the commits and messages fed in event-time order.
 
     Args:
-        messages: every message of the channel (threads give context).
+        messages: every message of the channel (threads and the same user's messages give context).
         commits: the candidate commits.
         truth: message entity → commit entity its (unmasked) reference names; the masked set.
         config: the linker's weights and limits.
-        embed: optional embedding function (unit vectors).
-        learn_affinity: learn :class:`AuthorAffinity` test-then-train: the messages of ``truth`` are taken in
-            time order, each is linked with what the links of the earlier ones taught, and then its true
-            link is revealed (as the live correlator learns from the explicit links it has made). False
-            leaves that term out.
+        embed: optional embedding function (unit vectors) of the commit subjects and of each masked
+            message's context.
+        learn_affinity: reveal each masked message's true link right after its decision, as an explicit
+            link (test, then train): later messages learn the author affinity from it, as the live
+            correlator learns from the explicit links it draws. False reveals nothing.
 
     Returns:
         ``{"masked", "linked", "correct", "precision", "recall", "ranked_first", "seconds_per_message"}``.
     """
-    import bisect
     import time as _time
 
     cfg = config or MaskedConfig()
-    by_conv: dict[str, list[str]] = {}
-    by_user: dict[str, list[tuple[float, str]]] = {}
-    masked_text: dict[str, str] = {}
-    for m in messages:
-        masked_text[m.entity] = mask_references(m.text)
-        if m.conversation is not None:
-            by_conv.setdefault(m.conversation, []).append(m.entity)
-        if m.user is not None:
-            by_user.setdefault(m.user, []).append((m.time.timestamp(), m.entity))
-    for earlier in by_user.values():
-        earlier.sort()
-    span = cfg.user_context.total_seconds()
-    linker = MaskedLinker(commits, cfg, embed)
-    author_of = {c.entity: c.author for c in commits}
-    affinity = AuthorAffinity(cfg.affinity_smoothing) if learn_affinity else None
+    predictions: list[Prediction] = []
+
+    def decided(p: Prediction) -> None:
+        predictions.append(p)
+        if learn_affinity and p.message in truth:
+            linker.add_reference(p.message, truth[p.message])
+
+    linker = DiscussionLinker(cfg, on_decided=decided, embed=embed)
+    vectors = embed([c.subject for c in commits]) if embed is not None else [None] * len(commits)
+    items: list[tuple[datetime, int, str, Any]] = [
+        *((c.time, 0, c.entity, (c, v)) for c, v in zip(commits, vectors, strict=True)),
+        *((m.time, 1, m.entity, m) for m in messages),
+    ]
     start = _time.perf_counter()
-    preds = []
-    for m in sorted(messages, key=lambda m: (m.time, m.entity)):
-        if m.entity not in truth:
-            continue
-        thread = by_conv.get(m.conversation, [m.entity]) if m.conversation is not None else [m.entity]
-        own: list[str] = []
-        if m.user is not None and span > 0:
-            mine, t = by_user[m.user], m.time.timestamp()
-            lo = bisect.bisect_left(mine, (t - span, ""))
-            hi = bisect.bisect_right(mine, (t, "\uffff"))
-            own = [e for _, e in mine[lo:hi]]
-        context = " ".join(masked_text[e] for e in dict.fromkeys([m.entity, *thread, *own]))
-        people = people_of(m)
-        preds.append(linker.predict(MessageText(m.entity, m.time, context, people), affinity))
-        author = author_of.get(truth[m.entity])
-        if affinity is not None and author is not None:
-            affinity.observe(people, author)  # test, then train: the reference is revealed after the guess
-    out = precision_recall(preds, truth)
-    out["seconds_per_message"] = round((_time.perf_counter() - start) / max(len(preds), 1), 4)
+    for time, kind, _, item in sorted(items, key=lambda x: x[:3]):
+        if kind == 0:
+            commit, vector = item
+            linker.add_commit(commit.entity, commit.time, commit.subject, commit.author, vector)
+        else:
+            linker.add_message(item.entity, item.time, item.text, item.user, conversation=item.conversation,
+                               decide=item.entity in truth)  # fmt: skip
+        linker.advance(time)
+    linker.close()
+    out = precision_recall(predictions, truth)
+    out["seconds_per_message"] = round((_time.perf_counter() - start) / max(len(predictions), 1), 4)
+    out["late_events"] = linker.late_events
     return out

@@ -21,7 +21,8 @@ from core.settings import Settings
 from inference.config import InferenceSettings
 from inference.model import load_model
 from inference.worker import InferenceWorker
-from processors.correlation.logic import Correlator, link_id, observe
+from processors.correlation.logic import CorrelationConfig, Correlator, link_id, observe
+from processors.correlation.masked import MaskedConfig
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
 from streams.producer import EventProducer
@@ -184,6 +185,64 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     for record in records:
         assert record.data["labels"]["method"] == "reference"
         assert record.data["labels"]["slack_entity"] == message.key
+    assert list(read_range(settings.kafka, serde, dlq_topic)) == []
+
+
+def test_discussion_links_at_the_watermark_and_once_across_a_restart(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Messages without a reference get ``discussion`` links when the scope's event time passes their window
+    (8 days); a restarted worker (state recovered from its changelog) does not send them again, and sends
+    the one whose window a new event closes. The insights equal the plain-Python correlator's."""
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    app_id = unique_name("corr")
+    serde = AvroSerde(EmbeddedRegistry())
+    subjects = ["expander: fix syntax-local-bind-syntaxes for local-expand", "docs: typo in the guide",
+                "gc: shrink the nursery on small heaps", "raco setup: check package dependencies again",
+                "net: fix url parsing", "io: fix printing of symbols"]  # fmt: skip
+    days = [0, 3, 6, 9, 12, 18]
+    commits = [
+        _commit(f"{i + 1:040x}", T0 + timedelta(days=d), s)
+        for i, (d, s) in enumerate(zip(days, subjects, strict=True))
+    ]
+    first_batch = [
+        *commits[:5],
+        _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?"),
+        _slack(T0 + timedelta(days=9, hours=3), "raco setup now checks package dependencies, nice"),
+        _slack(T0 + timedelta(days=12, hours=2), "url parsing is broken again"),
+    ]
+    args = ("--no-embeddings", "--discussion-min-history", "0", "--app-id", app_id, "--events-topic",
+            events_topic, "--insights-topic", insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
+    with EventProducer(settings.kafka, serde) as producer:
+        for event in first_batch:
+            producer.produce(events_topic, event)
+        producer.flush()
+    first = _run_correlate(settings, tmp_path, *args, timeout=40)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the watermark (day 12) passed only the first message's deadline (day 8 and 5 h)
+    assert json.loads(first.stdout.strip().splitlines()[-1])["discussion_links_count"] == 1
+
+    with EventProducer(settings.kafka, serde) as producer:
+        producer.produce(events_topic, commits[5])  # day 18: passes the second message's deadline (day 17)
+        producer.flush()
+    second = _run_correlate(settings, tmp_path, *args, timeout=40)
+    assert second.returncode == 0, second.stderr[-3000:]
+    stats = json.loads(second.stdout.strip().splitlines()[-1])
+    assert stats["events_count"] == 1 and stats["discussion_links_count"] == 1, stats
+
+    corr = Correlator(CorrelationConfig(discussion=MaskedConfig(min_history=0)))
+    expected = []
+    for event in [*first_batch, commits[5]]:
+        obs = observe(event.data, event.attributes.id)
+        assert obs is not None
+        expected += [link.insight_id for link in corr.add(obs) if link.method == "discussion"]
+    records = _insights(settings, serde, insights_topic)
+    assert len(expected) == 2 and sorted(r.data["insight_id"] for r in records) == sorted(expected)
+    assert {r.data["labels"]["method"] for r in records} == {"discussion"}
+    by_message = {r.data["labels"]["slack_entity"]: r.data["labels"]["commit_entity"] for r in records}
+    assert by_message == {first_batch[5].key: commits[0].key, first_batch[6].key: commits[3].key}
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 

@@ -39,7 +39,7 @@ def test_mask_references_removes_everything_the_extractor_reads() -> None:
 def test_linker_prefers_text_and_respects_the_time_window() -> None:
     """The message about bind-syntaxes links the first commit; the identical subject 60 days later is out
     of the window; a message without shared words gets no link."""
-    linker = MaskedLinker(COMMITS)
+    linker = MaskedLinker(COMMITS, MaskedConfig(min_history=0))
     hit = linker.predict(
         MessageText("m1", T0 + timedelta(hours=5), "I think syntax-local-bind-syntaxes broke local-expand")
     )
@@ -58,7 +58,7 @@ def test_evaluate_masked_counts_and_uses_threads() -> None:
         ChatMessage("m2", T0 + timedelta(hours=3), "<https://github.com/o/r/commit/" + "b" * 40 + ">", None),
     ]
     truth = {"m1": COMMITS[0].entity, "m2": COMMITS[1].entity}
-    out = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig())
+    out = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig(min_history=0))
     assert (out["masked"], out["correct"]) == (2, 1)
     assert out["precision"] == 1.0 and out["recall"] == 0.5
     assert out["ranked_first"] == 2  # m2 has no words left, but its commit is the closest in time
@@ -81,10 +81,10 @@ def test_linker_prefers_the_next_merged_pull_request_when_text_ties() -> None:
         CommitText("git:o/r@" + "e" * 40, T0 + timedelta(hours=8), "serialize: relative paths readable (#7)"),
         CommitText("git:o/r@" + "f" * 40, T0 + timedelta(hours=2), "unrelated change to the GC (#8)"),
     ]
-    linker = MaskedLinker(commits, MaskedConfig(time_weight=0.0))
+    linker = MaskedLinker(commits, MaskedConfig(time_weight=0.0, min_history=0))
     hit = linker.predict(MessageText("m", T0, "this PR makes relative serialize paths readable"))
     assert hit.commit == commits[1].entity
-    plain = MaskedLinker(commits, MaskedConfig(time_weight=0.0, merge_boost=0.0))
+    plain = MaskedLinker(commits, MaskedConfig(time_weight=0.0, merge_boost=0.0, min_history=0))
     ranked = plain.scores(MessageText("m", T0, "this PR makes relative serialize paths readable"))
     assert ranked[0][0] == ranked[1][0]  # without the prior the two subjects tie
     scored = {e: s for s, e in linker.scores(MessageText("m", T0, "relative paths"))}
@@ -103,9 +103,9 @@ def test_evaluate_masked_reads_the_same_users_earlier_messages() -> None:
         ChatMessage("m2", T0 + timedelta(hours=5), ask, "c3", "bob"),
     ]
     truth = {"m1": COMMITS[0].entity, "m2": COMMITS[0].entity}
-    out = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig())
+    out = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig(min_history=0))
     assert (out["linked"], out["correct"]) == (1, 1)
-    off = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig(user_context=timedelta(0)))
+    off = evaluate_masked(msgs, COMMITS, truth, config=MaskedConfig(user_context=timedelta(0), min_history=0))
     assert off["linked"] == 0
 
 
@@ -151,7 +151,7 @@ def test_affinity_links_a_message_without_words_to_its_people_s_author_test_then
         ChatMessage("m1", T0 + timedelta(hours=29), "https://github.com/o/r/pull/9", None, "ann"),
     ]  # fmt: skip
     truth = {"m0": first.entity, "m1": leif.entity}
-    cfg = MaskedConfig(merge_boost=0.0, affinity_weight=0.5, min_score=0.15)
+    cfg = MaskedConfig(merge_boost=0.0, affinity_weight=0.5, min_score=0.15, min_history=0)
     plain = evaluate_masked(msgs, commits, truth, config=cfg, learn_affinity=False)
     assert (plain["linked"], plain["correct"]) == (1, 1)  # m0 by its words only
     learned = evaluate_masked(msgs, commits, truth, config=cfg)

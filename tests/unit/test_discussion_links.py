@@ -1,0 +1,142 @@
+"""The masked linker on a stream (``discussion`` links): event-time deadlines, arrival-order independence,
+explicit links first, late events counted, restart without re-sending; on hand-written examples."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from connectors.chat_code import commit_event, slack_event
+from processors.correlation.logic import CorrelationConfig, Correlator, Observation, link_id, observe
+from processors.correlation.masked import DiscussionLinker, MaskedConfig
+
+T0 = datetime(2030, 5, 4, 12, 0, tzinfo=UTC)
+CFG = MaskedConfig(min_history=0)
+
+
+def _commit(n: int, subject: str, at: datetime, author: str = "Ann") -> Observation:
+    sha = f"{n:040x}"
+    obs = observe(commit_event(repo="acme/widget", sha=sha, commit_time=at.isoformat(), author=author,
+                               subject=subject).data, f"id-{n}")  # fmt: skip
+    assert obs is not None
+    return obs
+
+
+def _message(at: datetime, text: str, user: str = "Bo") -> Observation:
+    event = slack_event(workspace="acme", channel="dev", ts=at.replace(tzinfo=None).isoformat(), user=user,
+                        text=text, repo="acme/widget")  # fmt: skip
+    obs = observe(event.data, event.attributes.id)
+    assert obs is not None
+    return obs
+
+
+def _history() -> list[Observation]:
+    """Twelve commits over three weeks and five messages: two talk about a commit, one references one, one
+    is chat, and one is said a day before the last commit."""
+    subjects = [
+        "expander: fix syntax-local-bind-syntaxes for local-expand", "docs: typo in the guide",
+        "gc: shrink the nursery on small heaps", "raco setup: check package dependencies again",
+        "serialize: relative paths readable", "ffi: guard union functions with type checks",
+        "cs: fix procedure-name problems", "io: fix printing of symbols", "tests: update expected errors",
+        "contract: faster arity checks", "expander: avoid retaining syntax objects", "net: fix url parsing",
+    ]  # fmt: skip
+    commits = [_commit(i + 1, s, T0 + timedelta(days=2 * i)) for i, s in enumerate(subjects)]
+    messages = [
+        _message(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?"),
+        _message(T0 + timedelta(days=8, hours=3), "raco setup now checks package dependencies, nice", "Cy"),
+        _message(
+            T0 + timedelta(days=6, hours=1), f"see https://github.com/acme/widget/commit/{5:040x}", "Cy"
+        ),
+        _message(T0 + timedelta(days=10), "anyone at the conference tomorrow?", "Di"),
+        _message(T0 + timedelta(days=21), "url parsing is broken again", "Di"),
+    ]
+    return [*commits, *messages]
+
+
+def _run(
+    items: list[Observation], config: CorrelationConfig
+) -> tuple[Correlator, list[tuple[str, str, str]]]:
+    corr = Correlator(config)
+    links = [link for obs in items for link in corr.add(obs)]
+    return corr, [(link.method, link.message.entity, link.commit.entity) for link in links]
+
+
+def test_discussion_links_wait_for_the_watermark_and_follow_the_text() -> None:
+    """The two messages about a commit get ``discussion`` links once the watermark passes their window
+    (window_after + allowed_lateness); the referencing one gets its ``reference`` link only; chat gets none;
+    the last message waits for ``close`` (no later event moves the watermark past it)."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    corr, got = _run(items, CorrelationConfig(discussion=CFG))
+    commits = {o.text: o.entity for o in items if o.kind == "commit"}
+    msgs = [o for o in items if o.kind == "message"]
+    by_text = {m.text[:10]: m.entity for m in msgs}
+    assert ("reference", by_text["see https:"], commits["serialize: relative paths readable"]) in got
+    assert [g for g in got if g[0] == "discussion"] == [
+        (
+            "discussion",
+            by_text["did the sy"],
+            commits["expander: fix syntax-local-bind-syntaxes for local-expand"],
+        ),
+        ("discussion", by_text["raco setup"], commits["raco setup: check package dependencies again"]),
+    ]
+    late = corr.close()
+    assert [(link.message.entity, link.commit.entity) for link in late] == [
+        (by_text["url parsin"], commits["net: fix url parsing"])
+    ]
+    link = late[0]
+    assert link.insight_id == link_id("discussion", link.message.entity, link.commit.entity)
+    insight = link.to_insight()
+    assert insight.data["labels"]["method"] == "discussion" and insight.data["metrics"]["score"] == link.score
+    assert "discusses it" in insight.data["summary"]
+
+
+def test_discussion_links_do_not_depend_on_arrival_order_within_the_allowed_lateness() -> None:
+    """Shuffled inputs, each at most a day later than in event-time order, give the same links."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    config = CorrelationConfig(discussion=CFG)
+    corr, expected = _run(items, config)
+    expected = sorted(
+        [*expected, *((link.method, link.message.entity, link.commit.entity) for link in corr.close())]
+    )
+    rng = random.Random(7)
+    for _ in range(20):
+        # a random delay of up to 20 hours per item, then arrival in delayed-time order
+        delayed = sorted(items, key=lambda o: o.event_time + timedelta(hours=rng.uniform(0, 20)))
+        corr, got = _run(delayed, config)
+        assert corr.discussion is not None and corr.discussion.late_events == 0
+        assert (
+            sorted([*got, *((link.method, link.message.entity, link.commit.entity) for link in corr.close())])
+            == expected
+        )
+
+
+def test_an_event_later_than_the_allowed_lateness_is_counted() -> None:
+    """A commit that arrives after the watermark passed its time by more than allowed_lateness is counted."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    first, rest = items[0], items[1:]
+    corr, _ = _run([*rest, first], CorrelationConfig(discussion=CFG))
+    assert corr.discussion is not None and corr.discussion.late_events == 1
+
+
+def test_a_restarted_correlator_sends_only_what_was_not_decided() -> None:
+    """Restored from its items after the first half, the correlator sends no discussion link already sent
+    (their deadline lies behind the restored watermark), and the rest as an uninterrupted run does."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    config = CorrelationConfig(discussion=CFG)
+    _, whole = _run(items, config)
+    half = len(items) // 2 + 2
+    _, before = _run(items[:half], config)
+    restored = Correlator(config)
+    restored.restore([(o, None, o.entity) for o in reversed(items[:half])])
+    after = [(k.method, k.message.entity, k.commit.entity) for o in items[half:] for k in restored.add(o)]
+    assert before + after == whole
+    assert any(g[0] == "discussion" for g in before) and any(g[0] == "discussion" for g in after)
+
+
+def test_no_discussion_link_without_enough_commit_history() -> None:
+    """With fewer commits than min_history up to the message's window end, the message is decided unlinked."""
+    linker = DiscussionLinker(MaskedConfig(min_history=50))
+    linker.add_commit("git:a/b@" + "1" * 40, T0, "expander: fix local-expand", "Ann")
+    linker.add_message("m", T0 + timedelta(hours=1), "the local-expand fix", "Bo")
+    assert linker.close() == []
+    assert linker.decided == {"m"}
