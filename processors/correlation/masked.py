@@ -233,7 +233,8 @@ class _Commit:
     subject: str
     author: str | None
     is_merge: bool
-    terms: Counter[str]
+    term_ids: np.ndarray  # int64 ids of its distinct terms
+    tf: np.ndarray  # float64 sublinear term frequencies, 1 + ln(count), aligned with term_ids
     vector: np.ndarray | None
 
 
@@ -305,7 +306,8 @@ class DiscussionLinker:
         self.watermark_ms: int | None = None
         self.late_events = 0
         # document frequencies of the commits up to _df_upto, moved as decisions need
-        self._df: Counter[str] = Counter()
+        self._term_ids: dict[str, int] = {}
+        self._df = np.zeros(1024, dtype=np.int64)  # by term id
         self._df_authors: Counter[str] = Counter()
         self._df_docs = 0
         self._df_upto: tuple[int, str] = (-(2**62), "")
@@ -325,8 +327,10 @@ class DiscussionLinker:
             return
         t = _ms(time)
         self._is_late(t)
-        terms = Counter(self._analyze(subject))
-        self.commits[entity] = _Commit(t, subject, author, pr_number_of(subject) is not None, terms, vector)
+        counts = Counter(self._analyze(subject))
+        ids = np.array([self._term_id(term) for term in counts], dtype=np.int64)
+        tf = 1.0 + np.log(np.array(list(counts.values()), dtype=np.float64))
+        self.commits[entity] = _Commit(t, subject, author, pr_number_of(subject) is not None, ids, tf, vector)
         bisect.insort(self._order, (t, entity))
         if (t, entity) <= self._df_upto:
             self._count(entity, +1)
@@ -418,7 +422,7 @@ class DiscussionLinker:
     # ---- scoring -----------------------------------------------------------------------------------
     def _count(self, entity: str, sign: int) -> None:
         c = self.commits[entity]
-        self._df.update({term: sign for term in c.terms})
+        self._df[c.term_ids] += sign
         self._df_docs += sign
         if c.author is not None:
             self._df_authors[c.author] += sign
@@ -436,14 +440,42 @@ class DiscussionLinker:
                 self._count(entity, -1)
         self._df_upto = upto
 
-    def _weights(self, terms: Counter[str]) -> tuple[dict[str, float], float]:
-        n = self._df_docs
-        w = {
-            term: (1.0 + math.log(count)) * (math.log((1 + n) / (1 + self._df[term])) + 1.0)
-            for term, count in terms.items()
-            if self._df.get(term, 0) > 0
-        }
-        return w, math.sqrt(sum(x * x for x in w.values()))
+    def _term_id(self, term: str) -> int:
+        i = self._term_ids.setdefault(term, len(self._term_ids))
+        if i >= len(self._df):
+            self._df = np.concatenate([self._df, np.zeros(len(self._df), dtype=np.int64)])
+        return i
+
+    def _idf(self, ids: np.ndarray) -> np.ndarray:
+        """scikit-learn's smoothed idf of the prefix's document frequencies: ln((1 + n) / (1 + df)) + 1."""
+        idf: np.ndarray = np.log((1.0 + self._df_docs) / (1.0 + self._df[ids])) + 1.0
+        return idf
+
+    def _text_scores(self, context: str, candidates: list[_Commit]) -> np.ndarray:
+        """TF-IDF cosine of ``context`` with each candidate's subject (terms outside the prefix's
+        vocabulary dropped, as a fitted vectorizer does); 0 where either side has no term left."""
+        out = np.zeros(len(candidates))
+        counts = Counter(self._analyze(context))
+        known = [(self._term_ids[t], c) for t, c in counts.items() if t in self._term_ids]
+        known = [(i, c) for i, c in known if self._df[i] > 0]
+        if not known:
+            return out
+        q_ids = np.array([i for i, _ in known], dtype=np.int64)
+        q_w = (1.0 + np.log(np.array([c for _, c in known], dtype=np.float64))) * self._idf(q_ids)
+        q_norm = math.sqrt(float(q_w @ q_w))
+        lookup = np.zeros(len(self._df))
+        lookup[q_ids] = q_w
+        lengths = np.array([len(c.term_ids) for c in candidates])
+        if not lengths.sum():
+            return out
+        ids = np.concatenate([c.term_ids for c in candidates])
+        w = np.concatenate([c.tf for c in candidates]) * self._idf(ids)
+        segment = np.repeat(np.arange(len(candidates)), lengths)
+        norms = np.sqrt(np.bincount(segment, weights=w * w, minlength=len(candidates)))
+        dots = np.bincount(segment, weights=w * lookup[ids], minlength=len(candidates))
+        ok = norms > 0
+        out[ok] = dots[ok] / (q_norm * norms[ok])
+        return out
 
     def affinity_before(self, time_ms: int) -> AuthorAffinity:
         """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``."""
@@ -489,14 +521,8 @@ class DiscussionLinker:
         self._move_prefix((time_ms + after, _LAST))
         if self._df_docs < c.min_history:
             return []
-        q, qn = self._weights(Counter(self._analyze(context)))
         candidates = [self.commits[e] for _, e in self._order[lo:hi]]
-        text = np.zeros(len(candidates))
-        if qn > 0:
-            for i, commit in enumerate(candidates):
-                w, n = self._weights(commit.terms)
-                if n > 0:
-                    text[i] = sum(q[t] * x for t, x in w.items() if t in q) / (qn * n)
+        text = self._text_scores(context, candidates)
         times = np.array([cm.time_ms / 1000 for cm in candidates])
         if c.merge_boost:
             merges = np.array([cm.is_merge for cm in candidates], dtype=bool)
