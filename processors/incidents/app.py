@@ -706,8 +706,8 @@ class _IncidentShell:
         if body["kind"] == "drained":
             insights = engine.mark_drained(body["source"])
         else:
-            insights = engine.feed(
-                body["kind"], body["record"], source=body["source"], drained=body["drained"]
+            insights = engine.feed(  # engine_record trimmed the record before forwarding it
+                body["kind"], body["record"], source=body["source"], drained=body["drained"], trimmed=True
             )
         self.stats.late_count += engine.late.total() - late_before
         if self.stats.late_count:

@@ -266,7 +266,13 @@ class IncidentEngine:
     # ------------------------------------------------------------------------------------------ intake
 
     def feed(
-        self, kind: str, record: Mapping[str, Any], source: str | None = None, *, drained: bool = False
+        self,
+        kind: str,
+        record: Mapping[str, Any],
+        source: str | None = None,
+        *,
+        drained: bool = False,
+        trimmed: bool = False,
     ) -> list[dict[str, Any]]:
         """Take one record of ``kind`` (``metric``, ``log``, ``span`` or ``change``); return the insights
         that the watermark's advance completed (often none). A record whose ``event_id`` (a change: its
@@ -286,6 +292,9 @@ class IncidentEngine:
                 it holds nothing back; a new record un-drains it. A source that is merely read later
                 than another (a backlog) never turns idle, so a replay's skew between topics makes
                 nothing late.
+            trimmed: ``record`` is already a new dict of :func:`engine_fields` (for this engine's
+                ``workload_metric``), e.g. a body the incident worker forwarded: buffered as given, not
+                trimmed again. False (eval, replay, tests): trimmed here.
 
         Raises:
             ValueError: an unknown kind, or a record without ``event_time``.
@@ -310,7 +319,11 @@ class IncidentEngine:
                 self.duplicates[kind] += 1  # the same event again (a redelivery, a second import)
                 return self._dropped(src, drained)
             self._ids[w].add(ident)
-        self._buffer[w].append((kind, engine_fields(kind, record, self.config)))
+        if trimmed:
+            lean = record if isinstance(record, dict) else dict(record)
+        else:
+            lean = engine_fields(kind, record, self.config)
+        self._buffer[w].append((kind, lean))
         self._waiting.discard(src)
         if kind in SPARSE_KINDS:
             self._sparse.add(src)

@@ -62,7 +62,14 @@ def test_the_slice_trimmed_gives_the_insights_of_the_whole_records_and_a_smaller
     out_lean = [i for k, r in whole for i in lean.feed(k, engine_fields(k, r))]
     forwarded = IncidentEngine()
     out_forwarded = [i for k, r in _slice() for i in forwarded.feed(k, r)]
-    assert out_full and out_full == out_lean == out_forwarded
+    # the worker's correlate stage feeds what engine_record forwarded with trimmed=True: not trimmed again
+    taken = IncidentEngine()
+    out_taken = [i for k, r in _slice() for i in taken.feed(k, r, trimmed=True)]
+    assert out_full and out_full == out_lean == out_forwarded == out_taken
+    kept = IncidentEngine()
+    first = next(r for k, r in _slice() if k == "metric")
+    kept.feed("metric", first, trimmed=True)
+    assert any(r is first for _, items in kept._buffer.items() for _, r in items)  # buffered as given
     # what the engine buffers is lean whatever it is fed: a snapshot while windows are buffered
     buffered = IncidentEngine()
     for k, r in whole[:5000]:
