@@ -672,7 +672,9 @@ def evaluate_masked(
             correlator learns from the explicit links it draws. False reveals nothing.
 
     Returns:
-        ``{"masked", "linked", "correct", "precision", "recall", "ranked_first", "seconds_per_message"}``.
+        ``{"masked", "linked", "correct", "precision", "recall", "ranked_first", "seconds_per_message",
+        "late_events"}``; ``seconds_per_message`` is the wall time of the whole stream (every commit and
+        message added, the masked ones decided) divided by the masked messages.
     """
     import time as _time
 
