@@ -100,6 +100,6 @@ def correlate(
     else:
         typer.echo(
             f"links: {stats.reference_links_count} by reference, {stats.embedding_links_count} by embedding, "
-            f"{stats.discussion_links_count} by discussion; "
+            f"{stats.discussion_links_count} by discussion ({stats.discussion_late_count} events late); "
             f"{stats.events_count} events, {stats.vectors_count} embeddings, {stats.dead_letters_count} dead-lettered"
         )

@@ -36,12 +36,22 @@ about 11,000 items).
 * **State.** The table ``correlation_items`` (``store="memory://"``, changelog
   ``<app id>-correlation_items-changelog``, partitions = the repartition topic's) holds one item per
   entity, key ``b"<scope>|<entity>"`` (``bytes``, written raw, UTF-8, on the changelog): value
-  ``{"obs": Observation.to_dict(), "vector": base64 float32}`` (JSON on the changelog). The in-memory
+  ``{"obs": Observation.to_dict(), "vector": base64 float32, "source": "<events topic>/<partition>"}``
+  (JSON on the changelog; ``source`` is where the event was read, for the discussion watermark). The in-memory
   correlators are caches of it: dropped on every rebalance and rebuilt from the table's items of
   their scope on first use (the table is recovered from its changelog before agents run). The
-  discussion linker's pending messages are rebuilt the same way: the restored watermark is the largest
-  event time among the items, and every message whose deadline lies behind it counts as decided (its
-  link was sent before the item that moved the watermark was written, see the order of effects below). It is a
+  discussion linker's pending messages are rebuilt the same way: the restored watermark is the smallest of
+  the source partitions' largest event times among the items, and every message whose deadline lies
+  behind it counts as decided (its link was sent before the item that moved the watermark was written,
+  see the order of effects below).
+* **Discussion watermark per source partition.** The repartition topic merges the partitions of
+  ``external.events`` in whatever order the forwarder reads them, and a replay reads one partition far
+  ahead of another (on the Racket year, 7,743 of 10,954 events arrived more than a day behind the largest
+  event time seen). So each forwarded event carries its source partition, and the discussion watermark
+  is the smallest of the partitions' largest event times, waiting until every partition of the events
+  topic (its count read from the broker at start) has delivered an event of the scope. Each partition
+  must be in event-time order within the allowed lateness (an import should produce in time order); a
+  partition that falls silent holds discussion decisions back until it speaks again. It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
@@ -61,7 +71,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -98,6 +108,7 @@ from processors.tables import TailRecoveringTable
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
+from streams.offsets import private_consumer
 from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
@@ -128,6 +139,9 @@ class CorrelationTopics:
         insights: output, ``sophia.insight.Insight`` keyed by entity.
         dead_letters: where undecodable or unprocessable records go.
         scope_partitions: partitions of the repartition topic and of the table's changelog.
+        events_partitions: partitions of the events topic; the discussion watermark waits for an event
+            from each (:func:`run_correlation_worker` reads the count from the broker). None: it follows
+            the partitions seen so far, so at start a partition read first can make another's events late.
     """
 
     events: str = "external.events"
@@ -136,6 +150,7 @@ class CorrelationTopics:
     insights: str = "insights.correlations"
     dead_letters: str = DLQ_TOPIC
     scope_partitions: int = 3
+    events_partitions: int | None = None
 
     def scope_topic(self, app_id: str) -> str:
         """Name of the repartition topic of the app ``app_id``."""
@@ -156,6 +171,8 @@ class CorrelationStats:
         reference_links_count: ``reference`` links sent.
         embedding_links_count: ``embedding`` links sent.
         discussion_links_count: ``discussion`` links sent (masked linker, see ``CorrelationConfig.discussion``).
+        discussion_late_count: messages and commits that reached their scope's discussion linker more than
+            ``allowed_lateness`` behind its watermark (their effect on decisions already made is not redone).
         dead_letters_count: records dead-lettered.
         last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
     """
@@ -169,8 +186,16 @@ class CorrelationStats:
     reference_links_count: int = 0
     embedding_links_count: int = 0
     discussion_links_count: int = 0
+    discussion_late_count: int = 0
     dead_letters_count: int = 0
     last_record_monotonic: float | None = field(default=None)
+
+
+def _source_of(body: dict[str, Any]) -> str | None:
+    """``<topic>/<partition>`` of the ``external.events`` record a forwarded event came from (None for a
+    body without one): the discussion watermark follows the slowest of these."""
+    src = body.get("source")
+    return f"{src[0]}/{src[1]}" if isinstance(src, list) and len(src) >= 2 else None
 
 
 class _CorrelationShell:
@@ -283,7 +308,10 @@ class _CorrelationShell:
     def _correlator(self, scope: str) -> Correlator:
         corr = self.correlators.get(scope)
         if corr is None:
-            corr = Correlator(self.config)
+            sources = None
+            if self.topics.events_partitions is not None:
+                sources = [f"{self.topics.events}/{p}" for p in range(self.topics.events_partitions)]
+            corr = Correlator(self.config, sources)
             prefix = f"{scope}|".encode()
             items = []
             for key, value in self.table.items():
@@ -291,7 +319,7 @@ class _CorrelationShell:
                 if raw_key.startswith(prefix) and value:
                     obs = Observation.from_dict(value["obs"]) if value.get("obs") else None
                     vector = decode_vector_b64(value["vector"]) if value.get("vector") else None
-                    items.append((obs, vector, raw_key[len(prefix) :].decode()))
+                    items.append((obs, vector, raw_key[len(prefix) :].decode(), value.get("source")))
             corr.restore(items)
             self.correlators[scope] = corr
             log.info("correlation_scope_restored", scope=scope, items=len(items))
@@ -307,8 +335,12 @@ class _CorrelationShell:
             corr = self._correlator(scope)
             if body.get("type") == "event":
                 obs = Observation.from_dict(body["obs"])
+                source = _source_of(body)
                 entity, known = obs.entity, obs.entity in corr.observations
-                links = corr.add(obs)
+                late_before = corr.discussion.late_events if corr.discussion is not None else 0
+                links = corr.add(obs, source)
+                if corr.discussion is not None:
+                    self.stats.discussion_late_count += corr.discussion.late_events - late_before
             elif body.get("type") == "vector":
                 entity = str(body["entity"])
                 vector = decode_vector_b64(body["vector"])
@@ -327,8 +359,8 @@ class _CorrelationShell:
         if known:
             self.stats.duplicates_count += 1
             return
+        await self._send_links(links)
         for link in links:
-            await self._send_link(link)
             bound.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
                        message=link.message.entity, commit=link.commit.entity, cosine=link.cosine,
                        score=link.score)  # fmt: skip
@@ -336,26 +368,36 @@ class _CorrelationShell:
         item = dict(self.table.get(key) or {})
         if body["type"] == "event":
             item["obs"] = body["obs"]
+            item["source"] = source
         else:
             item["vector"] = body["vector"]
         self.table[key] = item
 
-    async def _send_link(self, link: Link) -> None:
-        insight = link.to_insight()
-        pending = await self.channels["insights"].send(
-            key=insight.key.encode(),
-            value=self.serde.encode(insight.schema, insight.data),
-            headers=traced_headers(insight.attributes.to_headers()),
-            timestamp=insight.attributes.time.timestamp(),
-            force=True,
-        )
-        await pending  # delivered (acks=all) before the table records the piece that completed it
-        if link.method == "reference":
-            self.stats.reference_links_count += 1
-        elif link.method == "discussion":
-            self.stats.discussion_links_count += 1
-        else:
-            self.stats.embedding_links_count += 1
+    async def _send_links(self, links: list[Link]) -> None:
+        """Send every link a record completed, then wait until all are delivered (acks=all), before the
+        table records the piece that completed them. One wait for all: a record that moves the
+        discussion watermark can decide dozens of messages at once (46 at most on the Racket year)."""
+        pending = []
+        for link in links:
+            insight = link.to_insight()
+            pending.append(
+                await self.channels["insights"].send(
+                    key=insight.key.encode(),
+                    value=self.serde.encode(insight.schema, insight.data),
+                    headers=traced_headers(insight.attributes.to_headers()),
+                    timestamp=insight.attributes.time.timestamp(),
+                    force=True,
+                )
+            )
+        for future in pending:
+            await future
+        for link in links:
+            if link.method == "reference":
+                self.stats.reference_links_count += 1
+            elif link.method == "discussion":
+                self.stats.discussion_links_count += 1
+            else:
+                self.stats.embedding_links_count += 1
 
     async def _dead_letter(self, message: Any, exc: Exception) -> None:
         await self.dead_letters.publish(message, exc)
@@ -505,9 +547,30 @@ COUNTERS = (
         "discussion_links_count",
         "Discussion (masked-linker) links sent",
     ),
+    (
+        "backbone_correlation_discussion_late",
+        "discussion_late_count",
+        "Events later than the discussion lateness",
+    ),
     ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
 )
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""
+
+
+def _partition_count(kafka: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has (its metadata).
+
+    Raises:
+        ValueError: the topic does not exist.
+    """
+    consumer = private_consumer(kafka)
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    finally:
+        consumer.close()
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise ValueError(f"topic {topic!r} does not exist")
+    return len(meta.partitions)
 
 
 def run_correlation_worker(
@@ -553,6 +616,8 @@ def run_correlation_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or CorrelationTopics()
     ensure_correlation_topics(settings.kafka, topics, app_id, embeddings=embeddings)
+    if topics.events_partitions is None and config is not None and config.discussion is not None:
+        topics = replace(topics, events_partitions=_partition_count(settings.kafka, topics.events))
     app = create_correlation_app(
         settings, app_id=app_id, topics=topics, config=config, embeddings=embeddings,
         request_embeddings=request_embeddings, web_port=web_port,

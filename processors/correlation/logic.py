@@ -23,7 +23,8 @@ A third method, ``discussion`` (with ``CorrelationConfig.discussion``), is a pro
 all the commits around it, not of one pair: a message without a reference link is linked to the commit
 that :class:`processors.correlation.masked.DiscussionLinker` ranks first (text, timing, pending merge,
 author affinity learned from the reference links of earlier messages), when it clears a score and a
-margin. It is decided once the scope's watermark (the largest event time it has seen) passes the
+margin. It is decided once the scope's watermark (the smallest of its sources' largest event times:
+the worker names every partition of its events topic as a source) passes the
 message's time + ``window_after`` + ``allowed_lateness`` (8 days by default), so every permutation whose
 events arrive within the allowed lateness gives the same discussion links; later events are counted
 (``DiscussionLinker.late_events``). :meth:`Correlator.close` decides what is still pending at the end of
@@ -39,7 +40,7 @@ from __future__ import annotations
 import base64
 import bisect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -370,9 +371,13 @@ class Correlator:
 
     Args:
         config: window, threshold and scope overrides.
+        sources: the inputs the discussion watermark waits for (the worker: ``<topic>/<partition>`` of every
+            partition of its events topic); None: the sources seen so far.
     """
 
-    def __init__(self, config: CorrelationConfig | None = None) -> None:
+    def __init__(
+        self, config: CorrelationConfig | None = None, sources: Collection[str] | None = None
+    ) -> None:
         self.config = config or CorrelationConfig()
         self.observations: dict[str, Observation] = {}
         self.vectors: dict[str, np.ndarray] = {}  # float64 copies of the float32 unit vectors
@@ -382,17 +387,25 @@ class Correlator:
         self._messages_by_pr: dict[tuple[str, int], list[str]] = {}
         self._embedded: dict[str, list[tuple[int, str]]] = {"message": [], "commit": []}
         self.discussion = (
-            DiscussionLinker(self.config.discussion) if self.config.discussion is not None else None
+            DiscussionLinker(self.config.discussion, sources=sources)
+            if self.config.discussion is not None
+            else None
         )
         self._restoring = False
 
     def __len__(self) -> int:
         return len(self.observations)
 
-    def add(self, obs: Observation) -> list[Link]:
-        """Record an event; return the links it completes (explicit ones, then embedding ones).
+    def add(self, obs: Observation, source: str | None = None) -> list[Link]:
+        """Record an event; return the links it completes (explicit ones, then embedding ones, then the
+        discussion links of the messages whose deadline the watermark passed).
 
         An entity seen before (a replay, a duplicate delivery) is ignored and returns ``[]``.
+
+        Args:
+            obs: the event.
+            source: the input it was read from (the worker passes the ``external.events`` partition); the
+                discussion watermark follows the slowest source (see ``DiscussionLinker.advance``).
         """
         if obs.entity in self.observations:
             return []
@@ -423,10 +436,10 @@ class Correlator:
         if obs.entity in self.vectors:
             links += self._embedding_links(obs)
         if self.discussion is not None:
-            links += self._discussion_links(obs, links)
+            links += self._discussion_links(obs, links, source)
         return links
 
-    def _discussion_links(self, obs: Observation, links: list[Link]) -> list[Link]:
+    def _discussion_links(self, obs: Observation, links: list[Link], source: str | None) -> list[Link]:
         """Record ``obs`` and its reference links in the masked linker, move its watermark, and return the
         ``discussion`` links of the messages whose deadline it passed (none while restoring)."""
         assert self.discussion is not None
@@ -439,7 +452,7 @@ class Correlator:
                 self.discussion.add_reference(link.message.entity, link.commit.entity)
         if self._restoring:
             return []
-        return [self._discussion_link(p) for p in self.discussion.advance(obs.event_time)]
+        return [self._discussion_link(p) for p in self.discussion.advance(obs.event_time, source)]
 
     def _discussion_link(self, p: Prediction) -> Link:
         assert p.commit is not None
@@ -508,24 +521,34 @@ class Correlator:
                 links.append(Link(method="embedding", message=message, commit=commit, cosine=cosine))
         return links
 
-    def restore(self, items: Iterable[tuple[Observation | None, np.ndarray | None, str]]) -> None:
-        """Rebuild the state from persisted items ``(observation, vector, entity)`` (links are not redrawn:
-        the ``discussion`` decisions the restored watermark has passed count as made, since the worker sent
-        them before it wrote the item that moved the watermark).
+    def restore(
+        self,
+        items: Iterable[
+            tuple[Observation | None, np.ndarray | None, str]
+            | tuple[Observation | None, np.ndarray | None, str, str | None]
+        ],
+    ) -> None:
+        """Rebuild the state from persisted items ``(observation, vector, entity[, source])`` (links are not
+        redrawn: the ``discussion`` decisions the restored watermark has passed count as made, since the
+        worker sent them before it wrote the item that moved the watermark; the watermark is rebuilt from
+        each source's largest event time).
 
         Raises:
             ValueError: a vector that :meth:`add_vector` refuses.
         """
         self._restoring = True
-        latest: datetime | None = None
+        latest: dict[str | None, datetime] = {}
         try:
-            for obs, vector, entity in items:
+            for item in items:
+                obs, vector, entity = item[0], item[1], item[2]
+                source = item[3] if len(item) > 3 else None
                 if obs is not None:
                     self.add(obs)
-                    latest = obs.event_time if latest is None else max(latest, obs.event_time)
+                    if source not in latest or obs.event_time > latest[source]:
+                        latest[source] = obs.event_time
                 if vector is not None:
                     self.add_vector(entity, vector)
         finally:
             self._restoring = False
-        if self.discussion is not None and latest is not None:
+        if self.discussion is not None and latest:
             self.discussion.restore_watermark(latest)

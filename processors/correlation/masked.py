@@ -71,7 +71,7 @@ import heapq
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -259,7 +259,8 @@ class DiscussionLinker:
 
     Feed commits (:meth:`add_commit`), messages (:meth:`add_message`) and the explicit links found
     elsewhere (:meth:`add_reference`), then :meth:`advance` the event-time watermark. A message is decided
-    once the watermark (the largest event time seen) has passed ``time + window_after + allowed_lateness``:
+    once the watermark (the smallest of its sources' largest event times, see :meth:`advance`) has passed
+    ``time + window_after + allowed_lateness``:
     by then every commit of its window, the commits that give the TF-IDF its document frequencies (all
     commits up to ``time + window_after``), the same user's earlier messages and the links that teach the
     author affinity (those of messages before it) have arrived, unless later than ``allowed_lateness``.
@@ -278,6 +279,8 @@ class DiscussionLinker:
             decision; the evaluation uses it to reveal a message's true link after its guess.
         embed: texts → unit vectors; with it a decision embeds the message's context and adds the
             embedding term against the commits' ``vector`` (the live correlator passes None).
+        sources: the inputs the watermark waits for (the worker: every partition of its events topic):
+            no decision before each has delivered an event. None: the sources seen so far.
     """
 
     def __init__(
@@ -285,10 +288,12 @@ class DiscussionLinker:
         config: MaskedConfig | None = None,
         on_decided: Callable[[Prediction], None] | None = None,
         embed: Embed | None = None,
+        sources: Collection[str] | None = None,
     ) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         self.config = config or MaskedConfig()
+        self.sources = frozenset(sources) if sources is not None else None
         self.on_decided = on_decided
         self.embed = embed
         self._analyze = TfidfVectorizer(
@@ -304,6 +309,7 @@ class DiscussionLinker:
         self._referenced: set[str] = set()
         self.decided: set[str] = set()
         self.watermark_ms: int | None = None
+        self.source_max_ms: dict[str, int] = {}  # per input (e.g. a source partition): its largest event time
         self.late_events = 0
         # document frequencies of the commits up to _df_upto, moved as decisions need
         self._term_ids: dict[str, int] = {}
@@ -381,25 +387,46 @@ class DiscussionLinker:
         self._references.insert(i, item)
         self._referenced.add(message)
 
-    def advance(self, time: datetime) -> list[Prediction]:
-        """Move the watermark to ``time`` (if later) and decide every message whose deadline it passed, in
-        (deadline, time, entity) order; returns the decisions that link a commit."""
+    def advance(self, time: datetime, source: str | None = None) -> list[Prediction]:
+        """Note an event of ``source`` at ``time``, move the watermark, and decide every message whose
+        deadline it passed, in (deadline, time, entity) order; returns the decisions that link a commit.
+
+        The watermark is the smallest of the sources' largest event times (never moving back): a source
+        read far ahead of another (partitions of a replay consumed at different speeds) does not make
+        the other's events late. A source seen once and then silent holds the watermark back until it
+        speaks again. ``source`` None: one implicit source."""
+        key = source if source is not None else "-"
         t = _ms(time)
-        if self.watermark_ms is None or t > self.watermark_ms:
-            self.watermark_ms = t
+        if t > self.source_max_ms.get(key, -(2**62)):
+            self.source_max_ms[key] = t
+        self._move_watermark()
+        if self.watermark_ms is None:
+            return []
         return self._decide_until(self.watermark_ms)
+
+    def _move_watermark(self) -> None:
+        """The smallest of the sources' largest event times, once every expected source has spoken."""
+        if not self.source_max_ms or (
+            self.sources is not None and not self.sources <= set(self.source_max_ms)
+        ):
+            return
+        low = min(self.source_max_ms.values())
+        if self.watermark_ms is None or low > self.watermark_ms:
+            self.watermark_ms = low
 
     def close(self) -> list[Prediction]:
         """Decide every pending message (the end of a finite input); returns the decisions that link."""
         return self._decide_until(None)
 
-    def restore_watermark(self, time: datetime) -> None:
-        """Move the watermark to ``time`` (if later) and mark every message whose deadline it passed as
-        decided, without deciding it (a restart: those decisions were sent before the state that moved the
-        watermark was written)."""
-        t = _ms(time)
-        if self.watermark_ms is None or t > self.watermark_ms:
-            self.watermark_ms = t
+    def restore_watermark(self, source_max: Mapping[str | None, datetime]) -> None:
+        """Take the sources' largest event times (of the restored state), set the watermark as
+        :meth:`advance` would, and mark every message whose deadline it passed as decided, without
+        deciding it (a restart: those decisions were sent before the state that moved the watermark was
+        written)."""
+        for source, time in source_max.items():
+            key = source if source is not None else "-"
+            self.source_max_ms[key] = max(self.source_max_ms.get(key, -(2**62)), _ms(time))
+        self._move_watermark()
         while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
             self.decided.add(heapq.heappop(self._pending)[2])
 

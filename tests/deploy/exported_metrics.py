@@ -11,7 +11,7 @@ Metrics exported today (job: family, labels):
 
 * processor-run-summary: backbone_processor_{records,events_applied,events_duplicate,events_late,insights,dead_letters}_total {app}
 * processor-correlation: backbone_correlation_{records,events,vectors,skipped,embedding_requests,duplicates,
-  reference_links,embedding_links,discussion_links,dead_letters}_total {app}
+  reference_links,embedding_links,discussion_links,discussion_late,dead_letters}_total {app}
 * processor-routing: backbone_routing_{records,requests,embeddings,dead_letters}_total {app},
   backbone_routing_decisions_total {app, method}, backbone_routing_pending {app}
 * projections: backbone_projection_events_{applied,duplicate,dead_lettered}_total, backbone_projection_batch_seconds (histogram),

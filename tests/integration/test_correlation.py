@@ -188,12 +188,24 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 
+def _clock(at: datetime, n: int) -> Event:
+    """A chat message that moves its partition's event time (no word of any subject)."""
+    return slack_event(workspace="acme", channel="dev", ts=(at + timedelta(microseconds=n)).replace(tzinfo=None).isoformat(),
+                       user="Clock", text="ok", repo="acme/widget")  # fmt: skip
+
+
+def _produce_to(producer: EventProducer, serde: AvroSerde, topic: str, event: Event, partition: int) -> None:
+    producer.produce_raw(topic, key=event.key.encode(), value=serde.encode(event.schema, event.data),
+                         headers=event.attributes.to_headers(), partition=partition)  # fmt: skip
+
+
 def test_discussion_links_at_the_watermark_and_once_across_a_restart(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
-    """Messages without a reference get ``discussion`` links when the scope's event time passes their window
-    (8 days); a restarted worker (state recovered from its changelog) does not send them again, and sends
-    the one whose window a new event closes. The insights equal the plain-Python correlator's."""
+    """Messages without a reference get ``discussion`` links when the scope's watermark (the slowest
+    partition's event time) passes their window (8 days); a restarted worker (state recovered from its
+    changelog) does not send them again, and sends the one whose window new events close. The insights
+    equal the plain-Python correlator's on the same events in event-time order."""
     events_topic = create_topic(unique_name("external"), partitions=3)
     insights_topic = create_topic(unique_name("insights"), partitions=3)
     dlq_topic = create_topic(unique_name("dlq"), partitions=1)
@@ -203,38 +215,47 @@ def test_discussion_links_at_the_watermark_and_once_across_a_restart(
                 "gc: shrink the nursery on small heaps", "raco setup: check package dependencies again",
                 "net: fix url parsing", "io: fix printing of symbols"]  # fmt: skip
     days = [0, 3, 6, 9, 12, 18]
-    commits = [
-        _commit(f"{i + 1:040x}", T0 + timedelta(days=d), s)
-        for i, (d, s) in enumerate(zip(days, subjects, strict=True))
-    ]
+    commits = [_commit(f"{i + 1:040x}", T0 + timedelta(days=d), s) for i, (d, s) in enumerate(zip(days, subjects, strict=True))]  # fmt: skip
     first_batch = [
         *commits[:5],
         _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?"),
         _slack(T0 + timedelta(days=9, hours=3), "raco setup now checks package dependencies, nice"),
         _slack(T0 + timedelta(days=12, hours=2), "url parsing is broken again"),
     ]
+    first_clocks = [_clock(T0 + timedelta(days=12, hours=3), n) for n in range(3)]
+    second_clocks = [_clock(T0 + timedelta(days=18), n) for n in range(3)]
     args = ("--no-embeddings", "--discussion-min-history", "0", "--app-id", app_id, "--events-topic",
             events_topic, "--insights-topic", insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
     with EventProducer(settings.kafka, serde) as producer:
-        for event in first_batch:
+        for event in sorted(
+            first_batch, key=lambda e: e.attributes.time
+        ):  # each partition in event-time order
             producer.produce(events_topic, event)
+        for partition, clock in enumerate(first_clocks):  # every partition reaches day 12, 3 h
+            _produce_to(producer, serde, events_topic, clock, partition)
         producer.flush()
     first = _run_correlate(settings, tmp_path, *args, timeout=40)
     assert first.returncode == 0, first.stderr[-3000:]
-    # the watermark (day 12) passed only the first message's deadline (day 8 and 5 h)
-    assert json.loads(first.stdout.strip().splitlines()[-1])["discussion_links_count"] == 1
+    # the watermark (day 12, 3 h) passed only the first message's deadline (day 8, 5 h)
+    stats = json.loads(first.stdout.strip().splitlines()[-1])
+    assert stats["discussion_links_count"] == 1 and stats["discussion_late_count"] == 0, stats
 
     with EventProducer(settings.kafka, serde) as producer:
-        producer.produce(events_topic, commits[5])  # day 18: passes the second message's deadline (day 17)
+        producer.produce(events_topic, commits[5])  # day 18
+        for partition, clock in enumerate(second_clocks):  # every partition reaches day 18: past day 17, 3 h
+            _produce_to(producer, serde, events_topic, clock, partition)
         producer.flush()
     second = _run_correlate(settings, tmp_path, *args, timeout=40)
     assert second.returncode == 0, second.stderr[-3000:]
     stats = json.loads(second.stdout.strip().splitlines()[-1])
-    assert stats["events_count"] == 1 and stats["discussion_links_count"] == 1, stats
+    assert stats["events_count"] == 4 and stats["discussion_links_count"] == 1, stats
 
     corr = Correlator(CorrelationConfig(discussion=MaskedConfig(min_history=0)))
     expected = []
-    for event in [*first_batch, commits[5]]:
+    in_order = sorted(
+        [*first_batch, *first_clocks, commits[5], *second_clocks], key=lambda e: e.attributes.time
+    )
+    for event in in_order:
         obs = observe(event.data, event.attributes.id)
         assert obs is not None
         expected += [link.insight_id for link in corr.add(obs) if link.method == "discussion"]

@@ -140,3 +140,47 @@ def test_no_discussion_link_without_enough_commit_history() -> None:
     linker.add_message("m", T0 + timedelta(hours=1), "the local-expand fix", "Bo")
     assert linker.close() == []
     assert linker.decided == {"m"}
+
+
+def test_the_watermark_follows_the_slowest_source() -> None:
+    """Two partitions, each in event-time order, one read to its end before the other starts: with both
+    named as sources the links are those of the merged order and nothing is late; with the sources only
+    as seen, the first partition's last event runs the watermark ahead and the other's events are late."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    config = CorrelationConfig(discussion=CFG)
+    corr, expected = _run(items, config)
+    expected += [(k.method, k.message.entity, k.commit.entity) for k in corr.close()]
+    part = {o.entity: "ev/0" if i % 2 == 0 else "ev/1" for i, o in enumerate(items)}
+    skewed = [o for o in items if part[o.entity] == "ev/0"] + [o for o in items if part[o.entity] == "ev/1"]
+
+    def run(sources: list[str] | None) -> tuple[list[tuple[str, str, str]], int]:
+        c = Correlator(config, sources)
+        got: list[tuple[str, str, str]] = [
+            (k.method, k.message.entity, k.commit.entity) for o in skewed for k in c.add(o, part[o.entity])
+        ]
+        got += [(k.method, k.message.entity, k.commit.entity) for k in c.close()]
+        assert c.discussion is not None
+        return got, c.discussion.late_events
+
+    got, late = run(["ev/0", "ev/1"])
+    assert sorted(got) == sorted(expected) and late == 0
+    _, late_seen_only = run(None)
+    assert late_seen_only > 0
+
+
+def test_a_restart_rebuilds_the_watermark_from_each_source() -> None:
+    """Restored from items with their sources, the watermark is the slowest source's, not the largest
+    event time: the messages that source has not passed yet are still decided after the restart."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    config = CorrelationConfig(discussion=CFG)
+    part = {o.entity: "ev/0" if i % 2 == 0 else "ev/1" for i, o in enumerate(items)}
+    skewed = [o for o in items if part[o.entity] == "ev/0"] + [o for o in items if part[o.entity] == "ev/1"]
+    whole = Correlator(config, ["ev/0", "ev/1"])
+    expected = [k.insight_id for o in skewed for k in whole.add(o, part[o.entity])]
+    cut = len(skewed) - 3
+    first = Correlator(config, ["ev/0", "ev/1"])
+    before = [k.insight_id for o in skewed[:cut] for k in first.add(o, part[o.entity])]
+    restored = Correlator(config, ["ev/0", "ev/1"])
+    restored.restore([(o, None, o.entity, part[o.entity]) for o in skewed[:cut]])
+    after = [k.insight_id for o in skewed[cut:] for k in restored.add(o, part[o.entity])]
+    assert before + after == expected and after
