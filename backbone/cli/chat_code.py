@@ -1,4 +1,5 @@
-"""``backbone import slack FILE`` and ``backbone import commits FILE`` (mounted by :mod:`backbone.cli`).
+"""``backbone import slack FILE [--commits TSV]`` and ``backbone import commits FILE`` (mounted by
+:mod:`backbone.cli`).
 
 Both parse with :mod:`connectors.chat_code` and produce ``sophia.external.ExternalEvent`` records with
 deterministic ids to ``external.events`` (importing twice adds duplicates that consumers skip).
@@ -49,15 +50,27 @@ def import_slack(
     channel: Annotated[str | None, typer.Option(help="Channel name (default: the export's).",
                                                 envvar="BACKBONE_IMPORT_CHANNEL")] = None,
     repo: RepoOpt = "racket/racket",
+    commits: Annotated[Path | None, typer.Option(
+        help="Also import this commit TSV, merged with the messages in event-time order: the correlator's "
+             "discussion links follow event time, and commits imported after a year of messages arrive late.",
+    )] = None,
     topic: TopicOpt = "external.events",
     as_json: JsonOpt = False,
 ) -> None:  # fmt: skip
-    """Import Slack messages as slack.message events (ts is the collector's local time, taken as UTC)."""
-    from connectors.chat_code import ChatCodeImportError, parse_slack_export
+    """Import Slack messages as slack.message events (ts is the collector's local time, taken as UTC),
+    with ``--commits`` merged in event-time order with a repository's commits."""
+    from connectors.chat_code import ChatCodeImportError, parse_git_commits_tsv, parse_slack_export
 
-    if not file.is_file():
-        raise ChatCodeImportError(file, "no such file")
-    _run(parse_slack_export(file, repo=repo, channel=channel), topic, as_json, "messages")
+    for path in (file, commits):
+        if path is not None and not path.is_file():
+            raise ChatCodeImportError(path, "no such file")
+    events: Iterator[Any] = parse_slack_export(file, repo=repo, channel=channel)
+    what = "messages"
+    if commits is not None:
+        merged = [*events, *parse_git_commits_tsv(commits, repo=repo)]
+        events = iter(sorted(merged, key=lambda e: (e.data["occurred_at"], e.key)))
+        what = "messages and commits"
+    _run(events, topic, as_json, what)
 
 
 @clear_errors

@@ -188,6 +188,39 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 
+def test_import_slack_with_commits_produces_each_partition_in_event_time_order(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """``backbone import slack FILE --commits TSV`` merges both files by event time (the TSV lists the newest
+    commit first), so every partition of the topic is in event-time order, as the discussion watermark
+    needs."""
+    topic = create_topic(unique_name("external"), partitions=3)
+    xml = "<slack><team_domain>acme</team_domain><channel_name>dev</channel_name>" + "".join(
+        f'<message conversation_id="1"><ts>2030-05-0{d}T10:00:00.000001</ts><user>A</user><text>m{d}</text></message>'
+        for d in range(1, 8)
+    ) + "</slack>"  # fmt: skip
+    (tmp_path / "s.xml").write_text(xml)
+    rows = "".join(f"{i:040x}\t2030-05-0{d}T12:00:00+00:00\t2030-05-0{d}T12:00:00+00:00\tAnn\tchange {d}\n"
+                   for i, d in enumerate(range(7, 0, -1), start=1))  # fmt: skip
+    (tmp_path / "c.tsv").write_text("sha\tauthor_time\tcommit_time\tauthor\tsubject\n" + rows)
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_STATE_DIR": str(tmp_path), "BACKBONE_LOG_FORMAT": "json", "BACKBONE_METRICS_PORT": "0"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "backbone", "import", "slack", str(tmp_path / "s.xml"), "--commits",
+                           str(tmp_path / "c.tsv"), "--repo", "acme/widget", "--topic", topic, "--json"],
+                          env=env, check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [
+        r
+        for r in read_range(settings.kafka, AvroSerde(EmbeddedRegistry()), topic)
+        if isinstance(r, ConsumedEvent)
+    ]
+    assert len(records) == 14
+    by_partition: dict[int, list[datetime]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_partition.setdefault(r.partition, []).append(r.data["occurred_at"])
+    assert all(times == sorted(times) for times in by_partition.values())
+
+
 def _clock(at: datetime, n: int) -> Event:
     """A chat message that moves its partition's event time (no word of any subject)."""
     return slack_event(workspace="acme", channel="dev", ts=(at + timedelta(microseconds=n)).replace(tzinfo=None).isoformat(),
