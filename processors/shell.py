@@ -1153,6 +1153,12 @@ def ensure_processor_topics(
     return create_missing_topics(admin, topics, timeout_seconds=timeout_seconds)
 
 
+def topic_partitions(kafka: KafkaSettings, topic: str, *, timeout_seconds: float = 10.0) -> int | None:
+    """How many partitions ``topic`` has on the broker (its metadata); None when it does not exist."""
+    meta = AdminClient(kafka.librdkafka()).list_topics(topic, timeout=timeout_seconds).topics.get(topic)
+    return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else None
+
+
 def catalogue_partitions(name: str, fallback: int) -> int:
     """The catalogue's partition count of topic ``name`` (:data:`streams.catalogue.CATALOGUE`), else ``fallback``."""
     spec = CATALOGUE.get(name)

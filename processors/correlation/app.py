@@ -101,6 +101,7 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     run_processor_worker,
+    topic_partitions,
     traced_headers,
     tracing_process,
 )
@@ -108,7 +109,6 @@ from processors.tables import TailRecoveringTable
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent
 from streams.errors import DeserializationError, EnvelopeError
-from streams.offsets import private_consumer
 from streams.serde import AvroSerde, serde_from_settings
 
 __all__ = [
@@ -557,22 +557,6 @@ COUNTERS = (
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""
 
 
-def _partition_count(kafka: KafkaSettings, topic: str) -> int:
-    """How many partitions ``topic`` has (its metadata).
-
-    Raises:
-        ValueError: the topic does not exist.
-    """
-    consumer = private_consumer(kafka)
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-    finally:
-        consumer.close()
-    if meta is None or meta.error is not None or not meta.partitions:
-        raise ValueError(f"topic {topic!r} does not exist")
-    return len(meta.partitions)
-
-
 def run_correlation_worker(
     settings: Settings | None = None,
     *,
@@ -617,7 +601,7 @@ def run_correlation_worker(
     topics = topics or CorrelationTopics()
     ensure_correlation_topics(settings.kafka, topics, app_id, embeddings=embeddings)
     if topics.events_partitions is None and config is not None and config.discussion is not None:
-        topics = replace(topics, events_partitions=_partition_count(settings.kafka, topics.events))
+        topics = replace(topics, events_partitions=topic_partitions(settings.kafka, topics.events))
     app = create_correlation_app(
         settings, app_id=app_id, topics=topics, config=config, embeddings=embeddings,
         request_embeddings=request_embeddings, web_port=web_port,

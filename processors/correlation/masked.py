@@ -319,11 +319,9 @@ class DiscussionLinker:
         self._df_upto: tuple[int, str] = (-(2**62), "")
 
     # ---- input -------------------------------------------------------------------------------------
-    def _is_late(self, time_ms: int) -> bool:
+    def _count_if_late(self, time_ms: int) -> None:
         lateness = int(self.config.allowed_lateness.total_seconds() * 1000)
-        late = self.watermark_ms is not None and time_ms < self.watermark_ms - lateness
-        self.late_events += late
-        return late
+        self.late_events += self.watermark_ms is not None and time_ms < self.watermark_ms - lateness
 
     def add_commit(
         self, entity: str, time: datetime, subject: str, author: str | None, vector: np.ndarray | None = None
@@ -332,7 +330,7 @@ class DiscussionLinker:
         if entity in self.commits:
             return
         t = _ms(time)
-        self._is_late(t)
+        self._count_if_late(t)
         counts = Counter(self._analyze(subject))
         ids = np.array([self._term_id(term) for term in counts], dtype=np.int64)
         tf = 1.0 + np.log(np.array(list(counts.values()), dtype=np.float64))
@@ -364,10 +362,8 @@ class DiscussionLinker:
         if entity in self.messages:
             return
         t = _ms(time)
-        self._is_late(t)
-        mentioned = _MENTION.findall(text)
-        people = tuple(dict.fromkeys([*([user] if user else []), *mentioned]))
-        self.messages[entity] = _Message(t, mask_references(text), user, people, conversation)
+        self._count_if_late(t)
+        self.messages[entity] = _Message(t, mask_references(text), user, _people(user, text), conversation)
         if user is not None:
             bisect.insort(self._by_user.setdefault(user, []), (t, entity))
         if conversation is not None:
@@ -395,14 +391,15 @@ class DiscussionLinker:
         read far ahead of another (partitions of a replay consumed at different speeds) does not make
         the other's events late. A source seen once and then silent holds the watermark back until it
         speaks again. ``source`` None: one implicit source."""
-        key = source if source is not None else "-"
-        t = _ms(time)
-        if t > self.source_max_ms.get(key, -(2**62)):
-            self.source_max_ms[key] = t
+        self._note_source(source, time)
         self._move_watermark()
         if self.watermark_ms is None:
             return []
         return self._decide_until(self.watermark_ms)
+
+    def _note_source(self, source: str | None, time: datetime) -> None:
+        key = source if source is not None else "-"
+        self.source_max_ms[key] = max(self.source_max_ms.get(key, -(2**62)), _ms(time))
 
     def _move_watermark(self) -> None:
         """The smallest of the sources' largest event times, once every expected source has spoken."""
@@ -424,8 +421,7 @@ class DiscussionLinker:
         deciding it (a restart: those decisions were sent before the state that moved the watermark was
         written)."""
         for source, time in source_max.items():
-            key = source if source is not None else "-"
-            self.source_max_ms[key] = max(self.source_max_ms.get(key, -(2**62)), _ms(time))
+            self._note_source(source, time)
         self._move_watermark()
         while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
             self.decided.add(heapq.heappop(self._pending)[2])
@@ -433,9 +429,7 @@ class DiscussionLinker:
     def _decide_until(self, watermark: int | None) -> list[Prediction]:
         out = []
         while self._pending and (watermark is None or self._pending[0][0] <= watermark):
-            _, _, entity = heapq.heappop(self._pending)
-            if entity in self.decided:
-                continue
+            _, _, entity = heapq.heappop(self._pending)  # each message is queued once, popped once
             self.decided.add(entity)
             if entity in self._referenced:
                 continue
@@ -562,9 +556,9 @@ class DiscussionLinker:
         if affinity is not None and people and c.affinity_weight:
             authored = sum(self._df_authors.values())
             lift = {
-                a: max(0.0, affinity.affinity(people, a) - n / authored)
-                for a, n in self._df_authors.items()
-                if n > 0
+                a: max(0.0, affinity.affinity(people, a) - self._df_authors[a] / authored)
+                for a in {cm.author for cm in candidates}
+                if a is not None
             }
             total = total + c.affinity_weight * np.array(
                 [lift.get(cm.author or "", 0.0) for cm in candidates]
@@ -671,8 +665,11 @@ class ChatMessage:
 
 def people_of(message: ChatMessage) -> tuple[str, ...]:
     """The message's author (when known) and the users it @-mentions, in order, without repeats."""
-    mentioned = _MENTION.findall(message.text)
-    return tuple(dict.fromkeys([*([message.user] if message.user else []), *mentioned]))
+    return _people(message.user, message.text)
+
+
+def _people(user: str | None, text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*([user] if user else []), *_MENTION.findall(text)]))
 
 
 def evaluate_masked(

@@ -90,6 +90,7 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     run_processor_worker,
+    topic_partitions,
     traced_headers,
     tracing_process,
 )
@@ -380,9 +381,9 @@ def run_anomaly_worker(
     create_missing_topics(admin, [spec(topics.metrics, topics.partitions), spec(topics.insights, 3),
                                   spec(topics.dead_letters, 1)])  # fmt: skip
     # the table's changelog must have the partitions of the input topic, whatever they are
-    found = admin.list_topics(topic=topics.metrics, timeout=10).topics.get(topics.metrics)
-    if found is not None and found.partitions:
-        topics = dataclasses.replace(topics, partitions=len(found.partitions))
+    found = topic_partitions(settings.kafka, topics.metrics)
+    if found:
+        topics = dataclasses.replace(topics, partitions=found)
     app = create_anomaly_app(settings, app_id=app_id, topics=topics, config=config)
     stats: AnomalyStats = app.anomaly_stats  # type: ignore[attr-defined]
     run_processor_worker(

@@ -102,6 +102,7 @@ from processors.shell import (
     message_headers,
     run_processor_worker,
     send_event,
+    topic_partitions,
 )
 from processors.tables import TailRecoveringTable
 from streams.catalogue import CATALOGUE
@@ -411,10 +412,7 @@ def _with_actual_partitions(kafka: KafkaSettings, topics: ProcessorTopics) -> Pr
     existed with another one: the run-totals table's changelog must match it, or every agent crashes
     with Faust's ``PartitionsMismatch`` (seen when the input was made with 3 partitions and the worker
     assumed the default 6)."""
-    from confluent_kafka.admin import AdminClient
-
-    meta = AdminClient(kafka.librdkafka()).list_topics(topics.events, timeout=10).topics.get(topics.events)
-    actual = len(meta.partitions) if meta is not None and meta.error is None else 0
+    actual = topic_partitions(kafka, topics.events)
     if actual and actual != topics.partitions:
         log.warning("run_summary_partitions_from_topic", topic=topics.events, configured=topics.partitions,
                     actual=actual)  # fmt: skip

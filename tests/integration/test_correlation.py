@@ -259,28 +259,26 @@ def test_discussion_links_at_the_watermark_and_once_across_a_restart(
     second_clocks = [_clock(T0 + timedelta(days=18), n) for n in range(3)]
     args = ("--no-embeddings", "--discussion-min-history", "0", "--app-id", app_id, "--events-topic",
             events_topic, "--insights-topic", insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
-    with EventProducer(settings.kafka, serde) as producer:
-        for event in sorted(
-            first_batch, key=lambda e: e.attributes.time
-        ):  # each partition in event-time order
-            producer.produce(events_topic, event)
-        for partition, clock in enumerate(first_clocks):  # every partition reaches day 12, 3 h
-            _produce_to(producer, serde, events_topic, clock, partition)
-        producer.flush()
-    first = _run_correlate(settings, tmp_path, *args, timeout=40)
-    assert first.returncode == 0, first.stderr[-3000:]
-    # the watermark (day 12, 3 h) passed only the first message's deadline (day 8, 5 h)
-    stats = json.loads(first.stdout.strip().splitlines()[-1])
-    assert stats["discussion_links_count"] == 1 and stats["discussion_late_count"] == 0, stats
 
-    with EventProducer(settings.kafka, serde) as producer:
-        producer.produce(events_topic, commits[5])  # day 18
-        for partition, clock in enumerate(second_clocks):  # every partition reaches day 18: past day 17, 3 h
-            _produce_to(producer, serde, events_topic, clock, partition)
-        producer.flush()
-    second = _run_correlate(settings, tmp_path, *args, timeout=40)
-    assert second.returncode == 0, second.stderr[-3000:]
-    stats = json.loads(second.stdout.strip().splitlines()[-1])
+    def produce_and_run(events: list[Event], clocks: list[Event]) -> dict[str, int]:
+        """Produce ``events`` in event-time order (each partition in order) and one clock per partition,
+        run the worker to idle, return its counters."""
+        with EventProducer(settings.kafka, serde) as producer:
+            for event in sorted(events, key=lambda e: e.attributes.time):
+                producer.produce(events_topic, event)
+            for partition, clock in enumerate(clocks):
+                _produce_to(producer, serde, events_topic, clock, partition)
+            producer.flush()
+        done = _run_correlate(settings, tmp_path, *args, timeout=40)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+        return stats
+
+    # every partition reaches day 12, 3 h: the watermark passed only the first message's deadline (day 8, 5 h)
+    stats = produce_and_run(first_batch, first_clocks)
+    assert stats["discussion_links_count"] == 1 and stats["discussion_late_count"] == 0, stats
+    # the commit of day 18 and every partition at day 18: past the second message's deadline (day 17, 3 h)
+    stats = produce_and_run([commits[5]], second_clocks)
     assert stats["events_count"] == 4 and stats["discussion_links_count"] == 1, stats
 
     corr = Correlator(CorrelationConfig(discussion=MaskedConfig(min_history=0)))
