@@ -21,7 +21,10 @@ One event per message and per commit (``EXTERNAL_SCHEMA``, CloudEvents source ``
 and ``/connectors/git-log``). Entities (the Kafka key):
 
 * a message: ``slack:<workspace>/<channel>/<ts>`` with ``ts`` as written in the export (it is unique in
-  a channel; a repeated ``ts`` gets ``#2``, ``#3`` ... in file order); kind ``slack.message``.
+  a channel; a repeated ``ts`` gets ``#2``, ``#3`` ... in file order); kind ``slack.message``; its
+  ``thread`` is ``slack:<workspace>/<channel>/conversation/<start_date>/<conversation_id>``, the corpus's
+  disentangled conversation (numbered per export file, hence the file's ``<start_date>``; the export has
+  no Slack threads; the discussion linker reads a thread as context).
 * a commit: ``git:<owner>/<repo>@<full sha>``; kind ``git.commit``.
 
 ``refs`` are taken from the text with :func:`connectors.webhooks.extract_github_refs`: GitHub URLs of
@@ -124,7 +127,15 @@ def _excerpt(text: str | None) -> str | None:
 
 
 def slack_event(
-    *, workspace: str, channel: str, ts: str, user: str | None, text: str, repo: str, duplicate: int = 1
+    *,
+    workspace: str,
+    channel: str,
+    ts: str,
+    user: str | None,
+    text: str,
+    repo: str,
+    duplicate: int = 1,
+    conversation: str | None = None,
 ) -> Event:
     """The ``slack.message`` event of one exported message.
 
@@ -137,6 +148,9 @@ def slack_event(
         text: the text in Slack markup (XML already unescaped).
         repo: ``owner/name`` that bare ``#N`` and SHAs in the text refer to.
         duplicate: 1 for the first message with this ``ts``, 2 for the second ...
+        conversation: the export's disentangled conversation, unique within the channel (see
+            :func:`parse_slack_export`), stored as ``thread`` = ``slack:<workspace>/<channel>/conversation/
+            <conversation>``; None: no thread.
 
     Returns:
         The event (key = entity, id deterministic in the entity).
@@ -160,6 +174,7 @@ def slack_event(
         "body_excerpt": _excerpt(render_slack_text(text)),
         "refs": list(refs),
         "source_id": entity,
+        "thread": f"slack:{workspace}/{channel}/conversation/{conversation}" if conversation else None,
     }
     return Event.create(
         EXTERNAL_SCHEMA, entity, data, source=SLACK_SOURCE, time=occurred_at,
@@ -203,7 +218,7 @@ def parse_slack_export(
     """
     if not path.is_file():
         raise ChatCodeImportError(path, "no such file")
-    workspace, channel_name = "slack", channel
+    workspace, channel_name, start = "slack", channel, ""
     seen: dict[str, int] = {}
     try:
         for _, elem in ET.iterparse(path, events=("end",)):
@@ -211,16 +226,20 @@ def parse_slack_export(
                 workspace = elem.text.strip()
             elif elem.tag == "channel_name" and elem.text and channel is None:
                 channel_name = elem.text.strip()
+            elif elem.tag == "start_date" and elem.text:
+                start = elem.text.strip()
             elif elem.tag == "message":
                 ts = (elem.findtext("ts") or "").strip()
                 user = (elem.findtext("user") or "").strip() or None
                 text = elem.findtext("text") or ""
+                conv_id = (elem.get("conversation_id") or "").strip()
+                conversation = (f"{start}/{conv_id}" if start else conv_id) if conv_id else None
                 elem.clear()
                 seen[ts] = seen.get(ts, 0) + 1
                 try:
                     yield slack_event(
                         workspace=workspace, channel=channel_name or "unknown", ts=ts, user=user, text=text,
-                        repo=repo, duplicate=seen[ts],
+                        repo=repo, duplicate=seen[ts], conversation=conversation,
                     )  # fmt: skip
                 except ValueError as exc:
                     log.warning("slack_message_skipped", path=str(path), ts=ts, reason=str(exc))

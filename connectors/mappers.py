@@ -55,6 +55,7 @@ def external_event_to_avro(e: ExternalEvent) -> dict[str, Any]:
         "body_excerpt": e.body_excerpt,
         "refs": list(e.refs),
         "source_id": e.source_id,
+        "thread": e.thread,
     }
 
 
@@ -97,8 +98,13 @@ def map_slack_webhook(
         # correlator keeps every message of a channel, not only the first; its GitHub references are read.
         ts = ev.get("ts") if isinstance(ev.get("ts"), str) else None
         entity = f"slack:{team}/{channel}" if channel else f"slack:{team}"
+        thread = None
         if channel and ts and ev.get("type") == "message":
             entity = f"{entity}/{ts}"
+            # A reply carries its parent's ts as thread_ts (api.slack.com "Retrieving threads"); the parent,
+            # posted before any reply, carries none, so a top-level message is its own thread.
+            thread_ts = ev.get("thread_ts") if isinstance(ev.get("thread_ts"), str) else ts
+            thread = f"slack:{team}/{channel}/{thread_ts}"
         return ExternalEvent(
             platform="slack",
             kind=f"slack.{etype}",
@@ -112,6 +118,7 @@ def map_slack_webhook(
             body_excerpt=_excerpt(text),
             refs=slack_message_refs(text, ()),
             source_id=str(payload.get("event_id") or hashlib.sha256(body).hexdigest()),
+            thread=thread,
         )
     try:
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}

@@ -277,6 +277,8 @@ class ExternalEvent:
         refs: issues/pull requests (``github:owner/repo#N``) and commits (``github:owner/repo@sha``)
             referenced in the text or pushed, in order of appearance, without duplicates or the entity.
         source_id: the platform's id of the event or delivery (de-duplication key).
+        thread: the thread a Slack message belongs to (its parent message's entity; a top-level message's
+            own entity), ``None`` for other events.
     """
 
     platform: str
@@ -289,6 +291,7 @@ class ExternalEvent:
     body_excerpt: str | None
     refs: tuple[str, ...]
     source_id: str
+    thread: str | None = None
 
 
 _URL_REF = re.compile(

@@ -141,25 +141,26 @@ def eval_anomalies(
 
 
 def _slack_messages(files: list[Path], repo: str) -> list[Any]:
-    """Slack messages of the exports with their conversation ids (read in place, never copied)."""
+    """Slack messages of the exports, each as (its event, its :class:`ChatMessage` with the whole text and
+    the event's ``thread``); read in place, never copied."""
     from connectors.chat_code import parse_slack_export, render_slack_text
     from processors.correlation.masked import ChatMessage
 
     out_: list[Any] = []
     for f in files:
-        raw: list[tuple[str | None, str]] = []
+        raw: list[str] = []
         for _, el in ET.iterparse(f, events=("end",)):
             if el.tag == "message":
-                raw.append((el.get("conversation_id"), el.findtext("text") or ""))
+                raw.append(el.findtext("text") or "")
                 el.clear()
         events = list(parse_slack_export(f, repo=repo))
         if len(events) != len(raw):
             raise typer.BadParameter(
-                f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align threads"
+                f"{f}: {len(raw) - len(events)} messages without a usable ts; cannot align their texts"
             )
-        for (conv, text), e in zip(raw, events, strict=True):
+        for text, e in zip(raw, events, strict=True):
             out_.append((e, ChatMessage(e.data["entity"], e.data["occurred_at"], render_slack_text(text),
-                                        f"{f.name}:{conv}" if conv else None, e.data.get("actor"))))  # fmt: skip
+                                        e.data.get("thread"), e.data.get("actor"))))  # fmt: skip
     return out_
 
 
@@ -224,7 +225,8 @@ def _processor_figures(
     """The live correlator (``discussion`` links on, default settings) on the same events, every masked
     message's references removed from its refs and text, in event-time order, pending windows closed at
     the end: its links of the masked messages, and how many discussion links it draws over all messages.
-    It has no threads (live Slack events carry none) and reveals nothing, so no affinity is learned."""
+    It reads the events' threads (the export's conversations) and the 280-character excerpts, and reveals
+    nothing, so no affinity is learned."""
     from processors.correlation.logic import CorrelationConfig, Correlator, observe
     from processors.correlation.masked import mask_references
 

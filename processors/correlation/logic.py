@@ -196,6 +196,8 @@ class Observation:
         pr_number: ``N`` when the commit subject ends with ``(#N)``.
         refs: the message's references (``github:owner/repo@sha``, ``github:owner/repo#N``), in order.
         actor: the message's user or the commit's git author (None: unknown); ``discussion`` links read it.
+        thread: the message's thread (``ExternalEvent.thread``; None: none); a ``discussion`` link reads the
+            thread's other messages as context.
     """
 
     entity: str
@@ -208,6 +210,7 @@ class Observation:
     pr_number: int | None = None
     refs: tuple[str, ...] = ()
     actor: str | None = None
+    thread: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``event_time`` in epoch milliseconds)."""
@@ -215,6 +218,7 @@ class Observation:
             "entity": self.entity, "kind": self.kind, "event_time_ms": _ms(self.event_time),
             "event_id": self.event_id, "text": self.text, "repo": self.repo, "sha": self.sha,
             "pr_number": self.pr_number, "refs": list(self.refs), "actor": self.actor,
+            "thread": self.thread,
         }  # fmt: skip
 
     @classmethod
@@ -232,6 +236,7 @@ class Observation:
             event_time=datetime.fromtimestamp(int(d["event_time_ms"]) / 1000, UTC),
             event_id=str(d["event_id"]), text=str(d.get("text") or ""), repo=d.get("repo"), sha=d.get("sha"),
             pr_number=d.get("pr_number"), refs=tuple(d.get("refs") or ()), actor=d.get("actor"),
+            thread=d.get("thread"),
         )  # fmt: skip
 
 
@@ -258,6 +263,7 @@ def observe(data: Mapping[str, Any], event_id: str) -> Observation | None:
         return Observation(
             entity=entity, kind="message", event_time=occurred_at.astimezone(UTC), event_id=event_id,
             text=str(data.get("body_excerpt") or ""), refs=tuple(data.get("refs") or ()), actor=data.get("actor"),
+            thread=data.get("thread"),
         )  # fmt: skip
     m = _COMMIT_ENTITY.fullmatch(entity)
     if m is None:
@@ -446,10 +452,12 @@ class Correlator:
         if obs.kind == "commit":
             self.discussion.add_commit(obs.entity, obs.event_time, obs.text, obs.actor)
         else:
-            self.discussion.add_message(obs.entity, obs.event_time, obs.text, obs.actor)
+            self.discussion.add_message(
+                obs.entity, obs.event_time, obs.text, obs.actor, conversation=obs.thread
+            )
         for link in links:
             if link.method == "reference":
-                self.discussion.add_reference(link.message.entity, link.commit.entity)
+                self.discussion.add_reference(link.message.entity, link.commit.entity, link.commit.actor)
         if self._restoring:
             return []
         return [self._discussion_link(p) for p in self.discussion.advance(obs.event_time, source)]

@@ -161,6 +161,7 @@ class MaskedConfig:
     min_history: int = 200
     affinity_weight: float = 0.2
     affinity_smoothing: float = 1.0
+    thread_window: timedelta = timedelta(days=7)
     """Defaults chosen by looking at the 17 masked Racket 2018 links (see the issue-12 report), so the
     figures on that set are optimistic. ``merge_boost`` 1 (the next merge's text evidence counts
     double) was not tuned: an additive prior ``+ 0.1 * pending`` gave more on these 17 (6 of 6 without
@@ -173,7 +174,10 @@ class MaskedConfig:
     :class:`AuthorAffinity`): see the module docstring, 2026-12-06. ``allowed_lateness``: how much later
     than the watermark an event may arrive and still count (a message is decided at ``window_after +
     allowed_lateness`` past its time). ``min_history``: commits up to the end of a message's window
-    before it can be linked (the document frequencies need them)."""
+    before it can be linked (the document frequencies need them). ``thread_window``: the messages of a
+    message's thread that join its context are those within this of it (it bounds what a thread keeps;
+    the longest disentangled conversation of the Racket year spans 6 days, so 7 days changes nothing
+    there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +258,10 @@ def _ms(t: datetime) -> int:
     return round(t.timestamp() * 1000)
 
 
+def _ms_of(d: timedelta) -> int:
+    return int(d.total_seconds() * 1000)
+
+
 class DiscussionLinker:
     """The masked linker on a stream: one correlation scope's messages and commits, in any order.
 
@@ -273,6 +281,17 @@ class DiscussionLinker:
     analyzer and its formulas (``smooth_idf``, sublinear tf, l2 norm) over the commits up to
     ``time + window_after`` rather than fitted on a whole history.
 
+    **Bounded state.** Once the watermark has decided every message up to ``D = watermark - window_after
+    - allowed_lateness``, no decision that is not late reads a commit before ``D - window_before`` (outside
+    every remaining window) or a message before ``D - max(thread_window, user_context)`` (outside every
+    remaining context), nor an explicit link of a message before that (the author affinity is kept as
+    counts, folded in time order). With ``evict`` those are dropped after each advance; a commit's
+    document frequencies stay counted. What stays grows with the events of about ``window_before +
+    window_after + allowed_lateness`` of event time (a month by default), plus the vocabulary and the
+    author counts. An event older than what was dropped is counted late and only its document frequencies
+    kept (a commit) or ignored (a message); a late message whose deadline already passed is still decided
+    at the next advance, against what is left, as a best effort.
+
     Args:
         config: weights, windows and limits (``allowed_lateness`` included).
         on_decided: called with each :class:`Prediction` as it is made (linked or not), before the next
@@ -281,6 +300,8 @@ class DiscussionLinker:
             embedding term against the commits' ``vector`` (the live correlator passes None).
         sources: the inputs the watermark waits for (the worker: every partition of its events topic):
             no decision before each has delivered an event. None: the sources seen so far.
+        evict: drop what no later decision reads (see *Bounded state*); False keeps everything (the
+            tests compare the two).
     """
 
     def __init__(
@@ -289,6 +310,8 @@ class DiscussionLinker:
         on_decided: Callable[[Prediction], None] | None = None,
         embed: Embed | None = None,
         sources: Collection[str] | None = None,
+        *,
+        evict: bool = True,
     ) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -299,14 +322,23 @@ class DiscussionLinker:
         self._analyze = TfidfVectorizer(
             ngram_range=(1, 2), stop_words="english", token_pattern=r"(?u)\b[\w-]{2,}\b"
         ).build_analyzer()
+        self.evict = evict
         self.commits: dict[str, _Commit] = {}
         self.messages: dict[str, _Message] = {}
         self._order: list[tuple[int, str]] = []  # commits by (time, entity)
+        self._message_order: list[tuple[int, str]] = []  # messages by (time, entity)
+        self._evicted_commits_ms = -(2**62)  # commits before this time are dropped (their df kept)
+        self._evicted_messages_ms = -(2**62)  # messages before this time are dropped
+        self.evicted = 0  # commits and messages dropped so far
         self._by_user: dict[str, list[tuple[int, str]]] = {}
         self._by_conversation: dict[str, list[tuple[int, str]]] = {}
         self._pending: list[tuple[int, int, str]] = []  # heap of (deadline, time, entity)
-        self._references: list[tuple[int, str, str]] = []  # (message time, message, commit), sorted
-        self._referenced: set[str] = set()
+        # explicit links: message → commit → (the message's people, the commit's author), while the
+        # message is held; those not yet folded into the affinity by (message time, message, commit)
+        self._references: list[tuple[int, str, str]] = []
+        self._reference_pairs: dict[str, dict[str, tuple[tuple[str, ...], str | None]]] = {}
+        self._affinity = AuthorAffinity(self.config.affinity_smoothing)
+        self._affinity_upto = -(2**62)  # the links of messages before this time are folded in
         self.decided: set[str] = set()
         self.watermark_ms: int | None = None
         self.source_max_ms: dict[str, int] = {}  # per input (e.g. a source partition): its largest event time
@@ -334,7 +366,11 @@ class DiscussionLinker:
         counts = Counter(self._analyze(subject))
         ids = np.array([self._term_id(term) for term in counts], dtype=np.int64)
         tf = 1.0 + np.log(np.array(list(counts.values()), dtype=np.float64))
-        self.commits[entity] = _Commit(t, subject, author, pr_number_of(subject) is not None, ids, tf, vector)
+        commit = _Commit(t, subject, author, pr_number_of(subject) is not None, ids, tf, vector)
+        if t < self._evicted_commits_ms:  # behind what was dropped: a candidate of no remaining window
+            self._count_commit(commit, +1)
+            return
+        self.commits[entity] = commit
         bisect.insort(self._order, (t, entity))
         if (t, entity) <= self._df_upto:
             self._count(entity, +1)
@@ -363,7 +399,10 @@ class DiscussionLinker:
             return
         t = _ms(time)
         self._count_if_late(t)
+        if t < self._evicted_messages_ms:  # behind what was dropped (its context is gone): ignored
+            return
         self.messages[entity] = _Message(t, mask_references(text), user, _people(user, text), conversation)
+        bisect.insort(self._message_order, (t, entity))
         if user is not None:
             bisect.insort(self._by_user.setdefault(user, []), (t, entity))
         if conversation is not None:
@@ -372,16 +411,32 @@ class DiscussionLinker:
         if decide:
             heapq.heappush(self._pending, (deadline, t, entity))
 
-    def add_reference(self, message: str, commit: str) -> None:
-        """Record an explicit link (both entities already added): the message gets no discussion link, and
-        the pair teaches the author affinity of later messages. A repeated pair is ignored."""
-        m = self.messages[message]
-        item = (m.time_ms, message, commit)
-        i = bisect.bisect_left(self._references, item)
-        if i < len(self._references) and self._references[i] == item:
+    def add_reference(self, message: str, commit: str, author: str | None = None) -> None:
+        """Record an explicit link: the message gets no discussion link, and the pair teaches the author
+        affinity of later messages. A repeated pair is ignored, and so is a message the linker no longer
+        holds (decided and dropped: see *Bounded state*).
+
+        Args:
+            message: the message's entity (added before).
+            commit: the commit's entity.
+            author: the commit's git author; None: the held commit's (none when it was dropped or never
+                added: the pair then teaches nothing).
+        """
+        m = self.messages.get(message)
+        pairs = self._reference_pairs.setdefault(message, {}) if m is not None else {}
+        if m is None or commit in pairs:
             return
-        self._references.insert(i, item)
-        self._referenced.add(message)
+        held = self.commits.get(commit)
+        pairs[commit] = (m.people, author or (held.author if held else None))
+        if m.time_ms < self._affinity_upto:  # its time is already behind the folded links: fold it now
+            self._fold((m.time_ms, message, commit))
+        else:
+            bisect.insort(self._references, (m.time_ms, message, commit))
+
+    def _fold(self, item: tuple[int, str, str]) -> None:
+        people, author = self._reference_pairs[item[1]][item[2]]
+        if author is not None:
+            self._affinity.observe(people, author)
 
     def advance(self, time: datetime, source: str | None = None) -> list[Prediction]:
         """Note an event of ``source`` at ``time``, move the watermark, and decide every message whose
@@ -395,7 +450,9 @@ class DiscussionLinker:
         self._move_watermark()
         if self.watermark_ms is None:
             return []
-        return self._decide_until(self.watermark_ms)
+        out = self._decide_until(self.watermark_ms)
+        self._evict()
+        return out
 
     def _note_source(self, source: str | None, time: datetime) -> None:
         key = source if source is not None else "-"
@@ -425,13 +482,49 @@ class DiscussionLinker:
         self._move_watermark()
         while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
             self.decided.add(heapq.heappop(self._pending)[2])
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the commits, messages and explicit links no remaining decision reads (see *Bounded
+        state*); a dropped commit stays counted in the document frequencies."""
+        if not self.evict or self.watermark_ms is None:
+            return
+        c = self.config
+        decided_upto = self.watermark_ms - _ms_of(c.window_after + c.allowed_lateness)
+        commits_before = decided_upto - _ms_of(c.window_before)
+        messages_before = decided_upto - _ms_of(max(c.thread_window, c.user_context))
+        if commits_before > self._evicted_commits_ms:
+            self._evicted_commits_ms = commits_before
+            self._move_prefix(max(self._df_upto, (commits_before, "")))  # counted before they go
+            cut = bisect.bisect_left(self._order, (commits_before, ""))
+            for _, entity in self._order[:cut]:
+                del self.commits[entity]
+            del self._order[:cut]
+            self.evicted += cut
+        if messages_before > self._evicted_messages_ms:
+            self._evicted_messages_ms = messages_before
+            self._affinity_before_ms(messages_before)  # fold their links before the messages go
+            cut = bisect.bisect_left(self._message_order, (messages_before, ""))
+            for _, entity in self._message_order[:cut]:
+                m = self.messages.pop(entity)
+                self.decided.discard(entity)
+                self._reference_pairs.pop(entity, None)
+                for key, index in ((m.user, self._by_user), (m.conversation, self._by_conversation)):
+                    rest = index.get(key) if key is not None else None
+                    if key is None or rest is None:  # (an earlier message of the cut may have emptied it)
+                        continue
+                    del rest[: bisect.bisect_left(rest, (messages_before, ""))]
+                    if not rest:
+                        del index[key]
+            del self._message_order[:cut]
+            self.evicted += cut
 
     def _decide_until(self, watermark: int | None) -> list[Prediction]:
         out = []
         while self._pending and (watermark is None or self._pending[0][0] <= watermark):
             _, _, entity = heapq.heappop(self._pending)  # each message is queued once, popped once
             self.decided.add(entity)
-            if entity in self._referenced:
+            if entity in self._reference_pairs:
                 continue
             prediction = self.decide(entity)
             if self.on_decided is not None:
@@ -442,7 +535,9 @@ class DiscussionLinker:
 
     # ---- scoring -----------------------------------------------------------------------------------
     def _count(self, entity: str, sign: int) -> None:
-        c = self.commits[entity]
+        self._count_commit(self.commits[entity], sign)
+
+    def _count_commit(self, c: _Commit, sign: int) -> None:
         self._df[c.term_ids] += sign
         self._df_docs += sign
         if c.author is not None:
@@ -499,20 +594,32 @@ class DiscussionLinker:
         return out
 
     def affinity_before(self, time_ms: int) -> AuthorAffinity:
-        """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``."""
-        aff = AuthorAffinity(self.config.affinity_smoothing)
-        hi = bisect.bisect_left(self._references, (time_ms, "", ""))
-        for _, message, commit in self._references[:hi]:
-            author = self.commits[commit].author
-            if author is not None:
-                aff.observe(self.messages[message].people, author)
-        return aff
+        """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``.
+
+        Kept as counts and folded forward in time order, so it is not rebuilt per decision; a ``time_ms``
+        behind the links already folded (a late message) gets the affinity as folded so far."""
+        return self._affinity_before_ms(time_ms)
+
+    def _affinity_before_ms(self, time_ms: int) -> AuthorAffinity:
+        if time_ms > self._affinity_upto:
+            hi = bisect.bisect_left(self._references, (time_ms, "", ""))
+            for item in self._references[:hi]:
+                self._fold(item)
+            del self._references[:hi]
+            self._affinity_upto = time_ms
+        return self._affinity
 
     def context_of(self, entity: str) -> str:
         """The masked text the message is scored with: itself, its thread's messages, and its author's
         messages of the ``user_context`` before it."""
         m = self.messages[entity]
-        thread = [e for _, e in self._by_conversation.get(m.conversation, [])] if m.conversation else []
+        thread: list[str] = []
+        if m.conversation:
+            members = self._by_conversation[m.conversation]
+            near = int(self.config.thread_window.total_seconds() * 1000)
+            lo = bisect.bisect_left(members, (m.time_ms - near, ""))
+            hi = bisect.bisect_right(members, (m.time_ms + near, _LAST))
+            thread = [e for _, e in members[lo:hi]]
         own: list[str] = []
         span = int(self.config.user_context.total_seconds() * 1000)
         if m.user is not None and span > 0:
@@ -705,10 +812,12 @@ def evaluate_masked(
     cfg = config or MaskedConfig()
     predictions: list[Prediction] = []
 
+    authors = {c.entity: c.author for c in commits}
+
     def decided(p: Prediction) -> None:
         predictions.append(p)
         if learn_affinity and p.message in truth:
-            linker.add_reference(p.message, truth[p.message])
+            linker.add_reference(p.message, truth[p.message], authors.get(truth[p.message]))
 
     linker = DiscussionLinker(cfg, on_decided=decided, embed=embed)
     vectors = embed([c.subject for c in commits]) if embed is not None else [None] * len(commits)

@@ -10,7 +10,7 @@ import pytest
 from backbone.http.app import ApiSettings, create_app
 from backbone.http.auth import AuthError, hash_token, scope_allows, validate_scope
 from backbone.http.sse import format_cursor, parse_cursor
-from connectors.mappers import map_linear_webhook, map_slack_webhook
+from connectors.mappers import external_event_to_avro, map_linear_webhook, map_slack_webhook
 from core.settings import Settings
 from streams.serde import coerce_json_datum
 
@@ -83,6 +83,16 @@ def test_slack_mapping() -> None:
     assert not isinstance(e, dict)
     assert (e.kind, e.source_id, e.body_excerpt) == ("slack.message", "Ev1", "hi")
     assert e.occurred_at == datetime.fromtimestamp(1_700_000_000.0001, UTC)
+    # a top-level message is its own thread; a reply's thread is its parent message's entity (thread_ts)
+    parent = b'{"type":"event_callback","team_id":"T1","event_id":"Ev2","event":{"type":"message","channel":"C2","ts":"1700000000.000100","text":"x"}}'
+    reply = b'{"type":"event_callback","team_id":"T1","event_id":"Ev3","event":{"type":"message","channel":"C2","ts":"1700000060.000200","thread_ts":"1700000000.000100","text":"y"}}'
+    p, r = (
+        map_slack_webhook(parent, "application/json", now),
+        map_slack_webhook(reply, "application/json", now),
+    )
+    assert not isinstance(p, dict) and not isinstance(r, dict)
+    assert p.thread == r.thread == p.entity == "slack:T1/C2/1700000000.000100"
+    assert e.thread is None and external_event_to_avro(r)["thread"] == p.entity
     assert map_slack_webhook(b'{"type":"url_verification","challenge":"c"}', "application/json", now) == {
         "challenge": "c"
     }

@@ -105,6 +105,8 @@ def test_parsers_read_small_files_and_refuse_bad_headers(tmp_path: Path) -> None
     assert [e.data["entity"] for e in events] == ["slack:acme/dev/2030-01-01T10:00:00.000001",
                                                    "slack:acme/dev/2030-01-01T10:00:00.000001#2"]  # fmt: skip
     assert events[0].data["body_excerpt"] == "@B hi"
+    # the disentangled conversation is the thread, numbered per export file (hence its start date)
+    assert {e.data["thread"] for e in events} == {"slack:acme/dev/conversation/1"}
     tsv = tmp_path / "commits.tsv"
     tsv.write_text("sha\tauthor_time\tcommit_time\tauthor\tsubject\n"
                    f"{SHA_A}\t2030-01-01T10:00:00+02:00\t2030-01-01T11:00:00+02:00\tAnn\tdo it (#3)\n"

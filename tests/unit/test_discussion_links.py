@@ -3,6 +3,7 @@ explicit links first, late events counted, restart without re-sending; on hand-w
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -184,3 +185,78 @@ def test_a_restart_rebuilds_the_watermark_from_each_source() -> None:
     restored.restore([(o, None, o.entity, part[o.entity]) for o in skewed[:cut]])
     after = [k.insight_id for o in skewed[cut:] for k in restored.add(o, part[o.entity])]
     assert before + after == expected and after
+
+
+def _long_history(days: int) -> list[Observation]:
+    """``days`` days of one commit and three messages a day (a fixed seed): a message quotes words of a
+    recent commit's subject, replies in its thread, or chats; every tenth references a commit by URL."""
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(400)]
+    items: list[Observation] = []
+    for day in range(days):
+        at = T0 + timedelta(days=day)
+        items.append(_commit(day + 1, " ".join(rng.sample(words, 5)), at, rng.choice(["Ann", "Bo", "Cy"])))
+        for k in range(3):
+            when = at + timedelta(hours=3 + 5 * k)
+            recent = items[rng.randrange(max(0, len(items) - 12), len(items))]
+            if recent.kind == "commit" and k == 0:
+                text = " ".join(recent.text.split()[:3]) + (
+                    f" https://github.com/acme/widget/commit/{recent.sha}" if day % 10 == 0 else ""
+                )
+            else:
+                text = " ".join(rng.sample(words, 4))
+            obs = _message(when, text, rng.choice(["Di", "Ed", "Flo"]))
+            items.append(dataclasses.replace(obs, thread=f"slack:acme/dev/conversation/{day // 2}"))
+    return items
+
+
+def test_bounded_state_gives_the_same_links_and_holds_about_a_month() -> None:
+    """Over 200 days the linker that drops what no remaining decision reads draws the same links, scores
+    included, as the one that keeps everything, and never holds more than the events of about a month
+    (window_before 21 d + window_after 7 d + allowed_lateness 1 d, and the 7-day thread window)."""
+    items = _long_history(200)
+    config = CorrelationConfig(discussion=CFG)
+    runs = {}
+    for evict in (True, False):
+        corr = Correlator(config)
+        assert corr.discussion is not None
+        corr.discussion.evict = evict
+        links, peak = [], 0
+        for obs in items:
+            links += corr.add(obs)
+            peak = max(peak, len(corr.discussion.messages) + len(corr.discussion.commits))
+        links += corr.close()
+        runs[evict] = (sorted((k.method, k.message.entity, k.commit.entity, k.score) for k in links), peak)
+    (bounded, peak), (whole, everything) = runs[True], runs[False]
+    assert bounded == whole
+    assert {m for m, *_ in bounded} == {"reference", "discussion"}
+    assert everything == len(items) == 800
+    # a commit a day over window_before + window_after + allowed_lateness (+1 for the day in progress),
+    # three messages a day over thread_window + window_after + allowed_lateness (+1)
+    assert peak <= 1 * (21 + 7 + 1 + 1) + 3 * (7 + 7 + 1 + 1)
+
+
+def test_an_event_behind_the_dropped_state_is_counted_late() -> None:
+    """Once the watermark has dropped a month of history, a message from inside that month is counted late
+    and ignored (its context is gone), and a commit from there only adds its document frequencies."""
+    linker = DiscussionLinker(CFG)
+    linker.add_commit("git:a/b@" + "1" * 40, T0, "expander: fix local-expand", "Ann")
+    linker.add_message("m1", T0 + timedelta(hours=1), "the local-expand fix", "Bo")
+    linker.advance(T0 + timedelta(days=60))
+    assert linker.messages == {} and linker.commits == {} and linker.evicted == 2
+    docs = linker._df_docs
+    linker.add_message("m2", T0 + timedelta(days=2), "late words", "Bo")
+    linker.add_commit("git:a/b@" + "2" * 40, T0 + timedelta(days=2), "late commit", "Ann")
+    assert linker.late_events == 2 and linker.messages == {} and linker.commits == {}
+    assert linker._df_docs == docs + 1
+
+
+def test_a_thread_joins_the_context_within_the_thread_window() -> None:
+    """The messages of a message's thread within thread_window of it join its context; older ones do not."""
+    linker = DiscussionLinker(
+        MaskedConfig(min_history=0, thread_window=timedelta(days=2), user_context=timedelta(0))
+    )
+    for entity, at, text in (("a", T0, "old words"), ("b", T0 + timedelta(days=3), "recent words"),
+                             ("c", T0 + timedelta(days=4), "the question")):  # fmt: skip
+        linker.add_message(entity, at, text, entity, conversation="t")
+    assert linker.context_of("c") == "the question recent words"
