@@ -174,6 +174,8 @@ class CorrelationStats:
         discussion_late_count: messages and commits that reached their scope's discussion linker more than
             ``allowed_lateness`` behind its watermark (their effect on decisions already made is not redone).
         dead_letters_count: records dead-lettered.
+        first_record_monotonic: ``time.monotonic()`` of the first record handled, ``None`` before (with the
+            last, a rate without the start-up; ``bench/bench_correlation_worker.py``).
         last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
     """
 
@@ -188,6 +190,7 @@ class CorrelationStats:
     discussion_links_count: int = 0
     discussion_late_count: int = 0
     dead_letters_count: int = 0
+    first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
@@ -225,6 +228,8 @@ class _CorrelationShell:
     def _touch(self) -> None:
         self.stats.records_count += 1
         self.stats.last_record_monotonic = time.monotonic()
+        if self.stats.first_record_monotonic is None:
+            self.stats.first_record_monotonic = self.stats.last_record_monotonic
 
     def forget(self, *_: Any, **__: Any) -> None:
         """Drop the in-memory correlators (on rebalance); they are rebuilt from the table on next use."""

@@ -249,6 +249,8 @@ class _Message:
     user: str | None
     people: tuple[str, ...]
     conversation: str | None
+    term_ids: np.ndarray  # int64 ids of the analyzer's distinct terms of ``text``
+    term_counts: np.ndarray  # float64 counts, aligned with term_ids
 
 
 _LAST = "\U0010ffff"
@@ -345,7 +347,8 @@ class DiscussionLinker:
         self.late_events = 0
         # document frequencies of the commits up to _df_upto, moved as decisions need
         self._term_ids: dict[str, int] = {}
-        self._df = np.zeros(1024, dtype=np.int64)  # by term id
+        self._df = np.zeros(1024, dtype=np.int64)  # by term id (messages' terms have ids too, df 0)
+        self._lookup = np.zeros(1024)  # the query's weights by term id, zero between calls
         self._df_authors: Counter[str] = Counter()
         self._df_docs = 0
         self._df_upto: tuple[int, str] = (-(2**62), "")
@@ -401,7 +404,11 @@ class DiscussionLinker:
         self._count_if_late(t)
         if t < self._evicted_messages_ms:  # behind what was dropped (its context is gone): ignored
             return
-        self.messages[entity] = _Message(t, mask_references(text), user, _people(user, text), conversation)
+        masked = mask_references(text)
+        terms = Counter(self._analyze(masked))
+        ids = np.array([self._term_id(term) for term in terms], dtype=np.int64)
+        counts = np.array(list(terms.values()), dtype=np.float64)
+        self.messages[entity] = _Message(t, masked, user, _people(user, text), conversation, ids, counts)
         bisect.insort(self._message_order, (t, entity))
         if user is not None:
             bisect.insort(self._by_user.setdefault(user, []), (t, entity))
@@ -567,20 +574,30 @@ class DiscussionLinker:
         idf: np.ndarray = np.log((1.0 + self._df_docs) / (1.0 + self._df[ids])) + 1.0
         return idf
 
-    def _text_scores(self, context: str, candidates: list[_Commit]) -> np.ndarray:
-        """TF-IDF cosine of ``context`` with each candidate's subject (terms outside the prefix's
-        vocabulary dropped, as a fitted vectorizer does); 0 where either side has no term left."""
+    def _text_scores(self, terms: tuple[np.ndarray, np.ndarray], candidates: list[_Commit]) -> np.ndarray:
+        """TF-IDF cosine of the context's ``terms`` (distinct term ids, their counts) with each candidate's
+        subject (terms outside the prefix's commits dropped, as a fitted vectorizer does); 0 where either
+        side has no term left."""
         out = np.zeros(len(candidates))
-        counts = Counter(self._analyze(context))
-        known = [(self._term_ids[t], c) for t, c in counts.items() if t in self._term_ids]
-        known = [(i, c) for i, c in known if self._df[i] > 0]
-        if not known:
+        q_ids, q_counts = terms
+        keep = self._df[q_ids] > 0
+        q_ids, q_counts = q_ids[keep], q_counts[keep]
+        if not len(q_ids):
             return out
-        q_ids = np.array([i for i, _ in known], dtype=np.int64)
-        q_w = (1.0 + np.log(np.array([c for _, c in known], dtype=np.float64))) * self._idf(q_ids)
+        q_w = (1.0 + np.log(q_counts)) * self._idf(q_ids)
         q_norm = math.sqrt(float(q_w @ q_w))
-        lookup = np.zeros(len(self._df))
+        lookup = self._lookup
+        if len(lookup) < len(self._df):
+            lookup = self._lookup = np.zeros(len(self._df))
         lookup[q_ids] = q_w
+        try:
+            return self._cosines(candidates, lookup, q_norm, out)
+        finally:
+            lookup[q_ids] = 0.0  # all zeros again for the next call
+
+    def _cosines(
+        self, candidates: list[_Commit], lookup: np.ndarray, q_norm: float, out: np.ndarray
+    ) -> np.ndarray:
         lengths = np.array([len(c.term_ids) for c in candidates])
         if not lengths.sum():
             return out
@@ -609,25 +626,47 @@ class DiscussionLinker:
             self._affinity_upto = time_ms
         return self._affinity
 
-    def context_of(self, entity: str) -> str:
-        """The masked text the message is scored with: itself, its thread's messages, and its author's
-        messages of the ``user_context`` before it."""
+    def _context_entities(self, entity: str) -> list[str]:
+        """The message, its thread's messages within ``thread_window`` and its author's messages of the
+        ``user_context`` before it, in that order, without repeats."""
         m = self.messages[entity]
         thread: list[str] = []
         if m.conversation:
             members = self._by_conversation[m.conversation]
-            near = int(self.config.thread_window.total_seconds() * 1000)
+            near = _ms_of(self.config.thread_window)
             lo = bisect.bisect_left(members, (m.time_ms - near, ""))
             hi = bisect.bisect_right(members, (m.time_ms + near, _LAST))
             thread = [e for _, e in members[lo:hi]]
         own: list[str] = []
-        span = int(self.config.user_context.total_seconds() * 1000)
+        span = _ms_of(self.config.user_context)
         if m.user is not None and span > 0:
             mine = self._by_user[m.user]
             lo = bisect.bisect_left(mine, (m.time_ms - span, ""))
             hi = bisect.bisect_right(mine, (m.time_ms, _LAST))
             own = [e for _, e in mine[lo:hi]]
-        return " ".join(self.messages[e].text for e in dict.fromkeys([entity, *thread, *own]))
+        return list(dict.fromkeys([entity, *thread, *own]))
+
+    def context_of(self, entity: str) -> str:
+        """The masked text the message is scored with: itself, its thread's messages (within
+        ``thread_window``), and its author's messages of the ``user_context`` before it."""
+        return " ".join(self.messages[e].text for e in self._context_entities(entity))
+
+    def context_terms(self, entity: str) -> tuple[np.ndarray, np.ndarray]:
+        """The analyzer's terms of :meth:`context_of` as (distinct term ids, their counts), summed over its
+        messages (each message is analyzed once, when added; no n-gram spans two messages)."""
+        ctx = [self.messages[e] for e in self._context_entities(entity)]
+        if len(ctx) == 1:
+            return ctx[0].term_ids, ctx[0].term_counts
+        ids, inverse = np.unique(np.concatenate([m.term_ids for m in ctx]), return_inverse=True)
+        return ids, np.bincount(inverse, weights=np.concatenate([m.term_counts for m in ctx]))
+
+    def _terms_of(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(term ids, counts) of ``text``'s terms that are in the vocabulary (others cannot score)."""
+        counts = Counter(self._analyze(text))
+        known = [(self._term_ids[t], c) for t, c in counts.items() if t in self._term_ids]
+        return np.array([i for i, _ in known], dtype=np.int64), np.array(
+            [c for _, c in known], dtype=np.float64
+        )
 
     def rank(
         self,
@@ -638,19 +677,37 @@ class DiscussionLinker:
         vector: np.ndarray | None = None,
     ) -> list[tuple[float, str]]:
         """``(score, commit entity)`` of every commit in the window around ``time_ms``, best first (ties by
-        entity); the TF-IDF's document frequencies come from the commits up to ``time_ms + window_after``."""
+        entity); the TF-IDF's document frequencies come from the commits up to ``time_ms + window_after``.
+
+        ``context``: the text (analyzed here)."""
+        scored = self._scores(time_ms, self._terms_of(context), people, affinity, vector)
+        if scored is None:
+            return []
+        total, lo = scored
+        out = [(round(float(s), 6), self._order[lo + i][1]) for i, s in enumerate(total)]
+        return sorted(out, key=lambda p: (-p[0], p[1]))
+
+    def _scores(
+        self,
+        time_ms: int,
+        terms: tuple[np.ndarray, np.ndarray],
+        people: Sequence[str],
+        affinity: AuthorAffinity | None,
+        vector: np.ndarray | None,
+    ) -> tuple[np.ndarray, int] | None:
+        """The scores of the window's commits (unrounded, in ``_order`` from index ``lo``) and ``lo``; None
+        when the window is empty or the history is short of ``min_history``."""
         c = self.config
-        before = int(c.window_before.total_seconds() * 1000)
-        after = int(c.window_after.total_seconds() * 1000)
+        before, after = _ms_of(c.window_before), _ms_of(c.window_after)
         lo = bisect.bisect_left(self._order, (time_ms - before, ""))
         hi = bisect.bisect_right(self._order, (time_ms + after, _LAST))
         if lo >= hi:
-            return []
+            return None
         self._move_prefix((time_ms + after, _LAST))
         if self._df_docs < c.min_history:
-            return []
+            return None
         candidates = [self.commits[e] for _, e in self._order[lo:hi]]
-        text = self._text_scores(context, candidates)
+        text = self._text_scores(terms, candidates)
         times = np.array([cm.time_ms / 1000 for cm in candidates])
         if c.merge_boost:
             merges = np.array([cm.is_merge for cm in candidates], dtype=bool)
@@ -670,8 +727,19 @@ class DiscussionLinker:
             total = total + c.affinity_weight * np.array(
                 [lift.get(cm.author or "", 0.0) for cm in candidates]
             )
-        out = [(round(float(s), 6), self._order[lo + i][1]) for i, s in enumerate(total)]
-        return sorted(out, key=lambda p: (-p[0], p[1]))
+        return total, lo
+
+    def _top_two(self, total: np.ndarray, lo: int) -> list[tuple[float, str]]:
+        """The first two of :meth:`rank`'s list (and any candidate tied with them), without rounding and
+        sorting every candidate: one whose unrounded score is more than 1e-6 below the second largest
+        rounds (by at most 5e-7) strictly below two others, so it cannot be among the first two."""
+        if len(total) > 2:
+            second = float(np.partition(total, -2)[-2])
+            idx = np.flatnonzero(total >= second - 1e-6).tolist()
+        else:
+            idx = list(range(len(total)))
+        top = [(round(float(total[i]), 6), self._order[lo + i][1]) for i in idx]
+        return sorted(top, key=lambda p: (-p[0], p[1]))
 
     def choose(self, entity: str, ranked: list[tuple[float, str]]) -> Prediction:
         """The best of ``ranked`` when it clears ``min_score`` and ``min_margin``; else ``commit=None``."""
@@ -686,9 +754,9 @@ class DiscussionLinker:
         """Score a recorded message now (what :meth:`advance` does at its deadline)."""
         m = self.messages[entity]
         affinity = self.affinity_before(m.time_ms)
-        context = self.context_of(entity)
-        vector = self.embed([context])[0] if self.embed is not None else None
-        return self.choose(entity, self.rank(m.time_ms, context, m.people, affinity, vector))
+        vector = self.embed([self.context_of(entity)])[0] if self.embed is not None else None
+        scored = self._scores(m.time_ms, self.context_terms(entity), m.people, affinity, vector)
+        return self.choose(entity, self._top_two(*scored) if scored is not None else [])
 
 
 class MaskedLinker:
