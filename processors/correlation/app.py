@@ -93,6 +93,7 @@ from processors.correlation.logic import (
     request_id_for,
     scope_of,
 )
+from processors.correlation.masked import DiscussionLinker
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.shell import (
     FaustDeadLetters,
@@ -124,6 +125,9 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-correlation"
+GC_YOUNG_THRESHOLD = 10_000
+"""The collector's youngest-generation threshold while the worker runs (Python's default 700): the
+worker makes many short-lived dicts and arrays per record (the anomaly worker uses the same)."""
 PROCESSOR_NAME = "correlation"
 TABLE_NAME = "correlation_items"
 
@@ -447,6 +451,9 @@ def create_correlation_app(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or CorrelationTopics()
     config = config or CorrelationConfig()
+    if config.discussion is not None:
+        # imports scikit-learn and builds its analyzer now (about 3 s here), not while the first record waits
+        DiscussionLinker(config.discussion)
     app = make_faust_app(settings, app_id, partitions=topics.scope_partitions, web_port=web_port)
     serde = serde or serde_from_settings(settings)
     raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -616,5 +623,6 @@ def run_correlation_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
         close=app.correlation_close,  # type: ignore[attr-defined]
         stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+        gc_young_threshold=GC_YOUNG_THRESHOLD,
     )  # fmt: skip
     return stats
