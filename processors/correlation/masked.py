@@ -44,8 +44,11 @@ Measured (``backbone eval links`` on Racket Slack 2018 × racket/racket commits,
 2026-12-06, the streaming linker, affinity learned test-then-train): 8 linked, 6 right (precision 0.75,
 recall 0.35, true commit ranked first for 10); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
 first 8). With ``--embeddings`` (weight 0.5): 11 linked, 8 right (0.73 / 0.47); without affinity 11
-linked, 7 right (0.64 / 0.41). The live correlator on the masked events (no threads, nothing revealed): 8
-linked, 6 right, and 1,740 discussion links over all 9,709 messages (precision there unmeasured).
+linked, 7 right (0.64 / 0.41); the same figures after the events began to carry threads and after each
+message's terms were cached (no n-gram spans two messages now). The live correlator on the masked events
+(threads from the events' ``thread``, 280-character excerpts, nothing revealed): 6 linked, 6 right, and
+1,406 discussion links over all 9,709 messages (precision there unmeasured); before the events carried
+threads 8 linked, 6 right and 1,740 links.
 Earlier versions, kept for comparison: the batch linker with TF-IDF fitted on the whole year's commits
 (a look-ahead) had 6 of 6 (1.00 / 0.35) and, with affinity, 7 of 8 (0.88 / 0.41); without the look-ahead
 two right links that sat at the thresholds (score 0.200, margin 0.041) fell just below them. Thresholds
