@@ -260,3 +260,26 @@ def test_a_thread_joins_the_context_within_the_thread_window() -> None:
                              ("c", T0 + timedelta(days=4), "the question")):  # fmt: skip
         linker.add_message(entity, at, text, entity, conversation="t")
     assert linker.context_of("c") == "the question recent words"
+
+
+def test_the_correlator_reads_a_message_thread_from_its_event() -> None:
+    """A Slack reply that only says "fixed?" is linked through its thread's first message, whose words
+    name the commit; the same reply without a thread is not linked."""
+    subjects = ["docs: typo in the guide", "gc: shrink the nursery on small heaps", "net: fix url parsing",
+                "expander: fix syntax-local-bind-syntaxes for local-expand"]  # fmt: skip
+    commits = [_commit(i + 1, s, T0 + timedelta(days=i)) for i, s in enumerate(subjects)]
+    parent = _message(T0 + timedelta(days=3, hours=2), "syntax-local-bind-syntaxes breaks local-expand", "Cy")
+    reply = _message(T0 + timedelta(days=3, hours=3), "fixed?", "Di")
+    thread = parent.entity  # a reply's thread is its parent's entity (thread_ts); the parent is its own
+
+    def discussion(threaded: bool) -> dict[str, str]:
+        items = [*commits, dataclasses.replace(parent, thread=thread if threaded else None),
+                 dataclasses.replace(reply, thread=thread if threaded else None)]  # fmt: skip
+        corr = Correlator(
+            CorrelationConfig(discussion=MaskedConfig(min_history=0, user_context=timedelta(0)))
+        )
+        links = [k for o in items for k in corr.add(o)] + corr.close()
+        return {k.message.entity: k.commit.entity for k in links if k.method == "discussion"}
+
+    assert discussion(True).get(reply.entity) == commits[3].entity
+    assert reply.entity not in discussion(False)
