@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import signal
@@ -73,6 +74,7 @@ __all__ = [
     "ensure_processor_topics",
     "make_faust_app",
     "message_headers",
+    "pack_bodies",
     "quiet_faust_monitor",
     "run_processor_worker",
     "send_event",
@@ -840,6 +842,19 @@ class TableCheckpoints(Checkpoints):
             self.table.send_changelog(partition, key, value)
             self.table.data[key] = value
         self.dirty.clear()
+
+
+def pack_bodies(bodies: list[dict[str, Any]], max_bytes: int) -> list[tuple[bytes, int]]:
+    """Merged bodies as compact JSON lists of at most ``max_bytes`` each (a list that is larger is halved,
+    down to one body, which is sent whatever its size), in order: ``[(b"[{...},...]", count), ...]``;
+    none for no bodies. One ``json.dumps`` per list, not per body."""
+    if not bodies:
+        return []
+    packed = json.dumps(bodies, separators=(",", ":")).encode()
+    if len(packed) <= max_bytes or len(bodies) == 1:
+        return [(packed, len(bodies))]
+    half = len(bodies) // 2
+    return pack_bodies(bodies[:half], max_bytes) + pack_bodies(bodies[half:], max_bytes)
 
 
 class BatchDelivery:

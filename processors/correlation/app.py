@@ -69,6 +69,7 @@ Run it with ``backbone processors correlate`` (:mod:`backbone.cli.correlation`);
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -96,11 +97,14 @@ from processors.correlation.logic import (
 from processors.correlation.masked import DiscussionLinker
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.shell import (
+    BatchDelivery,
     FaustDeadLetters,
+    TableCheckpoints,
     catalogue_partitions,
     ensure_processor_topics,
     make_faust_app,
     message_headers,
+    pack_bodies,
     run_processor_worker,
     topic_partitions,
     traced_headers,
@@ -126,6 +130,15 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_APP_ID = "backbone-correlation"
 GC_YOUNG_THRESHOLD = 10_000
+BATCH_RECORDS = 1000
+"""Most records a batch of either stage hands to its handler (:class:`processors.shell.BatchDelivery`)."""
+SCOPE_MAX_BYTES = 256 * 1024
+"""Largest repartition record (a JSON list of bodies; a larger list is split, one body is sent whatever its
+size), under the brokers' default 1 MiB message limit."""
+CHECKPOINT_RECORDS = 1000
+"""Items marked after which the table's changed items are written (:class:`processors.shell.TableCheckpoints`)."""
+CHECKPOINT_SECONDS = 1.0
+"""The longest a handled item waits for its checkpoint (a timer writes it when idle)."""
 """The collector's youngest-generation threshold while the worker runs (Python's default 700): the
 worker makes many short-lived dicts and arrays per record (the anomaly worker uses the same)."""
 PROCESSOR_NAME = "correlation"
@@ -198,6 +211,18 @@ class CorrelationStats:
     last_record_monotonic: float | None = field(default=None)
 
 
+class _Item:
+    """A table item for :class:`processors.shell.TableCheckpoints` (which writes ``to_dict()``)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.value
+
+
 def _source_of(body: dict[str, Any]) -> str | None:
     """``<topic>/<partition>`` of the ``external.events`` record a forwarded event came from (None for a
     body without one): the discussion watermark follows the slowest of these."""
@@ -228,6 +253,10 @@ class _CorrelationShell:
         self.stats = CorrelationStats()
         self.correlators: dict[str, Correlator] = {}
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
+        self.checkpoints = TableCheckpoints(
+            table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
+        )
+        self.handling = False  # True while a batch of the repartition topic is handled (no timer checkpoint)
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -236,7 +265,9 @@ class _CorrelationShell:
             self.stats.first_record_monotonic = self.stats.last_record_monotonic
 
     def forget(self, *_: Any, **__: Any) -> None:
-        """Drop the in-memory correlators (on rebalance); they are rebuilt from the table on next use."""
+        """On rebalance: write the items handled so far (their links were delivered), then drop the
+        in-memory correlators; they are rebuilt from the table on next use."""
+        self.checkpoints.checkpoint()
         self.correlators.clear()
 
     def _decode(self, message: Any) -> tuple[CloudEvent, str, dict[str, Any], list[tuple[str, bytes | None]]]:
@@ -245,10 +276,30 @@ class _CorrelationShell:
         schema, data = self.serde.decode(message.value)
         return attributes, schema, data, headers
 
-    async def handle_event(self, message: Any) -> None:
-        """An ``external.events`` record: forward a message or commit by scope; never raises for bad input."""
+    async def handle_event_records(self, records: list[Any]) -> asyncio.Future[Any] | None:
+        """``external.events`` records of a :class:`~processors.shell.BatchDelivery` (aiokafka records, in
+        order): forward the messages and commits by scope, each scope's in one repartition record holding
+        a JSON list of bodies in the order read (split under :data:`SCOPE_MAX_BYTES`); dead-letter what
+        cannot be read (delivered before the next record is handled). Never raises for bad input.
+
+        Returns:
+            The future of the forwards and embedding requests (the batch's offsets are committed once it is
+            done), or None when nothing was forwarded."""
+        by_scope: dict[str, list[dict[str, Any]]] = {}
+        futures: list[Any] = []
+        for message in records:
+            forwarded = await self._forward(message, futures)
+            if forwarded is not None:
+                by_scope.setdefault(forwarded[0], []).append(forwarded[1])
+        for scope, bodies in by_scope.items():
+            for packed, _ in pack_bodies(bodies, SCOPE_MAX_BYTES):
+                futures.append(await self.channels["scope"].send(key=scope.encode(), value=packed))
+        return asyncio.gather(*futures) if futures else None
+
+    async def _forward(self, message: Any, futures: list[Any]) -> tuple[str, dict[str, Any]] | None:
+        """One ``external.events`` record: its scope and repartition body, or None (skipped or
+        dead-lettered); its embedding request's future goes to ``futures``."""
         self._touch()
-        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset)
         try:
             attributes, schema, data, _ = self._decode(message)
             if schema != EXTERNAL_SCHEMA:
@@ -259,17 +310,17 @@ class _CorrelationShell:
             scope = scope_of(obs.entity, self.config.scopes) if obs is not None else ""
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
             await self._dead_letter(message, exc)
-            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
-            return
+            log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
+                        offset=message.offset, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
+            return None
         if obs is None:
             self.stats.skipped_count += 1
-            return
+            return None
         body = {
             "type": "event",
             "obs": obs.to_dict(),
             "source": [message.topic, message.partition, message.offset],
         }
-        await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
         self.stats.events_count += 1
         if self.request_embeddings and obs.text.strip():
             # the text itself, not a text_ref: the processor holds it already, and a reference makes every
@@ -278,11 +329,12 @@ class _CorrelationShell:
                 request_id=request_id_for(scope, obs.entity), text=obs.text, requested_at=datetime.now(UTC)
             )
             event = request_event(request, source="/processors/correlation")
-            await self.channels["requests"].send(
+            futures.append(await self.channels["requests"].send(
                 key=event.key.encode(), value=self.serde.encode(event.schema, event.data),
                 headers=traced_headers(event.attributes.to_headers()),
-            )  # fmt: skip
+            ))  # fmt: skip
             self.stats.requests_count += 1
+        return scope, body
 
     async def handle_result(self, message: Any) -> None:
         """An ``inference.results`` record: forward one of our embeddings by scope; skip others'."""
@@ -323,7 +375,7 @@ class _CorrelationShell:
             corr = Correlator(self.config, sources)
             prefix = f"{scope}|".encode()
             items = []
-            for key, value in self.table.items():
+            for key, value in self.table.data.items():
                 raw_key = key if isinstance(key, bytes) else str(key).encode()
                 if raw_key.startswith(prefix) and value:
                     obs = Observation.from_dict(value["obs"]) if value.get("obs") else None
@@ -334,53 +386,88 @@ class _CorrelationShell:
             log.info("correlation_scope_restored", scope=scope, items=len(items))
         return corr
 
-    async def handle_scoped(self, message: Any) -> None:
-        """A repartition record: join it with its scope's state, send the links, record it."""
-        self._touch()
-        scope = message.key.decode("utf-8", "replace") if isinstance(message.key, bytes) else str(message.key)
-        bound = log.bind(topic=message.topic, partition=message.partition, offset=message.offset, scope=scope)
+    async def handle_scoped_records(self, records: list[Any]) -> asyncio.Future[Any] | None:
+        """Repartition records of a :class:`~processors.shell.BatchDelivery` (each a JSON list of bodies, or
+        one body as the results agent and earlier versions write), in order: join each body with its
+        scope's state, send the links the batch drew and wait for their delivery (once for the batch),
+        then mark the new items for the table's next checkpoint. Never raises for bad input (a record
+        that cannot be read is dead-lettered).
+
+        Returns:
+            The future of the checkpoint that writes the batch's items (its offsets are committed once it
+            is done), or None when the batch changed no item."""
+        self.handling = True
         try:
-            body = json.loads(message.value)
-            corr = self._correlator(scope)
-            if body.get("type") == "event":
-                obs = Observation.from_dict(body["obs"])
-                source = _source_of(body)
-                entity, known = obs.entity, obs.entity in corr.observations
-                late_before = corr.discussion.late_events if corr.discussion is not None else 0
-                links = corr.add(obs, source)
-                if corr.discussion is not None:
-                    self.stats.discussion_late_count += corr.discussion.late_events - late_before
-            elif body.get("type") == "vector":
-                entity = str(body["entity"])
-                vector = decode_vector_b64(body["vector"])
-                known = entity in corr.vectors
-                links = corr.add_vector(entity, vector)
-            else:
-                raise UnprocessableEventError(f"unknown repartition record type {body.get('type')!r}")
-        except (
-            ValueError,
-            KeyError,
-            TypeError,
-        ) as exc:  # JSONDecodeError and UnprocessableEventError included
-            await self._dead_letter(message, exc)
-            bound.warning("record_dead_lettered", reason=str(exc), error_type=type(exc).__name__)
-            return
+            links: list[Link] = []
+            items: list[tuple[bytes, int, dict[str, Any]]] = []
+            for message in records:
+                self._touch()
+                scope = (
+                    message.key.decode("utf-8", "replace")
+                    if isinstance(message.key, bytes)
+                    else str(message.key)
+                )
+                try:
+                    payload = json.loads(message.value)
+                    for body in payload if isinstance(payload, list) else [payload]:
+                        done = self._join(scope, body)
+                        if done is not None:
+                            links += done[0]
+                            items.append((done[1], message.partition, done[2]))
+                except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError, UnprocessableEventError
+                    await self._dead_letter(message, exc)
+                    log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
+                                offset=message.offset, scope=scope, reason=str(exc),
+                                error_type=type(exc).__name__)  # fmt: skip
+            await self._send_links(links)
+            for link in links:
+                log.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
+                         message=link.message.entity, commit=link.commit.entity, cosine=link.cosine,
+                         score=link.score)  # fmt: skip
+            for key, partition, item in items:
+                self.checkpoints.mark(key, partition, _Item(item))
+            return self.checkpoints.record(len(items)) if items else None
+        finally:
+            self.handling = False
+
+    def _join(self, scope: str, body: Any) -> tuple[list[Link], bytes, dict[str, Any]] | None:
+        """Join one repartition body with its scope's correlator: ``(links, table key, new item)``, or None
+        for a piece the scope already knows (counted as a duplicate).
+
+        Raises:
+            ValueError, KeyError, TypeError: a malformed body (UnprocessableEventError for an unknown type).
+        """
+        if not isinstance(body, dict):
+            raise TypeError(f"a repartition body must be a JSON object, got {type(body).__name__}")
+        corr = self._correlator(scope)
+        source = None
+        if body.get("type") == "event":
+            obs = Observation.from_dict(body["obs"])
+            source = _source_of(body)
+            entity, known = obs.entity, obs.entity in corr.observations
+            late_before = corr.discussion.late_events if corr.discussion is not None else 0
+            links = corr.add(obs, source)
+            if corr.discussion is not None:
+                self.stats.discussion_late_count += corr.discussion.late_events - late_before
+        elif body.get("type") == "vector":
+            entity = str(body["entity"])
+            vector = decode_vector_b64(body["vector"])
+            known = entity in corr.vectors
+            links = corr.add_vector(entity, vector)
+        else:
+            raise UnprocessableEventError(f"unknown repartition record type {body.get('type')!r}")
         if known:
             self.stats.duplicates_count += 1
-            return
-        await self._send_links(links)
-        for link in links:
-            bound.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
-                       message=link.message.entity, commit=link.commit.entity, cosine=link.cosine,
-                       score=link.score)  # fmt: skip
+            return None
         key = f"{scope}|{entity}".encode()
-        item = dict(self.table.get(key) or {})
+        pending = self.checkpoints.dirty.get(key)
+        item = dict(pending[1].value if pending is not None else (self.table.data.get(key) or {}))
         if body["type"] == "event":
             item["obs"] = body["obs"]
             item["source"] = source
         else:
             item["vector"] = body["vector"]
-        self.table[key] = item
+        return links, key, item
 
     async def _send_links(self, links: list[Link]) -> None:
         """Send every link a record completed, then wait until all are delivered (acks=all), before the
@@ -486,12 +573,7 @@ def create_correlation_app(
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
-    @app.agent(events_topic, name=f"{PROCESSOR_NAME}-events", concurrency=1)
-    async def correlation_events(stream: faust.StreamT) -> None:
-        """Forward Slack messages and commits by scope (and request their embeddings)."""
-        async for event in stream.events():
-            with tracing_process(event.message, app.conf.id):
-                await shell.handle_event(event.message)
+    BatchDelivery(app, events_topic, shell.handle_event_records, max_batch=BATCH_RECORDS)
 
     if embeddings:
         results_topic = app.topic(topics.results, **raw)
@@ -503,12 +585,18 @@ def create_correlation_app(
                 with tracing_process(event.message, app.conf.id):
                     await shell.handle_result(event.message)
 
-    @app.agent(scope_topic, name=f"{PROCESSOR_NAME}-links", concurrency=1)
-    async def correlation_links(stream: faust.StreamT) -> None:
-        """Join each scope's messages, commits and embeddings; send the links."""
-        async for event in stream.events():
-            with tracing_process(event.message, app.conf.id):
-                await shell.handle_scoped(event.message)
+    BatchDelivery(
+        app,
+        scope_topic,
+        shell.handle_scoped_records,
+        flush=shell.checkpoints.checkpoint,
+        max_batch=BATCH_RECORDS,
+    )
+
+    @app.timer(interval=CHECKPOINT_SECONDS / 4)
+    async def correlation_checkpoint() -> None:
+        if not shell.handling:
+            shell.checkpoints.checkpoint_if_due()
 
     app.correlation_stats = shell.stats  # type: ignore[attr-defined]
     app.correlation_close = shell.close  # type: ignore[attr-defined]

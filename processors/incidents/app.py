@@ -177,6 +177,7 @@ from processors.shell import (
     FaustDeadLetters,
     make_faust_app,
     message_headers,
+    pack_bodies,
     run_processor_worker,
     traced_headers,
     tracing_process,
@@ -259,19 +260,6 @@ MAX_BUFFERED_RECORDS = 20_000
 MERGED_MAX_BYTES = 256 * 1024
 """Largest merged message (JSON bytes) the input stage sends, well under the producer's 1 MB request
 limit; a larger batch is split, in order (a single body above it is sent alone)."""
-
-
-def pack_bodies(bodies: list[dict[str, Any]], max_bytes: int) -> list[tuple[bytes, int]]:
-    """Merged bodies as compact JSON lists of at most ``max_bytes`` each (a list that is larger is halved,
-    down to one body, which is sent whatever its size), in order: ``[(b"[{...},...]", count), ...]``;
-    none for no bodies. One ``json.dumps`` per list, not per body."""
-    if not bodies:
-        return []
-    packed = json.dumps(bodies, separators=(",", ":")).encode()
-    if len(packed) <= max_bytes or len(bodies) == 1:
-        return [(packed, len(bodies))]
-    half = len(bodies) // 2
-    return pack_bodies(bodies[:half], max_bytes) + pack_bodies(bodies[half:], max_bytes)
 
 
 _CHANGE_SCHEMAS = ("sophia.config.ConfigChange", "sophia.external.ExternalEvent")
