@@ -1,19 +1,24 @@
 """The correlation processor's Faust app: Slack messages ↔ commits, as ``correlation.link`` insights.
 
-A thin shell around :mod:`processors.correlation.logic`; every decision is made there. Three agents:
+A thin shell around :mod:`processors.correlation.logic`; every decision is made there. Three stages (the
+first and last read in batches by :class:`processors.shell.BatchDelivery`, past Faust's per-record path,
+as the incident and anomaly workers do; a Faust agent each until 2026-12-06, when the worker ran at
+0.20-0.29 of a plain Faust agent with references only and 1.16 after, ``bench/bench_correlation_worker.py``):
 
-1. ``correlation-events`` reads ``external.events`` (``sophia.external.ExternalEvent``, key = entity,
-   3 partitions): decodes the Confluent-framed Avro and the CloudEvents headers, keeps ``slack.message``
-   and ``git.commit`` events (others are counted and skipped), and forwards each as a compact JSON
-   observation to the repartition topic, keyed by its correlation scope
-   (:func:`~processors.correlation.logic.scope_of`). With ``request_embeddings`` it also produces one
+1. ``external.events`` (``sophia.external.ExternalEvent``, key = entity, 3 partitions), up to
+   :data:`BATCH_RECORDS` records a batch: decodes the Confluent-framed Avro and the CloudEvents headers,
+   keeps ``slack.message`` and ``git.commit`` events (others are counted and skipped), and forwards each
+   as a compact JSON observation to the repartition topic, keyed by its correlation scope
+   (:func:`~processors.correlation.logic.scope_of`): one record per scope and batch holding a JSON list of
+   the bodies in the order read (:func:`processors.shell.pack_bodies`, split under
+   :data:`SCOPE_MAX_BYTES`). With ``request_embeddings`` it also produces one
    ``sophia.inference.EmbeddingRequest`` per text to ``inference.requests``, carrying the text
    (``body_excerpt`` of a message, ``title`` of a commit; at most 280 characters) and the deterministic
    request id ``corr:<scope>:<entity>``.
-2. ``correlation-results`` (with ``embeddings``) reads ``inference.results``: results whose request id
-   is not ``corr:...`` belong to someone else and are skipped; ours are forwarded as vectors to the
-   repartition topic, keyed by the scope named in the request id.
-3. ``correlation-links`` reads the repartition topic, keeps a
+2. The agent ``correlation-results`` (with ``embeddings``) reads ``inference.results``: results whose
+   request id is not ``corr:...`` belong to someone else and are skipped; ours are forwarded as vectors
+   (one body per record) to the repartition topic, keyed by the scope named in the request id.
+3. The repartition topic, in batches, each record a list of bodies or one body: keeps a
    :class:`~processors.correlation.logic.Correlator` per scope, and sends every link it draws as a
    ``sophia.insight.Insight`` to ``insights.correlations`` (key = the commit's entity): by reference,
    by embedding, and (``CorrelationConfig.discussion``) by discussion, decided when the scope's
@@ -55,13 +60,17 @@ about 11,000 items).
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
-* **Order of effects per record**: the insights are sent and their delivery awaited before the table
-  item is written. A crash between the two re-reads the record after restart, draws the same links
-  and sends them again with the same ids (subscribers de-duplicate by ``insight_id``). Forwarded records
-  and embedding requests go through Faust's producer, which Faust flushes before it commits offsets.
+* **Order of effects per batch**: the batch's insights are sent and their delivery awaited (once) before
+  its new items are marked for the table's next checkpoint (:class:`processors.shell.TableCheckpoints`,
+  every :data:`CHECKPOINT_RECORDS` items or :data:`CHECKPOINT_SECONDS`, and before a rebalance), and the
+  batch's offsets are committed only once that checkpoint is written; the first stage's offsets once its
+  forwards and embedding requests are delivered. A crash in between re-reads the records after restart,
+  draws the same links and sends them again with the same ids (subscribers de-duplicate by
+  ``insight_id``).
 * **Determinism**: event time only. The one wall-clock value is ``requested_at`` of an embedding request
   (the inference topics keep a week and measure latency from it); it decides nothing.
-* ``concurrency=1`` per agent (faust-streaming #606); scale with partitions and workers.
+* One task per stage (the results agent ``concurrency=1``, faust-streaming #606); scale with partitions and
+  workers.
 
 Run it with ``backbone processors correlate`` (:mod:`backbone.cli.correlation`); with
 ``stop_after_idle_seconds`` it returns once no record has arrived for that long after recovery.
@@ -257,6 +266,7 @@ class _CorrelationShell:
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
         )
         self.handling = False  # True while a batch of the repartition topic is handled (no timer checkpoint)
+        self.app_id = settings.kafka.client_id  # replaced by the app's id in create_correlation_app
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -288,7 +298,8 @@ class _CorrelationShell:
         by_scope: dict[str, list[dict[str, Any]]] = {}
         futures: list[Any] = []
         for message in records:
-            forwarded = await self._forward(message, futures)
+            with tracing_process(message, self.app_id):  # an embedding request carries the record's trace
+                forwarded = await self._forward(message, futures)
             if forwarded is not None:
                 by_scope.setdefault(forwarded[0], []).append(forwarded[1])
         for scope, bodies in by_scope.items():
@@ -570,6 +581,7 @@ def create_correlation_app(
     shell = _CorrelationShell(
         settings, topics, config, serde, table, channels, request_embeddings=embeddings and request_embeddings
     )
+    shell.app_id = app.conf.id
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
