@@ -420,16 +420,23 @@ class _CorrelationShell:
                 )
                 try:
                     payload = json.loads(message.value)
-                    for body in payload if isinstance(payload, list) else [payload]:
+                except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                    await self._dead_letter_scoped(message, scope, exc)
+                    continue
+                bodies = payload if isinstance(payload, list) else [payload]
+                for i, body in enumerate(bodies):
+                    try:
                         done = self._join(scope, body)
-                        if done is not None:
-                            links += done[0]
-                            items.append((done[1], message.partition, done[2]))
-                except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError, UnprocessableEventError
-                    await self._dead_letter(message, exc)
-                    log.warning("record_dead_lettered", topic=message.topic, partition=message.partition,
-                                offset=message.offset, scope=scope, reason=str(exc),
-                                error_type=type(exc).__name__)  # fmt: skip
+                    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+                        # the record (raw bytes) once per bad body, the body named; its other bodies go on
+                        reason = UnprocessableEventError(
+                            f"body {i + 1} of {len(bodies)}: {type(exc).__name__}: {exc}"
+                        )
+                        await self._dead_letter_scoped(message, scope, reason)
+                        continue
+                    if done is not None:
+                        links += done[0]
+                        items.append((done[1], message.partition, done[2]))
             await self._send_links(links)
             for link in links:
                 log.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
@@ -440,6 +447,11 @@ class _CorrelationShell:
             return self.checkpoints.record(len(items)) if items else None
         finally:
             self.handling = False
+
+    async def _dead_letter_scoped(self, message: Any, scope: str, exc: Exception) -> None:
+        await self._dead_letter(message, exc)
+        log.warning("record_dead_lettered", topic=message.topic, partition=message.partition, offset=message.offset,
+                    scope=scope, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
 
     def _join(self, scope: str, body: Any) -> tuple[list[Link], bytes, dict[str, Any]] | None:
         """Join one repartition body with its scope's correlator: ``(links, table key, new item)``, or None

@@ -188,6 +188,47 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 
+def test_a_bad_body_in_a_repartition_record_is_dead_lettered_and_the_others_joined(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """The scoped stage reads a batch's bodies as one JSON list per record: a body it cannot take sends the
+    record (raw bytes) to the dead-letter topic with the body named, and the record's other bodies are
+    still joined (here a message that names a commit gets its link)."""
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    app_id = unique_name("corr")
+    scope_topic = create_topic(f"{app_id}-by-scope-repartition", partitions=3)
+    serde = AvroSerde(EmbeddedRegistry())
+    commit = _commit(SHA_A, T0, "teach the frobnicator to count")
+    message = _slack(T0 + timedelta(hours=1), "did 0123456789ab land?")
+    obs = observe(message.data, message.attributes.id)
+    assert obs is not None
+    value = json.dumps(
+        [{"type": "bogus"}, {"type": "event", "obs": obs.to_dict(), "source": [events_topic, 0, 7]}]
+    )
+    with EventProducer(settings.kafka, serde) as producer:
+        producer.produce(events_topic, commit)
+        producer.flush()
+    with EventProducer(settings.kafka, None) as raw:
+        raw.produce_raw(scope_topic, key=b"acme", value=value.encode())
+        raw.flush()
+    worker = _run_correlate(settings, tmp_path, "--no-embeddings", "--no-discussion", "--app-id", app_id,
+                            "--events-topic", events_topic, "--insights-topic", insights_topic,
+                            "--dlq-topic", dlq_topic, "--stop-after-idle", "3", timeout=60)  # fmt: skip
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    stats = json.loads(worker.stdout.strip().splitlines()[-1])
+    assert (stats["dead_letters_count"], stats["reference_links_count"]) == (1, 1), stats
+    assert [r.data["insight_id"] for r in _insights(settings, serde, insights_topic)] == [
+        link_id("reference", message.key, commit.key)
+    ]
+    letters = list(read_range(settings.kafka, serde, dlq_topic))
+    assert len(letters) == 1 and isinstance(letters[0], ConsumedEvent)
+    letter = letters[0].data
+    assert letter["source_topic"] == scope_topic and letter["value"] == value.encode()
+    assert letter["error_type"] == "UnprocessableEventError" and "body 1 of 2" in letter["reason"]
+
+
 def test_import_slack_with_commits_produces_each_partition_in_event_time_order(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
