@@ -54,9 +54,17 @@ about 11,000 items).
   ahead of another (on the Racket year, 7,743 of 10,954 events arrived more than a day behind the largest
   event time seen). So each forwarded event carries its source partition, and the discussion watermark
   is the smallest of the partitions' largest event times, waiting until every partition of the events
-  topic (its count read from the broker at start) has delivered an event of the scope. Each partition
-  must be in event-time order within the allowed lateness (an import should produce in time order); a
-  partition that falls silent holds discussion decisions back until it speaks again. It is a
+  topic (its count read from the broker at start) has been heard from. Every scope hears every
+  partition: after each batch the first stage sends a progress marker (``{"type": "progress",
+  "sources": {"<topic>/<partition>": largest event time read, ms}}``, over every scope's events of the
+  batch) to every partition of the repartition topic, after the batch's bodies, and the scoped stage
+  moves the watermark of each scope seen on that partition. Until 2026-12-06 a scope heard only its own
+  events, so a scope quiet on one partition (a small workspace, or one whose events hash to two of three
+  partitions) never had its messages decided. Each partition must be in event-time order within the
+  allowed lateness (an import should produce in time order); a partition that falls silent altogether
+  holds discussion decisions back until it speaks again. Markers are not stored: a restarted worker's
+  watermark comes from its items, so decisions a marker made before a crash may be made and sent again
+  (the same links, the same ids). It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
@@ -261,6 +269,7 @@ class _CorrelationShell:
         self.request_embeddings = request_embeddings
         self.stats = CorrelationStats()
         self.correlators: dict[str, Correlator] = {}
+        self.scope_partitions: dict[str, int] = {}  # scope -> the repartition partition its records came on
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
         self.checkpoints = TableCheckpoints(
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
@@ -297,19 +306,30 @@ class _CorrelationShell:
             done), or None when nothing was forwarded."""
         by_scope: dict[str, list[dict[str, Any]]] = {}
         futures: list[Any] = []
+        progress: dict[str, int] = {}  # source partition -> largest event time read in this batch (ms)
         for message in records:
             with tracing_process(message, self.app_id):  # an embedding request carries the record's trace
-                forwarded = await self._forward(message, futures)
+                forwarded = await self._forward(message, futures, progress)
             if forwarded is not None:
                 by_scope.setdefault(forwarded[0], []).append(forwarded[1])
+        scope_topic = self.channels["scope"]
         for scope, bodies in by_scope.items():
             for packed, _ in pack_bodies(bodies, SCOPE_MAX_BYTES):
-                futures.append(await self.channels["scope"].send(key=scope.encode(), value=packed))
+                futures.append(await scope_topic.send(key=scope.encode(), value=packed))
+        if progress and self.config.discussion is not None:
+            # after the batch's bodies, to every partition: each scope's watermark follows every partition
+            # of external.events, not only the partitions and times of its own events
+            marker = json.dumps({"type": "progress", "sources": progress}).encode()
+            for partition in range(self.topics.scope_partitions):
+                futures.append(await scope_topic.send(key=b"", value=marker, partition=partition))
         return asyncio.gather(*futures) if futures else None
 
-    async def _forward(self, message: Any, futures: list[Any]) -> tuple[str, dict[str, Any]] | None:
+    async def _forward(
+        self, message: Any, futures: list[Any], progress: dict[str, int]
+    ) -> tuple[str, dict[str, Any]] | None:
         """One ``external.events`` record: its scope and repartition body, or None (skipped or
-        dead-lettered); its embedding request's future goes to ``futures``."""
+        dead-lettered); its embedding request's future goes to ``futures``, and its event time (any kind)
+        into ``progress`` (its partition's largest in the batch, epoch ms)."""
         self._touch()
         try:
             attributes, schema, data, _ = self._decode(message)
@@ -317,6 +337,10 @@ class _CorrelationShell:
                 raise UnsupportedEventError(
                     f"schema {schema!r} is not {EXTERNAL_SCHEMA}", event_id=attributes.id
                 )
+            occurred = data.get("occurred_at")
+            if isinstance(occurred, datetime) and occurred.tzinfo is not None:
+                source = f"{message.topic}/{message.partition}"
+                progress[source] = max(progress.get(source, -(2**62)), int(occurred.timestamp() * 1000))
             obs = observe(data, attributes.id)
             scope = scope_of(obs.entity, self.config.scopes) if obs is not None else ""
         except (EnvelopeError, DeserializationError, UnprocessableEventError) as exc:
@@ -426,7 +450,10 @@ class _CorrelationShell:
                 bodies = payload if isinstance(payload, list) else [payload]
                 for i, body in enumerate(bodies):
                     try:
-                        done = self._join(scope, body)
+                        if isinstance(body, dict) and body.get("type") == "progress":
+                            links += self._progress(message.partition, body)
+                            continue
+                        done = self._join(scope, body, message.partition)
                     except (ValueError, KeyError, TypeError, OverflowError) as exc:
                         # the record (raw bytes) once per bad body, the body named; its other bodies go on
                         reason = UnprocessableEventError(
@@ -453,7 +480,24 @@ class _CorrelationShell:
         log.warning("record_dead_lettered", topic=message.topic, partition=message.partition, offset=message.offset,
                     scope=scope, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
 
-    def _join(self, scope: str, body: Any) -> tuple[list[Link], bytes, dict[str, Any]] | None:
+    def _progress(self, partition: int, body: dict[str, Any]) -> list[Link]:
+        """A progress marker (``{"type": "progress", "sources": {"<topic>/<partition>": epoch ms}}``, sent to
+        every partition after each batch of the first stage): move the discussion watermark of every scope
+        seen on this repartition ``partition``; the discussion links it completes.
+
+        Raises:
+            ValueError, TypeError, OverflowError: a malformed marker.
+        """
+        sources = {
+            str(k): datetime.fromtimestamp(int(v) / 1000, UTC) for k, v in dict(body["sources"]).items()
+        }
+        links: list[Link] = []
+        for scope, at in list(self.scope_partitions.items()):
+            if at == partition:
+                links += self._correlator(scope).progress(sources)
+        return links
+
+    def _join(self, scope: str, body: Any, partition: int) -> tuple[list[Link], bytes, dict[str, Any]] | None:
         """Join one repartition body with its scope's correlator: ``(links, table key, new item)``, or None
         for a piece the scope already knows (counted as a duplicate).
 
@@ -463,6 +507,7 @@ class _CorrelationShell:
         if not isinstance(body, dict):
             raise TypeError(f"a repartition body must be a JSON object, got {type(body).__name__}")
         corr = self._correlator(scope)
+        self.scope_partitions[scope] = partition
         source = None
         if body.get("type") == "event":
             obs = Observation.from_dict(body["obs"])

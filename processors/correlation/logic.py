@@ -467,6 +467,15 @@ class Correlator:
         message, commit = self.observations[p.message], self.observations[p.commit]
         return Link(method="discussion", message=message, commit=commit, score=p.score, margin=p.margin)
 
+    def progress(self, sources: Mapping[str, datetime]) -> list[Link]:
+        """Note how far each source has been read (its largest event time over every scope, e.g. a batch of
+        ``external.events`` partition 0 up to 12:00), move the discussion watermark, and return the
+        ``discussion`` links of the messages whose deadline it passed. A scope whose events sit on a few
+        partitions, or that is quiet while others are busy, so still sees its watermark move."""
+        if self.discussion is None or self._restoring:
+            return []
+        return [self._discussion_link(p) for p in self.discussion.progress(sources)]
+
     def close(self) -> list[Link]:
         """Decide every message still waiting for its ``discussion`` deadline (the end of a finite input,
         e.g. an evaluation); returns their links. The live worker never calls it."""

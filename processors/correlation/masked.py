@@ -464,6 +464,18 @@ class DiscussionLinker:
         self._evict()
         return out
 
+    def progress(self, sources: Mapping[str, datetime]) -> list[Prediction]:
+        """Note each source's read progress (its largest event time, e.g. over every scope's events of a
+        partition), move the watermark and decide as :meth:`advance` does; returns the decisions that link."""
+        for source, time in sources.items():
+            self._note_source(source, time)
+        self._move_watermark()
+        if self.watermark_ms is None:
+            return []
+        out = self._decide_until(self.watermark_ms)
+        self._evict()
+        return out
+
     def _note_source(self, source: str | None, time: datetime) -> None:
         key = source if source is not None else "-"
         self.source_max_ms[key] = max(self.source_max_ms.get(key, -(2**62)), _ms(time))

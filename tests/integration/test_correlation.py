@@ -339,6 +339,47 @@ def test_discussion_links_at_the_watermark_and_once_across_a_restart(
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
 
 
+def test_a_quiet_scope_is_decided_by_the_other_scopes_progress(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A scope's discussion watermark follows every partition of the events topic, whoever's events move
+    it: ``acme`` has four events of one day and nothing after; the ``other`` workspace's chat on every
+    partition nine days later closes acme's message window (each batch of the first stage sends its
+    partitions' progress to every partition of the repartition topic). Before, acme's watermark waited
+    for acme's own events on all three partitions and the link never came."""
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    serde = AvroSerde(EmbeddedRegistry())
+    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
+               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide"),
+               _commit(SHA_C, T0 + timedelta(hours=2), "gc: shrink the nursery on small heaps")]  # fmt: skip
+    message = _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?")
+    others = [
+        slack_event(workspace="other", channel="chat", ts=(T0 + timedelta(days=9, minutes=n)).replace(tzinfo=None).isoformat(),
+                    user="Zed", text="ok", repo="other/thing")
+        for n in range(3)
+    ]  # fmt: skip
+    with EventProducer(settings.kafka, serde) as producer:
+        for event in [*commits, message]:
+            producer.produce(events_topic, event)
+        for partition, event in enumerate(others):
+            _produce_to(producer, serde, events_topic, event, partition)
+        producer.flush()
+    done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id",
+                          unique_name("corr"), "--events-topic", events_topic, "--insights-topic", insights_topic,
+                          "--dlq-topic", dlq_topic, "--stop-after-idle", "3", timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (stats["events_count"], stats["discussion_links_count"], stats["discussion_late_count"]) == (
+        7,
+        1,
+        0,
+    )
+    records = _insights(settings, serde, insights_topic)
+    assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
+
+
 @pytest.fixture(scope="module")
 def minilm():
     """all-MiniLM-L6-v2 loaded once for the module (2 torch threads at most)."""
