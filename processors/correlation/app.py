@@ -62,9 +62,9 @@ about 11,000 items).
   events, so a scope quiet on one partition (a small workspace, or one whose events hash to two of three
   partitions) never had its messages decided. Each partition must be in event-time order within the
   allowed lateness (an import should produce in time order); a partition that falls silent altogether
-  holds discussion decisions back until it speaks again. Markers are not stored: a restarted worker's
-  watermark comes from its items, so decisions a marker made before a crash may be made and sent again
-  (the same links, the same ids). It is a
+  holds discussion decisions back until it speaks again. Each scope's read progress is persisted as the
+  table item ``<scope>|#progress`` (written after the links the marker completed), so a restarted
+  worker's watermark takes it back with the items' and does not decide again what it sent. It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
@@ -148,6 +148,8 @@ log = structlog.get_logger(__name__)
 DEFAULT_APP_ID = "backbone-correlation"
 GC_YOUNG_THRESHOLD = 10_000
 BATCH_RECORDS = 1000
+PROGRESS_ENTITY = "#progress"
+"""The table entity (``<scope>|#progress``) that persists a scope's read progress (no entity starts with ``#``)."""
 """Most records a batch of either stage hands to its handler (:class:`processors.shell.BatchDelivery`)."""
 SCOPE_MAX_BYTES = 256 * 1024
 """Largest repartition record (a JSON list of bodies; a larger list is split, one body is sent whatever its
@@ -410,13 +412,18 @@ class _CorrelationShell:
             corr = Correlator(self.config, sources)
             prefix = f"{scope}|".encode()
             items = []
+            progress: dict[str, datetime] = {}
             for key, value in self.table.data.items():
                 raw_key = key if isinstance(key, bytes) else str(key).encode()
-                if raw_key.startswith(prefix) and value:
+                if raw_key == prefix + PROGRESS_ENTITY.encode() and value:
+                    progress = {
+                        k: datetime.fromtimestamp(int(v) / 1000, UTC) for k, v in value["progress"].items()
+                    }
+                elif raw_key.startswith(prefix) and value:
                     obs = Observation.from_dict(value["obs"]) if value.get("obs") else None
                     vector = decode_vector_b64(value["vector"]) if value.get("vector") else None
                     items.append((obs, vector, raw_key[len(prefix) :].decode(), value.get("source")))
-            corr.restore(items)
+            corr.restore(items, progress)
             self.correlators[scope] = corr
             log.info("correlation_scope_restored", scope=scope, items=len(items))
         return corr
@@ -451,7 +458,9 @@ class _CorrelationShell:
                 for i, body in enumerate(bodies):
                     try:
                         if isinstance(body, dict) and body.get("type") == "progress":
-                            links += self._progress(message.partition, body)
+                            moved, marks = self._progress(message.partition, body)
+                            links += moved
+                            items += marks
                             continue
                         done = self._join(scope, body, message.partition)
                     except (ValueError, KeyError, TypeError, OverflowError) as exc:
@@ -480,22 +489,37 @@ class _CorrelationShell:
         log.warning("record_dead_lettered", topic=message.topic, partition=message.partition, offset=message.offset,
                     scope=scope, reason=str(exc), error_type=type(exc).__name__)  # fmt: skip
 
-    def _progress(self, partition: int, body: dict[str, Any]) -> list[Link]:
+    def _progress(
+        self, partition: int, body: dict[str, Any]
+    ) -> tuple[list[Link], list[tuple[bytes, int, dict[str, Any]]]]:
         """A progress marker (``{"type": "progress", "sources": {"<topic>/<partition>": epoch ms}}``, sent to
         every partition after each batch of the first stage): move the discussion watermark of every scope
-        seen on this repartition ``partition``; the discussion links it completes.
+        seen on this repartition ``partition``. Returns the discussion links it completes and, per scope,
+        the table item that persists the scope's read progress (key ``<scope>|#progress``, value
+        ``{"progress": {source: epoch ms}}``), written after the links, so a restarted worker's watermark
+        takes it back and does not decide again what was sent.
 
         Raises:
             ValueError, TypeError, OverflowError: a malformed marker.
         """
-        sources = {
-            str(k): datetime.fromtimestamp(int(v) / 1000, UTC) for k, v in dict(body["sources"]).items()
-        }
+        sent = {str(k): int(v) for k, v in dict(body["sources"]).items()}
+        sources = {k: datetime.fromtimestamp(v / 1000, UTC) for k, v in sent.items()}
         links: list[Link] = []
+        marks: list[tuple[bytes, int, dict[str, Any]]] = []
         for scope, at in list(self.scope_partitions.items()):
-            if at == partition:
-                links += self._correlator(scope).progress(sources)
-        return links
+            if at != partition:
+                continue
+            links += self._correlator(scope).progress(sources)
+            key = f"{scope}|{PROGRESS_ENTITY}".encode()
+            pending = self.checkpoints.dirty.get(key)
+            known = dict(
+                (pending[1].value if pending is not None else self.table.data.get(key) or {}).get("progress")
+                or {}
+            )
+            for source, ms in sent.items():
+                known[source] = max(int(known.get(source, ms)), ms)
+            marks.append((key, partition, {"progress": known}))
+        return links, marks
 
     def _join(self, scope: str, body: Any, partition: int) -> tuple[list[Link], bytes, dict[str, Any]] | None:
         """Join one repartition body with its scope's correlator: ``(links, table key, new item)``, or None

@@ -544,11 +544,13 @@ class Correlator:
             tuple[Observation | None, np.ndarray | None, str]
             | tuple[Observation | None, np.ndarray | None, str, str | None]
         ],
+        progress: Mapping[str, datetime] | None = None,
     ) -> None:
         """Rebuild the state from persisted items ``(observation, vector, entity[, source])`` (links are not
         redrawn: the ``discussion`` decisions the restored watermark has passed count as made, since the
         worker sent them before it wrote the item that moved the watermark; the watermark is rebuilt from
-        each source's largest event time).
+        each source's largest event time, and from ``progress``, the persisted read progress of
+        :meth:`progress`, where that is later).
 
         Raises:
             ValueError: a vector that :meth:`add_vector` refuses.
@@ -567,5 +569,8 @@ class Correlator:
                     self.add_vector(entity, vector)
         finally:
             self._restoring = False
+        for source, time in (progress or {}).items():
+            if source not in latest or time > latest[source]:
+                latest[source] = time
         if self.discussion is not None and latest:
             self.discussion.restore_watermark(latest)

@@ -263,9 +263,10 @@ def test_import_slack_with_commits_produces_each_partition_in_event_time_order(
 
 
 def _clock(at: datetime, n: int) -> Event:
-    """A chat message that moves its partition's event time (no word of any subject)."""
-    return slack_event(workspace="acme", channel="dev", ts=(at + timedelta(microseconds=n)).replace(tzinfo=None).isoformat(),
-                       user="Clock", text="ok", repo="acme/widget")  # fmt: skip
+    """A chat message of another workspace (scope ``other``) that moves its partition's event time: acme's
+    watermark moves through the worker's progress markers (no word of any subject)."""
+    return slack_event(workspace="other", channel="dev", ts=(at + timedelta(microseconds=n)).replace(tzinfo=None).isoformat(),
+                       user="Clock", text="ok", repo="other/thing")  # fmt: skip
 
 
 def _produce_to(producer: EventProducer, serde: AvroSerde, topic: str, event: Event, partition: int) -> None:
@@ -279,7 +280,10 @@ def test_discussion_links_at_the_watermark_and_once_across_a_restart(
     """Messages without a reference get ``discussion`` links when the scope's watermark (the slowest
     partition's event time) passes their window (8 days); a restarted worker (state recovered from its
     changelog) does not send them again, and sends the one whose window new events close. The insights
-    equal the plain-Python correlator's on the same events in event-time order."""
+    equal the plain-Python correlator's on the same events in event-time order. The events that move
+    every partition belong to another workspace: acme's watermark moves by the progress markers, and a
+    restarted worker takes it back from the scope's persisted progress (without it, the first link was
+    sent again after the restart)."""
     events_topic = create_topic(unique_name("external"), partitions=3)
     insights_topic = create_topic(unique_name("insights"), partitions=3)
     dlq_topic = create_topic(unique_name("dlq"), partitions=1)
