@@ -136,7 +136,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, bench_stack
-from bench.worker_runs import Row, faust_row, json_after, print_rows, ratio, run_child, worker_env
+from bench.worker_runs import Row, faust_row, json_after, print_rows, print_verdicts, run_child, worker_env
 
 __all__ = ["DATA", "Row", "main"]
 
@@ -322,11 +322,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             f"{counters['state_bytes'] / 1e6:,.1f} MB compressed in all, largest {counters['state_bytes_max'] / 1e3:,.0f} KB, "
             f"{counters['state_write_seconds']:.2f} s writing (snapshot, JSON, zlib, table write)"
         )
-    for r in rows:
-        if r.baseline:
-            share = r.rate / next(b.rate for b in rows if b.name == r.baseline)
-            verdict = "met" if share >= TARGET else "not met"
-            print(f"{r.name}: {ratio(share)} of the plain Faust agent, issue 12's {TARGET} {verdict}")
+    print_verdicts(rows, TARGET)
     return rows
 
 

@@ -25,7 +25,18 @@ from rich.table import Table
 from bench.bench_processors import faust_count_source
 from bench.common import ROOT
 
-__all__ = ["Child", "Row", "faust_row", "json_after", "mib", "print_rows", "ratio", "run_child", "worker_env"]
+__all__ = [
+    "Child",
+    "Row",
+    "faust_row",
+    "json_after",
+    "mib",
+    "print_rows",
+    "print_verdicts",
+    "ratio",
+    "run_child",
+    "worker_env",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +198,12 @@ def print_rows(title: str, rows: list[Row], target: float) -> None:
     console = Console()
     console.width = max(console.width, 200)
     console.print(t)
+
+
+def print_verdicts(rows: list[Row], target: float) -> None:
+    """One line per compared row: its rate as a share of its baseline's, and whether it meets ``target``."""
+    for r in rows:
+        if r.baseline:
+            share = r.rate / next(b.rate for b in rows if b.name == r.baseline)
+            verdict = "met" if share >= target else "not met"
+            print(f"{r.name}: {ratio(share)} of the plain Faust agent, issue 12's {target} {verdict}")

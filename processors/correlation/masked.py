@@ -457,18 +457,17 @@ class DiscussionLinker:
         the other's events late. A source seen once and then silent holds the watermark back until it
         speaks again. ``source`` None: one implicit source."""
         self._note_source(source, time)
-        self._move_watermark()
-        if self.watermark_ms is None:
-            return []
-        out = self._decide_until(self.watermark_ms)
-        self._evict()
-        return out
+        return self._decide_at_watermark()
 
     def progress(self, sources: Mapping[str, datetime]) -> list[Prediction]:
         """Note each source's read progress (its largest event time, e.g. over every scope's events of a
         partition), move the watermark and decide as :meth:`advance` does; returns the decisions that link."""
         for source, time in sources.items():
             self._note_source(source, time)
+        return self._decide_at_watermark()
+
+    def _decide_at_watermark(self) -> list[Prediction]:
+        """Move the watermark, decide what it passed, drop what no later decision reads."""
         self._move_watermark()
         if self.watermark_ms is None:
             return []
