@@ -256,6 +256,26 @@ class _Message:
     term_counts: np.ndarray  # float64 counts, aligned with term_ids
 
 
+@dataclass(slots=True)
+class _Held:
+    """The held commits (``DiscussionLinker._order``) as arrays aligned with it, so that a decision
+    slices its window instead of gathering it commit by commit. Rebuilt when ``_order`` changes; the
+    TF-IDF weights again when the document frequencies change too."""
+
+    times_s: np.ndarray  # float64 commit times, unix seconds
+    merges: np.ndarray  # bool, the subject ends with ``(#N)``
+    author_idx: np.ndarray  # int64 index into ``author_names``, -1 for no author
+    author_names: list[str]
+    vectors: list[np.ndarray | None]
+    indptr: np.ndarray  # commit i's terms are ids[indptr[i]:indptr[i + 1]]
+    ids: np.ndarray  # int64 term ids, all commits in order
+    tf: np.ndarray  # float64 sublinear term frequencies, aligned with ids
+    segment: np.ndarray  # int64 commit index of each entry of ids
+    df_version: int = -1  # the document frequencies that w and norms were computed with
+    w: np.ndarray | None = None  # tf * idf, aligned with ids
+    norms: np.ndarray | None = None  # float64 l2 norm of each commit's w
+
+
 _LAST = "\U0010ffff"
 
 
@@ -331,6 +351,10 @@ class DiscussionLinker:
         self.commits: dict[str, _Commit] = {}
         self.messages: dict[str, _Message] = {}
         self._order: list[tuple[int, str]] = []  # commits by (time, entity)
+        self._order_version = 0  # bumped whenever _order changes
+        self._df_version = 0  # bumped whenever the document frequencies change
+        self._held: _Held | None = None  # _order as arrays, for _order_version
+        self._held_version = -1
         self._message_order: list[tuple[int, str]] = []  # messages by (time, entity)
         self._evicted_commits_ms = -(2**62)  # commits before this time are dropped (their df kept)
         self._evicted_messages_ms = -(2**62)  # messages before this time are dropped
@@ -378,6 +402,7 @@ class DiscussionLinker:
             return
         self.commits[entity] = commit
         bisect.insort(self._order, (t, entity))
+        self._order_version += 1
         if (t, entity) <= self._df_upto:
             self._count(entity, +1)
 
@@ -521,6 +546,7 @@ class DiscussionLinker:
             for _, entity in self._order[:cut]:
                 del self.commits[entity]
             del self._order[:cut]
+            self._order_version += cut > 0
             self.evicted += cut
         if messages_before > self._evicted_messages_ms:
             self._evicted_messages_ms = messages_before
@@ -561,6 +587,7 @@ class DiscussionLinker:
     def _count_commit(self, c: _Commit, sign: int) -> None:
         self._df[c.term_ids] += sign
         self._df_docs += sign
+        self._df_version += 1
         if c.author is not None:
             self._df_authors[c.author] += sign
 
@@ -588,11 +615,48 @@ class DiscussionLinker:
         idf: np.ndarray = np.log((1.0 + self._df_docs) / (1.0 + self._df[ids])) + 1.0
         return idf
 
-    def _text_scores(self, terms: tuple[np.ndarray, np.ndarray], candidates: list[_Commit]) -> np.ndarray:
-        """TF-IDF cosine of the context's ``terms`` (distinct term ids, their counts) with each candidate's
-        subject (terms outside the prefix's commits dropped, as a fitted vectorizer does); 0 where either
-        side has no term left."""
-        out = np.zeros(len(candidates))
+    def _held_arrays(self) -> _Held:
+        """:class:`_Held` for the current ``_order`` (built once per change of it)."""
+        if self._held is None or self._held_version != self._order_version:
+            commits = [self.commits[e] for _, e in self._order]
+            names: dict[str, int] = {}
+            author_idx = [
+                names.setdefault(c.author, len(names)) if c.author is not None else -1 for c in commits
+            ]
+            lengths = np.array([len(c.term_ids) for c in commits], dtype=np.int64)
+            indptr = np.zeros(len(commits) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            empty_i, empty_f = np.zeros(0, dtype=np.int64), np.zeros(0)
+            self._held = _Held(
+                times_s=np.array([c.time_ms / 1000 for c in commits], dtype=np.float64),
+                merges=np.array([c.is_merge for c in commits], dtype=bool),
+                author_idx=np.array(author_idx, dtype=np.int64),
+                author_names=list(names),
+                vectors=[c.vector for c in commits],
+                indptr=indptr,
+                ids=np.concatenate([c.term_ids for c in commits]) if commits else empty_i,
+                tf=np.concatenate([c.tf for c in commits]) if commits else empty_f,
+                segment=np.repeat(np.arange(len(commits), dtype=np.int64), lengths),
+            )
+            self._held_version = self._order_version
+        return self._held
+
+    def _held_weights(self, held: _Held) -> tuple[np.ndarray, np.ndarray]:
+        """(tf * idf of every held term entry, each held commit's l2 norm) for the current document
+        frequencies (computed once per change of them or of ``_order``)."""
+        if held.w is None or held.norms is None or held.df_version != self._df_version:
+            held.w = held.tf * self._idf(held.ids)
+            held.norms = np.sqrt(
+                np.bincount(held.segment, weights=held.w * held.w, minlength=len(held.times_s))
+            )
+            held.df_version = self._df_version
+        return held.w, held.norms
+
+    def _text_scores(self, terms: tuple[np.ndarray, np.ndarray], lo: int, hi: int) -> np.ndarray:
+        """TF-IDF cosine of the context's ``terms`` (distinct term ids, their counts) with the subject of
+        each held commit ``lo`` to ``hi - 1`` of ``_order`` (terms outside the prefix's commits dropped, as
+        a fitted vectorizer does); 0 where either side has no term left."""
+        out = np.zeros(hi - lo)
         q_ids, q_counts = terms
         keep = self._df[q_ids] > 0
         q_ids, q_counts = q_ids[keep], q_counts[keep]
@@ -605,24 +669,20 @@ class DiscussionLinker:
             lookup = self._lookup = np.zeros(len(self._df))
         lookup[q_ids] = q_w
         try:
-            return self._cosines(candidates, lookup, q_norm, out)
+            held = self._held_arrays()
+            w, norms = self._held_weights(held)
+            a, b = held.indptr[lo], held.indptr[hi]
+            if a == b:
+                return out
+            dots = np.bincount(
+                held.segment[a:b] - lo, weights=w[a:b] * lookup[held.ids[a:b]], minlength=hi - lo
+            )
+            window_norms = norms[lo:hi]
+            ok = window_norms > 0
+            out[ok] = dots[ok] / (q_norm * window_norms[ok])
+            return out
         finally:
             lookup[q_ids] = 0.0  # all zeros again for the next call
-
-    def _cosines(
-        self, candidates: list[_Commit], lookup: np.ndarray, q_norm: float, out: np.ndarray
-    ) -> np.ndarray:
-        lengths = np.array([len(c.term_ids) for c in candidates])
-        if not lengths.sum():
-            return out
-        ids = np.concatenate([c.term_ids for c in candidates])
-        w = np.concatenate([c.tf for c in candidates]) * self._idf(ids)
-        segment = np.repeat(np.arange(len(candidates)), lengths)
-        norms = np.sqrt(np.bincount(segment, weights=w * w, minlength=len(candidates)))
-        dots = np.bincount(segment, weights=w * lookup[ids], minlength=len(candidates))
-        ok = norms > 0
-        out[ok] = dots[ok] / (q_norm * norms[ok])
-        return out
 
     def affinity_before(self, time_ms: int) -> AuthorAffinity:
         """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``.
@@ -720,27 +780,26 @@ class DiscussionLinker:
         self._move_prefix((time_ms + after, _LAST))
         if self._df_docs < c.min_history:
             return None
-        candidates = [self.commits[e] for _, e in self._order[lo:hi]]
-        text = self._text_scores(terms, candidates)
-        times = np.array([cm.time_ms / 1000 for cm in candidates])
+        text = self._text_scores(terms, lo, hi)
+        held = self._held_arrays()
+        times = held.times_s[lo:hi]
         if c.merge_boost:
-            merges = np.array([cm.is_merge for cm in candidates], dtype=bool)
-            text = text * (1.0 + c.merge_boost * pending_merge_prior(times, merges, time_ms / 1000))
+            text = text * (
+                1.0 + c.merge_boost * pending_merge_prior(times, held.merges[lo:hi], time_ms / 1000)
+            )
         prox = np.exp(-np.abs(times - time_ms / 1000) / c.time_scale.total_seconds())
         total = c.text_weight * text + c.time_weight * prox
         if vector is not None and c.embedding_weight:
-            emb = [float(cm.vector @ vector) if cm.vector is not None else 0.0 for cm in candidates]
+            emb = [float(v @ vector) if v is not None else 0.0 for v in held.vectors[lo:hi]]
             total = total + c.embedding_weight * np.array(emb)
         if affinity is not None and people and c.affinity_weight:
             authored = sum(self._df_authors.values())
-            lift = {
-                a: max(0.0, affinity.affinity(people, a) - self._df_authors[a] / authored)
-                for a in {cm.author for cm in candidates}
-                if a is not None
-            }
-            total = total + c.affinity_weight * np.array(
-                [lift.get(cm.author or "", 0.0) for cm in candidates]
-            )
+            idx = held.author_idx[lo:hi]
+            lift = np.zeros(len(held.author_names) + 1)  # the last slot, index -1, is no author: 0
+            for a in np.unique(idx[idx >= 0]).tolist():
+                name = held.author_names[a]
+                lift[a] = max(0.0, affinity.affinity(people, name) - self._df_authors[name] / authored)
+            total = total + c.affinity_weight * lift[idx]
         return total, lo
 
     def _top_two(self, total: np.ndarray, lo: int) -> list[tuple[float, str]]:
