@@ -41,7 +41,7 @@ from processors.correlation.logic import (
 )
 from processors.correlation.masked import MaskedConfig
 
-__all__ = ["main", "print_figures", "run_benchmark"]
+__all__ = ["bounded_state", "main", "print_figures", "run_benchmark"]
 
 DATA = ROOT.parent / "shared" / "data" / "chat_and_code" / "racket"
 
@@ -67,6 +67,57 @@ def _run(
     return links, time.perf_counter() - start
 
 
+def _pairs(links: list[Any]) -> list[tuple[str, str, str, float | None]]:
+    return sorted((lk.method, lk.message.entity, lk.commit.entity, lk.score) for lk in links)
+
+
+def bounded_state(observations: list[Any], config: CorrelationConfig, *, seed: int = 7) -> dict[str, Any]:
+    """The discussion linker's state over the whole input, and the links' independence of it.
+
+    Three passes of :class:`Correlator` with ``config`` (discussion links on): dropping what no later
+    decision reads (the default), keeping everything (``evict`` off), and dropping again with every event
+    delivered late by a random 0-23 h (seeded; under the one-day allowed lateness), i.e. in another order.
+
+    Returns:
+        ``events``; ``held_peak`` / ``held_peak_keeping_all``: the most commits and messages the linker
+        held at once in the first two passes; ``vocabulary_terms`` / ``commit_terms``: analyzer terms with an
+        id (messages' and commits') and those seen in a commit; ``links``: reference + discussion links of
+        the first pass; ``same_links_keeping_all`` / ``same_links_delayed``: whether the other passes drew
+        exactly those links (scores included); ``late_events``: counted in the delayed pass.
+    """
+    import random
+
+    def run(arrival: list[Any], evict: bool) -> tuple[list[Any], int, Correlator]:
+        corr = Correlator(config)
+        assert corr.discussion is not None
+        corr.discussion.evict = evict
+        links: list[Any] = []
+        peak = 0
+        for o in arrival:
+            links += corr.add(o)
+            peak = max(peak, len(corr.discussion.commits) + len(corr.discussion.messages))
+        return links, peak, corr
+
+    links, peak, corr = run(observations, True)
+    kept_links, kept_peak, _ = run(observations, False)
+    rng = random.Random(seed)
+    delays = {o.entity: rng.uniform(0, 23 * 3600) for o in observations}
+    delayed = sorted(observations, key=lambda o: (o.event_time.timestamp() + delays[o.entity], o.entity))
+    delayed_links, _, delayed_corr = run(delayed, True)
+    assert corr.discussion is not None and delayed_corr.discussion is not None
+    return {
+        "events": len(observations),
+        "held_peak": peak,
+        "held_peak_keeping_all": kept_peak,
+        "vocabulary_terms": len(corr.discussion._term_ids),
+        "commit_terms": int((corr.discussion._df > 0).sum()),
+        "links": len(links),
+        "same_links_keeping_all": _pairs(links) == _pairs(kept_links),
+        "same_links_delayed": _pairs(links) == _pairs(delayed_links),
+        "late_events": delayed_corr.discussion.late_events,
+    }
+
+
 def run_benchmark(
     data: Path = DATA, *, min_cosine: float = DEFAULT_MIN_COSINE, window: timedelta = DEFAULT_WINDOW,
     device: str = "cpu", batch_size: int = 128,
@@ -86,6 +137,7 @@ def run_benchmark(
     discussed = CorrelationConfig(window=window, min_cosine=min_cosine, discussion=MaskedConfig())
     with_discussion, discussion_seconds = _run(observations, discussed, None)
     discussion_links = sum(lk.method == "discussion" for lk in with_discussion)
+    bounded = bounded_state(observations, discussed)
 
     texts = {o.entity: o.text for o in observations if o.text.strip()}
     model = load_model("all-MiniLM-L6-v2", device=device)
@@ -121,6 +173,7 @@ def run_benchmark(
         "explicit_events_per_second": len(observations) / explicit_seconds,
         "discussion_links": discussion_links,
         "discussion_events_per_second": len(observations) / discussion_seconds,
+        "bounded": bounded,
         "embedding_events_per_second": (len(observations) + len(vectors)) / with_vectors_seconds,
         "embed_texts": len(names),
         "embed_seconds": embed_seconds,
@@ -165,6 +218,20 @@ def print_figures(r: dict[str, Any]) -> None:
             f"logic, references + discussion ({r['discussion_links']:,} discussion links)",
             f"{r['discussion_events_per_second']:,.0f} events/s "
             f"({r['discussion_events_per_second'] / r['explicit_events_per_second']:.3f}x)",
+        ),
+        (
+            "discussion linker: most commits + messages held at once (keeping all)",
+            f"{r['bounded']['held_peak']:,} of {r['bounded']['events']:,} events "
+            f"({r['bounded']['held_peak_keeping_all']:,})",
+        ),
+        (
+            "  same links keeping all / delivered 0-23 h late (late events)",
+            f"{r['bounded']['same_links_keeping_all']} / {r['bounded']['same_links_delayed']} "
+            f"({r['bounded']['late_events']})",
+        ),
+        (
+            "  vocabulary terms (seen in a commit)",
+            f"{r['bounded']['vocabulary_terms']:,} ({r['bounded']['commit_terms']:,})",
         ),
         ("logic, with embeddings", f"{r['embedding_events_per_second']:,.0f} events+vectors/s"),
         (f"embedding {r['embed_texts']:,} texts ({r['device']}, direct)", f"{r['embed_seconds']:.1f} s"),
