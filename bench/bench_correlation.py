@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -75,40 +76,47 @@ def bounded_state(observations: list[Any], config: CorrelationConfig, *, seed: i
     """The discussion linker's state over the whole input, and the links' independence of it.
 
     Three passes of :class:`Correlator` with ``config`` (discussion links on): dropping what no later
-    decision reads (the default), keeping everything (``evict`` off), and dropping again with every event
-    delivered late by a random 0-23 h (seeded; under the one-day allowed lateness), i.e. in another order.
+    decision reads and what the retention passed (the default), keeping everything (``evict`` off, no
+    retention), and dropping again with every event delivered late by a random 0-23 h (seeded; under the
+    one-day allowed lateness), i.e. in another order.
 
     Returns:
         ``events``; ``held_peak`` / ``held_peak_keeping_all``: the most commits and messages the linker
-        held at once in the first two passes; ``vocabulary_terms`` / ``commit_terms``: analyzer terms with an
+        held at once in the first two passes; ``correlator_peak`` / ``correlator_peak_keeping_all``: the most
+        events the correlator held at once (its items table); ``expired``: events the retention dropped in
+        the first pass; ``vocabulary_terms`` / ``commit_terms``: analyzer terms with an
         id (messages' and commits') and those seen in a commit; ``links``: reference + discussion links of
         the first pass; ``same_links_keeping_all`` / ``same_links_delayed``: whether the other passes drew
         exactly those links (scores included); ``late_events``: counted in the delayed pass.
     """
     import random
 
-    def run(arrival: list[Any], evict: bool) -> tuple[list[Any], int, Correlator]:
-        corr = Correlator(config)
+    def run(arrival: list[Any], evict: bool) -> tuple[list[Any], int, int, Correlator]:
+        corr = Correlator(config if evict else replace(config, retention=None))
         assert corr.discussion is not None
         corr.discussion.evict = evict
         links: list[Any] = []
-        peak = 0
+        peak = held = 0
         for o in arrival:
             links += corr.add(o)
             peak = max(peak, len(corr.discussion.commits) + len(corr.discussion.messages))
-        return links, peak, corr
+            held = max(held, len(corr))
+        return links, peak, held, corr
 
-    links, peak, corr = run(observations, True)
-    kept_links, kept_peak, _ = run(observations, False)
+    links, peak, held, corr = run(observations, True)
+    kept_links, kept_peak, kept_held, _ = run(observations, False)
     rng = random.Random(seed)
     delays = {o.entity: rng.uniform(0, 23 * 3600) for o in observations}
     delayed = sorted(observations, key=lambda o: (o.event_time.timestamp() + delays[o.entity], o.entity))
-    delayed_links, _, delayed_corr = run(delayed, True)
+    delayed_links, _, _, delayed_corr = run(delayed, True)
     assert corr.discussion is not None and delayed_corr.discussion is not None
     return {
         "events": len(observations),
         "held_peak": peak,
         "held_peak_keeping_all": kept_peak,
+        "correlator_peak": held,
+        "correlator_peak_keeping_all": kept_held,
+        "expired": corr.expired_count,
         "vocabulary_terms": len(corr.discussion._term_ids),
         "commit_terms": int((corr.discussion._df > 0).sum()),
         "links": len(links),
@@ -223,6 +231,11 @@ def print_figures(r: dict[str, Any]) -> None:
             "discussion linker: most commits + messages held at once (keeping all)",
             f"{r['bounded']['held_peak']:,} of {r['bounded']['events']:,} events "
             f"({r['bounded']['held_peak_keeping_all']:,})",
+        ),
+        (
+            "correlator: most events held at once, retention (keeping all)",
+            f"{r['bounded']['correlator_peak']:,} ({r['bounded']['correlator_peak_keeping_all']:,}); "
+            f"{r['bounded']['expired']:,} dropped",
         ),
         (
             "  same links keeping all / delivered 0-23 h late (late events)",

@@ -805,7 +805,7 @@ class TableCheckpoints(Checkpoints):
     the state's ``to_dict()`` through the table's ``send_changelog`` to the changelog partition of the key's
     last input partition (where ``table[key] = value`` inside the stream would write; that needs the current
     event, which Faust sets only while the stream iterates, so a timer could not) and into the table's
-    ``data``.
+    ``data``; a state whose ``to_dict()`` is None deletes the key (a tombstone on the changelog).
 
     Args:
         table: the Faust table.
@@ -839,6 +839,10 @@ class TableCheckpoints(Checkpoints):
     def _write_marked(self) -> None:
         for key, (partition, state) in self.dirty.items():
             value = state.to_dict()
+            if value is None:  # a deletion: a tombstone, as ``del table[key]`` writes
+                self.table.send_changelog(partition, key, None, value_serializer="raw")
+                self.table.data.pop(key, None)
+                continue
             self.table.send_changelog(partition, key, value)
             self.table.data[key] = value
         self.dirty.clear()

@@ -14,7 +14,13 @@ from typing import Annotated
 import typer
 
 from processors.correlation.app import DEFAULT_APP_ID, CorrelationTopics, run_correlation_worker
-from processors.correlation.logic import DEFAULT_MIN_COSINE, DEFAULT_WINDOW, CorrelationConfig
+from processors.correlation.logic import (
+    DEFAULT_COMMIT_RETENTION,
+    DEFAULT_MIN_COSINE,
+    DEFAULT_RETENTION,
+    DEFAULT_WINDOW,
+    CorrelationConfig,
+)
 from processors.correlation.masked import MaskedConfig
 from streams.catalogue import DLQ_TOPIC
 
@@ -62,6 +68,15 @@ def correlate(
         envvar="BACKBONE_CORRELATION_DISCUSSION_MIN_HISTORY",
         help="Commits a scope must have (up to a message's window end) before a discussion link is drawn: "
              "the TF-IDF's document frequencies come from them.")] = MaskedConfig().min_history,
+    retention_days: Annotated[float, typer.Option(
+        envvar="BACKBONE_CORRELATION_RETENTION_DAYS",
+        help="Days of event time of messages a scope holds behind its watermark (older ones are dropped and "
+             "their table items deleted; a reference further apart is not linked); 0 = hold everything.",
+    )] = DEFAULT_RETENTION.total_seconds() / 86400,
+    commit_retention_days: Annotated[float, typer.Option(
+        envvar="BACKBONE_CORRELATION_COMMIT_RETENTION_DAYS",
+        help="The same for commits (a message may name an old commit); at least --retention-days.",
+    )] = DEFAULT_COMMIT_RETENTION.total_seconds() / 86400,
     web_port: Annotated[int, typer.Option(envvar="BACKBONE_CORRELATION_WEB_PORT", help="Faust web port; 0 = off.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the final counters as JSON on exit.")] = False,
 ) -> None:  # fmt: skip
@@ -79,9 +94,13 @@ def correlate(
         _fail(f"--discussion-min-history must not be negative, got {discussion_min_history}")
     if scope_partitions < 1:
         _fail(f"--scope-partitions must be at least 1, got {scope_partitions}")
+    if retention_days < 0 or commit_retention_days < 0:
+        _fail("--retention-days and --commit-retention-days must not be negative")
+    retention = timedelta(days=retention_days) if retention_days else None
     try:
         config = CorrelationConfig(window=timedelta(hours=window_hours), min_cosine=min_cosine, scopes=scopes,
-                                   discussion=MaskedConfig(min_history=discussion_min_history) if discussion else None)  # fmt: skip
+                                   discussion=MaskedConfig(min_history=discussion_min_history) if discussion else None,
+                                   retention=retention, commit_retention=timedelta(days=commit_retention_days))  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))
     topics = CorrelationTopics(
@@ -101,5 +120,6 @@ def correlate(
         typer.echo(
             f"links: {stats.reference_links_count} by reference, {stats.embedding_links_count} by embedding, "
             f"{stats.discussion_links_count} by discussion ({stats.discussion_late_count} events late); "
+            f"{stats.expired_count} dropped by the retention ({stats.too_old_count} older than it on arrival); "
             f"{stats.events_count} events, {stats.vectors_count} embeddings, {stats.dead_letters_count} dead-lettered"
         )

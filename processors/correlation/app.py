@@ -209,6 +209,9 @@ class CorrelationStats:
         discussion_links_count: ``discussion`` links sent (masked linker, see ``CorrelationConfig.discussion``).
         discussion_late_count: messages and commits that reached their scope's discussion linker more than
             ``allowed_lateness`` behind its watermark (their effect on decisions already made is not redone).
+        expired_count: messages and commits the scopes' retention dropped (their table items deleted; see
+            ``CorrelationConfig.retention``).
+        too_old_count: messages and commits older than their scope's retention when they arrived (ignored).
         dead_letters_count: records dead-lettered.
         first_record_monotonic: ``time.monotonic()`` of the first record handled, ``None`` before (with the
             last, a rate without the start-up; ``bench/bench_correlation_worker.py``).
@@ -225,20 +228,23 @@ class CorrelationStats:
     embedding_links_count: int = 0
     discussion_links_count: int = 0
     discussion_late_count: int = 0
+    expired_count: int = 0
+    too_old_count: int = 0
     dead_letters_count: int = 0
     first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
 
 class _Item:
-    """A table item for :class:`processors.shell.TableCheckpoints` (which writes ``to_dict()``)."""
+    """A table item for :class:`processors.shell.TableCheckpoints` (which writes ``to_dict()``); ``None``
+    deletes the key (a tombstone on the changelog)."""
 
     __slots__ = ("value",)
 
-    def __init__(self, value: dict[str, Any]) -> None:
+    def __init__(self, value: dict[str, Any] | None) -> None:
         self.value = value
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any] | None:
         return self.value
 
 
@@ -480,9 +486,27 @@ class _CorrelationShell:
                          score=link.score)  # fmt: skip
             for key, partition, item in items:
                 self.checkpoints.mark(key, partition, _Item(item))
-            return self.checkpoints.record(len(items)) if items else None
+            deleted = self._expired_items()
+            for key, partition in deleted:
+                self.checkpoints.mark(key, partition, _Item(None))
+            changed = len(items) + len(deleted)
+            return self.checkpoints.record(changed) if changed else None
         finally:
             self.handling = False
+
+    def _expired_items(self) -> list[tuple[bytes, int]]:
+        """The table keys (and repartition partitions) of the entities the scopes' retention dropped since
+        the last call, to delete after the batch's items (counted in ``expired_count``)."""
+        out: list[tuple[bytes, int]] = []
+        for scope, corr in self.correlators.items():
+            if not corr.expired:
+                continue
+            partition = self.scope_partitions.get(scope)
+            if partition is not None:
+                out += [(f"{scope}|{entity}".encode(), partition) for entity in corr.expired]
+                self.stats.expired_count += len(corr.expired)
+                corr.expired.clear()
+        return out
 
     async def _dead_letter_scoped(self, message: Any, scope: str, exc: Exception) -> None:
         await self._dead_letter(message, exc)
@@ -538,9 +562,13 @@ class _CorrelationShell:
             source = _source_of(body)
             entity, known = obs.entity, obs.entity in corr.observations
             late_before = corr.discussion.late_events if corr.discussion is not None else 0
+            too_old_before = corr.too_old
             links = corr.add(obs, source)
             if corr.discussion is not None:
                 self.stats.discussion_late_count += corr.discussion.late_events - late_before
+            if corr.too_old > too_old_before:
+                self.stats.too_old_count += 1
+                return None
         elif body.get("type") == "vector":
             entity = str(body["entity"])
             vector = decode_vector_b64(body["vector"])
@@ -553,7 +581,7 @@ class _CorrelationShell:
             return None
         key = f"{scope}|{entity}".encode()
         pending = self.checkpoints.dirty.get(key)
-        item = dict(pending[1].value if pending is not None else (self.table.data.get(key) or {}))
+        item = dict((pending[1].value if pending is not None else self.table.data.get(key)) or {})
         if body["type"] == "event":
             item["obs"] = body["obs"]
             item["source"] = source
@@ -745,6 +773,8 @@ COUNTERS = (
         "discussion_late_count",
         "Events later than the discussion lateness",
     ),
+    ("backbone_correlation_expired", "expired_count", "Messages and commits dropped by the retention"),
+    ("backbone_correlation_too_old", "too_old_count", "Messages and commits older than the retention"),
     ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
 )
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""

@@ -81,6 +81,8 @@ from typing import Any
 
 import numpy as np
 
+from processors.correlation.watermark import SourceWatermark
+
 __all__ = [
     "AuthorAffinity",
     "ChatMessage",
@@ -324,7 +326,10 @@ class DiscussionLinker:
         embed: texts → unit vectors; with it a decision embeds the message's context and adds the
             embedding term against the commits' ``vector`` (the live correlator passes None).
         sources: the inputs the watermark waits for (the worker: every partition of its events topic):
-            no decision before each has delivered an event. None: the sources seen so far.
+            no decision before each has delivered an event. None: the sources seen so far. Ignored when
+            ``watermark`` is given.
+        watermark: the scope's :class:`~processors.correlation.watermark.SourceWatermark`, shared with the
+            caller (the :class:`~processors.correlation.logic.Correlator` reads the same clock); None: an own.
         evict: drop what no later decision reads (see *Bounded state*); False keeps everything (the
             tests compare the two).
     """
@@ -337,11 +342,12 @@ class DiscussionLinker:
         sources: Collection[str] | None = None,
         *,
         evict: bool = True,
+        watermark: SourceWatermark | None = None,
     ) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         self.config = config or MaskedConfig()
-        self.sources = frozenset(sources) if sources is not None else None
+        self.clock = watermark if watermark is not None else SourceWatermark(sources)
         self.on_decided = on_decided
         self.embed = embed
         self._analyze = TfidfVectorizer(
@@ -369,8 +375,6 @@ class DiscussionLinker:
         self._affinity = AuthorAffinity(self.config.affinity_smoothing)
         self._affinity_upto = -(2**62)  # the links of messages before this time are folded in
         self.decided: set[str] = set()
-        self.watermark_ms: int | None = None
-        self.source_max_ms: dict[str, int] = {}  # per input (e.g. a source partition): its largest event time
         self.late_events = 0
         # document frequencies of the commits up to _df_upto, moved as decisions need
         self._term_ids: dict[str, int] = {}
@@ -493,7 +497,6 @@ class DiscussionLinker:
 
     def _decide_at_watermark(self) -> list[Prediction]:
         """Move the watermark, decide what it passed, drop what no later decision reads."""
-        self._move_watermark()
         if self.watermark_ms is None:
             return []
         out = self._decide_until(self.watermark_ms)
@@ -501,18 +504,18 @@ class DiscussionLinker:
         return out
 
     def _note_source(self, source: str | None, time: datetime) -> None:
-        key = source if source is not None else "-"
-        self.source_max_ms[key] = max(self.source_max_ms.get(key, -(2**62)), _ms(time))
+        self.clock.note(source, _ms(time))
 
-    def _move_watermark(self) -> None:
-        """The smallest of the sources' largest event times, once every expected source has spoken."""
-        if not self.source_max_ms or (
-            self.sources is not None and not self.sources <= set(self.source_max_ms)
-        ):
-            return
-        low = min(self.source_max_ms.values())
-        if self.watermark_ms is None or low > self.watermark_ms:
-            self.watermark_ms = low
+    @property
+    def watermark_ms(self) -> int | None:
+        """The scope's watermark (epoch ms): the smallest of the sources' largest event times, once every
+        expected source has spoken (None before)."""
+        return self.clock.watermark_ms
+
+    @property
+    def source_max_ms(self) -> dict[str, int]:
+        """Per input (e.g. a source partition): its largest event time noted, epoch ms."""
+        return self.clock.source_max_ms
 
     def close(self) -> list[Prediction]:
         """Decide every pending message (the end of a finite input); returns the decisions that link."""
@@ -525,7 +528,6 @@ class DiscussionLinker:
         written)."""
         for source, time in source_max.items():
             self._note_source(source, time)
-        self._move_watermark()
         while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
             self.decided.add(heapq.heappop(self._pending)[2])
         self._evict()

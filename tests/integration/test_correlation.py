@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
 from core.settings import Settings
@@ -25,6 +26,7 @@ from processors.correlation.logic import CorrelationConfig, Correlator, link_id,
 from processors.correlation.masked import MaskedConfig
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
+from streams.offsets import end_offsets
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
@@ -186,6 +188,48 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
         assert record.data["labels"]["method"] == "reference"
         assert record.data["labels"]["slack_entity"] == message.key
     assert list(read_range(settings.kafka, serde, dlq_topic)) == []
+
+    # Retention: 400 days later (acme speaks again; another workspace on every partition moves the
+    # watermark), the commits (365 days) and the message (90 days) are dropped and their items deleted.
+    later = T0 + timedelta(days=400)
+    with EventProducer(settings.kafka, serde) as producer:
+        producer.produce(events_topic, _slack(later, "hello again"))
+        for partition in range(3):
+            other = slack_event(workspace="other", channel="chat", ts=(later + timedelta(minutes=partition)).replace(tzinfo=None).isoformat(),
+                                user="Zed", text="ok", repo="other/thing")  # fmt: skip
+            _produce_to(producer, serde, events_topic, other, partition)
+        producer.flush()
+    third = _run_correlate(settings, tmp_path, *args, timeout=25)
+    assert third.returncode == 0, third.stderr[-3000:]
+    stats = json.loads(third.stdout.strip().splitlines()[-1])
+    assert (stats["events_count"], stats["expired_count"], stats["reference_links_count"]) == (4, 5, 0), stats
+    table = _raw_changelog(settings, f"{app_id}-correlation_items-changelog")
+    for entity in [*(c.key for c in commits), message.key]:
+        assert table[f"acme|{entity}".encode()] is None, entity  # a tombstone: a restart does not hold it
+    assert table[f"acme|{_slack(later, 'hello again').key}".encode()] is not None
+
+
+def _raw_changelog(settings: Settings, topic: str) -> dict[bytes, bytes | None]:
+    """The last value of each key of a changelog topic, raw (None: a tombstone)."""
+    ends = end_offsets(settings.kafka, topic)
+    consumer = Consumer(
+        {**settings.kafka.librdkafka(), "group.id": f"read-{topic}", "enable.auto.commit": False}
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    table: dict[bytes, bytes | None] = {}
+    left = {p: end for p, end in ends.items() if end > 0}
+    try:
+        while left:
+            record = consumer.poll(10)
+            assert record is not None, left
+            if record.error():
+                continue
+            table[record.key()] = record.value()
+            if record.offset() + 1 >= left.get(record.partition(), 0):
+                left.pop(record.partition(), None)
+    finally:
+        consumer.close()
+    return table
 
 
 def test_a_bad_body_in_a_repartition_record_is_dead_lettered_and_the_others_joined(

@@ -207,6 +207,61 @@ def test_restore_rebuilds_state_without_redrawing_links() -> None:
         corr.add_vector(m2.entity, _unit(1, 0))
 
 
+def test_retention_drops_what_the_watermark_left_behind() -> None:
+    """Messages older than ``retention`` and commits older than ``commit_retention`` behind the watermark are
+    dropped (named in ``expired``, vectors and indexes too); a reference to a dropped commit links nothing;
+    an event older than the retention when it arrives is counted and ignored."""
+    config = CorrelationConfig(retention=timedelta(days=10), commit_retention=timedelta(days=30))
+    corr = Correlator(config)
+    c_old = _commit(SHA_A, "teach the frobnicator to count", T0)
+    m_old = _message(T0, "hello")
+    corr.add(c_old)
+    corr.add(m_old)
+    corr.add_vector(c_old.entity, _unit(1, 0))
+    corr.add_vector(m_old.entity, _unit(0, 1))
+    m_mid = _message(T0 + timedelta(days=20), "0123456789ab broke my build")
+    assert [lk.commit.entity for lk in corr.add(m_mid)] == [c_old.entity]  # the commit is held 30 days
+    assert corr.expired == [m_old.entity]  # the message only 10
+    corr.add(_message(T0 + timedelta(days=31), "later"))
+    assert corr.expired == [m_old.entity, m_mid.entity, c_old.entity] and corr.expired_count == 3
+    assert c_old.entity not in corr.vectors and m_old.entity not in corr.vectors
+    assert corr.add(_message(T0 + timedelta(days=32), "0123456789ab again")) == []  # its commit is gone
+    assert len(corr) == 2
+    assert corr.add(_message(T0 + timedelta(days=5), "0123456789ab late")) == [] and corr.too_old == 1
+    assert len(corr) == 2
+
+
+def test_retention_follows_the_slowest_source_and_a_restore() -> None:
+    """The retention reads the scope's watermark: nothing is dropped while a source lags; a restored
+    correlator drops what its restored watermark left behind."""
+    config = CorrelationConfig(retention=timedelta(days=10), commit_retention=timedelta(days=30))
+    c_old = _commit(SHA_A, "fix", T0)
+    m_new = _message(T0 + timedelta(days=40), "news")
+    corr = Correlator(config, sources=["events/0", "events/1"])
+    corr.add(c_old, "events/0")
+    corr.add(m_new, "events/0")
+    assert corr.expired == [] and corr.clock.watermark_ms is None  # events/1 not heard from yet
+    corr.add(_message(T0 + timedelta(days=40, minutes=1), "also"), "events/1")
+    assert corr.expired == [c_old.entity]
+
+    restored = Correlator(config)
+    restored.restore([(c_old, None, c_old.entity, "events/0"), (m_new, None, m_new.entity, "events/0")])
+    assert restored.expired == [c_old.entity] and len(restored) == 1
+
+
+def test_retention_must_cover_what_a_link_reads_back() -> None:
+    """A retention shorter than the embedding window or a discussion decision's reach is refused."""
+    from processors.correlation.masked import MaskedConfig
+
+    with pytest.raises(ValueError, match="retention"):
+        CorrelationConfig(retention=timedelta(hours=1))
+    with pytest.raises(ValueError, match="retention"):
+        CorrelationConfig(retention=timedelta(days=20), discussion=MaskedConfig())
+    with pytest.raises(ValueError, match="commit_retention"):
+        CorrelationConfig(retention=timedelta(days=40), commit_retention=timedelta(days=30))
+    assert CorrelationConfig(retention=None).retention is None  # holds everything
+
+
 def test_observe_skips_other_kinds_and_refuses_bad_commit_entities() -> None:
     """Events of other kinds are not observed; a git.commit without a SHA in its entity is unprocessable."""
     data = dict(
