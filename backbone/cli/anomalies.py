@@ -174,13 +174,13 @@ def link_figures(
 ) -> dict[str, Any]:
     """The figures of ``eval links`` (see :func:`eval_links`)."""
     from connectors.chat_code import parse_git_commits_tsv
-    from processors.correlation.logic import Correlator, observe
+    from processors.correlation.logic import CorrelationConfig, Correlator, observe
     from processors.correlation.masked import CommitText, MaskedConfig, evaluate_masked
 
     pairs = _slack_messages(slack, repo)
     config = MaskedConfig() if min_history is None else MaskedConfig(min_history=min_history)
     commits = list(parse_git_commits_tsv(commits_file, repo=repo))
-    corr = Correlator()
+    corr = Correlator(CorrelationConfig(retention=None))  # every reference pair of the files, in any order
     from processors.correlation.lag import LagStats
 
     truth: dict[str, str] = {}

@@ -478,7 +478,8 @@ class _CorrelationShell:
                         continue
                     if done is not None:
                         links += done[0]
-                        items.append((done[1], message.partition, done[2]))
+                        if done[1] is not None:
+                            items.append((done[1], message.partition, done[2]))
             await self._send_links(links)
             for link in links:
                 log.info("correlation_link_sent", insight_id=link.insight_id, method=link.method,
@@ -545,9 +546,12 @@ class _CorrelationShell:
             marks.append((key, partition, {"progress": known}))
         return links, marks
 
-    def _join(self, scope: str, body: Any, partition: int) -> tuple[list[Link], bytes, dict[str, Any]] | None:
-        """Join one repartition body with its scope's correlator: ``(links, table key, new item)``, or None
-        for a piece the scope already knows (counted as a duplicate).
+    def _join(
+        self, scope: str, body: Any, partition: int
+    ) -> tuple[list[Link], bytes | None, dict[str, Any]] | None:
+        """Join one repartition body with its scope's correlator: ``(links, table key, new item)`` (key None
+        for an event older than the scope's retention: its links, nothing kept), or None for a piece the
+        scope already knows (counted as a duplicate).
 
         Raises:
             ValueError, KeyError, TypeError: a malformed body (UnprocessableEventError for an unknown type).
@@ -566,9 +570,9 @@ class _CorrelationShell:
             links = corr.add(obs, source)
             if corr.discussion is not None:
                 self.stats.discussion_late_count += corr.discussion.late_events - late_before
-            if corr.too_old > too_old_before:
+            if corr.too_old > too_old_before:  # its links are sent; it is not kept, so no item
                 self.stats.too_old_count += 1
-                return None
+                return links, None, {}
         elif body.get("type") == "vector":
             entity = str(body["entity"])
             vector = decode_vector_b64(body["vector"])

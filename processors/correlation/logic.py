@@ -35,7 +35,9 @@ a finite input; the live worker never calls it.
 (:data:`DEFAULT_RETENTION`, 90 days) of event time behind its watermark and the commits of the last
 ``commit_retention`` (:data:`DEFAULT_COMMIT_RETENTION`, 365 days), and drops the older ones
 (:attr:`Correlator.expired` names them, so the worker deletes their table items); an event older than that
-when it arrives is counted (:attr:`Correlator.too_old`) and ignored. Commits are kept longer because a
+when it arrives (a backfill: a year of commits imported before the year's chat) is counted
+(:attr:`Correlator.too_old`), still draws its reference links with what is held (a stream-table join), and
+is not kept (no embedding or discussion link). Commits are kept longer because a
 message may name an old commit: on the Racket 2018 year the reference links are 12.9 days apart at p90
 (``backbone eval links --json``, ``lags_reference_links``), but one message of October names a commit of
 July, 102 days before. So a reference pair further apart than the retention of the earlier one's kind is
@@ -445,7 +447,8 @@ class Correlator:
         expired: the entities dropped by the retention since the caller last emptied the list (the worker
             deletes their table items).
         expired_count: entities dropped by the retention so far.
-        too_old: events ignored because they were older than the retention when they arrived.
+        too_old: events older than the retention when they arrived (their reference links with what is held
+            were drawn; they were not kept).
     """
 
     def __init__(
@@ -481,7 +484,8 @@ class Correlator:
         """Record an event; return the links it completes (explicit ones, then embedding ones, then the
         discussion links of the messages whose deadline the watermark passed).
 
-        An entity seen before (a replay, a duplicate delivery) is ignored and returns ``[]``.
+        An entity seen before (a replay, a duplicate delivery) is ignored and returns ``[]``. An event older
+        than the retention returns its reference links with what is held and is not kept (:attr:`too_old`).
 
         Args:
             obs: the event.
@@ -494,19 +498,15 @@ class Correlator:
         if not self._restoring:
             self.clock.note(source, _clock_ms(obs.event_time))
         cutoff = self._cutoff_ms(obs.kind)
-        if cutoff is not None and t < cutoff:
-            self.too_old += 1
-            return []
-        self.observations[obs.entity] = obs
-        heapq.heappush(self._by_time[obs.kind], (t, obs.entity))
-        buckets = self._buckets[obs.entity] = []
+        held = cutoff is None or t >= cutoff
         links: list[Link] = []
+        slots: list[tuple[dict[Any, list[str]], Any]] = []  # the index keys it is held under
         if obs.kind == "commit":
             assert obs.repo is not None and obs.sha is not None
-            buckets.append(self._commits_by_prefix.setdefault((obs.repo, obs.sha[:_PREFIX]), []))
+            slots.append((self._commits_by_prefix, (obs.repo, obs.sha[:_PREFIX])))
             candidates = list(self._messages_by_prefix.get((obs.repo, obs.sha[:_PREFIX]), ()))
             if obs.pr_number is not None:
-                buckets.append(self._commits_by_pr.setdefault((obs.repo, obs.pr_number), []))
+                slots.append((self._commits_by_pr, (obs.repo, obs.pr_number)))
                 candidates += self._messages_by_pr.get((obs.repo, obs.pr_number), ())
             for entity in dict.fromkeys(candidates):
                 links += self._reference_link(self.observations[entity], obs)
@@ -515,16 +515,24 @@ class Correlator:
             for ref in obs.refs:
                 if (m := _SHA_REF.fullmatch(ref)) is not None:
                     key = (m.group("repo"), m.group("sha")[:_PREFIX])
-                    buckets.append(self._messages_by_prefix.setdefault(key, []))
+                    slots.append((self._messages_by_prefix, key))
                     candidates += self._commits_by_prefix.get(key, ())
                 elif (m := _NUM_REF.fullmatch(ref)) is not None:
                     key_pr = (m.group("repo"), int(m.group("num")))
-                    buckets.append(self._messages_by_pr.setdefault(key_pr, []))
+                    slots.append((self._messages_by_pr, key_pr))
                     candidates += self._commits_by_pr.get(key_pr, ())
             for entity in dict.fromkeys(candidates):
                 links += self._reference_link(obs, self.observations[entity])
-        for bucket in buckets:
+        if not held:  # older than the retention: it still meets what is held, and is not kept
+            self.too_old += 1
+            return links
+        self.observations[obs.entity] = obs
+        heapq.heappush(self._by_time[obs.kind], (t, obs.entity))
+        buckets = self._buckets[obs.entity] = []
+        for index, key in slots:
+            bucket = index.setdefault(key, [])
             bucket.append(obs.entity)
+            buckets.append(bucket)
         if obs.entity in self.vectors:
             links += self._embedding_links(obs)
         if self.discussion is not None:

@@ -210,7 +210,7 @@ def test_restore_rebuilds_state_without_redrawing_links() -> None:
 def test_retention_drops_what_the_watermark_left_behind() -> None:
     """Messages older than ``retention`` and commits older than ``commit_retention`` behind the watermark are
     dropped (named in ``expired``, vectors and indexes too); a reference to a dropped commit links nothing;
-    an event older than the retention when it arrives is counted and ignored."""
+    an event older than the retention when it arrives is counted, meets what is held, and is not kept."""
     config = CorrelationConfig(retention=timedelta(days=10), commit_retention=timedelta(days=30))
     corr = Correlator(config)
     c_old = _commit(SHA_A, "teach the frobnicator to count", T0)
@@ -228,7 +228,12 @@ def test_retention_drops_what_the_watermark_left_behind() -> None:
     assert corr.add(_message(T0 + timedelta(days=32), "0123456789ab again")) == []  # its commit is gone
     assert len(corr) == 2
     assert corr.add(_message(T0 + timedelta(days=5), "0123456789ab late")) == [] and corr.too_old == 1
-    assert len(corr) == 2
+    assert len(corr) == 2  # not kept
+    c_new = _commit(SHA_B, "speed up widget rendering", T0 + timedelta(days=31, hours=1))
+    corr.add(c_new)
+    backfill = _message(T0 + timedelta(days=6), "fedcba987654 is the one")  # a backfilled old message
+    assert [lk.commit.entity for lk in corr.add(backfill)] == [c_new.entity]  # still meets what is held
+    assert corr.too_old == 2 and backfill.entity not in corr.observations
 
 
 def test_retention_follows_the_slowest_source_and_a_restore() -> None:
