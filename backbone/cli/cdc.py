@@ -26,8 +26,12 @@ from backbone.cli.helpers import (
     out,
     stop_on_signals,
 )
-from connectors.cdc import CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX
 from streams.catalogue import DLQ_TOPIC
+
+# connectors.cdc (psycopg, the projection) is imported by the commands that use it, not by every ``backbone``
+# call; these mirror connectors.cdc.CHANGES_TOPIC and DEFAULT_TOPIC_PREFIX (a unit test checks)
+CHANGES_TOPIC = "cdc.changes"
+DEFAULT_TOPIC_PREFIX = "cdc"
 
 __all__ = ["import_debezium", "query_cdc", "run_cdc"]
 

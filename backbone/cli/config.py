@@ -14,18 +14,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from backbone.cli.helpers import JsonOpt, emit_json
-from configuration.errors import ConfigurationError, StaleVersionError
-from configuration.relay import CONFIG_CHANGE_SCHEMA, CONFIG_TOPIC
-from configuration.store import ConfigStore, ConfigVersion, value_from_json
 from core.settings import Settings, get_settings
 from streams.envelope import parse_time
+
+if TYPE_CHECKING:
+    from configuration.store import ConfigStore, ConfigVersion
+
+# configuration's modules (eventsourcing, psycopg, redis) are imported by the commands that use them, not
+# by every ``backbone`` call; CONFIG_TOPIC mirrors configuration.relay.CONFIG_TOPIC (a unit test checks)
+CONFIG_TOPIC = "config.changes"
 
 __all__ = ["app"]
 
@@ -65,6 +69,9 @@ def _settings() -> Settings:
 
 @contextmanager
 def _store() -> Iterator[ConfigStore]:
+    from configuration.errors import ConfigurationError, StaleVersionError
+    from configuration.store import ConfigStore
+
     try:
         store = ConfigStore(_settings())
     except (ConfigurationError, ValueError) as exc:
@@ -125,6 +132,8 @@ def set_(
     if (value is None) == (file is None):
         raise typer.BadParameter("give the value or --file, not both")
     text = value if value is not None else file.read_text()  # type: ignore[union-attr]
+    from configuration.store import value_from_json
+
     try:
         parsed = value_from_json(text)
     except ValueError as exc:
@@ -272,6 +281,7 @@ def watch(
 
     from confluent_kafka import KafkaError
 
+    from configuration.relay import CONFIG_CHANGE_SCHEMA
     from streams.consumer import ConsumedEvent, decode_message, make_consumer
     from streams.serde import serde_from_settings
 

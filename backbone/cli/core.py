@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from backbone.cli.helpers import (
+    PROJECTION_BATCH_SIZE,
     JsonOpt,
     clear_errors,
     context,
@@ -24,7 +25,6 @@ from backbone.cli.helpers import (
     print_rows,
     stop_on_signals,
 )
-from projections.runner import DEFAULT_BATCH_SIZE
 from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["import_app", "import_runs", "query_app", "schemas_app", "topics_app"]
@@ -373,7 +373,7 @@ def project(
     ] = None,
     batch_size: Annotated[
         int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")
-    ] = DEFAULT_BATCH_SIZE,
+    ] = PROJECTION_BATCH_SIZE,
     dlq_topic: Annotated[
         str, typer.Option(help="Dead-letter topic.", envvar="BACKBONE_DLQ_TOPIC")
     ] = DLQ_TOPIC,

@@ -13,15 +13,6 @@ from typing import Annotated
 
 import typer
 
-from processors.correlation.app import DEFAULT_APP_ID, CorrelationTopics, run_correlation_worker
-from processors.correlation.logic import (
-    DEFAULT_COMMIT_RETENTION,
-    DEFAULT_MIN_COSINE,
-    DEFAULT_RETENTION,
-    DEFAULT_WINDOW,
-    CorrelationConfig,
-)
-from processors.correlation.masked import MaskedConfig
 from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["correlate"]
@@ -42,13 +33,13 @@ def correlate(
     window_hours: Annotated[float, typer.Option(
         envvar="BACKBONE_CORRELATION_WINDOW_HOURS",
         help="Largest event-time distance (hours) of an embedding link; keep it above the ±14 h of Slack's unknown offset.",
-    )] = DEFAULT_WINDOW.total_seconds() / 3600,
+    )] = 48.0,
     min_cosine: Annotated[float, typer.Option(
-        envvar="BACKBONE_CORRELATION_MIN_COSINE", help="Smallest cosine of an embedding link.")] = DEFAULT_MIN_COSINE,
+        envvar="BACKBONE_CORRELATION_MIN_COSINE", help="Smallest cosine of an embedding link.")] = 0.6,
     scope: Annotated[list[str] | None, typer.Option(
         "--scope", envvar="BACKBONE_CORRELATION_SCOPES",
         help="ENTITY_PREFIX=SCOPE override of the correlation scope (repeat), e.g. slack:lisp/=racket.")] = None,
-    app_id: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_APP_ID", help="Faust app id / group.")] = DEFAULT_APP_ID,
+    app_id: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_APP_ID", help="Faust app id / group.")] = "backbone-correlation",
     events_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_EVENTS_TOPIC")] = "external.events",
     results_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_RESULTS_TOPIC")] = "inference.results",
     requests_topic: Annotated[str, typer.Option(envvar="BACKBONE_CORRELATION_REQUESTS_TOPIC")] = "inference.requests",
@@ -67,21 +58,26 @@ def correlate(
     discussion_min_history: Annotated[int, typer.Option(
         envvar="BACKBONE_CORRELATION_DISCUSSION_MIN_HISTORY",
         help="Commits a scope must have (up to a message's window end) before a discussion link is drawn: "
-             "the TF-IDF's document frequencies come from them.")] = MaskedConfig().min_history,
+             "the TF-IDF's document frequencies come from them.")] = 200,
     retention_days: Annotated[float, typer.Option(
         envvar="BACKBONE_CORRELATION_RETENTION_DAYS",
         help="Days of event time of messages a scope holds behind its watermark (older ones are dropped and "
              "their table items deleted; a reference further apart is not linked); 0 = hold everything.",
-    )] = DEFAULT_RETENTION.total_seconds() / 86400,
+    )] = 90.0,
     commit_retention_days: Annotated[float, typer.Option(
         envvar="BACKBONE_CORRELATION_COMMIT_RETENTION_DAYS",
         help="The same for commits (a message may name an old commit); at least --retention-days.",
-    )] = DEFAULT_COMMIT_RETENTION.total_seconds() / 86400,
+    )] = 365.0,
     web_port: Annotated[int, typer.Option(envvar="BACKBONE_CORRELATION_WEB_PORT", help="Faust web port; 0 = off.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print the final counters as JSON on exit.")] = False,
 ) -> None:  # fmt: skip
     """Link Slack messages and commits (by reference, by embedding when present, and by discussion: the
     masked linker for messages without a reference) into insights.correlations."""
+    # the worker's modules (Faust, numpy) are imported by this command only, not by every ``backbone`` call
+    from processors.correlation.app import CorrelationTopics, run_correlation_worker
+    from processors.correlation.logic import CorrelationConfig
+    from processors.correlation.masked import MaskedConfig
+
     scopes: dict[str, str] = {}
     for item in scope or []:
         prefix, sep, name = item.partition("=")

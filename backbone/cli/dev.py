@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import signal
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from backbone.devstack import COMPONENTS, DevStack, StackInfo, read_stack, stack_file, stop_stack
 from backbone.errors import StackError
 from core.settings import get_settings
-from projections.reseed import PartitionRestored, ReseedReport
+
+if TYPE_CHECKING:  # the stack (psycopg, the projections) is imported by the commands, not by every call
+    from backbone.devstack import StackInfo
+    from projections.reseed import PartitionRestored, ReseedReport
 
 __all__ = ["app"]
 
@@ -39,6 +42,8 @@ def _table(info: StackInfo) -> Table:
     table.add_column("pid", justify="right")
     table.add_column("source")
     table.add_column("since")
+    from backbone.devstack import COMPONENTS
+
     for name in COMPONENTS:
         embedded = info.embedded.get(name, False)
         table.add_row(
@@ -88,6 +93,8 @@ def up(
 ) -> None:
     """Start the dev stack; in the foreground until Ctrl-C or SIGTERM, or detached with --detach."""
     settings = get_settings()
+    from backbone.devstack import DevStack
+
     stack = DevStack(settings, startup_timeout_seconds=startup_timeout_seconds, durable=durable, fresh=fresh)
     # SIGTERM behaves like Ctrl-C: during start() it stops what was started, afterwards it stops the
     # stack. (Blocking the signals instead would be inherited by the servers' signal masks.)
@@ -172,6 +179,8 @@ def down(
     """Stop the dev stack started from this state directory (only the embedded servers)."""
     state_dir = get_settings().state_dir
     try:
+        from backbone.devstack import stop_stack
+
         info = stop_stack(state_dir, timeout_seconds=timeout_seconds)
     except StackError as exc:
         _err.print(f"[red]error:[/red] {exc}", highlight=False)
@@ -190,6 +199,8 @@ def status(
 ) -> None:
     """Show what runs, where, its pid and since when; exit code 1 when no stack runs."""
     state_dir = get_settings().state_dir
+    from backbone.devstack import read_stack, stack_file
+
     info = read_stack(state_dir)
     if info is None:
         # read_stack removes a stack.json whose servers all exited; one left means some still run.

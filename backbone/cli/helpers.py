@@ -25,6 +25,7 @@ from core.settings import Settings
 from streams.serde import AvroSerde
 
 __all__ = [
+    "PROJECTION_BATCH_SIZE",
     "JsonOpt",
     "clear_errors",
     "context",
@@ -36,6 +37,10 @@ __all__ = [
     "settings_only",
     "stop_on_signals",
 ]
+
+PROJECTION_BATCH_SIZE = 20_000
+"""The projection commands' default batch size: :data:`projections.runner.DEFAULT_BATCH_SIZE` (a unit test
+checks), written here so that every ``backbone`` call does not import the projections (redis, psycopg)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

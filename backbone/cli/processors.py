@@ -13,7 +13,6 @@ import typer
 
 from backbone.cli.correlation import correlate
 from backbone.cli.routing import route_command
-from processors.run_summary.app import DEFAULT_APP_ID, ProcessorTopics, run_worker
 from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["cli"]
@@ -30,7 +29,7 @@ def _main() -> None:
 @cli.command()
 def worker(
     app_id: str = typer.Option(
-        DEFAULT_APP_ID, envvar="BACKBONE_PROCESSORS_APP_ID", help="Faust app id / group."
+        "backbone-processors", envvar="BACKBONE_PROCESSORS_APP_ID", help="Faust app id / group."
     ),
     events_topic: str = typer.Option("agent.events", envvar="BACKBONE_PROCESSORS_EVENTS_TOPIC"),
     insights_topic: str = typer.Option("insights.runs", envvar="BACKBONE_PROCESSORS_INSIGHTS_TOPIC"),
@@ -51,6 +50,8 @@ def worker(
     json_output: bool = typer.Option(False, "--json", help="Print the final counters as JSON on exit."),
 ) -> None:
     """Run the run-summary processor until stopped (SIGTERM/SIGINT) or idle."""
+    from processors.run_summary.app import ProcessorTopics, run_worker  # Faust: only for this command
+
     stats = run_worker(
         app_id=app_id,
         topics=ProcessorTopics(

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from backbone.cli.helpers import (
+    PROJECTION_BATCH_SIZE,
     SHUTDOWN_TIMEOUT_SECONDS,
     JsonOpt,
     clear_errors,
@@ -28,7 +29,6 @@ from backbone.cli.helpers import (
     print_rows,
     stop_on_signals,
 )
-from projections.runner import DEFAULT_BATCH_SIZE
 
 __all__ = ["app", "audit", "make_runners", "replay_into"]
 
@@ -106,7 +106,7 @@ def rebuild_cmd(
     ] = False,
     batch_size: Annotated[
         int, typer.Option(help="Records per transaction.", envvar="BACKBONE_BATCH_SIZE")
-    ] = DEFAULT_BATCH_SIZE,
+    ] = PROJECTION_BATCH_SIZE,
     as_json: JsonOpt = False,
 ) -> None:
     """Replay the archive and the log into fresh tables while the live projection keeps serving, then swap
@@ -143,7 +143,7 @@ def make_runners(
     serde: Any,
     names: list[str],
     *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = PROJECTION_BATCH_SIZE,
     read_models: bool = True,
     topics: list[str] | None = None,
 ) -> list[Any]:
@@ -175,7 +175,7 @@ def run_cmd(
     until_caught_up: Annotated[bool, typer.Option(help="Exit once every projection has caught up.")] = False,
     batch_size: Annotated[
         int, typer.Option(help="Most records per transaction.", envvar="BACKBONE_BATCH_SIZE")
-    ] = DEFAULT_BATCH_SIZE,
+    ] = PROJECTION_BATCH_SIZE,
     read_models: Annotated[
         bool, typer.Option(help="Keep the Redis read models.", envvar="BACKBONE_READ_MODELS")
     ] = True,
