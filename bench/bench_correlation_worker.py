@@ -160,6 +160,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     same = both_stats["discussion_links_count"] == expected.get("discussion", 0)
     print(f"discussion links as the logic draws them: {'yes' if same else 'NO'}")
+    refs_same = (
+        refs_stats["reference_links_count"]
+        == both_stats["reference_links_count"]
+        == expected.get("reference", 0)
+    )
+    print(f"reference links as the logic draws them, in both workers: {'yes' if refs_same else 'NO'}")
     print_verdicts(rows, TARGET)
     return rows
 

@@ -52,7 +52,8 @@ about 11,000 items).
   the source partitions' largest event times among the items, and every message whose deadline lies
   behind it counts as decided (its link was sent before the item that moved the watermark was written,
   see the order of effects below).
-* **Discussion watermark per source partition.** The repartition topic merges the partitions of
+* **A scope's watermark per source partition** (it decides discussion links and moves the retention;
+  with neither, ``--no-discussion --retention-days 0``, there is none). The repartition topic merges the partitions of
   ``external.events`` in whatever order the forwarder reads them, and a replay reads one partition far
   ahead of another (on the Racket year, 7,743 of 10,954 events arrived more than a day behind the largest
   event time seen). So each forwarded event carries its source partition, and the discussion watermark
@@ -178,9 +179,10 @@ class CorrelationTopics:
         insights: output, ``sophia.insight.Insight`` keyed by entity.
         dead_letters: where undecodable or unprocessable records go.
         scope_partitions: partitions of the repartition topic and of the table's changelog.
-        events_partitions: partitions of the events topic; the discussion watermark waits for an event
-            from each (:func:`run_correlation_worker` reads the count from the broker). None: it follows
-            the partitions seen so far, so at start a partition read first can make another's events late.
+        events_partitions: partitions of the events topic; a scope's watermark (its discussion decisions
+            and its retention) waits for an event from each (:func:`run_correlation_worker` reads the count
+            from the broker). None: it follows the partitions seen so far, so at start a partition read
+            first can make another's events late, or older than the retention.
     """
 
     events: str = "external.events"
@@ -327,7 +329,7 @@ class _CorrelationShell:
         for scope, bodies in by_scope.items():
             for packed, _ in pack_bodies(bodies, SCOPE_MAX_BYTES):
                 futures.append(await scope_topic.send(key=scope.encode(), value=packed))
-        if progress and self.config.discussion is not None:
+        if progress and (self.config.discussion is not None or self.config.retention is not None):
             # after the batch's bodies, to every partition: each scope's watermark follows every partition
             # of external.events, not only the partitions and times of its own events
             marker = json.dumps({"type": "progress", "sources": progress}).encode()
@@ -830,7 +832,10 @@ def run_correlation_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or CorrelationTopics()
     ensure_correlation_topics(settings.kafka, topics, app_id, embeddings=embeddings)
-    if topics.events_partitions is None and config is not None and config.discussion is not None:
+    watermarked = config or CorrelationConfig()  # discussion decisions and the retention read the watermark
+    if topics.events_partitions is None and (
+        watermarked.discussion is not None or watermarked.retention is not None
+    ):
         topics = replace(topics, events_partitions=topic_partitions(settings.kafka, topics.events))
     app = create_correlation_app(
         settings, app_id=app_id, topics=topics, config=config, embeddings=embeddings,
