@@ -216,7 +216,8 @@ class CorrelationStats:
             ``allowed_lateness`` behind its watermark (their effect on decisions already made is not redone).
         expired_count: messages and commits the scopes' retention dropped (their table items deleted; see
             ``CorrelationConfig.retention``).
-        too_old_count: messages and commits older than their scope's retention when they arrived (ignored).
+        too_old_count: messages and commits older than their scope's retention when they arrived (their
+            reference links with what the scope holds were sent; they were not kept).
         dead_letters_count: records dead-lettered.
         first_record_monotonic: ``time.monotonic()`` of the first record handled, ``None`` before (with the
             last, a rate without the start-up; ``bench/bench_correlation_worker.py``).

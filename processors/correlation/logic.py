@@ -40,8 +40,9 @@ when it arrives (a backfill: a year of commits imported before the year's chat) 
 is not kept (no embedding or discussion link). Commits are kept longer because a
 message may name an old commit: on the Racket 2018 year the reference links are 12.9 days apart at p90
 (``backbone eval links --json``, ``lags_reference_links``), but one message of October names a commit of
-July, 102 days before. So a reference pair further apart than the retention of the earlier one's kind is
-never linked, a closer one (less the sources' lateness) always is, and what is held grows with the
+July, 102 days before. So a reference pair closer than the retention of the earlier one's kind (less the
+sources' lateness) is always linked, one further apart only if the later one arrives before the earlier one
+is dropped, and what is held grows with the
 messages of ``retention`` and the commits of ``commit_retention``, not with the whole history. Messages
 are most of the events (9,709 of 10,954 on that year). An embedding vector that arrives for an entity the
 scope no longer holds (an inference slower than the retention) waits as any early vector does.
