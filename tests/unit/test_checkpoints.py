@@ -70,15 +70,16 @@ class _Table:
         self.changelog: list[tuple[int, Any, Any]] = []
         self.data: dict[Any, Any] = {}
 
-    def send_changelog(self, partition: int, key: Any, value: Any) -> None:
+    def send_changelog(self, partition: int, key: Any, value: Any, **serializers: Any) -> None:
         self.changelog.append((partition, key, value))
+        self.serializers = serializers
 
 
 class _State:
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int | None) -> None:
         self.n = n
 
-    def to_dict(self) -> int:
+    def to_dict(self) -> int | None:
         return self.n
 
 
@@ -101,3 +102,19 @@ def test_table_checkpoints_write_each_marked_key_once_to_its_last_input_partitio
             checkpoints.record(0)
 
     asyncio.run(run())
+
+
+def test_a_state_of_none_is_written_as_a_tombstone() -> None:
+    """``to_dict()`` None deletes the key: a raw None value on the changelog (a Kafka tombstone, not JSON
+    ``null``) and the key gone from the table's data (the correlation worker's retention)."""
+    table = _Table()
+    table.data["a"] = 1
+
+    async def run() -> None:
+        checkpoints = TableCheckpoints(table, every_records=1, every_seconds=3600)
+        checkpoints.mark("a", 2, _State(None))
+        assert checkpoints.record().done()
+
+    asyncio.run(run())
+    assert table.changelog == [(2, "a", None)] and table.data == {}
+    assert table.serializers == {"value_serializer": "raw"}
