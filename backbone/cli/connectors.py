@@ -17,24 +17,18 @@ import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import structlog
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from connectors.kafka_connect import (
-    DEFAULT_CONNECT_URL,
-    ConnectorDiff,
-    KafkaConnectClient,
-    KafkaConnectError,
-    KafkaConnectHTTPError,
-    KafkaConnectUnavailableError,
-    PlanAction,
-    RetryPolicy,
-)
-from connectors.lint import ConnectorSpecError, LintLevel, is_secret_key, lint_spec, load_specs
+if TYPE_CHECKING:  # httpx and the client are imported by the commands, not by every ``backbone`` call
+    from connectors.kafka_connect import ConnectorDiff, KafkaConnectClient
+
+DEFAULT_CONNECT_URL = "http://127.0.0.1:8083"
+"""Mirrors :data:`connectors.kafka_connect.DEFAULT_CONNECT_URL` (a unit test checks)."""
 
 __all__ = ["EXIT_CONNECT_ERROR", "EXIT_FINDINGS", "EXIT_UNREACHABLE", "EXIT_USAGE", "app"]
 
@@ -75,6 +69,14 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _connect(url: str, call: Callable[[KafkaConnectClient], T]) -> T:
+    from connectors.kafka_connect import (
+        KafkaConnectClient,
+        KafkaConnectError,
+        KafkaConnectHTTPError,
+        KafkaConnectUnavailableError,
+        RetryPolicy,
+    )
+
     logger = structlog.wrap_logger(structlog.PrintLogger(sys.stderr))  # keep stdout for data (--json)
     try:
         with KafkaConnectClient(url, retry=RetryPolicy(max_attempts=3), logger=logger) as client:
@@ -88,6 +90,8 @@ def _connect(url: str, call: Callable[[KafkaConnectClient], T]) -> T:
 
 
 def _specs(files: list[Path] | None) -> list[Any]:
+    from connectors.lint import ConnectorSpecError, load_specs
+
     try:
         return load_specs(files or [])
     except ConnectorSpecError as exc:
@@ -113,6 +117,8 @@ def _print_json(value: Any) -> None:
 
 
 def _shown(key: str, value: str | None) -> str:
+    from connectors.lint import is_secret_key
+
     if value is None:
         return "-"
     if is_secret_key(key) and not value.startswith("${"):
@@ -123,6 +129,8 @@ def _shown(key: str, value: str | None) -> str:
 @app.command()
 def lint(files: Files = None, as_json: AsJson = False) -> None:
     """Lint spec files: required keys, pre-2.0 property names, literal secrets."""
+    from connectors.lint import LintLevel, lint_spec
+
     specs = _specs(files)
     results = [(spec, lint_spec(spec)) for spec in specs]
     errors = sum(1 for _, findings in results for f in findings if f.level is LintLevel.ERROR)
@@ -142,6 +150,8 @@ def lint(files: Files = None, as_json: AsJson = False) -> None:
 
 
 def _plan_table(diffs: list[ConnectorDiff]) -> Table:
+    from connectors.kafka_connect import PlanAction
+
     table = Table("connector", "action", "key", "live", "desired", title="connector plan")
     for diff in diffs:
         if diff.action in (PlanAction.UPDATE,):
@@ -170,6 +180,8 @@ def plan(
     ] = False,
 ) -> None:
     """Show what `apply` would change: create, update (changed keys), unchanged, delete-candidate."""
+    from connectors.kafka_connect import PlanAction
+
     specs = _specs(files)
     diffs = _connect(connect_url, lambda client: client.plan(specs))
     if as_json:
@@ -190,6 +202,8 @@ def apply(
     as_json: AsJson = False,
 ) -> None:
     """Validate and apply specs (PUT /connectors/NAME/config); idempotent. Lint errors stop it."""
+    from connectors.lint import LintLevel, lint_spec
+
     specs = _specs(files)
     blocking = [(s.name, f) for s in specs for f in lint_spec(s) if f.level is LintLevel.ERROR]
     if blocking:

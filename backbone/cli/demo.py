@@ -19,20 +19,14 @@ import typer
 from pydantic import SecretStr
 from rich.table import Table
 
-from backbone.cli.demo_live import (
-    demo_start_time,
-    run_live,
-    set_routing_config,
-    short,
-    start_workers,
-    worker_env,
-)
 from backbone.cli.helpers import emit_json, err, out
 
 __all__ = ["demo"]
 
 
 def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
+    from backbone.cli.demo_live import worker_env
+
     env = worker_env(settings)
     log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
@@ -53,6 +47,13 @@ def demo(
     from confluent_kafka.admin import AdminClient
 
     from backbone.cli.core import import_runs
+    from backbone.cli.demo_live import (
+        demo_start_time,
+        run_live,
+        set_routing_config,
+        start_workers,
+        worker_env,
+    )
     from backbone.devstack import DevStack
     from core.errors import BackboneError
     from core.observability import configure_logging
@@ -250,6 +251,8 @@ def _deployment(pod: str) -> str:
 
 
 def _report_live(live: dict[str, Any]) -> None:
+    from backbone.cli.demo_live import short
+
     o = live["outage"]
     table = Table(
         title=f"Live: {live['prompts']} real task prompts routed (routing.config v{live['routing_config_version']}), "

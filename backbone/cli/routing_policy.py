@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -161,6 +160,8 @@ def eval_command(
     weak = weak or (router.weak_model if router.weak_model in outcomes.models else None)
     strong, weak = _pair_names(outcomes, strong, weak)
     if all_prompts:  # a set the router was not fitted on: every prompt is scored, none calibrates
+        import numpy as np
+
         train, test = outcomes.subset(np.zeros(len(outcomes), dtype=bool)), outcomes
     else:
         by = str(router.metadata.get("split_by", "prompt"))

@@ -10,7 +10,18 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-HEAVY = ("faust", "configuration", "projections", "eventsourcing", "psycopg", "redis", "sklearn", "torch")
+HEAVY = (
+    "faust",
+    "configuration",
+    "projections",
+    "eventsourcing",
+    "psycopg",
+    "redis",
+    "sklearn",
+    "torch",
+    "numpy",
+    "httpx",
+)
 
 
 def test_mounting_every_command_imports_none_of_the_heavy_modules() -> None:
@@ -32,10 +43,11 @@ def _default(fn: Any, name: str) -> Any:
 
 
 def test_the_cli_defaults_are_the_librarys() -> None:
-    from backbone.cli import cdc, config
+    from backbone.cli import cdc, config, connectors
     from backbone.cli.correlation import correlate
     from backbone.cli.processors import worker
     from configuration.relay import CONFIG_TOPIC
+    from connectors import kafka_connect
     from connectors.cdc import CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX
     from processors.correlation import app as correlation_app
     from processors.correlation.logic import (
@@ -55,4 +67,5 @@ def test_the_cli_defaults_are_the_librarys() -> None:
     assert timedelta(days=_default(correlate, "commit_retention_days")) == DEFAULT_COMMIT_RETENTION
     assert _default(worker, "app_id") == run_summary_app.DEFAULT_APP_ID
     assert config.CONFIG_TOPIC == CONFIG_TOPIC
+    assert connectors.DEFAULT_CONNECT_URL == kafka_connect.DEFAULT_CONNECT_URL
     assert (cdc.CHANGES_TOPIC, cdc.DEFAULT_TOPIC_PREFIX) == (CHANGES_TOPIC, DEFAULT_TOPIC_PREFIX)
