@@ -496,7 +496,7 @@ class DiscussionLinker:
         return self._decide_at_watermark()
 
     def _decide_at_watermark(self) -> list[Prediction]:
-        """Move the watermark, decide what it passed, drop what no later decision reads."""
+        """Decide what the (shared) watermark has passed, then drop what no later decision reads."""
         if self.watermark_ms is None:
             return []
         out = self._decide_until(self.watermark_ms)

@@ -275,3 +275,25 @@ def test_observe_skips_other_kinds_and_refuses_bad_commit_entities() -> None:
     assert observe({**data, "kind": "github.push"}, "x") is None
     with pytest.raises(UnprocessableEventError, match="git:<owner>/<repo>@<sha>"):
         observe({**data, "entity": "git:acme/widget"}, "x")
+
+
+def test_source_watermark_waits_for_every_source_and_never_moves_back() -> None:
+    """The smallest of the sources' largest event times: none until each expected source has spoken, an
+    earlier time of a source changes nothing, and the correlator and its discussion linker share it."""
+    from processors.correlation.masked import MaskedConfig
+    from processors.correlation.watermark import SourceWatermark
+
+    clock = SourceWatermark(["p0", "p1"])
+    clock.note("p0", 5_000)
+    assert clock.watermark_ms is None  # p1 not heard from
+    clock.note("p1", 3_000)
+    assert clock.watermark_ms == 3_000
+    clock.note("p1", 2_000)  # a source's earlier time: its largest stays
+    assert clock.watermark_ms == 3_000 and clock.source_max_ms == {"p0": 5_000, "p1": 3_000}
+    clock.note("p1", 9_000)
+    assert clock.watermark_ms == 5_000
+    implicit = SourceWatermark()
+    implicit.note(None, 7)
+    assert implicit.watermark_ms == 7 and implicit.source_max_ms == {"-": 7}
+    corr = Correlator(CorrelationConfig(discussion=MaskedConfig()), sources=["p0"])
+    assert corr.discussion is not None and corr.discussion.clock is corr.clock
