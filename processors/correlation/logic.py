@@ -470,6 +470,10 @@ class Correlator:
         self.expired_count = 0
         self.too_old = 0
         self._expired_since_sweep = 0
+        retention = self.config.retention
+        self._retention_ms = int(retention.total_seconds() * 1000) if retention is not None else None
+        self._commit_retention_ms = int(self.config.commit_retention.total_seconds() * 1000)
+        self._expired_at: int | None = None  # the watermark of the last expiry
         self.clock = SourceWatermark(sources)
         self.discussion = (
             DiscussionLinker(self.config.discussion, watermark=self.clock)
@@ -495,9 +499,10 @@ class Correlator:
         """
         if obs.entity in self.observations:
             return []
-        t = _ms(obs.event_time)
+        seconds = obs.event_time.timestamp()
+        t = int(seconds * 1000)  # as _ms
         if not self._restoring:
-            self.clock.note(source, _clock_ms(obs.event_time))
+            self.clock.note(source, round(seconds * 1000))  # as _clock_ms
         cutoff = self._cutoff_ms(obs.kind)
         held = cutoff is None or t >= cutoff
         links: list[Link] = []
@@ -543,18 +548,21 @@ class Correlator:
 
     def _cutoff_ms(self, kind: str) -> int | None:
         """Events of ``kind`` before this time (epoch ms) are outside the retention; None: nothing is."""
-        retention, watermark = self.config.retention, self.clock.watermark_ms
-        if retention is None or watermark is None:
+        watermark = self.clock.watermark_ms
+        if self._retention_ms is None or watermark is None:
             return None
-        if kind == "commit":
-            retention = self.config.commit_retention
-        return watermark - int(retention.total_seconds() * 1000)
+        return watermark - (self._commit_retention_ms if kind == "commit" else self._retention_ms)
 
     def _expire(self) -> None:
-        """Drop the events the retention has passed (see *Retention*), naming them in :attr:`expired`."""
+        """Drop the events the retention has passed (see *Retention*), naming them in :attr:`expired`;
+        nothing to do unless the watermark moved since the last call."""
+        watermark = self.clock.watermark_ms
+        if watermark is None or watermark == self._expired_at or self._retention_ms is None:
+            return
+        self._expired_at = watermark
         for kind, held in self._by_time.items():
-            cutoff = self._cutoff_ms(kind)
-            while cutoff is not None and held and held[0][0] < cutoff:
+            cutoff = watermark - (self._commit_retention_ms if kind == "commit" else self._retention_ms)
+            while held and held[0][0] < cutoff:
                 t, entity = heapq.heappop(held)
                 self._drop(t, entity)
         if self._expired_since_sweep > len(self.observations) + 64:  # emptied index keys, now and then
