@@ -542,7 +542,7 @@ class Correlator:
         if obs.entity in self.vectors:
             links += self._embedding_links(obs)
         if self.discussion is not None:
-            links += self._discussion_links(obs, links, source)
+            links += self._discussion_links(obs, links)
         self._expire()
         return links
 
@@ -583,8 +583,8 @@ class Correlator:
         self.expired_count += 1
         self._expired_since_sweep += 1
 
-    def _discussion_links(self, obs: Observation, links: list[Link], source: str | None) -> list[Link]:
-        """Record ``obs`` and its reference links in the masked linker, move its watermark, and return the
+    def _discussion_links(self, obs: Observation, links: list[Link]) -> list[Link]:
+        """Record ``obs`` and its reference links in the masked linker, and return the
         ``discussion`` links of the messages whose deadline it passed (none while restoring)."""
         assert self.discussion is not None
         if obs.kind == "commit":
@@ -598,7 +598,7 @@ class Correlator:
                 self.discussion.add_reference(link.message.entity, link.commit.entity, link.commit.actor)
         if self._restoring:
             return []
-        return [self._discussion_link(p) for p in self.discussion.advance(obs.event_time, source)]
+        return [self._discussion_link(p) for p in self.discussion.decide_pending()]  # add() noted the clock
 
     def _discussion_link(self, p: Prediction) -> Link:
         assert p.commit is not None
@@ -618,7 +618,7 @@ class Correlator:
         links = (
             []
             if self.discussion is None
-            else [self._discussion_link(p) for p in self.discussion.progress(sources)]
+            else [self._discussion_link(p) for p in self.discussion.decide_pending()]
         )
         self._expire()
         return links
@@ -719,9 +719,8 @@ class Correlator:
         for source, time in (progress or {}).items():
             if source not in latest or time > latest[source]:
                 latest[source] = time
-        if self.discussion is not None and latest:
-            self.discussion.restore_watermark(latest)
-        else:
-            for source, time in latest.items():
-                self.clock.note(source, _clock_ms(time))
+        for source, time in latest.items():
+            self.clock.note(source, _clock_ms(time))
+        if self.discussion is not None:
+            self.discussion.restore_watermark()
         self._expire()

@@ -486,17 +486,19 @@ class DiscussionLinker:
         the other's events late. A source seen once and then silent holds the watermark back until it
         speaks again. ``source`` None: one implicit source."""
         self._note_source(source, time)
-        return self._decide_at_watermark()
+        return self.decide_pending()
 
     def progress(self, sources: Mapping[str, datetime]) -> list[Prediction]:
         """Note each source's read progress (its largest event time, e.g. over every scope's events of a
         partition), move the watermark and decide as :meth:`advance` does; returns the decisions that link."""
         for source, time in sources.items():
             self._note_source(source, time)
-        return self._decide_at_watermark()
+        return self.decide_pending()
 
-    def _decide_at_watermark(self) -> list[Prediction]:
-        """Decide what the (shared) watermark has passed, then drop what no later decision reads."""
+    def decide_pending(self) -> list[Prediction]:
+        """Decide every message whose deadline the (shared) watermark has passed, then drop what no later
+        decision reads; returns the decisions that link. :meth:`advance` and :meth:`progress` note a source
+        first; a caller that notes the shared clock itself (the correlator) calls this alone."""
         if self.watermark_ms is None:
             return []
         out = self._decide_until(self.watermark_ms)
@@ -521,12 +523,12 @@ class DiscussionLinker:
         """Decide every pending message (the end of a finite input); returns the decisions that link."""
         return self._decide_until(None)
 
-    def restore_watermark(self, source_max: Mapping[str | None, datetime]) -> None:
-        """Take the sources' largest event times (of the restored state), set the watermark as
-        :meth:`advance` would, and mark every message whose deadline it passed as decided, without
-        deciding it (a restart: those decisions were sent before the state that moved the watermark was
-        written)."""
-        for source, time in source_max.items():
+    def restore_watermark(self, source_max: Mapping[str | None, datetime] | None = None) -> None:
+        """Take the sources' largest event times (of the restored state; None: the shared clock already
+        holds them), set the watermark as :meth:`advance` would, and mark every message whose deadline it
+        passed as decided, without deciding it (a restart: those decisions were sent before the state that
+        moved the watermark was written)."""
+        for source, time in (source_max or {}).items():
             self._note_source(source, time)
         while self._pending and self.watermark_ms is not None and self._pending[0][0] <= self.watermark_ms:
             self.decided.add(heapq.heappop(self._pending)[2])
