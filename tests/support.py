@@ -1,4 +1,4 @@
-"""Helpers shared by integration tests that take servers down and bring them back."""
+"""Helpers shared by integration tests: servers taken down and brought back, a changelog read back."""
 
 from __future__ import annotations
 
@@ -8,8 +8,34 @@ import time
 from pathlib import Path
 
 import psycopg
+from confluent_kafka import Consumer, TopicPartition
 
-__all__ = ["start_postgres", "start_tansu"]
+from core.settings import KafkaSettings
+from streams.offsets import end_offsets
+
+__all__ = ["changelog_values", "start_postgres", "start_tansu"]
+
+
+def changelog_values(kafka: KafkaSettings, topic: str) -> dict[bytes, bytes | None]:
+    """The last value of each key of a changelog topic, raw (None: a tombstone), read to its current end:
+    what a restarted worker recovers."""
+    ends = end_offsets(kafka, topic)
+    consumer = Consumer({**kafka.librdkafka(), "group.id": f"read-{topic}", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+    table: dict[bytes, bytes | None] = {}
+    left = {p: end for p, end in ends.items() if end > 0}
+    try:
+        while left:
+            record = consumer.poll(10)
+            assert record is not None, left
+            if record.error():
+                continue
+            table[record.key()] = record.value()
+            if record.offset() + 1 >= left.get(record.partition(), 0):
+                left.pop(record.partition(), None)
+    finally:
+        consumer.close()
+    return table
 
 
 def start_postgres(pgdata: Path, port: int) -> subprocess.Popen:

@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from core.settings import Settings
 from streams.offsets import end_offsets
+from tests.support import changelog_values
 
 PROBE = Path(__file__).with_name("batch_delivery_probe.py")
 
@@ -123,25 +124,11 @@ def _changelog(settings: Settings, topic: str) -> dict[str, int]:
     """The table as its changelog holds it (the last value of each key, JSON keys and values): what a
     restarted worker recovers. (The worker's own table is not read at its stop: Faust's recovery applies the
     changelog records it still buffers when the partitions are revoked.)"""
-    ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {**settings.kafka.librdkafka(), "group.id": f"read-{topic}", "enable.auto.commit": False}
-    )
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    table: dict[str, int] = {}
-    left = {p: end for p, end in ends.items() if end > 0}
-    try:
-        while left:
-            message = consumer.poll(10)
-            assert message is not None, left
-            if message.error():
-                continue
-            table[json.loads(message.key())] = json.loads(message.value())
-            if message.offset() + 1 >= left.get(message.partition(), 0):
-                left.pop(message.partition(), None)
-    finally:
-        consumer.close()
-    return table
+    return {
+        json.loads(key): json.loads(value)
+        for key, value in changelog_values(settings.kafka, topic).items()
+        if value is not None
+    }
 
 
 def _in_order(seen: list[list[int]], start: dict[int, int], end: dict[int, int]) -> None:

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
 from core.settings import Settings
@@ -26,11 +25,11 @@ from processors.correlation.logic import CorrelationConfig, Correlator, link_id,
 from processors.correlation.masked import MaskedConfig
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
-from streams.offsets import end_offsets
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
+from tests.support import changelog_values
 
 pytestmark = pytest.mark.integration
 
@@ -203,33 +202,10 @@ def test_restarted_worker_recovers_the_commits_from_the_changelog(
     assert third.returncode == 0, third.stderr[-3000:]
     stats = json.loads(third.stdout.strip().splitlines()[-1])
     assert (stats["events_count"], stats["expired_count"], stats["reference_links_count"]) == (4, 5, 0), stats
-    table = _raw_changelog(settings, f"{app_id}-correlation_items-changelog")
+    table = changelog_values(settings.kafka, f"{app_id}-correlation_items-changelog")
     for entity in [*(c.key for c in commits), message.key]:
         assert table[f"acme|{entity}".encode()] is None, entity  # a tombstone: a restart does not hold it
     assert table[f"acme|{_slack(later, 'hello again').key}".encode()] is not None
-
-
-def _raw_changelog(settings: Settings, topic: str) -> dict[bytes, bytes | None]:
-    """The last value of each key of a changelog topic, raw (None: a tombstone)."""
-    ends = end_offsets(settings.kafka, topic)
-    consumer = Consumer(
-        {**settings.kafka.librdkafka(), "group.id": f"read-{topic}", "enable.auto.commit": False}
-    )
-    consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-    table: dict[bytes, bytes | None] = {}
-    left = {p: end for p, end in ends.items() if end > 0}
-    try:
-        while left:
-            record = consumer.poll(10)
-            assert record is not None, left
-            if record.error():
-                continue
-            table[record.key()] = record.value()
-            if record.offset() + 1 >= left.get(record.partition(), 0):
-                left.pop(record.partition(), None)
-    finally:
-        consumer.close()
-    return table
 
 
 def test_a_bad_body_in_a_repartition_record_is_dead_lettered_and_the_others_joined(
