@@ -515,6 +515,16 @@ class DiscussionLinker:
         return self.clock.watermark_ms
 
     @property
+    def vocabulary_terms(self) -> int:
+        """Analyzer terms with an id so far (messages' and commits'; the vocabulary is not bounded)."""
+        return len(self._term_ids)
+
+    @property
+    def commit_terms(self) -> int:
+        """Terms counted in the document frequencies so far (seen in a commit of the prefix)."""
+        return int((self._df > 0).sum())
+
+    @property
     def source_max_ms(self) -> dict[str, int]:
         """Per input (e.g. a source partition): its largest event time noted, epoch ms."""
         return self.clock.source_max_ms
