@@ -75,6 +75,7 @@ __all__ = [
     "make_faust_app",
     "message_headers",
     "pack_bodies",
+    "partitions_with_records",
     "quiet_faust_monitor",
     "run_processor_worker",
     "send_event",
@@ -1176,6 +1177,41 @@ def topic_partitions(kafka: KafkaSettings, topic: str, *, timeout_seconds: float
     """How many partitions ``topic`` has on the broker (its metadata); None when it does not exist."""
     meta = AdminClient(kafka.librdkafka()).list_topics(topic, timeout=timeout_seconds).topics.get(topic)
     return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else None
+
+
+def partitions_with_records(kafka: KafkaSettings, topics: Sequence[str], group_id: str) -> list[str]:
+    """The partitions (``topic/partition``) of ``topics`` holding records after ``group_id``'s committed
+    offset: the records a worker of that consumer group will read at start. An event-time watermark waits
+    for each; the others are read to their end already (idle until their next record).
+
+    The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
+    partition whose commit lies inside its last batch is not listed (it then counts from its first
+    record, as an unlisted source does). Asking for the committed offsets does not join the group.
+
+    Raises:
+        confluent_kafka.KafkaException: the broker did not answer within 15 s."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(kafka.librdkafka(extra={"group.id": group_id}))
+    try:
+        md = consumer.list_topics(timeout=15)
+        tps = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in (sorted(md.topics[t].partitions) if t in md.topics else [])
+        ]
+        committed = (
+            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=15)} if tps else {}
+        )
+        out = []
+        for tp in tps:
+            low, high = consumer.get_watermark_offsets(tp, timeout=15)
+            start = max(low, committed.get((tp.topic, tp.partition), -1))
+            if high > start:
+                out.append(f"{tp.topic}/{tp.partition}")
+        return out
+    finally:
+        consumer.close()
 
 
 def catalogue_partitions(name: str, fallback: int) -> int:

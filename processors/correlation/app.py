@@ -57,16 +57,26 @@ about 11,000 items).
   ``external.events`` in whatever order the forwarder reads them, and a replay reads one partition far
   ahead of another (on the Racket year, 7,743 of 10,954 events arrived more than a day behind the largest
   event time seen). So each forwarded event carries its source partition, and the discussion watermark
-  is the smallest of the partitions' largest event times, waiting until every partition of the events
-  topic (its count read from the broker at start) has been heard from. Every scope hears every
-  partition: after each batch the first stage sends a progress marker (``{"type": "progress",
-  "sources": {"<topic>/<partition>": largest event time read, ms}}``, over every scope's events of the
-  batch) to every partition of the repartition topic, after the batch's bodies, and the scoped stage
-  moves the watermark of each scope seen on that partition. Until 2026-12-06 a scope heard only its own
-  events, so a scope quiet on one partition (a small workspace, or one whose events hash to two of three
-  partitions) never had its messages decided. Each partition must be in event-time order within the
-  allowed lateness (an import should produce in time order); a partition that falls silent altogether
-  holds discussion decisions back until it speaks again. Each scope's read progress is persisted as the
+  is the smallest of the active partitions' largest event times, waiting until every partition of the
+  events topic (its count read from the broker at start) has been heard from or is idle. Every scope
+  hears every partition: after each batch the first stage sends a progress marker (``{"type":
+  "progress", "sources": {"<topic>/<partition>": largest event time read, ms}, "drained": [...]}``, over
+  every scope's events of the batch) to every partition of the repartition topic, after the batch's
+  bodies, and the scoped stage moves the watermark of each scope seen on that partition. Until
+  2026-12-06 a scope heard only its own events, so a scope quiet on one partition (a small workspace, or
+  one whose events hash to two of three partitions) never had its messages decided. Each partition must
+  be in event-time order within the allowed lateness (an import should produce in time order).
+  **Idleness** (2026-12-07; before, a partition that fell silent, or never held a record, held every
+  discussion decision and the retention back for good): a partition whose last record read reached the
+  consumer's fetch high watermark is ``drained`` (in the batch's marker, or in one sent by a timer every
+  :data:`DRAIN_CHECK_SECONDS` once a partition is read to its end), and a partition with nothing to read
+  past the group's committed offset at start is idle from the start
+  (:func:`processors.shell.partitions_with_records`); an idle partition does not hold the watermark
+  back until its next record (:class:`~processors.correlation.watermark.SourceWatermark`). On a replay
+  of a fixed history a partition drains only after its last record, so the links do not depend on it;
+  live, a partition that speaks again behind the watermark has its events counted late. The persisted
+  progress keeps the scope's watermark too (``"watermark"``), which idleness may have moved past the
+  partitions' maxima, so a restarted worker does not decide a message twice. Each scope's read progress is persisted as the
   table item ``<scope>|#progress`` (written after the links the marker completed), so a restarted
   worker's watermark takes it back with the items' and does not decide again what it sent. It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
@@ -99,6 +109,7 @@ from typing import Any
 
 import faust
 import structlog
+from faust.types import TP
 
 from core.settings import KafkaSettings, Settings
 from inference.records import RESULT_SCHEMA, EmbeddingRequest, EmbeddingResult, request_event
@@ -126,6 +137,7 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     pack_bodies,
+    partitions_with_records,
     run_processor_worker,
     topic_partitions,
     traced_headers,
@@ -152,6 +164,9 @@ log = structlog.get_logger(__name__)
 DEFAULT_APP_ID = "backbone-correlation"
 GC_YOUNG_THRESHOLD = 10_000
 BATCH_RECORDS = 1000
+DRAIN_CHECK_SECONDS = 1.0
+"""How often the worker looks for events partitions read to their end after their last record (``drained``
+markers: the scopes' watermarks stop waiting for them)."""
 PROGRESS_ENTITY = "#progress"
 """The table entity (``<scope>|#progress``) that persists a scope's read progress (no entity starts with ``#``)."""
 """Most records a batch of either stage hands to its handler (:class:`processors.shell.BatchDelivery`)."""
@@ -183,6 +198,10 @@ class CorrelationTopics:
             and its retention) waits for an event from each (:func:`run_correlation_worker` reads the count
             from the broker). None: it follows the partitions seen so far, so at start a partition read
             first can make another's events late, or older than the retention.
+        events_idle: partitions of the events topic with nothing to read when the worker starts (read to
+            their end past the group's committed offset; :func:`run_correlation_worker` asks the broker,
+            :func:`processors.shell.partitions_with_records`): idle from the start, so the watermark does
+            not wait for them, until their first record.
     """
 
     events: str = "external.events"
@@ -192,6 +211,7 @@ class CorrelationTopics:
     dead_letters: str = DLQ_TOPIC
     scope_partitions: int = 3
     events_partitions: int | None = None
+    events_idle: frozenset[int] = frozenset()
 
     def scope_topic(self, app_id: str) -> str:
         """Name of the repartition topic of the app ``app_id``."""
@@ -219,6 +239,8 @@ class CorrelationStats:
         too_old_count: messages and commits older than their scope's retention when they arrived (their
             reference links with what the scope holds were sent; they were not kept).
         dead_letters_count: records dead-lettered.
+        drained_count: partitions of the events topic found read to their end after a record (each time),
+            told to the scopes as idle (see :class:`~processors.correlation.watermark.SourceWatermark`).
         first_record_monotonic: ``time.monotonic()`` of the first record handled, ``None`` before (with the
             last, a rate without the start-up; ``bench/bench_correlation_worker.py``).
         last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
@@ -237,6 +259,7 @@ class CorrelationStats:
     expired_count: int = 0
     too_old_count: int = 0
     dead_letters_count: int = 0
+    drained_count: int = 0
     first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
@@ -290,6 +313,12 @@ class _CorrelationShell:
         )
         self.handling = False  # True while a batch of the repartition topic is handled (no timer checkpoint)
         self.app_id = settings.kafka.client_id  # replaced by the app's id in create_correlation_app
+        self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
+        # events partitions whose last forwarded record was not known as their last: tp -> (source, offset)
+        self._undrained: dict[Any, tuple[str, int]] = {}
+        # per repartition partition: the events sources its markers last said are idle (read to their end)
+        idle = {f"{topics.events}/{p}" for p in topics.events_idle}
+        self.idle_sources: dict[int, set[str]] = {p: set(idle) for p in range(topics.scope_partitions)}
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -321,22 +350,68 @@ class _CorrelationShell:
         by_scope: dict[str, list[dict[str, Any]]] = {}
         futures: list[Any] = []
         progress: dict[str, int] = {}  # source partition -> largest event time read in this batch (ms)
+        last: dict[Any, tuple[str, int]] = {}  # each partition's last record of the batch: (source, offset)
         for message in records:
             with tracing_process(message, self.app_id):  # an embedding request carries the record's trace
                 forwarded = await self._forward(message, futures, progress)
             if forwarded is not None:
                 by_scope.setdefault(forwarded[0], []).append(forwarded[1])
+            last[TP(message.topic, message.partition)] = (
+                f"{message.topic}/{message.partition}",
+                message.offset,
+            )
         scope_topic = self.channels["scope"]
         for scope, bodies in by_scope.items():
             for packed, _ in pack_bodies(bodies, SCOPE_MAX_BYTES):
                 futures.append(await scope_topic.send(key=scope.encode(), value=packed))
-        if progress and (self.config.discussion is not None or self.config.retention is not None):
-            # after the batch's bodies, to every partition: each scope's watermark follows every partition
-            # of external.events, not only the partitions and times of its own events
-            marker = json.dumps({"type": "progress", "sources": progress}).encode()
-            for partition in range(self.topics.scope_partitions):
-                futures.append(await scope_topic.send(key=b"", value=marker, partition=partition))
+        drained: list[str] = []
+        for tp, (source, offset) in last.items():
+            highwater = self.highwater(tp)
+            if highwater is not None and offset + 1 >= highwater:
+                drained.append(source)
+                self._undrained.pop(tp, None)
+            else:
+                self._undrained[tp] = (source, offset)
+        if (progress or drained) and self._watermarked:
+            futures += await self._send_marker(progress, drained)
         return asyncio.gather(*futures) if futures else None
+
+    @property
+    def _watermarked(self) -> bool:
+        """Whether the scopes keep a watermark (discussion links or a retention): progress markers are sent."""
+        return self.config.discussion is not None or self.config.retention is not None
+
+    async def _send_marker(self, progress: dict[str, int], drained: list[str]) -> list[Any]:
+        """A progress marker (``{"type": "progress", "sources": {source: largest event time read, ms},
+        "drained": [source read to its end, ...]}``) to every partition of the repartition topic, after
+        the bodies already sent: each scope's watermark follows every partition of the events topic, not
+        only the partitions and times of its own events. Returns the sends' futures."""
+        body: dict[str, Any] = {"type": "progress", "sources": progress}
+        if drained:
+            body["drained"] = drained
+            self.stats.drained_count += len(drained)
+        marker = json.dumps(body).encode()
+        scope_topic = self.channels["scope"]
+        return [
+            await scope_topic.send(key=b"", value=marker, partition=partition)
+            for partition in range(self.topics.scope_partitions)
+        ]
+
+    async def send_drain_markers(self) -> None:
+        """Tell the scopes of each events partition now read to its end whose last record was not known as
+        its last when it was forwarded (the high watermark was unknown, or more records were written
+        since and are read now): a ``drained`` marker after the records already sent, so it never
+        overtakes them."""
+        if not self._watermarked:
+            return
+        drained = []
+        for tp, (source, offset) in list(self._undrained.items()):
+            highwater = self.highwater(tp)
+            if highwater is not None and offset + 1 >= highwater:
+                del self._undrained[tp]
+                drained.append(source)
+        if drained:
+            await self._send_marker({}, drained)
 
     async def _forward(
         self, message: Any, futures: list[Any], progress: dict[str, int]
@@ -415,7 +490,10 @@ class _CorrelationShell:
         await self.channels["scope"].send(key=scope.encode(), value=json.dumps(body).encode())
         self.stats.vectors_count += 1
 
-    def _correlator(self, scope: str) -> Correlator:
+    def _correlator(self, scope: str, partition: int | None = None) -> Correlator:
+        """The scope's correlator, rebuilt from the table's items of the scope on first use: its watermark's
+        sources idle as the last markers read on the scope's repartition ``partition`` said (default: the
+        partition its records came on), and at least the persisted watermark."""
         corr = self.correlators.get(scope)
         if corr is None:
             sources = None
@@ -425,17 +503,22 @@ class _CorrelationShell:
             prefix = f"{scope}|".encode()
             items = []
             progress: dict[str, datetime] = {}
+            watermark: datetime | None = None
             for key, value in self.table.data.items():
                 raw_key = key if isinstance(key, bytes) else str(key).encode()
                 if raw_key == prefix + PROGRESS_ENTITY.encode() and value:
                     progress = {
                         k: datetime.fromtimestamp(int(v) / 1000, UTC) for k, v in value["progress"].items()
                     }
+                    if value.get("watermark") is not None:
+                        watermark = datetime.fromtimestamp(int(value["watermark"]) / 1000, UTC)
                 elif raw_key.startswith(prefix) and value:
                     obs = Observation.from_dict(value["obs"]) if value.get("obs") else None
                     vector = decode_vector_b64(value["vector"]) if value.get("vector") else None
                     items.append((obs, vector, raw_key[len(prefix) :].decode(), value.get("source")))
-            corr.restore(items, progress)
+            at = partition if partition is not None else self.scope_partitions.get(scope)
+            idle = self.idle_sources.get(at, set()) if at is not None else set()
+            corr.restore(items, progress, watermark=watermark, idle=sorted(idle))
             self.correlators[scope] = corr
             log.info("correlation_scope_restored", scope=scope, items=len(items))
         return corr
@@ -523,24 +606,31 @@ class _CorrelationShell:
     def _progress(
         self, partition: int, body: dict[str, Any]
     ) -> tuple[list[Link], list[tuple[bytes, int, dict[str, Any]]]]:
-        """A progress marker (``{"type": "progress", "sources": {"<topic>/<partition>": epoch ms}}``, sent to
-        every partition after each batch of the first stage): move the discussion watermark of every scope
-        seen on this repartition ``partition``. Returns the discussion links it completes and, per scope,
-        the table item that persists the scope's read progress (key ``<scope>|#progress``, value
-        ``{"progress": {source: epoch ms}}``), written after the links, so a restarted worker's watermark
-        takes it back and does not decide again what was sent.
+        """A progress marker (``{"type": "progress", "sources": {"<topic>/<partition>": epoch ms},
+        "drained": ["<topic>/<partition>", ...]}``, sent to every partition after each batch of the first
+        stage, and by its drain timer): move the watermark of every scope seen on this repartition
+        ``partition`` (the drained sources idle until their next event). Returns the discussion links it
+        completes and, per scope, the table item that persists the scope's read progress (key
+        ``<scope>|#progress``, value ``{"progress": {source: epoch ms}, "watermark": epoch ms}``), written
+        after the links, so a restarted worker's watermark takes it back and does not decide again what
+        was sent.
 
         Raises:
             ValueError, TypeError, OverflowError: a malformed marker.
         """
         sent = {str(k): int(v) for k, v in dict(body["sources"]).items()}
+        drained = [str(d) for d in body.get("drained") or ()]
         sources = {k: datetime.fromtimestamp(v / 1000, UTC) for k, v in sent.items()}
+        idle = self.idle_sources.setdefault(partition, set())
+        idle.difference_update(sent)
+        idle.update(drained)
         links: list[Link] = []
         marks: list[tuple[bytes, int, dict[str, Any]]] = []
         for scope, at in list(self.scope_partitions.items()):
             if at != partition:
                 continue
-            links += self._correlator(scope).progress(sources)
+            corr = self._correlator(scope, partition)
+            links += corr.progress(sources, drained)
             key = f"{scope}|{PROGRESS_ENTITY}".encode()
             pending = self.checkpoints.dirty.get(key)
             known = dict(
@@ -549,7 +639,7 @@ class _CorrelationShell:
             )
             for source, ms in sent.items():
                 known[source] = max(int(known.get(source, ms)), ms)
-            marks.append((key, partition, {"progress": known}))
+            marks.append((key, partition, {"progress": known, "watermark": corr.clock.watermark_ms}))
         return links, marks
 
     def _join(
@@ -564,7 +654,7 @@ class _CorrelationShell:
         """
         if not isinstance(body, dict):
             raise TypeError(f"a repartition body must be a JSON object, got {type(body).__name__}")
-        corr = self._correlator(scope)
+        corr = self._correlator(scope, partition)
         self.scope_partitions[scope] = partition
         source = None
         if body.get("type") == "event":
@@ -729,6 +819,19 @@ def create_correlation_app(
         if not shell.handling:
             shell.checkpoints.checkpoint_if_due()
 
+    def highwater(tp: Any) -> int | None:
+        try:
+            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except AssertionError:  # aiokafka: the partition is no longer assigned
+            return None
+
+    shell.highwater = highwater
+
+    @app.timer(interval=DRAIN_CHECK_SECONDS)
+    async def correlation_drain_check() -> None:
+        """Drained markers for events partitions read to their end since their last record (see the shell)."""
+        await shell.send_drain_markers()
+
     app.correlation_stats = shell.stats  # type: ignore[attr-defined]
     app.correlation_close = shell.close  # type: ignore[attr-defined]
     return app
@@ -786,6 +889,7 @@ COUNTERS = (
     ("backbone_correlation_expired", "expired_count", "Messages and commits dropped by the retention"),
     ("backbone_correlation_too_old", "too_old_count", "Messages and commits older than the retention"),
     ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
+    ("backbone_correlation_drained", "drained_count", "Events partitions found read to their end (idle)"),
 )
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""
 
@@ -837,7 +941,10 @@ def run_correlation_worker(
     if topics.events_partitions is None and (
         watermarked.discussion is not None or watermarked.retention is not None
     ):
-        topics = replace(topics, events_partitions=topic_partitions(settings.kafka, topics.events))
+        count = topic_partitions(settings.kafka, topics.events)
+        reading = partitions_with_records(settings.kafka, [topics.events], app_id)
+        idle = frozenset(p for p in range(count or 0) if f"{topics.events}/{p}" not in reading)
+        topics = replace(topics, events_partitions=count, events_idle=idle)
     app = create_correlation_app(
         settings, app_id=app_id, topics=topics, config=config, embeddings=embeddings,
         request_embeddings=request_embeddings, web_port=web_port,

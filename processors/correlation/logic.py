@@ -605,16 +605,19 @@ class Correlator:
         message, commit = self.observations[p.message], self.observations[p.commit]
         return Link(method="discussion", message=message, commit=commit, score=p.score, margin=p.margin)
 
-    def progress(self, sources: Mapping[str, datetime]) -> list[Link]:
+    def progress(self, sources: Mapping[str, datetime], drained: Iterable[str] = ()) -> list[Link]:
         """Note how far each source has been read (its largest event time over every scope, e.g. a batch of
-        ``external.events`` partition 0 up to 12:00), move the scope's watermark (the retention follows
-        it), and return the
+        ``external.events`` partition 0 up to 12:00) and which sources were read to their end
+        (``drained``: idle until their next event, see :class:`~processors.correlation.watermark.
+        SourceWatermark`), move the scope's watermark (the retention follows it), and return the
         ``discussion`` links of the messages whose deadline it passed. A scope whose events sit on a few
         partitions, or that is quiet while others are busy, so still sees its watermark move."""
         if self._restoring:
             return []
         for source, time in sources.items():
             self.clock.note(source, _clock_ms(time))
+        for source in drained:
+            self.clock.mark_idle(source)
         links = (
             []
             if self.discussion is None
@@ -692,12 +695,15 @@ class Correlator:
             | tuple[Observation | None, np.ndarray | None, str, str | None]
         ],
         progress: Mapping[str, datetime] | None = None,
+        watermark: datetime | None = None,
+        idle: Iterable[str] = (),
     ) -> None:
         """Rebuild the state from persisted items ``(observation, vector, entity[, source])`` (links are not
         redrawn: the ``discussion`` decisions the restored watermark has passed count as made, since the
         worker sent them before it wrote the item that moved the watermark; the watermark is rebuilt from
         each source's largest event time, and from ``progress``, the persisted read progress of
-        :meth:`progress`, where that is later).
+        :meth:`progress`, where that is later; the sources in ``idle`` are idle; and the watermark is at
+        least ``watermark``, the persisted one, which idleness may have moved past the sources' maxima).
 
         Raises:
             ValueError: a vector that :meth:`add_vector` refuses.
@@ -721,6 +727,10 @@ class Correlator:
                 latest[source] = time
         for source, time in latest.items():
             self.clock.note(source, _clock_ms(time))
+        for source in idle:
+            self.clock.mark_idle(source)
+        if watermark is not None:
+            self.clock.restore(_clock_ms(watermark))
         if self.discussion is not None:
             self.discussion.restore_watermark()
         self._expire()

@@ -178,6 +178,7 @@ from processors.shell import (
     make_faust_app,
     message_headers,
     pack_bodies,
+    partitions_with_records,
     run_processor_worker,
     traced_headers,
     tracing_process,
@@ -719,37 +720,6 @@ class _IncidentShell:
                      top1=insight["labels"]["top1_pod"])  # fmt: skip
 
 
-def _partitions(settings: Settings, topics: list[str], group_id: str) -> list[str]:
-    """The input partitions (``topic/partition``) holding records after ``group_id``'s committed offset
-    (the records this worker will read): the engine's watermark waits for each.
-
-    The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
-    partition whose commit lies inside its last batch is not declared (it then counts from its first
-    record, as an undeclared source does). Asking for the committed offsets does not join the group."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": group_id}))
-    try:
-        md = consumer.list_topics(timeout=15)
-        tps = [
-            TopicPartition(t, p)
-            for t in topics
-            for p in (sorted(md.topics[t].partitions) if t in md.topics else [])
-        ]
-        committed = (
-            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=15)} if tps else {}
-        )
-        out = []
-        for tp in tps:
-            low, high = consumer.get_watermark_offsets(tp, timeout=15)
-            start = max(low, committed.get((tp.topic, tp.partition), -1))
-            if high > start:
-                out.append(f"{tp.topic}/{tp.partition}")
-        return out
-    finally:
-        consumer.close()
-
-
 def create_incidents_app(
     settings: Settings, *, app_id: str | None = None, topics: IncidentTopics | None = None,
     config: EngineConfig | None = None, serde: AvroSerde | None = None,
@@ -785,7 +755,7 @@ def create_incidents_app(
     channels = {"merged": merged, "insights": app.topic(topics.insights, **raw)}
     # the change topics' partitions too: a change read after telemetry that moved the watermark past it would be
     # late (its source is sparse, so once drained it holds nothing back)
-    sources = _partitions(settings, [*topics.inputs(), *topics.changes()], app_id)
+    sources = partitions_with_records(settings.kafka, [*topics.inputs(), *topics.changes()], app_id)
     engine = IncidentEngine(config, sources=sources)
     # One partition, one key: the engine is one state machine over the one merged partition. use_partitioner:
     # the write goes to the key's partition (0), whatever record is in hand (the timer writes with none).

@@ -404,6 +404,36 @@ def test_a_quiet_scope_is_decided_by_the_other_scopes_progress(
     assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
 
 
+def test_a_silent_or_empty_partition_does_not_hold_the_discussion_decisions(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Idleness: partition 1 speaks once, on day 0, and falls silent; partition 2 never holds a record. The
+    worker reads partition 1 to its end (a ``drained`` marker) and finds partition 2 empty at start, so
+    acme's watermark follows partition 0 to day 9 and the message of day 0 gets its discussion link. Without
+    idleness the watermark waited for partition 2 (and then stayed at partition 1's day 0): no link."""
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    serde = AvroSerde(EmbeddedRegistry())
+    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
+               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide")]  # fmt: skip
+    message = _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?")
+    with EventProducer(settings.kafka, serde) as producer:
+        for event in [*commits, message, _clock(T0 + timedelta(days=9), 0)]:
+            _produce_to(producer, serde, events_topic, event, 0)
+        _produce_to(producer, serde, events_topic, _clock(T0 + timedelta(hours=1), 1), 1)
+        producer.flush()
+    done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id",
+                          unique_name("corr"), "--events-topic", events_topic, "--insights-topic", insights_topic,
+                          "--dlq-topic", dlq_topic, "--stop-after-idle", "3", timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert stats["events_count"] == 5 and stats["discussion_late_count"] == 0, stats
+    assert stats["drained_count"] >= 1 and stats["discussion_links_count"] == 1, stats
+    records = _insights(settings, serde, insights_topic)
+    assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
+
+
 @pytest.fixture(scope="module")
 def minilm():
     """all-MiniLM-L6-v2 loaded once for the module (2 torch threads at most)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -212,6 +213,11 @@ def test_approval_mode_waits_for_a_persons_ack_then_rolls_back(
         )  # fmt: skip
         assert ack.returncode == 0, ack.stderr[-3000:]
         ack_id = json.loads(ack.stdout)["id"]
+        while not any(r["kind"] == "rollback_applied" for r in model.audit(f"config:{key}")):
+            assert worker.poll() is None, worker.stderr.read()[-3000:] if worker.stderr else ""
+            assert time.monotonic() < deadline + 90, "no rollback applied"
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGTERM)  # all is done: its clean stop, as --stop-after-idle's
         stdout, stderr = worker.communicate(timeout=120)
         assert worker.returncode == 0, stderr[-3000:]
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -213,6 +214,7 @@ def test_policy_worker_decides_hot_reloads_falls_back_and_replays(
             and q20["reason"].startswith("no model can serve")
             and "circuit open" in q20["reason"]
         )
+        proc.send_signal(signal.SIGTERM)  # all is decided: its clean stop, as --stop-after-idle's
         stdout, stderr = proc.communicate(timeout=90)
         assert proc.returncode == 0, stderr[-3000:]
         stats = json.loads(stdout[stdout.find("{") :])

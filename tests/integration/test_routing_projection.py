@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -433,6 +434,7 @@ def test_the_policy_workers_own_decisions_projected_and_audited(
         _produce(s, t["out"], [(b"q1", json.dumps(ok.to_json()).encode())])
         _project_until(s, serde, projection, group, dlq,
                        count("SELECT count(*) = 2 FROM proj_routing.routing_outcomes"), proc)  # fmt: skip
+        proc.send_signal(signal.SIGTERM)  # all is decided: its clean stop, as --stop-after-idle's
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr[-3000:]
         worker = json.loads(stdout[stdout.find("{") :])

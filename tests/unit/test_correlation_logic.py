@@ -297,3 +297,63 @@ def test_source_watermark_waits_for_every_source_and_never_moves_back() -> None:
     assert implicit.watermark_ms == 7 and implicit.source_max_ms == {"-": 7}
     corr = Correlator(CorrelationConfig(discussion=MaskedConfig()), sources=["p0"])
     assert corr.discussion is not None and corr.discussion.clock is corr.clock
+
+
+def test_an_idle_source_stops_holding_the_watermark_until_it_speaks_again() -> None:
+    """A source read to its end (marked idle) is left out of the minimum, and an expected source that is idle
+    is not waited for; its next event makes it active again, the watermark never moving back; when every
+    source heard from is idle the watermark is the largest of their times; a restored watermark is a floor."""
+    from processors.correlation.watermark import SourceWatermark
+
+    clock = SourceWatermark(["p0", "p1", "p2"])
+    clock.mark_idle("p2")  # empty at start: never waited for
+    clock.note("p0", 5_000)
+    assert clock.watermark_ms is None  # p1 is neither heard from nor idle
+    clock.note("p1", 3_000)
+    assert clock.watermark_ms == 3_000
+    clock.mark_idle("p1")  # p1 read to its end: p0 alone holds the watermark
+    assert clock.watermark_ms == 5_000
+    clock.note("p1", 4_000)  # p1 speaks again, behind the watermark: active, the watermark stays
+    assert clock.watermark_ms == 5_000 and "p1" not in clock.idle
+    clock.note("p0", 9_000)
+    assert clock.watermark_ms == 5_000  # p1 (4,000) holds it again
+    clock.note("p1", 7_000)
+    assert clock.watermark_ms == 7_000
+    clock.mark_idle("p0")
+    clock.mark_idle("p1")  # all read: the largest time
+    assert clock.watermark_ms == 9_000
+    clock.restore(8_000)
+    assert clock.watermark_ms == 9_000
+    clock.restore(12_000)
+    assert clock.watermark_ms == 12_000
+
+
+def test_discussion_decisions_follow_a_drained_source() -> None:
+    """The correlator's ``progress(sources, drained)``: a message waits while a silent source holds the
+    watermark, and is decided once that source is reported drained; a restore takes the persisted watermark
+    and idle sources back, so the decision is not made again."""
+    from processors.correlation.masked import MaskedConfig
+
+    config = CorrelationConfig(discussion=MaskedConfig(min_history=1))
+    sources = ["events/0", "events/1"]
+    corr = Correlator(config, sources=sources)
+    commit = _commit(SHA_A, "teach the frobnicator to count sheep", T0)
+    message = _message(T0 + timedelta(minutes=5), "the frobnicator cannot count sheep")
+    corr.add(commit, "events/0")
+    corr.add(message, "events/0")
+    corr.progress({"events/1": T0 - timedelta(days=1)})  # events/1 spoke once, long ago, then fell silent
+    later = T0 + timedelta(days=30)
+    assert corr.progress({"events/0": later}) == []  # events/1 holds the watermark
+    links = corr.progress({}, drained=["events/1"])
+    assert [(lk.method, lk.message.entity, lk.commit.entity) for lk in links] == [
+        ("discussion", message.entity, commit.entity)
+    ]
+    items = [(commit, None, commit.entity, "events/0"), (message, None, message.entity, "events/0")]
+    progress = {"events/0": later, "events/1": T0 - timedelta(days=1)}
+    restored = Correlator(config, sources=sources)
+    restored.restore(items, progress, watermark=later, idle=["events/1"])
+    assert restored.clock.watermark_ms == corr.clock.watermark_ms and restored.clock.idle == {"events/1"}
+    assert restored.progress({"events/0": later + timedelta(days=1)}, drained=["events/1"]) == []  # not again
+    forgetful = Correlator(config, sources=sources)  # the sources' maxima alone: events/1 holds it back
+    forgetful.restore(items, progress)
+    assert len(forgetful.progress({}, drained=["events/1"])) == 1  # the same decision made a second time
