@@ -36,6 +36,7 @@ BENCHES = [
         ["--seconds", "4", "--rates", "100,500"],
     ),
     ("bench.bench_heal_latency", ["--seconds", "15"], ["--seconds", "6"]),
+    ("bench.bench_cli", [], ["--rounds", "3"]),
 ]
 
 

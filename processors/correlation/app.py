@@ -78,7 +78,10 @@ about 11,000 items).
   progress keeps the scope's watermark too (``"watermark"``), which idleness may have moved past the
   partitions' maxima, so a restarted worker does not decide a message twice. Each scope's read progress is persisted as the
   table item ``<scope>|#progress`` (written after the links the marker completed), so a restarted
-  worker's watermark takes it back with the items' and does not decide again what it sent. It is a
+  worker's watermark takes it back with the items' and does not decide again what it sent; the item
+  names the scope's repartition partition, so a restarted worker follows the markers of a scope quiet
+  since the restart too (its pending messages decided, its retention applied) instead of waiting for an
+  event of its own (before 2026-12-07 it waited). It is a
   :class:`processors.tables.TailRecoveringTable`: after Faust's recovery it reads each changelog
   partition to its real end (Tansu's ``ListOffsets`` stops Faust one batch short), so a restarted
   worker finds every item; if that read fails the worker stops.
@@ -307,6 +310,7 @@ class _CorrelationShell:
         self.stats = CorrelationStats()
         self.correlators: dict[str, Correlator] = {}
         self.scope_partitions: dict[str, int] = {}  # scope -> the repartition partition its records came on
+        self._adopted: set[int] = set()  # repartition partitions whose quiet scopes were taken from the table
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
         self.checkpoints = TableCheckpoints(
             table, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
@@ -331,6 +335,22 @@ class _CorrelationShell:
         in-memory correlators; they are rebuilt from the table on next use."""
         self.checkpoints.checkpoint()
         self.correlators.clear()
+        self._adopted.clear()
+
+    def _adopt_quiet_scopes(self, partition: int) -> None:
+        """Once per assignment of a repartition ``partition``: every scope whose persisted progress names it
+        (``<scope>|#progress``, ``"partition"``) is followed by its markers from now on, not only the scopes
+        whose records this process read. A scope quiet since a restart so still has its pending messages
+        decided and its retention applied as the other scopes' events move its watermark (before, it waited
+        for an event of its own)."""
+        if partition in self._adopted:
+            return
+        self._adopted.add(partition)
+        suffix = f"|{PROGRESS_ENTITY}".encode()
+        for key, value in list(self.table.data.items()):
+            raw_key = key if isinstance(key, bytes) else str(key).encode()
+            if raw_key.endswith(suffix) and isinstance(value, dict) and value.get("partition") == partition:
+                self.scope_partitions.setdefault(raw_key[: -len(suffix)].decode(), partition)
 
     def _decode(self, message: Any) -> tuple[CloudEvent, str, dict[str, Any], list[tuple[str, bytes | None]]]:
         headers = message_headers(message.headers)
@@ -611,9 +631,9 @@ class _CorrelationShell:
         stage, and by its drain timer): move the watermark of every scope seen on this repartition
         ``partition`` (the drained sources idle until their next event). Returns the discussion links it
         completes and, per scope, the table item that persists the scope's read progress (key
-        ``<scope>|#progress``, value ``{"progress": {source: epoch ms}, "watermark": epoch ms}``), written
-        after the links, so a restarted worker's watermark takes it back and does not decide again what
-        was sent.
+        ``<scope>|#progress``, value ``{"progress": {source: epoch ms}, "watermark": epoch ms, "partition":
+        this partition}``), written after the links, so a restarted worker's watermark takes it back and
+        does not decide again what was sent, and follows the scope's markers before it speaks again.
 
         Raises:
             ValueError, TypeError, OverflowError: a malformed marker.
@@ -624,6 +644,7 @@ class _CorrelationShell:
         idle = self.idle_sources.setdefault(partition, set())
         idle.difference_update(sent)
         idle.update(drained)
+        self._adopt_quiet_scopes(partition)
         links: list[Link] = []
         marks: list[tuple[bytes, int, dict[str, Any]]] = []
         for scope, at in list(self.scope_partitions.items()):
@@ -639,7 +660,13 @@ class _CorrelationShell:
             )
             for source, ms in sent.items():
                 known[source] = max(int(known.get(source, ms)), ms)
-            marks.append((key, partition, {"progress": known, "watermark": corr.clock.watermark_ms}))
+            marks.append(
+                (
+                    key,
+                    partition,
+                    {"progress": known, "watermark": corr.clock.watermark_ms, "partition": partition},
+                )
+            )
         return links, marks
 
     def _join(

@@ -404,6 +404,40 @@ def test_a_quiet_scope_is_decided_by_the_other_scopes_progress(
     assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
 
 
+def test_a_scope_quiet_since_a_restart_is_decided_by_the_other_scopes_progress(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """acme's commits and message arrive before a restart, with every partition at day 2 (the message's
+    window still open); after the restart only the ``other`` workspace speaks, on every partition, at day 9.
+    The restarted worker follows acme's markers from its persisted progress and sends the link; before, a
+    scope was followed only once this process had read a record of it, and the link never came."""
+    events_topic = create_topic(unique_name("external"), partitions=3)
+    insights_topic = create_topic(unique_name("insights"), partitions=3)
+    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    serde = AvroSerde(EmbeddedRegistry())
+    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
+               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide")]  # fmt: skip
+    message = _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?")
+    args = ("--no-embeddings", "--discussion-min-history", "0", "--app-id", unique_name("corr"), "--events-topic",
+            events_topic, "--insights-topic", insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
+    stats = []
+    for day, events in ((2, [*commits, message]), (9, [])):
+        with EventProducer(settings.kafka, serde) as producer:
+            for event in events:
+                producer.produce(events_topic, event)
+            for partition in range(3):
+                _produce_to(
+                    producer, serde, events_topic, _clock(T0 + timedelta(days=day), partition), partition
+                )
+            producer.flush()
+        done = _run_correlate(settings, tmp_path, *args, timeout=60)
+        assert done.returncode == 0, done.stderr[-3000:]
+        stats.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [(s["events_count"], s["discussion_links_count"]) for s in stats] == [(6, 0), (3, 1)], stats
+    records = _insights(settings, serde, insights_topic)
+    assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
+
+
 def test_a_silent_or_empty_partition_does_not_hold_the_discussion_decisions(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
