@@ -44,8 +44,9 @@ about 11,000 items).
   ``{"obs": Observation.to_dict(), "vector": base64 float32, "source": "<events topic>/<partition>"}``
   (JSON on the changelog; ``source`` is where the event was read, for the discussion watermark). Items of
   entities the scope's retention dropped (``CorrelationConfig.retention``: messages 90 days, commits 365
-  days behind the scope's watermark) are deleted at the next checkpoint (a tombstone on the changelog), so
-  the table holds what the correlators hold, not the whole history. The in-memory
+  days behind the scope's watermark; a vector whose event never came, 90 days of watermark after it
+  came) are deleted at the next checkpoint (a tombstone on the changelog), so the table holds what the
+  correlators hold, not the whole history. The in-memory
   correlators are caches of it: dropped on every rebalance and rebuilt from the table's items of
   their scope on first use (the table is recovered from its changelog before agents run). The
   discussion linker's pending messages are rebuilt the same way: the restored watermark is the smallest of

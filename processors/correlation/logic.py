@@ -447,9 +447,12 @@ class Correlator:
             :attr:`discussion`).
         expired: the entities dropped by the retention since the caller last emptied the list (the worker
             deletes their table items).
-        expired_count: entities dropped by the retention so far.
+        expired_count: entities dropped by the retention so far (orphan vectors included).
         too_old: events older than the retention when they arrived (their reference links with what is held
             were drawn; they were not kept).
+        orphans_expired: vectors whose event never came (or came too old, or was dropped before its vector
+            arrived) within the message retention of watermark after the vector; they are dropped and named
+            in :attr:`expired` like the entities (before 2026-12-07 such a vector was held for good).
     """
 
     def __init__(
@@ -474,6 +477,11 @@ class Correlator:
         self._retention_ms = int(retention.total_seconds() * 1000) if retention is not None else None
         self._commit_retention_ms = int(self.config.commit_retention.total_seconds() * 1000)
         self._expired_at: int | None = None  # the watermark of the last expiry
+        # vectors that came without their event: (watermark when they came, entity); those that came before
+        # any watermark wait in _unclocked for the first expiry
+        self._orphans: list[tuple[int, str]] = []
+        self._unclocked: list[str] = []
+        self.orphans_expired = 0
         self.clock = SourceWatermark(sources)
         self.discussion = (
             DiscussionLinker(self.config.discussion, watermark=self.clock)
@@ -565,6 +573,16 @@ class Correlator:
             while held and held[0][0] < cutoff:
                 t, entity = heapq.heappop(held)
                 self._drop(t, entity)
+        for entity in self._unclocked:
+            heapq.heappush(self._orphans, (watermark, entity))
+        self._unclocked.clear()
+        cutoff = watermark - self._retention_ms
+        while self._orphans and self._orphans[0][0] < cutoff:
+            _, entity = heapq.heappop(self._orphans)
+            if entity not in self.observations and self.vectors.pop(entity, None) is not None:
+                self.expired.append(entity)
+                self.expired_count += 1
+                self.orphans_expired += 1
         if self._expired_since_sweep > len(self.observations) + 64:  # emptied index keys, now and then
             _drop_empty(self._commits_by_prefix)
             _drop_empty(self._commits_by_pr)
@@ -658,7 +676,15 @@ class Correlator:
         unit = v if abs(norm - 1.0) < 1e-6 else (v / norm).astype(np.float32)
         self.vectors[entity] = unit.astype(np.float64)
         obs = self.observations.get(entity)
-        return [] if obs is None else self._embedding_links(obs)
+        if obs is None:  # its event may come later, or never (dropped, too old): see _expire
+            if self._retention_ms is not None:
+                at = self.clock.watermark_ms
+                if at is None or self._restoring:
+                    self._unclocked.append(entity)
+                else:
+                    heapq.heappush(self._orphans, (at, entity))
+            return []
+        return self._embedding_links(obs)
 
     def _reference_link(self, message: Observation, commit: Observation) -> list[Link]:
         ref = _matching_ref(message, commit)

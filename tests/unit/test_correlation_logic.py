@@ -357,3 +357,29 @@ def test_discussion_decisions_follow_a_drained_source() -> None:
     forgetful = Correlator(config, sources=sources)  # the sources' maxima alone: events/1 holds it back
     forgetful.restore(items, progress)
     assert len(forgetful.progress({}, drained=["events/1"])) == 1  # the same decision made a second time
+
+
+def test_a_vector_whose_event_never_comes_is_dropped_after_the_retention() -> None:
+    """A vector without its event waits for it (the event may come later: then it is governed by the event's
+    retention), but not for good: once the watermark has moved a message retention past the vector's
+    arrival, it is dropped and named in ``expired`` (the worker deletes its table item)."""
+    config = CorrelationConfig(retention=timedelta(days=10), commit_retention=timedelta(days=30))
+    corr = Correlator(config)
+    corr.add(_message(T0, "hello"))
+    corr.add_vector("slack:acme/dev/never", _unit(1, 0))  # its event never comes
+    late = _commit(SHA_A, "teach the frobnicator to count", T0 + timedelta(days=2))
+    corr.add_vector(late.entity, _unit(0, 1))  # its event comes after it
+    corr.add(late)
+    corr.add(_message(T0 + timedelta(days=9), "still waiting"))
+    assert "slack:acme/dev/never" in corr.vectors and corr.orphans_expired == 0
+    corr.add(_message(T0 + timedelta(days=11), "later"))
+    assert "slack:acme/dev/never" not in corr.vectors and "slack:acme/dev/never" in corr.expired
+    assert corr.orphans_expired == 1 and late.entity in corr.vectors  # the commit is held 30 days
+    restored = Correlator(config)
+    restored.restore([(None, _unit(1, 0), "slack:acme/dev/orphan", "events/0")])
+    restored.add(_message(T0, "a"), "events/0")
+    restored.add(_message(T0 + timedelta(days=11), "b"), "events/0")
+    assert restored.orphans_expired == 1 and restored.expired == [
+        _message(T0, "a").entity,
+        "slack:acme/dev/orphan",
+    ]
