@@ -69,6 +69,7 @@ __all__ = [
     "TableCheckpoints",
     "broker_urls",
     "catalogue_partitions",
+    "consumer_highwater",
     "credentials",
     "decode_event",
     "ensure_processor_topics",
@@ -1177,6 +1178,21 @@ def topic_partitions(kafka: KafkaSettings, topic: str, *, timeout_seconds: float
     """How many partitions ``topic`` has on the broker (its metadata); None when it does not exist."""
     meta = AdminClient(kafka.librdkafka()).list_topics(topic, timeout=timeout_seconds).topics.get(topic)
     return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else None
+
+
+def consumer_highwater(app: faust.App) -> Callable[[Any], int | None]:
+    """A reader of ``app``'s consumer's fetch high watermark per partition (``TP``): the offset after the
+    partition's last record as the last fetch answered, or None when no fetch has answered since the
+    partition was assigned or it is no longer assigned. A worker takes a partition whose last record read is
+    the one before it as read to its end (``drained``: idle for an event-time watermark)."""
+
+    def highwater(tp: Any) -> int | None:
+        try:
+            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
+        except AssertionError:  # aiokafka: the partition is no longer assigned
+            return None
+
+    return highwater
 
 
 def partitions_with_records(kafka: KafkaSettings, topics: Sequence[str], group_id: str) -> list[str]:

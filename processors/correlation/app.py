@@ -137,6 +137,7 @@ from processors.shell import (
     FaustDeadLetters,
     TableCheckpoints,
     catalogue_partitions,
+    consumer_highwater,
     ensure_processor_topics,
     make_faust_app,
     message_headers,
@@ -847,13 +848,7 @@ def create_correlation_app(
         if not shell.handling:
             shell.checkpoints.checkpoint_if_due()
 
-    def highwater(tp: Any) -> int | None:
-        try:
-            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
-        except AssertionError:  # aiokafka: the partition is no longer assigned
-            return None
-
-    shell.highwater = highwater
+    shell.highwater = consumer_highwater(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def correlation_drain_check() -> None:

@@ -175,6 +175,7 @@ from processors.shell import (
     BatchDelivery,
     Checkpoints,
     FaustDeadLetters,
+    consumer_highwater,
     make_faust_app,
     message_headers,
     pack_bodies,
@@ -795,13 +796,7 @@ def create_incidents_app(
             if shell.checkpoints.pending:
                 shell.checkpoints.checkpoint()
 
-    def highwater(tp: Any) -> int | None:
-        try:
-            return app.consumer.highwater(tp)  # type: ignore[no-any-return]
-        except AssertionError:  # aiokafka: the partition is no longer assigned
-            return None
-
-    shell.highwater = highwater
+    shell.highwater = consumer_highwater(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def incidents_drain_check() -> None:

@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -390,11 +391,7 @@ def test_a_quiet_scope_is_decided_by_the_other_scopes_progress(
         for partition, event in enumerate(others):
             _produce_to(producer, serde, events_topic, event, partition)
         producer.flush()
-    done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id",
-                          unique_name("corr"), "--events-topic", events_topic, "--insights-topic", insights_topic,
-                          "--dlq-topic", dlq_topic, "--stop-after-idle", "3", timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = _run_discussion(settings, tmp_path, unique_name("corr"), events_topic, insights_topic, dlq_topic)
     assert (stats["events_count"], stats["discussion_links_count"], stats["discussion_late_count"]) == (
         7,
         1,
@@ -404,6 +401,37 @@ def test_a_quiet_scope_is_decided_by_the_other_scopes_progress(
     assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
 
 
+def _run_discussion(
+    settings: Settings, tmp_path: Path, app_id: str, events: str, insights: str, dead_letters: str
+) -> dict[str, Any]:
+    """``processors correlate`` with discussion links (no history minimum, no embeddings) until 3 s idle;
+    its counters."""
+    done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id", app_id,
+                          "--events-topic", events, "--insights-topic", insights, "--dlq-topic", dead_letters,
+                          "--stop-after-idle", "3", timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return stats
+
+
+def _three_topics(
+    create_topic: Callable[..., str], unique_name: Callable[[str], str]
+) -> tuple[str, str, str]:
+    """A test's own events (3 partitions), insights (3) and dead-letter (1) topics."""
+    return (create_topic(unique_name("external"), partitions=3), create_topic(unique_name("insights"), partitions=3),
+            create_topic(unique_name("dlq"), partitions=1))  # fmt: skip
+
+
+def _expander_case() -> tuple[list[Event], Event]:
+    """Two acme commits of day 0 and a message 5 h later about the first, without a reference: one
+    discussion link (message → first commit) once acme's watermark passes the message by 8 days."""
+    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
+               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide")]  # fmt: skip
+    return commits, _slack(
+        T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?"
+    )
+
+
 def test_a_scope_quiet_since_a_restart_is_decided_by_the_other_scopes_progress(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -411,15 +439,10 @@ def test_a_scope_quiet_since_a_restart_is_decided_by_the_other_scopes_progress(
     window still open); after the restart only the ``other`` workspace speaks, on every partition, at day 9.
     The restarted worker follows acme's markers from its persisted progress and sends the link; before, a
     scope was followed only once this process had read a record of it, and the link never came."""
-    events_topic = create_topic(unique_name("external"), partitions=3)
-    insights_topic = create_topic(unique_name("insights"), partitions=3)
-    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    events_topic, insights_topic, dlq_topic = _three_topics(create_topic, unique_name)
     serde = AvroSerde(EmbeddedRegistry())
-    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
-               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide")]  # fmt: skip
-    message = _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?")
-    args = ("--no-embeddings", "--discussion-min-history", "0", "--app-id", unique_name("corr"), "--events-topic",
-            events_topic, "--insights-topic", insights_topic, "--dlq-topic", dlq_topic, "--stop-after-idle", "3")  # fmt: skip
+    commits, message = _expander_case()
+    app_id = unique_name("corr")
     stats = []
     for day, events in ((2, [*commits, message]), (9, [])):
         with EventProducer(settings.kafka, serde) as producer:
@@ -430,9 +453,7 @@ def test_a_scope_quiet_since_a_restart_is_decided_by_the_other_scopes_progress(
                     producer, serde, events_topic, _clock(T0 + timedelta(days=day), partition), partition
                 )
             producer.flush()
-        done = _run_correlate(settings, tmp_path, *args, timeout=60)
-        assert done.returncode == 0, done.stderr[-3000:]
-        stats.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        stats.append(_run_discussion(settings, tmp_path, app_id, events_topic, insights_topic, dlq_topic))
     assert [(s["events_count"], s["discussion_links_count"]) for s in stats] == [(6, 0), (3, 1)], stats
     records = _insights(settings, serde, insights_topic)
     assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
@@ -445,23 +466,15 @@ def test_a_silent_or_empty_partition_does_not_hold_the_discussion_decisions(
     worker reads partition 1 to its end (a ``drained`` marker) and finds partition 2 empty at start, so
     acme's watermark follows partition 0 to day 9 and the message of day 0 gets its discussion link. Without
     idleness the watermark waited for partition 2 (and then stayed at partition 1's day 0): no link."""
-    events_topic = create_topic(unique_name("external"), partitions=3)
-    insights_topic = create_topic(unique_name("insights"), partitions=3)
-    dlq_topic = create_topic(unique_name("dlq"), partitions=1)
+    events_topic, insights_topic, dlq_topic = _three_topics(create_topic, unique_name)
     serde = AvroSerde(EmbeddedRegistry())
-    commits = [_commit(SHA_A, T0, "expander: fix syntax-local-bind-syntaxes for local-expand"),
-               _commit(SHA_B, T0 + timedelta(hours=1), "docs: typo in the guide")]  # fmt: skip
-    message = _slack(T0 + timedelta(hours=5), "did the syntax-local-bind-syntaxes fix for local-expand land?")
+    commits, message = _expander_case()
     with EventProducer(settings.kafka, serde) as producer:
         for event in [*commits, message, _clock(T0 + timedelta(days=9), 0)]:
             _produce_to(producer, serde, events_topic, event, 0)
         _produce_to(producer, serde, events_topic, _clock(T0 + timedelta(hours=1), 1), 1)
         producer.flush()
-    done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id",
-                          unique_name("corr"), "--events-topic", events_topic, "--insights-topic", insights_topic,
-                          "--dlq-topic", dlq_topic, "--stop-after-idle", "3", timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    stats = _run_discussion(settings, tmp_path, unique_name("corr"), events_topic, insights_topic, dlq_topic)
     assert stats["events_count"] == 5 and stats["discussion_late_count"] == 0, stats
     assert stats["drained_count"] >= 1 and stats["discussion_links_count"] == 1, stats
     records = _insights(settings, serde, insights_topic)
