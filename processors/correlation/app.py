@@ -77,7 +77,8 @@ about 11,000 items).
   of a fixed history a partition drains only after its last record, so the links do not depend on it;
   live, a partition that speaks again behind the watermark has its events counted late. The persisted
   progress keeps the scope's watermark too (``"watermark"``), which idleness may have moved past the
-  partitions' maxima, so a restarted worker does not decide a message twice. Each scope's read progress is persisted as the
+  partitions' maxima, so a restarted worker does not decide a message twice, and the idle partitions
+  (``"idle"``), which the worker that next owns the repartition partition takes back. Each scope's read progress is persisted as the
   table item ``<scope>|#progress`` (written after the links the marker completed), so a restarted
   worker's watermark takes it back with the items' and does not decide again what it sent; the item
   names the scope's repartition partition, so a restarted worker follows the markers of a scope quiet
@@ -325,6 +326,7 @@ class _CorrelationShell:
         # per repartition partition: the events sources its markers last said are idle (read to their end)
         idle = {f"{topics.events}/{p}" for p in topics.events_idle}
         self.idle_sources: dict[int, set[str]] = {p: set(idle) for p in range(topics.scope_partitions)}
+        self._start_idle = idle  # idle at this worker's start; forgotten at its first rebalance mid-run
 
     def _touch(self) -> None:
         self.stats.records_count += 1
@@ -337,6 +339,8 @@ class _CorrelationShell:
         in-memory correlators; they are rebuilt from the table on next use."""
         self.checkpoints.checkpoint()
         self.correlators.clear()
+        if self._adopted:  # a rebalance after markers were read: what was idle at start may have spoken
+            self._start_idle = set()
         self._adopted.clear()
 
     def _adopt_quiet_scopes(self, partition: int) -> None:
@@ -344,15 +348,22 @@ class _CorrelationShell:
         (``<scope>|#progress``, ``"partition"``) is followed by its markers from now on, not only the scopes
         whose records this process read. A scope quiet since a restart so still has its pending messages
         decided and its retention applied as the other scopes' events move its watermark (before, it waited
-        for an event of its own)."""
+        for an event of its own). The partition's idle sources are taken back from that progress too
+        (``"idle"``, as of the last marker checkpointed, which the partition's committed offset follows),
+        with the sources idle at this worker's start until its first rebalance."""
         if partition in self._adopted:
             return
         self._adopted.add(partition)
         suffix = f"|{PROGRESS_ENTITY}".encode()
+        persisted: set[str] | None = None
         for key, value in list(self.table.data.items()):
             raw_key = key if isinstance(key, bytes) else str(key).encode()
             if raw_key.endswith(suffix) and isinstance(value, dict) and value.get("partition") == partition:
                 self.scope_partitions.setdefault(raw_key[: -len(suffix)].decode(), partition)
+                if persisted is None and isinstance(value.get("idle"), list):
+                    persisted = {str(source) for source in value["idle"]}
+        if persisted is not None:
+            self.idle_sources[partition] = persisted | self._start_idle
 
     def _decode(self, message: Any) -> tuple[CloudEvent, str, dict[str, Any], list[tuple[str, bytes | None]]]:
         headers = message_headers(message.headers)
@@ -634,7 +645,7 @@ class _CorrelationShell:
         ``partition`` (the drained sources idle until their next event). Returns the discussion links it
         completes and, per scope, the table item that persists the scope's read progress (key
         ``<scope>|#progress``, value ``{"progress": {source: epoch ms}, "watermark": epoch ms, "partition":
-        this partition}``), written after the links, so a restarted worker's watermark takes it back and
+        this partition, "idle": [source, ...]}``), written after the links, so a restarted worker's watermark takes it back and
         does not decide again what was sent, and follows the scope's markers before it speaks again.
 
         Raises:
@@ -643,10 +654,10 @@ class _CorrelationShell:
         sent = {str(k): int(v) for k, v in dict(body["sources"]).items()}
         drained = [str(d) for d in body.get("drained") or ()]
         sources = {k: datetime.fromtimestamp(v / 1000, UTC) for k, v in sent.items()}
+        self._adopt_quiet_scopes(partition)
         idle = self.idle_sources.setdefault(partition, set())
         idle.difference_update(sent)
         idle.update(drained)
-        self._adopt_quiet_scopes(partition)
         links: list[Link] = []
         marks: list[tuple[bytes, int, dict[str, Any]]] = []
         for scope, at in list(self.scope_partitions.items()):
@@ -666,7 +677,12 @@ class _CorrelationShell:
                 (
                     key,
                     partition,
-                    {"progress": known, "watermark": corr.clock.watermark_ms, "partition": partition},
+                    {
+                        "progress": known,
+                        "watermark": corr.clock.watermark_ms,
+                        "partition": partition,
+                        "idle": sorted(corr.clock.idle),
+                    },
                 )
             )
         return links, marks
@@ -683,6 +699,7 @@ class _CorrelationShell:
         """
         if not isinstance(body, dict):
             raise TypeError(f"a repartition body must be a JSON object, got {type(body).__name__}")
+        self._adopt_quiet_scopes(partition)
         corr = self._correlator(scope, partition)
         self.scope_partitions[scope] = partition
         source = None

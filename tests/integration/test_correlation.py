@@ -474,11 +474,18 @@ def test_a_silent_or_empty_partition_does_not_hold_the_discussion_decisions(
             _produce_to(producer, serde, events_topic, event, 0)
         _produce_to(producer, serde, events_topic, _clock(T0 + timedelta(hours=1), 1), 1)
         producer.flush()
-    stats = _run_discussion(settings, tmp_path, unique_name("corr"), events_topic, insights_topic, dlq_topic)
+    app_id = unique_name("corr")
+    stats = _run_discussion(settings, tmp_path, app_id, events_topic, insights_topic, dlq_topic)
     assert stats["events_count"] == 5 and stats["discussion_late_count"] == 0, stats
     assert stats["drained_count"] >= 1 and stats["discussion_links_count"] == 1, stats
     records = _insights(settings, serde, insights_topic)
     assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
+    # acme's persisted progress keeps its watermark and its idle partitions for the next owner
+    raw = changelog_values(settings.kafka, f"{app_id}-correlation_items-changelog")[b"acme|#progress"]
+    assert raw is not None
+    progress = json.loads(raw)
+    assert f"{events_topic}/2" in progress["idle"], progress  # empty at start: idle in every progress written
+    assert progress["watermark"] >= int((T0 + timedelta(days=8, hours=5)).timestamp() * 1000), progress
 
 
 @pytest.fixture(scope="module")
