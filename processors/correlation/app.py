@@ -383,36 +383,35 @@ class _CorrelationShell:
         by_scope: dict[str, list[dict[str, Any]]] = {}
         futures: list[Any] = []
         progress: dict[str, int] = {}  # source partition -> largest event time read in this batch (ms)
-        last: dict[Any, tuple[str, int]] = {}  # each partition's last record of the batch: (source, offset)
+        last: dict[tuple[str, int], int] = {}  # (topic, partition) -> offset of its last record in the batch
         for message in records:
             with tracing_process(message, self.app_id):  # an embedding request carries the record's trace
                 forwarded = await self._forward(message, futures, progress)
             if forwarded is not None:
                 by_scope.setdefault(forwarded[0], []).append(forwarded[1])
-            last[TP(message.topic, message.partition)] = (
-                f"{message.topic}/{message.partition}",
-                message.offset,
-            )
+            last[(message.topic, message.partition)] = message.offset
         scope_topic = self.channels["scope"]
         for scope, bodies in by_scope.items():
             for packed, _ in pack_bodies(bodies, SCOPE_MAX_BYTES):
                 futures.append(await scope_topic.send(key=scope.encode(), value=packed))
-        drained: list[str] = []
-        for tp, (source, offset) in last.items():
-            highwater = self.highwater(tp)
-            if highwater is not None and offset + 1 >= highwater:
-                drained.append(source)
-                self._undrained.pop(tp, None)
-            else:
-                self._undrained[tp] = (source, offset)
-        if (progress or drained) and self._watermarked:
-            futures += await self._send_marker(progress, drained)
+        if self.config.keeps_watermark:
+            drained: list[str] = []
+            for (topic, partition), offset in last.items():
+                tp, source = TP(topic, partition), f"{topic}/{partition}"
+                if self._read_to_end(tp, offset):
+                    drained.append(source)
+                    self._undrained.pop(tp, None)
+                else:
+                    self._undrained[tp] = (source, offset)
+            if progress or drained:
+                futures += await self._send_marker(progress, drained)
         return asyncio.gather(*futures) if futures else None
 
-    @property
-    def _watermarked(self) -> bool:
-        """Whether the scopes keep a watermark (discussion links or a retention): progress markers are sent."""
-        return self.config.discussion is not None or self.config.retention is not None
+    def _read_to_end(self, tp: Any, offset: int) -> bool:
+        """Whether ``offset`` is the last record of ``tp`` as the consumer's last fetch knows it (False when
+        no fetch has answered since the assignment)."""
+        highwater = self.highwater(tp)
+        return highwater is not None and offset + 1 >= highwater
 
     async def _send_marker(self, progress: dict[str, int], drained: list[str]) -> list[Any]:
         """A progress marker (``{"type": "progress", "sources": {source: largest event time read, ms},
@@ -435,12 +434,9 @@ class _CorrelationShell:
         its last when it was forwarded (the high watermark was unknown, or more records were written
         since and are read now): a ``drained`` marker after the records already sent, so it never
         overtakes them."""
-        if not self._watermarked:
-            return
-        drained = []
+        drained = []  # (nothing is noted without a watermark)
         for tp, (source, offset) in list(self._undrained.items()):
-            highwater = self.highwater(tp)
-            if highwater is not None and offset + 1 >= highwater:
+            if self._read_to_end(tp, offset):
                 del self._undrained[tp]
                 drained.append(source)
         if drained:
@@ -977,10 +973,7 @@ def run_correlation_worker(
     app_id = app_id or DEFAULT_APP_ID
     topics = topics or CorrelationTopics()
     ensure_correlation_topics(settings.kafka, topics, app_id, embeddings=embeddings)
-    watermarked = config or CorrelationConfig()  # discussion decisions and the retention read the watermark
-    if topics.events_partitions is None and (
-        watermarked.discussion is not None or watermarked.retention is not None
-    ):
+    if topics.events_partitions is None and (config or CorrelationConfig()).keeps_watermark:
         count = topic_partitions(settings.kafka, topics.events)
         reading = partitions_with_records(settings.kafka, [topics.events], app_id)
         idle = frozenset(p for p in range(count or 0) if f"{topics.events}/{p}" not in reading)

@@ -151,6 +151,12 @@ class CorrelationConfig:
     retention: timedelta | None = DEFAULT_RETENTION
     commit_retention: timedelta = DEFAULT_COMMIT_RETENTION
 
+    @property
+    def keeps_watermark(self) -> bool:
+        """Whether a scope keeps an event-time watermark: it decides discussion links and moves the
+        retention (with neither, ``discussion=None`` and ``retention=None``, there is none)."""
+        return self.discussion is not None or self.retention is not None
+
     def __post_init__(self) -> None:
         if self.window < timedelta(0):
             raise ValueError(f"window must not be negative, got {self.window}")
