@@ -59,7 +59,7 @@ import bisect
 import heapq
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -156,6 +156,29 @@ class CorrelationConfig:
         """Whether a scope keeps an event-time watermark: it decides discussion links and moves the
         retention (with neither, ``discussion=None`` and ``retention=None``, there is none)."""
         return self.discussion is not None or self.retention is not None
+
+    @property
+    def linker_config(self) -> MaskedConfig | None:
+        """The masked linker's settings as the correlator runs them: ``discussion`` with its
+        ``df_horizon`` at most ``commit_retention - allowed_lateness`` and its ``affinity_horizon`` at most
+        ``retention - window_after - allowed_lateness`` when a retention is set. A restarted worker
+        rebuilds its linker from what the retention held at the last checkpoint (commits from
+        ``watermark - commit_retention`` on, messages and their explicit links from ``watermark -
+        retention`` on), and every decision left to make is of a message at or after ``watermark -
+        window_after - allowed_lateness``, whose document frequencies start ``df_horizon`` before ``time +
+        window_after`` and whose author affinity starts ``affinity_horizon`` before ``time``: with these
+        caps every commit and link they count is still held, so a restart gives the same decisions, scores
+        included, as a worker that never stopped. None: no ``discussion``."""
+        d = self.discussion
+        if d is None or self.retention is None:
+            return d
+        df_cap = self.commit_retention - d.allowed_lateness
+        affinity_cap = self.retention - d.window_after - d.allowed_lateness
+        if d.df_horizon is None or d.df_horizon > df_cap:
+            d = replace(d, df_horizon=df_cap)
+        if d.affinity_horizon is None or d.affinity_horizon > affinity_cap:
+            d = replace(d, affinity_horizon=affinity_cap)
+        return d
 
     def __post_init__(self) -> None:
         if self.window < timedelta(0):
@@ -490,8 +513,8 @@ class Correlator:
         self.orphans_expired = 0
         self.clock = SourceWatermark(sources)
         self.discussion = (
-            DiscussionLinker(self.config.discussion, watermark=self.clock)
-            if self.config.discussion is not None
+            DiscussionLinker(self.config.linker_config, watermark=self.clock)
+            if self.config.linker_config is not None
             else None
         )
         self._restoring = False

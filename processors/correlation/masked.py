@@ -41,8 +41,10 @@ of their arrival order (within the allowed lateness). The live correlator
 set of commits with it.
 
 Measured (``backbone eval links`` on Racket Slack 2018 × racket/racket commits, 17 masked links,
-2026-12-06, the streaming linker, affinity learned test-then-train): 8 linked, 6 right (precision 0.75,
-recall 0.35, true commit ranked first for 10); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
+2026-12-07, the streaming linker, affinity learned test-then-train from the links of the last 82 days,
+``affinity_horizon``): 7 linked, 6 right (precision 0.86, recall 0.35, true commit ranked first for 10);
+from every earlier link (2026-12-06) 8 linked, 6 right (0.75 / 0.35; 120 to 270 days give the same, 30
+to 82 days 7 / 6); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
 first 8). With ``--embeddings`` (weight 0.5): 11 linked, 8 right (0.73 / 0.47); without affinity 11
 linked, 7 right (0.64 / 0.41); the same figures after the events began to carry threads and after each
 message's terms were cached (no n-gram spans two messages now). The live correlator on the masked events
@@ -75,7 +77,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -167,6 +169,8 @@ class MaskedConfig:
     affinity_weight: float = 0.2
     affinity_smoothing: float = 1.0
     thread_window: timedelta = timedelta(days=7)
+    df_horizon: timedelta | None = timedelta(days=364)
+    affinity_horizon: timedelta | None = timedelta(days=82)
     """Defaults chosen by looking at the 17 masked Racket 2018 links (see the issue-12 report), so the
     figures on that set are optimistic. ``merge_boost`` 1 (the next merge's text evidence counts
     double) was not tuned: an additive prior ``+ 0.1 * pending`` gave more on these 17 (6 of 6 without
@@ -182,7 +186,31 @@ class MaskedConfig:
     before it can be linked (the document frequencies need them). ``thread_window``: the messages of a
     message's thread that join its context are those within this of it (it bounds what a thread keeps;
     the longest disentangled conversation of the Racket year spans 6 days, so 7 days changes nothing
-    there)."""
+    there). ``df_horizon``: the document frequencies (and the authors' shares of the commits) of a
+    message's decision count the commits of the ``df_horizon`` that ends at the end of its window, i.e.
+    commit time in ``[time + window_after - df_horizon, time + window_after]``; older commits and the
+    terms no held event uses are forgotten, so the vocabulary is bounded. None counts every commit ever
+    (the behaviour before 2026-12-07, with a vocabulary that only grows: 75,748 terms over the Racket
+    year). 364 days is the default so that a correlator's commit retention (365 days) minus the
+    allowed lateness still holds every commit a restarted worker's decisions count (see
+    :class:`processors.correlation.logic.Correlator`); over the Racket year (a single year of commits)
+    it changes nothing. ``affinity_horizon``: the author affinity of a message's decision is taught by the
+    explicit links of the messages of the ``affinity_horizon`` before it (``[time - affinity_horizon,
+    time)``); None: every earlier link (before 2026-12-07). 82 days is the default so that a correlator's
+    message retention (90 days) minus ``window_after + allowed_lateness`` still holds every message whose
+    links a restarted worker's decisions learn from.
+
+    Raises:
+        ValueError: ``df_horizon`` shorter than ``window_before + window_after`` (a commit of a message's
+            window would not be counted).
+    """
+
+    def __post_init__(self) -> None:
+        if self.df_horizon is not None and self.df_horizon < self.window_before + self.window_after:
+            raise ValueError(
+                f"df_horizon {self.df_horizon} is shorter than a message's window "
+                f"(window_before + window_after = {self.window_before + self.window_after})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +251,21 @@ class AuthorAffinity:
         for person in dict.fromkeys(people):
             self.pairs[(person, author)] = self.pairs.get((person, author), 0) + 1
             self.totals[person] = self.totals.get(person, 0) + 1
+
+    def forget(self, people: Sequence[str], author: str) -> None:
+        """Uncount one link counted by :meth:`observe` (a link that left the horizon); counts that reach 0
+        are removed, so what is held is the links of the horizon, not every person ever seen."""
+        for person in dict.fromkeys(people):
+            n = self.pairs[(person, author)] - 1
+            if n:
+                self.pairs[(person, author)] = n
+            else:
+                del self.pairs[(person, author)]
+            total = self.totals[person] - 1
+            if total:
+                self.totals[person] = total
+            else:
+                del self.totals[person]
 
     def affinity(self, people: Sequence[str], author: str | None) -> float:
         """In [0, 1): how strongly ``people`` have been linked to ``author``'s commits (0: unknown author)."""
@@ -279,6 +322,7 @@ class _Held:
 
 
 _LAST = "\U0010ffff"
+_COMPACT_AT_LEAST = 4096  # terms with an id before compact_vocabulary runs on its own
 
 
 def _ms(t: datetime) -> int:
@@ -312,12 +356,16 @@ class DiscussionLinker:
     - allowed_lateness``, no decision that is not late reads a commit before ``D - window_before`` (outside
     every remaining window) or a message before ``D - max(thread_window, user_context)`` (outside every
     remaining context), nor an explicit link of a message before that (the author affinity is kept as
-    counts, folded in time order). With ``evict`` those are dropped after each advance; a commit's
-    document frequencies stay counted. What stays grows with the events of about ``window_before +
-    window_after + allowed_lateness`` of event time (a month by default), plus the vocabulary and the
-    author counts. An event older than what was dropped is counted late and only its document frequencies
-    kept (a commit) or ignored (a message); a late message whose deadline already passed is still decided
-    at the next advance, against what is left, as a best effort.
+    counts, folded in time order). With ``evict`` those are dropped after each advance; a dropped commit's
+    document frequencies stay counted until ``df_horizon`` (see :class:`MaskedConfig`) has passed it
+    for every remaining decision (``D + window_after - df_horizon``), and an explicit link teaches the
+    affinity until ``affinity_horizon`` has. What stays is the events of about ``window_before +
+    window_after + allowed_lateness`` of event time (a month by default), the subjects' term ids of the
+    commits of the last ``df_horizon``, the links of the last ``affinity_horizon``, and a vocabulary
+    compacted whenever it doubles (:meth:`compact_vocabulary`); with a horizon set to None that part
+    grows for good. An event older than what was dropped is counted late and only its document
+    frequencies kept (a commit within the horizon) or ignored (a message); a late message whose deadline
+    already passed is still decided at the next advance, against what is left, as a best effort.
 
     Args:
         config: weights, windows and limits (``allowed_lateness`` included).
@@ -374,12 +422,25 @@ class DiscussionLinker:
         self._reference_pairs: dict[str, dict[str, tuple[tuple[str, ...], str | None]]] = {}
         self._affinity = AuthorAffinity(self.config.affinity_smoothing)
         self._affinity_upto = -(2**62)  # the links of messages before this time are folded in
+        self._affinity_from = -(2**62)  # ... and those before this time forgotten (affinity_horizon)
+        # the folded links within the horizon, by (message time, message, commit, people, author)
+        self._folded: list[tuple[int, str, str, tuple[str, ...], str]] = []
         self.decided: set[str] = set()
         self.late_events = 0
-        # document frequencies of the commits up to _df_upto, moved as decisions need
+        # the vocabulary: an id per analyzer term of the events; compact_vocabulary() frees the ids that no
+        # held message or commit and no commit of _df_log uses (run when it doubled since the last time)
         self._term_ids: dict[str, int] = {}
+        self._id_terms: list[str | None] = []  # the term of each id (None: free)
+        self._free_ids: list[int] = []
+        self._compacted_terms = 0  # vocabulary_terms after the last compaction
         self._df = np.zeros(1024, dtype=np.int64)  # by term id (messages' terms have ids too, df 0)
         self._lookup = np.zeros(1024)  # the query's weights by term id, zero between calls
+        # document frequencies of the commits of _df_log from _df_from_ms up to the key _df_upto, moved as
+        # decisions need; _df_log holds (time, entity) of every commit at or after _df_from_ms (held or
+        # dropped), _df_commits those commits
+        self._df_log: list[tuple[int, str]] = []
+        self._df_commits: dict[str, _Commit] = {}
+        self._df_from_ms = -(2**62)
         self._df_authors: Counter[str] = Counter()
         self._df_docs = 0
         self._df_upto: tuple[int, str] = (-(2**62), "")
@@ -393,22 +454,25 @@ class DiscussionLinker:
         self, entity: str, time: datetime, subject: str, author: str | None, vector: np.ndarray | None = None
     ) -> None:
         """Record a commit (a repeated entity is ignored): its commit time, subject and git author."""
-        if entity in self.commits:
+        if entity in self.commits or entity in self._df_commits:
             return
         t = _ms(time)
         self._count_if_late(t)
+        if t < self._df_from_ms:  # behind every remaining document-frequency horizon: nothing reads it
+            return
         counts = Counter(self._analyze(subject))
         ids = np.array([self._term_id(term) for term in counts], dtype=np.int64)
         tf = 1.0 + np.log(np.array(list(counts.values()), dtype=np.float64))
         commit = _Commit(t, subject, author, pr_number_of(subject) is not None, ids, tf, vector)
-        if t < self._evicted_commits_ms:  # behind what was dropped: a candidate of no remaining window
+        bisect.insort(self._df_log, (t, entity))
+        self._df_commits[entity] = commit
+        if (t, entity) <= self._df_upto:
             self._count_commit(commit, +1)
+        if t < self._evicted_commits_ms:  # behind what was dropped: a candidate of no remaining window
             return
         self.commits[entity] = commit
         bisect.insort(self._order, (t, entity))
         self._order_version += 1
-        if (t, entity) <= self._df_upto:
-            self._count(entity, +1)
 
     def add_message(
         self,
@@ -474,8 +538,10 @@ class DiscussionLinker:
 
     def _fold(self, item: tuple[int, str, str]) -> None:
         people, author = self._reference_pairs[item[1]][item[2]]
-        if author is not None:
+        if author is not None and item[0] >= self._affinity_from:
             self._affinity.observe(people, author)
+            if self.config.affinity_horizon is not None:
+                bisect.insort(self._folded, (*item, people, author))
 
     def advance(self, time: datetime, source: str | None = None) -> list[Prediction]:
         """Note an event of ``source`` at ``time``, move the watermark, and decide every message whose
@@ -516,7 +582,10 @@ class DiscussionLinker:
 
     @property
     def vocabulary_terms(self) -> int:
-        """Analyzer terms with an id so far (messages' and commits'; the vocabulary is not bounded)."""
+        """Analyzer terms with an id now: after :meth:`compact_vocabulary`, those of the held messages and
+        commits and of the commits still within a remaining decision's ``df_horizon``; between two
+        compactions at most twice as many (or 4,096). With ``df_horizon`` None or ``evict`` off the
+        vocabulary only grows (before 2026-12-07 it always did: 75,748 terms over the Racket year)."""
         return len(self._term_ids)
 
     @property
@@ -546,7 +615,8 @@ class DiscussionLinker:
 
     def _evict(self) -> None:
         """Drop the commits, messages and explicit links no remaining decision reads (see *Bounded
-        state*); a dropped commit stays counted in the document frequencies."""
+        state*); a dropped commit stays counted in the document frequencies until the ``df_horizon`` of
+        every remaining decision has passed it."""
         if not self.evict or self.watermark_ms is None:
             return
         c = self.config
@@ -579,6 +649,10 @@ class DiscussionLinker:
                         del index[key]
             del self._message_order[:cut]
             self.evicted += cut
+        if c.df_horizon is not None:  # every remaining decision's message is at or after decided_upto
+            self._move_df_from(decided_upto + _ms_of(c.window_after - c.df_horizon))
+        if len(self._term_ids) > max(2 * self._compacted_terms, _COMPACT_AT_LEAST):
+            self.compact_vocabulary()
 
     def _decide_until(self, watermark: int | None) -> list[Prediction]:
         out = []
@@ -595,34 +669,81 @@ class DiscussionLinker:
         return out
 
     # ---- scoring -----------------------------------------------------------------------------------
-    def _count(self, entity: str, sign: int) -> None:
-        self._count_commit(self.commits[entity], sign)
-
     def _count_commit(self, c: _Commit, sign: int) -> None:
         self._df[c.term_ids] += sign
         self._df_docs += sign
         self._df_version += 1
         if c.author is not None:
-            self._df_authors[c.author] += sign
+            left = self._df_authors[c.author] + sign
+            if left:
+                self._df_authors[c.author] = left
+            else:
+                del self._df_authors[c.author]
 
     def _move_prefix(self, upto: tuple[int, str]) -> None:
+        """Move the document frequencies' upper end to the key ``upto`` (either way)."""
+        log = self._df_log
         if upto > self._df_upto:
-            lo = bisect.bisect_right(self._order, self._df_upto)
-            hi = bisect.bisect_right(self._order, upto)
-            for _, entity in self._order[lo:hi]:
-                self._count(entity, +1)
-        elif upto < self._df_upto:
-            lo = bisect.bisect_right(self._order, upto)
-            hi = bisect.bisect_right(self._order, self._df_upto)
-            for _, entity in self._order[lo:hi]:
-                self._count(entity, -1)
+            lo, hi, sign = bisect.bisect_right(log, self._df_upto), bisect.bisect_right(log, upto), +1
+        else:
+            lo, hi, sign = bisect.bisect_right(log, upto), bisect.bisect_right(log, self._df_upto), -1
+        for _, entity in log[lo:hi]:
+            self._count_commit(self._df_commits[entity], sign)
         self._df_upto = upto
 
+    def _move_df_from(self, from_ms: int) -> None:
+        """Move the document frequencies' lower end forward to ``from_ms`` (never back): the commits before
+        it are uncounted and forgotten (their terms' ids are freed by the next compaction)."""
+        if from_ms <= self._df_from_ms:
+            return
+        self._df_from_ms = from_ms
+        cut = bisect.bisect_left(self._df_log, (from_ms, ""))
+        for key in self._df_log[:cut]:
+            commit = self._df_commits.pop(key[1])
+            if key <= self._df_upto:
+                self._count_commit(commit, -1)
+        del self._df_log[:cut]
+
     def _term_id(self, term: str) -> int:
-        i = self._term_ids.setdefault(term, len(self._term_ids))
-        if i >= len(self._df):
-            self._df = np.concatenate([self._df, np.zeros(len(self._df), dtype=np.int64)])
+        """The id of ``term``, given one (a freed id first) if it has none."""
+        i = self._term_ids.get(term)
+        if i is not None:
+            return i
+        if self._free_ids:
+            i = self._free_ids.pop()
+            self._id_terms[i] = term
+        else:
+            i = len(self._id_terms)
+            self._id_terms.append(term)
+            if i >= len(self._df):
+                self._df = np.concatenate([self._df, np.zeros(len(self._df), dtype=np.int64)])
+        self._term_ids[term] = i
         return i
+
+    def compact_vocabulary(self) -> int:
+        """Free the ids of the terms that no held message or commit and no commit still within a
+        remaining decision's ``df_horizon`` uses (their document frequency is 0), and return how many.
+        :meth:`advance` runs it whenever the vocabulary has doubled since the last time (and holds over
+        4,096 terms), so the vocabulary stays within twice the terms of what is held; the cost is
+        amortised over the terms given ids since."""
+        used = [c.term_ids for c in self._df_commits.values()]
+        used += [c.term_ids for e, c in self.commits.items() if e not in self._df_commits]
+        used += [m.term_ids for m in self.messages.values()]
+        live = np.zeros(len(self._id_terms), dtype=bool)
+        if used:
+            live[np.concatenate(used)] = True
+        freed = 0
+        for i in np.flatnonzero(~live).tolist():
+            term = self._id_terms[i]
+            if term is None:
+                continue
+            assert self._df[i] == 0
+            del self._term_ids[term]
+            self._id_terms[i] = None
+            self._free_ids.append(i)
+            freed += 1
+        self._compacted_terms = len(self._term_ids)
+        return freed
 
     def _idf(self, ids: np.ndarray) -> np.ndarray:
         """scikit-learn's smoothed idf of the prefix's document frequencies: ln((1 + n) / (1 + df)) + 1."""
@@ -699,10 +820,11 @@ class DiscussionLinker:
             lookup[q_ids] = 0.0  # all zeros again for the next call
 
     def affinity_before(self, time_ms: int) -> AuthorAffinity:
-        """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms``.
+        """The :class:`AuthorAffinity` taught by the explicit links of messages before ``time_ms`` (and
+        at or after ``time_ms - affinity_horizon``).
 
-        Kept as counts and folded forward in time order, so it is not rebuilt per decision; a ``time_ms``
-        behind the links already folded (a late message) gets the affinity as folded so far."""
+        Kept as counts, folded forward and forgotten in time order, so it is not rebuilt per decision; a
+        ``time_ms`` behind the links already folded (a late message) gets the affinity as folded so far."""
         return self._affinity_before_ms(time_ms)
 
     def _affinity_before_ms(self, time_ms: int) -> AuthorAffinity:
@@ -712,6 +834,13 @@ class DiscussionLinker:
                 self._fold(item)
             del self._references[:hi]
             self._affinity_upto = time_ms
+        horizon = self.config.affinity_horizon
+        if horizon is not None and time_ms - _ms_of(horizon) > self._affinity_from:
+            self._affinity_from = time_ms - _ms_of(horizon)
+            cut = bisect.bisect_left(self._folded, (self._affinity_from,))
+            for _, _, _, people, author in self._folded[:cut]:
+                self._affinity.forget(people, author)
+            del self._folded[:cut]
         return self._affinity
 
     def _context_entities(self, entity: str) -> list[str]:
@@ -792,6 +921,8 @@ class DiscussionLinker:
         if lo >= hi:
             return None
         self._move_prefix((time_ms + after, _LAST))
+        if c.df_horizon is not None:
+            self._move_df_from(time_ms + after - _ms_of(c.df_horizon))
         if self._df_docs < c.min_history:
             return None
         text = self._text_scores(terms, lo, hi)
@@ -860,7 +991,8 @@ class MaskedLinker:
     ):
         self.config = config or MaskedConfig()
         self.embed = embed
-        self.linker = DiscussionLinker(self.config)
+        # a fixed set scored in any order: every commit's document frequencies, not a moving horizon
+        self.linker = DiscussionLinker(replace(self.config, df_horizon=None))
         vectors = embed([c.subject for c in commits]) if embed is not None else [None] * len(commits)
         for commit, vector in zip(commits, vectors, strict=True):
             self.linker.add_commit(commit.entity, commit.time, commit.subject, commit.author, vector)

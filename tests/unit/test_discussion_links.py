@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from connectors.chat_code import commit_event, slack_event
 from processors.correlation.logic import CorrelationConfig, Correlator, Observation, link_id, observe
-from processors.correlation.masked import DiscussionLinker, MaskedConfig
+from processors.correlation.masked import DiscussionLinker, MaskedConfig, mask_references
 
 T0 = datetime(2030, 5, 4, 12, 0, tzinfo=UTC)
 CFG = MaskedConfig(min_history=0)
@@ -283,3 +283,83 @@ def test_the_correlator_reads_a_message_thread_from_its_event() -> None:
 
     assert discussion(True).get(reply.entity) == commits[3].entity
     assert reply.entity not in discussion(False)
+
+
+def test_the_document_frequencies_cover_a_horizon_and_the_vocabulary_stays_bounded() -> None:
+    """With ``df_horizon`` 40 days over 400 days, the linker that drops what no decision reads draws the
+    same links, scores included, as the one that keeps every event (the horizon is a function of each
+    message's time, not of when state is dropped), and as in an arrival order up to 20 hours late. Its
+    vocabulary stays within twice the terms of the events of the last df_horizon + allowed_lateness (+1
+    day in progress), or 4,096, and a compaction leaves no more than those terms; with ``df_horizon``
+    None and nothing dropped it keeps every term it ever saw."""
+    items = _long_history(400)
+    horizon = timedelta(days=40)
+    config = CorrelationConfig(discussion=dataclasses.replace(CFG, df_horizon=horizon))
+    analyze = DiscussionLinker(CFG)._analyze
+    terms = {o.entity: set(analyze(mask_references(o.text))) for o in items}
+    span = horizon + CFG.allowed_lateness + timedelta(days=1)
+
+    def recent_terms(upto: int) -> int:
+        last = items[upto].event_time
+        return len(set().union(*(terms[o.entity] for o in items[: upto + 1] if o.event_time >= last - span)))
+
+    runs, compactions = {}, 0
+    for evict, order in ((True, "time"), (False, "time"), (True, "shuffled")):
+        rng = random.Random(11)
+        arrival = items if order == "time" else sorted(
+            items, key=lambda o: o.event_time + timedelta(hours=rng.uniform(0, 20))
+        )  # fmt: skip
+        corr = Correlator(config)
+        linker = corr.discussion
+        assert linker is not None
+        linker.evict = evict
+        links, before = [], 0
+        for i, obs in enumerate(arrival):
+            links += corr.add(obs)
+            if evict and order == "time":
+                compactions += linker.vocabulary_terms < before
+                before = linker.vocabulary_terms
+                if i % 50 == 49:
+                    assert linker.vocabulary_terms <= max(2 * recent_terms(i), 4096)
+        if evict and order == "time":
+            assert linker.compact_vocabulary() > 0 and linker.vocabulary_terms <= recent_terms(len(items) - 1)
+        links += corr.close()
+        runs[evict, order] = sorted((k.method, k.message.entity, k.commit.entity, k.score) for k in links)
+    assert runs[True, "time"] == runs[False, "time"] == runs[True, "shuffled"]
+    assert sum(m == "discussion" for m, *_ in runs[True, "time"]) > 20 and compactions >= 1
+    everything = DiscussionLinker(dataclasses.replace(CFG, df_horizon=None), evict=False)
+    for obs in items:
+        if obs.kind == "commit":
+            everything.add_commit(obs.entity, obs.event_time, obs.text, obs.actor)
+        else:
+            everything.add_message(obs.entity, obs.event_time, obs.text, obs.actor)
+    assert everything.vocabulary_terms == len(set().union(*terms.values()))
+
+
+def test_a_restart_after_the_commit_retention_decides_as_a_worker_that_never_stopped() -> None:
+    """Messages held 30 days, commits 45: a correlator restored on day 150 from what its retention held
+    (what the worker's table holds) draws the rest of the links, scores included, as the one that never
+    stopped. Its linker's document frequencies reach back at most commit_retention - allowed_lateness (44
+    days) and its author affinity at most retention - window_after - allowed_lateness (22 days), the caps
+    of ``CorrelationConfig.linker_config``, so none of the commits and explicit links they count was
+    dropped. Counting every commit and link ever (the linker before 2026-12-07) gave the restarted worker
+    other scores and 5 links more (373 against 368)."""
+    items = _long_history(200)
+    config = CorrelationConfig(
+        discussion=dataclasses.replace(CFG, df_horizon=None, affinity_horizon=None),
+        retention=timedelta(days=30),
+        commit_retention=timedelta(days=45),
+    )
+    linker = config.linker_config
+    assert linker is not None and linker.df_horizon == timedelta(days=44)
+    assert linker.affinity_horizon == timedelta(days=22)
+    whole = Correlator(config)
+    expected = [(k.insight_id, k.score) for o in items for k in whole.add(o)]
+    cut = 4 * 150
+    first = Correlator(config)
+    before = [(k.insight_id, k.score) for o in items[:cut] for k in first.add(o)]
+    restored = Correlator(config)
+    restored.restore([(o, None, o.entity) for o in first.observations.values()])
+    after = [(k.insight_id, k.score) for o in items[cut:] for k in restored.add(o)]
+    assert before + after == expected
+    assert sum(1 for link_id_, _ in after if link_id_) > 20 and first.expired_count > 0

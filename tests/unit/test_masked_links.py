@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -120,6 +121,9 @@ def test_author_affinity_counts_people_and_authors_of_links() -> None:
     assert aff.affinity(["carlyn", "lynna"], "Matthew") == 1 / 3
     assert aff.affinity(["carlyn"], "Leif") == 0.0
     assert aff.affinity(["odis"], None) == 0.0
+    aff.forget(["odis", "lynna"], "Leif")  # the first link leaves the horizon
+    assert aff.affinity(["odis"], "Leif") == 1 / 2 and aff.affinity(["lynna"], "Leif") == 0.0
+    assert ("lynna", "Leif") not in aff.pairs and aff.totals == {"odis": 1, "lynna": 1}
     with pytest.raises(ValueError, match="smoothing"):
         AuthorAffinity(smoothing=-1.0)
 
@@ -156,6 +160,9 @@ def test_affinity_links_a_message_without_words_to_its_people_s_author_test_then
     assert (plain["linked"], plain["correct"]) == (1, 1)  # m0 by its words only
     learned = evaluate_masked(msgs, commits, truth, config=cfg)
     assert (learned["linked"], learned["correct"]) == (2, 2)
+    # m0's link is 3 days older than m1: outside a 2-day affinity horizon it teaches m1 nothing
+    short = evaluate_masked(msgs, commits, truth, config=replace(cfg, affinity_horizon=timedelta(days=2)))
+    assert (short["linked"], short["correct"]) == (1, 1)
     linker = MaskedLinker(
         [leif, other, CommitText(first.entity, first.time, first.subject, "Matthew"), *older], cfg
     )
