@@ -41,6 +41,7 @@ from typing import Any
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.exceptions import ConsumerNotStarted
 from faust.sensors import Monitor
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -60,6 +61,7 @@ __all__ = [
     "FETCH_MAX_WAIT_MS",
     "BatchDelivery",
     "Checkpoints",
+    "DrainTracker",
     "EagerSeekingConsumer",
     "FaustDeadLetters",
     "InOrderAcks",
@@ -1183,16 +1185,66 @@ def topic_partitions(kafka: KafkaSettings, topic: str, *, timeout_seconds: float
 def consumer_highwater(app: faust.App) -> Callable[[Any], int | None]:
     """A reader of ``app``'s consumer's fetch high watermark per partition (``TP``): the offset after the
     partition's last record as the last fetch answered, or None when no fetch has answered since the
-    partition was assigned or it is no longer assigned. A worker takes a partition whose last record read is
-    the one before it as read to its end (``drained``: idle for an event-time watermark)."""
+    partition was assigned, it is no longer assigned, or the consumer is not started (yet, or any more). A
+    worker takes a partition whose last record read is the one before it as read to its end (``drained``:
+    idle for an event-time watermark; see :class:`DrainTracker`)."""
 
     def highwater(tp: Any) -> int | None:
         try:
             return app.consumer.highwater(tp)  # type: ignore[no-any-return]
-        except AssertionError:  # aiokafka: the partition is no longer assigned
+        except (AssertionError, ConsumerNotStarted):  # aiokafka: the partition is no longer assigned
             return None
 
     return highwater
+
+
+class DrainTracker:
+    """Which input partitions a worker has read to their end (*drained*: idle for an event-time watermark,
+    see :class:`processors.correlation.watermark.SourceWatermark`), from the consumer's fetch high
+    watermark. The incident and correlation workers share it.
+
+    A record is its partition's last when ``offset + 1`` reaches the high watermark of the consumer's last
+    fetch (:meth:`at_end`); never while that is unknown (no fetch has answered since the assignment), since
+    an unknown end taken for the end could make an input idle that has records to come. A partition whose
+    last forwarded record was not known as its last is remembered (:meth:`note`), and :meth:`found_drained`
+    returns it once the high watermark shows it read to its end, so that the worker sends its ``drained``
+    marker after the records it already forwarded (a timer every second calls it).
+
+    Args:
+        highwater: ``TP`` → the offset after the partition's last record as the last fetch answered, or
+            None when unknown (:func:`consumer_highwater` of the app; a test passes its own).
+
+    Attributes:
+        pending: ``TP`` → (source ``topic/partition``, offset of its last record forwarded) for the
+            partitions whose end was not known when that record was forwarded.
+    """
+
+    def __init__(self, highwater: Callable[[Any], int | None] | None = None) -> None:
+        self.highwater: Callable[[Any], int | None] = highwater or (lambda tp: None)
+        self.pending: dict[Any, tuple[str, int]] = {}
+
+    def at_end(self, tp: Any, offset: int) -> bool:
+        """Whether the record at ``offset`` of ``tp`` is its partition's last as the last fetch knows it."""
+        highwater = self.highwater(tp)
+        return highwater is not None and offset + 1 >= highwater
+
+    def note(self, tp: Any, source: str, offset: int, drained: bool) -> None:
+        """Where ``tp`` stands once its records up to ``offset`` were forwarded (skipped or dead-lettered
+        alike): read to its end (``drained``, nothing to remember) or to be checked again."""
+        if drained:
+            self.pending.pop(tp, None)
+        else:
+            self.pending[tp] = (source, offset)
+
+    def found_drained(self) -> list[str]:
+        """The sources of the remembered partitions now read to their end, forgotten as they are returned
+        (each is told once)."""
+        out = []
+        for tp, (source, offset) in list(self.pending.items()):
+            if self.at_end(tp, offset):
+                del self.pending[tp]
+                out.append(source)
+        return out
 
 
 def partitions_with_records(kafka: KafkaSettings, topics: Sequence[str], group_id: str) -> list[str]:

@@ -135,6 +135,7 @@ from processors.correlation.masked import DiscussionLinker
 from processors.errors import UnprocessableEventError, UnsupportedEventError
 from processors.shell import (
     BatchDelivery,
+    DrainTracker,
     FaustDeadLetters,
     TableCheckpoints,
     catalogue_partitions,
@@ -324,9 +325,8 @@ class _CorrelationShell:
         )
         self.handling = False  # True while a batch of the repartition topic is handled (no timer checkpoint)
         self.app_id = settings.kafka.client_id  # replaced by the app's id in create_correlation_app
-        self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
-        # events partitions whose last forwarded record was not known as their last: tp -> (source, offset)
-        self._undrained: dict[Any, tuple[str, int]] = {}
+        # the events partitions read to their end (the app sets its high-watermark reader)
+        self.drains = DrainTracker()
         # per repartition partition: the events sources its markers last said are idle (read to their end)
         idle = {f"{topics.events}/{p}" for p in topics.events_idle}
         self.idle_sources: dict[int, set[str]] = {p: set(idle) for p in range(topics.scope_partitions)}
@@ -404,20 +404,13 @@ class _CorrelationShell:
             drained: list[str] = []
             for (topic, partition), offset in last.items():
                 tp, source = TP(topic, partition), f"{topic}/{partition}"
-                if self._read_to_end(tp, offset):
+                at_end = self.drains.at_end(tp, offset)
+                self.drains.note(tp, source, offset, at_end)
+                if at_end:
                     drained.append(source)
-                    self._undrained.pop(tp, None)
-                else:
-                    self._undrained[tp] = (source, offset)
             if progress or drained:
                 futures += await self._send_marker(progress, drained)
         return asyncio.gather(*futures) if futures else None
-
-    def _read_to_end(self, tp: Any, offset: int) -> bool:
-        """Whether ``offset`` is the last record of ``tp`` as the consumer's last fetch knows it (False when
-        no fetch has answered since the assignment)."""
-        highwater = self.highwater(tp)
-        return highwater is not None and offset + 1 >= highwater
 
     async def _send_marker(self, progress: dict[str, int], drained: list[str]) -> list[Any]:
         """A progress marker (``{"type": "progress", "sources": {source: largest event time read, ms},
@@ -440,11 +433,7 @@ class _CorrelationShell:
         its last when it was forwarded (the high watermark was unknown, or more records were written
         since and are read now): a ``drained`` marker after the records already sent, so it never
         overtakes them."""
-        drained = []  # (nothing is noted without a watermark)
-        for tp, (source, offset) in list(self._undrained.items()):
-            if self._read_to_end(tp, offset):
-                del self._undrained[tp]
-                drained.append(source)
+        drained = self.drains.found_drained()  # (nothing is noted without a watermark)
         if drained:
             await self._send_marker({}, drained)
 
@@ -896,7 +885,7 @@ def create_correlation_app(
         if not shell.handling:
             shell.checkpoints.checkpoint_if_due()
 
-    shell.highwater = consumer_highwater(app)
+    shell.drains.highwater = consumer_highwater(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def correlation_drain_check() -> None:

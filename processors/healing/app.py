@@ -135,7 +135,6 @@ from typing import Any, Final, Literal
 import faust
 import structlog
 from confluent_kafka.admin import AdminClient, NewTopic
-from faust.exceptions import ConsumerNotStarted
 from faust.types import TP
 from prometheus_client import Gauge
 
@@ -151,6 +150,7 @@ from processors.shell import (
     BatchDelivery,
     Checkpoints,
     FaustDeadLetters,
+    consumer_highwater,
     make_faust_app,
     message_headers,
     run_processor_worker,
@@ -405,12 +405,7 @@ class _HealingShell:
         """The consumer's high watermark of ``tp`` as its last fetch answered it; None when unknown: not
         fetched yet, not assigned (any more), the consumer not started, or no app (a shell driven
         directly, as unit tests do)."""
-        if self.app is None:
-            return None
-        try:
-            return self.app.consumer.highwater(tp)  # type: ignore[no-any-return]
-        except (AssertionError, ConsumerNotStarted):  # aiokafka asserts the partition is assigned
-            return None
+        return consumer_highwater(self.app)(tp) if self.app is not None else None
 
     def _write_state(self) -> None:
         """The checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,

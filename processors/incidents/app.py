@@ -174,6 +174,7 @@ from processors.incidents.incident import EngineConfig, IncidentEngine, Snapshot
 from processors.shell import (
     BatchDelivery,
     Checkpoints,
+    DrainTracker,
     FaustDeadLetters,
     consumer_highwater,
     make_faust_app,
@@ -416,10 +417,9 @@ class _IncidentShell:
         self.checkpoints = Checkpoints(
             self._write_state, every_records=CHECKPOINT_RECORDS, every_seconds=CHECKPOINT_SECONDS
         )
-        self.highwater: Any = lambda tp: None  # set by the app: the consumer's fetch high watermark
         self.group = DEFAULT_APP_ID  # the consumer group (the app's id; set by the app), for tracing spans
-        # input partitions whose last forwarded record was not known to be their last: tp -> (source, offset)
-        self._undrained: dict[Any, tuple[str, int]] = {}
+        # the input partitions read to their end (the app sets its high-watermark reader)
+        self.drains = DrainTracker()
         self.dead_letters = FaustDeadLetters(settings, serde, PROCESSOR_NAME, topics.dead_letters)
 
     def _touch(self) -> None:
@@ -434,7 +434,7 @@ class _IncidentShell:
         :meth:`_forward`. Returns None (nothing to wait for: the forwards were handed to the producer, which
         Faust flushes before it commits the offsets). ``drained`` is taken as the records are handled, for
         each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark,
-        :attr:`highwater`; never when that is unknown: no fetch answered since the assignment; an earlier
+        :meth:`DrainTracker.at_end <processors.shell.DrainTracker.at_end>`; never when that is unknown: no fetch answered since the assignment; an earlier
         record is not its partition's last): the high watermark then is at least the one when the record was
         fetched, so a record is taken as drained only when it was its partition's last as far as the
         consumer knew at a moment after it was read."""
@@ -448,8 +448,7 @@ class _IncidentShell:
             if tp is None:
                 items.append((record, False, None))
             else:
-                highwater = self.highwater(tp)
-                items.append((record, highwater is not None and record.offset + 1 >= highwater, tp))
+                items.append((record, self.drains.at_end(tp, record.offset), tp))
         await self._forward(items, self.group)
 
     async def _forward(self, items: list[tuple[Any, bool, Any]], group: str) -> None:
@@ -475,16 +474,10 @@ class _IncidentShell:
         markers = sum(1 for b in bodies if b["kind"] == "drained")
         self.stats.forwarded_count += len(bodies) - markers
         self.stats.drain_markers_count += markers
+        # where each partition stands, for every record (forwarded, skipped or dead-lettered alike): a
+        # partition whose last records are not forwarded must still be able to turn idle (a drained marker)
         for tp, (source, offset, drained) in notes.items():
-            self._note_forwarded(tp, source, offset, drained)
-
-    def _note_forwarded(self, tp: Any, source: str, offset: int, drained: bool) -> None:
-        # where the partition stands, for every record (forwarded, skipped or dead-lettered alike): a partition
-        # whose last records are not forwarded must still be able to turn idle (a drained marker)
-        if drained:
-            self._undrained.pop(tp, None)
-        else:
-            self._undrained[tp] = (source, offset)
+            self.drains.note(tp, source, offset, drained)
 
     async def decode_input(self, message: Any, drained: bool) -> dict[str, Any] | None:
         """A telemetry record or a change: its merged body (JSON-ready); for a record not forwarded (an
@@ -525,15 +518,8 @@ class _IncidentShell:
         partition now read to its end whose last record was not known to be its last when it was read.
         (A partition whose last record was dead-lettered or skipped, and known to be its last, is told
         with its batch by :meth:`handle_records`.)"""
-        for tp, (source, offset) in list(self._undrained.items()):
-            highwater = self.highwater(tp)
-            if (
-                highwater is not None
-                and offset + 1 >= highwater
-                and self._undrained.get(tp) == (source, offset)
-            ):
-                del self._undrained[tp]
-                await self._send_drain_marker(source)
+        for source in self.drains.found_drained():
+            await self._send_drain_marker(source)
 
     async def _send_drain_marker(self, source: str) -> None:
         body = {"kind": "drained", "source": source}
@@ -796,7 +782,7 @@ def create_incidents_app(
             if shell.checkpoints.pending:
                 shell.checkpoints.checkpoint()
 
-    shell.highwater = consumer_highwater(app)
+    shell.drains.highwater = consumer_highwater(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def incidents_drain_check() -> None:

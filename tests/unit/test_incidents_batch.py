@@ -64,7 +64,7 @@ def test_a_batch_forwards_its_records_in_order_as_one_merged_message() -> None:
     shell = _shell(merged, insights)
     serde = shell.serde
     highwater = {("telemetry.metrics", 0): 3, ("telemetry.metrics", 1): 2}
-    shell.highwater = lambda tp: highwater[tp]
+    shell.drains.highwater = lambda tp: highwater[tp]
     records = [_record(serde, _sample("a-1", m, 1.0 + m), 0, m) for m in range(3)]
     records += [_record(serde, _sample("b-1", m, 2.0 + m), 1, m) for m in range(2)]
     assert asyncio.run(shell.handle_records(records)) is None  # handed to the producer: nothing to wait for
@@ -76,7 +76,7 @@ def test_a_batch_forwards_its_records_in_order_as_one_merged_message() -> None:
         ("telemetry.metrics/1", "b-1-1", True),
     ]  # fmt: skip
     assert bodies[0]["record"]["event_time"] == int(T0.timestamp() * 1000)
-    assert shell.stats.forwarded_count == 5 and shell._undrained == {}  # both partitions' ends known
+    assert shell.stats.forwarded_count == 5 and shell.drains.pending == {}  # both partitions' ends known
 
 
 def test_the_correlate_side_feeds_a_list_as_it_fed_one_message_per_record() -> None:

@@ -45,7 +45,7 @@ def test_an_unknown_high_watermark_is_not_the_end_and_a_marker_follows_once_it_i
     )
     tp = ("telemetry.metrics", 0)
     highwater: dict[Any, int | None] = {tp: None}  # no fetch answered since the assignment
-    shell.highwater = highwater.get
+    shell.drains.highwater = highwater.get
 
     def message(offset: int) -> SimpleNamespace:
         e = metrics[offset]
@@ -96,7 +96,7 @@ def test_a_partition_ending_in_a_skipped_change_is_told_drained() -> None:
         Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": AckedTopic()}
     )
     tp = ("external.events", 0)
-    shell.highwater = {tp: 2}.get
+    shell.drains.highwater = {tp: 2}.get
 
     def external(offset: int, kind: str) -> SimpleNamespace:
         at = datetime(2023, 1, 29, 8, 41 + offset, tzinfo=UTC)
@@ -132,7 +132,7 @@ def test_a_batch_from_the_fetch_is_drained_at_each_partitions_last_record() -> N
         Settings(), IncidentTopics(), serde, engine, {"merged": merged, "insights": AckedTopic()}
     )
     highwater: dict[Any, int | None] = {("telemetry.metrics", 0): 3, ("telemetry.metrics", 1): None}
-    shell.highwater = highwater.get
+    shell.drains.highwater = highwater.get
 
     def record(partition: int, offset: int, e: Any) -> SimpleNamespace:
         return SimpleNamespace(topic="telemetry.metrics", partition=partition, offset=offset, key=e.key.encode(),
