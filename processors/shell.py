@@ -575,6 +575,7 @@ def stop_when_idle(
     last_record: Callable[[], float | None],
     records: Callable[[], int],
     event: str,
+    at_end: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Stop the worker (SIGTERM to this process: its clean shutdown path) once no record arrived for
     ``seconds``, counted from when timers start (after table recovery) at the earliest.
@@ -585,8 +586,11 @@ def stop_when_idle(
         last_record: ``time.monotonic()`` of the last record handled, ``None`` before the first.
         records: records handled so far (for the log line).
         event: name of the log event written when it stops.
+        at_end: awaited once, before the stop, while the worker still runs (partitions assigned, producer
+            up): the end of a bounded input (e.g. closing the windows still open); None: nothing.
     """
     idle_since: list[float] = []
+    stopping: list[bool] = []
 
     @app.timer(interval=min(1.0, max(0.1, seconds / 4)))
     async def _stop_when_idle() -> None:
@@ -594,8 +598,11 @@ def stop_when_idle(
         if not idle_since:
             idle_since.append(now)  # timers start once recovery has completed
         last = max(idle_since[0], last_record() or 0.0)
-        if now - last >= seconds:
+        if now - last >= seconds and not stopping:
+            stopping.append(True)
             log.info(event, idle_seconds=round(now - last, 1), records=records())
+            if at_end is not None:
+                await at_end()
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -1389,6 +1396,7 @@ def run_processor_worker(
     shutdown_timeout_seconds: float = SHUTDOWN_TIMEOUT_SECONDS,
     freeze_gc: bool = True,
     gc_young_threshold: int | None = None,
+    at_idle_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run a processor's Faust app as a worker in this process until it is stopped (blocking).
 
@@ -1427,6 +1435,8 @@ def run_processor_worker(
         gc_young_threshold: the collector's threshold of the youngest generation while the worker runs
             (Python's default 700; a worker making many short-lived containers per record collects less
             often with a higher one), restored when it stops; None leaves it.
+        at_idle_stop: with ``stop_after_idle_seconds``, awaited once before the idle stop (see
+            :func:`stop_when_idle`'s ``at_end``).
 
     Raises:
         SystemExit: the worker exited with a non-zero code.
@@ -1443,7 +1453,7 @@ def run_processor_worker(
     if stop_after_idle_seconds is not None:
         stop_when_idle(
             app, stop_after_idle_seconds, lambda: stats.last_record_monotonic, lambda: stats.records_count,
-            f"{processor.replace('-', '_')}_idle_stop",
+            f"{processor.replace('-', '_')}_idle_stop", at_end=at_idle_stop,
         )  # fmt: skip
     configure_logging(settings.log_level, settings.log_format)
     for collector in (StatsCollector(stats, app.conf.id, counters), *collectors):

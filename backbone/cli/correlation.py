@@ -50,6 +50,11 @@ def correlate(
     stop_after_idle: Annotated[float | None, typer.Option(
         envvar="BACKBONE_CORRELATION_STOP_AFTER_IDLE_SECONDS",
         help="Stop once started and no record arrived for this many seconds (caught up).")] = None,
+    close_at_end: Annotated[bool, typer.Option(
+        "--close-at-end", envvar="BACKBONE_CORRELATION_CLOSE_AT_END",
+        help="With --stop-after-idle: at the stop, decide the messages still waiting for their discussion "
+             "window, as at the end of event time (a replay of a finished history, e.g. an audit; later "
+             "events of this group older than the window are late).")] = False,
     discussion: Annotated[bool, typer.Option(
         "--discussion/--no-discussion", envvar="BACKBONE_CORRELATION_DISCUSSION",
         help="Draw discussion links: the masked linker (text, timing, pending merges, author affinity) for "
@@ -88,6 +93,8 @@ def correlate(
         _fail(f"--window-hours must not be negative, got {window_hours}")
     if discussion_min_history < 0:
         _fail(f"--discussion-min-history must not be negative, got {discussion_min_history}")
+    if close_at_end and stop_after_idle is None:
+        _fail("--close-at-end needs --stop-after-idle: the end of the input is the idle stop")
     if scope_partitions < 1:
         _fail(f"--scope-partitions must be at least 1, got {scope_partitions}")
     if retention_days < 0 or commit_retention_days < 0:
@@ -107,6 +114,7 @@ def correlate(
         stats = run_correlation_worker(
             app_id=app_id, topics=topics, config=config, embeddings=embeddings,
             request_embeddings=request_embeddings, stop_after_idle_seconds=stop_after_idle, web_port=web_port,
+            close_at_end=close_at_end,
         )  # fmt: skip
     except ValueError as exc:
         _fail(str(exc))

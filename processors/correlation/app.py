@@ -100,7 +100,9 @@ about 11,000 items).
   workers.
 
 Run it with ``backbone processors correlate`` (:mod:`backbone.cli.correlation`); with
-``stop_after_idle_seconds`` it returns once no record has arrived for that long after recovery.
+``stop_after_idle_seconds`` it returns once no record has arrived for that long after recovery, and with
+``close_at_end`` too it first decides the messages still waiting for their window, as at the end of event
+time (a replay of a finished history; :meth:`_CorrelationShell.close_at_end`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -248,6 +251,8 @@ class CorrelationStats:
         dead_letters_count: records dead-lettered.
         drained_count: partitions of the events topic found read to their end after a record (each time),
             told to the scopes as idle (see :class:`~processors.correlation.watermark.SourceWatermark`).
+        closed_at_end_count: messages decided at the end of a bounded input (``close_at_end``) before their
+            window closed in event time, linked or not.
         first_record_monotonic: ``time.monotonic()`` of the first record handled, ``None`` before (with the
             last, a rate without the start-up; ``bench/bench_correlation_worker.py``).
         last_record_monotonic: ``time.monotonic()`` of the last record handled, ``None`` before.
@@ -267,6 +272,7 @@ class CorrelationStats:
     too_old_count: int = 0
     dead_letters_count: int = 0
     drained_count: int = 0
+    closed_at_end_count: int = 0
     first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
@@ -327,6 +333,8 @@ class _CorrelationShell:
         self.app_id = settings.kafka.client_id  # replaced by the app's id in create_correlation_app
         # the events partitions read to their end (the app sets its high-watermark reader)
         self.drains = DrainTracker()
+        # the repartition partitions this worker owns now (set by the app from its consumer's assignment)
+        self.owned_scope_partitions: Callable[[], set[int]] = lambda: set()
         # per repartition partition: the events sources its markers last said are idle (read to their end)
         idle = {f"{topics.events}/{p}" for p in topics.events_idle}
         self.idle_sources: dict[int, set[str]] = {p: set(idle) for p in range(topics.scope_partitions)}
@@ -685,27 +693,61 @@ class _CorrelationShell:
                 continue
             corr = self._correlator(scope, partition)
             links += corr.progress(sources, drained)
-            key = f"{scope}|{PROGRESS_ENTITY}".encode()
-            pending = self.checkpoints.dirty.get(key)
-            known = dict(
-                (pending[1].value if pending is not None else self.table.data.get(key) or {}).get("progress")
-                or {}
-            )
-            for source, ms in sent.items():
-                known[source] = max(int(known.get(source, ms)), ms)
-            marks.append(
-                (
-                    key,
-                    partition,
-                    {
-                        "progress": known,
-                        "watermark": corr.clock.watermark_ms,
-                        "partition": partition,
-                        "idle": sorted(corr.clock.idle),
-                    },
-                )
-            )
+            marks.append(self._progress_item(scope, partition, corr, sent))
         return links, marks
+
+    def _progress_item(
+        self, scope: str, partition: int, corr: Correlator, sent: Mapping[str, int]
+    ) -> tuple[bytes, int, dict[str, Any]]:
+        """The scope's ``#progress`` table item (see :meth:`_progress`) with the sources' progress of
+        ``sent`` (epoch ms) folded into what it holds (pending or written)."""
+        key = f"{scope}|{PROGRESS_ENTITY}".encode()
+        pending = self.checkpoints.dirty.get(key)
+        known = dict(
+            (pending[1].value if pending is not None else self.table.data.get(key) or {}).get("progress")
+            or {}
+        )
+        for source, ms in sent.items():
+            known[source] = max(int(known.get(source, ms)), ms)
+        item = {
+            "progress": known,
+            "watermark": corr.clock.watermark_ms,
+            "partition": partition,
+            "idle": sorted(corr.clock.idle),
+        }
+        return key, partition, item
+
+    async def close_at_end(self) -> None:
+        """The end of a bounded input (``close_at_end``, at the idle stop of a replay): every scope of the
+        repartition partitions this worker owns decides the messages still waiting for their window
+        (:meth:`Correlator.close`), their links are sent, and the scope's progress item, written at once,
+        keeps the watermark moved past their deadlines. A restart of the same consumer group so does not
+        decide them again; an event it reads later, older than that watermark by more than the allowed
+        lateness, is counted late. What a live worker would have decided with events still to come may
+        differ: use it for a replay of a finished history (an audit), not for a live group."""
+        if not self.config.keeps_watermark:
+            return
+        owned = sorted(self.owned_scope_partitions())
+        for partition in owned:
+            self._adopt_quiet_scopes(partition)
+        links: list[Link] = []
+        marks = []
+        closed = 0
+        for scope, partition in sorted(self.scope_partitions.items()):
+            if partition not in owned:
+                continue
+            corr = self._correlator(scope, partition)
+            closed += corr.discussion.pending_count if corr.discussion is not None else 0
+            links += corr.close()
+            marks.append(self._progress_item(scope, partition, corr, {}))
+        await self._send_links(links)
+        for key, partition, item in marks:
+            self.checkpoints.mark(key, partition, _Item(item))
+        for key, partition in self._expired_items():
+            self.checkpoints.mark(key, partition, _Item(None))
+        self.checkpoints.checkpoint()
+        self.stats.closed_at_end_count += closed
+        log.info("correlation_closed_at_end", scopes=len(marks), decided=closed, links=len(links))
 
     def _join(
         self, scope: str, body: Any, partition: int
@@ -857,6 +899,10 @@ def create_correlation_app(
         settings, topics, config, serde, table, channels, request_embeddings=embeddings and request_embeddings
     )
     shell.app_id = app.conf.id
+    scope_topic_name = topics.scope_topic(app.conf.id)
+    shell.owned_scope_partitions = lambda: {
+        tp.partition for tp in app.consumer.assignment() if tp.topic == scope_topic_name
+    }
     app.on_partitions_revoked.connect(shell.forget)
     app.on_partitions_assigned.connect(shell.forget)
 
@@ -894,6 +940,7 @@ def create_correlation_app(
 
     app.correlation_stats = shell.stats  # type: ignore[attr-defined]
     app.correlation_close = shell.close  # type: ignore[attr-defined]
+    app.correlation_close_at_end = shell.close_at_end  # type: ignore[attr-defined]
     return app
 
 
@@ -950,6 +997,11 @@ COUNTERS = (
     ("backbone_correlation_too_old", "too_old_count", "Messages and commits older than the retention"),
     ("backbone_correlation_dead_letters", "dead_letters_count", "Records dead-lettered"),
     ("backbone_correlation_drained", "drained_count", "Events partitions found read to their end (idle)"),
+    (
+        "backbone_correlation_closed_at_end",
+        "closed_at_end_count",
+        "Messages decided at the end of a bounded input",
+    ),
 )
 """The correlation processor's counters as Prometheus metrics (label ``app``)."""
 
@@ -963,6 +1015,7 @@ def run_correlation_worker(
     embeddings: bool = True,
     request_embeddings: bool = True,
     stop_after_idle_seconds: float | None = None,
+    close_at_end: bool = False,
     web_port: int = 0,
     loglevel: str | None = None,
 ) -> CorrelationStats:
@@ -980,6 +1033,8 @@ def run_correlation_worker(
         request_embeddings: see :func:`create_correlation_app`.
         stop_after_idle_seconds: stop once started (partitions assigned, table recovered) and no record
             has arrived for this many seconds; ``None`` runs until signalled.
+        close_at_end: at that idle stop, decide the messages still waiting for their window, as at the end
+            of event time (a replay of a finished history; see ``_CorrelationShell.close_at_end``).
         web_port: Faust's web port; 0 leaves it off.
         loglevel: Faust's log level; default ``settings.log_level``.
 
@@ -987,9 +1042,12 @@ def run_correlation_worker(
         The app's counters once the worker has stopped.
 
     Raises:
-        ValueError: no Kafka bootstrap servers are configured.
+        ValueError: no Kafka bootstrap servers are configured, or ``close_at_end`` without
+            ``stop_after_idle_seconds``.
         StreamsError: a topic cannot be created.
     """
+    if close_at_end and stop_after_idle_seconds is None:
+        raise ValueError("close_at_end needs stop_after_idle_seconds: the end of the input is the idle stop")
     if settings is None:
         from core.stack import load_settings
 
@@ -1012,5 +1070,6 @@ def run_correlation_worker(
         close=app.correlation_close,  # type: ignore[attr-defined]
         stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
         gc_young_threshold=GC_YOUNG_THRESHOLD,
+        at_idle_stop=app.correlation_close_at_end if close_at_end else None,  # type: ignore[attr-defined]
     )  # fmt: skip
     return stats

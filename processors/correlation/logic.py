@@ -674,11 +674,20 @@ class Correlator:
         return links
 
     def close(self) -> list[Link]:
-        """Decide every message still waiting for its ``discussion`` deadline (the end of a finite input,
-        e.g. an evaluation); returns their links. The live worker never calls it."""
+        """Decide every message still waiting for its ``discussion`` deadline (the end of a finite input:
+        an evaluation, or a bounded replay's ``--close-at-end``); returns their links. The watermark then
+        moves to the latest deadline decided (at least), as if event time had reached it, and the
+        retention follows: a correlator restored from the progress persisted after this takes those
+        decisions as made, and an event that comes later, older than that watermark by more than the
+        allowed lateness, is counted late. A live worker never calls it."""
         if self.discussion is None:
             return []
-        return [self._discussion_link(p) for p in self.discussion.close()]
+        deadline = self.discussion.last_deadline_ms
+        links = [self._discussion_link(p) for p in self.discussion.close()]
+        if deadline is not None:
+            self.clock.restore(deadline)
+            self._expire()
+        return links
 
     def add_vector(self, entity: str, vector: np.ndarray) -> list[Link]:
         """Record the embedding of an entity's text; return the embedding links it completes.

@@ -45,8 +45,8 @@ Measured (``backbone eval links`` on Racket Slack 2018 × racket/racket commits,
 ``affinity_horizon``): 7 linked, 6 right (precision 0.86, recall 0.35, true commit ranked first for 10);
 from every earlier link (2026-12-06) 8 linked, 6 right (0.75 / 0.35; 120 to 270 days give the same, 30
 to 82 days 7 / 6); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
-first 8). With ``--embeddings`` (weight 0.5): 11 linked, 8 right (0.73 / 0.47); without affinity 11
-linked, 7 right (0.64 / 0.41); the same figures after the events began to carry threads and after each
+first 8). With ``--embeddings`` (weight 0.5): 12 linked, 8 right (0.67 / 0.47; 11 and 8, 0.73 / 0.47,
+with affinity from every earlier link); without affinity 11 linked, 7 right (0.64 / 0.41); the same figures after the events began to carry threads and after each
 message's terms were cached (no n-gram spans two messages now). The live correlator on the masked events
 (threads from the events' ``thread``, 280-character excerpts, nothing revealed): 6 linked, 6 right, and
 1,406 discussion links over all 9,709 messages (precision there unmeasured); before the events carried
@@ -597,6 +597,16 @@ class DiscussionLinker:
     def source_max_ms(self) -> dict[str, int]:
         """Per input (e.g. a source partition): its largest event time noted, epoch ms."""
         return self.clock.source_max_ms
+
+    @property
+    def pending_count(self) -> int:
+        """Messages waiting for their decision deadline."""
+        return len(self._pending)
+
+    @property
+    def last_deadline_ms(self) -> int | None:
+        """The latest decision deadline (epoch ms) of the messages still pending; None when none is."""
+        return max((deadline for deadline, _, _ in self._pending), default=None)
 
     def close(self) -> list[Prediction]:
         """Decide every pending message (the end of a finite input); returns the decisions that link."""

@@ -488,6 +488,40 @@ def test_a_silent_or_empty_partition_does_not_hold_the_discussion_decisions(
     assert progress["watermark"] >= int((T0 + timedelta(days=8, hours=5)).timestamp() * 1000), progress
 
 
+def test_close_at_end_decides_the_open_windows_of_a_finished_history_once(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A replay of a finished history: the message's window (8 days of event time) never closes, since
+    nothing later comes. With ``--close-at-end`` the idle stop decides it (the link is sent) and persists
+    the watermark past its deadline; the same group run again decides nothing twice. Without the option
+    the message stays pending (the first run of the quiet-scope test above shows it: 0 links)."""
+    events_topic, insights_topic, dlq_topic = _three_topics(create_topic, unique_name)
+    serde = AvroSerde(EmbeddedRegistry())
+    commits, message = _expander_case()
+    with EventProducer(settings.kafka, serde) as producer:
+        for event in [*commits, message]:
+            producer.produce(events_topic, event)
+        producer.flush()
+    app_id = unique_name("corr")
+    runs = []
+    for _ in range(2):
+        done = _run_correlate(settings, tmp_path, "--no-embeddings", "--discussion-min-history", "0", "--app-id",
+                              app_id, "--events-topic", events_topic, "--insights-topic", insights_topic,
+                              "--dlq-topic", dlq_topic, "--stop-after-idle", "3", "--close-at-end", timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [(r["events_count"], r["closed_at_end_count"], r["discussion_links_count"]) for r in runs] == [
+        (3, 1, 1), (0, 0, 0)
+    ], runs  # fmt: skip
+    records = _insights(settings, serde, insights_topic)
+    assert [r.data["insight_id"] for r in records] == [link_id("discussion", message.key, commits[0].key)]
+    raw = changelog_values(settings.kafka, f"{app_id}-correlation_items-changelog")[b"acme|#progress"]
+    assert raw is not None
+    assert json.loads(raw)["watermark"] >= int((T0 + timedelta(days=8, hours=5)).timestamp() * 1000)
+    refused = _run_correlate(settings, tmp_path, "--app-id", app_id, "--close-at-end", timeout=60)
+    assert refused.returncode != 0 and "--stop-after-idle" in refused.stderr, refused.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def minilm():
     """all-MiniLM-L6-v2 loaded once for the module (2 torch threads at most)."""

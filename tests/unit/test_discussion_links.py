@@ -363,3 +363,22 @@ def test_a_restart_after_the_commit_retention_decides_as_a_worker_that_never_sto
     after = [(k.insight_id, k.score) for o in items[cut:] for k in restored.add(o)]
     assert before + after == expected
     assert sum(1 for link_id_, _ in after if link_id_) > 20 and first.expired_count > 0
+
+
+def test_close_moves_the_watermark_past_what_it_decided_so_a_restore_does_not_decide_again() -> None:
+    """``Correlator.close`` (the end of a finished history) decides the pending messages and moves the
+    watermark to their latest deadline; restored with that watermark, a correlator takes them as made."""
+    items = sorted(_history(), key=lambda o: (o.event_time, o.entity))
+    config = CorrelationConfig(discussion=CFG)
+    corr, _ = _run(items, config)
+    assert corr.discussion is not None and corr.discussion.pending_count > 0
+    deadline = corr.discussion.last_deadline_ms
+    closed = corr.close()
+    assert closed and corr.clock.watermark_ms == deadline and corr.discussion.pending_count == 0
+    restored = Correlator(config)
+    watermark = datetime.fromtimestamp(deadline / 1000, UTC)
+    restored.restore([(o, None, o.entity) for o in items], watermark=watermark)
+    assert restored.close() == [] and restored.progress({}) == []
+    forgetful = Correlator(config)  # without the moved watermark the same messages are decided again
+    forgetful.restore([(o, None, o.entity) for o in items])
+    assert [k.insight_id for k in forgetful.close()] == [k.insight_id for k in closed]
