@@ -573,16 +573,10 @@ class _CorrelationShell:
         return self._index
 
     def _scope_items(self, scope: str) -> list[tuple[bytes, Any]]:
-        """The table's items (raw key, value) whose key starts with ``<scope>|``, taken out of the index
-        (the scope's correlator holds them from now on)."""
-        prefix = f"{scope}|".encode()
-        index = self._scope_index()
-        head = prefix.split(b"|", 1)[0]
-        bucket = index.pop(head, [])
-        mine = [kv for kv in bucket if kv[0].startswith(prefix)]
-        if len(mine) < len(bucket):  # another scope's items (a scope named "a|b" shares "a"'s bucket)
-            index[head] = [kv for kv in bucket if not kv[0].startswith(prefix)]
-        return mine
+        """The table's items (raw key, value) of ``scope`` (keys ``<scope>|<entity>``; a scope holds no
+        ``|``, see :func:`~processors.correlation.logic.scope_of`), taken out of the index: the scope's
+        correlator holds them from now on."""
+        return self._scope_index().pop(scope.encode(), [])
 
     async def handle_scoped_records(self, records: list[Any]) -> asyncio.Future[Any] | None:
         """Repartition records of a :class:`~processors.shell.BatchDelivery` (each a JSON list of bodies, or

@@ -117,7 +117,7 @@ _PREFIX = 7
 _COMMIT_ENTITY = re.compile(r"git:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{40})")
 _SHA_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)@(?P<sha>[0-9a-f]{7,40})")
 _NUM_REF = re.compile(r"github:(?P<repo>[\w.-]+/[\w.-]+)#(?P<num>\d+)")
-_SCOPE_OF = re.compile(r"(?:slack|git):(?P<scope>[^/:@]+)[/@]")
+_SCOPE_OF = re.compile(r"(?:slack|git):(?P<scope>[^/:@|]+)[/@]")
 
 Method = Literal["reference", "embedding", "discussion"]
 
@@ -138,7 +138,8 @@ class CorrelationConfig:
         commit_retention: the same for commits (at least ``retention``).
 
     Raises:
-        ValueError: a negative ``window``, ``min_cosine`` outside ``[-1, 1]``, a bad scope, or a
+        ValueError: a negative ``window``, ``min_cosine`` outside ``[-1, 1]``, a bad scope (empty, or with
+            ``:`` or ``|``), or a
             ``retention`` shorter than ``window`` or than a discussion decision reads back
             (``window_before + window_after + allowed_lateness``), or a ``commit_retention`` shorter than
             ``retention``.
@@ -186,8 +187,8 @@ class CorrelationConfig:
         if not -1.0 <= self.min_cosine <= 1.0:
             raise ValueError(f"min_cosine must lie in [-1, 1], got {self.min_cosine}")
         for scope in self.scopes.values():
-            if not scope or ":" in scope:
-                raise ValueError(f"a scope must be non-empty and without ':', got {scope!r}")
+            if not scope or ":" in scope or "|" in scope:
+                raise ValueError(f"a scope must be non-empty and without ':' or '|', got {scope!r}")
         if self.retention is not None:
             d = self.discussion
             needed = max(
@@ -210,10 +211,13 @@ def scope_of(entity: str, scopes: Mapping[str, str] | None = None) -> str:
 
     Default: the Slack workspace of a message (``slack:racket/general/...`` → ``racket``) and the owner of
     a commit's repository (``git:racket/racket@...`` → ``racket``), so a workspace meets the organisation
-    of the same name. ``scopes`` overrides it by entity prefix.
+    of the same name. ``scopes`` overrides it by entity prefix. A scope holds no ``:`` and no ``|`` (the
+    separator of the worker's table keys, ``<scope>|<entity>``; no Slack workspace or GitHub owner name has
+    one).
 
     Raises:
-        UnprocessableEventError: an entity that is neither ``slack:<workspace>/...`` nor ``git:<owner>/...``.
+        UnprocessableEventError: an entity that is neither ``slack:<workspace>/...`` nor ``git:<owner>/...``
+            (a workspace or owner with ``|`` included).
     """
     if scopes:
         best = max((p for p in scopes if entity.startswith(p)), key=len, default=None)

@@ -125,6 +125,10 @@ def test_scope_and_request_ids() -> None:
     assert scope_of("slack:other/dev/x", {"slack:other/": "acme"}) == "acme"
     with pytest.raises(UnprocessableEventError):
         scope_of("linear:ENG-1")
+    with pytest.raises(UnprocessableEventError):  # "|" separates scope and entity in the worker's table keys
+        scope_of("slack:ac|me/dev/x")
+    with pytest.raises(ValueError, match="'\\|'"):
+        CorrelationConfig(scopes={"slack:other/": "a|b"})
     rid = request_id_for("acme", f"git:acme/widget@{SHA_A}")
     assert parse_request_id(rid) == ("acme", f"git:acme/widget@{SHA_A}")
     assert parse_request_id("some-uuid") is None
