@@ -4,6 +4,7 @@ memory store, as the worker's is rebuilt from its changelog)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 import faust
 
@@ -17,7 +18,7 @@ from streams.serde import AvroSerde
 T0 = datetime(2030, 5, 4, 12, 0, tzinfo=UTC)
 
 
-def _obs(entity: str, kind: str, at: datetime, text: str) -> dict[str, object]:
+def _obs(entity: str, kind: Literal["message", "commit"], at: datetime, text: str) -> dict[str, object]:
     sha = entity.rsplit("@", 1)[-1] if kind == "commit" else None
     obs = Observation(entity=entity, kind=kind, event_time=at, event_id=f"id-{entity}", text=text,
                       repo="acme/widget", sha=sha, pr_number=None, refs=(), actor="Ann", thread=None)  # fmt: skip
@@ -29,7 +30,9 @@ def test_scopes_are_restored_from_one_scan_of_the_table_each_with_its_own_items(
     adopted from its progress, and each scope's correlator is rebuilt with exactly its own items, all from
     one scan (an item written after it belongs to a scope whose correlator exists, so it is not read)."""
     app = faust.App("test-correlation-shell", broker="kafka://127.0.0.1:1", store="memory://")
-    table = app.Table("items", default=dict, key_type=bytes, partitions=3)
+    table: faust.Table[bytes, dict[str, object]] = faust.Table(
+        app, name="items", default=dict, key_type=bytes, partitions=3
+    )
     config = CorrelationConfig(discussion=MaskedConfig(min_history=0))
     shell = _CorrelationShell(Settings(), CorrelationTopics(events_partitions=1), config,
                               AvroSerde(EmbeddedRegistry()), table, {}, request_embeddings=False)  # fmt: skip
