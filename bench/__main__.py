@@ -20,6 +20,7 @@ BENCHES = [
     ("bench.bench_inference", [], []),
     ("bench.bench_correlation", [], []),
     ("bench.bench_correlation_worker", [], []),  # the Racket year either way (skipped without the data)
+    ("bench.bench_correlation_restore", [], ["--scopes", "10,100", "--rounds", "2"]),
     ("bench.bench_routing", [], []),
     ("bench.bench_healer_state", [], ["--every", "50"]),
     ("bench.bench_processors", ["--events", "60000"], ["--events", "20000"]),
