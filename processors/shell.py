@@ -1243,15 +1243,15 @@ class DrainTracker:
         else:
             self.pending[tp] = (source, offset)
 
-    def found_drained(self) -> list[str]:
-        """The sources of the remembered partitions now read to their end, forgotten as they are returned
-        (each is told once)."""
-        out = []
-        for tp, (source, offset) in list(self.pending.items()):
-            if self.at_end(tp, offset):
+    def found_drained(self) -> Iterator[str]:
+        """The sources of the remembered partitions now read to their end, each forgotten as it is yielded
+        (told once). Lazy: a partition is checked when the iteration reaches it, so a caller that awaits a
+        marker's send between two sources does not tell one whose newer record was forwarded meanwhile
+        (:meth:`note` moved it); ``list()`` it to check all at once."""
+        for tp, entry in list(self.pending.items()):
+            if self.pending.get(tp) == entry and self.at_end(tp, entry[1]):
                 del self.pending[tp]
-                out.append(source)
-        return out
+                yield entry[0]
 
 
 def partitions_with_records(kafka: KafkaSettings, topics: Sequence[str], group_id: str) -> list[str]:

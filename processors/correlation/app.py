@@ -441,7 +441,7 @@ class _CorrelationShell:
         its last when it was forwarded (the high watermark was unknown, or more records were written
         since and are read now): a ``drained`` marker after the records already sent, so it never
         overtakes them."""
-        drained = self.drains.found_drained()  # (nothing is noted without a watermark)
+        drained = list(self.drains.found_drained())  # (nothing is noted without a watermark)
         if drained:
             await self._send_marker({}, drained)
 
