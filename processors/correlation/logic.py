@@ -516,11 +516,8 @@ class Correlator:
         self._unclocked: list[str] = []
         self.orphans_expired = 0
         self.clock = SourceWatermark(sources)
-        self.discussion = (
-            DiscussionLinker(self.config.linker_config, watermark=self.clock)
-            if self.config.linker_config is not None
-            else None
-        )
+        linker = self.config.linker_config
+        self.discussion = DiscussionLinker(linker, watermark=self.clock) if linker is not None else None
         self._restoring = False
 
     def __len__(self) -> int:

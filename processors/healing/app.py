@@ -149,6 +149,7 @@ from processors.healing.rollback import HEALER_AUTHOR
 from processors.shell import (
     BatchDelivery,
     Checkpoints,
+    DrainTracker,
     FaustDeadLetters,
     consumer_highwater,
     make_faust_app,
@@ -281,6 +282,8 @@ class _HealingShell:
         self.initial_config = healer.config
         self.table = table
         self.app = app
+        # read-to-end checks against the consumer's fetch high watermark (none without an app: unit tests)
+        self.drains = DrainTracker(consumer_highwater(app) if app is not None else None)
         self.offsets: dict[str, int] = {}
         self.lock = asyncio.Lock()
         self.dirty = False
@@ -392,20 +395,13 @@ class _HealingShell:
         done = []
         for key in self.healer.partition_health:
             topic, _, partition = key.rpartition(":")
-            highwater = self._highwater(TP(topic, int(partition)))
-            if highwater is not None and key in last and last[key] + 1 >= highwater:
+            if key in last and self.drains.at_end(TP(topic, int(partition)), last[key]):
                 done.append(key)
         decisions = self.healer.caught_up(done)
         if decisions:
             record_circuit_transitions(decisions)
             await self._send(decisions, self.batch_pending)
             self.batch_decisions.extend(decisions)
-
-    def _highwater(self, tp: TP) -> int | None:
-        """The consumer's high watermark of ``tp`` as its last fetch answered it; None when unknown: not
-        fetched yet, not assigned (any more), the consumer not started, or no app (a shell driven
-        directly, as unit tests do)."""
-        return consumer_highwater(self.app)(tp) if self.app is not None else None
 
     def _write_state(self) -> None:
         """The checkpoint write (:attr:`checkpoints`; synchronous, between batches: the timer's,
