@@ -2,8 +2,11 @@
 
 Starts the embedded stack (or uses configured servers), imports the mini-swe-agent runs as events,
 runs the run-summary processor (Faust, in a subprocess) and the agent-run projection until both
-have caught up, imports the same runs a second time to show that nothing is counted twice, prints
-the report, and stops what it started.
+have caught up, imports the same runs a second time to show that nothing is counted twice, replays the
+healer on the runs, imports the Nezha TrainTicket slice (``datasets/nezha``) and runs the incident worker and
+the ``incidents`` projection over it (checked against the engine replayed in process), routes the runs' task
+prompts live through the policy router and the healer during an injected outage, prints the report, and
+stops what it started.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from backbone.cli.helpers import emit_json, err, out
 __all__ = ["demo"]
 
 
-def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
+def _start_processor(settings: Any, state_dir: Path, command: str = "worker") -> subprocess.Popen[bytes]:
+    """``backbone processors <command>`` (the run-summary ``worker``, or ``incidents``) in a subprocess on
+    this stack, its output in ``state_dir/<processor or incidents>.log``."""
     from backbone.cli.demo_live import worker_env
 
     env = worker_env(settings)
-    log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
+    name = "processor" if command == "worker" else command
+    log = open(state_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "backbone", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "backbone", "processors", command], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
 
@@ -140,6 +146,14 @@ def demo(
         doc = {"totals": totals, "models": models, "insights": n_insights, "timings_s": timings,
                "import": {k: v for k, v in report.items() if k != "problems"}, "skipped_files": report["problems"]}  # fmt: skip
         doc.update(_healing_and_incidents(data, say))
+        if doc["incidents"] is not None:
+            t = time.perf_counter()
+            doc["incidents_live"] = _live_incidents(settings, serde, state_dir, timeout_seconds)
+            timings["incidents_live_s"] = time.perf_counter() - t
+            live_inc = doc["incidents_live"]
+            say(f"Nezha slice imported ({live_inc['import']['events']:,} events), the incident worker's "
+                f"{len(live_inc['incidents'])} incidents projected in {timings['incidents_live_s']:.1f} s, "
+                f"the same as the replay's: {'yes' if live_inc['same_as_replay'] else 'NO'}")  # fmt: skip
         try:
             doc["live"] = run_live(
                 settings, serde, data, workers, say, start=demo_start_time(totals["last_event_at"])
@@ -160,7 +174,12 @@ def demo(
         )
         if live and not live_ok:
             say(f"[red]the injected outage did not open and close the circuit[/red] (logs: {state_dir})")
-        ok = n_insights >= totals["finished"] and stats2.applied == 0 and live_ok
+        incidents_ok = doc["incidents"] is None or doc["incidents_live"]["same_as_replay"]
+        if not incidents_ok:
+            say(
+                f"[red]the incident worker's incidents differ from the replay's[/red] (log: {state_dir / 'incidents.log'})"
+            )
+        ok = n_insights >= totals["finished"] and stats2.applied == 0 and live_ok and incidents_ok
     finally:
         for proc in [p for p in (processor, *workers.values()) if p is not None]:
             if proc.poll() is None:
@@ -176,7 +195,53 @@ def demo(
 
 
 NEZHA_SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
-"""The Nezha TrainTicket slice copied into the project (MIT, see its README) for the demo."""
+
+
+def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds: float) -> dict[str, Any]:
+    """The Nezha slice through the backbone: imported to the telemetry topics (``backbone import nezha``),
+    correlated by the incident worker (``backbone processors incidents --stop-after-idle 2 --close-at-end``,
+    a replay of a finished history: its end decides the windows still open), its insights projected to
+    PostgreSQL (the ``incidents`` projection) and read back as ``backbone query incidents`` reads them;
+    compared with the incident engine replayed in process on the same slice (fed in event-time order, then
+    flushed).
+
+    Returns:
+        ``{"import": {"events", "seconds", "dead_lettered"}, "worker": its counters (``--json``) or None when
+        it failed, "incidents": [list_incidents rows, oldest first], "replay_incidents": int,
+        "same_as_replay": bool}`` (the same incidents, each with the same ranked candidates, in order).
+
+    Raises:
+        subprocess.TimeoutExpired: the worker ran longer than ``timeout_seconds``.
+    """
+    import json
+
+    import psycopg
+
+    from backbone.cli.demo_live import worker_env
+    from backbone.cli.incidents import run_import
+    from connectors.nezha import iter_day
+    from processors.incidents.incident import run
+    from projections.incidents import IncidentsProjection, list_incidents
+    from projections.runner import ProjectionRunner
+
+    kinds = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+    insights, _ = run((kinds[topic], event.data) for topic, event in iter_day(NEZHA_SLICE))
+    replay = {i["entity"]: [c["pod"] for c in json.loads(i["labels"]["candidates"])] for i in insights}
+    report = run_import(settings, serde, NEZHA_SLICE, progress=False)
+    with open(state_dir / "incidents.log", "wb") as log:
+        done = subprocess.run(
+            [sys.executable, "-m", "backbone", "processors", "incidents", "--stop-after-idle", "2", "--close-at-end",
+             "--json"], env=worker_env(settings), stdout=subprocess.PIPE, stderr=log, timeout=timeout_seconds,
+        )  # fmt: skip
+    out = done.stdout.decode()  # the counters, indented JSON, after anything else the worker printed
+    worker = json.loads(out[out.rfind("\n{") + 1 :]) if done.returncode == 0 else None
+    with ProjectionRunner(settings, serde, IncidentsProjection()) as runner:
+        runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
+    with psycopg.connect(settings.postgres.dsn()) as conn:
+        rows = list_incidents(conn, limit=1000)
+    same = {r["entity"]: [c["pod"] for c in r["candidates"]] for r in rows} == replay
+    return {"import": {"events": report["events"], "seconds": report["seconds"], "dead_lettered": report["dead_lettered"]},
+            "worker": worker, "incidents": rows[::-1], "replay_incidents": len(replay), "same_as_replay": same}  # fmt: skip
 
 
 def _healing_and_incidents(data: Path, say: Any) -> dict[str, Any]:
@@ -238,6 +303,22 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
         for f in inc["per_fault"]:
             table.add_row(str(f["inject_time"]).replace(" ", "\n"), _deployment(f["pod"]), f["kind"], _n(f.get("detection_seconds")),
                           _n(f.get("rank_pod")), _deployment(str(f.get("top1_pod") or "")))  # fmt: skip
+        out.print(table)
+    live = doc.get("incidents_live")
+    if live:
+        table = Table(
+            title=f"The same slice through the backbone: {live['import']['events']:,} events imported, "
+            f"{len(live['incidents'])} incidents from the incident worker, as `backbone query incidents` shows them",
+            caption="first anomaly: start of its one-minute window, UTC; causes: the ranked root-cause candidates (score);"
+            " the worker ran with --close-at-end: the end of the slice decides the windows the watermark had not passed",
+            pad_edge=False,
+        )
+        for c in ("first anomaly", "status", "priority", "anomalies", "ranked causes"):
+            table.add_column(c, overflow="fold")
+        for r in live["incidents"]:
+            causes = [f"{c['rank']}. {_deployment(c['pod'])} ({c['score']:.1f})" for c in r["candidates"][:3]]
+            table.add_row(str(r["first_anomaly_at"]).replace("T", "\n"), r["status"], r["priority"],
+                          str(r["anomalies_count"]), "\n".join(causes))  # fmt: skip
         out.print(table)
 
 

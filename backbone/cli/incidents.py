@@ -354,6 +354,15 @@ def run_incidents(
             envvar="BACKBONE_INCIDENTS_STOP_AFTER_IDLE_SECONDS",
         ),
     ] = None,
+    close_at_end: Annotated[
+        bool,
+        typer.Option(
+            "--close-at-end",
+            help="With --stop-after-idle: at the idle stop, process the windows the watermark has not passed "
+            "and close the open incident, as at the end of event time (a replay of a finished history, not a "
+            "live group).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the incident processor (telemetry topics -> ``insights.incidents``) until stopped or idle; print
@@ -363,7 +372,11 @@ def run_incidents(
 
     from processors.incidents.app import run_incidents_worker
 
-    stats = run_incidents_worker(stop_after_idle_seconds=stop_after_idle)
+    if close_at_end and stop_after_idle is None:
+        raise typer.BadParameter(
+            "--close-at-end needs --stop-after-idle: the end of the input is the idle stop"
+        )
+    stats = run_incidents_worker(stop_after_idle_seconds=stop_after_idle, close_at_end=close_at_end)
     result = dataclasses.asdict(stats)
     if as_json:
         emit_json(result)

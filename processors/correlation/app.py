@@ -370,8 +370,7 @@ class _CorrelationShell:
         self._adopted.add(partition)
         suffix = f"|{PROGRESS_ENTITY}".encode()
         persisted: set[str] | None = None
-        self._scope_index()
-        for raw_key, value in self._progress_items:
+        for raw_key, value in self._scope_progress():
             if isinstance(value, dict) and value.get("partition") == partition:
                 self.scope_partitions.setdefault(raw_key[: -len(suffix)].decode(), partition)
                 if persisted is None and isinstance(value.get("idle"), list):
@@ -571,6 +570,12 @@ class _CorrelationShell:
                     progress.append((raw_key, value))
             self._index, self._progress_items = index, progress
         return self._index
+
+    def _scope_progress(self) -> list[tuple[bytes, Any]]:
+        """The table's ``<scope>|#progress`` items (raw key, value) as of the scan of :meth:`_scope_index`
+        (made now if this assignment has none yet)."""
+        self._scope_index()
+        return self._progress_items
 
     def _scope_items(self, scope: str) -> list[tuple[bytes, Any]]:
         """The table's items (raw key, value) of ``scope`` (keys ``<scope>|<entity>``; a scope holds no

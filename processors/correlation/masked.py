@@ -202,10 +202,12 @@ class MaskedConfig:
 
     Raises:
         ValueError: ``df_horizon`` shorter than ``window_before + window_after`` (a commit of a message's
-            window would not be counted).
+            window would not be counted), or ``affinity_horizon`` negative.
     """
 
     def __post_init__(self) -> None:
+        if self.affinity_horizon is not None and self.affinity_horizon < timedelta(0):
+            raise ValueError(f"affinity_horizon {self.affinity_horizon} is negative")
         if self.df_horizon is not None and self.df_horizon < self.window_before + self.window_after:
             raise ValueError(
                 f"df_horizon {self.df_horizon} is shorter than a message's window "

@@ -319,6 +319,8 @@ class IncidentStats:
             in all, ``state_bytes_max`` the largest, ``state_write_seconds`` the time they took in all
             (snapshot, JSON, zlib, the table write).
         restored: the engine was restored from the state table (not started empty).
+        closed_at_end_count: insights decided at the idle stop of a bounded input (``close_at_end``): the
+            windows the watermark had not passed, and the incident still open, closed.
     """
 
     records_count: int = 0
@@ -339,6 +341,7 @@ class IncidentStats:
     state_bytes_max: int = 0
     state_write_seconds: float = 0.0
     restored: bool = False
+    closed_at_end_count: int = 0
     first_record_monotonic: float | None = field(default=None)
     last_record_monotonic: float | None = field(default=None)
 
@@ -369,6 +372,11 @@ COUNTERS = (
         "Records whose event id was already taken in their window (counted, not used)",
     ),
     ("backbone_incidents_dead_letters", "dead_letters_count", "Records dead-lettered"),
+    (
+        "backbone_incidents_closed_at_end",
+        "closed_at_end_count",
+        "Insights decided at the idle stop of a bounded input (--close-at-end)",
+    ),
     (
         "backbone_incidents_replayed",
         "replayed_count",
@@ -691,6 +699,27 @@ class _IncidentShell:
             self.stats.first_late = engine.first_late
         self.stats.duplicates_count += engine.duplicates.total() - duplicates_before
         self.stats.correlated_count += 1
+        await self._send_insights(insights)
+
+    async def close_at_end(self) -> None:
+        """The end of a bounded input (``close_at_end``, at the idle stop of a replay): the engine processes
+        the windows the watermark has not passed and closes the open incident
+        (:meth:`~processors.incidents.incident.IncidentEngine.flush`), the insights are sent (deliveries
+        awaited) and the state is written at once, so a restart of the same consumer group does not decide
+        them again: a record it reads later for one of those windows is counted late. What a live worker
+        would have decided with telemetry still to come may differ (an incident the end closed could have
+        grown): use it for a replay of a finished history (an audit, an evaluation), not for a live group."""
+        async with self.lock:  # not while the timer checkpoints or the table recovers
+            insights = self.engine.flush()
+            await self._send_insights(insights)
+            self.stats.closed_at_end_count += len(insights)
+            if insights:
+                self.dirty = True
+                self.checkpoints.checkpoint()
+        log.info("incidents_closed_at_end", insights=len(insights))
+
+    async def _send_insights(self, insights: list[dict[str, Any]]) -> None:
+        """Send ``insights`` to the insights topic in order, each delivery awaited before the next."""
         for insight in insights:
             when = datetime.fromtimestamp(insight["event_time"] / 1000, UTC)
             event = Event.create(INSIGHT_SCHEMA, insight["entity"], {**insight, "event_time": when},
@@ -792,6 +821,7 @@ def create_incidents_app(
     app.incident_stats = shell.stats  # type: ignore[attr-defined]
     app.incident_engine = engine  # type: ignore[attr-defined]
     app.incident_close = shell.dead_letters.close  # type: ignore[attr-defined]
+    app.incident_close_at_end = shell.close_at_end  # type: ignore[attr-defined]
     return app
 
 
@@ -814,16 +844,21 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
 def run_incidents_worker(
     settings: Settings | None = None, *, app_id: str | None = None, topics: IncidentTopics | None = None,
     stop_after_idle_seconds: float | None = None, loglevel: str | None = None,
-    state_part_bytes: int = STATE_PART_BYTES,
+    state_part_bytes: int = STATE_PART_BYTES, close_at_end: bool = False,
 ) -> IncidentStats:  # fmt: skip
     """Run the worker in this process until stopped (blocking; call from a main thread), with ``/metrics``,
     ``/healthz`` and ``/readyz`` on ``settings.metrics_host:metrics_port``
     (:func:`processors.shell.run_processor_worker`); ``state_part_bytes`` as in :func:`create_incidents_app`.
+    With ``close_at_end`` (and ``stop_after_idle_seconds``), the idle stop is the end of the input: the
+    windows still open are processed and the open incident closed first (``_IncidentShell.close_at_end``).
 
     Raises:
-        ValueError: no Kafka bootstrap servers are configured, or ``state_part_bytes`` is out of range.
+        ValueError: no Kafka bootstrap servers are configured, ``state_part_bytes`` is out of range, or
+            ``close_at_end`` without ``stop_after_idle_seconds``.
         StreamsError: a topic cannot be created.
     """
+    if close_at_end and stop_after_idle_seconds is None:
+        raise ValueError("close_at_end needs stop_after_idle_seconds: the end of the input is the idle stop")
     if settings is None:
         from core.stack import load_settings
 
@@ -837,6 +872,7 @@ def run_incidents_worker(
         settings, app, processor=PROCESSOR_NAME, stats=stats, counters=COUNTERS,
         close=app.incident_close,  # type: ignore[attr-defined]
         stop_after_idle_seconds=stop_after_idle_seconds, loglevel=loglevel,
+        at_idle_stop=app.incident_close_at_end if close_at_end else None,  # type: ignore[attr-defined]
     )  # fmt: skip
     return stats
 
@@ -850,6 +886,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{name}-topic", default=getattr(IncidentTopics(), name))
     p.add_argument("--dlq-topic", default=DLQ_TOPIC)
     p.add_argument("--stop-after-idle", type=float, default=None, help="Stop after this many idle seconds.")
+    p.add_argument("--close-at-end", action="store_true",
+                   help="At the idle stop, process the windows still open and close the open incident (a replay).")  # fmt: skip
     p.add_argument("--state-part-bytes", type=int, default=STATE_PART_BYTES,
                    help=f"Largest state table value, bytes; a larger state is written in parts (default {STATE_PART_BYTES}).")  # fmt: skip
     a = p.parse_args(argv)
@@ -857,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
                             config=a.config_topic, external=a.external_topic, insights=a.insights_topic,
                             dead_letters=a.dlq_topic)  # fmt: skip
     stats = run_incidents_worker(app_id=a.app_id, topics=topics, stop_after_idle_seconds=a.stop_after_idle,
-                                 state_part_bytes=a.state_part_bytes)  # fmt: skip
+                                 state_part_bytes=a.state_part_bytes, close_at_end=a.close_at_end)  # fmt: skip
     sys.stdout.write(json.dumps(dataclasses.asdict(stats)) + "\n")
 
 

@@ -33,6 +33,13 @@ def test_demo_on_the_copied_runs(tmp_path: Path) -> None:
     assert (t["runs"], t["resolved"], t["llm_calls"], t["tool_calls"]) == (25, 13, 856, 824)
     assert round(t["cost_usd"], 6) == 7.799117 and doc["insights"] == 25
     _check_live(doc["live"])
+    # the Nezha slice through the import, the incident worker and the projection: the replay's incidents
+    inc = doc["incidents_live"]
+    assert inc["same_as_replay"] and inc["replay_incidents"] == len(inc["incidents"]) == 2, inc
+    assert inc["worker"]["late_count"] == inc["worker"]["dead_letters_count"] == 0, inc["worker"]
+    assert inc["import"]["events"] == 15_819, inc["import"]
+    first = inc["incidents"][0]  # the 08:43:04 fault on ts-contacts-service, seen in its logs
+    assert first["candidates"][0]["pod"] == "ts-contacts-service-866bd68c97-xcqfx", first
 
 
 def _check_live(live: dict) -> None:

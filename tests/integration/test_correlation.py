@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
+from backbone.processes import free_port
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
 from core.settings import Settings
 from inference.config import InferenceSettings
@@ -26,6 +31,7 @@ from processors.correlation.logic import CorrelationConfig, Correlator, link_id,
 from processors.correlation.masked import MaskedConfig
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
+from streams.offsets import end_offsets
 from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
@@ -520,6 +526,148 @@ def test_close_at_end_decides_the_open_windows_of_a_finished_history_once(
     assert json.loads(raw)["watermark"] >= int((T0 + timedelta(days=8, hours=5)).timestamp() * 1000)
     refused = _run_correlate(settings, tmp_path, "--app-id", app_id, "--close-at-end", timeout=60)
     assert refused.returncode != 0 and "--stop-after-idle" in refused.stderr, refused.stderr[-2000:]
+
+
+def _committed(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The consumer group's committed offset of partitions ``0 .. partitions - 1`` of ``topic`` (-1001 where
+    none; asking does not join the group)."""
+    consumer = Consumer({**settings.kafka.librdkafka(), "group.id": group, "enable.auto.commit": False})
+    try:
+        return {tp.partition: tp.offset for tp in consumer.committed(
+            [TopicPartition(topic, p) for p in range(partitions)], timeout=10)}  # fmt: skip
+    finally:
+        consumer.close()
+
+
+def _read_to_end(settings: Settings, group: str, topic: str) -> bool:
+    """The group has committed every partition of ``topic`` to its end (False while the topic does not exist)."""
+    try:
+        ends = end_offsets(settings.kafka, topic, timeout_seconds=5.0)
+    except KeyError:
+        return False
+    return _committed(settings, group, topic, len(ends)) == ends
+
+
+def _ready(port: int) -> dict[str, Any]:
+    """A worker's ``/readyz`` document (``{"ok": False}`` while its metrics server is not up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            doc: dict[str, Any] = json.loads(r.read())
+    except OSError as exc:  # HTTPError (503: starting or rebalancing) is an OSError too
+        body = getattr(exc, "read", None)
+        return json.loads(body()) if callable(body) else {"ok": False}
+    return doc
+
+
+def _wait(
+    what: str, check: Callable[[], bool], procs: list[subprocess.Popen[str]], seconds: float = 90
+) -> None:
+    """Poll ``check`` every 0.5 s until it holds; fail when a worker exits or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert all(proc.poll() is None for proc in procs), f"a worker exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.5)
+
+
+def test_a_worker_joining_the_group_takes_over_scopes_from_the_changelog_and_decides_them_once(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A real rebalance between two workers of one consumer group. Worker A reads nine workspaces' commits
+    and messages (each scope's message window open, every partition at day 2) and commits them. Worker B
+    joins; the group rebalances and B owns repartition partitions whose scopes it never read: it restores
+    them from the changelog (A writes what it handled when its partitions are revoked). Every partition's
+    event time then moves to day 9, past the windows: each scope's discussion link is sent once, by the
+    worker that owns the scope now, and the links equal the plain-Python correlator's on the same events."""
+    events_topic, insights_topic, dlq_topic = _three_topics(create_topic, unique_name)
+    serde = AvroSerde(EmbeddedRegistry())
+    app_id = unique_name("corr")
+    history: list[Event] = []
+    for i in range(9):
+        ws = f"w{i}"
+        history += [
+            commit_event(repo=f"{ws}/widget", sha=f"{2 * i + 1:040x}", commit_time=T0.isoformat(), author="Ann",
+                         subject="expander: fix syntax-local-bind-syntaxes for local-expand"),
+            commit_event(repo=f"{ws}/widget", sha=f"{2 * i + 2:040x}", commit_time=(T0 + timedelta(hours=1)).isoformat(),
+                         author="Ann", subject="docs: typo in the guide"),
+            slack_event(workspace=ws, channel="dev", ts=(T0 + timedelta(hours=5)).replace(tzinfo=None).isoformat(),
+                        user="Bo", text="did the syntax-local-bind-syntaxes fix for local-expand land?", repo=f"{ws}/widget"),
+        ]  # fmt: skip
+    clocks = {day: [_clock(T0 + timedelta(days=day), n) for n in range(3)] for day in (2, 9)}
+
+    def produce(events: list[Event], day: int) -> None:
+        with EventProducer(settings.kafka, serde) as producer:
+            for event in events:
+                producer.produce(events_topic, event)
+            for partition, clock in enumerate(clocks[day]):
+                _produce_to(producer, serde, events_topic, clock, partition)
+            producer.flush()
+
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+           "BACKBONE_STATE_DIR": str(tmp_path), "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+    argv = [sys.executable, "-m", "backbone", "processors", "correlate", "--no-embeddings", "--discussion-min-history",
+            "0", "--app-id", app_id, "--events-topic", events_topic, "--insights-topic", insights_topic,
+            "--dlq-topic", dlq_topic, "--json"]  # fmt: skip
+    ports = [free_port(), free_port()]
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(n: int) -> None:
+        state = tmp_path / f"worker{n}"
+        state.mkdir()
+        # output to files: a pipe nobody reads while the worker runs fills and blocks its logging
+        with (tmp_path / f"out{n}").open("w") as out, (tmp_path / f"err{n}").open("w") as err:
+            procs.append(subprocess.Popen(argv, env={**env, "BACKBONE_STATE_DIR": str(state),
+                                                     "BACKBONE_METRICS_PORT": str(ports[n])},
+                                          stdout=out, stderr=err, text=True))  # fmt: skip
+
+    repartition = f"{app_id}-by-scope-repartition"
+    try:
+        produce(history, 2)
+        start(0)
+        # A has forwarded every event and handled every repartition record (nothing decided: windows open)
+        _wait("commit of the first stage", lambda: all(_read_to_end(settings, app_id, t) for t in (events_topic, repartition)), procs)  # fmt: skip
+        start(1)
+        _wait("rebalance", lambda: all(
+            (doc := _ready(p))["ok"] and doc["assigned_partitions"] > 0 for p in ports), procs)  # fmt: skip
+        produce([], 9)
+        # per scope, as the worker decides them (a correlator per scope; the clocks move every watermark)
+        expected = [
+            iid
+            for i in range(9)
+            for iid in _discussion_links([*history[3 * i : 3 * i + 3], *clocks[2], *clocks[9]])
+        ]
+        _wait("links", lambda: len(_insights(settings, serde, insights_topic)) >= len(expected), procs)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)  # all is decided: the clean stop, as --stop-after-idle's
+        for proc in procs:
+            proc.wait(60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    errs = [(tmp_path / f"err{n}").read_text()[-3000:] for n in range(len(procs))]
+    assert all(proc.returncode == 0 for proc in procs), errs
+    a, b = (json.loads((tmp_path / f"out{n}").read_text().strip().splitlines()[-1]) for n in range(2))
+    records = _insights(settings, serde, insights_topic)
+    assert len(expected) == 9 and sorted(r.data["insight_id"] for r in records) == sorted(expected)
+    # each link once, some by the worker that joined: scopes it restored from the changelog, not read itself
+    assert (a["discussion_links_count"] + b["discussion_links_count"], a["discussion_late_count"],
+            b["discussion_late_count"]) == (9, 0, 0), (a, b)  # fmt: skip
+    assert b["discussion_links_count"] > 0 and b["events_count"] <= 3, (a, b)
+    assert list(read_range(settings.kafka, serde, dlq_topic)) == []
+
+
+def _discussion_links(events: list[Event]) -> list[str]:
+    """The insight ids of the discussion links the plain-Python correlator draws from ``events`` in
+    event-time order (no history minimum)."""
+    corr = Correlator(CorrelationConfig(discussion=MaskedConfig(min_history=0)))
+    links = []
+    for event in sorted(events, key=lambda e: e.attributes.time):
+        obs = observe(event.data, event.attributes.id)
+        assert obs is not None
+        links += [link.insight_id for link in corr.add(obs) if link.method == "discussion"]
+    return links
 
 
 @pytest.fixture(scope="module")

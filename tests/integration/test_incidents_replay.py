@@ -149,3 +149,62 @@ def test_same_insights_in_another_interleaving(
         ]
         assert all(r.attributes.id == r.data["insight_id"] for r in insights)
     assert results[0] == results[1]
+
+
+def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Three pods' CPU for 16 minutes, one pod at 90 % in the last: the watermark (the latest event time
+    less the allowed lateness) never passes the last two windows, so a live worker decides nothing. With
+    ``--close-at-end`` the idle stop processes them and closes the incident: the insights of the engine
+    replayed and flushed in process (opened, closed). The same group run again decides nothing twice (its
+    restored state holds the end)."""
+    from connectors.nezha import METRIC_SAMPLE
+    from processors.incidents.incident import run
+
+    start = datetime(2023, 1, 29, 10, 0, 10, tzinfo=UTC)
+    events = []
+    for minute in range(16):
+        for n, pod in enumerate(("ts-a-service-5dc8d4f9fd-46997", "ts-b-service-5dc8d4f9fd-46997", "ts-c-service-5dc8d4f9fd-46997")):  # fmt: skip
+            at = start + timedelta(minutes=minute)
+            cpu = 90.0 if (minute, n) == (15, 0) else 1.0 + 0.1 * ((minute + n) % 3)
+            data = {
+                "pod": pod,
+                "service": pod.rsplit("-", 2)[0],
+                "event_time": at,
+                "metrics": {"CpuUsageRate(%)": cpu},
+            }
+            events.append(Event.create(METRIC_SAMPLE, pod, data, source="/test", time=at, id=f"m-{pod}-{minute}"))  # fmt: skip
+    expected, _ = run(("metric", e.data) for e in events)
+    assert [i["kind"] for i in expected] == ["incident.opened", "incident.closed"]
+    topics = incident_topics(create_topic, unique_name)
+    serde = AvroSerde(EmbeddedRegistry())
+    with EventProducer(settings.kafka, serde) as producer:
+        for e in events:
+            producer.produce(topics["metrics"], e)
+        producer.flush()
+    app_id = unique_name("incidents")
+    env = {**os.environ, "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+           "BACKBONE_KAFKA__SESSION_TIMEOUT_MS": str(settings.kafka.session_timeout_ms),
+           "BACKBONE_STATE_DIR": str(tmp_path / app_id), "BACKBONE_LOG_FORMAT": "json"}  # fmt: skip
+    command = [sys.executable, "-m", "processors.incidents.app", "--app-id", app_id,
+               *[f"--{k}-topic={v}" for k, v in topics.items()], "--stop-after-idle", "2", "--close-at-end"]  # fmt: skip
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [(r["forwarded_count"], r["closed_at_end_count"], r["insights_count"], r["late_count"]) for r in runs] == [
+        (48, 2, 2, 0), (0, 0, 0, 0)
+    ], runs  # fmt: skip
+    assert runs[1]["restored"]
+    insights = [
+        r.data for r in read_range(settings.kafka, serde, topics["insights"]) if isinstance(r, ConsumedEvent)
+    ]
+    assert [(i["insight_id"], i["labels"]["candidates"]) for i in insights] == [
+        (i["insight_id"], i["labels"]["candidates"]) for i in expected
+    ]
+    assert json.loads(insights[0]["labels"]["candidates"])[0]["pod"] == "ts-a-service-5dc8d4f9fd-46997"
+    refused = subprocess.run([*command[: command.index("--stop-after-idle")], "--close-at-end"], env=env,
+                             check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode != 0 and "stop_after_idle" in refused.stderr, refused.stderr[-2000:]

@@ -128,6 +128,19 @@ def test_author_affinity_counts_people_and_authors_of_links() -> None:
         AuthorAffinity(smoothing=-1.0)
 
 
+def test_masked_config_refuses_a_short_df_horizon_or_a_negative_affinity_horizon() -> None:
+    """A df_horizon shorter than a message's window would leave a commit of the window uncounted; a
+    negative affinity horizon means nothing; None (no horizon) and the window's length are taken."""
+    with pytest.raises(ValueError, match="df_horizon .* shorter"):
+        MaskedConfig(df_horizon=timedelta(days=1))
+    with pytest.raises(ValueError, match="affinity_horizon .* negative"):
+        MaskedConfig(affinity_horizon=timedelta(days=-1))
+    config = MaskedConfig(df_horizon=None, affinity_horizon=timedelta(0))
+    assert config.df_horizon is None and config.affinity_horizon == timedelta(0)
+    span = config.window_before + config.window_after
+    assert MaskedConfig(df_horizon=span).df_horizon == span
+
+
 def test_people_of_reads_the_author_and_mentions() -> None:
     """The author first, then @-mentions in order, no repeats; an e-mail address is not a mention."""
     m = ChatMessage("m", T0, "@Lynna and @Odis: see ann@example.org, thanks @Lynna.", None, "Carlyn")
