@@ -207,11 +207,9 @@ def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds:
 
     Returns:
         ``{"import": {"events", "seconds", "dead_lettered"}, "worker": its counters (``--json``) or None when
-        it failed, "incidents": [list_incidents rows, oldest first], "replay_incidents": int,
-        "same_as_replay": bool}`` (the same incidents, each with the same ranked candidates, in order).
-
-    Raises:
-        subprocess.TimeoutExpired: the worker ran longer than ``timeout_seconds``.
+        it failed or ran longer than ``timeout_seconds``, "incidents": [list_incidents rows, oldest first],
+        "replay_incidents": int, "same_as_replay": bool}`` (the same incidents, each with the same ranked
+        candidates, in order).
     """
     import json
 
@@ -228,18 +226,24 @@ def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds:
     insights, _ = run((kinds[topic], event.data) for topic, event in iter_day(NEZHA_SLICE))
     replay = {i["entity"]: [c["pod"] for c in json.loads(i["labels"]["candidates"])] for i in insights}
     report = run_import(settings, serde, NEZHA_SLICE, progress=False)
+    worker = None
     with open(state_dir / "incidents.log", "wb") as log:
-        done = subprocess.run(
-            [sys.executable, "-m", "backbone", "processors", "incidents", "--stop-after-idle", "2", "--close-at-end",
-             "--json"], env=worker_env(settings), stdout=subprocess.PIPE, stderr=log, timeout=timeout_seconds,
-        )  # fmt: skip
-    out = done.stdout.decode()  # the counters, indented JSON, after anything else the worker printed
-    worker = json.loads(out[out.rfind("\n{") + 1 :]) if done.returncode == 0 else None
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "backbone", "processors", "incidents", "--stop-after-idle", "2",
+                 "--close-at-end", "--json"], env=worker_env(settings), stdout=subprocess.PIPE, stderr=log,
+                timeout=timeout_seconds,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:  # killed by run(); reported as a worker that failed
+            done = None
+    if done is not None and done.returncode == 0:
+        out = done.stdout.decode()  # the counters, indented JSON, after anything else the worker printed
+        worker = json.loads(out[out.rfind("\n{") + 1 :])
     with ProjectionRunner(settings, serde, IncidentsProjection()) as runner:
         runner.run(until_caught_up=True, max_wait_seconds=timeout_seconds)
     with psycopg.connect(settings.postgres.dsn()) as conn:
         rows = list_incidents(conn, limit=1000)
-    same = {r["entity"]: [c["pod"] for c in r["candidates"]] for r in rows} == replay
+    same = worker is not None and {r["entity"]: [c["pod"] for c in r["candidates"]] for r in rows} == replay
     return {"import": {"events": report["events"], "seconds": report["seconds"], "dead_lettered": report["dead_lettered"]},
             "worker": worker, "incidents": rows[::-1], "replay_incidents": len(replay), "same_as_replay": same}  # fmt: skip
 
