@@ -195,6 +195,7 @@ def demo(
 
 
 NEZHA_SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
+"""The Nezha TrainTicket slice copied into the project (MIT, see its README) for the demo."""
 
 
 def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds: float) -> dict[str, Any]:

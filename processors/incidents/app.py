@@ -713,9 +713,8 @@ class _IncidentShell:
             insights = self.engine.flush()
             await self._send_insights(insights)
             self.stats.closed_at_end_count += len(insights)
-            if insights:
-                self.dirty = True
-                self.checkpoints.checkpoint()
+            self.dirty = True  # the windows it processed are closed now, insights or not
+            self.checkpoints.checkpoint()
         log.info("incidents_closed_at_end", insights=len(insights))
 
     async def _send_insights(self, insights: list[dict[str, Any]]) -> None:

@@ -157,8 +157,8 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     """Three pods' CPU for 16 minutes, one pod at 90 % in the last: the watermark (the latest event time
     less the allowed lateness) never passes the last two windows, so a live worker decides nothing. With
     ``--close-at-end`` the idle stop processes them and closes the incident: the insights of the engine
-    replayed and flushed in process (opened, closed). The same group run again decides nothing twice (its
-    restored state holds the end)."""
+    replayed and flushed in process (opened, closed). The same group run again decides nothing twice: its
+    restored state holds the end, so a record of the last window read then is counted late."""
     from connectors.nezha import METRIC_SAMPLE
     from processors.incidents.incident import run
 
@@ -190,12 +190,18 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     command = [sys.executable, "-m", "processors.incidents.app", "--app-id", app_id,
                *[f"--{k}-topic={v}" for k, v in topics.items()], "--stop-after-idle", "2", "--close-at-end"]  # fmt: skip
     runs = []
-    for _ in range(2):
+    for n in range(2):
+        if n == 1:  # a record of the last window, closed by the end: late for the restarted worker
+            late = Event.create(METRIC_SAMPLE, "ts-c-service-5dc8d4f9fd-46997", {**events[-1].data, "metrics": {"CpuUsageRate(%)": 95.0}},
+                                source="/test", time=events[-1].attributes.time, id="m-late")  # fmt: skip
+            with EventProducer(settings.kafka, serde) as producer:
+                producer.produce(topics["metrics"], late)
+                producer.flush()
         done = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert [(r["forwarded_count"], r["closed_at_end_count"], r["insights_count"], r["late_count"]) for r in runs] == [
-        (48, 2, 2, 0), (0, 0, 0, 0)
+        (48, 2, 2, 0), (1, 0, 0, 1)
     ], runs  # fmt: skip
     assert runs[1]["restored"]
     insights = [
