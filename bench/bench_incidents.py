@@ -199,9 +199,9 @@ def _record_sizes(records: Any) -> dict[str, tuple[float, float]]:
     from datetime import datetime
 
     from processors.incidents.app import engine_record
+    from processors.incidents.eval_nezha import TELEMETRY_KINDS as kinds
     from streams.producer import epoch_ms
 
-    kinds = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
     total: dict[str, list[int]] = {}
     for topic, e in records:
         kind = kinds[topic]

@@ -1400,8 +1400,9 @@ class PromptTableManager(TableManager):
     Faust's ``TableManager.on_start`` sleeps 1 s before it opens the changelog channels and starts the
     recovery, so that a table declared just after the app starts is still registered. Every table of ours
     is declared when its app is built, before the worker starts, so that second was dead time at every
-    start: it delayed every worker's readiness, and each worker run of the tests, by a second. A table
-    declared after the start is refused here as in Faust (``Too late to add tables at this point``).
+    start: it delayed every worker's readiness, and each worker run of the tests, by a second. Faust's own
+    ``_update_channels`` still finalises the tables, so a table declared after the start is refused as
+    before (``Too late to add tables at this point``).
     """
 
     async def on_start(self) -> None:

@@ -13,7 +13,18 @@ from confluent_kafka import Consumer, TopicPartition
 from core.settings import KafkaSettings
 from streams.offsets import end_offsets
 
-__all__ = ["changelog_values", "start_postgres", "start_tansu"]
+__all__ = ["changelog_values", "committed_offsets", "start_postgres", "start_tansu"]
+
+
+def committed_offsets(kafka: KafkaSettings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The consumer group's committed offset of partitions ``0 .. partitions - 1`` of ``topic`` (-1001 where
+    it has none); asking does not join the group."""
+    consumer = Consumer({**kafka.librdkafka(), "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in parts}
 
 
 def changelog_values(kafka: KafkaSettings, topic: str) -> dict[bytes, bytes | None]:

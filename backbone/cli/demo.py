@@ -27,16 +27,13 @@ from backbone.cli.helpers import emit_json, err, out
 __all__ = ["demo"]
 
 
-def _start_processor(settings: Any, state_dir: Path, command: str = "worker") -> subprocess.Popen[bytes]:
-    """``backbone processors <command>`` (the run-summary ``worker``, or ``incidents``) in a subprocess on
-    this stack, its output in ``state_dir/<processor or incidents>.log``."""
+def _start_processor(settings: Any, state_dir: Path) -> subprocess.Popen[bytes]:
     from backbone.cli.demo_live import worker_env
 
     env = worker_env(settings)
-    name = "processor" if command == "worker" else command
-    log = open(state_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+    log = open(state_dir / "processor.log", "wb")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
-        [sys.executable, "-m", "backbone", "processors", command], env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "backbone", "processors", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
 
@@ -219,12 +216,12 @@ def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds:
     from backbone.cli.demo_live import worker_env
     from backbone.cli.incidents import run_import
     from connectors.nezha import iter_day
+    from processors.incidents.eval_nezha import TELEMETRY_KINDS
     from processors.incidents.incident import run
     from projections.incidents import IncidentsProjection, list_incidents
     from projections.runner import ProjectionRunner
 
-    kinds = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
-    insights, _ = run((kinds[topic], event.data) for topic, event in iter_day(NEZHA_SLICE))
+    insights, _ = run((TELEMETRY_KINDS[topic], event.data) for topic, event in iter_day(NEZHA_SLICE))
     replay = {i["entity"]: [c["pod"] for c in json.loads(i["labels"]["candidates"])] for i in insights}
     report = run_import(settings, serde, NEZHA_SLICE, progress=False)
     worker = None

@@ -33,12 +33,14 @@ from typing import Any
 from connectors.nezha import Fault, ImportReport, day_folders, iter_day, load_faults
 from processors.incidents.incident import EngineConfig, IncidentEngine
 
-__all__ = ["CHANCE_SHIFTS_MINUTES", "FaultResult", "evaluate"]
+__all__ = ["CHANCE_SHIFTS_MINUTES", "TELEMETRY_KINDS", "FaultResult", "evaluate"]
 
 CHANCE_SHIFTS_MINUTES = (-8, -4, 4, 8)
 """Shifts of every fault's time for the chance baseline (see :func:`evaluate`)."""
 
-_KIND = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+TELEMETRY_KINDS = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+"""The engine's record kind (:data:`processors.incidents.incident.KINDS`) of each telemetry topic the Nezha
+importer (:func:`connectors.nezha.iter_day`) produces to."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,7 @@ def evaluate(
                 covered_ms.add(int(t.timestamp()) // 60 * 60_000)
             first = t if first is None else min(first, t)
             last = t if last is None else max(last, t)
-            insights.extend(engine.feed(_KIND[topic], event.data))
+            insights.extend(engine.feed(TELEMETRY_KINDS[topic], event.data))
         insights.extend(engine.flush())
         engines.append({"day": day.name, **engine.stats()})
         if first is not None and last is not None:

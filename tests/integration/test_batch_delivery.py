@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from core.settings import Settings
 from streams.offsets import end_offsets
-from tests.support import changelog_values
+from tests.support import changelog_values, committed_offsets
 
 PROBE = Path(__file__).with_name("batch_delivery_probe.py")
 
@@ -112,12 +112,7 @@ def _produce(settings: Settings, topic: str, records: list[tuple[int, str, bytes
 
 
 def _committed(settings: Settings, group: str, topic: str, partitions: int = 2) -> dict[int, int]:
-    consumer = Consumer({**settings.kafka.librdkafka(), "group.id": group, "enable.auto.commit": False})
-    try:
-        parts = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-    finally:
-        consumer.close()
-    return {tp.partition: tp.offset for tp in parts}
+    return committed_offsets(settings.kafka, group, topic, partitions)
 
 
 def _changelog(settings: Settings, topic: str) -> dict[str, int]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from backbone.processes import free_port
 from connectors.chat_code import commit_event, parse_git_commits_tsv, parse_slack_export, slack_event
@@ -36,7 +35,7 @@ from streams.producer import EventProducer
 from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
-from tests.support import changelog_values
+from tests.support import changelog_values, committed_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -528,24 +527,13 @@ def test_close_at_end_decides_the_open_windows_of_a_finished_history_once(
     assert refused.returncode != 0 and "--stop-after-idle" in refused.stderr, refused.stderr[-2000:]
 
 
-def _committed(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
-    """The consumer group's committed offset of partitions ``0 .. partitions - 1`` of ``topic`` (-1001 where
-    none; asking does not join the group)."""
-    consumer = Consumer({**settings.kafka.librdkafka(), "group.id": group, "enable.auto.commit": False})
-    try:
-        return {tp.partition: tp.offset for tp in consumer.committed(
-            [TopicPartition(topic, p) for p in range(partitions)], timeout=10)}  # fmt: skip
-    finally:
-        consumer.close()
-
-
 def _read_to_end(settings: Settings, group: str, topic: str) -> bool:
     """The group has committed every partition of ``topic`` to its end (False while the topic does not exist)."""
     try:
         ends = end_offsets(settings.kafka, topic, timeout_seconds=5.0)
     except KeyError:
         return False
-    return _committed(settings, group, topic, len(ends)) == ends
+    return committed_offsets(settings.kafka, group, topic, len(ends)) == ends
 
 
 def _ready(port: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from connectors.nezha import iter_day
 from core.settings import PostgresSettings, Settings
 from processors.correlation.logic import Correlator, observe
 from processors.incidents.anomaly import AnomalyProcessor, DetectorConfig
+from processors.incidents.eval_nezha import TELEMETRY_KINDS
 from processors.incidents.incident import EngineConfig, run
 from projections.incidents import IncidentsProjection
 from projections.rebuild import rebuild
@@ -39,7 +40,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SLICE = ROOT / "datasets" / "nezha"
 BAD_VALUE = b"\x00\x00\x00\x00\x07 not an avro record"
-_KINDS = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+_KINDS = TELEMETRY_KINDS
 T0 = datetime(2030, 5, 4, 12, 0, tzinfo=UTC)
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from backbone.chaos import telemetry_events
+from connectors.nezha import METRIC_SAMPLE
 from core.settings import Settings
+from processors.incidents.incident import run
 from streams.consumer import ConsumedEvent
 from streams.envelope import Event
 from streams.producer import EventProducer
@@ -159,9 +161,6 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     ``--close-at-end`` the idle stop processes them and closes the incident: the insights of the engine
     replayed and flushed in process (opened, closed). The same group run again decides nothing twice: its
     restored state holds the end, so a record of the last window read then is counted late."""
-    from connectors.nezha import METRIC_SAMPLE
-    from processors.incidents.incident import run
-
     start = datetime(2023, 1, 29, 10, 0, 10, tzinfo=UTC)
     events = []
     for minute in range(16):

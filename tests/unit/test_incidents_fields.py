@@ -10,12 +10,13 @@ from typing import Any
 
 from connectors.nezha import iter_day
 from processors.incidents.app import engine_record
+from processors.incidents.eval_nezha import TELEMETRY_KINDS
 from processors.incidents.incident import EngineConfig, IncidentEngine, engine_fields
 from processors.incidents.nezha_detect import METRIC_RULES
 from streams.producer import epoch_ms
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
-_KIND = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+_KIND = TELEMETRY_KINDS
 
 
 def _slice() -> list[tuple[str, dict[str, Any]]]:

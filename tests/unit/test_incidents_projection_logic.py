@@ -15,12 +15,13 @@ import pytest
 from connectors.nezha import iter_day
 from processors.correlation.logic import Link, Observation
 from processors.incidents.anomaly import Anomaly
+from processors.incidents.eval_nezha import TELEMETRY_KINDS
 from processors.incidents.incident import EngineConfig, run
 from projections.errors import ProjectionApplyError
 from projections.incidents import merge_incident, parse_anomaly, parse_correlation, parse_incident
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
-_KINDS = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+_KINDS = TELEMETRY_KINDS
 
 
 @pytest.fixture(scope="module")

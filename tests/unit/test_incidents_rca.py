@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from connectors.nezha import iter_day
+from processors.incidents.eval_nezha import TELEMETRY_KINDS
 from processors.incidents.incident import EngineConfig, IncidentEngine, run
 from processors.incidents.nezha_detect import Anomaly, RobustZ
 from processors.incidents.rca import VICTIM_FACTOR, WARN_FACTOR, evidence_kind, rank
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 T0 = datetime(2023, 1, 29, 8, 0, 9, tzinfo=UTC)
-KIND = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+KIND = TELEMETRY_KINDS
 
 
 def test_robust_z_has_no_look_ahead_and_resists_spikes() -> None:

@@ -15,12 +15,13 @@ import pytest
 
 from connectors.nezha import iter_day
 from processors.incidents.changes import change_from_config
+from processors.incidents.eval_nezha import TELEMETRY_KINDS
 from processors.incidents.incident import SNAPSHOT_FORMAT, IncidentEngine, SnapshotError
 from processors.incidents.nezha_detect import RobustZ
 from streams.producer import epoch_ms
 
 SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
-_KIND = {"telemetry.metrics": "metric", "telemetry.logs": "log", "telemetry.spans": "span"}
+_KIND = TELEMETRY_KINDS
 
 
 def _inputs() -> tuple[list[tuple[str, dict[str, Any], str, bool]], list[str]]:
