@@ -66,6 +66,7 @@ __all__ = [
     "DrainTracker",
     "EagerSeekingConsumer",
     "FaustDeadLetters",
+    "FetchEnds",
     "InOrderAcks",
     "PromptTableManager",
     "QuietMonitor",
@@ -74,6 +75,7 @@ __all__ = [
     "TableCheckpoints",
     "broker_urls",
     "catalogue_partitions",
+    "consumer_fetch_ends",
     "consumer_highwater",
     "credentials",
     "decode_event",
@@ -392,10 +394,95 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         except (asyncio.CancelledError, TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping anyway
             log.warning("faust_consumer_stop_failed", error=repr(exc))
 
+    fetch_ends: FetchEnds
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fetch_ends = FetchEnds()
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
         return consumer
+
+    async def _fetch_records(
+        self,
+        consumer: Any,
+        active_partitions: Any,
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        """Faust's fetch of one batch, noting where each assigned partition stands after it
+        (:class:`FetchEnds`): the records returned are the ones Faust itself may still drop."""
+        before = _consumer_positions(consumer)
+        records = await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
+        self.fetch_ends.update(before, _consumer_positions(consumer), records)
+        return records
+
+
+def _consumer_positions(consumer: Any) -> dict[Any, int]:
+    """The fetch position (the next offset aiokafka will return) of each partition assigned to an
+    aiokafka consumer that has one; aiokafka's ``highwater`` reads the same partition state."""
+    subscription = consumer._subscription.subscription
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return {}
+    out = {}
+    for tp in assignment.tps:
+        state = assignment.state_value(tp)
+        if state is not None and state.has_valid_position:
+            out[tp] = state.position
+    return out
+
+
+class FetchEnds:
+    """Per assigned partition, ``(data_end, position)`` after the consumer's last fetch: ``position`` is
+    the next offset the consumer will fetch, and ``data_end`` the offset after the last record the
+    fetches returned (or, when none was returned since the partition was positioned there, that
+    position). Between the two lie only offsets that hold no record a consumer gets: the control records
+    (commit and abort markers) of a transactional producer. aiokafka's position steps over them, the
+    records do not, so the fetch high watermark of a partition written in transactions lies past its last
+    record, and ``offset + 1 >= highwater`` never holds for it; ``data_end == offset + 1`` and
+    ``position >= highwater`` does (:meth:`DrainTracker.at_end`).
+
+    Written by the consumer's thread after each fetch (:meth:`update` swaps the whole map), read by the
+    worker's loop (:meth:`get`), so a reader sees one fetch's pair, never half of two.
+
+    Attributes:
+        ends: ``TP`` → ``(data_end, position)``, both offsets; partitions not assigned, or without a
+            position, after the last fetch are absent.
+    """
+
+    def __init__(self) -> None:
+        self.ends: dict[Any, tuple[int, int]] = {}
+
+    def update(
+        self, before: Mapping[Any, int], after: Mapping[Any, int], records: Mapping[Any, Sequence[Any]]
+    ) -> None:
+        """Note one fetch: ``before`` and ``after`` are the partitions' positions around it (only those
+        with one), ``records`` what it returned per partition (aiokafka records, offset order)."""
+        ends: dict[Any, tuple[int, int]] = {}
+        for tp, position in after.items():
+            batch = records.get(tp)
+            if batch:
+                data_end = batch[-1].offset + 1
+            else:
+                start = before.get(tp)
+                if start is None:  # positioned during this fetch: the next one tells
+                    continue
+                previous = self.ends.get(tp)
+                # nothing returned from ``start`` on; the data end is kept only when nothing moved the
+                # position between the two fetches (a seek), and never lies past the position
+                data_end = previous[0] if previous is not None and previous[1] == start else start
+                data_end = min(data_end, position)
+            ends[tp] = (data_end, position)
+        self.ends = ends
+
+    def get(self, tp: Any) -> tuple[int, int] | None:
+        """``(data_end, position)`` of ``tp`` after the last fetch, or None when not known."""
+        return self.ends.get(tp)
 
 
 class _FetchablePartitions(AbstractSet[TP]):
@@ -1193,6 +1280,17 @@ def topic_partitions(kafka: KafkaSettings, topic: str, *, timeout_seconds: float
     return len(meta.partitions) if meta is not None and meta.error is None and meta.partitions else None
 
 
+def consumer_fetch_ends(app: faust.App) -> Callable[[Any], tuple[int, int] | None]:
+    """A reader of ``app``'s consumer's :class:`FetchEnds`: ``TP`` → ``(data_end, position)`` after its
+    last fetch, or None when unknown (another consumer than this module's, or not fetched yet)."""
+
+    def fetch_ends(tp: Any) -> tuple[int, int] | None:
+        ends = getattr(getattr(app.consumer, "_thread", None), "fetch_ends", None)
+        return ends.get(tp) if isinstance(ends, FetchEnds) else None
+
+    return fetch_ends
+
+
 def consumer_highwater(app: faust.App) -> Callable[[Any], int | None]:
     """A reader of ``app``'s consumer's fetch high watermark per partition (``TP``): the offset after the
     partition's last record as the last fetch answered, or None when no fetch has answered since the
@@ -1215,8 +1313,11 @@ class DrainTracker:
     watermark. The incident and correlation workers share it.
 
     A record is its partition's last when ``offset + 1`` reaches the high watermark of the consumer's last
-    fetch (:meth:`at_end`); never while that is unknown (no fetch has answered since the assignment), since
-    an unknown end taken for the end could make an input idle that has records to come. A partition whose
+    fetch, or when the consumer's fetch position reached it and no record after this one was returned
+    (:meth:`at_end`: a partition written in transactions ends with a commit marker, which the high
+    watermark counts and no consumer gets); never while that is unknown (no fetch has answered since the
+    assignment), since an unknown end taken for the end could make an input idle that has records to
+    come. A partition whose
     last forwarded record was not known as its last is remembered (:meth:`note`), and :meth:`found_drained`
     returns it once the high watermark shows it read to its end, so that the worker sends its ``drained``
     marker after the records it already forwarded (a timer every second calls it).
@@ -1224,20 +1325,41 @@ class DrainTracker:
     Args:
         highwater: ``TP`` → the offset after the partition's last record as the last fetch answered, or
             None when unknown (:func:`consumer_highwater` of the app; a test passes its own).
+        fetch_ends: ``TP`` → ``(data_end, position)`` after the consumer's last fetch, or None when
+            unknown (:func:`consumer_fetch_ends` of the app, see :class:`FetchEnds`; a test passes its
+            own). Without it a partition whose high watermark lies past its last record (transaction
+            markers) is never found read to its end.
 
     Attributes:
         pending: ``TP`` → (source ``topic/partition``, offset of its last record forwarded) for the
             partitions whose end was not known when that record was forwarded.
     """
 
-    def __init__(self, highwater: Callable[[Any], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        highwater: Callable[[Any], int | None] | None = None,
+        fetch_ends: Callable[[Any], tuple[int, int] | None] | None = None,
+    ) -> None:
         self.highwater: Callable[[Any], int | None] = highwater or (lambda tp: None)
+        self.fetch_ends: Callable[[Any], tuple[int, int] | None] = fetch_ends or (lambda tp: None)
         self.pending: dict[Any, tuple[str, int]] = {}
 
+    def follow(self, app: faust.App) -> None:
+        """Read ``app``'s consumer (:func:`consumer_highwater`, :func:`consumer_fetch_ends`)."""
+        self.highwater = consumer_highwater(app)
+        self.fetch_ends = consumer_fetch_ends(app)
+
     def at_end(self, tp: Any, offset: int) -> bool:
-        """Whether the record at ``offset`` of ``tp`` is its partition's last as the last fetch knows it."""
+        """Whether the record at ``offset`` of ``tp`` is its partition's last as the last fetch knows it:
+        ``offset + 1`` reaches the high watermark, or the fetch position does with nothing returned
+        after this record (only control records between)."""
         highwater = self.highwater(tp)
-        return highwater is not None and offset + 1 >= highwater
+        if highwater is None:
+            return False
+        if offset + 1 >= highwater:
+            return True
+        ends = self.fetch_ends(tp)
+        return ends is not None and ends[0] == offset + 1 and ends[1] >= highwater
 
     def note(self, tp: Any, source: str, offset: int, drained: bool) -> None:
         """Where ``tp`` stands once its records up to ``offset`` were forwarded (skipped or dead-lettered
@@ -1258,39 +1380,81 @@ class DrainTracker:
                 yield entry[0]
 
 
-def partitions_with_records(kafka: KafkaSettings, topics: Sequence[str], group_id: str) -> list[str]:
+def partitions_with_records(
+    kafka: KafkaSettings, topics: Sequence[str], group_id: str, *, timeout_seconds: float = 15.0
+) -> list[str]:
     """The partitions (``topic/partition``) of ``topics`` holding records after ``group_id``'s committed
     offset: the records a worker of that consumer group will read at start. An event-time watermark waits
     for each; the others are read to their end already (idle until their next record).
 
     The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
     partition whose commit lies inside its last batch is not listed (it then counts from its first
-    record, as an unlisted source does). Asking for the committed offsets does not join the group.
+    record, as an unlisted source does). A partition whose end lies past its committed offset is read
+    from there until its first record or until the fetch position reaches the end: offsets that hold
+    only control records (the commit markers of a transactional producer, which a consumer's committed
+    offset never passes) are not records to wait for. A partition that answers neither within
+    ``timeout_seconds`` is listed. Asking for the committed offsets and reading with ``assign`` (no
+    commit) neither joins nor moves the group.
 
     Raises:
-        confluent_kafka.KafkaException: the broker did not answer within 15 s."""
+        confluent_kafka.KafkaException: the broker did not answer within ``timeout_seconds``."""
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer(kafka.librdkafka(extra={"group.id": group_id}))
+    consumer = Consumer(kafka.librdkafka(extra={
+        "group.id": group_id, "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "isolation.level": "read_uncommitted",  # what a Faust worker reads (aiokafka's default)
+    }))  # fmt: skip
     try:
-        md = consumer.list_topics(timeout=15)
+        md = consumer.list_topics(timeout=timeout_seconds)
         tps = [
             TopicPartition(t, p)
             for t in topics
             for p in (sorted(md.topics[t].partitions) if t in md.topics else [])
         ]
         committed = (
-            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=15)} if tps else {}
+            {(c.topic, c.partition): c.offset for c in consumer.committed(tps, timeout=timeout_seconds)}
+            if tps
+            else {}
         )
-        out = []
+        ahead: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition) -> (start, end)
         for tp in tps:
-            low, high = consumer.get_watermark_offsets(tp, timeout=15)
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout_seconds)
             start = max(low, committed.get((tp.topic, tp.partition), -1))
             if high > start:
-                out.append(f"{tp.topic}/{tp.partition}")
-        return out
+                ahead[(tp.topic, tp.partition)] = (start, high)
+        with_records = _first_records(consumer, ahead, timeout_seconds)
+        return [f"{t}/{p}" for t, p in ahead if (t, p) in with_records]
     finally:
         consumer.close()
+
+
+def _first_records(
+    consumer: Any, ahead: Mapping[tuple[str, int], tuple[int, int]], timeout_seconds: float
+) -> set[tuple[str, int]]:
+    """Which of the partitions ``ahead`` (``(topic, partition)`` → ``(start, end)`` offsets) return a
+    record when read from ``start``, as against reaching ``end`` with none (control records only). Those
+    that tell neither within ``timeout_seconds`` count as returning one."""
+    from confluent_kafka import TopicPartition
+
+    if not ahead:
+        return set()
+    consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in ahead.items()])
+    found: set[tuple[str, int]] = set()
+    open_ = set(ahead)
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        while open_ and time.monotonic() < deadline:
+            for message in consumer.consume(num_messages=500, timeout=0.1):
+                if message.error() is None and (message.topic(), message.partition()) in open_:
+                    found.add((message.topic(), message.partition()))
+                    open_.discard((message.topic(), message.partition()))
+            for position in consumer.position([TopicPartition(t, p) for t, p in open_]):
+                key = (position.topic, position.partition)
+                if position.offset >= 0 and position.offset >= ahead[key][1] and key not in found:
+                    open_.discard(key)
+    finally:
+        consumer.unassign()
+    return found | open_
 
 
 def catalogue_partitions(name: str, fallback: int) -> int:

@@ -142,7 +142,6 @@ from processors.shell import (
     FaustDeadLetters,
     TableCheckpoints,
     catalogue_partitions,
-    consumer_highwater,
     ensure_processor_topics,
     make_faust_app,
     message_headers,
@@ -930,7 +929,7 @@ def create_correlation_app(
         if not shell.handling:
             shell.checkpoints.checkpoint_if_due()
 
-    shell.drains.highwater = consumer_highwater(app)
+    shell.drains.follow(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def correlation_drain_check() -> None:

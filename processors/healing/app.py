@@ -151,7 +151,6 @@ from processors.shell import (
     Checkpoints,
     DrainTracker,
     FaustDeadLetters,
-    consumer_highwater,
     make_faust_app,
     message_headers,
     run_processor_worker,
@@ -283,7 +282,9 @@ class _HealingShell:
         self.table = table
         self.app = app
         # read-to-end checks against the consumer's fetch high watermark (none without an app: unit tests)
-        self.drains = DrainTracker(consumer_highwater(app) if app is not None else None)
+        self.drains = DrainTracker()
+        if app is not None:
+            self.drains.follow(app)
         self.offsets: dict[str, int] = {}
         self.lock = asyncio.Lock()
         self.dirty = False

@@ -176,7 +176,6 @@ from processors.shell import (
     Checkpoints,
     DrainTracker,
     FaustDeadLetters,
-    consumer_highwater,
     make_faust_app,
     message_headers,
     pack_bodies,
@@ -441,8 +440,8 @@ class _IncidentShell:
         agent would get them, ``interleave=True``: each partition's in offset order), forwarded by
         :meth:`_forward`. Returns None (nothing to wait for: the forwards were handed to the producer, which
         Faust flushes before it commits the offsets). ``drained`` is taken as the records are handled, for
-        each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark,
-        ``DrainTracker.at_end``; never when that is unknown: no fetch answered since the assignment; an
+        each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark, or
+        the fetch position past it with only control records between, ``DrainTracker.at_end``; never when that is unknown: no fetch answered since the assignment; an
         earlier record is not its partition's last): the high watermark then is at least the one when the record was
         fetched, so a record is taken as drained only when it was its partition's last as far as the
         consumer knew at a moment after it was read."""
@@ -810,7 +809,7 @@ def create_incidents_app(
             if shell.checkpoints.pending:
                 shell.checkpoints.checkpoint()
 
-    shell.drains.highwater = consumer_highwater(app)
+    shell.drains.follow(app)
 
     @app.timer(interval=DRAIN_CHECK_SECONDS)
     async def incidents_drain_check() -> None:

@@ -213,3 +213,64 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     refused = subprocess.run([*command[: command.index("--stop-after-idle")], "--close-at-end"], env=env,
                              check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert refused.returncode != 0 and "stop_after_idle" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_for_their_markers(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """A transactional producer (Kafka Streams or Kafka Connect with exactly-once) ends each transaction
+    with a commit marker, so a partition's high watermark lies one past its last record. Pod a's 30
+    minutes (a CPU spike at minute 12) on metrics partition 0, pod b's first 5 on partition 1, each in two
+    transactions: b must be found read to its end, turn idle (more than ``idle_source_ms`` behind a) and
+    stop holding the watermark, so the worker decides a's incident without ``--close-at-end``, as the
+    engine replayed in process does. Before the fetch position counted (``FetchEnds``), b was never
+    drained and nothing was decided. The group's committed offsets then lie before the markers: a worker
+    starting again has nothing to wait for (``partitions_with_records``)."""
+    from confluent_kafka import Producer
+
+    from processors.shell import partitions_with_records
+
+    start = datetime(2023, 1, 29, 10, 0, 10, tzinfo=UTC)
+    pods = ("ts-a-service-5dc8d4f9fd-46997", "ts-b-service-5dc8d4f9fd-46997")
+    events: list[tuple[int, int, Event]] = []  # (transaction, partition, event), each partition in time order
+    for n, (pod, minutes) in enumerate(zip(pods, (30, 5), strict=True)):
+        for minute in range(minutes):
+            at = start + timedelta(minutes=minute)
+            cpu = 90.0 if (minute, n) == (12, 0) else 1.0 + 0.1 * ((minute + n) % 3)
+            data = {
+                "pod": pod,
+                "service": pod.rsplit("-", 2)[0],
+                "event_time": at,
+                "metrics": {"CpuUsageRate(%)": cpu},
+            }
+            events.append((2 * minute // minutes, n, Event.create(METRIC_SAMPLE, pod, data, source="/test", time=at, id=f"m-{pod}-{minute}")))  # fmt: skip
+    expected, _ = run(
+        ("metric", e.data) for _, _, e in sorted(events, key=lambda tpe: tpe[2].attributes.time)
+    )
+    assert [i["kind"] for i in expected] == ["incident.opened", "incident.closed"]
+    topics = incident_topics(create_topic, unique_name)
+    serde = AvroSerde(EmbeddedRegistry())
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka.bootstrap_servers, "transactional.id": unique_name("tx")}
+    )
+    producer.init_transactions(30)
+    for transaction in (0, 1):
+        producer.begin_transaction()
+        for partition, e in [(p, e) for t, p, e in events if t == transaction]:
+            producer.produce(topics["metrics"], key=e.key.encode(), value=serde.encode(e.schema, e.data),
+                             headers=e.attributes.to_headers(), partition=partition)  # fmt: skip
+        producer.commit_transaction(30)
+    app_id = unique_name("incidents")
+    assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == [
+        f"{topics['metrics']}/0", f"{topics['metrics']}/1"
+    ]  # fmt: skip
+    summary = _run(settings, tmp_path, app_id, topics)
+    assert (summary["forwarded_count"], summary["dead_letters_count"]) == (35, 0), summary
+    insights = [
+        r.data for r in read_range(settings.kafka, serde, topics["insights"]) if isinstance(r, ConsumedEvent)
+    ]
+    assert [(i["insight_id"], i["labels"]["candidates"]) for i in insights] == [
+        (i["insight_id"], i["labels"]["candidates"]) for i in expected
+    ]  # fmt: skip
+    assert json.loads(insights[0]["labels"]["candidates"])[0]["pod"] == pods[0]
+    assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == []
