@@ -1403,6 +1403,8 @@ def partitions_with_records(
     consumer = Consumer(kafka.librdkafka(extra={
         "group.id": group_id, "enable.auto.commit": False, "enable.auto.offset.store": False,
         "isolation.level": "read_uncommitted",  # what a Faust worker reads (aiokafka's default)
+        # only a partition's first records are wanted: small fetches, a small prefetch queue
+        "fetch.message.max.bytes": 65_536, "queued.max.messages.kbytes": 1_024,
     }))  # fmt: skip
     try:
         md = consumer.list_topics(timeout=timeout_seconds)
@@ -1445,9 +1447,11 @@ def _first_records(
     try:
         while open_ and time.monotonic() < deadline:
             for message in consumer.consume(num_messages=500, timeout=0.1):
-                if message.error() is None and (message.topic(), message.partition()) in open_:
-                    found.add((message.topic(), message.partition()))
-                    open_.discard((message.topic(), message.partition()))
+                key = (message.topic(), message.partition())
+                if message.error() is None and key in open_:
+                    found.add(key)
+                    open_.discard(key)
+                    consumer.pause([TopicPartition(*key)])  # nothing more is wanted from it
             for position in consumer.position([TopicPartition(t, p) for t, p in open_]):
                 key = (position.topic, position.partition)
                 if position.offset >= 0 and position.offset >= ahead[key][1] and key not in found:
