@@ -60,6 +60,7 @@ from streams.serde import AvroSerde
 
 __all__ = [
     "FETCH_MAX_WAIT_MS",
+    "ISOLATION_LEVEL",
     "SENTINEL_SECONDS",
     "BatchDelivery",
     "Checkpoints",
@@ -94,6 +95,15 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+ISOLATION_LEVEL = "read_committed"
+"""aiokafka ``isolation_level`` of every processor's stream consumer (Faust's is ``read_uncommitted``
+unless its processing guarantee is exactly-once), as of the projections' and replays' consumers
+(``streams.offsets.make_consumer``): a worker reads the records of a transactional producer (Kafka
+Streams or Kafka Connect with exactly-once, Debezium's exactly-once source) only once their transaction
+committed, up to the partition's last stable offset, which is then the end a worker drains to
+(:func:`consumer_highwater`). On Apache Kafka the records of aborted transactions are skipped too; Tansu
+returns them to a ``read_committed`` consumer as well (docs/ARCHITECTURE.md), but keeps the records of an
+open transaction from it, as Kafka does."""
 FETCH_MAX_WAIT_MS = 20
 """aiokafka ``fetch_max_wait_ms`` of every processor's stream consumer (faust-streaming 0.15 hard-codes
 1,500 ms). The Tansu broker of dev and tests does not answer a fetch early when records arrive, so a
@@ -403,7 +413,19 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        consumer._isolation_level = ISOLATION_LEVEL  # likewise
         return consumer
+
+    def highwater(self, tp: TP) -> int:
+        """The partition's end as the last fetch answered: its last stable offset for a
+        ``read_committed`` consumer (:data:`ISOLATION_LEVEL`; the end of what it can read, as Faust's
+        own answer under exactly-once), else its high watermark. None when no fetch answered yet."""
+        consumer = self._ensure_consumer()
+        if consumer._isolation_level == "read_committed":
+            stable = consumer.last_stable_offset(tp)
+            if stable is not None and stable >= 0:  # -1: a broker that does not tell it
+                return stable  # type: ignore[no-any-return]
+        return consumer.highwater(tp)  # type: ignore[no-any-return]
 
     async def _fetch_records(
         self,
@@ -1390,9 +1412,10 @@ def partitions_with_records(
     The end is ``ListOffsets(latest)``, which Tansu answers with the last batch's base offset + 1: a
     partition whose commit lies inside its last batch is not listed (it then counts from its first
     record, as an unlisted source does). A partition whose end lies past its committed offset is read
-    from there until its first record or until the fetch position reaches the end: offsets that hold
-    only control records (the commit markers of a transactional producer, which a consumer's committed
-    offset never passes) are not records to wait for. A partition that answers neither within
+    from there (``read_committed``, as the workers read, :data:`ISOLATION_LEVEL`) until its first record
+    or its end: offsets that hold only control records (the commit markers of a transactional producer,
+    which a consumer's committed offset never passes) or the records of a transaction still open are not
+    records to wait for. A partition that answers neither within
     ``timeout_seconds`` is listed. Asking for the committed offsets and reading with ``assign`` (no
     commit) neither joins nor moves the group.
 
@@ -1402,7 +1425,8 @@ def partitions_with_records(
 
     consumer = Consumer(kafka.librdkafka(extra={
         "group.id": group_id, "enable.auto.commit": False, "enable.auto.offset.store": False,
-        "isolation.level": "read_uncommitted",  # what a Faust worker reads (aiokafka's default)
+        "isolation.level": ISOLATION_LEVEL,  # what a worker reads
+        "enable.partition.eof": True,
         # only a partition's first records are wanted: small fetches, a small prefetch queue
         "fetch.message.max.bytes": 65_536, "queued.max.messages.kbytes": 1_024,
     }))  # fmt: skip
@@ -1436,7 +1460,7 @@ def _first_records(
     """Which of the partitions ``ahead`` (``(topic, partition)`` → ``(start, end)`` offsets) return a
     record when read from ``start``, as against reaching ``end`` with none (control records only). Those
     that tell neither within ``timeout_seconds`` count as returning one."""
-    from confluent_kafka import TopicPartition
+    from confluent_kafka import KafkaError, TopicPartition
 
     if not ahead:
         return set()
@@ -1448,10 +1472,15 @@ def _first_records(
         while open_ and time.monotonic() < deadline:
             for message in consumer.consume(num_messages=500, timeout=0.1):
                 key = (message.topic(), message.partition())
-                if message.error() is None and key in open_:
+                if key not in open_:
+                    continue
+                error = message.error()
+                if error is None:
                     found.add(key)
                     open_.discard(key)
                     consumer.pause([TopicPartition(*key)])  # nothing more is wanted from it
+                elif error.code() == KafkaError._PARTITION_EOF:  # its end (read_committed: the last
+                    open_.discard(key)  # stable offset) came first: nothing to read now
             for position in consumer.position([TopicPartition(t, p) for t, p in open_]):
                 key = (position.topic, position.partition)
                 if position.offset >= 0 and position.offset >= ahead[key][1] and key not in found:

@@ -225,7 +225,9 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
     stop holding the watermark, so the worker decides a's incident without ``--close-at-end``, as the
     engine replayed in process does. Before the fetch position counted (``FetchEnds``), b was never
     drained and nothing was decided. The group's committed offsets then lie before the markers: a worker
-    starting again has nothing to wait for (``partitions_with_records``)."""
+    starting again has nothing to wait for (``partitions_with_records``). A third partition holds the record
+    of a transaction left open while the worker runs: not read (the workers read ``read_committed``), not
+    waited for, and listed once committed."""
     from confluent_kafka import Producer
 
     from processors.shell import partitions_with_records
@@ -260,6 +262,18 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
             producer.produce(topics["metrics"], key=e.key.encode(), value=serde.encode(e.schema, e.data),
                              headers=e.attributes.to_headers(), partition=partition)  # fmt: skip
         producer.commit_transaction(30)
+    # another producer's transaction, open while the worker runs: its record is not read (read_committed)
+    pod_c = "ts-c-service-5dc8d4f9fd-46997"
+    late_c = Event.create(METRIC_SAMPLE, pod_c, {"pod": pod_c, "service": "ts-c-service", "event_time": start,
+                          "metrics": {"CpuUsageRate(%)": 99.0}}, source="/test", time=start, id="m-open")  # fmt: skip
+    open_tx = Producer(
+        {"bootstrap.servers": settings.kafka.bootstrap_servers, "transactional.id": unique_name("open")}
+    )
+    open_tx.init_transactions(30)
+    open_tx.begin_transaction()
+    open_tx.produce(topics["metrics"], key=late_c.key.encode(), value=serde.encode(late_c.schema, late_c.data),
+                    headers=late_c.attributes.to_headers(), partition=2)  # fmt: skip
+    open_tx.flush()
     app_id = unique_name("incidents")
     assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == [
         f"{topics['metrics']}/0", f"{topics['metrics']}/1"
@@ -274,3 +288,5 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
     ]  # fmt: skip
     assert json.loads(insights[0]["labels"]["candidates"])[0]["pod"] == pods[0]
     assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == []
+    open_tx.commit_transaction(30)  # now its record is there to read
+    assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == [f"{topics['metrics']}/2"]
