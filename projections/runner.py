@@ -832,16 +832,23 @@ class ProjectionRunner:
     def lag(self, consumer: Consumer) -> int:
         """Events behind the end of the log: over the assigned partitions, the high watermark minus the
         next offset to apply (the stored checkpoint or the end of the last committed batch; the log's
-        start when there is neither). 0 when nothing is assigned.
+        start when there is neither; for a partition read to its end with nothing in flight, the
+        consumer's position, which steps over control records). 0 when nothing is assigned.
 
         The high watermark is the consumer's cached one (updated by every fetch response, no request);
         a partition whose watermark is not cached yet, or whose next offset is the log's start, costs
         one request to the broker.
         """
         total = 0
+        settled = self._inflight is None and not self._need_rewind
         for key in sorted(self._assigned):
             tp = TopicPartition(*key)
             nxt = self._next.get(key)
+            if settled and nxt is not None and key in self._at_end:
+                # read to its end with every record applied: the position, past any control records
+                # (a transactional producer's commit marker, counted by the high watermark, never read)
+                position = consumer.position([tp])[0].offset
+                nxt = max(nxt, position)
             _, high = consumer.get_watermark_offsets(tp, cached=True) or (-1, -1)
             if high < 0 or nxt is None:
                 watermarks = consumer.get_watermark_offsets(tp, timeout=2, cached=False)

@@ -285,3 +285,35 @@ def test_lag_gauge_counts_events_behind_and_reads_zero_when_caught_up(
     behind = [end - done for _, done in steps[:-1]]  # records not yet applied after each batch
     assert [g for g, _ in steps[1:]] == behind and behind[0] >= 30  # exactly the records left to apply
     assert gauge() == 0
+
+
+def test_lag_is_zero_past_a_transactional_producers_commit_marker(
+    settings: Settings,
+    serde: AvroSerde,
+    pg_url: str,
+    create_topic: Callable,
+    unique_name: Callable,
+    demo_events: list,
+) -> None:
+    """A transactional producer ends each transaction with a commit marker, which the high watermark
+    counts and no consumer gets: once the runner has read its partitions to their end and applied every
+    record, the markers are no lag (before, the gauge stayed at one per partition written)."""
+    from confluent_kafka import Producer
+
+    from core.observability import REGISTRY
+
+    topic = create_topic(unique_name("txlag"), 3)
+    s = _db(settings, pg_url)
+    producer = Producer(
+        {"bootstrap.servers": settings.kafka.bootstrap_servers, "transactional.id": unique_name("tx")}
+    )
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for e in demo_events[:60]:
+        producer.produce(
+            topic, key=e.key.encode(), value=serde.encode(e.schema, e.data), headers=e.attributes.to_headers()
+        )
+    producer.commit_transaction(30)
+    stats = _runner(s, serde, topic, lag_interval_seconds=0).run(until_caught_up=True, max_wait_seconds=60)
+    assert stats.applied == 60
+    assert REGISTRY.get_sample_value("backbone_projection_lag_events", {"projection": "agent_runs"}) == 0
