@@ -153,6 +153,17 @@ def test_same_insights_in_another_interleaving(
     assert results[0] == results[1]
 
 
+def _cpu_sample(pod: str, at: datetime, cpu_percent: float, event_id: str) -> Event:
+    """A Nezha-shaped metric sample of ``pod`` at ``at``: its CPU only."""
+    data = {
+        "pod": pod,
+        "service": pod.rsplit("-", 2)[0],
+        "event_time": at,
+        "metrics": {"CpuUsageRate(%)": cpu_percent},
+    }
+    return Event.create(METRIC_SAMPLE, pod, data, source="/test", time=at, id=event_id)
+
+
 def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str], tmp_path: Path
 ) -> None:
@@ -165,15 +176,8 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     events = []
     for minute in range(16):
         for n, pod in enumerate(("ts-a-service-5dc8d4f9fd-46997", "ts-b-service-5dc8d4f9fd-46997", "ts-c-service-5dc8d4f9fd-46997")):  # fmt: skip
-            at = start + timedelta(minutes=minute)
             cpu = 90.0 if (minute, n) == (15, 0) else 1.0 + 0.1 * ((minute + n) % 3)
-            data = {
-                "pod": pod,
-                "service": pod.rsplit("-", 2)[0],
-                "event_time": at,
-                "metrics": {"CpuUsageRate(%)": cpu},
-            }
-            events.append(Event.create(METRIC_SAMPLE, pod, data, source="/test", time=at, id=f"m-{pod}-{minute}"))  # fmt: skip
+            events.append(_cpu_sample(pod, start + timedelta(minutes=minute), cpu, f"m-{pod}-{minute}"))
     expected, _ = run(("metric", e.data) for e in events)
     assert [i["kind"] for i in expected] == ["incident.opened", "incident.closed"]
     topics = incident_topics(create_topic, unique_name)
@@ -191,8 +195,7 @@ def test_close_at_end_decides_the_last_windows_of_a_finished_history_once(
     runs = []
     for n in range(2):
         if n == 1:  # a record of the last window, closed by the end: late for the restarted worker
-            late = Event.create(METRIC_SAMPLE, "ts-c-service-5dc8d4f9fd-46997", {**events[-1].data, "metrics": {"CpuUsageRate(%)": 95.0}},
-                                source="/test", time=events[-1].attributes.time, id="m-late")  # fmt: skip
+            late = _cpu_sample("ts-c-service-5dc8d4f9fd-46997", events[-1].attributes.time, 95.0, "m-late")
             with EventProducer(settings.kafka, serde) as producer:
                 producer.produce(topics["metrics"], late)
                 producer.flush()
@@ -237,15 +240,9 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
     events: list[tuple[int, int, Event]] = []  # (transaction, partition, event), each partition in time order
     for n, (pod, minutes) in enumerate(zip(pods, (30, 5), strict=True)):
         for minute in range(minutes):
-            at = start + timedelta(minutes=minute)
             cpu = 90.0 if (minute, n) == (12, 0) else 1.0 + 0.1 * ((minute + n) % 3)
-            data = {
-                "pod": pod,
-                "service": pod.rsplit("-", 2)[0],
-                "event_time": at,
-                "metrics": {"CpuUsageRate(%)": cpu},
-            }
-            events.append((2 * minute // minutes, n, Event.create(METRIC_SAMPLE, pod, data, source="/test", time=at, id=f"m-{pod}-{minute}")))  # fmt: skip
+            sample = _cpu_sample(pod, start + timedelta(minutes=minute), cpu, f"m-{pod}-{minute}")
+            events.append((2 * minute // minutes, n, sample))
     expected, _ = run(
         ("metric", e.data) for _, _, e in sorted(events, key=lambda tpe: tpe[2].attributes.time)
     )
@@ -264,8 +261,7 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
         producer.commit_transaction(30)
     # another producer's transaction, open while the worker runs: its record is not read (read_committed)
     pod_c = "ts-c-service-5dc8d4f9fd-46997"
-    late_c = Event.create(METRIC_SAMPLE, pod_c, {"pod": pod_c, "service": "ts-c-service", "event_time": start,
-                          "metrics": {"CpuUsageRate(%)": 99.0}}, source="/test", time=start, id="m-open")  # fmt: skip
+    late_c = _cpu_sample(pod_c, start, 99.0, "m-open")
     open_tx = Producer(
         {"bootstrap.servers": settings.kafka.bootstrap_servers, "transactional.id": unique_name("open")}
     )
