@@ -416,7 +416,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._isolation_level = ISOLATION_LEVEL  # likewise
         return consumer
 
-    def highwater(self, tp: TP) -> int:
+    def highwater(self, tp: TP) -> int | None:  # type: ignore[override]
         """The partition's end as the last fetch answered: its last stable offset for a
         ``read_committed`` consumer (:data:`ISOLATION_LEVEL`; the end of what it can read, as Faust's
         own answer under exactly-once), else its high watermark. None when no fetch answered yet."""
@@ -1339,10 +1339,9 @@ class DrainTracker:
     (:meth:`at_end`: a partition written in transactions ends with a commit marker, which the high
     watermark counts and no consumer gets); never while that is unknown (no fetch has answered since the
     assignment), since an unknown end taken for the end could make an input idle that has records to
-    come. A partition whose
-    last forwarded record was not known as its last is remembered (:meth:`note`), and :meth:`found_drained`
-    returns it once the high watermark shows it read to its end, so that the worker sends its ``drained``
-    marker after the records it already forwarded (a timer every second calls it).
+    come. A partition whose last forwarded record was not known as its last is remembered (:meth:`note`),
+    and :meth:`found_drained` returns it once the consumer shows it read to its end, so that the worker
+    sends its ``drained`` marker after the records it already forwarded (a timer every second calls it).
 
     Args:
         highwater: ``TP`` → the offset after the partition's last record as the last fetch answered, or
@@ -1428,7 +1427,8 @@ def partitions_with_records(
         "isolation.level": ISOLATION_LEVEL,  # what a worker reads
         "enable.partition.eof": True,
         # only a partition's first records are wanted: small fetches, a small prefetch queue
-        "fetch.message.max.bytes": 65_536, "queued.max.messages.kbytes": 1_024,
+        # (and an empty fetch answered after 50 ms, so the end-of-partition event comes soon)
+        "fetch.message.max.bytes": 65_536, "queued.max.messages.kbytes": 1_024, "fetch.wait.max.ms": 50,
     }))  # fmt: skip
     try:
         md = consumer.list_topics(timeout=timeout_seconds)
@@ -1442,12 +1442,12 @@ def partitions_with_records(
             if tps
             else {}
         )
-        ahead: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition) -> (start, end)
+        ahead: dict[tuple[str, int], int] = {}  # (topic, partition) -> the offset a worker starts from
         for tp in tps:
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_seconds)
             start = max(low, committed.get((tp.topic, tp.partition), -1))
             if high > start:
-                ahead[(tp.topic, tp.partition)] = (start, high)
+                ahead[(tp.topic, tp.partition)] = start
         with_records = _first_records(consumer, ahead, timeout_seconds)
         return [f"{t}/{p}" for t, p in ahead if (t, p) in with_records]
     finally:
@@ -1455,16 +1455,17 @@ def partitions_with_records(
 
 
 def _first_records(
-    consumer: Any, ahead: Mapping[tuple[str, int], tuple[int, int]], timeout_seconds: float
+    consumer: Any, ahead: Mapping[tuple[str, int], int], timeout_seconds: float
 ) -> set[tuple[str, int]]:
-    """Which of the partitions ``ahead`` (``(topic, partition)`` → ``(start, end)`` offsets) return a
-    record when read from ``start``, as against reaching ``end`` with none (control records only). Those
-    that tell neither within ``timeout_seconds`` count as returning one."""
+    """Which of the partitions ``ahead`` (``(topic, partition)`` → the offset to read from) return a
+    record before their end-of-partition event (``consumer`` made with ``enable.partition.eof``), as
+    against reaching their end with none (control records, or a transaction still open). Those that tell
+    neither within ``timeout_seconds`` count as returning one."""
     from confluent_kafka import KafkaError, TopicPartition
 
     if not ahead:
         return set()
-    consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in ahead.items()])
+    consumer.assign([TopicPartition(t, p, start) for (t, p), start in ahead.items()])
     found: set[tuple[str, int]] = set()
     open_ = set(ahead)
     deadline = time.monotonic() + timeout_seconds
@@ -1481,10 +1482,6 @@ def _first_records(
                     consumer.pause([TopicPartition(*key)])  # nothing more is wanted from it
                 elif error.code() == KafkaError._PARTITION_EOF:  # its end (read_committed: the last
                     open_.discard(key)  # stable offset) came first: nothing to read now
-            for position in consumer.position([TopicPartition(t, p) for t, p in open_]):
-                key = (position.topic, position.partition)
-                if position.offset >= 0 and position.offset >= ahead[key][1] and key not in found:
-                    open_.discard(key)
     finally:
         consumer.unassign()
     return found | open_

@@ -171,15 +171,15 @@ def demo(
             say(f"Nezha slice imported ({live_inc['import']['events']:,} events), the incident worker's "
                 f"{len(live_inc['incidents'])} incidents projected in {timings['incidents_live_s']:.1f} s, "
                 f"the same as the replay's: {'yes' if live_inc['same_as_replay'] else 'NO'}")  # fmt: skip
-        try:
-            if not runs_only:
+        if not runs_only:
+            try:
                 doc["live"] = run_live(
                     settings, serde, data, workers, say, start=demo_start_time(totals["last_event_at"])
                 )
                 doc["live"]["routing_config_version"] = routing_version
-        except TimeoutError as exc:
-            say(f"[red]live routing and healing: {exc}[/red] (logs: {state_dir})")
-            doc["live"] = None
+            except TimeoutError as exc:
+                say(f"[red]live routing and healing: {exc}[/red] (logs: {state_dir})")
+                doc["live"] = None
         if doc["live"]:
             timings["live_s"] = doc["live"]["seconds"]
         timings["total_s"] = time.perf_counter() - t0

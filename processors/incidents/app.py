@@ -440,11 +440,11 @@ class _IncidentShell:
         agent would get them, ``interleave=True``: each partition's in offset order), forwarded by
         :meth:`_forward`. Returns None (nothing to wait for: the forwards were handed to the producer, which
         Faust flushes before it commits the offsets). ``drained`` is taken as the records are handled, for
-        each partition's last record among them (``offset + 1 >=`` the partition's fetch high watermark, or
-        the fetch position past it with only control records between, ``DrainTracker.at_end``; never when that is unknown: no fetch answered since the assignment; an
-        earlier record is not its partition's last): the high watermark then is at least the one when the record was
-        fetched, so a record is taken as drained only when it was its partition's last as far as the
-        consumer knew at a moment after it was read."""
+        each partition's last record among them (``DrainTracker.at_end``: ``offset + 1 >=`` the partition's
+        fetch end, or the fetch position past it with only control records between; never when that is
+        unknown: no fetch answered since the assignment; an earlier record is not its partition's last): the
+        end then is at least the one when the record was fetched, so a record is taken as drained only when
+        it was its partition's last as far as the consumer knew at a moment after it was read."""
         last: dict[tuple[str, int], int] = {}
         for i, record in enumerate(records):
             last[(record.topic, record.partition)] = i
