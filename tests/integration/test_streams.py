@@ -84,14 +84,32 @@ def test_failed_delivery_is_raised_by_flush_and_the_rest_are_counted(
     settings: Settings, serde: AvroSerde, create_topic: Callable, unique_name: Callable
 ) -> None:
     """librdkafka reports failed records only (``delivery.report.only.error``): a record its broker
-    cannot take still fails the flush, naming its topic and key, and only the others count as delivered."""
+    cannot take still fails the flush, naming its topic and key, and only the others count as delivered.
+    A record refused before it is queued (a partition the producer already knows is not there) raises
+    at once, naming the same, and the producer goes on.
+
+    The record of the delivery report goes to a topic that does not exist (topic creation by the
+    producer off, so the broker answers UNKNOWN_TOPIC_OR_PART): no producer can know that before its
+    first metadata request for the topic, so it fails in a report whatever the timing. A partition
+    past a new topic's end is no such case: a producer that got the topic's metadata first (a
+    metadata answer listing every topic races the first produce) refuses it in ``produce`` itself.
+    """
     topic = create_topic(unique_name("dr"), 1)
-    p = EventProducer(settings.kafka, serde)  # no metadata yet: the bad record fails in a delivery report
-    p.produce_raw(topic, key=b"lost", value=b"x", partition=7)
+    missing = unique_name("never-created")
+    p = EventProducer(
+        settings.kafka,
+        serde,
+        extra={"allow.auto.create.topics": False, "topic.metadata.propagation.max.ms": 1000},
+    )
+    p.produce_raw(missing, key=b"lost", value=b"x")
     with pytest.raises(DeliveryError) as info:
         p.produce_many(topic, [_tool_call("r", i, T0) for i in range(299)])  # 299: past one poll of 256
-    assert [(t, k) for t, k, _ in info.value.failures] == [(topic, b"lost")]
+    assert [(t, k) for t, k, _ in info.value.failures] == [(missing, b"lost")]
+    assert "UNKNOWN_TOPIC_OR_PART" in info.value.failures[0][2]
     assert p.delivered == 299
+    with pytest.raises(DeliveryError) as refused:  # the topic's one partition is known by now
+        p.produce_raw(topic, key=b"past-the-end", value=b"x", partition=7)
+    assert [(t, k) for t, k, _ in refused.value.failures] == [(topic, b"past-the-end")]
     p.produce(topic, _tool_call("r", 299, T0))
     p.close()  # the next flush carries no old failure
     assert p.delivered == 300
