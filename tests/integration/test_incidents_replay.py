@@ -286,3 +286,34 @@ def test_partitions_written_in_transactions_drain_and_a_restart_does_not_wait_fo
     assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == []
     open_tx.commit_transaction(30)  # now its record is there to read
     assert partitions_with_records(settings.kafka, [topics["metrics"]], app_id) == [f"{topics['metrics']}/2"]
+
+
+def test_a_commit_inside_the_last_batch_of_a_partition_is_listed_with_the_records_after_it(
+    settings: Settings, unique_name: Callable[[str], str], create_topic: Callable[..., str]
+) -> None:
+    """``partitions_with_records`` lists a partition whose group committed inside its last batch. Tansu
+    answers ``ListOffsets(latest)`` with the last batch's base offset + 1, so a partition of one
+    10-record batch reads as ending at 1: before the start-up read probed such partitions, commits at 1,
+    5 and 9 listed nothing, and a restarted worker did not wait for those records (its watermark could
+    pass them, making them late). A commit at the real end (10) lists nothing."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from processors.shell import partitions_with_records
+
+    topic = create_topic(unique_name("one-batch"), 2)
+    producer = Producer(settings.kafka.librdkafka(extra={"linger.ms": 500}))  # the 10 records: one batch
+    for i in range(10):
+        producer.produce(topic, b"%d" % i, b"k", partition=0)
+    assert producer.flush(10) == 0
+    group = unique_name("group")
+    committer = Consumer(settings.kafka.librdkafka(extra={"group.id": group, "enable.auto.commit": False}))
+    try:
+        low, high = committer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        assert (low, high) == (0, 1), "the broker's end is no longer the batch's base + 1: the premise moved"
+        listed = {}
+        for at in (0, 1, 5, 9, 10):
+            committer.commit(offsets=[TopicPartition(topic, 0, at)], asynchronous=False)
+            listed[at] = partitions_with_records(settings.kafka, [topic], group)
+    finally:
+        committer.close()
+    assert listed == {0: [f"{topic}/0"], 1: [f"{topic}/0"], 5: [f"{topic}/0"], 9: [f"{topic}/0"], 10: []}
