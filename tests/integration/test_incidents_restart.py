@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from backbone.chaos import telemetry_events
 from core.settings import Settings
@@ -43,6 +42,7 @@ from streams.registry import EmbeddedRegistry
 from streams.replay import read_range
 from streams.serde import AvroSerde
 from tests.integration.test_incidents_replay import SLICE, _changes, incident_topics
+from tests.support import committed_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -108,19 +108,14 @@ def _insights(settings: Settings, topic: str) -> list[dict[str, Any]]:
 
 
 def _merged_committed(settings: Settings, app_id: str) -> tuple[int, int]:
-    """``(committed offset, end offset)`` of the worker's merged topic (``-1`` for no commit; the end is 0
-    while the topic does not exist yet)."""
+    """``(committed offset, end offset)`` of the worker's merged topic (negative for no commit; the end is
+    0 while the topic does not exist yet)."""
     merged = f"{app_id}-telemetry-repartition"
     try:
         end = end_offsets(settings.kafka, merged, timeout_seconds=5.0).get(0, 0)
     except KeyError:
         return -1, 0
-    consumer = Consumer(settings.kafka.librdkafka(extra={"group.id": app_id}))
-    try:  # asking for the committed offset does not join the group
-        [committed] = consumer.committed([TopicPartition(merged, 0)], timeout=10)
-        return committed.offset, end
-    finally:
-        consumer.close()
+    return committed_offsets(settings.kafka, app_id, merged, 1)[0], end
 
 
 def _by_id(insights: list[dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
