@@ -4,7 +4,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= datasets/agent_runs
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# The runtime dependencies install at the versions of the inference image's lock (`-c`), so `make test`
+# tests what the images run and a new upstream release changes nothing until `make lock UPGRADE=1`.
+LOCK   := deploy/requirements-inference.lock
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
 # Quix Streams for bench/bench_processors.py, in a virtualenv of its own: it pins confluent-kafka < 2.13, the
 # backbone runs 2.16. Not a dependency of the project; only bench/quix_count.py runs in it.
@@ -14,12 +17,12 @@ QUIX_STAMP  := $(QUIX_VENV)/.installed-quixstreams-$(QUIXSTREAMS)
 
 .PHONY: install demo test test-unit test-integration bench bench-tools bench-quix-venv chaos soak lint eval clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build of 2.13.0 is on this machine's disk (a bare `torch` would pull CUDA)
 	$(BIN)/python -m pip install -q 'torch==2.13.0'
-	$(BIN)/python -m pip install -q -e '.[dev,inference]'
+	$(BIN)/python -m pip install -q -e '.[dev,inference]' -c $(LOCK)
 	rm -f $(VENV)/.installed-*; touch $@
 
 install: $(STAMP)
@@ -108,9 +111,10 @@ images:
 	docker build -t sophia/backbone:0.1.0 .
 	docker build -f deploy/docker/inference.Dockerfile -t sophia/backbone-inference:0.1.0 .
 
-# Regenerate deploy/requirements*.lock (uv pip compile, pinned to the test venv's versions).
+# Regenerate deploy/requirements*.lock (uv pip compile, pinned to the test venv's versions); with
+# UPGRADE=1, the newest versions pyproject.toml allows (the next `make install` installs them).
 lock: $(STAMP)
-	VENV=$(VENV) deploy/lock.sh
+	VENV=$(VENV) UPGRADE=$(UPGRADE) deploy/lock.sh
 
 # promtool for tests/deploy/test_prometheus*.py (Debian's `prometheus` package; CI runs on a fresh machine).
 promtool:

@@ -183,3 +183,23 @@ def test_both_locks_pin_shared_packages_to_one_version() -> None:
     assert {k: (v, inference[k]) for k, v in base.items() if inference[k] != v} == {}
     assert "numpy" in base, "processors import numpy at module level: it must be in the backbone image"
     assert {"torch", "ray"} <= set(inference) and not ({"torch", "ray"} & set(base))
+
+
+def test_the_tests_run_the_versions_the_images_pin() -> None:
+    """Every distribution of the inference lock that this interpreter has is installed at the locked
+    version (``make install`` installs with the lock as constraints; torch's local ``+cpu`` build counts
+    as its version), so ``make test`` tests what the images run; it failed before 2026-12-07, when the
+    install took the newest versions (confluent-kafka 2.16.2 against a lock of 2.16.1, and 11 more)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    text = (ROOT / "deploy/requirements-inference.lock").read_text()
+    pins = {canonical(m.group(1)): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M)}
+    assert len(pins) > 100
+    installed = {}
+    for name in pins:
+        try:
+            installed[name] = version(name).split("+")[0]
+        except PackageNotFoundError:  # a CUDA wheel of the image, or another platform's
+            continue
+    assert {"confluent-kafka", "faust-streaming", "torch", "numpy"} <= set(installed)
+    assert {n: (v, pins[n]) for n, v in installed.items() if v != pins[n]} == {}
