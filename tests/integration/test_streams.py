@@ -105,7 +105,8 @@ def test_failed_delivery_is_raised_by_flush_and_the_rest_are_counted(
     with pytest.raises(DeliveryError) as info:
         p.produce_many(topic, [_tool_call("r", i, T0) for i in range(299)])  # 299: past one poll of 256
     assert [(t, k) for t, k, _ in info.value.failures] == [(missing, b"lost")]
-    assert "UNKNOWN_TOPIC_OR_PART" in info.value.failures[0][2]
+    # the broker's UNKNOWN_TOPIC_OR_PART, or librdkafka's own unknown topic
+    assert "Unknown topic" in info.value.failures[0][2]
     assert p.delivered == 299
     with pytest.raises(DeliveryError) as refused:  # the topic's one partition is known by now
         p.produce_raw(topic, key=b"past-the-end", value=b"x", partition=7)
