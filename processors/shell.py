@@ -1416,9 +1416,9 @@ def partitions_with_records(
     past their start: Tansu answers ``ListOffsets(latest)`` with the last batch's base offset + 1, so a
     commit inside a partition's last batch looked like its end (such partitions went unlisted until
     2026-12-07; with 18 partitions committed at their end the call takes 0.16-0.26 s against 0.01-0.06 s
-    without their read, medians of three sets of 5 calls, timed by hand). A partition that answers neither within ``timeout_seconds`` is
-    listed. Asking for the committed offsets and reading with ``assign`` (no commit) neither joins nor
-    moves the group.
+    without their read, medians of three sets of 5 calls, timed by hand). A partition that answers
+    neither within ``timeout_seconds`` is listed. Asking for the committed offsets and reading with
+    ``assign`` (no commit) neither joins nor moves the group.
 
     Raises:
         confluent_kafka.KafkaException: the broker did not answer within ``timeout_seconds``."""
