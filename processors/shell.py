@@ -1412,12 +1412,14 @@ def partitions_with_records(
     :data:`ISOLATION_LEVEL`) until its first record or its end-of-partition event: offsets that hold only
     control records (the commit markers of a transactional producer, which a consumer's committed offset
     never passes) or the records of a transaction still open are not records to wait for. Read so are the
-    partitions whose ``ListOffsets(latest)`` end lies past that offset and those with a committed offset
-    past their start: Tansu answers ``ListOffsets(latest)`` with the last batch's base offset + 1, so a
-    commit inside a partition's last batch looked like its end (such partitions went unlisted until
-    2026-12-07; with 18 partitions committed at their end the call takes 0.16-0.26 s against 0.01-0.06 s
-    without their read, medians of three sets of 5 calls, timed by hand). A partition that answers
-    neither within ``timeout_seconds`` is listed. Asking for the committed offsets and reading with
+    partitions whose ``ListOffsets(latest)`` end lies past that offset, and also those committed at or
+    past that end (but past their start), from the offset before the end: Tansu answers
+    ``ListOffsets(latest)`` with the last batch's base offset + 1, so a commit inside a partition's last
+    batch looked like its end (such partitions went unlisted until 2026-12-07); only records at or past
+    the commit count, and a commit past the real end is not read from (librdkafka would wait for an
+    offset that is not there). With 18 partitions committed at their end the call takes 0.16-0.26 s
+    against 0.01-0.06 s without their read (medians of three sets of 5 calls, timed by hand). A
+    partition that answers neither within ``timeout_seconds`` is listed. Asking for the committed offsets and reading with
     ``assign`` (no commit) neither joins nor moves the group.
 
     Raises:
@@ -1444,12 +1446,17 @@ def partitions_with_records(
             if tps
             else {}
         )
-        ahead: dict[tuple[str, int], int] = {}  # (topic, partition) -> the offset a worker starts from
+        # (topic, partition) -> (the offset to read from, the offset a worker starts from)
+        ahead: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in tps:
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_seconds)
             start = max(low, committed.get((tp.topic, tp.partition), -1))
-            if high > start or start > low:  # (Tansu's end can lie before a committed offset)
-                ahead[(tp.topic, tp.partition)] = start
+            if high > start:
+                ahead[(tp.topic, tp.partition)] = (start, start)
+            elif start > low:  # a commit at or past the end ListOffsets answers (on Tansu, the last
+                # batch's base + 1): read from the offset before that end, which is inside the last batch
+                # (or past the log when the commit is), so a commit past the real end is not read from
+                ahead[(tp.topic, tp.partition)] = (max(low, high - 1), start)
         with_records = _first_records(consumer, ahead, timeout_seconds)
         return [f"{t}/{p}" for t, p in ahead if (t, p) in with_records]
     finally:
@@ -1457,17 +1464,18 @@ def partitions_with_records(
 
 
 def _first_records(
-    consumer: Any, ahead: Mapping[tuple[str, int], int], timeout_seconds: float
+    consumer: Any, ahead: Mapping[tuple[str, int], tuple[int, int]], timeout_seconds: float
 ) -> set[tuple[str, int]]:
-    """Which of the partitions ``ahead`` (``(topic, partition)`` → the offset to read from) return a
-    record before their end-of-partition event (``consumer`` made with ``enable.partition.eof``), as
-    against reaching their end with none (control records, or a transaction still open). Those that tell
-    neither within ``timeout_seconds`` count as returning one."""
+    """Which of the partitions ``ahead`` (``(topic, partition)`` → ``(offset to read from, first offset
+    wanted)``) return a record at or past the first offset wanted before their end-of-partition event
+    (``consumer`` made with ``enable.partition.eof``), as against reaching their end with none (records
+    before it, control records, or a transaction still open). Those that tell neither within
+    ``timeout_seconds`` count as returning one."""
     from confluent_kafka import KafkaError, TopicPartition
 
     if not ahead:
         return set()
-    consumer.assign([TopicPartition(t, p, start) for (t, p), start in ahead.items()])
+    consumer.assign([TopicPartition(t, p, read_from) for (t, p), (read_from, _) in ahead.items()])
     found: set[tuple[str, int]] = set()
     open_ = set(ahead)
     deadline = time.monotonic() + timeout_seconds
@@ -1479,6 +1487,8 @@ def _first_records(
                     continue
                 error = message.error()
                 if error is None:
+                    if message.offset() < ahead[key][1]:
+                        continue  # before the group's commit, in the batch it lies in
                     found.add(key)
                     open_.discard(key)
                     consumer.pause([TopicPartition(*key)])  # nothing more is wanted from it

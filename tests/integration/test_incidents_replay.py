@@ -295,7 +295,9 @@ def test_a_commit_inside_the_last_batch_of_a_partition_is_listed_with_the_record
     answers ``ListOffsets(latest)`` with the last batch's base offset + 1, so a partition of one
     10-record batch reads as ending at 1: before the start-up read probed such partitions, commits at 1,
     5 and 9 listed nothing, and a restarted worker did not wait for those records (its watermark could
-    pass them, making them late). A commit at the real end (10) lists nothing."""
+    pass them, making them late). A commit at the real end (10) lists nothing, and so does one past it
+    (50, as a group keeps after its topic is made again): the read starts inside the last batch, not at
+    an offset that is not there (from 50, librdkafka waited out the 15-s timeout, then it was listed)."""
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     from processors.shell import partitions_with_records
@@ -311,9 +313,16 @@ def test_a_commit_inside_the_last_batch_of_a_partition_is_listed_with_the_record
         low, high = committer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
         assert (low, high) == (0, 1), "the broker's end is no longer the batch's base + 1: the premise moved"
         listed = {}
-        for at in (0, 1, 5, 9, 10):
+        for at in (0, 1, 5, 9, 10, 50):
             committer.commit(offsets=[TopicPartition(topic, 0, at)], asynchronous=False)
             listed[at] = partitions_with_records(settings.kafka, [topic], group)
     finally:
         committer.close()
-    assert listed == {0: [f"{topic}/0"], 1: [f"{topic}/0"], 5: [f"{topic}/0"], 9: [f"{topic}/0"], 10: []}
+    assert listed == {
+        0: [f"{topic}/0"],
+        1: [f"{topic}/0"],
+        5: [f"{topic}/0"],
+        9: [f"{topic}/0"],
+        10: [],
+        50: [],
+    }
