@@ -1408,19 +1408,17 @@ def partitions_with_records(
     offset: the records a worker of that consumer group will read at start. An event-time watermark waits
     for each; the others are read to their end already (idle until their next record).
 
-    A partition is read from the offset a worker starts from (``read_committed``, as the workers read,
-    :data:`ISOLATION_LEVEL`) until its first record or its end-of-partition event: offsets that hold only
-    control records (the commit markers of a transactional producer, which a consumer's committed offset
-    never passes) or the records of a transaction still open are not records to wait for. Read so are the
-    partitions whose ``ListOffsets(latest)`` end lies past that offset, and also those committed at or
-    past that end (but past their start), from the offset before the end: Tansu answers
-    ``ListOffsets(latest)`` with the last batch's base offset + 1, so a commit inside a partition's last
-    batch looked like its end (such partitions went unlisted until 2026-12-07); only records at or past
-    the commit count, and a commit past the real end is not read from (librdkafka would wait for an
-    offset that is not there). With 18 partitions committed at their end the call takes 0.16-0.26 s
-    against 0.01-0.06 s without their read (medians of three sets of 5 calls, timed by hand). A
-    partition that answers neither within ``timeout_seconds`` is listed. Asking for the committed offsets and reading with
-    ``assign`` (no commit) neither joins nor moves the group.
+    A partition whose end (``ListOffsets(latest)``) lies past the offset a worker starts from, or that is
+    committed past its start, is read (``read_committed``, as the workers read, :data:`ISOLATION_LEVEL`)
+    until a record at or past that offset or its end-of-partition event: offsets that hold only control
+    records (the commit markers of a transactional producer, which a consumer's committed offset never
+    passes) or the records of a transaction still open are not records to wait for. The read starts at
+    that offset, or at the one before the end when the end lies at or before it: Tansu answers
+    ``ListOffsets(latest)`` with the last batch's base offset + 1, so a commit inside the last batch
+    reads as at or past the end, and a commit past the real end (a topic made again) must not be read
+    from (librdkafka would wait for an offset that is not there). A partition that answers neither within
+    ``timeout_seconds`` is listed. Asking for the committed offsets and reading with ``assign`` (no
+    commit) neither joins nor moves the group.
 
     Raises:
         confluent_kafka.KafkaException: the broker did not answer within ``timeout_seconds``."""
@@ -1451,12 +1449,8 @@ def partitions_with_records(
         for tp in tps:
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_seconds)
             start = max(low, committed.get((tp.topic, tp.partition), -1))
-            if high > start:
-                ahead[(tp.topic, tp.partition)] = (start, start)
-            elif start > low:  # a commit at or past the end ListOffsets answers (on Tansu, the last
-                # batch's base + 1): read from the offset before that end, which is inside the last batch
-                # (or past the log when the commit is), so a commit past the real end is not read from
-                ahead[(tp.topic, tp.partition)] = (max(low, high - 1), start)
+            if high > start or start > low:  # from the offset before the end when it is not past start
+                ahead[(tp.topic, tp.partition)] = (min(start, max(low, high - 1)), start)
         with_records = _first_records(consumer, ahead, timeout_seconds)
         return [f"{t}/{p}" for t, p in ahead if (t, p) in with_records]
     finally:

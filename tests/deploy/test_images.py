@@ -132,8 +132,12 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def locked(lock: Path) -> set[str]:
-    return {canonical(m.group(1)) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==", lock.read_text(), re.M)}
+def locked(lock: Path) -> dict[str, str]:
+    """The lock file's pins: canonical distribution name -> version."""
+    return {
+        canonical(m.group(1)): m.group(2)
+        for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", lock.read_text(), re.M)
+    }
 
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
@@ -171,14 +175,10 @@ def test_image_file_list_imports_every_cli_command(dockerfile: str, tmp_path: Pa
 
 def test_both_locks_pin_shared_packages_to_one_version() -> None:
     """A distribution in both images has the same version (the backbone lock is compiled against the other)."""
-
-    def pins(path: str) -> dict[str, str]:
-        text = (ROOT / path).read_text()
-        return {
-            canonical(m.group(1)): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M)
-        }
-
-    base, inference = pins("deploy/requirements.lock"), pins("deploy/requirements-inference.lock")
+    base, inference = (
+        locked(ROOT / "deploy/requirements.lock"),
+        locked(ROOT / "deploy/requirements-inference.lock"),
+    )
     assert base and set(base) <= set(inference)
     assert {k: (v, inference[k]) for k, v in base.items() if inference[k] != v} == {}
     assert "numpy" in base, "processors import numpy at module level: it must be in the backbone image"
@@ -192,8 +192,7 @@ def test_the_tests_run_the_versions_the_images_pin() -> None:
     install took the newest versions (confluent-kafka 2.16.2 against a lock of 2.16.1, and 11 more)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    text = (ROOT / "deploy/requirements-inference.lock").read_text()
-    pins = {canonical(m.group(1)): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M)}
+    pins = locked(ROOT / "deploy/requirements-inference.lock")
     assert len(pins) > 100
     installed = {}
     for name in pins:

@@ -91,8 +91,9 @@ def test_failed_delivery_is_raised_by_flush_and_the_rest_are_counted(
     The record of the delivery report goes to a topic that does not exist (topic creation by the
     producer off, so the broker answers UNKNOWN_TOPIC_OR_PART): no producer can know that before its
     first metadata request for the topic, so it fails in a report whatever the timing. A partition
-    past a new topic's end is no such case: a producer that got the topic's metadata first (a
-    metadata answer listing every topic races the first produce) refuses it in ``produce`` itself.
+    past a new topic's end is no such case: a producer that already has the topic's metadata refuses
+    it in ``produce`` itself (a CI run got there first, 2026-12-07; here, after a 2-s wait it always
+    does).
     """
     topic = create_topic(unique_name("dr"), 1)
     missing = unique_name("never-created")
