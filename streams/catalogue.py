@@ -203,6 +203,14 @@ CATALOGUE: dict[str, TopicSpec] = {
             doc="Incidents with ranked root-cause candidates (pod, service) and their evidence.",
         ),
         TopicSpec(
+            name="insights.anomalies",
+            partitions=3,
+            key="entity",
+            schemas=("sophia.insight.Insight",),
+            retention_ms=-1,
+            doc="Anomalous metric samples (score, series, window, detector version) from the anomaly detector.",
+        ),
+        TopicSpec(
             name=DLQ_TOPIC,
             partitions=1,
             key="original key",

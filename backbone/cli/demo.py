@@ -165,7 +165,9 @@ def demo(
         )
         if doc["incidents"] is not None:
             t = time.perf_counter()
-            doc["incidents_live"] = _live_incidents(settings, serde, state_dir, timeout_seconds)
+            doc["incidents_live"] = _live_incidents(
+                settings, serde, state_dir, timeout_seconds, doc["incidents"]["ranked"]
+            )
             timings["incidents_live_s"] = time.perf_counter() - t
             live_inc = doc["incidents_live"]
             say(f"Nezha slice imported ({live_inc['import']['events']:,} events), the incident worker's "
@@ -216,13 +218,16 @@ NEZHA_SLICE = Path(__file__).resolve().parents[2] / "datasets" / "nezha"
 """The Nezha TrainTicket slice copied into the project (MIT, see its README) for the demo."""
 
 
-def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds: float) -> dict[str, Any]:
+def _live_incidents(
+    settings: Any, serde: Any, state_dir: Path, timeout_seconds: float, replay: dict[str, list[str]]
+) -> dict[str, Any]:
     """The Nezha slice through the backbone: imported to the telemetry topics (``backbone import nezha``),
     correlated by the incident worker (``backbone processors incidents --stop-after-idle 2 --close-at-end``,
     a replay of a finished history: its end decides the windows still open), its insights projected to
     PostgreSQL (the ``incidents`` projection) and read back as ``backbone query incidents`` reads them;
-    compared with the incident engine replayed in process on the same slice (fed in event-time order, then
-    flushed).
+    compared with ``replay`` (``{incident entity: [pod, ...]}``, the ranked candidates of the incident engine
+    replayed in process on the same slice, fed in event-time order then flushed: the ``ranked`` of
+    :func:`processors.incidents.eval_nezha.evaluate`).
 
     Returns:
         ``{"import": {"events", "seconds", "dead_lettered"}, "worker": its counters (``--json``) or None when
@@ -236,14 +241,9 @@ def _live_incidents(settings: Any, serde: Any, state_dir: Path, timeout_seconds:
 
     from backbone.cli.demo_live import worker_env
     from backbone.cli.incidents import run_import
-    from connectors.nezha import iter_day
-    from processors.incidents.eval_nezha import TELEMETRY_KINDS
-    from processors.incidents.incident import run
     from projections.incidents import IncidentsProjection, list_incidents
     from projections.runner import ProjectionRunner
 
-    insights, _ = run((TELEMETRY_KINDS[topic], event.data) for topic, event in iter_day(NEZHA_SLICE))
-    replay = {i["entity"]: [c["pod"] for c in json.loads(i["labels"]["candidates"])] for i in insights}
     report = run_import(settings, serde, NEZHA_SLICE, progress=False)
     worker = None
     with open(state_dir / "incidents.log", "wb") as log:

@@ -2,11 +2,12 @@
 
 * ``kafka-topics.yaml``: a Strimzi ``KafkaTopic`` per topic of the catalogue (streams/catalogue.py);
 * ``kafka-connector.yaml``: a Strimzi ``KafkaConnector`` per connector spec of deploy/connect/specs;
-* ``backbone.yaml``: per backbone process (:data:`PROCESSES`, the same processes and commands as
-  docker-compose.yml) a Deployment with liveness ``/healthz`` and readiness ``/readyz`` probes, resources,
-  the Kafka cluster CA mounted, settings from the ``backbone-config`` ConfigMap and the ``backbone-env``
-  Secret (by reference), a Service and a PodDisruptionBudget; a KEDA ``ScaledObject`` on consumer-group
-  lag for the processes that scale with partitions;
+* ``backbone.yaml``: per backbone process (:data:`PROCESSES`: the long-running processes and commands of
+  docker-compose.yml, all but the routing processor, which needs a fitted router file) a Deployment with
+  liveness ``/healthz`` and readiness ``/readyz`` probes, resources, the Kafka cluster CA mounted,
+  settings from the ``backbone-config`` ConfigMap and the ``backbone-env`` Secret (by reference), a
+  Service and a PodDisruptionBudget; a KEDA ``ScaledObject`` on consumer-group lag for the processes that
+  scale with partitions (not the healer and the incident correlator: one replica each);
 * ``monitoring.yaml``: the ``ServiceMonitor`` and a ``PrometheusRule`` holding deploy/prometheus/rules.
 
 Run from the repository root after changing any of them: ``python deploy/k8s/gen_base.py``;
@@ -37,6 +38,11 @@ PART_OF = {"app.kubernetes.io/part-of": "sophia-backbone"}
 PROCESSES: dict[str, tuple[str, list[str], int, int, tuple[str, str | None] | None, str, str]] = {
     "processor-run-summary": (IMAGE, ["processors", "worker"], METRICS_PORT, 2, ("backbone-processors", "agent.events"), "250m", "512Mi"),
     "processor-correlation": (IMAGE, ["processors", "correlate"], METRICS_PORT, 2, ("backbone-correlation", "external.events"), "250m", "1Gi"),
+    # one replica, no scaling: the healer is one state machine over all its inputs (table healer_state)
+    "processor-healing": (IMAGE, ["processors", "heal"], METRICS_PORT, 1, None, "250m", "512Mi"),
+    # one replica does all the correlating (a second one would only share the input stage)
+    "processor-incidents": (IMAGE, ["processors", "incidents"], METRICS_PORT, 1, None, "250m", "1Gi"),
+    "processor-anomalies": (IMAGE, ["processors", "anomalies"], METRICS_PORT, 1, ("backbone-anomalies", "telemetry.metrics"), "250m", "1Gi"),
     "projections": (IMAGE, ["projections", "run"], METRICS_PORT, 1, ("projection-agent_runs", "agent.events"), "500m", "1Gi"),
     "config-relay": (IMAGE, ["config", "relay"], METRICS_PORT, 1, None, "100m", "256Mi"),
     "cdc-normaliser": (IMAGE, ["cdc", "run"], METRICS_PORT, 1, ("cdc-normaliser", None), "250m", "512Mi"),

@@ -71,7 +71,8 @@ def evaluate(
         trace records within two minutes of injection (``with_logs_or_traces``) and for the others
         (``metrics_only``), ``chance`` (``detected``, ``detected_within_180s``, ``top1`` and ``top3``
         averaged over the shifted fault times, ``shifts_minutes``, ``per_shift``), ``engine``
-        (counters), ``import`` (counts) and ``per_fault`` rows.
+        (counters), ``import`` (counts), ``per_fault`` rows and ``ranked`` (``{incident entity: [pod,
+        ...]}``: the root-cause candidates of each incident's last insight, best first).
 
     Raises:
         connectors.nezha.NezhaImportError: no day folder, or a day without ``fault_list.json``.
@@ -81,6 +82,7 @@ def evaluate(
     incidents = false_incidents = 0
     hours = 0.0
     engines: list[dict[str, Any]] = []
+    ranked: dict[str, list[str]] = {}
     report = ImportReport()
     for day in day_folders(path):
         faults = load_faults(day)
@@ -106,6 +108,8 @@ def evaluate(
         )
         opened = [i for i in active if i["kind"] == "incident.opened"]
         closed = {i["entity"]: i for i in insights if i["kind"] == "incident.closed"}
+        for i in insights:  # in emission order: each incident's last insight wins
+            ranked[i["entity"]] = [c["pod"] for c in json.loads(i["labels"]["candidates"])]
         incidents += len(opened)
         day_results, used = _match(faults, active, closed, covered_ms, window_ms, match_horizon_seconds)
         results.extend(day_results)
@@ -129,6 +133,7 @@ def evaluate(
         "engine": engines,
         "import": {k: v for k, v in report.as_dict().items() if k != "bad_records"},
         "per_fault": [_row(r) for r in results],
+        "ranked": ranked,
     }
 
 

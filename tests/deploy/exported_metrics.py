@@ -25,6 +25,7 @@ Metrics exported today (job: family, labels):
 * processor-healing: backbone_circuit_open {circuit}; backbone_healing_{records,decisions,dead_letters,rollbacks,replayed,state_writes,state_bytes}_total {app}
 * processor-incidents: backbone_incidents_opened_total {priority};
   backbone_incidents_{records,forwarded,correlated,insights,late,dead_letters}_total {app}
+* processor-anomalies: backbone_anomaly_{records,anomalies,out_of_order,dead_letters}_total {app}
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def exported_by_process() -> dict[str, dict[str, frozenset[str]]]:
             **_collector(("processors.incidents.app",), "IncidentStats"),
             **_module_metrics("processors.incidents.app"),
         },
+        "processor-anomalies": _collector(("processors.incidents.anomaly_app",), "AnomalyStats"),
     }
 
 
@@ -152,6 +154,7 @@ OWNER_BY_PREFIX = {
     "backbone_circuit_": "processor-healing",
     "backbone_healing_": "processor-healing",
     "backbone_incidents_": "processor-incidents",
+    "backbone_anomaly_": "processor-anomalies",
 }
 
 # Metrics that the alert rules in deploy/prometheus/rules/pending-metrics.yml expect and that no

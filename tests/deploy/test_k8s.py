@@ -182,3 +182,30 @@ def test_backbone_variables_are_settings() -> None:
                 used |= {e["name"] for e in c.get("env", [])}
     used = {u for u in used if u.startswith("BACKBONE_")}
     assert used and not (used - real - set(test_compose.PENDING_SETTINGS)), used - real
+
+
+def test_the_long_running_processes_of_compose_are_deployments_with_the_same_command() -> None:
+    """Each backbone process docker-compose.yml keeps running (not a job) is a Deployment of the base with
+    the same arguments, but the routing processor (it needs a fitted router file, mounted in compose), so a
+    processor added to one is not forgotten in the other."""
+    import gen_base
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    backbone = {
+        name: svc["command"]
+        for name, svc in compose["services"].items()
+        if "backbone" in str(svc.get("image", "")) and svc.get("restart") != "no"
+        and "ray" not in svc["command"][0]
+    }  # fmt: skip
+    assert {"processor-healing", "processor-incidents", "processor-anomalies"} <= set(backbone)
+    assert set(backbone) - set(gen_base.PROCESSES) == {"processor-routing"}
+
+    def without_hosts(args: list[str]) -> list[str]:  # the Ray head's address is the platform's service name
+        return [a for i, a in enumerate(args) if i == 0 or args[i - 1] != "--ray-address"]
+
+    for name, command in backbone.items():
+        if name in gen_base.PROCESSES:
+            assert without_hosts(gen_base.PROCESSES[name][1]) == without_hosts(command), name
+    # one replica and no lag scaling for the two that are one state machine each
+    for name in ("processor-healing", "processor-incidents"):
+        assert gen_base.PROCESSES[name][3] == 1 and gen_base.PROCESSES[name][4] is None, name
