@@ -31,6 +31,7 @@ __all__ = [
     "audit_incident",
     "eval_incidents",
     "import_nezha",
+    "incident_lines",
     "query_anomalies",
     "query_correlations",
     "query_incidents",
@@ -226,13 +227,41 @@ def query_incidents(
     if as_json:
         emit_json(rows)
         return
-    table = Table("incident", "status", "first anomaly", "closed at", "priority", "anomalies", "ranked causes",
-                  title="incidents")  # fmt: skip
+    for line in incident_lines(rows):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _utc(iso: str | None) -> str:
+    """``2023-01-29T08:59:00.000Z`` as ``2023-01-29 08:59:00`` (the views' UTC times, to the second)."""
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
+def incident_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The text ``backbone query incidents`` prints for ``rows`` (:func:`projections.incidents.list_incidents`
+    rows): per incident a block, like ``git log``'s, not a table, so the whole incident id (what ``backbone
+    audit incident:<id>`` takes) and the pod names survive a terminal of 80 columns: the id, status,
+    priority, anomalies and services; the first anomaly's window and the close (event time, UTC, to the
+    second); the three top root-cause candidates (rank, pod, service, score)."""
+
+    def when(iso: str) -> str:
+        return f"{_utc(iso)} UTC"
+
+    if not rows:
+        return ["no incidents"]
+    lines = [f"{len(rows)} incident(s), newest first; `backbone audit incident:<id>` shows one's chain"]
     for r in rows:
-        causes = [escape(f"{c['rank']}. {c['pod']} ({c['score']})") for c in r["candidates"][:3]]
-        table.add_row(r["incident_id"], r["status"], r["first_anomaly_at"], r["closed_at"] or "-", r["priority"],
-                      str(r["anomalies_count"]), "\n".join(causes))  # fmt: skip
-    out.print(table)
+        closed = f"closed {when(r['closed_at'])}" if r["closed_at"] else "not closed yet"
+        lines += [
+            "",
+            f"{r['incident_id']}  {r['status']}  {r['priority']}  {r['anomalies_count']} anomalies, "
+            f"{len(r['services'])} service(s)",
+            f"  first anomaly in the window of {when(r['first_anomaly_at'])}, {closed}",
+        ]
+        causes = [
+            f"  {c['rank']}. {c['pod']} ({c['service']}), score {c['score']}" for c in r["candidates"][:3]
+        ]
+        lines += causes or ["  no root-cause candidates"]
+    return lines
 
 
 @query_app.command("anomalies")
@@ -250,9 +279,14 @@ def query_anomalies(
     if as_json:
         emit_json(rows)
         return
-    table = Table("series", "event time", "score", "value", "window start", "detector", title="anomalies")
+    if not rows:
+        out.print("no anomalies")
+        return
+    table = Table(title="anomalies (times UTC)")
+    for name in ("series", "event time", "score", "value", "window start", "detector"):
+        table.add_column(name, overflow="fold")  # folded, not cut: a series name is what --series takes
     for r in rows:
-        table.add_row(escape(r["series"]), r["event_time"], f"{r['score']:.6f}", f"{r['value']:g}", r["window_start"] or "-",
+        table.add_row(escape(r["series"]), _utc(r["event_time"]), f"{r['score']:.6f}", f"{r['value']:g}", _utc(r["window_start"]),
                       r["detector_version"])  # fmt: skip
     out.print(table)
 
@@ -272,10 +306,15 @@ def query_correlations(
     if as_json:
         emit_json(rows)
         return
-    table = Table("commit", "message", "method", "sources", "lag s", "event time", title="correlations")
+    if not rows:
+        out.print("no correlation links")
+        return
+    table = Table(title="correlations (times UTC)")
+    for name in ("commit", "message", "method", "sources", "lag s", "event time"):
+        table.add_column(name, overflow="fold")  # folded, not cut: an entity is what --entity takes
     for r in rows:
         table.add_row(escape(r["entity"]), escape(r["message_entity"]), r["method"], f"{r['source_a']} -> {r['source_b']}",
-                      f"{r['lag_seconds']:g}", r["event_time"])  # fmt: skip
+                      f"{r['lag_seconds']:g}", _utc(r["event_time"]))  # fmt: skip
     out.print(table)
 
 

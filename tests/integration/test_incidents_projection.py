@@ -117,9 +117,12 @@ def _dump(url: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
         return {t: c.execute(f"SELECT * FROM {schema}.{t} ORDER BY {k}").fetchall() for t, k in keys.items()}
 
 
-def _cli(settings: Settings, pg_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(
+    settings: Settings, pg_url: str, tmp_path: Path, *args: str, columns: int = 200
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "BACKBONE_POSTGRES__URL": pg_url, "BACKBONE_STATE_DIR": str(tmp_path),
-           "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers, "BACKBONE_LOG_FORMAT": "json", "COLUMNS": "200"}  # fmt: skip
+           "BACKBONE_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers, "BACKBONE_LOG_FORMAT": "json",
+           "COLUMNS": str(columns)}  # fmt: skip
     return subprocess.run([sys.executable, "-m", "backbone", *args], env=env, check=False, capture_output=True,
                           text=True, timeout=120)  # fmt: skip
 
@@ -249,6 +252,17 @@ def test_incidents_projection_end_to_end(
     q = _cli(s, pg_url, tmp_path, "query", "incidents", "--json")
     assert q.returncode == 0, q.stderr[-2000:]
     assert sorted(r["entity"] for r in json.loads(q.stdout)) == sorted(closed)
+    # the text, in a terminal of 80 columns: every incident's whole id (what `audit incident:<id>` takes)
+    # and its top candidate's whole pod name, one incident a block
+    rows = json.loads(q.stdout)
+    q = _cli(s, pg_url, tmp_path, "query", "incidents", columns=80)
+    assert q.returncode == 0, q.stderr[-2000:]
+    lines = q.stdout.splitlines()
+    for r in rows:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"{r['incident_id']}  closed"))
+        assert lines[at + 2] == (
+            f"  1. {r['candidates'][0]['pod']} ({r['candidates'][0]['service']}), score {r['candidates'][0]['score']}"
+        )
     q = _cli(s, pg_url, tmp_path, "query", "anomalies", "--series", "nab:test/spiky", "--json")
     assert [r["series"] for r in json.loads(q.stdout)] == ["nab:test/spiky"]
     q = _cli(s, pg_url, tmp_path, "query", "correlations", "--json")
