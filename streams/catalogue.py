@@ -240,7 +240,10 @@ def create_missing_topics(
     """Create those of ``topics`` the broker lacks (final partition counts); return the names created.
 
     The one place the backbone creates topics: a topic that appears meanwhile ("already exists") is
-    not an error.
+    not an error. A topic of the catalogue is made as the catalogue says (its partitions, ``retention.ms``
+    and ``cleanup.policy``), whoever asks first and whatever the ``NewTopic`` asked for: a worker started
+    before ``backbone topics create`` that asks for ``agent.events`` with 1 partition gets the catalogue's 6
+    and its retention, not the broker's default. Other names are made as asked.
 
     Args:
         admin: a ``confluent_kafka.admin.AdminClient``.
@@ -256,12 +259,15 @@ def create_missing_topics(
 
     from streams.errors import BrokerUnavailableError, StreamsError
 
-    wanted = [
-        NewTopic(t.name, num_partitions=t.partitions, replication_factor=-1, config=t.config())
-        if isinstance(t, TopicSpec)
-        else t
-        for t in topics
-    ]
+    def as_new_topic(t: NewTopicLike) -> Any:
+        spec = t if isinstance(t, TopicSpec) else CATALOGUE.get(t.topic)
+        if spec is None:
+            return t
+        return NewTopic(
+            spec.name, num_partitions=spec.partitions, replication_factor=-1, config=spec.config()
+        )
+
+    wanted = [as_new_topic(t) for t in topics]
     try:
         existing = set(admin.list_topics(timeout=timeout_seconds).topics)  # type: ignore[attr-defined]
     except KafkaException as exc:

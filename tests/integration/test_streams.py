@@ -260,3 +260,38 @@ def test_end_offsets_are_exact_where_list_offsets_answers_a_batch_base(
     assert end_offsets(settings.kafka, topic, [0]) == {0: 8}
     with pytest.raises(KeyError, match="does not exist"):
         end_offsets(settings.kafka, unique_name("nope"), timeout_seconds=5)
+
+
+def test_a_catalogue_topic_is_made_as_the_catalogue_says_whoever_asks_first(
+    settings: Settings, unique_name: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's topic setup asks for a catalogue topic with its own partition count and no config (a
+    healer started before `backbone topics create` asks for `agent.events` with 1 partition): Tansu gets
+    the catalogue's partitions, retention and cleanup policy; a name outside the catalogue is made as asked."""
+    import time
+
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+    from streams import catalogue
+
+    name, own = unique_name("catalogue-topic"), unique_name("own-topic")
+    monkeypatch.setitem(catalogue.CATALOGUE, name, catalogue.TopicSpec(
+        name=name, partitions=3, key="entity", schemas=(), retention_ms=-1, doc="a test's catalogue entry"))  # fmt: skip
+    admin = AdminClient(settings.kafka.librdkafka())
+    asked = [
+        NewTopic(name, num_partitions=1, replication_factor=1),
+        NewTopic(own, num_partitions=1, replication_factor=1),
+    ]
+    assert sorted(catalogue.create_missing_topics(admin, asked)) == sorted([name, own])
+    deadline = time.monotonic() + 10
+    while True:  # the metadata may answer before the partitions are listed
+        topics = admin.list_topics(timeout=10).topics
+        counts = {t: len(topics[t].partitions) if t in topics else 0 for t in (name, own)}
+        if all(counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert counts == {name: 3, own: 1}
+    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in (name, own)])
+    configs = {r.name: {k: c.value for k, c in f.result(timeout=10).items()} for r, f in described.items()}
+    assert configs[name]["retention.ms"] == "-1" and configs[name]["cleanup.policy"] == "delete"
+    assert configs[own].get("retention.ms") != "-1"  # the broker's default (Tansu: not set)
