@@ -956,7 +956,9 @@ def ensure_correlation_topics(
     """
 
     def spec(name: str, catalogue_name: str, fallback: int) -> tuple[str, int]:
-        return name, catalogue_partitions(name, catalogue_partitions(catalogue_name, fallback))
+        # a catalogue name is made as the catalogue says (create_missing_topics), another one with the
+        # partitions of the catalogue topic whose part it plays
+        return name, catalogue_partitions(catalogue_name, fallback)
 
     wanted = [
         spec(topics.events, "external.events", 3),

@@ -95,7 +95,7 @@ from processors.shell import (
     tracing_process,
 )
 from processors.tables import TailRecoveringTable
-from streams.catalogue import CATALOGUE, create_missing_topics
+from streams.catalogue import create_missing_topics
 from streams.consumer import DLQ_TOPIC
 from streams.envelope import CloudEvent, Event
 from streams.errors import DeserializationError, EnvelopeError
@@ -373,9 +373,9 @@ def run_anomaly_worker(
     topics = topics or AnomalyTopics()
     app_id = app_id or DEFAULT_APP_ID
 
-    def spec(name: str, fallback: int) -> NewTopic:
-        known = CATALOGUE.get(name)
-        return NewTopic(name, num_partitions=known.partitions if known else fallback, replication_factor=1)
+    # a catalogue name is made as the catalogue says (create_missing_topics), another one as asked
+    def spec(name: str, partitions: int) -> NewTopic:
+        return NewTopic(name, num_partitions=partitions, replication_factor=1)
 
     admin = AdminClient(settings.kafka.librdkafka())
     create_missing_topics(admin, [spec(topics.metrics, topics.partitions), spec(topics.insights, 3),

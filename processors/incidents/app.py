@@ -827,8 +827,9 @@ def ensure_incident_topics(settings: Settings, topics: IncidentTopics, app_id: s
     """Create the inputs, the output, the dead-letter and the merged topic when missing."""
 
     def spec(name: str, catalogue_name: str) -> NewTopic:
-        known = CATALOGUE.get(name) or CATALOGUE[catalogue_name]
-        return NewTopic(name, num_partitions=known.partitions, replication_factor=1)
+        # a catalogue name is made as the catalogue says (create_missing_topics); another name gets the
+        # partitions of the catalogue topic whose part it plays
+        return NewTopic(name, num_partitions=CATALOGUE[catalogue_name].partitions, replication_factor=1)
 
     wanted = [
         spec(topics.metrics, "telemetry.metrics"), spec(topics.logs, "telemetry.logs"),
