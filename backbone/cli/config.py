@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, emit_json
+from backbone.cli.helpers import JsonOpt, emit_json, print_cells
 from core.settings import Settings, get_settings
 from streams.envelope import parse_time
 
@@ -158,12 +157,13 @@ def keys(as_json: JsonOpt = False) -> None:
     if as_json:
         emit_json([k.as_json() for k in infos])
         return
-    table = Table("key", "version", "schema", "changed at", "retired")
-    for k in infos:
-        table.add_row(
-            k.key, str(k.version), k.schema_name or "-", k.changed_at.isoformat(), "yes" if k.retired else ""
-        )
-    _out.print(table)
+    cells = [
+        [k.key, str(k.version), k.schema_name or "-", k.changed_at.isoformat(), "yes" if k.retired else ""]
+        for k in infos
+    ]
+    print_cells(
+        cells, ["key", "version", "schema", "changed at", "retired"], "configuration keys", right={"version"}
+    )
 
 
 @app.command("show")

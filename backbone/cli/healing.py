@@ -12,9 +12,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, print_cells
 
 __all__ = [
     "app",
@@ -66,12 +65,7 @@ def _require_dir(data: Path) -> None:
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
-    out.print(t)
+    print_cells([["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows], columns, title)
 
 
 @app.command("status")

@@ -13,12 +13,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from core.settings import Settings
@@ -33,6 +34,8 @@ __all__ = [
     "err",
     "fmt",
     "out",
+    "print_cells",
+    "print_records",
     "print_rows",
     "settings_only",
     "stop_on_signals",
@@ -129,16 +132,48 @@ def fmt(v: Any) -> str:
 
 
 def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_json: bool) -> None:
-    """Print ``rows`` as a rich table of ``columns`` (numbers right-aligned), or as JSON with ``as_json``."""
+    """Print ``rows`` as a rich table of ``columns`` (numbers right-aligned), or as JSON with ``as_json``.
+
+    When the table is wider than the terminal, each row is printed as a block of ``column  value`` lines
+    instead (psql's ``\\x auto``), so no value is cut: a shrunk table would print ``1,234,5…`` for
+    1,234,567 and an id without its end.
+    """
     if as_json:
         emit_json(rows)
         return
+    right = {c for c in columns if rows and isinstance(rows[0].get(c), (int, float))}
+    print_cells([[fmt(r.get(c)) for c in columns] for r in rows], columns, title, right=right)
+
+
+def print_cells(
+    cells: list[list[str]], columns: Sequence[str], title: str | None, *, right: Collection[str] = ()
+) -> None:
+    """Print formatted rows (one string per column) as a rich table, the ``right`` columns right-aligned;
+    when the table is wider than the terminal, as :func:`print_records` blocks instead, so no value is cut."""
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
-    for r in rows:
-        table.add_row(*[fmt(r.get(c)) for c in columns])
-    out.print(table)
+        table.add_column(c, justify="right" if c in right else "left")
+    for row in cells:
+        table.add_row(*row)
+    natural = Measurement.get(out, out.options.update_width(1_000_000), table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    print_records(cells, columns, title or "row")
+
+
+def print_records(cells: list[list[str]], columns: Sequence[str], title: str) -> None:
+    """Print formatted rows as one block per row (psql's expanded display): a ``-[ title: n of N ]-``
+    header, then a ``column  value`` line per column, the names padded to the longest; plain text, no
+    markup, long values wrapped by the terminal rather than cut."""
+    width = max((len(c) for c in columns), default=0)
+    lines: list[str] = []
+    for n, row in enumerate(cells, 1):
+        lines.append(f"-[ {title}: {n} of {len(cells)} ]-")
+        lines.extend(f"{c.ljust(width)}  {v}" for c, v in zip(columns, row, strict=True))
+    if not cells:
+        lines.append(f"{title}: no rows")
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def emit_json(value: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, out
+from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, out, print_cells
 from streams.catalogue import DLQ_TOPIC
 
 __all__ = ["DEFAULT_ROUTER", "app", "eval_command", "fit_command", "request_command", "route_command"]
@@ -231,13 +231,10 @@ def request_command(
     if reader is None:
         out.print(f"sent {len(rows)} route request(s): {', '.join(r['request_id'] for r in rows)}")
         return
-    t = Table(title="route decisions")
-    for c in ("request_id", "model", "provider", "method", "score", "threshold", "policy", "router_version"):
-        t.add_column(c, justify="right" if c in ("score", "threshold") else "left")
-    for r in rows:
-        t.add_row(r["request_id"], r["model"], r["provider"], r["method"], f"{r['score']:+.4f}", f"{r['threshold']:+.4f}",
-                  r["policy"], r["router_version"])  # fmt: skip
-    out.print(t)
+    cols = ("request_id", "model", "provider", "method", "score", "threshold", "policy", "router_version")
+    cells = [[r["request_id"], r["model"], r["provider"], r["method"], f"{r['score']:+.4f}", f"{r['threshold']:+.4f}",
+              r["policy"], r["router_version"]] for r in rows]  # fmt: skip
+    print_cells(cells, cols, "route decisions", right={"score", "threshold"})
 
 
 @clear_errors

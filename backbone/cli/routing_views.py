@@ -10,9 +10,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, context, emit_json, err, fmt, out, print_rows
+from backbone.cli.helpers import (
+    JsonOpt,
+    clear_errors,
+    context,
+    emit_json,
+    err,
+    fmt,
+    out,
+    print_cells,
+    print_rows,
+)
 
 __all__ = ["print_request_audit", "query_routing"]
 
@@ -71,17 +80,15 @@ def _print_decision(decision: dict[str, Any]) -> None:
         highlight=False,
     )
     out.print(f"  reason: {decision['reason']}", highlight=False)
-    table = Table()
-    for c in ("model", "chosen", "eligible", "rank", "score", "est $", "est ms", "quality", "circuit"):
-        table.add_column(c, justify="left" if c in ("model", "chosen", "eligible", "circuit") else "right")
+    cols = ("model", "chosen", "eligible", "rank", "score", "est $", "est ms", "quality", "circuit")
     ordered = sorted(decision["candidates"], key=lambda c: (c["rank"] < 0, c["rank"], c["model"]))
-    for c in ordered:
-        table.add_row(
-            c["model"], "yes" if c["chosen"] else "", "yes" if c["eligible"] else "no", str(c["rank"]),
-            f"{c['score']:.6g}", f"{c['est_cost_usd']:.6f}", f"{c['est_latency_ms']:.0f}",
-            f"{c['learned_quality']:.3f}", c["circuit_state"],
-        )  # fmt: skip
-    out.print(table)
+    cells = [
+        [c["model"], "yes" if c["chosen"] else "", "yes" if c["eligible"] else "no", str(c["rank"]),
+         f"{c['score']:.6g}", f"{c['est_cost_usd']:.6f}", f"{c['est_latency_ms']:.0f}",
+         f"{c['learned_quality']:.3f}", c["circuit_state"]]
+        for c in ordered
+    ]  # fmt: skip
+    print_cells(cells, cols, "candidates", right={"rank", "score", "est $", "est ms", "quality"})
     for c in ordered:
         out.print(f"  {c['model']}: {'; '.join(c['reasons'])}", highlight=False, soft_wrap=True)
 
@@ -111,9 +118,4 @@ def print_request_audit(request_id: str, *, as_json: bool) -> None:
     for d in audit.decisions:
         _print_decision(d)
     cols = ("occurred_at", "model", "success", "correct", "latency_ms", "cost_usd", "after_fallback")
-    table = Table(title="outcomes")
-    for c in cols:
-        table.add_column(c)
-    for o in audit.outcomes:
-        table.add_row(*(fmt(o[c]) for c in cols))
-    out.print(table)
+    print_cells([[fmt(o[c]) for c in cols] for o in audit.outcomes], cols, "outcomes")

@@ -1,0 +1,44 @@
+"""The query commands' tables never cut a value: too wide for the terminal, they print one block per row."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from backbone.cli import helpers
+
+ROWS = [
+    {"run_id": "sympy__sympy-24213", "outcome": "UNRESOLVED", "steps": 33, "llm_calls": 34, "tool_calls": 33,
+     "failing_tool_calls": 4, "prompt_tokens": 1_234_567, "cost_usd": 0.4567},
+    {"run_id": "django__django-11066", "outcome": "RESOLVED", "steps": 9, "llm_calls": 10, "tool_calls": 9,
+     "failing_tool_calls": 0, "prompt_tokens": 88_001, "cost_usd": 0.1},
+]  # fmt: skip
+
+
+def _printed(monkeypatch: pytest.MonkeyPatch, width: int, columns: list[str], rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    monkeypatch.setattr(helpers, "out", Console(file=buffer, width=width, color_system=None))
+    helpers.print_rows(rows, columns, "agent runs", as_json=False)
+    return buffer.getvalue()
+
+
+def test_a_table_too_wide_for_80_columns_prints_every_value_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _printed(monkeypatch, 80, list(ROWS[0]), ROWS)
+    assert "…" not in text
+    assert max(map(len, text.splitlines())) <= 80
+    blocks = text.split("-[ agent runs: ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == ["1 of 2 ]-", "2 of 2 ]-"]
+    first = dict(line.split(None, 1) for line in blocks[0].splitlines()[1:])
+    assert first == {"run_id": "sympy__sympy-24213", "outcome": "UNRESOLVED", "steps": "33", "llm_calls": "34",
+                     "tool_calls": "33", "failing_tool_calls": "4", "prompt_tokens": "1,234,567",
+                     "cost_usd": "0.4567"}  # fmt: skip
+
+
+def test_a_table_that_fits_stays_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    narrow = _printed(monkeypatch, 80, ["run_id", "outcome", "prompt_tokens"], ROWS)
+    wide = _printed(monkeypatch, 200, list(ROWS[0]), ROWS)
+    for text in (narrow, wide):
+        assert "-[ " not in text and "…" not in text
+        assert any("sympy__sympy-24213" in line and "1,234,567" in line for line in text.splitlines())
