@@ -669,6 +669,10 @@ def ensure_healing_topics(
 ) -> None:
     """Create the decisions topic (and the inputs and dead-letter topic) when missing.
 
+    A catalogue name (``agent.events``, ``config.changes``, ...) is made as the catalogue says whatever the
+    count below (:func:`streams.catalogue.create_missing_topics`): the 1-partition counts only apply to
+    other names, such as a test's own topics; the decisions topic gets ``topics.decisions_partitions``.
+
     Raises:
         StreamsError: the broker did not answer or refused a topic.
     """

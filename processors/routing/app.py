@@ -474,7 +474,9 @@ def ensure_routing_topics(
     """Create the routing topics the broker lacks (final partition counts); return those created.
 
     Requests and the join topic get ``topics.partitions``; embeddings, decisions and dead letters the
-    catalogue's counts.
+    counts of the catalogue topics whose part they play. A catalogue name is made as the catalogue says
+    whatever the count asked (:func:`streams.catalogue.create_missing_topics`), so these counts only
+    apply to other names (a test's own topics).
 
     Raises:
         StreamsError: the broker did not answer, or refused a topic.

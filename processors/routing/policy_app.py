@@ -487,6 +487,11 @@ def ensure_policy_topics(
 ) -> list[str]:
     """Create the topics the broker lacks; return those created.
 
+    Requests, outcomes and decisions get ``topics.partitions``, the config and dead-letter topics the
+    catalogue's counts of those roles. A catalogue name is made as the catalogue says whatever the count
+    asked (:func:`streams.catalogue.create_missing_topics`), so these counts only apply to other names (a
+    test's own topics).
+
     Raises:
         StreamsError: the broker did not answer, or refused a topic.
     """
