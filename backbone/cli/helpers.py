@@ -148,18 +148,39 @@ def print_rows(rows: list[dict[str, Any]], columns: list[str], title: str, as_js
 def print_cells(
     cells: list[list[str]], columns: Sequence[str], title: str | None, *, right: Collection[str] = ()
 ) -> None:
-    """Print formatted rows (one string per column) as a rich table, the ``right`` columns right-aligned;
-    when the table is wider than the terminal, as :func:`print_records` blocks instead, so no value is cut."""
+    """Print formatted rows (one string per column) as a rich table, the ``right`` columns right-aligned.
+
+    When the table is wider than the terminal, a few rows (at most :data:`TRANSPOSE_MAX_ROWS`, e.g. an
+    evaluation's policies side by side) are printed transposed, a line per column and a column per row,
+    if that fits; otherwise each row is a :func:`print_records` block. No value is ever cut."""
     table = Table(title=title)
     for c in columns:
         table.add_column(c, justify="right" if c in right else "left")
     for row in cells:
         table.add_row(*row)
-    natural = Measurement.get(out, out.options.update_width(1_000_000), table).maximum
-    if natural <= out.width:
+    if _fits(table):
         out.print(table)
         return
+    if 1 < len(cells) <= TRANSPOSE_MAX_ROWS:
+        turned = Table(title=title)
+        turned.add_column("")
+        for n in range(1, len(cells) + 1):
+            turned.add_column(str(n))
+        for i, c in enumerate(columns):
+            turned.add_row(c, *(row[i] for row in cells))
+        if _fits(turned):
+            out.print(turned)
+            return
     print_records(cells, columns, title or "row")
+
+
+TRANSPOSE_MAX_ROWS = 6
+"""The most rows :func:`print_cells` prints transposed when its table is too wide."""
+
+
+def _fits(table: Table) -> bool:
+    """Whether ``table`` at its natural width (no column shrunk) fits the terminal's width."""
+    return Measurement.get(out, out.options.update_width(1_000_000), table).maximum <= out.width
 
 
 def print_records(cells: list[list[str]], columns: Sequence[str], title: str) -> None:

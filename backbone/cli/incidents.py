@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from backbone.cli.helpers import clear_errors, emit_json
+from backbone.cli.helpers import clear_errors, emit_json, print_cells
 
 __all__ = [
     "app",
@@ -149,28 +149,17 @@ def eval_incidents(
     if as_json:
         emit_json(result)
         return
-    table = Table(title=f"incidents on {data}")
-    for col in (
-        "set",
-        "faults",
-        "detected",
-        "within 180 s",
-        "median s",
-        "top1",
-        "top3",
-        "top1 svc",
-        "top3 svc",
-    ):
-        table.add_column(col, justify="left" if col == "set" else "right")
+    cols = ["set", "faults", "detected", "within 180 s", "median s", "top1", "top3", "top1 svc", "top3 svc"]
+    cells = []
     for name, s in (("all", result), ("with logs/traces", result["with_logs_or_traces"]),
                     ("metrics only", result["metrics_only"])):  # fmt: skip
         med = s["median_detection_seconds"]
-        table.add_row(
+        cells.append([
             name, str(s["faults"]), f"{s['detected']:.1%}", f"{s['detected_within_180s']:.1%}",
             "-" if med is None else f"{med:g}", f"{s['top1']:.1%}", f"{s['top3']:.1%}",
             f"{s['top1_service']:.1%}", f"{s['top3_service']:.1%}",
-        )  # fmt: skip
-    out.print(table)
+        ])  # fmt: skip
+    print_cells(cells, cols, f"incidents on {data}", right=set(cols[1:]))
     out.print(
         f"{result['incidents']} incidents, {result['false_incidents']} matched no fault "
         f"({result['false_incidents_per_hour']} per hour over {result['telemetry_hours']} h); "
@@ -183,12 +172,11 @@ def eval_incidents(
         f"top1 {ch['top1']:.1%}, top3 {ch['top3']:.1%}"
     )
     if per_fault:
-        rows = Table("injected", "pod", "type", "logs/traces", "detected s", "rank pod", "top-1 pod")
-        for r in result["per_fault"]:
-            rows.add_row(r["inject_time"], r["pod"], r["kind"], "yes" if r["logs_or_traces"] else "",
-                         "-" if r["detection_seconds"] is None else f"{r['detection_seconds']:g}",
-                         str(r["rank_pod"] or "-"), r["top1_pod"] or "-")  # fmt: skip
-        out.print(rows)
+        cols = ["injected", "pod", "type", "logs/traces", "detected s", "rank pod", "top-1 pod"]
+        print_cells([[r["inject_time"], r["pod"], r["kind"], "yes" if r["logs_or_traces"] else "",
+                      "-" if r["detection_seconds"] is None else f"{r['detection_seconds']:g}",
+                      str(r["rank_pod"] or "-"), r["top1_pod"] or "-"] for r in result["per_fault"]],
+                    cols, "faults", right={"detected s", "rank pod"})  # fmt: skip
 
 
 def _view(read: Any) -> Any:

@@ -25,11 +25,12 @@ def _printed(monkeypatch: pytest.MonkeyPatch, width: int, columns: list[str], ro
 
 
 def test_a_table_too_wide_for_80_columns_prints_every_value_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    text = _printed(monkeypatch, 80, list(ROWS[0]), ROWS)
+    rows = ROWS * 4  # more rows than are ever turned side by side
+    text = _printed(monkeypatch, 80, list(ROWS[0]), rows)
     assert "…" not in text
     assert max(map(len, text.splitlines())) <= 80
     blocks = text.split("-[ agent runs: ")[1:]
-    assert [b.splitlines()[0] for b in blocks] == ["1 of 2 ]-", "2 of 2 ]-"]
+    assert [b.splitlines()[0] for b in blocks] == [f"{n} of 8 ]-" for n in range(1, 9)]
     first = dict(line.split(None, 1) for line in blocks[0].splitlines()[1:])
     assert first == {"run_id": "sympy__sympy-24213", "outcome": "UNRESOLVED", "steps": "33", "llm_calls": "34",
                      "tool_calls": "33", "failing_tool_calls": "4", "prompt_tokens": "1,234,567",
@@ -42,3 +43,16 @@ def test_a_table_that_fits_stays_a_table(monkeypatch: pytest.MonkeyPatch) -> Non
     for text in (narrow, wide):
         assert "-[ " not in text and "…" not in text
         assert any("sympy__sympy-24213" in line and "1,234,567" in line for line in text.splitlines())
+
+
+def test_a_few_wide_rows_are_printed_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation's policies stay side by side: a line per field, a column per policy."""
+    policies = [{"policy": p, "point": "before last step", "flagged": f, "precision": pr, "recall": r}
+                for p, f, pr, r in (("healer", 54, 0.4259, 0.7419), ("baseline", 62, 0.3871, 0.7742))]  # fmt: skip
+    text = _printed(monkeypatch, 60, list(policies[0]), policies)
+    assert "…" not in text and "-[ " not in text
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 60
+    grid = [[c.strip() for c in line.split("│")[1:4]] for line in lines]
+    assert ["policy", "healer", "baseline"] in grid, text
+    assert ["precision", "0.4259", "0.3871"] in grid, text
