@@ -7,9 +7,12 @@ Every option has an environment twin (shown in ``--help``); every command that p
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import typer
 
-__all__ = ["app", "main", "mount"]
+__all__ = ["app", "help_text", "main", "mount", "mounted_app", "plain_help"]
 
 app = typer.Typer(
     name="backbone",
@@ -84,7 +87,9 @@ def mount(root: typer.Typer) -> None:
     root.add_typer(cdc_app, name="cdc")
 
     root.add_typer(
-        processors.cli, name="processors", help="The Faust processors: run summary, correlation, routing."
+        processors.cli,
+        name="processors",
+        help="The Faust processors: run summary, correlation, routing, healing, incidents, anomaly detection.",
     )
     root.add_typer(routing.app, name="routing", help="Model routing: fit, evaluate, request.")
     root.add_typer(projections.app, name="projections")
@@ -120,18 +125,62 @@ def mount(root: typer.Typer) -> None:
     routing.app.command("ab")(routing_policy.ab_command)
     routing.app.command("policy-worker")(routing_policy.policy_worker_command)
     core.query_app.command("routing")(routing_views.query_routing)
+    plain_help(root)
+
+
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+_LIST_ITEM = re.compile(r"^\s*(?:[*-]|\d+\.)\s")
+
+
+def help_text(doc: str) -> str:
+    """A docstring as ``--help`` shows it: Sphinx roles (``:func:`~a.b.c``` → ```c```) and double
+    backticks (````x```` → ```x```) as plain backticks, and each paragraph's wrapped lines joined (typer's
+    rich mode would print the docstring's line breaks); list items and blank lines are kept."""
+    text = _ROLE.sub(lambda m: f"`{m.group(2).rsplit('.', 1)[-1] if m.group(1) else m.group(2)}`", doc)
+    text = _LITERAL.sub(r"`\1`", text)
+    paragraphs = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines: list[str] = []
+        for line in para.splitlines():
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] = f"{lines[-1]} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def plain_help(group: typer.Typer) -> None:
+    """Give every command and group under ``group`` its :func:`help_text` (set once, at mount)."""
+    if group.info.help:
+        group.info.help = help_text(str(group.info.help))
+    for command in group.registered_commands:
+        doc = command.help or (command.callback.__doc__ if command.callback else None)
+        if doc:
+            command.help = help_text(str(doc))
+    for sub in group.registered_groups:
+        if sub.help:
+            sub.help = help_text(str(sub.help))
+        if sub.typer_instance is not None:
+            plain_help(sub.typer_instance)
 
 
 _mounted = False
 
 
-def main() -> None:
-    """Entry point of the ``backbone`` console script."""
+def mounted_app() -> typer.Typer:
+    """:data:`app` with every command (:func:`mount` runs once per process)."""
     global _mounted
     if not _mounted:
         mount(app)
         _mounted = True
-    app()
+    return app
+
+
+def main() -> None:
+    """Entry point of the ``backbone`` console script."""
+    mounted_app()()
 
 
 if __name__ == "__main__":

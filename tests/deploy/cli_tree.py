@@ -7,15 +7,9 @@ from functools import lru_cache
 
 def mount_cli():
     """Mount every group on ``backbone.cli.app`` the way ``main`` does, once; return the typer app."""
-    import backbone.cli as cli
+    from backbone.cli import mounted_app
 
-    if not getattr(cli.app, "_deploy_tests_mounted", False):
-        if hasattr(cli, "mount"):  # backbone/cli/ package (after the restructure)
-            cli.mount(cli.app)
-        else:  # backbone/cli.py module
-            cli._mount()
-        cli.app._deploy_tests_mounted = True
-    return cli.app
+    return mounted_app()
 
 
 @lru_cache(maxsize=1)

@@ -251,14 +251,12 @@ def test_decisions_and_outcomes_projected_rebuilt_audited_and_queried(
     ]  # fmt: skip
 
     # the CLI
-    import typer
     from typer.testing import CliRunner
 
-    from backbone.cli import mount
+    from backbone.cli import mounted_app
     from core.settings import get_settings
 
-    app = typer.Typer()
-    mount(app)  # the whole command tree, as the console script mounts it
+    app = mounted_app()  # the whole command tree, as the console script mounts it
 
     monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
     monkeypatch.setenv("BACKBONE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
@@ -444,14 +442,12 @@ def test_the_policy_workers_own_decisions_projected_and_audited(
             proc.kill()
             proc.communicate()
 
-    import typer
     from typer.testing import CliRunner
 
-    from backbone.cli import mount
+    from backbone.cli import mounted_app
     from core.settings import get_settings
 
-    app = typer.Typer()
-    mount(app)
+    app = mounted_app()
     monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
     get_settings.cache_clear()
     try:
