@@ -112,7 +112,9 @@ def read_nab(root: Path, *, categories: Iterable[str] | None = None) -> list[Nab
     """Read every ``<category>/*.csv`` under ``root`` with its windows from ``combined_windows.json``.
 
     Args:
-        root: the NAB folder (holds category folders and ``combined_windows.json``).
+        root: the NAB folder: category folders and ``combined_windows.json`` side by side (as in
+            ``../shared/data/anomaly/nab``), or a checkout of numenta/NAB (``data/<category>/`` and
+            ``labels/combined_windows.json``).
         categories: only these category folders (default: all).
 
     Returns:
@@ -122,9 +124,11 @@ def read_nab(root: Path, *, categories: Iterable[str] | None = None) -> list[Nab
         NabImportError: ``root`` or its label file is missing or unreadable, or a CSV has no
             ``timestamp,value`` header.
     """
-    labels_path = root / WINDOWS_FILE
     if not root.is_dir():
         raise NabImportError(root, "no such folder")
+    labels_path = root / WINDOWS_FILE
+    if not labels_path.is_file() and (root / "labels" / WINDOWS_FILE).is_file() and (root / "data").is_dir():
+        labels_path, root = root / "labels" / WINDOWS_FILE, root / "data"  # a numenta/NAB checkout
     if not labels_path.is_file():
         raise NabImportError(labels_path, "no label file (combined_windows.json)")
     try:

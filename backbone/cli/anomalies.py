@@ -89,6 +89,11 @@ def import_github_events(
     out.print(f"imported {kinds} to {topic} ({len(rejected)} rejected) in {report.seconds} s")
 
 
+AUTO_CATEGORY = "auto"
+"""``eval anomalies --category`` default: ``realKnownCause`` (the issue's scored category) when the folder has
+it, else every category folder it holds."""
+
+
 def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool,
                     loo: bool = False) -> dict[str, Any]:  # fmt: skip
     """The figures of ``eval anomalies`` (see :func:`eval_anomalies`)."""
@@ -96,10 +101,13 @@ def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool,
     from processors.incidents.anomaly import DetectorConfig
     from processors.incidents.anomaly_eval import evaluate_alerts, evaluate_raw_scores, leave_one_out
 
+    if category == AUTO_CATEGORY:
+        category = "realKnownCause" if (folder / "realKnownCause").is_dir() else ""
     series = read_nab(folder, categories=[category] if category else None)
     if not series:
-        raise typer.BadParameter(f"no series under {folder} (category {category!r})")
+        raise typer.BadParameter(f"no series under {folder} (category {category or 'every folder'!r})")
     result = evaluate_alerts(series, DetectorConfig(detector=detector)).as_dict()
+    result["categories"] = sorted({s.name.split("/", 1)[0] for s in series})
     if loo:
         if len(series) < 2:
             raise typer.BadParameter("--leave-one-out needs at least two series")
@@ -121,7 +129,8 @@ def anomaly_figures(folder: Path, detector: str, category: str, baseline: bool,
 def eval_anomalies(
     data: Annotated[Path, typer.Option("--data", help="NAB folder (category folders, combined_windows.json).",
                                        envvar="BACKBONE_NAB_DATA")],
-    category: Annotated[str, typer.Option(help="Category folder to score ('' = all).", envvar="BACKBONE_NAB_CATEGORY")] = "realKnownCause",
+    category: Annotated[str, typer.Option(help="Category folder to score ('' = all; auto = realKnownCause when "
+                                          "present, else all).", envvar="BACKBONE_NAB_CATEGORY")] = AUTO_CATEGORY,
     detector: Annotated[str, typer.Option(help="Detector name.", envvar="BACKBONE_ANOMALY_DETECTOR")] = "confirmed-likelihood",
     baseline: Annotated[bool, typer.Option(help="Also score NAB's windowed-Gaussian baseline (slower).",
                                            envvar="BACKBONE_NAB_BASELINE")] = False,

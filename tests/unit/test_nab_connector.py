@@ -49,3 +49,40 @@ def test_shared_realknowncause() -> None:
     assert sum(len(s.windows) for s in series) == 19
     assert sum(len(s.values) for s in series) == 69561
     assert not any(s.rejected for s in series)
+
+
+def test_a_numenta_nab_checkout_reads_like_the_flat_folder(tmp_path: Path) -> None:
+    """``data/<category>/`` with ``labels/combined_windows.json`` (the layout of numenta/NAB) gives the same series."""
+    (tmp_path / "flat").mkdir()
+    flat = read_nab(make_nab(tmp_path / "flat"))
+    checkout = tmp_path / "NAB"
+    (checkout / "labels").mkdir(parents=True)
+    (tmp_path / "flat" / "combined_windows.json").rename(checkout / "labels" / "combined_windows.json")
+    (tmp_path / "flat").rename(checkout / "data")
+    nested = read_nab(checkout)
+    assert [(s.name, s.values, s.windows) for s in nested] == [(s.name, s.values, s.windows) for s in flat]
+
+
+def test_eval_anomalies_scores_every_category_of_a_folder_without_realknowncause(tmp_path: Path) -> None:
+    """The default category is realKnownCause when the folder has it, else every category it holds."""
+    from typer.testing import CliRunner
+
+    from backbone.cli import mounted_app
+
+    folder = tmp_path / "nab"
+    (folder / "realTraffic").mkdir(parents=True)
+    times = [f"2015-09-01 {h:02d}:{m:02d}:00" for h in range(24) for m in range(0, 60, 5)]
+    (folder / "realTraffic" / "speed.csv").write_text(
+        "timestamp,value\n" + "".join(f"{t},{60 + (i % 7)}\n" for i, t in enumerate(times))
+    )
+    (folder / "combined_windows.json").write_text(
+        json.dumps({"realTraffic/speed.csv": [[f"{times[200]}.000000", f"{times[230]}.000000"]]})
+    )
+    result = CliRunner().invoke(mounted_app(), ["eval", "anomalies", "--data", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert (figures["series"], figures["categories"], figures["windows"]) == (1, ["realTraffic"], 1)
+    missing = CliRunner().invoke(
+        mounted_app(), ["eval", "anomalies", "--data", str(folder), "--category", "realKnownCause"]
+    )
+    assert missing.exit_code == 2 and "no series" in missing.output
