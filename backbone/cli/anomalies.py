@@ -145,8 +145,58 @@ def eval_anomalies(
     if as_json:
         emit_json(result)
         return
-    for k, v in result.items():
-        out.print(f"{k:45} {v}")
+    print_anomaly_figures(result, published_scores(data))
+
+
+def published_scores(folder: Path) -> dict[str, dict[str, float]]:
+    """NAB's published scoreboard (``final_results.json`` next to the series, as in ``../shared/data/anomaly/
+    nab``; ``results/final_results.json`` in a numenta/NAB checkout): detector -> {``standard``,
+    ``reward_low_FP_rate``, ``reward_low_FN_rate``} over the whole NAB corpus; empty when absent or unreadable."""
+    for path in (folder / "final_results.json", folder / "results" / "final_results.json"):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict):
+            return {k: v for k, v in doc.items() if isinstance(v, dict) and "standard" in v}
+    return {}
+
+
+def print_anomaly_figures(result: dict[str, Any], published: dict[str, dict[str, float]]) -> None:
+    """The text of ``eval anomalies``: this detector's NAB scores (and its leave-one-out score and the
+    baselines when computed) beside the published scoreboard, then its window precision and recall."""
+    from backbone.cli.helpers import print_cells
+
+    def row(
+        name: str, standard: float, low_fp: float | None = None, low_fn: float | None = None
+    ) -> list[str]:
+        return [name, f"{standard:.2f}", "" if low_fp is None else f"{low_fp:.2f}",
+                "" if low_fn is None else f"{low_fn:.2f}"]  # fmt: skip
+
+    rows = [row(f"{result['detector'].split()[0]}, this run", result["score_standard"],
+                result["score_reward_low_FP_rate"], result["score_reward_low_FN_rate"])]  # fmt: skip
+    if "leave_one_out" in result:
+        rows.append(row("  leave one series out", result["leave_one_out"]["score_standard"]))
+    for key, label in (("baseline_windowed_gaussian_gated", "windowed Gaussian, same gate"),
+                       ("baseline_windowed_gaussian_nab_optimised", "windowed Gaussian, NAB threshold")):  # fmt: skip
+        if key in result:
+            rows.append(row(label, result[key]["score_standard"]))
+    for name, s in sorted(published.items(), key=lambda kv: -kv[1]["standard"]):
+        rows.append(row(f"{name} *", s["standard"], s.get("reward_low_FP_rate"), s.get("reward_low_FN_rate")))
+    cols = ["detector", "standard", "low FP", "low FN"]
+    print_cells(rows, cols, f"NAB scores on {', '.join(result.get('categories', []))} ({result['series']} series, "
+                f"{result['windows']} windows)", right=set(cols[1:]))  # fmt: skip
+    out.print(
+        f"{result['detector']}; * published, whole NAB corpus (final_results.json); 0 is the null detector, "
+        "100 the perfect one",
+        highlight=False,
+    )
+    out.print(
+        f"windows detected {result['detected_windows']} of {result['windows']} (recall {result['recall']:.3f}), "
+        f"{result['detections']} detections (precision {result['precision']:.3f}); goal: above Numenta HTM's "
+        "70.5 standard",
+        highlight=False,
+    )
 
 
 def _slack_messages(files: list[Path], repo: str) -> list[Any]:
@@ -282,7 +332,43 @@ def eval_links(
     if as_json:
         emit_json(result)
         return
-    out.print(json.dumps(result, indent=2))
+    print_link_figures(result)
+
+
+def print_link_figures(result: dict[str, Any]) -> None:
+    """The text of ``eval links``: masked links found by each method beside plain reference extraction and
+    the goal, then the reference links' lags."""
+    from backbone.cli.helpers import print_cells
+
+    masked, refs, live = result["masked"], result["reference_extraction"], result["processor"]
+    signals = "text, time" + (", affinity" if result["author_affinity"] else "") + (
+        ", emb." if result["embeddings"] else "")  # fmt: skip
+    rows = [
+        ["extraction, refs kept", str(refs["links_unmasked"]), str(refs["links_unmasked"]),
+         "1.000" if refs["links_unmasked"] else "", f"{refs['recall_unmasked']:.3f}"],
+        ["extraction, refs masked", str(refs["links_masked"]), str(refs["links_masked"]), "",
+         f"{refs['recall_masked']:.3f}"],
+        [f"linker: {signals}", str(result["linked"]), str(result["correct"]), f"{result['precision']:.3f}",
+         f"{result['recall']:.3f}"],
+        ["live correlator", str(live["linked"]), str(live["correct"]), f"{live['precision']:.3f}",
+         f"{live['recall']:.3f}"],
+        ["goal", "", "", "0.800", "0.600"],
+    ]  # fmt: skip
+    cols = ["method", "linked", "right", "precision", "recall"]
+    print_cells(
+        rows, cols, f"masked links: {masked} messages whose reference names a commit", right=set(cols[1:])
+    )
+    out.print(
+        f"true commit ranked first for {result['ranked_first']} of {masked}; the live correlator drew "
+        f"{live['discussion_links_all_messages']:,} discussion links over all {live['messages']:,} messages",
+        highlight=False,
+    )
+    for lag in result["lags_reference_links"]:
+        out.print(
+            f"lag {lag['source_a']} after {lag['source_b']} ({lag['count']} reference links): median "
+            f"{lag['median_seconds'] / 3600:+.1f} h, p90 {lag['p90_seconds'] / 3600:+.1f} h",
+            highlight=False,
+        )
 
 
 processors_app = typer.Typer(help="Run the anomaly processor.", no_args_is_help=True)

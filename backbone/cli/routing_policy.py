@@ -15,9 +15,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from backbone.cli.helpers import JsonOpt, clear_errors, emit_json
+from backbone.cli.helpers import JsonOpt, clear_errors, emit_json, print_cells
 
 __all__ = ["ab_command", "app", "eval_command", "fit_command", "policy_worker_command", "simulate_command"]
 
@@ -189,18 +188,9 @@ def eval_command(
     if as_json:
         emit_json(report)
         return
-    table = Table(
-        title=f"routing eval ({'online' if online else 'offline'}) on {report['prompts']:,} prompts"
-    )
-    for c in ("apgr", "cpt50", "strong_share_at_95pct", "usd_saved_at_95pct", "usd_always_strong"):
-        table.add_column(c, justify="right")
-    table.add_row(
-        *(
-            str(report[c])
-            for c in ("apgr", "cpt50", "strong_share_at_95pct", "usd_saved_at_95pct", "usd_always_strong")
-        )
-    )
-    out.print(table)
+    cols = ["apgr", "cpt50", "strong_share_at_95pct", "usd_saved_at_95pct", "usd_always_strong"]
+    print_cells([[str(report[c]) for c in cols]], cols,
+                f"routing eval ({'online' if online else 'offline'}) on {report['prompts']:,} prompts", right=cols)  # fmt: skip
     out.print(f"protocol: {report['protocol']}")
     out.print(
         "anchors (RouteLLM, arXiv 2406.18665, trained offline on other data): MMLU APGR 0.603, CPT(50%) 35.4 %; GSM8K APGR 0.622"
@@ -230,25 +220,11 @@ def simulate_command(
     if as_json:
         emit_json(report)
         return
-    table = Table(
-        title=f"routing simulate: {report['policy']} vs live on {report['live']['requests']:,} requests"
-    )
-    table.add_column("")
-    cols = (
-        "requests",
-        "served",
-        "unservable",
-        "est_cost_usd",
-        "quality",
-        "estimated_quality_share",
-        "est_latency_ms_p50",
-        "models",
-    )
-    for c in cols:
-        table.add_column(c, justify="right")
-    for name in ("live", "candidate"):
-        table.add_row(name, *(str(report[name][c]) for c in cols))
-    out.print(table)
+    cols = ["requests", "served", "unservable", "est_cost_usd", "quality", "estimated_quality_share",
+            "est_latency_ms_p50", "models"]  # fmt: skip
+    print_cells([[name, *(str(report[name][c]) for c in cols)] for name in ("live", "candidate")], ["", *cols],
+                f"routing simulate: {report['policy']} vs live on {report['live']['requests']:,} requests",
+                right=cols[:-1])  # fmt: skip
     out.print(f"live rule reproduces the recorded decisions: {report['identical']} ({report['mismatches']} mismatches); "
               f"{report['changed_decisions']} requests would go to another model")  # fmt: skip
 
@@ -270,12 +246,9 @@ def ab_command(
     if as_json:
         emit_json(rows)
         return
-    table = Table(title="routing A/B")
-    for c in rows[0]:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(*(str(v) for v in r.values()))
-    out.print(table)
+    print_cells(
+        [[str(v) for v in r.values()] for r in rows], list(rows[0]), "routing A/B", right=list(rows[0])
+    )
 
 
 @app.command("policy-worker")

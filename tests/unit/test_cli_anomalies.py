@@ -121,3 +121,33 @@ def test_eval_links_json_on_a_tiny_channel(tmp_path: Path) -> None:
     assert (proc["messages"], proc["linked"], proc["correct"], out["min_history"]) == (3, 1, 1, 0)
     bad = runner.invoke(eval_app, [*args[:-3], "--min-history", "-1", "--json"])
     assert bad.exit_code == 2 and "--min-history" in bad.output
+    text = runner.invoke(eval_app, args[:-1], env={"COLUMNS": "80"})
+    assert text.exit_code == 0, text.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in text.stdout.splitlines() if line.startswith("│")}  # fmt: skip
+    assert rows["linker: text, time, affinity"] == ["1", "1", "1.000", "1.000"]
+    assert rows["extraction, refs masked"] == ["0", "0", "", "0.000"] and rows["goal"] == [
+        "",
+        "",
+        "0.800",
+        "0.600",
+    ]
+    assert "lag slack after git (1 reference links): median +0.5 h" in text.stdout
+
+
+def test_eval_anomalies_table_sits_beside_the_published_scoreboard(tmp_path: Path) -> None:
+    """The text output is one table: this run's scores, then each detector of final_results.json, best first."""
+    folder = nab_folder(tmp_path)
+    (folder / "final_results.json").write_text(json.dumps({
+        "numenta": {"standard": 70.1, "reward_low_FP_rate": 63.1, "reward_low_FN_rate": 74.3},
+        "null": {"standard": 0.0, "reward_low_FP_rate": 0.0, "reward_low_FN_rate": 0.0},
+    }))  # fmt: skip
+    res = runner.invoke(eval_app, ["anomalies", "--data", str(folder)], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    figures = json.loads(runner.invoke(eval_app, ["anomalies", "--data", str(folder), "--json"]).stdout)
+    rows = [
+        [c.strip() for c in line.split("│")[1:-1]] for line in res.stdout.splitlines() if line.startswith("│")
+    ]
+    assert rows[0] == ["confirmed-likelihood/1, this run", f"{figures['score_standard']:.2f}",
+                       f"{figures['score_reward_low_FP_rate']:.2f}", f"{figures['score_reward_low_FN_rate']:.2f}"]  # fmt: skip
+    assert rows[1:] == [["numenta *", "70.10", "63.10", "74.30"], ["null *", "0.00", "0.00", "0.00"]]
