@@ -183,3 +183,27 @@ def test_affinity_links_a_message_without_words_to_its_people_s_author_test_then
     aff.observe(["ann"], "Matthew")
     ranked = linker.scores(MessageText("m1", T0 + timedelta(hours=29), "", ("ann",)), aff)
     assert ranked[0][0] == ranked[1][0]  # 1/2 - 6/7 < 0: no lift for the author of most commits
+
+
+def test_a_direct_push_well_after_the_message_is_not_what_it_cites() -> None:
+    """A message can cite a pushed commit only once it exists: a direct push later than the message by more
+    than the clock tolerance has its text evidence scaled by ``later_push_factor``, so an earlier push with
+    fewer shared words wins; within the tolerance (clocks of unknown offset) and for a squash merge (a pull
+    request discussed before it lands) nothing changes. Without the prior the later push wins."""
+    message = MessageText("m", T0, "thanks, the guide section on instantiations and visits is great")
+    earlier = CommitText(
+        "git:o/r@" + "1" * 40, T0 - timedelta(hours=3), "guide: add section on instantiations"
+    )
+    later = CommitText("git:o/r@" + "2" * 40, T0 + timedelta(days=2), "guide: proofread section on instantiations and visits")  # fmt: skip
+    base = MaskedConfig(time_weight=0.0, min_history=0, min_margin=0.0, min_score=0.0)
+    without = MaskedLinker([earlier, later], replace(base, later_push_factor=1.0)).predict(message)
+    assert without.commit == later.entity
+    assert MaskedLinker([earlier, later], base).predict(message).commit == earlier.entity
+    soon = replace(later, time=T0 + timedelta(hours=13))  # within the 14-h clock tolerance
+    assert MaskedLinker([earlier, soon], base).predict(message).commit == soon.entity
+    merged = replace(later, subject=f"{later.subject} (#9)")  # a pull request merged two days later
+    assert MaskedLinker([earlier, merged], base).predict(message).commit == merged.entity
+    with pytest.raises(ValueError, match="later_push_factor"):
+        MaskedConfig(later_push_factor=1.5)
+    with pytest.raises(ValueError, match="clock_tolerance"):
+        MaskedConfig(clock_tolerance=timedelta(hours=-1))
