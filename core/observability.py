@@ -47,9 +47,16 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """A logger on the ``sys.stderr`` of the moment, not the one of :func:`configure_logging`'s call: a
+    caller that swaps it for a while (typer's ``CliRunner``, ``contextlib.redirect_stderr``) and closes the
+    stand-in leaves logging working after it instead of raising "I/O operation on closed file"."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def serve_metrics(
