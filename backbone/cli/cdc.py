@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from backbone.cli.helpers import (
     SHUTDOWN_TIMEOUT_SECONDS,
@@ -24,6 +23,7 @@ from backbone.cli.helpers import (
     context,
     err,
     out,
+    print_cells,
     stop_on_signals,
 )
 from streams.catalogue import DLQ_TOPIC
@@ -121,12 +121,8 @@ def query_cdc(
                 if as_json:
                     out.print_json(json.dumps(listing))
                     return
-                t = Table(title="captured tables")
-                for c in ("table", "rows", "columns"):
-                    t.add_column(c, justify="right" if c == "rows" else "left")
-                for r in listing:
-                    t.add_row(r["table"], str(r["rows"]), ", ".join(r["columns"]))
-                out.print(t)
+                cells = [[r["table"], str(r["rows"]), ", ".join(r["columns"])] for r in listing]
+                print_cells(cells, ["table", "rows", "columns"], "captured tables", right={"rows"})
                 return
             columns, rows = table_rows(conn, table)
     except psycopg.errors.UndefinedTable as exc:
@@ -136,13 +132,10 @@ def query_cdc(
     if as_json:
         out.print_json(json.dumps(rows, ensure_ascii=False))
         return
-    view = Table(title=f"{table} ({len(rows)} row(s))")
-    for c in columns:
-        numeric = bool(rows) and all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)
-        view.add_column(c, justify="right" if numeric else "left")
-    for r in rows:
-        view.add_row(*[fmt(r.get(c)) for c in columns])
-    out.print(view)
+    numeric = {c for c in columns
+               if rows and all(isinstance(r.get(c), int | float) for r in rows if r.get(c) is not None)}  # fmt: skip
+    print_cells([[fmt(r.get(c)) for c in columns] for r in rows], columns, f"{table} ({len(rows)} row(s))",
+                right=numeric)  # fmt: skip
 
 
 @clear_errors

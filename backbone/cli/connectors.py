@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:  # httpx and the client are imported by the commands, not by every ``backbone`` call
@@ -141,7 +142,9 @@ def lint(files: Files = None, as_json: AsJson = False) -> None:
         for spec, findings in results:
             for f in findings:
                 colour = "red" if f.level is LintLevel.ERROR else "yellow"
-                table.add_row(spec.name, f"[{colour}]{f.level.value}[/]", f.key, f.message)
+                table.add_row(
+                    escape(spec.name), f"[{colour}]{f.level.value}[/]", escape(f.key), escape(f.message)
+                )
         if table.row_count:
             _out.print(table)
         _out.print(f"{len(specs)} spec(s), {errors} error(s)")
@@ -157,15 +160,15 @@ def _plan_table(diffs: list[ConnectorDiff]) -> Table:
         if diff.action in (PlanAction.UPDATE,):
             for change in diff.changes:
                 table.add_row(
-                    diff.name,
+                    escape(diff.name),
                     diff.action.value,
-                    change.key,
-                    _shown(change.key, change.live),
-                    _shown(change.key, change.desired),
+                    escape(change.key),
+                    escape(_shown(change.key, change.live)),
+                    escape(_shown(change.key, change.desired)),
                 )
         else:
             detail = f"{len(diff.changes)} keys" if diff.action is PlanAction.CREATE else ""
-            table.add_row(diff.name, diff.action.value, detail, "", "")
+            table.add_row(escape(diff.name), diff.action.value, detail, "", "")
     return table
 
 
@@ -217,7 +220,10 @@ def apply(
         table = Table("connector", "action", "result", "errors", title="connector apply")
         for o in outcomes:
             table.add_row(
-                o.name, o.action.value, o.done, "; ".join(f"{e.key}: {e.message}" for e in o.errors)
+                escape(o.name),
+                o.action.value,
+                o.done,
+                escape("; ".join(f"{e.key}: {e.message}" for e in o.errors)),
             )
         _out.print(table)
     if any(o.done == "invalid" for o in outcomes):
@@ -243,11 +249,11 @@ def status(
     table = Table("connector", "state", "task", "task state", "worker", title="connector status")
     for s in statuses:
         colour = "green" if s.healthy else "red"
-        table.add_row(s.name, f"[{colour}]{s.state}[/]", "", "", s.worker_id or "")
+        table.add_row(escape(s.name), f"[{colour}]{escape(s.state)}[/]", "", "", escape(s.worker_id or ""))
         for t in s.tasks:
-            table.add_row("", "", str(t.id), t.state, t.worker_id or "")
+            table.add_row("", "", str(t.id), escape(t.state), escape(t.worker_id or ""))
             if t.trace:
-                table.add_row("", "", "", (t.trace.splitlines() or [""])[0], "")
+                table.add_row("", "", "", escape((t.trace.splitlines() or [""])[0]), "")
     _out.print(table)
 
 

@@ -293,7 +293,7 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
     for name, r in (("healer", w), ("baseline (median steps)", w["baseline"])):
         table.add_row(name, str(r["flagged"]), f"{r['precision']:.2f}", f"{r['recall']:.2f}",
                       _n(r["median_lead_steps"]), _n(r["median_lead_seconds"]))  # fmt: skip
-    out.print(table)
+    _show(table)
     o = doc["healing"]["outage"]
     table = Table(
         title=f"An outage injected on {o['outage']['provider']}: circuit breaker with fallback vs LiteLLM cooldown"
@@ -312,7 +312,7 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
         table.add_row(name, str(r["calls_to_failing_provider_while_down"]), _n(r["time_to_open_seconds"]),
                       _n(r["time_to_close_after_recovery_seconds"]), str(r["served_by_fallback"]),
                       str(r["requests_failed_to_caller"]))  # fmt: skip
-    out.print(table)
+    _show(table)
     inc = doc.get("incidents")
     if inc:
         table = Table(
@@ -326,7 +326,7 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
         for f in inc["per_fault"]:
             table.add_row(str(f["inject_time"]).replace(" ", "\n"), _deployment(f["pod"]), f["kind"], _n(f.get("detection_seconds")),
                           _n(f.get("rank_pod")), _deployment(str(f.get("top1_pod") or "")))  # fmt: skip
-        out.print(table)
+        _show(table)
     live = doc.get("incidents_live")
     if live:
         table = Table(
@@ -342,7 +342,7 @@ def _report_healing_and_incidents(doc: dict[str, Any]) -> None:
             causes = [f"{c['rank']}. {_deployment(c['pod'])} ({c['score']:.1f})" for c in r["candidates"][:3]]
             table.add_row(str(r["first_anomaly_at"]).replace("T", "\n"), r["status"], r["priority"],
                           str(r["anomalies_count"]), "\n".join(causes))  # fmt: skip
-        out.print(table)
+        _show(table)
 
 
 _POD_SUFFIX = re.compile(r"-[a-z0-9]{6,10}-[a-z0-9]{5}$")
@@ -352,6 +352,13 @@ def _deployment(pod: str) -> str:
     """A Kubernetes pod name without its ReplicaSet hash and pod suffix (``ts-contacts-service-866bd68c97-xcqfx``
     -> ``ts-contacts-service``); other names as they are."""
     return _POD_SUFFIX.sub("", pod)
+
+
+def _show(table: Table) -> None:
+    """Print a report table whose cells wrap instead of being cut (``gemini-2.5-f…`` at 80 columns)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    out.print(table)
 
 
 def _report_live(live: dict[str, Any]) -> None:
@@ -369,7 +376,7 @@ def _report_live(live: dict[str, Any]) -> None:
                       "\n".join(f"{short(m)} {n}" for m, n in sorted(p["router_chose"].items())),
                       "\n".join(f"{short(m)} {n}" for m, n in sorted(p["served_by"].items())),
                       str(p["client_fallbacks"]), f"{p['cost_usd']:.4f}")  # fmt: skip
-    out.print(table)
+    _show(table)
     chain = Table(title=f"The circuits' chain (proj_healing.decisions); open in the read model "
                         f"{_n(live['opened_after_first_failure_ms'])} ms after the first failing call's ack")  # fmt: skip
     for c in ("event time", "circuit", "decision", "evidence"):
@@ -383,14 +390,14 @@ def _report_live(live: dict[str, Any]) -> None:
             r["kind"].removeprefix("circuit_"),
             evidence,
         )
-    out.print(chain)
+    _show(chain)
     if live["warnings_live"]:
         w = Table(title="Warnings the live healer raised on the imported runs (proj_healing.warnings)")
         for c in ("signal", "warnings", "runs"):
             w.add_column(c, justify="left" if c == "signal" else "right")
         for r in live["warnings_live"]:
             w.add_row(r["signal"], str(r["n"]), str(r["runs"]))
-        out.print(w)
+        _show(w)
     spent = sum(p["cost_usd"] for p in live["phases"].values())
     strong = sum(p["always_strong_usd"] for p in live["phases"].values())
     out.print(f"routed cost {spent:.4f} USD; the same requests on gemini-3-pro-preview: {strong:.4f} USD. "
@@ -420,7 +427,7 @@ def _report(
         ("calls per run", f"{t['llm_calls'] / max(t['runs'], 1):.1f}"),
     ):
         table.add_row(label, value)
-    out.print(table)
+    _show(table)
     m = Table(title="per model")
     for c in ("model", "runs", "resolved", "calls", "cost USD"):
         m.add_column(c, justify="left" if c == "model" else "right")
@@ -428,7 +435,7 @@ def _report(
         m.add_row(
             r["model"], str(r["runs"]), str(r["resolved_runs"]), f"{r['llm_calls']:,}", f"{r['cost_usd']:.3f}"
         )
-    out.print(m)
+    _show(m)
     streaks = sorted(insights, key=lambda i: -i.get("metrics", {}).get("longest_failing_streak_count", 0))[:3]
     if streaks:
         s = Table(title="longest failing-command streaks (from run-summary insights)")
@@ -437,7 +444,7 @@ def _report(
         for i in streaks:
             s.add_row(i["entity"], f"{i['metrics'].get('longest_failing_streak_count', 0):.0f}",
                       i["labels"].get("outcome", ""), f"{i['metrics'].get('cost_usd', 0):.3f}")  # fmt: skip
-        out.print(s)
+        _show(s)
     tm = doc["timings_s"]
     if doc.get("healing"):
         _report_healing_and_incidents(doc)

@@ -19,8 +19,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from core.settings import Settings
 from streams.serde import AvroSerde
@@ -153,21 +155,21 @@ def print_cells(
     When the table is wider than the terminal, a few rows (at most :data:`TRANSPOSE_MAX_ROWS`, e.g. an
     evaluation's policies side by side) are printed transposed, a line per column and a column per row,
     if that fits; otherwise each row is a :func:`print_records` block. No value is ever cut."""
-    table = Table(title=title)
+    table = Table(title=None if title is None else escape(title))
     for c in columns:
-        table.add_column(c, justify="right" if c in right else "left")
-    for row in cells:
-        table.add_row(*row)
+        table.add_column(escape(c), justify="right" if c in right else "left")
+    for row in cells:  # values as text: "[/usr]" in a value is no markup to render
+        table.add_row(*(Text(str(v)) for v in row))
     if _fits(table):
         out.print(table)
         return
     if 1 < len(cells) <= TRANSPOSE_MAX_ROWS:
-        turned = Table(title=title)
+        turned = Table(title=None if title is None else escape(title))
         turned.add_column("")
         for n in range(1, len(cells) + 1):
             turned.add_column(str(n))
         for i, c in enumerate(columns):
-            turned.add_row(c, *(row[i] for row in cells))
+            turned.add_row(Text(c), *(Text(str(row[i])) for row in cells))
         if _fits(turned):
             out.print(turned)
             return

@@ -56,3 +56,27 @@ def test_a_few_wide_rows_are_printed_side_by_side(monkeypatch: pytest.MonkeyPatc
     grid = [[c.strip() for c in line.split("│")[1:4]] for line in lines]
     assert ["policy", "healer", "baseline"] in grid, text
     assert ["precision", "0.4259", "0.3871"] in grid, text
+
+
+@pytest.mark.parametrize("width", [200, 60, 30])
+def test_values_that_look_like_markup_are_printed_as_they_are(
+    monkeypatch: pytest.MonkeyPatch, width: int
+) -> None:
+    """A value holding "[/usr]" raised Rich's MarkupError and one holding "[main]" lost it (a table's cells
+    were markup); as a table, turned or as blocks, they print as they are."""
+    rows = [{"command": "test -d [/usr] && ls [main]", "n": 1}, {"command": "[bold]x[/bold]", "n": 2}]
+    text = _printed(monkeypatch, width, ["command", "n"], rows)
+    assert "test -d [/usr] && ls [main]" in text and "[bold]x[/bold]" in text
+
+
+def test_a_connector_plan_prints_a_regex_config_value_whole() -> None:
+    """Debezium's RegexRouter takes a value such as ``([^.]+)\\.([^.]+)``: the plan shows it as it is."""
+    from backbone.cli.connectors import _plan_table
+    from connectors.kafka_connect import ConnectorDiff, KeyChange, PlanAction
+
+    change = KeyChange(key="transforms.route.regex", live=None, desired=r"([^.]+)\.([^.]+)\.([^/]+)")
+    buffer = io.StringIO()
+    Console(file=buffer, width=200, color_system=None).print(
+        _plan_table([ConnectorDiff(name="inventory", action=PlanAction.UPDATE, changes=(change,))])
+    )
+    assert r"([^.]+)\.([^.]+)\.([^/]+)" in buffer.getvalue()
