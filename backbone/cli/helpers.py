@@ -153,8 +153,8 @@ def print_cells(
     """Print formatted rows (one string per column) as a rich table, the ``right`` columns right-aligned.
 
     When the table is wider than the terminal, a few rows (at most :data:`TRANSPOSE_MAX_ROWS`, e.g. an
-    evaluation's policies side by side) are printed transposed, a line per column and a column per row,
-    if that fits; otherwise each row is a :func:`print_records` block. No value is ever cut."""
+    evaluation's policies side by side) are printed transposed, a line per column and a column per row
+    headed by the row's first value, if that fits; otherwise each row is a :func:`print_records` block. No value is ever cut."""
     table = Table(title=None if title is None else escape(title))
     for c in columns:
         table.add_column(escape(c), justify="right" if c in right else "left")
@@ -164,11 +164,11 @@ def print_cells(
         out.print(table)
         return
     if 1 < len(cells) <= TRANSPOSE_MAX_ROWS:
-        turned = Table(title=None if title is None else escape(title))
-        turned.add_column("")
-        for n in range(1, len(cells) + 1):
-            turned.add_column(str(n))
-        for i, c in enumerate(columns):
+        turned = Table(title=None if title is None else escape(title))  # the first column names the rows
+        turned.add_column(escape(columns[0]))
+        for row in cells:
+            turned.add_column(escape(str(row[0])))
+        for i, c in enumerate(columns[1:], 1):
             turned.add_row(Text(c), *(Text(str(row[i])) for row in cells))
         if _fits(turned):
             out.print(turned)
