@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from backbone.cli.helpers import (
     PROJECTION_BATCH_SIZE,
@@ -87,7 +88,7 @@ def produce(
         if as_json:
             emit_json({"produced": 0, "invalid": problems})
         for p in problems if not as_json else []:
-            err.print(f"[red]line {p['line']}[/red]: {p['error']}", highlight=False)
+            err.print(f"[red]line {p['line']}[/red]: {escape(p['error'])}", highlight=False)
         err.print(f"{len(problems)} invalid line(s); nothing was sent")
         raise typer.Exit(1)
     n = client.send(topic, events)
@@ -118,16 +119,17 @@ def _print_record(r: Any, as_json: bool) -> None:
     from streams.consumer import DecodeFailure
 
     if isinstance(r, DecodeFailure):
-        err.print(f"[red]{r.topic}[{r.partition}]@{r.offset} undecodable:[/red] {r.reason}", highlight=False)
+        err.print(f"[red]{escape(f'{r.topic}[{r.partition}]@{r.offset}')} undecodable:[/red] {escape(r.reason)}",
+                  highlight=False)  # fmt: skip
         return
     if as_json:
         sys.stdout.write(json.dumps(r.as_json(), default=str) + "\n")
         return
     a = r.attributes
     data = json.dumps(r.as_json()["data"], default=str)
-    out.print(
-        f"[dim]{r.topic}[{r.partition}]@{r.offset}[/dim] {fmt(a.time)} [bold]{a.type}[/bold] "
-        f"subject={a.subject} id={a.id}\n  {data[:300]}",
+    out.print(  # what comes from the record is escaped: "[/usr]" in a command is text, not markup
+        f"[dim]{escape(f'{r.topic}[{r.partition}]@{r.offset}')}[/dim] {fmt(a.time)} [bold]{escape(a.type)}[/bold] "
+        f"{escape(f'subject={a.subject} id={a.id}')}\n  {escape(data[:300])}",
         highlight=False,
     )
 
@@ -356,7 +358,9 @@ def import_agent_runs(
         f"imported {report['runs']} run(s), {report['events']:,} events to {topic} in {report['seconds']} s"
     )
     for p in report["problems"]:
-        err.print(f"[yellow]skipped[/yellow] {p['path']}: {p['reason']}", highlight=False)
+        err.print(
+            f"[yellow]skipped[/yellow] {escape(str(p['path']))}: {escape(str(p['reason']))}", highlight=False
+        )
 
 
 @clear_errors

@@ -84,7 +84,7 @@ def clear_errors(fn: F) -> F:
             FileNotFoundError,
         ) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err.print(f"[red]error:[/red] {msg}", highlight=False)
+            err.print(f"[red]error:[/red] {escape(str(msg))}", highlight=False)  # a value in it is no markup
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -86,3 +86,41 @@ def test_a_connector_plan_prints_a_regex_config_value_whole() -> None:
         _plan_table([ConnectorDiff(name="inventory", action=PlanAction.UPDATE, changes=(change,))])
     )
     assert r"([^.]+)\.([^.]+)\.([^/]+)" in buffer.getvalue()
+
+
+def test_a_record_whose_data_looks_like_markup_is_printed_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``subscribe`` and ``replay`` print a record's data: an agent's command ``ls [/usr]`` raised Rich's
+    MarkupError and ``grep -E '[a-z]+'`` lost its ``[a-z]``; both are printed as they are."""
+    from datetime import UTC, datetime
+
+    from backbone.cli import core
+    from streams.consumer import ConsumedEvent
+    from streams.envelope import Event
+
+    event = Event.create("sophia.agent.ToolCall", "run-[1]", {"command": "ls [/usr] && grep -E '[a-z]+' f"},
+                         source="/test", time=datetime(2025, 11, 19, tzinfo=UTC))  # fmt: skip
+    record = ConsumedEvent(topic="agent.events", partition=0, offset=7, timestamp_ms=0, key=event.key,
+                           attributes=event.attributes, schema=event.schema, data=dict(event.data), value=b"",
+                           headers=())  # fmt: skip
+    buffer = io.StringIO()
+    monkeypatch.setattr(core, "out", Console(file=buffer, width=200, color_system=None))
+    core._print_record(record, as_json=False)
+    text = buffer.getvalue()
+    assert "agent.events[0]@7" in text and "subject=run-[1]" in text
+    assert "ls [/usr] && grep -E '[a-z]+' f" in text
+
+
+def test_an_error_message_holding_brackets_is_printed_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """clear_errors prints the failure's message as text: "[/tmp]" in it neither raises nor vanishes."""
+    import typer
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(helpers, "err", Console(file=buffer, width=200, color_system=None))
+
+    @helpers.clear_errors
+    def command() -> None:
+        raise ValueError("no such folder [/tmp/nab] (category [a-z])")
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert "error: no such folder [/tmp/nab] (category [a-z])" in buffer.getvalue()
