@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from backbone.cli.helpers import JsonOpt, emit_json, print_cells
 from core.settings import Settings, get_settings
@@ -74,15 +75,15 @@ def _store() -> Iterator[ConfigStore]:
     try:
         store = ConfigStore(_settings())
     except (ConfigurationError, ValueError) as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     try:
         yield store
     except StaleVersionError as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from exc
     except (ConfigurationError, ValueError) as exc:
-        _err.print(f"[red]error:[/red] {exc}")
+        _err.print(f"[red]error:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from exc
     finally:
         store.close()
@@ -104,10 +105,10 @@ def _print_version(v: ConfigVersion, as_json: bool) -> None:
     extra = ""
     if v.restored_version is not None:
         extra = f" (restores v{v.restored_version}, rolled back from v{v.rolled_back_from_version})"
-    _out.print(f"[bold]{v.key}[/bold] v{v.version} {v.change}{extra}")
-    _out.print(f"  by {v.author} at {v.changed_at.isoformat()}: {v.reason}")
+    _out.print(f"[bold]{escape(v.key)}[/bold] v{v.version} {v.change}{extra}")
+    _out.print(escape(f"  by {v.author} at {v.changed_at.isoformat()}: {v.reason}"))
     if v.schema_name:
-        _out.print(f"  schema {v.schema_name}")
+        _out.print(escape(f"  schema {v.schema_name}"))
     emit_json(v.value)
 
 
@@ -197,10 +198,13 @@ def history(key: Annotated[str, typer.Argument(help="Configuration key.")], as_j
     for v in versions:
         extra = f" restores v{v.restored_version}" if v.restored_version is not None else ""
         _out.print(
-            f"[bold]v{v.version}[/bold] {v.change}{extra} {v.changed_at.isoformat()} {v.author}: {v.reason}"
+            f"[bold]v{v.version}[/bold] {v.change}{extra} {v.changed_at.isoformat()} "
+            + escape(f"{v.author}: {v.reason}")  # people's words and values are text, not markup
         )
         for d in v.diff:
-            _out.print(f"    {d['op']:8} {d['path']}: {json.dumps(d['old'])} -> {json.dumps(d['new'])}")
+            _out.print(
+                escape(f"    {d['op']:8} {d['path']}: {json.dumps(d['old'])} -> {json.dumps(d['new'])}")
+            )
 
 
 @app.command("rollback")
@@ -315,8 +319,8 @@ def watch(
                     print(json.dumps(e.as_json()), flush=True)
                 else:
                     _out.print(
-                        f"{d['changed_at'].isoformat()} [bold]{d['key']}[/bold] v{d['version']} "
-                        f"{d['change']} by {d['author']}: {d['reason']} {d['value_json'] or ''}"
+                        f"{d['changed_at'].isoformat()} [bold]{escape(d['key'])}[/bold] v{d['version']} "
+                        + escape(f"{d['change']} by {d['author']}: {d['reason']} {d['value_json'] or ''}")
                     )
                 if max_events and shown >= max_events:
                     break

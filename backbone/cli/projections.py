@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -307,12 +308,12 @@ def audit(
     if not entries:
         err.print(f"no archived event about {entity!r}")
         raise typer.Exit(1)
-    tree = Tree(f"[bold]{entity}[/bold]: {len(entries)} event(s)")
+    tree = Tree(f"[bold]{escape(entity)}[/bold]: {len(entries)} event(s)")
     nodes: dict[str, Any] = {}
     for e in entries:
         parent = nodes.get(e.caused_by) if e.caused_by else None
-        label = (f"{fmt(e.time)} [bold]{e.type or 'undecodable'}[/bold] [dim]{e.topic}[{e.partition}]@{e.offset} "
-                 f"id={e.event_id}[/dim]")  # fmt: skip
+        label = (f"{fmt(e.time)} [bold]{escape(e.type or 'undecodable')}[/bold] "
+                 f"[dim]{escape(f'{e.topic}[{e.partition}]@{e.offset} id={e.event_id}')}[/dim]")  # fmt: skip
         node = (parent or tree).add(label)
         if e.event_id:
             nodes[e.event_id] = node

@@ -259,3 +259,36 @@ def test_processes_opening_the_store_at_once_on_a_new_database_all_open_it(pg_ur
         finally:
             for app in opened:
                 app.close()
+
+
+def test_config_history_prints_reasons_and_values_holding_brackets_as_they_are(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``config history`` and ``config show`` print people's reasons and the values' diffs as text: a regex
+    such as ``[a-z]+`` in a value, or a reason naming ``[/tmp]``, were Rich markup (dropped, or a
+    MarkupError) before 2026-12-08."""
+    from typer.testing import CliRunner
+
+    from backbone.cli.config import app
+    from core.settings import get_settings
+
+    with ConfigStore(_settings(pg_url)) as s:
+        s.set(
+            "routing.policy.default",
+            {"strategy": "cheapest", "models": ["m-[a-z]+"]},
+            author="ann",
+            reason="init",
+        )
+        s.set("routing.policy.default", {"strategy": "cheapest", "models": ["m-[/x]"]}, author="bob",
+              reason="fix [/tmp] [bold]paths[/bold]")  # fmt: skip
+    monkeypatch.setenv("BACKBONE_POSTGRES__URL", pg_url)
+    get_settings.cache_clear()
+    try:
+        history = CliRunner().invoke(app, ["history", "routing.policy.default"], env={"COLUMNS": "200"})
+        show = CliRunner().invoke(app, ["show", "routing.policy.default"], env={"COLUMNS": "200"})
+    finally:
+        get_settings.cache_clear()
+    assert history.exit_code == 0 and show.exit_code == 0, (history.output, show.output)
+    assert "bob: fix [/tmp] [bold]paths[/bold]" in history.stdout
+    assert '"m-[a-z]+"' in history.stdout and '"m-[/x]"' in history.stdout
+    assert "by bob at " in show.stdout and ": fix [/tmp] [bold]paths[/bold]" in show.stdout
