@@ -65,7 +65,7 @@ T = TypeVar("T")
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False)
+    _err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -211,7 +211,7 @@ def apply(
     blocking = [(s.name, f) for s in specs for f in lint_spec(s) if f.level is LintLevel.ERROR]
     if blocking:
         for name, finding in blocking:
-            _err.print(f"{name}: {finding.key}: {finding.message}", highlight=False)
+            _err.print(escape(f"{name}: {finding.key}: {finding.message}"), highlight=False)
         _fail(f"{len(blocking)} lint error(s); nothing applied", EXIT_FINDINGS)
     outcomes = _connect(connect_url, lambda client: client.apply(specs, delete_missing=delete_missing))
     if as_json:

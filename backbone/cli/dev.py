@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from backbone.errors import StackError
@@ -103,7 +104,7 @@ def up(
         try:
             info = stack.start()
         except StackError as exc:
-            _err.print(f"[red]error:[/red] {exc}", highlight=False)
+            _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from exc
         _console.print(_table(info))
         if stack.reseed_report is not None and stack.reseed_report.archive_found:
@@ -183,7 +184,7 @@ def down(
 
         info = stop_stack(state_dir, timeout_seconds=timeout_seconds)
     except StackError as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from exc
     if info is None:
         _console.print(f"no dev stack runs from {state_dir.absolute()}")

@@ -13,6 +13,7 @@ from typing import Annotated
 import structlog
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from backbone.cli.helpers import SHUTDOWN_TIMEOUT_SECONDS, stop_on_signals
 from core.settings import KafkaSettings, get_settings
@@ -158,7 +159,7 @@ def run(
         pool.shutdown(timeout_seconds=ACTOR_STOP_TIMEOUT_SECONDS)
         ray.shutdown()
     except InferenceError as exc:
-        _err.print(f"[red]{exc}[/red]")
+        _err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
 
 
@@ -183,7 +184,7 @@ def embed(
     try:
         results = EmbeddingClient(_kafka(), s).embed(texts, timeout_seconds=timeout_seconds)
     except InferenceError as exc:
-        _err.print(f"[red]{exc}[/red]")
+        _err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from exc
     if as_json:
         rows = [

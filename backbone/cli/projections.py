@@ -119,7 +119,7 @@ def rebuild_cmd(
     try:
         report = rebuild(settings, serde, name, verify=verify, batch_size=batch_size, progress=not as_json)
     except RebuildVerifyError as exc:
-        err.print(f"[bold red]verify FAILED, nothing swapped:[/bold red] {exc}", highlight=False)
+        err.print(f"[bold red]verify FAILED, nothing swapped:[/bold red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     if name == "agent_runs" and (client := _redis_client(settings)) is not None:
         model = RunReadModel(client, settings.postgres.dsn())
