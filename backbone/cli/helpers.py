@@ -154,7 +154,8 @@ def print_cells(
 
     When the table is wider than the terminal, a few rows (at most :data:`TRANSPOSE_MAX_ROWS`, e.g. an
     evaluation's policies side by side) are printed transposed, a line per column and a column per row
-    headed by the row's first value, if that fits; otherwise each row is a :func:`print_records` block. No value is ever cut."""
+    headed by the row's first value, if that fits; otherwise each row is a :func:`print_records` block.
+    No value is ever cut."""
     table = Table(title=None if title is None else escape(title))
     for c in columns:
         table.add_column(escape(c), justify="right" if c in right else "left")

@@ -50,13 +50,14 @@ Measured (``backbone eval links`` on Racket Slack 2018 × racket/racket commits,
 2026-12-08, with the existence prior (factor 0.5, tolerance 14 h): **8 linked, 8 right (precision 1.00,
 recall 0.47)**, ranked first for 10; ``--no-affinity`` 7 of 7 (ranked first 8); ``--embeddings`` 13
 linked, 9 right (0.69 / 0.53; 12 / 8 before); the live correlator 7 of 7 and 1,297 discussion links over
-all messages (6 of 6 and 1,406 before). Factors 0 to 0.75 and tolerances 6 to 24 h give the same 8 of 8;
-tolerance 0 gives 7 of 7 (a "Pushed as <commit>" message stamped 5 h before its commit by the
-collector's clock), 48 h 7 of 7; 1 (no prior) is the figures below. The two links won: a "thanks, this
-is great" message whose runner-up was a follow-up push two days later, and "just in case you missed it"
-whose runner-up was a push six days later; the one wrong link lost pointed at a push three days after
-a nightly-version banner. Before, 2026-12-07, the streaming linker, affinity learned test-then-train from the links of the last 82 days,
-``affinity_horizon``): 7 linked, 6 right (precision 0.86, recall 0.35, true commit ranked first for 10);
+all messages (6 of 6 and 1,406 before). A one-off sweep (a script, not committed; ``eval links`` takes
+no option for these): factors 0 to 0.75 and tolerances 6 to 24 h give the same 8 of 8; tolerance 0
+gives 7 of 7 (a "Pushed as <commit>" message stamped 5 h before its commit by the collector's clock),
+48 h 7 of 7; 1 (no prior) is the figures below. The two links won: a "thanks, this is great" message
+whose runner-up was a follow-up push two days later, and "just in case you missed it" whose runner-up
+was a push six days later; the one wrong link lost pointed at a push three days after a
+nightly-version banner. Before, 2026-12-07, the streaming linker, affinity learned test-then-train from
+the links of the last 82 days, ``affinity_horizon``): 7 linked, 6 right (precision 0.86, recall 0.35, true commit ranked first for 10);
 from every earlier link (2026-12-06) 8 linked, 6 right (0.75 / 0.35; 120 to 270 days give the same, 30
 to 82 days 7 / 6); ``--no-affinity`` 7 linked, 6 right (0.86 / 0.35, ranked
 first 8). With ``--embeddings`` (weight 0.5): 12 linked, 8 right (0.67 / 0.47; 11 and 8, 0.73 / 0.47,
@@ -969,10 +970,10 @@ class DiscussionLinker:
             )
         # what the message says is about commits that exist when it is written: a direct push landing more
         # than the clock tolerance after it has its content evidence (text, embedding) scaled down
-        exists = np.ones(len(times))
+        exists: np.ndarray | float = 1.0
         if c.later_push_factor != 1.0:
             later = (times > time_ms / 1000 + c.clock_tolerance.total_seconds()) & ~held.merges[lo:hi]
-            exists[later] = c.later_push_factor
+            exists = np.where(later, c.later_push_factor, 1.0)
         prox = np.exp(-np.abs(times - time_ms / 1000) / c.time_scale.total_seconds())
         total = c.text_weight * text * exists + c.time_weight * prox
         if vector is not None and c.embedding_weight:

@@ -151,3 +151,28 @@ def test_eval_anomalies_table_sits_beside_the_published_scoreboard(tmp_path: Pat
     assert rows[0] == ["confirmed-likelihood/1, this run", f"{figures['score_standard']:.2f}",
                        f"{figures['score_reward_low_FP_rate']:.2f}", f"{figures['score_reward_low_FN_rate']:.2f}"]  # fmt: skip
     assert rows[1:] == [["numenta *", "70.10", "63.10", "74.30"], ["null *", "0.00", "0.00", "0.00"]]
+
+
+def test_eval_links_measures_reference_extraction_on_the_masked_texts(tmp_path: Path) -> None:
+    """The masked row of the reference extraction is measured, not assumed to be 0: a message naming a
+    commit by URL and its squash-merged pull request as ``GH-7`` (which ``mask_references`` leaves) is
+    still linked by plain extraction once masked; one naming it by URL only is not."""
+    sha, other = "a" * 40, "c" * 40
+    xml = (
+        "<slack><team_domain>acme</team_domain><channel_name>general</channel_name>"
+        '<message conversation_id="1"><ts>2018-05-01T11:00:00.000001</ts><user>B</user>'
+        f"<text>merged &lt;https://github.com/acme/w/commit/{sha}&gt; (GH-7)</text></message>"
+        '<message conversation_id="2"><ts>2018-05-01T12:00:00.000001</ts><user>C</user>'
+        f"<text>see &lt;https://github.com/acme/w/commit/{other}&gt;</text></message></slack>"
+    )
+    (tmp_path / "s.xml").write_text(xml)
+    (tmp_path / "c.tsv").write_text(
+        "sha\tauthor_time\tcommit_time\tauthor\tsubject\n"
+        f"{sha}\t2018-05-01T10:30:00+00:00\t2018-05-01T10:30:00+00:00\tB\tfrobnicator: no crash (#7)\n"
+        f"{other}\t2018-05-01T10:00:00+00:00\t2018-05-01T10:00:00+00:00\tD\tdocs: typo\n"
+    )
+    res = runner.invoke(eval_app, ["links", "--slack", str(tmp_path / "s.xml"), "--commits", str(tmp_path / "c.tsv"),
+                                   "--repo", "acme/w", "--min-history", "0", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    refs = json.loads(res.stdout)["reference_extraction"]
+    assert (refs["links_unmasked"], refs["links_masked"], refs["recall_masked"]) == (2, 1, 0.5)
